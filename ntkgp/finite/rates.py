@@ -1,0 +1,33 @@
+"""Learning rates that make the standard parameterization train like the NTK parameterization."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ntkgp.layers.dense import DenseModule
+
+
+def equivalent_learning_rates(model: nn.Module, learning_rate: float) -> dict[str, float | Tensor]:
+    r"""Per-parameter learning rates for gradient descent on ``model``.
+
+    A standard-parameterized weight ``W̃ = sqrt(σ_w²/n) W`` trained with rate
+    ``η σ_w²/n`` (per input feature with ARD) moves exactly as the NTK-parameterized ``W``
+    trained with rate ``η``, and a standard bias ``b̃ = σ_b b`` with rate ``η σ_b²``
+    (lecture notes, "NTK vs standard parameterization"; Lee et al. 2019, appendix). So with
+    these rates both parameterizations follow the same trajectory and the same NTK. Parameters
+    of NTK-parameterized layers (and any others) get ``η``.
+
+    Returns:
+        ``{parameter name: rate}``; a rate is a float or a tensor broadcastable to the parameter.
+    """
+    rates: dict[str, float | Tensor] = {name: learning_rate for name, _ in model.named_parameters()}
+    for prefix, module in model.named_modules():
+        if not isinstance(module, DenseModule) or module.parameterization != "standard":
+            continue
+        dot = f"{prefix}." if prefix else ""
+        if module.weight is not None:
+            scale = module.weight_var.to(module.weight) / module.in_features
+            rates[f"{dot}weight"] = learning_rate * (scale.unsqueeze(-1) if scale.dim() else scale)
+        if module.bias is not None:
+            rates[f"{dot}bias"] = learning_rate * module.bias_var
+    return rates

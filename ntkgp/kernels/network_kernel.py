@@ -1,0 +1,66 @@
+"""Shared machinery of the GPyTorch kernels built on a network spec."""
+
+from __future__ import annotations
+
+from copy import deepcopy
+
+import torch
+from gpytorch.kernels import Kernel
+from torch import Tensor
+
+from ntkgp.layers.base import Layer
+
+
+class NetworkKernel(Kernel):
+    """A GPyTorch kernel whose values are one of a network's infinite-width kernels.
+
+    The network is a registered submodule (``kernel.net``): ``.double()``, ``.to(device)`` and
+    ``named_parameters()`` reach its layers' ``raw_weight_var``/``raw_bias_var``, and two
+    kernels built on the same network share those parameters. With ``batch_shape`` every
+    hyperparameter of the network gains that leading shape (in place).
+    """
+
+    has_lengthscale = False
+    is_stationary = False
+    #: Which kernel of :meth:`Layer.kernel` this class returns: ``"nngp"`` or ``"ntk"``.
+    kind: str = ""
+
+    def __init__(self, net: Layer, batch_shape: torch.Size = torch.Size([]), active_dims=None, **kwargs) -> None:
+        if not isinstance(net, Layer):
+            raise ValueError(f"{type(self).__name__} needs an ntkgp network (e.g. ntkgp.serial(...)), "
+                             f"got {type(net).__name__}.")
+        super().__init__(batch_shape=batch_shape, active_dims=active_dims, **kwargs)
+        self.net = net
+        if len(self.batch_shape) > 0:
+            net.expand_batch(self.batch_shape)
+
+    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False,
+                **params) -> Tensor:
+        if last_dim_is_batch:
+            x1 = x1.transpose(-1, -2).unsqueeze(-1)
+            x2 = x2.transpose(-1, -2).unsqueeze(-1)
+        result = self.net.kernel(x1, x2, diag=diag, ntk=self.kind == "ntk")
+        return getattr(result, self.kind)
+
+    def expand_batch(self, *sizes) -> Kernel:
+        new_shape = torch.Size(sizes[0] if len(sizes) == 1 and not isinstance(sizes[0], int) else sizes)
+        if new_shape == self.batch_shape:
+            return self
+        try:
+            torch.broadcast_shapes(new_shape, self.batch_shape)
+        except RuntimeError as err:
+            raise RuntimeError(f"Cannot expand a kernel with batch shape {self.batch_shape} to "
+                               f"{new_shape}.") from err
+        new_kernel = deepcopy(self)
+        new_kernel._batch_shape = new_shape
+        new_kernel.net.expand_batch(new_shape)
+        return new_kernel
+
+    def __getitem__(self, index) -> Kernel:
+        if len(self.batch_shape) == 0:
+            return self
+        index = index if isinstance(index, tuple) else (index,)
+        new_kernel = deepcopy(self)
+        new_kernel.net.index_batch(index)
+        new_kernel._batch_shape = torch.empty(self.batch_shape, device="meta")[index].shape
+        return new_kernel

@@ -1,0 +1,27 @@
+"""The NNGP kernel of an infinitely wide network as a GPyTorch kernel."""
+
+from __future__ import annotations
+
+from ntkgp.kernels.network_kernel import NetworkKernel
+
+
+class NNGPKernel(NetworkKernel):
+    r"""Neural network Gaussian process kernel ``K(x, x')`` of a network spec.
+
+    The output of an infinitely wide network at initialisation is a centred Gaussian process
+    with this covariance (Neal 1996; Lee et al. 2018; Matthews et al. 2018); it is also the
+    kernel of gradient flow when only the readout layer is trained. Values are the
+    layer-by-layer recursion of :meth:`ntkgp.Layer.kernel`.
+
+    Example:
+        >>> net = ntkgp.mlp(depth=2, activation="relu")
+        >>> covar_module = ntkgp.NNGPKernel(net)           # learnable weight/bias variances
+        >>> K = covar_module(x1, x2).to_dense()
+
+    Args:
+        net: the network spec (its hyperparameters become this kernel's parameters).
+        batch_shape: GPyTorch batch shape of the hyperparameters.
+        active_dims: input columns the kernel acts on.
+    """
+
+    kind = "nngp"

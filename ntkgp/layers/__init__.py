@@ -1,0 +1,51 @@
+"""The layer algebra: each layer carries its infinite-width kernel map and its finite twin."""
+
+from ntkgp.layers.activations import (
+    GELU,
+    ABReLU,
+    Abs,
+    Activation,
+    Cos,
+    Erf,
+    Identity,
+    LeakyReLU,
+    ReLU,
+    Sign,
+    Sin,
+)
+from ntkgp.layers.base import BuildContext, Layer
+from ntkgp.layers.combinators import Parallel, Serial, parallel, repeat, residual, serial
+from ntkgp.layers.dense import Dense
+from ntkgp.layers.elementwise import Elementwise, Numerical, gauss_hermite_expectation
+from ntkgp.layers.norm import LayerNorm
+from ntkgp.layers.state import KernelState
+from ntkgp.layers.variance import ExactVariance
+
+__all__ = [
+    "GELU",
+    "ABReLU",
+    "Abs",
+    "Activation",
+    "BuildContext",
+    "Cos",
+    "Dense",
+    "Elementwise",
+    "Erf",
+    "ExactVariance",
+    "Identity",
+    "KernelState",
+    "Layer",
+    "LayerNorm",
+    "LeakyReLU",
+    "Numerical",
+    "Parallel",
+    "ReLU",
+    "Serial",
+    "Sign",
+    "Sin",
+    "gauss_hermite_expectation",
+    "parallel",
+    "repeat",
+    "residual",
+    "serial",
+]

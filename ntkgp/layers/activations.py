@@ -1,0 +1,312 @@
+r"""Elementwise nonlinearities with closed-form Gaussian expectations.
+
+For an activation ``φ`` applied to centred Gaussian pre-activations ``(u, v)`` with covariance
+``[[k11, k12], [k12, k22]]`` (the NNGP kernel of the previous ``Dense`` layer), the
+infinite-width maps are (Lee et al. 2018; Jacot et al. 2018)::
+
+    K ← T(k11, k12, k22) = E[φ(u) φ(v)]
+    Θ ← Θ · Ṫ(k11, k12, k22),   Ṫ = E[φ'(u) φ'(v)]
+
+Each class below carries ``T``, ``Ṫ`` and the variance ``T(k, k, k)`` in closed form, and its
+finite twin ``φ``. Every formula is checked against 2-D Gauss–Hermite quadrature in the tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ntkgp.layers.base import BuildContext, Layer
+from ntkgp.layers.numerics import gaussian_angle
+from ntkgp.layers.state import KernelState
+
+
+class ActivationModule(nn.Module):
+    """Finite twin of an activation layer: ``φ`` applied elementwise."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], name: str) -> None:
+        super().__init__()
+        self.fn = fn
+        self.name = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+class Activation(Layer):
+    """Base class of elementwise nonlinearities acting on Gaussian pre-activations."""
+
+    def fn(self, x: Tensor) -> Tensor:
+        """The activation ``φ`` of the finite-width network."""
+        raise NotImplementedError
+
+    def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
+        """``T`` and (if ``want_dot``) ``Ṫ``, elementwise over broadcast ``k11, k12, k22``."""
+        raise NotImplementedError
+
+    def variance(self, k: Tensor) -> Tensor:
+        """``T(k, k, k) = E[φ(u)²]`` for ``u ~ N(0, k)``."""
+        return self.pair_kernel(k, k, k, False)[0]
+
+    def finite_fn(self) -> Callable[[Tensor], Tensor]:
+        """A picklable callable for the finite twin (defaults to ``self.fn``)."""
+        return self.fn
+
+    def kernel_map(self, state: KernelState) -> KernelState:
+        if not state.is_gaussian:
+            raise ValueError(f"{type(self).__name__} needs Gaussian inputs: put a Dense layer before it "
+                             "(its closed form assumes centred Gaussian pre-activations).")
+        want_ntk = state.ntk is not None
+        if state.diag and state.symmetric:
+            cov = self.variance(state.cov1)
+            dot = self.pair_kernel(state.cov1, state.cov1, state.cov1, True)[1] if want_ntk else None
+            nngp = cov1 = cov2 = cov
+        else:
+            nngp, dot = self.pair_kernel(state.k11, state.nngp, state.k22, want_ntk)
+            cov1, cov2 = state.map_covs(self.variance)
+        ntk = state.ntk * dot if want_ntk else None
+        return state.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=self.preserves_gaussian)
+
+    def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
+        return ActivationModule(self.finite_fn(), type(self).__name__), in_width
+
+
+# ---------------------------------------------------------------------------------- ReLU family
+def _abrelu(x: Tensor, a: float, b: float) -> Tensor:
+    return a * torch.clamp(x, max=0) + b * torch.clamp(x, min=0)
+
+
+class ABReLU(Activation):
+    r"""``φ(x) = a·min(x, 0) + b·max(x, 0)`` (Cho & Saul 2009; Tsuchida et al. 2018).
+
+    With ``s = sqrt(k11 k22 − k12²)`` and ``θ = atan2(s, k12)``::
+
+        Ṫ = (a² + b²)/2 − (a − b)² θ / (2π)
+        T = (a − b)² s / (2π) + Ṫ · k12
+        T(k, k, k) = (a² + b²) k / 2
+
+    ``θ = π/2`` where both ``s`` and ``k12`` vanish (a zero input without bias).
+    """
+
+    def __init__(self, a: float, b: float) -> None:
+        super().__init__()
+        self.a, self.b = float(a), float(b)
+
+    def fn(self, x: Tensor) -> Tensor:
+        return _abrelu(x, self.a, self.b)
+
+    def finite_fn(self) -> Callable[[Tensor], Tensor]:
+        return functools.partial(_abrelu, a=self.a, b=self.b)
+
+    def pair_kernel(self, k11, k12, k22, want_dot):
+        s, theta = gaussian_angle(k11, k12, k22)
+        factor = (self.a - self.b) ** 2 / (2 * math.pi)
+        dot = (self.a**2 + self.b**2) / 2 - factor * theta
+        return factor * s + dot * k12, (dot if want_dot else None)
+
+    def variance(self, k: Tensor) -> Tensor:
+        return (self.a**2 + self.b**2) / 2 * k
+
+    def extra_repr(self) -> str:
+        return f"a={self.a:g}, b={self.b:g}"
+
+
+class ReLU(ABReLU):
+    r"""``φ(x) = max(x, 0)``: the arc-cosine kernel of degree 1 (Cho & Saul 2009)::
+
+        T = (s + (π − θ) k12) / (2π),   Ṫ = (π − θ) / (2π),   T(k, k, k) = k / 2
+    """
+
+    def __init__(self) -> None:
+        super().__init__(0.0, 1.0)
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+class LeakyReLU(ABReLU):
+    """``φ(x) = max(x, 0) + negative_slope · min(x, 0)``: :class:`ABReLU` with ``a = slope, b = 1``."""
+
+    def __init__(self, negative_slope: float = 0.01) -> None:
+        super().__init__(negative_slope, 1.0)
+
+    def extra_repr(self) -> str:
+        return f"negative_slope={self.a:g}"
+
+
+class Abs(ABReLU):
+    """``φ(x) = |x|``: :class:`ABReLU` with ``a = −1, b = 1``."""
+
+    def __init__(self) -> None:
+        super().__init__(-1.0, 1.0)
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+# ---------------------------------------------------------------------------------- smooth
+def _erf(x: Tensor, a: float, b: float, c: float) -> Tensor:
+    return a * torch.erf(b * x) + c
+
+
+class Erf(Activation):
+    r"""``φ(x) = a·erf(b x) + c`` (Williams 1997).
+
+    With ``q_ii = 1 + 2 b² k_ii`` and ``r = 2 b² k12``::
+
+        T = a² (2/π) arcsin(r / sqrt(q11 q22)) + c²  = a² (2/π) atan2(r, sqrt(q11 q22 − r²)) + c²
+        Ṫ = a² b² (4/π) / sqrt(q11 q22 − r²)
+
+    ``q11 q22 − r² ≥ 1`` always, so both are smooth everywhere.
+    """
+
+    def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
+        super().__init__()
+        self.a, self.b, self.c = float(a), float(b), float(c)
+
+    def fn(self, x: Tensor) -> Tensor:
+        return _erf(x, self.a, self.b, self.c)
+
+    def finite_fn(self) -> Callable[[Tensor], Tensor]:
+        return functools.partial(_erf, a=self.a, b=self.b, c=self.c)
+
+    def pair_kernel(self, k11, k12, k22, want_dot):
+        b2 = self.b**2
+        root = torch.sqrt((1 + 2 * b2 * k11) * (1 + 2 * b2 * k22) - (2 * b2 * k12) ** 2)
+        nngp = self.a**2 * (2 / math.pi) * torch.atan2(2 * b2 * k12, root) + self.c**2
+        dot = self.a**2 * b2 * (4 / math.pi) / root if want_dot else None
+        return nngp, dot
+
+    def variance(self, k: Tensor) -> Tensor:
+        q = self.b**2 * k
+        return self.a**2 * (2 / math.pi) * torch.atan2(2 * q, torch.sqrt(1 + 4 * q)) + self.c**2
+
+    def extra_repr(self) -> str:
+        return f"a={self.a:g}, b={self.b:g}, c={self.c:g}"
+
+
+def _gelu(x: Tensor) -> Tensor:
+    return torch.nn.functional.gelu(x)
+
+
+class GELU(Activation):
+    r"""``φ(x) = x Φ(x)`` (Hendrycks & Gimpel 2016); kernel from Tsuchida et al. 2020.
+
+    With ``P = (1 + k11)(1 + k22)``, ``δ = sqrt(P − k12²)`` and ``α = atan2(k12, δ)``::
+
+        T = k12/4 + (k12 α + (k12² + k11 k22 δ²) / (P δ)) / (2π)
+        Ṫ = 1/4 + α/(2π) + k12 (1/δ² + (1 − k11 k22)/P + 1) / (2π δ)
+    """
+
+    def fn(self, x: Tensor) -> Tensor:
+        return _gelu(x)
+
+    def finite_fn(self) -> Callable[[Tensor], Tensor]:
+        return _gelu
+
+    def pair_kernel(self, k11, k12, k22, want_dot):
+        prod_plus_1 = (1 + k11) * (1 + k22)
+        delta_sq = prod_plus_1 - k12**2
+        delta = torch.sqrt(delta_sq)
+        alpha = torch.atan2(k12, delta)
+        prod = k11 * k22
+        nngp = k12 / 4 + (k12 * alpha + (k12**2 + prod * delta_sq) / (prod_plus_1 * delta)) / (2 * math.pi)
+        dot = None
+        if want_dot:
+            dot = 0.25 + alpha / (2 * math.pi) + k12 * (1 / delta_sq + (1 - prod) / prod_plus_1 + 1) / (
+                2 * math.pi * delta)
+        return nngp, dot
+
+    def variance(self, k: Tensor) -> Tensor:
+        root = torch.sqrt(1 + 2 * k)
+        return k * (0.25 + (k / ((k + 1) * root) + torch.atan2(k, root) / 2) / math.pi)
+
+
+def _sin(x: Tensor, a: float, b: float, c: float) -> Tensor:
+    return a * torch.sin(b * x + c)
+
+
+class Sin(Activation):
+    r"""``φ(x) = a·sin(b x + c)``. From ``sin A sin B = (cos(A−B) − cos(A+B))/2``::
+
+        T = a²/2 · (e^{b²(k12 − (k11+k22)/2)} − cos(2c) e^{−b²(k12 + (k11+k22)/2)})
+        Ṫ = a² b²/2 · (e^{b²(k12 − (k11+k22)/2)} + cos(2c) e^{−b²(k12 + (k11+k22)/2)})
+
+    The exponents are combined before ``exp`` so nothing overflows (``|k12| ≤ (k11+k22)/2``).
+    """
+
+    def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
+        super().__init__()
+        self.a, self.b, self.c = float(a), float(b), float(c)
+
+    def fn(self, x: Tensor) -> Tensor:
+        return _sin(x, self.a, self.b, self.c)
+
+    def finite_fn(self) -> Callable[[Tensor], Tensor]:
+        return functools.partial(_sin, a=self.a, b=self.b, c=self.c)
+
+    def pair_kernel(self, k11, k12, k22, want_dot):
+        b2, half_sum = self.b**2, (k11 + k22) / 2
+        plus = torch.exp(b2 * (k12 - half_sum))
+        minus = math.cos(2 * self.c) * torch.exp(-b2 * (k12 + half_sum))
+        nngp = self.a**2 / 2 * (plus - minus)
+        dot = self.a**2 * b2 / 2 * (plus + minus) if want_dot else None
+        return nngp, dot
+
+    def variance(self, k: Tensor) -> Tensor:
+        return self.a**2 / 2 * (1 - math.cos(2 * self.c) * torch.exp(-2 * self.b**2 * k))
+
+    def extra_repr(self) -> str:
+        return f"a={self.a:g}, b={self.b:g}, c={self.c:g}"
+
+
+class Cos(Sin):
+    """``φ(x) = a·cos(b x + c) = a·sin(b x + c + π/2)``."""
+
+    def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
+        super().__init__(a, b, c + math.pi / 2)
+
+
+# ---------------------------------------------------------------------------------- step
+class Sign(Activation):
+    r"""``φ(x) = sign(x)`` (a ±1 step)::
+
+        T = 1 − 2θ/π = (2/π) arcsin(k12 / sqrt(k11 k22)),   T(k, k, k) = 1[k > 0]
+        Ṫ = 0   (φ' = 0 almost everywhere; as in neural-tangents)
+
+    ``T = 0`` when either input has zero variance (``sign(0) = 0``).
+    """
+
+    def fn(self, x: Tensor) -> Tensor:
+        return torch.sign(x)
+
+    def finite_fn(self) -> Callable[[Tensor], Tensor]:
+        return torch.sign
+
+    def pair_kernel(self, k11, k12, k22, want_dot):
+        _, theta = gaussian_angle(k11, k12, k22)
+        nngp = 1 - theta * (2 / math.pi)
+        return nngp, (torch.zeros_like(nngp) if want_dot else None)
+
+    def variance(self, k: Tensor) -> Tensor:
+        return (k > 0).to(k.dtype)
+
+
+# ---------------------------------------------------------------------------------- identity
+class Identity(Layer):
+    """``φ(x) = x``: kernels pass through unchanged (also on raw inputs)."""
+
+    preserves_gaussian = True
+
+    def kernel_map(self, state: KernelState) -> KernelState:
+        return state
+
+    def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
+        return nn.Identity(), in_width

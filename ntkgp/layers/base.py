@@ -1,0 +1,184 @@
+"""The layer protocol: one object, two realizations.
+
+Every layer knows
+
+* its infinite-width kernel map, :meth:`Layer.kernel_map` (``KernelState -> KernelState``), and
+* its finite-width twin, :meth:`Layer.finite` (a ``torch.nn.Module`` with exactly the same
+  parameterization).
+
+Any layer, a single ``Dense`` or a whole ``serial(...)`` network, is a network: it offers
+:meth:`Layer.kernel` (NNGP and NTK of input sets) and :meth:`Layer.build` (the finite network).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gpytorch
+import torch
+from torch import Tensor, nn
+
+from ntkgp.layers.state import KernelState
+from ntkgp.layers.validation import check_inputs
+from ntkgp.layers.variance import VarianceParameters
+
+#: Target number of kernel entries per row block when evaluating large kernels without autograd.
+BLOCK_ENTRIES = 1 << 18
+
+
+@dataclass
+class BuildContext:
+    """Where and how a finite twin is built: random stream, ensemble size, dtype and device.
+
+    Weights are drawn in float64 on the CPU from one seeded generator and then cast and moved, so
+    a seed gives the same network on every device and in every precision (up to rounding).
+    """
+
+    generator: torch.Generator
+    ensemble_size: int | None = None
+    dtype: torch.dtype | None = None
+    device: torch.device | str | None = None
+
+    def randn(self, *shape: int) -> Tensor:
+        """Standard normal draws with the ensemble dimension in front when there is one."""
+        if self.ensemble_size is not None:
+            shape = (self.ensemble_size, *shape)
+        sample = torch.randn(shape, generator=self.generator, dtype=torch.float64)
+        return sample.to(dtype=self.dtype or torch.get_default_dtype(), device=self.device)
+
+    def child_seed(self) -> int:
+        """A seed for a stream of its own (used by layers that draw lazily)."""
+        return int(torch.randint(0, 2**62, (1,), generator=self.generator))
+
+
+class Layer(VarianceParameters, gpytorch.Module):
+    """Base class of all layers (and networks) of ntkgp."""
+
+    #: Whether the layer maps centred Gaussian features to centred Gaussian features.
+    preserves_gaussian: bool = False
+
+    # ------------------------------------------------------------------ to implement
+    def kernel_map(self, state: KernelState) -> KernelState:
+        """Map the kernels of this layer's input to the kernels of its output."""
+        raise NotImplementedError
+
+    def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
+        """The finite-width twin for ``in_width`` input channels and its output width."""
+        raise NotImplementedError
+
+    def check_input_dim(self, d: int) -> None:
+        """Raise ``ValueError`` if inputs with ``d`` features cannot enter this layer."""
+
+    # ------------------------------------------------------------------ public API
+    def kernel(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, ntk: bool = True) -> KernelState:
+        """NNGP kernel ``K`` and NTK ``Θ`` of this network between ``x1`` and ``x2``.
+
+        Args:
+            x1: ``(*batch, n1, d)`` inputs.
+            x2: ``(*batch, n2, d)`` inputs, or ``None`` for ``x1`` itself.
+            diag: if true, only ``k(x1_i, x2_i)`` (``x2`` of the same shape as ``x1``, or
+                ``None`` for ``k(x1_i, x1_i)``) is computed, in ``O(n · depth)``.
+            ntk: whether to compute the NTK too (the NNGP alone is cheaper).
+
+        Returns:
+            A :class:`KernelState` whose ``nngp`` and ``ntk`` are ``(*batch, n1, n2)``
+            (``(*batch, n1)`` when ``diag``) in the dtype and on the device of ``x1``. Kernels
+            are per output unit: the covariance of the ``k`` outputs is ``K ⊗ I_k``.
+
+        A graph for autograd is recorded only when grad mode is on and an input or a
+        hyperparameter requires a gradient; otherwise large kernels are evaluated in row blocks
+        (and only the upper triangle when ``x2`` is ``x1``), which bounds temporary memory.
+        """
+        x1, x2 = check_inputs(x1, x2, diag)
+        self.check_input_dim(x1.shape[-1])
+        needs_graph = torch.is_grad_enabled() and (
+            x1.requires_grad or (x2 is not None and x2.requires_grad)
+            or any(p.requires_grad for p in self.parameters())
+        )
+        if needs_graph or diag:
+            return _finalize(self.kernel_map(KernelState.from_inputs(x1, x2, diag, want_ntk=ntk)))
+        with torch.no_grad():
+            return _blocked_kernel(self, x1, x2, ntk)
+
+    def build(
+        self,
+        in_features: int | None = None,
+        seed: int = 0,
+        ensemble_size: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> nn.Module:
+        """The finite-width network with exactly this parameterization.
+
+        Args:
+            in_features: input dimension ``d``; ``None`` defers the first layer's weights to
+                its first call (or takes ``ard_num_dims``).
+            seed: seed of the weight draws (same seed, same network, on any device/dtype).
+            ensemble_size: if given, ``E`` independent networks with stacked weights; the
+                module then maps ``(n, d)`` to ``(E, n, k)``.
+            dtype, device: of the parameters (default dtype, CPU by default).
+        """
+        ctx = BuildContext(torch.Generator().manual_seed(seed), ensemble_size, dtype, device)
+        module, _ = self.finite(in_features, ctx)
+        return module
+
+    # ------------------------------------------------------------------ GPyTorch batches
+    def expand_batch(self, batch_shape: torch.Size) -> None:
+        """Give every hyperparameter in this network a leading ``batch_shape`` (in place)."""
+        for module in self.modules():
+            if isinstance(module, VarianceParameters):
+                module.expand_variances(torch.Size(batch_shape))
+
+    def index_batch(self, index: tuple) -> None:
+        """Index the batch dimensions of every hyperparameter (in place)."""
+        for module in self.modules():
+            if isinstance(module, VarianceParameters):
+                module.index_variances(index)
+
+
+def _finalize(state: KernelState) -> KernelState:
+    """Turn the last state into the user-facing result (raw inputs become kernels, Θ full-size)."""
+    state = state.materialize().with_exact_diagonal()
+    if state.ntk is not None and state.ntk.shape != state.nngp.shape:
+        state = state.replace(ntk=state.ntk.expand_as(state.nngp).clone())
+    return state.replace(x1=None, x2=None)
+
+
+def _blocked_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool) -> KernelState:
+    """Full kernel matrices computed a block of rows at a time (no autograd)."""
+    symmetric = x2 is None
+    other = x1 if symmetric else x2
+    n1, n2 = x1.shape[-2], other.shape[-2]
+    rows = max(1, min(n1, BLOCK_ENTRIES // max(n2, 1)))
+    if rows >= n1:
+        return _finalize(layer.kernel_map(KernelState.from_inputs(x1, x2, False, want_ntk=want_ntk)))
+
+    nngp = ntk = cov1 = cov2 = None
+    for start in range(0, n1, rows):
+        stop = min(start + rows, n1)
+        block_x1 = x1[..., start:stop, :]
+        if symmetric:
+            # Only the columns from `start` on: the rest is the mirror of earlier blocks.
+            block = layer.kernel_map(KernelState.from_inputs(
+                block_x1, x1[..., start:, :], False, want_ntk=want_ntk, row_offset=0, symmetric=True))
+            cols = slice(start, n2)
+        else:
+            block = layer.kernel_map(KernelState.from_inputs(block_x1, x2, False, want_ntk=want_ntk))
+            cols = slice(0, n2)
+        block = _finalize(block)
+        if nngp is None:
+            batch = block.nngp.shape[:-2]
+            nngp = block.nngp.new_empty((*batch, n1, n2))
+            ntk = block.ntk.new_empty((*batch, n1, n2)) if want_ntk else None
+            cov1 = block.nngp.new_empty((*batch, n1))
+            cov2 = block.cov2 if not symmetric else cov1
+        nngp[..., start:stop, cols] = block.nngp
+        if want_ntk:
+            ntk[..., start:stop, cols] = block.ntk
+        cov1[..., start:stop] = block.cov1
+        if symmetric:
+            nngp[..., stop:, start:stop] = block.nngp[..., :, stop - start:].mT
+            if want_ntk:
+                ntk[..., stop:, start:stop] = block.ntk[..., :, stop - start:].mT
+    return KernelState(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, width=block.width,
+                       symmetric=symmetric, is_gaussian=block.is_gaussian)

@@ -1,0 +1,187 @@
+"""Composition of layers: in series, in parallel branches joined by sum or concatenation."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ntkgp.layers.activations import Identity
+from ntkgp.layers.base import BuildContext, Layer
+from ntkgp.layers.state import KernelState
+
+JOINS = ("sum", "concat")
+
+
+class Serial(Layer):
+    """Layers applied one after the other: kernel maps compose, ``K_L = f_L ∘ … ∘ f_1``.
+
+    The same layer object may appear several times (see :func:`repeat`): its hyperparameters
+    are then shared, while the finite twin draws independent weights for every occurrence.
+    """
+
+    def __init__(self, *layers: Layer) -> None:
+        super().__init__()
+        if not layers:
+            raise ValueError("serial() needs at least one layer.")
+        for layer in layers:
+            if not isinstance(layer, Layer):
+                raise ValueError(f"serial() takes ntkgp layers, got {type(layer).__name__}.")
+        self.layers = nn.ModuleList(layers)
+
+    @property
+    def preserves_gaussian(self) -> bool:  # type: ignore[override]
+        return all(layer.preserves_gaussian for layer in self.layers)
+
+    def kernel_map(self, state: KernelState) -> KernelState:
+        for layer in self.layers:
+            state = layer.kernel_map(state).with_exact_diagonal()
+        return state
+
+    def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
+        modules, width = [], in_width
+        for layer in self.layers:
+            module, width = layer.finite(width, ctx)
+            modules.append(module)
+        return nn.Sequential(*modules), width
+
+    def check_input_dim(self, d: int) -> None:
+        self.layers[0].check_input_dim(d)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, index: int) -> Layer:
+        return self.layers[index]
+
+
+class Parallel(Layer):
+    r"""Branches that all see the same input, joined by ``"sum"`` or ``"concat"``.
+
+    * ``sum`` (residual connections; branches independent, all Gaussian)::
+
+          K = Σ_b K_b,   Θ = Σ_b Θ_b
+
+    * ``concat`` along channels, weighting each branch by its finite width ``n_b``
+      (as neural-tangents' ``FanInConcat``)::
+
+          K = Σ_b n_b K_b / Σ_b n_b,   Θ = Σ_b n_b Θ_b / Σ_b n_b
+
+      The concatenated features are no longer identically distributed, so an activation may
+      not follow directly (put a ``Dense`` layer in between).
+    """
+
+    def __init__(self, *branches: Layer, join: str = "sum") -> None:
+        super().__init__()
+        if join not in JOINS:
+            raise ValueError(f"join must be one of {JOINS}, got {join!r}.")
+        if len(branches) < 1:
+            raise ValueError("parallel() needs at least one branch.")
+        self.branches = nn.ModuleList(branches)
+        self.join = join
+
+    @property
+    def preserves_gaussian(self) -> bool:  # type: ignore[override]
+        return self.join == "sum" and all(b.preserves_gaussian for b in self.branches)
+
+    def kernel_map(self, state: KernelState) -> KernelState:
+        outs = [branch.kernel_map(state).with_exact_diagonal() for branch in self.branches]
+        if self.join == "sum":
+            if len(outs) > 1 and not all(out.is_gaussian for out in outs):
+                raise ValueError("A sum of branches needs every branch to end Gaussian (e.g. in a Dense "
+                                 "layer); a branch that ends in an activation has a non-zero mean.")
+            widths = {out.width for out in outs}
+            if len(widths) > 1:
+                raise ValueError(f"Branches joined by sum need equal widths, got {sorted(widths)}.")
+            weights = [1.0] * len(outs)
+            width = outs[0].width
+            is_gaussian = all(out.is_gaussian for out in outs)
+        else:
+            outs = [out.materialize() for out in outs]
+            total = sum(out.width for out in outs)
+            weights = [out.width / total for out in outs]
+            width, is_gaussian = total, False
+        return _combine(outs, weights).replace(width=width, is_gaussian=is_gaussian)
+
+    def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
+        modules, widths = [], []
+        for branch in self.branches:
+            module, width = branch.finite(in_width, ctx)
+            modules.append(module)
+            widths.append(width)
+        if self.join == "sum":
+            known = {w for w in widths if w is not None}
+            if len(known) > 1:
+                raise ValueError(f"Branches joined by sum need equal widths, got {sorted(known)}.")
+            out_width = known.pop() if known else None
+        else:
+            out_width = None if None in widths else sum(widths)
+        return ParallelModule(modules, self.join), out_width
+
+    def check_input_dim(self, d: int) -> None:
+        for branch in self.branches:
+            branch.check_input_dim(d)
+
+
+def _combine(states: list[KernelState], weights: list[float]) -> KernelState:
+    """Weighted sum of the kernels of independent branches."""
+    first = states[0]
+    if first.is_input:  # every branch passed the raw inputs through
+        return first
+
+    def wsum(tensors: list[Tensor]) -> Tensor:
+        out = weights[0] * tensors[0] if weights[0] != 1.0 else tensors[0]
+        for w, t in zip(weights[1:], tensors[1:], strict=True):
+            out = out + (w * t if w != 1.0 else t)
+        return out
+
+    nngp = wsum([s.nngp for s in states]) if len(states) > 1 else first.nngp
+    cov1 = wsum([s.cov1 for s in states])
+    same = all(s.cov2 is s.cov1 for s in states)
+    cov2 = cov1 if same else wsum([s.cov2 for s in states])
+    ntk = None if first.ntk is None else wsum([s.ntk for s in states])
+    return first.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2)
+
+
+class ParallelModule(nn.Module):
+    """Finite twin of :class:`Parallel`: outputs of the branches summed or concatenated."""
+
+    def __init__(self, branches: list[nn.Module], join: str) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.join = join
+
+    def forward(self, x: Tensor) -> Tensor:
+        outs = [branch(x) for branch in self.branches]
+        if self.join == "sum":
+            out = outs[0]
+            for other in outs[1:]:
+                out = out + other
+            return out
+        # An identity branch is (n, d) while ensemble branches are (E, n, k): align leading dims.
+        leading = torch.broadcast_shapes(*(o.shape[:-1] for o in outs))
+        return torch.cat([o.expand(*leading, o.shape[-1]) for o in outs], -1)
+
+    def extra_repr(self) -> str:
+        return f"join={self.join!r}"
+
+
+def serial(*layers: Layer) -> Serial:
+    """Compose layers in series (neural-tangents' ``stax.serial``)."""
+    return Serial(*layers)
+
+
+def parallel(*branches: Layer, join: str = "sum") -> Parallel:
+    """Run branches on the same input and join them by ``"sum"`` or ``"concat"``."""
+    return Parallel(*branches, join=join)
+
+
+def residual(*layers: Layer) -> Parallel:
+    """A residual block ``x + f(x)`` with ``f = serial(*layers)``; ``x`` must be Gaussian (after a Dense)."""
+    return Parallel(Identity(), Serial(*layers), join="sum")
+
+
+def repeat(layer: Layer, n: int) -> Serial:
+    """``layer`` applied ``n`` times: shared hyperparameters, independent finite weights."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"repeat() needs a positive integer count, got {n!r}.")
+    return Serial(*([layer] * n))

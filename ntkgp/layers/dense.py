@@ -1,0 +1,234 @@
+"""Fully connected layer in NTK and standard parameterization."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ntkgp.layers.base import BuildContext, Layer
+from ntkgp.layers.numerics import expand_param
+from ntkgp.layers.state import KernelState
+
+PARAMETERIZATIONS = ("ntk", "standard")
+
+
+class Dense(Layer):
+    r"""Fully connected layer of ``width`` output channels.
+
+    Finite width, with input ``h`` of ``n`` channels and ``W, b ~ N(0, 1)``:
+
+    * NTK parameterization (default; Jacot et al. 2018):
+      ``z = sqrt(weight_var / n) · W h + sqrt(bias_var) · b``;
+    * standard parameterization (Sohl-Dickstein et al. 2020): ``z = W̃ h + b̃`` with
+      ``W̃ ~ N(0, weight_var / n)``, ``b̃ ~ N(0, bias_var)``, all trained with one learning rate.
+
+    Infinite width (Lee et al. 2018; Jacot et al. 2018), with ``σ_w² = weight_var``,
+    ``σ_b² = bias_var``::
+
+        K ← σ_w² K + σ_b²
+        Θ ← K_new + σ_w² Θ                         (NTK parameterization)
+        Θ ← n · K_prev + σ_w² Θ + 1[bias]          (standard; n = finite incoming width)
+
+    The input kernel is ``K⁰ = x·x' / d`` and ``Θ⁰ = 0``, as in neural-tangents.
+
+    Args:
+        width: number of output channels (the output dimension for a readout layer; in NTK
+            parameterization the infinite-width kernels do not depend on hidden widths).
+        weight_var: ``σ_w²`` (a learnable GPyTorch parameter, see :mod:`ntkgp.layers.variance`).
+        bias_var: ``σ_b²``; ``None`` means no bias at all (which changes the standard NTK),
+            ``0.0`` a bias of zero variance.
+        parameterization: ``"ntk"`` or ``"standard"``.
+        ard_num_dims: on a first layer, one weight variance per input feature (automatic
+            relevance determination): ``K¹ = Σ_j σ_w,j² x_j x'_j / d + σ_b²``; the finite twin
+            scales input ``j``'s weights by ``σ_w,j``.
+        weight_var_prior, bias_var_prior: optional GPyTorch priors on the variances.
+    """
+
+    preserves_gaussian = True
+
+    def __init__(
+        self,
+        width: int,
+        weight_var: float | Tensor = 1.0,
+        bias_var: float | Tensor | None = None,
+        parameterization: str = "ntk",
+        ard_num_dims: int | None = None,
+        weight_var_prior=None,
+        bias_var_prior=None,
+    ) -> None:
+        super().__init__()
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive integer, got {width!r}.")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}.")
+        if ard_num_dims is not None and (isinstance(ard_num_dims, bool) or not isinstance(ard_num_dims, int)
+                                         or ard_num_dims < 1):
+            raise ValueError(f"ard_num_dims must be a positive integer or None, got {ard_num_dims!r}.")
+        self.width = width
+        self.parameterization = parameterization
+        self.ard_num_dims = ard_num_dims
+        self.has_bias = bias_var is not None
+        event = torch.Size([ard_num_dims]) if ard_num_dims is not None else torch.Size([])
+        self.register_variance("weight_var", weight_var, event, weight_var_prior)
+        if self.has_bias:
+            self.register_variance("bias_var", bias_var, torch.Size([]), bias_var_prior)
+        elif bias_var_prior is not None:
+            raise ValueError("bias_var_prior needs a bias: pass bias_var as a number.")
+
+    # GPyTorch-style properties -------------------------------------------------------------
+    @property
+    def weight_var(self) -> Tensor:
+        return self.get_variance("weight_var")
+
+    @weight_var.setter
+    def weight_var(self, value: float | Tensor) -> None:
+        self.set_variance("weight_var", value)
+
+    @property
+    def bias_var(self) -> Tensor | None:
+        return self.get_variance("bias_var") if self.has_bias else None
+
+    @bias_var.setter
+    def bias_var(self, value: float | Tensor) -> None:
+        if not self.has_bias:
+            raise ValueError("This Dense layer was built without a bias (bias_var=None).")
+        self.set_variance("bias_var", value)
+
+    def _variance_event_dims(self, name: str) -> int:
+        return 1 if (name == "weight_var" and self.ard_num_dims is not None) else 0
+
+    def check_input_dim(self, d: int) -> None:
+        if self.ard_num_dims is not None and d != self.ard_num_dims:
+            raise ValueError(f"Dense(ard_num_dims={self.ard_num_dims}) got inputs with {d} features.")
+
+    # Infinite width ------------------------------------------------------------------------
+    def kernel_map(self, state: KernelState) -> KernelState:
+        like = state.x1 if state.is_input else state.nngp
+        weight_var = self.variance_as("weight_var", like)
+        want_ntk = state.ntk is not None
+        if self.ard_num_dims is not None:
+            if not state.is_input:
+                raise ValueError("Dense(ard_num_dims=...) must be the first layer: per-feature weight "
+                                 "variances act on the raw input features.")
+            prev = state.input_kernel(feature_weights=weight_var)
+            nngp, cov1, cov2 = prev.nngp, prev.cov1, prev.cov2
+            # Θ⁰ = 0, so σ_w² Θ vanishes; the standard NTK needs the unweighted K⁰.
+            carried = 0.0
+            prev_nngp = state.input_kernel().nngp if (want_ntk and self.parameterization == "standard") else None
+        else:
+            prev = state.materialize()
+            nngp = _scale(prev.nngp, weight_var, prev)
+            cov1, cov2 = prev.map_covs(lambda c: _scale(c, weight_var, prev, vector=True))
+            carried = _scale(prev.ntk, weight_var, prev) if want_ntk else None
+            prev_nngp = prev.nngp
+        if self.has_bias:
+            bias_var = self.variance_as("bias_var", like)
+            nngp = nngp + _expand(bias_var, prev)
+            cov1, cov2 = prev.replace(cov1=cov1, cov2=cov2).map_covs(
+                lambda c: c + _expand(bias_var, prev, vector=True))
+
+        ntk = None
+        if want_ntk:
+            if self.parameterization == "ntk":
+                ntk = nngp + carried
+            else:
+                ntk = prev.width * prev_nngp + carried
+                if self.has_bias:
+                    ntk = ntk + 1.0
+        return KernelState(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, width=self.width, diag=prev.diag,
+                           symmetric=prev.symmetric, is_gaussian=True, row_offset=prev.row_offset)
+
+    # Finite width --------------------------------------------------------------------------
+    def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int]:
+        if self.ard_num_dims is not None:
+            if in_width is not None and in_width != self.ard_num_dims:
+                raise ValueError(f"Dense(ard_num_dims={self.ard_num_dims}) cannot take {in_width} inputs.")
+            in_width = self.ard_num_dims
+        weight_var = self.weight_var.detach().double().cpu()
+        if weight_var.dim() > (1 if self.ard_num_dims is not None else 0):
+            raise ValueError("Cannot build a finite network from batched hyperparameters.")
+        module = DenseModule(
+            in_width, self.width,
+            weight_var=weight_var,
+            bias_var=None if not self.has_bias else float(self.bias_var.detach()),
+            parameterization=self.parameterization,
+            ctx=ctx,
+        )
+        return module, self.width
+
+    def extra_repr(self) -> str:
+        bias = "None" if not self.has_bias else f"{float(self.bias_var.detach().reshape(-1)[0]):g}"
+        return (f"width={self.width}, parameterization={self.parameterization!r}, bias_var={bias}"
+                + (f", ard_num_dims={self.ard_num_dims}" if self.ard_num_dims is not None else ""))
+
+
+def _expand(value: Tensor, state: KernelState, vector: bool = False) -> Tensor:
+    return expand_param(value, 1 if (vector or state.diag) else 2)
+
+
+def _scale(tensor: Tensor, value: Tensor, state: KernelState, vector: bool = False) -> Tensor:
+    return _expand(value, state, vector) * tensor
+
+
+class DenseModule(nn.Module):
+    """Finite twin of :class:`Dense`: ``(..., n, in) -> (..., n, out)``.
+
+    With an ensemble the weights carry a leading dimension ``E`` and inputs ``(n, in)`` or
+    ``(E, n, in)`` map to ``(E, n, out)``; ``torch.matmul`` broadcasting makes the same code
+    serve single networks, stacked ensembles and ``torch.func.vmap`` over members. In NTK
+    parameterization the parameters are the standard normal draws and the scales
+    ``sqrt(σ_w²/n)`` (per input feature with ARD) and ``σ_b`` are buffers applied in ``forward``.
+    """
+
+    def __init__(self, in_features: int | None, out_features: int, weight_var: Tensor,
+                 bias_var: float | None, parameterization: str, ctx: BuildContext) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.parameterization = parameterization
+        self.ensemble_size = ctx.ensemble_size
+        self.weight_var = weight_var  # the hyperparameters it was drawn with (float64, CPU)
+        self.bias_var = bias_var
+        if bias_var is None:
+            self.register_parameter("bias", None)
+        else:
+            draw = ctx.randn(1, out_features)
+            draw = draw if ctx.ensemble_size is not None else draw.reshape(out_features)
+            ntk = parameterization == "ntk"
+            self.bias = nn.Parameter(draw if ntk else draw * math.sqrt(bias_var))
+            self.register_buffer("bias_scale", torch.tensor(math.sqrt(bias_var) if ntk else 1.0).to(draw))
+        self.register_parameter("weight", None)
+        self.register_buffer("input_scale", None)
+        if in_features is None:
+            self._lazy = (ctx.child_seed(), ctx.dtype)
+        else:
+            self._init_weight(ctx)
+
+    def _init_weight(self, ctx: BuildContext) -> None:
+        draw = ctx.randn(self.in_features, self.out_features)
+        std = (self.weight_var.to(draw) / self.in_features).sqrt()
+        if self.parameterization == "ntk":
+            self.weight = nn.Parameter(draw)
+            self.input_scale = std
+        else:
+            self.weight = nn.Parameter(draw * (std.unsqueeze(-1) if std.dim() else std))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight is None:  # deferred first layer: draw now, from a stream of its own
+            seed, dtype = self._lazy
+            self.in_features = x.shape[-1]
+            self._init_weight(BuildContext(torch.Generator().manual_seed(seed), self.ensemble_size,
+                                           dtype or x.dtype, x.device))
+        if self.input_scale is not None:
+            x = x * self.input_scale
+        out = torch.matmul(x, self.weight)
+        if self.bias is not None:
+            out = out + self.bias_scale * self.bias
+        return out
+
+    def extra_repr(self) -> str:
+        ens = f", ensemble_size={self.ensemble_size}" if self.ensemble_size is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"parameterization={self.parameterization!r}{ens}")

@@ -1,0 +1,67 @@
+"""The multilayer perceptron shortcut."""
+
+from __future__ import annotations
+
+import torch
+
+from ntkgp.layers.activations import GELU, Abs, Cos, Erf, Identity, LeakyReLU, ReLU, Sign, Sin
+from ntkgp.layers.base import Layer
+from ntkgp.layers.combinators import Serial
+from ntkgp.layers.dense import Dense
+from ntkgp.layers.elementwise import Numerical
+
+#: Activations by name; the last four have no closed form and use quadrature.
+ACTIVATIONS = {
+    "relu": ReLU,
+    "leaky_relu": LeakyReLU,
+    "abs": Abs,
+    "erf": Erf,
+    "gelu": GELU,
+    "sin": Sin,
+    "cos": Cos,
+    "sign": Sign,
+    "identity": Identity,
+    "tanh": lambda: Numerical(torch.tanh),
+    "sigmoid": lambda: Numerical(torch.sigmoid),
+    "softplus": lambda: Numerical(torch.nn.functional.softplus),
+    "silu": lambda: Numerical(torch.nn.functional.silu),
+}
+
+
+def make_activation(name: str | Layer) -> Layer:
+    """An activation layer from its name (see :data:`ACTIVATIONS`) or the layer itself."""
+    if isinstance(name, Layer):
+        return name
+    try:
+        return ACTIVATIONS[name.lower()]()
+    except (KeyError, AttributeError):
+        raise ValueError(f"Unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)} "
+                         "or pass a layer.") from None
+
+
+def mlp(
+    depth: int = 2,
+    activation: str | Layer = "relu",
+    weight_var: float = 2.0,
+    bias_var: float | None = 0.01,
+    width: int = 512,
+    out_dim: int = 1,
+    parameterization: str = "ntk",
+    ard_num_dims: int | None = None,
+) -> Serial:
+    """``depth`` hidden ``Dense(width) → activation`` blocks and a ``Dense(out_dim)`` readout.
+
+    Every ``Dense`` layer gets its own learnable ``weight_var`` and ``bias_var`` (starting at
+    the given values); ``ard_num_dims`` gives the first layer per-feature weight variances.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"depth must be a non-negative integer, got {depth!r}.")
+    act = make_activation(activation)
+    layers: list[Layer] = []
+    for i in range(depth):
+        layers.append(Dense(width, weight_var, bias_var, parameterization,
+                            ard_num_dims=ard_num_dims if i == 0 else None))
+        layers.append(act)
+    layers.append(Dense(out_dim, weight_var, bias_var, parameterization,
+                        ard_num_dims=ard_num_dims if depth == 0 else None))
+    return Serial(*layers)

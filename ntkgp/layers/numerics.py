@@ -1,0 +1,55 @@
+"""Numerically safe building blocks shared by the closed-form activation kernels."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+class _SafeSqrt(torch.autograd.Function):
+    """``sqrt(max(x, 0))`` whose gradient is 0 (not ``inf``/NaN) where ``x <= 0``.
+
+    At ``x = 0`` the kernels that use it are exactly degenerate (a point paired with itself, a
+    duplicate, a zero input), and along such a degenerate set the square root stays 0, so 0 is
+    the right derivative there.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        root = torch.sqrt(torch.clamp(x, min=0))
+        ctx.save_for_backward(root)
+        return root
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (root,) = ctx.saved_tensors
+        positive = root > 0
+        return torch.where(positive, grad / (2 * torch.where(positive, root, torch.ones_like(root))), 0)
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(max(x, 0))`` with a zero gradient where ``x <= 0``."""
+    return _SafeSqrt.apply(x)
+
+
+def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tensor]:
+    """``s = sqrt(k11 k22 − k12²)`` and the angle ``θ = atan2(s, k12)`` between two Gaussians.
+
+    ``k11 k22 − k12²`` is formed as ``(p − k12)(p + k12)`` with ``p = sqrt(k11 k22)``: where a
+    point meets itself (``k11 = k12 = k22`` bitwise) this is exactly 0, because
+    ``sqrt(c·c) == c`` in IEEE arithmetic, even when the compiler fuses multiply-adds. The angle
+    is never taken as ``arccos`` of a clipped ratio, and ``θ = π/2`` where ``s = k12 = 0``
+    (a zero input without bias), as in neural-tangents.
+    """
+    p = safe_sqrt(k11 * k22)
+    s = safe_sqrt((p - k12) * (p + k12))
+    origin = (s == 0) & (k12 == 0)
+    theta = torch.atan2(torch.where(origin, 1.0, s), torch.where(origin, 1.0, k12))
+    return s, torch.where(origin, math.pi / 2, theta)
+
+
+def expand_param(value: Tensor, extra_dims: int) -> Tensor:
+    """Append ``extra_dims`` singleton dimensions so a batch-shaped hyperparameter broadcasts."""
+    return value.reshape(*value.shape, *([1] * extra_dims))

@@ -1,0 +1,150 @@
+"""The kernel state that flows through the layers of an infinitely wide network.
+
+Every layer of a fully connected network maps the NNGP kernel ``K`` and the NTK ``Θ`` of its
+input to those of its output, and each map is *elementwise in the pair of points* once the
+variances ``K(x, x)`` of both points are known. So the state carries, for input sets ``x1``
+(``n1`` points) and ``x2`` (``n2`` points):
+
+* ``nngp``: ``K(x1_i, x2_j)``, ``(*batch, n1, n2)``, or ``(*batch, n)`` in diagonal mode,
+* ``ntk``: ``Θ(x1_i, x2_j)`` of the same shape, or ``None`` when only the NNGP is wanted,
+* ``cov1``: ``K(x1_i, x1_i)``, ``(*batch, n1)``; ``cov2``: ``K(x2_j, x2_j)``, ``(*batch, n2)``,
+* ``width``: the channel count of the finite twin here (the standard parameterization's NTK
+  depends on it),
+* ``is_gaussian``: whether the features are i.i.d. centred Gaussians with covariance ``nngp``
+  (true after a ``Dense`` layer; the closed forms of activations need it).
+
+Before the first layer the state holds the raw inputs instead, so that a ``Dense`` layer can
+form its (optionally per-feature weighted) input kernel itself.
+
+Diagonal mode (``diag=True``) pairs ``x1_i`` with ``x2_i`` and never forms a matrix: its cost
+is ``O(n · depth)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class KernelState:
+    """NNGP and NTK kernels of two input sets at one point of a network.
+
+    Attributes:
+        nngp: ``K(x1_i, x2_j)``: ``(*batch, n1, n2)``, or ``(*batch, n)`` when ``diag``.
+        ntk: ``Θ(x1_i, x2_j)`` with the same shape, or ``None`` if it was not requested.
+        cov1: ``K(x1_i, x1_i)``, ``(*batch, n1)``.
+        cov2: ``K(x2_j, x2_j)``, ``(*batch, n2)``; the very tensor ``cov1`` when the two sets
+            are one and no row block is cut out.
+        width: channel count of the finite-width twin at this point.
+        diag: whether ``nngp``/``ntk`` hold only the pairs ``(x1_i, x2_i)``.
+        symmetric: whether ``x2`` is ``x1`` (``x1`` may then be a block of rows of it).
+        is_gaussian: whether features are centred Gaussians with covariance ``nngp``.
+        x1, x2: the raw inputs, only before any layer consumed them.
+        row_offset: in symmetric mode, the column holding row 0's diagonal entry (non-zero when
+            a block of rows is propagated on its own).
+    """
+
+    nngp: Tensor | None
+    ntk: Tensor | None
+    cov1: Tensor | None
+    cov2: Tensor | None
+    width: int
+    diag: bool = False
+    symmetric: bool = False
+    is_gaussian: bool = False
+    x1: Tensor | None = None
+    x2: Tensor | None = None
+    row_offset: int = 0
+
+    @classmethod
+    def from_inputs(cls, x1: Tensor, x2: Tensor | None = None, diag: bool = False, want_ntk: bool = True,
+                    row_offset: int = 0, symmetric: bool | None = None) -> KernelState:
+        """The state before the first layer.
+
+        ``x2=None`` means "the same points as ``x1``". A block of rows of a symmetric kernel is
+        ``x1`` = the block, ``x2`` = the columns, ``symmetric=True`` and ``row_offset`` = the
+        column of the block's first diagonal entry.
+        """
+        if symmetric is None:
+            symmetric = x2 is None
+        return cls(nngp=None, ntk=x1.new_zeros(()) if want_ntk else None, cov1=None, cov2=None,
+                   width=x1.shape[-1], diag=diag, symmetric=symmetric, x1=x1,
+                   x2=x1 if x2 is None else x2, row_offset=row_offset)
+
+    @property
+    def is_input(self) -> bool:
+        """True before any layer has consumed the raw inputs."""
+        return self.x1 is not None
+
+    def replace(self, **changes) -> KernelState:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+    # ------------------------------------------------------------------ input kernel
+    def input_kernel(self, feature_weights: Tensor | None = None) -> KernelState:
+        """The input kernel ``K⁰(x, x') = Σ_j w_j x_j x'_j / d`` (``w_j = 1`` unless given), ``Θ⁰ = 0``.
+
+        ``feature_weights`` (``(*batch, d)``) are per-feature weight variances of a first
+        ``Dense`` layer (automatic relevance determination). ``Θ⁰`` stays the 0-dim zero the
+        input state carries (or ``None`` when no NTK is wanted): layers broadcast it.
+        """
+        if not self.is_input:
+            raise RuntimeError("input_kernel() is only defined before the first layer.")
+        x1, x2 = self.x1, self.x2
+        d = x1.shape[-1]
+        scale = None if feature_weights is None else (feature_weights / d).unsqueeze(-2)
+        scaled1 = x1 / d if scale is None else x1 * scale
+        cov1 = (scaled1 * x1).sum(-1)
+        cov2 = cov1 if x2 is x1 else ((x2 / d if scale is None else x2 * scale) * x2).sum(-1)
+        if self.diag:
+            nngp = cov1 if self.symmetric else (scaled1 * x2).sum(-1)
+        else:
+            nngp = scaled1 @ x2.mT
+        state = KernelState(nngp=nngp, ntk=self.ntk, cov1=cov1, cov2=cov2,
+                            width=self.width, diag=self.diag, symmetric=self.symmetric,
+                            row_offset=self.row_offset)
+        return state.with_exact_diagonal()
+
+    def materialize(self) -> KernelState:
+        """This state with kernels (forms the input kernel if it still holds raw inputs)."""
+        return self.input_kernel() if self.is_input else self
+
+    # ------------------------------------------------------------------ broadcasting
+    @property
+    def k11(self) -> Tensor:
+        """``K(x1_i, x1_i)`` broadcastable against ``nngp``."""
+        return self.cov1 if self.diag else self.cov1.unsqueeze(-1)
+
+    @property
+    def k22(self) -> Tensor:
+        """``K(x2_j, x2_j)`` broadcastable against ``nngp``."""
+        return self.cov2 if self.diag else self.cov2.unsqueeze(-2)
+
+    def map_covs(self, fn) -> tuple[Tensor, Tensor]:
+        """Apply ``fn`` to ``cov1`` and ``cov2``, once when they are the same tensor."""
+        cov1 = fn(self.cov1)
+        return cov1, cov1 if self.cov2 is self.cov1 else fn(self.cov2)
+
+    # ------------------------------------------------------------------ exactness
+    def with_exact_diagonal(self) -> KernelState:
+        """Make the diagonal of a symmetric kernel bit-identical to ``cov1``.
+
+        Where a point meets itself, ``K11·K22 − K12² = 0`` must hold exactly; otherwise a
+        rounding error of ``1e-16`` becomes a square-root term of ``1e-8`` in the next
+        ReLU-type layer. Diagonal-mode values and the diagonal of the matrix then agree.
+        """
+        if self.diag or not self.symmetric or self.nngp is None:
+            return self
+        n_rows = self.nngp.shape[-2]
+        cols = slice(self.row_offset, self.row_offset + n_rows)
+        cov1 = self.cov1 if self.cov2 is self.cov1 else self.cov2[..., cols]
+        diagonal = cov1.expand(self.nngp.shape[:-1])
+        if self.nngp.requires_grad and torch.is_grad_enabled():
+            block = torch.diagonal_scatter(self.nngp[..., :, cols], diagonal, 0, -2, -1)
+            nngp = torch.cat([self.nngp[..., :, : cols.start], block, self.nngp[..., :, cols.stop:]], -1)
+            return self.replace(nngp=nngp, cov1=cov1)
+        self.nngp[..., :, cols].diagonal(dim1=-2, dim2=-1).copy_(diagonal)
+        return self.replace(cov1=cov1)

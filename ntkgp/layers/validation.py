@@ -1,0 +1,54 @@
+"""Input checks shared by every public entry point (raised before any heavy work)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_points(x: Tensor, name: str) -> Tensor:
+    """``x`` must be a finite floating tensor of shape ``(*batch, n, d)``."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape (..., n, d), got {type(x).__name__}.")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape (..., n, d), got shape {tuple(x.shape)}; "
+                         f"for scalar features use {name}.unsqueeze(-1).")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}; "
+                         f"convert it with {name}.double() or {name}.float().")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has no features (shape {tuple(x.shape)}).")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values.")
+    return x
+
+
+def check_inputs(x1: Tensor, x2: Tensor | None, diag: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Validate a pair of input sets; returns ``x2 = None`` when it is ``x1`` itself.
+
+    ``x2`` equal to ``x1`` (the same object, or equal values with no gradient wanted) is reported
+    as ``None`` so the symmetric structure (exact diagonal, one triangle) is used.
+    """
+    check_points(x1, "x1")
+    if x2 is None:
+        return x1, None
+    check_points(x2, "x2")
+    if x1.shape[-1] != x2.shape[-1]:
+        raise ValueError(f"x1 and x2 must have the same number of features, got {x1.shape[-1]} "
+                         f"and {x2.shape[-1]}.")
+    if x1.dtype != x2.dtype:
+        raise ValueError(f"x1 and x2 must have the same dtype, got {x1.dtype} and {x2.dtype}.")
+    if x1.device != x2.device:
+        raise ValueError(f"x1 and x2 must be on the same device, got {x1.device} and {x2.device}.")
+    try:
+        torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
+    except RuntimeError as err:
+        raise ValueError(f"Batch shapes of x1 {tuple(x1.shape[:-2])} and x2 {tuple(x2.shape[:-2])} "
+                         "do not broadcast.") from err
+    if diag and x1.shape[-2] != x2.shape[-2]:
+        raise ValueError(f"diag=True pairs x1[i] with x2[i]: both need the same number of points, got "
+                         f"{x1.shape[-2]} and {x2.shape[-2]}.")
+    if x2 is x1 or (not x1.requires_grad and not x2.requires_grad and x1.shape == x2.shape
+                    and torch.equal(x1, x2)):
+        return x1, None
+    return x1, x2

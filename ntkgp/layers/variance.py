@@ -1,0 +1,147 @@
+"""Learnable, exactly represented variance hyperparameters.
+
+A layer's weight and bias variances are GPyTorch parameters: ``raw_<name>`` with a registered
+constraint, a ``<name>`` property and a setter, priors registrable on the property. The
+transform is
+
+    value = anchor · exp(raw),
+
+where ``anchor`` is the value last *set* (kept in float64 whatever the module's dtype, and moved
+but never down-cast by ``.to()``/``.float()``) and ``raw`` is a learnable log-ratio in the
+module's dtype, zero right after setting. Hence:
+
+* a variance of ``0.01`` enters float64 kernels as exactly ``0.01`` even when the module lives in
+  float32 (GPyTorch modules take the default dtype, usually float32);
+* learning happens in log space (scale-free steps, the value stays positive);
+* a variance set to ``0`` is pinned there: its gradient w.r.t. ``raw`` is exactly 0 and ``raw``
+  stays finite (no ``-inf`` as with a softplus constraint at 0). To learn a variance, start it at
+  a small positive value.
+"""
+
+from __future__ import annotations
+
+import torch
+from gpytorch.constraints import GreaterThan
+from torch import Tensor
+
+
+class ExactVariance(GreaterThan):
+    """GPyTorch constraint ``value = anchor · exp(raw)`` with a float64 ``anchor``."""
+
+    def __init__(self, anchor: Tensor) -> None:
+        super().__init__(0.0, transform=torch.exp, inv_transform=torch.log)
+        self.register_buffer("anchor", anchor.detach().to(torch.float64).clone())
+
+    def transform(self, tensor: Tensor) -> Tensor:
+        return self.anchor.to(tensor) * torch.exp(tensor)
+
+    def inverse_transform(self, transformed_tensor: Tensor) -> Tensor:
+        anchor = self.anchor.to(transformed_tensor)
+        ratio = transformed_tensor / torch.where(anchor > 0, anchor, torch.ones_like(anchor))
+        if bool(((anchor == 0) & (transformed_tensor != 0)).any()):
+            raise ValueError("A variance pinned at 0 cannot be moved by inverse_transform; set it instead.")
+        return torch.where(anchor > 0, torch.log(ratio), torch.zeros_like(ratio))
+
+    def value_as(self, raw: Tensor, like: Tensor) -> Tensor:
+        """The variance in ``like``'s dtype and device (float64-exact when ``like`` is float64)."""
+        raw = raw.to(device=like.device, dtype=like.dtype if like.is_floating_point() else raw.dtype)
+        return self.anchor.to(device=like.device, dtype=raw.dtype) * torch.exp(raw)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .float()/.half() would round the anchor; keep it float64 and only follow the device.
+        anchor = self.anchor
+        super()._apply(fn, *args, **kwargs)
+        self.anchor = anchor.to(device=self.lower_bound.device)
+        return self
+
+    def __repr__(self) -> str:
+        return f"{self._get_name()}(anchor shape={tuple(self.anchor.shape)})"
+
+
+def check_variance(name: str, value) -> Tensor:
+    """Validate a variance given by the user and return it as a float64 tensor."""
+    if isinstance(value, Tensor):
+        tensor = value.detach().to(torch.float64)
+    else:
+        try:
+            tensor = torch.as_tensor(value, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{name} must be a non-negative number, got {value!r}.") from err
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} must be finite, got {value!r}.")
+    if bool((tensor < 0).any()):
+        raise ValueError(f"{name} must be non-negative (it is a variance), got {value!r}.")
+    return tensor
+
+
+class VarianceParameters:
+    """Mixin for ``gpytorch.Module`` layers that own variance hyperparameters."""
+
+    def register_variance(self, name: str, value, event_shape: torch.Size = torch.Size([]),
+                          prior=None) -> None:
+        """Register ``raw_<name>`` with an :class:`ExactVariance` constraint and optional prior."""
+        anchor = check_variance(name, value)
+        shape = torch.Size(event_shape)
+        if anchor.shape != shape:
+            try:
+                anchor = anchor.expand(shape).clone()
+            except RuntimeError as err:
+                raise ValueError(f"{name} must be a scalar or have shape {tuple(shape)}, "
+                                 f"got shape {tuple(anchor.shape)}.") from err
+        self.register_parameter(f"raw_{name}", torch.nn.Parameter(torch.zeros(shape)))
+        self.register_constraint(f"raw_{name}", ExactVariance(anchor))
+        if prior is not None:
+            self.register_prior(f"{name}_prior", prior, name)
+
+    def get_variance(self, name: str) -> Tensor:
+        """The current value in the module's dtype (with gradient to ``raw_<name>``)."""
+        raw = getattr(self, f"raw_{name}")
+        return getattr(self, f"raw_{name}_constraint").transform(raw)
+
+    def variance_as(self, name: str, like: Tensor) -> Tensor:
+        """The current value in ``like``'s dtype and device; exact in float64."""
+        raw = getattr(self, f"raw_{name}")
+        return getattr(self, f"raw_{name}_constraint").value_as(raw, like)
+
+    def set_variance(self, name: str, value) -> None:
+        """Set a variance exactly: the anchor becomes ``value`` and ``raw`` returns to 0."""
+        raw = getattr(self, f"raw_{name}")
+        anchor = check_variance(name, value)
+        try:
+            anchor = anchor.expand(raw.shape).clone()
+        except RuntimeError as err:
+            raise ValueError(f"{name} must broadcast to shape {tuple(raw.shape)}, "
+                             f"got shape {tuple(anchor.shape)}.") from err
+        constraint = getattr(self, f"raw_{name}_constraint")
+        constraint.anchor = anchor.to(constraint.anchor.device)
+        with torch.no_grad():
+            raw.zero_()
+
+    def expand_variances(self, batch_shape: torch.Size) -> None:
+        """Give every variance of this module a leading ``batch_shape`` (for GPyTorch batches)."""
+        for name, raw in list(self._parameters.items()):
+            if not name.startswith("raw_"):
+                continue
+            constraint = getattr(self, f"{name}_constraint")
+            event_shape = raw.shape[len(raw.shape) - self._variance_event_dims(name[4:]):]
+            new_shape = torch.Size([*batch_shape, *event_shape])
+            anchor = constraint.anchor.expand(new_shape).clone()
+            new_raw = torch.nn.Parameter(raw.detach().expand(new_shape).clone(),
+                                         requires_grad=raw.requires_grad)
+            self._parameters[name] = new_raw
+            constraint.anchor = anchor
+
+    def index_variances(self, index: tuple) -> None:
+        """Index the batch dimensions of every variance (``kernel[i]`` in GPyTorch)."""
+        for name, raw in list(self._parameters.items()):
+            if not name.startswith("raw_"):
+                continue
+            constraint = getattr(self, f"{name}_constraint")
+            event_dims = self._variance_event_dims(name[4:])
+            full_index = (*index, *([slice(None)] * event_dims))
+            self._parameters[name] = torch.nn.Parameter(raw.detach()[full_index].clone(),
+                                                        requires_grad=raw.requires_grad)
+            constraint.anchor = constraint.anchor[full_index].clone()
+
+    def _variance_event_dims(self, name: str) -> int:
+        return 0

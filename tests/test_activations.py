@@ -1,0 +1,169 @@
+"""Every closed-form activation kernel against independent 2-D quadrature (float64, ≤ 1e-8)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.special
+import torch
+
+import ntkgp
+
+from quadrature import cartesian, polar
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+# (k11, k22, correlation): unit and unequal variances, strong/weak/negative correlation, exact
+# ±1 (a point with itself, a reflected point), zero correlation.
+TRIPLES = [
+    (1.0, 1.0, 0.3), (0.7, 1.9, 0.8), (2.5, 0.4, -0.6), (1.3, 1.3, 1.0), (0.9, 2.2, -1.0),
+    (0.05, 1.5, 0.0), (1.7, 0.6, 0.999), (0.3, 0.3, -0.2),
+]
+
+
+def _relu_like(a: float, b: float):
+    return lambda x: a * np.minimum(x, 0) + b * np.maximum(x, 0), lambda x: np.where(x > 0, b, a)
+
+
+def _erf(a, b, c):
+    return (lambda x: a * scipy.special.erf(b * x) + c,
+            lambda x: a * b * 2 / math.sqrt(math.pi) * np.exp(-(b * x) ** 2))
+
+
+def _sin(a, b, c):
+    return lambda x: a * np.sin(b * x + c), lambda x: a * b * np.cos(b * x + c)
+
+
+def _gelu():
+    pdf = lambda x: np.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    cdf = lambda x: 0.5 * (1 + scipy.special.erf(x / math.sqrt(2)))  # noqa: E731
+    return lambda x: x * cdf(x), lambda x: cdf(x) + x * pdf(x)
+
+
+# layer, (φ, φ'), quadrature rule, whether Ṫ is E[φ'φ'] (Sign uses the a.e. derivative 0)
+CASES = {
+    "relu": (ntkgp.ReLU(), _relu_like(0.0, 1.0), polar),
+    "leaky_relu": (ntkgp.LeakyReLU(0.2), _relu_like(0.2, 1.0), polar),
+    "abrelu": (ntkgp.ABReLU(-0.4, 1.3), _relu_like(-0.4, 1.3), polar),
+    "abs": (ntkgp.Abs(), _relu_like(-1.0, 1.0), polar),
+    "sign": (ntkgp.Sign(), (np.sign, lambda x: 0 * x), polar),
+    "erf": (ntkgp.Erf(), _erf(1.0, 1.0, 0.0), cartesian),
+    "erf_abc": (ntkgp.Erf(1.3, 0.7, 0.2), _erf(1.3, 0.7, 0.2), cartesian),
+    "gelu": (ntkgp.GELU(), _gelu(), cartesian),
+    "sin": (ntkgp.Sin(1.2, 0.8, 0.3), _sin(1.2, 0.8, 0.3), cartesian),
+    "cos": (ntkgp.Cos(0.9, 1.1, -0.2), _sin(0.9, 1.1, -0.2 + math.pi / 2), cartesian),
+}
+
+
+def _closed_form(layer, k11, k12, k22):
+    t = lambda v: torch.tensor([v])  # noqa: E731
+    value, dot = layer.pair_kernel(t(k11), t(k12), t(k22), True)
+    return float(value), float(dot)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("triple", TRIPLES, ids=lambda t: f"{t[0]}-{t[1]}-{t[2]}")
+def test_closed_form_matches_quadrature(name, triple):
+    layer, (phi, dphi), rule = CASES[name]
+    k11, k22, rho = triple
+    k12 = rho * math.sqrt(k11 * k22)
+    value, dot = _closed_form(layer, k11, k12, k22)
+    expected = rule(phi, phi, k11, k12, k22)
+    expected_dot = rule(dphi, dphi, k11, k12, k22)
+    scale = math.sqrt(rule(phi, phi, k11, k11, k11) * rule(phi, phi, k22, k22, k22))
+    assert abs(value - expected) <= 1e-8 * scale
+    if name == "sign":
+        assert dot == 0.0  # neural-tangents' convention: φ' = 0 almost everywhere
+    else:
+        dot_scale = math.sqrt(rule(dphi, dphi, k11, k11, k11) * rule(dphi, dphi, k22, k22, k22))
+        assert abs(dot - expected_dot) <= 1e-8 * dot_scale
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("k", [1e-3, 0.4, 1.0, 3.0])
+def test_variance_matches_quadrature(name, k):
+    layer, (phi, _), rule = CASES[name]
+    value = float(layer.variance(torch.tensor([k])))
+    expected = rule(phi, phi, k, k, k)
+    assert abs(value - expected) <= 1e-8 * max(abs(expected), 1e-12)
+    # The dedicated variance formula is the pair formula on the diagonal.
+    assert abs(value - _closed_form(layer, k, k, k)[0]) <= 1e-13 * max(abs(value), 1e-12)
+
+
+def test_relu_weight_var_2_is_cho_saul_arc_cosine_composition():
+    """ReLU with σ_w² = 2, no bias: K_{l+1} = ‖x‖‖x'‖ J1(θ_l)/π with J1 = sin θ + (π − θ) cos θ."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4)
+    depth = 4
+    net = ntkgp.serial(*[ntkgp.Dense(100, 2.0, None), ntkgp.ReLU()] * depth, ntkgp.Dense(1, 2.0, None))
+    k = net.kernel(x).nngp.detach()
+    norms = x.norm(dim=1)
+    cos = (x @ x.T / torch.outer(norms, norms)).clamp(-1, 1)
+    for _ in range(depth):
+        theta = torch.arccos(cos)
+        cos = ((torch.sin(theta) + (math.pi - theta) * torch.cos(theta)) / math.pi).clamp(-1, 1)
+    expected = 2 * torch.outer(norms, norms) / x.shape[1] * cos
+    torch.testing.assert_close(k, expected, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("fn,closed", [
+    (torch.erf, ntkgp.Erf()),
+    (torch.sin, ntkgp.Sin()),
+    (torch.nn.functional.gelu, ntkgp.GELU()),
+])
+def test_numerical_layer_matches_closed_forms(fn, closed):
+    torch.manual_seed(1)
+    x1, x2 = torch.randn(7, 3) / 2, torch.randn(5, 3) / 2
+    make = lambda act: ntkgp.serial(ntkgp.Dense(8, 1.8, 0.1), act, ntkgp.Dense(8, 1.2, 0.2), act, ntkgp.Dense(1))  # noqa: E731
+    numerical = ntkgp.Numerical(fn)
+    with torch.no_grad():
+        got, want = make(numerical).kernel(x1, x2), make(closed).kernel(x1, x2)
+    for attr in ("nngp", "ntk"):
+        a, b = getattr(got, attr), getattr(want, attr)
+        assert float((a - b).norm() / b.norm()) < 1e-7
+    assert numerical.last_degree is not None and numerical.last_degree >= 16
+
+
+def test_numerical_fixed_degree_is_what_neural_tangents_uses_and_is_less_accurate():
+    """degree=25 (neural-tangents' suggested start) is off by % for tanh at variance 4; adaptive is not."""
+    k = torch.tensor([4.0])
+    fixed = ntkgp.Numerical(torch.tanh, degree=25).pair_kernel(k, 0.9 * k, k, True)
+    adaptive = ntkgp.Numerical(torch.tanh).pair_kernel(k, 0.9 * k, k, True)
+    tanh_dot = lambda x: 1 / np.cosh(x) ** 2  # noqa: E731
+    exact_dot = cartesian(tanh_dot, tanh_dot, 4.0, 3.6, 4.0, degree=600)
+    assert abs(float(adaptive[1]) - exact_dot) < 1e-7 * exact_dot
+    assert abs(float(fixed[1]) - exact_dot) > 1e-3 * exact_dot
+
+
+def test_elementwise_derives_ntk_factor_by_autograd():
+    def erf_nngp(k12, k11, k22):
+        return 2 / math.pi * torch.arcsin(2 * k12 / torch.sqrt((1 + 2 * k11) * (1 + 2 * k22)))
+
+    layer = ntkgp.Elementwise(torch.erf, erf_nngp)
+    k11, k22 = torch.tensor([[0.7], [1.4]]), torch.tensor([[1.1, 0.3, 2.0]])
+    k12 = torch.tensor([[0.2, -0.3, 0.9], [0.5, 0.1, -1.2]])
+    value, dot = layer.pair_kernel(k11, k12, k22, True)
+    ref_value, ref_dot = ntkgp.Erf().pair_kernel(k11, k12, k22, True)
+    torch.testing.assert_close(value, ref_value, rtol=1e-13, atol=0)
+    torch.testing.assert_close(dot, ref_dot, rtol=1e-12, atol=0)
+    assert not value.requires_grad and not dot.requires_grad
+
+
+def test_numerical_gradients_use_price_theorem():
+    """Gradients of the quadrature w.r.t. the kernels equal E[φ'φ'] and ½E[φ''φ] (finite differences)."""
+    layer = ntkgp.Numerical(torch.tanh, degree=80)
+    k11 = torch.tensor([0.8], requires_grad=True)
+    k12 = torch.tensor([0.3], requires_grad=True)
+    k22 = torch.tensor([1.1], requires_grad=True)
+    value, _ = layer.pair_kernel(k11, k12, k22, False)
+    grads = torch.autograd.grad(value.sum(), (k11, k12, k22))
+    eps = 1e-6
+    for i, g in enumerate(grads):
+        args = [k11.detach().clone(), k12.detach().clone(), k22.detach().clone()]
+        args[i] += eps
+        up = layer.pair_kernel(*args, False)[0]
+        args[i] -= 2 * eps
+        down = layer.pair_kernel(*args, False)[0]
+        assert abs(float(g) - float((up - down) / (2 * eps))) < 1e-7

@@ -1,0 +1,159 @@
+"""The finite-width twin (net.build) and empirical kernels."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import ntkgp
+from ntkgp.finite import empirical_nngp, empirical_ntk, ensemble_size
+from ntkgp.finite.rates import equivalent_learning_rates
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+
+def _net(param="ntk"):
+    return ntkgp.serial(ntkgp.Dense(16, 2.0, 0.1, param), ntkgp.Erf(),
+                        ntkgp.parallel(ntkgp.Dense(8, 1.0, 0.2, param), ntkgp.Dense(8, 1.5, None, param)),
+                        ntkgp.LayerNorm(), ntkgp.ReLU(), ntkgp.Dense(3, 1.5, 0.1, param))
+
+
+def test_build_gives_a_module_with_the_declared_shapes():
+    model = _net().build(in_features=5, seed=0)
+    out = model(torch.randn(7, 5))
+    assert out.shape == (7, 3)
+    ens = _net().build(in_features=5, seed=0, ensemble_size=4)
+    assert ens(torch.randn(7, 5)).shape == (4, 7, 3)
+    assert ensemble_size(ens) == 4 and ensemble_size(model) is None
+
+
+def test_build_is_reproducible_and_device_dtype_independent():
+    x = torch.randn(6, 5)
+    a = _net().build(in_features=5, seed=3)(x)
+    b = _net().build(in_features=5, seed=3)(x)
+    c = _net().build(in_features=5, seed=4)(x)
+    d = _net().build(in_features=5, seed=3, dtype=torch.float32)(x.float())
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    torch.testing.assert_close(d.double(), a, rtol=1e-4, atol=1e-5)
+
+
+def test_lazy_first_layer_draws_on_first_call():
+    model = ntkgp.mlp(1, "relu").build(seed=0)
+    assert model[0].weight is None
+    out = model(torch.randn(4, 6))
+    assert out.shape == (4, 1) and model[0].weight.shape == (6, 512)
+    again = ntkgp.mlp(1, "relu").build(seed=0)(torch.zeros(1, 6))
+    torch.testing.assert_close(model(torch.zeros(1, 6)), again)
+
+
+def test_ntk_parameterization_draws_standard_normal_weights_and_scales_in_forward():
+    layer = ntkgp.Dense(2000, weight_var=3.0, bias_var=0.5)
+    module = layer.build(in_features=50, seed=1)
+    assert abs(float(module.weight.detach().var()) - 1.0) < 0.01
+    assert abs(float(module.bias.detach().var()) - 1.0) < 0.1
+    x = torch.randn(3, 50)
+    expected = x @ module.weight * math.sqrt(3.0 / 50) + math.sqrt(0.5) * module.bias
+    torch.testing.assert_close(module(x), expected)
+
+
+def test_ard_scales_each_input_feature():
+    weight_var = torch.tensor([0.5, 2.0, 0.0])
+    layer = ntkgp.Dense(4, weight_var=weight_var, bias_var=None, ard_num_dims=3)
+    module = layer.build(seed=0)
+    x = torch.randn(5, 3)
+    expected = (x * (weight_var / 3).sqrt()) @ module.weight
+    torch.testing.assert_close(module(x), expected)
+    std = ntkgp.Dense(4, weight_var, None, "standard", ard_num_dims=3).build(seed=0)
+    torch.testing.assert_close(std(x), expected)  # same draws, scale folded into the weights
+
+
+def test_standard_and_ntk_parameterizations_have_the_same_forward_pass():
+    """Lecture exercise 1: W̃ = sqrt(σ_w²/n) W gives identical outputs."""
+    x = torch.randn(6, 5)
+    torch.testing.assert_close(_net("ntk").build(in_features=5, seed=2)(x),
+                               _net("standard").build(in_features=5, seed=2)(x), rtol=1e-12, atol=1e-12)
+
+
+def test_standard_parameterization_with_layer_learning_rates_has_the_same_backward_pass():
+    """Lecture exercise 2: a GD step with rate η (NTK) equals one with η σ_w²/n_{l-1} on W̃ and
+    η σ_b² on b̃ (standard): the outputs after several steps agree."""
+    x, y = torch.randn(6, 5), torch.randn(6, 3)
+    models = {param: _net(param).build(in_features=5, seed=2) for param in ("ntk", "standard")}
+    for model in models.values():
+        rates = equivalent_learning_rates(model, 0.3)
+        for _ in range(5):
+            loss = 0.5 * ((model(x) - y) ** 2).mean()
+            names, params = zip(*model.named_parameters(), strict=True)
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                for name, p, g in zip(names, params, grads, strict=True):
+                    p -= rates[name] * g
+    torch.testing.assert_close(models["ntk"](x), models["standard"](x), rtol=1e-10, atol=1e-12)
+    # with one uniform rate they would differ: the rates are what makes them equivalent
+    assert equivalent_learning_rates(models["standard"], 0.3)["0.weight"] != 0.3
+
+
+def test_empirical_ntk_layerwise_equals_jacobian_contraction():
+    for param in ("ntk", "standard"):
+        for members in (None, 3):
+            model = _net(param).build(in_features=5, seed=0, ensemble_size=members)
+            x1, x2 = torch.randn(4, 5), torch.randn(3, 5)
+            fast = empirical_ntk(model, x1, x2, vector_output=True)
+            slow = empirical_ntk(model, x1, x2, params=dict(model.named_parameters()), vector_output=True)
+            torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+            assert fast.shape == ((4, 3, 3, 3) if members is None else (3, 4, 3, 3, 3))
+
+
+def test_empirical_ntk_is_the_lecture_definition_for_vector_outputs():
+    """Θ_ij(x, x') = Σ_p ∂f_i(x)/∂θ_p ∂f_j(x')/∂θ_p, by explicit per-output gradients."""
+    model = _net().build(in_features=5, seed=0)
+    x1, x2 = torch.randn(2, 5), torch.randn(2, 5)
+    theta = empirical_ntk(model, x1, x2, vector_output=True)
+    params = list(model.parameters())
+
+    def grad(x, i):
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(x[None])[0, i], params)])
+
+    for a in range(2):
+        for b in range(2):
+            for i in range(3):
+                for j in range(3):
+                    expected = grad(x1[a], i) @ grad(x2[b], j)
+                    assert abs(float(theta[a, b, i, j] - expected)) < 1e-10
+    per_output = empirical_ntk(model, x1, x2)
+    torch.testing.assert_close(per_output, theta.diagonal(dim1=-2, dim2=-1).mean(-1))
+
+
+def test_empirical_nngp_is_the_outer_product_of_outputs():
+    model = _net().build(in_features=5, seed=0, ensemble_size=2)
+    x = torch.randn(4, 5)
+    f = model(x)
+    torch.testing.assert_close(empirical_nngp(model, x), torch.einsum("eni,emi->enm", f, f) / 3)
+
+
+def test_empirical_kernels_of_plain_functions():
+    def f(params, x):
+        return params["A"] * torch.sin(params["k"] * x[:, 0])
+
+    params = {"A": torch.tensor(1.3), "k": torch.tensor(0.7)}
+    x = torch.tensor([[1.0], [2.0]])
+    theta = empirical_ntk(f, x, params=params)
+    assert theta.shape == (2, 2)
+    with pytest.raises(ValueError, match="params"):
+        empirical_ntk(f, x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_build_and_kernels_on_cuda():
+    net = _net()
+    x = torch.randn(6, 5, device="cuda")
+    k = net.to("cuda").kernel(x)
+    assert k.nngp.device.type == "cuda"
+    model = net.build(in_features=5, seed=0, device="cuda")
+    assert model(x).device.type == "cuda"
+    cpu = _net().build(in_features=5, seed=0)(x.cpu())
+    torch.testing.assert_close(model(x).cpu(), cpu)
+    functional_call(model, dict(model.named_parameters()), (x,))

@@ -1,0 +1,123 @@
+"""NNGPKernel and NTKKernel as GPyTorch kernels."""
+
+from __future__ import annotations
+
+import pickle
+import unittest
+
+import gpytorch
+import pytest
+import torch
+from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
+
+import ntkgp
+
+
+class TestNNGPKernel(BaseKernelTestCase, unittest.TestCase):
+    kernel_class = ntkgp.NNGPKernel
+
+    def create_kernel_no_ard(self, **kwargs):
+        return self.kernel_class(ntkgp.mlp(2, "relu", 1.8, 0.1), **kwargs)
+
+    def create_kernel_ard(self, num_dims, **kwargs):
+        return self.kernel_class(ntkgp.mlp(2, "erf", 1.8, 0.1, ard_num_dims=num_dims), **kwargs)
+
+
+class TestNTKKernel(TestNNGPKernel):
+    kernel_class = ntkgp.NTKKernel
+
+
+def test_kernels_return_the_network_kernels():
+    net = ntkgp.mlp(2, "relu", 2.0, 0.1)
+    x1, x2 = torch.randn(6, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        k = net.kernel(x1, x2)
+        nngp = ntkgp.NNGPKernel(net)(x1, x2).to_dense()
+        ntk = ntkgp.NTKKernel(net)(x1, x2).to_dense()
+        diag = ntkgp.NTKKernel(net)(x1, diag=True)
+    assert torch.equal(nngp, k.nngp) and torch.equal(ntk, k.ntk)
+    torch.testing.assert_close(diag, net.kernel(x1).ntk.diagonal(), rtol=1e-12, atol=0)
+
+
+def test_kernels_on_one_net_share_parameters_and_move_with_it():
+    net = ntkgp.mlp(1, "erf", 1.5, 0.1)
+    nngp, ntk = ntkgp.NNGPKernel(net), ntkgp.NTKKernel(net)
+    names = {name for name, _ in nngp.named_parameters()}
+    assert names == {"net.layers.0.raw_weight_var", "net.layers.0.raw_bias_var",
+                     "net.layers.2.raw_weight_var", "net.layers.2.raw_bias_var"}
+    assert {id(p) for p in nngp.parameters()} == {id(p) for p in ntk.parameters()}
+    nngp.double()
+    assert all(p.dtype == torch.float64 for p in ntk.parameters())
+
+
+def test_hyperparameters_can_be_frozen_and_get_priors():
+    net = ntkgp.serial(ntkgp.Dense(10, 2.0, 0.1, weight_var_prior=gpytorch.priors.GammaPrior(2.0, 1.0)),
+                       ntkgp.ReLU(), ntkgp.Dense(1, 1.0, 0.1))
+    kernel = ntkgp.NNGPKernel(net)
+    priors = list(kernel.named_priors())
+    assert len(priors) == 1 and priors[0][0] == "net.layers.0.weight_var_prior"
+    net[2].raw_bias_var.requires_grad_(False)
+    x = torch.randn(5, 3)
+    kernel(x).to_dense().sum().backward()
+    assert net[2].raw_bias_var.grad is None and net[0].raw_weight_var.grad is not None
+
+
+def test_kernels_compose_with_gpytorch_kernels():
+    net = ntkgp.mlp(1, "relu")
+    composite = ntkgp.NNGPKernel(net) + gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+    product = ntkgp.NTKKernel(net) * gpytorch.kernels.RBFKernel()
+    x = torch.randn(5, 2)
+    with torch.no_grad():
+        a = composite(x).to_dense()
+        b = product(x).to_dense()
+    assert a.shape == b.shape == (5, 5) and torch.isfinite(a).all() and torch.isfinite(b).all()
+
+
+def test_pickle_roundtrip_keeps_values():
+    kernel = ntkgp.NTKKernel(ntkgp.mlp(2, "gelu", 1.3, 0.2))
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        before = kernel(x).to_dense()
+        after = pickle.loads(pickle.dumps(kernel))(x).to_dense()
+    assert torch.equal(before, after)
+
+
+def test_importing_ntkgp_leaves_gpytorch_settings_alone():
+    import importlib
+
+    before = (gpytorch.settings.max_cholesky_size.value(), gpytorch.settings.cholesky_jitter.value(torch.float64),
+              gpytorch.settings.fast_computations.covar_root_decomposition.on(), torch.get_default_dtype())
+    importlib.reload(ntkgp)
+    after = (gpytorch.settings.max_cholesky_size.value(), gpytorch.settings.cholesky_jitter.value(torch.float64),
+             gpytorch.settings.fast_computations.covar_root_decomposition.on(), torch.get_default_dtype())
+    assert before == after
+
+
+class _GP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood, kernel):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ZeroMean()
+        self.covar_module = kernel
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kernel_class", [ntkgp.NNGPKernel, ntkgp.NTKKernel])
+@pytest.mark.parametrize("activation", ["relu", "erf", "tanh"])
+def test_marginal_likelihood_gradients_are_finite_with_duplicated_points(dtype, kernel_class, activation):
+    torch.manual_seed(0)
+    x = torch.randn(12, 3, dtype=dtype)
+    x = torch.cat([x, x[:4], torch.zeros(1, 3, dtype=dtype)])  # duplicates and a zero input
+    y = torch.sin(x.sum(-1))
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().to(dtype)
+    model = _GP(x, y, likelihood, kernel_class(ntkgp.mlp(2, activation, 1.7, 0.1, ard_num_dims=3))).to(dtype)
+    model.train()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    loss = -mll(model(x), y)
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert len(grads) == 7  # 3 Dense layers x (weight, bias) + noise
+    for name, grad in grads.items():
+        assert grad is not None and torch.isfinite(grad).all(), name

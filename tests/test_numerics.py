@@ -1,0 +1,252 @@
+"""Numerically hard but valid input gets exact, finite answers; bad input gets a clear error."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ntkgp
+from ntkgp.layers import base
+
+ARCHS = {
+    "relu": lambda: ntkgp.mlp(3, "relu", 1.7, 0.05, width=64, out_dim=2),
+    "relu_nobias": lambda: ntkgp.mlp(2, "relu", 2.0, None, width=64),
+    "erf_then_relu": lambda: ntkgp.serial(ntkgp.Dense(9, 1.5, 0.1), ntkgp.Erf(), ntkgp.Dense(9, 2.0, 0.1),
+                                          ntkgp.ReLU(), ntkgp.Dense(9, 1.3, 0.0), ntkgp.Sign(), ntkgp.Dense(1)),
+    "gelu_layernorm": lambda: ntkgp.serial(ntkgp.Dense(9, 1.5, 0.1), ntkgp.GELU(), ntkgp.Dense(9, 2.0, 0.1),
+                                           ntkgp.LayerNorm(), ntkgp.Abs(), ntkgp.Dense(1)),
+    "residual_standard": lambda: ntkgp.serial(
+        ntkgp.Dense(16, 2.0, 0.1, "standard"),
+        ntkgp.residual(ntkgp.ReLU(), ntkgp.Dense(16, 1.0, 0.1, "standard")),
+        ntkgp.Sin(), ntkgp.Dense(1, 1.0, 0.1, "standard")),
+    "numerical_tanh": lambda: ntkgp.mlp(2, ntkgp.Numerical(torch.tanh, degree=60), 0.5, 0.1, width=8),
+}
+
+
+def _inputs(dtype=torch.float64):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 4, generator=g, dtype=dtype)
+    x[2] = 0.0          # zero vector
+    x[5] = x[1]         # duplicate point
+    x[7] = -3.0 * x[4]  # antiparallel point
+    return x
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_diag_mode_equals_diagonal_of_full_matrix(name):
+    net = ARCHS[name]()
+    x = _inputs()
+    with torch.no_grad():
+        full = net.kernel(x)
+        diag = net.kernel(x, diag=True)
+    for attr in ("nngp", "ntk"):
+        f, d = getattr(full, attr).diagonal(), getattr(diag, attr)
+        assert d.shape == (9,)
+        assert float(((f - d).abs() / f.abs().clamp_min(1e-300)).max()) <= 1e-10
+    # pairs (x1_i, x2_i) equal the diagonal of the cross matrix
+    x2 = torch.randn_like(x)
+    with torch.no_grad():
+        cross, pairs = net.kernel(x, x2), net.kernel(x, x2, diag=True)
+    torch.testing.assert_close(pairs.nngp, cross.nngp.diagonal(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(pairs.ntk, cross.ntk.diagonal(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_symmetric_kernels_are_exactly_symmetric_and_psd(name):
+    net = ARCHS[name]()
+    with torch.no_grad():
+        k = net.kernel(_inputs())
+    for mat in (k.nngp, k.ntk):
+        assert torch.equal(mat, mat.mT)
+        eig = torch.linalg.eigvalsh(mat)
+        assert float(eig.min()) >= -1e-10 * float(eig.max())
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_blocked_evaluation_equals_single_pass(name, monkeypatch):
+    net = ARCHS[name]()
+    x, x2 = _inputs(), torch.randn(7, 4, dtype=torch.float64)
+    with torch.no_grad():
+        whole_sym, whole_cross = net.kernel(x), net.kernel(x, x2)
+        monkeypatch.setattr(base, "BLOCK_ENTRIES", 20)  # blocks of 2 rows
+        block_sym, block_cross = net.kernel(x), net.kernel(x, x2)
+    for a, b in ((whole_sym, block_sym), (whole_cross, block_cross)):
+        torch.testing.assert_close(a.nngp, b.nngp, rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(a.ntk, b.ntk, rtol=1e-13, atol=1e-15)
+
+
+def test_adaptive_quadrature_agrees_across_evaluation_strategies(monkeypatch):
+    """The adaptive degree depends on the variances a call sees; results agree to its rtol."""
+    net = ntkgp.mlp(2, "tanh", 0.5, 0.1, width=8)
+    x = _inputs() / 2
+    with torch.no_grad():
+        whole = net.kernel(x)
+        monkeypatch.setattr(base, "BLOCK_ENTRIES", 20)
+        blocked = net.kernel(x)
+    for attr in ("nngp", "ntk"):
+        a, b = getattr(whole, attr), getattr(blocked, attr)
+        assert float((a - b).abs().max() / b.abs().max()) <= 1e-7
+
+
+def test_zero_inputs_give_finite_kernels_and_gradients():
+    for bias in (None, 0.0, 0.1):
+        net = ntkgp.mlp(3, "relu", 2.0, bias, width=8)
+        x = torch.zeros(3, 5, dtype=torch.float64, requires_grad=True)
+        k = net.kernel(x, torch.randn(2, 5, dtype=torch.float64))
+        assert torch.isfinite(k.nngp).all() and torch.isfinite(k.ntk).all()
+        k2 = net.kernel(x)
+        (k2.nngp.sum() + k2.ntk.sum()).backward()
+        assert torch.isfinite(x.grad).all()
+        for p in net.parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all()
+
+
+def test_gradients_are_finite_at_duplicates_and_self_pairs():
+    net = ARCHS["erf_then_relu"]()
+    x = _inputs().requires_grad_()
+    k = net.kernel(x)
+    loss = k.nngp.sum() + k.ntk.logsumexp((0, 1))
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act", ["relu", "erf", "gelu"])
+def test_depth_100_is_finite(dtype, act):
+    net = ntkgp.mlp(100, act, 2.0 if act == "relu" else 1.5, 0.05, width=8)
+    x = _inputs(dtype)
+    with torch.no_grad():
+        k = net.kernel(x)
+    assert torch.isfinite(k.nngp).all() and torch.isfinite(k.ntk).all()
+    assert float(k.ntk.diagonal().min()) > 0
+
+
+def test_float64_inputs_are_exact_whatever_the_default_dtype():
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float32)
+        layer = ntkgp.Dense(1, weight_var=2.25, bias_var=0.01)
+        assert layer.raw_weight_var.dtype == torch.float32
+    finally:
+        torch.set_default_dtype(previous)
+    x = torch.tensor([[0.3, -1.1], [2.0, 0.7]], dtype=torch.float64)
+    k = layer.kernel(x)
+    expected = 2.25 * (x @ x.T) / 2 + 0.01
+    assert k.nngp.dtype == torch.float64
+    assert torch.equal(k.nngp.detach(), expected)
+    # .float() on the module does not round the stored values either
+    layer.float()
+    assert torch.equal(layer.kernel(x).nngp.detach(), expected)
+
+
+def test_float32_inputs_give_float32_results():
+    net = ntkgp.mlp(2, "erf", 1.5, 0.1)
+    k = net.kernel(_inputs(torch.float32), diag=False)
+    assert k.nngp.dtype == torch.float32 and k.ntk.dtype == torch.float32
+
+
+def test_batched_inputs_match_per_batch_evaluation():
+    net = ntkgp.mlp(2, "relu", 2.0, 0.1)
+    x1 = torch.randn(3, 5, 4, dtype=torch.float64)
+    x2 = torch.randn(3, 6, 4, dtype=torch.float64)
+    with torch.no_grad():
+        batched = net.kernel(x1, x2)
+        for i in range(3):
+            single = net.kernel(x1[i], x2[i])
+            torch.testing.assert_close(batched.nngp[i], single.nngp, rtol=1e-14, atol=0)
+            torch.testing.assert_close(batched.ntk[i], single.ntk, rtol=1e-14, atol=0)
+
+
+def test_equal_second_input_uses_symmetric_path():
+    net = ntkgp.mlp(2, "relu", 2.0, 0.1)
+    x = _inputs()
+    with torch.no_grad():
+        a, b = net.kernel(x), net.kernel(x, x.clone())
+    assert torch.equal(a.nngp, b.nngp) and torch.equal(a.ntk, b.ntk)
+
+
+def test_zero_variances_stay_usable():
+    layer = ntkgp.Dense(3, weight_var=1.0, bias_var=0.0)
+    assert float(layer.raw_bias_var.detach()) == 0.0 and float(layer.bias_var.detach()) == 0.0
+    net = ntkgp.serial(layer, ntkgp.ReLU(), ntkgp.Dense(1, 2.0, 0.0))
+    x = _inputs()
+    k = net.kernel(x)
+    k.nngp.sum().backward()
+    assert float(layer.raw_bias_var.grad) == 0.0          # pinned at zero: no gradient
+    assert torch.isfinite(layer.raw_weight_var.grad).all()
+    layer.bias_var = 0.5                                   # setting it again makes it learnable
+    assert float(layer.bias_var.detach()) == 0.5 and float(layer.raw_bias_var.detach()) == 0.0
+
+
+def test_variances_are_exact_after_setting_and_learnable_in_log_space():
+    layer = ntkgp.Dense(3, weight_var=0.37)
+    assert float(layer.variance_as("weight_var", torch.zeros((), dtype=torch.float64)).detach()) == 0.37
+    with torch.no_grad():
+        layer.raw_weight_var.add_(math.log(2.0))
+    assert abs(float(layer.weight_var) - 0.74) < 1e-6
+
+
+BAD_INPUTS = [
+    (lambda: torch.randn(5), "shape"),
+    (lambda: torch.tensor([[1.0, float("nan")]]), "NaN"),
+    (lambda: torch.tensor([[1.0, float("inf")]]), "NaN or infinite"),
+    (lambda: torch.ones(3, 2, dtype=torch.int64), "floating-point"),
+    (lambda: torch.ones(3, 0), "no features"),
+]
+
+
+@pytest.mark.parametrize("make,message", BAD_INPUTS)
+def test_bad_inputs_raise_value_error(make, message):
+    net = ntkgp.mlp(1, "relu")
+    with pytest.raises(ValueError, match=message):
+        net.kernel(make())
+
+
+def test_mismatched_inputs_raise_value_error():
+    net = ntkgp.mlp(1, "relu")
+    with pytest.raises(ValueError, match="same number of features"):
+        net.kernel(torch.randn(3, 2), torch.randn(3, 4))
+    with pytest.raises(ValueError, match="same dtype"):
+        net.kernel(torch.randn(3, 2), torch.randn(3, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="same number of points"):
+        net.kernel(torch.randn(3, 2), torch.randn(4, 2), diag=True)
+    with pytest.raises(ValueError, match="ard_num_dims=3"):
+        ntkgp.mlp(1, "relu", ard_num_dims=3).kernel(torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: ntkgp.Dense(3, weight_var=-1.0), "non-negative"),
+    (lambda: ntkgp.Dense(3, bias_var=float("nan")), "finite"),
+    (lambda: ntkgp.Dense(0), "positive integer"),
+    (lambda: ntkgp.Dense(3, parameterization="mean_field"), "parameterization"),
+    (lambda: ntkgp.Dense(3, weight_var=[1.0, 2.0]), "scalar"),
+    (lambda: ntkgp.mlp(1, "swish"), "Unknown activation"),
+    (lambda: ntkgp.repeat(ntkgp.ReLU(), 0), "positive integer"),
+    (lambda: ntkgp.Numerical(torch.tanh, degree=0), "positive integer"),
+])
+def test_invalid_hyperparameters_raise_value_error(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_setting_invalid_variance_raises():
+    layer = ntkgp.Dense(3, 1.0, 0.1)
+    with pytest.raises(ValueError, match="non-negative"):
+        layer.bias_var = -0.1
+    with pytest.raises(ValueError, match="without a bias"):
+        ntkgp.Dense(3).bias_var = 0.1
+
+
+@pytest.mark.parametrize("net,message", [
+    (lambda: ntkgp.serial(ntkgp.ReLU(), ntkgp.Dense(1)), "Gaussian inputs"),
+    (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.Dense(3, ard_num_dims=3)), "first layer"),
+    (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(ntkgp.ReLU(), ntkgp.Identity())), "end Gaussian"),
+    (lambda: ntkgp.serial(ntkgp.parallel(ntkgp.Dense(3), ntkgp.Dense(4))), "equal widths"),
+    (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.LayerNorm(), ntkgp.ReLU(), ntkgp.LayerNorm()), "Gaussian"),
+])
+def test_invalid_architectures_raise_before_work(net, message):
+    with pytest.raises(ValueError, match=message):
+        net().kernel(torch.randn(4, 3))
