@@ -132,14 +132,17 @@ def test_float64_inputs_are_exact_whatever_the_default_dtype():
         assert layer.raw_weight_var.dtype == torch.float32
     finally:
         torch.set_default_dtype(previous)
-    x = torch.tensor([[0.3, -1.1], [2.0, 0.7]], dtype=torch.float64)
+    # small inputs: the bias dominates, so a float32 round trip of 0.01 (2e-9 relative) would show
+    x = torch.tensor([[0.003, -0.011], [0.02, 0.007]], dtype=torch.float64)
     k = layer.kernel(x)
     expected = 2.25 * (x @ x.T) / 2 + 0.01
     assert k.nngp.dtype == torch.float64
-    assert torch.equal(k.nngp.detach(), expected)
+    torch.testing.assert_close(k.nngp.detach(), expected, rtol=4e-16, atol=0)
+    rounded = 2.25 * (x @ x.T) / 2 + torch.tensor(0.01, dtype=torch.float32).double()
+    assert float(((rounded - expected) / expected).abs().max()) > 1e-10
     # .float() on the module does not round the stored values either
     layer.float()
-    assert torch.equal(layer.kernel(x).nngp.detach(), expected)
+    torch.testing.assert_close(layer.kernel(x).nngp.detach(), expected, rtol=4e-16, atol=0)
 
 
 def test_float32_inputs_give_float32_results():

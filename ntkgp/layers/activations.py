@@ -108,8 +108,9 @@ class ABReLU(Activation):
     def pair_kernel(self, k11, k12, k22, want_dot):
         s, theta = gaussian_angle(k11, k12, k22)
         factor = (self.a - self.b) ** 2 / (2 * math.pi)
-        dot = (self.a**2 + self.b**2) / 2 - factor * theta
-        return factor * s + dot * k12, (dot if want_dot else None)
+        dot = torch.rsub(theta, (self.a**2 + self.b**2) / 2, alpha=factor)  # (a²+b²)/2 − factor·θ
+        nngp = torch.addcmul(s * factor, dot, k12) if factor else dot * k12
+        return nngp, (dot if want_dot else None)
 
     def variance(self, k: Tensor) -> Tensor:
         return (self.a**2 + self.b**2) / 2 * k

@@ -105,40 +105,48 @@ class Dense(Layer):
 
     # Infinite width ------------------------------------------------------------------------
     def kernel_map(self, state: KernelState) -> KernelState:
-        like = state.x1 if state.is_input else state.nngp
-        weight_var = self.variance_as("weight_var", like)
-        want_ntk = state.ntk is not None
+        if state.is_input:
+            return self._input_map(state)
         if self.ard_num_dims is not None:
-            if not state.is_input:
-                raise ValueError("Dense(ard_num_dims=...) must be the first layer: per-feature weight "
-                                 "variances act on the raw input features.")
-            prev = state.input_kernel(feature_weights=weight_var)
-            nngp, cov1, cov2 = prev.nngp, prev.cov1, prev.cov2
-            # Θ⁰ = 0, so σ_w² Θ vanishes; the standard NTK needs the unweighted K⁰.
-            carried = 0.0
-            prev_nngp = state.input_kernel().nngp if (want_ntk and self.parameterization == "standard") else None
-        else:
-            prev = state.materialize()
-            nngp = _scale(prev.nngp, weight_var, prev)
-            cov1, cov2 = prev.map_covs(lambda c: _scale(c, weight_var, prev, vector=True))
-            carried = _scale(prev.ntk, weight_var, prev) if want_ntk else None
-            prev_nngp = prev.nngp
-        if self.has_bias:
-            bias_var = self.variance_as("bias_var", like)
-            nngp = nngp + _expand(bias_var, prev)
-            cov1, cov2 = prev.replace(cov1=cov1, cov2=cov2).map_covs(
-                lambda c: c + _expand(bias_var, prev, vector=True))
-
+            raise ValueError("Dense(ard_num_dims=...) must be the first layer: per-feature weight "
+                             "variances act on the raw input features.")
+        weight_var = self.variance_as("weight_var", state.nngp)
+        bias_var = self.variance_as("bias_var", state.nngp) if self.has_bias else None
+        nngp, cov1, cov2 = _affine(state, state.nngp, state.cov1, state.cov2, weight_var, bias_var)
         ntk = None
-        if want_ntk:
+        if state.ntk is not None:
+            w = _expand(weight_var, state)
             if self.parameterization == "ntk":
-                ntk = nngp + carried
+                ntk = torch.addcmul(nngp, w, state.ntk)
             else:
-                ntk = prev.width * prev_nngp + carried
-                if self.has_bias:
-                    ntk = ntk + 1.0
-        return KernelState(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, width=self.width, diag=prev.diag,
-                           symmetric=prev.symmetric, is_gaussian=True, row_offset=prev.row_offset)
+                base = state.width * state.nngp + (1.0 if self.has_bias else 0.0)
+                ntk = torch.addcmul(base, w, state.ntk)
+        return state.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, width=self.width, is_gaussian=True)
+
+    def _input_map(self, state: KernelState) -> KernelState:
+        """First layer: ``K¹ = (σ_w²/d) x·x' + σ_b²`` (per-feature ``σ²_{w,j}`` with ARD), ``Θ¹``
+        from ``Θ⁰ = 0``. The ``1/d`` is folded into the weight variance, so the input Gram
+        matrix is formed once and never rescaled on its own."""
+        weight_var = self.variance_as("weight_var", state.x1)
+        bias_var = self.variance_as("bias_var", state.x1) if self.has_bias else None
+        d = state.width
+        if self.ard_num_dims is not None:
+            gram, g1, g2 = state.input_gram(feature_weights=weight_var)
+            scale = weight_var.new_tensor(1.0 / d)
+        else:
+            gram, g1, g2 = state.input_gram()
+            scale = weight_var / d
+        nngp, cov1, cov2 = _affine(state, gram, g1, g2, scale, bias_var)
+        ntk = None
+        if state.ntk is not None:
+            if self.parameterization == "ntk":
+                ntk = nngp  # Θ¹ = K¹ + σ_w² Θ⁰ = K¹
+            else:
+                # n · K⁰ = d · G/d: the standard NTK sees the unweighted Gram matrix.
+                plain = gram if self.ard_num_dims is None else state.input_gram()[0]
+                ntk = plain + 1.0 if self.has_bias else plain
+        return KernelState(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, width=self.width, diag=state.diag,
+                           symmetric=state.symmetric, is_gaussian=True, row_offset=state.row_offset)
 
     # Finite width --------------------------------------------------------------------------
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int]:
@@ -168,8 +176,19 @@ def _expand(value: Tensor, state: KernelState, vector: bool = False) -> Tensor:
     return expand_param(value, 1 if (vector or state.diag) else 2)
 
 
-def _scale(tensor: Tensor, value: Tensor, state: KernelState, vector: bool = False) -> Tensor:
-    return _expand(value, state, vector) * tensor
+def _affine(state: KernelState, nngp: Tensor, cov1: Tensor, cov2: Tensor, scale: Tensor,
+            shift: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``scale · K + shift`` for the kernel and both variance vectors, keeping tensor identities
+    (``cov2 is cov1``, and in symmetric diagonal mode ``nngp is cov1``)."""
+
+    def affine(t: Tensor, vector: bool) -> Tensor:
+        s = _expand(scale, state, vector)
+        return s * t if shift is None else torch.addcmul(_expand(shift, state, vector), s, t)
+
+    new_cov1 = affine(cov1, True)
+    new_cov2 = new_cov1 if cov2 is cov1 else affine(cov2, True)
+    new_nngp = new_cov1 if nngp is cov1 else affine(nngp, False)
+    return new_nngp, new_cov1, new_cov2
 
 
 class DenseModule(nn.Module):

@@ -34,6 +34,11 @@ def safe_sqrt(x: Tensor) -> Tensor:
     return _SafeSqrt.apply(x)
 
 
+def needs_graph(*tensors: Tensor) -> bool:
+    """Whether autograd is recording through any of ``tensors``."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tensor]:
     """``s = sqrt(k11 k22 − k12²)`` and the angle ``θ = atan2(s, k12)`` between two Gaussians.
 
@@ -41,13 +46,23 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tenso
     point meets itself (``k11 = k12 = k22`` bitwise) this is exactly 0, because
     ``sqrt(c·c) == c`` in IEEE arithmetic, even when the compiler fuses multiply-adds. The angle
     is never taken as ``arccos`` of a clipped ratio, and ``θ = π/2`` where ``s = k12 = 0``
-    (a zero input without bias), as in neural-tangents.
+    (a zero-variance input, e.g. a zero vector without bias), as in neural-tangents.
+
+    Without autograd the same formula runs in place on its temporaries, and the ``π/2`` fill
+    is applied only when a zero variance is present (it can only occur there).
     """
-    p = safe_sqrt(k11 * k22)
-    s = safe_sqrt((p - k12) * (p + k12))
-    origin = (s == 0) & (k12 == 0)
-    theta = torch.atan2(torch.where(origin, 1.0, s), torch.where(origin, 1.0, k12))
-    return s, torch.where(origin, math.pi / 2, theta)
+    if needs_graph(k11, k12, k22):
+        p = safe_sqrt(k11 * k22)
+        s = safe_sqrt((p - k12) * (p + k12))
+        origin = (s == 0) & (k12 == 0)
+        theta = torch.atan2(torch.where(origin, 1.0, s), torch.where(origin, 1.0, k12))
+        return s, torch.where(origin, math.pi / 2, theta)
+    p = torch.mul(k11, k22).sqrt_()
+    s = (p - k12).mul_(p.add_(k12)).clamp_(min=0).sqrt_()
+    theta = torch.atan2(s, k12)
+    if torch.compiler.is_compiling() or bool((k11 == 0).any()) or bool((k22 == 0).any()):
+        theta = torch.where((s == 0) & (k12 == 0), math.pi / 2, theta)
+    return s, theta
 
 
 def expand_param(value: Tensor, extra_dims: int) -> Tensor:

@@ -43,6 +43,8 @@ class KernelState:
         symmetric: whether ``x2`` is ``x1`` (``x1`` may then be a block of rows of it).
         is_gaussian: whether features are centred Gaussians with covariance ``nngp``.
         x1, x2: the raw inputs, only before any layer consumed them.
+        sq_norms: optionally, precomputed ``Σ_j x_j²`` of ``x1`` and ``x2`` (saves recomputing
+            them for every block of rows).
         row_offset: in symmetric mode, the column holding row 0's diagonal entry (non-zero when
             a block of rows is propagated on its own).
     """
@@ -58,10 +60,12 @@ class KernelState:
     x1: Tensor | None = None
     x2: Tensor | None = None
     row_offset: int = 0
+    sq_norms: tuple[Tensor, Tensor] | None = None
 
     @classmethod
     def from_inputs(cls, x1: Tensor, x2: Tensor | None = None, diag: bool = False, want_ntk: bool = True,
-                    row_offset: int = 0, symmetric: bool | None = None) -> KernelState:
+                    row_offset: int = 0, symmetric: bool | None = None,
+                    sq_norms: tuple[Tensor, Tensor] | None = None) -> KernelState:
         """The state before the first layer.
 
         ``x2=None`` means "the same points as ``x1``". A block of rows of a symmetric kernel is
@@ -72,7 +76,7 @@ class KernelState:
             symmetric = x2 is None
         return cls(nngp=None, ntk=x1.new_zeros(()) if want_ntk else None, cov1=None, cov2=None,
                    width=x1.shape[-1], diag=diag, symmetric=symmetric, x1=x1,
-                   x2=x1 if x2 is None else x2, row_offset=row_offset)
+                   x2=x1 if x2 is None else x2, row_offset=row_offset, sq_norms=sq_norms)
 
     @property
     def is_input(self) -> bool:
@@ -84,28 +88,47 @@ class KernelState:
         return replace(self, **changes)
 
     # ------------------------------------------------------------------ input kernel
-    def input_kernel(self, feature_weights: Tensor | None = None) -> KernelState:
-        """The input kernel ``K⁰(x, x') = Σ_j w_j x_j x'_j / d`` (``w_j = 1`` unless given), ``Θ⁰ = 0``.
+    def input_gram(self, feature_weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Unnormalized input Gram ``G = Σ_j w_j x1_j x2_j`` and squared norms ``Σ_j w_j x_j²``.
 
-        ``feature_weights`` (``(*batch, d)``) are per-feature weight variances of a first
-        ``Dense`` layer (automatic relevance determination). ``Θ⁰`` stays the 0-dim zero the
-        input state carries (or ``None`` when no NTK is wanted): layers broadcast it.
+        ``G`` is ``(*batch, n1, n2)`` (pairs ``(*batch, n)`` in diagonal mode; then, when
+        symmetric, the very tensor of the first norms). The second norms are the very tensor of
+        the first when ``x2`` is ``x1``. ``w_j = 1`` unless ``feature_weights`` (``(*batch, d)``)
+        are given.
         """
         if not self.is_input:
-            raise RuntimeError("input_kernel() is only defined before the first layer.")
+            raise RuntimeError("input_gram() is only defined before the first layer.")
         x1, x2 = self.x1, self.x2
-        d = x1.shape[-1]
-        scale = None if feature_weights is None else (feature_weights / d).unsqueeze(-2)
-        scaled1 = x1 / d if scale is None else x1 * scale
-        cov1 = (scaled1 * x1).sum(-1)
-        cov2 = cov1 if x2 is x1 else ((x2 / d if scale is None else x2 * scale) * x2).sum(-1)
-        if self.diag:
-            nngp = cov1 if self.symmetric else (scaled1 * x2).sum(-1)
+        if feature_weights is None:
+            if self.sq_norms is not None:
+                g1, g2 = self.sq_norms
+            else:
+                g1 = torch.einsum("...nd,...nd->...n", x1, x1)
+                g2 = g1 if x2 is x1 else torch.einsum("...nd,...nd->...n", x2, x2)
+            weighted1 = x1
         else:
-            nngp = scaled1 @ x2.mT
-        state = KernelState(nngp=nngp, ntk=self.ntk, cov1=cov1, cov2=cov2,
-                            width=self.width, diag=self.diag, symmetric=self.symmetric,
-                            row_offset=self.row_offset)
+            weighted1 = x1 * feature_weights.unsqueeze(-2)
+            g1 = torch.einsum("...nd,...nd->...n", weighted1, x1)
+            g2 = g1 if x2 is x1 else torch.einsum("...nd,...nd->...n", x2 * feature_weights.unsqueeze(-2), x2)
+        if self.diag:
+            gram = g1 if self.symmetric else torch.einsum("...nd,...nd->...n", weighted1, x2)
+        else:
+            gram = weighted1 @ x2.mT
+        return gram, g1, g2
+
+    def input_kernel(self) -> KernelState:
+        """The input kernel ``K⁰(x, x') = x·x' / d`` with ``Θ⁰ = 0``.
+
+        ``Θ⁰`` stays the 0-dim zero the input state carries (or ``None`` when no NTK is wanted):
+        layers broadcast it.
+        """
+        gram, g1, g2 = self.input_gram()
+        d = self.width
+        nngp = gram / d
+        cov1 = nngp if gram is g1 else g1 / d
+        cov2 = cov1 if g2 is g1 else g2 / d
+        state = KernelState(nngp=nngp, ntk=self.ntk, cov1=cov1, cov2=cov2, width=d, diag=self.diag,
+                            symmetric=self.symmetric, row_offset=self.row_offset)
         return state.with_exact_diagonal()
 
     def materialize(self) -> KernelState:

@@ -1,0 +1,95 @@
+"""Time and peak memory of full NNGP+NTK kernel matrices (depth-3 ReLU network, d = 784).
+
+For each size and dtype it prints, measured in this run:
+
+* ``x@xT``: the input Gram matrix alone (a floor no kernel can beat),
+* ``eager``: ``net.kernel(x)`` under ``torch.no_grad()`` (blocked, upper triangle mirrored),
+* ``compiled``: ``net.kernel(x, compile=True)``, first call (compilation) and later calls,
+* ``nt``: neural-tangents' jitted ``kernel_fn`` on the same data, when ``--nt-python`` names an
+  interpreter that has it (it cannot share an environment with current PyTorch/JAX),
+
+and the ratios ``eager / nt`` and ``compiled / nt`` (target: at most 0.5). Times are the minimum
+of three calls after a warm-up; memory is the peak resident-set increase during those calls.
+
+    python benchmarks/kernels.py --nt-python /path/to/nt-venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _memory import current_mib, peak_mib, reset_peak
+
+import ntkgp
+
+
+def measure(fn, repeats: int = 3) -> tuple[float, float]:
+    fn()  # warm-up
+    base = current_mib()
+    reset_peak()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times), peak_mib() - base
+
+
+def run_nt(python: str, n: int, d: int, depth: int, dtype: str) -> dict | None:
+    script = os.path.join(os.path.dirname(__file__), "nt_kernel.py")
+    try:
+        out = subprocess.run([python, script, str(n), str(d), str(depth), dtype], capture_output=True,
+                             text=True, check=True, timeout=900)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, json.JSONDecodeError, IndexError) as err:
+        print(f"  neural-tangents run failed: {err}", file=sys.stderr)
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000])
+    parser.add_argument("--d", type=int, default=784)
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--nt-python", default=os.environ.get("NTKGP_NT_PYTHON"),
+                        help="interpreter with neural-tangents installed (optional)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile path")
+    args = parser.parse_args()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; depth-{args.depth} ReLU, d={args.d}, "
+          "NNGP+NTK, full symmetric matrix")
+    header = (f"{'dtype':8} {'N':>5} {'x@xT s':>8} {'eager s':>8} {'MiB':>6} {'compile 1st s':>13} "
+              f"{'compiled s':>10} {'nt 1st s':>9} {'nt s':>7} {'nt MiB':>7} {'eager/nt':>8} {'compiled/nt':>11}")
+    print(header)
+    for dtype in (torch.float32, torch.float64):
+        for n in args.sizes:
+            torch.manual_seed(0)
+            x = torch.rand(n, args.d, dtype=dtype)
+            net = ntkgp.mlp(args.depth, "relu", 2.0, 0.01, width=512)
+            with torch.no_grad():
+                t_mm, _ = measure(lambda: x @ x.T)  # noqa: B023
+                t_eager, mem_eager = measure(lambda: net.kernel(x))  # noqa: B023
+                first = t_comp = float("nan")
+                if not args.no_compile:
+                    t0 = time.perf_counter()
+                    net.kernel(x, compile=True)
+                    first = time.perf_counter() - t0
+                    t_comp, _ = measure(lambda: net.kernel(x, compile=True))  # noqa: B023
+            nt = run_nt(args.nt_python, n, args.d, args.depth, str(dtype).split(".")[1]) if args.nt_python else None
+            nt_first, nt_time, nt_mem = (nt["first"], nt["time"], nt["peak_mib"]) if nt else (float("nan"),) * 3
+            name = str(dtype).split(".")[1]
+            print(f"{name:8} {n:5d} {t_mm:8.3f} {t_eager:8.3f} {mem_eager:6.0f} {first:13.1f} {t_comp:10.3f} "
+                  f"{nt_first:9.2f} {nt_time:7.3f} {nt_mem:7.0f} {t_eager / nt_time:8.2f} {t_comp / nt_time:11.2f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
