@@ -5,6 +5,7 @@ A network spec is built once and realized twice: as analytic kernels (``net.kern
 with the same parameterization (``net.build``).
 """
 
+from ntkgp import finite, predict
 from ntkgp.kernels import NNGPKernel, NTKKernel
 from ntkgp.layers import (
     GELU,
@@ -55,8 +56,10 @@ __all__ = [
     "Serial",
     "Sign",
     "Sin",
+    "finite",
     "mlp",
     "parallel",
+    "predict",
     "repeat",
     "residual",
     "serial",

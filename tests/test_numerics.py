@@ -53,6 +53,26 @@ def test_diag_mode_equals_diagonal_of_full_matrix(name):
     torch.testing.assert_close(pairs.ntk, cross.ntk.diagonal(), rtol=1e-12, atol=1e-14)
 
 
+def test_ntk_diagonal_is_exact_against_40_digit_arithmetic():
+    """Where a point meets itself the square-root term is exactly 0: the self-NTK equals an
+    exact-arithmetic recursion to 1e-15 (neural-tangents: ~5e-9 per ReLU layer)."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 40
+    net = ntkgp.mlp(3, "relu", 2.0, 0.05)
+    x = _inputs()
+    with torch.no_grad():
+        ntk = net.kernel(x).ntk.diagonal()
+    for i in range(x.shape[0]):
+        k = sum(mpmath.mpf(float(v)) ** 2 for v in x[i]) / x.shape[1]
+        theta = mpmath.mpf(0)
+        for layer in range(4):
+            k = 2 * k + mpmath.mpf(0.05)
+            theta = k + 2 * theta
+            if layer < 3:  # ReLU at a point with itself: θ = 0, T = k/2, Ṫ = 1/2
+                k, theta = k / 2, theta / 2
+        assert abs(float(ntk[i]) - float(theta)) <= 1e-15 * float(theta)
+
+
 @pytest.mark.parametrize("name", sorted(ARCHS))
 def test_symmetric_kernels_are_exactly_symmetric_and_psd(name):
     net = ARCHS[name]()

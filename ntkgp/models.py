@@ -1,0 +1,115 @@
+"""GPyTorch models with infinite-width network kernels, and a marginal-likelihood fit helper."""
+
+from __future__ import annotations
+
+import math
+
+import gpytorch
+import torch
+from linear_operator.operators import IdentityLinearOperator, KroneckerProductLinearOperator
+from torch import Tensor
+
+from ntkgp.kernels import NNGPKernel, NTKKernel
+from ntkgp.layers.base import Layer
+from ntkgp.layers.mlp import mlp
+
+KERNELS = {"nngp": NNGPKernel, "ntk": NTKKernel}
+
+
+class NetworkGP(gpytorch.models.ExactGP):
+    r"""Exact GP regression whose covariance is a network's NNGP or NTK kernel.
+
+    With ``kernel="nngp"`` this is exact Bayesian inference in an infinitely wide network
+    (Lee et al. 2018); with ``"ntk"`` it is the NTK-GP (He et al. 2020). The weight and bias
+    variances of every layer and the noise variance are learnable by maximizing the exact
+    marginal likelihood (:func:`fit`).
+
+    Vector targets ``(N, k)`` share one kernel: the prior over all outputs is ``K ⊗ I_k``
+    (kernels are per output unit) with one noise variance, so GPyTorch factors ``K`` once for
+    all ``k`` outputs (a Kronecker-plus-constant-diagonal solve).
+
+    Args:
+        train_x: ``(N, d)`` inputs.
+        train_y: ``(N,)`` or ``(N, k)`` targets.
+        net: the network spec; ``None`` builds ``ntkgp.mlp(**mlp_kwargs)``.
+        kernel: ``"nngp"`` or ``"ntk"``.
+        likelihood: a GPyTorch likelihood (default: Gaussian, one shared noise variance).
+        mean: ``"zero"`` (the prior of an infinitely wide network) or ``"constant"``.
+        **mlp_kwargs: forwarded to :func:`ntkgp.mlp` when ``net`` is ``None``.
+    """
+
+    def __init__(self, train_x: Tensor, train_y: Tensor, net: Layer | None = None, *, kernel: str = "nngp",
+                 likelihood: gpytorch.likelihoods.Likelihood | None = None, mean: str = "zero",
+                 **mlp_kwargs) -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}.")
+        if train_y.dim() not in (1, 2) or train_y.shape[0] != train_x.shape[-2]:
+            raise ValueError(f"train_y must be (N,) or (N, k) with N = {train_x.shape[-2]}, "
+                             f"got {tuple(train_y.shape)}.")
+        if mean not in ("zero", "constant"):
+            raise ValueError(f"mean must be 'zero' or 'constant', got {mean!r}.")
+        self.num_outputs = 1 if train_y.dim() == 1 else train_y.shape[-1]
+        if likelihood is None:
+            likelihood = (gpytorch.likelihoods.GaussianLikelihood() if train_y.dim() == 1 else
+                          gpytorch.likelihoods.MultitaskGaussianLikelihood(
+                              num_tasks=self.num_outputs, rank=0, has_task_noise=False, has_global_noise=True))
+        super().__init__(train_x, train_y, likelihood)
+        if net is None:
+            net = mlp(**mlp_kwargs)
+        elif mlp_kwargs:
+            raise ValueError(f"Pass either net or mlp arguments, not both (got {sorted(mlp_kwargs)}).")
+        self.net = net
+        self.covar_module = KERNELS[kernel](net)
+        shape = torch.Size([]) if train_y.dim() == 1 else torch.Size([self.num_outputs])
+        if mean == "zero":
+            self.mean_module = gpytorch.means.ZeroMean(batch_shape=shape)
+        else:
+            self.mean_module = gpytorch.means.ConstantMean(batch_shape=shape)
+
+    def forward(self, x: Tensor) -> gpytorch.distributions.MultivariateNormal:
+        covar = self.covar_module(x)
+        if self.num_outputs == 1 and self.train_targets.dim() == 1:
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(x), covar)
+        mean = self.mean_module(x).mT                                    # (N, k)
+        identity = IdentityLinearOperator(self.num_outputs, dtype=x.dtype, device=x.device)
+        return gpytorch.distributions.MultitaskMultivariateNormal(
+            mean, KroneckerProductLinearOperator(covar, identity), interleaved=True)
+
+
+def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
+        optimizer: torch.optim.Optimizer | None = None, callback=None) -> list[float]:
+    """Maximize the exact marginal log likelihood of ``model`` on its training data.
+
+    Args:
+        model: an ``ExactGP`` (e.g. :class:`NetworkGP`, or a BoTorch model).
+        steps: optimizer steps.
+        lr: Adam learning rate (log-variances move by about ``lr`` per step).
+        optimizer: a ready optimizer over ``model.parameters()`` instead of Adam.
+        callback: called as ``callback(step, loss)`` after every step.
+
+    Returns:
+        The negative marginal log likelihood per data point at every step. The model is left
+        in eval mode. Raises ``FloatingPointError`` if the loss or a gradient is not finite.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}.")
+    model.train()
+    model.likelihood.train()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = optimizer or torch.optim.Adam(params, lr=lr)
+    history: list[float] = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = -mll(model(*model.train_inputs), model.train_targets)
+        loss.backward()
+        if not math.isfinite(float(loss.detach())) or any(p.grad is not None and not bool(torch.isfinite(p.grad).all())
+                                                 for p in params):
+            raise FloatingPointError(f"Non-finite marginal likelihood or gradient at step {step}.")
+        optimizer.step()
+        history.append(float(loss.detach()))
+        if callback is not None:
+            callback(step, history[-1])
+    model.eval()
+    model.likelihood.eval()
+    return history

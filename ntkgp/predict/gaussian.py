@@ -1,0 +1,50 @@
+"""The predictive distribution returned by the predictors, and target validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Gaussian:
+    """Mean and covariance of network outputs.
+
+    Attributes:
+        mean: ``(*time, M)`` for 1-D targets, ``(*time, M, k)`` for ``k`` outputs.
+        covariance: ``(*time, M, M)``, shared by every output unit (the full covariance is
+            ``covariance ⊗ I_k``), or ``None`` when not computed.
+    """
+
+    mean: Tensor
+    covariance: Tensor | None = None
+
+    @property
+    def variance(self) -> Tensor | None:
+        """Marginal variances ``(*time, M)``."""
+        return None if self.covariance is None else torch.diagonal(self.covariance, dim1=-2, dim2=-1)
+
+
+def check_targets(y_train: Tensor, n_train: int) -> Tensor:
+    """``y_train`` must be a finite ``(N,)`` or ``(N, k)`` tensor matching the training inputs."""
+    if not isinstance(y_train, Tensor):
+        raise ValueError(f"y_train must be a torch.Tensor, got {type(y_train).__name__}.")
+    if y_train.dim() not in (1, 2):
+        raise ValueError(f"y_train must have shape (N,) or (N, k), got {tuple(y_train.shape)}.")
+    if y_train.shape[0] != n_train:
+        raise ValueError(f"x_train has {n_train} points but y_train has {y_train.shape[0]} rows.")
+    if not y_train.is_floating_point() or not bool(torch.isfinite(y_train).all()):
+        raise ValueError("y_train must be a floating-point tensor without NaN or infinite values.")
+    return y_train
+
+
+def check_non_negative(name: str, value: float) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}.") from err
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}.")
+    return value

@@ -1,0 +1,235 @@
+r"""Closed-form predictions of an infinite ensemble of infinitely wide networks trained by
+gradient descent on the squared loss (Lee et al. 2019, "Wide neural networks of any depth evolve
+as linear models under gradient descent", eqs. 15–16).
+
+With ``τ = η t / m``, training-set kernels ``K`` (NNGP), ``Θ`` (NTK) and ``*`` the test points,
+the outputs at time ``t`` are Gaussian with
+
+* ``kernel="ntk"`` (all layers trained)::
+
+      μ_t = Θ*d Θ⁻¹ (I − e^{−Θτ}) Y
+      Σ_t = K** + Θ*d Θ⁻¹(I − e^{−Θτ}) K (I − e^{−Θτ})Θ⁻¹ Θd* − (Θ*d Θ⁻¹(I − e^{−Θτ}) Kd* + h.c.)
+
+* ``kernel="nngp"`` (only the readout layer trained, whose tangent kernel is ``K``)::
+
+      μ_t = K*d K⁻¹ (I − e^{−Kτ}) Y,    Σ_t = K** − K*d K⁻¹ (I − e^{−2Kτ}) Kd*
+
+Discrete full-batch gradient descent replaces ``e^{−Θτ}`` by ``(I − ηΘ/m)^s`` after ``s``
+steps, which is exact for the linearized network at any stable learning rate. Conventions
+(time scaling, relative ``diag_reg``, training-set outputs for ``x_test=None``) are those of
+neural-tangents' ``gradient_descent_mse_ensemble``, and values agree with it to 1e-10.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from ntkgp.layers.base import Layer
+from ntkgp.layers.validation import check_points
+from ntkgp.predict.gaussian import Gaussian, check_non_negative, check_targets
+from ntkgp.predict.spectral import (
+    Eigensystem,
+    Schedule,
+    cholesky,
+    make_schedule,
+    max_learning_rate,
+    regularize,
+    spectral_apply,
+)
+
+KINDS = ("ntk", "nngp")
+
+
+class GradientFlow:
+    """Fit once, predict many: training kernels and their factorizations are cached.
+
+    Args:
+        net: the network spec.
+        x_train: ``(N, d)`` training inputs.
+        y_train: ``(N,)`` or ``(N, k)`` targets (``k`` outputs share one factorization).
+        kernel: ``"ntk"`` (train all layers) or ``"nngp"`` (train the readout only).
+        learning_rate: ``η``; time enters as ``τ = η t / m`` with ``m = y_train.numel()``.
+        diag_reg: added to the training kernel as ``diag_reg · trace/N · I``.
+        diag_reg_absolute_scale: make ``diag_reg`` an absolute variance instead.
+        factor_dtype: dtype in which kernels are computed and factored (float64 by default, also
+            for float32 inputs, whose results are returned in float32: float32 kernels of nearly
+            parallel inputs carry ~3e-4 relative error and are often indefinite by more than any
+            sensible ``diag_reg``, see docs/numerics.md).
+
+    Example:
+        >>> flow = ntkgp.predict.GradientFlow(net, x_train, y_train, learning_rate=1.0)
+        >>> out = flow.predict(x_test, t=torch.logspace(-1, 3, 50))   # one eigendecomposition
+        >>> out.mean.shape, out.covariance.shape                       # (50, M, k), (50, M, M)
+    """
+
+    def __init__(self, net: Layer, x_train: Tensor, y_train: Tensor, *, kernel: str = "ntk",
+                 learning_rate: float = 1.0, diag_reg: float = 0.0, diag_reg_absolute_scale: bool = False,
+                 factor_dtype: torch.dtype = torch.float64) -> None:
+        if kernel not in KINDS:
+            raise ValueError(f"kernel must be one of {KINDS}, got {kernel!r}.")
+        check_points(x_train, "x_train")
+        if x_train.dim() != 2:
+            raise ValueError(f"x_train must have shape (N, d), got {tuple(x_train.shape)}.")
+        check_targets(y_train, x_train.shape[0])
+        self.net, self.x_train, self.kind = net, x_train, kernel
+        self.learning_rate = learning_rate
+        make_schedule(None, None, learning_rate, 1, x_train.device)  # validates the learning rate
+        self.diag_reg = check_non_negative("diag_reg", diag_reg)
+        self.diag_reg_absolute_scale = diag_reg_absolute_scale
+        self.dtype, self.factor_dtype = x_train.dtype, factor_dtype
+        self.vector_targets = y_train.dim() == 2
+        self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).to(factor_dtype)
+        self.m = y_train.numel()
+        self.x_factor = x_train.to(factor_dtype)
+        with torch.no_grad():
+            k = net.kernel(self.x_factor, ntk=kernel == "ntk")
+        self.nngp_dd = k.nngp
+        train_kernel = k.ntk if kernel == "ntk" else k.nngp
+        self.dynamics = regularize(train_kernel, self.diag_reg, diag_reg_absolute_scale)
+
+    # ------------------------------------------------------------------ cached factorizations
+    @cached_property
+    def eigensystem(self) -> Eigensystem:
+        """Eigendecomposition of the (regularized) training kernel that drives the flow."""
+        return Eigensystem.of(self.dynamics)
+
+    @cached_property
+    def _cholesky(self) -> Tensor:
+        return cholesky(self.dynamics, f"training {self.kind.upper()} kernel")
+
+    @cached_property
+    def _y_eigen(self) -> Tensor:
+        return self.eigensystem.vectors.mT @ self.y
+
+    @cached_property
+    def _nngp_eigen(self) -> Tensor:
+        v = self.eigensystem.vectors
+        return v.mT @ self.nngp_dd @ v
+
+    @property
+    def max_learning_rate(self) -> float:
+        """``2m / λ_max``: discrete gradient descent diverges above it."""
+        return 2 * self.m / float(self.eigensystem.values.max())
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, x_test: Tensor | None = None, t=None, steps=None, compute_cov: bool = True) -> Gaussian:
+        """Mean and covariance of the ensemble's outputs at times ``t`` (or after ``steps``).
+
+        Args:
+            x_test: ``(M, d)`` test inputs; ``None`` predicts the training points.
+            t: ``None`` (infinite time, by Cholesky), a number (``inf`` allowed) or a tensor of
+                times of any shape, which becomes the leading shape of the outputs.
+            steps: instead of ``t``, numbers of discrete full-batch gradient-descent steps.
+            compute_cov: also compute the ``(M, M)`` covariance (shared by all outputs).
+        """
+        schedule = make_schedule(t, steps, self.learning_rate, self.m, self.x_train.device)
+        if schedule is not None and schedule.discrete and self.learning_rate > self.max_learning_rate:
+            warnings.warn(f"learning_rate={self.learning_rate:g} exceeds the stability limit 2m/λ_max = "
+                          f"{self.max_learning_rate:g}: discrete gradient descent diverges.", RuntimeWarning,
+                          stacklevel=2)
+        kernels = None if x_test is None else self._test_kernels(x_test, compute_cov)
+        if schedule is None:
+            mean, cov = self._infinite(kernels, compute_cov)
+        else:
+            mean, cov = self._finite(schedule, kernels, compute_cov)
+            mean = schedule.reshape(mean, 2)
+            cov = None if cov is None else schedule.reshape(cov, 2)
+        if not self.vector_targets:
+            mean = mean.squeeze(-1)
+        return Gaussian(mean.to(self.dtype), None if cov is None else cov.to(self.dtype))
+
+    def _test_kernels(self, x_test: Tensor, compute_cov: bool) -> dict[str, Tensor]:
+        check_points(x_test, "x_test")
+        if x_test.dim() != 2 or x_test.shape[-1] != self.x_train.shape[-1]:
+            raise ValueError(f"x_test must have shape (M, {self.x_train.shape[-1]}), got {tuple(x_test.shape)}.")
+        x_test = x_test.to(self.factor_dtype)
+        with torch.no_grad():
+            cross = self.net.kernel(x_test, self.x_factor, ntk=self.kind == "ntk")
+            out = {"nngp_td": cross.nngp}
+            if self.kind == "ntk":
+                out["ntk_td"] = cross.ntk
+            if compute_cov:
+                out["nngp_tt"] = self.net.kernel(x_test, ntk=False).nngp
+        return out
+
+    def _infinite(self, kernels: dict | None, compute_cov: bool) -> tuple[Tensor, Tensor | None]:
+        if kernels is None:  # the training outputs converge to the targets
+            n = self.y.shape[0]
+            return self.y.clone(), (self.y.new_zeros(n, n) if compute_cov else None)
+        chol = self._cholesky
+        g_td = kernels["ntk_td" if self.kind == "ntk" else "nngp_td"]
+        mean = g_td @ torch.cholesky_solve(self.y, chol)
+        if not compute_cov:
+            return mean, None
+        k_td, k_tt = kernels["nngp_td"], kernels["nngp_tt"]
+        if self.kind == "nngp":
+            w = torch.linalg.solve_triangular(chol, k_td.mT, upper=False)
+            return mean, _symmetric(k_tt - w.mT @ w)
+        term = torch.cholesky_solve(g_td.mT, chol)                     # Θ⁻¹ Θd*
+        cross = term.mT @ k_td.mT                                       # Θ*d Θ⁻¹ Kd*
+        return mean, _symmetric(k_tt + term.mT @ self.nngp_dd @ term - cross - cross.mT)
+
+    def _finite(self, schedule: Schedule, kernels: dict | None, compute_cov: bool) -> tuple[Tensor, Tensor | None]:
+        eig = self.eigensystem
+        v, lam = eig.vectors, eig.values
+        decay, flow = schedule.functions(eig)                            # (T, N)
+        if kernels is None:
+            mean = spectral_apply(v, 1 - decay, self._y_eigen)
+            if not compute_cov:
+                return mean, None
+            cov = v.new_empty((decay.shape[0], *v.shape))
+            for i in range(decay.shape[0]):
+                if self.kind == "nngp":          # K e^{−2Kτ}
+                    torch.mm(v * (lam * decay[i] ** 2), v.mT, out=cov[i])
+                else:                            # e^{−Θτ} K e^{−Θτ}
+                    inner = decay[i].unsqueeze(-1) * self._nngp_eigen * decay[i].unsqueeze(-2)
+                    torch.mm(v @ inner, v.mT, out=cov[i])
+                _symmetrize_(cov[i])
+            return mean, cov
+        g_td = kernels["ntk_td" if self.kind == "ntk" else "nngp_td"]
+        a = g_td @ v                                                    # (M, N)
+        mean = spectral_apply(a, flow, self._y_eigen)
+        if not compute_cov:
+            return mean, None
+        k_tt = kernels["nngp_tt"]
+        cov = k_tt.new_empty((flow.shape[0], *k_tt.shape))
+        if self.kind == "nngp":
+            _, flow2 = schedule.doubled().functions(eig)
+            for i in range(flow.shape[0]):
+                torch.addmm(k_tt, a * flow2[i], a.mT, alpha=-1, out=cov[i])
+                _symmetrize_(cov[i])
+        else:
+            # With P = diag(F) Vᵀ Θd* and R = Vᵀ Kd*: Σ = K** + Pᵀ Kv P − PᵀR − RᵀP. The last two
+            # terms equal −2PᵀR up to an antisymmetric part, which symmetrizing removes, so one
+            # product Pᵀ(Kv P − 2R) per time suffices.
+            r2 = 2 * (v.mT @ kernels["nngp_td"].mT)                     # 2 Vᵀ Kd*  (N, M)
+            for i in range(flow.shape[0]):
+                p = flow[i].unsqueeze(-1) * a.mT
+                torch.addmm(k_tt, p.mT, torch.addmm(r2, self._nngp_eigen, p, beta=-1), out=cov[i])
+                _symmetrize_(cov[i])
+        return mean, cov
+
+
+def _symmetric(cov: Tensor) -> Tensor:
+    return (cov + cov.mT) / 2
+
+
+def _symmetrize_(cov: Tensor) -> None:
+    """``cov ← (cov + covᵀ)/2`` in place (one matrix at a time keeps temporaries small)."""
+    cov.copy_((cov + cov.mT) / 2)
+
+
+def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t=None,
+                  learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk",
+                  compute_cov: bool = True, diag_reg_absolute_scale: bool = False, steps=None) -> Gaussian:
+    """One-shot :class:`GradientFlow` prediction (see there for the arguments and formulas)."""
+    flow = GradientFlow(net, x_train, y_train, kernel=kernel, learning_rate=learning_rate, diag_reg=diag_reg,
+                        diag_reg_absolute_scale=diag_reg_absolute_scale)
+    return flow.predict(x_test, t=t, steps=steps, compute_cov=compute_cov)
+
+
+__all__ = ["GradientFlow", "gradient_flow", "max_learning_rate"]

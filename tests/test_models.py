@@ -1,0 +1,142 @@
+"""NetworkGP (ExactGP with network kernels), the fit helper, and BoTorch."""
+
+from __future__ import annotations
+
+import math
+
+import gpytorch
+import pytest
+import torch
+
+import ntkgp
+from ntkgp.models import NetworkGP, fit
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+
+def _data(n=40, k=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 2, generator=g) * 4 - 2
+    y = torch.sin(x.sum(-1, keepdim=True) * torch.arange(1, (k or 1) + 1)) + 0.05 * torch.randn(n, k or 1, generator=g)
+    return x, (y if k else y[:, 0])
+
+
+@pytest.mark.parametrize("kernel", ["nngp", "ntk"])
+def test_fit_improves_the_marginal_likelihood_and_predicts_like_the_exact_posterior(kernel):
+    x, y = _data()
+    model = NetworkGP(x, y, kernel=kernel, depth=2, activation="erf", weight_var=1.5, bias_var=0.1)
+    history = fit(model, steps=60, lr=0.05)
+    assert history[-1] < history[0] - 0.2 and all(math.isfinite(v) for v in history)
+    xt = torch.rand(7, 2) * 4 - 2
+    with torch.no_grad():
+        pred = model.likelihood(model(xt))
+    noise = float(model.likelihood.noise.detach())
+    post = ntkgp.predict.gp_posterior(model.net, x, y, xt, kernel="ntkgp" if kernel == "ntk" else "nngp",
+                                      noise=noise)
+    torch.testing.assert_close(pred.mean, post.mean, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(pred.variance, post.variance + noise, rtol=1e-6, atol=1e-8)
+
+
+def test_vector_targets_share_one_kernel_and_noise():
+    """The (N, k) model's likelihood is the sum of k single-output likelihoods with the same kernel."""
+    x, y = _data(k=3)
+    net = ntkgp.mlp(2, "relu", 2.0, 0.1)
+    model = NetworkGP(x, y, net)
+    model.likelihood.noise = 0.03
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    model.train()
+    joint = float(mll(model(x), y)) * y.numel()
+    single_total = 0.0
+    for c in range(3):
+        single = NetworkGP(x, y[:, c], net)
+        single.likelihood.noise = 0.03
+        single.train()
+        single_mll = gpytorch.mlls.ExactMarginalLogLikelihood(single.likelihood, single)
+        single_total += float(single_mll(single(x), y[:, c])) * x.shape[0]
+    assert abs(joint - single_total) < 1e-8 * abs(single_total)
+    model.eval()
+    xt = torch.rand(5, 2)
+    with torch.no_grad():
+        mean = model.likelihood(model(xt)).mean
+    post = ntkgp.predict.gp_posterior(net, x, y, xt, noise=0.03)
+    assert mean.shape == (5, 3)
+    torch.testing.assert_close(mean, post.mean, rtol=1e-8, atol=1e-10)
+
+
+def test_marginal_likelihood_recovers_the_prior_variances():
+    """Data sampled from the NNGP prior: the fitted log-variances are within 4 standard errors
+    (from the Fisher information, I_ij = k/2 tr(C⁻¹ ∂_i C C⁻¹ ∂_j C)) of the truth."""
+    torch.manual_seed(3)
+    n, k, noise = 120, 12, 0.01
+    x = torch.randn(n, 3)
+    truth = {"w1": 1.8, "b1": 0.3, "w2": 1.2, "b2": 0.4}
+
+    def make(values):
+        return ntkgp.serial(ntkgp.Dense(1, values["w1"], values["b1"]), ntkgp.Erf(),
+                            ntkgp.Dense(1, values["w2"], values["b2"]))
+
+    with torch.no_grad():
+        cov = make(truth).kernel(x).nngp + noise * torch.eye(n)
+    y = (torch.linalg.cholesky(cov) @ torch.randn(n, k))
+    start = {"w1": 1.0, "b1": 0.1, "w2": 1.0, "b2": 0.1}
+    model = NetworkGP(x, y, make(start))
+    model.likelihood.noise = noise
+    model.likelihood.raw_noise.requires_grad_(False)
+    history = fit(model, steps=300, lr=0.05)
+    assert all(math.isfinite(v) for v in history)
+    layers = [model.net[0], model.net[2]]
+    fitted = torch.stack([layers[0].weight_var, layers[0].bias_var, layers[1].weight_var, layers[1].bias_var])
+    fitted = fitted.detach().log()
+    # Fisher information of the log-variances at the fitted point: the raw parameters are
+    # log-ratios to the anchors, so derivatives w.r.t. them are derivatives w.r.t. log-variances.
+    net = make(dict(zip(("w1", "b1", "w2", "b2"), fitted.exp().tolist(), strict=True)))
+    names = ["layers.0.raw_weight_var", "layers.0.raw_bias_var", "layers.2.raw_weight_var", "layers.2.raw_bias_var"]
+
+    class Covariance(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, inputs):
+            return self.net.kernel(inputs, ntk=False).nngp + noise * torch.eye(n)
+
+    def covariance(delta):
+        params = {f"net.{name}": delta[i] for i, name in enumerate(names)}
+        return torch.func.functional_call(Covariance(), params, (x,))
+
+    c = covariance(torch.zeros(4))
+    jac = torch.autograd.functional.jacobian(covariance, torch.zeros(4), vectorize=True,
+                                             strategy="forward-mode")  # (n, n, 4)
+    c_inv = torch.linalg.inv(c)
+    a = torch.einsum("ij,jkp->ikp", c_inv, jac)
+    info = 0.5 * k * torch.einsum("ijp,jiq->pq", a, a)
+    se = torch.linalg.inv(info).diagonal().sqrt()
+    true = torch.tensor([truth[name] for name in ("w1", "b1", "w2", "b2")]).log()
+    assert bool(((fitted - true).abs() <= 4 * se).all()), (fitted.exp(), se)
+    assert bool((se < 0.5).all())  # the data do pin the variances down
+
+
+def test_botorch_single_task_gp_with_network_kernel():
+    botorch = pytest.importorskip("botorch")
+    from botorch.acquisition import LogExpectedImprovement
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+    from botorch.optim import optimize_acqf
+    from botorch.test_functions import Branin
+
+    torch.manual_seed(0)
+    branin = Branin(negate=True)
+    bounds = branin.bounds.to(torch.float64)
+    unit = torch.rand(12, 2)
+    train_x = bounds[0] + (bounds[1] - bounds[0]) * unit
+    train_y = branin(train_x).unsqueeze(-1)
+    kernel = ntkgp.NNGPKernel(ntkgp.mlp(2, "relu", 2.0, 0.1))
+    model = SingleTaskGP(train_x, train_y, covar_module=kernel,
+                         input_transform=botorch.models.transforms.Normalize(d=2))
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    fit_gpytorch_mll(mll)
+    acq = LogExpectedImprovement(model, best_f=train_y.max())
+    candidate, value = optimize_acqf(acq, bounds=bounds, q=1, num_restarts=4, raw_samples=64)
+    assert candidate.shape == (1, 2) and torch.isfinite(value).all()
+    assert bool(((candidate >= bounds[0]) & (candidate <= bounds[1])).all())
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -1,0 +1,299 @@
+"""Gradient-flow predictions and exact posteriors (ntkgp.predict)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import scipy.integrate
+import torch
+
+import ntkgp
+from ntkgp import predict
+
+from nt_specs import FIXTURES, build
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+DATA = np.load(FIXTURES / "nt_predict.npz")
+NET = build(eval(str(DATA["spec"])))
+X_TRAIN, X_TEST = torch.tensor(DATA["x_train"]), torch.tensor(DATA["x_test"])
+Y_TRAIN = torch.tensor(DATA["y_train"])
+LR, TIMES = float(DATA["learning_rate"]), torch.tensor(DATA["times"])
+
+
+class FixedKernels:
+    """Serves neural-tangents' own kernel matrices, to compare the prediction formulas alone."""
+
+    def kernel(self, x1, x2=None, diag=False, ntk=True):
+        name = ("dd" if torch.equal(x1, X_TRAIN) else "tt") if x2 is None else "td"
+        return SimpleNamespace(nngp=torch.tensor(DATA[f"nngp_{name}"]), ntk=torch.tensor(DATA[f"ntk_{name}"]))
+
+
+def _rel(a: torch.Tensor, b) -> float:
+    b = np.asarray(b)
+    return float(np.linalg.norm(a.numpy() - b) / max(np.linalg.norm(b), 1e-300))
+
+
+ENSEMBLE_CASES = [(g, where, tname, reg) for g in ("nngp", "ntk") for where in ("test", "train")
+                  for tname in ("times", "scalar", "inf", "none") for reg in (0.0, 0.01)
+                  if not (where == "train" and tname == "none")]
+T_VALUES = {"times": TIMES, "scalar": 3.3, "inf": math.inf, "none": None}
+
+
+@pytest.mark.parametrize("case", ENSEMBLE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gradient_flow_matches_neural_tangents(case):
+    get, where, tname, reg = case
+    flow = predict.GradientFlow(FixedKernels(), X_TRAIN, Y_TRAIN, kernel=get, learning_rate=LR, diag_reg=reg)
+    out = flow.predict(X_TEST if where == "test" else None, t=T_VALUES[tname])
+    key = f"ensemble/{get}/{where}/{tname}/reg{reg}"
+    assert out.mean.shape == DATA[key + "/mean"].shape and out.covariance.shape == DATA[key + "/cov"].shape
+    assert _rel(out.mean, DATA[key + "/mean"]) <= 1e-10
+    assert _rel(out.covariance, DATA[key + "/cov"]) <= 1e-10
+
+
+def test_gradient_flow_with_own_kernels_matches_neural_tangents_end_to_end():
+    """With ntkgp's kernels: NNGP to 1e-13; NTK to 1e-7, because neural-tangents' NTK matrix has
+    a diagonal entry off by 6e-9 (ntkgp's is exact to 1e-16, see test_numerics) that the solve
+    amplifies."""
+    for get, tol in (("nngp", 1e-13), ("ntk", 1e-7)):
+        out = predict.gradient_flow(NET, X_TRAIN, Y_TRAIN, X_TEST, t=TIMES, learning_rate=LR, kernel=get)
+        key = f"ensemble/{get}/test/times/reg0.0"
+        assert _rel(out.mean, DATA[key + "/mean"]) <= tol and _rel(out.covariance, DATA[key + "/cov"]) <= tol
+
+
+@pytest.mark.parametrize("get", ["nngp", "ntk", "ntkgp"])
+@pytest.mark.parametrize("scale", ["rel", "abs"])
+def test_gp_posterior_matches_neural_tangents_gp_inference(get, scale):
+    key = f"gp/{get}/{scale}"
+    reg = float(DATA[key + "/diag_reg"])
+    prior = DATA["nngp_dd" if get == "nngp" else "ntk_dd"]
+    noise = reg if scale == "abs" else reg * np.trace(prior) / prior.shape[0]
+    out = predict.GPPosterior(FixedKernels(), X_TRAIN, Y_TRAIN, kernel=get, noise=noise).predict(X_TEST)
+    assert _rel(out.mean, DATA[key + "/mean"]) <= 1e-10
+    assert _rel(out.covariance, DATA[key + "/cov"]) <= 1e-10
+
+
+def test_single_network_matches_neural_tangents():
+    f0, ft0 = torch.tensor(DATA["fx_train_0"]), torch.tensor(DATA["fx_test_0"])
+    ntk_dd, ntk_td = torch.tensor(DATA["ntk_dd"]), torch.tensor(DATA["ntk_td"])
+    for tname, t in (("times", TIMES), ("none", None)):
+        train, test = predict.gradient_descent_mse(ntk_dd, Y_TRAIN, f0, ntk_td, ft0, t, learning_rate=LR)
+        assert _rel(train, DATA[f"single/{tname}/train"]) <= 1e-12
+        assert _rel(test, DATA[f"single/{tname}/test"]) <= 1e-12
+    assert abs(predict.max_learning_rate(ntk_dd, Y_TRAIN.numel()) / float(DATA["max_learning_rate"]) - 1) < 1e-12
+
+
+def test_gp_posterior_is_the_infinite_time_limit_of_gradient_flow():
+    for kernel in ("nngp", "ntk"):
+        limit = predict.gradient_flow(NET, X_TRAIN, Y_TRAIN, X_TEST, t=math.inf, kernel=kernel)
+        post = predict.gp_posterior(NET, X_TRAIN, Y_TRAIN, X_TEST, kernel=kernel)
+        torch.testing.assert_close(post.mean, limit.mean, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(post.covariance, limit.covariance, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel", ["ntk", "nngp"])
+def test_closed_form_matches_integrating_the_ode(kernel):
+    """dF/dt = −(η/m) G (F_d − Y) for [train; test] outputs; dC/dt = A C + C Aᵀ for their covariance."""
+    with torch.no_grad():
+        k_all = NET.kernel(torch.cat([X_TRAIN, X_TEST]))
+    n = X_TRAIN.shape[0]
+    g = (k_all.ntk if kernel == "ntk" else k_all.nngp)[:, :n].numpy()      # (N+M, N)
+    c0 = k_all.nngp.numpy()
+    y = Y_TRAIN.numpy()
+    rate = LR / Y_TRAIN.numel()
+    a = np.zeros((len(c0), len(c0)))
+    a[:, :n] = -rate * g
+
+    def rhs(_, z):
+        f = z[: len(c0) * 2].reshape(len(c0), 2)
+        c = z[len(c0) * 2:].reshape(c0.shape)
+        df = -rate * g @ (f[:n] - y)
+        return np.concatenate([df.ravel(), (a @ c + c @ a.T).ravel()])
+
+    t_end = 7.0
+    z0 = np.concatenate([np.zeros(len(c0) * 2), c0.ravel()])
+    sol = scipy.integrate.solve_ivp(rhs, (0, t_end), z0, method="DOP853", rtol=1e-12, atol=1e-12)
+    f_t = sol.y[: len(c0) * 2, -1].reshape(len(c0), 2)
+    c_t = sol.y[len(c0) * 2:, -1].reshape(c0.shape)
+    flow = predict.GradientFlow(NET, X_TRAIN, Y_TRAIN, kernel=kernel, learning_rate=LR)
+    test, train = flow.predict(X_TEST, t=t_end), flow.predict(None, t=t_end)
+    assert np.abs(test.mean.numpy() - f_t[n:]).max() < 1e-6
+    assert np.abs(train.mean.numpy() - f_t[:n]).max() < 1e-6
+    assert np.abs(test.covariance.numpy() - c_t[n:, n:]).max() < 1e-6
+    assert np.abs(train.covariance.numpy() - c_t[:n, :n]).max() < 1e-6
+
+
+def test_linearized_network_trained_by_gradient_descent_matches_exactly():
+    """A first-order Taylor expansion of a finite network around its initialization, trained by
+    full-batch GD: its outputs equal the discrete-time single-network formula with its empirical NTK."""
+    torch.manual_seed(0)
+    net = ntkgp.mlp(2, "erf", 1.6, 0.1, width=64)
+    model = net.build(in_features=3, seed=1)
+    params0 = {k: v.detach() for k, v in model.named_parameters()}
+    x, xt, y = X_TRAIN, X_TEST, Y_TRAIN[:, :1]
+
+    def f(params, inputs):
+        return torch.func.functional_call(model, params, (inputs,))
+
+    def f_lin(params, inputs):
+        delta = {k: params[k] - params0[k] for k in params}
+        out, tangent = torch.func.jvp(lambda p: f(p, inputs), (params0,), (delta,))
+        return out + tangent
+
+    lr, steps = 0.5, 300
+    params = {k: v.clone() for k, v in params0.items()}
+    for _ in range(steps):
+        loss = lambda p: 0.5 * ((f_lin(p, x) - y) ** 2).sum() / y.numel()  # noqa: E731
+        grads = torch.func.grad(loss)(params)
+        params = {k: params[k] - lr * grads[k] for k in params}
+    theta_dd = ntkgp.finite.empirical_ntk(model, x)
+    theta_td = ntkgp.finite.empirical_ntk(model, xt, x)
+    with torch.no_grad():
+        f0, ft0 = f(params0, x), f(params0, xt)
+    train, test = predict.gradient_descent_mse(theta_dd, y, f0, theta_td, ft0, steps=steps, learning_rate=lr)
+    torch.testing.assert_close(f_lin(params, x).detach(), train, rtol=0, atol=1e-10)
+    torch.testing.assert_close(f_lin(params, xt).detach(), test, rtol=0, atol=1e-10)
+
+
+def test_wide_network_trained_by_gradient_descent_follows_its_linearization():
+    """Width 2048, a few hundred small steps: the real network is within 1% of the prediction."""
+    net = ntkgp.mlp(2, "erf", 1.6, 0.1, width=2048)
+    model = net.build(in_features=3, seed=2)
+    x, xt, y = X_TRAIN, X_TEST, Y_TRAIN[:, :1]
+    theta_dd = ntkgp.finite.empirical_ntk(model, x)
+    theta_td = ntkgp.finite.empirical_ntk(model, xt, x)
+    with torch.no_grad():
+        f0, ft0 = model(x), model(xt)
+    lr, steps = 0.5, 300
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        (0.5 * ((model(x) - y) ** 2).sum() / y.numel()).backward()
+        opt.step()
+    train, test = predict.gradient_descent_mse(theta_dd, y, f0, theta_td, ft0, steps=steps, learning_rate=lr)
+    with torch.no_grad():
+        assert float((model(x) - train).norm() / train.norm()) < 0.01
+        assert float((model(xt) - test).norm() / test.norm()) < 0.01
+
+
+@pytest.mark.parametrize("kernel", ["ntk", "nngp"])
+def test_covariances_are_symmetric_psd_at_all_times(kernel):
+    flow = predict.GradientFlow(NET, X_TRAIN, Y_TRAIN, kernel=kernel, learning_rate=LR)
+    times = torch.logspace(-3, 3, 25)
+    for x in (X_TEST, None):
+        cov = flow.predict(x, t=times).covariance
+        assert torch.equal(cov, cov.mT)
+        eig = torch.linalg.eigvalsh(cov)
+        assert bool((eig.min(-1).values >= -1e-8 * eig.max(-1).values).all())
+
+
+def test_functional_gradient_descent_exercise():
+    """Θ = I: f(x_a, t) = y_a + e^{−ηt/m} (f(x_a, 0) − y_a)."""
+    n, lr, t = 6, 0.7, torch.tensor([0.0, 1.0, 5.0, 30.0])
+    y, f0 = torch.randn(n), torch.randn(n)
+    out = predict.gradient_descent_mse(torch.eye(n), y, f0, t=t, learning_rate=lr)
+    expected = y + torch.exp(-lr * t / n)[:, None] * (f0 - y)
+    torch.testing.assert_close(out, expected, rtol=1e-14, atol=1e-14)
+
+
+def test_loss_decreases_as_gradient_times_kernel_times_gradient():
+    """dL/dt = −∇L · Θ ∇L along the flow (with ∇L = (f − Y)/m and t in units of η)."""
+    with torch.no_grad():
+        theta = NET.kernel(X_TRAIN).ntk
+    y, f0 = Y_TRAIN, torch.zeros_like(Y_TRAIN)
+    m = y.numel()
+    t, h = 2.0, 1e-5
+    f = lambda s: predict.gradient_descent_mse(theta, y, f0, t=s)  # noqa: E731
+    loss = lambda s: 0.5 * ((f(s) - y) ** 2).sum() / m  # noqa: E731
+    numeric = (loss(t + h) - loss(t - h)) / (2 * h)
+    grad = (f(t) - y) / m
+    assert abs(float(numeric + (grad * (theta @ grad)).sum())) < 1e-9
+
+
+def test_singular_kernels_never_give_nan():
+    x = torch.cat([X_TRAIN, X_TRAIN[:3]])        # duplicated points: a singular kernel
+    y = torch.cat([Y_TRAIN, Y_TRAIN[:3]])
+    flow = predict.GradientFlow(NET, x, y, learning_rate=LR)
+    for t in (0.5, 100.0, math.inf, torch.logspace(-2, 4, 7)):
+        out = flow.predict(X_TEST, t=t)
+        assert torch.isfinite(out.mean).all() and torch.isfinite(out.covariance).all()
+    assert torch.isfinite(flow.predict(None, t=1e3).mean).all()
+    with pytest.raises(ValueError, match="diag_reg"):
+        flow.predict(X_TEST, t=None)
+    with pytest.raises(ValueError, match="noise"):
+        predict.gp_posterior(NET, x, y, X_TEST)
+    reg = predict.gradient_flow(NET, x, y, X_TEST, t=None, diag_reg=1e-6, learning_rate=LR)
+    assert torch.isfinite(reg.mean).all()
+
+
+def test_zero_eigenvalue_uses_the_limit_not_zero_over_zero():
+    """(1 − e^{−λτ})/λ → τ: with an exactly singular kernel the flow along the null direction is τ."""
+    theta = torch.tensor([[1.0, 1.0], [1.0, 1.0]])               # eigenvalues 0 and 2
+    y, t = torch.tensor([1.0, -1.0]), 3.0                          # y lies in the null space
+    train, test = predict.gradient_descent_mse(theta, y, 0.0, torch.tensor([[0.5, -0.5]]), torch.zeros(1), t)
+    assert torch.isfinite(train).all() and torch.isfinite(test).all()
+    torch.testing.assert_close(train, torch.zeros(2))              # null directions do not move
+    v = torch.tensor([0.5, -0.5])                                  # Θ*d has a null-space component
+    torch.testing.assert_close(test, (v @ y) * t / 2 * torch.ones(1))
+
+
+def test_float32_kernels_are_factored_in_float64():
+    """2000 points of a 1-D sine with diag_reg 1e-4 (neural-tangents issues #128, #198)."""
+    x = torch.linspace(-math.pi, math.pi, 2000).unsqueeze(-1)
+    y = torch.sin(x)
+    net = ntkgp.mlp(2, "relu", 2.0, 0.05)
+    xt = torch.linspace(-3, 3, 37).unsqueeze(-1)
+    out32 = predict.gradient_flow(net, x.float(), y.float(), xt.float(), t=None, diag_reg=1e-4)
+    out64 = predict.gradient_flow(net, x, y, xt, t=None, diag_reg=1e-4)
+    assert out32.mean.dtype == torch.float32 and torch.isfinite(out32.mean).all()
+    assert float((out32.mean.double() - out64.mean).abs().max()) < 1e-3
+    assert float((out64.mean - torch.sin(xt)).abs().max()) < 0.02
+
+
+def test_time_shapes_and_fit_once_predict_many():
+    flow = predict.GradientFlow(NET, X_TRAIN, Y_TRAIN, learning_rate=LR)
+    t = torch.rand(2, 3) * 10
+    out = flow.predict(X_TEST, t=t)
+    assert out.mean.shape == (2, 3, 5, 2) and out.covariance.shape == (2, 3, 5, 5)
+    eig = flow.eigensystem
+    again = flow.predict(X_TEST[:2], t=t[0, 1])
+    assert flow.eigensystem is eig                                   # cached, not recomputed
+    torch.testing.assert_close(again.mean, out.mean[0, 1, :2], rtol=1e-12, atol=1e-13)
+    one_d = predict.gradient_flow(NET, X_TRAIN, Y_TRAIN[:, 0], X_TEST, t=2.0, compute_cov=False)
+    assert one_d.mean.shape == (5,) and one_d.covariance is None
+
+
+def test_discrete_steps_match_continuous_time_for_small_steps():
+    flow = predict.GradientFlow(NET, X_TRAIN, Y_TRAIN, learning_rate=1e-3)
+    steps = torch.tensor([0, 1000, 20000])
+    discrete = flow.predict(X_TEST, steps=steps)
+    continuous = flow.predict(X_TEST, t=steps.double())
+    torch.testing.assert_close(discrete.mean, continuous.mean, rtol=1e-3, atol=1e-4)
+    # half the stability limit: a few large steps converge to the infinite-time answer
+    big = predict.GradientFlow(NET, X_TRAIN, Y_TRAIN, learning_rate=0.5 * flow.max_learning_rate)
+    late = big.predict(X_TEST, steps=2000, compute_cov=False).mean
+    torch.testing.assert_close(late, big.predict(X_TEST, t=math.inf, compute_cov=False).mean, rtol=1e-6, atol=1e-8)
+    with pytest.warns(RuntimeWarning, match="diverges"):
+        predict.GradientFlow(NET, X_TRAIN, Y_TRAIN, learning_rate=3 * flow.max_learning_rate).predict(
+            X_TEST, steps=10)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: predict.gradient_flow(NET, X_TRAIN, Y_TRAIN[:5], X_TEST, t=1.0), "rows"),
+    (lambda: predict.gradient_flow(NET, X_TRAIN, Y_TRAIN[None], X_TEST, t=1.0), "shape"),
+    (lambda: predict.gradient_flow(NET, X_TRAIN, Y_TRAIN, X_TEST, t=-1.0), "non-negative"),
+    (lambda: predict.gradient_flow(NET, X_TRAIN, Y_TRAIN, X_TEST, t=float("nan")), "NaN"),
+    (lambda: predict.gradient_flow(NET, X_TRAIN, Y_TRAIN, X_TEST, t=1.0, diag_reg=-1e-3), "diag_reg"),
+    (lambda: predict.gradient_flow(NET, X_TRAIN, Y_TRAIN, X_TEST, t=1.0, learning_rate=0.0), "learning_rate"),
+    (lambda: predict.gradient_flow(NET, X_TRAIN, Y_TRAIN, X_TEST, t=1.0, kernel="gp"), "kernel"),
+    (lambda: predict.gradient_flow(NET, X_TRAIN, Y_TRAIN, X_TEST, t=1.0, steps=3), "not both"),
+    (lambda: predict.gradient_flow(NET, X_TRAIN, Y_TRAIN, X_TEST, steps=2.5), "integers"),
+    (lambda: predict.gradient_flow(NET, X_TRAIN, Y_TRAIN, X_TEST[:, :2], t=1.0), "x_test"),
+    (lambda: predict.gp_posterior(NET, X_TRAIN, Y_TRAIN, X_TEST, noise=-1.0), "noise"),
+])
+def test_bad_input_raises_clear_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
