@@ -77,6 +77,31 @@ def test_standard_and_ntk_parameterizations_have_the_same_forward_pass():
                                _net("standard").build(in_features=5, seed=2)(x), rtol=1e-12, atol=1e-12)
 
 
+def test_float64_networks_do_not_round_through_the_default_dtype():
+    """Building float64 networks while the default dtype is float32 keeps scales exact."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        a = _net("ntk").build(in_features=5, seed=2, dtype=torch.float64)
+        b = _net("standard").build(in_features=5, seed=2, dtype=torch.float64)
+    finally:
+        torch.set_default_dtype(previous)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=1e-13, atol=1e-14)
+
+
+def test_rate_weighted_tangent_kernel_of_standard_parameterization_is_the_ntk_twin():
+    x = torch.randn(4, 5)
+    ntk_model = _net("ntk").build(in_features=5, seed=2)
+    std_model = _net("standard").build(in_features=5, seed=2)
+    scales = equivalent_learning_rates(std_model, 1.0)
+    for params in (None, dict(std_model.named_parameters())):  # layerwise and Jacobian paths
+        weighted = empirical_ntk(std_model, x, params=params, parameter_scales=scales)
+        torch.testing.assert_close(weighted, empirical_ntk(ntk_model, x), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(empirical_ntk(std_model, x), empirical_ntk(ntk_model, x))
+
+
 def test_standard_parameterization_with_layer_learning_rates_has_the_same_backward_pass():
     """Lecture exercise 2: a GD step with rate η (NTK) equals one with η σ_w²/n_{l-1} on W̃ and
     η σ_b² on b̃ (standard): the outputs after several steps agree."""

@@ -85,8 +85,9 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
 
 def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None, *,
                   params: dict[str, Tensor] | None = None, vector_output: bool = False,
-                  chunk_size: int | None = None) -> Tensor:
-    """``Σ_p ∂f(x1)/∂θ_p ∂f(x2)/∂θ_p`` per output unit, or in full with ``vector_output``.
+                  chunk_size: int | None = None, parameter_scales: dict[str, float | Tensor] | None = None
+                  ) -> Tensor:
+    """``Σ_p s_p ∂f(x1)/∂θ_p ∂f(x2)/∂θ_p`` per output unit, or in full with ``vector_output``.
 
     Args:
         model: a module (its parameters are ``θ``), or a function ``f(params, x)``.
@@ -94,13 +95,19 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
         params: the parameters to differentiate (default: all of the module's).
         vector_output: return ``Θ̂_ij(x, x')`` as ``(n1, n2, k, k)``.
         chunk_size: members of an ensemble processed at once (bounds memory).
+        parameter_scales: optional ``s_p`` per parameter name (a number, or a tensor that
+            broadcasts to one member's parameter), default 1. With learning-rate ratios
+            ``η_p/η`` this is the tangent kernel that drives training with per-parameter rates,
+            e.g. :func:`ntkgp.finite.rates.equivalent_learning_rates` makes a
+            standard-parameterized network's kernel equal its NTK-parameterized twin's.
 
     Returns:
         ``(n1, n2)`` (or ``(n1, n2, k, k)``); with a leading ``E`` for ensembles.
     """
     x1, x2 = check_inputs(x1, x2)
+    scales = parameter_scales or {}
     if params is None and isinstance(model, nn.Module) and _all_dense(model):
-        return _per_output(_layerwise_ntk(model, x1, x2), vector_output)
+        return _per_output(_layerwise_ntk(model, x1, x2, scales), vector_output)
     fn, params, members = _as_function(model, params)
     params = {name: p.detach() for name, p in params.items()}
 
@@ -111,6 +118,8 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
         for name in p:
             a = j1[name].reshape(*j1[name].shape[:2], -1)  # (n, k, parameters), scalars included
             b = j2[name].reshape(*j2[name].shape[:2], -1)
+            if name in scales:
+                a = a * torch.as_tensor(scales[name], dtype=a.dtype, device=a.device).expand(p[name].shape).reshape(-1)
             term = torch.einsum("nip,mjp->nmij", a, b)
             total = term if total is None else total + term
         return total
@@ -158,19 +167,26 @@ def _signals(model: nn.Module, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor |
     signals = []
     for (m, u, _), delta in zip(records, deltas, strict=True):
         delta = delta.unflatten(-2, (k, n)).movedim(-3, 0)             # (k, ..., n, width)
-        signals.append((u, delta, m.bias_scale**2 if m.bias is not None else None))
+        signals.append((m, u, delta, m.bias_scale**2 if m.bias is not None else None))
     return signals
 
 
-def _layerwise_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None) -> Tensor:
+def _layerwise_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, scales: dict | None = None) -> Tensor:
     """``(..., n1, n2, k, k)`` empirical NTK of a network of ``DenseModule`` layers."""
+    names = {id(m): prefix for prefix, m in model.named_modules() if isinstance(m, DenseModule)}
+    scales = scales or {}
     s1 = _signals(model, x1)
     s2 = s1 if x2 is None else _signals(model, x2)
     total = None
-    for (u1, d1, c), (u2, d2, _) in zip(s1, s2, strict=True):
+    for (module, u1, d1, c), (_, u2, d2, _) in zip(s1, s2, strict=True):
+        dot = f"{names[id(module)]}." if names[id(module)] else ""
+        w_scale = scales.get(f"{dot}weight")
+        if w_scale is not None:  # per input feature (a column of rates) or one number
+            w_scale = torch.as_tensor(w_scale, dtype=u1.dtype, device=u1.device)
+            u1 = u1 * (w_scale.reshape(-1) if w_scale.dim() else w_scale)
         gram = torch.einsum("...ap,...bp->...ab", u1, u2)
         if c is not None:
-            gram = gram + c
+            gram = gram + c * scales.get(f"{dot}bias", 1.0)
         term = torch.einsum("i...aw,j...bw->...abij", d1, d2) * gram[..., None, None]
         total = term if total is None else total + term
     return total

@@ -217,7 +217,9 @@ class DenseModule(nn.Module):
             draw = draw if ctx.ensemble_size is not None else draw.reshape(out_features)
             ntk = parameterization == "ntk"
             self.bias = nn.Parameter(draw if ntk else draw * math.sqrt(bias_var))
-            self.register_buffer("bias_scale", torch.tensor(math.sqrt(bias_var) if ntk else 1.0).to(draw))
+            # built in the draw's dtype: a float32 detour would round σ_b by ~1e-8
+            self.register_buffer("bias_scale", torch.tensor(math.sqrt(bias_var) if ntk else 1.0, dtype=draw.dtype,
+                                                            device=draw.device))
         self.register_parameter("weight", None)
         self.register_buffer("input_scale", None)
         if in_features is None:

@@ -1,0 +1,106 @@
+"""Datasets for comparing finite ensembles with infinite-width predictions."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Training and test inputs (``(N, d)``, ``(M, d)``) and training targets ``(N, k)`` (float64)."""
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor | None = None
+    description: str = ""
+
+    @property
+    def plot_coordinate(self) -> Tensor:
+        """A 1-D coordinate of the test points for plots (the input, or the angle on a circle)."""
+        if self.x_test.shape[-1] == 1:
+            return self.x_test[:, 0]
+        if self.x_test.shape[-1] == 2:
+            return torch.atan2(self.x_test[:, 1], self.x_test[:, 0])
+        return torch.arange(self.x_test.shape[0], dtype=self.x_test.dtype)
+
+
+def sin_dataset(seed: int = 0, noise: float = 0.1) -> Dataset:
+    """5 noisy samples of ``sin`` on ``[−π, π]``, 50 test points: neural-tangents' classic demo."""
+    g = torch.Generator().manual_seed(seed)
+    x_train = torch.linspace(-math.pi, math.pi, 5, dtype=torch.float64).unsqueeze(-1)
+    y_train = torch.sin(x_train) + noise * torch.randn(x_train.shape, generator=g, dtype=torch.float64)
+    x_test = torch.linspace(-math.pi, math.pi, 50, dtype=torch.float64).unsqueeze(-1)
+    return Dataset("sin", x_train, y_train, x_test, torch.sin(x_test),
+                   f"5 noisy samples (noise {noise}) of sin on [-pi, pi], 50 test points")
+
+
+def circle_dataset(n_train: int = 8, n_test: int = 100) -> Dataset:
+    """Points on the unit circle (Jacot et al. 2018, Fig. 1): the kernel depends on the angle only."""
+    gamma = torch.linspace(-math.pi, math.pi, n_train + 1, dtype=torch.float64)[:-1] + 0.3
+    x_train = torch.stack([torch.cos(gamma), torch.sin(gamma)], -1)
+    y_train = (torch.sin(gamma) + 0.5 * torch.cos(2 * gamma)).unsqueeze(-1)
+    phi = torch.linspace(-math.pi, math.pi, n_test, dtype=torch.float64)
+    x_test = torch.stack([torch.cos(phi), torch.sin(phi)], -1)
+    y_test = (torch.sin(phi) + 0.5 * torch.cos(2 * phi)).unsqueeze(-1)
+    return Dataset("circle", x_train, y_train, x_test, y_test,
+                   f"{n_train} points on the unit circle, target sin(g) + cos(2g)/2, {n_test} test points")
+
+
+def load_dataset(source: str) -> Dataset:
+    """A built-in dataset (``"sin"``, ``"circle"``) or a file.
+
+    * ``.npz`` with arrays ``x_train``, ``y_train``, ``x_test`` (and optionally ``y_test``);
+    * ``.csv`` (comma-separated, optional ``#`` header): every row a training point, the last
+      column the target; the test points are a grid over the range of a 1-D input, or the training
+      inputs themselves otherwise.
+    """
+    if source == "sin":
+        return sin_dataset()
+    if source == "circle":
+        return circle_dataset()
+    path = pathlib.Path(source)
+    if not path.exists():
+        raise ValueError(f"Unknown dataset {source!r}: use 'sin', 'circle' or a path to a .csv/.npz file.")
+    if path.suffix == ".npz":
+        data = np.load(path)
+        missing = {"x_train", "y_train", "x_test"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path} lacks arrays {sorted(missing)}.")
+        arrays = {k: torch.as_tensor(data[k], dtype=torch.float64) for k in data.files}
+        x_train, x_test = _as_2d(arrays["x_train"]), _as_2d(arrays["x_test"])
+        y_train = _as_2d(arrays["y_train"])
+        y_test = _as_2d(arrays["y_test"]) if "y_test" in arrays else None
+    elif path.suffix == ".csv":
+        table = np.loadtxt(path, delimiter=",", comments="#", ndmin=2)
+        if table.shape[1] < 2:
+            raise ValueError(f"{path} needs at least two columns (inputs..., target).")
+        x_train = torch.as_tensor(table[:, :-1], dtype=torch.float64)
+        y_train = torch.as_tensor(table[:, -1:], dtype=torch.float64)
+        if x_train.shape[1] == 1:
+            lo, hi = float(x_train.min()), float(x_train.max())
+            pad = 0.1 * (hi - lo or 1.0)
+            x_test = torch.linspace(lo - pad, hi + pad, 100, dtype=torch.float64).unsqueeze(-1)
+        else:
+            x_test = x_train.clone()
+        y_test = None
+    else:
+        raise ValueError(f"Unsupported file type {path.suffix!r}; use .csv or .npz.")
+    if x_train.shape[0] != y_train.shape[0] or x_train.shape[1] != x_test.shape[1]:
+        raise ValueError(f"Inconsistent shapes in {path}: x_train {tuple(x_train.shape)}, "
+                         f"y_train {tuple(y_train.shape)}, x_test {tuple(x_test.shape)}.")
+    for name, t in (("x_train", x_train), ("y_train", y_train), ("x_test", x_test)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} in {path} contains NaN or infinite values.")
+    return Dataset(path.stem, x_train, y_train, x_test, y_test, f"from {path}")
+
+
+def _as_2d(t: Tensor) -> Tensor:
+    return t.unsqueeze(-1) if t.dim() == 1 else t

@@ -1,0 +1,289 @@
+r"""Finite-width ensembles against the infinite-width predictions, width by width.
+
+For one dataset and one architecture (the spec with a given hidden width), ensembles of
+``E`` networks are trained by full-batch gradient descent and compared at chosen steps with
+the exact discrete-time predictions of :class:`ntkgp.predict.GradientFlow` (Lee et al. 2019):
+
+* the ensemble mean ``μ̂`` against the NTK-GP mean ``μ``, point by point, within
+  ``3 · SE + 0.02`` (``SE = σ̂ / sqrt(E)``),
+* the ensemble variance ``σ̂²`` against the NTK-GP variance ``σ²``, within 27 % (the sampling
+  error of a variance from ``E = 128`` members is ``sqrt(2/127) ≈ 12.5 %``),
+* the bias of the mean, ``sqrt(max(mean((μ̂ − μ)² − SE²), 0))`` (the part of the error that is
+  not Monte-Carlo noise), which should shrink with width,
+* the relative change of the weights and of the empirical NTK with width ("lazy training"):
+  input and readout weights (``O(width)`` parameters) move as ``width^(−1/2)``, the
+  width × width weights as ``width^(−1)``, and the NTK change is bounded by ``width^(−1/2)``
+  (Jacot et al. 2018; Lee et al. 2019, Fig. 1 and Theorem 2.1) and in practice closer to
+  ``width^(−1)`` (Dyer & Gur-Ari 2019),
+* and above the stability limit ``2m / λ_max``: the linearized (infinite-width) dynamics
+  diverge; finite networks just above it "catapult" (the loss spikes, the top NTK eigenvalue
+  drops and training converges, Lewkowycz et al. 2020) and diverge at several times the limit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ntkgp.compare.datasets import Dataset
+from ntkgp.finite.train import EnsembleHistory, train_ensemble
+from ntkgp.layers.base import Layer
+from ntkgp.layers.mlp import mlp
+from ntkgp.predict import GradientFlow
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class CompareConfig:
+    """Settings of a comparison (see ``ntkgp compare --help`` for each)."""
+
+    widths: tuple[int, ...] = (32, 128, 512)
+    ensemble_size: int = 64
+    depth: int = 2
+    activation: str = "erf"
+    weight_var: float = 2.25
+    bias_var: float | None = 0.0025
+    parameterization: str = "ntk"
+    readout_only: bool = False
+    learning_rate: float | None = None
+    lr_fraction: float = 0.5
+    record_steps: tuple[int, ...] = (0, 10, 100, 1000)
+    probe_points: int = 8
+    seed: int = 0
+    device: str | None = None
+    dtype: str = "float32"
+    chunk_size: int | None = None
+    divergence_check: bool = True
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.widths or any(int(w) != w or w < 1 for w in self.widths):
+            raise ValueError(f"widths must be positive integers, got {self.widths!r}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        if not 0 < self.lr_fraction:
+            raise ValueError(f"lr_fraction must be positive, got {self.lr_fraction!r}.")
+        if self.ensemble_size < 2:
+            raise ValueError("ensemble_size must be at least 2 (variances need two members).")
+        self.widths = tuple(int(w) for w in self.widths)
+        self.record_steps = tuple(sorted({int(s) for s in self.record_steps}))
+
+    def network(self, width: int, parameterization: str | None = None) -> Layer:
+        """The spec at a given hidden width."""
+        return mlp(self.depth, self.activation, self.weight_var, self.bias_var, width=width, out_dim=1,
+                   parameterization=parameterization or self.parameterization)
+
+
+@dataclass
+class WidthResult:
+    """Metrics of one width at every recorded step."""
+
+    width: int
+    steps: list[int]
+    mean_within: list[float]
+    var_within: list[float]
+    mean_rmse: list[float]
+    mean_bias: list[float]
+    var_rel_error: list[float]
+    train_loss: list[float]
+    weight_change: list[float]
+    ntk_change: list[float]
+    layer_change: dict[str, list[float]]
+    ensemble_mean: list[list[float]]
+    ensemble_std: list[list[float]]
+    seconds: float
+    diverged_at: int | None = None
+
+
+@dataclass
+class ComparisonResult:
+    config: dict
+    dataset: str
+    kernel: str
+    learning_rate: float
+    max_learning_rate: float
+    eigenvalues: list[float]
+    steps: list[int]
+    times: list[float]
+    plot_x: list[float]
+    x_train_plot: list[float]
+    y_train: list[float]
+    analytic_mean: list[list[float]]
+    analytic_std: list[list[float]]
+    continuous_mean: list[list[float]]
+    widths: list[WidthResult]
+    slopes: dict[str, float]
+    divergence: dict | None
+    checks: dict[str, bool] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def loglog_slope(widths: list[int], values: list[float]) -> float:
+    """Least-squares slope of ``log(value)`` against ``log(width)``."""
+    pairs = [(math.log(w), math.log(v)) for w, v in zip(widths, values, strict=True) if v > 0]
+    if len(pairs) < 2:
+        return float("nan")
+    xs, ys = zip(*pairs, strict=True)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else float("nan")
+
+
+def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
+    """Train an ensemble per width, compare with the analytic predictions, evaluate the checks."""
+    start = time.perf_counter()
+    kernel = "nngp" if config.readout_only else "ntk"
+    dtype = DTYPES[config.dtype]
+    # The NTK-parameterized twin gives the infinite-width dynamics of both parameterizations
+    # (standard layers train with the equivalent per-layer learning rates).
+    analytic_net = config.network(config.widths[0], parameterization="ntk")
+    unit = GradientFlow(analytic_net, data.x_train, data.y_train, kernel=kernel, learning_rate=1.0)
+    max_lr = unit.max_learning_rate
+    lr = config.learning_rate if config.learning_rate is not None else config.lr_fraction * max_lr
+    flow = GradientFlow(analytic_net, data.x_train, data.y_train, kernel=kernel, learning_rate=lr)
+    steps = list(config.record_steps)
+    exact = flow.predict(data.x_test, steps=torch.tensor(steps))
+    continuous = flow.predict(data.x_test, t=torch.tensor(steps, dtype=torch.float64), compute_cov=False)
+    mu = exact.mean[..., 0]                                   # (T, M)
+    var = exact.variance.clamp_min(0)                         # (T, M)
+    probe = data.x_test[:: max(1, data.x_test.shape[0] // config.probe_points)][: config.probe_points]
+
+    results = []
+    for width in config.widths:
+        t0 = time.perf_counter()
+        history = train_ensemble(
+            config.network(width), data.x_train, data.y_train, ensemble_size=config.ensemble_size,
+            learning_rate=lr, record_steps=steps, x_test=data.x_test, probe=probe,
+            readout_only=config.readout_only, seed=config.seed, dtype=dtype, device=config.device,
+            chunk_size=config.chunk_size, progress=config.progress)
+        results.append(_width_metrics(width, history, mu, var, time.perf_counter() - t0))
+
+    slopes = {}
+    final = [r for r in results if r.steps and r.steps[-1] == steps[-1]]
+    if len(final) >= 2:
+        ws = [r.width for r in final]
+        slopes["weight_change"] = loglog_slope(ws, [r.weight_change[-1] for r in final])
+        for group in final[0].layer_change:
+            slopes[f"{group}_weight_change"] = loglog_slope(ws, [r.layer_change[group][-1] for r in final])
+        slopes["ntk_change"] = loglog_slope(ws, [r.ntk_change[-1] for r in final])
+        for i, s in enumerate(steps):
+            if s > 0:
+                slopes[f"mean_bias_step{s}"] = loglog_slope(ws, [r.mean_bias[i] for r in final])
+
+    divergence = _divergence(data, config, kernel, max_lr, dtype) if config.divergence_check else None
+
+    result = ComparisonResult(
+        config=asdict(config), dataset=data.description or data.name, kernel=kernel, learning_rate=lr,
+        max_learning_rate=max_lr, eigenvalues=flow.eigensystem.values.tolist(), steps=steps,
+        times=[lr * s for s in steps], plot_x=data.plot_coordinate.tolist(),
+        x_train_plot=_plot_coordinate(data.x_train).tolist(), y_train=data.y_train[:, 0].tolist(),
+        analytic_mean=mu.tolist(), analytic_std=var.sqrt().tolist(), continuous_mean=continuous.mean[..., 0].tolist(),
+        widths=results, slopes=slopes, divergence=divergence)
+    result.checks = evaluate_checks(result)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+DIVERGENCE_STEPS = [0, 1, 2, 3, 5, 10, 20, 50, 100, 300]
+
+
+def _divergence(data: Dataset, config: CompareConfig, kernel: str, max_lr: float, dtype) -> dict:
+    """Above the stability limit: the linearized prediction and finite ensembles (widest width)."""
+    net = config.network(config.widths[-1])
+    unstable = GradientFlow(config.network(config.widths[0], parameterization="ntk"), data.x_train, data.y_train,
+                            kernel=kernel, learning_rate=1.2 * max_lr)
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore", RuntimeWarning)
+        train = unstable.predict(None, steps=torch.tensor(DIVERGENCE_STEPS))
+    m = data.y_train.numel()
+    residual = ((train.mean - data.y_train) ** 2).flatten(1).sum(1)
+    spread = data.y_train.shape[-1] * torch.diagonal(train.covariance, dim1=-2, dim2=-1).sum(-1)
+    analytic_loss = ((residual + spread) / (2 * m)).tolist()
+    runs = []
+    for factor in (1.2, 10.0):
+        h = train_ensemble(net, data.x_train, data.y_train, ensemble_size=4, learning_rate=factor * max_lr,
+                           record_steps=DIVERGENCE_STEPS, readout_only=config.readout_only, seed=config.seed,
+                           dtype=dtype, device=config.device)
+        runs.append({"factor": factor, "learning_rate": factor * max_lr, "diverged_at": h.diverged_at,
+                     "steps": h.steps.tolist(), "loss": h.train_loss.double().mean(-1).tolist()})
+    return {"max_learning_rate": max_lr, "width": config.widths[-1], "analytic_factor": 1.2,
+            "analytic_steps": DIVERGENCE_STEPS, "analytic_loss": analytic_loss, "runs": runs}
+
+
+def _plot_coordinate(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[-1] == 1:
+        return x[:, 0]
+    if x.shape[-1] == 2:
+        return torch.atan2(x[:, 1], x[:, 0])
+    return torch.arange(x.shape[0], dtype=x.dtype)
+
+
+def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.Tensor, seconds: float) -> WidthResult:
+    recorded = len(h.steps)
+    if recorded == 0:
+        empty: list = []
+        return WidthResult(width, [], empty, empty, empty, empty, empty, empty, empty, empty, {}, empty, empty,
+                           seconds, h.diverged_at)
+    mean = h.mean[..., 0].double()                            # (T, M)
+    ens_var = h.variance[..., 0].double()
+    se = h.standard_error[..., 0].double()
+    mu, var = mu[:recorded], var[:recorded]
+    err = mean - mu
+    within = (err.abs() <= 3 * se + 0.02).double().mean(-1)
+    rel = (ens_var / var.clamp_min(1e-30) - 1).abs()
+    var_within = (rel <= 0.27).double().mean(-1)
+    bias = ((err**2 - se**2).mean(-1)).clamp_min(0).sqrt()
+    ntk_change = h.ntk_change.double().mean(-1) if h.ntk_change is not None else torch.zeros(recorded)
+    return WidthResult(
+        width=width, steps=h.steps.tolist(), mean_within=within.tolist(), var_within=var_within.tolist(),
+        mean_rmse=(err**2).mean(-1).sqrt().tolist(), mean_bias=bias.tolist(), var_rel_error=rel.mean(-1).tolist(),
+        train_loss=h.train_loss.double().mean(-1).tolist(), weight_change=h.weight_change.double().mean(-1).tolist(),
+        ntk_change=ntk_change.tolist(),
+        layer_change={g: v.double().mean(-1).tolist() for g, v in h.layer_change.items()},
+        ensemble_mean=mean.tolist(), ensemble_std=ens_var.sqrt().tolist(),
+        seconds=seconds, diverged_at=h.diverged_at)
+
+
+def evaluate_checks(result: ComparisonResult) -> dict[str, bool]:
+    """The acceptance criteria, evaluated on this result (widths ≥ 256 for the point-wise ones)."""
+    checks: dict[str, bool] = {}
+    steps = result.steps
+    for r in result.widths:
+        if r.width < 256 or not r.steps:
+            continue
+        for i, s in enumerate(r.steps):
+            if s == 0:
+                continue
+            checks[f"width {r.width}, step {s}: mean within 3 SE + 0.02 at >= 95% of points"] = r.mean_within[i] >= 0.95
+            checks[f"width {r.width}, step {s}: variance within 27% at >= 90% of points"] = r.var_within[i] >= 0.90
+    complete = [r for r in result.widths if r.steps == steps]
+    if len(complete) >= 2:
+        late = [i for i, s in enumerate(steps) if s > 0]
+        checks["mean bias shrinks with width (widest vs narrowest, averaged over times)"] = (
+            sum(complete[-1].mean_bias[i] for i in late) < sum(complete[0].mean_bias[i] for i in late))
+    for group in ("input", "readout"):
+        name = f"{group}_weight_change"
+        if name in result.slopes:
+            checks[f"{group}-layer weight change: log-log slope in [-0.65, -0.35] (theory -1/2)"] = (
+                -0.65 <= result.slopes[name] <= -0.35)
+    if "hidden_weight_change" in result.slopes:
+        checks["hidden (width x width) weight change: log-log slope in [-1.3, -0.7] (theory -1)"] = (
+            -1.3 <= result.slopes["hidden_weight_change"] <= -0.7)
+    if "ntk_change" in result.slopes:
+        checks["NTK change falls at least as fast as the width^(-1/2) bound (slope <= -0.35)"] = (
+            result.slopes["ntk_change"] <= -0.35)
+    if result.divergence is not None:
+        d = result.divergence
+        checks["above 2m/lambda_max the linearized (infinite-width) prediction diverges"] = (
+            d["analytic_loss"][-1] > 1e3 * d["analytic_loss"][0])
+        big = [r for r in d["runs"] if r["factor"] >= 10]
+        checks["finite ensemble at 10 x 2m/lambda_max diverges (reported, not a crash)"] = bool(
+            big and big[0]["diverged_at"] is not None)
+    return checks

@@ -1,0 +1,163 @@
+"""The report of a comparison: ``report.json``, ``report.md`` and PNG figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+from ntkgp.compare.harness import ComparisonResult
+
+
+def write_report(result: ComparisonResult, out: str | pathlib.Path) -> pathlib.Path:
+    """Write ``report.json``, ``report.md`` and the figures into ``out``; returns the folder."""
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(result.to_dict(), indent=1))
+    figures = _figures(result, out)
+    (out / "report.md").write_text(_markdown(result, figures))
+    return out
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.{digits}g}"
+
+
+def _markdown(r: ComparisonResult, figures: list[str]) -> str:
+    c = r.config
+    kind = "readout only (NNGP)" if r.kernel == "nngp" else "all layers (NTK)"
+    lines = [
+        "# Finite ensembles vs infinite-width predictions", "",
+        f"- dataset: {r.dataset}",
+        f"- network: {c['depth']} hidden {c['activation']} layers, weight_var {c['weight_var']}, "
+        f"bias_var {c['bias_var']}, {c['parameterization']} parameterization; widths {list(c['widths'])}",
+        f"- training: full-batch gradient descent on (1/2m)‖f − Y‖², {kind}, learning rate {_fmt(r.learning_rate, 4)} "
+        f"({_fmt(r.learning_rate / r.max_learning_rate, 3)} × 2m/λ_max = {_fmt(r.max_learning_rate, 4)}), "
+        f"{c['ensemble_size']} members per width, {c['dtype']}, seed {c['seed']}",
+        f"- analytic side: exact discrete-time predictions (I − ηΘ/m)^s of ntkgp.predict.GradientFlow; "
+        f"kernel eigenvalues {[float(f'{v:.3g}') for v in r.eigenvalues]}",
+        f"- recorded steps {r.steps} (times t = η·steps = {[float(f'{t:.3g}') for t in r.times]}); "
+        f"total run {r.seconds:.0f} s", "",
+        "## Checks", "",
+    ]
+    if r.checks:
+        lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in r.checks.items()]
+    else:
+        lines.append("- (no acceptance checks apply to these widths)")
+    groups = list(r.widths[0].layer_change) if r.widths else []
+    lines += ["", "## Per width and step", "",
+              "Mean within: fraction of test points with |mean − NTK-GP mean| ≤ 3 SE + 0.02; var within: "
+              "fraction with |var/NTK-GP var − 1| ≤ 0.27; mean bias: RMS error of the mean with the "
+              "Monte-Carlo noise (SE²) removed. Changes are relative to initialization, averaged over members.", "",
+              "| width | step | loss | mean within | var within | mean RMSE | mean bias | var rel. error | "
+              "weight change | " + " | ".join(f"{g} weights" for g in groups) + " | NTK change | seconds |",
+              "|---" * (11 + len(groups)) + "|"]
+    for w in r.widths:
+        for i, s in enumerate(w.steps):
+            per_group = " | ".join(_fmt(w.layer_change[g][i]) for g in groups)
+            lines.append(f"| {w.width} | {s} | {_fmt(w.train_loss[i])} | {_fmt(w.mean_within[i])} | "
+                         f"{_fmt(w.var_within[i])} | {_fmt(w.mean_rmse[i])} | {_fmt(w.mean_bias[i])} | "
+                         f"{_fmt(w.var_rel_error[i])} | {_fmt(w.weight_change[i])} | {per_group} | "
+                         f"{_fmt(w.ntk_change[i])} | {w.seconds:.1f} |")
+        if w.diverged_at is not None:
+            lines.append(f"| {w.width} | diverged at step {w.diverged_at} |" + " |" * (9 + len(groups)))
+    lines += ["", "## Scaling with width (log–log slopes at the last step)", "",
+              "Theory: input and readout weights −1/2, width × width weights −1 (so the total follows the "
+              "hidden layers in NTK parameterization), NTK change bounded by −1/2 and closer to −1 "
+              "(Lee et al. 2019, Fig. 1; Dyer & Gur-Ari 2019).", ""]
+    lines += [f"- {name}: {_fmt(value)}" for name, value in r.slopes.items()] or ["- (needs two widths)"]
+    if r.divergence is not None:
+        d = r.divergence
+        lines += ["", "## Above the stability limit 2m/λ_max", "",
+                  f"Linearized (infinite-width) prediction at {d['analytic_factor']} × 2m/λ_max: expected training "
+                  f"loss {_fmt(d['analytic_loss'][0])} at step 0 → {_fmt(d['analytic_loss'][-1])} at step "
+                  f"{d['analytic_steps'][-1]} (diverges).", ""]
+        for run in d["runs"]:
+            peak = max(run["loss"]) if run["loss"] else float("nan")
+            outcome = (f"diverged at step {run['diverged_at']}" if run["diverged_at"] is not None else
+                       f"did not diverge: loss {_fmt(run['loss'][0])} → peak {_fmt(peak)} → {_fmt(run['loss'][-1])} "
+                       f"at step {run['steps'][-1]} (catapult: the loss spikes, the NTK's top eigenvalue drops, "
+                       "training converges; Lewkowycz et al. 2020)")
+            lines.append(f"- finite networks, width {d['width']}, 4 members, {run['factor']} × 2m/λ_max "
+                         f"(η = {_fmt(run['learning_rate'], 4)}): {outcome}.")
+    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = []
+    x = np.asarray(r.plot_x)
+    order = np.argsort(x)
+    shown = [i for i, s in enumerate(r.steps) if s > 0] or list(range(len(r.steps)))
+    for w in r.widths:
+        if not w.steps:
+            continue
+        cols = [i for i in shown if i < len(w.steps)]
+        fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.4), squeeze=False)
+        for ax, i in zip(axes[0], cols, strict=True):
+            mu, sd = np.asarray(r.analytic_mean[i])[order], np.asarray(r.analytic_std[i])[order]
+            em, es = np.asarray(w.ensemble_mean[i])[order], np.asarray(w.ensemble_std[i])[order]
+            ax.fill_between(x[order], mu - 2 * sd, mu + 2 * sd, color="C0", alpha=0.25, label="NTK-GP ±2σ")
+            ax.plot(x[order], mu, color="C0", label="NTK-GP mean")
+            ax.plot(x[order], em, "--", color="C3", label=f"ensemble mean (E={r.config['ensemble_size']})")
+            ax.plot(x[order], em - 2 * es, ":", color="C3", lw=1)
+            ax.plot(x[order], em + 2 * es, ":", color="C3", lw=1, label="ensemble ±2σ")
+            ax.scatter(r.x_train_plot, r.y_train, color="k", zorder=5, s=14, label="training data")
+            ax.set_title(f"width {w.width}, step {r.steps[i]} (t = {r.times[i]:.3g})")
+        axes[0][0].legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        name = f"band_width{w.width}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+
+    complete = [w for w in r.widths if w.steps == r.steps]
+    if len(complete) >= 2:
+        widths = np.asarray([w.width for w in complete], dtype=float)
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for i in shown:
+            bias = [w.mean_bias[i] for w in complete]
+            axes[0].loglog(widths, np.maximum(bias, 1e-12), "o-", label=f"step {r.steps[i]}")
+        axes[0].set_xlabel("width")
+        axes[0].set_ylabel("bias of the ensemble mean")
+        axes[0].set_title("mean error vs width (Monte-Carlo noise removed)")
+        axes[0].legend(fontsize=8)
+        series = [("ntk_change", [w.ntk_change[-1] for w in complete], "NTK", "s-")]
+        series += [(f"{g}_weight_change", [w.layer_change[g][-1] for w in complete], f"{g} weights", "o-")
+                   for g in complete[0].layer_change]
+        for key, values, label, marker in series:
+            slope = r.slopes.get(key, float("nan"))
+            axes[1].loglog(widths, values, marker, label=f"{label} (slope {slope:.2f})")
+        top = max(max(v) for _, v, _, _ in series)
+        axes[1].loglog(widths, top * (widths / widths[0]) ** -0.5, "k:", label="∝ width^(−1/2)")
+        axes[1].loglog(widths, top * (widths / widths[0]) ** -1.0, "k--", label="∝ width^(−1)")
+        axes[1].set_ylabel("relative change")
+        axes[1].set_xlabel("width")
+        axes[1].set_title(f"lazy training at step {r.steps[-1]}")
+        axes[1].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "scaling.png", dpi=110)
+        plt.close(fig)
+        names.append("scaling.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for w in r.widths:
+        if w.steps:
+            ax.semilogy([max(s, 0.5) for s in w.steps], np.maximum(w.train_loss, 1e-16), "o-", label=f"width {w.width}")
+    ax.set_xscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (ensemble mean)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+    plt.close(fig)
+    names.append("loss.png")
+    return names

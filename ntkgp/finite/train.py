@@ -1,0 +1,363 @@
+r"""Training ensembles of finite-width networks by full-batch gradient descent.
+
+All ``E`` members of an ensemble are built from one spec with stacked weights
+(``net.build(ensemble_size=E)``) and trained simultaneously: one batched forward and backward
+pass per step serves every member, since the sum of the members' losses has each member's own
+gradient in its own slice of the weights. Each member minimizes
+
+    L(θ) = (1 / 2m) ‖f(θ, X) − Y‖²,   m = number of target entries,
+
+by ``θ ← θ − η_p ∇_θ L`` with ``η_p = η`` (NTK parameterization) or the per-layer rates that make
+the standard parameterization follow the same trajectory
+(:func:`ntkgp.finite.rates.equivalent_learning_rates`). After ``s`` steps the time is
+``t = η s``, the convention of :mod:`ntkgp.predict` (``τ = η t / m`` there with the time counted
+in steps, i.e. ``predict(..., steps=s, learning_rate=η)``).
+
+Recorded at chosen steps: test outputs of every member (hence ensemble mean and variance), the
+training loss, the relative weight change ``‖θ_t − θ_0‖ / ‖θ_0‖`` and the relative change of
+the empirical NTK on a probe set ``‖Θ̂_t − Θ̂_0‖_F / ‖Θ̂_0‖_F`` (Lee et al. 2019 predict both fall
+as ``1/sqrt(width)``: "lazy training").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ntkgp.finite.empirical import empirical_ntk
+from ntkgp.finite.rates import equivalent_learning_rates
+from ntkgp.layers.base import Layer
+from ntkgp.layers.dense import DenseModule
+from ntkgp.layers.validation import check_points
+
+#: Bytes of parameters (with gradients and activations) an ensemble chunk may hold by default.
+CHUNK_BYTES = 1 << 30
+
+
+@dataclass
+class EnsembleHistory:
+    """What :func:`train_ensemble` recorded, one entry per recorded step.
+
+    Attributes:
+        steps: ``(T,)`` recorded step counts; ``times = learning_rate · steps``.
+        test_outputs: ``(T, E, M, k)`` outputs of every member on the test inputs.
+        train_loss: ``(T, E)`` per-member training loss ``(1/2m)‖f − Y‖²``.
+        weight_change: ``(T, E)`` relative weight change ``‖θ_t − θ_0‖ / ‖θ_0‖`` (all parameters).
+        layer_change: the same per layer group, ``{"input": ..., "hidden": ..., "readout": ...}``:
+            the ``Dense`` layers that read the network's input, the width × width layers in between,
+            and the last one. Input and readout layers hold ``O(width)`` parameters and move as
+            ``width^(−1/2)``; hidden layers hold ``O(width²)`` and move as ``width^(−1)`` (Lee et al.
+            2019, Fig. 1), so the total follows whichever dominates its norm.
+        ntk_change: ``(T, E)`` relative empirical-NTK change on the probe set (``None`` without
+            probe), for the tangent kernel weighted by the per-parameter learning rates (the kernel
+            that drives training; parameterization-independent).
+        diverged_at: first step at which some member's loss was not finite or exceeded
+            ``1e6`` times its initial value (``None`` if training stayed stable); training stops there
+            and later records are absent.
+    """
+
+    learning_rate: float
+    steps: Tensor
+    test_outputs: Tensor
+    train_loss: Tensor
+    weight_change: Tensor
+    ntk_change: Tensor | None
+    layer_change: dict[str, Tensor] = field(default_factory=dict)
+    diverged_at: int | None = None
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def times(self) -> Tensor:
+        return self.learning_rate * self.steps.to(torch.float64)
+
+    @property
+    def mean(self) -> Tensor:
+        """Ensemble mean on the test inputs, ``(T, M, k)``."""
+        return self.test_outputs.mean(1)
+
+    @property
+    def variance(self) -> Tensor:
+        """Ensemble variance (unbiased) on the test inputs, ``(T, M, k)``."""
+        return self.test_outputs.var(1)
+
+    @property
+    def standard_error(self) -> Tensor:
+        """Standard error of the ensemble mean, ``(T, M, k)``."""
+        return (self.variance / self.test_outputs.shape[1]).sqrt()
+
+
+def readout_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters of the last ``Dense`` layer (trained alone in the NNGP regime)."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, DenseModule):
+            last = name
+    if last is None:
+        raise ValueError("The network has no Dense layer to train.")
+    prefix = f"{last}." if last else ""
+    return [name for name, _ in model.named_parameters() if name.startswith(prefix) and "." not in name[len(prefix):]]
+
+
+def train_ensemble(
+    net: Layer,
+    x_train: Tensor,
+    y_train: Tensor,
+    *,
+    ensemble_size: int = 64,
+    learning_rate: float,
+    record_steps,
+    x_test: Tensor | None = None,
+    probe: Tensor | None = None,
+    readout_only: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> EnsembleHistory:
+    """Train ``ensemble_size`` networks built from ``net`` and record them at ``record_steps``.
+
+    Args:
+        net: the network spec (its finite twin is what is trained).
+        x_train, y_train: ``(N, d)`` inputs and ``(N,)`` or ``(N, k)`` targets.
+        ensemble_size: number of members ``E``.
+        learning_rate: ``η`` of full-batch gradient descent.
+        record_steps: step counts (non-negative integers) at which to record; training runs to the
+            largest.
+        x_test: ``(M, d)`` points on which member outputs are recorded (default: ``x_train``).
+        probe: ``(P, d)`` points for the empirical-NTK change (``None``: not recorded).
+        readout_only: train only the last ``Dense`` layer (gradient flow with the NNGP kernel).
+        seed: seed of the initialization (chunk ``c`` uses ``seed + 1_000_003 c``).
+        dtype, device: of the networks (default float32, CUDA when available).
+        chunk_size: members trained at once (default: as many as fit in ``CHUNK_BYTES``).
+        progress: show a progress bar (tqdm).
+    """
+    check_points(x_train, "x_train")
+    if x_train.dim() != 2:
+        raise ValueError(f"x_train must have shape (N, d), got {tuple(x_train.shape)}.")
+    if y_train.dim() not in (1, 2) or y_train.shape[0] != x_train.shape[0]:
+        raise ValueError(f"y_train must be (N,) or (N, k) with N = {x_train.shape[0]}, got {tuple(y_train.shape)}.")
+    if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
+        raise ValueError(f"ensemble_size must be a positive integer, got {ensemble_size!r}.")
+    if not (isinstance(learning_rate, int | float) and math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}.")
+    record_steps = [float(s) for s in torch.as_tensor(record_steps, dtype=torch.float64).reshape(-1).tolist()]
+    if not record_steps or any(s < 0 or not s.is_integer() for s in record_steps):
+        raise ValueError(f"record_steps must be non-negative integers, got {record_steps!r}.")
+    steps = sorted({int(s) for s in record_steps})
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                          else "cpu")
+    x = x_train.to(device=device, dtype=dtype)
+    y = (y_train if y_train.dim() == 2 else y_train.unsqueeze(-1)).to(device=device, dtype=dtype)
+    xt = x if x_test is None else check_points(x_test, "x_test").to(device=device, dtype=dtype)
+    pr = None if probe is None else check_points(probe, "probe").to(device=device, dtype=dtype)
+    if chunk_size is None:
+        chunk_size = _default_chunk(net, x.shape[-1], dtype, x.shape[0] + xt.shape[0])
+    chunks = [min(chunk_size, ensemble_size - start) for start in range(0, ensemble_size, chunk_size)]
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps[-1] * len(chunks), desc="training", unit="step", leave=False)
+    results, diverged_at = [], None
+    for index, size in enumerate(chunks):
+        model = net.build(in_features=x.shape[-1], seed=seed + 1_000_003 * index, ensemble_size=size,
+                          dtype=dtype, device=device)
+        out = _train_chunk(model, x, y, xt, pr, learning_rate, steps, readout_only, bar)
+        results.append(out)
+        if out[4] is not None:
+            diverged_at = out[4] if diverged_at is None else min(diverged_at, out[4])
+    if bar is not None:
+        bar.close()
+    recorded = min(len(r[0]) for r in results)  # after a divergence, only the steps all chunks reached
+    cat = lambda i: torch.cat([r[i][:recorded] for r in results], 1) if recorded else None  # noqa: E731
+    groups = results[0][5].keys()
+    layer_change = {g: torch.cat([r[5][g][:recorded] for r in results], 1) for g in groups} if recorded else {}
+    return EnsembleHistory(
+        learning_rate=float(learning_rate),
+        steps=torch.tensor(steps[:recorded], dtype=torch.int64),
+        test_outputs=torch.cat([r[0][:recorded] for r in results], 1) if recorded else torch.empty(0),
+        train_loss=cat(1),
+        weight_change=cat(2),
+        ntk_change=cat(3) if pr is not None else None,
+        layer_change=layer_change,
+        diverged_at=diverged_at,
+        settings={"ensemble_size": ensemble_size, "readout_only": readout_only, "seed": seed,
+                  "dtype": str(dtype), "device": str(device), "chunk_size": chunk_size},
+    )
+
+
+def _default_chunk(net: Layer, d: int, dtype: torch.dtype, n_points: int) -> int:
+    probe = net.build(in_features=d, seed=0)
+    params = sum(p.numel() for p in probe.parameters())
+    widths = [m.out_features for m in probe.modules() if isinstance(m, DenseModule)]
+    per_member = (4 * params + 4 * n_points * sum(widths)) * torch.finfo(dtype).bits // 8
+    return max(1, CHUNK_BYTES // max(per_member, 1))
+
+
+def layer_groups(model: nn.Module, x: Tensor) -> dict[str, list[str]]:
+    """Weight names of the ``Dense`` layers that read the input, of the last one, and of the rest.
+
+    Biases are left out so that the groups' relative changes do not depend on the
+    parameterization (per-layer rescalings cancel in a ratio of norms of one weight matrix).
+    """
+    order: list[tuple[str, bool]] = []
+    names = {id(m): prefix for prefix, m in model.named_modules() if isinstance(m, DenseModule)}
+
+    def hook(module, inputs, output) -> None:
+        order.append((names[id(module)], inputs[0] is x))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, DenseModule)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    readout = order[-1][0]
+    groups: dict[str, list[str]] = {"input": [], "hidden": [], "readout": []}
+    for prefix, reads_input in order:
+        group = "readout" if prefix == readout else ("input" if reads_input else "hidden")
+        dot = f"{prefix}." if prefix else ""
+        groups[group].append(f"{dot}weight")
+    return {g: ns for g, ns in groups.items() if ns}
+
+
+def _flat_params(model: nn.Module, names: list[str]) -> Tensor:
+    params = dict(model.named_parameters())
+    return torch.cat([params[n].detach().flatten(1) for n in names], 1)  # (E, P)
+
+
+class _DenseStep:
+    """One gradient-descent step for networks whose parameters all live in ``Dense`` layers.
+
+    Autograd supplies only the backpropagated signals ``δ_l = ∂L/∂z_l`` (activation-sized); each
+    layer then updates in place, ``W ← W − η_W uᵀδ`` (one fused batched product, where ``u`` is
+    what the weights multiply) and ``b ← b − η_b c Σ_n δ`` (``c`` the bias scale). No gradient
+    tensor of weight size is ever allocated, which halves the memory traffic of a step: the
+    step is memory-bound, since every weight is read and written once.
+    """
+
+    def __init__(self, model: nn.Module, trained: list[str], rates: dict) -> None:
+        self.records: list[tuple[DenseModule, Tensor, Tensor]] = []
+        self.layers = []
+        for prefix, module in model.named_modules():
+            if isinstance(module, DenseModule):
+                dot = f"{prefix}." if prefix else ""
+                train_w, train_b = f"{dot}weight" in trained, f"{dot}bias" in trained
+                if train_w or train_b:
+                    self.layers.append((module, rates[f"{dot}weight"] if train_w else None,
+                                        rates.get(f"{dot}bias") if train_b else None))
+                module.register_forward_hook(self._hook)
+        self.model = model
+
+    def _hook(self, module, inputs, output) -> None:
+        if torch.is_grad_enabled():
+            u = inputs[0] if module.input_scale is None else inputs[0] * module.input_scale
+            self.records.append((module, u.detach(), output))
+
+    def loss_and_step(self, x: Tensor, y: Tensor, m: int) -> tuple[Tensor, callable]:
+        self.records.clear()
+        out = self.model(x)
+        per_member = 0.5 * ((out - y) ** 2).flatten(1).sum(1) / m
+        captured = list(self.records)  # later forwards (recording, NTK probes) must not mix in
+        self.records.clear()
+
+        def step() -> None:
+            wanted = [r for r in captured if any(r[0] is layer for layer, _, _ in self.layers)]
+            deltas = torch.autograd.grad(per_member.sum(), [z for _, _, z in wanted])
+            by_module = {id(mod): (u, d) for (mod, u, _), d in zip(wanted, deltas, strict=True)}
+            with torch.no_grad():
+                for module, rate_w, rate_b in self.layers:
+                    u, delta = by_module[id(module)]
+                    if rate_w is not None:
+                        rate = rate_w if not isinstance(rate_w, Tensor) else rate_w.reshape(-1)
+                        u = u * rate if isinstance(rate, Tensor) else u
+                        alpha = -rate if not isinstance(rate, Tensor) else -1.0
+                        module.weight.baddbmm_(u.expand(delta.shape[0], *u.shape[-2:]).mT, delta, alpha=alpha)
+                    if rate_b is not None:
+                        module.bias.sub_(rate_b * module.bias_scale * delta.sum(-2, keepdim=True))
+
+        return per_member, step
+
+
+def _autograd_step(model: nn.Module, trained: list[str], rates: dict):
+    params = dict(model.named_parameters())
+
+    def loss_and_step(x: Tensor, y: Tensor, m: int):
+        per_member = 0.5 * ((model(x) - y) ** 2).flatten(1).sum(1) / m
+
+        def step() -> None:
+            grads = torch.autograd.grad(per_member.sum(), [params[n] for n in trained])
+            with torch.no_grad():
+                for name, grad in zip(trained, grads, strict=True):
+                    params[name].sub_(rates[name] * grad)
+
+        return per_member, step
+
+    return loss_and_step
+
+
+def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar):
+    names = [n for n, _ in model.named_parameters()]
+    trained = readout_parameters(model) if readout_only else names
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trained)
+    rates = equivalent_learning_rates(model, learning_rate)
+    dense_params = {id(p) for mod in model.modules() if isinstance(mod, DenseModule) for p in mod.parameters(False)}
+    if all(id(p) in dense_params for p in model.parameters()):
+        loss_and_step = _DenseStep(model, trained, rates).loss_and_step
+    else:
+        loss_and_step = _autograd_step(model, trained, rates)
+    m = y.numel()
+    groups = layer_groups(model, x)
+    start = {g: _flat_params(model, ns) for g, ns in groups.items()}
+    theta0 = _flat_params(model, names)
+    theta0_norm = theta0.norm(dim=1)
+    scales = {n: rates[n] / learning_rate for n in names if not _is_one(rates[n] / learning_rate)}
+    ntk0 = empirical_ntk(model, probe, parameter_scales=scales) if probe is not None else None
+    outputs, losses, weights, ntks = [], [], [], []
+    per_group: dict[str, list[Tensor]] = {g: [] for g in groups}
+    initial_loss, diverged_at, step = None, None, 0
+
+    def record(current_loss: Tensor) -> None:
+        with torch.no_grad():
+            outputs.append(model(xt).detach().cpu())
+            losses.append(current_loss.detach().cpu())
+            weights.append(((_flat_params(model, names) - theta0).norm(dim=1) / theta0_norm).cpu())
+            now = {g: _flat_params(model, ns) for g, ns in groups.items()}
+            for g in groups:
+                per_group[g].append(((now[g] - start[g]).norm(dim=1) / start[g].norm(dim=1)).cpu())
+        if probe is not None:
+            ntk = empirical_ntk(model, probe, parameter_scales=scales)
+            ntks.append(((ntk - ntk0).flatten(1).norm(dim=1) / ntk0.flatten(1).norm(dim=1)).cpu())
+
+    targets = iter(steps)
+    next_record = next(targets)
+    while True:
+        per_member, do_step = loss_and_step(x, y, m)
+        if initial_loss is None:
+            initial_loss = per_member.detach()
+        if bool((~torch.isfinite(per_member) | (per_member > 1e6 * initial_loss.clamp_min(1e-12))).any()):
+            diverged_at = step
+            break
+        if step == next_record:
+            record(per_member)
+            next_record = next(targets, None)
+            if next_record is None:
+                break
+        do_step()
+        step += 1
+        if bar is not None:
+            bar.update(1)
+    stack = lambda xs: torch.stack(xs) if xs else torch.empty(0)  # noqa: E731
+    return (stack(outputs), stack(losses), stack(weights), stack(ntks), diverged_at,
+            {g: stack(v) for g, v in per_group.items()})
+
+
+def _is_one(value) -> bool:
+    return bool(torch.all(torch.as_tensor(value) == 1))

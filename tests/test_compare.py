@@ -1,0 +1,105 @@
+"""The comparison harness and `ntkgp compare`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ntkgp.cli import main
+from ntkgp.compare import (
+    CompareConfig,
+    circle_dataset,
+    load_dataset,
+    loglog_slope,
+    run_comparison,
+    sin_dataset,
+    write_report,
+)
+
+TINY = dict(widths=(16, 48), ensemble_size=8, record_steps=(0, 5, 40), probe_points=4)
+
+
+def test_builtin_datasets():
+    d = sin_dataset()
+    assert d.x_train.shape == (5, 1) and d.y_train.shape == (5, 1) and d.x_test.shape == (50, 1)
+    assert float((d.y_train - torch.sin(d.x_train)).abs().max()) < 0.5
+    c = circle_dataset()
+    torch.testing.assert_close(c.x_train.norm(dim=1), torch.ones(8, dtype=torch.float64))
+    assert c.plot_coordinate.shape == (100,)
+
+
+def test_file_datasets(tmp_path):
+    table = np.column_stack([np.linspace(0, 1, 6), np.linspace(0, 1, 6) ** 2])
+    np.savetxt(tmp_path / "d.csv", table, delimiter=",", header="x,y")
+    d = load_dataset(str(tmp_path / "d.csv"))
+    assert d.x_train.shape == (6, 1) and d.x_test.shape == (100, 1)
+    np.savez(tmp_path / "d.npz", x_train=np.ones((3, 2)), y_train=np.ones(3), x_test=np.zeros((4, 2)))
+    assert load_dataset(str(tmp_path / "d.npz")).y_train.shape == (3, 1)
+    np.savez(tmp_path / "bad.npz", x_train=np.ones((3, 2)))
+    with pytest.raises(ValueError, match="lacks"):
+        load_dataset(str(tmp_path / "bad.npz"))
+    with pytest.raises(ValueError, match="Unknown dataset"):
+        load_dataset("moons")
+
+
+def test_loglog_slope():
+    widths = [16, 64, 256]
+    assert abs(loglog_slope(widths, [3.0 * w**-0.5 for w in widths]) + 0.5) < 1e-12
+    assert math.isnan(loglog_slope([16], [1.0]))
+
+
+def test_comparison_report_on_a_tiny_run(tmp_path):
+    result = run_comparison(sin_dataset(), CompareConfig(**TINY))
+    assert abs(result.learning_rate - 0.5 * result.max_learning_rate) < 1e-12
+    assert len(result.widths) == 2 and result.widths[0].steps == [0, 5, 40]
+    # at step 0 the analytic mean is 0, the ensemble mean is a mean of prior draws
+    assert max(abs(v) for v in result.analytic_mean[0]) < 1e-12
+    assert result.widths[1].mean_within[0] >= 0.9
+    assert {"input", "hidden", "readout"} <= set(result.widths[0].layer_change)
+    assert "ntk_change" in result.slopes and "hidden_weight_change" in result.slopes
+    assert result.divergence["runs"][-1]["diverged_at"] is not None          # 10 x the limit
+    assert result.divergence["analytic_loss"][-1] > 1e3 * result.divergence["analytic_loss"][0]
+    out = write_report(result, tmp_path / "report")
+    data = json.loads((out / "report.json").read_text())
+    assert data["widths"][0]["width"] == 16 and "checks" in data
+    text = (out / "report.md").read_text()
+    assert "## Checks" in text and "## Above the stability limit" in text
+    for name in ("band_width16.png", "band_width48.png", "scaling.png", "loss.png"):
+        assert (out / name).stat().st_size > 1000
+
+
+def test_readout_only_compares_with_nngp_predictions():
+    result = run_comparison(sin_dataset(), CompareConfig(**TINY, readout_only=True, divergence_check=False))
+    assert result.kernel == "nngp" and result.divergence is None
+    assert result.widths[-1].layer_change["hidden"][-1] == 0.0
+
+
+def test_cli_compare_writes_a_report(tmp_path, capsys):
+    code = main(["compare", "--widths", "8", "16", "--ensemble-size", "4", "--steps", "0", "3", "--no-progress",
+                 "--no-divergence-check", "--dataset", "circle", "--parameterization", "standard",
+                 "--out", str(tmp_path / "r")])
+    assert code == 0
+    assert "report:" in capsys.readouterr().out
+    assert (tmp_path / "r" / "report.md").exists()
+
+
+def test_cli_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--device", "--seed", "--dtype", "--out", "--preset", "--widths", "--readout-only"):
+        assert option in text
+
+
+@pytest.mark.slow
+def test_acceptance_preset_passes(tmp_path):
+    """The issue's validation: widths 128-1024, 128 members, steps 10/100/1000 (about 10 min on CPU)."""
+    config = CompareConfig(widths=(128, 256, 512, 1024), ensemble_size=128, record_steps=(0, 10, 100, 1000))
+    result = run_comparison(sin_dataset(), config)
+    write_report(result, tmp_path)
+    failed = [name for name, ok in result.checks.items() if not ok]
+    assert not failed, failed

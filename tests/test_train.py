@@ -1,0 +1,109 @@
+"""The ensemble training engine (ntkgp.finite.train)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ntkgp
+import ntkgp.finite.train as train_module
+from ntkgp.finite.train import layer_groups, readout_parameters, train_ensemble
+
+X = torch.linspace(-math.pi, math.pi, 5, dtype=torch.float64).unsqueeze(-1)
+Y = torch.sin(X)
+
+
+def _net(param="ntk", width=24):
+    return ntkgp.serial(ntkgp.Dense(width, 2.25, 0.01, param), ntkgp.Erf(), ntkgp.Dense(width, 2.0, 0.01, param),
+                        ntkgp.ReLU(), ntkgp.Dense(1, 1.5, 0.01, param))
+
+
+class _Autograd:
+    """The plain-autograd step, to check the fused in-place step against."""
+
+    def __init__(self, model, trained, rates):
+        self.loss_and_step = train_module._autograd_step(model, trained, rates)
+
+
+@pytest.mark.parametrize("param", ["ntk", "standard"])
+@pytest.mark.parametrize("readout_only", [False, True])
+def test_fused_step_equals_plain_autograd_gradient_descent(param, readout_only, monkeypatch):
+    kwargs = dict(ensemble_size=3, learning_rate=0.1, record_steps=[0, 7, 40], probe=X, readout_only=readout_only,
+                  dtype=torch.float64)
+    fused = train_ensemble(_net(param), X, Y, **kwargs)
+    monkeypatch.setattr(train_module, "_DenseStep", _Autograd)
+    plain = train_ensemble(_net(param), X, Y, **kwargs)
+    torch.testing.assert_close(fused.test_outputs, plain.test_outputs, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(fused.ntk_change, plain.ntk_change, rtol=1e-10, atol=1e-12)
+    assert float(fused.train_loss[-1].mean()) < float(fused.train_loss[0].mean())
+
+
+def test_members_are_independent_networks_trained_by_gradient_descent():
+    """Each member of the stacked ensemble follows exactly its own single-network training."""
+    h = train_ensemble(_net(), X, Y, ensemble_size=3, learning_rate=0.2, record_steps=[25], dtype=torch.float64)
+    model = _net().build(in_features=1, seed=0, ensemble_size=3, dtype=torch.float64)
+    for member in range(3):
+        params = {n: p.detach()[member].clone().requires_grad_() for n, p in model.named_parameters()}
+        for _ in range(25):
+            out = torch.func.functional_call(model, params, (X,))
+            loss = 0.5 * ((out - Y) ** 2).sum() / Y.numel()
+            grads = torch.autograd.grad(loss, list(params.values()))
+            params = {n: (p - 0.2 * g).detach().requires_grad_() for (n, p), g in zip(params.items(), grads,
+                                                                                        strict=True)}
+        with torch.no_grad():
+            out = torch.func.functional_call(model, params, (X,))
+        torch.testing.assert_close(h.test_outputs[0, member], out, rtol=1e-12, atol=1e-13)
+
+
+def test_readout_only_training_moves_only_the_last_layer():
+    h = train_ensemble(_net(), X, Y, ensemble_size=2, learning_rate=0.2, record_steps=[0, 30], readout_only=True)
+    assert float(h.layer_change["input"][-1].abs().max()) == 0.0
+    assert float(h.layer_change["hidden"][-1].abs().max()) == 0.0
+    assert float(h.layer_change["readout"][-1].min()) > 0
+    model = _net().build(in_features=1, seed=0, ensemble_size=2)
+    assert sorted(readout_parameters(model)) == ["4.bias", "4.weight"]
+    assert layer_groups(model, X.float()) == {"input": ["0.weight"], "hidden": ["2.weight"], "readout": ["4.weight"]}
+
+
+def test_history_shapes_statistics_and_chunking():
+    xt = torch.linspace(-3, 3, 11, dtype=torch.float64).unsqueeze(-1)
+    h = train_ensemble(_net(), X, Y, ensemble_size=7, learning_rate=0.1, record_steps=[20, 0, 5], x_test=xt,
+                       probe=xt[::3], chunk_size=3)
+    assert h.steps.tolist() == [0, 5, 20]
+    assert h.test_outputs.shape == (3, 7, 11, 1)
+    assert h.train_loss.shape == h.weight_change.shape == h.ntk_change.shape == (3, 7)
+    torch.testing.assert_close(h.mean, h.test_outputs.mean(1))
+    torch.testing.assert_close(h.standard_error, (h.test_outputs.var(1) / 7).sqrt())
+    assert torch.equal(h.times, 0.1 * h.steps.double())
+    assert float(h.weight_change[0].abs().max()) == 0 and float(h.ntk_change[0].abs().max()) == 0
+    assert h.settings["chunk_size"] == 3
+
+
+def test_divergence_is_reported_not_raised():
+    h = train_ensemble(_net(), X, Y, ensemble_size=2, learning_rate=50.0, record_steps=[0, 10, 500])
+    assert h.diverged_at is not None and h.diverged_at <= 500
+    assert len(h.steps) < 3 and h.steps[0] == 0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(ensemble_size=0), "ensemble_size"),
+    (dict(learning_rate=-1.0), "learning_rate"),
+    (dict(record_steps=[1.5]), "record_steps"),
+    (dict(record_steps=[-3]), "record_steps"),
+])
+def test_bad_arguments_raise(kwargs, message):
+    args = dict(ensemble_size=2, learning_rate=0.1, record_steps=[0, 1]) | kwargs
+    with pytest.raises(ValueError, match=message):
+        train_ensemble(_net(), X, Y, **args)
+    with pytest.raises(ValueError, match="y_train"):
+        train_ensemble(_net(), X, Y[:3], ensemble_size=2, learning_rate=0.1, record_steps=[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_on_cuda_matches_cpu():
+    kwargs = dict(ensemble_size=2, learning_rate=0.1, record_steps=[0, 20], dtype=torch.float64)
+    cpu = train_ensemble(_net(), X, Y, device="cpu", **kwargs)
+    gpu = train_ensemble(_net(), X, Y, device="cuda", **kwargs)
+    torch.testing.assert_close(cpu.test_outputs, gpu.test_outputs, rtol=1e-9, atol=1e-10)
