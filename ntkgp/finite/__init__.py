@@ -1,6 +1,9 @@
-"""Finite-width networks: empirical kernels and Monte-Carlo estimates (training lives in ntkgp.finite.train)."""
+"""Finite-width networks: empirical kernels, Monte-Carlo estimates, ensemble training."""
 
 from ntkgp.finite.empirical import empirical_nngp, empirical_ntk, ensemble_size
 from ntkgp.finite.monte_carlo import KernelEstimate, monte_carlo_kernel
+from ntkgp.finite.rates import equivalent_learning_rates
+from ntkgp.finite.train import EnsembleHistory, train_ensemble
 
-__all__ = ["KernelEstimate", "empirical_nngp", "empirical_ntk", "ensemble_size", "monte_carlo_kernel"]
+__all__ = ["EnsembleHistory", "KernelEstimate", "empirical_nngp", "empirical_ntk", "ensemble_size",
+           "equivalent_learning_rates", "monte_carlo_kernel", "train_ensemble"]
