@@ -91,7 +91,8 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
 
     Args:
         model: a module (its parameters are ``θ``), or a function ``f(params, x)``.
-        x1, x2: ``(n1, d)`` and ``(n2, d)`` inputs (``x2=None``: ``x1``).
+        x1: ``(n1, d)`` inputs.
+        x2: ``(n2, d)`` inputs; ``None`` for ``x1`` itself.
         params: the parameters to differentiate (default: all of the module's).
         vector_output: return ``Θ̂_ij(x, x')`` as ``(n1, n2, k, k)``.
         chunk_size: members of an ensemble processed at once (bounds memory).

@@ -123,6 +123,8 @@ class ReLU(ABReLU):
     r"""``φ(x) = max(x, 0)``: the arc-cosine kernel of degree 1 (Cho & Saul 2009)::
 
         T = (s + (π − θ) k12) / (2π),   Ṫ = (π − θ) / (2π),   T(k, k, k) = k / 2
+
+    with ``s`` and ``θ`` as in :class:`ABReLU`.
     """
 
     def __init__(self) -> None:

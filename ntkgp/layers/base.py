@@ -87,7 +87,7 @@ class Layer(VarianceParameters, gpytorch.Module):
                 eager path (with a warning) where compilation is unavailable.
 
         Returns:
-            A :class:`KernelState` whose ``nngp`` and ``ntk`` are ``(*batch, n1, n2)``
+            The kernels, a :class:`KernelState` whose ``nngp`` and ``ntk`` are ``(*batch, n1, n2)``
             (``(*batch, n1)`` when ``diag``) in the dtype and on the device of ``x1``. Kernels
             are per output unit: the covariance of the ``k`` outputs is ``K ⊗ I_k``.
 
@@ -122,7 +122,8 @@ class Layer(VarianceParameters, gpytorch.Module):
             seed: seed of the weight draws (same seed, same network, on any device/dtype).
             ensemble_size: if given, ``E`` independent networks with stacked weights; the
                 module then maps ``(n, d)`` to ``(E, n, k)``.
-            dtype, device: of the parameters (default dtype, CPU by default).
+            dtype: of the parameters (torch's default dtype by default).
+            device: of the parameters (CPU by default).
         """
         ctx = BuildContext(torch.Generator().manual_seed(seed), ensemble_size, dtype, device)
         module, _ = self.finite(in_features, ctx)

@@ -43,7 +43,8 @@ class Dense(Layer):
         ard_num_dims: on a first layer, one weight variance per input feature (automatic
             relevance determination): ``K¹ = Σ_j σ_w,j² x_j x'_j / d + σ_b²``; the finite twin
             scales input ``j``'s weights by ``σ_w,j``.
-        weight_var_prior, bias_var_prior: optional GPyTorch priors on the variances.
+        weight_var_prior: optional GPyTorch prior on ``weight_var``.
+        bias_var_prior: optional GPyTorch prior on ``bias_var`` (needs a bias).
     """
 
     preserves_gaussian = True

@@ -33,10 +33,16 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
         y_train: ``(N,)`` or ``(N, k)`` targets.
         fx_train_0: the network's initial outputs on the training inputs (same shape as
             ``y_train``, or a number).
-        ntk_test_train, fx_test_0: ``(M, N)`` kernel and ``(M[, k])`` initial test outputs, to also
-            predict test outputs.
+        ntk_test_train: ``(M, N)`` tangent kernel between test and training inputs, to also
+            predict test outputs (together with ``fx_test_0``).
+        fx_test_0: ``(M,)`` or ``(M, k)`` initial test outputs.
         t: ``None`` (infinite time), a number or a tensor of times (leading output shape).
         steps: instead of ``t``, discrete gradient-descent step counts.
+        learning_rate: ``η``; time enters as ``τ = η t / m`` with ``m = y_train.numel()``.
+        diag_reg: added to ``ntk_train_train`` as ``diag_reg · trace/N · I``.
+        diag_reg_absolute_scale: make ``diag_reg`` an absolute variance instead.
+        factor_dtype: dtype in which the kernel is factored (results come back in the dtype of
+            ``y_train``).
 
     Returns:
         ``fx_train_t``, or ``(fx_train_t, fx_test_t)`` when test inputs are given.

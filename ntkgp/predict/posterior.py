@@ -40,8 +40,8 @@ class GPPosterior:
 
     Args:
         net: the network spec.
-        x_train: ``(N, d)`` inputs; y_train: ``(N,)`` or ``(N, k)`` targets (one factorization
-            serves all ``k`` outputs).
+        x_train: ``(N, d)`` inputs.
+        y_train: ``(N,)`` or ``(N, k)`` targets (one factorization serves all ``k`` outputs).
         kernel: ``"nngp"``, ``"ntkgp"`` or ``"ntk"``.
         noise: absolute observation-noise variance added to the training diagonal.
         factor_dtype: dtype in which kernels are computed and factored (results come back in the
