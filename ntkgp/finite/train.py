@@ -122,7 +122,8 @@ def train_ensemble(
 
     Args:
         net: the network spec (its finite twin is what is trained).
-        x_train, y_train: ``(N, d)`` inputs and ``(N,)`` or ``(N, k)`` targets.
+        x_train: ``(N, d)`` training inputs.
+        y_train: ``(N,)`` or ``(N, k)`` targets.
         ensemble_size: number of members ``E``.
         learning_rate: ``η`` of full-batch gradient descent.
         record_steps: step counts (non-negative integers) at which to record; training runs to the
@@ -131,7 +132,8 @@ def train_ensemble(
         probe: ``(P, d)`` points for the empirical-NTK change (``None``: not recorded).
         readout_only: train only the last ``Dense`` layer (gradient flow with the NNGP kernel).
         seed: seed of the initialization (chunk ``c`` uses ``seed + 1_000_003 c``).
-        dtype, device: of the networks (default float32, CUDA when available).
+        dtype: of the networks (default float32).
+        device: of the networks (default CUDA when available, else CPU).
         chunk_size: members trained at once (default: as many as fit in ``CHUNK_BYTES``).
         progress: show a progress bar (tqdm).
     """

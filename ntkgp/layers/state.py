@@ -42,7 +42,8 @@ class KernelState:
         diag: whether ``nngp``/``ntk`` hold only the pairs ``(x1_i, x2_i)``.
         symmetric: whether ``x2`` is ``x1`` (``x1`` may then be a block of rows of it).
         is_gaussian: whether features are centred Gaussians with covariance ``nngp``.
-        x1, x2: the raw inputs, only before any layer consumed them.
+        x1: the first raw inputs, only before any layer consumed them.
+        x2: the second raw inputs (the very ``x1`` when symmetric), likewise.
         sq_norms: optionally, precomputed ``Σ_j x_j²`` of ``x1`` and ``x2`` (saves recomputing
             them for every block of rows).
         row_offset: in symmetric mode, the column holding row 0's diagonal entry (non-zero when
