@@ -18,8 +18,9 @@ groups are
 The ``S`` draws are independent, so they are split into ``num_chains`` equal chains only for
 the ``(chain, draw)`` layout ArviZ expects; with one chain ArviZ's PSIS-LOO takes the relative
 efficiency ``r_eff = 1``, which is exact for independent draws. This is what ``az.loo``
-(Vehtari, Gelman & Gabry 2017, PSIS-LOO), ``az.plot_ppc``, ``az.plot_loo_pit`` (Gelman et al.
-2013, §6.3; Säilynoja, Bürkner & Vehtari 2022) and calibration checks read. With ``(M, k)``
+(Vehtari, Gelman & Gabry 2017, PSIS-LOO), ``az.plot_ppc`` (``az.plot_ppc_dist`` on ArviZ 1.x),
+``az.loo_pit`` / ``az.plot_loo_pit`` (Gelman et al. 2013, §6.3; Säilynoja, Bürkner & Vehtari
+2022) and calibration checks read. With ``(M, k)``
 targets every entry ``(i, c)`` is one pointwise term; sum ``log_likelihood["y"]`` over
 ``output`` to treat rows as observations.
 
