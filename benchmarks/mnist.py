@@ -11,8 +11,10 @@ most 10000). Pixels are scaled to [0, 1]; targets are one-hot vectors minus 0.1
 * ``NTK``: the infinite ensemble trained to convergence by gradient flow on the squared loss,
   ``gp_posterior(kernel="ntk")``, whose mean is ``Θ*d (Θ + σ²I)⁻¹ Y``.
 
-The regularizer is relative, ``σ² = --diag-reg · mean(diag K_train)`` (with ``K`` the NNGP or the
-NTK), so it does not change with the kernel's overall scale. Reported: test accuracy (argmax of
+The regularizer is relative, ``σ² = diag_reg · mean(diag K_train)`` (with ``K`` the NNGP or the
+NTK), so it does not change with the kernel's overall scale. Unless ``--diag-reg`` is given it is
+chosen once from ``--reg-grid`` by the accuracy of the NNGP (depth 3, ``σ_w² = 2``) on validation
+images ``n_train … n_train + n_val − 1``, which are neither training nor test images. Reported: test accuracy (argmax of
 the posterior mean) and the AUROC of the predictive variance (one per test point; the 10
 outputs share it) for detecting misclassified test images.
 
@@ -100,6 +102,10 @@ def markdown(results: dict, args, seconds: float) -> str:
         f"({args.n_test}). ReLU MLP, bias variance σ_b² = {args.bias_var:g}, relative regularizer "
         f"σ² = {args.diag_reg:g} · mean diag of the training kernel, one-hot targets minus 0.1, float64.",
         "",
+        *([f"The regularizer was chosen by NNGP (depth 3, σ_w² = 2) accuracy on validation images "
+           f"{args.n_train}..{args.n_train + args.n_val - 1}: "
+           + ", ".join(f"{reg:g} → {acc:.4f}" for reg, acc in args.validation.items()) + ".", ""]
+          if args.validation else []),
         "Command: `python benchmarks/mnist.py " + " ".join(args.argv) + "`",
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
@@ -132,15 +138,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3, 5])
     parser.add_argument("--weight-vars", type=float, nargs="+", default=[1.0, 2.0, 3.0])
     parser.add_argument("--bias-var", type=float, default=0.01)
-    parser.add_argument("--diag-reg", type=float, default=1e-3)
+    parser.add_argument("--diag-reg", type=float, default=None, help="fixed relative regularizer (skips selection)")
+    parser.add_argument("--reg-grid", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1])
+    parser.add_argument("--n-val", type=int, default=1000, help="validation images for choosing the regularizer")
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (1 avoids thread thrashing on a shared machine)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be positive")
+        torch.set_num_threads(args.threads)
     for name in (IMAGES, LABELS):
         if not (args.data / name).is_file():
             parser.error(f"{args.data / name} does not exist")
-    if args.n_train < 1 or args.n_test < 1:
-        parser.error("--n-train and --n-test must be positive")
+    if args.n_train < 1 or args.n_test < 1 or args.n_val < 1:
+        parser.error("--n-train, --n-test and --n-val must be positive")
+    if min(args.reg_grid) <= 0 or (args.diag_reg is not None and args.diag_reg <= 0):
+        parser.error("regularizers must be positive")
     return args
 
 
@@ -148,13 +164,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run the sweep; returns ``{(depth, weight_var, kind): {"accuracy", "auroc", "seconds"}}``."""
     args = parse_args(argv)
     x, labels = load(args.data)
-    if args.n_train + args.n_test > x.shape[0]:
-        raise ValueError(f"--n-train + --n-test = {args.n_train + args.n_test} exceeds the {x.shape[0]} images.")
+    n_val = 0 if args.diag_reg is not None else args.n_val
+    if args.n_train + n_val + args.n_test > x.shape[0]:
+        raise ValueError(f"{args.n_train} training + {n_val} validation + {args.n_test} test images exceed the "
+                         f"{x.shape[0]} available.")
     x = torch.as_tensor(x, dtype=torch.float64)
     x_train, x_test = x[:args.n_train], x[x.shape[0] - args.n_test:]
     y_train, y_test = labels[:args.n_train], labels[x.shape[0] - args.n_test:]
     targets = one_hot_targets(y_train, num_classes=10)
     start = time.perf_counter()
+    args.validation = {}
+    if args.diag_reg is None:
+        x_val, y_val = x[args.n_train:args.n_train + n_val], labels[args.n_train:args.n_train + n_val]
+        reference = ntkgp.mlp(3, "relu", weight_var=2.0, bias_var=args.bias_var)
+        for reg in args.reg_grid:
+            args.validation[reg] = evaluate(reference, "nngp", x_train, targets, x_val, y_val, reg)["accuracy"]
+            print(f"validation: diag_reg {reg:g}: accuracy {args.validation[reg]:.4f}", flush=True)
+        args.diag_reg = max(args.reg_grid, key=lambda reg: (args.validation[reg], reg))
     results = {}
     for depth in args.depths:
         for w in args.weight_vars:

@@ -276,8 +276,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ensemble-lr", type=float, default=0.01)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", type=pathlib.Path, default=None, help="write the markdown report here")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (1 avoids thread thrashing on a shared machine)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be positive")
+        torch.set_num_threads(args.threads)
     for name in args.datasets:
         if not (args.data / name / "data.txt").is_file():
             parser.error(f"{args.data / name} has no data.txt")

@@ -39,7 +39,7 @@ def _arviz():
 
 
 # ------------------------------------------------------------------------------ ArviZ export
-def test_export_groups_dims_and_log_likelihood_match_scipy():
+def test_export_groups_dims_and_log_likelihood_match_scipy(tmp_path):
     x, y = _regression()
     noise = 0.1
     post = ntkgp.predict.gp_posterior(_net(), x, y, x[:15], noise=noise)
@@ -53,7 +53,10 @@ def test_export_groups_dims_and_log_likelihood_match_scipy():
     f = data.posterior["f"].values                                       # (3, 20, 15)
     expected = stats.norm.logpdf(y[:15].numpy(), loc=f, scale=math.sqrt(noise))
     np.testing.assert_allclose(data.log_likelihood["y"].values, expected, rtol=1e-12, atol=1e-12)
-    assert data.log_likelihood.attrs["noise_variance"] == pytest.approx(noise)
+    assert data.log_likelihood.attrs["noise_variance"] == noise
+    data.to_netcdf(str(tmp_path / "export.nc"))                         # attributes are netCDF-safe
+    reread = _arviz().from_netcdf(str(tmp_path / "export.nc"))
+    np.testing.assert_array_equal(reread.log_likelihood["y"].values, data.log_likelihood["y"].values)
     # Same seed, same draws; another seed, other draws.
     again = bayes.gaussian_to_inference_data(post, y[:15], noise, num_draws=60, num_chains=3, seed=4)
     other = bayes.gaussian_to_inference_data(post, y[:15], noise, num_draws=60, num_chains=3, seed=5)

@@ -76,20 +76,25 @@ def _idx(path: pathlib.Path, array: np.ndarray, magic: int) -> None:
 def test_mnist_script_runs_on_tiny_idx_files(tmp_path):
     mnist = _load("mnist")
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, size=120)
+    n = 150
+    labels = rng.integers(0, 10, size=n)
     # Class-dependent 6x6 images: a bright pixel at the label's position plus noise.
-    images = rng.integers(0, 60, size=(120, 6, 6))
-    images.reshape(120, -1)[np.arange(120), labels * 3] = 255
+    images = rng.integers(0, 60, size=(n, 6, 6))
+    images.reshape(n, -1)[np.arange(n), labels * 3] = 255
     _idx(tmp_path / mnist.IMAGES, images, 2051)
     _idx(tmp_path / mnist.LABELS, labels, 2049)
     x, y = mnist.load(tmp_path)
-    assert x.shape == (120, 36) and x.max() == 1.0 and (y == labels).all()
+    assert x.shape == (n, 36) and x.max() == 1.0 and (y == labels).all()
     out = tmp_path / "mnist.md"
-    results = mnist.main(["--data", str(tmp_path), "--n-train", "80", "--n-test", "40", "--depths", "1", "2",
-                          "--weight-vars", "2.0", "--out", str(out)])
+    results = mnist.main(["--data", str(tmp_path), "--n-train", "80", "--n-val", "30", "--n-test", "40",
+                          "--depths", "1", "2", "--weight-vars", "2.0", "--reg-grid", "0.001", "0.1",
+                          "--out", str(out)])
     assert set(results) == {(d, 2.0, k) for d in (1, 2) for k in ("nngp", "ntk")}
     assert all(r["accuracy"] > 0.8 for r in results.values())   # the bright pixel gives the class away
-    assert "## Test accuracy, NNGP posterior mean" in out.read_text()
+    text = out.read_text()
+    assert "## Test accuracy, NNGP posterior mean" in text and "validation images 80..109" in text
+    with pytest.raises(ValueError, match="exceed"):
+        mnist.main(["--data", str(tmp_path), "--n-train", "100", "--n-test", "40", "--depths", "1"])
     _idx(tmp_path / mnist.LABELS, labels, 2051)
     with pytest.raises(ValueError, match="magic"):
         mnist.load(tmp_path)

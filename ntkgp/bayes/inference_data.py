@@ -127,8 +127,11 @@ def draws_to_inference_data(f_draws, y_obs, noise, *, num_chains: int = 1, y_dra
     }
     dims = {"f": obs_dims, "y": obs_dims}
     data = _from_dict(groups, coords, dims)
-    group_attrs = {"source": "ntkgp", "noise_variance": float(noise_var.mean()),
-                   "noise_variance_constant": bool(np.all(noise_var == noise_var.flat[0])), **(attrs or {})}
+    # Attributes stay str/int/float so that the data can be written to netCDF.
+    constant = bool(np.all(noise_var == noise_var.flat[0]))
+    group_attrs = {"source": "ntkgp",
+                   ("noise_variance" if constant else "noise_variance_mean"):
+                       float(noise_var.flat[0] if constant else noise_var.mean()), **(attrs or {})}
     for group in ("posterior_predictive", "log_likelihood"):
         data[group].attrs.update(group_attrs)
     return data
