@@ -14,7 +14,8 @@ most 10000). Pixels are scaled to [0, 1]; targets are one-hot vectors minus 0.1
 The regularizer is relative, ``σ² = diag_reg · mean(diag K_train)`` (with ``K`` the NNGP or the
 NTK), so it does not change with the kernel's overall scale. Unless ``--diag-reg`` is given it is
 chosen once from ``--reg-grid`` by the accuracy of the NNGP (depth 3, ``σ_w² = 2``) on validation
-images ``n_train … n_train + n_val − 1``, which are neither training nor test images. Reported: test accuracy (argmax of
+images ``n_train … n_train + n_val − 1``, which are neither training nor test images (ties go to
+the larger, numerically safer regularizer). Reported: test accuracy (argmax of
 the posterior mean) and the AUROC of the predictive variance (one per test point; the 10
 outputs share it) for detecting misclassified test images.
 
@@ -104,7 +105,8 @@ def markdown(results: dict, args, seconds: float) -> str:
         "",
         *([f"The regularizer was chosen by NNGP (depth 3, σ_w² = 2) accuracy on validation images "
            f"{args.n_train}..{args.n_train + args.n_val - 1}: "
-           + ", ".join(f"{reg:g} → {acc:.4f}" for reg, acc in args.validation.items()) + ".", ""]
+           + ", ".join(f"{reg:g} → {acc:.4f}" for reg, acc in args.validation.items())
+           + " (ties go to the larger regularizer).", ""]
           if args.validation else []),
         "Command: `python benchmarks/mnist.py " + " ".join(args.argv) + "`",
         "",
