@@ -112,6 +112,11 @@ def test_gradient_flow_time_axis_vector_outputs_and_independent_outputs():
         bayes.gaussian_to_inference_data(flow, y[:6], 0.1)
     with pytest.raises(ValueError, match="out of range"):
         bayes.select_time(flow, 3)
+    torch.testing.assert_close(bayes.select_time(flow, np.int64(1)).mean, single.mean)
+    with pytest.raises(ValueError, match="integer"):
+        bayes.select_time(flow, 1.0)
+    with pytest.raises(ValueError, match="integer"):
+        bayes.select_time(flow, (1, 0))
     with pytest.raises(ValueError, match="no time axis"):
         bayes.select_time(single, 0)
 

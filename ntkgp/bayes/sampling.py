@@ -14,6 +14,7 @@ the outputs, one per member.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,8 +55,14 @@ def select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None = Non
     if time_index is None:
         raise ValueError(f"This Gaussian has time axes of shape {tuple(time_shape)} (gradient flow at several "
                          "times): pick one with time_index=...")
-    index = (time_index,) if isinstance(time_index, int) and not isinstance(time_index, bool) else tuple(time_index)
-    if len(index) != len(time_shape) or any(isinstance(i, bool) or not isinstance(i, int) for i in index):
+    raw = tuple(time_index) if isinstance(time_index, Sequence) else (time_index,)
+    try:
+        if any(isinstance(i, bool) for i in raw):
+            raise TypeError
+        index = tuple(operator.index(i) for i in raw)                   # ints, numpy ints, integer tensors
+    except TypeError:
+        index = ()
+    if len(index) != len(time_shape):
         raise ValueError(f"time_index needs {len(time_shape)} integer(s) for time shape {tuple(time_shape)}, "
                          f"got {time_index!r}.")
     for i, n in zip(index, time_shape, strict=True):
