@@ -177,6 +177,12 @@ def test_ensemble_export_members_are_the_draws():
     np.testing.assert_array_equal(data.posterior["f"].values.reshape(6, 10), preds.numpy())
     expected = stats.norm.logpdf(y.numpy(), preds.numpy(), noise.sqrt().numpy())
     np.testing.assert_allclose(data.log_likelihood["y"].values.reshape(6, 10), expected, rtol=1e-12)
+    # (M,) noise on (E, M, k) predictions is one variance per point, shared by the outputs.
+    square = torch.randn(6, 3, 3, generator=g)
+    per_point = torch.tensor([0.1, 0.2, 0.4])
+    data_k = bayes.ensemble_to_inference_data(square, square[0], per_point)
+    expected_k = stats.norm.logpdf(square[0].numpy(), square.numpy(), per_point.sqrt().numpy()[:, None])
+    np.testing.assert_allclose(data_k.log_likelihood["y"].values.reshape(6, 3, 3), expected_k, rtol=1e-12)
     listed = bayes.ensemble_to_inference_data(list(preds), y, 0.2)
     assert listed.posterior_predictive["y"].shape == (1, 6, 10)
     # A finite ensemble from net.build: (E, n, 1) outputs squeezed to (E, n) for (n,) targets.
@@ -199,6 +205,11 @@ def test_ensemble_moments_is_the_mixture():
     mixture_second = (preds**2 + noise).mean(0)
     np.testing.assert_allclose(mean, preds.mean(0).numpy(), rtol=1e-12)
     np.testing.assert_allclose(var, (mixture_second - preds.mean(0) ** 2).numpy(), rtol=1e-10)
+    wide = torch.randn(5, 7, 3, generator=g)
+    _, var_k = bayes.ensemble_moments(wide, torch.full((7,), 0.5))
+    np.testing.assert_allclose(var_k, (wide.var(0, unbiased=False) + 0.5).numpy(), rtol=1e-10)
+    with pytest.raises(ValueError, match="non-negative"):
+        bayes.ensemble_moments(preds, -1.0)
 
 
 def test_export_validates_inputs():

@@ -74,8 +74,9 @@ def draws_to_inference_data(f_draws, y_obs, noise, *, num_chains: int = 1, y_dra
     Args:
         f_draws: draws of the noise-free outputs (ensemble members, or samples of a Gaussian).
         y_obs: observed targets, ``(M,)`` or ``(M, k)`` like one draw.
-        noise: observation-noise variance ``σ²``: a positive scalar, or an array broadcastable
-            to ``(S, M[, k])`` (per point, or per draw e.g. per ensemble member).
+        noise: observation-noise variance ``σ²``: a positive scalar, ``(M,)`` (one per point, shared
+            by the ``k`` outputs), or an array broadcastable to ``(S, M[, k])`` (e.g. ``(S, 1)`` or
+            ``(S, 1, 1)``: one per draw, such as per ensemble member).
         num_chains: how many chains the draws are split into; must divide ``S``.
         y_draws: posterior-predictive draws ``(S, M[, k])`` to store instead of drawing
             ``f + σ ε`` here.
@@ -91,6 +92,8 @@ def draws_to_inference_data(f_draws, y_obs, noise, *, num_chains: int = 1, y_dra
         raise ValueError(f"f_draws must have shape (S, M) or (S, M, k) with S >= 1, got {f.shape}.")
     _, y = observations(f[0], y_obs, "one draw of f_draws", "y_obs")
     noise_var = finite(noise, "noise")
+    if noise_var.ndim == 1 and f.ndim == 3 and noise_var.shape[0] == f.shape[1]:
+        noise_var = noise_var[:, None]  # (M,): one variance per point, shared by the k outputs (as in metrics)
     try:
         noise_var = np.broadcast_to(noise_var, f.shape)
     except ValueError as err:

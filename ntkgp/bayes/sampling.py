@@ -152,8 +152,8 @@ def gaussian_to_inference_data(gaussian: Gaussian, y_obs, noise: float | Tensor,
         gaussian: from :func:`ntkgp.predict.gp_posterior`, :func:`ntkgp.predict.gradient_flow`
             (``compute_cov=True``), or a ``Gaussian`` you built.
         y_obs: observed targets at the same points, ``(M,)`` or ``(M, k)`` like the mean.
-        noise: Gaussian observation-noise variance ``σ²`` (positive scalar or per point ``(M,)``
-            for ``(M,)`` targets; any shape broadcastable to ``(S, M[, k])``).
+        noise: Gaussian observation-noise variance ``σ²``: positive scalar, per point ``(M,)``, or
+            any shape broadcastable to ``(S, M[, k])``.
         num_draws: ``S``, draws in total (all chains).
         num_chains: chains the independent draws are split into (must divide ``num_draws``).
         time_index: which training time, if the Gaussian has time axes.
@@ -194,8 +194,8 @@ def ensemble_moments(predictions, noise: float | Tensor | np.ndarray = 0.0) -> t
 
     Args:
         predictions: ``(E, M)``/``(E, M, k)`` member outputs, or a list of ``E`` tensors.
-        noise: ``σ_e²``: scalar, or broadcastable to ``(E, M[, k])`` (e.g. ``(E, 1)`` for one
-            fitted noise per member).
+        noise: ``σ_e²``: scalar, per point ``(M,)``, or broadcastable to ``(E, M[, k])`` (e.g.
+            ``(E, 1)`` or ``(E, 1, 1)`` for one fitted noise per member).
 
     Returns:
         numpy ``mean`` and ``variance`` of shape ``(M,)`` or ``(M, k)``.
@@ -204,6 +204,8 @@ def ensemble_moments(predictions, noise: float | Tensor | np.ndarray = 0.0) -> t
     noise_var = finite(noise, "noise")
     if (noise_var < 0).any():
         raise ValueError("noise must be a non-negative variance.")
+    if noise_var.ndim == 1 and members.ndim == 3 and noise_var.shape[0] == members.shape[1]:
+        noise_var = noise_var[:, None]  # (M,): one variance per point, shared by the k outputs
     try:
         noise_var = np.broadcast_to(noise_var, members.shape)
     except ValueError as err:
@@ -226,8 +228,8 @@ def ensemble_to_inference_data(predictions, y_obs, noise: float | Tensor | np.nd
         predictions: ``(E, M)``/``(E, M, k)``, e.g. ``net.build(ensemble_size=E)(x)`` (squeeze a
             trailing output axis of size 1 to match ``(M,)`` targets), or a list of ``E`` tensors.
         y_obs: observed targets ``(M,)``/``(M, k)``.
-        noise: observation-noise variance: positive scalar, or broadcastable to
-            ``(E, M[, k])`` (``(E, 1)``: one fitted noise per member).
+        noise: observation-noise variance: positive scalar, per point ``(M,)``, or broadcastable
+            to ``(E, M[, k])`` (``(E, 1)`` or ``(E, 1, 1)``: one fitted noise per member).
         num_chains: must divide ``E``.
         seed: seed of the noise draws.
     """
