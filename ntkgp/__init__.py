@@ -5,7 +5,7 @@ A network spec is built once and realized twice: as analytic kernels (``net.kern
 with the same parameterization (``net.build``).
 """
 
-from ntkgp import finite, predict
+from ntkgp import bayes, finite, predict
 from ntkgp.kernels import NNGPKernel, NTKKernel
 from ntkgp.layers import (
     GELU,
@@ -56,6 +56,7 @@ __all__ = [
     "Serial",
     "Sign",
     "Sin",
+    "bayes",
     "finite",
     "mlp",
     "parallel",

@@ -1,0 +1,68 @@
+"""Array conversion and validation shared by the numpy-level helpers.
+
+Deliberately free of torch imports: :mod:`ntkgp.bayes.metrics` and
+:mod:`ntkgp.bayes.inference_data` only need numpy (and ArviZ), so they can be loaded and checked
+in environments without torch (e.g. ArviZ 1.x on Python 3.12+).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def to_numpy(value, name: str) -> np.ndarray:
+    """``value`` (a torch tensor, numpy array or nested sequence) as a float64 numpy array."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch.Tensor, without importing torch
+        value = value.detach().cpu().numpy()
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a numeric array or tensor, got {type(value).__name__}.") from err
+    return array
+
+
+def finite(value, name: str) -> np.ndarray:
+    """:func:`to_numpy`, and no NaN or infinite entries."""
+    array = to_numpy(value, name)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or infinite values.")
+    return array
+
+
+def labels_array(value, name: str = "labels") -> np.ndarray:
+    """Integer class labels ``(M,)`` (integer-valued floats are accepted)."""
+    array = finite(value, name)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must have shape (M,), got {array.shape}.")
+    if not np.array_equal(array, np.round(array)):
+        raise ValueError(f"{name} must hold integer class labels.")
+    return array.astype(np.int64)
+
+
+def observations(mean, y, name_mean: str = "mean", name_y: str = "y") -> tuple[np.ndarray, np.ndarray]:
+    """Finite ``mean`` and ``y`` of one shape, ``(M,)`` or ``(M, k)`` with ``M >= 1``."""
+    mean, y = finite(mean, name_mean), finite(y, name_y)
+    if mean.ndim not in (1, 2) or mean.shape[0] == 0:
+        raise ValueError(f"{name_mean} must have shape (M,) or (M, k) with M >= 1, got {mean.shape}.")
+    if y.shape != mean.shape:
+        raise ValueError(f"{name_y} must have the shape of {name_mean}, {mean.shape}; got {y.shape}.")
+    return mean, y
+
+
+def variances(variance, shape: tuple[int, ...], name: str = "variance") -> np.ndarray:
+    """Positive finite variances broadcast to ``shape`` (``(M,)`` or ``(M, k)``).
+
+    A scalar, an array of ``shape``, or ``(M,)`` for ``(M, k)`` observations (one variance per
+    point shared by all ``k`` outputs, as in the shared-covariance posteriors of ntkgp).
+    """
+    var = finite(variance, name)
+    if var.ndim == 1 and len(shape) == 2 and var.shape[0] == shape[0]:
+        var = var[:, None]
+    try:
+        var = np.broadcast_to(var, shape)
+    except ValueError as err:
+        raise ValueError(f"{name} of shape {var.shape} does not fit observations of shape {shape}.") from err
+    if not (var > 0).all():
+        raise ValueError(f"{name} must be positive (predictive variances include the noise); "
+                         f"got minimum {var.min():g}.")
+    return var

@@ -1,0 +1,107 @@
+r"""Classification as regression on one-hot targets (Lee et al. 2018, "Deep neural networks as
+Gaussian processes", §2.4 and §3).
+
+The ``C`` classes are regressed as ``C`` outputs of one GP (or gradient-flow ensemble) with
+targets ``y_i = e_{c_i} − 1/C``: one-hot vectors shifted to have zero mean over classes, which
+matches the zero prior mean (Lee et al. use ``0.9`` for the true class and ``−0.1`` for the
+others with ``C = 10``). The predicted class is the argmax of the posterior mean. Because the
+outputs share one kernel, every test point has one predictive variance, which ranks how much the
+posterior is unsure about that input; :func:`misclassification_auroc` measures how well it
+flags the points the mean gets wrong (the misclassification-detection task of Hendrycks & Gimpel
+2017, with the variance as score).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ntkgp.bayes._arrays import finite, labels_array
+from ntkgp.bayes.metrics import auroc
+
+
+def one_hot_targets(labels, num_classes: int | None = None, offset: float | None = None,
+                    dtype: torch.dtype = torch.float64) -> Tensor:
+    r"""Regression targets ``Y_ic = 1[c = c_i] − offset``, shape ``(N, C)``.
+
+    Args:
+        labels: ``(N,)`` integer labels in ``0 … C−1`` (tensor, array or list).
+        num_classes: ``C``; default ``max(labels) + 1``.
+        offset: subtracted from every entry; default ``1/C``, which makes every row sum to zero
+            (``e_c − 0.1`` for ten classes, Lee et al. 2018).
+        dtype: of the returned tensor.
+    """
+    y = labels_array(labels)
+    if y.size == 0:
+        raise ValueError("labels is empty.")
+    if (y < 0).any():
+        raise ValueError(f"labels must be non-negative class indices, got minimum {y.min()}.")
+    if num_classes is None:
+        num_classes = int(y.max()) + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
+    if y.max() >= num_classes:
+        raise ValueError(f"labels go up to {y.max()} but num_classes={num_classes}.")
+    offset = 1.0 / num_classes if offset is None else float(offset)
+    if not np.isfinite(offset):
+        raise ValueError(f"offset must be finite, got {offset!r}.")
+    targets = torch.nn.functional.one_hot(torch.as_tensor(y), num_classes).to(dtype)
+    return targets - offset
+
+
+def _class_scores(mean) -> np.ndarray:
+    scores = finite(mean, "mean")
+    if scores.ndim != 2 or scores.shape[1] < 2 or scores.shape[0] == 0:
+        raise ValueError(f"mean must have shape (M, C) with C >= 2 classes, got {scores.shape}.")
+    return scores
+
+
+def predict_classes(mean):
+    """Predicted classes ``argmax_c μ_ic``: ``(M,)``; a tensor for tensor input, else numpy."""
+    scores = _class_scores(mean)
+    if isinstance(mean, Tensor):
+        return mean.detach().argmax(-1)
+    return scores.argmax(-1)
+
+
+def accuracy(mean_or_predictions, labels) -> float:
+    """Fraction of correct predictions: ``(1/M) Σ_i 1[ĉ_i = c_i]``.
+
+    ``mean_or_predictions`` is either the ``(M, C)`` posterior mean (classes by argmax) or
+    ``(M,)`` predicted labels.
+    """
+    raw = finite(mean_or_predictions, "mean_or_predictions")
+    predicted = _class_scores(raw).argmax(-1) if raw.ndim == 2 else labels_array(raw, "mean_or_predictions")
+    truth = labels_array(labels)
+    if truth.shape != predicted.shape:
+        raise ValueError(f"labels must have shape {predicted.shape}, got {truth.shape}.")
+    return float(np.mean(predicted == truth))
+
+
+def misclassification_auroc(mean, variance, labels) -> float:
+    r"""AUROC of the predictive variance as a detector of misclassified points.
+
+    Positives are the points with ``argmax_c μ_ic ≠ c_i``; the score is the variance
+    ``σ_i²`` (for ``(M, C)`` variances, the mean over classes). 0.5 means the variance carries
+    no information about errors, 1 that every error has a larger variance than every correct
+    prediction. See :func:`ntkgp.bayes.metrics.auroc`.
+
+    Raises:
+        ValueError: if every point is classified correctly (or every one wrongly), so the
+            AUROC is undefined.
+    """
+    scores = _class_scores(mean)
+    var = finite(variance, "variance")
+    if var.ndim == 2 and var.shape == scores.shape:
+        var = var.mean(-1)
+    if var.shape != (scores.shape[0],):
+        raise ValueError(f"variance must have shape ({scores.shape[0]},) or {scores.shape}, got {var.shape}.")
+    truth = labels_array(labels)
+    if truth.shape != (scores.shape[0],):
+        raise ValueError(f"labels must have shape ({scores.shape[0]},), got {truth.shape}.")
+    wrong = scores.argmax(-1) != truth
+    if wrong.all() or not wrong.any():
+        raise ValueError(f"{int(wrong.sum())} of {wrong.size} points are misclassified: the AUROC of "
+                         "flagging errors needs both correct and wrong predictions.")
+    return auroc(var, wrong)

@@ -1,0 +1,151 @@
+r"""Export of predictive draws to ArviZ (``InferenceData`` on ArviZ 0.x, ``DataTree`` on 1.x).
+
+Given ``S`` draws ``f⁽ˢ⁾`` of the noise-free outputs at ``M`` points (``(M,)`` or ``(M, k)``
+each), observed targets ``y`` and a Gaussian observation-noise variance ``σ²``, the exported
+groups are
+
+* ``posterior``: ``f`` with dims ``(chain, draw, obs_id[, output])``, the latent draws;
+* ``posterior_predictive``: ``y`` with the same dims, ``y_rep⁽ˢ⁾ = f⁽ˢ⁾ + σ ε⁽ˢ⁾``,
+  ``ε ~ N(0, I)`` (Rasmussen & Williams 2006, eq. 2.22–2.24: the predictive distribution of a
+  noisy target adds the noise variance to the latent one);
+* ``log_likelihood``: ``y`` with the same dims, the pointwise log density of each observed
+  entry under each draw::
+
+      log p(y_i | f_i⁽ˢ⁾) = −½ log(2π σ_i²) − (y_i − f_i⁽ˢ⁾)² / (2 σ_i²)
+
+* ``observed_data``: ``y`` with dims ``(obs_id[, output])``.
+
+The ``S`` draws are independent, so they are split into ``num_chains`` equal chains only for
+the ``(chain, draw)`` layout ArviZ expects; with one chain ArviZ's PSIS-LOO takes the relative
+efficiency ``r_eff = 1``, which is exact for independent draws. This is what ``az.loo``
+(Vehtari, Gelman & Gabry 2017, PSIS-LOO), ``az.plot_ppc`` (``az.plot_ppc_dist`` on ArviZ 1.x),
+``az.loo_pit`` / ``az.plot_loo_pit`` (Gelman et al. 2013, §6.3; Säilynoja, Bürkner & Vehtari
+2022) and calibration checks read. With ``(M, k)``
+targets every entry ``(i, c)`` is one pointwise term; sum ``log_likelihood["y"]`` over
+``output`` to treat rows as observations.
+
+Only numpy and ArviZ are needed here (no torch). The ArviZ major version decides the
+constructor: ``arviz.from_dict(posterior=..., ...)`` (0.x) or ``arviz_base.from_dict({group:
+...})`` (1.x, the ``arviz-base`` package, returning an ``xarray.DataTree``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+
+from ntkgp.bayes._arrays import finite, observations
+
+#: Names of the dimensions of the exported variables (after ``chain`` and ``draw``).
+OBS_DIM, OUTPUT_DIM = "obs_id", "output"
+
+
+def gaussian_log_density(y, mean, variance) -> np.ndarray:
+    r"""Elementwise ``log N(y | mean, variance) = −½ log(2π variance) − (y − mean)² / (2 variance)``.
+
+    Arguments broadcast against each other (numpy rules); ``variance`` must be positive.
+    """
+    y, mean, variance = (finite(v, name) for v, name in ((y, "y"), (mean, "mean"), (variance, "variance")))
+    if not (variance > 0).all():
+        raise ValueError("variance must be positive.")
+    return -0.5 * (np.log(2 * math.pi * variance) + (y - mean) ** 2 / variance)
+
+
+def import_arviz():
+    """Import ArviZ, silencing the 0.2x announcement of its 1.0 refactor (handled here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="ArviZ is undergoing a major refactor", category=FutureWarning)
+        import arviz
+    return arviz
+
+
+def arviz_major_version() -> int:
+    """Major version of the installed ArviZ (``0`` for the ``InferenceData`` line)."""
+    return int(import_arviz().__version__.split(".")[0])
+
+
+def draws_to_inference_data(f_draws, y_obs, noise, *, num_chains: int = 1, y_draws=None, seed: int | None = 0,
+                            attrs: dict[str, Any] | None = None):
+    r"""ArviZ data from ``S`` latent draws ``f_draws`` of shape ``(S, M)`` or ``(S, M, k)``.
+
+    Args:
+        f_draws: draws of the noise-free outputs (ensemble members, or samples of a Gaussian).
+        y_obs: observed targets, ``(M,)`` or ``(M, k)`` like one draw.
+        noise: observation-noise variance ``σ²``: a positive scalar, ``(M,)`` (one per point, shared
+            by the ``k`` outputs), or an array broadcastable to ``(S, M[, k])`` (e.g. ``(S, 1)`` or
+            ``(S, 1, 1)``: one per draw, such as per ensemble member).
+        num_chains: how many chains the draws are split into; must divide ``S``.
+        y_draws: posterior-predictive draws ``(S, M[, k])`` to store instead of drawing
+            ``f + σ ε`` here.
+        seed: seed of the noise draws ``ε`` (``None``: fresh entropy).
+        attrs: extra attributes for the ``posterior_predictive`` and ``log_likelihood`` groups.
+
+    Returns:
+        ``arviz.InferenceData`` (ArviZ 0.x) or ``xarray.DataTree`` (ArviZ ≥ 1) with groups
+        ``posterior``, ``posterior_predictive``, ``log_likelihood`` and ``observed_data``.
+    """
+    f = finite(f_draws, "f_draws")
+    if f.ndim not in (2, 3) or f.shape[0] == 0:
+        raise ValueError(f"f_draws must have shape (S, M) or (S, M, k) with S >= 1, got {f.shape}.")
+    _, y = observations(f[0], y_obs, "one draw of f_draws", "y_obs")
+    noise_var = finite(noise, "noise")
+    if noise_var.ndim == 1 and f.ndim == 3 and noise_var.shape[0] == f.shape[1]:
+        noise_var = noise_var[:, None]  # (M,): one variance per point, shared by the k outputs (as in metrics)
+    try:
+        noise_var = np.broadcast_to(noise_var, f.shape)
+    except ValueError as err:
+        raise ValueError(f"noise of shape {noise_var.shape} does not broadcast to the draws' shape {f.shape}.") from err
+    if not (noise_var > 0).all():
+        raise ValueError("noise must be a positive variance: the log likelihood of a noise-free "
+                         "observation model is degenerate.")
+    if isinstance(num_chains, bool) or not isinstance(num_chains, int) or num_chains < 1:
+        raise ValueError(f"num_chains must be a positive integer, got {num_chains!r}.")
+    num_draws = f.shape[0]
+    if num_draws % num_chains:
+        raise ValueError(f"num_chains={num_chains} must divide the number of draws, {num_draws}.")
+    if y_draws is None:
+        rng = np.random.default_rng(seed)
+        y_rep = f + np.sqrt(noise_var) * rng.standard_normal(f.shape)
+    else:
+        y_rep = finite(y_draws, "y_draws")
+        if y_rep.shape != f.shape:
+            raise ValueError(f"y_draws must have the shape of f_draws, {f.shape}; got {y_rep.shape}.")
+    log_lik = gaussian_log_density(y, f, noise_var)
+
+    def chains(a: np.ndarray) -> np.ndarray:
+        return a.reshape(num_chains, num_draws // num_chains, *a.shape[1:])
+
+    obs_dims = [OBS_DIM] if y.ndim == 1 else [OBS_DIM, OUTPUT_DIM]
+    coords = {OBS_DIM: np.arange(y.shape[0])}
+    if y.ndim == 2:
+        coords[OUTPUT_DIM] = np.arange(y.shape[1])
+    groups = {
+        "posterior": {"f": chains(f)},
+        "posterior_predictive": {"y": chains(y_rep)},
+        "log_likelihood": {"y": chains(log_lik)},
+        "observed_data": {"y": y},
+    }
+    dims = {"f": obs_dims, "y": obs_dims}
+    data = _from_dict(groups, coords, dims)
+    # Attributes stay str/int/float so that the data can be written to netCDF.
+    constant = bool(np.all(noise_var == noise_var.flat[0]))
+    group_attrs = {"source": "ntkgp",
+                   ("noise_variance" if constant else "noise_variance_mean"):
+                       float(noise_var.flat[0] if constant else noise_var.mean()), **(attrs or {})}
+    for group in ("posterior_predictive", "log_likelihood"):
+        data[group].attrs.update(group_attrs)
+    return data
+
+
+def _from_dict(groups: dict[str, dict[str, np.ndarray]], coords: dict, dims: dict):
+    arviz = import_arviz()
+    if arviz_major_version() >= 1:
+        # ArviZ 1.x: converters live in arviz-base; groups are passed as one nested mapping and
+        # the result is an xarray.DataTree.
+        from arviz_base import from_dict
+
+        return from_dict(groups, coords=coords, dims=dims)
+    return arviz.from_dict(**groups, coords=coords, dims=dims)

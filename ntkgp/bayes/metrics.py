@@ -1,0 +1,149 @@
+r"""Scores of Gaussian predictive distributions, and the AUROC.
+
+All functions take torch tensors or numpy arrays and return Python floats (or a dict of them).
+Predictions are ``mean`` ``μ_i`` and *predictive* variance ``σ_i²`` (latent variance plus
+observation noise) for targets ``y_i``; ``(M, k)`` arrays are scored over all ``M · k`` entries.
+Only numpy and scipy are used (no torch import).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.special import ndtri
+
+from ntkgp.bayes._arrays import finite, observations, variances
+
+#: Central-interval levels of :func:`interval_coverage`'s default.
+COVERAGE_LEVELS = (0.5, 0.9, 0.95)
+#: Levels over which :func:`calibration_error` averages by default: 0.05, 0.10, …, 0.95.
+CALIBRATION_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+def rmse(mean, y) -> float:
+    r"""Root mean squared error ``sqrt( (1/M) Σ_i (y_i − μ_i)² )``."""
+    mean, y = observations(mean, y)
+    return float(np.sqrt(np.mean((y - mean) ** 2)))
+
+
+def nlpd(mean, variance, y) -> float:
+    r"""Mean negative log predictive density of ``y`` under ``N(μ_i, σ_i²)``::
+
+        NLPD = (1/M) Σ_i [ ½ log(2π σ_i²) + (y_i − μ_i)² / (2 σ_i²) ]
+
+    Lower is better; it is a strictly proper scoring rule (the logarithmic score, Gneiting &
+    Raftery 2007) and the "test log-likelihood" of the UCI protocol (Hernández-Lobato & Adams
+    2015) with the sign flipped. It changes with the units of ``y``: scaling ``y`` by ``s``
+    adds ``log s``.
+    """
+    mean, y = observations(mean, y)
+    var = variances(variance, mean.shape)
+    return float(np.mean(0.5 * np.log(2 * math.pi * var) + 0.5 * (y - mean) ** 2 / var))
+
+
+def _levels(levels: Sequence[float] | float, name: str = "levels") -> np.ndarray:
+    array = finite(levels, name).reshape(-1)
+    if array.size == 0 or not ((array > 0) & (array < 1)).all():
+        raise ValueError(f"{name} must be probabilities strictly between 0 and 1, got {array.tolist()}.")
+    return array
+
+
+def _coverage(mean: np.ndarray, var: np.ndarray, y: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    z = np.abs(y - mean) / np.sqrt(var)
+    half_widths = ndtri(0.5 + levels / 2)                               # z_{(1+p)/2}
+    return (z.reshape(-1)[None, :] <= half_widths[:, None]).mean(axis=1)
+
+
+def interval_coverage(mean, variance, y, levels: Sequence[float] = COVERAGE_LEVELS) -> dict[float, float]:
+    r"""Empirical coverage of central predictive intervals.
+
+    For level ``p`` the central interval is ``μ_i ± z_{(1+p)/2} σ_i`` with ``z_q = Φ⁻¹(q)`` the
+    standard normal quantile, and the coverage is the fraction of targets inside it::
+
+        cov(p) = (1/M) Σ_i 1[ |y_i − μ_i| ≤ z_{(1+p)/2} σ_i ]
+
+    A calibrated predictor has ``cov(p) ≈ p`` (Gneiting, Balabdaoui & Raftery 2007).
+
+    Returns:
+        ``{p: cov(p)}`` for every level.
+    """
+    mean, y = observations(mean, y)
+    var = variances(variance, mean.shape)
+    grid = _levels(levels)
+    return {float(p): float(c) for p, c in zip(grid, _coverage(mean, var, y, grid), strict=True)}
+
+
+def calibration_error(mean, variance, y, levels: Sequence[float] = CALIBRATION_LEVELS) -> float:
+    r"""Mean absolute gap between nominal and empirical central-interval coverage::
+
+        CE = (1/L) Σ_{l=1}^{L} | cov(p_l) − p_l |
+
+    over the levels ``p_l`` (default 0.05, 0.10, …, 0.95), with ``cov`` as in
+    :func:`interval_coverage`. This is the interval (two-sided) version of the calibration
+    error of Kuleshov, Fenner & Ermon (2018, "Accurate uncertainties for deep learning using
+    calibrated regression"), with absolute instead of squared gaps. 0 is perfect; with ``M``
+    test points even a calibrated model scores about ``0.8 · sqrt(p(1−p)/M)`` per level from
+    sampling noise alone.
+    """
+    mean, y = observations(mean, y)
+    var = variances(variance, mean.shape)
+    grid = _levels(levels)
+    return float(np.mean(np.abs(_coverage(mean, var, y, grid) - grid)))
+
+
+def regression_metrics(mean, variance, y, levels: Sequence[float] = COVERAGE_LEVELS) -> dict[str, float]:
+    """RMSE, NLPD, coverage at ``levels`` (keys ``"coverage_50"`` …) and calibration error."""
+    out = {"rmse": rmse(mean, y), "nlpd": nlpd(mean, variance, y)}
+    for p, c in interval_coverage(mean, variance, y, levels).items():
+        out[f"coverage_{100 * p:g}"] = c
+    out["calibration_error"] = calibration_error(mean, variance, y)
+    return out
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``values``, tied values sharing the mean of their ranks."""
+    values = np.asarray(values)
+    order = np.argsort(values, kind="mergesort")
+    ordered = values[order]
+    # Start of every run of equal values in sorted order, and the end (exclusive).
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], ordered.size]
+    run_rank = (starts + 1 + ends) / 2                                  # mean of ranks start+1..end
+    ranks = np.empty(values.size, dtype=np.float64)
+    ranks[order] = np.repeat(run_rank, ends - starts)
+    return ranks
+
+
+def auroc(scores, labels) -> float:
+    r"""Area under the ROC curve of ``scores`` for detecting ``labels == 1`` (positives).
+
+    Computed as the Mann–Whitney statistic (Hanley & McNeil 1982): with ``R_i`` the rank of
+    score ``i`` among all ``n = n₊ + n₋`` scores (ties get their average rank)::
+
+        AUROC = ( Σ_{i positive} R_i − n₊(n₊ + 1)/2 ) / (n₊ n₋)
+
+    i.e. the probability that a random positive scores higher than a random negative, ties
+    counting one half. Equals ``sklearn.metrics.roc_auc_score``.
+
+    Args:
+        scores: ``(M,)`` real scores (higher means "more likely positive").
+        labels: ``(M,)`` binary labels (bool, or 0/1).
+
+    Raises:
+        ValueError: if labels are not binary or only one class is present (AUROC undefined).
+    """
+    scores = finite(scores, "scores")
+    labels = finite(labels, "labels")
+    if scores.ndim != 1 or labels.shape != scores.shape:
+        raise ValueError(f"scores and labels must both have shape (M,), got {scores.shape} and {labels.shape}.")
+    if not np.isin(labels, (0.0, 1.0)).all():
+        raise ValueError("labels must be binary (0/1 or bool).")
+    positive = labels == 1
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUROC needs both classes; got {n_pos} positives and {n_neg} negatives.")
+    ranks = average_ranks(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

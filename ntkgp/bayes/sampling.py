@@ -1,0 +1,238 @@
+r"""Posterior-predictive draws from ntkgp's Gaussians and from finite ensembles.
+
+Every predictor of :mod:`ntkgp.predict` returns a :class:`~ntkgp.predict.Gaussian` over the
+noise-free outputs at ``M`` test points: mean ``μ`` of shape ``(*time, M)`` or
+``(*time, M, k)`` and covariance ``Σ`` of shape ``(*time, M, M)`` shared by the ``k`` outputs
+(the joint covariance is ``Σ ⊗ I_k``). This holds for the NNGP posterior (Lee et al. 2018),
+the NTK-GP posterior (He et al. 2020), the converged NTK ensemble and the gradient-flow
+ensemble at time ``t`` (Lee et al. 2019). With observation noise ``σ²`` the predictive
+distribution of targets is ``y* ~ N(μ, Σ + σ² I)`` (Rasmussen & Williams 2006, eq. 2.22–2.24).
+
+A finite deep ensemble (Lakshminarayanan, Pritzel & Blundell 2017) is treated as ``E`` draws of
+the outputs, one per member.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ntkgp.bayes._arrays import finite
+from ntkgp.bayes.inference_data import draws_to_inference_data
+from ntkgp.predict.gaussian import Gaussian
+
+
+def select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None = None) -> Gaussian:
+    """The Gaussian at one training time: mean ``(M,)``/``(M, k)`` and covariance ``(M, M)``.
+
+    A Gaussian from ``gradient_flow(..., t=tensor)`` carries the time shape in front of every
+    tensor; ``time_index`` (an int, or a tuple with one int per time axis; negative counts
+    from the end) picks one time. Gaussians without time axes are returned as they are and need
+    ``time_index=None``.
+    """
+    if not isinstance(gaussian, Gaussian):
+        raise ValueError(f"Expected an ntkgp.predict.Gaussian, got {type(gaussian).__name__}.")
+    if gaussian.covariance is None:
+        raise ValueError("This Gaussian has no covariance: predict with compute_cov=True to sample from it.")
+    cov, mean = gaussian.covariance, gaussian.mean
+    if cov.dim() < 2 or cov.shape[-1] != cov.shape[-2]:
+        raise ValueError(f"covariance must have shape (*time, M, M), got {tuple(cov.shape)}.")
+    time_shape = cov.shape[:-2]
+    m = cov.shape[-1]
+    extra = mean.dim() - len(time_shape)
+    if mean.shape[:len(time_shape)] != time_shape or extra not in (1, 2) or mean.shape[len(time_shape)] != m:
+        raise ValueError(f"mean {tuple(mean.shape)} does not match covariance {tuple(cov.shape)}: expected "
+                         f"{(*time_shape, m)} or {(*time_shape, m, 'k')}.")
+    if len(time_shape) == 0:
+        if time_index is not None:
+            raise ValueError(f"This Gaussian has no time axis; got time_index={time_index!r}.")
+        return gaussian
+    if time_index is None:
+        raise ValueError(f"This Gaussian has time axes of shape {tuple(time_shape)} (gradient flow at several "
+                         "times): pick one with time_index=...")
+    raw = tuple(time_index) if isinstance(time_index, Sequence) else (time_index,)
+    try:
+        if any(isinstance(i, bool) for i in raw):
+            raise TypeError
+        index = tuple(operator.index(i) for i in raw)                   # ints, numpy ints, integer tensors
+    except TypeError:
+        index = ()
+    if len(index) != len(time_shape):
+        raise ValueError(f"time_index needs {len(time_shape)} integer(s) for time shape {tuple(time_shape)}, "
+                         f"got {time_index!r}.")
+    for i, n in zip(index, time_shape, strict=True):
+        if not -n <= i < n:
+            raise ValueError(f"time_index {time_index!r} is out of range for time shape {tuple(time_shape)}.")
+    return Gaussian(mean[index], cov[index])
+
+
+def predictive_moments(gaussian: Gaussian, noise: float | Tensor = 0.0,
+                       time_index: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Predictive mean ``μ`` (``(M,)``/``(M, k)``) and marginal variances ``diag Σ + σ²`` (``(M,)``).
+
+    The variance is shared by all ``k`` outputs. Feed both to :mod:`ntkgp.bayes.metrics`.
+    """
+    g = select_time(gaussian, time_index)
+    noise_var = _noise_tensor(noise, g.covariance)
+    return g.mean, torch.diagonal(g.covariance, dim1=-2, dim2=-1) + noise_var
+
+
+def _noise_tensor(noise, like: Tensor) -> Tensor:
+    value = torch.as_tensor(finite(noise, "noise"), dtype=like.dtype, device=like.device)
+    if bool((value < 0).any()):
+        raise ValueError("noise must be a non-negative variance.")
+    return value
+
+
+def _covariance_root(cov: Tensor) -> Tensor:
+    r"""``R`` with ``R Rᵀ = Σ``, from ``Σ = V diag(λ) Vᵀ`` as ``R = V diag(√max(λ, 0))``.
+
+    An eigendecomposition instead of a Cholesky factor because predictive covariances are often
+    singular (test points repeating training points, gradient flow at ``t = ∞`` on the training
+    set) and a little indefinite from rounding. Eigenvalues below ``−√ε · λ_max`` (``ε`` of
+    the covariance's dtype) mean the matrix is not a covariance and raise a ``ValueError``.
+    """
+    values, vectors = torch.linalg.eigh(cov.to(torch.float64))
+    scale = float(values.abs().max()) if values.numel() else 0.0
+    tolerance = torch.finfo(cov.dtype).eps ** 0.5 * scale
+    if values.numel() and float(values.min()) < -tolerance:
+        raise ValueError(f"covariance is not positive semi-definite: smallest eigenvalue {float(values.min()):.3g} "
+                         f"(largest {scale:.3g}).")
+    return vectors * values.clamp_min(0).sqrt()
+
+
+def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: int | Sequence[int] | None = None,
+                   seed: int | None = 0) -> Tensor:
+    r"""``num_draws`` joint draws ``f⁽ˢ⁾ = μ + R z⁽ˢ⁾``, ``z ~ N(0, I)``, ``R Rᵀ = Σ``.
+
+    Each of the ``k`` outputs gets its own ``z`` (the joint covariance is ``Σ ⊗ I_k``).
+
+    Returns:
+        ``(num_draws, M)`` or ``(num_draws, M, k)`` in float64.
+    """
+    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
+        raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}.")
+    g = select_time(gaussian, time_index)
+    mean = g.mean.detach().to(torch.float64)
+    if not bool(torch.isfinite(mean).all()) or not bool(torch.isfinite(g.covariance).all()):
+        raise ValueError("The Gaussian's mean or covariance contains NaN or infinite values.")
+    root = _covariance_root(g.covariance.detach())
+    generator = torch.Generator(device="cpu")
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    k = 1 if mean.dim() == 1 else mean.shape[-1]
+    z = torch.randn(root.shape[-1], num_draws * k, generator=generator, dtype=torch.float64).to(root.device)
+    draws = (root @ z).reshape(-1, num_draws, k).permute(1, 0, 2)       # (S, M, k)
+    draws = draws + (mean if mean.dim() == 2 else mean.unsqueeze(-1))
+    return draws if mean.dim() == 2 else draws.squeeze(-1)
+
+
+def gaussian_to_inference_data(gaussian: Gaussian, y_obs, noise: float | Tensor, *, num_draws: int = 1000,
+                               num_chains: int = 1, time_index: int | Sequence[int] | None = None,
+                               seed: int | None = 0) -> Any:
+    r"""Posterior-predictive draws of an ntkgp Gaussian, exported for ArviZ.
+
+    Draws ``f⁽ˢ⁾ ~ N(μ, Σ)`` (:func:`sample_outputs`), ``y_rep⁽ˢ⁾ = f⁽ˢ⁾ + σ ε⁽ˢ⁾`` and the
+    pointwise log likelihood ``log N(y_obs,i | f_i⁽ˢ⁾, σ²)``; see
+    :mod:`ntkgp.bayes.inference_data` for the groups.
+
+    For ``az.loo`` use the posterior at the *training* inputs with the training targets
+    (``x_test = x_train``): PSIS-LOO then estimates ``Σ_i log p(y_i | y_{−i})``. At held-out
+    inputs the pointwise ``log_likelihood`` and ``az.plot_ppc``/``az.plot_loo_pit`` still check
+    the predictive distribution, but "leave one out" has no meaning there.
+
+    Args:
+        gaussian: from :func:`ntkgp.predict.gp_posterior`, :func:`ntkgp.predict.gradient_flow`
+            (``compute_cov=True``), or a ``Gaussian`` you built.
+        y_obs: observed targets at the same points, ``(M,)`` or ``(M, k)`` like the mean.
+        noise: Gaussian observation-noise variance ``σ²``: positive scalar, per point ``(M,)``, or
+            any shape broadcastable to ``(S, M[, k])``.
+        num_draws: ``S``, draws in total (all chains).
+        num_chains: chains the independent draws are split into (must divide ``num_draws``).
+        time_index: which training time, if the Gaussian has time axes.
+        seed: seed of the draws (``None``: fresh entropy).
+
+    Returns:
+        ``arviz.InferenceData`` (ArviZ 0.x) or ``xarray.DataTree`` (ArviZ ≥ 1).
+    """
+    draws = sample_outputs(gaussian, num_draws, time_index=time_index, seed=seed)
+    noise_seed = None if seed is None else int(np.random.SeedSequence(seed).generate_state(1)[0])
+    return draws_to_inference_data(draws.cpu().numpy(), y_obs, noise, num_chains=num_chains, seed=noise_seed,
+                                   attrs={"kind": "gaussian", "time_index": str(time_index)})
+
+
+def _stack_members(predictions) -> np.ndarray:
+    if isinstance(predictions, Sequence) and not isinstance(predictions, str | bytes):
+        if len(predictions) == 0:
+            raise ValueError("predictions must hold at least one ensemble member.")
+        members = [finite(p, f"predictions[{i}]") for i, p in enumerate(predictions)]
+        if len({m.shape for m in members}) != 1:
+            raise ValueError(f"All members must predict the same shape, got {sorted({m.shape for m in members})}.")
+        stacked = np.stack(members)
+    else:
+        stacked = finite(predictions, "predictions")
+    if stacked.ndim not in (2, 3) or stacked.shape[0] == 0 or stacked.shape[1] == 0:
+        raise ValueError(f"predictions must be (E, M) or (E, M, k) (or a list of E (M,)/(M, k) tensors), "
+                         f"got shape {stacked.shape}.")
+    return stacked
+
+
+def ensemble_moments(predictions, noise: float | Tensor | np.ndarray = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    r"""Mean and variance of the equal-weight mixture of ``E`` members ``N(μ_e, σ_e²)``::
+
+        μ = (1/E) Σ_e μ_e,   σ² = (1/E) Σ_e (σ_e² + μ_e²) − μ²
+
+    i.e. the mean noise variance plus the (biased, 1/E) spread of the member means
+    (Lakshminarayanan et al. 2017, eq. 1 and §2.4).
+
+    Args:
+        predictions: ``(E, M)``/``(E, M, k)`` member outputs, or a list of ``E`` tensors.
+        noise: ``σ_e²``: scalar, per point ``(M,)``, or broadcastable to ``(E, M[, k])`` (e.g.
+            ``(E, 1)`` or ``(E, 1, 1)`` for one fitted noise per member).
+
+    Returns:
+        numpy ``mean`` and ``variance`` of shape ``(M,)`` or ``(M, k)``.
+    """
+    members = _stack_members(predictions)
+    noise_var = finite(noise, "noise")
+    if (noise_var < 0).any():
+        raise ValueError("noise must be a non-negative variance.")
+    if noise_var.ndim == 1 and members.ndim == 3 and noise_var.shape[0] == members.shape[1]:
+        noise_var = noise_var[:, None]  # (M,): one variance per point, shared by the k outputs
+    try:
+        noise_var = np.broadcast_to(noise_var, members.shape)
+    except ValueError as err:
+        raise ValueError(f"noise of shape {noise_var.shape} does not broadcast to {members.shape}.") from err
+    mean = members.mean(0)
+    return mean, noise_var.mean(0) + members.var(0)
+
+
+def ensemble_to_inference_data(predictions, y_obs, noise: float | Tensor | np.ndarray, *, num_chains: int = 1,
+                               seed: int | None = 0) -> Any:
+    r"""A finite ensemble's predictions exported for ArviZ: the ``E`` members are the draws.
+
+    Member ``e``'s outputs ``f⁽ᵉ⁾`` are one posterior draw (the deep-ensemble reading of
+    Lakshminarayanan et al. 2017, and exactly so for the NTK-GP "Bayesian deep ensembles" of He
+    et al. 2020); ``y_rep⁽ᵉ⁾ = f⁽ᵉ⁾ + σ_e ε⁽ᵉ⁾`` and ``log N(y_obs,i | f_i⁽ᵉ⁾, σ_e²)`` as in
+    :func:`ntkgp.bayes.inference_data.draws_to_inference_data`. With a handful of members,
+    PSIS-LOO's Pareto-k diagnostics will rightly warn that ``E`` draws are few.
+
+    Args:
+        predictions: ``(E, M)``/``(E, M, k)``, e.g. ``net.build(ensemble_size=E)(x)`` (squeeze a
+            trailing output axis of size 1 to match ``(M,)`` targets), or a list of ``E`` tensors.
+        y_obs: observed targets ``(M,)``/``(M, k)``.
+        noise: observation-noise variance: positive scalar, per point ``(M,)``, or broadcastable
+            to ``(E, M[, k])`` (``(E, 1)`` or ``(E, 1, 1)``: one fitted noise per member).
+        num_chains: must divide ``E``.
+        seed: seed of the noise draws.
+    """
+    members = _stack_members(predictions)
+    return draws_to_inference_data(members, y_obs, noise, num_chains=num_chains, seed=seed,
+                                   attrs={"kind": "ensemble", "ensemble_size": int(members.shape[0])})

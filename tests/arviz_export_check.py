@@ -1,0 +1,61 @@
+"""Check ntkgp's numpy-level ArviZ export in any Python with numpy, scipy and ArviZ, no torch.
+
+Loads ``ntkgp/bayes/{_arrays,metrics,inference_data}.py`` under empty parent packages, so
+``ntkgp/__init__.py`` (which imports torch) never runs. Used by ``tests/test_bayes.py`` with the
+test interpreter, and with ``$NTKGP_ARVIZ1_PYTHON`` (e.g. a Python 3.12 venv holding ArviZ 1.x)
+when that is set:
+
+    python tests/arviz_export_check.py      # prints "ok arviz <version>" or fails
+"""
+
+import math
+import pathlib
+import sys
+import types
+import warnings
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+for name, path in (("ntkgp", ROOT / "ntkgp"), ("ntkgp.bayes", ROOT / "ntkgp" / "bayes")):
+    package = types.ModuleType(name)
+    package.__path__ = [str(path)]
+    sys.modules[name] = package
+
+from ntkgp.bayes.inference_data import arviz_major_version, draws_to_inference_data, import_arviz  # noqa: E402
+
+
+def main() -> None:
+    az = import_arviz()
+    rng = np.random.default_rng(0)
+    s, m, k, noise = 400, 30, 3, 0.2
+    f = rng.normal(size=(s, m, k)) * 0.3 + np.linspace(-1, 1, m)[None, :, None]
+    y = np.linspace(-1, 1, m)[:, None] + rng.normal(size=(m, k)) * math.sqrt(noise)
+    data = draws_to_inference_data(f, y, noise, num_chains=4, seed=1)
+    for group in ("posterior", "posterior_predictive", "log_likelihood", "observed_data"):
+        assert group in data.children if hasattr(data, "children") else group in data.groups(), group
+    pp = data["posterior_predictive"]["y"]
+    assert pp.dims == ("chain", "draw", "obs_id", "output") and pp.shape == (4, 100, m, k), (pp.dims, pp.shape)
+    assert data["observed_data"]["y"].dims == ("obs_id", "output")
+    ll = np.asarray(data["log_likelihood"]["y"]).reshape(s, m, k)
+    expected = -0.5 * (np.log(2 * math.pi * noise) + (y[None] - f) ** 2 / noise)
+    assert np.allclose(ll, expected, rtol=1e-12, atol=1e-12)
+    # Posterior-predictive draws are f + sqrt(noise) * standard normal.
+    resid = np.asarray(pp).reshape(s, m, k) - f
+    assert abs(resid.var() / noise - 1) < 0.05, resid.var()
+    assert np.allclose(np.asarray(data["posterior"]["f"]).reshape(s, m, k), f)
+    # Leaving a point out can only lower its predictive density: harmonic mean <= arithmetic mean
+    # of p(y_i | f_s) for plain importance sampling, which PSIS smooths, so elpd_loo < lppd.
+    one = draws_to_inference_data(f[:, :, 0], y[:, 0], noise, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loo = az.loo(one)
+    elpd = float(getattr(loo, "elpd_loo", getattr(loo, "elpd", np.nan)))
+    lppd = float(np.log(np.exp(expected[:, :, 0]).mean(0)).sum())
+    assert math.isfinite(elpd) and elpd < lppd, (elpd, lppd)
+    assert "torch" not in sys.modules
+    print(f"ok arviz {az.__version__} (major {arviz_major_version()}), {type(data).__name__}, elpd_loo {elpd:.3f}")
+
+
+if __name__ == "__main__":
+    main()

