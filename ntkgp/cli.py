@@ -87,7 +87,7 @@ def _add_compare(sub) -> None:
                         "(x_train, y_train, x_test[, y_test]) file")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="sizes: 'default' (< 2 min on a 2-core CPU), 'acceptance' (widths 128-1024, 128 "
-                        "members: the full validation, ~10 min on CPU), 'gpu' (widths to 8192, 1024 members)")
+                        "members: the full validation, ~3 min on a 2-core CPU), 'gpu' (widths to 8192, 1024 members)")
     p.add_argument("--widths", type=int, nargs="+", help="hidden widths to train (overrides the preset)")
     p.add_argument("--ensemble-size", type=int, help="members per width")
     p.add_argument("--steps", dest="record_steps", type=int, nargs="+",
