@@ -14,6 +14,7 @@ ROOT = pathlib.Path(__file__).parents[1]
 EXAMPLES = {
     "01_quickstart.py": ["01_quickstart.png"],
     "02_lecture_toy_problems.py": ["02_sine_model.png", "02_wide_networks.png"],
+    "04_gradient_flow_vs_ensemble.py": ["04_gradient_flow_vs_ensemble.png"],
 }
 
 
