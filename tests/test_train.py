@@ -81,6 +81,16 @@ def test_history_shapes_statistics_and_chunking():
     assert h.settings["chunk_size"] == 3
 
 
+def test_a_seed_gives_the_same_members_in_float32_and_float64(monkeypatch):
+    # a budget that forces several default chunks: their sizes must not depend on dtype
+    monkeypatch.setattr(train_module, "CHUNK_BYTES", 200_000)
+    runs = {dt: train_ensemble(_net(width=64), X, Y, ensemble_size=9, learning_rate=0.1, record_steps=[0, 10],
+                               dtype=dt, device="cpu") for dt in (torch.float32, torch.float64)}
+    assert runs[torch.float32].settings["chunk_size"] == runs[torch.float64].settings["chunk_size"] < 9
+    torch.testing.assert_close(runs[torch.float32].test_outputs.double(), runs[torch.float64].test_outputs,
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_divergence_is_reported_not_raised():
     h = train_ensemble(_net(), X, Y, ensemble_size=2, learning_rate=50.0, record_steps=[0, 10, 500])
     assert h.diverged_at is not None and h.diverged_at <= 500

@@ -33,7 +33,9 @@ from ntkgp.layers.base import Layer
 from ntkgp.layers.dense import DenseModule
 from ntkgp.layers.validation import check_points
 
-#: Bytes of parameters (with gradients and activations) an ensemble chunk may hold by default.
+#: Bytes of parameters (with gradients and activations) an ensemble chunk may hold by default,
+#: counted in float32: float64 chunks hold twice as much, so that the default chunks, and with them
+#: the members a seed draws (chunk ``c`` is seeded ``seed + 1_000_003 c``), do not depend on dtype.
 CHUNK_BYTES = 1 << 30
 
 
@@ -134,7 +136,9 @@ def train_ensemble(
         seed: seed of the initialization (chunk ``c`` uses ``seed + 1_000_003 c``).
         dtype: of the networks (default float32).
         device: of the networks (default CUDA when available, else CPU).
-        chunk_size: members trained at once (default: as many as fit in ``CHUNK_BYTES``).
+        chunk_size: members trained at once (default: as many as fit in ``CHUNK_BYTES``). The
+            members a seed gives depend on the chunking (not on dtype or device), so pass the
+            same ``chunk_size`` to reproduce a run that set it.
         progress: show a progress bar (tqdm).
     """
     check_points(x_train, "x_train")
@@ -157,7 +161,7 @@ def train_ensemble(
     xt = x if x_test is None else check_points(x_test, "x_test").to(device=device, dtype=dtype)
     pr = None if probe is None else check_points(probe, "probe").to(device=device, dtype=dtype)
     if chunk_size is None:
-        chunk_size = _default_chunk(net, x.shape[-1], dtype, x.shape[0] + xt.shape[0])
+        chunk_size = _default_chunk(net, x.shape[-1], x.shape[0] + xt.shape[0])
     chunks = [min(chunk_size, ensemble_size - start) for start in range(0, ensemble_size, chunk_size)]
 
     bar = None
@@ -193,11 +197,11 @@ def train_ensemble(
     )
 
 
-def _default_chunk(net: Layer, d: int, dtype: torch.dtype, n_points: int) -> int:
+def _default_chunk(net: Layer, d: int, n_points: int) -> int:
     probe = net.build(in_features=d, seed=0)
     params = sum(p.numel() for p in probe.parameters())
     widths = [m.out_features for m in probe.modules() if isinstance(m, DenseModule)]
-    per_member = (4 * params + 4 * n_points * sum(widths)) * torch.finfo(dtype).bits // 8
+    per_member = (4 * params + 4 * n_points * sum(widths)) * 4
     return max(1, CHUNK_BYTES // max(per_member, 1))
 
 
