@@ -120,3 +120,25 @@ def test_acceptance_preset(tmp_path):
     assert all(v >= 0.90 for v in widest.var_within[1:-1])
     late = [w.var_within[-1] for w in result.widths]
     assert late[-1] > late[1] and late[-1] >= 0.8, late          # the deficit shrinks with width
+
+
+def test_variance_deficit_diagnosis_script_runs(capsys):
+    """benchmarks/variance_deficit.py (the diagnosis quoted in docs/compare.md) at toy size."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "variance_deficit.py"
+    spec = importlib.util.spec_from_file_location("variance_deficit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = sys.argv
+    sys.argv = [str(path), "--widths", "32", "--members", "6", "--every", "100"]
+    try:
+        module.main()
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "|" in line}
+    assert {"trained", "lin-analytic", "lin-own-init", "lin-moving"} <= set(rows)
+    assert "nan" not in out.lower() and out.count("λ =") == 5  # one NTK-drift line per training point
