@@ -76,6 +76,10 @@ def test_readout_only_compares_with_nngp_predictions():
     result = run_comparison(sin_dataset(), CompareConfig(**TINY, readout_only=True, divergence_check=False))
     assert result.kernel == "nngp" and result.divergence is None
     assert result.widths[-1].layer_change["hidden"][-1] == 0.0
+    # frozen layers have no weight-change slope, so no check is made of one
+    assert math.isnan(result.slopes["hidden_weight_change"]) and math.isnan(result.slopes["input_weight_change"])
+    assert not any(name.startswith(("input-layer", "hidden")) for name in result.checks)
+    assert any(name.startswith("readout-layer") for name in result.checks)
 
 
 def test_cli_compare_writes_a_report(tmp_path, capsys):
