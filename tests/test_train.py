@@ -46,6 +46,7 @@ def test_members_are_independent_networks_trained_by_gradient_descent():
     model = _net().build(in_features=1, seed=0, ensemble_size=3, dtype=torch.float64)
     for member in range(3):
         params = {n: p.detach()[member].clone().requires_grad_() for n, p in model.named_parameters()}
+        theta0 = {n: p.detach().clone() for n, p in params.items()}
         for _ in range(25):
             out = torch.func.functional_call(model, params, (X,))
             loss = 0.5 * ((out - Y) ** 2).sum() / Y.numel()
@@ -55,6 +56,13 @@ def test_members_are_independent_networks_trained_by_gradient_descent():
         with torch.no_grad():
             out = torch.func.functional_call(model, params, (X,))
         torch.testing.assert_close(h.test_outputs[0, member], out, rtol=1e-12, atol=1e-13)
+        flat = lambda ps, names: torch.cat([ps[n].detach().flatten() for n in names])  # noqa: E731
+        names = list(params)
+        change = (flat(params, names) - flat(theta0, names)).norm() / flat(theta0, names).norm()
+        assert abs(float(h.weight_change[0, member]) - float(change)) <= 1e-12 * float(change)
+        for group, weights in {"input": ["0.weight"], "hidden": ["2.weight"], "readout": ["4.weight"]}.items():
+            moved = (flat(params, weights) - flat(theta0, weights)).norm() / flat(theta0, weights).norm()
+            assert abs(float(h.layer_change[group][0, member]) - float(moved)) <= 1e-12 * float(moved)
 
 
 def test_readout_only_training_moves_only_the_last_layer():

@@ -281,9 +281,11 @@ class _DenseStep:
                 for module, rate_w, rate_b in self.layers:
                     u, delta = by_module[id(module)]
                     if rate_w is not None:
-                        rate = rate_w if not isinstance(rate_w, Tensor) else rate_w.reshape(-1)
-                        u = u * rate if isinstance(rate, Tensor) else u
-                        alpha = -rate if not isinstance(rate, Tensor) else -1.0
+                        alpha = -1.0
+                        if isinstance(rate_w, Tensor):  # per-input-feature rates (ARD, standard param.)
+                            u = u * rate_w.reshape(-1)
+                        else:
+                            alpha = -rate_w
                         module.weight.baddbmm_(u.expand(delta.shape[0], *u.shape[-2:]).mT, delta, alpha=alpha)
                     if rate_b is not None:
                         module.bias.sub_(rate_b * module.bias_scale * delta.sum(-2, keepdim=True))
