@@ -27,19 +27,24 @@ import torch
 from ntkgp.compare import CompareConfig, sin_dataset
 from ntkgp.finite.empirical import empirical_ntk
 from ntkgp.finite.train import _default_chunk
-from ntkgp.predict import GradientFlow
+from ntkgp.predict import GradientFlow, gradient_descent_mse
 
 STEPS = (10, 100, 1000)
 OUTER = 1.9
 
 
-def linearized(theta_dd, theta_td, f0_d, f0_t, y, lr, m, steps):
-    """(T, E, M) outputs of linear models trained for ``steps`` discrete steps from f₀."""
-    lam, v = torch.linalg.eigh(theta_dd)
-    residual = (v.mT @ (f0_d - y).unsqueeze(-1))[..., 0]
-    a = theta_td @ v
-    return torch.stack([f0_t - ((a * ((1 - (1 - lr * lam / m) ** s) / lam).unsqueeze(-2))
-                                @ residual.unsqueeze(-1))[..., 0] for s in steps])
+def linearized(theta_dd, theta_td, f0_d, f0_t, y, lr, steps):
+    """(T, E, M) test outputs of linear models trained for ``steps`` discrete steps from f₀.
+
+    ``theta_*`` are one kernel for all members or one per member (leading ``E`` axis).
+    """
+    members = f0_d.shape[0]
+    per_member = theta_dd.dim() == 3
+    return torch.stack([
+        gradient_descent_mse(theta_dd[e] if per_member else theta_dd, y, f0_d[e],
+                             theta_td[e] if per_member else theta_td, f0_t[e],
+                             steps=torch.tensor(steps), learning_rate=lr)[1]
+        for e in range(members)], 1)
 
 
 def run_chunk(net, seed, size, x_all, n, y, lr, theta, every):
@@ -49,8 +54,8 @@ def run_chunk(net, seed, size, x_all, n, y, lr, theta, every):
     with torch.no_grad():
         f0 = model(x_all)[..., 0]
     ntk0 = empirical_ntk(model, x_all)
-    out = {"lin-analytic": linearized(theta[d, d], theta[t, d], f0[:, d], f0[:, t], y, lr, m, STEPS),
-           "lin-own-init": linearized(ntk0[:, d, d], ntk0[:, t, d], f0[:, d], f0[:, t], y, lr, m, STEPS)}
+    out = {"lin-analytic": linearized(theta[d, d], theta[t, d], f0[:, d], f0[:, t], y, lr, STEPS),
+           "lin-own-init": linearized(ntk0[:, d, d], ntk0[:, t, d], f0[:, d], f0[:, t], y, lr, STEPS)}
     trained, moving, f_lin, ntk = [], [], f0.clone(), ntk0
     for s in range(STEPS[-1] + 1):
         if s in STEPS:
