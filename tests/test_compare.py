@@ -146,3 +146,23 @@ def test_variance_deficit_diagnosis_script_runs(capsys):
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "|" in line}
     assert {"trained", "lin-analytic", "lin-own-init", "lin-moving"} <= set(rows)
     assert "nan" not in out.lower() and out.count("λ =") == 5  # one NTK-drift line per training point
+
+
+def test_variance_agreement_where_the_ntkgp_variance_vanishes():
+    """A test point on a training point has NTK-GP variance ~0 once converged: rounding noise
+    in the ensemble variance there must not count as a relative error of 10⁶; elsewhere the
+    comparison stays relative."""
+    from ntkgp.compare.harness import _width_metrics
+    from ntkgp.finite.train import EnsembleHistory
+
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([1e-7, 0.1, 0.2, 0.3])               # member std per test point
+    outputs = torch.randn(1, 4000, 4, 1, generator=g, dtype=torch.float64) * scale.reshape(1, 1, 4, 1)
+    h = EnsembleHistory(learning_rate=0.1, steps=torch.tensor([1000]), test_outputs=outputs,
+                        train_loss=torch.zeros(1, 4000), weight_change=torch.zeros(1, 4000), ntk_change=None)
+    var = torch.tensor([[1e-18, 0.01, 0.04 * 1.5, 0.09]], dtype=torch.float64)  # point 2: 1/1.5 of it
+    result = _width_metrics(256, h, torch.zeros(1, 4, dtype=torch.float64), var, 0.0)
+    # point 0: |1e-14 - 1e-18| / (1e-6 · 0.09) ≈ 1e-7; points 1, 3 within Monte-Carlo error (≈ 0.02);
+    # point 2: |0.04 - 0.06| / 0.06 = 1/3 > 0.27
+    assert result.var_within == [0.75]
+    assert result.var_rel_error[0] == pytest.approx((0 + 0 + 1 / 3 + 0) / 4, abs=0.02)

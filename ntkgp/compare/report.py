@@ -49,7 +49,8 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
     groups = list(r.widths[0].layer_change) if r.widths else []
     lines += ["", "## Per width and step", "",
               "Mean within: fraction of test points with |mean − NTK-GP mean| ≤ 3 SE + 0.02; var within: "
-              "fraction with |var/NTK-GP var − 1| ≤ 0.27; mean bias: RMS error of the mean with the "
+              "fraction with |var − NTK-GP var| ≤ 0.27 max(NTK-GP var, 1e-6 × its largest value at that step); "
+              "mean bias: RMS error of the mean with the "
               "Monte-Carlo noise (SE²) removed. Changes are relative to initialization, averaged over members.", "",
               "| width | step | loss | mean within | var within | mean RMSE | mean bias | var rel. error | "
               "weight change | " + " | ".join(f"{g} weights" for g in groups) + " | NTK change | seconds |",
