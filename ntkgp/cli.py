@@ -57,9 +57,14 @@ def compare(args: argparse.Namespace) -> int:
     if args.no_bias:
         settings["bias_var"] = None
     device = None if args.device == "auto" else args.device
-    config = CompareConfig(**settings, readout_only=args.readout_only, device=device,
-                           divergence_check=not args.no_divergence_check, progress=not args.no_progress)
-    data = load_dataset(args.dataset)
+    try:  # bad settings and files get one line, not a traceback, before any training
+        config = CompareConfig(**settings, readout_only=args.readout_only, device=device,
+                               divergence_check=not args.no_divergence_check, progress=not args.no_progress)
+        data = load_dataset(args.dataset)
+        config.network(config.widths[0])
+    except ValueError as error:
+        print(f"ntkgp compare: error: {error}", file=sys.stderr)
+        return 2
     print(f"ntkgp compare: {data.description}; widths {list(config.widths)}, {config.ensemble_size} members, "
           f"steps {list(config.record_steps)}, {'readout only' if config.readout_only else 'all layers'}", flush=True)
     result = run_comparison(data, config)

@@ -166,3 +166,29 @@ def test_variance_agreement_where_the_ntkgp_variance_vanishes():
     # point 2: |0.04 - 0.06| / 0.06 = 1/3 > 0.27
     assert result.var_within == [0.75]
     assert result.var_rel_error[0] == pytest.approx((0 + 0 + 1 / 3 + 0) / 4, abs=0.02)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--widths", "0"], "widths must be positive"),
+    (["--ensemble-size", "1"], "ensemble_size must be an integer >= 2"),
+    (["--depth", "-1"], "depth must be a non-negative integer"),
+    (["--learning-rate", "-1"], "learning_rate must be a positive number"),
+    (["--lr-fraction", "nan"], "lr_fraction must be positive"),
+    (["--steps", "0", "-5"], "record_steps must be non-negative"),
+    (["--weight-var", "-1"], "weight_var"),
+    (["--activation", "nope"], "Unknown activation"),
+    (["--dataset", "missing.csv"], "does not exist"),
+    (["--device", "not-a-device"], "is not a torch device"),
+])
+def test_cli_rejects_bad_settings_before_training(argv, message, capsys, tmp_path):
+    code = main(["compare", "--no-progress", "--out", str(tmp_path / "r"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when CUDA is absent")
+def test_cli_cuda_without_cuda_is_a_clear_error(capsys):
+    assert main(["compare", "--device", "cuda", "--no-progress"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err

@@ -68,6 +68,8 @@ def load_dataset(source: str) -> Dataset:
         return circle_dataset()
     path = pathlib.Path(source)
     if not path.exists():
+        if path.suffix in (".csv", ".npz"):
+            raise ValueError(f"Dataset file {source!r} does not exist.")
         raise ValueError(f"Unknown dataset {source!r}: use 'sin', 'circle' or a path to a .csv/.npz file.")
     if path.suffix == ".npz":
         data = np.load(path)

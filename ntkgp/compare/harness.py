@@ -65,10 +65,28 @@ class CompareConfig:
             raise ValueError(f"widths must be positive integers, got {self.widths!r}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
-        if not 0 < self.lr_fraction:
+        if not (math.isfinite(self.lr_fraction) and self.lr_fraction > 0):
             raise ValueError(f"lr_fraction must be positive, got {self.lr_fraction!r}.")
-        if self.ensemble_size < 2:
-            raise ValueError("ensemble_size must be at least 2 (variances need two members).")
+        if isinstance(self.ensemble_size, bool) or not isinstance(self.ensemble_size, int) or self.ensemble_size < 2:
+            raise ValueError(f"ensemble_size must be an integer >= 2 (variances need two members), "
+                             f"got {self.ensemble_size!r}.")
+        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0:
+            raise ValueError(f"depth must be a non-negative integer, got {self.depth!r}.")
+        if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}.")
+        if not self.record_steps or any(int(s) != s or s < 0 for s in self.record_steps):
+            raise ValueError(f"record_steps must be non-negative integers, got {self.record_steps!r}.")
+        if self.chunk_size is not None and (int(self.chunk_size) != self.chunk_size or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}.")
+        if self.probe_points < 1:
+            raise ValueError(f"probe_points must be positive, got {self.probe_points!r}.")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except RuntimeError as error:
+                raise ValueError(f"device {self.device!r} is not a torch device: {error}") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device {self.device!r} requested, but CUDA is not available to this torch.")
         self.widths = tuple(int(w) for w in self.widths)
         self.record_steps = tuple(sorted({int(s) for s in self.record_steps}))
 
