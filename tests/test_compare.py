@@ -80,6 +80,10 @@ def test_readout_only_compares_with_nngp_predictions():
     assert math.isnan(result.slopes["hidden_weight_change"]) and math.isnan(result.slopes["input_weight_change"])
     assert not any(name.startswith(("input-layer", "hidden")) for name in result.checks)
     assert any(name.startswith("readout-layer") for name in result.checks)
+    from ntkgp.compare.report import _markdown
+
+    text = _markdown(result, [])
+    assert "|mean − NNGP mean|" in text and "NTK-GP" not in text
 
 
 def test_cli_compare_writes_a_report(tmp_path, capsys):

@@ -19,6 +19,11 @@ def write_report(result: ComparisonResult, out: str | pathlib.Path) -> pathlib.P
     return out
 
 
+def _limit_name(r: ComparisonResult) -> str:
+    """What the ensembles are compared with: the NTK-GP, or the NNGP gradient flow (readout only)."""
+    return "NNGP" if r.kernel == "nngp" else "NTK-GP"
+
+
 def _fmt(value: float, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
@@ -28,6 +33,7 @@ def _fmt(value: float, digits: int = 3) -> str:
 def _markdown(r: ComparisonResult, figures: list[str]) -> str:
     c = r.config
     kind = "readout only (NNGP)" if r.kernel == "nngp" else "all layers (NTK)"
+    gp = _limit_name(r)
     lines = [
         "# Finite ensembles vs infinite-width predictions", "",
         f"- dataset: {r.dataset}",
@@ -48,8 +54,8 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
         lines.append("- (no acceptance checks apply to these widths)")
     groups = list(r.widths[0].layer_change) if r.widths else []
     lines += ["", "## Per width and step", "",
-              "Mean within: fraction of test points with |mean − NTK-GP mean| ≤ 3 SE + 0.02; var within: "
-              "fraction with |var − NTK-GP var| ≤ 0.27 max(NTK-GP var, 1e-6 × its largest value at that step); "
+              f"Mean within: fraction of test points with |mean − {gp} mean| ≤ 3 SE + 0.02; var within: "
+              f"fraction with |var − {gp} var| ≤ 0.27 max({gp} var, 1e-6 × its largest value at that step); "
               "mean bias: RMS error of the mean with the "
               "Monte-Carlo noise (SE²) removed. Changes are relative to initialization, averaged over members.", "",
               "| width | step | loss | mean within | var within | mean RMSE | mean bias | var rel. error | "
@@ -95,6 +101,7 @@ def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
     import numpy as np
 
     names = []
+    gp = _limit_name(r)
     x = np.asarray(r.plot_x)
     order = np.argsort(x)
     shown = [i for i, s in enumerate(r.steps) if s > 0] or list(range(len(r.steps)))
@@ -106,8 +113,8 @@ def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
         for ax, i in zip(axes[0], cols, strict=True):
             mu, sd = np.asarray(r.analytic_mean[i])[order], np.asarray(r.analytic_std[i])[order]
             em, es = np.asarray(w.ensemble_mean[i])[order], np.asarray(w.ensemble_std[i])[order]
-            ax.fill_between(x[order], mu - 2 * sd, mu + 2 * sd, color="C0", alpha=0.25, label="NTK-GP ±2σ")
-            ax.plot(x[order], mu, color="C0", label="NTK-GP mean")
+            ax.fill_between(x[order], mu - 2 * sd, mu + 2 * sd, color="C0", alpha=0.25, label=f"{gp} ±2σ")
+            ax.plot(x[order], mu, color="C0", label=f"{gp} mean")
             ax.plot(x[order], em, "--", color="C3", label=f"ensemble mean (E={r.config['ensemble_size']})")
             ax.plot(x[order], em - 2 * es, ":", color="C3", lw=1)
             ax.plot(x[order], em + 2 * es, ":", color="C3", lw=1, label="ensemble ±2σ")
