@@ -62,6 +62,7 @@ def compare(args: argparse.Namespace) -> int:
                                divergence_check=not args.no_divergence_check, progress=not args.no_progress)
         data = load_dataset(args.dataset)
         config.network(config.widths[0])
+        _writable_folder(args.out)
     except ValueError as error:
         print(f"ntkgp compare: error: {error}", file=sys.stderr)
         return 2
@@ -75,6 +76,20 @@ def compare(args: argparse.Namespace) -> int:
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")
     print(f"report: {out / 'report.md'}")
     return 1 if args.check and not all(result.checks.values()) else 0
+
+
+def _writable_folder(path: str) -> None:
+    """Create the report folder now, so that a bad ``--out`` fails before hours of training."""
+    import pathlib
+    import tempfile
+
+    try:
+        folder = pathlib.Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot write the report to {path!r}: {error.strerror or error}") from None
 
 
 def _add_compare(sub) -> None:
@@ -100,15 +115,18 @@ def _add_compare(sub) -> None:
     p.add_argument("--depth", type=int, help="hidden layers (default 2)")
     p.add_argument("--activation", help="activation name: erf (default), relu, gelu, tanh, ...")
     p.add_argument("--weight-var", type=float, help="weight variance of every layer (default 2.25)")
-    p.add_argument("--bias-var", type=float, help="bias variance of every layer (default 0.0025)")
-    p.add_argument("--no-bias", action="store_true", help="layers without biases")
+    bias = p.add_mutually_exclusive_group()
+    bias.add_argument("--bias-var", type=float, help="bias variance of every layer (default 0.0025)")
+    bias.add_argument("--no-bias", action="store_true", help="layers without biases")
     p.add_argument("--parameterization", choices=["ntk", "standard"],
                    help="ntk (default) or standard (trained with the equivalent per-layer learning rates)")
     p.add_argument("--readout-only", action="store_true",
                    help="train only the last layer and compare with the NNGP gradient-flow predictions")
-    p.add_argument("--learning-rate", type=float,
-                   help="absolute learning rate (default: --lr-fraction of 2m/lambda_max)")
-    p.add_argument("--lr-fraction", type=float, help="learning rate as a fraction of the stability limit (default 0.5)")
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--learning-rate", type=float,
+                      help="absolute learning rate (default: --lr-fraction of 2m/lambda_max)")
+    rate.add_argument("--lr-fraction", type=float,
+                      help="learning rate as a fraction of the stability limit (default 0.5)")
     p.add_argument("--seed", type=int, help="seed of the initializations (default 0)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--dtype", choices=["float32", "float64"], help="precision of the finite networks (default float32)")

@@ -196,3 +196,80 @@ def test_cli_rejects_bad_settings_before_training(argv, message, capsys, tmp_pat
 def test_cli_cuda_without_cuda_is_a_clear_error(capsys):
     assert main(["compare", "--device", "cuda", "--no-progress"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_config_orders_widths_and_needs_a_training_step():
+    config = CompareConfig(widths=(512, 32, 128, 32))
+    assert config.widths == (32, 128, 512)      # "widest" (divergence runs, bias check) is widths[-1]
+    with pytest.raises(ValueError, match="positive step"):
+        CompareConfig(record_steps=(0,))
+
+
+def test_datasets_need_one_target_column(tmp_path):
+    x = np.linspace(0, 1, 5)[:, None]
+    np.savez(tmp_path / "two.npz", x_train=x, y_train=np.column_stack([x[:, 0], -x[:, 0]]), x_test=x)
+    with pytest.raises(ValueError, match="one target column"):
+        load_dataset(str(tmp_path / "two.npz"))
+    np.savez(tmp_path / "3d.npz", x_train=np.ones((5, 1, 1)), y_train=np.ones(5), x_test=np.ones((2, 1)))
+    with pytest.raises(ValueError, match="x_train must be 2-D"):
+        load_dataset(str(tmp_path / "3d.npz"))
+    np.savez(tmp_path / "mismatch.npz", x_train=np.ones((5, 2)), y_train=np.ones(4), x_test=np.ones((2, 2)))
+    with pytest.raises(ValueError, match="Inconsistent shapes"):
+        load_dataset(str(tmp_path / "mismatch.npz"))
+
+
+def test_loglog_slope_does_not_drop_zero_values():
+    # a zero (e.g. a mean bias under the Monte-Carlo noise) makes the fit undefined, not a 2-point fit
+    assert math.isnan(loglog_slope([16, 64, 256], [1.0, 0.5, 0.0]))
+    assert math.isnan(loglog_slope([16, 64], [1.0, float("nan")]))
+
+
+def test_variance_tolerance_keeps_the_false_failure_rate_of_128_members():
+    from scipy.stats import chi2
+
+    from ntkgp.compare.harness import variance_tolerance
+
+    def inside(members: int, tol: float) -> float:  # P(|s²/σ² − 1| ≤ tol), s² from `members` Gaussians
+        k = members - 1
+        return chi2.cdf(k * (1 + tol), k) - chi2.cdf(k * (1 - tol), k)
+
+    assert variance_tolerance(128) == variance_tolerance(1024) == 0.27
+    assert inside(64, 0.27) < 0.90 < inside(128, 0.27)          # why 64 members need a wider band
+    for members in (8, 16, 64, 127):
+        assert inside(members, variance_tolerance(members)) == pytest.approx(inside(128, 0.27), abs=0.01)
+
+
+@pytest.mark.filterwarnings("ignore:learning_rate=.* exceeds the stability limit")
+def test_a_width_that_diverges_is_reported_and_fails_check(tmp_path, capsys):
+    config = CompareConfig(widths=(16, 32), ensemble_size=4, record_steps=(0, 20, 40), lr_fraction=20,
+                           divergence_check=False)
+    result = run_comparison(sin_dataset(), config)
+    assert all(w.diverged_at is not None for w in result.widths)
+    assert result.checks and not any(v for k, v in result.checks.items() if "without diverging" in k)
+    out = write_report(result, tmp_path / "r")          # figures of widths with no step > 0 are skipped
+    assert "diverged at step" in (out / "report.md").read_text()
+    argv = ["compare", "--widths", "16", "--ensemble-size", "4", "--steps", "0", "20", "--lr-fraction", "20",
+            "--no-divergence-check", "--no-progress", "--out", str(tmp_path / "cli")]
+    assert main(argv) == 0                               # reported, not a crash
+    assert main([*argv, "--check"]) == 1
+    assert "FAIL  width 16: trains to step 20 without diverging" in capsys.readouterr().out
+
+
+def test_cli_checks_the_report_folder_and_conflicting_options_before_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["compare", "--no-progress", "--out", str(blocker)]) == 2
+    assert "cannot write the report" in capsys.readouterr().err
+    for pair in (["--learning-rate", "0.1", "--lr-fraction", "0.5"], ["--bias-var", "0.1", "--no-bias"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["compare", *pair])
+        assert exit_info.value.code == 2
+        assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_readout_only_training_kernel_does_not_move():
+    config = CompareConfig(widths=(16, 32), ensemble_size=4, record_steps=(0, 30), readout_only=True,
+                           divergence_check=False)
+    result = run_comparison(sin_dataset(), config)
+    assert all(v == 0.0 for w in result.widths for v in w.ntk_change)
+    assert math.isnan(result.slopes["ntk_change"]) and not any("NTK change" in k for k in result.checks)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Dataset:
-    """Training and test inputs (``(N, d)``, ``(M, d)``) and training targets ``(N, k)`` (float64)."""
+    """Training and test inputs (``(N, d)``, ``(M, d)``) and training targets ``(N, 1)`` (float64)."""
 
     name: str
     x_train: Tensor
@@ -22,14 +22,31 @@ class Dataset:
     y_test: Tensor | None = None
     description: str = ""
 
+    def __post_init__(self) -> None:
+        # the comparison trains one-output networks: several target columns would broadcast
+        # against them and train towards their row means without any error
+        for name in ("x_train", "y_train", "x_test"):
+            if getattr(self, name).dim() != 2:
+                raise ValueError(f"{name} must be 2-D, got shape {tuple(getattr(self, name).shape)}.")
+        if self.y_train.shape[-1] != 1:
+            raise ValueError(f"y_train must have one target column, got shape {tuple(self.y_train.shape)}.")
+        if self.x_train.shape[0] != self.y_train.shape[0] or self.x_train.shape[1] != self.x_test.shape[1]:
+            raise ValueError(f"Inconsistent shapes: x_train {tuple(self.x_train.shape)}, "
+                             f"y_train {tuple(self.y_train.shape)}, x_test {tuple(self.x_test.shape)}.")
+
     @property
     def plot_coordinate(self) -> Tensor:
         """A 1-D coordinate of the test points for plots (the input, or the angle on a circle)."""
-        if self.x_test.shape[-1] == 1:
-            return self.x_test[:, 0]
-        if self.x_test.shape[-1] == 2:
-            return torch.atan2(self.x_test[:, 1], self.x_test[:, 0])
-        return torch.arange(self.x_test.shape[0], dtype=self.x_test.dtype)
+        return plot_coordinate(self.x_test)
+
+
+def plot_coordinate(x: Tensor) -> Tensor:
+    """A 1-D coordinate of ``(n, d)`` points for plots: the input, the angle on a circle, or the index."""
+    if x.shape[-1] == 1:
+        return x[:, 0]
+    if x.shape[-1] == 2:
+        return torch.atan2(x[:, 1], x[:, 0])
+    return torch.arange(x.shape[0], dtype=x.dtype)
 
 
 def sin_dataset(seed: int = 0, noise: float = 0.1) -> Dataset:
@@ -95,13 +112,13 @@ def load_dataset(source: str) -> Dataset:
         y_test = None
     else:
         raise ValueError(f"Unsupported file type {path.suffix!r}; use .csv or .npz.")
-    if x_train.shape[0] != y_train.shape[0] or x_train.shape[1] != x_test.shape[1]:
-        raise ValueError(f"Inconsistent shapes in {path}: x_train {tuple(x_train.shape)}, "
-                         f"y_train {tuple(y_train.shape)}, x_test {tuple(x_test.shape)}.")
     for name, t in (("x_train", x_train), ("y_train", y_train), ("x_test", x_test)):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} in {path} contains NaN or infinite values.")
-    return Dataset(path.stem, x_train, y_train, x_test, y_test, f"from {path}")
+    try:
+        return Dataset(path.stem, x_train, y_train, x_test, y_test, f"from {path}")
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def _as_2d(t: Tensor) -> Tensor:

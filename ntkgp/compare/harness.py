@@ -6,8 +6,9 @@ the exact discrete-time predictions of :class:`ntkgp.predict.GradientFlow` (Lee 
 
 * the ensemble mean ``μ̂`` against the NTK-GP mean ``μ``, point by point, within
   ``3 · SE + 0.02`` (``SE = σ̂ / sqrt(E)``),
-* the ensemble variance ``σ̂²`` against the NTK-GP variance ``σ²``, within 27 % (the sampling
-  error of a variance from ``E = 128`` members is ``sqrt(2/127) ≈ 12.5 %``),
+* the ensemble variance ``σ̂²`` against the NTK-GP variance ``σ²``, within 27 % from 128
+  members on (the sampling error of a variance from ``E = 128`` members is
+  ``sqrt(2/127) ≈ 12.5 %``; :func:`variance_tolerance` widens it for fewer members),
 * the bias of the mean, ``sqrt(max(mean((μ̂ − μ)² − SE²), 0))`` (the part of the error that is
   not Monte-Carlo noise), which should shrink with width,
 * the relative change of the weights and of the empirical NTK with width ("lazy training"):
@@ -24,11 +25,12 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ntkgp.compare.datasets import Dataset
+from ntkgp.compare.datasets import Dataset, plot_coordinate
 from ntkgp.finite.train import EnsembleHistory, train_ensemble
 from ntkgp.layers.base import Layer
 from ntkgp.layers.mlp import mlp
@@ -87,8 +89,10 @@ class CompareConfig:
                 raise ValueError(f"device {self.device!r} is not a torch device: {error}") from None
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise ValueError(f"device {self.device!r} requested, but CUDA is not available to this torch.")
-        self.widths = tuple(int(w) for w in self.widths)
+        self.widths = tuple(sorted({int(w) for w in self.widths}))  # "widest" below means widths[-1]
         self.record_steps = tuple(sorted({int(s) for s in self.record_steps}))
+        if self.record_steps[-1] == 0:
+            raise ValueError("record_steps needs at least one positive step (step 0 is before training).")
 
     def network(self, width: int, parameterization: str | None = None) -> Layer:
         """The spec at a given hidden width."""
@@ -119,6 +123,13 @@ class WidthResult:
 
 @dataclass
 class ComparisonResult:
+    """Everything a comparison measured: the settings, the analytic predictions at every recorded
+    step (``analytic_mean``/``analytic_std`` from the discrete-time NTK-GP, or NNGP when only the
+    readout is trained; ``continuous_mean`` from ``e^(−ηΘt/m)`` for reference), one
+    :class:`WidthResult` per width, the log–log ``slopes`` against width, the runs above the
+    stability limit (``divergence``) and the PASS/FAIL ``checks``. ``to_dict`` is ``report.json``.
+    """
+
     config: dict
     dataset: str
     kernel: str
@@ -144,10 +155,15 @@ class ComparisonResult:
 
 
 def loglog_slope(widths: list[int], values: list[float]) -> float:
-    """Least-squares slope of ``log(value)`` against ``log(width)``."""
-    pairs = [(math.log(w), math.log(v)) for w, v in zip(widths, values, strict=True) if v > 0]
-    if len(pairs) < 2:
+    """Least-squares slope of ``log(value)`` against ``log(width)``.
+
+    NaN with fewer than two widths or when a value is not positive and finite (a zero mean bias is
+    below the Monte-Carlo noise, a zero change is a frozen layer): dropping such a width would fit
+    a slope to the others as if it were not there.
+    """
+    if len(widths) < 2 or not all(math.isfinite(v) and v > 0 for v in values):
         return float("nan")
+    pairs = [(math.log(w), math.log(v)) for w, v in zip(widths, values, strict=True)]
     xs, ys = zip(*pairs, strict=True)
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
@@ -162,10 +178,10 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     # The NTK-parameterized twin gives the infinite-width dynamics of both parameterizations
     # (standard layers train with the equivalent per-layer learning rates).
     analytic_net = config.network(config.widths[0], parameterization="ntk")
-    unit = GradientFlow(analytic_net, data.x_train, data.y_train, kernel=kernel, learning_rate=1.0)
-    max_lr = unit.max_learning_rate
+    flow = GradientFlow(analytic_net, data.x_train, data.y_train, kernel=kernel, learning_rate=1.0)
+    max_lr = flow.max_learning_rate
     lr = config.learning_rate if config.learning_rate is not None else config.lr_fraction * max_lr
-    flow = GradientFlow(analytic_net, data.x_train, data.y_train, kernel=kernel, learning_rate=lr)
+    flow.learning_rate = lr
     steps = list(config.record_steps)
     exact = flow.predict(data.x_test, steps=torch.tensor(steps))
     continuous = flow.predict(data.x_test, t=torch.tensor(steps, dtype=torch.float64), compute_cov=False)
@@ -201,7 +217,7 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
         config=asdict(config), dataset=data.description or data.name, kernel=kernel, learning_rate=lr,
         max_learning_rate=max_lr, eigenvalues=flow.eigensystem.values.tolist(), steps=steps,
         times=[lr * s for s in steps], plot_x=data.plot_coordinate.tolist(),
-        x_train_plot=_plot_coordinate(data.x_train).tolist(), y_train=data.y_train[:, 0].tolist(),
+        x_train_plot=plot_coordinate(data.x_train).tolist(), y_train=data.y_train[:, 0].tolist(),
         analytic_mean=mu.tolist(), analytic_std=var.sqrt().tolist(), continuous_mean=continuous.mean[..., 0].tolist(),
         widths=results, slopes=slopes, divergence=divergence)
     result.checks = evaluate_checks(result)
@@ -219,8 +235,8 @@ def _divergence(data: Dataset, config: CompareConfig, kernel: str, max_lr: float
     net = config.network(config.widths[-1])
     unstable = GradientFlow(config.network(config.widths[0], parameterization="ntk"), data.x_train, data.y_train,
                             kernel=kernel, learning_rate=1.2 * max_lr)
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("ignore", RuntimeWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         train = unstable.predict(None, steps=torch.tensor(DIVERGENCE_STEPS))
     m = data.y_train.numel()
     residual = ((train.mean - data.y_train) ** 2).flatten(1).sum(1)
@@ -237,12 +253,16 @@ def _divergence(data: Dataset, config: CompareConfig, kernel: str, max_lr: float
             "analytic_steps": DIVERGENCE_STEPS, "analytic_loss": analytic_loss, "runs": runs}
 
 
-def _plot_coordinate(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[-1] == 1:
-        return x[:, 0]
-    if x.shape[-1] == 2:
-        return torch.atan2(x[:, 1], x[:, 0])
-    return torch.arange(x.shape[0], dtype=x.dtype)
+def variance_tolerance(ensemble_size: int) -> float:
+    """Allowed ``|σ̂²/σ² − 1|``: 27 % (the acceptance threshold) from 128 members on, widened below.
+
+    An unbiased variance from ``E`` Gaussian draws has relative standard error ``sqrt(2/(E − 1))``,
+    12.5 % at ``E = 128``, so 27 % is 2.16 standard errors and a perfect ensemble of 128 members
+    meets it at ~97 % of points. With 64 members the same 27 % would be met at only ~87 % of
+    points by noise alone, under the 90 % the check asks; smaller ensembles keep the 2.16 standard
+    errors: ``0.27 · sqrt(127 / (E − 1))``.
+    """
+    return 0.27 * math.sqrt(127 / (ensemble_size - 1)) if ensemble_size < 128 else 0.27
 
 
 def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.Tensor, seconds: float) -> WidthResult:
@@ -262,7 +282,7 @@ def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.
     # largest variance of that step instead of relatively.
     floor = VARIANCE_FLOOR * var.amax(-1, keepdim=True)
     rel = (ens_var - var).abs() / torch.maximum(var, floor).clamp_min(torch.finfo(var.dtype).tiny)
-    var_within = (rel <= 0.27).double().mean(-1)
+    var_within = (rel <= variance_tolerance(h.test_outputs.shape[1])).double().mean(-1)
     bias = ((err**2 - se**2).mean(-1)).clamp_min(0).sqrt()
     ntk_change = h.ntk_change.double().mean(-1) if h.ntk_change is not None else torch.zeros(recorded)
     return WidthResult(
@@ -279,14 +299,17 @@ def evaluate_checks(result: ComparisonResult) -> dict[str, bool]:
     """The acceptance criteria, evaluated on this result (widths ≥ 256 for the point-wise ones)."""
     checks: dict[str, bool] = {}
     steps = result.steps
+    tolerance = variance_tolerance(result.config["ensemble_size"])
     for r in result.widths:
+        checks[f"width {r.width}: trains to step {steps[-1]} without diverging"] = r.diverged_at is None
         if r.width < 256 or not r.steps:
             continue
         for i, s in enumerate(r.steps):
             if s == 0:
                 continue
             checks[f"width {r.width}, step {s}: mean within 3 SE + 0.02 at >= 95% of points"] = r.mean_within[i] >= 0.95
-            checks[f"width {r.width}, step {s}: variance within 27% at >= 90% of points"] = r.var_within[i] >= 0.90
+            checks[f"width {r.width}, step {s}: variance within {100 * tolerance:.0f}% at >= 90% of points"] = (
+                r.var_within[i] >= 0.90)
     complete = [r for r in result.widths if r.steps == steps]
     if len(complete) >= 2:
         late = [i for i, s in enumerate(steps) if s > 0]

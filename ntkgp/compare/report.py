@@ -6,7 +6,7 @@ import json
 import math
 import pathlib
 
-from ntkgp.compare.harness import ComparisonResult
+from ntkgp.compare.harness import ComparisonResult, variance_tolerance
 
 
 def write_report(result: ComparisonResult, out: str | pathlib.Path) -> pathlib.Path:
@@ -55,7 +55,8 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
     groups = list(r.widths[0].layer_change) if r.widths else []
     lines += ["", "## Per width and step", "",
               f"Mean within: fraction of test points with |mean − {gp} mean| ≤ 3 SE + 0.02; var within: "
-              f"fraction with |var − {gp} var| ≤ 0.27 max({gp} var, 1e-6 × its largest value at that step); "
+              f"fraction with |var − {gp} var| ≤ {variance_tolerance(c['ensemble_size']):.3g} max({gp} var, 1e-6 × its "
+              "largest value at that step); "
               "mean bias: RMS error of the mean with the "
               "Monte-Carlo noise (SE²) removed. Changes are relative to initialization, averaged over members.", "",
               "| width | step | loss | mean within | var within | mean RMSE | mean bias | var rel. error | "
@@ -109,6 +110,8 @@ def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
         if not w.steps:
             continue
         cols = [i for i in shown if i < len(w.steps)]
+        if not cols:  # diverged before the first step shown
+            continue
         fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.4), squeeze=False)
         for ax, i in zip(axes[0], cols, strict=True):
             mu, sd = np.asarray(r.analytic_mean[i])[order], np.asarray(r.analytic_std[i])[order]

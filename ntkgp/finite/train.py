@@ -55,7 +55,8 @@ class EnsembleHistory:
             2019, Fig. 1), so the total follows whichever dominates its norm.
         ntk_change: ``(T, E)`` relative empirical-NTK change on the probe set (``None`` without
             probe), for the tangent kernel weighted by the per-parameter learning rates (the kernel
-            that drives training; parameterization-independent).
+            that drives training; parameterization-independent; frozen parameters have rate 0, so
+            with ``readout_only`` it is the fixed random-feature kernel and its change is 0).
         diverged_at: first step at which some member's loss was not finite or exceeded
             ``1e6`` times its initial value (``None`` if training stayed stable); training stops there
             and later records are absent.
@@ -326,7 +327,9 @@ def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar
     start = {g: _flat_params(model, ns) for g, ns in groups.items()}
     theta0 = _flat_params(model, names)
     theta0_norm = theta0.norm(dim=1)
-    scales = {n: rates[n] / learning_rate for n in names if not _is_one(rates[n] / learning_rate)}
+    # the kernel that drives training: frozen parameters (readout-only) have rate 0
+    ratios = {n: rates[n] / learning_rate if n in trained else 0.0 for n in names}
+    scales = {n: r for n, r in ratios.items() if not _is_one(r)}
     ntk0 = empirical_ntk(model, probe, parameter_scales=scales) if probe is not None else None
     outputs, losses, weights, ntks = [], [], [], []
     per_group: dict[str, list[Tensor]] = {g: [] for g in groups}
