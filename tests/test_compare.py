@@ -122,6 +122,7 @@ def test_acceptance_preset(tmp_path):
     scaling = [name for name in checks if "slope" in name or "stability" in name or "diverges" in name
                or "bias shrinks" in name]
     assert len(scaling) == 7 and all(checks[name] for name in scaling), {n: checks[n] for n in scaling}
+    assert all(ok for name, ok in checks.items() if "without diverging" in name)
     widest = result.widths[-1]
     assert widest.width == 1024
     assert all(v >= 0.95 for v in widest.mean_within[1:])
