@@ -138,7 +138,8 @@ def _add_compare(sub) -> None:
     p.set_defaults(func=compare)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ntkgp`` parser with its ``compare`` and ``demo`` subcommands."""
     parser = argparse.ArgumentParser(prog="ntkgp", description="Infinite-width neural networks for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compare(sub)
@@ -147,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=256, help="number of random networks (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs and of the networks (default 0)")
     p.set_defaults(func=demo)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``ntkgp compare`` or ``ntkgp demo``; returns the exit status."""
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -101,6 +102,11 @@ def test_cli_help_explains_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--device", "--seed", "--dtype", "--out", "--preset", "--widths", "--readout-only"):
         assert option in text
+    from ntkgp.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for action in subparsers.choices["compare"]._actions:   # every option says what it does
+        assert action.help and len(action.help.split()) >= 3, action.option_strings
 
 
 @pytest.mark.slow
