@@ -119,7 +119,7 @@ def test_acceptance_preset(tmp_path):
     at the last one. Measured (docs/compare.md): at step 1000 the ensemble variance is 0.57-0.75 x
     the NTK-GP variance where the data pin the function (NTK-GP sd 0.01-0.03), because the
     finite networks' NTK moves during training (diagnosed there); the deficit shrinks with width
-    (a separate 11-minute run at width 2048 passes every point-wise check), so the test asserts
+    (a separate 8.5-minute run at width 2048 passes every point-wise check), so the test asserts
     that it shrinks, not that it has vanished at 1024.
     """
     config = CompareConfig(widths=(128, 256, 512, 1024), ensemble_size=128, record_steps=(0, 10, 100, 1000))
