@@ -86,6 +86,16 @@ def test_posterior_predictive_moments_match_the_gaussian():
     # The posterior is strongly correlated here, so a sampler ignoring correlations would fail.
     corr = cov / np.sqrt(np.outer(np.diag(cov), np.diag(cov)))
     assert np.abs(corr[np.triu_indices(8, 1)]).max() > 0.5
+    # the closed-form predictive moments: diag Σ + σ², for a scalar and a per-point noise
+    mu, var = bayes.predictive_moments(post, noise=noise)
+    np.testing.assert_allclose(mu.numpy(), mean, rtol=0, atol=0)
+    np.testing.assert_allclose(var.numpy(), pred_var, rtol=1e-15)
+    per_point = torch.linspace(0.01, 0.08, 8, dtype=torch.float64)
+    np.testing.assert_allclose(bayes.predictive_moments(post, noise=per_point)[1].numpy(),
+                               np.diag(cov) + per_point.numpy(), rtol=1e-15)
+    for bad in (torch.full((8, 1), 0.05), torch.full((7,), 0.05)):   # would broadcast to (8, 8) / fail
+        with pytest.raises(ValueError, match="one variance per test point"):
+            bayes.predictive_moments(post, noise=bad)
 
 
 def test_gradient_flow_time_axis_vector_outputs_and_independent_outputs():
@@ -381,3 +391,12 @@ def test_digits_classification_as_regression():
         acc = bayes.accuracy(mean, y_test)
         assert acc > 0.95, (kernel, acc)
         assert bayes.misclassification_auroc(mean, var, y_test) > 0.75, kernel
+
+
+def test_integer_arguments_accept_numpy_and_tensor_integers_only():
+    targets = bayes.one_hot_targets([0, 2, 1], num_classes=np.int64(3))
+    assert targets.shape == (3, 3)
+    assert bayes.one_hot_targets([0, 1], num_classes=torch.tensor(4)).shape == (2, 4)
+    for bad in (True, 2.0, 1, "3"):
+        with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
+            bayes.one_hot_targets([0, 1], num_classes=bad)

@@ -10,6 +10,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -93,8 +94,34 @@ def test_mnist_script_runs_on_tiny_idx_files(tmp_path):
     assert all(r["accuracy"] > 0.8 for r in results.values())   # the bright pixel gives the class away
     text = out.read_text()
     assert "## Test accuracy, NNGP posterior mean" in text and "validation images 80..109" in text
+    assert "images 110..149 test (40)" in text
     with pytest.raises(ValueError, match="exceed"):
         mnist.main(["--data", str(tmp_path), "--n-train", "100", "--n-test", "40", "--depths", "1"])
     _idx(tmp_path / mnist.LABELS, labels, 2051)
     with pytest.raises(ValueError, match="magic"):
         mnist.load(tmp_path)
+
+
+def test_uci_scores_are_in_the_targets_original_units(tmp_path, monkeypatch):
+    """A predictor that says N(0, 1) in standardized units is N(ȳ, s²) in the original ones:
+    RMSE against ȳ, and NLPD = mean(½ log 2π + ½ ((y − ȳ)/s)²) + log s (the Jacobian of the scaling)."""
+    import types
+
+    uci = _load("uci")
+    _uci_folder(tmp_path / "uci", "toy")
+
+    def standard_normal(*args, **kwargs):
+        m = args[2].shape[0] if isinstance(args[0], torch.Tensor) else args[3].shape[0]
+        return np.zeros(m), np.ones(m)
+
+    monkeypatch.setattr(uci, "gp_predict", standard_normal)
+    monkeypatch.setattr(uci, "ensemble_predict", standard_normal)
+    args = types.SimpleNamespace(max_train=1000, methods=list(uci.METHODS))
+    results = uci.run_split(tmp_path / "uci", "toy", 0, args)
+    _, y_train, _, y_test = uci.load_split(tmp_path / "uci", "toy", 0)
+    y_mean, y_std = y_train.mean(), y_train.std()
+    z = (y_test - y_mean) / y_std
+    for method in uci.METHODS:
+        assert results[method]["rmse"] == pytest.approx(np.sqrt(np.mean((y_test - y_mean) ** 2)), rel=1e-12)
+        expected = np.mean(0.5 * np.log(2 * np.pi) + 0.5 * z**2) + np.log(y_std)
+        assert results[method]["nlpd"] == pytest.approx(expected, rel=1e-12)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ntkgp.bayes._arrays import finite, labels_array
+from ntkgp.bayes._arrays import finite, integer_at_least, labels_array
 from ntkgp.bayes.metrics import auroc
 
 
@@ -39,8 +39,7 @@ def one_hot_targets(labels, num_classes: int | None = None, offset: float | None
         raise ValueError(f"labels must be non-negative class indices, got minimum {y.min()}.")
     if num_classes is None:
         num_classes = int(y.max()) + 1
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
+    num_classes = integer_at_least(num_classes, 2, "num_classes")
     if y.max() >= num_classes:
         raise ValueError(f"labels go up to {y.max()} but num_classes={num_classes}.")
     offset = 1.0 / num_classes if offset is None else float(offset)

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ntkgp.bayes._arrays import finite, observations
+from ntkgp.bayes._arrays import finite, integer_at_least, observations
 
 #: Names of the dimensions of the exported variables (after ``chain`` and ``draw``).
 OBS_DIM, OUTPUT_DIM = "obs_id", "output"
@@ -101,8 +101,7 @@ def draws_to_inference_data(f_draws, y_obs, noise, *, num_chains: int = 1, y_dra
     if not (noise_var > 0).all():
         raise ValueError("noise must be a positive variance: the log likelihood of a noise-free "
                          "observation model is degenerate.")
-    if isinstance(num_chains, bool) or not isinstance(num_chains, int) or num_chains < 1:
-        raise ValueError(f"num_chains must be a positive integer, got {num_chains!r}.")
+    num_chains = integer_at_least(num_chains, 1, "num_chains")
     num_draws = f.shape[0]
     if num_draws % num_chains:
         raise ValueError(f"num_chains={num_chains} must divide the number of draws, {num_draws}.")

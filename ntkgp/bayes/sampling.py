@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ntkgp.bayes._arrays import finite
+from ntkgp.bayes._arrays import finite, integer_at_least
 from ntkgp.bayes.inference_data import draws_to_inference_data
 from ntkgp.predict.gaussian import Gaussian
 
@@ -73,13 +73,18 @@ def select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None = Non
 
 def predictive_moments(gaussian: Gaussian, noise: float | Tensor = 0.0,
                        time_index: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-    """Predictive mean ``μ`` (``(M,)``/``(M, k)``) and marginal variances ``diag Σ + σ²`` (``(M,)``).
+    """Predictive mean ``μ`` (``(M,)``/``(M, k)``) and marginal variances ``diag Σ + σ²`` (``(M,)``)
+    of ``y* ~ N(μ, Σ + σ² I)`` (Rasmussen & Williams 2006, eq. 2.24 plus the noise).
 
     The variance is shared by all ``k`` outputs. Feed both to :mod:`ntkgp.bayes.metrics`.
     """
     g = select_time(gaussian, time_index)
     noise_var = _noise_tensor(noise, g.covariance)
-    return g.mean, torch.diagonal(g.covariance, dim1=-2, dim2=-1) + noise_var
+    latent = torch.diagonal(g.covariance, dim1=-2, dim2=-1)
+    if noise_var.dim() > 1 or noise_var.numel() not in (1, latent.numel()):
+        raise ValueError(f"noise must be a scalar or one variance per test point ({latent.numel()},), "
+                         f"got shape {tuple(noise_var.shape)}.")
+    return g.mean, latent + noise_var
 
 
 def _noise_tensor(noise, like: Tensor) -> Tensor:
@@ -115,8 +120,7 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: int
     Returns:
         ``(num_draws, M)`` or ``(num_draws, M, k)`` in float64.
     """
-    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
-        raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}.")
+    num_draws = integer_at_least(num_draws, 1, "num_draws")
     g = select_time(gaussian, time_index)
     mean = g.mean.detach().to(torch.float64)
     if not bool(torch.isfinite(mean).all()) or not bool(torch.isfinite(g.covariance).all()):
