@@ -400,3 +400,13 @@ def test_integer_arguments_accept_numpy_and_tensor_integers_only():
     for bad in (True, 2.0, 1, "3"):
         with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
             bayes.one_hot_targets([0, 1], num_classes=bad)
+
+
+def test_metrics_take_low_precision_tensors_and_reject_complex_ones():
+    y = torch.tensor([0.0, 1.0, 2.0])
+    assert bayes.rmse(y.to(torch.bfloat16), y) == 0.0
+    assert bayes.rmse(y.half(), y) == 0.0
+    with pytest.raises(ValueError, match="must be real"):
+        bayes.rmse(y.to(torch.complex64), y)
+    with pytest.raises(ValueError, match="must be real"):
+        bayes.rmse(np.array([1j, 0, 0]), y)

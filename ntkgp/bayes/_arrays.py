@@ -28,7 +28,13 @@ def integer_at_least(value, minimum: int, name: str) -> int:
 def to_numpy(value, name: str) -> np.ndarray:
     """``value`` (a torch tensor, numpy array or nested sequence) as a float64 numpy array."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch.Tensor, without importing torch
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if value.is_complex():
+            raise ValueError(f"{name} must be real, got a {value.dtype} tensor.")
+        # float64 first: numpy has no bfloat16, and float16/32 widen exactly
+        value = (value.double() if value.is_floating_point() else value).numpy()
+    elif np.iscomplexobj(value):
+        raise ValueError(f"{name} must be real, got complex values.")
     try:
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as err:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy.special import ndtri
+from scipy.stats import rankdata
 
 from ntkgp.bayes._arrays import finite, observations, variances
 
@@ -94,7 +95,11 @@ def calibration_error(mean, variance, y, levels: Sequence[float] = CALIBRATION_L
 
 
 def regression_metrics(mean, variance, y, levels: Sequence[float] = COVERAGE_LEVELS) -> dict[str, float]:
-    """RMSE, NLPD, coverage at ``levels`` (keys ``"coverage_50"`` …) and calibration error."""
+    """RMSE, NLPD, coverage at ``levels`` (keys ``"coverage_50"`` …) and calibration error.
+
+    The calibration error always averages over :data:`CALIBRATION_LEVELS` (``levels`` only
+    chooses the coverages reported).
+    """
     out = {"rmse": rmse(mean, y), "nlpd": nlpd(mean, variance, y)}
     for p, c in interval_coverage(mean, variance, y, levels).items():
         out[f"coverage_{100 * p:g}"] = c
@@ -104,16 +109,7 @@ def regression_metrics(mean, variance, y, levels: Sequence[float] = COVERAGE_LEV
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
     """1-based ranks of ``values``, tied values sharing the mean of their ranks."""
-    values = np.asarray(values)
-    order = np.argsort(values, kind="mergesort")
-    ordered = values[order]
-    # Start of every run of equal values in sorted order, and the end (exclusive).
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-    ends = np.r_[starts[1:], ordered.size]
-    run_rank = (starts + 1 + ends) / 2                                  # mean of ranks start+1..end
-    ranks = np.empty(values.size, dtype=np.float64)
-    ranks[order] = np.repeat(run_rank, ends - starts)
-    return ranks
+    return rankdata(np.asarray(values).reshape(-1), method="average")
 
 
 def auroc(scores, labels) -> float:
