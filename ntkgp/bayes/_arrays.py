@@ -70,19 +70,27 @@ def observations(mean, y, name_mean: str = "mean", name_y: str = "y") -> tuple[n
     return mean, y
 
 
+def broadcast_per_point(var: np.ndarray, shape: tuple[int, ...], has_outputs: bool, name: str) -> np.ndarray:
+    """``var`` broadcast to ``shape``, where a 1-D ``var`` of length ``M`` means one value per point.
+
+    ``shape`` ends in ``(M, k)`` when ``has_outputs`` (then an ``(M,)`` value is shared by the
+    ``k`` outputs, as the shared-covariance posteriors of ntkgp are) and in ``(M,)`` otherwise.
+    """
+    if var.ndim == 1 and has_outputs and var.shape[0] == shape[-2]:
+        var = var[:, None]
+    try:
+        return np.broadcast_to(var, shape)
+    except ValueError as err:
+        raise ValueError(f"{name} of shape {var.shape} does not fit (broadcast to) shape {shape}.") from err
+
+
 def variances(variance, shape: tuple[int, ...], name: str = "variance") -> np.ndarray:
     """Positive finite variances broadcast to ``shape`` (``(M,)`` or ``(M, k)``).
 
     A scalar, an array of ``shape``, or ``(M,)`` for ``(M, k)`` observations (one variance per
     point shared by all ``k`` outputs, as in the shared-covariance posteriors of ntkgp).
     """
-    var = finite(variance, name)
-    if var.ndim == 1 and len(shape) == 2 and var.shape[0] == shape[0]:
-        var = var[:, None]
-    try:
-        var = np.broadcast_to(var, shape)
-    except ValueError as err:
-        raise ValueError(f"{name} of shape {var.shape} does not fit observations of shape {shape}.") from err
+    var = broadcast_per_point(finite(variance, name), shape, has_outputs=len(shape) == 2, name=name)
     if not (var > 0).all():
         raise ValueError(f"{name} must be positive (predictive variances include the noise); "
                          f"got minimum {var.min():g}.")

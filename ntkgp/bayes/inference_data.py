@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ntkgp.bayes._arrays import finite, integer_at_least, observations
+from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least, observations
 
 #: Names of the dimensions of the exported variables (after ``chain`` and ``draw``).
 OBS_DIM, OUTPUT_DIM = "obs_id", "output"
@@ -92,12 +92,7 @@ def draws_to_inference_data(f_draws, y_obs, noise, *, num_chains: int = 1, y_dra
         raise ValueError(f"f_draws must have shape (S, M) or (S, M, k) with S >= 1, got {f.shape}.")
     _, y = observations(f[0], y_obs, "one draw of f_draws", "y_obs")
     noise_var = finite(noise, "noise")
-    if noise_var.ndim == 1 and f.ndim == 3 and noise_var.shape[0] == f.shape[1]:
-        noise_var = noise_var[:, None]  # (M,): one variance per point, shared by the k outputs (as in metrics)
-    try:
-        noise_var = np.broadcast_to(noise_var, f.shape)
-    except ValueError as err:
-        raise ValueError(f"noise of shape {noise_var.shape} does not broadcast to the draws' shape {f.shape}.") from err
+    noise_var = broadcast_per_point(noise_var, f.shape, has_outputs=f.ndim == 3, name="noise")
     if not (noise_var > 0).all():
         raise ValueError("noise must be a positive variance: the log likelihood of a noise-free "
                          "observation model is degenerate.")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ntkgp.bayes._arrays import finite, integer_at_least
+from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least
 from ntkgp.bayes.inference_data import draws_to_inference_data
 from ntkgp.predict.gaussian import Gaussian
 
@@ -208,12 +208,7 @@ def ensemble_moments(predictions, noise: float | Tensor | np.ndarray = 0.0) -> t
     noise_var = finite(noise, "noise")
     if (noise_var < 0).any():
         raise ValueError("noise must be a non-negative variance.")
-    if noise_var.ndim == 1 and members.ndim == 3 and noise_var.shape[0] == members.shape[1]:
-        noise_var = noise_var[:, None]  # (M,): one variance per point, shared by the k outputs
-    try:
-        noise_var = np.broadcast_to(noise_var, members.shape)
-    except ValueError as err:
-        raise ValueError(f"noise of shape {noise_var.shape} does not broadcast to {members.shape}.") from err
+    noise_var = broadcast_per_point(noise_var, members.shape, has_outputs=members.ndim == 3, name="noise")
     mean = members.mean(0)
     return mean, noise_var.mean(0) + members.var(0)
 
