@@ -61,7 +61,6 @@ def compare(args: argparse.Namespace) -> int:
         config = CompareConfig(**settings, readout_only=args.readout_only, device=device,
                                divergence_check=not args.no_divergence_check, progress=not args.no_progress)
         data = load_dataset(args.dataset)
-        config.network(config.widths[0])
         _writable_folder(args.out)
     except ValueError as error:
         print(f"ntkgp compare: error: {error}", file=sys.stderr)

@@ -173,7 +173,7 @@ def test_variance_agreement_where_the_ntkgp_variance_vanishes():
     h = EnsembleHistory(learning_rate=0.1, steps=torch.tensor([1000]), test_outputs=outputs,
                         train_loss=torch.zeros(1, 4000), weight_change=torch.zeros(1, 4000), ntk_change=None)
     var = torch.tensor([[1e-18, 0.01, 0.04 * 1.5, 0.09]], dtype=torch.float64)  # point 2: 1/1.5 of it
-    result = _width_metrics(256, h, torch.zeros(1, 4, dtype=torch.float64), var, 0.0)
+    result = _width_metrics(256, h, torch.zeros(1, 4, dtype=torch.float64), var, 0.27, 0.0)
     # point 0: |1e-14 - 1e-18| / (1e-6 · 0.09) ≈ 1e-7; points 1, 3 within Monte-Carlo error (≈ 0.02);
     # point 2: |0.04 - 0.06| / 0.06 = 1/3 > 0.27
     assert result.var_within == [0.75]
@@ -211,6 +211,8 @@ def test_config_orders_widths_and_needs_a_training_step():
     assert config.widths == (32, 128, 512)      # "widest" (divergence runs, bias check) is widths[-1]
     with pytest.raises(ValueError, match="positive step"):
         CompareConfig(record_steps=(0,))
+    with pytest.raises(ValueError, match="Unknown activation"):   # the spec is checked before any training
+        CompareConfig(activation="nope")
 
 
 def test_datasets_need_one_target_column(tmp_path):

@@ -107,11 +107,6 @@ def regression_metrics(mean, variance, y, levels: Sequence[float] = COVERAGE_LEV
     return out
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``values``, tied values sharing the mean of their ranks."""
-    return rankdata(np.asarray(values).reshape(-1), method="average")
-
-
 def auroc(scores, labels) -> float:
     r"""Area under the ROC curve of ``scores`` for detecting ``labels == 1`` (positives).
 
@@ -141,5 +136,5 @@ def auroc(scores, labels) -> float:
     n_neg = positive.size - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"AUROC needs both classes; got {n_pos} positives and {n_neg} negatives.")
-    ranks = average_ranks(scores)
+    ranks = rankdata(scores, method="average")
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

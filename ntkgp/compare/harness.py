@@ -93,6 +93,7 @@ class CompareConfig:
         self.record_steps = tuple(sorted({int(s) for s in self.record_steps}))
         if self.record_steps[-1] == 0:
             raise ValueError("record_steps needs at least one positive step (step 0 is before training).")
+        self.network(self.widths[0])  # the spec validates activation, variances and depth
 
     def network(self, width: int, parameterization: str | None = None) -> Layer:
         """The spec at a given hidden width."""
@@ -178,10 +179,9 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     # The NTK-parameterized twin gives the infinite-width dynamics of both parameterizations
     # (standard layers train with the equivalent per-layer learning rates).
     analytic_net = config.network(config.widths[0], parameterization="ntk")
-    flow = GradientFlow(analytic_net, data.x_train, data.y_train, kernel=kernel, learning_rate=1.0)
-    max_lr = flow.max_learning_rate
+    max_lr = GradientFlow(analytic_net, data.x_train, data.y_train, kernel=kernel).max_learning_rate
     lr = config.learning_rate if config.learning_rate is not None else config.lr_fraction * max_lr
-    flow.learning_rate = lr
+    flow = GradientFlow(analytic_net, data.x_train, data.y_train, kernel=kernel, learning_rate=lr)
     steps = list(config.record_steps)
     exact = flow.predict(data.x_test, steps=torch.tensor(steps))
     continuous = flow.predict(data.x_test, t=torch.tensor(steps, dtype=torch.float64), compute_cov=False)
@@ -197,7 +197,8 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
             learning_rate=lr, record_steps=steps, x_test=data.x_test, probe=probe,
             readout_only=config.readout_only, seed=config.seed, dtype=dtype, device=config.device,
             chunk_size=config.chunk_size, progress=config.progress)
-        results.append(_width_metrics(width, history, mu, var, time.perf_counter() - t0))
+        results.append(_width_metrics(width, history, mu, var, variance_tolerance(config.ensemble_size),
+                                      time.perf_counter() - t0))
 
     slopes = {}
     final = [r for r in results if r.steps and r.steps[-1] == steps[-1]]
@@ -265,7 +266,8 @@ def variance_tolerance(ensemble_size: int) -> float:
     return 0.27 * math.sqrt(127 / (ensemble_size - 1)) if ensemble_size < 128 else 0.27
 
 
-def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.Tensor, seconds: float) -> WidthResult:
+def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.Tensor, tolerance: float,
+                   seconds: float) -> WidthResult:
     recorded = len(h.steps)
     if recorded == 0:
         empty: list = []
@@ -282,7 +284,7 @@ def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.
     # largest variance of that step instead of relatively.
     floor = VARIANCE_FLOOR * var.amax(-1, keepdim=True)
     rel = (ens_var - var).abs() / torch.maximum(var, floor).clamp_min(torch.finfo(var.dtype).tiny)
-    var_within = (rel <= variance_tolerance(h.test_outputs.shape[1])).double().mean(-1)
+    var_within = (rel <= tolerance).double().mean(-1)
     bias = ((err**2 - se**2).mean(-1)).clamp_min(0).sqrt()
     ntk_change = h.ntk_change.double().mean(-1) if h.ntk_change is not None else torch.zeros(recorded)
     return WidthResult(
