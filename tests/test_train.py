@@ -9,6 +9,7 @@ import torch
 
 import ntkgp
 import ntkgp.finite.train as train_module
+from ntkgp.finite.rates import equivalent_learning_rates
 from ntkgp.finite.train import layer_groups, readout_parameters, train_ensemble
 
 X = torch.linspace(-math.pi, math.pi, 5, dtype=torch.float64).unsqueeze(-1)
@@ -125,3 +126,28 @@ def test_training_on_cuda_matches_cpu():
     cpu = train_ensemble(_net(), X, Y, device="cpu", **kwargs)
     gpu = train_ensemble(_net(), X, Y, device="cuda", **kwargs)
     torch.testing.assert_close(cpu.test_outputs, gpu.test_outputs, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("param", ["ntk", "standard"])
+def test_readout_only_training_is_the_linear_model_of_each_members_own_kernel(param):
+    """Readout-only networks are linear in what is trained, so gradient descent on them is exactly
+    ``f_s = f_0 − Θ̂ Θ̂_dd⁻¹ (I − (I − ηΘ̂_dd/m)^s)(f_0 − Y)`` with each member's own fixed readout tangent
+    kernel: trainer, empirical kernel and the discrete-time predictor must agree to rounding."""
+    xt = torch.linspace(-3.5, 3.5, 9, dtype=torch.float64).unsqueeze(-1)
+    steps, lr, net = [0, 3, 40, 200], 0.3, _net(param)
+    h = train_ensemble(net, X, Y, ensemble_size=3, learning_rate=lr, record_steps=steps, x_test=xt,
+                       readout_only=True, dtype=torch.float64)
+    model = net.build(in_features=1, seed=0, ensemble_size=3, dtype=torch.float64)
+    frozen = {name: 0.0 for name in dict(model.named_parameters()) if not name.startswith("4.")}
+    rates = equivalent_learning_rates(model, lr)
+    scales = frozen | {name: rates[name] / lr for name in ("4.weight", "4.bias")}
+    both = torch.cat([X, xt])
+    theta = ntkgp.finite.empirical_ntk(model, both, parameter_scales=scales)          # (E, 14, 14)
+    with torch.no_grad():
+        f0 = model(both)                                                                # (E, 14, 1)
+    for member in range(3):
+        k = theta[member]
+        _, test = ntkgp.predict.gradient_descent_mse(k[:5, :5], Y, f0[member, :5], k[5:, :5], f0[member, 5:],
+                                                     steps=torch.tensor(steps), learning_rate=lr)
+        torch.testing.assert_close(h.test_outputs[:, member], test, rtol=1e-10, atol=1e-11)
+    assert float((h.test_outputs[-1] - h.test_outputs[0]).abs().max()) > 0.1   # it did train
