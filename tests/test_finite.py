@@ -121,15 +121,90 @@ def test_standard_parameterization_with_layer_learning_rates_has_the_same_backwa
     assert equivalent_learning_rates(models["standard"], 0.3)["0.weight"] != 0.3
 
 
-def test_empirical_ntk_layerwise_equals_jacobian_contraction():
+def _no_jacobian(*args, **kwargs):
+    raise AssertionError("the layer-by-layer route was expected")
+
+
+def test_empirical_ntk_layerwise_equals_jacobian_contraction(monkeypatch):
+    import ntkgp.finite.empirical as empirical
+
     for param in ("ntk", "standard"):
         for members in (None, 3):
             model = _net(param).build(in_features=5, seed=0, ensemble_size=members)
             x1, x2 = torch.randn(4, 5), torch.randn(3, 5)
-            fast = empirical_ntk(model, x1, x2, vector_output=True)
             slow = empirical_ntk(model, x1, x2, params=dict(model.named_parameters()), vector_output=True)
+            with monkeypatch.context() as patch:  # built networks must take the fast route
+                patch.setattr(empirical, "jacrev", _no_jacobian)
+                fast = empirical_ntk(model, x1, x2, vector_output=True)
+                average = empirical_ntk(model, x1, x2)
             torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
             assert fast.shape == ((4, 3, 3, 3) if members is None else (3, 4, 3, 3, 3))
+            # the per-output average is contracted directly, not taken from the k x k blocks
+            torch.testing.assert_close(average, slow.diagonal(dim1=-2, dim2=-1).mean(-1), rtol=1e-12, atol=1e-12)
+            nngp = empirical_nngp(model, x1, x2, vector_output=True)
+            torch.testing.assert_close(empirical_nngp(model, x1, x2), nngp.diagonal(dim1=-2, dim2=-1).mean(-1))
+
+
+def test_empirical_ntk_takes_the_jacobian_route_where_the_layerwise_formula_is_wrong():
+    """Shared layers, point-mixing wrappers, per-output scales and lazy layers inside a wrapper."""
+    x1, x2 = torch.randn(4, 3), torch.randn(3, 3)
+
+    def brute(module, scales=None):  # Σ_p s_p J1_p J2_p by jacrev over every parameter
+        params = {n: p.detach() for n, p in module.named_parameters()}
+        j1 = torch.func.jacrev(lambda q: functional_call(module, q, (x1,)))(params)
+        j2 = torch.func.jacrev(lambda q: functional_call(module, q, (x2,)))(params)
+        total = 0
+        for n, p in params.items():
+            s = torch.as_tensor((scales or {}).get(n, 1.0)).expand(p.shape).reshape(-1)
+            total = total + torch.einsum("aip,bip->ab", j1[n].flatten(2) * s, j2[n].flatten(2)) / j1[n].shape[1]
+        return total
+
+    layer = ntkgp.serial(ntkgp.Dense(3, 1.5, 0.2)).build(in_features=3, seed=0)
+
+    class Twice(torch.nn.Module):  # one Dense layer called twice: cross terms
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            return self.layer(torch.tanh(self.layer(x)))
+
+    class Centred(torch.nn.Module):  # mixes points
+        def __init__(self):
+            super().__init__()
+            self.net = _net().build(in_features=3, seed=1)
+
+        def forward(self, x):
+            out = self.net(x)
+            return out - out.mean(-2, keepdim=True)
+
+    for module in (Twice(), Centred()):
+        torch.testing.assert_close(empirical_ntk(module, x1, x2), brute(module), rtol=1e-12, atol=1e-12)
+    model = _net().build(in_features=3, seed=2)
+    for scales in ({"5.weight": torch.tensor([[0.5, 1.0, 2.0]])},         # per output unit
+                   {"5.weight": torch.rand(8, 3)},                         # per entry
+                   {"5.bias": torch.tensor([0.5, 1.0, 2.0])},              # per output unit
+                   {"0.weight": torch.rand(3, 1), "0.bias": 0.3}):         # the layerwise route's forms
+        torch.testing.assert_close(empirical_ntk(model, x1, x2, parameter_scales=scales), brute(model, scales),
+                                   rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"\['5.wieght'\]"):
+        empirical_ntk(model, x1, parameter_scales={"5.wieght": 1.0})
+
+    class Wrap(torch.nn.Module):  # deferred first layer: drawn before the parameters are listed
+        def __init__(self):
+            super().__init__()
+            self.inner = _net().build(seed=3)
+            self.head = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.inner(x))
+
+    wrapped = Wrap()
+    first = empirical_ntk(wrapped, x1, x2)
+    torch.testing.assert_close(first, brute(wrapped), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="shape \\(n, d\\)"):
+        empirical_ntk(wrapped, torch.randn(2, 4, 3))
+    assert empirical_ntk(model, torch.randn(2, 4, 3)).shape == (2, 4, 4)   # built networks take batches
 
 
 def test_empirical_ntk_is_the_lecture_definition_for_vector_outputs():

@@ -276,7 +276,7 @@ def test_discrete_steps_match_continuous_time_for_small_steps():
     big = predict.GradientFlow(NET, X_TRAIN, Y_TRAIN, learning_rate=0.5 * flow.max_learning_rate)
     late = big.predict(X_TEST, steps=2000, compute_cov=False).mean
     torch.testing.assert_close(late, big.predict(X_TEST, t=math.inf, compute_cov=False).mean, rtol=1e-6, atol=1e-8)
-    with pytest.warns(RuntimeWarning, match="diverges"):
+    with pytest.warns(RuntimeWarning, match="stability limit"):
         predict.GradientFlow(NET, X_TRAIN, Y_TRAIN, learning_rate=3 * flow.max_learning_rate).predict(
             X_TEST, steps=10)
 
@@ -297,3 +297,67 @@ def test_discrete_steps_match_continuous_time_for_small_steps():
 def test_bad_input_raises_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def _kernels(n=4, m=3, seed=0):
+    a = torch.randn(n + m, 10, generator=torch.Generator().manual_seed(seed))
+    theta = a @ a.T / 10
+    return theta[:n, :n], theta[n:, :n]
+
+
+_DD, _TD = _kernels()
+_Y2 = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: predict.gradient_descent_mse(_DD, torch.tensor([1, 0, 2, 1]), t=1.0), "floating-point"),
+    (lambda: predict.gradient_descent_mse(_DD, torch.tensor([1.0, math.nan, 0.0, 0.0]), t=1.0), "NaN"),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2[:, 0], torch.tensor([0.0, math.inf, 0, 0]), t=1.0), "fx_train_0"),
+    (lambda: predict.gradient_descent_mse(_DD * math.nan, _Y2, t=1.0), "ntk_train_train contains NaN"),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2[:3], t=1.0), "rows"),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2, torch.zeros(4), t=1.0), "fx_train_0"),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2, 0.0, _TD, torch.zeros(3), t=1.0), "fx_test_0"),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2[:2, :2].repeat(2, 1), 0.0, _TD[:2], torch.zeros(2), t=1.0),
+     "fx_test_0"),                                      # (M,) against (M, k) with M == k is refused too
+    (lambda: predict.gradient_descent_mse(_DD, _Y2, 0.0, _TD, torch.zeros(2, 3), t=None), "fx_test_0"),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2, t=torch.tensor([])), "empty"),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2, t=1.0, learning_rate=True), "learning_rate"),
+    (lambda: predict.max_learning_rate(torch.ones(3)), "square"),
+])
+def test_gradient_descent_mse_refuses_bad_input(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_gradient_descent_mse_accepts_what_neural_tangents_accepts():
+    """Numbers for initial outputs, numpy/tensor learning rates, size-1 broadcasting."""
+    ref_train, ref_test = predict.gradient_descent_mse(_DD, _Y2, torch.zeros(4, 2), _TD, torch.zeros(3, 2), t=2.0,
+                                                       learning_rate=0.5)
+    for lr in (np.float32(0.5), torch.tensor(0.5), 0.5):
+        train, test = predict.gradient_descent_mse(_DD, _Y2, 0.0, _TD, 0.0, t=2.0, learning_rate=lr)
+        torch.testing.assert_close(train, ref_train, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(test, ref_test, rtol=1e-7, atol=1e-9)
+    _, test = predict.gradient_descent_mse(_DD, _Y2, torch.zeros(1, 2), _TD, torch.zeros(3, 1), t=2.0,
+                                           learning_rate=0.5)
+    assert test.shape == (3, 2)
+    torch.testing.assert_close(test, ref_test)
+
+
+def test_zero_kernel_is_stable_at_every_learning_rate():
+    """A zero training kernel (zero inputs, no bias) never moves the outputs: no division by λ_max = 0."""
+    assert predict.max_learning_rate(torch.zeros(3, 3)) == math.inf
+    y, f0 = torch.tensor([1.0, -1.0, 0.5]), torch.tensor([0.2, 0.1, -0.3])
+    train, test = predict.gradient_descent_mse(torch.zeros(3, 3), y, f0, torch.zeros(2, 3), torch.ones(2), steps=5)
+    assert torch.equal(train, f0) and torch.equal(test, torch.ones(2))
+    net = ntkgp.serial(ntkgp.Dense(8, 1.0, None), ntkgp.ReLU(), ntkgp.Dense(1, 1.0, None))
+    flow = predict.GradientFlow(net, torch.zeros(3, 2), y)
+    assert flow.max_learning_rate == math.inf
+    out = flow.predict(torch.zeros(2, 2), steps=5)
+    assert torch.equal(out.mean, torch.zeros(2)) and bool(torch.isfinite(out.covariance).all())
+
+
+def test_warns_at_the_stability_limit_where_the_top_mode_oscillates_forever():
+    limit = predict.max_learning_rate(_DD, 4)
+    with pytest.warns(RuntimeWarning, match="stability limit"):
+        train = predict.gradient_descent_mse(_DD, _Y2[:, 0], steps=torch.tensor([1000, 1001]), learning_rate=limit)
+    assert float((train[0] - train[1]).abs().max()) > 1e-3      # it has not converged

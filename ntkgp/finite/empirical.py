@@ -35,6 +35,9 @@ from ntkgp.layers.validation import check_inputs
 
 ParamFn = Callable[[dict[str, Tensor], Tensor], Tensor]
 
+#: The torch modules that ``Layer.build`` uses besides ntkgp's own (none of them mixes points).
+_BUILT_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.Identity)
+
 
 def ensemble_size(model: nn.Module) -> int | None:
     """The number of stacked members of a module built by ``net.build(ensemble_size=E)``."""
@@ -44,9 +47,10 @@ def ensemble_size(model: nn.Module) -> int | None:
     return sizes.pop() if sizes else None
 
 
-def _as_function(model: nn.Module | ParamFn, params: dict[str, Tensor] | None
+def _as_function(model: nn.Module | ParamFn, params: dict[str, Tensor] | None, x: Tensor
                  ) -> tuple[ParamFn, dict[str, Tensor], int | None]:
     if isinstance(model, nn.Module):
+        _materialize(model, x)
         if params is None:
             params = {name: p.detach() for name, p in model.named_parameters()}
         buffers = dict(model.named_buffers())
@@ -61,11 +65,11 @@ def _as_function(model: nn.Module | ParamFn, params: dict[str, Tensor] | None
     return model, params, None
 
 
-def _per_output(kernel: Tensor, vector_output: bool) -> Tensor:
-    """``(..., n1, n2, k, k)`` → itself, or the per-output average ``(..., n1, n2)``."""
-    if vector_output:
-        return kernel
-    return kernel.diagonal(dim1=-2, dim2=-1).mean(-1)
+def _materialize(model: nn.Module, x: Tensor) -> None:
+    """Draw deferred (lazily built) first layers, so that their weights are among the parameters."""
+    if any(isinstance(m, DenseModule) and m.weight is None for m in model.modules()):
+        with torch.no_grad():
+            model(x[..., :1, :])
 
 
 def _outputs_2d(out: Tensor) -> Tensor:
@@ -76,11 +80,13 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
                    params: dict[str, Tensor] | None = None, vector_output: bool = False) -> Tensor:
     """``f(x1) f(x2)ᵀ`` per output unit ``(n1, n2)`` (or ``(n1, n2, k, k)``); ``(E, …)`` for ensembles."""
     x1, x2 = check_inputs(x1, x2)
-    fn, params, _ = _as_function(model, params)
+    fn, params, _ = _as_function(model, params, x1)
     with torch.no_grad():
         f1 = _outputs_2d(fn(params, x1))
         f2 = f1 if x2 is None else _outputs_2d(fn(params, x2))
-    return _per_output(torch.einsum("...ni,...mj->...nmij", f1, f2), vector_output)
+    if vector_output:
+        return torch.einsum("...ni,...mj->...nmij", f1, f2)
+    return f1 @ f2.mT / f1.shape[-1]
 
 
 def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None, *,
@@ -91,10 +97,11 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
 
     Args:
         model: a module (its parameters are ``θ``), or a function ``f(params, x)``.
-        x1: ``(n1, d)`` inputs.
+        x1: ``(n1, d)`` inputs (networks built by ntkgp also take batches ``(*batch, n1, d)``).
         x2: ``(n2, d)`` inputs; ``None`` for ``x1`` itself.
         params: the parameters to differentiate (default: all of the module's).
-        vector_output: return ``Θ̂_ij(x, x')`` as ``(n1, n2, k, k)``.
+        vector_output: return ``Θ̂_ij(x, x')`` as ``(n1, n2, k, k)``; otherwise the per-output
+            average ``(1/k) Σ_i Θ̂_ii`` is contracted directly, without the ``k × k`` blocks.
         chunk_size: members of an ensemble processed at once (bounds memory).
         parameter_scales: optional ``s_p`` per parameter name (a number, or a tensor that
             broadcasts to one member's parameter), default 1. With learning-rate ratios
@@ -104,13 +111,29 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
 
     Returns:
         ``(n1, n2)`` (or ``(n1, n2, k, k)``); with a leading ``E`` for ensembles.
+
+    Networks built by ntkgp (every module an ntkgp layer, every ``Dense`` layer called once) take
+    the layer-by-layer route of the module docstring; anything else, or scales other than numbers
+    and per-input-feature columns ``(in, 1)``, takes the Jacobian route (``torch.func.jacrev``).
     """
     x1, x2 = check_inputs(x1, x2)
-    scales = parameter_scales or {}
-    if params is None and isinstance(model, nn.Module) and _all_dense(model):
-        return _per_output(_layerwise_ntk(model, x1, x2, scales), vector_output)
-    fn, params, members = _as_function(model, params)
+    scales = dict(parameter_scales or {})
+    if isinstance(model, nn.Module):
+        _materialize(model, x1)
+    names = set(params if params is not None else dict(model.named_parameters()) if isinstance(model, nn.Module)
+                else ())
+    if params is not None or isinstance(model, nn.Module):
+        unknown = sorted(set(scales) - names)
+        if unknown:
+            raise ValueError(f"parameter_scales names parameters the network does not have: {unknown}.")
+    if params is None and isinstance(model, nn.Module) and _layerwise_applies(model, x1, scales):
+        return _layerwise_ntk(model, x1, x2, scales, vector_output)
+    if x1.dim() != 2:
+        raise ValueError(f"x1 must have shape (n, d) for this network (only networks built by ntkgp take "
+                         f"batches of inputs), got {tuple(x1.shape)}.")
+    fn, params, members = _as_function(model, params, x1)
     params = {name: p.detach() for name, p in params.items()}
+    spec = "nip,mjp->nmij" if vector_output else "nip,mip->nm"
 
     def single(p: dict[str, Tensor]) -> Tensor:
         j1 = jacrev(lambda q: _outputs_2d(fn(q, x1)))(p)
@@ -121,21 +144,49 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
             b = j2[name].reshape(*j2[name].shape[:2], -1)
             if name in scales:
                 a = a * torch.as_tensor(scales[name], dtype=a.dtype, device=a.device).expand(p[name].shape).reshape(-1)
-            term = torch.einsum("nip,mjp->nmij", a, b)
+            term = torch.einsum(spec, a, b)
             total = term if total is None else total + term
-        return total
+        return total if vector_output else total / a.shape[1]
 
     if members is None:
-        kernel = single(params)
-    else:
-        kernel = vmap(single, chunk_size=chunk_size)(params)
-    return _per_output(kernel, vector_output)
+        return single(params)
+    return vmap(single, chunk_size=chunk_size)(params)
 
 
-def _all_dense(model: nn.Module) -> bool:
-    dense_params = {id(p) for m in model.modules() if isinstance(m, DenseModule) for p in m.parameters(False)}
-    params = list(model.parameters())
-    return bool(params) and all(id(p) in dense_params for p in params)
+def _layerwise_applies(model: nn.Module, x: Tensor, scales: dict) -> bool:
+    """Whether the layer-by-layer formula is exact for ``model``: an ntkgp-built network (so no
+    layer mixes points and all parameters live in ``Dense`` layers), each ``Dense`` called once,
+    and scales it can apply (numbers, or one per input feature of a weight)."""
+    modules = list(model.modules())
+    if not all(type(m) in _BUILT_CONTAINERS or type(m).__module__.startswith("ntkgp.") for m in modules):
+        return False
+    dense = {id(p): (prefix, name, m) for prefix, m in model.named_modules() if isinstance(m, DenseModule)
+             for name, p in m.named_parameters(recurse=False)}
+    params = list(model.named_parameters())
+    if not params or any(id(p) not in dense for _, p in params):
+        return False
+    for full_name, p in params:
+        if full_name not in scales:
+            continue
+        scale = torch.as_tensor(scales[full_name])
+        _, name, module = dense[id(p)]
+        per_input = (name == "weight" and scale.dim() >= 2 and scale.shape[-1] == 1
+                     and scale.numel() == module.weight.shape[-2])
+        if scale.numel() != 1 and not per_input:
+            return False
+    calls: dict[int, int] = {}
+
+    def count(module, inputs, output) -> None:
+        calls[id(module)] = calls.get(id(module), 0) + 1
+
+    handles = [m.register_forward_hook(count) for m in modules if isinstance(m, DenseModule)]
+    try:
+        with torch.no_grad():
+            model(x[..., :1, :])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return all(c == 1 for c in calls.values())
 
 
 def _signals(model: nn.Module, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor | None]]:
@@ -172,22 +223,26 @@ def _signals(model: nn.Module, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor |
     return signals
 
 
-def _layerwise_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, scales: dict | None = None) -> Tensor:
-    """``(..., n1, n2, k, k)`` empirical NTK of a network of ``DenseModule`` layers."""
+def _layerwise_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, scales: dict | None = None,
+                   vector_output: bool = True) -> Tensor:
+    """Empirical NTK of a network of ``DenseModule`` layers: ``(..., n1, n2, k, k)``, or the
+    per-output average ``(..., n1, n2)`` without ``vector_output``."""
     names = {id(m): prefix for prefix, m in model.named_modules() if isinstance(m, DenseModule)}
     scales = scales or {}
     s1 = _signals(model, x1)
     s2 = s1 if x2 is None else _signals(model, x2)
+    spec = "i...aw,j...bw->...abij" if vector_output else "i...aw,i...bw->...ab"
     total = None
     for (module, u1, d1, c), (_, u2, d2, _) in zip(s1, s2, strict=True):
         dot = f"{names[id(module)]}." if names[id(module)] else ""
         w_scale = scales.get(f"{dot}weight")
-        if w_scale is not None:  # per input feature (a column of rates) or one number
+        if w_scale is not None:  # per input feature (a column (in, 1) of rates) or one number
             w_scale = torch.as_tensor(w_scale, dtype=u1.dtype, device=u1.device)
-            u1 = u1 * (w_scale.reshape(-1) if w_scale.dim() else w_scale)
+            u1 = u1 * (w_scale.reshape(-1) if w_scale.numel() > 1 else w_scale.reshape(()))
         gram = torch.einsum("...ap,...bp->...ab", u1, u2)
         if c is not None:
-            gram = gram + c * scales.get(f"{dot}bias", 1.0)
-        term = torch.einsum("i...aw,j...bw->...abij", d1, d2) * gram[..., None, None]
+            gram = gram + c * torch.as_tensor(scales.get(f"{dot}bias", 1.0), dtype=gram.dtype,
+                                                device=gram.device).reshape(())
+        term = torch.einsum(spec, d1, d2) * (gram[..., None, None] if vector_output else gram)
         total = term if total is None else total + term
-    return total
+    return total if vector_output else total / s1[0][2].shape[0]

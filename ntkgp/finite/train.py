@@ -21,7 +21,6 @@ as ``1/sqrt(width)``: "lazy training").
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +30,7 @@ from ntkgp.finite.empirical import empirical_ntk
 from ntkgp.finite.rates import equivalent_learning_rates
 from ntkgp.layers.base import Layer
 from ntkgp.layers.dense import DenseModule
-from ntkgp.layers.validation import check_points
+from ntkgp.layers.validation import check_points, positive_number
 
 #: Bytes of parameters (with gradients and activations) an ensemble chunk may hold by default,
 #: counted in float32: float64 chunks hold twice as much, so that the default chunks, and with them
@@ -149,8 +148,7 @@ def train_ensemble(
         raise ValueError(f"y_train must be (N,) or (N, k) with N = {x_train.shape[0]}, got {tuple(y_train.shape)}.")
     if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
         raise ValueError(f"ensemble_size must be a positive integer, got {ensemble_size!r}.")
-    if not (isinstance(learning_rate, int | float) and math.isfinite(learning_rate) and learning_rate > 0):
-        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}.")
+    learning_rate = positive_number(learning_rate, "learning_rate")
     record_steps = [float(s) for s in torch.as_tensor(record_steps, dtype=torch.float64).reshape(-1).tolist()]
     if not record_steps or any(s < 0 or not s.is_integer() for s in record_steps):
         raise ValueError(f"record_steps must be non-negative integers, got {record_steps!r}.")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -52,3 +55,15 @@ def check_inputs(x1: Tensor, x2: Tensor | None, diag: bool = False) -> tuple[Ten
                     and torch.equal(x1, x2)):
         return x1, None
     return x1, x2
+
+
+def positive_number(value, name: str) -> float:
+    """``value`` (a Python or numpy real, or a one-element real tensor) as a finite positive float."""
+    number = None
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
+        number = float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    if number is None or not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}.")
+    return number

@@ -22,14 +22,13 @@ neural-tangents' ``gradient_descent_mse_ensemble``, and values agree with it to 
 
 from __future__ import annotations
 
-import warnings
 from functools import cached_property
 
 import torch
 from torch import Tensor
 
 from ntkgp.layers.base import Layer
-from ntkgp.layers.validation import check_points
+from ntkgp.layers.validation import check_points, positive_number
 from ntkgp.predict.gaussian import Gaussian, check_non_negative, check_targets
 from ntkgp.predict.spectral import (
     Eigensystem,
@@ -39,6 +38,8 @@ from ntkgp.predict.spectral import (
     max_learning_rate,
     regularize,
     spectral_apply,
+    stability_limit,
+    warn_if_unstable,
 )
 
 KINDS = ("ntk", "nngp")
@@ -76,8 +77,7 @@ class GradientFlow:
             raise ValueError(f"x_train must have shape (N, d), got {tuple(x_train.shape)}.")
         check_targets(y_train, x_train.shape[0])
         self.net, self.x_train, self.kind = net, x_train, kernel
-        self.learning_rate = learning_rate
-        make_schedule(None, None, learning_rate, 1, x_train.device)  # validates the learning rate
+        self.learning_rate = positive_number(learning_rate, "learning_rate")
         self.diag_reg = check_non_negative("diag_reg", diag_reg)
         self.diag_reg_absolute_scale = diag_reg_absolute_scale
         self.dtype, self.factor_dtype = x_train.dtype, factor_dtype
@@ -113,7 +113,7 @@ class GradientFlow:
     @property
     def max_learning_rate(self) -> float:
         """``2m / λ_max``: discrete gradient descent diverges above it."""
-        return 2 * self.m / float(self.eigensystem.values.max())
+        return stability_limit(float(self.eigensystem.values.max()), self.m)
 
     # ------------------------------------------------------------------ prediction
     def predict(self, x_test: Tensor | None = None, t=None, steps=None, compute_cov: bool = True) -> Gaussian:
@@ -127,10 +127,8 @@ class GradientFlow:
             compute_cov: also compute the ``(M, M)`` covariance (shared by all outputs).
         """
         schedule = make_schedule(t, steps, self.learning_rate, self.m, self.x_train.device)
-        if schedule is not None and schedule.discrete and self.learning_rate > self.max_learning_rate:
-            warnings.warn(f"learning_rate={self.learning_rate:g} exceeds the stability limit 2m/λ_max = "
-                          f"{self.max_learning_rate:g}: discrete gradient descent diverges.", RuntimeWarning,
-                          stacklevel=2)
+        if schedule is not None and schedule.discrete:
+            warn_if_unstable(self.learning_rate, self.max_learning_rate)
         kernels = None if x_test is None else self._test_kernels(x_test, compute_cov)
         if schedule is None:
             mean, cov = self._infinite(kernels, compute_cov)

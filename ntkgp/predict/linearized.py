@@ -13,13 +13,19 @@ linearized model at any learning rate). Works with analytic or empirical kernels
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
-from ntkgp.predict.gaussian import check_non_negative
-from ntkgp.predict.spectral import Eigensystem, cholesky, make_schedule, regularize, spectral_apply
+from ntkgp.predict.gaussian import check_non_negative, check_targets
+from ntkgp.predict.spectral import (
+    Eigensystem,
+    cholesky,
+    make_schedule,
+    regularize,
+    spectral_apply,
+    stability_limit,
+    warn_if_unstable,
+)
 
 
 def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: Tensor | float = 0.0,
@@ -31,11 +37,11 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
     Args:
         ntk_train_train: ``(N, N)`` tangent kernel of the training inputs.
         y_train: ``(N,)`` or ``(N, k)`` targets.
-        fx_train_0: the network's initial outputs on the training inputs (same shape as
+        fx_train_0: the network's initial outputs on the training inputs (the shape of
             ``y_train``, or a number).
         ntk_test_train: ``(M, N)`` tangent kernel between test and training inputs, to also
             predict test outputs (together with ``fx_test_0``).
-        fx_test_0: ``(M,)`` or ``(M, k)`` initial test outputs.
+        fx_test_0: initial test outputs, ``(M,)`` or ``(M, k)`` like ``y_train``, or a number.
         t: ``None`` (infinite time), a number or a tensor of times (leading output shape).
         steps: instead of ``t``, discrete gradient-descent step counts.
         learning_rate: ``η``; time enters as ``τ = η t / m`` with ``m = y_train.numel()``.
@@ -49,16 +55,22 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
     """
     if (ntk_test_train is None) != (fx_test_0 is None):
         raise ValueError("Give both ntk_test_train and fx_test_0 to predict test outputs, or neither.")
+    _check_kernel(ntk_train_train, "ntk_train_train")
     n = ntk_train_train.shape[-1]
-    if ntk_train_train.shape != (n, n) or y_train.shape[0] != n:
-        raise ValueError(f"ntk_train_train must be (N, N) and y_train (N, ...); got {tuple(ntk_train_train.shape)} "
-                         f"and {tuple(y_train.shape)}.")
-    if ntk_test_train is not None and ntk_test_train.shape[-1] != n:
-        raise ValueError(f"ntk_test_train must be (M, {n}), got {tuple(ntk_test_train.shape)}.")
+    if ntk_train_train.shape != (n, n):
+        raise ValueError(f"ntk_train_train must be (N, N), got {tuple(ntk_train_train.shape)}.")
+    if isinstance(y_train, Tensor) and y_train.dim() in (1, 2) and y_train.shape[0] != n:
+        raise ValueError(f"ntk_train_train is {n} x {n} but y_train has {y_train.shape[0]} rows.")
+    check_targets(y_train, n)
     out_dtype = y_train.dtype
     diag_reg = check_non_negative("diag_reg", diag_reg)
     y = y_train.to(factor_dtype)
-    f0 = torch.as_tensor(fx_train_0, dtype=factor_dtype, device=y.device).expand_as(y)
+    f0 = _initial_outputs(fx_train_0, y.shape, "fx_train_0", y)
+    if ntk_test_train is not None:
+        _check_kernel(ntk_test_train, "ntk_test_train")
+        if ntk_test_train.dim() != 2 or ntk_test_train.shape[-1] != n:
+            raise ValueError(f"ntk_test_train must be (M, {n}), got {tuple(ntk_test_train.shape)}.")
+        fx_test_0 = _initial_outputs(fx_test_0, (ntk_test_train.shape[0], *y.shape[1:]), "fx_test_0", y)
     kernel = regularize(ntk_train_train.to(factor_dtype), diag_reg, diag_reg_absolute_scale)
     schedule = make_schedule(t, steps, learning_rate, y_train.numel(), y.device)
     residual = f0 - y
@@ -71,9 +83,8 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
             test = fx_test_0.to(factor_dtype) + (ntk_test_train.to(factor_dtype) @ coef).reshape(fx_test_0.shape)
     else:
         eig = Eigensystem.of(kernel)
-        if schedule.discrete and learning_rate > 2 * y_train.numel() / float(eig.values.max()):
-            warnings.warn("learning_rate exceeds the stability limit 2m/λ_max: gradient descent diverges.",
-                          RuntimeWarning, stacklevel=2)
+        if schedule.discrete:
+            warn_if_unstable(schedule.learning_rate, stability_limit(float(eig.values.max()), y_train.numel()))
         decay, flow = schedule.functions(eig)
         v = eig.vectors
         proj = v.mT @ flat                                                  # (N, k)
@@ -87,3 +98,27 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
     if test is None:
         return train.to(out_dtype)
     return train.to(out_dtype), test.to(out_dtype)
+
+
+def _check_kernel(kernel: Tensor, name: str) -> None:
+    if not isinstance(kernel, Tensor) or not kernel.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {type(kernel).__name__}.")
+    if not bool(torch.isfinite(kernel).all()):
+        raise ValueError(f"{name} contains NaN or infinite values.")
+
+
+def _initial_outputs(value: Tensor | float, shape: tuple[int, ...], name: str, like: Tensor) -> Tensor:
+    """``value`` (a number, or a tensor that broadcasts to ``shape``) as a finite tensor of ``shape``."""
+    tensor = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    try:
+        # only size-1 axes stretch: an (M,) value against (M, k) outputs would otherwise be read
+        # as one value per output unit whenever M == k
+        if tensor.dim() not in (0, len(shape)):
+            raise RuntimeError
+        out = tensor.expand(shape)
+    except RuntimeError as err:
+        raise ValueError(f"{name} must be a number or have shape {tuple(shape)} (size-1 axes broadcast), got "
+                         f"{tuple(tensor.shape)}.") from err
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{name} contains NaN or infinite values.")
+    return out

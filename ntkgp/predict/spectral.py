@@ -19,10 +19,13 @@ points have no component along them.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ntkgp.layers.validation import positive_number
 
 
 def regularize(k: Tensor, diag_reg: float, absolute: bool = False) -> Tensor:
@@ -123,21 +126,22 @@ class Schedule:
 
 def make_schedule(t, steps, learning_rate: float, m: int, device) -> Schedule | None:
     """Validate ``t``/``steps``; ``None`` when both are ``None`` (infinite time, Cholesky path)."""
-    if not (isinstance(learning_rate, int | float) and math.isfinite(learning_rate) and learning_rate > 0):
-        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}.")
+    learning_rate = positive_number(learning_rate, "learning_rate")
     if t is not None and steps is not None:
         raise ValueError("Give either continuous times t or discrete step counts steps, not both.")
     if t is None and steps is None:
         return None
     discrete = steps is not None
     raw = torch.as_tensor(steps if discrete else t, dtype=torch.float64)
+    if raw.numel() == 0:
+        raise ValueError(f"{'steps' if discrete else 't'} is empty: give at least one time.")
     if bool(torch.isnan(raw).any()):
         raise ValueError("Times must not be NaN.")
     if bool((raw < 0).any()):
         raise ValueError(f"Times must be non-negative, got {raw.min().item():g}.")
     if discrete and (bool(torch.isinf(raw).any()) or not bool((raw == raw.round()).all())):
         raise ValueError("steps must be finite non-negative integers.")
-    return Schedule(raw.reshape(-1).to(device), raw.shape, discrete, float(learning_rate), m)
+    return Schedule(raw.reshape(-1).to(device), raw.shape, discrete, learning_rate, m)
 
 
 def spectral_apply(left: Tensor, weights: Tensor, right: Tensor) -> Tensor:
@@ -157,8 +161,24 @@ def max_learning_rate(ntk_train_train: Tensor, y_train_size: int | None = None, 
     """Largest stable full-batch learning rate, ``2 (1 + momentum) m / λ_max(Θ)``.
 
     Gradient descent on ``(1/2m) ‖f − Y‖²`` contracts iff ``|1 − ηλ/m| < 1`` for all
-    eigenvalues (neural-tangents' ``max_learning_rate``; ``m`` defaults to ``N``).
+    eigenvalues (neural-tangents' ``max_learning_rate``; ``m`` defaults to ``N``). A zero kernel
+    never moves the outputs, so every rate is stable: ``inf``.
     """
     k = ntk_train_train.detach().to(torch.float64)
+    if k.dim() < 2 or k.shape[-1] != k.shape[-2] or not bool(torch.isfinite(k).all()):
+        raise ValueError(f"ntk_train_train must be a finite square (N, N) kernel, got shape {tuple(k.shape)}.")
     m = k.shape[-1] if y_train_size is None else y_train_size
-    return 2 * (1 + momentum) * m / float(torch.linalg.eigvalsh(k)[..., -1].max())
+    return stability_limit(float(torch.linalg.eigvalsh(k)[..., -1].max()), m, momentum)
+
+
+def stability_limit(lambda_max: float, m: int, momentum: float = 0.0) -> float:
+    """``2 (1 + momentum) m / λ_max``, ``inf`` when ``λ_max ≤ 0``."""
+    return 2 * (1 + momentum) * m / lambda_max if lambda_max > 0 else math.inf
+
+
+def warn_if_unstable(learning_rate: float, limit: float) -> None:
+    """Discrete gradient descent at ``η ≥ 2m/λ_max`` does not converge: the top mode oscillates
+    with factor ``1 − ηλ_max/m ≤ −1`` (and grows above the limit)."""
+    if learning_rate >= limit:
+        warnings.warn(f"learning_rate={learning_rate:g} is at or above the stability limit 2m/λ_max = {limit:g}: "
+                      "discrete gradient descent does not converge.", RuntimeWarning, stacklevel=3)
