@@ -58,13 +58,19 @@ class NetworkGP(gpytorch.models.ExactGP):
             net = mlp(**mlp_kwargs)
         elif mlp_kwargs:
             raise ValueError(f"Pass either net or mlp arguments, not both (got {sorted(mlp_kwargs)}).")
-        self.net = net
+        # the kernel owns the network: registered a second time, its priors would count twice in
+        # the marginal likelihood and its parameters twice in the state dict
         self.covar_module = KERNELS[kernel](net)
         shape = torch.Size([]) if train_y.dim() == 1 else torch.Size([self.num_outputs])
         if mean == "zero":
             self.mean_module = gpytorch.means.ZeroMean(batch_shape=shape)
         else:
             self.mean_module = gpytorch.means.ConstantMean(batch_shape=shape)
+
+    @property
+    def net(self) -> Layer:
+        """The network spec (owned by ``covar_module``), with its learnable variances."""
+        return self.covar_module.net
 
     def forward(self, x: Tensor) -> gpytorch.distributions.MultivariateNormal:
         covar = self.covar_module(x)

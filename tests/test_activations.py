@@ -167,3 +167,65 @@ def test_numerical_gradients_use_price_theorem():
         args[i] -= 2 * eps
         down = layer.pair_kernel(*args, False)[0]
         assert abs(float(g) - float((up - down) / (2 * eps))) < 1e-7
+
+
+def _erf_gelu_reference(name: str, k11: float, k12: float, k22: float) -> tuple[float, float]:
+    """The textbook difference-of-products forms, evaluated with 60 digits (mpmath)."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 60
+    k11, k12, k22 = (mpmath.mpf(v) for v in (k11, k12, k22))
+    if name == "erf":
+        root = mpmath.sqrt((1 + 2 * k11) * (1 + 2 * k22) - (2 * k12) ** 2)
+        return float(2 / mpmath.pi * mpmath.atan2(2 * k12, root)), float(4 / mpmath.pi / root)
+    big = (1 + k11) * (1 + k22)
+    delta = mpmath.sqrt(big - k12**2)
+    alpha = mpmath.atan2(k12, delta)
+    nngp = k12 / 4 + (k12 * alpha + (k12**2 + k11 * k22 * delta**2) / (big * delta)) / (2 * mpmath.pi)
+    dot = mpmath.mpf(1) / 4 + alpha / (2 * mpmath.pi) + k12 * (1 / delta**2 + (1 - k11 * k22) / big + 1) / (
+        2 * mpmath.pi * delta)
+    return float(nngp), float(dot)
+
+
+@pytest.mark.parametrize("name", ["erf", "gelu"])
+@pytest.mark.parametrize("dtype,k", [(torch.float32, 1e3), (torch.float32, 1e7), (torch.float32, 4e10),
+                                     (torch.float64, 1e7), (torch.float64, 2e16)])
+def test_erf_and_gelu_keep_their_digits_at_large_variances(name, dtype, k):
+    """``(1 + k11)(1 + k22) − k12²`` as a difference of products lost every digit where a point meets
+    itself at large variance (inf NTK factors at k = 1e7 in float32); float32 must stay within
+    a few float32 epsilons of the 60-digit value, on and off the diagonal."""
+    layer = ntkgp.Erf() if name == "erf" else ntkgp.GELU()
+    eps = torch.finfo(dtype).eps
+    for k12 in (k, 0.3 * k, -0.999 * k):
+        t = lambda v: torch.tensor([v], dtype=dtype)  # noqa: E731
+        nngp, dot = layer.pair_kernel(t(k), t(k12), t(k), True)
+        ref_nngp, ref_dot = _erf_gelu_reference(name, k, k12, k)
+        for got, ref in ((nngp, ref_nngp), (dot, ref_dot)):
+            assert math.isfinite(float(got))
+            assert abs(float(got) - ref) <= 64 * eps * (abs(ref) + (k if got is nngp and name == "gelu" else 1)), (
+                k12, float(got), ref)
+
+
+def test_elementwise_diagonal_is_the_partial_derivative_with_autograd_on():
+    """In the symmetric diagonal k11, k12 and k22 are one tensor; with gradients recorded the NTK
+    factor must still be ∂T/∂k12, not the total derivative: diag=True = diagonal of the matrix."""
+    def erf_nngp(k12, k11, k22):
+        return 2 / math.pi * torch.arcsin(2 * k12 / torch.sqrt((1 + 2 * k11) * (1 + 2 * k22)))
+
+    net = ntkgp.serial(ntkgp.Dense(8, 1.5, 0.1), ntkgp.Elementwise(torch.erf, erf_nngp), ntkgp.Dense(1, 1.0, 0.1))
+    reference = ntkgp.serial(ntkgp.Dense(8, 1.5, 0.1), ntkgp.Erf(), ntkgp.Dense(1, 1.0, 0.1))
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    kernel = ntkgp.NTKKernel(net)
+    assert any(p.requires_grad for p in kernel.parameters())
+    diag = kernel(x, diag=True)
+    assert diag.requires_grad
+    torch.testing.assert_close(diag, kernel(x).to_dense().diagonal(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(diag, ntkgp.NTKKernel(reference)(x, diag=True), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [lambda: ntkgp.Erf(a=math.nan), lambda: ntkgp.Sin(b=math.inf),
+                                  lambda: ntkgp.LeakyReLU(math.nan), lambda: ntkgp.ABReLU(math.inf, 1.0),
+                                  lambda: ntkgp.Cos(c="x"), lambda: ntkgp.LayerNorm(eps=0.0),
+                                  lambda: ntkgp.parallel(torch.nn.ReLU())])
+def test_layers_refuse_constants_that_would_give_nan_kernels(make):
+    with pytest.raises(ValueError):
+        make()

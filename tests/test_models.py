@@ -140,3 +140,43 @@ def test_botorch_single_task_gp_with_network_kernel():
     assert candidate.shape == (1, 2) and torch.isfinite(value).all()
     assert bool(((candidate >= bounds[0]) & (candidate <= bounds[1])).all())
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_network_gp_counts_each_prior_once():
+    """The kernel owns the network: registered twice, every prior entered the MLL twice."""
+    x = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.sin(x.sum(-1))
+    prior = gpytorch.priors.GammaPrior(20.0, 1.0)
+
+    def mll(weight_prior):
+        net = ntkgp.serial(ntkgp.Dense(10, 2.0, 0.1, weight_var_prior=weight_prior), ntkgp.ReLU(),
+                           ntkgp.Dense(1, 1.0, 0.1))
+        model = NetworkGP(x, y, net)
+        model.train()
+        objective = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+        return float(objective(model(x), y)) * len(y), model
+
+    with_prior, model = mll(prior)
+    without, _ = mll(None)
+    assert abs((with_prior - without) - float(prior.log_prob(torch.tensor(2.0)))) < 1e-9
+    assert len(list(model.named_priors())) == 1
+    keys = list(model.state_dict())
+    assert len(keys) == len(set(keys)) and not any(k.startswith("net.") for k in keys)
+    assert model.net is model.covar_module.net
+
+
+def test_kernel_level_ard_is_refused_in_favour_of_the_first_layer():
+    with pytest.raises(ValueError, match="ard_num_dims"):
+        ntkgp.NNGPKernel(ntkgp.mlp(1, "relu", 2.0, 0.1), ard_num_dims=3)
+
+
+def test_finite_twin_in_float64_uses_the_exact_variances():
+    net = ntkgp.serial(ntkgp.Dense(4, 2.25, 0.01), ntkgp.ReLU(), ntkgp.Dense(1, 0.3, 0.01))
+    model = net.build(in_features=3, dtype=torch.float64)
+    assert model[0].bias_var == 0.01 and float(model[2].weight_var) == 0.3
+
+
+def test_ard_dimension_is_checked_behind_pass_through_layers():
+    net = ntkgp.serial(ntkgp.Identity(), ntkgp.Dense(3, ard_num_dims=4), ntkgp.ReLU(), ntkgp.Dense(1))
+    with pytest.raises(ValueError, match="ard_num_dims=4"):
+        net.kernel(torch.randn(5, 3))

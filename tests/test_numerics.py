@@ -273,3 +273,27 @@ def test_setting_invalid_variance_raises():
 def test_invalid_architectures_raise_before_work(net, message):
     with pytest.raises(ValueError, match=message):
         net().kernel(torch.randn(4, 3))
+
+
+def test_forward_and_reverse_mode_hyperparameter_derivatives_agree():
+    """The safe square root (ReLU's angle, Erf's and GELU's determinant) supports forward mode and
+    vmap: ``jacfwd`` of an NTK in its raw variances equals ``jacrev``, duplicates and zero inputs included."""
+    x = torch.cat([torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), torch.zeros(1, 3)])
+    x = torch.cat([x, x[:1]]).double()
+
+    class Ntk(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, inputs):
+            return self.net.kernel(inputs).ntk
+
+    for act in (ntkgp.ReLU(), ntkgp.Erf(), ntkgp.GELU()):
+        module = Ntk(ntkgp.serial(ntkgp.Dense(8, 1.5, 0.1), act, ntkgp.Dense(1, 1.2, None))).double()
+        params = {n: p.detach() for n, p in module.named_parameters()}
+        ntk = lambda ps, module=module: torch.func.functional_call(module, ps, (x,))  # noqa: E731
+        forward, reverse = torch.func.jacfwd(ntk)(params), torch.func.jacrev(ntk)(params)
+        for name in params:
+            assert bool(torch.isfinite(forward[name]).all())
+            torch.testing.assert_close(forward[name], reverse[name], rtol=1e-10, atol=1e-12)

@@ -29,6 +29,10 @@ class NetworkKernel(Kernel):
         if not isinstance(net, Layer):
             raise ValueError(f"{type(self).__name__} needs an ntkgp network (e.g. ntkgp.serial(...)), "
                              f"got {type(net).__name__}.")
+        if kwargs.get("ard_num_dims") is not None:
+            # a Kernel-level ard_num_dims would be reported but act on nothing
+            raise ValueError("Per-feature weight variances belong to the first layer: use "
+                             "ntkgp.Dense(width, ..., ard_num_dims=d) instead of ard_num_dims on the kernel.")
         super().__init__(batch_shape=batch_shape, active_dims=active_dims, **kwargs)
         self.net = net
         if len(self.batch_shape) > 0:

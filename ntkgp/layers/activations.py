@@ -21,8 +21,22 @@ import torch
 from torch import Tensor, nn
 
 from ntkgp.layers.base import BuildContext, Layer
-from ntkgp.layers.numerics import gaussian_angle
+from ntkgp.layers.numerics import gaussian_angle, gaussian_det
 from ntkgp.layers.state import KernelState
+
+
+def _finite(**constants: float) -> tuple[float, ...]:
+    """The constants of an activation as floats; NaN or infinite ones would give NaN kernels."""
+    values = []
+    for name, value in constants.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name} must be a real number, got {value!r}.") from err
+        if not math.isfinite(number):
+            raise ValueError(f"{name} must be finite, got {value!r}.")
+        values.append(number)
+    return tuple(values)
 
 
 class ActivationModule(nn.Module):
@@ -97,7 +111,7 @@ class ABReLU(Activation):
 
     def __init__(self, a: float, b: float) -> None:
         super().__init__()
-        self.a, self.b = float(a), float(b)
+        self.a, self.b = _finite(a=a, b=b)
 
     def fn(self, x: Tensor) -> Tensor:
         return _abrelu(x, self.a, self.b)
@@ -167,12 +181,14 @@ class Erf(Activation):
         T = a² (2/π) arcsin(r / sqrt(q11 q22)) + c²  = a² (2/π) atan2(r, sqrt(q11 q22 − r²)) + c²
         Ṫ = a² b² (4/π) / sqrt(q11 q22 − r²)
 
-    ``q11 q22 − r² ≥ 1`` always, so both are smooth everywhere.
+    ``q11 q22 − r² = 1 + 2b²(k11 + k22) + 4b⁴(k11 k22 − k12²) ≥ 1`` always, so both are smooth
+    everywhere. It is computed in that form: as a difference of products it loses every digit
+    at large variances (a point with itself at ``k ~ 10⁷`` in float32).
     """
 
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
         super().__init__()
-        self.a, self.b, self.c = float(a), float(b), float(c)
+        self.a, self.b, self.c = _finite(a=a, b=b, c=c)
 
     def fn(self, x: Tensor) -> Tensor:
         return _erf(x, self.a, self.b, self.c)
@@ -182,7 +198,7 @@ class Erf(Activation):
 
     def pair_kernel(self, k11, k12, k22, want_dot):
         b2 = self.b**2
-        root = torch.sqrt((1 + 2 * b2 * k11) * (1 + 2 * b2 * k22) - (2 * b2 * k12) ** 2)
+        root = torch.sqrt(1 + 2 * b2 * (k11 + k22) + 4 * b2**2 * gaussian_det(k11, k12, k22))
         nngp = self.a**2 * (2 / math.pi) * torch.atan2(2 * b2 * k12, root) + self.c**2
         dot = self.a**2 * b2 * (4 / math.pi) / root if want_dot else None
         return nngp, dot
@@ -216,14 +232,17 @@ class GELU(Activation):
 
     def pair_kernel(self, k11, k12, k22, want_dot):
         prod_plus_1 = (1 + k11) * (1 + k22)
-        delta_sq = prod_plus_1 - k12**2
+        delta_sq = 1 + k11 + k22 + gaussian_det(k11, k12, k22)   # = P − k12², without the cancellation
         delta = torch.sqrt(delta_sq)
         alpha = torch.atan2(k12, delta)
-        prod = k11 * k22
-        nngp = k12 / 4 + (k12 * alpha + (k12**2 + prod * delta_sq) / (prod_plus_1 * delta)) / (2 * math.pi)
+        r11, r22 = k11 / (1 + k11), k22 / (1 + k22)
+        # (k12² + k11 k22 δ²)/(P δ), regrouped so that no O(k³)–O(k⁴) product overflows float32
+        nngp = k12 / 4 + (k12 * alpha + (k12 / (1 + k11)) * (k12 / (1 + k22)) / delta + r11 * r22 * delta) / (
+            2 * math.pi)
         dot = None
         if want_dot:
-            dot = 0.25 + alpha / (2 * math.pi) + k12 * (1 / delta_sq + (1 - prod) / prod_plus_1 + 1) / (
+            # (1 − k11 k22)/P + 1 = (2 + k11 + k22)/P: the left form cancels at large variances
+            dot = 0.25 + alpha / (2 * math.pi) + k12 * (1 / delta_sq + (2 + k11 + k22) / prod_plus_1) / (
                 2 * math.pi * delta)
         return nngp, dot
 
@@ -247,7 +266,7 @@ class Sin(Activation):
 
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
         super().__init__()
-        self.a, self.b, self.c = float(a), float(b), float(c)
+        self.a, self.b, self.c = _finite(a=a, b=b, c=c)
 
     def fn(self, x: Tensor) -> Tensor:
         return _sin(x, self.a, self.b, self.c)
@@ -274,6 +293,7 @@ class Cos(Sin):
     """``φ(x) = a·cos(b x + c) = a·sin(b x + c + π/2)``."""
 
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
+        (c,) = _finite(c=c)
         super().__init__(a, b, c + math.pi / 2)
 
 

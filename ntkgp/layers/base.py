@@ -19,6 +19,7 @@ import gpytorch
 import torch
 from torch import Tensor, nn
 
+from ntkgp.layers.numerics import transforms_active
 from ntkgp.layers.state import KernelState
 from ntkgp.layers.validation import check_inputs
 from ntkgp.layers.variance import VarianceParameters
@@ -97,10 +98,10 @@ class Layer(VarianceParameters, gpytorch.Module):
         """
         x1, x2 = check_inputs(x1, x2, diag)
         self.check_input_dim(x1.shape[-1])
-        needs_graph = torch.is_grad_enabled() and (
+        needs_graph = transforms_active() or (torch.is_grad_enabled() and (
             x1.requires_grad or (x2 is not None and x2.requires_grad)
             or any(p.requires_grad for p in self.parameters())
-        )
+        ))
         if needs_graph or diag:
             return _finalize(self.kernel_map(KernelState.from_inputs(x1, x2, diag, want_ntk=ntk)))
         with torch.no_grad():

@@ -76,6 +76,9 @@ class Parallel(Layer):
             raise ValueError(f"join must be one of {JOINS}, got {join!r}.")
         if len(branches) < 1:
             raise ValueError("parallel() needs at least one branch.")
+        for branch in branches:
+            if not isinstance(branch, Layer):
+                raise ValueError(f"parallel() takes ntkgp layers, got {type(branch).__name__}.")
         self.branches = nn.ModuleList(branches)
         self.join = join
 

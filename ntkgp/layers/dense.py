@@ -128,6 +128,7 @@ class Dense(Layer):
         """First layer: ``K¹ = (σ_w²/d) x·x' + σ_b²`` (per-feature ``σ²_{w,j}`` with ARD), ``Θ¹``
         from ``Θ⁰ = 0``. The ``1/d`` is folded into the weight variance, so the input Gram
         matrix is formed once and never rescaled on its own."""
+        self.check_input_dim(state.width)   # also where pass-through layers come first
         weight_var = self.variance_as("weight_var", state.x1)
         bias_var = self.variance_as("bias_var", state.x1) if self.has_bias else None
         d = state.width
@@ -155,13 +156,14 @@ class Dense(Layer):
             if in_width is not None and in_width != self.ard_num_dims:
                 raise ValueError(f"Dense(ard_num_dims={self.ard_num_dims}) cannot take {in_width} inputs.")
             in_width = self.ard_num_dims
-        weight_var = self.weight_var.detach().double().cpu()
+        exact = torch.empty((), dtype=torch.float64)   # the stored anchors, not float32-rounded values
+        weight_var = self.variance_as("weight_var", exact).detach()
         if weight_var.dim() > (1 if self.ard_num_dims is not None else 0):
             raise ValueError("Cannot build a finite network from batched hyperparameters.")
         module = DenseModule(
             in_width, self.width,
             weight_var=weight_var,
-            bias_var=None if not self.has_bias else float(self.bias_var.detach()),
+            bias_var=None if not self.has_bias else float(self.variance_as("bias_var", exact).detach()),
             parameterization=self.parameterization,
             ctx=ctx,
         )

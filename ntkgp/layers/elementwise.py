@@ -69,7 +69,9 @@ class Elementwise(Activation):
             return self.nngp_fn(k12, k11, k22), self.dot_fn(k12, k11, k22)
         keep_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (k11, k12, k22))
         with torch.enable_grad():
-            leaf = k12 if k12.requires_grad else k12.detach().requires_grad_()
+            # a node of its own: in the symmetric diagonal k11, k12 and k22 are one tensor, and the
+            # derivative must be the partial one along k12, not the total one
+            leaf = k12.clone() if k12.requires_grad else k12.detach().requires_grad_()
             nngp = self.nngp_fn(leaf, k11, k22)
             (dot,) = torch.autograd.grad(nngp, leaf, torch.ones_like(nngp), create_graph=keep_graph)
         if not keep_graph:

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ntkgp.layers.base import BuildContext, Layer
 from ntkgp.layers.state import KernelState
+from ntkgp.layers.validation import positive_number
 
 
 class LayerNorm(Layer):
@@ -24,9 +25,8 @@ class LayerNorm(Layer):
 
     def __init__(self, eps: float = 1e-12) -> None:
         super().__init__()
-        if not eps >= 0:
-            raise ValueError(f"eps must be non-negative, got {eps!r}.")
-        self.eps = float(eps)
+        # eps = 0 would make a zero-variance input (a zero vector without bias) 0/0
+        self.eps = positive_number(eps, "eps")
 
     def kernel_map(self, state: KernelState) -> KernelState:
         if not state.is_gaussian:

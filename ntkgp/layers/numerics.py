@@ -6,27 +6,43 @@ import math
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 
 class _SafeSqrt(torch.autograd.Function):
-    """``sqrt(max(x, 0))`` whose gradient is 0 (not ``inf``/NaN) where ``x <= 0``.
+    """``sqrt(max(x, 0))`` whose derivative is 0 (not ``inf``/NaN) where ``x <= 0``.
 
     At ``x = 0`` the kernels that use it are exactly degenerate (a point paired with itself, a
     duplicate, a zero input), and along such a degenerate set the square root stays 0, so 0 is
-    the right derivative there.
+    the right derivative there. Reverse mode, forward mode (``jvp``) and ``torch.func``
+    transforms (``vmap``, ``jacfwd``) are all supported.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        root = torch.sqrt(torch.clamp(x, min=0))
-        ctx.save_for_backward(root)
-        return root
+    def forward(x: Tensor) -> Tensor:
+        return torch.sqrt(torch.clamp(x, min=0))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         (root,) = ctx.saved_tensors
-        positive = root > 0
-        return torch.where(positive, grad / (2 * torch.where(positive, root, torch.ones_like(root))), 0)
+        return _sqrt_derivative(grad, root)
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        (root,) = ctx.saved_tensors
+        return _sqrt_derivative(tangent, root)
+
+
+def _sqrt_derivative(change: Tensor, root: Tensor) -> Tensor:
+    positive = root > 0
+    return torch.where(positive, change / (2 * torch.where(positive, root, torch.ones_like(root))), 0)
 
 
 def safe_sqrt(x: Tensor) -> Tensor:
@@ -35,8 +51,27 @@ def safe_sqrt(x: Tensor) -> Tensor:
 
 
 def needs_graph(*tensors: Tensor) -> bool:
-    """Whether autograd is recording through any of ``tensors``."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    """Whether derivatives are being taken through any of ``tensors``: reverse mode recording a
+    graph, or forward mode / a ``torch.func`` transform carrying tangents on them (where the
+    in-place fast paths would differentiate ``sqrt`` at 0)."""
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or transforms_active()
+
+
+def transforms_active() -> bool:
+    """Whether forward-mode AD (``torch.autograd.forward_ad``) or a ``torch.func`` transform
+    (``jacfwd``, ``vmap``, ...) is active."""
+    return forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
+
+
+def gaussian_det(k11: Tensor, k12: Tensor, k22: Tensor) -> Tensor:
+    """``k11 k22 − k12² ≥ 0``, formed as ``(p − k12)(p + k12)`` with ``p = sqrt(k11 k22)``.
+
+    Subtracting ``k12²`` from ``k11 k22`` directly loses everything where the two agree to more
+    digits than the dtype holds (a point with itself, or nearly parallel inputs of large
+    variance), and the kernels that add it to ``O(k)`` terms then read 0 instead of ``O(k)``.
+    """
+    p = safe_sqrt(k11 * k22)
+    return ((p - k12) * (p + k12)).clamp(min=0)
 
 
 def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tensor]:
