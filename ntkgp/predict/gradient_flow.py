@@ -48,6 +48,9 @@ KINDS = ("ntk", "nngp")
 class GradientFlow:
     """Fit once, predict many: training kernels and their factorizations are cached.
 
+    The training kernels are computed here, from the network's variances at construction; after
+    changing those (e.g. by fitting a marginal likelihood), build a new ``GradientFlow``.
+
     Args:
         net: the network spec.
         x_train: ``(N, d)`` training inputs.
