@@ -226,6 +226,19 @@ def test_datasets_need_one_target_column(tmp_path):
     np.savez(tmp_path / "mismatch.npz", x_train=np.ones((5, 2)), y_train=np.ones(4), x_test=np.ones((2, 2)))
     with pytest.raises(ValueError, match="Inconsistent shapes"):
         load_dataset(str(tmp_path / "mismatch.npz"))
+    np.savez(tmp_path / "empty.npz", x_train=np.ones((0, 1)), y_train=np.ones(0), x_test=np.ones((2, 1)))
+    with pytest.raises(ValueError, match="at least one training"):
+        load_dataset(str(tmp_path / "empty.npz"))
+    (tmp_path / "header.csv").write_text("x,y\n0,1\n1,2\n")
+    with pytest.raises(ValueError, match=r"header\.csv"):
+        load_dataset(str(tmp_path / "header.csv"))
+    (tmp_path / "broken.npz").write_text("not an archive")
+    with pytest.raises(ValueError, match=r"broken\.npz"):
+        load_dataset(str(tmp_path / "broken.npz"))
+    for bad in (lambda: circle_dataset(0), lambda: circle_dataset(4, -1), lambda: circle_dataset(2.5),
+                lambda: sin_dataset(noise=float("nan")), lambda: sin_dataset(noise=-1.0)):
+        with pytest.raises(ValueError):
+            bad()
 
 
 def test_loglog_slope_does_not_drop_zero_values():

@@ -57,3 +57,23 @@ def test_monte_carlo_cross_kernels_and_standard_parameterization():
     est = monte_carlo_kernel(net, x1, x2, n_samples=128, seed=3)
     assert _rel(est.ntk, exact.ntk) <= 0.05
     assert est.ntk.shape == (5, 4)
+
+
+def test_nearby_seeds_give_independent_estimates_and_bad_arguments_raise():
+    """Batch b of seed s used to be batch b − 1 of seed s + 1: estimates of nearby seeds shared
+    half their samples."""
+    net = ntkgp.serial(ntkgp.Dense(16, 2.0, 0.1), ntkgp.ReLU(), ntkgp.Dense(1, 1.5, 0.1))
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    both = monte_carlo_kernel(net, x, n_samples=8, seed=0, ntk=False, ensemble_batch=4)
+    first = monte_carlo_kernel(net, x, n_samples=4, seed=0, ntk=False, ensemble_batch=4)
+    neighbour = monte_carlo_kernel(net, x, n_samples=4, seed=1, ntk=False, ensemble_batch=4)
+    torch.testing.assert_close(both.nngp, (first.nngp + monte_carlo_kernel(
+        net, x, n_samples=4, seed=1_000_003, ntk=False, ensemble_batch=4).nngp) / 2)   # batch 1's seed
+    assert float((2 * both.nngp - first.nngp - neighbour.nngp).abs().max()) > 1e-3
+    single = monte_carlo_kernel(net, x, n_samples=1)
+    assert bool(single.nngp_sem.isnan().all()) and bool(single.ntk_sem.isnan().all())  # not an exact 0
+    for kwargs in (dict(ensemble_batch=0), dict(ensemble_batch=1.5), dict(n_samples=0)):
+        with pytest.raises(ValueError):
+            monte_carlo_kernel(net, x, **kwargs)
+    with pytest.raises(ValueError, match=r"\(n, d\)"):   # a leading axis would pair points with members
+        monte_carlo_kernel(net, x.expand(2, 4, 3), n_samples=2)

@@ -108,14 +108,23 @@ def test_divergence_is_reported_not_raised():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(ensemble_size=0), "ensemble_size"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(chunk_size=1.5), "chunk_size"),
+    (dict(dtype=torch.int64), "dtype"),
+    (dict(x_test=torch.zeros(2, 4, 1, dtype=torch.float64)), r"x_test must have shape \(M, 1\)"),
+    (dict(x_test=torch.zeros(4, 2, dtype=torch.float64)), "x_test"),
+    (dict(probe=torch.zeros(3, 3, 1, dtype=torch.float64)), "probe"),
+    (dict(y_train=torch.cat([Y, -Y], 1)), "1 output"),                  # would train towards the row means
+    (dict(y_train=torch.where(X > 0, math.nan, Y)), "finite"),
+    (dict(x_train=X[:0], y_train=Y[:0]), "N >= 1"),
     (dict(learning_rate=-1.0), "learning_rate"),
     (dict(record_steps=[1.5]), "record_steps"),
     (dict(record_steps=[-3]), "record_steps"),
 ])
 def test_bad_arguments_raise(kwargs, message):
-    args = dict(ensemble_size=2, learning_rate=0.1, record_steps=[0, 1]) | kwargs
+    args = dict(x_train=X, y_train=Y, ensemble_size=2, learning_rate=0.1, record_steps=[0, 1]) | kwargs
     with pytest.raises(ValueError, match=message):
-        train_ensemble(_net(), X, Y, **args)
+        train_ensemble(_net(), **args)
     with pytest.raises(ValueError, match="y_train"):
         train_ensemble(_net(), X, Y[:3], ensemble_size=2, learning_rate=0.1, record_steps=[1])
 
@@ -128,19 +137,38 @@ def test_training_on_cuda_matches_cpu():
     torch.testing.assert_close(cpu.test_outputs, gpu.test_outputs, rtol=1e-9, atol=1e-10)
 
 
+def _towers(param):
+    """Two towers summed: two readout layers, both trained in readout-only mode."""
+    return ntkgp.parallel(ntkgp.serial(ntkgp.Dense(24, 2.0, 0.1, param), ntkgp.Erf(), ntkgp.Dense(1, 1.0, 0.1, param)),
+                          ntkgp.serial(ntkgp.Dense(16, 2.0, 0.1, param), ntkgp.ReLU(), ntkgp.Dense(1, 1.0, 0.1, param)))
+
+
+def test_readout_layers_are_every_dense_layer_that_reaches_the_output():
+    model = _towers("ntk").build(in_features=1, seed=0)
+    assert sorted(readout_parameters(model)) == ["branches.0.2.bias", "branches.0.2.weight", "branches.1.2.bias",
+                                                 "branches.1.2.weight"]
+    assert layer_groups(model, X.float())["readout"] == ["branches.0.2.weight", "branches.1.2.weight"]
+    residual = ntkgp.serial(ntkgp.Dense(8), ntkgp.residual(ntkgp.ReLU(), ntkgp.Dense(8, 2.0, 0.1)), ntkgp.Identity())
+    assert readout_parameters(residual.build(in_features=1)) == ["1.branches.1.1.bias", "1.branches.1.1.weight"]
+    with pytest.raises(ValueError, match="ends in ActivationModule"):
+        readout_parameters(ntkgp.serial(ntkgp.Dense(8), ntkgp.ReLU()).build(in_features=1))
+
+
 @pytest.mark.parametrize("param", ["ntk", "standard"])
-def test_readout_only_training_is_the_linear_model_of_each_members_own_kernel(param):
+@pytest.mark.parametrize("towers", [False, True])
+def test_readout_only_training_is_the_linear_model_of_each_members_own_kernel(param, towers):
     """Readout-only networks are linear in what is trained, so gradient descent on them is exactly
     ``f_s = f_0 − Θ̂ Θ̂_dd⁻¹ (I − (I − ηΘ̂_dd/m)^s)(f_0 − Y)`` with each member's own fixed readout tangent
     kernel: trainer, empirical kernel and the discrete-time predictor must agree to rounding."""
     xt = torch.linspace(-3.5, 3.5, 9, dtype=torch.float64).unsqueeze(-1)
-    steps, lr, net = [0, 3, 40, 200], 0.3, _net(param)
+    steps, lr, net = [0, 3, 40, 200], 0.3, (_towers(param) if towers else _net(param))
     h = train_ensemble(net, X, Y, ensemble_size=3, learning_rate=lr, record_steps=steps, x_test=xt,
                        readout_only=True, dtype=torch.float64)
     model = net.build(in_features=1, seed=0, ensemble_size=3, dtype=torch.float64)
-    frozen = {name: 0.0 for name in dict(model.named_parameters()) if not name.startswith("4.")}
+    readouts = readout_parameters(model)
+    assert len(readouts) == (4 if towers else 2)
     rates = equivalent_learning_rates(model, lr)
-    scales = frozen | {name: rates[name] / lr for name in ("4.weight", "4.bias")}
+    scales = {name: rates[name] / lr if name in readouts else 0.0 for name in dict(model.named_parameters())}
     both = torch.cat([X, xt])
     theta = ntkgp.finite.empirical_ntk(model, both, parameter_scales=scales)          # (E, 14, 14)
     with torch.no_grad():

@@ -30,6 +30,9 @@ class Dataset:
                 raise ValueError(f"{name} must be 2-D, got shape {tuple(getattr(self, name).shape)}.")
         if self.y_train.shape[-1] != 1:
             raise ValueError(f"y_train must have one target column, got shape {tuple(self.y_train.shape)}.")
+        if self.x_train.shape[0] == 0 or self.x_test.shape[0] == 0:
+            raise ValueError(f"A dataset needs at least one training and one test point, got "
+                             f"{self.x_train.shape[0]} and {self.x_test.shape[0]}.")
         if self.x_train.shape[0] != self.y_train.shape[0] or self.x_train.shape[1] != self.x_test.shape[1]:
             raise ValueError(f"Inconsistent shapes: x_train {tuple(self.x_train.shape)}, "
                              f"y_train {tuple(self.y_train.shape)}, x_test {tuple(self.x_test.shape)}.")
@@ -51,6 +54,8 @@ def plot_coordinate(x: Tensor) -> Tensor:
 
 def sin_dataset(seed: int = 0, noise: float = 0.1) -> Dataset:
     """5 noisy samples of ``sin`` on ``[−π, π]``, 50 test points: neural-tangents' classic demo."""
+    if not (isinstance(noise, int | float) and not isinstance(noise, bool) and 0 <= noise < math.inf):
+        raise ValueError(f"noise must be a finite non-negative number, got {noise!r}.")
     g = torch.Generator().manual_seed(seed)
     x_train = torch.linspace(-math.pi, math.pi, 5, dtype=torch.float64).unsqueeze(-1)
     y_train = torch.sin(x_train) + noise * torch.randn(x_train.shape, generator=g, dtype=torch.float64)
@@ -61,6 +66,9 @@ def sin_dataset(seed: int = 0, noise: float = 0.1) -> Dataset:
 
 def circle_dataset(n_train: int = 8, n_test: int = 100) -> Dataset:
     """Points on the unit circle (Jacot et al. 2018, Fig. 1): the kernel depends on the angle only."""
+    for name, value in (("n_train", n_train), ("n_test", n_test)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     gamma = torch.linspace(-math.pi, math.pi, n_train + 1, dtype=torch.float64)[:-1] + 0.3
     x_train = torch.stack([torch.cos(gamma), torch.sin(gamma)], -1)
     y_train = (torch.sin(gamma) + 0.5 * torch.cos(2 * gamma)).unsqueeze(-1)
@@ -89,7 +97,10 @@ def load_dataset(source: str) -> Dataset:
             raise ValueError(f"Dataset file {source!r} does not exist.")
         raise ValueError(f"Unknown dataset {source!r}: use 'sin', 'circle' or a path to a .csv/.npz file.")
     if path.suffix == ".npz":
-        data = np.load(path)
+        try:
+            data = np.load(path)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"Cannot read {path} as an .npz archive: {error}") from None
         missing = {"x_train", "y_train", "x_test"} - set(data.files)
         if missing:
             raise ValueError(f"{path} lacks arrays {sorted(missing)}.")
@@ -98,7 +109,11 @@ def load_dataset(source: str) -> Dataset:
         y_train = _as_2d(arrays["y_train"])
         y_test = _as_2d(arrays["y_test"]) if "y_test" in arrays else None
     elif path.suffix == ".csv":
-        table = np.loadtxt(path, delimiter=",", comments="#", ndmin=2)
+        try:
+            table = np.loadtxt(path, delimiter=",", comments="#", ndmin=2)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"Cannot read {path} as comma-separated numbers (a header line must start "
+                             f"with #): {error}") from None
         if table.shape[1] < 2:
             raise ValueError(f"{path} needs at least two columns (inputs..., target).")
         x_train = torch.as_tensor(table[:, :-1], dtype=torch.float64)

@@ -31,19 +31,25 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
     """Average empirical kernels over ``n_samples`` random initializations of ``net.build``.
 
     Members are built as stacked ensembles of up to ``ensemble_batch`` networks (vectorized,
-    ``torch.func.vmap`` over members for the NTK), in the dtype and on the device of ``x1``.
+    ``torch.func.vmap`` over members for the NTK), in the dtype and on the device of ``x1``;
+    batch ``b`` is seeded ``seed + 1_000_003 b``, so nearby seeds give independent estimates.
     The averages converge to the analytic kernels as widths grow (``O(1/sqrt(width))``
-    fluctuations per sample, ``O(1/width)`` bias of the mean).
+    fluctuations per sample, ``O(1/width)`` bias of the mean). Inputs are ``(n, d)``: a leading
+    axis would be read as the ensemble axis. With one sample the standard errors are NaN.
     """
     x1, x2 = check_inputs(x1, x2)
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}.")
+    for name, x in (("x1", x1), ("x2", x2)):
+        if x is not None and x.dim() != 2:
+            raise ValueError(f"{name} must have shape (n, d), got {tuple(x.shape)}.")
+    for name, value in (("n_samples", n_samples), ("ensemble_batch", ensemble_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     d = x1.shape[-1]
     nngps, ntks = [], []
     done, batch_index = 0, 0
     while done < n_samples:
         size = min(ensemble_batch, n_samples - done)
-        model = net.build(in_features=d, seed=seed + batch_index, ensemble_size=size,
+        model = net.build(in_features=d, seed=seed + 1_000_003 * batch_index, ensemble_size=size,
                           dtype=x1.dtype, device=x1.device)
         nngps.append(empirical_nngp(model, x1, x2))
         if ntk:
@@ -56,7 +62,8 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
 
     def mean_and_sem(samples: list[Tensor]) -> tuple[Tensor, Tensor]:
         stacked = torch.cat(samples, 0)
-        sem = stacked.std(0) / stacked.shape[0] ** 0.5 if stacked.shape[0] > 1 else torch.zeros_like(stacked[0])
+        sem = (stacked.std(0) / stacked.shape[0] ** 0.5 if stacked.shape[0] > 1
+               else torch.full_like(stacked[0], float("nan")))  # one sample has no spread to measure
         return stacked.mean(0), sem
 
     nngp, nngp_sem = mean_and_sem(nngps)
