@@ -94,7 +94,8 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
         callback: called as ``callback(step, loss)`` after every step.
 
     Returns:
-        The negative marginal log likelihood per data point at every step. The model is left
+        The negative marginal log likelihood per target entry (per data point for 1-D targets)
+        at every step. The model is left
         in eval mode. Raises ``FloatingPointError`` if the loss or a gradient is not finite.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:

@@ -257,3 +257,13 @@ def test_build_and_kernels_on_cuda():
     cpu = _net().build(in_features=5, seed=0)(x.cpu())
     torch.testing.assert_close(model(x).cpu(), cpu)
     functional_call(model, dict(model.named_parameters()), (x,))
+
+
+def test_deferred_first_layer_is_drawn_in_the_build_dtype():
+    model = ntkgp.mlp(1, "relu", width=4).build(seed=0, dtype=torch.float32)
+    model(torch.randn(2, 3, dtype=torch.float32))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model64 = ntkgp.mlp(1, "relu", width=4).build(seed=0, dtype=torch.float64)
+    model64(torch.randn(2, 3, dtype=torch.float64))
+    assert {p.dtype for p in model64.parameters()} == {torch.float64}
+    torch.testing.assert_close(model64[0].weight.float(), model[0].weight)    # same draws in both

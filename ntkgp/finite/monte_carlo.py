@@ -33,8 +33,10 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
     Members are built as stacked ensembles of up to ``ensemble_batch`` networks (vectorized,
     ``torch.func.vmap`` over members for the NTK), in the dtype and on the device of ``x1``;
     batch ``b`` is seeded ``seed + 1_000_003 b``, so nearby seeds give independent estimates.
-    The averages converge to the analytic kernels as widths grow (``O(1/sqrt(width))``
-    fluctuations per sample, ``O(1/width)`` bias of the mean). Inputs are ``(n, d)``: a leading
+    The averages converge to the analytic kernels: one wide network's empirical NTK is already
+    close to ``Θ`` (``O(1/sqrt(width))`` fluctuations), while its ``f(x) f(x')`` is a single draw
+    of the Gaussian process, ``O(1)`` off at any width, so the NNGP average needs many samples;
+    the bias of both means is ``O(1/width)``. Inputs are ``(n, d)``: a leading
     axis would be read as the ensemble axis. With one sample the standard errors are NaN.
     """
     x1, x2 = check_inputs(x1, x2)

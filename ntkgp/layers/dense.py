@@ -81,6 +81,7 @@ class Dense(Layer):
     # GPyTorch-style properties -------------------------------------------------------------
     @property
     def weight_var(self) -> Tensor:
+        """``σ_w²`` (one per input feature with ARD), learnable through ``raw_weight_var``."""
         return self.get_variance("weight_var")
 
     @weight_var.setter
@@ -89,6 +90,7 @@ class Dense(Layer):
 
     @property
     def bias_var(self) -> Tensor | None:
+        """``σ_b²``, learnable through ``raw_bias_var``; ``None`` for a layer without bias."""
         return self.get_variance("bias_var") if self.has_bias else None
 
     @bias_var.setter
@@ -226,7 +228,8 @@ class DenseModule(nn.Module):
         self.register_parameter("weight", None)
         self.register_buffer("input_scale", None)
         if in_features is None:
-            self._lazy = (ctx.child_seed(), ctx.dtype)
+            # drawn later in the build's dtype and device, like every other parameter of the module
+            self._lazy = (ctx.child_seed(), ctx.dtype or torch.get_default_dtype(), ctx.device)
         else:
             self._init_weight(ctx)
 
@@ -241,10 +244,9 @@ class DenseModule(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.weight is None:  # deferred first layer: draw now, from a stream of its own
-            seed, dtype = self._lazy
+            seed, dtype, device = self._lazy
             self.in_features = x.shape[-1]
-            self._init_weight(BuildContext(torch.Generator().manual_seed(seed), self.ensemble_size,
-                                           dtype or x.dtype, x.device))
+            self._init_weight(BuildContext(torch.Generator().manual_seed(seed), self.ensemble_size, dtype, device))
         if self.input_scale is not None:
             x = x * self.input_scale
         out = torch.matmul(x, self.weight)
