@@ -262,7 +262,7 @@ def test_variance_tolerance_keeps_the_false_failure_rate_of_128_members():
         assert inside(members, variance_tolerance(members)) == pytest.approx(inside(128, 0.27), abs=0.01)
 
 
-@pytest.mark.filterwarnings("ignore:learning_rate=.* exceeds the stability limit")
+@pytest.mark.filterwarnings("ignore:learning_rate=.* is at or above the stability limit")
 def test_a_width_that_diverges_is_reported_and_fails_check(tmp_path, capsys):
     config = CompareConfig(widths=(16, 32), ensemble_size=4, record_steps=(0, 20, 40), lr_fraction=20,
                            divergence_check=False)
