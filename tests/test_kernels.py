@@ -121,3 +121,28 @@ def test_marginal_likelihood_gradients_are_finite_with_duplicated_points(dtype, 
     assert len(grads) == 7  # 3 Dense layers x (weight, bias) + noise
     for name, grad in grads.items():
         assert grad is not None and torch.isfinite(grad).all(), name
+
+
+def test_last_dim_is_batch_keeps_hyperparameter_batches_on_the_batch_axes():
+    """Features become a batch axis placed after the hyperparameters' batch_shape (GPyTorch's
+    (*batch, d, n, n)); they used to be aligned with the hyperparameter batch instead."""
+    make = lambda w: ntkgp.serial(ntkgp.Dense(8, w, 0.1), ntkgp.ReLU(), ntkgp.Dense(1, 1.0, 0.1))  # noqa: E731
+    variances = [0.5, 2.0]
+    kernel = ntkgp.NTKKernel(make(1.0), batch_shape=torch.Size([2]))
+    kernel.net[0].weight_var = torch.tensor(variances)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    out = kernel(x, last_dim_is_batch=True).to_dense()
+    diag = kernel(x, last_dim_is_batch=True, diag=True)
+    assert out.shape == (2, 3, 5, 5) and diag.shape == (2, 3, 5)
+    for b, w in enumerate(variances):
+        for f in range(3):
+            torch.testing.assert_close(out[b, f], make(w).kernel(x[:, f:f + 1]).ntk)
+    torch.testing.assert_close(diag, out.diagonal(dim1=-2, dim2=-1))
+
+
+def test_empty_inputs_give_empty_kernels():
+    net = ntkgp.mlp(2, "relu", 2.0, 0.1)
+    with torch.no_grad():
+        assert net.kernel(torch.zeros(0, 3)).nngp.shape == (0, 0)
+        assert net.kernel(torch.zeros(0, 3), torch.ones(4, 3)).ntk.shape == (0, 4)
+    assert ntkgp.NNGPKernel(net)(torch.ones(2, 3), torch.zeros(0, 3)).to_dense().shape == (2, 0)

@@ -297,3 +297,21 @@ def test_forward_and_reverse_mode_hyperparameter_derivatives_agree():
         for name in params:
             assert bool(torch.isfinite(forward[name]).all())
             torch.testing.assert_close(forward[name], reverse[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [ntkgp.ReLU, ntkgp.Erf, ntkgp.GELU, ntkgp.Sign, ntkgp.Abs,
+                                  lambda: ntkgp.Numerical(torch.tanh, degree=30)])
+def test_variances_whose_products_overflow_are_scaled_not_lost(make):
+    """k11 k22 overflows float32 above k ≈ 1.8e19 (inputs of size ~1e10): off-diagonal entries
+    read 0 or inf before. Float32 must agree with float64 (where nothing overflows) to float32
+    precision, and saturating activations must give the same kernel at scale 1e10 and 1e12."""
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    net = ntkgp.serial(ntkgp.Dense(1, 1.0, 0.1), make(), ntkgp.Dense(1, 1.0, 0.1))
+    with torch.no_grad():
+        for scale in (1e10, 1e12):
+            k64, k32 = net.kernel(scale * x), net.kernel((scale * x).float())
+            for a, b in ((k32.nngp, k64.nngp), (k32.ntk, k64.ntk)):
+                assert bool(torch.isfinite(a).all())
+                torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=0)
+        if make in (ntkgp.Erf, ntkgp.Sign):   # bounded: the kernel no longer depends on the scale
+            torch.testing.assert_close(net.kernel(1e150 * x).nngp, net.kernel(1e12 * x).nngp, rtol=1e-9, atol=0)

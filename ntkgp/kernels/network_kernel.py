@@ -41,10 +41,17 @@ class NetworkKernel(Kernel):
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False,
                 **params) -> Tensor:
         if last_dim_is_batch:
-            x1 = x1.transpose(-1, -2).unsqueeze(-1)
-            x2 = x2.transpose(-1, -2).unsqueeze(-1)
-        result = self.net.kernel(x1, x2, diag=diag, ntk=self.kind == "ntk")
-        return getattr(result, self.kind)
+            # each feature becomes a one-dimensional input of its own. The feature axis goes in
+            # front of the batch axes, which must stay aligned with the hyperparameters' batch_shape,
+            # and comes back to GPyTorch's place, (*batch, d, n1, n2), afterwards.
+            batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape)
+            same = x2 is x1
+            x1 = x1.expand(*batch, *x1.shape[-2:]).movedim(-1, 0).unsqueeze(-1)
+            x2 = x1 if same else x2.expand(*batch, *x2.shape[-2:]).movedim(-1, 0).unsqueeze(-1)
+        result = getattr(self.net.kernel(x1, x2, diag=diag, ntk=self.kind == "ntk"), self.kind)
+        if last_dim_is_batch:
+            result = result.movedim(0, -2 if diag else -3)
+        return result
 
     def expand_batch(self, *sizes) -> Kernel:
         new_shape = torch.Size(sizes[0] if len(sizes) == 1 and not isinstance(sizes[0], int) else sizes)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkgp.layers.base import BuildContext, Layer
-from ntkgp.layers.numerics import gaussian_angle, gaussian_det
+from ntkgp.layers.numerics import gaussian_angle, gaussian_det, overflow_scale
 from ntkgp.layers.state import KernelState
 
 
@@ -198,9 +198,18 @@ class Erf(Activation):
 
     def pair_kernel(self, k11, k12, k22, want_dot):
         b2 = self.b**2
-        root = torch.sqrt(1 + 2 * b2 * (k11 + k22) + 4 * b2**2 * gaussian_det(k11, k12, k22))
-        nngp = self.a**2 * (2 / math.pi) * torch.atan2(2 * b2 * k12, root) + self.c**2
-        dot = self.a**2 * b2 * (4 / math.pi) / root if want_dot else None
+        c = overflow_scale(k11, k22)   # c² (q11 q22 − r²) in terms of c·k: no O(k²) overflow
+        if c is None:
+            root = torch.sqrt(1 + 2 * b2 * (k11 + k22) + 4 * b2**2 * gaussian_det(k11, k12, k22))
+            r, scaled_root = 2 * b2 * k12, root
+        else:
+            scaled_root = torch.sqrt(c * c + 2 * b2 * c * (c * k11 + c * k22)
+                                     + 4 * b2**2 * gaussian_det(k11, k12, k22, c))
+            r, root = 2 * b2 * (c * k12), None
+        nngp = self.a**2 * (2 / math.pi) * torch.atan2(r, scaled_root) + self.c**2
+        dot = None
+        if want_dot:
+            dot = self.a**2 * b2 * (4 / math.pi) * ((1 / root) if c is None else (c / scaled_root))
         return nngp, dot
 
     def variance(self, k: Tensor) -> Tensor:
@@ -231,9 +240,13 @@ class GELU(Activation):
         return _gelu
 
     def pair_kernel(self, k11, k12, k22, want_dot):
-        prod_plus_1 = (1 + k11) * (1 + k22)
-        delta_sq = 1 + k11 + k22 + gaussian_det(k11, k12, k22)   # = P − k12², without the cancellation
-        delta = torch.sqrt(delta_sq)
+        c = overflow_scale(k11, k22)
+        if c is None:
+            delta_sq = 1 + k11 + k22 + gaussian_det(k11, k12, k22)   # = P − k12², without the cancellation
+            delta = torch.sqrt(delta_sq)
+        else:  # the same, of the variances scaled by c, so that k11 k22 ~ k² cannot overflow
+            delta = torch.sqrt(c * c + c * (c * k11 + c * k22) + gaussian_det(k11, k12, k22, c)) / c
+            delta_sq = delta * delta
         alpha = torch.atan2(k12, delta)
         r11, r22 = k11 / (1 + k11), k22 / (1 + k22)
         # (k12² + k11 k22 δ²)/(P δ), regrouped so that no O(k³)–O(k⁴) product overflows float32
@@ -242,7 +255,7 @@ class GELU(Activation):
         dot = None
         if want_dot:
             # (1 − k11 k22)/P + 1 = (2 + k11 + k22)/P: the left form cancels at large variances
-            dot = 0.25 + alpha / (2 * math.pi) + k12 * (1 / delta_sq + (2 + k11 + k22) / prod_plus_1) / (
+            dot = 0.25 + alpha / (2 * math.pi) + k12 * (1 / delta_sq + (2 + k11 + k22) / (1 + k11) / (1 + k22)) / (
                 2 * math.pi * delta)
         return nngp, dot
 

@@ -102,7 +102,8 @@ class Layer(VarianceParameters, gpytorch.Module):
             x1.requires_grad or (x2 is not None and x2.requires_grad)
             or any(p.requires_grad for p in self.parameters())
         ))
-        if needs_graph or diag:
+        empty = x1.shape[-2] == 0 or (x2 is not None and x2.shape[-2] == 0)  # no blocks to loop over
+        if needs_graph or diag or empty:
             return _finalize(self.kernel_map(KernelState.from_inputs(x1, x2, diag, want_ntk=ntk)))
         with torch.no_grad():
             return _blocked_kernel(self, x1, x2, ntk, compile)

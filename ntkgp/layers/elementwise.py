@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ntkgp.layers.activations import Activation
+from ntkgp.layers.numerics import overflow_scale
 
 #: Upper bound on ``pairs × degree²`` evaluated at once by :class:`Numerical`.
 QUADRATURE_CHUNK = 1 << 22
@@ -209,17 +210,21 @@ def gauss_hermite_expectation(f: Callable[[Tensor], Tensor], g: Callable[[Tensor
     weights = torch.as_tensor(weights_np, dtype=a.dtype, device=a.device) / math.sqrt(math.pi)
     out = torch.empty_like(a)
     chunk = max(1, QUADRATURE_CHUNK // (degree * degree))
+    scale = overflow_scale(a, b)   # k11 k22 and the determinant are O(k²): formed of scaled variances
     with torch.no_grad():
         for start in range(0, a.numel(), chunk):
             sl = slice(start, start + chunk)
             k11_, k12_, k22_ = a[sl], c[sl], b[sl]
             sd1 = torch.sqrt(k11_)
             positive = sd1 > 0
-            p = torch.sqrt(k11_ * k22_)
-            det = torch.clamp((p - k12_) * (p + k12_), min=0)
-            safe_k11 = torch.where(positive, k11_, torch.ones_like(k11_))
+            q = 1.0 if scale is None else scale
+            p = torch.sqrt((q * k11_) * (q * k22_))
+            det = torch.clamp((p - q * k12_) * (p + q * k12_), min=0)                 # q² (k11 k22 − k12²)
+            safe_k11 = torch.where(positive, q * k11_, torch.ones_like(k11_))
             along = torch.where(positive, k12_ / torch.where(positive, sd1, torch.ones_like(sd1)), 0)
-            across = torch.where(positive, torch.sqrt(det / safe_k11), torch.sqrt(torch.clamp(k22_, min=0)))
+            # sqrt(det / k11) = sqrt(q² det / (q k11)) / sqrt(q), sqrt(q) exact for a power of 4
+            across = torch.where(positive, torch.sqrt(det / safe_k11) / q**0.5,
+                                 torch.sqrt(torch.clamp(k22_, min=0)))
             fu = f(sd1[:, None] * nodes)                                         # (N, deg)
             v = along[:, None, None] * nodes[None, :, None] + across[:, None, None] * nodes[None, None, :]
             gv = g(v)                                                            # (N, deg, deg)

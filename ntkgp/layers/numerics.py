@@ -63,13 +63,33 @@ def transforms_active() -> bool:
     return forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
 
 
-def gaussian_det(k11: Tensor, k12: Tensor, k22: Tensor) -> Tensor:
-    """``k11 k22 − k12² ≥ 0``, formed as ``(p − k12)(p + k12)`` with ``p = sqrt(k11 k22)``.
+def overflow_scale(k11: Tensor, k22: Tensor) -> float | Tensor | None:
+    """A power of 4, ``c``, such that products of the variances scaled by ``c`` cannot overflow;
+    ``None`` when none is needed (the usual case: variances below ``sqrt(max)/16``, 2.6e17 in
+    float32). Powers of 4 keep ``sqrt(c·k11 · c·k22) == c k`` exact where ``k11 = k22 = k``, and
+    ``sqrt(c)`` exact. Under ``torch.compile`` ``c`` is a tensor (no data-dependent branch)."""
+    limit = torch.finfo(k11.dtype).max ** 0.5 / 16
+    if torch.compiler.is_compiling():
+        big = torch.maximum(k11.detach().amax(), k22.detach().amax()).clamp(min=limit)
+        return torch.pow(4.0, -torch.ceil(torch.log(big / limit) / math.log(4.0)))
+    if k11.numel() == 0 or k22.numel() == 0:
+        return None
+    big = max(float(k11.detach().amax()), float(k22.detach().amax()))
+    if not (limit < big < math.inf):
+        return None
+    return 4.0 ** -math.ceil(math.log(big / limit, 4) + 1e-9)
+
+
+def gaussian_det(k11: Tensor, k12: Tensor, k22: Tensor, scale: float | Tensor | None = None) -> Tensor:
+    """``k11 k22 − k12² ≥ 0``, formed as ``(p − k12)(p + k12)`` with ``p = sqrt(k11 k22)``; of the
+    variances multiplied by ``scale`` (:func:`overflow_scale`) when given, i.e. ``scale²·det``.
 
     Subtracting ``k12²`` from ``k11 k22`` directly loses everything where the two agree to more
     digits than the dtype holds (a point with itself, or nearly parallel inputs of large
     variance), and the kernels that add it to ``O(k)`` terms then read 0 instead of ``O(k)``.
     """
+    if scale is not None:
+        k11, k12, k22 = k11 * scale, k12 * scale, k22 * scale
     p = safe_sqrt(k11 * k22)
     return ((p - k12) * (p + k12)).clamp(min=0)
 
@@ -84,20 +104,25 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tenso
     (a zero-variance input, e.g. a zero vector without bias), as in neural-tangents.
 
     Without autograd the same formula runs in place on its temporaries, and the ``π/2`` fill
-    is applied only when a zero variance is present (it can only occur there).
+    is applied only when a zero variance is present (it can only occur there). Variances whose
+    products would overflow are scaled by a power of 4 first (:func:`overflow_scale`).
     """
+    scale = overflow_scale(k11, k22)
+    if scale is not None:
+        k11, k12, k22 = k11 * scale, k12 * scale, k22 * scale
     if needs_graph(k11, k12, k22):
         p = safe_sqrt(k11 * k22)
         s = safe_sqrt((p - k12) * (p + k12))
         origin = (s == 0) & (k12 == 0)
         theta = torch.atan2(torch.where(origin, 1.0, s), torch.where(origin, 1.0, k12))
-        return s, torch.where(origin, math.pi / 2, theta)
-    p = torch.mul(k11, k22).sqrt_()
-    s = (p - k12).mul_(p.add_(k12)).clamp_(min=0).sqrt_()
-    theta = torch.atan2(s, k12)
-    if torch.compiler.is_compiling() or bool((k11 == 0).any()) or bool((k22 == 0).any()):
-        theta = torch.where((s == 0) & (k12 == 0), math.pi / 2, theta)
-    return s, theta
+        theta = torch.where(origin, math.pi / 2, theta)
+    else:
+        p = torch.mul(k11, k22).sqrt_()
+        s = (p - k12).mul_(p.add_(k12)).clamp_(min=0).sqrt_()
+        theta = torch.atan2(s, k12)
+        if torch.compiler.is_compiling() or bool((k11 == 0).any()) or bool((k22 == 0).any()):
+            theta = torch.where((s == 0) & (k12 == 0), math.pi / 2, theta)
+    return (s if scale is None else s / scale), theta
 
 
 def expand_param(value: Tensor, extra_dims: int) -> Tensor:
