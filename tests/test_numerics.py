@@ -315,3 +315,29 @@ def test_variances_whose_products_overflow_are_scaled_not_lost(make):
                 torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=0)
         if make in (ntkgp.Erf, ntkgp.Sign):   # bounded: the kernel no longer depends on the scale
             torch.testing.assert_close(net.kernel(1e150 * x).nngp, net.kernel(1e12 * x).nngp, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_duplicate_points_are_exactly_the_same_point(dtype, monkeypatch):
+    """x_i == x_j (i ≠ j) must give K_ij = K_ii bitwise, as a point with itself does: the cross Gram
+    entry and the squared norms round differently, and the square roots of the angle turned that
+    ulp into errors of 1e-4 (Sign, depth 2, float64) up to 73 % (depth 10) before."""
+    y = torch.randn(40, 8, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    x = torch.cat([y, y[:25]])                        # x[40 + i] == x[i]
+    pairs = (torch.arange(25), 40 + torch.arange(25))
+    for act, depth in (("sign", 10), ("relu", 10), ("erf", 4)):
+        net = ntkgp.mlp(depth, act, 2.0 if act == "relu" else 1.0, 0.1)
+        results = []
+        with torch.no_grad():
+            results.append(net.kernel(x))                                   # one block
+            monkeypatch.setattr(base, "BLOCK_ENTRIES", 7 * x.shape[0])     # many blocks
+            results.append(net.kernel(x))
+            monkeypatch.undo()
+        results.append(net.kernel(x.clone().requires_grad_()))              # graph path
+        for k in results:
+            for name in ("nngp", "ntk"):
+                matrix = getattr(k, name)
+                assert torch.equal(matrix[pairs], matrix.diagonal()[:25]), (act, name)
+        with torch.no_grad():  # a test set that shares points with the training set
+            cross = net.kernel(x[:10], x[30:])
+        assert torch.equal(cross.nngp[torch.arange(10), 10 + torch.arange(10)], results[0].nngp.diagonal()[:10])

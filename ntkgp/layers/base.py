@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkgp.layers.numerics import transforms_active
-from ntkgp.layers.state import KernelState
+from ntkgp.layers.state import Duplicates, KernelState
 from ntkgp.layers.validation import check_inputs
 from ntkgp.layers.variance import VarianceParameters
 
@@ -104,7 +104,10 @@ class Layer(VarianceParameters, gpytorch.Module):
         ))
         empty = x1.shape[-2] == 0 or (x2 is not None and x2.shape[-2] == 0)  # no blocks to loop over
         if needs_graph or diag or empty:
-            return _finalize(self.kernel_map(KernelState.from_inputs(x1, x2, diag, want_ntk=ntk)))
+            ids = None if diag or empty else Duplicates.point_ids(x1, x2)
+            duplicates = None if ids is None else Duplicates.of(*ids, symmetric=x2 is None)
+            return _finalize(self.kernel_map(KernelState.from_inputs(x1, x2, diag, want_ntk=ntk,
+                                                                     duplicates=duplicates)))
         with torch.no_grad():
             return _blocked_kernel(self, x1, x2, ntk, compile)
 
@@ -155,10 +158,12 @@ def _finalize(state: KernelState) -> KernelState:
 
 
 def _block(layer: Layer, x1: Tensor, x2: Tensor, norms: tuple[Tensor, Tensor], want_ntk: bool,
-           symmetric: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor, int, bool]:
+           symmetric: bool, duplicates: Duplicates | None = None
+           ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, int, bool]:
     """Kernels of one block of rows (``x1``) against columns ``x2``."""
     state = _finalize(layer.kernel_map(KernelState.from_inputs(
-        x1, x2, False, want_ntk=want_ntk, row_offset=0, symmetric=symmetric, sq_norms=norms)))
+        x1, x2, False, want_ntk=want_ntk, row_offset=0, symmetric=symmetric, sq_norms=norms,
+        duplicates=duplicates)))
     return state.nngp, state.ntk, state.cov1, state.cov2, state.width, state.is_gaussian
 
 
@@ -172,9 +177,9 @@ def _compiled_block():
     return _COMPILED_BLOCK
 
 
-def _run_block(layer, x1, x2, norms, want_ntk, symmetric, compile):
-    if not compile:
-        return _block(layer, x1, x2, norms, want_ntk, symmetric)
+def _run_block(layer, x1, x2, norms, want_ntk, symmetric, compile, duplicates=None):
+    if not compile or duplicates is not None:  # blocks with duplicates are rare: eager, not recompiled
+        return _block(layer, x1, x2, norms, want_ntk, symmetric, duplicates)
     for t in (x1, x2, *norms):  # one compilation serves every block shape
         torch._dynamo.mark_dynamic(t, t.dim() - (2 if t is x1 or t is x2 else 1))
     try:
@@ -200,18 +205,21 @@ def _blocked_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
     rows = max(1, min(n1, BLOCK_ENTRIES // max(n2, 1)))
     norms1 = torch.einsum("...nd,...nd->...n", x1, x1)
     norms2 = norms1 if symmetric else torch.einsum("...nd,...nd->...n", x2, x2)
+    ids = Duplicates.point_ids(x1, x2)
     nngp = ntk = cov1 = cov2 = None
     for start in range(0, n1, rows):
         stop = min(start + rows, n1)
         if symmetric:
             # Only the columns from `start` on: the rest is the mirror of earlier blocks.
             cols = slice(start, n2)
+            duplicates = None if ids is None else Duplicates.of(ids[0][start:stop], ids[0][cols], True)
             out = _run_block(layer, x1[..., start:stop, :], x1[..., cols, :],
-                             (norms1[..., start:stop], norms1[..., cols]), want_ntk, True, compile)
+                             (norms1[..., start:stop], norms1[..., cols]), want_ntk, True, compile, duplicates)
         else:
             cols = slice(0, n2)
+            duplicates = None if ids is None else Duplicates.of(ids[0][start:stop], ids[1], False)
             out = _run_block(layer, x1[..., start:stop, :], x2, (norms1[..., start:stop], norms2),
-                             want_ntk, False, compile)
+                             want_ntk, False, compile, duplicates)
         block_nngp, block_ntk, block_cov1, block_cov2, width, is_gaussian = out
         if rows >= n1:
             nngp, ntk, cov1, cov2 = block_nngp, block_ntk, block_cov1, (block_cov1 if symmetric else block_cov2)

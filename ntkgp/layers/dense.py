@@ -150,7 +150,8 @@ class Dense(Layer):
                 plain = gram if self.ard_num_dims is None else state.input_gram()[0]
                 ntk = plain + 1.0 if self.has_bias else plain
         return KernelState(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, width=self.width, diag=state.diag,
-                           symmetric=state.symmetric, is_gaussian=True, row_offset=state.row_offset)
+                           symmetric=state.symmetric, is_gaussian=True, row_offset=state.row_offset,
+                           duplicates=state.duplicates)
 
     # Finite width --------------------------------------------------------------------------
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int]:

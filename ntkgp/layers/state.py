@@ -29,6 +29,67 @@ from torch import Tensor
 
 
 @dataclass(frozen=True)
+class Duplicates:
+    """Bitwise-equal input points, in the coordinates of one (block of a) kernel matrix.
+
+    ``cov2[col_members] := cov2[col_reps]``, ``cov1[row_members] := cov2[row_reps]`` and
+    ``nngp[pair_rows, pair_cols] := cov2[pair_reps]`` make every pair of equal points exactly a
+    point with itself (see :meth:`KernelState.with_exact_diagonal`).
+    """
+
+    col_members: Tensor
+    col_reps: Tensor
+    row_members: Tensor
+    row_reps: Tensor
+    pair_rows: Tensor
+    pair_cols: Tensor
+    pair_reps: Tensor
+
+    @staticmethod
+    def point_ids(x1: Tensor, x2: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """Ids of the rows of ``(n, d)`` inputs, equal exactly for equal points (``None`` if all
+        points are distinct, or for batched inputs, whose points may repeat per batch)."""
+        if x1.dim() != 2 or (x2 is not None and x2.dim() != 2):
+            return None
+        both = (x1 if x2 is None else torch.cat([x1, x2])).detach()
+        if both.shape[0] < 2:
+            return None
+        # a cheap exact screen first: the wrapping integer sum of a row's bit patterns does not
+        # depend on the summation order, so equal rows have equal keys
+        bits = both.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[both.element_size()])
+        if torch.unique(bits.sum(-1, dtype=torch.int64)).numel() == both.shape[0]:
+            return None
+        _, ids = torch.unique(both, dim=0, return_inverse=True)
+        if int(ids.max()) + 1 == both.shape[0]:
+            return None
+        return ids[: x1.shape[0]], (ids[: x1.shape[0]] if x2 is None else ids[x1.shape[0]:])
+
+    @classmethod
+    def of(cls, rows: Tensor, cols: Tensor, symmetric: bool) -> Duplicates | None:
+        """The duplicates among rows with ids ``rows`` and columns with ids ``cols`` (in a
+        symmetric block the rows are the first columns)."""
+        groups = int(torch.maximum(rows.max(), cols.max())) + 1 if rows.numel() and cols.numel() else 0
+        if groups == 0:
+            return None
+        in_rows = torch.zeros(groups, dtype=torch.bool, device=rows.device)
+        in_rows[rows] = True
+        count = torch.bincount(cols, minlength=groups)
+        shared = in_rows & (count >= (2 if symmetric else 1))
+        if not bool(shared.any()):
+            return None
+        positions = torch.arange(cols.numel(), device=cols.device)
+        rep = torch.full((groups,), cols.numel(), dtype=torch.long, device=cols.device)
+        rep = rep.scatter_reduce(0, cols, positions, "amin")
+        col_members = torch.nonzero(shared[cols]).flatten()
+        row_members = torch.nonzero(shared[rows]).flatten()
+        match = rows[row_members].unsqueeze(-1) == cols[col_members]
+        pair_r, pair_c = torch.nonzero(match, as_tuple=True)
+        pair_rows, pair_cols = row_members[pair_r], col_members[pair_c]
+        return cls(col_members, rep[cols[col_members]], row_members, rep[rows[row_members]],
+                   pair_rows, pair_cols, rep[cols[pair_cols]])
+
+
+@dataclass(frozen=True)
 class KernelState:
     """NNGP and NTK kernels of two input sets at one point of a network.
 
@@ -62,11 +123,13 @@ class KernelState:
     x2: Tensor | None = None
     row_offset: int = 0
     sq_norms: tuple[Tensor, Tensor] | None = None
+    duplicates: Duplicates | None = None
 
     @classmethod
     def from_inputs(cls, x1: Tensor, x2: Tensor | None = None, diag: bool = False, want_ntk: bool = True,
                     row_offset: int = 0, symmetric: bool | None = None,
-                    sq_norms: tuple[Tensor, Tensor] | None = None) -> KernelState:
+                    sq_norms: tuple[Tensor, Tensor] | None = None,
+                    duplicates: Duplicates | None = None) -> KernelState:
         """The state before the first layer.
 
         ``x2=None`` means "the same points as ``x1``". A block of rows of a symmetric kernel is
@@ -77,7 +140,7 @@ class KernelState:
             symmetric = x2 is None
         return cls(nngp=None, ntk=x1.new_zeros(()) if want_ntk else None, cov1=None, cov2=None,
                    width=x1.shape[-1], diag=diag, symmetric=symmetric, x1=x1,
-                   x2=x1 if x2 is None else x2, row_offset=row_offset, sq_norms=sq_norms)
+                   x2=x1 if x2 is None else x2, row_offset=row_offset, sq_norms=sq_norms, duplicates=duplicates)
 
     @property
     def is_input(self) -> bool:
@@ -129,7 +192,7 @@ class KernelState:
         cov1 = nngp if gram is g1 else g1 / d
         cov2 = cov1 if g2 is g1 else g2 / d
         state = KernelState(nngp=nngp, ntk=self.ntk, cov1=cov1, cov2=cov2, width=d, diag=self.diag,
-                            symmetric=self.symmetric, row_offset=self.row_offset)
+                            symmetric=self.symmetric, row_offset=self.row_offset, duplicates=self.duplicates)
         return state.with_exact_diagonal()
 
     def materialize(self) -> KernelState:
@@ -154,14 +217,38 @@ class KernelState:
 
     # ------------------------------------------------------------------ exactness
     def with_exact_diagonal(self) -> KernelState:
-        """Make the diagonal of a symmetric kernel bit-identical to ``cov1``.
+        """Make the diagonal of a symmetric kernel bit-identical to ``cov1``, and likewise every
+        pair of equal input points (:class:`Duplicates`).
 
         Where a point meets itself, ``K11·K22 − K12² = 0`` must hold exactly; otherwise a
         rounding error of ``1e-16`` becomes a square-root term of ``1e-8`` in the next
         ReLU-type layer. Diagonal-mode values and the diagonal of the matrix then agree.
         """
-        if self.diag or not self.symmetric or self.nngp is None:
+        if self.diag or self.nngp is None:
             return self
+        state = self if self.duplicates is None else self._with_exact_duplicates()
+        if not state.symmetric:
+            return state
+        return state._exact_self_pairs()
+
+    def _with_exact_duplicates(self) -> KernelState:
+        """Give equal points the variance of one of them and their pairs exactly that value."""
+        dup = self.duplicates
+        cov2 = self.cov2.clone()
+        cov2[..., dup.col_members] = cov2[..., dup.col_reps]
+        if self.symmetric:
+            cov1 = cov2 if self.cov2 is self.cov1 else self.cov1   # re-derived from cov2 next
+        else:
+            cov1 = self.cov1.clone()
+            cov1[..., dup.row_members] = cov2[..., dup.row_reps]
+        nngp = self.nngp
+        if nngp.requires_grad and torch.is_grad_enabled():
+            nngp = nngp.clone()
+        nngp[..., dup.pair_rows, dup.pair_cols] = cov2[..., dup.pair_reps].expand(
+            *nngp.shape[:-2], dup.pair_rows.numel())
+        return self.replace(nngp=nngp, cov1=cov1, cov2=cov2)
+
+    def _exact_self_pairs(self) -> KernelState:
         n_rows = self.nngp.shape[-2]
         cols = slice(self.row_offset, self.row_offset + n_rows)
         cov1 = self.cov1 if self.cov2 is self.cov1 else self.cov2[..., cols]
