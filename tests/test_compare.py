@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +21,9 @@ from ntkgp.compare import (
     sin_dataset,
     write_report,
 )
+from ntkgp.compare.harness import _width_metrics, evaluate_checks
+from ntkgp.finite.train import EnsembleHistory
+from ntkgp.predict import GradientFlow
 
 TINY = dict(widths=(16, 48), ensemble_size=8, record_steps=(0, 5, 40), probe_points=4)
 
@@ -296,3 +300,45 @@ def test_readout_only_training_kernel_does_not_move():
     result = run_comparison(sin_dataset(), config)
     assert all(v == 0.0 for w in result.widths for v in w.ntk_change)
     assert math.isnan(result.slopes["ntk_change"]) and not any("NTK change" in k for k in result.checks)
+
+
+# the analytic curve is the exact discrete-time prediction (steps), not continuous time
+def test_analytic_curve_is_the_discrete_time_prediction():
+    data = sin_dataset()
+    cfg = CompareConfig(widths=(8,), ensemble_size=2, record_steps=(0, 2, 5), probe_points=2, divergence_check=False)
+    r = run_comparison(data, cfg)
+    flow = GradientFlow(cfg.network(8, "ntk"), data.x_train, data.y_train, learning_rate=r.learning_rate)
+    ref = flow.predict(data.x_test, steps=torch.tensor(r.steps))
+    torch.testing.assert_close(torch.tensor(r.analytic_mean, dtype=torch.float64), ref.mean[..., 0])
+    torch.testing.assert_close(torch.tensor(r.analytic_std, dtype=torch.float64), ref.variance.clamp_min(0).sqrt())
+
+def _history(outputs):
+    t = outputs.shape[0]
+    return EnsembleHistory(learning_rate=0.1, steps=torch.arange(t), test_outputs=outputs,
+                           train_loss=torch.zeros(t, outputs.shape[1]), weight_change=torch.zeros(t, outputs.shape[1]),
+                           ntk_change=None)
+
+# the mean bias subtracts the Monte-Carlo part (SE²); H9: the 0.02 allowance of the mean criterion
+def test_mean_bias_and_within_criterion():
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randn(1, 4, 2000, 1, generator=g, dtype=torch.float64)             # unbiased, SE ≈ 0.5
+    r = _width_metrics(256, _history(noisy), torch.zeros(1, 2000, dtype=torch.float64),
+                       torch.ones(1, 2000, dtype=torch.float64), 0.27, 0.0)
+    assert r.mean_rmse[0] > 0.4 and r.mean_bias[0] < 0.1
+    biased = 0.05 + 1e-3 * torch.randn(1, 400, 50, 1, generator=g, dtype=torch.float64)  # offset ≫ 3 SE + 0.02
+    r = _width_metrics(256, _history(biased), torch.zeros(1, 50, dtype=torch.float64),
+                       torch.full((1, 50), 1e-6, dtype=torch.float64), 0.27, 0.0)
+    assert r.mean_within == [0.0]
+    assert r.mean_bias[0] == pytest.approx(0.05, rel=1e-2)
+
+# the point-wise checks ask for 95 % of points, and only from width 256 on
+def test_pointwise_checks_thresholds_and_width_gate():
+    def width(w, within):
+        return SimpleNamespace(width=w, steps=[0, 10], diverged_at=None, mean_within=[1.0, within],
+                               var_within=[1.0, 1.0], mean_bias=[0.0, 0.0])
+    result = SimpleNamespace(steps=[0, 10], config={"ensemble_size": 128}, slopes={}, divergence=None,
+                             widths=[width(128, 0.5), width(256, 0.94), width(512, 0.95)])
+    checks = evaluate_checks(result)
+    mean_checks = {k: v for k, v in checks.items() if "mean within" in k}
+    assert mean_checks == {"width 256, step 10: mean within 3 SE + 0.02 at >= 95% of points": False,
+                           "width 512, step 10: mean within 3 SE + 0.02 at >= 95% of points": True}

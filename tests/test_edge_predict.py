@@ -1,0 +1,128 @@
+"""Exact values of predictors, training and metrics in cases the reference comparisons do not
+reach: vector targets (log marginal likelihood, training), momentum, ties at the stability
+limit, the singularity threshold, noisy duplicates at t = ∞, the divergence threshold, and
+calibration gaps of both signs. Each test was written against a mutation the rest let through."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import ntkgp
+from ntkgp import bayes, predict
+from ntkgp.finite.train import readout_parameters, train_ensemble
+from ntkgp.predict.spectral import cholesky
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+
+def _x(n=6, d=2, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+NET = ntkgp.mlp(2, "erf", 1.7, 0.1)
+
+# log marginal likelihood of (N, k) targets = Σ over columns of the Gaussian log density
+def test_log_marginal_likelihood_of_vector_targets():
+    x, y = _x(7), _x(7, 3, seed=1)
+    post = predict.GPPosterior(NET, x, y, kernel="nngp", noise=0.1)
+    cov = (NET.kernel(x, ntk=False).nngp + 0.1 * torch.eye(7)).detach().numpy()
+    ref = sum(scipy.stats.multivariate_normal(np.zeros(7), cov).logpdf(y[:, c].numpy()) for c in range(3))
+    assert post.log_marginal_likelihood() == pytest.approx(ref, rel=1e-10)
+
+# momentum enters as 2(1 + momentum) m / λ_max
+def test_max_learning_rate_with_momentum():
+    theta = torch.diag(torch.tensor([4.0, 1.0]))
+    assert predict.max_learning_rate(theta) == 1.0
+    assert predict.max_learning_rate(theta, 6, momentum=0.9) == pytest.approx(2 * 1.9 * 6 / 4)
+
+# the warning fires exactly at the limit (exactly representable λ_max)
+def test_warns_exactly_at_the_limit():
+    theta, y = torch.diag(torch.tensor([2.0, 1.0])), torch.tensor([1.0, -1.0])
+    assert predict.max_learning_rate(theta) == 2.0
+    with pytest.warns(RuntimeWarning, match="stability limit"):
+        predict.gradient_descent_mse(theta, y, steps=3, learning_rate=2.0)
+
+# numpy's rank threshold N·ε·max diag: a pivot of 2ε in a 3x3 kernel counts as singular
+def test_cholesky_rank_threshold():
+    eps = torch.finfo(torch.float64).eps
+    k = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0 + 2 * eps, 0.0], [0.0, 0.0, 1.0]])
+    with pytest.raises(ValueError, match="singular"):
+        cholesky(k, "kernel")
+
+# NNGP training-set covariance at time t is V diag(λ e^{−2λτ}) Vᵀ
+def test_nngp_training_covariance_closed_form():
+    x, y = _x(5), _x(5, 1, seed=2)[:, 0]
+    flow = predict.GradientFlow(NET, x, y, kernel="nngp", learning_rate=0.7)
+    t = 2.0
+    out = flow.predict(None, t=t)
+    k = NET.kernel(x, ntk=False).nngp.detach()
+    decay = torch.linalg.matrix_exp(-k * 0.7 * t / 5)
+    torch.testing.assert_close(out.covariance, decay @ k @ decay, rtol=1e-9, atol=1e-12)
+
+# duplicated training points with conflicting targets (singular kernel) at t = inf: the null
+# directions never move, so the answer is the de-duplicated problem with averaged targets
+def test_noisy_duplicates_at_infinite_time_match_averaged_targets():
+    x, y = _x(6), _x(6, 1, seed=3)[:, 0]
+    xt = _x(4, seed=4)
+    y_avg = y.clone()
+    y_avg[:3] += 0.25
+    ref = predict.GradientFlow(NET, x, y_avg).predict(xt, t=math.inf)
+    dup = predict.GradientFlow(NET, torch.cat([x, x[:3]]), torch.cat([y, y[:3] + 0.5])).predict(xt, t=math.inf)
+    torch.testing.assert_close(dup.mean, ref.mean, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(dup.covariance, ref.covariance, rtol=1e-9, atol=1e-10)
+
+# GPPosterior noise is an absolute variance
+def test_gp_posterior_noise_is_absolute():
+    x, y, xt = _x(5), _x(5, 1, seed=5)[:, 0], _x(3, seed=6)
+    out = predict.gp_posterior(NET, x, y, xt, kernel="nngp", noise=0.3)
+    k = NET.kernel(torch.cat([x, xt]), ntk=False).nngp.detach()
+    c = k[:5, :5] + 0.3 * torch.eye(5)
+    torch.testing.assert_close(out.mean, k[5:, :5] @ torch.linalg.solve(c, y))
+
+# the loss is normalized by m = number of target entries (also for vector targets)
+def test_readout_only_training_with_vector_targets_is_the_linear_model():
+    X = torch.linspace(-3, 3, 5).unsqueeze(-1)
+    Y = torch.cat([torch.sin(X), torch.cos(X)], -1)
+    net = ntkgp.serial(ntkgp.Dense(24, 2.25, 0.01), ntkgp.Erf(), ntkgp.Dense(2, 1.5, 0.01))
+    steps, lr = [0, 3, 40], 0.3
+    h = train_ensemble(net, X, Y, ensemble_size=2, learning_rate=lr, record_steps=steps, readout_only=True,
+                       dtype=torch.float64)
+    model = net.build(in_features=1, seed=0, ensemble_size=2, dtype=torch.float64)
+    readouts = readout_parameters(model)
+    scales = {n: 1.0 if n in readouts else 0.0 for n in dict(model.named_parameters())}
+    theta = ntkgp.finite.empirical_ntk(model, X, parameter_scales=scales)
+    with torch.no_grad():
+        f0 = model(X)
+    for member in range(2):
+        train = predict.gradient_descent_mse(theta[member], Y, f0[member], steps=torch.tensor(steps),
+                                             learning_rate=lr)
+        torch.testing.assert_close(h.test_outputs[:, member], train, rtol=1e-10, atol=1e-11)
+
+# divergence is declared at the first step whose loss exceeds 1e6 x the initial loss
+def test_divergence_threshold():
+    X = torch.linspace(-3, 3, 5).unsqueeze(-1)
+    Y = torch.sin(X)
+    net = ntkgp.mlp(1, "erf", 2.0, 0.1, width=64)
+    flow = predict.GradientFlow(ntkgp.mlp(1, "erf", 2.0, 0.1), X, Y, kernel="nngp")
+    # readout-only training is linear: above the limit the loss grows geometrically, no catapult
+    h = train_ensemble(net, X, Y, ensemble_size=2, learning_rate=3 * flow.max_learning_rate,
+                       record_steps=list(range(400)), readout_only=True, dtype=torch.float64)
+    assert h.diverged_at is not None
+    assert float(h.train_loss.max() / h.train_loss[0].min()) <= 1e6 * 1.0001
+
+# calibration error averages absolute gaps (gaps of opposite signs must not cancel)
+def test_calibration_error_with_gaps_of_opposite_sign():
+    mean, var = np.zeros(4), np.ones(4)
+    y = np.array([0.1, 0.2, 2.0, 3.0])   # |z| ≤ 0.253 for 2 of 4, > 1.036 for 2 of 4
+    # coverage 0.5 at both levels: gaps +0.3 and -0.2
+    assert bayes.calibration_error(mean, var, y, levels=[0.2, 0.7]) == pytest.approx(0.25)
+
+# the interval is closed: |y − μ| = z σ exactly counts as covered
+def test_coverage_interval_is_closed():
+    from scipy.special import ndtri
+    half = float(ndtri(0.75))
+    assert bayes.interval_coverage([0.0], [1.0], [half], levels=[0.5])[0.5] == 1.0

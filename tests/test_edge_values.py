@@ -1,0 +1,139 @@
+"""Exact values at the edges the closed-form and quadrature tests do not reach: equal ReLU slopes,
+zero-variance inputs for Sign and LayerNorm, ARD first layers, kernel gradients (gradcheck),
+singular kernels in discrete and infinite time, standard-parameterized ARD training.
+
+Each test was written against a mutation of the code that the rest of the suite let through."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ntkgp
+from ntkgp import predict
+from ntkgp.finite.train import train_ensemble
+from ntkgp.layers.numerics import safe_sqrt
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+
+def _x(n=6, d=4, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+# ABReLU with a == b is linear: T = a² k12, Ṫ = a²
+def test_abrelu_with_equal_slopes_is_linear():
+    layer = ntkgp.ABReLU(0.7, 0.7)
+    k11, k12, k22 = torch.tensor([1.3]), torch.tensor([-0.4]), torch.tensor([0.9])
+    t, dot = layer.pair_kernel(k11, k12, k22, True)
+    torch.testing.assert_close(t, 0.49 * k12)
+    torch.testing.assert_close(dot, torch.tensor([0.49]))
+
+# Sign of a zero-variance input is sign(0) = 0: its whole row and column vanish
+@pytest.mark.parametrize("grad", [False, True])
+def test_sign_of_a_zero_input_without_bias_is_zero(grad):
+    net = ntkgp.serial(ntkgp.Dense(3, 1.0, None), ntkgp.Sign(), ntkgp.Dense(1, 1.0, None))
+    x = torch.cat([torch.zeros(1, 4), _x(3)]).requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        k = net.kernel(x)
+    assert float(k.nngp[0].detach().abs().max()) == 0.0 and float(k.nngp[:, 0].detach().abs().max()) == 0.0
+    assert float(ntkgp.Sign().variance(torch.zeros(1))) == 0.0
+
+# the finite twin of Cos is a·cos(bx + c)
+def test_cos_finite_twin_is_cos():
+    x = torch.linspace(-3, 3, 11)
+    torch.testing.assert_close(ntkgp.Cos(0.9, 1.1, -0.2).fn(x), 0.9 * torch.cos(1.1 * x - 0.2))
+
+# a zero vector only among the *second* inputs (no bias): Sign must give it a zero column
+# (for the ReLU family the angle at a zero-variance point does not matter)
+def test_sign_cross_kernel_with_a_zero_vector_only_in_x2():
+    net = ntkgp.serial(ntkgp.Dense(3, 1.0, None), ntkgp.Sign(), ntkgp.Dense(1, 1.0, None))
+    x1, x2 = _x(3), torch.cat([torch.zeros(1, 4), _x(2, seed=1)])
+    with torch.no_grad():
+        a, b = net.kernel(x1, x2), net.kernel(x2, x1)
+    assert float(a.nngp[:, 0].abs().max()) == 0.0
+    torch.testing.assert_close(a.nngp, b.nngp.mT, rtol=1e-12, atol=0)
+
+# kernel gradients w.r.t. inputs and hyperparameters are the true derivatives
+@pytest.mark.parametrize("act", ["relu", "erf", "gelu", "abrelu"])
+def test_kernel_gradients_pass_gradcheck(act):
+    make = {"relu": ntkgp.ReLU, "erf": ntkgp.Erf, "gelu": ntkgp.GELU, "abrelu": lambda: ntkgp.ABReLU(-0.3, 1.2)}[act]
+    net = ntkgp.serial(ntkgp.Dense(5, 1.7, 0.1), make(), ntkgp.Dense(1, 1.3, 0.2))
+    x2 = _x(3, seed=1)
+
+    def both(x):   # off-diagonal pairs
+        k = net.kernel(x, x2)
+        return k.nngp, k.ntk
+
+    assert torch.autograd.gradcheck(both, (_x(2).requires_grad_(),))
+
+def test_safe_sqrt_derivative():
+    x = torch.tensor([0.25, 4.0, 0.0], requires_grad=True)
+    safe_sqrt(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([1.0, 0.25, 0.0]))
+
+# standard parameterization with ARD: the first-layer NTK is the *unweighted* Gram x·x' (+1)
+def test_standard_ard_first_layer_ntk_is_the_plain_gram():
+    w = torch.tensor([0.5, 2.0, 3.0])
+    x = _x(4, 3)
+    k = ntkgp.Dense(2, w, 0.2, "standard", ard_num_dims=3).kernel(x)
+    torch.testing.assert_close(k.ntk, x @ x.T + 1.0)
+
+# ARD NNGP is Σ_j σ_j² x_j x'_j / d + σ_b²
+def test_ard_first_layer_nngp_formula():
+    w = torch.tensor([0.5, 2.0, 3.0])
+    x = _x(4, 3)
+    k = ntkgp.Dense(2, w, 0.2, ard_num_dims=3).kernel(x)
+    torch.testing.assert_close(k.nngp, (x * w) @ x.T / 3 + 0.2)
+
+# the finite LayerNorm is torch's layer_norm without affine parameters
+def test_layernorm_module_is_torch_layer_norm():
+    model = ntkgp.LayerNorm(eps=1e-5).build(in_features=7, seed=0)
+    x = _x(5, 7)
+    torch.testing.assert_close(model(x), torch.nn.functional.layer_norm(x, (7,), eps=1e-5))
+
+# LayerNorm of a zero-variance point (zero input, no bias) stays finite thanks to eps
+def test_layernorm_of_a_zero_input_is_finite():
+    net = ntkgp.serial(ntkgp.Dense(4, 1.0, None), ntkgp.LayerNorm(), ntkgp.ReLU(), ntkgp.Dense(1))
+    x = torch.cat([torch.zeros(1, 3), _x(3, 3)])
+    with torch.no_grad():
+        k, kd = net.kernel(x), net.kernel(x, torch.flip(x, [0]))
+    for t in (k.nngp, k.ntk, kd.nngp, kd.ntk):
+        assert bool(torch.isfinite(t).all())
+
+# discrete-time analogue of the zero-eigenvalue limit: flow along the null direction is s·η/m
+def test_zero_eigenvalue_discrete_steps():
+    theta = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    y = torch.tensor([1.0, -1.0])
+    v = torch.tensor([0.5, -0.5])
+    for lr in (0.3, 1.0):
+        train, test = predict.gradient_descent_mse(theta, y, 0.0, v[None], torch.zeros(1), steps=3,
+                                                   learning_rate=lr)
+        torch.testing.assert_close(train, torch.zeros(2))
+        torch.testing.assert_close(test, (v @ y) * 3 * lr / 2 * torch.ones(1))
+
+# at t = inf the null directions of a singular kernel still do not move
+def test_zero_eigenvalue_infinite_time():
+    theta = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    y = torch.tensor([1.0, -1.0])          # in the null space
+    train = predict.gradient_descent_mse(theta, y, 0.0, t=math.inf)
+    torch.testing.assert_close(train, torch.zeros(2))
+    y2 = torch.tensor([1.0, 3.0])          # component 2 along the (1,1) direction, -1 along null
+    v = torch.tensor([[0.5, -0.5]])
+    train, test = predict.gradient_descent_mse(theta, y2, 0.0, v, torch.zeros(1), t=math.inf)
+    torch.testing.assert_close(train, torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(test, torch.zeros(1))   # Θ*d Θ⁺ y: no null-space flow at t = inf
+
+
+# with ARD, standard-parameterized training (per-input-feature rates) follows the NTK twin
+def test_standard_ard_training_follows_the_ntk_twin():
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.sin(x.sum(-1))
+    w = torch.tensor([0.3, 1.0, 4.0])
+    out = {}
+    for param in ("ntk", "standard"):
+        net = ntkgp.serial(ntkgp.Dense(16, w, 0.1, param, ard_num_dims=3), ntkgp.Erf(), ntkgp.Dense(1, 1.5, 0.1, param))
+        out[param] = train_ensemble(net, x, y, ensemble_size=2, learning_rate=0.5, record_steps=[0, 20],
+                                    dtype=torch.float64).test_outputs
+    torch.testing.assert_close(out["ntk"], out["standard"], rtol=1e-9, atol=1e-11)
