@@ -9,6 +9,7 @@ import torch
 from linear_operator.operators import IdentityLinearOperator, KroneckerProductLinearOperator
 from torch import Tensor
 
+from ntkgp._checks import integer_at_least
 from ntkgp.kernels import NNGPKernel, NTKKernel
 from ntkgp.layers.base import Layer
 from ntkgp.layers.mlp import mlp
@@ -98,8 +99,7 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
         at every step. The model is left
         in eval mode. Raises ``FloatingPointError`` if the loss or a gradient is not finite.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got {steps!r}.")
+    steps = integer_at_least(steps, 0, "steps")
     model.train()
     model.likelihood.train()
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)

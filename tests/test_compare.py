@@ -189,7 +189,7 @@ def test_variance_agreement_where_the_ntkgp_variance_vanishes():
     (["--ensemble-size", "1"], "ensemble_size must be an integer >= 2"),
     (["--depth", "-1"], "depth must be a non-negative integer"),
     (["--learning-rate", "-1"], "learning_rate must be a positive number"),
-    (["--lr-fraction", "nan"], "lr_fraction must be positive"),
+    (["--lr-fraction", "nan"], "lr_fraction must be a positive number"),
     (["--steps", "0", "-5"], "record_steps must be non-negative"),
     (["--weight-var", "-1"], "weight_var"),
     (["--activation", "nope"], "Unknown activation"),

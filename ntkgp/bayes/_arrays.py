@@ -7,22 +7,9 @@ in environments without torch (e.g. ArviZ 1.x on Python 3.12+).
 
 from __future__ import annotations
 
-import operator
-
 import numpy as np
 
-
-def integer_at_least(value, minimum: int, name: str) -> int:
-    """``value`` as a Python int (ints, numpy integers, 0-d integer tensors), and ``>= minimum``."""
-    try:
-        if isinstance(value, bool | np.bool_):
-            raise TypeError
-        number = operator.index(value)
-    except TypeError:
-        number = None
-    if number is None or number < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return number
+from ntkgp._checks import integer_at_least  # noqa: F401  (re-exported for the bayes modules)
 
 
 def to_numpy(value, name: str) -> np.ndarray:

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ntkgp._checks import integer_at_least
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -66,9 +68,7 @@ def sin_dataset(seed: int = 0, noise: float = 0.1) -> Dataset:
 
 def circle_dataset(n_train: int = 8, n_test: int = 100) -> Dataset:
     """Points on the unit circle (Jacot et al. 2018, Fig. 1): the kernel depends on the angle only."""
-    for name, value in (("n_train", n_train), ("n_test", n_test)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    n_train, n_test = integer_at_least(n_train, 1, "n_train"), integer_at_least(n_test, 1, "n_test")
     gamma = torch.linspace(-math.pi, math.pi, n_train + 1, dtype=torch.float64)[:-1] + 0.3
     x_train = torch.stack([torch.cos(gamma), torch.sin(gamma)], -1)
     y_train = (torch.sin(gamma) + 0.5 * torch.cos(2 * gamma)).unsqueeze(-1)

@@ -30,10 +30,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ntkgp._checks import integer_at_least
 from ntkgp.compare.datasets import Dataset, plot_coordinate
 from ntkgp.finite.train import EnsembleHistory, train_ensemble
 from ntkgp.layers.base import Layer
 from ntkgp.layers.mlp import mlp
+from ntkgp.layers.validation import positive_number
 from ntkgp.predict import GradientFlow
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -67,21 +69,16 @@ class CompareConfig:
             raise ValueError(f"widths must be positive integers, got {self.widths!r}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
-        if not (math.isfinite(self.lr_fraction) and self.lr_fraction > 0):
-            raise ValueError(f"lr_fraction must be positive, got {self.lr_fraction!r}.")
-        if isinstance(self.ensemble_size, bool) or not isinstance(self.ensemble_size, int) or self.ensemble_size < 2:
-            raise ValueError(f"ensemble_size must be an integer >= 2 (variances need two members), "
-                             f"got {self.ensemble_size!r}.")
-        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0:
-            raise ValueError(f"depth must be a non-negative integer, got {self.depth!r}.")
-        if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}.")
+        positive_number(self.lr_fraction, "lr_fraction")
+        integer_at_least(self.ensemble_size, 2, "ensemble_size")   # variances need two members
+        integer_at_least(self.depth, 0, "depth")
+        if self.learning_rate is not None:
+            positive_number(self.learning_rate, "learning_rate")
         if not self.record_steps or any(int(s) != s or s < 0 for s in self.record_steps):
             raise ValueError(f"record_steps must be non-negative integers, got {self.record_steps!r}.")
-        if self.chunk_size is not None and (int(self.chunk_size) != self.chunk_size or self.chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}.")
-        if self.probe_points < 1:
-            raise ValueError(f"probe_points must be positive, got {self.probe_points!r}.")
+        if self.chunk_size is not None:
+            integer_at_least(self.chunk_size, 1, "chunk_size")
+        integer_at_least(self.probe_points, 1, "probe_points")
         if self.device is not None:
             try:
                 device = torch.device(self.device)

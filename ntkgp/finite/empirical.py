@@ -118,21 +118,16 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     """
     x1, x2 = check_inputs(x1, x2)
     scales = dict(parameter_scales or {})
-    if isinstance(model, nn.Module):
-        _materialize(model, x1)
-    names = set(params if params is not None else dict(model.named_parameters()) if isinstance(model, nn.Module)
-                else ())
-    if params is not None or isinstance(model, nn.Module):
-        unknown = sorted(set(scales) - names)
-        if unknown:
-            raise ValueError(f"parameter_scales names parameters the network does not have: {unknown}.")
+    fn, all_params, members = _as_function(model, params, x1)
+    unknown = sorted(set(scales) - set(all_params))
+    if unknown:
+        raise ValueError(f"parameter_scales names parameters the network does not have: {unknown}.")
     if params is None and isinstance(model, nn.Module) and _layerwise_applies(model, x1, scales):
         return _layerwise_ntk(model, x1, x2, scales, vector_output)
     if x1.dim() != 2:
         raise ValueError(f"x1 must have shape (n, d) for this network (only networks built by ntkgp take "
                          f"batches of inputs), got {tuple(x1.shape)}.")
-    fn, params, members = _as_function(model, params, x1)
-    params = {name: p.detach() for name, p in params.items()}
+    params = {name: p.detach() for name, p in all_params.items()}
     spec = "nip,mjp->nmij" if vector_output else "nip,mip->nm"
 
     def single(p: dict[str, Tensor]) -> Tensor:

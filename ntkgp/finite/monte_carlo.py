@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ntkgp._checks import integer_at_least
 from ntkgp.finite.empirical import empirical_nngp, empirical_ntk
 from ntkgp.layers.base import Layer
 from ntkgp.layers.validation import check_inputs
@@ -43,9 +44,8 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
     for name, x in (("x1", x1), ("x2", x2)):
         if x is not None and x.dim() != 2:
             raise ValueError(f"{name} must have shape (n, d), got {tuple(x.shape)}.")
-    for name, value in (("n_samples", n_samples), ("ensemble_batch", ensemble_batch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    n_samples = integer_at_least(n_samples, 1, "n_samples")
+    ensemble_batch = integer_at_least(ensemble_batch, 1, "ensemble_batch")
     d = x1.shape[-1]
     nngps, ntks = [], []
     done, batch_index = 0, 0

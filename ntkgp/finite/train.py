@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ntkgp._checks import integer_at_least
 from ntkgp.finite.empirical import empirical_ntk
 from ntkgp.finite.rates import equivalent_learning_rates
 from ntkgp.layers.base import Layer
@@ -179,12 +180,10 @@ def train_ensemble(
             # a leading axis would be read as the ensemble axis, member i seeing only points[i]
             if points.dim() != 2 or points.shape[-1] != x_train.shape[-1]:
                 raise ValueError(f"{name} must have shape (M, {x_train.shape[-1]}), got {tuple(points.shape)}.")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
+    chunk_size = None if chunk_size is None else integer_at_least(chunk_size, 1, "chunk_size")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}.")
-    if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
-        raise ValueError(f"ensemble_size must be a positive integer, got {ensemble_size!r}.")
+    ensemble_size = integer_at_least(ensemble_size, 1, "ensemble_size")
     learning_rate = positive_number(learning_rate, "learning_rate")
     record_steps = [float(s) for s in torch.as_tensor(record_steps, dtype=torch.float64).reshape(-1).tolist()]
     if not record_steps or any(s < 0 or not s.is_integer() for s in record_steps):

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkgp.layers.base import BuildContext, Layer
-from ntkgp.layers.numerics import gaussian_angle, gaussian_det, overflow_scale
+from ntkgp.layers.numerics import gaussian_angle, gaussian_det, scaled_for_products
 from ntkgp.layers.state import KernelState
 
 
@@ -198,18 +198,12 @@ class Erf(Activation):
 
     def pair_kernel(self, k11, k12, k22, want_dot):
         b2 = self.b**2
-        c = overflow_scale(k11, k22)   # c² (q11 q22 − r²) in terms of c·k: no O(k²) overflow
-        if c is None:
-            root = torch.sqrt(1 + 2 * b2 * (k11 + k22) + 4 * b2**2 * gaussian_det(k11, k12, k22))
-            r, scaled_root = 2 * b2 * k12, root
-        else:
-            scaled_root = torch.sqrt(c * c + 2 * b2 * c * (c * k11 + c * k22)
-                                     + 4 * b2**2 * gaussian_det(k11, k12, k22, c))
-            r, root = 2 * b2 * (c * k12), None
-        nngp = self.a**2 * (2 / math.pi) * torch.atan2(r, scaled_root) + self.c**2
-        dot = None
-        if want_dot:
-            dot = self.a**2 * b2 * (4 / math.pi) * ((1 / root) if c is None else (c / scaled_root))
+        # c·sqrt(q11 q22 − r²) from the variances scaled by c (1 unless k² could overflow)
+        c, k11, k12, k22 = scaled_for_products(k11, k12, k22)
+        c = 1.0 if c is None else c
+        root = torch.sqrt(c * c + 2 * b2 * c * (k11 + k22) + 4 * b2**2 * gaussian_det(k11, k12, k22))
+        nngp = self.a**2 * (2 / math.pi) * torch.atan2(2 * b2 * k12, root) + self.c**2
+        dot = self.a**2 * b2 * (4 / math.pi) * c / root if want_dot else None
         return nngp, dot
 
     def variance(self, k: Tensor) -> Tensor:
@@ -240,12 +234,14 @@ class GELU(Activation):
         return _gelu
 
     def pair_kernel(self, k11, k12, k22, want_dot):
-        c = overflow_scale(k11, k22)
+        # δ² = P − k12² = 1 + k11 + k22 + (k11 k22 − k12²), without the cancellation; formed of the
+        # variances scaled by c where k11 k22 ~ k² could overflow
+        c, s11, s12, s22 = scaled_for_products(k11, k12, k22)
         if c is None:
-            delta_sq = 1 + k11 + k22 + gaussian_det(k11, k12, k22)   # = P − k12², without the cancellation
+            delta_sq = 1 + k11 + k22 + gaussian_det(k11, k12, k22)
             delta = torch.sqrt(delta_sq)
-        else:  # the same, of the variances scaled by c, so that k11 k22 ~ k² cannot overflow
-            delta = torch.sqrt(c * c + c * (c * k11 + c * k22) + gaussian_det(k11, k12, k22, c)) / c
+        else:
+            delta = torch.sqrt(c * c + c * (s11 + s22) + gaussian_det(s11, s12, s22)) / c
             delta_sq = delta * delta
         alpha = torch.atan2(k12, delta)
         r11, r22 = k11 / (1 + k11), k22 / (1 + k22)

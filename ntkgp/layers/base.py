@@ -209,17 +209,11 @@ def _blocked_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
     nngp = ntk = cov1 = cov2 = None
     for start in range(0, n1, rows):
         stop = min(start + rows, n1)
-        if symmetric:
-            # Only the columns from `start` on: the rest is the mirror of earlier blocks.
-            cols = slice(start, n2)
-            duplicates = None if ids is None else Duplicates.of(ids[0][start:stop], ids[0][cols], True)
-            out = _run_block(layer, x1[..., start:stop, :], x1[..., cols, :],
-                             (norms1[..., start:stop], norms1[..., cols]), want_ntk, True, compile, duplicates)
-        else:
-            cols = slice(0, n2)
-            duplicates = None if ids is None else Duplicates.of(ids[0][start:stop], ids[1], False)
-            out = _run_block(layer, x1[..., start:stop, :], x2, (norms1[..., start:stop], norms2),
-                             want_ntk, False, compile, duplicates)
+        # symmetric: only the columns from `start` on, the rest is the mirror of earlier blocks
+        cols = slice(start, n2) if symmetric else slice(0, n2)
+        duplicates = None if ids is None else Duplicates.of(ids[0][start:stop], ids[1][cols], symmetric)
+        out = _run_block(layer, x1[..., start:stop, :], other[..., cols, :],
+                         (norms1[..., start:stop], norms2[..., cols]), want_ntk, symmetric, compile, duplicates)
         block_nngp, block_ntk, block_cov1, block_cov2, width, is_gaussian = out
         if rows >= n1:
             nngp, ntk, cov1, cov2 = block_nngp, block_ntk, block_cov1, (block_cov1 if symmetric else block_cov2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ntkgp._checks import integer_at_least
 from ntkgp.layers.activations import Identity
 from ntkgp.layers.base import BuildContext, Layer
 from ntkgp.layers.state import KernelState
@@ -185,6 +186,5 @@ def residual(*layers: Layer) -> Parallel:
 
 def repeat(layer: Layer, n: int) -> Serial:
     """``layer`` applied ``n`` times: shared hyperparameters, independent finite weights."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"repeat() needs a positive integer count, got {n!r}.")
+    n = integer_at_least(n, 1, "repeat() count")
     return Serial(*([layer] * n))

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ntkgp._checks import integer_at_least
 from ntkgp.layers.base import BuildContext, Layer
 from ntkgp.layers.numerics import expand_param
 from ntkgp.layers.state import KernelState
@@ -60,13 +61,10 @@ class Dense(Layer):
         bias_var_prior=None,
     ) -> None:
         super().__init__()
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be a positive integer, got {width!r}.")
+        width = integer_at_least(width, 1, "width")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}.")
-        if ard_num_dims is not None and (isinstance(ard_num_dims, bool) or not isinstance(ard_num_dims, int)
-                                         or ard_num_dims < 1):
-            raise ValueError(f"ard_num_dims must be a positive integer or None, got {ard_num_dims!r}.")
+        ard_num_dims = None if ard_num_dims is None else integer_at_least(ard_num_dims, 1, "ard_num_dims")
         self.width = width
         self.parameterization = parameterization
         self.ard_num_dims = ard_num_dims

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ntkgp._checks import integer_at_least
 from ntkgp.layers.activations import Activation
 from ntkgp.layers.numerics import overflow_scale
 
@@ -109,9 +110,8 @@ class Numerical(Activation):
         super().__init__()
         if not callable(fn):
             raise ValueError(f"Numerical needs a callable activation, got {fn!r}.")
-        for name, value in (("degree", degree), ("max_degree", max_degree)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        degree = None if degree is None else integer_at_least(degree, 1, "degree")
+        max_degree = integer_at_least(max_degree, 1, "max_degree")
         if not rtol > 0:
             raise ValueError(f"rtol must be positive, got {rtol!r}.")
         self._fn = fn
@@ -211,13 +211,13 @@ def gauss_hermite_expectation(f: Callable[[Tensor], Tensor], g: Callable[[Tensor
     out = torch.empty_like(a)
     chunk = max(1, QUADRATURE_CHUNK // (degree * degree))
     scale = overflow_scale(a, b)   # k11 k22 and the determinant are O(k²): formed of scaled variances
+    q = 1.0 if scale is None else scale
     with torch.no_grad():
         for start in range(0, a.numel(), chunk):
             sl = slice(start, start + chunk)
             k11_, k12_, k22_ = a[sl], c[sl], b[sl]
             sd1 = torch.sqrt(k11_)
             positive = sd1 > 0
-            q = 1.0 if scale is None else scale
             p = torch.sqrt((q * k11_) * (q * k22_))
             det = torch.clamp((p - q * k12_) * (p + q * k12_), min=0)                 # q² (k11 k22 − k12²)
             safe_k11 = torch.where(positive, q * k11_, torch.ones_like(k11_))

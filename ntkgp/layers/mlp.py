@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ntkgp._checks import integer_at_least
 from ntkgp.layers.activations import GELU, Abs, Cos, Erf, Identity, LeakyReLU, ReLU, Sign, Sin
 from ntkgp.layers.base import Layer
 from ntkgp.layers.combinators import Serial
@@ -54,8 +55,7 @@ def mlp(
     Every ``Dense`` layer gets its own learnable ``weight_var`` and ``bias_var`` (starting at
     the given values); ``ard_num_dims`` gives the first layer per-feature weight variances.
     """
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-        raise ValueError(f"depth must be a non-negative integer, got {depth!r}.")
+    depth = integer_at_least(depth, 0, "depth")
     act = make_activation(activation)
     layers: list[Layer] = []
     for i in range(depth):

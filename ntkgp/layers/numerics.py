@@ -80,16 +80,24 @@ def overflow_scale(k11: Tensor, k22: Tensor) -> float | Tensor | None:
     return 4.0 ** -math.ceil(math.log(big / limit, 4) + 1e-9)
 
 
-def gaussian_det(k11: Tensor, k12: Tensor, k22: Tensor, scale: float | Tensor | None = None) -> Tensor:
-    """``k11 k22 − k12² ≥ 0``, formed as ``(p − k12)(p + k12)`` with ``p = sqrt(k11 k22)``; of the
-    variances multiplied by ``scale`` (:func:`overflow_scale`) when given, i.e. ``scale²·det``.
+def scaled_for_products(k11: Tensor, k12: Tensor, k22: Tensor
+                        ) -> tuple[float | Tensor | None, Tensor, Tensor, Tensor]:
+    """``(c, c·k11, c·k12, c·k22)`` with ``c`` from :func:`overflow_scale`, or ``(None, k11, k12,
+    k22)`` unchanged when no scaling is needed."""
+    c = overflow_scale(k11, k22)
+    if c is None:
+        return None, k11, k12, k22
+    return c, k11 * c, k12 * c, k22 * c
+
+
+def gaussian_det(k11: Tensor, k12: Tensor, k22: Tensor) -> Tensor:
+    """``k11 k22 − k12² ≥ 0``, formed as ``(p − k12)(p + k12)`` with ``p = sqrt(k11 k22)``.
 
     Subtracting ``k12²`` from ``k11 k22`` directly loses everything where the two agree to more
     digits than the dtype holds (a point with itself, or nearly parallel inputs of large
     variance), and the kernels that add it to ``O(k)`` terms then read 0 instead of ``O(k)``.
+    Callers whose variances may be large pass them through :func:`scaled_for_products` first.
     """
-    if scale is not None:
-        k11, k12, k22 = k11 * scale, k12 * scale, k22 * scale
     p = safe_sqrt(k11 * k22)
     return ((p - k12) * (p + k12)).clamp(min=0)
 
@@ -107,9 +115,7 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tenso
     is applied only when a zero variance is present (it can only occur there). Variances whose
     products would overflow are scaled by a power of 4 first (:func:`overflow_scale`).
     """
-    scale = overflow_scale(k11, k22)
-    if scale is not None:
-        k11, k12, k22 = k11 * scale, k12 * scale, k22 * scale
+    scale, k11, k12, k22 = scaled_for_products(k11, k12, k22)
     if needs_graph(k11, k12, k22):
         p = safe_sqrt(k11 * k22)
         s = safe_sqrt((p - k12) * (p + k12))
