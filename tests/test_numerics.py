@@ -341,3 +341,68 @@ def test_duplicate_points_are_exactly_the_same_point(dtype, monkeypatch):
         with torch.no_grad():  # a test set that shares points with the training set
             cross = net.kernel(x[:10], x[30:])
         assert torch.equal(cross.nngp[torch.arange(10), 10 + torch.arange(10)], results[0].nngp.diagonal()[:10])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_duplicate_points_in_batched_inputs(dtype, monkeypatch):
+    """Batched inputs (a batch GP; BoTorch's candidate batches, whose candidates may sit on training
+    points) repeat different points in different batches: each batch's equal points are exactly
+    the same point. Before, Sign at depth 10 was off by 0.8 between a batch and its own
+    unbatched kernel."""
+    y = torch.randn(3, 20, 8, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    x = torch.cat([y, y[:, :6]], 1)                   # x[b, 20 + i] == x[b, i]
+    x[1, 25] = x[1, 3]                                # and in batch 1 only, x[1, 25] == x[1, 3]
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for act, depth in (("sign", 10), ("relu", 10), ("erf", 4)):
+        net = ntkgp.mlp(depth, act, 2.0 if act == "relu" else 1.0, 0.1)
+        with torch.no_grad():
+            results = [net.kernel(x)]                                       # one block
+            monkeypatch.setattr(base, "BLOCK_ENTRIES", 7 * x.shape[1])     # many blocks
+            results.append(net.kernel(x))
+            monkeypatch.undo()
+        results.append(net.kernel(x.clone().requires_grad_()))              # graph path
+        for k in results:
+            for name in ("nngp", "ntk"):
+                m = getattr(k, name).detach()
+                diagonal = m.diagonal(dim1=-2, dim2=-1)
+                for b in range(3):
+                    i = torch.arange(5 if b == 1 else 6)
+                    assert torch.equal(m[b, i, 20 + i], diagonal[b, i]), (act, name, b)
+                    assert torch.equal(diagonal[b, 20 + i], diagonal[b, i]), (act, name, b)
+                assert torch.equal(m[1, [3, 25, 25], [25, 3, 25]], diagonal[1, [3, 3, 3]]), (act, name)
+                assert m[0, 3, 25] != diagonal[0, 3]              # not the same point in batch 0
+                for b in range(3):
+                    with torch.no_grad():
+                        single = getattr(net.kernel(x[b]), name)
+                    torch.testing.assert_close(m[b], single, rtol=rtol, atol=0)
+        with torch.no_grad():  # candidates on training points; batched against batched or shared
+            cross = net.kernel(x[:, :4], x[:, 18:]).nngp                     # x[:, 20:24] == x[:, :4]
+            shared = net.kernel(x[:, :4], y[0]).nngp
+        own = results[0].nngp.diagonal(dim1=-2, dim2=-1)[:, :4]
+        i = torch.arange(4)
+        torch.testing.assert_close(cross[:, i, 2 + i], own, rtol=16 * torch.finfo(dtype).eps, atol=0)
+        torch.testing.assert_close(shared[0, i, i], own[0], rtol=16 * torch.finfo(dtype).eps, atol=0)
+
+
+@pytest.mark.parametrize("seed", [17, 18, 19])
+def test_duplicates_have_bitwise_equal_diagonals_across_blocks(seed, monkeypatch):
+    """Elementwise maps round the scalar-coded tail of a tensor differently from its vectorized
+    body, and row blocks are separate tensors: a point's diagonal came out up to 4 ulps away from
+    its twin's (float32 erf and GELU, NNGP and NTK) before the finished kernel was made canonical."""
+    g = torch.Generator().manual_seed(seed)
+    n = 17 + 3 * seed
+    y = torch.randn(n, 5, generator=g)
+    twins = torch.randint(0, n, (n // 2,), generator=g)
+    x = torch.cat([y, y[twins]])
+    i = torch.arange(n // 2)
+    for act in ("erf", "gelu", "relu"):
+        net = ntkgp.mlp(3, act, 1.5, 0.1)
+        for entries in (None, 5 * x.shape[0]):
+            if entries is not None:
+                monkeypatch.setattr(base, "BLOCK_ENTRIES", entries)
+            with torch.no_grad():
+                k = net.kernel(x)
+            monkeypatch.undo()
+            for m in (k.nngp, k.ntk):
+                assert torch.equal(m.diagonal()[n + i], m.diagonal()[twins]), (act, entries)
+                assert torch.equal(m[twins, n + i], m.diagonal()[twins]), (act, entries)

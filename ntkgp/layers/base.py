@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkgp.layers.numerics import transforms_active
-from ntkgp.layers.state import Duplicates, KernelState
+from ntkgp.layers.state import BatchedDuplicates, Duplicates, KernelState
 from ntkgp.layers.validation import check_inputs
 from ntkgp.layers.variance import VarianceParameters
 
@@ -103,13 +103,16 @@ class Layer(VarianceParameters, gpytorch.Module):
             or any(p.requires_grad for p in self.parameters())
         ))
         empty = x1.shape[-2] == 0 or (x2 is not None and x2.shape[-2] == 0)  # no blocks to loop over
+        ids = None if diag or empty else Duplicates.point_ids(x1, x2)
         if needs_graph or diag or empty:
-            ids = None if diag or empty else Duplicates.point_ids(x1, x2)
             duplicates = None if ids is None else Duplicates.of(*ids, symmetric=x2 is None)
-            return _finalize(self.kernel_map(KernelState.from_inputs(x1, x2, diag, want_ntk=ntk,
-                                                                     duplicates=duplicates)))
-        with torch.no_grad():
-            return _blocked_kernel(self, x1, x2, ntk, compile)
+            state = _finalize(self.kernel_map(KernelState.from_inputs(x1, x2, diag, want_ntk=ntk,
+                                                                      duplicates=duplicates)))
+        else:
+            with torch.no_grad():
+                state = _blocked_kernel(self, x1, x2, ntk, compile, ids)
+            duplicates = None if ids is None or x2 is not None else Duplicates.of(*ids, symmetric=True)
+        return state if duplicates is None or x2 is not None else duplicates.canonical(state)
 
     def build(
         self,
@@ -158,7 +161,7 @@ def _finalize(state: KernelState) -> KernelState:
 
 
 def _block(layer: Layer, x1: Tensor, x2: Tensor, norms: tuple[Tensor, Tensor], want_ntk: bool,
-           symmetric: bool, duplicates: Duplicates | None = None
+           symmetric: bool, duplicates: Duplicates | BatchedDuplicates | None = None
            ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, int, bool]:
     """Kernels of one block of rows (``x1``) against columns ``x2``."""
     state = _finalize(layer.kernel_map(KernelState.from_inputs(
@@ -191,7 +194,7 @@ def _run_block(layer, x1, x2, norms, want_ntk, symmetric, compile, duplicates=No
 
 
 def _blocked_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
-                    compile: bool = False) -> KernelState:
+                    compile: bool = False, ids: tuple[Tensor, Tensor] | None = None) -> KernelState:
     """Full kernel matrices computed a block of rows at a time (no autograd).
 
     Blocks of about ``BLOCK_ENTRIES`` entries stay in cache through the whole recursion (2¹⁹ was
@@ -205,13 +208,12 @@ def _blocked_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
     rows = max(1, min(n1, BLOCK_ENTRIES // max(n2, 1)))
     norms1 = torch.einsum("...nd,...nd->...n", x1, x1)
     norms2 = norms1 if symmetric else torch.einsum("...nd,...nd->...n", x2, x2)
-    ids = Duplicates.point_ids(x1, x2)
     nngp = ntk = cov1 = cov2 = None
     for start in range(0, n1, rows):
         stop = min(start + rows, n1)
         # symmetric: only the columns from `start` on, the rest is the mirror of earlier blocks
         cols = slice(start, n2) if symmetric else slice(0, n2)
-        duplicates = None if ids is None else Duplicates.of(ids[0][start:stop], ids[1][cols], symmetric)
+        duplicates = None if ids is None else Duplicates.of(ids[0][..., start:stop], ids[1][..., cols], symmetric)
         out = _run_block(layer, x1[..., start:stop, :], other[..., cols, :],
                          (norms1[..., start:stop], norms2[..., cols]), want_ntk, symmetric, compile, duplicates)
         block_nngp, block_ntk, block_cov1, block_cov2, width, is_gaussian = out

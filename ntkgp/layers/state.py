@@ -47,11 +47,10 @@ class Duplicates:
 
     @staticmethod
     def point_ids(x1: Tensor, x2: Tensor | None) -> tuple[Tensor, Tensor] | None:
-        """Ids of the rows of ``(n, d)`` inputs, equal exactly for equal points (``None`` if all
-        points are distinct, or for batched inputs, whose points may repeat per batch)."""
-        if x1.dim() != 2 or (x2 is not None and x2.dim() != 2):
-            return None
-        both = (x1 if x2 is None else torch.cat([x1, x2])).detach()
+        """Ids of the rows of ``(*batch, n, d)`` inputs, ``(*batch, n)``, equal exactly for equal
+        points, in whichever batch they are (``None`` if all points are distinct)."""
+        d = x1.shape[-1]
+        both = (x1.reshape(-1, d) if x2 is None else torch.cat([x1.reshape(-1, d), x2.reshape(-1, d)])).detach()
         if both.shape[0] < 2:
             return None
         # a cheap exact screen first: the wrapping integer sum of a row's bit patterns does not
@@ -62,12 +61,16 @@ class Duplicates:
         _, ids = torch.unique(both, dim=0, return_inverse=True)
         if int(ids.max()) + 1 == both.shape[0]:
             return None
-        return ids[: x1.shape[0]], (ids[: x1.shape[0]] if x2 is None else ids[x1.shape[0]:])
+        n1 = x1.shape[:-1].numel()
+        ids1 = ids[:n1].reshape(x1.shape[:-1])
+        return ids1, (ids1 if x2 is None else ids[n1:].reshape(x2.shape[:-1]))
 
     @classmethod
-    def of(cls, rows: Tensor, cols: Tensor, symmetric: bool) -> Duplicates | None:
+    def of(cls, rows: Tensor, cols: Tensor, symmetric: bool) -> Duplicates | BatchedDuplicates | None:
         """The duplicates among rows with ids ``rows`` and columns with ids ``cols`` (in a
         symmetric block the rows are the first columns)."""
+        if rows.dim() > 1 or cols.dim() > 1:
+            return BatchedDuplicates.of(rows, cols, symmetric)
         groups = int(torch.maximum(rows.max(), cols.max())) + 1 if rows.numel() and cols.numel() else 0
         if groups == 0:
             return None
@@ -87,6 +90,101 @@ class Duplicates:
         pair_rows, pair_cols = row_members[pair_r], col_members[pair_c]
         return cls(col_members, rep[cols[col_members]], row_members, rep[rows[row_members]],
                    pair_rows, pair_cols, rep[cols[pair_cols]])
+
+    def apply(self, state: KernelState) -> KernelState:
+        """``state`` with equal points given the variance of one of them, their pairs exactly that."""
+        cov2 = state.cov2.clone()
+        cov2[..., self.col_members] = cov2[..., self.col_reps]
+        if state.symmetric:
+            cov1 = cov2 if state.cov2 is state.cov1 else state.cov1   # re-derived from cov2 next
+        else:
+            cov1 = state.cov1.clone()
+            cov1[..., self.row_members] = cov2[..., self.row_reps]
+        nngp = state.nngp
+        if nngp.requires_grad and torch.is_grad_enabled():
+            nngp = nngp.clone()
+        nngp[..., self.pair_rows, self.pair_cols] = cov2[..., self.pair_reps].expand(
+            *nngp.shape[:-2], self.pair_rows.numel())
+        return state.replace(nngp=nngp, cov1=cov1, cov2=cov2)
+
+    def canonical(self, state: KernelState) -> KernelState:
+        """A finished symmetric kernel whose equal points' entries (variance, diagonal, pairs; NNGP
+        and NTK) are bitwise those of the first point of their group.
+
+        :meth:`apply` makes every pair exact after each layer, but an elementwise map can still
+        round a point's own diagonal an ulp away from its twin's: torch computes the tail of a
+        tensor with scalar code and the rest vectorized, and separate row blocks see separate
+        tensors.
+        """
+        cov = state.cov1.clone()
+        cov[..., self.col_members] = cov[..., self.col_reps]
+        nngp, ntk = state.nngp, state.ntk
+        if torch.is_grad_enabled() and (nngp.requires_grad or (ntk is not None and ntk.requires_grad)):
+            nngp, ntk = nngp.clone(), (None if ntk is None else ntk.clone())
+        batch, pairs = nngp.shape[:-2], self.pair_rows.numel()
+        if ntk is not None:
+            ntk[..., self.pair_rows, self.pair_cols] = ntk[..., self.pair_reps, self.pair_reps].expand(*batch, pairs)
+        nngp[..., self.pair_rows, self.pair_cols] = cov[..., self.pair_reps].expand(*batch, pairs)
+        return state.replace(nngp=nngp, ntk=ntk, cov1=cov, cov2=cov)
+
+
+@dataclass(frozen=True)
+class BatchedDuplicates:
+    """Bitwise-equal input points of batched inputs ``(*batch, n, d)``.
+
+    Which points repeat differs from batch to batch (a BoTorch candidate batch, each with its own
+    candidate that may sit on a training point), so masks take the place of
+    :class:`Duplicates`' index lists: ``same[..., i, j]`` says row ``i`` and column ``j`` are one
+    point, ``col_reps[..., j]`` is the first column of column ``j``'s point, ``row_reps[..., i]``
+    a column of row ``i``'s point where ``row_shared[..., i]``.
+    """
+
+    same: Tensor
+    col_reps: Tensor
+    row_reps: Tensor
+    row_shared: Tensor
+
+    @classmethod
+    def of(cls, rows: Tensor, cols: Tensor, symmetric: bool) -> BatchedDuplicates | None:
+        """The duplicates among rows with ids ``rows`` (``(*batch, n1)``) and columns with ids
+        ``cols`` (``(*batch, n2)``); in a symmetric block the rows are the first columns."""
+        if rows.shape[-1] == 0 or cols.shape[-1] == 0:
+            return None
+        same = rows.unsqueeze(-1) == cols.unsqueeze(-2)
+        if symmetric:  # every row meets itself: only other pairs count
+            n1, n2 = same.shape[-2:]
+            own = torch.eye(n1, n2, dtype=torch.bool, device=same.device)
+            if not bool((same & ~own).any()):
+                return None
+        elif not bool(same.any()):
+            return None
+        # argmax returns the first maximum: the first column of each point
+        col_reps = (cols.unsqueeze(-1) == cols.unsqueeze(-2)).to(torch.uint8).argmax(-1)
+        return cls(same, col_reps, same.to(torch.uint8).argmax(-1), same.any(-1))
+
+    def apply(self, state: KernelState) -> KernelState:
+        """``state`` with equal points given the variance of one of them, their pairs exactly that."""
+        shape2 = torch.broadcast_shapes(state.cov2.shape, self.col_reps.shape)
+        cov2 = state.cov2.expand(shape2).gather(-1, self.col_reps.expand(shape2))
+        if state.symmetric:
+            cov1 = cov2 if state.cov2 is state.cov1 else state.cov1   # re-derived from cov2 next
+        else:
+            shape1 = torch.broadcast_shapes(state.cov1.shape, self.row_reps.shape, (*shape2[:-1], 1))
+            from_cols = cov2.expand(*shape1[:-1], cov2.shape[-1]).gather(-1, self.row_reps.expand(shape1))
+            cov1 = torch.where(self.row_shared, from_cols, state.cov1)
+        nngp = torch.where(self.same, cov2.unsqueeze(-2), state.nngp)
+        return state.replace(nngp=nngp, cov1=cov1, cov2=cov2)
+
+    def canonical(self, state: KernelState) -> KernelState:
+        """As :meth:`Duplicates.canonical`, for batched inputs."""
+        shape = torch.broadcast_shapes(state.cov1.shape, self.col_reps.shape)
+        reps = self.col_reps.expand(shape)
+        cov = state.cov1.expand(shape).gather(-1, reps)
+        ntk = state.ntk
+        if ntk is not None:
+            own = ntk.diagonal(dim1=-2, dim2=-1)
+            ntk = torch.where(self.same, own.expand(shape).gather(-1, reps).unsqueeze(-2), ntk)
+        return state.replace(nngp=torch.where(self.same, cov.unsqueeze(-2), state.nngp), ntk=ntk, cov1=cov, cov2=cov)
 
 
 @dataclass(frozen=True)
@@ -123,13 +221,13 @@ class KernelState:
     x2: Tensor | None = None
     row_offset: int = 0
     sq_norms: tuple[Tensor, Tensor] | None = None
-    duplicates: Duplicates | None = None
+    duplicates: Duplicates | BatchedDuplicates | None = None
 
     @classmethod
     def from_inputs(cls, x1: Tensor, x2: Tensor | None = None, diag: bool = False, want_ntk: bool = True,
                     row_offset: int = 0, symmetric: bool | None = None,
                     sq_norms: tuple[Tensor, Tensor] | None = None,
-                    duplicates: Duplicates | None = None) -> KernelState:
+                    duplicates: Duplicates | BatchedDuplicates | None = None) -> KernelState:
         """The state before the first layer.
 
         ``x2=None`` means "the same points as ``x1``". A block of rows of a symmetric kernel is
@@ -226,27 +324,10 @@ class KernelState:
         """
         if self.diag or self.nngp is None:
             return self
-        state = self if self.duplicates is None else self._with_exact_duplicates()
+        state = self if self.duplicates is None else self.duplicates.apply(self)
         if not state.symmetric:
             return state
         return state._exact_self_pairs()
-
-    def _with_exact_duplicates(self) -> KernelState:
-        """Give equal points the variance of one of them and their pairs exactly that value."""
-        dup = self.duplicates
-        cov2 = self.cov2.clone()
-        cov2[..., dup.col_members] = cov2[..., dup.col_reps]
-        if self.symmetric:
-            cov1 = cov2 if self.cov2 is self.cov1 else self.cov1   # re-derived from cov2 next
-        else:
-            cov1 = self.cov1.clone()
-            cov1[..., dup.row_members] = cov2[..., dup.row_reps]
-        nngp = self.nngp
-        if nngp.requires_grad and torch.is_grad_enabled():
-            nngp = nngp.clone()
-        nngp[..., dup.pair_rows, dup.pair_cols] = cov2[..., dup.pair_reps].expand(
-            *nngp.shape[:-2], dup.pair_rows.numel())
-        return self.replace(nngp=nngp, cov1=cov1, cov2=cov2)
 
     def _exact_self_pairs(self) -> KernelState:
         n_rows = self.nngp.shape[-2]
