@@ -35,12 +35,14 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
     """Outputs of one network after training for time ``t`` (or ``steps`` steps).
 
     Args:
-        ntk_train_train: ``(N, N)`` tangent kernel of the training inputs.
-        y_train: ``(N,)`` or ``(N, k)`` targets.
+        ntk_train_train: ``(N, N)`` tangent kernel of the training inputs, or the full
+            ``(N, N, k, k)`` kernel of ``k`` outputs (``empirical_ntk(..., vector_output=True)``,
+            neural-tangents' ``trace_axes=()``), whose outputs then train jointly.
+        y_train: ``(N,)`` or ``(N, k)`` targets (``(N, k)`` with a full kernel).
         fx_train_0: the network's initial outputs on the training inputs (the shape of
             ``y_train``, or a number).
-        ntk_test_train: ``(M, N)`` tangent kernel between test and training inputs, to also
-            predict test outputs (together with ``fx_test_0``).
+        ntk_test_train: ``(M, N)`` (or full ``(M, N, k, k)``) tangent kernel between test and
+            training inputs, to also predict test outputs (together with ``fx_test_0``).
         fx_test_0: initial test outputs, ``(M,)`` or ``(M, k)`` like ``y_train``, or a number.
         t: ``None`` (infinite time), a number or a tensor of times (leading output shape).
         steps: instead of ``t``, discrete gradient-descent step counts.
@@ -56,6 +58,10 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
     if (ntk_test_train is None) != (fx_test_0 is None):
         raise ValueError("Give both ntk_test_train and fx_test_0 to predict test outputs, or neither.")
     _check_kernel(ntk_train_train, "ntk_train_train")
+    if ntk_train_train.dim() == 4:
+        return _full_kernel(ntk_train_train, y_train, fx_train_0, ntk_test_train, fx_test_0, t, steps=steps,
+                            learning_rate=learning_rate, diag_reg=diag_reg,
+                            diag_reg_absolute_scale=diag_reg_absolute_scale, factor_dtype=factor_dtype)
     n = ntk_train_train.shape[-1]
     if ntk_train_train.shape != (n, n):
         raise ValueError(f"ntk_train_train must be (N, N), got {tuple(ntk_train_train.shape)}.")
@@ -98,6 +104,43 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
     if test is None:
         return train.to(out_dtype)
     return train.to(out_dtype), test.to(out_dtype)
+
+
+def _full_kernel(ntk_train_train: Tensor, y_train: Tensor, fx_train_0, ntk_test_train, fx_test_0, t, **options):
+    """:func:`gradient_descent_mse` with ``(N, N, k, k)`` kernels: the ``N k`` outputs are one
+    flat vector trained by the ``(N k, N k)`` kernel ``Θ[(n, i), (m, j)] = Θ_nm,ij`` (the layout
+    neural-tangents flattens to as well, so relative ``diag_reg`` scales by its mean diagonal)."""
+    n, n2, k, k2 = ntk_train_train.shape
+    if n != n2 or k != k2:
+        raise ValueError(f"A full ntk_train_train must be (N, N, k, k), got {tuple(ntk_train_train.shape)}.")
+    if not isinstance(y_train, Tensor) or y_train.shape != (n, k):
+        shape = tuple(y_train.shape) if isinstance(y_train, Tensor) else type(y_train).__name__
+        raise ValueError(f"With a full (N, N, k, k) = {tuple(ntk_train_train.shape)} kernel y_train must be "
+                         f"(N, k) = {(n, k)}, got {shape}.")
+
+    def flat_kernel(kernel: Tensor, rows: int) -> Tensor:
+        return kernel.permute(0, 2, 1, 3).reshape(rows * k, n * k)
+
+    def flat_outputs(value, rows: int, name: str):
+        if not isinstance(value, Tensor) or value.dim() == 0:
+            return value
+        if value.shape != (rows, k):
+            raise ValueError(f"{name} must be a number or have shape {(rows, k)}, got {tuple(value.shape)}.")
+        return value.reshape(rows * k)
+
+    test_kernel = None
+    if ntk_test_train is not None:
+        _check_kernel(ntk_test_train, "ntk_test_train")
+        if ntk_test_train.dim() != 4 or ntk_test_train.shape[1:] != (n, k, k):
+            raise ValueError(f"With a full ntk_train_train, ntk_test_train must be (M, {n}, {k}, {k}), got "
+                             f"{tuple(ntk_test_train.shape)}.")
+        m = ntk_test_train.shape[0]
+        test_kernel, fx_test_0 = flat_kernel(ntk_test_train, m), flat_outputs(fx_test_0, m, "fx_test_0")
+    out = gradient_descent_mse(flat_kernel(ntk_train_train, n), y_train.reshape(n * k),
+                               flat_outputs(fx_train_0, n, "fx_train_0"), test_kernel, fx_test_0, t, **options)
+    if test_kernel is None:
+        return out.unflatten(-1, (n, k))
+    return out[0].unflatten(-1, (n, k)), out[1].unflatten(-1, (ntk_test_train.shape[0], k))
 
 
 def _check_kernel(kernel: Tensor, name: str) -> None:
