@@ -126,3 +126,42 @@ def test_coverage_interval_is_closed():
     from scipy.special import ndtri
     half = float(ndtri(0.75))
     assert bayes.interval_coverage([0.0], [1.0], [half], levels=[0.5])[0.5] == 1.0
+
+
+def test_invalid_tangent_kernels_and_rates_are_refused():
+    """An asymmetric kernel had one triangle used silently, an indefinite one (−Θ) trained nothing
+    (its eigenvalues were clamped to 0) and gave max_learning_rate = inf; momentum NaN or −1 and
+    y_train_size 0 returned NaN or 0."""
+    x = _x(5, 3)
+    y = torch.sin(x.sum(-1))
+    theta = NET.kernel(x).ntk.detach()
+    asymmetric = theta + torch.triu(torch.ones(5, 5), 1)
+    with pytest.raises(ValueError, match="symmetric"):
+        predict.gradient_descent_mse(asymmetric, y, t=1.0)
+    for call in (lambda: predict.gradient_descent_mse(-theta, y, t=1.0),
+                 lambda: predict.gradient_descent_mse(-theta, y, steps=3),
+                 lambda: predict.max_learning_rate(-theta)):
+        with pytest.raises(ValueError, match="positive semi-definite"):
+            call()
+    for momentum in (math.nan, -1.0, 1.0, "x"):
+        with pytest.raises(ValueError, match="momentum"):
+            predict.max_learning_rate(theta, momentum=momentum)
+    for size in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="y_train_size"):
+            predict.max_learning_rate(theta, size)
+    # rounding-level asymmetry and negative eigenvalues (a float32 empirical kernel) pass
+    noisy = theta.float()
+    noisy[0, 1] += 1e-6 * float(noisy.abs().max())
+    predict.gradient_descent_mse(noisy, y.float(), t=1.0)
+    assert predict.max_learning_rate(torch.zeros(3, 3)) == math.inf
+
+
+def test_variances_are_clamped_at_zero_where_the_data_pin_a_point():
+    """At a test point that repeats a training point the t = ∞ variance is 0, which rounding left
+    at −2e-15 K** (its square root NaN). The covariance itself is returned as computed."""
+    x = _x(6, 2)
+    y = torch.sin(x.sum(-1))
+    out = predict.gradient_flow(NET, x, y, x[:3], t=math.inf)
+    assert bool((out.variance >= 0).all())
+    torch.testing.assert_close(out.variance, out.covariance.diagonal().clamp_min(0), rtol=0, atol=0)
+    assert float(out.variance.max()) < 1e-12

@@ -406,3 +406,52 @@ def test_duplicates_have_bitwise_equal_diagonals_across_blocks(seed, monkeypatch
             for m in (k.nngp, k.ntk):
                 assert torch.equal(m.diagonal()[n + i], m.diagonal()[twins]), (act, entries)
                 assert torch.equal(m[twins, n + i], m.diagonal()[twins]), (act, entries)
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e-12), (torch.float64, 1e-80)])
+def test_tiny_variances_keep_their_angles(dtype, scale):
+    """k11·k22 of variances ~1e-24 (float32) underflowed to 0, so every angle read 0 or π: Sign
+    gave 1 instead of 0.41 and ReLU was off by 1.3× its scale. Each point's variance is now
+    scaled by its own power of 4. Without biases the kernels are homogeneous, K(c·x) = c² K(x)
+    (Sign: K(c·x) = K(x)), which is the reference."""
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    x[5] = -x[0]
+    for act, power in ((ntkgp.ReLU(), 2), (ntkgp.Abs(), 2), (ntkgp.LeakyReLU(0.1), 2), (ntkgp.Sign(), 0)):
+        net = ntkgp.serial(ntkgp.Dense(8, 2.0, None), act, ntkgp.Dense(8, 2.0, None), act, ntkgp.Dense(1, 1.0, None))
+        with torch.no_grad():
+            small, unit = net.kernel(scale * x), net.kernel(x)
+        for name in ("nngp", "ntk"):
+            expected = getattr(unit, name) * scale**power
+            torch.testing.assert_close(getattr(small, name), expected, rtol=64 * torch.finfo(dtype).eps, atol=0)
+
+
+def test_layernorm_of_huge_variances_keeps_the_kernel():
+    """(eps + k11)(eps + k22) overflowed for float32 inputs ~1e10 and rsqrt(inf) = 0 erased the
+    kernel (NNGP 0.26 for 0.44, NTK 0.26 for 0.65). After a bias-free Dense layer LayerNorm makes
+    the kernel scale-invariant: K(1e10·x) = K(x)."""
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    net = ntkgp.serial(ntkgp.Dense(8, 2.0, None), ntkgp.LayerNorm(), ntkgp.Dense(8, 1.5, 0.1), ntkgp.Erf(),
+                       ntkgp.Dense(1, 1.0, 0.1))
+    for scale in (1e10, 1e12):
+        with torch.no_grad():
+            big, unit = net.kernel(scale * x), net.kernel(x)
+        for name in ("nngp", "ntk"):
+            torch.testing.assert_close(getattr(big, name), getattr(unit, name), rtol=1e-5, atol=0)
+    torch.testing.assert_close(net.kernel(1e10 * x, diag=True).ntk, big.ntk.diagonal(), rtol=1e-6, atol=0)
+
+
+def test_sin_and_cos_stay_finite_for_nearly_parallel_inputs_of_large_variance():
+    """b²(k12 − (k11+k22)/2) ≤ 0, but for nearly (anti)parallel inputs of variance ~1e10 rounding
+    made it positive by ulp(k) and exp returned inf (31 of 200 random float32 pairs at scale 1e5).
+    The exponents are clamped at 0; the kernels then stay within their bounds |T| ≤ a²."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(200, 1, 3, generator=g)
+    pairs = torch.cat([base, base * (1 + 1e-7), -base * (1 + 1e-7)], 1) * 1e5       # (200, 3, 3)
+    for act in (ntkgp.Sin(), ntkgp.Cos(2.0)):
+        net = ntkgp.serial(ntkgp.Dense(8, 1.0, None), act, ntkgp.Dense(1, 1.0, None))
+        with torch.no_grad():
+            k = net.kernel(pairs)
+        bound = act.a**2
+        for m in (k.nngp, k.ntk):
+            assert bool(torch.isfinite(m).all())
+        assert float(k.nngp.abs().max()) <= bound * (1 + 1e-6)

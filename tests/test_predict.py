@@ -259,21 +259,67 @@ def test_singular_kernels_never_give_nan():
     assert torch.isfinite(flow.predict(None, t=1e3).mean).all()
     with pytest.raises(ValueError, match="diag_reg"):
         flow.predict(X_TEST, t=None)
+    # also on the training points: a singular kernel cannot be said to fit Y exactly (with equal
+    # inputs and different targets it cannot); t=inf gives the pseudo-inverse answer there
+    with pytest.raises(ValueError, match="diag_reg"):
+        flow.predict(None, t=None)
+    with pytest.raises(ValueError, match="singular"):
+        predict.gradient_descent_mse(NET.kernel(x).ntk.detach(), y)
     with pytest.raises(ValueError, match="noise"):
         predict.gp_posterior(NET, x, y, X_TEST)
     reg = predict.gradient_flow(NET, x, y, X_TEST, t=None, diag_reg=1e-6, learning_rate=LR)
     assert torch.isfinite(reg.mean).all()
 
 
-def test_zero_eigenvalue_uses_the_limit_not_zero_over_zero():
-    """(1 − e^{−λτ})/λ → τ: with an exactly singular kernel the flow along the null direction is τ."""
-    theta = torch.tensor([[1.0, 1.0], [1.0, 1.0]])               # eigenvalues 0 and 2
-    y, t = torch.tensor([1.0, -1.0]), 3.0                          # y lies in the null space
-    train, test = predict.gradient_descent_mse(theta, y, 0.0, torch.tensor([[0.5, -0.5]]), torch.zeros(1), t)
-    assert torch.isfinite(train).all() and torch.isfinite(test).all()
-    torch.testing.assert_close(train, torch.zeros(2))              # null directions do not move
-    v = torch.tensor([0.5, -0.5])                                  # Θ*d has a null-space component
-    torch.testing.assert_close(test, (v @ y) * t / 2 * torch.ones(1))
+def test_zero_eigenvalues_are_null_directions_at_every_time():
+    """An exactly singular kernel (eigenvalues 0 and 2) gives finite values without 0/0: the null
+    direction never moves, and a valid (positive semi-definite) joint kernel has no test
+    component along it; the rest follows (1 − e^{−λτ})/λ."""
+    theta = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    y, t = torch.tensor([2.0, 0.0], dtype=torch.float64), 3.0          # [1, 1] + [1, −1] (null)
+    cross = torch.tensor([[0.5, 0.5]], dtype=torch.float64)            # in the range of Θ
+    train, test = predict.gradient_descent_mse(theta, y, 0.0, cross, torch.zeros(1, dtype=torch.float64), t)
+    growth = -math.expm1(-2 * t / 2)                                   # λ = 2, τ = η t/m = 1.5
+    torch.testing.assert_close(train, growth * torch.ones(2, dtype=torch.float64), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(test, growth / 2 * torch.ones(1, dtype=torch.float64), rtol=1e-14, atol=1e-15)
+
+
+def test_huge_times_converge_to_the_infinite_time_answer_with_duplicates():
+    """A repeated measurement (equal inputs, different targets) makes the kernel singular. Finite
+    times must approach t = ∞ (the pseudo-inverse answer, the mean of the two targets); before,
+    eigh's rounding-level components along the null direction were multiplied by flow ≈ τ, and
+    t = 1e16 (or 1e16 steps) drifted from it by 7 % of max|y|, t = 1e20 by 140 %."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    y = torch.sin(x.sum(-1))
+    x[7], y[7] = x[6], y[6] + 0.5
+    x_test = torch.cat([torch.randn(4, 3, generator=g, dtype=torch.float64), x[6:7]])
+    net = ntkgp.serial(ntkgp.Dense(64, 2.0, 0.1), ntkgp.ReLU(), ntkgp.Dense(64, 2.0, 0.1), ntkgp.Erf(),
+                       ntkgp.Dense(1, 1.0, 0.1))
+    for kind in ("ntk", "nngp"):
+        flow = predict.GradientFlow(net, x, y, kernel=kind)
+        limit = flow.predict(x_test, t=math.inf, compute_cov=False).mean
+        assert abs(float(limit[-1]) - float(y[6] + 0.25)) < 1e-9          # the mean of the two targets
+        for out in (flow.predict(x_test, t=torch.tensor([1e8, 1e12, 1e16, 1e20]), compute_cov=False),
+                    flow.predict(x_test, steps=torch.tensor([10**8, 10**12, 10**16]), compute_cov=False)):
+            assert float((out.mean - limit).abs().max()) < 1e-9, kind
+
+
+def test_training_outputs_at_tiny_times_keep_their_relative_accuracy():
+    """(I − e^{−Θτ}) Y at τ ~ 1e-13 is ~1e-13·ΘY: forming 1 − e^{−λτ} instead of −expm1(−λτ)
+    lost its leading digits (relative error 9e-5 at t = 1e-12, 4e-3 at 1e-14); now ~1e-15."""
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.sin(x.sum(-1))
+    theta = NET.kernel(x).ntk.detach()
+    flow = predict.GradientFlow(NET, x, y)
+    for t in (1e-14, 1e-12):
+        tau = t / 8                                           # continuous: τΘY − τ²Θ²Y/2 + O(τ³)
+        second_order = tau * theta @ y - tau**2 / 2 * theta @ (theta @ y)
+        one_step = tau * theta @ y                            # one step of rate t: exactly ηΘY/m
+        for mean, reference in ((flow.predict(None, t=t, compute_cov=False).mean, second_order),
+                                (predict.gradient_descent_mse(theta, y, 0.0, t=t), second_order),
+                                (predict.gradient_descent_mse(theta, y, 0.0, steps=1, learning_rate=t), one_step)):
+            assert float((mean - reference).norm() / reference.norm()) < 1e-13
 
 
 def test_float32_kernels_are_factored_in_float64():

@@ -80,7 +80,7 @@ def predictive_moments(gaussian: Gaussian, noise: float | Tensor = 0.0,
     """
     g = select_time(gaussian, time_index)
     noise_var = _noise_tensor(noise, g.covariance)
-    latent = torch.diagonal(g.covariance, dim1=-2, dim2=-1)
+    latent = g.variance
     if noise_var.dim() > 1 or noise_var.numel() not in (1, latent.numel()):
         raise ValueError(f"noise must be a scalar or one variance per test point ({latent.numel()},), "
                          f"got shape {tuple(noise_var.shape)}.")

@@ -183,7 +183,7 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     exact = flow.predict(data.x_test, steps=torch.tensor(steps))
     continuous = flow.predict(data.x_test, t=torch.tensor(steps, dtype=torch.float64), compute_cov=False)
     mu = exact.mean[..., 0]                                   # (T, M)
-    var = exact.variance.clamp_min(0)                         # (T, M)
+    var = exact.variance                                      # (T, M)
     probe = data.x_test[:: max(1, data.x_test.shape[0] // config.probe_points)][: config.probe_points]
 
     results = []

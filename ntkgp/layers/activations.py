@@ -270,7 +270,9 @@ class Sin(Activation):
         T = a²/2 · (e^{b²(k12 − (k11+k22)/2)} − cos(2c) e^{−b²(k12 + (k11+k22)/2)})
         Ṫ = a² b²/2 · (e^{b²(k12 − (k11+k22)/2)} + cos(2c) e^{−b²(k12 + (k11+k22)/2)})
 
-    The exponents are combined before ``exp`` so nothing overflows (``|k12| ≤ (k11+k22)/2``).
+    The exponents are combined before ``exp`` so nothing overflows (``|k12| ≤ (k11+k22)/2``),
+    and clamped at 0: for nearly (anti)parallel inputs of large variance rounding can make them
+    positive by ``ulp(k)``, which ``exp`` turned into ``inf``.
     """
 
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
@@ -285,8 +287,8 @@ class Sin(Activation):
 
     def pair_kernel(self, k11, k12, k22, want_dot):
         b2, half_sum = self.b**2, (k11 + k22) / 2
-        plus = torch.exp(b2 * (k12 - half_sum))
-        minus = math.cos(2 * self.c) * torch.exp(-b2 * (k12 + half_sum))
+        plus = torch.exp((b2 * (k12 - half_sum)).clamp(max=0))
+        minus = math.cos(2 * self.c) * torch.exp((-b2 * (k12 + half_sum)).clamp(max=0))
         nngp = self.a**2 / 2 * (plus - minus)
         dot = self.a**2 * b2 / 2 * (plus + minus) if want_dot else None
         return nngp, dot

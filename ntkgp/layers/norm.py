@@ -36,7 +36,9 @@ class LayerNorm(Layer):
             cov = state.cov1 / norm
             ntk = None if state.ntk is None else state.ntk / norm
             return state.replace(nngp=cov, ntk=ntk, cov1=cov, cov2=cov)
-        scale = torch.rsqrt((self.eps + state.k11) * (self.eps + state.k22))
+        # two square roots, not one of the product: (eps + k11)(eps + k22) overflows for variances
+        # near sqrt(max) (float32 inputs ~1e10), and rsqrt(inf) = 0 erased the kernel
+        scale = torch.rsqrt(self.eps + state.k11) * torch.rsqrt(self.eps + state.k22)
         cov1, cov2 = state.map_covs(lambda c: c / (self.eps + c))
         ntk = None if state.ntk is None else state.ntk * scale
         return state.replace(nngp=state.nngp * scale, ntk=ntk, cov1=cov1, cov2=cov2)

@@ -112,10 +112,17 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tenso
     (a zero-variance input, e.g. a zero vector without bias), as in neural-tangents.
 
     Without autograd the same formula runs in place on its temporaries, and the ``π/2`` fill
-    is applied only when a zero variance is present (it can only occur there). Variances whose
-    products would overflow are scaled by a power of 4 first (:func:`overflow_scale`).
+    is applied only when a zero variance is present (it can only occur there). Where ``k11 k22``
+    could overflow or underflow (variances beyond ``sqrt(max)/16`` or below ``16 sqrt(tiny)``:
+    2.6e17 and 1.7e-18 in float32) every point's variance is first scaled by its own power of 4
+    (:func:`power_of_4_exponents`), which changes no bit of the result elsewhere.
     """
-    scale, k11, k12, k22 = scaled_for_products(k11, k12, k22)
+    rescale = None
+    if torch.compiler.is_compiling() or not _products_representable(k11, k22):
+        h1, h2 = power_of_4_exponents(k11), power_of_4_exponents(k22)
+        k11, k22 = k11 * power_of_2(-2 * h1, k11.dtype), k22 * power_of_2(-2 * h2, k22.dtype)
+        k12 = k12 * power_of_2(-h1, k12.dtype) * power_of_2(-h2, k12.dtype)
+        rescale = power_of_2(h1, k11.dtype), power_of_2(h2, k22.dtype)
     if needs_graph(k11, k12, k22):
         p = safe_sqrt(k11 * k22)
         s = safe_sqrt((p - k12) * (p + k12))
@@ -128,7 +135,41 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tenso
         theta = torch.atan2(s, k12)
         if torch.compiler.is_compiling() or bool((k11 == 0).any()) or bool((k22 == 0).any()):
             theta = torch.where((s == 0) & (k12 == 0), math.pi / 2, theta)
-    return (s if scale is None else s / scale), theta
+    if rescale is not None:
+        s = s * rescale[0] * rescale[1]
+    return s, theta
+
+
+def power_of_4_exponents(k: Tensor) -> Tensor:
+    """Integers ``h`` with ``k · 4^−h`` in ``[1/2, 2)`` (``h = 0`` for ``k = 0``), clamped so that
+    ``2^±2h`` stays a normal number."""
+    limit = (_FLOAT_BITS[k.dtype][2] - 1) // 2
+    exponent = torch.frexp(k.detach()).exponent
+    return torch.div(exponent, 2, rounding_mode="floor").clamp(-limit, limit)
+
+
+_FLOAT_BITS = {torch.float64: (torch.int64, 52, 1023), torch.float32: (torch.int32, 23, 127),
+               torch.float16: (torch.int16, 10, 15), torch.bfloat16: (torch.int16, 7, 127)}
+
+
+def power_of_2(e: Tensor, dtype: torch.dtype) -> Tensor:
+    """``2^e`` for integers ``e`` in the normal range of ``dtype``, exact (assembled from its bits:
+    a multiplication by it is an exact rescaling)."""
+    ints, mantissa_bits, bias = _FLOAT_BITS[dtype]
+    return torch.bitwise_left_shift(e.to(ints) + bias, mantissa_bits).view(dtype)
+
+
+def _products_representable(k11: Tensor, k22: Tensor) -> bool:
+    """Whether every product of two positive variances is a normal number (and not ``inf``)."""
+    info = torch.finfo(k11.dtype)
+    low, high = 16 * info.tiny ** 0.5, info.max ** 0.5 / 16
+    for k in (k11, k22):
+        if k.numel() == 0:
+            continue
+        k = k.detach()
+        if float(k.amax()) > high or float(torch.where(k > 0, k, high).amin()) < low:
+            return False
+    return True
 
 
 def expand_param(value: Tensor, extra_dims: int) -> Tensor:

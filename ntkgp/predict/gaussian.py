@@ -23,8 +23,11 @@ class Gaussian:
 
     @property
     def variance(self) -> Tensor | None:
-        """Marginal variances ``(*time, M)``."""
-        return None if self.covariance is None else torch.diagonal(self.covariance, dim1=-2, dim2=-1)
+        """Marginal variances ``(*time, M)``, clamped at 0: where the data pin a test point (it
+        repeats a training point, late in training) rounding leaves ``−1e-15 K**`` in place of 0."""
+        if self.covariance is None:
+            return None
+        return torch.diagonal(self.covariance, dim1=-2, dim2=-1).clamp_min(0)
 
 
 def check_targets(y_train: Tensor, n_train: int) -> Tensor:

@@ -158,7 +158,8 @@ class GradientFlow:
         return out
 
     def _infinite(self, kernels: dict | None, compute_cov: bool) -> tuple[Tensor, Tensor | None]:
-        if kernels is None:  # the training outputs converge to the targets
+        if kernels is None:  # the training outputs converge to the targets, if the kernel can fit them
+            self._cholesky  # noqa: B018  (a singular kernel raises, as for test points; t=inf handles it)
             n = self.y.shape[0]
             return self.y.clone(), (self.y.new_zeros(n, n) if compute_cov else None)
         chol = self._cholesky
@@ -177,9 +178,9 @@ class GradientFlow:
     def _finite(self, schedule: Schedule, kernels: dict | None, compute_cov: bool) -> tuple[Tensor, Tensor | None]:
         eig = self.eigensystem
         v, lam = eig.vectors, eig.values
-        decay, flow = schedule.functions(eig)                            # (T, N)
+        decay, growth, flow = schedule.functions(eig)                    # (T, N)
         if kernels is None:
-            mean = spectral_apply(v, 1 - decay, self._y_eigen)
+            mean = spectral_apply(v, growth, self._y_eigen)
             if not compute_cov:
                 return mean, None
             cov = v.new_empty((decay.shape[0], *v.shape))
@@ -199,7 +200,7 @@ class GradientFlow:
         k_tt = kernels["nngp_tt"]
         cov = k_tt.new_empty((flow.shape[0], *k_tt.shape))
         if self.kind == "nngp":
-            _, flow2 = schedule.doubled().functions(eig)
+            _, _, flow2 = schedule.doubled().functions(eig)
             for i in range(flow.shape[0]):
                 torch.addmm(k_tt, a * flow2[i], a.mT, alpha=-1, out=cov[i])
                 _symmetrize_(cov[i])

@@ -19,6 +19,7 @@ from torch import Tensor
 from ntkgp.predict.gaussian import check_non_negative, check_targets
 from ntkgp.predict.spectral import (
     Eigensystem,
+    check_symmetric,
     cholesky,
     make_schedule,
     regularize,
@@ -65,6 +66,7 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
     n = ntk_train_train.shape[-1]
     if ntk_train_train.shape != (n, n):
         raise ValueError(f"ntk_train_train must be (N, N), got {tuple(ntk_train_train.shape)}.")
+    check_symmetric(ntk_train_train, "ntk_train_train")
     if isinstance(y_train, Tensor) and y_train.dim() in (1, 2) and y_train.shape[0] != n:
         raise ValueError(f"ntk_train_train is {n} x {n} but y_train has {y_train.shape[0]} rows.")
     check_targets(y_train, n)
@@ -82,19 +84,20 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
     residual = f0 - y
     flat = residual.reshape(n, -1)
     if schedule is None:
+        factor = cholesky(kernel, "training NTK")   # also for the training outputs: a singular kernel cannot fit Y
         train = y.clone()
         test = None
         if ntk_test_train is not None:
-            coef = torch.cholesky_solve(-flat, cholesky(kernel, "training NTK"))
+            coef = torch.cholesky_solve(-flat, factor)
             test = fx_test_0.to(factor_dtype) + (ntk_test_train.to(factor_dtype) @ coef).reshape(fx_test_0.shape)
     else:
-        eig = Eigensystem.of(kernel)
+        eig = Eigensystem.of(kernel, check_as=("ntk_train_train", ntk_train_train.dtype))
         if schedule.discrete:
             warn_if_unstable(schedule.learning_rate, stability_limit(float(eig.values.max()), y_train.numel()))
-        decay, flow = schedule.functions(eig)
+        _, growth, flow = schedule.functions(eig)
         v = eig.vectors
         proj = v.mT @ flat                                                  # (N, k)
-        train = f0 + spectral_apply(v, decay - 1, proj).reshape(-1, *y.shape)
+        train = f0 - spectral_apply(v, growth, proj).reshape(-1, *y.shape)
         train = schedule.reshape(train, y.dim())
         test = None
         if ntk_test_train is not None:

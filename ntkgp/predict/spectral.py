@@ -9,11 +9,11 @@ In the eigenbasis ``Θ = V diag(λ) Vᵀ`` everything is a function of ``λ`` an
 * discrete full-batch gradient descent, ``s`` steps of rate ``η``:
   ``decay = (1 − ηλ/m)^s``, ``flow = (1 − decay) / λ``.
 
-``flow`` is computed from ``expm1``/``log1p`` and takes its limit (``τ``, or ``s η/m``) where
-``λ = 0``, so zero or tiny eigenvalues give the exact finite answer instead of ``0/0``
-(neural-tangents returns NaN there). At ``t = ∞`` eigenvalues below ``N · ε · λ_max`` count as
-exactly zero: their directions never move and, the kernel being positive semi-definite, test
-points have no component along them.
+``1 − decay`` and ``flow`` are computed from ``expm1``/``log1p``. Eigenvalues below
+``N · ε · λ_max`` count as exactly zero, at every time: their directions never move and, the
+kernel being positive semi-definite, test points have no component along them; so zero or tiny
+eigenvalues give the exact finite answer instead of ``0/0`` (neural-tangents returns NaN there)
+or rounding noise multiplied by ``τ``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ntkgp._checks import integer_at_least
 from ntkgp.layers.validation import positive_number
 
 
@@ -64,8 +65,13 @@ class Eigensystem:
     vectors: Tensor
 
     @classmethod
-    def of(cls, k: Tensor) -> Eigensystem:
+    def of(cls, k: Tensor, check_as: tuple[str, torch.dtype] | None = None) -> Eigensystem:
+        """The eigensystem of ``k``; with ``check_as = (name, dtype)`` a ``ValueError`` if ``k`` is
+        clearly not positive semi-definite (an eigenvalue below ``−sqrt(ε) · max|λ|``, with ``ε``
+        of the dtype the kernel came in: more than rounding can explain)."""
         values, vectors = torch.linalg.eigh(k)
+        if check_as is not None:
+            check_semi_definite(values, *check_as)
         return cls(values.clamp_min(0), vectors)
 
     @property
@@ -91,33 +97,36 @@ class Schedule:
         """The schedule at twice the time (the NNGP covariance needs ``(1 − decay²)/λ``)."""
         return Schedule(2 * self.values, self.shape, self.discrete, self.learning_rate, self.m)
 
-    def functions(self, eig: Eigensystem) -> tuple[Tensor, Tensor]:
-        """``decay`` and ``flow``, each ``(T, N)``."""
+    def functions(self, eig: Eigensystem) -> tuple[Tensor, Tensor, Tensor]:
+        """``decay``, ``growth = 1 − decay`` (from ``expm1``: accurate at tiny times, where
+        ``1 − decay`` loses every digit) and ``flow = growth / λ``, each ``(T, N)``.
+
+        Eigenvalues below ``N · ε · λ_max`` count as exactly zero at every time, as at ``t = ∞``:
+        decay 1, growth and flow 0. In exact arithmetic test points have no component along
+        them, so this changes nothing; it keeps the rounding-level components that
+        ``eigh`` leaves there from being multiplied by ``flow ≈ τ`` (which made ``t = 1e16``
+        with duplicated training points drift from the converged answer by 7 %).
+        """
         lam = eig.values.unsqueeze(-2)                           # (1, N)
-        positive = lam > 0
-        safe_lam = torch.where(positive, lam, torch.ones_like(lam))
+        null = lam <= eig.null_tolerance.unsqueeze(-2)
+        safe_lam = torch.where(null, torch.ones_like(lam), lam)
         rate = self.learning_rate / self.m
         times = self.values.to(lam.dtype).unsqueeze(-1)           # (T, 1)
         if not self.discrete:
             tau = rate * times
             finite = torch.isfinite(tau)
             x = torch.where(finite, tau, 0.0) * lam
-            decay = torch.exp(-x)
-            flow = torch.where(positive, -torch.expm1(-x) / safe_lam, torch.where(finite, tau, 0.0))
-            if not bool(finite.all()):
-                null = lam <= eig.null_tolerance.unsqueeze(-2)
-                decay = torch.where(finite, decay, torch.where(null, 1.0, 0.0))
-                flow = torch.where(finite, flow, torch.where(null, 0.0, 1 / safe_lam))
-            return decay, flow
-        a = rate * lam                                            # per-step contraction ηλ/m
-        stable = a < 1
-        log_factor = torch.log1p(-torch.where(stable, a, torch.zeros_like(a)))
-        decay_stable = torch.exp(times * log_factor)
-        flow_stable = torch.where(positive, -torch.expm1(times * log_factor) / safe_lam, rate * times)
-        decay_big = torch.pow(1 - a, times)
-        decay = torch.where(stable, decay_stable, decay_big)
-        flow = torch.where(stable, flow_stable, (1 - decay_big) / safe_lam)
-        return decay, flow
+            decay = torch.where(finite, torch.exp(-x), 0.0)
+            growth = torch.where(finite, -torch.expm1(-x), 1.0)
+        else:
+            a = rate * lam                                        # per-step contraction ηλ/m
+            stable = a < 1
+            exponent = times * torch.log1p(-torch.where(stable, a, torch.zeros_like(a)))
+            decay_big = torch.pow(1 - a, times)
+            decay = torch.where(stable, torch.exp(exponent), decay_big)
+            growth = torch.where(stable, -torch.expm1(exponent), 1 - decay_big)
+        decay, growth = torch.where(null, 1.0, decay), torch.where(null, 0.0, growth)
+        return decay, growth, growth / safe_lam
 
     def reshape(self, out: Tensor, trailing: int) -> Tensor:
         """``(T, *rest)`` → ``(*shape, *rest)`` (``rest`` has ``trailing`` dimensions)."""
@@ -162,13 +171,44 @@ def max_learning_rate(ntk_train_train: Tensor, y_train_size: int | None = None, 
 
     Gradient descent on ``(1/2m) ‖f − Y‖²`` contracts iff ``|1 − ηλ/m| < 1`` for all
     eigenvalues (neural-tangents' ``max_learning_rate``; ``m`` defaults to ``N``). A zero kernel
-    never moves the outputs, so every rate is stable: ``inf``.
+    never moves the outputs, so every rate is stable: ``inf``. ``momentum`` is heavy-ball
+    momentum in ``[0, 1)``.
     """
+    if not isinstance(ntk_train_train, Tensor) or not ntk_train_train.is_floating_point():
+        raise ValueError(f"ntk_train_train must be a floating-point tensor, got {type(ntk_train_train).__name__}.")
     k = ntk_train_train.detach().to(torch.float64)
     if k.dim() < 2 or k.shape[-1] != k.shape[-2] or not bool(torch.isfinite(k).all()):
         raise ValueError(f"ntk_train_train must be a finite square (N, N) kernel, got shape {tuple(k.shape)}.")
-    m = k.shape[-1] if y_train_size is None else y_train_size
-    return stability_limit(float(torch.linalg.eigvalsh(k)[..., -1].max()), m, momentum)
+    m = k.shape[-1] if y_train_size is None else integer_at_least(y_train_size, 1, "y_train_size")
+    try:
+        momentum = float(momentum)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}.") from err
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}.")
+    values = torch.linalg.eigvalsh(k)
+    check_semi_definite(values, "ntk_train_train", ntk_train_train.dtype)
+    return stability_limit(float(values[..., -1].max()), m, momentum)
+
+
+def check_semi_definite(values: Tensor, name: str, dtype: torch.dtype) -> None:
+    """``ValueError`` unless the eigenvalues ``values`` are those of a positive semi-definite
+    matrix given in ``dtype``, up to rounding (``λ_min ≥ −sqrt(ε) · max|λ|``)."""
+    if values.numel() == 0:
+        return
+    scale = float(values.abs().max())
+    if float(values.min()) < -torch.finfo(dtype).eps ** 0.5 * scale:
+        raise ValueError(f"{name} is not positive semi-definite (eigenvalues from {float(values.min()):.3g} to "
+                         f"{float(values.max()):.3g}): a tangent kernel is a Gram matrix of Jacobians.")
+
+
+def check_symmetric(k: Tensor, name: str) -> None:
+    """``ValueError`` unless ``k`` is symmetric up to ``sqrt(ε)`` of its largest entry (only one
+    triangle would be used otherwise)."""
+    scale = float(k.abs().max()) if k.numel() else 0.0
+    if float((k - k.mT).abs().max()) > torch.finfo(k.dtype).eps ** 0.5 * scale:
+        raise ValueError(f"{name} must be symmetric: it differs from its transpose by "
+                         f"{float((k - k.mT).abs().max()):.3g} (largest entry {scale:.3g}).")
 
 
 def stability_limit(lambda_max: float, m: int, momentum: float = 0.0) -> float:
