@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available to this torch")
     data = sin_dataset()
     x, y = data.x_train.float().to(device), data.y_train.float().to(device)
     lr = 0.1

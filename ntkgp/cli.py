@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import torch
 
@@ -11,8 +12,15 @@ import torch
 def demo(args: argparse.Namespace) -> int:
     """Print the analytic NNGP/NTK of a small network next to finite-width Monte-Carlo estimates."""
     import ntkgp
+    from ntkgp._checks import integer_at_least
     from ntkgp.finite import monte_carlo_kernel
 
+    try:
+        integer_at_least(args.width, 1, "--width")
+        integer_at_least(args.samples, 1, "--samples")
+    except ValueError as error:
+        print(f"ntkgp demo: error: {error}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     x = torch.randn(5, 3, dtype=torch.float64)
     net = ntkgp.serial(
@@ -79,16 +87,22 @@ def compare(args: argparse.Namespace) -> int:
 
 def _writable_folder(path: str) -> None:
     """Create the report folder now, so that a bad ``--out`` fails before hours of training."""
+    import os
     import pathlib
     import tempfile
 
+    folder = pathlib.Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"cannot write the report to {path!r}: it is a file, not a folder")
     try:
-        folder = pathlib.Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
         raise ValueError(f"cannot write the report to {path!r}: {error.strerror or error}") from None
+    for name in ("report.json", "report.md"):   # an earlier report's files that cannot be replaced
+        if (folder / name).exists() and not os.access(folder / name, os.W_OK):
+            raise ValueError(f"cannot write the report to {path!r}: {name} there is not writable")
 
 
 def _add_compare(sub) -> None:
@@ -102,8 +116,10 @@ def _add_compare(sub) -> None:
                                         f"steps {list(v['record_steps'])}" for k, v in PRESETS.items()))
     p.add_argument("--dataset", default="sin",
                    help="'sin' (5 noisy samples of sin on [-pi, pi], 50 test points; default), 'circle' "
-                        "(points on the unit circle), or a .csv (inputs..., target per row) / .npz "
-                        "(x_train, y_train, x_test[, y_test]) file")
+                        "(points on the unit circle), a .csv file of numbers (one training point per row: "
+                        "inputs..., then its one target; a header line must start with '#'; test points: a "
+                        "grid over a 1-D input, else the training inputs) or a .npz file (arrays x_train, "
+                        "y_train, x_test, optionally y_test for the figures)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="sizes: 'default' (< 2 min on a 2-core CPU), 'acceptance' (widths 128-1024, 128 "
                         "members: the full validation, ~3 min on a 2-core CPU), 'gpu' (widths to 8192, 1024 members)")
@@ -112,7 +128,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--steps", dest="record_steps", type=int, nargs="+",
                    help="gradient-descent steps at which to compare (time t = learning rate x steps)")
     p.add_argument("--depth", type=int, help="hidden layers (default 2)")
-    p.add_argument("--activation", help="activation name: erf (default), relu, gelu, tanh, ...")
+    p.add_argument("--activation", help="activation name: erf (default), relu, gelu, sin, ...")
     p.add_argument("--weight-var", type=float, help="weight variance of every layer (default 2.25)")
     bias = p.add_mutually_exclusive_group()
     bias.add_argument("--bias-var", type=float, help="bias variance of every layer (default 0.0025)")
@@ -153,7 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``ntkgp compare`` or ``ntkgp demo``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    # warnings as one line each ("RuntimeWarning: ..."), without the library source line under them
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *_, **__: f"{category.__name__}: {message}\n"
+    try:
+        return args.func(args)
+    finally:
+        warnings.formatwarning = previous
 
 
 if __name__ == "__main__":

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+import ntkgp
 from ntkgp.cli import main
 from ntkgp.compare import (
     CompareConfig,
@@ -22,7 +24,7 @@ from ntkgp.compare import (
     write_report,
 )
 from ntkgp.compare.harness import _width_metrics, evaluate_checks
-from ntkgp.finite.train import EnsembleHistory
+from ntkgp.finite.train import EnsembleHistory, train_ensemble
 from ntkgp.predict import GradientFlow
 
 TINY = dict(widths=(16, 48), ensemble_size=8, record_steps=(0, 5, 40), probe_points=4)
@@ -89,6 +91,41 @@ def test_readout_only_compares_with_nngp_predictions():
 
     text = _markdown(result, [])
     assert "|mean − NNGP mean|" in text and "NTK-GP" not in text
+
+
+def test_report_json_is_strict_json_with_null_for_undefined_slopes(tmp_path):
+    """Undefined slopes (frozen layers) were written as bare NaN, which JSON parsers other than
+    Python's (JavaScript's JSON.parse, strict modes) reject."""
+    result = run_comparison(sin_dataset(), CompareConfig(**TINY, readout_only=True, divergence_check=False))
+    out = write_report(result, tmp_path / "r")
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    data = json.loads((out / "report.json").read_text(), parse_constant=refuse)
+    assert data["slopes"]["hidden_weight_change"] is None and data["slopes"]["readout_weight_change"] is not None
+    assert data["y_test"] == pytest.approx(sin_dataset().y_test[:, 0].tolist())
+
+
+def test_report_calls_a_catapult_only_when_the_loss_spikes():
+    from ntkgp.compare.report import _markdown
+
+    result = run_comparison(sin_dataset(), CompareConfig(**TINY))
+    run = result.divergence["runs"][0]
+    run.update(diverged_at=None, steps=[0, 1, 2], loss=[0.6, 0.5, 0.1])
+    assert "without a spike" in _markdown(result, []) and "catapult" not in _markdown(result, [])
+    run.update(loss=[0.6, 3.0, 0.1])
+    assert "peak 3 → 0.1" in _markdown(result, []) and "catapult" in _markdown(result, [])
+
+
+def test_report_folder_keeps_one_report(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "band_width999.png").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    write_report(run_comparison(sin_dataset(), CompareConfig(**TINY, divergence_check=False)), out)
+    assert not (out / "band_width999.png").exists() and (out / "notes.txt").exists()
+    assert (out / "band_width16.png").exists()
 
 
 def test_cli_compare_writes_a_report(tmp_path, capsys):
@@ -195,6 +232,8 @@ def test_variance_agreement_where_the_ntkgp_variance_vanishes():
     (["--activation", "nope"], "Unknown activation"),
     (["--dataset", "missing.csv"], "does not exist"),
     (["--device", "not-a-device"], "is not a torch device"),
+    (["--device", "meta"], "runs on 'cpu' or 'cuda' devices"),
+    (["--device", "mps"], "runs on 'cpu' or 'cuda' devices"),
 ])
 def test_cli_rejects_bad_settings_before_training(argv, message, capsys, tmp_path):
     code = main(["compare", "--no-progress", "--out", str(tmp_path / "r"), *argv])
@@ -208,6 +247,17 @@ def test_cli_rejects_bad_settings_before_training(argv, message, capsys, tmp_pat
 def test_cli_cuda_without_cuda_is_a_clear_error(capsys):
     assert main(["compare", "--device", "cuda", "--no-progress"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train_ensemble(ntkgp.mlp(1, width=4), torch.zeros(2, 1), torch.zeros(2), learning_rate=0.1,
+                       record_steps=[1], device="cuda")
+
+
+@pytest.mark.parametrize("argv", [["--width", "0"], ["--width", "-3"], ["--samples", "0"]])
+def test_cli_demo_rejects_bad_sizes(argv, capsys):
+    assert main(["demo", *argv]) == 2
+    captured = capsys.readouterr()
+    assert "must be a positive integer" in captured.err and "Traceback" not in captured.err
+    assert "Monte Carlo over" not in captured.out
 
 
 def test_config_orders_widths_and_needs_a_training_step():
@@ -237,8 +287,19 @@ def test_datasets_need_one_target_column(tmp_path):
     with pytest.raises(ValueError, match=r"header\.csv"):
         load_dataset(str(tmp_path / "header.csv"))
     (tmp_path / "broken.npz").write_text("not an archive")
-    with pytest.raises(ValueError, match=r"broken\.npz"):
+    with pytest.raises(ValueError, match=r"broken\.npz is not an \.npz archive"):
         load_dataset(str(tmp_path / "broken.npz"))
+    for name, array in (("strings", np.array(["a", "b", "c", "d", "e"])), ("complex", x[:, 0] + 1j),
+                        ("objects", np.array([1, "a", None, 2, 3], dtype=object))):
+        np.savez(tmp_path / f"{name}.npz", x_train=x, y_train=array, x_test=x)
+        with pytest.raises(ValueError, match=rf"{name}\.npz: array 'y_train'"):
+            load_dataset(str(tmp_path / f"{name}.npz"))
+    np.savez(tmp_path / "ytest.npz", x_train=x, y_train=x[:, 0], x_test=x, y_test=np.ones(3))
+    with pytest.raises(ValueError, match="y_test must hold one target per test point"):
+        load_dataset(str(tmp_path / "ytest.npz"))
+    np.savez(tmp_path / "ytest_nan.npz", x_train=x, y_train=x[:, 0], x_test=x, y_test=np.full(5, np.nan))
+    with pytest.raises(ValueError, match="y_test in"):
+        load_dataset(str(tmp_path / "ytest_nan.npz"))
     for bad in (lambda: circle_dataset(0), lambda: circle_dataset(4, -1), lambda: circle_dataset(2.5),
                 lambda: sin_dataset(noise=float("nan")), lambda: sin_dataset(noise=-1.0)):
         with pytest.raises(ValueError):
@@ -286,7 +347,14 @@ def test_cli_checks_the_report_folder_and_conflicting_options_before_training(tm
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert main(["compare", "--no-progress", "--out", str(blocker)]) == 2
-    assert "cannot write the report" in capsys.readouterr().err
+    assert "it is a file, not a folder" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "report.json").write_text("{}")
+    (locked / "report.json").chmod(0o444)
+    if not os.access(locked / "report.json", os.W_OK):     # root may write anyway
+        assert main(["compare", "--no-progress", "--out", str(locked)]) == 2
+        assert "report.json there is not writable" in capsys.readouterr().err
     for pair in (["--learning-rate", "0.1", "--lr-fraction", "0.5"], ["--bias-var", "0.1", "--no-bias"]):
         with pytest.raises(SystemExit) as exit_info:
             main(["compare", *pair])

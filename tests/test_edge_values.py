@@ -104,14 +104,17 @@ def test_layernorm_of_a_zero_input_is_finite():
 
 # discrete-time analogue of the zero-eigenvalue limit: flow along the null direction is s·η/m
 def test_zero_eigenvalue_discrete_steps():
+    """Discrete steps along an exactly singular kernel: the null direction never moves, the other
+    follows (1 − (1 − ηλ/m)^s)/λ, also at ηλ/m = 1 (one step to the target)."""
     theta = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
-    y = torch.tensor([1.0, -1.0])
-    v = torch.tensor([0.5, -0.5])
+    y = torch.tensor([2.0, 0.0])                  # [1, 1] along λ = 2, plus [1, −1] in the null space
+    cross = torch.tensor([[0.5, 0.5]])            # in the range, as for a positive semi-definite kernel
     for lr in (0.3, 1.0):
-        train, test = predict.gradient_descent_mse(theta, y, 0.0, v[None], torch.zeros(1), steps=3,
+        train, test = predict.gradient_descent_mse(theta, y, 0.0, cross, torch.zeros(1), steps=3,
                                                    learning_rate=lr)
-        torch.testing.assert_close(train, torch.zeros(2))
-        torch.testing.assert_close(test, (v @ y) * 3 * lr / 2 * torch.ones(1))
+        growth = 1 - (1 - lr) ** 3                # ηλ/m = lr
+        torch.testing.assert_close(train, growth * torch.ones(2))
+        torch.testing.assert_close(test, growth / 2 * torch.ones(1))
 
 # at t = inf the null directions of a singular kernel still do not move
 def test_zero_eigenvalue_infinite_time():

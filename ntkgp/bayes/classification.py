@@ -39,6 +39,9 @@ def one_hot_targets(labels, num_classes: int | None = None, offset: float | None
         raise ValueError(f"labels must be non-negative class indices, got minimum {y.min()}.")
     if num_classes is None:
         num_classes = int(y.max()) + 1
+        if num_classes < 2:
+            raise ValueError("labels hold only class 0: pass num_classes (at least 2) to say how many classes "
+                             "there are.")
     num_classes = integer_at_least(num_classes, 2, "num_classes")
     if y.max() >= num_classes:
         raise ValueError(f"labels go up to {y.max()} but num_classes={num_classes}.")

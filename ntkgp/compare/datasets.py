@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,8 @@ from ntkgp._checks import integer_at_least
 
 @dataclass(frozen=True)
 class Dataset:
-    """Training and test inputs (``(N, d)``, ``(M, d)``) and training targets ``(N, 1)`` (float64)."""
+    """Training and test inputs (``(N, d)``, ``(M, d)``) and training targets ``(N, 1)`` (float64);
+    optional test targets ``(M, 1)``, drawn in the report's band figures."""
 
     name: str
     x_train: Tensor
@@ -38,6 +40,9 @@ class Dataset:
         if self.x_train.shape[0] != self.y_train.shape[0] or self.x_train.shape[1] != self.x_test.shape[1]:
             raise ValueError(f"Inconsistent shapes: x_train {tuple(self.x_train.shape)}, "
                              f"y_train {tuple(self.y_train.shape)}, x_test {tuple(self.x_test.shape)}.")
+        if self.y_test is not None and self.y_test.shape != (self.x_test.shape[0], 1):
+            raise ValueError(f"y_test must hold one target per test point, shape {(self.x_test.shape[0], 1)}, "
+                             f"got {tuple(self.y_test.shape)}.")
 
     @property
     def plot_coordinate(self) -> Tensor:
@@ -82,10 +87,11 @@ def circle_dataset(n_train: int = 8, n_test: int = 100) -> Dataset:
 def load_dataset(source: str) -> Dataset:
     """A built-in dataset (``"sin"``, ``"circle"``) or a file.
 
-    * ``.npz`` with arrays ``x_train``, ``y_train``, ``x_test`` (and optionally ``y_test``);
-    * ``.csv`` (comma-separated, optional ``#`` header): every row a training point, the last
-      column the target; the test points are a grid over the range of a 1-D input, or the training
-      inputs themselves otherwise.
+    * ``.npz`` with real arrays ``x_train``, ``y_train`` (one target), ``x_test`` (and optionally
+      ``y_test``, drawn in the figures);
+    * ``.csv`` (comma-separated numbers; a header line must start with ``#``): every row a
+      training point, the last column its one target; the test points are a grid of 100 over the
+      range of a 1-D input, or the training inputs themselves otherwise.
     """
     if source == "sin":
         return sin_dataset()
@@ -97,6 +103,8 @@ def load_dataset(source: str) -> Dataset:
             raise ValueError(f"Dataset file {source!r} does not exist.")
         raise ValueError(f"Unknown dataset {source!r}: use 'sin', 'circle' or a path to a .csv/.npz file.")
     if path.suffix == ".npz":
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path} is not an .npz archive (numpy.savez writes one).")
         try:
             data = np.load(path)
         except (OSError, ValueError) as error:
@@ -104,7 +112,7 @@ def load_dataset(source: str) -> Dataset:
         missing = {"x_train", "y_train", "x_test"} - set(data.files)
         if missing:
             raise ValueError(f"{path} lacks arrays {sorted(missing)}.")
-        arrays = {k: torch.as_tensor(data[k], dtype=torch.float64) for k in data.files}
+        arrays = {k: _real_array(data, k, path) for k in ("x_train", "y_train", "x_test", "y_test") if k in data.files}
         x_train, x_test = _as_2d(arrays["x_train"]), _as_2d(arrays["x_test"])
         y_train = _as_2d(arrays["y_train"])
         y_test = _as_2d(arrays["y_test"]) if "y_test" in arrays else None
@@ -127,13 +135,24 @@ def load_dataset(source: str) -> Dataset:
         y_test = None
     else:
         raise ValueError(f"Unsupported file type {path.suffix!r}; use .csv or .npz.")
-    for name, t in (("x_train", x_train), ("y_train", y_train), ("x_test", x_test)):
-        if not bool(torch.isfinite(t).all()):
+    for name, t in (("x_train", x_train), ("y_train", y_train), ("x_test", x_test), ("y_test", y_test)):
+        if t is not None and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} in {path} contains NaN or infinite values.")
     try:
         return Dataset(path.stem, x_train, y_train, x_test, y_test, f"from {path}")
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
+
+
+def _real_array(data, name: str, path: pathlib.Path) -> Tensor:
+    """Array ``name`` of an open ``.npz`` as float64, or a ``ValueError`` that names the file."""
+    try:
+        array = data[name]
+    except ValueError as error:   # object arrays need pickle, which is not loaded
+        raise ValueError(f"{path}: array {name!r} cannot be read ({error}).") from None
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: array {name!r} must hold real numbers, got dtype {array.dtype}.")
+    return torch.as_tensor(array.astype(np.float64))
 
 
 def _as_2d(t: Tensor) -> Tensor:

@@ -84,8 +84,13 @@ class CompareConfig:
                 device = torch.device(self.device)
             except RuntimeError as error:
                 raise ValueError(f"device {self.device!r} is not a torch device: {error}") from None
+            if device.type not in ("cpu", "cuda"):
+                raise ValueError(f"device {self.device!r}: the comparison runs on 'cpu' or 'cuda' devices.")
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise ValueError(f"device {self.device!r} requested, but CUDA is not available to this torch.")
+            if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"device {self.device!r}: this machine has {torch.cuda.device_count()} "
+                                 "CUDA device(s).")
         self.widths = tuple(sorted({int(w) for w in self.widths}))  # "widest" below means widths[-1]
         self.record_steps = tuple(sorted({int(s) for s in self.record_steps}))
         if self.record_steps[-1] == 0:
@@ -147,6 +152,7 @@ class ComparisonResult:
     divergence: dict | None
     checks: dict[str, bool] = field(default_factory=dict)
     seconds: float = 0.0
+    y_test: list[float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -217,7 +223,8 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
         times=[lr * s for s in steps], plot_x=data.plot_coordinate.tolist(),
         x_train_plot=plot_coordinate(data.x_train).tolist(), y_train=data.y_train[:, 0].tolist(),
         analytic_mean=mu.tolist(), analytic_std=var.sqrt().tolist(), continuous_mean=continuous.mean[..., 0].tolist(),
-        widths=results, slopes=slopes, divergence=divergence)
+        widths=results, slopes=slopes, divergence=divergence,
+        y_test=None if data.y_test is None else data.y_test[:, 0].tolist())
     result.checks = evaluate_checks(result)
     result.seconds = time.perf_counter() - start
     return result

@@ -10,13 +10,30 @@ from ntkgp.compare.harness import ComparisonResult, variance_tolerance
 
 
 def write_report(result: ComparisonResult, out: str | pathlib.Path) -> pathlib.Path:
-    """Write ``report.json``, ``report.md`` and the figures into ``out``; returns the folder."""
+    """Write ``report.json``, ``report.md`` and the figures into ``out``; returns the folder.
+
+    Figures an earlier report left in ``out`` (``band_width*.png``, ``scaling.png``,
+    ``loss.png``) are removed first, so the folder holds one report."""
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(result.to_dict(), indent=1))
+    for stale in [*out.glob("band_width*.png"), out / "scaling.png", out / "loss.png"]:
+        stale.unlink(missing_ok=True)   # figures of an earlier report in this folder
+    # strict JSON: an undefined slope (a frozen layer, a bias below the noise) is null, not NaN
+    (out / "report.json").write_text(json.dumps(_finite_or_null(result.to_dict()), indent=1, allow_nan=False))
     figures = _figures(result, out)
     (out / "report.md").write_text(_markdown(result, figures))
     return out
+
+
+def _finite_or_null(value):
+    """``value`` with every NaN or infinite float replaced by ``None`` (JSON ``null``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def _limit_name(r: ComparisonResult) -> str:
@@ -84,10 +101,15 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
                   f"{d['analytic_steps'][-1]} (diverges).", ""]
         for run in d["runs"]:
             peak = max(run["loss"]) if run["loss"] else float("nan")
-            outcome = (f"diverged at step {run['diverged_at']}" if run["diverged_at"] is not None else
-                       f"did not diverge: loss {_fmt(run['loss'][0])} → peak {_fmt(peak)} → {_fmt(run['loss'][-1])} "
-                       f"at step {run['steps'][-1]} (catapult: the loss spikes, the NTK's top eigenvalue drops, "
-                       "training converges; Lewkowycz et al. 2020)")
+            if run["diverged_at"] is not None:
+                outcome = f"diverged at step {run['diverged_at']}"
+            elif peak > run["loss"][0]:
+                outcome = (f"did not diverge: loss {_fmt(run['loss'][0])} → peak {_fmt(peak)} → "
+                           f"{_fmt(run['loss'][-1])} at step {run['steps'][-1]} (catapult: the loss spikes, the "
+                           "NTK's top eigenvalue drops, training converges; Lewkowycz et al. 2020)")
+            else:
+                outcome = (f"did not diverge: the loss fell from {_fmt(run['loss'][0])} to {_fmt(run['loss'][-1])} "
+                           f"at step {run['steps'][-1]} without a spike")
             lines.append(f"- finite networks, width {d['width']}, 4 members, {run['factor']} × 2m/λ_max "
                          f"(η = {_fmt(run['learning_rate'], 4)}): {outcome}.")
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
@@ -121,6 +143,8 @@ def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
             ax.plot(x[order], em, "--", color="C3", label=f"ensemble mean (E={r.config['ensemble_size']})")
             ax.plot(x[order], em - 2 * es, ":", color="C3", lw=1)
             ax.plot(x[order], em + 2 * es, ":", color="C3", lw=1, label="ensemble ±2σ")
+            if r.y_test is not None:
+                ax.plot(x[order], np.asarray(r.y_test)[order], color="0.4", lw=0.8, label="test targets")
             ax.scatter(r.x_train_plot, r.y_train, color="k", zorder=5, s=14, label="training data")
             ax.set_title(f"width {w.width}, step {r.steps[i]} (t = {r.times[i]:.3g})")
         axes[0][0].legend(fontsize=7, loc="best")

@@ -191,6 +191,8 @@ def train_ensemble(
     steps = sorted({int(s) for s in record_steps})
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
                                                                           else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested, but CUDA is not available to this torch.")
     x = x_train.to(device=device, dtype=dtype)
     y = (y_train if y_train.dim() == 2 else y_train.unsqueeze(-1)).to(device=device, dtype=dtype)
     xt = x if x_test is None else x_test.to(device=device, dtype=dtype)
@@ -203,7 +205,8 @@ def train_ensemble(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps[-1] * len(chunks), desc="training", unit="step", leave=False)
+        # disable=None: no bar when stderr is not a terminal (a log file would fill with \r lines)
+        bar = tqdm(total=steps[-1] * len(chunks), desc="training", unit="step", leave=False, disable=None)
     results, diverged_at = [], None
     for index, size in enumerate(chunks):
         model = net.build(in_features=x.shape[-1], seed=seed + 1_000_003 * index, ensemble_size=size,
