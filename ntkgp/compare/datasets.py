@@ -50,6 +50,11 @@ class Dataset:
         return plot_coordinate(self.x_test)
 
 
+def plot_label(x: Tensor) -> str:
+    """What :func:`plot_coordinate` of ``(n, d)`` points shows, for an axis label."""
+    return {1: "x", 2: "angle atan2(x₂, x₁)"}.get(x.shape[-1], "test point index")
+
+
 def plot_coordinate(x: Tensor) -> Tensor:
     """A 1-D coordinate of ``(n, d)`` points for plots: the input, the angle on a circle, or the index."""
     if x.shape[-1] == 1:

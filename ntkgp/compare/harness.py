@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ntkgp._checks import integer_at_least
-from ntkgp.compare.datasets import Dataset, plot_coordinate
+from ntkgp.compare.datasets import Dataset, plot_coordinate, plot_label
 from ntkgp.finite.train import EnsembleHistory, train_ensemble
 from ntkgp.layers.base import Layer
 from ntkgp.layers.mlp import mlp
@@ -153,6 +153,7 @@ class ComparisonResult:
     checks: dict[str, bool] = field(default_factory=dict)
     seconds: float = 0.0
     y_test: list[float] | None = None
+    plot_label: str = "x"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -224,7 +225,7 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
         x_train_plot=plot_coordinate(data.x_train).tolist(), y_train=data.y_train[:, 0].tolist(),
         analytic_mean=mu.tolist(), analytic_std=var.sqrt().tolist(), continuous_mean=continuous.mean[..., 0].tolist(),
         widths=results, slopes=slopes, divergence=divergence,
-        y_test=None if data.y_test is None else data.y_test[:, 0].tolist())
+        y_test=None if data.y_test is None else data.y_test[:, 0].tolist(), plot_label=plot_label(data.x_test))
     result.checks = evaluate_checks(result)
     result.seconds = time.perf_counter() - start
     return result

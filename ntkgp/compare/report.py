@@ -147,6 +147,7 @@ def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
                 ax.plot(x[order], np.asarray(r.y_test)[order], color="0.4", lw=0.8, label="test targets")
             ax.scatter(r.x_train_plot, r.y_train, color="k", zorder=5, s=14, label="training data")
             ax.set_title(f"width {w.width}, step {r.steps[i]} (t = {r.times[i]:.3g})")
+            ax.set_xlabel(r.plot_label)
         axes[0][0].legend(fontsize=7, loc="best")
         fig.tight_layout()
         name = f"band_width{w.width}.png"
