@@ -37,6 +37,8 @@ class NetworkGP(gpytorch.models.ExactGP):
         likelihood: a GPyTorch likelihood (default: Gaussian, one shared noise variance).
         mean: ``"zero"`` (the prior of an infinitely wide network) or ``"constant"``.
         **mlp_kwargs: forwarded to :func:`ntkgp.mlp` when ``net`` is ``None``.
+
+    The model's parameters (network variances, noise, mean) take the dtype of ``train_x``.
     """
 
     def __init__(self, train_x: Tensor, train_y: Tensor, net: Layer | None = None, *, kernel: str = "nngp",
@@ -67,6 +69,10 @@ class NetworkGP(gpytorch.models.ExactGP):
             self.mean_module = gpytorch.means.ZeroMean(batch_shape=shape)
         else:
             self.mean_module = gpytorch.means.ConstantMean(batch_shape=shape)
+        if train_x.is_floating_point():
+            # parameters in the data's dtype, as BoTorch's models do: float64 data with float32
+            # modules trained, but predicting (N, k) targets failed inside linear_operator
+            self.to(dtype=train_x.dtype)
 
     @property
     def net(self) -> Layer:

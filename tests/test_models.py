@@ -142,6 +142,52 @@ def test_botorch_single_task_gp_with_network_kernel():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+
+def test_botorch_fits_batched_kernels_and_variances_pinned_at_zero():
+    """BoTorch's scipy optimizer asks every constraint for inverse_transform(lower/upper bound).
+    The answer came in the anchor's shape, (2,) for a batch kernel, which BoTorch could not put
+    in one slot ("could not broadcast (2,) into (1,)"), and a variance pinned at 0 raised on
+    inverse_transform(inf): both stopped fit_gpytorch_mll."""
+    pytest.importorskip("botorch")
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+    from botorch.optim.utils import get_parameters_and_bounds
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(10, 2, generator=g, dtype=torch.float64)
+    y = torch.stack([torch.sin(3 * x.sum(-1)), torch.cos(3 * x[:, 0])], -1)
+    batched = ntkgp.NTKKernel(ntkgp.mlp(1, "relu", 2.0, 0.1), batch_shape=torch.Size([2]))
+    _, bounds = get_parameters_and_bounds(batched)
+    assert all(torch.as_tensor(b).dim() == 0 for pair in bounds.values() for b in pair)
+    pinned = ntkgp.NNGPKernel(ntkgp.mlp(2, "relu", 2.0, 0.0))
+    for kernel, targets in ((batched, y), (pinned, y[:, :1])):
+        model = SingleTaskGP(x, targets, covar_module=kernel)
+        fit_gpytorch_mll(gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model))
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert float(pinned.net.layers[0].bias_var) == 0.0                 # still pinned
+    constraint = pinned.net.layers[0].raw_weight_var_constraint
+    assert float(constraint.inverse_transform(torch.tensor(0.0))) == -math.inf
+    assert float(constraint.inverse_transform(torch.tensor(math.inf))) == math.inf
+
+
+def test_network_gp_follows_the_dtype_of_its_data():
+    """float64 data with float32 modules trained, but predicting (N, k) targets failed inside
+    linear_operator ("expected scalar type Float but found Double")."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 3, generator=g, dtype=torch.float64), torch.randn(20, 4, generator=g, dtype=torch.float64)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)          # modules are built in float32, as by default
+    try:
+        model = NetworkGP(x, y, ntkgp.mlp(1, "erf", 2.0, 0.1))
+    finally:
+        torch.set_default_dtype(previous)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    fit(model, steps=3)
+    model.eval()
+    with torch.no_grad():
+        mean = model.likelihood(model(x[:5])).mean
+    assert mean.shape == (5, 4) and mean.dtype == torch.float64
+
 def test_network_gp_counts_each_prior_once():
     """The kernel owns the network: registered twice, every prior entered the MLL twice."""
     x = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))

@@ -455,3 +455,18 @@ def test_sin_and_cos_stay_finite_for_nearly_parallel_inputs_of_large_variance():
         for m in (k.nngp, k.ntk):
             assert bool(torch.isfinite(m).all())
         assert float(k.nngp.abs().max()) <= bound * (1 + 1e-6)
+
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e11])
+def test_float32_gradients_stay_finite_at_extreme_input_scales(scale):
+    """Values were right but gradients NaN in float32 at input scales 1e-10 and 1e11 (ReLU family,
+    Sign: the overflow scaling covered the forward pass only) and from 1e10 (GELU) or 1e13 (erf
+    NTK: atan2's derivative squares both arguments)."""
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)) * scale
+    for act in ("relu", "abs", "leaky_relu", "sign", "erf", "gelu"):
+        net = ntkgp.mlp(2, act, 2.0, None)
+        xc = x.clone().requires_grad_()
+        k = net.kernel(xc)
+        grads = torch.autograd.grad(k.nngp.sum() + k.ntk.sum(), [xc, *net.parameters()])
+        assert all(bool(torch.isfinite(g).all()) for g in grads), act

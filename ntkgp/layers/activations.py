@@ -202,13 +202,14 @@ class Erf(Activation):
         c, k11, k12, k22 = scaled_for_products(k11, k12, k22)
         c = 1.0 if c is None else c
         root = torch.sqrt(c * c + 2 * b2 * c * (k11 + k22) + 4 * b2**2 * gaussian_det(k11, k12, k22))
-        nngp = self.a**2 * (2 / math.pi) * torch.atan2(2 * b2 * k12, root) + self.c**2
+        # atan of the ratio, not atan2: atan2's derivative squares both arguments, inf in float32
+        nngp = self.a**2 * (2 / math.pi) * torch.atan(2 * b2 * k12 / root) + self.c**2
         dot = self.a**2 * b2 * (4 / math.pi) * c / root if want_dot else None
         return nngp, dot
 
     def variance(self, k: Tensor) -> Tensor:
         q = self.b**2 * k
-        return self.a**2 * (2 / math.pi) * torch.atan2(2 * q, torch.sqrt(1 + 4 * q)) + self.c**2
+        return self.a**2 * (2 / math.pi) * torch.atan(2 * q / torch.sqrt(1 + 4 * q)) + self.c**2
 
     def extra_repr(self) -> str:
         return f"a={self.a:g}, b={self.b:g}, c={self.c:g}"
@@ -238,26 +239,25 @@ class GELU(Activation):
         # variances scaled by c where k11 k22 ~ k² could overflow
         c, s11, s12, s22 = scaled_for_products(k11, k12, k22)
         if c is None:
-            delta_sq = 1 + k11 + k22 + gaussian_det(k11, k12, k22)
-            delta = torch.sqrt(delta_sq)
+            delta = torch.sqrt(1 + k11 + k22 + gaussian_det(k11, k12, k22))
         else:
             delta = torch.sqrt(c * c + c * (s11 + s22) + gaussian_det(s11, s12, s22)) / c
-            delta_sq = delta * delta
-        alpha = torch.atan2(k12, delta)
+        alpha = torch.atan(k12 / delta)   # δ > 0; atan2's derivative would square k12 (inf in float32)
         r11, r22 = k11 / (1 + k11), k22 / (1 + k22)
         # (k12² + k11 k22 δ²)/(P δ), regrouped so that no O(k³)–O(k⁴) product overflows float32
         nngp = k12 / 4 + (k12 * alpha + (k12 / (1 + k11)) * (k12 / (1 + k22)) / delta + r11 * r22 * delta) / (
             2 * math.pi)
         dot = None
         if want_dot:
-            # (1 − k11 k22)/P + 1 = (2 + k11 + k22)/P: the left form cancels at large variances
-            dot = 0.25 + alpha / (2 * math.pi) + k12 * (1 / delta_sq + (2 + k11 + k22) / (1 + k11) / (1 + k22)) / (
-                2 * math.pi * delta)
+            # (1 − k11 k22)/P + 1 = (2 + k11 + k22)/P: the left form cancels at large variances; 1/δ²
+            # as (1/δ)², since δ² itself (and its derivative's δ⁴) overflows float32 at k ~ 1e19
+            dot = 0.25 + alpha / (2 * math.pi) + k12 * (
+                torch.reciprocal(delta).square() + (2 + k11 + k22) / (1 + k11) / (1 + k22)) / (2 * math.pi * delta)
         return nngp, dot
 
     def variance(self, k: Tensor) -> Tensor:
         root = torch.sqrt(1 + 2 * k)
-        return k * (0.25 + (k / ((k + 1) * root) + torch.atan2(k, root) / 2) / math.pi)
+        return k * (0.25 + (k / ((k + 1) * root) + torch.atan(k / root) / 2) / math.pi)
 
 
 def _sin(x: Tensor, a: float, b: float, c: float) -> Tensor:

@@ -36,6 +36,10 @@ class ExactVariance(GreaterThan):
         return self.anchor.to(tensor) * torch.exp(tensor)
 
     def inverse_transform(self, transformed_tensor: Tensor) -> Tensor:
+        if transformed_tensor.dim() == 0 and bool((transformed_tensor == 0) | torch.isinf(transformed_tensor)):
+            # a bound, as BoTorch's optimizers ask for them (inverse_transform(lower_bound)): raw runs
+            # over (−inf, inf) whatever the anchor, and a scalar bound must stay a scalar for batches
+            return torch.log(transformed_tensor)
         anchor = self.anchor.to(transformed_tensor)
         ratio = transformed_tensor / torch.where(anchor > 0, anchor, torch.ones_like(anchor))
         if bool(((anchor == 0) & (transformed_tensor != 0)).any()):
