@@ -38,7 +38,9 @@ class NetworkGP(gpytorch.models.ExactGP):
         mean: ``"zero"`` (the prior of an infinitely wide network) or ``"constant"``.
         **mlp_kwargs: forwarded to :func:`ntkgp.mlp` when ``net`` is ``None``.
 
-    The model's parameters (network variances, noise, mean) take the dtype of ``train_x``.
+    Like BoTorch's models, the whole model takes the dtype of ``train_x``, including a ``net``
+    or ``likelihood`` passed in (converted in place: give models of different dtypes their own
+    copies, ``copy.deepcopy(net)``). Variances keep their exact float64 anchors either way.
     """
 
     def __init__(self, train_x: Tensor, train_y: Tensor, net: Layer | None = None, *, kernel: str = "nngp",
@@ -70,8 +72,9 @@ class NetworkGP(gpytorch.models.ExactGP):
         else:
             self.mean_module = gpytorch.means.ConstantMean(batch_shape=shape)
         if train_x.is_floating_point():
-            # parameters in the data's dtype, as BoTorch's models do: float64 data with float32
-            # modules trained, but predicting (N, k) targets failed inside linear_operator
+            # the whole model in the data's dtype, as BoTorch's models do (SingleTaskGP calls
+            # self.to(train_X)): float64 data with float32 modules trained, but predicting (N, k)
+            # targets failed inside linear_operator's interpolation
             self.to(dtype=train_x.dtype)
 
     @property

@@ -470,3 +470,41 @@ def test_float32_gradients_stay_finite_at_extreme_input_scales(scale):
         k = net.kernel(xc)
         grads = torch.autograd.grad(k.nngp.sum() + k.ntk.sum(), [xc, *net.parameters()])
         assert all(bool(torch.isfinite(g).all()) for g in grads), act
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_derivatives_at_duplicates_follow_the_formula_not_the_substitute(batched):
+    """Equal points get one point's values substituted (exact), but the derivatives must stay those
+    of the kernel formula: with the substitute's, ∂K(x, y₂)/∂x at a candidate x sitting on the
+    training point y₂ read 0 instead of −0.46, and ∂K(x, y₀)/∂x lost the candidate's own-variance
+    term (−0.16 for −0.57). Reference: central differences (the kernels are smooth there along
+    these directions but for the |x − y| kink, which a central difference cancels like the code;
+    its |h|·h terms leave O(h) = 4e-7 at h = 1e-4)."""
+    g = torch.Generator().manual_seed(0)
+    net = ntkgp.mlp(2, "relu", 2.0, 0.1)
+    train = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    direction = torch.randn(3, generator=g, dtype=torch.float64)
+    shape = (1, 1, 3) if batched else (1, 3)
+    h = 1e-4   # smaller steps meet the NTK's ill-conditioning next to θ = 0 (rounding-level angles)
+    for column in (2, 0):
+        x = train[2].clone().reshape(shape).requires_grad_()
+        for name in ("nngp", "ntk"):
+            value = getattr(net.kernel(x, train), name)[..., 0, column].sum()
+            (grad,) = torch.autograd.grad(value, x)
+            with torch.no_grad():
+                def f(s, name=name, column=column):
+                    moved = (train[2] + s * direction).reshape(shape)
+                    return getattr(net.kernel(moved, train), name)[..., 0, column].sum()
+                fd = (f(h) - f(-h)) / (2 * h)
+            assert abs(float((grad.reshape(-1) * direction).sum()) - float(fd)) < 2e-6 * max(1.0, abs(float(fd)))
+    # in a symmetric kernel: the entry (0, 5) of two equal points, differentiated in point 0 alone
+    x = torch.cat([train, train[:1]]).reshape(1, 6, 3) if batched else torch.cat([train, train[:1]])
+    x = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(net.kernel(x).ntk[..., 0, 5].sum(), x)
+    with torch.no_grad():
+        def f(s):
+            moved = x.detach().clone()
+            moved[..., 0, :] += s * direction
+            return net.kernel(moved).ntk[..., 0, 5].sum()
+        fd = (f(h) - f(-h)) / (2 * h)
+    assert abs(float((grad[..., 0, :].reshape(-1) * direction).sum()) - float(fd)) < 2e-6 * max(1.0, abs(float(fd)))

@@ -50,6 +50,40 @@ def safe_sqrt(x: Tensor) -> Tensor:
     return _SafeSqrt.apply(x)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """``replaced`` forward; backward and forward-mode derivatives those of ``original``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(original: Tensor, replaced: Tensor) -> Tensor:
+        return replaced.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.shape = output.shape
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None   # autograd sums it down to ``original``'s shape where that broadcasts
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor, _: Tensor) -> Tensor:
+        return tangent.expand(ctx.shape).clone()
+
+
+def straight_through(original: Tensor, replaced: Tensor) -> Tensor:
+    """The values of ``replaced`` (computed from ``original``'s, e.g. made exact by substitution)
+    with the derivatives of ``original``.
+
+    Substituting an equal point's value for a duplicate's is exact for the value, but its
+    derivative would follow the other point's input: ``∂K(x, y)/∂x`` at a candidate ``x`` that
+    sits on a training point read 0 instead of −0.46, and entries against *other* points lost
+    the candidate's own-variance term.
+    """
+    return _StraightThrough.apply(original, replaced.detach())
+
+
 def needs_graph(*tensors: Tensor) -> bool:
     """Whether derivatives are being taken through any of ``tensors``: reverse mode recording a
     graph, or forward mode / a ``torch.func`` transform carrying tangents on them (where the

@@ -27,6 +27,22 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from ntkgp.layers.numerics import needs_graph, straight_through
+
+
+def _collapse_expanded(x: Tensor) -> Tensor:
+    """``x`` with every batch axis of stride 0 (an ``expand``) cut to size 1."""
+    for dim in range(x.dim() - 2):
+        if x.stride(dim) == 0 and x.shape[dim] > 1:
+            x = x.narrow(dim, 0, 1)
+    return x
+
+
+def _row_keys(x: Tensor) -> Tensor:
+    """The wrapping integer sum of each row's bit patterns: equal rows, equal keys."""
+    bits = x.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+    return bits.sum(-1, dtype=torch.int64)
+
 
 @dataclass(frozen=True)
 class Duplicates:
@@ -48,19 +64,30 @@ class Duplicates:
     @staticmethod
     def point_ids(x1: Tensor, x2: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """Ids of the rows of ``(*batch, n, d)`` inputs, ``(*batch, n)``, equal exactly for equal
-        points, in whichever batch they are (``None`` if all points are distinct)."""
+        points (``None`` if no batch repeats a point).
+
+        Batch axes of stride 0 (GPyTorch expands the training inputs over a candidate batch) are
+        screened once, not once per batch.
+        """
+        x1 = _collapse_expanded(x1).detach()
+        x2 = None if x2 is None else _collapse_expanded(x2).detach()
         d = x1.shape[-1]
-        both = (x1.reshape(-1, d) if x2 is None else torch.cat([x1.reshape(-1, d), x2.reshape(-1, d)])).detach()
-        if both.shape[0] < 2:
-            return None
         # a cheap exact screen first: the wrapping integer sum of a row's bit patterns does not
         # depend on the summation order, so equal rows have equal keys
-        bits = both.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[both.element_size()])
-        if torch.unique(bits.sum(-1, dtype=torch.int64)).numel() == both.shape[0]:
+        keys1 = _row_keys(x1)
+        if x2 is None:
+            keys = keys1
+        else:
+            keys2 = _row_keys(x2)
+            batch = torch.broadcast_shapes(keys1.shape[:-1], keys2.shape[:-1])
+            keys = torch.cat([keys1.expand(*batch, keys1.shape[-1]), keys2.expand(*batch, keys2.shape[-1])], -1)
+        if keys.shape[-1] < 2:
             return None
+        ordered = keys.sort(-1).values
+        if not bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+            return None
+        both = x1.reshape(-1, d) if x2 is None else torch.cat([x1.reshape(-1, d), x2.reshape(-1, d)])
         _, ids = torch.unique(both, dim=0, return_inverse=True)
-        if int(ids.max()) + 1 == both.shape[0]:
-            return None
         n1 = x1.shape[:-1].numel()
         ids1 = ids[:n1].reshape(x1.shape[:-1])
         return ids1, (ids1 if x2 is None else ids[n1:].reshape(x2.shape[:-1]))
@@ -70,7 +97,9 @@ class Duplicates:
         """The duplicates among rows with ids ``rows`` and columns with ids ``cols`` (in a
         symmetric block the rows are the first columns)."""
         if rows.dim() > 1 or cols.dim() > 1:
-            return BatchedDuplicates.of(rows, cols, symmetric)
+            if rows.shape[:-1].numel() > 1 or cols.shape[:-1].numel() > 1:
+                return BatchedDuplicates.of(rows, cols, symmetric)
+            rows, cols = rows.reshape(-1), cols.reshape(-1)   # one batch: the same points everywhere
         groups = int(torch.maximum(rows.max(), cols.max())) + 1 if rows.numel() and cols.numel() else 0
         if groups == 0:
             return None
@@ -92,20 +121,9 @@ class Duplicates:
                    pair_rows, pair_cols, rep[cols[pair_cols]])
 
     def apply(self, state: KernelState) -> KernelState:
-        """``state`` with equal points given the variance of one of them, their pairs exactly that."""
-        cov2 = state.cov2.clone()
-        cov2[..., self.col_members] = cov2[..., self.col_reps]
-        if state.symmetric:
-            cov1 = cov2 if state.cov2 is state.cov1 else state.cov1   # re-derived from cov2 next
-        else:
-            cov1 = state.cov1.clone()
-            cov1[..., self.row_members] = cov2[..., self.row_reps]
-        nngp = state.nngp
-        if nngp.requires_grad and torch.is_grad_enabled():
-            nngp = nngp.clone()
-        nngp[..., self.pair_rows, self.pair_cols] = cov2[..., self.pair_reps].expand(
-            *nngp.shape[:-2], self.pair_rows.numel())
-        return state.replace(nngp=nngp, cov1=cov1, cov2=cov2)
+        """``state`` with equal points given the variance of one of them, their pairs exactly that
+        (values only: derivatives stay those of the formulas, :func:`straight_through`)."""
+        return _values_only(self._apply, state)
 
     def canonical(self, state: KernelState) -> KernelState:
         """A finished symmetric kernel whose equal points' entries (variance, diagonal, pairs; NNGP
@@ -116,11 +134,25 @@ class Duplicates:
         tensor with scalar code and the rest vectorized, and separate row blocks see separate
         tensors.
         """
+        return _values_only(self._canonical, state)
+
+    def _apply(self, state: KernelState) -> KernelState:
+        cov2 = state.cov2.clone()
+        cov2[..., self.col_members] = cov2[..., self.col_reps]
+        if state.symmetric:
+            cov1 = cov2 if state.cov2 is state.cov1 else state.cov1   # re-derived from cov2 next
+        else:
+            cov1 = state.cov1.clone()
+            cov1[..., self.row_members] = cov2[..., self.row_reps]
+        nngp = state.nngp
+        nngp[..., self.pair_rows, self.pair_cols] = cov2[..., self.pair_reps].expand(
+            *nngp.shape[:-2], self.pair_rows.numel())
+        return state.replace(nngp=nngp, cov1=cov1, cov2=cov2)
+
+    def _canonical(self, state: KernelState) -> KernelState:
         cov = state.cov1.clone()
         cov[..., self.col_members] = cov[..., self.col_reps]
         nngp, ntk = state.nngp, state.ntk
-        if torch.is_grad_enabled() and (nngp.requires_grad or (ntk is not None and ntk.requires_grad)):
-            nngp, ntk = nngp.clone(), (None if ntk is None else ntk.clone())
         batch, pairs = nngp.shape[:-2], self.pair_rows.numel()
         if ntk is not None:
             ntk[..., self.pair_rows, self.pair_cols] = ntk[..., self.pair_reps, self.pair_reps].expand(*batch, pairs)
@@ -158,12 +190,33 @@ class BatchedDuplicates:
                 return None
         elif not bool(same.any()):
             return None
-        # argmax returns the first maximum: the first column of each point
-        col_reps = (cols.unsqueeze(-1) == cols.unsqueeze(-2)).to(torch.uint8).argmax(-1)
-        return cls(same, col_reps, same.to(torch.uint8).argmax(-1), same.any(-1))
+        # first column of each point: sort the ids (stably), mark where a group starts, carry the
+        # start forward, map back (O(n log n), not an n × n comparison per block)
+        n2 = cols.shape[-1]
+        order = torch.argsort(cols, dim=-1, stable=True)
+        ordered = cols.gather(-1, order)
+        starts = torch.ones_like(ordered, dtype=torch.bool)
+        starts[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+        positions = torch.arange(n2, device=cols.device).expand_as(order)
+        first = order.gather(-1, torch.where(starts, positions, 0).cummax(-1).values)
+        col_reps = torch.empty_like(order).scatter_(-1, order, first)
+        # a column of each row's point, where there is one
+        batch = torch.broadcast_shapes(rows.shape[:-1], cols.shape[:-1])
+        ordered_b = ordered.expand(*batch, n2).contiguous()
+        rows_b = rows.expand(*batch, rows.shape[-1]).contiguous()
+        index = torch.searchsorted(ordered_b, rows_b).clamp(max=n2 - 1)
+        found = ordered_b.gather(-1, index) == rows_b
+        return cls(same, col_reps, first.expand(*batch, n2).gather(-1, index), found)
 
     def apply(self, state: KernelState) -> KernelState:
-        """``state`` with equal points given the variance of one of them, their pairs exactly that."""
+        """As :meth:`Duplicates.apply`, for batched inputs."""
+        return _values_only(self._apply, state)
+
+    def canonical(self, state: KernelState) -> KernelState:
+        """As :meth:`Duplicates.canonical`, for batched inputs."""
+        return _values_only(self._canonical, state)
+
+    def _apply(self, state: KernelState) -> KernelState:
         shape2 = torch.broadcast_shapes(state.cov2.shape, self.col_reps.shape)
         cov2 = state.cov2.expand(shape2).gather(-1, self.col_reps.expand(shape2))
         if state.symmetric:
@@ -175,8 +228,7 @@ class BatchedDuplicates:
         nngp = torch.where(self.same, cov2.unsqueeze(-2), state.nngp)
         return state.replace(nngp=nngp, cov1=cov1, cov2=cov2)
 
-    def canonical(self, state: KernelState) -> KernelState:
-        """As :meth:`Duplicates.canonical`, for batched inputs."""
+    def _canonical(self, state: KernelState) -> KernelState:
         shape = torch.broadcast_shapes(state.cov1.shape, self.col_reps.shape)
         reps = self.col_reps.expand(shape)
         cov = state.cov1.expand(shape).gather(-1, reps)
@@ -185,6 +237,22 @@ class BatchedDuplicates:
             own = ntk.diagonal(dim1=-2, dim2=-1)
             ntk = torch.where(self.same, own.expand(shape).gather(-1, reps).unsqueeze(-2), ntk)
         return state.replace(nngp=torch.where(self.same, cov.unsqueeze(-2), state.nngp), ntk=ntk, cov1=cov, cov2=cov)
+
+
+def _values_only(fix, state: KernelState) -> KernelState:
+    """``fix(state)``, which substitutes values (in place on ``nngp``/``ntk`` where it can), with
+    the derivatives of ``state``'s own formulas when derivatives are being taken."""
+    tensors = [t for t in (state.nngp, state.ntk, state.cov1, state.cov2) if t is not None]
+    if not needs_graph(*tensors):
+        return fix(state)
+    cov1 = state.cov1.detach()
+    fixed = fix(state.replace(nngp=state.nngp.detach().clone(),
+                              ntk=None if state.ntk is None else state.ntk.detach().clone(), cov1=cov1,
+                              cov2=cov1 if state.cov2 is state.cov1 else state.cov2.detach()))
+    cov2 = straight_through(state.cov2, fixed.cov2)
+    cov1 = cov2 if fixed.cov1 is fixed.cov2 else straight_through(state.cov1, fixed.cov1)
+    ntk = None if state.ntk is None else straight_through(state.ntk, fixed.ntk)
+    return state.replace(nngp=straight_through(state.nngp, fixed.nngp), ntk=ntk, cov1=cov1, cov2=cov2)
 
 
 @dataclass(frozen=True)

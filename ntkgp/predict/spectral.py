@@ -9,11 +9,12 @@ In the eigenbasis ``Θ = V diag(λ) Vᵀ`` everything is a function of ``λ`` an
 * discrete full-batch gradient descent, ``s`` steps of rate ``η``:
   ``decay = (1 − ηλ/m)^s``, ``flow = (1 − decay) / λ``.
 
-``1 − decay`` and ``flow`` are computed from ``expm1``/``log1p``. Eigenvalues below
-``N · ε · λ_max`` count as exactly zero, at every time: their directions never move and, the
-kernel being positive semi-definite, test points have no component along them; so zero or tiny
-eigenvalues give the exact finite answer instead of ``0/0`` (neural-tangents returns NaN there)
-or rounding noise multiplied by ``τ``.
+``1 − decay`` and ``flow`` are computed from ``expm1``/``log1p``, and ``flow`` takes its limit
+(``τ``, or ``s η/m``) where ``λ = 0``, so zero or tiny eigenvalues give the exact finite answer
+instead of ``0/0`` (neural-tangents returns NaN there). Eigenvalues below ``N · ε · λ_max``
+count as exactly zero at ``t = ∞``, and at finite times once ``τ · N ε λ_max`` exceeds
+``sqrt(ε)``: their directions never move and, the kernel being positive semi-definite, test
+points have no component along them beyond rounding noise, which ``τ`` would otherwise amplify.
 """
 
 from __future__ import annotations
@@ -101,17 +102,20 @@ class Schedule:
         """``decay``, ``growth = 1 − decay`` (from ``expm1``: accurate at tiny times, where
         ``1 − decay`` loses every digit) and ``flow = growth / λ``, each ``(T, N)``.
 
-        Eigenvalues below ``N · ε · λ_max`` count as exactly zero at every time, as at ``t = ∞``:
-        decay 1, growth and flow 0. In exact arithmetic test points have no component along
-        them, so this changes nothing; it keeps the rounding-level components that
-        ``eigh`` leaves there from being multiplied by ``flow ≈ τ`` (which made ``t = 1e16``
-        with duplicated training points drift from the converged answer by 7 %).
+        Eigenvalues below ``tol = N · ε · λ_max`` are indistinguishable from zero. Up to
+        ``τ · tol = sqrt(ε)`` they follow the formulas (``flow ≈ τ``: a small but real eigenvalue
+        of a smooth kernel contributes, and rounding noise along a true null direction gains at
+        most ``sqrt(ε)/N``); beyond, they count as exactly zero, as at ``t = ∞`` (decay 1, growth
+        and flow 0), so that huge times approach ``t = ∞`` instead of multiplying that noise by
+        ``τ`` (``t = 1e16`` with duplicated training points had drifted by 7 %).
         """
         lam = eig.values.unsqueeze(-2)                           # (1, N)
-        null = lam <= eig.null_tolerance.unsqueeze(-2)
-        safe_lam = torch.where(null, torch.ones_like(lam), lam)
         rate = self.learning_rate / self.m
         times = self.values.to(lam.dtype).unsqueeze(-1)           # (T, 1)
+        tol = eig.null_tolerance.unsqueeze(-2)
+        late = torch.isinf(times) | (rate * times * tol > torch.finfo(lam.dtype).eps ** 0.5)
+        null = (lam <= tol) & late                                               # (T, N)
+        safe_lam = torch.where(lam > 0, lam, torch.ones_like(lam))
         if not self.discrete:
             tau = rate * times
             finite = torch.isfinite(tau)
@@ -125,8 +129,10 @@ class Schedule:
             decay_big = torch.pow(1 - a, times)
             decay = torch.where(stable, torch.exp(exponent), decay_big)
             growth = torch.where(stable, -torch.expm1(exponent), 1 - decay_big)
+        # at λ = 0 the flow is its limit τ (s steps: s·η/m), not 0/0
+        flow = torch.where(lam > 0, growth / safe_lam, rate * times)
         decay, growth = torch.where(null, 1.0, decay), torch.where(null, 0.0, growth)
-        return decay, growth, growth / safe_lam
+        return decay, growth, torch.where(null, 0.0, flow)
 
     def reshape(self, out: Tensor, trailing: int) -> Tensor:
         """``(T, *rest)`` → ``(*shape, *rest)`` (``rest`` has ``trailing`` dimensions)."""
