@@ -382,6 +382,14 @@ def test_duplicate_points_in_batched_inputs(dtype, monkeypatch):
         i = torch.arange(4)
         torch.testing.assert_close(cross[:, i, 2 + i], own, rtol=16 * torch.finfo(dtype).eps, atol=0)
         torch.testing.assert_close(shared[0, i, i], own[0], rtol=16 * torch.finfo(dtype).eps, atol=0)
+        # unbatched candidates against training inputs expanded over a batch (as GPyTorch does),
+        # sharing a point: crashed ("value tensor of shape [4, 2] cannot be broadcast") when the
+        # expanded axis was screened once
+        with torch.no_grad():
+            expanded = net.kernel(y[0, [0, 3]], y[0].expand(4, 20, 8))
+            plain = net.kernel(y[0, [0, 3]], y[0].expand(4, 20, 8).contiguous())
+        torch.testing.assert_close(expanded.nngp, plain.nngp, rtol=0, atol=0)
+        torch.testing.assert_close(expanded.ntk, plain.ntk, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("seed", [17, 18, 19])

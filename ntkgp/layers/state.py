@@ -142,7 +142,9 @@ class Duplicates:
         if state.symmetric:
             cov1 = cov2 if state.cov2 is state.cov1 else state.cov1   # re-derived from cov2 next
         else:
-            cov1 = state.cov1.clone()
+            # cov1 may lack batch axes that cov2 has (x1 unbatched against an expanded x2 batch)
+            shape1 = torch.broadcast_shapes(state.cov1.shape, (*cov2.shape[:-1], state.cov1.shape[-1]))
+            cov1 = state.cov1.expand(shape1).clone()
             cov1[..., self.row_members] = cov2[..., self.row_reps]
         nngp = state.nngp
         nngp[..., self.pair_rows, self.pair_cols] = cov2[..., self.pair_reps].expand(
