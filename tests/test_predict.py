@@ -271,7 +271,7 @@ def test_singular_kernels_never_give_nan():
     assert torch.isfinite(reg.mean).all()
 
 
-def test_zero_eigenvalues_are_null_directions_at_every_time():
+def test_zero_eigenvalues_give_exact_finite_values():
     """An exactly singular kernel (eigenvalues 0 and 2) gives finite values without 0/0: the null
     direction never moves, and a valid (positive semi-definite) joint kernel has no test
     component along it; the rest follows (1 − e^{−λτ})/λ."""
