@@ -127,7 +127,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--ensemble-size", type=int, help="members per width")
     p.add_argument("--steps", dest="record_steps", type=int, nargs="+",
                    help="gradient-descent steps at which to compare (time t = learning rate x steps)")
-    p.add_argument("--depth", type=int, help="hidden layers (default 2)")
+    p.add_argument("--depth", type=int, help="hidden layers, at least 1 (default 2)")
     p.add_argument("--activation", help="activation name: erf (default), relu, gelu, sin, ...")
     p.add_argument("--weight-var", type=float, help="weight variance of every layer (default 2.25)")
     bias = p.add_mutually_exclusive_group()

@@ -224,7 +224,8 @@ def test_variance_agreement_where_the_ntkgp_variance_vanishes():
 @pytest.mark.parametrize("argv, message", [
     (["--widths", "0"], "widths must be positive"),
     (["--ensemble-size", "1"], "ensemble_size must be an integer >= 2"),
-    (["--depth", "-1"], "depth must be a non-negative integer"),
+    (["--depth", "-1"], "depth must be a positive integer"),
+    (["--depth", "0"], "depth must be a positive integer"),
     (["--learning-rate", "-1"], "learning_rate must be a positive number"),
     (["--lr-fraction", "nan"], "lr_fraction must be a positive number"),
     (["--steps", "0", "-5"], "record_steps must be non-negative"),

@@ -71,7 +71,8 @@ class CompareConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
         positive_number(self.lr_fraction, "lr_fraction")
         integer_at_least(self.ensemble_size, 2, "ensemble_size")   # variances need two members
-        integer_at_least(self.depth, 0, "depth")
+        # depth 0 is a linear model: no hidden width to compare across
+        integer_at_least(self.depth, 1, "depth")
         if self.learning_rate is not None:
             positive_number(self.learning_rate, "learning_rate")
         if not self.record_steps or any(int(s) != s or s < 0 for s in self.record_steps):
