@@ -312,8 +312,16 @@ def test_metrics_validate_inputs():
         bayes.rmse([1.0, 2.0], [1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="positive"):
         bayes.nlpd([0.0, 1.0], [1.0, 0.0], [0.0, 1.0])
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="one value per point"):
         bayes.nlpd(np.zeros((3, 2)), np.ones(4), np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="does not fit"):
+        bayes.nlpd(np.zeros((3, 2)), np.ones((4, 2)), np.zeros((3, 2)))
+    # a (k,) variance read per output when M != k but per point when M == k: refused, (1, k) says it
+    with pytest.raises(ValueError, match=r"pass shape \(1, 2\)"):
+        bayes.nlpd(np.zeros((3, 2)), np.ones(2), np.zeros((3, 2)))
+    per_output = bayes.nlpd(np.zeros((2, 2)), np.array([[1.0, 4.0]]), np.zeros((2, 2)))
+    per_point = bayes.nlpd(np.zeros((2, 2)), np.array([1.0, 4.0]), np.zeros((2, 2)))
+    assert per_output == pytest.approx(per_point)          # same four densities, in another order
     with pytest.raises(ValueError, match="between 0 and 1"):
         bayes.interval_coverage([0.0], [1.0], [0.0], levels=[1.0])
 

@@ -516,3 +516,21 @@ def test_derivatives_at_duplicates_follow_the_formula_not_the_substitute(batched
             return net.kernel(moved).ntk[..., 0, 5].sum()
         fd = (f(h) - f(-h)) / (2 * h)
     assert abs(float((grad[..., 0, :].reshape(-1) * direction).sum()) - float(fd)) < 2e-6 * max(1.0, abs(float(fd)))
+
+
+def test_vmap_over_kernel_inputs_matches_a_loop():
+    """torch.func.vmap over sets of inputs: the input checks and the duplicate screen branched on
+    the values (vmap refuses data-dependent control flow), so it failed at the first check.
+    Per-sample values are not screened for duplicates; Numerical layers are not supported."""
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(4, 5, 3, generator=g, dtype=torch.float64)
+    x2 = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    nets = [ntkgp.mlp(2, act, 1.7, 0.1) for act in ("relu", "erf", "gelu", "sign", "sin")]
+    nets.append(ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), ntkgp.LayerNorm(),
+                             ntkgp.residual(ntkgp.serial(ntkgp.ReLU(), ntkgp.Dense(8, 1.0, 0.1))), ntkgp.Dense(1)))
+    for net in nets:
+        for call in (lambda x: net.kernel(x).ntk, lambda x: net.kernel(x, x2).ntk,  # noqa: B023
+                     lambda x: net.kernel(x, diag=True).nngp):  # noqa: B023
+            mapped = torch.func.vmap(call)(xs)
+            looped = torch.stack([call(x) for x in xs])
+            torch.testing.assert_close(mapped, looped, rtol=1e-12, atol=1e-14)

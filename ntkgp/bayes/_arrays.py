@@ -58,12 +58,17 @@ def observations(mean, y, name_mean: str = "mean", name_y: str = "y") -> tuple[n
 
 
 def broadcast_per_point(var: np.ndarray, shape: tuple[int, ...], has_outputs: bool, name: str) -> np.ndarray:
-    """``var`` broadcast to ``shape``, where a 1-D ``var`` of length ``M`` means one value per point.
+    """``var`` broadcast to ``shape``, where a 1-D ``var`` always means one value per point.
 
     ``shape`` ends in ``(M, k)`` when ``has_outputs`` (then an ``(M,)`` value is shared by the
-    ``k`` outputs, as the shared-covariance posteriors of ntkgp are) and in ``(M,)`` otherwise.
+    ``k`` outputs, as the shared-covariance posteriors of ntkgp are; one value per output is
+    ``(1, k)``) and in ``(M,)`` otherwise. A ``(k,)`` value is refused: numpy would broadcast it
+    per output, except when ``M == k``, where it would read per point.
     """
-    if var.ndim == 1 and has_outputs and var.shape[0] == shape[-2]:
+    if var.ndim == 1 and has_outputs:
+        if var.shape[0] not in (1, shape[-2]):
+            raise ValueError(f"A 1-D {name} holds one value per point, length {shape[-2]}; got length {var.shape[0]}. "
+                             f"For one value per output pass shape (1, {shape[-1]}).")
         var = var[:, None]
     try:
         return np.broadcast_to(var, shape)

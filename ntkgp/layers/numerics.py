@@ -91,6 +91,13 @@ def needs_graph(*tensors: Tensor) -> bool:
     return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or transforms_active()
 
 
+def is_vmapped(x: Tensor) -> bool:
+    """Whether ``x`` is being mapped over by ``torch.func.vmap`` (its values are per-sample, so no
+    data-dependent branch may look at them)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    return functorch is not None and functorch.is_batchedtensor(x)
+
+
 def transforms_active() -> bool:
     """Whether forward-mode AD (``torch.autograd.forward_ad``) or a ``torch.func`` transform
     (``jacfwd``, ``vmap``, ...) is active."""
@@ -103,7 +110,7 @@ def overflow_scale(k11: Tensor, k22: Tensor) -> float | Tensor | None:
     float32). Powers of 4 keep ``sqrt(c·k11 · c·k22) == c k`` exact where ``k11 = k22 = k``, and
     ``sqrt(c)`` exact. Under ``torch.compile`` ``c`` is a tensor (no data-dependent branch)."""
     limit = torch.finfo(k11.dtype).max ** 0.5 / 16
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or transforms_active():
         big = torch.maximum(k11.detach().amax(), k22.detach().amax()).clamp(min=limit)
         return torch.pow(4.0, -torch.ceil(torch.log(big / limit) / math.log(4.0)))
     if k11.numel() == 0 or k22.numel() == 0:
@@ -152,7 +159,7 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tenso
     (:func:`power_of_4_exponents`), which changes no bit of the result elsewhere.
     """
     rescale = None
-    if torch.compiler.is_compiling() or not _products_representable(k11, k22):
+    if torch.compiler.is_compiling() or transforms_active() or not _products_representable(k11, k22):
         h1, h2 = power_of_4_exponents(k11), power_of_4_exponents(k22)
         k11, k22 = k11 * power_of_2(-2 * h1, k11.dtype), k22 * power_of_2(-2 * h2, k22.dtype)
         k12 = k12 * power_of_2(-h1, k12.dtype) * power_of_2(-h2, k12.dtype)

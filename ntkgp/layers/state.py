@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ntkgp.layers.numerics import needs_graph, straight_through
+from ntkgp.layers.numerics import is_vmapped, needs_graph, straight_through
 
 
 def _collapse_expanded(x: Tensor) -> Tensor:
@@ -69,6 +69,8 @@ class Duplicates:
         Batch axes of stride 0 (GPyTorch expands the training inputs over a candidate batch) are
         screened once, not once per batch.
         """
+        if is_vmapped(x1) or (x2 is not None and is_vmapped(x2)):
+            return None   # per-sample values under vmap: not screened
         x1 = _collapse_expanded(x1).detach()
         x2 = None if x2 is None else _collapse_expanded(x2).detach()
         d = x1.shape[-1]

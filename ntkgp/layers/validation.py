@@ -8,6 +8,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from ntkgp.layers.numerics import is_vmapped
+
 
 def check_points(x: Tensor, name: str) -> Tensor:
     """``x`` must be a finite floating tensor of shape ``(*batch, n, d)``."""
@@ -21,7 +23,8 @@ def check_points(x: Tensor, name: str) -> Tensor:
                          f"convert it with {name}.double() or {name}.float().")
     if x.shape[-1] == 0:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)}).")
-    if not bool(torch.isfinite(x).all()):
+    # under vmap the values are per-sample: no data-dependent check can run there
+    if not is_vmapped(x) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values.")
     return x
 
