@@ -157,7 +157,8 @@ def gaussian_to_inference_data(gaussian: Gaussian, y_obs, noise: float | Tensor,
             (``compute_cov=True``), or a ``Gaussian`` you built.
         y_obs: observed targets at the same points, ``(M,)`` or ``(M, k)`` like the mean.
         noise: Gaussian observation-noise variance ``σ²``: positive scalar, per point ``(M,)``, or
-            any shape broadcastable to ``(S, M[, k])``.
+            ``(1, k)`` per output, or any other shape broadcastable to ``(S, M[, k])`` (a 1-D value is
+            always per point).
         num_draws: ``S``, draws in total (all chains).
         num_chains: chains the independent draws are split into (must divide ``num_draws``).
         time_index: which training time, if the Gaussian has time axes.
