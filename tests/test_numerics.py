@@ -317,6 +317,17 @@ def test_variances_whose_products_overflow_are_scaled_not_lost(make):
             torch.testing.assert_close(net.kernel(1e150 * x).nngp, net.kernel(1e12 * x).nngp, rtol=1e-9, atol=0)
 
 
+def _kernels_on_every_path(net, x, monkeypatch):
+    """``net.kernel(x)`` as one block, in blocks of 7 rows, and on the graph-building path."""
+    with torch.no_grad():
+        results = [net.kernel(x)]
+        monkeypatch.setattr(base, "BLOCK_ENTRIES", 7 * x.shape[-2])
+        results.append(net.kernel(x))
+        monkeypatch.undo()
+    results.append(net.kernel(x.clone().requires_grad_()))
+    return results
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_duplicate_points_are_exactly_the_same_point(dtype, monkeypatch):
     """x_i == x_j (i ≠ j) must give K_ij = K_ii bitwise, as a point with itself does: the cross Gram
@@ -327,13 +338,7 @@ def test_duplicate_points_are_exactly_the_same_point(dtype, monkeypatch):
     pairs = (torch.arange(25), 40 + torch.arange(25))
     for act, depth in (("sign", 10), ("relu", 10), ("erf", 4)):
         net = ntkgp.mlp(depth, act, 2.0 if act == "relu" else 1.0, 0.1)
-        results = []
-        with torch.no_grad():
-            results.append(net.kernel(x))                                   # one block
-            monkeypatch.setattr(base, "BLOCK_ENTRIES", 7 * x.shape[0])     # many blocks
-            results.append(net.kernel(x))
-            monkeypatch.undo()
-        results.append(net.kernel(x.clone().requires_grad_()))              # graph path
+        results = _kernels_on_every_path(net, x, monkeypatch)
         for k in results:
             for name in ("nngp", "ntk"):
                 matrix = getattr(k, name)
@@ -355,12 +360,7 @@ def test_duplicate_points_in_batched_inputs(dtype, monkeypatch):
     rtol = 1e-12 if dtype == torch.float64 else 1e-5
     for act, depth in (("sign", 10), ("relu", 10), ("erf", 4)):
         net = ntkgp.mlp(depth, act, 2.0 if act == "relu" else 1.0, 0.1)
-        with torch.no_grad():
-            results = [net.kernel(x)]                                       # one block
-            monkeypatch.setattr(base, "BLOCK_ENTRIES", 7 * x.shape[1])     # many blocks
-            results.append(net.kernel(x))
-            monkeypatch.undo()
-        results.append(net.kernel(x.clone().requires_grad_()))              # graph path
+        results = _kernels_on_every_path(net, x, monkeypatch)
         for k in results:
             for name in ("nngp", "ntk"):
                 m = getattr(k, name).detach()

@@ -23,20 +23,12 @@ from torch import Tensor, nn
 from ntkgp.layers.base import BuildContext, Layer
 from ntkgp.layers.numerics import gaussian_angle, gaussian_det, scaled_for_products
 from ntkgp.layers.state import KernelState
+from ntkgp.layers.validation import finite_number
 
 
 def _finite(**constants: float) -> tuple[float, ...]:
     """The constants of an activation as floats; NaN or infinite ones would give NaN kernels."""
-    values = []
-    for name, value in constants.items():
-        try:
-            number = float(value)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{name} must be a real number, got {value!r}.") from err
-        if not math.isfinite(number):
-            raise ValueError(f"{name} must be finite, got {value!r}.")
-        values.append(number)
-    return tuple(values)
+    return tuple(finite_number(value, name) for name, value in constants.items())
 
 
 class ActivationModule(nn.Module):

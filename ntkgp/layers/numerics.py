@@ -108,7 +108,11 @@ def overflow_scale(k11: Tensor, k22: Tensor) -> float | Tensor | None:
     """A power of 4, ``c``, such that products of the variances scaled by ``c`` cannot overflow;
     ``None`` when none is needed (the usual case: variances below ``sqrt(max)/16``, 2.6e17 in
     float32). Powers of 4 keep ``sqrt(c·k11 · c·k22) == c k`` exact where ``k11 = k22 = k``, and
-    ``sqrt(c)`` exact. Under ``torch.compile`` ``c`` is a tensor (no data-dependent branch)."""
+    ``sqrt(c)`` exact. Under ``torch.compile`` ``c`` is a tensor (no data-dependent branch).
+
+    One scale for all points, because the erf, GELU and ``Elementwise`` forms add ``O(1)`` terms
+    to these products and are not homogeneous in the variances; the angle of the ReLU family is,
+    and :func:`gaussian_angle` scales each point by its own power of 4 instead."""
     limit = torch.finfo(k11.dtype).max ** 0.5 / 16
     if torch.compiler.is_compiling() or transforms_active():
         big = torch.maximum(k11.detach().amax(), k22.detach().amax()).clamp(min=limit)

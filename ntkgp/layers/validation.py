@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,13 +61,24 @@ def check_inputs(x1: Tensor, x2: Tensor | None, diag: bool = False) -> tuple[Ten
     return x1, x2
 
 
-def positive_number(value, name: str) -> float:
-    """``value`` (a Python or numpy real, or a one-element real tensor) as a finite positive float."""
+def finite_number(value, name: str, kind: str = "a finite real number") -> float:
+    """``value`` (a Python or numpy real, or a one-element real tensor or array) as a finite float;
+    ``kind`` names what was expected in the error."""
     number = None
     if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
         number = float(value)
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         number = float(value)
-    if number is None or not (math.isfinite(number) and number > 0):
+    elif isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iuf":
+        number = float(value.reshape(()))
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"{name} must be {kind}, got {value!r}.")
+    return number
+
+
+def positive_number(value, name: str) -> float:
+    """``value`` (a Python or numpy real, or a one-element real tensor) as a finite positive float."""
+    number = finite_number(value, name, "a positive number")
+    if not number > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}.")
     return number

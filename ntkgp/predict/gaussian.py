@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ntkgp.layers.validation import finite_number
+
 
 @dataclass(frozen=True)
 class Gaussian:
@@ -44,10 +46,9 @@ def check_targets(y_train: Tensor, n_train: int) -> Tensor:
 
 
 def check_non_negative(name: str, value: float) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a non-negative number, got {value!r}.") from err
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}.")
-    return value
+    """``value`` as a finite float ``>= 0``."""
+    kind = "a finite non-negative number"
+    number = finite_number(value, name, kind)
+    if number < 0:
+        raise ValueError(f"{name} must be {kind}, got {value!r}.")
+    return number

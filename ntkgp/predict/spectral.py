@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._checks import integer_at_least
-from ntkgp.layers.validation import positive_number
+from ntkgp.layers.validation import finite_number, positive_number
 
 
 def regularize(k: Tensor, diag_reg: float, absolute: bool = False) -> Tensor:
@@ -186,12 +186,9 @@ def max_learning_rate(ntk_train_train: Tensor, y_train_size: int | None = None, 
     if k.dim() < 2 or k.shape[-1] != k.shape[-2] or not bool(torch.isfinite(k).all()):
         raise ValueError(f"ntk_train_train must be a finite square (N, N) kernel, got shape {tuple(k.shape)}.")
     m = k.shape[-1] if y_train_size is None else integer_at_least(y_train_size, 1, "y_train_size")
-    try:
-        momentum = float(momentum)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}.") from err
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}.")
+    kind = "a number in [0, 1)"
+    if not 0 <= finite_number(momentum, "momentum", kind) < 1:
+        raise ValueError(f"momentum must be {kind}, got {momentum!r}.")
     values = torch.linalg.eigvalsh(k)
     check_semi_definite(values, "ntk_train_train", ntk_train_train.dtype)
     return stability_limit(float(values[..., -1].max()), m, momentum)
@@ -211,10 +208,12 @@ def check_semi_definite(values: Tensor, name: str, dtype: torch.dtype) -> None:
 def check_symmetric(k: Tensor, name: str) -> None:
     """``ValueError`` unless ``k`` is symmetric up to ``sqrt(ε)`` of its largest entry (only one
     triangle would be used otherwise)."""
-    scale = float(k.abs().max()) if k.numel() else 0.0
-    if float((k - k.mT).abs().max()) > torch.finfo(k.dtype).eps ** 0.5 * scale:
-        raise ValueError(f"{name} must be symmetric: it differs from its transpose by "
-                         f"{float((k - k.mT).abs().max()):.3g} (largest entry {scale:.3g}).")
+    if not k.numel():
+        return
+    scale, asymmetry = float(k.abs().max()), float((k - k.mT).abs().max())
+    if asymmetry > torch.finfo(k.dtype).eps ** 0.5 * scale:
+        raise ValueError(f"{name} must be symmetric: it differs from its transpose by {asymmetry:.3g} "
+                         f"(largest entry {scale:.3g}).")
 
 
 def stability_limit(lambda_max: float, m: int, momentum: float = 0.0) -> float:
