@@ -7,7 +7,7 @@ import operator
 import numpy as np
 
 
-def integer_at_least(value, minimum: int, name: str) -> int:
+def integer_at_least(value: object, minimum: int, name: str) -> int:
     """``value`` as a Python int (ints, numpy integers, 0-d integer tensors), and ``>= minimum``;
     booleans are refused."""
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import gpytorch
 import torch
@@ -93,7 +94,8 @@ class NetworkGP(gpytorch.models.ExactGP):
 
 
 def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
-        optimizer: torch.optim.Optimizer | None = None, callback=None) -> list[float]:
+        optimizer: torch.optim.Optimizer | None = None,
+        callback: Callable[[int, float], object] | None = None) -> list[float]:
     """Maximize the exact marginal log likelihood of ``model`` on its training data.
 
     Args:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from ntkgp._checks import integer_at_least  # noqa: F401  (re-exported for the bayes modules)
+from ntkgp._typing import ArrayLike
 
 
-def to_numpy(value, name: str) -> np.ndarray:
+def to_numpy(value: ArrayLike, name: str) -> np.ndarray:
     """``value`` (a torch tensor, numpy array or nested sequence) as a float64 numpy array."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch.Tensor, without importing torch
         value = value.detach().cpu()
@@ -29,7 +30,7 @@ def to_numpy(value, name: str) -> np.ndarray:
     return array
 
 
-def finite(value, name: str) -> np.ndarray:
+def finite(value: ArrayLike, name: str) -> np.ndarray:
     """:func:`to_numpy`, and no NaN or infinite entries."""
     array = to_numpy(value, name)
     if not np.isfinite(array).all():
@@ -37,7 +38,7 @@ def finite(value, name: str) -> np.ndarray:
     return array
 
 
-def labels_array(value, name: str = "labels") -> np.ndarray:
+def labels_array(value: ArrayLike, name: str = "labels") -> np.ndarray:
     """Integer class labels ``(M,)`` (integer-valued floats are accepted)."""
     array = finite(value, name)
     if array.ndim != 1:
@@ -47,7 +48,8 @@ def labels_array(value, name: str = "labels") -> np.ndarray:
     return array.astype(np.int64)
 
 
-def observations(mean, y, name_mean: str = "mean", name_y: str = "y") -> tuple[np.ndarray, np.ndarray]:
+def observations(mean: ArrayLike, y: ArrayLike, name_mean: str = "mean",
+                 name_y: str = "y") -> tuple[np.ndarray, np.ndarray]:
     """Finite ``mean`` and ``y`` of one shape, ``(M,)`` or ``(M, k)`` with ``M >= 1``."""
     mean, y = finite(mean, name_mean), finite(y, name_y)
     if mean.ndim not in (1, 2) or mean.shape[0] == 0:
@@ -76,7 +78,7 @@ def broadcast_per_point(var: np.ndarray, shape: tuple[int, ...], has_outputs: bo
         raise ValueError(f"{name} of shape {var.shape} does not fit (broadcast to) shape {shape}.") from err
 
 
-def variances(variance, shape: tuple[int, ...], name: str = "variance") -> np.ndarray:
+def variances(variance: ArrayLike, shape: tuple[int, ...], name: str = "variance") -> np.ndarray:
     """Positive finite variances broadcast to ``shape`` (``(M,)`` or ``(M, k)``).
 
     A scalar, an array of ``shape``, or ``(M,)`` for ``(M, k)`` observations (one variance per

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ntkgp._typing import ArrayLike
 from ntkgp.bayes._arrays import finite, integer_at_least, labels_array
 from ntkgp.bayes.metrics import auroc
 
 
-def one_hot_targets(labels, num_classes: int | None = None, offset: float | None = None,
+def one_hot_targets(labels: ArrayLike, num_classes: int | None = None, offset: float | None = None,
                     dtype: torch.dtype = torch.float64) -> Tensor:
     r"""Regression targets ``Y_ic = 1[c = c_i] − offset``, shape ``(N, C)``.
 
@@ -59,7 +60,7 @@ def _class_scores(mean) -> np.ndarray:
     return scores
 
 
-def predict_classes(mean):
+def predict_classes(mean: ArrayLike) -> Tensor | np.ndarray:
     """Predicted classes ``argmax_c μ_ic``: ``(M,)``; a tensor for tensor input, else numpy."""
     scores = _class_scores(mean)
     if isinstance(mean, Tensor):
@@ -67,7 +68,7 @@ def predict_classes(mean):
     return scores.argmax(-1)
 
 
-def accuracy(mean_or_predictions, labels) -> float:
+def accuracy(mean_or_predictions: ArrayLike, labels: ArrayLike) -> float:
     """Fraction of correct predictions: ``(1/M) Σ_i 1[ĉ_i = c_i]``.
 
     ``mean_or_predictions`` is either the ``(M, C)`` posterior mean (classes by argmax) or
@@ -81,7 +82,7 @@ def accuracy(mean_or_predictions, labels) -> float:
     return float(np.mean(predicted == truth))
 
 
-def misclassification_auroc(mean, variance, labels) -> float:
+def misclassification_auroc(mean: ArrayLike, variance: ArrayLike, labels: ArrayLike) -> float:
     r"""AUROC of the predictive variance as a detector of misclassified points.
 
     Positives are the points with ``argmax_c μ_ic ≠ c_i``; the score is the variance

@@ -33,17 +33,19 @@ from __future__ import annotations
 
 import math
 import warnings
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from ntkgp._typing import ArrayLike
 from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least, observations
 
 #: Names of the dimensions of the exported variables (after ``chain`` and ``draw``).
 OBS_DIM, OUTPUT_DIM = "obs_id", "output"
 
 
-def gaussian_log_density(y, mean, variance) -> np.ndarray:
+def gaussian_log_density(y: ArrayLike, mean: ArrayLike, variance: ArrayLike) -> np.ndarray:
     r"""Elementwise ``log N(y | mean, variance) = −½ log(2π variance) − (y − mean)² / (2 variance)``.
 
     Arguments broadcast against each other (numpy rules); ``variance`` must be positive.
@@ -54,7 +56,7 @@ def gaussian_log_density(y, mean, variance) -> np.ndarray:
     return -0.5 * (np.log(2 * math.pi * variance) + (y - mean) ** 2 / variance)
 
 
-def import_arviz():
+def import_arviz() -> ModuleType:
     """Import ArviZ, silencing the 0.2x announcement of its 1.0 refactor (handled here)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="ArviZ is undergoing a major refactor", category=FutureWarning)
@@ -67,8 +69,9 @@ def arviz_major_version() -> int:
     return int(import_arviz().__version__.split(".")[0])
 
 
-def draws_to_inference_data(f_draws, y_obs, noise, *, num_chains: int = 1, y_draws=None, seed: int | None = 0,
-                            attrs: dict[str, Any] | None = None):
+def draws_to_inference_data(f_draws: ArrayLike, y_obs: ArrayLike, noise: ArrayLike, *, num_chains: int = 1,
+                            y_draws: ArrayLike | None = None, seed: int | None = 0,
+                            attrs: dict[str, Any] | None = None) -> Any:
     r"""ArviZ data from ``S`` latent draws ``f_draws`` of shape ``(S, M)`` or ``(S, M, k)``.
 
     Args:

@@ -15,6 +15,7 @@ import numpy as np
 from scipy.special import ndtri
 from scipy.stats import rankdata
 
+from ntkgp._typing import ArrayLike
 from ntkgp.bayes._arrays import finite, observations, variances
 
 #: Central-interval levels of :func:`interval_coverage`'s default.
@@ -23,13 +24,13 @@ COVERAGE_LEVELS = (0.5, 0.9, 0.95)
 CALIBRATION_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
 
-def rmse(mean, y) -> float:
+def rmse(mean: ArrayLike, y: ArrayLike) -> float:
     r"""Root mean squared error ``sqrt( (1/M) Σ_i (y_i − μ_i)² )``."""
     mean, y = observations(mean, y)
     return float(np.sqrt(np.mean((y - mean) ** 2)))
 
 
-def nlpd(mean, variance, y) -> float:
+def nlpd(mean: ArrayLike, variance: ArrayLike, y: ArrayLike) -> float:
     r"""Mean negative log predictive density of ``y`` under ``N(μ_i, σ_i²)``::
 
         NLPD = (1/M) Σ_i [ ½ log(2π σ_i²) + (y_i − μ_i)² / (2 σ_i²) ]
@@ -57,7 +58,8 @@ def _coverage(mean: np.ndarray, var: np.ndarray, y: np.ndarray, levels: np.ndarr
     return (z.reshape(-1)[None, :] <= half_widths[:, None]).mean(axis=1)
 
 
-def interval_coverage(mean, variance, y, levels: Sequence[float] = COVERAGE_LEVELS) -> dict[float, float]:
+def interval_coverage(mean: ArrayLike, variance: ArrayLike, y: ArrayLike,
+                      levels: Sequence[float] = COVERAGE_LEVELS) -> dict[float, float]:
     r"""Empirical coverage of central predictive intervals.
 
     For level ``p`` the central interval is ``μ_i ± z_{(1+p)/2} σ_i`` with ``z_q = Φ⁻¹(q)`` the
@@ -76,7 +78,8 @@ def interval_coverage(mean, variance, y, levels: Sequence[float] = COVERAGE_LEVE
     return {float(p): float(c) for p, c in zip(grid, _coverage(mean, var, y, grid), strict=True)}
 
 
-def calibration_error(mean, variance, y, levels: Sequence[float] = CALIBRATION_LEVELS) -> float:
+def calibration_error(mean: ArrayLike, variance: ArrayLike, y: ArrayLike,
+                      levels: Sequence[float] = CALIBRATION_LEVELS) -> float:
     r"""Mean absolute gap between nominal and empirical central-interval coverage::
 
         CE = (1/L) Σ_{l=1}^{L} | cov(p_l) − p_l |
@@ -94,7 +97,8 @@ def calibration_error(mean, variance, y, levels: Sequence[float] = CALIBRATION_L
     return float(np.mean(np.abs(_coverage(mean, var, y, grid) - grid)))
 
 
-def regression_metrics(mean, variance, y, levels: Sequence[float] = COVERAGE_LEVELS) -> dict[str, float]:
+def regression_metrics(mean: ArrayLike, variance: ArrayLike, y: ArrayLike,
+                       levels: Sequence[float] = COVERAGE_LEVELS) -> dict[str, float]:
     """RMSE, NLPD, coverage at ``levels`` (keys ``"coverage_50"`` …) and calibration error.
 
     The calibration error always averages over :data:`CALIBRATION_LEVELS` (``levels`` only
@@ -107,7 +111,7 @@ def regression_metrics(mean, variance, y, levels: Sequence[float] = COVERAGE_LEV
     return out
 
 
-def auroc(scores, labels) -> float:
+def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     r"""Area under the ROC curve of ``scores`` for detecting ``labels == 1`` (positives).
 
     Computed as the Mann–Whitney statistic (Hanley & McNeil 1982): with ``R_i`` the rank of

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ntkgp._typing import ArrayLike
 from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least
 from ntkgp.bayes.inference_data import draws_to_inference_data
 from ntkgp.predict.gaussian import Gaussian
@@ -138,7 +139,7 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: int
     return draws if mean.dim() == 2 else draws.squeeze(-1)
 
 
-def gaussian_to_inference_data(gaussian: Gaussian, y_obs, noise: float | Tensor, *, num_draws: int = 1000,
+def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: float | Tensor, *, num_draws: int = 1000,
                                num_chains: int = 1, time_index: int | Sequence[int] | None = None,
                                seed: int | None = 0) -> Any:
     r"""Posterior-predictive draws of an ntkgp Gaussian, exported for ArviZ.
@@ -189,7 +190,7 @@ def _stack_members(predictions) -> np.ndarray:
     return stacked
 
 
-def ensemble_moments(predictions, noise: float | Tensor | np.ndarray = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def ensemble_moments(predictions: ArrayLike, noise: float | Tensor | np.ndarray = 0.0) -> tuple[np.ndarray, np.ndarray]:
     r"""Mean and variance of the equal-weight mixture of ``E`` members ``N(μ_e, σ_e²)``::
 
         μ = (1/E) Σ_e μ_e,   σ² = (1/E) Σ_e (σ_e² + μ_e²) − μ²
@@ -214,8 +215,8 @@ def ensemble_moments(predictions, noise: float | Tensor | np.ndarray = 0.0) -> t
     return mean, noise_var.mean(0) + members.var(0)
 
 
-def ensemble_to_inference_data(predictions, y_obs, noise: float | Tensor | np.ndarray, *, num_chains: int = 1,
-                               seed: int | None = 0) -> Any:
+def ensemble_to_inference_data(predictions: ArrayLike, y_obs: ArrayLike, noise: float | Tensor | np.ndarray,
+                               *, num_chains: int = 1, seed: int | None = 0) -> Any:
     r"""A finite ensemble's predictions exported for ArviZ: the ``E`` members are the draws.
 
     Member ``e``'s outputs ``f⁽ᵉ⁾`` are one posterior draw (the deep-ensemble reading of

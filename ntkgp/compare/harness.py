@@ -157,6 +157,7 @@ class ComparisonResult:
     plot_label: str = "x"
 
     def to_dict(self) -> dict:
+        """Every field as plain Python (nested dicts and lists), for JSON."""
         return asdict(self)
 
 

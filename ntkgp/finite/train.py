@@ -22,6 +22,7 @@ as ``1/sqrt(width)``: "lazy training").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -134,7 +135,7 @@ def train_ensemble(
     *,
     ensemble_size: int = 64,
     learning_rate: float,
-    record_steps,
+    record_steps: int | Sequence[int] | Tensor,
     x_test: Tensor | None = None,
     probe: Tensor | None = None,
     readout_only: bool = False,

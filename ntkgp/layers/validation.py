@@ -61,7 +61,7 @@ def check_inputs(x1: Tensor, x2: Tensor | None, diag: bool = False) -> tuple[Ten
     return x1, x2
 
 
-def finite_number(value, name: str, kind: str = "a finite real number") -> float:
+def finite_number(value: object, name: str, kind: str = "a finite real number") -> float:
     """``value`` (a Python or numpy real, or a one-element real tensor or array) as a finite float;
     ``kind`` names what was expected in the error."""
     number = None
@@ -76,7 +76,7 @@ def finite_number(value, name: str, kind: str = "a finite real number") -> float
     return number
 
 
-def positive_number(value, name: str) -> float:
+def positive_number(value: object, name: str) -> float:
     """``value`` (a Python or numpy real, or a one-element real tensor) as a finite positive float."""
     number = finite_number(value, name, "a positive number")
     if not number > 0:

@@ -62,7 +62,7 @@ class ExactVariance(GreaterThan):
         return f"{self._get_name()}(anchor shape={tuple(self.anchor.shape)})"
 
 
-def check_variance(name: str, value) -> Tensor:
+def check_variance(name: str, value: float | Tensor) -> Tensor:
     """Validate a variance given by the user and return it as a float64 tensor."""
     if isinstance(value, Tensor):
         tensor = value.detach().to(torch.float64)

@@ -27,6 +27,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from ntkgp._typing import Steps, Times
 from ntkgp.layers.base import Layer
 from ntkgp.layers.validation import check_points, positive_number
 from ntkgp.predict.gaussian import Gaussian, check_non_negative, check_targets
@@ -119,7 +120,8 @@ class GradientFlow:
         return stability_limit(float(self.eigensystem.values.max()), self.m)
 
     # ------------------------------------------------------------------ prediction
-    def predict(self, x_test: Tensor | None = None, t=None, steps=None, compute_cov: bool = True) -> Gaussian:
+    def predict(self, x_test: Tensor | None = None, t: Times = None, steps: Steps = None,
+                compute_cov: bool = True) -> Gaussian:
         """Mean and covariance of the ensemble's outputs at times ``t`` (or after ``steps``).
 
         Args:
@@ -225,9 +227,9 @@ def _symmetrize_(cov: Tensor) -> None:
     cov.copy_((cov + cov.mT) / 2)
 
 
-def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t=None,
+def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
                   learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk",
-                  compute_cov: bool = True, diag_reg_absolute_scale: bool = False, steps=None) -> Gaussian:
+                  compute_cov: bool = True, diag_reg_absolute_scale: bool = False, steps: Steps = None) -> Gaussian:
     """One-shot :class:`GradientFlow` prediction (see there for the arguments and formulas)."""
     flow = GradientFlow(net, x_train, y_train, kernel=kernel, learning_rate=learning_rate, diag_reg=diag_reg,
                         diag_reg_absolute_scale=diag_reg_absolute_scale)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ntkgp._typing import Steps, Times
 from ntkgp.predict.gaussian import check_non_negative, check_targets
 from ntkgp.predict.spectral import (
     Eigensystem,
@@ -30,9 +31,10 @@ from ntkgp.predict.spectral import (
 
 
 def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: Tensor | float = 0.0,
-                         ntk_test_train: Tensor | None = None, fx_test_0: Tensor | None = None, t=None, *,
-                         steps=None, learning_rate: float = 1.0, diag_reg: float = 0.0,
-                         diag_reg_absolute_scale: bool = False, factor_dtype: torch.dtype = torch.float64):
+                         ntk_test_train: Tensor | None = None, fx_test_0: Tensor | None = None, t: Times = None, *,
+                         steps: Steps = None, learning_rate: float = 1.0, diag_reg: float = 0.0,
+                         diag_reg_absolute_scale: bool = False, factor_dtype: torch.dtype = torch.float64
+                         ) -> Tensor | tuple[Tensor, Tensor]:
     """Outputs of one network after training for time ``t`` (or ``steps`` steps).
 
     Args:

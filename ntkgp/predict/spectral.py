@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._checks import integer_at_least
+from ntkgp._typing import Steps, Times
 from ntkgp.layers.validation import finite_number, positive_number
 
 
@@ -139,7 +140,7 @@ class Schedule:
         return out.reshape(*self.shape, *out.shape[out.dim() - trailing:])
 
 
-def make_schedule(t, steps, learning_rate: float, m: int, device) -> Schedule | None:
+def make_schedule(t: Times, steps: Steps, learning_rate: float, m: int, device: torch.device) -> Schedule | None:
     """Validate ``t``/``steps``; ``None`` when both are ``None`` (infinite time, Cholesky path)."""
     learning_rate = positive_number(learning_rate, "learning_rate")
     if t is not None and steps is not None:

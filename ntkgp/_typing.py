@@ -1,0 +1,21 @@
+"""Type aliases of the public signatures (torch-free at run time, like ``ntkgp.bayes._arrays``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Union
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+#: Numbers as the numpy-level helpers take them: a tensor (any device), a numpy array, nested
+#: sequences of numbers, or a scalar.
+ArrayLike = Union["Tensor", np.ndarray, Sequence, float]
+
+#: Times of a prediction: ``None`` (infinite time), one number, or several (a leading output axis).
+Times = Union[float, "Tensor", Sequence[float], None]
+
+#: Discrete gradient-descent step counts: one, several (a leading output axis), or ``None``.
+Steps = Union[int, "Tensor", Sequence[int], None]
