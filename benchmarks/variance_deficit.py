@@ -14,7 +14,7 @@ Printed per step: the median over the outer test points (|x| ≥ 1.9, where the 
 function) of ensemble variance / NTK-GP variance, and the fraction of all test points within
 27 %; then how the empirical NTK on the training points moves along the analytic eigenvectors.
 
-    python benchmarks/variance_deficit.py [--widths 256 512] [--every 5]   # ~2 min per width at 256
+    python benchmarks/variance_deficit.py [--widths 256 512] [--every 5]   # ~1 min at width 256, ~5 min at 512
 """
 
 from __future__ import annotations

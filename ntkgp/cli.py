@@ -126,7 +126,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--widths", type=int, nargs="+", help="hidden widths to train (overrides the preset)")
     p.add_argument("--ensemble-size", type=int, help="members per width")
     p.add_argument("--steps", dest="record_steps", type=int, nargs="+",
-                   help="gradient-descent steps at which to compare (time t = learning rate x steps)")
+                   help="gradient-descent steps s at which to compare (reported with the time t = learning "
+                        "rate x s: ntkgp.predict's t at its default learning_rate=1)")
     p.add_argument("--depth", type=int, help="hidden layers, at least 1 (default 2)")
     p.add_argument("--activation", help="activation name: erf (default), relu, gelu, sin, ...")
     p.add_argument("--weight-var", type=float, help="weight variance of every layer (default 2.25)")

@@ -269,10 +269,48 @@ def test_setting_invalid_variance_raises():
     (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(ntkgp.ReLU(), ntkgp.Identity())), "end Gaussian"),
     (lambda: ntkgp.serial(ntkgp.parallel(ntkgp.Dense(3), ntkgp.Dense(4))), "equal widths"),
     (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.LayerNorm(), ntkgp.ReLU(), ntkgp.LayerNorm()), "Gaussian"),
+    # correlated branches: x + x is 2x (4K), not 2K, and x + LayerNorm(x) has cross terms
+    (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.residual(ntkgp.Identity())), "independent"),
+    (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(ntkgp.Identity(), ntkgp.Identity())), "independent"),
+    (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.residual(ntkgp.LayerNorm())), "independent"),
+    (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.residual(ntkgp.residual(ntkgp.ReLU(), ntkgp.Dense(3)))), "independent"),
 ])
 def test_invalid_architectures_raise_before_work(net, message):
     with pytest.raises(ValueError, match=message):
         net().kernel(torch.randn(4, 3))
+
+
+def test_sums_of_independent_branches_match_monte_carlo():
+    """All but one branch end in a Dense layer of their own (a LayerNorm after it keeps it centred
+    and independent): the sum's kernel is the sum of the branches', as wide networks confirm."""
+    net = ntkgp.serial(ntkgp.Dense(256, 1.5, 0.1), ntkgp.parallel(
+        ntkgp.Identity(), ntkgp.serial(ntkgp.ReLU(), ntkgp.Dense(256, 2.0, 0.1), ntkgp.LayerNorm()),
+        ntkgp.serial(ntkgp.Erf(), ntkgp.Dense(256, 1.0, 0.2))), ntkgp.ReLU(), ntkgp.Dense(1))
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = net.kernel(x).nngp.detach()
+    est = ntkgp.finite.monte_carlo_kernel(net, x, n_samples=2000, ntk=False)
+    z = (est.nngp - exact) / est.nngp_sem
+    assert float(z.abs().max()) < 4.5, z
+
+
+def test_elementwise_without_dot_fn_refuses_an_infinite_derivative():
+    """An arc-cosine NNGP map has ∂T/∂k12 = ∞ at k12² = k11·k22 (the diagonal): autograd gives NaN
+    or ±inf there, so the NTK raises instead of returning them; with dot_fn it equals ReLU's."""
+    def relu_nngp(k12, k11, k22):
+        s = torch.sqrt(torch.clamp(k11 * k22 - k12**2, min=0))
+        return (s + (math.pi - torch.atan2(s, k12)) * k12) / (2 * math.pi)
+
+    def relu_dot(k12, k11, k22):
+        return (math.pi - torch.atan2(torch.sqrt(torch.clamp(k11 * k22 - k12**2, min=0)), k12)) / (2 * math.pi)
+
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    net = lambda act: ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), act, ntkgp.Dense(1))  # noqa: E731
+    with pytest.raises(ValueError, match="dot_fn"):
+        net(ntkgp.Elementwise(torch.relu, relu_nngp)).kernel(x)
+    torch.testing.assert_close(net(ntkgp.Elementwise(torch.relu, relu_nngp)).kernel(x, x[:2] + 1).ntk,
+                               net(ntkgp.ReLU()).kernel(x, x[:2] + 1).ntk, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net(ntkgp.Elementwise(torch.relu, relu_nngp, relu_dot)).kernel(x).ntk,
+                               net(ntkgp.ReLU()).kernel(x).ntk, rtol=1e-12, atol=1e-12)
 
 
 def test_forward_and_reverse_mode_hyperparameter_derivatives_agree():

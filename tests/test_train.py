@@ -106,6 +106,52 @@ def test_divergence_is_reported_not_raised():
     assert len(h.steps) < 3 and h.steps[0] == 0
 
 
+def test_divergence_before_the_first_record_keeps_the_documented_shapes():
+    xt = torch.zeros(7, 1, dtype=torch.float64)
+    h = train_ensemble(_net(), X, Y, ensemble_size=3, learning_rate=1e4, record_steps=[50], x_test=xt, probe=X,
+                       dtype=torch.float64)
+    assert h.diverged_at is not None and h.diverged_at < 50 and h.steps.shape == (0,)
+    assert h.test_outputs.shape == (0, 3, 7, 1) and h.mean.shape == h.variance.shape == (0, 7, 1)
+    assert h.train_loss.shape == h.weight_change.shape == h.ntk_change.shape == (0, 3)
+    assert {g: tuple(v.shape) for g, v in h.layer_change.items()} == {g: (0, 3) for g in ("input", "hidden", "readout")}
+
+
+@pytest.mark.parametrize("ard", [False, True])
+def test_layer_changes_do_not_depend_on_the_parameterization(ard):
+    """Groups of layers with different scales (and per-feature ARD scales) move alike in both
+    parameterizations: the changes are measured in NTK coordinates (raw standard-parameterized
+    weights differed by 4-10 %)."""
+    x = torch.cat([X, X.cos(), 3 * X.sin()], 1)
+
+    def net(param):
+        variance = torch.tensor([0.2, 1.0, 5.0]) if ard else 1.0
+        first = ntkgp.Dense(16, variance, 0.1, param, ard_num_dims=3 if ard else None)
+        return ntkgp.serial(first, ntkgp.ReLU(), ntkgp.Dense(12, 0.5, 0.1, param), ntkgp.Erf(),
+                            ntkgp.Dense(20, 3.0, 0.1, param), ntkgp.ReLU(), ntkgp.Dense(1, 2.0, 0.1, param))
+
+    ntk, std = (train_ensemble(net(p), x, Y, ensemble_size=2, learning_rate=0.3, record_steps=[0, 40],
+                               dtype=torch.float64) for p in ("ntk", "standard"))
+    torch.testing.assert_close(std.test_outputs, ntk.test_outputs, rtol=1e-12, atol=1e-13)
+    for group in ("input", "hidden", "readout"):
+        assert float(ntk.layer_change[group][-1].min()) > 1e-3
+        torch.testing.assert_close(std.layer_change[group], ntk.layer_change[group], rtol=1e-10, atol=0)
+
+
+def test_networks_and_kernels_refuse_bad_build_arguments():
+    net = _net()
+    for kwargs, message in [(dict(in_features=0), "in_features"), (dict(in_features=2.5), "in_features"),
+                            (dict(ensemble_size=0), "ensemble_size"), (dict(dtype=torch.int64), "dtype")]:
+        with pytest.raises(ValueError, match=message):
+            net.build(**kwargs)
+    with pytest.raises(ValueError, match="no parameters"):
+        train_ensemble(ntkgp.serial(ntkgp.ReLU()), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[1])
+    model = net.build(in_features=1, ensemble_size=2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ntkgp.finite.empirical_ntk(model, X, chunk_size=0)
+    with pytest.raises(ValueError, match=r"float32 but the network.s parameters are torch\.float64"):
+        ntkgp.finite.empirical_ntk(model, X.float())
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(ensemble_size=0), "ensemble_size"),
     (dict(chunk_size=0), "chunk_size"),

@@ -15,7 +15,7 @@ the exact discrete-time predictions of :class:`ntkgp.predict.GradientFlow` (Lee 
   input and readout weights (``O(width)`` parameters) move as ``width^(−1/2)``, the
   width × width weights as ``width^(−1)``, and the NTK change is bounded by ``width^(−1/2)``
   (Jacot et al. 2018; Lee et al. 2019, Fig. 1 and Theorem 2.1) and in practice closer to
-  ``width^(−1)`` (Dyer & Gur-Ari 2019),
+  ``width^(−1)`` (Dyer & Gur-Ari 2020),
 * and above the stability limit ``2m / λ_max``: the linearized (infinite-width) dynamics
   diverge; finite networks just above it "catapult" (the loss spikes, the top NTK eigenvalue
   drops and training converges, Lewkowycz et al. 2020) and diverge at several times the limit.
@@ -129,7 +129,8 @@ class WidthResult:
 class ComparisonResult:
     """Everything a comparison measured: the settings, the analytic predictions at every recorded
     step (``analytic_mean``/``analytic_std`` from the discrete-time NTK-GP, or NNGP when only the
-    readout is trained; ``continuous_mean`` from ``e^(−ηΘt/m)`` for reference), one
+    readout is trained; ``continuous_mean`` from ``e^(−ηΘs/m)`` after ``s`` steps, for reference), the
+    ``times`` ``t = η·s`` (``ntkgp.predict``'s ``t`` at its default ``learning_rate=1``), one
     :class:`WidthResult` per width, the log–log ``slopes`` against width, the runs above the
     stability limit (``divergence``) and the PASS/FAIL ``checks``. ``to_dict`` is ``report.json``.
     """

@@ -61,7 +61,8 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
         f"{c['ensemble_size']} members per width, {c['dtype']}, seed {c['seed']}",
         f"- analytic side: exact discrete-time predictions (I − ηΘ/m)^s of ntkgp.predict.GradientFlow; "
         f"kernel eigenvalues {[float(f'{v:.3g}') for v in r.eigenvalues]}",
-        f"- recorded steps {r.steps} (times t = η·steps = {[float(f'{t:.3g}') for t in r.times]}); "
+        f"- recorded steps {r.steps} (times t = η·steps = {[float(f'{t:.3g}') for t in r.times]}, "
+        f"the t of ntkgp.predict at its default learning_rate=1); "
         f"total run {r.seconds:.0f} s", "",
         "## Checks", "",
     ]
@@ -91,7 +92,7 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
     lines += ["", "## Scaling with width (log–log slopes at the last step)", "",
               "Theory: input and readout weights −1/2, width × width weights −1 (so the total follows the "
               "hidden layers in NTK parameterization), NTK change bounded by −1/2 and closer to −1 "
-              "(Lee et al. 2019, Fig. 1; Dyer & Gur-Ari 2019).", ""]
+              "(Lee et al. 2019, Fig. 1; Dyer & Gur-Ari 2020).", ""]
     lines += [f"- {name}: {_fmt(value)}" for name, value in r.slopes.items()] or ["- (needs two widths)"]
     if r.divergence is not None:
         d = r.divergence

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
+from ntkgp._checks import integer_at_least
 from ntkgp.layers.dense import DenseModule
 from ntkgp.layers.validation import check_inputs
 
@@ -102,7 +103,8 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
         params: the parameters to differentiate (default: all of the module's).
         vector_output: return ``Θ̂_ij(x, x')`` as ``(n1, n2, k, k)``; otherwise the per-output
             average ``(1/k) Σ_i Θ̂_ii`` is contracted directly, without the ``k × k`` blocks.
-        chunk_size: members of an ensemble processed at once (bounds memory).
+        chunk_size: members of an ensemble processed at once on the Jacobian route (bounds the
+            memory of the per-member Jacobians; the layer-by-layer route forms none).
         parameter_scales: optional ``s_p`` per parameter name (a number, or a tensor that
             broadcasts to one member's parameter), default 1. With learning-rate ratios
             ``η_p/η`` this is the tangent kernel that drives training with per-parameter rates,
@@ -117,6 +119,11 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     and per-input-feature columns ``(in, 1)``, takes the Jacobian route (``torch.func.jacrev``).
     """
     x1, x2 = check_inputs(x1, x2)
+    chunk_size = None if chunk_size is None else integer_at_least(chunk_size, 1, "chunk_size")
+    if isinstance(model, nn.Module):
+        dtypes = {p.dtype for p in model.parameters()}
+        if len(dtypes) == 1 and x1.dtype not in dtypes:
+            raise ValueError(f"x1 is {x1.dtype} but the network's parameters are {dtypes.pop()}: convert one of them.")
     scales = dict(parameter_scales or {})
     fn, all_params, members = _as_function(model, params, x1)
     unknown = sorted(set(scales) - set(all_params))

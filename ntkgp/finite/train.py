@@ -12,7 +12,8 @@ the standard parameterization follow the same trajectory
 (:func:`ntkgp.finite.rates.equivalent_learning_rates`). The analytic counterpart of ``s`` steps
 is ``ntkgp.predict``'s ``steps=s, learning_rate=η`` (exact discrete time), or ``t=s`` in
 continuous time (``τ = η s / m``, neural-tangents' convention). ``EnsembleHistory.times`` is the
-gradient-flow time ``η s`` of ``dθ/dt = −∇L``, used to label plots: it is not ``predict``'s ``t``.
+gradient-flow time ``η s`` of ``dθ/dt = −∇L``, used to label plots: it is ``predict``'s ``t`` only at
+``predict``'s default ``learning_rate=1``.
 
 Recorded at chosen steps: test outputs of every member (hence ensemble mean and variance), the
 training loss, the relative weight change ``‖θ_t − θ_0‖ / ‖θ_0‖`` and the relative change of
@@ -51,7 +52,8 @@ class EnsembleHistory:
         test_outputs: ``(T, E, M, k)`` outputs of every member on the test inputs.
         train_loss: ``(T, E)`` per-member training loss ``(1/2m)‖f − Y‖²``.
         weight_change: ``(T, E)`` relative weight change ``‖θ_t − θ_0‖ / ‖θ_0‖`` (all parameters).
-        layer_change: the same per layer group, ``{"input": ..., "hidden": ..., "readout": ...}``:
+        layer_change: the same per layer group, ``{"input": ..., "hidden": ..., "readout": ...}``, on
+            the weights in NTK coordinates (:func:`layer_groups`):
             the ``Dense`` layers that read the network's input, the width × width layers in between,
             and the readout(s). Input and readout layers hold ``O(width)`` parameters and move as
             ``width^(−1/2)``; hidden layers hold ``O(width²)`` and move as ``width^(−1)`` (Lee et al.
@@ -77,7 +79,8 @@ class EnsembleHistory:
 
     @property
     def times(self) -> Tensor:
-        """Gradient-flow times ``η s`` (for ``ntkgp.predict`` pass ``steps`` or ``t=steps``)."""
+        """Gradient-flow times ``η s``: ``ntkgp.predict``'s ``t`` at ``learning_rate=1`` (at ``learning_rate=η``
+        pass ``steps=s``, or ``t=s`` for continuous time)."""
         return self.learning_rate * self.steps.to(torch.float64)
 
     @property
@@ -88,6 +91,8 @@ class EnsembleHistory:
     @property
     def variance(self) -> Tensor:
         """Ensemble variance (unbiased) on the test inputs, ``(T, M, k)``."""
+        if self.test_outputs.shape[0] == 0:  # nothing recorded; var() would warn about the empty axis
+            return self.test_outputs.sum(1)
         return self.test_outputs.var(1)
 
     @property
@@ -163,8 +168,10 @@ def train_ensemble(
         dtype: of the networks (default float32).
         device: of the networks (default CUDA when available, else CPU).
         chunk_size: members trained at once (default: as many as fit in ``CHUNK_BYTES``). The
-            members a seed gives depend on the chunking (not on dtype or device), so pass the
-            same ``chunk_size`` to reproduce a run that set it.
+            members a seed gives depend on the chunking (not on dtype or device). The default
+            chunk depends on the network and on the numbers of training and test points, so a
+            run with another ``x_test`` draws other members; with an explicit ``chunk_size`` they
+            depend only on the network, ``seed`` and ``chunk_size``.
         progress: show a progress bar (tqdm).
     """
     check_points(x_train, "x_train")
@@ -213,6 +220,8 @@ def train_ensemble(
         model = net.build(in_features=x.shape[-1], seed=seed + 1_000_003 * index, ensemble_size=size,
                           dtype=dtype, device=device)
         if index == 0:
+            if next(model.parameters(), None) is None:
+                raise ValueError("The network has no parameters to train (it needs at least one Dense layer).")
             with torch.no_grad():
                 outputs = model(x[:1]).shape[-1]
             if outputs != y.shape[-1]:  # (E, N, k) − (N, k') would broadcast and train towards a mean
@@ -224,17 +233,21 @@ def train_ensemble(
     if bar is not None:
         bar.close()
     recorded = min(len(r[0]) for r in results)  # after a divergence, only the steps all chunks reached
-    cat = lambda i: torch.cat([r[i][:recorded] for r in results], 1) if recorded else None  # noqa: E731
+
+    def cat(parts: list[Tensor], *trailing: int) -> Tensor:
+        if recorded:
+            return torch.cat([p[:recorded] for p in parts], 1)
+        return torch.empty(0, ensemble_size, *trailing, dtype=dtype)  # diverged before the first record
+
     groups = results[0][5].keys()
-    layer_change = {g: torch.cat([r[5][g][:recorded] for r in results], 1) for g in groups} if recorded else {}
     return EnsembleHistory(
         learning_rate=float(learning_rate),
         steps=torch.tensor(steps[:recorded], dtype=torch.int64),
-        test_outputs=torch.cat([r[0][:recorded] for r in results], 1) if recorded else torch.empty(0),
-        train_loss=cat(1),
-        weight_change=cat(2),
-        ntk_change=cat(3) if pr is not None else None,
-        layer_change=layer_change,
+        test_outputs=cat([r[0] for r in results], xt.shape[0], y.shape[-1]),
+        train_loss=cat([r[1] for r in results]),
+        weight_change=cat([r[2] for r in results]),
+        ntk_change=cat([r[3] for r in results]) if pr is not None else None,
+        layer_change={g: cat([r[5][g] for r in results]) for g in groups},
         diverged_at=diverged_at,
         settings={"ensemble_size": ensemble_size, "readout_only": readout_only, "seed": seed,
                   "dtype": str(dtype), "device": str(device), "chunk_size": chunk_size},
@@ -252,10 +265,11 @@ def _default_chunk(net: Layer, d: int, n_points: int) -> int:
 def layer_groups(model: nn.Module, x: Tensor) -> dict[str, list[str]]:
     """Weight names of the ``Dense`` layers that read the input, of the readouts, and of the rest.
 
-    Biases are left out so that the groups' relative changes do not depend on the
-    parameterization (per-layer rescalings cancel in a ratio of norms of one weight matrix; not
-    per-feature ones: a standard-parameterized ARD input layer moves differently from its NTK
-    twin, by about 10 % in a test with variances spanning 0.2–5).
+    :func:`train_ensemble` measures a group's relative change on the weights in NTK coordinates
+    (:func:`ntk_coordinates`) and leaves biases out, so that it does not depend on the
+    parameterization: a standard-parameterized network trained with the equivalent rates moves
+    its NTK coordinates exactly as its NTK twin does, even when a group mixes layers of
+    different scales or the scales differ per input feature (ARD).
     """
     order: list[tuple[str, bool]] = []
     names = {id(m): prefix for prefix, m in model.named_modules() if isinstance(m, DenseModule)}
@@ -280,6 +294,25 @@ def layer_groups(model: nn.Module, x: Tensor) -> dict[str, list[str]]:
         dot = f"{prefix}." if prefix else ""
         groups[group].append(f"{dot}weight")
     return {g: ns for g, ns in groups.items() if ns}
+
+
+def ntk_coordinates(module: DenseModule) -> Tensor:
+    """The weight of a ``Dense`` layer as its standard-normal draw ``ω`` (detached).
+
+    An NTK-parameterized layer stores ``ω`` and applies ``sqrt(σ_w²/n)`` in ``forward``; a
+    standard one stores ``W = sqrt(σ_w²/n) ω`` (the scale per input feature with ARD), so
+    ``ω = W / sqrt(σ_w²/n)`` there.
+    """
+    weight = module.weight.detach()
+    if module.parameterization == "ntk":
+        return weight
+    std = (module.weight_var.to(weight) / module.in_features).sqrt()
+    return weight / (std.unsqueeze(-1) if std.dim() else std)
+
+
+def _group_weights(model: nn.Module, names: list[str]) -> Tensor:
+    modules = dict(model.named_modules())
+    return torch.cat([ntk_coordinates(modules[n.rpartition(".")[0]]).flatten(1) for n in names], 1)  # (E, P)
 
 
 def _flat_params(model: nn.Module, names: list[str]) -> Tensor:
@@ -372,7 +405,7 @@ def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar
         loss_and_step = _autograd_step(model, trained, rates)
     m = y.numel()
     groups = layer_groups(model, x)
-    start = {g: _flat_params(model, ns) for g, ns in groups.items()}
+    start = {g: _group_weights(model, ns) for g, ns in groups.items()}
     theta0 = _flat_params(model, names)
     theta0_norm = theta0.norm(dim=1)
     # the kernel that drives training: frozen parameters (readout-only) have rate 0
@@ -388,7 +421,7 @@ def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar
             outputs.append(model(xt).detach().cpu())
             losses.append(current_loss.detach().cpu())
             weights.append(((_flat_params(model, names) - theta0).norm(dim=1) / theta0_norm).cpu())
-            now = {g: _flat_params(model, ns) for g, ns in groups.items()}
+            now = {g: _group_weights(model, ns) for g, ns in groups.items()}
             for g in groups:
                 per_group[g].append(((now[g] - start[g]).norm(dim=1) / start[g].norm(dim=1)).cpu())
         if probe is not None:

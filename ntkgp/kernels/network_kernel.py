@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from copy import deepcopy
 
 import torch
@@ -25,7 +26,9 @@ class NetworkKernel(Kernel):
     #: Which kernel of :meth:`Layer.kernel` this class returns: ``"nngp"`` or ``"ntk"``.
     kind: str = ""
 
-    def __init__(self, net: Layer, batch_shape: torch.Size = torch.Size([]), active_dims=None, **kwargs) -> None:
+    def __init__(self, net: Layer, batch_shape: torch.Size = torch.Size([]),
+                 active_dims: Sequence[int] | Tensor | None = None,
+                 **kwargs) -> None:
         if not isinstance(net, Layer):
             raise ValueError(f"{type(self).__name__} needs an ntkgp network (e.g. ntkgp.serial(...)), "
                              f"got {type(net).__name__}.")

@@ -111,7 +111,7 @@ class ABReLU(Activation):
     def finite_fn(self) -> Callable[[Tensor], Tensor]:
         return functools.partial(_abrelu, a=self.a, b=self.b)
 
-    def pair_kernel(self, k11, k12, k22, want_dot):
+    def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         s, theta = gaussian_angle(k11, k12, k22)
         factor = (self.a - self.b) ** 2 / (2 * math.pi)
         dot = torch.rsub(theta, (self.a**2 + self.b**2) / 2, alpha=factor)  # (a²+b²)/2 − factor·θ
@@ -188,7 +188,7 @@ class Erf(Activation):
     def finite_fn(self) -> Callable[[Tensor], Tensor]:
         return functools.partial(_erf, a=self.a, b=self.b, c=self.c)
 
-    def pair_kernel(self, k11, k12, k22, want_dot):
+    def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         b2 = self.b**2
         # c·sqrt(q11 q22 − r²) from the variances scaled by c (1 unless k² could overflow)
         c, k11, k12, k22 = scaled_for_products(k11, k12, k22)
@@ -226,7 +226,7 @@ class GELU(Activation):
     def finite_fn(self) -> Callable[[Tensor], Tensor]:
         return _gelu
 
-    def pair_kernel(self, k11, k12, k22, want_dot):
+    def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         # δ² = P − k12² = 1 + k11 + k22 + (k11 k22 − k12²), without the cancellation; formed of the
         # variances scaled by c where k11 k22 ~ k² could overflow
         c, s11, s12, s22 = scaled_for_products(k11, k12, k22)
@@ -277,7 +277,7 @@ class Sin(Activation):
     def finite_fn(self) -> Callable[[Tensor], Tensor]:
         return functools.partial(_sin, a=self.a, b=self.b, c=self.c)
 
-    def pair_kernel(self, k11, k12, k22, want_dot):
+    def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         b2, half_sum = self.b**2, (k11 + k22) / 2
         plus = torch.exp((b2 * (k12 - half_sum)).clamp(max=0))
         minus = math.cos(2 * self.c) * torch.exp((-b2 * (k12 + half_sum)).clamp(max=0))
@@ -316,7 +316,7 @@ class Sign(Activation):
     def finite_fn(self) -> Callable[[Tensor], Tensor]:
         return torch.sign
 
-    def pair_kernel(self, k11, k12, k22, want_dot):
+    def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         _, theta = gaussian_angle(k11, k12, k22)
         nngp = 1 - theta * (2 / math.pi)
         return nngp, (torch.zeros_like(nngp) if want_dot else None)

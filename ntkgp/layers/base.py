@@ -19,6 +19,7 @@ import gpytorch
 import torch
 from torch import Tensor, nn
 
+from ntkgp._checks import integer_at_least
 from ntkgp.layers.numerics import transforms_active
 from ntkgp.layers.state import BatchedDuplicates, Duplicates, KernelState
 from ntkgp.layers.validation import check_inputs
@@ -58,6 +59,15 @@ class Layer(VarianceParameters, gpytorch.Module):
 
     #: Whether the layer maps centred Gaussian features to centred Gaussian features.
     preserves_gaussian: bool = False
+
+    def draws_own_output(self, input_drawn: bool = False) -> bool:
+        """Whether the output is centred Gaussian noise drawn by weights of this layer's own, given
+        whether its input is (``Dense`` draws; ``Identity`` and ``LayerNorm`` pass it on).
+
+        A branch that draws its own output is uncorrelated with every other branch of a sum,
+        whose kernel is then the sum of the branches' kernels.
+        """
+        return input_drawn and self.preserves_gaussian
 
     # ------------------------------------------------------------------ to implement
     def kernel_map(self, state: KernelState) -> KernelState:
@@ -134,6 +144,11 @@ class Layer(VarianceParameters, gpytorch.Module):
             dtype: of the parameters (torch's default dtype by default).
             device: of the parameters (CPU by default).
         """
+        in_features = None if in_features is None else integer_at_least(in_features, 1, "in_features")
+        ensemble_size = None if ensemble_size is None else integer_at_least(ensemble_size, 1, "ensemble_size")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
+                                  or dtype.is_complex):
+            raise ValueError(f"dtype must be a real floating-point torch.dtype, got {dtype!r}.")
         ctx = BuildContext(torch.Generator().manual_seed(seed), ensemble_size, dtype, device)
         module, _ = self.finite(in_features, ctx)
         return module

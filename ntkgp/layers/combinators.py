@@ -33,6 +33,11 @@ class Serial(Layer):
     def preserves_gaussian(self) -> bool:  # type: ignore[override]
         return all(layer.preserves_gaussian for layer in self.layers)
 
+    def draws_own_output(self, input_drawn: bool = False) -> bool:
+        for layer in self.layers:
+            input_drawn = layer.draws_own_output(input_drawn)
+        return input_drawn
+
     def kernel_map(self, state: KernelState) -> KernelState:
         for layer in self.layers:
             state = layer.kernel_map(state).with_exact_diagonal()
@@ -62,6 +67,10 @@ class Parallel(Layer):
 
           K = Σ_b K_b,   Θ = Σ_b Θ_b
 
+      The branches' cross-covariances vanish when all but one end in a ``Dense`` layer of
+      their own (:meth:`Layer.draws_own_output`); other sums, such as ``x + x`` or
+      ``x + LayerNorm(x)``, are refused rather than given the kernel of independent branches.
+
     * ``concat`` along channels, weighting each branch by its finite width ``n_b``
       (as neural-tangents' ``FanInConcat``)::
 
@@ -87,12 +96,20 @@ class Parallel(Layer):
     def preserves_gaussian(self) -> bool:  # type: ignore[override]
         return self.join == "sum" and all(b.preserves_gaussian for b in self.branches)
 
+    def draws_own_output(self, input_drawn: bool = False) -> bool:
+        return self.join == "sum" and all(branch.draws_own_output(False) for branch in self.branches)
+
     def kernel_map(self, state: KernelState) -> KernelState:
         outs = [branch.kernel_map(state).with_exact_diagonal() for branch in self.branches]
         if self.join == "sum":
             if len(outs) > 1 and not all(out.is_gaussian for out in outs):
                 raise ValueError("A sum of branches needs every branch to end Gaussian (e.g. in a Dense "
                                  "layer); a branch that ends in an activation has a non-zero mean.")
+            if sum(not branch.draws_own_output(False) for branch in self.branches) > 1:
+                raise ValueError("A sum of branches needs them independent: all but one must end in a Dense "
+                                 "layer of their own (followed by nothing but Identity or LayerNorm). Branches "
+                                 "without one, such as Identity and LayerNorm, share their input's randomness, "
+                                 "and the kernel of their sum is not the sum of their kernels.")
             widths = {out.width for out in outs}
             if len(widths) > 1:
                 raise ValueError(f"Branches joined by sum need equal widths, got {sorted(widths)}.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from gpytorch.priors import Prior
 from torch import Tensor, nn
 
 from ntkgp._checks import integer_at_least
@@ -50,6 +51,10 @@ class Dense(Layer):
 
     preserves_gaussian = True
 
+    def draws_own_output(self, input_drawn: bool = False) -> bool:
+        """Always: the output ``W h + b`` is centred noise of the layer's own weights."""
+        return True
+
     def __init__(
         self,
         width: int,
@@ -57,8 +62,8 @@ class Dense(Layer):
         bias_var: float | Tensor | None = None,
         parameterization: str = "ntk",
         ard_num_dims: int | None = None,
-        weight_var_prior=None,
-        bias_var_prior=None,
+        weight_var_prior: Prior | None = None,
+        bias_var_prior: Prior | None = None,
     ) -> None:
         super().__init__()
         width = integer_at_least(width, 1, "width")

@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from ntkgp._checks import integer_at_least
 from ntkgp.layers.activations import Activation
-from ntkgp.layers.numerics import overflow_scale
+from ntkgp.layers.numerics import is_vmapped, overflow_scale
 
 #: Upper bound on ``pairs × degree²`` evaluated at once by :class:`Numerical`.
 QUADRATURE_CHUNK = 1 << 22
@@ -41,7 +41,10 @@ class Elementwise(Activation):
 
     ``nngp_fn`` takes broadcastable tensors in neural-tangents' argument order (covariance,
     then the two variances). ``Ṫ = ∂ nngp_fn / ∂k12`` by autograd unless ``dot_fn`` (same
-    signature, ``E[φ'(u)φ'(v)]``) is given. ``fn`` may be ``None`` if no finite twin is needed.
+    signature, ``E[φ'(u)φ'(v)]``) is given; maps whose derivative along ``k12`` is infinite at
+    ``k12² = k11·k22`` (those with ``sqrt(k11·k22 − k12²)``, e.g. the arc-cosine kernels of kinked
+    activations) need ``dot_fn`` (without it, the NTK raises where autograd's derivative is not
+    finite). ``fn`` may be ``None`` if no finite twin is needed.
     """
 
     def __init__(self, fn: Callable[[Tensor], Tensor] | None = None,
@@ -62,7 +65,7 @@ class Elementwise(Activation):
             raise ValueError("This Elementwise layer has no fn, so it has no finite-width twin.")
         return self._fn
 
-    def pair_kernel(self, k11, k12, k22, want_dot):
+    def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         if self.nngp_fn is None:
             raise ValueError("This Elementwise layer has no nngp_fn, so it has no infinite-width kernel.")
         if not want_dot:
@@ -76,6 +79,10 @@ class Elementwise(Activation):
             leaf = k12.clone() if k12.requires_grad else k12.detach().requires_grad_()
             nngp = self.nngp_fn(leaf, k11, k22)
             (dot,) = torch.autograd.grad(nngp, leaf, torch.ones_like(nngp), create_graph=keep_graph)
+        if not is_vmapped(dot) and bool(torch.isfinite(nngp).all()) and not bool(torch.isfinite(dot).all()):
+            raise ValueError("Elementwise: autograd's derivative of nngp_fn along k12 is not finite at some "
+                             "inputs (a map with sqrt(k11·k22 − k12²), as the arc-cosine kernels of kinked "
+                             "activations, has an infinite one at k12² = k11·k22); pass dot_fn = E[φ'(u)φ'(v)].")
         if not keep_graph:
             nngp, dot = nngp.detach(), dot.detach()
         return nngp, dot
@@ -90,8 +97,9 @@ class Numerical(Activation):
 
     The error falls exponentially with the degree, but the degree needed grows with the
     pre-activation variance (the nodes spread as ``sqrt(k)`` while ``φ`` varies on a fixed
-    scale): for ``tanh``, degree 25 is good to 5e-7 at variance 0.5 but only 4e-2 at variance
-    5, where degree 200 reaches 3e-7. So by default the degree is chosen per call: it grows
+    scale): for ``tanh``, degree 25 gives ``T`` to 5e-7 (``Ṫ`` to 6e-6) at variance 0.5 but only to
+    1.5e-2 (``Ṫ`` to 0.16) at variance 5, where degree 200 reaches 1e-7 (1e-5). So by default the
+    degree is chosen per call: it grows
     (16, 24, 36, ... up to ``max_degree``) until ``T`` and ``Ṫ`` at the variances present
     change by less than ``rtol`` between successive degrees, and the larger is used. The last
     degree used is kept in ``last_degree``.
@@ -131,7 +139,7 @@ class Numerical(Activation):
             self._derivatives.append(_differentiate(self._derivatives[-1]))
         return self._derivatives[order]
 
-    def pair_kernel(self, k11, k12, k22, want_dot):
+    def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         degree = self.degree or self.choose_degree(torch.cat([k11.reshape(-1), k22.reshape(-1)]), want_dot)
         self.last_degree = degree
         nngp = _Expectation.apply(k11, k12, k22, self, 0, 0, degree)

@@ -22,6 +22,7 @@ is ``O(n · depth)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -380,7 +381,7 @@ class KernelState:
         """``K(x2_j, x2_j)`` broadcastable against ``nngp``."""
         return self.cov2 if self.diag else self.cov2.unsqueeze(-2)
 
-    def map_covs(self, fn) -> tuple[Tensor, Tensor]:
+    def map_covs(self, fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
         """Apply ``fn`` to ``cov1`` and ``cov2``, once when they are the same tensor."""
         cov1 = fn(self.cov1)
         return cov1, cov1 if self.cov2 is self.cov1 else fn(self.cov2)

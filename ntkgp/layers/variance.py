@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 from gpytorch.constraints import GreaterThan
+from gpytorch.priors import Prior
 from torch import Tensor
 
 
@@ -81,8 +82,8 @@ def check_variance(name: str, value: float | Tensor) -> Tensor:
 class VarianceParameters:
     """Mixin for ``gpytorch.Module`` layers that own variance hyperparameters."""
 
-    def register_variance(self, name: str, value, event_shape: torch.Size = torch.Size([]),
-                          prior=None) -> None:
+    def register_variance(self, name: str, value: float | Tensor, event_shape: torch.Size = torch.Size([]),
+                          prior: Prior | None = None) -> None:
         """Register ``raw_<name>`` with an :class:`ExactVariance` constraint and optional prior."""
         anchor = check_variance(name, value)
         shape = torch.Size(event_shape)
@@ -107,7 +108,7 @@ class VarianceParameters:
         raw = getattr(self, f"raw_{name}")
         return getattr(self, f"raw_{name}_constraint").value_as(raw, like)
 
-    def set_variance(self, name: str, value) -> None:
+    def set_variance(self, name: str, value: float | Tensor) -> None:
         """Set a variance exactly: the anchor becomes ``value`` and ``raw`` returns to 0."""
         raw = getattr(self, f"raw_{name}")
         anchor = check_variance(name, value)

@@ -10,7 +10,8 @@ the outputs at time ``t`` are Gaussian with
       μ_t = Θ*d Θ⁻¹ (I − e^{−Θτ}) Y
       Σ_t = K** + Θ*d Θ⁻¹(I − e^{−Θτ}) K (I − e^{−Θτ})Θ⁻¹ Θd* − (Θ*d Θ⁻¹(I − e^{−Θτ}) Kd* + h.c.)
 
-* ``kernel="nngp"`` (only the readout layer trained, whose tangent kernel is ``K``)::
+* ``kernel="nngp"`` (only the readout layer trained, whose tangent kernel is ``K`` in the NTK
+  parameterization, or in the standard one with the equivalent per-layer rates)::
 
       μ_t = K*d K⁻¹ (I − e^{−Kτ}) Y,    Σ_t = K** − K*d K⁻¹ (I − e^{−2Kτ}) Kd*
 
