@@ -266,7 +266,8 @@ def layer_groups(model: nn.Module, x: Tensor) -> dict[str, list[str]]:
     """Weight names of the ``Dense`` layers that read the input, of the readouts, and of the rest.
 
     :func:`train_ensemble` measures a group's relative change on the weights in NTK coordinates
-    (:func:`ntk_coordinates`) and leaves biases out, so that it does not depend on the
+    (the standard-normal draws ``ω``: a standard-parameterized layer stores ``sqrt(σ_w²/n) ω``, per
+    input feature with ARD) and leaves biases out, so that it does not depend on the
     parameterization: a standard-parameterized network trained with the equivalent rates moves
     its NTK coordinates exactly as its NTK twin does, even when a group mixes layers of
     different scales or the scales differ per input feature (ARD).
@@ -296,28 +297,44 @@ def layer_groups(model: nn.Module, x: Tensor) -> dict[str, list[str]]:
     return {g: ns for g, ns in groups.items() if ns}
 
 
-def ntk_coordinates(module: DenseModule) -> Tensor:
-    """The weight of a ``Dense`` layer as its standard-normal draw ``ω`` (detached).
+class _Changes:
+    """Relative changes ``‖θ_t − θ_0‖ / ‖θ_0‖`` of all parameters and of each layer group's weights
+    (in NTK coordinates, :func:`layer_groups`).
 
-    An NTK-parameterized layer stores ``ω`` and applies ``sqrt(σ_w²/n)`` in ``forward``; a
-    standard one stores ``W = sqrt(σ_w²/n) ω`` (the scale per input feature with ARD), so
-    ``ω = W / sqrt(σ_w²/n)`` there.
+    Keeps one copy of the initial parameters and forms the change one parameter tensor at a time,
+    so that a record needs one parameter tensor of scratch memory, not copies of all of them.
     """
-    weight = module.weight.detach()
-    if module.parameterization == "ntk":
-        return weight
-    std = (module.weight_var.to(weight) / module.in_features).sqrt()
-    return weight / (std.unsqueeze(-1) if std.dim() else std)
 
+    def __init__(self, model: nn.Module, groups: dict[str, list[str]]) -> None:
+        self.params = dict(model.named_parameters())
+        self.initial = {n: p.detach().clone() for n, p in self.params.items()}
+        modules = dict(model.named_modules())
+        self.group_of = {n: (g, modules[n.rpartition(".")[0]]) for g, ns in groups.items() for n in ns}
+        self.groups = list(groups)
+        self.initial_norms = self._norms((n, t.square()) for n, t in self.initial.items())
 
-def _group_weights(model: nn.Module, names: list[str]) -> Tensor:
-    modules = dict(model.named_modules())
-    return torch.cat([ntk_coordinates(modules[n.rpartition(".")[0]]).flatten(1) for n in names], 1)  # (E, P)
+    def _norms(self, squares) -> tuple[Tensor, dict[str, Tensor]]:
+        # squares: a generator of (name, elementwise squares), one tensor alive at a time. Sums,
+        # not torch.norm: float32 norms of 10⁷ entries are off by ~1e-3, these by ~1e-7.
+        total, per_group = 0.0, dict.fromkeys(self.groups, 0.0)
+        for name, square in squares:
+            if name not in self.group_of:
+                total = total + square.flatten(1).sum(1)
+                continue
+            group, module = self.group_of[name]
+            rows = square.sum(-1)                                  # (E, in): one weight scale per input row
+            total = total + rows.sum(-1)
+            if module.parameterization != "ntk":                   # ω = W / sqrt(σ_w²/n)
+                rows = rows / (module.weight_var.to(rows) / module.in_features)
+            per_group[group] = per_group[group] + rows.sum(-1)
+        return total.sqrt(), {g: v.sqrt() for g, v in per_group.items()}
 
-
-def _flat_params(model: nn.Module, names: list[str]) -> Tensor:
-    params = dict(model.named_parameters())
-    return torch.cat([params[n].detach().flatten(1) for n in names], 1)  # (E, P)
+    def relative(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(E,)`` relative change of all parameters, and ``{group: (E,)}`` of each group's weights."""
+        total, per_group = self._norms((n, p.detach().sub(self.initial[n]).square_())
+                                       for n, p in self.params.items())
+        norm0, group0 = self.initial_norms
+        return total / norm0, {g: per_group[g] / group0[g] for g in self.groups}
 
 
 class _DenseStep:
@@ -405,9 +422,7 @@ def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar
         loss_and_step = _autograd_step(model, trained, rates)
     m = y.numel()
     groups = layer_groups(model, x)
-    start = {g: _group_weights(model, ns) for g, ns in groups.items()}
-    theta0 = _flat_params(model, names)
-    theta0_norm = theta0.norm(dim=1)
+    changes = _Changes(model, groups)
     # the kernel that drives training: frozen parameters (readout-only) have rate 0
     ratios = {n: rates[n] / learning_rate if n in trained else 0.0 for n in names}
     scales = {n: r for n, r in ratios.items() if not _is_one(r)}
@@ -420,10 +435,10 @@ def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar
         with torch.no_grad():
             outputs.append(model(xt).detach().cpu())
             losses.append(current_loss.detach().cpu())
-            weights.append(((_flat_params(model, names) - theta0).norm(dim=1) / theta0_norm).cpu())
-            now = {g: _group_weights(model, ns) for g, ns in groups.items()}
+            total, by_group = changes.relative()
+            weights.append(total.cpu())
             for g in groups:
-                per_group[g].append(((now[g] - start[g]).norm(dim=1) / start[g].norm(dim=1)).cpu())
+                per_group[g].append(by_group[g].cpu())
         if probe is not None:
             ntk = empirical_ntk(model, probe, parameter_scales=scales)
             ntks.append(((ntk - ntk0).flatten(1).norm(dim=1) / ntk0.flatten(1).norm(dim=1)).cpu())
