@@ -165,3 +165,77 @@ def test_variances_are_clamped_at_zero_where_the_data_pin_a_point():
     assert bool((out.variance >= 0).all())
     torch.testing.assert_close(out.variance, out.covariance.diagonal().clamp_min(0), rtol=0, atol=0)
     assert float(out.variance.max()) < 1e-12
+
+
+def test_max_learning_rate_of_a_full_kernel_is_that_of_the_flattened_outputs():
+    """A full (N, N, k, k) kernel (as gradient_descent_mse takes it) is the (N k, N k) kernel of the
+    flattened outputs, m = N k by default (neural-tangents flattens alike); it was read as N²
+    separate (k, k) blocks, 4-5x too large a rate."""
+    n, k = 6, 3
+    a = _x(n * k, n * k, seed=3)
+    flat = a @ a.T                                           # any PSD kernel on the N k outputs
+    full = flat.reshape(n, k, n, k).permute(0, 2, 1, 3)
+    top = float(torch.linalg.eigvalsh(flat)[-1])
+    assert predict.max_learning_rate(full) == pytest.approx(2 * n * k / top, rel=1e-12)
+    assert predict.max_learning_rate(full, 5, momentum=0.5) == pytest.approx(2 * 1.5 * 5 / top, rel=1e-12)
+    # below it, discrete gradient descent on the full kernel stays bounded; above it, it diverges
+    y = _x(n, k, seed=4)
+    limit = predict.max_learning_rate(full)
+    stable = predict.gradient_descent_mse(full, y, 0.0, steps=500, learning_rate=0.9 * limit)
+    assert float((stable - y).abs().max()) <= float(y.abs().max())
+    with pytest.warns(RuntimeWarning, match="stability limit"):
+        unstable = predict.gradient_descent_mse(full, y, 0.0, steps=500, learning_rate=1.1 * limit)
+    assert float((unstable - y).abs().max()) > 1e10
+    with pytest.raises(ValueError, match=r"\(N, N, k, k\)"):
+        predict.max_learning_rate(torch.ones(2, 3, 3))
+
+
+def test_noise_free_posteriors_at_their_training_points_can_be_sampled():
+    """Their covariance is rounding noise of both signs (eigenvalues ~±1e-15 for a prior variance
+    ~2): draws equal the mean instead of a "not positive semi-definite" error."""
+    x, y = _x(6), torch.sin(_x(6, 1, seed=5))
+    for g in (predict.gp_posterior(NET, x, y, x, kernel="nngp", noise=0.0),
+              predict.GradientFlow(NET, x, y).predict(x, t=math.inf)):
+        draws = bayes.sample_outputs(g, 20)
+        assert float((draws - g.mean).abs().max()) < 1e-6
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        bayes.sample_outputs(predict.Gaussian(torch.ones(2), torch.tensor([[1.0, 0.0], [0.0, -1e-3]])))
+
+
+def test_predictions_refuse_inputs_whose_kernels_overflow_and_empty_targets():
+    x, y = _x(5), _x(5, 1, seed=6)
+    big = x.clone()
+    big[0] = 1e155                                           # |x|² overflows float64
+    for make in (lambda: predict.GradientFlow(NET, big, y),
+                 lambda: predict.GPPosterior(NET, big, y, kernel="nngp", noise=0.1)):
+        with pytest.raises(ValueError, match="training kernel is not finite"):
+            make()
+    for predictor in (predict.GradientFlow(NET, x, y), predict.GPPosterior(NET, x, y, kernel="nngp", noise=0.1)):
+        with pytest.raises(ValueError, match="test kernel is not finite"):
+            predictor.predict(big[:2])
+    for targets in (y[:, :0], y[:0]):
+        with pytest.raises(ValueError, match="at least one target"):
+            predict.GradientFlow(NET, x[: targets.shape[0]], targets)
+        with pytest.raises(ValueError, match="at least one target"):
+            predict.gradient_descent_mse(torch.eye(targets.shape[0]), targets, t=1.0)
+
+
+def test_bad_test_inputs_are_refused_before_the_eigendecomposition():
+    flow = predict.GradientFlow(NET, _x(5), _x(5, 1, seed=7), learning_rate=0.5)
+    with pytest.raises(ValueError, match="x_test must have shape"):
+        flow.predict(_x(3, 3), steps=4)
+    assert "eigensystem" not in flow.__dict__
+
+
+def test_times_that_require_grad_differentiate_the_covariance():
+    x, y = _x(6), _x(6, 1, seed=8)
+    for kind in ("ntk", "nngp"):
+        flow = predict.GradientFlow(NET, x, y, kernel=kind)
+        for x_test in (_x(4, seed=9), None):
+            t = torch.tensor([0.5, 3.0], requires_grad=True)
+            grad = torch.autograd.grad(flow.predict(x_test, t=t).covariance.sum(), t)[0]
+            h = 1e-6
+            shifts = h * torch.eye(2)
+            fd = torch.stack([(flow.predict(x_test, t=t.detach() + s).covariance.sum()
+                               - flow.predict(x_test, t=t.detach() - s).covariance.sum()) / (2 * h) for s in shifts])
+            torch.testing.assert_close(grad, fd, rtol=1e-6, atol=1e-8)

@@ -40,9 +40,19 @@ def check_targets(y_train: Tensor, n_train: int) -> Tensor:
         raise ValueError(f"y_train must have shape (N,) or (N, k), got {tuple(y_train.shape)}.")
     if y_train.shape[0] != n_train:
         raise ValueError(f"x_train has {n_train} points but y_train has {y_train.shape[0]} rows.")
+    if y_train.numel() == 0:
+        raise ValueError(f"y_train must hold at least one target, got shape {tuple(y_train.shape)}.")
     if not y_train.is_floating_point() or not bool(torch.isfinite(y_train).all()):
         raise ValueError("y_train must be a floating-point tensor without NaN or infinite values.")
     return y_train
+
+
+def check_finite_kernel(kernel: Tensor, name: str) -> None:
+    """``ValueError`` unless every entry of ``kernel`` is finite (finite inputs can still overflow:
+    ``|x|²`` exceeds the dtype's range from ``|x| ~ 1e154`` in float64, ``1e19`` in float32)."""
+    if not bool(torch.isfinite(kernel).all()):
+        raise ValueError(f"The {name} kernel is not finite: the inputs are too large for its dtype (their "
+                         f"squared norms overflow); rescale them.")
 
 
 def check_non_negative(name: str, value: float) -> float:

@@ -23,6 +23,7 @@ neural-tangents' ``gradient_descent_mse_ensemble``, and values agree with it to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 
 import torch
@@ -31,7 +32,7 @@ from torch import Tensor
 from ntkgp._typing import Steps, Times
 from ntkgp.layers.base import Layer
 from ntkgp.layers.validation import check_points, positive_number
-from ntkgp.predict.gaussian import Gaussian, check_non_negative, check_targets
+from ntkgp.predict.gaussian import Gaussian, check_finite_kernel, check_non_negative, check_targets
 from ntkgp.predict.spectral import (
     Eigensystem,
     Schedule,
@@ -94,6 +95,8 @@ class GradientFlow:
             k = net.kernel(self.x_factor, ntk=kernel == "ntk")
         self.nngp_dd = k.nngp
         train_kernel = k.ntk if kernel == "ntk" else k.nngp
+        for value in (k.nngp, train_kernel):
+            check_finite_kernel(value, "training")
         self.dynamics = regularize(train_kernel, self.diag_reg, diag_reg_absolute_scale)
 
     # ------------------------------------------------------------------ cached factorizations
@@ -132,6 +135,10 @@ class GradientFlow:
             steps: instead of ``t``, numbers of discrete full-batch gradient-descent steps.
             compute_cov: also compute the ``(M, M)`` covariance (shared by all outputs).
         """
+        if x_test is not None:  # before the stability check, which factors the training kernel
+            check_points(x_test, "x_test")
+            if x_test.dim() != 2 or x_test.shape[-1] != self.x_train.shape[-1]:
+                raise ValueError(f"x_test must have shape (M, {self.x_train.shape[-1]}), got {tuple(x_test.shape)}.")
         schedule = make_schedule(t, steps, self.learning_rate, self.m, self.x_train.device)
         if schedule is not None and schedule.discrete:
             warn_if_unstable(self.learning_rate, self.max_learning_rate)
@@ -147,9 +154,6 @@ class GradientFlow:
         return Gaussian(mean.to(self.dtype), None if cov is None else cov.to(self.dtype))
 
     def _test_kernels(self, x_test: Tensor, compute_cov: bool) -> dict[str, Tensor]:
-        check_points(x_test, "x_test")
-        if x_test.dim() != 2 or x_test.shape[-1] != self.x_train.shape[-1]:
-            raise ValueError(f"x_test must have shape (M, {self.x_train.shape[-1]}), got {tuple(x_test.shape)}.")
         x_test = x_test.to(self.factor_dtype)
         with torch.no_grad():
             cross = self.net.kernel(x_test, self.x_factor, ntk=self.kind == "ntk")
@@ -158,6 +162,8 @@ class GradientFlow:
                 out["ntk_td"] = cross.ntk
             if compute_cov:
                 out["nngp_tt"] = self.net.kernel(x_test, ntk=False).nngp
+        for value in out.values():
+            check_finite_kernel(value, "test")
         return out
 
     def _infinite(self, kernels: dict | None, compute_cov: bool) -> tuple[Tensor, Tensor | None]:
@@ -186,37 +192,47 @@ class GradientFlow:
             mean = spectral_apply(v, growth, self._y_eigen)
             if not compute_cov:
                 return mean, None
-            cov = v.new_empty((decay.shape[0], *v.shape))
-            for i in range(decay.shape[0]):
+            def train_cov(i: int, out: Tensor | None) -> Tensor:
                 if self.kind == "nngp":          # K e^{−2Kτ}
-                    torch.mm(v * (lam * decay[i] ** 2), v.mT, out=cov[i])
-                else:                            # e^{−Θτ} K e^{−Θτ}
-                    inner = decay[i].unsqueeze(-1) * self._nngp_eigen * decay[i].unsqueeze(-2)
-                    torch.mm(v @ inner, v.mT, out=cov[i])
-                _symmetrize_(cov[i])
-            return mean, cov
+                    return torch.mm(v * (lam * decay[i] ** 2), v.mT, out=out)
+                inner = decay[i].unsqueeze(-1) * self._nngp_eigen * decay[i].unsqueeze(-2)
+                return torch.mm(v @ inner, v.mT, out=out)  # e^{−Θτ} K e^{−Θτ}
+
+            return mean, _per_time(train_cov, decay.shape[0], v, decay.requires_grad)
         g_td = kernels["ntk_td" if self.kind == "ntk" else "nngp_td"]
         a = g_td @ v                                                    # (M, N)
         mean = spectral_apply(a, flow, self._y_eigen)
         if not compute_cov:
             return mean, None
         k_tt = kernels["nngp_tt"]
-        cov = k_tt.new_empty((flow.shape[0], *k_tt.shape))
         if self.kind == "nngp":
             _, _, flow2 = schedule.doubled().functions(eig)
-            for i in range(flow.shape[0]):
-                torch.addmm(k_tt, a * flow2[i], a.mT, alpha=-1, out=cov[i])
-                _symmetrize_(cov[i])
+
+            def test_cov(i: int, out: Tensor | None) -> Tensor:
+                return torch.addmm(k_tt, a * flow2[i], a.mT, alpha=-1, out=out)
         else:
             # With P = diag(F) Vᵀ Θd* and R = Vᵀ Kd*: Σ = K** + Pᵀ Kv P − PᵀR − RᵀP. The last two
             # terms equal −2PᵀR up to an antisymmetric part, which symmetrizing removes, so one
             # product Pᵀ(Kv P − 2R) per time suffices.
             r2 = 2 * (v.mT @ kernels["nngp_td"].mT)                     # 2 Vᵀ Kd*  (N, M)
-            for i in range(flow.shape[0]):
+
+            def test_cov(i: int, out: Tensor | None) -> Tensor:
                 p = flow[i].unsqueeze(-1) * a.mT
-                torch.addmm(k_tt, p.mT, torch.addmm(r2, self._nngp_eigen, p, beta=-1), out=cov[i])
-                _symmetrize_(cov[i])
-        return mean, cov
+                return torch.addmm(k_tt, p.mT, torch.addmm(r2, self._nngp_eigen, p, beta=-1), out=out)
+        return mean, _per_time(test_cov, flow.shape[0], k_tt, flow.requires_grad)
+
+
+def _per_time(cov: Callable[[int, Tensor | None], Tensor], count: int, like: Tensor, differentiable: bool) -> Tensor:
+    """The symmetrized ``cov(i, out)`` for ``i < count``, stacked: written in place into one
+    buffer, unless autograd must see the products (``t`` with ``requires_grad``), which ``out=``
+    does not support."""
+    if differentiable and torch.is_grad_enabled():
+        return torch.stack([_symmetric(cov(i, None)) for i in range(count)])
+    out = like.new_empty((count, *like.shape))
+    for i in range(count):
+        cov(i, out[i])
+        _symmetrize_(out[i])
+    return out
 
 
 def _symmetric(cov: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ntkgp.layers.base import Layer
 from ntkgp.layers.validation import check_points
-from ntkgp.predict.gaussian import Gaussian, check_non_negative, check_targets
+from ntkgp.predict.gaussian import Gaussian, check_finite_kernel, check_non_negative, check_targets
 from ntkgp.predict.gradient_flow import GradientFlow, _symmetric
 from ntkgp.predict.spectral import cholesky, regularize
 
@@ -68,6 +68,7 @@ class GPPosterior:
         with torch.no_grad():
             k = net.kernel(self.x_factor, ntk=kernel == "ntkgp")
         prior = k.ntk if kernel == "ntkgp" else k.nngp
+        check_finite_kernel(prior, "training")
         self.prior_dd = regularize(prior, self.noise, absolute=True)
 
     @cached_property
@@ -86,11 +87,13 @@ class GPPosterior:
         with torch.no_grad():
             cross = self.net.kernel(x_test, self.x_factor, ntk=want_ntk)
             c_td = cross.ntk if want_ntk else cross.nngp
+            check_finite_kernel(c_td, "test")
             mean = c_td @ torch.cholesky_solve(self.y, self._cholesky)
             cov = None
             if compute_cov:
                 test = self.net.kernel(x_test, ntk=want_ntk)
                 c_tt = test.ntk if want_ntk else test.nngp
+                check_finite_kernel(c_tt, "test")
                 w = torch.linalg.solve_triangular(self._cholesky, c_td.mT, upper=False)
                 cov = _symmetric(c_tt - w.mT @ w).to(self.dtype)
         if not self.vector_targets:

@@ -179,20 +179,25 @@ def max_learning_rate(ntk_train_train: Tensor, y_train_size: int | None = None, 
     Gradient descent on ``(1/2m) ‖f − Y‖²`` contracts iff ``|1 − ηλ/m| < 1`` for all
     eigenvalues (neural-tangents' ``max_learning_rate``; ``m`` defaults to ``N``). A zero kernel
     never moves the outputs, so every rate is stable: ``inf``. ``momentum`` is heavy-ball
-    momentum in ``[0, 1)``.
+    momentum in ``[0, 1)``. A full ``(N, N, k, k)`` kernel (as :func:`gradient_descent_mse` takes)
+    is the ``(N k, N k)`` kernel of the flattened outputs, and ``m`` defaults to ``N k``.
     """
     if not isinstance(ntk_train_train, Tensor) or not ntk_train_train.is_floating_point():
         raise ValueError(f"ntk_train_train must be a floating-point tensor, got {type(ntk_train_train).__name__}.")
     k = ntk_train_train.detach().to(torch.float64)
-    if k.dim() < 2 or k.shape[-1] != k.shape[-2] or not bool(torch.isfinite(k).all()):
-        raise ValueError(f"ntk_train_train must be a finite square (N, N) kernel, got shape {tuple(k.shape)}.")
+    shape = tuple(k.shape)
+    if k.dim() == 4 and shape[0] == shape[1] and shape[2] == shape[3]:
+        k = k.permute(0, 2, 1, 3).reshape(shape[0] * shape[2], shape[1] * shape[3])
+    if k.dim() != 2 or k.shape[0] != k.shape[1] or not bool(torch.isfinite(k).all()):
+        raise ValueError(f"ntk_train_train must be a finite square (N, N) or full (N, N, k, k) kernel, got shape "
+                         f"{shape}.")
     m = k.shape[-1] if y_train_size is None else integer_at_least(y_train_size, 1, "y_train_size")
     kind = "a number in [0, 1)"
     if not 0 <= finite_number(momentum, "momentum", kind) < 1:
         raise ValueError(f"momentum must be {kind}, got {momentum!r}.")
     values = torch.linalg.eigvalsh(k)
     check_semi_definite(values, "ntk_train_train", ntk_train_train.dtype)
-    return stability_limit(float(values[..., -1].max()), m, momentum)
+    return stability_limit(float(values[-1]), m, momentum)
 
 
 def check_semi_definite(values: Tensor, name: str, dtype: torch.dtype) -> None:
