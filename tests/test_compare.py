@@ -400,11 +400,31 @@ def test_mean_bias_and_within_criterion():
     assert r.mean_within == [0.0]
     assert r.mean_bias[0] == pytest.approx(0.05, rel=1e-2)
 
+# the noise level of the bias estimate: correlated test points barely average the noise away
+def test_mean_bias_noise_level_matches_unbiased_ensembles():
+    g = torch.Generator().manual_seed(1)
+    x = torch.linspace(-3, 3, 50, dtype=torch.float64)
+    cov = torch.exp(-0.5 * (x[:, None] - x[None, :]) ** 2 / 1.5**2) + 1e-9 * torch.eye(50)
+    root = torch.linalg.cholesky(cov)
+    squares, noises = [], []
+    for _ in range(300):
+        members = (root @ torch.randn(50, 128, generator=g, dtype=torch.float64)).mT   # (E, M), unbiased
+        r = _width_metrics(256, _history(members[None, :, :, None]), torch.zeros(1, 50, dtype=torch.float64),
+                           torch.diagonal(cov)[None], 0.27, 0.0)
+        squares.append(r.mean_bias[0] ** 2)
+        noises.append(r.mean_bias_noise[0])
+    # the clamped estimate's spread is that of the squared-bias estimate (~the documented formula)
+    expected_sd = float((2 * cov.square().sum()).sqrt() / (50 * 128))
+    assert 0.2 < sum(b > 0 for b in squares) / 300 < 0.5                   # unbiased: often > 0 by chance
+    assert sum(b > n**2 for b, n in zip(squares, noises, strict=True)) / 300 < 0.08
+    assert abs(sum(n**2 for n in noises) / 300 / (2 * expected_sd) - 1) < 0.1
+
+
 # the point-wise checks ask for 95 % of points, and only from width 256 on
 def test_pointwise_checks_thresholds_and_width_gate():
     def width(w, within):
         return SimpleNamespace(width=w, steps=[0, 10], diverged_at=None, mean_within=[1.0, within],
-                               var_within=[1.0, 1.0], mean_bias=[0.0, 0.0])
+                               var_within=[1.0, 1.0], mean_bias=[0.0, 0.0], mean_bias_noise=[0.0, 0.0])
     result = SimpleNamespace(steps=[0, 10], config={"ensemble_size": 128}, slopes={}, divergence=None,
                              widths=[width(128, 0.5), width(256, 0.94), width(512, 0.95)])
     checks = evaluate_checks(result)

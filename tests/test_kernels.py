@@ -82,6 +82,27 @@ def test_pickle_roundtrip_keeps_values():
     assert torch.equal(before, after)
 
 
+def test_kernels_with_priors_pickle_and_save():
+    """Priors are registered with picklable closures (GPyTorch's closures for a parameter name
+    are local functions, which pickle and torch.save refused)."""
+    import io
+
+    prior = gpytorch.priors.GammaPrior(2.0, 1.0)
+    net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1, weight_var_prior=prior, bias_var_prior=prior), ntkgp.ReLU(),
+                       ntkgp.Dense(1, 1.5, 0.2, weight_var_prior=prior))
+    kernel = ntkgp.NNGPKernel(net)
+    buffer = io.BytesIO()
+    torch.save(kernel, buffer)
+    buffer.seek(0)
+    for copy in (pickle.loads(pickle.dumps(kernel)), torch.load(buffer, weights_only=False)):
+        priors = {name: float(p.log_prob(closure(module)).sum()) for name, module, p, closure, _ in copy.named_priors()}
+        assert priors == {name: float(p.log_prob(closure(module)).sum())
+                          for name, module, p, closure, _ in kernel.named_priors()} and len(priors) == 3
+        layer = copy.net.layers[0]
+        layer.sample_from_prior("weight_var_prior")             # the setting closure works on the copy
+        assert float(layer.weight_var) != 2.0
+
+
 def test_importing_ntkgp_leaves_gpytorch_settings_alone():
     import importlib
 

@@ -96,7 +96,8 @@ def load_dataset(source: str) -> Dataset:
       ``y_test``, drawn in the figures);
     * ``.csv`` (comma-separated numbers; a header line must start with ``#``): every row a
       training point, the last column its one target; the test points are a grid of 100 over the
-      range of a 1-D input, or the training inputs themselves otherwise.
+      range of a 1-D input widened by 10 % on each side (to show extrapolation), or the training
+      inputs themselves otherwise.
     """
     if source == "sin":
         return sin_dataset()

@@ -10,7 +10,11 @@ the exact discrete-time predictions of :class:`ntkgp.predict.GradientFlow` (Lee 
   members on (the sampling error of a variance from ``E = 128`` members is
   ``sqrt(2/127) ≈ 12.5 %``; :func:`variance_tolerance` widens it for fewer members),
 * the bias of the mean, ``sqrt(max(mean((μ̂ − μ)² − SE²), 0))`` (the part of the error that is
-  not Monte-Carlo noise), which should shrink with width,
+  not Monte-Carlo noise), which should shrink with width, next to the level below which it is
+  noise: for unbiased members the estimate of the squared bias has standard deviation
+  ``sqrt(2 tr(Ĉ²)) / (M E)`` (``Ĉ`` the members' ``M × M`` covariance over the test points, which
+  are strongly correlated, so the average over them removes little noise); ``mean_bias_noise``
+  is the bias that two such standard deviations amount to,
 * the relative change of the weights and of the empirical NTK with width ("lazy training"):
   input and readout weights (``O(width)`` parameters) move as ``width^(−1/2)``, the
   width × width weights as ``width^(−1)``, and the NTK change is bounded by ``width^(−1/2)``
@@ -114,6 +118,7 @@ class WidthResult:
     var_within: list[float]
     mean_rmse: list[float]
     mean_bias: list[float]
+    mean_bias_noise: list[float]
     var_rel_error: list[float]
     train_loss: list[float]
     weight_change: list[float]
@@ -279,8 +284,8 @@ def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.
     recorded = len(h.steps)
     if recorded == 0:
         empty: list = []
-        return WidthResult(width, [], empty, empty, empty, empty, empty, empty, empty, empty, {}, empty, empty,
-                           seconds, h.diverged_at)
+        return WidthResult(width, [], empty, empty, empty, empty, empty, empty, empty, empty, empty, {}, empty,
+                           empty, seconds, h.diverged_at)
     mean = h.mean[..., 0].double()                            # (T, M)
     ens_var = h.variance[..., 0].double()
     se = h.standard_error[..., 0].double()
@@ -294,10 +299,15 @@ def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.
     rel = (ens_var - var).abs() / torch.maximum(var, floor).clamp_min(torch.finfo(var.dtype).tiny)
     var_within = (rel <= tolerance).double().mean(-1)
     bias = ((err**2 - se**2).mean(-1)).clamp_min(0).sqrt()
+    members = h.test_outputs[..., 0].double()                   # (T, E, M)
+    centred = members - members.mean(1, keepdim=True)
+    cov = centred.mT @ centred / max(members.shape[1] - 1, 1)   # (T, M, M)
+    noise = (2 * (2 * cov.square().sum((-2, -1))).sqrt() / (members.shape[2] * members.shape[1])).sqrt()
     ntk_change = h.ntk_change.double().mean(-1) if h.ntk_change is not None else torch.zeros(recorded)
     return WidthResult(
         width=width, steps=h.steps.tolist(), mean_within=within.tolist(), var_within=var_within.tolist(),
-        mean_rmse=(err**2).mean(-1).sqrt().tolist(), mean_bias=bias.tolist(), var_rel_error=rel.mean(-1).tolist(),
+        mean_rmse=(err**2).mean(-1).sqrt().tolist(), mean_bias=bias.tolist(),
+        mean_bias_noise=noise.tolist(), var_rel_error=rel.mean(-1).tolist(),
         train_loss=h.train_loss.double().mean(-1).tolist(), weight_change=h.weight_change.double().mean(-1).tolist(),
         ntk_change=ntk_change.tolist(),
         layer_change={g: v.double().mean(-1).tolist() for g, v in h.layer_change.items()},

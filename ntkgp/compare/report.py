@@ -76,19 +76,23 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
               f"fraction with |var − {gp} var| ≤ {variance_tolerance(c['ensemble_size']):.3g} max({gp} var, 1e-6 × its "
               "largest value at that step); "
               "mean bias: RMS error of the mean with the "
-              "Monte-Carlo noise (SE²) removed. Changes are relative to initialization, averaged over members.", "",
-              "| width | step | loss | mean within | var within | mean RMSE | mean bias | var rel. error | "
-              "weight change | " + " | ".join(f"{g} weights" for g in groups) + " | NTK change | seconds |",
-              "|---" * (11 + len(groups)) + "|"]
+              "Monte-Carlo noise (SE²) removed, and the bias that two standard deviations of that estimate "
+              "amount to for unbiased members (below it, a bias is noise). Changes are relative to "
+              "initialization, averaged over members.", "",
+              "| width | step | loss | mean within | var within | mean RMSE | mean bias | bias noise | "
+              "var rel. error | weight change | " + " | ".join(f"{g} weights" for g in groups)
+              + " | NTK change | seconds |",
+              "|---" * (12 + len(groups)) + "|"]
     for w in r.widths:
         for i, s in enumerate(w.steps):
             per_group = " | ".join(_fmt(w.layer_change[g][i]) for g in groups)
             lines.append(f"| {w.width} | {s} | {_fmt(w.train_loss[i])} | {_fmt(w.mean_within[i])} | "
                          f"{_fmt(w.var_within[i])} | {_fmt(w.mean_rmse[i])} | {_fmt(w.mean_bias[i])} | "
+                         f"{_fmt(w.mean_bias_noise[i])} | "
                          f"{_fmt(w.var_rel_error[i])} | {_fmt(w.weight_change[i])} | {per_group} | "
                          f"{_fmt(w.ntk_change[i])} | {w.seconds:.1f} |")
         if w.diverged_at is not None:
-            lines.append(f"| {w.width} | diverged at step {w.diverged_at} |" + " |" * (9 + len(groups)))
+            lines.append(f"| {w.width} | diverged at step {w.diverged_at} |" + " |" * (10 + len(groups)))
     lines += ["", "## Scaling with width (log–log slopes at the last step)", "",
               "Theory: input and readout weights −1/2, width × width weights −1 (so the total follows the "
               "hidden layers in NTK parameterization), NTK change bounded by −1/2 and closer to −1 "
@@ -160,12 +164,15 @@ def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
     if len(complete) >= 2:
         widths = np.asarray([w.width for w in complete], dtype=float)
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for i in shown:
-            bias = [w.mean_bias[i] for w in complete]
-            axes[0].loglog(widths, np.maximum(bias, 1e-12), "o-", label=f"step {r.steps[i]}")
+        for colour, i in enumerate(shown):
+            # a bias estimated as 0 has no place on a log axis: the line breaks there
+            bias = np.asarray([w.mean_bias[i] for w in complete])
+            axes[0].loglog(widths, np.where(bias > 0, bias, np.nan), "o-", color=f"C{colour}",
+                           label=f"step {r.steps[i]}")
+            axes[0].loglog(widths, [w.mean_bias_noise[i] for w in complete], ":", color=f"C{colour}", lw=1)
         axes[0].set_xlabel("width")
         axes[0].set_ylabel("bias of the ensemble mean")
-        axes[0].set_title("mean error vs width (Monte-Carlo noise removed)")
+        axes[0].set_title("mean error vs width (dotted: noise level)")
         axes[0].legend(fontsize=8)
         series = [("ntk_change", [w.ntk_change[-1] for w in complete], "NTK", "s-")]
         series += [(f"{g}_weight_change", [w.layer_change[g][-1] for w in complete], f"{g} weights", "o-")

@@ -26,7 +26,6 @@ import numpy as np
 import scipy.special
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ntkgp._checks import integer_at_least
 from ntkgp.layers.activations import Activation
@@ -107,7 +106,8 @@ class Numerical(Activation):
     Args:
         fn: the activation (``torch.tanh``, ``torch.nn.functional.softplus``, ...).
         degree: a fixed number of points per dimension (``degree²`` evaluations per entry), or
-            ``None`` for the adaptive choice.
+            ``None`` for the adaptive choice. Gradients, quadratures of higher derivatives of
+            ``fn``, need a larger degree than the values (docs/numerics.md).
         rtol: target relative accuracy of the adaptive choice (at least 64 machine epsilons of
             the input dtype, since float32 rounding caps what the check can see).
         max_degree: cap of the adaptive choice (a warning says when ``rtol`` was not reached).
@@ -241,7 +241,11 @@ def gauss_hermite_expectation(f: Callable[[Tensor], Tensor], g: Callable[[Tensor
 
 
 class _Expectation(torch.autograd.Function):
-    """``E[φ^(i)(u) φ^(j)(v)]`` with Price's-theorem gradients (see the module docstring)."""
+    """``E[φ^(i)(u) φ^(j)(v)]`` with Price's-theorem gradients (see the module docstring).
+
+    The backward is itself made of ``_Expectation``s of higher orders, so derivatives of any
+    order (double backward, Hessian-vector products) follow Price's theorem again.
+    """
 
     @staticmethod
     def forward(ctx, k11, k12, k22, layer: Numerical, i: int, j: int, degree: int):
@@ -250,14 +254,12 @@ class _Expectation(torch.autograd.Function):
         return gauss_hermite_expectation(layer.derivative(i), layer.derivative(j), k11, k12, k22, degree)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         k11, k12, k22 = ctx.saved_tensors
         layer, (i, j) = ctx.layer, ctx.orders
 
         def expect(di: int, dj: int) -> Tensor:
-            return gauss_hermite_expectation(layer.derivative(i + di), layer.derivative(j + dj),
-                                             k11, k12, k22, ctx.degree)
+            return _Expectation.apply(k11, k12, k22, layer, i + di, j + dj, ctx.degree)
 
         g11 = (grad * 0.5 * expect(2, 0)).sum_to_size(k11.shape) if ctx.needs_input_grad[0] else None
         g12 = (grad * expect(1, 1)).sum_to_size(k12.shape) if ctx.needs_input_grad[1] else None

@@ -20,6 +20,8 @@ module's dtype, zero right after setting. Hence:
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from gpytorch.constraints import GreaterThan
 from gpytorch.priors import Prior
@@ -79,6 +81,14 @@ def check_variance(name: str, value: float | Tensor) -> Tensor:
     return tensor
 
 
+def _variance_of(name: str, module: VarianceParameters) -> Tensor:
+    return getattr(module, name)
+
+
+def _initialize_variance(name: str, module: VarianceParameters, value: float | Tensor) -> None:
+    module.initialize(**{name: value})
+
+
 class VarianceParameters:
     """Mixin for ``gpytorch.Module`` layers that own variance hyperparameters."""
 
@@ -96,7 +106,10 @@ class VarianceParameters:
         self.register_parameter(f"raw_{name}", torch.nn.Parameter(torch.zeros(shape)))
         self.register_constraint(f"raw_{name}", ExactVariance(anchor))
         if prior is not None:
-            self.register_prior(f"{name}_prior", prior, name)
+            # partials of module-level functions, not GPyTorch's closures for a parameter name:
+            # those are local functions, which pickle and torch.save cannot store
+            self.register_prior(f"{name}_prior", prior, partial(_variance_of, name),
+                                partial(_initialize_variance, name))
 
     def get_variance(self, name: str) -> Tensor:
         """The current value in the module's dtype (with gradient to ``raw_<name>``)."""
