@@ -126,6 +126,7 @@ def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     names = []
@@ -185,6 +186,9 @@ def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
         axes[1].loglog(widths, top * (widths / widths[0]) ** -1.0, "k--", label="∝ width^(−1)")
         axes[1].set_ylabel("relative change")
         axes[1].set_xlabel("width")
+        for ax in axes:  # label the widths themselves: log-axis minor labels overlap
+            ax.set_xticks(widths, [str(int(w)) for w in widths])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axes[1].set_title(f"lazy training at step {r.steps[-1]}")
         axes[1].legend(fontsize=8)
         fig.tight_layout()
