@@ -286,11 +286,15 @@ def test_sums_of_independent_branches_match_monte_carlo():
     net = ntkgp.serial(ntkgp.Dense(256, 1.5, 0.1), ntkgp.parallel(
         ntkgp.Identity(), ntkgp.serial(ntkgp.ReLU(), ntkgp.Dense(256, 2.0, 0.1), ntkgp.LayerNorm()),
         ntkgp.serial(ntkgp.Erf(), ntkgp.Dense(256, 1.0, 0.2))), ntkgp.ReLU(), ntkgp.Dense(1))
+    nested = ntkgp.serial(ntkgp.Dense(256, 1.5, 0.1), ntkgp.residual(           # x + (h + D(relu(h))), h = D(relu(x))
+        ntkgp.ReLU(), ntkgp.Dense(256, 1.2, 0.1), ntkgp.residual(ntkgp.ReLU(), ntkgp.Dense(256, 0.8, 0.1))),
+        ntkgp.Erf(), ntkgp.Dense(1))
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    exact = net.kernel(x).nngp.detach()
-    est = ntkgp.finite.monte_carlo_kernel(net, x, n_samples=2000, ntk=False)
-    z = (est.nngp - exact) / est.nngp_sem
-    assert float(z.abs().max()) < 4.5, z
+    for spec in (net, nested):
+        exact = spec.kernel(x).nngp.detach()
+        est = ntkgp.finite.monte_carlo_kernel(spec, x, n_samples=2000, ntk=False)
+        z = (est.nngp - exact) / est.nngp_sem
+        assert float(z.abs().max()) < 4.5, z
 
 
 def test_elementwise_without_dot_fn_refuses_an_infinite_derivative():

@@ -97,7 +97,10 @@ class Parallel(Layer):
         return self.join == "sum" and all(b.preserves_gaussian for b in self.branches)
 
     def draws_own_output(self, input_drawn: bool = False) -> bool:
-        return self.join == "sum" and all(branch.draws_own_output(False) for branch in self.branches)
+        # a sum is centred given everything outside it when every branch is (linearity), e.g. the
+        # inner block of x + (h + D(relu(h))) with h = D'(relu(x)): h comes from the outer branch's
+        # own Dense layer, so the outer sum stays a sum of uncorrelated branches
+        return self.join == "sum" and all(branch.draws_own_output(input_drawn) for branch in self.branches)
 
     def kernel_map(self, state: KernelState) -> KernelState:
         outs = [branch.kernel_map(state).with_exact_diagonal() for branch in self.branches]
