@@ -266,7 +266,8 @@ def test_setting_invalid_variance_raises():
 @pytest.mark.parametrize("net,message", [
     (lambda: ntkgp.serial(ntkgp.ReLU(), ntkgp.Dense(1)), "Gaussian inputs"),
     (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.Dense(3, ard_num_dims=3)), "first layer"),
-    (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(ntkgp.ReLU(), ntkgp.Identity())), "end Gaussian"),
+    (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(ntkgp.Dense(3), ntkgp.ReLU())), "end Gaussian"),
+    (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(ntkgp.ReLU(), ntkgp.Identity())), "independent"),
     (lambda: ntkgp.serial(ntkgp.parallel(ntkgp.Dense(3), ntkgp.Dense(4))), "equal widths"),
     (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.LayerNorm(), ntkgp.ReLU(), ntkgp.LayerNorm()), "Gaussian"),
     # correlated branches: x + x is 2x (4K), not 2K, and x + LayerNorm(x) has cross terms
@@ -278,6 +279,20 @@ def test_setting_invalid_variance_raises():
 def test_invalid_architectures_raise_before_work(net, message):
     with pytest.raises(ValueError, match=message):
         net().kernel(torch.randn(4, 3))
+
+
+def test_correlated_sums_are_refused_from_the_spec_before_any_kernel_work(monkeypatch):
+    """The independence of summed branches is a property of the spec: it is checked before the
+    layers in front of the sum compute anything (it used to come after the whole prefix)."""
+    net = ntkgp.serial(ntkgp.Dense(3), ntkgp.ReLU(), ntkgp.Dense(3), ntkgp.residual(ntkgp.LayerNorm()))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("kernel work before the structural check")
+
+    monkeypatch.setattr(ntkgp.Dense, "kernel_map", fail)
+    for kernel in (lambda x: net.kernel(x), lambda x: ntkgp.NNGPKernel(net)(x).to_dense()):
+        with pytest.raises(ValueError, match="independent"):
+            kernel(torch.randn(4, 3))
 
 
 def test_sums_of_independent_branches_match_monte_carlo():

@@ -81,6 +81,10 @@ class Layer(VarianceParameters, gpytorch.Module):
     def check_input_dim(self, d: int) -> None:
         """Raise ``ValueError`` if inputs with ``d`` features cannot enter this layer."""
 
+    def check_structure(self) -> None:
+        """Raise ``ValueError`` if the architecture has no kernel of the form computed here (checked
+        from the spec alone, before any kernel work)."""
+
     # ------------------------------------------------------------------ public API
     def kernel(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, ntk: bool = True,
                compile: bool = False) -> KernelState:
@@ -108,6 +112,7 @@ class Layer(VarianceParameters, gpytorch.Module):
         """
         x1, x2 = check_inputs(x1, x2, diag)
         self.check_input_dim(x1.shape[-1])
+        self.check_structure()
         needs_graph = transforms_active() or (torch.is_grad_enabled() and (
             x1.requires_grad or (x2 is not None and x2.requires_grad)
             or any(p.requires_grad for p in self.parameters())

@@ -53,6 +53,10 @@ class Serial(Layer):
     def check_input_dim(self, d: int) -> None:
         self.layers[0].check_input_dim(d)
 
+    def check_structure(self) -> None:
+        for layer in self.layers:
+            layer.check_structure()
+
     def __len__(self) -> int:
         return len(self.layers)
 
@@ -107,12 +111,9 @@ class Parallel(Layer):
         if self.join == "sum":
             if len(outs) > 1 and not all(out.is_gaussian for out in outs):
                 raise ValueError("A sum of branches needs every branch to end Gaussian (e.g. in a Dense "
-                                 "layer); a branch that ends in an activation has a non-zero mean.")
-            if sum(not branch.draws_own_output(False) for branch in self.branches) > 1:
-                raise ValueError("A sum of branches needs them independent: all but one must end in a Dense "
-                                 "layer of their own (followed by nothing but Identity or LayerNorm). Branches "
-                                 "without one, such as Identity and LayerNorm, share their input's randomness, "
-                                 "and the kernel of their sum is not the sum of their kernels.")
+                                 "layer): an activation's output, raw inputs and concatenations are not "
+                                 "centred Gaussian features that the layers after the sum could take.")
+            self._check_independent()
             widths = {out.width for out in outs}
             if len(widths) > 1:
                 raise ValueError(f"Branches joined by sum need equal widths, got {sorted(widths)}.")
@@ -144,6 +145,19 @@ class Parallel(Layer):
     def check_input_dim(self, d: int) -> None:
         for branch in self.branches:
             branch.check_input_dim(d)
+
+    def check_structure(self) -> None:
+        for branch in self.branches:
+            branch.check_structure()
+        if self.join == "sum":
+            self._check_independent()
+
+    def _check_independent(self) -> None:
+        if sum(not branch.draws_own_output(False) for branch in self.branches) > 1:
+            raise ValueError("A sum of branches needs them independent: all but one must end in a Dense "
+                             "layer of their own (followed by nothing but Identity or LayerNorm). Branches "
+                             "without one, such as Identity and LayerNorm, share their input's randomness, "
+                             "and the kernel of their sum is not the sum of their kernels.")
 
 
 def _combine(states: list[KernelState], weights: list[float]) -> KernelState:
