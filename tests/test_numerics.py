@@ -591,3 +591,27 @@ def test_vmap_over_kernel_inputs_matches_a_loop():
             mapped = torch.func.vmap(call)(xs)
             looped = torch.stack([call(x) for x in xs])
             torch.testing.assert_close(mapped, looped, rtol=1e-12, atol=1e-14)
+
+
+def test_a_failed_compilation_is_not_retried_for_the_same_network_and_dtype(monkeypatch):
+    """Where torch.compile fails (no toolchain; float64 code generation on some CPUs), the kernel
+    falls back to the eager path once with a warning, then stays there (each retry cost ~10 s)."""
+    import ntkgp.layers.base as base
+
+    attempts = []
+
+    def failing():
+        attempts.append(1)
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(base, "_compiled_block", failing)
+    net = ntkgp.mlp(2, "relu", 2.0, 0.1)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with torch.no_grad():
+        eager = net.kernel(x)
+        with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+            first = net.kernel(x, compile=True)
+        second = net.kernel(x, compile=True)
+    assert len(attempts) == 1
+    torch.testing.assert_close(first.ntk, eager.ntk, rtol=0, atol=0)
+    torch.testing.assert_close(second.nngp, eager.nngp, rtol=0, atol=0)

@@ -13,6 +13,7 @@ Any layer, a single ``Dense`` or a whole ``serial(...)`` network, is a network: 
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import gpytorch
@@ -97,9 +98,11 @@ class Layer(VarianceParameters, gpytorch.Module):
                 ``None`` for ``k(x1_i, x1_i)``) is computed, in ``O(n · depth)``.
             ntk: whether to compute the NTK too (the NNGP alone is cheaper).
             compile: fuse the elementwise recursion with ``torch.compile`` (no-autograd full
-                matrices only). About twice as fast, but the first call for a network, dtype and
-                device compiles for ~10 s; later calls of any size reuse it. Falls back to the
-                eager path (with a warning) where compilation is unavailable.
+                matrices only). The first call for a network, dtype and device compiles for ~10 s;
+                later calls of any size reuse it. The gain depends on the torch build (1.2-2x
+                with an earlier one; none with torch 2.13.0's CPU wheel, whose float64 code
+                generation fails: docs/benchmarks.md). Where compilation fails it warns once and
+                uses the eager path for that network and dtype from then on.
 
         Returns:
             The kernels, a :class:`KernelState` whose ``nngp`` and ``ntk`` are ``(*batch, n1, n2)``
@@ -200,16 +203,24 @@ def _compiled_block():
     return _COMPILED_BLOCK
 
 
+#: (dtype, device type) pairs for which compiling a network's block failed, per network: later
+#: calls go straight to the eager path instead of paying a failed compilation (~10 s) every time.
+_COMPILE_FAILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _run_block(layer, x1, x2, norms, want_ntk, symmetric, compile, duplicates=None):
-    if not compile or duplicates is not None:  # blocks with duplicates are rare: eager, not recompiled
+    key = (x1.dtype, x1.device.type)
+    if not compile or duplicates is not None or key in _COMPILE_FAILED.get(layer, ()):
+        # blocks with duplicates are rare: eager, not recompiled
         return _block(layer, x1, x2, norms, want_ntk, symmetric, duplicates)
     for t in (x1, x2, *norms):  # one compilation serves every block shape
         torch._dynamo.mark_dynamic(t, t.dim() - (2 if t is x1 or t is x2 else 1))
     try:
         return _compiled_block()(layer, x1, x2, norms, want_ntk, symmetric)
     except Exception as err:  # no compiler toolchain, unsupported layer, ...
-        warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); using the eager path.",
-                      RuntimeWarning, stacklevel=4)
+        _COMPILE_FAILED.setdefault(layer, set()).add(key)
+        warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); using the eager path for this "
+                      f"network in {x1.dtype} from now on.", RuntimeWarning, stacklevel=4)
         return _block(layer, x1, x2, norms, want_ntk, symmetric)
 
 
