@@ -78,7 +78,8 @@ class Elementwise(Activation):
             leaf = k12.clone() if k12.requires_grad else k12.detach().requires_grad_()
             nngp = self.nngp_fn(leaf, k11, k22)
             (dot,) = torch.autograd.grad(nngp, leaf, torch.ones_like(nngp), create_graph=keep_graph)
-        if not is_vmapped(dot) and bool(torch.isfinite(nngp).all()) and not bool(torch.isfinite(dot).all()):
+        if (not is_vmapped(dot) and not bool(torch.isfinite(dot.sum()))  # one cheap pass in the usual case
+                and bool(torch.isfinite(nngp).all()) and not bool(torch.isfinite(dot).all())):
             raise ValueError("Elementwise: autograd's derivative of nngp_fn along k12 is not finite at some "
                              "inputs (a map with sqrt(k11·k22 − k12²), as the arc-cosine kernels of kinked "
                              "activations, has an infinite one at k12² = k11·k22); pass dot_fn = E[φ'(u)φ'(v)].")
