@@ -26,7 +26,7 @@ def equivalent_learning_rates(model: nn.Module, learning_rate: float) -> dict[st
             continue
         dot = f"{prefix}." if prefix else ""
         if module.weight is not None:
-            scale = module.weight_var.to(module.weight) / module.in_features
+            scale = module.fan_in_variance(module.weight)
             rates[f"{dot}weight"] = learning_rate * (scale.unsqueeze(-1) if scale.dim() else scale)
         if module.bias is not None:
             rates[f"{dot}bias"] = learning_rate * module.bias_var

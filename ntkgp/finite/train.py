@@ -325,7 +325,7 @@ class _Changes:
             rows = square.sum(-1)                                  # (E, in): one weight scale per input row
             total = total + rows.sum(-1)
             if module.parameterization != "ntk":                   # ω = W / sqrt(σ_w²/n)
-                rows = rows / (module.weight_var.to(rows) / module.in_features)
+                rows = rows / module.fan_in_variance(rows)
             per_group[group] = per_group[group] + rows.sum(-1)
         return total.sqrt(), {g: v.sqrt() for g, v in per_group.items()}
 

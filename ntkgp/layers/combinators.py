@@ -113,7 +113,6 @@ class Parallel(Layer):
                 raise ValueError("A sum of branches needs every branch to end Gaussian (e.g. in a Dense "
                                  "layer): an activation's output, raw inputs and concatenations are not "
                                  "centred Gaussian features that the layers after the sum could take.")
-            self._check_independent()
             widths = {out.width for out in outs}
             if len(widths) > 1:
                 raise ValueError(f"Branches joined by sum need equal widths, got {sorted(widths)}.")
@@ -149,11 +148,7 @@ class Parallel(Layer):
     def check_structure(self) -> None:
         for branch in self.branches:
             branch.check_structure()
-        if self.join == "sum":
-            self._check_independent()
-
-    def _check_independent(self) -> None:
-        if sum(not branch.draws_own_output(False) for branch in self.branches) > 1:
+        if self.join == "sum" and sum(not branch.draws_own_output(False) for branch in self.branches) > 1:
             raise ValueError("A sum of branches needs them independent: all but one must end in a Dense "
                              "layer of their own (followed by nothing but Identity or LayerNorm). Branches "
                              "without one, such as Identity and LayerNorm, share their input's randomness, "

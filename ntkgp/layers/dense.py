@@ -237,9 +237,15 @@ class DenseModule(nn.Module):
         else:
             self._init_weight(ctx)
 
+    def fan_in_variance(self, like: Tensor) -> Tensor:
+        """``σ_w²/n``, the variance of a standard-parameterized weight (and the square of the NTK
+        parameterization's input scale): a scalar, or one per input feature with ARD, in
+        ``like``'s dtype and device."""
+        return self.weight_var.to(like) / self.in_features
+
     def _init_weight(self, ctx: BuildContext) -> None:
         draw = ctx.randn(self.in_features, self.out_features)
-        std = (self.weight_var.to(draw) / self.in_features).sqrt()
+        std = self.fan_in_variance(draw).sqrt()
         if self.parameterization == "ntk":
             self.weight = nn.Parameter(draw)
             self.input_scale = std

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ntkgp.layers.validation import finite_number
+from ntkgp.layers.validation import check_points, finite_number
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,13 @@ def check_targets(y_train: Tensor, n_train: int) -> Tensor:
     if not y_train.is_floating_point() or not bool(torch.isfinite(y_train).all()):
         raise ValueError("y_train must be a floating-point tensor without NaN or infinite values.")
     return y_train
+
+
+def check_test_points(x_test: Tensor, d: int) -> None:
+    """``x_test`` must be finite ``(M, d)`` points, ``d`` the training inputs' features."""
+    check_points(x_test, "x_test")
+    if x_test.dim() != 2 or x_test.shape[-1] != d:
+        raise ValueError(f"x_test must have shape (M, {d}), got {tuple(x_test.shape)}.")
 
 
 def check_finite_kernel(kernel: Tensor, name: str) -> None:

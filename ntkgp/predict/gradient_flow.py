@@ -32,7 +32,13 @@ from torch import Tensor
 from ntkgp._typing import Steps, Times
 from ntkgp.layers.base import Layer
 from ntkgp.layers.validation import check_points, positive_number
-from ntkgp.predict.gaussian import Gaussian, check_finite_kernel, check_non_negative, check_targets
+from ntkgp.predict.gaussian import (
+    Gaussian,
+    check_finite_kernel,
+    check_non_negative,
+    check_targets,
+    check_test_points,
+)
 from ntkgp.predict.spectral import (
     Eigensystem,
     Schedule,
@@ -95,7 +101,7 @@ class GradientFlow:
             k = net.kernel(self.x_factor, ntk=kernel == "ntk")
         self.nngp_dd = k.nngp
         train_kernel = k.ntk if kernel == "ntk" else k.nngp
-        for value in (k.nngp, train_kernel):
+        for value in (k.nngp, k.ntk) if kernel == "ntk" else (k.nngp,):
             check_finite_kernel(value, "training")
         self.dynamics = regularize(train_kernel, self.diag_reg, diag_reg_absolute_scale)
 
@@ -136,9 +142,7 @@ class GradientFlow:
             compute_cov: also compute the ``(M, M)`` covariance (shared by all outputs).
         """
         if x_test is not None:  # before the stability check, which factors the training kernel
-            check_points(x_test, "x_test")
-            if x_test.dim() != 2 or x_test.shape[-1] != self.x_train.shape[-1]:
-                raise ValueError(f"x_test must have shape (M, {self.x_train.shape[-1]}), got {tuple(x_test.shape)}.")
+            check_test_points(x_test, self.x_train.shape[-1])
         schedule = make_schedule(t, steps, self.learning_rate, self.m, self.x_train.device)
         if schedule is not None and schedule.discrete:
             warn_if_unstable(self.learning_rate, self.max_learning_rate)

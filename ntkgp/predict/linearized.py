@@ -22,6 +22,7 @@ from ntkgp.predict.spectral import (
     Eigensystem,
     check_symmetric,
     cholesky,
+    flatten_full_kernel,
     make_schedule,
     regularize,
     spectral_apply,
@@ -113,8 +114,8 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
 
 def _full_kernel(ntk_train_train: Tensor, y_train: Tensor, fx_train_0, ntk_test_train, fx_test_0, t, **options):
     """:func:`gradient_descent_mse` with ``(N, N, k, k)`` kernels: the ``N k`` outputs are one
-    flat vector trained by the ``(N k, N k)`` kernel ``Θ[(n, i), (m, j)] = Θ_nm,ij`` (the layout
-    neural-tangents flattens to as well, so relative ``diag_reg`` scales by its mean diagonal)."""
+    flat vector trained by the ``(N k, N k)`` kernel of :func:`flatten_full_kernel` (so relative
+    ``diag_reg`` scales by its mean diagonal, as in neural-tangents)."""
     n, n2, k, k2 = ntk_train_train.shape
     if n != n2 or k != k2:
         raise ValueError(f"A full ntk_train_train must be (N, N, k, k), got {tuple(ntk_train_train.shape)}.")
@@ -122,9 +123,6 @@ def _full_kernel(ntk_train_train: Tensor, y_train: Tensor, fx_train_0, ntk_test_
         shape = tuple(y_train.shape) if isinstance(y_train, Tensor) else type(y_train).__name__
         raise ValueError(f"With a full (N, N, k, k) = {tuple(ntk_train_train.shape)} kernel y_train must be "
                          f"(N, k) = {(n, k)}, got {shape}.")
-
-    def flat_kernel(kernel: Tensor, rows: int) -> Tensor:
-        return kernel.permute(0, 2, 1, 3).reshape(rows * k, n * k)
 
     def flat_outputs(value, rows: int, name: str):
         if not isinstance(value, Tensor) or value.dim() == 0:
@@ -140,8 +138,8 @@ def _full_kernel(ntk_train_train: Tensor, y_train: Tensor, fx_train_0, ntk_test_
             raise ValueError(f"With a full ntk_train_train, ntk_test_train must be (M, {n}, {k}, {k}), got "
                              f"{tuple(ntk_test_train.shape)}.")
         m = ntk_test_train.shape[0]
-        test_kernel, fx_test_0 = flat_kernel(ntk_test_train, m), flat_outputs(fx_test_0, m, "fx_test_0")
-    out = gradient_descent_mse(flat_kernel(ntk_train_train, n), y_train.reshape(n * k),
+        test_kernel, fx_test_0 = flatten_full_kernel(ntk_test_train), flat_outputs(fx_test_0, m, "fx_test_0")
+    out = gradient_descent_mse(flatten_full_kernel(ntk_train_train), y_train.reshape(n * k),
                                flat_outputs(fx_train_0, n, "fx_train_0"), test_kernel, fx_test_0, t, **options)
     if test_kernel is None:
         return out.unflatten(-1, (n, k))

@@ -28,7 +28,13 @@ from torch import Tensor
 
 from ntkgp.layers.base import Layer
 from ntkgp.layers.validation import check_points
-from ntkgp.predict.gaussian import Gaussian, check_finite_kernel, check_non_negative, check_targets
+from ntkgp.predict.gaussian import (
+    Gaussian,
+    check_finite_kernel,
+    check_non_negative,
+    check_targets,
+    check_test_points,
+)
 from ntkgp.predict.gradient_flow import GradientFlow, _symmetric
 from ntkgp.predict.spectral import cholesky, regularize
 
@@ -79,9 +85,7 @@ class GPPosterior:
         """Posterior mean ``(M,)``/``(M, k)`` and covariance ``(M, M)`` at ``x_test``."""
         if self.kind == "ntk":
             return self._flow.predict(x_test, t=None, compute_cov=compute_cov)
-        check_points(x_test, "x_test")
-        if x_test.dim() != 2 or x_test.shape[-1] != self.x_train.shape[-1]:
-            raise ValueError(f"x_test must have shape (M, {self.x_train.shape[-1]}), got {tuple(x_test.shape)}.")
+        check_test_points(x_test, self.x_train.shape[-1])
         want_ntk = self.kind == "ntkgp"
         x_test = x_test.to(self.factor_dtype)
         with torch.no_grad():

@@ -173,6 +173,13 @@ def spectral_apply(left: Tensor, weights: Tensor, right: Tensor) -> Tensor:
     return (left @ scaled.reshape(n, n_times * k)).reshape(-1, n_times, k).movedim(1, 0)
 
 
+def flatten_full_kernel(kernel: Tensor) -> Tensor:
+    """A full ``(R, C, k, k)`` kernel as the ``(R k, C k)`` kernel of the flattened outputs,
+    ``Θ[(r, i), (c, j)] = Θ_rc,ij`` (the layout neural-tangents flattens to as well)."""
+    rows, cols, k1, k2 = kernel.shape
+    return kernel.permute(0, 2, 1, 3).reshape(rows * k1, cols * k2)
+
+
 def max_learning_rate(ntk_train_train: Tensor, y_train_size: int | None = None, momentum: float = 0.0) -> float:
     """Largest stable full-batch learning rate, ``2 (1 + momentum) m / λ_max(Θ)``.
 
@@ -187,7 +194,7 @@ def max_learning_rate(ntk_train_train: Tensor, y_train_size: int | None = None, 
     k = ntk_train_train.detach().to(torch.float64)
     shape = tuple(k.shape)
     if k.dim() == 4 and shape[0] == shape[1] and shape[2] == shape[3]:
-        k = k.permute(0, 2, 1, 3).reshape(shape[0] * shape[2], shape[1] * shape[3])
+        k = flatten_full_kernel(k)
     if k.dim() != 2 or k.shape[0] != k.shape[1] or not bool(torch.isfinite(k).all()):
         raise ValueError(f"ntk_train_train must be a finite square (N, N) or full (N, N, k, k) kernel, got shape "
                          f"{shape}.")
