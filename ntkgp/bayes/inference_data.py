@@ -93,16 +93,8 @@ def draws_to_inference_data(f_draws: ArrayLike, y_obs: ArrayLike, noise: ArrayLi
     f = finite(f_draws, "f_draws")
     if f.ndim not in (2, 3) or f.shape[0] == 0:
         raise ValueError(f"f_draws must have shape (S, M) or (S, M, k) with S >= 1, got {f.shape}.")
-    _, y = observations(f[0], y_obs, "one draw of f_draws", "y_obs")
-    noise_var = finite(noise, "noise")
-    noise_var = broadcast_per_point(noise_var, f.shape, has_outputs=f.ndim == 3, name="noise")
-    if not (noise_var > 0).all():
-        raise ValueError("noise must be a positive variance: the log likelihood of a noise-free "
-                         "observation model is degenerate.")
-    num_chains = integer_at_least(num_chains, 1, "num_chains")
+    y, noise_var, num_chains = check_export(f.shape, y_obs, noise, num_chains, "one draw of f_draws")
     num_draws = f.shape[0]
-    if num_draws % num_chains:
-        raise ValueError(f"num_chains={num_chains} must divide the number of draws, {num_draws}.")
     if y_draws is None:
         rng = np.random.default_rng(seed)
         y_rep = f + np.sqrt(noise_var) * rng.standard_normal(f.shape)
@@ -135,6 +127,26 @@ def draws_to_inference_data(f_draws: ArrayLike, y_obs: ArrayLike, noise: ArrayLi
     for group in ("posterior_predictive", "log_likelihood"):
         data[group].attrs.update(group_attrs)
     return data
+
+
+def check_export(shape: tuple[int, ...], y_obs: ArrayLike, noise: ArrayLike, num_chains: int,
+                 name: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Targets ``y_obs`` (the shape of one draw, ``shape[1:]``), the positive noise variance
+    broadcast to the draws' ``shape`` ``(S, M[, k])``, and ``num_chains`` (dividing ``S``).
+
+    Separate from :func:`draws_to_inference_data` so that callers who still have to make the
+    draws (:func:`ntkgp.bayes.gaussian_to_inference_data`) refuse bad arguments before that work.
+    """
+    _, y = observations(np.zeros(shape[1:]), y_obs, name, "y_obs")
+    noise_var = finite(noise, "noise")
+    noise_var = broadcast_per_point(noise_var, shape, has_outputs=len(shape) == 3, name="noise")
+    if not (noise_var > 0).all():
+        raise ValueError("noise must be a positive variance: the log likelihood of a noise-free "
+                         "observation model is degenerate.")
+    num_chains = integer_at_least(num_chains, 1, "num_chains")
+    if shape[0] % num_chains:
+        raise ValueError(f"num_chains={num_chains} must divide the number of draws, {shape[0]}.")
+    return y, noise_var, num_chains
 
 
 def _from_dict(groups: dict[str, dict[str, np.ndarray]], coords: dict, dims: dict):

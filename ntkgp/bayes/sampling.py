@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ntkgp._typing import ArrayLike
 from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least
-from ntkgp.bayes.inference_data import draws_to_inference_data
+from ntkgp.bayes.inference_data import check_export, draws_to_inference_data
 from ntkgp.predict.gaussian import Gaussian
 
 
@@ -115,6 +115,14 @@ def _covariance_root(cov: Tensor, mean: Tensor) -> Tensor:
     return vectors * values.clamp_min(0).sqrt()
 
 
+def _seed(seed: int | None) -> int | None:
+    """``None`` or a non-negative integer (numpy and 0-d tensor integers too), as both torch's and
+    numpy's generators take it."""
+    if seed is not None and integer_at_least(seed, 0, "seed") >= 2**64:
+        raise ValueError(f"seed must be below 2**64, got {seed!r}.")
+    return None if seed is None else int(seed)
+
+
 def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: int | Sequence[int] | None = None,
                    seed: int | None = 0) -> Tensor:
     r"""``num_draws`` joint draws ``f⁽ˢ⁾ = μ + R z⁽ˢ⁾``, ``z ~ N(0, I)``, ``R Rᵀ = Σ``.
@@ -125,6 +133,7 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: int
         ``(num_draws, M)`` or ``(num_draws, M, k)`` in float64.
     """
     num_draws = integer_at_least(num_draws, 1, "num_draws")
+    seed = _seed(seed)
     g = select_time(gaussian, time_index)
     mean = g.mean.detach().to(torch.float64)
     if not bool(torch.isfinite(mean).all()) or not bool(torch.isfinite(g.covariance).all()):
@@ -166,12 +175,17 @@ def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: floa
         num_draws: ``S``, draws in total (all chains).
         num_chains: chains the independent draws are split into (must divide ``num_draws``).
         time_index: which training time, if the Gaussian has time axes.
-        seed: seed of the draws (``None``: fresh entropy).
+        seed: seed of the draws, a non-negative integer (``None``: fresh entropy).
 
     Returns:
         ``arviz.InferenceData`` (ArviZ 0.x) or ``xarray.DataTree`` (ArviZ ≥ 1).
     """
-    draws = sample_outputs(gaussian, num_draws, time_index=time_index, seed=seed)
+    # every argument is checked before the eigendecomposition and the draws (seconds at M ~ 2000)
+    num_draws = integer_at_least(num_draws, 1, "num_draws")
+    seed = _seed(seed)
+    g = select_time(gaussian, time_index)
+    check_export((num_draws, *g.mean.shape), y_obs, noise, num_chains, "one draw (the Gaussian's mean)")
+    draws = sample_outputs(g, num_draws, seed=seed)
     noise_seed = None if seed is None else int(np.random.SeedSequence(seed).generate_state(1)[0])
     return draws_to_inference_data(draws.cpu().numpy(), y_obs, noise, num_chains=num_chains, seed=noise_seed,
                                    attrs={"kind": "gaussian", "time_index": str(time_index)})
