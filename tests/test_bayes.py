@@ -284,6 +284,32 @@ def test_sampling_a_singular_covariance():
     torch.testing.assert_close(ratio, ratio[:, :1].expand(-1, 3))
 
 
+def test_pinned_posteriors_sample_whatever_the_targets_and_kernel_scale():
+    """Noise-free posteriors at their training points have covariances of pure rounding, ~±ε·K**.
+    The PSD tolerance scaled with the mean only, so zero targets (eigenvalues ±4e-15, tolerance
+    5e-23) or a kernel scale ~2e6 with targets ~0.01 (±9e-10 against 1.2e-11) were refused as
+    "not positive semi-definite". The predictors now record K**'s scale in the Gaussian."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5, generator=g)
+    for net, y in ((ntkgp.mlp(3, "relu", 2.0, 0.1), torch.zeros(40)),
+                   (ntkgp.mlp(3, "relu", 50.0, 0.1), 0.01 * torch.randn(40, 2, generator=g))):
+        scale = float(net.kernel(x, diag=True).nngp.detach().max())
+        flow = ntkgp.predict.GradientFlow(net, x, y)
+        pinned = [ntkgp.predict.gp_posterior(net, x, y, x, kernel=kind, noise=0.0) for kind in ("nngp", "ntk")]
+        pinned += [flow.predict(x, t=None), bayes.select_time(flow.predict(x, t=torch.tensor([1.0, 1e6])), -1)]
+        for gaussian in pinned:
+            assert gaussian.scale == pytest.approx(scale, rel=1e-12)
+            draws = bayes.sample_outputs(gaussian, 20)
+            # draws of a pinned posterior stay within √(rounding) ~ √(1e-14 K**) of the mean
+            assert float((draws - gaussian.mean).abs().max()) < 1e-5 * math.sqrt(scale)
+        assert flow.predict(None, t=1.0).scale == pytest.approx(scale, rel=1e-12)
+    # a Gaussian built by hand has no scale: an indefinite covariance is still refused
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        bayes.sample_outputs(Gaussian(torch.zeros(2), torch.tensor([[1e-12, 0.0], [0.0, -1e-12]])))
+    assert bayes.sample_outputs(Gaussian(torch.zeros(2), torch.tensor([[1e-12, 0.0], [0.0, -1e-12]]), 1.0), 5).shape \
+        == (5, 2)
+
+
 def test_numpy_level_export_without_torch():
     """The numpy-level modules load and export without torch (as on ArviZ 1.x / Python 3.12+).
 

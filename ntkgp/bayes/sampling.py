@@ -69,7 +69,7 @@ def select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None = Non
     for i, n in zip(index, time_shape, strict=True):
         if not -n <= i < n:
             raise ValueError(f"time_index {time_index!r} is out of range for time shape {tuple(time_shape)}.")
-    return Gaussian(mean[index], cov[index])
+    return Gaussian(mean[index], cov[index], gaussian.scale)
 
 
 def predictive_moments(gaussian: Gaussian, noise: float | Tensor = 0.0,
@@ -95,19 +95,22 @@ def _noise_tensor(noise, like: Tensor) -> Tensor:
     return value
 
 
-def _covariance_root(cov: Tensor, mean: Tensor) -> Tensor:
+def _covariance_root(cov: Tensor, mean: Tensor, prior: float | None = None) -> Tensor:
     r"""``R`` with ``R Rᵀ = Σ``, from ``Σ = V diag(λ) Vᵀ`` as ``R = V diag(√max(λ, 0))``.
 
     An eigendecomposition instead of a Cholesky factor because predictive covariances are often
     singular (test points repeating training points, gradient flow at ``t = ∞`` on the training
-    set) and a little indefinite from rounding. Eigenvalues below ``−√ε · max(|λ|_max, μ²_max)``
-    (``ε`` of the covariance's dtype) mean the matrix is not a covariance and raise a
-    ``ValueError``. The mean's scale is there because a posterior pinned at its training points
-    has a covariance that is nothing but rounding, of either sign, of quantities of that scale.
+    set) and a little indefinite from rounding. Eigenvalues below ``−√ε · max(|λ|_max, μ²_max, s)``
+    (``ε`` of the covariance's dtype, ``s`` the Gaussian's :attr:`~ntkgp.predict.Gaussian.scale`)
+    mean the matrix is not a covariance and raise a ``ValueError``. A posterior pinned at its
+    training points has a covariance that is nothing but rounding, of either sign, of the prior
+    kernel (``s``, which the predictors record) and, for a Gaussian built by hand without ``s``,
+    of quantities of the mean's scale.
     """
     values, vectors = torch.linalg.eigh(cov.to(torch.float64))
     scale = float(values.abs().max()) if values.numel() else 0.0
     scale = max(scale, float(mean.square().max())) if mean.numel() else scale
+    scale = max(scale, abs(prior)) if prior is not None else scale
     tolerance = torch.finfo(cov.dtype).eps ** 0.5 * scale
     if values.numel() and float(values.min()) < -tolerance:
         raise ValueError(f"covariance is not positive semi-definite: smallest eigenvalue {float(values.min()):.3g} "
@@ -138,7 +141,7 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: int
     mean = g.mean.detach().to(torch.float64)
     if not bool(torch.isfinite(mean).all()) or not bool(torch.isfinite(g.covariance).all()):
         raise ValueError("The Gaussian's mean or covariance contains NaN or infinite values.")
-    root = _covariance_root(g.covariance.detach(), mean)
+    root = _covariance_root(g.covariance.detach(), mean, g.scale)
     generator = torch.Generator(device="cpu")
     if seed is None:
         generator.seed()

@@ -18,10 +18,16 @@ class Gaussian:
         mean: ``(*time, M)`` for 1-D targets, ``(*time, M, k)`` for ``k`` outputs.
         covariance: ``(*time, M, M)``, shared by every output unit (the full covariance is
             ``covariance ⊗ I_k``), or ``None`` when not computed.
+        scale: the largest prior variance the covariance was computed from (``max diag K**``, or
+            of the training kernel for training-set outputs); set by the predictors, ``None`` for a
+            Gaussian built by hand. The covariance is a difference of terms of this size, so its
+            rounding error is relative to it even where the covariance itself is ~0 (test points the
+            data pin): :func:`ntkgp.bayes.sample_outputs` tells rounding from indefiniteness by it.
     """
 
     mean: Tensor
     covariance: Tensor | None = None
+    scale: float | None = None
 
     @property
     def variance(self) -> Tensor | None:
@@ -30,6 +36,11 @@ class Gaussian:
         if self.covariance is None:
             return None
         return torch.diagonal(self.covariance, dim1=-2, dim2=-1).clamp_min(0)
+
+
+def prior_scale(prior: Tensor) -> float:
+    """:attr:`Gaussian.scale` of a covariance computed from the prior kernel ``prior``: ``max |diag|``."""
+    return float(torch.diagonal(prior, dim1=-2, dim2=-1).abs().max()) if prior.numel() else 0.0
 
 
 def check_targets(y_train: Tensor, n_train: int) -> Tensor:

@@ -38,6 +38,7 @@ from ntkgp.predict.gaussian import (
     check_non_negative,
     check_targets,
     check_test_points,
+    prior_scale,
 )
 from ntkgp.predict.spectral import (
     Eigensystem,
@@ -155,7 +156,11 @@ class GradientFlow:
             cov = None if cov is None else schedule.reshape(cov, 2)
         if not self.vector_targets:
             mean = mean.squeeze(-1)
-        return Gaussian(mean.to(self.dtype), None if cov is None else cov.to(self.dtype))
+        if cov is None:
+            return Gaussian(mean.to(self.dtype))
+        # every term of Σ_t is of the size of the NNGP at the points predicted
+        scale = prior_scale(self.nngp_dd if kernels is None else kernels["nngp_tt"])
+        return Gaussian(mean.to(self.dtype), cov.to(self.dtype), scale)
 
     def _test_kernels(self, x_test: Tensor, compute_cov: bool) -> dict[str, Tensor]:
         x_test = x_test.to(self.factor_dtype)

@@ -34,6 +34,7 @@ from ntkgp.predict.gaussian import (
     check_non_negative,
     check_targets,
     check_test_points,
+    prior_scale,
 )
 from ntkgp.predict.gradient_flow import GradientFlow, _symmetric
 from ntkgp.predict.spectral import cholesky, regularize
@@ -93,16 +94,16 @@ class GPPosterior:
             c_td = cross.ntk if want_ntk else cross.nngp
             check_finite_kernel(c_td, "test")
             mean = c_td @ torch.cholesky_solve(self.y, self._cholesky)
-            cov = None
+            cov, scale = None, None
             if compute_cov:
                 test = self.net.kernel(x_test, ntk=want_ntk)
                 c_tt = test.ntk if want_ntk else test.nngp
                 check_finite_kernel(c_tt, "test")
                 w = torch.linalg.solve_triangular(self._cholesky, c_td.mT, upper=False)
-                cov = _symmetric(c_tt - w.mT @ w).to(self.dtype)
+                cov, scale = _symmetric(c_tt - w.mT @ w).to(self.dtype), prior_scale(c_tt)
         if not self.vector_targets:
             mean = mean.squeeze(-1)
-        return Gaussian(mean.to(self.dtype), cov)
+        return Gaussian(mean.to(self.dtype), cov, scale)
 
     def log_marginal_likelihood(self) -> float:
         """``log p(Y) = Σ_outputs [−½ yᵀ C⁻¹ y − ½ log|C| − (N/2) log 2π]`` (``C`` = prior + noise)."""
