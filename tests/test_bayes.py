@@ -435,6 +435,20 @@ def test_accuracy_and_misclassification_auroc_by_hand():
         bayes.accuracy(mean, [0, 1])
 
 
+def test_labels_outside_the_classes_of_the_mean_are_refused():
+    """A label >= C (or < 0) can never be the argmax of (M, C) scores; it was counted as an error
+    silently (1-based labels 1 … C scored accuracy 0 here instead of raising)."""
+    mean = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.8, 0.2], [0.1, 0.0, 0.7]])
+    assert bayes.accuracy(mean, [0, 1, 2]) == 1.0
+    for labels in ([1, 2, 3], [0, 1, -1]):
+        with pytest.raises(ValueError, match=r"class indices 0 … 2"):
+            bayes.accuracy(mean, labels)
+        with pytest.raises(ValueError, match=r"class indices 0 … 2"):
+            bayes.misclassification_auroc(mean, torch.tensor([0.1, 0.2, 0.3]), labels)
+    assert bayes.accuracy(torch.tensor([1, 2, 3]), [1, 2, 3]) == 1.0       # predicted labels: any integers
+    assert bayes.misclassification_auroc(mean, torch.tensor([0.1, 0.2, 0.3]), [0, 1, 1]) == 1.0
+
+
 def test_digits_classification_as_regression():
     """NNGP and converged-NTK ensemble (depth-2 ReLU, σ_w² = 2, σ_b² = 0.01, noise 0.01) on
     sklearn's load_digits: train on images 0..999, test on 1000..1796 (797), one-hot targets

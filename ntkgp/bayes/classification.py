@@ -60,6 +60,18 @@ def _class_scores(mean) -> np.ndarray:
     return scores
 
 
+def _class_labels(labels: ArrayLike, scores: np.ndarray) -> np.ndarray:
+    """Labels ``(M,)`` for ``(M, C)`` class scores, each in ``0 … C−1``: any other label can never be
+    the argmax, and would count as an error silently (e.g. labels ``1 … C`` instead of ``0 … C−1``)."""
+    truth = labels_array(labels)
+    if truth.shape != (scores.shape[0],):
+        raise ValueError(f"labels must have shape ({scores.shape[0]},), got {truth.shape}.")
+    if truth.min() < 0 or truth.max() >= scores.shape[1]:
+        raise ValueError(f"labels must be class indices 0 … {scores.shape[1] - 1} of the {scores.shape[1]} "
+                         f"outputs of mean, got labels from {truth.min()} to {truth.max()}.")
+    return truth
+
+
 def predict_classes(mean: ArrayLike) -> Tensor | np.ndarray:
     """Predicted classes ``argmax_c μ_ic``: ``(M,)``; a tensor for tensor input, else numpy."""
     scores = _class_scores(mean)
@@ -71,11 +83,14 @@ def predict_classes(mean: ArrayLike) -> Tensor | np.ndarray:
 def accuracy(mean_or_predictions: ArrayLike, labels: ArrayLike) -> float:
     """Fraction of correct predictions: ``(1/M) Σ_i 1[ĉ_i = c_i]``.
 
-    ``mean_or_predictions`` is either the ``(M, C)`` posterior mean (classes by argmax) or
-    ``(M,)`` predicted labels.
+    ``mean_or_predictions`` is either the ``(M, C)`` posterior mean (classes by argmax; then
+    ``labels`` must lie in ``0 … C−1``) or ``(M,)`` predicted labels.
     """
     raw = finite(mean_or_predictions, "mean_or_predictions")
-    predicted = _class_scores(raw).argmax(-1) if raw.ndim == 2 else labels_array(raw, "mean_or_predictions")
+    if raw.ndim == 2:
+        scores = _class_scores(raw)
+        return float(np.mean(scores.argmax(-1) == _class_labels(labels, scores)))
+    predicted = labels_array(raw, "mean_or_predictions")
     truth = labels_array(labels)
     if truth.shape != predicted.shape:
         raise ValueError(f"labels must have shape {predicted.shape}, got {truth.shape}.")
@@ -91,8 +106,8 @@ def misclassification_auroc(mean: ArrayLike, variance: ArrayLike, labels: ArrayL
     prediction. See :func:`ntkgp.bayes.metrics.auroc`.
 
     Raises:
-        ValueError: if every point is classified correctly (or every one wrongly), so the
-            AUROC is undefined.
+        ValueError: if a label is not one of the ``C`` classes ``0 … C−1``, or every point is
+            classified correctly (or every one wrongly), so the AUROC is undefined.
     """
     scores = _class_scores(mean)
     var = finite(variance, "variance")
@@ -100,10 +115,7 @@ def misclassification_auroc(mean: ArrayLike, variance: ArrayLike, labels: ArrayL
         var = var.mean(-1)
     if var.shape != (scores.shape[0],):
         raise ValueError(f"variance must have shape ({scores.shape[0]},) or {scores.shape}, got {var.shape}.")
-    truth = labels_array(labels)
-    if truth.shape != (scores.shape[0],):
-        raise ValueError(f"labels must have shape ({scores.shape[0]},), got {truth.shape}.")
-    wrong = scores.argmax(-1) != truth
+    wrong = scores.argmax(-1) != _class_labels(labels, scores)
     if wrong.all() or not wrong.any():
         raise ValueError(f"{int(wrong.sum())} of {wrong.size} points are misclassified: the AUROC of "
                          "flagging errors needs both correct and wrong predictions.")
