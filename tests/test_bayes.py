@@ -449,6 +449,17 @@ def test_labels_outside_the_classes_of_the_mean_are_refused():
     assert bayes.misclassification_auroc(mean, torch.tensor([0.1, 0.2, 0.3]), [0, 1, 1]) == 1.0
 
 
+def test_one_hot_targets_refuse_integer_dtypes_and_huge_labels():
+    """dtype=torch.int64 returned float32 targets (the offset is fractional); a label of 1e19 wrapped
+    to int64's minimum and was reported as "non-negative ... got minimum -9223372036854775808"."""
+    assert bayes.one_hot_targets([0, 1], dtype=torch.float32).dtype == torch.float32
+    for dtype in (torch.int64, torch.bool, "float32"):
+        with pytest.raises(ValueError, match=r"floating-point torch\.dtype"):
+            bayes.one_hot_targets([0, 1], dtype=dtype)
+    with pytest.raises(ValueError, match=r"below 2\*\*53, got 1e\+19"):
+        bayes.one_hot_targets([0.0, 1e19])
+
+
 def test_digits_classification_as_regression():
     """NNGP and converged-NTK ensemble (depth-2 ReLU, σ_w² = 2, σ_b² = 0.01, noise 0.01) on
     sklearn's load_digits: train on images 0..999, test on 1000..1796 (797), one-hot targets

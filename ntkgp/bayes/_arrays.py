@@ -45,6 +45,8 @@ def labels_array(value: ArrayLike, name: str = "labels") -> np.ndarray:
         raise ValueError(f"{name} must have shape (M,), got {array.shape}.")
     if not np.array_equal(array, np.round(array)):
         raise ValueError(f"{name} must hold integer class labels.")
+    if array.size and np.abs(array).max() >= 2**53:   # beyond float64's exact integers (and int64's range)
+        raise ValueError(f"{name} must be class indices below 2**53, got {np.abs(array).max():g}.")
     return array.astype(np.int64)
 
 

@@ -31,8 +31,11 @@ def one_hot_targets(labels: ArrayLike, num_classes: int | None = None, offset: f
         num_classes: ``C``; default ``max(labels) + 1``.
         offset: subtracted from every entry; default ``1/C``, which makes every row sum to zero
             (``e_c − 0.1`` for ten classes, Lee et al. 2018).
-        dtype: of the returned tensor.
+        dtype: of the returned tensor, a floating-point ``torch.dtype``.
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        # the offset makes the targets fractional: an integer dtype came back as float32
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}.")
     y = labels_array(labels)
     if y.size == 0:
         raise ValueError("labels is empty.")
