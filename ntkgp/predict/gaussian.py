@@ -40,7 +40,7 @@ class Gaussian:
 
 def prior_scale(prior: Tensor) -> float:
     """:attr:`Gaussian.scale` of a covariance computed from the prior kernel ``prior``: ``max |diag|``."""
-    return float(torch.diagonal(prior, dim1=-2, dim2=-1).abs().max()) if prior.numel() else 0.0
+    return float(torch.diagonal(prior.detach(), dim1=-2, dim2=-1).abs().max()) if prior.numel() else 0.0
 
 
 def check_targets(y_train: Tensor, n_train: int) -> Tensor:
