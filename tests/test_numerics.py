@@ -615,3 +615,38 @@ def test_a_failed_compilation_is_not_retried_for_the_same_network_and_dtype(monk
     assert len(attempts) == 1
     torch.testing.assert_close(first.ntk, eager.ntk, rtol=0, atol=0)
     torch.testing.assert_close(second.nngp, eager.nngp, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-14), (torch.float32, 2e-6)])
+def test_sin_and_cos_keep_their_digits_at_small_variances(dtype, rtol):
+    """Sin's T (and Cos's Ṫ) was a difference e^A − e^B of exponentials that agree to ``b²k``: at
+    variances k it lost ε/k of its digits (float64, k = 1e-8: 1e-8; float32 input scale 1e-3:
+    8 %; k ~ 1e-300: every digit, T = 0). Reference, for c = 0 with m = (k11 + k22)/2:
+    e^A − e^B = 2 e^{−b²m} sinh(b² k12), e^A + e^B = 2 e^{−b²m} cosh(b² k12), in float64."""
+    g = torch.Generator().manual_seed(0)
+    k11 = 10 ** (torch.rand(400, generator=g, dtype=torch.float64) * 12 - 13)
+    k22 = k11 * 10 ** (torch.rand(400, generator=g, dtype=torch.float64) * 2 - 1)
+    k12 = (2 * torch.rand(400, generator=g, dtype=torch.float64) - 1) * (k11 * k22).sqrt()
+    a, b = 1.3, 0.7
+    decay = torch.exp(-b**2 * (k11 + k22) / 2)
+    odd, even = a**2 * decay * torch.sinh(b**2 * k12), a**2 * decay * torch.cosh(b**2 * k12)
+    k11_, k12_, k22_ = (t.to(dtype) for t in (k11, k12, k22))
+    for act, (t_ref, dot_ref) in ((ntkgp.Sin(a, b), (odd, b**2 * even)), (ntkgp.Cos(a, b), (even, b**2 * odd))):
+        t, dot = act.pair_kernel(k11_, k12_, k22_, True)
+        assert t.dtype == dot.dtype == dtype
+        # relative to the value of the float-rounded arguments (the reference is exact for the float64 ones)
+        torch.testing.assert_close(t.double(), t_ref, rtol=rtol, atol=0)
+        torch.testing.assert_close(dot.double(), dot_ref, rtol=rtol, atol=0)
+    sin_var = ntkgp.Sin(a, b).variance(k11_).double()
+    torch.testing.assert_close(sin_var, a**2 * torch.exp(-b**2 * k11) * torch.sinh(b**2 * k11), rtol=rtol, atol=0)
+    # a network on small inputs: a float32 kernel agrees with the float64 one to float32 precision
+    # (of its largest entry: nearly orthogonal pairs lose digits in the input Gram itself)
+    x = 1e-3 * torch.randn(6, 3, generator=g, dtype=torch.float64)
+    net = ntkgp.serial(ntkgp.Dense(8, 1.0, None), ntkgp.Sin(), ntkgp.Dense(8, 1.5, None), ntkgp.Sin(),
+                       ntkgp.Dense(1, 1.0, None))
+    with torch.no_grad():
+        low, high = net.kernel(x.to(dtype)), net.kernel(x)
+    for name in ("nngp", "ntk"):
+        expected = getattr(high, name)
+        torch.testing.assert_close(getattr(low, name).double(), expected, rtol=0,
+                                   atol=max(rtol, 1e-6) * float(expected.abs().max()))

@@ -260,16 +260,24 @@ class Sin(Activation):
     r"""``φ(x) = a·sin(b x + c)``. From ``sin A sin B = (cos(A−B) − cos(A+B))/2``::
 
         T = a²/2 · (e^{b²(k12 − (k11+k22)/2)} − cos(2c) e^{−b²(k12 + (k11+k22)/2)})
-        Ṫ = a² b²/2 · (e^{b²(k12 − (k11+k22)/2)} + cos(2c) e^{−b²(k12 + (k11+k22)/2)})
+        Ṫ = a²b²/2 · (e^{b²(k12 − (k11+k22)/2)} + cos(2c) e^{−b²(k12 + (k11+k22)/2)})
 
     The exponents are combined before ``exp`` so nothing overflows (``|k12| ≤ (k11+k22)/2``),
     and clamped at 0: for nearly (anti)parallel inputs of large variance rounding can make them
     positive by ``ulp(k)``, which ``exp`` turned into ``inf``.
+
+    Where ``cos 2c ≈ ±1`` one of the two is a difference of nearly equal exponentials at small
+    variances (``T ≈ a² b² k12`` for ``c = 0``): ``e^A − e^B`` (``A − B = 2b²k12``) is taken as
+    ``−e^A expm1(−2b²k12)`` (``k12 ≥ 0``) or ``e^B expm1(2b²k12)``, and the rest as
+    ``(1 ∓ cos 2c) e^B`` with ``1 − cos 2c = 2 sin²c``, ``1 + cos 2c = 2 cos²c``. As a plain
+    difference ``T`` lost ``ε/(b²k)`` of its digits: at float32 input scale ``10⁻³`` it was 8 % off.
     """
 
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
         super().__init__()
         self.a, self.b, self.c = _finite(a=a, b=b, c=c)
+        # cos 2c, 1 − cos 2c and 1 + cos 2c, the latter two without cancellation
+        self._cos2c, self._one_minus, self._one_plus = math.cos(2 * c), 2 * math.sin(c) ** 2, 2 * math.cos(c) ** 2
 
     def fn(self, x: Tensor) -> Tensor:
         return _sin(x, self.a, self.b, self.c)
@@ -279,14 +287,30 @@ class Sin(Activation):
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         b2, half_sum = self.b**2, (k11 + k22) / 2
-        plus = torch.exp((b2 * (k12 - half_sum)).clamp(max=0))
-        minus = math.cos(2 * self.c) * torch.exp((-b2 * (k12 + half_sum)).clamp(max=0))
-        nngp = self.a**2 / 2 * (plus - minus)
-        dot = self.a**2 * b2 / 2 * (plus + minus) if want_dot else None
+        plus = torch.exp((b2 * (k12 - half_sum)).clamp(max=0))         # e^A
+        minus = torch.exp((-b2 * (k12 + half_sum)).clamp(max=0))       # e^B
+        # e^A − e^B from the larger exponential and expm1 of the clamped gap: no cancellation, no
+        # overflow in the branch torch.where discards (its gradient would be NaN)
+        difference = torch.where(k12 >= 0, -plus * torch.expm1(-2 * b2 * k12.clamp(min=0)),
+                                 minus * torch.expm1(2 * b2 * k12.clamp(max=0)))
+        cos2c = self._cos2c
+        if cos2c > 0:
+            nngp = self.a**2 / 2 * (difference + self._one_minus * minus)
+        else:
+            nngp = self.a**2 / 2 * (plus - cos2c * minus)
+        dot = None
+        if want_dot:
+            if cos2c < 0:
+                dot = self.a**2 * b2 / 2 * (difference + self._one_plus * minus)
+            else:
+                dot = self.a**2 * b2 / 2 * (plus + cos2c * minus)
         return nngp, dot
 
     def variance(self, k: Tensor) -> Tensor:
-        return self.a**2 / 2 * (1 - math.cos(2 * self.c) * torch.exp(-2 * self.b**2 * k))
+        decay = torch.exp(-2 * self.b**2 * k)
+        if self._cos2c > 0:   # 1 − cos 2c · e^{−2b²k} = −expm1(−2b²k) + (1 − cos 2c) e^{−2b²k}
+            return self.a**2 / 2 * (self._one_minus * decay - torch.expm1(-2 * self.b**2 * k))
+        return self.a**2 / 2 * (1 - self._cos2c * decay)
 
     def extra_repr(self) -> str:
         return f"a={self.a:g}, b={self.b:g}, c={self.c:g}"
@@ -298,6 +322,8 @@ class Cos(Sin):
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
         (c,) = _finite(c=c)
         super().__init__(a, b, c + math.pi / 2)
+        # from c itself: c + π/2 is rounded, and 1 + cos(2c + π) = 2 sin²c must be 0 exactly at c = 0
+        self._cos2c, self._one_minus, self._one_plus = -math.cos(2 * c), 2 * math.cos(c) ** 2, 2 * math.sin(c) ** 2
 
 
 # ---------------------------------------------------------------------------------- step
