@@ -87,7 +87,10 @@ class NetworkGP(gpytorch.models.ExactGP):
         covar = self.covar_module(x)
         if self.num_outputs == 1 and self.train_targets.dim() == 1:
             return gpytorch.distributions.MultivariateNormal(self.mean_module(x), covar)
-        mean = self.mean_module(x).mT                                    # (N, k)
+        # a task axis in front of the points: the means' batch_shape (k,) then broadcasts against
+        # the batch axes of x, (*batch, 1, N) -> (*batch, k, N), instead of being aligned with them
+        # (batched test inputs (b, n, d) crashed, or with k = 1 took b for the outputs)
+        mean = self.mean_module(x.unsqueeze(-3)).mT                      # (*batch, N, k)
         identity = IdentityLinearOperator(self.num_outputs, dtype=x.dtype, device=x.device)
         return gpytorch.distributions.MultitaskMultivariateNormal(
             mean, KroneckerProductLinearOperator(covar, identity), interleaved=True)

@@ -63,6 +63,30 @@ def test_vector_targets_share_one_kernel_and_noise():
     torch.testing.assert_close(mean, post.mean, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("mean", ["zero", "constant"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_vector_targets_predict_batched_test_inputs(mean, k):
+    """Test inputs (b, n, d) give each batch the prediction of its own (n, d) set. With (N, k)
+    targets the per-output means were aligned with the batch axes instead: k != b crashed in
+    the mean's broadcast, and k = 1 made a (n, b) mean that did not fit the (b, ...) covariance."""
+    x, y = _data(k=k)
+    model = NetworkGP(x, y, ntkgp.mlp(2, "relu", 2.0, 0.1), kernel="ntk", mean=mean)
+    if mean == "constant":
+        with torch.no_grad():
+            model.mean_module.constant.copy_(torch.linspace(-0.5, 0.5, k))
+    model.likelihood.noise = 0.03
+    model.eval()
+    xt = torch.rand(4, 5, 2, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    with torch.no_grad():
+        batched = model.likelihood(model(xt))
+        single = [model.likelihood(model(xt[i])) for i in range(4)]
+    assert batched.mean.shape == (4, 5, k)
+    for i, one in enumerate(single):
+        # the same solves on the same kernel entries, batched or not: rounding only
+        torch.testing.assert_close(batched.mean[i], one.mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(batched.covariance_matrix[i], one.covariance_matrix, rtol=1e-10, atol=1e-12)
+
+
 def test_marginal_likelihood_recovers_the_prior_variances():
     """Data sampled from the NNGP prior: the fitted log-variances are within 4 standard errors
     (from the Fisher information, I_ij = k/2 tr(C⁻¹ ∂_i C C⁻¹ ∂_j C)) of the truth."""
