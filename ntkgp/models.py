@@ -102,16 +102,21 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     """Maximize the exact marginal log likelihood of ``model`` on its training data.
 
     Args:
-        model: an ``ExactGP`` (e.g. :class:`NetworkGP`, or a BoTorch model).
+        model: an ``ExactGP`` (e.g. :class:`NetworkGP`, or a BoTorch model; a batched model, such
+            as a multi-output ``SingleTaskGP``, maximizes the mean of its batch's likelihoods).
+            Constraints without a transform (BoTorch's noise, ``GreaterThan(1e-4, transform=None)``)
+            are bounds: every step ends clamped to them, as in BoTorch's torch fitting. For
+            BoTorch models ``fit_gpytorch_mll`` (L-BFGS-B within those bounds) usually fits better.
         steps: optimizer steps.
         lr: Adam learning rate (log-variances move by about ``lr`` per step).
-        optimizer: a ready optimizer over ``model.parameters()`` instead of Adam.
+        optimizer: a ready optimizer over ``model.parameters()`` instead of Adam; its ``step`` is
+            given the loss closure, so optimizers that need one (``torch.optim.LBFGS``) work too.
         callback: called as ``callback(step, loss)`` after every step.
 
     Returns:
         The negative marginal log likelihood per target entry (per data point for 1-D targets)
-        at every step. The model is left
-        in eval mode. Raises ``FloatingPointError`` if the loss or a gradient is not finite.
+        at every step, before that step's update (for LBFGS: at the start of the step). The model
+        is left in eval mode. Raises ``FloatingPointError`` if the loss or a gradient is not finite.
     """
     steps = integer_at_least(steps, 0, "steps")
     model.train()
@@ -119,15 +124,32 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer or torch.optim.Adam(params, lr=lr)
+    # constraints without a transform (BoTorch's noise: GreaterThan(1e-4, transform=None)) are
+    # bounds for the optimizer, not part of the parameterization: an unbounded step can leave
+    # them (a negative noise variance, then a failed Cholesky), so each step ends clamped, as in
+    # BoTorch's own torch fitting
+    trained = {id(p) for p in params}
+    bounded = [(p, c) for _, p, c in model.named_parameters_and_constraints()
+               if c is not None and not c.enforced and id(p) in trained]
     history: list[float] = []
-    for step in range(steps):
+    step = 0
+
+    def closure() -> Tensor:
         optimizer.zero_grad()
-        loss = -mll(model(*model.train_inputs), model.train_targets)
+        # ExactMarginalLogLikelihood is per target entry of each batch member: a batched model
+        # (one per output) gives one value per member, and their mean is per entry of all targets
+        loss = -mll(model(*model.train_inputs), model.train_targets).mean()
         loss.backward()
         if not math.isfinite(float(loss.detach())) or any(p.grad is not None and not bool(torch.isfinite(p.grad).all())
-                                                 for p in params):
+                                                     for p in params):
             raise FloatingPointError(f"Non-finite marginal likelihood or gradient at step {step}.")
-        optimizer.step()
+        return loss
+
+    for step in range(steps):
+        loss = optimizer.step(closure)
+        with torch.no_grad():
+            for p, constraint in bounded:
+                p.copy_(torch.maximum(torch.minimum(p, constraint.upper_bound.to(p)), constraint.lower_bound.to(p)))
         history.append(float(loss.detach()))
         if callback is not None:
             callback(step, history[-1])

@@ -194,6 +194,48 @@ def test_botorch_fits_batched_kernels_and_variances_pinned_at_zero():
     assert float(constraint.inverse_transform(torch.tensor(math.inf))) == math.inf
 
 
+def test_fit_takes_batched_botorch_models_and_keeps_their_noise_within_its_bounds():
+    """fit documents BoTorch models: a multi-output SingleTaskGP (a batch of two GPs, one MLL per
+    member) crashed in backward ("grad can be implicitly created only for scalar outputs"), and
+    Adam drove BoTorch's noise, a bound without transform (GreaterThan(1e-4, transform=None)),
+    to -0.01 (then "Matrix not positive definite")."""
+    pytest.importorskip("botorch")
+    from botorch.models import SingleTaskGP
+    from botorch.models.transforms import Standardize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(15, 2, generator=g)
+    y = torch.sin(3 * x.sum(-1, keepdim=True))
+    for targets in (y, torch.cat([y, torch.cos(3 * x[:, :1])], -1)):
+        m = targets.shape[-1]
+        kernel = ntkgp.NNGPKernel(ntkgp.mlp(2, "erf", 2.0, 0.1), batch_shape=torch.Size([m] if m > 1 else []))
+        model = SingleTaskGP(x, targets, covar_module=kernel, outcome_transform=Standardize(m=m))
+        model.train()
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+        with torch.no_grad():
+            start = -mll(model(*model.train_inputs), model.train_targets)        # (m,) for a batch
+        history = fit(model, steps=100, lr=0.05)
+        assert len(history) == 100 and all(math.isfinite(v) for v in history)
+        assert abs(history[0] - float(start.mean())) < 1e-12               # per entry of all targets
+        assert float(model.likelihood.noise.detach().min()) >= 1e-4
+        assert min(history) < history[0] - 0.5
+
+
+def test_fit_accepts_optimizers_that_need_a_closure():
+    """torch.optim.LBFGS.step needs the loss closure (fit called step() without it: TypeError).
+    With it, fit reaches a stationary point of the marginal likelihood."""
+    x, y = _data()
+    model = NetworkGP(x, y, ntkgp.mlp(2, "erf", 1.5, 0.1))
+    optimizer = torch.optim.LBFGS(model.parameters(), max_iter=50, line_search_fn="strong_wolfe")
+    history = fit(model, steps=5, optimizer=optimizer)
+    model.train()
+    loss = -gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)(model(x), y)
+    loss.backward()
+    assert history[-1] < history[0] - 1.0
+    assert abs(history[-1] - float(loss)) < 1e-8                            # converged within a step
+    assert max(float(p.grad.abs().max()) for p in model.parameters()) < 1e-4
+
+
 def test_network_gp_follows_the_dtype_of_its_data():
     """float64 data with float32 modules trained, but predicting (N, k) targets failed inside
     linear_operator ("expected scalar type Float but found Double")."""
