@@ -14,6 +14,7 @@ from ntkgp._checks import integer_at_least
 from ntkgp.kernels import NNGPKernel, NTKKernel
 from ntkgp.layers.base import Layer
 from ntkgp.layers.mlp import mlp
+from ntkgp.layers.validation import check_points
 
 KERNELS = {"nngp": NNGPKernel, "ntk": NTKKernel}
 
@@ -49,6 +50,14 @@ class NetworkGP(gpytorch.models.ExactGP):
                  **mlp_kwargs) -> None:
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}.")
+        check_points(train_x, "train_x")
+        if not isinstance(train_y, Tensor) or not train_y.is_floating_point():
+            raise ValueError(f"train_y must be a floating-point tensor, got "
+                             f"{train_y.dtype if isinstance(train_y, Tensor) else type(train_y).__name__}.")
+        if not bool(torch.isfinite(train_y).all()):
+            # GPyTorch would take them: NaN predictions everywhere, and fit's "non-finite marginal
+            # likelihood" would not say why
+            raise ValueError("train_y contains NaN or infinite values.")
         if train_y.dim() not in (1, 2) or train_y.shape[0] != train_x.shape[-2]:
             raise ValueError(f"train_y must be (N,) or (N, k) with N = {train_x.shape[-2]}, "
                              f"got {tuple(train_y.shape)}.")

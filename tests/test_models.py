@@ -281,6 +281,26 @@ def test_network_gp_counts_each_prior_once():
     assert model.net is model.covar_module.net
 
 
+def test_network_gp_refuses_non_finite_or_integer_data():
+    """A NaN target was accepted: every prediction came out NaN and fit only said "Non-finite
+    marginal likelihood or gradient at step 0"."""
+    x, y = _data()
+    bad_y = y.clone()
+    bad_y[3] = math.nan
+    with pytest.raises(ValueError, match="train_y contains NaN"):
+        NetworkGP(x, bad_y)
+    with pytest.raises(ValueError, match="train_y contains NaN"):
+        NetworkGP(x, torch.stack([y, bad_y], -1))
+    with pytest.raises(ValueError, match="train_y must be a floating-point"):
+        NetworkGP(x, torch.ones(len(x), dtype=torch.long))
+    bad_x = x.clone()
+    bad_x[0, 1] = math.inf
+    with pytest.raises(ValueError, match="train_x contains NaN"):
+        NetworkGP(bad_x, y)
+    with pytest.raises(ValueError, match="train_x must be a floating-point"):
+        NetworkGP(x.long(), y)
+
+
 def test_kernel_level_ard_is_refused_in_favour_of_the_first_layer():
     with pytest.raises(ValueError, match="ard_num_dims"):
         ntkgp.NNGPKernel(ntkgp.mlp(1, "relu", 2.0, 0.1), ard_num_dims=3)
