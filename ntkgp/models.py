@@ -36,7 +36,8 @@ class NetworkGP(gpytorch.models.ExactGP):
         train_y: ``(N,)`` or ``(N, k)`` targets.
         net: the network spec; ``None`` builds ``ntkgp.mlp(**mlp_kwargs)``.
         kernel: ``"nngp"`` or ``"ntk"``.
-        likelihood: a GPyTorch likelihood (default: Gaussian, one shared noise variance).
+        likelihood: a GPyTorch likelihood (default: Gaussian, one shared noise variance); for
+            ``(N, k)`` targets a multitask one with ``num_tasks=k``.
         mean: ``"zero"`` (the prior of an infinitely wide network) or ``"constant"``.
         **mlp_kwargs: forwarded to :func:`ntkgp.mlp` when ``net`` is ``None``.
 
@@ -68,6 +69,19 @@ class NetworkGP(gpytorch.models.ExactGP):
             likelihood = (gpytorch.likelihoods.GaussianLikelihood() if train_y.dim() == 1 else
                           gpytorch.likelihoods.MultitaskGaussianLikelihood(
                               num_tasks=self.num_outputs, rank=0, has_task_noise=False, has_global_noise=True))
+        else:
+            # the forward pass makes an (N,)-MVN for 1-D targets and an (N, k)-multitask MVN otherwise;
+            # a likelihood of the other kind (or of another k) failed deep inside GPyTorch
+            # ("Attempting to broadcast a dimension...", "no attribute '_interleaved'")
+            tasks = getattr(likelihood, "num_tasks", None)
+            expected = None if train_y.dim() == 1 else self.num_outputs
+            if tasks != expected:
+                want = ("a single-output likelihood (e.g. gpytorch.likelihoods.GaussianLikelihood())"
+                        if expected is None else
+                        f"a multitask likelihood with num_tasks={expected} (e.g. gpytorch.likelihoods."
+                        f"MultitaskGaussianLikelihood(num_tasks={expected}, rank=0))")
+                got = type(likelihood).__name__ + (f" with num_tasks={tasks}" if tasks is not None else "")
+                raise ValueError(f"train_y of shape {tuple(train_y.shape)} needs {want}, got {got}.")
         super().__init__(train_x, train_y, likelihood)
         if net is None:
             net = mlp(**mlp_kwargs)

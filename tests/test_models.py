@@ -301,6 +301,35 @@ def test_network_gp_refuses_non_finite_or_integer_data():
         NetworkGP(x.long(), y)
 
 
+def test_network_gp_checks_that_the_likelihood_fits_the_targets():
+    """A GaussianLikelihood for (N, k) targets, or a multitask one for 1-D targets or another k,
+    failed only in the first fit step, deep inside GPyTorch ("Attempting to broadcast a dimension
+    of length 2", "'MultivariateNormal' object has no attribute '_interleaved'")."""
+    x, y = _data(k=2)
+    likelihoods = gpytorch.likelihoods
+    with pytest.raises(ValueError, match="multitask likelihood with num_tasks=2"):
+        NetworkGP(x, y, likelihood=likelihoods.GaussianLikelihood())
+    with pytest.raises(ValueError, match=r"num_tasks=2 .*got MultitaskGaussianLikelihood with num_tasks=3"):
+        NetworkGP(x, y, likelihood=likelihoods.MultitaskGaussianLikelihood(num_tasks=3))
+    with pytest.raises(ValueError, match="single-output likelihood"):
+        NetworkGP(x, y[:, 0], likelihood=likelihoods.MultitaskGaussianLikelihood(num_tasks=1))
+    # the ones that fit still work: a likelihood with a noise per output gives the sum of the
+    # single-output likelihoods with those noises
+    task = likelihoods.MultitaskGaussianLikelihood(num_tasks=2, rank=0, has_global_noise=False)
+    task.task_noises = torch.tensor([0.01, 0.2])
+    net = ntkgp.mlp(1, "erf", 2.0, 0.1)
+    model = NetworkGP(x, y, net, likelihood=task)
+    model.train()
+    joint = float(gpytorch.mlls.ExactMarginalLogLikelihood(task, model)(model(x), y).detach()) * y.numel()
+    total = 0.0
+    for c, noise in enumerate((0.01, 0.2)):
+        single = NetworkGP(x, y[:, c], net, likelihood=likelihoods.GaussianLikelihood())
+        single.likelihood.noise = noise
+        single.train()
+        total += float(gpytorch.mlls.ExactMarginalLogLikelihood(single.likelihood, single)(single(x), y[:, c]).detach())
+    assert abs(joint - total * len(x)) < 1e-9 * abs(joint)
+
+
 def test_kernel_level_ard_is_refused_in_favour_of_the_first_layer():
     with pytest.raises(ValueError, match="ard_num_dims"):
         ntkgp.NNGPKernel(ntkgp.mlp(1, "relu", 2.0, 0.1), ard_num_dims=3)
