@@ -307,6 +307,17 @@ def test_datasets_need_one_target_column(tmp_path):
             bad()
 
 
+def test_csv_written_by_excel_with_a_byte_order_mark(tmp_path):
+    # Excel's "CSV UTF-8" (and Windows Notepad) start the file with U+FEFF and end lines with CRLF; the
+    # mark was read into the first number ("could not convert '\ufeff-1'") or hid the "#" of a header
+    (tmp_path / "excel.csv").write_bytes("\ufeff# x,y\r\n-1,0.5\r\n2,-0.25\r\n".encode())
+    (tmp_path / "plain.csv").write_bytes("\ufeff-1,0.5\r\n2,-0.25\r\n".encode())
+    for name in ("excel.csv", "plain.csv"):
+        d = load_dataset(str(tmp_path / name))
+        assert torch.equal(d.x_train[:, 0], torch.tensor([-1.0, 2.0], dtype=torch.float64))
+        assert torch.equal(d.y_train[:, 0], torch.tensor([0.5, -0.25], dtype=torch.float64))
+
+
 def test_loglog_slope_does_not_drop_zero_values():
     # a zero (e.g. a mean bias under the Monte-Carlo noise) makes the fit undefined, not a 2-point fit
     assert math.isnan(loglog_slope([16, 64, 256], [1.0, 0.5, 0.0]))

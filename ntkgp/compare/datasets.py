@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import math
 import pathlib
 import zipfile
@@ -94,7 +95,8 @@ def load_dataset(source: str) -> Dataset:
 
     * ``.npz`` with real arrays ``x_train``, ``y_train`` (one target), ``x_test`` (and optionally
       ``y_test``, drawn in the figures);
-    * ``.csv`` (comma-separated numbers; a header line must start with ``#``): every row a
+    * ``.csv`` (comma-separated numbers, UTF-8 with or without a byte-order mark; a header line
+      must start with ``#``): every row a
       training point, the last column its one target; the test points are a grid of 100 over the
       range of a 1-D input widened by 10 % on each side (to show extrapolation), or the training
       inputs themselves otherwise.
@@ -124,7 +126,10 @@ def load_dataset(source: str) -> Dataset:
         y_test = _as_2d(arrays["y_test"]) if "y_test" in arrays else None
     elif path.suffix == ".csv":
         try:
-            table = np.loadtxt(path, delimiter=",", comments="#", ndmin=2)
+            # Excel's "CSV UTF-8" starts the file with a byte-order mark, which would be read as part
+            # of the first number (or hide a "#" header); outside comments the text is ASCII anyway
+            text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="replace")
+            table = np.loadtxt(text.splitlines(), delimiter=",", comments="#", ndmin=2)
         except (OSError, ValueError) as error:
             raise ValueError(f"Cannot read {path} as comma-separated numbers (a header line must start "
                              f"with #): {error}") from None
