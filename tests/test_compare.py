@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -316,6 +317,18 @@ def test_csv_written_by_excel_with_a_byte_order_mark(tmp_path):
         d = load_dataset(str(tmp_path / name))
         assert torch.equal(d.x_train[:, 0], torch.tensor([-1.0, 2.0], dtype=torch.float64))
         assert torch.equal(d.y_train[:, 0], torch.tensor([0.5, -0.25], dtype=torch.float64))
+
+
+def test_csv_without_data_rows_says_so(tmp_path):
+    # an empty or comments-only file was reported as lacking "at least two columns", with numpy's
+    # "input contained no data" warning printed above it
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text("# x,y\n\n")
+    for name in ("empty.csv", "header.csv"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ValueError, match=rf"{name} has no data rows"):
+                load_dataset(str(tmp_path / name))
 
 
 def test_loglog_slope_does_not_drop_zero_values():

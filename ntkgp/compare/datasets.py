@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import math
 import pathlib
+import warnings
 import zipfile
 from dataclasses import dataclass
 
@@ -96,10 +97,9 @@ def load_dataset(source: str) -> Dataset:
     * ``.npz`` with real arrays ``x_train``, ``y_train`` (one target), ``x_test`` (and optionally
       ``y_test``, drawn in the figures);
     * ``.csv`` (comma-separated numbers, UTF-8 with or without a byte-order mark; a header line
-      must start with ``#``): every row a
-      training point, the last column its one target; the test points are a grid of 100 over the
-      range of a 1-D input widened by 10 % on each side (to show extrapolation), or the training
-      inputs themselves otherwise.
+      must start with ``#``): every row a training point, the last column its one target; the
+      test points are a grid of 100 over the range of a 1-D input widened by 10 % on each side (to
+      show extrapolation), or the training inputs themselves otherwise.
     """
     if source == "sin":
         return sin_dataset()
@@ -129,10 +129,14 @@ def load_dataset(source: str) -> Dataset:
             # Excel's "CSV UTF-8" starts the file with a byte-order mark, which would be read as part
             # of the first number (or hide a "#" header); outside comments the text is ASCII anyway
             text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="replace")
-            table = np.loadtxt(text.splitlines(), delimiter=",", comments="#", ndmin=2)
+            with warnings.catch_warnings():   # numpy's "input contained no data": raised below instead
+                warnings.simplefilter("ignore", UserWarning)
+                table = np.loadtxt(text.splitlines(), delimiter=",", comments="#", ndmin=2)
         except (OSError, ValueError) as error:
             raise ValueError(f"Cannot read {path} as comma-separated numbers (a header line must start "
                              f"with #): {error}") from None
+        if table.size == 0:   # an empty file or comments only (np.loadtxt returns shape (0, 1))
+            raise ValueError(f"{path} has no data rows (every line is empty or a '#' comment).")
         if table.shape[1] < 2:
             raise ValueError(f"{path} needs at least two columns (inputs..., target).")
         x_train = torch.as_tensor(table[:, :-1], dtype=torch.float64)
