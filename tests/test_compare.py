@@ -331,6 +331,17 @@ def test_csv_without_data_rows_says_so(tmp_path):
                 load_dataset(str(tmp_path / name))
 
 
+def test_file_type_ignores_the_case_of_the_extension(tmp_path):
+    # DATA.CSV (Windows file names ignore case) was an "Unsupported file type '.CSV'"
+    (tmp_path / "DATA.CSV").write_text("0,1\n1,3\n")
+    np.savez(tmp_path / "d.npz", x_train=np.ones((3, 2)), y_train=np.ones(3), x_test=np.zeros((4, 2)))
+    (tmp_path / "d.npz").rename(tmp_path / "D.NPZ")
+    assert load_dataset(str(tmp_path / "DATA.CSV")).y_train[:, 0].tolist() == [1.0, 3.0]
+    assert load_dataset(str(tmp_path / "D.NPZ")).x_test.shape == (4, 2)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_dataset(str(tmp_path / "MISSING.Csv"))
+
+
 def test_loglog_slope_does_not_drop_zero_values():
     # a zero (e.g. a mean bias under the Monte-Carlo noise) makes the fit undefined, not a 2-point fit
     assert math.isnan(loglog_slope([16, 64, 256], [1.0, 0.5, 0.0]))

@@ -106,11 +106,12 @@ def load_dataset(source: str) -> Dataset:
     if source == "circle":
         return circle_dataset()
     path = pathlib.Path(source)
+    suffix = path.suffix.lower()   # DATA.CSV from Windows, where file names ignore case
     if not path.exists():
-        if path.suffix in (".csv", ".npz"):
+        if suffix in (".csv", ".npz"):
             raise ValueError(f"Dataset file {source!r} does not exist.")
         raise ValueError(f"Unknown dataset {source!r}: use 'sin', 'circle' or a path to a .csv/.npz file.")
-    if path.suffix == ".npz":
+    if suffix == ".npz":
         if not zipfile.is_zipfile(path):
             raise ValueError(f"{path} is not an .npz archive (numpy.savez writes one).")
         try:
@@ -124,7 +125,7 @@ def load_dataset(source: str) -> Dataset:
         x_train, x_test = _as_2d(arrays["x_train"]), _as_2d(arrays["x_test"])
         y_train = _as_2d(arrays["y_train"])
         y_test = _as_2d(arrays["y_test"]) if "y_test" in arrays else None
-    elif path.suffix == ".csv":
+    elif suffix == ".csv":
         try:
             # Excel's "CSV UTF-8" starts the file with a byte-order mark, which would be read as part
             # of the first number (or hide a "#" header); outside comments the text is ASCII anyway
