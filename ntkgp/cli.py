@@ -75,7 +75,11 @@ def compare(args: argparse.Namespace) -> int:
         return 2
     print(f"ntkgp compare: {data.description}; widths {list(config.widths)}, {config.ensemble_size} members, "
           f"steps {list(config.record_steps)}, {'readout only' if config.readout_only else 'all layers'}", flush=True)
-    result = run_comparison(data, config)
+    try:  # run_comparison checks the data against the spec (a zero training kernel) before training
+        result = run_comparison(data, config)
+    except ValueError as error:
+        print(f"ntkgp compare: error: {error}", file=sys.stderr)
+        return 2
     out = write_report(result, args.out)
     print(f"learning rate {result.learning_rate:.4g} (= {result.learning_rate / result.max_learning_rate:.2f} "
           f"x 2m/lambda_max); {result.seconds:.0f} s")

@@ -342,6 +342,30 @@ def test_file_type_ignores_the_case_of_the_extension(tmp_path):
         load_dataset(str(tmp_path / "MISSING.Csv"))
 
 
+def test_zero_training_kernel_is_a_clear_error_before_training(tmp_path, capsys, monkeypatch):
+    # zero inputs without biases (or weight_var 0 without biases) give Θ = 0 and 2m/λ_max = inf: the
+    # default rate was "learning_rate must be a positive number, got inf" in a traceback, and an
+    # explicit one trained every width before the divergence runs at 1.2 × inf failed the same way
+    import ntkgp.compare.harness as harness
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although the kernel is zero")
+
+    monkeypatch.setattr(harness, "train_ensemble", no_training)
+    (tmp_path / "zeros.csv").write_text("0,1\n0,2\n0,-1\n")
+    data = load_dataset(str(tmp_path / "zeros.csv"))
+    for settings in ({}, {"learning_rate": 0.1}, {"readout_only": True}):
+        with pytest.raises(ValueError, match=r"training (NTK|NNGP) of this network is zero"):
+            run_comparison(data, CompareConfig(bias_var=None, **TINY, **settings))
+    with pytest.raises(ValueError, match="training NTK of this network is zero"):
+        run_comparison(sin_dataset(), CompareConfig(weight_var=0.0, bias_var=None, **TINY))
+    argv = ["compare", "--dataset", str(tmp_path / "zeros.csv"), "--no-bias", "--widths", "16", "--ensemble-size",
+            "4", "--steps", "5", "--no-progress", "--out", str(tmp_path / "report")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ntkgp compare: error: The training NTK") and "Traceback" not in err
+
+
 def test_loglog_slope_does_not_drop_zero_values():
     # a zero (e.g. a mean bias under the Monte-Carlo noise) makes the fit undefined, not a 2-point fit
     assert math.isnan(loglog_slope([16, 64, 256], [1.0, 0.5, 0.0]))

@@ -192,6 +192,10 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     # (standard layers train with the equivalent per-layer learning rates).
     analytic_net = config.network(config.widths[0], parameterization="ntk")
     max_lr = GradientFlow(analytic_net, data.x_train, data.y_train, kernel=kernel).max_learning_rate
+    if not math.isfinite(max_lr):   # 2m/λ_max with λ_max = 0
+        raise ValueError(f"The training {kernel.upper()} of this network is zero (e.g. all training inputs are zero "
+                         "and the layers have no bias, or weight_var is 0 without bias): gradient descent does not "
+                         "move the outputs, so there is nothing to compare.")
     lr = config.learning_rate if config.learning_rate is not None else config.lr_fraction * max_lr
     flow = GradientFlow(analytic_net, data.x_train, data.y_train, kernel=kernel, learning_rate=lr)
     steps = list(config.record_steps)
