@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -40,3 +41,27 @@ def test_code_blocks_of_page_run(page):
     namespace: dict = {}
     for source in blocks:
         exec(compile(source, f"docs/{page}", "exec"), namespace)
+
+
+#: Import names of packages that ``pip install -e .`` does not install, and how a page says to get them.
+OPTIONAL_IMPORTS = {"botorch": 'pip install -e ".[botorch]"', "sklearn": "pip install scikit-learn"}
+
+
+def test_tutorials_say_how_to_install_what_their_example_imports_beyond_the_base_install():
+    """A reader who ran ``pip install -e .`` and then an example got ``ModuleNotFoundError: sklearn``
+    (06) or ``botorch`` (05): each tutorial names the install of its example's optional imports."""
+    import ast
+
+    checked = 0
+    for page in sorted((ROOT / "docs" / "tutorials").glob("*.md")):
+        text = page.read_text()
+        for script in sorted(set(re.findall(r"examples/(\d\d_\w+\.py)", text))):
+            tree = ast.parse((ROOT / "examples" / script).read_text())
+            imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                        for alias in node.names}
+            imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                         if isinstance(node, ast.ImportFrom) and node.module}
+            for module in sorted(imported & OPTIONAL_IMPORTS.keys()):
+                checked += 1
+                assert OPTIONAL_IMPORTS[module] in text, f"{page.name}: {script} imports {module}"
+    assert checked >= 2   # 05 (botorch) and 06 (sklearn)
