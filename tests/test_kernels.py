@@ -167,3 +167,13 @@ def test_empty_inputs_give_empty_kernels():
         assert net.kernel(torch.zeros(0, 3)).nngp.shape == (0, 0)
         assert net.kernel(torch.zeros(0, 3), torch.ones(4, 3)).ntk.shape == (0, 4)
     assert ntkgp.NNGPKernel(net)(torch.ones(2, 3), torch.zeros(0, 3)).to_dense().shape == (2, 0)
+
+
+def test_dense_repr_shows_the_weight_variance():
+    # printing a spec showed bias_var but not weight_var, so Dense(512, weight_var=2.25) read as the default 1
+    dense = ntkgp.Dense(512, weight_var=2.25, bias_var=0.01)
+    assert "weight_var=2.25, bias_var=0.01" in repr(dense)
+    assert "weight_var=1, bias_var=None" in repr(ntkgp.Dense(4))
+    ard = ntkgp.Dense(8, weight_var=torch.tensor([1.0, 2.0, 3.0]), ard_num_dims=3)
+    assert "weight_var=<shape (3,)>" in repr(ard)
+    assert "weight_var=2.25" in repr(ntkgp.serial(dense, ntkgp.ReLU(), ntkgp.Dense(1)))

@@ -177,7 +177,9 @@ class Dense(Layer):
 
     def extra_repr(self) -> str:
         bias = "None" if not self.has_bias else f"{float(self.bias_var.detach().reshape(-1)[0]):g}"
-        return (f"width={self.width}, parameterization={self.parameterization!r}, bias_var={bias}"
+        w = self.weight_var.detach()   # one value, or per feature (ARD) / per batch: its shape
+        weight = f"{float(w):g}" if w.numel() == 1 else f"<shape {tuple(w.shape)}>"
+        return (f"width={self.width}, parameterization={self.parameterization!r}, weight_var={weight}, bias_var={bias}"
                 + (f", ard_num_dims={self.ard_num_dims}" if self.ard_num_dims is not None else ""))
 
 
