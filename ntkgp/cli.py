@@ -122,8 +122,9 @@ def _add_compare(sub) -> None:
                    help="'sin' (5 noisy samples of sin on [-pi, pi], 50 test points; default), 'circle' "
                         "(points on the unit circle), a .csv file of numbers (one training point per row: "
                         "inputs..., then its one target; a header line must start with '#'; test points: a "
-                        "grid over a 1-D input, else the training inputs) or a .npz file (arrays x_train, "
-                        "y_train, x_test, optionally y_test for the figures)")
+                        "grid over a 1-D input, else the training inputs) or a .npz file (arrays x_train (N, d), "
+                        "y_train, x_test (M, d), optionally y_test for the figures; a 1-D array holds one "
+                        "value per point)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="sizes: 'default' (< 2 min on a 2-core CPU), 'acceptance' (widths 128-1024, 128 "
                         "members: the full validation, ~3 min on a 2-core CPU), 'gpu' (widths to 8192, 1024 members)")

@@ -366,6 +366,19 @@ def test_zero_training_kernel_is_a_clear_error_before_training(tmp_path, capsys,
     assert err.startswith("ntkgp compare: error: The training NTK") and "Traceback" not in err
 
 
+def test_npz_single_test_point_saved_1d_gets_a_hint(tmp_path):
+    # x_test = one point in R³ saved with shape (3,) is read as 3 points of one input; the error showed
+    # only the reshaped "(3, 1)", which the user never wrote
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "one.npz", x_train=rng.normal(size=(5, 3)), y_train=rng.normal(size=5),
+             x_test=rng.normal(size=3))
+    with pytest.raises(ValueError, match=r"x_test was 1-D, shape \(3,\), read as 3 points .* needs shape \(1, d\)"):
+        load_dataset(str(tmp_path / "one.npz"))
+    np.savez(tmp_path / "one.npz", x_train=rng.normal(size=(5, 3)), y_train=rng.normal(size=5),
+             x_test=rng.normal(size=(1, 3)))
+    assert load_dataset(str(tmp_path / "one.npz")).x_test.shape == (1, 3)
+
+
 def test_loglog_slope_does_not_drop_zero_values():
     # a zero (e.g. a mean bias under the Monte-Carlo noise) makes the fit undefined, not a 2-point fit
     assert math.isnan(loglog_slope([16, 64, 256], [1.0, 0.5, 0.0]))

@@ -94,8 +94,9 @@ def circle_dataset(n_train: int = 8, n_test: int = 100) -> Dataset:
 def load_dataset(source: str) -> Dataset:
     """A built-in dataset (``"sin"``, ``"circle"``) or a file.
 
-    * ``.npz`` with real arrays ``x_train``, ``y_train`` (one target), ``x_test`` (and optionally
-      ``y_test``, drawn in the figures);
+    * ``.npz`` with real arrays ``x_train`` ``(N, d)``, ``y_train`` (one target), ``x_test``
+      ``(M, d)`` (and optionally ``y_test``, drawn in the figures); 1-D arrays hold one value per
+      point (``x`` of shape ``(N,)`` is ``N`` points of one input);
     * ``.csv`` (comma-separated numbers, UTF-8 with or without a byte-order mark; a header line
       must start with ``#``): every row a training point, the last column its one target; the
       test points are a grid of 100 over the range of a 1-D input widened by 10 % on each side (to
@@ -125,6 +126,7 @@ def load_dataset(source: str) -> Dataset:
         x_train, x_test = _as_2d(arrays["x_train"]), _as_2d(arrays["x_test"])
         y_train = _as_2d(arrays["y_train"])
         y_test = _as_2d(arrays["y_test"]) if "y_test" in arrays else None
+        flat = [k for k in ("x_train", "x_test") if arrays[k].dim() == 1]
     elif suffix == ".csv":
         try:
             # Excel's "CSV UTF-8" starts the file with a byte-order mark, which would be read as part
@@ -149,6 +151,7 @@ def load_dataset(source: str) -> Dataset:
         else:
             x_test = x_train.clone()
         y_test = None
+        flat = []
     else:
         raise ValueError(f"Unsupported file type {path.suffix!r}; use .csv or .npz.")
     for name, t in (("x_train", x_train), ("y_train", y_train), ("x_test", x_test), ("y_test", y_test)):
@@ -157,7 +160,10 @@ def load_dataset(source: str) -> Dataset:
     try:
         return Dataset(path.stem, x_train, y_train, x_test, y_test, f"from {path}")
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        # the shapes in the message are after reshaping: say how a 1-D array was read
+        hint = "".join(f" ({k} was 1-D, shape {tuple(arrays[k].shape)}, read as {arrays[k].shape[0]} points of one "
+                       f"input; one point in R^d needs shape (1, d))" for k in flat)
+        raise ValueError(f"{path}: {error}{hint}") from None
 
 
 def _real_array(data, name: str, path: pathlib.Path) -> Tensor:
