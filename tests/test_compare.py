@@ -503,3 +503,21 @@ def test_pointwise_checks_thresholds_and_width_gate():
     mean_checks = {k: v for k, v in checks.items() if "mean within" in k}
     assert mean_checks == {"width 256, step 10: mean within 3 SE + 0.02 at >= 95% of points": False,
                            "width 512, step 10: mean within 3 SE + 0.02 at >= 95% of points": True}
+
+
+# "mean bias shrinks": decided by the bias estimates, unless both are within their noise levels
+@pytest.mark.parametrize(("biases", "noises", "expected"), [
+    ((0.01, 0.05), (0.02, 0.02), True),     # shrinks
+    ((0.05, 0.01), (0.02, 0.02), False),    # grows beyond the noise
+    ((0.0, 0.0), (0.02, 0.02), True),       # both unmeasurable (0 after the SE² correction)
+    ((0.015, 0.01), (0.02, 0.02), True),    # both within the noise: no evidence either way
+    ((0.05, 0.05), (0.02, 0.02), False),    # measurable and not smaller
+])
+def test_mean_bias_check_uses_the_noise_level(biases, noises, expected):
+    def width(w, bias, noise):
+        return SimpleNamespace(width=w, steps=[0, 10], diverged_at=None, mean_within=[1.0, 1.0],
+                               var_within=[1.0, 1.0], mean_bias=[0.0, bias], mean_bias_noise=[0.1, noise])
+    result = SimpleNamespace(steps=[0, 10], config={"ensemble_size": 128}, slopes={}, divergence=None,
+                             widths=[width(256, biases[1], noises[1]), width(1024, biases[0], noises[0])])
+    checks = evaluate_checks(result)
+    assert checks["mean bias shrinks with width (widest vs narrowest, averaged over times)"] is expected
