@@ -151,7 +151,9 @@ def _add_compare(sub) -> None:
     p.add_argument("--seed", type=int, help="seed of the initializations (default 0)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--dtype", choices=["float32", "float64"], help="precision of the finite networks (default float32)")
-    p.add_argument("--chunk-size", type=int, help="members trained at once (default: what fits in 1 GiB)")
+    p.add_argument("--chunk-size", type=int,
+                   help="members trained at once (default: as many as fit in 1 GiB counted in float32, 2 GiB in "
+                        "float64, so that the members a seed draws do not depend on --dtype)")
     p.add_argument("--out", default="reports/compare", help="report folder (default reports/compare)")
     p.add_argument("--no-divergence-check", action="store_true", help="skip the run above the stability limit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
