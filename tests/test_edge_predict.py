@@ -239,3 +239,34 @@ def test_times_that_require_grad_differentiate_the_covariance():
             fd = torch.stack([(flow.predict(x_test, t=t.detach() + s).covariance.sum()
                                - flow.predict(x_test, t=t.detach() - s).covariance.sum()) / (2 * h) for s in shifts])
             torch.testing.assert_close(grad, fd, rtol=1e-6, atol=1e-8)
+
+# a float32 kernel factored in float64 keeps its float32 rounding: an empirical-NTK-like J Jᵀ of
+# rank 10 on 40 points has 30 null eigenvalues of ±2e-6 (not ±1e-14). Taken for real and inverted
+# they put test outputs 5.0 off the pseudo-inverse answer (|answer| 0.61) at t = ∞ and 2.0 off at
+# t = 1e8; counted as null at float32's ε, the answer is that of the float64 kernel to float32
+# rounding times the range's condition number (~5): 4e-8 measured, 1e-5 allowed
+def test_float32_kernel_null_directions_use_float32_rounding():
+    g = torch.Generator().manual_seed(0)
+    j, js = torch.randn(40, 10, generator=g).float(), torch.randn(7, 10, generator=g).float()
+    y = torch.randn(40, generator=g).float()
+    k, ks = j @ j.T, js @ j.T
+    jd, jsd = j.double(), js.double()
+    ref = (jsd @ jd.T) @ torch.linalg.pinv(jd @ jd.T, hermitian=True) @ y.double()
+    for t in (1e8, math.inf):
+        _, test = predict.gradient_descent_mse(k, y, 0.0, ks, 0.0, t=t)
+        assert test.dtype == torch.float32
+        torch.testing.assert_close(test.double(), ref, rtol=0, atol=1e-5)
+
+
+# the same at t = None: a singular float32 kernel (12 points, rank 11) whose null eigenvalue came
+# out +6.9e-7 passed the float64 pivot threshold (N·ε₆₄·max diag ≈ 4e-14) and returned test outputs
+# 0.25 off the pseudo-inverse answer; at float32's ε it is singular, and the error says why
+def test_float32_kernel_singular_to_float32_rounding_raises():
+    g = torch.Generator().manual_seed(1)
+    j, js = torch.randn(12, 11, generator=g).float(), torch.randn(4, 11, generator=g).float()
+    y = torch.randn(12, generator=g).float()
+    with pytest.raises(ValueError, match=r"singular.*lower precision"):
+        predict.gradient_descent_mse(j @ j.T, y, 0.0, js @ j.T, 0.0)
+    # regularized above float32 rounding it factors
+    _, test = predict.gradient_descent_mse(j @ j.T, y, 0.0, js @ j.T, 0.0, diag_reg=1e-3)
+    assert bool(torch.isfinite(test).all())

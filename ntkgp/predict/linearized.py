@@ -25,6 +25,7 @@ from ntkgp.predict.spectral import (
     flatten_full_kernel,
     make_schedule,
     regularize,
+    rounding_eps,
     spectral_apply,
     stability_limit,
     warn_if_unstable,
@@ -54,7 +55,9 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
         diag_reg: added to ``ntk_train_train`` as ``diag_reg · trace/N · I``.
         diag_reg_absolute_scale: make ``diag_reg`` an absolute variance instead.
         factor_dtype: dtype in which the kernel is factored (results come back in the dtype of
-            ``y_train``).
+            ``y_train``). A kernel given in a coarser dtype keeps its rounding: its null
+            eigenvalues (``t = ∞``) and singular pivots (``t = None``) are judged at that dtype's
+            ``ε`` (``N · ε · λ_max``), not at ``factor_dtype``'s.
 
     Returns:
         ``fx_train_t``, or ``(fx_train_t, fx_test_t)`` when test inputs are given.
@@ -86,8 +89,12 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
     schedule = make_schedule(t, steps, learning_rate, y_train.numel(), y.device)
     residual = f0 - y
     flat = residual.reshape(n, -1)
+    # a float32 kernel cast to float64 keeps its float32 rounding: its null directions (duplicates, more
+    # points than parameters) carry eigenvalues of either sign up to ~1e-7 λ_max, which a float64
+    # threshold took for real ones and inverted (rank 10 of 40 points: test outputs 5.0 off at t = ∞)
     if schedule is None:
-        factor = cholesky(kernel, "training NTK")   # also for the training outputs: a singular kernel cannot fit Y
+        # also for the training outputs: a singular kernel cannot fit Y
+        factor = cholesky(kernel, "training NTK", eps=rounding_eps(kernel, ntk_train_train.dtype))
         train = y.clone()
         test = None
         if ntk_test_train is not None:

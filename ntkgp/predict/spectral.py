@@ -12,7 +12,8 @@ In the eigenbasis ``Θ = V diag(λ) Vᵀ`` everything is a function of ``λ`` an
 ``1 − decay`` and ``flow`` are computed from ``expm1``/``log1p``, and ``flow`` takes its limit
 (``τ``, or ``s η/m``) where ``λ = 0``, so zero or tiny eigenvalues give the exact finite answer
 instead of ``0/0`` (neural-tangents returns NaN there). Eigenvalues below ``N · ε · λ_max``
-count as exactly zero at ``t = ∞``, and at finite times once ``τ · N ε λ_max`` exceeds
+(``ε`` of the dtype the kernel came in: a float32 kernel factored in float64 keeps float32
+rounding) count as exactly zero at ``t = ∞``, and at finite times once ``τ · N ε λ_max`` exceeds
 ``sqrt(ε)``: their directions never move and, the kernel being positive semi-definite, test
 points have no component along them beyond rounding noise, which ``τ`` would otherwise amplify.
 """
@@ -40,46 +41,67 @@ def regularize(k: Tensor, diag_reg: float, absolute: bool = False) -> Tensor:
     return k + torch.diag_embed(torch.ones(k.shape[:-1], dtype=k.dtype, device=k.device) * scale)
 
 
-def cholesky(k: Tensor, what: str) -> Tensor:
+def rounding_eps(k: Tensor, given: torch.dtype | None = None) -> float:
+    """Relative rounding level of the entries of ``k``: ``ε`` of its dtype, or of ``given`` (the
+    dtype the matrix came in before it was cast up for factoring) when that is coarser. A float32
+    kernel cast to float64 still carries float32 rounding (~1e-7 of its largest entries)."""
+    eps = torch.finfo(k.dtype).eps
+    return eps if given is None else max(eps, torch.finfo(given).eps)
+
+
+def cholesky(k: Tensor, what: str, eps: float | None = None) -> Tensor:
     """Lower Cholesky factor, or a ``ValueError`` that says how to regularize.
 
     A matrix counts as singular when the factorization fails or a pivot ``L_ii²`` falls below
-    ``N · ε · max_j k_jj`` (numpy's rank threshold): duplicated points pass a plain Cholesky on
-    rounding-level pivots, and solving with them would silently amplify noise by ~1e16.
+    ``N · ε · max_j k_jj`` (numpy's rank threshold; ``ε`` the rounding level of the entries,
+    :func:`rounding_eps`, by default that of ``k``'s dtype): duplicated points pass a plain
+    Cholesky on rounding-level pivots, and solving with them would silently amplify noise by
+    ~1e16 (by ~1e7 for a float32 kernel factored in float64).
     """
     factor, info = torch.linalg.cholesky_ex(k)
     n = k.shape[-1]
+    eps = torch.finfo(k.dtype).eps if eps is None else eps
     pivots = torch.diagonal(factor, dim1=-2, dim2=-1) ** 2
     scale = torch.diagonal(k, dim1=-2, dim2=-1).amax(-1, keepdim=True)
-    if bool((info > 0).any()) or bool((pivots <= n * torch.finfo(k.dtype).eps * scale).any()):
+    if bool((info > 0).any()) or bool((pivots <= n * eps * scale).any()):
+        coarse = (f" A kernel given in lower precision carries rounding of ~{eps:.1e} of its largest entries: "
+                  "compute it in float64, or regularize above that level."
+                  if eps > torch.finfo(k.dtype).eps else "")
         raise ValueError(f"The {what} is singular or not positive definite to working precision "
                          f"({n} points); duplicate or nearly dependent training points do this. Add a "
                          "diagonal regularizer: diag_reg=1e-6 (relative to the mean diagonal) for "
-                         "gradient_flow, or noise=... (absolute variance) for gp_posterior.")
+                         "gradient_flow, or noise=... (absolute variance) for gp_posterior." + coarse)
     return factor
 
 
 @dataclass(frozen=True)
 class Eigensystem:
-    """``k = V diag(λ) Vᵀ`` of a positive semi-definite matrix, with ``λ`` clipped at 0."""
+    """``k = V diag(λ) Vᵀ`` of a positive semi-definite matrix, with ``λ`` clipped at 0.
+
+    ``eps`` is the relative rounding level of ``k``'s entries (:func:`rounding_eps`): that of the
+    dtype the kernel came in, which for a float32 kernel factored in float64 is float32's.
+    """
 
     values: Tensor
     vectors: Tensor
+    eps: float
 
     @classmethod
     def of(cls, k: Tensor, check_as: tuple[str, torch.dtype] | None = None) -> Eigensystem:
         """The eigensystem of ``k``; with ``check_as = (name, dtype)`` a ``ValueError`` if ``k`` is
         clearly not positive semi-definite (an eigenvalue below ``−sqrt(ε) · max|λ|``, with ``ε``
-        of the dtype the kernel came in: more than rounding can explain)."""
+        of the dtype the kernel came in: more than rounding can explain), and that ``ε`` is the
+        rounding level of ``k`` (its null directions carry eigenvalues of either sign up to
+        ~``ε λ_max``, not the ``1e-16 λ_max`` of the float64 it is factored in)."""
         values, vectors = torch.linalg.eigh(k)
         if check_as is not None:
             check_semi_definite(values, *check_as)
-        return cls(values.clamp_min(0), vectors)
+        return cls(values.clamp_min(0), vectors, rounding_eps(k, None if check_as is None else check_as[1]))
 
     @property
     def null_tolerance(self) -> Tensor:
         n = self.values.shape[-1]
-        return n * torch.finfo(self.values.dtype).eps * self.values.amax(-1, keepdim=True)
+        return n * self.eps * self.values.amax(-1, keepdim=True)
 
 
 @dataclass(frozen=True)
@@ -114,7 +136,7 @@ class Schedule:
         rate = self.learning_rate / self.m
         times = self.values.to(lam.dtype).unsqueeze(-1)           # (T, 1)
         tol = eig.null_tolerance.unsqueeze(-2)
-        late = torch.isinf(times) | (rate * times * tol > torch.finfo(lam.dtype).eps ** 0.5)
+        late = torch.isinf(times) | (rate * times * tol > eig.eps ** 0.5)
         null = (lam <= tol) & late                                               # (T, N)
         safe_lam = torch.where(lam > 0, lam, torch.ones_like(lam))
         if not self.discrete:
