@@ -270,3 +270,38 @@ def test_float32_kernel_singular_to_float32_rounding_raises():
     # regularized above float32 rounding it factors
     _, test = predict.gradient_descent_mse(j @ j.T, y, 0.0, js @ j.T, 0.0, diag_reg=1e-3)
     assert bool(torch.isfinite(test).all())
+
+
+# a singular kernel whose null vector barely touches the last row passes the pivot threshold: the
+# last pivot is about λ_min / v_N² (1e-11 for a rounding-level λ_min). A linear network's NNGP of
+# 6 points in R⁵ has rank 5; for this draw noise=0 gave a mean of [-4.0, 5.25, -4.0] (rounding
+# noise times 1e15) where the pseudo-inverse answer is [-0.86, 0.14, -0.16]. Inverse iteration
+# finds the rounding-level eigenvalue, and the posterior refuses the kernel as for duplicates.
+def test_singular_kernel_with_small_last_pivot_component_raises():
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(6, 5, generator=g), torch.randn(6, generator=g)
+    xt = torch.randn(3, 5, generator=g)
+    net = ntkgp.serial(ntkgp.Dense(1, weight_var=1.0))
+    with pytest.raises(ValueError, match="singular"):
+        predict.GPPosterior(net, x, y, kernel="nngp").predict(xt)
+    with pytest.raises(ValueError, match="singular"):
+        predict.GradientFlow(net, x, y, kernel="nngp").predict(xt)
+    # regular kernels still factor: the bound is ≥ λ_min, and with noise λ_min ≥ noise
+    out = predict.GPPosterior(net, x, y, kernel="nngp", noise=1e-8).predict(xt)
+    assert bool(torch.isfinite(out.mean).all())
+
+
+# the same for a float64 J Jᵀ of rank 29 on 30 points (an empirical NTK of fewer parameters than
+# points): 7 of these 40 draws passed the pivots, with test outputs 0.06 to 4.3 times the size of
+# the pseudo-inverse answer off it
+def test_rank_deficient_kernel_passing_pivots_raises_at_t_none():
+    accepted = 0
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        j, js, y = torch.randn(30, 29, generator=g), torch.randn(4, 29, generator=g), torch.randn(30, generator=g)
+        try:
+            predict.gradient_descent_mse(j @ j.T, y, 0.0, js @ j.T, 0.0)
+            accepted += 1
+        except ValueError:
+            pass
+    assert accepted == 0

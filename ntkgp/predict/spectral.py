@@ -52,18 +52,25 @@ def rounding_eps(k: Tensor, given: torch.dtype | None = None) -> float:
 def cholesky(k: Tensor, what: str, eps: float | None = None) -> Tensor:
     """Lower Cholesky factor, or a ``ValueError`` that says how to regularize.
 
-    A matrix counts as singular when the factorization fails or a pivot ``L_ii²`` falls below
-    ``N · ε · max_j k_jj`` (numpy's rank threshold; ``ε`` the rounding level of the entries,
+    A matrix counts as singular when the factorization fails or its smallest eigenvalue falls
+    below ``N · ε · max_j k_jj`` (numpy's rank threshold; ``ε`` the rounding level of the entries,
     :func:`rounding_eps`, by default that of ``k``'s dtype): duplicated points pass a plain
     Cholesky on rounding-level pivots, and solving with them would silently amplify noise by
-    ~1e16 (by ~1e7 for a float32 kernel factored in float64).
+    ~1e16 (by ~1e7 for a float32 kernel factored in float64). The pivots ``L_ii²`` bound that
+    eigenvalue only loosely (the last one is about ``λ_min / v_N²`` for the null vector ``v``, so
+    a singular matrix whose null vector barely touches the last row passed them), so below them
+    :func:`_smallest_eigenvalue_bound` checks it by inverse iteration.
     """
     factor, info = torch.linalg.cholesky_ex(k)
     n = k.shape[-1]
     eps = torch.finfo(k.dtype).eps if eps is None else eps
     pivots = torch.diagonal(factor, dim1=-2, dim2=-1) ** 2
     scale = torch.diagonal(k, dim1=-2, dim2=-1).amax(-1, keepdim=True)
-    if bool((info > 0).any()) or bool((pivots <= n * eps * scale).any()):
+    threshold = n * eps * scale
+    singular = bool((info > 0).any()) or bool((pivots <= threshold).any())
+    if not singular:
+        singular = bool((_smallest_eigenvalue_bound(factor) <= threshold.squeeze(-1)).any())
+    if singular:
         coarse = (f" A kernel given in lower precision carries rounding of ~{eps:.1e} of its largest entries: "
                   "compute it in float64, or regularize above that level."
                   if eps > torch.finfo(k.dtype).eps else "")
@@ -72,6 +79,24 @@ def cholesky(k: Tensor, what: str, eps: float | None = None) -> Tensor:
                          "diagonal regularizer: diag_reg=1e-6 (relative to the mean diagonal) for "
                          "gradient_flow, or noise=... (absolute variance) for gp_posterior." + coarse)
     return factor
+
+
+def _smallest_eigenvalue_bound(factor: Tensor, iterations: int = 3) -> Tensor:
+    """An upper bound on ``λ_min`` of ``L Lᵀ`` from ``iterations`` steps of inverse iteration.
+
+    For a unit vector ``x``, ``‖(L Lᵀ)⁻¹ x‖ ≤ 1/λ_min``, so ``1/‖(L Lᵀ)⁻¹ x‖ ≥ λ_min``, and it
+    converges to ``λ_min`` at the rate ``λ_min/λ_2``: an isolated rounding-level eigenvalue is found
+    in one step. ``O(N²)`` per step with the factor, against the ``O(N³)`` factorization; a fixed
+    start vector keeps the check deterministic.
+    """
+    n = factor.shape[-1]
+    start = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = start.to(factor).expand(*factor.shape[:-2], n, 1)
+    bound = None
+    for _ in range(iterations):
+        x = torch.cholesky_solve(x / torch.linalg.vector_norm(x, dim=-2, keepdim=True), factor)
+        bound = torch.linalg.vector_norm(x, dim=-2).squeeze(-1).reciprocal()
+    return bound
 
 
 @dataclass(frozen=True)
