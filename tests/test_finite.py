@@ -267,3 +267,29 @@ def test_deferred_first_layer_is_drawn_in_the_build_dtype():
     model64(torch.randn(2, 3, dtype=torch.float64))
     assert {p.dtype for p in model64.parameters()} == {torch.float64}
     torch.testing.assert_close(model64[0].weight.float(), model[0].weight)    # same draws in both
+
+
+def test_deferred_first_layer_follows_a_later_to():
+    """A lazily built network moved by ``.double()`` (or ``.cuda()``) before its first call draws
+    its first weights where the rest of it now is: they were drawn in the build's float32 (on
+    its device) and the first call failed ("expected m1 and m2 to have the same dtype")."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+    moved = ntkgp.mlp(1, "relu", width=4).build(seed=0, dtype=torch.float32).double()
+    built = ntkgp.mlp(1, "relu", width=4).build(seed=0, dtype=torch.float64)
+    out, expected = moved(x), built(x)
+    assert out.dtype == torch.float64
+    assert torch.equal(moved[0].weight, built[0].weight)             # the first layer's draws, in float64
+    # the others were drawn in float32 and then widened: equal up to float32 rounding (~6e-8)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert {p.dtype for p in moved.parameters()} == {torch.float64}
+    assert "0._lazy_like" not in moved.state_dict() and moved[0]._lazy_like is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_deferred_first_layer_follows_cuda():
+    x = torch.randn(4, 3)
+    model = ntkgp.mlp(1, "relu", width=4).build(seed=0).cuda()   # first weights not drawn yet
+    out = model(x.cuda())
+    assert out.device.type == "cuda" and model[0].weight.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), ntkgp.mlp(1, "relu", width=4).build(seed=0)(x))
+    assert empirical_ntk(ntkgp.mlp(1, "relu", width=4).build(seed=0).cuda(), x.cuda()).device.type == "cuda"

@@ -147,8 +147,9 @@ class Layer(VarianceParameters, gpytorch.Module):
 
         Args:
             in_features: input dimension ``d``; ``None`` defers the first layer's weights to
-                its first call (or takes ``ard_num_dims``); they are drawn in ``dtype`` on
-                ``device`` like every other parameter, so inputs must match those.
+                its first call (or takes ``ard_num_dims``); they are drawn in the dtype and on
+                the device the module has then (``dtype`` and ``device``, or where a ``.to()``
+                moved it since), like every other parameter, so inputs must match those.
             seed: seed of the weight draws (same seed, same network, on any device/dtype).
             ensemble_size: if given, ``E`` independent networks with stacked weights; the
                 module then maps ``(n, d)`` to ``(E, n, k)``.

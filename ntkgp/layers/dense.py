@@ -234,8 +234,13 @@ class DenseModule(nn.Module):
         self.register_parameter("weight", None)
         self.register_buffer("input_scale", None)
         if in_features is None:
-            # drawn later in the build's dtype and device, like every other parameter of the module
-            self._lazy = (ctx.child_seed(), ctx.dtype or torch.get_default_dtype(), ctx.device)
+            # drawn later in the dtype and on the device the module has by then: the build's, or
+            # those of a later .to()/.double()/.cuda(), which move this (non-persistent) placeholder
+            # along with every other buffer (a dtype and device fixed at build time left the
+            # weight in float32 / on the CPU under a .double() / .cuda() model: a failed matmul)
+            self._lazy_seed = ctx.child_seed()
+            self.register_buffer("_lazy_like", torch.empty(0, dtype=ctx.dtype or torch.get_default_dtype(),
+                                                           device=ctx.device), persistent=False)
         else:
             self._init_weight(ctx)
 
@@ -256,9 +261,11 @@ class DenseModule(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.weight is None:  # deferred first layer: draw now, from a stream of its own
-            seed, dtype, device = self._lazy
+            like = self._lazy_like
             self.in_features = x.shape[-1]
-            self._init_weight(BuildContext(torch.Generator().manual_seed(seed), self.ensemble_size, dtype, device))
+            self._init_weight(BuildContext(torch.Generator().manual_seed(self._lazy_seed), self.ensemble_size,
+                                           like.dtype, like.device))
+            self._lazy_like = None
         if self.input_scale is not None:
             x = x * self.input_scale
         out = torch.matmul(x, self.weight)
