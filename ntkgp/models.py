@@ -41,9 +41,10 @@ class NetworkGP(gpytorch.models.ExactGP):
         mean: ``"zero"`` (the prior of an infinitely wide network) or ``"constant"``.
         **mlp_kwargs: forwarded to :func:`ntkgp.mlp` when ``net`` is ``None``.
 
-    Like BoTorch's models, the whole model takes the dtype of ``train_x``, including a ``net``
-    or ``likelihood`` passed in (converted in place: give models of different dtypes their own
-    copies, ``copy.deepcopy(net)``). Variances keep their exact float64 anchors either way.
+    Like BoTorch's models, the whole model takes the dtype and the device of ``train_x``,
+    including a ``net`` or ``likelihood`` passed in (converted in place: give models of different
+    dtypes or devices their own copies, ``copy.deepcopy(net)``). Variances keep their exact
+    float64 anchors either way.
     """
 
     def __init__(self, train_x: Tensor, train_y: Tensor, net: Layer | None = None, *, kernel: str = "nngp",
@@ -96,10 +97,11 @@ class NetworkGP(gpytorch.models.ExactGP):
         else:
             self.mean_module = gpytorch.means.ConstantMean(batch_shape=shape)
         if train_x.is_floating_point():
-            # the whole model in the data's dtype, as BoTorch's models do (SingleTaskGP calls
-            # self.to(train_X)): float64 data with float32 modules trained, but predicting (N, k)
-            # targets failed inside linear_operator's interpolation
-            self.to(dtype=train_x.dtype)
+            # the whole model in the data's dtype and on its device, as BoTorch's models do
+            # (SingleTaskGP calls self.to(train_X)): float64 data with float32 modules trained, but
+            # predicting (N, k) targets failed inside linear_operator's interpolation; CUDA data
+            # with the likelihood's (1,)-shaped noise left on the CPU failed in the first forward
+            self.to(device=train_x.device, dtype=train_x.dtype)
 
     @property
     def net(self) -> Layer:

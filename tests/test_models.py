@@ -345,3 +345,20 @@ def test_ard_dimension_is_checked_behind_pass_through_layers():
     net = ntkgp.serial(ntkgp.Identity(), ntkgp.Dense(3, ard_num_dims=4), ntkgp.ReLU(), ntkgp.Dense(1))
     with pytest.raises(ValueError, match="ard_num_dims=4"):
         net.kernel(torch.randn(5, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_network_gp_follows_the_device_of_its_data():
+    """CUDA data: the model moves there (the likelihood's noise, of shape (1,), stayed on the CPU,
+    and the first forward failed with "Expected all tensors to be on the same device")."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 3, generator=g, dtype=torch.float64), torch.randn(20, generator=g, dtype=torch.float64)
+    gpu = NetworkGP(x.cuda(), y.cuda(), ntkgp.mlp(1, "erf", 2.0, 0.1), kernel="ntk", mean="constant")
+    assert all(t.device.type == "cuda" for t in (*gpu.parameters(), *gpu.buffers()))
+    cpu = NetworkGP(x, y, ntkgp.mlp(1, "erf", 2.0, 0.1), kernel="ntk", mean="constant")
+    losses = [fit(model, steps=3) for model in (gpu, cpu)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-7, atol=1e-10)   # float64, rounding apart
+    with torch.no_grad():
+        means = [model.likelihood(model(t[:5])).mean for model, t in ((gpu, x.cuda()), (cpu, x))]
+    assert means[0].device.type == "cuda"
+    torch.testing.assert_close(means[0].cpu(), means[1], rtol=1e-7, atol=1e-10)
