@@ -305,3 +305,23 @@ def test_rank_deficient_kernel_passing_pivots_raises_at_t_none():
         except ValueError:
             pass
     assert accepted == 0
+
+def test_targets_and_test_points_on_another_device_are_a_clear_error_before_the_kernels():
+    """y_train (or x_test) on another device than x_train failed only at the first product with the
+    training kernel, after computing and factoring it, with torch's "Expected all tensors to be on
+    the same device". The ``meta`` device stands in for a GPU: any second device takes this path."""
+    net = ntkgp.mlp(1, "relu", width=4)
+    x, y = _x(), torch.randn(6, dtype=torch.float64)
+    elsewhere = torch.empty(6, device="meta", dtype=torch.float64)
+    for make in (lambda yy: predict.GradientFlow(net, x, yy), lambda yy: predict.GPPosterior(net, x, yy),
+                 lambda yy: predict.gradient_descent_mse(torch.eye(6, dtype=torch.float64), yy, t=1.0)):
+        with pytest.raises(ValueError, match=r"y_train is on meta but (x_train|ntk_train_train) is on cpu"):
+            make(elsewhere)
+    x_test = torch.empty(3, x.shape[-1], device="meta", dtype=torch.float64)
+    for model in (predict.GradientFlow(net, x, y, diag_reg=1e-6), predict.GPPosterior(net, x, y, noise=1e-6),
+                  predict.GPPosterior(net, x, y, kernel="ntk", noise=1e-6)):
+        with pytest.raises(ValueError, match="x_test is on meta but x_train is on cpu"):
+            model.predict(x_test)
+    with pytest.raises(ValueError, match="ntk_test_train is on meta but ntk_train_train is on cpu"):
+        predict.gradient_descent_mse(torch.eye(6, dtype=torch.float64), y, 0.0,
+                                     torch.empty(3, 6, device="meta", dtype=torch.float64), 0.0, t=1.0)

@@ -43,8 +43,11 @@ def prior_scale(prior: Tensor) -> float:
     return float(torch.diagonal(prior.detach(), dim1=-2, dim2=-1).abs().max()) if prior.numel() else 0.0
 
 
-def check_targets(y_train: Tensor, n_train: int) -> Tensor:
-    """``y_train`` must be a finite ``(N,)`` or ``(N, k)`` tensor matching the training inputs."""
+def check_targets(y_train: Tensor, n_train: int, device: torch.device | None = None, of: str = "x_train") -> Tensor:
+    """``y_train`` must be a finite ``(N,)`` or ``(N, k)`` tensor matching the training inputs (and,
+    given their ``device``, on it: otherwise the first product of the two, after the training
+    kernel was computed and factored, failed with torch's "Expected all tensors to be on the same
+    device")."""
     if not isinstance(y_train, Tensor):
         raise ValueError(f"y_train must be a torch.Tensor, got {type(y_train).__name__}.")
     if y_train.dim() not in (1, 2):
@@ -53,13 +56,23 @@ def check_targets(y_train: Tensor, n_train: int) -> Tensor:
         raise ValueError(f"x_train has {n_train} points but y_train has {y_train.shape[0]} rows.")
     if y_train.numel() == 0:
         raise ValueError(f"y_train must hold at least one target, got shape {tuple(y_train.shape)}.")
+    check_device(y_train, "y_train", device, of)
     if not y_train.is_floating_point() or not bool(torch.isfinite(y_train).all()):
         raise ValueError("y_train must be a floating-point tensor without NaN or infinite values.")
     return y_train
 
 
-def check_test_points(x_test: Tensor, d: int) -> None:
-    """``x_test`` must be finite ``(M, d)`` points, ``d`` the training inputs' features."""
+def check_device(t: Tensor, name: str, device: torch.device | None, of: str) -> None:
+    """``ValueError`` unless ``t`` is on ``device`` (that of ``of``; ``None``: no check)."""
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but {of} is on {device}: move them to one device.")
+
+
+def check_test_points(x_test: Tensor, d: int, device: torch.device | None = None) -> None:
+    """``x_test`` must be finite ``(M, d)`` points, ``d`` the training inputs' features (on their
+    ``device``, if given)."""
+    if isinstance(x_test, Tensor):
+        check_device(x_test, "x_test", device, "x_train")
     check_points(x_test, "x_test")
     if x_test.dim() != 2 or x_test.shape[-1] != d:
         raise ValueError(f"x_test must have shape (M, {d}), got {tuple(x_test.shape)}.")

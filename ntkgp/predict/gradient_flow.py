@@ -88,7 +88,7 @@ class GradientFlow:
         check_points(x_train, "x_train")
         if x_train.dim() != 2:
             raise ValueError(f"x_train must have shape (N, d), got {tuple(x_train.shape)}.")
-        check_targets(y_train, x_train.shape[0])
+        check_targets(y_train, x_train.shape[0], x_train.device)
         self.net, self.x_train, self.kind = net, x_train, kernel
         self.learning_rate = positive_number(learning_rate, "learning_rate")
         self.diag_reg = check_non_negative("diag_reg", diag_reg)
@@ -143,7 +143,7 @@ class GradientFlow:
             compute_cov: also compute the ``(M, M)`` covariance (shared by all outputs).
         """
         if x_test is not None:  # before the stability check, which factors the training kernel
-            check_test_points(x_test, self.x_train.shape[-1])
+            check_test_points(x_test, self.x_train.shape[-1], self.x_train.device)
         schedule = make_schedule(t, steps, self.learning_rate, self.m, self.x_train.device)
         if schedule is not None and schedule.discrete:
             warn_if_unstable(self.learning_rate, self.max_learning_rate)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._typing import Steps, Times
-from ntkgp.predict.gaussian import check_non_negative, check_targets
+from ntkgp.predict.gaussian import check_device, check_non_negative, check_targets
 from ntkgp.predict.spectral import (
     Eigensystem,
     check_symmetric,
@@ -75,12 +75,14 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
     check_symmetric(ntk_train_train, "ntk_train_train")
     if isinstance(y_train, Tensor) and y_train.dim() in (1, 2) and y_train.shape[0] != n:
         raise ValueError(f"ntk_train_train is {n} x {n} but y_train has {y_train.shape[0]} rows.")
-    check_targets(y_train, n)
+    check_targets(y_train, n, ntk_train_train.device, "ntk_train_train")
     out_dtype = y_train.dtype
     diag_reg = check_non_negative("diag_reg", diag_reg)
     y = y_train.to(factor_dtype)
     f0 = _initial_outputs(fx_train_0, y.shape, "fx_train_0", y)
     if ntk_test_train is not None:
+        if isinstance(ntk_test_train, Tensor):
+            check_device(ntk_test_train, "ntk_test_train", ntk_train_train.device, "ntk_train_train")
         _check_kernel(ntk_test_train, "ntk_test_train")
         if ntk_test_train.dim() != 2 or ntk_test_train.shape[-1] != n:
             raise ValueError(f"ntk_test_train must be (M, {n}), got {tuple(ntk_test_train.shape)}.")

@@ -67,7 +67,7 @@ class GPPosterior:
         check_points(x_train, "x_train")
         if x_train.dim() != 2:
             raise ValueError(f"x_train must have shape (N, d), got {tuple(x_train.shape)}.")
-        check_targets(y_train, x_train.shape[0])
+        check_targets(y_train, x_train.shape[0], x_train.device)
         self.net, self.x_train, self.dtype, self.factor_dtype = net, x_train, x_train.dtype, factor_dtype
         self.vector_targets = y_train.dim() == 2
         self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).to(factor_dtype)
@@ -86,7 +86,7 @@ class GPPosterior:
         """Posterior mean ``(M,)``/``(M, k)`` and covariance ``(M, M)`` at ``x_test``."""
         if self.kind == "ntk":
             return self._flow.predict(x_test, t=None, compute_cov=compute_cov)
-        check_test_points(x_test, self.x_train.shape[-1])
+        check_test_points(x_test, self.x_train.shape[-1], self.x_train.device)
         want_ntk = self.kind == "ntkgp"
         x_test = x_test.to(self.factor_dtype)
         with torch.no_grad():
