@@ -1,0 +1,158 @@
+"""The paths a CUDA user takes, on the GPU against the CPU (skipped without CUDA).
+
+Every result must come back on the inputs' device and agree with the CPU's to float64 rounding:
+networks and seeds are the same on every device (weights are drawn on the CPU and moved), so
+only the order of floating-point operations differs. Tolerances are ~1e4 ulps of the values.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ntkgp
+from ntkgp import bayes, finite, predict
+from ntkgp.compare.datasets import sin_dataset
+from ntkgp.compare.harness import CompareConfig, run_comparison
+from ntkgp.layers.base import BLOCK_ENTRIES
+
+DEVICE = "cuda"
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+              pytest.mark.usefixtures("float64_default")]
+
+CLOSE = dict(rtol=1e-10, atol=1e-12)
+
+
+def _net(activation=None):
+    return ntkgp.serial(ntkgp.Dense(16, 2.0, 0.1), activation or ntkgp.Erf(), ntkgp.Dense(16, 1.5, 0.1),
+                        ntkgp.residual(ntkgp.serial(ntkgp.ReLU(), ntkgp.Dense(16, 1.5, 0.05))),
+                        ntkgp.LayerNorm(), ntkgp.Dense(16, 1.5, 0.1), ntkgp.GELU(), ntkgp.Dense(2, 1.5, 0.1))
+
+
+def _data(n=8, m=5, d=3):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    return x, torch.randn(m, d, generator=g, dtype=torch.float64), torch.randn(n, 2, generator=g, dtype=torch.float64)
+
+
+def _on_device_and_close(gpu, cpu, **tolerance):
+    assert gpu.device.type == DEVICE and gpu.dtype == cpu.dtype
+    torch.testing.assert_close(gpu.cpu(), cpu, **(tolerance or CLOSE))
+
+
+@pytest.mark.parametrize("activation", [ntkgp.Erf(), ntkgp.ReLU(), ntkgp.Sin(), ntkgp.Numerical(torch.tanh, degree=24)],
+                         ids=["erf", "relu", "sin", "numerical"])
+def test_kernels_full_diag_cross_and_gradients(activation):
+    x, x2, _ = _data()
+    net = _net(activation)
+    for kwargs in ({}, {"diag": True}):
+        a, b = net.kernel(x.to(DEVICE), **kwargs), net.kernel(x, **kwargs)
+        _on_device_and_close(a.nngp, b.nngp)
+        _on_device_and_close(a.ntk, b.ntk)
+    a, b = net.kernel(x.to(DEVICE), x2.to(DEVICE)), net.kernel(x, x2)
+    _on_device_and_close(a.ntk, b.ntk)
+    grads = []
+    for device in (DEVICE, "cpu"):
+        leaf = x.to(device).requires_grad_()
+        net.kernel(leaf, x2.to(device)).ntk.sum().backward()
+        grads.append(leaf.grad)
+    _on_device_and_close(*grads, rtol=1e-8, atol=1e-10)
+
+
+def test_blocked_kernels_with_duplicates_and_batches():
+    """Row blocks, duplicate screening (unique, bincount, scatter_reduce on the device) and
+    batched duplicates: twins' entries stay exact on the GPU."""
+    g = torch.Generator().manual_seed(1)
+    n = BLOCK_ENTRIES // 400 + 7                         # several row blocks
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    x[5], x[n - 1] = x[0], x[1]
+    net = _net(ntkgp.ReLU())
+    a, b = net.kernel(x.to(DEVICE)), net.kernel(x)
+    _on_device_and_close(a.ntk, b.ntk)
+    for k in (a.nngp, a.ntk):   # a twin's variance and its pair with its twin: bitwise those of the first
+        assert k[0, 0] == k[5, 5] == k[0, 5] == k[5, 0] and k[1, 1] == k[n - 1, n - 1] == k[1, n - 1]
+        assert torch.equal(k, k.mT)
+    batch = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
+    batch[0, 4] = batch[0, 1]
+    train = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    train[2] = batch[1, 3]
+    a, b = net.kernel(batch.to(DEVICE), train.to(DEVICE)), net.kernel(batch, train)
+    _on_device_and_close(a.ntk, b.ntk)
+
+
+def test_gpytorch_kernels_and_network_gp():
+    x, x2, y = _data()
+    for kernel in (ntkgp.NNGPKernel(_net()).to(DEVICE), ntkgp.NTKKernel(_net()).to(DEVICE)):
+        _on_device_and_close(kernel(x.to(DEVICE), x2.to(DEVICE)).to_dense(), kernel.cpu()(x, x2).to_dense())
+    from ntkgp.models import NetworkGP, fit
+    models = [NetworkGP(x.to(device), y.to(device), _net(), kernel="ntk") for device in (DEVICE, "cpu")]
+    losses = [fit(model, steps=3) for model in models]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-7, atol=1e-10)
+    with torch.no_grad():
+        means = [model.likelihood(model(x2.to(device))).mean
+                 for model, device in zip(models, (DEVICE, "cpu"), strict=True)]
+    _on_device_and_close(*means, rtol=1e-7, atol=1e-10)
+
+
+def test_predictors():
+    x, x2, y = _data()
+    net = _net()
+    t = torch.tensor([0.5, 10.0, float("inf")])
+    for kernel in ("ntk", "nngp"):
+        out = [predict.gradient_flow(net, x.to(d), y.to(d), x2.to(d), t=t.to(d), kernel=kernel, diag_reg=1e-4)
+               for d in (DEVICE, "cpu")]
+        _on_device_and_close(out[0].mean, out[1].mean, rtol=1e-8, atol=1e-10)
+        _on_device_and_close(out[0].covariance, out[1].covariance, rtol=1e-8, atol=1e-10)
+        out = [predict.GradientFlow(net, x.to(d), y.to(d), kernel=kernel, learning_rate=0.1).predict(steps=[3])
+               for d in (DEVICE, "cpu")]
+        _on_device_and_close(out[0].mean, out[1].mean, rtol=1e-8, atol=1e-10)
+    for kernel in ("nngp", "ntkgp", "ntk"):
+        out = [predict.gp_posterior(net, x.to(d), y.to(d), x2.to(d), kernel=kernel, noise=1e-3)
+               for d in (DEVICE, "cpu")]
+        _on_device_and_close(out[0].mean, out[1].mean, rtol=1e-8, atol=1e-10)
+        _on_device_and_close(out[0].covariance, out[1].covariance, rtol=1e-8, atol=1e-10)
+
+
+def test_empirical_kernels_linearized_training_and_monte_carlo():
+    x, x2, y = _data()
+    net = _net(ntkgp.ReLU())
+    results = []
+    for d in (DEVICE, "cpu"):
+        model = net.build(seed=0, device=d)                       # deferred first layer, drawn on d
+        f_train, f_test = model(x.to(d)), model(x2.to(d))
+        ntk_dd, ntk_td = finite.empirical_ntk(model, x.to(d)), finite.empirical_ntk(model, x2.to(d), x.to(d))
+        full = finite.empirical_ntk(model, x.to(d), vector_output=True)
+        with torch.no_grad():
+            trained = predict.gradient_descent_mse(ntk_dd, y.to(d), f_train, ntk_td, f_test, t=[1.0, 5.0],
+                                                   diag_reg=1e-6)
+            joint = predict.gradient_descent_mse(full, y.to(d), f_train, t=2.0, diag_reg=1e-6)
+        mc = finite.monte_carlo_kernel(net, x.to(d), x2.to(d), n_samples=6, ensemble_batch=4)
+        results.append((ntk_dd, full, *trained, joint, mc.nngp, mc.ntk, mc.ntk_sem))
+    for gpu, cpu in zip(*results, strict=True):
+        _on_device_and_close(gpu.detach(), cpu.detach(), rtol=1e-8, atol=1e-10)
+    assert predict.max_learning_rate(results[0][0]) == pytest.approx(predict.max_learning_rate(results[1][0]),
+                                                                     rel=1e-10)
+
+
+def test_bayes_from_a_gaussian_on_the_gpu():
+    x, x2, y = _data()
+    post = predict.gp_posterior(_net(), x.to(DEVICE), y[:, 0].to(DEVICE), x2.to(DEVICE), noise=1e-2)
+    draws = bayes.sample_outputs(post, 2000, seed=0)
+    assert draws.device.type == DEVICE and draws.dtype == torch.float64 and draws.shape == (2000, 5)
+    # the draws follow N(μ, Σ) (eigenvectors may differ from the CPU's in sign, so not the same draws)
+    torch.testing.assert_close(draws.mean(0), post.mean, rtol=0, atol=5 * float(post.variance.max()) ** 0.5 / 40)
+    mean, var = bayes.predictive_moments(post, noise=1e-2)
+    assert mean.device.type == DEVICE and var.device.type == DEVICE
+    bayes.gaussian_to_inference_data(post, y[:5, 0], noise=1e-2, num_draws=20)
+    bayes.regression_metrics(mean, var, y[:5, 0].to(DEVICE))
+
+
+def test_compare_on_the_gpu_matches_the_cpu():
+    common = dict(widths=(8, 16), ensemble_size=4, record_steps=(0, 3, 10), dtype="float64", chunk_size=2,
+                  divergence_check=False)
+    gpu = run_comparison(sin_dataset(), CompareConfig(device=DEVICE, **common))
+    cpu = run_comparison(sin_dataset(), CompareConfig(device="cpu", **common))
+    assert gpu.analytic_mean == cpu.analytic_mean
+    for a, b in zip(gpu.widths, cpu.widths, strict=True):
+        torch.testing.assert_close(torch.tensor(a.ensemble_mean), torch.tensor(b.ensemble_mean), rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(torch.tensor(a.ntk_change), torch.tensor(b.ntk_change), rtol=1e-6, atol=1e-10)
