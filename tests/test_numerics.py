@@ -678,3 +678,28 @@ def test_sin_and_cos_keep_their_digits_at_small_variances(dtype, rtol):
         expected = getattr(high, name)
         torch.testing.assert_close(getattr(low, name).double(), expected, rtol=0,
                                    atol=max(rtol, 1e-6) * float(expected.abs().max()))
+
+
+def _scalar_reads(net, x) -> int:
+    """How often ``net.kernel(x)`` reads a tensor value back to Python (``bool``/``float``/``item``:
+    on a GPU each one waits for the device to finish all work queued before it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.no_grad():
+        net.kernel(x)
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
+
+
+@pytest.mark.parametrize("activation", [ntkgp.ReLU(), ntkgp.Erf()], ids=["relu", "erf"])
+def test_activation_layers_read_at_most_one_scalar_per_block(activation):
+    """The ReLU family read three scalars per layer and row block (the range of the variances, then
+    ``(k11 == 0).any()`` and ``(k22 == 0).any()`` one by one), erf/GELU/Sin two (``float(k11.amax())``,
+    ``float(k22.amax())``): on a GPU every one of them stalls the pipeline. Now the ReLU family
+    gets both answers from one ``tolist`` and the others take one maximum."""
+    x = torch.randn(50, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def net(depth):
+        return ntkgp.serial(*[m for _ in range(depth) for m in (ntkgp.Dense(8, 2.0, 0.1), activation)], ntkgp.Dense(1))
+
+    per_layer = (_scalar_reads(net(3), x) - _scalar_reads(net(1), x)) / 2
+    assert per_layer <= 1

@@ -119,7 +119,7 @@ def overflow_scale(k11: Tensor, k22: Tensor) -> float | Tensor | None:
         return torch.pow(4.0, -torch.ceil(torch.log(big / limit) / math.log(4.0)))
     if k11.numel() == 0 or k22.numel() == 0:
         return None
-    big = max(float(k11.detach().amax()), float(k22.detach().amax()))
+    big = float(torch.maximum(k11.detach().amax(), k22.detach().amax()))   # one host synchronization, not two
     if not (limit < big < math.inf):
         return None
     return 4.0 ** -math.ceil(math.log(big / limit, 4) + 1e-9)
@@ -163,7 +163,11 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tenso
     (:func:`power_of_4_exponents`), which changes no bit of the result elsewhere.
     """
     rescale = None
-    if torch.compiler.is_compiling() or transforms_active() or not _products_representable(k11, k22):
+    compiling = torch.compiler.is_compiling()
+    # where neither applies, one host synchronization says both whether the products are
+    # representable and whether a variance is 0 (on a GPU each costs a round trip, per layer and block)
+    representable, has_zero = (True, True) if compiling or transforms_active() else _variance_range(k11, k22)
+    if not representable or compiling or transforms_active():
         h1, h2 = power_of_4_exponents(k11), power_of_4_exponents(k22)
         k11, k22 = k11 * power_of_2(-2 * h1, k11.dtype), k22 * power_of_2(-2 * h2, k22.dtype)
         k12 = k12 * power_of_2(-h1, k12.dtype) * power_of_2(-h2, k12.dtype)
@@ -178,7 +182,7 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tenso
         p = torch.mul(k11, k22).sqrt_()
         s = (p - k12).mul_(p.add_(k12)).clamp_(min=0).sqrt_()
         theta = torch.atan2(s, k12)
-        if torch.compiler.is_compiling() or bool((k11 == 0).any()) or bool((k22 == 0).any()):
+        if has_zero:   # (under torch.compile: always, no data-dependent branch)
             theta = torch.where((s == 0) & (k12 == 0), math.pi / 2, theta)
     if rescale is not None:
         s = s * rescale[0] * rescale[1]
@@ -204,17 +208,19 @@ def power_of_2(e: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.bitwise_left_shift(e.to(ints) + bias, mantissa_bits).view(dtype)
 
 
-def _products_representable(k11: Tensor, k22: Tensor) -> bool:
-    """Whether every product of two positive variances is a normal number (and not ``inf``)."""
+def _variance_range(k11: Tensor, k22: Tensor) -> tuple[bool, bool]:
+    """Whether every product of two positive variances is a normal number (and not ``inf``), and
+    whether some variance is 0."""
     info = torch.finfo(k11.dtype)
     low, high = 16 * info.tiny ** 0.5, info.max ** 0.5 / 16
     ks = [k.detach().reshape(-1) for k in (k11, k22) if k.numel()]
     if not ks:
-        return True
+        return True, False
     k = torch.cat(ks)
     # one host synchronization (on a GPU each costs a round trip), not one per reduction
-    largest, smallest = torch.stack([k.amax(), torch.where(k > 0, k, high).amin()]).tolist()
-    return largest <= high and smallest >= low
+    largest, smallest, zeros = torch.stack([k.amax(), torch.where(k > 0, k, high).amin(),
+                                            (k == 0).any().to(k.dtype)]).tolist()
+    return largest <= high and smallest >= low, zeros > 0
 
 
 def expand_param(value: Tensor, extra_dims: int) -> Tensor:
