@@ -39,6 +39,30 @@ def test_kernels_return_the_network_kernels():
     torch.testing.assert_close(diag, net.kernel(x1).ntk.diagonal(), rtol=1e-12, atol=0)
 
 
+def test_ntk_kernel_of_a_standard_network_is_the_standard_recursion():
+    """NTKKernel's docstring gave only the NTK-parameterization step Θ ← K_new + σ_w² Θ; a standard
+    Dense layer takes Θ ← n K_prev + σ_w² Θ + 1[bias] (n its finite incoming width), by hand here."""
+    import math
+
+    net = ntkgp.serial(ntkgp.Dense(7, 1.7, 0.2, parameterization="standard"), ntkgp.ReLU(),
+                       ntkgp.Dense(1, 1.3, None, parameterization="standard"))
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ntk = ntkgp.NTKKernel(net)(x).to_dense()
+    d = x.shape[-1]
+    k1 = 1.7 * x @ x.T / d + 0.2
+    theta1 = d * (x @ x.T / d) + 1.0                               # n = d, with bias
+    sd = k1.diagonal().sqrt()
+    cos = (k1 / sd[:, None] / sd[None, :]).clamp(-1, 1)
+    angle = torch.arccos(cos).fill_diagonal_(0.0)                 # exactly 0 for a point with itself
+    relu = sd[:, None] * sd[None, :] * (torch.sin(angle) + (math.pi - angle) * cos) / (2 * math.pi)
+    relu_dot = (math.pi - angle) / (2 * math.pi)
+    theta2 = 7 * relu + 1.3 * theta1 * relu_dot                    # n = 7, no bias
+    torch.testing.assert_close(ntk, theta2, rtol=1e-12, atol=1e-12)
+    # and it differs from the NTK-parameterization step, which the docstring stated alone
+    assert (ntk - (1.3 * relu + 1.3 * theta1 * relu_dot)).abs().max() > 1.0
+
+
 def test_kernels_on_one_net_share_parameters_and_move_with_it():
     net = ntkgp.mlp(1, "erf", 1.5, 0.1)
     nngp, ntk = ntkgp.NNGPKernel(net), ntkgp.NTKKernel(net)

@@ -10,7 +10,10 @@ class NNGPKernel(NetworkKernel):
 
     The output of an infinitely wide network at initialisation is a centred Gaussian process
     with this covariance (Neal 1996; Lee et al. 2018; Matthews et al. 2018); it is also the
-    kernel of gradient flow when only the readout layer is trained. Values are the
+    kernel of gradient flow when only the readout layer is trained, in NTK parameterization (a
+    standard-parameterized readout trained with one learning rate has the tangent kernel
+    ``n K_h + 1[bias]``, ``K_h`` the kernel of its ``n`` input features; with the per-layer rates of
+    :func:`ntkgp.finite.rates.equivalent_learning_rates` it is ``K`` again). Values are the
     layer-by-layer recursion of :meth:`ntkgp.Layer.kernel`.
 
     Example:

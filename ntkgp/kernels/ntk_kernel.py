@@ -11,7 +11,8 @@ class NTKKernel(NetworkKernel):
     Under gradient flow on the squared loss, an infinitely wide network evolves as kernel
     regression with this fixed kernel (Lee et al. 2019). As a GP covariance it gives the
     "NTK-GP" used in the literature as a Bayesian surrogate of trained networks. Values are the
-    recursion ``Θ ← K_new + σ_w² Θ`` (Dense), ``Θ ← Θ · Ṫ`` (activations) of
+    recursion ``Θ ← K_new + σ_w² Θ`` (Dense in NTK parameterization; ``Θ ← n K_prev + σ_w² Θ +
+    1[bias]`` in the standard one, :class:`ntkgp.Dense`), ``Θ ← Θ · Ṫ`` (activations) of
     :meth:`ntkgp.Layer.kernel`.
 
     Args:
