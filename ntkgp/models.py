@@ -126,6 +126,10 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
         callback: Callable[[int, float], object] | None = None) -> list[float]:
     """Maximize the exact marginal log likelihood of ``model`` on its training data.
 
+    With priors registered (``Dense(..., weight_var_prior=...)``, GPyTorch priors on the likelihood)
+    the objective is GPyTorch's ``ExactMarginalLogLikelihood``, which adds their log densities:
+    ``log p(Y) + Σ log p(hyperparameters)``, a maximum a posteriori fit.
+
     Args:
         model: an ``ExactGP`` (e.g. :class:`NetworkGP`, or a BoTorch model; a batched model, such
             as a multi-output ``SingleTaskGP``, maximizes the mean of its batch's likelihoods).
@@ -139,9 +143,10 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
         callback: called as ``callback(step, loss)`` after every step.
 
     Returns:
-        The negative marginal log likelihood per target entry (per data point for 1-D targets)
-        at every step, before that step's update (for LBFGS: at the start of the step). The model
-        is left in eval mode. Raises ``FloatingPointError`` if the loss or a gradient is not finite.
+        The negative marginal log likelihood (plus the negative log prior densities, if any) per
+        target entry (per data point for 1-D targets) at every step, before that step's update
+        (for LBFGS: at the start of the step). The model is left in eval mode. Raises
+        ``FloatingPointError`` if the loss or a gradient is not finite.
     """
     steps = integer_at_least(steps, 0, "steps")
     model.train()

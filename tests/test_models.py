@@ -281,6 +281,24 @@ def test_network_gp_counts_each_prior_once():
     assert model.net is model.covar_module.net
 
 
+def test_fit_reports_the_map_objective_when_priors_are_registered():
+    """fit's docstring said it returns the negative marginal log likelihood; with a prior on a
+    variance GPyTorch's objective adds its log density: the loss is −(log p(Y) + log p(σ_w²))/N."""
+    x = torch.randn(12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.sin(x.sum(-1))
+    prior = gpytorch.priors.GammaPrior(3.0, 2.0)
+    net = ntkgp.serial(ntkgp.Dense(10, 1.5, 0.1, weight_var_prior=prior), ntkgp.Erf(), ntkgp.Dense(1, 1.0, 0.1))
+    model = NetworkGP(x, y, net)
+    model.likelihood.noise = 0.05
+    with torch.no_grad():
+        cov = net.kernel(x).nngp + 0.05 * torch.eye(12, dtype=torch.float64)
+    log_evidence = float(torch.distributions.MultivariateNormal(torch.zeros(12, dtype=torch.float64), cov).log_prob(y))
+    log_prior = float(prior.log_prob(torch.tensor(1.5, dtype=torch.float64)))
+    history = fit(model, steps=1, lr=0.0)
+    assert abs(history[0] - (-(log_evidence + log_prior) / 12)) < 1e-10
+    assert abs(log_prior) > 0.1   # the prior term is not negligible here
+
+
 def test_network_gp_refuses_non_finite_or_integer_data():
     """A NaN target was accepted: every prediction came out NaN and fit only said "Non-finite
     marginal likelihood or gradient at step 0"."""
