@@ -45,6 +45,11 @@ POSTERIORS = ("nngp", "ntk", "ntkgp")
 class GPPosterior:
     """Exact posterior of an NNGP / NTK-GP / converged-NTK model; the Cholesky factor is cached.
 
+    ``"nngp"``: ``μ = K*d (K + σ²I)⁻¹ Y``, ``Σ = K** − K*d (K + σ²I)⁻¹ Kd*`` (Lee et al. 2018);
+    ``"ntkgp"``: the same with ``Θ`` for ``K`` (He et al. 2020); ``"ntk"``: gradient flow at
+    ``t = ∞``, ``μ = Θ*d Θ⁻¹ Y``, ``Σ = K** + Θ*d Θ⁻¹ K Θ⁻¹ Θd* − (Θ*d Θ⁻¹ Kd* + h.c.)`` with
+    ``Θ + σ²I`` for ``Θ`` (Lee et al. 2019).
+
     Args:
         net: the network spec.
         x_train: ``(N, d)`` inputs.
