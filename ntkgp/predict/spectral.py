@@ -270,6 +270,7 @@ def check_symmetric(k: Tensor, name: str) -> None:
     triangle would be used otherwise)."""
     if not k.numel():
         return
+    k = k.detach()   # a kernel computed with gradients on: the check needs no graph
     scale, asymmetry = float(k.abs().max()), float((k - k.mT).abs().max())
     if asymmetry > torch.finfo(k.dtype).eps ** 0.5 * scale:
         raise ValueError(f"{name} must be symmetric: it differs from its transpose by {asymmetry:.3g} "
