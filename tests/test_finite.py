@@ -293,3 +293,20 @@ def test_deferred_first_layer_follows_cuda():
     assert out.device.type == "cuda" and model[0].weight.device.type == "cuda"
     torch.testing.assert_close(out.cpu(), ntkgp.mlp(1, "relu", width=4).build(seed=0)(x))
     assert empirical_ntk(ntkgp.mlp(1, "relu", width=4).build(seed=0).cuda(), x.cuda()).device.type == "cuda"
+
+
+def test_empirical_ntk_of_an_ensemble_with_some_parameters():
+    """params= naming some of an ensemble's parameters differentiates those alone, member by member,
+    as parameter_scales of 0 on the others do: the others, stacked, were left to functional_call
+    and every member computed all E members' outputs, read as E points ((3, 3, 3) for 4 points)."""
+    model = _net().build(in_features=5, seed=0, ensemble_size=3)
+    x1, x2 = torch.randn(4, 5), torch.randn(2, 5)
+    everything = dict(model.named_parameters())
+    chosen = {name: everything[name] for name in ("0.weight", "5.bias")}
+    others = {name: 0.0 for name in everything if name not in chosen}
+    for x, n2 in ((None, 4), (x2, 2)):
+        for vector_output, shape in ((False, (3, 4, n2)), (True, (3, 4, n2, 3, 3))):
+            subset = empirical_ntk(model, x1, x, params=chosen, vector_output=vector_output, chunk_size=2)
+            assert subset.shape == shape
+            torch.testing.assert_close(subset, empirical_ntk(model, x1, x, parameter_scales=others,
+                                                             vector_output=vector_output), rtol=1e-12, atol=1e-12)

@@ -100,7 +100,8 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
         model: a module (its parameters are ``θ``), or a function ``f(params, x)``.
         x1: ``(n1, d)`` inputs (networks built by ntkgp also take batches ``(*batch, n1, d)``).
         x2: ``(n2, d)`` inputs; ``None`` for ``x1`` itself.
-        params: the parameters to differentiate (default: all of the module's).
+        params: the parameters to differentiate (default: all of the module's, frozen ones
+            included); a module's others are held fixed (stacked ones per member).
         vector_output: return ``Θ̂_ij(x, x')`` as ``(n1, n2, k, k)``; otherwise the per-output
             average ``(1/k) Σ_i Θ̂_ii`` is contracted directly, without the ``k × k`` blocks.
         chunk_size: members of an ensemble processed at once on the Jacobian route (bounds the
@@ -135,11 +136,16 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
         raise ValueError(f"x1 must have shape (n, d) for this network (only networks built by ntkgp take "
                          f"batches of inputs), got {tuple(x1.shape)}.")
     params = {name: p.detach() for name, p in all_params.items()}
+    # an ensemble's parameters left out of params= are constants, but stacked ones: they are mapped
+    # over members with the rest (left to functional_call they gave every member all E members'
+    # outputs, read as E points: an (E, E, k) kernel for n points)
+    fixed = {} if members is None else {name: p.detach() for name, p in model.named_parameters()
+                                        if name not in params}
     spec = "nip,mjp->nmij" if vector_output else "nip,mip->nm"
 
-    def single(p: dict[str, Tensor]) -> Tensor:
-        j1 = jacrev(lambda q: _outputs_2d(fn(q, x1)))(p)
-        j2 = j1 if x2 is None else jacrev(lambda q: _outputs_2d(fn(q, x2)))(p)
+    def single(p: dict[str, Tensor], constants: dict[str, Tensor]) -> Tensor:
+        j1 = jacrev(lambda q: _outputs_2d(fn({**constants, **q}, x1)))(p)
+        j2 = j1 if x2 is None else jacrev(lambda q: _outputs_2d(fn({**constants, **q}, x2)))(p)
         total = None
         for name in p:
             a = j1[name].reshape(*j1[name].shape[:2], -1)  # (n, k, parameters), scalars included
@@ -151,8 +157,8 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
         return total if vector_output else total / a.shape[1]
 
     if members is None:
-        return single(params)
-    return vmap(single, chunk_size=chunk_size)(params)
+        return single(params, fixed)
+    return vmap(single, chunk_size=chunk_size)(params, fixed)
 
 
 def _layerwise_applies(model: nn.Module, x: Tensor, scales: dict) -> bool:
