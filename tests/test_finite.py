@@ -310,3 +310,17 @@ def test_empirical_ntk_of_an_ensemble_with_some_parameters():
             assert subset.shape == shape
             torch.testing.assert_close(subset, empirical_ntk(model, x1, x, parameter_scales=others,
                                                              vector_output=vector_output), rtol=1e-12, atol=1e-12)
+
+
+def test_equivalent_learning_rates_need_the_deferred_weights_drawn():
+    """A first layer built without in_features has no weight before its first call: the rates left
+    it out ({'0.bias', '2.bias', '2.weight'}), so training read it as missing or, with a default,
+    at η instead of η σ_w²/d."""
+    net = ntkgp.mlp(1, "relu", width=4, parameterization="standard")
+    model = net.build(seed=0)
+    with pytest.raises(ValueError, match=r"\['0'\].*in_features"):
+        equivalent_learning_rates(model, 0.1)
+    model(torch.randn(2, 3))
+    rates = equivalent_learning_rates(model, 0.1)
+    torch.testing.assert_close(rates, equivalent_learning_rates(net.build(in_features=3, seed=0), 0.1))
+    assert float(rates["0.weight"]) == pytest.approx(0.1 * 2.0 / 3)

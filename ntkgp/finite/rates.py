@@ -19,7 +19,16 @@ def equivalent_learning_rates(model: nn.Module, learning_rate: float) -> dict[st
 
     Returns:
         ``{parameter name: rate}``; a rate is a float or a tensor broadcastable to the parameter.
+
+    Raises:
+        ValueError: if a deferred first layer (``build()`` without ``in_features``) has not drawn
+            its weights yet: they are not a parameter yet, and their rate needs their fan-in.
     """
+    deferred = [prefix or "<model>" for prefix, module in model.named_modules()
+                if isinstance(module, DenseModule) and module.weight is None]
+    if deferred:   # its weight would be missing from the rates, or trained at η if read with a default
+        raise ValueError(f"The Dense layer(s) {deferred} have not drawn their weights yet (built without "
+                         "in_features): call the model on an input first, or build it with in_features.")
     rates: dict[str, float | Tensor] = {name: learning_rate for name, _ in model.named_parameters()}
     for prefix, module in model.named_modules():
         if not isinstance(module, DenseModule) or module.parameterization != "standard":
