@@ -324,3 +324,18 @@ def test_equivalent_learning_rates_need_the_deferred_weights_drawn():
     rates = equivalent_learning_rates(model, 0.1)
     torch.testing.assert_close(rates, equivalent_learning_rates(net.build(in_features=3, seed=0), 0.1))
     assert float(rates["0.weight"]) == pytest.approx(0.1 * 2.0 / 3)
+
+
+def test_build_takes_numpy_and_tensor_integer_seeds_and_refuses_others():
+    """torch's manual_seed takes Python ints alone: np.int64(3) failed with "an integer is required"
+    (a TypeError), 1.5 and True with torch's RuntimeError."""
+    import numpy as np
+
+    x = torch.randn(3, 5)
+    expected = _net().build(in_features=5, seed=3)(x)
+    for seed in (np.int64(3), torch.tensor(3)):
+        assert torch.equal(_net().build(in_features=5, seed=seed)(x), expected)
+    for seed in (1.5, True, "3", 2**64):
+        with pytest.raises(ValueError, match="seed must be"):
+            _net().build(in_features=5, seed=seed)
+    _net().build(in_features=5, seed=-1)   # torch remaps negative seeds: still accepted

@@ -150,13 +150,18 @@ class Layer(VarianceParameters, gpytorch.Module):
                 its first call (or takes ``ard_num_dims``); they are drawn in the dtype and on
                 the device the module has then (``dtype`` and ``device``, or where a ``.to()``
                 moved it since), like every other parameter, so inputs must match those.
-            seed: seed of the weight draws (same seed, same network, on any device/dtype).
+            seed: seed of the weight draws (same seed, same network, on any device/dtype): an
+                integer (numpy and 0-d tensor integers too) in torch's range ``[-2⁶³, 2⁶⁴)``.
             ensemble_size: if given, ``E`` independent networks with stacked weights; the
                 module then maps ``(n, d)`` to ``(E, n, k)``.
             dtype: of the parameters (torch's default dtype by default).
             device: of the parameters (CPU by default).
         """
         in_features = None if in_features is None else integer_at_least(in_features, 1, "in_features")
+        # torch's manual_seed takes Python ints alone: numpy seeds failed with "an integer is required"
+        seed = integer_at_least(seed, -(2**63), "seed")
+        if seed >= 2**64:
+            raise ValueError(f"seed must be below 2**64, got {seed!r}.")
         ensemble_size = None if ensemble_size is None else integer_at_least(ensemble_size, 1, "ensemble_size")
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
                                   or dtype.is_complex):
