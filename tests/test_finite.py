@@ -339,3 +339,12 @@ def test_build_takes_numpy_and_tensor_integer_seeds_and_refuses_others():
         with pytest.raises(ValueError, match="seed must be"):
             _net().build(in_features=5, seed=seed)
     _net().build(in_features=5, seed=-1)   # torch remaps negative seeds: still accepted
+
+
+def test_empirical_nngp_checks_the_input_dtype_as_empirical_ntk_does():
+    """float64 inputs to a float32 network: torch's "expected m1 and m2 to have the same dtype"
+    (a RuntimeError from deep in the forward pass) instead of empirical_ntk's ValueError."""
+    model = _net().build(in_features=5, seed=0, dtype=torch.float32)
+    for kernel in (empirical_nngp, empirical_ntk):
+        with pytest.raises(ValueError, match=r"x1 is torch\.float64 but the network.s parameters are torch\.float32"):
+            kernel(model, torch.randn(3, 5))

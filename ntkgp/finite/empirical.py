@@ -73,6 +73,14 @@ def _materialize(model: nn.Module, x: Tensor) -> None:
             model(x[..., :1, :])
 
 
+def _check_dtype(model: nn.Module | ParamFn, x1: Tensor) -> None:
+    """Inputs in another dtype than a module's parameters are a clear error, not torch's matmul one."""
+    if isinstance(model, nn.Module):
+        dtypes = {p.dtype for p in model.parameters()}
+        if len(dtypes) == 1 and x1.dtype not in dtypes:
+            raise ValueError(f"x1 is {x1.dtype} but the network's parameters are {dtypes.pop()}: convert one of them.")
+
+
 def _outputs_2d(out: Tensor) -> Tensor:
     return out.unsqueeze(-1) if out.dim() == 1 else out
 
@@ -81,6 +89,7 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
                    params: dict[str, Tensor] | None = None, vector_output: bool = False) -> Tensor:
     """``f(x1) f(x2)ᵀ`` per output unit ``(n1, n2)`` (or ``(n1, n2, k, k)``); ``(E, …)`` for ensembles."""
     x1, x2 = check_inputs(x1, x2)
+    _check_dtype(model, x1)
     fn, params, _ = _as_function(model, params, x1)
     with torch.no_grad():
         f1 = _outputs_2d(fn(params, x1))
@@ -121,10 +130,7 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     """
     x1, x2 = check_inputs(x1, x2)
     chunk_size = None if chunk_size is None else integer_at_least(chunk_size, 1, "chunk_size")
-    if isinstance(model, nn.Module):
-        dtypes = {p.dtype for p in model.parameters()}
-        if len(dtypes) == 1 and x1.dtype not in dtypes:
-            raise ValueError(f"x1 is {x1.dtype} but the network's parameters are {dtypes.pop()}: convert one of them.")
+    _check_dtype(model, x1)
     scales = dict(parameter_scales or {})
     fn, all_params, members = _as_function(model, params, x1)
     unknown = sorted(set(scales) - set(all_params))
