@@ -348,3 +348,15 @@ def test_empirical_nngp_checks_the_input_dtype_as_empirical_ntk_does():
     for kernel in (empirical_nngp, empirical_ntk):
         with pytest.raises(ValueError, match=r"x1 is torch\.float64 but the network.s parameters are torch\.float32"):
             kernel(model, torch.randn(3, 5))
+
+
+def test_empirical_ntk_jacobian_route_refuses_batched_x2_as_it_does_batched_x1():
+    """x2 of shape (2, 1, d) with one output was read as two points (a (4, 2) kernel), other batches
+    failed in einsum ("subscript i has size 4 for operand 1 which does not broadcast")."""
+    model = ntkgp.serial(ntkgp.Dense(5, 2.0, 0.1), ntkgp.ReLU(), ntkgp.Dense(1, 1.0, 0.1)).build(in_features=3)
+    wrapped = torch.nn.Sequential(model, torch.nn.Tanh())
+    x1 = torch.randn(4, 3)
+    for x2 in (torch.randn(2, 1, 3), torch.randn(2, 4, 3)):
+        with pytest.raises(ValueError, match=r"x2 must have shape \(n, d\)"):
+            empirical_ntk(wrapped, x1, x2)
+        assert empirical_ntk(model, x1, x2).shape == (x2.shape[0], 4, x2.shape[1])   # built networks take batches

@@ -108,7 +108,7 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     Args:
         model: a module (its parameters are ``θ``), or a function ``f(params, x)``.
         x1: ``(n1, d)`` inputs (networks built by ntkgp also take batches ``(*batch, n1, d)``).
-        x2: ``(n2, d)`` inputs; ``None`` for ``x1`` itself.
+        x2: ``(n2, d)`` inputs (batches as for ``x1``); ``None`` for ``x1`` itself.
         params: the parameters to differentiate (default: all of the module's, frozen ones
             included); a module's others are held fixed (stacked ones per member).
         vector_output: return ``Θ̂_ij(x, x')`` as ``(n1, n2, k, k)``; otherwise the per-output
@@ -138,9 +138,10 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
         raise ValueError(f"parameter_scales names parameters the network does not have: {unknown}.")
     if params is None and isinstance(model, nn.Module) and _layerwise_applies(model, x1, scales):
         return _layerwise_ntk(model, x1, x2, scales, vector_output)
-    if x1.dim() != 2:
-        raise ValueError(f"x1 must have shape (n, d) for this network (only networks built by ntkgp take "
-                         f"batches of inputs), got {tuple(x1.shape)}.")
+    for name, x in (("x1", x1), ("x2", x2)):   # a batch axis of x2 was read as its points (an einsum error)
+        if x is not None and x.dim() != 2:
+            raise ValueError(f"{name} must have shape (n, d) for this network (only networks built by ntkgp "
+                             f"take batches of inputs), got {tuple(x.shape)}.")
     params = {name: p.detach() for name, p in all_params.items()}
     # an ensemble's parameters left out of params= are constants, but stacked ones: they are mapped
     # over members with the rest (left to functional_call they gave every member all E members'
