@@ -325,3 +325,18 @@ def test_targets_and_test_points_on_another_device_are_a_clear_error_before_the_
     with pytest.raises(ValueError, match="ntk_test_train is on meta but ntk_train_train is on cpu"):
         predict.gradient_descent_mse(torch.eye(6, dtype=torch.float64), y, 0.0,
                                      torch.empty(3, 6, device="meta", dtype=torch.float64), 0.0, t=1.0)
+
+
+@pytest.mark.parametrize("kw", [{"t": True}, {"steps": True}, {"t": torch.tensor([1.0 + 1.0j])}, {"t": 1j},
+                                {"steps": np.array([True, False])}, {"t": "1"}, {"t": [[1.0], [2.0, 3.0]]},
+                                {"steps": 10**400}])
+def test_times_that_are_not_real_numbers_are_refused(kw):
+    """Cast to float64, booleans became times 1/0 and complex times their real part (t=1+1j
+    trained as t=1, with only torch's one-time cast warning); strings and ragged lists raised
+    torch's TypeError/ValueError ("new(): invalid data type 'str'")."""
+    flow = predict.GradientFlow(NET, _x(5), _x(5, 1, seed=1)[:, 0])
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=f"{name} must be a real number"):
+        flow.predict(_x(3, seed=2), **kw)
+    with pytest.raises(ValueError, match=f"{name} must be a real number"):
+        predict.gradient_descent_mse(torch.eye(3), torch.ones(3), **kw)

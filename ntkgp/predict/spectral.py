@@ -24,6 +24,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -195,7 +196,7 @@ def make_schedule(t: Times, steps: Steps, learning_rate: float, m: int, device: 
     if t is None and steps is None:
         return None
     discrete = steps is not None
-    raw = torch.as_tensor(steps if discrete else t, dtype=torch.float64)
+    raw = _real_numbers(steps if discrete else t, "steps" if discrete else "t")
     if raw.numel() == 0:
         raise ValueError(f"{'steps' if discrete else 't'} is empty: give at least one time.")
     if bool(torch.isnan(raw).any()):
@@ -205,6 +206,26 @@ def make_schedule(t: Times, steps: Steps, learning_rate: float, m: int, device: 
     if discrete and (bool(torch.isinf(raw).any()) or not bool((raw == raw.round()).all())):
         raise ValueError("steps must be finite non-negative integers.")
     return Schedule(raw.reshape(-1).to(device), raw.shape, discrete, learning_rate, m)
+
+
+def _real_numbers(value: object, name: str) -> Tensor:
+    """``value`` (a number, nested sequences of numbers, an array or a real tensor) as a float64
+    tensor. Booleans and complex numbers are refused: cast to float64 they silently became times
+    ``1``/``0`` and the real part (``t=True`` trained for one unit of time, like ``steps=True``)."""
+    if isinstance(value, Tensor):
+        odd = value.dtype == torch.bool or value.is_complex()
+    else:
+        try:
+            odd = np.asarray(value).dtype.kind in "bc"
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            odd = False            # left to the conversion below, which says what is wrong
+    kind = "a real number, a sequence of real numbers or a real tensor"
+    if odd:
+        raise ValueError(f"{name} must be {kind}, got {value!r}.")
+    try:
+        return torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:   # strings, ragged lists, ints beyond float
+        raise ValueError(f"{name} must be {kind}, got {value!r} ({err}).") from err
 
 
 def spectral_apply(left: Tensor, weights: Tensor, right: Tensor) -> Tensor:
