@@ -340,3 +340,15 @@ def test_times_that_are_not_real_numbers_are_refused(kw):
         flow.predict(_x(3, seed=2), **kw)
     with pytest.raises(ValueError, match=f"{name} must be a real number"):
         predict.gradient_descent_mse(torch.eye(3), torch.ones(3), **kw)
+
+
+def test_times_whose_tau_overflows_are_infinite_time_also_for_a_zero_kernel():
+    """A zero training kernel never moves the outputs. At t = 1e300 with η = 1e10, τ = η t/m
+    overflows to inf while t is finite: the null test τ·(N ε λ_max) was inf·0 = NaN, so the null
+    directions counted as trained: training outputs jumped to Y (1.46 instead of f_0 = 0.5) and test
+    outputs were 0·inf = NaN. Exact: f_0 unchanged."""
+    y = torch.tensor([[1.0, -1.46], [0.3, 0.2], [-0.7, 1.1]])
+    zero, cross = torch.zeros(3, 3), torch.zeros(2, 3)
+    for kw in ({"t": [1.0, 1e300, math.inf]}, {"steps": [1, 10**300]}):
+        train, test = predict.gradient_descent_mse(zero, y, 0.5, cross, 0.5, learning_rate=1e10, **kw)
+        assert torch.equal(train, torch.full_like(train, 0.5)) and torch.equal(test, torch.full_like(test, 0.5))

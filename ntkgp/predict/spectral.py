@@ -161,12 +161,14 @@ class Schedule:
         lam = eig.values.unsqueeze(-2)                           # (1, N)
         rate = self.learning_rate / self.m
         times = self.values.to(lam.dtype).unsqueeze(-1)           # (T, 1)
+        tau = rate * times                                        # s steps: the τ of s·η/m
         tol = eig.null_tolerance.unsqueeze(-2)
-        late = torch.isinf(times) | (rate * times * tol > eig.eps ** 0.5)
+        # τ = ∞ also where a finite η t/m overflows: then tol = 0 (a zero kernel) gave τ·tol = NaN,
+        # not late, and such a time moved the null directions (all of them) as if they trained
+        late = torch.isinf(tau) | (tau * tol > eig.eps ** 0.5)
         null = (lam <= tol) & late                                               # (T, N)
         safe_lam = torch.where(lam > 0, lam, torch.ones_like(lam))
         if not self.discrete:
-            tau = rate * times
             finite = torch.isfinite(tau)
             x = torch.where(finite, tau, 0.0) * lam
             decay = torch.where(finite, torch.exp(-x), 0.0)
@@ -179,7 +181,7 @@ class Schedule:
             decay = torch.where(stable, torch.exp(exponent), decay_big)
             growth = torch.where(stable, -torch.expm1(exponent), 1 - decay_big)
         # at λ = 0 the flow is its limit τ (s steps: s·η/m), not 0/0
-        flow = torch.where(lam > 0, growth / safe_lam, rate * times)
+        flow = torch.where(lam > 0, growth / safe_lam, tau)
         decay, growth = torch.where(null, 1.0, decay), torch.where(null, 0.0, growth)
         return decay, growth, torch.where(null, 0.0, flow)
 
