@@ -6,6 +6,7 @@ calibration gaps of both signs. Each test was written against a mutation the res
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -352,3 +353,22 @@ def test_times_whose_tau_overflows_are_infinite_time_also_for_a_zero_kernel():
     for kw in ({"t": [1.0, 1e300, math.inf]}, {"steps": [1, 10**300]}):
         train, test = predict.gradient_descent_mse(zero, y, 0.5, cross, 0.5, learning_rate=1e10, **kw)
         assert torch.equal(train, torch.full_like(train, 0.5)) and torch.equal(test, torch.full_like(test, 0.5))
+
+
+def test_kernels_with_gradients_train_without_torch_scalar_warnings():
+    """``gradient_descent_mse`` differentiates through a kernel computed with gradients on; its
+    checks read the eigenvalues as Python floats, which warned "Converting a tensor with
+    requires_grad=True to a scalar may lead to unexpected behavior" (torch warns once per process,
+    so the test turns that off)."""
+    x, x_test = _x(5), _x(3, seed=2)
+    y = _x(5, 1, seed=1)
+    previous = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        for kw in ({"t": [0.5, math.inf]}, {"steps": 3}, {"t": None}):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                _, test = predict.gradient_descent_mse(NET.kernel(x).ntk, y, 0.0, NET.kernel(x_test, x).ntk, 0.0, **kw)
+            assert test.requires_grad
+    finally:
+        torch.set_warn_always(previous)

@@ -282,6 +282,7 @@ def check_semi_definite(values: Tensor, name: str, dtype: torch.dtype) -> None:
     matrix given in ``dtype``, up to rounding (``λ_min ≥ −sqrt(ε) · max|λ|``)."""
     if values.numel() == 0:
         return
+    values = values.detach()   # eigenvalues of a kernel computed with gradients on: the check needs no graph
     scale = float(values.abs().max())
     if float(values.min()) < -torch.finfo(dtype).eps ** 0.5 * scale:
         raise ValueError(f"{name} is not positive semi-definite (eigenvalues from {float(values.min()):.3g} to "
