@@ -160,6 +160,7 @@ def test_networks_and_kernels_refuse_bad_build_arguments():
     (dict(x_test=torch.zeros(2, 4, 1, dtype=torch.float64)), r"x_test must have shape \(M, 1\)"),
     (dict(x_test=torch.zeros(4, 2, dtype=torch.float64)), "x_test"),
     (dict(probe=torch.zeros(3, 3, 1, dtype=torch.float64)), "probe"),
+    (dict(probe=X[:0]), "probe must hold at least one point"),        # was a NaN NTK change, silently
     (dict(y_train=torch.cat([Y, -Y], 1)), "1 output"),                  # would train towards the row means
     (dict(y_train=torch.where(X > 0, math.nan, Y)), "finite"),
     (dict(x_train=X[:0], y_train=Y[:0]), "N >= 1"),

@@ -161,7 +161,7 @@ def train_ensemble(
         record_steps: step counts (non-negative integers) at which to record; training runs to the
             largest.
         x_test: ``(M, d)`` points on which member outputs are recorded (default: ``x_train``).
-        probe: ``(P, d)`` points for the empirical-NTK change (``None``: not recorded).
+        probe: ``(P, d)`` points, ``P >= 1``, for the empirical-NTK change (``None``: not recorded).
         readout_only: train only the readout ``Dense`` layer(s) (:func:`readout_parameters`): gradient
             flow with the NNGP kernel.
         seed: seed of the initialization (chunk ``c`` uses ``seed + 1_000_003 c``).
@@ -188,6 +188,9 @@ def train_ensemble(
             # a leading axis would be read as the ensemble axis, member i seeing only points[i]
             if points.dim() != 2 or points.shape[-1] != x_train.shape[-1]:
                 raise ValueError(f"{name} must have shape (M, {x_train.shape[-1]}), got {tuple(points.shape)}.")
+    if probe is not None and probe.shape[0] == 0:   # Θ̂ of no points: its relative change would be 0/0 = NaN
+        raise ValueError("probe must hold at least one point (or be None: no NTK change recorded), got shape "
+                         f"{tuple(probe.shape)}.")
     chunk_size = None if chunk_size is None else integer_at_least(chunk_size, 1, "chunk_size")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}.")
