@@ -521,3 +521,31 @@ def test_mean_bias_check_uses_the_noise_level(biases, noises, expected):
                              widths=[width(256, biases[1], noises[1]), width(1024, biases[0], noises[0])])
     checks = evaluate_checks(result)
     assert checks["mean bias shrinks with width (widest vs narrowest, averaged over times)"] is expected
+
+
+def test_config_with_numpy_and_tensor_numbers_writes_its_report(tmp_path):
+    """Settings given as numpy or 0-d tensor numbers (which the checks accept) are stored as Python
+    numbers: report.json is json.dumps(asdict(config)), which failed on them after all the training."""
+    config = CompareConfig(widths=(np.int64(16), 8.0), ensemble_size=np.int64(2), record_steps=torch.tensor([0, 3]),
+                           depth=np.int32(1), seed=np.int64(2), chunk_size=torch.tensor(1), probe_points=np.int64(2),
+                           weight_var=torch.tensor(2.0), lr_fraction=np.float32(0.5), divergence_check=np.bool_(False),
+                           device=torch.device("cpu"), activation=ntkgp.Erf(a=2.0))
+    write_report(run_comparison(sin_dataset(), config), tmp_path)
+    saved = json.loads((tmp_path / "report.json").read_text())["config"]
+    assert saved["widths"] == [8, 16] and saved["record_steps"] == [0, 3] and saved["ensemble_size"] == 2
+    assert saved["seed"] == 2 and saved["chunk_size"] == 1 and saved["weight_var"] == 2.0 and saved["device"] == "cpu"
+    assert saved["activation"] == "Erf(a=2, b=1, c=0)" and saved["divergence_check"] is False
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(widths=(16, math.inf)), "widths must be positive integers"),            # was int()'s OverflowError
+    (dict(widths=(16, math.nan)), "widths must be positive integers"),
+    (dict(widths=16), "widths must be positive integers"),                        # was "'int' object is not iterable"
+    (dict(widths=(True, 16)), "widths must be positive integers"),                # was width 1
+    (dict(record_steps=(0, math.inf)), "record_steps must be non-negative integers"),
+    (dict(seed=1.5), "seed must be an integer"),        # failed in net.build after the analytic predictions
+    (dict(seed="0"), "seed must be an integer"),
+])
+def test_config_refuses_non_integer_sizes_and_seeds(settings, message):
+    with pytest.raises(ValueError, match=message):
+        CompareConfig(**settings)

@@ -28,10 +28,12 @@ the exact discrete-time predictions of :class:`ntkgp.predict.GradientFlow` (Lee 
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from ntkgp._checks import integer_at_least
@@ -39,7 +41,7 @@ from ntkgp.compare.datasets import Dataset, plot_coordinate, plot_label
 from ntkgp.finite.train import EnsembleHistory, train_ensemble
 from ntkgp.layers.base import Layer
 from ntkgp.layers.mlp import mlp
-from ntkgp.layers.validation import positive_number
+from ntkgp.layers.validation import finite_number, positive_number
 from ntkgp.predict import GradientFlow
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -69,21 +71,27 @@ class CompareConfig:
     progress: bool = False
 
     def __post_init__(self) -> None:
-        if not self.widths or any(int(w) != w or w < 1 for w in self.widths):
-            raise ValueError(f"widths must be positive integers, got {self.widths!r}.")
+        # Every setting is stored as a plain Python value: report.json is json.dumps(asdict(config)), and a
+        # numpy or 0-d tensor number (accepted by the checks) failed there, after all the training.
+        self.widths = _whole_numbers(self.widths, 1, "widths", "positive integers")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
-        positive_number(self.lr_fraction, "lr_fraction")
-        integer_at_least(self.ensemble_size, 2, "ensemble_size")   # variances need two members
+        self.lr_fraction = positive_number(self.lr_fraction, "lr_fraction")
+        self.ensemble_size = integer_at_least(self.ensemble_size, 2, "ensemble_size")   # variances need two members
         # depth 0 is a linear model: no hidden width to compare across
-        integer_at_least(self.depth, 1, "depth")
+        self.depth = integer_at_least(self.depth, 1, "depth")
+        self.weight_var = finite_number(self.weight_var, "weight_var")     # its sign: checked by the spec below
+        if self.bias_var is not None:
+            self.bias_var = finite_number(self.bias_var, "bias_var")
         if self.learning_rate is not None:
-            positive_number(self.learning_rate, "learning_rate")
-        if not self.record_steps or any(int(s) != s or s < 0 for s in self.record_steps):
-            raise ValueError(f"record_steps must be non-negative integers, got {self.record_steps!r}.")
+            self.learning_rate = positive_number(self.learning_rate, "learning_rate")
+        self.record_steps = _whole_numbers(self.record_steps, 0, "record_steps", "non-negative integers")
         if self.chunk_size is not None:
-            integer_at_least(self.chunk_size, 1, "chunk_size")
-        integer_at_least(self.probe_points, 1, "probe_points")
+            self.chunk_size = integer_at_least(self.chunk_size, 1, "chunk_size")
+        self.probe_points = integer_at_least(self.probe_points, 1, "probe_points")
+        # checked here as net.build checks it, before the analytic predictions and any training
+        self.seed = integer_at_least(self.seed, -(2**63), "seed")
+        self.divergence_check, self.progress = bool(self.divergence_check), bool(self.progress)
         if self.device is not None:
             try:
                 device = torch.device(self.device)
@@ -96,8 +104,9 @@ class CompareConfig:
             if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
                 raise ValueError(f"device {self.device!r}: this machine has {torch.cuda.device_count()} "
                                  "CUDA device(s).")
-        self.widths = tuple(sorted({int(w) for w in self.widths}))  # "widest" below means widths[-1]
-        self.record_steps = tuple(sorted({int(s) for s in self.record_steps}))
+            self.device = str(device)   # a torch.device is not JSON
+        self.widths = tuple(sorted(set(self.widths)))  # "widest" below means widths[-1]
+        self.record_steps = tuple(sorted(set(self.record_steps)))
         if self.record_steps[-1] == 0:
             raise ValueError("record_steps needs at least one positive step (step 0 is before training).")
         self.network(self.widths[0])  # the spec validates activation, variances and depth
@@ -167,6 +176,27 @@ class ComparisonResult:
         return asdict(self)
 
 
+def _whole_numbers(values: object, minimum: int, name: str, kind: str) -> tuple[int, ...]:
+    """A non-empty sequence of whole numbers ``>= minimum`` as Python ints (integral floats and numpy or
+    0-d tensor numbers accepted); anything else, booleans, NaN and infinities included, is a ValueError
+    (``int(inf)`` raised an OverflowError)."""
+    try:
+        items = list(values)
+    except TypeError:
+        items = []
+    numbers_ = []
+    for value in items:
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            value = value.item()
+        if (isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                or value != int(value) or value < minimum):
+            break
+        numbers_.append(int(value))
+    if not items or len(numbers_) != len(items):
+        raise ValueError(f"{name} must be {kind}, got {values!r}.")
+    return tuple(numbers_)
+
+
 def loglog_slope(widths: list[int], values: list[float]) -> float:
     """Least-squares slope of ``log(value)`` against ``log(width)``.
 
@@ -231,7 +261,7 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     divergence = _divergence(data, config, kernel, max_lr, dtype) if config.divergence_check else None
 
     result = ComparisonResult(
-        config=asdict(config), dataset=data.description or data.name, kernel=kernel, learning_rate=lr,
+        config=_settings(config), dataset=data.description or data.name, kernel=kernel, learning_rate=lr,
         max_learning_rate=max_lr, eigenvalues=flow.eigensystem.values.tolist(), steps=steps,
         times=[lr * s for s in steps], plot_x=data.plot_coordinate.tolist(),
         x_train_plot=plot_coordinate(data.x_train).tolist(), y_train=data.y_train[:, 0].tolist(),
@@ -241,6 +271,14 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     result.checks = evaluate_checks(result)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _settings(config: CompareConfig) -> dict:
+    """The config as plain Python for report.json: an activation given as a layer is named by its repr."""
+    settings = asdict(config)
+    if not isinstance(config.activation, str):
+        settings["activation"] = repr(config.activation)
+    return settings
 
 
 DIVERGENCE_STEPS = [0, 1, 2, 3, 5, 10, 20, 50, 100, 300]
