@@ -116,15 +116,17 @@ def test_divergence_before_the_first_record_keeps_the_documented_shapes():
     assert {g: tuple(v.shape) for g, v in h.layer_change.items()} == {g: (0, 3) for g in ("input", "hidden", "readout")}
 
 
-@pytest.mark.parametrize("ard", [False, True])
-def test_layer_changes_do_not_depend_on_the_parameterization(ard):
+@pytest.mark.parametrize("variance", [1.0, torch.tensor([0.2, 1.0, 5.0]), torch.tensor([0.0, 1.0, 5.0])],
+                         ids=["scalar", "ard", "ard-switched-off"])
+def test_layer_changes_do_not_depend_on_the_parameterization(variance):
     """Groups of layers with different scales (and per-feature ARD scales) move alike in both
     parameterizations: the changes are measured in NTK coordinates (raw standard-parameterized
-    weights differed by 4-10 %)."""
+    weights differed by 4-10 %). An ARD feature of variance 0 (stored as 0 in the standard
+    parameterization: its input change was 0/0 = NaN there, a number in the NTK one) is left out."""
     x = torch.cat([X, X.cos(), 3 * X.sin()], 1)
+    ard = isinstance(variance, torch.Tensor)
 
     def net(param):
-        variance = torch.tensor([0.2, 1.0, 5.0]) if ard else 1.0
         first = ntkgp.Dense(16, variance, 0.1, param, ard_num_dims=3 if ard else None)
         return ntkgp.serial(first, ntkgp.ReLU(), ntkgp.Dense(12, 0.5, 0.1, param), ntkgp.Erf(),
                             ntkgp.Dense(20, 3.0, 0.1, param), ntkgp.ReLU(), ntkgp.Dense(1, 2.0, 0.1, param))
@@ -135,6 +137,21 @@ def test_layer_changes_do_not_depend_on_the_parameterization(ard):
     for group in ("input", "hidden", "readout"):
         assert float(ntk.layer_change[group][-1].min()) > 1e-3
         torch.testing.assert_close(std.layer_change[group], ntk.layer_change[group], rtol=1e-10, atol=0)
+
+
+def test_a_layer_of_weight_variance_zero_has_no_weight_change_in_either_parameterization():
+    """``weight_var=0``: the layer's weights never move (rate η·0 standard, gradient ∝ σ_w NTK); its
+    group's change is 0 in both parameterizations (the standard one read 0/0 = NaN)."""
+    def net(param):
+        return ntkgp.serial(ntkgp.Dense(8, 0.0, 0.1, param), ntkgp.Erf(), ntkgp.Dense(8, 1.0, 0.1, param),
+                            ntkgp.Erf(), ntkgp.Dense(1, 1.0, 0.1, param))
+
+    ntk, std = (train_ensemble(net(p), X, Y, ensemble_size=2, learning_rate=0.3, record_steps=[0, 10],
+                               dtype=torch.float64) for p in ("ntk", "standard"))
+    for h in (ntk, std):
+        assert torch.equal(h.layer_change["input"], torch.zeros(2, 2, dtype=torch.float64))
+        assert float(h.layer_change["hidden"][-1].min()) > 1e-3
+    torch.testing.assert_close(std.layer_change["hidden"], ntk.layer_change["hidden"], rtol=1e-10, atol=0)
 
 
 def test_networks_and_kernels_refuse_bad_build_arguments():

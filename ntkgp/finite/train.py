@@ -273,7 +273,9 @@ def layer_groups(model: nn.Module, x: Tensor) -> dict[str, list[str]]:
     input feature with ARD) and leaves biases out, so that it does not depend on the
     parameterization: a standard-parameterized network trained with the equivalent rates moves
     its NTK coordinates exactly as its NTK twin does, even when a group mixes layers of
-    different scales or the scales differ per input feature (ARD).
+    different scales or the scales differ per input feature (ARD). Input rows of weight variance 0
+    (an ARD feature switched off, or ``weight_var=0``) are left out: they never move, and the
+    standard parameterization stores them as 0, from which no ``ω`` can be read.
     """
     order: list[tuple[str, bool]] = []
     names = {id(m): prefix for prefix, m in model.named_modules() if isinstance(m, DenseModule)}
@@ -327,9 +329,13 @@ class _Changes:
             group, module = self.group_of[name]
             rows = square.sum(-1)                                  # (E, in): one weight scale per input row
             total = total + rows.sum(-1)
+            scale = module.fan_in_variance(rows)                   # σ_w²/n, per input row with ARD
             if module.parameterization != "ntk":                   # ω = W / sqrt(σ_w²/n)
-                rows = rows / module.fan_in_variance(rows)
-            per_group[group] = per_group[group] + rows.sum(-1)
+                rows = rows / torch.where(scale > 0, scale, 1)
+            # rows of variance 0 never move in either parameterization (the gradient of ω carries σ_w, the
+            # standard rate is η σ_w²/n), and a standard layer stores them as 0, from which no ω can be read
+            # (0/0: NaN): left out of both, so that the two agree
+            per_group[group] = per_group[group] + torch.where(scale > 0, rows, 0).sum(-1)
         return total.sqrt(), {g: v.sqrt() for g, v in per_group.items()}
 
     def relative(self) -> tuple[Tensor, dict[str, Tensor]]:
@@ -337,7 +343,8 @@ class _Changes:
         total, per_group = self._norms((n, p.detach().sub(self.initial[n]).square_())
                                        for n, p in self.params.items())
         norm0, group0 = self.initial_norms
-        return total / norm0, {g: per_group[g] / group0[g] for g in self.groups}
+        # a group of variance-0 rows alone holds nothing that can move: change 0, not 0/0
+        return total / norm0, {g: torch.where(group0[g] > 0, per_group[g] / group0[g], 0) for g in self.groups}
 
 
 class _DenseStep:
