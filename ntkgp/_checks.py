@@ -20,3 +20,13 @@ def integer_at_least(value: object, minimum: int, name: str) -> int:
         kind = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
         raise ValueError(f"{name} must be {kind}, got {value!r}.")
     return number
+
+
+def seed_value(value: object, minimum: int = -(2**63), name: str = "seed") -> int:
+    """A seed as a Python int in ``[minimum, 2⁶⁴)``: torch's generators take ``[-2⁶³, 2⁶⁴)``, numpy's
+    ``SeedSequence`` non-negative integers (``minimum=0``). Numpy and 0-d tensor integers are
+    accepted (torch's ``manual_seed`` takes Python ints alone), booleans and floats refused."""
+    seed = integer_at_least(value, minimum, name)
+    if seed >= 2**64:
+        raise ValueError(f"{name} must be below 2**64, got {value!r}.")
+    return seed

@@ -179,7 +179,7 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
         loss = optimizer.step(closure)
         with torch.no_grad():
             for p, constraint in bounded:
-                p.copy_(torch.maximum(torch.minimum(p, constraint.upper_bound.to(p)), constraint.lower_bound.to(p)))
+                p.clamp_(constraint.lower_bound.to(p), constraint.upper_bound.to(p))
         history.append(float(loss.detach()))
         if callback is not None:
             callback(step, history[-1])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ntkgp._checks import integer_at_least  # noqa: F401  (re-exported for the bayes modules)
+from ntkgp._checks import integer_at_least, seed_value  # noqa: F401  (re-exported for the bayes modules)
 from ntkgp._typing import ArrayLike
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._typing import ArrayLike
-from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least
+from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least, seed_value
 from ntkgp.bayes.inference_data import check_export, draws_to_inference_data
 from ntkgp.predict.gaussian import Gaussian
 
@@ -119,11 +119,8 @@ def _covariance_root(cov: Tensor, mean: Tensor, prior: float | None = None) -> T
 
 
 def _seed(seed: int | None) -> int | None:
-    """``None`` or a non-negative integer (numpy and 0-d tensor integers too), as both torch's and
-    numpy's generators take it."""
-    if seed is not None and integer_at_least(seed, 0, "seed") >= 2**64:
-        raise ValueError(f"seed must be below 2**64, got {seed!r}.")
-    return None if seed is None else int(seed)
+    """``None`` or a seed both torch's and numpy's generators take (non-negative)."""
+    return None if seed is None else seed_value(seed, 0)
 
 
 def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: int | Sequence[int] | None = None,

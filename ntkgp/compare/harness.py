@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ntkgp._checks import integer_at_least
+from ntkgp._checks import integer_at_least, seed_value
 from ntkgp.compare.datasets import Dataset, plot_coordinate, plot_label
 from ntkgp.finite.train import EnsembleHistory, train_ensemble
 from ntkgp.layers.base import Layer
@@ -90,7 +90,7 @@ class CompareConfig:
             self.chunk_size = integer_at_least(self.chunk_size, 1, "chunk_size")
         self.probe_points = integer_at_least(self.probe_points, 1, "probe_points")
         # checked here as net.build checks it, before the analytic predictions and any training
-        self.seed = integer_at_least(self.seed, -(2**63), "seed")
+        self.seed = seed_value(self.seed)
         self.divergence_check, self.progress = bool(self.divergence_check), bool(self.progress)
         if self.device is not None:
             try:

@@ -20,7 +20,7 @@ import gpytorch
 import torch
 from torch import Tensor, nn
 
-from ntkgp._checks import integer_at_least
+from ntkgp._checks import integer_at_least, seed_value
 from ntkgp.layers.numerics import transforms_active
 from ntkgp.layers.state import BatchedDuplicates, Duplicates, KernelState
 from ntkgp.layers.validation import check_inputs
@@ -159,9 +159,7 @@ class Layer(VarianceParameters, gpytorch.Module):
         """
         in_features = None if in_features is None else integer_at_least(in_features, 1, "in_features")
         # torch's manual_seed takes Python ints alone: numpy seeds failed with "an integer is required"
-        seed = integer_at_least(seed, -(2**63), "seed")
-        if seed >= 2**64:
-            raise ValueError(f"seed must be below 2**64, got {seed!r}.")
+        seed = seed_value(seed)
         ensemble_size = None if ensemble_size is None else integer_at_least(ensemble_size, 1, "ensemble_size")
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
                                   or dtype.is_complex):

@@ -62,6 +62,15 @@ def check_targets(y_train: Tensor, n_train: int, device: torch.device | None = N
     return y_train
 
 
+def check_training_data(x_train: Tensor, y_train: Tensor) -> None:
+    """``x_train`` must be finite ``(N, d)`` points and ``y_train`` targets for them on their device
+    (:func:`check_targets`): the checks every predictor runs before its training kernel."""
+    check_points(x_train, "x_train")
+    if x_train.dim() != 2:
+        raise ValueError(f"x_train must have shape (N, d), got {tuple(x_train.shape)}.")
+    check_targets(y_train, x_train.shape[0], x_train.device)
+
+
 def check_device(t: Tensor, name: str, device: torch.device | None, of: str) -> None:
     """``ValueError`` unless ``t`` is on ``device`` (that of ``of``; ``None``: no check)."""
     if device is not None and t.device != device:

@@ -31,13 +31,13 @@ from torch import Tensor
 
 from ntkgp._typing import Steps, Times
 from ntkgp.layers.base import Layer
-from ntkgp.layers.validation import check_points, positive_number
+from ntkgp.layers.validation import positive_number
 from ntkgp.predict.gaussian import (
     Gaussian,
     check_finite_kernel,
     check_non_negative,
-    check_targets,
     check_test_points,
+    check_training_data,
     prior_scale,
 )
 from ntkgp.predict.spectral import (
@@ -85,10 +85,7 @@ class GradientFlow:
                  factor_dtype: torch.dtype = torch.float64) -> None:
         if kernel not in KINDS:
             raise ValueError(f"kernel must be one of {KINDS}, got {kernel!r}.")
-        check_points(x_train, "x_train")
-        if x_train.dim() != 2:
-            raise ValueError(f"x_train must have shape (N, d), got {tuple(x_train.shape)}.")
-        check_targets(y_train, x_train.shape[0], x_train.device)
+        check_training_data(x_train, y_train)
         self.net, self.x_train, self.kind = net, x_train, kernel
         self.learning_rate = positive_number(learning_rate, "learning_rate")
         self.diag_reg = check_non_negative("diag_reg", diag_reg)

@@ -27,13 +27,12 @@ import torch
 from torch import Tensor
 
 from ntkgp.layers.base import Layer
-from ntkgp.layers.validation import check_points
 from ntkgp.predict.gaussian import (
     Gaussian,
     check_finite_kernel,
     check_non_negative,
-    check_targets,
     check_test_points,
+    check_training_data,
     prior_scale,
 )
 from ntkgp.predict.gradient_flow import GradientFlow, _symmetric
@@ -69,10 +68,7 @@ class GPPosterior:
             self._flow = GradientFlow(net, x_train, y_train, kernel="ntk", diag_reg=self.noise,
                                       diag_reg_absolute_scale=True, factor_dtype=factor_dtype)
             return
-        check_points(x_train, "x_train")
-        if x_train.dim() != 2:
-            raise ValueError(f"x_train must have shape (N, d), got {tuple(x_train.shape)}.")
-        check_targets(y_train, x_train.shape[0], x_train.device)
+        check_training_data(x_train, y_train)
         self.net, self.x_train, self.dtype, self.factor_dtype = net, x_train, x_train.dtype, factor_dtype
         self.vector_targets = y_train.dim() == 2
         self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).to(factor_dtype)
