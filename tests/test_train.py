@@ -243,3 +243,20 @@ def test_readout_only_training_is_the_linear_model_of_each_members_own_kernel(pa
                                                      steps=torch.tensor(steps), learning_rate=lr)
         torch.testing.assert_close(h.test_outputs[:, member], test, rtol=1e-10, atol=1e-11)
     assert float((h.test_outputs[-1] - h.test_outputs[0]).abs().max()) > 0.1   # it did train
+
+
+def test_a_seed_too_large_for_the_last_chunk_is_refused_before_any_training(monkeypatch):
+    # chunk c is seeded seed + 1_000_003 c: the last one passed 2**64 and net.build refused it only after
+    # the earlier chunks had trained
+    calls = []
+    monkeypatch.setattr(train_module, "_train_chunk", lambda *args: calls.append(args))
+    with pytest.raises(ValueError, match="last of 2 chunks"):
+        train_ensemble(_net(), X, Y, ensemble_size=4, chunk_size=2, learning_rate=0.1, record_steps=[1],
+                       seed=2**64 - 2)
+    assert calls == []
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="seed"):
+        train_ensemble(_net(), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[1], seed=1.5)
+    history = train_ensemble(_net(), X, Y, ensemble_size=2, chunk_size=2, learning_rate=0.1, record_steps=[0],
+                             seed=2**64 - 1)   # one chunk: the largest seed torch takes
+    assert history.settings["seed"] == 2**64 - 1

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ntkgp._checks import integer_at_least
+from ntkgp._checks import integer_at_least, seed_value
 from ntkgp.finite.empirical import empirical_ntk
 from ntkgp.finite.rates import equivalent_learning_rates
 from ntkgp.layers.base import Layer
@@ -211,6 +211,10 @@ def train_ensemble(
     if chunk_size is None:
         chunk_size = _default_chunk(net, x.shape[-1], x.shape[0] + xt.shape[0])
     chunks = [min(chunk_size, ensemble_size - start) for start in range(0, ensemble_size, chunk_size)]
+    # the last chunk's seed must be valid too: checked by net.build only after the earlier chunks trained
+    seed = seed_value(seed)
+    seed_value(seed + 1_000_003 * (len(chunks) - 1), name=f"seed + 1_000_003 * {len(chunks) - 1} (the seed of the "
+               f"last of {len(chunks)} chunks)")
 
     bar = None
     if progress:
