@@ -57,19 +57,65 @@ LABELS = {"nngp": "NNGP-GP", "ntk": "NTK-GP", "rbf": "RBF GP", "matern52": "MatÃ
 
 
 # ---------------------------------------------------------------------------------------- data
+def read_indices(path: pathlib.Path, size: int, what: str) -> np.ndarray:
+    """The distinct 0-based indices ``0 â‰¤ i < size`` listed in ``path`` (ValueError naming the file otherwise).
+
+    numpy would wrap a negative index around to the end of the data (a silently wrong row) and
+    report an out-of-range one without the file's name.
+    """
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist.")
+    try:
+        indices = np.atleast_1d(np.loadtxt(path, dtype=np.int64))
+    except ValueError as err:
+        raise ValueError(f"{path} must hold integer indices: {err}") from None
+    if indices.ndim != 1 or indices.size == 0:
+        raise ValueError(f"{path} must list at least one index, one per line.")
+    outside = indices[(indices < 0) | (indices >= size)]
+    if outside.size:
+        raise ValueError(f"{path}: index {outside[0]} is not one of the {size} {what} 0..{size - 1}.")
+    if np.unique(indices).size != indices.size:
+        raise ValueError(f"{path} lists an index twice.")
+    return indices
+
+
 def load_split(root: pathlib.Path, name: str, split: int) -> tuple[np.ndarray, ...]:
-    """Raw ``(x_train, y_train, x_test, y_test)`` of one standard split."""
+    """Raw ``(x_train, y_train, x_test, y_test)`` of one standard split.
+
+    Raises ValueError (naming the file) for a missing file, an index outside the data, a
+    repeated index, a test row that is also a training row or a target column among the
+    features (both would put test information into the fit), and non-finite values.
+    """
     folder = root / name
-    data = np.loadtxt(folder / "data.txt", ndmin=2)
-    features = np.atleast_1d(np.loadtxt(folder / "index_features.txt", dtype=int))
-    target = int(np.loadtxt(folder / "index_target.txt"))
-    train = np.atleast_1d(np.loadtxt(folder / f"index_train_{split}.txt", dtype=int))
-    test = np.atleast_1d(np.loadtxt(folder / f"index_test_{split}.txt", dtype=int))
+    if not (folder / "data.txt").is_file():
+        raise ValueError(f"{folder / 'data.txt'} does not exist.")
+    try:
+        data = np.loadtxt(folder / "data.txt", ndmin=2)
+    except ValueError as err:
+        raise ValueError(f"{folder / 'data.txt'} is not a table of numbers: {err}") from None
+    features = read_indices(folder / "index_features.txt", data.shape[1], "columns of data.txt")
+    target = read_indices(folder / "index_target.txt", data.shape[1], "columns of data.txt")
+    if target.size != 1 or target[0] in features:
+        raise ValueError(f"{folder / 'index_target.txt'} must name one column that is not a feature, "
+                         f"got {target.tolist()} (features {features.tolist()}).")
+    train = read_indices(folder / f"index_train_{split}.txt", data.shape[0], "rows of data.txt")
+    test = read_indices(folder / f"index_test_{split}.txt", data.shape[0], "rows of data.txt")
+    shared = np.intersect1d(train, test)
+    if shared.size:
+        raise ValueError(f"{folder}: split {split} has {shared.size} rows in both its training and test "
+                         f"indices (row {shared[0]}, ...).")
+    used = data[np.concatenate([train, test])][:, [*features, target[0]]]
+    if not np.isfinite(used).all():
+        raise ValueError(f"{folder / 'data.txt'} has NaN or infinite values in the rows and columns of split {split}.")
+    target = int(target[0])
     return data[train][:, features], data[train, target], data[test][:, features], data[test, target]
 
 
 def n_splits(root: pathlib.Path, name: str) -> int:
-    return int(np.loadtxt(root / name / "n_splits.txt"))
+    path = root / name / "n_splits.txt"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist.")
+    return int(np.loadtxt(path))
 
 
 def standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -300,15 +346,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if args.threads < 1:
             parser.error("--threads must be positive")
         torch.set_num_threads(args.threads)
-    for name in args.datasets:
-        if not (args.data / name / "data.txt").is_file():
-            parser.error(f"{args.data / name} has no data.txt")
-        if args.splits > n_splits(args.data, name):
-            parser.error(f"{name} has only {n_splits(args.data, name)} splits")
     if args.noise_floor <= 0:
         parser.error("--noise-floor must be positive")
-    if min(args.splits, args.max_train, args.steps + 1, args.ensemble_size, args.ensemble_epochs) < 1:
-        parser.error("--splits, --max-train, --ensemble-size and --ensemble-epochs must be positive")
+    if min(args.splits, args.max_train, args.steps + 1, args.ensemble_size, args.ensemble_epochs, args.width,
+           args.batch_size) < 1:
+        parser.error("--splits, --max-train, --ensemble-size, --ensemble-epochs, --width and --batch-size must be "
+                     "positive")
+    if not (math.isfinite(args.lr) and args.lr >= 0 and math.isfinite(args.ensemble_lr) and args.ensemble_lr >= 0):
+        parser.error("--lr and --ensemble-lr must be finite and non-negative")
+    try:
+        ntkgp.mlp(args.depth, "relu", weight_var=2.0, bias_var=0.1)
+    except ValueError as err:
+        parser.error(f"--depth: {err}")
+    # Every file of every split is read now: each method's failure is caught and recorded in the report
+    # (so a bad setting gave a table of "failed" cells), and a broken split of the last dataset failed
+    # only after the hours spent on the others.
+    for name in args.datasets:
+        try:
+            available = n_splits(args.data, name)
+            if args.splits > available:
+                parser.error(f"{name} has only {available} splits")
+            for split in range(args.splits):
+                load_split(args.data, name, split)
+        except ValueError as err:
+            parser.error(str(err))
     return args
 
 
