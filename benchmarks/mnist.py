@@ -44,8 +44,13 @@ IMAGES, LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
 
 def read_idx(path: pathlib.Path, magic: int) -> np.ndarray:
     """An IDX file (big-endian header: magic, then one uint32 per dimension; uint8 data)."""
-    with gzip.open(path, "rb") as handle:
-        raw = handle.read()
+    try:
+        with gzip.open(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError) as err:  # not gzip, or truncated: gzip's message does not name the file
+        raise ValueError(f"{path} is not a complete gzip file: {err}") from None
+    if len(raw) < 4:
+        raise ValueError(f"{path} holds {len(raw)} bytes, too few for an IDX header.")
     found, = struct.unpack(">i", raw[:4])
     if found != magic:
         raise ValueError(f"{path} has magic number {found}, expected {magic}.")
@@ -160,6 +165,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--n-train, --n-test and --n-val must be positive")
     if min(args.reg_grid) <= 0 or (args.diag_reg is not None and args.diag_reg <= 0):
         parser.error("regularizers must be positive")
+    # Every network is built now: a bad depth or variance failed only after the regularizer search
+    # (four fits on the training images).
+    for depth in args.depths:
+        for w in args.weight_vars:
+            try:
+                ntkgp.mlp(depth, "relu", weight_var=w, bias_var=args.bias_var)
+            except ValueError as err:
+                parser.error(f"--depths {depth}, --weight-vars {w:g}, --bias-var {args.bias_var:g}: {err}")
     return args
 
 

@@ -167,3 +167,19 @@ def test_uci_rejects_bad_settings_before_any_fit(tmp_path, setting):
     _uci_folder(tmp_path / "uci", "toy")
     with pytest.raises(SystemExit):
         uci.parse_args(["--data", str(tmp_path / "uci"), "--datasets", "toy", "--splits", "1", *setting])
+
+
+def test_mnist_rejects_bad_networks_and_broken_files_before_any_fit(tmp_path):
+    """A negative weight variance failed only after the regularizer search (four NNGP fits on the
+    training images), and a truncated file raised gzip's EOFError without the file's name."""
+    mnist = _load("mnist")
+    rng = np.random.default_rng(0)
+    _idx(tmp_path / mnist.IMAGES, rng.integers(0, 256, size=(20, 4, 4)), 2051)
+    _idx(tmp_path / mnist.LABELS, rng.integers(0, 10, size=20), 2049)
+    for setting in (["--weight-vars", "-1"], ["--depths", "-1"], ["--bias-var", "-1"]):
+        with pytest.raises(SystemExit):
+            mnist.parse_args(["--data", str(tmp_path), *setting])
+    raw = (tmp_path / mnist.IMAGES).read_bytes()
+    (tmp_path / mnist.IMAGES).write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=f"{mnist.IMAGES} is not a complete gzip file"):
+        mnist.load(tmp_path)
