@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import math
 import pathlib
 import platform
 import struct
@@ -163,8 +164,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"{args.data / name} does not exist")
     if args.n_train < 1 or args.n_test < 1 or args.n_val < 1:
         parser.error("--n-train, --n-test and --n-val must be positive")
-    if min(args.reg_grid) <= 0 or (args.diag_reg is not None and args.diag_reg <= 0):
-        parser.error("regularizers must be positive")
+    # NaN fails the chained comparison (it passed "min(grid) <= 0" and was refused only by the first fit)
+    if not all(0 < reg < math.inf for reg in [*args.reg_grid, *([] if args.diag_reg is None else [args.diag_reg])]):
+        parser.error("regularizers must be finite and positive")
     # Every network is built now: a bad depth or variance failed only after the regularizer search
     # (four fits on the training images).
     for depth in args.depths:

@@ -159,7 +159,7 @@ def test_uci_rejects_broken_split_files_before_any_fit(tmp_path, capsys, mutate,
 
 
 @pytest.mark.parametrize("setting", [["--depth", "-1"], ["--width", "0"], ["--batch-size", "0"], ["--lr", "-0.1"],
-                                     ["--ensemble-lr", "nan"]])
+                                     ["--ensemble-lr", "nan"], ["--noise-floor", "nan"]])
 def test_uci_rejects_bad_settings_before_any_fit(tmp_path, setting):
     """Each method's failure is caught and recorded, so these gave a report of "failed" cells after the
     whole run (--depth -1 failed three of the five methods on every split)."""
@@ -176,7 +176,8 @@ def test_mnist_rejects_bad_networks_and_broken_files_before_any_fit(tmp_path):
     rng = np.random.default_rng(0)
     _idx(tmp_path / mnist.IMAGES, rng.integers(0, 256, size=(20, 4, 4)), 2051)
     _idx(tmp_path / mnist.LABELS, rng.integers(0, 10, size=20), 2049)
-    for setting in (["--weight-vars", "-1"], ["--depths", "-1"], ["--bias-var", "-1"]):
+    for setting in (["--weight-vars", "-1"], ["--depths", "-1"], ["--bias-var", "-1"], ["--reg-grid", "nan", "0.1"],
+                    ["--diag-reg", "inf"]):
         with pytest.raises(SystemExit):
             mnist.parse_args(["--data", str(tmp_path), *setting])
     raw = (tmp_path / mnist.IMAGES).read_bytes()
