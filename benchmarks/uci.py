@@ -384,6 +384,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     # (so a bad setting gave a table of "failed" cells), and a broken split of the last dataset failed
     # only after the hours spent on the others.
     for name in args.datasets:
+        if not (args.data / name).is_dir():
+            parser.error(f"{args.data / name} is not a folder (--data holds one folder per dataset)")
         try:
             available = n_splits(args.data, name)
             if args.splits > available:

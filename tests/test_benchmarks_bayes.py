@@ -59,6 +59,8 @@ def test_uci_script_runs_on_a_tiny_dataset(tmp_path):
     assert "| toy | 40 (60) | 3 |" in text and "Test NLPD" in text and "--max-train 40" in text
     with pytest.raises(SystemExit):
         uci.main(["--data", str(tmp_path / "uci"), "--datasets", "toy", "--splits", "3"])   # only 2 splits
+    with pytest.raises(SystemExit):
+        uci.main(["--data", str(tmp_path), "--datasets", "toy"])                           # the folder above
 
 
 def test_uci_standardize_guards_constant_columns():
