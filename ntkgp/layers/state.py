@@ -30,6 +30,9 @@ from torch import Tensor
 
 from ntkgp.layers.numerics import is_vmapped, needs_graph, straight_through
 
+#: Entries per block of rows when :func:`_row_keys` widens bit patterns to int64.
+_KEY_BLOCK_ENTRIES = 1 << 16
+
 
 def _collapse_expanded(x: Tensor) -> Tensor:
     """``x`` with every batch axis of stride 0 (an ``expand``) cut to size 1."""
@@ -40,9 +43,21 @@ def _collapse_expanded(x: Tensor) -> Tensor:
 
 
 def _row_keys(x: Tensor) -> Tensor:
-    """The wrapping integer sum of each row's bit patterns: equal rows, equal keys."""
+    """The wrapping integer sum of each row's bit patterns: equal rows, equal keys.
+
+    Narrower patterns (float32, float16) are summed in int64 a block of rows at a time: ``sum(dtype=
+    torch.int64)`` of the whole tensor first casts all of it, twice the size of float32 inputs in
+    temporaries (2.2 GiB for 1.1 GiB of inputs), just to screen for duplicates.
+    """
     bits = x.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
-    return bits.sum(-1, dtype=torch.int64)
+    if bits.dtype == torch.int64:
+        return bits.sum(-1)
+    flat = bits.reshape(-1, bits.shape[-1])
+    keys = torch.empty(flat.shape[0], dtype=torch.int64, device=x.device)
+    rows = max(1, _KEY_BLOCK_ENTRIES // max(bits.shape[-1], 1))
+    for start in range(0, flat.shape[0], rows):
+        torch.sum(flat[start:start + rows], -1, dtype=torch.int64, out=keys[start:start + rows])
+    return keys.reshape(bits.shape[:-1])
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,20 @@ from torch import Tensor
 from ntkgp.layers.numerics import is_vmapped
 
 
+def all_finite(x: Tensor) -> bool:
+    """Whether no entry of the floating tensor ``x`` is ``±inf`` or NaN.
+
+    ``torch.isfinite(x).all()`` allocates ``|x|`` and two masks on the way, 1.75 times the size of
+    a float32 ``x`` (2 GiB for 1.1 GiB of inputs), for a yes or no. The smallest and the largest
+    entry decide it as well: both are finite exactly when every entry is (``aminmax`` propagates
+    NaN), and one reduction finds them without temporaries.
+    """
+    if x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x.detach())
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def check_points(x: Tensor, name: str) -> Tensor:
     """``x`` must be a finite floating tensor of shape ``(*batch, n, d)``."""
     if not isinstance(x, Tensor):
@@ -25,7 +39,7 @@ def check_points(x: Tensor, name: str) -> Tensor:
     if x.shape[-1] == 0:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)}).")
     # under vmap the values are per-sample: no data-dependent check can run there
-    if not is_vmapped(x) and not bool(torch.isfinite(x).all()):
+    if not is_vmapped(x) and not all_finite(x):
         raise ValueError(f"{name} contains NaN or infinite values.")
     return x
 

@@ -1,0 +1,86 @@
+"""Large inputs: temporary memory stays a small multiple of what is computed.
+
+Peaks are read from Linux's ``VmHWM`` after resetting it (``/proc/self/clear_refs``); large
+tensors are allocated with ``mmap``, so a temporary of their size shows up in it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ntkgp
+from ntkgp.layers import state as state_module
+from ntkgp.layers.validation import all_finite
+
+
+def _status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _status_mib("VmHWM") is not None
+
+
+def _peak_above_current(fn) -> float:
+    """Peak resident memory (MiB) of ``fn()`` above the memory resident before it."""
+    if not _reset_peak():
+        pytest.skip("needs Linux's resettable peak RSS (/proc/self/clear_refs)")
+    base = _status_mib("VmRSS")
+    fn()
+    return _status_mib("VmHWM") - base
+
+
+@pytest.mark.parametrize("diag", [False, True])
+def test_input_checks_allocate_no_input_sized_temporaries(diag):
+    # 64 MiB of float32 inputs, a 256 x 256 kernel (0.25 MiB per matrix). The finiteness check
+    # (torch.isfinite(x).all(): |x| and two masks, 112 MiB) and the duplicate screen (an int64
+    # cast of all the bit patterns, 128 MiB) each took about twice the inputs for a yes or no.
+    x = torch.randn(256, 65536, generator=torch.Generator().manual_seed(0))
+    net = ntkgp.mlp(1, "relu", 2.0, 0.01)
+    with torch.no_grad():
+        net.kernel(x[:2, :64], diag=diag)   # one-time buffers (BLAS, thread pools) before measuring
+        peak = _peak_above_current(lambda: net.kernel(x, diag=diag))
+    assert peak < 16, peak       # a quarter of the inputs: blocks, the kernels and allocator slack
+
+
+def test_row_keys_in_blocks_equal_the_whole_sum(monkeypatch):
+    # the duplicate screen's keys, summed in int64 a few rows at a time, are those of one sum
+    monkeypatch.setattr(state_module, "_KEY_BLOCK_ENTRIES", 3 * 5)
+    g = torch.Generator().manual_seed(1)
+    for dtype, ints in ((torch.float32, torch.int32), (torch.float16, torch.int16), (torch.float64, torch.int64)):
+        x = torch.randn(2, 7, 5, generator=g).to(dtype)
+        x[1, 4] = x[0, 2]
+        expected = x.view(ints).sum(-1, dtype=torch.int64)
+        assert torch.equal(state_module._row_keys(x), expected)
+    with torch.no_grad():   # duplicates across blocks of the screen are still found: exact pairs
+        x = torch.randn(9, 5, generator=g, dtype=torch.float32)
+        x[8] = x[0]
+        k = ntkgp.mlp(2, "relu", 2.0, 0.0).kernel(x).nngp
+    assert torch.equal(k[0, 8], k[0, 0]) and torch.equal(k[8, 8], k[0, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_agrees_with_isfinite(dtype):
+    x = torch.randn(4, 6).to(dtype)
+    assert all_finite(x) and all_finite(x[:0])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[3, 5] = bad
+        assert not all_finite(y)
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            ntkgp.mlp(1).kernel(y.double())
+    huge = torch.full((3, 2), torch.finfo(dtype).max, dtype=dtype)
+    assert all_finite(huge) and all_finite(-huge)
