@@ -84,3 +84,21 @@ def test_all_finite_agrees_with_isfinite(dtype):
             ntkgp.mlp(1).kernel(y.double())
     huge = torch.full((3, 2), torch.finfo(dtype).max, dtype=dtype)
     assert all_finite(huge) and all_finite(-huge)
+
+
+def test_layerwise_empirical_ntk_keeps_at_most_four_kernel_sized_matrices():
+    # each layer's gram and term were fresh products, and the previous layer's were still bound while
+    # the next were formed: 5.3 kernel-sized matrices at the peak, now 3 (the sum, a gram, a term)
+    net = ntkgp.mlp(3, "relu", 2.0, 0.01, width=16)
+    model = net.build(8, seed=0, dtype=torch.float64)
+    x = torch.randn(3000, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ntkgp.finite.empirical_ntk(model, x[:5])                 # one-time buffers before measuring
+    result = []
+    peak = _peak_above_current(lambda: result.append(ntkgp.finite.empirical_ntk(model, x)))
+    matrix = 3000 * 3000 * 8 / 2**20
+    assert peak < 4 * matrix, peak / matrix
+    # the same numbers as the Jacobian route (per-parameter sums in another order: rounding only)
+    sub = x[::100]
+    params = dict(model.named_parameters())
+    reference = ntkgp.finite.empirical_ntk(model, sub, params=params)
+    assert torch.allclose(result[0][::100, ::100], reference, rtol=1e-12, atol=0)
