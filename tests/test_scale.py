@@ -102,3 +102,34 @@ def test_layerwise_empirical_ntk_keeps_at_most_four_kernel_sized_matrices():
     params = dict(model.named_parameters())
     reference = ntkgp.finite.empirical_ntk(model, sub, params=params)
     assert torch.allclose(result[0][::100, ::100], reference, rtol=1e-12, atol=0)
+
+
+def test_monte_carlo_kernel_does_not_stack_the_samples():
+    # 256 NNGP samples of 300 points: stacked (a list, then its concatenation) they took 2 x 176 MiB;
+    # running moments hold one ensemble batch (64 x 0.7 MiB) besides the two result matrices
+    net = ntkgp.mlp(1, "relu", 2.0, 0.01, width=8)
+    x = torch.randn(300, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ntkgp.finite.monte_carlo_kernel(net, x[:5], n_samples=2, ntk=False)   # one-time buffers
+    result = []
+    peak = _peak_above_current(lambda: result.append(
+        ntkgp.finite.monte_carlo_kernel(net, x, n_samples=256, ntk=False, ensemble_batch=64)))
+    assert peak < 100, peak
+
+
+def test_monte_carlo_running_moments_equal_stacked_ones():
+    # batches of unequal size (5 + 5 + 3 members), NNGP and NTK: mean and standard error as from all
+    # samples stacked, to rounding
+    net = ntkgp.mlp(2, "erf", 1.5, 0.1, width=16)
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    est = ntkgp.finite.monte_carlo_kernel(net, x, n_samples=13, seed=7, ensemble_batch=5)
+    nngps, ntks = [], []
+    for b, size in enumerate((5, 5, 3)):
+        model = net.build(3, seed=7 + 1_000_003 * b, ensemble_size=size, dtype=torch.float64)
+        nngps.append(ntkgp.finite.empirical_nngp(model, x))
+        ntks.append(ntkgp.finite.empirical_ntk(model, x))
+    for samples, mean, sem in ((nngps, est.nngp, est.nngp_sem), (ntks, est.ntk, est.ntk_sem)):
+        stacked = torch.cat(samples)
+        assert torch.allclose(mean, stacked.mean(0), rtol=1e-12, atol=1e-15)
+        assert torch.allclose(sem, stacked.std(0) / 13**0.5, rtol=1e-10, atol=1e-15)
+    one = ntkgp.finite.monte_carlo_kernel(net, x, n_samples=1, ntk=False)
+    assert one.nngp_sem.isnan().all() and one.nngp.isfinite().all()

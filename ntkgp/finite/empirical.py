@@ -96,7 +96,7 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
         f2 = f1 if x2 is None else _outputs_2d(fn(params, x2))
     if vector_output:
         return torch.einsum("...ni,...mj->...nmij", f1, f2)
-    return f1 @ f2.mT / f1.shape[-1]
+    return (f1 @ f2.mT).div_(f1.shape[-1])   # in place: the product is fresh, a second kernel-sized copy is not needed
 
 
 def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None, *,

@@ -47,27 +47,56 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
     n_samples = integer_at_least(n_samples, 1, "n_samples")
     ensemble_batch = integer_at_least(ensemble_batch, 1, "ensemble_batch")
     d = x1.shape[-1]
-    nngps, ntks = [], []
+    nngps, ntks = _Moments(), _Moments()
     done, batch_index = 0, 0
     while done < n_samples:
         size = min(ensemble_batch, n_samples - done)
         model = net.build(in_features=d, seed=seed + 1_000_003 * batch_index, ensemble_size=size,
                           dtype=x1.dtype, device=x1.device)
-        nngps.append(empirical_nngp(model, x1, x2))
+        nngps.add(empirical_nngp(model, x1, x2))
         if ntk:
             n_params = sum(p.numel() for p in model.parameters()) // size
             n_out = x1.shape[-2] + (0 if x2 is None else x2.shape[-2])
             per_member = max(1, n_out * n_params * x1.element_size() * 4)
-            ntks.append(empirical_ntk(model, x1, x2, chunk_size=max(1, JACOBIAN_BYTES // per_member)))
+            ntks.add(empirical_ntk(model, x1, x2, chunk_size=max(1, JACOBIAN_BYTES // per_member)))
         done += size
         batch_index += 1
 
-    def mean_and_sem(samples: list[Tensor]) -> tuple[Tensor, Tensor]:
-        stacked = torch.cat(samples, 0)
-        sem = (stacked.std(0) / stacked.shape[0] ** 0.5 if stacked.shape[0] > 1
-               else torch.full_like(stacked[0], float("nan")))  # one sample has no spread to measure
-        return stacked.mean(0), sem
-
-    nngp, nngp_sem = mean_and_sem(nngps)
-    ntk_mean, ntk_sem = mean_and_sem(ntks) if ntk else (None, None)
+    nngp, nngp_sem = nngps.mean_and_sem()
+    ntk_mean, ntk_sem = ntks.mean_and_sem() if ntk else (None, None)
     return KernelEstimate(nngp, ntk_mean, nngp_sem, ntk_sem, n_samples)
+
+
+class _Moments:
+    """Running mean and sum of squared deviations ``M₂`` of kernel samples, merged one ensemble
+    batch at a time (Chan et al.'s pairwise update): with ``n_a`` samples so far and a batch of
+    ``n_b`` with mean ``m_b`` and ``M₂_b``, ``δ = m_b − m``, ``m += δ n_b/n``,
+    ``M₂ += M₂_b + δ² n_a n_b / n``.
+
+    Stacking every sample instead held ``n_samples`` kernels, twice (the list and its
+    concatenation): 8.8 GB per kernel for 128 samples of 3000 points in float64, where the
+    estimate is two matrices.
+    """
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def add(self, samples: Tensor) -> None:
+        n_b = samples.shape[0]
+        mean_b = samples.mean(0)
+        m2_b = samples.sub_(mean_b).square_().sum(0)     # the samples are this call's own: in place
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean.add_(delta, alpha=n_b / n)
+        self.m2.add_(m2_b).addcmul_(delta, delta, value=self.count * n_b / n)
+        self.count = n
+
+    def mean_and_sem(self) -> tuple[Tensor, Tensor]:
+        """The mean and its standard error ``sqrt(M₂ / (n − 1)) / sqrt(n)`` (NaN for one sample:
+        no spread to measure)."""
+        if self.count < 2:
+            return self.mean, torch.full_like(self.mean, float("nan"))
+        return self.mean, (self.m2 / (self.count - 1)).sqrt_() / self.count ** 0.5
