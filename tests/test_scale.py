@@ -133,3 +133,36 @@ def test_monte_carlo_running_moments_equal_stacked_ones():
         assert torch.allclose(sem, stacked.std(0) / 13**0.5, rtol=1e-10, atol=1e-15)
     one = ntkgp.finite.monte_carlo_kernel(net, x, n_samples=1, ntk=False)
     assert one.nngp_sem.isnan().all() and one.nngp.isfinite().all()
+
+
+def test_posterior_setup_and_infinite_time_fit_stay_near_two_kernel_sized_matrices():
+    # torch.cholesky_solve copied the whole factor on every call, regularize formed diag_embed(...)
+    # besides the sum, and check_symmetric |k| and |k - kᵀ| besides k - kᵀ: each was a third
+    # kernel-sized matrix at the peak (GPPosterior's setup 3.2 N², gradient_descent_mse 3.0 N²)
+    n = 3000
+    x = torch.randn(n, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    y = torch.sin(x.sum(1))
+    net = ntkgp.mlp(2, "relu", 2.0, 0.01)
+    with torch.no_grad():
+        theta = net.kernel(x).ntk
+    matrix = n * n * 8 / 2**20
+    _ = ntkgp.predict.GPPosterior(net, x[:20], y[:20], noise=1e-3)._cholesky   # one-time buffers
+    peak = _peak_above_current(lambda: ntkgp.predict.GPPosterior(net, x, y, noise=1e-3)._cholesky)
+    assert peak < 2.6 * matrix, peak / matrix
+    result = []
+    peak = _peak_above_current(lambda: result.append(
+        ntkgp.predict.gradient_descent_mse(theta, y, 0.0, theta[:7], 0.0, t=None, diag_reg=1e-3)))
+    assert peak < 2.5 * matrix, peak / matrix
+    # the values: (Θ + r I)⁻¹ by torch's own Cholesky solve
+    reg = theta + 1e-3 * theta.diagonal().mean() * torch.eye(n, dtype=torch.float64)
+    coef = torch.cholesky_solve(y.unsqueeze(-1), torch.linalg.cholesky(reg)).squeeze(-1)
+    assert torch.allclose(result[0][1], theta[:7] @ coef, rtol=1e-9, atol=1e-12)
+
+
+def test_cholesky_solve_equals_torchs():
+    from ntkgp.predict.spectral import cholesky_solve
+    g = torch.Generator().manual_seed(8)
+    a = torch.randn(3, 6, 6, generator=g, dtype=torch.float64)
+    factor = torch.linalg.cholesky(a @ a.mT + torch.eye(6, dtype=torch.float64))
+    b = torch.randn(3, 6, 2, generator=g, dtype=torch.float64)
+    assert torch.allclose(cholesky_solve(b, factor), torch.cholesky_solve(b, factor), rtol=1e-12, atol=1e-14)

@@ -44,6 +44,7 @@ from ntkgp.predict.spectral import (
     Eigensystem,
     Schedule,
     cholesky,
+    cholesky_solve,
     make_schedule,
     max_learning_rate,
     regularize,
@@ -179,14 +180,14 @@ class GradientFlow:
             return self.y.clone(), (self.y.new_zeros(n, n) if compute_cov else None)
         chol = self._cholesky
         g_td = kernels["ntk_td" if self.kind == "ntk" else "nngp_td"]
-        mean = g_td @ torch.cholesky_solve(self.y, chol)
+        mean = g_td @ cholesky_solve(self.y, chol)
         if not compute_cov:
             return mean, None
         k_td, k_tt = kernels["nngp_td"], kernels["nngp_tt"]
         if self.kind == "nngp":
             w = torch.linalg.solve_triangular(chol, k_td.mT, upper=False)
             return mean, _symmetric(k_tt - w.mT @ w)
-        term = torch.cholesky_solve(g_td.mT, chol)                     # Θ⁻¹ Θd*
+        term = cholesky_solve(g_td.mT, chol)                     # Θ⁻¹ Θd*
         cross = term.mT @ k_td.mT                                       # Θ*d Θ⁻¹ Kd*
         return mean, _symmetric(k_tt + term.mT @ self.nngp_dd @ term - cross - cross.mT)
 

@@ -22,6 +22,7 @@ from ntkgp.predict.spectral import (
     Eigensystem,
     check_symmetric,
     cholesky,
+    cholesky_solve,
     flatten_full_kernel,
     make_schedule,
     regularize,
@@ -100,7 +101,7 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
         train = y.clone()
         test = None
         if ntk_test_train is not None:
-            coef = torch.cholesky_solve(-flat, factor)
+            coef = cholesky_solve(-flat, factor)
             test = fx_test_0.to(factor_dtype) + (ntk_test_train.to(factor_dtype) @ coef).reshape(fx_test_0.shape)
     else:
         eig = Eigensystem.of(kernel, check_as=("ntk_train_train", ntk_train_train.dtype))

@@ -36,7 +36,7 @@ from ntkgp.predict.gaussian import (
     prior_scale,
 )
 from ntkgp.predict.gradient_flow import GradientFlow, _symmetric
-from ntkgp.predict.spectral import cholesky, regularize
+from ntkgp.predict.spectral import cholesky, cholesky_solve, regularize
 
 POSTERIORS = ("nngp", "ntk", "ntkgp")
 
@@ -94,7 +94,7 @@ class GPPosterior:
             cross = self.net.kernel(x_test, self.x_factor, ntk=want_ntk)
             c_td = cross.ntk if want_ntk else cross.nngp
             check_finite_kernel(c_td, "test")
-            mean = c_td @ torch.cholesky_solve(self.y, self._cholesky)
+            mean = c_td @ cholesky_solve(self.y, self._cholesky)
             cov, scale = None, None
             if compute_cov:
                 test = self.net.kernel(x_test, ntk=want_ntk)
@@ -111,7 +111,7 @@ class GPPosterior:
         if self.kind == "ntk":
             raise ValueError("The converged-NTK ensemble is not a GP posterior of Y; use 'ntkgp' or 'nngp'.")
         chol = self._cholesky
-        alpha = torch.cholesky_solve(self.y, chol)
+        alpha = cholesky_solve(self.y, chol)
         n, k = self.y.shape
         logdet = 2 * torch.log(torch.diagonal(chol)).sum()
         return float(-0.5 * (self.y * alpha).sum() - 0.5 * k * logdet - 0.5 * n * k * math.log(2 * math.pi))
