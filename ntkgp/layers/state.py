@@ -31,7 +31,7 @@ from torch import Tensor
 from ntkgp.layers.numerics import is_vmapped, needs_graph, straight_through
 
 #: Entries per block of rows when :func:`_row_keys` widens bit patterns to int64.
-_KEY_BLOCK_ENTRIES = 1 << 16
+_KEY_BLOCK_ENTRIES = 1 << 19   # a 4 MiB int64 block: few iterations (kernel launches on a GPU), bounded memory
 
 
 def _collapse_expanded(x: Tensor) -> Tensor:
