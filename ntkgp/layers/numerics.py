@@ -8,6 +8,14 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
+# Two spellings arrived after torch 2.1, the declared floor: ``torch.compiler.is_compiling`` (torch 2.1
+# has ``torch._utils.is_compiling``, which its compiler folds to True in the same way) and
+# ``torch._C._functorch.maybe_current_level`` (before it ``peek_interpreter_stack``, which is None
+# exactly where no functorch transform is active).
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._utils.is_compiling
+_maybe_functorch_level = (getattr(torch._C._functorch, "maybe_current_level", None)
+                          or torch._C._functorch.peek_interpreter_stack)
+
 
 class _SafeSqrt(torch.autograd.Function):
     """``sqrt(max(x, 0))`` whose derivative is 0 (not ``inf``/NaN) where ``x <= 0``.
@@ -101,7 +109,7 @@ def is_vmapped(x: Tensor) -> bool:
 def transforms_active() -> bool:
     """Whether forward-mode AD (``torch.autograd.forward_ad``) or a ``torch.func`` transform
     (``jacfwd``, ``vmap``, ...) is active."""
-    return forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
+    return forward_ad._current_level >= 0 or _maybe_functorch_level() is not None
 
 
 def overflow_scale(k11: Tensor, k22: Tensor) -> float | Tensor | None:
@@ -114,7 +122,7 @@ def overflow_scale(k11: Tensor, k22: Tensor) -> float | Tensor | None:
     to these products and are not homogeneous in the variances; the angle of the ReLU family is,
     and :func:`gaussian_angle` scales each point by its own power of 4 instead."""
     limit = torch.finfo(k11.dtype).max ** 0.5 / 16
-    if torch.compiler.is_compiling() or transforms_active():
+    if _is_compiling() or transforms_active():
         big = torch.maximum(k11.detach().amax(), k22.detach().amax()).clamp(min=limit)
         return torch.pow(4.0, -torch.ceil(torch.log(big / limit) / math.log(4.0)))
     if k11.numel() == 0 or k22.numel() == 0:
@@ -163,7 +171,7 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tenso
     (:func:`power_of_4_exponents`), which changes no bit of the result elsewhere.
     """
     rescale = None
-    compiling = torch.compiler.is_compiling()
+    compiling = _is_compiling()
     # where neither applies, one host synchronization says both whether the products are
     # representable and whether a variance is 0 (on a GPU each costs a round trip, per layer and block)
     representable, has_zero = (True, True) if compiling or transforms_active() else _variance_range(k11, k22)

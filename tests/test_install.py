@@ -1,0 +1,64 @@
+"""What an installation at the declared dependency floors (pyproject.toml) needs from torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import torch
+
+import ntkgp
+
+#: Evaluated in a fresh interpreter whose torch lacks the spellings that torch 2.1 (the declared floor)
+#: does not have: ``torch.compiler.is_compiling`` (2.1 has ``torch._utils.is_compiling``, which in
+#: newer torch calls the former) and ``torch._C._functorch.maybe_current_level``. The newer torch's own
+#: ``torch.func`` needs ``torch.compiler.is_compiling``: it is put back before the transforms (the plain
+#: kernel runs without it).
+_WITHOUT_NEW_SPELLINGS = """
+import json, sys
+import torch
+is_compiling = torch.compiler.is_compiling
+del torch._C._functorch.maybe_current_level
+del torch.compiler.is_compiling
+torch._utils.is_compiling = is_compiling
+import ntkgp
+sys.path.insert(0, sys.argv[1])
+from test_install import _values
+out = {"kernel": _values(ntkgp, plain=True)}
+torch.compiler.is_compiling = is_compiling
+out["transforms"] = _values(ntkgp, plain=False)
+print(json.dumps(out))
+"""
+
+
+def _values(ntkgp, plain: bool) -> list[str]:
+    """NNGP and NTK of a ReLU/erf network at a duplicate point (``plain``), or its input Jacobian
+    by forward mode and the kernel under vmap, as exact float64 hex strings."""
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[4] = x[0]
+    net = ntkgp.serial(ntkgp.Dense(8, 1.5, 0.1), ntkgp.ReLU(), ntkgp.Dense(8, 1.5, 0.1), ntkgp.Erf(),
+                       ntkgp.Dense(1))
+    if plain:
+        k = net.kernel(x)
+        parts = [k.nngp, k.ntk]
+    else:
+        ntk = lambda z: net.kernel(z).ntk  # noqa: E731
+        parts = [torch.func.jacfwd(ntk)(x), torch.func.vmap(ntk)(torch.stack([x, 2 * x]))]
+    return [v.hex() for p in parts for v in p.reshape(-1).tolist()]
+
+
+def test_kernels_and_transforms_need_no_torch_newer_than_the_floor():
+    """pyproject.toml and the README promise torch >= 2.1, but every activation kernel called
+    ``torch.compiler.is_compiling`` and ``torch._C._functorch.maybe_current_level``, which torch 2.1
+    does not have (AttributeError on the first ReLU). Without them the values are bitwise the same."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(pathlib.Path(ntkgp.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_NEW_SPELLINGS, str(pathlib.Path(__file__).parent)],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["kernel"] == _values(ntkgp, plain=True)
+    assert out["transforms"] == _values(ntkgp, plain=False)
