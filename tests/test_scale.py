@@ -166,3 +166,22 @@ def test_cholesky_solve_equals_torchs():
     factor = torch.linalg.cholesky(a @ a.mT + torch.eye(6, dtype=torch.float64))
     b = torch.randn(3, 6, 2, generator=g, dtype=torch.float64)
     assert torch.allclose(cholesky_solve(b, factor), torch.cholesky_solve(b, factor), rtol=1e-12, atol=1e-14)
+
+
+def test_float32_covariances_over_many_times_are_written_in_float32():
+    # Factors and products run in float64; each time's (M, M) covariance used to be stacked in
+    # float64 and then copied to float32: the (T, M, M) result held three halves over.
+    torch.manual_seed(0)
+    net = ntkgp.mlp(2, "erf", 2.25, 0.0025)
+    x, xt = torch.randn(20, 3), torch.randn(600, 3)
+    y = torch.sin(x.sum(-1))
+    t = torch.logspace(-1, 2, 40)
+    flow = ntkgp.predict.GradientFlow(net, x, y)
+    flow.predict(xt[:2], t=t[:2])                        # the eigendecomposition, outside the measurement
+    result = {}
+    peak = _peak_above_current(lambda: result.setdefault("out", flow.predict(xt, t=t)))
+    stack32 = 40 * 600 * 600 * 4 / 2**20                 # 55 MiB
+    assert result["out"].covariance.dtype == torch.float32
+    assert peak < stack32 + 30, f"{peak:.0f} MiB for a {stack32:.0f} MiB float32 result"   # was 3 x 55 = 165 + kernels
+    reference = ntkgp.predict.GradientFlow(net, x.double(), y.double()).predict(xt.double(), t=t.double())
+    assert torch.equal(result["out"].covariance, reference.covariance.float())   # the same float64 numbers, rounded

@@ -205,7 +205,7 @@ class GradientFlow:
                 inner = decay[i].unsqueeze(-1) * self._nngp_eigen * decay[i].unsqueeze(-2)
                 return torch.mm(v @ inner, v.mT, out=out)  # e^{−Θτ} K e^{−Θτ}
 
-            return mean, _per_time(train_cov, decay.shape[0], v, decay.requires_grad)
+            return mean, _per_time(train_cov, decay.shape[0], v, decay.requires_grad, self.dtype)
         g_td = kernels["ntk_td" if self.kind == "ntk" else "nngp_td"]
         a = g_td @ v                                                    # (M, N)
         mean = spectral_apply(a, flow, self._y_eigen)
@@ -226,19 +226,29 @@ class GradientFlow:
             def test_cov(i: int, out: Tensor | None) -> Tensor:
                 p = flow[i].unsqueeze(-1) * a.mT
                 return torch.addmm(k_tt, p.mT, torch.addmm(r2, self._nngp_eigen, p, beta=-1), out=out)
-        return mean, _per_time(test_cov, flow.shape[0], k_tt, flow.requires_grad)
+        return mean, _per_time(test_cov, flow.shape[0], k_tt, flow.requires_grad, self.dtype)
 
 
-def _per_time(cov: Callable[[int, Tensor | None], Tensor], count: int, like: Tensor, differentiable: bool) -> Tensor:
+def _per_time(cov: Callable[[int, Tensor | None], Tensor], count: int, like: Tensor, differentiable: bool,
+              dtype: torch.dtype | None = None) -> Tensor:
     """The symmetrized ``cov(i, out)`` for ``i < count``, stacked: written in place into one
-    buffer, unless autograd must see the products (``t`` with ``requires_grad``), which ``out=``
-    does not support."""
+    buffer of ``dtype`` (default ``like``'s), unless autograd must see the products (``t`` with
+    ``requires_grad``), which ``out=`` does not support.
+
+    A narrower ``dtype`` (float32 inputs, float64 factors) gets each time's matrix through one
+    scratch matrix of ``like``'s dtype: a float64 stack converted afterwards held the ``(T, M, M)``
+    covariance three halves over (the stack and its copy)."""
     if differentiable and torch.is_grad_enabled():
         return torch.stack([_symmetric(cov(i, None)) for i in range(count)])
-    out = like.new_empty((count, *like.shape))
+    dtype = like.dtype if dtype is None else dtype
+    out = like.new_empty((count, *like.shape), dtype=dtype)
+    scratch = None if dtype == like.dtype else like.new_empty(like.shape)
     for i in range(count):
-        cov(i, out[i])
-        _symmetrize_(out[i])
+        target = out[i] if scratch is None else scratch
+        cov(i, target)
+        _symmetrize_(target)   # before the rounding: equal entries round alike, so out[i] stays symmetric
+        if scratch is not None:
+            out[i].copy_(scratch)
     return out
 
 
