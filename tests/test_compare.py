@@ -6,6 +6,8 @@ import argparse
 import json
 import math
 import os
+import subprocess
+import sys
 import warnings
 from types import SimpleNamespace
 
@@ -549,3 +551,11 @@ def test_config_with_numpy_and_tensor_numbers_writes_its_report(tmp_path):
 def test_config_refuses_non_integer_sizes_and_seeds(settings, message):
     with pytest.raises(ValueError, match=message):
         CompareConfig(**settings)
+
+
+def test_python_dash_m_runs_the_command():
+    # the console script is not on PATH in a venv that is not activated: python -m ntkgp is the same command
+    result = subprocess.run([sys.executable, "-m", "ntkgp", "compare", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage: ntkgp compare" in result.stdout and "--widths" in result.stdout
