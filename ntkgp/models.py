@@ -14,7 +14,7 @@ from ntkgp._checks import integer_at_least
 from ntkgp.kernels import NNGPKernel, NTKKernel
 from ntkgp.layers.base import Layer
 from ntkgp.layers.mlp import mlp
-from ntkgp.layers.validation import check_points
+from ntkgp.layers.validation import all_finite, check_points
 
 KERNELS = {"nngp": NNGPKernel, "ntk": NTKKernel}
 
@@ -56,7 +56,7 @@ class NetworkGP(gpytorch.models.ExactGP):
         if not isinstance(train_y, Tensor) or not train_y.is_floating_point():
             raise ValueError(f"train_y must be a floating-point tensor, got "
                              f"{train_y.dtype if isinstance(train_y, Tensor) else type(train_y).__name__}.")
-        if not bool(torch.isfinite(train_y).all()):
+        if not all_finite(train_y):
             # GPyTorch would take them: NaN predictions everywhere, and fit's "non-finite marginal
             # likelihood" would not say why
             raise ValueError("train_y contains NaN or infinite values.")
@@ -170,7 +170,7 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
         # (one per output) gives one value per member, and their mean is per entry of all targets
         loss = -mll(model(*model.train_inputs), model.train_targets).mean()
         loss.backward()
-        if not math.isfinite(float(loss.detach())) or any(p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        if not math.isfinite(float(loss.detach())) or any(p.grad is not None and not all_finite(p.grad)
                                                      for p in params):
             raise FloatingPointError(f"Non-finite marginal likelihood or gradient at step {step}.")
         return loss

@@ -25,6 +25,7 @@ from torch import Tensor
 from ntkgp._typing import ArrayLike
 from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least, seed_value
 from ntkgp.bayes.inference_data import check_export, draws_to_inference_data
+from ntkgp.layers.validation import all_finite
 from ntkgp.predict.gaussian import Gaussian
 
 
@@ -136,7 +137,7 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: int
     seed = _seed(seed)
     g = select_time(gaussian, time_index)
     mean = g.mean.detach().to(torch.float64)
-    if not bool(torch.isfinite(mean).all()) or not bool(torch.isfinite(g.covariance).all()):
+    if not all_finite(mean) or not all_finite(g.covariance):
         raise ValueError("The Gaussian's mean or covariance contains NaN or infinite values.")
     root = _covariance_root(g.covariance.detach(), mean, g.scale)
     generator = torch.Generator(device="cpu")

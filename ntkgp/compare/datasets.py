@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._checks import integer_at_least
+from ntkgp.layers.validation import all_finite
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def load_dataset(source: str) -> Dataset:
     else:
         raise ValueError(f"Unsupported file type {path.suffix!r}; use .csv or .npz.")
     for name, t in (("x_train", x_train), ("y_train", y_train), ("x_test", x_test), ("y_test", y_test)):
-        if t is not None and not bool(torch.isfinite(t).all()):
+        if t is not None and not all_finite(t):
             raise ValueError(f"{name} in {path} contains NaN or infinite values.")
     try:
         return Dataset(path.stem, x_train, y_train, x_test, y_test, f"from {path}")

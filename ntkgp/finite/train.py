@@ -35,7 +35,7 @@ from ntkgp.finite.rates import equivalent_learning_rates
 from ntkgp.layers.base import Layer
 from ntkgp.layers.combinators import ParallelModule
 from ntkgp.layers.dense import DenseModule
-from ntkgp.layers.validation import check_points, positive_number
+from ntkgp.layers.validation import all_finite, check_points, positive_number
 
 #: Bytes of parameters (with gradients and activations) an ensemble chunk may hold by default,
 #: counted in float32: float64 chunks hold twice as much, so that the default chunks, and with them
@@ -180,7 +180,7 @@ def train_ensemble(
     if not isinstance(y_train, Tensor) or y_train.dim() not in (1, 2) or y_train.shape[0] != x_train.shape[0]:
         raise ValueError(f"y_train must be a tensor (N,) or (N, k) with N = {x_train.shape[0]}, got "
                          f"{tuple(y_train.shape) if isinstance(y_train, Tensor) else type(y_train).__name__}.")
-    if y_train.is_complex() or y_train.dtype == torch.bool or not bool(torch.isfinite(y_train).all()):
+    if y_train.is_complex() or y_train.dtype == torch.bool or not all_finite(y_train):
         raise ValueError("y_train must hold real, finite numbers.")
     for name, points in (("x_test", x_test), ("probe", probe)):
         if points is not None:

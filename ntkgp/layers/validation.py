@@ -13,7 +13,7 @@ from ntkgp.layers.numerics import is_vmapped
 
 
 def all_finite(x: Tensor) -> bool:
-    """Whether no entry of the floating tensor ``x`` is ``±inf`` or NaN.
+    """Whether no entry of the real tensor ``x`` is ``±inf`` or NaN (the shared check of inputs, targets and kernels).
 
     ``torch.isfinite(x).all()`` allocates ``|x|`` and two masks on the way, 1.75 times the size of
     a float32 ``x`` (2 GiB for 1.1 GiB of inputs), for a yes or no. The smallest and the largest

@@ -27,6 +27,8 @@ from gpytorch.constraints import GreaterThan
 from gpytorch.priors import Prior
 from torch import Tensor
 
+from ntkgp.layers.validation import all_finite
+
 
 class ExactVariance(GreaterThan):
     """GPyTorch constraint ``value = anchor · exp(raw)`` with a float64 ``anchor``."""
@@ -74,7 +76,7 @@ def check_variance(name: str, value: float | Tensor) -> Tensor:
             tensor = torch.as_tensor(value, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{name} must be a non-negative number, got {value!r}.") from err
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise ValueError(f"{name} must be finite, got {value!r}.")
     if bool((tensor < 0).any()):
         raise ValueError(f"{name} must be non-negative (it is a variance), got {value!r}.")

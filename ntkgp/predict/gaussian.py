@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ntkgp.layers.validation import check_points, finite_number
+from ntkgp.layers.validation import all_finite, check_points, finite_number
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def check_targets(y_train: Tensor, n_train: int, device: torch.device | None = N
     if y_train.numel() == 0:
         raise ValueError(f"y_train must hold at least one target, got shape {tuple(y_train.shape)}.")
     check_device(y_train, "y_train", device, of)
-    if not y_train.is_floating_point() or not bool(torch.isfinite(y_train).all()):
+    if not y_train.is_floating_point() or not all_finite(y_train):
         raise ValueError("y_train must be a floating-point tensor without NaN or infinite values.")
     return y_train
 
@@ -90,9 +90,7 @@ def check_test_points(x_test: Tensor, d: int, device: torch.device | None = None
 def check_finite_kernel(kernel: Tensor, name: str) -> None:
     """``ValueError`` unless every entry of ``kernel`` is finite (finite inputs can still overflow:
     ``|x|²`` exceeds the dtype's range from ``|x| ~ 1e154`` in float64, ``1e19`` in float32)."""
-    # one summing pass (an inf or NaN anywhere makes the sum non-finite); the elementwise test,
-    # 30x slower, only when the sum itself overflowed
-    if not bool(torch.isfinite(kernel.sum())) and not bool(torch.isfinite(kernel).all()):
+    if not all_finite(kernel):
         raise ValueError(f"The {name} kernel is not finite: the inputs are too large for its dtype (their "
                          f"squared norms overflow); rescale them.")
 

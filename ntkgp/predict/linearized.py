@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._typing import Steps, Times
+from ntkgp.layers.validation import all_finite
 from ntkgp.predict.gaussian import check_device, check_non_negative, check_targets
 from ntkgp.predict.spectral import (
     Eigensystem,
@@ -159,7 +160,7 @@ def _full_kernel(ntk_train_train: Tensor, y_train: Tensor, fx_train_0, ntk_test_
 def _check_kernel(kernel: Tensor, name: str) -> None:
     if not isinstance(kernel, Tensor) or not kernel.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {type(kernel).__name__}.")
-    if not bool(torch.isfinite(kernel).all()):
+    if not all_finite(kernel):
         raise ValueError(f"{name} contains NaN or infinite values.")
 
 
@@ -175,6 +176,6 @@ def _initial_outputs(value: Tensor | float, shape: tuple[int, ...], name: str, l
     except RuntimeError as err:
         raise ValueError(f"{name} must be a number or have shape {tuple(shape)} (size-1 axes broadcast), got "
                          f"{tuple(tensor.shape)}.") from err
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise ValueError(f"{name} contains NaN or infinite values.")
     return out

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ntkgp._checks import integer_at_least
 from ntkgp._typing import Steps, Times
-from ntkgp.layers.validation import finite_number, positive_number
+from ntkgp.layers.validation import all_finite, finite_number, positive_number
 
 
 def regularize(k: Tensor, diag_reg: float, absolute: bool = False) -> Tensor:
@@ -280,7 +280,7 @@ def max_learning_rate(ntk_train_train: Tensor, y_train_size: int | None = None, 
     shape = tuple(k.shape)
     if k.dim() == 4 and shape[0] == shape[1] and shape[2] == shape[3]:
         k = flatten_full_kernel(k)
-    if k.dim() != 2 or k.shape[0] != k.shape[1] or not bool(torch.isfinite(k).all()):
+    if k.dim() != 2 or k.shape[0] != k.shape[1] or not all_finite(k):
         raise ValueError(f"ntk_train_train must be a finite square (N, N) or full (N, N, k, k) kernel, got shape "
                          f"{shape}.")
     m = k.shape[-1] if y_train_size is None else integer_at_least(y_train_size, 1, "y_train_size")
