@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
 import ntkgp
 from ntkgp.layers import base
@@ -123,6 +124,122 @@ def test_blocked_evaluation_equals_single_pass(name, monkeypatch):
     for a, b in ((whole_sym, block_sym), (whole_cross, block_cross)):
         torch.testing.assert_close(a.nngp, b.nngp, rtol=1e-13, atol=1e-15)
         torch.testing.assert_close(a.ntk, b.ntk, rtol=1e-13, atol=1e-15)
+
+
+def _count_calls(monkeypatch, name: str) -> list[int]:
+    """Count the calls of ``ntkgp.layers.base.<name>`` (in a list, updated in place)."""
+    calls, original = [0], getattr(base, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(base, name, counted)
+    return calls
+
+
+def _kernel_derivatives(net, x, x2, monkeypatch, checkpointed: bool) -> list[Tensor | None]:
+    """Kernels, first derivatives (hyperparameters and inputs) and second derivatives (to the
+    hyperparameters) of a weighted sum of both kernels."""
+    monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", 1 if checkpointed else 1 << 62)
+    monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 20)   # row blocks of 2 and 3 rows
+    calls = _count_calls(monkeypatch, "_checkpointed_kernel")
+    x = x.clone().requires_grad_()
+    x2 = None if x2 is None else x2.clone().requires_grad_()
+    k = net.kernel(x, x2)
+    assert calls == [1] if checkpointed else calls == [0]
+    w = torch.randn(k.nngp.shape, generator=torch.Generator().manual_seed(1), dtype=k.nngp.dtype)
+    loss = (k.nngp * w).sum() + (k.ntk * w.mT if x2 is None else k.ntk * w).sum() ** 2 / 100
+    params = list(net.parameters())
+    inputs = [x] if x2 is None else [x, x2]
+    grads = torch.autograd.grad(loss, params + inputs, create_graph=True)
+    second = torch.autograd.grad(sum((g * g).sum() for g in grads), params, allow_unused=True)
+    return [k.nngp.detach(), k.ntk.detach(), *(g.detach() for g in grads),
+            *(None if g is None else g.detach() for g in second)]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_checkpointed_graph_equals_whole_graph(name, symmetric, monkeypatch):
+    """With autograd, large kernels are built from row blocks recomputed in the backward pass
+    (the upper triangle mirrored when symmetric): values, gradients to hyperparameters and
+    inputs, and second derivatives equal those of the whole-matrix graph.
+
+    Tolerance: the kernels to 1e-13 as in the no-autograd blocks. Derivatives to 1e-9 of each
+    tensor's largest entry: at the antiparallel pair of ``_inputs`` (angle π) the ReLU-family
+    derivatives divide two vanishing factors, which turns last-bit differences of the blocks'
+    Gram entries into 7e-11 relative differences of the input gradient (exact in every other
+    row); and to 1e-12 of the largest derivative for the variance before ``Sign``, whose exact
+    derivative is 0 (both give rounding noise around it). A block mirrored or joined wrongly
+    is off by O(1)."""
+    net = ARCHS[name]().double()   # float64 hyperparameters: their gradients are not rounded to float32
+    x, x2 = _inputs(), None if symmetric else torch.randn(7, 4, dtype=torch.float64)
+    whole = _kernel_derivatives(net, x, x2, monkeypatch, checkpointed=False)
+    blocked = _kernel_derivatives(net, x, x2, monkeypatch, checkpointed=True)
+    torch.testing.assert_close(blocked[0], whole[0], rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(blocked[1], whole[1], rtol=1e-13, atol=1e-15)
+    if symmetric:
+        assert torch.equal(blocked[0], blocked[0].mT) and torch.equal(blocked[1], blocked[1].mT)
+    scale = max(float(t.abs().max()) for t in whole[2:] if t is not None)
+    for b, w in zip(blocked[2:], whole[2:], strict=True):
+        assert (b is None) == (w is None)
+        if w is not None:
+            torch.testing.assert_close(b, w, rtol=0, atol=1e-9 * float(w.abs().max()) + 1e-12 * scale)
+
+
+def test_checkpointed_graph_with_batched_hyperparameters_in_gpytorch(monkeypatch):
+    """A batch of two GPyTorch kernels with their own variances: the marginal likelihood's
+    gradients are those of the whole-matrix graph."""
+    import gpytorch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 30, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 30, generator=g, dtype=torch.float64)
+    grads = []
+    for entries in (1 << 62, 1):
+        monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", entries)
+        monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 100)   # row blocks of 3 rows
+        torch.manual_seed(0)
+        kernel = ntkgp.NTKKernel(ntkgp.mlp(2, "erf", 1.7, 0.1), batch_shape=torch.Size([2])).double()
+        with torch.no_grad():
+            for p in kernel.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()),
+                                         dtype=p.dtype))
+        cov = kernel(x).to_dense() + 0.1 * torch.eye(30, dtype=torch.float64)
+        dist = torch.distributions.MultivariateNormal(torch.zeros_like(y), cov)
+        loss = -dist.log_prob(y).sum()
+        grads.append(torch.autograd.grad(loss, list(kernel.parameters())))
+        assert isinstance(kernel, gpytorch.kernels.Kernel)
+    for a, b in zip(*grads, strict=True):
+        assert a.shape[0] == 2
+        torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-12)
+
+
+def test_checkpointing_steps_aside_under_function_transforms(monkeypatch):
+    """torch.func transforms and forward-mode AD take the whole-matrix graph (checkpointing
+    does not compose with them): jacfwd and a dual-number directional derivative work, and equal
+    reverse mode through the checkpointed blocks."""
+    monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", 1)
+    monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 20)
+    net = ntkgp.mlp(2, "gelu", 1.5, 0.1)
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def total(z):
+        k = net.kernel(z)
+        return k.nngp.sum() + k.ntk.sum()
+
+    calls = _count_calls(monkeypatch, "_checkpointed_kernel")
+    leaf = x.clone().requires_grad_()
+    reverse = torch.autograd.grad(total(leaf), leaf)[0]
+    assert calls == [1]
+    forward = torch.func.jacfwd(total)(x)
+    torch.testing.assert_close(forward, reverse, rtol=1e-12, atol=1e-12)
+    direction = torch.randn_like(x)
+    import torch.autograd.forward_ad as fwad
+    with fwad.dual_level():
+        tangent = fwad.unpack_dual(total(fwad.make_dual(x, direction))).tangent
+    assert calls == [1]
+    torch.testing.assert_close(tangent, (reverse * direction).sum(), rtol=1e-12, atol=1e-12)
 
 
 def test_adaptive_quadrature_agrees_across_evaluation_strategies(monkeypatch):

@@ -104,6 +104,48 @@ def test_layerwise_empirical_ntk_keeps_at_most_four_kernel_sized_matrices():
     assert torch.allclose(result[0][::100, ::100], reference, rtol=1e-12, atol=0)
 
 
+def test_hyperparameter_gradients_of_large_kernels_keep_a_few_kernel_sized_matrices():
+    # with autograd the whole-matrix recursion kept every intermediate for the backward pass: 85
+    # kernel-sized matrices at the peak for this depth-3 NTK (2.6 GiB at N = 2000). Checkpointed
+    # row blocks keep the two kernels, the incoming gradient and the blocks' mirrored gradients,
+    # plus one block's intermediates while it is recomputed (~200 MiB, whatever N).
+    import ctypes
+
+    net = ntkgp.mlp(3, "relu", 2.0, 0.05).double()
+    x = torch.randn(2000, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    net.kernel(x[:1100]).ntk.sum().backward()         # one-time buffers on the same path
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)        # memory the warm-up freed goes back to the system
+    except OSError:
+        pass
+
+    def step() -> None:
+        net.kernel(x).ntk.sum().backward()
+
+    peak = _peak_above_current(step)
+    matrix = 2000 * 2000 * 8 / 2**20
+    assert peak < 12 * matrix, peak / matrix
+    assert all(p.grad is not None and all_finite(p.grad) for p in net.parameters())
+
+
+def test_kernel_grad_benchmark_runs_both_modes():
+    """benchmarks/kernel_grad.py (the figures in docs/benchmarks.md) at toy size: both modes
+    run in their child processes and the checkpointed one is the lighter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_grad.py"
+    out = subprocess.run([sys.executable, str(script), "--sizes", "1100", "--depth", "1", "--kind", "nngp"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    peaks = {mode: float(line.split()[-2]) for line in out.stdout.splitlines()
+             for mode in ("whole graph", "checkpointed") if line.strip().startswith("1100") and mode in line}
+    assert set(peaks) == {"whole graph", "checkpointed"} and "ratio" in out.stdout, out.stdout
+    whole, checkpointed = peaks["whole graph"], peaks["checkpointed"]
+    assert checkpointed < whole, out.stdout
+
+
 def test_monte_carlo_kernel_does_not_stack_the_samples():
     # 256 NNGP samples of 300 points: stacked (a list, then its concatenation) they took 2 x 176 MiB;
     # running moments hold one ensemble batch (64 x 0.7 MiB) besides the two result matrices

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import gpytorch
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ntkgp._checks import integer_at_least, seed_value
 from ntkgp.layers.numerics import transforms_active
@@ -28,6 +29,15 @@ from ntkgp.layers.variance import VarianceParameters
 
 #: Target number of kernel entries per row block when evaluating kernels without autograd.
 BLOCK_ENTRIES = 1 << 19
+
+#: With autograd, kernels of at least this many entries are evaluated a block of rows at a time,
+#: each block recomputed during the backward pass instead of keeping its intermediates
+#: (docs/benchmarks.md: the whole-matrix graph holds ~40-70 kernel-sized matrices at depth 2).
+CHECKPOINT_ENTRIES = 1 << 20
+
+#: Target number of kernel entries per row block of a checkpointed kernel: the backward pass
+#: holds one block's intermediates at a time (~100 at depth 3), so these blocks are smaller.
+CHECKPOINT_BLOCK_ENTRIES = 1 << 18
 
 
 @dataclass
@@ -112,6 +122,10 @@ class Layer(VarianceParameters, gpytorch.Module):
         A graph for autograd is recorded only when grad mode is on and an input or a
         hyperparameter requires a gradient; otherwise large kernels are evaluated in row blocks
         (and only the upper triangle when ``x2`` is ``x1``), which bounds temporary memory.
+        With a graph, kernels of ``CHECKPOINT_ENTRIES`` entries or more are evaluated in the
+        same blocks, each recomputed in the backward pass (activation checkpointing, Chen et al.
+        2016, "Training deep nets with sublinear memory cost"), so the graph keeps the blocks'
+        inputs rather than every intermediate matrix of the recursion.
         """
         x1, x2 = check_inputs(x1, x2, diag)
         self.check_input_dim(x1.shape[-1])
@@ -123,7 +137,11 @@ class Layer(VarianceParameters, gpytorch.Module):
         empty = x1.shape[-2] == 0 or (x2 is not None and x2.shape[-2] == 0)  # no blocks to loop over
         ids = None if diag or empty else Duplicates.point_ids(x1, x2)
         duplicates = None if ids is None else Duplicates.of(*ids, symmetric=x2 is None)
-        if needs_graph or diag or empty:
+        checkpointed = (needs_graph and not diag and not empty and not transforms_active()
+                        and x1.shape[-2] * (x1 if x2 is None else x2).shape[-2] >= CHECKPOINT_ENTRIES)
+        if checkpointed:
+            state = _checkpointed_kernel(self, x1, x2, ntk, ids)
+        elif needs_graph or diag or empty:
             state = _finalize(self.kernel_map(KernelState.from_inputs(x1, x2, diag, want_ntk=ntk,
                                                                       duplicates=duplicates)))
             if x2 is None and not diag:
@@ -293,3 +311,85 @@ def _blocked_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
                 ntk[..., stop:, start:stop] = block_ntk[..., :, stop - start:].mT
     return KernelState(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, width=width,
                        symmetric=symmetric, is_gaussian=is_gaussian)
+
+
+def _mirrored_block(layer: Layer, x1: Tensor, x2: Tensor, norms: tuple[Tensor, Tensor], want_ntk: bool,
+                    duplicates: Duplicates | BatchedDuplicates | None) -> tuple:
+    """One block of rows of a symmetric kernel, its leading square made exactly symmetric."""
+    nngp, ntk, cov1, cov2, width, is_gaussian = _block(layer, x1, x2, norms, want_ntk, True, duplicates)
+    square = x1.shape[-2]
+
+    def mirrored(m: Tensor) -> Tensor:
+        return torch.cat([_upper_mirrored(m[..., :, :square]), m[..., :, square:]], -1)
+
+    return mirrored(nngp), None if ntk is None else mirrored(ntk), cov1, cov2, width, is_gaussian
+
+
+def _checkpointed_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
+                         ids: tuple[Tensor, Tensor] | None) -> KernelState:
+    """Full kernel matrices with autograd, in the row blocks of :func:`_blocked_kernel`.
+
+    Each block runs under ``torch.utils.checkpoint``: its intermediates are freed after the
+    forward pass and recomputed, one block at a time, in the backward pass. For a symmetric
+    kernel the blocks hold the upper triangle and :class:`_SymmetricFromRowBlocks` mirrors it.
+    """
+    symmetric = x2 is None
+    other = x1 if symmetric else x2
+    n1, n2 = x1.shape[-2], other.shape[-2]
+    rows = max(1, min(n1, CHECKPOINT_BLOCK_ENTRIES // max(n2, 1)))
+    norms1 = torch.einsum("...nd,...nd->...n", x1, x1)
+    norms2 = norms1 if symmetric else torch.einsum("...nd,...nd->...n", x2, x2)
+    starts = list(range(0, n1, rows))
+    blocks = []
+    for start in starts:
+        stop = min(start + rows, n1)
+        cols = slice(start, n2) if symmetric else slice(0, n2)
+        duplicates = None if ids is None else Duplicates.of(ids[0][..., start:stop], ids[1][..., cols], symmetric)
+        args = (layer, x1[..., start:stop, :], other[..., cols, :], (norms1[..., start:stop], norms2[..., cols]),
+                want_ntk)
+        if symmetric:
+            blocks.append(checkpoint(_mirrored_block, *args, duplicates, use_reentrant=False,
+                                     preserve_rng_state=False))
+        else:
+            blocks.append(checkpoint(_block, *args, False, duplicates, use_reentrant=False,
+                                     preserve_rng_state=False))
+
+    def joined(index: int) -> Tensor:
+        parts = [b[index] for b in blocks]
+        return _SymmetricFromRowBlocks.apply(starts, n1, *parts) if symmetric else torch.cat(parts, -2)
+
+    _, _, _, cov2, width, is_gaussian = blocks[-1]
+    cov1 = torch.cat([b[2] for b in blocks], -1)
+    return KernelState(nngp=joined(0), ntk=joined(1) if want_ntk else None, cov1=cov1,
+                       cov2=cov1 if symmetric else cov2, width=width, symmetric=symmetric,
+                       is_gaussian=is_gaussian)
+
+
+class _SymmetricFromRowBlocks(torch.autograd.Function):
+    """The symmetric ``n × n`` matrix whose upper triangle comes in row blocks: block ``i`` holds
+    rows ``starts[i]`` to ``starts[i] + rᵢ`` from column ``starts[i]`` on, its leading ``rᵢ × rᵢ``
+    square already symmetric; the lower triangle is the transpose.
+
+    Its backward pass hands block ``i`` the gradient of its own entries plus the transposed
+    gradient of their mirror images, ``O(n²)`` in all (slices of the blocks joined with
+    ``torch.cat`` instead would send every block a zero-padded gradient per use, ``O(n³/r)``).
+    """
+
+    @staticmethod
+    def forward(ctx, starts: list[int], n: int, *blocks: Tensor) -> Tensor:
+        ctx.starts = starts
+        out = blocks[0].new_empty((*blocks[0].shape[:-2], n, n))
+        for start, block in zip(starts, blocks, strict=True):
+            stop = start + block.shape[-2]
+            out[..., start:stop, start:] = block
+            out[..., stop:, start:stop] = block[..., :, stop - start:].mT
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:
+        grads = []
+        for i, start in enumerate(ctx.starts):
+            stop = ctx.starts[i + 1] if i + 1 < len(ctx.starts) else grad.shape[-1]
+            grads.append(torch.cat([grad[..., start:stop, start:stop],
+                                    grad[..., start:stop, stop:] + grad[..., stop:, start:stop].mT], -1))
+        return (None, None, *grads)

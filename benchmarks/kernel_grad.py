@@ -1,0 +1,105 @@
+"""Kernels with autograd: time and peak memory of one hyperparameter-gradient evaluation.
+
+What GPyTorch does in every training iteration: ``K = kernel(X, X)`` with grad mode on, then a
+backward pass to the weight/bias variances. Each configuration runs in a child process of its
+own (so that memory one freed stays out of the next one's figure) and is timed as the minimum
+of three forward+backward passes after a warm-up. Compared, on the same data:
+
+* ``whole graph``: the full-matrix recursion with every intermediate kept for the backward
+  pass (what ``net.kernel`` did before checkpointing; forced with ``CHECKPOINT_ENTRIES`` above
+  the kernel's size),
+* ``checkpointed``: the default, row blocks recomputed in the backward pass.
+
+Printed: seconds forward, seconds forward+backward, peak resident memory above the start (MiB)
+and in kernel-sized matrices (N² values), and the ratios.
+
+    python benchmarks/kernel_grad.py [--sizes 1000 2000 4000 --depth 3 --activation relu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _memory import current_mib, peak_mib, reset_peak
+
+import ntkgp
+from ntkgp.layers import base
+
+
+def child(n: int, depth: int, activation: str, kind: str, dtype: str, mode: str, block_entries: int | None) -> dict:
+    dt = getattr(torch, dtype)
+    if mode == "whole graph":
+        base.CHECKPOINT_ENTRIES = 1 << 62
+    if block_entries:
+        base.CHECKPOINT_BLOCK_ENTRIES = block_entries
+    x = torch.randn(n, 8, generator=torch.Generator().manual_seed(0), dtype=dt)
+    net = ntkgp.mlp(depth, activation, 2.0, 0.05).to(dt)
+
+    def run() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        k = getattr(net.kernel(x, ntk=kind == "ntk"), kind)
+        t1 = time.perf_counter()
+        k.sum().backward()
+        return t1 - t0, time.perf_counter() - t0
+
+    m = min(n, 1100)   # warm-up on the same code path (checkpointing starts at 2^20 entries)
+    getattr(net.kernel(x[:m], ntk=kind == "ntk"), kind).sum().backward()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)   # give the warm-up's freed memory back
+    except OSError:
+        pass
+    start = current_mib()
+    reset_peak()
+    runs = [run() for _ in range(3)]
+    return {"forward": min(r[0] for r in runs), "total": min(r[1] for r in runs), "peak": peak_mib() - start,
+            "matrix": n * n * dt.itemsize / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 4000])
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--activation", default="relu")
+    parser.add_argument("--kind", choices=["nngp", "ntk"], default="ntk")
+    parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    parser.add_argument("--block-entries", type=int, help="entries per checkpointed row block "
+                        "(default: ntkgp.layers.base.CHECKPOINT_BLOCK_ENTRIES)")
+    parser.add_argument("--child", nargs=2, metavar=("N", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(int(args.child[0]), args.depth, args.activation, args.kind, args.dtype,
+                               args.child[1], args.block_entries)))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; depth-{args.depth} {args.activation} "
+          f"{args.kind}, d = 8, {args.dtype}, gradient to the weight/bias variances")
+    print(f"{'N':>6} {'mode':>13} {'forward s':>10} {'fwd+bwd s':>10} {'peak MiB':>9} {'matrices':>9}")
+    for n in args.sizes:
+        results = {}
+        for mode in ("whole graph", "checkpointed"):
+            cmd = [sys.executable, __file__, "--child", str(n), mode, "--depth", str(args.depth),
+                   "--activation", args.activation, "--kind", args.kind, "--dtype", args.dtype]
+            cmd += ["--block-entries", str(args.block_entries)] if args.block_entries else []
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{n:>6} {mode:>13} failed: {out.stderr.strip().splitlines()[-1:]}")
+                continue
+            r = results[mode] = json.loads(out.stdout)
+            print(f"{n:>6} {mode:>13} {r['forward']:>10.3f} {r['total']:>10.3f} {r['peak']:>9.0f} "
+                  f"{r['peak'] / r['matrix']:>9.1f}")
+        if len(results) == 2:
+            w, c = results["whole graph"], results["checkpointed"]
+            print(f"{n:>6} {'ratio':>13} {c['forward'] / w['forward']:>10.2f} {c['total'] / w['total']:>10.2f} "
+                  f"{c['peak'] / w['peak']:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
