@@ -13,7 +13,13 @@ of three forward+backward passes after a warm-up. Compared, on the same data:
 Printed: seconds forward, seconds forward+backward, peak resident memory above the start (MiB)
 and in kernel-sized matrices (N² values), and the ratios.
 
+With ``--gpytorch`` each size is instead a GPyTorch ``ExactGP`` with ``NTKKernel`` (or
+``NNGPKernel``) and a constant mean, trained by Adam on the exact marginal likelihood (GPyTorch's
+defaults: conjugate gradients above 800 points): seconds and peak memory per iteration over five
+iterations after one, and the loss after them (same seed in both modes).
+
     python benchmarks/kernel_grad.py [--sizes 1000 2000 4000 --depth 3 --activation relu]
+    python benchmarks/kernel_grad.py --gpytorch --sizes 3000
 """
 
 from __future__ import annotations
@@ -64,6 +70,52 @@ def child(n: int, depth: int, activation: str, kind: str, dtype: str, mode: str,
             "matrix": n * n * dt.itemsize / 2**20}
 
 
+def gpytorch_child(n: int, depth: int, activation: str, kind: str, dtype: str, mode: str) -> dict:
+    import gpytorch
+
+    dt = getattr(torch, dtype)
+    if mode == "whole graph":
+        base.CHECKPOINT_ENTRIES = 1 << 62
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g, dtype=dt)
+    y = torch.sin(x.sum(-1)) + 0.1 * torch.randn(n, generator=g, dtype=dt)
+    kernel_class = ntkgp.NTKKernel if kind == "ntk" else ntkgp.NNGPKernel
+
+    class Model(gpytorch.models.ExactGP):
+        def __init__(self) -> None:
+            super().__init__(x, y, gpytorch.likelihoods.GaussianLikelihood())
+            self.mean = gpytorch.means.ConstantMean()
+            self.covar = kernel_class(ntkgp.mlp(depth, activation, 2.0, 0.05))
+
+        def forward(self, z):
+            return gpytorch.distributions.MultivariateNormal(self.mean(z), self.covar(z))
+
+    model = Model().to(dt)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    model.train()
+
+    def iteration() -> float:
+        optimizer.zero_grad()
+        loss = -mll(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    torch.manual_seed(0)    # GPyTorch's stochastic log-determinant probes
+    iteration()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    start = current_mib()
+    reset_peak()
+    t0 = time.perf_counter()
+    losses = [iteration() for _ in range(5)]
+    return {"iteration": (time.perf_counter() - t0) / 5, "peak": peak_mib() - start, "loss": losses[-1],
+            "matrix": n * n * dt.itemsize / 2**20}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 4000])
@@ -73,11 +125,31 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     parser.add_argument("--block-entries", type=int, help="entries per checkpointed row block "
                         "(default: ntkgp.layers.base.CHECKPOINT_BLOCK_ENTRIES)")
+    parser.add_argument("--gpytorch", action="store_true", help="time ExactGP training iterations instead")
     parser.add_argument("--child", nargs=2, metavar=("N", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child and args.gpytorch:
+        print(json.dumps(gpytorch_child(int(args.child[0]), args.depth, args.activation, args.kind, args.dtype,
+                                        args.child[1])))
+        return
     if args.child:
         print(json.dumps(child(int(args.child[0]), args.depth, args.activation, args.kind, args.dtype,
                                args.child[1], args.block_entries)))
+        return
+    if args.gpytorch:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GPyTorch ExactGP, depth-{args.depth} "
+              f"{args.activation} {args.kind}, d = 8, {args.dtype}, Adam on the exact marginal likelihood")
+        print(f"{'N':>6} {'mode':>13} {'s/iteration':>12} {'peak MiB':>9} {'loss after 6':>13}")
+        for n in args.sizes:
+            for mode in ("whole graph", "checkpointed"):
+                cmd = [sys.executable, __file__, "--gpytorch", "--child", str(n), mode, "--depth", str(args.depth),
+                       "--activation", args.activation, "--kind", args.kind, "--dtype", args.dtype]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    print(f"{n:>6} {mode:>13} failed: {out.stderr.strip().splitlines()[-1:]}")
+                    continue
+                r = json.loads(out.stdout)
+                print(f"{n:>6} {mode:>13} {r['iteration']:>12.2f} {r['peak']:>9.0f} {r['loss']:>13.6f}")
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; depth-{args.depth} {args.activation} "
           f"{args.kind}, d = 8, {args.dtype}, gradient to the weight/bias variances")
