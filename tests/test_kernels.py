@@ -201,3 +201,40 @@ def test_dense_repr_shows_the_weight_variance():
     ard = ntkgp.Dense(8, weight_var=torch.tensor([1.0, 2.0, 3.0]), ard_num_dims=3)
     assert "weight_var=<shape (3,)>" in repr(ard)
     assert "weight_var=2.25" in repr(ntkgp.serial(dense, ntkgp.ReLU(), ntkgp.Dense(1)))
+
+
+def test_pyro_load_from_samples_makes_the_variances_a_batch_of_samples():
+    """GPyTorch's fully Bayesian workflow loads S samples per prior with ``pyro_load_from_samples``
+    (no pyro needed), turning each parameter into a batch of S; the variances' setting closure
+    refused that ("weight_var must broadcast to shape (), got shape (4,)")."""
+    dt = torch.float64
+    g = torch.Generator().manual_seed(0)
+    x, x_test = torch.rand(10, 2, generator=g, dtype=dt), torch.rand(5, 2, generator=g, dtype=dt)
+    y = torch.sin(5 * x.sum(-1))
+
+    def make():   # one prior object per variance: GPyTorch loads each prior object once
+        gamma = lambda: gpytorch.priors.GammaPrior(2.0, 1.0)  # noqa: E731
+        return ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1, weight_var_prior=gamma(), bias_var_prior=gamma(), ard_num_dims=2),
+                            ntkgp.ReLU(), ntkgp.Dense(1, 1.5, 0.2, weight_var_prior=gamma()))
+
+    likelihood = gpytorch.likelihoods.GaussianLikelihood(noise_prior=gpytorch.priors.GammaPrior(2.0, 10.0))
+    model = _GP(x, y, likelihood, ntkgp.NNGPKernel(make())).double()
+    s = 4
+    samples = {name: prior.sample(torch.Size([s]) + closure(module).shape).double()
+               for name, module, prior, closure, _ in model.named_priors()}
+    model.pyro_load_from_samples(samples)
+    assert tuple(model.covar_module.net[0].weight_var.shape) == (s, 2)
+    model.eval()
+    mean = model(x_test.expand(s, 5, 2)).mean
+    key = "covar_module.net.layers.{}.{}_prior".format
+    for i in range(s):
+        net = make()
+        net[0].weight_var, net[0].bias_var = samples[key(0, "weight_var")][i], samples[key(0, "bias_var")][i]
+        net[2].weight_var = samples[key(2, "weight_var")][i]
+        noise = samples["likelihood.noise_covar.noise_prior"][i]
+        with torch.no_grad():
+            k = net.kernel(x).nngp + noise * torch.eye(10, dtype=dt)
+            expected = net.kernel(x_test, x).nngp @ torch.linalg.solve(k, y)
+        torch.testing.assert_close(mean[i], expected, rtol=1e-10, atol=1e-12)   # two float64 solves
+    with pytest.raises(ValueError, match="must broadcast"):   # outside of sample loading, shapes stay checked
+        net[0].weight_var = torch.ones(3, 2)

@@ -124,14 +124,25 @@ class VarianceParameters:
         return getattr(self, f"raw_{name}_constraint").value_as(raw, like)
 
     def set_variance(self, name: str, value: float | Tensor) -> None:
-        """Set a variance exactly: the anchor becomes ``value`` and ``raw`` returns to 0."""
+        """Set a variance exactly: the anchor becomes ``value`` and ``raw`` returns to 0.
+
+        ``value`` must broadcast to the current shape, except while GPyTorch loads samples
+        (``pyro_load_from_samples``), where ``(S, *shape)`` makes the variance a batch of ``S``.
+        """
         raw = getattr(self, f"raw_{name}")
         anchor = check_variance(name, value)
         try:
             anchor = anchor.expand(raw.shape).clone()
         except RuntimeError as err:
-            raise ValueError(f"{name} must broadcast to shape {tuple(raw.shape)}, "
-                             f"got shape {tuple(anchor.shape)}.") from err
+            event_dims = self._variance_event_dims(name)
+            event = raw.shape[raw.dim() - event_dims:]
+            if getattr(self, "_strict_init", True) or anchor.shape[anchor.dim() - event_dims:] != event:
+                raise ValueError(f"{name} must broadcast to shape {tuple(raw.shape)}, "
+                                 f"got shape {tuple(anchor.shape)}.") from err
+            # GPyTorch's pyro_load_from_samples (non-strict mode) loads S samples of shape (S, *shape):
+            # the variance becomes a batch of S, as GPyTorch's own parameters do (`.data = value`)
+            raw.data = raw.new_zeros(anchor.shape)
+            anchor = anchor.clone()
         constraint = getattr(self, f"raw_{name}_constraint")
         constraint.anchor = anchor.to(constraint.anchor.device)
         with torch.no_grad():
