@@ -238,3 +238,39 @@ def test_pyro_load_from_samples_makes_the_variances_a_batch_of_samples():
         torch.testing.assert_close(mean[i], expected, rtol=1e-10, atol=1e-12)   # two float64 solves
     with pytest.raises(ValueError, match="must broadcast"):   # outside of sample loading, shapes stay checked
         net[0].weight_var = torch.ones(3, 2)
+
+
+def test_models_of_loaded_samples_reload_with_load_strict_shapes_false():
+    """GPyTorch reloads a model of S loaded samples into a fresh one with load_strict_shapes(False),
+    which lets parameters take their saved shapes; the variances' float64 anchors live in their
+    constraints, plain torch modules, and kept their old shape ("size mismatch for
+    ...raw_weight_var_constraint.anchor: torch.Size([4]) ... torch.Size([])")."""
+    dt = torch.float64
+    g = torch.Generator().manual_seed(1)
+    x, x_test = torch.rand(10, 2, generator=g, dtype=dt), torch.rand(4, 5, 2, generator=g, dtype=dt)
+    y = torch.sin(5 * x.sum(-1))
+
+    def make():
+        gamma = lambda: gpytorch.priors.GammaPrior(2.0, 1.0)  # noqa: E731
+        net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1, weight_var_prior=gamma(), bias_var_prior=gamma()), ntkgp.ReLU(),
+                           ntkgp.Dense(1, 1.5, 0.2, weight_var_prior=gamma()))
+        return _GP(x, y, gpytorch.likelihoods.GaussianLikelihood(), ntkgp.NTKKernel(net)).double()
+
+    model = make()
+    samples = {name: prior.sample(torch.Size([4]) + closure(module).shape).double()
+               for name, module, prior, closure, _ in model.named_priors()}
+    model.pyro_load_from_samples(samples)
+    model.eval()
+    expected = model(x_test).mean
+    state = model.state_dict()
+    with pytest.raises(RuntimeError, match="size mismatch"):    # strict shapes by default, as GPyTorch's
+        make().load_state_dict(state)
+    fresh = make()
+    fresh.load_strict_shapes(False)
+    fresh.load_state_dict(state)
+    # pyro_load_from_samples also prepends S to the kernel's batch_shape, which no state dict holds:
+    # GPyTorch's own kernels (RBFKernel alike) need it set again after reloading
+    fresh.covar_module.batch_shape = model.covar_module.batch_shape
+    fresh.eval()
+    assert torch.equal(fresh.covar_module.net[0].weight_var, model.covar_module.net[0].weight_var)
+    torch.testing.assert_close(fresh(x_test).mean, expected, rtol=1e-12, atol=1e-12)   # same float64 solve

@@ -63,6 +63,17 @@ class ExactVariance(GreaterThan):
         self.anchor = anchor.to(device=self.lower_bound.device)
         return self
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # GPyTorch's load_strict_shapes(False) (a model of S loaded samples saved and reloaded) lets
+        # each gpytorch.Module take its parameters' saved shapes; a constraint is a plain torch module
+        # without that hook, so the anchor follows its raw parameter here
+        key = prefix + "anchor"
+        if not getattr(self, "_load_strict_shapes", True) and key in state_dict:
+            self.anchor = state_dict[key].detach().to(device=self.anchor.device, dtype=torch.float64).clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def __repr__(self) -> str:
         return f"{self._get_name()}(anchor shape={tuple(self.anchor.shape)})"
 
