@@ -198,7 +198,7 @@ def test_checkpointed_graph_with_batched_hyperparameters_in_gpytorch(monkeypatch
     grads = []
     for entries in (1 << 62, 1):
         monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", entries)
-        monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 100)   # row blocks of 3 rows
+        monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 200)   # row blocks of 3 rows (2 kernels of 30 columns)
         torch.manual_seed(0)
         kernel = ntkgp.NTKKernel(ntkgp.mlp(2, "erf", 1.7, 0.1), batch_shape=torch.Size([2])).double()
         with torch.no_grad():
@@ -213,6 +213,39 @@ def test_checkpointed_graph_with_batched_hyperparameters_in_gpytorch(monkeypatch
     for a, b in zip(*grads, strict=True):
         assert a.shape[0] == 2
         torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch_from", ["inputs", "hyperparameters"])
+def test_checkpointed_blocks_count_every_kernel_of_a_batch(batch_from, monkeypatch):
+    """A batch of ``b`` kernels of ``n`` points holds ``b n²`` entries: it is checkpointed from
+    ``CHECKPOINT_ENTRIES`` of them on, in row blocks of ``CHECKPOINT_BLOCK_ENTRIES`` entries over
+    the whole batch. Counting ``n²`` alone kept the whole graph of 8 kernels of 800 points (41
+    kernel-sized matrices, 1.6 GiB for a depth-3 NTK) and gave blocks ``b`` times too large.
+
+    Here ``b = 4``, ``n = 12``: 576 entries >= 400 (but 144 < 400 per kernel), and blocks of
+    ``100 // (4 · 12) = 2`` rows, 6 of them; values and gradients equal the whole graph's."""
+    monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 100)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 12, 3, generator=g, dtype=torch.float64)
+    net = ntkgp.mlp(2, "erf", 1.7, 0.1).double()
+    if batch_from == "hyperparameters":
+        x = x[0]
+        net.expand_batch(torch.Size([4]))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    results = []
+    for entries in (1 << 62, 400):
+        monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", entries)
+        blocks = _count_calls(monkeypatch, "_mirrored_block")
+        leaf = x.clone().requires_grad_()
+        k = net.kernel(leaf)
+        assert k.ntk.shape == (4, 12, 12)
+        assert blocks == [0 if entries > 400 else 6]
+        grads = torch.autograd.grad(k.nngp.sum() + (k.ntk ** 2).sum(), [leaf, *net.parameters()])
+        results.append([k.nngp.detach(), k.ntk.detach(), *grads])
+    for a, b in zip(*results, strict=True):   # tolerances of test_checkpointed_graph_equals_whole_graph
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-13 * float(a.abs().max()))
 
 
 def test_checkpointing_steps_aside_under_function_transforms(monkeypatch):

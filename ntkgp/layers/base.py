@@ -12,6 +12,7 @@ Any layer, a single ``Dense`` or a whole ``serial(...)`` network, is a network: 
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -122,10 +123,12 @@ class Layer(VarianceParameters, gpytorch.Module):
         A graph for autograd is recorded only when grad mode is on and an input or a
         hyperparameter requires a gradient; otherwise large kernels are evaluated in row blocks
         (and only the upper triangle when ``x2`` is ``x1``), which bounds temporary memory.
-        With a graph, kernels of ``CHECKPOINT_ENTRIES`` entries or more are evaluated in the
-        same blocks, each recomputed in the backward pass (activation checkpointing, Chen et al.
-        2016, "Training deep nets with sublinear memory cost"), so the graph keeps the blocks'
-        inputs rather than every intermediate matrix of the recursion.
+        With a graph, kernels of ``CHECKPOINT_ENTRIES`` entries or more (counted over the whole
+        batch: the inputs' batch dimensions and the hyperparameters' GPyTorch ``batch_shape``) are
+        evaluated in row blocks of about ``CHECKPOINT_BLOCK_ENTRIES`` entries, each recomputed in
+        the backward pass (activation checkpointing, Chen et al. 2016, "Training deep nets with
+        sublinear memory cost"), so the graph keeps the blocks' inputs rather than every
+        intermediate matrix of the recursion.
         """
         x1, x2 = check_inputs(x1, x2, diag)
         self.check_input_dim(x1.shape[-1])
@@ -137,10 +140,14 @@ class Layer(VarianceParameters, gpytorch.Module):
         empty = x1.shape[-2] == 0 or (x2 is not None and x2.shape[-2] == 0)  # no blocks to loop over
         ids = None if diag or empty else Duplicates.point_ids(x1, x2)
         duplicates = None if ids is None else Duplicates.of(*ids, symmetric=x2 is None)
+        other = x1 if x2 is None else x2
+        # a batch of kernels holds batch × n1 × n2 entries: 8 kernels of 800 points kept the whole
+        # graph (41 matrices of 5.1e6 entries at the peak, 1.6 GiB for a depth-3 NTK)
+        batch = _batch_size(self, x1, other) if needs_graph and not diag and not empty else 1
         checkpointed = (needs_graph and not diag and not empty and not transforms_active()
-                        and x1.shape[-2] * (x1 if x2 is None else x2).shape[-2] >= CHECKPOINT_ENTRIES)
+                        and batch * x1.shape[-2] * other.shape[-2] >= CHECKPOINT_ENTRIES)
         if checkpointed:
-            state = _checkpointed_kernel(self, x1, x2, ntk, ids)
+            state = _checkpointed_kernel(self, x1, x2, ntk, ids, batch)
         elif needs_graph or diag or empty:
             state = _finalize(self.kernel_map(KernelState.from_inputs(x1, x2, diag, want_ntk=ntk,
                                                                       duplicates=duplicates)))
@@ -198,6 +205,21 @@ class Layer(VarianceParameters, gpytorch.Module):
         for module in self.modules():
             if isinstance(module, VarianceParameters):
                 module.index_variances(index)
+
+
+def _batch_size(layer: Layer, x1: Tensor, x2: Tensor) -> int:
+    """How many kernel matrices a call returns: the product of the broadcast batch shape of the
+    inputs and of the hyperparameters (GPyTorch's ``batch_shape``, their leading dimensions)."""
+    shapes = [x1.shape[:-2], x2.shape[:-2]]
+    for module in layer.modules():
+        if isinstance(module, VarianceParameters):
+            for name, raw in module._parameters.items():
+                if name.startswith("raw_") and raw is not None:
+                    shapes.append(raw.shape[:raw.dim() - module._variance_event_dims(name[4:])])
+    try:
+        return math.prod(torch.broadcast_shapes(*shapes))
+    except RuntimeError:   # the kernel recursion reports mismatched batches itself
+        return math.prod(torch.broadcast_shapes(*shapes[:2]))
 
 
 def _upper_mirrored(m: Tensor) -> Tensor:
@@ -326,8 +348,10 @@ def _mirrored_block(layer: Layer, x1: Tensor, x2: Tensor, norms: tuple[Tensor, T
 
 
 def _checkpointed_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
-                         ids: tuple[Tensor, Tensor] | None) -> KernelState:
-    """Full kernel matrices with autograd, in the row blocks of :func:`_blocked_kernel`.
+                         ids: tuple[Tensor, Tensor] | None, batch: int = 1) -> KernelState:
+    """Full kernel matrices with autograd, in row blocks of about ``CHECKPOINT_BLOCK_ENTRIES``
+    entries over the ``batch`` kernels computed together (``rows = CHECKPOINT_BLOCK_ENTRIES //
+    (batch · n2)``, at least one row).
 
     Each block runs under ``torch.utils.checkpoint``: its intermediates are freed after the
     forward pass and recomputed, one block at a time, in the backward pass. For a symmetric
@@ -336,7 +360,9 @@ def _checkpointed_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: 
     symmetric = x2 is None
     other = x1 if symmetric else x2
     n1, n2 = x1.shape[-2], other.shape[-2]
-    rows = max(1, min(n1, CHECKPOINT_BLOCK_ENTRIES // max(n2, 1)))
+    # a block's intermediates cover every kernel of the batch: blocks of 2^18 rows-times-columns
+    # entries held 8 × 2^18 for 8 kernels, as much as the whole graph of 8 kernels of 800 points
+    rows = max(1, min(n1, CHECKPOINT_BLOCK_ENTRIES // max(batch * n2, 1)))
     norms1 = torch.einsum("...nd,...nd->...n", x1, x1)
     norms2 = norms1 if symmetric else torch.einsum("...nd,...nd->...n", x2, x2)
     starts = list(range(0, n1, rows))
