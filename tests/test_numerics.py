@@ -248,6 +248,31 @@ def test_checkpointed_blocks_count_every_kernel_of_a_batch(batch_from, monkeypat
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-13 * float(a.abs().max()))
 
 
+@pytest.mark.parametrize(("n1", "batch", "blocks"), [(1, (), 0), (3, (), 3), (1, (4,), 0), (2, (4,), 2), (6, (4,), 6)])
+def test_a_single_checkpointed_block_keeps_the_whole_graph(n1, batch, blocks, monkeypatch):
+    """Where one row block would hold all rows (a few rows against many columns, or a batch of
+    them, as an acquisition function's candidates against the training points), checkpointing
+    would only recompute the whole forward pass in the backward pass, with no lower peak: the
+    whole graph is kept. Here 50 columns and blocks of 20 entries: one row per block (a row of 4
+    kernels, 200 entries, cannot be split either), so a single row stays whole and 2 or 3 rows
+    make 2 or 3 blocks; 6 rows of 4 kernels in blocks of 200 entries make 6 blocks."""
+    monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", 40)
+    monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 20 if n1 < 6 else 200)
+    g = torch.Generator().manual_seed(6)
+    x1 = torch.randn(*batch, n1, 3, generator=g, dtype=torch.float64).requires_grad_()
+    x2 = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    net = ntkgp.mlp(2, "relu", 1.7, 0.1).double()
+    calls = _count_calls(monkeypatch, "_block")
+    k = net.kernel(x1, x2)
+    assert k.ntk.shape == (*batch, n1, 50)
+    assert calls == [blocks]
+    grad = torch.autograd.grad(k.ntk.sum(), x1)[0]
+    monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", 1 << 62)
+    whole = net.kernel(x1, x2)
+    torch.testing.assert_close(k.ntk, whole.ntk, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(grad, torch.autograd.grad(whole.ntk.sum(), x1)[0], rtol=1e-12, atol=1e-13)
+
+
 def test_checkpointing_steps_aside_under_function_transforms(monkeypatch):
     """torch.func transforms and forward-mode AD take the whole-matrix graph (checkpointing
     does not compose with them): jacfwd and a dual-number directional derivative work, and equal

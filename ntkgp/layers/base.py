@@ -125,10 +125,10 @@ class Layer(VarianceParameters, gpytorch.Module):
         (and only the upper triangle when ``x2`` is ``x1``), which bounds temporary memory.
         With a graph, kernels of ``CHECKPOINT_ENTRIES`` entries or more (counted over the whole
         batch: the inputs' batch dimensions and the hyperparameters' GPyTorch ``batch_shape``) are
-        evaluated in row blocks of about ``CHECKPOINT_BLOCK_ENTRIES`` entries, each recomputed in
-        the backward pass (activation checkpointing, Chen et al. 2016, "Training deep nets with
-        sublinear memory cost"), so the graph keeps the blocks' inputs rather than every
-        intermediate matrix of the recursion.
+        evaluated in row blocks of about ``CHECKPOINT_BLOCK_ENTRIES`` entries (where that makes
+        more than one block), each recomputed in the backward pass (activation checkpointing,
+        Chen et al. 2016, "Training deep nets with sublinear memory cost"), so the graph keeps
+        the blocks' inputs rather than every intermediate matrix of the recursion.
         """
         x1, x2 = check_inputs(x1, x2, diag)
         self.check_input_dim(x1.shape[-1])
@@ -144,8 +144,12 @@ class Layer(VarianceParameters, gpytorch.Module):
         # a batch of kernels holds batch × n1 × n2 entries: 8 kernels of 800 points kept the whole
         # graph (41 matrices of 5.1e6 entries at the peak, 1.6 GiB for a depth-3 NTK)
         batch = _batch_size(self, x1, other) if needs_graph and not diag and not empty else 1
+        # a single block would be recomputed whole in the backward pass: one more forward pass and no
+        # lower peak (a depth-3 NTK's input gradient, 1024 kernels of 1 x 1024 points: 640-800 MiB
+        # checkpointed, 545-560 whole; one point against 2^20: 740-770 and 650-680 MiB)
         checkpointed = (needs_graph and not diag and not empty and not transforms_active()
-                        and batch * x1.shape[-2] * other.shape[-2] >= CHECKPOINT_ENTRIES)
+                        and batch * x1.shape[-2] * other.shape[-2] >= CHECKPOINT_ENTRIES
+                        and _checkpoint_rows(x1.shape[-2], other.shape[-2], batch) < x1.shape[-2])
         if checkpointed:
             state = _checkpointed_kernel(self, x1, x2, ntk, ids, batch)
         elif needs_graph or diag or empty:
@@ -347,6 +351,13 @@ def _mirrored_block(layer: Layer, x1: Tensor, x2: Tensor, norms: tuple[Tensor, T
     return mirrored(nngp), None if ntk is None else mirrored(ntk), cov1, cov2, width, is_gaussian
 
 
+def _checkpoint_rows(n1: int, n2: int, batch: int) -> int:
+    """Rows per checkpointed block: about ``CHECKPOINT_BLOCK_ENTRIES`` entries over the whole batch
+    (a block's intermediates cover every kernel of it: blocks of 2¹⁸ rows × columns held 8 × 2¹⁸
+    entries for 8 kernels, as much as the whole graph of 8 kernels of 800 points)."""
+    return max(1, min(n1, CHECKPOINT_BLOCK_ENTRIES // max(batch * n2, 1)))
+
+
 def _checkpointed_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
                          ids: tuple[Tensor, Tensor] | None, batch: int = 1) -> KernelState:
     """Full kernel matrices with autograd, in row blocks of about ``CHECKPOINT_BLOCK_ENTRIES``
@@ -360,9 +371,7 @@ def _checkpointed_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: 
     symmetric = x2 is None
     other = x1 if symmetric else x2
     n1, n2 = x1.shape[-2], other.shape[-2]
-    # a block's intermediates cover every kernel of the batch: blocks of 2^18 rows-times-columns
-    # entries held 8 × 2^18 for 8 kernels, as much as the whole graph of 8 kernels of 800 points
-    rows = max(1, min(n1, CHECKPOINT_BLOCK_ENTRIES // max(batch * n2, 1)))
+    rows = _checkpoint_rows(n1, n2, batch)
     norms1 = torch.einsum("...nd,...nd->...n", x1, x1)
     norms2 = norms1 if symmetric else torch.einsum("...nd,...nd->...n", x2, x2)
     starts = list(range(0, n1, rows))
