@@ -273,6 +273,29 @@ def test_a_single_checkpointed_block_keeps_the_whole_graph(n1, batch, blocks, mo
     torch.testing.assert_close(grad, torch.autograd.grad(whole.ntk.sum(), x1)[0], rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("change", ["set_variance", "optimizer_step", "expand_batch"])
+def test_checkpointed_kernel_refuses_hyperparameters_changed_before_backward(change, monkeypatch):
+    """The blocks are recomputed in the backward pass from the hyperparameters as they are then.
+    Changed between the forward and the backward pass, they gave derivatives at the new values
+    for the kernel of the old ones, silently (set_variance: raw gradients -0.79, 6.15, 8.96 where
+    the whole graph, which differentiates at the old values, gives -4.60, 9.83, 9.48): refused."""
+    monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", 1)
+    monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 20)
+    net = ntkgp.mlp(2, "erf", 1.5, 0.1).double()
+    x = torch.randn(9, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    net.kernel(x).ntk.sum().backward()          # unchanged: fine, and again
+    net.kernel(x).ntk.sum().backward()
+    k = net.kernel(x)
+    if change == "set_variance":
+        net.layers[0].set_variance("weight_var", 3.0)
+    elif change == "optimizer_step":
+        torch.optim.SGD(net.parameters(), lr=0.1).step()   # the gradients of the calls above
+    else:
+        net.expand_batch(torch.Size([1]))
+    with pytest.raises(RuntimeError, match="changed after the kernel was computed"):
+        k.ntk.sum().backward()
+
+
 def test_checkpointing_steps_aside_under_function_transforms(monkeypatch):
     """torch.func transforms and forward-mode AD take the whole-matrix graph (checkpointing
     does not compose with them): jacfwd and a dual-number directional derivative work, and equal

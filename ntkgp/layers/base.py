@@ -351,6 +351,49 @@ def _mirrored_block(layer: Layer, x1: Tensor, x2: Tensor, norms: tuple[Tensor, T
     return mirrored(nngp), None if ntk is None else mirrored(ntk), cov1, cov2, width, is_gaussian
 
 
+class _Snapshot:
+    """Which parameters and buffers a layer has, and their version counters.
+
+    Checkpointed blocks are recomputed in the backward pass from the layer as it is *then*. A
+    hyperparameter changed since the forward pass (``set_variance``, an optimizer step, a
+    ``.to()``) would give derivatives at the new values for a kernel of the old ones, silently;
+    the whole graph, whose variances are saved as ``anchor · exp(raw)``, differentiates at the
+    old ones. Such a change is refused as autograd refuses an input modified in place.
+    """
+
+    def __init__(self, layer: Layer) -> None:
+        self.layer = layer
+        self.tensors = self._tensors()
+        self.versions = [self._version(t) for t in self.tensors]
+
+    def _tensors(self) -> list[Tensor]:
+        return [*self.layer.parameters(), *self.layer.buffers()]
+
+    @staticmethod
+    def _version(t: Tensor) -> int | None:
+        return None if t.is_inference() else t._version   # inference tensors keep no version counter
+
+    def check(self) -> None:
+        now = self._tensors()
+        if (len(now) != len(self.tensors) or any(a is not b for a, b in zip(now, self.tensors, strict=False))
+                or any(self._version(t) != v for t, v in zip(self.tensors, self.versions, strict=True))):
+            raise RuntimeError("A hyperparameter of this network changed after the kernel was computed, and "
+                               "the backward pass recomputes the kernel's row blocks from the current values "
+                               "(activation checkpointing): compute the kernel again after changing "
+                               "hyperparameters, or run the backward pass before.")
+
+
+def _checked_block(snapshot: _Snapshot, symmetric: bool, layer: Layer, x1: Tensor, x2: Tensor,
+                   norms: tuple[Tensor, Tensor], want_ntk: bool,
+                   duplicates: Duplicates | BatchedDuplicates | None) -> tuple:
+    """One checkpointed block (:func:`_mirrored_block` when symmetric, else :func:`_block`), run
+    only while the layer's hyperparameters are those of the forward pass."""
+    snapshot.check()
+    if symmetric:
+        return _mirrored_block(layer, x1, x2, norms, want_ntk, duplicates)
+    return _block(layer, x1, x2, norms, want_ntk, False, duplicates)
+
+
 def _checkpoint_rows(n1: int, n2: int, batch: int) -> int:
     """Rows per checkpointed block: about ``CHECKPOINT_BLOCK_ENTRIES`` entries over the whole batch
     (a block's intermediates cover every kernel of it: blocks of 2¹⁸ rows × columns held 8 × 2¹⁸
@@ -375,6 +418,7 @@ def _checkpointed_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: 
     norms1 = torch.einsum("...nd,...nd->...n", x1, x1)
     norms2 = norms1 if symmetric else torch.einsum("...nd,...nd->...n", x2, x2)
     starts = list(range(0, n1, rows))
+    snapshot = _Snapshot(layer)
     blocks = []
     for start in starts:
         stop = min(start + rows, n1)
@@ -382,12 +426,8 @@ def _checkpointed_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: 
         duplicates = None if ids is None else Duplicates.of(ids[0][..., start:stop], ids[1][..., cols], symmetric)
         args = (layer, x1[..., start:stop, :], other[..., cols, :], (norms1[..., start:stop], norms2[..., cols]),
                 want_ntk)
-        if symmetric:
-            blocks.append(checkpoint(_mirrored_block, *args, duplicates, use_reentrant=False,
-                                     preserve_rng_state=False))
-        else:
-            blocks.append(checkpoint(_block, *args, False, duplicates, use_reentrant=False,
-                                     preserve_rng_state=False))
+        blocks.append(checkpoint(_checked_block, snapshot, symmetric, *args, duplicates, use_reentrant=False,
+                                 preserve_rng_state=False))
 
     def joined(index: int) -> Tensor:
         parts = [b[index] for b in blocks]
