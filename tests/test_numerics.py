@@ -273,12 +273,12 @@ def test_a_single_checkpointed_block_keeps_the_whole_graph(n1, batch, blocks, mo
     torch.testing.assert_close(grad, torch.autograd.grad(whole.ntk.sum(), x1)[0], rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("change", ["set_variance", "optimizer_step", "expand_batch"])
+@pytest.mark.parametrize("change", ["set_variance", "optimizer_step"])
 def test_checkpointed_kernel_refuses_hyperparameters_changed_before_backward(change, monkeypatch):
     """The blocks are recomputed in the backward pass from the hyperparameters as they are then.
-    Changed between the forward and the backward pass, they gave derivatives at the new values
-    for the kernel of the old ones, silently (set_variance: raw gradients -0.79, 6.15, 8.96 where
-    the whole graph, which differentiates at the old values, gives -4.60, 9.83, 9.48): refused."""
+    Changed in place between the forward and the backward pass, they gave derivatives at the new
+    values for the kernel of the old ones, silently (set_variance: raw gradients -0.79, 6.15, 8.96
+    where the whole graph, which differentiates at the old values, gives -4.60, 9.83, 9.48): refused."""
     monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", 1)
     monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 20)
     net = ntkgp.mlp(2, "erf", 1.5, 0.1).double()
@@ -288,12 +288,53 @@ def test_checkpointed_kernel_refuses_hyperparameters_changed_before_backward(cha
     k = net.kernel(x)
     if change == "set_variance":
         net.layers[0].set_variance("weight_var", 3.0)
-    elif change == "optimizer_step":
-        torch.optim.SGD(net.parameters(), lr=0.1).step()   # the gradients of the calls above
     else:
-        net.expand_batch(torch.Size([1]))
-    with pytest.raises(RuntimeError, match="changed after the kernel was computed"):
+        torch.optim.SGD(net.parameters(), lr=0.1).step()   # the gradients of the calls above
+    with pytest.raises(RuntimeError, match="changed in place after the kernel was computed"):
         k.ntk.sum().backward()
+
+
+class _NTKModule(torch.nn.Module):
+    def __init__(self, net: ntkgp.layers.Layer) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net.kernel(x).ntk
+
+
+@pytest.mark.parametrize("swap", ["functional_call", "expand_batch"])
+def test_checkpointed_kernel_differentiates_at_the_tensors_of_the_forward_pass(swap, monkeypatch):
+    """``torch.func.functional_call`` puts the module's own parameters back when it returns,
+    before the backward pass recomputes the blocks: they were recomputed with those, and the
+    gradients to the parameters passed in were the derivatives at the module's (raw gradients
+    -4.60, 9.83, ... instead of -7.48, 15.52, ...). Likewise parameters replaced by
+    ``expand_batch`` after the forward pass. The recomputation uses the forward pass's tensors,
+    as the whole graph does: same values and gradients (to 1e-12 of the largest, as in
+    test_checkpointed_graph_equals_whole_graph; the blocks' rounding differs)."""
+    monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 20)
+    net = ntkgp.mlp(2, "erf", 1.5, 0.1).double()
+    x = torch.randn(9, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    params = {n: (p.detach() + 0.3).requires_grad_() for n, p in net.named_parameters()}
+    results = []
+    for entries in (1 << 62, 1):
+        monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", entries)
+        calls = _count_calls(monkeypatch, "_checkpointed_kernel")
+        if swap == "functional_call":
+            # functional_call calls forward: a module whose forward is the kernel (GPyTorch's are lazy)
+            ntk = torch.func.functional_call(_NTKModule(net), {"net." + n: p for n, p in params.items()}, (x,))
+            leaves = list(params.values())
+        else:
+            leaves = list(net.parameters())
+            ntk = net.kernel(x).ntk
+            net.expand_batch(torch.Size([1]))
+        assert calls == [0 if entries > 1 else 1]
+        results.append([ntk.detach(), *torch.autograd.grad((ntk ** 2).sum(), leaves)])
+        if swap == "expand_batch":
+            net.index_batch((0,))
+    scale = float(results[0][0].abs().max())
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12 * max(scale, float(a.abs().max())))
 
 
 def test_checkpointing_steps_aside_under_function_transforms(monkeypatch):

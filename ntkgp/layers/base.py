@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import gpytorch
@@ -352,46 +354,60 @@ def _mirrored_block(layer: Layer, x1: Tensor, x2: Tensor, norms: tuple[Tensor, T
 
 
 class _Snapshot:
-    """Which parameters and buffers a layer has, and their version counters.
+    """The parameters and buffers a layer's kernel was computed with, and their version counters.
 
-    Checkpointed blocks are recomputed in the backward pass from the layer as it is *then*. A
-    hyperparameter changed since the forward pass (``set_variance``, an optimizer step, a
-    ``.to()``) would give derivatives at the new values for a kernel of the old ones, silently;
-    the whole graph, whose variances are saved as ``anchor · exp(raw)``, differentiates at the
-    old ones. Such a change is refused as autograd refuses an input modified in place.
+    Checkpointed blocks are recomputed in the backward pass from the layer as it is *then*, while
+    the whole graph differentiates at the tensors of the forward pass. Tensors swapped since
+    (``torch.func.functional_call``, which puts its own back on return; ``expand_batch``;
+    ``.to()``) gave derivatives at the layer's current hyperparameters for the kernel of the
+    others, silently: the recomputation puts the forward pass's tensors back in place while it
+    runs. Values changed in place (``set_variance``, an optimizer step) cannot be restored: they
+    are refused, as autograd refuses an input modified in place.
     """
 
     def __init__(self, layer: Layer) -> None:
-        self.layer = layer
-        self.tensors = self._tensors()
-        self.versions = [self._version(t) for t in self.tensors]
-
-    def _tensors(self) -> list[Tensor]:
-        return [*self.layer.parameters(), *self.layer.buffers()]
+        self.slots = [(table, name, t) for module in layer.modules()
+                      for table in (module._parameters, module._buffers) for name, t in table.items()
+                      if t is not None]
+        self.versions = [self._version(t) for _, _, t in self.slots]
 
     @staticmethod
     def _version(t: Tensor) -> int | None:
         return None if t.is_inference() else t._version   # inference tensors keep no version counter
 
-    def check(self) -> None:
-        now = self._tensors()
-        if (len(now) != len(self.tensors) or any(a is not b for a, b in zip(now, self.tensors, strict=False))
-                or any(self._version(t) != v for t, v in zip(self.tensors, self.versions, strict=True))):
-            raise RuntimeError("A hyperparameter of this network changed after the kernel was computed, and "
-                               "the backward pass recomputes the kernel's row blocks from the current values "
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """The forward pass's tensors in their places while the block runs (no change in the
+        forward pass itself)."""
+        if any(self._version(t) != v for (_, _, t), v in zip(self.slots, self.versions, strict=True)):
+            raise RuntimeError("A hyperparameter of this network was changed in place after the kernel was "
+                               "computed, and the backward pass recomputes the kernel's row blocks from it "
                                "(activation checkpointing): compute the kernel again after changing "
                                "hyperparameters, or run the backward pass before.")
+        missing = object()
+        swapped = [(table, name, table.get(name, missing)) for table, name, t in self.slots
+                   if table.get(name, missing) is not t]
+        for table, name, t in self.slots:
+            table[name] = t
+        try:
+            yield
+        finally:
+            for table, name, current in reversed(swapped):
+                if current is missing:
+                    del table[name]
+                else:
+                    table[name] = current
 
 
 def _checked_block(snapshot: _Snapshot, symmetric: bool, layer: Layer, x1: Tensor, x2: Tensor,
                    norms: tuple[Tensor, Tensor], want_ntk: bool,
                    duplicates: Duplicates | BatchedDuplicates | None) -> tuple:
-    """One checkpointed block (:func:`_mirrored_block` when symmetric, else :func:`_block`), run
-    only while the layer's hyperparameters are those of the forward pass."""
-    snapshot.check()
-    if symmetric:
-        return _mirrored_block(layer, x1, x2, norms, want_ntk, duplicates)
-    return _block(layer, x1, x2, norms, want_ntk, False, duplicates)
+    """One checkpointed block (:func:`_mirrored_block` when symmetric, else :func:`_block`),
+    computed, and recomputed, with the hyperparameters of the forward pass."""
+    with snapshot.installed():
+        if symmetric:
+            return _mirrored_block(layer, x1, x2, norms, want_ntk, duplicates)
+        return _block(layer, x1, x2, norms, want_ntk, False, duplicates)
 
 
 def _checkpoint_rows(n1: int, n2: int, batch: int) -> int:
