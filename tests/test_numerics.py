@@ -364,6 +364,33 @@ def test_checkpointing_steps_aside_under_function_transforms(monkeypatch):
     torch.testing.assert_close(tangent, (reverse * direction).sum(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("batch_from", ["inputs", "hyperparameters"])
+def test_blocks_without_autograd_count_every_kernel_of_a_batch(batch_from, monkeypatch):
+    """Without autograd a row block holds about ``BLOCK_ENTRIES`` entries over all ``b`` kernels
+    of a batch (they were ``b`` times larger: 8 kernels of 3000 points in blocks of 174 rows held
+    8 × 2¹⁹ entries per intermediate). Here ``b = 4``, ``n = 12``, blocks of ``100 // 48 = 2``
+    rows: 6 blocks in the upper triangle (3 rows with the per-kernel count); the values equal the
+    single pass's."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 12, 3, generator=g, dtype=torch.float64)
+    net = ntkgp.mlp(2, "gelu", 1.7, 0.1).double()
+    if batch_from == "hyperparameters":
+        x = x[0]
+        net.expand_batch(torch.Size([4]))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    with torch.no_grad():
+        whole = net.kernel(x)
+        monkeypatch.setattr(base, "BLOCK_ENTRIES", 100)
+        blocks = _count_calls(monkeypatch, "_run_block")
+        blocked = net.kernel(x)
+    assert blocks == [6]
+    assert blocked.ntk.shape == (4, 12, 12)
+    torch.testing.assert_close(blocked.nngp, whole.nngp, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(blocked.ntk, whole.ntk, rtol=1e-13, atol=1e-15)
+
+
 def test_adaptive_quadrature_agrees_across_evaluation_strategies(monkeypatch):
     """The adaptive degree depends on the variances a call sees; results agree to its rtol."""
     net = ntkgp.mlp(2, "tanh", 0.5, 0.1, width=8)

@@ -145,7 +145,7 @@ class Layer(VarianceParameters, gpytorch.Module):
         other = x1 if x2 is None else x2
         # a batch of kernels holds batch × n1 × n2 entries: 8 kernels of 800 points kept the whole
         # graph (41 matrices of 5.1e6 entries at the peak, 1.6 GiB for a depth-3 NTK)
-        batch = _batch_size(self, x1, other) if needs_graph and not diag and not empty else 1
+        batch = _batch_size(self, x1, other) if not diag and not empty else 1
         # a single block would be recomputed whole in the backward pass: one more forward pass and no
         # lower peak (a depth-3 NTK's input gradient, 1024 kernels of 1 x 1024 points: 640-800 MiB
         # checkpointed, 545-560 whole; one point against 2^20: 740-770 and 650-680 MiB)
@@ -162,7 +162,7 @@ class Layer(VarianceParameters, gpytorch.Module):
                                       ntk=None if state.ntk is None else _upper_mirrored(state.ntk))
         else:
             with torch.no_grad():
-                state = _blocked_kernel(self, x1, x2, ntk, compile, ids)
+                state = _blocked_kernel(self, x1, x2, ntk, compile, ids, batch)
         # twins' own diagonals can still differ by an ulp (rounding depends on the position)
         return duplicates.canonical(state) if duplicates is not None and x2 is None else state
 
@@ -292,18 +292,18 @@ def _run_block(layer, x1, x2, norms, want_ntk, symmetric, compile, duplicates=No
 
 
 def _blocked_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
-                    compile: bool = False, ids: tuple[Tensor, Tensor] | None = None) -> KernelState:
+                    compile: bool = False, ids: tuple[Tensor, Tensor] | None = None, batch: int = 1) -> KernelState:
     """Full kernel matrices computed a block of rows at a time (no autograd).
 
-    Blocks of about ``BLOCK_ENTRIES`` entries stay in cache through the whole recursion (2¹⁹ was
-    fastest on the benchmark: smaller blocks pay Python overhead per block, larger ones miss
-    cache). When ``x2`` is ``x1`` only the blocks on and above the diagonal are computed and
-    then mirrored.
+    Blocks of about ``BLOCK_ENTRIES`` entries, counted over the ``batch`` kernels computed
+    together, stay in cache through the whole recursion (2¹⁹ was fastest on the benchmark:
+    smaller blocks pay Python overhead per block, larger ones miss cache). When ``x2`` is ``x1``
+    only the blocks on and above the diagonal are computed and then mirrored.
     """
     symmetric = x2 is None
     other = x1 if symmetric else x2
     n1, n2 = x1.shape[-2], other.shape[-2]
-    rows = max(1, min(n1, BLOCK_ENTRIES // max(n2, 1)))
+    rows = max(1, min(n1, BLOCK_ENTRIES // max(batch * n2, 1)))   # a batch of b kernels: b × rows × n2
     norms1 = torch.einsum("...nd,...nd->...n", x1, x1)
     norms2 = norms1 if symmetric else torch.einsum("...nd,...nd->...n", x2, x2)
     nngp = ntk = cov1 = cov2 = None
