@@ -215,6 +215,22 @@ def test_checkpointed_graph_with_batched_hyperparameters_in_gpytorch(monkeypatch
         torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-12)
 
 
+def _batch_of_four(batch_from: str, activation: str, seed: int) -> tuple[Tensor, ntkgp.layers.Layer]:
+    """Inputs and a network that make a batch of 4 kernels of 12 points: batched ``(4, 12, 3)``
+    inputs, or ``(12, 3)`` inputs and hyperparameters with GPyTorch batch shape ``(4,)`` (each
+    kernel with variances of its own)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 12, 3, generator=g, dtype=torch.float64)
+    net = ntkgp.mlp(2, activation, 1.7, 0.1).double()
+    if batch_from == "hyperparameters":
+        x = x[0]
+        net.expand_batch(torch.Size([4]))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return x, net
+
+
 @pytest.mark.parametrize("batch_from", ["inputs", "hyperparameters"])
 def test_checkpointed_blocks_count_every_kernel_of_a_batch(batch_from, monkeypatch):
     """A batch of ``b`` kernels of ``n`` points holds ``b n²`` entries: it is checkpointed from
@@ -225,15 +241,7 @@ def test_checkpointed_blocks_count_every_kernel_of_a_batch(batch_from, monkeypat
     Here ``b = 4``, ``n = 12``: 576 entries >= 400 (but 144 < 400 per kernel), and blocks of
     ``100 // (4 · 12) = 2`` rows, 6 of them; values and gradients equal the whole graph's."""
     monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 100)
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(4, 12, 3, generator=g, dtype=torch.float64)
-    net = ntkgp.mlp(2, "erf", 1.7, 0.1).double()
-    if batch_from == "hyperparameters":
-        x = x[0]
-        net.expand_batch(torch.Size([4]))
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    x, net = _batch_of_four(batch_from, "erf", seed=5)
     results = []
     for entries in (1 << 62, 400):
         monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", entries)
@@ -371,15 +379,7 @@ def test_blocks_without_autograd_count_every_kernel_of_a_batch(batch_from, monke
     8 × 2¹⁹ entries per intermediate). Here ``b = 4``, ``n = 12``, blocks of ``100 // 48 = 2``
     rows: 6 blocks in the upper triangle (3 rows with the per-kernel count); the values equal the
     single pass's."""
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(4, 12, 3, generator=g, dtype=torch.float64)
-    net = ntkgp.mlp(2, "gelu", 1.7, 0.1).double()
-    if batch_from == "hyperparameters":
-        x = x[0]
-        net.expand_batch(torch.Size([4]))
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    x, net = _batch_of_four(batch_from, "gelu", seed=7)
     with torch.no_grad():
         whole = net.kernel(x)
         monkeypatch.setattr(base, "BLOCK_ENTRIES", 100)
