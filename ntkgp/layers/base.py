@@ -35,7 +35,7 @@ BLOCK_ENTRIES = 1 << 19
 
 #: With autograd, kernels of at least this many entries are evaluated a block of rows at a time,
 #: each block recomputed during the backward pass instead of keeping its intermediates
-#: (docs/benchmarks.md: the whole-matrix graph holds ~40-70 kernel-sized matrices at depth 2).
+#: (docs/benchmarks.md: the whole-matrix graph held 52-87 kernel-sized matrices at depths 2-3).
 CHECKPOINT_ENTRIES = 1 << 20
 
 #: Target number of kernel entries per row block of a checkpointed kernel: the backward pass
