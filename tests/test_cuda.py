@@ -59,6 +59,39 @@ def test_kernels_full_diag_cross_and_gradients(activation):
     _on_device_and_close(*grads, rtol=1e-8, atol=1e-10)
 
 
+def test_checkpointed_kernels_and_their_gradients(monkeypatch):
+    """Kernels with autograd in checkpointed row blocks (recomputed in the backward pass on the
+    GPU, the upper triangle mirrored by an autograd function): values, hyperparameter and input
+    gradients, and a second derivative equal the CPU's."""
+    from ntkgp.layers import base
+
+    monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", 1)
+    monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 40)     # blocks of 5 rows of 8 columns
+    calls, original = [], base._checkpointed_kernel
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].device.type)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(base, "_checkpointed_kernel", counted)
+    x, _, _ = _data()
+    x[3] = x[1]                                                    # twins in different blocks
+    results = []
+    for device in (DEVICE, "cpu"):
+        net = _net(ntkgp.ReLU()).to(device)
+        leaf = x.to(device).requires_grad_()
+        k = net.kernel(leaf)
+        grads = torch.autograd.grad(k.nngp.sum() + (k.ntk ** 2).sum(), [leaf, *net.parameters()], create_graph=True)
+        (second,) = torch.autograd.grad(sum((g ** 2).sum() for g in grads[1:]), leaf)
+        results.append([k.nngp, k.ntk, *grads, second])
+    assert calls == [DEVICE, "cpu"]
+    gpu, cpu = results
+    _on_device_and_close(gpu[0], cpu[0])
+    _on_device_and_close(gpu[1], cpu[1])
+    for a, b in zip(gpu[2:], cpu[2:], strict=True):
+        _on_device_and_close(a.detach(), b.detach(), rtol=1e-8, atol=1e-10)
+
+
 def test_blocked_kernels_with_duplicates_and_batches():
     """Row blocks, duplicate screening (unique, bincount, scatter_reduce on the device) and
     batched duplicates: twins' entries stay exact on the GPU."""
