@@ -33,6 +33,7 @@ import sys
 import time
 
 import torch
+from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _memory import current_mib, peak_mib, reset_peak
@@ -41,41 +42,45 @@ import ntkgp
 from ntkgp.layers import base
 
 
-def child(n: int, depth: int, activation: str, kind: str, dtype: str, mode: str, block_entries: int | None) -> dict:
-    dt = getattr(torch, dtype)
+def _setup(mode: str, block_entries: int | None) -> None:
     if mode == "whole graph":
         base.CHECKPOINT_ENTRIES = 1 << 62
     if block_entries:
         base.CHECKPOINT_BLOCK_ENTRIES = block_entries
-    x = torch.randn(n, 8, generator=torch.Generator().manual_seed(0), dtype=dt)
-    net = ntkgp.mlp(depth, activation, 2.0, 0.05).to(dt)
 
-    def run() -> tuple[float, float]:
-        t0 = time.perf_counter()
-        k = getattr(net.kernel(x, ntk=kind == "ntk"), kind)
-        t1 = time.perf_counter()
-        k.sum().backward()
-        return t1 - t0, time.perf_counter() - t0
 
-    m = min(n, 1100)   # warm-up on the same code path (checkpointing starts at 2^20 entries)
-    getattr(net.kernel(x[:m], ntk=kind == "ntk"), kind).sum().backward()
+def _start_measuring() -> float:
+    """Give memory freed by the warm-up back to the system, reset the peak, return the current size."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)   # give the warm-up's freed memory back
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
     start = current_mib()
     reset_peak()
-    runs = [run() for _ in range(3)]
+    return start
+
+
+def child(n: int, depth: int, activation: str, kind: str, dt: torch.dtype) -> dict:
+    x = torch.randn(n, 8, generator=torch.Generator().manual_seed(0), dtype=dt)
+    net = ntkgp.mlp(depth, activation, 2.0, 0.05).to(dt)
+
+    def run(points: Tensor) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        k = getattr(net.kernel(points, ntk=kind == "ntk"), kind)
+        t1 = time.perf_counter()
+        k.sum().backward()
+        return t1 - t0, time.perf_counter() - t0
+
+    run(x[:min(n, 1100)])   # warm-up on the same code path (checkpointing starts at 2^20 entries)
+    start = _start_measuring()
+    runs = [run(x) for _ in range(3)]
     return {"forward": min(r[0] for r in runs), "total": min(r[1] for r in runs), "peak": peak_mib() - start,
             "matrix": n * n * dt.itemsize / 2**20}
 
 
-def gpytorch_child(n: int, depth: int, activation: str, kind: str, dtype: str, mode: str) -> dict:
+def gpytorch_child(n: int, depth: int, activation: str, kind: str, dt: torch.dtype) -> dict:
     import gpytorch
 
-    dt = getattr(torch, dtype)
-    if mode == "whole graph":
-        base.CHECKPOINT_ENTRIES = 1 << 62
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 8, generator=g, dtype=dt)
     y = torch.sin(x.sum(-1)) + 0.1 * torch.randn(n, generator=g, dtype=dt)
@@ -104,16 +109,10 @@ def gpytorch_child(n: int, depth: int, activation: str, kind: str, dtype: str, m
 
     torch.manual_seed(0)    # GPyTorch's stochastic log-determinant probes
     iteration()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    start = current_mib()
-    reset_peak()
+    start = _start_measuring()
     t0 = time.perf_counter()
     losses = [iteration() for _ in range(5)]
-    return {"iteration": (time.perf_counter() - t0) / 5, "peak": peak_mib() - start, "loss": losses[-1],
-            "matrix": n * n * dt.itemsize / 2**20}
+    return {"iteration": (time.perf_counter() - t0) / 5, "peak": peak_mib() - start, "loss": losses[-1]}
 
 
 def main() -> None:
@@ -128,45 +127,41 @@ def main() -> None:
     parser.add_argument("--gpytorch", action="store_true", help="time ExactGP training iterations instead")
     parser.add_argument("--child", nargs=2, metavar=("N", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child and args.gpytorch:
-        print(json.dumps(gpytorch_child(int(args.child[0]), args.depth, args.activation, args.kind, args.dtype,
-                                        args.child[1])))
-        return
+    measure = gpytorch_child if args.gpytorch else child
     if args.child:
-        print(json.dumps(child(int(args.child[0]), args.depth, args.activation, args.kind, args.dtype,
-                               args.child[1], args.block_entries)))
+        _setup(args.child[1], args.block_entries)
+        dtype = getattr(torch, args.dtype)
+        print(json.dumps(measure(int(args.child[0]), args.depth, args.activation, args.kind, dtype)))
         return
+
+    def in_child(n: int, mode: str) -> dict | None:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--child", str(n), mode]   # the same options
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{n:>6} {mode:>13} failed: {out.stderr.strip().splitlines()[-1:]}")
+            return None
+        return json.loads(out.stdout)
+
+    setting = f"depth-{args.depth} {args.activation} {args.kind}, d = 8, {args.dtype}"
     if args.gpytorch:
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GPyTorch ExactGP, depth-{args.depth} "
-              f"{args.activation} {args.kind}, d = 8, {args.dtype}, Adam on the exact marginal likelihood")
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GPyTorch ExactGP, {setting}, "
+              "Adam on the exact marginal likelihood")
         print(f"{'N':>6} {'mode':>13} {'s/iteration':>12} {'peak MiB':>9} {'loss after 6':>13}")
         for n in args.sizes:
             for mode in ("whole graph", "checkpointed"):
-                cmd = [sys.executable, __file__, "--gpytorch", "--child", str(n), mode, "--depth", str(args.depth),
-                       "--activation", args.activation, "--kind", args.kind, "--dtype", args.dtype]
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode != 0:
-                    print(f"{n:>6} {mode:>13} failed: {out.stderr.strip().splitlines()[-1:]}")
-                    continue
-                r = json.loads(out.stdout)
-                print(f"{n:>6} {mode:>13} {r['iteration']:>12.2f} {r['peak']:>9.0f} {r['loss']:>13.6f}")
+                if (r := in_child(n, mode)) is not None:
+                    print(f"{n:>6} {mode:>13} {r['iteration']:>12.2f} {r['peak']:>9.0f} {r['loss']:>13.6f}")
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; depth-{args.depth} {args.activation} "
-          f"{args.kind}, d = 8, {args.dtype}, gradient to the weight/bias variances")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {setting}, "
+          "gradient to the weight/bias variances")
     print(f"{'N':>6} {'mode':>13} {'forward s':>10} {'fwd+bwd s':>10} {'peak MiB':>9} {'matrices':>9}")
     for n in args.sizes:
         results = {}
         for mode in ("whole graph", "checkpointed"):
-            cmd = [sys.executable, __file__, "--child", str(n), mode, "--depth", str(args.depth),
-                   "--activation", args.activation, "--kind", args.kind, "--dtype", args.dtype]
-            cmd += ["--block-entries", str(args.block_entries)] if args.block_entries else []
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                print(f"{n:>6} {mode:>13} failed: {out.stderr.strip().splitlines()[-1:]}")
-                continue
-            r = results[mode] = json.loads(out.stdout)
-            print(f"{n:>6} {mode:>13} {r['forward']:>10.3f} {r['total']:>10.3f} {r['peak']:>9.0f} "
-                  f"{r['peak'] / r['matrix']:>9.1f}")
+            if (r := in_child(n, mode)) is not None:
+                results[mode] = r
+                print(f"{n:>6} {mode:>13} {r['forward']:>10.3f} {r['total']:>10.3f} {r['peak']:>9.0f} "
+                      f"{r['peak'] / r['matrix']:>9.1f}")
         if len(results) == 2:
             w, c = results["whole graph"], results["checkpointed"]
             print(f"{n:>6} {'ratio':>13} {c['forward'] / w['forward']:>10.2f} {c['total'] / w['total']:>10.2f} "

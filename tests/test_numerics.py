@@ -245,7 +245,7 @@ def test_checkpointed_blocks_count_every_kernel_of_a_batch(batch_from, monkeypat
     results = []
     for entries in (1 << 62, 400):
         monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", entries)
-        blocks = _count_calls(monkeypatch, "_mirrored_block")
+        blocks = _count_calls(monkeypatch, "_checked_block")
         leaf = x.clone().requires_grad_()
         k = net.kernel(leaf)
         assert k.ntk.shape == (4, 12, 12)

@@ -151,7 +151,8 @@ class Layer(VarianceParameters, gpytorch.Module):
         # checkpointed, 545-560 whole; one point against 2^20: 740-770 and 650-680 MiB)
         checkpointed = (needs_graph and not diag and not empty and not transforms_active()
                         and batch * x1.shape[-2] * other.shape[-2] >= CHECKPOINT_ENTRIES
-                        and _checkpoint_rows(x1.shape[-2], other.shape[-2], batch) < x1.shape[-2])
+                        and _rows_per_block(x1.shape[-2], other.shape[-2], batch, CHECKPOINT_BLOCK_ENTRIES)
+                        < x1.shape[-2])
         if checkpointed:
             state = _checkpointed_kernel(self, x1, x2, ntk, ids, batch)
         elif needs_graph or diag or empty:
@@ -301,56 +302,77 @@ def _blocked_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
     only the blocks on and above the diagonal are computed and then mirrored.
     """
     symmetric = x2 is None
-    other = x1 if symmetric else x2
-    n1, n2 = x1.shape[-2], other.shape[-2]
-    rows = max(1, min(n1, BLOCK_ENTRIES // max(batch * n2, 1)))   # a batch of b kernels: b × rows × n2
-    norms1 = torch.einsum("...nd,...nd->...n", x1, x1)
-    norms2 = norms1 if symmetric else torch.einsum("...nd,...nd->...n", x2, x2)
+    n1, n2 = x1.shape[-2], (x1 if symmetric else x2).shape[-2]
+    rows = _rows_per_block(n1, n2, batch, BLOCK_ENTRIES)
     nngp = ntk = cov1 = cov2 = None
-    for start in range(0, n1, rows):
-        stop = min(start + rows, n1)
-        # symmetric: only the columns from `start` on, the rest is the mirror of earlier blocks
-        cols = slice(start, n2) if symmetric else slice(0, n2)
-        duplicates = None if ids is None else Duplicates.of(ids[0][..., start:stop], ids[1][..., cols], symmetric)
-        out = _run_block(layer, x1[..., start:stop, :], other[..., cols, :],
-                         (norms1[..., start:stop], norms2[..., cols]), want_ntk, symmetric, compile, duplicates)
-        block_nngp, block_ntk, block_cov1, block_cov2, width, is_gaussian = out
-        if symmetric:   # the square part on the diagonal: entries (i, j) and (j, i) both computed
-            square = slice(0, stop - start)
-            block_nngp[..., :, square] = _upper_mirrored(block_nngp[..., :, square])
-            if want_ntk:
-                block_ntk[..., :, square] = _upper_mirrored(block_ntk[..., :, square])
+    for start, rows1, cols2, norms, duplicates in _row_blocks(x1, x2, rows, ids):
+        block_nngp, block_ntk, block_cov1, block_cov2, width, is_gaussian = _run_block(
+            layer, rows1, cols2, norms, want_ntk, symmetric, compile, duplicates)
+        if symmetric:
+            block_nngp, block_ntk = _symmetric_square(block_nngp), _symmetric_square(block_ntk)
         if rows >= n1:
             nngp, ntk, cov1, cov2 = block_nngp, block_ntk, block_cov1, (block_cov1 if symmetric else block_cov2)
             break
         if nngp is None:
-            batch = block_nngp.shape[:-2]
-            nngp = block_nngp.new_empty((*batch, n1, n2))
-            ntk = block_nngp.new_empty((*batch, n1, n2)) if want_ntk else None
-            cov1 = block_nngp.new_empty((*batch, n1))
+            batch_shape = block_nngp.shape[:-2]
+            nngp = block_nngp.new_empty((*batch_shape, n1, n2))
+            ntk = block_nngp.new_empty((*batch_shape, n1, n2)) if want_ntk else None
+            cov1 = block_nngp.new_empty((*batch_shape, n1))
             cov2 = cov1 if symmetric else block_cov2
-        nngp[..., start:stop, cols] = block_nngp
+        stop = start + rows1.shape[-2]
         cov1[..., start:stop] = block_cov1
-        if want_ntk:
-            ntk[..., start:stop, cols] = block_ntk
-        if symmetric:
-            nngp[..., stop:, start:stop] = block_nngp[..., :, stop - start:].mT
-            if want_ntk:
-                ntk[..., stop:, start:stop] = block_ntk[..., :, stop - start:].mT
+        for out, block in ((nngp, block_nngp), (ntk, block_ntk)):
+            if block is None:
+                continue
+            if symmetric:
+                _place_upper_block(out, block, start)
+            else:
+                out[..., start:stop, :] = block
     return KernelState(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, width=width,
                        symmetric=symmetric, is_gaussian=is_gaussian)
 
 
-def _mirrored_block(layer: Layer, x1: Tensor, x2: Tensor, norms: tuple[Tensor, Tensor], want_ntk: bool,
-                    duplicates: Duplicates | BatchedDuplicates | None) -> tuple:
-    """One block of rows of a symmetric kernel, its leading square made exactly symmetric."""
-    nngp, ntk, cov1, cov2, width, is_gaussian = _block(layer, x1, x2, norms, want_ntk, True, duplicates)
-    square = x1.shape[-2]
+def _rows_per_block(n1: int, n2: int, batch: int, entries: int) -> int:
+    """Rows of a block of about ``entries`` kernel entries, counted over the ``batch`` kernels of
+    ``n2`` columns computed together (at least one row, at most ``n1``)."""
+    return max(1, min(n1, entries // max(batch * n2, 1)))
 
-    def mirrored(m: Tensor) -> Tensor:
-        return torch.cat([_upper_mirrored(m[..., :, :square]), m[..., :, square:]], -1)
 
-    return mirrored(nngp), None if ntk is None else mirrored(ntk), cov1, cov2, width, is_gaussian
+def _row_blocks(x1: Tensor, x2: Tensor | None, rows: int, ids: tuple[Tensor, Tensor] | None):
+    """The blocks of ``rows`` rows of the kernel between ``x1`` and ``x2``: ``(start, rows of x1,
+    columns of x2, their squared norms, the duplicates among them)``. With ``x2 = None`` (``x1``
+    itself) a block has only the columns from ``start`` on: the rest mirrors earlier blocks."""
+    symmetric = x2 is None
+    other = x1 if symmetric else x2
+    n1, n2 = x1.shape[-2], other.shape[-2]
+    norms1 = torch.einsum("...nd,...nd->...n", x1, x1)
+    norms2 = norms1 if symmetric else torch.einsum("...nd,...nd->...n", x2, x2)
+    for start in range(0, n1, rows):
+        stop = min(start + rows, n1)
+        cols = slice(start, n2) if symmetric else slice(0, n2)
+        duplicates = None if ids is None else Duplicates.of(ids[0][..., start:stop], ids[1][..., cols], symmetric)
+        norms = (norms1[..., start:stop], norms2[..., cols])
+        yield start, x1[..., start:stop, :], other[..., cols, :], norms, duplicates
+
+
+def _symmetric_square(block: Tensor | None) -> Tensor | None:
+    """A symmetric kernel's row block (its rows are its first columns) with the leading square,
+    where entries ``(i, j)`` and ``(j, i)`` were both computed, made exactly symmetric."""
+    if block is None:
+        return None
+    square = block.shape[-2]
+    if block.requires_grad and torch.is_grad_enabled():
+        return torch.cat([_upper_mirrored(block[..., :, :square]), block[..., :, square:]], -1)
+    block[..., :, :square] = _upper_mirrored(block[..., :, :square])   # no graph: in place, no copy of the block
+    return block
+
+
+def _place_upper_block(out: Tensor, block: Tensor, start: int) -> None:
+    """Write a symmetric kernel's row block (rows and columns from ``start`` on) into ``out``, and
+    its transpose below the diagonal."""
+    stop = start + block.shape[-2]
+    out[..., start:stop, start:] = block
+    out[..., stop:, start:stop] = block[..., :, stop - start:].mT
 
 
 class _Snapshot:
@@ -402,19 +424,12 @@ class _Snapshot:
 def _checked_block(snapshot: _Snapshot, symmetric: bool, layer: Layer, x1: Tensor, x2: Tensor,
                    norms: tuple[Tensor, Tensor], want_ntk: bool,
                    duplicates: Duplicates | BatchedDuplicates | None) -> tuple:
-    """One checkpointed block (:func:`_mirrored_block` when symmetric, else :func:`_block`),
-    computed, and recomputed, with the hyperparameters of the forward pass."""
+    """One checkpointed block, computed, and recomputed, with the hyperparameters of the forward pass."""
     with snapshot.installed():
-        if symmetric:
-            return _mirrored_block(layer, x1, x2, norms, want_ntk, duplicates)
-        return _block(layer, x1, x2, norms, want_ntk, False, duplicates)
-
-
-def _checkpoint_rows(n1: int, n2: int, batch: int) -> int:
-    """Rows per checkpointed block: about ``CHECKPOINT_BLOCK_ENTRIES`` entries over the whole batch
-    (a block's intermediates cover every kernel of it: blocks of 2¹⁸ rows × columns held 8 × 2¹⁸
-    entries for 8 kernels, as much as the whole graph of 8 kernels of 800 points)."""
-    return max(1, min(n1, CHECKPOINT_BLOCK_ENTRIES // max(batch * n2, 1)))
+        nngp, ntk, cov1, cov2, width, is_gaussian = _block(layer, x1, x2, norms, want_ntk, symmetric, duplicates)
+    if symmetric:
+        nngp, ntk = _symmetric_square(nngp), _symmetric_square(ntk)
+    return nngp, ntk, cov1, cov2, width, is_gaussian
 
 
 def _checkpointed_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
@@ -428,22 +443,14 @@ def _checkpointed_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: 
     kernel the blocks hold the upper triangle and :class:`_SymmetricFromRowBlocks` mirrors it.
     """
     symmetric = x2 is None
-    other = x1 if symmetric else x2
-    n1, n2 = x1.shape[-2], other.shape[-2]
-    rows = _checkpoint_rows(n1, n2, batch)
-    norms1 = torch.einsum("...nd,...nd->...n", x1, x1)
-    norms2 = norms1 if symmetric else torch.einsum("...nd,...nd->...n", x2, x2)
-    starts = list(range(0, n1, rows))
+    n1, n2 = x1.shape[-2], (x1 if symmetric else x2).shape[-2]
     snapshot = _Snapshot(layer)
-    blocks = []
-    for start in starts:
-        stop = min(start + rows, n1)
-        cols = slice(start, n2) if symmetric else slice(0, n2)
-        duplicates = None if ids is None else Duplicates.of(ids[0][..., start:stop], ids[1][..., cols], symmetric)
-        args = (layer, x1[..., start:stop, :], other[..., cols, :], (norms1[..., start:stop], norms2[..., cols]),
-                want_ntk)
-        blocks.append(checkpoint(_checked_block, snapshot, symmetric, *args, duplicates, use_reentrant=False,
-                                 preserve_rng_state=False))
+    starts, blocks = [], []
+    for start, rows1, cols2, norms, duplicates in _row_blocks(
+            x1, x2, _rows_per_block(n1, n2, batch, CHECKPOINT_BLOCK_ENTRIES), ids):
+        starts.append(start)
+        blocks.append(checkpoint(_checked_block, snapshot, symmetric, layer, rows1, cols2, norms, want_ntk, duplicates,
+                                 use_reentrant=False, preserve_rng_state=False))
 
     def joined(index: int) -> Tensor:
         parts = [b[index] for b in blocks]
@@ -471,9 +478,7 @@ class _SymmetricFromRowBlocks(torch.autograd.Function):
         ctx.starts = starts
         out = blocks[0].new_empty((*blocks[0].shape[:-2], n, n))
         for start, block in zip(starts, blocks, strict=True):
-            stop = start + block.shape[-2]
-            out[..., start:stop, start:] = block
-            out[..., stop:, start:stop] = block[..., :, stop - start:].mT
+            _place_upper_block(out, block, start)
         return out
 
     @staticmethod
