@@ -63,19 +63,15 @@ def test_checkpointed_kernels_and_their_gradients(monkeypatch):
     """Kernels with autograd in checkpointed row blocks (recomputed in the backward pass on the
     GPU, the upper triangle mirrored by an autograd function): values, hyperparameter and input
     gradients, and a second derivative equal the CPU's."""
+    from test_numerics import _count_calls
+
     from ntkgp.layers import base
 
     monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", 1)
     monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 40)     # blocks of 5 rows of 8 columns
-    calls, original = [], base._checkpointed_kernel
-
-    def counted(*args, **kwargs):
-        calls.append(args[1].device.type)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(base, "_checkpointed_kernel", counted)
+    calls = _count_calls(monkeypatch, "_checkpointed_kernel")
     x, _, _ = _data()
-    x[3] = x[1]                                                    # twins in different blocks
+    x[6] = x[1]                                                    # twins in different blocks (rows 0-4, 5-7)
     results = []
     for device in (DEVICE, "cpu"):
         net = _net(ntkgp.ReLU()).to(device)
@@ -84,7 +80,7 @@ def test_checkpointed_kernels_and_their_gradients(monkeypatch):
         grads = torch.autograd.grad(k.nngp.sum() + (k.ntk ** 2).sum(), [leaf, *net.parameters()], create_graph=True)
         (second,) = torch.autograd.grad(sum((g ** 2).sum() for g in grads[1:]), leaf)
         results.append([k.nngp, k.ntk, *grads, second])
-    assert calls == [DEVICE, "cpu"]
+    assert calls == [2]                                            # both devices took the checkpointed path
     gpu, cpu = results
     _on_device_and_close(gpu[0], cpu[0])
     _on_device_and_close(gpu[1], cpu[1])
