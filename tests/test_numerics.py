@@ -142,7 +142,7 @@ def _kernel_derivatives(net, x, x2, monkeypatch, checkpointed: bool) -> list[Ten
     """Kernels, first derivatives (hyperparameters and inputs) and second derivatives (to the
     hyperparameters) of a weighted sum of both kernels."""
     monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", 1 if checkpointed else 1 << 62)
-    monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 20)   # row blocks of 2 and 3 rows
+    monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 20)   # row blocks of 2 rows (20 // 9 and 20 // 7)
     calls = _count_calls(monkeypatch, "_checkpointed_kernel")
     x = x.clone().requires_grad_()
     x2 = None if x2 is None else x2.clone().requires_grad_()
