@@ -1,13 +1,17 @@
 """Large inputs: temporary memory stays a small multiple of what is computed.
 
-Peaks are read from Linux's ``VmHWM`` after resetting it (``/proc/self/clear_refs``); large
-tensors are allocated with ``mmap``, so a temporary of their size shows up in it.
+Peaks are read from Linux's ``VmHWM`` after resetting it (``/proc/self/clear_refs``), in a new
+interpreter per test (the ``fresh_process`` marker, conftest.py) whose large tensors are each
+allocated with ``mmap``: a temporary of their size shows up in it, whatever ran before.
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from conftest import FRESH_PROCESS_ENV
 
 import ntkgp
 from ntkgp.layers import state as state_module
@@ -36,6 +40,8 @@ def _reset_peak() -> bool:
 
 def _peak_above_current(fn) -> float:
     """Peak resident memory (MiB) of ``fn()`` above the memory resident before it."""
+    if not os.environ.get(FRESH_PROCESS_ENV):
+        raise RuntimeError("peaks are only meaningful in a fresh process: mark the test fresh_process")
     if not _reset_peak():
         pytest.skip("needs Linux's resettable peak RSS (/proc/self/clear_refs)")
     base = _status_mib("VmRSS")
@@ -43,6 +49,7 @@ def _peak_above_current(fn) -> float:
     return _status_mib("VmHWM") - base
 
 
+@pytest.mark.fresh_process
 @pytest.mark.parametrize("diag", [False, True])
 def test_input_checks_allocate_no_input_sized_temporaries(diag):
     # 64 MiB of float32 inputs, a 256 x 256 kernel (0.25 MiB per matrix). The finiteness check
@@ -86,6 +93,7 @@ def test_all_finite_agrees_with_isfinite(dtype):
     assert all_finite(huge) and all_finite(-huge)
 
 
+@pytest.mark.fresh_process
 def test_layerwise_empirical_ntk_keeps_at_most_four_kernel_sized_matrices():
     # each layer's gram and term were fresh products, and the previous layer's were still bound while
     # the next were formed: 5.3 kernel-sized matrices at the peak, now 3 (the sum, a gram, a term)
@@ -104,6 +112,7 @@ def test_layerwise_empirical_ntk_keeps_at_most_four_kernel_sized_matrices():
     assert torch.allclose(result[0][::100, ::100], reference, rtol=1e-12, atol=0)
 
 
+@pytest.mark.fresh_process
 def test_hyperparameter_gradients_of_large_kernels_keep_a_few_kernel_sized_matrices():
     # with autograd the whole-matrix recursion kept every intermediate for the backward pass: 85
     # kernel-sized matrices at the peak for this depth-3 NTK (2.6 GiB at N = 2000). Checkpointed
@@ -146,6 +155,7 @@ def test_kernel_grad_benchmark_runs_both_modes():
     assert checkpointed < whole, out.stdout
 
 
+@pytest.mark.fresh_process
 def test_monte_carlo_kernel_does_not_stack_the_samples():
     # 256 NNGP samples of 300 points: stacked (a list, then its concatenation) they took 2 x 176 MiB;
     # running moments hold one ensemble batch (64 x 0.7 MiB) besides the two result matrices
@@ -177,6 +187,7 @@ def test_monte_carlo_running_moments_equal_stacked_ones():
     assert one.nngp_sem.isnan().all() and one.nngp.isfinite().all()
 
 
+@pytest.mark.fresh_process
 def test_posterior_setup_and_infinite_time_fit_stay_near_two_kernel_sized_matrices():
     # torch.cholesky_solve copied the whole factor on every call, regularize formed diag_embed(...)
     # besides the sum, and check_symmetric |k| and |k - kᵀ| besides k - kᵀ: each was a third
@@ -210,6 +221,7 @@ def test_cholesky_solve_equals_torchs():
     assert torch.allclose(cholesky_solve(b, factor), torch.cholesky_solve(b, factor), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.fresh_process
 def test_float32_covariances_over_many_times_are_written_in_float32():
     # Factors and products run in float64; each time's (M, M) covariance used to be stacked in
     # float64 and then copied to float32: the (T, M, M) result held three halves over.
