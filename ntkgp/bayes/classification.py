@@ -52,7 +52,8 @@ def one_hot_targets(labels: ArrayLike, num_classes: int | None = None, offset: f
     offset = 1.0 / num_classes if offset is None else float(offset)
     if not np.isfinite(offset):
         raise ValueError(f"offset must be finite, got {offset!r}.")
-    targets = torch.nn.functional.one_hot(torch.as_tensor(y), num_classes).to(dtype)
+    device = labels.device if isinstance(labels, Tensor) else None   # a tensor's own; arrays: torch's default
+    targets = torch.nn.functional.one_hot(torch.as_tensor(y, device=device), num_classes).to(dtype)
     return targets - offset
 
 

@@ -146,7 +146,8 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: int
     else:
         generator.manual_seed(seed)
     k = 1 if mean.dim() == 1 else mean.shape[-1]
-    z = torch.randn(root.shape[-1], num_draws * k, generator=generator, dtype=torch.float64).to(root.device)
+    z = torch.randn(root.shape[-1], num_draws * k, generator=generator, dtype=torch.float64, device="cpu")
+    z = z.to(root.device)
     draws = (root @ z).reshape(-1, num_draws, k).permute(1, 0, 2)       # (S, M, k)
     draws = draws + (mean if mean.dim() == 2 else mean.unsqueeze(-1))
     return draws if mean.dim() == 2 else draws.squeeze(-1)

@@ -20,7 +20,8 @@ from ntkgp.layers.validation import all_finite
 @dataclass(frozen=True)
 class Dataset:
     """Training and test inputs (``(N, d)``, ``(M, d)``) and training targets ``(N, 1)`` (float64);
-    optional test targets ``(M, 1)``, drawn in the report's band figures."""
+    optional test targets ``(M, 1)``, drawn in the report's band figures. The built-in and loaded
+    datasets are on the CPU, whatever torch's default device (the comparison moves them)."""
 
     name: str
     x_train: Tensor
@@ -64,7 +65,7 @@ def plot_coordinate(x: Tensor) -> Tensor:
         return x[:, 0]
     if x.shape[-1] == 2:
         return torch.atan2(x[:, 1], x[:, 0])
-    return torch.arange(x.shape[0], dtype=x.dtype)
+    return torch.arange(x.shape[0], dtype=x.dtype, device=x.device)
 
 
 def sin_dataset(seed: int = 0, noise: float = 0.1) -> Dataset:
@@ -72,9 +73,10 @@ def sin_dataset(seed: int = 0, noise: float = 0.1) -> Dataset:
     if not (isinstance(noise, int | float) and not isinstance(noise, bool) and 0 <= noise < math.inf):
         raise ValueError(f"noise must be a finite non-negative number, got {noise!r}.")
     g = torch.Generator().manual_seed(seed)
-    x_train = torch.linspace(-math.pi, math.pi, 5, dtype=torch.float64).unsqueeze(-1)
-    y_train = torch.sin(x_train) + noise * torch.randn(x_train.shape, generator=g, dtype=torch.float64)
-    x_test = torch.linspace(-math.pi, math.pi, 50, dtype=torch.float64).unsqueeze(-1)
+    x_train = torch.linspace(-math.pi, math.pi, 5, dtype=torch.float64, device="cpu").unsqueeze(-1)
+    y_train = torch.sin(x_train) + noise * torch.randn(x_train.shape, generator=g, dtype=torch.float64,
+                                                         device="cpu")
+    x_test = torch.linspace(-math.pi, math.pi, 50, dtype=torch.float64, device="cpu").unsqueeze(-1)
     return Dataset("sin", x_train, y_train, x_test, torch.sin(x_test),
                    f"5 noisy samples (noise {noise}) of sin on [-pi, pi], 50 test points")
 
@@ -82,10 +84,10 @@ def sin_dataset(seed: int = 0, noise: float = 0.1) -> Dataset:
 def circle_dataset(n_train: int = 8, n_test: int = 100) -> Dataset:
     """Points on the unit circle (Jacot et al. 2018, Fig. 1): the kernel depends on the angle only."""
     n_train, n_test = integer_at_least(n_train, 1, "n_train"), integer_at_least(n_test, 1, "n_test")
-    gamma = torch.linspace(-math.pi, math.pi, n_train + 1, dtype=torch.float64)[:-1] + 0.3
+    gamma = torch.linspace(-math.pi, math.pi, n_train + 1, dtype=torch.float64, device="cpu")[:-1] + 0.3
     x_train = torch.stack([torch.cos(gamma), torch.sin(gamma)], -1)
     y_train = (torch.sin(gamma) + 0.5 * torch.cos(2 * gamma)).unsqueeze(-1)
-    phi = torch.linspace(-math.pi, math.pi, n_test, dtype=torch.float64)
+    phi = torch.linspace(-math.pi, math.pi, n_test, dtype=torch.float64, device="cpu")
     x_test = torch.stack([torch.cos(phi), torch.sin(phi)], -1)
     y_test = (torch.sin(phi) + 0.5 * torch.cos(2 * phi)).unsqueeze(-1)
     return Dataset("circle", x_train, y_train, x_test, y_test,
@@ -143,12 +145,12 @@ def load_dataset(source: str) -> Dataset:
             raise ValueError(f"{path} has no data rows (every line is empty or a '#' comment).")
         if table.shape[1] < 2:
             raise ValueError(f"{path} needs at least two columns (inputs..., target).")
-        x_train = torch.as_tensor(table[:, :-1], dtype=torch.float64)
-        y_train = torch.as_tensor(table[:, -1:], dtype=torch.float64)
+        x_train = torch.as_tensor(table[:, :-1], dtype=torch.float64, device="cpu")
+        y_train = torch.as_tensor(table[:, -1:], dtype=torch.float64, device="cpu")
         if x_train.shape[1] == 1:
             lo, hi = float(x_train.min()), float(x_train.max())
             pad = 0.1 * (hi - lo or 1.0)
-            x_test = torch.linspace(lo - pad, hi + pad, 100, dtype=torch.float64).unsqueeze(-1)
+            x_test = torch.linspace(lo - pad, hi + pad, 100, dtype=torch.float64, device="cpu").unsqueeze(-1)
         else:
             x_test = x_train.clone()
         y_test = None
@@ -175,7 +177,7 @@ def _real_array(data, name: str, path: pathlib.Path) -> Tensor:
         raise ValueError(f"{path}: array {name!r} cannot be read ({error}).") from None
     if array.dtype.kind not in "biuf":
         raise ValueError(f"{path}: array {name!r} must hold real numbers, got dtype {array.dtype}.")
-    return torch.as_tensor(array.astype(np.float64))
+    return torch.as_tensor(array.astype(np.float64), device="cpu")
 
 
 def _as_2d(t: Tensor) -> Tensor:

@@ -112,9 +112,11 @@ class CompareConfig:
         self.network(self.widths[0])  # the spec validates activation, variances and depth
 
     def network(self, width: int, parameterization: str | None = None) -> Layer:
-        """The spec at a given hidden width."""
-        return mlp(self.depth, self.activation, self.weight_var, self.bias_var, width=width, out_dim=1,
-                   parameterization=parameterization or self.parameterization)
+        """The spec at a given hidden width, on the CPU (whatever torch's default device), where the
+        analytic side runs on the dataset; the trained networks are built from it on ``device``."""
+        with torch.device("cpu"):
+            return mlp(self.depth, self.activation, self.weight_var, self.bias_var, width=width, out_dim=1,
+                       parameterization=parameterization or self.parameterization)
 
 
 @dataclass
@@ -229,8 +231,8 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     lr = config.learning_rate if config.learning_rate is not None else config.lr_fraction * max_lr
     flow = GradientFlow(analytic_net, data.x_train, data.y_train, kernel=kernel, learning_rate=lr)
     steps = list(config.record_steps)
-    exact = flow.predict(data.x_test, steps=torch.tensor(steps))
-    continuous = flow.predict(data.x_test, t=torch.tensor(steps, dtype=torch.float64), compute_cov=False)
+    exact = flow.predict(data.x_test, steps=torch.tensor(steps, device="cpu"))
+    continuous = flow.predict(data.x_test, t=torch.tensor(steps, dtype=torch.float64, device="cpu"), compute_cov=False)
     mu = exact.mean[..., 0]                                   # (T, M)
     var = exact.variance                                      # (T, M)
     probe = data.x_test[:: max(1, data.x_test.shape[0] // config.probe_points)][: config.probe_points]
@@ -293,7 +295,7 @@ def _divergence(data: Dataset, config: CompareConfig, kernel: str, max_lr: float
                             kernel=kernel, learning_rate=1.2 * max_lr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        train = unstable.predict(None, steps=torch.tensor(DIVERGENCE_STEPS))
+        train = unstable.predict(None, steps=torch.tensor(DIVERGENCE_STEPS, device="cpu"))
     m = data.y_train.numel()
     residual = ((train.mean - data.y_train) ** 2).flatten(1).sum(1)
     spread = data.y_train.shape[-1] * torch.diagonal(train.covariance, dim1=-2, dim2=-1).sum(-1)
@@ -345,7 +347,7 @@ def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.
     centred = members - members.mean(1, keepdim=True)
     cov = centred.mT @ centred / max(members.shape[1] - 1, 1)   # (T, M, M)
     noise = (2 * (2 * cov.square().sum((-2, -1))).sqrt() / (members.shape[2] * members.shape[1])).sqrt()
-    ntk_change = h.ntk_change.double().mean(-1) if h.ntk_change is not None else torch.zeros(recorded)
+    ntk_change = h.ntk_change.double().mean(-1) if h.ntk_change is not None else torch.zeros(recorded, device="cpu")
     return WidthResult(
         width=width, steps=h.steps.tolist(), mean_within=within.tolist(), var_within=var_within.tolist(),
         mean_rmse=(err**2).mean(-1).sqrt().tolist(), mean_bias=bias.tolist(),

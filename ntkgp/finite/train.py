@@ -196,7 +196,7 @@ def train_ensemble(
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}.")
     ensemble_size = integer_at_least(ensemble_size, 1, "ensemble_size")
     learning_rate = positive_number(learning_rate, "learning_rate")
-    record_steps = [float(s) for s in torch.as_tensor(record_steps, dtype=torch.float64).reshape(-1).tolist()]
+    record_steps = torch.as_tensor(record_steps, dtype=torch.float64, device="cpu").reshape(-1).tolist()
     if not record_steps or any(s < 0 or not s.is_integer() for s in record_steps):
         raise ValueError(f"record_steps must be non-negative integers, got {record_steps!r}.")
     steps = sorted({int(s) for s in record_steps})
@@ -244,12 +244,12 @@ def train_ensemble(
     def cat(parts: list[Tensor], *trailing: int) -> Tensor:
         if recorded:
             return torch.cat([p[:recorded] for p in parts], 1)
-        return torch.empty(0, ensemble_size, *trailing, dtype=dtype)  # diverged before the first record
+        return torch.empty(0, ensemble_size, *trailing, dtype=dtype, device="cpu")  # diverged before the first record
 
     groups = results[0][5].keys()
     return EnsembleHistory(
         learning_rate=float(learning_rate),
-        steps=torch.tensor(steps[:recorded], dtype=torch.int64),
+        steps=torch.tensor(steps[:recorded], dtype=torch.int64, device="cpu"),
         test_outputs=cat([r[0] for r in results], xt.shape[0], y.shape[-1]),
         train_loss=cat([r[1] for r in results]),
         weight_change=cat([r[2] for r in results]),
@@ -475,10 +475,10 @@ def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar
         step += 1
         if bar is not None:
             bar.update(1)
-    stack = lambda xs: torch.stack(xs) if xs else torch.empty(0)  # noqa: E731
+    stack = lambda xs: torch.stack(xs) if xs else torch.empty(0, device="cpu")  # noqa: E731
     return (stack(outputs), stack(losses), stack(weights), stack(ntks), diverged_at,
             {g: stack(v) for g, v in per_group.items()})
 
 
 def _is_one(value) -> bool:
-    return bool(torch.all(torch.as_tensor(value) == 1))
+    return bool(torch.all(torch.as_tensor(value, device="cpu") == 1))

@@ -60,12 +60,14 @@ class BuildContext:
         """Standard normal draws with the ensemble dimension in front when there is one."""
         if self.ensemble_size is not None:
             shape = (self.ensemble_size, *shape)
-        sample = torch.randn(shape, generator=self.generator, dtype=torch.float64)
+        # drawn on the CPU, where the generator lives (torch refuses a CPU generator for draws on the
+        # default device when that is CUDA), then moved: the same seed gives the same network anywhere
+        sample = torch.randn(shape, generator=self.generator, dtype=torch.float64, device="cpu")
         return sample.to(dtype=self.dtype or torch.get_default_dtype(), device=self.device)
 
     def child_seed(self) -> int:
         """A seed for a stream of its own (used by layers that draw lazily)."""
-        return int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        return int(torch.randint(0, 2**62, (1,), generator=self.generator, device="cpu"))
 
 
 class Layer(VarianceParameters, gpytorch.Module):

@@ -162,7 +162,7 @@ class Dense(Layer):
             if in_width is not None and in_width != self.ard_num_dims:
                 raise ValueError(f"Dense(ard_num_dims={self.ard_num_dims}) cannot take {in_width} inputs.")
             in_width = self.ard_num_dims
-        exact = torch.empty((), dtype=torch.float64)   # the stored anchors, not float32-rounded values
+        exact = torch.empty((), dtype=torch.float64, device="cpu")   # the stored anchors, not float32-rounded values
         weight_var = self.variance_as("weight_var", exact).detach()
         if weight_var.dim() > (1 if self.ard_num_dims is not None else 0):
             raise ValueError("Cannot build a finite network from batched hyperparameters.")

@@ -106,7 +106,7 @@ def _smallest_eigenvalue_bound(factor: Tensor, iterations: int = 3) -> Tensor:
     start vector keeps the check deterministic.
     """
     n = factor.shape[-1]
-    start = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    start = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64, device="cpu")
     x = start.to(factor).expand(*factor.shape[:-2], n, 1)
     bound = None
     for _ in range(iterations):
@@ -239,8 +239,10 @@ def _real_numbers(value: object, name: str) -> Tensor:
     kind = "a real number, a sequence of real numbers or a real tensor"
     if odd:
         raise ValueError(f"{name} must be {kind}, got {value!r}.")
-    try:
-        return torch.as_tensor(value, dtype=torch.float64)
+    if isinstance(value, Tensor):   # stays where it is (as_tensor would move it to the default device)
+        return value.to(torch.float64)
+    try:   # numbers are checked on the CPU, whatever torch's default device
+        return torch.as_tensor(value, dtype=torch.float64, device="cpu")
     except (TypeError, ValueError, RuntimeError, OverflowError) as err:   # strings, ragged lists, ints beyond float
         raise ValueError(f"{name} must be {kind}, got {value!r} ({err}).") from err
 
