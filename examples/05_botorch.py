@@ -78,8 +78,11 @@ def main() -> None:
             x, y = torch.cat([x, candidate]), torch.cat([y, evaluate(candidate)])
         curves[kernel] = torch.cummax(y[:, 0], 0).values
         timings[kernel] = time.perf_counter() - start
-    # One random-search run is mostly luck, so it gets 200 repetitions (from the same initial design).
-    draws = bounds[0] + (bounds[1] - bounds[0]) * torch.rand(200, iterations, 2, dtype=torch.float64)
+    # One random-search run is mostly luck, so it gets 200 repetitions (from the same initial design),
+    # drawn from a generator of its own: from the global one they depended on how many numbers the
+    # BO loops above had used (BoTorch's raw samples), which changes with BoTorch's version.
+    own = torch.Generator().manual_seed(args.seed + 1)
+    draws = bounds[0] + (bounds[1] - bounds[0]) * torch.rand(200, iterations, 2, generator=own, dtype=torch.float64)
     random_y = torch.cat([evaluate(x0)[:, 0].expand(200, -1), branin(draws)], dim=1)
     random_best = torch.cummax(random_y, 1).values                        # (200, n_init + iterations)
     curves["random"] = random_best.median(0).values
