@@ -90,4 +90,5 @@ def test_the_default_device_is_not_used(name):
         got = CALLS[name]()
     for e, r in zip(*(x if isinstance(x, tuple) else (x,) for x in (expected, got)), strict=True):
         assert r.device.type == "cpu", r.device
-        torch.testing.assert_close(r, e, rtol=0, atol=0)   # the same computation on the same device: bit for bit
+        # the same computation on the same device; a few ulps of room for BLAS kernels that round by alignment
+        torch.testing.assert_close(r, e, rtol=1e-12, atol=1e-13)
