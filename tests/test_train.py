@@ -260,3 +260,29 @@ def test_a_seed_too_large_for_the_last_chunk_is_refused_before_any_training(monk
     history = train_ensemble(_net(), X, Y, ensemble_size=2, chunk_size=2, learning_rate=0.1, record_steps=[0],
                              seed=2**64 - 1)   # one chunk: the largest seed torch takes
     assert history.settings["seed"] == 2**64 - 1
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_training_and_empirical_ntks_under_a_callers_no_grad_or_inference_mode(mode):
+    # both differentiate the network themselves: under no_grad training failed ("`inputs` argument to
+    # grad() cannot be empty"), under inference_mode the empirical NTK did ("does not require grad")
+    net = _net(width=16)
+    probe = torch.linspace(-2.0, 2.0, 4, dtype=torch.float64).unsqueeze(-1)
+    plain = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+
+    def run(x, y):
+        history = train_ensemble(net, x, y, ensemble_size=3, learning_rate=0.2, record_steps=[0, 4], probe=x[:3],
+                                 dtype=torch.float64, device="cpu")
+        built = net.build(1, seed=3, dtype=torch.float64)
+        return (history.test_outputs, history.ntk_change, ntkgp.finite.empirical_ntk(built, x, probe),
+                ntkgp.finite.empirical_ntk(plain, x),                     # the Jacobian route
+                ntkgp.finite.monte_carlo_kernel(net, x, n_samples=2).ntk), built
+
+    expected, _ = run(X, Y)
+    with mode():
+        got, built = run(X.clone(), Y.clone())     # under inference_mode these are inference tensors
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-13, atol=1e-15)
+    # a network built under the mode is made of normal tensors: it trains after the mode is left
+    built(X).sum().backward()
+    assert all(p.grad is not None for p in built.parameters())

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkgp._checks import integer_at_least, seed_value
-from ntkgp.finite.empirical import empirical_ntk
+from ntkgp.finite.empirical import differentiates, empirical_ntk
 from ntkgp.finite.rates import equivalent_learning_rates
 from ntkgp.layers.base import Layer
 from ntkgp.layers.combinators import ParallelModule
@@ -133,6 +133,7 @@ def readout_prefixes(model: nn.Module, prefix: str = "") -> list[str]:
                      f"concatenation of them); {prefix or 'the network'} ends in {type(model).__name__}.")
 
 
+@differentiates
 def train_ensemble(
     net: Layer,
     x_train: Tensor,

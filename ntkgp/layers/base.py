@@ -199,7 +199,10 @@ class Layer(VarianceParameters, gpytorch.Module):
                                   or dtype.is_complex):
             raise ValueError(f"dtype must be a real floating-point torch.dtype, got {dtype!r}.")
         ctx = BuildContext(torch.Generator().manual_seed(seed), ensemble_size, dtype, device)
-        module, _ = self.finite(in_features, ctx)
+        # normal tensors even under a caller's torch.inference_mode(): inference tensors cannot be
+        # trained or differentiated (empirical_ntk) once the mode is left, nor saved for a backward pass
+        with torch.inference_mode(False):
+            module, _ = self.finite(in_features, ctx)
         return module
 
     # ------------------------------------------------------------------ GPyTorch batches

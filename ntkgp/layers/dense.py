@@ -263,8 +263,9 @@ class DenseModule(nn.Module):
         if self.weight is None:  # deferred first layer: draw now, from a stream of its own
             like = self._lazy_like
             self.in_features = x.shape[-1]
-            self._init_weight(BuildContext(torch.Generator().manual_seed(self._lazy_seed), self.ensemble_size,
-                                           like.dtype, like.device))
+            with torch.inference_mode(False):   # parameters, as at build time: not inference tensors
+                self._init_weight(BuildContext(torch.Generator().manual_seed(self._lazy_seed), self.ensemble_size,
+                                               like.dtype, like.device))
             self._lazy_like = None
         if self.input_scale is not None:
             x = x * self.input_scale
