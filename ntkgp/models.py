@@ -10,6 +10,7 @@ import torch
 from linear_operator.operators import IdentityLinearOperator, KroneckerProductLinearOperator
 from torch import Tensor
 
+from ntkgp._autograd import differentiates
 from ntkgp._checks import integer_at_least
 from ntkgp.kernels import NNGPKernel, NTKKernel
 from ntkgp.layers.base import Layer
@@ -121,6 +122,7 @@ class NetworkGP(gpytorch.models.ExactGP):
             mean, KroneckerProductLinearOperator(covar, identity), interleaved=True)
 
 
+@differentiates
 def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
         optimizer: torch.optim.Optimizer | None = None,
         callback: Callable[[int, float], object] | None = None) -> list[float]:

@@ -380,3 +380,15 @@ def test_network_gp_follows_the_device_of_its_data():
         means = [model.likelihood(model(t[:5])).mean for model, t in ((gpu, x.cuda()), (cpu, x))]
     assert means[0].device.type == "cuda"
     torch.testing.assert_close(means[0].cpu(), means[1], rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_fit_under_a_callers_no_grad_or_inference_mode(mode):
+    # fit differentiates the likelihood itself: under inference_mode it failed ("does not require grad")
+    x, y = _data(n=12)
+    expected = fit(NetworkGP(x, y, ntkgp.mlp(1, "relu", 2.0, 0.1), kernel="ntk"), steps=4)
+    model = NetworkGP(x, y, ntkgp.mlp(1, "relu", 2.0, 0.1), kernel="ntk")
+    with mode():
+        got = fit(model, steps=4)
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert model.covar_module.net.layers[0].weight_var.requires_grad   # still trainable afterwards

@@ -24,14 +24,13 @@ describe, since the full kernel is ``K ⊗ I_k``), or in full ``(n1, n2, k, k)``
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
+from ntkgp._autograd import differentiates
 from ntkgp._checks import integer_at_least
 from ntkgp.layers.dense import DenseModule
 from ntkgp.layers.validation import check_inputs
@@ -41,25 +40,6 @@ ParamFn = Callable[[dict[str, Tensor], Tensor], Tensor]
 #: The torch modules that ``Layer.build`` uses besides ntkgp's own (none of them mixes points).
 _BUILT_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.Identity)
 
-_F = TypeVar("_F", bound=Callable)
-
-
-def differentiates(fn: _F) -> _F:
-    """Run ``fn`` with autograd on, whatever the caller's mode, for functions that differentiate
-    a network themselves: under a caller's ``torch.no_grad()`` training failed with "`inputs`
-    argument to `grad()` cannot be empty", under ``torch.inference_mode()`` the empirical NTK
-    with "element 0 of tensors does not require grad". Tensor arguments made under inference mode
-    are copied to normal tensors (autograd cannot save inference tensors for the backward pass)."""
-
-    def normal(value):
-        return value.clone() if isinstance(value, Tensor) and value.is_inference() else value
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.inference_mode(False), torch.enable_grad():
-            return fn(*map(normal, args), **{k: normal(v) for k, v in kwargs.items()})
-
-    return wrapper  # type: ignore[return-value]
 
 
 def ensemble_size(model: nn.Module) -> int | None:

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ntkgp._autograd import differentiates
 from ntkgp._checks import integer_at_least, seed_value
-from ntkgp.finite.empirical import differentiates, empirical_ntk
+from ntkgp.finite.empirical import empirical_ntk
 from ntkgp.finite.rates import equivalent_learning_rates
 from ntkgp.layers.base import Layer
 from ntkgp.layers.combinators import ParallelModule

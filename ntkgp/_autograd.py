@@ -1,0 +1,31 @@
+"""Autograd inside functions that differentiate on their own, whatever the caller's mode."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def differentiates(fn: _F) -> _F:
+    """Run ``fn`` with autograd on, whatever the caller's mode, for functions that differentiate
+    a network or a likelihood themselves (training, empirical NTKs, marginal-likelihood fits): under
+    a caller's ``torch.no_grad()`` training failed with "`inputs` argument to `grad()` cannot be
+    empty", under ``torch.inference_mode()`` the empirical NTK and ``fit`` with "element 0 of
+    tensors does not require grad". Tensor arguments made under inference mode are copied to
+    normal tensors (autograd cannot save inference tensors for the backward pass)."""
+
+    def normal(value):
+        return value.clone() if isinstance(value, Tensor) and value.is_inference() else value
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*map(normal, args), **{k: normal(v) for k, v in kwargs.items()})
+
+    return wrapper  # type: ignore[return-value]
