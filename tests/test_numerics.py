@@ -969,3 +969,30 @@ def test_activation_layers_read_at_most_one_scalar_per_block(activation):
 
     per_layer = (_scalar_reads(net(3), x) - _scalar_reads(net(1), x)) / 2
     assert per_layer <= 1
+
+
+@pytest.mark.parametrize("path", ["blocked", "whole graph", "checkpointed", "diag"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_callers_autocast_does_not_lower_the_kernels_precision(monkeypatch, path, dtype):
+    # under torch.autocast("cpu", bfloat16) the recursion's products ran in bfloat16: float32 kernels
+    # came back 1 % off, still labelled float32
+    monkeypatch.setattr(base, "BLOCK_ENTRIES", 64)
+    monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", 1 if path == "checkpointed" else 1 << 62)
+    monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 40)
+    net = ntkgp.mlp(2, "erf", 2.25, 0.01).to(dtype)
+    x = torch.randn(20, 3, generator=torch.Generator().manual_seed(3)).to(dtype)
+
+    def kernels():
+        if path == "diag":
+            return (net.kernel(x, diag=True).ntk,)
+        if path == "blocked":
+            return (net.kernel(x).ntk,)
+        k = net.kernel(x).ntk
+        return (k, *torch.autograd.grad(k.square().sum(), list(net.parameters())))
+
+    expected = kernels()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = kernels()
+    for e, g in zip(expected, got, strict=True):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=0)   # the same float computation

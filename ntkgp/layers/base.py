@@ -16,7 +16,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import gpytorch
@@ -137,6 +137,12 @@ class Layer(VarianceParameters, gpytorch.Module):
         x1, x2 = check_inputs(x1, x2, diag)
         self.check_input_dim(x1.shape[-1])
         self.check_structure()
+        # a caller's autocast (mixed-precision training) ran the recursion's products in bfloat16 and
+        # returned float32 kernels 1 % off; kernels are computed in the inputs' dtype, as documented
+        with _autocast_off(x1.device):
+            return self._kernel(x1, x2, diag, ntk, compile)
+
+    def _kernel(self, x1: Tensor, x2: Tensor | None, diag: bool, ntk: bool, compile: bool) -> KernelState:
         needs_graph = transforms_active() or (torch.is_grad_enabled() and (
             x1.requires_grad or (x2 is not None and x2.requires_grad)
             or any(p.requires_grad for p in self.parameters())
@@ -217,6 +223,13 @@ class Layer(VarianceParameters, gpytorch.Module):
         for module in self.modules():
             if isinstance(module, VarianceParameters):
                 module.index_variances(index)
+
+
+def _autocast_off(device: torch.device):
+    """Autocast disabled for ``device``'s type (CPU and CUDA, the types every supported torch has)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return nullcontext()
 
 
 def _batch_size(layer: Layer, x1: Tensor, x2: Tensor) -> int:
