@@ -254,3 +254,18 @@ def test_numerical_second_derivatives_follow_prices_theorem():
     with torch.no_grad():
         raw.zero_()
     assert abs(float(second) - float(fd)) <= 1e-5 * abs(float(fd)), (float(second), float(fd))
+
+
+def test_quadrature_benchmark_runs():
+    """benchmarks/quadrature.py (the figures in docs/benchmarks.md) at toy size: one row, both
+    rules agree to the quadrature's tolerance."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "quadrature.py"
+    out = subprocess.run([sys.executable, str(script), "--sizes", "12"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    row = [line.split() for line in out.stdout.splitlines() if line.split()[:1] == ["12"]]
+    assert len(row) == 1 and row[0][4].endswith("x"), out.stdout
+    assert float(row[0][5]) < 1e-6, out.stdout

@@ -391,17 +391,38 @@ def test_blocks_without_autograd_count_every_kernel_of_a_batch(batch_from, monke
     torch.testing.assert_close(blocked.ntk, whole.ntk, rtol=1e-13, atol=1e-15)
 
 
-def test_adaptive_quadrature_agrees_across_evaluation_strategies(monkeypatch):
-    """The adaptive degree depends on the variances a call sees; results agree to its rtol."""
+def test_adaptive_quadrature_depends_on_each_entrys_own_points(monkeypatch):
+    """The adaptive degree is chosen per entry from its two variances, so whole and blocked kernels,
+    and a pair of points alone, agree to rounding (with one degree per call, set by the largest
+    variance the call saw, they differed by up to the rule's rtol, 1e-7)."""
     net = ntkgp.mlp(2, "tanh", 0.5, 0.1, width=8)
     x = _inputs() / 2
+    x[4] *= 4                                                # one point of large variance
     with torch.no_grad():
         whole = net.kernel(x)
+        pair = net.kernel(x[[0, 1]])
         monkeypatch.setattr(base, "BLOCK_ENTRIES", 20)
         blocked = net.kernel(x)
     for attr in ("nngp", "ntk"):
-        a, b = getattr(whole, attr), getattr(blocked, attr)
-        assert float((a - b).abs().max() / b.abs().max()) <= 1e-7
+        torch.testing.assert_close(getattr(blocked, attr), getattr(whole, attr), rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(getattr(pair, attr), getattr(whole, attr)[:2, :2], rtol=1e-13, atol=1e-15)
+
+
+def test_adaptive_quadrature_spends_its_degree_where_the_variance_needs_it():
+    # tanh at variance 0.05 converges by degree 24-36, at variance 4 it needs ~200: the entries of the
+    # small variance keep the small degree, those paired with the large one take the large one
+    act = ntkgp.Numerical(torch.tanh)
+    k = torch.tensor([0.05, 4.0], dtype=torch.float64)
+    degrees = act.entry_degrees(k[:, None], k[None, :])
+    assert degrees[0, 0] <= 36 and degrees[1, 1] >= 122 and degrees[0, 1] == degrees[1, 0] == degrees[1, 1]
+    nngp, dot = act.pair_kernel(k[:, None], torch.tensor([[0.05, 0.2], [0.2, 4.0]], dtype=torch.float64),
+                                k[None, :], True)
+    assert act.last_degree == int(degrees.max())
+    fixed = ntkgp.Numerical(torch.tanh, degree=400)
+    ref_nngp, ref_dot = fixed.pair_kernel(k[:, None], torch.tensor([[0.05, 0.2], [0.2, 4.0]], dtype=torch.float64),
+                                          k[None, :], True)
+    torch.testing.assert_close(nngp, ref_nngp, rtol=1e-7, atol=0)
+    torch.testing.assert_close(dot, ref_dot, rtol=1e-6, atol=0)
 
 
 def test_zero_inputs_give_finite_kernels_and_gradients():

@@ -99,10 +99,12 @@ class Numerical(Activation):
     pre-activation variance (the nodes spread as ``sqrt(k)`` while ``φ`` varies on a fixed
     scale): for ``tanh``, degree 25 gives ``T`` to 5e-7 (``Ṫ`` to 6e-6) at variance 0.5 but only to
     1.5e-2 (``Ṫ`` to 0.16) at variance 5, where degree 200 reaches 1e-7 (1e-5). So by default the
-    degree is chosen per call: it grows
-    (16, 24, 36, ... up to ``max_degree``) until ``T`` and ``Ṫ`` at the variances present
-    change by less than ``rtol`` between successive degrees, and the larger is used. The last
-    degree used is kept in ``last_degree``.
+    degree is chosen per kernel entry: for each variance present it grows (16, 24, 36, ... up to
+    ``max_degree``) until ``T`` and ``Ṫ`` at that variance change by less than ``rtol`` between
+    successive degrees, the larger being used, and an entry takes the larger degree of its two
+    variances. An entry's value thus depends on its own two points only, not on the others in the
+    call, and entries of small variance do not pay the degree the largest needs. The largest
+    degree used in the last call is kept in ``last_degree``.
 
     Args:
         fn: the activation (``torch.tanh``, ``torch.nn.functional.softplus``, ...).
@@ -141,36 +143,63 @@ class Numerical(Activation):
         return self._derivatives[order]
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
-        degree = self.degree or self.choose_degree(torch.cat([k11.reshape(-1), k22.reshape(-1)]), want_dot)
-        self.last_degree = degree
+        degree = self.degree or self.entry_degrees(k11, k22, want_dot)
+        if isinstance(degree, int):
+            self.last_degree = degree
+        elif degree.numel():
+            self.last_degree = int(degree.max())
         nngp = _Expectation.apply(k11, k12, k22, self, 0, 0, degree)
         dot = _Expectation.apply(k11, k12, k22, self, 1, 1, degree) if want_dot else None
         return nngp, dot
 
     def choose_degree(self, variances: Tensor, want_dot: bool = True) -> int:
-        """The smallest degree in 16, 24, 36, ... whose predecessor agrees to ``rtol`` at ``variances``."""
+        """The smallest degree in 16, 24, 36, ... whose predecessor agrees to ``rtol`` at all ``variances``."""
+        degrees = self.variance_degrees(variances, want_dot)[1]
+        return int(degrees.max()) if degrees.numel() else 16
+
+    def entry_degrees(self, k11: Tensor, k22: Tensor, want_dot: bool = True) -> Tensor:
+        """Per kernel entry (the broadcast shape of ``k11`` and ``k22``), the larger of the degrees
+        its two variances need (:meth:`variance_degrees`)."""
+        values, degrees = self.variance_degrees(torch.cat([k11.reshape(-1), k22.reshape(-1)]), want_dot)
+
+        def lookup(k: Tensor) -> Tensor:   # values is sorted and holds every variance present
+            return degrees[torch.searchsorted(values, k.detach().contiguous())]
+
+        return torch.maximum(lookup(k11), lookup(k22))
+
+    def variance_degrees(self, variances: Tensor, want_dot: bool = True) -> tuple[Tensor, Tensor]:
+        """The distinct ``variances`` (sorted) and, for each, the smallest degree in 16, 24, 36, ...
+        whose predecessor agrees with it to ``rtol`` on ``T(k, k, k)`` (and ``Ṫ``)."""
         c = torch.unique(variances.detach())
+        degrees = torch.zeros(c.shape, dtype=torch.int64, device=c.device)   # 0: not settled yet
+        if c.numel() == 0:
+            return c, degrees
         orders = [(0, 0), (1, 1)] if want_dot else [(0, 0)]
         rtol = max(self.rtol, 64 * torch.finfo(c.dtype).eps)  # float32 rounding caps the reachable accuracy
-
-        def values(degree: int) -> list[Tensor]:
-            return [gauss_hermite_expectation(self.derivative(i), self.derivative(j), c, c, c, degree)
-                    for i, j in orders]
-
         degree, previous = 16, None
         while True:
-            current = values(degree)
+            pending = (degrees == 0).nonzero().squeeze(-1)     # each degree is evaluated where still needed
+            cp = c[pending]
+            current = [gauss_hermite_expectation(self.derivative(i), self.derivative(j), cp, cp, cp, degree)
+                       for i, j in orders]
             if previous is not None:
-                change = max(float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
-                             for a, b in zip(previous, current, strict=True))
-                if change <= rtol:
-                    return degree
+                change = torch.stack([((a[pending] - b).abs() / b.abs().clamp_min(1e-300))
+                                      for a, b in zip(previous, current, strict=True)]).amax(0)
+                degrees[pending[change <= rtol]] = degree
+                if not bool((degrees == 0).any()):
+                    return c, degrees
             if degree >= self.max_degree:
+                unsettled = degrees == 0
                 warnings.warn(f"Numerical({self._name}): quadrature did not reach rtol={rtol:g} by degree "
-                              f"{degree} (variances up to {float(c.max()):.3g}); using degree {degree}.",
-                              RuntimeWarning, stacklevel=4)
-                return degree
-            previous, degree = current, min(self.max_degree, round(degree * 1.5))
+                              f"{degree} (variances up to {float(c[unsettled].max()):.3g}); using degree {degree} "
+                              "there.", RuntimeWarning, stacklevel=5)
+                degrees[unsettled] = degree
+                return c, degrees
+            if previous is None:
+                previous = [torch.empty_like(c) for _ in orders]
+            for full, part in zip(previous, current, strict=True):
+                full[pending] = part
+            degree = min(self.max_degree, round(degree * 1.5))
 
     @property
     def _name(self) -> str:
@@ -203,17 +232,32 @@ def _hermite_rule(degree: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def gauss_hermite_expectation(f: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor],
-                              k11: Tensor, k12: Tensor, k22: Tensor, degree: int) -> Tensor:
+                              k11: Tensor, k12: Tensor, k22: Tensor, degree: int | Tensor) -> Tensor:
     """``E[f(u) g(v)]`` for ``(u, v) ~ N(0, [[k11, k12], [k12, k22]])``, elementwise.
 
     Writes ``u = sqrt(k11) z1``, ``v = (k12/sqrt(k11)) z1 + sqrt((k11 k22 − k12²)/k11) z2`` and
-    applies the tensor-product Gauss–Hermite rule; ``k11 k22 − k12²`` is formed so it is exactly
-    0 for a point paired with itself. No autograd graph is recorded.
+    applies the tensor-product Gauss–Hermite rule of ``degree`` points per dimension (one number,
+    or one per entry: a tensor that broadcasts with the kernels); ``k11 k22 − k12²`` is formed so
+    it is exactly 0 for a point paired with itself. No autograd graph is recorded.
     """
-    shape = torch.broadcast_shapes(k11.shape, k12.shape, k22.shape)
+    per_entry = isinstance(degree, Tensor)
+    shape = torch.broadcast_shapes(k11.shape, k12.shape, k22.shape, *([degree.shape] if per_entry else []))
     a, c, b = (t.detach().expand(shape).reshape(-1) for t in (k11, k12, k22))
     if f is g:  # E[f(u) f(v)] is symmetric: one ordering makes kernel matrices exactly symmetric
         a, b = torch.minimum(a, b), torch.maximum(a, b)
+    if not per_entry:
+        return _expectation(f, g, a, c, b, degree).reshape(shape)
+    degrees = degree.expand(shape).reshape(-1)
+    out = torch.empty_like(a)
+    for d in torch.unique(degrees).tolist():
+        where = (degrees == d).nonzero().squeeze(-1)
+        out[where] = _expectation(f, g, a[where], c[where], b[where], int(d))
+    return out.reshape(shape)
+
+
+def _expectation(f: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor],
+                 a: Tensor, c: Tensor, b: Tensor, degree: int) -> Tensor:
+    """:func:`gauss_hermite_expectation` of flat variances ``a``, ``b`` and covariances ``c``."""
     nodes_np, weights_np = _hermite_rule(degree)
     nodes = torch.as_tensor(nodes_np, dtype=a.dtype, device=a.device) * math.sqrt(2.0)
     weights = torch.as_tensor(weights_np, dtype=a.dtype, device=a.device) / math.sqrt(math.pi)
@@ -238,7 +282,7 @@ def gauss_hermite_expectation(f: Callable[[Tensor], Tensor], g: Callable[[Tensor
             v = along[:, None, None] * nodes[None, :, None] + across[:, None, None] * nodes[None, None, :]
             gv = g(v)                                                            # (N, deg, deg)
             out[sl] = torch.einsum("ni,i,nij,j->n", fu, weights, gv, weights)
-    return out.reshape(shape)
+    return out
 
 
 class _Expectation(torch.autograd.Function):

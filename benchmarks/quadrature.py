@@ -1,0 +1,58 @@
+"""``Numerical`` kernels: the adaptive degree per kernel entry against one degree per call.
+
+``serial(Dense(8), Numerical(tanh), Dense(1))`` on standard normal inputs in ``d`` dimensions
+(pre-activation variances ~0.03–4, where the largest needs the degree cap). For each size it
+prints, measured in this run, the NNGP and NTK time of
+
+* ``per entry``: ``Numerical(torch.tanh)`` (each entry takes the degree its two variances need),
+* ``per call``: ``Numerical(torch.tanh, degree=D)`` with ``D`` the largest of those degrees, which
+  is the degree a rule choosing one degree per call (for the largest variance in it) would use,
+
+their ratio, the largest relative difference between the two kernels, and the share of entries
+below ``D``.
+
+    python benchmarks/quadrature.py [--sizes 100 300 --d 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import ntkgp
+
+
+def timed(net: ntkgp.Layer, x: torch.Tensor) -> tuple[float, ntkgp.KernelState]:
+    start = time.perf_counter()
+    with torch.no_grad():
+        k = net.kernel(x)
+    return time.perf_counter() - start, k
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300])
+    parser.add_argument("--d", type=int, default=3)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; float64, d = {args.d}")
+    print(f"{'N':>6} {'degree':>6} {'per entry s':>12} {'per call s':>11} {'ratio':>6} {'max rel diff':>13} "
+          f"{'entries < D':>12}")
+    for n in args.sizes:
+        x = torch.randn(n, args.d, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+        adaptive = ntkgp.Numerical(torch.tanh)
+        t_entry, k_entry = timed(ntkgp.serial(ntkgp.Dense(8), adaptive, ntkgp.Dense(1)), x)
+        variances = ntkgp.Dense(8).kernel(x, diag=True).nngp
+        degrees = adaptive.entry_degrees(variances[:, None], variances[None, :])
+        top = int(degrees.max())
+        t_call, k_call = timed(ntkgp.serial(ntkgp.Dense(8), ntkgp.Numerical(torch.tanh, degree=top), ntkgp.Dense(1)), x)
+        diff = max(float((getattr(k_entry, a) - getattr(k_call, a)).abs().max() / getattr(k_call, a).abs().max())
+                   for a in ("nngp", "ntk"))
+        below = float((degrees < top).double().mean())
+        print(f"{n:>6} {top:>6} {t_entry:>12.2f} {t_call:>11.2f} {t_call / t_entry:>5.1f}x {diff:>13.1e} "
+              f"{below:>11.0%}")
+
+
+if __name__ == "__main__":
+    main()
