@@ -185,3 +185,23 @@ def test_compare_on_the_gpu_matches_the_cpu():
     for a, b in zip(gpu.widths, cpu.widths, strict=True):
         torch.testing.assert_close(torch.tensor(a.ensemble_mean), torch.tensor(b.ensemble_mean), rtol=1e-8, atol=1e-10)
         torch.testing.assert_close(torch.tensor(a.ntk_change), torch.tensor(b.ntk_change), rtol=1e-6, atol=1e-10)
+
+
+def test_a_cuda_default_device_changes_nothing_for_cpu_inputs():
+    # torch.set_default_device("cuda") with CPU inputs: draws from CPU generators on the default device
+    # raised "Expected a 'cuda' device type for generator" (tests/test_default_device.py checks the
+    # same without a GPU, with the meta device)
+    x, xt, y = _data()
+    net = _net()
+
+    def run():
+        return (net.build(3, seed=0, dtype=torch.float64)(x), net.kernel(x, xt).ntk,
+                predict.gp_posterior(net, x, y, xt, kernel="ntk", noise=1e-3).covariance,
+                predict.gradient_flow(net, x, y, xt, t=[0.5, 5.0]).mean, sin_dataset().y_train)
+
+    expected = run()
+    with torch.device(DEVICE):
+        got = run()
+    for e, g in zip(expected, got, strict=True):
+        assert g.device.type == "cpu"
+        torch.testing.assert_close(g, e, **CLOSE)
