@@ -152,11 +152,6 @@ class Numerical(Activation):
         dot = _Expectation.apply(k11, k12, k22, self, 1, 1, degree) if want_dot else None
         return nngp, dot
 
-    def choose_degree(self, variances: Tensor, want_dot: bool = True) -> int:
-        """The smallest degree in 16, 24, 36, ... whose predecessor agrees to ``rtol`` at all ``variances``."""
-        degrees = self.variance_degrees(variances, want_dot)[1]
-        return int(degrees.max()) if degrees.numel() else 16
-
     def entry_degrees(self, k11: Tensor, k22: Tensor, want_dot: bool = True) -> Tensor:
         """Per kernel entry (the broadcast shape of ``k11`` and ``k22``), the larger of the degrees
         its two variances need (:meth:`variance_degrees`)."""
