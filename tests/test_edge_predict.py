@@ -372,3 +372,91 @@ def test_kernels_with_gradients_train_without_torch_scalar_warnings():
             assert test.requires_grad
     finally:
         torch.set_warn_always(previous)
+
+
+def test_one_shot_predictions_check_their_arguments_before_the_training_kernel(monkeypatch):
+    """gradient_flow and gp_posterior computed (and for gradient_flow factored) the training kernel
+    before reading x_test and t: a wrong width, a NaN or a negative time failed only after it
+    (4.6 s at N = 2500)."""
+    net = ntkgp.mlp(1, "relu", width=4)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the training kernel was computed before the arguments were checked")
+
+    monkeypatch.setattr(net, "kernel", refuse)
+    x, y, nan_test = _x(), _x(6, 1, seed=9), _x(3)
+    nan_test[1, 0] = math.nan
+    calls = [lambda: predict.gradient_flow(net, x, y, _x(3, 3), t=1.0),
+             lambda: predict.gradient_flow(net, x, y, nan_test, t=1.0),
+             lambda: predict.gradient_flow(net, x, y, _x(3), t=-1.0),
+             lambda: predict.gradient_flow(net, x, y, _x(3), steps=-2),
+             lambda: predict.gradient_flow(net, x, y, _x(3), t=1.0, learning_rate=-0.1),
+             lambda: predict.gp_posterior(net, x, y, _x(3, 3)),
+             lambda: predict.gp_posterior(net, x, y, nan_test)]
+    for call in calls:
+        with pytest.raises(ValueError):
+            call()
+
+
+def test_linearized_outputs_of_an_empty_test_set():
+    """A (0, N) test kernel gave 'cannot reshape tensor of 0 elements' at finite times."""
+    kernel, y = torch.eye(6) + 0.1, _x(6, 2, seed=10)
+    empty = torch.zeros(0, 6)
+    for times in ({"t": 1.0}, {"t": torch.tensor([0.5, 2.0, 3.0])}, {"steps": 3}, {"t": None}):
+        train, test = predict.gradient_descent_mse(kernel, y, 0.0, empty, 0.0, **times)
+        count = () if times.get("t") is None or isinstance(times.get("t"), float) else (3,)
+        assert test.shape == (*count, 0, 2)
+        full = predict.gradient_descent_mse(kernel, y, 0.0, torch.ones(1, 6), 0.0, **times)
+        assert torch.equal(train, full[0])
+
+
+def test_predictors_copy_their_training_data():
+    """An in-place edit of x_train or y_train after construction changed some predictions (those that
+    read the live tensors) but not others (the cached factorizations): the two were inconsistent."""
+    x, y, xt = _x(), _x(6, 1, seed=11), _x(3, seed=12)
+    predictors = [predict.GradientFlow(NET, x, y, diag_reg=1e-4), predict.GPPosterior(NET, x, y, noise=0.1),
+                  predict.GPPosterior(NET, x, y, kernel="ntkgp", noise=0.1)]
+    ask = [lambda p: [p.predict(xt, t=t).mean for t in (None, math.inf, 2.0)]] + [lambda p: [p.predict(xt).mean]] * 2
+    before = [get(p) for get, p in zip(ask, predictors, strict=True)]
+    x.add_(1.0)
+    y.mul_(2.0)
+    for get, p, means in zip(ask, predictors, before, strict=True):
+        for new, old in zip(get(p), means, strict=True):
+            assert torch.equal(new, old)
+
+
+def test_directions_below_rounding_that_move_the_test_outputs_are_reported():
+    """Two training points 3e-8 apart make a direction whose eigenvalue (~1e-16 λ_max) float64 does not
+    resolve, but along which the test points have components of ~1e-8: once it counts as untrained the
+    predictions leave the eigenbasis formula that keeps it (a review's 60-digit reference agreed with
+    that formula to 4e-8 at t = 1e10 on a similar pair), silently before. An exact duplicate's
+    direction is invisible to test points (6e-17 of the largest component) and stays quiet."""
+    gen = torch.Generator().manual_seed(0)
+    net = ntkgp.serial(ntkgp.Dense(16, weight_var=2.0, bias_var=0.1), ntkgp.Erf(),
+                       ntkgp.Dense(1, weight_var=1.5, bias_var=0.05))
+    x, y, xt = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((6, 3), (6,), (3, 3)))
+    near, exact = x.clone(), x.clone()
+    near[4] = x[1] + 3e-8 * torch.randn(3, generator=gen, dtype=torch.float64)
+    exact[4] = x[1]
+    # (t, steps for the same τ at η = 1, how far from the formula at most / at least, warned)
+    cases = {"near": [(1e6, 10**6, 1e-12, None, False), (1e8, 10**8, None, 1e-4, True),
+                      (1e10, 10**10, None, 1e-2, True), (math.inf, 2**60, None, None, True)],
+             "exact": [(t, s, 1e-8, None, False) for t, s in ((1e6, 10**6), (1e10, 10**10), (math.inf, 2**60))]}
+    for name, points in (("near", near), ("exact", exact)):
+        flow = predict.GradientFlow(net, points, y)
+        with torch.no_grad():
+            theta, cross = net.kernel(points).ntk, net.kernel(xt, points).ntk
+        lam, vec = torch.linalg.eigh(theta)
+        for t, steps, at_most, at_least, warned in cases[name]:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                mean = flow.predict(xt, t=t, compute_cov=False).mean
+                from_kernels = predict.gradient_descent_mse(theta, y, 0.0, cross, 0.0, t=t)[1]
+                flow.predict(xt, steps=steps, compute_cov=False)
+            said = [w for w in caught if "count as untrained, but move the test outputs" in str(w.message)]
+            assert len(said) == (3 if warned else 0), (name, t, [str(w.message) for w in caught])
+            torch.testing.assert_close(from_kernels, mean, rtol=1e-12, atol=0)
+            if math.isfinite(t):
+                keep = cross @ vec @ (-torch.expm1(-lam * t / 6) / lam * (vec.mT @ y))
+                off = float((mean - keep).norm() / keep.norm())
+                assert (at_most is None or off < at_most) and (at_least is None or off > at_least), (name, t, off)

@@ -50,6 +50,7 @@ from ntkgp.predict.spectral import (
     regularize,
     spectral_apply,
     stability_limit,
+    warn_if_unresolved,
     warn_if_unstable,
 )
 
@@ -60,7 +61,11 @@ class GradientFlow:
     """Fit once, predict many: training kernels and their factorizations are cached.
 
     The training kernels are computed here, from the network's variances at construction; after
-    changing those (e.g. by fitting a marginal likelihood), build a new ``GradientFlow``.
+    changing those (e.g. by fitting a marginal likelihood), build a new ``GradientFlow``. The
+    training data are copied, so later in-place changes to them do not reach the predictions.
+    Kernels are computed without autograd, so predictions carry no gradient with respect to the
+    inputs or the variances (they do with respect to ``t``): for differentiable predictions,
+    pass kernels from ``net.kernel`` to :func:`~ntkgp.predict.gradient_descent_mse`.
 
     Args:
         net: the network spec.
@@ -93,9 +98,10 @@ class GradientFlow:
         self.diag_reg_absolute_scale = diag_reg_absolute_scale
         self.dtype, self.factor_dtype = x_train.dtype, factor_dtype
         self.vector_targets = y_train.dim() == 2
-        self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).to(factor_dtype)
+        self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).to(factor_dtype, copy=True)
         self.m = y_train.numel()
-        self.x_factor = x_train.to(factor_dtype)
+        # copies (of y too): a caller's later in-place edit must not reach a cached factorization
+        self.x_factor = x_train.to(factor_dtype, copy=True)
         with torch.no_grad():
             k = net.kernel(self.x_factor, ntk=kernel == "ntk")
         self.nngp_dd = k.nngp
@@ -209,6 +215,7 @@ class GradientFlow:
         g_td = kernels["ntk_td" if self.kind == "ntk" else "nngp_td"]
         a = g_td @ v                                                    # (M, N)
         mean = spectral_apply(a, flow, self._y_eigen)
+        warn_if_unresolved(a, self._y_eigen, mean, schedule, eig, stacklevel=4)
         if not compute_cov:
             return mean, None
         k_tt = kernels["nngp_tt"]
@@ -265,6 +272,11 @@ def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor |
                   learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk",
                   compute_cov: bool = True, diag_reg_absolute_scale: bool = False, steps: Steps = None) -> Gaussian:
     """One-shot :class:`GradientFlow` prediction (see there for the arguments and formulas)."""
+    # the cheap arguments first: GradientFlow computes the training kernel before predict reads them
+    check_training_data(x_train, y_train)
+    if x_test is not None:
+        check_test_points(x_test, x_train.shape[-1], x_train.device)
+    make_schedule(t, steps, positive_number(learning_rate, "learning_rate"), y_train.numel(), x_train.device)
     flow = GradientFlow(net, x_train, y_train, kernel=kernel, learning_rate=learning_rate, diag_reg=diag_reg,
                         diag_reg_absolute_scale=diag_reg_absolute_scale)
     return flow.predict(x_test, t=t, steps=steps, compute_cov=compute_cov)

@@ -30,6 +30,7 @@ from ntkgp.predict.spectral import (
     rounding_eps,
     spectral_apply,
     stability_limit,
+    warn_if_unresolved,
     warn_if_unstable,
 )
 
@@ -115,8 +116,11 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
         train = schedule.reshape(train, y.dim())
         test = None
         if ntk_test_train is not None:
-            delta = spectral_apply(ntk_test_train.to(factor_dtype) @ v, flow, proj)
-            test = fx_test_0.to(factor_dtype) - delta.reshape(-1, *fx_test_0.shape)
+            test_eigen = ntk_test_train.to(factor_dtype) @ v
+            delta = spectral_apply(test_eigen, flow, proj)
+            warn_if_unresolved(test_eigen, proj, delta, schedule, eig)
+            # the number of times, not -1: an empty test set has no entries to infer it from
+            test = fx_test_0.to(factor_dtype) - delta.reshape(growth.shape[0], *fx_test_0.shape)
             test = schedule.reshape(test, fx_test_0.dim())
     if test is None:
         return train.to(out_dtype)

@@ -49,6 +49,11 @@ class GPPosterior:
     ``t = ∞``, ``μ = Θ*d Θ⁻¹ Y``, ``Σ = K** + Θ*d Θ⁻¹ K Θ⁻¹ Θd* − (Θ*d Θ⁻¹ Kd* + h.c.)`` with
     ``Θ + σ²I`` for ``Θ`` (Lee et al. 2019).
 
+    The training data are copied and the kernels computed without autograd: predictions carry no
+    gradient with respect to the inputs, the variances or ``noise`` (which is read as a number).
+    For a differentiable posterior and a trainable marginal likelihood use
+    :class:`ntkgp.models.NetworkGP`.
+
     Args:
         net: the network spec.
         x_train: ``(N, d)`` inputs.
@@ -71,8 +76,9 @@ class GPPosterior:
         check_training_data(x_train, y_train)
         self.net, self.x_train, self.dtype, self.factor_dtype = net, x_train, x_train.dtype, factor_dtype
         self.vector_targets = y_train.dim() == 2
-        self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).to(factor_dtype)
-        self.x_factor = x_train.to(factor_dtype)
+        self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).to(factor_dtype, copy=True)
+        # copies (of y too), as in GradientFlow: a caller's later in-place edit must not reach them
+        self.x_factor = x_train.to(factor_dtype, copy=True)
         with torch.no_grad():
             k = net.kernel(self.x_factor, ntk=kernel == "ntkgp")
         prior = k.ntk if kernel == "ntkgp" else k.nngp
@@ -120,4 +126,6 @@ class GPPosterior:
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
                  noise: float = 0.0, compute_cov: bool = True) -> Gaussian:
     """One-shot :class:`GPPosterior` prediction (see there for the formulas)."""
+    check_training_data(x_train, y_train)   # the cheap checks before the training kernel is computed
+    check_test_points(x_test, x_train.shape[-1], x_train.device)
     return GPPosterior(net, x_train, y_train, kernel=kernel, noise=noise).predict(x_test, compute_cov)

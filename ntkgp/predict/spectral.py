@@ -177,11 +177,7 @@ class Schedule:
         rate = self.learning_rate / self.m
         times = self.values.to(lam.dtype).unsqueeze(-1)           # (T, 1)
         tau = rate * times                                        # s steps: the τ of s·η/m
-        tol = eig.null_tolerance.unsqueeze(-2)
-        # τ = ∞ also where a finite η t/m overflows: then tol = 0 (a zero kernel) gave τ·tol = NaN,
-        # not late, and such a time moved the null directions (all of them) as if they trained
-        late = torch.isinf(tau) | (tau * tol > eig.eps ** 0.5)
-        null = (lam <= tol) & late                                               # (T, N)
+        null = self.untrained(eig)                                               # (T, N)
         safe_lam = torch.where(lam > 0, lam, torch.ones_like(lam))
         if not self.discrete:
             finite = torch.isfinite(tau)
@@ -199,6 +195,16 @@ class Schedule:
         flow = torch.where(lam > 0, growth / safe_lam, tau)
         decay, growth = torch.where(null, 1.0, decay), torch.where(null, 0.0, growth)
         return decay, growth, torch.where(null, 0.0, flow)
+
+    def untrained(self, eig: Eigensystem) -> Tensor:
+        """``(T, N)``: the directions that count as exactly null at each time (:meth:`functions`)."""
+        lam = eig.values.unsqueeze(-2)
+        tau = (self.learning_rate / self.m) * self.values.to(lam.dtype).unsqueeze(-1)
+        tol = eig.null_tolerance.unsqueeze(-2)
+        # τ = ∞ also where a finite η t/m overflows: then tol = 0 (a zero kernel) gave τ·tol = NaN,
+        # not late, and such a time moved the null directions (all of them) as if they trained
+        late = torch.isinf(tau) | (tau * tol > eig.eps ** 0.5)
+        return (lam <= tol) & late
 
     def reshape(self, out: Tensor, trailing: int) -> Tensor:
         """``(T, *rest)`` → ``(*shape, *rest)`` (``rest`` has ``trailing`` dimensions)."""
@@ -328,6 +334,45 @@ def _largest_magnitude(k: Tensor) -> float:
 def stability_limit(lambda_max: float, m: int, momentum: float = 0.0) -> float:
     """``2 (1 + momentum) m / λ_max``, ``inf`` when ``λ_max ≤ 0``."""
     return 2 * (1 + momentum) * m / lambda_max if lambda_max > 0 else math.inf
+
+
+def warn_if_unresolved(test_eigen: Tensor, right: Tensor, result: Tensor, schedule: Schedule, eig: Eigensystem,
+                       stacklevel: int = 3) -> None:
+    """Warn where :meth:`Schedule.functions` sets untrained a direction that moves the test outputs.
+
+    ``result[t] = test_eigen · diag(flow[t]) · right`` is what was computed, ``(T, M, k)``.
+    A direction of eigenvalue below ``N ε λ_max`` is an exact null direction (a duplicated point)
+    only if the test–train kernel has no component along it beyond rounding; its column of
+    ``test_eigen = K*d V`` then holds ~``ε`` of the largest entry (measured: 6e-17 for a duplicate),
+    and ``100 N ε`` separates it. Two training points ``δ`` apart instead give a column of
+    ~``δ``: the direction is real but its eigenvalue (~``δ²``) is below what the kernel's digits
+    resolve. Such a direction, trained, adds at most ``τ |K*d v| |vᵀ right|`` (``flow ≤ τ``); where
+    that bound exceeds ``sqrt(ε)`` of the result, setting it untrained changed the answer, and no
+    answer from these digits is reliable: a regularizer makes it well defined.
+    """
+    if test_eigen.shape[-2] == 0:
+        return
+    untrained = schedule.untrained(eig)                                          # (T, N)
+    if not bool(untrained.any()):
+        return
+    seen = test_eigen.abs().amax(-2)                                             # (N,)
+    real = seen > 100 * seen.shape[-1] * eig.eps * seen.max()
+    dropped = untrained & real
+    if not bool(dropped.any()):
+        return
+    tau = (schedule.learning_rate / schedule.m) * schedule.values.to(seen.dtype)  # (T,)
+    per_unit_time = torch.where(dropped, seen * right.abs().amax(-1), 0.0).sum(-1)
+    bound = torch.where(per_unit_time > 0, tau * per_unit_time, 0.0)
+    hit = bound > eig.eps ** 0.5 * result.abs().flatten(1).amax(-1)
+    if bool(hit.any()):
+        first = float(schedule.values[hit].min())
+        when = f"after {first:g} steps and more" if schedule.discrete else f"at t = {first:g}"
+        when += "" if schedule.discrete or math.isinf(first) else " and later"
+        warnings.warn(f"{when.capitalize()}, {int(dropped[hit].any(0).sum())} direction(s) of the training kernel "
+                      "with eigenvalues below its rounding level (N·ε·λ_max) count as untrained, but move the "
+                      "test outputs (nearly duplicate training points, or points far from the training inputs of "
+                      "a smooth kernel): from then on the predictions depend on digits the kernel does not hold. "
+                      "Add diag_reg (e.g. 1e-6) for a well-defined answer.", RuntimeWarning, stacklevel=stacklevel)
 
 
 def warn_if_unstable(learning_rate: float, limit: float) -> None:
