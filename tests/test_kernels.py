@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import unittest
+from copy import deepcopy
 
 import gpytorch
 import pytest
@@ -274,3 +275,54 @@ def test_models_of_loaded_samples_reload_with_load_strict_shapes_false():
     fresh.eval()
     assert torch.equal(fresh.covar_module.net[0].weight_var, model.covar_module.net[0].weight_var)
     torch.testing.assert_close(fresh(x_test).mean, expected, rtol=1e-12, atol=1e-12)   # same float64 solve
+
+
+def test_a_strict_load_without_the_anchors_fails():
+    """Each variance is anchor · exp(raw). GPyTorch's constraints load non-strictly, so a strict
+    load of a state dict without the anchors reported success and kept the stale anchors: a kernel
+    whose weight_var was 5 loaded into one at 2 stayed at 2 (kernel values 7.7 apart)."""
+    source, target = ntkgp.NTKKernel(ntkgp.mlp(1, "relu", 2.0, 0.1)), ntkgp.NTKKernel(ntkgp.mlp(1, "relu", 2.0, 0.1))
+    source.net[0].weight_var = 5.0
+    state = source.state_dict()
+    without = {name: value for name, value in state.items() if not name.endswith("anchor")}
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*raw_weight_var_constraint\.anchor"):
+        target.load_state_dict(without)
+    assert target.load_state_dict(without, strict=False).missing_keys   # said, not silent
+    target.load_state_dict(state)
+    x = torch.randn(4, 2, dtype=torch.float64)
+    assert torch.equal(target.double()(x).to_dense(), source.double()(x).to_dense())
+
+
+def test_kernels_that_share_a_network_share_its_batch_shape():
+    """batch_shape expands the network's variances in place: a second kernel with another batch
+    shape broke the first (GPyTorch: "expected shape [4, 4], got [3, 4, 4]"); now it is refused."""
+    net = ntkgp.mlp(1, "relu", 2.0, 0.1)
+    plain = ntkgp.NTKKernel(net)
+    x = torch.randn(4, 2)
+    for other in (torch.Size([3]), torch.Size([2, 1])):
+        with pytest.raises(ValueError, match=r"already serves batch shape \(\).*build on a copy"):
+            ntkgp.NTKKernel(net, batch_shape=other)
+    assert plain(x).to_dense().shape == (4, 4) and plain(x, diag=True).shape == (4,)
+    twin = ntkgp.NNGPKernel(net)                                        # the same (empty) batch shape: shared
+    assert {id(p) for p in twin.parameters()} == {id(p) for p in plain.parameters()}
+
+    shared = ntkgp.mlp(1, "relu", 2.0, 0.1)
+    first = ntkgp.NTKKernel(shared, batch_shape=torch.Size([3]))
+    second = ntkgp.NNGPKernel(shared, batch_shape=torch.Size([3]))      # the same batch shape: shared
+    assert first(x).to_dense().shape == second(x).to_dense().shape == (3, 4, 4)
+    for other in (torch.Size([]), torch.Size([2])):
+        with pytest.raises(ValueError, match=r"already serves batch shape \(3,\)"):
+            ntkgp.NTKKernel(shared, batch_shape=other)
+    expanded = ntkgp.mlp(1, "relu", 2.0, 0.1)
+    expanded.expand_batch(torch.Size([2]))                              # by hand, no kernel yet
+    with pytest.raises(ValueError, match=r"already serves batch shape \(2,\)"):
+        ntkgp.NTKKernel(expanded)
+    assert ntkgp.NTKKernel(expanded, batch_shape=torch.Size([2]))(x).to_dense().shape == (2, 4, 4)
+
+    copied = ntkgp.NTKKernel(deepcopy(net), batch_shape=torch.Size([2]))
+    assert copied(x).to_dense().shape == (2, 4, 4) and plain(x).to_dense().shape == (4, 4)
+    # kernels derived by GPyTorch's batch operations own copies of the network with their shapes
+    wide, single = first.expand_batch(2, 3), first[1]
+    assert wide(x).to_dense().shape == (2, 3, 4, 4) and single(x).to_dense().shape == (4, 4)
+    assert ntkgp.NNGPKernel(single.net)(x).to_dense().shape == (4, 4)
+    assert ntkgp.NNGPKernel(wide.net, batch_shape=torch.Size([2, 3]))(x).to_dense().shape == (2, 3, 4, 4)

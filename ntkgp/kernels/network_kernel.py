@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from copy import deepcopy
 
@@ -9,7 +10,11 @@ import torch
 from gpytorch.kernels import Kernel
 from torch import Tensor
 
-from ntkgp.layers.base import Layer
+from ntkgp.layers.base import Layer, variance_batch_shapes
+
+#: The live kernels built on each network (a copy of a network has none): kernels that share a
+#: network must share its batch shape, which ``batch_shape`` sets in place.
+_KERNELS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class NetworkKernel(Kernel):
@@ -18,7 +23,8 @@ class NetworkKernel(Kernel):
     The network is a registered submodule (``kernel.net``): ``.double()``, ``.to(device)`` and
     ``named_parameters()`` reach its layers' ``raw_weight_var``/``raw_bias_var``, and two
     kernels built on the same network share those parameters. With ``batch_shape`` every
-    hyperparameter of the network gains that leading shape (in place).
+    hyperparameter of the network gains that leading shape (in place), so kernels that share a
+    network must share its batch shape (a ``ValueError`` otherwise; build on ``copy.deepcopy(net)``).
     """
 
     has_lengthscale = False
@@ -37,9 +43,21 @@ class NetworkKernel(Kernel):
             raise ValueError("Per-feature weight variances belong to the first layer: use "
                              "ntkgp.Dense(width, ..., ard_num_dims=d) instead of ard_num_dims on the kernel.")
         super().__init__(batch_shape=batch_shape, active_dims=active_dims, **kwargs)
+        # expanding in place would change the shapes under another kernel that shares the network,
+        # which then failed inside GPyTorch ("expected shape [4, 4], got [3, 4, 4]")
+        owners = {tuple(k.batch_shape) for k in _KERNELS_OF.get(net, ())} - {tuple(self.batch_shape)}
+        batched = {tuple(s) for s in variance_batch_shapes(net) if len(s) > 0} - {tuple(self.batch_shape)}
+        if owners or batched:
+            held = ", ".join(map(str, sorted(owners | batched)))
+            raise ValueError(f"This network already serves batch shape {held} (a kernel built on it, or "
+                             f"expand_batch), but this kernel has batch_shape={tuple(self.batch_shape)}. Kernels "
+                             f"that share a network share its batch shape, since batch_shape reshapes the "
+                             f"network's variances in place; for another one, build on a copy: "
+                             f"{type(self).__name__}(copy.deepcopy(net), batch_shape=...).")
         self.net = net
         if len(self.batch_shape) > 0:
             net.expand_batch(self.batch_shape)
+        _KERNELS_OF.setdefault(net, weakref.WeakSet()).add(self)
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False,
                 **params) -> Tensor:
@@ -68,6 +86,7 @@ class NetworkKernel(Kernel):
         new_kernel = deepcopy(self)
         new_kernel._batch_shape = new_shape
         new_kernel.net.expand_batch(new_shape)
+        _KERNELS_OF.setdefault(new_kernel.net, weakref.WeakSet()).add(new_kernel)
         return new_kernel
 
     def __getitem__(self, index) -> Kernel:
@@ -77,4 +96,5 @@ class NetworkKernel(Kernel):
         new_kernel = deepcopy(self)
         new_kernel.net.index_batch(index)
         new_kernel._batch_shape = torch.empty(self.batch_shape, device="meta")[index].shape
+        _KERNELS_OF.setdefault(new_kernel.net, weakref.WeakSet()).add(new_kernel)
         return new_kernel

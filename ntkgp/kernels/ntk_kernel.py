@@ -17,7 +17,8 @@ class NTKKernel(NetworkKernel):
 
     Args:
         net: the network spec (its hyperparameters become this kernel's parameters).
-        batch_shape: GPyTorch batch shape of the hyperparameters.
+        batch_shape: GPyTorch batch shape of the hyperparameters, given to ``net``'s variances in
+            place (kernels sharing a network share its batch shape).
         active_dims: input columns the kernel acts on.
     """
 

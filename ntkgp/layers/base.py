@@ -232,15 +232,21 @@ def _autocast_off(device: torch.device):
     return nullcontext()
 
 
-def _batch_size(layer: Layer, x1: Tensor, x2: Tensor) -> int:
-    """How many kernel matrices a call returns: the product of the broadcast batch shape of the
-    inputs and of the hyperparameters (GPyTorch's ``batch_shape``, their leading dimensions)."""
-    shapes = [x1.shape[:-2], x2.shape[:-2]]
+def variance_batch_shapes(layer: Layer) -> list[torch.Size]:
+    """The batch shape (GPyTorch's ``batch_shape``: the leading dimensions) of each hyperparameter."""
+    shapes = []
     for module in layer.modules():
         if isinstance(module, VarianceParameters):
             for name, raw in module._parameters.items():
                 if name.startswith("raw_") and raw is not None:
                     shapes.append(raw.shape[:raw.dim() - module._variance_event_dims(name[4:])])
+    return shapes
+
+
+def _batch_size(layer: Layer, x1: Tensor, x2: Tensor) -> int:
+    """How many kernel matrices a call returns: the product of the broadcast batch shape of the
+    inputs and of the hyperparameters (GPyTorch's ``batch_shape``, their leading dimensions)."""
+    shapes = [x1.shape[:-2], x2.shape[:-2], *variance_batch_shapes(layer)]
     try:
         return math.prod(torch.broadcast_shapes(*shapes))
     except RuntimeError:   # the kernel recursion reports mismatched batches itself

@@ -15,7 +15,10 @@ module's dtype, zero right after setting. Hence:
 * learning happens in log space (scale-free steps, the value stays positive);
 * a variance set to ``0`` is pinned there: its gradient w.r.t. ``raw`` is exactly 0 and ``raw``
   stays finite (no ``-inf`` as with a softplus constraint at 0). To learn a variance, start it at
-  a small positive value.
+  a small positive value;
+* the anchor is a buffer (``raw_<name>_constraint.anchor``), part of the ``state_dict`` (a strict
+  load without it fails): copy values between kernels by ``state_dict``, or by setting the
+  variances, not by copying parameters alone, which leaves each kernel its own anchor.
 """
 
 from __future__ import annotations
@@ -69,6 +72,10 @@ class ExactVariance(GreaterThan):
         # each gpytorch.Module take its parameters' saved shapes; a constraint is a plain torch module
         # without that hook, so the anchor follows its raw parameter here
         key = prefix + "anchor"
+        if strict and key not in state_dict:
+            # GPyTorch's Interval loads non-strictly (old state dicts lack its bounds), which left a
+            # strict load without the anchor silently keeping the stale one: the anchor is half the value
+            missing_keys.append(key)
         if not getattr(self, "_load_strict_shapes", True) and key in state_dict:
             self.anchor = state_dict[key].detach().to(device=self.anchor.device, dtype=torch.float64).clone()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
