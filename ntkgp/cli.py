@@ -55,6 +55,7 @@ PRESETS = {
 def compare(args: argparse.Namespace) -> int:
     """Train finite ensembles, compare them with the infinite-width predictions, write a report."""
     from ntkgp.compare import CompareConfig, load_dataset, run_comparison, write_report
+    from ntkgp.compare.report import check_notes
 
     settings = dict(PRESETS[args.preset])
     for key in ("widths", "ensemble_size", "record_steps", "depth", "activation", "weight_var", "bias_var",
@@ -85,6 +86,8 @@ def compare(args: argparse.Namespace) -> int:
           f"x 2m/lambda_max); {result.seconds:.0f} s")
     for name, ok in result.checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")
+    for note in check_notes(result):
+        print(f"  NOTE  {note}")
     print(f"report: {out / 'report.md'}")
     return 1 if args.check and not all(result.checks.values()) else 0
 

@@ -559,3 +559,62 @@ def test_python_dash_m_runs_the_command():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage: ntkgp compare" in result.stdout and "--widths" in result.stdout
+
+
+def test_variances_are_not_checked_where_no_ensemble_variance_could_fail():
+    """From 10 members down the widened tolerance is ≥ 100 %, so |σ̂²/σ² − 1| ≤ tolerance held for
+    any ensemble variance below the analytic one, even 0 (a review saw PASS at a ratio of 4e-17)."""
+    from ntkgp.compare.report import check_notes
+
+    def result(members, lr=0.5):
+        width = SimpleNamespace(width=256, steps=[0, 10], diverged_at=None, mean_within=[1.0, 1.0],
+                                var_within=[1.0, 1.0], mean_bias=[0.0, 0.0], mean_bias_noise=[0.0, 0.0])
+        return SimpleNamespace(steps=[0, 10], config={"ensemble_size": members}, slopes={}, divergence=None,
+                               widths=[width], learning_rate=lr, max_learning_rate=1.0)
+
+    for members, checked in ((2, False), (10, False), (11, True), (64, True)):
+        names = list(evaluate_checks(result(members)))
+        assert any("variance within" in n for n in names) == checked, members
+        assert any("variances not checked" in n for n in check_notes(result(members))) != checked
+    assert not check_notes(result(64)) and "stability limit" in check_notes(result(64, lr=3.0))[0]
+
+
+def test_band_figures_draw_training_points_only_on_an_input_axis(tmp_path):
+    """With d ≥ 3 the band figures' axis is the test point's index: training points drawn at their own
+    indices sat on unrelated test points."""
+    g = torch.Generator().manual_seed(0)
+    cfg = CompareConfig(widths=(8,), ensemble_size=2, record_steps=(0, 2), probe_points=2, divergence_check=False)
+    for d, drawn in ((1, True), (2, True), (3, False)):
+        data = ntkgp.compare.Dataset("d", torch.randn(6, d, generator=g, dtype=torch.float64),
+                                     torch.randn(6, 1, generator=g, dtype=torch.float64),
+                                     torch.randn(9, d, generator=g, dtype=torch.float64))
+        result = run_comparison(data, cfg)
+        assert (len(result.x_train_plot) == 6) == drawn
+        write_report(result, tmp_path / str(d))
+        assert (tmp_path / str(d) / "band_width8.png").exists()
+
+
+def test_datasets_hold_float64():
+    """The Dataset promised float64 but kept float32, which made the analytic side float32 (4e-8 off)."""
+    x = torch.linspace(-1, 1, 4).reshape(-1, 1)
+    data = ntkgp.compare.Dataset("f32", x, torch.sin(x), x[:2], torch.sin(x[:2]))
+    assert all(t.dtype == torch.float64 for t in (data.x_train, data.y_train, data.x_test, data.y_test))
+    for bad in (x > 0, x.to(torch.complex64)):
+        with pytest.raises(ValueError, match="must be a real tensor"):
+            ntkgp.compare.Dataset("bad", bad, torch.sin(x), x)
+
+
+@pytest.mark.parametrize("steps", ["5", [True, 3], [2**53 + 2], 1.5, [-1]])
+def test_record_steps_are_integers_and_not_booleans_or_strings(steps):
+    x = torch.linspace(-1, 1, 4, dtype=torch.float64).reshape(-1, 1)
+    with pytest.raises(ValueError, match="record_steps must be"):
+        train_ensemble(ntkgp.mlp(1, "relu", width=4), x, x[:, 0], ensemble_size=2, learning_rate=0.1,
+                       record_steps=steps)
+
+
+def test_settings_report_the_chunk_that_was_used():
+    x = torch.linspace(-1, 1, 4, dtype=torch.float64).reshape(-1, 1)
+    net = ntkgp.mlp(1, "relu", width=4)
+    for chunk, used in ((None, 3), (2, 2), (10, 3)):
+        h = train_ensemble(net, x, x[:, 0], ensemble_size=3, learning_rate=0.1, record_steps=[1], chunk_size=chunk)
+        assert h.settings["chunk_size"] == used

@@ -328,7 +328,8 @@ def test_targets_and_test_points_on_another_device_are_a_clear_error_before_the_
                                      torch.empty(3, 6, device="meta", dtype=torch.float64), 0.0, t=1.0)
 
 
-@pytest.mark.parametrize("kw", [{"t": True}, {"steps": True}, {"t": torch.tensor([1.0 + 1.0j])}, {"t": 1j},
+@pytest.mark.parametrize("kw", [{"t": True}, {"steps": True}, {"steps": [True, 3]}, {"t": (0.5, False)},
+                                {"t": torch.tensor([1.0 + 1.0j])}, {"t": 1j},
                                 {"steps": np.array([True, False])}, {"t": "1"}, {"t": [[1.0], [2.0, 3.0]]},
                                 {"steps": 10**400}])
 def test_times_that_are_not_real_numbers_are_refused(kw):

@@ -31,6 +31,15 @@ class Dataset:
     description: str = ""
 
     def __post_init__(self) -> None:
+        for name in ("x_train", "y_train", "x_test", "y_test"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, Tensor) or value.dtype == torch.bool or value.is_complex():
+                raise ValueError(f"{name} must be a real tensor, got "
+                                 f"{value.dtype if isinstance(value, Tensor) else type(value).__name__}.")
+            # float64 as documented: float32 data made the analytic side of a comparison float32
+            object.__setattr__(self, name, value.to(torch.float64))
         # the comparison trains one-output networks: several target columns would broadcast
         # against them and train towards their row means without any error
         for name in ("x_train", "y_train", "x_test"):

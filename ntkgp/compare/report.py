@@ -9,6 +9,21 @@ import pathlib
 from ntkgp.compare.harness import ComparisonResult, variance_tolerance
 
 
+def check_notes(r: ComparisonResult) -> list[str]:
+    """What the checks leave out, or cannot expect, for this run (the report and the CLI say it)."""
+    notes = []
+    members = r.config["ensemble_size"]
+    if variance_tolerance(members) >= 1:
+        notes.append(f"variances not checked: with {members} members the allowed relative error, "
+                     f"{variance_tolerance(members):.2f}, would pass any ensemble variance below the analytic one, "
+                     "even 0 (at least 11 members are needed)")
+    if r.learning_rate > r.max_learning_rate:
+        notes.append(f"the learning rate is {r.learning_rate / r.max_learning_rate:.3g} x the stability limit "
+                     "2m/lambda_max: the linearized (infinite-width) predictions diverge, and the finite networks "
+                     "(which may instead catapult to a flatter region) are not expected to follow them")
+    return notes
+
+
 def write_report(result: ComparisonResult, out: str | pathlib.Path) -> pathlib.Path:
     """Write ``report.json``, ``report.md`` and the figures into ``out``; returns the folder.
 
@@ -70,6 +85,7 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
         lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in r.checks.items()]
     else:
         lines.append("- (no acceptance checks apply to these widths)")
+    lines += [f"- NOTE: {note}" for note in check_notes(r)]
     groups = list(r.widths[0].layer_change) if r.widths else []
     lines += ["", "## Per width and step", "",
               f"Mean within: fraction of test points with |mean − {gp} mean| ≤ 3 SE + 0.02; var within: "
@@ -97,7 +113,8 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
               "Theory: input and readout weights −1/2, width × width weights −1 (so the total follows the "
               "hidden layers in NTK parameterization), NTK change bounded by −1/2 and closer to −1 "
               "(Lee et al. 2019, Fig. 1; Dyer & Gur-Ari 2020).", ""]
-    lines += [f"- {name}: {_fmt(value)}" for name, value in r.slopes.items()] or ["- (needs two widths)"]
+    lines += ([f"- {name}: {_fmt(value)}" for name, value in r.slopes.items()]
+              or ["- (needs two widths that reach the last step)"])
     if r.divergence is not None:
         d = r.divergence
         lines += ["", "## Above the stability limit 2m/λ_max", "",
@@ -151,7 +168,8 @@ def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
             ax.plot(x[order], em + 2 * es, ":", color="C3", lw=1, label="ensemble ±2σ")
             if r.y_test is not None:
                 ax.plot(x[order], np.asarray(r.y_test)[order], color="0.4", lw=0.8, label="test targets")
-            ax.scatter(r.x_train_plot, r.y_train, color="k", zorder=5, s=14, label="training data")
+            if r.x_train_plot:   # empty where the axis is the test point index (d ≥ 3)
+                ax.scatter(r.x_train_plot, r.y_train, color="k", zorder=5, s=14, label="training data")
             ax.set_title(f"width {w.width}, step {r.steps[i]} (t = {r.times[i]:.3g})")
             ax.set_xlabel(r.plot_label)
         axes[0][0].legend(fontsize=7, loc="best")

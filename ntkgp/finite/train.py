@@ -37,6 +37,7 @@ from ntkgp.layers.base import Layer
 from ntkgp.layers.combinators import ParallelModule
 from ntkgp.layers.dense import DenseModule
 from ntkgp.layers.validation import all_finite, check_points, positive_number
+from ntkgp.predict.spectral import _real_numbers
 
 #: Bytes of parameters (with gradients and activations) an ensemble chunk may hold by default,
 #: counted in float32: float64 chunks hold twice as much, so that the default chunks, and with them
@@ -198,9 +199,11 @@ def train_ensemble(
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}.")
     ensemble_size = integer_at_least(ensemble_size, 1, "ensemble_size")
     learning_rate = positive_number(learning_rate, "learning_rate")
-    record_steps = torch.as_tensor(record_steps, dtype=torch.float64, device="cpu").reshape(-1).tolist()
-    if not record_steps or any(s < 0 or not s.is_integer() for s in record_steps):
-        raise ValueError(f"record_steps must be non-negative integers, got {record_steps!r}.")
+    # booleans and strings refused (True was step 1; "5" raised torch's TypeError); beyond 2**53 float64
+    # rounds the counts
+    record_steps = _real_numbers(record_steps, "record_steps").cpu().reshape(-1).tolist()
+    if not record_steps or any(not 0 <= s <= 2**53 or not s.is_integer() for s in record_steps):
+        raise ValueError(f"record_steps must be non-negative integers up to 2**53, got {record_steps!r}.")
     steps = sorted({int(s) for s in record_steps})
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
                                                                           else "cpu")
@@ -259,7 +262,7 @@ def train_ensemble(
         layer_change={g: cat([r[5][g] for r in results]) for g in groups},
         diverged_at=diverged_at,
         settings={"ensemble_size": ensemble_size, "readout_only": readout_only, "seed": seed,
-                  "dtype": str(dtype), "device": str(device), "chunk_size": chunk_size},
+                  "dtype": str(dtype), "device": str(device), "chunk_size": min(chunk_size, ensemble_size)},
     )
 
 

@@ -239,7 +239,7 @@ def _real_numbers(value: object, name: str) -> Tensor:
         odd = value.dtype == torch.bool or value.is_complex()
     else:
         try:
-            odd = np.asarray(value).dtype.kind in "bc"
+            odd = np.asarray(value).dtype.kind in "bc" or _holds_a_boolean(value)
         except (TypeError, ValueError, RuntimeError, OverflowError):
             odd = False            # left to the conversion below, which says what is wrong
     kind = "a real number, a sequence of real numbers or a real tensor"
@@ -251,6 +251,13 @@ def _real_numbers(value: object, name: str) -> Tensor:
         return torch.as_tensor(value, dtype=torch.float64, device="cpu")
     except (TypeError, ValueError, RuntimeError, OverflowError) as err:   # strings, ragged lists, ints beyond float
         raise ValueError(f"{name} must be {kind}, got {value!r} ({err}).") from err
+
+
+def _holds_a_boolean(value: object) -> bool:
+    """Whether nested lists/tuples hold a boolean (``[True, 3]`` becomes an int64 array)."""
+    if isinstance(value, bool | np.bool_):
+        return True
+    return isinstance(value, list | tuple) and any(_holds_a_boolean(v) for v in value)
 
 
 def spectral_apply(left: Tensor, weights: Tensor, right: Tensor) -> Tensor:
