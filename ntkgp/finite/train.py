@@ -37,7 +37,7 @@ from ntkgp.layers.base import Layer
 from ntkgp.layers.combinators import ParallelModule
 from ntkgp.layers.dense import DenseModule
 from ntkgp.layers.validation import all_finite, check_points, positive_number
-from ntkgp.predict.spectral import _real_numbers
+from ntkgp.predict.spectral import real_numbers
 
 #: Bytes of parameters (with gradients and activations) an ensemble chunk may hold by default,
 #: counted in float32: float64 chunks hold twice as much, so that the default chunks, and with them
@@ -201,7 +201,7 @@ def train_ensemble(
     learning_rate = positive_number(learning_rate, "learning_rate")
     # booleans and strings refused (True was step 1; "5" raised torch's TypeError); beyond 2**53 float64
     # rounds the counts
-    record_steps = _real_numbers(record_steps, "record_steps").cpu().reshape(-1).tolist()
+    record_steps = real_numbers(record_steps, "record_steps").cpu().reshape(-1).tolist()
     if not record_steps or any(not 0 <= s <= 2**53 or not s.is_integer() for s in record_steps):
         raise ValueError(f"record_steps must be non-negative integers up to 2**53, got {record_steps!r}.")
     steps = sorted({int(s) for s in record_steps})

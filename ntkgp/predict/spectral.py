@@ -219,7 +219,7 @@ def make_schedule(t: Times, steps: Steps, learning_rate: float, m: int, device: 
     if t is None and steps is None:
         return None
     discrete = steps is not None
-    raw = _real_numbers(steps if discrete else t, "steps" if discrete else "t")
+    raw = real_numbers(steps if discrete else t, "steps" if discrete else "t")
     if raw.numel() == 0:
         raise ValueError(f"{'steps' if discrete else 't'} is empty: give at least one time.")
     if bool(torch.isnan(raw).any()):
@@ -231,7 +231,7 @@ def make_schedule(t: Times, steps: Steps, learning_rate: float, m: int, device: 
     return Schedule(raw.reshape(-1).to(device), raw.shape, discrete, learning_rate, m)
 
 
-def _real_numbers(value: object, name: str) -> Tensor:
+def real_numbers(value: object, name: str) -> Tensor:
     """``value`` (a number, nested sequences of numbers, an array or a real tensor) as a float64
     tensor. Booleans and complex numbers are refused: cast to float64 they silently became times
     ``1``/``0`` and the real part (``t=True`` trained for one unit of time, like ``steps=True``)."""
