@@ -329,7 +329,7 @@ def test_targets_and_test_points_on_another_device_are_a_clear_error_before_the_
 
 
 @pytest.mark.parametrize("kw", [{"t": True}, {"steps": True}, {"steps": [True, 3]}, {"t": (0.5, False)},
-                                {"t": torch.tensor([1.0 + 1.0j])}, {"t": 1j},
+                                {"steps": [torch.tensor(True), 2]}, {"t": torch.tensor([1.0 + 1.0j])}, {"t": 1j},
                                 {"steps": np.array([True, False])}, {"t": "1"}, {"t": [[1.0], [2.0, 3.0]]},
                                 {"steps": 10**400}])
 def test_times_that_are_not_real_numbers_are_refused(kw):
@@ -461,3 +461,34 @@ def test_directions_below_rounding_that_move_the_test_outputs_are_reported():
                 keep = cross @ vec @ (-torch.expm1(-lam * t / 6) / lam * (vec.mT @ y))
                 off = float((mean - keep).norm() / keep.norm())
                 assert (at_most is None or off < at_most) and (at_least is None or off > at_least), (name, t, off)
+
+
+def test_the_unresolved_direction_warning_names_the_callers_line_and_takes_times_with_gradients():
+    """The warning pointed at library lines where the call went through a one-shot wrapper or the
+    full-kernel path (a fixed stacklevel), and a time that requires grad raised torch's
+    scalar-conversion warning inside it."""
+    gen = torch.Generator().manual_seed(0)
+    net = ntkgp.mlp(1, "erf", 2.0, 0.1, width=8)
+    x, y, xt = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((6, 3), (6,), (3, 3)))
+    x[4] = x[1] + 3e-8 * torch.randn(3, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        theta, cross = net.kernel(x).ntk, net.kernel(xt, x).ntk
+    full_theta = theta[:, :, None, None] * torch.eye(2, dtype=torch.float64)
+    full_cross = cross[:, :, None, None] * torch.eye(2, dtype=torch.float64)
+    t = torch.tensor(1e10, dtype=torch.float64, requires_grad=True)
+    calls = [lambda: predict.gradient_flow(net, x, y, xt, t=1e10, compute_cov=False),
+             lambda: predict.GradientFlow(net, x, y).predict(xt, steps=10**10, compute_cov=False),
+             lambda: predict.gradient_descent_mse(theta, y, 0.0, cross, 0.0, t=t),
+             lambda: predict.gradient_descent_mse(full_theta, torch.stack([y, -y], -1), 0.0, full_cross, 0.0, t=1e10)]
+    for call in calls:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        assert [w.filename for w in caught] == [__file__], [(w.filename, str(w.message)[:60]) for w in caught]
+        assert "count as untrained" in str(caught[0].message)
+
+
+def test_gp_posterior_of_the_converged_ntk_predicts_the_training_points_for_no_test_points():
+    x, y = _x(5), _x(5, 1, seed=13)
+    torch.testing.assert_close(predict.gp_posterior(NET, x, y, None, kernel="ntk", noise=1e-3).mean,
+                               predict.GPPosterior(NET, x, y, kernel="ntk", noise=1e-3).predict(None).mean)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import unittest
 from copy import deepcopy
@@ -326,3 +327,14 @@ def test_kernels_that_share_a_network_share_its_batch_shape():
     assert wide(x).to_dense().shape == (2, 3, 4, 4) and single(x).to_dense().shape == (4, 4)
     assert ntkgp.NNGPKernel(single.net)(x).to_dense().shape == (4, 4)
     assert ntkgp.NNGPKernel(wide.net, batch_shape=torch.Size([2, 3]))(x).to_dense().shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"already serves batch shape \(\)"):
+        ntkgp.NNGPKernel(single.net, batch_shape=torch.Size([5]))
+    # copies of a kernel (GPyTorch's get_fantasy_model and BoTorch's fantasize deep-copy whole models)
+    # own their copied networks as well
+    buffer = io.BytesIO()
+    torch.save(plain, buffer)
+    buffer.seek(0)
+    for duplicate in (deepcopy(plain), pickle.loads(pickle.dumps(plain)), torch.load(buffer, weights_only=False)):
+        with pytest.raises(ValueError, match=r"already serves batch shape \(\)"):
+            ntkgp.NNGPKernel(duplicate.net, batch_shape=torch.Size([3]))
+        assert duplicate(x).to_dense().shape == (4, 4)

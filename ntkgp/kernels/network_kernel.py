@@ -12,8 +12,8 @@ from torch import Tensor
 
 from ntkgp.layers.base import Layer, variance_batch_shapes
 
-#: The live kernels built on each network (a copy of a network has none): kernels that share a
-#: network must share its batch shape, which ``batch_shape`` sets in place.
+#: The live kernels built on each network, or copied with it (a copy of a network alone has none):
+#: kernels that share a network must share its batch shape, which ``batch_shape`` sets in place.
 _KERNELS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -86,7 +86,6 @@ class NetworkKernel(Kernel):
         new_kernel = deepcopy(self)
         new_kernel._batch_shape = new_shape
         new_kernel.net.expand_batch(new_shape)
-        _KERNELS_OF.setdefault(new_kernel.net, weakref.WeakSet()).add(new_kernel)
         return new_kernel
 
     def __getitem__(self, index) -> Kernel:
@@ -96,5 +95,11 @@ class NetworkKernel(Kernel):
         new_kernel = deepcopy(self)
         new_kernel.net.index_batch(index)
         new_kernel._batch_shape = torch.empty(self.batch_shape, device="meta")[index].shape
-        _KERNELS_OF.setdefault(new_kernel.net, weakref.WeakSet()).add(new_kernel)
         return new_kernel
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # a copy (deepcopy, pickle, torch.load; GPyTorch's get_fantasy_model and BoTorch's fantasize
+        # deep-copy whole models, expand_batch and indexing copy this kernel) owns its copied network
+        # as the original owns its own
+        _KERNELS_OF.setdefault(self.net, weakref.WeakSet()).add(self)

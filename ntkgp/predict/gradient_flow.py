@@ -215,7 +215,7 @@ class GradientFlow:
         g_td = kernels["ntk_td" if self.kind == "ntk" else "nngp_td"]
         a = g_td @ v                                                    # (M, N)
         mean = spectral_apply(a, flow, self._y_eigen)
-        warn_if_unresolved(a, self._y_eigen, mean, schedule, eig, stacklevel=4)
+        warn_if_unresolved(a, self._y_eigen, mean, schedule, eig)
         if not compute_cov:
             return mean, None
         k_tt = kernels["nngp_tt"]

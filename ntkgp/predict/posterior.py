@@ -127,5 +127,6 @@ def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, k
                  noise: float = 0.0, compute_cov: bool = True) -> Gaussian:
     """One-shot :class:`GPPosterior` prediction (see there for the formulas)."""
     check_training_data(x_train, y_train)   # the cheap checks before the training kernel is computed
-    check_test_points(x_test, x_train.shape[-1], x_train.device)
+    if x_test is not None:   # "ntk" predicts the training points for None, as GradientFlow does
+        check_test_points(x_test, x_train.shape[-1], x_train.device)
     return GPPosterior(net, x_train, y_train, kernel=kernel, noise=noise).predict(x_test, compute_cov)

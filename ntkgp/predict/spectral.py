@@ -16,11 +16,15 @@ instead of ``0/0`` (neural-tangents returns NaN there). Eigenvalues below ``N ·
 rounding) count as exactly zero at ``t = ∞``, and at finite times once ``τ · N ε λ_max`` exceeds
 ``sqrt(ε)``: their directions never move and, the kernel being positive semi-definite, test
 points have no component along them beyond rounding noise, which ``τ`` would otherwise amplify.
+That holds for exact null directions (duplicated points); directions that are merely below what
+the digits resolve (nearly duplicate points, a smooth kernel far from its data) do have
+components, and :func:`warn_if_unresolved` says so where dropping them changes the answer.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -254,8 +258,9 @@ def real_numbers(value: object, name: str) -> Tensor:
 
 
 def _holds_a_boolean(value: object) -> bool:
-    """Whether nested lists/tuples hold a boolean (``[True, 3]`` becomes an int64 array)."""
-    if isinstance(value, bool | np.bool_):
+    """Whether nested lists/tuples hold a boolean (``[True, 3]`` becomes an int64 array), also a
+    boolean tensor (``[torch.tensor(True), 2]``)."""
+    if isinstance(value, bool | np.bool_) or (isinstance(value, Tensor) and value.dtype == torch.bool):
         return True
     return isinstance(value, list | tuple) and any(_holds_a_boolean(v) for v in value)
 
@@ -343,8 +348,8 @@ def stability_limit(lambda_max: float, m: int, momentum: float = 0.0) -> float:
     return 2 * (1 + momentum) * m / lambda_max if lambda_max > 0 else math.inf
 
 
-def warn_if_unresolved(test_eigen: Tensor, right: Tensor, result: Tensor, schedule: Schedule, eig: Eigensystem,
-                       stacklevel: int = 3) -> None:
+def warn_if_unresolved(test_eigen: Tensor, right: Tensor, result: Tensor, schedule: Schedule,
+                       eig: Eigensystem) -> None:
     """Warn where :meth:`Schedule.functions` sets untrained a direction that moves the test outputs.
 
     ``result[t] = test_eigen · diag(flow[t]) · right`` is what was computed, ``(T, M, k)``.
@@ -372,14 +377,24 @@ def warn_if_unresolved(test_eigen: Tensor, right: Tensor, result: Tensor, schedu
     bound = torch.where(per_unit_time > 0, tau * per_unit_time, 0.0)
     hit = bound > eig.eps ** 0.5 * result.abs().flatten(1).amax(-1)
     if bool(hit.any()):
-        first = float(schedule.values[hit].min())
+        first = float(schedule.values[hit].min().detach())   # t may require grad
         when = f"after {first:g} steps and more" if schedule.discrete else f"at t = {first:g}"
         when += "" if schedule.discrete or math.isinf(first) else " and later"
         warnings.warn(f"{when.capitalize()}, {int(dropped[hit].any(0).sum())} direction(s) of the training kernel "
                       "with eigenvalues below its rounding level (N·ε·λ_max) count as untrained, but move the "
                       "test outputs (nearly duplicate training points, or points far from the training inputs of "
                       "a smooth kernel): from then on the predictions depend on digits the kernel does not hold. "
-                      "Add diag_reg (e.g. 1e-6) for a well-defined answer.", RuntimeWarning, stacklevel=stacklevel)
+                      "Add diag_reg (e.g. 1e-6) for a well-defined answer.", RuntimeWarning, stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that points a warning raised by this function's caller at the first frame
+    outside ntkgp: the public functions reach the warnings through different numbers of frames
+    (one-shot wrappers, the full-kernel path), and a fixed level named a line of the library."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("ntkgp."):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def warn_if_unstable(learning_rate: float, limit: float) -> None:
@@ -387,4 +402,4 @@ def warn_if_unstable(learning_rate: float, limit: float) -> None:
     with factor ``1 − ηλ_max/m ≤ −1`` (and grows above the limit)."""
     if learning_rate >= limit:
         warnings.warn(f"learning_rate={learning_rate:g} is at or above the stability limit 2m/λ_max = {limit:g}: "
-                      "discrete gradient descent does not converge.", RuntimeWarning, stacklevel=3)
+                      "discrete gradient descent does not converge.", RuntimeWarning, stacklevel=_caller_level())
