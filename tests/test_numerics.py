@@ -924,10 +924,11 @@ def test_a_failed_compilation_is_not_retried_for_the_same_network_and_dtype(monk
     x = torch.randn(6, 3, dtype=torch.float64)
     with torch.no_grad():
         eager = net.kernel(x)
-        with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        with pytest.warns(RuntimeWarning, match="torch.compile failed") as caught:
             first = net.kernel(x, compile=True)
         second = net.kernel(x, compile=True)
     assert len(attempts) == 1
+    assert [w.filename for w in caught] == [__file__]   # the caller's line, not the library's
     torch.testing.assert_close(first.ntk, eager.ntk, rtol=0, atol=0)
     torch.testing.assert_close(second.nngp, eager.nngp, rtol=0, atol=0)
 
@@ -1017,3 +1018,17 @@ def test_a_callers_autocast_does_not_lower_the_kernels_precision(monkeypatch, pa
     for e, g in zip(expected, got, strict=True):
         assert g.dtype == dtype
         torch.testing.assert_close(g, e, rtol=1e-12, atol=0)   # the same float computation
+
+
+def test_library_warnings_name_the_callers_line():
+    """Warnings raised deep in a kernel recursion named a line of ntkgp with a fixed stacklevel
+    (the quadrature's warning: wherever the Numerical layer sat in the network), which Python's
+    default filters then show once per library line instead of once per caller's line."""
+    x = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for depth in (1, 3):
+        net = ntkgp.serial(*[layer for _ in range(depth) for layer in
+                             (ntkgp.Dense(8, 4.0, 0.1), ntkgp.Numerical(torch.tanh, rtol=1e-15, max_degree=24))],
+                           ntkgp.Dense(1))
+        with pytest.warns(RuntimeWarning, match="quadrature did not reach") as caught:
+            net.kernel(x)
+        assert {w.filename for w in caught} == {__file__}

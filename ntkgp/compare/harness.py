@@ -325,6 +325,12 @@ def variance_tolerance(ensemble_size: int) -> float:
     return 0.27 * math.sqrt(127 / (ensemble_size - 1)) if ensemble_size < 128 else 0.27
 
 
+def variances_checked(ensemble_size: int) -> bool:
+    """Whether the variance check can fail: from a :func:`variance_tolerance` of 100 % on (10
+    members or fewer), ``|σ̂²/σ² − 1| ≤ tolerance`` holds for any ``σ̂² ≤ σ²``, even 0."""
+    return variance_tolerance(ensemble_size) < 1
+
+
 def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.Tensor, tolerance: float,
                    seconds: float) -> WidthResult:
     recorded = len(h.steps)
@@ -374,7 +380,7 @@ def evaluate_checks(result: ComparisonResult) -> dict[str, bool]:
             if s == 0:
                 continue
             checks[f"width {r.width}, step {s}: mean within 3 SE + 0.02 at >= 95% of points"] = r.mean_within[i] >= 0.95
-            if tolerance < 1:   # from 100 % on, |σ̂²/σ² − 1| ≤ tolerance holds for any σ̂² ≤ σ², even 0
+            if variances_checked(result.config["ensemble_size"]):
                 checks[f"width {r.width}, step {s}: variance within {100 * tolerance:.0f}% at >= 90% of points"] = (
                     r.var_within[i] >= 0.90)
     complete = [r for r in result.widths if r.steps == steps]

@@ -6,14 +6,14 @@ import json
 import math
 import pathlib
 
-from ntkgp.compare.harness import ComparisonResult, variance_tolerance
+from ntkgp.compare.harness import ComparisonResult, variance_tolerance, variances_checked
 
 
 def check_notes(r: ComparisonResult) -> list[str]:
     """What the checks leave out, or cannot expect, for this run (the report and the CLI say it)."""
     notes = []
     members = r.config["ensemble_size"]
-    if variance_tolerance(members) >= 1:
+    if not variances_checked(members):
         notes.append(f"variances not checked: with {members} members the allowed relative error, "
                      f"{variance_tolerance(members):.2f}, would pass any ensemble variance below the analytic one, "
                      "even 0 (at least 11 members are needed)")

@@ -41,7 +41,6 @@ ParamFn = Callable[[dict[str, Tensor], Tensor], Tensor]
 _BUILT_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.Identity)
 
 
-
 def ensemble_size(model: nn.Module) -> int | None:
     """The number of stacked members of a module built by ``net.build(ensemble_size=E)``."""
     sizes = {getattr(m, "ensemble_size", None) for m in model.modules()} - {None}

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ntkgp._checks import integer_at_least, seed_value
+from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.numerics import transforms_active
 from ntkgp.layers.state import BatchedDuplicates, Duplicates, KernelState
 from ntkgp.layers.validation import check_inputs
@@ -312,7 +313,7 @@ def _run_block(layer, x1, x2, norms, want_ntk, symmetric, compile, duplicates=No
     except Exception as err:  # no compiler toolchain, unsupported layer, ...
         _COMPILE_FAILED.setdefault(layer, set()).add(key)
         warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); using the eager path for this "
-                      f"network in {x1.dtype} from now on.", RuntimeWarning, stacklevel=4)
+                      f"network in {x1.dtype} from now on.", RuntimeWarning, stacklevel=caller_stacklevel())
         return _block(layer, x1, x2, norms, want_ntk, symmetric)
 
 

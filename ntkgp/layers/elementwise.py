@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._checks import integer_at_least
+from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.activations import Activation
 from ntkgp.layers.numerics import is_vmapped, overflow_scale
 
@@ -187,7 +188,7 @@ class Numerical(Activation):
                 unsettled = degrees == 0
                 warnings.warn(f"Numerical({self._name}): quadrature did not reach rtol={rtol:g} by degree "
                               f"{degree} (variances up to {float(c[unsettled].max()):.3g}); using degree {degree} "
-                              "there.", RuntimeWarning, stacklevel=5)
+                              "there.", RuntimeWarning, stacklevel=caller_stacklevel())
                 degrees[unsettled] = degree
                 return c, degrees
             if previous is None:

@@ -24,7 +24,6 @@ components, and :func:`warn_if_unresolved` says so where dropping them changes t
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ from torch import Tensor
 
 from ntkgp._checks import integer_at_least
 from ntkgp._typing import Steps, Times
+from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.validation import all_finite, finite_number, positive_number
 
 
@@ -180,7 +180,7 @@ class Schedule:
         lam = eig.values.unsqueeze(-2)                           # (1, N)
         rate = self.learning_rate / self.m
         times = self.values.to(lam.dtype).unsqueeze(-1)           # (T, 1)
-        tau = rate * times                                        # s steps: the τ of s·η/m
+        tau = self.tau(lam.dtype).unsqueeze(-1)                   # s steps: the τ of s·η/m
         null = self.untrained(eig)                                               # (T, N)
         safe_lam = torch.where(lam > 0, lam, torch.ones_like(lam))
         if not self.discrete:
@@ -200,10 +200,14 @@ class Schedule:
         decay, growth = torch.where(null, 1.0, decay), torch.where(null, 0.0, growth)
         return decay, growth, torch.where(null, 0.0, flow)
 
+    def tau(self, dtype: torch.dtype) -> Tensor:
+        """``(T,)`` scaled times ``τ = η t / m`` (``s η / m`` for ``s`` steps)."""
+        return (self.learning_rate / self.m) * self.values.to(dtype)
+
     def untrained(self, eig: Eigensystem) -> Tensor:
         """``(T, N)``: the directions that count as exactly null at each time (:meth:`functions`)."""
         lam = eig.values.unsqueeze(-2)
-        tau = (self.learning_rate / self.m) * self.values.to(lam.dtype).unsqueeze(-1)
+        tau = self.tau(lam.dtype).unsqueeze(-1)
         tol = eig.null_tolerance.unsqueeze(-2)
         # τ = ∞ also where a finite η t/m overflows: then tol = 0 (a zero kernel) gave τ·tol = NaN,
         # not late, and such a time moved the null directions (all of them) as if they trained
@@ -372,7 +376,7 @@ def warn_if_unresolved(test_eigen: Tensor, right: Tensor, result: Tensor, schedu
     dropped = untrained & real
     if not bool(dropped.any()):
         return
-    tau = (schedule.learning_rate / schedule.m) * schedule.values.to(seen.dtype)  # (T,)
+    tau = schedule.tau(seen.dtype)                                               # (T,)
     per_unit_time = torch.where(dropped, seen * right.abs().amax(-1), 0.0).sum(-1)
     bound = torch.where(per_unit_time > 0, tau * per_unit_time, 0.0)
     hit = bound > eig.eps ** 0.5 * result.abs().flatten(1).amax(-1)
@@ -384,17 +388,8 @@ def warn_if_unresolved(test_eigen: Tensor, right: Tensor, result: Tensor, schedu
                       "with eigenvalues below its rounding level (N·ε·λ_max) count as untrained, but move the "
                       "test outputs (nearly duplicate training points, or points far from the training inputs of "
                       "a smooth kernel): from then on the predictions depend on digits the kernel does not hold. "
-                      "Add diag_reg (e.g. 1e-6) for a well-defined answer.", RuntimeWarning, stacklevel=_caller_level())
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` that points a warning raised by this function's caller at the first frame
-    outside ntkgp: the public functions reach the warnings through different numbers of frames
-    (one-shot wrappers, the full-kernel path), and a fixed level named a line of the library."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("ntkgp."):
-        frame, level = frame.f_back, level + 1
-    return level
+                      "Add diag_reg (e.g. 1e-6) for a well-defined answer.", RuntimeWarning,
+                      stacklevel=caller_stacklevel())
 
 
 def warn_if_unstable(learning_rate: float, limit: float) -> None:
@@ -402,4 +397,4 @@ def warn_if_unstable(learning_rate: float, limit: float) -> None:
     with factor ``1 − ηλ_max/m ≤ −1`` (and grows above the limit)."""
     if learning_rate >= limit:
         warnings.warn(f"learning_rate={learning_rate:g} is at or above the stability limit 2m/λ_max = {limit:g}: "
-                      "discrete gradient descent does not converge.", RuntimeWarning, stacklevel=_caller_level())
+                      "discrete gradient descent does not converge.", RuntimeWarning, stacklevel=caller_stacklevel())
