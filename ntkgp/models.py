@@ -54,6 +54,10 @@ class NetworkGP(gpytorch.models.ExactGP):
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}.")
         check_points(train_x, "train_x")
+        if train_x.dim() != 2 or train_x.shape[0] == 0:
+            # batched train_x was paired with the same targets in every batch, and a (b, N) target read
+            # as (N, k) when b == N; empty data failed at the first fit step as a "non-finite" likelihood
+            raise ValueError(f"train_x must have shape (N, d) with N >= 1, got {tuple(train_x.shape)}.")
         if not isinstance(train_y, Tensor) or not train_y.is_floating_point():
             raise ValueError(f"train_y must be a floating-point tensor, got "
                              f"{train_y.dtype if isinstance(train_y, Tensor) else type(train_y).__name__}.")
@@ -61,8 +65,8 @@ class NetworkGP(gpytorch.models.ExactGP):
             # GPyTorch would take them: NaN predictions everywhere, and fit's "non-finite marginal
             # likelihood" would not say why
             raise ValueError("train_y contains NaN or infinite values.")
-        if train_y.dim() not in (1, 2) or train_y.shape[0] != train_x.shape[-2]:
-            raise ValueError(f"train_y must be (N,) or (N, k) with N = {train_x.shape[-2]}, "
+        if train_y.dim() not in (1, 2) or train_y.shape[0] != train_x.shape[-2] or 0 in train_y.shape:
+            raise ValueError(f"train_y must be (N,) or (N, k) with N = {train_x.shape[-2]} and k >= 1, "
                              f"got {tuple(train_y.shape)}.")
         if mean not in ("zero", "constant"):
             raise ValueError(f"mean must be 'zero' or 'constant', got {mean!r}.")

@@ -360,3 +360,29 @@ def test_empirical_ntk_jacobian_route_refuses_batched_x2_as_it_does_batched_x1()
         with pytest.raises(ValueError, match=r"x2 must have shape \(n, d\)"):
             empirical_ntk(wrapped, x1, x2)
         assert empirical_ntk(model, x1, x2).shape == (x2.shape[0], 4, x2.shape[1])   # built networks take batches
+
+
+def test_empirical_ntk_is_a_constant_on_both_routes():
+    """Built alone, a network took the layer-by-layer route and gave a kernel without a graph; the
+    same network wrapped in a user module took the Jacobian route and gave one differentiable in
+    the inputs, so an objective's gradient depended on which route an internal check picked."""
+    model = ntkgp.mlp(depth=2, width=16, activation="erf").build(in_features=3, seed=0)
+
+    class Scale(torch.nn.Module):
+        def forward(self, z):
+            return 1.0 * z
+
+    x = torch.randn(4, 3, requires_grad=True)
+    layerwise, jacobian = empirical_ntk(model, x), empirical_ntk(torch.nn.Sequential(model, Scale()), x)
+    torch.testing.assert_close(layerwise, jacobian, rtol=1e-13, atol=1e-13)
+    assert not layerwise.requires_grad and not jacobian.requires_grad
+    assert not empirical_ntk(torch.nn.Sequential(model, Scale()), x, x[:2] * 2).requires_grad
+
+
+def test_equivalent_learning_rates_refuse_invalid_rates():
+    """A string came back as every parameter's "rate", and negative or NaN rates silently (a
+    negative one made the rate-weighted NTK indefinite)."""
+    model = ntkgp.mlp(depth=1, width=4, parameterization="standard").build(in_features=2, seed=0)
+    for bad in ("0.1", -1.0, 0.0, math.nan, math.inf, True):
+        with pytest.raises(ValueError, match="learning_rate must be a positive number"):
+            equivalent_learning_rates(model, bad)

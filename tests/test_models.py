@@ -319,6 +319,18 @@ def test_network_gp_refuses_non_finite_or_integer_data():
         NetworkGP(x.long(), y)
 
 
+def test_network_gp_refuses_empty_or_batched_training_data():
+    """Empty data failed at the first fit step with "Non-finite marginal likelihood" or a
+    linear_operator reshape error; batched train_x (b, N, d) was paired with the same targets in
+    every batch, and with b == N a (b, N) target was silently read as N points with b outputs."""
+    x, y = _data()
+    for bad_x in (x[:0], x.expand(2, *x.shape), x[None]):
+        with pytest.raises(ValueError, match=r"train_x must have shape \(N, d\) with N >= 1"):
+            NetworkGP(bad_x, y[: len(bad_x)] if bad_x.dim() == 2 else y)
+    with pytest.raises(ValueError, match=r"train_y must be \(N,\) or \(N, k\) with N = .* and k >= 1"):
+        NetworkGP(x, y[:, None][:, :0])
+
+
 def test_network_gp_checks_that_the_likelihood_fits_the_targets():
     """A GaussianLikelihood for (N, k) targets, or a multitask one for 1-D targets or another k,
     failed only in the first fit step, deep inside GPyTorch ("Attempting to broadcast a dimension

@@ -77,3 +77,15 @@ def test_nearby_seeds_give_independent_estimates_and_bad_arguments_raise():
             monte_carlo_kernel(net, x, **kwargs)
     with pytest.raises(ValueError, match=r"\(n, d\)"):   # a leading axis would pair points with members
         monte_carlo_kernel(net, x.expand(2, 4, 3), n_samples=2)
+
+
+def test_monte_carlo_kernel_checks_the_seed_first():
+    """seed=True was accepted (True + 1_000_003 b is an int); a seed whose last batch leaves
+    torch's range failed only at that batch, after the earlier ones were computed."""
+    net, x = ntkgp.mlp(depth=1, width=4), torch.randn(3, 2)
+    for bad in (True, 1.5, "0"):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            monte_carlo_kernel(net, x, n_samples=2, seed=bad)
+    with pytest.raises(ValueError, match=r"seed \+ 1_000_003 \* 1 \(the seed of the last batch\)"):
+        monte_carlo_kernel(net, x, n_samples=4, ensemble_batch=2, seed=2**64 - 2)
+    assert monte_carlo_kernel(net, x, n_samples=2, seed=2**64 - 2).n_samples == 2

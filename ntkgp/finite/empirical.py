@@ -124,7 +124,8 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
             standard-parameterized network's kernel equal its NTK-parameterized twin's.
 
     Returns:
-        ``(n1, n2)`` (or ``(n1, n2, k, k)``); with a leading ``E`` for ensembles.
+        ``(n1, n2)`` (or ``(n1, n2, k, k)``); with a leading ``E`` for ensembles. The kernel is a
+        constant: it carries no gradient to the inputs or the parameters on either route.
 
     Networks built by ntkgp (every module an ntkgp layer, every ``Dense`` layer called once) take
     the layer-by-layer route of the module docstring; anything else, or scales other than numbers
@@ -145,6 +146,9 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
             raise ValueError(f"{name} must have shape (n, d) for this network (only networks built by ntkgp "
                              f"take batches of inputs), got {tuple(x.shape)}.")
     params = {name: p.detach() for name, p in all_params.items()}
+    # no graph to the inputs either, as on the layer-by-layer route (whose signals are detached):
+    # the same network wrapped in a user module gave a differentiable kernel, built alone a constant
+    x1, x2 = x1.detach(), None if x2 is None else x2.detach()
     # an ensemble's parameters left out of params= are constants, but stacked ones: they are mapped
     # over members with the rest (left to functional_call they gave every member all E members'
     # outputs, read as E points: an (E, E, k) kernel for n points)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ntkgp._checks import integer_at_least
+from ntkgp._checks import integer_at_least, seed_value
 from ntkgp.finite.empirical import empirical_nngp, empirical_ntk
 from ntkgp.layers.base import Layer
 from ntkgp.layers.validation import check_inputs
@@ -46,6 +46,9 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
             raise ValueError(f"{name} must have shape (n, d), got {tuple(x.shape)}.")
     n_samples = integer_at_least(n_samples, 1, "n_samples")
     ensemble_batch = integer_at_least(ensemble_batch, 1, "ensemble_batch")
+    seed = seed_value(seed)   # True + 1_000_003 b made a seed of a boolean
+    last = (n_samples - 1) // ensemble_batch
+    seed_value(seed + 1_000_003 * last, name=f"seed + 1_000_003 * {last} (the seed of the last batch)")
     d = x1.shape[-1]
     nngps, ntks = _Moments(), _Moments()
     done, batch_index = 0, 0

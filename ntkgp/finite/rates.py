@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ntkgp.layers.dense import DenseModule
+from ntkgp.layers.validation import positive_number
 
 
 def equivalent_learning_rates(model: nn.Module, learning_rate: float) -> dict[str, float | Tensor]:
@@ -21,9 +22,11 @@ def equivalent_learning_rates(model: nn.Module, learning_rate: float) -> dict[st
         ``{parameter name: rate}``; a rate is a float or a tensor broadcastable to the parameter.
 
     Raises:
-        ValueError: if a deferred first layer (``build()`` without ``in_features``) has not drawn
-            its weights yet: they are not a parameter yet, and their rate needs their fan-in.
+        ValueError: if ``learning_rate`` is not a positive finite number, or if a deferred
+            first layer (``build()`` without ``in_features``) has not drawn its weights yet: they
+            are not a parameter yet, and their rate needs their fan-in.
     """
+    learning_rate = positive_number(learning_rate, "learning_rate")
     deferred = [prefix or "<model>" for prefix, module in model.named_modules()
                 if isinstance(module, DenseModule) and module.weight is None]
     if deferred:   # its weight would be missing from the rates, or trained at η if read with a default

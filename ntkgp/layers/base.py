@@ -193,6 +193,10 @@ class Layer(VarianceParameters, gpytorch.Module):
                 moved it since), like every other parameter, so inputs must match those.
             seed: seed of the weight draws (same seed, same network, on any device/dtype): an
                 integer (numpy and 0-d tensor integers too) in torch's range ``[-2⁶³, 2⁶⁴)``.
+                A deferred build draws its first layer's weights from a stream of their own, so
+                every layer differs from the build with ``in_features`` and the same seed (the
+                one ``train_ensemble`` and ``monte_carlo_kernel`` make): rebuild a member with
+                ``in_features``.
             ensemble_size: if given, ``E`` independent networks with stacked weights; the
                 module then maps ``(n, d)`` to ``(E, n, k)``.
             dtype: of the parameters (torch's default dtype by default).
