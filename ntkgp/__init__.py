@@ -35,6 +35,22 @@ from ntkgp.layers.mlp import mlp
 
 __version__ = "0.1.0"
 
+#: Subpackages imported on first use: ``ntkgp.models`` and ``ntkgp.compare`` work after a plain
+#: ``import ntkgp`` without every import paying for them (``compare`` loads matplotlib).
+_LAZY_SUBPACKAGES = ("compare", "models")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"ntkgp.{name}")
+    raise AttributeError(f"module 'ntkgp' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY_SUBPACKAGES])
+
 __all__ = [
     "GELU",
     "ABReLU",
@@ -57,8 +73,10 @@ __all__ = [
     "Sign",
     "Sin",
     "bayes",
+    "compare",
     "finite",
     "mlp",
+    "models",
     "parallel",
     "predict",
     "repeat",

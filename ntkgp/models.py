@@ -151,10 +151,18 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     Returns:
         The negative marginal log likelihood (plus the negative log prior densities, if any) per
         target entry (per data point for 1-D targets) at every step, before that step's update
-        (for LBFGS: at the start of the step). The model is left in eval mode. Raises
-        ``FloatingPointError`` if the loss or a gradient is not finite.
+        (for LBFGS: at the start of the step). The model is left in eval mode.
+
+    Raises:
+        ValueError: if a trained parameter is not finite before the first step.
+        FloatingPointError: if the loss or a gradient is not finite.
     """
     steps = integer_at_least(steps, 0, "steps")
+    # a NaN raw noise surfaced as linear_operator's NanError from inside the Cholesky, not as
+    # this function's error
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not all_finite(p)]
+    if bad:
+        raise ValueError(f"Parameters {bad} are not finite: nothing to fit from.")
     model.train()
     model.likelihood.train()
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)

@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import ntkgp
@@ -62,3 +63,16 @@ def test_kernels_and_transforms_need_no_torch_newer_than_the_floor():
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["kernel"] == _values(ntkgp, plain=True)
     assert out["transforms"] == _values(ntkgp, plain=False)
+
+
+def test_every_documented_subpackage_is_reachable_after_import_ntkgp():
+    """README lists ntkgp.models and ntkgp.compare, but a plain ``import ntkgp`` left both
+    undefined (AttributeError). They load on first use, so the import itself stays light."""
+    code = ("import sys, ntkgp; light = 'matplotlib' not in sys.modules; "
+            "print(light, ntkgp.models.NetworkGP.__name__, ntkgp.compare.run_comparison.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["True", "NetworkGP", "run_comparison"]
+    for name in ("bayes", "finite", "predict", "kernels", "layers"):
+        assert hasattr(ntkgp, name)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        ntkgp.nothing  # noqa: B018

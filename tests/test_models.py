@@ -406,3 +406,14 @@ def test_fit_under_a_callers_no_grad_or_inference_mode(mode):
     # its parameters are still normal tensors: fitting goes on outside the mode, from where it stopped
     assert not any(p.is_inference() for p in model.parameters())
     assert fit(model, steps=1)[0] < got[0]
+
+
+def test_fit_refuses_non_finite_hyperparameters_before_the_first_step():
+    """A NaN raw noise surfaced as linear_operator's NanError from inside the Cholesky, not as
+    fit's documented error."""
+    x, y = _data()
+    model = NetworkGP(x, y, ntkgp.mlp(1, "erf", 2.0, 0.1))
+    with torch.no_grad():
+        model.likelihood.noise_covar.raw_noise.fill_(math.nan)
+    with pytest.raises(ValueError, match=r"Parameters \['likelihood.noise_covar.raw_noise'\] are not finite"):
+        fit(model, steps=2)

@@ -17,8 +17,10 @@ gradient-flow time ``η s`` of ``dθ/dt = −∇L``, used to label plots: it is 
 
 Recorded at chosen steps: test outputs of every member (hence ensemble mean and variance), the
 training loss, the relative weight change ``‖θ_t − θ_0‖ / ‖θ_0‖`` and the relative change of
-the empirical NTK on a probe set ``‖Θ̂_t − Θ̂_0‖_F / ‖Θ̂_0‖_F`` (Lee et al. 2019 predict both fall
-as ``1/sqrt(width)``: "lazy training").
+the empirical NTK on a probe set ``‖Θ̂_t − Θ̂_0‖_F / ‖Θ̂_0‖_F``: "lazy training" (Lee et al. 2019,
+Fig. 1). In NTK parameterization the input and readout weights move as ``width^(−1/2)`` and the
+width × width ones as ``width^(−1)``, which dominate the total; the NTK changes at least as fast as
+``width^(−1/2)`` (Dyer & Gur-Ari 2020).
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def transforms_active() -> bool:
 
 def overflow_scale(k11: Tensor, k22: Tensor) -> float | Tensor | None:
     """A power of 4, ``c``, such that products of the variances scaled by ``c`` cannot overflow;
-    ``None`` when none is needed (the usual case: variances below ``sqrt(max)/16``, 2.6e17 in
+    ``None`` when none is needed (the usual case: variances below ``sqrt(max)/16``, 1.15e18 in
     float32). Powers of 4 keep ``sqrt(c·k11 · c·k22) == c k`` exact where ``k11 = k22 = k``, and
     ``sqrt(c)`` exact. Under ``torch.compile`` ``c`` is a tensor (no data-dependent branch).
 
@@ -167,7 +167,7 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tenso
     Without autograd the same formula runs in place on its temporaries, and the ``π/2`` fill
     is applied only when a zero variance is present (it can only occur there). Where ``k11 k22``
     could overflow or underflow (variances beyond ``sqrt(max)/16`` or below ``16 sqrt(tiny)``:
-    2.6e17 and 1.7e-18 in float32) every point's variance is first scaled by its own power of 4
+    1.15e18 and 1.7e-18 in float32) every point's variance is first scaled by its own power of 4
     (:func:`power_of_4_exponents`), which changes no bit of the result elsewhere.
     """
     rescale = None
