@@ -49,7 +49,28 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclass
 class CompareConfig:
-    """Settings of a comparison (see ``ntkgp compare --help`` for each)."""
+    """Settings of a comparison; the command line's options set the same fields (``ntkgp compare --help``).
+
+    Attributes:
+        widths: hidden widths to train (sorted, duplicates dropped).
+        ensemble_size: members per width (at least 2: variances need two).
+        depth, activation, weight_var, bias_var, parameterization: the network, as
+            :func:`ntkgp.mlp` takes them (``bias_var=None``: no biases; ``--no-bias``).
+        readout_only: train only the readout and compare with the NNGP predictions.
+        learning_rate: absolute ``η``; ``None`` takes ``lr_fraction · 2m/λ_max``.
+        lr_fraction: the learning rate as a fraction of the stability limit ``2m/λ_max``.
+        record_steps: steps at which to compare (sorted; at least one positive).
+        probe_points: test points (every ``M // probe_points``-th) on which the empirical NTK's
+            change is measured (no command-line option).
+        seed: seed of the initializations.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...; ``None`` is the command line's
+            ``auto`` (CUDA when available).
+        dtype: ``"float32"`` or ``"float64"``, of the finite networks.
+        chunk_size: members trained at once (``None``: as many as fit in 1 GiB counted in float32).
+        divergence_check: run the networks above the stability limit too
+            (``--no-divergence-check`` turns it off).
+        progress: show a progress bar (the command line shows one unless ``--no-progress``).
+    """
 
     widths: tuple[int, ...] = (32, 128, 512)
     ensemble_size: int = 64
@@ -121,7 +142,27 @@ class CompareConfig:
 
 @dataclass
 class WidthResult:
-    """Metrics of one width at every recorded step."""
+    """Metrics of one width, one entry per recorded step (``report.md`` explains each column).
+
+    Attributes:
+        width: the hidden width.
+        steps: recorded steps (fewer than asked when training diverged).
+        mean_within: fraction of test points with ``|μ̂ − μ| ≤ 3 SE + 0.02``.
+        var_within: fraction with ``|σ̂² − σ²| ≤ tolerance · max(σ², 10⁻⁶ max σ²)``.
+        mean_rmse: ``sqrt(mean (μ̂ − μ)²)`` over the test points.
+        mean_bias: ``sqrt(max(mean((μ̂ − μ)² − SE²), 0))``, the part of the error that is not noise.
+        mean_bias_noise: the bias that two standard deviations of that estimate amount to for
+            unbiased members (module docstring).
+        var_rel_error: mean over test points of ``|σ̂² − σ²| / max(σ², floor)``.
+        train_loss: mean over members of ``(1/2m)‖f − Y‖²``.
+        weight_change: mean over members of ``‖θ_s − θ_0‖ / ‖θ_0‖``.
+        ntk_change: mean over members of ``‖Θ̂_s − Θ̂_0‖_F / ‖Θ̂_0‖_F`` on the probe points.
+        layer_change: the weight change per layer group (``"input"``, ``"hidden"``, ``"readout"``).
+        ensemble_mean: ``μ̂`` per step and test point.
+        ensemble_std: ``σ̂`` per step and test point.
+        seconds: training time of this width.
+        diverged_at: step at which training diverged, ``None`` if it did not.
+    """
 
     width: int
     steps: list[int]

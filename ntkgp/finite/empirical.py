@@ -88,7 +88,9 @@ def _outputs_2d(out: Tensor) -> Tensor:
 
 def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None, *,
                    params: dict[str, Tensor] | None = None, vector_output: bool = False) -> Tensor:
-    """``f(x1) f(x2)ᵀ`` per output unit ``(n1, n2)`` (or ``(n1, n2, k, k)``); ``(E, …)`` for ensembles."""
+    """``K̂(x, x') = (1/k) f(x)·f(x')`` per output unit ``(n1, n2)`` (or ``f_i(x) f_j(x')`` as
+    ``(n1, n2, k, k)``); ``(E, …)`` for ensembles. Over random initializations its mean is the NNGP
+    kernel (Neal 1996; Lee et al. 2018). A constant: no gradient flows through it."""
     x1, x2 = check_inputs(x1, x2)
     _check_dtype(model, x1)
     fn, params, _ = _as_function(model, params, x1)
@@ -105,7 +107,9 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
                   params: dict[str, Tensor] | None = None, vector_output: bool = False,
                   chunk_size: int | None = None, parameter_scales: dict[str, float | Tensor] | None = None
                   ) -> Tensor:
-    """``Σ_p s_p ∂f(x1)/∂θ_p ∂f(x2)/∂θ_p`` per output unit, or in full with ``vector_output``.
+    """``Θ̂(x, x') = Σ_p s_p ∂f(x)/∂θ_p ∂f(x')/∂θ_p`` per output unit, or in full with
+    ``vector_output``: the empirical neural tangent kernel, which converges to the analytic NTK as
+    the width grows (Jacot et al. 2018).
 
     Args:
         model: a module (its parameters are ``θ``), or a function ``f(params, x)``.

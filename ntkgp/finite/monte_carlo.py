@@ -29,7 +29,12 @@ class KernelEstimate:
 
 def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_samples: int = 128,
                        seed: int = 0, ntk: bool = True, ensemble_batch: int = 64) -> KernelEstimate:
-    """Average empirical kernels over ``n_samples`` random initializations of ``net.build``.
+    """Average empirical kernels over ``n_samples`` random initializations of ``net.build``::
+
+        K̄ = (1/S) Σ_s f_s(x) f_s(x')ᵀ,   Θ̄ = (1/S) Σ_s J_s(x) J_s(x')ᵀ,   SEM = std_s / sqrt(S)
+
+    the Monte-Carlo check of the analytic kernels (as neural-tangents' ``monte_carlo_kernel_fn``,
+    Novak et al. 2020).
 
     Members are built as stacked ensembles of up to ``ensemble_batch`` networks (vectorized,
     ``torch.func.vmap`` over members for the NTK), in the dtype and on the device of ``x1``;

@@ -52,6 +52,8 @@ class EnsembleHistory:
     """What :func:`train_ensemble` recorded, one entry per recorded step.
 
     Attributes:
+        learning_rate: ``η`` (the base rate; per-layer rates for the standard parameterization
+            are derived from it).
         steps: ``(T,)`` recorded step counts; ``times = learning_rate · steps``.
         test_outputs: ``(T, E, M, k)`` outputs of every member on the test inputs.
         train_loss: ``(T, E)`` per-member training loss ``(1/2m)‖f − Y‖²``.
@@ -69,6 +71,8 @@ class EnsembleHistory:
         diverged_at: first step at which some member's loss was not finite or exceeded
             ``1e6`` times its initial value (``None`` if training stayed stable); training stops there
             and later records are absent.
+        settings: how the ensemble was trained, for reports: ``ensemble_size``, ``readout_only``,
+            ``seed``, ``dtype``, ``device`` and ``chunk_size`` (the chunk actually used).
     """
 
     learning_rate: float

@@ -14,7 +14,8 @@ class NNGPKernel(NetworkKernel):
     standard-parameterized readout trained with one learning rate has the tangent kernel
     ``n K_h + 1[bias]``, ``K_h`` the kernel of its ``n`` input features; with the per-layer rates of
     :func:`ntkgp.finite.rates.equivalent_learning_rates` it is ``K`` again). Values are the
-    layer-by-layer recursion of :meth:`ntkgp.Layer.kernel`.
+    layer-by-layer recursion of :meth:`ntkgp.Layer.kernel`: ``K ← σ_w² K + σ_b²`` (Dense),
+    ``K ← T(K) = E[φ(u)φ(v)]`` (activations), from ``K⁰ = x·x'/d``.
 
     Example:
         >>> net = ntkgp.mlp(depth=2, activation="relu")
@@ -26,6 +27,8 @@ class NNGPKernel(NetworkKernel):
         batch_shape: GPyTorch batch shape of the hyperparameters, given to ``net``'s variances in
             place (kernels sharing a network share its batch shape).
         active_dims: input columns the kernel acts on.
+        **kwargs: other arguments of ``gpytorch.kernels.Kernel`` (``eps``, ...); a kernel-level
+            ``ard_num_dims`` is refused (per-feature variances belong to the first ``Dense``).
     """
 
     kind = "nngp"

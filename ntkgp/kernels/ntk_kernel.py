@@ -20,6 +20,8 @@ class NTKKernel(NetworkKernel):
         batch_shape: GPyTorch batch shape of the hyperparameters, given to ``net``'s variances in
             place (kernels sharing a network share its batch shape).
         active_dims: input columns the kernel acts on.
+        **kwargs: other arguments of ``gpytorch.kernels.Kernel`` (``eps``, ...); a kernel-level
+            ``ard_num_dims`` is refused (per-feature variances belong to the first ``Dense``).
     """
 
     kind = "ntk"

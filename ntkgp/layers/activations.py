@@ -257,7 +257,9 @@ def _sin(x: Tensor, a: float, b: float, c: float) -> Tensor:
 
 
 class Sin(Activation):
-    r"""``φ(x) = a·sin(b x + c)``. From ``sin A sin B = (cos(A−B) − cos(A+B))/2``::
+    r"""``φ(x) = a·sin(b x + c)`` (neural-tangents' ``stax.Sin``, Novak et al. 2020; at ``c = π/2``
+    one layer is the random-Fourier-feature kernel of Rahimi & Recht 2007). From
+    ``sin A sin B = (cos(A−B) − cos(A+B))/2`` and ``E[e^{i(bu − bv)}] = e^{−b²(k11 + k22 − 2k12)/2}``::
 
         T = a²/2 · (e^{b²(k12 − (k11+k22)/2)} − cos(2c) e^{−b²(k12 + (k11+k22)/2)})
         Ṫ = a²b²/2 · (e^{b²(k12 − (k11+k22)/2)} + cos(2c) e^{−b²(k12 + (k11+k22)/2)})
@@ -317,7 +319,8 @@ class Sin(Activation):
 
 
 class Cos(Sin):
-    """``φ(x) = a·cos(b x + c) = a·sin(b x + c + π/2)``."""
+    """``φ(x) = a·cos(b x + c) = a·sin(b x + c + π/2)``: the kernels of :class:`Sin` at ``c + π/2``
+    (neural-tangents' ``stax.Cos``, Novak et al. 2020)."""
 
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
         (c,) = _finite(c=c)
@@ -328,7 +331,9 @@ class Cos(Sin):
 
 # ---------------------------------------------------------------------------------- step
 class Sign(Activation):
-    r"""``φ(x) = sign(x)`` (a ±1 step)::
+    r"""``φ(x) = sign(x)`` (a ±1 step). ``sign = 2H − 1`` with the Heaviside step ``H``, whose
+    kernel is the arc-cosine kernel of degree 0, ``E[H(u)H(v)] = (π − θ)/(2π)`` (Cho & Saul 2009;
+    ``θ`` the angle of the covariance)::
 
         T = 1 − 2θ/π = (2/π) arcsin(k12 / sqrt(k11 k22)),   T(k, k, k) = 1[k > 0]
         Ṫ = 0   (φ' = 0 almost everywhere; as in neural-tangents)

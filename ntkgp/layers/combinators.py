@@ -199,21 +199,26 @@ class ParallelModule(nn.Module):
 
 
 def serial(*layers: Layer) -> Serial:
-    """Compose layers in series (neural-tangents' ``stax.serial``)."""
+    """Compose layers in series, ``K_L = f_L ∘ … ∘ f_1`` (neural-tangents' ``stax.serial``, Novak
+    et al. 2020); see :class:`Serial`."""
     return Serial(*layers)
 
 
 def parallel(*branches: Layer, join: str = "sum") -> Parallel:
-    """Run branches on the same input and join them by ``"sum"`` or ``"concat"``."""
+    """Run branches on the same input and join them: ``K = Σ_b K_b`` (``"sum"``) or
+    ``K = Σ_b n_b K_b / Σ_b n_b`` (``"concat"``), likewise ``Θ``; see :class:`Parallel`."""
     return Parallel(*branches, join=join)
 
 
 def residual(*layers: Layer) -> Parallel:
-    """A residual block ``x + f(x)`` with ``f = serial(*layers)``; ``x`` must be Gaussian (after a Dense)."""
+    """A residual block ``x + f(x)`` with ``f = serial(*layers)``: ``K = K_x + K_f``, ``Θ = Θ_x + Θ_f``
+    (He et al. 2016; the infinite-width kernel as in neural-tangents). ``x`` must be Gaussian (after
+    a Dense), and ``f`` must end in a Dense layer of its own, so the two branches are independent."""
     return Parallel(Identity(), Serial(*layers), join="sum")
 
 
 def repeat(layer: Layer, n: int) -> Serial:
-    """``layer`` applied ``n`` times: shared hyperparameters, independent finite weights."""
+    """``layer`` applied ``n`` times, ``K ← f^n(K)``: shared hyperparameters, independent finite
+    weights (neural-tangents' ``stax.repeat``)."""
     n = integer_at_least(n, 1, "repeat() count")
     return Serial(*([layer] * n))

@@ -94,7 +94,15 @@ class Elementwise(Activation):
 
 
 class Numerical(Activation):
-    """Any elementwise torch activation ``fn``, its kernels by 2-D Gauss–Hermite quadrature.
+    r"""Any elementwise torch activation ``fn``, its kernels by 2-D Gauss–Hermite quadrature.
+
+    With ``L`` the Cholesky factor of ``[[k11, k12], [k12, k22]]`` and ``(z_a, w_a)`` the
+    probabilists' Gauss–Hermite nodes and weights::
+
+        T ≈ Σ_ab w_a w_b φ(u_ab) φ(v_ab),   Ṫ ≈ Σ_ab w_a w_b φ'(u_ab) φ'(v_ab),   (u_ab, v_ab) = L (z_a, z_b)
+
+    (``φ'`` by autograd; neural-tangents' ``stax.ElementwiseNumerical``, Novak et al. 2020; Han et
+    al. 2022 discuss the accuracy of such quadratures for NTKs).
 
     The error falls exponentially with the degree, but the degree needed grows with the
     pre-activation variance (the nodes spread as ``sqrt(k)`` while ``φ`` varies on a fixed

@@ -52,8 +52,25 @@ def mlp(
 ) -> Serial:
     """``depth`` hidden ``Dense(width) → activation`` blocks and a ``Dense(out_dim)`` readout.
 
+    Its kernels are the multilayer recursion of Lee et al. 2018 (NNGP) and Jacot et al. 2018
+    (NTK), with ``T``, ``Ṫ`` those of the activation (NTK parameterization; the standard one's
+    NTK is in :class:`ntkgp.Dense`)::
+
+        K₁ = σ_w² x·x'/d + σ_b²,   K_{l+1} = σ_w² T(K_l) + σ_b²
+        Θ₁ = K₁,                   Θ_{l+1} = K_{l+1} + σ_w² Ṫ(K_l) Θ_l
+
     Every ``Dense`` layer gets its own learnable ``weight_var`` and ``bias_var`` (starting at
-    the given values); ``ard_num_dims`` gives the first layer per-feature weight variances.
+    the given values).
+
+    Args:
+        depth: number of hidden layers (0: a linear model).
+        activation: a name from :data:`ACTIVATIONS` or an activation layer.
+        weight_var: ``σ_w²`` of every layer.
+        bias_var: ``σ_b²`` of every layer; ``None`` for layers without bias.
+        width: hidden width of the finite twin (``net.build``); the kernels do not depend on it.
+        out_dim: number of outputs.
+        parameterization: ``"ntk"`` or ``"standard"`` (:class:`ntkgp.Dense`).
+        ard_num_dims: per-feature weight variances on the first layer (``d`` of them).
     """
     depth = integer_at_least(depth, 0, "depth")
     act = make_activation(activation)

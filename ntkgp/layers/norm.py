@@ -14,7 +14,8 @@ class LayerNorm(Layer):
     r"""``(z − mean(z)) / sqrt(var(z) + eps)`` over the features of each input.
 
     For infinitely many i.i.d. centred Gaussian features the mean vanishes and the variance is
-    ``K(x, x)``, so (as in neural-tangents)::
+    ``K(x, x)`` (law of large numbers over the features; Yang 2019, "Tensor programs I"), so (as
+    neural-tangents' ``stax.LayerNorm``, Novak et al. 2020)::
 
         K ← K / sqrt((eps + k11)(eps + k22)),   Θ ← Θ / sqrt((eps + k11)(eps + k22))
 

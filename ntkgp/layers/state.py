@@ -295,6 +295,8 @@ class KernelState:
             them for every block of rows).
         row_offset: in symmetric mode, the column holding row 0's diagonal entry (non-zero when
             a block of rows is propagated on its own).
+        duplicates: the bitwise-equal input points (:class:`Duplicates`), whose pairs every
+            layer keeps exactly a point paired with itself; ``None`` when there are none.
     """
 
     nngp: Tensor | None

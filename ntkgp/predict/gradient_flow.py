@@ -58,7 +58,17 @@ KINDS = ("ntk", "nngp")
 
 
 class GradientFlow:
-    """Fit once, predict many: training kernels and their factorizations are cached.
+    r"""Mean and covariance of an infinite ensemble of infinitely wide networks trained by gradient
+    descent for time ``t`` (Lee et al. 2019, eqs. 15–16). With ``τ = η t / m``::
+
+        kernel="ntk":   μ_t = Θ*d Θ⁻¹ (I − e^{−Θτ}) Y
+                        Σ_t = K** + Θ*d Θ⁻¹(I − e^{−Θτ}) K (I − e^{−Θτ})Θ⁻¹ Θd*
+                              − (Θ*d Θ⁻¹(I − e^{−Θτ}) Kd* + h.c.)
+        kernel="nngp":  μ_t = K*d K⁻¹ (I − e^{−Kτ}) Y,   Σ_t = K** − K*d K⁻¹ (I − e^{−2Kτ}) Kd*
+
+    and ``(I − ηΘ/m)^s`` (resp. ``K``) in place of ``e^{−Θτ}`` after ``s`` discrete steps.
+
+    Fit once, predict many: training kernels and their factorizations are cached.
 
     The training kernels are computed here, from the network's variances at construction; after
     changing those (e.g. by fitting a marginal likelihood), build a new ``GradientFlow``. The

@@ -40,7 +40,15 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
                          steps: Steps = None, learning_rate: float = 1.0, diag_reg: float = 0.0,
                          diag_reg_absolute_scale: bool = False, factor_dtype: torch.dtype = torch.float64
                          ) -> Tensor | tuple[Tensor, Tensor]:
-    """Outputs of one network after training for time ``t`` (or ``steps`` steps).
+    r"""Outputs of one network after training for time ``t`` (or ``steps`` steps).
+
+    The network linearized around its initialization (exact at infinite width, Lee et al. 2019)
+    follows, with ``τ = η t / m``::
+
+        f_t(X) = Y + e^{−Θτ} (f_0(X) − Y)
+        f_t(x*) = f_0(x*) − Θ*d Θ⁻¹ (I − e^{−Θτ}) (f_0(X) − Y)
+
+    with ``(I − ηΘ/m)^s`` in place of ``e^{−Θτ}`` after ``s`` discrete steps.
 
     Args:
         ntk_train_train: ``(N, N)`` tangent kernel of the training inputs, or the full
