@@ -257,8 +257,9 @@ def _sin(x: Tensor, a: float, b: float, c: float) -> Tensor:
 
 
 class Sin(Activation):
-    r"""``φ(x) = a·sin(b x + c)`` (neural-tangents' ``stax.Sin``, Novak et al. 2020; at ``c = π/2``
-    one layer is the random-Fourier-feature kernel of Rahimi & Recht 2007). From
+    r"""``φ(x) = a·sin(b x + c)`` (neural-tangents' ``stax.Sin``, Novak et al. 2020; with a uniformly
+    random phase in place of ``c`` the second term below averages out, leaving the Gaussian kernel
+    of random Fourier features, Rahimi & Recht 2007). From
     ``sin A sin B = (cos(A−B) − cos(A+B))/2`` and ``E[e^{i(bu − bv)}] = e^{−b²(k11 + k22 − 2k12)/2}``::
 
         T = a²/2 · (e^{b²(k12 − (k11+k22)/2)} − cos(2c) e^{−b²(k12 + (k11+k22)/2)})

@@ -101,8 +101,8 @@ class Numerical(Activation):
 
         T ≈ Σ_ab w_a w_b φ(u_ab) φ(v_ab),   Ṫ ≈ Σ_ab w_a w_b φ'(u_ab) φ'(v_ab),   (u_ab, v_ab) = L (z_a, z_b)
 
-    (``φ'`` by autograd; neural-tangents' ``stax.ElementwiseNumerical``, Novak et al. 2020; Han et
-    al. 2022 discuss the accuracy of such quadratures for NTKs).
+    (``φ'`` by autograd; as neural-tangents' ``stax.ElementwiseNumerical``, Novak et al. 2020; Han
+    et al. 2022).
 
     The error falls exponentially with the degree, but the degree needed grows with the
     pre-activation variance (the nodes spread as ``sqrt(k)`` while ``φ`` varies on a fixed
