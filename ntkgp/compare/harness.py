@@ -257,7 +257,14 @@ def loglog_slope(widths: list[int], values: list[float]) -> float:
 
 
 def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
-    """Train an ensemble per width, compare with the analytic predictions, evaluate the checks."""
+    """Train an ensemble per width, compare with the analytic predictions, evaluate the checks.
+
+    For each width, ``config.ensemble_size`` networks are trained by :func:`ntkgp.finite.train_ensemble`
+    and compared at every recorded step ``s`` with the discrete-time NTK-GP (NNGP when
+    ``readout_only``) of :class:`ntkgp.predict.GradientFlow`, ``e^{−Θτ}`` replaced by
+    ``(I − ηΘ/m)^s`` (Lee et al. 2019); the metrics and checks are those of the module docstring.
+    ``ntkgp compare`` is this function plus :func:`ntkgp.compare.report.write_report`.
+    """
     start = time.perf_counter()
     kernel = "nngp" if config.readout_only else "ntk"
     dtype = DTYPES[config.dtype]

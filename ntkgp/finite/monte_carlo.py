@@ -18,7 +18,14 @@ JACOBIAN_BYTES = 1 << 29
 
 @dataclass(frozen=True)
 class KernelEstimate:
-    """Monte-Carlo kernel averages with the standard errors of the means (per entry)."""
+    """Monte-Carlo kernel averages with the standard errors of the means (per entry).
+
+    Attributes:
+        nngp: mean of ``f(x) f(x')ᵀ`` over the samples (per output unit).
+        ntk: mean empirical NTK, ``None`` when not requested.
+        nngp_sem, ntk_sem: their standard errors ``std / sqrt(n_samples)`` (NaN for one sample).
+        n_samples: number of networks averaged.
+    """
 
     nngp: Tensor
     ntk: Tensor | None

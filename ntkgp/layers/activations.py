@@ -47,7 +47,12 @@ class ActivationModule(nn.Module):
 
 
 class Activation(Layer):
-    """Base class of elementwise nonlinearities acting on Gaussian pre-activations."""
+    """Base class of elementwise nonlinearities acting on Gaussian pre-activations.
+
+    A subclass gives ``φ`` (:meth:`fn`) and, in :meth:`pair_kernel`, the two Gaussian expectations
+    ``T = E[φ(u)φ(v)]`` and ``Ṫ = E[φ'(u)φ'(v)]`` (module docstring); the kernel map is then
+    ``K ← T``, ``Θ ← Θ · Ṫ``.
+    """
 
     def fn(self, x: Tensor) -> Tensor:
         """The activation ``φ`` of the finite-width network."""
