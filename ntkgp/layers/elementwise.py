@@ -110,10 +110,12 @@ class Numerical(Activation):
     1.5e-2 (``Ṫ`` to 0.16) at variance 5, where degree 200 reaches 1e-7 (1e-5). So by default the
     degree is chosen per kernel entry: for each variance present it grows (16, 24, 36, ... up to
     ``max_degree``) until ``T`` and ``Ṫ`` at that variance (a point with itself, and correlations
-    ±1/2) change by less than ``rtol`` between successive degrees, the larger being used, and an entry takes the larger degree of its two
-    variances. An entry's value thus depends on its own two points only, not on the others in the
-    call, and entries of small variance do not pay the degree the largest needs. The largest
-    degree used in the last call is kept in ``last_degree``.
+    ±1/2) change by less than ``rtol`` between successive degrees, the larger being used, and an
+    entry takes the larger degree of its two variances. An entry's value thus depends on its own
+    two points only, not on the others in the call, and entries of small variance do not pay the
+    degree the largest needs. The largest degree used in the last call is kept in
+    ``last_degree``. Kinked activations (relu, abs) converge slowly: they reach ``max_degree``
+    and warn; use their closed forms.
 
     Args:
         fn: the activation (``torch.tanh``, ``torch.nn.functional.softplus``, ...).
