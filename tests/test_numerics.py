@@ -578,6 +578,32 @@ def test_setting_invalid_variance_raises():
         ntkgp.Dense(3).bias_var = 0.1
 
 
+@pytest.mark.parametrize("raw", [math.nan, 800.0])
+def test_non_finite_learned_variances_raise_before_work(raw):
+    """A raw variance set to NaN, or an optimizer step that overflowed exp(raw), gave an all-NaN
+    kernel without an error (GPyTorch failed later with an obscure PSD/NaN error)."""
+    x = torch.randn(4, 3)
+    kernel = ntkgp.NNGPKernel(ntkgp.mlp(depth=1))
+    with torch.no_grad():
+        kernel.net.layers[2].raw_bias_var.fill_(raw)
+    for call in (lambda: kernel(x).to_dense(), lambda: kernel.net.kernel(x.double(), diag=True)):
+        with pytest.raises(ValueError, match=r"Variance\(s\) \['layers.2.bias_var'\] are not finite"):
+            call()
+    kernel.net.layers[2].bias_var = 0.1
+    assert torch.isfinite(kernel(x).to_dense()).all()
+
+
+def test_hyperparameter_batches_that_do_not_broadcast_with_the_inputs_raise():
+    """A batch of 2 hyperparameters against inputs batched by 3 surfaced as torch's "The size of
+    tensor a (2) must match the size of tensor b (3)" from inside a layer."""
+    net = ntkgp.mlp(depth=1)
+    net.expand_batch(torch.Size([2]))
+    with pytest.raises(ValueError, match=r"batch shapes \[\(3,\)\] do not broadcast with the hyperparameters' "
+                                         r"batch shape\(s\) \[\(2,\)\]"):
+        net.kernel(torch.randn(3, 4, 3))
+    assert net.kernel(torch.randn(2, 4, 3)).nngp.shape == net.kernel(torch.randn(4, 3)).nngp.shape == (2, 4, 4)
+
+
 @pytest.mark.parametrize("net,message", [
     (lambda: ntkgp.serial(ntkgp.ReLU(), ntkgp.Dense(1)), "Gaussian inputs"),
     (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.Dense(3, ard_num_dims=3)), "first layer"),

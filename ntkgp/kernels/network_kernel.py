@@ -11,6 +11,7 @@ from gpytorch.kernels import Kernel
 from torch import Tensor
 
 from ntkgp.layers.base import Layer, variance_batch_shapes
+from ntkgp.layers.validation import broadcast_shapes
 
 #: The live kernels built on each network, or copied with it (a copy of a network alone has none):
 #: kernels that share a network must share its batch shape, which ``batch_shape`` sets in place.
@@ -65,7 +66,7 @@ class NetworkKernel(Kernel):
             # each feature becomes a one-dimensional input of its own. The feature axis goes in
             # front of the batch axes, which must stay aligned with the hyperparameters' batch_shape,
             # and comes back to GPyTorch's place, (*batch, d, n1, n2), afterwards.
-            batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape)
+            batch = broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape)
             same = x2 is x1
             x1 = x1.expand(*batch, *x1.shape[-2:]).movedim(-1, 0).unsqueeze(-1)
             x2 = x1 if same else x2.expand(*batch, *x2.shape[-2:]).movedim(-1, 0).unsqueeze(-1)
@@ -79,7 +80,7 @@ class NetworkKernel(Kernel):
         if new_shape == self.batch_shape:
             return self
         try:
-            torch.broadcast_shapes(new_shape, self.batch_shape)
+            broadcast_shapes(new_shape, self.batch_shape)
         except RuntimeError as err:
             raise RuntimeError(f"Cannot expand a kernel with batch shape {self.batch_shape} to "
                                f"{new_shape}.") from err

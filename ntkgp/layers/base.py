@@ -26,9 +26,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ntkgp._checks import integer_at_least, seed_value
 from ntkgp._warnings import caller_stacklevel
-from ntkgp.layers.numerics import transforms_active
+from ntkgp.layers.numerics import _is_compiling, transforms_active
 from ntkgp.layers.state import BatchedDuplicates, Duplicates, KernelState
-from ntkgp.layers.validation import check_inputs
+from ntkgp.layers.validation import all_finite, broadcast_shapes, check_inputs
 from ntkgp.layers.variance import VarianceParameters
 
 #: Target number of kernel entries per row block when evaluating kernels without autograd.
@@ -102,6 +102,41 @@ class Layer(VarianceParameters, gpytorch.Module):
         """Raise ``ValueError`` if the architecture has no kernel of the form computed here (checked
         from the spec alone, before any kernel work)."""
 
+    def check_variances(self, x1: Tensor, x2: Tensor | None = None) -> None:
+        """Raise ``ValueError`` if a variance is not finite, or if the hyperparameters' batch shape
+        does not broadcast with the inputs' (checked before any kernel work)."""
+        inputs = [x1.shape[:-2]] + ([] if x2 is None else [x2.shape[:-2]])
+        raws, anchors, shapes = [], [], []   # one walk over the modules: it is most of this check's cost
+        for module in self.modules():
+            if isinstance(module, VarianceParameters):
+                for name, raw in module._parameters.items():
+                    if name.startswith("raw_") and raw is not None:
+                        raws.append(raw.detach().reshape(-1))
+                        anchors.append(module._constraints[f"{name}_constraint"].anchor.reshape(-1))
+                        shapes.append(raw.shape[:raw.dim() - module._variance_event_dims(name[4:])])
+        try:
+            broadcast_shapes(*inputs, *shapes)
+        except RuntimeError:   # was torch's "The size of tensor a (2) must match ..." from inside a layer
+            raise ValueError(f"The inputs' batch shapes {[tuple(s) for s in inputs]} do not broadcast with the "
+                             f"hyperparameters' batch shape(s) {sorted({tuple(s) for s in shapes})} "
+                             "(GPyTorch's batch_shape).") from None
+        if transforms_active() or _is_compiling():   # values are per-sample or symbolic there
+            return
+        # a raw variance set to NaN, or an optimizer step that overflowed exp(raw), gave an all-NaN
+        # kernel and a later, obscure PSD error in GPyTorch; one check for all of them (one sync)
+        if not raws:
+            return
+        # all at once, in x1's dtype (exp(raw) overflows float32 long before float64): one sync
+        values = torch.cat(anchors).to(device=x1.device, dtype=x1.dtype) * torch.cat(raws).to(x1).exp()
+        if not all_finite(values):
+            with torch.no_grad():
+                bad = [f"{prefix or type(self).__name__}.{name[4:]}" for prefix, module in self.named_modules()
+                       if isinstance(module, VarianceParameters)
+                       for name, raw in module._parameters.items() if name.startswith("raw_") and raw is not None
+                       and not all_finite(module.variance_as(name[4:], x1))]
+            raise ValueError(f"Variance(s) {bad} are not finite (a NaN raw parameter, or exp(raw) overflowing "
+                             f"{x1.dtype}); set them anew, e.g. layer.weight_var = 1.0.")
+
     # ------------------------------------------------------------------ public API
     def kernel(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, ntk: bool = True,
                compile: bool = False) -> KernelState:
@@ -138,6 +173,7 @@ class Layer(VarianceParameters, gpytorch.Module):
         x1, x2 = check_inputs(x1, x2, diag)
         self.check_input_dim(x1.shape[-1])
         self.check_structure()
+        self.check_variances(x1, x2)
         # a caller's autocast (mixed-precision training) ran the recursion's products in bfloat16 and
         # returned float32 kernels 1 % off; kernels are computed in the inputs' dtype, as documented
         with _autocast_off(x1.device):
@@ -253,9 +289,9 @@ def _batch_size(layer: Layer, x1: Tensor, x2: Tensor) -> int:
     inputs and of the hyperparameters (GPyTorch's ``batch_shape``, their leading dimensions)."""
     shapes = [x1.shape[:-2], x2.shape[:-2], *variance_batch_shapes(layer)]
     try:
-        return math.prod(torch.broadcast_shapes(*shapes))
+        return math.prod(broadcast_shapes(*shapes))
     except RuntimeError:   # the kernel recursion reports mismatched batches itself
-        return math.prod(torch.broadcast_shapes(*shapes[:2]))
+        return math.prod(broadcast_shapes(*shapes[:2]))
 
 
 def _upper_mirrored(m: Tensor) -> Tensor:
