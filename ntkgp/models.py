@@ -13,7 +13,7 @@ from torch import Tensor
 from ntkgp._autograd import differentiates
 from ntkgp._checks import integer_at_least
 from ntkgp.kernels import NNGPKernel, NTKKernel
-from ntkgp.layers.base import Layer
+from ntkgp.layers.base import Layer, NonFiniteVarianceError
 from ntkgp.layers.mlp import mlp
 from ntkgp.layers.validation import all_finite, check_points
 
@@ -155,7 +155,7 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
 
     Raises:
         ValueError: if a trained parameter is not finite before the first step.
-        FloatingPointError: if the loss or a gradient is not finite.
+        FloatingPointError: if the loss, a gradient or (after a step) a variance is not finite.
     """
     steps = integer_at_least(steps, 0, "steps")
     # a NaN raw noise surfaced as linear_operator's NanError from inside the Cholesky, not as
@@ -182,7 +182,10 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
         optimizer.zero_grad()
         # ExactMarginalLogLikelihood is per target entry of each batch member: a batched model
         # (one per output) gives one value per member, and their mean is per entry of all targets
-        loss = -mll(model(*model.train_inputs), model.train_targets).mean()
+        try:
+            loss = -mll(model(*model.train_inputs), model.train_targets).mean()
+        except NonFiniteVarianceError as error:   # a step (LBFGS's, say) overflowed exp(raw)
+            raise FloatingPointError(f"Non-finite hyperparameters at step {step}: {error}") from error
         loss.backward()
         if not math.isfinite(float(loss.detach())) or any(p.grad is not None and not all_finite(p.grad)
                                                      for p in params):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -591,6 +592,21 @@ def test_non_finite_learned_variances_raise_before_work(raw):
             call()
     kernel.net.layers[2].bias_var = 0.1
     assert torch.isfinite(kernel(x).to_dense()).all()
+
+
+def test_a_non_finite_variance_is_a_nan_loss_to_botorch():
+    """BoTorch's L-BFGS-B fit reads linear_operator's NanError as a NaN loss and shortens its step
+    (what happened when such a variance reached GPyTorch's Cholesky); the new error must not end
+    the fit instead."""
+    botorch_utils = pytest.importorskip("botorch.optim.utils")
+    kernel = ntkgp.NNGPKernel(ntkgp.mlp(depth=1))
+    with torch.no_grad():
+        kernel.net.layers[0].raw_weight_var.fill_(800.0)
+    with pytest.raises(RuntimeError) as error:
+        kernel(torch.randn(4, 3)).to_dense()
+    assert isinstance(error.value, ValueError)
+    value, grads = botorch_utils._handle_numerical_errors(error.value, x=np.zeros(3))
+    assert np.isnan(value) and np.isnan(grads).all()
 
 
 def test_hyperparameter_batches_that_do_not_broadcast_with_the_inputs_raise():

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import gpytorch
 import torch
+from linear_operator.utils.errors import NanError
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -42,6 +43,15 @@ CHECKPOINT_ENTRIES = 1 << 20
 #: Target number of kernel entries per row block of a checkpointed kernel: the backward pass
 #: holds one block's intermediates at a time (~100 at depth 3), so these blocks are smaller.
 CHECKPOINT_BLOCK_ENTRIES = 1 << 18
+
+
+class NonFiniteVarianceError(ValueError, NanError):
+    """A variance hyperparameter is NaN or infinite.
+
+    A ``ValueError`` for the caller, and linear_operator's ``NanError`` for optimizers: BoTorch's
+    L-BFGS-B fit reads a ``NanError`` as a NaN loss and shortens its step, as it did when such a
+    variance reached GPyTorch's Cholesky; a plain ``ValueError`` would end the fit.
+    """
 
 
 @dataclass
@@ -134,8 +144,8 @@ class Layer(VarianceParameters, gpytorch.Module):
                        if isinstance(module, VarianceParameters)
                        for name, raw in module._parameters.items() if name.startswith("raw_") and raw is not None
                        and not all_finite(module.variance_as(name[4:], x1))]
-            raise ValueError(f"Variance(s) {bad} are not finite (a NaN raw parameter, or exp(raw) overflowing "
-                             f"{x1.dtype}); set them anew, e.g. layer.weight_var = 1.0.")
+            raise NonFiniteVarianceError(f"Variance(s) {bad} are not finite (a NaN raw parameter, or exp(raw) "
+                                         f"overflowing {x1.dtype}); set them anew, e.g. layer.weight_var = 1.0.")
 
     # ------------------------------------------------------------------ public API
     def kernel(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, ntk: bool = True,
