@@ -188,7 +188,7 @@ def test_botorch_fits_batched_kernels_and_variances_pinned_at_zero():
         model = SingleTaskGP(x, targets, covar_module=kernel)
         fit_gpytorch_mll(gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model))
         assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert float(pinned.net.layers[0].bias_var) == 0.0                 # still pinned
+    assert float(pinned.net.layers[0].bias_var.detach()) == 0.0                 # still pinned
     constraint = pinned.net.layers[0].raw_weight_var_constraint
     assert float(constraint.inverse_transform(torch.tensor(0.0))) == -math.inf
     assert float(constraint.inverse_transform(torch.tensor(math.inf))) == math.inf
