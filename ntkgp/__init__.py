@@ -36,7 +36,8 @@ from ntkgp.layers.mlp import mlp
 __version__ = "0.1.0"
 
 #: Subpackages imported on first use: ``ntkgp.models`` and ``ntkgp.compare`` work after a plain
-#: ``import ntkgp`` without every import paying for them (``compare`` loads matplotlib).
+#: ``import ntkgp`` without every import paying for them (``compare`` loads matplotlib, which is
+#: also why ``from ntkgp import *`` leaves it out).
 _LAZY_SUBPACKAGES = ("compare", "models")
 
 
@@ -49,7 +50,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY_SUBPACKAGES])
+    return sorted({*globals(), *_LAZY_SUBPACKAGES})
 
 __all__ = [
     "GELU",
@@ -73,7 +74,6 @@ __all__ = [
     "Sign",
     "Sin",
     "bayes",
-    "compare",
     "finite",
     "mlp",
     "models",

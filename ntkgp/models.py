@@ -33,7 +33,7 @@ class NetworkGP(gpytorch.models.ExactGP):
     all ``k`` outputs (a Kronecker-plus-constant-diagonal solve).
 
     Args:
-        train_x: ``(N, d)`` inputs.
+        train_x: ``(N, d)`` inputs (``N = 0`` with 1-D targets: predictions are the prior).
         train_y: ``(N,)`` or ``(N, k)`` targets.
         net: the network spec; ``None`` builds ``ntkgp.mlp(**mlp_kwargs)``.
         kernel: ``"nngp"`` or ``"ntk"``.
@@ -54,10 +54,10 @@ class NetworkGP(gpytorch.models.ExactGP):
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}.")
         check_points(train_x, "train_x")
-        if train_x.dim() != 2 or train_x.shape[0] == 0:
+        if train_x.dim() != 2:
             # batched train_x was paired with the same targets in every batch, and a (b, N) target read
-            # as (N, k) when b == N; empty data failed at the first fit step as a "non-finite" likelihood
-            raise ValueError(f"train_x must have shape (N, d) with N >= 1, got {tuple(train_x.shape)}.")
+            # as (N, k) when b == N
+            raise ValueError(f"train_x must have shape (N, d), got {tuple(train_x.shape)}.")
         if not isinstance(train_y, Tensor) or not train_y.is_floating_point():
             raise ValueError(f"train_y must be a floating-point tensor, got "
                              f"{train_y.dtype if isinstance(train_y, Tensor) else type(train_y).__name__}.")
@@ -65,8 +65,10 @@ class NetworkGP(gpytorch.models.ExactGP):
             # GPyTorch would take them: NaN predictions everywhere, and fit's "non-finite marginal
             # likelihood" would not say why
             raise ValueError("train_y contains NaN or infinite values.")
-        if train_y.dim() not in (1, 2) or train_y.shape[0] != train_x.shape[-2] or 0 in train_y.shape:
-            raise ValueError(f"train_y must be (N,) or (N, k) with N = {train_x.shape[-2]} and k >= 1, "
+        # N = 0 is the prior (a cold start); with vector targets GPyTorch cannot form it (a division by zero)
+        if (train_y.dim() not in (1, 2) or train_y.shape[0] != train_x.shape[-2]
+                or (train_y.dim() == 2 and 0 in train_y.shape)):
+            raise ValueError(f"train_y must be (N,) or (N, k) with N = {train_x.shape[-2]}, and N, k >= 1 for (N, k), "
                              f"got {tuple(train_y.shape)}.")
         if mean not in ("zero", "constant"):
             raise ValueError(f"mean must be 'zero' or 'constant', got {mean!r}.")
@@ -154,13 +156,16 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
         (for LBFGS: at the start of the step). The model is left in eval mode.
 
     Raises:
-        ValueError: if a trained parameter is not finite before the first step.
+        ValueError: if a parameter (trained or frozen) is not finite before the first step, or the
+            model has no training data.
         FloatingPointError: if the loss, a gradient or (after a step) a variance is not finite.
     """
     steps = integer_at_least(steps, 0, "steps")
     # a NaN raw noise surfaced as linear_operator's NanError from inside the Cholesky, not as
     # this function's error
-    bad = [name for name, p in model.named_parameters() if p.requires_grad and not all_finite(p)]
+    if model.train_targets.numel() == 0:   # was "Non-finite marginal likelihood" at step 0
+        raise ValueError("The model has no training data to fit to.")
+    bad = [name for name, p in model.named_parameters() if not all_finite(p)]   # frozen ones too
     if bad:
         raise ValueError(f"Parameters {bad} are not finite: nothing to fit from.")
     model.train()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -145,6 +146,15 @@ def test_numerical_does_not_settle_early_on_a_kink(fn, closed):
         a, b = getattr(got, attr), getattr(want, attr)
         scale = (b.diagonal()[:, None] * b.diagonal()[None, :]).sqrt()
         assert float(((a - b).abs() / scale).max()) < bound
+
+
+def test_numerical_settles_at_zero_variance_in_float32():
+    """The change between degrees was relative to max(|value|, 1e-300), and 1e-300 is 0 in
+    float32: tanh at variance 0 gave 0/0, never settled, ran to degree 300 and warned."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, degrees = ntkgp.Numerical(torch.tanh).variance_degrees(torch.tensor([0.0, 1.0]))
+    assert int(degrees[0]) <= 24
 
 
 def test_numerical_fixed_degree_is_what_neural_tangents_uses_and_is_less_accurate():

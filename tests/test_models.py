@@ -319,16 +319,46 @@ def test_network_gp_refuses_non_finite_or_integer_data():
         NetworkGP(x.long(), y)
 
 
-def test_network_gp_refuses_empty_or_batched_training_data():
-    """Empty data failed at the first fit step with "Non-finite marginal likelihood" or a
-    linear_operator reshape error; batched train_x (b, N, d) was paired with the same targets in
-    every batch, and with b == N a (b, N) target was silently read as N points with b outputs."""
+def test_network_gp_refuses_batched_or_unusable_empty_training_data():
+    """Batched train_x (b, N, d) was paired with the same targets in every batch, and with b == N a
+    (b, N) target was silently read as N points with b outputs. Empty data: vector targets failed
+    in GPyTorch (a division by zero, a reshape error) and fit with "Non-finite marginal
+    likelihood"; without data, 1-D targets give the prior, which stays available."""
     x, y = _data()
-    for bad_x in (x[:0], x.expand(2, *x.shape), x[None]):
-        with pytest.raises(ValueError, match=r"train_x must have shape \(N, d\) with N >= 1"):
-            NetworkGP(bad_x, y[: len(bad_x)] if bad_x.dim() == 2 else y)
-    with pytest.raises(ValueError, match=r"train_y must be \(N,\) or \(N, k\) with N = .* and k >= 1"):
-        NetworkGP(x, y[:, None][:, :0])
+    for bad_x in (x.expand(2, *x.shape), x[None]):
+        with pytest.raises(ValueError, match=r"train_x must have shape \(N, d\)"):
+            NetworkGP(bad_x, y)
+    for bad_y in (y[:0, None].expand(0, 2), y[:, None][:, :0]):
+        with pytest.raises(ValueError, match=r"N, k >= 1 for \(N, k\)"):
+            NetworkGP(x[: len(bad_y)], bad_y)
+    prior = NetworkGP(x[:0], y[:0], ntkgp.mlp(1, "erf", 2.0, 0.1))
+    prior.eval()
+    with torch.no_grad():
+        out = prior(x[:5])
+        k = prior.net.kernel(x[:5], ntk=False).nngp
+    assert torch.equal(out.mean, torch.zeros(5))
+    torch.testing.assert_close(out.covariance_matrix, k, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="no training data"):
+        fit(prior, steps=2)
+
+
+def test_fit_reports_a_step_that_overflows_a_variance():
+    """A step so large that exp(raw) overflows made the kernel refuse its variance; fit says so
+    with its documented FloatingPointError and the step."""
+    x, y = _data()
+    model = NetworkGP(x, y, ntkgp.mlp(1, "erf", 2.0, 0.1))
+    raw = model.net.layers[0].raw_weight_var
+
+    class Overshoot(torch.optim.SGD):   # a step far beyond what float32's exp can take
+        def step(self, closure):
+            loss = closure()
+            with torch.no_grad():
+                raw.fill_(1000.0)
+            return loss
+
+    with pytest.raises(FloatingPointError, match=r"Non-finite hyperparameters at step 1: Variance\(s\) "
+                                                  r"\['layers.0.weight_var'\]"):
+        fit(model, steps=3, optimizer=Overshoot(model.parameters(), lr=0.1))
 
 
 def test_network_gp_checks_that_the_likelihood_fits_the_targets():

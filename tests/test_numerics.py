@@ -594,6 +594,38 @@ def test_non_finite_learned_variances_raise_before_work(raw):
     assert torch.isfinite(kernel(x).to_dense()).all()
 
 
+def test_variances_are_checked_in_the_dtype_of_the_inputs():
+    """exp(100) overflows float32 but not float64: the kernel of float64 inputs is fine. A variance
+    whose anchor does not have its raw parameter's shape (GPyTorch's _strict(False)) broadcasts as
+    the transform does, instead of failing in the check."""
+    net = ntkgp.mlp(depth=1, activation="erf")
+    with torch.no_grad():
+        net.layers[0].raw_weight_var.fill_(100.0)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert torch.isfinite(net.kernel(x).nngp).all()
+    with pytest.raises(ValueError, match=r"\['layers.0.weight_var'\] are not finite"):
+        net.kernel(x.float())
+    layer = ntkgp.mlp(depth=1, activation="erf").layers[0]
+    layer._strict(False)
+    layer.initialize(raw_weight_var=torch.zeros(2))
+    layer._strict(True)
+    assert ntkgp.serial(layer, ntkgp.Erf(), ntkgp.Dense(1)).kernel(x).nngp.shape == (2, 4, 4)
+
+
+def test_broadcast_shapes_is_torchs():
+    from ntkgp.layers.validation import broadcast_shapes
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        shapes = [tuple(int(n) for n in rng.integers(0, 4, rng.integers(0, 4))) for _ in range(rng.integers(0, 4))]
+        try:
+            expected = torch.broadcast_shapes(*shapes)
+        except RuntimeError:
+            with pytest.raises(RuntimeError, match="do not broadcast"):
+                broadcast_shapes(*shapes)
+        else:
+            assert broadcast_shapes(*shapes) == expected
+
+
 def test_a_non_finite_variance_is_a_nan_loss_to_botorch():
     """BoTorch's L-BFGS-B fit reads linear_operator's NanError as a NaN loss and shortens its step
     (what happened when such a variance reached GPyTorch's Cholesky); the new error must not end

@@ -121,8 +121,11 @@ class Layer(VarianceParameters, gpytorch.Module):
             if isinstance(module, VarianceParameters):
                 for name, raw in module._parameters.items():
                     if name.startswith("raw_") and raw is not None:
-                        raws.append(raw.detach().reshape(-1))
-                        anchors.append(module._constraints[f"{name}_constraint"].anchor.reshape(-1))
+                        anchor, value = module._constraints[f"{name}_constraint"].anchor, raw.detach()
+                        if anchor.shape != value.shape:   # the transform broadcasts them (GPyTorch's _strict(False))
+                            anchor, value = torch.broadcast_tensors(anchor, value.to(anchor.device))
+                        raws.append(value.reshape(-1))
+                        anchors.append(anchor.reshape(-1))
                         shapes.append(raw.shape[:raw.dim() - module._variance_event_dims(name[4:])])
         try:
             broadcast_shapes(*inputs, *shapes)

@@ -197,7 +197,9 @@ class Numerical(Activation):
             current = [gauss_hermite_expectation(self.derivative(i), self.derivative(j), kk, pairs, kk, degree)
                        for i, j in orders]
             if previous is not None:
-                change = torch.stack([((a[:, pending] - b).abs() / b[0].abs().clamp_min(1e-300)).amax(0)
+                # tiny, not 1e-300 (0 in float32): tanh at variance 0 was 0/0 there, and never settled
+                tiny = torch.finfo(c.dtype).tiny
+                change = torch.stack([((a[:, pending] - b).abs() / b[0].abs().clamp_min(tiny)).amax(0)
                                       for a, b in zip(previous, current, strict=True)]).amax(0)
                 degrees[pending[change <= rtol]] = degree
                 if not bool((degrees == 0).any()):

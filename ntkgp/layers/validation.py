@@ -27,11 +27,8 @@ def all_finite(x: Tensor) -> bool:
 
 
 def broadcast_shapes(*shapes: tuple[int, ...]) -> torch.Size:
-    """``torch.broadcast_shapes`` in plain Python (raising its ``RuntimeError``).
-
-    torch's takes ~280 µs when every shape is empty, the unbatched case of every kernel call (10×
-    the batched case): more than the rest of a call's checks together.
-    """
+    """``torch.broadcast_shapes`` in plain Python (raising its ``RuntimeError``): ~4 µs against
+    torch's ~10 µs per call, whose first call also imports ``torch._refs`` (~0.3 s)."""
     ndim = max((len(s) for s in shapes), default=0)
     out = [1] * ndim
     for shape in shapes:
