@@ -205,3 +205,27 @@ def test_a_cuda_default_device_changes_nothing_for_cpu_inputs():
     for e, g in zip(expected, got, strict=True):
         assert g.device.type == "cpu"
         torch.testing.assert_close(g, e, **CLOSE)
+
+
+def test_device_tensors_given_as_settings_leave_the_rest_on_its_device():
+    """Three paths a CUDA user can take that mixed devices: a variance given as a CUDA tensor put
+    that layer's anchor on the GPU and every kernel call failed in the variance check; a Dataset
+    of CUDA tensors put the analytic side of a comparison on the GPU, next to the trainer's CPU
+    records; a deferred build under a CUDA default device drew its first layer there alone."""
+    from ntkgp.compare.datasets import Dataset
+
+    x, _, _ = _data()
+    net = ntkgp.serial(ntkgp.Dense(8, weight_var=torch.tensor(2.0, device=DEVICE)), ntkgp.Erf(), ntkgp.Dense(1))
+    assert net.layers[0].raw_weight_var_constraint.anchor.device.type == "cpu"
+    assert net.kernel(x).nngp.device.type == "cpu" and net.kernel(x.to(DEVICE)).nngp.device.type == DEVICE
+    data = sin_dataset()
+    on_gpu = Dataset("sin", data.x_train.to(DEVICE), data.y_train.to(DEVICE), data.x_test.to(DEVICE))
+    assert on_gpu.x_train.device.type == "cpu"
+    result = run_comparison(on_gpu, CompareConfig(widths=(8,), ensemble_size=4, record_steps=(0, 3),
+                                                  divergence_check=False, device=DEVICE))
+    assert len(result.widths[0].mean_within) == 2
+    kernel = ntkgp.NTKKernel(ntkgp.mlp(1), batch_shape=torch.Size([3]))
+    assert kernel[torch.tensor([0, 2], device=DEVICE)].batch_shape == (2,)
+    with torch.device(DEVICE):
+        model = _net().build(seed=0, dtype=torch.float64)
+    torch.testing.assert_close(model(x), _net().build(seed=0, dtype=torch.float64)(x), rtol=0, atol=0)

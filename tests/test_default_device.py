@@ -67,6 +67,8 @@ CALLS = {
     "max_learning_rate": lambda: torch.tensor(predict.max_learning_rate(K, Y.numel()), dtype=torch.float64,
                                               device="cpu"),
     "build": lambda: NET.build(3, seed=0, dtype=torch.float64)(X),
+    # a deferred first layer drew its weights on the default device, the other layers on the CPU
+    "build deferred": lambda: NET.build(seed=0, dtype=torch.float64)(X),
     "build ensemble": lambda: NET.build(3, seed=1, ensemble_size=3, dtype=torch.float64)(X),
     "empirical_ntk": lambda: finite.empirical_ntk(NET.build(3, seed=2, dtype=torch.float64), X, XT),
     "monte_carlo_kernel": lambda: finite.monte_carlo_kernel(NET, X, n_samples=4).ntk,

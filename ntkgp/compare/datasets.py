@@ -38,8 +38,9 @@ class Dataset:
             if not isinstance(value, Tensor) or value.dtype == torch.bool or value.is_complex():
                 raise ValueError(f"{name} must be a real tensor, got "
                                  f"{value.dtype if isinstance(value, Tensor) else type(value).__name__}.")
-            # float64 as documented: float32 data made the analytic side of a comparison float32
-            object.__setattr__(self, name, value.to(torch.float64))
+            # float64 on the CPU as documented: float32 data made the analytic side of a comparison
+            # float32, and CUDA data put it on the GPU, next to the trainer's CPU records (a failed subtraction)
+            object.__setattr__(self, name, value.to(device="cpu", dtype=torch.float64))
         # the comparison trains one-output networks: several target columns would broadcast
         # against them and train towards their row means without any error
         for name in ("x_train", "y_train", "x_test"):

@@ -95,7 +95,9 @@ class NetworkKernel(Kernel):
         index = index if isinstance(index, tuple) else (index,)
         new_kernel = deepcopy(self)
         new_kernel.net.index_batch(index)
-        new_kernel._batch_shape = torch.empty(self.batch_shape, device="meta")[index].shape
+        # tensor indices on the CPU: a CUDA index cannot index this meta placeholder
+        cpu_index = tuple(i.cpu() if isinstance(i, torch.Tensor) else i for i in index)
+        new_kernel._batch_shape = torch.empty(self.batch_shape, device="meta")[cpu_index].shape
         return new_kernel
 
     def __setstate__(self, state: dict) -> None:

@@ -239,8 +239,11 @@ class DenseModule(nn.Module):
             # along with every other buffer (a dtype and device fixed at build time left the
             # weight in float32 / on the CPU under a .double() / .cuda() model: a failed matmul)
             self._lazy_seed = ctx.child_seed()
+            # on the CPU by default, as the other layers' weights (drawn there and not moved): on torch's
+            # default device (CUDA, say) this layer alone drew its weights there and the first call failed
             self.register_buffer("_lazy_like", torch.empty(0, dtype=ctx.dtype or torch.get_default_dtype(),
-                                                           device=ctx.device), persistent=False)
+                                                           device=ctx.device if ctx.device is not None else "cpu"),
+                                 persistent=False)
         else:
             self._init_weight(ctx)
 

@@ -123,8 +123,11 @@ class VarianceParameters:
             except RuntimeError as err:
                 raise ValueError(f"{name} must be a scalar or have shape {tuple(shape)}, "
                                  f"got shape {tuple(anchor.shape)}.") from err
-        self.register_parameter(f"raw_{name}", torch.nn.Parameter(torch.zeros(shape)))
-        self.register_constraint(f"raw_{name}", ExactVariance(anchor))
+        raw = torch.nn.Parameter(torch.zeros(shape))
+        self.register_parameter(f"raw_{name}", raw)
+        # where raw is (the module's device): a variance given as a CUDA tensor put this anchor there
+        # while the layer stayed on the CPU, and every kernel call failed on the mixed devices
+        self.register_constraint(f"raw_{name}", ExactVariance(anchor.to(raw.device)))
         if prior is not None:
             # partials of module-level functions, not GPyTorch's closures for a parameter name:
             # those are local functions, which pickle and torch.save cannot store
