@@ -49,7 +49,8 @@ CHUNK_BYTES = 1 << 30
 
 @dataclass
 class EnsembleHistory:
-    """What :func:`train_ensemble` recorded, one entry per recorded step.
+    """What :func:`train_ensemble` recorded, one entry per recorded step (tensors on the CPU,
+    whatever device trained).
 
     Attributes:
         learning_rate: ``η`` (the base rate; per-layer rates for the standard parameterization
