@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import gpytorch
@@ -192,8 +191,9 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
         except NonFiniteVarianceError as error:   # a step (LBFGS's, say) overflowed exp(raw)
             raise FloatingPointError(f"Non-finite hyperparameters at step {step}: {error}") from error
         loss.backward()
-        if not math.isfinite(float(loss.detach())) or any(p.grad is not None and not all_finite(p.grad)
-                                                     for p in params):
+        # the loss and every gradient in one check: one synchronization per step on a GPU, not one per parameter
+        checked = [loss.detach().reshape(1)] + [p.grad.reshape(-1) for p in params if p.grad is not None]
+        if not all_finite(torch.cat(checked)):
             raise FloatingPointError(f"Non-finite marginal likelihood or gradient at step {step}.")
         return loss
 

@@ -447,3 +447,12 @@ def test_fit_refuses_non_finite_hyperparameters_before_the_first_step():
         model.likelihood.noise_covar.raw_noise.fill_(math.nan)
     with pytest.raises(ValueError, match=r"Parameters \['likelihood.noise_covar.raw_noise'\] are not finite"):
         fit(model, steps=2)
+
+
+def test_fit_stops_at_a_non_finite_loss():
+    """Targets of 1e200 make the quadratic form of the likelihood overflow float64: fit stops with
+    its documented error (the loss and the gradients are checked together, once per step)."""
+    x, y = _data()
+    model = NetworkGP(x.double(), y.double() * 1e200, ntkgp.mlp(1, "erf", 2.0, 0.1))
+    with pytest.raises(FloatingPointError, match="Non-finite marginal likelihood or gradient at step 0"):
+        fit(model, steps=2)
