@@ -160,10 +160,10 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
         FloatingPointError: if the loss, a gradient or (after a step) a variance is not finite.
     """
     steps = integer_at_least(steps, 0, "steps")
-    # a NaN raw noise surfaced as linear_operator's NanError from inside the Cholesky, not as
-    # this function's error
     if model.train_targets.numel() == 0:   # was "Non-finite marginal likelihood" at step 0
         raise ValueError("The model has no training data to fit to.")
+    # a NaN raw noise surfaced as linear_operator's NanError from inside the Cholesky, not as
+    # this function's error
     bad = [name for name, p in model.named_parameters() if not all_finite(p)]   # frozen ones too
     if bad:
         raise ValueError(f"Parameters {bad} are not finite: nothing to fit from.")

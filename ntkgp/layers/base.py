@@ -377,8 +377,8 @@ def _blocked_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
     Blocks of about ``BLOCK_ENTRIES`` entries, counted over the ``batch`` kernels computed
     together, stay in cache through the whole recursion (2¹⁹ was fastest at N = 1000 and tied
     with 2²⁰ at N = 3000 on the benchmark: smaller blocks pay Python overhead per block, larger
-    ones miss cache). When ``x2`` is ``x1``
-    only the blocks on and above the diagonal are computed and then mirrored.
+    ones miss cache). When ``x2`` is ``x1`` only the blocks on and above the diagonal are
+    computed and then mirrored.
     """
     symmetric = x2 is None
     n1, n2 = x1.shape[-2], (x1 if symmetric else x2).shape[-2]
