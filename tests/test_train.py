@@ -286,3 +286,12 @@ def test_training_and_empirical_ntks_under_a_callers_no_grad_or_inference_mode(m
     # a network built under the mode is made of normal tensors: it trains after the mode is left
     built(X).sum().backward()
     assert all(p.grad is not None for p in built.parameters())
+
+
+def test_train_ensemble_refuses_the_meta_device():
+    """device="meta" built the networks and then failed inside torch's .item()."""
+    net = ntkgp.mlp(1, "erf", 2.0, 0.1, width=4)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="device='meta' holds no values"):
+        train_ensemble(net, x, x[:, :1], ensemble_size=2, learning_rate=0.1, record_steps=[1],
+                       device="meta", dtype=torch.float64)

@@ -214,6 +214,8 @@ def train_ensemble(
     steps = sorted({int(s) for s in record_steps})
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
                                                                           else "cpu")
+    if device.type == "meta":   # no values to train: it failed inside torch's .item() after building
+        raise ValueError("device='meta' holds no values to train; use 'cpu' or 'cuda'.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} requested, but CUDA is not available to this torch.")
     x = x_train.to(device=device, dtype=dtype)
