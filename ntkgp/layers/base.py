@@ -113,40 +113,26 @@ class Layer(VarianceParameters, gpytorch.Module):
         from the spec alone, before any kernel work)."""
 
     def check_variances(self, x1: Tensor, x2: Tensor | None = None) -> None:
-        """Raise ``ValueError`` if a variance is not finite, or if the hyperparameters' batch shape
-        does not broadcast with the inputs' (checked before any kernel work)."""
+        """Raise ``ValueError`` if the hyperparameters' batch shape does not broadcast with the
+        inputs', or :class:`NonFiniteVarianceError` if a variance is not finite in ``x1``'s dtype
+        (checked before any kernel work)."""
+        found = list(variances(self))
         inputs = [x1.shape[:-2]] + ([] if x2 is None else [x2.shape[:-2]])
-        raws, anchors, shapes = [], [], []   # one walk over the modules: it is most of this check's cost
-        for module in self.modules():
-            if isinstance(module, VarianceParameters):
-                for name, raw in module._parameters.items():
-                    if name.startswith("raw_") and raw is not None:
-                        anchor, value = module._constraints[f"{name}_constraint"].anchor, raw.detach()
-                        if anchor.shape != value.shape:   # the transform broadcasts them (GPyTorch's _strict(False))
-                            anchor, value = torch.broadcast_tensors(anchor, value.to(anchor.device))
-                        raws.append(value.reshape(-1))
-                        anchors.append(anchor.reshape(-1))
-                        shapes.append(raw.shape[:raw.dim() - module._variance_event_dims(name[4:])])
+        shapes = [_batch_shape(module, name, raw) for _, module, name, raw in found]
         try:
             broadcast_shapes(*inputs, *shapes)
         except RuntimeError:   # was torch's "The size of tensor a (2) must match ..." from inside a layer
             raise ValueError(f"The inputs' batch shapes {[tuple(s) for s in inputs]} do not broadcast with the "
                              f"hyperparameters' batch shape(s) {sorted({tuple(s) for s in shapes})} "
                              "(GPyTorch's batch_shape).") from None
-        if transforms_active() or _is_compiling():   # values are per-sample or symbolic there
+        if not found or transforms_active() or _is_compiling():   # values are per-sample or symbolic there
             return
-        # a raw variance set to NaN, or an optimizer step that overflowed exp(raw), gave an all-NaN
-        # kernel and a later, obscure PSD error in GPyTorch; one check for all of them (one sync)
-        if not raws:
-            return
-        # all at once, in x1's dtype (exp(raw) overflows float32 long before float64): one sync
-        values = torch.cat(anchors).to(device=x1.device, dtype=x1.dtype) * torch.cat(raws).to(x1).exp()
-        if not all_finite(values):
-            with torch.no_grad():
-                bad = [f"{prefix or type(self).__name__}.{name[4:]}" for prefix, module in self.named_modules()
-                       if isinstance(module, VarianceParameters)
-                       for name, raw in module._parameters.items() if name.startswith("raw_") and raw is not None
-                       and not all_finite(module.variance_as(name[4:], x1))]
+        # a raw variance set to NaN, or an optimizer step that overflowed exp(raw) in x1's dtype, gave an
+        # all-NaN kernel and a later, obscure PSD error in GPyTorch; one reduction for all (one sync)
+        with torch.no_grad():
+            values = [module.variance_as(name, x1).reshape(-1) for _, module, name, _ in found]
+        if not all_finite(torch.cat(values)):
+            bad = [path for (path, *_), value in zip(found, values, strict=True) if not all_finite(value)]
             raise NonFiniteVarianceError(f"Variance(s) {bad} are not finite (a NaN raw parameter, or exp(raw) "
                                          f"overflowing {x1.dtype}); set them anew, e.g. layer.weight_var = 1.0.")
 
@@ -286,15 +272,23 @@ def _autocast_off(device: torch.device):
     return nullcontext()
 
 
+def variances(layer: Layer) -> Iterator[tuple[str, VarianceParameters, str, Tensor]]:
+    """Every variance hyperparameter of ``layer``: ``(path, module, name, raw parameter)``, the path
+    as ``named_modules`` spells it (``layers.0.weight_var``)."""
+    for prefix, module in layer.named_modules():
+        if isinstance(module, VarianceParameters):
+            for key, raw in module._parameters.items():
+                if key.startswith("raw_") and raw is not None:
+                    yield f"{prefix or type(layer).__name__}.{key[4:]}", module, key[4:], raw
+
+
+def _batch_shape(module: VarianceParameters, name: str, raw: Tensor) -> torch.Size:
+    return raw.shape[:raw.dim() - module._variance_event_dims(name)]
+
+
 def variance_batch_shapes(layer: Layer) -> list[torch.Size]:
     """The batch shape (GPyTorch's ``batch_shape``: the leading dimensions) of each hyperparameter."""
-    shapes = []
-    for module in layer.modules():
-        if isinstance(module, VarianceParameters):
-            for name, raw in module._parameters.items():
-                if name.startswith("raw_") and raw is not None:
-                    shapes.append(raw.shape[:raw.dim() - module._variance_event_dims(name[4:])])
-    return shapes
+    return [_batch_shape(module, name, raw) for _, module, name, raw in variances(layer)]
 
 
 def _batch_size(layer: Layer, x1: Tensor, x2: Tensor) -> int:
