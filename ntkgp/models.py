@@ -109,6 +109,18 @@ class NetworkGP(gpytorch.models.ExactGP):
             # with the likelihood's (1,)-shaped noise left on the CPU failed in the first forward
             self.to(device=train_x.device, dtype=train_x.dtype)
 
+    def __call__(self, *inputs: Tensor, **kwargs) -> gpytorch.distributions.MultivariateNormal:
+        # GPyTorch concatenates training and test inputs before any kernel sees them: test inputs
+        # with another number of features failed inside torch.cat ("Sizes of tensors must match")
+        features = self.train_inputs[0].shape[-1]
+        for x in inputs:
+            # GPyTorch reads a 1-D input as (M, 1)
+            x = check_points(x.unsqueeze(-1) if isinstance(x, Tensor) and x.dim() == 1 else x, "x")
+            if x.shape[-1] != features:
+                raise ValueError(f"x must have {features} feature(s) like train_x, shape (..., M, {features}); "
+                                 f"got shape {tuple(x.shape)}.")
+        return super().__call__(*inputs, **kwargs)
+
     @property
     def net(self) -> Layer:
         """The network spec (owned by ``covar_module``), with its learnable variances."""

@@ -275,6 +275,33 @@ def test_export_refuses_bad_arguments_before_sampling(monkeypatch):
     np.testing.assert_array_equal(idata.posterior["f"].values[0], draws.numpy())
 
 
+def test_hand_built_gaussians_are_checked_by_every_consumer():
+    """The draws read one triangle of Σ: an asymmetric covariance gave draws of the wrong
+    correlation (0 instead of 0.99) without a word. predictive_moments clamped a negative
+    variance to 0 and passed a NaN mean through, where sample_outputs refused both. The
+    ensemble and draw exports took seeds the Gaussian export refuses (True, 2**70) or failed on
+    them with numpy's own messages (-1, 1.5)."""
+    asymmetric = Gaussian(torch.zeros(2), torch.tensor([[1.0, 0.99], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="symmetric"):
+        bayes.sample_outputs(asymmetric, 10)
+    with pytest.raises(ValueError, match="symmetric"):
+        bayes.predictive_moments(asymmetric, 0.1)
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        bayes.predictive_moments(Gaussian(torch.zeros(1), torch.tensor([[-4.0]])), 0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        bayes.predictive_moments(Gaussian(torch.tensor([0.5, math.nan]), torch.eye(2)), 0.1)
+    # rounding below zero on a pinned point is still a variance of 0 (plus the noise)
+    _, var = bayes.predictive_moments(Gaussian(torch.ones(2), torch.diag(torch.tensor([1.0, -1e-16]))), 0.1)
+    torch.testing.assert_close(var, torch.tensor([1.1, 0.1]), rtol=0, atol=1e-15)
+    draws, y = np.zeros((4, 3)), np.zeros(3)
+    for seed in (True, 2**70, -1, 1.5):
+        for export in (bayes.draws_to_inference_data, bayes.ensemble_to_inference_data):
+            with pytest.raises(ValueError, match="seed must"):
+                export(draws, y, 1.0, seed=seed)
+    with pytest.raises(ValueError, match="non-negative"):
+        bayes.misclassification_auroc(np.eye(3)[[0, 1, 2, 0]], -np.ones(4), [0, 1, 2, 1])
+
+
 def test_sampling_a_singular_covariance():
     """Rank-one covariance (a Cholesky factorization would fail): draws lie on its range."""
     v = torch.tensor([1.0, 2.0, -1.0])

@@ -342,6 +342,26 @@ def test_network_gp_refuses_batched_or_unusable_empty_training_data():
         fit(prior, steps=2)
 
 
+def test_network_gp_checks_test_inputs_before_gpytorch_concatenates_them():
+    """Test inputs with another number of features failed inside torch.cat in GPyTorch's
+    prediction strategy ("Sizes of tensors must match except in dimension 0")."""
+    x, y = _data()
+    model = NetworkGP(x, y)
+    model.eval()
+    features = x.shape[-1]
+    for bad in (torch.randn(4, features + 1), torch.randn(4), torch.randn(2, 4, features - 1)):
+        with pytest.raises(ValueError, match=f"{features} feature"):
+            model(bad)
+    with pytest.raises(ValueError, match="x contains NaN"):
+        model(torch.full((3, features), math.nan))
+    with torch.no_grad():
+        assert model(torch.randn(2, 4, features)).mean.shape == (2, 4)
+    one = NetworkGP(x[:, :1], y)                # GPyTorch reads 1-D inputs as (M, 1)
+    one.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(one(x[:4, 0]).mean, one(x[:4, :1]).mean, rtol=0, atol=0)
+
+
 def test_fit_reports_a_step_that_overflows_a_variance():
     """A step so large that exp(raw) overflows made the kernel refuse its variance; fit says so
     with its documented FloatingPointError and the step."""

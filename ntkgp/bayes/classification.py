@@ -119,6 +119,8 @@ def misclassification_auroc(mean: ArrayLike, variance: ArrayLike, labels: ArrayL
         var = var.mean(-1)
     if var.shape != (scores.shape[0],):
         raise ValueError(f"variance must have shape ({scores.shape[0]},) or {scores.shape}, got {var.shape}.")
+    if (var < 0).any():
+        raise ValueError(f"variance must be non-negative, got minimum {var.min():g}.")
     wrong = scores.argmax(-1) != _class_labels(labels, scores)
     if wrong.all() or not wrong.any():
         raise ValueError(f"{int(wrong.sum())} of {wrong.size} points are misclassified: the AUROC of "

@@ -27,6 +27,7 @@ from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least, s
 from ntkgp.bayes.inference_data import check_export, draws_to_inference_data
 from ntkgp.layers.validation import all_finite
 from ntkgp.predict.gaussian import Gaussian
+from ntkgp.predict.spectral import check_symmetric
 
 
 def select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None = None) -> Gaussian:
@@ -80,8 +81,14 @@ def predictive_moments(gaussian: Gaussian, noise: float | Tensor = 0.0,
 
     The variance is shared by all ``k`` outputs. Feed both to :mod:`ntkgp.bayes.metrics`.
     """
-    g = select_time(gaussian, time_index)
+    g = _checked(select_time(gaussian, time_index))
     noise_var = _noise_tensor(noise, g.covariance)
+    diagonal = torch.diagonal(g.covariance, dim1=-2, dim2=-1)
+    # the draws' rounding allowance (a diagonal entry lies between the extreme eigenvalues)
+    tolerance = torch.finfo(diagonal.dtype).eps ** 0.5 * _magnitude(diagonal, g.mean.detach(), g.scale)
+    if diagonal.numel() and float(diagonal.min()) < -tolerance:
+        raise ValueError(f"covariance is not positive semi-definite: a diagonal entry is {float(diagonal.min()):.3g} "
+                         f"(allowed down to {-tolerance:.3g}).")
     latent = g.variance
     if noise_var.dim() > 1 or noise_var.numel() not in (1, latent.numel()):
         raise ValueError(f"noise must be a scalar or one variance per test point ({latent.numel()},), "
@@ -109,14 +116,27 @@ def _covariance_root(cov: Tensor, mean: Tensor, prior: float | None = None) -> T
     of quantities of the mean's scale.
     """
     values, vectors = torch.linalg.eigh(cov.to(torch.float64))
-    scale = float(values.abs().max()) if values.numel() else 0.0
-    scale = max(scale, float(mean.square().max())) if mean.numel() else scale
-    scale = max(scale, abs(prior)) if prior is not None else scale
-    tolerance = torch.finfo(cov.dtype).eps ** 0.5 * scale
+    tolerance = torch.finfo(cov.dtype).eps ** 0.5 * _magnitude(values, mean, prior)
     if values.numel() and float(values.min()) < -tolerance:
         raise ValueError(f"covariance is not positive semi-definite: smallest eigenvalue {float(values.min()):.3g} "
                          f"(allowed down to {-tolerance:.3g}).")
     return vectors * values.clamp_min(0).sqrt()
+
+
+def _magnitude(values: Tensor, mean: Tensor, prior: float | None) -> float:
+    """``max(|values|_max, μ²_max, |s|)``: the scale that rounding in a covariance is relative to."""
+    scale = float(values.detach().abs().max()) if values.numel() else 0.0
+    scale = max(scale, float(mean.square().max())) if mean.numel() else scale
+    return max(scale, abs(prior)) if prior is not None else scale
+
+
+def _checked(g: Gaussian) -> Gaussian:
+    """``g`` (one time) with a finite mean and a finite symmetric covariance: the draws read one
+    triangle of ``Σ`` (``eigh``), so a hand-built asymmetric one would be used half-silently."""
+    if not all_finite(g.mean.detach()) or not all_finite(g.covariance.detach()):
+        raise ValueError("The Gaussian's mean or covariance contains NaN or infinite values.")
+    check_symmetric(g.covariance, "The Gaussian's covariance")
+    return g
 
 
 def _seed(seed: int | None) -> int | None:
@@ -135,10 +155,8 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: int
     """
     num_draws = integer_at_least(num_draws, 1, "num_draws")
     seed = _seed(seed)
-    g = select_time(gaussian, time_index)
+    g = _checked(select_time(gaussian, time_index))
     mean = g.mean.detach().to(torch.float64)
-    if not all_finite(mean) or not all_finite(g.covariance):
-        raise ValueError("The Gaussian's mean or covariance contains NaN or infinite values.")
     root = _covariance_root(g.covariance.detach(), mean, g.scale)
     generator = torch.Generator(device="cpu")
     if seed is None:
