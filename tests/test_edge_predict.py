@@ -399,6 +399,47 @@ def test_one_shot_predictions_check_their_arguments_before_the_training_kernel(m
             call()
 
 
+def test_cached_predictors_take_targets_that_require_grad_and_check_factor_dtype(monkeypatch):
+    """Targets with requires_grad: GradientFlow cached their projection with its graph, and the
+    backward of a second prediction ran through the graph freed by the first ("Trying to backward
+    through the graph a second time"). factor_dtype was not checked: float16 failed in eigh after
+    the kernels, an integer dtype named the internal "x1", a string was "Invalid device string".
+    max_learning_rate read one triangle of an asymmetric matrix and failed on an empty one with an
+    IndexError; an integer kernel's message named its type, not its dtype."""
+    x, y, xt = _x(), _x(6, 1, seed=13)[:, 0].requires_grad_(), _x(3, seed=14)
+    for predictor in (predict.GradientFlow(NET, x, y), predict.GPPosterior(NET, x, y, noise=0.1)):
+        first = predictor.predict(xt) if isinstance(predictor, predict.GPPosterior) else predictor.predict(xt, t=2.0)
+        second = predictor.predict(xt) if isinstance(predictor, predict.GPPosterior) else predictor.predict(xt, t=5.0)
+        assert not first.mean.requires_grad and not second.mean.requires_grad     # as documented
+    t = torch.tensor(2.0, requires_grad=True)
+    flow = predict.GradientFlow(NET, x, y)
+    for _ in range(2):                                  # the time derivative survives repeated predictions
+        (grad,) = torch.autograd.grad(flow.predict(xt, t=t).mean.sum(), t)
+        assert torch.isfinite(grad)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the training kernel was computed before factor_dtype was checked")
+
+    net = ntkgp.mlp(1, "relu", width=4)
+    monkeypatch.setattr(net, "kernel", refuse)
+    for bad in (torch.float16, torch.bfloat16, torch.int64, torch.complex128, "float64"):
+        for make in (predict.GradientFlow, predict.GPPosterior):
+            with pytest.raises(ValueError, match=r"factor_dtype must be torch\.float32 or torch\.float64"):
+                make(net, x, y.detach(), factor_dtype=bad)
+        with pytest.raises(ValueError, match="factor_dtype must"):
+            predict.gradient_descent_mse(torch.eye(6), y.detach(), factor_dtype=bad)
+    theta = NET.kernel(x).ntk.detach()
+    asymmetric = theta.clone()
+    asymmetric[0, 5] += 100.0
+    with pytest.raises(ValueError, match="symmetric"):
+        predict.max_learning_rate(asymmetric)
+    with pytest.raises(ValueError, match="N >= 1"):
+        predict.max_learning_rate(torch.zeros(0, 0))
+    for call in (lambda k: predict.max_learning_rate(k), lambda k: predict.gradient_descent_mse(k, y.detach())):
+        with pytest.raises(ValueError, match=r"got torch\.int64"):
+            call(theta.long())
+
+
 def test_linearized_outputs_of_an_empty_test_set():
     """A (0, N) test kernel gave 'cannot reshape tensor of 0 elements' at finite times."""
     kernel, y = torch.eye(6) + 0.1, _x(6, 2, seed=10)

@@ -95,6 +95,19 @@ def check_finite_kernel(kernel: Tensor, name: str) -> None:
                          f"squared norms overflow); rescale them.")
 
 
+def check_factor_dtype(value: object) -> torch.dtype:
+    """``value`` if it is ``torch.float32`` or ``torch.float64``: the dtypes with an eigensolver and a
+    Cholesky factorization on every device (half precision has neither)."""
+    if value not in (torch.float32, torch.float64):
+        raise ValueError(f"factor_dtype must be torch.float32 or torch.float64, got {value!r}.")
+    return value
+
+
+def tensor_kind(value: object) -> str:
+    """What ``value`` is, for an error message: a tensor's dtype, otherwise its type's name."""
+    return str(value.dtype) if isinstance(value, Tensor) else type(value).__name__
+
+
 def check_non_negative(name: str, value: float) -> float:
     """``value`` as a finite float ``>= 0``."""
     kind = "a finite non-negative number"

@@ -34,6 +34,7 @@ from ntkgp.layers.base import Layer
 from ntkgp.layers.validation import positive_number
 from ntkgp.predict.gaussian import (
     Gaussian,
+    check_factor_dtype,
     check_finite_kernel,
     check_non_negative,
     check_test_points,
@@ -74,7 +75,7 @@ class GradientFlow:
     changing those (e.g. by fitting a marginal likelihood), build a new ``GradientFlow``. The
     training data are copied, so later in-place changes to them do not reach the predictions.
     Kernels are computed without autograd, so predictions carry no gradient with respect to the
-    inputs or the variances (they do with respect to ``t``): for differentiable predictions,
+    inputs, the targets or the variances (they do with respect to ``t``): for differentiable predictions,
     pass kernels from ``net.kernel`` to :func:`~ntkgp.predict.gradient_descent_mse`.
 
     Args:
@@ -106,9 +107,11 @@ class GradientFlow:
         self.learning_rate = positive_number(learning_rate, "learning_rate")
         self.diag_reg = check_non_negative("diag_reg", diag_reg)
         self.diag_reg_absolute_scale = diag_reg_absolute_scale
-        self.dtype, self.factor_dtype = x_train.dtype, factor_dtype
+        self.dtype, self.factor_dtype = x_train.dtype, check_factor_dtype(factor_dtype)
         self.vector_targets = y_train.dim() == 2
-        self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).to(factor_dtype, copy=True)
+        # detached: the cached projections of y would keep its graph, and a second prediction's
+        # backward would run through the freed graph of the first
+        self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).detach().to(factor_dtype, copy=True)
         self.m = y_train.numel()
         # copies (of y too): a caller's later in-place edit must not reach a cached factorization
         self.x_factor = x_train.to(factor_dtype, copy=True)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ntkgp._typing import Steps, Times
 from ntkgp.layers.validation import all_finite
-from ntkgp.predict.gaussian import check_device, check_non_negative, check_targets
+from ntkgp.predict.gaussian import check_device, check_factor_dtype, check_non_negative, check_targets, tensor_kind
 from ntkgp.predict.spectral import (
     Eigensystem,
     check_symmetric,
@@ -76,6 +76,7 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
     if (ntk_test_train is None) != (fx_test_0 is None):
         raise ValueError("Give both ntk_test_train and fx_test_0 to predict test outputs, or neither.")
     _check_kernel(ntk_train_train, "ntk_train_train")
+    check_factor_dtype(factor_dtype)
     if ntk_train_train.dim() == 4:
         return _full_kernel(ntk_train_train, y_train, fx_train_0, ntk_test_train, fx_test_0, t, steps=steps,
                             learning_rate=learning_rate, diag_reg=diag_reg,
@@ -171,7 +172,7 @@ def _full_kernel(ntk_train_train: Tensor, y_train: Tensor, fx_train_0, ntk_test_
 
 def _check_kernel(kernel: Tensor, name: str) -> None:
     if not isinstance(kernel, Tensor) or not kernel.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {type(kernel).__name__}.")
+        raise ValueError(f"{name} must be a floating-point tensor, got {tensor_kind(kernel)}.")
     if not all_finite(kernel):
         raise ValueError(f"{name} contains NaN or infinite values.")
 

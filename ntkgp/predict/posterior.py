@@ -29,6 +29,7 @@ from torch import Tensor
 from ntkgp.layers.base import Layer
 from ntkgp.predict.gaussian import (
     Gaussian,
+    check_factor_dtype,
     check_finite_kernel,
     check_non_negative,
     check_test_points,
@@ -50,7 +51,8 @@ class GPPosterior:
     ``Θ + σ²I`` for ``Θ`` (Lee et al. 2019).
 
     The training data are copied and the kernels computed without autograd: predictions carry no
-    gradient with respect to the inputs, the variances or ``noise`` (which is read as a number).
+    gradient with respect to the inputs, the targets, the variances or ``noise`` (which is read as
+    a number).
     For a differentiable posterior and a trainable marginal likelihood use
     :class:`ntkgp.models.NetworkGP`.
 
@@ -74,9 +76,10 @@ class GPPosterior:
                                       diag_reg_absolute_scale=True, factor_dtype=factor_dtype)
             return
         check_training_data(x_train, y_train)
-        self.net, self.x_train, self.dtype, self.factor_dtype = net, x_train, x_train.dtype, factor_dtype
+        self.net, self.x_train, self.dtype = net, x_train, x_train.dtype
+        self.factor_dtype = check_factor_dtype(factor_dtype)
         self.vector_targets = y_train.dim() == 2
-        self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).to(factor_dtype, copy=True)
+        self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).detach().to(factor_dtype, copy=True)
         # copies (of y too), as in GradientFlow: a caller's later in-place edit must not reach them
         self.x_factor = x_train.to(factor_dtype, copy=True)
         with torch.no_grad():

@@ -35,6 +35,7 @@ from ntkgp._checks import integer_at_least
 from ntkgp._typing import Steps, Times
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.validation import all_finite, finite_number, positive_number
+from ntkgp.predict.gaussian import tensor_kind
 
 
 def regularize(k: Tensor, diag_reg: float, absolute: bool = False) -> Tensor:
@@ -299,14 +300,18 @@ def max_learning_rate(ntk_train_train: Tensor, y_train_size: int | None = None, 
     is the ``(N k, N k)`` kernel of the flattened outputs, and ``m`` defaults to ``N k``.
     """
     if not isinstance(ntk_train_train, Tensor) or not ntk_train_train.is_floating_point():
-        raise ValueError(f"ntk_train_train must be a floating-point tensor, got {type(ntk_train_train).__name__}.")
-    k = ntk_train_train.detach().to(torch.float64)
+        raise ValueError(f"ntk_train_train must be a floating-point tensor, got {tensor_kind(ntk_train_train)}.")
+    k = ntk_train_train.detach()
     shape = tuple(k.shape)
     if k.dim() == 4 and shape[0] == shape[1] and shape[2] == shape[3]:
         k = flatten_full_kernel(k)
-    if k.dim() != 2 or k.shape[0] != k.shape[1] or not all_finite(k):
-        raise ValueError(f"ntk_train_train must be a finite square (N, N) or full (N, N, k, k) kernel, got shape "
-                         f"{shape}.")
+    if k.dim() != 2 or k.shape[0] != k.shape[1] or k.shape[0] == 0 or not all_finite(k):
+        raise ValueError(f"ntk_train_train must be a finite square (N, N) or full (N, N, k, k) kernel with N >= 1, "
+                         f"got shape {shape}.")
+    # eigvalsh reads one triangle: an asymmetric matrix would pass with half of it ignored (checked in
+    # the given dtype, whose rounding the tolerance allows for)
+    check_symmetric(k, "ntk_train_train")
+    k = k.to(torch.float64)
     m = k.shape[-1] if y_train_size is None else integer_at_least(y_train_size, 1, "y_train_size")
     kind = "a number in [0, 1)"
     if not 0 <= finite_number(momentum, "momentum", kind) < 1:
