@@ -191,6 +191,35 @@ def test_max_learning_rate_of_a_full_kernel_is_that_of_the_flattened_outputs():
         predict.max_learning_rate(torch.ones(2, 3, 3))
 
 
+def test_the_divergence_warning_says_when_the_values_overflow():
+    """Above the stability limit the values grow by g = 2η/limit − 1 per step and end as inf and
+    NaN (inf − inf in the covariance) with only "does not converge" said. The warning now gives the
+    step counts, for the narrowest dtype the values pass through; both are checked here."""
+    import re
+
+    x, y, xt = _x(6), _x(6, 1, seed=15), _x(3, seed=16)
+    for dtype in (torch.float64, torch.float32):
+        xs, ys, xts = x.to(dtype), y.to(dtype), xt.to(dtype)
+        limit = predict.GradientFlow(NET, xs, ys).max_learning_rate
+        with pytest.warns(RuntimeWarning, match=f"grows by 1.4x per step: the covariance overflows {dtype}") as record:
+            predict.gradient_flow(NET, xs, ys, xts, steps=1, learning_rate=1.2 * limit)
+        cov_steps, mean_steps = (float(v) for v in re.findall(r"after about (\d+) steps", str(record[0].message)))
+        assert abs(mean_steps - 2 * cov_steps) <= 1
+
+        def at(fraction, steps, xs=xs, ys=ys, xts=xts, rate=1.2 * limit):
+            with pytest.warns(RuntimeWarning, match="stability limit"):
+                return predict.gradient_flow(NET, xs, ys, xts, steps=round(fraction * steps), learning_rate=rate)
+
+        early, late = at(0.8, cov_steps), at(1.25, cov_steps)
+        assert torch.isfinite(early.covariance).all() and not torch.isfinite(late.covariance).all()
+        early, late = at(0.8, mean_steps), at(1.25, mean_steps)
+        assert torch.isfinite(early.mean).all() and not torch.isfinite(late.mean).all()
+    with warnings.catch_warnings(record=True) as record:         # at the limit itself nothing grows
+        warnings.simplefilter("always")
+        predict.gradient_flow(NET, x, y, xt, steps=3, learning_rate=predict.GradientFlow(NET, x, y).max_learning_rate)
+    assert "stability limit" in str(record[0].message) and "grows" not in str(record[0].message)
+
+
 def test_noise_free_posteriors_at_their_training_points_can_be_sampled():
     """Their covariance is rounding noise of both signs (eigenvalues ~±1e-15 for a prior variance
     ~2): draws equal the mean instead of a "not positive semi-definite" error."""

@@ -163,7 +163,7 @@ class GradientFlow:
             check_test_points(x_test, self.x_train.shape[-1], self.x_train.device)
         schedule = make_schedule(t, steps, self.learning_rate, self.m, self.x_train.device)
         if schedule is not None and schedule.discrete:
-            warn_if_unstable(self.learning_rate, self.max_learning_rate)
+            warn_if_unstable(self.learning_rate, self.max_learning_rate, self.factor_dtype, self.dtype)
         kernels = None if x_test is None else self._test_kernels(x_test, compute_cov)
         if schedule is None:
             mean, cov = self._infinite(kernels, compute_cov)

@@ -117,7 +117,8 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
     else:
         eig = Eigensystem.of(kernel, check_as=("ntk_train_train", ntk_train_train.dtype))
         if schedule.discrete:
-            warn_if_unstable(schedule.learning_rate, stability_limit(float(eig.values.max().detach()), y_train.numel()))
+            warn_if_unstable(schedule.learning_rate, stability_limit(float(eig.values.max().detach()), y_train.numel()),
+                             factor_dtype, out_dtype)
         _, growth, flow = schedule.functions(eig)
         v = eig.vectors
         proj = v.mT @ flat                                                  # (N, k)
