@@ -147,10 +147,14 @@ def load_dataset(source: str) -> Dataset:
             text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="replace")
             with warnings.catch_warnings():   # numpy's "input contained no data": raised below instead
                 warnings.simplefilter("ignore", UserWarning)
-                table = np.loadtxt(text.splitlines(), delimiter=",", comments="#", ndmin=2)
+                # a line of spaces (often the last) as an empty line, which numpy skips but counts, so
+                # that its row numbers stay the file's
+                lines = [line if line.strip() else "" for line in text.splitlines()]
+                table = np.loadtxt(lines, delimiter=",", comments="#", ndmin=2)
         except (OSError, ValueError) as error:
+            reason = str(error).split("; use `usecols`")[0]   # numpy's advice is for its own API
             raise ValueError(f"Cannot read {path} as comma-separated numbers (a header line must start "
-                             f"with #): {error}") from None
+                             f"with #): {reason}") from None
         if table.size == 0:   # an empty file or comments only (np.loadtxt returns shape (0, 1))
             raise ValueError(f"{path} has no data rows (every line is empty or a '#' comment).")
         if table.shape[1] < 2:

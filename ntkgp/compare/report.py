@@ -6,7 +6,7 @@ import json
 import math
 import pathlib
 
-from ntkgp.compare.harness import ComparisonResult, variance_tolerance, variances_checked
+from ntkgp.compare.harness import POINTWISE_MIN_WIDTH, ComparisonResult, variance_tolerance, variances_checked
 
 
 def check_notes(r: ComparisonResult) -> list[str]:
@@ -17,6 +17,10 @@ def check_notes(r: ComparisonResult) -> list[str]:
         notes.append(f"variances not checked: with {members} members the allowed relative error, "
                      f"{variance_tolerance(members):.2f}, would pass any ensemble variance below the analytic one, "
                      "even 0 (at least 11 members are needed)")
+    narrow = [w.width for w in r.widths if w.width < POINTWISE_MIN_WIDTH]
+    if narrow:
+        notes.append(f"widths {narrow} are reported but not checked point-wise (mean and variance within): those "
+                     f"checks apply from width {POINTWISE_MIN_WIDTH}, the issue's criterion")
     if r.learning_rate > r.max_learning_rate:
         notes.append(f"the learning rate is {r.learning_rate / r.max_learning_rate:.3g} x the stability limit "
                      "2m/lambda_max: the linearized (infinite-width) predictions diverge, and the finite networks "
@@ -86,7 +90,10 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
     else:
         lines.append("- (no acceptance checks apply to these widths)")
     lines += [f"- NOTE: {note}" for note in check_notes(r)]
-    groups = list(r.widths[0].layer_change) if r.widths else []
+    # from a width that recorded a step: one that diverged at step 0 has no layer changes
+    groups = next((list(w.layer_change) for w in r.widths if w.layer_change), [])
+    columns = ["width", "step", "loss", "mean within", "var within", "mean RMSE", "mean bias", "bias noise",
+               "var rel. error", "weight change", *(f"{g} weights" for g in groups), "NTK change", "seconds"]
     lines += ["", "## Per width and step", "",
               f"Mean within: fraction of test points with |mean − {gp} mean| ≤ 3 SE + 0.02; var within: "
               f"fraction with |var − {gp} var| ≤ {variance_tolerance(c['ensemble_size']):.3g} max({gp} var, 1e-6 × its "
@@ -95,20 +102,16 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
               "Monte-Carlo noise (SE²) removed, and the bias that two standard deviations of that estimate "
               "amount to for unbiased members (below it, a bias is noise). Changes are relative to "
               "initialization, averaged over members.", "",
-              "| width | step | loss | mean within | var within | mean RMSE | mean bias | bias noise | "
-              "var rel. error | weight change | " + " | ".join(f"{g} weights" for g in groups)
-              + " | NTK change | seconds |",
-              "|---" * (12 + len(groups)) + "|"]
+              "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for w in r.widths:
         for i, s in enumerate(w.steps):
-            per_group = " | ".join(_fmt(w.layer_change[g][i]) for g in groups)
-            lines.append(f"| {w.width} | {s} | {_fmt(w.train_loss[i])} | {_fmt(w.mean_within[i])} | "
-                         f"{_fmt(w.var_within[i])} | {_fmt(w.mean_rmse[i])} | {_fmt(w.mean_bias[i])} | "
-                         f"{_fmt(w.mean_bias_noise[i])} | "
-                         f"{_fmt(w.var_rel_error[i])} | {_fmt(w.weight_change[i])} | {per_group} | "
-                         f"{_fmt(w.ntk_change[i])} | {w.seconds:.1f} |")
+            cells = [str(w.width), str(s), *(_fmt(v[i]) for v in (
+                w.train_loss, w.mean_within, w.var_within, w.mean_rmse, w.mean_bias, w.mean_bias_noise,
+                w.var_rel_error, w.weight_change, *(w.layer_change[g] for g in groups), w.ntk_change)),
+                f"{w.seconds:.1f}"]
+            lines.append("| " + " | ".join(cells) + " |")
         if w.diverged_at is not None:
-            lines.append(f"| {w.width} | diverged at step {w.diverged_at} |" + " |" * (10 + len(groups)))
+            lines.append(f"| {w.width} | diverged at step {w.diverged_at} |" + " |" * (len(columns) - 2))
     lines += ["", "## Scaling with width (log–log slopes at the last step)", "",
               "Theory: input and readout weights −1/2, width × width weights −1 (so the total follows the "
               "hidden layers in NTK parameterization), NTK change bounded by −1/2 and closer to −1 "
@@ -214,6 +217,8 @@ def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
         plt.close(fig)
         names.append("scaling.png")
 
+    if not any(w.steps for w in r.widths):   # every width diverged at step 0: nothing to draw
+        return names
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for w in r.widths:
         if w.steps:
