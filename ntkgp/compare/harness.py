@@ -231,7 +231,7 @@ def _check_scale(data: Dataset, dtype: torch.dtype) -> None:
             what = "overflow" if name == "inputs" else "square to more than it holds"
             raise ValueError(f"The {name} are too large for {dtype} networks (largest magnitude "
                              f"{float(values.abs().max()):.3g}; they {what}): rescale them"
-                             + (" or use --dtype float64." if dtype != torch.float64 else "."))
+                             + (" or train float64 networks (--dtype float64)." if dtype != torch.float64 else "."))
 
 
 def _flag(value: object, name: str) -> bool:
