@@ -684,7 +684,7 @@ def test_data_too_large_for_the_networks_dtype_is_refused_before_training(monkey
         with pytest.raises(ValueError, match=f"The {what} are too large for torch.{dtype} networks"):
             run_comparison(data, CompareConfig(**{**vars(config), "dtype": dtype}))
     data = harness.Dataset("big", 1e39 * base.x_train, base.y_train, base.x_test)
-    with pytest.raises(ValueError, match=r"inputs are too large for torch.float32 networks .* --dtype float64"):
+    with pytest.raises(ValueError, match=r"inputs are too large for torch.float32 networks .*\(--dtype float64\)"):
         run_comparison(data, config)
 
 
