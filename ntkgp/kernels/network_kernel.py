@@ -26,6 +26,8 @@ class NetworkKernel(Kernel):
     kernels built on the same network share those parameters. With ``batch_shape`` every
     hyperparameter of the network gains that leading shape (in place), so kernels that share a
     network must share its batch shape (a ``ValueError`` otherwise; build on ``copy.deepcopy(net)``).
+    As for any GPyTorch module reached twice, a prior on a shared network is counted once per
+    kernel by ``ExactMarginalLogLikelihood`` (``NTKKernel(net) + NNGPKernel(net)``: twice).
     """
 
     has_lengthscale = False
