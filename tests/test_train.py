@@ -212,10 +212,27 @@ def test_readout_layers_are_every_dense_layer_that_reaches_the_output():
     assert sorted(readout_parameters(model)) == ["branches.0.2.bias", "branches.0.2.weight", "branches.1.2.bias",
                                                  "branches.1.2.weight"]
     assert layer_groups(model, X.float())["readout"] == ["branches.0.2.weight", "branches.1.2.weight"]
-    residual = ntkgp.serial(ntkgp.Dense(8), ntkgp.residual(ntkgp.ReLU(), ntkgp.Dense(8, 2.0, 0.1)), ntkgp.Identity())
-    assert readout_parameters(residual.build(in_features=1)) == ["1.branches.1.1.bias", "1.branches.1.1.weight"]
+    residual = ntkgp.serial(ntkgp.Dense(8), ntkgp.residual(ntkgp.ReLU(), ntkgp.Dense(8, 2.0, 0.1)), ntkgp.Dense(1),
+                            ntkgp.Identity())
+    assert readout_parameters(residual.build(in_features=1)) == ["2.weight"]
     with pytest.raises(ValueError, match="ends in ActivationModule"):
         readout_parameters(ntkgp.serial(ntkgp.Dense(8), ntkgp.ReLU()).build(in_features=1))
+
+
+def test_readout_only_training_refuses_an_output_with_an_untrained_identity_path():
+    """A residual block at the output was accepted with its inner Dense as the readout; the features its
+    identity branch passes on are not trained, so the readout's tangent kernel (diagonal 0.70, 0.42, ...)
+    is not the NNGP kernel the comparison uses (1.98, 1.04, ...): readout-only training did not follow
+    the NNGP gradient flow."""
+    ending_in_residual = ntkgp.serial(ntkgp.Dense(16), ntkgp.ReLU(), ntkgp.Dense(1),
+                                      ntkgp.residual(ntkgp.ReLU(), ntkgp.Dense(1, 1.0, 0.1)))
+    for net in (ending_in_residual, ntkgp.parallel(ntkgp.Dense(1), ntkgp.Identity())):
+        with pytest.raises(ValueError, match="needs a Dense layer at the end of every path to the output"):
+            readout_parameters(net.build(in_features=1))
+        with pytest.raises(ValueError, match="end of every path"):
+            train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[1], readout_only=True)
+    # full training still groups the inner Dense as the readout
+    assert layer_groups(ending_in_residual.build(in_features=1), X.float())["readout"] == ["3.branches.1.1.weight"]
 
 
 @pytest.mark.parametrize("param", ["ntk", "standard"])

@@ -115,7 +115,10 @@ def readout_parameters(model: nn.Module) -> list[str]:
 
     The readouts are the ``Dense`` layers whose outputs reach the network's output through
     nothing but sums, concatenations and identities (one for a plain MLP, one per branch for
-    ``parallel`` towers), so that the output is affine in their parameters.
+    ``parallel`` towers), so that the output is affine in their parameters. Every path to the
+    output must end in one: a branch that passes its input through (a residual block at the
+    output) is refused, since its features have no trained readout and the readout's tangent
+    kernel would then miss their part of the NNGP kernel.
     """
     params = [name for name, _ in model.named_parameters()]
     names = []
@@ -134,10 +137,16 @@ def readout_prefixes(model: nn.Module, prefix: str = "") -> list[str]:
         for index in reversed(range(len(model))):       # identities pass the output through
             if not isinstance(model[index], nn.Identity):
                 return readout_prefixes(model[index], f"{dot}{index}")
-        return []
+        model = nn.Identity()                           # nothing but identities: refused below
     if isinstance(model, ParallelModule):
-        return [r for i, branch in enumerate(model.branches) if not isinstance(branch, nn.Identity)
-                for r in readout_prefixes(branch, f"{dot}branches.{i}")]
+        return [r for i, branch in enumerate(model.branches) for r in readout_prefixes(branch, f"{dot}branches.{i}")]
+    if isinstance(model, nn.Identity):
+        # a residual block at the output: the features its identity branch passes on have no trained
+        # readout, so the readout's tangent kernel is not the network's NNGP kernel (it missed that part)
+        raise ValueError(f"Readout-only training needs a Dense layer at the end of every path to the output; "
+                         f"{prefix or 'the network'} passes its input through (e.g. the identity branch of a "
+                         "residual block at the output), and readout-only training of such a network does not "
+                         "follow the NNGP gradient flow.")
     raise ValueError(f"Readout-only training needs a network whose output is a Dense layer (or a sum or "
                      f"concatenation of them); {prefix or 'the network'} ends in {type(model).__name__}.")
 

@@ -157,7 +157,9 @@ class Layer(VarianceParameters, gpytorch.Module):
         Returns:
             The kernels, a :class:`KernelState` whose ``nngp`` and ``ntk`` are ``(*batch, n1, n2)``
             (``(*batch, n1)`` when ``diag``) in the dtype and on the device of ``x1``. Kernels
-            are per output unit: the covariance of the ``k`` outputs is ``K ⊗ I_k``.
+            are per output unit: the covariance of the ``k`` outputs is ``K ⊗ I_k`` when they are
+            those of the readout ``Dense`` layer (or a sum of readouts; docs/theory.md, "What
+            follows the readout", for an activation, a ``LayerNorm`` or a concatenation after it).
 
         A graph for autograd is recorded only when grad mode is on and an input or a
         hyperparameter requires a gradient; otherwise large kernels are evaluated in row blocks

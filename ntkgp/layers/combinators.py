@@ -81,7 +81,11 @@ class Parallel(Layer):
           K = Σ_b n_b K_b / Σ_b n_b,   Θ = Σ_b n_b Θ_b / Σ_b n_b
 
       The concatenated features are no longer identically distributed, so an activation may
-      not follow directly (put a ``Dense`` layer in between).
+      not follow directly (put a ``Dense`` layer in between); at the network's output, each
+      output has the kernel of its own branch and ``K`` is their average.
+
+    A layer instance used in several branches (or places) shares its hyperparameters; the finite
+    twin draws independent weights for each use, as :func:`repeat` does.
     """
 
     def __init__(self, *branches: Layer, join: str = "sum") -> None:
@@ -214,6 +218,8 @@ def residual(*layers: Layer) -> Parallel:
     """A residual block ``x + f(x)`` with ``f = serial(*layers)``: ``K = K_x + K_f``, ``Θ = Θ_x + Θ_f``
     (He et al. 2016; the infinite-width kernel as in neural-tangents). ``x`` must be Gaussian (after
     a Dense), and ``f`` must end in a Dense layer of its own, so the two branches are independent."""
+    if not layers:   # Serial's own message named serial(), which the caller never wrote
+        raise ValueError("residual() needs at least one layer.")
     return Parallel(Identity(), Serial(*layers), join="sum")
 
 

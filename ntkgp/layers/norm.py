@@ -19,7 +19,8 @@ class LayerNorm(Layer):
 
         K ← K / sqrt((eps + k11)(eps + k22)),   Θ ← Θ / sqrt((eps + k11)(eps + k22))
 
-    The input must be Gaussian (follow a ``Dense`` layer).
+    The input must be Gaussian (follow a ``Dense`` layer). After the readout it normalizes over
+    the network's ``k`` outputs, a finite number: the kernel is then the ``k → ∞`` limit.
     """
 
     preserves_gaussian = True
