@@ -89,3 +89,23 @@ def test_monte_carlo_kernel_checks_the_seed_first():
     with pytest.raises(ValueError, match=r"seed \+ 1_000_003 \* 1 \(the seed of the last batch\)"):
         monte_carlo_kernel(net, x, n_samples=4, ensemble_batch=2, seed=2**64 - 2)
     assert monte_carlo_kernel(net, x, n_samples=2, seed=2**64 - 2).n_samples == 2
+
+
+def test_specs_without_a_closed_form_kernel_build_and_have_monte_carlo_estimates():
+    """build() and monte_carlo_kernel take every spec, as build's docstring says, also those whose
+    kernel() is refused; the estimate of x + x is 4 K of x, which the closed form would have given."""
+    x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    specs = [ntkgp.serial(ntkgp.Dense(64), ntkgp.ReLU(), ntkgp.LayerNorm(), ntkgp.Dense(1)),
+             ntkgp.serial(ntkgp.Dense(8), ntkgp.ReLU(), ntkgp.Dense(4, ard_num_dims=8), ntkgp.ReLU(), ntkgp.Dense(1)),
+             ntkgp.serial(ntkgp.Dense(8), ntkgp.parallel(ntkgp.Dense(4), ntkgp.Dense(4), join="concat"), ntkgp.ReLU(),
+                          ntkgp.Dense(1))]
+    for net in specs:
+        with pytest.raises(ValueError):
+            net.kernel(x)
+        assert torch.isfinite(monte_carlo_kernel(net, x, n_samples=4).nngp).all()
+    doubled = ntkgp.serial(ntkgp.Dense(512, 1.5, 0.1), ntkgp.parallel(ntkgp.Identity(), ntkgp.Identity()))
+    with pytest.raises(ValueError, match="sum of branches"):
+        doubled.kernel(x)
+    estimate = monte_carlo_kernel(doubled, x, n_samples=64, ntk=False).nngp
+    single = ntkgp.Dense(512, 1.5, 0.1).kernel(x, ntk=False).nngp
+    torch.testing.assert_close(estimate, 4 * single, rtol=0, atol=0.05 * float(4 * single.diagonal().max()))

@@ -223,6 +223,11 @@ class Layer(VarianceParameters, gpytorch.Module):
     ) -> nn.Module:
         """The finite-width network with exactly this parameterization.
 
+        Any spec builds, also one whose :meth:`kernel` is refused for want of a closed form (an
+        activation after a concatenation, a ``LayerNorm`` after an activation, ``x + x``, a
+        residual on the raw input, ``ard_num_dims`` past the first layer): such networks are well
+        defined, and :func:`ntkgp.finite.monte_carlo_kernel` estimates their kernels.
+
         Args:
             in_features: input dimension ``d``; ``None`` defers the first layer's weights to
                 its first call (or takes ``ard_num_dims``); they are drawn in the dtype and on
