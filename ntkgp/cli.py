@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 
@@ -57,6 +58,20 @@ PRESETS = {
 }
 
 
+#: CompareConfig fields named in its error messages, and the options that set them.
+OPTIONS = {"ensemble_size": "--ensemble-size", "record_steps": "--steps", "weight_var": "--weight-var",
+           "bias_var": "--bias-var", "learning_rate": "--learning-rate", "lr_fraction": "--lr-fraction",
+           "chunk_size": "--chunk-size"}
+
+
+def _error(error: ValueError) -> str:
+    """``error``'s message with the config's field names replaced by the options a user typed."""
+    message = str(error)
+    for field, option in OPTIONS.items():
+        message = re.sub(rf"\b{field}\b", option, message)
+    return message
+
+
 def compare(args: argparse.Namespace) -> int:
     """Train finite ensembles, compare them with the infinite-width predictions, write a report."""
     from ntkgp.compare import CompareConfig, load_dataset, run_comparison, write_report
@@ -77,14 +92,14 @@ def compare(args: argparse.Namespace) -> int:
         data = load_dataset(args.dataset)
         _writable_folder(args.out)
     except ValueError as error:
-        print(f"ntkgp compare: error: {error}", file=sys.stderr)
+        print(f"ntkgp compare: error: {_error(error)}", file=sys.stderr)
         return 2
     print(f"ntkgp compare: {data.description}; widths {list(config.widths)}, {config.ensemble_size} members, "
           f"steps {list(config.record_steps)}, {'readout only' if config.readout_only else 'all layers'}", flush=True)
     try:  # run_comparison checks the data against the spec (a zero training kernel) before training
         result = run_comparison(data, config)
     except ValueError as error:
-        print(f"ntkgp compare: error: {error}", file=sys.stderr)
+        print(f"ntkgp compare: error: {_error(error)}", file=sys.stderr)
         return 2
     out = write_report(result, args.out)
     print(f"learning rate {result.learning_rate:.4g} (= {result.learning_rate / result.max_learning_rate:.2f} "

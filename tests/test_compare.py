@@ -226,13 +226,13 @@ def test_variance_agreement_where_the_ntkgp_variance_vanishes():
 
 @pytest.mark.parametrize("argv, message", [
     (["--widths", "0"], "widths must be positive"),
-    (["--ensemble-size", "1"], "ensemble_size must be an integer >= 2"),
+    (["--ensemble-size", "1"], "--ensemble-size must be an integer >= 2"),
     (["--depth", "-1"], "depth must be a positive integer"),
     (["--depth", "0"], "depth must be a positive integer"),
-    (["--learning-rate", "-1"], "learning_rate must be a positive number"),
-    (["--lr-fraction", "nan"], "lr_fraction must be a positive number"),
-    (["--steps", "0", "-5"], "record_steps must be non-negative"),
-    (["--weight-var", "-1"], "weight_var"),
+    (["--learning-rate", "-1"], "--learning-rate must be a positive number"),
+    (["--lr-fraction", "nan"], "--lr-fraction must be a positive number"),
+    (["--steps", "0", "-5"], "--steps must be non-negative"),
+    (["--weight-var", "-1"], "--weight-var must be non-negative"),
     (["--activation", "nope"], "Unknown activation"),
     (["--dataset", "missing.csv"], "does not exist"),
     (["--device", "not-a-device"], "is not a torch device"),
@@ -240,6 +240,7 @@ def test_variance_agreement_where_the_ntkgp_variance_vanishes():
     (["--device", "mps"], "runs on 'cpu' or 'cuda' devices"),
 ])
 def test_cli_rejects_bad_settings_before_training(argv, message, capsys, tmp_path):
+    # messages name the options typed (--ensemble-size, --steps), not CompareConfig's fields
     code = main(["compare", "--no-progress", "--out", str(tmp_path / "r"), *argv])
     err = capsys.readouterr().err
     assert code == 2
