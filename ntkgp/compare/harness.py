@@ -228,9 +228,9 @@ def _check_scale(data: Dataset, dtype: torch.dtype) -> None:
     for name, values in (("inputs", torch.cat([data.x_train, data.x_test])), ("targets", data.y_train)):
         if not bool(torch.isfinite(values.to(dtype)).all()) or (
                 name == "targets" and not bool(torch.isfinite(values.to(dtype).square().sum()))):
-            what = "overflow" if name == "inputs" else "square to more than it holds"
+            what = "they overflow it" if name == "inputs" else "their squared errors overflow it"
             raise ValueError(f"The {name} are too large for {dtype} networks (largest magnitude "
-                             f"{float(values.abs().max()):.3g}; they {what}): rescale them"
+                             f"{float(values.abs().max()):.3g}: {what}): rescale them"
                              + (" or train float64 networks (--dtype float64)." if dtype != torch.float64 else "."))
 
 
