@@ -75,8 +75,8 @@ class GradientFlow:
     changing those (e.g. by fitting a marginal likelihood), build a new ``GradientFlow``. The
     training data are copied, so later in-place changes to them do not reach the predictions.
     Kernels are computed without autograd, so predictions carry no gradient with respect to the
-    inputs, the targets or the variances (they do with respect to ``t``): for differentiable predictions,
-    pass kernels from ``net.kernel`` to :func:`~ntkgp.predict.gradient_descent_mse`.
+    inputs, the targets or the variances (they do with respect to ``t``): for differentiable
+    predictions, pass kernels from ``net.kernel`` to :func:`~ntkgp.predict.gradient_descent_mse`.
 
     Args:
         net: the network spec.
