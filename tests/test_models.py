@@ -256,7 +256,7 @@ def test_network_gp_follows_the_dtype_of_its_data():
     # the variances survive the conversion exactly (float64 anchors)
     net = ntkgp.mlp(1, "erf", 0.3, 0.01).float()
     NetworkGP(x, y, net)
-    assert float(net.layers[0].weight_var) == 0.3 and float(net.layers[0].bias_var) == 0.01
+    assert float(net.layers[0].weight_var.detach()) == 0.3 and float(net.layers[0].bias_var.detach()) == 0.01
 
 def test_network_gp_counts_each_prior_once():
     """The kernel owns the network: registered twice, every prior entered the MLL twice."""
