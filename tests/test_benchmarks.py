@@ -1,0 +1,29 @@
+"""The benchmark scripts behind docs/benchmarks.md run at toy sizes and print their tables
+(benchmarks/uci.py, mnist.py, kernel_grad.py and variance_deficit.py have smoke tests of their own)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize("script, args, expected", [
+    ("kernels.py", ["--sizes", "20", "--d", "5", "--depth", "2", "--no-compile"], "eager/nt"),
+    ("predict.py", ["--n", "50", "--m", "20", "--times", "5"], "-> covariance (5, 20, 20)"),
+    ("quadrature.py", ["--sizes", "10", "--d", "2"], "max rel diff"),
+    ("train.py", ["--members", "4", "--width", "16", "--steps", "5"], "ratio:"),
+])
+def test_benchmark_script_runs_at_toy_size(script, args, expected):
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env.pop("NTKGP_NT_PYTHON", None)   # the neural-tangents columns need a JAX environment: left out
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert expected in result.stdout, result.stdout[-2000:]
