@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -178,7 +179,9 @@ def test_empirical_ntk_takes_the_jacobian_route_where_the_layerwise_formula_is_w
             out = self.net(x)
             return out - out.mean(-2, keepdim=True)
 
-    for module in (Twice(), Centred()):
+    tied = ntkgp.mlp(2, "tanh", width=3, out_dim=2).build(in_features=3, seed=4)
+    tied[2].weight = tied[0].weight   # tied weights: the layer-by-layer sum missed the cross terms (30 % off)
+    for module in (Twice(), Centred(), tied):
         torch.testing.assert_close(empirical_ntk(module, x1, x2), brute(module), rtol=1e-12, atol=1e-12)
     model = _net().build(in_features=3, seed=2)
     for scales in ({"5.weight": torch.tensor([[0.5, 1.0, 2.0]])},         # per output unit
@@ -386,3 +389,50 @@ def test_equivalent_learning_rates_refuse_invalid_rates():
     for bad in ("0.1", -1.0, 0.0, math.nan, math.inf, True):
         with pytest.raises(ValueError, match="learning_rate must be a positive number"):
             equivalent_learning_rates(model, bad)
+
+
+def test_empirical_kernels_refuse_what_they_would_get_wrong_and_warn_in_training_mode():
+    """A misspelt params= name was ignored by functional_call (an all-zero NTK); (n, 2, 3) outputs
+    gave 3x the NTK and a batched-matrix NNGP; a tuple output an AttributeError; images (n, 1, 8, 8)
+    an NNGP with x2=None but a batch-shape error otherwise; zero points crashed the NTK; dropout and
+    batch norm in training mode gave random kernels or changed the running statistics silently."""
+    x1, x2 = torch.randn(4, 3), torch.randn(5, 3)
+    model = _net().build(in_features=3, seed=0)
+    for kernel in (empirical_ntk, empirical_nngp):
+        with pytest.raises(ValueError, match=r"params names parameters the network does not have: \['5.Weight'\]"):
+            kernel(model, x1, params={"5.Weight": model[5].weight})
+
+    class Outputs(torch.nn.Module):
+        def __init__(self, tuple_output=False):
+            super().__init__()
+            self.linear, self.tuple_output = torch.nn.Linear(3, 6), tuple_output
+
+        def forward(self, x):
+            out = self.linear(x)
+            return (out, out) if self.tuple_output else out.unflatten(-1, (2, 3))
+
+    for module, message in ((Outputs(), r"outputs \(n, k\) for inputs \(n, d\); got \(4, 2, 3\)"),
+                            (Outputs(tuple_output=True), "one tensor of outputs")):
+        for kernel in (empirical_ntk, empirical_nngp):
+            with pytest.raises(ValueError, match=message):
+                kernel(module, x1)
+    images = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    for kernel in (empirical_ntk, empirical_nngp):
+        with pytest.raises(ValueError, match="flatten images"):
+            kernel(images, torch.randn(4, 1, 8, 8))
+    flat = torch.nn.Sequential(torch.nn.Unflatten(-1, (1, 8, 8)), torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    assert empirical_ntk(flat, torch.randn(4, 64), torch.randn(3, 64)).shape == (4, 3)
+    plain = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    for module in (model, plain):
+        for kernel in (empirical_ntk, empirical_nngp):
+            assert kernel(module, x1[:0], x2).shape == (0, 5)
+            assert kernel(module, x1, x2[:0], vector_output=True).shape == (4, 0, *((3, 3) if module is model
+                                                                                   else (2, 2)))
+    for layer in (torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(4)):
+        noisy = torch.nn.Sequential(torch.nn.Linear(3, 4), layer, torch.nn.Linear(4, 2))
+        with pytest.warns(RuntimeWarning, match="training mode"):
+            empirical_nngp(noisy, x1)
+        noisy.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.testing.assert_close(empirical_ntk(noisy, x1), empirical_ntk(noisy, x1), rtol=0, atol=0)

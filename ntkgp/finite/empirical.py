@@ -20,10 +20,17 @@ Both are returned per output unit, ``(1/k) Σ_i K̂_ii`` (what the infinite-widt
 describe, since the full kernel is ``K ⊗ I_k``), or in full ``(n1, n2, k, k)`` form with
 ``vector_output=True``. Modules built with ``ensemble_size=E`` give one kernel per member,
 ``(E, n1, n2)``: members are handled by ``torch.func.vmap``, never a Python loop.
+
+A module or function maps inputs ``(n, d)`` to outputs ``(n, k)`` (or ``(n,)``); other output
+shapes are refused, and only networks built by ntkgp take batches of inputs ``(*batch, n, d)``
+(a CNN takes flattened images and unflattens them itself, ``nn.Unflatten``). The kernels are
+those of the module as it is called: dropout or batch norm in training mode make them random
+or update running statistics, so that warns (call ``model.eval()`` first).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -49,12 +56,35 @@ def ensemble_size(model: nn.Module) -> int | None:
     return sizes.pop() if sizes else None
 
 
+#: Modules whose training-mode output is random (dropout) or that update their buffers when called
+#: (batch statistics): the kernel of such a module in training mode is not a function of its parameters.
+_TRAINING_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+
+
+def _built_by_ntkgp(model: nn.Module | ParamFn) -> bool:
+    """Whether every submodule of ``model`` is an ntkgp layer's twin or a container ``build`` uses
+    (no layer mixes points, and batches of inputs are taken)."""
+    return isinstance(model, nn.Module) and all(
+        type(m) in _BUILT_CONTAINERS or type(m).__module__.startswith("ntkgp.") for m in model.modules())
+
+
 def _as_function(model: nn.Module | ParamFn, params: dict[str, Tensor] | None, x: Tensor
                  ) -> tuple[ParamFn, dict[str, Tensor], int | None]:
     if isinstance(model, nn.Module):
         _materialize(model, x)
+        training = sorted({type(m).__name__ for m in model.modules()
+                           if m.training and isinstance(m, _TRAINING_DEPENDENT)})
+        if training:
+            warnings.warn(f"The module is in training mode and has {training} layers: its outputs are random "
+                          "(dropout) or its batch statistics change as it is called, so the kernel is not a "
+                          "function of its parameters. Call model.eval() first.", RuntimeWarning, stacklevel=3)
         if params is None:
             params = {name: p.detach() for name, p in model.named_parameters()}
+        else:
+            # a misspelt name was a parameter functional_call ignored: an all-zero NTK, and no error
+            unknown = sorted(set(params) - {name for name, _ in model.named_parameters(remove_duplicate=False)})
+            if unknown:
+                raise ValueError(f"params names parameters the network does not have: {unknown}.")
         buffers = dict(model.named_buffers())
         members = ensemble_size(model)
 
@@ -82,8 +112,26 @@ def _check_dtype(model: nn.Module | ParamFn, x1: Tensor) -> None:
             raise ValueError(f"x1 is {x1.dtype} but the network's parameters are {dtypes.pop()}: convert one of them.")
 
 
-def _outputs_2d(out: Tensor) -> Tensor:
-    return out.unsqueeze(-1) if out.dim() == 1 else out
+def _outputs_2d(out: Tensor, x: Tensor | None = None, members: int | None = None) -> Tensor:
+    """``out`` as ``(..., n, k)`` (one output: ``(n,)`` read as ``(n, 1)``); with the inputs ``x``
+    given, anything but one output vector per point of ``x`` is a ``ValueError``."""
+    if not isinstance(out, Tensor):
+        raise ValueError(f"The network must return one tensor of outputs (n, k), got {type(out).__name__}.")
+    out = out.unsqueeze(-1) if out.dim() == 1 else out
+    if x is not None and (out.dim() != x.dim() + (members is not None) or out.shape[-2] != x.shape[-2]):
+        # (n, 2, 3) outputs were contracted over one axis and averaged over another: 3x the NTK
+        raise ValueError(f"The network must return outputs (n, k) for inputs (n, d); got {tuple(out.shape)} for "
+                         f"inputs {tuple(x.shape)}: flatten several output axes into k.")
+    return out
+
+
+def _check_plain_inputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None) -> None:
+    """Inputs ``(n, d)``: only networks built by ntkgp take batches ``(*batch, n, d)``."""
+    for name, x in (("x1", x1), ("x2", x2)):   # a batch axis of x2 was read as its points (an einsum error)
+        if x is not None and x.dim() != 2:
+            raise ValueError(f"{name} must have shape (n, d) for this network (only networks built by ntkgp "
+                             f"take batches of inputs; flatten images, and unflatten them in the module with "
+                             f"nn.Unflatten), got {tuple(x.shape)}.")
 
 
 def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None, *,
@@ -93,10 +141,12 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     kernel (Neal 1996; Lee et al. 2018). A constant: no gradient flows through it."""
     x1, x2 = check_inputs(x1, x2)
     _check_dtype(model, x1)
-    fn, params, _ = _as_function(model, params, x1)
+    if not _built_by_ntkgp(model):
+        _check_plain_inputs(model, x1, x2)
+    fn, params, members = _as_function(model, params, x1)
     with torch.no_grad():
-        f1 = _outputs_2d(fn(params, x1))
-        f2 = f1 if x2 is None else _outputs_2d(fn(params, x2))
+        f1 = _outputs_2d(fn(params, x1), x1, members)
+        f2 = f1 if x2 is None else _outputs_2d(fn(params, x2), x2, members)
     if vector_output:
         return torch.einsum("...ni,...mj->...nmij", f1, f2)
     return (f1 @ f2.mT).div_(f1.shape[-1])   # in place: the product is fresh, a second kernel-sized copy is not needed
@@ -143,12 +193,12 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     unknown = sorted(set(scales) - set(all_params))
     if unknown:
         raise ValueError(f"parameter_scales names parameters the network does not have: {unknown}.")
+    if x1.shape[-2] == 0 or (x2 is not None and x2.shape[-2] == 0):   # no points: the kernel's shape alone
+        # (the replicas of the layer-by-layer route cannot be unflattened from zero points)
+        return empirical_nngp(model, x1, x2, params=params, vector_output=vector_output).zero_()
     if params is None and isinstance(model, nn.Module) and _layerwise_applies(model, x1, scales):
         return _layerwise_ntk(model, x1, x2, scales, vector_output)
-    for name, x in (("x1", x1), ("x2", x2)):   # a batch axis of x2 was read as its points (an einsum error)
-        if x is not None and x.dim() != 2:
-            raise ValueError(f"{name} must have shape (n, d) for this network (only networks built by ntkgp "
-                             f"take batches of inputs), got {tuple(x.shape)}.")
+    _check_plain_inputs(model, x1, x2)
     params = {name: p.detach() for name, p in all_params.items()}
     # no graph to the inputs either, as on the layer-by-layer route (whose signals are detached):
     # the same network wrapped in a user module gave a differentiable kernel, built alone a constant
@@ -161,8 +211,8 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     spec = "nip,mjp->nmij" if vector_output else "nip,mip->nm"
 
     def single(p: dict[str, Tensor], constants: dict[str, Tensor]) -> Tensor:
-        j1 = jacrev(lambda q: _outputs_2d(fn({**constants, **q}, x1)))(p)
-        j2 = j1 if x2 is None else jacrev(lambda q: _outputs_2d(fn({**constants, **q}, x2)))(p)
+        j1 = jacrev(lambda q: _outputs_2d(fn({**constants, **q}, x1), x1))(p)
+        j2 = j1 if x2 is None else jacrev(lambda q: _outputs_2d(fn({**constants, **q}, x2), x2))(p)
         total = None
         for name in p:
             a = j1[name].reshape(*j1[name].shape[:2], -1)  # (n, k, parameters), scalars included
@@ -183,10 +233,13 @@ def _layerwise_applies(model: nn.Module, x: Tensor, scales: dict) -> bool:
     layer mixes points and all parameters live in ``Dense`` layers), each ``Dense`` called once,
     and scales it can apply (numbers, or one per input feature of a weight)."""
     modules = list(model.modules())
-    if not all(type(m) in _BUILT_CONTAINERS or type(m).__module__.startswith("ntkgp.") for m in modules):
+    if not _built_by_ntkgp(model):
         return False
-    dense = {id(p): (prefix, name, m) for prefix, m in model.named_modules() if isinstance(m, DenseModule)
-             for name, p in m.named_parameters(recurse=False)}
+    owned = [(id(p), (prefix, name, m)) for prefix, m in model.named_modules() if isinstance(m, DenseModule)
+             for name, p in m.named_parameters(recurse=False)]
+    dense = dict(owned)
+    if len(dense) != len(owned):   # tied weights: the per-layer sum would miss the terms between their uses
+        return False
     params = list(model.named_parameters())
     if not params or any(id(p) not in dense for _, p in params):
         return False

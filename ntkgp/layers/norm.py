@@ -60,5 +60,7 @@ class LayerNormModule(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == 0:   # no points: var_mean warns of zero degrees of freedom
+            return x.clone()
         var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
         return (x - mean) / torch.sqrt(var + self.eps)
