@@ -436,3 +436,26 @@ def test_empirical_kernels_refuse_what_they_would_get_wrong_and_warn_in_training
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             torch.testing.assert_close(empirical_ntk(noisy, x1), empirical_ntk(noisy, x1), rtol=0, atol=0)
+
+
+def test_build_refuses_batched_or_non_finite_variances_and_signed_zeros_are_zero():
+    """A batched bias alone failed in float() ("only one element tensors can be converted"), and its
+    repr showed the first batch entry as the value; a NaN raw variance built a network of NaN outputs
+    without a word; weight_var=-0.0 was stored as -0 (repr "-0", kernel entries -0.0)."""
+    from ntkgp.layers.base import NonFiniteVarianceError
+
+    layer = ntkgp.Dense(4, 1.0, 0.1)
+    layer.raw_bias_var.data = torch.zeros(3)
+    layer.raw_bias_var_constraint.anchor = torch.tensor([0.1, 0.7, 0.9], dtype=torch.float64)
+    with pytest.raises(ValueError, match="batched hyperparameters"):
+        layer.build(2)
+    assert "bias_var=<shape (3,)>" in repr(layer)
+    for name in ("raw_weight_var", "raw_bias_var"):
+        layer = ntkgp.Dense(4, 1.0, 0.1)
+        with torch.no_grad():
+            getattr(layer, name).fill_(math.nan)
+        with pytest.raises(NonFiniteVarianceError, match="non-finite variances"):
+            ntkgp.serial(layer, ntkgp.ReLU(), ntkgp.Dense(1)).build(2)
+    zero = ntkgp.Dense(4, weight_var=-0.0, bias_var=0.1)
+    assert "weight_var=0," in repr(zero)
+    assert not torch.signbit(zero.kernel(torch.randn(3, 2, dtype=torch.float64)).nngp).any()

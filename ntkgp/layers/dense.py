@@ -9,9 +9,10 @@ from gpytorch.priors import Prior
 from torch import Tensor, nn
 
 from ntkgp._checks import integer_at_least
-from ntkgp.layers.base import BuildContext, Layer
+from ntkgp.layers.base import BuildContext, Layer, NonFiniteVarianceError
 from ntkgp.layers.numerics import expand_param
 from ntkgp.layers.state import KernelState
+from ntkgp.layers.validation import all_finite
 
 PARAMETERIZATIONS = ("ntk", "standard")
 
@@ -164,21 +165,30 @@ class Dense(Layer):
             in_width = self.ard_num_dims
         exact = torch.empty((), dtype=torch.float64, device="cpu")   # the stored anchors, not float32-rounded values
         weight_var = self.variance_as("weight_var", exact).detach()
-        if weight_var.dim() > (1 if self.ard_num_dims is not None else 0):
+        bias_var = self.variance_as("bias_var", exact).detach() if self.has_bias else None
+        # a batched bias alone failed in float() with "only one element tensors can be converted"
+        if weight_var.dim() > (1 if self.ard_num_dims is not None else 0) or (bias_var is not None
+                                                                               and bias_var.dim() > 0):
             raise ValueError("Cannot build a finite network from batched hyperparameters.")
+        if not all_finite(weight_var) or (bias_var is not None and not all_finite(bias_var)):
+            # a NaN raw parameter built a network of NaN outputs without a word
+            raise NonFiniteVarianceError("Cannot build a finite network from non-finite variances (a NaN raw "
+                                         "parameter); set them anew, e.g. layer.weight_var = 1.0.")
         module = DenseModule(
             in_width, self.width,
             weight_var=weight_var,
-            bias_var=None if not self.has_bias else float(self.variance_as("bias_var", exact).detach()),
+            bias_var=None if bias_var is None else float(bias_var),
             parameterization=self.parameterization,
             ctx=ctx,
         )
         return module, self.width
 
     def extra_repr(self) -> str:
-        bias = "None" if not self.has_bias else f"{float(self.bias_var.detach().reshape(-1)[0]):g}"
-        w = self.weight_var.detach()   # one value, or per feature (ARD) / per batch: its shape
-        weight = f"{float(w):g}" if w.numel() == 1 else f"<shape {tuple(w.shape)}>"
+        def shown(v: Tensor) -> str:   # one value, or per feature (ARD) / per batch: its shape
+            return f"{float(v):g}" if v.numel() == 1 else f"<shape {tuple(v.shape)}>"
+
+        bias = "None" if not self.has_bias else shown(self.bias_var.detach())
+        weight = shown(self.weight_var.detach())
         return (f"width={self.width}, parameterization={self.parameterization!r}, weight_var={weight}, bias_var={bias}"
                 + (f", ard_num_dims={self.ard_num_dims}" if self.ard_num_dims is not None else ""))
 

@@ -98,10 +98,12 @@ def check_variance(name: str, value: float | Tensor) -> Tensor:
         raise ValueError(f"{name} must be finite, got {value!r}.")
     if bool((tensor < 0).any()):
         raise ValueError(f"{name} must be non-negative (it is a variance), got {value!r}.")
-    return tensor
+    return tensor + 0.0   # -0.0 as 0.0: a signed zero printed as -0 and gave kernel entries of -0.0
 
 
 def _variance_of(name: str, module: VarianceParameters) -> Tensor:
+    # in the module's dtype, which is the prior's too (torch.distributions casts values to it): a
+    # float32 module's prior sees 1e-50 as 0, however exactly its float64 kernels use the variance
     return getattr(module, name)
 
 
