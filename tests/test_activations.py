@@ -300,3 +300,53 @@ def test_quadrature_benchmark_runs():
     row = [line.split() for line in out.stdout.splitlines() if line.split()[:1] == ["12"]]
     assert len(row) == 1 and row[0][4].endswith("x"), out.stdout
     assert float(row[0][5]) < 1e-6, out.stdout
+
+
+def test_user_activations_are_checked_where_they_were_trusted():
+    """A module with parameters (nn.PReLU) was taken as an activation: its kernel gradient was dropped
+    and every built network shared the spec's parameter. A wrongly shaped or typed nngp_fn output
+    ((1, 1) for 5 x 4 points after a .mean(), float32 for float64 kernels) or a NaN one was passed on;
+    a map or activation without an autograd graph gave torch's "element 0 of tensors does not require
+    grad"; max_degree below 16 was exceeded and rtol=inf accepted; mlp named "width" for a bad out_dim
+    and took a Dense layer as its activation."""
+    x1, x2 = torch.randn(5, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+
+    def net(act):
+        return ntkgp.serial(ntkgp.Dense(8, 1.5, 0.1), act, ntkgp.Dense(1, 1.0, 0.05))
+
+    with pytest.raises(ValueError, match="PReLU has parameters"):
+        ntkgp.Numerical(torch.nn.PReLU(init=0.25))
+    with pytest.raises(ValueError, match="PReLU has parameters"):
+        ntkgp.Elementwise(torch.nn.PReLU(), lambda k12, k11, k22: k12)
+    assert ntkgp.Numerical(torch.nn.Tanh()).fn(torch.zeros(1)) == 0      # parameter-free modules are fine
+
+    def arcsin(k12, k11, k22):   # erf's map, asin outside [-1, 1] for the scaled-up correlation below
+        return 2 / math.pi * torch.asin(2 * k12 / torch.sqrt((1 + 2 * k11) * (1 + 2 * k22)))
+
+    erf = ntkgp.Elementwise(torch.erf, arcsin)
+    torch.testing.assert_close(net(erf).kernel(x1, x2).ntk, net(ntkgp.Erf()).kernel(x1, x2).ntk, rtol=1e-13, atol=0)
+    for bad, message in ((lambda k12, k11, k22: arcsin(k12, k11, k22).mean(), r"\(5, 4\) torch.float64; got \(\)"),
+                         (lambda k12, k11, k22: arcsin(k12, k11, k22).float(), "got .* torch.float32"),
+                         (lambda k12, k11, k22: 1.0, "got float"),
+                         (lambda k12, k11, k22: torch.asin(3 * k12 / torch.sqrt(k11 * k22)), "NaN"),
+                         (lambda k12, k11, k22: torch.ones_like(k12.detach()), "does not depend on k12")):
+        with pytest.raises(ValueError, match=message):
+            net(ntkgp.Elementwise(torch.erf, bad)).kernel(x1, x2)
+    with pytest.raises(ValueError, match="dot_fn must return"):
+        net(ntkgp.Elementwise(torch.erf, arcsin, lambda k12, k11, k22: k12.sum())).kernel(x1, x2)
+    constant = ntkgp.Numerical(lambda x: torch.ones_like(x.detach()))
+    assert torch.isfinite(net(constant).kernel(x1, x2, ntk=False).nngp).all()
+    with pytest.raises(ValueError, match="does not depend on its input through autograd"):
+        net(constant).kernel(x1, x2)
+    capped = ntkgp.Numerical(torch.tanh, max_degree=8)
+    with pytest.warns(RuntimeWarning, match="by degree 8"):
+        net(capped).kernel(x1, x2)
+    assert capped.last_degree == 8
+    for rtol in (math.inf, math.nan, 0.0, True):
+        with pytest.raises(ValueError, match="rtol must be a finite positive number"):
+            ntkgp.Numerical(torch.tanh, rtol=rtol)
+    with pytest.raises(ValueError, match="out_dim must be a positive integer"):
+        ntkgp.mlp(2, out_dim=0)
+    with pytest.raises(ValueError, match=r"activation must be an activation layer .* got Dense"):
+        ntkgp.mlp(2, ntkgp.Dense(4))
+    assert isinstance(ntkgp.mlp(1, ntkgp.Identity())[1], ntkgp.Identity)

@@ -31,6 +31,26 @@ from ntkgp._checks import integer_at_least
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.activations import Activation
 from ntkgp.layers.numerics import is_vmapped, overflow_scale
+from ntkgp.layers.validation import broadcast_shapes, finite_number
+
+
+def _parameter_free(*functions: object) -> None:
+    """``ValueError`` for a module with parameters among ``functions``: the kernels would not be
+    differentiated through them, and every network built from the spec would share them."""
+    for f in functions:
+        if isinstance(f, torch.nn.Module) and any(True for _ in f.parameters()):
+            raise ValueError(f"{type(f).__name__} has parameters, which an ntkgp activation cannot learn (its "
+                             "kernel would not be differentiated through them, and every built network would "
+                             "share them); give a fixed function, e.g. lambda x: F.leaky_relu(x, 0.25).")
+
+
+def _check_map(value: object, shape: tuple[int, ...], dtype: torch.dtype, name: str) -> Tensor:
+    """``value``, a user map's output, must be a tensor of the kernels' broadcast ``shape`` and ``dtype``."""
+    if not isinstance(value, Tensor) or tuple(value.shape) != tuple(shape) or value.dtype != dtype:
+        got = (f"{tuple(value.shape)} {value.dtype}" if isinstance(value, Tensor) else type(value).__name__)
+        raise ValueError(f"Elementwise: {name} must return a tensor of the broadcast shape of its arguments and "
+                         f"their dtype, {tuple(shape)} {dtype}; got {got} (a reduction such as .mean()?).")
+    return value
 
 #: Upper bound on ``pairs × degree²`` evaluated at once by :class:`Numerical`.
 QUADRATURE_CHUNK = 1 << 22
@@ -45,6 +65,14 @@ class Elementwise(Activation):
     ``k12² = k11·k22`` (those with ``sqrt(k11·k22 − k12²)``, e.g. the arc-cosine kernels of kinked
     activations) need ``dot_fn`` (without it, the NTK raises where autograd's derivative is not
     finite). ``fn`` may be ``None`` if no finite twin is needed.
+
+    ``nngp_fn`` and ``dot_fn`` must return tensors of their arguments' broadcast shape and dtype,
+    finite where the kernels are (checked on every call). For hyperparameter gradients they must
+    also have finite derivatives where a point meets itself, ``k12² = k11·k22``: write
+    ``sqrt(k11·k22 − k12²)`` with :func:`ntkgp.layers.numerics.safe_sqrt` (zero gradient at 0), as
+    the built-in layers do, since ``torch.sqrt(torch.clamp(·, min=0))`` has an infinite one there and
+    makes the gradients NaN whenever ``x2`` is ``x1``. ``fn`` and the maps may not be modules with
+    parameters (e.g. ``nn.PReLU``): ntkgp activations have no learnable parameters.
     """
 
     def __init__(self, fn: Callable[[Tensor], Tensor] | None = None,
@@ -53,6 +81,7 @@ class Elementwise(Activation):
         super().__init__()
         if fn is None and nngp_fn is None:
             raise ValueError("Elementwise needs fn (finite width), nngp_fn (infinite width), or both.")
+        _parameter_free(fn, nngp_fn, dot_fn)
         self._fn, self.nngp_fn, self.dot_fn = fn, nngp_fn, dot_fn
 
     def fn(self, x: Tensor) -> Tensor:
@@ -68,16 +97,30 @@ class Elementwise(Activation):
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         if self.nngp_fn is None:
             raise ValueError("This Elementwise layer has no nngp_fn, so it has no infinite-width kernel.")
+        shape = broadcast_shapes(k11.shape, k12.shape, k22.shape)
+
+        def checked(fn: Callable, name: str, *args: Tensor) -> Tensor:
+            value = _check_map(fn(*args), shape, k12.dtype, name)
+            # NaN where the arguments are finite (asin outside [-1, 1], say) passed on silently
+            if not is_vmapped(value) and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"Elementwise: {name} returned NaN or infinite values for finite kernels.")
+            return value
+
         if not want_dot:
-            return self.nngp_fn(k12, k11, k22), None
+            return checked(self.nngp_fn, "nngp_fn", k12, k11, k22), None
         if self.dot_fn is not None:
-            return self.nngp_fn(k12, k11, k22), self.dot_fn(k12, k11, k22)
+            return (checked(self.nngp_fn, "nngp_fn", k12, k11, k22),
+                    checked(self.dot_fn, "dot_fn", k12, k11, k22))
         keep_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (k11, k12, k22))
         with torch.enable_grad():
             # a node of its own: in the symmetric diagonal k11, k12 and k22 are one tensor, and the
             # derivative must be the partial one along k12, not the total one
             leaf = k12.clone() if k12.requires_grad else k12.detach().requires_grad_()
-            nngp = self.nngp_fn(leaf, k11, k22)
+            nngp = checked(self.nngp_fn, "nngp_fn", leaf, k11, k22)
+            if not nngp.requires_grad:   # torch's "element 0 of tensors does not require grad"
+                raise ValueError("Elementwise: nngp_fn's output does not depend on k12 through autograd (a "
+                                 "constant, or a computation outside torch), so its derivative, which the NTK "
+                                 "needs, is unknown: pass dot_fn = E[φ'(u)φ'(v)] (0 for a constant φ).")
             (dot,) = torch.autograd.grad(nngp, leaf, torch.ones_like(nngp), create_graph=keep_graph)
         if (not is_vmapped(dot) and not bool(torch.isfinite(dot.sum()))  # one cheap pass in the usual case
                 and bool(torch.isfinite(nngp).all()) and not bool(torch.isfinite(dot).all())):
@@ -132,10 +175,12 @@ class Numerical(Activation):
         super().__init__()
         if not callable(fn):
             raise ValueError(f"Numerical needs a callable activation, got {fn!r}.")
+        _parameter_free(fn)
         degree = None if degree is None else integer_at_least(degree, 1, "degree")
         max_degree = integer_at_least(max_degree, 1, "max_degree")
-        if not rtol > 0:
-            raise ValueError(f"rtol must be positive, got {rtol!r}.")
+        kind = "a finite positive number"
+        if not finite_number(rtol, "rtol", kind) > 0:   # inf had fixed the degree at 24
+            raise ValueError(f"rtol must be {kind}, got {rtol!r}.")
         self._fn = fn
         self.degree, self.rtol, self.max_degree = degree, float(rtol), max_degree
         self.last_degree: int | None = degree
@@ -188,7 +233,7 @@ class Numerical(Activation):
             return c, degrees
         orders = [(0, 0), (1, 1)] if want_dot else [(0, 0)]
         rtol = max(self.rtol, 64 * torch.finfo(c.dtype).eps)  # float32 rounding caps the reachable accuracy
-        degree, previous = 16, None
+        degree, previous = min(16, self.max_degree), None   # a cap below 16 was exceeded
         while True:
             pending = (degrees == 0).nonzero().squeeze(-1)     # each degree is evaluated where still needed
             cp = c[pending]
@@ -235,6 +280,11 @@ def _differentiate(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]
         with torch.enable_grad():
             leaf = x if x.requires_grad else x.detach().requires_grad_()
             y = fn(leaf)
+            if not y.requires_grad:   # torch's "element 0 of tensors does not require grad"
+                raise ValueError("Numerical: the activation's output does not depend on its input through "
+                                 "autograd (a constant, or a computation outside torch), so its derivative, which "
+                                 "the NTK and the kernels' gradients need, is unknown; use Elementwise with "
+                                 "dot_fn, or ntk=False.")
             (grad,) = torch.autograd.grad(y, leaf, torch.ones_like(y), create_graph=True, allow_unused=True)
         return torch.zeros_like(x) if grad is None else grad
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ntkgp._checks import integer_at_least
-from ntkgp.layers.activations import GELU, Abs, Cos, Erf, Identity, LeakyReLU, ReLU, Sign, Sin
+from ntkgp.layers.activations import GELU, Abs, Activation, Cos, Erf, Identity, LeakyReLU, ReLU, Sign, Sin
 from ntkgp.layers.base import Layer
 from ntkgp.layers.combinators import Serial
 from ntkgp.layers.dense import Dense
@@ -31,8 +31,11 @@ ACTIVATIONS = {
 
 def make_activation(name: str | Layer) -> Layer:
     """An activation layer from its name (see :data:`ACTIVATIONS`) or the layer itself."""
-    if isinstance(name, Layer):
+    if isinstance(name, Activation | Identity):
         return name
+    if isinstance(name, Layer):   # a Dense or a combinator built a different network silently
+        raise ValueError(f"activation must be an activation layer (ntkgp.ReLU(), ntkgp.Numerical(fn), ...), got "
+                         f"{type(name).__name__}; compose other architectures with ntkgp.serial.")
     try:
         return ACTIVATIONS[name.lower()]()
     except (KeyError, AttributeError):
@@ -64,7 +67,9 @@ def mlp(
 
     Args:
         depth: number of hidden layers (0: a linear model).
-        activation: a name from :data:`ACTIVATIONS` or an activation layer.
+        activation: an activation layer, or its name: ``"relu"``, ``"leaky_relu"``, ``"abs"``,
+            ``"erf"``, ``"gelu"``, ``"sin"``, ``"cos"``, ``"sign"``, ``"identity"`` (closed forms),
+            ``"tanh"``, ``"sigmoid"``, ``"softplus"``, ``"silu"`` (:class:`ntkgp.Numerical`).
         weight_var: ``σ_w²`` of every layer.
         bias_var: ``σ_b²`` of every layer; ``None`` for layers without bias.
         width: hidden width of the finite twin (``net.build``); the kernels do not depend on it.
@@ -73,6 +78,8 @@ def mlp(
         ard_num_dims: per-feature weight variances on the first layer (``d`` of them).
     """
     depth = integer_at_least(depth, 0, "depth")
+    # named here: Dense's own message said "width" for a bad out_dim
+    width, out_dim = integer_at_least(width, 1, "width"), integer_at_least(out_dim, 1, "out_dim")
     act = make_activation(activation)
     layers: list[Layer] = []
     for i in range(depth):
