@@ -338,6 +338,12 @@ def test_user_activations_are_checked_where_they_were_trusted():
     assert torch.isfinite(net(constant).kernel(x1, x2, ntk=False).nngp).all()
     with pytest.raises(ValueError, match="does not depend on its input through autograd"):
         net(constant).kernel(x1, x2)
+    # a linear φ has a constant φ' (no graph), so φ'' = 0 for the kernels' gradients: 2x is Identity with 4 σ_w²
+    linear, reference = net(ntkgp.Numerical(lambda x: 2 * x, degree=20)), ntkgp.serial(
+        ntkgp.Dense(8, 1.5, 0.1), ntkgp.Identity(), ntkgp.Dense(1, 4.0, 0.05))
+    for model in (linear, reference):
+        model.kernel(x1).ntk.sum().backward()
+    torch.testing.assert_close(linear[0].raw_weight_var.grad, reference[0].raw_weight_var.grad, rtol=1e-12, atol=0)
     capped = ntkgp.Numerical(torch.tanh, max_degree=8)
     with pytest.warns(RuntimeWarning, match="by degree 8"):
         net(capped).kernel(x1, x2)

@@ -52,6 +52,7 @@ def _check_map(value: object, shape: tuple[int, ...], dtype: torch.dtype, name: 
                          f"their dtype, {tuple(shape)} {dtype}; got {got} (a reduction such as .mean()?).")
     return value
 
+
 #: Upper bound on ``pairs × degree²`` evaluated at once by :class:`Numerical`.
 QUADRATURE_CHUNK = 1 << 22
 
@@ -195,7 +196,7 @@ class Numerical(Activation):
     def derivative(self, order: int) -> Callable[[Tensor], Tensor]:
         """The ``order``-th derivative of ``fn`` (elementwise, by autograd)."""
         while len(self._derivatives) <= order:
-            self._derivatives.append(_differentiate(self._derivatives[-1]))
+            self._derivatives.append(_differentiate(self._derivatives[-1], of_activation=len(self._derivatives) == 1))
         return self._derivatives[order]
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
@@ -275,12 +276,14 @@ class Numerical(Activation):
         return state
 
 
-def _differentiate(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+def _differentiate(fn: Callable[[Tensor], Tensor], of_activation: bool = True) -> Callable[[Tensor], Tensor]:
     def derivative(x: Tensor) -> Tensor:
         with torch.enable_grad():
             leaf = x if x.requires_grad else x.detach().requires_grad_()
             y = fn(leaf)
             if not y.requires_grad:   # torch's "element 0 of tensors does not require grad"
+                if not of_activation:   # a derivative without a graph is constant (φ' of a linear φ): φ'' = 0
+                    return torch.zeros_like(x)
                 raise ValueError("Numerical: the activation's output does not depend on its input through "
                                  "autograd (a constant, or a computation outside torch), so its derivative, which "
                                  "the NTK and the kernels' gradients need, is unknown; use Elementwise with "
