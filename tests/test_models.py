@@ -270,7 +270,7 @@ def test_network_gp_counts_each_prior_once():
         model = NetworkGP(x, y, net)
         model.train()
         objective = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-        return float(objective(model(x), y)) * len(y), model
+        return float(objective(model(x), y).detach()) * len(y), model
 
     with_prior, model = mll(prior)
     without, _ = mll(None)
