@@ -68,7 +68,7 @@ def _error(error: ValueError) -> str:
     """``error``'s message with the config's field names replaced by the options a user typed."""
     message = str(error)
     for field, option in OPTIONS.items():
-        message = re.sub(rf"\b{field}\b", option, message)
+        message = re.sub(rf"(?<![\w/.-]){field}(?![\w/.-])", option, message)   # not inside a path
     return message
 
 

@@ -113,12 +113,13 @@ class NetworkGP(gpytorch.models.ExactGP):
         # GPyTorch concatenates training and test inputs before any kernel sees them: test inputs
         # with another number of features failed inside torch.cat ("Sizes of tensors must match")
         features = self.train_inputs[0].shape[-1]
-        for x in inputs:
-            # GPyTorch reads a 1-D input as (M, 1)
-            x = check_points(x.unsqueeze(-1) if isinstance(x, Tensor) and x.dim() == 1 else x, "x")
-            if x.shape[-1] != features:
+        for x in inputs:   # the shape only: GPyTorch promotes integer inputs, the kernels check values
+            if not isinstance(x, Tensor):
+                raise ValueError(f"x must be a torch.Tensor of shape (..., M, {features}), got {type(x).__name__}.")
+            shape = (*x.shape, 1) if x.dim() == 1 else tuple(x.shape)   # GPyTorch reads a 1-D input as (M, 1)
+            if shape[-1] != features:
                 raise ValueError(f"x must have {features} feature(s) like train_x, shape (..., M, {features}); "
-                                 f"got shape {tuple(x.shape)}.")
+                                 f"got shape {shape}.")
         return super().__call__(*inputs, **kwargs)
 
     @property

@@ -290,14 +290,20 @@ def test_hand_built_gaussians_are_checked_by_every_consumer():
         bayes.predictive_moments(Gaussian(torch.zeros(1), torch.tensor([[-4.0]])), 0.1)
     with pytest.raises(ValueError, match="NaN"):
         bayes.predictive_moments(Gaussian(torch.tensor([0.5, math.nan]), torch.eye(2)), 0.1)
+    # a float32 posterior near its data: entries ~1e-4, asymmetry ~3e-7 from rounding, prior ~1: accepted
+    cov = torch.tensor([[1e-4, 2e-5 + 3e-7], [2e-5, 1e-4]], dtype=torch.float32)
+    bayes.sample_outputs(Gaussian(torch.zeros(2, dtype=torch.float32), cov, scale=1.0), 10)
+    bayes.predictive_moments(Gaussian(torch.zeros(2, dtype=torch.float32), cov, scale=1.0), 0.1)
     # rounding below zero on a pinned point is still a variance of 0 (plus the noise)
     _, var = bayes.predictive_moments(Gaussian(torch.ones(2), torch.diag(torch.tensor([1.0, -1e-16]))), 0.1)
     torch.testing.assert_close(var, torch.tensor([1.1, 0.1]), rtol=0, atol=1e-15)
     draws, y = np.zeros((4, 3)), np.zeros(3)
-    for seed in (True, 2**70, -1, 1.5):
+    for seed in (True, -1, 1.5):
         for export in (bayes.draws_to_inference_data, bayes.ensemble_to_inference_data):
             with pytest.raises(ValueError, match="seed must"):
                 export(draws, y, 1.0, seed=seed)
+    for seed in (2**70, np.random.default_rng(1), np.random.SeedSequence(1)):   # what numpy takes
+        bayes.draws_to_inference_data(draws, y, 1.0, seed=seed)
     with pytest.raises(ValueError, match="non-negative"):
         bayes.misclassification_auroc(np.eye(3)[[0, 1, 2, 0]], -np.ones(4), [0, 1, 2, 1])
 

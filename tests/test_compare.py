@@ -650,7 +650,7 @@ def test_config_flags_are_booleans():
     flags were coerced, this one was not); readout_only="no" trained readout-only."""
     config = CompareConfig(readout_only=np.True_, divergence_check=np.False_, progress=False)
     assert config.readout_only is True and config.divergence_check is False
-    json.dumps(vars(config), default=str)
+    json.dumps(vars(config))   # plain Python values throughout
     for flag in ("readout_only", "divergence_check", "progress"):
         for bad in ("no", 1, None):
             with pytest.raises(ValueError, match=f"{flag} must be True or False"):
@@ -685,7 +685,8 @@ def test_data_too_large_for_the_networks_dtype_is_refused_before_training(monkey
         with pytest.raises(ValueError, match=f"The {what} are too large for torch.{dtype} networks"):
             run_comparison(data, CompareConfig(**{**vars(config), "dtype": dtype}))
     data = harness.Dataset("big", 1e39 * base.x_train, base.y_train, base.x_test)
-    with pytest.raises(ValueError, match=r"inputs are too large for torch.float32 networks .*\(--dtype float64\)"):
+    message = r"inputs are too large for torch.float32 networks .*\(dtype='float64'; --dtype float64\)"
+    with pytest.raises(ValueError, match=message):
         run_comparison(data, config)
 
 
@@ -718,3 +719,10 @@ def test_report_table_rows_have_the_header_s_cells_when_the_first_width_diverged
         rows = [line for line in table.splitlines() if line.startswith("|")]
         assert len({line.count("|") for line in rows}) == 1, rows
         assert (out / "loss.png").exists() == (len(widths) == 2)
+
+
+def test_cli_messages_keep_file_names_that_contain_option_names(tmp_path, capsys):
+    """The option-name rewrite turned a missing /tmp/chunk_size.csv into '/tmp/--chunk-size.csv'."""
+    missing = tmp_path / "chunk_size.csv"
+    assert main(["compare", "--dataset", str(missing), "--no-progress", "--out", str(tmp_path / "r")]) == 2
+    assert str(missing) in capsys.readouterr().err

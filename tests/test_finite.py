@@ -459,3 +459,18 @@ def test_build_refuses_batched_or_non_finite_variances_and_signed_zeros_are_zero
     zero = ntkgp.Dense(4, weight_var=-0.0, bias_var=0.1)
     assert "weight_var=0," in repr(zero)
     assert not torch.signbit(zero.kernel(torch.randn(3, 2, dtype=torch.float64)).nngp).any()
+
+
+def test_new_checks_keep_what_worked():
+    """Per-member inputs (E, n, d) of a built ensemble in empirical_nngp (refused by the output-shape
+    check meant for user modules); layer groups of full training through an identity branch at the
+    output (the readout group had lost the Dense beside it)."""
+    from ntkgp.finite.train import layer_groups
+
+    ensemble = _net().build(in_features=3, seed=0, ensemble_size=4)
+    per_member = torch.randn(4, 5, 3)
+    assert empirical_nngp(ensemble, per_member).shape == (4, 5, 5)
+    net = ntkgp.serial(ntkgp.Dense(8), ntkgp.ReLU(), ntkgp.Dense(4),
+                       ntkgp.parallel(ntkgp.Identity(), ntkgp.Dense(4), ntkgp.serial(ntkgp.ReLU(), ntkgp.Dense(4))))
+    groups = layer_groups(net.build(in_features=3), torch.randn(5, 3))
+    assert groups["readout"] == ["3.branches.1.weight", "3.branches.2.1.weight"]

@@ -352,8 +352,10 @@ def test_network_gp_checks_test_inputs_before_gpytorch_concatenates_them():
     for bad in (torch.randn(4, features + 1), torch.randn(4), torch.randn(2, 4, features - 1)):
         with pytest.raises(ValueError, match=f"{features} feature"):
             model(bad)
-    with pytest.raises(ValueError, match="x contains NaN"):
+    with pytest.raises(ValueError, match="contains NaN"):
         model(torch.full((3, features), math.nan))
+    with torch.no_grad():   # integer test inputs: promoted by GPyTorch, as before the shape check
+        assert model(torch.ones(3, features, dtype=torch.long)).mean.shape == (3,)
     with torch.no_grad():
         assert model(torch.randn(2, 4, features)).mean.shape == (2, 4)
     one = NetworkGP(x[:, :1], y)                # GPyTorch reads 1-D inputs as (M, 1)

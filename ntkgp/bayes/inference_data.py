@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ntkgp._typing import ArrayLike
-from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least, observations, seed_value
+from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least, observations
 
 #: Names of the dimensions of the exported variables (after ``chain`` and ``draw``).
 OBS_DIM, OUTPUT_DIM = "obs_id", "output"
@@ -83,15 +83,16 @@ def draws_to_inference_data(f_draws: ArrayLike, y_obs: ArrayLike, noise: ArrayLi
         num_chains: how many chains the draws are split into; must divide ``S``.
         y_draws: posterior-predictive draws ``(S, M[, k])`` to store instead of drawing
             ``f + σ ε`` here.
-        seed: seed of the noise draws ``ε``, a non-negative integer below ``2**64`` (``None``:
-            fresh entropy).
+        seed: seed of the noise draws ``ε``: a non-negative integer, a numpy ``Generator`` or
+            ``SeedSequence`` (``None``: fresh entropy).
         attrs: extra attributes for the ``posterior_predictive`` and ``log_likelihood`` groups.
 
     Returns:
         ``arviz.InferenceData`` (ArviZ 0.x) or ``xarray.DataTree`` (ArviZ ≥ 1) with groups
         ``posterior``, ``posterior_predictive``, ``log_likelihood`` and ``observed_data``.
     """
-    seed = None if seed is None else seed_value(seed, 0)
+    if seed is not None and not isinstance(seed, np.random.Generator | np.random.SeedSequence):
+        seed = integer_at_least(seed, 0, "seed")   # any size numpy takes; booleans and floats refused
     f = finite(f_draws, "f_draws")
     if f.ndim not in (2, 3) or f.shape[0] == 0:
         raise ValueError(f"f_draws must have shape (S, M) or (S, M, k) with S >= 1, got {f.shape}.")

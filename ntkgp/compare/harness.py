@@ -231,7 +231,8 @@ def _check_scale(data: Dataset, dtype: torch.dtype) -> None:
             what = "they overflow it" if name == "inputs" else "their squared errors overflow it"
             raise ValueError(f"The {name} are too large for {dtype} networks (largest magnitude "
                              f"{float(values.abs().max()):.3g}: {what}): rescale them"
-                             + (" or train float64 networks (--dtype float64)." if dtype != torch.float64 else "."))
+                             + (" or train float64 networks (dtype='float64'; --dtype float64)."
+                                if dtype != torch.float64 else "."))
 
 
 def _flag(value: object, name: str) -> bool:

@@ -112,13 +112,13 @@ def _check_dtype(model: nn.Module | ParamFn, x1: Tensor) -> None:
             raise ValueError(f"x1 is {x1.dtype} but the network's parameters are {dtypes.pop()}: convert one of them.")
 
 
-def _outputs_2d(out: Tensor, x: Tensor | None = None, members: int | None = None) -> Tensor:
+def _outputs_2d(out: Tensor, x: Tensor | None = None) -> Tensor:
     """``out`` as ``(..., n, k)`` (one output: ``(n,)`` read as ``(n, 1)``); with the inputs ``x``
     given, anything but one output vector per point of ``x`` is a ``ValueError``."""
     if not isinstance(out, Tensor):
         raise ValueError(f"The network must return one tensor of outputs (n, k), got {type(out).__name__}.")
     out = out.unsqueeze(-1) if out.dim() == 1 else out
-    if x is not None and (out.dim() != x.dim() + (members is not None) or out.shape[-2] != x.shape[-2]):
+    if x is not None and (out.dim() != x.dim() or out.shape[-2] != x.shape[-2]):
         # (n, 2, 3) outputs were contracted over one axis and averaged over another: 3x the NTK
         raise ValueError(f"The network must return outputs (n, k) for inputs (n, d); got {tuple(out.shape)} for "
                          f"inputs {tuple(x.shape)}: flatten several output axes into k.")
@@ -141,12 +141,13 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     kernel (Neal 1996; Lee et al. 2018). A constant: no gradient flows through it."""
     x1, x2 = check_inputs(x1, x2)
     _check_dtype(model, x1)
-    if not _built_by_ntkgp(model):
+    built = _built_by_ntkgp(model)   # batches of inputs, per-member (E, n, d) ones too; outputs right by construction
+    if not built:
         _check_plain_inputs(model, x1, x2)
-    fn, params, members = _as_function(model, params, x1)
+    fn, params, _ = _as_function(model, params, x1)
     with torch.no_grad():
-        f1 = _outputs_2d(fn(params, x1), x1, members)
-        f2 = f1 if x2 is None else _outputs_2d(fn(params, x2), x2, members)
+        f1 = _outputs_2d(fn(params, x1), None if built else x1)
+        f2 = f1 if x2 is None else _outputs_2d(fn(params, x2), None if built else x2)
     if vector_output:
         return torch.einsum("...ni,...mj->...nmij", f1, f2)
     return (f1 @ f2.mT).div_(f1.shape[-1])   # in place: the product is fresh, a second kernel-sized copy is not needed

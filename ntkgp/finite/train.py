@@ -128,19 +128,23 @@ def readout_parameters(model: nn.Module) -> list[str]:
     return names
 
 
-def readout_prefixes(model: nn.Module, prefix: str = "") -> list[str]:
-    """Module names of the readout ``Dense`` layers of a network built by ntkgp."""
+def readout_prefixes(model: nn.Module, prefix: str = "", through_identities: bool = False) -> list[str]:
+    """Module names of the readout ``Dense`` layers of a network built by ntkgp; an identity path to
+    the output is refused, or skipped with ``through_identities`` (for naming layer groups)."""
     dot = f"{prefix}." if prefix else ""
     if isinstance(model, DenseModule):
         return [prefix]
     if isinstance(model, nn.Sequential):
         for index in reversed(range(len(model))):       # identities pass the output through
             if not isinstance(model[index], nn.Identity):
-                return readout_prefixes(model[index], f"{dot}{index}")
+                return readout_prefixes(model[index], f"{dot}{index}", through_identities)
         model = nn.Identity()                           # nothing but identities: refused below
     if isinstance(model, ParallelModule):
-        return [r for i, branch in enumerate(model.branches) for r in readout_prefixes(branch, f"{dot}branches.{i}")]
+        return [r for i, branch in enumerate(model.branches)
+                for r in readout_prefixes(branch, f"{dot}branches.{i}", through_identities)]
     if isinstance(model, nn.Identity):
+        if through_identities:
+            return []
         # a residual block at the output: the features its identity branch passes on have no trained
         # readout, so the readout's tangent kernel is not the network's NNGP kernel (it missed that part)
         raise ValueError(f"Readout-only training needs a Dense layer at the end of every path to the output; "
@@ -318,7 +322,7 @@ def layer_groups(model: nn.Module, x: Tensor) -> dict[str, list[str]]:
         for handle in handles:
             handle.remove()
     try:
-        readouts = set(readout_prefixes(model))
+        readouts = set(readout_prefixes(model, through_identities=True))
     except ValueError:  # a network that ends in an activation: its last Dense layer
         readouts = {order[-1][0]}
     groups: dict[str, list[str]] = {"input": [], "hidden": [], "readout": []}

@@ -98,13 +98,19 @@ class Elementwise(Activation):
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         if self.nngp_fn is None:
             raise ValueError("This Elementwise layer has no nngp_fn, so it has no infinite-width kernel.")
-        shape = broadcast_shapes(k11.shape, k12.shape, k22.shape)
+        # the checks are skipped while torch.compile traces (they would break its graph)
+        compiling = torch.compiler.is_compiling()
+        shape = None if compiling else broadcast_shapes(k11.shape, k12.shape, k22.shape)
 
         def checked(fn: Callable, name: str, *args: Tensor) -> Tensor:
-            value = _check_map(fn(*args), shape, k12.dtype, name)
-            # NaN where the arguments are finite (asin outside [-1, 1], say) passed on silently
-            if not is_vmapped(value) and not bool(torch.isfinite(value).all()):
-                raise ValueError(f"Elementwise: {name} returned NaN or infinite values for finite kernels.")
+            value = fn(*args)
+            if compiling:
+                return value
+            value = _check_map(value, shape, k12.dtype, name)
+            # NaN (asin outside [-1, 1], say) passed on silently; one reduction, no boolean copy
+            if (not is_vmapped(value) and not bool(torch.isfinite(value.sum()))   # the usual case: one pass
+                    and not bool(torch.isfinite(value).all()) and bool(torch.isfinite(args[0]).all())):
+                raise ValueError(f"Elementwise: {name} returned NaN or infinite values where the kernels are finite.")
             return value
 
         if not want_dot:
@@ -118,6 +124,9 @@ class Elementwise(Activation):
             # derivative must be the partial one along k12, not the total one
             leaf = k12.clone() if k12.requires_grad else k12.detach().requires_grad_()
             nngp = checked(self.nngp_fn, "nngp_fn", leaf, k11, k22)
+            if not nngp.requires_grad and torch.is_inference_mode_enabled():
+                raise ValueError("Elementwise: the NTK of a layer without dot_fn needs autograd, which "
+                                 "torch.inference_mode() disables: pass dot_fn, or use torch.no_grad() instead.")
             if not nngp.requires_grad:   # torch's "element 0 of tensors does not require grad"
                 raise ValueError("Elementwise: nngp_fn's output does not depend on k12 through autograd (a "
                                  "constant, or a computation outside torch), so its derivative, which the NTK "
@@ -282,8 +291,12 @@ def _differentiate(fn: Callable[[Tensor], Tensor], of_activation: bool = True) -
             leaf = x if x.requires_grad else x.detach().requires_grad_()
             y = fn(leaf)
             if not y.requires_grad:   # torch's "element 0 of tensors does not require grad"
-                if not of_activation:   # a derivative without a graph is constant (φ' of a linear φ): φ'' = 0
-                    return torch.zeros_like(x)
+                if not of_activation:
+                    # φ' without a graph: φ is piecewise linear (abs, leaky relu, clamp; zeros for φ'' would
+                    # drop the kinks' delta terms and give wrong gradients) or linear
+                    raise ValueError("Numerical: the kernels' gradients need the activation's second derivative, "
+                                     "which autograd cannot give for a piecewise-linear activation: use its closed "
+                                     "form (ntkgp.ReLU, Abs, LeakyReLU, Identity), or no gradients.")
                 raise ValueError("Numerical: the activation's output does not depend on its input through "
                                  "autograd (a constant, or a computation outside torch), so its derivative, which "
                                  "the NTK and the kernels' gradients need, is unknown; use Elementwise with "

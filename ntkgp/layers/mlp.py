@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ntkgp._checks import integer_at_least
-from ntkgp.layers.activations import GELU, Abs, Activation, Cos, Erf, Identity, LeakyReLU, ReLU, Sign, Sin
+from ntkgp.layers.activations import GELU, Abs, Cos, Erf, Identity, LeakyReLU, ReLU, Sign, Sin
 from ntkgp.layers.base import Layer
 from ntkgp.layers.combinators import Serial
 from ntkgp.layers.dense import Dense
@@ -31,11 +31,12 @@ ACTIVATIONS = {
 
 def make_activation(name: str | Layer) -> Layer:
     """An activation layer from its name (see :data:`ACTIVATIONS`) or the layer itself."""
-    if isinstance(name, Activation | Identity):
+    if isinstance(name, Layer):
+        if any(isinstance(m, Dense) for m in name.modules()):   # built a different network silently
+            raise ValueError(f"activation must be an activation layer (ntkgp.ReLU(), ntkgp.Numerical(fn), ...), "
+                             f"not one with Dense layers ({type(name).__name__}); compose other architectures "
+                             "with ntkgp.serial.")
         return name
-    if isinstance(name, Layer):   # a Dense or a combinator built a different network silently
-        raise ValueError(f"activation must be an activation layer (ntkgp.ReLU(), ntkgp.Numerical(fn), ...), got "
-                         f"{type(name).__name__}; compose other architectures with ntkgp.serial.")
     try:
         return ACTIVATIONS[name.lower()]()
     except (KeyError, AttributeError):
