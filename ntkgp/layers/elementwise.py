@@ -30,7 +30,7 @@ from torch import Tensor
 from ntkgp._checks import integer_at_least
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.activations import Activation
-from ntkgp.layers.numerics import is_vmapped, overflow_scale
+from ntkgp.layers.numerics import _is_compiling, is_vmapped, overflow_scale
 from ntkgp.layers.validation import broadcast_shapes, finite_number
 
 
@@ -99,7 +99,7 @@ class Elementwise(Activation):
         if self.nngp_fn is None:
             raise ValueError("This Elementwise layer has no nngp_fn, so it has no infinite-width kernel.")
         # the checks are skipped while torch.compile traces (they would break its graph)
-        compiling = torch.compiler.is_compiling()
+        compiling = _is_compiling()
         shape = None if compiling else broadcast_shapes(k11.shape, k12.shape, k22.shape)
 
         def checked(fn: Callable, name: str, *args: Tensor) -> Tensor:
