@@ -27,6 +27,7 @@ from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least, s
 from ntkgp.bayes.inference_data import check_export, draws_to_inference_data
 from ntkgp.layers.validation import all_finite
 from ntkgp.predict.gaussian import Gaussian
+from ntkgp.predict.spectral import check_symmetric
 
 
 def select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None = None) -> Gaussian:
@@ -132,16 +133,11 @@ def _magnitude(values: Tensor, mean: Tensor, prior: float | None) -> float:
 def _checked(g: Gaussian) -> Gaussian:
     """``g`` (one time) with a finite mean and a finite symmetric covariance: the draws read one
     triangle of ``Σ`` (``eigh``), so a hand-built asymmetric one would be used half-silently."""
-    cov = g.covariance.detach()
-    if not all_finite(g.mean.detach()) or not all_finite(cov):
+    if not all_finite(g.mean.detach()) or not all_finite(g.covariance.detach()):
         raise ValueError("The Gaussian's mean or covariance contains NaN or infinite values.")
     # rounding relative to the scale the PSD check uses: near the data a posterior covariance is tiny
     # beside the prior it was computed from, and its float32 asymmetry large beside its own entries
-    asymmetry = float((cov - cov.mT).abs().max()) if cov.numel() else 0.0
-    tolerance = torch.finfo(cov.dtype).eps ** 0.5 * _magnitude(cov, g.mean.detach(), g.scale)
-    if asymmetry > tolerance:
-        raise ValueError(f"The Gaussian's covariance must be symmetric: it differs from its transpose by "
-                         f"{asymmetry:.3g} (allowed {tolerance:.3g}).")
+    check_symmetric(g.covariance, "The Gaussian's covariance", _magnitude(g.covariance, g.mean.detach(), g.scale))
     return g
 
 

@@ -226,8 +226,9 @@ def _check_scale(data: Dataset, dtype: torch.dtype) -> None:
     """``ValueError`` unless the data fit the networks' ``dtype``: targets whose squares overflow made
     the first loss infinite, reported as "diverged at step 0" with no reason given."""
     for name, values in (("inputs", torch.cat([data.x_train, data.x_test])), ("targets", data.y_train)):
-        if not bool(torch.isfinite(values.to(dtype)).all()) or (
-                name == "targets" and not bool(torch.isfinite(values.to(dtype).square().sum()))):
+        held = values.to(dtype)
+        squares_overflow = name == "targets" and not bool(torch.isfinite(held.square().sum()))
+        if not bool(torch.isfinite(held).all()) or squares_overflow:
             what = "they overflow it" if name == "inputs" else "their squared errors overflow it"
             raise ValueError(f"The {name} are too large for {dtype} networks (largest magnitude "
                              f"{float(values.abs().max()):.3g}: {what}): rescale them"

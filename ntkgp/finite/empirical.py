@@ -125,7 +125,7 @@ def _outputs_2d(out: Tensor, x: Tensor | None = None) -> Tensor:
     return out
 
 
-def _check_plain_inputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None) -> None:
+def _check_plain_inputs(x1: Tensor, x2: Tensor | None) -> None:
     """Inputs ``(n, d)``: only networks built by ntkgp take batches ``(*batch, n, d)``."""
     for name, x in (("x1", x1), ("x2", x2)):   # a batch axis of x2 was read as its points (an einsum error)
         if x is not None and x.dim() != 2:
@@ -143,7 +143,7 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     _check_dtype(model, x1)
     built = _built_by_ntkgp(model)   # batches of inputs, per-member (E, n, d) ones too; outputs right by construction
     if not built:
-        _check_plain_inputs(model, x1, x2)
+        _check_plain_inputs(x1, x2)
     fn, params, _ = _as_function(model, params, x1)
     with torch.no_grad():
         f1 = _outputs_2d(fn(params, x1), None if built else x1)
@@ -199,7 +199,7 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
         return empirical_nngp(model, x1, x2, params=params, vector_output=vector_output).zero_()
     if params is None and isinstance(model, nn.Module) and _layerwise_applies(model, x1, scales):
         return _layerwise_ntk(model, x1, x2, scales, vector_output)
-    _check_plain_inputs(model, x1, x2)
+    _check_plain_inputs(x1, x2)
     params = {name: p.detach() for name, p in all_params.items()}
     # no graph to the inputs either, as on the layer-by-layer route (whose signals are detached):
     # the same network wrapped in a user module gave a differentiable kernel, built alone a constant

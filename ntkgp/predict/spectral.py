@@ -333,17 +333,18 @@ def check_semi_definite(values: Tensor, name: str, dtype: torch.dtype) -> None:
                          f"{float(values.max()):.3g}): a tangent kernel is a Gram matrix of Jacobians.")
 
 
-def check_symmetric(k: Tensor, name: str) -> None:
-    """``ValueError`` unless ``k`` is symmetric up to ``sqrt(ε)`` of its largest entry (only one
-    triangle would be used otherwise)."""
+def check_symmetric(k: Tensor, name: str, scale: float = 0.0) -> None:
+    """``ValueError`` unless ``k`` is symmetric up to ``sqrt(ε)`` of its largest entry, or of ``scale``
+    where that is larger (the scale ``k`` was computed at: a posterior covariance near the data is
+    small beside its prior); only one triangle would be used otherwise."""
     if not k.numel():
         return
     k = k.detach()   # a kernel computed with gradients on: the check needs no graph
     # largest magnitudes from aminmax: .abs() would add an N × N copy to each operand
-    scale, asymmetry = _largest_magnitude(k), _largest_magnitude(k - k.mT)
+    scale, asymmetry = max(_largest_magnitude(k), scale), _largest_magnitude(k - k.mT)
     if asymmetry > torch.finfo(k.dtype).eps ** 0.5 * scale:
         raise ValueError(f"{name} must be symmetric: it differs from its transpose by {asymmetry:.3g} "
-                         f"(largest entry {scale:.3g}).")
+                         f"(scale {scale:.3g}).")
 
 
 def _largest_magnitude(k: Tensor) -> float:
