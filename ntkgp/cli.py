@@ -64,9 +64,9 @@ OPTIONS = {"ensemble_size": "--ensemble-size", "record_steps": "--steps", "weigh
            "chunk_size": "--chunk-size"}
 
 
-def _error(error: ValueError) -> str:
-    """``error``'s message with the config's field names replaced by the options a user typed."""
-    message = str(error)
+def _options(text: object) -> str:
+    """``text`` (an error, a check or a note) with the config's field names replaced by the options a user typed."""
+    message = str(text)
     for field, option in OPTIONS.items():
         message = re.sub(rf"(?<![\w/.-]){field}(?![\w/.-])", option, message)   # not inside a path
     return message
@@ -75,6 +75,7 @@ def _error(error: ValueError) -> str:
 def compare(args: argparse.Namespace) -> int:
     """Train finite ensembles, compare them with the infinite-width predictions, write a report."""
     from ntkgp.compare import CompareConfig, load_dataset, run_comparison, write_report
+    from ntkgp.compare.harness import INTERRUPTED
     from ntkgp.compare.report import check_notes
 
     settings = dict(PRESETS[args.preset])
@@ -92,23 +93,31 @@ def compare(args: argparse.Namespace) -> int:
         data = load_dataset(args.dataset)
         _writable_folder(args.out)
     except ValueError as error:
-        print(f"ntkgp compare: error: {_error(error)}", file=sys.stderr)
+        print(f"ntkgp compare: error: {_options(error)}", file=sys.stderr)
         return 2
     print(f"ntkgp compare: {data.description}; widths {list(config.widths)}, {config.ensemble_size} members, "
           f"steps {list(config.record_steps)}, {'readout only' if config.readout_only else 'all layers'}", flush=True)
     try:  # run_comparison checks the data against the spec (a zero training kernel) before training
         result = run_comparison(data, config)
     except ValueError as error:
-        print(f"ntkgp compare: error: {_error(error)}", file=sys.stderr)
+        print(f"ntkgp compare: error: {_options(error)}", file=sys.stderr)
         return 2
+    except MemoryError as error:   # the first width did not fit: nothing to report
+        print(f"ntkgp compare: error: {_options(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:      # during the first width: nothing to report
+        print("ntkgp compare: interrupted", file=sys.stderr)
+        return 130
     out = write_report(result, args.out)
     print(f"learning rate {result.learning_rate:.4g} (= {result.learning_rate / result.max_learning_rate:.2f} "
           f"x 2m/lambda_max); {result.seconds:.0f} s")
     for name, ok in result.checks.items():
-        print(f"  {'PASS' if ok else 'FAIL'}  {name}")
+        print(f"  {'PASS' if ok else 'FAIL'}  {_options(name)}")
     for note in check_notes(result):
-        print(f"  NOTE  {note}")
+        print(f"  NOTE  {_options(note)}")
     print(f"report: {out / 'report.md'}")
+    if result.stopped is not None:   # a report of the widths before it, but not the run that was asked for
+        return 130 if result.stopped.startswith(INTERRUPTED) else 1
     return 1 if args.check and not all(result.checks.values()) else 0
 
 

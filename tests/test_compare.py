@@ -27,6 +27,7 @@ from ntkgp.compare import (
     write_report,
 )
 from ntkgp.compare.harness import _width_metrics, evaluate_checks
+from ntkgp.compare.report import check_notes
 from ntkgp.finite.train import EnsembleHistory, train_ensemble
 from ntkgp.predict import GradientFlow
 
@@ -500,7 +501,7 @@ def test_pointwise_checks_thresholds_and_width_gate():
     def width(w, within):
         return SimpleNamespace(width=w, steps=[0, 10], diverged_at=None, mean_within=[1.0, within],
                                var_within=[1.0, 1.0], mean_bias=[0.0, 0.0], mean_bias_noise=[0.0, 0.0])
-    result = SimpleNamespace(steps=[0, 10], config={"ensemble_size": 128}, slopes={}, divergence=None,
+    result = SimpleNamespace(steps=[0, 10], config={"ensemble_size": 128}, slopes={}, divergence=None, stopped=None,
                              widths=[width(128, 0.5), width(256, 0.94), width(512, 0.95)])
     checks = evaluate_checks(result)
     mean_checks = {k: v for k, v in checks.items() if "mean within" in k}
@@ -520,7 +521,7 @@ def test_mean_bias_check_uses_the_noise_level(biases, noises, expected):
     def width(w, bias, noise):
         return SimpleNamespace(width=w, steps=[0, 10], diverged_at=None, mean_within=[1.0, 1.0],
                                var_within=[1.0, 1.0], mean_bias=[0.0, bias], mean_bias_noise=[0.1, noise])
-    result = SimpleNamespace(steps=[0, 10], config={"ensemble_size": 128}, slopes={}, divergence=None,
+    result = SimpleNamespace(steps=[0, 10], config={"ensemble_size": 128}, slopes={}, divergence=None, stopped=None,
                              widths=[width(256, biases[1], noises[1]), width(1024, biases[0], noises[0])])
     checks = evaluate_checks(result)
     assert checks["mean bias shrinks with width (widest vs narrowest, averaged over times)"] is expected
@@ -571,7 +572,7 @@ def test_variances_are_not_checked_where_no_ensemble_variance_could_fail():
         width = SimpleNamespace(width=256, steps=[0, 10], diverged_at=None, mean_within=[1.0, 1.0],
                                 var_within=[1.0, 1.0], mean_bias=[0.0, 0.0], mean_bias_noise=[0.0, 0.0])
         return SimpleNamespace(steps=[0, 10], config={"ensemble_size": members}, slopes={}, divergence=None,
-                               widths=[width], learning_rate=lr, max_learning_rate=1.0)
+                               stopped=None, widths=[width], learning_rate=lr, max_learning_rate=1.0)
 
     for members, checked in ((2, False), (10, False), (11, True), (64, True)):
         names = list(evaluate_checks(result(members)))
@@ -630,7 +631,7 @@ def test_report_and_cli_say_which_widths_the_pointwise_checks_leave_out(tmp_path
         rows = [SimpleNamespace(width=w, steps=[0, 10], diverged_at=None, mean_within=[1.0, 1.0],
                                 var_within=[1.0, 1.0], mean_bias=[0.0, 0.0], mean_bias_noise=[0.0, 0.0])
                 for w in widths]
-        return SimpleNamespace(steps=[0, 10], config={"ensemble_size": 128}, slopes={}, divergence=None,
+        return SimpleNamespace(steps=[0, 10], config={"ensemble_size": 128}, slopes={}, divergence=None, stopped=None,
                                widths=rows, learning_rate=0.5, max_learning_rate=1.0)
 
     assert not check_notes(result(256, 1024))
@@ -726,3 +727,83 @@ def test_cli_messages_keep_file_names_that_contain_option_names(tmp_path, capsys
     missing = tmp_path / "chunk_size.csv"
     assert main(["compare", "--dataset", str(missing), "--no-progress", "--out", str(tmp_path / "r")]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_a_width_that_does_not_fit_in_memory_keeps_the_narrower_ones(tmp_path, capsys):
+    # a real allocation failure: one hidden matrix of width 10⁷ is 8·10¹⁴ bytes in float64, beyond any
+    # machine's address space, so torch's CPU allocator refuses it at once
+    argv = ["compare", "--widths", "16", "10000000", "--ensemble-size", "4", "--steps", "0", "5",
+            "--no-divergence-check", "--no-progress", "--out", str(tmp_path)]
+    with pytest.warns(RuntimeWarning, match="width 10000000 did not fit in memory"):
+        assert main(argv) == 1
+    printed = capsys.readouterr().out
+    assert "FAIL  the comparison ran to the end (width 10000000 did not fit in memory (an allocation of" in printed
+    assert "a smaller --chunk-size trains fewer members at once" in printed
+    assert "NOTE  widths [10000000] were not trained" in printed
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [w["width"] for w in report["widths"]] == [16]
+    assert report["stopped"].startswith("width 10000000 did not fit in memory (an allocation of 7.45e+05 GiB")
+    assert "were not trained" in (tmp_path / "report.md").read_text()
+
+
+def test_a_first_width_that_does_not_fit_is_a_clear_error(capsys):
+    with pytest.raises(MemoryError, match="width 10000000 did not fit in memory"):
+        run_comparison(sin_dataset(), CompareConfig(widths=(10_000_000,), ensemble_size=2, record_steps=(0, 1),
+                                                    divergence_check=False))
+    argv = ["compare", "--widths", "10000000", "--ensemble-size", "2", "--steps", "0", "1", "--no-progress",
+            "--no-divergence-check", "--out", "/tmp/ntkgp-unused-report"]
+    assert main(argv) == 1
+    assert "error: width 10000000 did not fit in memory" in capsys.readouterr().err
+
+
+def test_an_interrupted_comparison_reports_the_widths_before_it(tmp_path, capsys, monkeypatch):
+    import ntkgp.compare.harness as harness
+
+    calls = []
+
+    def train_then_interrupt(net, *args, **kwargs):
+        calls.append(net)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train_ensemble(net, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "train_ensemble", train_then_interrupt)
+    argv = ["compare", "--widths", "16", "32", "64", "--ensemble-size", "4", "--steps", "0", "5", "--no-progress",
+            "--out", str(tmp_path)]
+    with pytest.warns(RuntimeWarning, match="interrupted while training width 32"):
+        assert main(argv) == 130
+    printed = capsys.readouterr().out
+    assert "FAIL  the comparison ran to the end (interrupted while training width 32)" in printed
+    assert "NOTE  widths [32, 64] were not trained" in printed
+    assert "NOTE  the runs above the stability limit were not made" in printed
+    assert [w["width"] for w in json.loads((tmp_path / "report.json").read_text())["widths"]] == [16]
+
+    calls.clear()   # interrupted during the first width: nothing to report
+    monkeypatch.setattr(harness, "train_ensemble", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip() == "ntkgp compare: interrupted"
+
+
+def test_other_runtime_errors_of_training_are_not_taken_for_memory(monkeypatch):
+    import ntkgp.compare.harness as harness
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(harness, "train_ensemble", fail)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        run_comparison(sin_dataset(), CompareConfig(**TINY, divergence_check=False))
+
+
+def test_interrupted_above_the_stability_limit_keeps_every_width(monkeypatch):
+    import ntkgp.compare.harness as harness
+
+    monkeypatch.setattr(harness, "_divergence", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.warns(RuntimeWarning, match="interrupted during the runs above the stability limit"):
+        result = run_comparison(sin_dataset(), CompareConfig(**TINY))
+    assert [w.width for w in result.widths] == [16, 48] and result.divergence is None
+    stop = "interrupted during the runs above the stability limit"
+    assert result.checks[f"the comparison ran to the end ({stop})"] is False
+    notes = check_notes(result)
+    assert "the runs above the stability limit were not made: the comparison stopped early" in notes
+    assert not any("were not trained" in n for n in notes)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -193,6 +194,8 @@ class ComparisonResult:
     ``times`` ``t = η·s`` (``ntkgp.predict``'s ``t`` at its default ``learning_rate=1``), one
     :class:`WidthResult` per width, the log–log ``slopes`` against width, the runs above the
     stability limit (``divergence``) and the PASS/FAIL ``checks``. ``to_dict`` is ``report.json``.
+    ``stopped`` says why a comparison ended early (interrupted, or a width that did not fit in
+    memory); ``widths`` then holds the widths trained before it, and a failed check says so.
     """
 
     config: dict
@@ -216,6 +219,7 @@ class ComparisonResult:
     seconds: float = 0.0
     y_test: list[float] | None = None
     plot_label: str = "x"
+    stopped: str | None = None
 
     def to_dict(self) -> dict:
         """Every field as plain Python (nested dicts and lists), for JSON."""
@@ -288,6 +292,11 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     ``readout_only``) of :class:`ntkgp.predict.GradientFlow`, ``e^{−Θτ}`` replaced by
     ``(I − ηΘ/m)^s`` (Lee et al. 2019); the metrics and checks are those of the module docstring.
     ``ntkgp compare`` is this function plus :func:`ntkgp.compare.report.write_report`.
+
+    A run interrupted (``KeyboardInterrupt``) or stopped by a width that does not fit in memory
+    returns the widths trained before it, with ``stopped`` set, a failed check and a
+    ``RuntimeWarning``; stopped in the first width, it raises (``KeyboardInterrupt``, or
+    ``MemoryError`` with advice on ``chunk_size``).
     """
     start = time.perf_counter()
     kernel = "nngp" if config.readout_only else "ntk"
@@ -310,14 +319,26 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     var = exact.variance                                      # (T, M)
     probe = data.x_test[:: max(1, data.x_test.shape[0] // config.probe_points)][: config.probe_points]
 
-    results = []
+    results, stopped = [], None
     for width in config.widths:
         t0 = time.perf_counter()
-        history = train_ensemble(
-            config.network(width), data.x_train, data.y_train, ensemble_size=config.ensemble_size,
-            learning_rate=lr, record_steps=steps, x_test=data.x_test, probe=probe,
-            readout_only=config.readout_only, seed=config.seed, dtype=dtype, device=config.device,
-            chunk_size=config.chunk_size, progress=config.progress)
+        try:
+            history = train_ensemble(
+                config.network(width), data.x_train, data.y_train, ensemble_size=config.ensemble_size,
+                learning_rate=lr, record_steps=steps, x_test=data.x_test, probe=probe,
+                readout_only=config.readout_only, seed=config.seed, dtype=dtype, device=config.device,
+                chunk_size=config.chunk_size, progress=config.progress)
+        except (KeyboardInterrupt, RuntimeError) as error:   # torch.cuda.OutOfMemoryError is a RuntimeError
+            stopped = _stop_reason(error, width)
+            if stopped is None:
+                raise
+            if not results:   # nothing trained that a report could show
+                if isinstance(error, KeyboardInterrupt):
+                    raise
+                raise MemoryError(stopped) from error
+            # hours of narrower widths are worth a report: keep them, as a long run's user expects
+            warnings.warn(f"{stopped}; the result holds the widths trained before it.", RuntimeWarning, stacklevel=2)
+            break
         results.append(_width_metrics(width, history, mu, var, variance_tolerance(config.ensemble_size),
                                       time.perf_counter() - t0))
 
@@ -333,7 +354,13 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
             if s > 0:
                 slopes[f"mean_bias_step{s}"] = loglog_slope(ws, [r.mean_bias[i] for r in final])
 
-    divergence = _divergence(data, config, kernel, max_lr, dtype) if config.divergence_check else None
+    divergence = None
+    if config.divergence_check and stopped is None:
+        try:
+            divergence = _divergence(data, config, kernel, max_lr, dtype)
+        except KeyboardInterrupt:
+            stopped = f"{INTERRUPTED} during the runs above the stability limit"
+            warnings.warn(f"{stopped}; the result holds every width.", RuntimeWarning, stacklevel=2)
 
     result = ComparisonResult(
         config=_settings(config), dataset=data.description or data.name, kernel=kernel, learning_rate=lr,
@@ -344,7 +371,8 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
         y_train=data.y_train[:, 0].tolist(),
         analytic_mean=mu.tolist(), analytic_std=var.sqrt().tolist(), continuous_mean=continuous.mean[..., 0].tolist(),
         widths=results, slopes=slopes, divergence=divergence,
-        y_test=None if data.y_test is None else data.y_test[:, 0].tolist(), plot_label=plot_label(data.x_test))
+        y_test=None if data.y_test is None else data.y_test[:, 0].tolist(), plot_label=plot_label(data.x_test),
+        stopped=stopped)
     result.checks = evaluate_checks(result)
     result.seconds = time.perf_counter() - start
     return result
@@ -384,6 +412,29 @@ def _divergence(data: Dataset, config: CompareConfig, kernel: str, max_lr: float
                      "steps": h.steps.tolist(), "loss": h.train_loss.double().mean(-1).tolist()})
     return {"max_learning_rate": max_lr, "width": config.widths[-1], "analytic_factor": 1.2,
             "analytic_steps": DIVERGENCE_STEPS, "analytic_loss": analytic_loss, "runs": runs}
+
+
+#: How :attr:`ComparisonResult.stopped` begins when the user interrupted the comparison.
+INTERRUPTED = "interrupted"
+
+
+def _stop_reason(error: BaseException, width: int) -> str | None:
+    """Why training stopped at ``width``: an interruption or a failed allocation (``None`` for other errors)."""
+    if isinstance(error, KeyboardInterrupt):
+        return f"{INTERRUPTED} while training width {width}"
+    message = str(error)
+    # the CPU allocator raises a plain RuntimeError
+    if not (isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in message
+            or "not enough memory" in message):
+        return None
+    size = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGTP]?i?B|\d+ bytes)", message)
+    if size and size.group(1).endswith(" bytes"):
+        size_text = f"{int(size.group(1).split()[0]) / 2**30:.3g} GiB"
+    else:
+        size_text = size.group(1) if size else None
+    what = f"an allocation of {size_text} failed" if size_text else "an allocation failed"
+    return (f"width {width} did not fit in memory ({what}): a smaller chunk_size trains fewer members at once, "
+            "but one member of this width may not fit either")
 
 
 def variance_tolerance(ensemble_size: int) -> float:
@@ -449,6 +500,8 @@ def evaluate_checks(result: ComparisonResult) -> dict[str, bool]:
     """The acceptance criteria, evaluated on this result (widths ≥ :data:`POINTWISE_MIN_WIDTH` for
     the point-wise ones)."""
     checks: dict[str, bool] = {}
+    if result.stopped is not None:
+        checks[f"the comparison ran to the end ({result.stopped})"] = False
     steps = result.steps
     tolerance = variance_tolerance(result.config["ensemble_size"])
     for r in result.widths:

@@ -21,6 +21,13 @@ def check_notes(r: ComparisonResult) -> list[str]:
     if narrow:
         notes.append(f"widths {narrow} are reported but not checked point-wise (mean and variance within): those "
                      f"checks apply from width {POINTWISE_MIN_WIDTH}, the issue's criterion")
+    if r.stopped is not None:
+        trained = {w.width for w in r.widths}
+        missing = [w for w in r.config["widths"] if w not in trained]
+        if missing:
+            notes.append(f"widths {missing} were not trained: the comparison stopped early")
+        if r.config["divergence_check"] and r.divergence is None:
+            notes.append("the runs above the stability limit were not made: the comparison stopped early")
     if r.learning_rate > r.max_learning_rate:
         notes.append(f"the learning rate is {r.learning_rate / r.max_learning_rate:.3g} x the stability limit "
                      "2m/lambda_max: the linearized (infinite-width) predictions diverge, and the finite networks "

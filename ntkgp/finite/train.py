@@ -250,22 +250,24 @@ def train_ensemble(
         # disable=None: no bar when stderr is not a terminal (a log file would fill with \r lines)
         bar = tqdm(total=steps[-1] * len(chunks), desc="training", unit="step", leave=False, disable=None)
     results, diverged_at = [], None
-    for index, size in enumerate(chunks):
-        model = net.build(in_features=x.shape[-1], seed=seed + 1_000_003 * index, ensemble_size=size,
-                          dtype=dtype, device=device)
-        if index == 0:
-            if next(model.parameters(), None) is None:
-                raise ValueError("The network has no parameters to train (it needs at least one Dense layer).")
-            with torch.no_grad():
-                outputs = model(x[:1]).shape[-1]
-            if outputs != y.shape[-1]:  # (E, N, k) − (N, k') would broadcast and train towards a mean
-                raise ValueError(f"The network has {outputs} output(s) but y_train has {y.shape[-1]} column(s).")
-        out = _train_chunk(model, x, y, xt, pr, learning_rate, steps, readout_only, bar)
-        results.append(out)
-        if out[4] is not None:
-            diverged_at = out[4] if diverged_at is None else min(diverged_at, out[4])
-    if bar is not None:
-        bar.close()
+    try:
+        for index, size in enumerate(chunks):
+            model = net.build(in_features=x.shape[-1], seed=seed + 1_000_003 * index, ensemble_size=size,
+                              dtype=dtype, device=device)
+            if index == 0:
+                if next(model.parameters(), None) is None:
+                    raise ValueError("The network has no parameters to train (it needs at least one Dense layer).")
+                with torch.no_grad():
+                    outputs = model(x[:1]).shape[-1]
+                if outputs != y.shape[-1]:  # (E, N, k) − (N, k') would broadcast and train towards a mean
+                    raise ValueError(f"The network has {outputs} output(s) but y_train has {y.shape[-1]} column(s).")
+            out = _train_chunk(model, x, y, xt, pr, learning_rate, steps, readout_only, bar)
+            results.append(out)
+            if out[4] is not None:
+                diverged_at = out[4] if diverged_at is None else min(diverged_at, out[4])
+    finally:  # also when interrupted: a bar left open garbles the terminal's next lines
+        if bar is not None:
+            bar.close()
     recorded = min(len(r[0]) for r in results)  # after a divergence, only the steps all chunks reached
 
     def cat(parts: list[Tensor], *trailing: int) -> Tensor:
