@@ -534,3 +534,25 @@ def test_metrics_take_low_precision_tensors_and_reject_complex_ones():
         bayes.rmse(y.to(torch.complex64), y)
     with pytest.raises(ValueError, match="must be real"):
         bayes.rmse(np.array([1j, 0, 0]), y)
+
+
+def test_per_member_noise_of_vector_outputs_is_not_read_per_point():
+    # (E, 1) noise beside (E, M, k) members right-aligns to (1, E, 1): one value per *point* when E == M
+    rng = np.random.default_rng(0)
+    members, y = rng.normal(size=(4, 4, 3)), rng.normal(size=(4, 3))
+    noise = np.array([0.1, 0.2, 0.3, 0.4])
+    for call in (lambda n: bayes.ensemble_moments(members, noise=n),
+                 lambda n: bayes.ensemble_to_inference_data(members, y, noise=n),
+                 lambda n: bayes.draws_to_inference_data(members, y, noise=n)):
+        with pytest.raises(ValueError, match=r"shape \(4, 1\) with 4 draws of 4 points is ambiguous: pass "
+                                             r"shape \(4, 1, 1\) for one value per draw or member, or \(4,\)"):
+            call(noise[:, None])
+    _, var = bayes.ensemble_moments(members, noise=noise[:, None, None])
+    np.testing.assert_allclose(var, members.var(0) + noise.mean(), rtol=1e-15)
+    _, var = bayes.ensemble_moments(members, noise=noise)            # (M,): per point
+    np.testing.assert_allclose(var, members.var(0) + noise[:, None], rtol=1e-15)
+    # unambiguous shapes keep numpy's reading: (M, 1) per point where E != M, (E, 1) per member for (E, M)
+    _, var = bayes.ensemble_moments(members[:3], noise=noise[:, None])
+    np.testing.assert_allclose(var, members[:3].var(0) + noise[:, None], rtol=1e-15)
+    _, var = bayes.ensemble_moments(members[..., 0], noise=noise[:, None])
+    np.testing.assert_allclose(var, members[..., 0].var(0) + noise.mean(), rtol=1e-15)

@@ -67,8 +67,14 @@ def broadcast_per_point(var: np.ndarray, shape: tuple[int, ...], has_outputs: bo
     ``shape`` ends in ``(M, k)`` when ``has_outputs`` (then an ``(M,)`` value is shared by the
     ``k`` outputs, as the shared-covariance posteriors of ntkgp are; one value per output is
     ``(1, k)``) and in ``(M,)`` otherwise. A ``(k,)`` value is refused: numpy would broadcast it
-    per output, except when ``M == k``, where it would read per point.
+    per output, except when ``M == k``, where it would read per point. With draws or members
+    ahead, ``shape = (S, M, k)``, an ``(S, 1)`` value is refused when ``S == M``: numpy reads it per
+    point (as ``(M, 1)``), while it may be meant per draw, which is ``(S, 1, 1)``.
     """
+    if has_outputs and len(shape) == 3 and var.shape == (shape[0], 1) and shape[0] == shape[1] > 1:
+        raise ValueError(f"A {name} of shape {var.shape} with {shape[0]} draws of {shape[1]} points is ambiguous: "
+                         f"pass shape ({shape[0]}, 1, 1) for one value per draw or member, or ({shape[1]},) for one "
+                         "per point.")
     if var.ndim == 1 and has_outputs:
         if var.shape[0] not in (1, shape[-2]):
             raise ValueError(f"A 1-D {name} holds one value per point, length {shape[-2]}; got length {var.shape[0]}. "

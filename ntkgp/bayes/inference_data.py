@@ -78,8 +78,8 @@ def draws_to_inference_data(f_draws: ArrayLike, y_obs: ArrayLike, noise: ArrayLi
         f_draws: draws of the noise-free outputs (ensemble members, or samples of a Gaussian).
         y_obs: observed targets, ``(M,)`` or ``(M, k)`` like one draw.
         noise: observation-noise variance ``σ²``: a positive scalar, ``(M,)`` (one per point, shared
-            by the ``k`` outputs), or an array broadcastable to ``(S, M[, k])`` (e.g. ``(S, 1)`` or
-            ``(S, 1, 1)``: one per draw, such as per ensemble member).
+            by the ``k`` outputs), or an array broadcastable to ``(S, M[, k])`` (one per draw, such as
+            per ensemble member: ``(S, 1)`` for ``(S, M)`` draws, ``(S, 1, 1)`` for ``(S, M, k)``).
         num_chains: how many chains the draws are split into; must divide ``S``.
         y_draws: posterior-predictive draws ``(S, M[, k])`` to store instead of drawing
             ``f + σ ε`` here.

@@ -239,8 +239,8 @@ def ensemble_moments(predictions: ArrayLike, noise: float | Tensor | np.ndarray 
 
     Args:
         predictions: ``(E, M)``/``(E, M, k)`` member outputs, or a list of ``E`` tensors.
-        noise: ``σ_e²``: scalar, per point ``(M,)``, or broadcastable to ``(E, M[, k])`` (e.g.
-            ``(E, 1)`` or ``(E, 1, 1)`` for one fitted noise per member).
+        noise: ``σ_e²``: scalar, per point ``(M,)``, or broadcastable to ``(E, M[, k])`` (one fitted
+            noise per member: ``(E, 1)`` for ``(E, M)`` predictions, ``(E, 1, 1)`` for ``(E, M, k)``).
 
     Returns:
         numpy ``mean`` and ``variance`` of shape ``(M,)`` or ``(M, k)``.
@@ -269,7 +269,8 @@ def ensemble_to_inference_data(predictions: ArrayLike, y_obs: ArrayLike, noise: 
             trailing output axis of size 1 to match ``(M,)`` targets), or a list of ``E`` tensors.
         y_obs: observed targets ``(M,)``/``(M, k)``.
         noise: observation-noise variance: positive scalar, per point ``(M,)``, or broadcastable
-            to ``(E, M[, k])`` (``(E, 1)`` or ``(E, 1, 1)``: one fitted noise per member).
+            to ``(E, M[, k])`` (one fitted noise per member: ``(E, 1)`` for ``(E, M)`` predictions,
+            ``(E, 1, 1)`` for ``(E, M, k)``).
         num_chains: must divide ``E``.
         seed: seed of the noise draws.
     """
