@@ -11,7 +11,11 @@ by ``θ ← θ − η_p ∇_θ L`` with ``η_p = η`` (NTK parameterization) or 
 the standard parameterization follow the same trajectory
 (:func:`ntkgp.finite.rates.equivalent_learning_rates`). The analytic counterpart of ``s`` steps
 is ``ntkgp.predict``'s ``steps=s, learning_rate=η`` (exact discrete time), or ``t=s`` in
-continuous time (``τ = η s / m``, neural-tangents' convention). ``EnsembleHistory.times`` is the
+continuous time (``τ = η s / m``, neural-tangents' convention), on the spec in NTK
+parameterization: for a standard-parameterized spec, predict with the same spec written with
+``parameterization="ntk"``, since the standard spec's own NTK is that of one learning rate for
+every parameter (it grows with the width, and its stable rates shrink with it; docs/conventions.md), which is not how
+its members are trained here. ``EnsembleHistory.times`` is the
 gradient-flow time ``η s`` of ``dθ/dt = −∇L``, used to label plots: it is ``predict``'s ``t`` only at
 ``predict``'s default ``learning_rate=1``.
 
@@ -176,7 +180,9 @@ def train_ensemble(
     """Train ``ensemble_size`` networks built from ``net`` and record them at ``record_steps``.
 
     Args:
-        net: the network spec (its finite twin is what is trained).
+        net: the network spec (its finite twin is what is trained; standard-parameterized layers
+            take the equivalent per-layer rates, so the members follow the spec's NTK-parameterized
+            version, the one to compare with ``ntkgp.predict``).
         x_train: ``(N, d)`` training inputs.
         y_train: ``(N,)`` or ``(N, k)`` targets.
         ensemble_size: number of members ``E``.

@@ -82,7 +82,10 @@ class GradientFlow:
         net: the network spec.
         x_train: ``(N, d)`` training inputs.
         y_train: ``(N,)`` or ``(N, k)`` targets (``k`` outputs share one factorization).
-        kernel: ``"ntk"`` (train all layers) or ``"nngp"`` (train the readout only).
+        kernel: ``"ntk"`` (train all layers) or ``"nngp"`` (train the readout only). With
+            standard-parameterized layers, ``"ntk"`` is the NTK of one learning rate for every
+            parameter; networks trained with the equivalent per-layer rates
+            (:func:`ntkgp.finite.train_ensemble`) follow the spec in NTK parameterization instead.
         learning_rate: ``η``; time enters as ``τ = η t / m`` with ``m = y_train.numel()``.
         diag_reg: added to the training kernel as ``diag_reg · trace/N · I``.
         diag_reg_absolute_scale: make ``diag_reg`` an absolute variance instead.
