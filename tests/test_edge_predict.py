@@ -250,6 +250,28 @@ def test_predictions_refuse_inputs_whose_kernels_overflow_and_empty_targets():
             predict.gradient_descent_mse(torch.eye(targets.shape[0]), targets, t=1.0)
 
 
+def test_float32_inputs_whose_covariance_would_overflow_float32_keep_their_mean():
+    # float32 inputs of ~1e20 have finite float64 kernels of ~1e40; a covariance of that size returned
+    # in float32 was inf (gp_posterior's variance [inf, 2.4e38, inf, inf]) without a word. ReLU kernels
+    # scale as |x|² (an erf network's saturate)
+    net = ntkgp.mlp(2, "relu")
+    x, y, xt = (1e20 * _x(6)).float(), _x(6, 1, seed=6).float(), (1e20 * _x(4, seed=7)).float()
+    calls = [lambda x, y, xt, cov: predict.gradient_flow(net, x, y, xt, t=1.0, compute_cov=cov),
+             lambda x, y, xt, cov: predict.gradient_flow(net, x, y, xt, compute_cov=cov),            # t=None
+             lambda x, y, xt, cov: predict.GradientFlow(net, x, y).predict(None, t=1.0, compute_cov=cov),
+             lambda x, y, xt, cov: predict.gp_posterior(net, x, y, xt, kernel="nngp", noise=1e-3, compute_cov=cov),
+             lambda x, y, xt, cov: predict.gp_posterior(net, x, y, xt, kernel="ntkgp", noise=1e-3, compute_cov=cov)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"reaches \d.*e\+4\d, beyond the range of torch.float32.*compute_cov"):
+            call(x, y, xt, True)
+        mean = call(x, y, xt, False).mean
+        assert mean.dtype == torch.float32 and torch.isfinite(mean).all()
+        reference = call(x.double(), y.double(), xt.double(), False).mean
+        torch.testing.assert_close(mean.double(), reference, rtol=1e-6, atol=1e-6)
+        # in float64 the same inputs are in range
+        assert torch.isfinite(call(x.double(), y.double(), xt.double(), True).covariance).all()
+
+
 def test_bad_test_inputs_are_refused_before_the_eigendecomposition():
     flow = predict.GradientFlow(NET, _x(5), _x(5, 1, seed=7), learning_rate=0.5)
     with pytest.raises(ValueError, match="x_test must have shape"):

@@ -95,6 +95,22 @@ def check_finite_kernel(kernel: Tensor, name: str) -> None:
                          f"squared norms overflow); rescale them.")
 
 
+def check_covariance_range(prior: Tensor, out_dtype: torch.dtype) -> None:
+    """``ValueError`` if ``prior``, the NNGP at the points predicted, exceeds the range of ``out_dtype``.
+
+    A predictive covariance is of the size of that prior. Float32 inputs have their kernels
+    computed in float64, where inputs of ~1e20 give finite kernels of ~1e40; returned in float32,
+    the covariance would be ``inf``. The mean, of the targets' size, is not affected.
+    """
+    if out_dtype == prior.dtype or prior.numel() == 0:
+        return
+    largest = float(prior.abs().max())
+    if largest > torch.finfo(out_dtype).max:
+        raise ValueError(f"The prior kernel at the points predicted reaches {largest:.3g}, beyond the range of "
+                         f"{out_dtype}, the inputs' dtype in which the predictive covariance is returned: rescale the "
+                         "inputs, pass them in float64, or predict the mean alone (compute_cov=False).")
+
+
 def check_factor_dtype(value: object) -> torch.dtype:
     """``value`` if it is ``torch.float32`` or ``torch.float64``: the dtypes with an eigensolver and a
     Cholesky factorization on every device (half precision has neither)."""

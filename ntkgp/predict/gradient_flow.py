@@ -34,6 +34,7 @@ from ntkgp.layers.base import Layer
 from ntkgp.layers.validation import positive_number
 from ntkgp.predict.gaussian import (
     Gaussian,
+    check_covariance_range,
     check_factor_dtype,
     check_finite_kernel,
     check_non_negative,
@@ -167,6 +168,8 @@ class GradientFlow:
         schedule = make_schedule(t, steps, self.learning_rate, self.m, self.x_train.device)
         if schedule is not None and schedule.discrete:
             warn_if_unstable(self.learning_rate, self.max_learning_rate, self.factor_dtype, self.dtype)
+        if x_test is None and compute_cov:
+            check_covariance_range(self.nngp_dd, self.dtype)
         kernels = None if x_test is None else self._test_kernels(x_test, compute_cov)
         if schedule is None:
             mean, cov = self._infinite(kernels, compute_cov)
@@ -193,6 +196,8 @@ class GradientFlow:
                 out["nngp_tt"] = self.net.kernel(x_test, ntk=False).nngp
         for value in out.values():
             check_finite_kernel(value, "test")
+        if compute_cov:
+            check_covariance_range(out["nngp_tt"], self.dtype)
         return out
 
     def _infinite(self, kernels: dict | None, compute_cov: bool) -> tuple[Tensor, Tensor | None]:

@@ -29,6 +29,7 @@ from torch import Tensor
 from ntkgp.layers.base import Layer
 from ntkgp.predict.gaussian import (
     Gaussian,
+    check_covariance_range,
     check_factor_dtype,
     check_finite_kernel,
     check_non_negative,
@@ -109,6 +110,7 @@ class GPPosterior:
                 test = self.net.kernel(x_test, ntk=want_ntk)
                 c_tt = test.ntk if want_ntk else test.nngp
                 check_finite_kernel(c_tt, "test")
+                check_covariance_range(c_tt, self.dtype)
                 w = torch.linalg.solve_triangular(self._cholesky, c_td.mT, upper=False)
                 cov, scale = _symmetric(c_tt - w.mT @ w).to(self.dtype), prior_scale(c_tt)
         if not self.vector_targets:
