@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import gpytorch
 import torch
@@ -126,6 +126,19 @@ class NetworkGP(gpytorch.models.ExactGP):
     def net(self) -> Layer:
         """The network spec (owned by ``covar_module``), with its learnable variances."""
         return self.covar_module.net
+
+    def named_priors(self) -> Iterator[tuple]:
+        """GPyTorch's ``named_priors``, each prior once: a layer reused in two containers of a spec
+        (``serial(serial(ReLU(), d), serial(ReLU(), d))``) is one set of hyperparameters, but GPyTorch
+        reaches it once per parent, and ``ExactMarginalLogLikelihood`` (which asks the model for its
+        priors) would count its prior twice."""
+        seen = set()
+        for entry in super().named_priors():
+            name, module = entry[0], entry[1]
+            key = (id(module), name.rpartition(".")[2])
+            if key not in seen:
+                seen.add(key)
+                yield entry
 
     def forward(self, x: Tensor) -> gpytorch.distributions.MultivariateNormal:
         covar = self.covar_module(x)

@@ -281,6 +281,31 @@ def test_network_gp_counts_each_prior_once():
     assert model.net is model.covar_module.net
 
 
+def test_a_layer_reused_in_two_containers_has_its_prior_counted_once():
+    """GPyTorch reaches a module once per parent: a Dense reused inside two serial() blocks had its
+    prior counted twice in NetworkGP's marginal likelihood (objective − log p(y) = 2 log p(σ_w²))."""
+    x = torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.sin(x.sum(-1))
+    prior = gpytorch.priors.GammaPrior(2.0, 1.0)
+    log_prior = float(prior.log_prob(torch.tensor(1.7, dtype=torch.float64)))
+
+    def specs(weight_prior):
+        shared = ntkgp.Dense(4, 1.7, 0.1, weight_var_prior=weight_prior)
+        return [ntkgp.serial(ntkgp.Dense(4, 1.0, 0.1), ntkgp.serial(ntkgp.ReLU(), shared),
+                             ntkgp.serial(ntkgp.ReLU(), shared), ntkgp.ReLU(), ntkgp.Dense(1, 1.0, 0.1)),
+                ntkgp.serial(ntkgp.Dense(4, 1.0, 0.1), ntkgp.parallel(shared, ntkgp.serial(ntkgp.ReLU(), shared)),
+                             ntkgp.ReLU(), ntkgp.Dense(1, 1.0, 0.1))]
+
+    for with_prior, without in zip(specs(prior), specs(None), strict=True):
+        objective = []
+        for net in (with_prior, without):
+            model = NetworkGP(x, y, net)
+            model.likelihood.noise = 0.05
+            objective.append(fit(model, steps=1, lr=0.0)[0] * len(y))
+        assert abs((objective[1] - objective[0]) - log_prior) < 1e-9
+        assert len(list(model.named_priors())) == 0 and len(list(NetworkGP(x, y, with_prior).named_priors())) == 1
+
+
 def test_fit_reports_the_map_objective_when_priors_are_registered():
     """fit's docstring said it returns the negative marginal log likelihood; with a prior on a
     variance GPyTorch's objective adds its log density: the loss is −(log p(Y) + log p(σ_w²))/N."""

@@ -27,7 +27,10 @@ class NetworkKernel(Kernel):
     hyperparameter of the network gains that leading shape (in place), so kernels that share a
     network must share its batch shape (a ``ValueError`` otherwise; build on ``copy.deepcopy(net)``).
     As for any GPyTorch module reached twice, a prior on a shared network is counted once per
-    kernel by ``ExactMarginalLogLikelihood`` (``NTKKernel(net) + NNGPKernel(net)``: twice).
+    kernel by ``ExactMarginalLogLikelihood`` (``NTKKernel(net) + NNGPKernel(net)``: twice), and
+    so is a prior on a layer reused in two containers of one spec
+    (``serial(serial(ReLU(), d), serial(ReLU(), d))``; reuse within one ``serial`` or through
+    ``repeat`` counts once). :class:`ntkgp.models.NetworkGP` counts each prior once.
     """
 
     has_lengthscale = False
