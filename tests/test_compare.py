@@ -807,3 +807,73 @@ def test_interrupted_above_the_stability_limit_keeps_every_width(monkeypatch):
     notes = check_notes(result)
     assert "the runs above the stability limit were not made: the comparison stopped early" in notes
     assert not any("were not trained" in n for n in notes)
+
+
+def _residual_spec(parameterization="ntk"):
+    return lambda n: ntkgp.serial(
+        ntkgp.Dense(n, 2.0, 0.01, parameterization=parameterization),
+        ntkgp.residual(ntkgp.Erf(), ntkgp.Dense(n, 1.0, 0.01, parameterization=parameterization)),
+        ntkgp.Erf(), ntkgp.Dense(1, 1.0, 0.01, parameterization=parameterization))
+
+
+def test_any_architecture_compares_through_a_spec_function(tmp_path):
+    result = run_comparison(sin_dataset(), CompareConfig(**TINY, spec=_residual_spec()))
+    assert [w.width for w in result.widths] == [16, 48] and result.stopped is None
+    # the analytic side is this network's own NTK, not the default MLP's
+    data = sin_dataset()
+    flow = GradientFlow(_residual_spec()(16), data.x_train, data.y_train)
+    assert result.max_learning_rate == pytest.approx(flow.max_learning_rate, rel=1e-12)
+    mlp_rate = GradientFlow(CompareConfig(**TINY).network(16), data.x_train, data.y_train).max_learning_rate
+    assert abs(mlp_rate / result.max_learning_rate - 1) > 0.05
+    write_report(result, tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["config"]["spec"].startswith("Serial(") and "Parallel(" in report["config"]["spec"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "- network: the spec below, shown at width 16; widths [16, 48]" in markdown
+    assert "```\nSerial(" in markdown
+
+
+def test_a_standard_spec_is_compared_with_its_ntk_parameterized_version():
+    data = sin_dataset()
+    config = CompareConfig(**TINY, spec=_residual_spec("standard"), divergence_check=False)
+    result = run_comparison(data, config)
+    ntk_rate = GradientFlow(_residual_spec("ntk")(16), data.x_train, data.y_train).max_learning_rate
+    standard_rate = GradientFlow(_residual_spec("standard")(16), data.x_train, data.y_train).max_learning_rate
+    assert result.max_learning_rate == pytest.approx(ntk_rate, rel=1e-12) and standard_rate < ntk_rate / 5
+    # the standard members follow their NTK twins: the same outputs as an NTK-parameterized run
+    twin = run_comparison(data, CompareConfig(**TINY, spec=_residual_spec("ntk"), divergence_check=False))
+    for standard, ntk in zip(result.widths, twin.widths, strict=True):
+        np.testing.assert_allclose(standard.ensemble_mean, ntk.ensemble_mean, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(spec=_residual_spec(), depth=3), r"spec replaces depth, activation, weight_var, bias_var and "
+                                           r"parameterization: leave them at their defaults \(got depth=3\)"),
+    (dict(spec=_residual_spec(), activation="relu", bias_var=None), r"got activation='relu', bias_var=None"),
+    (dict(spec="resnet"), "spec must be a function of the hidden width that returns a network spec, got str"),
+    (dict(spec=lambda n: torch.nn.Linear(3, n)), r"spec\(16\) must return an ntkgp network spec \(a Layer\)"),
+])
+def test_spec_settings_are_checked(settings, message):
+    with pytest.raises(ValueError, match=message):
+        CompareConfig(widths=(16, 48), **settings)
+
+
+def test_ntk_parameterized_copies_the_spec_in_ntk_parameterization():
+    from ntkgp.finite import ntk_parameterized
+
+    shared = ntkgp.Dense(32, 1.7, 0.2, parameterization="standard")
+    net = ntkgp.serial(ntkgp.Dense(32, 1.5, 0.1, parameterization="standard", ard_num_dims=2), ntkgp.ReLU(),
+                       shared, ntkgp.Erf(), shared, ntkgp.Dense(1, 1.0, parameterization="standard"))
+    twin = ntk_parameterized(net)
+    shared_ntk = ntkgp.Dense(32, 1.7, 0.2)
+    by_hand = ntkgp.serial(ntkgp.Dense(32, 1.5, 0.1, ard_num_dims=2), ntkgp.ReLU(), shared_ntk, ntkgp.Erf(), shared_ntk,
+                           ntkgp.Dense(1, 1.0))
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected, got, original = by_hand.kernel(x), twin.kernel(x), net.kernel(x)
+    torch.testing.assert_close(got.ntk, expected.ntk, rtol=1e-14, atol=0)
+    torch.testing.assert_close(got.nngp, original.nngp, rtol=1e-14, atol=0)
+    assert not torch.allclose(original.ntk, expected.ntk, rtol=0.1)                      # the standard NTK differs
+    assert all(d.parameterization == "standard" for d in net.modules() if isinstance(d, ntkgp.Dense))
+    assert twin.layers[2] is twin.layers[4] and twin.layers[2] is not shared               # sharing kept, copied
+    with pytest.raises(ValueError, match="net must be an ntkgp layer"):
+        ntk_parameterized(torch.nn.Linear(2, 2))

@@ -32,6 +32,7 @@ import numbers
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -39,6 +40,7 @@ import torch
 
 from ntkgp._checks import integer_at_least, seed_value
 from ntkgp.compare.datasets import Dataset, plot_coordinate, plot_label
+from ntkgp.finite.rates import ntk_parameterized
 from ntkgp.finite.train import EnsembleHistory, train_ensemble
 from ntkgp.layers.base import Layer
 from ntkgp.layers.mlp import mlp
@@ -46,6 +48,8 @@ from ntkgp.layers.validation import finite_number, positive_number
 from ntkgp.predict import GradientFlow
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: The settings of the default MLP that a ``spec`` replaces.
+_MLP_FIELDS = ("depth", "activation", "weight_var", "bias_var", "parameterization")
 
 
 @dataclass
@@ -71,6 +75,12 @@ class CompareConfig:
         divergence_check: run the networks above the stability limit too
             (``--no-divergence-check`` turns it off).
         progress: show a progress bar (the command line shows one unless ``--no-progress``).
+        spec: instead of an MLP, any architecture: a function of the hidden width that returns the
+            spec, e.g. ``lambda n: ntkgp.serial(ntkgp.Dense(n), ntkgp.ReLU(), ntkgp.residual(ntkgp.Dense(n),
+            ntkgp.Erf()), ntkgp.Dense(1))``, with one output (no command-line option). It replaces
+            ``depth``, ``activation``, ``weight_var``, ``bias_var`` and ``parameterization``, which must
+            keep their defaults. Standard-parameterized layers train with the equivalent rates and
+            are compared with the spec's :func:`~ntkgp.finite.ntk_parameterized` version.
     """
 
     widths: tuple[int, ...] = (32, 128, 512)
@@ -91,6 +101,7 @@ class CompareConfig:
     chunk_size: int | None = None
     divergence_check: bool = True
     progress: bool = False
+    spec: Callable[[int], Layer] | None = None
 
     def __post_init__(self) -> None:
         # Every setting is stored as a plain Python value: report.json is json.dumps(asdict(config)), and a
@@ -134,14 +145,29 @@ class CompareConfig:
         self.record_steps = tuple(sorted(set(self.record_steps)))
         if self.record_steps[-1] == 0:
             raise ValueError("record_steps needs at least one positive step (step 0 is before training).")
+        if self.spec is not None:
+            if not callable(self.spec):
+                raise ValueError(f"spec must be a function of the hidden width that returns a network spec, got "
+                                 f"{type(self.spec).__name__}.")
+            replaced = [name for name in _MLP_FIELDS if getattr(self, name) != getattr(CompareConfig, name)]
+            if replaced:
+                fields = f"{', '.join(_MLP_FIELDS[:-1])} and {_MLP_FIELDS[-1]}"
+                raise ValueError(f"spec replaces {fields}: leave them at their defaults "
+                                 f"(got {', '.join(f'{n}={getattr(self, n)!r}' for n in replaced)}).")
         self.network(self.widths[0])  # the spec validates activation, variances and depth
 
     def network(self, width: int, parameterization: str | None = None) -> Layer:
         """The spec at a given hidden width, on the CPU (whatever torch's default device), where the
-        analytic side runs on the dataset; the trained networks are built from it on ``device``."""
+        analytic side runs on the dataset; the trained networks are built from it on ``device``.
+        ``parameterization="ntk"`` gives its NTK-parameterized version (:func:`ntk_parameterized`)."""
         with torch.device("cpu"):
-            return mlp(self.depth, self.activation, self.weight_var, self.bias_var, width=width, out_dim=1,
-                       parameterization=parameterization or self.parameterization)
+            if self.spec is None:
+                return mlp(self.depth, self.activation, self.weight_var, self.bias_var, width=width, out_dim=1,
+                           parameterization=parameterization or self.parameterization)
+            net = self.spec(width)
+        if not isinstance(net, Layer):
+            raise ValueError(f"spec({width}) must return an ntkgp network spec (a Layer), got {type(net).__name__}.")
+        return ntk_parameterized(net) if parameterization == "ntk" else net
 
 
 @dataclass
@@ -379,10 +405,13 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
 
 
 def _settings(config: CompareConfig) -> dict:
-    """The config as plain Python for report.json: an activation given as a layer is named by its repr."""
+    """The config as plain Python for report.json: an activation given as a layer is named by its repr,
+    a ``spec`` by the repr of its network at the narrowest width."""
     settings = asdict(config)
     if not isinstance(config.activation, str):
         settings["activation"] = repr(config.activation)
+    if config.spec is not None:
+        settings["spec"] = repr(config.network(config.widths[0]))
     return settings
 
 

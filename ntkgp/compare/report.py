@@ -73,6 +73,13 @@ def _fmt(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
+def _network_line(c: dict) -> str:
+    if c.get("spec") is None:
+        return (f"- network: {c['depth']} hidden {c['activation']} layers, weight_var {c['weight_var']}, "
+                f"bias_var {c['bias_var']}, {c['parameterization']} parameterization; widths {list(c['widths'])}")
+    return f"- network: the spec below, shown at width {c['widths'][0]}; widths {list(c['widths'])}"
+
+
 def _markdown(r: ComparisonResult, figures: list[str]) -> str:
     c = r.config
     kind = "readout only (NNGP)" if r.kernel == "nngp" else "all layers (NTK)"
@@ -80,8 +87,7 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
     lines = [
         "# Finite ensembles vs infinite-width predictions", "",
         f"- dataset: {r.dataset}",
-        f"- network: {c['depth']} hidden {c['activation']} layers, weight_var {c['weight_var']}, "
-        f"bias_var {c['bias_var']}, {c['parameterization']} parameterization; widths {list(c['widths'])}",
+        _network_line(c),
         f"- training: full-batch gradient descent on (1/2m)‖f − Y‖², {kind}, learning rate {_fmt(r.learning_rate, 4)} "
         f"({_fmt(r.learning_rate / r.max_learning_rate, 3)} × 2m/λ_max = {_fmt(r.max_learning_rate, 4)}), "
         f"{c['ensemble_size']} members per width, {c['dtype']}, seed {c['seed']}",
@@ -90,6 +96,7 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
         f"- recorded steps {r.steps} (times t = η·steps = {[float(f'{t:.3g}') for t in r.times]}, "
         f"the t of ntkgp.predict at its default learning_rate=1); "
         f"total run {r.seconds:.0f} s", "",
+        *(["```", c["spec"], "```", ""] if c.get("spec") is not None else []),
         "## Checks", "",
     ]
     if r.checks:

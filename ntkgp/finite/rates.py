@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 from torch import Tensor, nn
 
-from ntkgp.layers.dense import DenseModule
+from ntkgp.layers.base import Layer
+from ntkgp.layers.dense import Dense, DenseModule
 from ntkgp.layers.validation import positive_number
 
 
@@ -43,3 +46,22 @@ def equivalent_learning_rates(model: nn.Module, learning_rate: float) -> dict[st
         if module.bias is not None:
             rates[f"{dot}bias"] = learning_rate * module.bias_var
     return rates
+
+
+def ntk_parameterized(net: Layer) -> Layer:
+    r"""A copy of the spec ``net`` with every ``Dense`` layer in NTK parameterization.
+
+    Its kernels are what a standard-parameterized network built from ``net`` follows when trained
+    with :func:`equivalent_learning_rates` (as :func:`ntkgp.finite.train_ensemble` trains it): the
+    NNGP is the same in both parameterizations, and the NTK of the equivalent rates is the NTK
+    parameterization's ``Θ ← K_new + σ_w² Θ`` (docs/theory.md), not the standard spec's own
+    one-rate ``Θ ← n K_prev + σ_w² Θ + 1``. Variances, priors and the sharing of reused layers
+    are copied; ``net`` itself is left unchanged.
+    """
+    if not isinstance(net, Layer):
+        raise ValueError(f"net must be an ntkgp layer (a spec), got {type(net).__name__}.")
+    twin = copy.deepcopy(net)
+    for module in twin.modules():
+        if isinstance(module, Dense):
+            module.parameterization = "ntk"
+    return twin

@@ -12,12 +12,12 @@ the standard parameterization follow the same trajectory
 (:func:`ntkgp.finite.rates.equivalent_learning_rates`). The analytic counterpart of ``s`` steps
 is ``ntkgp.predict``'s ``steps=s, learning_rate=η`` (exact discrete time), or ``t=s`` in
 continuous time (``τ = η s / m``, neural-tangents' convention), on the spec in NTK
-parameterization: for a standard-parameterized spec, predict with the same spec written with
-``parameterization="ntk"``, since the standard spec's own NTK is that of one learning rate for
-every parameter (it grows with the width, and its stable rates shrink with it; docs/conventions.md), which is not how
-its members are trained here. ``EnsembleHistory.times`` is the
-gradient-flow time ``η s`` of ``dθ/dt = −∇L``, used to label plots: it is ``predict``'s ``t`` only at
-``predict``'s default ``learning_rate=1``.
+parameterization: for a standard-parameterized spec, predict with
+:func:`ntkgp.finite.ntk_parameterized` of it, since the standard spec's own NTK is that of one
+learning rate for every parameter (it grows with the width, and its stable rates shrink with
+it; docs/conventions.md), which is not how its members are trained here.
+``EnsembleHistory.times`` is the gradient-flow time ``η s`` of ``dθ/dt = −∇L``, used to label
+plots: it is ``predict``'s ``t`` only at ``predict``'s default ``learning_rate=1``.
 
 Recorded at chosen steps: test outputs of every member (hence ensemble mean and variance), the
 training loss, the relative weight change ``‖θ_t − θ_0‖ / ‖θ_0‖`` and the relative change of

@@ -86,7 +86,8 @@ class GradientFlow:
         kernel: ``"ntk"`` (train all layers) or ``"nngp"`` (train the readout only). With
             standard-parameterized layers, ``"ntk"`` is the NTK of one learning rate for every
             parameter; networks trained with the equivalent per-layer rates
-            (:func:`ntkgp.finite.train_ensemble`) follow the spec in NTK parameterization instead.
+            (:func:`ntkgp.finite.train_ensemble`) follow the spec in NTK parameterization instead
+            (:func:`ntkgp.finite.ntk_parameterized`).
         learning_rate: ``η``; time enters as ``τ = η t / m`` with ``m = y_train.numel()``.
         diag_reg: added to the training kernel as ``diag_reg · trace/N · I``.
         diag_reg_absolute_scale: make ``diag_reg`` an absolute variance instead.
