@@ -729,59 +729,54 @@ def test_cli_messages_keep_file_names_that_contain_option_names(tmp_path, capsys
     assert str(missing) in capsys.readouterr().err
 
 
-def test_a_width_that_does_not_fit_in_memory_keeps_the_narrower_ones(tmp_path, capsys):
-    # a real allocation failure: one hidden matrix of width 10⁷ is 8·10¹⁴ bytes in float64, beyond any
-    # machine's address space, so torch's CPU allocator refuses it at once
-    argv = ["compare", "--widths", "16", "10000000", "--ensemble-size", "4", "--steps", "0", "5",
-            "--no-divergence-check", "--no-progress", "--out", str(tmp_path)]
-    with pytest.warns(RuntimeWarning, match="width 10000000 did not fit in memory"):
-        assert main(argv) == 1
+@pytest.mark.parametrize("cause", ["memory", "interrupt"])
+def test_a_stopped_comparison_reports_the_widths_before_it(cause, tmp_path, capsys, monkeypatch):
+    import ntkgp.compare.harness as harness
+
+    if cause == "memory":
+        # a real allocation failure: one hidden matrix of width 10⁷ is 8·10¹⁴ bytes in float64, beyond
+        # any machine's address space, so torch's CPU allocator refuses it at once
+        widths, status, missing = ["16", "10000000"], 1, [10000000]
+        reason = ("width 10000000 did not fit in memory (an allocation of 7.45e+05 GiB failed): a smaller "
+                  "--chunk-size trains fewer members at once")
+    else:
+        widths, status, missing, reason = ["16", "32", "64"], 130, [32, 64], "interrupted while training width 32"
+        calls = []
+
+        def train_then_interrupt(net, *args, **kwargs):
+            calls.append(net)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return train_ensemble(net, *args, **kwargs)
+
+        monkeypatch.setattr(harness, "train_ensemble", train_then_interrupt)
+    argv = ["compare", "--widths", *widths, "--ensemble-size", "4", "--steps", "0", "5", "--no-progress",
+            "--out", str(tmp_path)]
+    with pytest.warns(RuntimeWarning, match=reason.split(" (")[0]):
+        assert main(argv) == status
     printed = capsys.readouterr().out
-    assert "FAIL  the comparison ran to the end (width 10000000 did not fit in memory (an allocation of" in printed
-    assert "a smaller --chunk-size trains fewer members at once" in printed
-    assert "NOTE  widths [10000000] were not trained" in printed
+    assert f"FAIL  the comparison ran to the end ({reason}" in printed
+    assert f"NOTE  widths {missing} were not trained" in printed
+    assert "NOTE  the runs above the stability limit were not made" in printed
     report = json.loads((tmp_path / "report.json").read_text())
-    assert [w["width"] for w in report["widths"]] == [16]
-    assert report["stopped"].startswith("width 10000000 did not fit in memory (an allocation of 7.45e+05 GiB")
+    assert [w["width"] for w in report["widths"]] == [16] and report["stopped"].startswith(reason.split(": a")[0])
     assert "were not trained" in (tmp_path / "report.md").read_text()
 
 
-def test_a_first_width_that_does_not_fit_is_a_clear_error(capsys):
+def test_a_comparison_stopped_in_its_first_width_has_nothing_to_report(tmp_path, capsys, monkeypatch):
+    import ntkgp.compare.harness as harness
+
     with pytest.raises(MemoryError, match="width 10000000 did not fit in memory"):
         run_comparison(sin_dataset(), CompareConfig(widths=(10_000_000,), ensemble_size=2, record_steps=(0, 1),
                                                     divergence_check=False))
     argv = ["compare", "--widths", "10000000", "--ensemble-size", "2", "--steps", "0", "1", "--no-progress",
-            "--no-divergence-check", "--out", "/tmp/ntkgp-unused-report"]
+            "--no-divergence-check", "--out", str(tmp_path)]
     assert main(argv) == 1
     assert "error: width 10000000 did not fit in memory" in capsys.readouterr().err
-
-
-def test_an_interrupted_comparison_reports_the_widths_before_it(tmp_path, capsys, monkeypatch):
-    import ntkgp.compare.harness as harness
-
-    calls = []
-
-    def train_then_interrupt(net, *args, **kwargs):
-        calls.append(net)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return train_ensemble(net, *args, **kwargs)
-
-    monkeypatch.setattr(harness, "train_ensemble", train_then_interrupt)
-    argv = ["compare", "--widths", "16", "32", "64", "--ensemble-size", "4", "--steps", "0", "5", "--no-progress",
-            "--out", str(tmp_path)]
-    with pytest.warns(RuntimeWarning, match="interrupted while training width 32"):
-        assert main(argv) == 130
-    printed = capsys.readouterr().out
-    assert "FAIL  the comparison ran to the end (interrupted while training width 32)" in printed
-    assert "NOTE  widths [32, 64] were not trained" in printed
-    assert "NOTE  the runs above the stability limit were not made" in printed
-    assert [w["width"] for w in json.loads((tmp_path / "report.json").read_text())["widths"]] == [16]
-
-    calls.clear()   # interrupted during the first width: nothing to report
     monkeypatch.setattr(harness, "train_ensemble", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(argv) == 130
     assert capsys.readouterr().err.strip() == "ntkgp compare: interrupted"
+    assert not (tmp_path / "report.json").exists()
 
 
 def test_other_runtime_errors_of_training_are_not_taken_for_memory(monkeypatch):
