@@ -150,17 +150,9 @@ def gaussian_det(k11: Tensor, k12: Tensor, k22: Tensor) -> Tensor:
     digits than the dtype holds (a point with itself, or nearly parallel inputs of large
     variance), and the kernels that add it to ``O(k)`` terms then read 0 instead of ``O(k)``.
     Callers whose variances may be large pass them through :func:`scaled_for_products` first.
-
-    Where ``p − k12`` is exactly 0 its derivatives are 0 too: the determinant is ``≥ 0`` everywhere,
-    so where it is 0 (a point with itself, a duplicate) it is at its minimum. Autograd's
-    ``(dp − dk12)(p + k12)`` would instead be a rounding of ``dk`` times ``2k``: relative errors of
-    ``ε k`` in the hyperparameter gradients of erf kernels (7 % at float32 variances ~10⁶, wrong signs
-    at float64 variances ~10¹⁶), whose values are exact.
     """
     p = safe_sqrt(k11 * k22)
-    gap = p - k12
-    gap = torch.where(gap == 0, torch.zeros_like(gap), gap)
-    return (gap * (p + k12)).clamp(min=0)
+    return ((p - k12) * (p + k12)).clamp(min=0)
 
 
 def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tensor]:
