@@ -737,7 +737,7 @@ def test_a_stopped_comparison_reports_the_widths_before_it(cause, tmp_path, caps
         # a real allocation failure: one hidden matrix of width 10⁷ is 8·10¹⁴ bytes in float64, beyond
         # any machine's address space, so torch's CPU allocator refuses it at once
         widths, status, missing = ["16", "10000000"], 1, [10000000]
-        reason = ("width 10000000 did not fit in memory (an allocation of 7.45e+05 GiB failed): a smaller "
+        reason = ("out of memory while training width 10000000 (an allocation of 7.45e+05 GiB failed): a smaller "
                   "--chunk-size trains fewer members at once")
     else:
         widths, status, missing, reason = ["16", "32", "64"], 130, [32, 64], "interrupted while training width 32"
@@ -766,13 +766,13 @@ def test_a_stopped_comparison_reports_the_widths_before_it(cause, tmp_path, caps
 def test_a_comparison_stopped_in_its_first_width_has_nothing_to_report(tmp_path, capsys, monkeypatch):
     import ntkgp.compare.harness as harness
 
-    with pytest.raises(MemoryError, match="width 10000000 did not fit in memory"):
+    with pytest.raises(MemoryError, match="out of memory while training width 10000000"):
         run_comparison(sin_dataset(), CompareConfig(widths=(10_000_000,), ensemble_size=2, record_steps=(0, 1),
                                                     divergence_check=False))
     argv = ["compare", "--widths", "10000000", "--ensemble-size", "2", "--steps", "0", "1", "--no-progress",
             "--no-divergence-check", "--out", str(tmp_path)]
     assert main(argv) == 1
-    assert "error: width 10000000 did not fit in memory" in capsys.readouterr().err
+    assert "error: out of memory while training width 10000000" in capsys.readouterr().err
     monkeypatch.setattr(harness, "train_ensemble", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(argv) == 130
     assert capsys.readouterr().err.strip() == "ntkgp compare: interrupted"
@@ -794,10 +794,10 @@ def test_interrupted_above_the_stability_limit_keeps_every_width(monkeypatch):
     import ntkgp.compare.harness as harness
 
     monkeypatch.setattr(harness, "_divergence", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.warns(RuntimeWarning, match="interrupted during the runs above the stability limit"):
+    with pytest.warns(RuntimeWarning, match="interrupted while training width 48 above the stability limit"):
         result = run_comparison(sin_dataset(), CompareConfig(**TINY))
     assert [w.width for w in result.widths] == [16, 48] and result.divergence is None
-    stop = "interrupted during the runs above the stability limit"
+    stop = "interrupted while training width 48 above the stability limit"
     assert result.checks[f"the comparison ran to the end ({stop})"] is False
     notes = check_notes(result)
     assert "the runs above the stability limit were not made: the comparison stopped early" in notes
@@ -872,3 +872,48 @@ def test_ntk_parameterized_copies_the_spec_in_ntk_parameterization():
     assert twin.layers[2] is twin.layers[4] and twin.layers[2] is not shared               # sharing kept, copied
     with pytest.raises(ValueError, match="net must be an ntkgp layer"):
         ntk_parameterized(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("message", ["CUDA error: out of memory", "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+                                     "`cublasCreate(handle)`"])
+def test_cuda_library_allocation_failures_stop_the_comparison_too(message, monkeypatch):
+    # cuBLAS/cuSOLVER workspaces and kernel launches raise a plain RuntimeError, not OutOfMemoryError
+    import ntkgp.compare.harness as harness
+
+    real = harness.train_ensemble
+
+    def fail_at(width, ensemble_size):
+        def train(net, *args, **kwargs):
+            if net.layers[0].width == width and kwargs["ensemble_size"] == ensemble_size:
+                raise RuntimeError(message)
+            return real(net, *args, **kwargs)
+        return train
+
+    monkeypatch.setattr(harness, "train_ensemble", fail_at(48, TINY["ensemble_size"]))
+    with pytest.warns(RuntimeWarning, match="out of memory while training width 48"):
+        result = run_comparison(sin_dataset(), CompareConfig(**TINY))
+    assert [w.width for w in result.widths] == [16]
+    # in the runs above the stability limit (four members of the widest width): every width is kept
+    monkeypatch.setattr(harness, "train_ensemble", fail_at(48, 4))
+    with pytest.warns(RuntimeWarning, match="out of memory while training width 48 above the stability limit"):
+        result = run_comparison(sin_dataset(), CompareConfig(**TINY))
+    assert [w.width for w in result.widths] == [16, 48] and result.divergence is None
+    assert result.checks[f"the comparison ran to the end ({result.stopped})"] is False
+
+
+def test_a_spec_that_cannot_be_copied_reports_and_the_report_names_no_mlp_settings(tmp_path):
+    import threading
+
+    class Spec:   # a callable object holding a lock: dataclasses.asdict deep-copies fields and failed on it
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def __call__(self, width):
+            with self.lock:
+                return _residual_spec()(width)
+
+    result = run_comparison(sin_dataset(), CompareConfig(**TINY, spec=Spec(), divergence_check=False))
+    write_report(result, tmp_path)
+    config = json.loads((tmp_path / "report.json").read_text())["config"]
+    assert config["spec"].startswith("Serial(")
+    assert all(config[name] is None for name in ("depth", "activation", "weight_var", "bias_var", "parameterization"))

@@ -27,6 +27,7 @@ the exact discrete-time predictions of :class:`ntkgp.predict.GradientFlow` (Lee 
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import re
@@ -355,7 +356,7 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
                 readout_only=config.readout_only, seed=config.seed, dtype=dtype, device=config.device,
                 chunk_size=config.chunk_size, progress=config.progress)
         except (KeyboardInterrupt, RuntimeError) as error:   # torch.cuda.OutOfMemoryError is a RuntimeError
-            stopped = _stop_reason(error, width)
+            stopped = _stop_reason(error, f"training width {width}")
             if stopped is None:
                 raise
             if not results:   # nothing trained that a report could show
@@ -384,8 +385,10 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     if config.divergence_check and stopped is None:
         try:
             divergence = _divergence(data, config, kernel, max_lr, dtype)
-        except KeyboardInterrupt:
-            stopped = f"{INTERRUPTED} during the runs above the stability limit"
+        except (KeyboardInterrupt, RuntimeError) as error:
+            stopped = _stop_reason(error, f"training width {config.widths[-1]} above the stability limit")
+            if stopped is None:
+                raise
             warnings.warn(f"{stopped}; the result holds every width.", RuntimeWarning, stacklevel=2)
 
     result = ComparisonResult(
@@ -407,11 +410,15 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
 def _settings(config: CompareConfig) -> dict:
     """The config as plain Python for report.json: an activation given as a layer is named by its repr,
     a ``spec`` by the repr of its network at the narrowest width."""
-    settings = asdict(config)
+    # asdict deep-copies every field: a spec holding a lock or a file failed there, after the training
+    plain = copy.copy(config)
+    plain.spec = None
+    settings = asdict(plain)
     if not isinstance(config.activation, str):
         settings["activation"] = repr(config.activation)
     if config.spec is not None:
         settings["spec"] = repr(config.network(config.widths[0]))
+        settings.update(dict.fromkeys(_MLP_FIELDS))   # not the network compared: the spec replaced them
     return settings
 
 
@@ -436,7 +443,7 @@ def _divergence(data: Dataset, config: CompareConfig, kernel: str, max_lr: float
     for factor in (1.2, 10.0):
         h = train_ensemble(net, data.x_train, data.y_train, ensemble_size=4, learning_rate=factor * max_lr,
                            record_steps=DIVERGENCE_STEPS, readout_only=config.readout_only, seed=config.seed,
-                           dtype=dtype, device=config.device)
+                           dtype=dtype, device=config.device, chunk_size=config.chunk_size)
         runs.append({"factor": factor, "learning_rate": factor * max_lr, "diverged_at": h.diverged_at,
                      "steps": h.steps.tolist(), "loss": h.train_loss.double().mean(-1).tolist()})
     return {"max_learning_rate": max_lr, "width": config.widths[-1], "analytic_factor": 1.2,
@@ -447,14 +454,18 @@ def _divergence(data: Dataset, config: CompareConfig, kernel: str, max_lr: float
 INTERRUPTED = "interrupted"
 
 
-def _stop_reason(error: BaseException, width: int) -> str | None:
-    """Why training stopped at ``width``: an interruption or a failed allocation (``None`` for other errors)."""
+#: What torch's allocators and the CUDA libraries say when memory runs out (the CPU allocator and
+#: CUDA's workspace failures raise a plain RuntimeError, not torch.cuda.OutOfMemoryError).
+_OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "out of memory", "ALLOC_FAILED")
+
+
+def _stop_reason(error: BaseException, stage: str) -> str | None:
+    """Why the comparison stopped in ``stage`` ("training width 512", ...): an interruption or a
+    failed allocation (``None`` for other errors)."""
     if isinstance(error, KeyboardInterrupt):
-        return f"{INTERRUPTED} while training width {width}"
+        return f"{INTERRUPTED} while {stage}"
     message = str(error)
-    # the CPU allocator raises a plain RuntimeError
-    if not (isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in message
-            or "not enough memory" in message):
+    if not (isinstance(error, torch.cuda.OutOfMemoryError) or any(s in message for s in _OUT_OF_MEMORY)):
         return None
     size = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGTP]?i?B|\d+ bytes)", message)
     if size and size.group(1).endswith(" bytes"):
@@ -462,7 +473,7 @@ def _stop_reason(error: BaseException, width: int) -> str | None:
     else:
         size_text = size.group(1) if size else None
     what = f"an allocation of {size_text} failed" if size_text else "an allocation failed"
-    return (f"width {width} did not fit in memory ({what}): a smaller chunk_size trains fewer members at once, "
+    return (f"out of memory while {stage} ({what}): a smaller chunk_size trains fewer members at once, "
             "but one member of this width may not fit either")
 
 
