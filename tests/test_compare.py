@@ -875,7 +875,7 @@ def test_ntk_parameterized_copies_the_spec_in_ntk_parameterization():
 
 
 @pytest.mark.parametrize("message", ["CUDA error: out of memory", "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
-                                     "`cublasCreate(handle)`"])
+                                     "`cublasCreate(handle)`", "C10 Out of Memory. Trying to allocate 2 GiB"])
 def test_cuda_library_allocation_failures_stop_the_comparison_too(message, monkeypatch):
     # cuBLAS/cuSOLVER workspaces and kernel launches raise a plain RuntimeError, not OutOfMemoryError
     import ntkgp.compare.harness as harness
@@ -917,3 +917,13 @@ def test_a_spec_that_cannot_be_copied_reports_and_the_report_names_no_mlp_settin
     config = json.loads((tmp_path / "report.json").read_text())["config"]
     assert config["spec"].startswith("Serial(")
     assert all(config[name] is None for name in ("depth", "activation", "weight_var", "bias_var", "parameterization"))
+
+
+def test_an_activation_object_that_cannot_be_copied_reports(tmp_path):
+    import threading
+
+    activation = ntkgp.Erf()
+    activation.lock = threading.Lock()   # dataclasses.asdict deep-copied the config after the training
+    result = run_comparison(sin_dataset(), CompareConfig(**TINY, activation=activation, divergence_check=False))
+    write_report(result, tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["config"]["activation"].startswith("Erf(")

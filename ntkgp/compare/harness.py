@@ -221,8 +221,9 @@ class ComparisonResult:
     ``times`` ``t = η·s`` (``ntkgp.predict``'s ``t`` at its default ``learning_rate=1``), one
     :class:`WidthResult` per width, the log–log ``slopes`` against width, the runs above the
     stability limit (``divergence``) and the PASS/FAIL ``checks``. ``to_dict`` is ``report.json``.
-    ``stopped`` says why a comparison ended early (interrupted, or a width that did not fit in
-    memory); ``widths`` then holds the widths trained before it, and a failed check says so.
+    ``stopped`` says why a comparison ended early (interrupted, or out of memory); ``widths`` then
+    holds the widths trained before the stop (all of them when it came in the runs above the
+    stability limit, which are then missing), and a failed check says so.
     """
 
     config: dict
@@ -320,10 +321,10 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     ``(I − ηΘ/m)^s`` (Lee et al. 2019); the metrics and checks are those of the module docstring.
     ``ntkgp compare`` is this function plus :func:`ntkgp.compare.report.write_report`.
 
-    A run interrupted (``KeyboardInterrupt``) or stopped by a width that does not fit in memory
-    returns the widths trained before it, with ``stopped`` set, a failed check and a
-    ``RuntimeWarning``; stopped in the first width, it raises (``KeyboardInterrupt``, or
-    ``MemoryError`` with advice on ``chunk_size``).
+    A run interrupted (``KeyboardInterrupt``) or out of memory returns the widths trained before
+    the stop (every width, without the runs above the stability limit, when it stopped in those),
+    with ``stopped`` set, a failed check and a ``RuntimeWarning``; stopped in the first width, it
+    raises (``KeyboardInterrupt``, or ``MemoryError`` with advice on ``chunk_size``).
     """
     start = time.perf_counter()
     kernel = "nngp" if config.readout_only else "ntk"
@@ -410,9 +411,12 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
 def _settings(config: CompareConfig) -> dict:
     """The config as plain Python for report.json: an activation given as a layer is named by its repr,
     a ``spec`` by the repr of its network at the narrowest width."""
-    # asdict deep-copies every field: a spec holding a lock or a file failed there, after the training
+    # asdict deep-copies every field: a spec or an activation object holding a lock or a file failed
+    # there, after the training
     plain = copy.copy(config)
     plain.spec = None
+    if not isinstance(config.activation, str):   # a layer object, named by its repr below
+        plain.activation = None
     settings = asdict(plain)
     if not isinstance(config.activation, str):
         settings["activation"] = repr(config.activation)
@@ -456,7 +460,7 @@ INTERRUPTED = "interrupted"
 
 #: What torch's allocators and the CUDA libraries say when memory runs out (the CPU allocator and
 #: CUDA's workspace failures raise a plain RuntimeError, not torch.cuda.OutOfMemoryError).
-_OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "out of memory", "ALLOC_FAILED")
+_OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "out of memory", "alloc_failed")
 
 
 def _stop_reason(error: BaseException, stage: str) -> str | None:
@@ -465,7 +469,8 @@ def _stop_reason(error: BaseException, stage: str) -> str | None:
     if isinstance(error, KeyboardInterrupt):
         return f"{INTERRUPTED} while {stage}"
     message = str(error)
-    if not (isinstance(error, torch.cuda.OutOfMemoryError) or any(s in message for s in _OUT_OF_MEMORY)):
+    lowered = message.lower()   # "CUDA error: out of memory", "C10 Out of Memory", "CUBLAS_STATUS_ALLOC_FAILED"
+    if not (isinstance(error, torch.cuda.OutOfMemoryError) or any(s in lowered for s in _OUT_OF_MEMORY)):
         return None
     size = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGTP]?i?B|\d+ bytes)", message)
     if size and size.group(1).endswith(" bytes"):
