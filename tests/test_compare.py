@@ -870,6 +870,7 @@ def test_ntk_parameterized_copies_the_spec_in_ntk_parameterization():
     assert not torch.allclose(original.ntk, expected.ntk, rtol=0.1)                      # the standard NTK differs
     assert all(d.parameterization == "standard" for d in net.modules() if isinstance(d, ntkgp.Dense))
     assert twin.layers[2] is twin.layers[4] and twin.layers[2] is not shared               # sharing kept, copied
+    assert twin.layers[1] is net.layers[1] and twin is not net                             # activations shared
     with pytest.raises(ValueError, match="net must be an ntkgp layer"):
         ntk_parameterized(torch.nn.Linear(2, 2))
 

@@ -157,18 +157,20 @@ class CompareConfig:
                                  f"(got {', '.join(f'{n}={getattr(self, n)!r}' for n in replaced)}).")
         self.network(self.widths[0])  # the spec validates activation, variances and depth
 
-    def network(self, width: int, parameterization: str | None = None) -> Layer:
+    def network(self, width: int, ntk_twin: bool = False) -> Layer:
         """The spec at a given hidden width, on the CPU (whatever torch's default device), where the
         analytic side runs on the dataset; the trained networks are built from it on ``device``.
-        ``parameterization="ntk"`` gives its NTK-parameterized version (:func:`ntk_parameterized`)."""
+        ``ntk_twin`` gives its NTK-parameterized version (:func:`ntk_parameterized`), whose kernels
+        describe both parameterizations trained with the equivalent rates."""
         with torch.device("cpu"):
             if self.spec is None:
-                return mlp(self.depth, self.activation, self.weight_var, self.bias_var, width=width, out_dim=1,
-                           parameterization=parameterization or self.parameterization)
-            net = self.spec(width)
+                net = mlp(self.depth, self.activation, self.weight_var, self.bias_var, width=width, out_dim=1,
+                          parameterization=self.parameterization)
+            else:
+                net = self.spec(width)
         if not isinstance(net, Layer):
             raise ValueError(f"spec({width}) must return an ntkgp network spec (a Layer), got {type(net).__name__}.")
-        return ntk_parameterized(net) if parameterization == "ntk" else net
+        return ntk_parameterized(net) if ntk_twin else net
 
 
 @dataclass
@@ -332,7 +334,7 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     _check_scale(data, dtype)
     # The NTK-parameterized twin gives the infinite-width dynamics of both parameterizations
     # (standard layers train with the equivalent per-layer learning rates).
-    analytic_net = config.network(config.widths[0], parameterization="ntk")
+    analytic_net = config.network(config.widths[0], ntk_twin=True)
     max_lr = GradientFlow(analytic_net, data.x_train, data.y_train, kernel=kernel).max_learning_rate
     if not math.isfinite(max_lr):   # 2m/λ_max with λ_max = 0
         raise ValueError(f"The training {kernel.upper()} of this network is zero (e.g. all training inputs are zero "
@@ -415,11 +417,9 @@ def _settings(config: CompareConfig) -> dict:
     # there, after the training
     plain = copy.copy(config)
     plain.spec = None
-    if not isinstance(config.activation, str):   # a layer object, named by its repr below
-        plain.activation = None
-    settings = asdict(plain)
     if not isinstance(config.activation, str):
-        settings["activation"] = repr(config.activation)
+        plain.activation = repr(config.activation)
+    settings = asdict(plain)
     if config.spec is not None:
         settings["spec"] = repr(config.network(config.widths[0]))
         settings.update(dict.fromkeys(_MLP_FIELDS))   # not the network compared: the spec replaced them
@@ -434,7 +434,7 @@ VARIANCE_FLOOR = 1e-6
 def _divergence(data: Dataset, config: CompareConfig, kernel: str, max_lr: float, dtype) -> dict:
     """Above the stability limit: the linearized prediction and finite ensembles (widest width)."""
     net = config.network(config.widths[-1])
-    unstable = GradientFlow(config.network(config.widths[0], parameterization="ntk"), data.x_train, data.y_train,
+    unstable = GradientFlow(config.network(config.widths[0], ntk_twin=True), data.x_train, data.y_train,
                             kernel=kernel, learning_rate=1.2 * max_lr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -55,12 +55,16 @@ def ntk_parameterized(net: Layer) -> Layer:
     with :func:`equivalent_learning_rates` (as :func:`ntkgp.finite.train_ensemble` trains it): the
     NNGP is the same in both parameterizations, and the NTK of the equivalent rates is the NTK
     parameterization's ``Θ ← K_new + σ_w² Θ`` (docs/theory.md), not the standard spec's own
-    one-rate ``Θ ← n K_prev + σ_w² Θ + 1``. Variances, priors and the sharing of reused layers
-    are copied; ``net`` itself is left unchanged.
+    one-rate ``Θ ← n K_prev + σ_w² Θ + 1``. The ``Dense`` layers (variances, priors) and the
+    containers holding them are copied, keeping the sharing of reused layers; the layers without a
+    ``Dense`` (activations, ``LayerNorm``), which hold no hyperparameters, are shared with ``net``,
+    so that a user's activation need not be copyable. ``net`` itself is left unchanged.
     """
     if not isinstance(net, Layer):
         raise ValueError(f"net must be an ntkgp layer (a spec), got {type(net).__name__}.")
-    twin = copy.deepcopy(net)
+    shared = {id(m): m for m in net.modules()
+              if isinstance(m, Layer) and not any(isinstance(d, Dense) for d in m.modules())}
+    twin = copy.deepcopy(net, memo=shared)
     for module in twin.modules():
         if isinstance(module, Dense):
             module.parameterization = "ntk"

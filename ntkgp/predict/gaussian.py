@@ -96,15 +96,16 @@ def check_finite_kernel(kernel: Tensor, name: str) -> None:
 
 
 def check_covariance_range(prior: Tensor, out_dtype: torch.dtype) -> None:
-    """``ValueError`` if ``prior``, the NNGP at the points predicted, exceeds the range of ``out_dtype``.
+    """``ValueError`` if ``prior``, the kernel at the points predicted, exceeds the range of ``out_dtype``.
 
-    A predictive covariance is of the size of that prior. Float32 inputs have their kernels
+    A predictive covariance is of the size of that prior, whose largest entry is on its diagonal
+    (:func:`prior_scale`; a kernel is positive semi-definite). Float32 inputs have their kernels
     computed in float64, where inputs of ~1e20 give finite kernels of ~1e40; returned in float32,
     the covariance would be ``inf``. The mean, of the targets' size, is not affected.
     """
-    if out_dtype == prior.dtype or prior.numel() == 0:
+    if out_dtype == prior.dtype:
         return
-    largest = float(prior.abs().max())
+    largest = prior_scale(prior)
     if largest > torch.finfo(out_dtype).max:
         raise ValueError(f"The prior kernel at the points predicted reaches {largest:.3g}, beyond the range of "
                          f"{out_dtype}, the inputs' dtype in which the predictive covariance is returned: rescale the "
