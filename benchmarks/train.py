@@ -4,7 +4,9 @@ Both train E networks of the same architecture (2 hidden erf layers of the given
 parameterization, the ``sin`` dataset of ``ntkgp compare``: 5 points) by full-batch gradient
 descent on (1/2m)‖f − Y‖² for the same number of steps. The baseline is a straightforward loop
 over E ``torch.nn.Sequential`` models, each with its own ``torch.optim.SGD``. Network
-construction is excluded from both timings. Printed: member-steps per second and their ratio.
+construction is excluded from the timings. Printed: member-steps per second of the loop and of
+both engines of ``train_ensemble`` (``"stacked"``: all members in one batched torch step;
+``"fused"``: the compiled CPU kernel, one member at a time in cache), and their ratios to the loop.
 
     python benchmarks/train.py [--members 64 --width 512 --steps 200 --device cpu]
 """
@@ -19,6 +21,7 @@ import torch
 
 import ntkgp
 from ntkgp.compare import sin_dataset
+from ntkgp.finite import fused
 from ntkgp.finite.train import train_ensemble
 
 
@@ -57,14 +60,17 @@ def baseline(x, y, members: int, width: int, steps: int, lr: float, device) -> f
     return members * steps / (time.perf_counter() - start)
 
 
-def stacked(x, y, members: int, width: int, steps: int, lr: float, device) -> float:
+def ensemble(x, y, members: int, width: int, steps: int, lr: float, device, engine: str) -> float:
     net = ntkgp.mlp(2, "erf", 2.25, 0.0025, width=width)
+    kwargs = dict(ensemble_size=members, learning_rate=lr, device=device, engine=engine)
+    train_ensemble(net, x, y, record_steps=[1], **kwargs)   # compiles the fused kernel if not cached
     # time only training: subtract a run that builds the ensemble and records step 0
     t0 = time.perf_counter()
-    train_ensemble(net, x, y, ensemble_size=members, learning_rate=lr, record_steps=[0], device=device)
+    train_ensemble(net, x, y, record_steps=[0], **kwargs)
     build = time.perf_counter() - t0
     t0 = time.perf_counter()
-    train_ensemble(net, x, y, ensemble_size=members, learning_rate=lr, record_steps=[steps], device=device)
+    history = train_ensemble(net, x, y, record_steps=[steps], **kwargs)
+    assert history.settings["engine"] == engine
     return members * steps / (time.perf_counter() - t0 - build)
 
 
@@ -85,10 +91,15 @@ def main() -> None:
           f"width {args.width}, {args.steps} steps, 5 training points, float32")
     torch.manual_seed(0)
     loop = baseline(x, y, args.members, args.width, args.steps, lr, device)
-    ours = stacked(x, y, args.members, args.width, args.steps, lr, device)
-    print(f"  per-member loop of nn.Sequential + SGD: {loop:10.0f} member-steps/s")
-    print(f"  ntkgp.finite.train_ensemble (stacked):  {ours:10.0f} member-steps/s")
-    print(f"  ratio: {ours / loop:.1f}x")
+    print(f"  per-member loop of nn.Sequential + SGD:        {loop:10.0f} member-steps/s")
+    for engine in ("stacked", "fused") if device.type == "cpu" else ("stacked",):
+        unavailable = engine == "fused" and fused.library(torch.float32)
+        if isinstance(unavailable, str):
+            print(f"  train_ensemble(engine='fused'): not available here ({unavailable})")
+            continue
+        ours = ensemble(x, y, args.members, args.width, args.steps, lr, device, engine)
+        print(f"  train_ensemble(engine={engine!r}):{' ' * (10 - len(engine))} {ours:10.0f} member-steps/s, "
+              f"{ours / loop:.1f}x the loop")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def _net(param="ntk", width=24):
 
 
 class _Autograd:
-    """The plain-autograd step, to check the fused in-place step against."""
+    """The plain-autograd step, to check the stacked in-place step against."""
 
     def __init__(self, model, trained, rates):
         self.loss_and_step = train_module._autograd_step(model, trained, rates)
@@ -30,9 +30,9 @@ class _Autograd:
 
 @pytest.mark.parametrize("param", ["ntk", "standard"])
 @pytest.mark.parametrize("readout_only", [False, True])
-def test_fused_step_equals_plain_autograd_gradient_descent(param, readout_only, monkeypatch):
+def test_in_place_stacked_step_equals_plain_autograd_gradient_descent(param, readout_only, monkeypatch):
     kwargs = dict(ensemble_size=3, learning_rate=0.1, record_steps=[0, 7, 40], probe=X, readout_only=readout_only,
-                  dtype=torch.float64)
+                  dtype=torch.float64, engine="stacked")
     fused = train_ensemble(_net(param), X, Y, **kwargs)
     monkeypatch.setattr(train_module, "_DenseStep", _Autograd)
     plain = train_ensemble(_net(param), X, Y, **kwargs)

@@ -1,0 +1,293 @@
+r"""The CPU engine of :func:`ntkgp.finite.train_ensemble` for plain MLPs: one member at a time, in cache.
+
+The stacked step (``train.py``) trains every member at once. With few training points its step
+is bound by memory: it streams the whole ensemble's weights three times per step (forward
+product, backward product, update), in matrix products of as many rows as there are training
+points, which run at a fraction of the CPU's speed (docs/benchmarks.md). For networks
+``Dense → activation → … → Dense`` on the CPU, :class:`FusedSteps` hands the same stacked
+weights to a small C kernel (``_fused_mlp.c``) that trains one member at a time for many steps
+while its weights stay in cache, with two passes over each weight matrix per step: the forward
+product, and the backward product fused with the update. Members are shared out among
+``torch.get_num_threads()`` threads. Each member's arithmetic is the stacked step's, with the same
+formulas in the same order of updates (``W ← W − η_W uᵀδ``, ``b ← b − η_b c Σδ``, every ``δ``
+from the weights before the step), so the two engines agree to rounding; a member's result does
+not depend on the number of threads.
+
+The kernel is compiled on first use with the system's C compiler (``$CC``, else ``cc``) for this
+CPU (``-march=native``) and cached under ``$NTKGP_CACHE_DIR`` (default ``~/.cache/ntkgp``), keyed
+by the source, the flags, the compiler and the CPU. Without a working compiler ``train_ensemble``
+uses the stacked step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import itertools
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ntkgp.layers.activations import ActivationModule, _abrelu, _erf
+from ntkgp.layers.dense import DenseModule
+
+SOURCE = Path(__file__).with_name("_fused_mlp.c")
+
+#: Compiler flags tried in order: vectorized erf/exp from glibc's libmvec; without it (other C
+#: libraries; erf then costs ~20 ns a call); without -march=native (compilers that lack it).
+_FLAG_SETS = (
+    (["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"], ["-lmvec", "-lm"]),
+    (["-O3", "-march=native", "-fno-math-errno"], ["-lm"]),
+    (["-O3", "-fno-math-errno"], ["-lm"]),
+)
+_ACTIVATION_CODES = {"identity": 0, "erf": 1, "abrelu": 2}
+#: Seconds one call into the kernel should take: bounds how late a progress bar and Ctrl-C respond.
+_CALL_SECONDS = 0.2
+
+_libraries: dict[torch.dtype, ctypes.CDLL | str] = {}
+_lock = threading.Lock()
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` compiled for: a library from another CPU could use missing instructions."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("NTKGP_CACHE_DIR")
+    if base is None:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ntkgp"
+    path = Path(base)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path)
+        probe.close()
+    except OSError:   # a read-only home: a private temporary folder instead
+        path = Path(tempfile.gettempdir()) / f"ntkgp-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _compile(dtype: torch.dtype) -> ctypes.CDLL | str:
+    """The kernel for ``dtype``, compiled if not cached; or why it could not be built."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        return "no C compiler found (set CC to one)"
+    source = SOURCE.read_bytes()
+    define = ["-DNTKGP_DOUBLE"] if dtype == torch.float64 else []
+    errors = []
+    for flags, libs in _FLAG_SETS:
+        command = [compiler, *flags, *define, "-fPIC", "-shared"]
+        key = hashlib.sha256(b"\0".join([source, " ".join(command + libs).encode(), _cpu_signature().encode(),
+                                         platform.machine().encode()])).hexdigest()[:20]
+        target = _cache_dir() / f"fused_mlp_{key}.so"
+        if not target.exists():
+            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+                built = Path(scratch) / target.name
+                try:
+                    run = subprocess.run([*command, str(SOURCE), "-o", str(built), *libs],
+                                         capture_output=True, text=True, timeout=300)
+                except (OSError, subprocess.SubprocessError) as error:
+                    errors.append(f"{' '.join(command)}: {error}")
+                    continue
+                if run.returncode != 0:
+                    errors.append(f"{' '.join(command)}: {run.stderr.strip()[-500:]}")
+                    continue
+                os.replace(built, target)   # atomic: a concurrent process sees the whole library or none
+        try:
+            library = ctypes.CDLL(str(target))
+        except OSError as error:
+            errors.append(f"loading {target}: {error}")
+            continue
+        pointer, integer = ctypes.c_void_p, ctypes.c_int64
+        library.ntkgp_work_size.restype = integer
+        library.ntkgp_work_size.argtypes = [integer, pointer, integer]
+        library.ntkgp_train.restype = integer
+        library.ntkgp_train.argtypes = [integer, integer, pointer, pointer, pointer, pointer, pointer, pointer,
+                                        pointer, pointer, pointer, pointer, pointer, integer, integer, pointer,
+                                        integer, pointer, pointer]
+        return library
+    return "the C compiler failed: " + " | ".join(errors)
+
+
+def library(dtype: torch.dtype) -> ctypes.CDLL | str:
+    """The compiled kernel for float32 or float64 (built once per process), or why there is none."""
+    with _lock:
+        if dtype not in _libraries:
+            _libraries[dtype] = _compile(dtype)
+        return _libraries[dtype]
+
+
+def _flatten(model: nn.Module) -> list[nn.Module]:
+    if isinstance(model, nn.Sequential):
+        return [leaf for child in model for leaf in _flatten(child)]
+    return [] if isinstance(model, nn.Identity) else [model]
+
+
+def _activation(module: nn.Module) -> tuple[int, tuple[float, float, float]] | None:
+    fn = getattr(module, "fn", None) if isinstance(module, ActivationModule) else None
+    if not isinstance(fn, functools.partial) or fn.args:
+        return None
+    if fn.func is _erf and set(fn.keywords) == {"a", "b", "c"}:
+        return _ACTIVATION_CODES["erf"], (fn.keywords["a"], fn.keywords["b"], fn.keywords["c"])
+    if fn.func is _abrelu and set(fn.keywords) == {"a", "b"}:
+        return _ACTIVATION_CODES["abrelu"], (fn.keywords["a"], fn.keywords["b"], 0.0)
+    return None
+
+
+class FusedSteps:
+    """Gradient-descent steps of an ensemble of MLPs, run by the compiled kernel on the model's own
+    weights (updated in place). Build with :func:`fused_steps`, which checks that the kernel
+    applies."""
+
+    def __init__(self, lib: ctypes.CDLL, dense: list[DenseModule], activations: list[tuple[int, tuple]],
+                 rates: dict, names: dict[int, str], x: Tensor, y: Tensor) -> None:
+        dtype = x.dtype
+        self.lib, self.dense = lib, dense
+        self.members = dense[0].weight.shape[0]
+        self.m = x.shape[0]
+        self.keep: list[Tensor] = []            # every tensor the kernel reads through a pointer
+
+        def hold(t: Tensor) -> Tensor:
+            if t.device.type != "cpu":   # a meta tensor's data_ptr would send the kernel to no memory at all
+                raise RuntimeError(f"fused kernel given a tensor on {t.device}")
+            self.keep.append(t)
+            return t
+
+        self.x, self.y = hold(x.contiguous()), hold(y.contiguous())
+        self.dims = hold(torch.tensor([dense[0].in_features] + [d.out_features for d in dense], dtype=torch.int64,
+                                      device="cpu"))
+        per_row = []
+        for d in dense:
+            rate = torch.as_tensor(rates[f"{names[id(d)]}weight"], dtype=dtype, device="cpu").reshape(-1)
+            per_row.append(hold(rate.expand(d.in_features).contiguous()))
+        scales = [None if d.input_scale is None
+                  else hold(d.input_scale.detach().to(dtype).reshape(-1).expand(d.in_features).contiguous())
+                  for d in dense]
+        self.scales = self._pointers(scales)
+        self.rates = self._pointers(per_row)
+        cpu = dict(device="cpu")   # explicit: a caller's `with torch.device(...)` must not move these
+        self.bias_scale = hold(torch.tensor([float(d.bias_scale) if d.bias is not None else 0.0 for d in dense],
+                                            dtype=dtype, **cpu))
+        self.bias_rate = hold(torch.tensor([float(rates[f"{names[id(d)]}bias"]) if d.bias is not None else 0.0
+                                            for d in dense], dtype=dtype, **cpu))
+        self.codes = hold(torch.tensor([code for code, _ in activations] or [0], dtype=torch.int64, **cpu))
+        self.params = hold(torch.tensor([p for _, ps in activations for p in ps] or [0.0], dtype=torch.float64,
+                                        **cpu))
+        work = lib.ntkgp_work_size(len(dense), self.dims.data_ptr(), self.m)
+        threads = max(1, min(torch.get_num_threads(), self.members))
+        bounds = [self.members * t // threads for t in range(threads + 1)]
+        self.ranges = [(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
+        self.work = [hold(torch.empty(work, dtype=dtype, **cpu)) for _ in self.ranges]
+        self.limit = hold(torch.empty(self.members, dtype=torch.float64, **cpu))
+        self.diverged = hold(torch.empty(self.members, dtype=torch.int64, **cpu))
+        self.segment = 1   # steps per call, adapted to _CALL_SECONDS
+
+    @staticmethod
+    def _pointers(tensors: list[Tensor | None]) -> ctypes.Array:
+        return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+
+    def _run(self, index: int, steps: int, check_first: bool) -> None:
+        lo, hi = self.ranges[index]
+        weights = self._pointers([d.weight.detach()[lo:] for d in self.dense])
+        biases = self._pointers([None if d.bias is None else d.bias.detach()[lo:] for d in self.dense])
+        self.lib.ntkgp_train(hi - lo, len(self.dense), self.dims.data_ptr(), weights, biases, self.scales,
+                             self.bias_scale.data_ptr(), self.rates, self.bias_rate.data_ptr(),
+                             self.codes.data_ptr(), self.params.data_ptr(), self.x.data_ptr(), self.y.data_ptr(),
+                             self.m, steps, self.limit[lo:].data_ptr(), int(check_first),
+                             self.diverged[lo:].data_ptr(), self.work[index].data_ptr())
+
+    def advance(self, steps: int, limit: Tensor, bar=None) -> tuple[int, bool]:
+        """Run ``steps`` steps, the first one's loss already checked by the caller; every later
+        step's loss is checked against ``limit`` (per member) before its update.
+
+        Returns ``(steps done, diverged)``: with ``diverged``, the step after those done failed the
+        check for some member (later steps of that member were not taken; other members ran on).
+        """
+        self.limit.copy_(limit.detach().to(torch.float64).cpu())
+        done = 0
+        with ThreadPoolExecutor(len(self.ranges)) as pool:
+            while done < steps:
+                count = min(self.segment, steps - done)
+                start = time.perf_counter()
+                list(pool.map(self._run, range(len(self.ranges)), [count] * len(self.ranges),
+                              [done > 0] * len(self.ranges)))
+                elapsed = time.perf_counter() - start
+                failed = self.diverged[self.diverged >= 0]
+                if failed.numel():
+                    reached = int(failed.min())
+                    if bar is not None:
+                        bar.update(reached)
+                    return done + reached, True
+                done += count
+                if bar is not None:
+                    bar.update(count)
+                self.segment = max(1, min(1 << 20, int(count * _CALL_SECONDS / max(elapsed, 1e-6))))
+        return done, False
+
+
+def fused_steps(model: nn.Module, trained: list[str], rates: dict, x: Tensor, y: Tensor) -> FusedSteps | str:
+    """A :class:`FusedSteps` for ``model``, or the reason the kernel does not apply to it."""
+    if x.device.type != "cpu":
+        return f"it runs on the CPU (the ensemble is on {x.device})"
+    if x.dtype not in (torch.float32, torch.float64):
+        return f"it is compiled for float32 and float64 (not {x.dtype})"
+    names = [n for n, _ in model.named_parameters()]
+    if set(trained) != set(names):
+        return "it trains every parameter (not the readout alone)"
+    leaves = _flatten(model)
+    dense: list[DenseModule] = []
+    activations: list[tuple[int, tuple]] = []
+    pending = None
+    for leaf in leaves:
+        if isinstance(leaf, DenseModule):
+            if dense:
+                activations.append(pending or (_ACTIVATION_CODES["identity"], (1.0, 1.0, 0.0)))
+            elif pending is not None:
+                return "the network starts with an activation"
+            dense.append(leaf)
+            pending = None
+        elif pending is None and _activation(leaf) is not None:
+            pending = _activation(leaf)
+        else:
+            what = getattr(leaf, "name", None) or type(leaf).__name__
+            return f"it takes Dense layers with one erf or ReLU-type activation between them (not {what})"
+    if not dense or pending is not None:
+        return "the network must end in a Dense layer"
+    if len(dense) > 64:
+        return "it takes at most 64 Dense layers"
+    prefixes = {id(m): f"{p}." if p else "" for p, m in model.named_modules()}
+    members = dense[0].weight.shape[0] if dense[0].weight is not None else None
+    for d in dense:
+        if d.weight is None or d.weight.dim() != 3 or not d.weight.is_contiguous() or d.weight.shape[0] != members:
+            return "it needs the stacked (E, in, out) weights of an ensemble"
+        if d.bias is not None and (not d.bias.is_contiguous() or d.bias.shape != (members, 1, d.out_features)):
+            return "it needs the stacked (E, 1, out) biases of an ensemble"
+        if any(p.dtype != x.dtype or p.device.type != "cpu" for p in d.parameters()):
+            return "the weights must be on the CPU in the inputs' dtype"
+    lib = library(x.dtype)
+    if isinstance(lib, str):
+        return lib
+    return FusedSteps(lib, dense, activations, rates, prefixes, x, y)
+
+
+if __name__ == "__main__":   # python -m ntkgp.finite.fused: compile now and say where, or why not
+    for precision in (torch.float32, torch.float64):
+        built = library(precision)
+        print(precision, built if isinstance(built, str) else built._name, file=sys.stdout)

@@ -1,0 +1,168 @@
+"""The compiled CPU engine of train_ensemble (ntkgp.finite.fused) against the stacked torch step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ntkgp
+import ntkgp.finite.fused as fused_module
+from ntkgp.finite.train import train_ensemble
+
+X = torch.linspace(-math.pi, math.pi, 5, dtype=torch.float64).unsqueeze(-1)
+Y = torch.sin(X)
+X_TEST = torch.linspace(-4, 4, 9, dtype=torch.float64).unsqueeze(-1)
+
+needs_kernel = pytest.mark.skipif(isinstance(fused_module.library(torch.float64), str),
+                                  reason="no C compiler to build the fused kernel")
+
+ARCHITECTURES = {   # name: (spec, input features, outputs)
+    # the issue's network: 2 hidden erf layers, NTK parameterization
+    "erf": (lambda: ntkgp.mlp(2, "erf", 2.25, 0.0025, width=40), 1, 1),
+    # standard parameterization (per-layer rates), ReLU, three hidden layers, widths not multiples of 8
+    "relu-standard": (lambda: ntkgp.mlp(3, "relu", 2.0, 0.1, width=37, parameterization="standard"), 1, 1),
+    # no biases, leaky ReLU, two outputs, ARD on 2 input features
+    "leaky-ard": (lambda: ntkgp.mlp(1, "leaky_relu", 1.7, None, width=19, out_dim=2, ard_num_dims=2), 2, 2),
+    # nested containers, a scaled erf, an Abs, two Dense layers in a row (identity between them)
+    "mixed": (lambda: ntkgp.serial(ntkgp.Dense(30, 2.0, 0.05), ntkgp.serial(ntkgp.Erf(a=1.3, b=0.7, c=0.1),
+                                                                           ntkgp.Dense(20, 1.5, 0.05)),
+                                   ntkgp.Abs(), ntkgp.Dense(12, 1.2, 0.0), ntkgp.Dense(1, 1.0, 0.1)), 1, 1),
+}
+
+
+def _case(name, dtype):
+    spec, d, k = ARCHITECTURES[name]
+    x = torch.cat([X, torch.cos(X)], -1)[:, :d]
+    y = torch.cat([Y, Y ** 2], -1)[:, :k]
+    xt = torch.cat([X_TEST, X_TEST / 2], -1)[:, :d]
+    return spec(), x.to(dtype), y.to(dtype), xt.to(dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_fused_engine_trains_as_the_stacked_step(name, dtype):
+    net, x, y, xt = _case(name, dtype)
+    kwargs = dict(ensemble_size=5, learning_rate=0.1, record_steps=[0, 1, 9, 60], x_test=xt, probe=x[:3],
+                  dtype=dtype, device="cpu", chunk_size=3)
+    fused = train_ensemble(net, x, y, engine="fused", **kwargs)
+    stacked = train_ensemble(net, x, y, engine="stacked", **kwargs)
+    assert fused.settings["engine"] == "fused" and stacked.settings["engine"] == "stacked"
+    assert float(fused.train_loss[-1].mean()) < 0.5 * float(fused.train_loss[0].mean())   # it trains
+    # float64: rounding only (~1e-15 per step); float32: ~1e-7 per step, grown over 60 steps
+    rtol, atol = (1e-11, 1e-12) if dtype == torch.float64 else (2e-4, 2e-5)
+    torch.testing.assert_close(fused.test_outputs, stacked.test_outputs, rtol=rtol, atol=atol)
+    torch.testing.assert_close(fused.train_loss, stacked.train_loss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(fused.weight_change, stacked.weight_change, rtol=rtol, atol=atol)
+    torch.testing.assert_close(fused.ntk_change, stacked.ntk_change, rtol=100 * rtol, atol=atol)
+    for group in stacked.layer_change:
+        torch.testing.assert_close(fused.layer_change[group], stacked.layer_change[group], rtol=rtol, atol=atol)
+
+
+@needs_kernel
+def test_fused_members_follow_their_own_autograd_training():
+    """One member against a hand-written autograd loop of its own network, 30 steps, float64."""
+    net = ARCHITECTURES["relu-standard"][0]()
+    h = train_ensemble(net, X, Y, ensemble_size=4, learning_rate=0.15, record_steps=[30], dtype=torch.float64,
+                       engine="fused")
+    model = net.build(in_features=1, seed=0, ensemble_size=4, dtype=torch.float64)
+    rates = ntkgp.finite.equivalent_learning_rates(model, 0.15)
+    params = {n: p.detach()[2].clone().requires_grad_() for n, p in model.named_parameters()}
+    for _ in range(30):
+        loss = 0.5 * ((torch.func.functional_call(model, params, (X,)) - Y) ** 2).sum() / Y.numel()
+        grads = torch.autograd.grad(loss, list(params.values()))
+        params = {n: (p - rates[n] * g).detach().requires_grad_() for (n, p), g in zip(params.items(), grads,
+                                                                                          strict=True)}
+    with torch.no_grad():
+        out = torch.func.functional_call(model, params, (X,))
+    torch.testing.assert_close(h.test_outputs[0, 2], out, rtol=1e-12, atol=1e-13)
+
+
+@needs_kernel
+def test_a_divergence_is_found_at_the_same_step_by_both_engines():
+    net = ARCHITECTURES["erf"][0]()
+    kwargs = dict(ensemble_size=3, learning_rate=30.0, record_steps=[0, 2, 400], dtype=torch.float64)
+    fused = train_ensemble(net, X, Y, engine="fused", **kwargs)
+    stacked = train_ensemble(net, X, Y, engine="stacked", **kwargs)
+    assert stacked.diverged_at is not None and 2 < stacked.diverged_at < 400
+    assert fused.diverged_at == stacked.diverged_at
+    assert fused.steps.tolist() == stacked.steps.tolist() == [0, 2]
+    torch.testing.assert_close(fused.test_outputs, stacked.test_outputs, rtol=1e-11, atol=1e-12)
+
+
+@needs_kernel
+def test_results_do_not_depend_on_threads_or_on_how_the_steps_are_split(monkeypatch):
+    net, x, y, xt = _case("mixed", torch.float32)
+    kwargs = dict(ensemble_size=5, learning_rate=0.1, record_steps=[0, 50], x_test=xt, dtype=torch.float32,
+                  engine="fused")
+    reference = train_ensemble(net, x, y, **kwargs).test_outputs
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = train_ensemble(net, x, y, **kwargs).test_outputs
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(fused_module, "_CALL_SECONDS", 0.0)    # one step per call into the kernel
+    split = train_ensemble(net, x, y, **kwargs).test_outputs
+    assert torch.equal(single, reference) and torch.equal(split, reference)
+
+
+@needs_kernel
+@pytest.mark.parametrize("case, reason", [
+    (dict(readout_only=True), "every parameter"),
+    (dict(net=ntkgp.serial(ntkgp.Dense(8), ntkgp.residual(ntkgp.ReLU(), ntkgp.Dense(8)), ntkgp.Dense(1))),
+     "erf or ReLU-type"),
+    (dict(net=ntkgp.mlp(1, "tanh", width=8)), "erf or ReLU-type"),
+    (dict(net=ntkgp.mlp(1, "gelu", width=8)), "not GELU"),
+    (dict(net=ntkgp.serial(ntkgp.Dense(8), ntkgp.ReLU(), ntkgp.Dense(1), ntkgp.ReLU())), "end in a Dense"),
+    (dict(net=ntkgp.serial(ntkgp.Dense(8), ntkgp.Erf(), ntkgp.ReLU(), ntkgp.Dense(1))), "one erf or ReLU-type"),
+])
+def test_engine_fused_says_why_it_does_not_apply(case, reason):
+    net = case.pop("net", ARCHITECTURES["erf"][0]())
+    with pytest.raises(ValueError, match=reason):
+        train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[3], engine="fused", **case)
+    # auto falls back to the stacked step, which trains them
+    h = train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[3], **case)
+    assert h.settings["engine"] == "stacked"
+
+
+def test_engine_fused_refuses_other_dtypes():
+    with pytest.raises(ValueError, match="float32 and float64"):
+        train_ensemble(ARCHITECTURES["erf"][0](), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[3],
+                       dtype=torch.bfloat16, engine="fused")
+
+
+def test_without_a_compiler_auto_trains_stacked_and_fused_says_why(monkeypatch, tmp_path):
+    monkeypatch.setattr(fused_module, "_libraries", {})
+    monkeypatch.setenv("NTKGP_CACHE_DIR", str(tmp_path))   # nothing cached there
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    h = train_ensemble(ARCHITECTURES["erf"][0](), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[3])
+    assert h.settings["engine"] == "stacked"
+    with pytest.raises(ValueError, match=r"C compiler failed.*no-such-compiler"):
+        train_ensemble(ARCHITECTURES["erf"][0](), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[3],
+                       engine="fused")
+
+
+def test_bad_engine_is_refused():
+    with pytest.raises(ValueError, match="engine must be"):
+        train_ensemble(ARCHITECTURES["erf"][0](), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[3],
+                       engine="loop")
+
+
+@needs_kernel
+def test_the_kernel_is_compiled_once_and_cached(monkeypatch, tmp_path):
+    monkeypatch.setattr(fused_module, "_libraries", {})
+    monkeypatch.setenv("NTKGP_CACHE_DIR", str(tmp_path))
+    assert not isinstance(fused_module.library(torch.float32), str)
+    built = sorted(p.name for p in tmp_path.iterdir())
+    assert len(built) == 1 and built[0].endswith(".so")
+    monkeypatch.setattr(fused_module, "_libraries", {})
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(fused_module.subprocess, "run", no_compiler)   # a new process loads the cached one
+    assert not isinstance(fused_module.library(torch.float32), str)
+    assert sorted(p.name for p in tmp_path.iterdir()) == built
