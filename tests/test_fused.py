@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,3 +168,26 @@ def test_the_kernel_is_compiled_once_and_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(fused_module.subprocess, "run", no_compiler)   # a new process loads the cached one
     assert not isinstance(fused_module.library(torch.float32), str)
     assert sorted(p.name for p in tmp_path.iterdir()) == built
+
+
+@needs_kernel
+def test_an_unusable_cache_folder_gives_a_private_temporary_one(monkeypatch, tmp_path):
+    monkeypatch.setattr(fused_module, "_libraries", {})
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("NTKGP_CACHE_DIR", str(blocker / "cache"))   # cannot be created under a file
+    built = fused_module.library(torch.float32)
+    assert not isinstance(built, str)
+    folder = Path(built._name).parent
+    # a fresh folder of this process (mkdtemp: mode 0700), not a predictable shared path
+    assert folder.name.startswith("ntkgp-") and folder.parent == Path(tempfile.gettempdir())
+    assert folder.stat().st_mode & 0o077 == 0
+
+
+def test_a_missing_source_is_a_reason_not_a_crash(monkeypatch, tmp_path):
+    monkeypatch.setattr(fused_module, "_libraries", {})
+    monkeypatch.setattr(fused_module, "SOURCE", tmp_path / "gone.c")
+    assert "source is missing" in fused_module.library(torch.float64)
+    h = train_ensemble(ARCHITECTURES["erf"][0](), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[3],
+                       dtype=torch.float64)
+    assert h.settings["engine"] == "stacked"

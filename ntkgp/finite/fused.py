@@ -78,9 +78,10 @@ def _cache_dir() -> Path:
         path.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path)
         probe.close()
-    except OSError:   # a read-only home: a private temporary folder instead
-        path = Path(tempfile.gettempdir()) / f"ntkgp-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        # a read-only home: a fresh private folder for this process, never a predictable shared path,
+        # where another user could have left a library of their own under the expected name
+        path = Path(tempfile.mkdtemp(prefix="ntkgp-"))
     return path
 
 
@@ -89,14 +90,17 @@ def _compile(dtype: torch.dtype) -> ctypes.CDLL | str:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         return "no C compiler found (set CC to one)"
-    source = SOURCE.read_bytes()
+    try:
+        source = SOURCE.read_bytes()
+    except OSError as error:   # an install without its package data
+        return f"the kernel's source is missing ({error})"
     define = ["-DNTKGP_DOUBLE"] if dtype == torch.float64 else []
-    errors = []
+    errors, cache = [], _cache_dir()
     for flags, libs in _FLAG_SETS:
         command = [compiler, *flags, *define, "-fPIC", "-shared"]
         key = hashlib.sha256(b"\0".join([source, " ".join(command + libs).encode(), _cpu_signature().encode(),
                                          platform.machine().encode()])).hexdigest()[:20]
-        target = _cache_dir() / f"fused_mlp_{key}.so"
+        target = cache / f"fused_mlp_{key}.so"
         if not target.exists():
             with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
                 built = Path(scratch) / target.name
