@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -125,8 +126,8 @@ def test_engine_fused_says_why_it_does_not_apply(case, reason):
     net = case.pop("net", ARCHITECTURES["erf"][0]())
     with pytest.raises(ValueError, match=reason):
         train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[3], engine="fused", **case)
-    # auto falls back to the stacked step, which trains them
-    h = train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[3], **case)
+    # auto falls back to the stacked step, which trains them (records far enough apart for auto to want fused)
+    h = train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[40], **case)
     assert h.settings["engine"] == "stacked"
 
 
@@ -140,7 +141,7 @@ def test_without_a_compiler_auto_trains_stacked_and_fused_says_why(monkeypatch, 
     monkeypatch.setattr(fused_module, "_libraries", {})
     monkeypatch.setenv("NTKGP_CACHE_DIR", str(tmp_path))   # nothing cached there
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    h = train_ensemble(ARCHITECTURES["erf"][0](), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[3])
+    h = train_ensemble(ARCHITECTURES["erf"][0](), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[40])
     assert h.settings["engine"] == "stacked"
     with pytest.raises(ValueError, match=r"C compiler failed.*no-such-compiler"):
         train_ensemble(ARCHITECTURES["erf"][0](), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[3],
@@ -171,23 +172,63 @@ def test_the_kernel_is_compiled_once_and_cached(monkeypatch, tmp_path):
 
 
 @needs_kernel
-def test_an_unusable_cache_folder_gives_a_private_temporary_one(monkeypatch, tmp_path):
+def test_an_unusable_cache_folder_compiles_in_a_private_folder_it_deletes(monkeypatch, tmp_path):
     monkeypatch.setattr(fused_module, "_libraries", {})
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("NTKGP_CACHE_DIR", str(blocker / "cache"))   # cannot be created under a file
+    before = set(Path(tempfile.gettempdir()).glob("ntkgp-*"))
     built = fused_module.library(torch.float32)
     assert not isinstance(built, str)
     folder = Path(built._name).parent
-    # a fresh folder of this process (mkdtemp: mode 0700), not a predictable shared path
+    # a fresh folder (mkdtemp), not a predictable shared path, and gone once the library is loaded
     assert folder.name.startswith("ntkgp-") and folder.parent == Path(tempfile.gettempdir())
-    assert folder.stat().st_mode & 0o077 == 0
+    assert not folder.exists() and set(Path(tempfile.gettempdir()).glob("ntkgp-*")) == before
+    h = train_ensemble(ARCHITECTURES["erf"][0](), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[40],
+                       engine="fused")
+    assert h.settings["engine"] == "fused"
+
+
+@needs_kernel
+def test_a_read_only_cache_still_serves_the_library_built_before(monkeypatch, tmp_path):
+    monkeypatch.setattr(fused_module, "_libraries", {})
+    monkeypatch.setenv("NTKGP_CACHE_DIR", str(tmp_path))
+    first = fused_module.library(torch.float64)
+    monkeypatch.setattr(fused_module, "_libraries", {})
+    monkeypatch.setattr(fused_module, "_writable", lambda folder: False)
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(fused_module.subprocess, "run", no_compiler)
+    assert fused_module.library(torch.float64)._name == first._name
+
+
+@needs_kernel
+def test_an_empty_cache_variable_is_unset_and_cc_may_carry_arguments(monkeypatch, tmp_path):
+    monkeypatch.setattr(fused_module, "_libraries", {})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NTKGP_CACHE_DIR", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("CC", f"{shutil.which('cc') or shutil.which('gcc')} -std=gnu11")   # program and flag
+    built = fused_module.library(torch.float32)
+    assert not isinstance(built, str), built
+    assert Path(built._name).is_absolute() and Path(built._name).parent == tmp_path / "xdg" / "ntkgp"
+    assert not list(tmp_path.glob("*.so"))   # nothing left in the working folder
+
+
+@needs_kernel
+def test_auto_takes_the_fused_engine_unless_records_come_every_few_steps():
+    net = ARCHITECTURES["erf"][0]()
+    sparse = train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[0, 10, 100])
+    dense = train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=list(range(0, 30, 3)))
+    assert sparse.settings["engine"] == "fused" and dense.settings["engine"] == "stacked"
 
 
 def test_a_missing_source_is_a_reason_not_a_crash(monkeypatch, tmp_path):
     monkeypatch.setattr(fused_module, "_libraries", {})
     monkeypatch.setattr(fused_module, "SOURCE", tmp_path / "gone.c")
     assert "source is missing" in fused_module.library(torch.float64)
-    h = train_ensemble(ARCHITECTURES["erf"][0](), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[3],
+    h = train_ensemble(ARCHITECTURES["erf"][0](), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[40],
                        dtype=torch.float64)
     assert h.settings["engine"] == "stacked"

@@ -27,6 +27,7 @@ import hashlib
 import itertools
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -70,63 +71,83 @@ def _cpu_signature() -> str:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("NTKGP_CACHE_DIR")
+    base = os.environ.get("NTKGP_CACHE_DIR") or None   # empty: unset
     if base is None:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ntkgp"
-    path = Path(base)
+    # absolute: ctypes reads a bare file name as a library to search for on the system's path
+    return Path(base).expanduser().resolve()
+
+
+def _writable(folder: Path) -> bool:
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path)
-        probe.close()
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=folder).close()
+        return True
     except OSError:
-        # a read-only home: a fresh private folder for this process, never a predictable shared path,
-        # where another user could have left a library of their own under the expected name
-        path = Path(tempfile.mkdtemp(prefix="ntkgp-"))
-    return path
+        return False
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
+    pointer, integer = ctypes.c_void_p, ctypes.c_int64
+    library.ntkgp_work_size.restype = integer
+    library.ntkgp_work_size.argtypes = [integer, pointer, integer]
+    library.ntkgp_train.restype = integer
+    library.ntkgp_train.argtypes = [integer, integer, pointer, pointer, pointer, pointer, pointer, pointer, pointer,
+                                    pointer, pointer, pointer, pointer, integer, integer, pointer, integer, pointer,
+                                    pointer]
+    return library
 
 
 def _compile(dtype: torch.dtype) -> ctypes.CDLL | str:
     """The kernel for ``dtype``, compiled if not cached; or why it could not be built."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        return "no C compiler found (set CC to one)"
+    compiler = shlex.split(os.environ.get("CC") or "")   # "ccache gcc", "gcc -std=c11": words, as make reads CC
+    if not compiler:
+        found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if found is None:
+            return "no C compiler found (set CC to one)"
+        compiler = [found]
     try:
         source = SOURCE.read_bytes()
     except OSError as error:   # an install without its package data
         return f"the kernel's source is missing ({error})"
     define = ["-DNTKGP_DOUBLE"] if dtype == torch.float64 else []
-    errors, cache = [], _cache_dir()
+    cache, errors = _cache_dir(), []
     for flags, libs in _FLAG_SETS:
-        command = [compiler, *flags, *define, "-fPIC", "-shared"]
+        command = [*compiler, *flags, *define, "-fPIC", "-shared"]
         key = hashlib.sha256(b"\0".join([source, " ".join(command + libs).encode(), _cpu_signature().encode(),
                                          platform.machine().encode()])).hexdigest()[:20]
-        target = cache / f"fused_mlp_{key}.so"
-        if not target.exists():
-            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-                built = Path(scratch) / target.name
-                try:
-                    run = subprocess.run([*command, str(SOURCE), "-o", str(built), *libs],
-                                         capture_output=True, text=True, timeout=300)
-                except (OSError, subprocess.SubprocessError) as error:
-                    errors.append(f"{' '.join(command)}: {error}")
-                    continue
-                if run.returncode != 0:
-                    errors.append(f"{' '.join(command)}: {run.stderr.strip()[-500:]}")
-                    continue
-                os.replace(built, target)   # atomic: a concurrent process sees the whole library or none
-        try:
-            library = ctypes.CDLL(str(target))
-        except OSError as error:
-            errors.append(f"loading {target}: {error}")
-            continue
-        pointer, integer = ctypes.c_void_p, ctypes.c_int64
-        library.ntkgp_work_size.restype = integer
-        library.ntkgp_work_size.argtypes = [integer, pointer, integer]
-        library.ntkgp_train.restype = integer
-        library.ntkgp_train.argtypes = [integer, integer, pointer, pointer, pointer, pointer, pointer, pointer,
-                                        pointer, pointer, pointer, pointer, pointer, integer, integer, pointer,
-                                        integer, pointer, pointer]
-        return library
+        name = f"fused_mlp_{key}.so"
+        if (cache / name).exists():   # built before (the folder may be read-only now)
+            try:
+                return _load(cache / name)
+            except OSError as error:
+                errors.append(f"loading {cache / name}: {error}")
+                continue
+        # built into a private scratch folder, then moved into the cache whole (atomic: a concurrent
+        # process sees the whole library or none); without a writable cache, loaded from the scratch
+        # folder, which is deleted (never a predictable shared path, where another user could have left
+        # a library of their own under the expected name)
+        writable = _writable(cache)
+        with tempfile.TemporaryDirectory(dir=cache if writable else None, prefix="ntkgp-",
+                                         ignore_cleanup_errors=True) as scratch:   # Windows: a loaded DLL stays
+            built = Path(scratch) / name
+            try:
+                run = subprocess.run([*command, str(SOURCE), "-o", str(built), *libs],
+                                     capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.SubprocessError) as error:
+                errors.append(f"{' '.join(command)}: {error}")
+                continue
+            if run.returncode != 0:
+                errors.append(f"{' '.join(command)}: {run.stderr.strip()[-500:]}")
+                continue
+            if writable:
+                os.replace(built, cache / name)
+                built = cache / name
+            try:
+                return _load(built)   # a loaded library stays mapped after its file is deleted
+            except OSError as error:
+                errors.append(f"loading {built}: {error}")
     return "the C compiler failed: " + " | ".join(errors)
 
 
@@ -202,6 +223,7 @@ class FusedSteps:
         self.limit = hold(torch.empty(self.members, dtype=torch.float64, **cpu))
         self.diverged = hold(torch.empty(self.members, dtype=torch.int64, **cpu))
         self.segment = 1   # steps per call, adapted to _CALL_SECONDS
+        self.pool: ThreadPoolExecutor | None = None
 
     @staticmethod
     def _pointers(tensors: list[Tensor | None]) -> ctypes.Array:
@@ -225,25 +247,35 @@ class FusedSteps:
         check for some member (later steps of that member were not taken; other members ran on).
         """
         self.limit.copy_(limit.detach().to(torch.float64).cpu())
+        if self.pool is None and len(self.ranges) > 1:   # kept for every record: starting threads costs
+            self.pool = ThreadPoolExecutor(len(self.ranges))
         done = 0
-        with ThreadPoolExecutor(len(self.ranges)) as pool:
-            while done < steps:
-                count = min(self.segment, steps - done)
-                start = time.perf_counter()
-                list(pool.map(self._run, range(len(self.ranges)), [count] * len(self.ranges),
-                              [done > 0] * len(self.ranges)))
-                elapsed = time.perf_counter() - start
-                failed = self.diverged[self.diverged >= 0]
-                if failed.numel():
-                    reached = int(failed.min())
-                    if bar is not None:
-                        bar.update(reached)
-                    return done + reached, True
-                done += count
+        while done < steps:
+            count = min(self.segment, steps - done)
+            start = time.perf_counter()
+            if self.pool is None:
+                self._run(0, count, done > 0)
+            else:
+                list(self.pool.map(self._run, range(len(self.ranges)), [count] * len(self.ranges),
+                                   [done > 0] * len(self.ranges)))
+            elapsed = time.perf_counter() - start
+            failed = self.diverged[self.diverged >= 0]
+            if failed.numel():
+                reached = int(failed.min())
                 if bar is not None:
-                    bar.update(count)
-                self.segment = max(1, min(1 << 20, int(count * _CALL_SECONDS / max(elapsed, 1e-6))))
+                    bar.update(reached)
+                return done + reached, True
+            done += count
+            if bar is not None:
+                bar.update(count)
+            self.segment = max(1, min(1 << 20, int(count * _CALL_SECONDS / max(elapsed, 1e-6))))
         return done, False
+
+    def close(self) -> None:
+        """Stop the worker threads (after the call in progress, if any)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
 
 
 def fused_steps(model: nn.Module, trained: list[str], rates: dict, x: Tensor, y: Tensor) -> FusedSteps | str:
