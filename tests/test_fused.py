@@ -218,11 +218,62 @@ def test_an_empty_cache_variable_is_unset_and_cc_may_carry_arguments(monkeypatch
 
 
 @needs_kernel
-def test_auto_takes_the_fused_engine_unless_records_come_every_few_steps():
-    net = ARCHITECTURES["erf"][0]()
-    sparse = train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[0, 10, 100])
-    dense = train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=list(range(0, 30, 3)))
-    assert sparse.settings["engine"] == "fused" and dense.settings["engine"] == "stacked"
+@pytest.mark.parametrize("records, engine", [
+    ([0, 10, 100], "fused"),
+    (list(range(0, 41, 4)), "fused"),    # 10 kernel calls of 4 steps: the measured crossover
+    (list(range(4, 41, 4)), "fused"),
+    (list(range(0, 30, 3)), "stacked"),
+    ([0, 3], "stacked"),
+])
+def test_auto_takes_the_fused_engine_unless_records_come_every_few_steps(records, engine):
+    h = train_ensemble(ARCHITECTURES["erf"][0](), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=records)
+    assert h.settings["engine"] == engine
+
+
+class _Residual(torch.nn.Sequential):
+    def forward(self, z):
+        return z + super().forward(z)
+
+
+def _modified(kind):
+    model = ntkgp.mlp(2, "relu", 2.0, 0.1, width=8).build(in_features=1, seed=0, ensemble_size=3,
+                                                           dtype=torch.float64)
+    if kind == "Sequential subclass":
+        model.__class__ = _Residual
+    elif kind == "forward hook":
+        model[1].register_forward_hook(lambda module, inputs, output: 3 * output)
+    elif kind == "forward pre-hook":
+        model[2].register_forward_pre_hook(lambda module, inputs: (0.5 * inputs[0],))
+    elif kind == "Dense used twice":
+        model[4] = model[2]
+    elif kind == "shared storage":
+        model[4].weight = torch.nn.Parameter(model[2].weight.data)
+    elif kind == "weight as a buffer":
+        weight = model[2].weight.data
+        del model[2].weight
+        model[2].register_buffer("weight", weight)
+    return model
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind, reason", [
+    ("unchanged", None),
+    ("Sequential subclass", "not _Residual"),
+    ("forward hook", "forward hooks"),
+    ("forward pre-hook", "forward hooks"),
+    ("Dense used twice", "used once"),
+    ("shared storage", "of its own"),
+    ("weight as a buffer", "trained parameters"),
+])
+def test_networks_the_kernel_would_compute_differently_are_refused(kind, reason):
+    """The kernel computes the plain modules' formulas: a custom Layer.finite could build others."""
+    model = _modified(kind)
+    names = [n for n, _ in model.named_parameters()]
+    got = fused_module.fused_steps(model, names, dict.fromkeys(names, 0.1), X, Y)
+    if reason is None:
+        assert isinstance(got, fused_module.FusedSteps)
+    else:
+        assert isinstance(got, str) and reason in got, got
 
 
 def test_a_missing_source_is_a_reason_not_a_crash(monkeypatch, tmp_path):

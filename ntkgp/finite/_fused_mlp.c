@@ -2,7 +2,8 @@
  *
  * The CPU engine of ntkgp.finite.train_ensemble for networks Dense -> activation -> ... -> Dense
  * (ntkgp/finite/fused.py compiles and calls it). torch's stacked step runs all members at once and
- * streams the whole ensemble's weights from memory three times per step, in matrix products with
+ * streams the whole ensemble's weights from memory in four passes per step (forward product,
+ * backward product, and the update, which reads and writes them), in matrix products with
  * as few rows as there are training points, which use a fraction of the CPU's arithmetic. Here each
  * member runs all the steps it is given while its weights stay in cache, and each step passes over
  * a weight matrix twice: the forward product, then the backward product fused with the update.

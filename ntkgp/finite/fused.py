@@ -1,9 +1,10 @@
 r"""The CPU engine of :func:`ntkgp.finite.train_ensemble` for plain MLPs: one member at a time, in cache.
 
 The stacked step (``train.py``) trains every member at once. With few training points its step
-is bound by memory: it streams the whole ensemble's weights three times per step (forward
-product, backward product, update), in matrix products of as many rows as there are training
-points, which run at a fraction of the CPU's speed (docs/benchmarks.md). For networks
+is bound by memory: it streams the whole ensemble's weights in four passes per step (forward
+product, backward product, and the update, which reads and writes them), in matrix products of as
+many rows as there are training points, which run at a fraction of the CPU's speed
+(docs/benchmarks.md). For networks
 ``Dense → activation → … → Dense`` on the CPU, :class:`FusedSteps` hands the same stacked
 weights to a small C kernel (``_fused_mlp.c``) that trains one member at a time for many steps
 while its weights stay in cache, with two passes over each weight matrix per step: the forward
@@ -13,10 +14,10 @@ formulas in the same order of updates (``W ← W − η_W uᵀδ``, ``b ← b �
 from the weights before the step), so the two engines agree to rounding; a member's result does
 not depend on the number of threads.
 
-The kernel is compiled on first use with the system's C compiler (``$CC``, else ``cc``) for this
-CPU (``-march=native``) and cached under ``$NTKGP_CACHE_DIR`` (default ``~/.cache/ntkgp``), keyed
-by the source, the flags, the compiler and the CPU. Without a working compiler ``train_ensemble``
-uses the stacked step.
+The kernel is compiled on first use with the system's C compiler (``$CC``, else ``cc``, ``gcc``
+or ``clang``) for this CPU (``-march=native``) and cached under ``$NTKGP_CACHE_DIR`` (default
+``$XDG_CACHE_HOME/ntkgp``, that is ``~/.cache/ntkgp``), keyed by the source, the flags, the
+compiler and the CPU. Without a working compiler ``train_ensemble`` uses the stacked step.
 """
 
 from __future__ import annotations
@@ -160,13 +161,14 @@ def library(dtype: torch.dtype) -> ctypes.CDLL | str:
 
 
 def _flatten(model: nn.Module) -> list[nn.Module]:
-    if isinstance(model, nn.Sequential):
+    # exact classes: a subclass may override forward, and the kernel would not know
+    if type(model) is nn.Sequential:
         return [leaf for child in model for leaf in _flatten(child)]
-    return [] if isinstance(model, nn.Identity) else [model]
+    return [] if type(model) is nn.Identity else [model]
 
 
 def _activation(module: nn.Module) -> tuple[int, tuple[float, float, float]] | None:
-    fn = getattr(module, "fn", None) if isinstance(module, ActivationModule) else None
+    fn = getattr(module, "fn", None) if type(module) is ActivationModule else None
     if not isinstance(fn, functools.partial) or fn.args:
         return None
     if fn.func is _erf and set(fn.keywords) == {"a", "b", "c"}:
@@ -287,12 +289,18 @@ def fused_steps(model: nn.Module, trained: list[str], rates: dict, x: Tensor, y:
     names = [n for n, _ in model.named_parameters()]
     if set(trained) != set(names):
         return "it trains every parameter (not the readout alone)"
+    # what the kernel computes is the modules' own forward methods: anything that changes them is refused
+    hooked = [type(m).__name__ for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]
+    global_hooks = (getattr(nn.modules.module, "_global_forward_hooks", None),
+                    getattr(nn.modules.module, "_global_forward_pre_hooks", None))
+    if hooked or any(global_hooks):
+        return f"it cannot run forward hooks (on {hooked[0] if hooked else 'every module'})"
     leaves = _flatten(model)
     dense: list[DenseModule] = []
     activations: list[tuple[int, tuple]] = []
     pending = None
     for leaf in leaves:
-        if isinstance(leaf, DenseModule):
+        if type(leaf) is DenseModule:
             if dense:
                 activations.append(pending or (_ACTIVATION_CODES["identity"], (1.0, 1.0, 0.0)))
             elif pending is not None:
@@ -308,6 +316,13 @@ def fused_steps(model: nn.Module, trained: list[str], rates: dict, x: Tensor, y:
         return "the network must end in a Dense layer"
     if len(dense) > 64:
         return "it takes at most 64 Dense layers"
+    # every parameter a Dense layer's own, in storage of its own: the kernel updates each once per step
+    own = [p for d in dense for p in (d.weight, d.bias) if p is not None]
+    parameters = {id(p) for p in model.parameters()}
+    storages = {p.untyped_storage().data_ptr() for p in own}
+    if len({id(d) for d in dense}) < len(dense) or len(parameters) != len(own) or \
+            any(id(p) not in parameters for p in own) or len(storages) < len(own):
+        return "it needs each Dense layer used once, with weights and biases of its own that are trained parameters"
     prefixes = {id(m): f"{p}." if p else "" for p, m in model.named_modules()}
     members = dense[0].weight.shape[0] if dense[0].weight is not None else None
     for d in dense:
