@@ -77,8 +77,12 @@ def test_comparison_report_on_a_tiny_run(tmp_path):
     out = write_report(result, tmp_path / "report")
     data = json.loads((out / "report.json").read_text())
     assert data["widths"][0]["width"] == 16 and "checks" in data
+    # which engine trained each width (the kernel may be missing where no C compiler is)
+    engines = {w["engine"] for w in data["widths"]}
+    assert len(engines) == 1 and engines <= {"fused", "stacked"}
     text = (out / "report.md").read_text()
     assert "## Checks" in text and "## Above the stability limit" in text
+    assert f"{engines.pop()} engine of train_ensemble" in text
     for name in ("band_width16.png", "band_width48.png", "scaling.png", "loss.png"):
         assert (out / name).stat().st_size > 1000
 

@@ -195,6 +195,8 @@ class WidthResult:
         ensemble_std: ``σ̂`` per step and test point.
         seconds: training time of this width.
         diverged_at: step at which training diverged, ``None`` if it did not.
+        engine: the :func:`ntkgp.finite.train_ensemble` engine that trained it (``"fused"`` or
+            ``"stacked"``; float32 runs of the two agree to rounding, not bit for bit).
     """
 
     width: int
@@ -213,6 +215,7 @@ class WidthResult:
     ensemble_std: list[list[float]]
     seconds: float
     diverged_at: int | None = None
+    engine: str | None = None
 
 
 @dataclass
@@ -506,7 +509,7 @@ def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.
     if recorded == 0:
         empty: list = []
         return WidthResult(width, [], empty, empty, empty, empty, empty, empty, empty, empty, empty, {}, empty,
-                           empty, seconds, h.diverged_at)
+                           empty, seconds, h.diverged_at, h.settings.get("engine"))
     mean = h.mean[..., 0].double()                            # (T, M)
     ens_var = h.variance[..., 0].double()
     se = h.standard_error[..., 0].double()
@@ -533,7 +536,7 @@ def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.
         ntk_change=ntk_change.tolist(),
         layer_change={g: v.double().mean(-1).tolist() for g, v in h.layer_change.items()},
         ensemble_mean=mean.tolist(), ensemble_std=ens_var.sqrt().tolist(),
-        seconds=seconds, diverged_at=h.diverged_at)
+        seconds=seconds, diverged_at=h.diverged_at, engine=h.settings.get("engine"))
 
 
 #: The point-wise checks (mean and variance within) apply from this width on: the issue's criterion

@@ -73,6 +73,11 @@ def _fmt(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
+def _engines(r) -> str:
+    engines = sorted({w.engine for w in r.widths if w.engine})
+    return f", {' and '.join(engines)} engine of train_ensemble" if engines else ""
+
+
 def _network_line(c: dict) -> str:
     if c.get("spec") is None:
         return (f"- network: {c['depth']} hidden {c['activation']} layers, weight_var {c['weight_var']}, "
@@ -90,7 +95,7 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
         _network_line(c),
         f"- training: full-batch gradient descent on (1/2m)‖f − Y‖², {kind}, learning rate {_fmt(r.learning_rate, 4)} "
         f"({_fmt(r.learning_rate / r.max_learning_rate, 3)} × 2m/λ_max = {_fmt(r.max_learning_rate, 4)}), "
-        f"{c['ensemble_size']} members per width, {c['dtype']}, seed {c['seed']}",
+        f"{c['ensemble_size']} members per width, {c['dtype']}, seed {c['seed']}{_engines(r)}",
         f"- analytic side: exact discrete-time predictions (I − ηΘ/m)^s of ntkgp.predict.GradientFlow; "
         f"kernel eigenvalues {[float(f'{v:.3g}') for v in r.eigenvalues]}",
         f"- recorded steps {r.steps} (times t = η·steps = {[float(f'{t:.3g}') for t in r.times]}, "
