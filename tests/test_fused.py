@@ -54,12 +54,13 @@ def test_fused_engine_trains_as_the_stacked_step(name, dtype):
     stacked = train_ensemble(net, x, y, engine="stacked", **kwargs)
     assert fused.settings["engine"] == "fused" and stacked.settings["engine"] == "stacked"
     assert float(fused.train_loss[-1].mean()) < 0.5 * float(fused.train_loss[0].mean())   # it trains
-    # float64: rounding only (~1e-15 per step); float32: ~1e-7 per step, grown over 60 steps
-    rtol, atol = (1e-11, 1e-12) if dtype == torch.float64 else (2e-4, 2e-5)
+    # measured over these four networks: float64 ≤ 1.1e-14 absolute (outputs), ≤ 6e-15 relative (loss,
+    # weight and NTK changes); float32 ≤ 3.8e-6 absolute (outputs), ≤ 3.9e-6 relative (the rest)
+    rtol, atol = (1e-12, 1e-13) if dtype == torch.float64 else (2e-5, 1e-5)
     torch.testing.assert_close(fused.test_outputs, stacked.test_outputs, rtol=rtol, atol=atol)
     torch.testing.assert_close(fused.train_loss, stacked.train_loss, rtol=rtol, atol=atol)
     torch.testing.assert_close(fused.weight_change, stacked.weight_change, rtol=rtol, atol=atol)
-    torch.testing.assert_close(fused.ntk_change, stacked.ntk_change, rtol=100 * rtol, atol=atol)
+    torch.testing.assert_close(fused.ntk_change, stacked.ntk_change, rtol=rtol, atol=atol)
     for group in stacked.layer_change:
         torch.testing.assert_close(fused.layer_change[group], stacked.layer_change[group], rtol=rtol, atol=atol)
 

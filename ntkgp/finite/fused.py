@@ -31,7 +31,6 @@ import platform
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -114,10 +113,10 @@ def _compile(dtype: torch.dtype) -> ctypes.CDLL | str:
         return f"the kernel's source is missing ({error})"
     define = ["-DNTKGP_DOUBLE"] if dtype == torch.float64 else []
     cache, errors = _cache_dir(), []
+    machine = (_cpu_signature() + platform.machine()).encode()
     for flags, libs in _FLAG_SETS:
         command = [*compiler, *flags, *define, "-fPIC", "-shared"]
-        key = hashlib.sha256(b"\0".join([source, " ".join(command + libs).encode(), _cpu_signature().encode(),
-                                         platform.machine().encode()])).hexdigest()[:20]
+        key = hashlib.sha256(b"\0".join([source, " ".join(command + libs).encode(), machine])).hexdigest()[:20]
         name = f"fused_mlp_{key}.so"
         if (cache / name).exists():   # built before (the folder may be read-only now)
             try:
@@ -337,8 +336,3 @@ def fused_steps(model: nn.Module, trained: list[str], rates: dict, x: Tensor, y:
         return lib
     return FusedSteps(lib, dense, activations, rates, prefixes, x, y)
 
-
-if __name__ == "__main__":   # python -m ntkgp.finite.fused: compile now and say where, or why not
-    for precision in (torch.float32, torch.float64):
-        built = library(precision)
-        print(precision, built if isinstance(built, str) else built._name, file=sys.stdout)

@@ -531,7 +531,8 @@ def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar
             per_member, do_step = loss_and_step(x, y, m)
             if initial_loss is None:
                 initial_loss = per_member.detach()
-            if bool((~torch.isfinite(per_member) | (per_member > 1e6 * initial_loss.clamp_min(1e-12))).any()):
+                limit = 1e6 * initial_loss.clamp_min(1e-12)   # divergence: a loss above it, or not finite
+            if bool((~torch.isfinite(per_member) | (per_member > limit)).any()):
                 diverged_at = step
                 break
             if step == next_record:
@@ -540,7 +541,7 @@ def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar
                 if next_record is None:
                     break
             if fused is not None:   # on to the next record in the kernel; its loss checked there, step by step
-                done, failed = fused.advance(next_record - step, 1e6 * initial_loss.clamp_min(1e-12), bar)
+                done, failed = fused.advance(next_record - step, limit, bar)
                 step += done
                 if failed:
                     diverged_at = step
