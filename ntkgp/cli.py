@@ -52,7 +52,7 @@ def demo(args: argparse.Namespace) -> int:
 #: Presets of ``ntkgp compare``; explicit options override them.
 PRESETS = {
     "default": {"widths": (32, 128, 512), "ensemble_size": 64, "record_steps": (0, 10, 100, 1000)},
-    "acceptance": {"widths": (128, 256, 512, 1024), "ensemble_size": 128, "record_steps": (0, 10, 100, 1000)},
+    "acceptance": {"widths": (128, 256, 512, 1024, 2048), "ensemble_size": 128, "record_steps": (0, 10, 100, 1000)},
     "gpu": {"widths": (256, 512, 1024, 2048, 4096, 8192), "ensemble_size": 1024,
             "record_steps": (0, 10, 100, 1000, 10000)},
 }
@@ -158,8 +158,8 @@ def _add_compare(sub) -> None:
                         "y_train, x_test (M, d), optionally y_test for the figures; a 1-D array holds one "
                         "value per point)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="sizes: 'default' (< 2 min on a 2-core CPU), 'acceptance' (widths 128-1024, 128 "
-                        "members: the full validation, ~3 min on a 2-core CPU), 'gpu' (widths to 8192, 1024 members)")
+                   help="sizes: 'default' (< 2 min on a 2-core CPU), 'acceptance' (widths 128-2048, 128 "
+                        "members: the full validation, ~6 min on a 2-core CPU), 'gpu' (widths to 8192, 1024 members)")
     p.add_argument("--widths", type=int, nargs="+", help="hidden widths to train (overrides the preset)")
     p.add_argument("--ensemble-size", type=int, help="members per width")
     p.add_argument("--steps", dest="record_steps", type=int, nargs="+",

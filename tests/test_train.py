@@ -312,3 +312,26 @@ def test_train_ensemble_refuses_the_meta_device():
     with pytest.raises(ValueError, match="device='meta' holds no values"):
         train_ensemble(net, x, x[:, :1], ensemble_size=2, learning_rate=0.1, record_steps=[1],
                        device="meta", dtype=torch.float64)
+
+
+@pytest.mark.parametrize("param", ["ntk", "standard"])
+def test_readout_only_training_runs_the_frozen_layers_once(param, monkeypatch):
+    """The layers below the readout do not change in readout-only training: their output on the
+    training inputs is computed once, not at every step, and training gives what running the whole
+    network at every step gives."""
+    from ntkgp.layers.dense import DenseModule
+
+    kwargs = dict(ensemble_size=3, learning_rate=0.3, record_steps=[0, 5, 60], probe=X, readout_only=True,
+                  dtype=torch.float64)
+    calls = []
+    forward = DenseModule.forward
+    monkeypatch.setattr(DenseModule, "forward", lambda self, x: calls.append(self.weight.shape[-2]) or forward(self, x))
+    cached = train_ensemble(_net(param), X, Y, **kwargs)
+    runs = calls.count(1)                                   # the input layer's (1 input feature)
+    assert runs < 30, runs   # the cache, and the records (outputs, empirical NTKs); not once per step (60)
+    monkeypatch.setattr(train_module, "_frozen_body", lambda model: None)
+    whole = train_ensemble(_net(param), X, Y, **kwargs)
+    assert calls.count(1) - runs >= runs + 59
+    for name in ("test_outputs", "train_loss", "weight_change", "ntk_change"):
+        torch.testing.assert_close(getattr(cached, name), getattr(whole, name), rtol=1e-13, atol=1e-14)
+    assert float((cached.test_outputs[-1] - cached.test_outputs[0]).abs().max()) > 0.1   # it did train

@@ -317,6 +317,21 @@ def loglog_slope(widths: list[int], values: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else float("nan")
 
 
+def _check_outputs(config: CompareConfig, data: Dataset) -> None:
+    """Refuse a spec with other than one output before the analytic predictions are computed
+    (``train_ensemble`` would refuse it too, but only after them)."""
+    net = config.network(config.widths[0])
+    d = data.x_train.shape[-1]
+    try:   # on the meta device: shapes without memory, whatever the width
+        with torch.no_grad():
+            outputs = net.build(in_features=d, device="meta")(torch.empty(1, d, device="meta")).shape[-1]
+    except (NotImplementedError, RuntimeError):   # a user's activation without meta support: train_ensemble checks
+        return
+    if outputs != 1:
+        raise ValueError(f"spec({config.widths[0]}) has {outputs} outputs; the comparison trains on the dataset's "
+                         "one target and compares one output: end the spec in a Dense layer of width 1.")
+
+
 def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     """Train an ensemble per width, compare with the analytic predictions, evaluate the checks.
 
@@ -335,6 +350,7 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     kernel = "nngp" if config.readout_only else "ntk"
     dtype = DTYPES[config.dtype]
     _check_scale(data, dtype)
+    _check_outputs(config, data)
     # The NTK-parameterized twin gives the infinite-width dynamics of both parameterizations
     # (standard layers train with the equivalent per-layer learning rates).
     analytic_net = config.network(config.widths[0], ntk_twin=True)

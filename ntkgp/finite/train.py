@@ -497,7 +497,16 @@ def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar
                 raise ValueError(f"engine='fused' does not apply: {fused}. Use engine='stacked' or 'auto'.")
             fused = None
     dense_params = {id(p) for mod in model.modules() if isinstance(mod, DenseModule) for p in mod.parameters(False)}
-    if all(id(p) in dense_params for p in model.parameters()):
+    inputs, split = x, _frozen_body(model) if readout_only else None
+    if split is not None:
+        # the frozen layers' output on the training inputs never changes: computed once, and each
+        # step runs the readout alone (O(n) per member instead of the hidden layers' O(n²))
+        body, readout, dot = split
+        with torch.no_grad():
+            inputs = body(x)
+        loss_and_step = _DenseStep(readout, [n[len(dot):] for n in trained],
+                                   {n[len(dot):]: r for n, r in rates.items() if n.startswith(dot)}).loss_and_step
+    elif all(id(p) in dense_params for p in model.parameters()):
         loss_and_step = _DenseStep(model, trained, rates).loss_and_step
     else:
         loss_and_step = _autograd_step(model, trained, rates)
@@ -528,7 +537,7 @@ def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar
     next_record = next(targets)
     try:
         while True:
-            per_member, do_step = loss_and_step(x, y, m)
+            per_member, do_step = loss_and_step(inputs, y, m)
             if initial_loss is None:
                 initial_loss = per_member.detach()
                 limit = 1e6 * initial_loss.clamp_min(1e-12)   # divergence: a loss above it, or not finite
@@ -557,6 +566,23 @@ def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar
     stack = lambda xs: torch.stack(xs) if xs else torch.empty(0, device="cpu")  # noqa: E731
     return (stack(outputs), stack(losses), stack(weights), stack(ntks), diverged_at,
             {g: stack(v) for g, v in per_group.items()}, "stacked" if fused is None else "fused")
+
+
+def _frozen_body(model: nn.Module) -> tuple[nn.Module, DenseModule, str] | None:
+    """``(body, readout, "i.")`` when ``model`` is a ``Sequential`` whose output is its ``i``-th
+    module, a single ``Dense`` readout (only identities after it), so that ``model(x) ==
+    readout(body(x))``; ``None`` for other structures (parallel towers), which run whole."""
+    hooked = lambda module: bool(module._forward_hooks or module._forward_pre_hooks)  # noqa: E731
+    if type(model) is not nn.Sequential or hooked(model):   # its own forward or hooks: run whole
+        return None
+    prefixes = readout_prefixes(model)
+    if len(prefixes) != 1 or "." in prefixes[0]:
+        return None
+    index = int(prefixes[0])
+    after = list(model)[index + 1:]
+    if any(type(module) is not nn.Identity or hooked(module) for module in after):
+        return None
+    return model[:index], model[index], f"{index}."
 
 
 def _is_one(value) -> bool:

@@ -71,6 +71,8 @@ class BuildContext:
         """Standard normal draws with the ensemble dimension in front when there is one."""
         if self.ensemble_size is not None:
             shape = (self.ensemble_size, *shape)
+        if self.device is not None and torch.device(self.device).type == "meta":   # shapes only, no memory
+            return torch.empty(shape, dtype=self.dtype or torch.get_default_dtype(), device="meta")
         # drawn on the CPU, where the generator lives (torch refuses a CPU generator for draws on the
         # default device when that is CUDA), then moved: the same seed gives the same network anywhere
         sample = torch.randn(shape, generator=self.generator, dtype=torch.float64, device="cpu")
@@ -242,7 +244,8 @@ class Layer(VarianceParameters, gpytorch.Module):
             ensemble_size: if given, ``E`` independent networks with stacked weights; the
                 module then maps ``(n, d)`` to ``(E, n, k)``.
             dtype: of the parameters (torch's default dtype by default).
-            device: of the parameters (CPU by default).
+            device: of the parameters (CPU by default; ``"meta"``: shapes only, nothing drawn or
+                allocated, e.g. to read a network's output size at any width).
         """
         in_features = None if in_features is None else integer_at_least(in_features, 1, "in_features")
         # torch's manual_seed takes Python ints alone: numpy seeds failed with "an integer is required"
