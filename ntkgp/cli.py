@@ -75,7 +75,7 @@ def _options(text: object) -> str:
 def compare(args: argparse.Namespace) -> int:
     """Train finite ensembles, compare them with the infinite-width predictions, write a report."""
     from ntkgp.compare import CompareConfig, load_dataset, run_comparison, write_report
-    from ntkgp.compare.harness import INTERRUPTED
+    from ntkgp.compare.harness import INTERRUPTED, check_details
     from ntkgp.compare.report import check_notes
 
     settings = dict(PRESETS[args.preset])
@@ -111,8 +111,9 @@ def compare(args: argparse.Namespace) -> int:
     out = write_report(result, args.out)
     print(f"learning rate {result.learning_rate:.4g} (= {result.learning_rate / result.max_learning_rate:.2f} "
           f"x 2m/lambda_max); {result.seconds:.0f} s")
+    details = check_details(result)
     for name, ok in result.checks.items():
-        print(f"  {'PASS' if ok else 'FAIL'}  {_options(name)}")
+        print(f"  {'PASS' if ok else 'FAIL'}  {_options(name)}" + (f" ({details[name]})" if name in details else ""))
     for note in check_notes(result):
         print(f"  NOTE  {_options(note)}")
     print(f"report: {out / 'report.md'}")

@@ -1,0 +1,124 @@
+"""How often ensembles without finite-width error fail the point-wise checks (ntkgp.compare.calibration)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from scipy import stats
+
+from ntkgp.compare import CompareConfig, run_comparison, sin_dataset
+from ntkgp.compare.calibration import perfect_ensemble_scores, pointwise_scores
+from ntkgp.compare.harness import check_details, variance_tolerance
+from ntkgp.compare.report import check_notes
+
+DRAWS = 20_000
+
+
+def _variance_fails_at_a_point(members: int, tolerance: float) -> float:
+    """P(|σ̂²/σ² − 1| > tolerance): (E − 1) σ̂²/σ² is chi-square with E − 1 degrees of freedom."""
+    dof = members - 1
+    return stats.chi2.cdf((1 - tolerance) * dof, dof) + stats.chi2.sf((1 + tolerance) * dof, dof)
+
+
+def test_independent_points_fail_as_the_binomial_law_says():
+    """Uncorrelated test points: the number of points outside each check is binomial, with the
+    chi-square (variance) and Student-t (mean, whose 0.02 slack is negligible at σ = 100) tails."""
+    m, members, tolerance = 20, 8, 0.8
+    mu = torch.zeros(1, m, dtype=torch.float64)
+    cov = 1e4 * torch.eye(m, dtype=torch.float64).unsqueeze(0)
+    mean_within, var_within = perfect_ensemble_scores(mu, cov, members, tolerance, draws=DRAWS, seed=3)
+    assert mean_within.shape == var_within.shape == (1, DRAWS)
+    p_var = _variance_fails_at_a_point(members, tolerance)
+    p_mean = 2 * stats.t.sf(3, members - 1)
+    expected_var = stats.binom.cdf(math.ceil(0.9 * m) - 1, m, 1 - p_var)    # fewer than 90 % within
+    expected_mean = stats.binom.cdf(math.ceil(0.95 * m) - 1, m, 1 - p_mean)
+    for simulated, expected in (((var_within < 0.9).double().mean(), expected_var),
+                                ((mean_within < 0.95).double().mean(), expected_mean)):
+        error = math.sqrt(expected * (1 - expected) / DRAWS)
+        assert abs(float(simulated) - expected) < 4 * error, (float(simulated), expected)
+    assert 0.05 < expected_var < 0.95 and 0.02 < expected_mean   # the comparisons can tell
+
+
+def test_fully_correlated_points_fail_together():
+    """Points that are one random variable pass or fail together: a check fails as often as one
+    point does, far more often than the 10 % of points it tolerates would suggest."""
+    m, members, tolerance = 30, 128, 0.27
+    mu = torch.zeros(2, m, dtype=torch.float64)
+    cov = torch.ones(2, m, m, dtype=torch.float64) * torch.tensor([1.0, 4.0], dtype=torch.float64).view(2, 1, 1)
+    draws = 5000
+    _, var_within = perfect_ensemble_scores(mu, cov, members, tolerance, draws=draws, seed=4)
+    assert set(torch.unique(var_within).tolist()) <= {0.0, 1.0}
+    expected = _variance_fails_at_a_point(members, tolerance)
+    error = math.sqrt(expected * (1 - expected) / draws)
+    for step in range(2):
+        assert abs(float((var_within[step] < 0.9).double().mean()) - expected) < 4 * error
+
+
+def test_pointwise_scores_apply_the_floor_and_the_slack():
+    mu = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    var = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)    # a point with variance 0 (a training point)
+    mean = torch.tensor([0.03, 0.0, 1.0 + 3 * 0.1 + 0.02 + 1e-9], dtype=torch.float64)
+    ens_var = torch.tensor([1.2, 1e-7, 1.0], dtype=torch.float64)   # SE = 0.1 at E = 100 (third point)
+    mean_within, var_within, rel = pointwise_scores(mean, ens_var, 100, mu, var, 0.27)
+    assert float(mean_within) == pytest.approx(2 / 3)           # the third point is just outside 3 SE + 0.02
+    torch.testing.assert_close(rel, torch.tensor([0.2, 0.1, 0.0], dtype=torch.float64))  # 1e-7 / (1e-6 · 1)
+    assert float(var_within) == 1.0
+
+
+def test_a_comparison_reports_how_often_exact_ensembles_score_as_low(tmp_path):
+    config = CompareConfig(widths=(16, 256), ensemble_size=32, record_steps=(0, 10, 300), divergence_check=False)
+    result = run_comparison(sin_dataset(), config)
+    calibration = result.calibration
+    assert calibration["ensembles"] == 1000
+    assert len(calibration["mean_fail"]) == len(calibration["var_fail"]) == 3
+    # after step 0 the variance check fails by chance well above the 3 % of one point (correlated points)
+    assert all(0.03 < v < 0.3 for v in calibration["var_fail"][1:])
+    for width in result.widths:
+        for score, chance in zip(width.var_within, width.var_within_chance, strict=True):
+            assert 0 <= chance <= 1 and (chance == 1.0 or score < 1.0)   # ties count: 1.00 is never unusual
+        # the same simulation, scored by hand, gives the recorded chances
+        data = sin_dataset()
+        from ntkgp.predict import GradientFlow
+
+        flow = GradientFlow(config.network(16, ntk_twin=True), data.x_train, data.y_train,
+                            learning_rate=result.learning_rate)
+        exact = flow.predict(data.x_test, steps=torch.tensor(result.steps))
+        _, var_scores = perfect_ensemble_scores(exact.mean[..., 0], exact.covariance, 32, variance_tolerance(32),
+                                                seed=config.seed)
+        expected = (var_scores <= torch.tensor(width.var_within, dtype=torch.float64).unsqueeze(-1) + 1e-12)
+        assert width.var_within_chance == pytest.approx(expected.double().mean(-1).tolist(), abs=1e-12)
+    notes = check_notes(result)
+    assert any(n.startswith("calibration: ensembles of 32 exact draws from the NTK-GP itself") for n in notes)
+
+
+def test_failed_checks_say_how_many_exact_ensembles_score_as_low():
+    width = SimpleNamespace(width=512, steps=[0, 10], mean_within=[1.0, 0.9], var_within=[1.0, 0.76],
+                            mean_within_chance=[1.0, 0.0], var_within_chance=[1.0, 0.042], diverged_at=None)
+    result = SimpleNamespace(steps=[0, 10], config={"ensemble_size": 128}, widths=[width],
+                             calibration={"ensembles": 1000, "mean_fail": [0.0, 0.0], "var_fail": [0.0, 0.1]})
+    details = check_details(result)
+    assert details == {
+        "width 512, step 10: mean within 3 SE + 0.02 at >= 95% of points": "0.90 of points; 0 of 1000 exact "
+                                                                           "ensembles score as low",
+        "width 512, step 10: variance within 27% at >= 90% of points": "0.76 of points; 42 of 1000 exact "
+                                                                       "ensembles score as low"}
+    del width.var_within_chance, result.calibration                  # a result of an earlier version
+    assert check_details(result)["width 512, step 10: variance within 27% at >= 90% of points"] == "0.76 of points"
+
+
+def test_large_test_sets_draw_fewer_ensembles_in_the_directions_that_matter(monkeypatch):
+    import ntkgp.compare.calibration as calibration
+
+    monkeypatch.setattr(calibration, "DRAW_FLOPS", 1e6)
+    m = 50
+    mu = torch.zeros(1, m, dtype=torch.float64)
+    full = torch.eye(m, dtype=torch.float64).unsqueeze(0)
+    assert perfect_ensemble_scores(mu, full, 16, 0.5)[1].shape == (1, 100)     # 1e6 / (16 · 50 · 50) < 100
+    # rank one (up to rounding): one direction to draw, so all 1000 ensembles fit the budget
+    x = torch.linspace(0.5, 1.5, m, dtype=torch.float64)
+    rank_one = (torch.outer(x, x) + 1e-15 * torch.eye(m, dtype=torch.float64)).unsqueeze(0)
+    _, var_within = perfect_ensemble_scores(mu, rank_one, 16, 0.5)
+    assert var_within.shape == (1, 1000) and set(torch.unique(var_within).tolist()) <= {0.0, 1.0}
