@@ -88,6 +88,15 @@ def compare(args: argparse.Namespace) -> int:
         settings["bias_var"] = None
     device = None if args.device == "auto" else args.device
     try:  # bad settings and files get one line, not a traceback, before any training
+        if args.spec is not None:
+            mlp_options = {"--depth": args.depth, "--activation": args.activation, "--weight-var": args.weight_var,
+                           "--bias-var": args.bias_var, "--no-bias": args.no_bias or None,
+                           "--parameterization": args.parameterization}
+            given = [option for option, value in mlp_options.items() if value is not None]
+            if given:
+                raise ValueError(f"--spec replaces {', '.join(mlp_options)}: the spec sets its own layers "
+                                 f"(got {', '.join(given)}).")
+            settings["spec"] = load_spec(args.spec)
         config = CompareConfig(**settings, readout_only=args.readout_only, device=device,
                                divergence_check=not args.no_divergence_check, progress=not args.no_progress)
         data = load_dataset(args.dataset)
@@ -142,6 +151,37 @@ def _writable_folder(path: str) -> None:
             raise ValueError(f"cannot write the report to {path!r}: {name} there is not writable")
 
 
+def load_spec(text: str):
+    """The function named by ``--spec``: ``FILE.py:NAME`` (a Python file, run as a module of its own) or
+    ``MODULE:NAME`` (an importable module); ``ValueError`` for a name that does not resolve."""
+    import importlib
+    import importlib.util
+    import os
+    import pathlib
+
+    where, colon, name = text.rpartition(":")
+    if not colon or not where or not name.isidentifier():
+        raise ValueError(f"--spec must be FILE.py:FUNCTION or MODULE:FUNCTION, got {text!r}.")
+    if where.endswith(".py") or os.sep in where or "/" in where:
+        path = pathlib.Path(where)
+        if not path.is_file():
+            raise ValueError(f"--spec: no file {where!r}.")
+        loader = importlib.util.spec_from_file_location(f"_ntkgp_spec_{path.stem}", path)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)   # errors in the user's file keep their traceback
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as error:
+            if error.name is None or not where.startswith(error.name):
+                raise       # the module exists but imports something missing: its own traceback
+            raise ValueError(f"--spec: no module {where!r} (a file needs its .py suffix or a path).") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"--spec: {where} has no function {name!r}.")
+    return function
+
+
 def _add_compare(sub) -> None:
     p = sub.add_parser(
         "compare", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -166,6 +206,11 @@ def _add_compare(sub) -> None:
     p.add_argument("--steps", dest="record_steps", type=int, nargs="+",
                    help="gradient-descent steps s at which to compare (reported with the time t = learning "
                         "rate x s: ntkgp.predict's t at its default learning_rate=1)")
+    p.add_argument("--spec", metavar="FILE.py:FUNCTION",
+                   help="any architecture instead of the MLP: a Python function of the hidden width that "
+                        "returns an ntkgp network spec, as FILE.py:FUNCTION or MODULE:FUNCTION (e.g. "
+                        "nets.py:resnet, with def resnet(n): return ntkgp.serial(...)); it replaces --depth, "
+                        "--activation, --weight-var, --bias-var and --parameterization")
     p.add_argument("--depth", type=int, help="hidden layers, at least 1 (default 2)")
     p.add_argument("--activation", help="activation name: erf (default), relu, gelu, sin, ...")
     p.add_argument("--weight-var", type=float, help="weight variance of every layer (default 2.25)")

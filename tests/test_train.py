@@ -335,3 +335,11 @@ def test_readout_only_training_runs_the_frozen_layers_once(param, monkeypatch):
     for name in ("test_outputs", "train_loss", "weight_change", "ntk_change"):
         torch.testing.assert_close(getattr(cached, name), getattr(whole, name), rtol=1e-13, atol=1e-14)
     assert float((cached.test_outputs[-1] - cached.test_outputs[0]).abs().max()) > 0.1   # it did train
+
+
+def test_an_ensemble_of_one_member_has_a_mean_but_no_variance():
+    h = train_ensemble(_net(), X, Y, ensemble_size=1, learning_rate=0.2, record_steps=[0, 5], dtype=torch.float64)
+    assert h.mean.shape == (2, 5, 1) and torch.isfinite(h.mean).all()
+    for name in ("variance", "standard_error"):
+        with pytest.raises(ValueError, match="An ensemble of one member has no variance"):
+            getattr(h, name)
