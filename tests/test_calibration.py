@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -112,13 +113,53 @@ def test_failed_checks_say_how_many_exact_ensembles_score_as_low():
 def test_large_test_sets_draw_fewer_ensembles_in_the_directions_that_matter(monkeypatch):
     import ntkgp.compare.calibration as calibration
 
-    monkeypatch.setattr(calibration, "DRAW_FLOPS", 1e6)
     m = 50
+    monkeypatch.setattr(calibration, "DRAW_FLOPS", 10 * m**3 + 200 * 16 * m * m)   # eigh, then 200 full-rank draws
     mu = torch.zeros(1, m, dtype=torch.float64)
     full = torch.eye(m, dtype=torch.float64).unsqueeze(0)
-    assert perfect_ensemble_scores(mu, full, 16, 0.5)[1].shape == (1, 100)     # 1e6 / (16 · 50 · 50) < 100
+    assert perfect_ensemble_scores(mu, full, 16, 0.5)[1].shape == (1, 200)
     # rank one (up to rounding): one direction to draw, so all 1000 ensembles fit the budget
     x = torch.linspace(0.5, 1.5, m, dtype=torch.float64)
     rank_one = (torch.outer(x, x) + 1e-15 * torch.eye(m, dtype=torch.float64)).unsqueeze(0)
     _, var_within = perfect_ensemble_scores(mu, rank_one, 16, 0.5)
     assert var_within.shape == (1, 1000) and set(torch.unique(var_within).tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("points", [4, 50])
+def test_steps_whose_analytic_covariance_overflows_are_not_calibrated(points, tmp_path):
+    """Far above the stability limit the analytic covariance overflows at late steps: those steps
+    get no calibration (NaN, null in report.json), the others do, and the run is reported, not a
+    crash (eigh raised on the non-finite matrices for some test sets, or returned NaN that read as
+    exact ensembles failing 100 % of the time)."""
+    from ntkgp.compare import Dataset, write_report
+
+    base = sin_dataset()
+    xt = torch.linspace(-3, 3, points, dtype=torch.float64).unsqueeze(-1)
+    data = Dataset("sin", base.x_train, base.y_train, xt, xt.sin(), f"sin, {points} test points")
+    config = CompareConfig(widths=(256,), ensemble_size=4, record_steps=(0, 10, 100, 1000), lr_fraction=20,
+                           divergence_check=False, progress=False)
+    with pytest.warns(RuntimeWarning):   # the predictor's warning that the flow diverges
+        result = run_comparison(data, config)
+    assert result.widths[0].diverged_at is not None
+    fails = result.calibration["var_fail"]
+    assert math.isfinite(fails[1]) and math.isnan(fails[-1])
+    write_report(result, tmp_path)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["calibration"]["var_fail"][-1] is None
+    assert not any("100.0 %" in note for note in check_notes(result))
+
+
+def test_a_test_set_too_large_to_simulate_gets_no_calibration_and_a_note(monkeypatch):
+    import ntkgp.compare.calibration as calibration
+
+    m = 40
+    mu, cov = torch.zeros(2, m, dtype=torch.float64), torch.eye(m, dtype=torch.float64).expand(2, m, m)
+    monkeypatch.setattr(calibration, "DRAW_FLOPS", 10 * 2 * m**3)        # the eigendecompositions alone
+    assert perfect_ensemble_scores(mu, cov, 16, 0.5)[1].shape == (2, 0)
+    monkeypatch.setattr(calibration, "DRAW_FLOPS", 10 * 2 * m**3 + 99 * 2 * 16 * m * m)   # 99 ensembles
+    assert perfect_ensemble_scores(mu, cov, 16, 0.5)[1].shape == (2, 0)
+    monkeypatch.setattr(calibration, "DRAW_FLOPS", 10 * 2 * 50**3)        # the sin run's two eigh alone
+    result = run_comparison(sin_dataset(), CompareConfig(widths=(256,), ensemble_size=16, record_steps=(0, 5),
+                                                         divergence_check=False, progress=False))
+    assert result.calibration["ensembles"] == 0 and all(math.isnan(c) for c in result.widths[0].var_within_chance)
+    assert any(n.startswith("no calibration: simulating ensembles of 16 exact draws") for n in check_notes(result))

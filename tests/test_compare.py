@@ -994,3 +994,17 @@ def test_bad_spec_options_get_one_line(tmp_path, capsys, spec, extra, message):
     assert main(["compare", "--spec", spec.format(dir=tmp_path), *extra, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and err.startswith("ntkgp compare: error:") and err.count("\n") == 1, err
+
+
+def test_a_spec_whose_activation_needs_values_is_not_refused_by_the_early_output_check():
+    """The output count is read on the meta device; an activation that reads values (numpy) cannot
+    run there, and the check then leaves the spec to train_ensemble instead of failing on it."""
+    def soft_clip(x):
+        return torch.tanh(x) * (1.0 + 0.0 * float(np.asarray(x.detach()).std()))
+
+    def spec(n):
+        return ntkgp.serial(ntkgp.Dense(n, 2.0, 0.01), ntkgp.Numerical(soft_clip), ntkgp.Dense(1, 1.0, 0.01))
+
+    result = run_comparison(sin_dataset(), CompareConfig(widths=(16,), ensemble_size=4, record_steps=(0, 3),
+                                                         spec=spec, divergence_check=False, progress=False))
+    assert result.widths[0].steps == [0, 3]

@@ -64,36 +64,52 @@ def perfect_ensemble_scores(mu: Tensor, covariance: Tensor, members: int, tolera
         covariance: ``(T, M, M)`` analytic covariances (positive semi-definite up to rounding).
         members: ensemble size ``E`` (at least 2).
         tolerance: the variance check's tolerance (:func:`pointwise_scores`).
-        draws: number of simulated ensembles (fewer, down to 100, when ``draws · T · E · M · rank Σ``
-            would exceed :data:`DRAW_FLOPS`: a large test set; the returned shape says how many).
+        draws: number of simulated ensembles: fewer when ``draws · E · M · rank Σ`` multiply-adds
+            per step, plus the eigendecompositions, would exceed :data:`DRAW_FLOPS` (a large test
+            set), and none (zero columns) when that leaves fewer than 100.
         seed: of the draws (a CPU generator: the same numbers on every machine).
 
     Returns:
         ``(mean_within, var_within)``, each ``(T, draws)``: what :func:`pointwise_scores` gives each
-        simulated ensemble. ``(var_within < 0.9).mean(-1)`` is the rate at which an ensemble without
+        simulated ensemble; NaN at steps whose mean or covariance is not finite (above the stability
+        limit the analytic variance overflows). ``(var_within < 0.9).mean(-1)`` is the rate at which an ensemble without
         finite-width error fails the variance check, and ``(var_within <= s).mean(-1)`` how often
         it scores ``s`` or lower.
     """
     mu, covariance = mu.detach().double().cpu(), covariance.detach().double().cpu()
     steps, m = mu.shape
-    var = covariance.diagonal(dim1=-2, dim2=-1).clamp_min(0)
-    values, vectors = torch.linalg.eigh((covariance + covariance.mT) / 2)   # ascending
+    rows = torch.isfinite(mu).all(-1) & torch.isfinite(covariance).flatten(1).all(-1)
+    used = int(rows.sum())
+    eigen_cost = 10 * used * m**3                                     # ~10 M³ multiply-adds per eigh
+    if used == 0 or eigen_cost >= DRAW_FLOPS:
+        empty = torch.full((steps, 0), float("nan"), dtype=torch.float64)
+        return empty, empty.clone()
+    mu_used, cov_used = mu[rows], covariance[rows]
+    var = cov_used.diagonal(dim1=-2, dim2=-1).clamp_min(0)
+    values, vectors = torch.linalg.eigh((cov_used + cov_used.mT) / 2)   # ascending
     # Σ ≈ root rootᵀ over the directions above 1e-12 of the largest: the rest moves no variance by
     # more than 1e-12 of the largest, far below the checks' floor (1e-6), and smooth kernels on
     # many test points have few directions that matter
     rank = max(1, int((values > 1e-12 * values.amax(-1, keepdim=True)).sum(-1).max()))
-    root = vectors[..., -rank:] * values[..., -rank:].clamp_min(0).sqrt().unsqueeze(-2)   # (T, M, rank)
-    # fewer ensembles (not under 100) where a large test set would make the draws cost minutes
-    draws = min(draws, max(100, int(DRAW_FLOPS // (steps * members * rank * m))))
+    root = vectors[..., -rank:] * values[..., -rank:].clamp_min(0).sqrt().unsqueeze(-2)   # (T', M, rank)
+    draws = min(draws, int((DRAW_FLOPS - eigen_cost) // (used * members * rank * m)))
+    if draws < 100:   # a failure rate of ~10 % from fewer draws is too rough to quote
+        empty = torch.full((steps, 0), float("nan"), dtype=torch.float64)
+        return empty, empty.clone()
     generator = torch.Generator().manual_seed(seed)
-    batch = max(1, 2**22 // (steps * members * m))                   # ~32 MiB of samples at a time
+    batch = max(1, 2**22 // (used * members * m))                    # ~32 MiB of samples at a time
     mean_scores, var_scores = [], []
     for start in range(0, draws, batch):
         b = min(batch, draws - start)
-        z = torch.randn(b, steps, members, rank, generator=generator, dtype=torch.float64)
-        samples = mu.unsqueeze(-2) + z @ root.mT                      # (b, T, E, M)
-        mean_within, var_within, _ = pointwise_scores(samples.mean(-2), samples.var(-2), members, mu, var,
+        z = torch.randn(b, used, members, rank, generator=generator, dtype=torch.float64)
+        samples = mu_used.unsqueeze(-2) + z @ root.mT                 # (b, T', E, M)
+        mean_within, var_within, _ = pointwise_scores(samples.mean(-2), samples.var(-2), members, mu_used, var,
                                                       tolerance)
         mean_scores.append(mean_within)
         var_scores.append(var_within)
-    return torch.cat(mean_scores).mT, torch.cat(var_scores).mT
+    out = []
+    for scores in (mean_scores, var_scores):
+        full = torch.full((steps, draws), float("nan"), dtype=torch.float64)
+        full[rows] = torch.cat(scores).mT
+        out.append(full)
+    return out[0], out[1]

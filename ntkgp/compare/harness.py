@@ -339,7 +339,9 @@ def _check_outputs(config: CompareConfig, data: Dataset) -> None:
     try:   # on the meta device: shapes without memory, whatever the width
         with torch.no_grad():
             outputs = net.build(in_features=d, device="meta")(torch.empty(1, d, device="meta")).shape[-1]
-    except (NotImplementedError, RuntimeError):   # a user's activation without meta support: train_ensemble checks
+    except ValueError:   # ntkgp's own refusal of the spec
+        raise
+    except Exception:    # a user's activation that needs values (numpy, .item()): train_ensemble checks
         return
     if outputs != 1:
         raise ValueError(f"spec({config.widths[0]}) has {outputs} outputs; the comparison trains on the dataset's "
@@ -382,11 +384,14 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     var = exact.variance                                      # (T, M)
     probe = data.x_test[:: max(1, data.x_test.shape[0] // config.probe_points)][: config.probe_points]
     tolerance = variance_tolerance(config.ensemble_size)
-    # ensembles with no finite-width error, scored like the networks: how often each check fails by chance
-    perfect = perfect_ensemble_scores(mu, exact.covariance, config.ensemble_size, tolerance, seed=config.seed)
-    calibration = {"ensembles": perfect[0].shape[-1],
-                   "mean_fail": (perfect[0] < MEAN_FRACTION).double().mean(-1).tolist(),
-                   "var_fail": (perfect[1] < VAR_FRACTION).double().mean(-1).tolist()}
+    perfect, calibration = None, None
+    if config.widths[-1] >= POINTWISE_MIN_WIDTH:   # some width is checked point-wise
+        # ensembles with no finite-width error, scored like the networks: how often each check fails by chance
+        perfect = perfect_ensemble_scores(mu, exact.covariance, config.ensemble_size, tolerance, seed=config.seed)
+        fails = [torch.where(p.isnan().any(-1), torch.nan, (p < bar).double().mean(-1))
+                 for p, bar in zip(perfect, (MEAN_FRACTION, VAR_FRACTION), strict=True)]
+        calibration = {"ensembles": perfect[0].shape[-1], "mean_fail": fails[0].tolist(),
+                       "var_fail": fails[1].tolist()}
 
     results, stopped = [], None
     for width in config.widths:
@@ -552,7 +557,9 @@ def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.
     within, var_within, rel = pointwise_scores(mean, ens_var, h.test_outputs.shape[1], mu, var, tolerance)
     chances = ([], [])
     if perfect is not None:   # ties count: a perfect ensemble scoring 1.00 is as good as this one's 1.00
-        chances = tuple(((p[:recorded] <= score.unsqueeze(-1) + 1e-12).double().mean(-1)).tolist()
+        # NaN where nothing was simulated (no draws, or a non-finite analytic covariance)
+        chances = tuple(torch.where(p[:recorded].isnan().any(-1), torch.nan,
+                                    (p[:recorded] <= score.unsqueeze(-1) + 1e-12).double().mean(-1)).tolist()
                         for p, score in zip(perfect, (within, var_within), strict=True))
     bias = ((err**2 - se**2).mean(-1)).clamp_min(0).sqrt()
     members = h.test_outputs[..., 0].double()                   # (T, E, M)
@@ -615,7 +622,7 @@ def check_details(result: ComparisonResult) -> dict[str, str]:
         for name, ok, score, chance in rows:
             if not ok:
                 details[name] = f"{score:.2f} of points"
-                if chance is not None and calibration:
+                if chance is not None and calibration and math.isfinite(chance):
                     n = calibration["ensembles"]
                     details[name] += f"; {round(chance * n)} of {n} exact ensembles score as low"
     return details

@@ -25,15 +25,20 @@ def check_notes(r: ComparisonResult) -> list[str]:
                      "even 0 (at least 11 members are needed)")
     calibration = getattr(r, "calibration", None)   # None: a result without one (earlier versions)
     if calibration and any(w.width >= POINTWISE_MIN_WIDTH and w.steps for w in r.widths):
-        late = [i for i, s in enumerate(r.steps) if s > 0]
-        rates = lambda key: f"{_percent_range([calibration[key][i] for i in late])} of the time"  # noqa: E731
         gaussian = "NTK-GP" if r.kernel == "ntk" else r.kernel.upper()
-        checked = (f"the mean check {rates('mean_fail')} and the variance check {rates('var_fail')}"
-                   if variances_checked(members) else f"the mean check {rates('mean_fail')}")
-        notes.append(f"calibration: ensembles of {members} exact draws from the {gaussian} itself (no finite-width "
-                     f"error; {calibration['ensembles']} simulated) fail {checked} at a step after step 0: the "
-                     "test points are correlated, so their errors come together; a FAIL line says how often "
-                     "they score as low")
+        late = lambda key: [v for s, v in zip(r.steps, calibration[key], strict=True)  # noqa: E731
+                            if s > 0 and v is not None and math.isfinite(v)]
+        rates = [f"the {name} check {_percent_range(late(key))} of the time"
+                 for name, key in (("mean", "mean_fail"), ("variance", "var_fail"))
+                 if late(key) and (name == "mean" or variances_checked(members))]
+        if not calibration["ensembles"]:
+            notes.append(f"no calibration: simulating ensembles of {members} exact draws from the {gaussian} on "
+                         f"{len(r.plot_x)} test points would cost more than ntkgp.compare.calibration.DRAW_FLOPS")
+        elif rates:
+            notes.append(f"calibration: ensembles of {members} exact draws from the {gaussian} itself (no "
+                         f"finite-width error; {calibration['ensembles']} simulated) fail {' and '.join(rates)} at a "
+                         "step after step 0: the test points are correlated, so their errors come together; a "
+                         "FAIL line says how often they score as low")
     narrow = [w.width for w in r.widths if w.width < POINTWISE_MIN_WIDTH]
     if narrow:
         notes.append(f"widths {narrow} are reported but not checked point-wise (mean and variance within): those "
