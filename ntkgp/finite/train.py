@@ -204,7 +204,8 @@ def train_ensemble(
         x_test: ``(M, d)`` points on which member outputs are recorded (default: ``x_train``).
         probe: ``(P, d)`` points, ``P >= 1``, for the empirical-NTK change (``None``: not recorded).
         readout_only: train only the readout ``Dense`` layer(s) (:func:`readout_parameters`): gradient
-            flow with the NNGP kernel.
+            flow with the NNGP kernel. When one readout ends a ``Sequential``, the frozen layers'
+            output on ``x_train`` is computed once and each step runs the readout alone.
         seed: seed of the initialization (chunk ``c`` uses ``seed + 1_000_003 c``).
         dtype: of the networks (default float32).
         device: of the networks (default CUDA when available, else CPU).
