@@ -166,9 +166,9 @@ def load_spec(text: str):
         path = pathlib.Path(where)
         if not path.is_file():
             raise ValueError(f"--spec: no file {where!r}.")
-        loader = importlib.util.spec_from_file_location(f"_ntkgp_spec_{path.stem}", path)
-        module = importlib.util.module_from_spec(loader)
-        loader.loader.exec_module(module)   # errors in the user's file keep their traceback
+        found = importlib.util.spec_from_file_location(f"_ntkgp_spec_{path.stem}", path)
+        module = importlib.util.module_from_spec(found)
+        found.loader.exec_module(module)   # errors in the user's file keep their traceback
     else:
         try:
             module = importlib.import_module(where)

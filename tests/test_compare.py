@@ -510,8 +510,10 @@ def test_mean_bias_noise_level_matches_unbiased_ensembles():
 def test_pointwise_checks_thresholds_and_width_gate():
     def width(w, within):
         return SimpleNamespace(width=w, steps=[0, 10], diverged_at=None, mean_within=[1.0, within],
-                               var_within=[1.0, 1.0], mean_bias=[0.0, 0.0], mean_bias_noise=[0.0, 0.0])
+                               var_within=[1.0, 1.0], mean_bias=[0.0, 0.0], mean_bias_noise=[0.0, 0.0],
+                               mean_within_chance=[], var_within_chance=[])
     result = SimpleNamespace(steps=[0, 10], config={"ensemble_size": 128}, slopes={}, divergence=None, stopped=None,
+                             calibration=None,
                              widths=[width(128, 0.5), width(256, 0.94), width(512, 0.95)])
     checks = evaluate_checks(result)
     mean_checks = {k: v for k, v in checks.items() if "mean within" in k}
@@ -530,8 +532,10 @@ def test_pointwise_checks_thresholds_and_width_gate():
 def test_mean_bias_check_uses_the_noise_level(biases, noises, expected):
     def width(w, bias, noise):
         return SimpleNamespace(width=w, steps=[0, 10], diverged_at=None, mean_within=[1.0, 1.0],
-                               var_within=[1.0, 1.0], mean_bias=[0.0, bias], mean_bias_noise=[0.1, noise])
+                               var_within=[1.0, 1.0], mean_bias=[0.0, bias], mean_bias_noise=[0.1, noise],
+                               mean_within_chance=[], var_within_chance=[])
     result = SimpleNamespace(steps=[0, 10], config={"ensemble_size": 128}, slopes={}, divergence=None, stopped=None,
+                             calibration=None,
                              widths=[width(256, biases[1], noises[1]), width(1024, biases[0], noises[0])])
     checks = evaluate_checks(result)
     assert checks["mean bias shrinks with width (widest vs narrowest, averaged over times)"] is expected
@@ -580,8 +584,10 @@ def test_variances_are_not_checked_where_no_ensemble_variance_could_fail():
 
     def result(members, lr=0.5):
         width = SimpleNamespace(width=256, steps=[0, 10], diverged_at=None, mean_within=[1.0, 1.0],
-                                var_within=[1.0, 1.0], mean_bias=[0.0, 0.0], mean_bias_noise=[0.0, 0.0])
+                                var_within=[1.0, 1.0], mean_bias=[0.0, 0.0], mean_bias_noise=[0.0, 0.0],
+                                mean_within_chance=[], var_within_chance=[])
         return SimpleNamespace(steps=[0, 10], config={"ensemble_size": members}, slopes={}, divergence=None,
+                               calibration=None,
                                stopped=None, widths=[width], learning_rate=lr, max_learning_rate=1.0)
 
     for members, checked in ((2, False), (10, False), (11, True), (64, True)):
@@ -639,9 +645,11 @@ def test_report_and_cli_say_which_widths_the_pointwise_checks_leave_out(tmp_path
 
     def result(*widths):
         rows = [SimpleNamespace(width=w, steps=[0, 10], diverged_at=None, mean_within=[1.0, 1.0],
-                                var_within=[1.0, 1.0], mean_bias=[0.0, 0.0], mean_bias_noise=[0.0, 0.0])
+                                var_within=[1.0, 1.0], mean_bias=[0.0, 0.0], mean_bias_noise=[0.0, 0.0],
+                                mean_within_chance=[], var_within_chance=[])
                 for w in widths]
         return SimpleNamespace(steps=[0, 10], config={"ensemble_size": 128}, slopes={}, divergence=None, stopped=None,
+                               calibration=None,
                                widths=rows, learning_rate=0.5, max_learning_rate=1.0)
 
     assert not check_notes(result(256, 1024))

@@ -55,6 +55,12 @@ def pointwise_scores(mean: Tensor, variance: Tensor, members: int, mu: Tensor, v
     return mean_within, (rel <= tolerance).double().mean(-1), rel
 
 
+def simulated_share(scores: Tensor, condition: Tensor) -> Tensor:
+    """Per step, the share of the simulated ensembles (``scores``, ``(T, draws)`` from
+    :func:`perfect_ensemble_scores`) for which ``condition`` holds; NaN at steps not simulated."""
+    return torch.where(scores.isnan().any(-1), torch.nan, condition.double().mean(-1))
+
+
 def perfect_ensemble_scores(mu: Tensor, covariance: Tensor, members: int, tolerance: float,
                             draws: int = CALIBRATION_ENSEMBLES, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Scores of ``draws`` ensembles of ``members`` exact samples of ``N(μ_t, Σ_t)``.
@@ -72,18 +78,17 @@ def perfect_ensemble_scores(mu: Tensor, covariance: Tensor, members: int, tolera
     Returns:
         ``(mean_within, var_within)``, each ``(T, draws)``: what :func:`pointwise_scores` gives each
         simulated ensemble; NaN at steps whose mean or covariance is not finite (above the stability
-        limit the analytic variance overflows). ``(var_within < 0.9).mean(-1)`` is the rate at which an ensemble without
-        finite-width error fails the variance check, and ``(var_within <= s).mean(-1)`` how often
-        it scores ``s`` or lower.
+        limit the analytic variance overflows). ``simulated_share(var_within, var_within < 0.9)`` is
+        the rate at which an ensemble without finite-width error fails the variance check.
     """
     mu, covariance = mu.detach().double().cpu(), covariance.detach().double().cpu()
     steps, m = mu.shape
     rows = torch.isfinite(mu).all(-1) & torch.isfinite(covariance).flatten(1).all(-1)
     used = int(rows.sum())
     eigen_cost = 10 * used * m**3                                     # ~10 M³ multiply-adds per eigh
+    none = (torch.empty(steps, 0, dtype=torch.float64), torch.empty(steps, 0, dtype=torch.float64))
     if used == 0 or eigen_cost >= DRAW_FLOPS:
-        empty = torch.full((steps, 0), float("nan"), dtype=torch.float64)
-        return empty, empty.clone()
+        return none
     mu_used, cov_used = mu[rows], covariance[rows]
     var = cov_used.diagonal(dim1=-2, dim2=-1).clamp_min(0)
     values, vectors = torch.linalg.eigh((cov_used + cov_used.mT) / 2)   # ascending
@@ -94,8 +99,7 @@ def perfect_ensemble_scores(mu: Tensor, covariance: Tensor, members: int, tolera
     root = vectors[..., -rank:] * values[..., -rank:].clamp_min(0).sqrt().unsqueeze(-2)   # (T', M, rank)
     draws = min(draws, int((DRAW_FLOPS - eigen_cost) // (used * members * rank * m)))
     if draws < 100:   # a failure rate of ~10 % from fewer draws is too rough to quote
-        empty = torch.full((steps, 0), float("nan"), dtype=torch.float64)
-        return empty, empty.clone()
+        return none
     generator = torch.Generator().manual_seed(seed)
     batch = max(1, 2**22 // (used * members * m))                    # ~32 MiB of samples at a time
     mean_scores, var_scores = [], []

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ntkgp._checks import integer_at_least, seed_value
-from ntkgp.compare.calibration import perfect_ensemble_scores, pointwise_scores
+from ntkgp.compare.calibration import perfect_ensemble_scores, pointwise_scores, simulated_share
 from ntkgp.compare.datasets import Dataset, plot_coordinate, plot_label
 from ntkgp.finite.rates import ntk_parameterized
 from ntkgp.finite.train import EnsembleHistory, train_ensemble
@@ -388,8 +388,7 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     if config.widths[-1] >= POINTWISE_MIN_WIDTH:   # some width is checked point-wise
         # ensembles with no finite-width error, scored like the networks: how often each check fails by chance
         perfect = perfect_ensemble_scores(mu, exact.covariance, config.ensemble_size, tolerance, seed=config.seed)
-        fails = [torch.where(p.isnan().any(-1), torch.nan, (p < bar).double().mean(-1))
-                 for p, bar in zip(perfect, (MEAN_FRACTION, VAR_FRACTION), strict=True)]
+        fails = [simulated_share(p, p < bar) for p, bar in zip(perfect, (MEAN_FRACTION, VAR_FRACTION), strict=True)]
         calibration = {"ensembles": perfect[0].shape[-1], "mean_fail": fails[0].tolist(),
                        "var_fail": fails[1].tolist()}
 
@@ -557,9 +556,7 @@ def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.
     within, var_within, rel = pointwise_scores(mean, ens_var, h.test_outputs.shape[1], mu, var, tolerance)
     chances = ([], [])
     if perfect is not None:   # ties count: a perfect ensemble scoring 1.00 is as good as this one's 1.00
-        # NaN where nothing was simulated (no draws, or a non-finite analytic covariance)
-        chances = tuple(torch.where(p[:recorded].isnan().any(-1), torch.nan,
-                                    (p[:recorded] <= score.unsqueeze(-1) + 1e-12).double().mean(-1)).tolist()
+        chances = tuple(simulated_share(p[:recorded], p[:recorded] <= score.unsqueeze(-1) + 1e-12).tolist()
                         for p, score in zip(perfect, (within, var_within), strict=True))
     bias = ((err**2 - se**2).mean(-1)).clamp_min(0).sqrt()
     members = h.test_outputs[..., 0].double()                   # (T, E, M)
@@ -598,25 +595,25 @@ def _pointwise_checks(result: ComparisonResult) -> dict[int, list[tuple[str, boo
     for r in result.widths:
         if r.width < POINTWISE_MIN_WIDTH:
             continue
-        chance = lambda values, i: values[i] if values else None  # noqa: E731  (reports of earlier versions)
+        chance = lambda values, i: values[i] if values else None  # noqa: E731  (empty: no calibration)
         rows = found.setdefault(r.width, [])
         for i, s in enumerate(r.steps):
             if s == 0:
                 continue
             rows.append((f"width {r.width}, step {s}: mean within 3 SE + 0.02 at >= 95% of points",
                          r.mean_within[i] >= MEAN_FRACTION, r.mean_within[i],
-                         chance(getattr(r, "mean_within_chance", None), i)))
+                         chance(r.mean_within_chance, i)))
             if variances_checked(members):
                 rows.append((f"width {r.width}, step {s}: variance within {100 * tolerance:.0f}% at >= 90% of points",
                              r.var_within[i] >= VAR_FRACTION, r.var_within[i],
-                             chance(getattr(r, "var_within_chance", None), i)))
+                             chance(r.var_within_chance, i)))
     return found
 
 
 def check_details(result: ComparisonResult) -> dict[str, str]:
     """For each failed point-wise check, its score and how many ensembles without finite-width error
     (``result.calibration``) score as low: ``"0.76 of points; 42 of 1000 exact ensembles score as low"``."""
-    calibration = getattr(result, "calibration", None)
+    calibration = result.calibration
     details = {}
     for rows in _pointwise_checks(result).values():
         for name, ok, score, chance in rows:

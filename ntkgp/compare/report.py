@@ -23,14 +23,14 @@ def check_notes(r: ComparisonResult) -> list[str]:
         notes.append(f"variances not checked: with {members} members the allowed relative error, "
                      f"{variance_tolerance(members):.2f}, would pass any ensemble variance below the analytic one, "
                      "even 0 (at least 11 members are needed)")
-    calibration = getattr(r, "calibration", None)   # None: a result without one (earlier versions)
+    calibration = r.calibration   # None when no width is checked point-wise
     if calibration and any(w.width >= POINTWISE_MIN_WIDTH and w.steps for w in r.widths):
         gaussian = "NTK-GP" if r.kernel == "ntk" else r.kernel.upper()
-        late = lambda key: [v for s, v in zip(r.steps, calibration[key], strict=True)  # noqa: E731
-                            if s > 0 and v is not None and math.isfinite(v)]
-        rates = [f"the {name} check {_percent_range(late(key))} of the time"
+        late = {key: [v for s, v in zip(r.steps, calibration[key], strict=True) if s > 0 and math.isfinite(v)]
+                for key in ("mean_fail", "var_fail")}   # NaN: a step not simulated (its covariance overflowed)
+        rates = [f"the {name} check {_percent_range(late[key])} of the time"
                  for name, key in (("mean", "mean_fail"), ("variance", "var_fail"))
-                 if late(key) and (name == "mean" or variances_checked(members))]
+                 if late[key] and (name == "mean" or variances_checked(members))]
         if not calibration["ensembles"]:
             notes.append(f"no calibration: simulating ensembles of {members} exact draws from the {gaussian} on "
                          f"{len(r.plot_x)} test points would cost more than ntkgp.compare.calibration.DRAW_FLOPS")

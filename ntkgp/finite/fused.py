@@ -279,6 +279,16 @@ class FusedSteps:
             self.pool = None
 
 
+def forward_hooks(module: nn.Module) -> str | None:
+    """What runs besides the modules' own ``forward`` methods when ``module`` is called: the name of
+    the first submodule (``module`` included) with forward hooks or pre-hooks, ``"every module"``
+    for torch's global ones, or ``None``."""
+    if getattr(nn.modules.module, "_global_forward_hooks", None) or getattr(
+            nn.modules.module, "_global_forward_pre_hooks", None):
+        return "every module"
+    return next((type(m).__name__ for m in module.modules() if m._forward_hooks or m._forward_pre_hooks), None)
+
+
 def fused_steps(model: nn.Module, trained: list[str], rates: dict, x: Tensor, y: Tensor) -> FusedSteps | str:
     """A :class:`FusedSteps` for ``model``, or the reason the kernel does not apply to it."""
     if x.device.type != "cpu":
@@ -289,11 +299,9 @@ def fused_steps(model: nn.Module, trained: list[str], rates: dict, x: Tensor, y:
     if set(trained) != set(names):
         return "it trains every parameter (not the readout alone)"
     # what the kernel computes is the modules' own forward methods: anything that changes them is refused
-    hooked = [type(m).__name__ for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]
-    global_hooks = (getattr(nn.modules.module, "_global_forward_hooks", None),
-                    getattr(nn.modules.module, "_global_forward_pre_hooks", None))
-    if hooked or any(global_hooks):
-        return f"it cannot run forward hooks (on {hooked[0] if hooked else 'every module'})"
+    hooked = forward_hooks(model)
+    if hooked is not None:
+        return f"it cannot run forward hooks (on {hooked})"
     leaves = _flatten(model)
     dense: list[DenseModule] = []
     activations: list[tuple[int, tuple]] = []

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ntkgp._autograd import differentiates
 from ntkgp._checks import integer_at_least, seed_value
 from ntkgp.finite.empirical import empirical_ntk
-from ntkgp.finite.fused import fused_steps
+from ntkgp.finite.fused import forward_hooks, fused_steps
 from ntkgp.finite.rates import equivalent_learning_rates
 from ntkgp.layers.base import Layer
 from ntkgp.layers.combinators import ParallelModule
@@ -576,15 +576,14 @@ def _frozen_body(model: nn.Module) -> tuple[nn.Module, DenseModule, str] | None:
     """``(body, readout, "i.")`` when ``model`` is a ``Sequential`` whose output is its ``i``-th
     module, a single ``Dense`` readout (only identities after it), so that ``model(x) ==
     readout(body(x))``; ``None`` for other structures (parallel towers), which run whole."""
-    hooked = lambda module: bool(module._forward_hooks or module._forward_pre_hooks)  # noqa: E731
-    if type(model) is not nn.Sequential or hooked(model):   # its own forward or hooks: run whole
+    # a forward of its own, or hooks (which readout(body(x)) would skip on the Sequential): run whole
+    if type(model) is not nn.Sequential or forward_hooks(model) is not None:
         return None
     prefixes = readout_prefixes(model)
     if len(prefixes) != 1 or "." in prefixes[0]:
         return None
     index = int(prefixes[0])
-    after = list(model)[index + 1:]
-    if any(type(module) is not nn.Identity or hooked(module) for module in after):
+    if any(type(m) is not nn.Identity for m in list(model)[index + 1:]):
         return None
     return model[:index], model[index], f"{index}."
 
