@@ -343,6 +343,31 @@ def test_singular_kernel_with_small_last_pivot_component_raises():
     assert bool(torch.isfinite(out.mean).all())
 
 
+# the singularity threshold is relative to each point's own variance (Cholesky's backward error is
+# ~ε sqrt(k_ii k_jj)): a bias-free ReLU kernel of inputs whose norms span 1e-5..1e4 has cond 1e18
+# from the scales alone, and the threshold N·ε·max diag refused it as "duplicate points", though
+# scaled to unit diagonal its condition number is ~5e2 and a plain Cholesky solve is accurate
+def test_training_inputs_of_very_different_norms_are_not_singular():
+    g = torch.Generator().manual_seed(14)
+    u = torch.randn(6, 3, generator=g)
+    x = u / u.norm(dim=1, keepdim=True) * torch.tensor([1e-5, 1e-3, 1.0, 1.0, 1e3, 1e4])[:, None]
+    y, xt = torch.randn(6, generator=g), torch.randn(3, 3, generator=g) * 1e-5
+    net = ntkgp.serial(ntkgp.Dense(64, weight_var=2.0), ntkgp.ReLU(), ntkgp.Dense(1, weight_var=2.0))
+    k, kt = net.kernel(x, ntk=False).nngp.detach().numpy(), net.kernel(xt, x, ntk=False).nngp.detach().numpy()
+    d = np.sqrt(np.diag(k))
+    scaled = k / np.outer(d, d)
+    assert np.linalg.cond(k) > 1e17 and np.linalg.cond(scaled) < 1e3
+    ref = kt @ (np.linalg.solve(scaled, y.numpy() / d) / d)
+    post = predict.gp_posterior(net, x, y, xt, kernel="nngp", noise=0.0)
+    np.testing.assert_allclose(post.mean.numpy(), ref, rtol=1e-10)
+    flow = predict.gradient_flow(net, x, y, xt, t=None, kernel="nngp")
+    np.testing.assert_allclose(flow.mean.numpy(), ref, rtol=1e-10)
+    assert bool((torch.diagonal(post.covariance) >= 0).all())
+    # a duplicate among them is still singular
+    with pytest.raises(ValueError, match="singular"):
+        predict.gp_posterior(net, torch.cat([x, x[:1]]), torch.cat([y, y[:1] + 1]), xt, kernel="nngp", noise=0.0)
+
+
 # the same for a float64 J Jᵀ of rank 29 on 30 points (an empirical NTK of fewer parameters than
 # points): 7 of these 40 draws passed the pivots, with test outputs 0.06 to 4.3 times the size of
 # the pseudo-inverse answer off it

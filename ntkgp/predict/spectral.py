@@ -62,24 +62,30 @@ def rounding_eps(k: Tensor, given: torch.dtype | None = None) -> float:
 def cholesky(k: Tensor, what: str, eps: float | None = None) -> Tensor:
     """Lower Cholesky factor, or a ``ValueError`` that says how to regularize.
 
-    A matrix counts as singular when the factorization fails or its smallest eigenvalue falls
-    below ``N · ε · max_j k_jj`` (numpy's rank threshold; ``ε`` the rounding level of the entries,
-    :func:`rounding_eps`, by default that of ``k``'s dtype): duplicated points pass a plain
-    Cholesky on rounding-level pivots, and solving with them would silently amplify noise by
-    ~1e16 (by ~1e7 for a float32 kernel factored in float64). The pivots ``L_ii²`` bound that
-    eigenvalue only loosely (the last one is about ``λ_min / v_N²`` for the null vector ``v``, so
-    a singular matrix whose null vector barely touches the last row passed them), so below them
-    :func:`_smallest_eigenvalue_bound` checks it by inverse iteration.
+    A matrix counts as singular when the factorization fails or, scaled to unit diagonal
+    (``S = D⁻¹ k D⁻¹``, ``D = diag(k)^½``), its smallest eigenvalue falls below ``N · ε`` (numpy's
+    rank threshold; ``ε`` the rounding level of the entries, :func:`rounding_eps`, by default that
+    of ``k``'s dtype): duplicated points pass a plain Cholesky on rounding-level pivots, and solving
+    with them would silently amplify noise by ~1e16 (by ~1e7 for a float32 kernel factored in
+    float64). The scaling is what the solve's accuracy depends on: Cholesky's backward error in
+    entry ``ij`` is ``~ε sqrt(k_ii k_jj)`` (Demmel 1989), so its solution is accurate to
+    ``cond(S)``, not ``cond(k)`` (van der Sluis 1969), and a kernel of training inputs whose norms
+    span decades (``cond(k) = 1e15`` from the scales alone for a bias-free ReLU network) is not
+    refused. The pivots ``L_ii² / k_ii`` bound that eigenvalue only loosely (the last one is about
+    ``λ_min / v_N²`` for the null vector ``v``, so a singular matrix whose null vector barely
+    touches the last row passed them), so below them :func:`_smallest_eigenvalue_bound` checks it
+    by inverse iteration with the scaled factor ``D⁻¹ L``.
     """
     factor, info = torch.linalg.cholesky_ex(k)
     n = k.shape[-1]
     eps = torch.finfo(k.dtype).eps if eps is None else eps
+    diagonal = torch.diagonal(k, dim1=-2, dim2=-1)
     pivots = torch.diagonal(factor, dim1=-2, dim2=-1) ** 2
-    scale = torch.diagonal(k, dim1=-2, dim2=-1).amax(-1, keepdim=True)
-    threshold = n * eps * scale
-    singular = bool((info > 0).any()) or bool((pivots <= threshold).any())
+    # a zero diagonal entry has a zero pivot and is caught here, before the scaling divides by it
+    singular = bool((info > 0).any()) or bool((pivots <= n * eps * diagonal).any())
     if not singular:
-        singular = bool((_smallest_eigenvalue_bound(factor) <= threshold.squeeze(-1)).any())
+        scaled = factor / diagonal.sqrt().unsqueeze(-1)
+        singular = bool((_smallest_eigenvalue_bound(scaled) <= n * eps).any())
     if singular:
         coarse = (f" A kernel given in lower precision carries rounding of ~{eps:.1e} of its largest entries: "
                   "compute it in float64, or regularize above that level."
