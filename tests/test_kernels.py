@@ -88,6 +88,22 @@ def test_hyperparameters_can_be_frozen_and_get_priors():
     assert net[2].raw_bias_var.grad is None and net[0].raw_weight_var.grad is not None
 
 
+def test_replacing_a_variance_constraint_is_refused_before_it_breaks_the_kernel():
+    """GPyTorch lets a user swap ``raw_lengthscale``'s constraint; a variance's ExactVariance
+    (``anchor · exp(raw)``) cannot be swapped: an Interval was accepted and every kernel call then
+    failed with an AttributeError. Refused at registration, with or without ``replace``."""
+    layer = ntkgp.Dense(10, 2.0, 0.1)
+    kernel, x = ntkgp.NNGPKernel(ntkgp.serial(layer, ntkgp.ReLU(), ntkgp.Dense(1))), torch.randn(4, 3)
+    with torch.no_grad():
+        before = kernel(x).to_dense()
+    for replace in (True, False):
+        with pytest.raises(ValueError, match=r"raw_weight_var of Dense.*weight_var_prior"):
+            layer.register_constraint("raw_weight_var", gpytorch.constraints.Interval(0.5, 4.0), replace=replace)
+    with torch.no_grad():
+        assert torch.equal(kernel(x).to_dense(), before)
+    assert layer.weight_var.item() == pytest.approx(2.0)
+
+
 def test_kernels_compose_with_gpytorch_kernels():
     net = ntkgp.mlp(1, "relu")
     composite = ntkgp.NNGPKernel(net) + gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())

@@ -839,6 +839,30 @@ def test_duplicate_points_in_batched_inputs(dtype, monkeypatch):
         torch.testing.assert_close(expanded.ntk, plain.ntk, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_duplicates_differing_only_in_the_sign_of_a_zero_are_the_same_point(dtype, monkeypatch):
+    """``0.0 == −0.0`` (``torch.round(-0.3)`` gives ``−0.0``), but their bits differ: keyed by bits,
+    such twins escaped the duplicate screen unless some other pair set it off, and a depth-10 Sign
+    network gave 0.19 for a pair whose value is 2.0."""
+    x = torch.randn(60, 64, generator=torch.Generator().manual_seed(5)).to(dtype) * 3
+    x[:, 0] = 0.0
+    x[21] = x[13]
+    x[21, 0] = -0.0
+    assert bool((x[21] == x[13]).all()) and not torch.equal(x[21].view(torch.int8), x[13].view(torch.int8))
+    net = ntkgp.mlp(10, "sign", 2.0, None)
+    if dtype == torch.float16:   # the kernel runs in float32 or float64; the screen sees the half bits
+        with torch.no_grad():
+            k = net.kernel(x.double())
+        assert bool((k.nngp[13, 21] == k.nngp[13, 13]) & (k.nngp[21, 21] == k.nngp[13, 13]))
+        from ntkgp.layers.state import _row_keys
+        assert _row_keys(x)[21] == _row_keys(x)[13]
+        return
+    for k in _kernels_on_every_path(net, x, monkeypatch):
+        for name in ("nngp", "ntk"):
+            matrix = getattr(k, name).detach()
+            assert matrix[13, 21] == matrix[13, 13] == matrix[21, 21], name
+
+
 @pytest.mark.parametrize("seed", [17, 18, 19])
 def test_duplicates_have_bitwise_equal_diagonals_across_blocks(seed, monkeypatch):
     """Elementwise maps round the scalar-coded tail of a tensor differently from its vectorized

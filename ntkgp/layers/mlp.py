@@ -73,7 +73,9 @@ def mlp(
             ``"tanh"``, ``"sigmoid"``, ``"softplus"``, ``"silu"`` (:class:`ntkgp.Numerical`).
         weight_var: ``σ_w²`` of every layer.
         bias_var: ``σ_b²`` of every layer; ``None`` for layers without bias.
-        width: hidden width of the finite twin (``net.build``); the kernels do not depend on it.
+        width: hidden width of the finite twin (``net.build``). The NNGP does not depend on it,
+            nor does the NTK in NTK parameterization; the standard parameterization's NTK does
+            (``Θ ← n · K_prev + …``, :class:`ntkgp.Dense`).
         out_dim: number of outputs.
         parameterization: ``"ntk"`` or ``"standard"`` (:class:`ntkgp.Dense`).
         ard_num_dims: per-feature weight variances on the first layer (``d`` of them).

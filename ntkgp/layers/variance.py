@@ -18,7 +18,9 @@ module's dtype, zero right after setting. Hence:
   a small positive value;
 * the anchor is a buffer (``raw_<name>_constraint.anchor``), part of the ``state_dict`` (a strict
   load without it fails): copy values between kernels by ``state_dict``, or by setting the
-  variances, not by copying parameters alone, which leaves each kernel its own anchor.
+  variances, not by copying parameters alone, which leaves each kernel its own anchor;
+* the constraint cannot be replaced (``register_constraint`` raises): bound a variance softly by
+  a prior instead.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from gpytorch.constraints import GreaterThan
+from gpytorch.constraints import GreaterThan, Interval
 from gpytorch.priors import Prior
 from torch import Tensor
 
@@ -135,6 +137,23 @@ class VarianceParameters:
             # those are local functions, which pickle and torch.save cannot store
             self.register_prior(f"{name}_prior", prior, partial(_variance_of, name),
                                 partial(_initialize_variance, name))
+
+    def register_constraint(self, param_name: str, constraint: Interval, replace: bool = True) -> None:
+        """GPyTorch's ``register_constraint``, refusing to replace a variance's :class:`ExactVariance`.
+
+        The kernels read a variance as ``anchor · exp(raw)`` (exact in float64 whatever the module's
+        dtype), and ``set_variance``, batching and state dicts keep that anchor: under another
+        constraint the value was reported but every kernel call failed with an ``AttributeError``.
+        """
+        current = self._constraints.get(f"{param_name}_constraint")
+        if isinstance(current, ExactVariance) and not isinstance(constraint, ExactVariance):
+            name = param_name.removeprefix("raw_")
+            raise ValueError(
+                f"{param_name} of {type(self).__name__} has ntkgp's own constraint ({name} = anchor·exp(raw), "
+                f"positive and exact in float64), which its kernels rely on; it cannot be replaced by "
+                f"{type(constraint).__name__}. To keep {name} in a range, give it a prior "
+                f"({type(self).__name__}({name}_prior=...)), or set it (layer.{name} = value).")
+        super().register_constraint(param_name, constraint, replace)
 
     def get_variance(self, name: str) -> Tensor:
         """The current value in the module's dtype (with gradient to ``raw_<name>``)."""
