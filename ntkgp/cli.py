@@ -62,12 +62,17 @@ PRESETS = {
 OPTIONS = {"ensemble_size": "--ensemble-size", "record_steps": "--steps", "weight_var": "--weight-var",
            "bias_var": "--bias-var", "learning_rate": "--learning-rate", "lr_fraction": "--lr-fraction",
            "chunk_size": "--chunk-size"}
+#: Those of them that set the default MLP, which ``--spec`` replaces.
+MLP_OPTIONS = ("weight_var", "bias_var")
 
 
-def _options(text: object) -> str:
-    """``text`` (an error, a check or a note) with the config's field names replaced by the options a user typed."""
+def _options(text: object, spec: bool = False) -> str:
+    """``text`` (an error, a check or a note) with the config's field names replaced by the options a user
+    typed; with a ``spec`` not the MLP's (``weight_var`` in an error is then the spec's own layer argument)."""
     message = str(text)
     for field, option in OPTIONS.items():
+        if spec and field in MLP_OPTIONS:
+            continue
         message = re.sub(rf"(?<![\w/.-]){field}(?![\w/.-])", option, message)   # not inside a path
     return message
 
@@ -87,6 +92,7 @@ def compare(args: argparse.Namespace) -> int:
     if args.no_bias:
         settings["bias_var"] = None
     device = None if args.device == "auto" else args.device
+    spec = args.spec is not None
     try:  # bad settings and files get one line, not a traceback, before any training
         if args.spec is not None:
             mlp_options = {"--depth": args.depth, "--activation": args.activation, "--weight-var": args.weight_var,
@@ -102,17 +108,17 @@ def compare(args: argparse.Namespace) -> int:
         data = load_dataset(args.dataset)
         _writable_folder(args.out)
     except ValueError as error:
-        print(f"ntkgp compare: error: {_options(error)}", file=sys.stderr)
+        print(f"ntkgp compare: error: {_options(error, spec)}", file=sys.stderr)
         return 2
     print(f"ntkgp compare: {data.description}; widths {list(config.widths)}, {config.ensemble_size} members, "
           f"steps {list(config.record_steps)}, {'readout only' if config.readout_only else 'all layers'}", flush=True)
     try:  # run_comparison checks the data against the spec (a zero training kernel) before training
         result = run_comparison(data, config)
     except ValueError as error:
-        print(f"ntkgp compare: error: {_options(error)}", file=sys.stderr)
+        print(f"ntkgp compare: error: {_options(error, spec)}", file=sys.stderr)
         return 2
     except MemoryError as error:   # the first width did not fit: nothing to report
-        print(f"ntkgp compare: error: {_options(error)}", file=sys.stderr)
+        print(f"ntkgp compare: error: {_options(error, spec)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:      # during the first width: nothing to report
         print("ntkgp compare: interrupted", file=sys.stderr)
@@ -122,9 +128,10 @@ def compare(args: argparse.Namespace) -> int:
           f"x 2m/lambda_max); {result.seconds:.0f} s")
     details = check_details(result)
     for name, ok in result.checks.items():
-        print(f"  {'PASS' if ok else 'FAIL'}  {_options(name)}" + (f" ({details[name]})" if name in details else ""))
+        detail = f" ({details[name]})" if name in details else ""
+        print(f"  {'PASS' if ok else 'FAIL'}  {_options(name, spec)}{detail}")
     for note in check_notes(result):
-        print(f"  NOTE  {_options(note)}")
+        print(f"  NOTE  {_options(note, spec)}")
     print(f"report: {out / 'report.md'}")
     if result.stopped is not None:   # a report of the widths before it, but not the run that was asked for
         return 130 if result.stopped.startswith(INTERRUPTED) else 1
@@ -153,7 +160,8 @@ def _writable_folder(path: str) -> None:
 
 def load_spec(text: str):
     """The function named by ``--spec``: ``FILE.py:NAME`` (a Python file, run as a module of its own) or
-    ``MODULE:NAME`` (an importable module); ``ValueError`` for a name that does not resolve."""
+    ``MODULE:NAME`` (an importable module, or one in the current folder); ``ValueError`` for a name that
+    does not resolve."""
     import importlib
     import importlib.util
     import os
@@ -170,12 +178,19 @@ def load_spec(text: str):
         module = importlib.util.module_from_spec(found)
         found.loader.exec_module(module)   # errors in the user's file keep their traceback
     else:
+        # the current folder, as `python -m ntkgp` has it on sys.path and the `ntkgp` script does not
+        cwd_added = "" not in sys.path and os.getcwd() not in sys.path
+        if cwd_added:
+            sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(where)
         except ModuleNotFoundError as error:
             if error.name is None or not where.startswith(error.name):
                 raise       # the module exists but imports something missing: its own traceback
             raise ValueError(f"--spec: no module {where!r} (a file needs its .py suffix or a path).") from None
+        finally:
+            if cwd_added:
+                sys.path.remove(os.getcwd())
     function = getattr(module, name, None)
     if not callable(function):
         raise ValueError(f"--spec: {where} has no function {name!r}.")

@@ -83,8 +83,9 @@ def test_a_comparison_reports_how_often_exact_ensembles_score_as_low(tmp_path):
     flow = GradientFlow(config.network(16, ntk_twin=True), data.x_train, data.y_train,
                         learning_rate=result.learning_rate)
     exact = flow.predict(data.x_test, steps=torch.tensor(result.steps))
+    prior = float(config.network(16, ntk_twin=True).kernel(data.x_test, diag=True, ntk=False).nngp.max())
     _, var_scores = perfect_ensemble_scores(exact.mean[..., 0], exact.covariance, 32, variance_tolerance(32),
-                                            seed=config.seed)
+                                            seed=config.seed, prior_scale=prior)
     for width in result.widths:
         for score, chance in zip(width.var_within, width.var_within_chance, strict=True):
             assert 0 <= chance <= 1 and (chance == 1.0 or score < 1.0)   # ties count: 1.00 is never unusual

@@ -235,6 +235,23 @@ def test_variance_agreement_where_the_ntkgp_variance_vanishes():
     assert result.var_rel_error[0] == pytest.approx((0 + 0 + 1 / 3 + 0) / 4, abs=0.02)
 
 
+def test_variance_collapsed_to_rounding_at_every_test_point_is_not_a_failure(tmp_path):
+    """A bias-free ReLU network on 1-D inputs has two features: on 4 training points its NTK has
+    rank 2 and the NTK-GP variance at convergence is 0 everywhere (rounding: sd ≤ 1e-7). Against a
+    floor relative to that step's own largest variance, the float32 ensemble's rounding (sd ~1e-6)
+    failed the check at every point, and exact ensembles "failed" it 100 % of the time; the floor
+    is relative to the prior variance as well."""
+    (tmp_path / "d.csv").write_text("0,1\n0.5,0.2\n-1,0.3\n2,-0.5\n")
+    config = CompareConfig(widths=(256,), ensemble_size=16, activation="relu", bias_var=None,
+                           record_steps=(0, 10, 100), divergence_check=False)
+    result = run_comparison(load_dataset(str(tmp_path / "d.csv")), config)
+    width = result.widths[0]
+    assert max(result.analytic_std[-1]) < 1e-6 < max(width.ensemble_std[-1]) < 1e-4
+    assert width.var_within == [1.0, 1.0, 1.0]
+    assert result.calibration["var_fail"][-1] == 0.0
+    assert all(ok for name, ok in result.checks.items() if "variance within" in name)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--widths", "0"], "widths must be positive"),
     (["--ensemble-size", "1"], "--ensemble-size must be an integer >= 2"),
@@ -707,6 +724,15 @@ def test_data_too_large_for_the_networks_dtype_is_refused_before_training(monkey
     message = r"inputs are too large for torch.float32 networks .*\(dtype='float64'; --dtype float64\)"
     with pytest.raises(ValueError, match=message):
         run_comparison(data, config)
+    # finite float32 inputs whose outputs' squares overflow (a ReLU network's outputs scale with its
+    # inputs): reported as "diverged at step 0", though float64 networks train on them
+    data = harness.Dataset("big", 1e25 * base.x_train, base.y_train, 1e25 * base.x_test)
+    relu = {**vars(config), "activation": "relu"}
+    with pytest.raises(ValueError, match=r"inputs are too large for torch.float32 networks: the outputs' variance "
+                                         r"at initialization reaches .*e\+5\d .*--dtype float64"):
+        run_comparison(data, CompareConfig(**relu))
+    with pytest.raises(AssertionError, match="trained on data"):   # float64 networks hold them: not refused
+        run_comparison(data, CompareConfig(**{**relu, "dtype": "float64"}))
 
 
 @pytest.mark.parametrize("argv", [["--seed", str(2**70)], ["--seed", str(2**64 - 10), "--samples", "200"]])
@@ -865,6 +891,9 @@ def test_a_standard_spec_is_compared_with_its_ntk_parameterized_version():
     (dict(spec=_residual_spec(), activation="relu", bias_var=None), r"got activation='relu', bias_var=None"),
     (dict(spec="resnet"), "spec must be a function of the hidden width that returns a network spec, got str"),
     (dict(spec=lambda n: torch.nn.Linear(3, n)), r"spec\(16\) must return an ntkgp network spec \(a Layer\)"),
+    # every width would train the same network under different labels
+    (dict(spec=lambda n: ntkgp.serial(ntkgp.Dense(64), ntkgp.Erf(), ntkgp.Dense(1))),
+     r"spec\(16\) and spec\(48\) are the same network: the spec must build its hidden layers at the width"),
 ])
 def test_spec_settings_are_checked(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -1002,6 +1031,27 @@ def test_bad_spec_options_get_one_line(tmp_path, capsys, spec, extra, message):
     assert main(["compare", "--spec", spec.format(dir=tmp_path), *extra, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and err.startswith("ntkgp compare: error:") and err.count("\n") == 1, err
+
+
+def test_a_spec_module_in_the_current_folder_and_the_spec_s_own_errors(tmp_path, capsys, monkeypatch):
+    """``MODULE:FUNCTION`` found the current folder's module under ``python -m ntkgp`` only (``-m``
+    puts the folder on sys.path, the ``ntkgp`` script does not); and an error of the spec's own
+    ``Dense(n, weight_var=-1.0)`` was rewritten to name ``--weight-var``, an option not given (and
+    refused beside ``--spec``)."""
+    (tmp_path / "cwd_nets.py").write_text(_SPEC_FILE + "\n\ndef negative(n):\n    return ntkgp.serial("
+                                      "ntkgp.Dense(n, weight_var=-1.0), ntkgp.Erf(), ntkgp.Dense(1))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    before = list(sys.path)
+    small = ["--widths", "16", "48", "--ensemble-size", "4", "--steps", "0", "3", "--no-divergence-check",
+             "--no-progress"]
+    monkeypatch.delitem(sys.modules, "cwd_nets", raising=False)
+    assert main(["compare", "--spec", "cwd_nets:resnet", *small, "--out", str(tmp_path / "a")]) == 0
+    assert sys.path == before
+    capsys.readouterr()
+    assert main(["compare", "--spec", "cwd_nets.py:negative", *small, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "error: weight_var must be non-negative" in err and "--weight-var" not in err, err
 
 
 def test_a_spec_whose_activation_needs_values_is_not_refused_by_the_early_output_check():

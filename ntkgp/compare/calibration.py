@@ -19,9 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: Relative variance errors are taken against max(analytic variance, floor × the step's largest one):
-#: where the analytic variance is ~0 (a test point on a training point, late in training) the
-#: ensemble variance is rounding noise.
+#: Relative variance errors are taken against max(analytic variance, floor × the larger of the
+#: step's largest one and the prior's): where the analytic variance is ~0 (a test point on a
+#: training point, late in training) the ensemble variance is rounding noise, and where it is ~0 at
+#: every test point (a network with fewer features than training points, trained to convergence)
+#: the step's largest is itself rounding, which would make rounding noise fail the check.
 VARIANCE_FLOOR = 1e-6
 #: Absolute slack of the mean check, on top of 3 standard errors.
 MEAN_SLACK = 0.02
@@ -33,7 +35,7 @@ DRAW_FLOPS = 2e10
 
 
 def pointwise_scores(mean: Tensor, variance: Tensor, members: int, mu: Tensor, var: Tensor,
-                     tolerance: float) -> tuple[Tensor, Tensor, Tensor]:
+                     tolerance: float, prior_scale: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """Fractions of test points (last axis) that pass the mean and the variance check.
 
     Args:
@@ -42,7 +44,9 @@ def pointwise_scores(mean: Tensor, variance: Tensor, members: int, mu: Tensor, v
         members: the ensemble size ``E``.
         mu: ``(..., M)`` analytic mean ``μ`` (broadcast against ``mean``).
         var: ``(..., M)`` analytic variance ``σ²``.
-        tolerance: allowed ``|σ̂² − σ²| / max(σ², VARIANCE_FLOOR · max σ²)``.
+        tolerance: allowed ``|σ̂² − σ²| / max(σ², VARIANCE_FLOOR · max(max σ², prior_scale))``.
+        prior_scale: the largest prior (NNGP) variance over the test points, the scale of the
+            outputs before training.
 
     Returns:
         ``(mean_within, var_within, rel)``: the fractions with ``|μ̂ − μ| ≤ 3 SE + MEAN_SLACK`` and with
@@ -50,7 +54,7 @@ def pointwise_scores(mean: Tensor, variance: Tensor, members: int, mu: Tensor, v
     """
     se = (variance / members).sqrt()
     mean_within = ((mean - mu).abs() <= 3 * se + MEAN_SLACK).double().mean(-1)
-    floor = VARIANCE_FLOOR * var.amax(-1, keepdim=True)
+    floor = VARIANCE_FLOOR * var.amax(-1, keepdim=True).clamp_min(prior_scale)
     rel = (variance - var).abs() / torch.maximum(var, floor).clamp_min(torch.finfo(var.dtype).tiny)
     return mean_within, (rel <= tolerance).double().mean(-1), rel
 
@@ -62,7 +66,8 @@ def simulated_share(scores: Tensor, condition: Tensor) -> Tensor:
 
 
 def perfect_ensemble_scores(mu: Tensor, covariance: Tensor, members: int, tolerance: float,
-                            draws: int = CALIBRATION_ENSEMBLES, seed: int = 0) -> tuple[Tensor, Tensor]:
+                            draws: int = CALIBRATION_ENSEMBLES, seed: int = 0,
+                            prior_scale: float = 0.0) -> tuple[Tensor, Tensor]:
     """Scores of ``draws`` ensembles of ``members`` exact samples of ``N(μ_t, Σ_t)``.
 
     Args:
@@ -74,6 +79,7 @@ def perfect_ensemble_scores(mu: Tensor, covariance: Tensor, members: int, tolera
             per step, plus the eigendecompositions, would exceed :data:`DRAW_FLOPS` (a large test
             set), and none (zero columns) when that leaves fewer than 100.
         seed: of the draws (a CPU generator: the same numbers on every machine).
+        prior_scale: as in :func:`pointwise_scores`.
 
     Returns:
         ``(mean_within, var_within)``, each ``(T, draws)``: what :func:`pointwise_scores` gives each
@@ -108,7 +114,7 @@ def perfect_ensemble_scores(mu: Tensor, covariance: Tensor, members: int, tolera
         z = torch.randn(b, used, members, rank, generator=generator, dtype=torch.float64)
         samples = mu_used.unsqueeze(-2) + z @ root.mT                 # (b, T', E, M)
         mean_within, var_within, _ = pointwise_scores(samples.mean(-2), samples.var(-2), members, mu_used, var,
-                                                      tolerance)
+                                                      tolerance, prior_scale)
         mean_scores.append(mean_within)
         var_scores.append(var_within)
     out = []

@@ -159,7 +159,11 @@ class CompareConfig:
                 fields = f"{', '.join(_MLP_FIELDS[:-1])} and {_MLP_FIELDS[-1]}"
                 raise ValueError(f"spec replaces {fields}: leave them at their defaults "
                                  f"(got {', '.join(f'{n}={getattr(self, n)!r}' for n in replaced)}).")
-        self.network(self.widths[0])  # the spec validates activation, variances and depth
+        first = self.network(self.widths[0])  # the spec validates activation, variances and depth
+        if self.spec is not None and len(self.widths) > 1 and repr(first) == repr(self.network(self.widths[-1])):
+            # every width would train the same network under different labels, and the slopes fail unexplained
+            raise ValueError(f"spec({self.widths[0]}) and spec({self.widths[-1]}) are the same network: the spec "
+                             "must build its hidden layers at the width it is given.")
 
     def network(self, width: int, ntk_twin: bool = False) -> Layer:
         """The spec at a given hidden width, on the CPU (whatever torch's default device), where the
@@ -185,7 +189,8 @@ class WidthResult:
         width: the hidden width.
         steps: recorded steps (fewer than asked when training diverged).
         mean_within: fraction of test points with ``|μ̂ − μ| ≤ 3 SE + 0.02``.
-        var_within: fraction with ``|σ̂² − σ²| ≤ tolerance · max(σ², 10⁻⁶ max σ²)``.
+        var_within: fraction with ``|σ̂² − σ²| ≤ tolerance · max(σ², 10⁻⁶ max(max σ², max K))``, ``K`` the
+            prior variance (:func:`~ntkgp.compare.calibration.pointwise_scores`).
         mean_rmse: ``sqrt(mean (μ̂ − μ)²)`` over the test points.
         mean_bias: ``sqrt(max(mean((μ̂ − μ)² − SE²), 0))``, the part of the error that is not noise.
         mean_bias_noise: the bias that two standard deviations of that estimate amount to for
@@ -273,18 +278,34 @@ class ComparisonResult:
         return asdict(self)
 
 
-def _check_scale(data: Dataset, dtype: torch.dtype) -> None:
+#: Headroom of the outputs' prior variance under the dtype's largest number: a member's squared output
+#: can be ~20 times the variance (a chi-square tail), summed over the training points, and the
+#: empirical NTK sums squared gradients of the same scale.
+SCALE_HEADROOM = 100.0
+
+
+def _check_scale(data: Dataset, dtype: torch.dtype, net: Layer) -> None:
     """``ValueError`` unless the data fit the networks' ``dtype``: targets whose squares overflow made
-    the first loss infinite, reported as "diverged at step 0" with no reason given."""
+    the first loss infinite, reported as "diverged at step 0" with no reason given, and so did
+    finite inputs whose outputs' squares overflow (a ReLU network's outputs scale with its inputs:
+    float32 inputs of 1e25 give outputs of ~1e25 and losses of ~1e50). The outputs' scale is the
+    prior variance (``K(x, x)``, and the NTK's diagonal for the gradients), computed in float64."""
+    advice = (" or train float64 networks (dtype='float64'; --dtype float64)." if dtype != torch.float64 else ".")
     for name, values in (("inputs", torch.cat([data.x_train, data.x_test])), ("targets", data.y_train)):
         held = values.to(dtype)
         squares_overflow = name == "targets" and not bool(torch.isfinite(held.square().sum()))
         if not bool(torch.isfinite(held).all()) or squares_overflow:
             what = "they overflow it" if name == "inputs" else "their squared errors overflow it"
             raise ValueError(f"The {name} are too large for {dtype} networks (largest magnitude "
-                             f"{float(values.abs().max()):.3g}: {what}): rescale them"
-                             + (" or train float64 networks (dtype='float64'; --dtype float64)."
-                                if dtype != torch.float64 else "."))
+                             f"{float(values.abs().max()):.3g}: {what}): rescale them" + advice)
+    with torch.no_grad():
+        diagonal = net.kernel(torch.cat([data.x_train, data.x_test]), diag=True)
+    scale = float(torch.maximum(diagonal.nngp, diagonal.ntk).max())
+    if not scale * SCALE_HEADROOM * data.x_train.shape[0] < torch.finfo(dtype).max:
+        raise ValueError(f"The inputs are too large for {dtype} networks: the outputs' variance at initialization "
+                         f"reaches {scale:.3g} (the kernels' diagonal), and the squared errors and gradients "
+                         f"overflow {dtype} (largest magnitude of the inputs {float(data.x_train.abs().max()):.3g}): "
+                         "rescale them" + advice)
 
 
 def _flag(value: object, name: str) -> bool:
@@ -365,11 +386,11 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     start = time.perf_counter()
     kernel = "nngp" if config.readout_only else "ntk"
     dtype = DTYPES[config.dtype]
-    _check_scale(data, dtype)
     _check_outputs(config, data)
     # The NTK-parameterized twin gives the infinite-width dynamics of both parameterizations
     # (standard layers train with the equivalent per-layer learning rates).
     analytic_net = config.network(config.widths[0], ntk_twin=True)
+    _check_scale(data, dtype, analytic_net)
     max_lr = GradientFlow(analytic_net, data.x_train, data.y_train, kernel=kernel).max_learning_rate
     if not math.isfinite(max_lr):   # 2m/λ_max with λ_max = 0
         raise ValueError(f"The training {kernel.upper()} of this network is zero (e.g. all training inputs are zero "
@@ -382,12 +403,15 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     continuous = flow.predict(data.x_test, t=torch.tensor(steps, dtype=torch.float64, device="cpu"), compute_cov=False)
     mu = exact.mean[..., 0]                                   # (T, M)
     var = exact.variance                                      # (T, M)
+    with torch.no_grad():   # the outputs' scale before training: the variance check's floor is relative to it
+        prior_scale = float(analytic_net.kernel(data.x_test, diag=True, ntk=False).nngp.max())
     probe = data.x_test[:: max(1, data.x_test.shape[0] // config.probe_points)][: config.probe_points]
     tolerance = variance_tolerance(config.ensemble_size)
     perfect, calibration = None, None
     if config.widths[-1] >= POINTWISE_MIN_WIDTH:   # some width is checked point-wise
         # ensembles with no finite-width error, scored like the networks: how often each check fails by chance
-        perfect = perfect_ensemble_scores(mu, exact.covariance, config.ensemble_size, tolerance, seed=config.seed)
+        perfect = perfect_ensemble_scores(mu, exact.covariance, config.ensemble_size, tolerance, seed=config.seed,
+                                          prior_scale=prior_scale)
         fails = [simulated_share(p, p < bar) for p, bar in zip(perfect, (MEAN_FRACTION, VAR_FRACTION), strict=True)]
         calibration = {"ensembles": perfect[0].shape[-1], "mean_fail": fails[0].tolist(),
                        "var_fail": fails[1].tolist()}
@@ -412,7 +436,8 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
             # hours of narrower widths are worth a report: keep them, as a long run's user expects
             warnings.warn(f"{stopped}; the result holds the widths trained before it.", RuntimeWarning, stacklevel=2)
             break
-        results.append(_width_metrics(width, history, mu, var, tolerance, time.perf_counter() - t0, perfect))
+        results.append(_width_metrics(width, history, mu, var, tolerance, time.perf_counter() - t0, perfect,
+                                      prior_scale))
 
     slopes = {}
     final = [r for r in results if r.steps and r.steps[-1] == steps[-1]]
@@ -542,7 +567,8 @@ def variances_checked(ensemble_size: int) -> bool:
 
 
 def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.Tensor, tolerance: float,
-                   seconds: float, perfect: tuple[torch.Tensor, torch.Tensor] | None = None) -> WidthResult:
+                   seconds: float, perfect: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   prior_scale: float = 0.0) -> WidthResult:
     recorded = len(h.steps)
     if recorded == 0:
         empty: list = []
@@ -553,7 +579,8 @@ def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.
     se = h.standard_error[..., 0].double()
     mu, var = mu[:recorded], var[:recorded]
     err = mean - mu
-    within, var_within, rel = pointwise_scores(mean, ens_var, h.test_outputs.shape[1], mu, var, tolerance)
+    within, var_within, rel = pointwise_scores(mean, ens_var, h.test_outputs.shape[1], mu, var, tolerance,
+                                               prior_scale)
     chances = ([], [])
     if perfect is not None:   # ties count: a perfect ensemble scoring 1.00 is as good as this one's 1.00
         chances = tuple(simulated_share(p[:recorded], p[:recorded] <= score.unsqueeze(-1) + 1e-12).tolist()

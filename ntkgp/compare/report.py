@@ -116,6 +116,7 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
     c = r.config
     kind = "readout only (NNGP)" if r.kernel == "nngp" else "all layers (NTK)"
     gp = _limit_name(r)
+    symbol = "K" if r.kernel == "nngp" else "Θ"
     lines = [
         "# Finite ensembles vs infinite-width predictions", "",
         f"- dataset: {r.dataset}",
@@ -123,8 +124,8 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
         f"- training: full-batch gradient descent on (1/2m)‖f − Y‖², {kind}, learning rate {_fmt(r.learning_rate, 4)} "
         f"({_fmt(r.learning_rate / r.max_learning_rate, 3)} × 2m/λ_max = {_fmt(r.max_learning_rate, 4)}), "
         f"{c['ensemble_size']} members per width, {c['dtype']}, seed {c['seed']}{_engines(r)}",
-        f"- analytic side: exact discrete-time predictions (I − ηΘ/m)^s of ntkgp.predict.GradientFlow; "
-        f"kernel eigenvalues {[float(f'{v:.3g}') for v in r.eigenvalues]}",
+        f"- analytic side: exact discrete-time predictions (I − η{symbol}/m)^s of ntkgp.predict.GradientFlow; "
+        f"{'NNGP' if r.kernel == 'nngp' else 'NTK'} eigenvalues {[float(f'{v:.3g}') for v in r.eigenvalues]}",
         f"- recorded steps {r.steps} (times t = η·steps = {[float(f'{t:.3g}') for t in r.times]}, "
         f"the t of ntkgp.predict at its default learning_rate=1); "
         f"total run {r.seconds:.0f} s", "",
