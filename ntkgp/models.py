@@ -120,6 +120,11 @@ class NetworkGP(gpytorch.models.ExactGP):
             if shape[-1] != features:
                 raise ValueError(f"x must have {features} feature(s) like train_x, shape (..., M, {features}); "
                                  f"got shape {shape}.")
+            dtype = self.train_inputs[0].dtype
+            if x.is_floating_point() and x.dtype != dtype:
+                # else GPyTorch's "expected m1 and m2 to have the same dtype", from deep inside its prediction
+                raise ValueError(f"x is {x.dtype} but the model's training inputs are {dtype}: convert x "
+                                 f"(x.to({dtype})), or the model and its data (NetworkGP(train_x.to(...), ...)).")
         return super().__call__(*inputs, **kwargs)
 
     @property

@@ -379,6 +379,10 @@ def test_network_gp_checks_test_inputs_before_gpytorch_concatenates_them():
             model(bad)
     with pytest.raises(ValueError, match="contains NaN"):
         model(torch.full((3, features), math.nan))
+    # another float dtype: GPyTorch's "expected m1 and m2 to have the same dtype" from deep inside
+    other = torch.float32 if x.dtype == torch.float64 else torch.float64
+    with pytest.raises(ValueError, match=f"x is {other} but the model's training inputs are {x.dtype}"):
+        model(torch.randn(3, features, dtype=other))
     with torch.no_grad():   # integer test inputs: promoted by GPyTorch, as before the shape check
         assert model(torch.ones(3, features, dtype=torch.long)).mean.shape == (3,)
     with torch.no_grad():
