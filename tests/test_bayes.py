@@ -96,6 +96,12 @@ def test_posterior_predictive_moments_match_the_gaussian():
     for bad in (torch.full((8, 1), 0.05), torch.full((7,), 0.05)):   # would broadcast to (8, 8) / fail
         with pytest.raises(ValueError, match="one variance per test point"):
             bayes.predictive_moments(post, noise=bad)
+    # a learnable noise (a likelihood's) keeps its gradient: through numpy it came back None, silently
+    learnable = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # nor "Converting a tensor with requires_grad=True to a scalar"
+        bayes.predictive_moments(post, noise=learnable)[1].sum().backward()
+    assert float(learnable.grad) == 8.0
 
 
 def test_gradient_flow_time_axis_vector_outputs_and_independent_outputs():
@@ -341,6 +347,12 @@ def test_pinned_posteriors_sample_whatever_the_targets_and_kernel_scale():
         bayes.sample_outputs(Gaussian(torch.zeros(2), torch.tensor([[1e-12, 0.0], [0.0, -1e-12]])))
     assert bayes.sample_outputs(Gaussian(torch.zeros(2), torch.tensor([[1e-12, 0.0], [0.0, -1e-12]]), 1.0), 5).shape \
         == (5, 2)
+    # the mean's scale does not widen the allowance: a covariance does not depend on the targets (with
+    # μ² in it a mean of 1e4 let eigenvalue −1 of 3 through, and the draws' variances came out 49 % off)
+    for mean, cov in ((torch.full((2,), 1e4, dtype=torch.float64), torch.tensor([[1.0, 2.0], [2.0, 1.0]])),
+                      (torch.full((2,), 30.0), torch.tensor([[1.0, 0.0], [0.0, -1e-3]]))):
+        with pytest.raises(ValueError, match="not positive semi-definite"):
+            bayes.sample_outputs(Gaussian(mean, cov.to(mean.dtype)), 5)
 
 
 def test_numpy_level_export_without_torch():
@@ -375,6 +387,9 @@ def test_metrics_against_hand_computed_values():
     assert bayes.calibration_error(mean, var, y, levels=[0.2, 0.7]) == pytest.approx(0.05)
     metrics = bayes.regression_metrics(mean, var, y)
     assert set(metrics) == {"rmse", "nlpd", "coverage_50", "coverage_90", "coverage_95", "calibration_error"}
+    # levels 3e-7 apart kept apart, and 0.9999999 not called 100 % ("{:g}" merged and rounded them)
+    close = bayes.regression_metrics(mean, var, y, levels=[0.1234561, 0.1234564, 0.9999999])
+    assert {"coverage_12.34561", "coverage_12.34564", "coverage_99.99999"} <= set(close)
     # Scaling y, mean by s and variances by s² adds log s to the NLPD.
     assert bayes.nlpd(3 * mean, 9 * var, 3 * y) == pytest.approx(bayes.nlpd(mean, var, y) + math.log(3))
 
@@ -415,6 +430,14 @@ def test_metrics_validate_inputs():
     assert per_output == pytest.approx(per_point)          # same four densities, in another order
     with pytest.raises(ValueError, match="between 0 and 1"):
         bayes.interval_coverage([0.0], [1.0], [0.0], levels=[1.0])
+    # zero outputs, (M, 0): every metric was a mean of nothing (NaN with numpy's warnings), and the
+    # exports failed with an IndexError
+    none = np.zeros((5, 0))
+    for metric in (lambda: bayes.rmse(none, none), lambda: bayes.nlpd(none, 1.0, none),
+                   lambda: bayes.calibration_error(none, 1.0, none),
+                   lambda: bayes.ensemble_to_inference_data(np.zeros((3, 5, 0)), none, 0.1)):
+        with pytest.raises(ValueError, match=r"with M, k >= 1, got \(5, 0\)"):
+            metric()
 
 
 def test_auroc_matches_sklearn_with_ties():

@@ -443,3 +443,28 @@ def test_warns_at_the_stability_limit_where_the_top_mode_oscillates_forever():
     with pytest.warns(RuntimeWarning, match="stability limit"):
         train = predict.gradient_descent_mse(_DD, _Y2[:, 0], steps=torch.tensor([1000, 1001]), learning_rate=limit)
     assert float((train[0] - train[1]).abs().max()) > 1e-3      # it has not converged
+
+
+@pytest.mark.parametrize("kernel, noise, outputs", [("nngp", 0.05, 1), ("ntkgp", 0.01, 3), ("nngp", 0.0, 2)])
+def test_leave_one_out_equals_refitting_without_each_point(kernel, noise, outputs):
+    """Rasmussen & Williams eq. 5.12 from one factorization, against N posteriors refitted on the
+    other N − 1 points (their predictive at the left-out input, plus the noise)."""
+    import scipy.stats
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(12, 3, generator=g)
+    y = torch.randn(12, outputs, generator=g) if outputs > 1 else torch.randn(12, generator=g)
+    net = ntkgp.mlp(2, "erf", 2.0, 0.1)
+    post = predict.GPPosterior(net, x, y, kernel=kernel, noise=noise)
+    mean, var = post.leave_one_out()
+    assert mean.shape == y.shape and var.shape == (12,)
+    density = 0.0
+    for i in range(12):
+        keep = torch.arange(12) != i
+        refit = predict.gp_posterior(net, x[keep], y[keep], x[i:i + 1], kernel=kernel, noise=noise)
+        torch.testing.assert_close(mean[i], refit.mean[0], rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(var[i], refit.covariance[0, 0] + noise, rtol=1e-9, atol=1e-12)
+        density += scipy.stats.norm(refit.mean[0].numpy(), math.sqrt(var[i])).logpdf(y[i].numpy()).sum()
+    assert post.leave_one_out_log_density() == pytest.approx(density, rel=1e-10)
+    with pytest.raises(ValueError, match="not a GP posterior"):
+        predict.GPPosterior(net, x, y, kernel="ntk", noise=noise).leave_one_out()

@@ -52,10 +52,10 @@ def labels_array(value: ArrayLike, name: str = "labels") -> np.ndarray:
 
 def observations(mean: ArrayLike, y: ArrayLike, name_mean: str = "mean",
                  name_y: str = "y") -> tuple[np.ndarray, np.ndarray]:
-    """Finite ``mean`` and ``y`` of one shape, ``(M,)`` or ``(M, k)`` with ``M >= 1``."""
+    """Finite ``mean`` and ``y`` of one shape, ``(M,)`` or ``(M, k)`` with ``M, k >= 1``."""
     mean, y = finite(mean, name_mean), finite(y, name_y)
-    if mean.ndim not in (1, 2) or mean.shape[0] == 0:
-        raise ValueError(f"{name_mean} must have shape (M,) or (M, k) with M >= 1, got {mean.shape}.")
+    if mean.ndim not in (1, 2) or 0 in mean.shape:   # (M, 0): every metric a mean of nothing, NaN
+        raise ValueError(f"{name_mean} must have shape (M,) or (M, k) with M, k >= 1, got {mean.shape}.")
     if y.shape != mean.shape:
         raise ValueError(f"{name_y} must have the shape of {name_mean}, {mean.shape}; got {y.shape}.")
     return mean, y
