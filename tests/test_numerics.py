@@ -656,7 +656,10 @@ def test_hyperparameter_batches_that_do_not_broadcast_with_the_inputs_raise():
 @pytest.mark.parametrize("net,message", [
     (lambda: ntkgp.serial(ntkgp.ReLU(), ntkgp.Dense(1)), "Gaussian inputs"),
     (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.Dense(3, ard_num_dims=3)), "first layer"),
-    (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(ntkgp.Dense(3), ntkgp.ReLU())), "end Gaussian"),
+    # a sum with an activation's branch is not Gaussian: no activation directly after it
+    (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(ntkgp.Dense(3), ntkgp.ReLU()), ntkgp.Erf()),
+     "Gaussian inputs"),
+    (lambda: ntkgp.serial(ntkgp.residual(ntkgp.Dense(3)), ntkgp.ReLU()), "Gaussian inputs"),
     (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(ntkgp.ReLU(), ntkgp.Identity())), "independent"),
     (lambda: ntkgp.serial(ntkgp.parallel(ntkgp.Dense(3), ntkgp.Dense(4))), "equal widths"),
     (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.LayerNorm(), ntkgp.ReLU(), ntkgp.LayerNorm()), "Gaussian"),
@@ -700,6 +703,44 @@ def test_sums_of_independent_branches_match_monte_carlo():
         est = ntkgp.finite.monte_carlo_kernel(spec, x, n_samples=2000, ntk=False)
         z = (est.nngp - exact) / est.nngp_sem
         assert float(z.abs().max()) < 4.5, z
+
+
+def test_sums_with_non_gaussian_branches_after_an_activation_and_on_the_inputs():
+    """x + D(x) with x an activation's output or the raw inputs: the Dense branch's centred weights
+    make the cross term vanish whatever x is, so K = K_x + K_D(x) and Θ = Θ_x + Θ_D(x); the sum is
+    not Gaussian, so a Dense must follow. Both were refused ("every branch must end Gaussian")."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    # on the inputs, in closed form: K_x = x·x'/d, K_D = 2 K_x + 0.1, then the readout 1.5 K + 0.2
+    on_inputs = ntkgp.serial(ntkgp.residual(ntkgp.Dense(3, 2.0, 0.1)), ntkgp.Dense(1, 1.5, 0.2))
+    gram = x @ x.T / 3
+    k = on_inputs.kernel(x)
+    torch.testing.assert_close(k.nngp, 1.5 * (3 * gram + 0.1) + 0.2, rtol=1e-14, atol=0)
+    torch.testing.assert_close(k.ntk, 1.5 * (2 * gram + 0.1) + (1.5 * (3 * gram + 0.1) + 0.2), rtol=1e-14, atol=0)
+    # after a ReLU: the sum of the branches' kernels, and what wide networks give
+    after_relu = ntkgp.serial(ntkgp.Dense(512, 2.0, 0.1), ntkgp.ReLU(), ntkgp.residual(ntkgp.Dense(512, 1.2, 0.1)),
+                              ntkgp.Dense(1, 1.0, 0.1))
+    plain = ntkgp.serial(ntkgp.Dense(512, 2.0, 0.1), ntkgp.ReLU(), ntkgp.Dense(1, 1.0, 0.0))
+    branch = ntkgp.serial(ntkgp.Dense(512, 2.0, 0.1), ntkgp.ReLU(), ntkgp.Dense(512, 1.2, 0.1),
+                          ntkgp.Dense(1, 1.0, 0.1))
+    exact, parts = after_relu.kernel(x), [plain.kernel(x), branch.kernel(x)]
+    torch.testing.assert_close(exact.nngp, parts[0].nngp + parts[1].nngp, rtol=1e-13, atol=0)
+    for spec in (on_inputs, after_relu):
+        est = ntkgp.finite.monte_carlo_kernel(spec, x, n_samples=1000)
+        for name in ("nngp", "ntk"):
+            z = (getattr(est, name) - getattr(spec.kernel(x), name).detach()) / getattr(est, f"{name}_sem")
+            assert float(z.abs().max()) < 4.5, (name, z)
+
+
+def test_a_deferred_build_of_a_sum_checks_the_widths_it_learns_at_the_first_call():
+    """An eager build refuses a residual on 1-D inputs around a 5-wide Dense; deferred, the input
+    width is known only at the call, where (3, 1) + (3, 5) broadcast silently to (3, 5)."""
+    net = ntkgp.serial(ntkgp.residual(ntkgp.Dense(5)), ntkgp.Dense(2))
+    with pytest.raises(ValueError, match=r"equal widths, got \[1, 5\]"):
+        net.build(in_features=1, seed=0)
+    with pytest.raises(ValueError, match=r"equal widths, got \[1, 5\]"):
+        net.build(seed=0)(torch.randn(3, 1))
+    assert net.build(seed=0)(torch.randn(3, 5)).shape == (3, 2)
 
 
 def test_elementwise_without_dot_fn_refuses_an_infinite_derivative():

@@ -67,13 +67,18 @@ class Serial(Layer):
 class Parallel(Layer):
     r"""Branches that all see the same input, joined by ``"sum"`` or ``"concat"``.
 
-    * ``sum`` (residual connections; branches independent, all Gaussian)::
+    * ``sum`` (residual connections; branches independent)::
 
           K = Σ_b K_b,   Θ = Σ_b Θ_b
 
       The branches' cross-covariances vanish when all but one end in a ``Dense`` layer of
-      their own (:meth:`Layer.draws_own_output`); other sums, such as ``x + x`` or
-      ``x + LayerNorm(x)``, are refused rather than given the kernel of independent branches.
+      their own (:meth:`Layer.draws_own_output`): its centred weights, drawn independently of
+      everything else, make ``E[f_b(x)_i g(x')_i] = 0`` whatever the other branch ``g`` carries.
+      Other sums, such as ``x + x`` or ``x + LayerNorm(x)``, are refused rather than given the
+      kernel of independent branches. The sum is Gaussian when every branch is; when one carries
+      an activation's output or the raw inputs (``x + f(x)`` after a ``ReLU``, or on the inputs,
+      where ``K_x = x·x'/d``) it is not, and as after a concatenation an activation may not
+      follow directly.
 
     * ``concat`` along channels, weighting each branch by its finite width ``n_b``
       (as neural-tangents' ``FanInConcat``)::
@@ -113,10 +118,8 @@ class Parallel(Layer):
     def kernel_map(self, state: KernelState) -> KernelState:
         outs = [branch.kernel_map(state).with_exact_diagonal() for branch in self.branches]
         if self.join == "sum":
-            if len(outs) > 1 and not all(out.is_gaussian for out in outs):
-                raise ValueError("A sum of branches needs every branch to end Gaussian (e.g. in a Dense "
-                                 "layer): an activation's output, raw inputs and concatenations are not "
-                                 "centred Gaussian features that the layers after the sum could take.")
+            if len(outs) > 1 and any(out.is_input for out in outs):
+                outs = [out.materialize() for out in outs]   # the raw inputs' branch: K_x = x·x'/d, Θ_x = 0
             widths = {out.width for out in outs}
             if len(widths) > 1:
                 raise ValueError(f"Branches joined by sum need equal widths, got {sorted(widths)}.")
@@ -190,6 +193,9 @@ class ParallelModule(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         outs = [branch(x) for branch in self.branches]
         if self.join == "sum":
+            widths = sorted({o.shape[-1] for o in outs})
+            if len(widths) > 1:   # a deferred build learns the input width here; broadcasting would hide it
+                raise ValueError(f"Branches joined by sum need equal widths, got {widths}.")
             out = outs[0]
             for other in outs[1:]:
                 out = out + other
@@ -216,8 +222,10 @@ def parallel(*branches: Layer, join: str = "sum") -> Parallel:
 
 def residual(*layers: Layer) -> Parallel:
     """A residual block ``x + f(x)`` with ``f = serial(*layers)``: ``K = K_x + K_f``, ``Θ = Θ_x + Θ_f``
-    (He et al. 2016; the infinite-width kernel as in neural-tangents). ``x`` must be Gaussian (after
-    a Dense), and ``f`` must end in a Dense layer of its own, so the two branches are independent."""
+    (He et al. 2016; the infinite-width kernel as in neural-tangents). ``f`` must end in a Dense layer
+    of its own, so the two branches are independent. After a Dense the sum is Gaussian; after an
+    activation or on the raw inputs it is not, and the next layer must be a Dense
+    (:class:`Parallel`)."""
     if not layers:   # Serial's own message named serial(), which the caller never wrote
         raise ValueError("residual() needs at least one layer.")
     return Parallel(Identity(), Serial(*layers), join="sum")
