@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -77,8 +80,29 @@ def _options(text: object, spec: bool = False) -> str:
     return message
 
 
+@contextlib.contextmanager
+def _current_folder_importable() -> Iterator[None]:
+    """The current folder on ``sys.path`` while the block runs, as ``python -m ntkgp`` has it for the
+    whole process and the ``ntkgp`` script does not: a ``--spec MODULE:FUNCTION`` (and what the
+    function imports when it is called) is found the same way under both."""
+    folder = os.getcwd()
+    added = "" not in sys.path and folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+
+
 def compare(args: argparse.Namespace) -> int:
     """Train finite ensembles, compare them with the infinite-width predictions, write a report."""
+    with _current_folder_importable():
+        return _compare(args)
+
+
+def _compare(args: argparse.Namespace) -> int:
     from ntkgp.compare import CompareConfig, load_dataset, run_comparison, write_report
     from ntkgp.compare.harness import INTERRUPTED, check_details
     from ntkgp.compare.report import check_notes
@@ -140,7 +164,6 @@ def compare(args: argparse.Namespace) -> int:
 
 def _writable_folder(path: str) -> None:
     """Create the report folder now, so that a bad ``--out`` fails before hours of training."""
-    import os
     import pathlib
     import tempfile
 
@@ -160,11 +183,9 @@ def _writable_folder(path: str) -> None:
 
 def load_spec(text: str):
     """The function named by ``--spec``: ``FILE.py:NAME`` (a Python file, run as a module of its own) or
-    ``MODULE:NAME`` (an importable module, or one in the current folder); ``ValueError`` for a name that
-    does not resolve."""
+    ``MODULE:NAME`` (an importable module); ``ValueError`` for a name that does not resolve."""
     import importlib
     import importlib.util
-    import os
     import pathlib
 
     where, colon, name = text.rpartition(":")
@@ -178,19 +199,12 @@ def load_spec(text: str):
         module = importlib.util.module_from_spec(found)
         found.loader.exec_module(module)   # errors in the user's file keep their traceback
     else:
-        # the current folder, as `python -m ntkgp` has it on sys.path and the `ntkgp` script does not
-        cwd_added = "" not in sys.path and os.getcwd() not in sys.path
-        if cwd_added:
-            sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(where)
         except ModuleNotFoundError as error:
             if error.name is None or not where.startswith(error.name):
                 raise       # the module exists but imports something missing: its own traceback
             raise ValueError(f"--spec: no module {where!r} (a file needs its .py suffix or a path).") from None
-        finally:
-            if cwd_added:
-                sys.path.remove(os.getcwd())
     function = getattr(module, name, None)
     if not callable(function):
         raise ValueError(f"--spec: {where} has no function {name!r}.")

@@ -1039,7 +1039,9 @@ def test_a_spec_module_in_the_current_folder_and_the_spec_s_own_errors(tmp_path,
     ``Dense(n, weight_var=-1.0)`` was rewritten to name ``--weight-var``, an option not given (and
     refused beside ``--spec``)."""
     (tmp_path / "cwd_nets.py").write_text(_SPEC_FILE + "\n\ndef negative(n):\n    return ntkgp.serial("
-                                      "ntkgp.Dense(n, weight_var=-1.0), ntkgp.Erf(), ntkgp.Dense(1))\n")
+                                      "ntkgp.Dense(n, weight_var=-1.0), ntkgp.Erf(), ntkgp.Dense(1))\n"
+                                      "\n\ndef later(n):\n    import cwd_helper\n    return cwd_helper.net(n)\n")
+    (tmp_path / "cwd_helper.py").write_text("import ntkgp\n\n\ndef net(n):\n    return ntkgp.mlp(1, 'relu', width=n)\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     before = list(sys.path)
@@ -1047,6 +1049,10 @@ def test_a_spec_module_in_the_current_folder_and_the_spec_s_own_errors(tmp_path,
              "--no-progress"]
     monkeypatch.delitem(sys.modules, "cwd_nets", raising=False)
     assert main(["compare", "--spec", "cwd_nets:resnet", *small, "--out", str(tmp_path / "a")]) == 0
+    assert sys.path == before
+    # a function that imports from the folder when called, during the comparison
+    monkeypatch.delitem(sys.modules, "cwd_helper", raising=False)
+    assert main(["compare", "--spec", "cwd_nets:later", *small, "--out", str(tmp_path / "c")]) == 0
     assert sys.path == before
     capsys.readouterr()
     assert main(["compare", "--spec", "cwd_nets.py:negative", *small, "--out", str(tmp_path / "b")]) == 2

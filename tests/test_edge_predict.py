@@ -368,6 +368,22 @@ def test_training_inputs_of_very_different_norms_are_not_singular():
         predict.gp_posterior(net, torch.cat([x, x[:1]]), torch.cat([y, y[:1] + 1]), xt, kernel="nngp", noise=0.0)
 
 
+# ... but relative rounding stops at the smallest normal number: a rank-10 float32 empirical NTK of
+# 12 points whose 4 small Jacobian rows (norm 1e-21) give subnormal entries (~1e-40) rounds
+# absolutely there, and scaled to unit diagonal it looked regular in some draws (test outputs
+# of ~1e20, where the pseudo-inverse gives ~0.5)
+def test_kernels_with_subnormal_diagonals_are_still_singular():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(100):
+        big, basis = torch.randn(8, 20, generator=g), torch.randn(2, 20, generator=g)
+        j = torch.cat([big, (torch.randn(4, 2, generator=g) @ basis) * 1e-21]).float()   # rank 10
+        k = j @ j.T
+        y, kt = torch.randn(12, generator=g), (torch.randn(3, 20, generator=g) @ j.double().T).float()
+        assert float(k.diagonal().min()) < torch.finfo(torch.float32).tiny
+        with pytest.raises(ValueError, match="singular"):
+            predict.gradient_descent_mse((k + k.T) / 2, y, 0.0, kt, 0.0)
+
+
 # the same for a float64 J Jᵀ of rank 29 on 30 points (an empirical NTK of fewer parameters than
 # points): 7 of these 40 draws passed the pivots, with test outputs 0.06 to 4.3 times the size of
 # the pseudo-inverse answer off it

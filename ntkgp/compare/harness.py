@@ -284,12 +284,13 @@ class ComparisonResult:
 SCALE_HEADROOM = 100.0
 
 
-def _check_scale(data: Dataset, dtype: torch.dtype, net: Layer) -> None:
+def _check_scale(data: Dataset, dtype: torch.dtype, net: Layer) -> float:
     """``ValueError`` unless the data fit the networks' ``dtype``: targets whose squares overflow made
     the first loss infinite, reported as "diverged at step 0" with no reason given, and so did
     finite inputs whose outputs' squares overflow (a ReLU network's outputs scale with its inputs:
     float32 inputs of 1e25 give outputs of ~1e25 and losses of ~1e50). The outputs' scale is the
-    prior variance (``K(x, x)``, and the NTK's diagonal for the gradients), computed in float64."""
+    prior variance (``K(x, x)``, and the NTK's diagonal for the gradients), computed in float64.
+    Returns the largest prior variance over the test points (the variance check's scale)."""
     advice = (" or train float64 networks (dtype='float64'; --dtype float64)." if dtype != torch.float64 else ".")
     for name, values in (("inputs", torch.cat([data.x_train, data.x_test])), ("targets", data.y_train)):
         held = values.to(dtype)
@@ -306,6 +307,7 @@ def _check_scale(data: Dataset, dtype: torch.dtype, net: Layer) -> None:
                          f"reaches {scale:.3g} (the kernels' diagonal), and the squared errors and gradients "
                          f"overflow {dtype} (largest magnitude of the inputs {float(data.x_train.abs().max()):.3g}): "
                          "rescale them" + advice)
+    return float(diagonal.nngp[data.x_train.shape[0]:].max())
 
 
 def _flag(value: object, name: str) -> bool:
@@ -390,7 +392,7 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     # The NTK-parameterized twin gives the infinite-width dynamics of both parameterizations
     # (standard layers train with the equivalent per-layer learning rates).
     analytic_net = config.network(config.widths[0], ntk_twin=True)
-    _check_scale(data, dtype, analytic_net)
+    prior_scale = _check_scale(data, dtype, analytic_net)   # the outputs' scale before training
     max_lr = GradientFlow(analytic_net, data.x_train, data.y_train, kernel=kernel).max_learning_rate
     if not math.isfinite(max_lr):   # 2m/λ_max with λ_max = 0
         raise ValueError(f"The training {kernel.upper()} of this network is zero (e.g. all training inputs are zero "
@@ -403,8 +405,6 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     continuous = flow.predict(data.x_test, t=torch.tensor(steps, dtype=torch.float64, device="cpu"), compute_cov=False)
     mu = exact.mean[..., 0]                                   # (T, M)
     var = exact.variance                                      # (T, M)
-    with torch.no_grad():   # the outputs' scale before training: the variance check's floor is relative to it
-        prior_scale = float(analytic_net.kernel(data.x_test, diag=True, ntk=False).nngp.max())
     probe = data.x_test[:: max(1, data.x_test.shape[0] // config.probe_points)][: config.probe_points]
     tolerance = variance_tolerance(config.ensemble_size)
     perfect, calibration = None, None

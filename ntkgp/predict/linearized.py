@@ -27,7 +27,6 @@ from ntkgp.predict.spectral import (
     flatten_full_kernel,
     make_schedule,
     regularize,
-    rounding_eps,
     spectral_apply,
     stability_limit,
     warn_if_unresolved,
@@ -108,7 +107,7 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
     # threshold took for real ones and inverted (rank 10 of 40 points: test outputs 5.0 off at t = ∞)
     if schedule is None:
         # also for the training outputs: a singular kernel cannot fit Y
-        factor = cholesky(kernel, "training NTK", eps=rounding_eps(kernel, ntk_train_train.dtype))
+        factor = cholesky(kernel, "training NTK", given=ntk_train_train.dtype)
         train = y.clone()
         test = None
         if ntk_test_train is not None:

@@ -59,32 +59,40 @@ def rounding_eps(k: Tensor, given: torch.dtype | None = None) -> float:
     return eps if given is None else max(eps, torch.finfo(given).eps)
 
 
-def cholesky(k: Tensor, what: str, eps: float | None = None) -> Tensor:
+def cholesky(k: Tensor, what: str, given: torch.dtype | None = None) -> Tensor:
     """Lower Cholesky factor, or a ``ValueError`` that says how to regularize.
 
     A matrix counts as singular when the factorization fails or, scaled to unit diagonal
     (``S = D⁻¹ k D⁻¹``, ``D = diag(k)^½``), its smallest eigenvalue falls below ``N · ε`` (numpy's
-    rank threshold; ``ε`` the rounding level of the entries, :func:`rounding_eps`, by default that
-    of ``k``'s dtype): duplicated points pass a plain Cholesky on rounding-level pivots, and solving
-    with them would silently amplify noise by ~1e16 (by ~1e7 for a float32 kernel factored in
-    float64). The scaling is what the solve's accuracy depends on: Cholesky's backward error in
-    entry ``ij`` is ``~ε sqrt(k_ii k_jj)`` (Demmel 1989), so its solution is accurate to
-    ``cond(S)``, not ``cond(k)`` (van der Sluis 1969), and a kernel of training inputs whose norms
-    span decades (``cond(k) = 1e15`` from the scales alone for a bias-free ReLU network) is not
-    refused. The pivots ``L_ii² / k_ii`` bound that eigenvalue only loosely (the last one is about
-    ``λ_min / v_N²`` for the null vector ``v``, so a singular matrix whose null vector barely
-    touches the last row passed them), so below them :func:`_smallest_eigenvalue_bound` checks it
-    by inverse iteration with the scaled factor ``D⁻¹ L``.
+    rank threshold; ``ε`` the rounding level of the entries, :func:`rounding_eps`: that of ``k``'s
+    dtype, or of ``given``, the dtype the kernel came in, if coarser): duplicated points pass a
+    plain Cholesky on rounding-level pivots, and solving with them would silently amplify noise
+    by ~1e16 (by ~1e7 for a float32 kernel factored in float64). The scaling is what the solve's
+    accuracy depends on: Cholesky's backward error in entry ``ij`` is ``~ε sqrt(k_ii k_jj)``
+    (Demmel 1989), so its solution is accurate to ``cond(S)``, not ``cond(k)`` (van der Sluis
+    1969), and a kernel of training inputs whose norms span decades (``cond(k) = 2e19`` from the
+    scales alone for a bias-free ReLU network, ``cond(S) = 1e2``) is not refused. The pivots
+    ``L_ii² / k_ii`` bound that eigenvalue only loosely (the last one is about ``λ_min / v_N²`` for
+    the null vector ``v``, so a singular matrix whose null vector barely touches the last row
+    passed them), so below them :func:`_smallest_eigenvalue_bound` checks it by inverse iteration
+    with the scaled factor ``D⁻¹ L``.
+
+    Relative rounding holds down to the smallest normal number ``tiny`` only: below it (float32
+    Jacobian rows of norm 1e-21, float64 inputs of norm 1e-155) entries round absolutely, and a
+    singular kernel of such rows scaled to unit diagonal looked regular (test outputs of 1e20
+    where the pseudo-inverse gives 0.3). So diagonal entries count as at least ``tiny/ε`` in
+    ``D``, and pivots below ``N · tiny`` as zero.
     """
     factor, info = torch.linalg.cholesky_ex(k)
     n = k.shape[-1]
-    eps = torch.finfo(k.dtype).eps if eps is None else eps
+    eps = rounding_eps(k, given)
+    tiny = max(torch.finfo(k.dtype).tiny, torch.finfo(given).tiny if given is not None else 0.0)
     diagonal = torch.diagonal(k, dim1=-2, dim2=-1)
     pivots = torch.diagonal(factor, dim1=-2, dim2=-1) ** 2
     # a zero diagonal entry has a zero pivot and is caught here, before the scaling divides by it
-    singular = bool((info > 0).any()) or bool((pivots <= n * eps * diagonal).any())
+    singular = bool((info > 0).any()) or bool((pivots <= n * (eps * diagonal + tiny)).any())
     if not singular:
-        scaled = factor / diagonal.sqrt().unsqueeze(-1)
+        scaled = factor / diagonal.clamp_min(tiny / eps).sqrt().unsqueeze(-1)
         singular = bool((_smallest_eigenvalue_bound(scaled) <= n * eps).any())
     if singular:
         coarse = (f" A kernel given in lower precision carries rounding of ~{eps:.1e} of its largest entries: "
