@@ -305,6 +305,25 @@ def test_training_and_empirical_ntks_under_a_callers_no_grad_or_inference_mode(m
     assert all(p.grad is not None for p in built.parameters())
 
 
+def test_a_spec_made_inside_inference_mode_builds_and_trains():
+    """A spec made (or its variances set) inside ``torch.inference_mode()`` had inference
+    tensors as raw variances and anchors: every build, inside the mode or after it, failed with
+    "Inference tensors cannot be saved for backward", and so did train_ensemble."""
+    with torch.inference_mode():
+        net = _net(width=16)
+        net[0].weight_var = 1.7
+        kernel = ntkgp.NNGPKernel(ntkgp.mlp(1, "erf", 1.5, 0.1))
+        kernel.net[0].bias_var = 0.2
+        inside = train_ensemble(net, X.clone(), Y.clone(), ensemble_size=2, learning_rate=0.2, record_steps=[0, 2],
+                                dtype=torch.float64, device="cpu")
+    outside = train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.2, record_steps=[0, 2], dtype=torch.float64,
+                             device="cpu")
+    torch.testing.assert_close(inside.test_outputs, outside.test_outputs, rtol=0, atol=0)
+    net.build(1, seed=0, dtype=torch.float64)(X).sum().backward()
+    kernel(X).to_dense().sum().backward()   # the variances are learnable after the mode is left
+    assert all(p.grad is not None for p in kernel.parameters())
+
+
 def test_train_ensemble_refuses_the_meta_device():
     """device="meta" built the networks and then failed inside torch's .item()."""
     net = ntkgp.mlp(1, "erf", 2.0, 0.1, width=4)
