@@ -74,8 +74,7 @@ def cholesky(k: Tensor, what: str, given: torch.dtype | None = None) -> Tensor:
     scales alone for a bias-free ReLU network, ``cond(S) = 1e2``) is not refused. The pivots
     ``L_ii² / k_ii`` bound that eigenvalue only loosely (the last one is about ``λ_min / v_N²`` for
     the null vector ``v``, so a singular matrix whose null vector barely touches the last row
-    passed them), so below them :func:`_smallest_eigenvalue_bound` checks it by inverse iteration
-    with the scaled factor ``D⁻¹ L``.
+    passed them), so below them :func:`_smallest_eigenvalue_bound` checks it by inverse iteration.
 
     Relative rounding holds down to the smallest normal number ``tiny`` only: below it (float32
     Jacobian rows of norm 1e-21, float64 inputs of norm 1e-155) entries round absolutely, and a
@@ -92,8 +91,8 @@ def cholesky(k: Tensor, what: str, given: torch.dtype | None = None) -> Tensor:
     # a zero diagonal entry has a zero pivot and is caught here, before the scaling divides by it
     singular = bool((info > 0).any()) or bool((pivots <= n * (eps * diagonal + tiny)).any())
     if not singular:
-        scaled = factor / diagonal.clamp_min(tiny / eps).sqrt().unsqueeze(-1)
-        singular = bool((_smallest_eigenvalue_bound(scaled) <= n * eps).any())
+        scale = diagonal.clamp_min(tiny / eps).sqrt()
+        singular = bool((_smallest_eigenvalue_bound(factor, scale) <= n * eps).any())
     if singular:
         coarse = (f" A kernel given in lower precision carries rounding of ~{eps:.1e} of its largest entries: "
                   "compute it in float64, or regularize above that level."
@@ -116,20 +115,23 @@ def cholesky_solve(b: Tensor, factor: Tensor) -> Tensor:
                                          upper=True)
 
 
-def _smallest_eigenvalue_bound(factor: Tensor, iterations: int = 3) -> Tensor:
-    """An upper bound on ``λ_min`` of ``L Lᵀ`` from ``iterations`` steps of inverse iteration.
+def _smallest_eigenvalue_bound(factor: Tensor, scale: Tensor, iterations: int = 3) -> Tensor:
+    """An upper bound on ``λ_min`` of ``S = D⁻¹ L Lᵀ D⁻¹`` (``D = diag(scale)``) from ``iterations``
+    steps of inverse iteration.
 
-    For a unit vector ``x``, ``‖(L Lᵀ)⁻¹ x‖ ≤ 1/λ_min``, so ``1/‖(L Lᵀ)⁻¹ x‖ ≥ λ_min``, and it
-    converges to ``λ_min`` at the rate ``λ_min/λ_2``: an isolated rounding-level eigenvalue is found
-    in one step. ``O(N²)`` per step with the factor, against the ``O(N³)`` factorization; a fixed
+    For a unit vector ``x``, ``‖S⁻¹ x‖ ≤ 1/λ_min``, so ``1/‖S⁻¹ x‖ ≥ λ_min``, and it converges to
+    ``λ_min`` at the rate ``λ_min/λ_2``: an isolated rounding-level eigenvalue is found in one step.
+    ``S⁻¹ x = D (L Lᵀ)⁻¹ D x``: ``O(N²)`` per step with the factor, against the ``O(N³)``
+    factorization, and no scaled copy of it (a third kernel-sized matrix at the peak). A fixed
     start vector keeps the check deterministic.
     """
     n = factor.shape[-1]
     start = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64, device="cpu")
     x = start.to(factor).expand(*factor.shape[:-2], n, 1)
+    d = scale.unsqueeze(-1)
     bound = None
     for _ in range(iterations):
-        x = cholesky_solve(x / torch.linalg.vector_norm(x, dim=-2, keepdim=True), factor)
+        x = d * cholesky_solve(d * x / torch.linalg.vector_norm(x, dim=-2, keepdim=True), factor)
         bound = torch.linalg.vector_norm(x, dim=-2).squeeze(-1).reciprocal()
     return bound
 
