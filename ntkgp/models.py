@@ -121,8 +121,9 @@ class NetworkGP(gpytorch.models.ExactGP):
                 raise ValueError(f"x must have {features} feature(s) like train_x, shape (..., M, {features}); "
                                  f"got shape {shape}.")
             dtype = self.train_inputs[0].dtype
-            if x.is_floating_point() and x.dtype != dtype:
-                # else GPyTorch's "expected m1 and m2 to have the same dtype", from deep inside its prediction
+            if x.is_floating_point() and torch.promote_types(x.dtype, dtype) != dtype:
+                # a wider dtype than the model's: GPyTorch's "expected m1 and m2 to have the same dtype",
+                # from deep inside its prediction (narrower inputs are promoted, as integer ones are)
                 raise ValueError(f"x is {x.dtype} but the model's training inputs are {dtype}: convert x "
                                  f"(x.to({dtype})), or the model and its data (NetworkGP(train_x.to(...), ...)).")
         return super().__call__(*inputs, **kwargs)

@@ -379,10 +379,14 @@ def test_network_gp_checks_test_inputs_before_gpytorch_concatenates_them():
             model(bad)
     with pytest.raises(ValueError, match="contains NaN"):
         model(torch.full((3, features), math.nan))
-    # another float dtype: GPyTorch's "expected m1 and m2 to have the same dtype" from deep inside
-    other = torch.float32 if x.dtype == torch.float64 else torch.float64
-    with pytest.raises(ValueError, match=f"x is {other} but the model's training inputs are {x.dtype}"):
-        model(torch.randn(3, features, dtype=other))
+    # a wider float dtype than the model's: GPyTorch's "expected m1 and m2 to have the same dtype" from
+    # deep inside; a narrower one is promoted (as integers are), with the same result
+    narrow = NetworkGP(x.float(), y.float())
+    narrow.eval()
+    with pytest.raises(ValueError, match=r"x is torch\.float64 but the model.s training inputs are torch\.float32"):
+        narrow(x[:3].double())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:3].float()).mean, model(x[:3].float().double()).mean, rtol=0, atol=0)
     with torch.no_grad():   # integer test inputs: promoted by GPyTorch, as before the shape check
         assert model(torch.ones(3, features, dtype=torch.long)).mean.shape == (3,)
     with torch.no_grad():

@@ -76,9 +76,10 @@ class Parallel(Layer):
       everything else, make ``E[f_b(x)_i g(x')_i] = 0`` whatever the other branch ``g`` carries.
       Other sums, such as ``x + x`` or ``x + LayerNorm(x)``, are refused rather than given the
       kernel of independent branches. The sum is Gaussian when every branch is; when one carries
-      an activation's output or the raw inputs (``x + f(x)`` after a ``ReLU``, or on the inputs,
-      where ``K_x = x·x'/d``) it is not, and as after a concatenation an activation may not
-      follow directly.
+      an activation's output (``x + f(x)`` after a ``ReLU``) it is not, and as after a
+      concatenation an activation may not follow directly. A branch of raw inputs is refused: the
+      sum would keep their fixed width ``d``, and the layers after it would not be Gaussian in
+      the limit.
 
     * ``concat`` along channels, weighting each branch by its finite width ``n_b``
       (as neural-tangents' ``FanInConcat``)::
@@ -119,7 +120,12 @@ class Parallel(Layer):
         outs = [branch.kernel_map(state).with_exact_diagonal() for branch in self.branches]
         if self.join == "sum":
             if len(outs) > 1 and any(out.is_input for out in outs):
-                outs = [out.materialize() for out in outs]   # the raw inputs' branch: K_x = x·x'/d, Θ_x = 0
+                # x·x'/d would be the branch's kernel, but the sum keeps the inputs' fixed width d: a
+                # Dense after it is a Gaussian scale mixture, not the Gaussian its map assumes (an
+                # activation after that was off by z = 14 against wide networks at d = 1)
+                raise ValueError("A sum with the raw inputs as a branch (a residual on the inputs) keeps "
+                                 "their fixed width, which no kernel map describes: put a Dense layer "
+                                 "before the residual.")
             widths = {out.width for out in outs}
             if len(widths) > 1:
                 raise ValueError(f"Branches joined by sum need equal widths, got {sorted(widths)}.")
@@ -224,7 +230,7 @@ def residual(*layers: Layer) -> Parallel:
     """A residual block ``x + f(x)`` with ``f = serial(*layers)``: ``K = K_x + K_f``, ``Θ = Θ_x + Θ_f``
     (He et al. 2016; the infinite-width kernel as in neural-tangents). ``f`` must end in a Dense layer
     of its own, so the two branches are independent. After a Dense the sum is Gaussian; after an
-    activation or on the raw inputs it is not, and the next layer must be a Dense
+    activation it is not, and the next layer must be a Dense; on the raw inputs it is refused
     (:class:`Parallel`)."""
     if not layers:   # Serial's own message named serial(), which the caller never wrote
         raise ValueError("residual() needs at least one layer.")
