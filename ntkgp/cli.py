@@ -65,16 +65,16 @@ PRESETS = {
 OPTIONS = {"ensemble_size": "--ensemble-size", "record_steps": "--steps", "weight_var": "--weight-var",
            "bias_var": "--bias-var", "learning_rate": "--learning-rate", "lr_fraction": "--lr-fraction",
            "chunk_size": "--chunk-size"}
-#: Those of them that set the default MLP, which ``--spec`` replaces.
-MLP_OPTIONS = ("weight_var", "bias_var")
 
 
 def _options(text: object, spec: bool = False) -> str:
     """``text`` (an error, a check or a note) with the config's field names replaced by the options a user
     typed; with a ``spec`` not the MLP's (``weight_var`` in an error is then the spec's own layer argument)."""
+    from ntkgp.compare.harness import MLP_FIELDS
+
     message = str(text)
     for field, option in OPTIONS.items():
-        if spec and field in MLP_OPTIONS:
+        if spec and field in MLP_FIELDS:
             continue
         message = re.sub(rf"(?<![\w/.-]){field}(?![\w/.-])", option, message)   # not inside a path
     return message
@@ -118,7 +118,7 @@ def _compare(args: argparse.Namespace) -> int:
     device = None if args.device == "auto" else args.device
     spec = args.spec is not None
     try:  # bad settings and files get one line, not a traceback, before any training
-        if args.spec is not None:
+        if spec:
             mlp_options = {"--depth": args.depth, "--activation": args.activation, "--weight-var": args.weight_var,
                            "--bias-var": args.bias_var, "--no-bias": args.no_bias or None,
                            "--parameterization": args.parameterization}

@@ -43,18 +43,19 @@ import numpy as np
 import torch
 
 from ntkgp._checks import integer_at_least, seed_value
-from ntkgp.compare.calibration import perfect_ensemble_scores, pointwise_scores, simulated_share
+from ntkgp.compare.calibration import MEAN_SLACK, perfect_ensemble_scores, pointwise_scores, simulated_share
 from ntkgp.compare.datasets import Dataset, plot_coordinate, plot_label
 from ntkgp.finite.rates import ntk_parameterized
 from ntkgp.finite.train import EnsembleHistory, train_ensemble
 from ntkgp.layers.base import Layer
 from ntkgp.layers.mlp import mlp
+from ntkgp.layers.state import KernelState
 from ntkgp.layers.validation import finite_number, positive_number
 from ntkgp.predict import GradientFlow
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: The settings of the default MLP that a ``spec`` replaces.
-_MLP_FIELDS = ("depth", "activation", "weight_var", "bias_var", "parameterization")
+MLP_FIELDS = ("depth", "activation", "weight_var", "bias_var", "parameterization")
 
 
 @dataclass
@@ -154,9 +155,9 @@ class CompareConfig:
             if not callable(self.spec):
                 raise ValueError(f"spec must be a function of the hidden width that returns a network spec, got "
                                  f"{type(self.spec).__name__}.")
-            replaced = [name for name in _MLP_FIELDS if getattr(self, name) != getattr(CompareConfig, name)]
+            replaced = [name for name in MLP_FIELDS if getattr(self, name) != getattr(CompareConfig, name)]
             if replaced:
-                fields = f"{', '.join(_MLP_FIELDS[:-1])} and {_MLP_FIELDS[-1]}"
+                fields = f"{', '.join(MLP_FIELDS[:-1])} and {MLP_FIELDS[-1]}"
                 raise ValueError(f"spec replaces {fields}: leave them at their defaults "
                                  f"(got {', '.join(f'{n}={getattr(self, n)!r}' for n in replaced)}).")
         first = self.network(self.widths[0])  # the spec validates activation, variances and depth
@@ -284,30 +285,33 @@ class ComparisonResult:
 SCALE_HEADROOM = 100.0
 
 
-def _check_scale(data: Dataset, dtype: torch.dtype, net: Layer) -> float:
+def _advice(dtype: torch.dtype) -> str:
+    return " or train float64 networks (dtype='float64'; --dtype float64)." if dtype != torch.float64 else "."
+
+
+def _check_scale(data: Dataset, dtype: torch.dtype) -> None:
     """``ValueError`` unless the data fit the networks' ``dtype``: targets whose squares overflow made
-    the first loss infinite, reported as "diverged at step 0" with no reason given, and so did
-    finite inputs whose outputs' squares overflow (a ReLU network's outputs scale with its inputs:
-    float32 inputs of 1e25 give outputs of ~1e25 and losses of ~1e50). The outputs' scale is the
-    prior variance (``K(x, x)``, and the NTK's diagonal for the gradients), computed in float64.
-    Returns the largest prior variance over the test points (the variance check's scale)."""
-    advice = (" or train float64 networks (dtype='float64'; --dtype float64)." if dtype != torch.float64 else ".")
+    the first loss infinite, reported as "diverged at step 0" with no reason given."""
     for name, values in (("inputs", torch.cat([data.x_train, data.x_test])), ("targets", data.y_train)):
         held = values.to(dtype)
         squares_overflow = name == "targets" and not bool(torch.isfinite(held.square().sum()))
         if not bool(torch.isfinite(held).all()) or squares_overflow:
             what = "they overflow it" if name == "inputs" else "their squared errors overflow it"
             raise ValueError(f"The {name} are too large for {dtype} networks (largest magnitude "
-                             f"{float(values.abs().max()):.3g}: {what}): rescale them" + advice)
-    with torch.no_grad():
-        diagonal = net.kernel(torch.cat([data.x_train, data.x_test]), diag=True)
+                             f"{float(values.abs().max()):.3g}: {what}): rescale them" + _advice(dtype))
+
+
+def _check_output_scale(data: Dataset, dtype: torch.dtype, diagonal: KernelState) -> None:
+    """``ValueError`` when finite inputs give outputs whose squares overflow ``dtype`` (a ReLU
+    network's outputs scale with its inputs: float32 inputs of 1e25 give outputs of ~1e25 and losses
+    of ~1e50, which read as "diverged at step 0"). The outputs' scale is the prior variance
+    (``diagonal``: ``K(x, x)``, and the NTK's for the gradients, over the training and test points)."""
     scale = float(torch.maximum(diagonal.nngp, diagonal.ntk).max())
     if not scale * SCALE_HEADROOM * data.x_train.shape[0] < torch.finfo(dtype).max:
         raise ValueError(f"The inputs are too large for {dtype} networks: the outputs' variance at initialization "
                          f"reaches {scale:.3g} (the kernels' diagonal), and the squared errors and gradients "
                          f"overflow {dtype} (largest magnitude of the inputs {float(data.x_train.abs().max()):.3g}): "
-                         "rescale them" + advice)
-    return float(diagonal.nngp[data.x_train.shape[0]:].max())
+                         "rescale them" + _advice(dtype))
 
 
 def _flag(value: object, name: str) -> bool:
@@ -388,11 +392,15 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     start = time.perf_counter()
     kernel = "nngp" if config.readout_only else "ntk"
     dtype = DTYPES[config.dtype]
+    _check_scale(data, dtype)
     _check_outputs(config, data)
     # The NTK-parameterized twin gives the infinite-width dynamics of both parameterizations
     # (standard layers train with the equivalent per-layer learning rates).
     analytic_net = config.network(config.widths[0], ntk_twin=True)
-    prior_scale = _check_scale(data, dtype, analytic_net)   # the outputs' scale before training
+    with torch.no_grad():
+        diagonal = analytic_net.kernel(torch.cat([data.x_train, data.x_test]), diag=True)
+    _check_output_scale(data, dtype, diagonal)
+    prior_scale = float(diagonal.nngp[data.x_train.shape[0]:].max())   # the variance check's scale
     max_lr = GradientFlow(analytic_net, data.x_train, data.y_train, kernel=kernel).max_learning_rate
     if not math.isfinite(max_lr):   # 2m/λ_max with λ_max = 0
         raise ValueError(f"The training {kernel.upper()} of this network is zero (e.g. all training inputs are zero "
@@ -489,7 +497,7 @@ def _settings(config: CompareConfig) -> dict:
     settings = asdict(plain)
     if config.spec is not None:
         settings["spec"] = repr(config.network(config.widths[0]))
-        settings.update(dict.fromkeys(_MLP_FIELDS))   # not the network compared: the spec replaced them
+        settings.update(dict.fromkeys(MLP_FIELDS))   # not the network compared: the spec replaced them
     return settings
 
 
@@ -627,11 +635,13 @@ def _pointwise_checks(result: ComparisonResult) -> dict[int, list[tuple[str, boo
         for i, s in enumerate(r.steps):
             if s == 0:
                 continue
-            rows.append((f"width {r.width}, step {s}: mean within 3 SE + 0.02 at >= 95% of points",
+            rows.append((f"width {r.width}, step {s}: mean within 3 SE + {MEAN_SLACK:g} at >= "
+                         f"{100 * MEAN_FRACTION:.0f}% of points",
                          r.mean_within[i] >= MEAN_FRACTION, r.mean_within[i],
                          chance(r.mean_within_chance, i)))
             if variances_checked(members):
-                rows.append((f"width {r.width}, step {s}: variance within {100 * tolerance:.0f}% at >= 90% of points",
+                rows.append((f"width {r.width}, step {s}: variance within {100 * tolerance:.0f}% at >= "
+                             f"{100 * VAR_FRACTION:.0f}% of points",
                              r.var_within[i] >= VAR_FRACTION, r.var_within[i],
                              chance(r.var_within_chance, i)))
     return found

@@ -25,7 +25,7 @@ def check_notes(r: ComparisonResult) -> list[str]:
                      "even 0 (at least 11 members are needed)")
     calibration = r.calibration   # None when no width is checked point-wise
     if calibration and any(w.width >= POINTWISE_MIN_WIDTH and w.steps for w in r.widths):
-        gaussian = "NTK-GP" if r.kernel == "ntk" else r.kernel.upper()
+        gaussian = _limit_name(r)
         late = {key: [v for s, v in zip(r.steps, calibration[key], strict=True) if s > 0 and math.isfinite(v)]
                 for key in ("mean_fail", "var_fail")}   # NaN: a step not simulated (its covariance overflowed)
         rates = [f"the {name} check {_percent_range(late[key])} of the time"

@@ -88,7 +88,7 @@ class ExactVariance(GreaterThan):
         return f"{self._get_name()}(anchor shape={tuple(self.anchor.shape)})"
 
 
-def normal_tensors(method: Callable) -> Callable:
+def _normal_tensors(method: Callable) -> Callable:
     """Run ``method`` outside ``torch.inference_mode()``: the parameters and anchors it makes are
     normal tensors even when a spec is made or set inside it (inference tensors there made every
     later build and gradient fail: "Inference tensors cannot be saved for backward")."""
@@ -99,7 +99,6 @@ def normal_tensors(method: Callable) -> Callable:
     return wrapper
 
 
-@normal_tensors
 def check_variance(name: str, value: float | Tensor) -> Tensor:
     """Validate a variance given by the user and return it as a float64 tensor."""
     if isinstance(value, Tensor):
@@ -129,7 +128,7 @@ def _initialize_variance(name: str, module: VarianceParameters, value: float | T
 class VarianceParameters:
     """Mixin for ``gpytorch.Module`` layers that own variance hyperparameters."""
 
-    @normal_tensors
+    @_normal_tensors
     def register_variance(self, name: str, value: float | Tensor, event_shape: torch.Size = torch.Size([]),
                           prior: Prior | None = None) -> None:
         """Register ``raw_<name>`` with an :class:`ExactVariance` constraint and optional prior."""
@@ -179,7 +178,7 @@ class VarianceParameters:
         raw = getattr(self, f"raw_{name}")
         return getattr(self, f"raw_{name}_constraint").value_as(raw, like)
 
-    @normal_tensors
+    @_normal_tensors
     def set_variance(self, name: str, value: float | Tensor) -> None:
         """Set a variance exactly: the anchor becomes ``value`` and ``raw`` returns to 0.
 
@@ -205,7 +204,7 @@ class VarianceParameters:
         with torch.no_grad():
             raw.zero_()
 
-    @normal_tensors
+    @_normal_tensors
     def expand_variances(self, batch_shape: torch.Size) -> None:
         """Give every variance of this module a leading ``batch_shape`` (for GPyTorch batches)."""
         for name, raw in list(self._parameters.items()):
@@ -220,7 +219,7 @@ class VarianceParameters:
             self._parameters[name] = new_raw
             constraint.anchor = anchor
 
-    @normal_tensors
+    @_normal_tensors
     def index_variances(self, index: tuple) -> None:
         """Index the batch dimensions of every variance (``kernel[i]`` in GPyTorch)."""
         for name, raw in list(self._parameters.items()):
