@@ -26,8 +26,8 @@ from ntkgp.predict.spectral import (
     cholesky_solve,
     flatten_full_kernel,
     make_schedule,
+    matrix_function_product,
     regularize,
-    spectral_apply,
     stability_limit,
     warn_if_unresolved,
     warn_if_unstable,
@@ -114,20 +114,26 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
             coef = cholesky_solve(-flat, factor)
             test = fx_test_0.to(factor_dtype) + (ntk_test_train.to(factor_dtype) @ coef).reshape(fx_test_0.shape)
     else:
-        eig = Eigensystem.of(kernel, check_as=("ntk_train_train", ntk_train_train.dtype))
+        # the eigenvectors carry no graph: autograd through eigh divides by eigenvalue gaps (NaN for
+        # repeated ones); matrix_function_product differentiates the matrix functions instead
+        eig = Eigensystem.of(kernel.detach(), check_as=("ntk_train_train", ntk_train_train.dtype))
         if schedule.discrete:
-            warn_if_unstable(schedule.learning_rate, stability_limit(float(eig.values.max().detach()), y_train.numel()),
+            warn_if_unstable(schedule.learning_rate, stability_limit(float(eig.values.max()), y_train.numel()),
                              factor_dtype, out_dtype)
         _, growth, flow = schedule.functions(eig)
-        v = eig.vectors
-        proj = v.mT @ flat                                                  # (N, k)
-        train = f0 - spectral_apply(v, growth, proj).reshape(-1, *y.shape)
+        slopes = (None, None)
+        if kernel.requires_grad and torch.is_grad_enabled():
+            slopes = schedule.slopes(eig)
+        tau = schedule.tau(kernel.dtype).detach()
+        train = f0 - matrix_function_product(kernel, eig, growth, slopes[0], tau, flat).reshape(-1, *y.shape)
         train = schedule.reshape(train, y.dim())
         test = None
         if ntk_test_train is not None:
-            test_eigen = ntk_test_train.to(factor_dtype) @ v
-            delta = spectral_apply(test_eigen, flow, proj)
-            warn_if_unresolved(test_eigen, proj, delta, schedule, eig)
+            left = ntk_test_train.to(factor_dtype)
+            test_eigen = left @ eig.vectors
+            delta = matrix_function_product(kernel, eig, flow, slopes[1], tau, flat, test_eigen, left)
+            with torch.no_grad():
+                warn_if_unresolved(test_eigen, eig.vectors.mT @ flat, delta, schedule, eig)
             # the number of times, not -1: an empty test set has no entries to infer it from
             test = fx_test_0.to(factor_dtype) - delta.reshape(growth.shape[0], *fx_test_0.shape)
             test = schedule.reshape(test, fx_test_0.dim())

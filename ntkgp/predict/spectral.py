@@ -217,6 +217,46 @@ class Schedule:
         decay, growth = torch.where(null, 1.0, decay), torch.where(null, 0.0, growth)
         return decay, growth, torch.where(null, 0.0, flow)
 
+    def slopes(self, eig: Eigensystem) -> tuple[Tensor, Tensor]:
+        """``d/dλ`` of ``growth`` and ``flow`` (:meth:`functions`), each ``(T, N)``; 0 along
+        untrained directions. Without the graph of the times (the gradient of a gradient is not
+        needed for :func:`matrix_function_product`).
+
+        With ``x = λτ`` (continuous) ``growth' = τ e^{−x}`` and ``flow' = τ² φ'(x)``, ``φ(x) =
+        (1 − e^{−x})/x``; ``φ'`` cancels to ``ε/x²`` for small ``x``, where its series is used. After
+        ``s`` stable steps (``a = ηλ/m < 1``, ``u = −s log(1 − a)``, ``ℓ = u/(λτ)``) ``growth' =
+        s (η/m) e^{−u}/(1 − a)`` and ``flow' = τ² ℓ² φ'(u) + τ (η/m) e^{−u} N(a)/((1 − a) a²)`` with
+        ``N(a) = a − (1 − a)(−log(1 − a)) = Σ_{k≥2} a^k/(k(k−1))`` (series for small ``a``).
+        """
+        lam = eig.values.detach().unsqueeze(-2)                                  # (1, N)
+        tau = self.tau(lam.dtype).detach().unsqueeze(-1)                         # (T, 1)
+        rate = self.learning_rate / self.m
+        safe_lam = torch.where(lam > 0, lam, torch.ones_like(lam))
+        if not self.discrete:
+            finite = torch.isfinite(tau)
+            x = torch.where(finite, tau, 0.0) * lam
+            growth = torch.where(finite, torch.where(finite, tau, 0.0) * torch.exp(-x), 0.0)
+            flow = torch.where(finite, torch.where(finite, tau, 0.0) ** 2 * _phi_slope(x), -1 / safe_lam ** 2)
+        else:
+            a = rate * lam
+            stable = a < 1
+            a_s = torch.where(stable, a, torch.zeros_like(a))
+            log_term = -torch.log1p(-a_s)                                        # −log(1 − a) = a ℓ
+            ell = torch.where(a_s > 0, log_term / torch.where(a_s > 0, a_s, 1.0), 1.0)
+            u = self.values.detach().to(lam.dtype).unsqueeze(-1) * log_term       # (T, N)
+            decay = torch.exp(-u)
+            steps = self.values.detach().to(lam.dtype).unsqueeze(-1)
+            growth_stable = decay * steps * rate / (1 - a_s)
+            flow_stable = tau ** 2 * ell ** 2 * _phi_slope(u) + tau * rate * decay * _n_over_a2(a_s) / (1 - a_s)
+            # beyond the stability limit (a ≥ 1, so λ > 0): no cancellation
+            power = torch.pow(1 - a, steps - 1)
+            growth_big = steps * rate * power
+            flow_big = (growth_big * lam - (1 - power * (1 - a))) / safe_lam ** 2
+            growth = torch.where(stable, growth_stable, growth_big)
+            flow = torch.where(stable, flow_stable, flow_big)
+        null = self.untrained(eig)
+        return torch.where(null, 0.0, growth), torch.where(null, 0.0, flow)
+
     def tau(self, dtype: torch.dtype) -> Tensor:
         """``(T,)`` scaled times ``τ = η t / m`` (``s η / m`` for ``s`` steps)."""
         return (self.learning_rate / self.m) * self.values.to(dtype)
@@ -234,6 +274,32 @@ class Schedule:
     def reshape(self, out: Tensor, trailing: int) -> Tensor:
         """``(T, *rest)`` → ``(*shape, *rest)`` (``rest`` has ``trailing`` dimensions)."""
         return out.reshape(*self.shape, *out.shape[out.dim() - trailing:])
+
+
+def _phi_slope(x: Tensor) -> Tensor:
+    """``φ'(x)`` of ``φ(x) = (1 − e^{−x})/x`` for ``x ≥ 0``: ``(x e^{−x} + expm1(−x))/x²``, and below
+    0.1, where that cancels, its series ``Σ_{k≥1} (−1)^k k x^{k−1}/(k+1)!`` (16 terms: < ε)."""
+    small = x < 0.1
+    xs = torch.where(small, x, torch.zeros_like(x))
+    series = torch.zeros_like(x)
+    for k in range(16, 0, -1):                          # Horner in x
+        series = series * xs + (-1) ** k * k / math.factorial(k + 1)
+    xb = torch.where(small, torch.ones_like(x), x)
+    direct = (xb * torch.exp(-xb) + torch.expm1(-xb)) / xb ** 2
+    return torch.where(small, series, direct)
+
+
+def _n_over_a2(a: Tensor) -> Tensor:
+    """``(a − (1 − a)(−log(1 − a)))/a² = Σ_{k≥2} a^{k−2}/(k(k−1))`` for ``0 ≤ a < 1`` (the series
+    below 0.1, where the difference cancels)."""
+    small = a < 0.1
+    as_ = torch.where(small, a, torch.zeros_like(a))
+    series = torch.zeros_like(a)
+    for k in range(18, 1, -1):
+        series = series * as_ + 1 / (k * (k - 1))
+    ab = torch.where(small, torch.full_like(a, 0.5), a)
+    direct = (ab + (1 - ab) * torch.log1p(-ab)) / ab ** 2
+    return torch.where(small, series, direct)
 
 
 def make_schedule(t: Times, steps: Steps, learning_rate: float, m: int, device: torch.device) -> Schedule | None:
@@ -297,6 +363,68 @@ def spectral_apply(left: Tensor, weights: Tensor, right: Tensor) -> Tensor:
     k = right.shape[-1]
     scaled = weights.mT.unsqueeze(-1) * right.unsqueeze(-2)                # (N, T, k)
     return (left @ scaled.reshape(n, n_times * k)).reshape(-1, n_times, k).movedim(1, 0)
+
+
+def matrix_function_product(kernel: Tensor, eig: Eigensystem, weights: Tensor, slopes: Tensor | None,
+                            tau: Tensor, right: Tensor, left_eigen: Tensor | None = None,
+                            left: Tensor | None = None) -> Tensor:
+    r"""``out[t] = L · f_t(Θ) · R`` with ``f_t(Θ) = V diag(weights[t]) Vᵀ``, ``(T, M, k)`` (``L = I``
+    when ``left`` is ``None``; ``left_eigen`` is ``L V`` if already computed).
+
+    ``eig`` is the eigensystem of ``kernel`` (``Θ``) without a graph, ``weights`` ``(T, N)`` the
+    values ``f_t(λ)`` (their graph reaches the times only) and ``slopes`` their derivatives
+    ``f_t'(λ)`` (:meth:`Schedule.slopes`; ``None`` if ``kernel`` needs no gradient). The gradient
+    with respect to ``Θ`` is the Daleckii–Krein formula (Higham 2008, "Functions of Matrices",
+    Thm. 3.11), ``V (F_t ∘ (Vᵀ Lᵀ G_t Rᵀ V)) Vᵀ`` summed over times, with the divided differences
+    ``F_t[i, j] = (f_t(λ_i) − f_t(λ_j)) / (λ_i − λ_j)``, and ``(f_t'(λ_i) + f_t'(λ_j)) / 2`` where
+    ``|λ_i − λ_j| ≤ ε^{1/3} max(λ_i, λ_j, 1/τ_t)`` (rounding and truncation errors both
+    ``~ε^{2/3}``). Autograd through ``torch.linalg.eigh`` divides by ``λ_i − λ_j`` instead: NaN
+    for repeated eigenvalues (one-hot or symmetric inputs, ``Θ ⊗ I``), though ``f_t(Θ)`` is smooth.
+    """
+    if left_eigen is None and left is not None:
+        left_eigen = left @ eig.vectors
+    return _MatrixFunctionProduct.apply(kernel, left, right, weights, slopes, tau, eig.values.detach(),
+                                        eig.vectors.detach(), left_eigen)
+
+
+class _MatrixFunctionProduct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernel, left, right, weights, slopes, tau, values, vectors, left_eigen):
+        a = vectors if left is None else left_eigen                         # (M, N)
+        p = vectors.mT @ right                                              # (N, k)
+        ctx.save_for_backward(a, p, weights, slopes, tau, values, vectors)
+        ctx.has_left = left is not None
+        return spectral_apply(a, weights, p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, p, weights, slopes, tau, values, vectors = ctx.saved_tensors
+        need_kernel, need_left, need_right, need_weights = ctx.needs_input_grad[:4]
+        h = a.mT @ grad                                                    # Aᵀ G_t: (T, N, k)
+        g_kernel = g_left = g_right = g_weights = None
+        if need_weights:
+            g_weights = (h * p).sum(-1)
+        if need_right:
+            g_right = vectors @ (weights.unsqueeze(-1) * h).sum(0)
+        if need_left and ctx.has_left:
+            q = weights.unsqueeze(-1) * p                                  # (T, N, k)
+            n_times, m, k = grad.shape
+            g_left = (grad.movedim(0, 1).reshape(m, n_times * k) @ q.mT.reshape(n_times * k, -1)) @ vectors.mT
+        if need_kernel:
+            lam_i, lam_j = values.unsqueeze(-1), values.unsqueeze(-2)
+            diff = lam_i - lam_j
+            top = torch.maximum(lam_i.abs(), lam_j.abs())
+            inner = torch.zeros_like(diff)
+            cube_root_eps = torch.finfo(values.dtype).eps ** (1 / 3)
+            for t in range(weights.shape[0]):
+                scale = torch.maximum(top, 1 / tau[t].to(values.dtype))
+                close = diff.abs() <= cube_root_eps * scale
+                w, s = weights[t], slopes[t]
+                divided = torch.where(close, (s.unsqueeze(-1) + s.unsqueeze(-2)) / 2,
+                                      (w.unsqueeze(-1) - w.unsqueeze(-2)) / torch.where(close, 1.0, diff))
+                inner += divided * (h[t] @ p.mT)
+            g_kernel = vectors @ ((inner + inner.mT) / 2) @ vectors.mT
+        return g_kernel, g_left, g_right, g_weights, None, None, None, None, None
 
 
 def flatten_full_kernel(kernel: Tensor) -> Tensor:
