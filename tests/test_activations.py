@@ -344,7 +344,7 @@ def test_user_activations_are_checked_where_they_were_trusted():
         piecewise = net(ntkgp.Numerical(fn, degree=40))
         with torch.no_grad():
             assert torch.isfinite(piecewise.kernel(x1).ntk).all()
-        with pytest.raises(ValueError, match="second derivative"):
+        with pytest.raises(ValueError, match=r"second derivative|jumps"):
             piecewise.kernel(x1).ntk.sum().backward()
     with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):
         net(ntkgp.Elementwise(torch.erf, arcsin)).kernel(x1, x2)
@@ -363,3 +363,62 @@ def test_user_activations_are_checked_where_they_were_trusted():
         ntkgp.mlp(2, ntkgp.Dense(4))
     assert isinstance(ntkgp.mlp(1, ntkgp.Identity())[1], ntkgp.Identity)
     ntkgp.mlp(2, ntkgp.serial(ntkgp.LayerNorm(), ntkgp.ReLU())).kernel(x1)   # a composite without Dense layers
+
+
+@pytest.mark.parametrize(("fn", "refused"), [
+    (torch.relu, {"nngp", "ntk"}),                                   # φ' jumps at 0: φ'' = 0 dropped the delta
+    (torch.nn.functional.hardtanh, {"nngp", "ntk"}),
+    (torch.nn.functional.selu, {"nngp", "ntk"}),
+    (torch.nn.functional.hardswish, {"nngp", "ntk"}),
+    (torch.nn.functional.elu, {"ntk"}),                              # C¹: φ'' jumps, so only φ‴ (NTK) is wrong
+    (torch.nn.functional.softplus, set()),
+    (torch.tanh, set()),
+])
+def test_numerical_refuses_gradients_through_kinks_autograd_cannot_see(fn, refused):
+    """relu's φ' has an autograd graph, so the refusal for graph-free φ' missed it: its NNGP
+    gradient was 9.85 where finite differences (and the closed form) give 15.06, hardtanh's 8.41
+    against 0.228, ELU's NTK gradient 37.3 against 23.3. Smooth ones must still match finite
+    differences of the same quadrature (small variances, ~0.3, where degree 100 resolves φ‴)."""
+    net = ntkgp.serial(ntkgp.Dense(8, 0.8, 0.1), ntkgp.Numerical(fn, degree=100), ntkgp.Dense(1, 1.3, 0.1))
+    x = 0.5 * torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    raw = net[0].raw_weight_var
+    for kind in ("nngp", "ntk"):
+        value = getattr(net.kernel(x, ntk=kind == "ntk"), kind).sum()
+        if kind in refused:
+            with pytest.raises(ValueError, match="jumps"):
+                torch.autograd.grad(value, raw)
+            continue
+        (grad,) = torch.autograd.grad(value, raw)
+        h = 1e-5
+        with torch.no_grad():
+            raw.add_(h)
+            up = getattr(net.kernel(x, ntk=kind == "ntk"), kind).sum()
+            raw.sub_(2 * h)
+            down = getattr(net.kernel(x, ntk=kind == "ntk"), kind).sum()
+            raw.add_(h)
+        # ELU's NNGP gradient quadratures a jump in φ'' (slow convergence); smooth φ: FD error ~1e-9
+        assert float(grad) == pytest.approx(float(up - down) / (2 * h), rel=3e-2 if fn is torch.nn.functional.elu
+                                            else 1e-7)
+
+
+def test_numerical_refuses_functions_it_cannot_integrate_and_works_where_it_can():
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def net(fn):
+        return ntkgp.serial(ntkgp.Dense(8), ntkgp.Numerical(fn, degree=30), ntkgp.Dense(1))
+
+    # NaN at the nodes: was an all-NaN kernel with only the rtol warning
+    with pytest.raises(ValueError, match="NaN or infinite values at the quadrature nodes"):
+        net(torch.log).kernel(x)
+    # a reduction gave every entry the readout bias (0.1) silently; a cast failed inside einsum
+    for fn in (lambda t: torch.tanh(t).mean(-1, keepdim=True), lambda t: torch.tanh(t).float()):
+        with pytest.raises(ValueError, match="act elementwise and keep the dtype"):
+            net(fn).kernel(x)
+    reference = net(torch.tanh).kernel(x)
+    # in-place functions and inference mode: the NTK failed ("leaf Variable ... in-place";
+    # "does not depend on its input")
+    in_place = net(lambda t: t.tanh_()).kernel(x)
+    torch.testing.assert_close(in_place.ntk, reference.ntk, rtol=1e-14, atol=0)
+    with torch.inference_mode():
+        inside = net(torch.tanh).kernel(x)
+    torch.testing.assert_close(inside.ntk, reference.ntk, rtol=1e-14, atol=0)
