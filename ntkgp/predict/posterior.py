@@ -55,7 +55,8 @@ class GPPosterior:
     gradient with respect to the inputs, the targets, the variances or ``noise`` (which is read as
     a number).
     For a differentiable posterior and a trainable marginal likelihood use
-    :class:`ntkgp.models.NetworkGP`.
+    :class:`ntkgp.models.NetworkGP` (its predictions' gradients with respect to the
+    hyperparameters under ``gpytorch.settings.detach_test_caches(False)``).
 
     Args:
         net: the network spec.
