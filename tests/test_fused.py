@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -144,7 +145,7 @@ def test_without_a_compiler_auto_trains_stacked_and_fused_says_why(monkeypatch, 
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     h = train_ensemble(ARCHITECTURES["erf"][0](), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[40])
     assert h.settings["engine"] == "stacked"
-    with pytest.raises(ValueError, match=r"C compiler failed.*no-such-compiler"):
+    with pytest.raises(ValueError, match=r"could not be built or loaded.*no-such-compiler"):
         train_ensemble(ARCHITECTURES["erf"][0](), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[3],
                        engine="fused")
 
@@ -161,7 +162,7 @@ def test_the_kernel_is_compiled_once_and_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("NTKGP_CACHE_DIR", str(tmp_path))
     assert not isinstance(fused_module.library(torch.float32), str)
     built = sorted(p.name for p in tmp_path.iterdir())
-    assert len(built) == 1 and built[0].endswith(".so")
+    assert len(built) == 2 and built[0].endswith(".so") and built[1] == built[0] + ".sha256"
     monkeypatch.setattr(fused_module, "_libraries", {})
 
     def no_compiler(*args, **kwargs):
@@ -283,4 +284,39 @@ def test_a_missing_source_is_a_reason_not_a_crash(monkeypatch, tmp_path):
     assert "source is missing" in fused_module.library(torch.float64)
     h = train_ensemble(ARCHITECTURES["erf"][0](), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[40],
                        dtype=torch.float64)
+    assert h.settings["engine"] == "stacked"
+
+
+@needs_kernel
+def test_a_corrupt_cached_library_is_rebuilt_not_loaded(monkeypatch, tmp_path):
+    """dlopen of a truncated library killed the process with a bus error (in every later process
+    too, until the file was deleted by hand): the cache now keeps each library's digest."""
+    monkeypatch.setattr(fused_module, "_libraries", {})
+    monkeypatch.setenv("NTKGP_CACHE_DIR", str(tmp_path))
+    first = Path(fused_module.library(torch.float32)._name)
+    good = first.read_bytes()
+    cut = tmp_path / "cut"
+    cut.write_bytes(good[:1000])
+    os.replace(cut, first)   # a new file: truncating the one this process has mapped would crash it
+    monkeypatch.setattr(fused_module, "_libraries", {})
+    real_load = fused_module._load
+
+    def careful_load(path):
+        if Path(path).read_bytes() != good:
+            raise AssertionError(f"a corrupt library was loaded: {path}")
+        return real_load(path)
+
+    monkeypatch.setattr(fused_module, "_load", careful_load)
+    again = fused_module.library(torch.float32)
+    assert Path(again._name) == first and first.read_bytes() == good
+
+
+@pytest.mark.parametrize("cc", ["gcc '", "true"])
+def test_a_broken_cc_is_a_reason_and_auto_trains_stacked(monkeypatch, tmp_path, cc):
+    # an unbalanced quote raised ValueError from shlex; a "compiler" exiting 0 without output, FileNotFoundError
+    monkeypatch.setattr(fused_module, "_libraries", {})
+    monkeypatch.setenv("NTKGP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", cc)
+    assert isinstance(fused_module.library(torch.float64), str)
+    h = train_ensemble(ARCHITECTURES["erf"][0](), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[40])
     assert h.settings["engine"] == "stacked"

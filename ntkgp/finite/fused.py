@@ -17,7 +17,9 @@ not depend on the number of threads.
 The kernel is compiled on first use with the system's C compiler (``$CC``, else ``cc``, ``gcc``
 or ``clang``) for this CPU (``-march=native``) and cached under ``$NTKGP_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/ntkgp``, that is ``~/.cache/ntkgp``), keyed by the source, the flags, the
-compiler and the CPU. Without a working compiler ``train_ensemble`` uses the stacked step.
+compiler and the CPU, each library beside its SHA-256 digest: one that does not match (a copy cut
+short) is rebuilt, never loaded. Without a working compiler ``train_ensemble`` uses the stacked
+step.
 """
 
 from __future__ import annotations
@@ -88,20 +90,52 @@ def _writable(folder: Path) -> bool:
 
 
 def _load(path: Path) -> ctypes.CDLL:
+    """The library at ``path``; ``OSError`` if it cannot be loaded or lacks the kernel's functions."""
     library = ctypes.CDLL(str(path))
     pointer, integer = ctypes.c_void_p, ctypes.c_int64
-    library.ntkgp_work_size.restype = integer
-    library.ntkgp_work_size.argtypes = [integer, pointer, integer]
-    library.ntkgp_train.restype = integer
-    library.ntkgp_train.argtypes = [integer, integer, pointer, pointer, pointer, pointer, pointer, pointer, pointer,
-                                    pointer, pointer, pointer, pointer, integer, integer, pointer, integer, pointer,
-                                    pointer]
+    try:
+        library.ntkgp_work_size.restype = integer
+        library.ntkgp_work_size.argtypes = [integer, pointer, integer]
+        library.ntkgp_train.restype = integer
+        library.ntkgp_train.argtypes = [integer, integer, pointer, pointer, pointer, pointer, pointer, pointer,
+                                        pointer, pointer, pointer, pointer, pointer, integer, integer, pointer,
+                                        integer, pointer, pointer]
+    except AttributeError as error:   # a library of that name, but not this kernel
+        raise OSError(str(error)) from None
     return library
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(path: Path) -> bool:
+    """Whether the cached library at ``path`` is the one written beside its digest: ``dlopen`` of a
+    truncated library (a copy cut short, a crash between write and flush) killed the process with
+    a bus error, in every later process too."""
+    try:
+        return Path(f"{path}.sha256").read_text().strip() == _digest(path)
+    except OSError:
+        return False
+
+
+def _store(built: Path, target: Path) -> None:
+    """Move ``built`` into the cache as ``target`` (atomic, flushed first), then its digest."""
+    with open(built, "rb") as f:
+        os.fsync(f.fileno())
+    digest = _digest(built)
+    os.replace(built, target)
+    note = built.with_name(built.name + ".sha256")
+    note.write_text(digest + "\n")
+    os.replace(note, Path(f"{target}.sha256"))
 
 
 def _compile(dtype: torch.dtype) -> ctypes.CDLL | str:
     """The kernel for ``dtype``, compiled if not cached; or why it could not be built."""
-    compiler = shlex.split(os.environ.get("CC") or "")   # "ccache gcc", "gcc -std=c11": words, as make reads CC
+    try:
+        compiler = shlex.split(os.environ.get("CC") or "")   # "ccache gcc", "gcc -std=c11": words, as make reads CC
+    except ValueError as error:   # an unbalanced quote
+        return f"CC={os.environ.get('CC')!r} cannot be read as a command ({error})"
     if not compiler:
         found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
         if found is None:
@@ -118,7 +152,7 @@ def _compile(dtype: torch.dtype) -> ctypes.CDLL | str:
         command = [*compiler, *flags, *define, "-fPIC", "-shared"]
         key = hashlib.sha256(b"\0".join([source, " ".join(command + libs).encode(), machine])).hexdigest()[:20]
         name = f"fused_mlp_{key}.so"
-        if (cache / name).exists():   # built before (the folder may be read-only now)
+        if (cache / name).exists() and _intact(cache / name):   # built before (the folder may be read-only now)
             try:
                 return _load(cache / name)
             except OSError as error:
@@ -141,14 +175,14 @@ def _compile(dtype: torch.dtype) -> ctypes.CDLL | str:
             if run.returncode != 0:
                 errors.append(f"{' '.join(command)}: {run.stderr.strip()[-500:]}")
                 continue
-            if writable:
-                os.replace(built, cache / name)
-                built = cache / name
             try:
+                if writable:
+                    _store(built, cache / name)
+                    built = cache / name
                 return _load(built)   # a loaded library stays mapped after its file is deleted
-            except OSError as error:
+            except OSError as error:   # also a "compiler" that exits 0 without writing the library
                 errors.append(f"loading {built}: {error}")
-    return "the C compiler failed: " + " | ".join(errors)
+    return "the kernel could not be built or loaded: " + " | ".join(errors)
 
 
 def library(dtype: torch.dtype) -> ctypes.CDLL | str:
