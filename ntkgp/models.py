@@ -232,6 +232,10 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     steps = integer_at_least(steps, 0, "steps")
     if model.train_targets.numel() == 0:   # was "Non-finite marginal likelihood" at step 0
         raise ValueError("The model has no training data to fit to.")
+    # data set later (set_train_data) skip NetworkGP's checks: "non-finite marginal likelihood" did not say why
+    data = [model.train_targets, *(x for x in model.train_inputs if x.is_floating_point())]
+    if not all(all_finite(value) for value in data):
+        raise ValueError("The model's training inputs or targets contain NaN or infinite values.")
     # a NaN raw noise surfaced as linear_operator's NanError from inside the Cholesky, not as
     # this function's error
     bad = [name for name, p in model.named_parameters() if not all_finite(p)]   # frozen ones too

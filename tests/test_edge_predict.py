@@ -701,3 +701,22 @@ def test_gradient_descent_mse_hyperparameter_gradients_with_one_hot_inputs():
     ref = torch.autograd.grad(test_ref.sum(), list(net.parameters()))
     for a, b in zip(ours, ref, strict=True):
         assert float(a) == pytest.approx(float(b), rel=1e-10, abs=1e-14)
+
+
+@pytest.mark.parametrize("t", [1.0, math.inf, None])
+def test_gradient_descent_mse_differentiates_diag_reg_and_refuses_a_learning_rate_to_differentiate(t):
+    # both were read as numbers: autograd then said only "element 0 of tensors does not require grad"
+    g = torch.Generator().manual_seed(4)
+    x, x_test, y = torch.randn(6, 3, generator=g), torch.randn(2, 3, generator=g), torch.randn(6, generator=g)
+    with torch.no_grad():
+        theta, cross = NET.kernel(x).ntk, NET.kernel(x_test, x).ntk
+
+    def test_outputs(reg):
+        return predict.gradient_descent_mse(theta, y, 0.0, cross, 0.0, t, diag_reg=reg)[1].sum()
+
+    reg = torch.tensor(0.1, requires_grad=True)
+    (grad,) = torch.autograd.grad(test_outputs(reg), reg)
+    h = 1e-6
+    assert float(grad) == pytest.approx(float(test_outputs(0.1 + h) - test_outputs(0.1 - h)) / (2 * h), rel=1e-7)
+    with pytest.raises(ValueError, match="differentiate with respect to the time t"):
+        predict.gradient_descent_mse(theta, y, 0.0, cross, 0.0, t, learning_rate=torch.tensor(0.5, requires_grad=True))

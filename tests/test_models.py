@@ -581,3 +581,12 @@ def test_fit_keeps_the_lowest_loss_when_the_optimizer_ends_above_it():
     assert max(history) > 100 * min(losses)
     assert fit(model, steps=1, lr=0.0)[0] == pytest.approx(min(losses), rel=1e-12)
     assert all(math.isfinite(float(p)) for p in model.net.parameters())
+
+
+def test_fit_names_non_finite_data_set_after_construction():
+    model = _small_model()
+    y = model.train_targets.clone()
+    y[3] = math.nan
+    model.set_train_data(targets=y, strict=False)
+    with pytest.raises(ValueError, match="contain NaN or infinite values"):
+        fit(model, steps=2)

@@ -62,7 +62,8 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
         t: ``None`` (infinite time), a number or a tensor of times (leading output shape).
         steps: instead of ``t``, discrete gradient-descent step counts.
         learning_rate: ``η``; time enters as ``τ = η t / m`` with ``m = y_train.numel()``.
-        diag_reg: added to ``ntk_train_train`` as ``diag_reg · trace/N · I``.
+        diag_reg: added to ``ntk_train_train`` as ``diag_reg · trace/N · I`` (a tensor that
+            requires grad gets its gradient).
         diag_reg_absolute_scale: make ``diag_reg`` an absolute variance instead.
         factor_dtype: dtype in which the kernel is factored (results come back in the dtype of
             ``y_train``). A kernel given in a coarser dtype keeps its rounding: its null
@@ -88,6 +89,8 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
         raise ValueError(f"ntk_train_train is {n} x {n} but y_train has {y_train.shape[0]} rows.")
     check_targets(y_train, n, ntk_train_train.device, "ntk_train_train")
     out_dtype = y_train.dtype
+    # a tensor that requires grad is kept: the regularizer's gradient flows like the kernel's
+    differentiable_reg = diag_reg if isinstance(diag_reg, Tensor) and diag_reg.requires_grad else None
     diag_reg = check_non_negative("diag_reg", diag_reg)
     y = y_train.to(factor_dtype)
     f0 = _initial_outputs(fx_train_0, y.shape, "fx_train_0", y)
@@ -98,7 +101,8 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
         if ntk_test_train.dim() != 2 or ntk_test_train.shape[-1] != n:
             raise ValueError(f"ntk_test_train must be (M, {n}), got {tuple(ntk_test_train.shape)}.")
         fx_test_0 = _initial_outputs(fx_test_0, (ntk_test_train.shape[0], *y.shape[1:]), "fx_test_0", y)
-    kernel = regularize(ntk_train_train.to(factor_dtype), diag_reg, diag_reg_absolute_scale)
+    kernel = regularize(ntk_train_train.to(factor_dtype), diag_reg if differentiable_reg is None else
+                        differentiable_reg.to(factor_dtype), diag_reg_absolute_scale)
     schedule = make_schedule(t, steps, learning_rate, y_train.numel(), y.device)
     residual = f0 - y
     flat = residual.reshape(n, -1)

@@ -304,6 +304,10 @@ def _n_over_a2(a: Tensor) -> Tensor:
 
 def make_schedule(t: Times, steps: Steps, learning_rate: float, m: int, device: torch.device) -> Schedule | None:
     """Validate ``t``/``steps``; ``None`` when both are ``None`` (infinite time, Cholesky path)."""
+    if isinstance(learning_rate, Tensor) and learning_rate.requires_grad:
+        # read as a number, it had no gradient, and autograd said only "does not require grad"
+        raise ValueError("learning_rate is read as a number and gets no gradient; differentiate with respect "
+                         "to the time t instead (the dynamics depend on τ = η t / m only).")
     learning_rate = positive_number(learning_rate, "learning_rate")
     if t is not None and steps is not None:
         raise ValueError("Give either continuous times t or discrete step counts steps, not both.")
