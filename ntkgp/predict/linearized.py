@@ -134,7 +134,7 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
         test = None
         if ntk_test_train is not None:
             left = ntk_test_train.to(factor_dtype)
-            test_eigen = left @ eig.vectors
+            test_eigen = left.detach() @ eig.vectors   # the product's own backward differentiates left
             delta = matrix_function_product(kernel, eig, flow, slopes[1], tau, flat, test_eigen, left)
             with torch.no_grad():
                 warn_if_unresolved(test_eigen, eig.vectors.mT @ flat, delta, schedule, eig)

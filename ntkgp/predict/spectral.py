@@ -417,16 +417,19 @@ class _MatrixFunctionProduct(torch.autograd.Function):
         if need_kernel:
             lam_i, lam_j = values.unsqueeze(-1), values.unsqueeze(-2)
             diff = lam_i - lam_j
-            top = torch.maximum(lam_i.abs(), lam_j.abs())
-            inner = torch.zeros_like(diff)
+            gap = diff.abs()
             cube_root_eps = torch.finfo(values.dtype).eps ** (1 / 3)
+            # close at every time: |Δλ| ≤ ε^{1/3} max(λ_i, λ_j); at time t also |Δλ| τ_t ≤ ε^{1/3}
+            close_always = gap <= cube_root_eps * torch.maximum(lam_i.abs(), lam_j.abs())
+            inverse = torch.where(close_always, 0.0, 1 / torch.where(close_always, 1.0, diff))
+            tau = tau.to(values.dtype)
+            inner = torch.zeros_like(diff)
             for t in range(weights.shape[0]):
-                scale = torch.maximum(top, 1 / tau[t].to(values.dtype))
-                close = diff.abs() <= cube_root_eps * scale
                 w, s = weights[t], slopes[t]
+                close = close_always | (gap * tau[t] <= cube_root_eps)
                 divided = torch.where(close, (s.unsqueeze(-1) + s.unsqueeze(-2)) / 2,
-                                      (w.unsqueeze(-1) - w.unsqueeze(-2)) / torch.where(close, 1.0, diff))
-                inner += divided * (h[t] @ p.mT)
+                                      (w.unsqueeze(-1) - w.unsqueeze(-2)) * inverse)
+                inner.addcmul_(divided, h[t] @ p.mT)
             g_kernel = vectors @ ((inner + inner.mT) / 2) @ vectors.mT
         return g_kernel, g_left, g_right, g_weights, None, None, None, None, None
 
