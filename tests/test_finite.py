@@ -474,3 +474,14 @@ def test_new_checks_keep_what_worked():
                        ntkgp.parallel(ntkgp.Identity(), ntkgp.Dense(4), ntkgp.serial(ntkgp.ReLU(), ntkgp.Dense(4))))
     groups = layer_groups(net.build(in_features=3), torch.randn(5, 3))
     assert groups["readout"] == ["3.branches.1.weight", "3.branches.2.1.weight"]
+
+
+def test_empirical_kernels_name_a_wrong_feature_count_of_a_built_network():
+    # was torch's "mat1 and mat2 shapes cannot be multiplied" from inside the first layer
+    specs = (ntkgp.mlp(2, width=16), ntkgp.serial(ntkgp.ReLU(), ntkgp.Dense(8), ntkgp.Erf(), ntkgp.Dense(1)))
+    for spec in specs:
+        model = spec.build(in_features=3, seed=0, ensemble_size=2)
+        for kernel in (ntkgp.finite.empirical_ntk, ntkgp.finite.empirical_nngp):
+            assert kernel(model, torch.randn(4, 3)).shape == (2, 4, 4)
+            with pytest.raises(ValueError, match=r"takes inputs of 3 feature\(s\), got x1 of shape \(4, 5\)"):
+                kernel(model, torch.randn(4, 5))

@@ -105,11 +105,18 @@ def _materialize(model: nn.Module, x: Tensor) -> None:
 
 
 def _check_dtype(model: nn.Module | ParamFn, x1: Tensor) -> None:
-    """Inputs in another dtype than a module's parameters are a clear error, not torch's matmul one."""
+    """Inputs in another dtype than a module's parameters, or with another number of features than
+    a network built by ntkgp takes, are a clear error, not torch's matmul one."""
     if isinstance(model, nn.Module):
         dtypes = {p.dtype for p in model.parameters()}
         if len(dtypes) == 1 and x1.dtype not in dtypes:
             raise ValueError(f"x1 is {x1.dtype} but the network's parameters are {dtypes.pop()}: convert one of them.")
+    if _built_by_ntkgp(model):
+        # the first Dense of a built network takes the inputs (activations and LayerNorm keep their width)
+        first = next((m for m in model.modules() if isinstance(m, DenseModule)), None)
+        if first is not None and first.in_features is not None and x1.shape[-1] != first.in_features:
+            raise ValueError(f"The network takes inputs of {first.in_features} feature(s), got x1 of shape "
+                             f"{tuple(x1.shape)}.")
 
 
 def _outputs_2d(out: Tensor, x: Tensor | None = None) -> Tensor:
