@@ -718,5 +718,39 @@ def test_gradient_descent_mse_differentiates_diag_reg_and_refuses_a_learning_rat
     (grad,) = torch.autograd.grad(test_outputs(reg), reg)
     h = 1e-6
     assert float(grad) == pytest.approx(float(test_outputs(0.1 + h) - test_outputs(0.1 - h)) / (2 * h), rel=1e-7)
+    zero = torch.tensor(0.0, requires_grad=True)   # lost its graph: regularize returned the kernel unchanged
+    (grad,) = torch.autograd.grad(test_outputs(zero), zero)
+    assert float(grad) == pytest.approx(float(test_outputs(h) - test_outputs(0.0)) / h, rel=1e-4)
     with pytest.raises(ValueError, match="differentiate with respect to the time t"):
         predict.gradient_descent_mse(theta, y, 0.0, cross, 0.0, t, learning_rate=torch.tensor(0.5, requires_grad=True))
+
+
+def test_gradient_descent_mse_second_derivatives_and_extreme_schedules():
+    """The Daleckii–Krein backward is not itself differentiable: with create_graph=True it gave wrong
+    second derivatives silently (d²L/dℓ² 0.388 for 0.344); its slopes were NaN at a step of exactly
+    ηλ/m = 1 with a step count of 0 ((1 − a)^(−1)), and for τ ≳ 1e154 (τ² overflowed)."""
+    g = torch.Generator().manual_seed(5)
+    x, x_test = torch.randn(5, 2, generator=g), torch.randn(3, 2, generator=g)
+    y = torch.randn(5, generator=g)
+
+    def rbf(a, b, scale):
+        return torch.exp(-torch.cdist(a, b) ** 2 / (2 * scale ** 2))
+
+    def loss(scale, **time):
+        theta = rbf(x, x, scale) + 0.1 * torch.eye(5)
+        return predict.gradient_descent_mse(theta, y, 0.0, rbf(x_test, x, scale), 0.0, **time)[1].pow(2).sum()
+
+    scale = torch.tensor(0.8, requires_grad=True)
+    (first,) = torch.autograd.grad(loss(scale, t=3.0), scale, create_graph=True)
+    (second,) = torch.autograd.grad(first, scale)
+    h = 1e-5
+    up, down = (torch.tensor(0.8 + s, requires_grad=True) for s in (h, -h))
+    fd = (torch.autograd.grad(loss(up, t=3.0), up)[0] - torch.autograd.grad(loss(down, t=3.0), down)[0]) / (2 * h)
+    assert float(second) == pytest.approx(float(fd), rel=1e-6)
+    # η = m / λ_max (a = 1 for the top eigenvalue) with a step count of 0, and absurdly late times
+    theta = torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5])).requires_grad_(True)
+    y4 = torch.tensor([1.0, -1.0, 0.5, 0.2])
+    for time in ({"steps": torch.arange(5)}, {"t": 1e200}):
+        out = predict.gradient_descent_mse(theta, y4, 0.3, learning_rate=1.0, **time)
+        (grad,) = torch.autograd.grad(out.sum(), theta)
+        assert torch.isfinite(grad).all()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,8 +41,8 @@ from ntkgp.predict.gaussian import tensor_kind
 
 def regularize(k: Tensor, diag_reg: float, absolute: bool = False) -> Tensor:
     """``k + diag_reg · s · I`` with ``s = trace(k)/N`` (neural-tangents' default) or ``s = 1``."""
-    if diag_reg == 0:
-        return k
+    if diag_reg == 0 and not (isinstance(diag_reg, Tensor) and diag_reg.requires_grad):
+        return k   # (a zero that requires grad still gets its one-sided gradient)
     n = k.shape[-1]
     scale = diag_reg if absolute else diag_reg * torch.diagonal(k, dim1=-2, dim2=-1).sum(-1, keepdim=True) / n
     # a copy with its diagonal raised in place (autograd follows both): k + diag_embed(...) formed an
@@ -223,7 +224,8 @@ class Schedule:
         needed for :func:`matrix_function_product`).
 
         With ``x = λτ`` (continuous) ``growth' = τ e^{−x}`` and ``flow' = τ² φ'(x)``, ``φ(x) =
-        (1 − e^{−x})/x``; ``φ'`` cancels to ``ε/x²`` for small ``x``, where its series is used. After
+        (1 − e^{−x})/x``; ``φ'`` cancels to ``ε/x²`` for small ``x``, where its series is used
+        (:func:`_scaled_phi_slope`). After
         ``s`` stable steps (``a = ηλ/m < 1``, ``u = −s log(1 − a)``, ``ℓ = u/(λτ)``) ``growth' =
         s (η/m) e^{−u}/(1 − a)`` and ``flow' = τ² ℓ² φ'(u) + τ (η/m) e^{−u} N(a)/((1 − a) a²)`` with
         ``N(a) = a − (1 − a)(−log(1 − a)) = Σ_{k≥2} a^k/(k(k−1))`` (series for small ``a``).
@@ -236,7 +238,7 @@ class Schedule:
             finite = torch.isfinite(tau)
             x = torch.where(finite, tau, 0.0) * lam
             growth = torch.where(finite, torch.where(finite, tau, 0.0) * torch.exp(-x), 0.0)
-            flow = torch.where(finite, torch.where(finite, tau, 0.0) ** 2 * _phi_slope(x), -1 / safe_lam ** 2)
+            flow = torch.where(finite, _scaled_phi_slope(torch.where(finite, tau, 0.0), lam), -1 / safe_lam ** 2)
         else:
             a = rate * lam
             stable = a < 1
@@ -247,15 +249,22 @@ class Schedule:
             decay = torch.exp(-u)
             steps = self.values.detach().to(lam.dtype).unsqueeze(-1)
             growth_stable = decay * steps * rate / (1 - a_s)
-            flow_stable = tau ** 2 * ell ** 2 * _phi_slope(u) + tau * rate * decay * _n_over_a2(a_s) / (1 - a_s)
-            # beyond the stability limit (a ≥ 1, so λ > 0): no cancellation
-            power = torch.pow(1 - a, steps - 1)
-            growth_big = steps * rate * power
-            flow_big = (growth_big * lam - (1 - power * (1 - a))) / safe_lam ** 2
+            flow_stable = (_scaled_phi_slope(tau * ell, lam)
+                           + tau * rate * decay * _n_over_a2(a_s) / (1 - a_s))
+            # beyond the stability limit (a ≥ 1, so λ > 0): no cancellation; no step, no slope
+            # ((1 − a)^(s − 1) is 0^(−1) at a = 1, s = 0, and 0 · inf was NaN)
+            growth_big = torch.where(steps > 0, steps * rate * torch.pow(1 - a, steps - 1), 0.0)
+            flow_big = (growth_big * lam - (1 - torch.pow(1 - a, steps))) / safe_lam ** 2
             growth = torch.where(stable, growth_stable, growth_big)
             flow = torch.where(stable, flow_stable, flow_big)
         null = self.untrained(eig)
         return torch.where(null, 0.0, growth), torch.where(null, 0.0, flow)
+
+    def weight_function(self, eig: Eigensystem, index: int) -> Callable[[Tensor], Tensor]:
+        """``λ ↦`` :meth:`functions` ``[index]`` at these times, without their graph (for second
+        derivatives through :func:`matrix_function_product`)."""
+        fixed = Schedule(self.values.detach(), self.shape, self.discrete, self.learning_rate, self.m)
+        return lambda values: fixed.functions(Eigensystem(values, eig.vectors, eig.eps))[index]
 
     def tau(self, dtype: torch.dtype) -> Tensor:
         """``(T,)`` scaled times ``τ = η t / m`` (``s η / m`` for ``s`` steps)."""
@@ -276,17 +285,22 @@ class Schedule:
         return out.reshape(*self.shape, *out.shape[out.dim() - trailing:])
 
 
-def _phi_slope(x: Tensor) -> Tensor:
-    """``φ'(x)`` of ``φ(x) = (1 − e^{−x})/x`` for ``x ≥ 0``: ``(x e^{−x} + expm1(−x))/x²``, and below
-    0.1, where that cancels, its series ``Σ_{k≥1} (−1)^k k x^{k−1}/(k+1)!`` (16 terms: < ε)."""
+def _scaled_phi_slope(scale: Tensor, lam: Tensor) -> Tensor:
+    """``scale² φ'(x)`` at ``x = scale · λ ≥ 0``, for ``φ(x) = (1 − e^{−x})/x``: the derivative in
+    ``λ`` of ``scale · φ(scale λ)``. Below ``x = 0.1``, where ``(x e^{−x} + expm1(−x))/x²`` cancels,
+    ``scale²`` times its series ``Σ_{k≥1} (−1)^k k x^{k−1}/(k+1)!`` (16 terms: < ε); above,
+    ``(x e^{−x} + expm1(−x))/λ²``, which does not square ``scale`` (``τ²`` overflowed from
+    ``τ ≈ 1e154``, and ``inf · 0`` was NaN)."""
+    x = scale * lam
     small = x < 0.1
     xs = torch.where(small, x, torch.zeros_like(x))
     series = torch.zeros_like(x)
     for k in range(16, 0, -1):                          # Horner in x
         series = series * xs + (-1) ** k * k / math.factorial(k + 1)
     xb = torch.where(small, torch.ones_like(x), x)
-    direct = (xb * torch.exp(-xb) + torch.expm1(-xb)) / xb ** 2
-    return torch.where(small, series, direct)
+    lam_b = torch.where(small, torch.ones_like(x), lam.expand_as(x))
+    direct = (xb * torch.exp(-xb) + torch.expm1(-xb)) / lam_b ** 2
+    return torch.where(small, torch.where(small, scale, 0.0) ** 2 * series, direct)
 
 
 def _n_over_a2(a: Tensor) -> Tensor:
@@ -371,7 +385,8 @@ def spectral_apply(left: Tensor, weights: Tensor, right: Tensor) -> Tensor:
 
 def matrix_function_product(kernel: Tensor, eig: Eigensystem, weights: Tensor, slopes: Tensor | None,
                             tau: Tensor, right: Tensor, left_eigen: Tensor | None = None,
-                            left: Tensor | None = None) -> Tensor:
+                            left: Tensor | None = None,
+                            weight_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     r"""``out[t] = L · f_t(Θ) · R`` with ``f_t(Θ) = V diag(weights[t]) Vᵀ``, ``(T, M, k)`` (``L = I``
     when ``left`` is ``None``; ``left_eigen`` is ``L V`` if already computed).
 
@@ -384,26 +399,32 @@ def matrix_function_product(kernel: Tensor, eig: Eigensystem, weights: Tensor, s
     ``|λ_i − λ_j| ≤ ε^{1/3} max(λ_i, λ_j, 1/τ_t)`` (rounding and truncation errors both
     ``~ε^{2/3}``). Autograd through ``torch.linalg.eigh`` divides by ``λ_i − λ_j`` instead: NaN
     for repeated eigenvalues (one-hot or symmetric inputs, ``Θ ⊗ I``), though ``f_t(Θ)`` is smooth.
+
+    That backward is not itself differentiable; under ``create_graph=True`` (second derivatives)
+    it differentiates the product through ``torch.linalg.eigh`` instead, with ``weight_fn`` (``λ
+    ↦ weights``, times fixed): exact where eigenvalues are distinct, NaN where they tie.
     """
     if left_eigen is None and left is not None:
         left_eigen = left @ eig.vectors
     return _MatrixFunctionProduct.apply(kernel, left, right, weights, slopes, tau, eig.values.detach(),
-                                        eig.vectors.detach(), left_eigen)
+                                        eig.vectors.detach(), left_eigen, weight_fn)
 
 
 class _MatrixFunctionProduct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kernel, left, right, weights, slopes, tau, values, vectors, left_eigen):
+    def forward(ctx, kernel, left, right, weights, slopes, tau, values, vectors, left_eigen, weight_fn):
         a = vectors if left is None else left_eigen                         # (M, N)
         p = vectors.mT @ right                                              # (N, k)
-        ctx.save_for_backward(a, p, weights, slopes, tau, values, vectors)
-        ctx.has_left = left is not None
+        ctx.save_for_backward(a, p, weights, slopes, tau, values, vectors, kernel, left, right)
+        ctx.has_left, ctx.weight_fn = left is not None, weight_fn
         return spectral_apply(a, weights, p)
 
     @staticmethod
     def backward(ctx, grad):
-        a, p, weights, slopes, tau, values, vectors = ctx.saved_tensors
+        a, p, weights, slopes, tau, values, vectors, kernel, left, right = ctx.saved_tensors
         need_kernel, need_left, need_right, need_weights = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():   # create_graph: a graph of the backward itself is wanted
+            return _differentiable_backward(ctx, grad, kernel, left, right, weights)
         h = a.mT @ grad                                                    # Aᵀ G_t: (T, N, k)
         g_kernel = g_left = g_right = g_weights = None
         if need_weights:
@@ -431,7 +452,28 @@ class _MatrixFunctionProduct(torch.autograd.Function):
                                       (w.unsqueeze(-1) - w.unsqueeze(-2)) * inverse)
                 inner.addcmul_(divided, h[t] @ p.mT)
             g_kernel = vectors @ ((inner + inner.mT) / 2) @ vectors.mT
-        return g_kernel, g_left, g_right, g_weights, None, None, None, None, None
+        return g_kernel, g_left, g_right, g_weights, None, None, None, None, None, None
+
+
+def _differentiable_backward(ctx, grad: Tensor, kernel: Tensor, left: Tensor | None, right: Tensor,
+                             weights: Tensor) -> tuple:
+    """The backward of :class:`_MatrixFunctionProduct` as a graph: autograd through ``eigh`` (whose
+    own backward is twice differentiable), the weights' dependence on ``λ`` from ``weight_fn``."""
+    if ctx.weight_fn is None and ctx.needs_input_grad[0]:
+        raise RuntimeError("Second derivatives with respect to the kernel need weight_fn.")
+    inputs = {i: t for i, t in enumerate((kernel, left, right, weights)) if ctx.needs_input_grad[i]}
+    values, vectors = torch.linalg.eigh(kernel)
+    w = weights
+    if ctx.weight_fn is not None:
+        moving = ctx.weight_fn(values.clamp_min(0))
+        w = weights + (moving - moving.detach())   # the weights' values, with their λ-dependence
+    a = vectors if left is None else left @ vectors
+    out = spectral_apply(a, w, vectors.mT @ right)
+    grads = torch.autograd.grad(out, list(inputs.values()), grad, create_graph=True, allow_unused=True)
+    result = [None] * 10
+    for i, g in zip(inputs, grads, strict=True):
+        result[i] = g
+    return tuple(result)
 
 
 def flatten_full_kernel(kernel: Tensor) -> Tensor:
