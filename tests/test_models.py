@@ -590,3 +590,23 @@ def test_fit_names_non_finite_data_set_after_construction():
     model.set_train_data(targets=y, strict=False)
     with pytest.raises(ValueError, match="contain NaN or infinite values"):
         fit(model, steps=2)
+
+
+def test_fit_lifts_the_cholesky_limit_for_network_kernels_only():
+    # a structured model (SKI) relies on GPyTorch's iterative solves: dense Cholesky made it 40x slower
+    seen = {}
+
+    class Plain(gpytorch.models.ExactGP):
+        def __init__(self, x, y, kernel):
+            super().__init__(x, y, gpytorch.likelihoods.GaussianLikelihood())
+            self.mean_module, self.covar_module = gpytorch.means.ZeroMean(), kernel
+
+        def forward(self, x):
+            seen[type(self.covar_module).__name__] = gpytorch.settings.max_cholesky_size.value()
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+    x = torch.randn(10, 2, generator=torch.Generator().manual_seed(0))
+    for kernel in (gpytorch.kernels.RBFKernel(), ntkgp.NNGPKernel(ntkgp.mlp(1, width=8))):
+        fit(Plain(x, x.sum(-1), kernel), steps=1)
+    from ntkgp.models import EXACT_SIZE
+    assert seen == {"RBFKernel": gpytorch.settings.max_cholesky_size.value(), "NNGPKernel": EXACT_SIZE}
