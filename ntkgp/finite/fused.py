@@ -109,12 +109,16 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _intact(path: Path) -> bool:
-    """Whether the cached library at ``path`` is the one written beside its digest: ``dlopen`` of a
-    truncated library (a copy cut short, a crash between write and flush) killed the process with
-    a bus error, in every later process too."""
+def _intact(path: Path) -> bool | None:
+    """Whether the cached library at ``path`` is the one written beside its digest (``None``: no
+    digest, a cache from before digests): ``dlopen`` of a truncated library (a copy cut short, a
+    crash between write and flush) killed the process with a bus error, in every later process too."""
     try:
-        return Path(f"{path}.sha256").read_text().strip() == _digest(path)
+        expected = Path(f"{path}.sha256").read_text().strip()
+    except OSError:
+        return None
+    try:
+        return expected == _digest(path)
     except OSError:
         return False
 
@@ -152,7 +156,10 @@ def _compile(dtype: torch.dtype) -> ctypes.CDLL | str:
         command = [*compiler, *flags, *define, "-fPIC", "-shared"]
         key = hashlib.sha256(b"\0".join([source, " ".join(command + libs).encode(), machine])).hexdigest()[:20]
         name = f"fused_mlp_{key}.so"
-        if (cache / name).exists() and _intact(cache / name):   # built before (the folder may be read-only now)
+        intact = _intact(cache / name) if (cache / name).exists() else False
+        # built before (the folder may be read-only now: then a library from before digests is used
+        # as it is, rather than compiled again in every process)
+        if intact or (intact is None and not _writable(cache)):
             try:
                 return _load(cache / name)
             except OSError as error:
