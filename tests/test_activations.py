@@ -422,3 +422,22 @@ def test_numerical_refuses_functions_it_cannot_integrate_and_works_where_it_can(
     with torch.inference_mode():
         inside = net(torch.tanh).kernel(x)
     torch.testing.assert_close(inside.ntk, reference.ntk, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize(("fn", "order", "scale", "kink"), [
+    (torch.sin, 3, 100.0, False),                       # the trapezoid's own error was read as a jump
+    (torch.nn.functional.mish, 3, 100.0, False),        # autograd's derivatives overflow beyond x ≈ 709
+    (torch.exp, 2, 100.0, False),
+    (torch.nn.functional.softsign, 2, 10.0, False),     # φ'' jumps (a finite jump): φ' is continuous
+    (torch.nn.functional.softsign, 3, 10.0, True),
+    (lambda x: torch.nn.functional.leaky_relu(x, 0.99), 2, 100.0, True),
+    (lambda x: torch.relu(x - 1.5), 2, 1.0, True),
+    (lambda x: torch.relu(x - 1.5), 2, 1e-4, False),    # the kink is where no node lies
+])
+def test_the_continuity_check_tells_kinks_from_smooth_activations(fn, order, scale, kink):
+    layer = ntkgp.Numerical(fn)
+    if kink:
+        with pytest.raises(ValueError, match="jumps"):
+            layer.check_continuous(order, scale)
+    else:
+        layer.check_continuous(order, scale)
