@@ -24,10 +24,15 @@ from ntkgp.layers.validation import all_finite, check_points
 
 KERNELS = {"nngp": NNGPKernel, "ntk": NTKKernel}
 
-#: Training-set size up to which GPyTorch solves by Cholesky inside :class:`NetworkGP`'s
-#: predictions and :func:`fit` (its default, 800, switches to conjugate gradients beyond): every
-#: size, since the kernels are dense matrices anyway.
-EXACT_SIZE = 1 << 62
+
+def exact_solves(model: gpytorch.models.ExactGP) -> contextlib.AbstractContextManager:
+    """GPyTorch's ``max_cholesky_size`` raised to ``model``'s number of training points: its
+    default (800) switches a kernel matrix to conjugate gradients and stochastic Lanczos beyond.
+    Not to ``N k``: a multi-output covariance ``K ⊗ I_k`` above the limit takes linear_operator's
+    Kronecker solves, exact too, which a dense ``N k × N k`` Cholesky made 30x slower (250 points,
+    8 outputs)."""
+    size = max(gpytorch.settings.max_cholesky_size.value(), model.train_inputs[0].shape[-2])
+    return gpytorch.settings.max_cholesky_size(size)
 
 
 class NetworkGP(gpytorch.models.ExactGP):
@@ -55,9 +60,10 @@ class NetworkGP(gpytorch.models.ExactGP):
     Exact at every size: GPyTorch replaces Cholesky solves by conjugate gradients and stochastic
     Lanczos log-determinants above ``gpytorch.settings.max_cholesky_size`` (800 points by
     default; a review measured the marginal likelihood of 1000 points varying by ±0.09 per point
-    between calls and predictive means 1.4 % off). Predictions (eval mode) and :func:`fit` lift
-    that limit to ``EXACT_SIZE``; a training loop of one's own evaluates the marginal likelihood
-    outside the model, so wrap it in ``gpytorch.settings.max_cholesky_size(EXACT_SIZE)`` too.
+    between calls and predictive means 1.4 % off). Predictions (eval mode) and :func:`fit` raise
+    that limit to the number of training points (:func:`exact_solves`); a training loop of one's
+    own evaluates the marginal likelihood outside the model, so wrap it in
+    ``with ntkgp.models.exact_solves(model):`` too.
     Gradients of eval-mode predictions with respect to the hyperparameters need
     ``gpytorch.settings.detach_test_caches(False)``: by default GPyTorch caches the training
     solve without its graph (the mean's gradient then misses every path through it).
@@ -149,7 +155,7 @@ class NetworkGP(gpytorch.models.ExactGP):
                                  f"(x.to({dtype})), or the model and its data (NetworkGP(train_x.to(...), ...)).")
         if self.training:
             return super().__call__(*inputs, **kwargs)
-        with gpytorch.settings.max_cholesky_size(EXACT_SIZE):   # the prediction's solves run here
+        with exact_solves(self):   # the prediction's solves run here
             return super().__call__(*inputs, **kwargs)
 
     @property
@@ -292,7 +298,7 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     # keep GPyTorch's settings, which a dense Cholesky would make 40x slower
     exact = any(isinstance(module, NetworkKernel) for module in model.modules())
     try:
-        with gpytorch.settings.max_cholesky_size(EXACT_SIZE) if exact else contextlib.nullcontext():
+        with exact_solves(model) if exact else contextlib.nullcontext():
             for step in range(steps):
                 loss = optimizer.step(closure)
                 with torch.no_grad():

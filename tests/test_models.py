@@ -605,8 +605,24 @@ def test_fit_lifts_the_cholesky_limit_for_network_kernels_only():
             seen[type(self.covar_module).__name__] = gpytorch.settings.max_cholesky_size.value()
             return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
-    x = torch.randn(10, 2, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(900, 2, generator=torch.Generator().manual_seed(0))
     for kernel in (gpytorch.kernels.RBFKernel(), ntkgp.NNGPKernel(ntkgp.mlp(1, width=8))):
         fit(Plain(x, x.sum(-1), kernel), steps=1)
-    from ntkgp.models import EXACT_SIZE
-    assert seen == {"RBFKernel": gpytorch.settings.max_cholesky_size.value(), "NNGPKernel": EXACT_SIZE}
+    assert seen == {"RBFKernel": gpytorch.settings.max_cholesky_size.value(), "NNGPKernel": 900}
+
+
+def test_vector_targets_keep_linear_operators_exact_kronecker_solves(monkeypatch):
+    # raising the limit past N k made K ⊗ I_k a dense (N k)² Cholesky: examples/03 took 352 s, not 11 s
+    seen = []
+    original = NetworkGP.forward
+
+    def forward(self, x):
+        seen.append(gpytorch.settings.max_cholesky_size.value())
+        return original(self, x)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 2, generator=g)
+    model = NetworkGP(x, torch.randn(120, 8, generator=g), ntkgp.mlp(1, width=8))
+    monkeypatch.setattr(NetworkGP, "forward", forward)
+    fit(model, steps=1)
+    assert seen and max(seen) < 120 * 8
