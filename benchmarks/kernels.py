@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 
@@ -78,17 +79,25 @@ def main() -> None:
                 t_mm, _ = measure(lambda: x @ x.T)  # noqa: B023
                 t_eager, mem_eager = measure(lambda: net.kernel(x))  # noqa: B023
                 first = t_comp = float("nan")
+                failed = False
                 if not args.no_compile:
                     t0 = time.perf_counter()
-                    net.kernel(x, compile=True)
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always", RuntimeWarning)
+                        net.kernel(x, compile=True)
                     first = time.perf_counter() - t0
-                    t_comp, _ = measure(lambda: net.kernel(x, compile=True))  # noqa: B023
+                    # a failed compilation falls back to the eager path: its times are not compiled ones
+                    failed = any("torch.compile failed" in str(w.message) for w in caught)
+                    if failed:
+                        first = float("nan")
+                    else:
+                        t_comp, _ = measure(lambda: net.kernel(x, compile=True))  # noqa: B023
             nt = run_nt(args.nt_python, n, args.d, args.depth, str(dtype).split(".")[1]) if args.nt_python else None
             nt_first, nt_time, nt_mem = (nt["first"], nt["time"], nt["peak_mib"]) if nt else (float("nan"),) * 3
             name = str(dtype).split(".")[1]
             print(f"{name:8} {n:5d} {t_mm:8.3f} {t_eager:8.3f} {mem_eager:6.0f} {first:13.1f} {t_comp:10.3f} "
-                  f"{nt_first:9.2f} {nt_time:7.3f} {nt_mem:7.0f} {t_eager / nt_time:8.2f} {t_comp / nt_time:11.2f}",
-                  flush=True)
+                  f"{nt_first:9.2f} {nt_time:7.3f} {nt_mem:7.0f} {t_eager / nt_time:8.2f} {t_comp / nt_time:11.2f}"
+                  + ("  (torch.compile failed: eager fallback)" if failed else ""), flush=True)
 
 
 if __name__ == "__main__":

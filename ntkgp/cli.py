@@ -230,11 +230,13 @@ def _add_compare(sub) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="sizes: 'default' (< 2 min on a 2-core CPU), 'acceptance' (widths 128-2048, 128 "
                         "members: the full validation, ~6 min on a 2-core CPU), 'gpu' (widths to 8192, 1024 members)")
-    p.add_argument("--widths", type=int, nargs="+", help="hidden widths to train (overrides the preset)")
+    p.add_argument("--widths", type=int, nargs="+",
+                   help="hidden widths to train, in any order (sorted, repeats dropped; overrides the preset)")
     p.add_argument("--ensemble-size", type=int, help="members per width")
     p.add_argument("--steps", dest="record_steps", type=int, nargs="+",
-                   help="gradient-descent steps s at which to compare (reported with the time t = learning "
-                        "rate x s: ntkgp.predict's t at its default learning_rate=1)")
+                   help="gradient-descent steps s at which to compare, in any order (sorted, repeats dropped; "
+                        "reported with the time t = learning rate x s: ntkgp.predict's t at its default "
+                        "learning_rate=1)")
     p.add_argument("--spec", metavar="FILE.py:FUNCTION",
                    help="any architecture instead of the MLP: a Python function of the hidden width that "
                         "returns an ntkgp network spec, as FILE.py:FUNCTION or MODULE:FUNCTION (e.g. "

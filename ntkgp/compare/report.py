@@ -145,8 +145,8 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
                "var rel. error", "weight change", *(f"{g} weights" for g in groups), "NTK change", "seconds"]
     lines += ["", "## Per width and step", "",
               f"Mean within: fraction of test points with |mean − {gp} mean| ≤ 3 SE + 0.02; var within: "
-              f"fraction with |var − {gp} var| ≤ {variance_tolerance(c['ensemble_size']):.3g} max({gp} var, 1e-6 × its "
-              "largest value at that step); "
+              f"fraction with |var − {gp} var| ≤ {variance_tolerance(c['ensemble_size']):.3g} max({gp} var, 1e-6 × the "
+              "larger of its largest value at that step and the prior's largest variance); "
               "mean bias: RMS error of the mean with the "
               "Monte-Carlo noise (SE²) removed, and the bias that two standard deviations of that estimate "
               "amount to for unbiased members (below it, a bias is noise). Changes are relative to "

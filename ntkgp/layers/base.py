@@ -370,7 +370,9 @@ def _run_block(layer, x1, x2, norms, want_ntk, symmetric, compile, duplicates=No
         return _compiled_block()(layer, x1, x2, norms, want_ntk, symmetric)
     except Exception as err:  # no compiler toolchain, unsupported layer, ...
         _COMPILE_FAILED.setdefault(layer, set()).add(key)
-        warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); using the eager path for this "
+        # the first line only: a failed C++ build's message holds the whole compiler log (~2800 lines)
+        first = next((line for line in str(err).splitlines() if line.strip()), "")[:300]
+        warnings.warn(f"torch.compile failed ({type(err).__name__}: {first}); using the eager path for this "
                       f"network in {x1.dtype} from now on.", RuntimeWarning, stacklevel=caller_stacklevel())
         return _block(layer, x1, x2, norms, want_ntk, symmetric)
 

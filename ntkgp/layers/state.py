@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ntkgp.layers.numerics import is_vmapped, needs_graph, straight_through
+from ntkgp.layers.validation import broadcast_shapes
 
 #: Entries per block of rows when :func:`_row_keys` widens bit patterns to int64.
 _KEY_BLOCK_ENTRIES = 1 << 19   # a 4 MiB int64 block: few iterations (kernel launches on a GPU), bounded memory
@@ -99,7 +100,7 @@ class Duplicates:
             keys = keys1
         else:
             keys2 = _row_keys(x2)
-            batch = torch.broadcast_shapes(keys1.shape[:-1], keys2.shape[:-1])
+            batch = broadcast_shapes(keys1.shape[:-1], keys2.shape[:-1])
             keys = torch.cat([keys1.expand(*batch, keys1.shape[-1]), keys2.expand(*batch, keys2.shape[-1])], -1)
         if keys.shape[-1] < 2:
             return None
@@ -163,7 +164,7 @@ class Duplicates:
             cov1 = cov2 if state.cov2 is state.cov1 else state.cov1   # re-derived from cov2 next
         else:
             # cov1 may lack batch axes that cov2 has (x1 unbatched against an expanded x2 batch)
-            shape1 = torch.broadcast_shapes(state.cov1.shape, (*cov2.shape[:-1], state.cov1.shape[-1]))
+            shape1 = broadcast_shapes(state.cov1.shape, (*cov2.shape[:-1], state.cov1.shape[-1]))
             cov1 = state.cov1.expand(shape1).clone()
             cov1[..., self.row_members] = cov2[..., self.row_reps]
         nngp = state.nngp
@@ -223,7 +224,7 @@ class BatchedDuplicates:
         first = order.gather(-1, torch.where(starts, positions, 0).cummax(-1).values)
         col_reps = torch.empty_like(order).scatter_(-1, order, first)
         # a column of each row's point, where there is one
-        batch = torch.broadcast_shapes(rows.shape[:-1], cols.shape[:-1])
+        batch = broadcast_shapes(rows.shape[:-1], cols.shape[:-1])
         ordered_b = ordered.expand(*batch, n2).contiguous()
         rows_b = rows.expand(*batch, rows.shape[-1]).contiguous()
         index = torch.searchsorted(ordered_b, rows_b).clamp(max=n2 - 1)
@@ -239,19 +240,19 @@ class BatchedDuplicates:
         return _values_only(self._canonical, state)
 
     def _apply(self, state: KernelState) -> KernelState:
-        shape2 = torch.broadcast_shapes(state.cov2.shape, self.col_reps.shape)
+        shape2 = broadcast_shapes(state.cov2.shape, self.col_reps.shape)
         cov2 = state.cov2.expand(shape2).gather(-1, self.col_reps.expand(shape2))
         if state.symmetric:
             cov1 = cov2 if state.cov2 is state.cov1 else state.cov1   # re-derived from cov2 next
         else:
-            shape1 = torch.broadcast_shapes(state.cov1.shape, self.row_reps.shape, (*shape2[:-1], 1))
+            shape1 = broadcast_shapes(state.cov1.shape, self.row_reps.shape, (*shape2[:-1], 1))
             from_cols = cov2.expand(*shape1[:-1], cov2.shape[-1]).gather(-1, self.row_reps.expand(shape1))
             cov1 = torch.where(self.row_shared, from_cols, state.cov1)
         nngp = torch.where(self.same, cov2.unsqueeze(-2), state.nngp)
         return state.replace(nngp=nngp, cov1=cov1, cov2=cov2)
 
     def _canonical(self, state: KernelState) -> KernelState:
-        shape = torch.broadcast_shapes(state.cov1.shape, self.col_reps.shape)
+        shape = broadcast_shapes(state.cov1.shape, self.col_reps.shape)
         reps = self.col_reps.expand(shape)
         cov = state.cov1.expand(shape).gather(-1, reps)
         ntk = state.ntk
