@@ -220,8 +220,8 @@ class Schedule:
 
     def slopes(self, eig: Eigensystem) -> tuple[Tensor, Tensor]:
         """``d/dλ`` of ``growth`` and ``flow`` (:meth:`functions`), each ``(T, N)``; 0 along
-        untrained directions. Without the graph of the times (the gradient of a gradient is not
-        needed for :func:`matrix_function_product`).
+        untrained directions. Without the graph of the times (second derivatives through
+        :func:`matrix_function_product` take :meth:`weight_function` instead).
 
         With ``x = λτ`` (continuous) ``growth' = τ e^{−x}`` and ``flow' = τ² φ'(x)``, ``φ(x) =
         (1 − e^{−x})/x``; ``φ'`` cancels to ``ε/x²`` for small ``x``, where its series is used
