@@ -315,12 +315,12 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
                     final = objective("after the last step")
                 if all_finite(final.reshape(1)):
                     remember(final)
-                    if float(final) - best[0] > 1e-3 * max(1.0, abs(best[0])):
-                        warnings.warn(f"fit: the optimizer ended at a loss of {float(final):.6g}, above the "
-                                      f"{best[0]:.6g} it reached before; the model keeps the parameters of the "
-                                      "lowest loss (a smaller learning rate, or LBFGS with "
-                                      "line_search_fn='strong_wolfe', may converge).", RuntimeWarning,
-                                      stacklevel=caller_stacklevel())
+                if not all_finite(final.reshape(1)) or float(final) - best[0] > 1e-3 * max(1.0, abs(best[0])):
+                    warnings.warn(f"fit: the optimizer ended at a loss of {float(final):.6g}, above the "
+                                  f"{best[0]:.6g} it reached before; the model keeps the parameters of the "
+                                  "lowest loss (a smaller learning rate, or LBFGS with "
+                                  "line_search_fn='strong_wolfe', may converge).", RuntimeWarning,
+                                  stacklevel=caller_stacklevel())
     finally:
         if best[1] is not None:
             with torch.no_grad():
