@@ -433,6 +433,13 @@ def test_numerical_refuses_functions_it_cannot_integrate_and_works_where_it_can(
     (lambda x: torch.nn.functional.leaky_relu(x, 0.99), 2, 100.0, True),
     (lambda x: torch.relu(x - 1.5), 2, 1.0, True),
     (lambda x: torch.relu(x - 1.5), 2, 1e-4, False),    # the kink is where no node lies
+    # a tolerance growing with the scale missed these (SELU's NNGP gradient 1.43e6 for 2.82e6)
+    (torch.nn.functional.selu, 2, 1e3, True),
+    (torch.nn.functional.elu, 3, 1e4, True),
+    (lambda x: torch.relu(x) + 0.1 * torch.exp(x), 2, 100.0, True),   # large derivatives far out
+    (lambda x: torch.sqrt(x * x), 2, 1e3, True),                      # autograd's NaN at 0 emptied the grid
+    (lambda x: torch.nn.functional.softplus(x, beta=100), 3, 1.0, False),
+    (lambda x: torch.nn.functional.gelu(x, approximate="tanh"), 3, 100.0, False),
 ])
 def test_the_continuity_check_tells_kinks_from_smooth_activations(fn, order, scale, kink):
     layer = ntkgp.Numerical(fn)
@@ -441,3 +448,12 @@ def test_the_continuity_check_tells_kinks_from_smooth_activations(fn, order, sca
             layer.check_continuous(order, scale)
     else:
         layer.check_continuous(order, scale)
+
+
+def test_the_continuity_check_is_not_skipped_at_a_scale_smaller_than_one_checked_before():
+    # only the largest scale was remembered: SELU checked (and passed) far out, then 4 % off near 0
+    layer = ntkgp.Numerical(torch.nn.functional.selu)
+    with pytest.raises(ValueError, match="jumps"):
+        layer.check_continuous(2, 1e4)
+    with pytest.raises(ValueError, match="jumps"):
+        layer.check_continuous(2, 1.0)

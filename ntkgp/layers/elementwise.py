@@ -196,7 +196,7 @@ class Numerical(Activation):
         self.degree, self.rtol, self.max_degree = degree, float(rtol), max_degree
         self.last_degree: int | None = degree
         self._derivatives: list[Callable[[Tensor], Tensor]] = [_elementwise(fn)]
-        self._continuous_to: dict[int, float] = {}   # derivative order -> largest scale checked
+        self._continuous_to: dict[int, set[int]] = {}   # derivative order -> powers of two of the scale checked
 
     def fn(self, x: Tensor) -> Tensor:
         return self._fn(x)
@@ -211,52 +211,51 @@ class Numerical(Activation):
         return self._derivatives[order]
 
     def check_continuous(self, order: int, scale: float) -> None:
-        """``ValueError`` unless ``φ^(order−1)`` is continuous on ``[−10 scale, 10 scale]`` (and
-        ``[−10, 10]``), so that autograd's ``φ^(order)`` is its whole derivative.
+        """``ValueError`` unless ``φ^(order−1)`` is continuous on ``[−10 s, 10 s]`` (and ``[−10,
+        10]``), ``s`` the power of two at or above ``scale``, so that autograd's ``φ^(order)`` is its
+        whole derivative.
 
         Autograd differentiates a kink piecewise: ``relu'' = 0`` drops the delta at 0, and
         Price's-theorem gradients built on it were wrong (the NNGP gradient of ``Numerical(relu)``
         9.9 instead of 15.1, ``hardtanh`` 8.4 instead of 0.23; ELU's NTK gradients, from ``φ‴``,
-        60 % off). The check compares ``φ^(order−1)(x) − φ^(order−1)(x₀)`` with the trapezoidal
-        integral of ``φ^(order)`` on a grid of 40001 points per range and on every other point of
-        it: a jump shows as a drift that does not shrink with the spacing (the trapezoid's own error
-        falls 4x, or 2x at a jump of ``φ^(order)`` itself), so a drift above 10⁻³ of
-        ``max |φ^(order−1)|`` plus the spacing times ``max |φ^(order)|`` (what a jump of
-        ``φ^(order)`` costs the trapezoid) that stays above 0.7 of the coarse grid's is refused.
-        Where autograd's derivatives overflow (``exp`` beyond 709), the grid stops before.
+        60 % off). On a grid of 40001 points per range, an interval over which ``φ^(order−1)``
+        changes by more than twice what ``φ^(order)`` at its ends can explain (``2 h max |φ^(order)|``,
+        which a finite jump of ``φ^(order)`` itself, softsign's ``φ''``, stays within) and by more
+        than 10⁻³ of its own size there (and 10⁻⁶ of its size on ``[−10, 10]``: underflowing tails
+        change by rounding) is a jump. The test is local, so large derivatives elsewhere
+        (``exp``) or a coarse grid far out do not hide a kink near 0; points where autograd's
+        derivatives are not finite are left out. Checked once per power of two of the scale.
         """
-        if order < 2 or not scale > 0 or scale <= self._continuous_to.get(order, 0.0):
+        if order < 2 or not scale > 0:
             return
+        octave = math.ceil(math.log2(scale))
+        if octave in self._continuous_to.setdefault(order, set()):
+            return
+        top = 2.0 ** octave
         with torch.inference_mode(False):
-            ranges = [torch.linspace(-10 * scale, 10 * scale, 40001, dtype=torch.float64)]
-            if scale > 1e-3:
+            ranges = [torch.linspace(-10 * top, 10 * top, 40001, dtype=torch.float64)]
+            if top > 1e-3:
                 ranges.append(torch.linspace(-10.0, 10.0, 40001, dtype=torch.float64))
             grid = torch.unique(torch.cat(ranges))
             lower, upper = self.derivative(order - 1)(grid).detach(), self.derivative(order)(grid).detach()
-        bad = ~(torch.isfinite(lower) & torch.isfinite(upper))
-        if bool(bad.any()):
-            keep = grid.abs() < grid[bad].abs().min()
-            grid, lower, upper = grid[keep], lower[keep], upper[keep]
-        if grid.numel() < 5:
-            return
-
-        def drift(every: int) -> tuple[float, float]:
-            x, low, up = grid[::every], lower[::every], upper[::every]
-            gaps = (low[1:] - low[0]) - torch.cumsum(torch.diff(x) * (up[1:] + up[:-1]) / 2, 0)
-            i = int(gaps.abs().argmax())
-            return float(gaps[i].abs()), float(x[i + 1])
-
-        (fine, where), (coarse, _) = drift(1), drift(2)
-        # a jump of φ^(order) itself (softsign's φ'') costs the trapezoid up to spacing × its size
-        allowance = 1e-3 * float(lower.abs().max()) + float(torch.diff(grid).max()) * float(upper.abs().max())
-        if fine > allowance and fine > 0.7 * coarse:
+        finite = torch.isfinite(lower) & torch.isfinite(upper)
+        grid, lower, upper = grid[finite], lower[finite], upper[finite]
+        change = torch.diff(lower).abs()
+        explained = 2 * torch.diff(grid) * torch.maximum(upper[1:].abs(), upper[:-1].abs())
+        size = torch.maximum(lower[1:].abs(), lower[:-1].abs())
+        # changes below 1e-6 of the derivative's size on [−10, 10] are rounding (underflowing tails) or
+        # jumps too small to matter (softplus(β = 100) switches to x at βx > 20: φ'' drops by 2e-7)
+        unit = lower[grid.abs() <= 10].abs().max() if bool((grid.abs() <= 10).any()) else lower.abs().max()
+        jumps = (change > explained) & (change > 1e-3 * size) & (change > 1e-6 * unit)
+        if bool(jumps.any()):
+            i = int(torch.where(jumps, change, 0.0).argmax())
             raise ValueError(
                 f"Numerical: the kernels' gradients need derivative {order} of the activation, but derivative "
-                f"{order - 1} jumps (near x = {where:.3g}, by {fine:.3g}): autograd drops the jump's delta term, "
-                "which would give wrong gradients. Kinked activations (relu, abs, leaky relu, hardtanh, relu6, "
-                "hardswish, selu; ELU and CELU for NTK gradients) need their closed forms (ntkgp.ReLU, Abs, "
-                "LeakyReLU, ...), a smooth stand-in (softplus, GELU), or no gradients.")
-        self._continuous_to[order] = scale
+                f"{order - 1} jumps (near x = {float(grid[i]):.3g}, by {float(change[i]):.3g}): autograd drops the "
+                "jump's delta term, which would give wrong gradients. Kinked activations (relu, abs, leaky relu, "
+                "hardtanh, relu6, hardswish, selu; ELU and CELU for NTK gradients) need their closed forms "
+                "(ntkgp.ReLU, Abs, LeakyReLU, ...), a smooth stand-in (softplus, GELU), or no gradients.")
+        self._continuous_to[order].add(octave)
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         degree = self.degree or self.entry_degrees(k11, k22, want_dot)
