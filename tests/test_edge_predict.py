@@ -747,6 +747,16 @@ def test_gradient_descent_mse_second_derivatives_and_extreme_schedules():
     up, down = (torch.tensor(0.8 + s, requires_grad=True) for s in (h, -h))
     fd = (torch.autograd.grad(loss(up, t=3.0), up)[0] - torch.autograd.grad(loss(down, t=3.0), down)[0]) / (2 * h)
     assert float(second) == pytest.approx(float(fd), rel=1e-6)
+    # the mixed time–hyperparameter block: the weights' λ-derivative carried no graph of t (0.36 off)
+    t = torch.tensor(3.0, requires_grad=True)
+    (d_t,) = torch.autograd.grad(loss(scale, t=t), t, create_graph=True)
+    (mixed,) = torch.autograd.grad(d_t, scale)
+
+    def d_dt(value):
+        time = torch.tensor(3.0, requires_grad=True)
+        return torch.autograd.grad(loss(torch.tensor(value), t=time), time)[0]
+
+    assert float(mixed) == pytest.approx(float(d_dt(0.8 + h) - d_dt(0.8 - h)) / (2 * h), rel=1e-6)
     # η = m / λ_max (a = 1 for the top eigenvalue) with a step count of 0, and absurdly late times
     theta = torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5])).requires_grad_(True)
     y4 = torch.tensor([1.0, -1.0, 0.5, 0.2])

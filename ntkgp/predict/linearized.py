@@ -124,24 +124,20 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
         if schedule.discrete:
             warn_if_unstable(schedule.learning_rate, stability_limit(float(eig.values.max()), y_train.numel()),
                              factor_dtype, out_dtype)
-        _, growth, flow = schedule.functions(eig)
         slopes = (None, None)
         if kernel.requires_grad and torch.is_grad_enabled():
             slopes = schedule.slopes(eig)
-        tau = schedule.tau(kernel.dtype).detach()
-        train = f0 - matrix_function_product(kernel, eig, growth, slopes[0], tau, flat,
-                                             weight_fn=schedule.weight_function(eig, 1)).reshape(-1, *y.shape)
+        train = f0 - matrix_function_product(kernel, eig, schedule, 1, slopes[0], flat).reshape(-1, *y.shape)
         train = schedule.reshape(train, y.dim())
         test = None
         if ntk_test_train is not None:
             left = ntk_test_train.to(factor_dtype)
             test_eigen = left.detach() @ eig.vectors   # the product's own backward differentiates left
-            delta = matrix_function_product(kernel, eig, flow, slopes[1], tau, flat, test_eigen, left,
-                                            schedule.weight_function(eig, 2))
+            delta = matrix_function_product(kernel, eig, schedule, 2, slopes[1], flat, test_eigen, left)
             with torch.no_grad():
                 warn_if_unresolved(test_eigen, eig.vectors.mT @ flat, delta, schedule, eig)
             # the number of times, not -1: an empty test set has no entries to infer it from
-            test = fx_test_0.to(factor_dtype) - delta.reshape(growth.shape[0], *fx_test_0.shape)
+            test = fx_test_0.to(factor_dtype) - delta.reshape(delta.shape[0], *fx_test_0.shape)
             test = schedule.reshape(test, fx_test_0.dim())
     if test is None:
         return train.to(out_dtype)

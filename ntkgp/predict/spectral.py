@@ -220,7 +220,7 @@ class Schedule:
 
     def slopes(self, eig: Eigensystem) -> tuple[Tensor, Tensor]:
         """``d/dλ`` of ``growth`` and ``flow`` (:meth:`functions`), each ``(T, N)``; 0 along
-        untrained directions. Without the graph of the times (second derivatives through
+        untrained directions, without a graph (second derivatives through
         :func:`matrix_function_product` take :meth:`weight_function` instead).
 
         With ``x = λτ`` (continuous) ``growth' = τ e^{−x}`` and ``flow' = τ² φ'(x)``, ``φ(x) =
@@ -260,11 +260,14 @@ class Schedule:
         null = self.untrained(eig)
         return torch.where(null, 0.0, growth), torch.where(null, 0.0, flow)
 
-    def weight_function(self, eig: Eigensystem, index: int) -> Callable[[Tensor], Tensor]:
-        """``λ ↦`` :meth:`functions` ``[index]`` at these times, without their graph (for second
-        derivatives through :func:`matrix_function_product`)."""
-        fixed = Schedule(self.values.detach(), self.shape, self.discrete, self.learning_rate, self.m)
-        return lambda values: fixed.functions(Eigensystem(values, eig.vectors, eig.eps))[index]
+    def weight_function(self, eig: Eigensystem, index: int) -> Callable[[Tensor, Tensor], Tensor]:
+        """``(λ, times) ↦`` :meth:`functions` ``[index]`` (1: growth, 2: flow), differentiable in
+        both, for :func:`matrix_function_product`."""
+        def weights(values: Tensor, times: Tensor) -> Tensor:
+            schedule = Schedule(times, self.shape, self.discrete, self.learning_rate, self.m)
+            return schedule.functions(Eigensystem(values, eig.vectors, eig.eps))[index]
+
+        return weights
 
     def tau(self, dtype: torch.dtype) -> Tensor:
         """``(T,)`` scaled times ``τ = η t / m`` (``s η / m`` for ``s`` steps)."""
@@ -383,15 +386,14 @@ def spectral_apply(left: Tensor, weights: Tensor, right: Tensor) -> Tensor:
     return (left @ scaled.reshape(n, n_times * k)).reshape(-1, n_times, k).movedim(1, 0)
 
 
-def matrix_function_product(kernel: Tensor, eig: Eigensystem, weights: Tensor, slopes: Tensor | None,
-                            tau: Tensor, right: Tensor, left_eigen: Tensor | None = None,
-                            left: Tensor | None = None,
-                            weight_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    r"""``out[t] = L · f_t(Θ) · R`` with ``f_t(Θ) = V diag(weights[t]) Vᵀ``, ``(T, M, k)`` (``L = I``
-    when ``left`` is ``None``; ``left_eigen`` is ``L V`` if already computed).
+def matrix_function_product(kernel: Tensor, eig: Eigensystem, schedule: Schedule, index: int,
+                            slopes: Tensor | None, right: Tensor, left_eigen: Tensor | None = None,
+                            left: Tensor | None = None) -> Tensor:
+    r"""``out[t] = L · f_t(Θ) · R`` with ``f_t(Θ) = V diag(f_t(λ)) Vᵀ``, ``(T, M, k)`` (``L = I``
+    when ``left`` is ``None``; ``left_eigen`` is ``L V`` if already computed), ``f_t`` the
+    ``schedule``'s growth (``index`` 1) or flow (2) at each of its times.
 
-    ``eig`` is the eigensystem of ``kernel`` (``Θ``) without a graph, ``weights`` ``(T, N)`` the
-    values ``f_t(λ)`` (their graph reaches the times only) and ``slopes`` their derivatives
+    ``eig`` is the eigensystem of ``kernel`` (``Θ``) without a graph, ``slopes`` the derivatives
     ``f_t'(λ)`` (:meth:`Schedule.slopes`; ``None`` if ``kernel`` needs no gradient). The gradient
     with respect to ``Θ`` is the Daleckii–Krein formula (Higham 2008, "Functions of Matrices",
     Thm. 3.11), ``V (F_t ∘ (Vᵀ Lᵀ G_t Rᵀ V)) Vᵀ`` summed over times, with the divided differences
@@ -399,36 +401,43 @@ def matrix_function_product(kernel: Tensor, eig: Eigensystem, weights: Tensor, s
     ``|λ_i − λ_j| ≤ ε^{1/3} max(λ_i, λ_j, 1/τ_t)`` (rounding and truncation errors both
     ``~ε^{2/3}``). Autograd through ``torch.linalg.eigh`` divides by ``λ_i − λ_j`` instead: NaN
     for repeated eigenvalues (one-hot or symmetric inputs, ``Θ ⊗ I``), though ``f_t(Θ)`` is smooth.
+    The times' gradient (``t`` that requires grad) is autograd's, through ``f_t(λ)``.
 
     That backward is not itself differentiable; under ``create_graph=True`` (second derivatives)
-    it differentiates the product through ``torch.linalg.eigh`` instead, with ``weight_fn`` (``λ
-    ↦ weights``, times fixed): exact where eigenvalues are distinct, NaN where they tie.
+    it differentiates the product through ``torch.linalg.eigh`` and ``f_t(λ)`` in both ``λ`` and
+    the times instead: exact where eigenvalues are distinct, NaN where they tie.
     """
     if left_eigen is None and left is not None:
         left_eigen = left @ eig.vectors
-    return _MatrixFunctionProduct.apply(kernel, left, right, weights, slopes, tau, eig.values.detach(),
-                                        eig.vectors.detach(), left_eigen, weight_fn)
+    weight_fn = schedule.weight_function(eig, index)
+    with torch.no_grad():
+        weights = weight_fn(eig.values.detach(), schedule.values.detach())
+    tau = schedule.tau(eig.values.dtype).detach()
+    return _MatrixFunctionProduct.apply(kernel, left, right, schedule.values, weights, slopes, tau,
+                                        eig.values.detach(), eig.vectors.detach(), left_eigen, weight_fn)
 
 
 class _MatrixFunctionProduct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kernel, left, right, weights, slopes, tau, values, vectors, left_eigen, weight_fn):
+    def forward(ctx, kernel, left, right, times, weights, slopes, tau, values, vectors, left_eigen, weight_fn):
         a = vectors if left is None else left_eigen                         # (M, N)
         p = vectors.mT @ right                                              # (N, k)
-        ctx.save_for_backward(a, p, weights, slopes, tau, values, vectors, kernel, left, right)
+        ctx.save_for_backward(a, p, weights, slopes, tau, values, vectors, kernel, left, right, times)
         ctx.has_left, ctx.weight_fn = left is not None, weight_fn
         return spectral_apply(a, weights, p)
 
     @staticmethod
     def backward(ctx, grad):
-        a, p, weights, slopes, tau, values, vectors, kernel, left, right = ctx.saved_tensors
-        need_kernel, need_left, need_right, need_weights = ctx.needs_input_grad[:4]
+        a, p, weights, slopes, tau, values, vectors, kernel, left, right, times = ctx.saved_tensors
+        need_kernel, need_left, need_right, need_times = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():   # create_graph: a graph of the backward itself is wanted
-            return _differentiable_backward(ctx, grad, kernel, left, right, weights)
+            return _differentiable_backward(ctx, grad, kernel, left, right, times)
         h = a.mT @ grad                                                    # Aᵀ G_t: (T, N, k)
-        g_kernel = g_left = g_right = g_weights = None
-        if need_weights:
-            g_weights = (h * p).sum(-1)
+        g_kernel = g_left = g_right = g_times = None
+        if need_times:
+            with torch.enable_grad():
+                leaf = times.detach().requires_grad_()
+                (g_times,) = torch.autograd.grad(ctx.weight_fn(values, leaf), leaf, (h * p).sum(-1))
         if need_right:
             g_right = vectors @ (weights.unsqueeze(-1) * h).sum(0)
         if need_left and ctx.has_left:
@@ -452,25 +461,21 @@ class _MatrixFunctionProduct(torch.autograd.Function):
                                       (w.unsqueeze(-1) - w.unsqueeze(-2)) * inverse)
                 inner.addcmul_(divided, h[t] @ p.mT)
             g_kernel = vectors @ ((inner + inner.mT) / 2) @ vectors.mT
-        return g_kernel, g_left, g_right, g_weights, None, None, None, None, None, None
+        return g_kernel, g_left, g_right, g_times, *([None] * 7)
 
 
 def _differentiable_backward(ctx, grad: Tensor, kernel: Tensor, left: Tensor | None, right: Tensor,
-                             weights: Tensor) -> tuple:
+                             times: Tensor) -> tuple:
     """The backward of :class:`_MatrixFunctionProduct` as a graph: autograd through ``eigh`` (whose
-    own backward is twice differentiable), the weights' dependence on ``λ`` from ``weight_fn``."""
-    if ctx.weight_fn is None and ctx.needs_input_grad[0]:
-        raise RuntimeError("Second derivatives with respect to the kernel need weight_fn.")
-    inputs = {i: t for i, t in enumerate((kernel, left, right, weights)) if ctx.needs_input_grad[i]}
+    own backward is twice differentiable) and through the weights ``f_t(λ)`` in ``λ`` and the
+    times together (their mixed second derivatives included)."""
+    inputs = {i: t for i, t in enumerate((kernel, left, right, times)) if ctx.needs_input_grad[i]}
     values, vectors = torch.linalg.eigh(kernel)
-    w = weights
-    if ctx.weight_fn is not None:
-        moving = ctx.weight_fn(values.clamp_min(0))
-        w = weights + (moving - moving.detach())   # the weights' values, with their λ-dependence
+    weights = ctx.weight_fn(values.clamp_min(0), times)
     a = vectors if left is None else left @ vectors
-    out = spectral_apply(a, w, vectors.mT @ right)
+    out = spectral_apply(a, weights, vectors.mT @ right)
     grads = torch.autograd.grad(out, list(inputs.values()), grad, create_graph=True, allow_unused=True)
-    result = [None] * 10
+    result = [None] * 11
     for i, g in zip(inputs, grads, strict=True):
         result[i] = g
     return tuple(result)
