@@ -12,6 +12,24 @@ from torch import Tensor
 _F = TypeVar("_F", bound=Callable)
 
 
+def _normal(value):
+    """A tensor made under inference mode as a normal one (autograd cannot save inference tensors)."""
+    return value.clone() if isinstance(value, Tensor) and value.is_inference() else value
+
+
+def outside_inference_mode(fn: _F) -> _F:
+    """Run ``fn`` outside a caller's ``torch.inference_mode()``, its tensor arguments made normal:
+    for functions that make parameters (variances set inside the mode were inference tensors, and
+    every later build and gradient failed with "Inference tensors cannot be saved for backward")."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*map(_normal, args), **{k: _normal(v) for k, v in kwargs.items()})
+
+    return wrapper  # type: ignore[return-value]
+
+
 def differentiates(fn: _F) -> _F:
     """Run ``fn`` with autograd on, whatever the caller's mode, for functions that differentiate
     a network or a likelihood themselves (training, empirical NTKs, marginal-likelihood fits): under
@@ -20,12 +38,9 @@ def differentiates(fn: _F) -> _F:
     tensors does not require grad". Tensor arguments made under inference mode are copied to
     normal tensors (autograd cannot save inference tensors for the backward pass)."""
 
-    def normal(value):
-        return value.clone() if isinstance(value, Tensor) and value.is_inference() else value
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with torch.inference_mode(False), torch.enable_grad():
-            return fn(*map(normal, args), **{k: normal(v) for k, v in kwargs.items()})
+            return fn(*map(_normal, args), **{k: _normal(v) for k, v in kwargs.items()})
 
     return wrapper  # type: ignore[return-value]

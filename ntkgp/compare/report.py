@@ -6,6 +6,7 @@ import json
 import math
 import pathlib
 
+from ntkgp.compare.calibration import MEAN_SLACK, VARIANCE_FLOOR
 from ntkgp.compare.harness import (
     POINTWISE_MIN_WIDTH,
     ComparisonResult,
@@ -144,8 +145,9 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
     columns = ["width", "step", "loss", "mean within", "var within", "mean RMSE", "mean bias", "bias noise",
                "var rel. error", "weight change", *(f"{g} weights" for g in groups), "NTK change", "seconds"]
     lines += ["", "## Per width and step", "",
-              f"Mean within: fraction of test points with |mean − {gp} mean| ≤ 3 SE + 0.02; var within: "
-              f"fraction with |var − {gp} var| ≤ {variance_tolerance(c['ensemble_size']):.3g} max({gp} var, 1e-6 × the "
+              f"Mean within: fraction of test points with |mean − {gp} mean| ≤ 3 SE + {MEAN_SLACK:g}; var within: "
+              f"fraction with |var − {gp} var| ≤ {variance_tolerance(c['ensemble_size']):.3g} max({gp} var, "
+              f"{VARIANCE_FLOOR:g} × the "
               "larger of its largest value at that step and the prior's largest variance); "
               "mean bias: RMS error of the mean with the "
               "Monte-Carlo noise (SE²) removed, and the bias that two standard deviations of that estimate "

@@ -104,7 +104,7 @@ def _materialize(model: nn.Module, x: Tensor) -> None:
             model(x[..., :1, :])
 
 
-def _check_dtype(model: nn.Module | ParamFn, x1: Tensor) -> None:
+def _check_network_inputs(model: nn.Module | ParamFn, x1: Tensor) -> None:
     """Inputs in another dtype than a module's parameters, or with another number of features than
     a network built by ntkgp takes, are a clear error, not torch's matmul one."""
     if isinstance(model, nn.Module):
@@ -147,7 +147,7 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     ``(n1, n2, k, k)``); ``(E, …)`` for ensembles. Over random initializations its mean is the NNGP
     kernel (Neal 1996; Lee et al. 2018). A constant: no gradient flows through it."""
     x1, x2 = check_inputs(x1, x2)
-    _check_dtype(model, x1)
+    _check_network_inputs(model, x1)
     built = _built_by_ntkgp(model)   # batches of inputs, per-member (E, n, d) ones too; outputs right by construction
     if not built:
         _check_plain_inputs(x1, x2)
@@ -195,7 +195,7 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     """
     x1, x2 = check_inputs(x1, x2)
     chunk_size = None if chunk_size is None else integer_at_least(chunk_size, 1, "chunk_size")
-    _check_dtype(model, x1)
+    _check_network_inputs(model, x1)
     scales = dict(parameter_scales or {})
     fn, all_params, members = _as_function(model, params, x1)
     unknown = sorted(set(scales) - set(all_params))

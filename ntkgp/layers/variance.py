@@ -25,14 +25,14 @@ module's dtype, zero right after setting. Hence:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial, wraps
+from functools import partial
 
 import torch
 from gpytorch.constraints import GreaterThan, Interval
 from gpytorch.priors import Prior
 from torch import Tensor
 
+from ntkgp._autograd import outside_inference_mode
 from ntkgp.layers.validation import all_finite
 
 
@@ -88,17 +88,6 @@ class ExactVariance(GreaterThan):
         return f"{self._get_name()}(anchor shape={tuple(self.anchor.shape)})"
 
 
-def _normal_tensors(method: Callable) -> Callable:
-    """Run ``method`` outside ``torch.inference_mode()``: the parameters and anchors it makes are
-    normal tensors even when a spec is made or set inside it (inference tensors there made every
-    later build and gradient fail: "Inference tensors cannot be saved for backward")."""
-    @wraps(method)
-    def wrapper(*args, **kwargs):
-        with torch.inference_mode(False):
-            return method(*args, **kwargs)
-    return wrapper
-
-
 def check_variance(name: str, value: float | Tensor) -> Tensor:
     """Validate a variance given by the user and return it as a float64 tensor."""
     if isinstance(value, Tensor):
@@ -128,7 +117,7 @@ def _initialize_variance(name: str, module: VarianceParameters, value: float | T
 class VarianceParameters:
     """Mixin for ``gpytorch.Module`` layers that own variance hyperparameters."""
 
-    @_normal_tensors
+    @outside_inference_mode
     def register_variance(self, name: str, value: float | Tensor, event_shape: torch.Size = torch.Size([]),
                           prior: Prior | None = None) -> None:
         """Register ``raw_<name>`` with an :class:`ExactVariance` constraint and optional prior."""
@@ -178,7 +167,7 @@ class VarianceParameters:
         raw = getattr(self, f"raw_{name}")
         return getattr(self, f"raw_{name}_constraint").value_as(raw, like)
 
-    @_normal_tensors
+    @outside_inference_mode
     def set_variance(self, name: str, value: float | Tensor) -> None:
         """Set a variance exactly: the anchor becomes ``value`` and ``raw`` returns to 0.
 
@@ -204,7 +193,7 @@ class VarianceParameters:
         with torch.no_grad():
             raw.zero_()
 
-    @_normal_tensors
+    @outside_inference_mode
     def expand_variances(self, batch_shape: torch.Size) -> None:
         """Give every variance of this module a leading ``batch_shape`` (for GPyTorch batches)."""
         for name, raw in list(self._parameters.items()):
@@ -219,7 +208,7 @@ class VarianceParameters:
             self._parameters[name] = new_raw
             constraint.anchor = anchor
 
-    @_normal_tensors
+    @outside_inference_mode
     def index_variances(self, index: tuple) -> None:
         """Index the batch dimensions of every variance (``kernel[i]`` in GPyTorch)."""
         for name, raw in list(self._parameters.items()):
