@@ -182,6 +182,51 @@ def test_elementwise_derives_ntk_factor_by_autograd():
     assert not value.requires_grad and not dot.requires_grad
 
 
+def _layernorm_net(act, x):
+    return ntkgp.serial(ntkgp.Dense(1, 1.4, 0.2), act, ntkgp.LayerNorm(), ntkgp.Dense(1, 1.3, 0.1)).double()
+
+
+def _kernels_and_gradients(act, x):
+    net = _layernorm_net(act, x)
+    k = net.kernel(x)
+    grads = torch.autograd.grad(k.nngp.sum() + (k.ntk * k.ntk).sum(), list(net.parameters()))
+    return k.nngp.detach(), k.ntk.detach(), grads
+
+
+def test_layernorm_means_of_numerical_and_elementwise_layers_match_the_closed_forms():
+    """The mean a LayerNorm subtracts, by 1-D quadrature (Numerical) or from mean_fn (Elementwise),
+    gives the closed forms' kernels and hyperparameter gradients; Elementwise without mean_fn is
+    refused, and a wrong mean_fn shape is named."""
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    x[3] = 0.0
+    relu_nngp = lambda k12, k11, k22: ntkgp.ReLU().pair_kernel(k11, k12, k22, False)[0]  # noqa: E731
+    relu_dot = lambda k12, k11, k22: ntkgp.ReLU().pair_kernel(k11, k12, k22, True)[1]  # noqa: E731
+    relu_mean = lambda k: torch.sqrt(k / (2 * math.pi))  # noqa: E731
+    # Numerical's adaptive degree targets rtol = 1e-7 (measured: kernels ≤ 4e-11, gradients ≤ 6e-8)
+    pairs = [(ntkgp.Numerical(lambda t: torch.erf(t) + 0.3), ntkgp.Erf(c=0.3), 1e-7),
+             (ntkgp.Numerical(torch.nn.functional.gelu), ntkgp.GELU(), 1e-7),
+             (ntkgp.Elementwise(torch.relu, relu_nngp, relu_dot, mean_fn=relu_mean), ntkgp.ReLU(), 1e-13)]
+    for layer, closed, rtol in pairs:
+        got, want = _kernels_and_gradients(layer, x), _kernels_and_gradients(closed, x)
+        for g, w in zip([*got[:2], *got[2]], [*want[:2], *want[2]], strict=True):
+            torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * float(w.abs().max()))
+    with pytest.raises(ValueError, match="mean_fn"):
+        _layernorm_net(ntkgp.Elementwise(torch.relu, relu_nngp, relu_dot), x).kernel(x)
+    with pytest.raises(ValueError, match="mean_fn must return"):
+        _layernorm_net(ntkgp.Elementwise(torch.relu, relu_nngp, relu_dot, mean_fn=lambda k: k.sum()), x).kernel(x)
+
+
+def test_layernorm_after_an_activation_in_float32():
+    """float32 kernels of ReLU → LayerNorm agree with float64 to float32 rounding."""
+    x = torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    net = ntkgp.serial(ntkgp.Dense(1, 1.4, 0.2), ntkgp.ReLU(), ntkgp.LayerNorm(), ntkgp.Dense(1, 1.3, 0.1),
+                       ntkgp.GELU(), ntkgp.Dense(1))
+    with torch.no_grad():
+        k64, k32 = net.kernel(x), net.kernel(x.float())
+    for a, b in ((k32.nngp, k64.nngp), (k32.ntk, k64.ntk)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
+
 def test_numerical_gradients_use_price_theorem():
     """Gradients of the quadrature w.r.t. the kernels equal E[φ'φ'] and ½E[φ''φ] (finite differences)."""
     layer = ntkgp.Numerical(torch.tanh, degree=80)

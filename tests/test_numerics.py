@@ -24,6 +24,11 @@ ARCHS = {
         ntkgp.residual(ntkgp.ReLU(), ntkgp.Dense(16, 1.0, 0.1, "standard")),
         ntkgp.Sin(), ntkgp.Dense(1, 1.0, 0.1, "standard")),
     "numerical_tanh": lambda: ntkgp.mlp(2, ntkgp.Numerical(torch.tanh, degree=60), 0.5, 0.1, width=8),
+    # LayerNorm subtracts the activation's mean (the zero input of the bias-free ReLU has variance 0)
+    "relu_layernorm_nobias": lambda: ntkgp.serial(ntkgp.Dense(9, 1.5, None), ntkgp.ReLU(), ntkgp.LayerNorm(),
+                                                  ntkgp.Dense(9, 2.0, 0.1), ntkgp.Erf(), ntkgp.Dense(1)),
+    "cos_layernorm": lambda: ntkgp.serial(ntkgp.Dense(9, 1.2, 0.3), ntkgp.Cos(c=0.2), ntkgp.LayerNorm(),
+                                          ntkgp.Dense(1, 1.0, 0.1)),
 }
 
 
@@ -663,7 +668,9 @@ def test_hyperparameter_batches_that_do_not_broadcast_with_the_inputs_raise():
     (lambda: ntkgp.serial(ntkgp.residual(ntkgp.Dense(3)), ntkgp.Dense(3), ntkgp.ReLU()), "raw inputs"),
     (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(ntkgp.ReLU(), ntkgp.Identity())), "independent"),
     (lambda: ntkgp.serial(ntkgp.parallel(ntkgp.Dense(3), ntkgp.Dense(4))), "equal widths"),
-    (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.LayerNorm(), ntkgp.ReLU(), ntkgp.LayerNorm()), "Gaussian"),
+    # the mean of a concatenation of two activations' features is not tracked
+    (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(ntkgp.ReLU(), ntkgp.Erf(), join="concat"), ntkgp.LayerNorm()),
+     "known mean"),
     # correlated branches: x + x is 2x (4K), not 2K, and x + LayerNorm(x) has cross terms
     (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.residual(ntkgp.Identity())), "independent"),
     (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(ntkgp.Identity(), ntkgp.Identity())), "independent"),

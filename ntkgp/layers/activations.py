@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkgp.layers.base import BuildContext, Layer
-from ntkgp.layers.numerics import gaussian_angle, gaussian_det, scaled_for_products
+from ntkgp.layers.numerics import gaussian_angle, gaussian_det, safe_sqrt, scaled_for_products
 from ntkgp.layers.state import KernelState
 from ntkgp.layers.validation import finite_number
 
@@ -66,6 +66,11 @@ class Activation(Layer):
         """``T(k, k, k) = E[φ(u)²]`` for ``u ~ N(0, k)``."""
         return self.pair_kernel(k, k, k, False)[0]
 
+    def mean(self, k: Tensor) -> Tensor | None:
+        """``E[φ(u)]`` for ``u ~ N(0, k)``: the mean of the i.i.d. features after this layer, which a
+        following :class:`~ntkgp.layers.LayerNorm` subtracts; ``None`` where it is not known."""
+        return None
+
     def finite_fn(self) -> Callable[[Tensor], Tensor]:
         """A picklable callable for the finite twin (defaults to ``self.fn``)."""
         return self.fn
@@ -83,7 +88,10 @@ class Activation(Layer):
             nngp, dot = self.pair_kernel(state.k11, state.nngp, state.k22, want_ntk)
             cov1, cov2 = state.map_covs(self.variance)
         ntk = state.ntk * dot if want_ntk else None
-        return state.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=self.preserves_gaussian)
+        mean1 = self.mean(state.cov1)
+        means = None if mean1 is None else (mean1, mean1 if state.cov2 is state.cov1 else self.mean(state.cov2))
+        return state.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=self.preserves_gaussian,
+                             means=means)
 
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
         return ActivationModule(self.finite_fn(), type(self).__name__), in_width
@@ -101,7 +109,7 @@ class ABReLU(Activation):
 
         Ṫ = (a² + b²)/2 − (a − b)² θ / (2π)
         T = (a − b)² s / (2π) + Ṫ · k12
-        T(k, k, k) = (a² + b²) k / 2
+        T(k, k, k) = (a² + b²) k / 2,   E[φ(u)] = (b − a) sqrt(k / (2π))
 
     ``θ = π/2`` where both ``s`` and ``k12`` vanish (a zero input without bias).
     """
@@ -125,6 +133,9 @@ class ABReLU(Activation):
 
     def variance(self, k: Tensor) -> Tensor:
         return (self.a**2 + self.b**2) / 2 * k
+
+    def mean(self, k: Tensor) -> Tensor:
+        return (self.b - self.a) * safe_sqrt(k / (2 * math.pi))
 
     def extra_repr(self) -> str:
         return f"a={self.a:g}, b={self.b:g}"
@@ -176,7 +187,7 @@ class Erf(Activation):
     With ``q_ii = 1 + 2 b² k_ii`` and ``r = 2 b² k12``::
 
         T = a² (2/π) arcsin(r / sqrt(q11 q22)) + c²  = a² (2/π) atan2(r, sqrt(q11 q22 − r²)) + c²
-        Ṫ = a² b² (4/π) / sqrt(q11 q22 − r²)
+        Ṫ = a² b² (4/π) / sqrt(q11 q22 − r²),   E[φ(u)] = c
 
     ``q11 q22 − r² = 1 + 2b²(k11 + k22) + 4b⁴(k11 k22 − k12²) ≥ 1`` always, so both are smooth
     everywhere. It is computed in that form: as a difference of products it loses every digit
@@ -208,6 +219,9 @@ class Erf(Activation):
         q = self.b**2 * k
         return self.a**2 * (2 / math.pi) * torch.atan(2 * q / torch.sqrt(1 + 4 * q)) + self.c**2
 
+    def mean(self, k: Tensor) -> Tensor:
+        return torch.full_like(k, self.c)
+
     def extra_repr(self) -> str:
         return f"a={self.a:g}, b={self.b:g}, c={self.c:g}"
 
@@ -223,6 +237,7 @@ class GELU(Activation):
 
         T = k12/4 + (k12 α + (k12² + k11 k22 δ²) / (P δ)) / (2π)
         Ṫ = 1/4 + α/(2π) + k12 (1/δ² + (1 − k11 k22)/P + 1) / (2π δ)
+        E[φ(u)] = k / sqrt(2π (1 + k))
     """
 
     def fn(self, x: Tensor) -> Tensor:
@@ -256,6 +271,9 @@ class GELU(Activation):
         root = torch.sqrt(1 + 2 * k)
         return k * (0.25 + (k / ((k + 1) * root) + torch.atan(k / root) / 2) / math.pi)
 
+    def mean(self, k: Tensor) -> Tensor:
+        return k * torch.rsqrt(2 * math.pi * (1 + k))   # E[u Φ(u)] = k E[ϕ(u)] (Stein's lemma)
+
 
 def _sin(x: Tensor, a: float, b: float, c: float) -> Tensor:
     return a * torch.sin(b * x + c)
@@ -269,6 +287,7 @@ class Sin(Activation):
 
         T = a²/2 · (e^{b²(k12 − (k11+k22)/2)} − cos(2c) e^{−b²(k12 + (k11+k22)/2)})
         Ṫ = a²b²/2 · (e^{b²(k12 − (k11+k22)/2)} + cos(2c) e^{−b²(k12 + (k11+k22)/2)})
+        E[φ(u)] = a sin(c) e^{−b²k/2}
 
     The exponents are combined before ``exp`` so nothing overflows (``|k12| ≤ (k11+k22)/2``),
     and clamped at 0: for nearly (anti)parallel inputs of large variance rounding can make them
@@ -286,6 +305,7 @@ class Sin(Activation):
         self.a, self.b, self.c = _finite(a=a, b=b, c=c)
         # cos 2c, 1 − cos 2c and 1 + cos 2c, the latter two without cancellation
         self._cos2c, self._one_minus, self._one_plus = math.cos(2 * c), 2 * math.sin(c) ** 2, 2 * math.cos(c) ** 2
+        self._sin_c = math.sin(c)
 
     def fn(self, x: Tensor) -> Tensor:
         return _sin(x, self.a, self.b, self.c)
@@ -320,6 +340,9 @@ class Sin(Activation):
             return self.a**2 / 2 * (self._one_minus * decay - torch.expm1(-2 * self.b**2 * k))
         return self.a**2 / 2 * (1 - self._cos2c * decay)
 
+    def mean(self, k: Tensor) -> Tensor:
+        return self.a * self._sin_c * torch.exp(-self.b**2 / 2 * k)
+
     def extra_repr(self) -> str:
         return f"a={self.a:g}, b={self.b:g}, c={self.c:g}"
 
@@ -333,6 +356,7 @@ class Cos(Sin):
         super().__init__(a, b, c + math.pi / 2)
         # from c itself: c + π/2 is rounded, and 1 + cos(2c + π) = 2 sin²c must be 0 exactly at c = 0
         self._cos2c, self._one_minus, self._one_plus = -math.cos(2 * c), 2 * math.cos(c) ** 2, 2 * math.sin(c) ** 2
+        self._sin_c = math.cos(c)
 
 
 # ---------------------------------------------------------------------------------- step
@@ -342,7 +366,7 @@ class Sign(Activation):
     ``θ`` the angle of the covariance)::
 
         T = 1 − 2θ/π = (2/π) arcsin(k12 / sqrt(k11 k22)),   T(k, k, k) = 1[k > 0]
-        Ṫ = 0   (φ' = 0 almost everywhere; as in neural-tangents)
+        Ṫ = 0   (φ' = 0 almost everywhere; as in neural-tangents),   E[φ(u)] = 0
 
     ``T = 0`` when either input has zero variance (``sign(0) = 0``).
     """
@@ -360,6 +384,9 @@ class Sign(Activation):
 
     def variance(self, k: Tensor) -> Tensor:
         return (k > 0).to(k.dtype)
+
+    def mean(self, k: Tensor) -> Tensor:
+        return torch.zeros_like(k)
 
 
 # ---------------------------------------------------------------------------------- identity

@@ -226,8 +226,8 @@ class Layer(VarianceParameters, gpytorch.Module):
         """The finite-width network with exactly this parameterization.
 
         Any spec builds, also one whose :meth:`kernel` is refused for want of a closed form (an
-        activation after a concatenation or a non-Gaussian sum, a ``LayerNorm`` after an
-        activation, ``x + x``, a residual on the raw input, ``ard_num_dims`` past the first layer):
+        activation or a ``LayerNorm`` after a concatenation or a non-Gaussian sum, ``x + x``, a
+        residual on the raw input, ``ard_num_dims`` past the first layer):
         such networks are well defined, and :func:`ntkgp.finite.monte_carlo_kernel` estimates
         their kernels.
 

@@ -137,7 +137,8 @@ class Parallel(Layer):
             total = sum(out.width for out in outs)
             weights = [out.width / total for out in outs]
             width, is_gaussian = total, False
-        return _combine(outs, weights).replace(width=width, is_gaussian=is_gaussian)
+        # a sum or concatenation of non-Gaussian branches has no known mean (LayerNorm refuses it)
+        return _combine(outs, weights).replace(width=width, is_gaussian=is_gaussian, means=None)
 
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
         modules, widths = [], []

@@ -32,7 +32,7 @@ from torch import Tensor
 from ntkgp._checks import integer_at_least
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.activations import Activation
-from ntkgp.layers.numerics import _is_compiling, is_vmapped, overflow_scale
+from ntkgp.layers.numerics import _is_compiling, is_vmapped, overflow_scale, safe_sqrt
 from ntkgp.layers.validation import broadcast_shapes, finite_number
 
 
@@ -76,16 +76,20 @@ class Elementwise(Activation):
     the built-in layers do, since ``torch.sqrt(torch.clamp(·, min=0))`` has an infinite one there and
     makes the gradients NaN whenever ``x2`` is ``x1``. ``fn`` and the maps may not be modules with
     parameters (e.g. ``nn.PReLU``): ntkgp activations have no learnable parameters.
+
+    ``mean_fn(k) = E[φ(u)]`` for ``u ~ N(0, k)`` (optional) lets a :class:`~ntkgp.layers.LayerNorm`
+    follow the layer (it subtracts the features' mean); without it, one is refused.
     """
 
     def __init__(self, fn: Callable[[Tensor], Tensor] | None = None,
                  nngp_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
-                 dot_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> None:
+                 dot_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+                 mean_fn: Callable[[Tensor], Tensor] | None = None) -> None:
         super().__init__()
         if fn is None and nngp_fn is None:
             raise ValueError("Elementwise needs fn (finite width), nngp_fn (infinite width), or both.")
-        _parameter_free(fn, nngp_fn, dot_fn)
-        self._fn, self.nngp_fn, self.dot_fn = fn, nngp_fn, dot_fn
+        _parameter_free(fn, nngp_fn, dot_fn, mean_fn)
+        self._fn, self.nngp_fn, self.dot_fn, self.mean_fn = fn, nngp_fn, dot_fn, mean_fn
 
     def fn(self, x: Tensor) -> Tensor:
         if self._fn is None:
@@ -141,6 +145,14 @@ class Elementwise(Activation):
         if not keep_graph:
             nngp, dot = nngp.detach(), dot.detach()
         return nngp, dot
+
+    def mean(self, k: Tensor) -> Tensor | None:
+        if self.mean_fn is None:
+            return None
+        value = _check_map(self.mean_fn(k), k.shape, k.dtype, "mean_fn")
+        if _has_non_finite(value) and bool(torch.isfinite(k).all()):
+            raise ValueError("Elementwise: mean_fn returned NaN or infinite values where the variances are finite.")
+        return value
 
     def extra_repr(self) -> str:
         name = getattr(self._fn, "__name__", None) or getattr(self.nngp_fn, "__name__", "")
@@ -308,6 +320,19 @@ class Numerical(Activation):
                                  "expectation overflows.")
         return nngp, dot
 
+    def mean(self, k: Tensor) -> Tensor:
+        """``E[φ(u)] ≈ Σ_a w_a φ(sqrt(k) z_a)``, 1-D Gauss–Hermite at the degree the variance ``k``
+        takes for ``T`` (differentiable by autograd through ``φ``, which at first order is exact
+        for kinked ``φ`` too)."""
+        degree = self.degree or self.entry_degrees(k, k, want_dot=False)
+        root = safe_sqrt(k)
+        if isinstance(degree, int):
+            return _mean_rule(self.derivative(0), root, degree)
+        out = torch.zeros_like(k)
+        for d in torch.unique(degree).tolist():
+            out = torch.where(degree == d, _mean_rule(self.derivative(0), root, int(d)), out)
+        return out
+
     def entry_degrees(self, k11: Tensor, k22: Tensor, want_dot: bool = True) -> Tensor:
         """Per kernel entry (the broadcast shape of ``k11`` and ``k22``), the larger of the degrees
         its two variances need (:meth:`variance_degrees`)."""
@@ -426,6 +451,14 @@ def _differentiate(fn: Callable[[Tensor], Tensor], of_activation: bool = True) -
 def _hermite_rule(degree: int) -> tuple[np.ndarray, np.ndarray]:
     nodes, weights = scipy.special.roots_hermite(degree)  # stable for large degrees too
     return nodes, weights
+
+
+def _mean_rule(f: Callable[[Tensor], Tensor], root: Tensor, degree: int) -> Tensor:
+    """``Σ_a w_a f(root · z_a)``: ``E[f(u)]`` for ``u ~ N(0, root²)`` by the 1-D rule of ``degree`` points."""
+    nodes_np, weights_np = _hermite_rule(degree)
+    nodes = torch.as_tensor(nodes_np, dtype=root.dtype, device=root.device) * math.sqrt(2.0)
+    weights = torch.as_tensor(weights_np, dtype=root.dtype, device=root.device) / math.sqrt(math.pi)
+    return f(root.unsqueeze(-1) * nodes) @ weights
 
 
 def gauss_hermite_expectation(f: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor],

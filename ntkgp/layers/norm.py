@@ -13,14 +13,25 @@ from ntkgp.layers.validation import positive_number
 class LayerNorm(Layer):
     r"""``(z − mean(z)) / sqrt(var(z) + eps)`` over the features of each input.
 
-    For infinitely many i.i.d. centred Gaussian features the mean vanishes and the variance is
-    ``K(x, x)`` (law of large numbers over the features; Yang 2019, "Tensor programs I"), so (as
-    neural-tangents' ``stax.LayerNorm``, Novak et al. 2020)::
+    For infinitely many i.i.d. features the mean and the variance over the features are their
+    expectations (law of large numbers; Yang 2019, "Tensor programs I"). After a ``Dense`` layer
+    the features are centred Gaussians of variance ``K(x, x)``, and (as neural-tangents'
+    ``stax.LayerNorm``, Novak et al. 2020)::
 
         K ← K / sqrt((eps + k11)(eps + k22)),   Θ ← Θ / sqrt((eps + k11)(eps + k22))
 
-    The input must be Gaussian (follow a ``Dense`` layer). After the readout it normalizes over
-    the network's ``k`` outputs, a finite number: the kernel is then the ``k → ∞`` limit.
+    After an activation ``φ`` the features ``φ(u)`` have mean ``μ = E[φ(u)]`` (``sqrt(k/2π)``
+    for ReLU), which the layer subtracts, and variance ``T(k, k, k) − μ²``::
+
+        K ← (T − μ1 μ2) / sqrt((eps + T11 − μ1²)(eps + T22 − μ2²)),   Θ ← Θ / sqrt(…)
+
+    The NTK has no term from the mean and variance themselves: their gradients are averages
+    over the features, whose contraction with the next layer's weights vanishes as ``1/n``.
+    (neural-tangents applies the first form after activations too, which for ReLU is 7 standard
+    errors off wide networks.) Activations without a known mean (``Elementwise`` without
+    ``mean_fn``), concatenations and sums of non-Gaussian branches are refused. After the
+    readout it normalizes over the network's ``k`` outputs, a finite number: the kernel is then
+    the ``k → ∞`` limit.
     """
 
     preserves_gaussian = True
@@ -31,19 +42,32 @@ class LayerNorm(Layer):
         self.eps = positive_number(eps, "eps")
 
     def kernel_map(self, state: KernelState) -> KernelState:
+        if not state.is_gaussian and state.means is None:
+            raise ValueError("LayerNorm needs features of known mean: put it after a Dense layer or an "
+                             "activation (Elementwise needs mean_fn), not after a concatenation or a sum of "
+                             "non-Gaussian branches.")
+        nngp, cov1, cov2, means = state.nngp, state.cov1, state.cov2, None
         if not state.is_gaussian:
-            raise ValueError("LayerNorm needs Gaussian inputs: put a Dense layer before it.")
+            m1, m2 = state.means
+            nngp = nngp - (m1 * m2 if state.diag else m1.unsqueeze(-1) * m2.unsqueeze(-2))
+            # T − μ² ≥ 0 (Jensen); rounding below 0 would be a NaN square root after eps
+            cov1 = (cov1 - m1 * m1).clamp_min(0)
+            cov2 = cov1 if state.cov2 is state.cov1 else (cov2 - m2 * m2).clamp_min(0)
+            zero = torch.zeros_like(cov1)
+            means = (zero, zero if cov2 is cov1 else torch.zeros_like(cov2))   # centred exactly now
         if state.diag and state.symmetric:
-            norm = self.eps + state.cov1
-            cov = state.cov1 / norm
+            norm = self.eps + cov1
+            cov = cov1 / norm
             ntk = None if state.ntk is None else state.ntk / norm
-            return state.replace(nngp=cov, ntk=ntk, cov1=cov, cov2=cov)
+            return state.replace(nngp=cov, ntk=ntk, cov1=cov, cov2=cov, means=means)
+        k11, k22 = (cov1, cov2) if state.diag else (cov1.unsqueeze(-1), cov2.unsqueeze(-2))
         # two square roots, not one of the product: (eps + k11)(eps + k22) overflows for variances
         # near sqrt(max) (float32 inputs ~1e10), and rsqrt(inf) = 0 erased the kernel
-        scale = torch.rsqrt(self.eps + state.k11) * torch.rsqrt(self.eps + state.k22)
-        cov1, cov2 = state.map_covs(lambda c: c / (self.eps + c))
+        scale = torch.rsqrt(self.eps + k11) * torch.rsqrt(self.eps + k22)
+        out1 = cov1 / (self.eps + cov1)
+        out2 = out1 if cov2 is cov1 else cov2 / (self.eps + cov2)
         ntk = None if state.ntk is None else state.ntk * scale
-        return state.replace(nngp=state.nngp * scale, ntk=ntk, cov1=cov1, cov2=cov2)
+        return state.replace(nngp=nngp * scale, ntk=ntk, cov1=out1, cov2=out2, means=means)
 
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
         return LayerNormModule(self.eps), in_width

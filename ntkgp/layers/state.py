@@ -11,7 +11,9 @@ variances ``K(x, x)`` of both points are known. So the state carries, for input 
 * ``width``: the channel count of the finite twin here (the standard parameterization's NTK
   depends on it),
 * ``is_gaussian``: whether the features are i.i.d. centred Gaussians with covariance ``nngp``
-  (true after a ``Dense`` layer; the closed forms of activations need it).
+  (true after a ``Dense`` layer; the closed forms of activations need it),
+* ``means``: after an activation, the features' means ``E[φ(u)]`` at each point of ``x1`` and
+  ``x2`` (``LayerNorm`` subtracts them), or ``None`` where not known.
 
 Before the first layer the state holds the raw inputs instead, so that a ``Dense`` layer can
 form its (optionally per-feature weighted) input kernel itself.
@@ -292,6 +294,9 @@ class KernelState:
         diag: whether ``nngp``/``ntk`` hold only the pairs ``(x1_i, x2_i)``.
         symmetric: whether ``x2`` is ``x1`` (``x1`` may then be a block of rows of it).
         is_gaussian: whether features are centred Gaussians with covariance ``nngp``.
+        means: the features' means ``E[φ(u)]`` at each point of ``x1`` and of ``x2``,
+            ``((*batch, n1), (*batch, n2))``, where an activation knows them (the means of i.i.d.
+            features, which ``LayerNorm`` subtracts); ``None`` where not known.
         x1: the first raw inputs, only before any layer consumed them.
         x2: the second raw inputs (the very ``x1`` when symmetric), likewise.
         sq_norms: optionally, precomputed ``Σ_j x_j²`` of ``x1`` and ``x2`` (saves recomputing
@@ -310,6 +315,7 @@ class KernelState:
     diag: bool = False
     symmetric: bool = False
     is_gaussian: bool = False
+    means: tuple[Tensor, Tensor] | None = None
     x1: Tensor | None = None
     x2: Tensor | None = None
     row_offset: int = 0
