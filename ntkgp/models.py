@@ -158,6 +158,16 @@ class NetworkGP(gpytorch.models.ExactGP):
         with exact_solves(self):   # the prediction's solves run here
             return super().__call__(*inputs, **kwargs)
 
+    def get_fantasy_model(self, inputs: Tensor, targets: Tensor, **kwargs) -> NetworkGP:
+        """GPyTorch's fantasy model (the posterior updated with new observations), for 1-D targets."""
+        if self.train_targets.dim() > 1:
+            # GPyTorch 1.15 cannot fantasize multitask models: "The size of tensor a (2) must match
+            # the size of tensor b (6)" from inside its fantasy strategy, for its own MultitaskKernel too
+            raise NotImplementedError("get_fantasy_model supports NetworkGP with 1-D targets only (GPyTorch "
+                                      "cannot fantasize multitask models); condition on the new points by "
+                                      "set_train_data with all targets, or use one model per output.")
+        return super().get_fantasy_model(inputs, targets, **kwargs)
+
     @property
     def net(self) -> Layer:
         """The network spec (owned by ``covar_module``), with its learnable variances."""

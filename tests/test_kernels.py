@@ -204,6 +204,18 @@ def test_last_dim_is_batch_keeps_hyperparameter_batches_on_the_batch_axes():
     torch.testing.assert_close(diag, out.diagonal(dim1=-2, dim2=-1))
 
 
+@pytest.mark.filterwarnings("ignore:AdditiveStructureKernel is deprecated")
+def test_last_dim_is_batch_refuses_a_per_feature_first_layer_by_name():
+    """AdditiveStructureKernel evaluates its base kernel with last_dim_is_batch: an ARD first layer
+    got one-feature inputs and failed with 'got inputs with 1 features' for 3-feature inputs."""
+    ard = ntkgp.serial(ntkgp.Dense(8, torch.tensor([0.5, 2.0, 8.0]), 0.1, ard_num_dims=3), ntkgp.ReLU(), ntkgp.Dense(1))
+    x = torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"last_dim_is_batch .* ard_num_dims"):
+        ntkgp.NTKKernel(ard)(x, last_dim_is_batch=True).to_dense()
+    with pytest.raises(ValueError, match=r"last_dim_is_batch .* ard_num_dims"):
+        gpytorch.kernels.AdditiveStructureKernel(ntkgp.NNGPKernel(ard), num_dims=3)(x).to_dense()
+
+
 def test_empty_inputs_give_empty_kernels():
     net = ntkgp.mlp(2, "relu", 2.0, 0.1)
     with torch.no_grad():

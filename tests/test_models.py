@@ -21,6 +21,24 @@ def _data(n=40, k=None, seed=0):
     return x, (y if k else y[:, 0])
 
 
+def test_fantasy_models_of_vector_targets_are_refused_by_name():
+    """GPyTorch cannot fantasize multitask models (its own MultitaskKernel fails with a tensor-size
+    error from inside its fantasy strategy); 1-D targets fantasize exactly."""
+    x, y = _data(20, k=2)
+    model = NetworkGP(x, y, kernel="ntk", depth=2, activation="erf").eval()
+    model(x[:3])
+    with pytest.raises(NotImplementedError, match="1-D targets"):
+        model.get_fantasy_model(x[:2] + 0.1, y[:2])
+    x, y = _data(20)
+    model = NetworkGP(x, y, kernel="ntk", depth=2, activation="erf").eval()
+    xt, xf, yf = x[:4] + 0.05, x[:2] + 0.1, y[:2]
+    model(xt)
+    fantasy = model.get_fantasy_model(xf, yf)
+    refit = NetworkGP(torch.cat([x, xf]), torch.cat([y, yf]), kernel="ntk", depth=2, activation="erf").eval()
+    refit.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fantasy(xt).mean, refit(xt).mean, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kernel", ["nngp", "ntk"])
 def test_fit_improves_the_marginal_likelihood_and_predicts_like_the_exact_posterior(kernel):
     x, y = _data()

@@ -68,6 +68,12 @@ class NetworkKernel(Kernel):
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False,
                 **params) -> Tensor:
         if last_dim_is_batch:
+            if any(getattr(m, "ard_num_dims", None) is not None for m in self.net.modules()):
+                # the first layer would get one-feature inputs and fail with "got inputs with 1 features"
+                raise ValueError("last_dim_is_batch (AdditiveStructureKernel, ...) makes each input feature a "
+                                 "one-dimensional input of its own, which a Dense(ard_num_dims=...) first layer, "
+                                 "with one weight variance per feature, cannot take: use a first layer without "
+                                 "ard_num_dims (one weight variance shared by the features' kernels).")
             # each feature becomes a one-dimensional input of its own. The feature axis goes in
             # front of the batch axes, which must stay aligned with the hyperparameters' batch_shape,
             # and comes back to GPyTorch's place, (*batch, d, n1, n2), afterwards.
