@@ -227,6 +227,42 @@ def test_layernorm_after_an_activation_in_float32():
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
 
 
+@pytest.mark.parametrize("make_act", [lambda: ntkgp.Cos(c=0.3), lambda: ntkgp.Sin(c=1.0), lambda: ntkgp.Erf(c=0.4),
+                                      lambda: ntkgp.Numerical(torch.nn.functional.softplus)],
+                         ids=["cos", "sin", "erf", "numerical_softplus"])
+def test_layernorm_after_an_activation_at_small_variances(make_act):
+    """At small variances T and μ1μ2 agree to O(k) (Cos: both ≈ 1) and LayerNorm divides their
+    difference by up to 1/eps = 1e12: computed as a difference, float32 kernels read −59604 for
+    0.49 at inputs ~1e-4, and a zero input without bias (constant features, which the finite
+    layer maps to exactly 0) read 0.99998. The centred forms keep float32 within 1e-6 of float64
+    (1e-4 for Numerical: its float32 quadrature nodes) and the zero input at exactly 0."""
+    x = 1e-4 * torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x[3] = 0.0
+    net = ntkgp.serial(ntkgp.Dense(1, 1.0, None), make_act(), ntkgp.LayerNorm(), ntkgp.Dense(1, 1.0, 0.0))
+    with torch.no_grad():
+        k64, k32 = net.kernel(x).nngp, net.kernel(x.float()).nngp
+    tol = 1e-4 if isinstance(net[1], ntkgp.Numerical) else 1e-6
+    torch.testing.assert_close(k32.double(), k64, rtol=0, atol=tol)
+    assert float(k64[3].abs().max()) == 0.0 and float(k32[3].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_layernorm_after_erf_does_not_depend_on_its_shift(dtype):
+    """Erf(a, b, c) features minus their mean c are those of Erf(a, b, 0): T − c² formed as a
+    difference lost every digit at c = 1e8 (float64) and c = 1e4 (float32)."""
+    x = torch.randn(5, 3, dtype=dtype, generator=torch.Generator().manual_seed(2))
+
+    def kernel(c):
+        with torch.no_grad():
+            return ntkgp.serial(ntkgp.Dense(1, 1.5, 0.1), ntkgp.Erf(1.0, 1.0, c), ntkgp.LayerNorm(),
+                                ntkgp.Dense(1, 1.0, 0.1)).kernel(x)
+
+    for c in (1e4, 1e8):
+        shifted, plain = kernel(c), kernel(0.0)
+        torch.testing.assert_close(shifted.nngp, plain.nngp, rtol=0, atol=0)
+        torch.testing.assert_close(shifted.ntk, plain.ntk, rtol=0, atol=0)
+
+
 def test_numerical_gradients_use_price_theorem():
     """Gradients of the quadrature w.r.t. the kernels equal E[φ'φ'] and ½E[φ''φ] (finite differences)."""
     layer = ntkgp.Numerical(torch.tanh, degree=80)

@@ -71,6 +71,15 @@ class Activation(Layer):
         following :class:`~ntkgp.layers.LayerNorm` subtracts; ``None`` where it is not known."""
         return None
 
+    def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor | None:
+        """``E[(φ(u) − μ1)(φ(v) − μ2)] = T − μ1 μ2`` (``nngp``: ``T`` at these arguments), the
+        kernel a following :class:`~ntkgp.layers.LayerNorm` normalizes; ``None`` where the mean is
+        not known. Activations whose ``T`` nearly equals ``μ1 μ2`` at small variances (``Cos``:
+        both ``≈ 1``) compute it without that cancellation, which ``LayerNorm``'s ``1/eps``
+        would magnify."""
+        m1 = self.mean(k11)
+        return None if m1 is None else nngp - m1 * self.mean(k22)
+
     def finite_fn(self) -> Callable[[Tensor], Tensor]:
         """A picklable callable for the finite twin (defaults to ``self.fn``)."""
         return self.fn
@@ -88,10 +97,22 @@ class Activation(Layer):
             nngp, dot = self.pair_kernel(state.k11, state.nngp, state.k22, want_ntk)
             cov1, cov2 = state.map_covs(self.variance)
         ntk = state.ntk * dot if want_ntk else None
-        mean1 = self.mean(state.cov1)
-        means = None if mean1 is None else (mean1, mean1 if state.cov2 is state.cov1 else self.mean(state.cov2))
+
+        def centred() -> tuple[Tensor, Tensor, Tensor] | None:
+            def variance(k: Tensor, value: Tensor) -> Tensor | None:
+                return self.centred_pair_kernel(k, k, k, value)
+
+            if state.diag and state.symmetric:
+                c = variance(state.cov1, cov1)
+                return None if c is None else (c, c, c)
+            c = self.centred_pair_kernel(state.k11, state.nngp, state.k22, nngp)
+            if c is None:
+                return None
+            c1 = variance(state.cov1, cov1)
+            return c, c1, c1 if state.cov2 is state.cov1 else variance(state.cov2, cov2)
+
         return state.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=self.preserves_gaussian,
-                             means=means)
+                             centred=centred)
 
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
         return ActivationModule(self.finite_fn(), type(self).__name__), in_width
@@ -205,15 +226,24 @@ class Erf(Activation):
         return functools.partial(_erf, a=self.a, b=self.b, c=self.c)
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
+        centred, dot = self._centred_kernels(k11, k12, k22, want_dot)
+        return centred + self.c**2, dot
+
+    def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
+        # T − c² without adding c² first (which lost every digit of T − c² for c² ≫ a²)
+        return self._centred_kernels(k11, k12, k22, False)[0]
+
+    def _centred_kernels(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
+        """``T − c²`` and ``Ṫ``."""
         b2 = self.b**2
         # c·sqrt(q11 q22 − r²) from the variances scaled by c (1 unless k² could overflow)
         c, k11, k12, k22 = scaled_for_products(k11, k12, k22)
         c = 1.0 if c is None else c
         root = torch.sqrt(c * c + 2 * b2 * c * (k11 + k22) + 4 * b2**2 * gaussian_det(k11, k12, k22))
         # atan of the ratio, not atan2: atan2's derivative squares both arguments, inf in float32
-        nngp = self.a**2 * (2 / math.pi) * torch.atan(2 * b2 * k12 / root) + self.c**2
+        centred = self.a**2 * (2 / math.pi) * torch.atan(2 * b2 * k12 / root)
         dot = self.a**2 * b2 * (4 / math.pi) * c / root if want_dot else None
-        return nngp, dot
+        return centred, dot
 
     def variance(self, k: Tensor) -> Tensor:
         q = self.b**2 * k
@@ -342,6 +372,24 @@ class Sin(Activation):
 
     def mean(self, k: Tensor) -> Tensor:
         return self.a * self._sin_c * torch.exp(-self.b**2 / 2 * k)
+
+    def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
+        r"""``T − μ1μ2 = a²/2 · e^{−b²(k11+k22)/2} (expm1(y) − cos 2c · expm1(−y))``, ``y = b²k12``.
+
+        ``T`` and ``μ1μ2`` agree to ``O(b²k)`` at small variances (``Cos``: both ``≈ a²``), and
+        ``LayerNorm`` divides their difference by up to ``1/eps``: for ``|y| ≤ 1`` the bracket is
+        ``2 sinh y + (1 − cos 2c) expm1(−y)`` (``cos 2c > 0``) or ``4 sinh²(y/2) − (1 + cos 2c)
+        expm1(−y)``, without cancellation; beyond, ``T − μ1μ2`` loses no digits.
+        """
+        y = self.b**2 * k12
+        small = y.abs() <= 1
+        ys = torch.where(small, y, torch.zeros_like(y))
+        if self._cos2c > 0:
+            bracket = 2 * torch.sinh(ys) + self._one_minus * torch.expm1(-ys)
+        else:
+            bracket = 4 * torch.sinh(ys / 2).square() - self._one_plus * torch.expm1(-ys)
+        near = self.a**2 / 2 * torch.exp(-self.b**2 * (k11 + k22) / 2) * bracket
+        return torch.where(small, near, nngp - self.mean(k11) * self.mean(k22))
 
     def extra_repr(self) -> str:
         return f"a={self.a:g}, b={self.b:g}, c={self.c:g}"

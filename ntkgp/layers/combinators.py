@@ -138,7 +138,7 @@ class Parallel(Layer):
             weights = [out.width / total for out in outs]
             width, is_gaussian = total, False
         # a sum or concatenation of non-Gaussian branches has no known mean (LayerNorm refuses it)
-        return _combine(outs, weights).replace(width=width, is_gaussian=is_gaussian, means=None)
+        return _combine(outs, weights).replace(width=width, is_gaussian=is_gaussian, centred=None)
 
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
         modules, widths = [], []

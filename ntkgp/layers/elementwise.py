@@ -324,14 +324,38 @@ class Numerical(Activation):
         """``E[φ(u)] ≈ Σ_a w_a φ(sqrt(k) z_a)``, 1-D Gauss–Hermite at the degree the variance ``k``
         takes for ``T`` (differentiable by autograd through ``φ``, which at first order is exact
         for kinked ``φ`` too)."""
+        return self._mean(k, self.derivative(0))
+
+    def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
+        """``T − μ1μ2`` as ``E[ψ(u)ψ(v)] − E[ψ(u)]E[ψ(v)]`` with ``ψ = φ − φ(0)``: equal, but at small
+        variances ``T ≈ μ1μ2 ≈ φ(0)²`` cancel, while the ``ψ`` terms are ``O(k)`` and ``O(k²)``."""
+        degree = self.degree or self.entry_degrees(k11, k22, want_dot=False)
+        centred = _Expectation.apply(k11, k12, k22, self, 0, 0, degree, True)
+        return centred - self._mean(k11, self._shifted) * self._mean(k22, self._shifted)
+
+    def _mean(self, k: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
         degree = self.degree or self.entry_degrees(k, k, want_dot=False)
         root = safe_sqrt(k)
         if isinstance(degree, int):
-            return _mean_rule(self.derivative(0), root, degree)
+            return _mean_rule(fn, root, degree)
         out = torch.zeros_like(k)
         for d in torch.unique(degree).tolist():
-            out = torch.where(degree == d, _mean_rule(self.derivative(0), root, int(d)), out)
+            out = torch.where(degree == d, _mean_rule(fn, root, int(d)), out)
         return out
+
+    def _shifted(self, x: Tensor) -> Tensor:
+        """``ψ(x) = φ(x) − φ(0)``."""
+        phi = self.derivative(0)
+        return phi(x) - phi(torch.zeros_like(x[..., :1]))
+
+    def function(self, order: int, centred: bool = False) -> Callable[[Tensor], Tensor]:
+        """``φ^(order)``, or ``ψ = φ − φ(0)`` for ``order = 0`` when ``centred`` (one object, so
+        that the quadrature sees ``E[ψ(u)ψ(v)]`` as symmetric)."""
+        if centred and order == 0:
+            if getattr(self, "_centred_fn", None) is None:
+                self._centred_fn = self._shifted
+            return self._centred_fn
+        return self.derivative(order)
 
     def entry_degrees(self, k11: Tensor, k22: Tensor, want_dot: bool = True) -> Tensor:
         """Per kernel entry (the broadcast shape of ``k11`` and ``k22``), the larger of the degrees
@@ -397,6 +421,7 @@ class Numerical(Activation):
     def __getstate__(self):
         state = dict(super().__getstate__())
         state["_derivatives"] = [self._fn]  # derivative closures are rebuilt on demand
+        state["_centred_fn"] = None
         return state
 
 
@@ -516,17 +541,19 @@ def _expectation(f: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor],
 
 
 class _Expectation(torch.autograd.Function):
-    """``E[φ^(i)(u) φ^(j)(v)]`` with Price's-theorem gradients (see the module docstring).
+    """``E[φ^(i)(u) φ^(j)(v)]`` with Price's-theorem gradients (see the module docstring); with
+    ``centred``, ``ψ = φ − φ(0)`` in place of ``φ`` (the derivatives are the same).
 
     The backward is itself made of ``_Expectation``s of higher orders, so derivatives of any
     order (double backward, Hessian-vector products) follow Price's theorem again.
     """
 
     @staticmethod
-    def forward(ctx, k11, k12, k22, layer: Numerical, i: int, j: int, degree: int):
+    def forward(ctx, k11, k12, k22, layer: Numerical, i: int, j: int, degree: int, centred: bool = False):
         ctx.save_for_backward(k11, k12, k22)
-        ctx.layer, ctx.orders, ctx.degree = layer, (i, j), degree
-        return gauss_hermite_expectation(layer.derivative(i), layer.derivative(j), k11, k12, k22, degree)
+        ctx.layer, ctx.orders, ctx.degree, ctx.centred = layer, (i, j), degree, centred
+        return gauss_hermite_expectation(layer.function(i, centred), layer.function(j, centred), k11, k12, k22,
+                                         degree)
 
     @staticmethod
     def backward(ctx, grad):
@@ -534,7 +561,7 @@ class _Expectation(torch.autograd.Function):
         layer, (i, j) = ctx.layer, ctx.orders
 
         def expect(di: int, dj: int) -> Tensor:
-            return _Expectation.apply(k11, k12, k22, layer, i + di, j + dj, ctx.degree)
+            return _Expectation.apply(k11, k12, k22, layer, i + di, j + dj, ctx.degree, ctx.centred)
 
         # Price's theorem needs each derivative used to be the whole derivative (no kinks)
         scale = math.sqrt(float(torch.maximum(k11.detach().max(), k22.detach().max()))) if k11.numel() else 0.0
@@ -545,5 +572,5 @@ class _Expectation(torch.autograd.Function):
         g11 = (grad * 0.5 * expect(2, 0)).sum_to_size(k11.shape) if ctx.needs_input_grad[0] else None
         g12 = (grad * expect(1, 1)).sum_to_size(k12.shape) if ctx.needs_input_grad[1] else None
         g22 = (grad * 0.5 * expect(0, 2)).sum_to_size(k22.shape) if ctx.needs_input_grad[2] else None
-        return g11, g12, g22, None, None, None, None
+        return g11, g12, g22, None, None, None, None, None
 

@@ -27,6 +27,9 @@ class LayerNorm(Layer):
 
     The NTK has no term from the mean and variance themselves: their gradients are averages
     over the features, whose contraction with the next layer's weights vanishes as ``1/n``.
+    ``T − μ1μ2`` comes from the activation (:meth:`~ntkgp.layers.Activation.centred_pair_kernel`),
+    without the cancellation a plain difference has at small variances, which the division by up
+    to ``1/eps`` would magnify.
     (neural-tangents applies the first form after activations too, which for ReLU is 7 standard
     errors off wide networks.) Activations without a known mean (``Elementwise`` without
     ``mean_fn``), concatenations and sums of non-Gaussian branches are refused. After the
@@ -42,32 +45,34 @@ class LayerNorm(Layer):
         self.eps = positive_number(eps, "eps")
 
     def kernel_map(self, state: KernelState) -> KernelState:
-        if not state.is_gaussian and state.means is None:
+        centred = None if state.is_gaussian or state.centred is None else state.centred()
+        if not state.is_gaussian and centred is None:
             raise ValueError("LayerNorm needs features of known mean: put it after a Dense layer or an "
                              "activation (Elementwise needs mean_fn), not after a concatenation or a sum of "
                              "non-Gaussian branches.")
-        nngp, cov1, cov2, means = state.nngp, state.cov1, state.cov2, None
-        if not state.is_gaussian:
-            m1, m2 = state.means
-            nngp = nngp - (m1 * m2 if state.diag else m1.unsqueeze(-1) * m2.unsqueeze(-2))
+        nngp, cov1, cov2 = (state.nngp, state.cov1, state.cov2) if centred is None else centred
+        if centred is not None:
             # T − μ² ≥ 0 (Jensen); rounding below 0 would be a NaN square root after eps
-            cov1 = (cov1 - m1 * m1).clamp_min(0)
-            cov2 = cov1 if state.cov2 is state.cov1 else (cov2 - m2 * m2).clamp_min(0)
-            zero = torch.zeros_like(cov1)
-            means = (zero, zero if cov2 is cov1 else torch.zeros_like(cov2))   # centred exactly now
+            cov1 = cov1.clamp_min(0)
+            cov2 = cov1 if state.cov2 is state.cov1 else cov2.clamp_min(0)
         if state.diag and state.symmetric:
             norm = self.eps + cov1
             cov = cov1 / norm
             ntk = None if state.ntk is None else state.ntk / norm
-            return state.replace(nngp=cov, ntk=ntk, cov1=cov, cov2=cov, means=means)
-        k11, k22 = (cov1, cov2) if state.diag else (cov1.unsqueeze(-1), cov2.unsqueeze(-2))
-        # two square roots, not one of the product: (eps + k11)(eps + k22) overflows for variances
-        # near sqrt(max) (float32 inputs ~1e10), and rsqrt(inf) = 0 erased the kernel
-        scale = torch.rsqrt(self.eps + k11) * torch.rsqrt(self.eps + k22)
-        out1 = cov1 / (self.eps + cov1)
-        out2 = out1 if cov2 is cov1 else cov2 / (self.eps + cov2)
-        ntk = None if state.ntk is None else state.ntk * scale
-        return state.replace(nngp=nngp * scale, ntk=ntk, cov1=out1, cov2=out2, means=means)
+            out = state.replace(nngp=cov, ntk=ntk, cov1=cov, cov2=cov)
+        else:
+            k11, k22 = (cov1, cov2) if state.diag else (cov1.unsqueeze(-1), cov2.unsqueeze(-2))
+            # two square roots, not one of the product: (eps + k11)(eps + k22) overflows for variances
+            # near sqrt(max) (float32 inputs ~1e10), and rsqrt(inf) = 0 erased the kernel
+            scale = torch.rsqrt(self.eps + k11) * torch.rsqrt(self.eps + k22)
+            out1 = cov1 / (self.eps + cov1)
+            out2 = out1 if cov2 is cov1 else cov2 / (self.eps + cov2)
+            ntk = None if state.ntk is None else state.ntk * scale
+            out = state.replace(nngp=nngp * scale, ntk=ntk, cov1=out1, cov2=out2)
+        if centred is None:
+            return out
+        # the output is centred exactly (a second LayerNorm normalizes it as it is)
+        return out.replace(centred=lambda: (out.nngp, out.cov1, out.cov2))
 
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
         return LayerNormModule(self.eps), in_width

@@ -12,8 +12,8 @@ variances ``K(x, x)`` of both points are known. So the state carries, for input 
   depends on it),
 * ``is_gaussian``: whether the features are i.i.d. centred Gaussians with covariance ``nngp``
   (true after a ``Dense`` layer; the closed forms of activations need it),
-* ``means``: after an activation, the features' means ``E[φ(u)]`` at each point of ``x1`` and
-  ``x2`` (``LayerNorm`` subtracts them), or ``None`` where not known.
+* ``centred``: after an activation, a function giving the kernels of the features minus their
+  mean ``E[φ(u)]``, which ``LayerNorm`` normalizes (``None`` where the mean is not known).
 
 Before the first layer the state holds the raw inputs instead, so that a ``Dense`` layer can
 form its (optionally per-feature weighted) input kernel itself.
@@ -294,9 +294,10 @@ class KernelState:
         diag: whether ``nngp``/``ntk`` hold only the pairs ``(x1_i, x2_i)``.
         symmetric: whether ``x2`` is ``x1`` (``x1`` may then be a block of rows of it).
         is_gaussian: whether features are centred Gaussians with covariance ``nngp``.
-        means: the features' means ``E[φ(u)]`` at each point of ``x1`` and of ``x2``,
-            ``((*batch, n1), (*batch, n2))``, where an activation knows them (the means of i.i.d.
-            features, which ``LayerNorm`` subtracts); ``None`` where not known.
+        centred: after an activation (or a ``LayerNorm`` after one), a function of no arguments
+            returning ``(C, c1, c2)``: ``nngp``, ``cov1`` and ``cov2`` of the features minus their
+            mean, ``C = E[(φ(u) − μ1)(φ(v) − μ2)]`` with ``μ = E[φ(u)]`` (what ``LayerNorm``
+            normalizes), or ``None`` where the mean is not known. Computed only when asked for.
         x1: the first raw inputs, only before any layer consumed them.
         x2: the second raw inputs (the very ``x1`` when symmetric), likewise.
         sq_norms: optionally, precomputed ``Σ_j x_j²`` of ``x1`` and ``x2`` (saves recomputing
@@ -315,7 +316,7 @@ class KernelState:
     diag: bool = False
     symmetric: bool = False
     is_gaussian: bool = False
-    means: tuple[Tensor, Tensor] | None = None
+    centred: Callable[[], tuple[Tensor, Tensor, Tensor] | None] | None = None
     x1: Tensor | None = None
     x2: Tensor | None = None
     row_offset: int = 0
