@@ -99,17 +99,18 @@ class Activation(Layer):
         ntk = state.ntk * dot if want_ntk else None
 
         def centred() -> tuple[Tensor, Tensor, Tensor] | None:
-            def variance(k: Tensor, value: Tensor) -> Tensor | None:
-                return self.centred_pair_kernel(k, k, k, value)
+            # evaluated only when a LayerNorm follows (directly or after Identity layers)
+            def centred_variance(k: Tensor, variance: Tensor) -> Tensor | None:
+                return self.centred_pair_kernel(k, k, k, variance)
 
             if state.diag and state.symmetric:
-                c = variance(state.cov1, cov1)
+                c = centred_variance(state.cov1, cov1)
                 return None if c is None else (c, c, c)
             c = self.centred_pair_kernel(state.k11, state.nngp, state.k22, nngp)
             if c is None:
                 return None
-            c1 = variance(state.cov1, cov1)
-            return c, c1, c1 if state.cov2 is state.cov1 else variance(state.cov2, cov2)
+            c1 = centred_variance(state.cov1, cov1)
+            return c, c1, c1 if state.cov2 is state.cov1 else centred_variance(state.cov2, cov2)
 
         return state.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=self.preserves_gaussian,
                              centred=centred)
