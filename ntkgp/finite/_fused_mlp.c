@@ -204,7 +204,7 @@ static void activate(int64_t act, const double *p, const real *z, real *h, const
             for (int64_t j = 0; j < width; j++) h[i * width + j] *= s[j];
 }
 
-/* d *= phi'(z); at ABReLU's kink both sides' slopes count, as torch's clamp gradients do */
+/* d *= phi'(z); at ABReLU's kink (z exactly 0) the mean slope (a + b)/2, as the torch twin's */
 static void derivative(int64_t act, const double *p, const real *z, real *d, int64_t n) {
     const real a = (real)p[0], b = (real)p[1];
     if (act == ACT_ERF) {
@@ -213,7 +213,7 @@ static void derivative(int64_t act, const double *p, const real *z, real *d, int
         for (int64_t i = 0; i < n; i++) d[i] *= scale * EXP(-(b * z[i]) * (b * z[i]));
     } else if (act == ACT_ABRELU) {
 #pragma omp simd
-        for (int64_t i = 0; i < n; i++) d[i] *= (z[i] <= 0 ? a : 0) + (z[i] >= 0 ? b : 0);
+        for (int64_t i = 0; i < n; i++) d[i] *= z[i] > 0 ? b : (z[i] < 0 ? a : (real)0.5 * (a + b));
     }
 }
 

@@ -121,7 +121,10 @@ class Activation(Layer):
 
 # ---------------------------------------------------------------------------------- ReLU family
 def _abrelu(x: Tensor, a: float, b: float) -> Tensor:
-    return a * torch.clamp(x, max=0) + b * torch.clamp(x, min=0)
+    # slope (a + b)/2 at exactly 0, what the kernel's θ = π/2 at zero variance stands for (Ṫ =
+    # (a + b)²/4); clamps gave a + b there (ReLU'(0) = 1), and a zero input through a zero but
+    # trainable standard-parameterized bias had an NTK of 1.0 for the kernel's 0.25
+    return torch.where(x > 0, b * x, torch.where(x < 0, a * x, (a + b) / 2 * x))
 
 
 class ABReLU(Activation):
@@ -133,7 +136,8 @@ class ABReLU(Activation):
         T = (a − b)² s / (2π) + Ṫ · k12
         T(k, k, k) = (a² + b²) k / 2,   E[φ(u)] = (b − a) sqrt(k / (2π))
 
-    ``θ = π/2`` where both ``s`` and ``k12`` vanish (a zero input without bias).
+    ``θ = π/2`` where both ``s`` and ``k12`` vanish (a zero input without bias), and the finite
+    twin's slope at exactly 0 is the matching ``(a + b)/2``.
     """
 
     def __init__(self, a: float, b: float) -> None:
