@@ -263,6 +263,31 @@ def test_layernorm_after_erf_does_not_depend_on_its_shift(dtype):
         torch.testing.assert_close(shifted.ntk, plain.ntk, rtol=0, atol=0)
 
 
+def _pair_gradients(layer, var):
+    ks = [torch.tensor([v], dtype=torch.float64, requires_grad=True) for v in (var, 0.3 * var, 1.2 * var)]
+    nngp, dot = layer.pair_kernel(*ks, True)
+    return torch.cat(torch.autograd.grad(nngp.sum() + dot.sum(), ks))
+
+
+@pytest.mark.parametrize(("b", "degree", "var", "warns"), [(1.0, 12, 3.0, True), (1.0, 100, 0.5, False),
+                                                        (3.0, 300, 3.0, True), (3.0, 60, 0.05, False)])
+def test_a_fixed_degree_too_low_for_the_gradients_warns(b, degree, var, warns):
+    """Gradients integrate higher derivatives than the values: with a fixed degree they were silently
+    far off (tanh(10x) at degree 300: −4.8 for 0.027). A warning says so when the quadratures change
+    by more than 1e-3 from degree to 1.5 degree; measured against erf(b x)'s closed form, the
+    gradients are then more than 1e-3 off, and within 1e-6 where nothing is said."""
+    layer = ntkgp.Numerical(lambda x: torch.erf(b * x), degree=degree)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fixed = _pair_gradients(layer, var)
+        _pair_gradients(layer, var)   # once per layer
+    said = [w for w in caught if "gradients may be that far off" in str(w.message)]
+    assert len(said) == (1 if warns else 0)
+    exact = _pair_gradients(ntkgp.Erf(b=b), var)
+    error = float((fixed - exact).abs().max() / exact.abs().max())
+    assert error > 1e-3 if warns else error < 1e-6
+
+
 def test_numerical_gradients_use_price_theorem():
     """Gradients of the quadrature w.r.t. the kernels equal E[φ'φ'] and ½E[φ''φ] (finite differences)."""
     layer = ntkgp.Numerical(torch.tanh, degree=80)

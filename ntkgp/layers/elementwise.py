@@ -210,7 +210,8 @@ class Numerical(Activation):
         self._derivatives: list[Callable[[Tensor], Tensor]] = [_elementwise(fn)]
         # derivative order -> {power of two of the scale: the largest jump found there, or None}
         self._jumps: dict[int, dict[int, tuple[float, float] | None]] = {}
-        self._warned_rough = False
+        self._warned_rough = self._warned_degree = False
+        self._degrees_checked: set[tuple] = set()
 
     def fn(self, x: Tensor) -> Tensor:
         return self._fn(x)
@@ -272,6 +273,36 @@ class Numerical(Activation):
                           f"activation, which jumps (near x = {jump[0]:.3g}); quadrature converges slowly on it, "
                           "so these gradients may be percents off (softsign's 17 % at degree 100). Prefer a smooth "
                           "activation or a closed form.", RuntimeWarning, stacklevel=caller_stacklevel())
+
+    def warn_if_degree_too_low(self, orders: list[tuple[int, int]], variance: float, degree: int) -> None:
+        """With a fixed ``degree``, warn (once per layer) when the quadratures a gradient needs change
+        by more than 10⁻³ from ``degree`` to ``1.5 · degree`` at the power of two at or above the
+        largest ``variance`` (a point with itself and correlations ±1/2, as
+        :meth:`variance_degrees`): gradients integrate higher derivatives, which need more points
+        than the values (``tanh(10x)`` at degree 300: −4.8 for 0.027, silently)."""
+        if self._warned_degree or not variance > 0:
+            return
+        # once per degree, set of orders and power of two of the variance, as the continuity check
+        key = (degree, tuple(orders), math.ceil(math.log2(variance)))
+        if key in self._degrees_checked:
+            return
+        self._degrees_checked.add(key)
+        k = torch.tensor([2.0 ** key[2]] * 3, dtype=torch.float64)
+        pairs = k * torch.tensor([1.0, 0.5, -0.5], dtype=torch.float64)
+        with torch.inference_mode(False), torch.no_grad():
+            change = 0.0
+            for i, j in orders:
+                f, g = self.derivative(i), self.derivative(j)
+                low = gauss_hermite_expectation(f, g, k, pairs, k, degree)
+                high = gauss_hermite_expectation(f, g, k, pairs, k, round(1.5 * degree))
+                scale = max(float(high.abs().max()), torch.finfo(torch.float64).tiny)
+                change = max(change, float((low - high).abs().max()) / scale)
+        if change > 1e-3:
+            self._warned_degree = True
+            warnings.warn(f"Numerical({self._name}, degree={degree}): the quadratures of the kernels' gradients "
+                          f"change by {change:.2g} (relative) from degree {degree} to {round(1.5 * degree)} at "
+                          f"variance {float(k[0]):.3g}, so the gradients may be that far off; use a larger degree, or "
+                          "degree=None (chosen per entry to rtol).", RuntimeWarning, stacklevel=caller_stacklevel())
 
     def _jump(self, order: int, scale: float) -> tuple[float, float] | None:
         """Where and by how much ``φ^(order−1)`` jumps most (:meth:`check_continuous`), or ``None``."""
@@ -569,6 +600,11 @@ class _Expectation(torch.autograd.Function):
         for order in range(1, top + 1):
             layer.check_continuous(order, scale)
         layer.warn_if_rough(top, scale)
+        if isinstance(ctx.degree, int):   # a fixed degree: the adaptive one was chosen for the values
+            wanted = [(i + 1, j + 1)] if ctx.needs_input_grad[1] else []
+            if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+                wanted += [(i + 2, j), (i, j + 2)]
+            layer.warn_if_degree_too_low(wanted, scale * scale, ctx.degree)
         g11 = (grad * 0.5 * expect(2, 0)).sum_to_size(k11.shape) if ctx.needs_input_grad[0] else None
         g12 = (grad * expect(1, 1)).sum_to_size(k12.shape) if ctx.needs_input_grad[1] else None
         g22 = (grad * 0.5 * expect(0, 2)).sum_to_size(k22.shape) if ctx.needs_input_grad[2] else None
