@@ -121,10 +121,11 @@ class Activation(Layer):
 
 # ---------------------------------------------------------------------------------- ReLU family
 def _abrelu(x: Tensor, a: float, b: float) -> Tensor:
-    # slope (a + b)/2 at exactly 0, what the kernel's θ = π/2 at zero variance stands for (Ṫ =
-    # (a + b)²/4); clamps gave a + b there (ReLU'(0) = 1), and a zero input through a zero but
-    # trainable standard-parameterized bias had an NTK of 1.0 for the kernel's 0.25
-    return torch.where(x > 0, b * x, torch.where(x < 0, a * x, (a + b) / 2 * x))
+    # the slope at exactly 0 is (a + b)/2 (|x|' = 0 there), what the kernel's θ = π/2 at zero
+    # variance stands for (Ṫ = (a + b)²/4); clamps gave a + b (ReLU'(0) = 1), and a zero input
+    # through a zero but trainable standard-parameterized bias had an NTK of 1.0 for the kernel's
+    # 0.25. ReLU's values are exact; other slopes can differ from a·x or b·x by an ulp
+    return (a + b) / 2 * x + (b - a) / 2 * x.abs()
 
 
 class ABReLU(Activation):
@@ -410,6 +411,10 @@ class Cos(Sin):
         # from c itself: c + π/2 is rounded, and 1 + cos(2c + π) = 2 sin²c must be 0 exactly at c = 0
         self._cos2c, self._one_minus, self._one_plus = -math.cos(2 * c), 2 * math.cos(c) ** 2, 2 * math.sin(c) ** 2
         self._sin_c = math.cos(c)
+        self._phase = c
+
+    def extra_repr(self) -> str:   # the phase given, not Sin's c + π/2
+        return f"a={self.a:g}, b={self.b:g}, c={self._phase:g}"
 
 
 # ---------------------------------------------------------------------------------- step

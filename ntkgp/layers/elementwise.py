@@ -78,7 +78,11 @@ class Elementwise(Activation):
     parameters (e.g. ``nn.PReLU``): ntkgp activations have no learnable parameters.
 
     ``mean_fn(k) = E[φ(u)]`` for ``u ~ N(0, k)`` (optional) lets a :class:`~ntkgp.layers.LayerNorm`
-    follow the layer (it subtracts the features' mean); without it, one is refused.
+    follow the layer (it subtracts the features' mean); without it, one is refused. The centred
+    kernel is then ``nngp_fn − μ1μ2``, a difference that loses digits where both are close (at
+    small variances when ``φ(0) ≠ 0``), which ``LayerNorm``'s ``1/eps`` magnifies: such maps are
+    best written for ``φ − φ(0)``: a ``LayerNorm`` after it gives the same kernels (it removes
+    constants).
     """
 
     def __init__(self, fn: Callable[[Tensor], Tensor] | None = None,
@@ -149,6 +153,8 @@ class Elementwise(Activation):
     def mean(self, k: Tensor) -> Tensor | None:
         if self.mean_fn is None:
             return None
+        if _is_compiling():   # the checks would break torch.compile's graph, as in pair_kernel
+            return self.mean_fn(k)
         value = _check_map(self.mean_fn(k), k.shape, k.dtype, "mean_fn")
         if _has_non_finite(value) and bool(torch.isfinite(k).all()):
             raise ValueError("Elementwise: mean_fn returned NaN or infinite values where the variances are finite.")
@@ -211,6 +217,7 @@ class Numerical(Activation):
         # derivative order -> {power of two of the scale: the largest jump found there, or None}
         self._jumps: dict[int, dict[int, tuple[float, float] | None]] = {}
         self._warned_rough = self._warned_degree = False
+        self._centred_fn: Callable[[Tensor], Tensor] | None = None
         self._degrees_checked: set[tuple] = set()
 
     def fn(self, x: Tensor) -> Tensor:
@@ -276,18 +283,19 @@ class Numerical(Activation):
 
     def warn_if_degree_too_low(self, orders: list[tuple[int, int]], variance: float, degree: int) -> None:
         """With a fixed ``degree``, warn (once per layer) when the quadratures a gradient needs change
-        by more than 10⁻³ from ``degree`` to ``1.5 · degree`` at the power of two at or above the
-        largest ``variance`` (a point with itself and correlations ±1/2, as
-        :meth:`variance_degrees`): gradients integrate higher derivatives, which need more points
-        than the values (``tanh(10x)`` at degree 300: −4.8 for 0.027, silently)."""
+        by more than 10⁻³ from ``degree`` to ``1.5 · degree`` at the largest ``variance`` (a point
+        with itself and correlations ±1/2, as :meth:`variance_degrees`): gradients integrate higher
+        derivatives, which need more points than the values (``tanh(10x)`` at degree 300: −4.8 for
+        0.027, silently). The largest change over the quadratures bounds the gradients' error
+        from above (a review measured 2–300× below it). Checked once per degree, orders and
+        quarter octave of the variance."""
         if self._warned_degree or not variance > 0:
             return
-        # once per degree, set of orders and power of two of the variance, as the continuity check
-        key = (degree, tuple(orders), math.ceil(math.log2(variance)))
+        key = (degree, tuple(orders), math.ceil(4 * math.log2(variance)))
         if key in self._degrees_checked:
             return
         self._degrees_checked.add(key)
-        k = torch.tensor([2.0 ** key[2]] * 3, dtype=torch.float64)
+        k = torch.tensor([variance] * 3, dtype=torch.float64)
         pairs = k * torch.tensor([1.0, 0.5, -0.5], dtype=torch.float64)
         with torch.inference_mode(False), torch.no_grad():
             change = 0.0
@@ -297,12 +305,13 @@ class Numerical(Activation):
                 high = gauss_hermite_expectation(f, g, k, pairs, k, round(1.5 * degree))
                 scale = max(float(high.abs().max()), torch.finfo(torch.float64).tiny)
                 change = max(change, float((low - high).abs().max()) / scale)
-        if change > 1e-3:
+        if not change <= 1e-3:   # NaN too: a quadrature that overflows is no accurate one
             self._warned_degree = True
             warnings.warn(f"Numerical({self._name}, degree={degree}): the quadratures of the kernels' gradients "
                           f"change by {change:.2g} (relative) from degree {degree} to {round(1.5 * degree)} at "
-                          f"variance {float(k[0]):.3g}, so the gradients may be that far off; use a larger degree, or "
-                          "degree=None (chosen per entry to rtol).", RuntimeWarning, stacklevel=caller_stacklevel())
+                          f"variance {variance:.3g}, so the gradients may be up to about that far off; use a larger "
+                          "degree, or degree=None (chosen per entry to rtol).", RuntimeWarning,
+                          stacklevel=caller_stacklevel())
 
     def _jump(self, order: int, scale: float) -> tuple[float, float] | None:
         """Where and by how much ``φ^(order−1)`` jumps most (:meth:`check_continuous`), or ``None``."""
@@ -383,7 +392,7 @@ class Numerical(Activation):
         """``φ^(order)``, or ``ψ = φ − φ(0)`` for ``order = 0`` when ``centred`` (one object, so
         that the quadrature sees ``E[ψ(u)ψ(v)]`` as symmetric)."""
         if centred and order == 0:
-            if getattr(self, "_centred_fn", None) is None:
+            if self._centred_fn is None:
                 self._centred_fn = self._shifted
             return self._centred_fn
         return self.derivative(order)
@@ -448,6 +457,14 @@ class Numerical(Activation):
 
     def extra_repr(self) -> str:
         return f"{self._name}, degree={self.degree or 'adaptive'}"
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # a layer pickled before these attributes existed
+        for name, default in (("_warned_rough", False), ("_warned_degree", False), ("_centred_fn", None),
+                              ("_jumps", {}), ("_degrees_checked", set())):
+            if name not in self.__dict__:
+                self.__dict__[name] = default
 
     def __getstate__(self):
         state = dict(super().__getstate__())

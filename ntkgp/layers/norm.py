@@ -29,9 +29,9 @@ class LayerNorm(Layer):
     over the features, whose contraction with the next layer's weights vanishes as ``1/n``.
     ``T − μ1μ2`` comes from the activation (:meth:`~ntkgp.layers.Activation.centred_pair_kernel`),
     without the cancellation a plain difference has at small variances, which the division by up
-    to ``1/eps`` would magnify.
-    (neural-tangents applies the first form after activations too, which for ReLU is 7 standard
-    errors off wide networks.) Activations without a known mean (``Elementwise`` without
+    to ``1/eps`` would magnify. (neural-tangents applies the first form after activations too:
+    for ReLU features of two orthogonal inputs of equal norm it gives the correlation ``1/π``,
+    where wide networks give 0.) Activations without a known mean (``Elementwise`` without
     ``mean_fn``), concatenations and sums of non-Gaussian branches are refused. After the
     readout it normalizes over the network's ``k`` outputs, a finite number: the kernel is then
     the ``k → ∞`` limit.
