@@ -124,7 +124,9 @@ def _abrelu(x: Tensor, a: float, b: float) -> Tensor:
     # the slope at exactly 0 is (a + b)/2 (|x|' = 0 there), what the kernel's θ = π/2 at zero
     # variance stands for (Ṫ = (a + b)²/4); clamps gave a + b (ReLU'(0) = 1), and a zero input
     # through a zero but trainable standard-parameterized bias had an NTK of 1.0 for the kernel's
-    # 0.25. ReLU's values are exact; other slopes can differ from a·x or b·x by an ulp
+    # 0.25. ReLU's values are exact; other slopes can differ from a·x or b·x by an ulp, and an
+    # infinite input (an overflow already) can give NaN. A nested torch.where, exact everywhere,
+    # made a stacked ensemble's ReLU training 18 % slower (5-point sin data, E = 64, width 512)
     return (a + b) / 2 * x + (b - a) / 2 * x.abs()
 
 
