@@ -139,6 +139,25 @@ def test_layernorm_after_an_activation_subtracts_the_features_mean(make_act, dee
     assert _rel(ntk.ntk, exact.ntk) <= 0.05
 
 
+def test_layernorm_after_a_sum_with_an_activation_branch():
+    """Dense(z) + ReLU(z) has the mean of its ReLU branch and the sum of the branches' centred
+    kernels (the Dense branch is centred and independent). 256 networks × 16 outputs within 4
+    standard errors (measured 0.8–1.0); the NTK of 64 networks within 0.05 (measured 0.013)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    x[5] = -x[0]
+
+    def net(out_dim):
+        return ntkgp.serial(ntkgp.Dense(256, 1.7, 0.2), ntkgp.parallel(ntkgp.Dense(256, 0.8, 0.1), ntkgp.ReLU()),
+                            ntkgp.LayerNorm(), ntkgp.Dense(out_dim, 1.3, 0.1))
+
+    with torch.no_grad():
+        exact = net(1).kernel(x)
+    nngp = monte_carlo_kernel(net(16), x, n_samples=256, ntk=False, seed=1)
+    assert float((nngp.nngp - exact.nngp).norm()) <= 4 * float(nngp.nngp_sem.norm())
+    assert _rel(monte_carlo_kernel(net(1), x, n_samples=64, seed=2).ntk, exact.ntk) <= 0.05
+
+
 def test_layernorm_after_relu_is_not_the_uncentred_form():
     """What neural-tangents computes there, K / sqrt(T11 T22) without the mean, is many standard
     errors off wide networks (the check above can tell the two apart)."""

@@ -29,6 +29,9 @@ ARCHS = {
                                                   ntkgp.Dense(9, 2.0, 0.1), ntkgp.Erf(), ntkgp.Dense(1)),
     "cos_layernorm": lambda: ntkgp.serial(ntkgp.Dense(9, 1.2, 0.3), ntkgp.Cos(c=0.2), ntkgp.LayerNorm(),
                                           ntkgp.Dense(1, 1.0, 0.1)),
+    "sum_layernorm": lambda: ntkgp.serial(ntkgp.Dense(9, 1.5, 0.1),
+                                          ntkgp.parallel(ntkgp.Dense(9, 0.8, 0.1), ntkgp.GELU()),
+                                          ntkgp.LayerNorm(), ntkgp.Dense(1)),
 }
 
 

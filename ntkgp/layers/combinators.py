@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -137,8 +139,8 @@ class Parallel(Layer):
             total = sum(out.width for out in outs)
             weights = [out.width / total for out in outs]
             width, is_gaussian = total, False
-        # a sum or concatenation of non-Gaussian branches has no known mean (LayerNorm refuses it)
-        return _combine(outs, weights).replace(width=width, is_gaussian=is_gaussian, centred=None)
+        centred = _centred_sum(outs) if self.join == "sum" and not is_gaussian else None
+        return _combine(outs, weights).replace(width=width, is_gaussian=is_gaussian, centred=centred)
 
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
         modules, widths = [], []
@@ -167,6 +169,29 @@ class Parallel(Layer):
                              "layer of their own (followed by nothing but Identity or LayerNorm). Branches "
                              "without one, such as Identity and LayerNorm, share their input's randomness, "
                              "and the kernel of their sum is not the sum of their kernels.")
+
+
+def _centred_sum(states: list[KernelState]) -> Callable[[], tuple[Tensor, Tensor, Tensor] | None]:
+    """The centred kernels of a sum of independent branches (for a ``LayerNorm`` after it): the sum
+    of theirs, a Gaussian branch's being its own kernels; ``None`` if a branch's mean is unknown.
+    A concatenation's features would have different means per branch: not tracked (refused)."""
+    def centred() -> tuple[Tensor, Tensor, Tensor] | None:
+        parts = []
+        for state in states:
+            part = (state.nngp, state.cov1, state.cov2) if state.is_gaussian else (
+                None if state.centred is None else state.centred())
+            if part is None:
+                return None
+            parts.append(part)
+        totals = []
+        for terms in zip(*parts, strict=True):   # (nngps, cov1s, cov2s)
+            total = terms[0]
+            for term in terms[1:]:
+                total = total + term
+            totals.append(total)
+        return totals[0], totals[1], totals[2]
+
+    return centred
 
 
 def _combine(states: list[KernelState], weights: list[float]) -> KernelState:

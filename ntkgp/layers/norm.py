@@ -31,8 +31,10 @@ class LayerNorm(Layer):
     without the cancellation a plain difference has at small variances, which the division by up
     to ``1/eps`` would magnify. (neural-tangents applies the first form after activations too:
     for ReLU features of two orthogonal inputs of equal norm it gives the correlation ``1/π``,
-    where wide networks give 0.) Activations without a known mean (``Elementwise`` without
-    ``mean_fn``), concatenations and sums of non-Gaussian branches are refused. After the
+    where wide networks give 0.) After a sum of independent branches (one may end in an
+    activation) the centred kernels add. Activations without a known mean (``Elementwise``
+    without ``mean_fn``) and concatenations (whose branches' features have different means) are
+    refused. After the
     readout it normalizes over the network's ``k`` outputs, a finite number: the kernel is then
     the ``k → ∞`` limit.
     """
@@ -47,9 +49,9 @@ class LayerNorm(Layer):
     def kernel_map(self, state: KernelState) -> KernelState:
         centred = None if state.is_gaussian or state.centred is None else state.centred()
         if not state.is_gaussian and centred is None:
-            raise ValueError("LayerNorm needs features of known mean: put it after a Dense layer or an "
-                             "activation (Elementwise needs mean_fn), not after a concatenation or a sum of "
-                             "non-Gaussian branches.")
+            raise ValueError("LayerNorm needs features of known mean: put it after a Dense layer, an "
+                             "activation (Elementwise needs mean_fn) or a sum of such branches, not after a "
+                             "concatenation.")
         nngp, cov1, cov2 = (state.nngp, state.cov1, state.cov2) if centred is None else centred
         if centred is not None:
             # T − μ² ≥ 0 (Jensen); rounding below 0 would be a NaN square root after eps
