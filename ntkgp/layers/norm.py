@@ -34,9 +34,8 @@ class LayerNorm(Layer):
     where wide networks give 0.) After a sum of independent branches (one may end in an
     activation) the centred kernels add. Activations without a known mean (``Elementwise``
     without ``mean_fn``) and concatenations (whose branches' features have different means) are
-    refused. After the
-    readout it normalizes over the network's ``k`` outputs, a finite number: the kernel is then
-    the ``k → ∞`` limit.
+    refused. After the readout it normalizes over the network's ``k`` outputs, a finite number:
+    the kernel is then the ``k → ∞`` limit.
     """
 
     preserves_gaussian = True
