@@ -183,13 +183,9 @@ def _centred_sum(states: list[KernelState]) -> Callable[[], tuple[Tensor, Tensor
             if part is None:
                 return None
             parts.append(part)
-        totals = []
-        for terms in zip(*parts, strict=True):   # (nngps, cov1s, cov2s)
-            total = terms[0]
-            for term in terms[1:]:
-                total = total + term
-            totals.append(total)
-        return totals[0], totals[1], totals[2]
+        ones = [1.0] * len(parts)
+        nngp, cov1, cov2 = (_weighted_sum(ones, list(terms)) for terms in zip(*parts, strict=True))
+        return nngp, cov1, cov2
 
     return centred
 
@@ -199,19 +195,19 @@ def _combine(states: list[KernelState], weights: list[float]) -> KernelState:
     first = states[0]
     if first.is_input:  # every branch passed the raw inputs through
         return first
-
-    def wsum(tensors: list[Tensor]) -> Tensor:
-        out = weights[0] * tensors[0] if weights[0] != 1.0 else tensors[0]
-        for w, t in zip(weights[1:], tensors[1:], strict=True):
-            out = out + (w * t if w != 1.0 else t)
-        return out
-
-    nngp = wsum([s.nngp for s in states]) if len(states) > 1 else first.nngp
-    cov1 = wsum([s.cov1 for s in states])
+    nngp = _weighted_sum(weights, [s.nngp for s in states]) if len(states) > 1 else first.nngp
+    cov1 = _weighted_sum(weights, [s.cov1 for s in states])
     same = all(s.cov2 is s.cov1 for s in states)
-    cov2 = cov1 if same else wsum([s.cov2 for s in states])
-    ntk = None if first.ntk is None else wsum([s.ntk for s in states])
+    cov2 = cov1 if same else _weighted_sum(weights, [s.cov2 for s in states])
+    ntk = None if first.ntk is None else _weighted_sum(weights, [s.ntk for s in states])
     return first.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2)
+
+
+def _weighted_sum(weights: list[float], tensors: list[Tensor]) -> Tensor:
+    out = weights[0] * tensors[0] if weights[0] != 1.0 else tensors[0]
+    for w, t in zip(weights[1:], tensors[1:], strict=True):
+        out = out + (w * t if w != 1.0 else t)
+    return out
 
 
 class ParallelModule(nn.Module):

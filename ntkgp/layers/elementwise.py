@@ -217,7 +217,6 @@ class Numerical(Activation):
         # derivative order -> {power of two of the scale: the largest jump found there, or None}
         self._jumps: dict[int, dict[int, tuple[float, float] | None]] = {}
         self._warned_rough = self._warned_degree = False
-        self._centred_fn: Callable[[Tensor], Tensor] | None = None
         self._degrees_checked: set[tuple] = set()
 
     def fn(self, x: Tensor) -> Tensor:
@@ -389,13 +388,8 @@ class Numerical(Activation):
         return phi(x) - phi(torch.zeros_like(x[..., :1]))
 
     def function(self, order: int, centred: bool = False) -> Callable[[Tensor], Tensor]:
-        """``φ^(order)``, or ``ψ = φ − φ(0)`` for ``order = 0`` when ``centred`` (one object, so
-        that the quadrature sees ``E[ψ(u)ψ(v)]`` as symmetric)."""
-        if centred and order == 0:
-            if self._centred_fn is None:
-                self._centred_fn = self._shifted
-            return self._centred_fn
-        return self.derivative(order)
+        """``φ^(order)``, or ``ψ = φ − φ(0)`` for ``order = 0`` when ``centred``."""
+        return self._shifted if centred and order == 0 else self.derivative(order)
 
     def entry_degrees(self, k11: Tensor, k22: Tensor, want_dot: bool = True) -> Tensor:
         """Per kernel entry (the broadcast shape of ``k11`` and ``k22``), the larger of the degrees
@@ -461,15 +455,14 @@ class Numerical(Activation):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         # a layer pickled before these attributes existed
-        for name, default in (("_warned_rough", False), ("_warned_degree", False), ("_centred_fn", None),
-                              ("_jumps", {}), ("_degrees_checked", set())):
+        for name, default in (("_warned_rough", False), ("_warned_degree", False), ("_jumps", {}),
+                              ("_degrees_checked", set())):
             if name not in self.__dict__:
                 self.__dict__[name] = default
 
     def __getstate__(self):
         state = dict(super().__getstate__())
         state["_derivatives"] = [self._fn]  # derivative closures are rebuilt on demand
-        state["_centred_fn"] = None
         return state
 
 
@@ -600,8 +593,8 @@ class _Expectation(torch.autograd.Function):
     def forward(ctx, k11, k12, k22, layer: Numerical, i: int, j: int, degree: int, centred: bool = False):
         ctx.save_for_backward(k11, k12, k22)
         ctx.layer, ctx.orders, ctx.degree, ctx.centred = layer, (i, j), degree, centred
-        return gauss_hermite_expectation(layer.function(i, centred), layer.function(j, centred), k11, k12, k22,
-                                         degree)
+        f = layer.function(i, centred)   # one object for i == j: the quadrature then orders it symmetrically
+        return gauss_hermite_expectation(f, f if i == j else layer.function(j, centred), k11, k12, k22, degree)
 
     @staticmethod
     def backward(ctx, grad):
