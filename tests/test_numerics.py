@@ -32,6 +32,12 @@ ARCHS = {
     "sum_layernorm": lambda: ntkgp.serial(ntkgp.Dense(9, 1.5, 0.1),
                                           ntkgp.parallel(ntkgp.Dense(9, 0.8, 0.1), ntkgp.GELU()),
                                           ntkgp.LayerNorm(), ntkgp.Dense(1)),
+    # a sum of branches of non-zero means (the kernel gains μ_a μ_b'), and a LayerNorm after a
+    # concatenation of them (subtracting the mean over both)
+    "post_activation_sums": lambda: ntkgp.serial(
+        ntkgp.Dense(9, 1.5, 0.1), ntkgp.ReLU(), ntkgp.residual(ntkgp.Dense(9, 2.0, 0.1), ntkgp.Erf(c=0.4)),
+        ntkgp.Dense(9), ntkgp.parallel(ntkgp.GELU(), ntkgp.serial(ntkgp.Dense(5), ntkgp.Cos(c=0.3)), join="concat"),
+        ntkgp.LayerNorm(), ntkgp.Dense(1)),
 }
 
 
@@ -671,9 +677,18 @@ def test_hyperparameter_batches_that_do_not_broadcast_with_the_inputs_raise():
     (lambda: ntkgp.serial(ntkgp.residual(ntkgp.Dense(3)), ntkgp.Dense(3), ntkgp.ReLU()), "raw inputs"),
     (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(ntkgp.ReLU(), ntkgp.Identity())), "independent"),
     (lambda: ntkgp.serial(ntkgp.parallel(ntkgp.Dense(3), ntkgp.Dense(4))), "equal widths"),
-    # the mean of a concatenation of two activations' features is not tracked
-    (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(ntkgp.ReLU(), ntkgp.Erf(), join="concat"), ntkgp.LayerNorm()),
+    # the raw inputs' features are fixed numbers, whose mean a LayerNorm would subtract
+    (lambda: ntkgp.serial(ntkgp.parallel(ntkgp.Identity(), ntkgp.Dense(3), join="concat"), ntkgp.LayerNorm()),
      "known mean"),
+    # two branches of non-zero means need them known (Elementwise without mean_fn)
+    (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(
+        ntkgp.serial(ntkgp.Dense(3), ntkgp.ReLU()),
+        ntkgp.serial(ntkgp.Dense(3), ntkgp.Elementwise(torch.relu, nngp_fn=lambda k12, k11, k22: k12)))),
+     "mean_fn"),
+    # two concatenations of different means pair their features one by one
+    (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(
+        *[ntkgp.parallel(ntkgp.serial(ntkgp.Dense(3), ntkgp.ReLU()), ntkgp.Dense(3), join="concat")] * 2)),
+     "two concatenations"),
     # correlated branches: x + x is 2x (4K), not 2K, and x + LayerNorm(x) has cross terms
     (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.residual(ntkgp.Identity())), "independent"),
     (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(ntkgp.Identity(), ntkgp.Identity())), "independent"),

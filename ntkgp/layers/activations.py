@@ -112,8 +112,15 @@ class Activation(Layer):
             c1 = centred_variance(state.cov1, cov1)
             return c, c1, c1 if state.cov2 is state.cov1 else centred_variance(state.cov2, cov2)
 
+        def mean() -> tuple[Tensor, Tensor, bool] | None:
+            # evaluated only when a sum or a LayerNorm needs it
+            m1 = self.mean(state.cov1)
+            if m1 is None:
+                return None
+            return m1, m1 if state.cov2 is state.cov1 else self.mean(state.cov2), True
+
         return state.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=self.preserves_gaussian,
-                             centred=centred)
+                             mean=mean, centred=centred)
 
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
         return ActivationModule(self.finite_fn(), type(self).__name__), in_width

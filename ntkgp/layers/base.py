@@ -89,14 +89,11 @@ class Layer(VarianceParameters, gpytorch.Module):
     #: Whether the layer maps centred Gaussian features to centred Gaussian features.
     preserves_gaussian: bool = False
 
-    def draws_own_output(self, input_drawn: bool = False) -> bool:
-        """Whether the output is centred Gaussian noise drawn by weights of this layer's own, given
-        whether its input is (``Dense`` draws; ``Identity`` and ``LayerNorm`` pass it on).
-
-        A branch that draws its own output is uncorrelated with every other branch of a sum,
-        whose kernel is then the sum of the branches' kernels.
-        """
-        return input_drawn and self.preserves_gaussian
+    #: Whether each output feature depends on the input only through sums over all of its
+    #: features, by weights of the layer's own (a ``Dense`` layer), so that at infinite width it
+    #: is independent of every single input feature: a branch that mixes is independent of the
+    #: other branches of a sum.
+    mixes_features: bool = False
 
     # ------------------------------------------------------------------ to implement
     def kernel_map(self, state: KernelState) -> KernelState:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
@@ -35,10 +33,9 @@ class Serial(Layer):
     def preserves_gaussian(self) -> bool:  # type: ignore[override]
         return all(layer.preserves_gaussian for layer in self.layers)
 
-    def draws_own_output(self, input_drawn: bool = False) -> bool:
-        for layer in self.layers:
-            input_drawn = layer.draws_own_output(input_drawn)
-        return input_drawn
+    @property
+    def mixes_features(self) -> bool:  # type: ignore[override]
+        return any(layer.mixes_features for layer in self.layers)
 
     def kernel_map(self, state: KernelState) -> KernelState:
         for layer in self.layers:
@@ -71,17 +68,22 @@ class Parallel(Layer):
 
     * ``sum`` (residual connections; branches independent)::
 
-          K = Σ_b K_b,   Θ = Σ_b Θ_b
+          K = Σ_b K_b + Σ_{a≠b} μ_a(x) μ_b(x'),   Θ = Σ_b Θ_b
 
-      The branches' cross-covariances vanish when all but one end in a ``Dense`` layer of
-      their own (:meth:`Layer.draws_own_output`): its centred weights, drawn independently of
-      everything else, make ``E[f_b(x)_i g(x')_i] = 0`` whatever the other branch ``g`` carries.
-      Other sums, such as ``x + x`` or ``x + LayerNorm(x)``, are refused rather than given the
-      kernel of independent branches. The sum is Gaussian when every branch is; when one carries
-      an activation's output (``x + f(x)`` after a ``ReLU``) it is not, and as after a
-      concatenation an activation may not follow directly. A branch of raw inputs is refused: the
-      sum would keep their fixed width ``d``, and the layers after it would not be Gaussian in
-      the limit.
+      where ``μ_b(x)`` is the mean of branch ``b``'s features (zero after a ``Dense`` layer,
+      ``E[φ(u)]`` after an activation). Branches are independent when all but one contain a
+      ``Dense`` layer of their own (:attr:`Layer.mixes_features`): each of its output features
+      depends on the input only through a sum over all of the input's features, with weights
+      drawn independently of everything else, so at infinite width it is independent of feature
+      ``i`` of every other branch, and ``E[f_i(x) g_i(x')] = μ_f(x) μ_g(x')``. This covers
+      ``x + D(φ(x))`` and ``x + φ(D(x))`` (post-activation blocks) alike. Sums of branches without
+      one, such as ``x + x`` or ``x + LayerNorm(x)``, are refused rather than given the kernel of
+      independent branches. ``Θ`` has no cross terms: a parameter in front of the sum moves a
+      mixing branch's feature ``i`` only through a ``1/√n``-weighted sum over the input's
+      features. The sum is Gaussian when every branch is; when one carries an activation's output
+      it is not, and as after a concatenation an activation may not follow directly. A branch of
+      raw inputs is refused: the sum would keep their fixed width ``d``, and the layers after it
+      would not be Gaussian in the limit.
 
     * ``concat`` along channels, weighting each branch by its finite width ``n_b``
       (as neural-tangents' ``FanInConcat``)::
@@ -89,8 +91,9 @@ class Parallel(Layer):
           K = Σ_b n_b K_b / Σ_b n_b,   Θ = Σ_b n_b Θ_b / Σ_b n_b
 
       The concatenated features are no longer identically distributed, so an activation may
-      not follow directly (put a ``Dense`` layer in between); at the network's output, each
-      output has the kernel of its own branch and ``K`` is their average.
+      not follow directly (put a ``Dense`` layer in between; a ``LayerNorm`` may, subtracting
+      the mean ``Σ_b n_b μ_b / Σ_b n_b``); at the network's output, each output has the kernel of
+      its own branch and ``K`` is their average.
 
     A layer instance used in several branches (or places) shares its hyperparameters; the finite
     twin draws independent weights for each use, as :func:`repeat` does.
@@ -112,11 +115,10 @@ class Parallel(Layer):
     def preserves_gaussian(self) -> bool:  # type: ignore[override]
         return self.join == "sum" and all(b.preserves_gaussian for b in self.branches)
 
-    def draws_own_output(self, input_drawn: bool = False) -> bool:
-        # a sum is centred given everything outside it when every branch is (linearity), e.g. the
-        # inner block of x + (h + D(relu(h))) with h = D'(relu(x)): h comes from the outer branch's
-        # own Dense layer, so the outer sum stays a sum of uncorrelated branches
-        return self.join == "sum" and all(branch.draws_own_output(input_drawn) for branch in self.branches)
+    @property
+    def mixes_features(self) -> bool:  # type: ignore[override]
+        # one branch that passes its input's features on (x + f(x)) ties the output to them
+        return all(branch.mixes_features for branch in self.branches)
 
     def kernel_map(self, state: KernelState) -> KernelState:
         outs = [branch.kernel_map(state).with_exact_diagonal() for branch in self.branches]
@@ -134,13 +136,16 @@ class Parallel(Layer):
             weights = [1.0] * len(outs)
             width = outs[0].width
             is_gaussian = all(out.is_gaussian for out in outs)
+            combined = _with_means(_combine(outs, weights), outs)
         else:
-            outs = [out.materialize() for out in outs]
+            # the raw inputs' features are fixed numbers, not i.i.d. draws of a known mean
+            outs = [out.materialize().replace(mean=_unknown, centred=_unknown) if out.is_input else out
+                    for out in outs]
             total = sum(out.width for out in outs)
             weights = [out.width / total for out in outs]
             width, is_gaussian = total, False
-        centred = _centred_sum(outs) if self.join == "sum" and not is_gaussian else None
-        return _combine(outs, weights).replace(width=width, is_gaussian=is_gaussian, centred=centred)
+            combined = _concatenated(_combine(outs, weights), outs, weights)
+        return combined.replace(width=width, is_gaussian=is_gaussian)
 
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
         modules, widths = [], []
@@ -164,30 +169,131 @@ class Parallel(Layer):
     def check_structure(self) -> None:
         for branch in self.branches:
             branch.check_structure()
-        if self.join == "sum" and sum(not branch.draws_own_output(False) for branch in self.branches) > 1:
-            raise ValueError("A sum of branches needs them independent: all but one must end in a Dense "
-                             "layer of their own (followed by nothing but Identity or LayerNorm). Branches "
-                             "without one, such as Identity and LayerNorm, share their input's randomness, "
-                             "and the kernel of their sum is not the sum of their kernels.")
+        if self.join == "sum" and sum(not branch.mixes_features for branch in self.branches) > 1:
+            raise ValueError("A sum of branches needs them independent: all but one must contain a Dense "
+                             "layer of their own. Branches without one, such as Identity, LayerNorm or an "
+                             "activation, are functions of the same input feature, and the kernel of their "
+                             "sum is not that of independent branches.")
 
 
-def _centred_sum(states: list[KernelState]) -> Callable[[], tuple[Tensor, Tensor, Tensor] | None]:
-    """The centred kernels of a sum of independent branches (for a ``LayerNorm`` after it): the sum
-    of theirs, a Gaussian branch's being its own kernels; ``None`` if a branch's mean is unknown.
-    A concatenation's features would have different means per branch: not tracked (refused)."""
+def _unknown() -> None:
+    return None
+
+
+def _branch_means(states: list[KernelState]) -> list[tuple[Tensor, Tensor, bool]]:
+    """``(m1, m2, uniform)`` of the branches whose features are not centred (raises if unknown)."""
+    means = [state.mean() for state in states if state.mean is not None]
+    if any(mean is None for mean in means):
+        raise ValueError("A sum of two branches whose features have non-zero means needs those means "
+                         "(their products enter the kernel): Elementwise needs mean_fn.")
+    return means
+
+
+def _outer(state: KernelState, m1: Tensor, m2: Tensor) -> Tensor:
+    """``m1(x1_i) m2(x2_j)`` shaped like ``state.nngp``."""
+    return m1 * m2 if state.diag else m1.unsqueeze(-1) * m2.unsqueeze(-2)
+
+
+def _with_means(combined: KernelState, states: list[KernelState]) -> KernelState:
+    r"""The sum of independent branches ``a, b, …`` given the sum of their kernels: their features'
+    means add, and so do the kernels of the features minus their means; the kernel itself gains
+    the products of the branches' means (``E[f_a g_b] = μ_a μ_b`` for independent features)::
+
+        K = Σ_b K_b + Σ_{a≠b} μ_a(x) μ_b(x'),   μ = Σ_b μ_b,   K − μμ' = Σ_b (K_b − μ_b μ_b')
+
+    ``Θ`` gains nothing: a parameter in front of the sum moves feature ``i`` of a branch that
+    mixes its input's features only through the ``1/√n``-weighted sum over them. Needs every
+    pair of branches with non-zero means to have one whose features all share their mean (a sum
+    of two concatenations of different means would pair them feature by feature).
+    """
+    uncentred = [state for state in states if state.mean is not None]
+    if not uncentred:
+        return combined.replace(mean=None, centred=None)
+    known = None
+    if len(uncentred) > 1:   # the kernel itself needs the means now
+        known = means = _branch_means(states)
+        if sum(not uniform for _, _, uniform in means) > 1:
+            raise ValueError("A sum of two concatenations whose branches have different non-zero means "
+                             "pairs their features one by one, which the kernel does not track: put a "
+                             "Dense layer in one of them.")
+        nngp, cov1, cov2 = combined.nngp, combined.cov1, combined.cov2
+        for a, (m1, m2, _) in enumerate(means):
+            for n1, n2, _ in means[a + 1:]:
+                nngp = nngp + _outer(combined, m1, n2) + _outer(combined, n1, m2)
+                cov1 = cov1 + 2 * m1 * n1
+                cov2 = cov1 if combined.cov2 is combined.cov1 else cov2 + 2 * m2 * n2
+        combined = combined.replace(nngp=nngp, cov1=cov1, cov2=cov2)
+
+    def mean() -> tuple[Tensor, Tensor, bool] | None:
+        means = known if known is not None else [state.mean() for state in uncentred]
+        if any(m is None for m in means):
+            return None
+        ones = [1.0] * len(means)
+        m1, m2, uniform = zip(*means, strict=True)
+        return _weighted_sum(ones, list(m1)), _weighted_sum(ones, list(m2)), all(uniform)
+
     def centred() -> tuple[Tensor, Tensor, Tensor] | None:
-        parts = []
-        for state in states:
-            part = (state.nngp, state.cov1, state.cov2) if state.is_gaussian else (
-                None if state.centred is None else state.centred())
-            if part is None:
-                return None
-            parts.append(part)
+        parts = [_centred_kernels(state) for state in states]
+        if any(part is None for part in parts):
+            return None
         ones = [1.0] * len(parts)
         nngp, cov1, cov2 = (_weighted_sum(ones, list(terms)) for terms in zip(*parts, strict=True))
         return nngp, cov1, cov2
 
-    return centred
+    return combined.replace(mean=mean, centred=centred)
+
+
+def _concatenated(combined: KernelState, states: list[KernelState], weights: list[float]) -> KernelState:
+    r"""A concatenation of branches with features of means ``μ_b`` and weights ``w_b = n_b / Σ n``:
+    their mean is ``μ = Σ_b w_b μ_b`` and, about it, the kernel a ``LayerNorm`` normalizes is::
+
+        K − μμ' = Σ_b w_b (K_b − μ_b μ_b') + Σ_b w_b (μ_b − μ)(μ_b − μ)'
+
+    (the second sum is the spread of the branches' means, without the cancellation of ``K − μμ'``).
+    """
+    if all(state.mean is None for state in states):
+        return combined.replace(mean=None, centred=None)
+
+    def branch_means() -> list[tuple[Tensor, Tensor, bool]] | None:
+        means = [_mean_or_zero(state) for state in states]
+        return None if any(m is None for m in means) else means
+
+    def average(means: list[tuple[Tensor, Tensor, bool]]) -> tuple[Tensor, Tensor]:
+        m1, m2, _ = zip(*means, strict=True)
+        return _weighted_sum(weights, list(m1)), _weighted_sum(weights, list(m2))
+
+    def mean() -> tuple[Tensor, Tensor, bool] | None:
+        means = branch_means()
+        # not uniform even where the branches' means happen to agree: that only ever refuses more
+        return None if means is None else (*average(means), False)
+
+    def centred() -> tuple[Tensor, Tensor, Tensor] | None:
+        parts, means = [_centred_kernels(state) for state in states], branch_means()
+        if means is None or any(part is None for part in parts):
+            return None
+        mu1, mu2 = average(means)
+        nngp, cov1, cov2 = (_weighted_sum(weights, list(terms)) for terms in zip(*parts, strict=True))
+        for w, (m1, m2, _) in zip(weights, means, strict=True):
+            d1, d2 = m1 - mu1, m2 - mu2
+            nngp = nngp + w * _outer(combined, d1, d2)
+            cov1 = cov1 + w * d1 * d1
+            cov2 = cov2 + w * d2 * d2
+        return nngp, cov1, cov2
+
+    return combined.replace(mean=mean, centred=centred)
+
+
+def _mean_or_zero(state: KernelState) -> tuple[Tensor, Tensor, bool] | None:
+    if state.mean is None:
+        return torch.zeros_like(state.cov1), torch.zeros_like(state.cov2), True
+    return state.mean()
+
+
+def _centred_kernels(state: KernelState) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The kernels of a branch's features minus their mean (its own kernels when centred)."""
+    if state.mean is None:
+        return state.nngp, state.cov1, state.cov2
+    return None if state.centred is None else state.centred()
 
 
 def _combine(states: list[KernelState], weights: list[float]) -> KernelState:
@@ -249,11 +355,12 @@ def parallel(*branches: Layer, join: str = "sum") -> Parallel:
 
 
 def residual(*layers: Layer) -> Parallel:
-    """A residual block ``x + f(x)`` with ``f = serial(*layers)``: ``K = K_x + K_f``, ``Θ = Θ_x + Θ_f``
-    (He et al. 2016; the infinite-width kernel as in neural-tangents). ``f`` must end in a Dense layer
-    of its own, so the two branches are independent. After a Dense the sum is Gaussian; after an
-    activation it is not, and the next layer must be a Dense; on the raw inputs it is refused
-    (:class:`Parallel`)."""
+    """A residual block ``x + f(x)`` with ``f = serial(*layers)``: ``K = K_x + K_f + μ_x μ_f' + μ_f μ_x'``,
+    ``Θ = Θ_x + Θ_f`` (He et al. 2016; neural-tangents' kernel when ``f`` ends in a Dense layer, whose
+    mean ``μ_f`` is zero). ``f`` must contain a Dense layer of its own, so the two branches are
+    independent; it may end in an activation (``x + φ(D(x))``). After a Dense layer and with ``f``
+    ending in one the sum is Gaussian; otherwise it is not, and the next layer must be a Dense or a
+    LayerNorm; on the raw inputs it is refused (:class:`Parallel`)."""
     if not layers:   # Serial's own message named serial(), which the caller never wrote
         raise ValueError("residual() needs at least one layer.")
     return Parallel(Identity(), Serial(*layers), join="sum")

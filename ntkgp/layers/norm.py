@@ -31,9 +31,10 @@ class LayerNorm(Layer):
     without the cancellation a plain difference has at small variances, which the division by up
     to ``1/eps`` would magnify. (neural-tangents applies the first form after activations too:
     for ReLU features of two orthogonal inputs of equal norm it gives the correlation ``1/π``,
-    where wide networks give 0.) After a sum of independent branches (one may end in an
-    activation) the centred kernels add. Activations without a known mean (``Elementwise``
-    without ``mean_fn``) and concatenations (whose branches' features have different means) are
+    where wide networks give 0.) After a sum of independent branches the centred kernels add;
+    after a concatenation the mean is the branches' means weighted by their widths, and the
+    spread of those means adds to the centred kernel (:class:`~ntkgp.layers.Parallel`).
+    Activations without a known mean (``Elementwise`` without ``mean_fn``) and the raw inputs are
     refused. After the readout it normalizes over the network's ``k`` outputs, a finite number:
     the kernel is then the ``k → ∞`` limit.
     """
@@ -46,11 +47,12 @@ class LayerNorm(Layer):
         self.eps = positive_number(eps, "eps")
 
     def kernel_map(self, state: KernelState) -> KernelState:
-        centred = None if state.is_gaussian or state.centred is None else state.centred()
-        if not state.is_gaussian and centred is None:
+        has_mean = state.mean is not None   # the features are not centred already
+        centred = state.centred() if has_mean and state.centred is not None else None
+        if state.is_input or (has_mean and centred is None):
             raise ValueError("LayerNorm needs features of known mean: put it after a Dense layer, an "
-                             "activation (Elementwise needs mean_fn) or a sum of such branches, not after a "
-                             "concatenation.")
+                             "activation (Elementwise needs mean_fn) or sums and concatenations of such "
+                             "branches.")
         nngp, cov1, cov2 = (state.nngp, state.cov1, state.cov2) if centred is None else centred
         if centred is not None:
             # T − μ² ≥ 0 (Jensen); rounding below 0 would be a NaN square root after eps
@@ -72,8 +74,16 @@ class LayerNorm(Layer):
             out = state.replace(nngp=nngp * scale, ntk=ntk, cov1=out1, cov2=out2)
         if centred is None:
             return out
+
+        def mean() -> tuple[Tensor, Tensor, bool] | None:
+            # zero averaged over the features; after a concatenation each branch's features keep
+            # their own mean (what a sum with another branch of non-zero mean needs to know)
+            features = state.mean()
+            return None if features is None else (torch.zeros_like(out.cov1), torch.zeros_like(out.cov2),
+                                                  features[2])
+
         # the output is centred exactly (a second LayerNorm normalizes it as it is)
-        return out.replace(centred=lambda: (out.nngp, out.cov1, out.cov2))
+        return out.replace(mean=mean, centred=lambda: (out.nngp, out.cov1, out.cov2))
 
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
         return LayerNormModule(self.eps), in_width

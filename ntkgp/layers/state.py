@@ -12,8 +12,11 @@ variances ``K(x, x)`` of both points are known. So the state carries, for input 
   depends on it),
 * ``is_gaussian``: whether the features are i.i.d. centred Gaussians with covariance ``nngp``
   (true after a ``Dense`` layer; the closed forms of activations need it),
-* ``centred``: after an activation, a function giving the kernels of the features minus their
-  mean ``E[φ(u)]``, which ``LayerNorm`` normalizes (``None`` where the mean is not known).
+* ``mean``: ``None`` when every feature has mean zero (after a ``Dense`` layer); after an
+  activation, a function giving the features' mean ``E[φ(u)]`` at each point, which the kernel
+  of a sum of branches and ``LayerNorm`` need,
+* ``centred``: with a ``mean``, a function giving the kernels of the features minus their mean,
+  which ``LayerNorm`` normalizes (``None`` where the mean is not known).
 
 Before the first layer the state holds the raw inputs instead, so that a ``Dense`` layer can
 form its (optionally per-feature weighted) input kernel itself.
@@ -294,10 +297,18 @@ class KernelState:
         diag: whether ``nngp``/``ntk`` hold only the pairs ``(x1_i, x2_i)``.
         symmetric: whether ``x2`` is ``x1`` (``x1`` may then be a block of rows of it).
         is_gaussian: whether features are centred Gaussians with covariance ``nngp``.
-        centred: after an activation (or a ``LayerNorm`` after one), a function of no arguments
-            returning ``(C, c1, c2)``: ``nngp``, ``cov1`` and ``cov2`` of the features minus their
-            mean, ``C = E[(φ(u) − μ1)(φ(v) − μ2)]`` with ``μ = E[φ(u)]`` (what ``LayerNorm``
-            normalizes), or ``None`` where the mean is not known. Computed only when asked for.
+        mean: ``None`` when every feature has mean zero (after a ``Dense`` layer, and wherever
+            the features are centred Gaussians). Otherwise (after an activation) a function of
+            no arguments returning ``(m1, m2, uniform)``: the features' mean averaged over the
+            features, ``μ(x) = E[φ(u)]`` at ``x1`` (``(*batch, n1)``) and at ``x2``, and whether
+            every feature has that mean (``False`` after a concatenation of branches with
+            different means); or returning ``None`` where the mean is not known. Computed only
+            when asked for.
+        centred: with a ``mean``, a function of no arguments returning ``(C, c1, c2)``: ``nngp``,
+            ``cov1`` and ``cov2`` of the features minus their averaged mean,
+            ``C = E[(φ(u) − μ1)(φ(v) − μ2)]`` (what ``LayerNorm`` normalizes), or ``None`` where
+            the mean is not known. Computed only when asked for. Without a ``mean`` the centred
+            kernels are the kernels themselves.
         x1: the first raw inputs, only before any layer consumed them.
         x2: the second raw inputs (the very ``x1`` when symmetric), likewise.
         sq_norms: optionally, precomputed ``Σ_j x_j²`` of ``x1`` and ``x2`` (saves recomputing
@@ -316,6 +327,7 @@ class KernelState:
     diag: bool = False
     symmetric: bool = False
     is_gaussian: bool = False
+    mean: Callable[[], tuple[Tensor, Tensor, bool] | None] | None = None
     centred: Callable[[], tuple[Tensor, Tensor, Tensor] | None] | None = None
     x1: Tensor | None = None
     x2: Tensor | None = None
