@@ -56,6 +56,9 @@ CASES = {
     "gelu": (ntkgp.GELU(), _gelu(), cartesian),
     "sin": (ntkgp.Sin(1.2, 0.8, 0.3), _sin(1.2, 0.8, 0.3), cartesian),
     "cos": (ntkgp.Cos(0.9, 1.1, -0.2), _sin(0.9, 1.1, -0.2 + math.pi / 2), cartesian),
+    "exp": (ntkgp.Exp(1.3, 0.7), (lambda x: 1.3 * np.exp(0.7 * x), lambda x: 0.91 * np.exp(0.7 * x)), cartesian),
+    "gaussian": (ntkgp.Gaussian(1.4, -0.6), (lambda x: 1.4 * np.exp(-0.6 * x * x),
+                                             lambda x: -1.68 * x * np.exp(-0.6 * x * x)), cartesian),
 }
 
 
@@ -186,8 +189,10 @@ def test_elementwise_derives_ntk_factor_by_autograd():
 @pytest.mark.parametrize("make_act", [ntkgp.ReLU, lambda: ntkgp.LeakyReLU(0.3), lambda: ntkgp.ABReLU(-0.2, 1.5),
                                       ntkgp.Abs, lambda: ntkgp.Erf(1.3, 0.7, 0.4), ntkgp.GELU,
                                       lambda: ntkgp.Sin(1.2, 2.0, 0.7), lambda: ntkgp.Cos(0.8, 0.5, 0.3), ntkgp.Sign,
+                                      lambda: ntkgp.Exp(1.2, 0.6), lambda: ntkgp.Gaussian(1.3, -0.7),
                                       lambda: ntkgp.Numerical(torch.nn.functional.softplus)],
-                         ids=["relu", "leaky", "abrelu", "abs", "erf", "gelu", "sin", "cos", "sign", "numerical"])
+                         ids=["relu", "leaky", "abrelu", "abs", "erf", "gelu", "sin", "cos", "sign", "exp", "gaussian",
+                              "numerical"])
 def test_activation_means_match_one_dimensional_quadrature(make_act):
     """E[φ(u)], u ~ N(0, k), the mean a LayerNorm after the layer subtracts, against scipy's adaptive
     quadrature at variances from 1e-6 to 20 (closed forms measured ≤ 3.2e-16 relative to the larger of
@@ -254,8 +259,9 @@ def test_layernorm_after_an_activation_in_float32():
 
 
 @pytest.mark.parametrize("make_act", [lambda: ntkgp.Cos(c=0.3), lambda: ntkgp.Sin(c=1.0), lambda: ntkgp.Sin(c=0.3),
-                                      lambda: ntkgp.Erf(c=0.4), lambda: ntkgp.Numerical(torch.nn.functional.softplus)],
-                         ids=["cos", "sin", "sin_cos2c_positive", "erf", "numerical_softplus"])
+                                      lambda: ntkgp.Erf(c=0.4), ntkgp.Exp, ntkgp.Gaussian,
+                                      lambda: ntkgp.Numerical(torch.nn.functional.softplus)],
+                         ids=["cos", "sin", "sin_cos2c_positive", "erf", "exp", "gaussian", "numerical_softplus"])
 def test_layernorm_after_an_activation_at_small_variances(make_act):
     """At small variances T and μ1μ2 agree to O(k) (Cos: both ≈ 1) and LayerNorm divides their
     difference by up to 1/eps = 1e12: computed as a difference, float32 kernels read −59604 for
@@ -420,6 +426,7 @@ def test_elementwise_diagonal_is_the_partial_derivative_with_autograd_on():
 @pytest.mark.parametrize("make", [lambda: ntkgp.Erf(a=math.nan), lambda: ntkgp.Sin(b=math.inf),
                                   lambda: ntkgp.LeakyReLU(math.nan), lambda: ntkgp.ABReLU(math.inf, 1.0),
                                   lambda: ntkgp.Cos(c="x"), lambda: ntkgp.LayerNorm(eps=0.0),
+                                  lambda: ntkgp.Exp(b=math.nan), lambda: ntkgp.Gaussian(b=0.5),
                                   lambda: ntkgp.parallel(torch.nn.ReLU())])
 def test_layers_refuse_constants_that_would_give_nan_kernels(make):
     with pytest.raises(ValueError):
@@ -644,3 +651,33 @@ def test_numerical_gradients_warn_on_a_rough_integrand_and_name_what_autograd_ca
     # hardsigmoid's second derivative: autograd's own "not implemented" from inside the check
     with pytest.raises(ValueError, match="which autograd cannot compute"):
         gradient(torch.nn.functional.hardsigmoid)
+
+
+@pytest.mark.parametrize("dtype,k", [(torch.float32, 1e3), (torch.float32, 1e7), (torch.float32, 4e10),
+                                     (torch.float64, 1e7), (torch.float64, 2e16)])
+def test_gaussian_keeps_its_digits_at_large_variances(dtype, k):
+    """``D = (1 + 2βk11)(1 + 2βk22) − 4β²k12²`` as a difference of products loses every digit where a
+    point meets itself at large variance; from the determinant of Σ (and scaled variances) T and Ṫ
+    stay within a few epsilons of the 50-digit values, on and off the diagonal."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    a, beta = 1.4, 0.6
+    layer, eps = ntkgp.Gaussian(a, -beta), torch.finfo(dtype).eps
+    for k12 in (k, 0.3 * k, -0.999 * k):
+        t = lambda v: torch.tensor([v], dtype=dtype)  # noqa: E731
+        nngp, dot = layer.pair_kernel(t(k), t(k12), t(k), True)
+        kk, c, b, aa = (mpmath.mpf(float(v)) for v in (t(k), t(k12), beta, a))
+        det = (1 + 2 * b * kk) ** 2 - 4 * b**2 * c**2
+        for got, ref in ((nngp, aa**2 / mpmath.sqrt(det)), (dot, 4 * aa**2 * b**2 * c / det**1.5)):
+            assert math.isfinite(float(got))
+            assert abs(float(got) - float(ref)) <= 64 * eps * abs(float(ref)), (k12, float(got), float(ref))
+
+
+def test_exp_refuses_a_kernel_that_overflows():
+    """T = a² exp(b²(k11 + 2k12 + k22)/2) is finite in float64 where float32 overflows (b²k > 88/2):
+    a clear error instead of an infinite kernel."""
+    x = torch.full((2, 3), 5.0, dtype=torch.float32)     # k = 50: b²(k11 + 2k12 + k22)/2 = 100
+    net = ntkgp.serial(ntkgp.Dense(1, 2.0, None), ntkgp.Exp(), ntkgp.Dense(1))
+    assert torch.isfinite(net.kernel(x.double()).nngp).all()
+    with pytest.raises(ValueError, match=r"overflows torch\.float32"):
+        net.kernel(x)

@@ -32,6 +32,8 @@ ARCHS = {
     "sum_layernorm": lambda: ntkgp.serial(ntkgp.Dense(9, 1.5, 0.1),
                                           ntkgp.parallel(ntkgp.Dense(9, 0.8, 0.1), ntkgp.GELU()),
                                           ntkgp.LayerNorm(), ntkgp.Dense(1)),
+    "gaussian_exp": lambda: ntkgp.serial(ntkgp.Dense(9, 1.2, 0.1), ntkgp.Gaussian(1.3, -0.7), ntkgp.Dense(9, 0.8, 0.1),
+                                         ntkgp.Exp(0.9, 0.6), ntkgp.LayerNorm(), ntkgp.Dense(1)),
     # a sum of branches of non-zero means (the kernel gains μ_a μ_b'), and a LayerNorm after a
     # concatenation of them (subtracting the mean over both)
     "post_activation_sums": lambda: ntkgp.serial(

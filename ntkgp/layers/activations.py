@@ -21,7 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from ntkgp.layers.base import BuildContext, Layer
-from ntkgp.layers.numerics import gaussian_angle, gaussian_det, safe_sqrt, scaled_for_products
+from ntkgp.layers.numerics import (
+    _is_compiling,
+    gaussian_angle,
+    gaussian_det,
+    is_vmapped,
+    safe_sqrt,
+    scaled_for_products,
+)
 from ntkgp.layers.state import KernelState
 from ntkgp.layers.validation import finite_number
 
@@ -424,6 +431,116 @@ class Cos(Sin):
 
     def extra_repr(self) -> str:   # the phase given, not Sin's c + π/2
         return f"a={self.a:g}, b={self.b:g}, c={self._phase:g}"
+
+
+# ---------------------------------------------------------------------------------- exponential
+def _exp(x: Tensor, a: float, b: float) -> Tensor:
+    return a * torch.exp(b * x)
+
+
+class Exp(Activation):
+    r"""``φ(x) = a·exp(b x)`` (neural-tangents' ``stax.Exp``, Novak et al. 2020). The log of
+    ``φ(u)φ(v)`` is Gaussian, of mean 0 and variance ``b²(k11 + 2k12 + k22)``, so::
+
+        T = a² exp(b²(k11 + 2k12 + k22)/2),   Ṫ = b² T,   E[φ(u)] = a exp(b²k/2)
+
+    (normalized by the means, ``T/(μ1μ2) = exp(b²k12)``: the exponential kernel of the
+    pre-activations). The centred kernel is ``μ1μ2 expm1(b²k12)``, without the cancellation of
+    ``T − μ1μ2`` at small variances. ``T`` grows as ``exp(b²k)``: where it overflows the dtype a
+    ``ValueError`` says so rather than return ``inf`` (scale the inputs or ``b`` down).
+    """
+
+    def __init__(self, a: float = 1.0, b: float = 1.0) -> None:
+        super().__init__()
+        self.a, self.b = _finite(a=a, b=b)
+
+    def fn(self, x: Tensor) -> Tensor:
+        return _exp(x, self.a, self.b)
+
+    def finite_fn(self) -> Callable[[Tensor], Tensor]:
+        return functools.partial(_exp, a=self.a, b=self.b)
+
+    def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
+        nngp = self.a**2 * self._exp(self.b**2 * (k11 + 2 * k12 + k22) / 2)
+        return nngp, (self.b**2 * nngp if want_dot else None)
+
+    def variance(self, k: Tensor) -> Tensor:
+        return self.a**2 * self._exp(2 * self.b**2 * k)
+
+    def mean(self, k: Tensor) -> Tensor:
+        return self.a * self._exp(self.b**2 / 2 * k)
+
+    def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
+        return self.a**2 * self._exp(self.b**2 * (k11 + k22) / 2) * torch.expm1(self.b**2 * k12)
+
+    def _exp(self, exponent: Tensor) -> Tensor:
+        if not _is_compiling() and not is_vmapped(exponent) and bool(
+                (exponent.detach() > math.log(torch.finfo(exponent.dtype).max)).any()):
+            raise ValueError(f"Exp: the kernel exp(b²k) overflows {exponent.dtype} (b²k up to "
+                             f"{float(exponent.detach().max()):.4g}); scale the inputs or b down, or use float64.")
+        return torch.exp(exponent)
+
+    def extra_repr(self) -> str:
+        return f"a={self.a:g}, b={self.b:g}"
+
+
+def _gaussian(x: Tensor, a: float, b: float) -> Tensor:
+    return a * torch.exp(b * x * x)
+
+
+class Gaussian(Activation):
+    r"""``φ(x) = a·exp(b x²)`` with ``b ≤ 0``, a Gaussian bump (neural-tangents' ``stax.Gaussian``,
+    Novak et al. 2020). With ``β = −b``, ``P_i = 1 + 2β k_ii`` and
+    ``D = det(I + 2βΣ) = 1 + 2β(k11 + k22) + 4β²(k11 k22 − k12²)``::
+
+        T = a² / sqrt(D),   Ṫ = 4 a² β² k12 / D^{3/2},   E[φ(u)] = a / sqrt(P)
+
+    (``E[e^{−β(u² + v²)}] = det(I + 2βΣ)^{−1/2}``; ``Ṫ`` from the tilted Gaussian's covariance
+    ``(Σ⁻¹ + 2βI)⁻¹``, whose off-diagonal entry is ``k12/D``). ``D`` is formed from the
+    determinant of ``Σ`` (no cancellation for a point with itself) and of scaled variances where
+    ``k²`` could overflow. The centred kernel ``T − μ1μ2 = a² (P1P2)^{−1/2} ((1 − x)^{−1/2} − 1)``,
+    ``x = 4β²k12²/(P1P2)``, is taken through ``expm1`` and ``log1p``: both terms are ``≈ a²`` at small
+    variances. ``b > 0`` is refused: ``E[φ(u)²]`` is infinite once ``4bk ≥ 1``.
+    """
+
+    def __init__(self, a: float = 1.0, b: float = -1.0) -> None:
+        super().__init__()
+        self.a, self.b = _finite(a=a, b=b)
+        if self.b > 0:
+            raise ValueError(f"Gaussian needs b ≤ 0 (φ(x) = a·exp(b x²) has no Gaussian second moment once "
+                             f"4bk ≥ 1), got b={b!r}.")
+        self._beta = -self.b
+
+    def fn(self, x: Tensor) -> Tensor:
+        return _gaussian(x, self.a, self.b)
+
+    def finite_fn(self) -> Callable[[Tensor], Tensor]:
+        return functools.partial(_gaussian, a=self.a, b=self.b)
+
+    def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
+        beta = self._beta
+        c, s11, s12, s22 = scaled_for_products(k11, k12, k22)
+        c = 1.0 if c is None else c
+        root = torch.sqrt(c * c + 2 * beta * c * (s11 + s22) + 4 * beta**2 * gaussian_det(s11, s12, s22))  # c·sqrt(D)
+        inverse = c / root
+        nngp = self.a**2 * inverse
+        dot = 4 * self.a**2 * beta**2 * (s12 / root) * inverse * inverse if want_dot else None
+        return nngp, dot
+
+    def variance(self, k: Tensor) -> Tensor:
+        return self.a**2 * torch.rsqrt(1 + 4 * self._beta * k)
+
+    def mean(self, k: Tensor) -> Tensor:
+        return self.a * torch.rsqrt(1 + 2 * self._beta * k)
+
+    def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
+        p11, p22 = 1 + 2 * self._beta * k11, 1 + 2 * self._beta * k22
+        r = 2 * self._beta * k12
+        x = (r / p11) * (r / p22)      # < 1: 4β²k12² ≤ 4β²k11k22 < P1P2
+        return self.a**2 * torch.rsqrt(p11) * torch.rsqrt(p22) * torch.expm1(-0.5 * torch.log1p(-x))
+
+    def extra_repr(self) -> str:
+        return f"a={self.a:g}, b={self.b:g}"
 
 
 # ---------------------------------------------------------------------------------- step
