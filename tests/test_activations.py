@@ -59,6 +59,13 @@ CASES = {
     "exp": (ntkgp.Exp(1.3, 0.7), (lambda x: 1.3 * np.exp(0.7 * x), lambda x: 0.91 * np.exp(0.7 * x)), cartesian),
     "gaussian": (ntkgp.Gaussian(1.4, -0.6), (lambda x: 1.4 * np.exp(-0.6 * x * x),
                                              lambda x: -1.68 * x * np.exp(-0.6 * x * x)), cartesian),
+    "polynomial": (ntkgp.Polynomial([0.3, -1.0, 0.5, 0.2]), (lambda x: 0.3 - x + 0.5 * x**2 + 0.2 * x**3,
+                                                              lambda x: -1 + x + 0.6 * x**2), cartesian),
+    "monomial": (ntkgp.Monomial(4), (lambda x: x**4, lambda x: 4 * x**3), cartesian),
+    "step": (ntkgp.RectifiedMonomial(0), (lambda x: (x > 0) * 1.0, lambda x: 0 * x), polar),
+    "requ": (ntkgp.RectifiedMonomial(2), (lambda x: np.maximum(x, 0) ** 2, lambda x: 2 * np.maximum(x, 0)), polar),
+    "rectified_cube": (ntkgp.RectifiedMonomial(3), (lambda x: np.maximum(x, 0) ** 3,
+                                                    lambda x: 3 * np.maximum(x, 0) ** 2), polar),
 }
 
 
@@ -79,7 +86,7 @@ def test_closed_form_matches_quadrature(name, triple):
     expected_dot = rule(dphi, dphi, k11, k12, k22)
     scale = math.sqrt(rule(phi, phi, k11, k11, k11) * rule(phi, phi, k22, k22, k22))
     assert abs(value - expected) <= 1e-8 * scale
-    if name == "sign":
+    if name in ("sign", "step"):
         assert dot == 0.0  # neural-tangents' convention: φ' = 0 almost everywhere
     else:
         dot_scale = math.sqrt(rule(dphi, dphi, k11, k11, k11) * rule(dphi, dphi, k22, k22, k22))
@@ -190,9 +197,11 @@ def test_elementwise_derives_ntk_factor_by_autograd():
                                       ntkgp.Abs, lambda: ntkgp.Erf(1.3, 0.7, 0.4), ntkgp.GELU,
                                       lambda: ntkgp.Sin(1.2, 2.0, 0.7), lambda: ntkgp.Cos(0.8, 0.5, 0.3), ntkgp.Sign,
                                       lambda: ntkgp.Exp(1.2, 0.6), lambda: ntkgp.Gaussian(1.3, -0.7),
+                                      lambda: ntkgp.Polynomial([0.3, -1.0, 0.5, 0.2, -0.1]),
+                                      lambda: ntkgp.RectifiedMonomial(0), lambda: ntkgp.RectifiedMonomial(3),
                                       lambda: ntkgp.Numerical(torch.nn.functional.softplus)],
                          ids=["relu", "leaky", "abrelu", "abs", "erf", "gelu", "sin", "cos", "sign", "exp", "gaussian",
-                              "numerical"])
+                              "polynomial", "step", "rectified_cube", "numerical"])
 def test_activation_means_match_one_dimensional_quadrature(make_act):
     """E[φ(u)], u ~ N(0, k), the mean a LayerNorm after the layer subtracts, against scipy's adaptive
     quadrature at variances from 1e-6 to 20 (closed forms measured ≤ 3.2e-16 relative to the larger of
@@ -260,8 +269,10 @@ def test_layernorm_after_an_activation_in_float32():
 
 @pytest.mark.parametrize("make_act", [lambda: ntkgp.Cos(c=0.3), lambda: ntkgp.Sin(c=1.0), lambda: ntkgp.Sin(c=0.3),
                                       lambda: ntkgp.Erf(c=0.4), ntkgp.Exp, ntkgp.Gaussian,
+                                      lambda: ntkgp.Polynomial([0.5, 1.0, 0.3]),
                                       lambda: ntkgp.Numerical(torch.nn.functional.softplus)],
-                         ids=["cos", "sin", "sin_cos2c_positive", "erf", "exp", "gaussian", "numerical_softplus"])
+                         ids=["cos", "sin", "sin_cos2c_positive", "erf", "exp", "gaussian", "polynomial",
+                              "numerical_softplus"])
 def test_layernorm_after_an_activation_at_small_variances(make_act):
     """At small variances T and μ1μ2 agree to O(k) (Cos: both ≈ 1) and LayerNorm divides their
     difference by up to 1/eps = 1e12: computed as a difference, float32 kernels read −59604 for
@@ -427,6 +438,9 @@ def test_elementwise_diagonal_is_the_partial_derivative_with_autograd_on():
                                   lambda: ntkgp.LeakyReLU(math.nan), lambda: ntkgp.ABReLU(math.inf, 1.0),
                                   lambda: ntkgp.Cos(c="x"), lambda: ntkgp.LayerNorm(eps=0.0),
                                   lambda: ntkgp.Exp(b=math.nan), lambda: ntkgp.Gaussian(b=0.5),
+                                  lambda: ntkgp.Polynomial([]), lambda: ntkgp.Polynomial([1.0, math.inf]),
+                                  lambda: ntkgp.Polynomial(2.0), lambda: ntkgp.Monomial(-1),
+                                  lambda: ntkgp.RectifiedMonomial(1.5),
                                   lambda: ntkgp.parallel(torch.nn.ReLU())])
 def test_layers_refuse_constants_that_would_give_nan_kernels(make):
     with pytest.raises(ValueError):
@@ -681,3 +695,39 @@ def test_exp_refuses_a_kernel_that_overflows():
     assert torch.isfinite(net.kernel(x.double()).nngp).all()
     with pytest.raises(ValueError, match=r"overflows torch\.float32"):
         net.kernel(x)
+
+
+def test_rectified_monomials_and_monomials_against_their_own_closed_forms():
+    """Degree 1 is ReLU's kernel (to rounding); the arc-cosine recursion reproduces Cho & Saul's J_2
+    (3 sin θ cos θ + (π − θ)(1 + 2 cos²θ)); Monomial(2) is k11 k22 + 2 k12² with Ṫ = 4 k12; the
+    step is 1/2 at 0, as its kernel's θ = π/2 at zero variance (T = 1/4)."""
+    g = torch.Generator().manual_seed(0)
+    k11, k22 = torch.rand(50, generator=g) + 0.1, torch.rand(50, generator=g) + 0.1
+    k12 = (2 * torch.rand(50, generator=g) - 1) * torch.sqrt(k11 * k22)
+    got = ntkgp.RectifiedMonomial(1).pair_kernel(k11, k12, k22, True)
+    ref = ntkgp.ReLU().pair_kernel(k11, k12, k22, True)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
+    theta = torch.atan2(torch.sqrt(k11 * k22 - k12**2), k12)
+    c = torch.cos(theta)
+    j2 = 3 * torch.sin(theta) * c + (math.pi - theta) * (1 + 2 * c * c)
+    # near θ = π both forms are differences of O(k11 k22) terms: absolute rounding there
+    torch.testing.assert_close(ntkgp.RectifiedMonomial(2).pair_kernel(k11, k12, k22, False)[0],
+                               k11 * k22 * j2 / (2 * math.pi), rtol=1e-13, atol=1e-15)
+    nngp, dot = ntkgp.Monomial(2).pair_kernel(k11, k12, k22, True)
+    torch.testing.assert_close(nngp, k11 * k22 + 2 * k12**2, rtol=1e-15, atol=0)
+    torch.testing.assert_close(dot, 4 * k12, rtol=1e-15, atol=0)
+    zero = torch.zeros(1)
+    step = ntkgp.RectifiedMonomial(0)
+    assert float(step.fn(zero)) == 0.5
+    assert float(step.pair_kernel(zero, zero, torch.ones(1), False)[0]) == 0.25
+    assert float(step.variance(zero)) == 0.25 == float(step.pair_kernel(zero, zero, zero, False)[0])
+
+
+def test_polynomial_centred_kernel_has_no_cancellation():
+    """φ = 1000 + x: T − μ1μ2 = k12 exactly, where the difference T − μ1μ2 = (10⁶ + k12) − 10⁶
+    keeps only ~1e-10 of float64 for k12 ~ 1e-6."""
+    layer = ntkgp.Polynomial([1000.0, 1.0])
+    k = torch.tensor([1e-6, 3e-6])
+    centred = layer.centred_pair_kernel(k[:1], k[1:] / 3, k[1:], layer.pair_kernel(k[:1], k[1:] / 3, k[1:], False)[0])
+    assert float(centred) == float(k[1] / 3)

@@ -34,6 +34,9 @@ ARCHS = {
                                           ntkgp.LayerNorm(), ntkgp.Dense(1)),
     "gaussian_exp": lambda: ntkgp.serial(ntkgp.Dense(9, 1.2, 0.1), ntkgp.Gaussian(1.3, -0.7), ntkgp.Dense(9, 0.8, 0.1),
                                          ntkgp.Exp(0.9, 0.6), ntkgp.LayerNorm(), ntkgp.Dense(1)),
+    "polynomial_requ_step": lambda: ntkgp.serial(
+        ntkgp.Dense(9, 1.2, 0.1), ntkgp.Polynomial([0.3, 1.0, -0.4]), ntkgp.Dense(9, 0.8, 0.1),
+        ntkgp.RectifiedMonomial(2), ntkgp.Dense(9, 1.0, 0.1), ntkgp.RectifiedMonomial(0), ntkgp.Dense(1)),
     # a sum of branches of non-zero means (the kernel gains μ_a μ_b'), and a LayerNorm after a
     # concatenation of them (subtracting the mean over both)
     "post_activation_sums": lambda: ntkgp.serial(
@@ -687,6 +690,9 @@ def test_hyperparameter_batches_that_do_not_broadcast_with_the_inputs_raise():
         ntkgp.serial(ntkgp.Dense(3), ntkgp.ReLU()),
         ntkgp.serial(ntkgp.Dense(3), ntkgp.Elementwise(torch.relu, nngp_fn=lambda k12, k11, k22: k12)))),
      "mean_fn"),
+    # raw inputs in a concatenation have no mean a sum could pair with another branch's
+    (lambda: ntkgp.serial(ntkgp.parallel(ntkgp.parallel(ntkgp.Identity(), ntkgp.Dense(3), join="concat"),
+                                         ntkgp.serial(ntkgp.Dense(6), ntkgp.ReLU()))), "raw inputs in a concatenation"),
     # two concatenations of different means pair their features one by one
     (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(
         *[ntkgp.parallel(ntkgp.serial(ntkgp.Dense(3), ntkgp.ReLU()), ntkgp.Dense(3), join="concat")] * 2)),

@@ -20,6 +20,7 @@ from ntkgp.layers.combinators import Parallel, Serial, parallel, repeat, residua
 from ntkgp.layers.dense import Dense
 from ntkgp.layers.elementwise import Elementwise, Numerical, gauss_hermite_expectation
 from ntkgp.layers.norm import LayerNorm
+from ntkgp.layers.polynomial import Monomial, Polynomial, RectifiedMonomial
 from ntkgp.layers.state import KernelState
 from ntkgp.layers.variance import ExactVariance
 
@@ -41,9 +42,12 @@ __all__ = [
     "Layer",
     "LayerNorm",
     "LeakyReLU",
+    "Monomial",
     "Numerical",
     "Parallel",
+    "Polynomial",
     "ReLU",
+    "RectifiedMonomial",
     "Serial",
     "Sign",
     "Sin",

@@ -185,7 +185,8 @@ def _branch_means(states: list[KernelState]) -> list[tuple[Tensor, Tensor, bool]
     means = [state.mean() for state in states if state.mean is not None]
     if any(mean is None for mean in means):
         raise ValueError("A sum of two branches whose features have non-zero means needs those means "
-                         "(their products enter the kernel): Elementwise needs mean_fn.")
+                         "(their products enter the kernel): Elementwise needs mean_fn, and raw inputs in a "
+                         "concatenation have none (put a Dense layer after the concatenation).")
     return means
 
 
@@ -213,9 +214,9 @@ def _with_means(combined: KernelState, states: list[KernelState]) -> KernelState
     if len(uncentred) > 1:   # the kernel itself needs the means now
         known = means = _branch_means(states)
         if sum(not uniform for _, _, uniform in means) > 1:
-            raise ValueError("A sum of two concatenations whose branches have different non-zero means "
-                             "pairs their features one by one, which the kernel does not track: put a "
-                             "Dense layer in one of them.")
+            raise ValueError("A sum of two concatenations (or LayerNorms of them) whose branches' features "
+                             "have different means pairs their features one by one, which the kernel does "
+                             "not track: put a Dense layer after one of the concatenations.")
         nngp, cov1, cov2 = combined.nngp, combined.cov1, combined.cov2
         for a, (m1, m2, _) in enumerate(means):
             for n1, n2, _ in means[a + 1:]:
@@ -264,8 +265,13 @@ def _concatenated(combined: KernelState, states: list[KernelState], weights: lis
 
     def mean() -> tuple[Tensor, Tensor, bool] | None:
         means = branch_means()
-        # not uniform even where the branches' means happen to agree: that only ever refuses more
-        return None if means is None else (*average(means), False)
+        if means is None:
+            return None
+        # every feature has the average mean when the branches' means are all the same (zero for
+        # odd activations, or copies of one branch)
+        first = means[0]
+        uniform = all(m[2] and torch.equal(m[0], first[0]) and torch.equal(m[1], first[1]) for m in means)
+        return (*average(means), uniform)
 
     def centred() -> tuple[Tensor, Tensor, Tensor] | None:
         parts, means = [_centred_kernels(state) for state in states], branch_means()

@@ -1,0 +1,240 @@
+r"""Polynomial and rectified-monomial activations, whose Gaussian expectations are polynomials in
+the kernel entries (times the arc-cosine terms for the rectified ones)."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+
+import torch
+from torch import Tensor
+
+from ntkgp._checks import integer_at_least
+from ntkgp.layers.activations import Activation, _abrelu, _finite
+from ntkgp.layers.numerics import gaussian_angle, safe_sqrt
+
+
+def _hermite_coefficients(i: int) -> dict[int, int]:
+    """``z^i = Σ_a C(i, a) He_a(z)`` (probabilists' Hermite): ``C(i, a) = i! / (a! m! 2^m)``,
+    ``m = (i − a)/2``, for ``a ≡ i (mod 2)``."""
+    return {i - 2 * m: math.factorial(i) // (math.factorial(i - 2 * m) * math.factorial(m) * 2**m)
+            for m in range(i // 2 + 1)}
+
+
+def _moment_terms(coefficients: Sequence[float]) -> list[tuple[float, int, int, int]]:
+    r"""``E[φ(u)φ(v)]`` for ``φ(x) = Σ_i c_i x^i`` as ``Σ w · k12^a (k11^p k22^q + k11^q k22^p)``:
+    the terms ``(w, a, p, q)`` with ``p ≤ q`` (halved where ``p = q``).
+
+    From ``E[He_a(z1) He_b(z2)] = δ_ab a! ρ^a`` for standard normals of correlation ρ (Mehler),
+    ``E[u^i v^j] = Σ_a C(i, a) C(j, a) a! k12^a k11^{(i−a)/2} k22^{(j−a)/2}``.
+    """
+    weights: dict[tuple[int, int, int], Fraction] = {}
+    expansions = [_hermite_coefficients(i) for i in range(len(coefficients))]
+    for i, ci in enumerate(coefficients):
+        for j, cj in enumerate(coefficients):
+            if ci == 0 or cj == 0:
+                continue
+            for a, hi in expansions[i].items():
+                hj = expansions[j].get(a)
+                if hj is not None:
+                    key = (a, (i - a) // 2, (j - a) // 2)
+                    term = Fraction(ci) * Fraction(cj) * hi * hj * math.factorial(a)
+                    weights[key] = weights.get(key, Fraction(0)) + term
+    terms = []
+    for (a, p, q), w in sorted(weights.items()):
+        if p < q:
+            terms.append((float(w), a, p, q))   # (a, q, p) carries the same weight: summed together
+        elif p == q:
+            terms.append((float(w) / 2, a, p, q))
+    return [term for term in terms if term[0] != 0.0]
+
+
+def _evaluate(terms: list[tuple[float, int, int, int]], k11: Tensor, k12: Tensor, k22: Tensor,
+              skip_constant_pairs: bool = False) -> Tensor:
+    """``Σ w · k12^a (k11^p k22^q + k11^q k22^p)``, bitwise symmetric in ``k11 ↔ k22``; with
+    ``skip_constant_pairs`` the ``a = 0`` terms (``E[φ(u)] E[φ(v)]``) are left out."""
+    out = torch.zeros(torch.broadcast_shapes(k11.shape, k12.shape, k22.shape), dtype=k12.dtype, device=k12.device)
+    for w, a, p, q in terms:
+        if skip_constant_pairs and a == 0:
+            continue
+        pair = k11**p * k22**q + k11**q * k22**p
+        out = out + w * (pair if a == 0 else k12**a * pair)
+    return out
+
+
+def _polynomial(x: Tensor, coefficients: tuple[float, ...]) -> Tensor:
+    out = torch.full_like(x, coefficients[-1])
+    for c in reversed(coefficients[:-1]):   # Horner
+        out = out * x + c
+    return out
+
+
+class Polynomial(Activation):
+    r"""``φ(x) = Σ_i c_i x^i`` (neural-tangents' ``stax.Polynomial``, Novak et al. 2020).
+
+    Expanding ``x^i = Σ_a C(i, a) He_a(x)`` in Hermite polynomials, ``C(i, a) = i!/(a! m! 2^m)``
+    with ``m = (i − a)/2``, and using ``E[He_a(z1) He_b(z2)] = δ_ab a! ρ^a`` (Mehler)::
+
+        T = Σ_ij c_i c_j Σ_a C(i, a) C(j, a) a! k12^a k11^{(i−a)/2} k22^{(j−a)/2}
+        Ṫ = T of φ' = Σ_i i c_i x^{i−1},   E[φ(u)] = Σ_{i even} c_i (i − 1)!! k^{i/2}
+
+    a polynomial in the kernel entries, exact (no quadrature), evaluated symmetrically in
+    ``k11 ↔ k22``. The ``a = 0`` terms are ``E[φ(u)] E[φ(v)]``: the centred kernel
+    (:meth:`centred_pair_kernel`) leaves them out instead of subtracting them.
+    """
+
+    def __init__(self, coefficients: Sequence[float]) -> None:
+        super().__init__()
+        try:
+            coefficients = tuple(coefficients)
+        except TypeError:
+            raise ValueError(f"Polynomial needs a sequence of coefficients c_0, c_1, ..., got "
+                             f"{coefficients!r}.") from None
+        if not coefficients:
+            raise ValueError("Polynomial needs at least one coefficient.")
+        self.coefficients = _finite(**{f"c_{i}": c for i, c in enumerate(coefficients)})
+        self._terms = _moment_terms(self.coefficients)
+        self._dot_terms = _moment_terms([i * c for i, c in enumerate(self.coefficients)][1:] or [0.0])
+        self._mean_terms = [(c * math.prod(range(i - 1, 0, -2)), i // 2)
+                            for i, c in enumerate(self.coefficients) if i % 2 == 0 and c != 0]
+
+    def fn(self, x: Tensor) -> Tensor:
+        return _polynomial(x, self.coefficients)
+
+    def finite_fn(self) -> Callable[[Tensor], Tensor]:
+        return functools.partial(_polynomial, coefficients=self.coefficients)
+
+    def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
+        nngp = _evaluate(self._terms, k11, k12, k22)
+        return nngp, (_evaluate(self._dot_terms, k11, k12, k22) if want_dot else None)
+
+    def mean(self, k: Tensor) -> Tensor:
+        out = torch.zeros_like(k)
+        for c, power in self._mean_terms:
+            out = out + c * k**power
+        return out
+
+    def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
+        return _evaluate(self._terms, k11, k12, k22, skip_constant_pairs=True)
+
+    def extra_repr(self) -> str:
+        return f"coefficients={list(self.coefficients)}"
+
+
+class Monomial(Polynomial):
+    r"""``φ(x) = x^n`` (neural-tangents' ``stax.Monomial``): :class:`Polynomial` with one term, e.g.
+    ``T = k11 k22 + 2 k12²`` for ``n = 2`` and ``Ṫ = 4 k12``."""
+
+    def __init__(self, degree: int) -> None:
+        degree = integer_at_least(degree, 0, "degree")
+        super().__init__([0.0] * degree + [1.0])
+        self.degree = degree
+
+    def extra_repr(self) -> str:
+        return f"degree={self.degree}"
+
+
+def _arc_cosine_polynomials(n: int) -> tuple[list[int], list[int]]:
+    """Coefficients (in ``c = cos θ``, lowest first) of ``A_n`` and ``B_n`` in
+    ``J_n(θ) = (π − θ) A_n(c) + sin θ · B_n(c)``, from ``J_{n+1} = (2n + 1) cos θ J_n − sin θ J_n'``:
+    ``A_{n+1} = (2n + 1) c A_n + (1 − c²) A_n'``, ``B_{n+1} = 2n c B_n + A_n + (1 − c²) B_n'``."""
+    a, b = [1], [0]
+    for m in range(n):
+        da = [k * a[k] for k in range(1, len(a))] or [0]
+        db = [k * b[k] for k in range(1, len(b))] or [0]
+        size = max(len(a), len(b)) + 2
+        new_a, new_b = [0] * size, [0] * size
+        for k, v in enumerate(a):
+            new_a[k + 1] += (2 * m + 1) * v
+            new_b[k] += v
+        for k, v in enumerate(b):
+            new_b[k + 1] += 2 * m * v
+        for k, v in enumerate(da):
+            new_a[k] += v
+            new_a[k + 2] -= v
+        for k, v in enumerate(db):
+            new_b[k] += v
+            new_b[k + 2] -= v
+        a, b = new_a, new_b
+    return a, b
+
+
+def _arc_cosine_terms(n: int) -> tuple[list[tuple[float, int, int]], list[tuple[float, int, int]]]:
+    """``(v, j, p)`` of ``(k11 k22)^{n/2} A_n = Σ v k12^j (k11 k22)^p`` and likewise of
+    ``(k11 k22)^{(n−1)/2} B_n`` (``(k11 k22)^{n/2} c^j = k12^j (k11 k22)^{(n − j)/2}``; only
+    ``j ≡ n (mod 2)`` appear in ``A_n``, ``j ≢ n`` in ``B_n``)."""
+    a, b = _arc_cosine_polynomials(n)
+    return ([(float(v), j, (n - j) // 2) for j, v in enumerate(a) if v],
+            [(float(v), j, (n - 1 - j) // 2) for j, v in enumerate(b) if v])
+
+
+def _arc_cosine(terms: tuple[list, list], s: Tensor, theta: Tensor, k12: Tensor, product: Tensor) -> Tensor:
+    """``(k11 k22)^{n/2} J_n(θ) / (2π)`` from :func:`_arc_cosine_terms`."""
+    along = sum(v * k12**j * product**p for v, j, p in terms[0])
+    across = sum(v * k12**j * product**p for v, j, p in terms[1]) if terms[1] else 0.0
+    return ((math.pi - theta) * along + s * across) / (2 * math.pi)
+
+
+def _rectified_monomial(x: Tensor, degree: int) -> Tensor:
+    if degree == 0:
+        return (torch.sign(x) + 1) / 2   # H(0) = 1/2, as the kernel's θ = π/2 at zero variance
+    if degree == 1:
+        return _abrelu(x, 0.0, 1.0)
+    return torch.relu(x) ** degree
+
+
+class RectifiedMonomial(Activation):
+    r"""``φ(x) = max(x, 0)^n``: the arc-cosine kernel of degree ``n`` (Cho & Saul 2009;
+    neural-tangents' ``stax.RectifiedMonomial``). With ``s = sqrt(k11 k22 − k12²)``,
+    ``θ = atan2(s, k12)``::
+
+        T = (k11 k22)^{n/2} J_n(θ) / (2π),   J_n(θ) = (π − θ) A_n(cos θ) + sin θ · B_n(cos θ)
+        Ṫ = n² T_{n−1}   (n ≥ 1; 0 for the step n = 0, its derivative being 0 almost everywhere)
+        E[φ(u)] = k^{n/2} 2^{n/2} Γ((n + 1)/2) / (2 sqrt(π)),   T(k, k, k) = (2n − 1)!! k^n / 2
+
+    with ``J_{n+1} = (2n + 1) cos θ J_n − sin θ J_n'`` from Cho & Saul's
+    ``J_n = (−1)^n sin^{2n+1}θ ((1/sin θ) ∂/∂θ)^n ((π − θ)/sin θ)``, starting at ``J_0 = π − θ``
+    (``n = 1`` is :class:`ReLU`). ``(k11 k22)^{n/2} A_n`` and ``(k11 k22)^{n/2} sin θ B_n`` are
+    polynomials in ``k12``, ``k11 k22`` and ``s``. The step ``n = 0`` is ``1/2`` at 0, which the
+    kernel's ``θ = π/2`` at zero variance stands for (``T = 1/4``).
+    """
+
+    def __init__(self, degree: int) -> None:
+        super().__init__()
+        self.degree = integer_at_least(degree, 0, "degree")
+        n = self.degree
+        self._terms = _arc_cosine_terms(n)
+        self._dot_terms = _arc_cosine_terms(n - 1) if n >= 1 else None
+        self._mean = 2 ** (n / 2) * math.gamma((n + 1) / 2) / (2 * math.sqrt(math.pi))
+        self._variance = math.prod(range(2 * n - 1, 0, -2)) / 2
+
+    def fn(self, x: Tensor) -> Tensor:
+        return _rectified_monomial(x, self.degree)
+
+    def finite_fn(self) -> Callable[[Tensor], Tensor]:
+        return functools.partial(_rectified_monomial, degree=self.degree)
+
+    def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
+        s, theta = gaussian_angle(k11, k12, k22)
+        product = k11 * k22
+        nngp = _arc_cosine(self._terms, s, theta, k12, product)
+        dot = None
+        if want_dot:
+            dot = (torch.zeros_like(nngp) if self._dot_terms is None
+                   else self.degree**2 * _arc_cosine(self._dot_terms, s, theta, k12, product))
+        return nngp, dot
+
+    def variance(self, k: Tensor) -> Tensor:
+        if self.degree == 0:
+            return torch.where(k > 0, 0.5, 0.25).to(k.dtype)   # H(0)² = 1/4 at zero variance
+        return self._variance * k**self.degree
+
+    def mean(self, k: Tensor) -> Tensor:
+        if self.degree == 0:
+            return torch.full_like(k, 0.5)
+        return self._mean * safe_sqrt(k) ** self.degree
+
+    def extra_repr(self) -> str:
+        return f"degree={self.degree}"
