@@ -671,20 +671,51 @@ def test_numerical_gradients_warn_on_a_rough_integrand_and_name_what_autograd_ca
                                      (torch.float64, 1e7), (torch.float64, 2e16)])
 def test_gaussian_keeps_its_digits_at_large_variances(dtype, k):
     """``D = (1 + 2βk11)(1 + 2βk22) − 4β²k12²`` as a difference of products loses every digit where a
-    point meets itself at large variance; from the determinant of Σ (and scaled variances) T and Ṫ
-    stay within a few epsilons of the 50-digit values, on and off the diagonal."""
+    point meets itself at large variance; from the determinant of Σ (and scaled variances) T, Ṫ and
+    the centred kernel T − μ1μ2 (which a LayerNorm needs: through log1p(−x) it was inf in float32
+    from k = 1e8 on the diagonal) stay within a few epsilons of the 50-digit values."""
     mpmath = pytest.importorskip("mpmath")
     mpmath.mp.dps = 50
     a, beta = 1.4, 0.6
     layer, eps = ntkgp.Gaussian(a, -beta), torch.finfo(dtype).eps
-    for k12 in (k, 0.3 * k, -0.999 * k):
+    for k12 in (k, 0.999999 * k, 0.3 * k, -0.999 * k):
         t = lambda v: torch.tensor([v], dtype=dtype)  # noqa: E731
         nngp, dot = layer.pair_kernel(t(k), t(k12), t(k), True)
+        centred = layer.centred_pair_kernel(t(k), t(k12), t(k), nngp)
         kk, c, b, aa = (mpmath.mpf(float(v)) for v in (t(k), t(k12), beta, a))
         det = (1 + 2 * b * kk) ** 2 - 4 * b**2 * c**2
-        for got, ref in ((nngp, aa**2 / mpmath.sqrt(det)), (dot, 4 * aa**2 * b**2 * c / det**1.5)):
+        for got, ref in ((nngp, aa**2 / mpmath.sqrt(det)), (dot, 4 * aa**2 * b**2 * c / det**1.5),
+                         (centred, aa**2 / mpmath.sqrt(det) - aa**2 / (1 + 2 * b * kk))):
             assert math.isfinite(float(got))
             assert abs(float(got) - float(ref)) <= 64 * eps * abs(float(ref)), (k12, float(got), float(ref))
+
+
+def test_power_kernels_refuse_to_overflow_and_large_coefficients_are_named():
+    """Polynomial and rectified-monomial kernels grow as k^n: where that overflows float32 (finite in
+    float64) a clear error, not an inf that a LayerNorm turned into NaN; coefficients whose
+    kernel terms overflow a float are refused when the layer is made."""
+    x = 1e8 * torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for act in (ntkgp.RectifiedMonomial(3), ntkgp.Polynomial([0.1, 1.0, 0.0, 0.5])):
+        net = ntkgp.serial(ntkgp.Dense(1, 1.0, None), act, ntkgp.LayerNorm(), ntkgp.Dense(1))
+        assert torch.isfinite(net.kernel(x).nngp).all()
+        with pytest.raises(ValueError, match=r"overflows torch\.float32"):
+            net.kernel(x.float())
+    for make in (lambda: ntkgp.Polynomial([1.0, 1e200]), lambda: ntkgp.Monomial(200)):
+        with pytest.raises(ValueError, match="overflow a float"):
+            make()
+
+
+def test_layernorm_after_gaussian_at_large_variances_in_float32():
+    """Gaussian → LayerNorm at inputs ~1e4 (variances ~1e8): float32 was NaN everywhere (the centred
+    kernel's log1p(−x) at x → 1); it now agrees with float64 to float32 rounding."""
+    x = 1e4 * torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    net = ntkgp.serial(ntkgp.Dense(1, 1.3, 0.1), ntkgp.Gaussian(1.5, -0.8), ntkgp.LayerNorm(),
+                       ntkgp.Dense(1, 1.1, 0.1), ntkgp.Gaussian(1.5, -0.8), ntkgp.LayerNorm(),
+                       ntkgp.Dense(1, 1.2, 0.05))
+    with torch.no_grad():
+        k64, k32 = net.kernel(x), net.kernel(x.float())
+    for a, b in ((k32.nngp, k64.nngp), (k32.ntk, k64.ntk)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
 def test_exp_refuses_a_kernel_that_overflows():

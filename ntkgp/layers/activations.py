@@ -500,7 +500,8 @@ class Gaussian(Activation):
     determinant of ``Σ`` (no cancellation for a point with itself) and of scaled variances where
     ``k²`` could overflow. The centred kernel ``T − μ1μ2 = a² (P1P2)^{−1/2} ((1 − x)^{−1/2} − 1)``,
     ``x = 4β²k12²/(P1P2)``, is taken through ``expm1`` and ``log1p``: both terms are ``≈ a²`` at small
-    variances. ``b > 0`` is refused: ``E[φ(u)²]`` is infinite once ``4bk ≥ 1``.
+    variances; near ``x = 1`` (nearly parallel points of large variance) through
+    ``1 − x = D/(P1P2)``. ``b > 0`` is refused: ``E[φ(u)²]`` is infinite once ``4bk ≥ 1``.
     """
 
     def __init__(self, a: float = 1.0, b: float = -1.0) -> None:
@@ -534,10 +535,17 @@ class Gaussian(Activation):
         return self.a * torch.rsqrt(1 + 2 * self._beta * k)
 
     def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
-        p11, p22 = 1 + 2 * self._beta * k11, 1 + 2 * self._beta * k22
-        r = 2 * self._beta * k12
-        x = (r / p11) * (r / p22)      # < 1: 4β²k12² ≤ 4β²k11k22 < P1P2
-        return self.a**2 * torch.rsqrt(p11) * torch.rsqrt(p22) * torch.expm1(-0.5 * torch.log1p(-x))
+        beta = self._beta
+        c, s11, s12, s22 = scaled_for_products(k11, k12, k22)
+        c = 1.0 if c is None else c
+        q11, q22 = c + 2 * beta * s11, c + 2 * beta * s22          # c·P1, c·P2
+        r = 2 * beta * s12
+        x = (r / q11) * (r / q22)      # < 1: 4β²k12² ≤ 4β²k11k22 < P1P2
+        # log(1 − x): log1p(−x) for small x, where T ≈ μ1μ2; near x = 1 (nearly parallel points of large
+        # variance) 1 − x = D/(P1P2) from the determinant, as log1p(−x) lost every digit there (inf in float32)
+        det = c * c + 2 * beta * c * (s11 + s22) + 4 * beta**2 * gaussian_det(s11, s12, s22)   # c²·D
+        log_rest = torch.where(x < 0.5, torch.log1p(-x.clamp(max=0.5)), torch.log(det / q11 / q22))
+        return self.a**2 * torch.rsqrt(q11 / c) * torch.rsqrt(q22 / c) * torch.expm1(-0.5 * log_rest)
 
     def extra_repr(self) -> str:
         return f"a={self.a:g}, b={self.b:g}"

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ntkgp._checks import integer_at_least
 from ntkgp.layers.activations import Activation, _abrelu, _finite
-from ntkgp.layers.numerics import gaussian_angle, safe_sqrt
+from ntkgp.layers.numerics import _is_compiling, gaussian_angle, is_vmapped, safe_sqrt
 
 
 def _hermite_coefficients(i: int) -> dict[int, int]:
@@ -64,6 +64,16 @@ def _evaluate(terms: list[tuple[float, int, int, int]], k11: Tensor, k12: Tensor
     return out
 
 
+def _refuse_overflow(value: Tensor, name: str, inputs: tuple[Tensor, ...]) -> Tensor:
+    """``value``, or a ``ValueError`` where it overflowed the dtype although ``inputs`` are finite
+    (kernels growing as ``k^n``: an ``inf`` here became NaN after a ``LayerNorm``)."""
+    if (not _is_compiling() and not is_vmapped(value) and not bool(torch.isfinite(value.detach().sum()))
+            and not bool(torch.isfinite(value.detach()).all()) and all(bool(torch.isfinite(t).all()) for t in inputs)):
+        raise ValueError(f"{name}: the kernel, which grows as a power of the variance, overflows {value.dtype}; "
+                         "scale the inputs down or use float64.")
+    return value
+
+
 def _polynomial(x: Tensor, coefficients: tuple[float, ...]) -> Tensor:
     out = torch.full_like(x, coefficients[-1])
     for c in reversed(coefficients[:-1]):   # Horner
@@ -95,8 +105,13 @@ class Polynomial(Activation):
         if not coefficients:
             raise ValueError("Polynomial needs at least one coefficient.")
         self.coefficients = _finite(**{f"c_{i}": c for i, c in enumerate(coefficients)})
-        self._terms = _moment_terms(self.coefficients)
-        self._dot_terms = _moment_terms([i * c for i, c in enumerate(self.coefficients)][1:] or [0.0])
+        try:
+            self._terms = _moment_terms(self.coefficients)
+            self._dot_terms = _moment_terms([i * c for i, c in enumerate(self.coefficients)][1:] or [0.0])
+        except OverflowError:   # E[u^i v^j] ~ (i!)² c_i c_j beyond a float
+            raise ValueError(f"Polynomial: the kernel's coefficients (products c_i c_j i! j! ...) overflow a float "
+                             f"for degree {len(self.coefficients) - 1} and coefficients up to "
+                             f"{max(map(abs, self.coefficients)):g}.") from None
         self._mean_terms = [(c * math.prod(range(i - 1, 0, -2)), i // 2)
                             for i, c in enumerate(self.coefficients) if i % 2 == 0 and c != 0]
 
@@ -107,7 +122,7 @@ class Polynomial(Activation):
         return functools.partial(_polynomial, coefficients=self.coefficients)
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
-        nngp = _evaluate(self._terms, k11, k12, k22)
+        nngp = _refuse_overflow(_evaluate(self._terms, k11, k12, k22), type(self).__name__, (k11, k12, k22))
         return nngp, (_evaluate(self._dot_terms, k11, k12, k22) if want_dot else None)
 
     def mean(self, k: Tensor) -> Tensor:
@@ -219,7 +234,8 @@ class RectifiedMonomial(Activation):
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         s, theta = gaussian_angle(k11, k12, k22)
         product = k11 * k22
-        nngp = _arc_cosine(self._terms, s, theta, k12, product)
+        nngp = _refuse_overflow(_arc_cosine(self._terms, s, theta, k12, product), type(self).__name__,
+                                (k11, k12, k22))
         dot = None
         if want_dot:
             dot = (torch.zeros_like(nngp) if self._dot_terms is None
