@@ -204,7 +204,7 @@ def test_elementwise_derives_ntk_factor_by_autograd():
                               "polynomial", "step", "rectified_cube", "numerical"])
 def test_activation_means_match_one_dimensional_quadrature(make_act):
     """E[φ(u)], u ~ N(0, k), the mean a LayerNorm after the layer subtracts, against scipy's adaptive
-    quadrature at variances from 1e-6 to 20 (closed forms measured ≤ 3.2e-16 relative to the larger of
+    quadrature at variances from 1e-6 to 20 (closed forms measured ≤ 6.5e-16 relative to the larger of
     the mean and sqrt(k); Numerical's 1-D Gauss–Hermite ≤ 4.3e-10)."""
     act = make_act()
     k = torch.tensor([1e-6, 0.03, 1.0, 5.0, 20.0], dtype=torch.float64)
@@ -673,7 +673,7 @@ def test_gaussian_keeps_its_digits_at_large_variances(dtype, k):
     """``D = (1 + 2βk11)(1 + 2βk22) − 4β²k12²`` as a difference of products loses every digit where a
     point meets itself at large variance; from the determinant of Σ (and scaled variances) T, Ṫ and
     the centred kernel T − μ1μ2 (which a LayerNorm needs: through log1p(−x) it was inf in float32
-    from k = 1e8 on the diagonal) stay within a few epsilons of the 50-digit values."""
+    from k = 1e8 on the diagonal) stay within 8 epsilons of the 50-digit values (measured ≤ 3.6)."""
     mpmath = pytest.importorskip("mpmath")
     mpmath.mp.dps = 50
     a, beta = 1.4, 0.6
@@ -687,7 +687,7 @@ def test_gaussian_keeps_its_digits_at_large_variances(dtype, k):
         for got, ref in ((nngp, aa**2 / mpmath.sqrt(det)), (dot, 4 * aa**2 * b**2 * c / det**1.5),
                          (centred, aa**2 / mpmath.sqrt(det) - aa**2 / (1 + 2 * b * kk))):
             assert math.isfinite(float(got))
-            assert abs(float(got) - float(ref)) <= 64 * eps * abs(float(ref)), (k12, float(got), float(ref))
+            assert abs(float(got) - float(ref)) <= 8 * eps * abs(float(ref)), (k12, float(got), float(ref))
 
 
 def test_power_kernels_refuse_to_overflow_and_large_coefficients_are_named():
@@ -703,6 +703,14 @@ def test_power_kernels_refuse_to_overflow_and_large_coefficients_are_named():
     for make in (lambda: ntkgp.Polynomial([1.0, 1e200]), lambda: ntkgp.Monomial(200)):
         with pytest.raises(ValueError, match="overflow a float"):
             make()
+    # the diagonal alone (variance(), not pair_kernel), and Exp's a² and Ṫ = b² T, were inf silently
+    net = ntkgp.serial(ntkgp.Dense(1, 1.0, None), ntkgp.RectifiedMonomial(3), ntkgp.Dense(1))
+    with pytest.raises(ValueError, match="grows as k\\^3"):
+        net.kernel(x.float(), diag=True, ntk=False)
+    small = torch.randn(3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
+    for act in (ntkgp.Exp(a=1e20), ntkgp.Exp(b=20.0)):
+        with pytest.raises(ValueError, match=r"Exp: the kernel, which grows as exp\(b²k\), overflows"):
+            ntkgp.serial(ntkgp.Dense(1, 1.0, None), act, ntkgp.Dense(1)).kernel(small)
 
 
 def test_layernorm_after_gaussian_at_large_variances_in_float32():

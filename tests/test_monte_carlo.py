@@ -22,7 +22,8 @@ def _rel(a, b):
 
 # Exp's b = 0.3 and a quadratic polynomial: two exp layers at b = 0.5, or cubic ones, put the
 # large-norm point's K 70 % (5 %) above the limit at width 1024, a 1/width bias (heavy-tailed
-# features approach their Gaussian limit slowly: the cubic's 21 % at width 256); one layer matches (z ≤ 2)
+# features approach their Gaussian limit slowly: the cubic's 21 % at width 256); a network with
+# one such layer matches at b = 0.5 too (z ≤ 2)
 @pytest.mark.parametrize("make_act", [ntkgp.ReLU, ntkgp.Erf, lambda: ntkgp.Exp(0.8, 0.3),
                                       lambda: ntkgp.Gaussian(1.5, -0.8), lambda: ntkgp.RectifiedMonomial(2),
                                       lambda: ntkgp.Polynomial([0.1, 0.8, 0.2]),
@@ -120,8 +121,9 @@ def test_specs_without_a_closed_form_kernel_build_and_have_monte_carlo_estimates
 
 @pytest.mark.parametrize(("make_act", "deep"), [
     (ntkgp.ReLU, True), (ntkgp.GELU, False), (ntkgp.Cos, False), (lambda: ntkgp.Erf(c=0.3), False),
-    (lambda: ntkgp.Gaussian(1.5, -0.8), False), (lambda: ntkgp.Numerical(torch.nn.functional.softplus), False)],
-    ids=["relu_deep", "gelu", "cos", "erf_shifted", "gaussian", "numerical_softplus"])
+    (lambda: ntkgp.Gaussian(1.5, -0.8), False), (lambda: ntkgp.RectifiedMonomial(0), False),
+    (lambda: ntkgp.Monomial(2), False), (lambda: ntkgp.Numerical(torch.nn.functional.softplus), False)],
+    ids=["relu_deep", "gelu", "cos", "erf_shifted", "gaussian", "step", "monomial", "numerical_softplus"])
 def test_layernorm_after_an_activation_subtracts_the_features_mean(make_act, deep):
     """LayerNorm after an activation: K ← (T − μ1μ2)/sqrt((ε + T11 − μ1²)(ε + T22 − μ2²)), Θ over
     the same root (then, for one case, a Dense and an Erf layer more). The NNGP estimate (256

@@ -723,8 +723,8 @@ def test_correlated_sums_are_refused_from_the_spec_before_any_kernel_work(monkey
 
 
 def test_sums_of_independent_branches_match_monte_carlo():
-    """All but one branch end in a Dense layer of their own (a LayerNorm after it keeps it centred
-    and independent): the sum's kernel is the sum of the branches', as wide networks confirm."""
+    """All but one branch contain a Dense layer of their own, here at their ends (a LayerNorm after
+    it keeps them centred): the sum's kernel is the sum of the branches', as wide networks confirm."""
     net = ntkgp.serial(ntkgp.Dense(256, 1.5, 0.1), ntkgp.parallel(
         ntkgp.Identity(), ntkgp.serial(ntkgp.ReLU(), ntkgp.Dense(256, 2.0, 0.1), ntkgp.LayerNorm()),
         ntkgp.serial(ntkgp.Erf(), ntkgp.Dense(256, 1.0, 0.2))), ntkgp.ReLU(), ntkgp.Dense(1))

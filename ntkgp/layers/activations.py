@@ -22,20 +22,13 @@ from torch import Tensor, nn
 
 from ntkgp.layers.base import BuildContext, Layer
 from ntkgp.layers.numerics import (
-    _is_compiling,
     gaussian_angle,
     gaussian_det,
-    is_vmapped,
     safe_sqrt,
     scaled_for_products,
 )
 from ntkgp.layers.state import KernelState
-from ntkgp.layers.validation import finite_number
-
-
-def _finite(**constants: float) -> tuple[float, ...]:
-    """The constants of an activation as floats; NaN or infinite ones would give NaN kernels."""
-    return tuple(finite_number(value, name) for name, value in constants.items())
+from ntkgp.layers.validation import finite_constants, refuse_overflow
 
 
 class ActivationModule(nn.Module):
@@ -75,7 +68,8 @@ class Activation(Layer):
 
     def mean(self, k: Tensor) -> Tensor | None:
         """``E[φ(u)]`` for ``u ~ N(0, k)``: the mean of the i.i.d. features after this layer, which a
-        following :class:`~ntkgp.layers.LayerNorm` subtracts; ``None`` where it is not known."""
+        following :class:`~ntkgp.layers.LayerNorm` subtracts and whose products enter the kernel of a
+        sum of branches (:class:`~ntkgp.layers.Parallel`); ``None`` where it is not known."""
         return None
 
     def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor | None:
@@ -159,7 +153,7 @@ class ABReLU(Activation):
 
     def __init__(self, a: float, b: float) -> None:
         super().__init__()
-        self.a, self.b = _finite(a=a, b=b)
+        self.a, self.b = finite_constants(a=a, b=b)
 
     def fn(self, x: Tensor) -> Tensor:
         return _abrelu(x, self.a, self.b)
@@ -239,7 +233,7 @@ class Erf(Activation):
 
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
         super().__init__()
-        self.a, self.b, self.c = _finite(a=a, b=b, c=c)
+        self.a, self.b, self.c = finite_constants(a=a, b=b, c=c)
 
     def fn(self, x: Tensor) -> Tensor:
         return _erf(x, self.a, self.b, self.c)
@@ -354,7 +348,7 @@ class Sin(Activation):
 
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
         super().__init__()
-        self.a, self.b, self.c = _finite(a=a, b=b, c=c)
+        self.a, self.b, self.c = finite_constants(a=a, b=b, c=c)
         # cos 2c, 1 − cos 2c and 1 + cos 2c, the latter two without cancellation
         self._cos2c, self._one_minus, self._one_plus = math.cos(2 * c), 2 * math.sin(c) ** 2, 2 * math.cos(c) ** 2
         self._sin_c = math.sin(c)
@@ -422,7 +416,7 @@ class Cos(Sin):
     (neural-tangents' ``stax.Cos``, Novak et al. 2020)."""
 
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
-        (c,) = _finite(c=c)
+        (c,) = finite_constants(c=c)
         super().__init__(a, b, c + math.pi / 2)
         # from c itself: c + π/2 is rounded, and 1 + cos(2c + π) = 2 sin²c must be 0 exactly at c = 0
         self._cos2c, self._one_minus, self._one_plus = -math.cos(2 * c), 2 * math.cos(c) ** 2, 2 * math.sin(c) ** 2
@@ -446,13 +440,13 @@ class Exp(Activation):
 
     (normalized by the means, ``T/(μ1μ2) = exp(b²k12)``: the exponential kernel of the
     pre-activations). The centred kernel is ``μ1μ2 expm1(b²k12)``, without the cancellation of
-    ``T − μ1μ2`` at small variances. ``T`` grows as ``exp(b²k)``: where it overflows the dtype a
-    ``ValueError`` says so rather than return ``inf`` (scale the inputs or ``b`` down).
+    ``T − μ1μ2`` at small variances. ``T`` grows as ``exp(b²k)``: where it (or ``Ṫ``) overflows the
+    dtype a ``ValueError`` says so rather than return ``inf`` (scale the inputs or ``b`` down).
     """
 
     def __init__(self, a: float = 1.0, b: float = 1.0) -> None:
         super().__init__()
-        self.a, self.b = _finite(a=a, b=b)
+        self.a, self.b = finite_constants(a=a, b=b)
 
     def fn(self, x: Tensor) -> Tensor:
         return _exp(x, self.a, self.b)
@@ -461,24 +455,21 @@ class Exp(Activation):
         return functools.partial(_exp, a=self.a, b=self.b)
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
-        nngp = self.a**2 * self._exp(self.b**2 * (k11 + 2 * k12 + k22) / 2)
-        return nngp, (self.b**2 * nngp if want_dot else None)
+        nngp = self._checked(self.a**2 * torch.exp(self.b**2 * (k11 + 2 * k12 + k22) / 2), k11, k12, k22)
+        return nngp, (self._checked(self.b**2 * nngp, k11, k12, k22) if want_dot else None)
 
     def variance(self, k: Tensor) -> Tensor:
-        return self.a**2 * self._exp(2 * self.b**2 * k)
+        return self._checked(self.a**2 * torch.exp(2 * self.b**2 * k), k)
 
     def mean(self, k: Tensor) -> Tensor:
-        return self.a * self._exp(self.b**2 / 2 * k)
+        return self._checked(self.a * torch.exp(self.b**2 / 2 * k), k)
 
     def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
-        return self.a**2 * self._exp(self.b**2 * (k11 + k22) / 2) * torch.expm1(self.b**2 * k12)
+        return self.a**2 * torch.exp(self.b**2 * (k11 + k22) / 2) * torch.expm1(self.b**2 * k12)
 
-    def _exp(self, exponent: Tensor) -> Tensor:
-        if not _is_compiling() and not is_vmapped(exponent) and bool(
-                (exponent.detach() > math.log(torch.finfo(exponent.dtype).max)).any()):
-            raise ValueError(f"Exp: the kernel exp(b²k) overflows {exponent.dtype} (b²k up to "
-                             f"{float(exponent.detach().max()):.4g}); scale the inputs or b down, or use float64.")
-        return torch.exp(exponent)
+    @staticmethod
+    def _checked(value: Tensor, *inputs: Tensor) -> Tensor:
+        return refuse_overflow(value, "Exp", "exp(b²k)", inputs)
 
     def extra_repr(self) -> str:
         return f"a={self.a:g}, b={self.b:g}"
@@ -506,7 +497,7 @@ class Gaussian(Activation):
 
     def __init__(self, a: float = 1.0, b: float = -1.0) -> None:
         super().__init__()
-        self.a, self.b = _finite(a=a, b=b)
+        self.a, self.b = finite_constants(a=a, b=b)
         if self.b > 0:
             raise ValueError(f"Gaussian needs b ≤ 0 (φ(x) = a·exp(b x²) has no Gaussian second moment once "
                              f"4bk ≥ 1), got b={b!r}.")
@@ -520,9 +511,8 @@ class Gaussian(Activation):
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         beta = self._beta
-        c, s11, s12, s22 = scaled_for_products(k11, k12, k22)
-        c = 1.0 if c is None else c
-        root = torch.sqrt(c * c + 2 * beta * c * (s11 + s22) + 4 * beta**2 * gaussian_det(s11, s12, s22))  # c·sqrt(D)
+        c, s12, det = self._scaled_det(k11, k12, k22)
+        root = torch.sqrt(det)   # c·sqrt(D)
         inverse = c / root
         nngp = self.a**2 * inverse
         dot = 4 * self.a**2 * beta**2 * (s12 / root) * inverse * inverse if want_dot else None
@@ -536,16 +526,22 @@ class Gaussian(Activation):
 
     def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
         beta = self._beta
-        c, s11, s12, s22 = scaled_for_products(k11, k12, k22)
-        c = 1.0 if c is None else c
-        q11, q22 = c + 2 * beta * s11, c + 2 * beta * s22          # c·P1, c·P2
+        c, s12, det = self._scaled_det(k11, k12, k22)
+        q11, q22 = c + 2 * beta * c * k11, c + 2 * beta * c * k22          # c·P1, c·P2
         r = 2 * beta * s12
         x = (r / q11) * (r / q22)      # < 1: 4β²k12² ≤ 4β²k11k22 < P1P2
         # log(1 − x): log1p(−x) for small x, where T ≈ μ1μ2; near x = 1 (nearly parallel points of large
         # variance) 1 − x = D/(P1P2) from the determinant, as log1p(−x) lost every digit there (inf in float32)
-        det = c * c + 2 * beta * c * (s11 + s22) + 4 * beta**2 * gaussian_det(s11, s12, s22)   # c²·D
         log_rest = torch.where(x < 0.5, torch.log1p(-x.clamp(max=0.5)), torch.log(det / q11 / q22))
         return self.a**2 * torch.rsqrt(q11 / c) * torch.rsqrt(q22 / c) * torch.expm1(-0.5 * log_rest)
+
+    def _scaled_det(self, k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[float | Tensor, Tensor, Tensor]:
+        """``c``, ``c·k12`` and ``c²·D`` with ``D = 1 + 2β(k11 + k22) + 4β²(k11 k22 − k12²)``, from the
+        variances scaled by ``c`` (1 unless ``k²`` could overflow) and the determinant of ``Σ``."""
+        c, s11, s12, s22 = scaled_for_products(k11, k12, k22)
+        c = 1.0 if c is None else c
+        beta = self._beta
+        return c, s12, c * c + 2 * beta * c * (s11 + s22) + 4 * beta**2 * gaussian_det(s11, s12, s22)
 
     def extra_repr(self) -> str:
         return f"a={self.a:g}, b={self.b:g}"

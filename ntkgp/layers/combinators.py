@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from ntkgp._checks import integer_at_least
 from ntkgp.layers.activations import Identity
 from ntkgp.layers.base import BuildContext, Layer
+from ntkgp.layers.numerics import _is_compiling, is_vmapped
 from ntkgp.layers.state import KernelState
 
 JOINS = ("sum", "concat")
@@ -180,14 +181,34 @@ def _unknown() -> None:
     return None
 
 
-def _branch_means(states: list[KernelState]) -> list[tuple[Tensor, Tensor, bool]]:
-    """``(m1, m2, uniform)`` of the branches whose features are not centred (raises if unknown)."""
-    means = [state.mean() for state in states if state.mean is not None]
-    if any(mean is None for mean in means):
-        raise ValueError("A sum of two branches whose features have non-zero means needs those means "
-                         "(their products enter the kernel): Elementwise needs mean_fn, and raw inputs in a "
-                         "concatenation have none (put a Dense layer after the concatenation).")
+def _known_means(states: list[KernelState], centred_as_zero: bool = False
+                 ) -> list[tuple[Tensor, Tensor, bool]] | None:
+    """``(m1, m2, uniform)`` of the branches whose features are not centred (of every branch, zeros
+    for the centred ones, with ``centred_as_zero``), or ``None`` if one of them is not known."""
+    means = []
+    for state in states:
+        if state.mean is None:
+            if centred_as_zero:
+                means.append((torch.zeros_like(state.cov1), torch.zeros_like(state.cov2), True))
+            continue
+        mean = state.mean()
+        if mean is None:
+            return None
+        means.append(mean)
     return means
+
+
+def _centred_parts(states: list[KernelState]) -> list[tuple[Tensor, Tensor, Tensor]] | None:
+    """Each branch's kernels of its features minus their mean (its own kernels when centred), or
+    ``None`` if one of them is not known."""
+    parts = []
+    for state in states:
+        part = (state.nngp, state.cov1, state.cov2) if state.mean is None else (
+            None if state.centred is None else state.centred())
+        if part is None:
+            return None
+        parts.append(part)
+    return parts
 
 
 def _outer(state: KernelState, m1: Tensor, m2: Tensor) -> Tensor:
@@ -212,7 +233,11 @@ def _with_means(combined: KernelState, states: list[KernelState]) -> KernelState
         return combined.replace(mean=None, centred=None)
     known = None
     if len(uncentred) > 1:   # the kernel itself needs the means now
-        known = means = _branch_means(states)
+        known = means = _known_means(states)
+        if means is None:
+            raise ValueError("A sum of two branches whose features have non-zero means needs those means "
+                             "(their products enter the kernel): Elementwise needs mean_fn, and raw inputs in a "
+                             "concatenation have none (put a Dense layer after the concatenation).")
         if sum(not uniform for _, _, uniform in means) > 1:
             raise ValueError("A sum of two concatenations (or LayerNorms of them) whose branches' features "
                              "have different means pairs their features one by one, which the kernel does "
@@ -226,16 +251,16 @@ def _with_means(combined: KernelState, states: list[KernelState]) -> KernelState
         combined = combined.replace(nngp=nngp, cov1=cov1, cov2=cov2)
 
     def mean() -> tuple[Tensor, Tensor, bool] | None:
-        means = known if known is not None else [state.mean() for state in uncentred]
-        if any(m is None for m in means):
+        means = known if known is not None else _known_means(uncentred)
+        if means is None:
             return None
         ones = [1.0] * len(means)
         m1, m2, uniform = zip(*means, strict=True)
         return _weighted_sum(ones, list(m1)), _weighted_sum(ones, list(m2)), all(uniform)
 
     def centred() -> tuple[Tensor, Tensor, Tensor] | None:
-        parts = [_centred_kernels(state) for state in states]
-        if any(part is None for part in parts):
+        parts = _centred_parts(states)
+        if parts is None:
             return None
         ones = [1.0] * len(parts)
         nngp, cov1, cov2 = (_weighted_sum(ones, list(terms)) for terms in zip(*parts, strict=True))
@@ -255,27 +280,25 @@ def _concatenated(combined: KernelState, states: list[KernelState], weights: lis
     if all(state.mean is None for state in states):
         return combined.replace(mean=None, centred=None)
 
-    def branch_means() -> list[tuple[Tensor, Tensor, bool]] | None:
-        means = [_mean_or_zero(state) for state in states]
-        return None if any(m is None for m in means) else means
-
     def average(means: list[tuple[Tensor, Tensor, bool]]) -> tuple[Tensor, Tensor]:
         m1, m2, _ = zip(*means, strict=True)
         return _weighted_sum(weights, list(m1)), _weighted_sum(weights, list(m2))
 
     def mean() -> tuple[Tensor, Tensor, bool] | None:
-        means = branch_means()
+        means = _known_means(states, centred_as_zero=True)
         if means is None:
             return None
-        # every feature has the average mean when the branches' means are all the same (zero for
-        # odd activations, or copies of one branch)
+        # every feature has the average mean when the branches' means are all the same at these
+        # inputs (zero for odd activations, or copies of one branch); not decided under vmap or
+        # torch.compile (values per sample or symbolic), where it stays False: that only refuses more
         first = means[0]
-        uniform = all(m[2] and torch.equal(m[0], first[0]) and torch.equal(m[1], first[1]) for m in means)
+        uniform = not (_is_compiling() or is_vmapped(first[0])) and all(
+            m[2] and torch.equal(m[0], first[0]) and torch.equal(m[1], first[1]) for m in means)
         return (*average(means), uniform)
 
     def centred() -> tuple[Tensor, Tensor, Tensor] | None:
-        parts, means = [_centred_kernels(state) for state in states], branch_means()
-        if means is None or any(part is None for part in parts):
+        parts, means = _centred_parts(states), _known_means(states, centred_as_zero=True)
+        if means is None or parts is None:
             return None
         mu1, mu2 = average(means)
         nngp, cov1, cov2 = (_weighted_sum(weights, list(terms)) for terms in zip(*parts, strict=True))
@@ -287,19 +310,6 @@ def _concatenated(combined: KernelState, states: list[KernelState], weights: lis
         return nngp, cov1, cov2
 
     return combined.replace(mean=mean, centred=centred)
-
-
-def _mean_or_zero(state: KernelState) -> tuple[Tensor, Tensor, bool] | None:
-    if state.mean is None:
-        return torch.zeros_like(state.cov1), torch.zeros_like(state.cov2), True
-    return state.mean()
-
-
-def _centred_kernels(state: KernelState) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The kernels of a branch's features minus their mean (its own kernels when centred)."""
-    if state.mean is None:
-        return state.nngp, state.cov1, state.cov2
-    return None if state.centred is None else state.centred()
 
 
 def _combine(states: list[KernelState], weights: list[float]) -> KernelState:

@@ -33,7 +33,7 @@ from ntkgp._checks import integer_at_least
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.activations import Activation
 from ntkgp.layers.numerics import _is_compiling, is_vmapped, overflow_scale, safe_sqrt
-from ntkgp.layers.validation import broadcast_shapes, finite_number
+from ntkgp.layers.validation import broadcast_shapes, finite_number, has_non_finite
 
 
 def _parameter_free(*functions: object) -> None:
@@ -118,7 +118,7 @@ class Elementwise(Activation):
                 return value
             value = _check_map(value, shape, k12.dtype, name)
             # NaN (asin outside [-1, 1], say) passed on silently; one reduction, no boolean copy
-            if _has_non_finite(value) and bool(torch.isfinite(args[0]).all()):
+            if has_non_finite(value) and bool(torch.isfinite(args[0]).all()):
                 raise ValueError(f"Elementwise: {name} returned NaN or infinite values where the kernels are finite.")
             return value
 
@@ -156,7 +156,7 @@ class Elementwise(Activation):
         if _is_compiling():   # the checks would break torch.compile's graph, as in pair_kernel
             return self.mean_fn(k)
         value = _check_map(self.mean_fn(k), k.shape, k.dtype, "mean_fn")
-        if _has_non_finite(value) and bool(torch.isfinite(k).all()):
+        if has_non_finite(value) and bool(torch.isfinite(k).all()):
             raise ValueError("Elementwise: mean_fn returned NaN or infinite values where the variances are finite.")
         return value
 
@@ -353,7 +353,7 @@ class Numerical(Activation):
         dot = _Expectation.apply(k11, k12, k22, self, 1, 1, degree) if want_dot else None
         for name, value in (("activation", nngp), ("activation's derivative", dot)):
             # NaN (log or sqrt of negative nodes) came back as a NaN kernel with only the rtol warning
-            if value is not None and not _is_compiling() and _has_non_finite(value):
+            if value is not None and not _is_compiling() and has_non_finite(value):
                 raise ValueError(f"Numerical: the {name} gave NaN or infinite values at the quadrature nodes (a "
                                  "function undefined for some real inputs, such as log or sqrt?), or its Gaussian "
                                  "expectation overflows.")
@@ -464,13 +464,6 @@ class Numerical(Activation):
         state = dict(super().__getstate__())
         state["_derivatives"] = [self._fn]  # derivative closures are rebuilt on demand
         return state
-
-
-def _has_non_finite(value: Tensor) -> bool:
-    """Whether ``value`` holds NaN or inf (one reduction in the usual, finite case; per-sample
-    values under vmap are not inspected)."""
-    return (not is_vmapped(value) and not bool(torch.isfinite(value.sum()))
-            and not bool(torch.isfinite(value).all()))
 
 
 def _elementwise(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:

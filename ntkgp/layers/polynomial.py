@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 from ntkgp._checks import integer_at_least
-from ntkgp.layers.activations import Activation, _abrelu, _finite
-from ntkgp.layers.numerics import _is_compiling, gaussian_angle, is_vmapped, safe_sqrt
+from ntkgp.layers.activations import Activation, _abrelu
+from ntkgp.layers.numerics import gaussian_angle, safe_sqrt
+from ntkgp.layers.validation import finite_constants, refuse_overflow
 
 
 def _hermite_coefficients(i: int) -> dict[int, int]:
@@ -64,16 +65,6 @@ def _evaluate(terms: list[tuple[float, int, int, int]], k11: Tensor, k12: Tensor
     return out
 
 
-def _refuse_overflow(value: Tensor, name: str, inputs: tuple[Tensor, ...]) -> Tensor:
-    """``value``, or a ``ValueError`` where it overflowed the dtype although ``inputs`` are finite
-    (kernels growing as ``k^n``: an ``inf`` here became NaN after a ``LayerNorm``)."""
-    if (not _is_compiling() and not is_vmapped(value) and not bool(torch.isfinite(value.detach().sum()))
-            and not bool(torch.isfinite(value.detach()).all()) and all(bool(torch.isfinite(t).all()) for t in inputs)):
-        raise ValueError(f"{name}: the kernel, which grows as a power of the variance, overflows {value.dtype}; "
-                         "scale the inputs down or use float64.")
-    return value
-
-
 def _polynomial(x: Tensor, coefficients: tuple[float, ...]) -> Tensor:
     out = torch.full_like(x, coefficients[-1])
     for c in reversed(coefficients[:-1]):   # Horner
@@ -104,7 +95,7 @@ class Polynomial(Activation):
                              f"{coefficients!r}.") from None
         if not coefficients:
             raise ValueError("Polynomial needs at least one coefficient.")
-        self.coefficients = _finite(**{f"c_{i}": c for i, c in enumerate(coefficients)})
+        self.coefficients = finite_constants(**{f"c_{i}": c for i, c in enumerate(coefficients)})
         try:
             self._terms = _moment_terms(self.coefficients)
             self._dot_terms = _moment_terms([i * c for i, c in enumerate(self.coefficients)][1:] or [0.0])
@@ -122,8 +113,12 @@ class Polynomial(Activation):
         return functools.partial(_polynomial, coefficients=self.coefficients)
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
-        nngp = _refuse_overflow(_evaluate(self._terms, k11, k12, k22), type(self).__name__, (k11, k12, k22))
-        return nngp, (_evaluate(self._dot_terms, k11, k12, k22) if want_dot else None)
+        inputs = (k11, k12, k22)
+
+        def checked(terms: list[tuple[float, int, int, int]]) -> Tensor:
+            return refuse_overflow(_evaluate(terms, *inputs), type(self).__name__, "a power of the variance", inputs)
+
+        return checked(self._terms), (checked(self._dot_terms) if want_dot else None)
 
     def mean(self, k: Tensor) -> Tensor:
         out = torch.zeros_like(k)
@@ -234,18 +229,19 @@ class RectifiedMonomial(Activation):
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         s, theta = gaussian_angle(k11, k12, k22)
         product = k11 * k22
-        nngp = _refuse_overflow(_arc_cosine(self._terms, s, theta, k12, product), type(self).__name__,
-                                (k11, k12, k22))
+        inputs, growth = (k11, k12, k22), f"k^{self.degree}"
+        nngp = refuse_overflow(_arc_cosine(self._terms, s, theta, k12, product), "RectifiedMonomial", growth, inputs)
         dot = None
         if want_dot:
-            dot = (torch.zeros_like(nngp) if self._dot_terms is None
-                   else self.degree**2 * _arc_cosine(self._dot_terms, s, theta, k12, product))
+            dot = (torch.zeros_like(nngp) if self._dot_terms is None else refuse_overflow(
+                self.degree**2 * _arc_cosine(self._dot_terms, s, theta, k12, product), "RectifiedMonomial", growth,
+                inputs))
         return nngp, dot
 
     def variance(self, k: Tensor) -> Tensor:
         if self.degree == 0:
             return torch.where(k > 0, 0.5, 0.25).to(k.dtype)   # H(0)² = 1/4 at zero variance
-        return self._variance * k**self.degree
+        return refuse_overflow(self._variance * k**self.degree, "RectifiedMonomial", f"k^{self.degree}", (k,))
 
     def mean(self, k: Tensor) -> Tensor:
         if self.degree == 0:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ntkgp.layers.numerics import is_vmapped
+from ntkgp.layers.numerics import _is_compiling, is_vmapped
 
 
 def all_finite(x: Tensor) -> bool:
@@ -24,6 +24,28 @@ def all_finite(x: Tensor) -> bool:
         return True
     low, high = torch.aminmax(x.detach())
     return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def has_non_finite(value: Tensor) -> bool:
+    """Whether ``value`` holds NaN or inf (one reduction in the usual, finite case; per-sample
+    values under vmap are not inspected)."""
+    return (not is_vmapped(value) and not bool(torch.isfinite(value.sum()))
+            and not bool(torch.isfinite(value).all()))
+
+
+def refuse_overflow(value: Tensor, name: str, growth: str, inputs: tuple[Tensor, ...]) -> Tensor:
+    """``value``, or a ``ValueError`` where it overflowed its dtype although ``inputs`` are finite: an
+    activation's kernel that grows as ``growth`` in the variance (an ``inf`` became NaN after a
+    ``LayerNorm``, silently). Skipped while torch.compile traces."""
+    if _is_compiling() or not has_non_finite(value) or not all(all_finite(t) for t in inputs):
+        return value
+    raise ValueError(f"{name}: the kernel, which grows as {growth}, overflows {value.dtype}; scale the inputs "
+                     "down or use float64.")
+
+
+def finite_constants(**constants: object) -> tuple[float, ...]:
+    """The constants of a layer as floats; NaN or infinite ones would give NaN kernels."""
+    return tuple(finite_number(value, name) for name, value in constants.items())
 
 
 def broadcast_shapes(*shapes: tuple[int, ...]) -> torch.Size:
