@@ -371,7 +371,7 @@ def test_architectures_with_feature_means_train_as_their_kernels_predict(name):
     discrete-time NTK predictions, for kernels that need the branches' means: 128 members at
     width 512 keep the mean within 3 standard errors + 0.02 at every test point after 10, 100 and
     2000 steps (measured: all points; the erf MLP of the compare preset likewise), and the
-    variance's median ratio within [0.7, 1.3] (measured 0.84-1.08; the erf MLP 0.74-0.94).
+    variance's median ratio within [0.7, 1.3] (measured 0.79-1.08; the erf MLP 0.74-0.94).
     About 3 minutes each on 2 CPU cores."""
     width = 512
     nets = {
