@@ -258,3 +258,44 @@ def test_branches_with_non_zero_means_match_wide_networks(name):
     ntk = monte_carlo_kernel(spec, x, n_samples=64).ntk
     error = float((ntk - exact.ntk.detach()).norm() / exact.ntk.detach().norm())
     assert error < 0.03, error
+
+
+def _products(width: int) -> dict[str, ntkgp.Serial]:
+    def readout():
+        return ntkgp.Dense(16, 1.0, None)
+
+    return {
+        # two centred Gaussian branches after a ReLU: K = K_1 K_2
+        "dense_times_dense": ntkgp.serial(ntkgp.Dense(width, 1.5, 0.1), ntkgp.ReLU(), ntkgp.parallel(
+            ntkgp.Dense(width, 1.2, 0.1), ntkgp.Dense(width, 0.8, 0.3), join="prod"), readout()),
+        # a gate: x ⊙ (erf(D(x)) + 1)/2
+        "gate": ntkgp.serial(ntkgp.Dense(width, 1.5, 0.1), ntkgp.parallel(
+            ntkgp.Identity(), ntkgp.serial(ntkgp.Dense(width, 2.0, 0.1), ntkgp.Erf(0.5, 1.0, 0.5)), join="prod"),
+            readout()),
+        # branches of non-zero means, then a LayerNorm (the product's centred kernel)
+        "means_then_layernorm": ntkgp.serial(ntkgp.Dense(width, 1.5, 0.1), ntkgp.parallel(
+            ntkgp.serial(ntkgp.Dense(width, 2.0, 0.1), ntkgp.ReLU()),
+            ntkgp.serial(ntkgp.Dense(width, 1.0, 0.3), ntkgp.Erf(c=0.5)), join="prod"), ntkgp.LayerNorm(), readout()),
+        # one concatenation times identical features: the average of products is the product of averages
+        "concatenation_times_relu": ntkgp.serial(ntkgp.Dense(width, 1.5, 0.1), ntkgp.parallel(
+            ntkgp.parallel(ntkgp.serial(ntkgp.Dense(width // 2, 2.0, 0.1), ntkgp.ReLU()),
+                           ntkgp.Dense(width // 2, 1.0, 0.2), join="concat"),
+            ntkgp.serial(ntkgp.Dense(width, 1.0, 0.3), ntkgp.ReLU()), join="prod"), readout()),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_products(2)))
+def test_products_of_branches_match_wide_networks(name):
+    """join="prod" (neural-tangents' FanInProd): K = Π_b K_b, Θ = Σ_b Θ_b Π_{c≠b} K_c for independent
+    branches. Width 512, 256 networks × 16 outputs: every NNGP entry within 4.5 standard errors
+    (measured ≤ 2.9); the NTK over 64 networks within 4 % (measured 0.6-2.3 %; with the LayerNorm
+    1.8 % → 0.9 % from width 256 to 1024, mean signed z ±0.3: a 1/width bias, no cross term)."""
+    spec = _products(512)[name]
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = spec.kernel(x)
+    est = monte_carlo_kernel(spec, x, n_samples=256, ntk=False)
+    z = (est.nngp - exact.nngp.detach()) / est.nngp_sem
+    assert float(z.abs().max()) < 4.5, z
+    ntk = monte_carlo_kernel(spec, x, n_samples=64).ntk
+    error = float((ntk - exact.ntk.detach()).norm() / exact.ntk.detach().norm())
+    assert error < 0.04, error

@@ -37,6 +37,9 @@ ARCHS = {
     "polynomial_requ_step": lambda: ntkgp.serial(
         ntkgp.Dense(9, 1.2, 0.1), ntkgp.Polynomial([0.3, 1.0, -0.4]), ntkgp.Dense(9, 0.8, 0.1),
         ntkgp.RectifiedMonomial(2), ntkgp.Dense(9, 1.0, 0.1), ntkgp.RectifiedMonomial(0), ntkgp.Dense(1)),
+    "product_gate": lambda: ntkgp.serial(
+        ntkgp.Dense(9, 1.5, 0.1), ntkgp.parallel(ntkgp.Identity(), ntkgp.serial(ntkgp.Dense(9, 2.0, 0.1), ntkgp.GELU()),
+                                                 join="prod"), ntkgp.LayerNorm(), ntkgp.Dense(1)),
     # a sum of branches of non-zero means (the kernel gains μ_a μ_b'), and a LayerNorm after a
     # concatenation of them (subtracting the mean over both)
     "post_activation_sums": lambda: ntkgp.serial(
@@ -690,6 +693,11 @@ def test_hyperparameter_batches_that_do_not_broadcast_with_the_inputs_raise():
         ntkgp.serial(ntkgp.Dense(3), ntkgp.ReLU()),
         ntkgp.serial(ntkgp.Dense(3), ntkgp.Elementwise(torch.relu, nngp_fn=lambda k12, k11, k22: k12)))),
      "mean_fn"),
+    # products: of the raw inputs, of dependent branches, of two concatenations
+    (lambda: ntkgp.serial(ntkgp.parallel(ntkgp.Identity(), ntkgp.Dense(3), join="prod"), ntkgp.Dense(1)), "raw inputs"),
+    (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(ntkgp.Identity(), ntkgp.ReLU(), join="prod")), "independent"),
+    (lambda: ntkgp.serial(ntkgp.Dense(4), ntkgp.parallel(
+        *[ntkgp.parallel(ntkgp.Dense(2), ntkgp.Dense(2, 2.0), join="concat")] * 2, join="prod")), "two concatenations"),
     # raw inputs in a concatenation have no mean a sum could pair with another branch's
     (lambda: ntkgp.serial(ntkgp.parallel(ntkgp.parallel(ntkgp.Identity(), ntkgp.Dense(3), join="concat"),
                                          ntkgp.serial(ntkgp.Dense(6), ntkgp.ReLU()))), "raw inputs in a concatenation"),

@@ -393,3 +393,13 @@ def test_architectures_with_feature_means_train_as_their_kernels_predict(name):
     assert bool(((mean - exact.mean.detach()).abs() <= 3 * (variance / 128).sqrt() + 0.02).all())
     ratio = (variance / exact.variance.detach()).median(-1).values
     assert bool(((ratio > 0.7) & (ratio < 1.3)).all()), ratio
+
+
+def test_readout_only_training_refuses_a_product_at_the_output():
+    """A product of branches at the output is bilinear in their readouts, not the linear model of
+    the NNGP kernel; all-layer training takes it."""
+    net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), ntkgp.parallel(ntkgp.Dense(1), ntkgp.Dense(1), join="prod"))
+    with pytest.raises(ValueError, match="bilinear"):
+        train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[1], readout_only=True)
+    history = train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[0, 5])
+    assert torch.isfinite(history.test_outputs).all()

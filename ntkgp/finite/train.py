@@ -155,6 +155,10 @@ def readout_prefixes(model: nn.Module, prefix: str = "", through_identities: boo
                 return readout_prefixes(model[index], f"{dot}{index}", through_identities)
         model = nn.Identity()                           # nothing but identities: refused below
     if isinstance(model, ParallelModule):
+        if model.join == "prod" and not through_identities:
+            raise ValueError(f"Readout-only training needs the output affine in the readout layers; "
+                             f"{prefix or 'the network'} multiplies branches (join='prod'), which makes it "
+                             "bilinear in theirs.")
         return [r for i, branch in enumerate(model.branches)
                 for r in readout_prefixes(branch, f"{dot}branches.{i}", through_identities)]
     if isinstance(model, nn.Identity):

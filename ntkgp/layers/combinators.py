@@ -11,7 +11,7 @@ from ntkgp.layers.base import BuildContext, Layer
 from ntkgp.layers.numerics import _is_compiling, is_vmapped
 from ntkgp.layers.state import KernelState
 
-JOINS = ("sum", "concat")
+JOINS = ("sum", "concat", "prod")
 
 
 class Serial(Layer):
@@ -65,7 +65,7 @@ class Serial(Layer):
 
 
 class Parallel(Layer):
-    r"""Branches that all see the same input, joined by ``"sum"`` or ``"concat"``.
+    r"""Branches that all see the same input, joined by ``"sum"``, ``"concat"`` or ``"prod"``.
 
     * ``sum`` (residual connections; branches independent)::
 
@@ -96,6 +96,16 @@ class Parallel(Layer):
       the mean ``Σ_b n_b μ_b / Σ_b n_b``); at the network's output, each output has the kernel of
       its own branch and ``K`` is their average.
 
+    * ``prod``, the features multiplied elementwise (gating; neural-tangents' ``FanInProd``), with
+      the same independence as ``sum``::
+
+          K = Π_b K_b,   Θ = Σ_b Θ_b Π_{c≠b} K_c
+
+      (``E[f_i g_i f'_i g'_i] = E[f_i f'_i] E[g_i g'_i]`` for independent branches, with or without
+      means; the product rule for ``Θ``). The product is not Gaussian: an activation may not follow
+      directly. At most one branch may be a concatenation, whose features differ in distribution
+      (the average of products is the product of averages only against identical features).
+
     A layer instance used in several branches (or places) shares its hyperparameters; the finite
     twin draws independent weights for each use, as :func:`repeat` does.
     """
@@ -123,21 +133,24 @@ class Parallel(Layer):
 
     def kernel_map(self, state: KernelState) -> KernelState:
         outs = [branch.kernel_map(state).with_exact_diagonal() for branch in self.branches]
-        if self.join == "sum":
+        if self.join in ("sum", "prod"):
             if len(outs) > 1 and any(out.is_input for out in outs):
                 # x·x'/d would be the branch's kernel, but the sum keeps the inputs' fixed width d: a
                 # Dense after it is a Gaussian scale mixture, not the Gaussian its map assumes (an
                 # activation after that was off by z = 14 against wide networks at d = 1)
-                raise ValueError("A sum with the raw inputs as a branch (a residual on the inputs) keeps "
-                                 "their fixed width, which no kernel map describes: put a Dense layer "
-                                 "before the residual.")
+                raise ValueError(f"A {self.join} with the raw inputs as a branch (a residual on the inputs) "
+                                 "keeps their fixed width, which no kernel map describes: put a Dense layer "
+                                 "before it.")
             widths = {out.width for out in outs}
             if len(widths) > 1:
-                raise ValueError(f"Branches joined by sum need equal widths, got {sorted(widths)}.")
-            weights = [1.0] * len(outs)
+                raise ValueError(f"Branches joined by {self.join} need equal widths, got {sorted(widths)}.")
             width = outs[0].width
+            if self.join == "prod" and len(outs) > 1:
+                return _multiplied(outs).replace(width=width)
+            weights = [1.0] * len(outs)
             is_gaussian = all(out.is_gaussian for out in outs)
-            combined = _with_means(_combine(outs, weights), outs)
+            combined = _with_means(_combine(outs, weights), outs).replace(
+                identical=all(out.identical for out in outs))
         else:
             # the raw inputs' features are fixed numbers, not i.i.d. draws of a known mean
             outs = [out.materialize().replace(mean=_unknown, centred=_unknown) if out.is_input else out
@@ -146,6 +159,8 @@ class Parallel(Layer):
             weights = [out.width / total for out in outs]
             width, is_gaussian = total, False
             combined = _concatenated(_combine(outs, weights), outs, weights)
+            if len(outs) > 1:
+                combined = combined.replace(identical=False)
         return combined.replace(width=width, is_gaussian=is_gaussian)
 
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
@@ -154,10 +169,10 @@ class Parallel(Layer):
             module, width = branch.finite(in_width, ctx)
             modules.append(module)
             widths.append(width)
-        if self.join == "sum":
+        if self.join in ("sum", "prod"):
             known = {w for w in widths if w is not None}
             if len(known) > 1:
-                raise ValueError(f"Branches joined by sum need equal widths, got {sorted(known)}.")
+                raise ValueError(f"Branches joined by {self.join} need equal widths, got {sorted(known)}.")
             out_width = known.pop() if known else None
         else:
             out_width = None if None in widths else sum(widths)
@@ -170,8 +185,8 @@ class Parallel(Layer):
     def check_structure(self) -> None:
         for branch in self.branches:
             branch.check_structure()
-        if self.join == "sum" and sum(not branch.mixes_features for branch in self.branches) > 1:
-            raise ValueError("A sum of branches needs them independent: all but one must contain a Dense "
+        if self.join in ("sum", "prod") and sum(not branch.mixes_features for branch in self.branches) > 1:
+            raise ValueError(f"A {self.join} of branches needs them independent: all but one must contain a Dense "
                              "layer of their own. Branches without one, such as Identity, LayerNorm or an "
                              "activation, are functions of the same input feature, and the kernel of their "
                              "sum is not that of independent branches.")
@@ -312,6 +327,55 @@ def _concatenated(combined: KernelState, states: list[KernelState], weights: lis
     return combined.replace(mean=mean, centred=centred)
 
 
+def _multiplied(states: list[KernelState]) -> KernelState:
+    r"""The elementwise product of the features of independent branches::
+
+        K = Π_b K_b,   Θ = Σ_b Θ_b Π_{c≠b} K_c,   μ = Π_b μ_b
+
+    and, about ``μ``, the centred kernel by ``C ← C (C_b + M_b) + M C_b``, ``M ← M M_b`` over the
+    branches (``C_b`` a branch's centred kernel, ``M_b = μ_b μ_b'``), without the cancellation of
+    ``Π K_b − Π M_b``.
+    """
+    if sum(not state.identical for state in states) > 1:
+        raise ValueError("A product of two concatenations (or of branches after them) averages the products "
+                         "of features of different distributions, which the kernel does not track: put a "
+                         "Dense layer after one of the concatenations.")
+    first = states[0]
+    nngp, cov1, cov2, ntk = first.nngp, first.cov1, first.cov2, first.ntk
+    same = all(s.cov2 is s.cov1 for s in states)
+    for state in states[1:]:
+        if ntk is not None:
+            ntk = ntk * state.nngp + nngp * state.ntk
+        nngp, cov1 = nngp * state.nngp, cov1 * state.cov1
+        cov2 = cov1 if same else cov2 * state.cov2
+    product = first.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False,
+                            identical=all(state.identical for state in states))
+    if any(state.mean is None for state in states):   # a centred factor: every product is centred
+        return product.replace(mean=None, centred=None)
+
+    def mean() -> tuple[Tensor, Tensor, bool] | None:
+        means = _known_means(states)
+        if means is None:
+            return None
+        m1, m2, uniform = means[0]
+        for n1, n2, u in means[1:]:
+            m1, m2, uniform = m1 * n1, m2 * n2, uniform and u
+        return m1, m2, uniform
+
+    def centred() -> tuple[Tensor, Tensor, Tensor] | None:
+        parts, means = _centred_parts(states), _known_means(states)
+        if parts is None or means is None:
+            return None
+        squares = [(_outer(product, m1, m2), m1 * m1, m2 * m2) for m1, m2, _ in means]
+        c, m = list(parts[0]), list(squares[0])
+        for part, square in zip(parts[1:], squares[1:], strict=True):
+            c = [ci * (pi + si) + mi * pi for ci, mi, pi, si in zip(c, m, part, square, strict=True)]
+            m = [mi * si for mi, si in zip(m, square, strict=True)]
+        return c[0], c[1], c[2]
+
+    return product.replace(mean=mean, centred=centred)
+
+
 def _combine(states: list[KernelState], weights: list[float]) -> KernelState:
     """Weighted sum of the kernels of independent branches."""
     first = states[0]
@@ -333,7 +397,7 @@ def _weighted_sum(weights: list[float], tensors: list[Tensor]) -> Tensor:
 
 
 class ParallelModule(nn.Module):
-    """Finite twin of :class:`Parallel`: outputs of the branches summed or concatenated."""
+    """Finite twin of :class:`Parallel`: outputs of the branches summed, concatenated or multiplied."""
 
     def __init__(self, branches: list[nn.Module], join: str) -> None:
         super().__init__()
@@ -342,13 +406,13 @@ class ParallelModule(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         outs = [branch(x) for branch in self.branches]
-        if self.join == "sum":
+        if self.join in ("sum", "prod"):
             widths = sorted({o.shape[-1] for o in outs})
             if len(widths) > 1:   # a deferred build learns the input width here; broadcasting would hide it
-                raise ValueError(f"Branches joined by sum need equal widths, got {widths}.")
+                raise ValueError(f"Branches joined by {self.join} need equal widths, got {widths}.")
             out = outs[0]
             for other in outs[1:]:
-                out = out + other
+                out = out + other if self.join == "sum" else out * other
             return out
         # An identity branch is (n, d) while ensemble branches are (E, n, k): align leading dims.
         leading = torch.broadcast_shapes(*(o.shape[:-1] for o in outs))
@@ -365,8 +429,9 @@ def serial(*layers: Layer) -> Serial:
 
 
 def parallel(*branches: Layer, join: str = "sum") -> Parallel:
-    """Run branches on the same input and join them: ``K = Σ_b K_b`` (``"sum"``) or
-    ``K = Σ_b n_b K_b / Σ_b n_b`` (``"concat"``), likewise ``Θ``; see :class:`Parallel`."""
+    """Run branches on the same input and join them: ``K = Σ_b K_b`` (``"sum"``),
+    ``K = Σ_b n_b K_b / Σ_b n_b`` (``"concat"``), likewise ``Θ``, or ``K = Π_b K_b`` (``"prod"``);
+    see :class:`Parallel`."""
     return Parallel(*branches, join=join)
 
 

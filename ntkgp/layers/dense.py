@@ -127,7 +127,7 @@ class Dense(Layer):
                 base = state.width * state.nngp + (1.0 if self.has_bias else 0.0)
                 ntk = torch.addcmul(base, w, state.ntk)
         return state.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, width=self.width, is_gaussian=True,
-                             mean=None, centred=None)
+                             mean=None, centred=None, identical=True)
 
     def _input_map(self, state: KernelState) -> KernelState:
         """First layer: ``K¹ = (σ_w²/d) x·x' + σ_b²`` (per-feature ``σ²_{w,j}`` with ARD), ``Θ¹``

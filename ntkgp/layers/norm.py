@@ -33,7 +33,8 @@ class LayerNorm(Layer):
     for ReLU features of two orthogonal inputs of equal norm it gives the correlation ``1/π``,
     where wide networks give 0.) After a sum of independent branches the centred kernels add;
     after a concatenation the mean is the branches' means weighted by their widths, and the
-    spread of those means adds to the centred kernel (:class:`~ntkgp.layers.Parallel`).
+    spread of those means adds to the centred kernel; after a product it is accumulated factor by
+    factor (:class:`~ntkgp.layers.Parallel`).
     Activations without a known mean (``Elementwise`` without ``mean_fn``) and the raw inputs are
     refused. After the readout it normalizes over the network's ``k`` outputs, a finite number:
     the kernel is then the ``k → ∞`` limit.

@@ -309,6 +309,8 @@ class KernelState:
             ``C = E[(φ(u) − μ1)(φ(v) − μ2)]`` (what ``LayerNorm`` normalizes), or ``None`` where
             the mean is not known. Computed only when asked for. Without a ``mean`` the centred
             kernels are the kernels themselves.
+        identical: whether every feature has the same distribution (``False`` after a
+            concatenation of branches, until a ``Dense`` layer), which a product of branches needs.
         x1: the first raw inputs, only before any layer consumed them.
         x2: the second raw inputs (the very ``x1`` when symmetric), likewise.
         sq_norms: optionally, precomputed ``Σ_j x_j²`` of ``x1`` and ``x2`` (saves recomputing
@@ -329,6 +331,7 @@ class KernelState:
     is_gaussian: bool = False
     mean: Callable[[], tuple[Tensor, Tensor, bool] | None] | None = None
     centred: Callable[[], tuple[Tensor, Tensor, Tensor] | None] | None = None
+    identical: bool = True
     x1: Tensor | None = None
     x2: Tensor | None = None
     row_offset: int = 0
