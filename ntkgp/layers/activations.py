@@ -21,12 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkgp.layers.base import BuildContext, Layer
-from ntkgp.layers.numerics import (
-    gaussian_angle,
-    gaussian_det,
-    safe_sqrt,
-    scaled_for_products,
-)
+from ntkgp.layers.numerics import gaussian_angle, gaussian_det, safe_sqrt, scaled_for_products
 from ntkgp.layers.state import KernelState
 from ntkgp.layers.validation import finite_constants, refuse_overflow
 

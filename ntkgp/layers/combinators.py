@@ -149,8 +149,8 @@ class Parallel(Layer):
                 return _multiplied(outs).replace(width=width)
             weights = [1.0] * len(outs)
             is_gaussian = all(out.is_gaussian for out in outs)
-            combined = _with_means(_combine(outs, weights), outs).replace(
-                identical=all(out.identical for out in outs))
+            combined = _with_means(_combine(outs, weights), outs)
+            identical = all(out.identical for out in outs)
         else:
             # the raw inputs' features are fixed numbers, not i.i.d. draws of a known mean
             outs = [out.materialize().replace(mean=_unknown, centred=_unknown) if out.is_input else out
@@ -159,9 +159,8 @@ class Parallel(Layer):
             weights = [out.width / total for out in outs]
             width, is_gaussian = total, False
             combined = _concatenated(_combine(outs, weights), outs, weights)
-            if len(outs) > 1:
-                combined = combined.replace(identical=False)
-        return combined.replace(width=width, is_gaussian=is_gaussian)
+            identical = len(outs) == 1 and outs[0].identical
+        return combined.replace(width=width, is_gaussian=is_gaussian, identical=identical)
 
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
         modules, widths = [], []
@@ -188,8 +187,8 @@ class Parallel(Layer):
         if self.join in ("sum", "prod") and sum(not branch.mixes_features for branch in self.branches) > 1:
             raise ValueError(f"A {self.join} of branches needs them independent: all but one must contain a Dense "
                              "layer of their own. Branches without one, such as Identity, LayerNorm or an "
-                             "activation, are functions of the same input feature, and the kernel of their "
-                             "sum is not that of independent branches.")
+                             f"activation, are functions of the same input feature, and the kernel of their "
+                             f"{self.join} is not that of independent branches.")
 
 
 def _unknown() -> None:

@@ -52,8 +52,8 @@ class LayerNorm(Layer):
         centred = state.centred() if has_mean and state.centred is not None else None
         if state.is_input or (has_mean and centred is None):
             raise ValueError("LayerNorm needs features of known mean: put it after a Dense layer, an "
-                             "activation (Elementwise needs mean_fn) or sums and concatenations of such "
-                             "branches.")
+                             "activation (Elementwise needs mean_fn) or sums, concatenations and products of "
+                             "such branches.")
         nngp, cov1, cov2 = (state.nngp, state.cov1, state.cov2) if centred is None else centred
         if centred is not None:
             # T − μ² ≥ 0 (Jensen); rounding below 0 would be a NaN square root after eps

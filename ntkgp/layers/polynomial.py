@@ -8,7 +8,9 @@ import math
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
+import numpy as np
 import torch
+from numpy.polynomial import Polynomial as _NumpyPolynomial
 from torch import Tensor
 
 from ntkgp._checks import integer_at_least
@@ -113,12 +115,11 @@ class Polynomial(Activation):
         return functools.partial(_polynomial, coefficients=self.coefficients)
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
-        inputs = (k11, k12, k22)
+        nngp = self._checked(_evaluate(self._terms, k11, k12, k22), k11, k12, k22)
+        return nngp, (self._checked(_evaluate(self._dot_terms, k11, k12, k22), k11, k12, k22) if want_dot else None)
 
-        def checked(terms: list[tuple[float, int, int, int]]) -> Tensor:
-            return refuse_overflow(_evaluate(terms, *inputs), type(self).__name__, "a power of the variance", inputs)
-
-        return checked(self._terms), (checked(self._dot_terms) if want_dot else None)
+    def _checked(self, value: Tensor, *inputs: Tensor) -> Tensor:
+        return refuse_overflow(value, type(self).__name__, "a power of the variance", inputs)
 
     def mean(self, k: Tensor) -> Tensor:
         out = torch.zeros_like(k)
@@ -146,29 +147,15 @@ class Monomial(Polynomial):
         return f"degree={self.degree}"
 
 
-def _arc_cosine_polynomials(n: int) -> tuple[list[int], list[int]]:
+def _arc_cosine_polynomials(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Coefficients (in ``c = cos θ``, lowest first) of ``A_n`` and ``B_n`` in
     ``J_n(θ) = (π − θ) A_n(c) + sin θ · B_n(c)``, from ``J_{n+1} = (2n + 1) cos θ J_n − sin θ J_n'``:
     ``A_{n+1} = (2n + 1) c A_n + (1 − c²) A_n'``, ``B_{n+1} = 2n c B_n + A_n + (1 − c²) B_n'``."""
-    a, b = [1], [0]
+    c, one_minus_c2 = _NumpyPolynomial([0, 1]), _NumpyPolynomial([1, 0, -1])
+    a, b = _NumpyPolynomial([1]), _NumpyPolynomial([0])
     for m in range(n):
-        da = [k * a[k] for k in range(1, len(a))] or [0]
-        db = [k * b[k] for k in range(1, len(b))] or [0]
-        size = max(len(a), len(b)) + 2
-        new_a, new_b = [0] * size, [0] * size
-        for k, v in enumerate(a):
-            new_a[k + 1] += (2 * m + 1) * v
-            new_b[k] += v
-        for k, v in enumerate(b):
-            new_b[k + 1] += 2 * m * v
-        for k, v in enumerate(da):
-            new_a[k] += v
-            new_a[k + 2] -= v
-        for k, v in enumerate(db):
-            new_b[k] += v
-            new_b[k + 2] -= v
-        a, b = new_a, new_b
-    return a, b
+        a, b = (2 * m + 1) * c * a + one_minus_c2 * a.deriv(), 2 * m * c * b + a + one_minus_c2 * b.deriv()
+    return a.coef, b.coef
 
 
 def _arc_cosine_terms(n: int) -> tuple[list[tuple[float, int, int]], list[tuple[float, int, int]]]:
@@ -229,19 +216,20 @@ class RectifiedMonomial(Activation):
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         s, theta = gaussian_angle(k11, k12, k22)
         product = k11 * k22
-        inputs, growth = (k11, k12, k22), f"k^{self.degree}"
-        nngp = refuse_overflow(_arc_cosine(self._terms, s, theta, k12, product), "RectifiedMonomial", growth, inputs)
+        nngp = self._checked(_arc_cosine(self._terms, s, theta, k12, product), k11, k12, k22)
         dot = None
         if want_dot:
-            dot = (torch.zeros_like(nngp) if self._dot_terms is None else refuse_overflow(
-                self.degree**2 * _arc_cosine(self._dot_terms, s, theta, k12, product), "RectifiedMonomial", growth,
-                inputs))
+            dot = (torch.zeros_like(nngp) if self._dot_terms is None else self._checked(
+                self.degree**2 * _arc_cosine(self._dot_terms, s, theta, k12, product), k11, k12, k22))
         return nngp, dot
 
     def variance(self, k: Tensor) -> Tensor:
         if self.degree == 0:
             return torch.where(k > 0, 0.5, 0.25).to(k.dtype)   # H(0)² = 1/4 at zero variance
-        return refuse_overflow(self._variance * k**self.degree, "RectifiedMonomial", f"k^{self.degree}", (k,))
+        return self._checked(self._variance * k**self.degree, k)
+
+    def _checked(self, value: Tensor, *inputs: Tensor) -> Tensor:
+        return refuse_overflow(value, "RectifiedMonomial", f"k^{self.degree}", inputs)
 
     def mean(self, k: Tensor) -> Tensor:
         if self.degree == 0:

@@ -27,10 +27,9 @@ def all_finite(x: Tensor) -> bool:
 
 
 def has_non_finite(value: Tensor) -> bool:
-    """Whether ``value`` holds NaN or inf (one reduction in the usual, finite case; per-sample
-    values under vmap are not inspected)."""
-    return (not is_vmapped(value) and not bool(torch.isfinite(value.sum()))
-            and not bool(torch.isfinite(value).all()))
+    """Whether ``value`` holds NaN or inf (:func:`all_finite`; per-sample values under vmap are not
+    inspected)."""
+    return not is_vmapped(value) and not all_finite(value)
 
 
 def refuse_overflow(value: Tensor, name: str, growth: str, inputs: tuple[Tensor, ...]) -> Tensor:
