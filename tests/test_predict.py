@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -379,6 +380,36 @@ def test_discrete_steps_match_continuous_time_for_small_steps():
 def test_bad_input_raises_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("call", [
+    lambda net, x, y, xt: predict.GradientFlow(net, x, y),
+    lambda net, x, y, xt: predict.gradient_flow(net, x, y, xt, t=1.0),
+    lambda net, x, y, xt: predict.GPPosterior(net, x, y, noise=1e-3),
+    lambda net, x, y, xt: predict.GPPosterior(net, x, y, kernel="ntk"),
+    lambda net, x, y, xt: predict.gp_posterior(net, x, y, xt, kernel="ntkgp", noise=1e-3),
+])
+def test_predictors_refuse_a_batch_of_hyperparameters(call, monkeypatch):
+    """A spec with a GPyTorch batch_shape is a batch of models: the predictors factor one kernel
+    and return numbers, and took it half-way (batched means, but a marginal likelihood of inf from
+    the batched factor's diagonal, one leave-one-out density for both models, and a crash inside
+    the matrix functions at a finite t). Refused before any kernel is computed."""
+    net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), ntkgp.ReLU(), ntkgp.Dense(1, 1.5, 0.1))
+    net.expand_batch(torch.Size([2]))
+    monkeypatch.setattr(type(net), "kernel", lambda *a, **k: pytest.fail("computed a kernel"))
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    with pytest.raises(ValueError, match=r"batch shape \(2,\): the predictors take one network"):
+        call(net, x, y, torch.randn(4, 3))
+
+
+def test_a_diag_reg_that_requires_grad_gets_its_gradient_without_a_warning():
+    """The documented use: torch warned 'Converting a tensor with requires_grad=True to a scalar'
+    from the validation's float()."""
+    reg = torch.tensor(1e-2, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predict.gradient_descent_mse(_kernels()[0], torch.randn(4), 0.0, t=1.0, diag_reg=reg).sum().backward()
+    assert reg.grad is not None and torch.isfinite(reg.grad)
 
 
 def _kernels(n=4, m=3, seed=0):

@@ -115,7 +115,7 @@ def finite_number(value: object, name: str, kind: str = "a finite real number") 
     ``kind`` names what was expected in the error."""
     number = None
     if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
-        number = float(value)
+        number = float(value.detach())   # a tensor that requires grad warns in float()
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         number = float(value)
     elif isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iuf":

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ntkgp.layers.base import Layer, variance_batch_shapes
 from ntkgp.layers.validation import all_finite, check_points, finite_number
 
 
@@ -62,13 +63,32 @@ def check_targets(y_train: Tensor, n_train: int, device: torch.device | None = N
     return y_train
 
 
-def check_training_data(x_train: Tensor, y_train: Tensor) -> None:
-    """``x_train`` must be finite ``(N, d)`` points and ``y_train`` targets for them on their device
-    (:func:`check_targets`): the checks every predictor runs before its training kernel."""
+def check_training_data(net: Layer, x_train: Tensor, y_train: Tensor) -> None:
+    """``net`` must be one network (:func:`check_single_network`), ``x_train`` finite ``(N, d)``
+    points and ``y_train`` targets for them on their device (:func:`check_targets`): the checks
+    every predictor runs before its training kernel."""
+    check_single_network(net)
     check_points(x_train, "x_train")
     if x_train.dim() != 2:
         raise ValueError(f"x_train must have shape (N, d), got {tuple(x_train.shape)}.")
     check_targets(y_train, x_train.shape[0], x_train.device)
+
+
+def check_single_network(net: Layer) -> None:
+    """An ntkgp spec ``net`` must have hyperparameters without a GPyTorch ``batch_shape``.
+
+    A batch of hyperparameters (:meth:`~ntkgp.layers.base.Layer.expand_batch`) is a batch of
+    models, whose kernels carry a leading batch dimension; the predictors factor one ``(N, N)``
+    kernel and return numbers (the marginal likelihood a ``float``), so they refuse it rather than
+    mix the models (a batched factor's log-determinant read ``inf``).
+    """
+    if not isinstance(net, Layer):   # an object serving kernels of its own (tests use fixed matrices)
+        return
+    shapes = {tuple(shape) for shape in variance_batch_shapes(net) if len(shape)}
+    if shapes:
+        raise ValueError(f"net has hyperparameters with batch shape {sorted(shapes)[0]}: the predictors take one "
+                         "network. Predict with each model's own spec, or put the kernel in a batched GPyTorch "
+                         "model (ntkgp.NNGPKernel(net, batch_shape=...)).")
 
 
 def check_device(t: Tensor, name: str, device: torch.device | None, of: str) -> None:

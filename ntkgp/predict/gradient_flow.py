@@ -107,7 +107,7 @@ class GradientFlow:
                  factor_dtype: torch.dtype = torch.float64) -> None:
         if kernel not in KINDS:
             raise ValueError(f"kernel must be one of {KINDS}, got {kernel!r}.")
-        check_training_data(x_train, y_train)
+        check_training_data(net, x_train, y_train)
         self.net, self.x_train, self.kind = net, x_train, kernel
         self.learning_rate = positive_number(learning_rate, "learning_rate")
         self.diag_reg = check_non_negative("diag_reg", diag_reg)
@@ -295,7 +295,7 @@ def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor |
                   compute_cov: bool = True, diag_reg_absolute_scale: bool = False, steps: Steps = None) -> Gaussian:
     """One-shot :class:`GradientFlow` prediction (see there for the arguments and formulas)."""
     # the cheap arguments first: GradientFlow computes the training kernel before predict reads them
-    check_training_data(x_train, y_train)
+    check_training_data(net, x_train, y_train)
     if x_test is not None:
         check_test_points(x_test, x_train.shape[-1], x_train.device)
     make_schedule(t, steps, positive_number(learning_rate, "learning_rate"), y_train.numel(), x_train.device)

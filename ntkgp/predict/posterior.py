@@ -77,7 +77,7 @@ class GPPosterior:
             self._flow = GradientFlow(net, x_train, y_train, kernel="ntk", diag_reg=self.noise,
                                       diag_reg_absolute_scale=True, factor_dtype=factor_dtype)
             return
-        check_training_data(x_train, y_train)
+        check_training_data(net, x_train, y_train)
         self.net, self.x_train, self.dtype = net, x_train, x_train.dtype
         self.factor_dtype = check_factor_dtype(factor_dtype)
         self.vector_targets = y_train.dim() == 2
@@ -164,7 +164,7 @@ class GPPosterior:
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
                  noise: float = 0.0, compute_cov: bool = True) -> Gaussian:
     """One-shot :class:`GPPosterior` prediction (see there for the formulas)."""
-    check_training_data(x_train, y_train)   # the cheap checks before the training kernel is computed
+    check_training_data(net, x_train, y_train)   # the cheap checks before the training kernel is computed
     if x_test is not None:   # "ntk" predicts the training points for None, as GradientFlow does
         check_test_points(x_test, x_train.shape[-1], x_train.device)
     return GPPosterior(net, x_train, y_train, kernel=kernel, noise=noise).predict(x_test, compute_cov)
