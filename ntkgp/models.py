@@ -99,6 +99,9 @@ class NetworkGP(gpytorch.models.ExactGP):
         if mean not in ("zero", "constant"):
             raise ValueError(f"mean must be 'zero' or 'constant', got {mean!r}.")
         self.num_outputs = 1 if train_y.dim() == 1 else train_y.shape[-1]
+        # from the targets given, not from train_targets' shape later: batched fantasies of 1-D
+        # targets are (b, N) and were taken for vector targets (a multitask distribution of (b, M, 1))
+        self.vector_targets = train_y.dim() == 2
         if likelihood is None:
             likelihood = (gpytorch.likelihoods.GaussianLikelihood() if train_y.dim() == 1 else
                           gpytorch.likelihoods.MultitaskGaussianLikelihood(
@@ -160,7 +163,7 @@ class NetworkGP(gpytorch.models.ExactGP):
 
     def get_fantasy_model(self, inputs: Tensor, targets: Tensor, **kwargs) -> NetworkGP:
         """GPyTorch's fantasy model (the posterior updated with new observations), for 1-D targets."""
-        if self.train_targets.dim() > 1:
+        if self.vector_targets:
             # GPyTorch 1.15 cannot fantasize multitask models: "The size of tensor a (2) must match
             # the size of tensor b (6)" from inside its fantasy strategy, for its own MultitaskKernel too
             raise NotImplementedError("get_fantasy_model supports NetworkGP with 1-D targets only (GPyTorch "
@@ -188,7 +191,7 @@ class NetworkGP(gpytorch.models.ExactGP):
 
     def forward(self, x: Tensor) -> gpytorch.distributions.MultivariateNormal:
         covar = self.covar_module(x)
-        if self.num_outputs == 1 and self.train_targets.dim() == 1:
+        if not self.vector_targets:
             return gpytorch.distributions.MultivariateNormal(self.mean_module(x), covar)
         # a task axis in front of the points: the means' batch_shape (k,) then broadcasts against
         # the batch axes of x, (*batch, 1, N) -> (*batch, k, N), instead of being aligned with them

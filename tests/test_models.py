@@ -39,6 +39,34 @@ def test_fantasy_models_of_vector_targets_are_refused_by_name():
     torch.testing.assert_close(fantasy(xt).mean, refit(xt).mean, rtol=1e-4, atol=1e-5)
 
 
+def test_batched_fantasies_of_one_output_stay_single_output_models():
+    """Fantasies with a batch of new targets (b, n) make train_targets (b, N + n): the model took
+    them for vector targets and returned a multitask distribution of shape (b, M, 1), which its
+    likelihood could not take, and refused to fantasize again (review). They give what a plain
+    ExactGP with the same kernel gives, and fantasize again."""
+    x, y = _data(15)
+    model = NetworkGP(x, y, kernel="ntk", depth=1).eval()
+
+    class Plain(gpytorch.models.ExactGP):
+        def forward(self, z):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(z), self.covar_module(z))
+
+    plain = Plain(x, y, gpytorch.likelihoods.GaussianLikelihood()).eval()
+    plain.mean_module, plain.covar_module = gpytorch.means.ZeroMean(), model.covar_module
+    plain.likelihood.load_state_dict(model.likelihood.state_dict())
+    g = torch.Generator().manual_seed(3)
+    xf, yf, xt = torch.rand(3, 2, 2, generator=g), torch.randn(3, 2, generator=g), torch.rand(4, 2, generator=g)
+    with torch.no_grad():
+        model(x[:2]), plain(x[:2])
+        fantasy, reference = model.get_fantasy_model(xf, yf), plain.get_fantasy_model(xf, yf)
+        out, expected = fantasy.likelihood(fantasy(xt)), reference.likelihood(reference(xt))
+        assert type(out) is gpytorch.distributions.MultivariateNormal and out.mean.shape == (3, 4)
+        torch.testing.assert_close(out.mean, expected.mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(out.variance, expected.variance, rtol=1e-10, atol=1e-12)
+        again = fantasy.get_fantasy_model(torch.rand(3, 1, 2, generator=g), torch.randn(3, 1, generator=g))
+        assert again(xt).mean.shape == (3, 4)
+
+
 @pytest.mark.parametrize("kernel", ["nngp", "ntk"])
 def test_fit_improves_the_marginal_likelihood_and_predicts_like_the_exact_posterior(kernel):
     x, y = _data()
