@@ -11,10 +11,14 @@ full-batch gradient descent, next to three linear models of each member:
   *current* empirical NTK, re-evaluated every ``--every`` steps along its real trajectory.
 
 Printed per step: the median over the outer test points (|x| ≥ 1.9, where the data pin the
-function) of ensemble variance / NTK-GP variance, and the fraction of all test points within
-27 %; then how the empirical NTK on the training points moves along the analytic eigenvectors.
+function; all of them on the circle) of ensemble variance / NTK-GP variance, and the fraction of
+all test points within 27 %; the distance of each trained member from its own linearization
+(RMS over the test points, averaged over members: the part of training that is not the linear
+model of Lee et al. 2019) and of the ensemble mean from the NTK-GP mean; then how the empirical
+NTK on the training points moves along the analytic eigenvectors.
 
     python benchmarks/variance_deficit.py [--widths 256 512] [--every 5]   # ~1 min at width 256, ~5 min at 512
+    python benchmarks/variance_deficit.py --activation relu --members 8 --widths 256 512 1024 2048
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 
 import torch
 
-from ntkgp.compare import CompareConfig, sin_dataset
+from ntkgp.compare import CompareConfig, circle_dataset, sin_dataset
 from ntkgp.finite.empirical import empirical_ntk
 from ntkgp.finite.train import _default_chunk
 from ntkgp.predict import GradientFlow, gradient_descent_mse
@@ -48,7 +52,7 @@ def linearized(theta_dd, theta_td, f0_d, f0_t, y, lr, steps):
 
 
 def run_chunk(net, seed, size, x_all, n, y, lr, theta, every):
-    model = net.build(in_features=1, seed=seed, ensemble_size=size, dtype=torch.float64)
+    model = net.build(in_features=x_all.shape[-1], seed=seed, ensemble_size=size, dtype=torch.float64)
     params = list(model.parameters())
     d, t, m = slice(0, n), slice(n, None), y.numel()
     with torch.no_grad():
@@ -81,15 +85,19 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[256])
     parser.add_argument("--members", type=int, default=128)
     parser.add_argument("--every", type=int, default=5, help="steps between NTK re-evaluations (lin-moving)")
+    parser.add_argument("--activation", default="erf", help="of the compare MLP (default erf)")
+    parser.add_argument("--bias-var", type=float, default=0.0025, help="of every layer (default 0.0025)")
+    parser.add_argument("--dataset", choices=("sin", "circle"), default="sin")
     args = parser.parse_args()
-    data = sin_dataset()
-    n = data.x_train.shape[0]
+    data = sin_dataset() if args.dataset == "sin" else circle_dataset()
+    n, d = data.x_train.shape
     x_all = torch.cat([data.x_train, data.x_test]).double()
     y = data.y_train[:, 0].double()
-    outer = data.x_test[:, 0].abs() >= OUTER
+    outer = data.x_test[:, 0].abs() >= OUTER if d == 1 else torch.ones(data.x_test.shape[0], dtype=torch.bool)
     for width in args.widths:
         start = time.perf_counter()
-        config = CompareConfig(widths=(width,), ensemble_size=args.members)
+        config = CompareConfig(widths=(width,), ensemble_size=args.members, activation=args.activation,
+                               bias_var=args.bias_var)
         net = config.network(width)
         lr = config.lr_fraction * GradientFlow(net, data.x_train, data.y_train).max_learning_rate
         gp = GradientFlow(net, data.x_train, data.y_train, learning_rate=lr).predict(
@@ -97,7 +105,7 @@ def main() -> None:
         var_gp = gp.variance.double().clamp_min(1e-30)
         with torch.no_grad():
             theta = net.kernel(x_all).ntk.double()
-        chunk = _default_chunk(net, 1, x_all.shape[0])  # as train_ensemble: the same members
+        chunk = _default_chunk(net, d, x_all.shape[0])  # as train_ensemble: the same members
         parts, first, last = [], [], []
         for index, begin in enumerate(range(0, args.members, chunk)):
             out, ntk_first, ntk_last = run_chunk(net, config.seed + 1_000_003 * index,
@@ -105,14 +113,22 @@ def main() -> None:
             parts.append(out)
             first.append(ntk_first)
             last.append(ntk_last)
-        print(f"width {width}, {args.members} members, η = {lr:.4f}; cells: median var/var_NTK-GP over "
-              f"|x| >= {OUTER} ({int(outer.sum())} points), fraction of all points within 27 %")
+        where = f"|x| >= {OUTER}" if d == 1 else "all points"
+        print(f"width {width}, {args.members} members, {args.activation}, bias_var {args.bias_var}, {args.dataset}, "
+              f"η = {lr:.4f}; cells: median var/var_NTK-GP over {where} ({int(outer.sum())} points), fraction of "
+              f"all points within 27 %")
         print(f"  {'model':14s}" + "".join(f"| step {s:<14d}" for s in STEPS))
         for name in ("trained", "lin-analytic", "lin-own-init", "lin-moving"):
             outputs = torch.cat([p[name] for p in parts], 1)              # (T, E, M)
             ratio = outputs.var(1) / var_gp
             cells = [(float(r[outer].median()), float(((r - 1).abs() <= 0.27).double().mean())) for r in ratio]
             print(f"  {name:14s}" + "".join(f"| {med:5.2f}  {within:5.2f}      " for med, within in cells))
+        trained, own = (torch.cat([p[name] for p in parts], 1) for name in ("trained", "lin-own-init"))
+        gap = (trained - own).square().mean(-1).sqrt().mean(-1)                   # (T,)
+        bias = (trained.mean(1) - gp.mean.double().reshape(len(STEPS), -1)).square().mean(-1).sqrt()
+        print("  RMS of (member − its own linearization), mean over members: "
+              + ", ".join(f"{float(g):.4f}" for g in gap)
+              + "; of (ensemble mean − NTK-GP mean): " + ", ".join(f"{float(b):.4f}" for b in bias))
         lam, v = torch.linalg.eigh(theta[:n, :n])
         ntk0, ntk1 = torch.cat(first), torch.cat(last)
         print(f"  NTK on the training points along the analytic eigenvectors v (vᵀΘ̂v, mean ± sd), "

@@ -193,8 +193,9 @@ def test_acceptance_preset(tmp_path):
     assert late[0] < late[1] < late[2], late                  # the deficit shrinks with width
 
 
-def test_variance_deficit_diagnosis_script_runs(capsys):
-    """benchmarks/variance_deficit.py (the diagnosis quoted in docs/compare.md) at toy size."""
+@pytest.mark.parametrize("options,points", [([], 5), (["--activation", "relu", "--dataset", "circle"], 8)])
+def test_variance_deficit_diagnosis_script_runs(options, points, capsys):
+    """benchmarks/variance_deficit.py (the diagnoses quoted in docs/compare.md) at toy size."""
     import importlib.util
     import pathlib
     import sys
@@ -204,7 +205,7 @@ def test_variance_deficit_diagnosis_script_runs(capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     argv = sys.argv
-    sys.argv = [str(path), "--widths", "32", "--members", "6", "--every", "100"]
+    sys.argv = [str(path), "--widths", "32", "--members", "6", "--every", "100", *options]
     try:
         module.main()
     finally:
@@ -212,7 +213,9 @@ def test_variance_deficit_diagnosis_script_runs(capsys):
     out = capsys.readouterr().out
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "|" in line}
     assert {"trained", "lin-analytic", "lin-own-init", "lin-moving"} <= set(rows)
-    assert "nan" not in out.lower() and out.count("λ =") == 5  # one NTK-drift line per training point
+    gaps = [line for line in out.splitlines() if "RMS of (member − its own linearization)" in line]
+    assert len(gaps) == 1 and len(re.findall(r"\d\.\d{4}", gaps[0])) == 6    # 3 steps, twice
+    assert "nan" not in out.lower() and out.count("λ =") == points  # one NTK-drift line per training point
 
 
 def test_variance_agreement_where_the_ntkgp_variance_vanishes():
