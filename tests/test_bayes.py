@@ -505,6 +505,21 @@ def test_labels_outside_the_classes_of_the_mean_are_refused():
     assert bayes.misclassification_auroc(mean, torch.tensor([0.1, 0.2, 0.3]), [0, 1, 1]) == 1.0
 
 
+def test_empty_predictions_and_integer_gaussians_are_refused_by_name():
+    """accuracy of no predictions returned NaN with numpy's 'Mean of empty slice' (review), where
+    rmse and nlpd raise; an integer-dtype Gaussian failed inside torch.finfo with a TypeError."""
+    for predictions in ([], np.array([]), torch.tensor([], dtype=torch.long)):
+        with pytest.raises(ValueError, match="at least one prediction"):
+            bayes.accuracy(predictions, [])
+    with pytest.raises(ValueError, match="M >= 1 points"):
+        bayes.predict_classes(np.zeros((0, 3)))
+    integer = Gaussian(torch.zeros(2, dtype=torch.long), torch.eye(2, dtype=torch.long))
+    for call in (lambda: bayes.sample_outputs(integer, 5), lambda: bayes.predictive_moments(integer, 0.1),
+                 lambda: bayes.gaussian_to_inference_data(integer, np.zeros(2), 0.1)):
+        with pytest.raises(ValueError, match=r"floating-point tensors, got torch\.int64"):
+            call()
+
+
 def test_one_hot_targets_refuse_integer_dtypes_and_huge_labels():
     """dtype=torch.int64 returned float32 targets (the offset is fractional); a label of 1e19 wrapped
     to int64's minimum and was reported as "non-negative ... got minimum -9223372036854775808"."""

@@ -60,7 +60,7 @@ def one_hot_targets(labels: ArrayLike, num_classes: int | None = None, offset: f
 def _class_scores(mean) -> np.ndarray:
     scores = finite(mean, "mean")
     if scores.ndim != 2 or scores.shape[1] < 2 or scores.shape[0] == 0:
-        raise ValueError(f"mean must have shape (M, C) with C >= 2 classes, got {scores.shape}.")
+        raise ValueError(f"mean must have shape (M, C) with M >= 1 points and C >= 2 classes, got {scores.shape}.")
     return scores
 
 
@@ -98,6 +98,8 @@ def accuracy(mean_or_predictions: ArrayLike, labels: ArrayLike) -> float:
     truth = labels_array(labels)
     if truth.shape != predicted.shape:
         raise ValueError(f"labels must have shape {predicted.shape}, got {truth.shape}.")
+    if predicted.size == 0:   # the fraction of nothing: NaN with numpy's warnings
+        raise ValueError("accuracy needs at least one prediction, got none.")
     return float(np.mean(predicted == truth))
 
 

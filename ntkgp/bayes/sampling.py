@@ -43,6 +43,9 @@ def select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None = Non
     if gaussian.covariance is None:
         raise ValueError("This Gaussian has no covariance: predict with compute_cov=True to sample from it.")
     cov, mean = gaussian.covariance, gaussian.mean
+    if not cov.is_floating_point() or not mean.is_floating_point():   # torch.finfo failed on them later
+        raise ValueError(f"The Gaussian's mean and covariance must be floating-point tensors, got {mean.dtype} "
+                         f"and {cov.dtype}.")
     if cov.dim() < 2 or cov.shape[-1] != cov.shape[-2]:
         raise ValueError(f"covariance must have shape (*time, M, M), got {tuple(cov.shape)}.")
     time_shape = cov.shape[:-2]
