@@ -115,6 +115,24 @@ def test_kernels_compose_with_gpytorch_kernels():
     assert a.shape == b.shape == (5, 5) and torch.isfinite(a).all() and torch.isfinite(b).all()
 
 
+@pytest.mark.parametrize("kernel_class", [ntkgp.NNGPKernel, ntkgp.NTKKernel])
+def test_integer_inputs_are_taken_in_the_default_dtype(kernel_class):
+    """GPyTorch's own kernels take integer inputs (RBFKernel promotes them against its float
+    lengthscale); the network kernels refused them ('x1 must be a floating-point tensor', review).
+    Beside a float input, an integer one takes its dtype."""
+    kernel = kernel_class(ntkgp.mlp(2, "erf", weight_var=1.5, bias_var=0.1))
+    x, z = torch.arange(6).reshape(3, 2), torch.tensor([[1, -1]])
+    default = torch.get_default_dtype()
+    with torch.no_grad():
+        for args, floats, dtype in [((x,), (x.double(),), default), ((x, z), (x.double(), z.double()), default),
+                                    ((x, z.double()), (x.double(), z.double()), torch.float64)]:
+            out = kernel(*args).to_dense()
+            assert out.dtype == dtype
+            torch.testing.assert_close(out.double(), kernel(*floats).to_dense(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(kernel(x, diag=True), kernel(x.double(), diag=True).to(default))
+        assert (gpytorch.kernels.RBFKernel()(x).to_dense().dtype == torch.get_default_dtype())
+
+
 def test_pickle_roundtrip_keeps_values():
     kernel = ntkgp.NTKKernel(ntkgp.mlp(2, "gelu", 1.3, 0.2))
     x = torch.randn(4, 3)
