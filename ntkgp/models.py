@@ -99,9 +99,6 @@ class NetworkGP(gpytorch.models.ExactGP):
         if mean not in ("zero", "constant"):
             raise ValueError(f"mean must be 'zero' or 'constant', got {mean!r}.")
         self.num_outputs = 1 if train_y.dim() == 1 else train_y.shape[-1]
-        # from the targets given, not from train_targets' shape later: batched fantasies of 1-D
-        # targets are (b, N) and were taken for vector targets (a multitask distribution of (b, M, 1))
-        self.vector_targets = train_y.dim() == 2
         if likelihood is None:
             likelihood = (gpytorch.likelihoods.GaussianLikelihood() if train_y.dim() == 1 else
                           gpytorch.likelihoods.MultitaskGaussianLikelihood(
@@ -170,6 +167,14 @@ class NetworkGP(gpytorch.models.ExactGP):
                                       "cannot fantasize multitask models); condition on the new points by "
                                       "set_train_data with all targets, or use one model per output.")
         return super().get_fantasy_model(inputs, targets, **kwargs)
+
+    @property
+    def vector_targets(self) -> bool:
+        """Whether the model was built for ``(N, k)`` targets (a multitask likelihood, which
+        ``__init__`` pairs with them). Not read from ``train_targets``' shape: batched fantasies of
+        1-D targets are ``(b, N)`` and were taken for vector targets (a multitask distribution of
+        shape ``(b, M, 1)``); nor stored, so that models saved before it existed still load."""
+        return getattr(self.likelihood, "num_tasks", None) is not None
 
     @property
     def net(self) -> Layer:

@@ -116,10 +116,10 @@ def test_kernels_compose_with_gpytorch_kernels():
 
 
 @pytest.mark.parametrize("kernel_class", [ntkgp.NNGPKernel, ntkgp.NTKKernel])
-def test_integer_inputs_are_taken_in_the_default_dtype(kernel_class):
+def test_integer_inputs_are_taken_like_gpytorch_kernels_take_them(kernel_class):
     """GPyTorch's own kernels take integer inputs (RBFKernel promotes them against its float
     lengthscale); the network kernels refused them ('x1 must be a floating-point tensor', review).
-    Beside a float input, an integer one takes its dtype."""
+    Beside a float input, an integer one takes its dtype, otherwise the kernel's."""
     kernel = kernel_class(ntkgp.mlp(2, "erf", weight_var=1.5, bias_var=0.1))
     x, z = torch.arange(6).reshape(3, 2), torch.tensor([[1, -1]])
     default = torch.get_default_dtype()
@@ -131,6 +131,11 @@ def test_integer_inputs_are_taken_in_the_default_dtype(kernel_class):
             torch.testing.assert_close(out.double(), kernel(*floats).to_dense(), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(kernel(x, diag=True), kernel(x.double(), diag=True).to(default))
         assert (gpytorch.kernels.RBFKernel()(x).to_dense().dtype == torch.get_default_dtype())
+        # a float64 kernel (as in a model made .double()) takes them in float64, as RBFKernel does
+        kernel.double()
+        assert kernel(x).to_dense().dtype == gpytorch.kernels.RBFKernel().double()(x).to_dense().dtype == torch.float64
+        with pytest.raises(ValueError, match="floating-point"):   # complex inputs stay refused
+            kernel(x.to(torch.complex64)).to_dense()
 
 
 def test_pickle_roundtrip_keeps_values():

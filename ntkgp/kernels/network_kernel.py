@@ -67,13 +67,14 @@ class NetworkKernel(Kernel):
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False,
                 **params) -> Tensor:
-        # integer inputs as GPyTorch's own kernels take them (RBFKernel promotes them against its float
-        # lengthscale): in the other input's dtype, else the default one; the recursion takes floats only
-        if not (x1.is_floating_point() and x2.is_floating_point()):
+        # integer (and bool) inputs as GPyTorch's own kernels take them, RBFKernel promoting them against
+        # its lengthscale: in the other input's dtype, else the kernel's; complex ones stay refused
+        if any(not (x.is_floating_point() or x.is_complex()) for x in (x1, x2)):
             same = x2 is x1
-            dtype = next((x.dtype for x in (x1, x2) if x.is_floating_point()), torch.get_default_dtype())
-            x1 = x1.to(dtype)
-            x2 = x1 if same else x2.to(dtype)
+            dtype = next((x.dtype for x in (x1, x2) if x.is_floating_point()),
+                         next((p.dtype for p in self.parameters()), torch.get_default_dtype()))
+            x1 = x1 if x1.is_floating_point() or x1.is_complex() else x1.to(dtype)
+            x2 = x1 if same else x2 if x2.is_floating_point() or x2.is_complex() else x2.to(dtype)
         if last_dim_is_batch:
             if any(getattr(m, "ard_num_dims", None) is not None for m in self.net.modules()):
                 # the first layer would get one-feature inputs and fail with "got inputs with 1 features"
