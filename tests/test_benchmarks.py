@@ -18,6 +18,7 @@ ROOT = pathlib.Path(__file__).parents[1]
     ("predict.py", ["--n", "50", "--m", "20", "--times", "5"], "-> covariance (5, 20, 20)"),
     ("quadrature.py", ["--sizes", "10", "--d", "2"], "max rel diff"),
     ("train.py", ["--members", "4", "--width", "16", "--steps", "5"], "the loop"),
+    ("relu_bending.py", ["--width", "32", "--members", "2", "--steps", "3"], "moved at random"),
 ])
 def test_benchmark_script_runs_at_toy_size(script, args, expected):
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": os.pathsep.join(
