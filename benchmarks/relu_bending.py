@@ -7,7 +7,8 @@ direction on the five training points (its second-smallest eigenvector, λ ≈ 0
 - at chosen steps, each parameter tensor's part of ``vᵀΘ̂v = Σ_p (vᵀ ∂f(X)/∂θ_p)²`` (the mean over
   members), which sums to the value along ``v`` that ``variance_deficit.py`` reports;
 - the number of units per member, in each hidden layer, whose pre-activation changes sign at
-  0.3 < |x| < π (on a grid of 2001 points): the units that bend the function inside the data;
+  π/2 < |x| < π (where ``v`` bends the function, between the outer training points) and at
+  0.3 < |x| < π/2 (on a grid of 4001 points);
 - the same parts for the initial networks moved by a random change of every parameter tensor as
   large (in norm) as the change training made: whether any change of that size removes them.
 
@@ -40,16 +41,17 @@ def parts(model: torch.nn.Module, x: torch.Tensor, v: torch.Tensor) -> dict[str,
                                                                                 strict=True)}
 
 
-def bending_units(model: torch.nn.Module) -> tuple[float, float]:
-    """Units per member, in each hidden layer, with a sign change of their pre-activation at 0.3 < |x| < π."""
-    grid = torch.linspace(-torch.pi, torch.pi, 2001, dtype=torch.float64).unsqueeze(-1)
-    inner = (grid[1:, 0].abs() > 0.3).view(1, -1, 1)
+def bending_units(model: torch.nn.Module, low: float, high: float) -> tuple[float, float]:
+    """Units per member, in each hidden layer, with a sign change of their pre-activation at
+    ``low < |x| < high``."""
+    grid = torch.linspace(-torch.pi, torch.pi, 4001, dtype=torch.float64).unsqueeze(-1)
+    where = ((grid[1:, 0].abs() > low) & (grid[1:, 0].abs() < high)).view(1, -1, 1)
     with torch.no_grad():
         z1 = model[0](grid)
         z2 = model[2](model[1](z1))
     counts = []
     for z in (z1, z2):
-        flips = ((z[:, 1:] > 0) != (z[:, :-1] > 0)) & inner
+        flips = ((z[:, 1:] > 0) != (z[:, :-1] > 0)) & where
         counts.append(float(flips.any(1).double().sum(-1).mean()))
     return counts[0], counts[1]
 
@@ -71,10 +73,11 @@ def main() -> None:
     for step in range(args.steps + 1):
         if step in RECORDS or step == args.steps:
             shares = parts(model, x, v)
-            units = bending_units(model)
+            outer, inner = bending_units(model, torch.pi / 2, torch.pi), bending_units(model, 0.3, torch.pi / 2)
             print(f"  step {step:5d}: vᵀΘ̂v = {sum(shares.values()):.4f} = "
                   + " + ".join(f"{value:.4f} ({name})" for name, value in shares.items())
-                  + f"; bending units per member: {units[0]:.1f} (layer 1), {units[1]:.1f} (layer 2)")
+                  + f"; units per member bending at π/2 < |x| < π: {outer[0]:.1f}, {outer[1]:.1f} (layers 1, 2), "
+                  f"at 0.3 < |x| < π/2: {inner[0]:.1f}, {inner[1]:.1f}")
         if step == args.steps:
             break
         loss = ((model(x)[..., 0] - y) ** 2).sum() / (2 * y.numel())   # members are independent
