@@ -365,6 +365,32 @@ def test_empirical_ntk_jacobian_route_refuses_batched_x2_as_it_does_batched_x1()
         assert empirical_ntk(model, x1, x2).shape == (x2.shape[0], 4, x2.shape[1])   # built networks take batches
 
 
+def test_estimators_name_what_is_wrong_with_their_inputs():
+    """Raw torch errors before (review): an ensemble's member axis of another size (a broadcasting
+    RuntimeError), params of the wrong shape (a matmul error), a torch module given to
+    monte_carlo_kernel (no attribute 'build'); and batched inputs on the Jacobian route of a network
+    that ntkgp did build were refused as if it had not been."""
+    from ntkgp.finite import monte_carlo_kernel
+
+    spec = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), ntkgp.ReLU(), ntkgp.Dense(2))
+    ensemble = spec.build(in_features=2, seed=0, ensemble_size=3)
+    for x in (torch.randn(5, 4, 2), torch.randn(2, 4, 2)):
+        for kernel in (empirical_ntk, empirical_nngp):
+            with pytest.raises(ValueError, match=r"does not fit an ensemble of 3"):
+                kernel(ensemble, x)
+        with pytest.raises(ValueError, match=r"x2 of shape \(5, 4, 2\) does not fit"):
+            empirical_ntk(ensemble, torch.randn(4, 2), torch.randn(5, 4, 2))
+    assert empirical_ntk(ensemble, torch.randn(3, 4, 2)).shape == (3, 4, 4)    # one slice per member
+    assert empirical_ntk(ensemble, torch.randn(1, 4, 2)).shape == (3, 4, 4)    # or one for all
+    single = spec.build(in_features=2, seed=0)
+    with pytest.raises(ValueError, match=r"0\.weight \(3, 8\) \(the network's is \(2, 8\)\)"):
+        empirical_ntk(single, torch.randn(4, 2), params={"0.weight": torch.zeros(3, 8)})
+    with pytest.raises(ValueError, match="layer-by-layer route only, which params="):
+        empirical_ntk(single, torch.randn(2, 4, 2), params={"0.weight": single[0].weight.detach()})
+    with pytest.raises(ValueError, match="an ntkgp network spec"):
+        monte_carlo_kernel(torch.nn.Sequential(torch.nn.Linear(2, 1)), torch.randn(3, 2))
+
+
 def test_empirical_ntk_is_a_constant_on_both_routes():
     """Built alone, a network took the layer-by-layer route and gave a kernel without a graph; the
     same network wrapped in a user module took the Jacobian route and gave one differentiable in

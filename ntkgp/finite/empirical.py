@@ -82,9 +82,14 @@ def _as_function(model: nn.Module | ParamFn, params: dict[str, Tensor] | None, x
             params = {name: p.detach() for name, p in model.named_parameters()}
         else:
             # a misspelt name was a parameter functional_call ignored: an all-zero NTK, and no error
-            unknown = sorted(set(params) - {name for name, _ in model.named_parameters(remove_duplicate=False)})
+            own = dict(model.named_parameters(remove_duplicate=False))
+            unknown = sorted(set(params) - set(own))
             if unknown:
                 raise ValueError(f"params names parameters the network does not have: {unknown}.")
+            wrong = [f"{name} {tuple(value.shape)} (the network's is {tuple(own[name].shape)})"
+                     for name, value in params.items() if tuple(value.shape) != tuple(own[name].shape)]
+            if wrong:   # a matmul error from inside the network otherwise
+                raise ValueError(f"params must have the shapes of the network's parameters, got {', '.join(wrong)}.")
         buffers = dict(model.named_buffers())
         members = ensemble_size(model)
 
@@ -104,13 +109,19 @@ def _materialize(model: nn.Module, x: Tensor) -> None:
             model(x[..., :1, :])
 
 
-def _check_network_inputs(model: nn.Module | ParamFn, x1: Tensor) -> None:
-    """Inputs in another dtype than a module's parameters, or with another number of features than
-    a network built by ntkgp takes, are a clear error, not torch's matmul one."""
+def _check_network_inputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None) -> None:
+    """Inputs in another dtype than a module's parameters, with another number of features than
+    a network built by ntkgp takes, or with a member axis of another size than its ensemble's, are a
+    clear error, not torch's matmul or broadcasting one."""
     if isinstance(model, nn.Module):
         dtypes = {p.dtype for p in model.parameters()}
         if len(dtypes) == 1 and x1.dtype not in dtypes:
             raise ValueError(f"x1 is {x1.dtype} but the network's parameters are {dtypes.pop()}: convert one of them.")
+        members = ensemble_size(model)
+        for name, x in (("x1", x1), ("x2", x2)):
+            if members is not None and x is not None and x.dim() >= 3 and x.shape[-3] not in (1, members):
+                raise ValueError(f"{name} of shape {tuple(x.shape)} does not fit an ensemble of {members}: inputs are "
+                                 f"(n, d) for every member, or (*batch, {members}, n, d) with one slice per member.")
     if _built_by_ntkgp(model):
         # the first Dense of a built network takes the inputs (activations and LayerNorm keep their width)
         first = next((m for m in model.modules() if isinstance(m, DenseModule)), None)
@@ -132,13 +143,16 @@ def _outputs_2d(out: Tensor, x: Tensor | None = None) -> Tensor:
     return out
 
 
-def _check_plain_inputs(x1: Tensor, x2: Tensor | None) -> None:
-    """Inputs ``(n, d)``: only networks built by ntkgp take batches ``(*batch, n, d)``."""
+def _check_plain_inputs(x1: Tensor, x2: Tensor | None, built: bool = False) -> None:
+    """Inputs ``(n, d)``: only networks built by ntkgp take batches ``(*batch, n, d)``, and their
+    NTK only on the layer-by-layer route (``built``: the network is one, on the Jacobian route)."""
+    why = ("the NTK takes batches of inputs on its layer-by-layer route only, which params=, parameter scales "
+           "other than numbers and (in, 1) columns, and a layer used twice leave; loop over the batch"
+           if built else "only networks built by ntkgp take batches of inputs; flatten images, and unflatten them "
+           "in the module with nn.Unflatten")
     for name, x in (("x1", x1), ("x2", x2)):   # a batch axis of x2 was read as its points (an einsum error)
         if x is not None and x.dim() != 2:
-            raise ValueError(f"{name} must have shape (n, d) for this network (only networks built by ntkgp "
-                             f"take batches of inputs; flatten images, and unflatten them in the module with "
-                             f"nn.Unflatten), got {tuple(x.shape)}.")
+            raise ValueError(f"{name} must have shape (n, d) here ({why}), got {tuple(x.shape)}.")
 
 
 def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None, *,
@@ -147,7 +161,7 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     ``(n1, n2, k, k)``); ``(E, …)`` for ensembles. Over random initializations its mean is the NNGP
     kernel (Neal 1996; Lee et al. 2018). A constant: no gradient flows through it."""
     x1, x2 = check_inputs(x1, x2)
-    _check_network_inputs(model, x1)
+    _check_network_inputs(model, x1, x2)
     built = _built_by_ntkgp(model)   # batches of inputs, per-member (E, n, d) ones too; outputs right by construction
     if not built:
         _check_plain_inputs(x1, x2)
@@ -171,7 +185,8 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
 
     Args:
         model: a module (its parameters are ``θ``), or a function ``f(params, x)``.
-        x1: ``(n1, d)`` inputs (networks built by ntkgp also take batches ``(*batch, n1, d)``).
+        x1: ``(n1, d)`` inputs (networks built by ntkgp also take batches ``(*batch, n1, d)``, on the
+            layer-by-layer route below; an ensemble's member axis is the one before ``n1``).
         x2: ``(n2, d)`` inputs (batches as for ``x1``); ``None`` for ``x1`` itself.
         params: the parameters to differentiate (default: all of the module's, frozen ones
             included); a module's others are held fixed (stacked ones per member).
@@ -195,7 +210,7 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     """
     x1, x2 = check_inputs(x1, x2)
     chunk_size = None if chunk_size is None else integer_at_least(chunk_size, 1, "chunk_size")
-    _check_network_inputs(model, x1)
+    _check_network_inputs(model, x1, x2)
     scales = dict(parameter_scales or {})
     fn, all_params, members = _as_function(model, params, x1)
     unknown = sorted(set(scales) - set(all_params))
@@ -206,7 +221,7 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
         return empirical_nngp(model, x1, x2, params=params, vector_output=vector_output).zero_()
     if params is None and isinstance(model, nn.Module) and _layerwise_applies(model, x1, scales):
         return _layerwise_ntk(model, x1, x2, scales, vector_output)
-    _check_plain_inputs(x1, x2)
+    _check_plain_inputs(x1, x2, built=_built_by_ntkgp(model))
     params = {name: p.detach() for name, p in all_params.items()}
     # no graph to the inputs either, as on the layer-by-layer route (whose signals are detached):
     # the same network wrapped in a user module gave a differentiable kernel, built alone a constant

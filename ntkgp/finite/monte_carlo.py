@@ -52,6 +52,9 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
     the bias of both means is ``O(1/width)``. Inputs are ``(n, d)``: a leading
     axis would be read as the ensemble axis. With one sample the standard errors are NaN.
     """
+    if not isinstance(net, Layer):   # a torch module has no build() to draw fresh networks from
+        raise ValueError(f"net must be an ntkgp network spec (a Layer), got {type(net).__name__}; for a torch module, "
+                         "average ntkgp.finite.empirical_ntk over initializations of your own.")
     x1, x2 = check_inputs(x1, x2)
     for name, x in (("x1", x1), ("x2", x2)):
         if x is not None and x.dim() != 2:
