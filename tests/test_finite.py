@@ -368,7 +368,8 @@ def test_empirical_ntk_jacobian_route_refuses_batched_x2_as_it_does_batched_x1()
 def test_estimators_name_what_is_wrong_with_their_inputs():
     """Raw torch errors before (review): an ensemble's member axis of another size (a broadcasting
     RuntimeError), params of the wrong shape (a matmul error), a torch module given to
-    monte_carlo_kernel (no attribute 'build'); and batched inputs on the Jacobian route of a network
+    monte_carlo_kernel (no attribute 'build'), parameter scales of the wrong shape (an expand
+    error); and batched inputs on the Jacobian route of a network
     that ntkgp did build were refused as if it had not been."""
     from ntkgp.finite import monte_carlo_kernel
 
@@ -389,6 +390,12 @@ def test_estimators_name_what_is_wrong_with_their_inputs():
         empirical_ntk(single, torch.randn(2, 4, 2), params={"0.weight": single[0].weight.detach()})
     with pytest.raises(ValueError, match="an ntkgp network spec"):
         monte_carlo_kernel(torch.nn.Sequential(torch.nn.Linear(2, 1)), torch.randn(3, 2))
+    for model in (single, ensemble):   # scales broadcast to one member's parameter, (in, 1) columns too
+        with pytest.raises(ValueError, match=r"parameter_scales\['0\.weight'\] of shape \(5,\) does not broadcast"):
+            empirical_ntk(model, torch.randn(4, 2), parameter_scales={"0.weight": torch.ones(5)})
+        torch.testing.assert_close(empirical_ntk(model, torch.randn(4, 2, generator=torch.Generator().manual_seed(0)),
+                                                 parameter_scales={"0.weight": torch.ones(2, 1), "0.bias": 1.0}),
+                                   empirical_ntk(model, torch.randn(4, 2, generator=torch.Generator().manual_seed(0))))
 
 
 def test_empirical_ntk_is_a_constant_on_both_routes():

@@ -40,7 +40,7 @@ from torch.func import functional_call, jacrev, vmap
 from ntkgp._autograd import differentiates
 from ntkgp._checks import integer_at_least
 from ntkgp.layers.dense import DenseModule
-from ntkgp.layers.validation import check_inputs
+from ntkgp.layers.validation import broadcast_shapes, check_inputs
 
 ParamFn = Callable[[dict[str, Tensor], Tensor], Tensor]
 
@@ -216,6 +216,15 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     unknown = sorted(set(scales) - set(all_params))
     if unknown:
         raise ValueError(f"parameter_scales names parameters the network does not have: {unknown}.")
+    for name, scale in scales.items():   # a wrong shape was torch's expand error from inside the Jacobian route
+        shape = tuple(all_params[name].shape[members is not None:])    # one member's
+        try:
+            fits = tuple(broadcast_shapes(tuple(torch.as_tensor(scale).shape), shape)) == shape
+        except (RuntimeError, ValueError):
+            fits = False
+        if not fits:
+            raise ValueError(f"parameter_scales[{name!r}] of shape {tuple(torch.as_tensor(scale).shape)} does not "
+                             f"broadcast to the parameter's shape {shape} (one member's).")
     if x1.shape[-2] == 0 or (x2 is not None and x2.shape[-2] == 0):   # no points: the kernel's shape alone
         # (the replicas of the layer-by-layer route cannot be unflattened from zero points)
         return empirical_nngp(model, x1, x2, params=params, vector_output=vector_output).zero_()
