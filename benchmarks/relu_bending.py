@@ -21,16 +21,10 @@ import argparse
 
 import torch
 
-import ntkgp
-from ntkgp.compare import sin_dataset
+from ntkgp.compare import CompareConfig, sin_dataset
 from ntkgp.predict import GradientFlow
 
 RECORDS = (0, 1, 3, 10, 100, 1000)
-
-
-def spec(width: int) -> ntkgp.layers.Layer:
-    return ntkgp.serial(ntkgp.Dense(width, 2.25, 0.0025), ntkgp.ReLU(), ntkgp.Dense(width, 2.25, 0.0025),
-                        ntkgp.ReLU(), ntkgp.Dense(1, 2.25, 0.0025))
 
 
 def parts(model: torch.nn.Module, x: torch.Tensor, v: torch.Tensor) -> dict[str, float]:
@@ -64,6 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     data = sin_dataset()
     x, y = data.x_train, data.y_train[:, 0]
+    spec = CompareConfig(activation="relu").network   # the compare MLP: weight_var 2.25, bias_var 0.0025
     lam, vectors = torch.linalg.eigh(spec(8).kernel(x).ntk.detach())
     v = vectors[:, 1]
     lr = 0.5 * GradientFlow(spec(8), x, y).max_learning_rate

@@ -143,15 +143,15 @@ def _outputs_2d(out: Tensor, x: Tensor | None = None) -> Tensor:
     return out
 
 
-def _check_plain_inputs(x1: Tensor, x2: Tensor | None, built: bool = False) -> None:
+def _check_plain_inputs(x1: Tensor, x2: Tensor | None, model: nn.Module | ParamFn | None = None) -> None:
     """Inputs ``(n, d)``: only networks built by ntkgp take batches ``(*batch, n, d)``, and their
-    NTK only on the layer-by-layer route (``built``: the network is one, on the Jacobian route)."""
-    why = ("the NTK takes batches of inputs on its layer-by-layer route only, which params=, parameter scales "
-           "other than numbers and (in, 1) columns, and a layer used twice leave; loop over the batch"
-           if built else "only networks built by ntkgp take batches of inputs; flatten images, and unflatten them "
-           "in the module with nn.Unflatten")
+    NTK only on the layer-by-layer route (``model``: one on the Jacobian route, named in the error)."""
     for name, x in (("x1", x1), ("x2", x2)):   # a batch axis of x2 was read as its points (an einsum error)
         if x is not None and x.dim() != 2:
+            why = ("the NTK takes batches of inputs on its layer-by-layer route only, which params=, parameter "
+                   "scales other than numbers and (in, 1) columns, and a layer used twice leave; loop over the batch"
+                   if model is not None and _built_by_ntkgp(model) else "only networks built by ntkgp take "
+                   "batches of inputs; flatten images, and unflatten them in the module with nn.Unflatten")
             raise ValueError(f"{name} must have shape (n, d) here ({why}), got {tuple(x.shape)}.")
 
 
@@ -217,20 +217,20 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     if unknown:
         raise ValueError(f"parameter_scales names parameters the network does not have: {unknown}.")
     for name, scale in scales.items():   # a wrong shape was torch's expand error from inside the Jacobian route
-        shape = tuple(all_params[name].shape[members is not None:])    # one member's
+        shape, given = tuple(all_params[name].shape[members is not None:]), tuple(torch.as_tensor(scale).shape)
         try:
-            fits = tuple(broadcast_shapes(tuple(torch.as_tensor(scale).shape), shape)) == shape
-        except (RuntimeError, ValueError):
+            fits = tuple(broadcast_shapes(given, shape)) == shape      # one member's parameter
+        except RuntimeError:
             fits = False
         if not fits:
-            raise ValueError(f"parameter_scales[{name!r}] of shape {tuple(torch.as_tensor(scale).shape)} does not "
-                             f"broadcast to the parameter's shape {shape} (one member's).")
+            raise ValueError(f"parameter_scales[{name!r}] of shape {given} does not broadcast to the parameter's "
+                             f"shape {shape} (one member's).")
     if x1.shape[-2] == 0 or (x2 is not None and x2.shape[-2] == 0):   # no points: the kernel's shape alone
         # (the replicas of the layer-by-layer route cannot be unflattened from zero points)
         return empirical_nngp(model, x1, x2, params=params, vector_output=vector_output).zero_()
     if params is None and isinstance(model, nn.Module) and _layerwise_applies(model, x1, scales):
         return _layerwise_ntk(model, x1, x2, scales, vector_output)
-    _check_plain_inputs(x1, x2, built=_built_by_ntkgp(model))
+    _check_plain_inputs(x1, x2, model)
     params = {name: p.detach() for name, p in all_params.items()}
     # no graph to the inputs either, as on the layer-by-layer route (whose signals are detached):
     # the same network wrapped in a user module gave a differentiable kernel, built alone a constant

@@ -69,12 +69,15 @@ class NetworkKernel(Kernel):
                 **params) -> Tensor:
         # integer (and bool) inputs as GPyTorch's own kernels take them, RBFKernel promoting them against
         # its lengthscale: in the other input's dtype, else the kernel's; complex ones stay refused
-        if any(not (x.is_floating_point() or x.is_complex()) for x in (x1, x2)):
-            same = x2 is x1
+        def numeric(x: Tensor) -> bool:
+            return x.is_floating_point() or x.is_complex()
+
+        if not (numeric(x1) and numeric(x2)):
             dtype = next((x.dtype for x in (x1, x2) if x.is_floating_point()),
                          next((p.dtype for p in self.parameters()), torch.get_default_dtype()))
-            x1 = x1 if x1.is_floating_point() or x1.is_complex() else x1.to(dtype)
-            x2 = x1 if same else x2 if x2.is_floating_point() or x2.is_complex() else x2.to(dtype)
+            same = x2 is x1    # x2 stays the very x1: the symmetric path
+            x1 = x1 if numeric(x1) else x1.to(dtype)
+            x2 = x1 if same else x2 if numeric(x2) else x2.to(dtype)
         if last_dim_is_batch:
             if any(getattr(m, "ard_num_dims", None) is not None for m in self.net.modules()):
                 # the first layer would get one-feature inputs and fail with "got inputs with 1 features"

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkgp.layers.base import BuildContext, Layer
-from ntkgp.layers.numerics import gaussian_angle, gaussian_det, safe_sqrt, scaled_for_products
+from ntkgp.layers.numerics import gaussian_angle, safe_sqrt, shifted_det
 from ntkgp.layers.state import KernelState
 from ntkgp.layers.validation import finite_constants, refuse_overflow
 
@@ -248,9 +248,8 @@ class Erf(Activation):
         """``T − c²`` and ``Ṫ``."""
         b2 = self.b**2
         # c·sqrt(q11 q22 − r²) from the variances scaled by c (1 unless k² could overflow)
-        c, k11, k12, k22 = scaled_for_products(k11, k12, k22)
-        c = 1.0 if c is None else c
-        root = torch.sqrt(c * c + 2 * b2 * c * (k11 + k22) + 4 * b2**2 * gaussian_det(k11, k12, k22))
+        c, _, k12, _, det = shifted_det(k11, k12, k22, 2 * b2)
+        root = torch.sqrt(det)
         # atan of the ratio, not atan2: atan2's derivative squares both arguments, inf in float32
         centred = self.a**2 * (2 / math.pi) * torch.atan(2 * b2 * k12 / root)
         dot = self.a**2 * b2 * (4 / math.pi) * c / root if want_dot else None
@@ -290,11 +289,8 @@ class GELU(Activation):
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         # δ² = P − k12² = 1 + k11 + k22 + (k11 k22 − k12²), without the cancellation; formed of the
         # variances scaled by c where k11 k22 ~ k² could overflow
-        c, s11, s12, s22 = scaled_for_products(k11, k12, k22)
-        if c is None:
-            delta = torch.sqrt(1 + k11 + k22 + gaussian_det(k11, k12, k22))
-        else:
-            delta = torch.sqrt(c * c + c * (s11 + s22) + gaussian_det(s11, s12, s22)) / c
+        c, _, _, _, det = shifted_det(k11, k12, k22)
+        delta = torch.sqrt(det) / c
         alpha = torch.atan(k12 / delta)   # δ > 0; atan2's derivative would square k12 (inf in float32)
         r11, r22 = k11 / (1 + k11), k22 / (1 + k22)
         # (k12² + k11 k22 δ²)/(P δ), regrouped so that no O(k³)–O(k⁴) product overflows float32
@@ -506,7 +502,7 @@ class Gaussian(Activation):
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         beta = self._beta
-        c, s12, det = self._scaled_det(k11, k12, k22)
+        c, _, s12, _, det = shifted_det(k11, k12, k22, 2 * beta)
         root = torch.sqrt(det)   # c·sqrt(D)
         inverse = c / root
         nngp = self.a**2 * inverse
@@ -521,22 +517,14 @@ class Gaussian(Activation):
 
     def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
         beta = self._beta
-        c, s12, det = self._scaled_det(k11, k12, k22)
-        q11, q22 = c + 2 * beta * c * k11, c + 2 * beta * c * k22          # c·P1, c·P2
+        c, s11, s12, s22, det = shifted_det(k11, k12, k22, 2 * beta)   # det: c²·D
+        q11, q22 = c + 2 * beta * s11, c + 2 * beta * s22          # c·P1, c·P2
         r = 2 * beta * s12
         x = (r / q11) * (r / q22)      # < 1: 4β²k12² ≤ 4β²k11k22 < P1P2
         # log(1 − x): log1p(−x) for small x, where T ≈ μ1μ2; near x = 1 (nearly parallel points of large
         # variance) 1 − x = D/(P1P2) from the determinant, as log1p(−x) lost every digit there (inf in float32)
         log_rest = torch.where(x < 0.5, torch.log1p(-x.clamp(max=0.5)), torch.log(det / q11 / q22))
         return self.a**2 * torch.rsqrt(q11 / c) * torch.rsqrt(q22 / c) * torch.expm1(-0.5 * log_rest)
-
-    def _scaled_det(self, k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[float | Tensor, Tensor, Tensor]:
-        """``c``, ``c·k12`` and ``c²·D`` with ``D = 1 + 2β(k11 + k22) + 4β²(k11 k22 − k12²)``, from the
-        variances scaled by ``c`` (1 unless ``k²`` could overflow) and the determinant of ``Σ``."""
-        c, s11, s12, s22 = scaled_for_products(k11, k12, k22)
-        c = 1.0 if c is None else c
-        beta = self._beta
-        return c, s12, c * c + 2 * beta * c * (s11 + s22) + 4 * beta**2 * gaussian_det(s11, s12, s22)
 
     def extra_repr(self) -> str:
         return f"a={self.a:g}, b={self.b:g}"

@@ -143,6 +143,18 @@ def scaled_for_products(k11: Tensor, k12: Tensor, k22: Tensor
     return c, k11 * c, k12 * c, k22 * c
 
 
+def shifted_det(k11: Tensor, k12: Tensor, k22: Tensor, g: float = 1.0
+                ) -> tuple[float | Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(c, c·k11, c·k12, c·k22, c²·det(I + gΣ))`` with ``det(I + gΣ) = 1 + g(k11 + k22) +
+    g²(k11 k22 − k12²)`` (:func:`gaussian_det`, no cancellation), from the variances scaled by ``c``
+    (:func:`scaled_for_products`; ``c = 1`` where ``k²`` cannot overflow): the determinant in GELU's
+    and the Gaussian activation's kernels."""
+    c, s11, s12, s22 = scaled_for_products(k11, k12, k22)
+    if c is None:
+        return 1.0, k11, k12, k22, 1 + g * (k11 + k22) + g * g * gaussian_det(k11, k12, k22)
+    return c, s11, s12, s22, c * c + g * c * (s11 + s22) + g * g * gaussian_det(s11, s12, s22)
+
+
 def gaussian_det(k11: Tensor, k12: Tensor, k22: Tensor) -> Tensor:
     """``k11 k22 − k12² ≥ 0``, formed as ``(p − k12)(p + k12)`` with ``p = sqrt(k11 k22)``.
 
