@@ -471,6 +471,29 @@ def test_empirical_kernels_refuse_what_they_would_get_wrong_and_warn_in_training
             torch.testing.assert_close(empirical_ntk(noisy, x1), empirical_ntk(noisy, x1), rtol=0, atol=0)
 
 
+def test_empirical_kernels_name_inputs_of_the_wrong_width_or_dtype():
+    """A torch Sequential starting with a Linear layer given inputs of another width, and a function
+    of params given inputs of another dtype than its params, were torch's matmul errors from inside
+    the network."""
+    plain = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(3, 4)), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    built = _net().build(in_features=3, seed=0)
+    for module in (plain, built):
+        for kernel in (empirical_ntk, empirical_nngp):
+            with pytest.raises(ValueError, match=r"takes inputs of 3 feature\(s\), got x1 of shape \(5, 2\)"):
+                kernel(module, torch.randn(5, 2))
+
+    def linear(p, x):
+        return x @ p["w"]
+
+    w = torch.randn(3, 1, dtype=torch.float64)
+    for kernel in (empirical_ntk, empirical_nngp):
+        with pytest.raises(ValueError, match=r"inputs are torch\.float32 but params are torch\.float64"):
+            kernel(linear, torch.randn(5, 3, dtype=torch.float32), params={"w": w})
+    x = torch.randn(5, 3, dtype=torch.float64)
+    torch.testing.assert_close(empirical_ntk(linear, x, params={"w": w}), x @ x.T, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(empirical_nngp(linear, x, params={"w": w}), (x @ w) @ (x @ w).T, rtol=1e-14, atol=1e-14)
+
+
 def test_build_refuses_batched_or_non_finite_variances_and_signed_zeros_are_zero():
     """A batched bias alone failed in float() ("only one element tensors can be converted"), and its
     repr showed the first batch entry as the value; a NaN raw variance built a network of NaN outputs

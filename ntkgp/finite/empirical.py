@@ -99,6 +99,9 @@ def _as_function(model: nn.Module | ParamFn, params: dict[str, Tensor] | None, x
         return fn, params, members
     if params is None:
         raise ValueError("A function of parameters needs params=...")
+    dtypes = {p.dtype for p in params.values() if isinstance(p, Tensor) and p.is_floating_point()}
+    if len(dtypes) == 1 and x.dtype not in dtypes:   # torch's "expected m1 and m2 to have the same dtype"
+        raise ValueError(f"The inputs are {x.dtype} but params are {dtypes.pop()}: convert one of them.")
     return model, params, None
 
 
@@ -125,9 +128,21 @@ def _check_network_inputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | N
     if _built_by_ntkgp(model):
         # the first Dense of a built network takes the inputs (activations and LayerNorm keep their width)
         first = next((m for m in model.modules() if isinstance(m, DenseModule)), None)
-        if first is not None and first.in_features is not None and x1.shape[-1] != first.in_features:
-            raise ValueError(f"The network takes inputs of {first.in_features} feature(s), got x1 of shape "
-                             f"{tuple(x1.shape)}.")
+        features = None if first is None else first.in_features
+    else:
+        first = _first_called(model)
+        features = first.in_features if isinstance(first, nn.Linear) and not isinstance(
+            first, nn.modules.lazy.LazyModuleMixin) else None
+    if features is not None and x1.shape[-1] != features:   # x2 has x1's (check_inputs)
+        raise ValueError(f"The network takes inputs of {features} feature(s), got x1 of shape {tuple(x1.shape)}.")
+
+
+def _first_called(model: nn.Module | ParamFn) -> nn.Module | None:
+    """The module a ``torch.nn.Sequential`` (nested ones too) applies first to its input: only there
+    is the call order the order of registration."""
+    while isinstance(model, nn.Sequential) and len(model) > 0:
+        model = model[0]
+    return model if isinstance(model, nn.Module) else None
 
 
 def _outputs_2d(out: Tensor, x: Tensor | None = None) -> Tensor:
