@@ -18,7 +18,7 @@ from ntkgp._checks import integer_at_least
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.kernels import NNGPKernel, NTKKernel
 from ntkgp.kernels.network_kernel import NetworkKernel
-from ntkgp.layers.base import Layer, NonFiniteVarianceError
+from ntkgp.layers.base import Layer, NonFiniteKernelError, NonFiniteVarianceError
 from ntkgp.layers.mlp import mlp
 from ntkgp.layers.validation import all_finite, check_points
 
@@ -289,7 +289,7 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
         # (one per output) gives one value per member, and their mean is per entry of all targets
         try:
             loss = -mll(model(*model.train_inputs), model.train_targets).mean()
-        except NonFiniteVarianceError as error:   # a step (LBFGS's, say) overflowed exp(raw)
+        except (NonFiniteVarianceError, NonFiniteKernelError) as error:   # a step (LBFGS's, say) overflowed
             raise FloatingPointError(f"Non-finite hyperparameters {when}: {error}") from error
         except NotPSDError as error:               # a noise stepped to ~0 with a singular kernel
             raise FloatingPointError(f"The kernel plus noise is not positive definite {when}: "

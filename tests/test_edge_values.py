@@ -142,3 +142,38 @@ def test_standard_ard_training_follows_the_ntk_twin():
         out[param] = train_ensemble(net, x, y, ensemble_size=2, learning_rate=0.5, record_steps=[0, 20],
                                     dtype=torch.float64).test_outputs
     torch.testing.assert_close(out["ntk"], out["standard"], rtol=1e-9, atol=1e-11)
+
+
+def test_kernels_that_overflow_their_dtype_are_refused_by_name():
+    """Finite variances near float64's largest number, or float32 inputs of ~1e20, gave kernels of
+    inf and NaN with no error (a later failed Cholesky, or nothing at all); a GPyTorch kernel passed
+    them on. Kernels of the same networks at ordinary scales stay finite."""
+    from ntkgp.kernels import NNGPKernel
+    from ntkgp.layers.base import NonFiniteKernelError
+
+    x = _x().double()
+    huge = ntkgp.serial(ntkgp.Dense(3, 1e300), ntkgp.ReLU(), ntkgp.Dense(1, 1e300))
+    with pytest.raises(NonFiniteKernelError, match=r"NNGP and NTK kernels overflow torch\.float64 .*rescale"):
+        huge.kernel(x)
+    with pytest.raises(NonFiniteKernelError, match=r"^The NNGP kernel overflows torch\.float64"):
+        huge.kernel(x, ntk=False)
+    for diag in (False, True):
+        with pytest.raises(NonFiniteKernelError, match=r"overflow.* torch\.float32 .*2\.\d+e\+20.*or use float64"):
+            ntkgp.mlp(2, "erf").kernel(1e20 * x.float(), diag=diag)
+    with pytest.raises(NonFiniteKernelError):
+        NNGPKernel(ntkgp.mlp(2, "erf"))(1e20 * x.float()).to_dense()
+    for net, inputs in ((huge, 1e-300 * x), (ntkgp.mlp(2, "erf"), 1e18 * x.float())):
+        state = net.kernel(inputs)
+        assert torch.isfinite(state.nngp).all() and torch.isfinite(state.ntk).all()
+
+
+def test_inputs_on_the_meta_device_and_built_layers_given_the_wrong_width_are_refused_by_name():
+    """torch's "Tensor.item() cannot be called on meta tensors" from the input check, and "mat1 and
+    mat2 shapes cannot be multiplied" from a built network's first layer."""
+    with pytest.raises(ValueError, match="x1 is on the meta device"):
+        ntkgp.mlp(1).kernel(torch.randn(6, 5, device="meta"))
+    net = ntkgp.mlp(2).build(in_features=5)
+    with pytest.raises(ValueError, match=r"takes inputs of 5 feature\(s\), got shape \(2, 6\)"):
+        net(torch.randn(2, 6))
+    assert net(torch.randn(2, 5)).shape == (2, 1)
+    assert ntkgp.mlp(2).build(in_features=5, device="meta")(torch.empty(1, 5, device="meta")).shape == (1, 1)

@@ -462,6 +462,26 @@ def test_fit_reports_a_step_that_overflows_a_variance():
         fit(model, steps=3, optimizer=Overshoot(model.parameters(), lr=0.1))
 
 
+def test_fit_reports_a_step_into_variances_whose_kernel_overflows():
+    """Variances that are finite but whose product overflows float64 gave an infinite kernel and a
+    NaN loss; the kernel now refuses it, and fit reports the step as it reports a variance that
+    overflows."""
+    x, y = _data()
+    model = NetworkGP(x.double(), y.double(), ntkgp.mlp(1, "relu", 2.0, 0.1)).double()
+    raws = [model.net.layers[0].raw_weight_var, model.net.layers[-1].raw_weight_var]
+
+    class Overshoot(torch.optim.SGD):
+        def step(self, closure):
+            loss = closure()
+            with torch.no_grad():
+                for raw in raws:
+                    raw.fill_(700.0)   # exp(700) = 1e304: finite, but not its square
+            return loss
+
+    with pytest.raises(FloatingPointError, match=r"Non-finite hyperparameters at step 1: The NNGP kernel overflows"):
+        fit(model, steps=3, optimizer=Overshoot(model.parameters(), lr=0.1))
+
+
 def test_network_gp_checks_that_the_likelihood_fits_the_targets():
     """A GaussianLikelihood for (N, k) targets, or a multitask one for 1-D targets or another k,
     failed only in the first fit step, deep inside GPyTorch ("Attempting to broadcast a dimension

@@ -403,3 +403,26 @@ def test_readout_only_training_refuses_a_product_at_the_output():
         train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[1], readout_only=True)
     history = train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[0, 5])
     assert torch.isfinite(history.test_outputs).all()
+
+
+@pytest.mark.parametrize("engine", ["stacked", "auto"])
+def test_overflowing_targets_are_refused_not_reported_as_a_divergence_at_step_0(engine):
+    """A float32 loss that overflows before any step was diverged_at=0 with no records, and no word
+    of what was wrong."""
+    with pytest.raises(ValueError, match=r"initial training loss is not finite in torch\.float32.*float64"):
+        train_ensemble(_net(), X, Y * 1e30, ensemble_size=2, learning_rate=0.1, record_steps=[0, 10],
+                       dtype=torch.float32, engine=engine)
+    h = train_ensemble(_net(), X, Y * 1e30, ensemble_size=2, learning_rate=1e-62, record_steps=[0, 10],
+                       dtype=torch.float64, engine=engine)
+    assert h.diverged_at is None and h.steps.tolist() == [0, 10]
+
+
+@pytest.mark.parametrize("param", ["ntk", "standard"])
+def test_relative_changes_of_parameters_and_kernels_that_are_zero_and_stay_so_are_zero(param):
+    """With every variance 0 nothing can move (standard: the rates are 0; NTK: the gradients are),
+    and weight_change (standard) and ntk_change (both) read 0/0 = NaN, while layer_change read 0."""
+    net = ntkgp.serial(ntkgp.Dense(1, 0.0, 0.0, parameterization=param))
+    h = train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.5, record_steps=[0, 10], probe=X[:2],
+                       dtype=torch.float64)
+    assert h.ntk_change.eq(0).all() and h.weight_change.eq(0).all()
+    assert all(v.eq(0).all() for v in h.layer_change.values())

@@ -18,7 +18,7 @@ The kernel is compiled on first use with the system's C compiler (``$CC``, else 
 or ``clang``) for this CPU (``-march=native``) and cached under ``$NTKGP_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/ntkgp``, that is ``~/.cache/ntkgp``), keyed by the source, the flags, the
 compiler and the CPU, each library beside its SHA-256 digest: one that does not match (a copy cut
-short) is rebuilt, never loaded. Without a working compiler ``train_ensemble`` uses the stacked
+short) or has none is rebuilt, never loaded. Without a working compiler ``train_ensemble`` uses the stacked
 step.
 """
 
@@ -156,10 +156,10 @@ def _compile(dtype: torch.dtype) -> ctypes.CDLL | str:
         command = [*compiler, *flags, *define, "-fPIC", "-shared"]
         key = hashlib.sha256(b"\0".join([source, " ".join(command + libs).encode(), machine])).hexdigest()[:20]
         name = f"fused_mlp_{key}.so"
-        intact = _intact(cache / name) if (cache / name).exists() else False
-        # built before (the folder may be read-only now: then a library from before digests is used
-        # as it is, rather than compiled again in every process)
-        if intact or (intact is None and not _writable(cache)):
+        # built before, and whole: a library without its digest (from before digests, or whose
+        # digest was lost) is compiled again, also where the cache is read-only, since loading one
+        # cut short killed the process with a bus error
+        if (cache / name).exists() and _intact(cache / name):
             try:
                 return _load(cache / name)
             except OSError as error:

@@ -416,7 +416,14 @@ class _Changes:
                                        for n, p in self.params.items())
         norm0, group0 = self.initial_norms
         # a group of variance-0 rows alone holds nothing that can move: change 0, not 0/0
-        return total / norm0, {g: torch.where(group0[g] > 0, per_group[g] / group0[g], 0) for g in self.groups}
+        return _relative(total, norm0), {g: torch.where(group0[g] > 0, per_group[g] / group0[g], 0)
+                                         for g in self.groups}
+
+
+def _relative(change: Tensor, initial: Tensor) -> Tensor:
+    """``change / initial``, 0 where nothing was there and nothing changed (all-zero parameters that
+    cannot move, an all-zero kernel that stays so), not 0/0."""
+    return torch.where((initial == 0) & (change == 0), 0, change / initial)
 
 
 class _DenseStep:
@@ -539,7 +546,7 @@ def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar
                 per_group[g].append(by_group[g].cpu())
         if probe is not None:
             ntk = empirical_ntk(model, probe, parameter_scales=scales)
-            ntks.append(((ntk - ntk0).flatten(1).norm(dim=1) / ntk0.flatten(1).norm(dim=1)).cpu())
+            ntks.append(_relative((ntk - ntk0).flatten(1).norm(dim=1), ntk0.flatten(1).norm(dim=1)).cpu())
 
     targets = iter(steps)
     next_record = next(targets)
@@ -548,6 +555,10 @@ def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar
             per_member, do_step = loss_and_step(inputs, y, m)
             if initial_loss is None:
                 initial_loss = per_member.detach()
+                if not bool(torch.isfinite(initial_loss).all()):   # not a divergence: no step was taken
+                    raise ValueError(f"The initial training loss is not finite in {initial_loss.dtype}: the "
+                                     "outputs or targets overflow it. Rescale the inputs or targets, or train "
+                                     "in float64.")
                 limit = 1e6 * initial_loss.clamp_min(1e-12)   # divergence: a loss above it, or not finite
             if bool((~torch.isfinite(per_member) | (per_member > limit)).any()):
                 diverged_at = step

@@ -54,6 +54,14 @@ class NonFiniteVarianceError(ValueError, NanError):
     """
 
 
+class NonFiniteKernelError(ValueError, NanError):
+    """Finite inputs and variances gave a kernel that is not finite: its values overflow the dtype.
+
+    A ``ValueError`` and a ``NanError``, as :class:`NonFiniteVarianceError`, so that an optimizer
+    step into such variances is a failed step, not the end of a fit.
+    """
+
+
 @dataclass
 class BuildContext:
     """Where and how a finite twin is built: random stream, ensemble size, dtype and device.
@@ -177,7 +185,9 @@ class Layer(VarianceParameters, gpytorch.Module):
         # a caller's autocast (mixed-precision training) ran the recursion's products in bfloat16 and
         # returned float32 kernels 1 % off; kernels are computed in the inputs' dtype, as documented
         with _autocast_off(x1.device):
-            return self._kernel(x1, x2, diag, ntk, compile)
+            state = self._kernel(x1, x2, diag, ntk, compile)
+        _check_finite(state, x1, x2)
+        return state
 
     def _kernel(self, x1: Tensor, x2: Tensor | None, diag: bool, ntk: bool, compile: bool) -> KernelState:
         needs_graph = transforms_active() or (torch.is_grad_enabled() and (
@@ -321,6 +331,23 @@ def _upper_mirrored(m: Tensor) -> Tensor:
     n = m.shape[-1]
     upper = torch.ones(n, n, dtype=torch.bool, device=m.device).triu()
     return torch.where(upper, m, m.mT)
+
+
+
+def _check_finite(state: KernelState, x1: Tensor, x2: Tensor | None) -> None:
+    """:class:`NonFiniteKernelError` where the kernels overflowed their dtype (the squared norms of
+    inputs from ~1e19 in float32, or variances near the dtype's largest number): they were returned
+    as inf and NaN, and failed later in a Cholesky factor or not at all."""
+    if transforms_active() or _is_compiling():   # values are per-sample or symbolic there
+        return
+    kernels = {"NNGP": state.nngp, "NTK": state.ntk}
+    bad = [name for name, k in kernels.items() if k is not None and not all_finite(k)]
+    if bad:
+        largest = max(float(x.detach().abs().max()) for x in (x1, x2) if x is not None and x.numel())
+        what = f"{bad[0]} kernel overflows" if len(bad) == 1 else "NNGP and NTK kernels overflow"
+        raise NonFiniteKernelError(
+            f"The {what} {x1.dtype} (inputs of magnitude up to {largest:.3g}): rescale the inputs or the "
+            "variances" + ("" if x1.dtype == torch.float64 else ", or use float64") + ".")
 
 
 def _finalize(state: KernelState) -> KernelState:

@@ -279,6 +279,8 @@ class DenseModule(nn.Module):
                 self._init_weight(BuildContext(torch.Generator().manual_seed(self._lazy_seed), self.ensemble_size,
                                                like.dtype, like.device))
             self._lazy_like = None
+        elif x.shape[-1] != self.in_features:   # torch's "mat1 and mat2 shapes cannot be multiplied" otherwise
+            raise ValueError(f"This layer takes inputs of {self.in_features} feature(s), got shape {tuple(x.shape)}.")
         if self.input_scale is not None:
             x = x * self.input_scale
         out = torch.matmul(x, self.weight)

@@ -73,6 +73,8 @@ def check_points(x: Tensor, name: str) -> Tensor:
                          f"convert it with {name}.double() or {name}.float().")
     if x.shape[-1] == 0:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)}).")
+    if x.device.type == "meta":   # torch's "Tensor.item() cannot be called on meta tensors" otherwise
+        raise ValueError(f"{name} is on the meta device, which holds shapes but no values: nothing to compute with.")
     # under vmap the values are per-sample: no data-dependent check can run there
     if not is_vmapped(x) and not all_finite(x):
         raise ValueError(f"{name} contains NaN or infinite values.")

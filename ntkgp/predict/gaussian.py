@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ntkgp.layers.base import Layer, variance_batch_shapes
+from ntkgp.layers.base import Layer, NonFiniteKernelError, variance_batch_shapes
 from ntkgp.layers.validation import all_finite, check_points, finite_number
 
 
@@ -107,12 +109,15 @@ def check_test_points(x_test: Tensor, d: int, device: torch.device | None = None
         raise ValueError(f"x_test must have shape (M, {d}), got {tuple(x_test.shape)}.")
 
 
-def check_finite_kernel(kernel: Tensor, name: str) -> None:
-    """``ValueError`` unless every entry of ``kernel`` is finite (finite inputs can still overflow:
-    ``|x|²`` exceeds the dtype's range from ``|x| ~ 1e154`` in float64, ``1e19`` in float32)."""
-    if not all_finite(kernel):
-        raise ValueError(f"The {name} kernel is not finite: the inputs are too large for its dtype (their "
-                         f"squared norms overflow); rescale them.")
+@contextmanager
+def named_kernels(name: str) -> Iterator[None]:
+    """Kernels that overflow inside (finite inputs can: ``|x|²`` exceeds the dtype's range from
+    ``|x| ~ 1e154`` in float64, ``1e19`` in float32) say which of the predictor's kernels they are."""
+    try:
+        yield
+    except NonFiniteKernelError as error:
+        message = str(error)
+        raise NonFiniteKernelError(f"The {name} kernel is not finite: {message[:1].lower()}{message[1:]}") from None
 
 
 def check_covariance_range(prior: Tensor, out_dtype: torch.dtype) -> None:

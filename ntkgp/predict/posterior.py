@@ -31,10 +31,10 @@ from ntkgp.predict.gaussian import (
     Gaussian,
     check_covariance_range,
     check_factor_dtype,
-    check_finite_kernel,
     check_non_negative,
     check_test_points,
     check_training_data,
+    named_kernels,
     prior_scale,
 )
 from ntkgp.predict.gradient_flow import GradientFlow, _symmetric
@@ -84,10 +84,9 @@ class GPPosterior:
         self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).detach().to(factor_dtype, copy=True)
         # copies (of y too), as in GradientFlow: a caller's later in-place edit must not reach them
         self.x_factor = x_train.to(factor_dtype, copy=True)
-        with torch.no_grad():
+        with torch.no_grad(), named_kernels("training"):
             k = net.kernel(self.x_factor, ntk=kernel == "ntkgp")
         prior = k.ntk if kernel == "ntkgp" else k.nngp
-        check_finite_kernel(prior, "training")
         self.prior_dd = regularize(prior, self.noise, absolute=True)
 
     @cached_property
@@ -101,16 +100,14 @@ class GPPosterior:
         check_test_points(x_test, self.x_train.shape[-1], self.x_train.device)
         want_ntk = self.kind == "ntkgp"
         x_test = x_test.to(self.factor_dtype)
-        with torch.no_grad():
+        with torch.no_grad(), named_kernels("test"):
             cross = self.net.kernel(x_test, self.x_factor, ntk=want_ntk)
             c_td = cross.ntk if want_ntk else cross.nngp
-            check_finite_kernel(c_td, "test")
             mean = c_td @ cholesky_solve(self.y, self._cholesky)
             cov, scale = None, None
             if compute_cov:
                 test = self.net.kernel(x_test, ntk=want_ntk)
                 c_tt = test.ntk if want_ntk else test.nngp
-                check_finite_kernel(c_tt, "test")
                 check_covariance_range(c_tt, self.dtype)
                 w = torch.linalg.solve_triangular(self._cholesky, c_td.mT, upper=False)
                 cov, scale = _symmetric(c_tt - w.mT @ w).to(self.dtype), prior_scale(c_tt)
