@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import pathlib
 import re
 import sys
 import warnings
@@ -81,24 +82,30 @@ def _options(text: object, spec: bool = False) -> str:
 
 
 @contextlib.contextmanager
-def _current_folder_importable() -> Iterator[None]:
+def _folders_importable(spec: str | None) -> Iterator[None]:
     """The current folder on ``sys.path`` while the block runs, as ``python -m ntkgp`` has it for the
     whole process and the ``ntkgp`` script does not: a ``--spec MODULE:FUNCTION`` (and what the
-    function imports when it is called) is found the same way under both."""
-    folder = os.getcwd()
-    added = "" not in sys.path and folder not in sys.path
-    if added:
-        sys.path.insert(0, folder)
+    function imports when it is called) is found the same way under both. A ``--spec FILE.py:FUNCTION``
+    puts the file's folder first, as ``python FILE.py`` does: the file imports its neighbours. Both stay
+    for the whole comparison, not the import alone, since the spec is called (and may import) while the
+    networks are built; they are removed afterwards, so no later import finds the user's files."""
+    folders = [os.getcwd()] if "" not in sys.path else []
+    file = _spec_file(spec) if spec is not None else None
+    if file is not None:
+        folders.insert(0, str(file.resolve().parent))
+    added = [folder for folder in dict.fromkeys(folders) if folder not in sys.path]
+    sys.path[:0] = added
     try:
         yield
     finally:
-        if added and folder in sys.path:
-            sys.path.remove(folder)
+        for folder in added:
+            if folder in sys.path:
+                sys.path.remove(folder)
 
 
 def compare(args: argparse.Namespace) -> int:
     """Train finite ensembles, compare them with the infinite-width predictions, write a report."""
-    with _current_folder_importable():
+    with _folders_importable(args.spec):
         return _compare(args)
 
 
@@ -164,7 +171,6 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _writable_folder(path: str) -> None:
     """Create the report folder now, so that a bad ``--out`` fails before hours of training."""
-    import pathlib
     import tempfile
 
     folder = pathlib.Path(path)
@@ -183,16 +189,16 @@ def _writable_folder(path: str) -> None:
 
 def load_spec(text: str):
     """The function named by ``--spec``: ``FILE.py:NAME`` (a Python file, run as a module of its own) or
-    ``MODULE:NAME`` (an importable module); ``ValueError`` for a name that does not resolve."""
+    ``MODULE:NAME`` (an importable module); ``ValueError`` for a name that does not resolve. The file's
+    neighbours are importable under :func:`compare` (see :func:`_folders_importable`)."""
     import importlib
     import importlib.util
-    import pathlib
 
     where, colon, name = text.rpartition(":")
     if not colon or not where or not name.isidentifier():
         raise ValueError(f"--spec must be FILE.py:FUNCTION or MODULE:FUNCTION, got {text!r}.")
-    if where.endswith(".py") or os.sep in where or "/" in where:
-        path = pathlib.Path(where)
+    path = _spec_file(text)
+    if path is not None:
         if not path.is_file():
             raise ValueError(f"--spec: no file {where!r}.")
         found = importlib.util.spec_from_file_location(f"_ntkgp_spec_{path.stem}", path)
@@ -209,6 +215,12 @@ def load_spec(text: str):
     if not callable(function):
         raise ValueError(f"--spec: {where} has no function {name!r}.")
     return function
+
+
+def _spec_file(text: str) -> pathlib.Path | None:
+    """The Python file a ``--spec`` names (``FILE.py:NAME``, or a path), or ``None`` for a module name."""
+    where = text.rpartition(":")[0]
+    return pathlib.Path(where) if where.endswith(".py") or os.sep in where or "/" in where else None
 
 
 def _add_compare(sub) -> None:

@@ -703,7 +703,7 @@ def test_csv_lines_of_spaces_are_empty_lines_and_errors_are_ours(tmp_path):
     d = load_dataset(str(tmp_path / "spaces.csv"))
     assert d.x_train[:, 0].tolist() == [0.0, 1.0, 2.0] and d.y_train[:, 0].tolist() == [0.0, 1.0, 4.0]
     (tmp_path / "ragged.csv").write_text("0,0\n1,1\n2\n")
-    with pytest.raises(ValueError, match="at row 3") as error:
+    with pytest.raises(ValueError, match="line 3 has 1 columns, line 1 has 2") as error:
         load_dataset(str(tmp_path / "ragged.csv"))
     assert "usecols" not in str(error.value)
 
@@ -1075,3 +1075,102 @@ def test_a_spec_whose_activation_needs_values_is_not_refused_by_the_early_output
     result = run_comparison(sin_dataset(), CompareConfig(widths=(16,), ensemble_size=4, record_steps=(0, 3),
                                                          spec=spec, divergence_check=False, progress=False))
     assert result.widths[0].steps == [0, 3]
+
+
+_TINY_CLI = ["--widths", "16", "--ensemble-size", "4", "--steps", "0", "10", "--no-divergence-check", "--no-progress"]
+
+
+def test_a_spec_file_imports_the_modules_beside_it(tmp_path, capsys, monkeypatch):
+    """``--spec sub/nets.py:net`` whose file does ``from helper import block`` (helper.py beside it) was a
+    ModuleNotFoundError, although ``python sub/nets.py`` finds it. The folder stays on sys.path for the
+    whole comparison, so a module the function imports when called is found too, and is removed after."""
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "beside_helper.py").write_text("import ntkgp\n\n\ndef block(n):\n    return ntkgp.Dense(n, 2.0, 0.01)\n")
+    (sub / "beside_lazy.py").write_text("import ntkgp\n\n\ndef net(n):\n    return ntkgp.mlp(1, 'erf', width=n)\n")
+    (sub / "beside_nets.py").write_text(
+        "import ntkgp\nfrom beside_helper import block\n\n\ndef net(n):\n"
+        "    return ntkgp.serial(block(n), ntkgp.Erf(), ntkgp.Dense(1, 1.0, 0.01))\n\n\n"
+        "def later(n):\n    import beside_lazy\n    return beside_lazy.net(n)\n")
+    monkeypatch.chdir(tmp_path)
+    for module in ("beside_helper", "beside_lazy"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    before = list(sys.path)
+    for name in ("net", "later"):
+        assert main(["compare", "--spec", f"sub/beside_nets.py:{name}", *_TINY_CLI, "--out", str(tmp_path / name)]) == 0
+        assert sys.path == before
+    capsys.readouterr()
+
+
+def test_a_spec_that_takes_no_width_gets_one_line_and_the_spec_s_own_type_errors_keep_theirs(tmp_path, capsys):
+    # def nowidth(): ... was a TypeError traceback from inside the harness
+    (tmp_path / "nets.py").write_text(_SPEC_FILE + "\n\ndef nowidth():\n    return ntkgp.serial(ntkgp.Dense(1))\n")
+    assert main(["compare", "--spec", f"{tmp_path / 'nets.py'}:nowidth", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: spec must be a function of the hidden width.*nowidth\(\) cannot be called with one "
+                     "argument", err) and err.count("\n") == 1, err
+
+    def wrong(n):
+        raise TypeError("the spec's own")   # an error of the spec's code, not of its signature: not replaced
+
+    with pytest.raises(TypeError, match="the spec's own"):
+        CompareConfig(widths=(16,), spec=wrong)
+    CompareConfig(widths=(16, 32), spec=lambda n, depth=1: ntkgp.mlp(depth, "erf", width=n))   # a default is fine
+
+
+def test_csv_errors_name_the_file_s_line_numbers(tmp_path):
+    # numpy counted data rows from 0 in a conversion error ("row 2" for line 5) and lines in a ragged one
+    (tmp_path / "bad.csv").write_text("# h\n0,0\n\n1,1\n1,x\n")
+    with pytest.raises(ValueError, match=r"line 5, column 2: could not convert string 'x'"):
+        load_dataset(str(tmp_path / "bad.csv"))
+    (tmp_path / "ragged.csv").write_text("# h\n\n0,0\n  \n1,1,2\n")
+    with pytest.raises(ValueError, match="line 5 has 3 columns, line 3 has 2") as error:
+        load_dataset(str(tmp_path / "ragged.csv"))
+    assert "header" not in str(error.value)   # the hint is for a value that is not a number
+
+
+def test_csv_header_may_be_indented(tmp_path):
+    # "  # x,y" left numpy a line of spaces: "could not convert string '  '"
+    (tmp_path / "indent.csv").write_text("  # x,y\n0,0\n\t# note\n1,1\n")
+    assert load_dataset(str(tmp_path / "indent.csv")).y_train[:, 0].tolist() == [0.0, 1.0]
+
+
+def test_npz_1d_hint_only_where_one_point_would_fit(tmp_path):
+    # 5 points of one input saved 1-D, with a y_test of 3 entries: the hint about one point in R^d
+    # was appended although reading x as one point would not help
+    x = np.linspace(0, 1, 5)
+    np.savez(tmp_path / "ytest.npz", x_train=x, y_train=x, x_test=x, y_test=np.ones(3))
+    with pytest.raises(ValueError, match="y_test must hold one target per test point") as error:
+        load_dataset(str(tmp_path / "ytest.npz"))
+    assert "1-D" not in str(error.value)
+
+
+def test_dataset_file_messages_and_description(tmp_path):
+    np.savez(tmp_path / "named.npz", X=np.ones((3, 1)), Y=np.ones(3))
+    with pytest.raises(ValueError, match=r"lacks arrays \['x_test', 'x_train', 'y_train'\]; it holds \['X', 'Y'\]"):
+        load_dataset(str(tmp_path / "named.npz"))
+    (tmp_path / "folder.csv").mkdir()
+    with pytest.raises(ValueError, match="is a directory") as error:
+        load_dataset(str(tmp_path / "folder.csv"))
+    assert "header" not in str(error.value)
+    # sizes as the built-in datasets give them ("5 noisy samples ..., 50 test points"), not "from FILE" alone
+    (tmp_path / "two.csv").write_text("0,1,2\n1,0,3\n2,2,4\n")
+    np.savez(tmp_path / "one.npz", x_train=np.ones(1), y_train=np.ones(1), x_test=np.zeros((4, 1)))
+    assert load_dataset(str(tmp_path / "two.csv")).description.startswith(
+        "3 training points of 2 inputs, 3 test points (the training inputs) from")
+    assert load_dataset(str(tmp_path / "one.npz")).description.startswith(
+        "1 training point of 1 input, 4 test points from")
+
+
+def test_figures_of_layers_that_did_not_move_leak_no_warning(tmp_path, capsys):
+    """Inputs ~1e30 saturate the erf layers: every weight change is 0, and the log-log figure printed
+    matplotlib's "Data has no positive values, and therefore cannot be log-scaled" into the CLI output."""
+    x = np.linspace(-1e30, 1e30, 5)[:, None]
+    np.savez(tmp_path / "large.npz", x_train=x, y_train=np.sin(x[:, 0] / 1e30), x_test=x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["compare", "--dataset", str(tmp_path / "large.npz"), *_TINY_CLI, "--widths", "16", "32",
+                     "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "ntkgp compare: 5 training points of 1 input, 5 test points from" in out
+    assert "scaling.png" in (tmp_path / "r" / "report.md").read_text()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import math
 import pathlib
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -111,9 +113,9 @@ def load_dataset(source: str) -> Dataset:
       ``(M, d)`` (and optionally ``y_test``, drawn in the figures); 1-D arrays hold one value per
       point (``x`` of shape ``(N,)`` is ``N`` points of one input);
     * ``.csv`` (comma-separated numbers, UTF-8 with or without a byte-order mark; a header line
-      must start with ``#``): every row a training point, the last column its one target; the
-      test points are a grid of 100 over the range of a 1-D input widened by 10 % on each side (to
-      show extrapolation), or the training inputs themselves otherwise.
+      must start with ``#``, after spaces if any): every row a training point, the last column its
+      one target; the test points are a grid of 100 over the range of a 1-D input widened by 10 % on
+      each side (to show extrapolation), or the training inputs themselves otherwise.
     """
     if source == "sin":
         return sin_dataset()
@@ -125,6 +127,8 @@ def load_dataset(source: str) -> Dataset:
         if suffix in (".csv", ".npz"):
             raise ValueError(f"Dataset file {source!r} does not exist.")
         raise ValueError(f"Unknown dataset {source!r}: use 'sin', 'circle' or a path to a .csv/.npz file.")
+    if path.is_dir():   # read_bytes said "Is a directory" under a hint about header lines
+        raise ValueError(f"Dataset {source!r} is a directory, not a .csv or .npz file.")
     if suffix == ".npz":
         if not zipfile.is_zipfile(path):
             raise ValueError(f"{path} is not an .npz archive (numpy.savez writes one).")
@@ -132,29 +136,19 @@ def load_dataset(source: str) -> Dataset:
             data = np.load(path)
         except (OSError, ValueError) as error:
             raise ValueError(f"Cannot read {path} as an .npz archive: {error}") from None
-        missing = {"x_train", "y_train", "x_test"} - set(data.files)
-        if missing:
-            raise ValueError(f"{path} lacks arrays {sorted(missing)}.")
-        arrays = {k: _real_array(data, k, path) for k in ("x_train", "y_train", "x_test", "y_test") if k in data.files}
+        with data:   # closed when read (or refused), not left to the garbage collector's ResourceWarning
+            missing = {"x_train", "y_train", "x_test"} - set(data.files)
+            if missing:
+                raise ValueError(f"{path} lacks arrays {sorted(missing)}; it holds {sorted(data.files)}.")
+            arrays = {k: _real_array(data, k, path) for k in ("x_train", "y_train", "x_test", "y_test")
+                      if k in data.files}
         x_train, x_test = _as_2d(arrays["x_train"]), _as_2d(arrays["x_test"])
         y_train = _as_2d(arrays["y_train"])
         y_test = _as_2d(arrays["y_test"]) if "y_test" in arrays else None
         flat = [k for k in ("x_train", "x_test") if arrays[k].dim() == 1]
+        tests = ""
     elif suffix == ".csv":
-        try:
-            # Excel's "CSV UTF-8" starts the file with a byte-order mark, which would be read as part
-            # of the first number (or hide a "#" header); outside comments the text is ASCII anyway
-            text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="replace")
-            with warnings.catch_warnings():   # numpy's "input contained no data": raised below instead
-                warnings.simplefilter("ignore", UserWarning)
-                # a line of spaces (often the last) as an empty line, which numpy skips but counts, so
-                # that its row numbers stay the file's
-                lines = [line if line.strip() else "" for line in text.splitlines()]
-                table = np.loadtxt(lines, delimiter=",", comments="#", ndmin=2)
-        except (OSError, ValueError) as error:
-            reason = str(error).split("; use `usecols`")[0]   # numpy's advice is for its own API
-            raise ValueError(f"Cannot read {path} as comma-separated numbers (a header line must start "
-                             f"with #): {reason}") from None
+        table = _read_csv(path)
         if table.size == 0:   # an empty file or comments only (np.loadtxt returns shape (0, 1))
             raise ValueError(f"{path} has no data rows (every line is empty or a '#' comment).")
         if table.shape[1] < 2:
@@ -169,18 +163,86 @@ def load_dataset(source: str) -> Dataset:
             x_test = x_train.clone()
         y_test = None
         flat = []
+        tests = " (a grid over the input)" if x_train.shape[1] == 1 else " (the training inputs)"
     else:
         raise ValueError(f"Unsupported file type {path.suffix!r}; use .csv or .npz.")
     for name, t in (("x_train", x_train), ("y_train", y_train), ("x_test", x_test), ("y_test", y_test)):
         if t is not None and not all_finite(t):
             raise ValueError(f"{name} in {path} contains NaN or infinite values.")
     try:
-        return Dataset(path.stem, x_train, y_train, x_test, y_test, f"from {path}")
+        dataset = Dataset(path.stem, x_train, y_train, x_test, y_test)
     except ValueError as error:
-        # the shapes in the message are after reshaping: say how a 1-D array was read
+        # the shapes in the message are after reshaping: say how a 1-D array was read, where reading
+        # it as one point instead would have made the shapes consistent (elsewhere it is not the cause)
         hint = "".join(f" ({k} was 1-D, shape {tuple(arrays[k].shape)}, read as {arrays[k].shape[0]} points of one "
-                       f"input; one point in R^d needs shape (1, d))" for k in flat)
+                       f"input; one point in R^d needs shape (1, d))" for k in _misread(arrays, flat))
         raise ValueError(f"{path}: {error}{hint}") from None
+    # the sizes, as the built-in datasets' descriptions give them (the CLI's first line, the report)
+    n, m, d = dataset.x_train.shape[0], dataset.x_test.shape[0], dataset.x_train.shape[1]
+    return dataclasses.replace(dataset, description=f"{_count(n, 'training point')} of {_count(d, 'input')}, "
+                                                 f"{_count(m, 'test point')}{tests} from {path}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _misread(arrays: dict[str, Tensor], flat: list[str]) -> list[str]:
+    """The 1-D x arrays of ``flat`` whose reading as one point, ``(1, d)``, makes the dataset's shapes
+    consistent: those a hint names (an unrelated error, e.g. a y_test of the wrong length, gets none)."""
+    y_test = _as_2d(arrays["y_test"]) if "y_test" in arrays else None
+    for keys in [[k] for k in flat] + ([flat] if len(flat) > 1 else []):
+        x = {k: arrays[k].reshape(1, -1) if k in keys else _as_2d(arrays[k]) for k in ("x_train", "x_test")}
+        try:
+            Dataset("", x["x_train"], _as_2d(arrays["y_train"]), x["x_test"], y_test)
+        except ValueError:
+            continue
+        return keys
+    return []
+
+
+def _read_csv(path: pathlib.Path) -> np.ndarray:
+    """The numbers of a ``.csv`` file as an ``(N, columns)`` array, or a ``ValueError`` that names the
+    file and the line (1-based, as an editor counts them) numpy refused."""
+    try:
+        # Excel's "CSV UTF-8" starts the file with a byte-order mark, which would be read as part
+        # of the first number (or hide a "#" header); outside comments the text is ASCII anyway
+        text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="replace")
+    except OSError as error:
+        raise ValueError(f"Cannot read {path}: {error.strerror or error}") from None
+    # a line with nothing but spaces before its "#" (a line of spaces, often the last, or an indented
+    # header) as an empty line: numpy read it as a row of one empty column
+    lines = [line if line.partition("#")[0].strip() else "" for line in text.splitlines()]
+    try:
+        with warnings.catch_warnings():   # numpy's "input contained no data": raised by the caller instead
+            warnings.simplefilter("ignore", UserWarning)
+            return np.loadtxt(lines, delimiter=",", comments="#", ndmin=2)
+    except ValueError as error:
+        # numpy's "row" is the data row (from 0) in a conversion error and the line in a ragged one:
+        # find the line again one at a time (only on this error path, so large files stay fast)
+        reason = _bad_line(lines) or str(error).split("; use `usecols`")[0]   # numpy's advice is for its own API
+        raise ValueError(f"Cannot read {path} as comma-separated numbers: {reason}") from None
+
+
+def _bad_line(lines: list[str]) -> str | None:
+    """What is wrong with the first line numpy refuses, named by its 1-based line number."""
+    first = None   # (line number, columns) of the first data line
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            row = np.loadtxt([line], delimiter=",", comments="#", ndmin=2)
+        except ValueError as error:
+            message = str(error)
+            column = re.search(r" at row \d+, column (\d+)\.?$", message)
+            where = f"line {number}, column {column[1]}" if column else f"line {number}"
+            # a header line is the usual non-number: say how one is written
+            return f"{where}: {message[:column.start()] if column else message} (a header line must start with #)"
+        if first is None:
+            first = (number, row.shape[1])
+        elif row.shape[1] != first[1]:
+            return f"line {number} has {row.shape[1]} columns, line {first[0]} has {first[1]}"
+    return None
 
 
 def _real_array(data, name: str, path: pathlib.Path) -> Tensor:

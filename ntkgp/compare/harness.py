@@ -31,6 +31,7 @@ the exact discrete-time predictions of :class:`ntkgp.predict.GradientFlow` (Lee 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import numbers
 import re
@@ -155,6 +156,7 @@ class CompareConfig:
             if not callable(self.spec):
                 raise ValueError(f"spec must be a function of the hidden width that returns a network spec, got "
                                  f"{type(self.spec).__name__}.")
+            _takes_a_width(self.spec)
             replaced = [name for name in MLP_FIELDS if getattr(self, name) != getattr(CompareConfig, name)]
             if replaced:
                 fields = f"{', '.join(MLP_FIELDS[:-1])} and {MLP_FIELDS[-1]}"
@@ -180,6 +182,21 @@ class CompareConfig:
         if not isinstance(net, Layer):
             raise ValueError(f"spec({width}) must return an ntkgp network spec (a Layer), got {type(net).__name__}.")
         return ntk_parameterized(net) if ntk_twin else net
+
+
+def _takes_a_width(spec: Callable) -> None:
+    """A ``ValueError`` for a spec that cannot be called with one argument (``def net(): ...``), read from
+    its signature: catching the call's TypeError instead would hide the TypeErrors of the spec's own code."""
+    try:
+        signature = inspect.signature(spec)
+    except (TypeError, ValueError):   # no signature to read (some built-ins): the call itself tells
+        return
+    try:
+        signature.bind(1)
+    except TypeError:
+        name = getattr(spec, "__qualname__", type(spec).__name__)
+        raise ValueError(f"spec must be a function of the hidden width, called as spec(width): "
+                         f"{name}{signature} cannot be called with one argument.") from None
 
 
 @dataclass

@@ -90,6 +90,15 @@ def _finite_or_null(value):
     return value
 
 
+def _log_values(values):
+    """``values`` as an array with those a log axis cannot show (zero, negative) as NaN, where a
+    line breaks: a bias estimated as 0, a layer that did not move."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    return np.where(values > 0, values, np.nan)
+
+
 def _limit_name(r: ComparisonResult) -> str:
     """What the ensembles are compared with: the NTK-GP, or the NNGP gradient flow (readout only)."""
     return "NNGP" if r.kernel == "nngp" else "NTK-GP"
@@ -238,11 +247,10 @@ def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
         widths = np.asarray([w.width for w in complete], dtype=float)
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for colour, i in enumerate(shown):
-            # a bias estimated as 0 has no place on a log axis: the line breaks there
-            bias = np.asarray([w.mean_bias[i] for w in complete])
-            axes[0].loglog(widths, np.where(bias > 0, bias, np.nan), "o-", color=f"C{colour}",
+            axes[0].loglog(widths, _log_values([w.mean_bias[i] for w in complete]), "o-", color=f"C{colour}",
                            label=f"step {r.steps[i]}")
-            axes[0].loglog(widths, [w.mean_bias_noise[i] for w in complete], ":", color=f"C{colour}", lw=1)
+            axes[0].loglog(widths, _log_values([w.mean_bias_noise[i] for w in complete]), ":", color=f"C{colour}",
+                           lw=1)
         axes[0].set_xlabel("width")
         axes[0].set_ylabel("bias of the ensemble mean")
         axes[0].set_title("mean error vs width (dotted: noise level)")
@@ -250,19 +258,32 @@ def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
         series = [("ntk_change", [w.ntk_change[-1] for w in complete], "NTK", "s-")]
         series += [(f"{g}_weight_change", [w.layer_change[g][-1] for w in complete], f"{g} weights", "o-")
                    for g in complete[0].layer_change]
-        for key, values, label, marker in series:
+        # a series with no positive value (no change at all, e.g. under inputs of 1e30 that saturate
+        # the first layer) has nothing to draw: matplotlib warned "Data has no positive values" into
+        # the CLI's output; the figure names it instead
+        series = [(key, _log_values(values), label, marker) for key, values, label, marker in series]
+        flat = [label for _, values, label, _ in series if np.isnan(values).all()]
+        drawn = [s for s in series if not np.isnan(s[1]).all()]
+        for key, values, label, marker in drawn:
             slope = r.slopes.get(key, float("nan"))
             axes[1].loglog(widths, values, marker, label=f"{label} (slope {slope:.2f})")
-        top = max(max(v) for _, v, _, _ in series)
-        axes[1].loglog(widths, top * (widths / widths[0]) ** -0.5, "k:", label="∝ width^(−1/2)")
-        axes[1].loglog(widths, top * (widths / widths[0]) ** -1.0, "k--", label="∝ width^(−1)")
+        if drawn:
+            top = max(np.nanmax(v) for _, v, _, _ in drawn)
+            axes[1].loglog(widths, top * (widths / widths[0]) ** -0.5, "k:", label="∝ width^(−1/2)")
+            axes[1].loglog(widths, top * (widths / widths[0]) ** -1.0, "k--", label="∝ width^(−1)")
+            axes[1].legend(fontsize=8)
+        else:   # the widths' axis as in the other panel
+            axes[1].set_xscale("log")
+            axes[1].set_xlim(widths[0] / 1.2, widths[-1] * 1.2)
+        if flat:
+            axes[1].text(0.02, 0.02, f"no positive change, not drawn: {', '.join(flat)}", fontsize=7,
+                         transform=axes[1].transAxes)
         axes[1].set_ylabel("relative change")
         axes[1].set_xlabel("width")
         for ax in axes:  # label the widths themselves: log-axis minor labels overlap
             ax.set_xticks(widths, [str(int(w)) for w in widths])
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axes[1].set_title(f"lazy training at step {r.steps[-1]}")
-        axes[1].legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "scaling.png", dpi=110)
         plt.close(fig)
