@@ -18,8 +18,8 @@ The kernel is compiled on first use with the system's C compiler (``$CC``, else 
 or ``clang``) for this CPU (``-march=native``) and cached under ``$NTKGP_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/ntkgp``, that is ``~/.cache/ntkgp``), keyed by the source, the flags, the
 compiler and the CPU, each library beside its SHA-256 digest: one that does not match (a copy cut
-short) or has none is rebuilt, never loaded. Without a working compiler ``train_ensemble`` uses the stacked
-step.
+short) or has none is rebuilt, never loaded. Without a working compiler ``train_ensemble`` uses
+the stacked step.
 """
 
 from __future__ import annotations
@@ -109,17 +109,13 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _intact(path: Path) -> bool | None:
-    """Whether the cached library at ``path`` is the one written beside its digest (``None``: no
-    digest, a cache from before digests): ``dlopen`` of a truncated library (a copy cut short, a
-    crash between write and flush) killed the process with a bus error, in every later process too."""
+def _intact(path: Path) -> bool:
+    """Whether the cached library at ``path`` is the one written beside its digest (no digest: not
+    known to be, as for a cache from before digests): ``dlopen`` of a truncated library (a copy cut
+    short, a crash between write and flush) killed the process with a bus error, in every later process too."""
     try:
-        expected = Path(f"{path}.sha256").read_text().strip()
-    except OSError:
-        return None
-    try:
-        return expected == _digest(path)
-    except OSError:
+        return Path(f"{path}.sha256").read_text().strip() == _digest(path)
+    except OSError:   # no digest, or no library
         return False
 
 
@@ -159,7 +155,7 @@ def _compile(dtype: torch.dtype) -> ctypes.CDLL | str:
         # built before, and whole: a library without its digest (from before digests, or whose
         # digest was lost) is compiled again, also where the cache is read-only, since loading one
         # cut short killed the process with a bus error
-        if (cache / name).exists() and _intact(cache / name):
+        if _intact(cache / name):
             try:
                 return _load(cache / name)
             except OSError as error:

@@ -415,9 +415,8 @@ class _Changes:
         total, per_group = self._norms((n, p.detach().sub(self.initial[n]).square_())
                                        for n, p in self.params.items())
         norm0, group0 = self.initial_norms
-        # a group of variance-0 rows alone holds nothing that can move: change 0, not 0/0
-        return _relative(total, norm0), {g: torch.where(group0[g] > 0, per_group[g] / group0[g], 0)
-                                         for g in self.groups}
+        # a group of variance-0 rows alone holds nothing that can move (left out of both norms): 0, not 0/0
+        return _relative(total, norm0), {g: _relative(per_group[g], group0[g]) for g in self.groups}
 
 
 def _relative(change: Tensor, initial: Tensor) -> Tensor:

@@ -333,7 +333,6 @@ def _upper_mirrored(m: Tensor) -> Tensor:
     return torch.where(upper, m, m.mT)
 
 
-
 def _check_finite(state: KernelState, x1: Tensor, x2: Tensor | None) -> None:
     """:class:`NonFiniteKernelError` where the kernels overflowed their dtype (the squared norms of
     inputs from ~1e19 in float32, or variances near the dtype's largest number): they were returned
