@@ -44,15 +44,22 @@ def main() -> None:
     resid = np.asarray(pp).reshape(s, m, k) - f
     assert abs(resid.var() / noise - 1) < 0.05, resid.var()
     assert np.allclose(np.asarray(data["posterior"]["f"]).reshape(s, m, k), f)
-    # Leaving a point out can only lower its predictive density: harmonic mean <= arithmetic mean
-    # of p(y_i | f_s) for plain importance sampling, which PSIS smooths, so elpd_loo < lppd.
-    one = draws_to_inference_data(f[:, :, 0], y[:, 0], noise, seed=2)
+    # PSIS-LOO against its exact value: latent draws f_i ~ N(mu_i, tau^2) reweighted by 1/p(y_i | f_i)
+    # give elpd_i = -log E[1/N(y_i | f_i, noise)] = -1/2 log(2 pi noise) + 1/2 log(v / noise)
+    # - (y_i - mu_i)^2 / (2 v), v = noise - tau^2. Over 12 seeds (400 draws, 30 points, Pareto k <= 0.69)
+    # |elpd_loo - exact| <= 0.22, while it lies 1.1-2.2 below the in-sample lppd and 28 from a density
+    # without its log(2 pi) term.
+    tau, mu = 0.1, np.linspace(-1, 1, m)
+    f1 = rng.normal(size=(s, m)) * tau + mu
+    y1 = mu + rng.normal(size=m) * math.sqrt(noise)
+    one = draws_to_inference_data(f1, y1, noise, seed=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loo = az.loo(one)
     elpd = float(getattr(loo, "elpd_loo", getattr(loo, "elpd", np.nan)))
-    lppd = float(np.log(np.exp(expected[:, :, 0]).mean(0)).sum())
-    assert math.isfinite(elpd) and elpd < lppd, (elpd, lppd)
+    v = noise - tau**2
+    exact = float((-0.5 * math.log(2 * math.pi * noise) + 0.5 * math.log(v / noise) - (y1 - mu) ** 2 / (2 * v)).sum())
+    assert abs(elpd - exact) < 0.5, (elpd, exact)
     assert "torch" not in sys.modules
     print(f"ok arviz {az.__version__} (major {arviz_major_version()}), {type(data).__name__}, elpd_loo {elpd:.3f}")
 

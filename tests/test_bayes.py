@@ -176,11 +176,16 @@ def test_arviz_plots_run_on_the_export(tmp_path):
     data = bayes.gaussian_to_inference_data(post, y, 0.1, num_draws=200)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        az.plot_ppc(data, num_pp_samples=20)
-        az.plot_loo_pit(data, y="y")
-    plt.savefig(tmp_path / "ppc.png")
+        ppc = az.plot_ppc(data, num_pp_samples=20)
+        pit = az.plot_loo_pit(data, y="y")
+        pit_values = np.asarray(az.loo_pit(data, y="y"))
+    # the plots draw what was exported: 20 predictive densities, the observed one and their mean,
+    # all finite (a blank figure saves as ~2.4 kB, so the file's size said nothing)
+    ppc_lines = [line for line in ppc.get_lines() if len(line.get_xdata())]
+    assert len(ppc_lines) >= 22 and "Posterior predictive mean" in [line.get_label() for line in ppc_lines]
+    assert all(np.isfinite(np.asarray(line.get_ydata(), float)).all() for line in ppc_lines + pit.get_lines())
+    assert pit_values.shape == (len(y),) and ((pit_values >= 0) & (pit_values <= 1)).all()
     plt.close("all")
-    assert (tmp_path / "ppc.png").stat().st_size > 1000
 
 
 def test_ensemble_export_members_are_the_draws():
@@ -425,9 +430,14 @@ def test_metrics_validate_inputs():
     # a (k,) variance read per output when M != k but per point when M == k: refused, (1, k) says it
     with pytest.raises(ValueError, match=r"pass shape \(1, 2\)"):
         bayes.nlpd(np.zeros((3, 2)), np.ones(2), np.zeros((3, 2)))
-    per_output = bayes.nlpd(np.zeros((2, 2)), np.array([[1.0, 4.0]]), np.zeros((2, 2)))
-    per_point = bayes.nlpd(np.zeros((2, 2)), np.array([1.0, 4.0]), np.zeros((2, 2)))
-    assert per_output == pytest.approx(per_point)          # same four densities, in another order
+    # (1, k) is one variance per output, (M,) one per point: with residuals that differ per entry
+    # the two orientations give different scores (zero residuals gave the same four densities)
+    residual = np.array([[0.0, 1.0], [0.0, 0.0]])   # entry (0, 1): variance 4 per output, 1 per point
+    per_output = bayes.nlpd(np.zeros((2, 2)), np.array([[1.0, 4.0]]), residual)
+    per_point = bayes.nlpd(np.zeros((2, 2)), np.array([1.0, 4.0]), residual)
+    log_terms = 0.5 * math.log(2 * math.pi) + 0.5 * math.log(4) / 2        # two of the four variances are 4
+    assert per_output == pytest.approx(log_terms + 0.5 * (1 / 4) / 4)
+    assert per_point == pytest.approx(log_terms + 0.5 * (1 / 1) / 4)
     with pytest.raises(ValueError, match="between 0 and 1"):
         bayes.interval_coverage([0.0], [1.0], [0.0], levels=[1.0])
     # zero outputs, (M, 0): every metric was a mean of nothing (NaN with numpy's warnings), and the
@@ -594,3 +604,31 @@ def test_per_member_noise_of_vector_outputs_is_not_read_per_point():
     np.testing.assert_allclose(var, members[:3].var(0) + noise[:, None], rtol=1e-15)
     _, var = bayes.ensemble_moments(members[..., 0], noise=noise[:, None])
     np.testing.assert_allclose(var, members[..., 0].var(0) + noise.mean(), rtol=1e-15)
+
+
+def test_scores_stay_finite_at_the_ends_of_float64():
+    # 2π σ² overflowed beyond σ² ~ 3e307 and residual² beyond ~1e154 (or vanished below 1e-162),
+    # where the density and the error are finite: nlpd was inf, rmse inf or 0
+    assert bayes.nlpd([0.0], [1e308], [0.0]) == pytest.approx(0.5 * (math.log(2 * math.pi) + 308 * math.log(10)))
+    assert bayes.gaussian_log_density(0.0, 0.0, 1e308) == pytest.approx(-bayes.nlpd([0.0], [1e308], [0.0]))
+    assert bayes.nlpd([0.0], [1e300], [1e155]) == pytest.approx(
+        0.5 * math.log(2 * math.pi) + 150 * math.log(10) + 0.5 * 1e10)
+    assert bayes.rmse([0.0, 0.0], [1e200, -1e200]) == pytest.approx(1e200)
+    assert bayes.rmse([0.0, 0.0], [3e-200, 4e-200]) == pytest.approx(math.sqrt(12.5) * 1e-200)
+    with pytest.raises(ValueError, match="overflows"):
+        bayes.rmse([-1e308], [1e308])
+
+
+def test_meta_tensors_and_negative_class_variances_are_refused_by_name():
+    meta = torch.zeros(3, device="meta")
+    with pytest.raises(ValueError, match="mean is on the meta device"):
+        bayes.rmse(meta, meta)
+    with pytest.raises(ValueError, match="meta device"):
+        bayes.sample_outputs(ntkgp.predict.Gaussian(meta, torch.eye(3, device="meta")), 5)
+    with pytest.raises(ValueError, match="noise is on the meta device"):
+        bayes.predictive_moments(ntkgp.predict.Gaussian(torch.zeros(3), torch.eye(3)),
+                                 noise=torch.zeros((), device="meta"))
+    # an (M, C) variance was averaged over classes before the sign check: -5 and 7 read as 1
+    with pytest.raises(ValueError, match="non-negative"):
+        bayes.misclassification_auroc(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]),
+                                      np.array([[-5.0, 7.0], [1.0, 1.0], [0.5, 0.5]]), [0, 0, 0])

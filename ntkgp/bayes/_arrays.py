@@ -16,6 +16,8 @@ from ntkgp._typing import ArrayLike
 def to_numpy(value: ArrayLike, name: str) -> np.ndarray:
     """``value`` (a torch tensor, numpy array or nested sequence) as a float64 numpy array."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch.Tensor, without importing torch
+        if value.device.type == "meta":   # torch's "Cannot copy out of meta tensor" otherwise
+            raise ValueError(f"{name} is on the meta device, which holds shapes but no values.")
         value = value.detach().cpu()
         if value.is_complex():
             raise ValueError(f"{name} must be real, got a {value.dtype} tensor.")

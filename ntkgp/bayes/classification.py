@@ -117,12 +117,12 @@ def misclassification_auroc(mean: ArrayLike, variance: ArrayLike, labels: ArrayL
     """
     scores = _class_scores(mean)
     var = finite(variance, "variance")
-    if var.ndim == 2 and var.shape == scores.shape:
-        var = var.mean(-1)
-    if var.shape != (scores.shape[0],):
+    if var.shape not in ((scores.shape[0],), scores.shape):
         raise ValueError(f"variance must have shape ({scores.shape[0]},) or {scores.shape}, got {var.shape}.")
-    if (var < 0).any():
+    if (var < 0).any():   # before the mean over classes, where a negative entry can hide
         raise ValueError(f"variance must be non-negative, got minimum {var.min():g}.")
+    if var.ndim == 2:
+        var = var.mean(-1)
     wrong = scores.argmax(-1) != _class_labels(labels, scores)
     if wrong.all() or not wrong.any():
         raise ValueError(f"{int(wrong.sum())} of {wrong.size} points are misclassified: the AUROC of "

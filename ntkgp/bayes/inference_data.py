@@ -53,7 +53,8 @@ def gaussian_log_density(y: ArrayLike, mean: ArrayLike, variance: ArrayLike) -> 
     y, mean, variance = (finite(v, name) for v, name in ((y, "y"), (mean, "mean"), (variance, "variance")))
     if not (variance > 0).all():
         raise ValueError("variance must be positive.")
-    return -0.5 * (np.log(2 * math.pi * variance) + (y - mean) ** 2 / variance)
+    # log 2π + log σ² and (r/σ)²: 2π σ² overflows beyond ~3e307 and r² beyond ~1e154
+    return -0.5 * (math.log(2 * math.pi) + np.log(variance) + ((y - mean) / np.sqrt(variance)) ** 2)
 
 
 def import_arviz() -> ModuleType:

@@ -8,7 +8,6 @@ Only numpy and scipy are used (no torch import).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,6 +16,7 @@ from scipy.stats import rankdata
 
 from ntkgp._typing import ArrayLike
 from ntkgp.bayes._arrays import finite, observations, variances
+from ntkgp.bayes.inference_data import gaussian_log_density
 
 #: Central-interval levels of :func:`interval_coverage`'s default.
 COVERAGE_LEVELS = (0.5, 0.9, 0.95)
@@ -27,7 +27,15 @@ CALIBRATION_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 def rmse(mean: ArrayLike, y: ArrayLike) -> float:
     r"""Root mean squared error ``sqrt( (1/M) Σ_i (y_i − μ_i)² )``."""
     mean, y = observations(mean, y)
-    return float(np.sqrt(np.mean((y - mean) ** 2)))
+    with np.errstate(over="ignore"):   # reported below as a ValueError
+        residual = y - mean
+    # scaled by the largest residual: squares of residuals beyond 1e154 overflow, below 1e-162 vanish
+    scale = np.abs(residual).max()
+    if not np.isfinite(scale):   # two finite values ~1e308 apart
+        raise ValueError("y - mean overflows float64; rescale the targets.")
+    if scale == 0:
+        return 0.0
+    return float(scale * np.sqrt(np.mean((residual / scale) ** 2)))
 
 
 def nlpd(mean: ArrayLike, variance: ArrayLike, y: ArrayLike) -> float:
@@ -42,7 +50,7 @@ def nlpd(mean: ArrayLike, variance: ArrayLike, y: ArrayLike) -> float:
     """
     mean, y = observations(mean, y)
     var = variances(variance, mean.shape)
-    return float(np.mean(0.5 * np.log(2 * math.pi * var) + 0.5 * (y - mean) ** 2 / var))
+    return float(-np.mean(gaussian_log_density(y, mean, var)))
 
 
 def _levels(levels: Sequence[float] | float, name: str = "levels") -> np.ndarray:

@@ -43,6 +43,8 @@ def select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None = Non
     if gaussian.covariance is None:
         raise ValueError("This Gaussian has no covariance: predict with compute_cov=True to sample from it.")
     cov, mean = gaussian.covariance, gaussian.mean
+    if "meta" in (cov.device.type, mean.device.type):   # "Tensor.item() cannot be called on meta tensors" later
+        raise ValueError("The Gaussian's mean or covariance is on the meta device, which holds shapes but no values.")
     if not cov.is_floating_point() or not mean.is_floating_point():   # torch.finfo failed on them later
         raise ValueError(f"The Gaussian's mean and covariance must be floating-point tensors, got {mean.dtype} "
                          f"and {cov.dtype}.")

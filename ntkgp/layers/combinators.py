@@ -108,6 +108,12 @@ class Parallel(Layer):
 
     A layer instance used in several branches (or places) shares its hyperparameters; the finite
     twin draws independent weights for each use, as :func:`repeat` does.
+
+    The three joins are those of Novak et al. 2020 (*Neural Tangents: Fast and Easy Infinite
+    Neural Networks in Python*, ICLR, arXiv:1912.02803); the residual sum's
+    kernel follows Yang & Schoenholz 2017 (*Mean Field Residual Networks: On the Edge of Chaos*,
+    NeurIPS) and Huang et al. 2020 (*Why Do Deep Residual Networks Generalize Better than Deep
+    Feedforward Networks? A Neural Tangent Kernel Perspective*, NeurIPS).
     """
 
     def __init__(self, *branches: Layer, join: str = "sum") -> None:
@@ -448,6 +454,6 @@ def residual(*layers: Layer) -> Parallel:
 
 def repeat(layer: Layer, n: int) -> Serial:
     """``layer`` applied ``n`` times, ``K ← f^n(K)``: shared hyperparameters, independent finite
-    weights (neural-tangents' ``stax.repeat``)."""
+    weights (neural-tangents' ``stax.repeat``, Novak et al. 2020, ICLR, arXiv:1912.02803)."""
     n = integer_at_least(n, 1, "repeat() count")
     return Serial(*([layer] * n))
