@@ -257,7 +257,8 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     settings (structured kernels rely on its iterative solves).
     """
     steps = integer_at_least(steps, 0, "steps")
-    if model.train_targets.numel() == 0:   # was "Non-finite marginal likelihood" at step 0
+    # no targets: "Non-finite marginal likelihood" at step 0; an ExactGP built on None: an AttributeError
+    if model.train_targets is None or model.train_inputs is None or model.train_targets.numel() == 0:
         raise ValueError("The model has no training data to fit to.")
     # data set later (set_train_data) skip NetworkGP's checks: "non-finite marginal likelihood" did not say why
     data = [model.train_targets, *(x for x in model.train_inputs if x.is_floating_point())]

@@ -346,6 +346,19 @@ def test_a_strict_load_without_the_anchors_fails():
     assert torch.equal(target.double()(x).to_dense(), source.double()(x).to_dense())
 
 
+def test_a_network_without_variances_still_has_the_kernels_batch_shape():
+    """The variances carry batch_shape into the kernel: with none (Identity) the output was (n, n),
+    which GPyTorch took for a bug of its own ("expected shape [2, 5, 5], but got [5, 5]")."""
+    kernel = ntkgp.NNGPKernel(ntkgp.serial(ntkgp.Identity()), batch_shape=torch.Size([2]))
+    linear = gpytorch.kernels.LinearKernel(batch_shape=torch.Size([2]))
+    linear.variance = 1.0
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(kernel(x).to_dense(), linear(x).to_dense() / 3)   # x xᵀ / d
+    assert kernel(x, diag=True).shape == (2, 5)
+    assert kernel(torch.randn(3, 1, 5, 3)).to_dense().shape == (3, 2, 5, 5)
+    assert kernel(x, last_dim_is_batch=True).to_dense().shape == (2, 3, 5, 5)
+
+
 def test_kernels_that_share_a_network_share_its_batch_shape():
     """batch_shape expands the network's variances in place: a second kernel with another batch
     shape broke the first (GPyTorch: "expected shape [4, 4], got [3, 4, 4]"); now it is refused."""

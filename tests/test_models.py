@@ -412,6 +412,15 @@ def test_network_gp_refuses_batched_or_unusable_empty_training_data():
     with pytest.raises(ValueError, match="no training data"):
         fit(prior, steps=2)
 
+    class Plain(gpytorch.models.ExactGP):   # built on None: an AttributeError on train_targets.numel()
+        def forward(self, x):
+            return gpytorch.distributions.MultivariateNormal(torch.zeros(x.shape[:-1]), self.covar(x))
+
+    empty = Plain(None, None, gpytorch.likelihoods.GaussianLikelihood())
+    empty.covar = ntkgp.NTKKernel(ntkgp.mlp())
+    with pytest.raises(ValueError, match="no training data"):
+        fit(empty, steps=2)
+
 
 def test_network_gp_checks_test_inputs_before_gpytorch_concatenates_them():
     """Test inputs with another number of features failed inside torch.cat in GPyTorch's

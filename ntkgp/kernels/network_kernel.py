@@ -95,6 +95,12 @@ class NetworkKernel(Kernel):
         result = getattr(self.net.kernel(x1, x2, diag=diag, ntk=self.kind == "ntk"), self.kind)
         if last_dim_is_batch:
             result = result.movedim(0, -2 if diag else -3)
+        if len(self.batch_shape) > 0:
+            # the variances carry the batch shape into the kernel; a network without any
+            # (serial(Identity())) returned (n, m) where GPyTorch expects (*batch_shape, n, m)
+            tail = (1 if diag else 2) + last_dim_is_batch
+            batch = broadcast_shapes(result.shape[:-tail], self.batch_shape)
+            result = result.expand(*batch, *result.shape[-tail:])
         return result
 
     def expand_batch(self, *sizes) -> Kernel:
