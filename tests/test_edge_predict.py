@@ -764,3 +764,77 @@ def test_gradient_descent_mse_second_derivatives_and_extreme_schedules():
         out = predict.gradient_descent_mse(theta, y4, 0.3, learning_rate=1.0, **time)
         (grad,) = torch.autograd.grad(out.sum(), theta)
         assert torch.isfinite(grad).all()
+
+
+def test_gradient_descent_mse_absolute_diag_reg_matches_the_regularized_closed_form():
+    """diag_reg_absolute_scale=True adds r·I, not r·trace/N·I (no test set it before: reading it as
+    relative went unnoticed). The kernel's trace/N is 0.84, so the two differ."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(5, 5, generator=g)
+    theta = a @ a.T / 5 + 0.2 * torch.eye(5)
+    cross, y = torch.randn(3, 5, generator=g), torch.randn(5, generator=g)
+    assert abs(float(theta.trace() / 5) - 1) > 0.1
+    r, tau = 0.3, 2.0
+    reg = theta + r * torch.eye(5)
+    expected = cross @ torch.linalg.solve(reg, (torch.eye(5) - torch.linalg.matrix_exp(-reg * tau)) @ y)
+    out = predict.gradient_descent_mse(theta, y, 0.0, cross, 0.0, t=tau * 5, diag_reg=r, diag_reg_absolute_scale=True)
+    torch.testing.assert_close(out[1], expected, rtol=1e-12, atol=1e-13)
+    converged = predict.gradient_descent_mse(theta, y, 0.0, cross, 0.0, None, diag_reg=r, diag_reg_absolute_scale=True)
+    torch.testing.assert_close(converged[1], cross @ torch.linalg.solve(reg, y), rtol=1e-12, atol=1e-13)
+    relative = predict.gradient_descent_mse(theta, y, 0.0, cross, 0.0, t=tau * 5, diag_reg=r)
+    assert (relative[1] - expected).abs().max() > 1e-3
+
+
+def test_converged_ntk_ensemble_at_its_training_points_is_the_targets_with_no_spread():
+    """At t = ∞ the trained outputs on the training inputs are Y exactly, with zero covariance; the
+    test before compared two calls of the same code."""
+    x, y = _x(5), _x(5, 1, seed=13)
+    flow = predict.GradientFlow(NET, x, y, kernel="ntk")
+    for t in (None, math.inf):
+        out = flow.predict(None, t=t)
+        torch.testing.assert_close(out.mean, y, rtol=1e-12, atol=1e-12)
+        assert out.covariance.abs().max() < 1e-12
+    post = predict.gp_posterior(NET, x, y, None, kernel="ntk", noise=0.0)
+    torch.testing.assert_close(post.mean, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.75, 1.3])
+def test_kernel_gradient_of_large_discrete_steps_matches_autograd_through_matrix_powers(fraction):
+    """η at 0.5, 0.75 and 1.3 times max_learning_rate: ηλ_max/m = 1 (to rounding), 1.5 (stable, the
+    top mode overshoots) and 2.6 (diverging). Beyond 1 the slopes take their own branch, which was
+    checked for finiteness only: a sign error there went unnoticed. A full kernel Θ ⊗ I of two
+    outputs has every eigenvalue twice (tied)."""
+    g = torch.Generator().manual_seed(5)
+    x, x_test = torch.randn(5, 2, generator=g), torch.randn(3, 2, generator=g)
+    y = torch.randn(5, 2, generator=g)
+    eye2 = torch.eye(2)
+
+    def rbf(a, b, scale):
+        return torch.exp(-torch.cdist(a, b) ** 2 / (2 * scale ** 2))
+
+    def kernels(scale):
+        theta = rbf(x, x, scale) + 0.1 * torch.eye(5)
+        return theta[:, :, None, None] * eye2, rbf(x_test, x, scale)[:, :, None, None] * eye2
+
+    with torch.no_grad():
+        rate = fraction * predict.max_learning_rate(kernels(torch.tensor(0.8))[0])
+    steps, m = 5, 10
+
+    def library(scale):
+        full, cross = kernels(scale)
+        with warnings.catch_warnings():   # 1.3: above the stability limit, which it warns about
+            warnings.simplefilter("ignore" if fraction > 1 else "error")
+            return predict.gradient_descent_mse(full, y, 0.0, cross, 0.0, steps=steps, learning_rate=rate)[1]
+
+    def reference(scale):
+        full, cross = kernels(scale)
+        theta = full.permute(0, 2, 1, 3).reshape(m, m)
+        cross = cross.permute(0, 2, 1, 3).reshape(6, m)
+        step = torch.linalg.matrix_power(torch.eye(m) - rate * theta / m, steps)
+        return (cross @ torch.linalg.solve(theta, (torch.eye(m) - step) @ y.reshape(m))).reshape(3, 2)
+
+    scale = torch.tensor(0.8, requires_grad=True)
+    torch.testing.assert_close(library(scale), reference(scale), rtol=1e-10, atol=1e-12)
+    (got,) = torch.autograd.grad(library(scale).pow(2).sum(), scale)
+    (want,) = torch.autograd.grad(reference(scale).pow(2).sum(), scale)
+    assert float(got) == pytest.approx(float(want), rel=1e-9)
