@@ -177,3 +177,17 @@ def test_inputs_on_the_meta_device_and_built_layers_given_the_wrong_width_are_re
         net(torch.randn(2, 6))
     assert net(torch.randn(2, 5)).shape == (2, 1)
     assert ntkgp.mlp(2).build(in_features=5, device="meta")(torch.empty(1, 5, device="meta")).shape == (1, 1)
+
+
+def test_polynomial_constructors_refuse_what_they_cannot_represent():
+    """RectifiedMonomial(n ≥ 151) had an infinite T(k, k, k) coefficient (≥ 152: inf polynomial
+    coefficients too; NaN kernels) and from n = 169 a bare OverflowError; Polynomial took a dict's
+    keys as its coefficients (φ(x) = x for {0: 1, 1: 2})."""
+    assert ntkgp.RectifiedMonomial(150).degree == 150
+    for degree in (151, 152, 170, 400):
+        with pytest.raises(ValueError, match=r"overflow a float; the largest degree .* is 150"):
+            ntkgp.RectifiedMonomial(degree)
+    for coefficients in ({0: 1.0, 1: 2.0}, {1.0, 2.0}):
+        with pytest.raises(ValueError, match="needs a sequence of coefficients"):
+            ntkgp.Polynomial(coefficients)
+    assert ntkgp.Polynomial((0.0, 1.0)).coefficients == (0.0, 1.0)

@@ -541,3 +541,42 @@ def test_empirical_kernels_name_a_wrong_feature_count_of_a_built_network():
             assert kernel(model, torch.randn(4, 3)).shape == (2, 4, 4)
             with pytest.raises(ValueError, match=r"takes inputs of 3 feature\(s\), got x1 of shape \(4, 5\)"):
                 kernel(model, torch.randn(4, 5))
+
+
+def test_a_concatenation_before_the_first_dense_layer_widens_the_inputs():
+    """The width check read the first Dense layer's fan-in as the inputs' width; a concatenation of
+    Identity and ReLU doubles it on the way, so correct (n, 3) inputs were refused ("takes inputs
+    of 6 feature(s)"), by empirical_ntk, empirical_nngp and monte_carlo_kernel alike."""
+    from ntkgp.finite import monte_carlo_kernel
+
+    spec = ntkgp.serial(ntkgp.parallel(ntkgp.Identity(), ntkgp.ReLU(), join="concat"), ntkgp.Dense(2, 1.0, 0.1))
+    model = spec.build(in_features=3, seed=0, dtype=torch.float64)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    params = dict(model.named_parameters())
+    jac = torch.func.jacrev(lambda p: functional_call(model, p, (x,)))(params)
+    brute = sum(torch.einsum("iap,jap->ij", j.reshape(4, 2, -1), j.reshape(4, 2, -1)) for j in jac.values()) / 2
+    torch.testing.assert_close(empirical_ntk(model, x), brute, rtol=1e-12, atol=1e-12)
+    assert empirical_nngp(model, x).shape == (4, 4)
+    assert monte_carlo_kernel(spec, x, n_samples=2).ntk.shape == (4, 4)
+    with pytest.raises(ValueError, match="takes inputs of 6 feature"):   # 5 features, concatenated to 10
+        empirical_ntk(model, torch.randn(4, 5))
+
+
+def test_a_spec_where_a_finite_network_is_wanted_is_refused_by_name():
+    """A spec is an nn.Module too: empirical_ntk failed with an empty NotImplementedError (or a
+    dtype complaint), and equivalent_learning_rates returned rates for its raw variances."""
+    net = ntkgp.mlp(1, "relu", width=8)
+    x = torch.randn(4, 3)
+    for call in (lambda: empirical_ntk(net, x), lambda: empirical_nngp(net, x),
+                 lambda: equivalent_learning_rates(net, 0.1)):
+        with pytest.raises(ValueError, match=r"network spec \(Serial\).*build\(\.\.\.\) first"):
+            call()
+
+
+def test_a_deferred_first_layer_refuses_inputs_without_features():
+    """build(in_features=0) is refused; a deferred layer took 0 features from its first input,
+    drew a fan-in variance of σ²/0 = inf, and kept width 0 for good."""
+    model = ntkgp.mlp(1, "relu", width=8, parameterization="standard").build(seed=0)
+    with pytest.raises(ValueError, match="number of input features must be a positive integer, got 0"):
+        model(torch.randn(4, 0))
+    assert model(torch.randn(4, 3)).shape == (4, 1)   # still deferred: draws now

@@ -39,6 +39,8 @@ from torch.func import functional_call, jacrev, vmap
 
 from ntkgp._autograd import differentiates
 from ntkgp._checks import integer_at_least
+from ntkgp.layers.base import Layer
+from ntkgp.layers.combinators import ParallelModule
 from ntkgp.layers.dense import DenseModule
 from ntkgp.layers.validation import broadcast_shapes, check_inputs
 
@@ -116,6 +118,7 @@ def _check_network_inputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | N
     """Inputs in another dtype than a module's parameters, with another number of features than
     a network built by ntkgp takes, or with a member axis of another size than its ensemble's, are a
     clear error, not torch's matmul or broadcasting one."""
+    refuse_spec(model)
     if isinstance(model, nn.Module):
         dtypes = {p.dtype for p in model.parameters()}
         if len(dtypes) == 1 and x1.dtype not in dtypes:
@@ -126,15 +129,37 @@ def _check_network_inputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | N
                 raise ValueError(f"{name} of shape {tuple(x.shape)} does not fit an ensemble of {members}: inputs are "
                                  f"(n, d) for every member, or (*batch, {members}, n, d) with one slice per member.")
     if _built_by_ntkgp(model):
-        # the first Dense of a built network takes the inputs (activations and LayerNorm keep their width)
-        first = next((m for m in model.modules() if isinstance(m, DenseModule)), None)
-        features = None if first is None else first.in_features
+        features = _input_width(model)
     else:
         first = _first_called(model)
         features = first.in_features if isinstance(first, nn.Linear) and not isinstance(
             first, nn.modules.lazy.LazyModuleMixin) else None
     if features is not None and x1.shape[-1] != features:   # x2 has x1's (check_inputs)
         raise ValueError(f"The network takes inputs of {features} feature(s), got x1 of shape {tuple(x1.shape)}.")
+
+
+def _input_width(model: nn.Module) -> int | None:
+    """The number of input features of a network built by ntkgp: its first Dense layer's
+    (activations and LayerNorm keep their width), unless a concatenation outside that layer widens
+    the features before it (``serial(parallel(Identity(), ReLU(), join="concat"), Dense(...))``);
+    then ``None``, and the Dense layer's own check names the width it met."""
+    concatenations = []
+    for module in model.modules():   # containers before what they contain, in the order the input flows
+        if isinstance(module, DenseModule):
+            if any(all(inner is not module for inner in c.modules()) for c in concatenations):
+                return None
+            return module.in_features
+        if isinstance(module, ParallelModule) and module.join == "concat":
+            concatenations.append(module)
+    return None
+
+
+def refuse_spec(model: object, name: str = "model") -> None:
+    """A ``ValueError`` for a network spec given where its finite twin is wanted: a spec is an
+    ``nn.Module`` too, whose parameters are its variances, so it passed for a network."""
+    if isinstance(model, Layer):
+        raise ValueError(f"{name} is an ntkgp network spec ({type(model).__name__}), not a finite network: build "
+                         f"one with {name}.build(...) first.")
 
 
 def _first_called(model: nn.Module | ParamFn) -> nn.Module | None:

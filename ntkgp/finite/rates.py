@@ -6,6 +6,7 @@ import copy
 
 from torch import Tensor, nn
 
+from ntkgp.finite.empirical import refuse_spec
 from ntkgp.layers.base import Layer
 from ntkgp.layers.dense import Dense, DenseModule
 from ntkgp.layers.validation import positive_number
@@ -29,6 +30,7 @@ def equivalent_learning_rates(model: nn.Module, learning_rate: float) -> dict[st
             first layer (``build()`` without ``in_features``) has not drawn its weights yet: they
             are not a parameter yet, and their rate needs their fan-in.
     """
+    refuse_spec(model)   # its raw variances got η: rates for parameters no network trains
     learning_rate = positive_number(learning_rate, "learning_rate")
     deferred = [prefix or "<model>" for prefix, module in model.named_modules()
                 if isinstance(module, DenseModule) and module.weight is None]

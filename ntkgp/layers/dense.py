@@ -274,7 +274,8 @@ class DenseModule(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.weight is None:  # deferred first layer: draw now, from a stream of its own
             like = self._lazy_like
-            self.in_features = x.shape[-1]
+            # 0 features drew a (0, n) weight of fan-in variance σ²/0 = inf and kept that width for good
+            self.in_features = integer_at_least(x.shape[-1], 1, "the number of input features")
             with torch.inference_mode(False):   # parameters, as at build time: not inference tensors
                 self._init_weight(BuildContext(torch.Generator().manual_seed(self._lazy_seed), self.ensemble_size,
                                                like.dtype, like.device))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from fractions import Fraction
 
 import numpy as np
@@ -90,6 +90,9 @@ class Polynomial(Activation):
 
     def __init__(self, coefficients: Sequence[float]) -> None:
         super().__init__()
+        if isinstance(coefficients, (Mapping, Set)):   # a dict's keys, or a set in arbitrary order
+            raise ValueError(f"Polynomial needs a sequence of coefficients c_0, c_1, ..., got a "
+                             f"{type(coefficients).__name__}; for sparse terms write them out, e.g. [0, 0, 1].")
         try:
             coefficients = tuple(coefficients)
         except TypeError:
@@ -202,10 +205,16 @@ class RectifiedMonomial(Activation):
         super().__init__()
         self.degree = integer_at_least(degree, 0, "degree")
         n = self.degree
-        self._terms = _arc_cosine_terms(n)
-        self._dot_terms = _arc_cosine_terms(n - 1) if n >= 1 else None
-        self._mean = 2 ** (n / 2) * math.gamma((n + 1) / 2) / (2 * math.sqrt(math.pi))
-        self._variance = math.prod(range(2 * n - 1, 0, -2)) / 2
+        try:
+            with np.errstate(over="raise", invalid="raise"):   # numpy's inf coefficients: FloatingPointError
+                self._terms = _arc_cosine_terms(n)
+                self._dot_terms = _arc_cosine_terms(n - 1) if n >= 1 else None
+            self._mean = 2 ** (n / 2) * math.gamma((n + 1) / 2) / (2 * math.sqrt(math.pi))
+            self._variance = math.prod(range(2 * n - 1, 0, -2)) / 2
+        except (OverflowError, FloatingPointError):   # inf coefficients or T(k, k, k) (n ≥ 151), or "math range error"
+            raise ValueError(f"RectifiedMonomial: the coefficients of the degree-{n} arc-cosine kernel ((2n − 1)!! "
+                             "and the like) overflow a float; the largest degree whose coefficients are finite "
+                             "is 150.") from None
 
     def fn(self, x: Tensor) -> Tensor:
         return _rectified_monomial(x, self.degree)
