@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ntkgp.layers.base import BuildContext, Layer
 from ntkgp.layers.numerics import gaussian_angle, safe_sqrt, shifted_det
-from ntkgp.layers.state import KernelState
+from ntkgp.layers.state import KernelState, with_self_pairs
 from ntkgp.layers.validation import finite_constants, refuse_overflow
 
 
@@ -61,6 +61,17 @@ class Activation(Layer):
         """``T(k, k, k) = E[φ(u)²]`` for ``u ~ N(0, k)``."""
         return self.pair_kernel(k, k, k, False)[0]
 
+    def dot_variance(self, k: Tensor) -> Tensor:
+        """``Ṫ(k, k, k) = E[φ'(u)²]`` for ``u ~ N(0, k)``: the NTK factor of a point with itself.
+
+        Subclasses give it in closed form of the one variable ``k``. Along ``k11 = k12 = k22 = k``
+        the three partial derivatives of ``Ṫ`` are each ``O(k^{-1/2})`` (Erf) but cancel to a total
+        of ``O(k^{-3/2})``: differentiated through :meth:`pair_kernel`, a self-pair's NTK factor lost
+        ``ε·k`` of its gradient's digits (6 % of a hyperparameter gradient in float32 at inputs of
+        ``10³``). :meth:`kernel_map` puts it on the diagonal of a symmetric kernel.
+        """
+        return self.pair_kernel(k, k, k, True)[1]
+
     def mean(self, k: Tensor) -> Tensor | None:
         """``E[φ(u)]`` for ``u ~ N(0, k)``: the mean of the i.i.d. features after this layer, which a
         following :class:`~ntkgp.layers.LayerNorm` subtracts and whose products enter the kernel of a
@@ -80,6 +91,11 @@ class Activation(Layer):
         """A picklable callable for the finite twin (defaults to ``self.fn``)."""
         return self.fn
 
+    @property
+    def _exact_dot_variance(self) -> bool:
+        """Whether :meth:`dot_variance` is a closed form of its own (not :meth:`pair_kernel`'s)."""
+        return type(self).dot_variance is not Activation.dot_variance
+
     def kernel_map(self, state: KernelState) -> KernelState:
         if not state.is_gaussian:
             raise ValueError(f"{type(self).__name__} needs Gaussian inputs: put a Dense layer before it "
@@ -87,11 +103,14 @@ class Activation(Layer):
         want_ntk = state.ntk is not None
         if state.diag and state.symmetric:
             cov = self.variance(state.cov1)
-            dot = self.pair_kernel(state.cov1, state.cov1, state.cov1, True)[1] if want_ntk else None
+            dot = self.dot_variance(state.cov1) if want_ntk else None
             nngp = cov1 = cov2 = cov
         else:
             nngp, dot = self.pair_kernel(state.k11, state.nngp, state.k22, want_ntk)
             cov1, cov2 = state.map_covs(self.variance)
+            if want_ntk and state.symmetric and not state.diag and self._exact_dot_variance:
+                # a point with itself: Ṫ of its variance alone, whose gradient does not cancel
+                dot = with_self_pairs(state, dot, self.dot_variance(state.cov1))
         ntk = state.ntk * dot if want_ntk else None
 
         def centred() -> tuple[Tensor, Tensor, Tensor] | None:
@@ -165,6 +184,11 @@ class ABReLU(Activation):
 
     def variance(self, k: Tensor) -> Tensor:
         return (self.a**2 + self.b**2) / 2 * k
+
+    def dot_variance(self, k: Tensor) -> Tensor:
+        """``Ṫ(k, k, k) = (a² + b²)/2`` (``θ = 0``), and ``(a + b)²/4`` at ``k = 0`` (``θ = π/2``)."""
+        theta = torch.where(k == 0, math.pi / 2, torch.zeros_like(k))
+        return torch.rsub(theta, (self.a**2 + self.b**2) / 2, alpha=(self.a - self.b) ** 2 / (2 * math.pi))
 
     def mean(self, k: Tensor) -> Tensor:
         return (self.b - self.a) * safe_sqrt(k / (2 * math.pi))
@@ -259,6 +283,12 @@ class Erf(Activation):
         q = self.b**2 * k
         return self.a**2 * (2 / math.pi) * torch.atan(2 * q / torch.sqrt(1 + 4 * q)) + self.c**2
 
+    def dot_variance(self, k: Tensor) -> Tensor:
+        """``Ṫ(k, k, k) = a² b² (4/π) / sqrt(1 + 4b²k)``."""
+        # 1 + 4b²k as pair_kernel forms it (the same bits): no k², so no scaling (nor a host synchronization)
+        b2 = self.b**2
+        return self.a**2 * b2 * (4 / math.pi) / torch.sqrt(1 + 2 * b2 * (k + k))
+
     def mean(self, k: Tensor) -> Tensor:
         return torch.full_like(k, self.c)
 
@@ -307,6 +337,17 @@ class GELU(Activation):
     def variance(self, k: Tensor) -> Tensor:
         root = torch.sqrt(1 + 2 * k)
         return k * (0.25 + (k / ((k + 1) * root) + torch.atan(k / root) / 2) / math.pi)
+
+    def dot_variance(self, k: Tensor) -> Tensor:
+        """``Ṫ(k, k, k) = 1/4 + (atan(k/δ) + k (1/δ² + 2/(1 + k)) / δ) / (2π)``, ``δ = sqrt(1 + 2k)``
+        (``P = (1 + k)²``, ``δ² = 1 + 2k``, ``(2 + 2k)/P = 2/(1 + k)``)."""
+        delta = torch.sqrt(1 + (k + k))   # as pair_kernel forms it; no k², so no scaling
+        alpha = torch.atan(k / delta)
+        inverse = torch.reciprocal(delta)
+        # k/δ³ as ((k/δ)/δ)/δ: as k·(1/δ)²/δ the gradient reaching (1/δ)² was (its own, ~k) · k/δ, inf in
+        # float32 from k ~ 1e26
+        return 0.25 + alpha / (2 * math.pi) + ((k * inverse) * inverse + 2 * (k / (1 + k))) * inverse / (
+            2 * math.pi)
 
     def mean(self, k: Tensor) -> Tensor:
         return k * torch.rsqrt(2 * math.pi * (1 + k))   # E[u Φ(u)] = k E[ϕ(u)] (Stein's lemma)
@@ -376,6 +417,15 @@ class Sin(Activation):
         if self._cos2c > 0:   # 1 − cos 2c · e^{−2b²k} = −expm1(−2b²k) + (1 − cos 2c) e^{−2b²k}
             return self.a**2 / 2 * (self._one_minus * decay - torch.expm1(-2 * self.b**2 * k))
         return self.a**2 / 2 * (1 - self._cos2c * decay)
+
+    def dot_variance(self, k: Tensor) -> Tensor:
+        """``Ṫ(k, k, k) = a²b²/2 · (1 + cos(2c) e^{−2b²k})``, for ``cos 2c < 0`` as
+        ``(1 + cos 2c) e^{−2b²k} − expm1(−2b²k)`` (no cancellation at small ``k``)."""
+        b2 = self.b**2
+        decay = torch.exp(-b2 * (k + k))
+        if self._cos2c < 0:
+            return self.a**2 * b2 / 2 * (-torch.expm1(-2 * b2 * k) + self._one_plus * decay)
+        return self.a**2 * b2 / 2 * (1 + self._cos2c * decay)
 
     def mean(self, k: Tensor) -> Tensor:
         return self.a * self._sin_c * torch.exp(-self.b**2 / 2 * k)
@@ -452,6 +502,10 @@ class Exp(Activation):
     def variance(self, k: Tensor) -> Tensor:
         return self._checked(self.a**2 * torch.exp(2 * self.b**2 * k), k)
 
+    def dot_variance(self, k: Tensor) -> Tensor:
+        """``Ṫ(k, k, k) = b² T(k, k, k) = a²b² exp(2b²k)``."""
+        return self._checked(self.b**2 * self.variance(k), k)
+
     def mean(self, k: Tensor) -> Tensor:
         return self._checked(self.a * torch.exp(self.b**2 / 2 * k), k)
 
@@ -511,6 +565,13 @@ class Gaussian(Activation):
 
     def variance(self, k: Tensor) -> Tensor:
         return self.a**2 * torch.rsqrt(1 + 4 * self._beta * k)
+
+    def dot_variance(self, k: Tensor) -> Tensor:
+        """``Ṫ(k, k, k) = 4a²β² k / (1 + 4βk)^{3/2}``."""
+        beta = self._beta
+        root = torch.sqrt(1 + 2 * beta * (k + k))   # sqrt(D) as pair_kernel forms it; no k², so no scaling
+        inverse = 1 / root
+        return 4 * self.a**2 * beta**2 * (k / root) * inverse * inverse
 
     def mean(self, k: Tensor) -> Tensor:
         return self.a * torch.rsqrt(1 + 2 * self._beta * k)

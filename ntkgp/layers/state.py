@@ -448,10 +448,23 @@ class KernelState:
         n_rows = self.nngp.shape[-2]
         cols = slice(self.row_offset, self.row_offset + n_rows)
         cov1 = self.cov1 if self.cov2 is self.cov1 else self.cov2[..., cols]
-        diagonal = cov1.expand(self.nngp.shape[:-1])
-        if self.nngp.requires_grad and torch.is_grad_enabled():
-            block = torch.diagonal_scatter(self.nngp[..., :, cols], diagonal, 0, -2, -1)
-            nngp = torch.cat([self.nngp[..., :, : cols.start], block, self.nngp[..., :, cols.stop:]], -1)
-            return self.replace(nngp=nngp, cov1=cov1)
-        self.nngp[..., :, cols].diagonal(dim1=-2, dim2=-1).copy_(diagonal)
-        return self.replace(cov1=cov1)
+        return self.replace(nngp=with_self_pairs(self, self.nngp, cov1), cov1=cov1)
+
+
+def with_self_pairs(state: KernelState, matrix: Tensor, diagonal: Tensor) -> Tensor:
+    """``matrix``, a map of the symmetric kernel ``state.nngp`` (``(*batch, n_rows, n_cols)``, rows a
+    block from ``state.row_offset``), with the entry of every point with itself set to ``diagonal``
+    (``(*batch, n_rows)``), as :meth:`KernelState.with_exact_diagonal` sets the NNGP's: in place
+    unless derivatives are being taken.
+
+    Pairs of equal points (:class:`Duplicates`) keep the formula's values until
+    :meth:`Duplicates.canonical` copies the diagonal onto them, and its derivatives throughout: the
+    derivative of ``K(x, y)`` in ``x`` at ``x = y`` is not that of a point with itself.
+    """
+    cols = slice(state.row_offset, state.row_offset + matrix.shape[-2])
+    diagonal = diagonal.expand(matrix.shape[:-1])
+    if needs_graph(matrix, diagonal):
+        block = torch.diagonal_scatter(matrix[..., :, cols], diagonal, 0, -2, -1)
+        return torch.cat([matrix[..., :, : cols.start], block, matrix[..., :, cols.stop:]], -1)
+    matrix[..., :, cols].diagonal(dim1=-2, dim2=-1).copy_(diagonal)
+    return matrix
