@@ -68,6 +68,11 @@ def test_pointwise_scores_apply_the_floor_and_the_slack():
     assert float(mean_within) == pytest.approx(2 / 3)           # the third point is just outside 3 SE + 0.02
     torch.testing.assert_close(rel, torch.tensor([0.2, 0.1, 0.0], dtype=torch.float64))  # 1e-7 / (1e-6 · 1)
     assert float(var_within) == 1.0
+    # an analytic variance that overflowed (above the stability limit) is outside the band, and the
+    # others keep theirs: its inf floor made every other error 0 ("within" at a ratio of 11)
+    _, var_within, rel = pointwise_scores(torch.zeros(2), torch.tensor([5.0, 11.0]), 16, torch.zeros(2),
+                                          torch.tensor([math.inf, 1.0]), 0.27)
+    assert float(var_within) == 0.0 and rel.tolist() == [math.inf, 10.0]
 
 
 def test_a_comparison_reports_how_often_exact_ensembles_score_as_low(tmp_path):
@@ -83,7 +88,7 @@ def test_a_comparison_reports_how_often_exact_ensembles_score_as_low(tmp_path):
     flow = GradientFlow(config.network(16, ntk_twin=True), data.x_train, data.y_train,
                         learning_rate=result.learning_rate)
     exact = flow.predict(data.x_test, steps=torch.tensor(result.steps))
-    prior = float(config.network(16, ntk_twin=True).kernel(data.x_test, diag=True, ntk=False).nngp.max())
+    prior = float(config.network(16, ntk_twin=True).kernel(data.x_test, diag=True, ntk=False).nngp.detach().max())
     _, var_scores = perfect_ensemble_scores(exact.mean[..., 0], exact.covariance, 32, variance_tolerance(32),
                                             seed=config.seed, prior_scale=prior)
     for width in result.widths:

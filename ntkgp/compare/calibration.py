@@ -54,8 +54,12 @@ def pointwise_scores(mean: Tensor, variance: Tensor, members: int, mu: Tensor, v
     """
     se = (variance / members).sqrt()
     mean_within = ((mean - mu).abs() <= 3 * se + MEAN_SLACK).double().mean(-1)
-    floor = VARIANCE_FLOOR * var.amax(-1, keepdim=True).clamp_min(prior_scale)
+    # the floor from the finite variances: one inf (a run above the stability limit) made it inf
+    # and every other point's error 0, "within" whatever the ensemble did
+    finite = var.isfinite()
+    floor = VARIANCE_FLOOR * torch.where(finite, var, 0.0).amax(-1, keepdim=True).clamp_min(prior_scale)
     rel = (variance - var).abs() / torch.maximum(var, floor).clamp_min(torch.finfo(var.dtype).tiny)
+    rel = torch.where(finite, rel, torch.inf)   # an analytic variance that overflowed: no band to lie in
     return mean_within, (rel <= tolerance).double().mean(-1), rel
 
 
