@@ -201,3 +201,14 @@ def test_numerical_quadrature_that_does_not_settle_says_by_how_much_it_moved():
     with pytest.warns(RuntimeWarning, match=r"last step moved them by up to 0\.\d+\).*scale the inputs down"):
         _, dot = layer.pair_kernel(k[:1], torch.zeros(1), k[1:], True)
     assert abs(float(dot) / (2 / math.sqrt(2 * math.pi * 1e3)) - 1) > 0.5   # what the warning is about
+
+
+@pytest.mark.parametrize("layer", [ntkgp.LeakyReLU(1e200), ntkgp.Erf(b=1e200), ntkgp.Exp(a=1e200)],
+                         ids=["leaky_relu", "erf", "exp"])
+def test_activation_constants_whose_powers_overflow_are_a_value_error(layer):
+    """Finite constants whose square or fourth power overflows a Python float failed in the kernel with
+    OverflowError (34, 'Numerical result out of range'), naming neither the layer nor the constant."""
+    net = ntkgp.serial(ntkgp.Dense(2), layer, ntkgp.Dense(1))
+    for diag in (False, True):
+        with pytest.raises(ValueError, match=r"1e\+200.*overflows a float in the kernel"):
+            net.kernel(torch.randn(3, 2), diag=diag)

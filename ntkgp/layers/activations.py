@@ -101,16 +101,20 @@ class Activation(Layer):
             raise ValueError(f"{type(self).__name__} needs Gaussian inputs: put a Dense layer before it "
                              "(its closed form assumes centred Gaussian pre-activations).")
         want_ntk = state.ntk is not None
-        if state.diag and state.symmetric:
-            cov = self.variance(state.cov1)
-            dot = self.dot_variance(state.cov1) if want_ntk else None
-            nngp = cov1 = cov2 = cov
-        else:
-            nngp, dot = self.pair_kernel(state.k11, state.nngp, state.k22, want_ntk)
-            cov1, cov2 = state.map_covs(self.variance)
-            if want_ntk and state.symmetric and not state.diag and self._exact_dot_variance:
-                # a point with itself: Ṫ of its variance alone, whose gradient does not cancel
-                dot = with_self_pairs(state, dot, self.dot_variance(state.cov1))
+        try:
+            if state.diag and state.symmetric:
+                cov = self.variance(state.cov1)
+                dot = self.dot_variance(state.cov1) if want_ntk else None
+                nngp = cov1 = cov2 = cov
+            else:
+                nngp, dot = self.pair_kernel(state.k11, state.nngp, state.k22, want_ntk)
+                cov1, cov2 = state.map_covs(self.variance)
+                if want_ntk and state.symmetric and not state.diag and self._exact_dot_variance:
+                    # a point with itself: Ṫ of its variance alone, whose gradient does not cancel
+                    dot = with_self_pairs(state, dot, self.dot_variance(state.cov1))
+        except OverflowError:   # Python's "(34, 'Numerical result out of range')" from a² or b⁴ of a constant
+            raise ValueError(f"{self!r}: a power of its constants (as a², b⁴) overflows a float in the kernel; "
+                             "use constants of a sensible size.") from None
         ntk = state.ntk * dot if want_ntk else None
 
         def centred() -> tuple[Tensor, Tensor, Tensor] | None:
