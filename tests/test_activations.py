@@ -599,9 +599,10 @@ def test_numerical_refuses_functions_it_cannot_integrate_and_works_where_it_can(
     # NaN at the nodes: was an all-NaN kernel with only the rtol warning
     with pytest.raises(ValueError, match="NaN or infinite values at the quadrature nodes"):
         net(torch.log).kernel(x)
-    # a reduction gave every entry the readout bias (0.1) silently; a cast failed inside einsum
+    # a reduction gave every entry the readout bias (0.1) silently (now refused when the layer is
+    # built); a cast failed inside einsum
     for fn in (lambda t: torch.tanh(t).mean(-1, keepdim=True), lambda t: torch.tanh(t).float()):
-        with pytest.raises(ValueError, match="act elementwise and keep the dtype"):
+        with pytest.raises(ValueError, match="must act elementwise"):
             net(fn).kernel(x)
     reference = net(torch.tanh).kernel(x)
     # in-place functions and inference mode: the NTK failed ("leaf Variable ... in-place";

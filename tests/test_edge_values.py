@@ -212,3 +212,63 @@ def test_activation_constants_whose_powers_overflow_are_a_value_error(layer):
     for diag in (False, True):
         with pytest.raises(ValueError, match=r"1e\+200.*overflows a float in the kernel"):
             net.kernel(torch.randn(3, 2), diag=diag)
+
+
+def test_a_copied_numerical_layer_keeps_its_output_check():
+    """deepcopy and pickle rebuilt Numerical without the check that its fn keeps the shape: a fn
+    returning (n, 1) was then broadcast by einsum into a kernel of ~[0, 1] with no error."""
+    import copy
+    import pickle
+
+    layer = ntkgp.Numerical(torch.tanh)
+    twin = copy.deepcopy(layer)
+    twin._fn = lambda t: torch.tanh(t).mean(-1, keepdim=True)   # swapped in after the construction-time probe
+    twin.__setstate__(twin.__getstate__())
+    net = ntkgp.serial(ntkgp.Dense(4), twin, ntkgp.Dense(1))
+    with pytest.raises(ValueError, match="act elementwise and keep the dtype"):
+        net.kernel(torch.randn(5, 3))
+    x = torch.randn(5, 3)
+    plain = ntkgp.serial(ntkgp.Dense(4), ntkgp.Numerical(torch.tanh), ntkgp.Dense(1))
+    for copied in (copy.deepcopy(plain), pickle.loads(pickle.dumps(plain))):
+        assert torch.equal(copied.kernel(x).ntk, plain.kernel(x).ntk)
+
+
+def test_user_activations_that_are_not_elementwise_torch_functions_are_refused_when_built():
+    """A fn mixing the features but keeping the shape gave a wrong kernel (NNGP = the bias only)
+    with only a quadrature warning; math.sin and np.sin failed inside the kernel or the finite
+    twin with torch's messages."""
+    import numpy as np
+
+    for fn in (lambda t: t - t.mean(-1, keepdim=True), lambda t: t.sum(-1, keepdim=True).expand_as(t)):
+        for layer in (ntkgp.Numerical, lambda f: ntkgp.Elementwise(f, lambda k12, k11, k22: k12)):
+            with pytest.raises(ValueError, match="must act elementwise"):
+                layer(fn)
+    for fn in (math.sin, np.sin):
+        with pytest.raises(ValueError, match="fails on a float64 tensor"):
+            ntkgp.Numerical(fn)
+    for fn in (torch.tanh, torch.sign, lambda t: t.tanh_(), torch.log):   # elementwise, NaN included
+        ntkgp.Numerical(fn)
+
+
+def test_elementwise_nngp_independent_of_the_correlation_has_zero_ntk_factor():
+    """An nngp_fn that does not use k12 (a constant φ: T = E[φ]², Ṫ = 0) failed with torch's
+    "appears to not have been used in the graph"."""
+    def constant(k12, k11, k22):   # through the variances, so it has a graph, but not through k12
+        return 0 * (k11 * k22) + 0 * k12.detach() + 0.09
+
+    const = ntkgp.serial(ntkgp.Dense(4, 1.5, 0.1), ntkgp.Elementwise(nngp_fn=constant), ntkgp.Dense(1, 1.2, 0.2))
+    k = const.kernel(torch.randn(5, 3))
+    torch.testing.assert_close(k.nngp, torch.full((5, 5), 1.2 * 0.09 + 0.2))
+    torch.testing.assert_close(k.ntk, k.nngp)   # the readout's own kernel only: Ṫ = 0 below it
+
+
+def test_layernorm_over_a_single_feature_is_refused_when_built():
+    """After Dense(1) the finite twin subtracts a feature's own mean: 0 for every input, while the
+    kernel (the many-feature limit, as for every hidden width) reads correlations such as 0.87."""
+    net = ntkgp.serial(ntkgp.Dense(8), ntkgp.ReLU(), ntkgp.Dense(1), ntkgp.LayerNorm())
+    for build in (lambda: net.build(seed=0), lambda: net.build(in_features=3, seed=0)):
+        with pytest.raises(ValueError, match="LayerNorm over a single feature"):
+            build()
+    assert net.kernel(torch.randn(4, 3)).nngp.shape == (4, 4)
+    wide = ntkgp.serial(ntkgp.Dense(8), ntkgp.ReLU(), ntkgp.Dense(2), ntkgp.LayerNorm()).build(in_features=3, seed=0)
+    assert wide(torch.randn(4, 3)).shape == (4, 2)

@@ -67,7 +67,8 @@ class Elementwise(Activation):
     signature, ``E[φ'(u)φ'(v)]``) is given; maps whose derivative along ``k12`` is infinite at
     ``k12² = k11·k22`` (those with ``sqrt(k11·k22 − k12²)``, e.g. the arc-cosine kernels of kinked
     activations) need ``dot_fn`` (without it, the NTK raises where autograd's derivative is not
-    finite). ``fn`` may be ``None`` if no finite twin is needed.
+    finite). ``fn`` may be ``None`` if no finite twin is needed; otherwise it must be an elementwise
+    torch function (checked on a 2 × 2 probe, :func:`check_elementwise`).
 
     ``nngp_fn`` and ``dot_fn`` must return tensors of their arguments' broadcast shape and dtype,
     finite where the kernels are (checked on every call). For hyperparameter gradients they must
@@ -93,6 +94,8 @@ class Elementwise(Activation):
         if fn is None and nngp_fn is None:
             raise ValueError("Elementwise needs fn (finite width), nngp_fn (infinite width), or both.")
         _parameter_free(fn, nngp_fn, dot_fn, mean_fn)
+        if fn is not None:
+            check_elementwise(fn, "Elementwise")
         self._fn, self.nngp_fn, self.dot_fn, self.mean_fn = fn, nngp_fn, dot_fn, mean_fn
 
     def fn(self, x: Tensor) -> Tensor:
@@ -140,7 +143,10 @@ class Elementwise(Activation):
                 raise ValueError("Elementwise: nngp_fn's output does not depend on k12 through autograd (a "
                                  "constant, or a computation outside torch), so its derivative, which the NTK "
                                  "needs, is unknown: pass dot_fn = E[φ'(u)φ'(v)] (0 for a constant φ).")
-            (dot,) = torch.autograd.grad(nngp, leaf, torch.ones_like(nngp), create_graph=keep_graph)
+            (dot,) = torch.autograd.grad(nngp, leaf, torch.ones_like(nngp), create_graph=keep_graph,
+                                         allow_unused=True)
+            if dot is None:   # T independent of k12 (a constant φ): Ṫ = ∂T/∂k12 = 0, not torch's RuntimeError
+                dot = torch.zeros_like(nngp)
         if (not is_vmapped(dot) and not bool(torch.isfinite(dot.sum()))  # one cheap pass in the usual case
                 and bool(torch.isfinite(nngp).all()) and not bool(torch.isfinite(dot).all())):
             raise ValueError("Elementwise: autograd's derivative of nngp_fn along k12 is not finite at some "
@@ -190,7 +196,9 @@ class Numerical(Activation):
     and warn; use their closed forms.
 
     Args:
-        fn: the activation (``torch.tanh``, ``torch.nn.functional.softplus``, ...).
+        fn: the activation (``torch.tanh``, ``torch.nn.functional.softplus``, ...): an elementwise
+            torch function, which construction checks on a 2 × 2 float64 probe
+            (:func:`check_elementwise`).
         degree: a fixed number of points per dimension (``degree²`` evaluations per entry), or
             ``None`` for the adaptive choice. Gradients, quadratures of higher derivatives of
             ``fn``, need a larger degree than the values (docs/numerics.md).
@@ -205,6 +213,7 @@ class Numerical(Activation):
         if not callable(fn):
             raise ValueError(f"Numerical needs a callable activation, got {fn!r}.")
         _parameter_free(fn)
+        check_elementwise(fn, "Numerical")
         degree = None if degree is None else integer_at_least(degree, 1, "degree")
         max_degree = integer_at_least(max_degree, 1, "max_degree")
         kind = "a finite positive number"
@@ -461,6 +470,9 @@ class Numerical(Activation):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        # the output check, which pickling cannot carry (a closure): without it a copy's fn returning
+        # (n, 1) was broadcast by einsum into a wrong kernel
+        self.__dict__["_derivatives"] = [_elementwise(self._fn)]
         # a layer pickled before these attributes existed
         for name, default in (("_warned_rough", False), ("_warned_degree", False), ("_jumps", {}),
                               ("_degrees_checked", set())):
@@ -471,6 +483,30 @@ class Numerical(Activation):
         state = dict(super().__getstate__())
         state["_derivatives"] = [self._fn]  # derivative closures are rebuilt on demand
         return state
+
+
+def check_elementwise(fn: Callable[[Tensor], Tensor], layer: str) -> None:
+    """A ``ValueError`` unless ``fn`` maps a float64 tensor to one of its shape entry by entry: ``fn``
+    on a 2 × 2 probe equals ``fn`` on each entry alone. A function outside torch (``math.sin``) failed
+    inside the kernel with torch's message, and one that mixes entries but keeps the shape
+    (``t - t.mean(-1, keepdim=True)``) gave a wrong kernel with only a quadrature warning."""
+    # with gradients on, as training and the NTK call it (np.sin works on tensors only without them)
+    probe = torch.tensor([[-1.5, 0.25], [0.75, 2.0]], dtype=torch.float64, requires_grad=True)
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # math.sin warns of float() of a tensor that requires grad, then fails
+            whole = fn(probe.clone())
+            alone = [fn(probe[i:i + 1, j:j + 1].clone()) for i in range(2) for j in range(2)]
+    except Exception as err:
+        raise ValueError(f"{layer}: the activation fails on a float64 tensor ({type(err).__name__}: {err}); it must "
+                         "be a torch function of a tensor, such as torch.tanh.") from err
+    tensors = isinstance(whole, Tensor) and all(isinstance(a, Tensor) and a.numel() == 1 for a in alone)
+    if not (tensors and whole.shape == probe.shape and torch.allclose(
+            whole.detach().double(), torch.cat([a.detach().reshape(1) for a in alone]).double().reshape(2, 2),
+            rtol=1e-12, atol=1e-12, equal_nan=True)):
+        raise ValueError(f"{layer}: the activation must act elementwise (each output entry a function of the "
+                         "same input entry alone, the shape kept); a reduction such as t - t.mean(-1) mixes "
+                         "the features.")
 
 
 def _elementwise(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:

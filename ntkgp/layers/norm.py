@@ -37,7 +37,8 @@ class LayerNorm(Layer):
     factor (:class:`~ntkgp.layers.Parallel`).
     Activations without a known mean (``Elementwise`` without ``mean_fn``) and the raw inputs are
     refused. After the readout it normalizes over the network's ``k`` outputs, a finite number:
-    the kernel is then the ``k → ∞`` limit.
+    the kernel is then the ``k → ∞`` limit. A finite twin normalizing a single feature (after
+    ``Dense(1)``), which it would map to 0 for every input, is refused by ``build``.
     """
 
     preserves_gaussian = True
@@ -87,10 +88,19 @@ class LayerNorm(Layer):
         return out.replace(mean=mean, centred=lambda: (out.nngp, out.cov1, out.cov2))
 
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
+        _refuse_one_feature(in_width)
         return LayerNormModule(self.eps), in_width
 
     def extra_repr(self) -> str:
         return f"eps={self.eps:g}"
+
+
+def _refuse_one_feature(width: int | None) -> None:
+    # one feature minus its own mean is 0 for every input: a constant network (the kernel, a limit of
+    # many features as for every hidden width, is not its kernel)
+    if width == 1:
+        raise ValueError("LayerNorm over a single feature (after Dense(1)) outputs 0 for every input: build the "
+                         "layer before it wider, or drop the LayerNorm.")
 
 
 class LayerNormModule(nn.Module):
