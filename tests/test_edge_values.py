@@ -215,22 +215,20 @@ def test_activation_constants_whose_powers_overflow_are_a_value_error(layer):
 
 
 def test_a_copied_numerical_layer_keeps_its_output_check():
-    """deepcopy and pickle rebuilt Numerical without the check that its fn keeps the shape: a fn
-    returning (n, 1) was then broadcast by einsum into a kernel of ~[0, 1] with no error."""
+    """deepcopy and pickle rebuilt Numerical without the runtime check that fn keeps its input's
+    shape and dtype: a copy of a float32 network whose fn returns float64 (which the float64
+    construction probe cannot see) failed inside einsum with torch's dtype message."""
     import copy
     import pickle
 
-    layer = ntkgp.Numerical(torch.tanh)
-    twin = copy.deepcopy(layer)
-    twin._fn = lambda t: torch.tanh(t).mean(-1, keepdim=True)   # swapped in after the construction-time probe
-    twin.__setstate__(twin.__getstate__())
-    net = ntkgp.serial(ntkgp.Dense(4), twin, ntkgp.Dense(1))
-    with pytest.raises(ValueError, match="act elementwise and keep the dtype"):
-        net.kernel(torch.randn(5, 3))
-    x = torch.randn(5, 3)
+    x = torch.randn(5, 3, dtype=torch.float32)
+    net = ntkgp.serial(ntkgp.Dense(4), ntkgp.Numerical(lambda t: torch.tanh(t).double()), ntkgp.Dense(1)).float()
+    for candidate in (net, copy.deepcopy(net)):
+        with pytest.raises(ValueError, match="act elementwise and keep the dtype"):
+            candidate.kernel(x)
     plain = ntkgp.serial(ntkgp.Dense(4), ntkgp.Numerical(torch.tanh), ntkgp.Dense(1))
     for copied in (copy.deepcopy(plain), pickle.loads(pickle.dumps(plain))):
-        assert torch.equal(copied.kernel(x).ntk, plain.kernel(x).ntk)
+        assert torch.equal(copied.kernel(x.double()).ntk, plain.kernel(x.double()).ntk)
 
 
 def test_user_activations_that_are_not_elementwise_torch_functions_are_refused_when_built():

@@ -107,7 +107,10 @@ def test_vector_outputs_with_a_summed_loss_train_through_the_full_tangent_kernel
         return torch.func.functional_call(model, dict(zip(names, params, strict=True)), (inputs,))
 
     m_points = x.shape[0]
-    loss = lambda p: torch.log(torch.cosh(f(p, x) - y)).sum() / m_points  # noqa: E731
+
+    def loss(p):
+        return torch.log(torch.cosh(f(p, x) - y)).sum() / m_points
+
     grad = torch.func.grad(loss)(params0)
     direction = tuple(-gr for gr in grad)
     x_all = torch.cat([x, xt])
@@ -127,7 +130,10 @@ def test_vector_outputs_with_a_summed_loss_train_through_the_full_tangent_kernel
         return out + tangent
 
     lr, steps = 0.4, 40
-    quad = lambda p: 0.5 * ((f_lin(p, x) - y) ** 2).sum() / y.numel()  # noqa: E731
+
+    def quad(p):
+        return 0.5 * ((f_lin(p, x) - y) ** 2).sum() / y.numel()
+
     params = params0
     for _ in range(steps):
         grads = torch.func.grad(quad)(params)

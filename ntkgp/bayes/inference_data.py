@@ -53,6 +53,11 @@ def gaussian_log_density(y: ArrayLike, mean: ArrayLike, variance: ArrayLike) -> 
     y, mean, variance = (finite(v, name) for v, name in ((y, "y"), (mean, "mean"), (variance, "variance")))
     if not (variance > 0).all():
         raise ValueError("variance must be positive.")
+    return log_density(y, mean, variance)
+
+
+def log_density(y: np.ndarray, mean: np.ndarray, variance: np.ndarray) -> np.ndarray:
+    """:func:`gaussian_log_density` of arrays already checked (finite, positive variances)."""
     # log 2π + log σ² and (r/σ)²: 2π σ² overflows beyond ~3e307 and r² beyond ~1e154
     return -0.5 * (math.log(2 * math.pi) + np.log(variance) + ((y - mean) / np.sqrt(variance)) ** 2)
 

@@ -16,7 +16,7 @@ from scipy.stats import rankdata
 
 from ntkgp._typing import ArrayLike
 from ntkgp.bayes._arrays import finite, observations, variances
-from ntkgp.bayes.inference_data import gaussian_log_density
+from ntkgp.bayes.inference_data import log_density
 
 #: Central-interval levels of :func:`interval_coverage`'s default.
 COVERAGE_LEVELS = (0.5, 0.9, 0.95)
@@ -50,7 +50,7 @@ def nlpd(mean: ArrayLike, variance: ArrayLike, y: ArrayLike) -> float:
     """
     mean, y = observations(mean, y)
     var = variances(variance, mean.shape)
-    return float(-np.mean(gaussian_log_density(y, mean, var)))
+    return float(-np.mean(log_density(y, mean, var)))   # observations and variances checked them
 
 
 def _levels(levels: Sequence[float] | float, name: str = "levels") -> np.ndarray:

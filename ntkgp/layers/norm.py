@@ -88,19 +88,15 @@ class LayerNorm(Layer):
         return out.replace(mean=mean, centred=lambda: (out.nngp, out.cov1, out.cov2))
 
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
-        _refuse_one_feature(in_width)
+        # one feature minus its own mean is 0 for every input: a constant network (the kernel, a limit
+        # of many features as for every hidden width, is not its kernel)
+        if in_width == 1:
+            raise ValueError("LayerNorm over a single feature (after Dense(1)) outputs 0 for every input: build "
+                             "the layer before it wider, or drop the LayerNorm.")
         return LayerNormModule(self.eps), in_width
 
     def extra_repr(self) -> str:
         return f"eps={self.eps:g}"
-
-
-def _refuse_one_feature(width: int | None) -> None:
-    # one feature minus its own mean is 0 for every input: a constant network (the kernel, a limit of
-    # many features as for every hidden width, is not its kernel)
-    if width == 1:
-        raise ValueError("LayerNorm over a single feature (after Dense(1)) outputs 0 for every input: build the "
-                         "layer before it wider, or drop the LayerNorm.")
 
 
 class LayerNormModule(nn.Module):
