@@ -304,6 +304,37 @@ def test_a_single_checkpointed_block_keeps_the_whole_graph(n1, batch, blocks, mo
     torch.testing.assert_close(grad, torch.autograd.grad(whole.ntk.sum(), x1)[0], rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize(("batch1", "batch2", "variance_batch"), [
+    ((), (3,), ()), ((), (1,), ()), ((), (3, 1), ()), ((1,), (3,), ()), ((3, 1), (2,), ()), ((), (3, 1), (2,)),
+])
+def test_checkpointed_cross_kernel_with_a_duplicate_in_one_block(batch1, batch2, variance_batch, monkeypatch):
+    """Candidates with batch axes the training inputs lack, one of them on a training point (a
+    BoTorch candidate batch against its training set): the row block holding that point
+    broadcasts its variances to the candidates' batch axes, the other blocks keep the training
+    inputs' own; joining them crashed ("Tensors must have same number of dimensions"). Values
+    and derivatives equal the whole graph's (tolerances of
+    test_checkpointed_graph_equals_whole_graph)."""
+    g = torch.Generator().manual_seed(3)
+    x1 = torch.randn(*batch1, 9, 4, generator=g, dtype=torch.float64)
+    x2 = torch.randn(*batch2, 7, 4, generator=g, dtype=torch.float64)
+    x2.view(-1, 7, 4)[-1, 5] = x1.reshape(-1, 9, 4)[0, 6]   # in one batch only, in the last row block
+    net = ntkgp.mlp(2, "relu", 1.7, 0.1).double()
+    if variance_batch:
+        net.expand_batch(torch.Size(variance_batch))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    whole = _kernel_derivatives(net, x1, x2, monkeypatch, checkpointed=False)
+    blocked = _kernel_derivatives(net, x1, x2, monkeypatch, checkpointed=True)
+    torch.testing.assert_close(blocked[0], whole[0], rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(blocked[1], whole[1], rtol=1e-13, atol=1e-15)
+    scale = max(float(t.abs().max()) for t in whole[2:] if t is not None)
+    for b, w in zip(blocked[2:], whole[2:], strict=True):
+        assert (b is None) == (w is None)
+        if w is not None:
+            torch.testing.assert_close(b, w, rtol=0, atol=1e-9 * float(w.abs().max()) + 1e-12 * scale)
+
+
 @pytest.mark.parametrize("change", ["set_variance", "optimizer_step"])
 def test_checkpointed_kernel_refuses_hyperparameters_changed_before_backward(change, monkeypatch):
     """The blocks are recomputed in the backward pass from the hyperparameters as they are then.

@@ -566,7 +566,9 @@ def _checkpointed_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: 
         return _SymmetricFromRowBlocks.apply(starts, n1, *parts) if symmetric else torch.cat(parts, -2)
 
     _, _, _, cov2, width, is_gaussian = blocks[-1]
-    cov1 = torch.cat([b[2] for b in blocks], -1)
+    # a block with a duplicate broadcasts its cov1 to x2's batch axes, one without keeps x1's
+    shape = broadcast_shapes(*(b[2].shape[:-1] for b in blocks))
+    cov1 = torch.cat([b[2].expand(*shape, b[2].shape[-1]) for b in blocks], -1)
     return KernelState(nngp=joined(0), ntk=joined(1) if want_ntk else None, cov1=cov1,
                        cov2=cov1 if symmetric else cov2, width=width, symmetric=symmetric,
                        is_gaussian=is_gaussian)
