@@ -999,6 +999,32 @@ def test_duplicates_have_bitwise_equal_diagonals_across_blocks(seed, monkeypatch
                 assert torch.equal(m[twins, n + i], m.diagonal()[twins]), (act, entries)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_pairs_of_equal_points_found_in_chunks_change_nothing(grad, monkeypatch):
+    """A large kernel's pairs of equal points are found a chunk of ``_PAIR_BLOCK_ENTRIES`` row ×
+    column comparisons at a time (listed whole, 4000 equal points held 16 million pairs, +530
+    MiB). Chunks of 7 comparisons (1–2 rows) give bitwise the kernels of one chunk, whole-matrix
+    graph and row blocks alike, and a point's twins keep its diagonal."""
+    g = torch.Generator().manual_seed(4)
+    y = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    x = torch.cat([y, y[[0, 0, 2, 5, 5, 5]], y[:1]])      # groups of 4, 2 and 4 points
+    net = ntkgp.mlp(3, "sign", 1.5, 0.1).double()
+    monkeypatch.setattr(base, "BLOCK_ENTRIES", 40)
+    monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", 1 << 62)   # the whole graph with autograd
+    results = []
+    for chunk in (1 << 20, 7):
+        monkeypatch.setattr(ntkgp.layers.state, "_PAIR_BLOCK_ENTRIES", chunk)
+        with torch.set_grad_enabled(grad):
+            k = net.kernel(x)
+        results.append((k.nngp.detach(), k.ntk.detach()))
+        for m in results[-1]:
+            d = m.diagonal()
+            assert torch.equal(d[[9, 10, 15]], d[[0, 0, 0]]) and torch.equal(m[0, [9, 10, 15]], d[[0, 0, 0]])
+            assert torch.equal(m[[12, 13, 14], 5], d[[5, 5, 5]]) and torch.equal(m[11, 2], d[2])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e-12), (torch.float64, 1e-80)])
 def test_tiny_variances_keep_their_angles(dtype, scale):
     """k11·k22 of variances ~1e-24 (float32) underflowed to 0, so every angle read 0 or π: Sign

@@ -196,7 +196,6 @@ class Layer(VarianceParameters, gpytorch.Module):
         ))
         empty = x1.shape[-2] == 0 or (x2 is not None and x2.shape[-2] == 0)  # no blocks to loop over
         ids = None if diag or empty else Duplicates.point_ids(x1, x2)
-        duplicates = None if ids is None else Duplicates.of(*ids, symmetric=x2 is None)
         other = x1 if x2 is None else x2
         # a batch of kernels holds batch × n1 × n2 entries: 8 kernels of 800 points kept the whole
         # graph (41 matrices of 5.1e6 entries at the peak, 1.6 GiB for a depth-3 NTK)
@@ -208,9 +207,13 @@ class Layer(VarianceParameters, gpytorch.Module):
                         and batch * x1.shape[-2] * other.shape[-2] >= CHECKPOINT_ENTRIES
                         and _rows_per_block(x1.shape[-2], other.shape[-2], batch, CHECKPOINT_BLOCK_ENTRIES)
                         < x1.shape[-2])
+        # the whole matrix's duplicates: for the whole-matrix graph, and to make a symmetric
+        # kernel's twins bitwise equal at the end (row blocks find their own)
+        whole = not checkpointed and (needs_graph or diag or empty)
+        duplicates = Duplicates.of(*ids, symmetric=x2 is None) if ids is not None and (whole or x2 is None) else None
         if checkpointed:
             state = _checkpointed_kernel(self, x1, x2, ntk, ids, batch)
-        elif needs_graph or diag or empty:
+        elif whole:
             state = _finalize(self.kernel_map(KernelState.from_inputs(x1, x2, diag, want_ntk=ntk,
                                                                       duplicates=duplicates)))
             if x2 is None and not diag:
