@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import resource
 
 
@@ -12,6 +13,19 @@ def reset_peak() -> None:
             f.write("5")
     except OSError:
         pass
+
+
+def start_measuring() -> float:
+    """Give memory freed so far (a warm-up's) back to the system, reset the peak, return the current
+    size: without the trim, a measured call could reuse freed heap and its peak depend on what ran
+    before it."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    start = current_mib()
+    reset_peak()
+    return start
 
 
 def peak_mib() -> float:

@@ -8,7 +8,10 @@ of three forward+backward passes after a warm-up. Compared, on the same data:
 * ``whole graph``: the full-matrix recursion with every intermediate kept for the backward
   pass (what ``net.kernel`` did before checkpointing; forced with ``CHECKPOINT_ENTRIES`` above
   the kernel's size),
-* ``checkpointed``: the default, row blocks recomputed in the backward pass.
+* ``checkpointed``: the default, row blocks recomputed in the backward pass. Kernels below
+  ``CHECKPOINT_ENTRIES`` entries (``N < 1024`` symmetric), or that fit in one row block, keep the
+  whole graph by default, so their two rows measure the same path (a note says so);
+  ``--checkpoint-entries`` lowers the threshold in this mode's child to time checkpointing there.
 
 Printed: seconds forward, seconds forward+backward, peak resident memory above the start (MiB)
 and in kernel-sized matrices (N² values), and the ratios.
@@ -18,14 +21,14 @@ With ``--gpytorch`` each size is instead a GPyTorch ``ExactGP`` with ``NTKKernel
 defaults: conjugate gradients above 800 points): seconds and peak memory per iteration over five
 iterations after one, and the loss after them (same seed in both modes).
 
-    python benchmarks/kernel_grad.py [--sizes 1000 2000 4000 --depth 3 --activation relu]
+    python benchmarks/kernel_grad.py [--sizes 1024 2000 4000 --depth 3 --activation relu]
+    python benchmarks/kernel_grad.py --sizes 724 900 --checkpoint-entries 1
     python benchmarks/kernel_grad.py --gpytorch --sizes 3000
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -36,28 +39,31 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _memory import current_mib, peak_mib, reset_peak
+from _memory import peak_mib, start_measuring
 
 import ntkgp
 from ntkgp.layers import base
 
 
-def _setup(mode: str, block_entries: int | None) -> None:
+def _setup(mode: str, block_entries: int | None, checkpoint_entries: int | None) -> None:
     if mode == "whole graph":
         base.CHECKPOINT_ENTRIES = 1 << 62
+    elif checkpoint_entries is not None:
+        base.CHECKPOINT_ENTRIES = checkpoint_entries
     if block_entries:
         base.CHECKPOINT_BLOCK_ENTRIES = block_entries
 
 
-def _start_measuring() -> float:
-    """Give memory freed by the warm-up back to the system, reset the peak, return the current size."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    start = current_mib()
-    reset_peak()
-    return start
+def not_checkpointed(n: int, checkpoint_entries: int | None, block_entries: int | None) -> str | None:
+    """Why the checkpointed mode's child keeps the whole graph for a symmetric kernel of ``n``
+    points (the conditions of ``Layer.kernel``, with the thresholds that child uses), or None."""
+    threshold = base.CHECKPOINT_ENTRIES if checkpoint_entries is None else checkpoint_entries
+    block = block_entries or base.CHECKPOINT_BLOCK_ENTRIES
+    if n * n < threshold:
+        return f"N² < CHECKPOINT_ENTRIES = {threshold} (--checkpoint-entries lowers it)"
+    if base._rows_per_block(n, n, 1, block) >= n:
+        return f"the kernel fits in one row block of {block} entries (--block-entries lowers it)"
+    return None
 
 
 def child(n: int, depth: int, activation: str, kind: str, dt: torch.dtype) -> dict:
@@ -72,7 +78,7 @@ def child(n: int, depth: int, activation: str, kind: str, dt: torch.dtype) -> di
         return t1 - t0, time.perf_counter() - t0
 
     run(x[:min(n, 1100)])   # warm-up on the same code path (checkpointing starts at 2^20 entries)
-    start = _start_measuring()
+    start = start_measuring()
     runs = [run(x) for _ in range(3)]
     return {"forward": min(r[0] for r in runs), "total": min(r[1] for r in runs), "peak": peak_mib() - start,
             "matrix": n * n * dt.itemsize / 2**20}
@@ -109,7 +115,7 @@ def gpytorch_child(n: int, depth: int, activation: str, kind: str, dt: torch.dty
 
     torch.manual_seed(0)    # GPyTorch's stochastic log-determinant probes
     iteration()
-    start = _start_measuring()
+    start = start_measuring()
     t0 = time.perf_counter()
     losses = [iteration() for _ in range(5)]
     return {"iteration": (time.perf_counter() - t0) / 5, "peak": peak_mib() - start, "loss": losses[-1]}
@@ -117,19 +123,21 @@ def gpytorch_child(n: int, depth: int, activation: str, kind: str, dt: torch.dty
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 4000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2000, 4000])
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--activation", default="relu")
     parser.add_argument("--kind", choices=["nngp", "ntk"], default="ntk")
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     parser.add_argument("--block-entries", type=int, help="entries per checkpointed row block "
                         "(default: ntkgp.layers.base.CHECKPOINT_BLOCK_ENTRIES)")
+    parser.add_argument("--checkpoint-entries", type=int, help="kernel entries from which the checkpointed "
+                        "mode checkpoints (default: ntkgp.layers.base.CHECKPOINT_ENTRIES)")
     parser.add_argument("--gpytorch", action="store_true", help="time ExactGP training iterations instead")
     parser.add_argument("--child", nargs=2, metavar=("N", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     measure = gpytorch_child if args.gpytorch else child
     if args.child:
-        _setup(args.child[1], args.block_entries)
+        _setup(args.child[1], args.block_entries, args.checkpoint_entries)
         dtype = getattr(torch, args.dtype)
         print(json.dumps(measure(int(args.child[0]), args.depth, args.activation, args.kind, dtype)))
         return
@@ -142,6 +150,9 @@ def main() -> None:
             return None
         return json.loads(out.stdout)
 
+    for n in args.sizes:
+        if (why := not_checkpointed(n, args.checkpoint_entries, args.block_entries)) is not None:
+            print(f"note: N = {n} is not checkpointed, {why}: its checkpointed row runs the whole-graph path")
     setting = f"depth-{args.depth} {args.activation} {args.kind}, d = 8, {args.dtype}"
     if args.gpytorch:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GPyTorch ExactGP, {setting}, "

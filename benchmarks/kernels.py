@@ -27,15 +27,14 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _memory import current_mib, peak_mib, reset_peak
+from _memory import peak_mib, start_measuring
 
 import ntkgp
 
 
 def measure(fn, repeats: int = 3) -> tuple[float, float]:
     fn()  # warm-up
-    base = current_mib()
-    reset_peak()
+    base = start_measuring()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -48,11 +47,19 @@ def run_nt(python: str, n: int, d: int, depth: int, dtype: str) -> dict | None:
     script = os.path.join(os.path.dirname(__file__), "nt_kernel.py")
     try:
         out = subprocess.run([python, script, str(n), str(d), str(depth), dtype], capture_output=True,
-                             text=True, check=True, timeout=900)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except (OSError, subprocess.SubprocessError, json.JSONDecodeError, IndexError) as err:
-        print(f"  neural-tangents run failed: {err}", file=sys.stderr)
+                             text=True, timeout=900)
+    except (OSError, subprocess.SubprocessError) as err:
+        print(f"  neural-tangents run failed: {type(err).__name__}: {err}", file=sys.stderr)
         return None
+    if out.returncode == 0:
+        try:
+            return json.loads(out.stdout.strip().splitlines()[-1])
+        except (json.JSONDecodeError, IndexError):
+            pass
+    # the exit status alone does not say whether JAX, neural-tangents or the script failed
+    tail = "\n    ".join(out.stderr.strip().splitlines()[-5:])
+    print(f"  neural-tangents run failed (exit status {out.returncode}):\n    {tail}", file=sys.stderr)
+    return None
 
 
 def main() -> None:

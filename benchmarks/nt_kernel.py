@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _memory import current_mib, peak_mib, reset_peak
+from _memory import peak_mib, start_measuring
 
 n, d, depth, dtype = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 from jax import config  # noqa: E402
@@ -30,8 +30,7 @@ t = time.perf_counter()
 kernel_fn(x, None, get=("nngp", "ntk")).ntk.block_until_ready()
 first = time.perf_counter() - t
 times = []
-base = current_mib()
-reset_peak()
+base = start_measuring()
 for _ in range(3):
     t = time.perf_counter()
     kernel_fn(x, None, get=("nngp", "ntk")).ntk.block_until_ready()

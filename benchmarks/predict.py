@@ -4,7 +4,8 @@ N training points, M test points, T times, a depth-2 ReLU network on 8-dimension
 NTK ensemble predictions (``kernel="ntk"``) with and without the ``(T, M, M)`` covariance.
 Printed per stage: kernels, the one eigendecomposition, the predictions for all T times; the
 whole ``gradient_flow`` call; and neural-tangents' ``gradient_descent_mse_ensemble`` on the same
-problem when ``--nt-python`` names an interpreter that has it.
+problem when ``--nt-python`` names an interpreter that has it (timed on its second call, as the
+``gradient_flow`` calls here follow the stages that already ran torch's first calls).
 
     python benchmarks/predict.py [--n 4000 --m 1000 --times 100] [--nt-python PATH]
 """
@@ -74,13 +75,20 @@ def main() -> None:
             try:
                 res = subprocess.run([args.nt_python, script, str(args.n), str(args.m), str(args.times),
                                       "1" if cov else "0"], capture_output=True, text=True, timeout=3600)
-                nt = json.loads(res.stdout.strip().splitlines()[-1])
-                ratio = results[cov][0] / nt["time"]
-                print(f"  neural-tangents, compute_cov={cov!s:5}            {nt['time']:8.2f} s  "
-                      f"{nt['peak_mib']:7.0f} MiB   ntkgp/nt time ratio {ratio:.2f}")
-            except (OSError, subprocess.SubprocessError, json.JSONDecodeError, IndexError) as err:
-                print(f"  neural-tangents, compute_cov={cov}: failed ({type(err).__name__}: "
-                      f"{(res.stderr or '').strip().splitlines()[-1:] if 'res' in dir() else err})")
+            except (OSError, subprocess.SubprocessError) as err:
+                print(f"  neural-tangents, compute_cov={cov}: failed ({type(err).__name__}: {err})")
+                continue
+            try:
+                nt = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else None
+            except (json.JSONDecodeError, IndexError):
+                nt = None
+            if nt is None:
+                print(f"  neural-tangents, compute_cov={cov}: failed (exit status {res.returncode}: "
+                      f"{res.stderr.strip().splitlines()[-1:]})")
+                continue
+            ratio = results[cov][0] / nt["time"]
+            print(f"  neural-tangents, compute_cov={cov!s:5}            {nt['time']:8.2f} s  "
+                  f"{nt['peak_mib']:7.0f} MiB   ntkgp/nt time ratio {ratio:.2f}")
 
 
 if __name__ == "__main__":
