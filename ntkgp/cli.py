@@ -81,6 +81,31 @@ def _options(text: object, spec: bool = False) -> str:
     return message
 
 
+#: CompareConfig fields that are also words of other messages ("widths [16] are reported but not
+#: checked", "the seed of the last chunk"): named as options only where an error begins with one, as
+#: the config's checks word them ("widths must be ...", "seed + 1_000_003 * 3 (...) must be below 2**64").
+LEADING_OPTIONS = {"widths": "--widths", "depth": "--depth", "seed": "--seed", "spec": "--spec"}
+
+#: Python advice in the errors of the config and its layers, and what a CLI user types instead.
+DTYPE_ADVICE = (("dtype='float64'; --dtype float64", "--dtype float64"), ("dtype='float64'", "--dtype float64"))
+#: The same for the MLP's options, which do not apply with a spec (whose layers take Python arguments).
+MLP_ADVICE = (("Unknown activation ", "Unknown --activation "), (" or pass a layer.", "."))
+
+
+def _error(error: BaseException, spec: bool = False) -> str:
+    """An error raised for the CLI's settings or data, naming the options a user typed rather than
+    the config's fields and its Python advice (``_options``, and the fields of ``LEADING_OPTIONS``)."""
+    from ntkgp.compare.harness import MLP_FIELDS
+
+    message = str(error)
+    for field, option in LEADING_OPTIONS.items():
+        if not (spec and field in MLP_FIELDS):
+            message = re.sub(rf"^{field}(?= )", option, message)   # "spec(8) has 2 outputs" names a call: kept
+    for python, cli in DTYPE_ADVICE + (() if spec else MLP_ADVICE):
+        message = message.replace(python, cli)
+    return _options(message, spec)
+
+
 @contextlib.contextmanager
 def _folders_importable(spec: str | None) -> Iterator[None]:
     """The current folder on ``sys.path`` while the block runs, as ``python -m ntkgp`` has it for the
@@ -139,23 +164,24 @@ def _compare(args: argparse.Namespace) -> int:
         data = load_dataset(args.dataset)
         _writable_folder(args.out)
     except ValueError as error:
-        print(f"ntkgp compare: error: {_options(error, spec)}", file=sys.stderr)
+        print(f"ntkgp compare: error: {_error(error, spec)}", file=sys.stderr)
         return 2
     print(f"ntkgp compare: {data.description}; widths {list(config.widths)}, {config.ensemble_size} members, "
           f"steps {list(config.record_steps)}, {'readout only' if config.readout_only else 'all layers'}", flush=True)
     try:  # run_comparison checks the data against the spec (a zero training kernel) before training
         result = run_comparison(data, config)
     except ValueError as error:
-        print(f"ntkgp compare: error: {_options(error, spec)}", file=sys.stderr)
+        print(f"ntkgp compare: error: {_error(error, spec)}", file=sys.stderr)
         return 2
     except MemoryError as error:   # the first width did not fit: nothing to report
-        print(f"ntkgp compare: error: {_options(error, spec)}", file=sys.stderr)
+        print(f"ntkgp compare: error: {_error(error, spec)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:      # during the first width: nothing to report
         print("ntkgp compare: interrupted", file=sys.stderr)
         return 130
     out = write_report(result, args.out)
-    print(f"learning rate {result.learning_rate:.4g} (= {result.learning_rate / result.max_learning_rate:.2f} "
+    # 3 significant digits, as report.md: ".2f" printed 0.004 as 0.00
+    print(f"learning rate {result.learning_rate:.4g} (= {result.learning_rate / result.max_learning_rate:.3g} "
           f"x 2m/lambda_max); {result.seconds:.0f} s")
     details = check_details(result)
     for name, ok in result.checks.items():
@@ -173,6 +199,8 @@ def _writable_folder(path: str) -> None:
     """Create the report folder now, so that a bad ``--out`` fails before hours of training."""
     import tempfile
 
+    from ntkgp.compare.report import check_report_folder
+
     folder = pathlib.Path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"cannot write the report to {path!r}: it is a file, not a folder")
@@ -185,6 +213,7 @@ def _writable_folder(path: str) -> None:
     for name in ("report.json", "report.md"):   # an earlier report's files that cannot be replaced
         if (folder / name).exists() and not os.access(folder / name, os.W_OK):
             raise ValueError(f"cannot write the report to {path!r}: {name} there is not writable")
+    check_report_folder(folder)   # a folder named report.json or loss.png failed write_report after training
 
 
 def load_spec(text: str):

@@ -29,7 +29,7 @@ from ntkgp.compare import (
 )
 from ntkgp.compare.harness import _width_metrics, evaluate_checks
 from ntkgp.compare.report import check_notes
-from ntkgp.finite.train import EnsembleHistory, train_ensemble
+from ntkgp.finite.train import EnsembleHistory, _default_chunk, train_ensemble
 from ntkgp.predict import GradientFlow
 
 TINY = dict(widths=(16, 48), ensemble_size=8, record_steps=(0, 5, 40), probe_points=4)
@@ -264,7 +264,7 @@ def test_variance_collapsed_to_rounding_at_every_test_point_is_not_a_failure(tmp
     (["--lr-fraction", "nan"], "--lr-fraction must be a positive number"),
     (["--steps", "0", "-5"], "--steps must be non-negative"),
     (["--weight-var", "-1"], "--weight-var must be non-negative"),
-    (["--activation", "nope"], "Unknown activation"),
+    (["--activation", "nope"], "Unknown --activation 'nope'"),
     (["--dataset", "missing.csv"], "does not exist"),
     (["--device", "not-a-device"], "is not a torch device"),
     (["--device", "meta"], "runs on 'cpu' or 'cuda' devices"),
@@ -724,7 +724,7 @@ def test_data_too_large_for_the_networks_dtype_is_refused_before_training(monkey
         with pytest.raises(ValueError, match=f"The {what} are too large for torch.{dtype} networks"):
             run_comparison(data, CompareConfig(**{**vars(config), "dtype": dtype}))
     data = harness.Dataset("big", 1e39 * base.x_train, base.y_train, base.x_test)
-    message = r"inputs are too large for torch.float32 networks .*\(dtype='float64'; --dtype float64\)"
+    message = r"inputs are too large for torch.float32 networks .*\(dtype='float64'\)\.$"
     with pytest.raises(ValueError, match=message):
         run_comparison(data, config)
     # finite float32 inputs whose outputs' squares overflow (a ReLU network's outputs scale with its
@@ -732,7 +732,7 @@ def test_data_too_large_for_the_networks_dtype_is_refused_before_training(monkey
     data = harness.Dataset("big", 1e25 * base.x_train, base.y_train, 1e25 * base.x_test)
     relu = {**vars(config), "activation": "relu"}
     with pytest.raises(ValueError, match=r"inputs are too large for torch.float32 networks: the outputs' variance "
-                                         r"at initialization reaches .*e\+5\d .*--dtype float64"):
+                                         r"at initialization reaches .*e\+5\d .*dtype='float64'"):
         run_comparison(data, CompareConfig(**relu))
     with pytest.raises(AssertionError, match="trained on data"):   # float64 networks hold them: not refused
         run_comparison(data, CompareConfig(**{**relu, "dtype": "float64"}))
@@ -1107,7 +1107,7 @@ def test_a_spec_that_takes_no_width_gets_one_line_and_the_spec_s_own_type_errors
     (tmp_path / "nets.py").write_text(_SPEC_FILE + "\n\ndef nowidth():\n    return ntkgp.serial(ntkgp.Dense(1))\n")
     assert main(["compare", "--spec", f"{tmp_path / 'nets.py'}:nowidth", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert re.search(r"error: spec must be a function of the hidden width.*nowidth\(\) cannot be called with one "
+    assert re.search(r"error: --spec must be a function of the hidden width.*nowidth\(\) cannot be called with one "
                      "argument", err) and err.count("\n") == 1, err
 
     def wrong(n):
@@ -1174,3 +1174,218 @@ def test_figures_of_layers_that_did_not_move_leak_no_warning(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ntkgp compare: 5 training points of 1 input, 5 test points from" in out
     assert "scaling.png" in (tmp_path / "r" / "report.md").read_text()
+
+
+def _tiny_result():
+    """A one-width comparison of a few seconds, for the report's tests."""
+    return run_comparison(sin_dataset(), CompareConfig(widths=(8,), ensemble_size=2, record_steps=(0, 2),
+                                                       divergence_check=False))
+
+
+@pytest.mark.parametrize("name", ["report.json", "report.md", "loss.png", "scaling.png", "band_width8.png"])
+def test_a_folder_named_as_a_report_file_is_refused_before_training(tmp_path, capsys, monkeypatch, name):
+    """A folder report.json (or loss.png, ...) in --out ended the run in IsADirectoryError after the training."""
+    (tmp_path / "o" / name).mkdir(parents=True)
+    monkeypatch.setattr("ntkgp.compare.run_comparison", lambda *_: pytest.fail("trained"))
+    assert main(["compare", *_TINY_CLI, "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == (
+        f"ntkgp compare: error: cannot write the report to {str(tmp_path / 'o')!r}: {name} there is a folder, "
+        "where the report writes a file: remove or rename it, or choose another folder\n")
+
+
+def test_write_report_refuses_a_folder_named_as_a_report_file_before_writing(tmp_path):
+    result = _tiny_result()
+    (tmp_path / "loss.png").mkdir()
+    (tmp_path / "band_width99.png").mkdir()   # an earlier report's figure, which write_report removes
+    with pytest.raises(ValueError, match=r"loss.png there is a folder; band_width99.png there is a folder, where"):
+        write_report(result, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["band_width99.png", "loss.png"]   # nothing written
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="it is a file, not a folder"):
+        write_report(result, tmp_path / "file")
+
+
+def test_a_learning_rate_at_the_stability_limit_gets_a_note_as_the_warning(tmp_path, capsys):
+    """--lr-fraction 1: ntkgp.predict warned "at or above the stability limit", and no NOTE said so."""
+    with pytest.warns(RuntimeWarning, match="is at or above the stability limit"):
+        assert main(["compare", "--widths", "8", "--ensemble-size", "4", "--steps", "0", "2", "--lr-fraction", "1",
+                     "--no-divergence-check", "--no-progress", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr()
+    note = ("the learning rate is 1 x the stability limit 2m/lambda_max: the linearized (infinite-width) "
+            "predictions do not converge (at the limit their top mode oscillates, above it grows)")
+    assert f"NOTE  {note}" in printed.out and f"- NOTE: {note}" in (tmp_path / "report.md").read_text()
+    assert "(= 1 x 2m/lambda_max)" in printed.out
+    # the fields that are also words stay words in the notes
+    assert "NOTE  widths [8] are reported but not checked point-wise" in printed.out
+    below = SimpleNamespace(steps=[0, 10], config={"ensemble_size": 64}, widths=[], calibration=None,
+                            stopped=None, learning_rate=math.nextafter(1.0, 0.0), max_learning_rate=1.0)
+    assert check_notes(below) == []
+
+
+def test_cli_prints_small_learning_rate_fractions_with_three_digits(tmp_path, capsys):
+    assert main(["compare", *_TINY_CLI, "--lr-fraction", "0.004", "--out", str(tmp_path)]) == 0
+    assert "(= 0.004 x 2m/lambda_max)" in capsys.readouterr().out   # was 0.00
+
+
+def test_csv_inputs_too_wide_for_the_test_grid(tmp_path):
+    (tmp_path / "f.csv").write_text("1.7e308,2\n-1.7e308,3\n")
+    with pytest.raises(ValueError) as error:
+        load_dataset(str(tmp_path / "f.csv"))
+    assert str(error.value) == (f"{tmp_path / 'f.csv'}: the inputs span [-1.7e+308, 1.7e+308], too wide a range "
+                                "for the test grid (100 points over it widened by 10 % on each side overflow "
+                                "float64): rescale the inputs.")
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--widths", "0"], "--widths must be positive integers"),
+    (["--depth", "0"], "--depth must be a positive integer, got 0."),
+    (["--seed", str(2**64)], f"--seed must be below 2**64, got {2**64}."),
+    (["--activation", "foo"], "Unknown --activation 'foo'; choose one of ['abs', "),
+])
+def test_cli_errors_name_the_options(tmp_path, capsys, options, message):
+    assert main(["compare", *options, "--no-progress", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ntkgp compare: error: {message}") and "pass a layer" not in err
+
+
+def test_cli_errors_name_the_spec_and_dtype_options(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nets.py").write_text("def net():\n    pass\n")
+    assert main(["compare", "--spec", "nets.py:net", "--no-progress"]) == 2
+    assert capsys.readouterr().err == ("ntkgp compare: error: --spec must be a function of the hidden width, "
+                                       "called as spec(width): net() cannot be called with one argument.\n")
+    (tmp_path / "big.csv").write_text("0,1e30\n1,2\n")
+    assert main(["compare", "--dataset", "big.csv", *_TINY_CLI]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("rescale them or train float64 networks (--dtype float64).\n") and "dtype=" not in err
+    # the Python API's messages keep naming its fields
+    with pytest.raises(ValueError, match=r"^widths must be positive integers"):
+        CompareConfig(widths=(0,))
+    with pytest.raises(ValueError, match=r"^seed must be below 2\*\*64"):
+        CompareConfig(seed=2**64)
+
+
+def test_sin_dataset_checks_its_seed():
+    """seed=2**64 raised torch's "Overflow when unpacking long long", seed=1.5 a RuntimeError."""
+    with pytest.raises(ValueError, match=r"^seed must be below 2\*\*64, got 18446744073709551616\.$"):
+        sin_dataset(seed=2**64)
+    for seed in (1.5, True):
+        with pytest.raises(ValueError, match=r"^seed must be an integer >= -9223372036854775808, got "):
+            sin_dataset(seed=seed)
+    assert torch.equal(sin_dataset(seed=np.int64(3)).y_train, sin_dataset(seed=3).y_train)
+
+
+def test_report_md_marks_infinite_values_as_report_json_does(tmp_path):
+    """An infinite mean RMSE was "inf" in report.md and null in report.json."""
+    result = _tiny_result()
+    result.widths[0].mean_rmse[-1] = math.inf
+    result.widths[0].var_rel_error[-1] = math.nan
+    write_report(result, tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["widths"][0]["mean_rmse"][-1] is None
+    row = next(line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| 8 | 2 |"))
+    cells = row.split(" | ")
+    assert cells[5] == "—" and cells[8] == "—" and "inf" not in row   # mean RMSE, var rel. error
+
+
+def test_npz_without_input_features_is_refused(tmp_path):
+    np.savez(tmp_path / "zero.npz", x_train=np.ones((5, 0)), y_train=np.ones(5), x_test=np.ones((3, 0)))
+    with pytest.raises(ValueError) as error:
+        load_dataset(str(tmp_path / "zero.npz"))
+    assert str(error.value) == (f"{tmp_path / 'zero.npz'}: x_train must have at least one input feature (column), "
+                                "got shape (5, 0).")
+
+
+@pytest.mark.parametrize(("members", "points"), [(4, 300), (64, 30)])
+def test_mean_bias_noise_from_the_smaller_gram_matrix(members, points):
+    """The noise level needs tr(Ĉ²) of the (M, M) sample covariance Ĉ = AᵀA/(E − 1); it is taken
+    from the members' (E, E) Gram matrix A Aᵀ when E < M (the same trace): 4000 test points
+    needed a 256 MB covariance per step, and a larger test set ran out of memory after the
+    training, with a raw traceback and no report. Both shapes equal the covariance formula."""
+    g = torch.Generator().manual_seed(2)
+    outputs = torch.randn(2, members, points, 1, generator=g, dtype=torch.float64)
+    r = _width_metrics(256, _history(outputs), torch.zeros(2, points, dtype=torch.float64),
+                       torch.ones(2, points, dtype=torch.float64), 0.27, 0.0)
+    centred = outputs[..., 0] - outputs[..., 0].mean(1, keepdim=True)
+    cov = centred.mT @ centred / (members - 1)
+    expected = (2 * (2 * cov.square().sum((-2, -1))).sqrt() / (points * members)).sqrt()
+    torch.testing.assert_close(torch.tensor(r.mean_bias_noise, dtype=torch.float64), expected, rtol=1e-12, atol=0)
+
+
+def test_out_of_memory_in_a_later_widths_metrics_keeps_the_widths_before_it(monkeypatch):
+    """The metrics of a width run after its training; out of memory there (many test points) ended in
+    a raw RuntimeError and lost the widths already trained. It now stops the comparison as out of
+    memory in training does: the result holds the widths before it."""
+    import ntkgp.compare.harness as harness
+
+    calls, original = [], harness._width_metrics
+
+    def metrics_then_fail(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 256000000 bytes. Error code 12 (Cannot allocate memory)")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "_width_metrics", metrics_then_fail)
+    with pytest.warns(RuntimeWarning, match=r"out of memory while training width 48 \(an allocation of 0.238 GiB"):
+        result = run_comparison(sin_dataset(), CompareConfig(**TINY, divergence_check=False))
+    assert [w.width for w in result.widths] == [16] and result.stopped.startswith("out of memory")
+
+
+def test_out_of_memory_in_the_analytic_predictions_says_what_to_reduce(monkeypatch, tmp_path, capsys):
+    """The analytic covariances hold steps × (test points)² values; a failed allocation there was a raw
+    RuntimeError (the CLI printed a traceback). It is a MemoryError naming the stage and the sizes."""
+    import ntkgp.compare.harness as harness
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 256000000 bytes.")
+
+    monkeypatch.setattr(harness.GradientFlow, "predict", fail)
+    with pytest.raises(MemoryError, match=r"computing the analytic predictions .*3 x 50\^2 here: use fewer test"):
+        run_comparison(sin_dataset(), CompareConfig(**TINY, divergence_check=False))
+    argv = ["compare", "--widths", "8", "--ensemble-size", "4", "--steps", "0", "2", "--no-progress",
+            "--no-divergence-check", "--out", str(tmp_path)]
+    assert main(argv) == 1
+    assert "error: out of memory while computing the analytic predictions" in capsys.readouterr().err
+
+
+def test_a_seed_too_large_for_a_later_widths_chunks_is_refused_before_training(monkeypatch):
+    """Chunk c of an ensemble is seeded seed + 1_000_003 c, and wider networks train in more chunks:
+    a seed near 2**64 was refused only when the widest width began, the narrower widths' training
+    lost. It is refused before any training."""
+    import ntkgp.compare.harness as harness
+
+    trained = []
+    monkeypatch.setattr(harness, "train_ensemble", lambda net, *a, **k: trained.append(net))
+    config = CompareConfig(widths=(8, 4096), ensemble_size=8, record_steps=(0, 1), seed=2**64 - 1 - 500_000,
+                           divergence_check=False)
+    chunks = -(-8 // _default_chunk(config.network(4096), 1, 55))
+    assert chunks > 1
+    with pytest.raises(ValueError, match=rf"seed \+ 1_000_003 \* {chunks - 1} \(the seed of the last of {chunks} "
+                                         "chunks of width 4096\\) must be below 2\\*\\*64"):
+        run_comparison(sin_dataset(), config)
+    assert trained == []
+    CompareConfig(widths=(8, 4096), ensemble_size=8, record_steps=(0, 1), seed=2**64 - 1 - 500_000,
+                  chunk_size=8)   # one chunk: a valid setting, accepted
+
+
+@pytest.mark.parametrize("width", [2**31, 2**63 - 1, 10**20])
+def test_widths_beyond_the_largest_are_refused(width):
+    """Such widths failed inside torch with raw errors ("Storage size calculation overflowed",
+    "Overflow when unpacking long long"), not recognized as memory."""
+    with pytest.raises(ValueError, match=r"widths must be positive integers up to 2147483647"):
+        CompareConfig(widths=(8, width))
+    assert CompareConfig(widths=(8, 2**31 - 1)).widths[-1] == 2**31 - 1
+
+
+def test_mean_errors_far_above_the_stability_limit_do_not_overflow():
+    """Far above the stability limit the analytic mean reaches ~1e292: the squared errors overflowed,
+    and the RMSE and the bias read inf (null in report.json) for finite values. Scaled by the
+    largest error, they are the RMS of the errors: here 1e292 · sqrt(5/2) and its bias alike."""
+    outputs = torch.zeros(1, 4, 2, 1, dtype=torch.float64)
+    mu = torch.tensor([[1e292, 2e292]], dtype=torch.float64)
+    r = _width_metrics(256, _history(outputs), mu, torch.ones(1, 2, dtype=torch.float64), 0.27, 0.0)
+    assert r.mean_rmse[0] == pytest.approx(1e292 * math.sqrt(2.5), rel=1e-14)
+    assert r.mean_bias[0] == pytest.approx(1e292 * math.sqrt(2.5), rel=1e-14)
+    small = _width_metrics(256, _history(outputs), mu * 1e-292, torch.ones(1, 2, dtype=torch.float64), 0.27, 0.0)
+    assert small.mean_rmse[0] == pytest.approx(math.sqrt(2.5), rel=1e-14)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ntkgp._checks import integer_at_least
+from ntkgp._checks import integer_at_least, seed_value
 from ntkgp.layers.validation import all_finite
 
 
@@ -48,6 +48,9 @@ class Dataset:
         for name in ("x_train", "y_train", "x_test"):
             if getattr(self, name).dim() != 2:
                 raise ValueError(f"{name} must be 2-D, got shape {tuple(getattr(self, name).shape)}.")
+        if self.x_train.shape[1] == 0:   # failed later as "in_features must be a positive integer, got 0"
+            raise ValueError(f"x_train must have at least one input feature (column), got shape "
+                             f"{tuple(self.x_train.shape)}.")
         if self.y_train.shape[-1] != 1:
             raise ValueError(f"y_train must have one target column, got shape {tuple(self.y_train.shape)}.")
         if self.x_train.shape[0] == 0 or self.x_test.shape[0] == 0:
@@ -84,7 +87,8 @@ def sin_dataset(seed: int = 0, noise: float = 0.1) -> Dataset:
     """5 noisy samples of ``sin`` on ``[−π, π]``, 50 test points: neural-tangents' classic demo."""
     if not (isinstance(noise, int | float) and not isinstance(noise, bool) and 0 <= noise < math.inf):
         raise ValueError(f"noise must be a finite non-negative number, got {noise!r}.")
-    g = torch.Generator().manual_seed(seed)
+    # torch's manual_seed raised "Overflow when unpacking long long" for 2**64 and a RuntimeError for 1.5
+    g = torch.Generator().manual_seed(seed_value(seed))
     x_train = torch.linspace(-math.pi, math.pi, 5, dtype=torch.float64, device="cpu").unsqueeze(-1)
     y_train = torch.sin(x_train) + noise * torch.randn(x_train.shape, generator=g, dtype=torch.float64,
                                                          device="cpu")
@@ -159,6 +163,11 @@ def load_dataset(source: str) -> Dataset:
             lo, hi = float(x_train.min()), float(x_train.max())
             pad = 0.1 * (hi - lo or 1.0)
             x_test = torch.linspace(lo - pad, hi + pad, 100, dtype=torch.float64, device="cpu").unsqueeze(-1)
+            # finite inputs whose grid overflows: the check below blamed "x_test in FILE", which the file lacks
+            if all_finite(x_train) and not all_finite(x_test):
+                raise ValueError(f"{path}: the inputs span [{lo:.3g}, {hi:.3g}], too wide a range for the test "
+                                 "grid (100 points over it widened by 10 % on each side overflow float64): "
+                                 "rescale the inputs.")
         else:
             x_test = x_train.clone()
         y_test = None

@@ -39,6 +39,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ from ntkgp._checks import integer_at_least, seed_value
 from ntkgp.compare.calibration import MEAN_SLACK, perfect_ensemble_scores, pointwise_scores, simulated_share
 from ntkgp.compare.datasets import Dataset, plot_coordinate, plot_label
 from ntkgp.finite.rates import ntk_parameterized
-from ntkgp.finite.train import EnsembleHistory, train_ensemble
+from ntkgp.finite.train import SEED_STRIDE, EnsembleHistory, _default_chunk, train_ensemble
 from ntkgp.layers.base import Layer
 from ntkgp.layers.mlp import mlp
 from ntkgp.layers.state import KernelState
@@ -55,6 +56,9 @@ from ntkgp.layers.validation import finite_number, positive_number
 from ntkgp.predict import GradientFlow
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: The widest hidden layer a comparison takes: a width^2 layer of more overflowed torch's size
+#: arithmetic ("Storage size calculation overflowed"), and beyond 2**63 its argument parsing.
+MAX_WIDTH = 2**31 - 1
 #: The settings of the default MLP that a ``spec`` replaces.
 MLP_FIELDS = ("depth", "activation", "weight_var", "bias_var", "parameterization")
 
@@ -113,7 +117,9 @@ class CompareConfig:
     def __post_init__(self) -> None:
         # Every setting is stored as a plain Python value: report.json is json.dumps(asdict(config)), and a
         # numpy or 0-d tensor number (accepted by the checks) failed there, after all the training.
-        self.widths = _whole_numbers(self.widths, 1, "widths", "positive integers")
+        # wider layers overflowed torch's size arithmetic with raw errors before any allocation
+        self.widths = _whole_numbers(self.widths, 1, "widths", f"positive integers up to {MAX_WIDTH}",
+                                     maximum=MAX_WIDTH)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
         self.lr_fraction = positive_number(self.lr_fraction, "lr_fraction")
@@ -303,7 +309,7 @@ SCALE_HEADROOM = 100.0
 
 
 def _advice(dtype: torch.dtype) -> str:
-    return " or train float64 networks (dtype='float64'; --dtype float64)." if dtype != torch.float64 else "."
+    return " or train float64 networks (dtype='float64')." if dtype != torch.float64 else "."   # the CLI: --dtype
 
 
 def _check_scale(data: Dataset, dtype: torch.dtype) -> None:
@@ -338,10 +344,10 @@ def _flag(value: object, name: str) -> bool:
     return bool(value)
 
 
-def _whole_numbers(values: object, minimum: int, name: str, kind: str) -> tuple[int, ...]:
-    """A non-empty sequence of whole numbers ``>= minimum`` as Python ints (integral floats and numpy or
-    0-d tensor numbers accepted); anything else, booleans, NaN and infinities included, is a ValueError
-    (``int(inf)`` raised an OverflowError)."""
+def _whole_numbers(values: object, minimum: int, name: str, kind: str, maximum: int | None = None) -> tuple[int, ...]:
+    """A non-empty sequence of whole numbers ``>= minimum`` (and ``<= maximum``) as Python ints (integral
+    floats and numpy or 0-d tensor numbers accepted); anything else, booleans, NaN and infinities
+    included, is a ValueError (``int(inf)`` raised an OverflowError)."""
     try:
         items = list(values)
     except TypeError:
@@ -351,7 +357,7 @@ def _whole_numbers(values: object, minimum: int, name: str, kind: str) -> tuple[
         if isinstance(value, torch.Tensor) and value.dim() == 0:
             value = value.item()
         if (isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-                or value != int(value) or value < minimum):
+                or value != int(value) or value < minimum or (maximum is not None and value > maximum)):
             break
         numbers_.append(int(value))
     if not items or len(numbers_) != len(items):
@@ -392,25 +398,36 @@ def _check_outputs(config: CompareConfig, data: Dataset) -> None:
                          "one target and compares one output: end the spec in a Dense layer of width 1.")
 
 
-def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
-    """Train an ensemble per width, compare with the analytic predictions, evaluate the checks.
+def _check_chunk_seeds(config: CompareConfig, data: Dataset) -> None:
+    """Refuse a seed that the last chunk of some width's ensemble would push past 2**64 (chunk ``c``
+    is seeded ``seed + SEED_STRIDE c``) before the first width trains: the widest width has the most
+    chunks, and train_ensemble refused it only when that width began, the narrower ones' results lost."""
+    if config.seed + SEED_STRIDE * (config.ensemble_size - 1) < 2**64:   # valid even with one member per chunk
+        return
+    chunk = config.chunk_size
+    if chunk is None:
+        chunk = _default_chunk(config.network(config.widths[-1]), data.x_train.shape[-1],
+                               data.x_train.shape[0] + data.x_test.shape[0])
+    chunks = -(-config.ensemble_size // chunk)
+    seed_value(config.seed + SEED_STRIDE * (chunks - 1), name=f"seed + {SEED_STRIDE:_} * {chunks - 1} (the seed of "
+               f"the last of {chunks} chunks of width {config.widths[-1]})")
 
-    For each width, ``config.ensemble_size`` networks are trained by :func:`ntkgp.finite.train_ensemble`
-    and compared at every recorded step ``s`` with the discrete-time NTK-GP (NNGP when
-    ``readout_only``) of :class:`ntkgp.predict.GradientFlow`, ``e^{−Θτ}`` replaced by
-    ``(I − ηΘ/m)^s`` (Lee et al. 2019); the metrics and checks are those of the module docstring.
-    ``ntkgp compare`` is this function plus :func:`ntkgp.compare.report.write_report`.
 
-    A run interrupted (``KeyboardInterrupt``) or out of memory returns the widths trained before
-    the stop (every width, without the runs above the stability limit, when it stopped in those),
-    with ``stopped`` set, a failed check and a ``RuntimeWarning``; stopped in the first width, it
-    raises (``KeyboardInterrupt``, or ``MemoryError`` with advice on ``chunk_size``).
-    """
-    start = time.perf_counter()
-    kernel = "nngp" if config.readout_only else "ntk"
-    dtype = DTYPES[config.dtype]
-    _check_scale(data, dtype)
-    _check_outputs(config, data)
+class _Analytic(NamedTuple):
+    """The infinite-width side of a comparison, computed once for every width."""
+
+    lr: float
+    max_lr: float
+    flow: GradientFlow
+    mu: torch.Tensor                 # (T, M) discrete-time mean
+    var: torch.Tensor                # (T, M) discrete-time variance
+    continuous: torch.Tensor         # (T, M) continuous-time mean at t = η·steps
+    prior_scale: float
+    perfect: tuple[torch.Tensor, torch.Tensor] | None
+    calibration: dict | None
+
+
+def _analytic(data: Dataset, config: CompareConfig, kernel: str, dtype: torch.dtype) -> _Analytic:
     # The NTK-parameterized twin gives the infinite-width dynamics of both parameterizations
     # (standard layers train with the equivalent per-layer learning rates).
     analytic_net = config.network(config.widths[0], ntk_twin=True)
@@ -429,17 +446,55 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     exact = flow.predict(data.x_test, steps=torch.tensor(steps, device="cpu"))
     continuous = flow.predict(data.x_test, t=torch.tensor(steps, dtype=torch.float64, device="cpu"), compute_cov=False)
     mu = exact.mean[..., 0]                                   # (T, M)
-    var = exact.variance                                      # (T, M)
-    probe = data.x_test[:: max(1, data.x_test.shape[0] // config.probe_points)][: config.probe_points]
-    tolerance = variance_tolerance(config.ensemble_size)
     perfect, calibration = None, None
     if config.widths[-1] >= POINTWISE_MIN_WIDTH:   # some width is checked point-wise
         # ensembles with no finite-width error, scored like the networks: how often each check fails by chance
-        perfect = perfect_ensemble_scores(mu, exact.covariance, config.ensemble_size, tolerance, seed=config.seed,
+        perfect = perfect_ensemble_scores(mu, exact.covariance, config.ensemble_size,
+                                          variance_tolerance(config.ensemble_size), seed=config.seed,
                                           prior_scale=prior_scale)
         fails = [simulated_share(p, p < bar) for p, bar in zip(perfect, (MEAN_FRACTION, VAR_FRACTION), strict=True)]
         calibration = {"ensembles": perfect[0].shape[-1], "mean_fail": fails[0].tolist(),
                        "var_fail": fails[1].tolist()}
+    # the (T, M, M) covariances are not kept through the training
+    return _Analytic(lr, max_lr, flow, mu, exact.variance, continuous.mean[..., 0], prior_scale, perfect, calibration)
+
+
+def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
+    """Train an ensemble per width, compare with the analytic predictions, evaluate the checks.
+
+    For each width, ``config.ensemble_size`` networks are trained by :func:`ntkgp.finite.train_ensemble`
+    and compared at every recorded step ``s`` with the discrete-time NTK-GP (NNGP when
+    ``readout_only``) of :class:`ntkgp.predict.GradientFlow`, ``e^{−Θτ}`` replaced by
+    ``(I − ηΘ/m)^s`` (Lee et al. 2019); the metrics and checks are those of the module docstring.
+    ``ntkgp compare`` is this function plus :func:`ntkgp.compare.report.write_report`.
+
+    A run interrupted (``KeyboardInterrupt``) or out of memory (in a width's training or its
+    metrics) returns the widths trained before the stop (every width, without the runs above the
+    stability limit, when it stopped in those), with ``stopped`` set, a failed check and a
+    ``RuntimeWarning``; stopped in the first width, it raises (``KeyboardInterrupt``, or
+    ``MemoryError`` with advice on ``chunk_size``). Out of memory in the analytic predictions,
+    before any training, is a ``MemoryError`` too (their covariances hold steps × (test points)²
+    values).
+    """
+    start = time.perf_counter()
+    kernel = "nngp" if config.readout_only else "ntk"
+    dtype = DTYPES[config.dtype]
+    _check_scale(data, dtype)
+    _check_outputs(config, data)
+    _check_chunk_seeds(config, data)
+    try:
+        analytic = _analytic(data, config, kernel, dtype)
+    except RuntimeError as error:   # before any training: nothing to report
+        stopped = _stop_reason(error, "computing the analytic predictions",
+                               f"the analytic covariances hold (recorded steps) x (test points)^2 values, "
+                               f"{len(config.record_steps)} x {data.x_test.shape[0]}^2 here: use fewer test points")
+        if stopped is None:
+            raise
+        raise MemoryError(stopped) from error
+    lr, max_lr, flow, mu, var = analytic.lr, analytic.max_lr, analytic.flow, analytic.mu, analytic.var
+    steps = list(config.record_steps)
+    probe = data.x_test[:: max(1, data.x_test.shape[0] // config.probe_points)][: config.probe_points]
+    tolerance = variance_tolerance(config.ensemble_size)
 
     results, stopped = [], None
     for width in config.widths:
@@ -450,6 +505,9 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
                 learning_rate=lr, record_steps=steps, x_test=data.x_test, probe=probe,
                 readout_only=config.readout_only, seed=config.seed, dtype=dtype, device=config.device,
                 chunk_size=config.chunk_size, progress=config.progress)
+            # in the try: the metrics of many test points can run out of memory too, after the training
+            results.append(_width_metrics(width, history, mu, var, tolerance, time.perf_counter() - t0,
+                                          analytic.perfect, analytic.prior_scale))
         except (KeyboardInterrupt, RuntimeError) as error:   # torch.cuda.OutOfMemoryError is a RuntimeError
             stopped = _stop_reason(error, f"training width {width}")
             if stopped is None:
@@ -461,8 +519,6 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
             # hours of narrower widths are worth a report: keep them, as a long run's user expects
             warnings.warn(f"{stopped}; the result holds the widths trained before it.", RuntimeWarning, stacklevel=2)
             break
-        results.append(_width_metrics(width, history, mu, var, tolerance, time.perf_counter() - t0, perfect,
-                                      prior_scale))
 
     slopes = {}
     final = [r for r in results if r.steps and r.steps[-1] == steps[-1]]
@@ -493,10 +549,10 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
         # d ≥ 3: the band figures' axis is the test point's index, which no training point has
         x_train_plot=plot_coordinate(data.x_train).tolist() if data.x_train.shape[-1] <= 2 else [],
         y_train=data.y_train[:, 0].tolist(),
-        analytic_mean=mu.tolist(), analytic_std=var.sqrt().tolist(), continuous_mean=continuous.mean[..., 0].tolist(),
+        analytic_mean=mu.tolist(), analytic_std=var.sqrt().tolist(), continuous_mean=analytic.continuous.tolist(),
         widths=results, slopes=slopes, divergence=divergence,
         y_test=None if data.y_test is None else data.y_test[:, 0].tolist(), plot_label=plot_label(data.x_test),
-        stopped=stopped, calibration=calibration)
+        stopped=stopped, calibration=analytic.calibration)
     result.checks = evaluate_checks(result)
     result.seconds = time.perf_counter() - start
     return result
@@ -553,9 +609,10 @@ INTERRUPTED = "interrupted"
 _OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "out of memory", "alloc_failed")
 
 
-def _stop_reason(error: BaseException, stage: str) -> str | None:
+def _stop_reason(error: BaseException, stage: str, advice: str = "a smaller chunk_size trains fewer members at "
+                 "once, but one member of this width may not fit either") -> str | None:
     """Why the comparison stopped in ``stage`` ("training width 512", ...): an interruption or a
-    failed allocation (``None`` for other errors)."""
+    failed allocation, with ``advice`` (``None`` for other errors)."""
     if isinstance(error, KeyboardInterrupt):
         return f"{INTERRUPTED} while {stage}"
     message = str(error)
@@ -568,8 +625,7 @@ def _stop_reason(error: BaseException, stage: str) -> str | None:
     else:
         size_text = size.group(1) if size else None
     what = f"an allocation of {size_text} failed" if size_text else "an allocation failed"
-    return (f"out of memory while {stage} ({what}): a smaller chunk_size trains fewer members at once, "
-            "but one member of this width may not fit either")
+    return f"out of memory while {stage} ({what}): {advice}"
 
 
 def variance_tolerance(ensemble_size: int) -> float:
@@ -610,15 +666,23 @@ def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.
     if perfect is not None:   # ties count: a perfect ensemble scoring 1.00 is as good as this one's 1.00
         chances = tuple(simulated_share(p[:recorded], p[:recorded] <= score.unsqueeze(-1) + 1e-12).tolist()
                         for p, score in zip(perfect, (within, var_within), strict=True))
-    bias = ((err**2 - se**2).mean(-1)).clamp_min(0).sqrt()
+    # scaled by the largest error: far above the stability limit err ~ 1e292 and err² overflowed,
+    # an RMSE of inf (null in report.json) for a finite 7.7e291
+    scale = torch.maximum(err.abs().amax(-1, keepdim=True), se.amax(-1, keepdim=True))
+    scale = torch.where((scale > 0) & scale.isfinite(), scale, 1.0)
+    bias = scale[..., 0] * (((err / scale) ** 2 - (se / scale) ** 2).mean(-1)).clamp_min(0).sqrt()
+    rmse = scale[..., 0] * ((err / scale) ** 2).mean(-1).sqrt()
     members = h.test_outputs[..., 0].double()                   # (T, E, M)
     centred = members - members.mean(1, keepdim=True)
-    cov = centred.mT @ centred / max(members.shape[1] - 1, 1)   # (T, M, M)
-    noise = (2 * (2 * cov.square().sum((-2, -1))).sqrt() / (members.shape[2] * members.shape[1])).sqrt()
+    # tr(Ĉ²) of the (M, M) sample covariance Ĉ = AᵀA/(E − 1), from the smaller of AᵀA and the members'
+    # (E, E) Gram matrix A Aᵀ (equal traces of squares): 4000 test points needed 256 MB per step
+    gram = centred @ centred.mT if members.shape[1] < members.shape[2] else centred.mT @ centred
+    trace_square = gram.square().sum((-2, -1)) / max(members.shape[1] - 1, 1) ** 2
+    noise = (2 * (2 * trace_square).sqrt() / (members.shape[2] * members.shape[1])).sqrt()
     ntk_change = h.ntk_change.double().mean(-1) if h.ntk_change is not None else torch.zeros(recorded, device="cpu")
     return WidthResult(
         width=width, steps=h.steps.tolist(), mean_within=within.tolist(), var_within=var_within.tolist(),
-        mean_rmse=(err**2).mean(-1).sqrt().tolist(), mean_bias=bias.tolist(),
+        mean_rmse=rmse.tolist(), mean_bias=bias.tolist(),
         mean_bias_noise=noise.tolist(), var_rel_error=rel.mean(-1).tolist(),
         train_loss=h.train_loss.double().mean(-1).tolist(), weight_change=h.weight_change.double().mean(-1).tolist(),
         ntk_change=ntk_change.tolist(),

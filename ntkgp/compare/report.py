@@ -51,10 +51,13 @@ def check_notes(r: ComparisonResult) -> list[str]:
             notes.append(f"widths {missing} were not trained: the comparison stopped early")
         if r.config["divergence_check"] and r.divergence is None:
             notes.append("the runs above the stability limit were not made: the comparison stopped early")
-    if r.learning_rate > r.max_learning_rate:
+    # ">=", the comparison of ntkgp.predict's warning on the same two numbers (lr_fraction=1 gives the
+    # limit itself): with ">" the CLI warned "at or above the stability limit" and no NOTE said so
+    if r.learning_rate >= r.max_learning_rate:
         notes.append(f"the learning rate is {r.learning_rate / r.max_learning_rate:.3g} x the stability limit "
-                     "2m/lambda_max: the linearized (infinite-width) predictions diverge, and the finite networks "
-                     "(which may instead catapult to a flatter region) are not expected to follow them")
+                     "2m/lambda_max: the linearized (infinite-width) predictions do not converge (at the limit "
+                     "their top mode oscillates, above it grows), and the finite networks (which may instead "
+                     "catapult to a flatter region) are not expected to follow them")
     return notes
 
 
@@ -63,12 +66,38 @@ def _percent_range(values: list[float]) -> str:
     return f"{low} %" if low == high else f"{low}-{high} %"
 
 
+#: The files of a report besides its band figures, ``band_width{width}.png`` (see :func:`write_report`).
+REPORT_FILES = ("report.json", "report.md", "scaling.png", "loss.png")
+
+
+def check_report_folder(out: str | pathlib.Path) -> None:
+    """``ValueError`` where :func:`write_report` could not write into ``out``: ``out`` is a file, or one
+    of the report's names there (``report.json``, ``report.md``, ``scaling.png``, ``loss.png``,
+    ``band_width*.png``) is held by something other than a regular file, such as a folder (writing
+    or removing it raised ``IsADirectoryError``, after the training: the CLI checks before it)."""
+    out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"cannot write the report to {str(out)!r}: it is a file, not a folder")
+    if not out.is_dir():   # created by write_report: nothing in the way
+        return
+    names = [*REPORT_FILES, *sorted(p.name for p in out.glob("band_width*.png"))]
+    blocked = [name for name in names if (out / name).exists() and not (out / name).is_file()]
+    if blocked:
+        what = "; ".join(f"{name} there is {'a folder' if (out / name).is_dir() else 'not a regular file'}"
+                         for name in blocked)
+        raise ValueError(f"cannot write the report to {str(out)!r}: {what}, where the report writes a file: "
+                         "remove or rename it, or choose another folder")
+
+
 def write_report(result: ComparisonResult, out: str | pathlib.Path) -> pathlib.Path:
     """Write ``report.json``, ``report.md`` and the figures into ``out``; returns the folder.
 
     Figures an earlier report left in ``out`` (``band_width*.png``, ``scaling.png``,
-    ``loss.png``) are removed first, so the folder holds one report."""
+    ``loss.png``) are removed first, so the folder holds one report. A ``ValueError``
+    (:func:`check_report_folder`), before anything is written, when ``out`` is a file or a
+    folder (or another non-file) holds one of those names."""
     out = pathlib.Path(out)
+    check_report_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("band_width*.png"), out / "scaling.png", out / "loss.png"]:
         stale.unlink(missing_ok=True)   # figures of an earlier report in this folder
@@ -108,6 +137,13 @@ def _fmt(value: float, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     return f"{value:.{digits}g}"
+
+
+def _cell(value: float) -> str:
+    """A number of the per-width table: "—" where report.json has null (NaN or infinite), so that the
+    two files agree; an "inf" here was an overflow (a squared error far above the stability limit),
+    not a measured value, and null in report.json."""
+    return _fmt(value) if value is not None and math.isfinite(value) else "—"
 
 
 def _engines(r) -> str:
@@ -161,11 +197,12 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
               "mean bias: RMS error of the mean with the "
               "Monte-Carlo noise (SE²) removed, and the bias that two standard deviations of that estimate "
               "amount to for unbiased members (below it, a bias is noise). Changes are relative to "
-              "initialization, averaged over members.", "",
+              "initialization, averaged over members. —: undefined or overflowed (NaN or infinite; null in "
+              "report.json).", "",
               "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for w in r.widths:
         for i, s in enumerate(w.steps):
-            cells = [str(w.width), str(s), *(_fmt(v[i]) for v in (
+            cells = [str(w.width), str(s), *(_cell(v[i]) for v in (
                 w.train_loss, w.mean_within, w.var_within, w.mean_rmse, w.mean_bias, w.mean_bias_noise,
                 w.var_rel_error, w.weight_change, *(w.layer_change[g] for g in groups), w.ntk_change)),
                 f"{w.seconds:.1f}"]

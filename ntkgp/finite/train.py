@@ -50,6 +50,8 @@ from ntkgp.predict.spectral import real_numbers
 #: counted in float32: float64 chunks hold twice as much, so that the default chunks, and with them
 #: the members a seed draws (chunk ``c`` is seeded ``seed + 1_000_003 c``), do not depend on dtype.
 CHUNK_BYTES = 1 << 30
+#: Chunk ``c`` of an ensemble is seeded ``seed + SEED_STRIDE · c``.
+SEED_STRIDE = 1_000_003
 
 #: ``engine="auto"`` takes the fused engine when the records are on average at least this many steps
 #: apart (``last step >= AUTO_FUSED_STEPS × number of records after step 0``, the kernel's calls).
@@ -277,8 +279,8 @@ def train_ensemble(
     chunks = [min(chunk_size, ensemble_size - start) for start in range(0, ensemble_size, chunk_size)]
     # the last chunk's seed must be valid too: checked by net.build only after the earlier chunks trained
     seed = seed_value(seed)
-    seed_value(seed + 1_000_003 * (len(chunks) - 1), name=f"seed + 1_000_003 * {len(chunks) - 1} (the seed of the "
-               f"last of {len(chunks)} chunks)")
+    seed_value(seed + SEED_STRIDE * (len(chunks) - 1),
+               name=f"seed + {SEED_STRIDE:_} * {len(chunks) - 1} (the seed of the last of {len(chunks)} chunks)")
 
     bar = None
     if progress:
@@ -289,7 +291,7 @@ def train_ensemble(
     results, diverged_at, used = [], None, "stacked"
     try:
         for index, size in enumerate(chunks):
-            model = net.build(in_features=x.shape[-1], seed=seed + 1_000_003 * index, ensemble_size=size,
+            model = net.build(in_features=x.shape[-1], seed=seed + SEED_STRIDE * index, ensemble_size=size,
                               dtype=dtype, device=device)
             if index == 0:
                 if next(model.parameters(), None) is None:
@@ -330,7 +332,7 @@ def train_ensemble(
 
 
 def _default_chunk(net: Layer, d: int, n_points: int) -> int:
-    probe = net.build(in_features=d, seed=0)
+    probe = net.build(in_features=d, seed=0, device="meta")   # shapes only: no memory, whatever the width
     params = sum(p.numel() for p in probe.parameters())
     widths = [m.out_features for m in probe.modules() if isinstance(m, DenseModule)]
     per_member = (4 * params + 4 * n_points * sum(widths)) * 4
