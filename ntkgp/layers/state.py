@@ -141,8 +141,8 @@ class Duplicates:
         col_members = torch.nonzero(shared[cols]).flatten()
         row_members = torch.nonzero(shared[rows]).flatten()
         members = (col_members, rep[cols[col_members]], row_members, rep[rows[row_members]])
-        # a row block's pairs (all of them, at most, and a block is smaller than a chunk) are listed
-        # once for all the layers; a whole large kernel's are found a chunk at a time, when used
+        # a row block's pairs fit in one chunk (a block has at most 2^19 entries): listed once for all
+        # its layers; a large whole kernel's are found a chunk at a time, when they are used
         small = row_members.numel() * col_members.numel() <= _PAIR_BLOCK_ENTRIES
         return cls(*members, listed=next(_pair_chunks(*members)) if small else None)
 
