@@ -270,3 +270,12 @@ def test_layernorm_over_a_single_feature_is_refused_when_built():
     assert net.kernel(torch.randn(4, 3)).nngp.shape == (4, 4)
     wide = ntkgp.serial(ntkgp.Dense(8), ntkgp.ReLU(), ntkgp.Dense(2), ntkgp.LayerNorm()).build(in_features=3, seed=0)
     assert wide(torch.randn(4, 3)).shape == (4, 2)
+
+
+def test_per_feature_weight_variances_without_ard_say_how_to_get_them():
+    """Dense(5, tensor of 3 variances) is refused (one variance per layer unless ard_num_dims is
+    given); the message now names ard_num_dims and expand_batch, where it only gave the shape."""
+    with pytest.raises(ValueError, match=r"got shape \(3,\) \(per-feature weight variances: "
+                                         r"Dense\(\.\.\., ard_num_dims=d\) on the first layer"):
+        ntkgp.Dense(5, torch.tensor([1.0, 2.0, 3.0]))
+    assert ntkgp.Dense(5, torch.tensor([1.0, 2.0, 3.0]), ard_num_dims=3).weight_var.shape == (3,)

@@ -718,7 +718,7 @@ def test_hyperparameter_batches_that_do_not_broadcast_with_the_inputs_raise():
     (lambda: ntkgp.serial(ntkgp.parallel(ntkgp.Dense(3), ntkgp.Dense(4))), "equal widths"),
     # the raw inputs' features are fixed numbers, whose mean a LayerNorm would subtract
     (lambda: ntkgp.serial(ntkgp.parallel(ntkgp.Identity(), ntkgp.Dense(3), join="concat"), ntkgp.LayerNorm()),
-     "known mean"),
+     "known mean.*raw inputs, alone or in a concatenation, have none"),
     # two branches of non-zero means need them known (Elementwise without mean_fn)
     (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(
         ntkgp.serial(ntkgp.Dense(3), ntkgp.ReLU()),

@@ -54,7 +54,8 @@ class LayerNorm(Layer):
         if state.is_input or (has_mean and centred is None):
             raise ValueError("LayerNorm needs features of known mean: put it after a Dense layer, an "
                              "activation (Elementwise needs mean_fn) or sums, concatenations and products of "
-                             "such branches.")
+                             "such branches; raw inputs, alone or in a concatenation, have none (put a Dense "
+                             "layer before the LayerNorm).")
         nngp, cov1, cov2 = (state.nngp, state.cov1, state.cov2) if centred is None else centred
         if centred is not None:
             # T − μ² ≥ 0 (Jensen); rounding below 0 would be a NaN square root after eps

@@ -127,8 +127,11 @@ class VarianceParameters:
             try:
                 anchor = anchor.expand(shape).clone()
             except RuntimeError as err:
+                # a per-feature weight_var without ard_num_dims was refused without saying how to get one
+                hint = (" (per-feature weight variances: Dense(..., ard_num_dims=d) on the first layer; a batch "
+                        "of variances: expand_batch)" if name == "weight_var" and not shape and anchor.dim() else "")
                 raise ValueError(f"{name} must be a scalar or have shape {tuple(shape)}, "
-                                 f"got shape {tuple(anchor.shape)}.") from err
+                                 f"got shape {tuple(anchor.shape)}{hint}.") from err
         raw = torch.nn.Parameter(torch.zeros(shape))
         self.register_parameter(f"raw_{name}", raw)
         # where raw is (the module's device): a variance given as a CUDA tensor put this anchor there
