@@ -87,7 +87,7 @@ def _options(text: object, spec: bool = False) -> str:
 LEADING_OPTIONS = {"widths": "--widths", "depth": "--depth", "seed": "--seed", "spec": "--spec"}
 
 #: Python advice in the errors of the config and its layers, and what a CLI user types instead.
-DTYPE_ADVICE = (("dtype='float64'; --dtype float64", "--dtype float64"), ("dtype='float64'", "--dtype float64"))
+DTYPE_ADVICE = (("dtype='float64'", "--dtype float64"),)
 #: The same for the MLP's options, which do not apply with a spec (whose layers take Python arguments).
 MLP_ADVICE = (("Unknown activation ", "Unknown --activation "), (" or pass a layer.", "."))
 
@@ -202,8 +202,7 @@ def _writable_folder(path: str) -> None:
     from ntkgp.compare.report import check_report_folder
 
     folder = pathlib.Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"cannot write the report to {path!r}: it is a file, not a folder")
+    check_report_folder(folder)   # a file there, or a folder named report.json or loss.png in it
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -213,7 +212,6 @@ def _writable_folder(path: str) -> None:
     for name in ("report.json", "report.md"):   # an earlier report's files that cannot be replaced
         if (folder / name).exists() and not os.access(folder / name, os.W_OK):
             raise ValueError(f"cannot write the report to {path!r}: {name} there is not writable")
-    check_report_folder(folder)   # a folder named report.json or loss.png failed write_report after training
 
 
 def load_spec(text: str):

@@ -48,7 +48,7 @@ from ntkgp._checks import integer_at_least, seed_value
 from ntkgp.compare.calibration import MEAN_SLACK, perfect_ensemble_scores, pointwise_scores, simulated_share
 from ntkgp.compare.datasets import Dataset, plot_coordinate, plot_label
 from ntkgp.finite.rates import ntk_parameterized
-from ntkgp.finite.train import SEED_STRIDE, EnsembleHistory, _default_chunk, train_ensemble
+from ntkgp.finite.train import EnsembleHistory, ensemble_chunks, train_ensemble
 from ntkgp.layers.base import Layer
 from ntkgp.layers.mlp import mlp
 from ntkgp.layers.state import KernelState
@@ -398,21 +398,6 @@ def _check_outputs(config: CompareConfig, data: Dataset) -> None:
                          "one target and compares one output: end the spec in a Dense layer of width 1.")
 
 
-def _check_chunk_seeds(config: CompareConfig, data: Dataset) -> None:
-    """Refuse a seed that the last chunk of some width's ensemble would push past 2**64 (chunk ``c``
-    is seeded ``seed + SEED_STRIDE c``) before the first width trains: the widest width has the most
-    chunks, and train_ensemble refused it only when that width began, the narrower ones' results lost."""
-    if config.seed + SEED_STRIDE * (config.ensemble_size - 1) < 2**64:   # valid even with one member per chunk
-        return
-    chunk = config.chunk_size
-    if chunk is None:
-        chunk = _default_chunk(config.network(config.widths[-1]), data.x_train.shape[-1],
-                               data.x_train.shape[0] + data.x_test.shape[0])
-    chunks = -(-config.ensemble_size // chunk)
-    seed_value(config.seed + SEED_STRIDE * (chunks - 1), name=f"seed + {SEED_STRIDE:_} * {chunks - 1} (the seed of "
-               f"the last of {chunks} chunks of width {config.widths[-1]})")
-
-
 class _Analytic(NamedTuple):
     """The infinite-width side of a comparison, computed once for every width."""
 
@@ -481,7 +466,11 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     dtype = DTYPES[config.dtype]
     _check_scale(data, dtype)
     _check_outputs(config, data)
-    _check_chunk_seeds(config, data)
+    # the widest width trains in the most chunks: a seed that its last chunk would push past 2**64 was
+    # refused only when that width began, the narrower widths' training lost
+    ensemble_chunks(config.network(config.widths[-1]), data.x_train.shape[-1],
+                    data.x_train.shape[0] + data.x_test.shape[0], config.ensemble_size, config.chunk_size,
+                    config.seed)
     try:
         analytic = _analytic(data, config, kernel, dtype)
     except RuntimeError as error:   # before any training: nothing to report

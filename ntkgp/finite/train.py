@@ -274,13 +274,8 @@ def train_ensemble(
     y = (y_train if y_train.dim() == 2 else y_train.unsqueeze(-1)).to(device=device, dtype=dtype)
     xt = x if x_test is None else x_test.to(device=device, dtype=dtype)
     pr = None if probe is None else probe.to(device=device, dtype=dtype)
-    if chunk_size is None:
-        chunk_size = _default_chunk(net, x.shape[-1], x.shape[0] + xt.shape[0])
-    chunks = [min(chunk_size, ensemble_size - start) for start in range(0, ensemble_size, chunk_size)]
-    # the last chunk's seed must be valid too: checked by net.build only after the earlier chunks trained
     seed = seed_value(seed)
-    seed_value(seed + SEED_STRIDE * (len(chunks) - 1),
-               name=f"seed + {SEED_STRIDE:_} * {len(chunks) - 1} (the seed of the last of {len(chunks)} chunks)")
+    chunks = ensemble_chunks(net, x.shape[-1], x.shape[0] + xt.shape[0], ensemble_size, chunk_size, seed)
 
     bar = None
     if progress:
@@ -326,9 +321,24 @@ def train_ensemble(
         layer_change={g: cat([r[5][g] for r in results]) for g in groups},
         diverged_at=diverged_at,
         settings={"ensemble_size": ensemble_size, "readout_only": readout_only, "seed": seed,
-                  "dtype": str(dtype), "device": str(device), "chunk_size": min(chunk_size, ensemble_size),
+                  "dtype": str(dtype), "device": str(device), "chunk_size": chunks[0],
                   "engine": used},
     )
+
+
+def ensemble_chunks(net: Layer, in_features: int, n_points: int, ensemble_size: int, chunk_size: int | None,
+                    seed: int) -> list[int]:
+    """The sizes of the chunks :func:`train_ensemble` trains one after another: ``chunk_size`` members
+    (default: as many as fit in ``CHUNK_BYTES`` with ``n_points`` inputs), the last one the rest.
+
+    A ``ValueError`` when the last chunk's seed, ``seed + SEED_STRIDE (chunks − 1)``, is not below
+    2**64: ``net.build`` would refuse it only after the earlier chunks trained."""
+    if chunk_size is None:
+        chunk_size = _default_chunk(net, in_features, n_points)
+    chunks = [min(chunk_size, ensemble_size - start) for start in range(0, ensemble_size, chunk_size)]
+    seed_value(seed + SEED_STRIDE * (len(chunks) - 1),
+               name=f"seed + {SEED_STRIDE:_} * {len(chunks) - 1} (the seed of the last of {len(chunks)} chunks)")
+    return chunks
 
 
 def _default_chunk(net: Layer, d: int, n_points: int) -> int:
