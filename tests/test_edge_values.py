@@ -7,6 +7,7 @@ Each test was written against a mutation of the code that the rest of the suite 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -203,15 +204,20 @@ def test_numerical_quadrature_that_does_not_settle_says_by_how_much_it_moved():
     assert abs(float(dot) / (2 / math.sqrt(2 * math.pi * 1e3)) - 1) > 0.5   # what the warning is about
 
 
-@pytest.mark.parametrize("layer", [ntkgp.LeakyReLU(1e200), ntkgp.Erf(b=1e200), ntkgp.Exp(a=1e200)],
-                         ids=["leaky_relu", "erf", "exp"])
-def test_activation_constants_whose_powers_overflow_are_a_value_error(layer):
-    """Finite constants whose square or fourth power overflows a Python float failed in the kernel with
-    OverflowError (34, 'Numerical result out of range'), naming neither the layer nor the constant."""
-    net = ntkgp.serial(ntkgp.Dense(2), layer, ntkgp.Dense(1))
-    for diag in (False, True):
-        with pytest.raises(ValueError, match=r"1e\+200.*overflows a float in the kernel"):
-            net.kernel(torch.randn(3, 2), diag=diag)
+@pytest.mark.parametrize(("make", "name"), [
+    (lambda: ntkgp.LeakyReLU(1e200), "a"), (lambda: ntkgp.Erf(b=1e200), "b"), (lambda: ntkgp.Exp(a=1e200), "a"),
+    (lambda: ntkgp.ABReLU(-1e154, 1e154), "a - b"), (lambda: ntkgp.Gaussian(b=-1e160), "b"),
+    (lambda: ntkgp.Erf(c=1e200), "c")], ids=["leaky_relu", "erf", "exp", "abrelu", "gaussian", "erf_c"])
+def test_activation_constants_whose_squares_overflow_are_refused_at_construction(make, name):
+    """Finite constants whose square (or a − b's, ABReLU) overflows a Python float failed in the kernel
+    with OverflowError (34, 'Numerical result out of range'), naming neither the layer nor the
+    constant; they are refused when the layer is built. (1.3e154 is the largest whose square is finite.)"""
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)} = .*e\+\d+: its square, which the kernel takes, "
+                                         "overflows a float"):
+        make()
+    assert ntkgp.ABReLU(-6e153, 6e153).a == -6e153   # squares just below the largest float: accepted
+    net = ntkgp.serial(ntkgp.Dense(2), ntkgp.Sin(c=1e200), ntkgp.Dense(1))   # a phase is never squared
+    assert bool(torch.isfinite(net.kernel(torch.randn(3, 2)).nngp).all())
 
 
 def test_a_copied_numerical_layer_keeps_its_output_check():

@@ -111,7 +111,7 @@ def draws_to_inference_data(f_draws: ArrayLike, y_obs: ArrayLike, noise: ArrayLi
         y_rep = finite(y_draws, "y_draws")
         if y_rep.shape != f.shape:
             raise ValueError(f"y_draws must have the shape of f_draws, {f.shape}; got {y_rep.shape}.")
-    log_lik = gaussian_log_density(y, f, noise_var)
+    log_lik = log_density(y, f, noise_var)   # all three checked above (check_export: positive noise)
 
     def chains(a: np.ndarray) -> np.ndarray:
         return a.reshape(num_chains, num_draws // num_chains, *a.shape[1:])

@@ -154,12 +154,12 @@ def _input_width(model: nn.Module) -> int | None:
     return None
 
 
-def refuse_spec(model: object, name: str = "model") -> None:
+def refuse_spec(model: object) -> None:
     """A ``ValueError`` for a network spec given where its finite twin is wanted: a spec is an
     ``nn.Module`` too, whose parameters are its variances, so it passed for a network."""
     if isinstance(model, Layer):
-        raise ValueError(f"{name} is an ntkgp network spec ({type(model).__name__}), not a finite network: build "
-                         f"one with {name}.build(...) first.")
+        raise ValueError(f"model is an ntkgp network spec ({type(model).__name__}), not a finite network: build "
+                         "one with model.build(...) first.")
 
 
 def _first_called(model: nn.Module | ParamFn) -> nn.Module | None:

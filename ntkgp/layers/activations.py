@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ntkgp.layers.base import BuildContext, Layer
 from ntkgp.layers.numerics import gaussian_angle, safe_sqrt, shifted_det
 from ntkgp.layers.state import KernelState, with_self_pairs
-from ntkgp.layers.validation import finite_constants, refuse_overflow
+from ntkgp.layers.validation import finite_constants, refuse_overflow, squarable_constants
 
 
 class ActivationModule(nn.Module):
@@ -64,7 +64,8 @@ class Activation(Layer):
     def dot_variance(self, k: Tensor) -> Tensor:
         """``Ṫ(k, k, k) = E[φ'(u)²]`` for ``u ~ N(0, k)``: the NTK factor of a point with itself.
 
-        Subclasses give it in closed form of the one variable ``k``. Along ``k11 = k12 = k22 = k``
+        Subclasses whose :meth:`pair_kernel` cancels there give it in closed form of the one variable
+        ``k`` (the ReLU family's and Exp's do not cancel). Along ``k11 = k12 = k22 = k``
         the three partial derivatives of ``Ṫ`` are each ``O(k^{-1/2})`` (Erf) but cancel to a total
         of ``O(k^{-3/2})``: differentiated through :meth:`pair_kernel`, a self-pair's NTK factor lost
         ``ε·k`` of its gradient's digits (6 % of a hyperparameter gradient in float32 at inputs of
@@ -101,20 +102,16 @@ class Activation(Layer):
             raise ValueError(f"{type(self).__name__} needs Gaussian inputs: put a Dense layer before it "
                              "(its closed form assumes centred Gaussian pre-activations).")
         want_ntk = state.ntk is not None
-        try:
-            if state.diag and state.symmetric:
-                cov = self.variance(state.cov1)
-                dot = self.dot_variance(state.cov1) if want_ntk else None
-                nngp = cov1 = cov2 = cov
-            else:
-                nngp, dot = self.pair_kernel(state.k11, state.nngp, state.k22, want_ntk)
-                cov1, cov2 = state.map_covs(self.variance)
-                if want_ntk and state.symmetric and not state.diag and self._exact_dot_variance:
-                    # a point with itself: Ṫ of its variance alone, whose gradient does not cancel
-                    dot = with_self_pairs(state, dot, self.dot_variance(state.cov1))
-        except OverflowError:   # Python's "(34, 'Numerical result out of range')" from a² or b⁴ of a constant
-            raise ValueError(f"{self!r}: a power of its constants (as a², b⁴) overflows a float in the kernel; "
-                             "use constants of a sensible size.") from None
+        if state.diag and state.symmetric:
+            cov = self.variance(state.cov1)
+            dot = self.dot_variance(state.cov1) if want_ntk else None
+            nngp = cov1 = cov2 = cov
+        else:
+            nngp, dot = self.pair_kernel(state.k11, state.nngp, state.k22, want_ntk)
+            cov1, cov2 = state.map_covs(self.variance)
+            if want_ntk and state.symmetric and self._exact_dot_variance:
+                # a point with itself: Ṫ of its variance alone, whose gradient does not cancel
+                dot = with_self_pairs(state, dot, self.dot_variance(state.cov1))
         ntk = state.ntk * dot if want_ntk else None
 
         def centred() -> tuple[Tensor, Tensor, Tensor] | None:
@@ -171,7 +168,8 @@ class ABReLU(Activation):
 
     def __init__(self, a: float, b: float) -> None:
         super().__init__()
-        self.a, self.b = finite_constants(a=a, b=b)
+        self.a, self.b = squarable_constants(a=a, b=b)
+        squarable_constants(**{"a - b": self.a - self.b})   # (a − b)² in the kernel
 
     def fn(self, x: Tensor) -> Tensor:
         return _abrelu(x, self.a, self.b)
@@ -188,11 +186,6 @@ class ABReLU(Activation):
 
     def variance(self, k: Tensor) -> Tensor:
         return (self.a**2 + self.b**2) / 2 * k
-
-    def dot_variance(self, k: Tensor) -> Tensor:
-        """``Ṫ(k, k, k) = (a² + b²)/2`` (``θ = 0``), and ``(a + b)²/4`` at ``k = 0`` (``θ = π/2``)."""
-        theta = torch.where(k == 0, math.pi / 2, torch.zeros_like(k))
-        return torch.rsub(theta, (self.a**2 + self.b**2) / 2, alpha=(self.a - self.b) ** 2 / (2 * math.pi))
 
     def mean(self, k: Tensor) -> Tensor:
         return (self.b - self.a) * safe_sqrt(k / (2 * math.pi))
@@ -256,7 +249,7 @@ class Erf(Activation):
 
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
         super().__init__()
-        self.a, self.b, self.c = finite_constants(a=a, b=b, c=c)
+        self.a, self.b, self.c = squarable_constants(a=a, b=b, c=c)
 
     def fn(self, x: Tensor) -> Tensor:
         return _erf(x, self.a, self.b, self.c)
@@ -384,7 +377,8 @@ class Sin(Activation):
 
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
         super().__init__()
-        self.a, self.b, self.c = finite_constants(a=a, b=b, c=c)
+        (self.c,) = finite_constants(c=c)   # a phase: never squared
+        self.a, self.b = squarable_constants(a=a, b=b)
         # cos 2c, 1 − cos 2c and 1 + cos 2c, the latter two without cancellation
         self._cos2c, self._one_minus, self._one_plus = math.cos(2 * c), 2 * math.sin(c) ** 2, 2 * math.cos(c) ** 2
         self._sin_c = math.sin(c)
@@ -491,7 +485,7 @@ class Exp(Activation):
 
     def __init__(self, a: float = 1.0, b: float = 1.0) -> None:
         super().__init__()
-        self.a, self.b = finite_constants(a=a, b=b)
+        self.a, self.b = squarable_constants(a=a, b=b)
 
     def fn(self, x: Tensor) -> Tensor:
         return _exp(x, self.a, self.b)
@@ -505,10 +499,6 @@ class Exp(Activation):
 
     def variance(self, k: Tensor) -> Tensor:
         return self._checked(self.a**2 * torch.exp(2 * self.b**2 * k), k)
-
-    def dot_variance(self, k: Tensor) -> Tensor:
-        """``Ṫ(k, k, k) = b² T(k, k, k) = a²b² exp(2b²k)``."""
-        return self._checked(self.b**2 * self.variance(k), k)
 
     def mean(self, k: Tensor) -> Tensor:
         return self._checked(self.a * torch.exp(self.b**2 / 2 * k), k)
@@ -546,7 +536,7 @@ class Gaussian(Activation):
 
     def __init__(self, a: float = 1.0, b: float = -1.0) -> None:
         super().__init__()
-        self.a, self.b = finite_constants(a=a, b=b)
+        self.a, self.b = squarable_constants(a=a, b=b)
         if self.b > 0:
             raise ValueError(f"Gaussian needs b ≤ 0 (φ(x) = a·exp(b x²) has no Gaussian second moment once "
                              f"4bk ≥ 1), got b={b!r}.")

@@ -481,7 +481,7 @@ class Numerical(Activation):
 
     def __getstate__(self):
         state = dict(super().__getstate__())
-        state["_derivatives"] = [self._fn]  # derivative closures are rebuilt on demand
+        state.pop("_derivatives", None)   # a closure, rebuilt by __setstate__
         return state
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import numpy as np
 import torch
@@ -45,6 +46,17 @@ def refuse_overflow(value: Tensor, name: str, growth: str, inputs: tuple[Tensor,
 def finite_constants(**constants: object) -> tuple[float, ...]:
     """The constants of a layer as floats; NaN or infinite ones would give NaN kernels."""
     return tuple(finite_number(value, name) for name, value in constants.items())
+
+
+def squarable_constants(**constants: object) -> tuple[float, ...]:
+    """:func:`finite_constants` whose squares, which the kernels take as Python floats, are finite:
+    ``1e200 ** 2`` raises OverflowError (34, 'Numerical result out of range') in the kernel."""
+    values = finite_constants(**constants)
+    for name, value in zip(constants, values, strict=True):
+        if abs(value) > math.sqrt(sys.float_info.max):
+            raise ValueError(f"{name} = {value:g}: its square, which the kernel takes, overflows a float; "
+                             "use constants of a sensible size.")
+    return values
 
 
 def broadcast_shapes(*shapes: tuple[int, ...]) -> torch.Size:
