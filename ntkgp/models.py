@@ -87,6 +87,13 @@ class NetworkGP(gpytorch.models.ExactGP):
         if not isinstance(train_y, Tensor) or not train_y.is_floating_point():
             raise ValueError(f"train_y must be a floating-point tensor, got "
                              f"{train_y.dtype if isinstance(train_y, Tensor) else type(train_y).__name__}.")
+        low = [f"{name} is {v.dtype}" for name, v in (("train_x", train_x), ("train_y", train_y))
+               if v.is_floating_point() and v.dtype not in (torch.float32, torch.float64)]
+        if low:
+            # the Cholesky of the marginal likelihood has no half-precision kernel: fit failed with
+            # '"cholesky_cpu" not implemented for 'Half'' after the model was built
+            raise ValueError(f"NetworkGP needs float32 or float64 data ({', '.join(low)}): "
+                             "convert with .float() or .double().")
         if not all_finite(train_y):
             # GPyTorch would take them: NaN predictions everywhere, and fit's "non-finite marginal
             # likelihood" would not say why
@@ -247,7 +254,8 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
 
     Raises:
         ValueError: if a parameter (trained or frozen) is not finite before the first step, or the
-            model has no training data.
+            model has no training data, non-finite data, or inputs and targets with different
+            numbers of points (``set_train_data(..., strict=False)`` does not check).
         FloatingPointError: if the loss, a gradient or (after a step) a parameter is not finite,
             or the kernel plus noise is not positive definite (linear_operator's ``NotPSDError``);
             the model is then left with the best parameters seen before, in eval mode.
@@ -264,6 +272,14 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     data = [model.train_targets, *(x for x in model.train_inputs if x.is_floating_point())]
     if not all(all_finite(value) for value in data):
         raise ValueError("The model's training inputs or targets contain NaN or infinite values.")
+    # set_train_data(..., strict=False) skips the length check too: torch's "The size of tensor a (5)
+    # must match the size of tensor b (20)" came from inside GPyTorch. The targets hold the points
+    # on their last axis (batched single-output models) or their second last (multitask, (N, k))
+    points = {x.shape[-2] if x.dim() >= 2 else x.shape[0] for x in model.train_inputs}
+    targets = model.train_targets.shape
+    if len(points) != 1 or next(iter(points)) not in targets[-2:]:
+        raise ValueError(f"The model's training inputs (shapes {[tuple(x.shape) for x in model.train_inputs]}) "
+                         f"and targets (shape {tuple(targets)}) do not hold the same number of points.")
     # a NaN raw noise surfaced as linear_operator's NanError from inside the Cholesky, not as
     # this function's error
     bad = [name for name, p in model.named_parameters() if not all_finite(p)]   # frozen ones too

@@ -669,6 +669,33 @@ def test_fit_names_non_finite_data_set_after_construction():
         fit(model, steps=2)
 
 
+def test_fit_names_data_of_different_lengths_set_after_construction():
+    """set_train_data(..., strict=False) checks nothing: torch's "The size of tensor a (5) must
+    match the size of tensor b (20)" came from inside GPyTorch."""
+    model = _small_model()
+    x, _ = _data(n=model.train_targets.shape[-1] + 3)
+    model.set_train_data(inputs=x, strict=False)
+    with pytest.raises(ValueError, match=r"do not hold the same number of points"):
+        fit(model, steps=2)
+    vector = NetworkGP(*_data(n=12, k=2), ntkgp.mlp(1, "erf", 2.0, 0.1))
+    vector.set_train_data(inputs=_data(n=10)[0], strict=False)
+    with pytest.raises(ValueError, match=r"\(10, 2\).*\(12, 2\)"):
+        fit(vector, steps=2)
+    vector.set_train_data(inputs=_data(n=12)[0], strict=False)   # (N, k) targets hold N second last
+    assert len(fit(vector, steps=1)) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_data_is_refused_when_the_model_is_built(dtype):
+    """The marginal likelihood's Cholesky has no half-precision kernel: fit failed with
+    '"cholesky_cpu" not implemented for 'Half'' after the model had been built."""
+    x, y = _data()
+    with pytest.raises(ValueError, match=rf"train_x is {dtype}.*\.float\(\) or \.double\(\)"):
+        NetworkGP(x.to(dtype), y, ntkgp.mlp(1, "erf", 2.0, 0.1))
+    with pytest.raises(ValueError, match=rf"train_y is {dtype}"):
+        NetworkGP(x, y.to(dtype), ntkgp.mlp(1, "erf", 2.0, 0.1))
+
+
 def test_fit_lifts_the_cholesky_limit_for_network_kernels_only():
     # a structured model (SKI) relies on GPyTorch's iterative solves: dense Cholesky made it 40x slower
     seen = {}
