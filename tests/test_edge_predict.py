@@ -766,6 +766,30 @@ def test_gradient_descent_mse_second_derivatives_and_extreme_schedules():
         assert torch.isfinite(grad).all()
 
 
+def test_second_derivatives_at_tied_eigenvalues_warn_and_distinct_ones_do_not():
+    """Through eigh, second derivatives divide by eigenvalue gaps: with inputs ±e_i (the NTK's
+    eigenvalues tie to 4e-16) they were off by 1e14, silently, where the docs promised NaN. First
+    derivatives (Daleckii–Krein) stay exact and do not warn; a smooth kernel's null directions tie
+    to 1e-17 without harm and do not warn either."""
+    net = ntkgp.serial(ntkgp.Dense(1, weight_var=2.25, bias_var=0.01), ntkgp.Erf(),
+                       ntkgp.Dense(1, weight_var=2.25, bias_var=0.01))
+
+    def first_derivative(x, create_graph):
+        x = x.clone().requires_grad_()
+        out = predict.gradient_descent_mse(net.kernel(x).ntk, torch.ones(len(x)), 0.0, t=0.5)
+        return torch.autograd.grad(out.pow(2).sum(), x, create_graph=create_graph)
+
+    symmetric = torch.cat([torch.eye(3), -torch.eye(3)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first_derivative(symmetric, create_graph=False)
+        first_derivative(torch.linspace(-2, 2, 100)[:, None], create_graph=True)
+        first_derivative(torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), create_graph=True)
+    with pytest.warns(RuntimeWarning, match=r"eigenvalues 0\.02665\d* and 0\.02665\d* within .*\(3 such pair") as seen:
+        first_derivative(symmetric, create_graph=True)
+    assert seen[0].filename == __file__
+
+
 def test_gradient_descent_mse_absolute_diag_reg_matches_the_regularized_closed_form():
     """diag_reg_absolute_scale=True adds r·I, not r·trace/N·I (no test set it before: reading it as
     relative went unnoticed). The kernel's trace/N is 0.84, so the two differ."""

@@ -405,7 +405,9 @@ def matrix_function_product(kernel: Tensor, eig: Eigensystem, schedule: Schedule
 
     That backward is not itself differentiable; under ``create_graph=True`` (second derivatives)
     it differentiates the product through ``torch.linalg.eigh`` and ``f_t(λ)`` in both ``λ`` and
-    the times instead: exact where eigenvalues are distinct, NaN where they tie.
+    the times instead: exact where eigenvalues are well apart, but losing about ``ε/δ²`` at a
+    relative gap ``δ`` and wrong at ties (finite, not NaN), where a ``RuntimeWarning`` says so
+    (:func:`warn_if_tied`).
     """
     if left_eigen is None and left is not None:
         left_eigen = left @ eig.vectors
@@ -471,6 +473,8 @@ def _differentiable_backward(ctx, grad: Tensor, kernel: Tensor, left: Tensor | N
     times together (their mixed second derivatives included)."""
     inputs = {i: t for i, t in enumerate((kernel, left, right, times)) if ctx.needs_input_grad[i]}
     values, vectors = torch.linalg.eigh(kernel)
+    if ctx.needs_input_grad[0]:
+        warn_if_tied(values.detach())
     weights = ctx.weight_fn(values.clamp_min(0), times)
     a = vectors if left is None else left @ vectors
     out = spectral_apply(a, weights, vectors.mT @ right)
@@ -479,6 +483,29 @@ def _differentiable_backward(ctx, grad: Tensor, kernel: Tensor, left: Tensor | N
     for i, g in zip(inputs, grads, strict=True):
         result[i] = g
     return tuple(result)
+
+
+def warn_if_tied(values: Tensor) -> None:
+    """Warn where second derivatives through ``torch.linalg.eigh`` lose their digits: two of the
+    ascending eigenvalues ``values`` above the null tolerance ``N ε λ_max`` lie within a relative
+    ``ε^{1/3}`` of each other. Its backward divides by their gap, so the second derivatives lose
+    about ``ε/δ²`` at a relative gap ``δ`` (3 % at 1.5e-7) and are wrong at a tie, by 1e14 for
+    the NTK of inputs ±e_i (the eigenvalue 1.9 repeated to 4e-16), though finite. Eigenvalues
+    below the tolerance tie freely without harm: their directions carry almost nothing of the
+    kernel's derivative (a smooth 1-D kernel of 100 points, gaps of 1e-17 there: exact)."""
+    eps = torch.finfo(values.dtype).eps
+    top = values[..., -1:].abs()
+    upper, lower = values[..., 1:], values[..., :-1]
+    tied = (lower > values.shape[-1] * eps * top) & (upper - lower <= eps ** (1 / 3) * upper)
+    if bool(tied.any()):
+        where = tied.nonzero()[0].tolist()
+        a, b = float(lower[tuple(where)]), float(upper[tuple(where)])
+        warnings.warn(f"Second derivatives of the training dynamics differentiate torch.linalg.eigh, whose "
+                      f"derivative divides by eigenvalue gaps: the training kernel has eigenvalues {a:.6g} and "
+                      f"{b:.6g} within {(b - a) / b:.1e} of each other ({int(tied.sum())} such pair(s)), so they "
+                      "lose about eps/gap² of their digits and are wrong at a tie (one-hot or symmetric inputs, "
+                      "the full kernel of k outputs). First derivatives are exact there.",
+                      RuntimeWarning, stacklevel=caller_stacklevel(skip=("ntkgp.", "torch.")))
 
 
 def flatten_full_kernel(kernel: Tensor) -> Tensor:
