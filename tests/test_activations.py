@@ -764,6 +764,41 @@ def test_rectified_monomials_and_monomials_against_their_own_closed_forms():
     assert float(step.variance(zero)) == 0.25 == float(step.pair_kernel(zero, zero, zero, False)[0])
 
 
+def test_arc_cosine_kernels_near_opposite_inputs_keep_their_relative_accuracy():
+    """Near θ = π the arc-cosine kernels vanish like δ^{2n+1} (δ = π − θ). With δ taken as π − θ
+    after atan2, θ's absolute rounding (4e-16) was amplified by 1/δ²: ReLU's kernel at a
+    correlation of −1 + 1e-8 was 2.2e-4 off (relative), degree 2 came out negative (−9e-17 for
+    2e-21). From atan2(s, −k12) ReLU keeps ε/δ² (the inputs' own rounding) and the higher degrees
+    stay non-negative. Reference: Cho & Saul's J_1..J_3 with 50 digits."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+
+    def j(n, t):
+        c, s = mpmath.cos(t), mpmath.sin(t)
+        return [mpmath.pi - t, s + (mpmath.pi - t) * c, 3 * s * c + (mpmath.pi - t) * (1 + 2 * c * c),
+                4 * s**3 + 15 * s * c * c + (mpmath.pi - t) * (9 * c + 6 * c**3)][n]
+
+    k11, k22 = torch.tensor([1.3]), torch.tensor([0.7])
+    for gap, relu_rtol, degree2_rtol in ((1e-8, 5e-8, None), (1e-4, 1e-11, 1e-6)):
+        k12 = (gap - 1) * torch.sqrt(k11 * k22)
+        a, b, c = (mpmath.mpf(float(v)) for v in (k11, k12, k22))
+        theta = mpmath.acos(b / mpmath.sqrt(a * c))
+        for n in (1, 2, 3):
+            nngp, dot = ntkgp.RectifiedMonomial(n).pair_kernel(k11, k12, k22, True)
+            ref = (a * c) ** (mpmath.mpf(n) / 2) * j(n, theta) / (2 * mpmath.pi)
+            ref_dot = n * n * (a * c) ** (mpmath.mpf(n - 1) / 2) * j(n - 1, theta) / (2 * mpmath.pi)
+            assert float(nngp) >= 0 and float(dot) >= 0
+            assert abs(float(nngp) - ref) <= 1e-16 * float(k11 * k22) ** (n / 2)   # rounding of the scale
+            # Ṫ = n² T_{n−1}: degree 0 is δ/(2π), which keeps the inputs' ε/δ² (1e-8 relative at δ² = 2e-8)
+            assert abs(float(dot) - ref_dot) <= 1e-8 * ref_dot + 1e-16 * n * n * float(k11 * k22) ** ((n - 1) / 2)
+            rtol = {1: relu_rtol, 2: degree2_rtol}.get(n)
+            if rtol is not None:
+                assert abs(float(nngp) - ref) <= rtol * ref
+        relu, relu_dot = ntkgp.ReLU().pair_kernel(k11, k12, k22, True)
+        assert abs(float(relu) - (a * c) ** 0.5 * j(1, theta) / (2 * mpmath.pi)) <= relu_rtol * float(relu)
+        assert abs(float(relu_dot) - j(0, theta) / (2 * mpmath.pi)) <= 1e-8 * float(relu_dot)
+
+
 def test_polynomial_centred_kernel_has_no_cancellation():
     """φ = 1000 + x: T − μ1μ2 = k12 exactly, where the difference T − μ1μ2 = (10⁶ + k12) − 10⁶
     keeps only ~1e-10 of float64 for k12 ~ 1e-6."""
@@ -796,7 +831,10 @@ def test_dot_variance_is_the_self_pair_ntk_factor_in_closed_form(name):
             assert abs(float(layer.dot_variance(torch.tensor([kk]))) - expected) <= 1e-10 * abs(expected)
     else:   # the ReLU family: (a² + b²)/2, and (a + b)²/4 (the twin's slope at 0 squared) at k = 0
         a, b = layer.a, layer.b
-        assert torch.equal(got, torch.full_like(k, (a**2 + b**2) / 2))
+        # ab + (a − b)²/2 (the pair formula at θ = 0): exact for ReLU, LeakyReLU and Abs; for slopes of
+        # opposite signs ab cancels part of (a − b)²/2 (at most 4.7e-16 relative over 10⁴ random pairs)
+        exact = torch.full_like(k, (a**2 + b**2) / 2)
+        assert torch.equal(got, exact) if name != "abrelu" else torch.allclose(got, exact, rtol=5e-16, atol=0)
         assert float(layer.dot_variance(torch.zeros(1))) == pytest.approx((a + b) ** 2 / 4, rel=1e-15)
 
 

@@ -170,11 +170,16 @@ def _arc_cosine_terms(n: int) -> tuple[list[tuple[float, int, int]], list[tuple[
             [(float(v), j, (n - 1 - j) // 2) for j, v in enumerate(b) if v])
 
 
-def _arc_cosine(terms: tuple[list, list], s: Tensor, theta: Tensor, k12: Tensor, product: Tensor) -> Tensor:
-    """``(k11 k22)^{n/2} J_n(θ) / (2π)`` from :func:`_arc_cosine_terms`."""
+def _arc_cosine(terms: tuple[list, list], s: Tensor, supplement: Tensor, k12: Tensor, product: Tensor) -> Tensor:
+    """``(k11 k22)^{n/2} J_n(θ) / (2π)`` from :func:`_arc_cosine_terms`, given ``π − θ``.
+
+    Clamped at 0, as ``E[φ(u)φ(v)]`` of ``φ ≥ 0`` is: near ``θ = π``, where ``J_n ≈ δ^{2n+1}``
+    (``δ = π − θ``), the two terms cancel to ``~ε/δ^{2n}`` of the result, which came out negative
+    (degree 2 at a correlation of ``−1 + 1e-8``: −9e-17 for 2e-21; an error at the rounding level
+    of the kernel's scale, but of the wrong sign)."""
     along = sum(v * k12**j * product**p for v, j, p in terms[0])
     across = sum(v * k12**j * product**p for v, j, p in terms[1]) if terms[1] else 0.0
-    return ((math.pi - theta) * along + s * across) / (2 * math.pi)
+    return ((supplement * along + s * across) / (2 * math.pi)).clamp(min=0)
 
 
 def _rectified_monomial(x: Tensor, degree: int) -> Tensor:
@@ -223,13 +228,13 @@ class RectifiedMonomial(Activation):
         return functools.partial(_rectified_monomial, degree=self.degree)
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
-        s, theta = gaussian_angle(k11, k12, k22)
+        s, supplement = gaussian_angle(k11, k12, k22, supplement=True)
         product = k11 * k22
-        nngp = self._checked(_arc_cosine(self._terms, s, theta, k12, product), k11, k12, k22)
+        nngp = self._checked(_arc_cosine(self._terms, s, supplement, k12, product), k11, k12, k22)
         dot = None
         if want_dot:
             dot = (torch.zeros_like(nngp) if self._dot_terms is None else self._checked(
-                self.degree**2 * _arc_cosine(self._dot_terms, s, theta, k12, product), k11, k12, k22))
+                self.degree**2 * _arc_cosine(self._dot_terms, s, supplement, k12, product), k11, k12, k22))
         return nngp, dot
 
     def variance(self, k: Tensor) -> Tensor:
