@@ -1145,6 +1145,40 @@ def test_vmap_over_kernel_inputs_matches_a_loop():
             torch.testing.assert_close(mapped, looped, rtol=1e-12, atol=1e-14)
 
 
+def test_elementwise_ntk_without_dot_fn_under_function_transforms_and_numerical_refused_there():
+    """Elementwise without dot_fn made an autograd leaf for Ṫ = ∂T/∂k12, which vmap and jacfwd refuse
+    ("You are attempting to call Tensor.requires_grad_() ... inside of a function being transformed");
+    it takes a jvp there now and matches Erf. Numerical failed with torch's internals (dynamic
+    shapes, setup_context, jvp); it names the limit."""
+    import torch.autograd.forward_ad as fwAD
+
+    def erf_map(k12, k11, k22):
+        return (2 / math.pi) * torch.asin(2 * k12 / torch.sqrt((1 + 2 * k11) * (1 + 2 * k22)))
+
+    xs = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def forward_mode(net):
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(net.kernel(fwAD.make_dual(xs[0], torch.ones_like(xs[0]))).ntk).tangent
+
+    runs = {"vmap": lambda net: torch.func.vmap(lambda x: net.kernel(x).ntk)(xs),
+            "jacfwd": lambda net: torch.func.jacfwd(lambda x: net.kernel(x).ntk.sum())(xs[0]),
+            "jacrev": lambda net: torch.func.jacrev(lambda x: net.kernel(x).ntk.sum())(xs[0]),
+            "forward mode": forward_mode}
+
+    def network(activation):
+        return ntkgp.serial(ntkgp.Dense(4, 2.0, 0.1), activation, ntkgp.Dense(1, 1.5, 0.1))
+
+    closed, user = network(ntkgp.Erf()), network(ntkgp.Elementwise(torch.erf, erf_map))
+    for run in runs.values():
+        torch.testing.assert_close(run(user), run(closed), rtol=1e-13, atol=1e-14)
+    for degree in (None, 30):
+        numerical = network(ntkgp.Numerical(torch.tanh, degree=degree))
+        for run in runs.values():
+            with pytest.raises(ValueError, match="Numerical layers work with reverse-mode autograd only"):
+                run(numerical)
+
+
 def test_a_failed_compilation_is_not_retried_for_the_same_network_and_dtype(monkeypatch):
     """Where torch.compile fails (no toolchain; float64 code generation on some CPUs), the kernel
     falls back to the eager path once with a warning, then stays there (each retry cost ~10 s)."""

@@ -32,7 +32,14 @@ from torch import Tensor
 from ntkgp._checks import integer_at_least
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.activations import Activation
-from ntkgp.layers.numerics import _is_compiling, is_vmapped, overflow_scale, safe_sqrt
+from ntkgp.layers.numerics import (
+    _is_compiling,
+    _maybe_functorch_level,
+    is_vmapped,
+    overflow_scale,
+    safe_sqrt,
+    transforms_active,
+)
 from ntkgp.layers.validation import broadcast_shapes, finite_number, has_non_finite
 
 
@@ -115,21 +122,30 @@ class Elementwise(Activation):
         compiling = _is_compiling()
         shape = None if compiling else broadcast_shapes(k11.shape, k12.shape, k22.shape)
 
-        def checked(fn: Callable, name: str, *args: Tensor) -> Tensor:
-            value = fn(*args)
+        def check(value: Tensor, name: str) -> Tensor:
             if compiling:
                 return value
             value = _check_map(value, shape, k12.dtype, name)
             # NaN (asin outside [-1, 1], say) passed on silently; one reduction, no boolean copy
-            if has_non_finite(value) and bool(torch.isfinite(args[0]).all()):
+            if has_non_finite(value) and bool(torch.isfinite(k12).all()):
                 raise ValueError(f"Elementwise: {name} returned NaN or infinite values where the kernels are finite.")
             return value
+
+        def checked(fn: Callable, name: str, *args: Tensor) -> Tensor:
+            return check(fn(*args), name)
 
         if not want_dot:
             return checked(self.nngp_fn, "nngp_fn", k12, k11, k22), None
         if self.dot_fn is not None:
             return (checked(self.nngp_fn, "nngp_fn", k12, k11, k22),
                     checked(self.dot_fn, "dot_fn", k12, k11, k22))
+        if _maybe_functorch_level() is not None:   # not plain forward_ad, which takes the path below
+            # under vmap/jacfwd the leaf's requires_grad_() below is refused ("You are attempting to
+            # call Tensor.requires_grad_() ... inside of a function being transformed"); a jvp along
+            # k12 alone is the partial derivative of the entrywise map, and composes with them
+            # (checked outside it: inside, a vmapped value is hidden in a dual tensor)
+            nngp, dot = torch.func.jvp(lambda c: self.nngp_fn(c, k11, k22), (k12,), (torch.ones_like(k12),))
+            return check(nngp, "nngp_fn"), dot
         keep_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (k11, k12, k22))
         with torch.enable_grad():
             # a node of its own: in the symmetric diagonal k11, k12 and k22 are one tensor, and the
@@ -353,6 +369,14 @@ class Numerical(Activation):
         return found
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
+        if transforms_active():
+            # torch's own errors named its internals: "vmap: We do not support batching operators that
+            # can output dynamic shape", "autograd.Function ... must override setup_context", "You must
+            # implement the jvp function"
+            raise ValueError("Numerical layers work with reverse-mode autograd only (torch.autograd.grad, "
+                             ".backward()), not under forward-mode AD or torch.func transforms (jacfwd, jacrev, "
+                             "vmap): their quadrature is an autograd.Function with a backward alone. Use a "
+                             "closed-form activation, or Elementwise(fn, nngp_fn), there.")
         degree = self.degree or self.entry_degrees(k11, k22, want_dot)
         if isinstance(degree, int):
             self.last_degree = degree
