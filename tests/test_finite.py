@@ -580,3 +580,22 @@ def test_a_deferred_first_layer_refuses_inputs_without_features():
     with pytest.raises(ValueError, match="number of input features must be a positive integer, got 0"):
         model(torch.randn(4, 0))
     assert model(torch.randn(4, 3)).shape == (4, 1)   # still deferred: draws now
+
+
+def test_empirical_ntk_refuses_batch_norm_that_updates_its_running_statistics():
+    """The module docstring promised a warning and a kernel; torch.func raised "During a grad (vjp,
+    jvp, grad, etc) transform ... would mutate a captured Tensor" from inside the Jacobian."""
+    x = torch.randn(5, 3, dtype=torch.float64)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 2)).double()
+    with pytest.raises(ValueError, match=r"\['BatchNorm1d'\] layers in training mode: they update their running "
+                                         r"statistics .* Call model\.eval\(\) first\."):
+        empirical_ntk(model, x)
+    assert int(model[1].num_batches_tracked) == 0
+    assert torch.equal(model[1].running_mean, torch.zeros(8, dtype=torch.float64))
+    batch_only = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, track_running_stats=False),
+                                     torch.nn.Linear(4, 2)).double()
+    with pytest.warns(RuntimeWarning, match="training mode"):   # batch statistics alone: a kernel, with a warning
+        assert empirical_ntk(batch_only, x).shape == (5, 5)
+    model.eval()
+    assert empirical_ntk(model, x).shape == (5, 5)

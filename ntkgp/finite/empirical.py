@@ -25,7 +25,9 @@ A module or function maps inputs ``(n, d)`` to outputs ``(n, k)`` (or ``(n,)``);
 shapes are refused, and only networks built by ntkgp take batches of inputs ``(*batch, n, d)``
 (a CNN takes flattened images and unflattens them itself, ``nn.Unflatten``). The kernels are
 those of the module as it is called: dropout or batch norm in training mode make them random
-or update running statistics, so that warns (call ``model.eval()`` first).
+or update running statistics, so that warns (call ``model.eval()`` first); the empirical NTK of
+batch norm that updates its running statistics is refused (``torch.func`` cannot differentiate a
+module that writes its buffers).
 """
 
 from __future__ import annotations
@@ -252,6 +254,14 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     chunk_size = None if chunk_size is None else integer_at_least(chunk_size, 1, "chunk_size")
     _check_network_inputs(model, x1, x2)
     scales = dict(parameter_scales or {})
+    # only on the Jacobian route (no network built by ntkgp has batch norm): torch.func refused the running
+    # statistics' in-place update, "During a grad (vjp, jvp, grad, etc) transform ... would mutate a captured Tensor"
+    updating = sorted({type(m).__name__ for m in (model.modules() if isinstance(model, nn.Module) else ())
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats})
+    if updating:
+        raise ValueError(f"The module has {updating} layers in training mode: they update their running statistics "
+                         "when called, which the empirical NTK cannot differentiate (nor is the kernel a function "
+                         "of the parameters). Call model.eval() first.")
     fn, all_params, members = _as_function(model, params, x1)
     unknown = sorted(set(scales) - set(all_params))
     if unknown:

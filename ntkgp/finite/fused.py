@@ -18,8 +18,9 @@ The kernel is compiled on first use with the system's C compiler (``$CC``, else 
 or ``clang``) for this CPU (``-march=native``) and cached under ``$NTKGP_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/ntkgp``, that is ``~/.cache/ntkgp``), keyed by the source, the flags, the
 compiler and the CPU, each library beside its SHA-256 digest: one that does not match (a copy cut
-short) or has none is rebuilt, never loaded. Without a working compiler ``train_ensemble`` uses
-the stacked step.
+short) or has none is rebuilt, never loaded; one that matches but does not load is deleted and
+rebuilt. Without a working compiler, or without a folder to compile in, ``train_ensemble`` uses the
+stacked step, and ``engine="auto"`` says so once per process and dtype (a ``RuntimeWarning``).
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.activations import ActivationModule, _abrelu, _erf
 from ntkgp.layers.dense import DenseModule
 
@@ -59,6 +62,7 @@ _ACTIVATION_CODES = {"identity": 0, "erf": 1, "abrelu": 2}
 _CALL_SECONDS = 0.2
 
 _libraries: dict[torch.dtype, ctypes.CDLL | str] = {}
+_warned: set[torch.dtype] = set()   # the dtypes whose stacked fallback warn_fallback reported
 _lock = threading.Lock()
 
 
@@ -159,15 +163,26 @@ def _compile(dtype: torch.dtype) -> ctypes.CDLL | str:
             try:
                 return _load(cache / name)
             except OSError as error:
+                # whole but unloadable (a library the loader refuses, say): left in place it was skipped
+                # by every later process, each falling back to the slower flags below; built again instead
                 errors.append(f"loading {cache / name}: {error}")
-                continue
+                try:
+                    Path(f"{cache / name}.sha256").unlink(missing_ok=True)
+                    (cache / name).unlink(missing_ok=True)
+                except OSError as error:   # a read-only cache: built in a scratch folder below
+                    errors.append(f"deleting {cache / name}: {error}")
         # built into a private scratch folder, then moved into the cache whole (atomic: a concurrent
         # process sees the whole library or none); without a writable cache, loaded from the scratch
         # folder, which is deleted (never a predictable shared path, where another user could have left
         # a library of their own under the expected name)
         writable = _writable(cache)
-        with tempfile.TemporaryDirectory(dir=cache if writable else None, prefix="ntkgp-",
-                                         ignore_cleanup_errors=True) as scratch:   # Windows: a loaded DLL stays
+        try:
+            folder = tempfile.TemporaryDirectory(dir=cache if writable else None, prefix="ntkgp-",
+                                                 ignore_cleanup_errors=True)   # Windows: a loaded DLL stays
+        except OSError as error:   # no temp folder either: this NotADirectoryError aborted engine="auto"
+            errors.append(f"no folder to compile in: {error}")
+            continue
+        with folder as scratch:
             built = Path(scratch) / name
             try:
                 run = subprocess.run([*command, str(SOURCE), "-o", str(built), *libs],
@@ -194,6 +209,20 @@ def library(dtype: torch.dtype) -> ctypes.CDLL | str:
         if dtype not in _libraries:
             _libraries[dtype] = _compile(dtype)
         return _libraries[dtype]
+
+
+def warn_fallback(reason: str, dtype: torch.dtype) -> None:
+    """Warn, once per process and dtype, that ``engine="auto"`` trains with the stacked step because
+    the kernel could not be built (``reason`` is :func:`library`'s); silent for other reasons (an
+    architecture the kernel does not take is no fault)."""
+    with _lock:
+        # the very string library() keeps: fused_steps passes it on unchanged, its other reasons are new strings
+        if _libraries.get(dtype) is not reason or dtype in _warned:
+            return
+        _warned.add(dtype)
+    warnings.warn(f"train_ensemble(engine='auto') trains {dtype} networks with the stacked step (3-4x slower "
+                  f"at width 512) since the fused kernel is unavailable: {reason}. Pass engine='stacked' to "
+                  "silence this.", RuntimeWarning, stacklevel=caller_stacklevel())
 
 
 def _flatten(model: nn.Module) -> list[nn.Module]:

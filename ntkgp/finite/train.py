@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ntkgp._autograd import differentiates
 from ntkgp._checks import integer_at_least, seed_value
 from ntkgp.finite.empirical import empirical_ntk
-from ntkgp.finite.fused import forward_hooks, fused_steps
+from ntkgp.finite.fused import forward_hooks, fused_steps, warn_fallback
 from ntkgp.finite.rates import equivalent_learning_rates
 from ntkgp.layers.base import Layer
 from ntkgp.layers.combinators import ParallelModule
@@ -229,7 +229,8 @@ def train_ensemble(
             with the reason where it does not apply. ``"auto"`` (default): fused where it applies
             and compiles and the records are on average at least ``AUTO_FUSED_STEPS`` steps apart,
             else stacked (with a record every step or two the recording dominates, and the kernel
-            competes with torch's idle threads, which spin between torch's operations).
+            competes with torch's idle threads, which spin between torch's operations); a kernel that
+            does not compile is a ``RuntimeWarning`` (once per process and dtype) with the reason.
             ``settings["engine"]`` says which ran.
     """
     check_points(x_train, "x_train")
@@ -276,6 +277,20 @@ def train_ensemble(
     pr = None if probe is None else probe.to(device=device, dtype=dtype)
     seed = seed_value(seed)
     chunks = ensemble_chunks(net, x.shape[-1], x.shape[0] + xt.shape[0], ensemble_size, chunk_size, seed)
+    # from one member, before any chunk is built: checked on the first chunk, these came after seconds and
+    # a gigabyte (width 2000, 64 members in float64). Not on the meta device: a user activation that looks
+    # at its values (.item(), a data-dependent branch) cannot run there
+    shapes = net.build(in_features=x.shape[-1], seed=0, dtype=dtype, device=device)
+    if next(shapes.parameters(), None) is None:
+        raise ValueError("The network has no parameters to train (it needs at least one Dense layer).")
+    with torch.no_grad():
+        outputs = shapes(x[:1]).shape[-1]
+    if outputs != y.shape[-1]:  # (E, N, k) − (N, k') would broadcast and train towards a mean
+        raise ValueError(f"The network has {outputs} output(s) but y_train has {y.shape[-1]} column(s).")
+    if readout_only and engine == "fused" and set(readout_parameters(shapes)) != {n for n, _ in
+                                                                                  shapes.named_parameters()}:
+        raise ValueError("engine='fused' does not apply: it trains every parameter (not the readout alone). "
+                         "Use engine='stacked' or 'auto'.")
 
     bar = None
     if progress:
@@ -288,13 +303,6 @@ def train_ensemble(
         for index, size in enumerate(chunks):
             model = net.build(in_features=x.shape[-1], seed=seed + SEED_STRIDE * index, ensemble_size=size,
                               dtype=dtype, device=device)
-            if index == 0:
-                if next(model.parameters(), None) is None:
-                    raise ValueError("The network has no parameters to train (it needs at least one Dense layer).")
-                with torch.no_grad():
-                    outputs = model(x[:1]).shape[-1]
-                if outputs != y.shape[-1]:  # (E, N, k) − (N, k') would broadcast and train towards a mean
-                    raise ValueError(f"The network has {outputs} output(s) but y_train has {y.shape[-1]} column(s).")
             out = _train_chunk(model, x, y, xt, pr, learning_rate, steps, readout_only, bar, engine)
             used = out[6]
             results.append(out)
@@ -521,6 +529,7 @@ def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar
         if isinstance(fused, str):
             if engine == "fused":
                 raise ValueError(f"engine='fused' does not apply: {fused}. Use engine='stacked' or 'auto'.")
+            warn_fallback(fused, x.dtype)   # a kernel that failed to build: the stacked step was a silent 3x
             fused = None
     dense_params = {id(p) for mod in model.modules() if isinstance(mod, DenseModule) for p in mod.parameters(False)}
     inputs, split = x, _frozen_body(model) if readout_only else None
