@@ -675,7 +675,7 @@ def test_report_and_cli_say_which_widths_the_pointwise_checks_leave_out(tmp_path
     assert not check_notes(result(256, 1024))
     assert check_notes(result(16, 128, 256)) == [
         "widths [16, 128] are reported but not checked point-wise (mean and variance within): those checks "
-        "apply from width 256, the issue's criterion"]
+        "apply from width 256, as the acceptance criteria (docs/compare.md) set"]
     assert not any("within" in name for name in evaluate_checks(result(16, 128)))
     argv = ["compare", "--widths", "16", "--ensemble-size", "4", "--steps", "0", "5", "--no-divergence-check",
             "--no-progress", "--check", "--out", str(tmp_path)]

@@ -403,3 +403,21 @@ def test_kernels_that_share_a_network_share_its_batch_shape():
         with pytest.raises(ValueError, match=r"already serves batch shape \(\)"):
             ntkgp.NNGPKernel(duplicate.net, batch_shape=torch.Size([3]))
         assert duplicate(x).to_dense().shape == (4, 4)
+
+
+def test_neural_tangents_style_arguments_are_refused_with_the_translation():
+    """kernel_fn(x1, x2, "nngp") ported as net.kernel(x1, x2, "nngp") put the string where diag is:
+    true, so the call silently returned the (n,) diagonal; stax.Dense(512, W_std=1.5) met Python's
+    bare "unexpected keyword argument"."""
+    net = ntkgp.mlp(1, "erf", 2.0, 0.1)
+    x = torch.randn(4, 2, dtype=torch.float64)
+    for get in ("nngp", ("nngp", "ntk")):
+        with pytest.raises(ValueError, match=r"diag must be True or False.*get argument has no counterpart.*\.nngp"):
+            net.kernel(x, x, get)
+    with pytest.raises(ValueError, match=r"ntk must be True or False, got 1\.$"):
+        net.kernel(x, ntk=1)
+    assert net.kernel(x, x, True).nngp.shape == (4,)
+    with pytest.raises(TypeError, match=r"\['W_std', 'b_std'\].*weight_var=1\.5\*\*2, bias_var=0\.05\*\*2"):
+        ntkgp.Dense(512, W_std=1.5, b_std=0.05)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['weight_vr'\]\.$"):
+        ntkgp.Dense(512, weight_vr=2.0)

@@ -499,3 +499,20 @@ def test_leave_one_out_equals_refitting_without_each_point(kernel, noise, output
     assert post.leave_one_out_log_density() == pytest.approx(density, rel=1e-10)
     with pytest.raises(ValueError, match="not a GP posterior"):
         predict.GPPosterior(net, x, y, kernel="ntk", noise=noise).leave_one_out()
+
+
+def test_interval_is_shaped_like_the_mean_for_vector_targets():
+    """variance is one per test point, (M,), also for (N, 1) targets whose mean is (M, 1): a
+    review's mean ± 2·variance.sqrt() broadcast to (M, M) and read a coverage of 1.0."""
+    net = ntkgp.mlp(1, "erf", 2.0, 0.1)
+    x = torch.linspace(-2, 2, 8, dtype=torch.float64)[:, None]
+    xt = torch.linspace(-2, 2, 20, dtype=torch.float64)[:, None]
+    for y in (torch.sin(x), torch.sin(x)[:, 0], torch.cat([torch.sin(x), torch.cos(x)], -1)):
+        post = predict.gp_posterior(net, x, y, xt, kernel="nngp", noise=1e-2)
+        lower, upper = post.interval(1.5)
+        assert lower.shape == upper.shape == post.mean.shape
+        sd = post.covariance.diagonal().sqrt()
+        torch.testing.assert_close(upper - post.mean, (1.5 * sd).reshape(-1, *[1] * (y.dim() - 1)).expand_as(upper),
+                                   rtol=1e-15, atol=4e-16)   # (mean + w σ) − mean rounds at the mean's scale
+    with pytest.raises(ValueError, match="no covariance"):
+        predict.gp_posterior(net, x, y, xt, kernel="nngp", noise=1e-2, compute_cov=False).interval()

@@ -681,7 +681,7 @@ def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.
         mean_within_chance=chances[0], var_within_chance=chances[1])
 
 
-#: The point-wise checks (mean and variance within) apply from this width on: the issue's criterion
+#: The point-wise checks (mean and variance within) apply from this width on: the acceptance criteria's
 #: names widths 256 and 1024; narrower networks are reported, and the report and the CLI say so.
 POINTWISE_MIN_WIDTH = 256
 

@@ -43,7 +43,7 @@ def check_notes(r: ComparisonResult) -> list[str]:
     narrow = [w.width for w in r.widths if w.width < POINTWISE_MIN_WIDTH]
     if narrow:
         notes.append(f"widths {narrow} are reported but not checked point-wise (mean and variance within): those "
-                     f"checks apply from width {POINTWISE_MIN_WIDTH}, the issue's criterion")
+                     f"checks apply from width {POINTWISE_MIN_WIDTH}, as the acceptance criteria (docs/compare.md) set")
     if r.stopped is not None:
         trained = {w.width for w in r.widths}
         missing = [w for w in r.config["widths"] if w not in trained]

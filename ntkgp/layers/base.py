@@ -178,6 +178,13 @@ class Layer(VarianceParameters, gpytorch.Module):
         Chen et al. 2016, "Training deep nets with sublinear memory cost"), so the graph keeps
         the blocks' inputs rather than every intermediate matrix of the recursion.
         """
+        for name, flag in (("diag", diag), ("ntk", ntk), ("compile", compile)):
+            # neural-tangents' kernel_fn(x1, x2, "nngp") put its get argument where diag is: a string is
+            # true, and the call silently returned the diagonal alone
+            if not isinstance(flag, bool):
+                hint = (" neural-tangents' get argument has no counterpart here: the result holds both kernels "
+                        "(.nngp and .ntk; ntk=False skips the NTK)." if isinstance(flag, str | tuple | list) else "")
+                raise ValueError(f"{name} must be True or False, got {flag!r}.{hint}")
         x1, x2 = check_inputs(x1, x2, diag)
         self.check_input_dim(x1.shape[-1])
         self.check_structure()
@@ -245,7 +252,10 @@ class Layer(VarianceParameters, gpytorch.Module):
             in_features: input dimension ``d``; ``None`` defers the first layer's weights to
                 its first call (or takes ``ard_num_dims``); they are drawn in the dtype and on
                 the device the module has then (``dtype`` and ``device``, or where a ``.to()``
-                moved it since), like every other parameter, so inputs must match those.
+                moved it since), like every other parameter, so inputs must match those. Until
+                then they are not among ``model.parameters()``: an optimizer made before the first
+                call never trains them (a review's SGD left them unmoved, silently), so make it
+                after that call, or pass ``in_features``.
             seed: seed of the weight draws (same seed, same network, on any device/dtype): an
                 integer (numpy and 0-d tensor integers too) in torch's range ``[-2⁶³, 2⁶⁴)``.
                 A deferred build draws its first layer's weights from a stream of their own, so

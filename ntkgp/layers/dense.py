@@ -39,9 +39,11 @@ class Dense(Layer):
     Args:
         width: number of output channels (the output dimension for a readout layer; in NTK
             parameterization the infinite-width kernels do not depend on hidden widths).
-        weight_var: ``σ_w²`` (a learnable GPyTorch parameter, see :mod:`ntkgp.layers.variance`).
-        bias_var: ``σ_b²``; ``None`` means no bias at all (which changes the standard NTK),
-            ``0.0`` a bias of zero variance.
+        weight_var: ``σ_w²`` (a learnable GPyTorch parameter, see :mod:`ntkgp.layers.variance`):
+            the square of neural-tangents' ``W_std``, so ``stax.Dense(512, 1.5, 0.05)`` is
+            ``Dense(512, 2.25, 0.0025)``.
+        bias_var: ``σ_b²`` (``b_std²``); ``None`` means no bias at all (which changes the standard
+            NTK), ``0.0`` a bias of zero variance.
         parameterization: ``"ntk"`` or ``"standard"``.
         ard_num_dims: on a first layer, one weight variance per input feature (automatic
             relevance determination): ``K¹ = Σ_j σ_w,j² x_j x'_j / d + σ_b²``; the finite twin
@@ -63,8 +65,16 @@ class Dense(Layer):
         ard_num_dims: int | None = None,
         weight_var_prior: Prior | None = None,
         bias_var_prior: Prior | None = None,
+        **unknown: object,
     ) -> None:
         super().__init__()
+        if unknown:
+            # a port of stax.Dense(512, W_std=1.5) met Python's bare "unexpected keyword argument"
+            stds = {"W_std": "weight_var", "b_std": "bias_var"}
+            hints = [f"{stds[k]}={v!r}**2" for k, v in unknown.items() if k in stds]
+            raise TypeError(f"Dense got unexpected keyword argument(s) {sorted(unknown)}"
+                            + (f"; it takes variances, not neural-tangents' standard deviations: {', '.join(hints)}."
+                               if hints else "."))
         width = integer_at_least(width, 1, "width")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}.")

@@ -35,10 +35,23 @@ class Gaussian:
     @property
     def variance(self) -> Tensor | None:
         """Marginal variances ``(*time, M)``, clamped at 0: where the data pin a test point (it
-        repeats a training point, late in training) rounding leaves ``−1e-15 K**`` in place of 0."""
+        repeats a training point, late in training) rounding leaves ``−1e-15 K**`` in place of 0.
+
+        One per test point, shared by the ``k`` outputs: for ``(N, k)`` targets (``(N, 1)``
+        included) it does not have the mean's shape, and ``mean ± 2 * variance.sqrt()`` broadcasts
+        to ``(M, M)`` silently; :meth:`interval` gives bands shaped like the mean."""
         if self.covariance is None:
             return None
         return torch.diagonal(self.covariance, dim1=-2, dim2=-1).clamp_min(0)
+
+    def interval(self, width: float = 2.0) -> tuple[Tensor, Tensor]:
+        """``mean ∓ width · σ``, each shaped like :attr:`mean` (``σ`` shared by the ``k`` outputs)."""
+        if self.covariance is None:
+            raise ValueError("This Gaussian has no covariance (predict with compute_cov=True).")
+        width = finite_number(width, "width")
+        sd = self.variance.sqrt()
+        sd = sd.unsqueeze(-1) if self.mean.dim() == sd.dim() + 1 else sd
+        return self.mean - width * sd, self.mean + width * sd
 
 
 def prior_scale(prior: Tensor) -> float:
