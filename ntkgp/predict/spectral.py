@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -260,14 +259,10 @@ class Schedule:
         null = self.untrained(eig)
         return torch.where(null, 0.0, growth), torch.where(null, 0.0, flow)
 
-    def weight_function(self, eig: Eigensystem, index: int) -> Callable[[Tensor, Tensor], Tensor]:
+    def weight_function(self, eig: Eigensystem, index: int) -> WeightFunction:
         """``(λ, times) ↦`` :meth:`functions` ``[index]`` (1: growth, 2: flow), differentiable in
         both, for :func:`matrix_function_product`."""
-        def weights(values: Tensor, times: Tensor) -> Tensor:
-            schedule = Schedule(times, self.shape, self.discrete, self.learning_rate, self.m)
-            return schedule.functions(Eigensystem(values, eig.vectors, eig.eps))[index]
-
-        return weights
+        return WeightFunction(self, eig.eps, index)
 
     def tau(self, dtype: torch.dtype) -> Tensor:
         """``(T,)`` scaled times ``τ = η t / m`` (``s η / m`` for ``s`` steps)."""
@@ -286,6 +281,52 @@ class Schedule:
     def reshape(self, out: Tensor, trailing: int) -> Tensor:
         """``(T, *rest)`` → ``(*shape, *rest)`` (``rest`` has ``trailing`` dimensions)."""
         return out.reshape(*self.shape, *out.shape[out.dim() - trailing:])
+
+
+@dataclass(frozen=True)
+class WeightFunction:
+    """:meth:`Schedule.functions` ``[index]`` (1: growth, 2: flow) of the eigenvalues, as a
+    function of ``(λ, times)``, and (:meth:`matrices`) of the matrix itself."""
+
+    schedule: Schedule
+    eps: float
+    index: int
+
+    def at(self, times: Tensor) -> Schedule:
+        s = self.schedule
+        return Schedule(times, s.shape, s.discrete, s.learning_rate, s.m)
+
+    def __call__(self, values: Tensor, times: Tensor) -> Tensor:
+        return self.at(times).functions(Eigensystem(values, values.new_empty(0), self.eps))[self.index]
+
+    def matrices(self, kernel: Tensor, times: Tensor) -> Tensor:
+        """``f_t(Θ)`` for every time, ``(T, N, N)``, without an eigendecomposition: growth
+        ``I − e^{−Θτ}`` and flow ``Θ⁻¹(I − e^{−Θτ}) = ∫₀^τ e^{−Θu} du``, the upper right block of
+        ``exp([[−Θτ, τI], [0, 0]])`` (Van Loan 1978); after ``s`` steps of ``B = I − aΘ``
+        (``a = η/m``) ``I − B^s`` and ``a Σ_{j<s} B^j``, the block of ``[[B, aI], [0, I]]^s``; at
+        ``t = ∞`` ``I`` and ``Θ⁻¹``. Differentiable to any order through ``matrix_exp``,
+        ``matrix_power`` and ``inv``, whose derivatives do not divide by eigenvalue gaps, so
+        second derivatives stay exact where eigenvalues tie; the null directions' convention of
+        :meth:`Schedule.functions` is not followed (callers use it only where there are none)."""
+        n = kernel.shape[-1]
+        eye = torch.eye(n, dtype=kernel.dtype, device=kernel.device)
+        zero = torch.zeros_like(eye)
+        rate = self.schedule.learning_rate / self.schedule.m
+        out = []
+        for time in times.unbind(0):
+            if not self.schedule.discrete and bool(torch.isinf(time)):
+                out.append(eye if self.index == 1 else torch.linalg.inv(kernel))
+                continue
+            if self.schedule.discrete:
+                steps = int(time)
+                block = torch.cat([torch.cat([eye - rate * kernel, rate * eye], -1), torch.cat([zero, eye], -1)], -2)
+                power = torch.linalg.matrix_power(block, steps)
+            else:
+                tau = rate * time.to(kernel.dtype)
+                block = torch.cat([torch.cat([-tau * kernel, tau * eye], -1), torch.cat([zero, zero], -1)], -2)
+                power = torch.linalg.matrix_exp(block)
+            out.append(eye - power[:n, :n] if self.index == 1 else power[:n, n:])
+        return torch.stack(out)
 
 
 def _scaled_phi_slope(scale: Tensor, lam: Tensor) -> Tensor:
@@ -405,8 +446,12 @@ def matrix_function_product(kernel: Tensor, eig: Eigensystem, schedule: Schedule
 
     That backward is not itself differentiable; under ``create_graph=True`` (second derivatives)
     it differentiates the product through ``torch.linalg.eigh`` and ``f_t(λ)`` in both ``λ`` and
-    the times instead: exact where eigenvalues are well apart, but losing about ``ε/δ²`` at a
-    relative gap ``δ`` and wrong at ties (finite, not NaN), where a ``RuntimeWarning`` says so
+    the times instead, exact where eigenvalues are well apart. Where two lie within a relative
+    ``ε^{1/3}`` (:func:`_tied`), eigh's derivative divides by their gap (off by 1e14 at a tie),
+    so the product is differentiated through ``f_t(Θ)`` formed without eigenvectors
+    (:meth:`WeightFunction.matrices`: ``matrix_exp``, ``matrix_power``, ``inv``); where the
+    kernel also has null directions at those times (duplicated points, late), which that form
+    does not treat as :meth:`Schedule.functions` does, eigh it stays, with a ``RuntimeWarning``
     (:func:`warn_if_tied`).
     """
     if left_eigen is None and left is not None:
@@ -473,9 +518,21 @@ def _differentiable_backward(ctx, grad: Tensor, kernel: Tensor, left: Tensor | N
     times together (their mixed second derivatives included)."""
     inputs = {i: t for i, t in enumerate((kernel, left, right, times)) if ctx.needs_input_grad[i]}
     values, vectors = torch.linalg.eigh(kernel)
-    if ctx.needs_input_grad[0]:
+    weight_fn: WeightFunction = ctx.weight_fn
+    if ctx.needs_input_grad[0] and _tied(values.detach()).any():
+        eig = Eigensystem(values.detach().clamp_min(0), vectors.detach(), weight_fn.eps)
+        if not weight_fn.at(times.detach()).untrained(eig).any():
+            # through eigh the second derivatives divided by the gap: off by 1e14 at a tie (inputs ±e_i)
+            functions = weight_fn.matrices(kernel, times)                          # (T, N, N)
+            out = (functions if left is None else left @ functions) @ right
+            grads = (torch.autograd.grad(out, list(inputs.values()), grad, create_graph=True, allow_unused=True)
+                     if out.requires_grad else [None] * len(inputs))   # growth at t = ∞ is I: no graph
+            result = [None] * 11
+            for i, g in zip(inputs, grads, strict=True):
+                result[i] = g
+            return tuple(result)
         warn_if_tied(values.detach())
-    weights = ctx.weight_fn(values.clamp_min(0), times)
+    weights = weight_fn(values.clamp_min(0), times)
     a = vectors if left is None else left @ vectors
     out = spectral_apply(a, weights, vectors.mT @ right)
     grads = torch.autograd.grad(out, list(inputs.values()), grad, create_graph=True, allow_unused=True)
@@ -485,26 +542,34 @@ def _differentiable_backward(ctx, grad: Tensor, kernel: Tensor, left: Tensor | N
     return tuple(result)
 
 
+def _tied(values: Tensor) -> Tensor:
+    """Which neighbours of the ascending eigenvalues above the null tolerance ``N ε λ_max`` lie
+    within a relative ``ε^{1/3}`` of each other, ``(N − 1,)``."""
+    eps = torch.finfo(values.dtype).eps
+    upper, lower = values[..., 1:], values[..., :-1]
+    return (lower > values.shape[-1] * eps * values[..., -1:].abs()) & (upper - lower <= eps ** (1 / 3) * upper)
+
+
 def warn_if_tied(values: Tensor) -> None:
     """Warn where second derivatives through ``torch.linalg.eigh`` lose their digits: two of the
     ascending eigenvalues ``values`` above the null tolerance ``N ε λ_max`` lie within a relative
-    ``ε^{1/3}`` of each other. Its backward divides by their gap, so the second derivatives lose
-    about ``ε/δ²`` at a relative gap ``δ`` (3 % at 1.5e-7) and are wrong at a tie, by 1e14 for
-    the NTK of inputs ±e_i (the eigenvalue 1.9 repeated to 4e-16), though finite. Eigenvalues
-    below the tolerance tie freely without harm: their directions carry almost nothing of the
-    kernel's derivative (a smooth 1-D kernel of 100 points, gaps of 1e-17 there: exact)."""
-    eps = torch.finfo(values.dtype).eps
-    top = values[..., -1:].abs()
-    upper, lower = values[..., 1:], values[..., :-1]
-    tied = (lower > values.shape[-1] * eps * top) & (upper - lower <= eps ** (1 / 3) * upper)
+    ``ε^{1/3}`` of each other (:func:`_tied`). Its backward divides by their gap, so the second
+    derivatives lose about ``ε/δ²`` at a relative gap ``δ`` (3 % at 1.5e-7) and are wrong at a
+    tie, by 1e14 for the NTK of inputs ±e_i (the eigenvalue 1.9 repeated to 4e-16), though
+    finite. Eigenvalues below the tolerance tie freely without harm: their directions carry
+    almost nothing of the kernel's derivative (a smooth 1-D kernel of 100 points, gaps of 1e-17
+    there: exact)."""
+    tied = _tied(values)
     if bool(tied.any()):
+        upper, lower = values[..., 1:], values[..., :-1]
         where = tied.nonzero()[0].tolist()
         a, b = float(lower[tuple(where)]), float(upper[tuple(where)])
         warnings.warn(f"Second derivatives of the training dynamics differentiate torch.linalg.eigh, whose "
                       f"derivative divides by eigenvalue gaps: the training kernel has eigenvalues {a:.6g} and "
-                      f"{b:.6g} within {(b - a) / b:.1e} of each other ({int(tied.sum())} such pair(s)), so they "
-                      "lose about eps/gap² of their digits and are wrong at a tie (one-hot or symmetric inputs, "
-                      "the full kernel of k outputs). First derivatives are exact there.",
+                      f"{b:.6g} within {(b - a) / b:.1e} of each other ({int(tied.sum())} such pair(s)), and "
+                      "null directions (duplicated points) at these times, where the eigendecomposition-free form "
+                      "does not apply; so they lose about eps/gap² of their digits and are wrong at a tie. First "
+                      "derivatives are exact there.",
                       RuntimeWarning, stacklevel=caller_stacklevel(skip=("ntkgp.", "torch.")))
 
 
