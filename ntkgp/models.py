@@ -274,10 +274,12 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
         raise ValueError("The model's training inputs or targets contain NaN or infinite values.")
     # set_train_data(..., strict=False) skips the length check too: torch's "The size of tensor a (5)
     # must match the size of tensor b (20)" came from inside GPyTorch. The targets hold the points
-    # on their last axis (batched single-output models) or their second last (multitask, (N, k))
+    # on their second last axis for a multitask likelihood ((N, k)), else on their last (batched
+    # single-output models, BoTorch's (m, N))
     points = {x.shape[-2] if x.dim() >= 2 else x.shape[0] for x in model.train_inputs}
     targets = model.train_targets.shape
-    if len(points) != 1 or next(iter(points)) not in targets[-2:]:
+    axis = -2 if getattr(model.likelihood, "num_tasks", None) is not None and len(targets) >= 2 else -1
+    if len(points) != 1 or next(iter(points)) != targets[axis]:
         raise ValueError(f"The model's training inputs (shapes {[tuple(x.shape) for x in model.train_inputs]}) "
                          f"and targets (shape {tuple(targets)}) do not hold the same number of points.")
     # a NaN raw noise surfaced as linear_operator's NanError from inside the Cholesky, not as

@@ -821,6 +821,33 @@ def test_second_derivatives_at_tied_eigenvalues_with_null_directions_warn():
     assert seen[0].filename == __file__
 
 
+def test_second_derivatives_at_tied_eigenvalues_keep_eigh_where_the_exact_form_does_not_apply(monkeypatch):
+    """The eigendecomposition-free form takes step counts as integers (a steps gradient came back
+    None, and the mixed derivative in steps was silently wrong) and costs ~1000x eigh: step counts
+    that require grad, and problems above EXACT_TIES_BUDGET, keep eigh and say so."""
+    import ntkgp.predict.spectral as spectral
+
+    theta = torch.diag(torch.tensor([1.0, 2.0, 2.0, 3.0])).requires_grad_()
+    y = torch.tensor([1.0, -1.0, 0.5, 0.2])
+    steps = torch.tensor([3.0, 40.0], requires_grad=True)
+    out = predict.gradient_descent_mse(theta, y, 0.0, steps=steps, learning_rate=0.5)
+    with pytest.warns(RuntimeWarning, match="step counts that require grad"):
+        d_theta, d_steps = torch.autograd.grad(out.pow(2).sum(), [theta, steps], create_graph=True)
+    plain = torch.autograd.grad(predict.gradient_descent_mse(theta, y, 0.0, steps=steps, learning_rate=0.5)
+                                .pow(2).sum(), [theta, steps])
+    # the first derivatives' values are Daleckii–Krein's there (through eigh d_theta was NaN at the tie)
+    torch.testing.assert_close(d_theta, plain[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(d_steps, plain[1], rtol=1e-12, atol=0)
+    monkeypatch.setattr(spectral, "EXACT_TIES_BUDGET", 4**3 - 1)   # one time of N = 4 is over it
+    out = predict.gradient_descent_mse(theta, y, 0.0, t=0.5)
+    with pytest.warns(RuntimeWarning, match="EXACT_TIES_BUDGET"):
+        torch.autograd.grad(out.pow(2).sum(), theta, create_graph=True)
+    monkeypatch.setattr(spectral, "EXACT_TIES_BUDGET", 4**3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.autograd.grad(predict.gradient_descent_mse(theta, y, 0.0, t=0.5).pow(2).sum(), theta, create_graph=True)
+
+
 def test_gradient_descent_mse_absolute_diag_reg_matches_the_regularized_closed_form():
     """diag_reg_absolute_scale=True adds r·I, not r·trace/N·I (no test set it before: reading it as
     relative went unnoticed). The kernel's trace/N is 0.84, so the two differ."""

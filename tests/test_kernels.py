@@ -8,6 +8,7 @@ import unittest
 from copy import deepcopy
 
 import gpytorch
+import numpy as np
 import pytest
 import torch
 from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
@@ -414,9 +415,10 @@ def test_neural_tangents_style_arguments_are_refused_with_the_translation():
     for get in ("nngp", ("nngp", "ntk")):
         with pytest.raises(ValueError, match=r"diag must be True or False.*get argument has no counterpart.*\.nngp"):
             net.kernel(x, x, get)
-    with pytest.raises(ValueError, match=r"ntk must be True or False, got 1\.$"):
-        net.kernel(x, ntk=1)
+    with pytest.raises(ValueError, match=r"ntk must be True or False, got 'nngp'"):
+        net.kernel(x, ntk="nngp")
     assert net.kernel(x, x, True).nngp.shape == (4,)
+    assert net.kernel(x, diag=np.True_).nngp.shape == net.kernel(x, diag=torch.tensor(True)).nngp.shape == (4,)
     with pytest.raises(TypeError, match=r"\['W_std', 'b_std'\].*weight_var=1\.5\*\*2, bias_var=0\.05\*\*2"):
         ntkgp.Dense(512, W_std=1.5, b_std=0.05)
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['weight_vr'\]\.$"):

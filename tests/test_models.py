@@ -733,3 +733,13 @@ def test_vector_targets_keep_linear_operators_exact_kronecker_solves(monkeypatch
     with gpytorch.settings.max_cholesky_size(800):   # GPyTorch's default (BoTorch's import sets 4096)
         fit(model, steps=1)
     assert seen and max(seen) < 120 * 8
+
+
+def test_fit_length_check_reads_the_points_on_the_targets_axis_of_their_likelihood():
+    """(N, k) targets hold the points on their second last axis only for a multitask likelihood: the
+    check first accepted inputs whose count matched either of the last two sizes (5 points against
+    (20, 5) targets passed, and fit ran on mismatched data)."""
+    vector = NetworkGP(*_data(n=20, k=5), ntkgp.mlp(1, "erf", 2.0, 0.1))
+    vector.set_train_data(inputs=_data(n=5)[0], strict=False)
+    with pytest.raises(ValueError, match="do not hold the same number of points"):
+        fit(vector, steps=1)

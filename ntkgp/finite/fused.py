@@ -61,6 +61,9 @@ _ACTIVATION_CODES = {"identity": 0, "erf": 1, "abrelu": 2}
 #: Seconds one call into the kernel should take: bounds how late a progress bar and Ctrl-C respond.
 _CALL_SECONDS = 0.2
 
+#: Why the kernel does not apply to readout-only training.
+TRAINS_EVERY_PARAMETER = "it trains every parameter (not the readout alone)"
+
 _libraries: dict[torch.dtype, ctypes.CDLL | str] = {}
 _warned: set[torch.dtype] = set()   # the dtypes whose stacked fallback warn_fallback reported
 _lock = threading.Lock()
@@ -363,7 +366,7 @@ def fused_steps(model: nn.Module, trained: list[str], rates: dict, x: Tensor, y:
         return f"it is compiled for float32 and float64 (not {x.dtype})"
     names = [n for n, _ in model.named_parameters()]
     if set(trained) != set(names):
-        return "it trains every parameter (not the readout alone)"
+        return TRAINS_EVERY_PARAMETER
     # what the kernel computes is the modules' own forward methods: anything that changes them is refused
     hooked = forward_hooks(model)
     if hooked is not None:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ntkgp._autograd import differentiates
 from ntkgp._checks import integer_at_least, seed_value
 from ntkgp.finite.empirical import empirical_ntk
-from ntkgp.finite.fused import forward_hooks, fused_steps, warn_fallback
+from ntkgp.finite.fused import TRAINS_EVERY_PARAMETER, forward_hooks, fused_steps, warn_fallback
 from ntkgp.finite.rates import equivalent_learning_rates
 from ntkgp.layers.base import Layer
 from ntkgp.layers.combinators import ParallelModule
@@ -289,8 +289,7 @@ def train_ensemble(
         raise ValueError(f"The network has {outputs} output(s) but y_train has {y.shape[-1]} column(s).")
     if readout_only and engine == "fused" and set(readout_parameters(shapes)) != {n for n, _ in
                                                                                   shapes.named_parameters()}:
-        raise ValueError("engine='fused' does not apply: it trains every parameter (not the readout alone). "
-                         "Use engine='stacked' or 'auto'.")
+        raise ValueError(f"engine='fused' does not apply: {TRAINS_EVERY_PARAMETER}. Use engine='stacked' or 'auto'.")
 
     bar = None
     if progress:

@@ -180,7 +180,7 @@ class ABReLU(Activation):
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         # Ṫ as ab + (a − b)²(π − θ)/(2π) with π − θ taken by atan2 (gaussian_angle): ReLU's kernel
         # vanishes at θ = π, and (a² + b²)/2 − (a − b)²θ/(2π) lost its digits there. At a self pair
-        # this is (a² + b²)/2 to an ulp (exactly for ReLU, LeakyReLU and Abs); choosing the form by
+        # this is (a² + b²)/2 to an ulp (exactly for ReLU and Abs, not for every slope); choosing the form by
         # the sign of k12 kept every bit there but made a 3-layer ReLU kernel 10-20 % slower
         s, supplement = gaussian_angle(k11, k12, k22, supplement=True)
         factor = (self.a - self.b) ** 2 / (2 * math.pi)

@@ -180,11 +180,11 @@ class Layer(VarianceParameters, gpytorch.Module):
         """
         for name, flag in (("diag", diag), ("ntk", ntk), ("compile", compile)):
             # neural-tangents' kernel_fn(x1, x2, "nngp") put its get argument where diag is: a string is
-            # true, and the call silently returned the diagonal alone
-            if not isinstance(flag, bool):
-                hint = (" neural-tangents' get argument has no counterpart here: the result holds both kernels "
-                        "(.nngp and .ntk; ntk=False skips the NTK)." if isinstance(flag, str | tuple | list) else "")
-                raise ValueError(f"{name} must be True or False, got {flag!r}.{hint}")
+            # true, and the call silently returned the diagonal alone (numpy and tensor booleans pass)
+            if isinstance(flag, str | tuple | list):
+                raise ValueError(f"{name} must be True or False, got {flag!r}. neural-tangents' get argument has "
+                                 "no counterpart here: the result holds both kernels (.nngp and .ntk; ntk=False "
+                                 "skips the NTK).")
         x1, x2 = check_inputs(x1, x2, diag)
         self.check_input_dim(x1.shape[-1])
         self.check_structure()

@@ -449,10 +449,12 @@ def matrix_function_product(kernel: Tensor, eig: Eigensystem, schedule: Schedule
     the times instead, exact where eigenvalues are well apart. Where two lie within a relative
     ``ε^{1/3}`` (:func:`_tied`), eigh's derivative divides by their gap (off by 1e14 at a tie),
     so the product is differentiated through ``f_t(Θ)`` formed without eigenvectors
-    (:meth:`WeightFunction.matrices`: ``matrix_exp``, ``matrix_power``, ``inv``); where the
-    kernel also has null directions at those times (duplicated points, late), which that form
-    does not treat as :meth:`Schedule.functions` does, eigh it stays, with a ``RuntimeWarning``
-    (:func:`warn_if_tied`).
+    (:meth:`WeightFunction.matrices`: ``matrix_exp``, ``matrix_power``, ``inv``), up to
+    :data:`EXACT_TIES_BUDGET` times × ``N³`` (it costs ~1000× the eigh path). Where the kernel
+    also has null directions at those times (duplicated points, late), which that form does not
+    treat as :meth:`Schedule.functions` does, for step counts that require grad, and above the
+    budget, eigh it stays for the second derivatives, with a ``RuntimeWarning``
+    (:func:`warn_if_tied`), while the first derivatives' values stay Daleckii–Krein's.
     """
     if left_eigen is None and left is not None:
         left_eigen = left @ eig.vectors
@@ -521,10 +523,15 @@ def _differentiable_backward(ctx, grad: Tensor, kernel: Tensor, left: Tensor | N
     weight_fn: WeightFunction = ctx.weight_fn
     if ctx.needs_input_grad[0] and _tied(values.detach()).any():
         eig = Eigensystem(values.detach().clamp_min(0), vectors.detach(), weight_fn.eps)
-        if not weight_fn.at(times.detach()).untrained(eig).any():
+        n, n_times = kernel.shape[-1], times.shape[0]
+        # not for step counts that want a gradient (matrix_power takes an integer: none would come back);
+        # nor where it costs too much: each time differentiates a (2N)² matrix_exp twice, 0.6 s + 0.5 s
+        # at N = 100 and 16 s + 103 s at N = 200 with 20 times (one thread), against 0.1 s through eigh
+        if (not weight_fn.at(times.detach()).untrained(eig).any() and n_times * n**3 <= EXACT_TIES_BUDGET
+                and not (weight_fn.schedule.discrete and ctx.needs_input_grad[3])):
             # through eigh the second derivatives divided by the gap: off by 1e14 at a tie (inputs ±e_i)
             functions = weight_fn.matrices(kernel, times)                          # (T, N, N)
-            out = (functions if left is None else left @ functions) @ right
+            out = functions @ right if left is None else left @ (functions @ right)  # no (T, M, N) product
             grads = (torch.autograd.grad(out, list(inputs.values()), grad, create_graph=True, allow_unused=True)
                      if out.requires_grad else [None] * len(inputs))   # growth at t = ∞ is I: no graph
             result = [None] * 11
@@ -532,6 +539,9 @@ def _differentiable_backward(ctx, grad: Tensor, kernel: Tensor, left: Tensor | N
                 result[i] = g
             return tuple(result)
         warn_if_tied(values.detach())
+        tied_on_eigh = True
+    else:
+        tied_on_eigh = False
     weights = weight_fn(values.clamp_min(0), times)
     a = vectors if left is None else left @ vectors
     out = spectral_apply(a, weights, vectors.mT @ right)
@@ -539,7 +549,19 @@ def _differentiable_backward(ctx, grad: Tensor, kernel: Tensor, left: Tensor | N
     result = [None] * 11
     for i, g in zip(inputs, grads, strict=True):
         result[i] = g
+    if tied_on_eigh:
+        # the first derivatives' values through eigh were wrong at the tie too (NaN where it is exact):
+        # Daleckii–Krein's values, carrying eigh's graph for the second derivatives the warning is about
+        with torch.no_grad():
+            values_dk = _MatrixFunctionProduct.backward(ctx, grad)
+        result = [g if g is None else values_dk[i] + (g - g.detach()).nan_to_num(0.0, 0.0, 0.0)
+                  for i, g in enumerate(result)]
     return tuple(result)
+
+
+#: Second derivatives at tied eigenvalues take the eigendecomposition-free matrix functions up to this
+#: many (number of times) × N³ (N = 100 at 10 times: about 10 s on one thread); beyond, eigh, with a warning.
+EXACT_TIES_BUDGET = 10**7
 
 
 def _tied(values: Tensor) -> Tensor:
@@ -566,10 +588,11 @@ def warn_if_tied(values: Tensor) -> None:
         a, b = float(lower[tuple(where)]), float(upper[tuple(where)])
         warnings.warn(f"Second derivatives of the training dynamics differentiate torch.linalg.eigh, whose "
                       f"derivative divides by eigenvalue gaps: the training kernel has eigenvalues {a:.6g} and "
-                      f"{b:.6g} within {(b - a) / b:.1e} of each other ({int(tied.sum())} such pair(s)), and "
-                      "null directions (duplicated points) at these times, where the eigendecomposition-free form "
-                      "does not apply; so they lose about eps/gap² of their digits and are wrong at a tie. First "
-                      "derivatives are exact there.",
+                      f"{b:.6g} within {(b - a) / b:.1e} of each other ({int(tied.sum())} such pair(s)), where "
+                      "the eigendecomposition-free form does not apply (null directions, duplicated points, at "
+                      "these times; step counts that require grad; or more than EXACT_TIES_BUDGET = "
+                      f"{EXACT_TIES_BUDGET:.0e} times × N³); so they lose about eps/gap² of their digits and are "
+                      "wrong at a tie. First derivatives are exact there.",
                       RuntimeWarning, stacklevel=caller_stacklevel(skip=("ntkgp.", "torch.")))
 
 
