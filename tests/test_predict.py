@@ -514,5 +514,7 @@ def test_interval_is_shaped_like_the_mean_for_vector_targets():
         sd = post.covariance.diagonal().sqrt()
         torch.testing.assert_close(upper - post.mean, (1.5 * sd).reshape(-1, *[1] * (y.dim() - 1)).expand_as(upper),
                                    rtol=1e-15, atol=4e-16)   # (mean + w σ) − mean rounds at the mean's scale
+    with pytest.raises(ValueError, match="width must be a finite number >= 0"):
+        post.interval(-1.0)
     with pytest.raises(ValueError, match="no covariance"):
         predict.gp_posterior(net, x, y, xt, kernel="nngp", noise=1e-2, compute_cov=False).interval()

@@ -280,15 +280,15 @@ def train_ensemble(
     # from one member, before any chunk is built: checked on the first chunk, these came after seconds and
     # a gigabyte (width 2000, 64 members in float64). Not on the meta device: a user activation that looks
     # at its values (.item(), a data-dependent branch) cannot run there
-    shapes = net.build(in_features=x.shape[-1], seed=0, dtype=dtype, device=device)
-    if next(shapes.parameters(), None) is None:
+    member = net.build(in_features=x.shape[-1], seed=0, dtype=dtype, device=device)
+    if next(member.parameters(), None) is None:
         raise ValueError("The network has no parameters to train (it needs at least one Dense layer).")
     with torch.no_grad():
-        outputs = shapes(x[:1]).shape[-1]
+        outputs = member(x[:1]).shape[-1]
     if outputs != y.shape[-1]:  # (E, N, k) − (N, k') would broadcast and train towards a mean
         raise ValueError(f"The network has {outputs} output(s) but y_train has {y.shape[-1]} column(s).")
-    if readout_only and engine == "fused" and set(readout_parameters(shapes)) != {n for n, _ in
-                                                                                  shapes.named_parameters()}:
+    if readout_only and engine == "fused" and set(readout_parameters(member)) != {n for n, _ in
+                                                                                  member.named_parameters()}:
         raise ValueError(f"engine='fused' does not apply: {TRAINS_EVERY_PARAMETER}. Use engine='stacked' or 'auto'.")
 
     bar = None

@@ -48,7 +48,9 @@ class Gaussian:
         """``mean ∓ width · σ``, each shaped like :attr:`mean` (``σ`` shared by the ``k`` outputs)."""
         if self.covariance is None:
             raise ValueError("This Gaussian has no covariance (predict with compute_cov=True).")
-        width = finite_number(width, "width")
+        width = finite_number(width, "width", "a finite number >= 0")
+        if width < 0:   # the bounds would come out swapped
+            raise ValueError(f"width must be a finite number >= 0, got {width:g}.")
         sd = self.variance.sqrt()
         sd = sd.unsqueeze(-1) if self.mean.dim() == sd.dim() + 1 else sd
         return self.mean - width * sd, self.mean + width * sd

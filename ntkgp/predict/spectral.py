@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -521,7 +522,8 @@ def _differentiable_backward(ctx, grad: Tensor, kernel: Tensor, left: Tensor | N
     inputs = {i: t for i, t in enumerate((kernel, left, right, times)) if ctx.needs_input_grad[i]}
     values, vectors = torch.linalg.eigh(kernel)
     weight_fn: WeightFunction = ctx.weight_fn
-    if ctx.needs_input_grad[0] and _tied(values.detach()).any():
+    tied = ctx.needs_input_grad[0] and bool(_tied(values.detach()).any())
+    if tied:
         eig = Eigensystem(values.detach().clamp_min(0), vectors.detach(), weight_fn.eps)
         n, n_times = kernel.shape[-1], times.shape[0]
         # not for step counts that want a gradient (matrix_power takes an integer: none would come back);
@@ -534,28 +536,28 @@ def _differentiable_backward(ctx, grad: Tensor, kernel: Tensor, left: Tensor | N
             out = functions @ right if left is None else left @ (functions @ right)  # no (T, M, N) product
             grads = (torch.autograd.grad(out, list(inputs.values()), grad, create_graph=True, allow_unused=True)
                      if out.requires_grad else [None] * len(inputs))   # growth at t = ∞ is I: no graph
-            result = [None] * 11
-            for i, g in zip(inputs, grads, strict=True):
-                result[i] = g
-            return tuple(result)
+            return _per_input(inputs, grads)
         warn_if_tied(values.detach())
-        tied_on_eigh = True
-    else:
-        tied_on_eigh = False
     weights = weight_fn(values.clamp_min(0), times)
     a = vectors if left is None else left @ vectors
     out = spectral_apply(a, weights, vectors.mT @ right)
-    grads = torch.autograd.grad(out, list(inputs.values()), grad, create_graph=True, allow_unused=True)
-    result = [None] * 11
-    for i, g in zip(inputs, grads, strict=True):
-        result[i] = g
-    if tied_on_eigh:
+    result = _per_input(inputs, torch.autograd.grad(out, list(inputs.values()), grad, create_graph=True,
+                                                    allow_unused=True))
+    if tied:
         # the first derivatives' values through eigh were wrong at the tie too (NaN where it is exact):
         # Daleckii–Krein's values, carrying eigh's graph for the second derivatives the warning is about
         with torch.no_grad():
             values_dk = _MatrixFunctionProduct.backward(ctx, grad)
-        result = [g if g is None else values_dk[i] + (g - g.detach()).nan_to_num(0.0, 0.0, 0.0)
-                  for i, g in enumerate(result)]
+        result = tuple(g if g is None else values_dk[i] + (g - g.detach()).nan_to_num(0.0, 0.0, 0.0)
+                       for i, g in enumerate(result))
+    return result
+
+
+def _per_input(inputs: dict[int, Tensor], grads: Sequence[Tensor | None]) -> tuple:
+    """The backward's 11 gradients: ``grads`` at the positions of ``inputs``, ``None`` elsewhere."""
+    result = [None] * 11
+    for i, g in zip(inputs, grads, strict=True):
+        result[i] = g
     return tuple(result)
 
 
