@@ -767,7 +767,7 @@ def test_rectified_monomials_and_monomials_against_their_own_closed_forms():
 def test_arc_cosine_kernels_near_opposite_inputs_keep_their_relative_accuracy():
     """Near θ = π the arc-cosine kernels vanish like δ^{2n+1} (δ = π − θ). With δ taken as π − θ
     after atan2, θ's absolute rounding (4e-16) was amplified by 1/δ²: ReLU's kernel at a
-    correlation of −1 + 1e-8 was 2.2e-4 off (relative), degree 2 came out negative (−9e-17 for
+    correlation of −1 + 1e-8 was 3e-4 off (relative), degree 2 came out negative (−9e-17 for
     2e-21). From atan2(s, −k12) ReLU keeps ε/δ² (the inputs' own rounding) and the higher degrees
     stay non-negative. Reference: Cho & Saul's J_1..J_3 with 50 digits."""
     mpmath = pytest.importorskip("mpmath")

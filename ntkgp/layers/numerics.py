@@ -174,7 +174,7 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor, supplement: bool = Fal
     Kernels that vanish at ``θ = π`` (ReLU's ``(s − (π − θ)|k12|)/(2π) ≈ δ³/3`` at ``δ = π − θ``)
     need the supplement straight from ``atan2``: ``π − θ`` subtracted afterwards carries θ's
     absolute rounding (4e-16), which their cancellation amplifies by ``1/δ²`` (ReLU's kernel at
-    a correlation of ``−1 + 1e-8`` was 2.2e-4 off, relative; from ``atan2``, ``ε/δ²`` as the inputs').
+    a correlation of ``−1 + 1e-8`` was 3e-4 off, relative; from ``atan2``, ``ε/δ²`` as the inputs').
 
     ``k11 k22 − k12²`` is formed as ``(p − k12)(p + k12)`` with ``p = sqrt(k11 k22)``: where a
     point meets itself (``k11 = k12 = k22`` bitwise) this is exactly 0, because
