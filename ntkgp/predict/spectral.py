@@ -522,7 +522,8 @@ def _differentiable_backward(ctx, grad: Tensor, kernel: Tensor, left: Tensor | N
     inputs = {i: t for i, t in enumerate((kernel, left, right, times)) if ctx.needs_input_grad[i]}
     values, vectors = torch.linalg.eigh(kernel)
     weight_fn: WeightFunction = ctx.weight_fn
-    tied = ctx.needs_input_grad[0] and bool(_tied(values.detach()).any())
+    pairs = _tied(values.detach())
+    tied = ctx.needs_input_grad[0] and bool(pairs.any())
     if tied:
         eig = Eigensystem(values.detach().clamp_min(0), vectors.detach(), weight_fn.eps)
         n, n_times = kernel.shape[-1], times.shape[0]
@@ -537,7 +538,7 @@ def _differentiable_backward(ctx, grad: Tensor, kernel: Tensor, left: Tensor | N
             grads = (torch.autograd.grad(out, list(inputs.values()), grad, create_graph=True, allow_unused=True)
                      if out.requires_grad else [None] * len(inputs))   # growth at t = ∞ is I: no graph
             return _per_input(inputs, grads)
-        warn_if_tied(values.detach())
+        warn_if_tied(values.detach(), pairs)
     weights = weight_fn(values.clamp_min(0), times)
     a = vectors if left is None else left @ vectors
     out = spectral_apply(a, weights, vectors.mT @ right)
@@ -574,16 +575,15 @@ def _tied(values: Tensor) -> Tensor:
     return (lower > values.shape[-1] * eps * values[..., -1:].abs()) & (upper - lower <= eps ** (1 / 3) * upper)
 
 
-def warn_if_tied(values: Tensor) -> None:
+def warn_if_tied(values: Tensor, tied: Tensor) -> None:
     """Warn where second derivatives through ``torch.linalg.eigh`` lose their digits: two of the
     ascending eigenvalues ``values`` above the null tolerance ``N ε λ_max`` lie within a relative
-    ``ε^{1/3}`` of each other (:func:`_tied`). Its backward divides by their gap, so the second
+    ``ε^{1/3}`` of each other (``tied``, from :func:`_tied`). Its backward divides by their gap, so the second
     derivatives lose about ``ε/δ²`` at a relative gap ``δ`` (3 % at 1.5e-7) and are wrong at a
     tie, by 1e14 for the NTK of inputs ±e_i (the eigenvalue 1.9 repeated to 4e-16), though
     finite. Eigenvalues below the tolerance tie freely without harm: their directions carry
     almost nothing of the kernel's derivative (a smooth 1-D kernel of 100 points, gaps of 1e-17
     there: exact)."""
-    tied = _tied(values)
     if bool(tied.any()):
         upper, lower = values[..., 1:], values[..., :-1]
         where = tied.nonzero()[0].tolist()
