@@ -30,3 +30,15 @@ def seed_value(value: object, minimum: int = -(2**63), name: str = "seed") -> in
     if seed >= 2**64:
         raise ValueError(f"{name} must be below 2**64, got {value!r}.")
     return seed
+
+
+NT_GET_HINT = ("neural-tangents' get argument has no counterpart here: the result holds both kernels (.nngp and "
+               ".ntk; ntk=False skips the NTK).")
+
+
+def check_flag(value: object, name: str, hint: str = NT_GET_HINT) -> None:
+    """Refuse a string or sequence where a boolean flag goes. Ported neural-tangents calls pass
+    ``get`` (``"nngp"``, ``("nngp", "ntk")``) there, which Python reads as true, so the call ran
+    on with the wrong setting; numpy and tensor booleans pass."""
+    if isinstance(value, str | tuple | list):
+        raise ValueError(f"{name} must be True or False, got {value!r}. {hint}")

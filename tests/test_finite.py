@@ -192,6 +192,11 @@ def test_empirical_ntk_takes_the_jacobian_route_where_the_layerwise_formula_is_w
                                    rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=r"\['5.wieght'\]"):
         empirical_ntk(model, x1, parameter_scales={"5.wieght": 1.0})
+    # learning-rate ratios: NaN gave a NaN kernel, a negative one an indefinite "NTK", both silently
+    for bad in (float("nan"), float("inf"), -5.0, torch.tensor([0.5, -1.0, 2.0])):
+        with pytest.raises(ValueError, match=r"^parameter_scales\['5.bias'\] must be finite and non-negative"):
+            empirical_ntk(model, x1, parameter_scales={"5.bias": bad})
+    assert bool(empirical_ntk(model, x1, parameter_scales={"5.bias": 0.0}).isfinite().all())   # frozen: valid
 
     class Wrap(torch.nn.Module):  # deferred first layer: drawn before the parameters are listed
         def __init__(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,6 +85,10 @@ def test_nearby_seeds_give_independent_estimates_and_bad_arguments_raise():
             monte_carlo_kernel(net, x, **kwargs)
     with pytest.raises(ValueError, match=r"\(n, d\)"):   # a leading axis would pair points with members
         monte_carlo_kernel(net, x.expand(2, 4, 3), n_samples=2)
+    for get in ("nngp", ("nngp",)):   # neural-tangents' get ran the whole NTK estimate (a string is true)
+        with pytest.raises(ValueError, match=r"^ntk must be True or False, got .*nngp.*get argument"):
+            monte_carlo_kernel(net, x, n_samples=2, ntk=get)
+    assert monte_carlo_kernel(net, x, n_samples=2, ntk=np.bool_(False)).ntk is None
 
 
 def test_monte_carlo_kernel_checks_the_seed_first():

@@ -275,6 +275,11 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
         if not fits:
             raise ValueError(f"parameter_scales[{name!r}] of shape {given} does not broadcast to the parameter's "
                              f"shape {shape} (one member's).")
+        # learning-rate ratios: a NaN gave a NaN kernel and a negative one an indefinite "NTK", silently
+        values = torch.as_tensor(scale, dtype=torch.float64)
+        if not (torch.isfinite(values).all() and (values >= 0).all()):
+            raise ValueError(f"parameter_scales[{name!r}] must be finite and non-negative (a learning-rate ratio), "
+                             f"got {scale!r}.")
     if x1.shape[-2] == 0 or (x2 is not None and x2.shape[-2] == 0):   # no points: the kernel's shape alone
         # (the replicas of the layer-by-layer route cannot be unflattened from zero points)
         return empirical_nngp(model, x1, x2, params=params, vector_output=vector_output).zero_()

@@ -25,7 +25,7 @@ from linear_operator.utils.errors import NanError
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ntkgp._checks import integer_at_least, seed_value
+from ntkgp._checks import check_flag, integer_at_least, seed_value
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.numerics import _is_compiling, transforms_active
 from ntkgp.layers.state import BatchedDuplicates, Duplicates, KernelState
@@ -179,12 +179,9 @@ class Layer(VarianceParameters, gpytorch.Module):
         the blocks' inputs rather than every intermediate matrix of the recursion.
         """
         for name, flag in (("diag", diag), ("ntk", ntk), ("compile", compile)):
-            # neural-tangents' kernel_fn(x1, x2, "nngp") put its get argument where diag is: a string is
-            # true, and the call silently returned the diagonal alone (numpy and tensor booleans pass)
-            if isinstance(flag, str | tuple | list):
-                raise ValueError(f"{name} must be True or False, got {flag!r}. neural-tangents' get argument has "
-                                 "no counterpart here: the result holds both kernels (.nngp and .ntk; ntk=False "
-                                 "skips the NTK).")
+            # neural-tangents' kernel_fn(x1, x2, "nngp") put its get argument where diag is, and the
+            # call silently returned the diagonal alone
+            check_flag(flag, name)
         x1, x2 = check_inputs(x1, x2, diag)
         self.check_input_dim(x1.shape[-1])
         self.check_structure()
