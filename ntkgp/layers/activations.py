@@ -318,6 +318,10 @@ class GELU(Activation):
         T = k12/4 + (k12 α + (k12² + k11 k22 δ²) / (P δ)) / (2π)
         Ṫ = 1/4 + α/(2π) + k12 (1/δ² + (1 − k11 k22)/P + 1) / (2π δ)
         E[φ(u)] = k / sqrt(2π (1 + k))
+
+    Near opposite inputs (``k12 < −δ``) ``T`` is evaluated as the equal
+    ``(1/δ − δ (2 + k11 + k22)/P + |k12| (z − atan z)) / (2π)``, ``z = δ/|k12|``, whose terms do not
+    cancel (docs/numerics.md).
     """
 
     def fn(self, x: Tensor) -> Tensor:
@@ -331,17 +335,28 @@ class GELU(Activation):
         # variances scaled by c where k11 k22 ~ k² could overflow
         c, _, _, _, det = shifted_det(k11, k12, k22)
         delta = torch.sqrt(det) / c
-        alpha = torch.atan(k12 / delta)   # δ > 0; atan2's derivative would square k12 (inf in float32)
-        r11, r22 = k11 / (1 + k11), k22 / (1 + k22)
+        spread = (2 + k11 + k22) / (1 + k11) / (1 + k22)      # (2 + k11 + k22)/P, no O(k²) product
+        # β = π/2 + α. Near opposite inputs (k12 < −δ) α → −π/2 and π/2 + α kept α's absolute rounding
+        # (Erf's and ReLU's problem near θ = π): there β = atan(z), z = δ/|k12| < 1. atan2's derivative
+        # would square k12 (inf in float32), hence the two atans
+        near = delta < -k12
+        z = delta / torch.where(near, -k12, delta)              # 1 where not near: no 0 or inf
+        angle = torch.atan(torch.where(near, z, k12 / delta))   # atan z near, else α
+        beta = torch.where(near, angle, math.pi / 2 + angle)
         # (k12² + k11 k22 δ²)/(P δ), regrouped so that no O(k³)–O(k⁴) product overflows float32
-        nngp = k12 / 4 + (k12 * alpha + (k12 / (1 + k11)) * (k12 / (1 + k22)) / delta + r11 * r22 * delta) / (
-            2 * math.pi)
+        r11, r22 = k11 / (1 + k11), k22 / (1 + k22)
+        far_sum = k12 * beta + (k12 / (1 + k11)) * (k12 / (1 + k22)) / delta + r11 * r22 * delta
+        # near: k12 = −|k12| and k12² = P − δ² turn that sum into 1/δ − δ (2 + k11 + k22)/P + |k12| (z − atan z),
+        # terms of the result's size (before, O(sqrt k) terms cancelled to O(1/sqrt k): 1e-8 off at k = 1e6).
+        # z − atan z ≈ z³/3 still loses ~1/z² ulps, but so does T to the rounding of k12 (its condition
+        # number grows as 1/z²): a series there measured no closer to the 60-digit values
+        near_sum = torch.reciprocal(delta) - delta * spread - k12 * (z - angle)
+        nngp = torch.where(near, near_sum, far_sum) / (2 * math.pi)
         dot = None
         if want_dot:
             # (1 − k11 k22)/P + 1 = (2 + k11 + k22)/P: the left form cancels at large variances; 1/δ²
             # as (1/δ)², since δ² itself (and its derivative's δ⁴) overflows float32 at k ~ 1e19
-            dot = 0.25 + alpha / (2 * math.pi) + k12 * (
-                torch.reciprocal(delta).square() + (2 + k11 + k22) / (1 + k11) / (1 + k22)) / (2 * math.pi * delta)
+            dot = (beta + k12 * (torch.reciprocal(delta).square() + spread) / delta) / (2 * math.pi)
         return nngp, dot
 
     def variance(self, k: Tensor) -> Tensor:
