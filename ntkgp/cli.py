@@ -162,7 +162,7 @@ def _compare(args: argparse.Namespace) -> int:
         config = CompareConfig(**settings, readout_only=args.readout_only, device=device,
                                divergence_check=not args.no_divergence_check, progress=not args.no_progress)
         data = load_dataset(args.dataset)
-        _writable_folder(args.out)
+        created = _writable_folder(args.out)
     except ValueError as error:
         print(f"ntkgp compare: error: {_error(error, spec)}", file=sys.stderr)
         return 2
@@ -170,15 +170,15 @@ def _compare(args: argparse.Namespace) -> int:
           f"steps {list(config.record_steps)}, {'readout only' if config.readout_only else 'all layers'}", flush=True)
     try:  # run_comparison checks the data against the spec (a zero training kernel) before training
         result = run_comparison(data, config)
-    except ValueError as error:
+    except (ValueError, MemoryError, KeyboardInterrupt) as error:
+        if created:   # no report: the folder made for it stayed behind, empty
+            with contextlib.suppress(OSError):
+                pathlib.Path(args.out).rmdir()
+        if isinstance(error, KeyboardInterrupt):   # during the first width: nothing to report
+            print("ntkgp compare: interrupted", file=sys.stderr)
+            return 130
         print(f"ntkgp compare: error: {_error(error, spec)}", file=sys.stderr)
-        return 2
-    except MemoryError as error:   # the first width did not fit: nothing to report
-        print(f"ntkgp compare: error: {_error(error, spec)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:      # during the first width: nothing to report
-        print("ntkgp compare: interrupted", file=sys.stderr)
-        return 130
+        return 2 if isinstance(error, ValueError) else 1   # MemoryError: the first width did not fit
     out = write_report(result, args.out)
     # 3 significant digits, as report.md: ".2f" printed 0.004 as 0.00
     print(f"learning rate {result.learning_rate:.4g} (= {result.learning_rate / result.max_learning_rate:.3g} "
@@ -195,14 +195,16 @@ def _compare(args: argparse.Namespace) -> int:
     return 1 if args.check and not all(result.checks.values()) else 0
 
 
-def _writable_folder(path: str) -> None:
-    """Create the report folder now, so that a bad ``--out`` fails before hours of training."""
+def _writable_folder(path: str) -> bool:
+    """Create the report folder now, so that a bad ``--out`` fails before hours of training; whether
+    it was created (rather than there before)."""
     import tempfile
 
     from ntkgp.compare.report import check_report_folder
 
+    check_report_folder(path)   # empty, a file, or a folder named report.json or loss.png in it
     folder = pathlib.Path(path)
-    check_report_folder(folder)   # a file there, or a folder named report.json or loss.png in it
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -212,6 +214,7 @@ def _writable_folder(path: str) -> None:
     for name in ("report.json", "report.md"):   # an earlier report's files that cannot be replaced
         if (folder / name).exists() and not os.access(folder / name, os.W_OK):
             raise ValueError(f"cannot write the report to {path!r}: {name} there is not writable")
+    return created
 
 
 def load_spec(text: str):

@@ -27,9 +27,9 @@ from ntkgp.compare import (
     sin_dataset,
     write_report,
 )
-from ntkgp.compare.harness import _width_metrics, evaluate_checks
+from ntkgp.compare.harness import MAX_WIDTH, _width_metrics, evaluate_checks
 from ntkgp.compare.report import check_notes
-from ntkgp.finite.train import EnsembleHistory, _default_chunk, train_ensemble
+from ntkgp.finite.train import EnsembleHistory, _default_chunk, ensemble_chunks, train_ensemble
 from ntkgp.predict import GradientFlow
 
 TINY = dict(widths=(16, 48), ensemble_size=8, record_steps=(0, 5, 40), probe_points=4)
@@ -455,6 +455,18 @@ def test_cli_checks_the_report_folder_and_conflicting_options_before_training(tm
     blocker.write_text("")
     assert main(["compare", "--no-progress", "--out", str(blocker)]) == 2
     assert "it is a file, not a folder" in capsys.readouterr().err
+    cwd = os.getcwd()
+    try:   # an empty --out wrote into the current folder and removed figures found there
+        os.chdir(tmp_path)
+        (tmp_path / "loss.png").write_text("mine")
+        assert main(["compare", "--no-progress", "--out", ""]) == 2
+        assert "the report folder is an empty path; name a folder ('.' for the current one)" in capsys.readouterr().err
+        assert (tmp_path / "loss.png").read_text() == "mine"
+        with pytest.raises(ValueError, match="empty path"):
+            write_report(_tiny_result(), "")
+        assert (tmp_path / "loss.png").read_text() == "mine"
+    finally:
+        os.chdir(cwd)
     locked = tmp_path / "locked"
     locked.mkdir()
     (locked / "report.json").write_text("{}")
@@ -816,14 +828,18 @@ def test_a_comparison_stopped_in_its_first_width_has_nothing_to_report(tmp_path,
     with pytest.raises(MemoryError, match="out of memory while training width 10000000"):
         run_comparison(sin_dataset(), CompareConfig(widths=(10_000_000,), ensemble_size=2, record_steps=(0, 1),
                                                     divergence_check=False))
+    out = tmp_path / "new"   # the folder made for the report is removed again (it stayed, empty)
     argv = ["compare", "--widths", "10000000", "--ensemble-size", "2", "--steps", "0", "1", "--no-progress",
-            "--no-divergence-check", "--out", str(tmp_path)]
+            "--no-divergence-check", "--out", str(out)]
     assert main(argv) == 1
     assert "error: out of memory while training width 10000000" in capsys.readouterr().err
+    assert not out.exists()
     monkeypatch.setattr(harness, "train_ensemble", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(argv) == 130
     assert capsys.readouterr().err.strip() == "ntkgp compare: interrupted"
-    assert not (tmp_path / "report.json").exists()
+    assert not out.exists()
+    assert main([*argv[:-1], str(tmp_path)]) == 130   # a folder that was there stays
+    assert tmp_path.is_dir() and not (tmp_path / "report.json").exists()
 
 
 def test_other_runtime_errors_of_training_are_not_taken_for_memory(monkeypatch):
@@ -1285,6 +1301,11 @@ def test_report_md_marks_infinite_values_as_report_json_does(tmp_path):
     row = next(line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| 8 | 2 |"))
     cells = row.split(" | ")
     assert cells[5] == "—" and cells[8] == "—" and "inf" not in row   # mean RMSE, var rel. error
+    for seconds, shown in ((0.0123, "0.012"), (3.14159, "3.1"), (41.7, "42")):   # 0.0 hid runs under 0.05 s
+        result.widths[0].seconds = seconds
+        write_report(result, tmp_path)
+        row = next(line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| 8 | 2 |"))
+        assert row.endswith(f" | {shown} |")
 
 
 def test_npz_without_input_features_is_refused(tmp_path):
@@ -1369,13 +1390,30 @@ def test_a_seed_too_large_for_a_later_widths_chunks_is_refused_before_training(m
                   chunk_size=8)   # one chunk: a valid setting, accepted
 
 
-@pytest.mark.parametrize("width", [2**31, 2**63 - 1, 10**20])
+@pytest.mark.parametrize("width", [2**30, 2**31 - 1, 2**31, 2**63 - 1, 10**20])
 def test_widths_beyond_the_largest_are_refused(width):
     """Such widths failed inside torch with raw errors ("Storage size calculation overflowed",
-    "Overflow when unpacking long long"), not recognized as memory."""
-    with pytest.raises(ValueError, match=r"widths must be positive integers up to 2147483647"):
+    "Overflow when unpacking long long"), not recognized as memory; from 2**30 a float64
+    width × width layer's bytes pass 2**63 (the cap was 2**31 − 1, which still crashed)."""
+    with pytest.raises(ValueError, match=r"widths must be positive integers up to 1073741823"):
         CompareConfig(widths=(8, width))
-    assert CompareConfig(widths=(8, 2**31 - 1)).widths[-1] == 2**31 - 1
+    assert CompareConfig(widths=(8, 2**30 - 1)).widths[-1] == 2**30 - 1
+
+
+def test_steps_beyond_the_most_are_refused_by_name():
+    """1e23 steps reached torch.tensor, whose "Overflow when unpacking long long" named no option."""
+    for steps in ((0, 2**53 + 1), (0, 10**23)):
+        with pytest.raises(ValueError, match=r"^record_steps must be non-negative integers up to 9007199254740992"):
+            CompareConfig(record_steps=steps)
+    assert CompareConfig(record_steps=(0, 2**53)).record_steps == (0, 2**53)
+
+
+def test_the_widest_width_accepted_is_sized_without_overflow():
+    """run_comparison sizes the chunks of its widest width (shapes on the meta device) before any
+    other work: at the old cap that raised "Storage size calculation overflowed". (The run itself
+    then reports out of memory, after drawing the 8 GiB input layer: minutes, not a test.)"""
+    config = CompareConfig(widths=(MAX_WIDTH,), ensemble_size=2)
+    assert ensemble_chunks(config.network(MAX_WIDTH), 1, 55, 2, None, 0) == [1, 1]
 
 
 def test_mean_errors_far_above_the_stability_limit_do_not_overflow():

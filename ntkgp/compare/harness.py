@@ -56,9 +56,12 @@ from ntkgp.layers.validation import finite_number, positive_number
 from ntkgp.predict import GradientFlow
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-#: The widest hidden layer a comparison takes: a width^2 layer of more overflowed torch's size
-#: arithmetic ("Storage size calculation overflowed"), and beyond 2**63 its argument parsing.
-MAX_WIDTH = 2**31 - 1
+#: The widest hidden layer a comparison takes: from 2**30 a width × width float64 layer holds 2**63
+#: bytes or more, which overflowed torch's size arithmetic ("Storage size calculation overflowed")
+#: even on the meta device, and beyond 2**63 its argument parsing.
+MAX_WIDTH = 2**30 - 1
+#: The most steps a comparison records: times η·s are float64, whose integers are exact up to 2**53.
+MAX_STEPS = 2**53
 #: The settings of the default MLP that a ``spec`` replaces.
 MLP_FIELDS = ("depth", "activation", "weight_var", "bias_var", "parameterization")
 
@@ -131,7 +134,10 @@ class CompareConfig:
             self.bias_var = finite_number(self.bias_var, "bias_var")
         if self.learning_rate is not None:
             self.learning_rate = positive_number(self.learning_rate, "learning_rate")
-        self.record_steps = _whole_numbers(self.record_steps, 0, "record_steps", "non-negative integers")
+        # times η·s are float64, exact up to 2**53 steps (torch's int64 parsing of 1e23 steps raised
+        # "Overflow when unpacking long long", naming no option)
+        self.record_steps = _whole_numbers(self.record_steps, 0, "record_steps", f"non-negative integers up to "
+                                           f"{MAX_STEPS}", maximum=MAX_STEPS)
         if self.chunk_size is not None:
             self.chunk_size = integer_at_least(self.chunk_size, 1, "chunk_size")
         self.probe_points = integer_at_least(self.probe_points, 1, "probe_points")

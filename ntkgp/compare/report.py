@@ -74,7 +74,10 @@ def check_report_folder(out: str | pathlib.Path) -> None:
     """``ValueError`` where :func:`write_report` could not write into ``out``: ``out`` is a file, or one
     of the report's names there (``report.json``, ``report.md``, ``scaling.png``, ``loss.png``,
     ``band_width*.png``) is held by something other than a regular file, such as a folder (writing
-    or removing it raised ``IsADirectoryError``, after the training: the CLI checks before it)."""
+    or removing it raised ``IsADirectoryError``, after the training: the CLI checks before it), or
+    ``out`` is empty."""
+    if not str(out):   # Path("") is ".": the report, and the removal of its old figures, went there unasked
+        raise ValueError("the report folder is an empty path; name a folder ('.' for the current one)")
     out = pathlib.Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"cannot write the report to {str(out)!r}: it is a file, not a folder")
@@ -96,8 +99,8 @@ def write_report(result: ComparisonResult, out: str | pathlib.Path) -> pathlib.P
     ``loss.png``) are removed first, so the folder holds one report. A ``ValueError``
     (:func:`check_report_folder`), before anything is written, when ``out`` is a file or a
     folder (or another non-file) holds one of those names."""
-    out = pathlib.Path(out)
     check_report_folder(out)
+    out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("band_width*.png"), out / "scaling.png", out / "loss.png"]:
         stale.unlink(missing_ok=True)   # figures of an earlier report in this folder
@@ -205,7 +208,7 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
             cells = [str(w.width), str(s), *(_cell(v[i]) for v in (
                 w.train_loss, w.mean_within, w.var_within, w.mean_rmse, w.mean_bias, w.mean_bias_noise,
                 w.var_rel_error, w.weight_change, *(w.layer_change[g] for g in groups), w.ntk_change)),
-                f"{w.seconds:.1f}"]
+                f"{w.seconds:.0f}" if w.seconds >= 10 else f"{w.seconds:.2g}"]   # 0.0 hid runs under 0.05 s
             lines.append("| " + " | ".join(cells) + " |")
         if w.diverged_at is not None:
             lines.append(f"| {w.width} | diverged at step {w.diverged_at} |" + " |" * (len(columns) - 2))
