@@ -616,6 +616,7 @@ def test_mismatched_inputs_raise_value_error():
     (lambda: ntkgp.Dense(3, parameterization="mean_field"), "parameterization"),
     (lambda: ntkgp.Dense(3, weight_var=[1.0, 2.0]), "scalar"),
     (lambda: ntkgp.mlp(1, "swish"), "Unknown activation"),
+    (lambda: ntkgp.mlp(1, ntkgp.ReLU), r"got the class ReLU: pass an instance, ReLU\(\)\.$"),
     (lambda: ntkgp.repeat(ntkgp.ReLU(), 0), "positive integer"),
     (lambda: ntkgp.residual(), r"residual\(\) needs at least one layer"),   # named serial(), unseen by the caller
     (lambda: ntkgp.Numerical(torch.tanh, degree=0), "positive integer"),

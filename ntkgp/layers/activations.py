@@ -548,7 +548,8 @@ def _gaussian(x: Tensor, a: float, b: float) -> Tensor:
 
 class Gaussian(Activation):
     r"""``φ(x) = a·exp(b x²)`` with ``b ≤ 0``, a Gaussian bump (neural-tangents' ``stax.Gaussian``,
-    Novak et al. 2020). With ``β = −b``, ``P_i = 1 + 2β k_ii`` and
+    Novak et al. 2020; the Gaussian hidden units of Williams 1997, "Computing with infinite
+    networks"). With ``β = −b``, ``P_i = 1 + 2β k_ii`` and
     ``D = det(I + 2βΣ) = 1 + 2β(k11 + k22) + 4β²(k11 k22 − k12²)``::
 
         T = a² / sqrt(D),   Ṫ = 4 a² β² k12 / D^{3/2},   E[φ(u)] = a / sqrt(P)
@@ -645,7 +646,8 @@ class Sign(Activation):
 
 # ---------------------------------------------------------------------------------- identity
 class Identity(Layer):
-    """``φ(x) = x``: kernels pass through unchanged (also on raw inputs)."""
+    """``φ(x) = x``: kernels pass through unchanged (also on raw inputs); neural-tangents'
+    ``stax.Identity`` (Novak et al. 2020)."""
 
     preserves_gaussian = True
 

@@ -15,7 +15,8 @@ JOINS = ("sum", "concat", "prod")
 
 
 class Serial(Layer):
-    """Layers applied one after the other: kernel maps compose, ``K_L = f_L ∘ … ∘ f_1``.
+    """Layers applied one after the other: kernel maps compose, ``K_L = f_L ∘ … ∘ f_1`` (neural-tangents'
+    ``stax.serial``, Novak et al. 2020).
 
     The same layer object may appear several times (see :func:`repeat`): its hyperparameters
     are then shared, while the finite twin draws independent weights for every occurrence.

@@ -37,6 +37,9 @@ def make_activation(name: str | Layer) -> Layer:
                              f"not one with Dense layers ({type(name).__name__}); compose other architectures "
                              "with ntkgp.serial.")
         return name
+    if isinstance(name, type) and issubclass(name, Layer):   # was "Unknown activation <class ...>"
+        raise ValueError(f"activation must be a layer or a name, got the class {name.__name__}: pass an instance, "
+                         f"{name.__name__}().")
     try:
         return ACTIVATIONS[name.lower()]()
     except (KeyError, AttributeError):
