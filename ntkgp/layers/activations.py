@@ -337,8 +337,8 @@ class GELU(Activation):
         delta = torch.sqrt(det) / c
         spread = (2 + k11 + k22) / (1 + k11) / (1 + k22)      # (2 + k11 + k22)/P, no O(k²) product
         # β = π/2 + α. Near opposite inputs (k12 < −δ) α → −π/2 and π/2 + α kept α's absolute rounding
-        # (Erf's and ReLU's problem near θ = π): there β = atan(z), z = δ/|k12| < 1. atan2's derivative
-        # would square k12 (inf in float32), hence the two atans
+        # (ReLU's problem near θ = π): there β = atan(z), z = δ/|k12| < 1. atan of a quotient, not atan2,
+        # whose derivative would square k12 (inf in float32)
         near = delta < -k12
         z = delta / torch.where(near, -k12, delta)              # 1 where not near: no 0 or inf
         angle = torch.atan(torch.where(near, z, k12 / delta))   # atan z near, else α
