@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -156,6 +157,22 @@ def test_without_a_compiler_auto_trains_stacked_and_fused_says_why(monkeypatch, 
     with pytest.raises(ValueError, match=r"could not be built or loaded.*no-such-compiler"):
         train_ensemble(ARCHITECTURES["erf"][0](), X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[3],
                        engine="fused")
+
+
+def test_scratch_folders_of_killed_compiles_are_removed(monkeypatch, tmp_path):
+    """A compile killed midway left its ntkgp-* scratch folder in the cache for good; the next
+    compile removes those older than an hour (a live compile's is at most 300 s old)."""
+    monkeypatch.setattr(fused_module, "_libraries", {})
+    monkeypatch.setenv("NTKGP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")   # fails at once: the clean-up comes before any compile
+    stale, live = tmp_path / "ntkgp-stale", tmp_path / "ntkgp-live"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "fused_mlp_partial.so").write_bytes(b"cut short")
+    hours_ago = time.time() - 2 * fused_module.STALE_SCRATCH_SECONDS
+    os.utime(stale, (hours_ago, hours_ago))
+    assert isinstance(fused_module.library(torch.float32), str)
+    assert not stale.exists() and live.is_dir()
 
 
 def test_bad_engine_is_refused():

@@ -137,6 +137,23 @@ def _store(built: Path, target: Path) -> None:
     os.replace(note, Path(f"{target}.sha256"))
 
 
+#: Scratch folders in the cache older than this are left by compiles that were killed (a live one
+#: is at most its 300 s timeout old).
+STALE_SCRATCH_SECONDS = 3600
+
+
+def _remove_stale_scratch(cache: Path) -> None:
+    """Delete the ``ntkgp-*`` scratch folders a killed compile left in the cache (its
+    ``TemporaryDirectory`` cleanup never ran: before, each stayed for good)."""
+    cutoff = time.time() - STALE_SCRATCH_SECONDS
+    for folder in cache.glob("ntkgp-*"):
+        try:
+            if folder.is_dir() and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:   # gone meanwhile, or not ours to read
+            pass
+
+
 def _compile(dtype: torch.dtype) -> ctypes.CDLL | str:
     """The kernel for ``dtype``, compiled if not cached; or why it could not be built."""
     try:
@@ -154,6 +171,7 @@ def _compile(dtype: torch.dtype) -> ctypes.CDLL | str:
         return f"the kernel's source is missing ({error})"
     define = ["-DNTKGP_DOUBLE"] if dtype == torch.float64 else []
     cache, errors = _cache_dir(), []
+    _remove_stale_scratch(cache)
     machine = (_cpu_signature() + platform.machine()).encode()
     for flags, libs in _FLAG_SETS:
         command = [*compiler, *flags, *define, "-fPIC", "-shared"]
