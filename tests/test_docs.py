@@ -8,7 +8,6 @@ import pathlib
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -30,12 +29,9 @@ def _require_docs_stack() -> None:
 
 def test_mkdocs_build_strict(tmp_path):
     _require_docs_stack()
-    start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-    elapsed = time.perf_counter() - start
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    assert elapsed < 60, f"the docs build took {elapsed:.0f} s"
     layers = (tmp_path / "api" / "layers" / "index.html").read_text()
     assert 'id="ntkgp.Dense"' in layers and 'id="ntkgp.Layer.kernel"' in layers  # docstrings were rendered
     for page in ("index.html", "theory/index.html", "conventions/index.html", "numerics/index.html",
