@@ -261,3 +261,71 @@ def test_ntk_parameterization_normalizes_the_backward_pass():
         torch.testing.assert_close(theta_l, q_l, rtol=0.15, atol=0)
     ratio = [float((s / n).min()) for s, n in zip(contributions["standard"], contributions["ntk"], strict=True)]
     assert ratio[0] < 3 and min(ratio[1:]) > 100
+
+
+def _shallow(width: int) -> ntkgp.Layer:
+    """The lecture's shallow network f(x) = n^{-1/2} Σ_i v_i φ(u_i x) (slide 20), φ = erf, no biases."""
+    return ntkgp.serial(ntkgp.Dense(width, 1.0, None), ntkgp.Erf(), ntkgp.Dense(1, 1.0, None))
+
+
+def test_shallow_network_ntk_is_the_lecture_formula_and_converges_as_one_over_sqrt_width():
+    """Slide 20: Θ̂(x, x') = (1/n) Σ_i [φ(u_i x) φ(u_i x') + v_i² x x' φ'(u_i x) φ'(u_i x')], against the
+    empirical NTK by autograd (to rounding), and "NTK at initialization is deterministic as n → ∞":
+    its distance from the analytic Θ falls as n^{-1/2}, so by sqrt(4096/64) = 8 from width 64 to
+    4096 (mean of 8 seeds: 8.2; asserted within [4, 16])."""
+    x = torch.tensor([[-1.5], [0.3], [1.0], [2.0]], dtype=torch.float64)
+    with torch.no_grad():
+        limit = _shallow(1).kernel(x).ntk
+    distance = {}
+    for width in (64, 4096):
+        errors = []
+        for seed in range(8):
+            model = _shallow(width).build(in_features=1, seed=seed, dtype=torch.float64)
+            u, v = model[0].weight.detach()[0], model[2].weight.detach()[:, 0]
+            phi, dphi = torch.erf(u * x), 2 / math.sqrt(math.pi) * torch.exp(-(u * x) ** 2)
+            with torch.no_grad():
+                torch.testing.assert_close(model(x)[:, 0], (v * phi).sum(1) / math.sqrt(width), rtol=1e-12, atol=1e-13)
+            formula = (phi @ phi.T + (x @ x.T) * ((v**2 * dphi) @ dphi.T)) / width
+            theta = empirical_ntk(model, x)
+            torch.testing.assert_close(theta, formula, rtol=1e-12, atol=1e-13)
+            errors.append(float((theta - limit).norm() / limit.norm()))
+        distance[width] = sum(errors) / len(errors)
+    assert 4 < distance[64] / distance[4096] < 16, distance
+
+
+def test_kernel_moves_less_during_training_as_width_grows():
+    """Slides 20–21: sup_t ‖Θ̂_t − Θ̂_0‖ ≤ C/sqrt(n) along gradient descent, and one step moves Θ̂ by at
+    most O(1/sqrt(n)). The shallow erf network on two points (y = 1, 0), η = 0.5, 200 steps, 8
+    seeds per width 64 … 4096: the log–log slope of the largest relative change is −0.74 (−0.71 to
+    −0.75 over other seeds; asserted ≤ −0.5, the bound), and of the first step's change −1.0 (−0.97
+    to −1.02: O(1/n), inside the lecture's bound; asserted within [−1.25, −0.75])."""
+    x, y = torch.tensor([[1.0], [2.0]], dtype=torch.float64), torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+    widths = (64, 256, 1024, 4096)
+    first, largest = [], []
+    for width in widths:
+        one, sup = [], []
+        for seed in range(8):
+            model = _shallow(width).build(in_features=1, seed=seed, dtype=torch.float64)
+            theta0, moved = empirical_ntk(model, x), 0.0
+            for step in range(200):
+                loss = ((model(x) - y) ** 2).sum() / 4            # (1/2m) ‖f − y‖², m = 2
+                grads = torch.autograd.grad(loss, list(model.parameters()))
+                with torch.no_grad():
+                    for p, g in zip(model.parameters(), grads, strict=True):
+                        p -= 0.5 * g
+                if step == 0 or step % 20 == 19:
+                    change = float((empirical_ntk(model, x) - theta0).norm() / theta0.norm())
+                    one += [change] if step == 0 else []
+                    moved = max(moved, change)
+            sup.append(moved)
+        first.append(sum(one) / len(one))
+        largest.append(sum(sup) / len(sup))
+    log_n = torch.tensor(widths, dtype=torch.float64).log()
+
+    def slope(values):
+        log_v = torch.tensor(values, dtype=torch.float64).log()
+        centred = log_n - log_n.mean()
+        return float((centred * (log_v - log_v.mean())).sum() / (centred**2).sum())
+
+    assert slope(largest) <= -0.5, largest
+    assert -1.25 <= slope(first) <= -0.75, first
