@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,30 @@ EXAMPLES = {
 }
 
 
+def _numbers(pattern: str, text: str) -> list[float]:
+    found = re.findall(pattern, text)
+    assert found, f"no line matches {pattern!r}"
+    return [float(v) for match in found for v in (match if isinstance(match, tuple) else (match,))]
+
+
+def _check_lecture_toy_problems(out: str) -> None:
+    """Example 02's printed checks (the lecture's exercises), not only that it ran: linear regression's
+    Θ = xᵀx' + 1 and the sine model's tangent kernel to rounding, parameter gradient flow equal to the
+    output ODE with the moving Θ(t) (solver tolerance 1e-8 with --quick: 1.3e-7), not with the frozen
+    Θ(0) (0.28), and Θ(20) → diag(1, 4)."""
+    assert max(_numbers(r"max \|Θ − \(xᵀx' \+ 1\)\| = ([0-9.e+-]+)", out)) <= 1e-12
+    assert _numbers(r"σ_b²: max error ([0-9.e+-]+)", out)[0] <= 1e-12
+    assert _numbers(r"max \|empirical_ntk − formula\| = ([0-9.e+-]+)", out)[0] <= 1e-12
+    assert min(_numbers(r"eigenvalues on the training inputs: ([0-9.e+-]+), ([0-9.e+-]+)", out)) > 0
+    assert _numbers(r"with Θ\(t\)\| over the path: ([0-9.e+-]+)", out)[0] <= 1e-5
+    assert _numbers(r"with Θ\(0\)\| over the path: ([0-9.e+-]+)", out)[0] >= 0.1
+    end = _numbers(r"Θ\(20\) = \[\[([0-9.e+-]+), ([0-9.e+-]+)\], \[([0-9.e+-]+), ([0-9.e+-]+)\]\]", out)
+    assert max(abs(a - b) for a, b in zip(end, [1.0, 0.0, 0.0, 4.0], strict=True)) <= 1e-3, end
+
+
+CHECKS = {"02_lecture_toy_problems.py": _check_lecture_toy_problems}
+
+
 @pytest.mark.parametrize("script", sorted(EXAMPLES))
 def test_example_runs_quick_and_writes_its_figures(script, tmp_path):
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": os.pathsep.join(
@@ -28,3 +53,4 @@ def test_example_runs_quick_and_writes_its_figures(script, tmp_path):
     for figure in EXAMPLES[script]:
         path = tmp_path / figure
         assert path.is_file() and path.stat().st_size > 1000, f"{script} did not write {figure}"
+    CHECKS.get(script, lambda out: None)(result.stdout)
