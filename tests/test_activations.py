@@ -421,18 +421,25 @@ def test_erf_and_gelu_keep_their_digits_at_large_variances(name, dtype, k):
 def test_gelu_near_opposite_inputs_keeps_its_relative_accuracy(dtype):
     """Near k12 = −sqrt(k11 k22) at large variance GELU's T is O(1/sqrt k), but k12/4 + k12 α/(2π) and
     the rest are O(sqrt k) each: with α → −π/2 from atan, T was 1.4e-8 off (relative) at k = 1e6 and
-    ρ = −1 in float64, 0.24 at k = 1e10, and 59× off in float32. It must stay within a few ε of
+    ρ = −1 in float64, 0.24 at k = 1e10, and 59× off in float32; with z − atan z (z = δ/|k12|) taken as
+    a difference, 0.5 off in float32 at k = 1e10 with k22 = 1e-3 k11. It must stay within a few ε of
     the 60-digit value times the condition number in k12 (1 + |k12 Ṫ/T|: the inputs' own rounding)."""
     eps = torch.finfo(dtype).eps
+    grid = []
     for k in (1e-3, 1.0, 1e2, 1e4, 1e6, 1e10):
-        for ratio in (1.0, 0.5):
+        for ratio in (1.0, 0.5, 1e-3):   # unequal variances: T well conditioned, z − atan z small
             for rho in (-1.0, -1 + 1e-8, -1 + 1e-4, -0.99, -0.5):
                 t = lambda v: torch.tensor([v], dtype=dtype)  # noqa: E731
                 k11, k12, k22 = t(k), t(rho * k * math.sqrt(ratio)), t(ratio * k)
-                nngp, _ = ntkgp.GELU().pair_kernel(k11, k12, k22, True)
+                nngp, dot = ntkgp.GELU().pair_kernel(k11, k12, k22, True)
                 ref_nngp, ref_dot = _erf_gelu_reference("gelu", float(k11), float(k12), float(k22))
                 condition = 1 + abs(float(k12) * ref_dot / ref_nngp)
                 assert abs(float(nngp) - ref_nngp) <= 4 * eps * condition * abs(ref_nngp), (k, ratio, rho)
+                grid.append((k11, k12, k22, nngp, dot))
+    # all at once (the near form where some pair needs it, the plain one elsewhere): the same bits
+    k11, k12, k22, nngp, dot = (torch.cat(column) for column in zip(*grid, strict=True))
+    together = ntkgp.GELU().pair_kernel(k11, k12, k22, True)
+    assert torch.equal(together[0], nngp) and torch.equal(together[1], dot)
 
 
 def test_elementwise_diagonal_is_the_partial_derivative_with_autograd_on():

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkgp.layers.base import BuildContext, Layer
-from ntkgp.layers.numerics import gaussian_angle, safe_sqrt, shifted_det
+from ntkgp.layers.numerics import _is_compiling, gaussian_angle, safe_sqrt, shifted_det, transforms_active
 from ntkgp.layers.state import KernelState, with_self_pairs
 from ntkgp.layers.validation import finite_constants, refuse_overflow, squarable_constants
 
@@ -310,6 +310,25 @@ def _gelu(x: Tensor) -> Tensor:
     return torch.nn.functional.gelu(x)
 
 
+def _z_minus_atan(z: Tensor) -> Tensor:
+    """``z − atan z`` for ``0 ≤ z ≤ 1`` as a sum of positive terms (the difference loses ``~3/z²``
+    ulps): with ``h(x) = x/(1 + sqrt(1 + x²))`` (``atan x = 2 atan h(x)``) and ``x − 2h(x) =
+    x³/(1 + sqrt(1 + x²))²``, two halvings ``v = h(z)``, ``w = h(v) ≤ tan(π/16) < 0.2`` give
+    ``(z − 2v) + 2(v − 2w) + 4(w − atan w)``, the last by its series ``w³ Σ_{n≥1} (−1)^{n+1}
+    w^{2n−2}/(2n+1)`` to 12 terms (the next is below ``ε/3``)."""
+    def halve(x: Tensor) -> tuple[Tensor, Tensor]:
+        root = 1 + torch.sqrt(1 + x * x)
+        return x / root, x * (x / root).square()
+
+    v, first = halve(z)
+    w, second = halve(v)
+    w2 = w * w
+    series = torch.zeros_like(w)
+    for n in range(12, 0, -1):                                  # Horner in w²
+        series = (-1) ** (n + 1) / (2 * n + 1) + w2 * series
+    return first + 2 * second + 4 * w * w2 * series
+
+
 class GELU(Activation):
     r"""``φ(x) = x Φ(x)`` (Hendrycks & Gimpel 2016); kernel from Tsuchida et al. 2020.
 
@@ -321,7 +340,7 @@ class GELU(Activation):
 
     Near opposite inputs (``k12 < −δ``) ``T`` is evaluated as the equal
     ``(1/δ − δ (2 + k11 + k22)/P + |k12| (z − atan z)) / (2π)``, ``z = δ/|k12|``, whose terms do not
-    cancel (docs/numerics.md).
+    cancel (docs/numerics.md), and ``Ṫ`` with ``1/4 + α/(2π) = atan(z)/(2π)``.
     """
 
     def fn(self, x: Tensor) -> Tensor:
@@ -340,18 +359,25 @@ class GELU(Activation):
         # (ReLU's problem near θ = π): there β = atan(z), z = δ/|k12| < 1. atan of a quotient, not atan2,
         # whose derivative would square k12 (inf in float32)
         near = delta < -k12
-        z = delta / torch.where(near, -k12, delta)              # 1 where not near: no 0 or inf
-        angle = torch.atan(torch.where(near, z, k12 / delta))   # atan z near, else α
-        beta = torch.where(near, angle, math.pi / 2 + angle)
         # (k12² + k11 k22 δ²)/(P δ), regrouped so that no O(k³)–O(k⁴) product overflows float32
         r11, r22 = k11 / (1 + k11), k22 / (1 + k22)
-        far_sum = k12 * beta + (k12 / (1 + k11)) * (k12 / (1 + k22)) / delta + r11 * r22 * delta
-        # near: k12 = −|k12| and k12² = P − δ² turn that sum into 1/δ − δ (2 + k11 + k22)/P + |k12| (z − atan z),
-        # terms of the result's size (before, O(sqrt k) terms cancelled to O(1/sqrt k): 1e-8 off at k = 1e6).
-        # z − atan z ≈ z³/3 still loses ~1/z² ulps, but so does T to the rounding of k12 (its condition
-        # number grows as 1/z²): a series there measured no closer to the 60-digit values
-        near_sum = torch.reciprocal(delta) - delta * spread - k12 * (z - angle)
-        nngp = torch.where(near, near_sum, far_sum) / (2 * math.pi)
+        rest = (k12 / (1 + k11)) * (k12 / (1 + k22)) / delta + r11 * r22 * delta
+        # the near form costs 1.75× the pair kernel: only where some pair is near (one host
+        # synchronization, as overflow_scale's); under transforms and compile always, without a branch
+        if transforms_active() or _is_compiling() or bool(near.any()):
+            z = delta / torch.where(near, -k12, delta)              # 1 where not near: no 0 or inf
+            angle = torch.atan(torch.where(near, z, k12 / delta))   # atan z near, else α
+            beta = torch.where(near, angle, math.pi / 2 + angle)
+            # near: k12 = −|k12| and k12² = P − δ² turn k12 β + rest into 1/δ − δ (2 + k11 + k22)/P +
+            # |k12| (z − atan z), terms of the result's size (before, O(sqrt k) terms cancelled to
+            # O(1/sqrt k): 1e-8 off at k = 1e6); z − atan z as a difference lost ~3/z² ulps, which T's own
+            # conditioning hides for k11 ≈ k22 but not for unequal variances (float32, k11 = 1e10,
+            # k22 = 1e7, ρ = −1: 0.5 off)
+            near_sum = torch.reciprocal(delta) - delta * spread - k12 * _z_minus_atan(z)
+            nngp = torch.where(near, near_sum, k12 * beta + rest) / (2 * math.pi)
+        else:
+            beta = math.pi / 2 + torch.atan(k12 / delta)
+            nngp = (k12 * beta + rest) / (2 * math.pi)
         dot = None
         if want_dot:
             # (1 − k11 k22)/P + 1 = (2 + k11 + k22)/P: the left form cancels at large variances; 1/δ²
