@@ -30,7 +30,7 @@ from ntkgp import predict
 
 def timed(fn):
     # trimmed first, as nt_predict.py and kernels.py measure: a stage could reuse the heap an earlier
-    # stage freed, and its peak came out low (end-to-end mean only: 520 MiB, 758 trimmed)
+    # stage freed, and its peak came out low (end to end, mean only: 546 MiB recorded, 787 trimmed)
     base = start_measuring()
     t0 = time.perf_counter()
     out = fn()

@@ -170,13 +170,16 @@ def _compare(args: argparse.Namespace) -> int:
           f"steps {list(config.record_steps)}, {'readout only' if config.readout_only else 'all layers'}", flush=True)
     try:  # run_comparison checks the data against the spec (a zero training kernel) before training
         result = run_comparison(data, config)
-    except (ValueError, MemoryError, KeyboardInterrupt) as error:
-        if created:   # no report: the folder made for it stayed behind, empty
+    except BaseException as error:
+        # no report: the folders made for it (--out and any parents it needed) stayed behind, empty
+        for folder in created:
             with contextlib.suppress(OSError):
-                pathlib.Path(args.out).rmdir()
+                folder.rmdir()
         if isinstance(error, KeyboardInterrupt):   # during the first width: nothing to report
             print("ntkgp compare: interrupted", file=sys.stderr)
             return 130
+        if not isinstance(error, ValueError | MemoryError):
+            raise
         print(f"ntkgp compare: error: {_error(error, spec)}", file=sys.stderr)
         return 2 if isinstance(error, ValueError) else 1   # MemoryError: the first width did not fit
     out = write_report(result, args.out)
@@ -195,16 +198,16 @@ def _compare(args: argparse.Namespace) -> int:
     return 1 if args.check and not all(result.checks.values()) else 0
 
 
-def _writable_folder(path: str) -> bool:
-    """Create the report folder now, so that a bad ``--out`` fails before hours of training; whether
-    it was created (rather than there before)."""
+def _writable_folder(path: str) -> list[pathlib.Path]:
+    """Create the report folder now, so that a bad ``--out`` fails before hours of training; the
+    folders this created (``path`` and the parents it needed), innermost first."""
     import tempfile
 
     from ntkgp.compare.report import check_report_folder
 
     check_report_folder(path)   # empty, a file, or a folder named report.json or loss.png in it
     folder = pathlib.Path(path)
-    created = not folder.exists()
+    created = [f for f in (folder, *folder.parents) if not f.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):

@@ -828,18 +828,22 @@ def test_a_comparison_stopped_in_its_first_width_has_nothing_to_report(tmp_path,
     with pytest.raises(MemoryError, match="out of memory while training width 10000000"):
         run_comparison(sin_dataset(), CompareConfig(widths=(10_000_000,), ensemble_size=2, record_steps=(0, 1),
                                                     divergence_check=False))
-    out = tmp_path / "new"   # the folder made for the report is removed again (it stayed, empty)
+    out = tmp_path / "new" / "a" / "b"   # the folders made for the report are removed again (they stayed, empty)
     argv = ["compare", "--widths", "10000000", "--ensemble-size", "2", "--steps", "0", "1", "--no-progress",
             "--no-divergence-check", "--out", str(out)]
     assert main(argv) == 1
     assert "error: out of memory while training width 10000000" in capsys.readouterr().err
-    assert not out.exists()
+    assert not (tmp_path / "new").exists()
     monkeypatch.setattr(harness, "train_ensemble", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(argv) == 130
     assert capsys.readouterr().err.strip() == "ntkgp compare: interrupted"
-    assert not out.exists()
+    assert not (tmp_path / "new").exists()
     assert main([*argv[:-1], str(tmp_path)]) == 130   # a folder that was there stays
     assert tmp_path.is_dir() and not (tmp_path / "report.json").exists()
+    monkeypatch.setattr(harness, "train_ensemble", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug")))
+    with pytest.raises(RuntimeError, match="bug"):   # not ours to report, but no folder left either
+        main(argv)
+    assert not (tmp_path / "new").exists()
 
 
 def test_other_runtime_errors_of_training_are_not_taken_for_memory(monkeypatch):

@@ -165,14 +165,18 @@ def test_scratch_folders_of_killed_compiles_are_removed(monkeypatch, tmp_path):
     monkeypatch.setattr(fused_module, "_libraries", {})
     monkeypatch.setenv("NTKGP_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")   # fails at once: the clean-up comes before any compile
-    stale, live = tmp_path / "ntkgp-stale", tmp_path / "ntkgp-live"
-    for folder in (stale, live):
+    stale, live = tmp_path / "ntkgp-a1b2c3d4", tmp_path / "ntkgp-e5f6g7h8"
+    # a cache shared with other things: only a folder a compile can have left is removed
+    others = [tmp_path / "ntkgp-dev", tmp_path / "ntkgp-x9y8z7w6"]
+    for folder in (stale, live, *others):
         folder.mkdir()
         (folder / "fused_mlp_partial.so").write_bytes(b"cut short")
+    (others[1] / "notes.txt").write_text("mine")
     hours_ago = time.time() - 2 * fused_module.STALE_SCRATCH_SECONDS
-    os.utime(stale, (hours_ago, hours_ago))
+    for folder in (stale, *others):
+        os.utime(folder, (hours_ago, hours_ago))
     assert isinstance(fused_module.library(torch.float32), str)
-    assert not stale.exists() and live.is_dir()
+    assert not stale.exists() and live.is_dir() and all(folder.is_dir() for folder in others)
 
 
 def test_bad_engine_is_refused():

@@ -143,13 +143,18 @@ STALE_SCRATCH_SECONDS = 3600
 
 
 def _remove_stale_scratch(cache: Path) -> None:
-    """Delete the ``ntkgp-*`` scratch folders a killed compile left in the cache (its
-    ``TemporaryDirectory`` cleanup never ran: before, each stayed for good)."""
+    """Delete the scratch folders a killed compile left in the cache (its ``TemporaryDirectory``
+    cleanup never ran: before, each stayed for good). Only what such a folder can be: named as
+    ``tempfile`` names them (``ntkgp-`` and 8 characters), not a link, holding nothing but the
+    kernel's build outputs (``fused_mlp_*``), an hour old; the cache may be a folder shared with
+    other things (``NTKGP_CACHE_DIR``)."""
     cutoff = time.time() - STALE_SCRATCH_SECONDS
-    for folder in cache.glob("ntkgp-*"):
+    for folder in cache.glob("ntkgp-????????"):
         try:
-            if folder.is_dir() and folder.stat().st_mtime < cutoff:
-                shutil.rmtree(folder, ignore_errors=True)
+            if (folder.is_symlink() or not folder.is_dir() or folder.stat().st_mtime >= cutoff
+                    or any(not f.name.startswith("fused_mlp_") or not f.is_file() for f in folder.iterdir())):
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
         except OSError:   # gone meanwhile, or not ours to read
             pass
 
