@@ -267,7 +267,8 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     if unknown:
         raise ValueError(f"parameter_scales names parameters the network does not have: {unknown}.")
     for name, scale in scales.items():   # a wrong shape was torch's expand error from inside the Jacobian route
-        shape, given = tuple(all_params[name].shape[members is not None:]), tuple(torch.as_tensor(scale).shape)
+        value = torch.as_tensor(scale)
+        shape, given = tuple(all_params[name].shape[members is not None:]), tuple(value.shape)
         try:
             fits = tuple(broadcast_shapes(given, shape)) == shape      # one member's parameter
         except RuntimeError:
@@ -276,8 +277,7 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
             raise ValueError(f"parameter_scales[{name!r}] of shape {given} does not broadcast to the parameter's "
                              f"shape {shape} (one member's).")
         # learning-rate ratios: a NaN gave a NaN kernel and a negative one an indefinite "NTK", silently
-        values = torch.as_tensor(scale, dtype=torch.float64)
-        if not (torch.isfinite(values).all() and (values >= 0).all()):
+        if not (torch.isfinite(value).all() and (value >= 0).all()):
             raise ValueError(f"parameter_scales[{name!r}] must be finite and non-negative (a learning-rate ratio), "
                              f"got {scale!r}.")
     if x1.shape[-2] == 0 or (x2 is not None and x2.shape[-2] == 0):   # no points: the kernel's shape alone

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkgp.layers.base import BuildContext, Layer
-from ntkgp.layers.numerics import _is_compiling, gaussian_angle, safe_sqrt, shifted_det, transforms_active
+from ntkgp.layers.numerics import _is_compiling, gaussian_angle, horner, safe_sqrt, shifted_det, transforms_active
 from ntkgp.layers.state import KernelState, with_self_pairs
 from ntkgp.layers.validation import finite_constants, refuse_overflow, squarable_constants
 
@@ -310,6 +310,10 @@ def _gelu(x: Tensor) -> Tensor:
     return torch.nn.functional.gelu(x)
 
 
+#: ``(z − atan z)/z³ = Σ_{n≥1} (−1)^{n+1} z^{2n−2}/(2n+1)``, in powers of ``z²``.
+_ATAN_TAIL = tuple((-1) ** (n + 1) / (2 * n + 1) for n in range(1, 13))
+
+
 def _z_minus_atan(z: Tensor) -> Tensor:
     """``z − atan z`` for ``0 ≤ z ≤ 1`` as a sum of positive terms (the difference loses ``~3/z²``
     ulps): with ``h(x) = x/(1 + sqrt(1 + x²))`` (``atan x = 2 atan h(x)``) and ``x − 2h(x) =
@@ -323,10 +327,7 @@ def _z_minus_atan(z: Tensor) -> Tensor:
     v, first = halve(z)
     w, second = halve(v)
     w2 = w * w
-    series = torch.zeros_like(w)
-    for n in range(12, 0, -1):                                  # Horner in w²
-        series = (-1) ** (n + 1) / (2 * n + 1) + w2 * series
-    return first + 2 * second + 4 * w * w2 * series
+    return first + 2 * second + 4 * w * w2 * horner(w2, _ATAN_TAIL)
 
 
 class GELU(Activation):

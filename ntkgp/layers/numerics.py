@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -104,6 +105,15 @@ def is_vmapped(x: Tensor) -> bool:
     data-dependent branch may look at them)."""
     functorch = getattr(torch._C, "_functorch", None)
     return functorch is not None and functorch.is_batchedtensor(x)
+
+
+def horner(x: Tensor, coefficients: Sequence[float]) -> Tensor:
+    """``Σ_i c_i x^i`` (lowest degree first) by Horner's rule: for polynomial activations and the
+    truncated series that replace cancelling differences at small arguments."""
+    out = torch.full_like(x, coefficients[-1])
+    for c in reversed(coefficients[:-1]):
+        out = out * x + c
+    return out
 
 
 def transforms_active() -> bool:

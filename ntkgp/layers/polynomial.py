@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ntkgp._checks import integer_at_least
 from ntkgp.layers.activations import Activation, _abrelu
-from ntkgp.layers.numerics import gaussian_angle, safe_sqrt
+from ntkgp.layers.numerics import gaussian_angle, horner, safe_sqrt
 from ntkgp.layers.validation import finite_constants, refuse_overflow
 
 
@@ -68,10 +68,7 @@ def _evaluate(terms: list[tuple[float, int, int, int]], k11: Tensor, k12: Tensor
 
 
 def _polynomial(x: Tensor, coefficients: tuple[float, ...]) -> Tensor:
-    out = torch.full_like(x, coefficients[-1])
-    for c in reversed(coefficients[:-1]):   # Horner
-        out = out * x + c
-    return out
+    return horner(x, coefficients)
 
 
 class Polynomial(Activation):

@@ -35,6 +35,7 @@ from torch import Tensor
 from ntkgp._checks import integer_at_least
 from ntkgp._typing import Steps, Times
 from ntkgp._warnings import caller_stacklevel
+from ntkgp.layers.numerics import horner
 from ntkgp.layers.validation import all_finite, finite_number, positive_number
 from ntkgp.predict.gaussian import tensor_kind
 
@@ -339,9 +340,7 @@ def _scaled_phi_slope(scale: Tensor, lam: Tensor) -> Tensor:
     x = scale * lam
     small = x < 0.1
     xs = torch.where(small, x, torch.zeros_like(x))
-    series = torch.zeros_like(x)
-    for k in range(16, 0, -1):                          # Horner in x
-        series = series * xs + (-1) ** k * k / math.factorial(k + 1)
+    series = horner(xs, [(-1) ** k * k / math.factorial(k + 1) for k in range(1, 17)])
     xb = torch.where(small, torch.ones_like(x), x)
     lam_b = torch.where(small, torch.ones_like(x), lam.expand_as(x))
     direct = (xb * torch.exp(-xb) + torch.expm1(-xb)) / lam_b ** 2
@@ -353,9 +352,7 @@ def _n_over_a2(a: Tensor) -> Tensor:
     below 0.1, where the difference cancels)."""
     small = a < 0.1
     as_ = torch.where(small, a, torch.zeros_like(a))
-    series = torch.zeros_like(a)
-    for k in range(18, 1, -1):
-        series = series * as_ + 1 / (k * (k - 1))
+    series = horner(as_, [1 / (k * (k - 1)) for k in range(2, 19)])
     ab = torch.where(small, torch.full_like(a, 0.5), a)
     direct = (ab + (1 - ab) * torch.log1p(-ab)) / ab ** 2
     return torch.where(small, series, direct)
