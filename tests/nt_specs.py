@@ -27,7 +27,9 @@ def build(spec: list) -> ntkgp.Layer:
                 "relu": ntkgp.ReLU, "leaky_relu": ntkgp.LeakyReLU, "abrelu": ntkgp.ABReLU,
                 "abs": ntkgp.Abs, "erf": ntkgp.Erf, "gelu": ntkgp.GELU, "sin": ntkgp.Sin,
                 "cos": ntkgp.Cos, "sign": ntkgp.Sign, "layernorm": ntkgp.LayerNorm,
-                "identity": ntkgp.Identity,
+                "identity": ntkgp.Identity, "exp": ntkgp.Exp, "gaussian": ntkgp.Gaussian, "rbf": ntkgp.Rbf,
+                "sigmoid_like": ntkgp.SigmoidLike, "hermite": ntkgp.Hermite, "polynomial": ntkgp.Polynomial,
+                "monomial": ntkgp.Monomial, "rectified_monomial": ntkgp.RectifiedMonomial,
             }[kind](*args))
     return ntkgp.serial(*layers)
 

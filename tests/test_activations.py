@@ -62,6 +62,12 @@ CASES = {
     "polynomial": (ntkgp.Polynomial([0.3, -1.0, 0.5, 0.2]), (lambda x: 0.3 - x + 0.5 * x**2 + 0.2 * x**3,
                                                               lambda x: -1 + x + 0.6 * x**2), cartesian),
     "monomial": (ntkgp.Monomial(4), (lambda x: x**4, lambda x: 4 * x**3), cartesian),
+    "rbf": (ntkgp.Rbf(0.7), _sin(math.sqrt(2), math.sqrt(1.4), math.pi / 4), cartesian),
+    "sigmoid_like": (ntkgp.SigmoidLike(), _erf(0.5, 1 / 2.4020563531719796, 0.5), cartesian),
+    "hermite3": (ntkgp.Hermite(3), (lambda x: (x**3 - 3 * x) / math.sqrt(6), lambda x: (3 * x**2 - 3) / math.sqrt(6)),
+                 cartesian),
+    "hermite4": (ntkgp.Hermite(4), (lambda x: (x**4 - 6 * x**2 + 3) / math.sqrt(24),
+                                    lambda x: (4 * x**3 - 12 * x) / math.sqrt(24)), cartesian),
     "step": (ntkgp.RectifiedMonomial(0), (lambda x: (x > 0) * 1.0, lambda x: 0 * x), polar),
     "requ": (ntkgp.RectifiedMonomial(2), (lambda x: np.maximum(x, 0) ** 2, lambda x: 2 * np.maximum(x, 0)), polar),
     "rectified_cube": (ntkgp.RectifiedMonomial(3), (lambda x: np.maximum(x, 0) ** 3,
@@ -199,9 +205,12 @@ def test_elementwise_derives_ntk_factor_by_autograd():
                                       lambda: ntkgp.Exp(1.2, 0.6), lambda: ntkgp.Gaussian(1.3, -0.7),
                                       lambda: ntkgp.Polynomial([0.3, -1.0, 0.5, 0.2, -0.1]),
                                       lambda: ntkgp.RectifiedMonomial(0), lambda: ntkgp.RectifiedMonomial(3),
+                                      lambda: ntkgp.Rbf(0.7), ntkgp.SigmoidLike, lambda: ntkgp.Hermite(4),
+                                      lambda: ntkgp.Hermite(3),
                                       lambda: ntkgp.Numerical(torch.nn.functional.softplus)],
                          ids=["relu", "leaky", "abrelu", "abs", "erf", "gelu", "sin", "cos", "sign", "exp", "gaussian",
-                              "polynomial", "step", "rectified_cube", "numerical"])
+                              "polynomial", "step", "rectified_cube", "rbf", "sigmoid_like", "hermite4", "hermite3",
+                              "numerical"])
 def test_activation_means_match_one_dimensional_quadrature(make_act):
     """E[φ(u)], u ~ N(0, k), the mean a LayerNorm after the layer subtracts, against scipy's adaptive
     quadrature at variances from 1e-6 to 20 (closed forms measured ≤ 6.5e-16 relative to the larger of
@@ -269,10 +278,11 @@ def test_layernorm_after_an_activation_in_float32():
 
 @pytest.mark.parametrize("make_act", [lambda: ntkgp.Cos(c=0.3), lambda: ntkgp.Sin(c=1.0), lambda: ntkgp.Sin(c=0.3),
                                       lambda: ntkgp.Erf(c=0.4), ntkgp.Exp, ntkgp.Gaussian,
-                                      lambda: ntkgp.Polynomial([0.5, 1.0, 0.3]),
+                                      lambda: ntkgp.Polynomial([0.5, 1.0, 0.3]), lambda: ntkgp.Rbf(0.7),
+                                      ntkgp.SigmoidLike, lambda: ntkgp.Hermite(2),
                                       lambda: ntkgp.Numerical(torch.nn.functional.softplus)],
-                         ids=["cos", "sin", "sin_cos2c_positive", "erf", "exp", "gaussian", "polynomial",
-                              "numerical_softplus"])
+                         ids=["cos", "sin", "sin_cos2c_positive", "erf", "exp", "gaussian", "polynomial", "rbf",
+                              "sigmoid_like", "hermite2", "numerical_softplus"])
 def test_layernorm_after_an_activation_at_small_variances(make_act):
     """At small variances T and μ1μ2 agree to O(k) (Cos: both ≈ 1) and LayerNorm divides their
     difference by up to 1/eps = 1e12: computed as a difference, float32 kernels read −59604 for
@@ -465,7 +475,9 @@ def test_elementwise_diagonal_is_the_partial_derivative_with_autograd_on():
                                   lambda: ntkgp.Exp(b=math.nan), lambda: ntkgp.Gaussian(b=0.5),
                                   lambda: ntkgp.Polynomial([]), lambda: ntkgp.Polynomial([1.0, math.inf]),
                                   lambda: ntkgp.Polynomial(2.0), lambda: ntkgp.Monomial(-1),
-                                  lambda: ntkgp.RectifiedMonomial(1.5),
+                                  lambda: ntkgp.RectifiedMonomial(1.5), lambda: ntkgp.Rbf(0.0),
+                                  lambda: ntkgp.Rbf(-1.0), lambda: ntkgp.Rbf(math.nan), lambda: ntkgp.Hermite(-1),
+                                  lambda: ntkgp.Hermite(2.5), lambda: ntkgp.Hermite(True), lambda: ntkgp.Hermite(3000),
                                   lambda: ntkgp.parallel(torch.nn.ReLU())])
 def test_layers_refuse_constants_that_would_give_nan_kernels(make):
     with pytest.raises(ValueError):
@@ -824,6 +836,44 @@ def test_arc_cosine_kernels_near_opposite_inputs_keep_their_relative_accuracy():
         assert abs(float(relu_dot) - j(0, theta) / (2 * mpmath.pi)) <= 1e-8 * float(relu_dot)
 
 
+def test_hermite_is_normalized_and_its_kernel_is_neural_tangents_on_unit_variances():
+    """``φ = He_n/sqrt(n!)`` (numpy's probabilists' Hermite series, n = 0..8, to rounding; the
+    recurrence is normalized as it goes, so degree 200 stays finite where He_200 overflows), with
+    ``E[φ(z)²] = 1`` (Gauss–Hermite, exact for polynomials). On unit variances the kernel is
+    neural-tangents' ``k12^n`` and ``Ṫ = n k12^{n−1}`` bit for bit (the other terms carry
+    ``(k11 − 1)(k22 − 1) = 0`` exactly); elsewhere it is the exact expectation (quadrature: CASES)."""
+    x = torch.linspace(-4, 4, 41)
+    z, w = np.polynomial.hermite_e.hermegauss(30)
+    for n in range(9):
+        layer = ntkgp.Hermite(n)
+        coefficients = [0.0] * n + [1.0 / math.sqrt(math.factorial(n))]
+        expected = torch.from_numpy(np.polynomial.hermite_e.hermeval(x.numpy(), coefficients))
+        torch.testing.assert_close(layer.fn(x), expected, rtol=1e-13, atol=1e-13)
+        second_moment = float(np.sum(w * layer.fn(torch.from_numpy(z)).numpy() ** 2) / math.sqrt(2 * math.pi))
+        assert second_moment == pytest.approx(1.0, rel=1e-12)
+        one, k12 = torch.ones(7), torch.linspace(-1, 1, 7)
+        nngp, dot = layer.pair_kernel(one, k12, one, True)
+        assert torch.equal(nngp, k12**n)
+        assert torch.equal(dot, n * k12 ** (n - 1) if n else torch.zeros(7))
+        assert torch.equal(layer.variance(one), one)
+    assert torch.isfinite(ntkgp.Hermite(200).fn(torch.tensor([30.0]))).all()
+
+
+def test_rbf_after_a_bias_free_dense_layer_is_the_gaussian_kernel():
+    """NNGP of ``Dense(weight_var=σ², bias_var=None) → Rbf(γ)`` is ``exp(−γσ²‖x − x'‖²/d)`` and its
+    NTK ``(1 + 2γ σ² x·x'/d)`` times it (Θ¹ = K¹ = σ² x·x'/d times Ṫ = 2γT, plus the last layer's K);
+    the readout adds nothing but its variance: ``K = σ_out² T``, ``Θ = σ_out² (T + Ṫ Θ¹)``."""
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
+    sigma2, gamma = 1.7, 0.6
+    net = ntkgp.serial(ntkgp.Dense(8, sigma2, None), ntkgp.Rbf(gamma), ntkgp.Dense(1, 1.0, None))
+    with torch.no_grad():
+        k = net.kernel(x)
+    rbf = torch.exp(-gamma * sigma2 * torch.cdist(x, x) ** 2 / 3)
+    torch.testing.assert_close(k.nngp, rbf, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(k.ntk, rbf * (1 + 2 * gamma * sigma2 * x @ x.T / 3), rtol=1e-13, atol=1e-15)
+    assert torch.equal(k.nngp.diagonal(), torch.ones(6))
+
+
 def test_polynomial_centred_kernel_has_no_cancellation():
     """φ = 1000 + x: T − μ1μ2 = k12 exactly, where the difference T − μ1μ2 = (10⁶ + k12) − 10⁶
     keeps only ~1e-10 of float64 for k12 ~ 1e-6."""
@@ -834,7 +884,8 @@ def test_polynomial_centred_kernel_has_no_cancellation():
 
 
 # ------------------------------------------------------------------ NTK factor of a point with itself
-DOT_VARIANCE_CASES = ["erf", "erf_abc", "gelu", "sin", "cos", "exp", "gaussian", "relu", "leaky_relu", "abrelu", "abs"]
+DOT_VARIANCE_CASES = ["erf", "erf_abc", "gelu", "sin", "cos", "exp", "gaussian", "rbf", "sigmoid_like", "relu",
+                      "leaky_relu", "abrelu", "abs"]
 
 
 @pytest.mark.parametrize("name", DOT_VARIANCE_CASES)

@@ -57,9 +57,10 @@ def test_sign_cross_kernel_with_a_zero_vector_only_in_x2():
     torch.testing.assert_close(a.nngp, b.nngp.mT, rtol=1e-12, atol=0)
 
 # kernel gradients w.r.t. inputs and hyperparameters are the true derivatives
-@pytest.mark.parametrize("act", ["relu", "erf", "gelu", "abrelu"])
+@pytest.mark.parametrize("act", ["relu", "erf", "gelu", "abrelu", "rbf", "hermite"])
 def test_kernel_gradients_pass_gradcheck(act):
-    make = {"relu": ntkgp.ReLU, "erf": ntkgp.Erf, "gelu": ntkgp.GELU, "abrelu": lambda: ntkgp.ABReLU(-0.3, 1.2)}[act]
+    make = {"relu": ntkgp.ReLU, "erf": ntkgp.Erf, "gelu": ntkgp.GELU, "abrelu": lambda: ntkgp.ABReLU(-0.3, 1.2),
+            "rbf": lambda: ntkgp.Rbf(0.4), "hermite": lambda: ntkgp.Hermite(3)}[act]
     net = ntkgp.serial(ntkgp.Dense(5, 1.7, 0.1), make(), ntkgp.Dense(1, 1.3, 0.2))
     x2 = _x(3, seed=1)
 

@@ -11,7 +11,9 @@ from ntkgp.layers.activations import (
     Gaussian,
     Identity,
     LeakyReLU,
+    Rbf,
     ReLU,
+    SigmoidLike,
     Sign,
     Sin,
 )
@@ -20,7 +22,7 @@ from ntkgp.layers.combinators import Parallel, Serial, parallel, repeat, residua
 from ntkgp.layers.dense import Dense
 from ntkgp.layers.elementwise import Elementwise, Numerical, gauss_hermite_expectation
 from ntkgp.layers.norm import LayerNorm
-from ntkgp.layers.polynomial import Monomial, Polynomial, RectifiedMonomial
+from ntkgp.layers.polynomial import Hermite, Monomial, Polynomial, RectifiedMonomial
 from ntkgp.layers.state import KernelState
 from ntkgp.layers.variance import ExactVariance
 
@@ -37,6 +39,7 @@ __all__ = [
     "ExactVariance",
     "Exp",
     "Gaussian",
+    "Hermite",
     "Identity",
     "KernelState",
     "Layer",
@@ -46,9 +49,11 @@ __all__ = [
     "Numerical",
     "Parallel",
     "Polynomial",
+    "Rbf",
     "ReLU",
     "RectifiedMonomial",
     "Serial",
+    "SigmoidLike",
     "Sign",
     "Sin",
     "gauss_hermite_expectation",

@@ -306,6 +306,20 @@ class Erf(Activation):
         return f"a={self.a:g}, b={self.b:g}, c={self.c:g}"
 
 
+class SigmoidLike(Erf):
+    """``φ(x) = erf(x / 2.4020563531719796)/2 + 1/2``, a sigmoid with closed-form kernels: :class:`Erf`
+    with ``a = 1/2``, ``b = 1/2.4020563531719796``, ``c = 1/2`` (neural-tangents' ``stax.Sigmoid_like``,
+    whose constant minimizes the squared distance to the logistic sigmoid on ``[−5, 5]``)."""
+
+    SCALE = 2.4020563531719796
+
+    def __init__(self) -> None:
+        super().__init__(0.5, 1 / self.SCALE, 0.5)
+
+    def extra_repr(self) -> str:
+        return ""
+
+
 def _gelu(x: Tensor) -> Tensor:
     return torch.nn.functional.gelu(x)
 
@@ -519,6 +533,63 @@ class Cos(Sin):
 
     def extra_repr(self) -> str:   # the phase given, not Sin's c + π/2
         return f"a={self.a:g}, b={self.b:g}, c={self._phase:g}"
+
+
+def _rbf(x: Tensor, gamma: float) -> Tensor:
+    return math.sqrt(2) * torch.sin(math.sqrt(2 * gamma) * x + math.pi / 4)
+
+
+class Rbf(Activation):
+    r"""``φ(x) = √2 sin(√(2γ) x + π/4)``, whose NNGP kernel is the Gaussian (RBF) kernel of the
+    pre-activations (neural-tangents' ``stax.Rbf``; random Fourier features, Rahimi & Recht 2007)::
+
+        T = exp(−γ (k11 + k22 − 2 k12)),   Ṫ = 2γ T,   T(k, k, k) = 1,   E[φ(u)] = e^{−γk}
+
+    :class:`Sin` with ``a = √2``, ``b = √(2γ)``, ``c = π/4``, where ``cos 2c = 0`` removes the
+    second exponential; written out so that ``cos(π/2)``'s rounding (6e-17) and ``a² = 2(1 + ε)``
+    do not reach the values. After ``Dense(weight_var=σ², bias_var=0)`` on inputs of dimension
+    ``d`` the NNGP kernel is ``exp(−γσ² ‖x − x'‖²/d)``: ``γ = 1/(2ℓ²)`` for a length scale ``ℓ``
+    in units of ``σ sqrt(‖x − x'‖²/d)``. The exponent is clamped at 0, which rounding of nearly
+    equal inputs could exceed by an ulp.
+    """
+
+    def __init__(self, gamma: float = 1.0) -> None:
+        super().__init__()
+        (self.gamma,) = squarable_constants(gamma=gamma)
+        if self.gamma <= 0:
+            raise ValueError(f"Rbf: gamma must be positive (γ = 1/(2ℓ²) for a length scale ℓ), got {gamma!r}.")
+
+    def fn(self, x: Tensor) -> Tensor:
+        return _rbf(x, self.gamma)
+
+    def finite_fn(self) -> Callable[[Tensor], Tensor]:
+        return functools.partial(_rbf, gamma=self.gamma)
+
+    def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
+        nngp = torch.exp((-self.gamma * (k11 + k22 - 2 * k12)).clamp(max=0))
+        return nngp, (2 * self.gamma * nngp if want_dot else None)
+
+    def variance(self, k: Tensor) -> Tensor:
+        return torch.ones_like(k)
+
+    def dot_variance(self, k: Tensor) -> Tensor:
+        """``Ṫ(k, k, k) = 2γ``."""
+        return torch.full_like(k, 2 * self.gamma)
+
+    def mean(self, k: Tensor) -> Tensor:
+        return torch.exp(-self.gamma * k)
+
+    def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
+        """``T − μ1μ2 = e^{−γ(k11 + k22)} expm1(2γ k12)`` where ``|2γ k12| ≤ 1``, without the
+        cancellation of the difference at small variances; beyond, the difference loses no digits
+        (and the product would be ``0 · inf`` at large variances)."""
+        y = 2 * self.gamma * k12
+        small = y.abs() <= 1
+        near = torch.exp(-self.gamma * (k11 + k22)) * torch.expm1(torch.where(small, y, torch.zeros_like(y)))
+        return torch.where(small, near, nngp - self.mean(k11) * self.mean(k22))
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma:g}"
 
 
 # ---------------------------------------------------------------------------------- exponential

@@ -147,6 +147,90 @@ class Monomial(Polynomial):
         return f"degree={self.degree}"
 
 
+def _normalized_hermite(x: Tensor, degree: int) -> Tensor:
+    # h_{k+1} = (x h_k − √k h_{k−1})/√(k + 1), normalized as it goes: He_n itself overflows first
+    previous, current = torch.ones_like(x), x
+    if degree == 0:
+        return previous
+    for k in range(1, degree):
+        previous, current = current, (x * current - math.sqrt(k) * previous) / math.sqrt(k + 1)
+    return current
+
+
+def _hermite_terms(degree: int) -> list[tuple[float, int, int]]:
+    """``(c_m, n − 2m, m)`` with ``c_m = C(n, 2m) C(2m, m)``, ``m = 0 .. n/2``."""
+    try:
+        return [(float(math.comb(degree, 2 * m) * math.comb(2 * m, m)), degree - 2 * m, m)
+                for m in range(degree // 2 + 1)]
+    except OverflowError:   # C(n, 2m) C(2m, m) beyond a float
+        raise ValueError(f"Hermite: the kernel's coefficients overflow a float at degree {degree}.") from None
+
+
+class Hermite(Activation):
+    r"""``φ(x) = He_n(x)/sqrt(n!)``, the probabilists' Hermite polynomial normalized to
+    ``E[φ(z)²] = 1`` for ``z ~ N(0, 1)`` (neural-tangents' ``stax.Hermite``).
+
+    Writing ``u = sqrt(k11) z1`` and expanding ``He_n(γz) = Σ_m n!/(m!(n − 2m)!) γ^{n−2m}
+    ((γ² − 1)/2)^m He_{n−2m}(z)`` (the multiplication theorem), Mehler's
+    ``E[He_a(z1) He_b(z2)] = δ_ab a! ρ^a`` gives, for any variances::
+
+        T = Σ_{m=0}^{⌊n/2⌋} C(n, 2m) C(2m, m) k12^{n−2m} ((k11 − 1)(k22 − 1)/4)^m
+        Ṫ = n · T_{n−1},   E[φ(u)] = sqrt(C(n, n/2)) ((k − 1)/2)^{n/2} for even n (else 0)
+
+    On unit variances (``k11 = k22 = 1``, e.g. after :class:`~ntkgp.layers.LayerNorm` and a
+    bias-free ``Dense(weight_var=1)``) every term but the first vanishes exactly: ``T = k12^n`` and
+    ``Ṫ = n k12^{n−1}``, neural-tangents' formulas, which assume unit variances for every input.
+    Elsewhere these are the exact expectations. The centred kernel leaves out the ``m = n/2``
+    term, ``μ1 μ2``.
+    """
+
+    def __init__(self, degree: int) -> None:
+        super().__init__()
+        self.degree = integer_at_least(degree, 0, "degree")
+        self._terms = _hermite_terms(self.degree)
+        self._dot_terms = _hermite_terms(self.degree - 1) if self.degree else []
+        self._mean_scale = math.sqrt(self._terms[-1][0]) if self.degree % 2 == 0 else 0.0
+
+    def fn(self, x: Tensor) -> Tensor:
+        return _normalized_hermite(x, self.degree)
+
+    def finite_fn(self) -> Callable[[Tensor], Tensor]:
+        return functools.partial(_normalized_hermite, degree=self.degree)
+
+    @staticmethod
+    def _series(terms: list[tuple[float, int, int]], k11: Tensor, k12: Tensor, k22: Tensor,
+                skip_constant: bool = False) -> Tensor:
+        g = (k11 - 1) * (k22 - 1) / 4
+        out = torch.zeros(torch.broadcast_shapes(k11.shape, k12.shape, k22.shape), dtype=k12.dtype, device=k12.device)
+        for c, j, m in terms:
+            if skip_constant and j == 0:
+                continue
+            out = out + c * (k12**j if m == 0 else k12**j * g**m)
+        return out
+
+    def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
+        nngp = self._checked(self._series(self._terms, k11, k12, k22), k11, k12, k22)
+        if not want_dot:
+            return nngp, None
+        if not self.degree:
+            return nngp, torch.zeros_like(nngp)
+        return nngp, self._checked(self.degree * self._series(self._dot_terms, k11, k12, k22), k11, k12, k22)
+
+    def mean(self, k: Tensor) -> Tensor:
+        if self.degree % 2:
+            return torch.zeros_like(k)
+        return self._mean_scale * ((k - 1) / 2) ** (self.degree // 2)
+
+    def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
+        return self._series(self._terms, k11, k12, k22, skip_constant=True)
+
+    def _checked(self, value: Tensor, *inputs: Tensor) -> Tensor:
+        return refuse_overflow(value, "Hermite", "the variance to the degree", inputs)
+
+    def extra_repr(self) -> str:
+        return f"degree={self.degree}"
+
+
 def _arc_cosine_polynomials(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Coefficients (in ``c = cos θ``, lowest first) of ``A_n`` and ``B_n`` in
     ``J_n(θ) = (π − θ) A_n(c) + sin θ · B_n(c)``, from ``J_{n+1} = (2n + 1) cos θ J_n − sin θ J_n'``:
