@@ -596,6 +596,37 @@ def test_directions_below_rounding_that_move_the_test_outputs_are_reported():
                 assert (at_most is None or off < at_most) and (at_least is None or off > at_least), (name, t, off)
 
 
+def test_dropped_directions_of_inputs_whose_norms_span_decades_are_reported():
+    """Training inputs of norms 1e-6 and 1e6 (bias-free ReLU): the small point's eigenvalue (~1e-26
+    λ_max) is below what the eigendecomposition resolves, so t = inf leaves it untrained and reads
+    ~0.5 where the answer (t = None: the scaled Cholesky solve, exact here) is ~1e5. Its column of
+    the test kernel (2e-7) fell under 100 N ε times the large point's (8e-7) and passed for a
+    duplicate's rounding, silently (a review's 60-digit reference: 1.00 off at t = inf, 1.2 at t = 1e8).
+    The kernel scaled to unit diagonal is nonsingular, so it has no exact null direction and the
+    warning comes, from GradientFlow and gradient_descent_mse alike; an exact duplicate stays quiet."""
+    gen = torch.Generator().manual_seed(0)
+    net = ntkgp.mlp(2, "relu", weight_var=2.0, bias_var=None)
+    x, y, xt = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((6, 3), (6, 2), (4, 3)))
+    duplicate = x.clone()
+    duplicate[3] = duplicate[0]
+    x[0] *= 1e6
+    x[1] *= 1e-6
+    flow = predict.GradientFlow(net, x, y)
+    exact = flow.predict(xt, t=None, compute_cov=False).mean
+    with torch.no_grad():
+        theta, cross = net.kernel(x).ntk, net.kernel(xt, x).ntk
+    for t in (math.inf, 1e8):
+        with pytest.warns(RuntimeWarning, match="count as untrained, but move the test outputs"):
+            late = flow.predict(xt, t=t, compute_cov=False).mean
+        assert float((late - exact).abs().max()) > 0.5 * float(exact.abs().max())   # what the warning is about
+        with pytest.warns(RuntimeWarning, match="count as untrained"):
+            predict.gradient_descent_mse(theta, y, 0.0, cross, 0.0, t=t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predict.GradientFlow(net, duplicate, y).predict(xt, t=math.inf, compute_cov=False)
+        predict.GradientFlow(net, duplicate, y, kernel="nngp").predict(xt, t=math.inf, compute_cov=False)
+
+
 def test_the_unresolved_direction_warning_names_the_callers_line_and_takes_times_with_gradients():
     """The warning pointed at library lines where the call went through a one-shot wrapper or the
     full-kernel path (a fixed stacklevel), and a time that requires grad raised torch's

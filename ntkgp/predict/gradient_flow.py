@@ -47,6 +47,7 @@ from ntkgp.predict.spectral import (
     Schedule,
     cholesky,
     cholesky_solve,
+    is_regular,
     make_schedule,
     max_learning_rate,
     regularize,
@@ -135,6 +136,10 @@ class GradientFlow:
     @cached_property
     def _cholesky(self) -> Tensor:
         return cholesky(self.dynamics, f"training {self.kind.upper()} kernel")
+
+    @cached_property
+    def _regular(self) -> bool:
+        return is_regular(self.dynamics)
 
     @cached_property
     def _y_eigen(self) -> Tensor:
@@ -233,7 +238,7 @@ class GradientFlow:
         g_td = kernels["ntk_td" if self.kind == "ntk" else "nngp_td"]
         a = g_td @ v                                                    # (M, N)
         mean = spectral_apply(a, flow, self._y_eigen)
-        warn_if_unresolved(a, self._y_eigen, mean, schedule, eig)
+        warn_if_unresolved(a, self._y_eigen, mean, schedule, eig, lambda: self._regular)
         if not compute_cov:
             return mean, None
         k_tt = kernels["nngp_tt"]

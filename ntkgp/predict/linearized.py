@@ -13,6 +13,7 @@ linearized model at any learning rate). Works with analytic or empirical kernels
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,6 +26,7 @@ from ntkgp.predict.spectral import (
     cholesky,
     cholesky_solve,
     flatten_full_kernel,
+    is_regular,
     make_schedule,
     matrix_function_product,
     regularize,
@@ -135,7 +137,8 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
             test_eigen = left.detach() @ eig.vectors   # the product's own backward differentiates left
             delta = matrix_function_product(kernel, eig, schedule, 2, slopes[1], flat, test_eigen, left)
             with torch.no_grad():
-                warn_if_unresolved(test_eigen, eig.vectors.mT @ flat, delta, schedule, eig)
+                warn_if_unresolved(test_eigen, eig.vectors.mT @ flat, delta, schedule, eig,
+                                   lambda: is_regular(kernel, ntk_train_train.dtype))
             # the number of times, not -1: an empty test set has no entries to infer it from
             test = fx_test_0.to(factor_dtype) - delta.reshape(delta.shape[0], *fx_test_0.shape)
             test = schedule.reshape(test, fx_test_0.dim())
@@ -187,6 +190,12 @@ def _check_kernel(kernel: Tensor, name: str) -> None:
 
 def _initial_outputs(value: Tensor | float, shape: tuple[int, ...], name: str, like: Tensor) -> Tensor:
     """``value`` (a number, or a tensor that broadcasts to ``shape``) as a finite tensor of ``shape``."""
+    if (isinstance(value, complex | np.complexfloating) or (isinstance(value, Tensor) and value.is_complex())
+            or (isinstance(value, np.ndarray) and value.dtype.kind == "c")):
+        # the cast to the targets' dtype dropped the imaginary part of a complex tensor or array, with
+        # only torch's warning, where complex targets and kernels are refused
+        raise ValueError(f"{name} must hold real numbers, got complex ones ({getattr(value, 'dtype', 'complex')}); "
+                         "pass the real part (.real) if that is meant.")
     tensor = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     try:
         # only size-1 axes stretch: an (M,) value against (M, k) outputs would otherwise be read

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -670,8 +670,18 @@ def stability_limit(lambda_max: float, m: int, momentum: float = 0.0) -> float:
     return 2 * (1 + momentum) * m / lambda_max if lambda_max > 0 else math.inf
 
 
+def is_regular(k: Tensor, given: torch.dtype | None = None) -> bool:
+    """Whether :func:`cholesky` accepts ``k``: nonsingular to working precision once scaled to unit
+    diagonal, so that none of its directions is an exact null direction."""
+    try:
+        cholesky(k.detach(), "kernel", given)
+    except ValueError:
+        return False
+    return True
+
+
 def warn_if_unresolved(test_eigen: Tensor, right: Tensor, result: Tensor, schedule: Schedule,
-                       eig: Eigensystem) -> None:
+                       eig: Eigensystem, regular: Callable[[], bool]) -> None:
     """Warn where :meth:`Schedule.functions` sets untrained a direction that moves the test outputs.
 
     ``result[t] = test_eigen · diag(flow[t]) · right`` is what was computed, ``(T, M, k)``.
@@ -683,6 +693,14 @@ def warn_if_unresolved(test_eigen: Tensor, right: Tensor, result: Tensor, schedu
     resolve. Such a direction, trained, adds at most ``τ |K*d v| |vᵀ right|`` (``flow ≤ τ``); where
     that bound exceeds ``sqrt(ε)`` of the result, setting it untrained changed the answer, and no
     answer from these digits is reliable: a regularizer makes it well defined.
+
+    That comparison with the largest column misses real directions when the training inputs'
+    norms span decades: a point of norm 1e-6 beside one of 1e6 (bias-free ReLU) has a column of
+    2e-7 under the 8e-7 that the large point's column sets, and ``t = inf`` read 0.5 where the
+    answer is 1.6e5, without a word. ``regular()`` (evaluated only here, when some direction is
+    dropped: one more factorization) says whether the kernel scaled to unit diagonal is
+    nonsingular to working precision (:func:`is_regular`, the test ``t = None`` applies): then it
+    has no exact null directions, and every dropped one is real.
     """
     if test_eigen.shape[-2] == 0:
         return
@@ -691,6 +709,8 @@ def warn_if_unresolved(test_eigen: Tensor, right: Tensor, result: Tensor, schedu
         return
     seen = test_eigen.abs().amax(-2)                                             # (N,)
     real = seen > 100 * seen.shape[-1] * eig.eps * seen.max()
+    if bool((untrained & ~real).any()) and regular():
+        real = seen > 0
     dropped = untrained & real
     if not bool(dropped.any()):
         return
@@ -704,9 +724,10 @@ def warn_if_unresolved(test_eigen: Tensor, right: Tensor, result: Tensor, schedu
         when += "" if schedule.discrete or math.isinf(first) else " and later"
         warnings.warn(f"{when.capitalize()}, {int(dropped[hit].any(0).sum())} direction(s) of the training kernel "
                       "with eigenvalues below its rounding level (N·ε·λ_max) count as untrained, but move the "
-                      "test outputs (nearly duplicate training points, or points far from the training inputs of "
-                      "a smooth kernel): from then on the predictions depend on digits the kernel does not hold. "
-                      "Add diag_reg (e.g. 1e-6) for a well-defined answer.", RuntimeWarning,
+                      "test outputs (nearly duplicate training points, training inputs whose norms span decades, "
+                      "or points far from the training inputs of a smooth kernel): from then on the predictions "
+                      "depend on digits the kernel does not hold. Add diag_reg (e.g. 1e-6) for a well-defined "
+                      "answer (t=None solves a kernel that is only badly scaled exactly).", RuntimeWarning,
                       stacklevel=caller_stacklevel())
 
 
