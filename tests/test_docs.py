@@ -50,6 +50,25 @@ def test_code_blocks_of_page_run(page):
         exec(compile(source, f"docs/{page}", "exec"), namespace)
 
 
+def test_lecture_tutorial_sine_snippet_runs_in_its_example_and_prints_the_page_output(capsys):
+    """The sine-model snippet of docs/tutorials/lecture_toy_problems.md, run after the setup of
+    examples/02_lecture_toy_problems.py (its float64 ``X``), prints the tensor the page shows. It
+    passed float32 parameters with float64 inputs, which ``empirical_ntk`` refuses with ``ValueError``."""
+    import runpy
+
+    text = (ROOT / "docs" / "tutorials" / "lecture_toy_problems.md").read_text()
+    blocks = [part.split("```")[0] for part in text.split("```python")[1:]]
+    snippet = [source for source in blocks if "def sine(" in source]
+    assert len(snippet) == 1, "the sine-model snippet is gone"
+    namespace = runpy.run_path(str(ROOT / "examples" / "02_lecture_toy_problems.py"), run_name="example_02")
+    capsys.readouterr()
+    exec(compile(snippet[0], "docs/tutorials/lecture_toy_problems.md", "exec"), namespace)
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith("tensor(") and "dtype=torch.float64" in printed, printed
+    shown = [part.split("```")[0] for part in text.split("```text")[1:]]
+    assert any(printed in block for block in shown), f"the page does not show what the snippet prints:\n{printed}"
+
+
 #: Import names of packages that ``pip install -e .`` does not install, and how a page says to get them.
 OPTIONAL_IMPORTS = {"botorch": 'pip install -e ".[botorch]"', "sklearn": "pip install scikit-learn"}
 

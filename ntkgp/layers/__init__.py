@@ -17,7 +17,7 @@ from ntkgp.layers.activations import (
     Sign,
     Sin,
 )
-from ntkgp.layers.base import BuildContext, Layer
+from ntkgp.layers.base import BuildContext, Layer, NonFiniteVarianceError
 from ntkgp.layers.combinators import Parallel, Serial, parallel, repeat, residual, serial
 from ntkgp.layers.dense import Dense
 from ntkgp.layers.elementwise import Elementwise, Numerical, gauss_hermite_expectation
@@ -46,6 +46,7 @@ __all__ = [
     "LayerNorm",
     "LeakyReLU",
     "Monomial",
+    "NonFiniteVarianceError",
     "Numerical",
     "Parallel",
     "Polynomial",

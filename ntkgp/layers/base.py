@@ -48,6 +48,12 @@ CHECKPOINT_BLOCK_ENTRIES = 1 << 18
 class NonFiniteVarianceError(ValueError, NanError):
     """A variance hyperparameter is NaN or infinite.
 
+    Raised by :meth:`Layer.kernel` (and so by the GPyTorch kernels and models built on it) before
+    any kernel work when a variance is not finite in the inputs' dtype: a NaN raw parameter, or a
+    value beyond that dtype's range, such as a learned ``σ_w² = 5e38`` evaluated in float32
+    (largest value 3.4e38) that float64 still represents. :meth:`Layer.build` raises it too when a
+    ``Dense`` layer's variances are not finite.
+
     A ``ValueError`` for the caller, and linear_operator's ``NanError`` for optimizers: BoTorch's
     L-BFGS-B fit reads a ``NanError`` as a NaN loss and shortens its step, as it did when such a
     variance reached GPyTorch's Cholesky; a plain ``ValueError`` would end the fit.
