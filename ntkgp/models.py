@@ -20,7 +20,7 @@ from ntkgp.kernels import NNGPKernel, NTKKernel
 from ntkgp.kernels.network_kernel import NetworkKernel
 from ntkgp.layers.base import Layer, NonFiniteKernelError, NonFiniteVarianceError
 from ntkgp.layers.mlp import mlp
-from ntkgp.layers.validation import all_finite, check_points
+from ntkgp.layers.validation import all_finite, check_points, finite_number
 
 KERNELS = {"nngp": NNGPKernel, "ntk": NTKKernel}
 
@@ -72,6 +72,9 @@ class NetworkGP(gpytorch.models.ExactGP):
     including a ``net`` or ``likelihood`` passed in (converted in place: give models of different
     dtypes or devices their own copies, ``copy.deepcopy(net)``). Variances keep their exact
     float64 anchors either way.
+    With float32 data GPyTorch also solves in float32 (unlike :class:`ntkgp.predict.GPPosterior`,
+    which factors in float64), so deep networks and duplicate points are less accurate here: pass
+    float64 data for accuracy.
     """
 
     def __init__(self, train_x: Tensor, train_y: Tensor, net: Layer | None = None, *, kernel: str = "nngp",
@@ -264,7 +267,17 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     (``max_cholesky_size`` is lifted, see :class:`NetworkGP`); other models keep GPyTorch's
     settings (structured kernels rely on its iterative solves).
     """
+    if not isinstance(model, gpytorch.models.ExactGP):   # an AttributeError ('train_targets') otherwise
+        hint = ("; for a network spec, build the model around it: NetworkGP(train_x, train_y, net)"
+                if isinstance(model, Layer) else "")
+        raise ValueError(f"model must be a GPyTorch ExactGP (e.g. ntkgp.models.NetworkGP), got "
+                         f"{type(model).__name__}{hint}.")
     steps = integer_at_least(steps, 0, "steps")
+    # a string failed inside Adam ("'<=' not supported"), inf as non-finite parameters after a step;
+    # 0 stays allowed: fit(model, steps=1, lr=0.0) evaluates the objective without moving
+    kind = "a finite non-negative number (0 evaluates the loss without a step)"
+    if finite_number(lr, "lr", kind) < 0:
+        raise ValueError(f"lr must be {kind}, got {lr!r}.")
     # no targets: "Non-finite marginal likelihood" at step 0; an ExactGP built on None: an AttributeError
     if model.train_targets is None or model.train_inputs is None or model.train_targets.numel() == 0:
         raise ValueError("The model has no training data to fit to.")

@@ -654,6 +654,19 @@ def test_datasets_hold_float64():
             ntkgp.compare.Dataset("bad", bad, torch.sin(x), x)
 
 
+def test_datasets_built_directly_refuse_non_finite_values():
+    """load_dataset refused NaN and inf, a Dataset built directly did not: a NaN test input surfaced in
+    run_comparison as inputs "too large" for float64, and a NaN in y_test went into the figures."""
+    x = torch.linspace(-1, 1, 4, dtype=torch.float64).reshape(-1, 1)
+    arrays = {"x_train": x, "y_train": torch.sin(x), "x_test": x[:2], "y_test": torch.sin(x[:2])}
+    for name in arrays:
+        for value in (math.nan, math.inf):
+            bad = arrays[name].clone()
+            bad[1, 0] = value
+            with pytest.raises(ValueError, match=f"^{name} contains NaN or infinite values"):
+                ntkgp.compare.Dataset("bad", **{**arrays, name: bad})
+
+
 @pytest.mark.parametrize("steps", ["5", [True, 3], [2**53 + 2], 1.5, [-1]])
 def test_record_steps_are_integers_and_not_booleans_or_strings(steps):
     x = torch.linspace(-1, 1, 4, dtype=torch.float64).reshape(-1, 1)

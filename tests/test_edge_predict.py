@@ -951,3 +951,60 @@ def test_kernel_gradient_of_large_discrete_steps_matches_autograd_through_matrix
     (got,) = torch.autograd.grad(library(scale).pow(2).sum(), scale)
     (want,) = torch.autograd.grad(reference(scale).pow(2).sum(), scale)
     assert float(got) == pytest.approx(float(want), rel=1e-9)
+
+
+def test_predictors_refuse_to_mix_the_cached_training_kernel_with_changed_hyperparameters():
+    """The training kernel and its factorization are cached at construction, the test kernels computed
+    at each predict: after ``net[0].weight_var = 5.0`` (or an optimizer step on a raw parameter) a
+    review's posterior mean moved by 3.9 and matched neither model (3.8 off a rebuilt posterior),
+    silently. Now predict refuses; put back, the values predict as before, bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    x, y, xt = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((6, 3), (6,), (4, 3)))
+    makers = {"GPPosterior": lambda net: predict.GPPosterior(net, x, y, noise=0.01),
+              "GPPosterior(ntk)": lambda net: predict.GPPosterior(net, x, y, kernel="ntk", noise=0.01),
+              "GradientFlow": lambda net: predict.GradientFlow(net, x, y)}
+    for name, make in makers.items():
+        net = ntkgp.mlp(2, "relu", 2.0, 0.1)
+        predictor = make(net)
+        call = (lambda p=predictor: p.predict(xt, t=10.0).mean) if name == "GradientFlow" else \
+            (lambda p=predictor: p.predict(xt).mean)
+        before = call()
+        net[0].weight_var = 5.0
+        with pytest.raises(ValueError, match=f"changed since this {name.split('(')[0]} computed"):
+            call()
+        net[0].weight_var = 2.0
+        raw = net[2].raw_weight_var
+        with torch.no_grad():
+            raw.add_(0.1)   # what an optimizer step does
+        with pytest.raises(ValueError, match="build a new"):
+            call()
+        with torch.no_grad():
+            raw.sub_(0.1)
+        assert torch.equal(call(), before), name
+
+
+def test_boolean_flags_refuse_strings():
+    """``diag_reg_absolute_scale="False"`` read as true (a review measured the absolute-scale mean), as did
+    ``compute_cov="no"`` and ``train_ensemble(readout_only="no")`` (which trained the readout only);
+    ``Layer.kernel``, ``monte_carlo_kernel`` and ``CompareConfig`` already refused such values."""
+    x, y = _x(5), _x(5, 1, seed=13)
+    net = ntkgp.mlp(1, "erf", 2.0, 0.1)
+    model = net.build(in_features=3, seed=0, dtype=torch.float64)
+    theta = net.kernel(x).ntk.detach()
+    calls = {"diag_reg_absolute_scale": [
+                 lambda v: predict.GradientFlow(net, x, y, diag_reg_absolute_scale=v),
+                 lambda v: predict.gradient_flow(net, x, y, x, t=1.0, diag_reg_absolute_scale=v),
+                 lambda v: predict.gradient_descent_mse(theta, y, t=1.0, diag_reg_absolute_scale=v)],
+             "compute_cov": [lambda v: predict.GradientFlow(net, x, y).predict(x, t=1.0, compute_cov=v),
+                             lambda v: predict.gradient_flow(net, x, y, x, t=1.0, compute_cov=v),
+                             lambda v: predict.GPPosterior(net, x, y, noise=0.1).predict(x, compute_cov=v),
+                             lambda v: predict.gp_posterior(net, x, y, x, noise=0.1, compute_cov=v)],
+             "vector_output": [lambda v: ntkgp.finite.empirical_ntk(model, x, vector_output=v),
+                               lambda v: ntkgp.finite.empirical_nngp(model, x, vector_output=v)],
+             "readout_only": [lambda v: ntkgp.finite.train_ensemble(net, x, y[:, 0], ensemble_size=2, learning_rate=0.1,
+                                                                    record_steps=[0, 1], readout_only=v)]}
+    for name, makers in calls.items():
+        for make in makers:
+            for value in ("False", "no", ("nngp",)):
+                with pytest.raises(ValueError, match=f"{name} must be True or False"):
+                    make(value)

@@ -286,3 +286,16 @@ def test_per_feature_weight_variances_without_ard_say_how_to_get_them():
                                          r"Dense\(\.\.\., ard_num_dims=d\) on the first layer"):
         ntkgp.Dense(5, torch.tensor([1.0, 2.0, 3.0]))
     assert ntkgp.Dense(5, torch.tensor([1.0, 2.0, 3.0]), ard_num_dims=3).weight_var.shape == (3,)
+
+
+def test_complex_and_boolean_variances_are_refused_like_python_complex_numbers():
+    """A 0-d complex tensor variance lost its imaginary part (torch's warning only) and True became
+    1.0, where a Python complex and noise=True are refused."""
+    for value in (torch.tensor(2 + 1j), 2 + 1j, True, torch.tensor(True)):
+        for name in ("weight_var", "bias_var"):
+            with pytest.raises(ValueError, match=f"{name} must be a non-negative real number"):
+                ntkgp.Dense(1, **{name: value})
+    layer = ntkgp.Dense(1)
+    with pytest.raises(ValueError, match="weight_var must be a non-negative real number"):
+        layer.weight_var = torch.tensor(2 + 0j)
+    assert ntkgp.Dense(1, weight_var=torch.tensor(2.0)).weight_var.item() == 2.0

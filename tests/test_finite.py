@@ -604,3 +604,71 @@ def test_empirical_ntk_refuses_batch_norm_that_updates_its_running_statistics():
         assert empirical_ntk(batch_only, x).shape == (5, 5)
     model.eval()
     assert empirical_ntk(model, x).shape == (5, 5)
+
+
+def test_empirical_kernels_refuse_non_finite_parameters():
+    """A NaN in params= gave a finite, meaningless NTK (ReLU's backward zeroes it), and a NaN in the
+    module's own parameters NaN kernels: neither was refused, though NaN variances and inputs are."""
+    x = torch.randn(4, 3)
+    model = ntkgp.mlp(1, "relu", width=8).build(in_features=3, seed=0)
+    nan = torch.full_like(model[0].weight, math.nan)
+    for kernel in (empirical_ntk, empirical_nngp):
+        with pytest.raises(ValueError, match=r"params\['0.weight'\] contains NaN or infinite values"):
+            kernel(model, x, params={"0.weight": nan})
+        with pytest.raises(ValueError, match=r"params\['w'\] contains NaN or infinite values"):
+            kernel(lambda p, z: z @ p["w"], x, params={"w": torch.full((3, 2), math.inf)})
+    with torch.no_grad():
+        model[2].weight[0, 0] = math.inf
+    for kernel in (empirical_ntk, empirical_nngp):
+        with pytest.raises(ValueError, match=r"parameters \['2.weight'\] contain NaN or infinite values"):
+            kernel(model, x)
+        # a non-finite parameter that params= replaces does not enter the kernel
+        assert kernel(model, x, params={"2.weight": torch.ones_like(model[2].weight)}).isfinite().all()
+
+
+def test_empirical_ntk_with_params_carries_no_gradient_to_the_other_parameters():
+    """For a single module the parameters left out of params= were the live ones: the "constant"
+    kernel had a graph into them (a gradient of 48.7 on the readout), unlike an ensemble's."""
+    x = torch.randn(4, 3)
+    for size in (None, 2):
+        model = ntkgp.mlp(1, "relu", width=8).build(in_features=3, seed=0, ensemble_size=size)
+        ntk = empirical_ntk(model, x, params={"0.weight": model[0].weight.detach()})
+        assert not ntk.requires_grad
+    model = ntkgp.mlp(1, "relu", width=8).build(in_features=3, seed=0)
+    full = empirical_ntk(model, x)
+    torch.testing.assert_close(empirical_ntk(model, x, params=dict(model.named_parameters())), full)
+
+
+def test_empirical_kernels_name_params_of_the_wrong_type_or_dtype():
+    """Float64 params for a float32 network failed in the matmul ("expected m1 and m2 to have the same
+    dtype"), a numpy array with "no attribute 'detach'", a list of parameters with "Boolean value of
+    Tensor ... is ambiguous"."""
+    model = ntkgp.mlp(1, "relu", width=8).build(in_features=3, seed=0, dtype=torch.float32)
+    x = torch.randn(4, 3, dtype=torch.float32)
+    weight = model[0].weight.detach()
+    cases = [({"0.weight": weight.double()}, r"params\['0.weight'\] is torch.float64 but the network's parameter "
+                                             r"\(and the inputs\) are torch.float32: convert it with "
+                                             r"\.to\(torch.float32\)"),
+             ({"0.weight": weight.numpy()}, r"params\['0.weight'\] must be a torch.Tensor, got ndarray"),
+             ({"0.weight": weight.int()}, r"params\['0.weight'\] must be a floating-point tensor"),
+             (list(model.parameters()), "params must be a dict of parameter name -> tensor")]
+    for params, message in cases:
+        for kernel in (empirical_ntk, empirical_nngp):
+            with pytest.raises(ValueError, match=message):
+                kernel(model, x, params=params)
+
+
+def test_empirical_ntk_refuses_parameter_scales_that_are_not_real_numbers():
+    """A complex scale failed in torch's comparison ("ge_cpu" not implemented for 'ComplexFloat'), a
+    string or None inside torch's conversion."""
+    model = ntkgp.mlp(1, "relu", width=8).build(in_features=3, seed=0)
+    x = torch.randn(4, 3)
+    for scale in (1 + 1j, torch.tensor(2 + 1j), "2", None, True):
+        with pytest.raises(ValueError, match=r"parameter_scales\['0.weight'\] must be a non-negative real number"):
+            empirical_ntk(model, x, parameter_scales={"0.weight": scale})
+    assert empirical_ntk(model, x, parameter_scales={"0.weight": 2}).shape == (4, 4)
+
+
+def test_ensemble_size_names_what_is_not_a_module():
+    with pytest.raises(ValueError, match=r"model must be a torch\.nn\.Module .* got NoneType"):
+        ensemble_size(None)

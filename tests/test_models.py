@@ -743,3 +743,18 @@ def test_fit_length_check_reads_the_points_on_the_targets_axis_of_their_likeliho
     vector.set_train_data(inputs=_data(n=5)[0], strict=False)
     with pytest.raises(ValueError, match="do not hold the same number of points"):
         fit(vector, steps=1)
+
+
+def test_fit_names_a_bad_learning_rate_or_model():
+    """A string lr failed inside Adam ("'<=' not supported"), an infinite one after the first step, and
+    a network spec given for the model with "'Serial' object has no attribute 'train_targets'"."""
+    model = NetworkGP(*_data(n=6), ntkgp.mlp(1, "erf", 2.0, 0.1))
+    for lr in ("0.1", -1.0, math.nan, math.inf, True, None):
+        with pytest.raises(ValueError, match="lr must be a finite non-negative number"):
+            fit(model, steps=1, lr=lr)
+    assert len(fit(model, steps=1, lr=0)) == 1   # the objective, evaluated without a step
+    for wrong in (ntkgp.mlp(1), None):
+        with pytest.raises(ValueError, match="model must be a GPyTorch ExactGP"):
+            fit(wrong, steps=1)
+    with pytest.raises(ValueError, match=r"NetworkGP\(train_x, train_y, net\)"):
+        fit(ntkgp.mlp(1), steps=1)

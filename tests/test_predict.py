@@ -429,6 +429,11 @@ _Y2 = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
     (lambda: predict.gradient_descent_mse(_DD * math.nan, _Y2, t=1.0), "ntk_train_train contains NaN"),
     (lambda: predict.gradient_descent_mse(_DD, _Y2[:3], t=1.0), "rows"),
     (lambda: predict.gradient_descent_mse(_DD, _Y2, torch.zeros(4), t=1.0), "fx_train_0"),
+    # the imaginary part was dropped with only torch's warning, while complex targets are refused
+    (lambda: predict.gradient_descent_mse(_DD, _Y2, torch.zeros(4, 2, dtype=torch.complex128), t=1.0),
+     "fx_train_0 must hold real numbers"),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2, 0.0, _TD, torch.zeros(3, 2, dtype=torch.complex64), t=1.0),
+     "fx_test_0 must hold real numbers"),
     (lambda: predict.gradient_descent_mse(_DD, _Y2, 0.0, _TD, torch.zeros(3), t=1.0), "fx_test_0"),
     (lambda: predict.gradient_descent_mse(_DD, _Y2[:2, :2].repeat(2, 1), 0.0, _TD[:2], torch.zeros(2), t=1.0),
      "fx_test_0"),                                      # (M,) against (M, k) with M == k is refused too

@@ -43,6 +43,10 @@ class Dataset:
             # float64 on the CPU as documented: float32 data made the analytic side of a comparison
             # float32, and CUDA data put it on the GPU, next to the trainer's CPU records (a failed subtraction)
             object.__setattr__(self, name, value.to(device="cpu", dtype=torch.float64))
+            # as load_dataset refuses them: a NaN test input surfaced in run_comparison as inputs "too
+            # large" for float64, and a NaN in y_test went silently into the figures
+            if not all_finite(getattr(self, name)):
+                raise ValueError(f"{name} contains NaN or infinite values.")
         # the comparison trains one-output networks: several target columns would broadcast
         # against them and train towards their row means without any error
         for name in ("x_train", "y_train", "x_test"):

@@ -33,18 +33,18 @@ module that writes its buffers).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from ntkgp._autograd import differentiates
-from ntkgp._checks import integer_at_least
+from ntkgp._checks import check_flag, integer_at_least
 from ntkgp.layers.base import Layer
 from ntkgp.layers.combinators import ParallelModule
 from ntkgp.layers.dense import DenseModule
-from ntkgp.layers.validation import broadcast_shapes, check_inputs
+from ntkgp.layers.validation import broadcast_shapes, check_inputs, has_non_finite
 
 ParamFn = Callable[[dict[str, Tensor], Tensor], Tensor]
 
@@ -54,6 +54,9 @@ _BUILT_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.Identity)
 
 def ensemble_size(model: nn.Module) -> int | None:
     """The number of stacked members of a module built by ``net.build(ensemble_size=E)``."""
+    if not isinstance(model, nn.Module):   # None raised "'NoneType' object has no attribute 'modules'"
+        raise ValueError(f"model must be a torch.nn.Module (a network built by net.build(...)), got "
+                         f"{type(model).__name__}.")
     sizes = {getattr(m, "ensemble_size", None) for m in model.modules()} - {None}
     if len(sizes) > 1:
         raise ValueError(f"Inconsistent ensemble sizes {sorted(sizes)} in one module.")
@@ -74,6 +77,8 @@ def _built_by_ntkgp(model: nn.Module | ParamFn) -> bool:
 
 def _as_function(model: nn.Module | ParamFn, params: dict[str, Tensor] | None, x: Tensor
                  ) -> tuple[ParamFn, dict[str, Tensor], int | None]:
+    if params is not None:
+        _check_params(params)
     if isinstance(model, nn.Module):
         _materialize(model, x)
         training = sorted({type(m).__name__ for m in model.modules()
@@ -82,11 +87,12 @@ def _as_function(model: nn.Module | ParamFn, params: dict[str, Tensor] | None, x
             warnings.warn(f"The module is in training mode and has {training} layers: its outputs are random "
                           "(dropout) or its batch statistics change as it is called, so the kernel is not a "
                           "function of its parameters. Call model.eval() first.", RuntimeWarning, stacklevel=3)
+        own = dict(model.named_parameters(remove_duplicate=False))
+        replaced = set() if params is None else {id(own[name]) for name in params if name in own}
         if params is None:
             params = {name: p.detach() for name, p in model.named_parameters()}
         else:
             # a misspelt name was a parameter functional_call ignored: an all-zero NTK, and no error
-            own = dict(model.named_parameters(remove_duplicate=False))
             unknown = sorted(set(params) - set(own))
             if unknown:
                 raise ValueError(f"params names parameters the network does not have: {unknown}.")
@@ -94,6 +100,16 @@ def _as_function(model: nn.Module | ParamFn, params: dict[str, Tensor] | None, x
                      for name, value in params.items() if tuple(value.shape) != tuple(own[name].shape)]
             if wrong:   # a matmul error from inside the network otherwise
                 raise ValueError(f"params must have the shapes of the network's parameters, got {', '.join(wrong)}.")
+            for name, value in params.items():   # torch's "expected m1 and m2 to have the same dtype" otherwise
+                if value.dtype != own[name].dtype:
+                    raise ValueError(f"params[{name!r}] is {value.dtype} but the network's parameter (and the "
+                                     f"inputs) are {own[name].dtype}: convert it with .to({own[name].dtype}).")
+        # the parameters params= does not replace enter the outputs too: a NaN there gave NaN kernels
+        # (or finite, meaningless ones where ReLU's backward zeroes it), with no error
+        bad = [name for name, p in model.named_parameters() if id(p) not in replaced and has_non_finite(p)]
+        if bad:
+            raise ValueError(f"The network's parameters {bad} contain NaN or infinite values: re-initialize "
+                             "the network (net.build(...)) or load finite parameters.")
         buffers = dict(model.named_buffers())
         members = ensemble_size(model)
 
@@ -107,6 +123,26 @@ def _as_function(model: nn.Module | ParamFn, params: dict[str, Tensor] | None, x
     if len(dtypes) == 1 and x.dtype not in dtypes:   # torch's "expected m1 and m2 to have the same dtype"
         raise ValueError(f"The inputs are {x.dtype} but params are {dtypes.pop()}: convert one of them.")
     return model, params, None
+
+
+def _check_params(params: object) -> None:
+    """``params`` as the kernels take it: a dict of finite floating-point tensors by parameter name.
+
+    A list of parameters failed as "Boolean value of Tensor ... is ambiguous", a numpy array as
+    "'numpy.ndarray' object has no attribute 'detach'", and NaN values gave a finite kernel
+    wherever ReLU's backward zeroes them: all from inside the Jacobian work, or with no error.
+    """
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params must be a dict of parameter name -> tensor (like "
+                         f"{{name: p for name, p in model.named_parameters()}}), got {type(params).__name__}.")
+    for name, value in params.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(f"params[{name!r}] must be a torch.Tensor, got {type(value).__name__}: convert it "
+                             "with torch.as_tensor(value, dtype=...).")
+        if not value.is_floating_point():
+            raise ValueError(f"params[{name!r}] must be a floating-point tensor, got {value.dtype}.")
+        if has_non_finite(value):
+            raise ValueError(f"params[{name!r}] contains NaN or infinite values.")
 
 
 def _materialize(model: nn.Module, x: Tensor) -> None:
@@ -203,6 +239,7 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     ``(n1, n2, k, k)``); ``(E, …)`` for ensembles. Over random initializations its mean is the NNGP
     kernel (Neal 1996; Lee et al. 2018). A constant: no gradient flows through it."""
     x1, x2 = check_inputs(x1, x2)
+    check_flag(vector_output, "vector_output", "")
     _check_network_inputs(model, x1, x2)
     built = _built_by_ntkgp(model)   # batches of inputs, per-member (E, n, d) ones too; outputs right by construction
     if not built:
@@ -251,6 +288,7 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     and per-input-feature columns ``(in, 1)``, takes the Jacobian route (``torch.func.jacrev``).
     """
     x1, x2 = check_inputs(x1, x2)
+    check_flag(vector_output, "vector_output", "")
     chunk_size = None if chunk_size is None else integer_at_least(chunk_size, 1, "chunk_size")
     _check_network_inputs(model, x1, x2)
     scales = dict(parameter_scales or {})
@@ -267,7 +305,7 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     if unknown:
         raise ValueError(f"parameter_scales names parameters the network does not have: {unknown}.")
     for name, scale in scales.items():   # a wrong shape was torch's expand error from inside the Jacobian route
-        value = torch.as_tensor(scale)
+        value = _scale_tensor(name, scale)
         shape, given = tuple(all_params[name].shape[members is not None:]), tuple(value.shape)
         try:
             fits = tuple(broadcast_shapes(given, shape)) == shape      # one member's parameter
@@ -290,11 +328,16 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     # no graph to the inputs either, as on the layer-by-layer route (whose signals are detached):
     # the same network wrapped in a user module gave a differentiable kernel, built alone a constant
     x1, x2 = x1.detach(), None if x2 is None else x2.detach()
-    # an ensemble's parameters left out of params= are constants, but stacked ones: they are mapped
-    # over members with the rest (left to functional_call they gave every member all E members'
-    # outputs, read as E points: an (E, E, k) kernel for n points)
-    fixed = {} if members is None else {name: p.detach() for name, p in model.named_parameters()
-                                        if name not in params}
+    # a module's parameters left out of params= are constants, given detached: left to functional_call
+    # the live ones kept the kernel in their graph (a gradient on every other parameter). An ensemble's
+    # are stacked, so they are mapped over members with the rest (left to functional_call they gave
+    # every member all E members' outputs, read as E points: an (E, E, k) kernel for n points). By
+    # identity, not name: a tied parameter given under one of its names is not fixed under another
+    fixed = {}
+    if isinstance(model, nn.Module):
+        own = dict(model.named_parameters(remove_duplicate=False))
+        given = {id(own[name]) for name in all_params}
+        fixed = {name: p.detach() for name, p in model.named_parameters() if id(p) not in given}
     spec = "nip,mjp->nmij" if vector_output else "nip,mip->nm"
 
     def single(p: dict[str, Tensor], constants: dict[str, Tensor]) -> Tensor:
@@ -313,6 +356,20 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     if members is None:
         return single(params, fixed)
     return vmap(single, chunk_size=chunk_size)(params, fixed)
+
+
+def _scale_tensor(name: str, scale: object) -> Tensor:
+    """``parameter_scales[name]`` as a real tensor: a string or None failed inside torch's conversion
+    ("new(): invalid data type 'str'"), a complex scale in its comparison ("ge_cpu" not implemented)."""
+    try:
+        value = scale if isinstance(scale, Tensor) else torch.as_tensor(scale)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"parameter_scales[{name!r}] must be a non-negative real number or a real tensor, "
+                         f"got {scale!r}.") from err
+    if value.is_complex() or value.dtype == torch.bool:
+        raise ValueError(f"parameter_scales[{name!r}] must be a non-negative real number or a real tensor, "
+                         f"got {scale!r} ({value.dtype}).")
+    return value
 
 
 def _layerwise_applies(model: nn.Module, x: Tensor, scales: dict) -> bool:

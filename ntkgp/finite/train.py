@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkgp._autograd import differentiates
-from ntkgp._checks import integer_at_least, seed_value
+from ntkgp._checks import check_flag, integer_at_least, seed_value
 from ntkgp.finite.empirical import empirical_ntk
 from ntkgp.finite.fused import TRAINS_EVERY_PARAMETER, forward_hooks, fused_steps, warn_fallback
 from ntkgp.finite.rates import equivalent_learning_rates
@@ -234,6 +234,8 @@ def train_ensemble(
             ``settings["engine"]`` says which ran.
     """
     check_points(x_train, "x_train")
+    check_flag(readout_only, "readout_only", "")
+    check_flag(progress, "progress", "")
     if x_train.dim() != 2 or x_train.shape[0] == 0:
         raise ValueError(f"x_train must have shape (N, d) with N >= 1, got {tuple(x_train.shape)}.")
     if not isinstance(y_train, Tensor) or y_train.dim() not in (1, 2) or y_train.shape[0] != x_train.shape[0]:

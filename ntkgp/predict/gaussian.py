@@ -91,6 +91,38 @@ def check_training_data(net: Layer, x_train: Tensor, y_train: Tensor) -> None:
     check_targets(y_train, x_train.shape[0], x_train.device)
 
 
+class HyperparameterRecord:
+    """The values of a network's parameters and buffers when a predictor computed its training kernel.
+
+    The predictors cache the training kernel and its factorization but compute the test kernels
+    at each ``predict`` from the network as it is then. After a change of its variances
+    (``net[0].weight_var = 5.0``, an optimizer step on a ``raw_`` parameter) the two came from
+    different models, and a review's posterior mean matched neither (3.8 off a rebuilt one),
+    silently. :meth:`check` refuses that; the values are scalars (a vector for per-feature
+    weight variances), so recording and comparing them costs nothing beside a kernel.
+    """
+
+    def __init__(self, net: object) -> None:
+        self.values = self._state(net)
+
+    @staticmethod
+    def _state(net: object) -> dict[str, Tensor]:
+        if not isinstance(net, torch.nn.Module):   # an object serving kernels of its own (tests use fixed matrices)
+            return {}
+        return {name: t.detach().clone() for name, t in (*net.named_parameters(), *net.named_buffers())}
+
+    def check(self, net: object, what: str) -> None:
+        """``ValueError`` if ``net``'s parameters or buffers differ from the recorded ones."""
+        now = self._state(net)
+        same = now.keys() == self.values.keys() and all(
+            now[name].shape == value.shape and torch.equal(now[name].to(value.device), value)
+            for name, value in self.values.items())
+        if not same:
+            raise ValueError(f"The network's hyperparameters changed since this {what} computed its training "
+                             "kernel, which it caches with its factorization: build a new "
+                             f"{what} to predict with the new values.")
+
+
 def check_single_network(net: Layer) -> None:
     """An ntkgp spec ``net`` must have hyperparameters without a GPyTorch ``batch_shape``.
 

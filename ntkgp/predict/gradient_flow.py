@@ -29,11 +29,13 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from ntkgp._checks import check_flag
 from ntkgp._typing import Steps, Times
 from ntkgp.layers.base import Layer
 from ntkgp.layers.validation import positive_number
 from ntkgp.predict.gaussian import (
     Gaussian,
+    HyperparameterRecord,
     check_covariance_range,
     check_factor_dtype,
     check_non_negative,
@@ -74,7 +76,8 @@ class GradientFlow:
     Fit once, predict many: training kernels and their factorizations are cached.
 
     The training kernels are computed here, from the network's variances at construction; after
-    changing those (e.g. by fitting a marginal likelihood), build a new ``GradientFlow``. The
+    changing those (e.g. by fitting a marginal likelihood), build a new ``GradientFlow``
+    (:meth:`predict` refuses to mix the two). The
     training data are copied, so later in-place changes to them do not reach the predictions.
     Kernels are computed without autograd, so predictions carry no gradient with respect to the
     inputs, the targets or the variances (they do with respect to ``t``): for differentiable
@@ -109,6 +112,7 @@ class GradientFlow:
         if kernel not in KINDS:
             raise ValueError(f"kernel must be one of {KINDS}, got {kernel!r}.")
         check_training_data(net, x_train, y_train)
+        check_flag(diag_reg_absolute_scale, "diag_reg_absolute_scale", "")
         self.net, self.x_train, self.kind = net, x_train, kernel
         self.learning_rate = positive_number(learning_rate, "learning_rate")
         self.diag_reg = check_non_negative("diag_reg", diag_reg)
@@ -121,6 +125,7 @@ class GradientFlow:
         self.m = y_train.numel()
         # copies (of y too): a caller's later in-place edit must not reach a cached factorization
         self.x_factor = x_train.to(factor_dtype, copy=True)
+        self._hyperparameters = HyperparameterRecord(net)
         with torch.no_grad(), named_kernels("training"):
             k = net.kernel(self.x_factor, ntk=kernel == "ntk")
         self.nngp_dd = k.nngp
@@ -167,6 +172,8 @@ class GradientFlow:
             steps: instead of ``t``, numbers of discrete full-batch gradient-descent steps.
             compute_cov: also compute the ``(M, M)`` covariance (shared by all outputs).
         """
+        self._hyperparameters.check(self.net, "GradientFlow")
+        check_flag(compute_cov, "compute_cov", "")
         if x_test is not None:  # before the stability check, which factors the training kernel
             check_test_points(x_test, self.x_train.shape[-1], self.x_train.device)
         schedule = make_schedule(t, steps, self.learning_rate, self.m, self.x_train.device)
@@ -297,6 +304,8 @@ def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor |
     """One-shot :class:`GradientFlow` prediction (see there for the arguments and formulas)."""
     # the cheap arguments first: GradientFlow computes the training kernel before predict reads them
     check_training_data(net, x_train, y_train)
+    check_flag(compute_cov, "compute_cov", "")
+    check_flag(diag_reg_absolute_scale, "diag_reg_absolute_scale", "")
     if x_test is not None:
         check_test_points(x_test, x_train.shape[-1], x_train.device)
     make_schedule(t, steps, positive_number(learning_rate, "learning_rate"), y_train.numel(), x_train.device)

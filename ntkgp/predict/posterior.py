@@ -26,9 +26,11 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from ntkgp._checks import check_flag
 from ntkgp.layers.base import Layer
 from ntkgp.predict.gaussian import (
     Gaussian,
+    HyperparameterRecord,
     check_covariance_range,
     check_factor_dtype,
     check_non_negative,
@@ -51,6 +53,8 @@ class GPPosterior:
     ``t = ∞``, ``μ = Θ*d Θ⁻¹ Y``, ``Σ = K** + Θ*d Θ⁻¹ K Θ⁻¹ Θd* − (Θ*d Θ⁻¹ Kd* + h.c.)`` with
     ``Θ + σ²I`` for ``Θ`` (Lee et al. 2019).
 
+    The training kernel is computed here, from the network's variances at construction: after
+    changing those, build a new ``GPPosterior`` (:meth:`predict` refuses to mix the two).
     The training data are copied and the kernels computed without autograd: predictions carry no
     gradient with respect to the inputs, the targets, the variances or ``noise`` (which is read as
     a number).
@@ -73,6 +77,7 @@ class GPPosterior:
         if kernel not in POSTERIORS:
             raise ValueError(f"kernel must be one of {POSTERIORS}, got {kernel!r}.")
         self.kind, self.noise = kernel, check_non_negative("noise", noise)
+        self._hyperparameters = HyperparameterRecord(net)
         if kernel == "ntk":
             self._flow = GradientFlow(net, x_train, y_train, kernel="ntk", diag_reg=self.noise,
                                       diag_reg_absolute_scale=True, factor_dtype=factor_dtype)
@@ -95,8 +100,11 @@ class GPPosterior:
 
     def predict(self, x_test: Tensor, compute_cov: bool = True) -> Gaussian:
         """Posterior mean ``(M,)``/``(M, k)`` and covariance ``(M, M)`` at ``x_test``."""
+        check_flag(compute_cov, "compute_cov", "")
         if self.kind == "ntk":
+            self._hyperparameters.check(self._flow.net, "GPPosterior")
             return self._flow.predict(x_test, t=None, compute_cov=compute_cov)
+        self._hyperparameters.check(self.net, "GPPosterior")
         check_test_points(x_test, self.x_train.shape[-1], self.x_train.device)
         want_ntk = self.kind == "ntkgp"
         x_test = x_test.to(self.factor_dtype)
@@ -162,6 +170,7 @@ def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, k
                  noise: float = 0.0, compute_cov: bool = True) -> Gaussian:
     """One-shot :class:`GPPosterior` prediction (see there for the formulas)."""
     check_training_data(net, x_train, y_train)   # the cheap checks before the training kernel is computed
+    check_flag(compute_cov, "compute_cov", "")
     if x_test is not None:   # "ntk" predicts the training points for None, as GradientFlow does
         check_test_points(x_test, x_train.shape[-1], x_train.device)
     return GPPosterior(net, x_train, y_train, kernel=kernel, noise=noise).predict(x_test, compute_cov)
