@@ -41,4 +41,4 @@ def check_flag(value: object, name: str, hint: str = NT_GET_HINT) -> None:
     ``get`` (``"nngp"``, ``("nngp", "ntk")``) there, which Python reads as true, so the call ran
     on with the wrong setting; numpy and tensor booleans pass."""
     if isinstance(value, str | tuple | list):
-        raise ValueError(f"{name} must be True or False, got {value!r}. {hint}")
+        raise ValueError(f"{name} must be True or False, got {value!r}." + (f" {hint}" if hint else ""))

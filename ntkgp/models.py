@@ -20,7 +20,8 @@ from ntkgp.kernels import NNGPKernel, NTKKernel
 from ntkgp.kernels.network_kernel import NetworkKernel
 from ntkgp.layers.base import Layer, NonFiniteKernelError, NonFiniteVarianceError
 from ntkgp.layers.mlp import mlp
-from ntkgp.layers.validation import all_finite, check_points, finite_number
+from ntkgp.layers.validation import all_finite, check_points
+from ntkgp.predict.gaussian import check_non_negative
 
 KERNELS = {"nngp": NNGPKernel, "ntk": NTKKernel}
 
@@ -275,9 +276,7 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     steps = integer_at_least(steps, 0, "steps")
     # a string failed inside Adam ("'<=' not supported"), inf as non-finite parameters after a step;
     # 0 stays allowed: fit(model, steps=1, lr=0.0) evaluates the objective without moving
-    kind = "a finite non-negative number (0 evaluates the loss without a step)"
-    if finite_number(lr, "lr", kind) < 0:
-        raise ValueError(f"lr must be {kind}, got {lr!r}.")
+    check_non_negative("lr", lr)
     # no targets: "Non-finite marginal likelihood" at step 0; an ExactGP built on None: an AttributeError
     if model.train_targets is None or model.train_inputs is None or model.train_targets.numel() == 0:
         raise ValueError("The model has no training data to fit to.")

@@ -857,6 +857,16 @@ def test_hermite_is_normalized_and_its_kernel_is_neural_tangents_on_unit_varianc
         assert torch.equal(dot, n * k12 ** (n - 1) if n else torch.zeros(7))
         assert torch.equal(layer.variance(one), one)
     assert torch.isfinite(ntkgp.Hermite(200).fn(torch.tensor([30.0]))).all()
+    # from degree 85 the coefficients C(n, 2m) C(2m, m) exceed float32: the sum runs in float64 (it
+    # was NaN, inf · 0, for every float32 input); beyond 652 they exceed float64 and are refused
+    one, k12 = torch.ones(5, dtype=torch.float32), torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0], dtype=torch.float32)
+    for n in (85, 120, 652):
+        nngp, dot = ntkgp.Hermite(n).pair_kernel(one, k12, one, True)
+        assert nngp.dtype == dot.dtype == torch.float32
+        torch.testing.assert_close(nngp, (k12.double() ** n).float(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(dot, (n * k12.double() ** (n - 1)).float(), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="overflow a float at degree 653"):
+        ntkgp.Hermite(653)
 
 
 def test_rbf_after_a_bias_free_dense_layer_is_the_gaussian_kernel():
@@ -872,6 +882,15 @@ def test_rbf_after_a_bias_free_dense_layer_is_the_gaussian_kernel():
     torch.testing.assert_close(k.nngp, rbf, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(k.ntk, rbf * (1 + 2 * gamma * sigma2 * x @ x.T / 3), rtol=1e-13, atol=1e-15)
     assert torch.equal(k.nngp.diagonal(), torch.ones(6))
+    # as a GPyTorch kernel: GPyTorch's own RBFKernel of length scale ℓ² = d/(2γσ²)
+    import gpytorch
+
+    reference = gpytorch.kernels.RBFKernel().double()
+    reference.lengthscale = math.sqrt(3 / (2 * gamma * sigma2))
+    x2 = torch.randn(4, 3, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(ntkgp.NNGPKernel(net)(x, x2).to_dense(), reference(x, x2).to_dense(),
+                                   rtol=1e-12, atol=1e-14)
 
 
 def test_polynomial_centred_kernel_has_no_cancellation():

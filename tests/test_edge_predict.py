@@ -964,7 +964,7 @@ def test_predictors_refuse_to_mix_the_cached_training_kernel_with_changed_hyperp
               "GPPosterior(ntk)": lambda net: predict.GPPosterior(net, x, y, kernel="ntk", noise=0.01),
               "GradientFlow": lambda net: predict.GradientFlow(net, x, y)}
     for name, make in makers.items():
-        net = ntkgp.mlp(2, "relu", 2.0, 0.1)
+        net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), ntkgp.Rbf(0.5), ntkgp.Dense(1, 1.5, 0.1))
         predictor = make(net)
         call = (lambda p=predictor: p.predict(xt, t=10.0).mean) if name == "GradientFlow" else \
             (lambda p=predictor: p.predict(xt).mean)
@@ -981,6 +981,9 @@ def test_predictors_refuse_to_mix_the_cached_training_kernel_with_changed_hyperp
         with torch.no_grad():
             raw.sub_(0.1)
         assert torch.equal(call(), before), name
+        net[1].gamma = 3.0   # not a parameter: the Rbf layer's constant, which the printed network shows
+        with pytest.raises(ValueError, match="build a new"):
+            call()
 
 
 def test_boolean_flags_refuse_strings():

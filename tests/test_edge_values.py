@@ -299,3 +299,6 @@ def test_complex_and_boolean_variances_are_refused_like_python_complex_numbers()
     with pytest.raises(ValueError, match="weight_var must be a non-negative real number"):
         layer.weight_var = torch.tensor(2 + 0j)
     assert ntkgp.Dense(1, weight_var=torch.tensor(2.0)).weight_var.item() == 2.0
+    with pytest.raises(ValueError, match="weight_var must be a non-negative real number"):   # a float array
+        ntkgp.Dense(1, weight_var=[True, 2.0, 3.0], ard_num_dims=3)
+    assert ntkgp.Dense(1, weight_var=[1.0, 2.0, 3.0], ard_num_dims=3).weight_var.shape == (3,)

@@ -44,7 +44,7 @@ from ntkgp._checks import check_flag, integer_at_least
 from ntkgp.layers.base import Layer
 from ntkgp.layers.combinators import ParallelModule
 from ntkgp.layers.dense import DenseModule
-from ntkgp.layers.validation import broadcast_shapes, check_inputs, has_non_finite
+from ntkgp.layers.validation import boolean_or_complex, broadcast_shapes, check_inputs, has_non_finite
 
 ParamFn = Callable[[dict[str, Tensor], Tensor], Tensor]
 
@@ -361,15 +361,13 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
 def _scale_tensor(name: str, scale: object) -> Tensor:
     """``parameter_scales[name]`` as a real tensor: a string or None failed inside torch's conversion
     ("new(): invalid data type 'str'"), a complex scale in its comparison ("ge_cpu" not implemented)."""
+    kind = "a non-negative real number or a real tensor"
+    if boolean_or_complex(scale):
+        raise ValueError(f"parameter_scales[{name!r}] must be {kind}, got {scale!r}.")
     try:
-        value = scale if isinstance(scale, Tensor) else torch.as_tensor(scale)
+        return scale if isinstance(scale, Tensor) else torch.as_tensor(scale)
     except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"parameter_scales[{name!r}] must be a non-negative real number or a real tensor, "
-                         f"got {scale!r}.") from err
-    if value.is_complex() or value.dtype == torch.bool:
-        raise ValueError(f"parameter_scales[{name!r}] must be a non-negative real number or a real tensor, "
-                         f"got {scale!r} ({value.dtype}).")
-    return value
+        raise ValueError(f"parameter_scales[{name!r}] must be {kind}, got {scale!r}.") from err
 
 
 def _layerwise_applies(model: nn.Module, x: Tensor, scales: dict) -> bool:

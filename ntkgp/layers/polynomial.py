@@ -190,6 +190,7 @@ class Hermite(Activation):
         self._terms = _hermite_terms(self.degree)
         self._dot_terms = _hermite_terms(self.degree - 1) if self.degree else []
         self._mean_scale = math.sqrt(self._terms[-1][0]) if self.degree % 2 == 0 else 0.0
+        self._largest_coefficient = max(c for c, _, _ in self._terms)
 
     def fn(self, x: Tensor) -> Tensor:
         return _normalized_hermite(x, self.degree)
@@ -197,9 +198,13 @@ class Hermite(Activation):
     def finite_fn(self) -> Callable[[Tensor], Tensor]:
         return functools.partial(_normalized_hermite, degree=self.degree)
 
-    @staticmethod
-    def _series(terms: list[tuple[float, int, int]], k11: Tensor, k12: Tensor, k22: Tensor,
+    def _series(self, terms: list[tuple[float, int, int]], k11: Tensor, k12: Tensor, k22: Tensor,
                 skip_constant: bool = False) -> Tensor:
+        dtype = k12.dtype
+        if dtype != torch.float64 and self._largest_coefficient > torch.finfo(dtype).max:
+            # C(n, 2m) C(2m, m) beyond float32 (degree ≥ 85) became inf, and inf · 0 NaN where the
+            # term vanishes (unit variances): the sum in float64, whose terms are finite
+            return self._series(terms, k11.double(), k12.double(), k22.double(), skip_constant).to(dtype)
         g = (k11 - 1) * (k22 - 1) / 4
         out = torch.zeros(torch.broadcast_shapes(k11.shape, k12.shape, k22.shape), dtype=k12.dtype, device=k12.device)
         for c, j, m in terms:

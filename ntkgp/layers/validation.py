@@ -43,6 +43,27 @@ def refuse_overflow(value: Tensor, name: str, growth: str, inputs: tuple[Tensor,
                      "down or use float64.")
 
 
+def boolean_or_complex(value: object) -> bool:
+    """Whether ``value`` (a number, nested sequences, an array or a tensor) holds booleans or
+    complex numbers, which a cast to a real float silently turns into ``1``/``0`` and the real part.
+    Booleans nested in a list (``[True, 3.0]``, a float array) count too; what no array can hold
+    (strings, ragged lists) is left to the caller's conversion, which says what is wrong."""
+    if isinstance(value, Tensor):
+        return value.dtype == torch.bool or value.is_complex()
+    try:
+        return np.asarray(value).dtype.kind in "bc" or _holds_a_boolean(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        return False
+
+
+def _holds_a_boolean(value: object) -> bool:
+    """Whether nested lists/tuples hold a boolean (``[True, 3]`` becomes an int64 array), also a
+    boolean tensor (``[torch.tensor(True), 2]``)."""
+    if isinstance(value, bool | np.bool_) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        return True
+    return isinstance(value, list | tuple) and any(_holds_a_boolean(v) for v in value)
+
+
 def finite_constants(**constants: object) -> tuple[float, ...]:
     """The constants of a layer as floats; NaN or infinite ones would give NaN kernels."""
     return tuple(finite_number(value, name) for name, value in constants.items())

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 from functools import partial
 
-import numpy as np
 import torch
 from gpytorch.constraints import GreaterThan, Interval
 from gpytorch.priors import Prior
 from torch import Tensor
 
 from ntkgp._autograd import outside_inference_mode
-from ntkgp.layers.validation import all_finite
+from ntkgp.layers.validation import all_finite, boolean_or_complex
 
 
 class ExactVariance(GreaterThan):
@@ -93,14 +92,7 @@ def check_variance(name: str, value: float | Tensor) -> Tensor:
     """Validate a variance given by the user and return it as a float64 tensor."""
     # the cast to float64 took a complex tensor's (or numpy array's) real part and True as 1.0, where a
     # Python complex and noise=True are refused
-    if isinstance(value, Tensor):
-        wrong = value.is_complex() or value.dtype == torch.bool
-    else:
-        try:
-            wrong = np.asarray(value).dtype.kind in "bc"
-        except (TypeError, ValueError, RuntimeError):   # left to torch's conversion below
-            wrong = False
-    if wrong:
+    if boolean_or_complex(value):
         raise ValueError(f"{name} must be a non-negative real number, got {value!r}.")
     if isinstance(value, Tensor):
         tensor = value.detach().to(torch.float64)

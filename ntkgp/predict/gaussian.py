@@ -99,11 +99,15 @@ class HyperparameterRecord:
     (``net[0].weight_var = 5.0``, an optimizer step on a ``raw_`` parameter) the two came from
     different models, and a review's posterior mean matched neither (3.8 off a rebuilt one),
     silently. :meth:`check` refuses that; the values are scalars (a vector for per-feature
-    weight variances), so recording and comparing them costs nothing beside a kernel.
+    weight variances), so recording and comparing them costs nothing beside a kernel. The
+    network's printed form is compared too: it shows the layers' constants (an activation's
+    ``a``, ``b``, ``gamma``, ``LayerNorm``'s ``eps``, widths), which are set at construction and
+    not meant to change, to the digits it prints.
     """
 
     def __init__(self, net: object) -> None:
         self.values = self._state(net)
+        self.printed = repr(net)
 
     @staticmethod
     def _state(net: object) -> dict[str, Tensor]:
@@ -114,7 +118,7 @@ class HyperparameterRecord:
     def check(self, net: object, what: str) -> None:
         """``ValueError`` if ``net``'s parameters or buffers differ from the recorded ones."""
         now = self._state(net)
-        same = now.keys() == self.values.keys() and all(
+        same = repr(net) == self.printed and now.keys() == self.values.keys() and all(
             now[name].shape == value.shape and torch.equal(now[name].to(value.device), value)
             for name, value in self.values.items())
         if not same:

@@ -13,13 +13,12 @@ linearized model at any learning rate). Works with analytic or empirical kernels
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from ntkgp._checks import check_flag
 from ntkgp._typing import Steps, Times
-from ntkgp.layers.validation import all_finite
+from ntkgp.layers.validation import all_finite, boolean_or_complex
 from ntkgp.predict.gaussian import check_device, check_factor_dtype, check_non_negative, check_targets, tensor_kind
 from ntkgp.predict.spectral import (
     Eigensystem,
@@ -192,12 +191,11 @@ def _check_kernel(kernel: Tensor, name: str) -> None:
 
 def _initial_outputs(value: Tensor | float, shape: tuple[int, ...], name: str, like: Tensor) -> Tensor:
     """``value`` (a number, or a tensor that broadcasts to ``shape``) as a finite tensor of ``shape``."""
-    if (isinstance(value, complex | np.complexfloating) or (isinstance(value, Tensor) and value.is_complex())
-            or (isinstance(value, np.ndarray) and value.dtype.kind == "c")):
-        # the cast to the targets' dtype dropped the imaginary part of a complex tensor or array, with
-        # only torch's warning, where complex targets and kernels are refused
-        raise ValueError(f"{name} must hold real numbers, got complex ones ({getattr(value, 'dtype', 'complex')}); "
-                         "pass the real part (.real) if that is meant.")
+    if boolean_or_complex(value):
+        # the cast to the targets' dtype dropped the imaginary part of a complex tensor or array (with
+        # only torch's warning) and read True as 1, where complex and boolean targets are refused
+        raise ValueError(f"{name} must hold real numbers, got {getattr(value, 'dtype', type(value).__name__)}; "
+                         "pass the real part (.real) of complex values if that is meant.")
     tensor = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     try:
         # only size-1 axes stretch: an (M,) value against (M, k) outputs would otherwise be read

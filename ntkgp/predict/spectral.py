@@ -28,7 +28,6 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,7 +35,7 @@ from ntkgp._checks import integer_at_least
 from ntkgp._typing import Steps, Times
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.numerics import horner
-from ntkgp.layers.validation import all_finite, finite_number, positive_number
+from ntkgp.layers.validation import all_finite, boolean_or_complex, finite_number, positive_number
 from ntkgp.predict.gaussian import tensor_kind
 
 
@@ -386,15 +385,8 @@ def real_numbers(value: object, name: str) -> Tensor:
     """``value`` (a number, nested sequences of numbers, an array or a real tensor) as a float64
     tensor. Booleans and complex numbers are refused: cast to float64 they silently became times
     ``1``/``0`` and the real part (``t=True`` trained for one unit of time, like ``steps=True``)."""
-    if isinstance(value, Tensor):
-        odd = value.dtype == torch.bool or value.is_complex()
-    else:
-        try:
-            odd = np.asarray(value).dtype.kind in "bc" or _holds_a_boolean(value)
-        except (TypeError, ValueError, RuntimeError, OverflowError):
-            odd = False            # left to the conversion below, which says what is wrong
     kind = "a real number, a sequence of real numbers or a real tensor"
-    if odd:
+    if boolean_or_complex(value):
         raise ValueError(f"{name} must be {kind}, got {value!r}.")
     if isinstance(value, Tensor):   # stays where it is (as_tensor would move it to the default device)
         return value.to(torch.float64)
@@ -402,14 +394,6 @@ def real_numbers(value: object, name: str) -> Tensor:
         return torch.as_tensor(value, dtype=torch.float64, device="cpu")
     except (TypeError, ValueError, RuntimeError, OverflowError) as err:   # strings, ragged lists, ints beyond float
         raise ValueError(f"{name} must be {kind}, got {value!r} ({err}).") from err
-
-
-def _holds_a_boolean(value: object) -> bool:
-    """Whether nested lists/tuples hold a boolean (``[True, 3]`` becomes an int64 array), also a
-    boolean tensor (``[torch.tensor(True), 2]``)."""
-    if isinstance(value, bool | np.bool_) or (isinstance(value, Tensor) and value.dtype == torch.bool):
-        return True
-    return isinstance(value, list | tuple) and any(_holds_a_boolean(v) for v in value)
 
 
 def spectral_apply(left: Tensor, weights: Tensor, right: Tensor) -> Tensor:
