@@ -643,6 +643,8 @@ def test_meta_tensors_and_negative_class_variances_are_refused_by_name():
         bayes.rmse(meta, meta)
     with pytest.raises(ValueError, match="meta device"):
         bayes.sample_outputs(ntkgp.predict.Gaussian(meta, torch.eye(3, device="meta")), 5)
+    with pytest.raises(ValueError, match="must be torch tensors"):   # an AttributeError on .device before
+        bayes.sample_outputs(ntkgp.predict.Gaussian(np.zeros(3), np.eye(3)), 5)
     with pytest.raises(ValueError, match="noise is on the meta device"):
         bayes.predictive_moments(ntkgp.predict.Gaussian(torch.zeros(3), torch.eye(3)),
                                  noise=torch.zeros((), device="meta"))

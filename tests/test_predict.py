@@ -435,6 +435,9 @@ _Y2 = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
     (lambda: predict.gradient_descent_mse(_DD, _Y2, 0.0, _TD, torch.zeros(3, 2, dtype=torch.complex64), t=1.0),
      "fx_test_0 must hold real numbers"),
     (lambda: predict.gradient_descent_mse(_DD, _Y2, 0.0, _TD, torch.zeros(3), t=1.0), "fx_test_0"),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2, "0", t=1.0), "fx_train_0 must be a number"),   # torch's TypeError
+    (lambda: predict.gradient_descent_mse(_DD, _Y2, None, t=1.0), "fx_train_0 must be a number"),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2, True, t=1.0), "fx_train_0 must hold real numbers"),
     (lambda: predict.gradient_descent_mse(_DD, _Y2[:2, :2].repeat(2, 1), 0.0, _TD[:2], torch.zeros(2), t=1.0),
      "fx_test_0"),                                      # (M,) against (M, k) with M == k is refused too
     (lambda: predict.gradient_descent_mse(_DD, _Y2, 0.0, _TD, torch.zeros(2, 3), t=None), "fx_test_0"),

@@ -43,6 +43,9 @@ def select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None = Non
     if gaussian.covariance is None:
         raise ValueError("This Gaussian has no covariance: predict with compute_cov=True to sample from it.")
     cov, mean = gaussian.covariance, gaussian.mean
+    if not isinstance(cov, Tensor) or not isinstance(mean, Tensor):   # numpy's arrays failed on .device.type
+        raise ValueError(f"The Gaussian's mean and covariance must be torch tensors, got {type(mean).__name__} and "
+                         f"{type(cov).__name__}: convert them with torch.as_tensor.")
     if "meta" in (cov.device.type, mean.device.type):   # "Tensor.item() cannot be called on meta tensors" later
         raise ValueError("The Gaussian's mean or covariance is on the meta device, which holds shapes but no values.")
     if not cov.is_floating_point() or not mean.is_floating_point():   # torch.finfo failed on them later

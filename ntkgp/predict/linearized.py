@@ -196,7 +196,10 @@ def _initial_outputs(value: Tensor | float, shape: tuple[int, ...], name: str, l
         # only torch's warning) and read True as 1, where complex and boolean targets are refused
         raise ValueError(f"{name} must hold real numbers, got {getattr(value, 'dtype', type(value).__name__)}; "
                          "pass the real part (.real) of complex values if that is meant.")
-    tensor = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    try:   # a string or None failed in torch's conversion ("new(): invalid data type 'str'")
+        tensor = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{name} must be a number or a tensor of shape {tuple(shape)}, got {value!r}.") from err
     try:
         # only size-1 axes stretch: an (M,) value against (M, k) outputs would otherwise be read
         # as one value per output unit whenever M == k
