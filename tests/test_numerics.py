@@ -626,6 +626,16 @@ def test_invalid_hyperparameters_raise_value_error(make, message):
         make()
 
 
+def test_mlp_names_the_new_closed_form_activations():
+    """``mlp(..., "rbf")`` and ``"sigmoid_like"`` (and so ``ntkgp compare --activation``) are the layers'
+    defaults, the same kernels bit for bit."""
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    for name, layer in (("rbf", ntkgp.Rbf()), ("sigmoid_like", ntkgp.SigmoidLike())):
+        by_name = ntkgp.mlp(2, name, 1.5, 0.1).kernel(x)
+        explicit = ntkgp.mlp(2, layer, 1.5, 0.1).kernel(x)
+        assert torch.equal(by_name.nngp, explicit.nngp) and torch.equal(by_name.ntk, explicit.ntk)
+
+
 def test_setting_invalid_variance_raises():
     layer = ntkgp.Dense(3, 1.0, 0.1)
     with pytest.raises(ValueError, match="non-negative"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ntkgp._checks import integer_at_least
-from ntkgp.layers.activations import GELU, Abs, Cos, Erf, Identity, LeakyReLU, ReLU, Sign, Sin
+from ntkgp.layers.activations import GELU, Abs, Cos, Erf, Identity, LeakyReLU, Rbf, ReLU, SigmoidLike, Sign, Sin
 from ntkgp.layers.base import Layer
 from ntkgp.layers.combinators import Serial
 from ntkgp.layers.dense import Dense
@@ -17,9 +17,11 @@ ACTIVATIONS = {
     "leaky_relu": LeakyReLU,
     "abs": Abs,
     "erf": Erf,
+    "sigmoid_like": SigmoidLike,
     "gelu": GELU,
     "sin": Sin,
     "cos": Cos,
+    "rbf": Rbf,
     "sign": Sign,
     "identity": Identity,
     "tanh": lambda: Numerical(torch.tanh),
@@ -72,7 +74,8 @@ def mlp(
     Args:
         depth: number of hidden layers (0: a linear model).
         activation: an activation layer, or its name: ``"relu"``, ``"leaky_relu"``, ``"abs"``,
-            ``"erf"``, ``"gelu"``, ``"sin"``, ``"cos"``, ``"sign"``, ``"identity"`` (closed forms),
+            ``"erf"``, ``"sigmoid_like"``, ``"gelu"``, ``"sin"``, ``"cos"``, ``"rbf"`` (``γ = 1``),
+            ``"sign"``, ``"identity"`` (closed forms),
             ``"tanh"``, ``"sigmoid"``, ``"softplus"``, ``"silu"`` (:class:`ntkgp.Numerical`).
         weight_var: ``σ_w²`` of every layer.
         bias_var: ``σ_b²`` of every layer; ``None`` for layers without bias.
