@@ -865,6 +865,8 @@ def test_hermite_is_normalized_and_its_kernel_is_neural_tangents_on_unit_varianc
         assert nngp.dtype == dot.dtype == torch.float32
         torch.testing.assert_close(nngp, (k12.double() ** n).float(), rtol=1e-6, atol=0)
         torch.testing.assert_close(dot, (n * k12.double() ** (n - 1)).float(), rtol=1e-6, atol=0)
+    mean = ntkgp.Hermite(652).mean(torch.tensor([1.0, 0.5, 1.5], dtype=torch.float32))   # sqrt(C(652, 326)) > 3e38
+    assert mean.dtype == torch.float32 and mean[0] == 0 and torch.isfinite(mean).all()
     with pytest.raises(ValueError, match="overflow a float at degree 653"):
         ntkgp.Hermite(653)
 

@@ -181,7 +181,8 @@ class Hermite(Activation):
     bias-free ``Dense(weight_var=1)``) every term but the first vanishes exactly: ``T = k12^n`` and
     ``Ṫ = n k12^{n−1}``, neural-tangents' formulas, which assume unit variances for every input.
     Elsewhere these are the exact expectations. The centred kernel leaves out the ``m = n/2``
-    term, ``μ1 μ2``.
+    term, ``μ1 μ2``. Degrees go to 652, where ``C(n, 2m) C(2m, m)`` still fits a float64 (in
+    float32 the sums run in float64 from degree 85).
     """
 
     def __init__(self, degree: int) -> None:
@@ -224,6 +225,8 @@ class Hermite(Activation):
     def mean(self, k: Tensor) -> Tensor:
         if self.degree % 2:
             return torch.zeros_like(k)
+        if k.dtype != torch.float64 and self._mean_scale > torch.finfo(k.dtype).max:   # as in _series
+            return self.mean(k.double()).to(k.dtype)
         return self._mean_scale * ((k - 1) / 2) ** (self.degree // 2)
 
     def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
