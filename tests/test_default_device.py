@@ -94,3 +94,15 @@ def test_the_default_device_is_not_used(name):
         assert r.device.type == "cpu", r.device
         # the same computation on the same device; a few ulps of room for BLAS kernels that round by alignment
         torch.testing.assert_close(r, e, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_build_names_a_device_this_torch_cannot_use():
+    """net.build(device="cuda") without CUDA raised torch's AssertionError from inside the first draw,
+    an invalid name a RuntimeError; train_ensemble and ntkgp compare already said so by name."""
+    net = ntkgp.mlp(1, "erf")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        net.build(in_features=2, device="cuda")
+    with pytest.raises(ValueError, match=r"device must be a torch\.device"):
+        net.build(in_features=2, device="cuda:x")
+    assert next(net.build(in_features=2, device=torch.device("cpu")).parameters()).device.type == "cpu"

@@ -278,6 +278,15 @@ class Layer(VarianceParameters, gpytorch.Module):
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
                                   or dtype.is_complex):
             raise ValueError(f"dtype must be a real floating-point torch.dtype, got {dtype!r}.")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as err:   # torch's "Invalid device string"
+                raise ValueError(f"device must be a torch.device or a name like 'cpu' or 'cuda:0', got {device!r}.") \
+                    from err
+            # torch's AssertionError ("Torch not compiled with CUDA enabled") from inside the first draw
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device {str(device)!r} requested, but CUDA is not available to this torch.")
         ctx = BuildContext(torch.Generator().manual_seed(seed), ensemble_size, dtype, device)
         # normal tensors even under a caller's torch.inference_mode(): inference tensors cannot be
         # trained or differentiated (empirical_ntk) once the mode is left, nor saved for a backward pass
