@@ -36,9 +36,10 @@ NT_GET_HINT = ("neural-tangents' get argument has no counterpart here: the resul
                ".ntk; ntk=False skips the NTK).")
 
 
-def check_flag(value: object, name: str, hint: str = NT_GET_HINT) -> None:
-    """Refuse a string or sequence where a boolean flag goes. Ported neural-tangents calls pass
-    ``get`` (``"nngp"``, ``("nngp", "ntk")``) there, which Python reads as true, so the call ran
-    on with the wrong setting; numpy and tensor booleans pass."""
+def check_flag(value: object, name: str, hint: str = "") -> None:
+    """Refuse a string or sequence where a boolean flag goes: Python reads ``"False"`` as true, and
+    ported neural-tangents calls pass ``get`` (``"nngp"``, ``("nngp", "ntk")``) where ntkgp has a
+    flag (``hint=NT_GET_HINT`` says so), so the call ran on with the wrong setting; numpy and tensor
+    booleans pass."""
     if isinstance(value, str | tuple | list):
         raise ValueError(f"{name} must be True or False, got {value!r}." + (f" {hint}" if hint else ""))

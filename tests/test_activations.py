@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import gpytorch
 import numpy as np
 import pytest
 import scipy.integrate
@@ -885,8 +886,6 @@ def test_rbf_after_a_bias_free_dense_layer_is_the_gaussian_kernel():
     torch.testing.assert_close(k.ntk, rbf * (1 + 2 * gamma * sigma2 * x @ x.T / 3), rtol=1e-13, atol=1e-15)
     assert torch.equal(k.nngp.diagonal(), torch.ones(6))
     # as a GPyTorch kernel: GPyTorch's own RBFKernel of length scale ℓ² = d/(2γσ²)
-    import gpytorch
-
     reference = gpytorch.kernels.RBFKernel().double()
     reference.lengthscale = math.sqrt(3 / (2 * gamma * sigma2))
     x2 = torch.randn(4, 3, generator=torch.Generator().manual_seed(3))

@@ -103,6 +103,6 @@ def test_build_names_a_device_this_torch_cannot_use():
     net = ntkgp.mlp(1, "erf")
     with pytest.raises(ValueError, match="CUDA is not available"):
         net.build(in_features=2, device="cuda")
-    with pytest.raises(ValueError, match=r"device must be a torch\.device"):
+    with pytest.raises(ValueError, match="is not a torch device"):
         net.build(in_features=2, device="cuda:x")
     assert next(net.build(in_features=2, device=torch.device("cpu")).parameters()).device.type == "cpu"

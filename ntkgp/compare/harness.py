@@ -52,7 +52,7 @@ from ntkgp.finite.train import EnsembleHistory, ensemble_chunks, train_ensemble
 from ntkgp.layers.base import Layer
 from ntkgp.layers.mlp import mlp
 from ntkgp.layers.state import KernelState
-from ntkgp.layers.validation import finite_number, positive_number
+from ntkgp.layers.validation import finite_number, positive_number, usable_device
 from ntkgp.predict import GradientFlow
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -148,17 +148,9 @@ class CompareConfig:
         self.divergence_check = _flag(self.divergence_check, "divergence_check")
         self.progress = _flag(self.progress, "progress")
         if self.device is not None:
-            try:
-                device = torch.device(self.device)
-            except RuntimeError as error:
-                raise ValueError(f"device {self.device!r} is not a torch device: {error}") from None
+            device = usable_device(self.device)
             if device.type not in ("cpu", "cuda"):
                 raise ValueError(f"device {self.device!r}: the comparison runs on 'cpu' or 'cuda' devices.")
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise ValueError(f"device {self.device!r} requested, but CUDA is not available to this torch.")
-            if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-                raise ValueError(f"device {self.device!r}: this machine has {torch.cuda.device_count()} "
-                                 "CUDA device(s).")
             self.device = str(device)   # a torch.device is not JSON
         self.widths = tuple(sorted(set(self.widths)))  # "widest" below means widths[-1]
         self.record_steps = tuple(sorted(set(self.record_steps)))

@@ -76,7 +76,14 @@ def _built_by_ntkgp(model: nn.Module | ParamFn) -> bool:
 
 
 def _as_function(model: nn.Module | ParamFn, params: dict[str, Tensor] | None, x: Tensor
-                 ) -> tuple[ParamFn, dict[str, Tensor], int | None]:
+                 ) -> tuple[ParamFn, dict[str, Tensor], int | None, dict[str, Tensor]]:
+    """``(fn, params, members, fixed)``: ``fn(p, x)`` the outputs at parameters ``p``, the parameters to
+    differentiate (``params=`` or all of a module's, detached), the ensemble size, and a module's
+    parameters that ``params=`` leaves out, detached. Those are constants: left to ``functional_call``
+    the live ones kept the kernel in their graph (a gradient on every other parameter), and an
+    ensemble's are stacked, so they are mapped over members with the rest (left to ``functional_call``
+    they gave every member all E members' outputs, read as E points). Found by identity, not name: a
+    tied parameter given under one of its names is not fixed under another."""
     if params is not None:
         _check_params(params)
     if isinstance(model, nn.Module):
@@ -88,9 +95,9 @@ def _as_function(model: nn.Module | ParamFn, params: dict[str, Tensor] | None, x
                           "(dropout) or its batch statistics change as it is called, so the kernel is not a "
                           "function of its parameters. Call model.eval() first.", RuntimeWarning, stacklevel=3)
         own = dict(model.named_parameters(remove_duplicate=False))
-        replaced = set() if params is None else {id(own[name]) for name in params if name in own}
         if params is None:
-            params = {name: p.detach() for name, p in model.named_parameters()}
+            params, fixed = {name: p.detach() for name, p in model.named_parameters()}, {}
+            unchecked = params
         else:
             # a misspelt name was a parameter functional_call ignored: an all-zero NTK, and no error
             unknown = sorted(set(params) - set(own))
@@ -104,9 +111,12 @@ def _as_function(model: nn.Module | ParamFn, params: dict[str, Tensor] | None, x
                 if value.dtype != own[name].dtype:
                     raise ValueError(f"params[{name!r}] is {value.dtype} but the network's parameter (and the "
                                      f"inputs) are {own[name].dtype}: convert it with .to({own[name].dtype}).")
+            replaced = {id(own[name]) for name in params}
+            fixed = {name: p.detach() for name, p in model.named_parameters() if id(p) not in replaced}
+            unchecked = fixed   # (_check_params checked the values given)
         # the parameters params= does not replace enter the outputs too: a NaN there gave NaN kernels
         # (or finite, meaningless ones where ReLU's backward zeroes it), with no error
-        bad = [name for name, p in model.named_parameters() if id(p) not in replaced and has_non_finite(p)]
+        bad = [name for name, p in unchecked.items() if has_non_finite(p)]
         if bad:
             raise ValueError(f"The network's parameters {bad} contain NaN or infinite values: re-initialize "
                              "the network (net.build(...)) or load finite parameters.")
@@ -116,13 +126,13 @@ def _as_function(model: nn.Module | ParamFn, params: dict[str, Tensor] | None, x
         def fn(p: dict[str, Tensor], x: Tensor) -> Tensor:
             return functional_call(model, (p, buffers), (x,))
 
-        return fn, params, members
+        return fn, params, members, fixed
     if params is None:
         raise ValueError("A function of parameters needs params=...")
     dtypes = {p.dtype for p in params.values() if isinstance(p, Tensor) and p.is_floating_point()}
     if len(dtypes) == 1 and x.dtype not in dtypes:   # torch's "expected m1 and m2 to have the same dtype"
         raise ValueError(f"The inputs are {x.dtype} but params are {dtypes.pop()}: convert one of them.")
-    return model, params, None
+    return model, params, None, {}
 
 
 def _check_params(params: object) -> None:
@@ -239,12 +249,12 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     ``(n1, n2, k, k)``); ``(E, …)`` for ensembles. Over random initializations its mean is the NNGP
     kernel (Neal 1996; Lee et al. 2018). A constant: no gradient flows through it."""
     x1, x2 = check_inputs(x1, x2)
-    check_flag(vector_output, "vector_output", "")
+    check_flag(vector_output, "vector_output")
     _check_network_inputs(model, x1, x2)
     built = _built_by_ntkgp(model)   # batches of inputs, per-member (E, n, d) ones too; outputs right by construction
     if not built:
         _check_plain_inputs(x1, x2)
-    fn, params, _ = _as_function(model, params, x1)
+    fn, params, _, _ = _as_function(model, params, x1)
     with torch.no_grad():
         f1 = _outputs_2d(fn(params, x1), None if built else x1)
         f2 = f1 if x2 is None else _outputs_2d(fn(params, x2), None if built else x2)
@@ -288,7 +298,7 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     and per-input-feature columns ``(in, 1)``, takes the Jacobian route (``torch.func.jacrev``).
     """
     x1, x2 = check_inputs(x1, x2)
-    check_flag(vector_output, "vector_output", "")
+    check_flag(vector_output, "vector_output")
     chunk_size = None if chunk_size is None else integer_at_least(chunk_size, 1, "chunk_size")
     _check_network_inputs(model, x1, x2)
     scales = dict(parameter_scales or {})
@@ -300,7 +310,7 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
         raise ValueError(f"The module has {updating} layers in training mode: they update their running statistics "
                          "when called, which the empirical NTK cannot differentiate (nor is the kernel a function "
                          "of the parameters). Call model.eval() first.")
-    fn, all_params, members = _as_function(model, params, x1)
+    fn, all_params, members, fixed = _as_function(model, params, x1)
     unknown = sorted(set(scales) - set(all_params))
     if unknown:
         raise ValueError(f"parameter_scales names parameters the network does not have: {unknown}.")
@@ -328,16 +338,6 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     # no graph to the inputs either, as on the layer-by-layer route (whose signals are detached):
     # the same network wrapped in a user module gave a differentiable kernel, built alone a constant
     x1, x2 = x1.detach(), None if x2 is None else x2.detach()
-    # a module's parameters left out of params= are constants, given detached: left to functional_call
-    # the live ones kept the kernel in their graph (a gradient on every other parameter). An ensemble's
-    # are stacked, so they are mapped over members with the rest (left to functional_call they gave
-    # every member all E members' outputs, read as E points: an (E, E, k) kernel for n points). By
-    # identity, not name: a tied parameter given under one of its names is not fixed under another
-    fixed = {}
-    if isinstance(model, nn.Module):
-        own = dict(model.named_parameters(remove_duplicate=False))
-        given = {id(own[name]) for name in all_params}
-        fixed = {name: p.detach() for name, p in model.named_parameters() if id(p) not in given}
     spec = "nip,mjp->nmij" if vector_output else "nip,mip->nm"
 
     def single(p: dict[str, Tensor], constants: dict[str, Tensor]) -> Tensor:

@@ -43,7 +43,7 @@ from ntkgp.finite.rates import equivalent_learning_rates
 from ntkgp.layers.base import Layer
 from ntkgp.layers.combinators import ParallelModule
 from ntkgp.layers.dense import DenseModule
-from ntkgp.layers.validation import all_finite, check_points, positive_number
+from ntkgp.layers.validation import all_finite, check_points, positive_number, usable_device
 from ntkgp.predict.spectral import real_numbers
 
 #: Bytes of parameters (with gradients and activations) an ensemble chunk may hold by default,
@@ -234,8 +234,8 @@ def train_ensemble(
             ``settings["engine"]`` says which ran.
     """
     check_points(x_train, "x_train")
-    check_flag(readout_only, "readout_only", "")
-    check_flag(progress, "progress", "")
+    check_flag(readout_only, "readout_only")
+    check_flag(progress, "progress")
     if x_train.dim() != 2 or x_train.shape[0] == 0:
         raise ValueError(f"x_train must have shape (N, d) with N >= 1, got {tuple(x_train.shape)}.")
     if not isinstance(y_train, Tensor) or y_train.dim() not in (1, 2) or y_train.shape[0] != x_train.shape[0]:
@@ -267,12 +267,10 @@ def train_ensemble(
     steps = sorted({int(s) for s in record_steps})
     if engine == "auto" and steps[-1] < AUTO_FUSED_STEPS * sum(s > 0 for s in steps):   # steps per kernel call
         engine = "stacked"
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
-                                                                          else "cpu")
+    device = usable_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                           else "cpu")
     if device.type == "meta":   # no values to train: it failed inside torch's .item() after building
         raise ValueError("device='meta' holds no values to train; use 'cpu' or 'cuda'.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested, but CUDA is not available to this torch.")
     x = x_train.to(device=device, dtype=dtype)
     y = (y_train if y_train.dim() == 2 else y_train.unsqueeze(-1)).to(device=device, dtype=dtype)
     xt = x if x_test is None else x_test.to(device=device, dtype=dtype)

@@ -25,11 +25,11 @@ from linear_operator.utils.errors import NanError
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ntkgp._checks import check_flag, integer_at_least, seed_value
+from ntkgp._checks import NT_GET_HINT, check_flag, integer_at_least, seed_value
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.numerics import _is_compiling, transforms_active
 from ntkgp.layers.state import BatchedDuplicates, Duplicates, KernelState
-from ntkgp.layers.validation import all_finite, broadcast_shapes, check_inputs
+from ntkgp.layers.validation import all_finite, broadcast_shapes, check_inputs, usable_device
 from ntkgp.layers.variance import VarianceParameters
 
 #: Target number of kernel entries per row block when evaluating kernels without autograd.
@@ -187,7 +187,7 @@ class Layer(VarianceParameters, gpytorch.Module):
         for name, flag in (("diag", diag), ("ntk", ntk), ("compile", compile)):
             # neural-tangents' kernel_fn(x1, x2, "nngp") put its get argument where diag is, and the
             # call silently returned the diagonal alone
-            check_flag(flag, name)
+            check_flag(flag, name, NT_GET_HINT)
         x1, x2 = check_inputs(x1, x2, diag)
         self.check_input_dim(x1.shape[-1])
         self.check_structure()
@@ -278,15 +278,7 @@ class Layer(VarianceParameters, gpytorch.Module):
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
                                   or dtype.is_complex):
             raise ValueError(f"dtype must be a real floating-point torch.dtype, got {dtype!r}.")
-        if device is not None:
-            try:
-                device = torch.device(device)
-            except (RuntimeError, TypeError) as err:   # torch's "Invalid device string"
-                raise ValueError(f"device must be a torch.device or a name like 'cpu' or 'cuda:0', got {device!r}.") \
-                    from err
-            # torch's AssertionError ("Torch not compiled with CUDA enabled") from inside the first draw
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise ValueError(f"device {str(device)!r} requested, but CUDA is not available to this torch.")
+        device = None if device is None else usable_device(device)
         ctx = BuildContext(torch.Generator().manual_seed(seed), ensemble_size, dtype, device)
         # normal tensors even under a caller's torch.inference_mode(): inference tensors cannot be
         # trained or differentiated (empirical_ntk) once the mode is left, nor saved for a backward pass

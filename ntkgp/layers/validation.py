@@ -64,6 +64,22 @@ def _holds_a_boolean(value: object) -> bool:
     return isinstance(value, list | tuple) and any(_holds_a_boolean(v) for v in value)
 
 
+def usable_device(device: object) -> torch.device:
+    """``device`` as a ``torch.device`` this torch can use: an invalid name raised torch's
+    ``RuntimeError``, and CUDA without CUDA an ``AssertionError`` ("Torch not compiled with CUDA
+    enabled") from inside the first tensor made there."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        # the first line: a TypeError lists torch.device's signatures after it
+        raise ValueError(f"device {device!r} is not a torch device: {str(error).splitlines()[0]}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested, but CUDA is not available to this torch.")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    return resolved
+
+
 def finite_constants(**constants: object) -> tuple[float, ...]:
     """The constants of a layer as floats; NaN or infinite ones would give NaN kernels."""
     return tuple(finite_number(value, name) for name, value in constants.items())

@@ -115,16 +115,16 @@ class HyperparameterRecord:
             return {}
         return {name: t.detach().clone() for name, t in (*net.named_parameters(), *net.named_buffers())}
 
-    def check(self, net: object, what: str) -> None:
+    def check(self, net: object) -> None:
         """``ValueError`` if ``net``'s parameters or buffers differ from the recorded ones."""
         now = self._state(net)
         same = repr(net) == self.printed and now.keys() == self.values.keys() and all(
             now[name].shape == value.shape and torch.equal(now[name].to(value.device), value)
             for name, value in self.values.items())
         if not same:
-            raise ValueError(f"The network's hyperparameters changed since this {what} computed its training "
-                             "kernel, which it caches with its factorization: build a new "
-                             f"{what} to predict with the new values.")
+            raise ValueError("The network's hyperparameters changed since this predictor (GradientFlow, GPPosterior) "
+                             "computed its training kernel, which it caches with its factorization: build a new "
+                             "one to predict with the new values.")
 
 
 def check_single_network(net: Layer) -> None:

@@ -111,7 +111,7 @@ class GradientFlow:
         if kernel not in KINDS:
             raise ValueError(f"kernel must be one of {KINDS}, got {kernel!r}.")
         check_training_data(net, x_train, y_train)
-        check_flag(diag_reg_absolute_scale, "diag_reg_absolute_scale", "")
+        check_flag(diag_reg_absolute_scale, "diag_reg_absolute_scale")
         self.net, self.x_train, self.kind = net, x_train, kernel
         self.learning_rate = positive_number(learning_rate, "learning_rate")
         self.diag_reg = check_non_negative("diag_reg", diag_reg)
@@ -177,8 +177,8 @@ class GradientFlow:
             steps: instead of ``t``, numbers of discrete full-batch gradient-descent steps.
             compute_cov: also compute the ``(M, M)`` covariance (shared by all outputs).
         """
-        self._hyperparameters.check(self.net, "GradientFlow")
-        check_flag(compute_cov, "compute_cov", "")
+        self._hyperparameters.check(self.net)
+        check_flag(compute_cov, "compute_cov")
         if x_test is not None:  # before the stability check, which factors the training kernel
             check_test_points(x_test, self.x_train.shape[-1], self.x_train.device)
         schedule = make_schedule(t, steps, self.learning_rate, self.m, self.x_train.device)
@@ -309,8 +309,8 @@ def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor |
     """One-shot :class:`GradientFlow` prediction (see there for the arguments and formulas)."""
     # the cheap arguments first: GradientFlow computes the training kernel before predict reads them
     check_training_data(net, x_train, y_train)
-    check_flag(compute_cov, "compute_cov", "")
-    check_flag(diag_reg_absolute_scale, "diag_reg_absolute_scale", "")
+    check_flag(compute_cov, "compute_cov")
+    check_flag(diag_reg_absolute_scale, "diag_reg_absolute_scale")
     if x_test is not None:
         check_test_points(x_test, x_train.shape[-1], x_train.device)
     make_schedule(t, steps, positive_number(learning_rate, "learning_rate"), y_train.numel(), x_train.device)

@@ -79,7 +79,7 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
         raise ValueError("Give both ntk_test_train and fx_test_0 to predict test outputs, or neither.")
     _check_kernel(ntk_train_train, "ntk_train_train")
     check_factor_dtype(factor_dtype)
-    check_flag(diag_reg_absolute_scale, "diag_reg_absolute_scale", "")
+    check_flag(diag_reg_absolute_scale, "diag_reg_absolute_scale")
     if ntk_train_train.dim() == 4:
         return _full_kernel(ntk_train_train, y_train, fx_train_0, ntk_test_train, fx_test_0, t, steps=steps,
                             learning_rate=learning_rate, diag_reg=diag_reg,

@@ -77,13 +77,13 @@ class GPPosterior:
         if kernel not in POSTERIORS:
             raise ValueError(f"kernel must be one of {POSTERIORS}, got {kernel!r}.")
         self.kind, self.noise = kernel, check_non_negative("noise", noise)
-        self._hyperparameters = HyperparameterRecord(net)
-        if kernel == "ntk":
+        if kernel == "ntk":   # its GradientFlow records the hyperparameters and checks them
             self._flow = GradientFlow(net, x_train, y_train, kernel="ntk", diag_reg=self.noise,
                                       diag_reg_absolute_scale=True, factor_dtype=factor_dtype)
             return
         check_training_data(net, x_train, y_train)
         self.net, self.x_train, self.dtype = net, x_train, x_train.dtype
+        self._hyperparameters = HyperparameterRecord(net)
         self.factor_dtype = check_factor_dtype(factor_dtype)
         self.vector_targets = y_train.dim() == 2
         self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).detach().to(factor_dtype, copy=True)
@@ -100,11 +100,10 @@ class GPPosterior:
 
     def predict(self, x_test: Tensor, compute_cov: bool = True) -> Gaussian:
         """Posterior mean ``(M,)``/``(M, k)`` and covariance ``(M, M)`` at ``x_test``."""
-        check_flag(compute_cov, "compute_cov", "")
+        check_flag(compute_cov, "compute_cov")
         if self.kind == "ntk":
-            self._hyperparameters.check(self._flow.net, "GPPosterior")
             return self._flow.predict(x_test, t=None, compute_cov=compute_cov)
-        self._hyperparameters.check(self.net, "GPPosterior")
+        self._hyperparameters.check(self.net)
         check_test_points(x_test, self.x_train.shape[-1], self.x_train.device)
         want_ntk = self.kind == "ntkgp"
         x_test = x_test.to(self.factor_dtype)
@@ -170,7 +169,7 @@ def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, k
                  noise: float = 0.0, compute_cov: bool = True) -> Gaussian:
     """One-shot :class:`GPPosterior` prediction (see there for the formulas)."""
     check_training_data(net, x_train, y_train)   # the cheap checks before the training kernel is computed
-    check_flag(compute_cov, "compute_cov", "")
+    check_flag(compute_cov, "compute_cov")
     if x_test is not None:   # "ntk" predicts the training points for None, as GradientFlow does
         check_test_points(x_test, x_train.shape[-1], x_train.device)
     return GPPosterior(net, x_train, y_train, kernel=kernel, noise=noise).predict(x_test, compute_cov)
