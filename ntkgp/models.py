@@ -23,6 +23,8 @@ from ntkgp.layers.mlp import mlp
 from ntkgp.layers.validation import all_finite, check_points
 from ntkgp.predict.gaussian import check_non_negative
 
+__all__ = ["NetworkGP", "exact_solves", "fit"]
+
 KERNELS = {"nngp": NNGPKernel, "ntk": NTKKernel}
 
 

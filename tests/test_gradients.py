@@ -1,0 +1,134 @@
+"""Kernel gradients are the true derivatives of the kernel values, for every closed-form layer.
+
+The kernels are differentiated by autograd through each layer's formulas, their self-pair
+shortcuts (``variance``, ``dot_variance``) and the custom backward passes of the recursion; a
+wrong derivative in any of them leaves the values right and only the gradients wrong (GPyTorch
+marginal-likelihood training, BoTorch's acquisition optimization in the inputs). Each is checked
+against central differences of the values in float64: with respect to the inputs (cross kernels,
+symmetric kernels with their diagonal, and ``diag=True``), with respect to every hyperparameter,
+and to second order in the inputs for the smooth activations.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ntkgp
+from ntkgp.layers import base
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+ACTIVATIONS = {
+    "relu": ntkgp.ReLU, "leaky_relu": lambda: ntkgp.LeakyReLU(0.1), "abrelu": lambda: ntkgp.ABReLU(-0.3, 1.2),
+    "abs": ntkgp.Abs, "sign": ntkgp.Sign, "erf": ntkgp.Erf, "sigmoid_like": ntkgp.SigmoidLike, "gelu": ntkgp.GELU,
+    "sin": lambda: ntkgp.Sin(1.3, 0.7, 0.4), "cos": ntkgp.Cos, "rbf": lambda: ntkgp.Rbf(0.4),
+    "exp": lambda: ntkgp.Exp(1.0, 0.3), "gaussian": ntkgp.Gaussian,
+    "polynomial": lambda: ntkgp.Polynomial([0.3, -1.0, 0.5, 0.2]), "monomial": lambda: ntkgp.Monomial(2),
+    "rectified_monomial_0": lambda: ntkgp.RectifiedMonomial(0),
+    "rectified_monomial_2": lambda: ntkgp.RectifiedMonomial(2),
+    "hermite": lambda: ntkgp.Hermite(3), "identity": ntkgp.Identity,
+    "elementwise": lambda: ntkgp.Elementwise(torch.erf, _erf_nngp),
+}
+# kinks (and Sign's jump) have no second derivative where the kernel's angle formula has one
+NOT_TWICE_DIFFERENTIABLE = {"relu", "leaky_relu", "abrelu", "abs", "sign", "rectified_monomial_0"}
+
+
+def _erf_nngp(k12, k11, k22):
+    """``Erf()``'s kernel, ``(2/π) asin(2k12 / sqrt((1 + 2k11)(1 + 2k22)))``, as a user's ``nngp_fn``
+    (its NTK factor then comes from autograd)."""
+    return 2 / torch.pi * torch.asin(2 * k12 / torch.sqrt((1 + 2 * k11) * (1 + 2 * k22)))
+
+
+def _two_layers(name: str) -> ntkgp.Layer:
+    act = ACTIVATIONS[name]
+    return ntkgp.serial(D(4, 1.7, 0.1), act(), D(4, 1.3, 0.2), act(), D(1, 1.1, 0.05))
+
+
+D = ntkgp.Dense
+ARCHITECTURES = {
+    "standard": lambda act: ntkgp.serial(D(4, 1.7, 0.1, "standard"), act(), D(1, 1.3, 0.2, "standard")),
+    "ard": lambda act: ntkgp.serial(D(4, torch.tensor([0.5, 2.0, 1.0]), 0.1, ard_num_dims=3), act(), D(1, 1.3, 0.2)),
+    "layernorm": lambda act: ntkgp.serial(D(4, 1.7, 0.1), act(), ntkgp.LayerNorm(), D(1, 1.3, 0.2)),
+    "residual": lambda act: ntkgp.serial(D(4, 1.7, 0.1), ntkgp.residual(ntkgp.serial(act(), D(4, 0.8, 0.1))),
+                                         act(), D(1)),
+    "product": lambda act: ntkgp.serial(D(4, 1.7, 0.1),
+                                        ntkgp.parallel(act(), ntkgp.serial(D(4, 0.9, 0.3), act()), join="prod"), D(1)),
+    "concat": lambda act: ntkgp.serial(ntkgp.parallel(ntkgp.serial(D(4, 1.7, 0.1), act()), D(4, 0.5, 0.2),
+                                                      join="concat"), D(1)),
+}
+
+X1 = torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+X2 = torch.randn(2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+MODES = ("cross", "symmetric", "diag")
+
+
+def _kernels(net: ntkgp.Layer, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    k = net.kernel(x, X2) if mode == "cross" else net.kernel(x, diag=mode == "diag")
+    return k.nngp, k.ntk
+
+
+def _check_input_gradients(net: ntkgp.Layer, second_order: bool) -> None:
+    # gradcheck's defaults (step 1e-6, atol 1e-5, rtol 1e-3) in float64: the central differences'
+    # truncation error is ~1e-12 and their rounding ~1e-10 at these O(1) kernels
+    for mode in MODES:
+        assert torch.autograd.gradcheck(lambda x, mode=mode: _kernels(net, x, mode), (X1.clone().requires_grad_(),))
+    if second_order:
+        assert torch.autograd.gradgradcheck(lambda x: _kernels(net, x, "cross"), (X1.clone().requires_grad_(),))
+
+
+def _check_hyperparameter_gradients(net: ntkgp.Layer) -> None:
+    """The gradient of a random projection of both kernels in every raw hyperparameter against
+    central differences of step ``h = 1e-6``: their truncation error is ``O(h²)`` and their
+    rounding ``~ε |s| / h``, allowed for beside a relative 1e-6 (hyperparameter derivatives are
+    not computed by gradcheck here because the raw parameters are the module's own leaves)."""
+    weights = {mode: torch.randn(shape, generator=torch.Generator().manual_seed(2))
+               for mode, shape in (("cross", (3, 2)), ("symmetric", (3, 3)), ("diag", (3,)))}
+    parameters = list(net.parameters())
+    assert parameters
+    h = 1e-6
+    for mode in MODES:
+        def projection(mode=mode):
+            nngp, ntk = _kernels(net, X1, mode)
+            return (weights[mode] * nngp).sum() + 0.7 * (weights[mode] * ntk).sum()
+
+        grads = torch.autograd.grad(projection(), parameters)
+        for parameter, grad in zip(parameters, grads, strict=True):
+            flat = parameter.data.view(-1)
+            for i in range(flat.numel()):
+                old = float(flat[i])
+                with torch.no_grad():
+                    flat[i] = old + h
+                    up = float(projection())
+                    flat[i] = old - h
+                    down = float(projection())
+                    flat[i] = old
+                difference = (up - down) / (2 * h)
+                tolerance = 1e-6 * (1 + abs(difference)) + 1e-15 * (abs(up) + abs(down)) / h
+                assert abs(float(grad.view(-1)[i]) - difference) <= tolerance, (mode, parameter.shape, i)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_kernel_gradients_of_every_activation_are_the_derivatives_of_its_values(name):
+    net = _two_layers(name)
+    _check_input_gradients(net, second_order=name not in NOT_TWICE_DIFFERENTIABLE)
+    _check_hyperparameter_gradients(net)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("activation", ["relu", "erf"])
+def test_kernel_gradients_through_parameterizations_and_combinators(architecture, activation):
+    net = ARCHITECTURES[architecture](ACTIVATIONS[activation])
+    _check_input_gradients(net, second_order=activation == "erf")
+    _check_hyperparameter_gradients(net)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_checkpointed_row_blocks_have_the_same_derivatives(activation, monkeypatch):
+    """Large kernels with autograd are row blocks mirrored by a custom backward pass
+    (``_SymmetricFromRowBlocks``); here every kernel is, in blocks of one row."""
+    monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", 1)
+    monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 1)
+    net = _two_layers(activation)
+    _check_input_gradients(net, second_order=activation == "gelu")
+    _check_hyperparameter_gradients(net)
