@@ -301,11 +301,15 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     bad = [name for name, p in model.named_parameters() if not all_finite(p)]   # frozen ones too
     if bad:
         raise ValueError(f"Parameters {bad} are not finite: nothing to fit from.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params and optimizer is None:   # torch's "optimizer got an empty parameter list" otherwise
+        raise ValueError("Every parameter of the model is frozen (requires_grad=False): there is nothing to fit. "
+                         "Unfreeze the hyperparameters to fit (e.g. model.likelihood.requires_grad_(True)).")
+    # before train mode: a failed construction left the model in it, and its next prediction failed
+    optimizer = optimizer or torch.optim.Adam(params, lr=lr)
     model.train()
     model.likelihood.train()
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optimizer or torch.optim.Adam(params, lr=lr)
     # constraints without a transform (BoTorch's noise: GreaterThan(1e-4, transform=None)) are
     # bounds for the optimizer, not part of the parameterization: an unbounded step can leave
     # them (a negative noise variance, then a failed Cholesky), so each step ends clamped, as in

@@ -1011,3 +1011,35 @@ def test_boolean_flags_refuse_strings():
             for value in ("False", "no", ("nngp",)):
                 with pytest.raises(ValueError, match=f"{name} must be True or False"):
                     make(value)
+
+
+@pytest.mark.parametrize("built_inside", [False, True])
+def test_predictors_used_under_inference_mode_keep_their_gradients_in_t_afterwards(built_inside):
+    """A GradientFlow built, or first asked, under ``torch.inference_mode()`` cached inference
+    tensors (the training kernel, its eigensystem): every later prediction differentiated in
+    ``t`` failed with "Inference tensors cannot be saved for backward"."""
+    g = torch.Generator().manual_seed(0)
+    x, xt = torch.randn(12, 3, generator=g), torch.randn(4, 3, generator=g)
+    y = torch.sin(x.sum(-1))
+    net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), ntkgp.Erf(), ntkgp.Dense(1, 1.5, 0.05))
+
+    def mean_and_slope(flow):
+        t = torch.tensor(2.0, requires_grad=True)
+        mean = flow.predict(xt, t=t).mean
+        mean.sum().backward()
+        return mean.detach(), t.grad
+
+    expected = mean_and_slope(predict.GradientFlow(net, x, y, learning_rate=0.5))
+    posterior = predict.GPPosterior(net, x, y, noise=1e-2).predict(xt)
+    with torch.inference_mode():
+        flow = predict.GradientFlow(net, x, y, learning_rate=0.5) if built_inside else None
+        inside = predict.GPPosterior(net, x, y, noise=1e-2) if built_inside else None
+    if not built_inside:
+        flow, inside = predict.GradientFlow(net, x, y, learning_rate=0.5), predict.GPPosterior(net, x, y, noise=1e-2)
+    with torch.inference_mode():   # a preview prediction fills the caches
+        flow.predict(xt, t=1.0)
+        inside.predict(xt)
+    got = mean_and_slope(flow)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert torch.equal(inside.predict(xt).mean, posterior.mean)
+    assert not flow.eigensystem.values.is_inference() and not inside._cholesky.is_inference()

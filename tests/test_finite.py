@@ -293,6 +293,23 @@ def test_deferred_first_layer_follows_a_later_to():
     assert "0._lazy_like" not in moved.state_dict() and moved[0]._lazy_like is None
 
 
+@pytest.mark.parametrize("param", ["ntk", "standard"])
+@pytest.mark.parametrize("ensemble_size", [None, 3])
+def test_a_deferred_first_layer_loads_a_saved_network_before_its_first_call(param, ensemble_size):
+    """As torch's lazy modules do, a deferred first layer takes its width from the saved weight: it
+    refused the state dict of a called network ("Unexpected key(s) '0.weight', '0.input_scale'")."""
+    x = torch.randn(5, 3)
+
+    def build(seed):
+        return ntkgp.mlp(1, "erf", width=8, parameterization=param).build(seed=seed, ensemble_size=ensemble_size)
+
+    saved = build(0)
+    expected = saved(x)                       # drawn by the call
+    fresh = build(1)                          # not called: no first-layer weights yet
+    fresh.load_state_dict(saved.state_dict())
+    assert fresh[0].in_features == 3 and torch.equal(fresh(x), expected)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_deferred_first_layer_follows_cuda():
     x = torch.randn(4, 3)

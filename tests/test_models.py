@@ -568,6 +568,22 @@ def test_fit_under_a_callers_no_grad_or_inference_mode(mode):
     assert fit(model, steps=1)[0] < got[0]
 
 
+def test_fit_refuses_a_model_with_every_parameter_frozen_and_leaves_it_in_eval_mode():
+    """torch's "optimizer got an empty parameter list" came after the model was put in train
+    mode, where the next prediction failed ("You must train on the training inputs!")."""
+    x, y = _data(n=12)
+    model = NetworkGP(x, y, ntkgp.mlp(1, "erf", 2.0, 0.1))
+    model.eval()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="Every parameter of the model is frozen"):
+        fit(model, steps=3)
+    assert not model.training and not model.likelihood.training
+    with torch.no_grad():
+        assert model(x[:4]).mean.shape == (4,)
+    model.likelihood.requires_grad_(True)     # one trainable parameter is enough
+    assert len(fit(model, steps=2)) == 2
+
+
 def test_fit_refuses_non_finite_hyperparameters_before_the_first_step():
     """A NaN raw noise surfaced as linear_operator's NanError from inside the Cholesky, not as
     fit's documented error."""

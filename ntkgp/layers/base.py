@@ -258,7 +258,8 @@ class Layer(VarianceParameters, gpytorch.Module):
                 moved it since), like every other parameter, so inputs must match those. Until
                 then they are not among ``model.parameters()``: an optimizer made before the first
                 call never trains them (a review's SGD left them unmoved, silently), so make it
-                after that call, or pass ``in_features``.
+                after that call, or pass ``in_features``. Loading a ``state_dict`` draws them too,
+                at the saved width, as torch's lazy modules do.
             seed: seed of the weight draws (same seed, same network, on any device/dtype): an
                 integer (numpy and 0-d tensor integers too) in torch's range ``[-2⁶³, 2⁶⁴)``.
                 A deferred build draws its first layer's weights from a stream of their own, so

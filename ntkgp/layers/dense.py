@@ -281,15 +281,29 @@ class DenseModule(nn.Module):
         else:
             self.weight = nn.Parameter(draw * (std.unsqueeze(-1) if std.dim() else std))
 
+    def _materialize(self, in_features: int) -> None:
+        """Draw a deferred first layer's weights for ``in_features`` inputs, from a stream of its own."""
+        like = self._lazy_like
+        # 0 features drew a (0, n) weight of fan-in variance σ²/0 = inf and kept that width for good
+        self.in_features = integer_at_least(in_features, 1, "the number of input features")
+        with torch.inference_mode(False):   # parameters, as at build time: not inference tensors
+            self._init_weight(BuildContext(torch.Generator().manual_seed(self._lazy_seed), self.ensemble_size,
+                                           like.dtype, like.device))
+        self._lazy_like = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # a deferred layer loading a saved one takes its width from the saved weight, as torch's lazy
+        # modules do ("Unexpected key(s) '0.weight', '0.input_scale'" before its first call otherwise)
+        weight = state_dict.get(prefix + "weight")
+        if self.weight is None and isinstance(weight, Tensor) and weight.dim() >= 2:
+            self._materialize(weight.shape[-2])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight is None:  # deferred first layer: draw now, from a stream of its own
-            like = self._lazy_like
-            # 0 features drew a (0, n) weight of fan-in variance σ²/0 = inf and kept that width for good
-            self.in_features = integer_at_least(x.shape[-1], 1, "the number of input features")
-            with torch.inference_mode(False):   # parameters, as at build time: not inference tensors
-                self._init_weight(BuildContext(torch.Generator().manual_seed(self._lazy_seed), self.ensemble_size,
-                                               like.dtype, like.device))
-            self._lazy_like = None
+        if self.weight is None:  # deferred first layer: draw now
+            self._materialize(x.shape[-1])
         elif x.shape[-1] != self.in_features:   # torch's "mat1 and mat2 shapes cannot be multiplied" otherwise
             raise ValueError(f"This layer takes inputs of {self.in_features} feature(s), got shape {tuple(x.shape)}.")
         if self.input_scale is not None:

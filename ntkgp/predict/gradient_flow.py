@@ -29,6 +29,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from ntkgp._autograd import outside_inference_mode
 from ntkgp._checks import check_flag
 from ntkgp._typing import Steps, Times
 from ntkgp.layers.base import Layer
@@ -105,6 +106,7 @@ class GradientFlow:
         >>> out.mean.shape, out.covariance.shape                       # (50, M, k), (50, M, M)
     """
 
+    @outside_inference_mode
     def __init__(self, net: Layer, x_train: Tensor, y_train: Tensor, *, kernel: str = "ntk",
                  learning_rate: float = 1.0, diag_reg: float = 0.0, diag_reg_absolute_scale: bool = False,
                  factor_dtype: torch.dtype = torch.float64) -> None:
@@ -133,15 +135,18 @@ class GradientFlow:
 
     # ------------------------------------------------------------------ cached factorizations
     @cached_property
+    @outside_inference_mode
     def eigensystem(self) -> Eigensystem:
         """Eigendecomposition of the (regularized) training kernel that drives the flow."""
         return Eigensystem.of(self.dynamics)
 
     @cached_property
+    @outside_inference_mode
     def _cholesky(self) -> Tensor:
         return cholesky(self.dynamics, f"training {self.kind.upper()} kernel")
 
     @cached_property
+    @outside_inference_mode
     def _regular(self) -> bool:
         """Whether the training kernel passes ``t=None``'s test (:func:`is_regular`), from its
         cached factor when there is one."""
@@ -152,10 +157,12 @@ class GradientFlow:
         return True
 
     @cached_property
+    @outside_inference_mode
     def _y_eigen(self) -> Tensor:
         return self.eigensystem.vectors.mT @ self.y
 
     @cached_property
+    @outside_inference_mode
     def _nngp_eigen(self) -> Tensor:
         v = self.eigensystem.vectors
         return v.mT @ self.nngp_dd @ v

@@ -26,6 +26,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from ntkgp._autograd import outside_inference_mode
 from ntkgp._checks import check_flag
 from ntkgp.layers.base import Layer
 from ntkgp.predict.gaussian import (
@@ -72,6 +73,7 @@ class GPPosterior:
             inputs' dtype).
     """
 
+    @outside_inference_mode
     def __init__(self, net: Layer, x_train: Tensor, y_train: Tensor, *, kernel: str = "nngp",
                  noise: float = 0.0, factor_dtype: torch.dtype = torch.float64) -> None:
         if kernel not in POSTERIORS:
@@ -95,6 +97,7 @@ class GPPosterior:
         self.prior_dd = regularize(prior, self.noise, absolute=True)
 
     @cached_property
+    @outside_inference_mode
     def _cholesky(self) -> Tensor:
         return cholesky(self.prior_dd, f"training {self.kind.upper()} kernel")
 
