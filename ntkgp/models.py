@@ -305,6 +305,9 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     if not params and optimizer is None:   # torch's "optimizer got an empty parameter list" otherwise
         raise ValueError("Every parameter of the model is frozen (requires_grad=False): there is nothing to fit. "
                          "Unfreeze the hyperparameters to fit (e.g. model.likelihood.requires_grad_(True)).")
+    if any(p.is_inference() for p in params):   # torch's "element 0 of tensors does not require grad" otherwise
+        raise ValueError("The model was made inside torch.inference_mode(): its parameters are inference tensors, "
+                         "which autograd cannot train. Make the model outside inference mode to fit it.")
     # before train mode: a failed construction left the model in it, and its next prediction failed
     optimizer = optimizer or torch.optim.Adam(params, lr=lr)
     model.train()

@@ -584,6 +584,16 @@ def test_fit_refuses_a_model_with_every_parameter_frozen_and_leaves_it_in_eval_m
     assert len(fit(model, steps=2)) == 2
 
 
+def test_fit_says_that_a_model_made_inside_inference_mode_cannot_be_trained():
+    x, y = _data(n=12)
+    with torch.inference_mode():
+        model = NetworkGP(x, y, ntkgp.mlp(1, "erf", 2.0, 0.1))
+    model.eval()
+    with pytest.raises(ValueError, match=r"made inside torch\.inference_mode"):
+        fit(model, steps=2)
+    assert not model.training
+
+
 def test_fit_refuses_non_finite_hyperparameters_before_the_first_step():
     """A NaN raw noise surfaced as linear_operator's NanError from inside the Cholesky, not as
     fit's documented error."""
