@@ -28,14 +28,27 @@ __all__ = ["NetworkGP", "exact_solves", "fit"]
 KERNELS = {"nngp": NNGPKernel, "ntk": NTKKernel}
 
 
-def exact_solves(model: gpytorch.models.ExactGP) -> contextlib.AbstractContextManager:
-    """GPyTorch's ``max_cholesky_size`` raised to ``model``'s number of training points: its
-    default (800) switches a kernel matrix to conjugate gradients and stochastic Lanczos beyond.
+def exact_solves(model: gpytorch.models.GP) -> contextlib.AbstractContextManager:
+    """GPyTorch's ``max_cholesky_size`` raised to ``model``'s number of training points (the
+    largest of a model list's, e.g. BoTorch's ``ModelListGP``): its default (800) switches a
+    kernel matrix to conjugate gradients and stochastic Lanczos beyond.
     Not to ``N k``: a multi-output covariance ``K ⊗ I_k`` above the limit takes linear_operator's
     Kronecker solves, exact too, which a dense ``N k × N k`` Cholesky made 30x slower (250 points,
     8 outputs)."""
-    size = max(gpytorch.settings.max_cholesky_size.value(), model.train_inputs[0].shape[-2])
+    inputs = getattr(model, "train_inputs", None)
+    if inputs is None:
+        raise ValueError(f"exact_solves needs a model with training inputs (an ExactGP or a list of them), "
+                         f"got {type(model).__name__}.")
+    size = max(gpytorch.settings.max_cholesky_size.value(), _training_points(inputs))
     return gpytorch.settings.max_cholesky_size(size)
+
+
+def _training_points(inputs: Tensor | tuple | list) -> int:
+    """The most training points among ``inputs``: an ExactGP's tuple of ``(..., N, d)`` (or
+    ``(N,)``) tensors, or a model list's list of such tuples."""
+    if isinstance(inputs, Tensor):
+        return inputs.shape[-2] if inputs.dim() >= 2 else inputs.shape[0]
+    return max((_training_points(x) for x in inputs), default=0)
 
 
 class NetworkGP(gpytorch.models.ExactGP):
@@ -242,7 +255,11 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
             as a multi-output ``SingleTaskGP``, maximizes the mean of its batch's likelihoods).
             Constraints without a transform (BoTorch's noise, ``GreaterThan(1e-4, transform=None)``)
             are bounds: every step ends clamped to them, as in BoTorch's torch fitting. For
-            BoTorch models ``fit_gpytorch_mll`` (L-BFGS-B within those bounds) usually fits better.
+            BoTorch models use ``fit_gpytorch_mll`` (L-BFGS-B within those bounds): their noise
+            is its own raw parameter, which Adam moves by about ``lr`` per step in absolute units,
+            far past a noise of ~1e-2 (a review's 12-point ``SingleTaskGP``: Adam's loss rose from
+            0.504 at step 0, so ``fit`` kept the starting values and warned; ``fit_gpytorch_mll``
+            reached 0.097; GPyTorch's Matérn kernel fares the same).
         steps: optimizer steps.
         lr: Adam learning rate (the layers' variances, log-parameterized, move by about a factor
             ``e^lr`` per step; the likelihood's noise as above).

@@ -784,3 +784,21 @@ def test_fit_names_a_bad_learning_rate_or_model():
             fit(wrong, steps=1)
     with pytest.raises(ValueError, match=r"NetworkGP\(train_x, train_y, net\)"):
         fit(ntkgp.mlp(1), steps=1)
+
+
+def test_exact_solves_raises_the_cholesky_limit_to_the_most_training_points_of_a_model_or_a_model_list():
+    """A model list (BoTorch's ModelListGP, whose train_inputs is a list of tuples) crashed with
+    "'tuple' object has no attribute 'shape'"."""
+    botorch = pytest.importorskip("botorch")
+    x, y = _data(n=900)
+    models = [botorch.models.SingleTaskGP(x[:n], y[:n, None], covar_module=ntkgp.NTKKernel(ntkgp.mlp(1, "relu")))
+              for n in (850, 900)]
+    with gpytorch.settings.max_cholesky_size(100):   # BoTorch's import raises GPyTorch's default of 800
+        with ntkgp.models.exact_solves(NetworkGP(x, y, ntkgp.mlp(1, "relu", 2.0, 0.1))):
+            assert gpytorch.settings.max_cholesky_size.value() == 900
+        with ntkgp.models.exact_solves(botorch.models.ModelListGP(*models)):
+            assert gpytorch.settings.max_cholesky_size.value() == 900
+        with ntkgp.models.exact_solves(NetworkGP(x[:10], y[:10], ntkgp.mlp(1, "relu"))):
+            assert gpytorch.settings.max_cholesky_size.value() == 100   # never lowered
+    with pytest.raises(ValueError, match="needs a model with training inputs"):
+        ntkgp.models.exact_solves(ntkgp.NTKKernel(ntkgp.mlp(1, "relu")))
