@@ -473,9 +473,10 @@ class Numerical(Activation):
                 moved = "" if change is None else f", where the last step moved them by up to {float(change.max()):.2g}"
                 warnings.warn(f"Numerical({self._name}): quadrature did not reach rtol={rtol:g} by degree "
                               f"{degree} (variances up to {float(c[unsettled].max()):.3g}{moved}); using degree "
-                              f"{degree} there, whose error may exceed that change. Gauss-Hermite nodes spread "
-                              "as sqrt(variance) and miss features of the activation narrower than that: scale "
-                              "the inputs down, or use a closed-form activation.",
+                              f"{degree} there, whose error may exceed that change, and the kernels' gradients "
+                              "(quadratures of higher derivatives of the activation) are further off still. "
+                              "Gauss-Hermite nodes spread as sqrt(variance) and miss features of the activation "
+                              "narrower than that: scale the inputs down, or use a closed-form activation.",
                               RuntimeWarning, stacklevel=caller_stacklevel())
                 degrees[unsettled] = degree
                 return c, degrees
