@@ -20,11 +20,13 @@ def _normal(value):
 def outside_inference_mode(fn: _F) -> _F:
     """Run ``fn`` outside a caller's ``torch.inference_mode()``, its tensor arguments made normal:
     for functions that make parameters (variances set inside the mode were inference tensors, and
-    every later build and gradient failed with "Inference tensors cannot be saved for backward")."""
+    every later build and gradient failed with "Inference tensors cannot be saved for backward").
+    The caller's grad mode is kept (``inference_mode(False)`` alone turns autograd on)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with torch.inference_mode(False):
+        grad = torch.is_grad_enabled()   # read before inference_mode(False) sets it
+        with torch.inference_mode(False), torch.set_grad_enabled(grad):
             return fn(*map(_normal, args), **{k: _normal(v) for k, v in kwargs.items()})
 
     return wrapper  # type: ignore[return-value]
