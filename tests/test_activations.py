@@ -750,6 +750,9 @@ def test_power_kernels_refuse_to_overflow_and_large_coefficients_are_named():
     for act in (ntkgp.Exp(a=1e20), ntkgp.Exp(b=20.0)):
         with pytest.raises(ValueError, match=r"Exp: the kernel, which grows as exp\(b²k\), overflows"):
             ntkgp.serial(ntkgp.Dense(1, 1.0, None), act, ntkgp.Dense(1)).kernel(small)
+    # in float64 already, the message does not suggest float64
+    with pytest.raises(ValueError, match=r"overflows torch\.float64; scale the inputs down\.$"):
+        ntkgp.serial(ntkgp.Dense(1, 1.0, None), ntkgp.Exp(b=20.0), ntkgp.Dense(1)).kernel(1e3 * small.double())
 
 
 def test_layernorm_after_gaussian_at_large_variances_in_float32():

@@ -40,7 +40,7 @@ def refuse_overflow(value: Tensor, name: str, growth: str, inputs: tuple[Tensor,
     if _is_compiling() or not has_non_finite(value) or not all(all_finite(t) for t in inputs):
         return value
     raise ValueError(f"{name}: the kernel, which grows as {growth}, overflows {value.dtype}; scale the inputs "
-                     "down or use float64.")
+                     "down" + ("" if value.dtype == torch.float64 else " or use float64") + ".")
 
 
 def boolean_or_complex(value: object) -> bool:
