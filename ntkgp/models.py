@@ -46,6 +46,8 @@ def exact_solves(model: gpytorch.models.GP) -> contextlib.AbstractContextManager
 def _training_points(inputs: Tensor | tuple | list) -> int:
     """The most training points among ``inputs``: an ExactGP's tuple of ``(..., N, d)`` (or
     ``(N,)``) tensors, or a model list's list of such tuples."""
+    if inputs is None:   # a model of a list built without training data
+        raise ValueError("exact_solves needs models with training inputs; one of the list has none.")
     if isinstance(inputs, Tensor):
         return inputs.shape[-2] if inputs.dim() >= 2 else inputs.shape[0]
     return max((_training_points(x) for x in inputs), default=0)
@@ -307,7 +309,7 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     # must match the size of tensor b (20)" came from inside GPyTorch. The targets hold the points
     # on their second last axis for a multitask likelihood ((N, k)), else on their last (batched
     # single-output models, BoTorch's (m, N))
-    points = {x.shape[-2] if x.dim() >= 2 else x.shape[0] for x in model.train_inputs}
+    points = {_training_points(x) for x in model.train_inputs}
     targets = model.train_targets.shape
     axis = -2 if getattr(model.likelihood, "num_tasks", None) is not None and len(targets) >= 2 else -1
     if len(points) != 1 or next(iter(points)) != targets[axis]:
@@ -319,7 +321,7 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     if bad:
         raise ValueError(f"Parameters {bad} are not finite: nothing to fit from.")
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params and optimizer is None:   # torch's "optimizer got an empty parameter list" otherwise
+    if not params:   # torch's "optimizer got an empty parameter list" (or, with an optimizer given, "element 0 ...")
         raise ValueError("Every parameter of the model is frozen (requires_grad=False): there is nothing to fit. "
                          "Unfreeze the hyperparameters to fit (e.g. model.likelihood.requires_grad_(True)).")
     if any(p.is_inference() for p in params):   # torch's "element 0 of tensors does not require grad" otherwise

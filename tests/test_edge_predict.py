@@ -1043,6 +1043,9 @@ def test_predictors_used_under_inference_mode_keep_their_gradients_in_t_afterwar
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     assert torch.equal(inside.predict(xt).mean, posterior.mean)
     assert not flow.eigensystem.values.is_inference() and not inside._cholesky.is_inference()
-    # leaving inference mode keeps the caller's grad mode (inference_mode(False) alone turns it on)
+    # no graph of training inputs that require grad is kept, in either grad mode (leaving inference
+    # mode keeps the caller's: inference_mode(False) alone turns it on)
     with torch.no_grad():
         assert not predict.GradientFlow(net, x.clone().requires_grad_(), y).x_factor.requires_grad
+    assert not predict.GradientFlow(net, x.clone().requires_grad_(), y).x_factor.requires_grad
+    assert not predict.GPPosterior(net, x.clone().requires_grad_(), y).x_factor.requires_grad

@@ -73,8 +73,9 @@ def _check_input_gradients(net: ntkgp.Layer, second_order: bool) -> None:
     # truncation error is ~1e-12 and their rounding ~1e-10 at these O(1) kernels
     for mode in MODES:
         assert torch.autograd.gradcheck(lambda x, mode=mode: _kernels(net, x, mode), (X1.clone().requires_grad_(),))
-    if second_order:
-        assert torch.autograd.gradgradcheck(lambda x: _kernels(net, x, "cross"), (X1.clone().requires_grad_(),))
+        if second_order:   # the self-pair shortcuts (variance, dot_variance) included
+            assert torch.autograd.gradgradcheck(lambda x, mode=mode: _kernels(net, x, mode),
+                                                (X1.clone().requires_grad_(),))
 
 
 def _check_hyperparameter_gradients(net: ntkgp.Layer) -> None:

@@ -580,6 +580,8 @@ def test_fit_refuses_a_model_with_every_parameter_frozen_and_leaves_it_in_eval_m
     assert not model.training and not model.likelihood.training
     with torch.no_grad():
         assert model(x[:4]).mean.shape == (4,)
+    with pytest.raises(ValueError, match="Every parameter of the model is frozen"):   # whatever the optimizer
+        fit(model, steps=3, optimizer=torch.optim.Adam([torch.zeros(1, requires_grad=True)]))
     model.likelihood.requires_grad_(True)     # one trainable parameter is enough
     assert len(fit(model, steps=2)) == 2
 
@@ -802,3 +804,6 @@ def test_exact_solves_raises_the_cholesky_limit_to_the_most_training_points_of_a
             assert gpytorch.settings.max_cholesky_size.value() == 100   # never lowered
     with pytest.raises(ValueError, match="needs a model with training inputs"):
         ntkgp.models.exact_solves(ntkgp.NTKKernel(ntkgp.mlp(1, "relu")))
+    untrained = gpytorch.models.ExactGP(None, None, gpytorch.likelihoods.GaussianLikelihood())
+    with pytest.raises(ValueError, match="one of the list has none"):
+        ntkgp.models.exact_solves(gpytorch.models.IndependentModelList(models[0], untrained))

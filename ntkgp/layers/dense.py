@@ -294,7 +294,8 @@ class DenseModule(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         # a deferred layer loading a saved one takes its width from the saved weight, as torch's lazy
-        # modules do ("Unexpected key(s) '0.weight', '0.input_scale'" before its first call otherwise)
+        # modules do ("Unexpected key(s) '0.weight', '0.input_scale'" before its first call otherwise);
+        # like theirs, it stays drawn at that width if the load then fails on another shape
         weight = state_dict.get(prefix + "weight")
         if self.weight is None and isinstance(weight, Tensor) and weight.dim() >= 2:
             self._materialize(weight.shape[-2])

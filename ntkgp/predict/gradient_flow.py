@@ -125,7 +125,7 @@ class GradientFlow:
         self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).detach().to(factor_dtype, copy=True)
         self.m = y_train.numel()
         # copies (of y too): a caller's later in-place edit must not reach a cached factorization
-        self.x_factor = x_train.to(factor_dtype, copy=True)
+        self.x_factor = x_train.detach().to(factor_dtype, copy=True)
         self._hyperparameters = HyperparameterRecord(net)
         with torch.no_grad(), named_kernels("training"):
             k = net.kernel(self.x_factor, ntk=kernel == "ntk")

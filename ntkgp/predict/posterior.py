@@ -90,7 +90,7 @@ class GPPosterior:
         self.vector_targets = y_train.dim() == 2
         self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).detach().to(factor_dtype, copy=True)
         # copies (of y too), as in GradientFlow: a caller's later in-place edit must not reach them
-        self.x_factor = x_train.to(factor_dtype, copy=True)
+        self.x_factor = x_train.detach().to(factor_dtype, copy=True)
         with torch.no_grad(), named_kernels("training"):
             k = net.kernel(self.x_factor, ntk=kernel == "ntkgp")
         prior = k.ntk if kernel == "ntkgp" else k.nngp
