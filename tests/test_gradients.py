@@ -35,9 +35,9 @@ NOT_TWICE_DIFFERENTIABLE = {"relu", "leaky_relu", "abrelu", "abs", "sign", "rect
 
 
 def _erf_nngp(k12, k11, k22):
-    """``Erf()``'s kernel, ``(2/π) asin(2k12 / sqrt((1 + 2k11)(1 + 2k22)))``, as a user's ``nngp_fn``
-    (its NTK factor then comes from autograd)."""
-    return 2 / torch.pi * torch.asin(2 * k12 / torch.sqrt((1 + 2 * k11) * (1 + 2 * k22)))
+    """``Erf()``'s kernel as a user's ``nngp_fn`` (neural-tangents' argument order): its NTK factor
+    then comes from autograd, not from ``Erf``'s own formula."""
+    return ntkgp.Erf().pair_kernel(k11, k12, k22, False)[0]
 
 
 def _two_layers(name: str) -> ntkgp.Layer:
