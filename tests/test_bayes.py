@@ -613,6 +613,13 @@ def test_per_member_noise_of_vector_outputs_is_not_read_per_point():
         with pytest.raises(ValueError, match=r"shape \(4, 1\) with 4 draws of 4 points is ambiguous: pass "
                                              r"shape \(4, 1, 1\) for one value per draw or member, or \(4,\)"):
             call(noise[:, None])
+        # (E, k) likewise: numpy reads it per point and output (review)
+        with pytest.raises(ValueError, match=r"shape \(4, 3\) with 4 draws of 4 points is ambiguous: pass "
+                                             r"shape \(4, 1, 3\) for one value per draw or member and output, or "
+                                             r"\(1, 4, 3\)"):
+            call(np.ones((4, 3)))
+    _, var = bayes.ensemble_moments(members, noise=np.ones((1, 4, 3)))
+    np.testing.assert_allclose(var, members.var(0) + 1.0, rtol=1e-15)
     _, var = bayes.ensemble_moments(members, noise=noise[:, None, None])
     np.testing.assert_allclose(var, members.var(0) + noise.mean(), rtol=1e-15)
     _, var = bayes.ensemble_moments(members, noise=noise)            # (M,): per point
@@ -652,3 +659,26 @@ def test_meta_tensors_and_negative_class_variances_are_refused_by_name():
     with pytest.raises(ValueError, match="non-negative"):
         bayes.misclassification_auroc(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]),
                                       np.array([[-5.0, 7.0], [1.0, 1.0], [0.5, 0.5]]), [0, 0, 0])
+
+
+def test_float32_levels_zero_outputs_and_lists_of_grad_tensors():
+    """Review: float32 levels named their coverages by their rounding (``coverage_89.9999976158``,
+    so ``metrics["coverage_90"]`` was a KeyError); a Gaussian of k = 0 outputs failed inside
+    torch's reshape after the eigendecomposition; a list of tensors that require grad reached
+    torch's "Can't call numpy() on Tensor that requires grad" from numpy."""
+    mean, var, y = np.zeros(4), np.ones(4), np.array([0.1, -2.0, 0.5, 1.0])
+    for levels in (torch.tensor([0.5, 0.9]), np.array([0.5, 0.9], dtype=np.float32),
+                   torch.tensor([0.5, 0.9], dtype=torch.float16)):
+        metrics = bayes.regression_metrics(mean, var, y, levels=levels)
+        assert metrics["coverage_50"] == 0.5 and metrics["coverage_90"] == 0.75
+    assert bayes.interval_coverage(mean, var, y, levels=np.float32(0.9)) == {0.9: 0.75}
+    no_outputs = Gaussian(torch.zeros(3, 0), torch.eye(3))
+    for call in (lambda: bayes.sample_outputs(no_outputs, 5), lambda: bayes.predictive_moments(no_outputs, 0.1)):
+        with pytest.raises(ValueError, match="k >= 1 outputs"):
+            call()
+    w = torch.tensor(1.0, requires_grad=True)
+    with pytest.raises(ValueError, match="mean holds tensors that require grad"):
+        bayes.rmse([w * 1, w * 2], [1.0, 2.0])
+    with pytest.raises(ValueError, match="noise holds tensors that require grad"):
+        bayes.ensemble_to_inference_data(torch.zeros(2, 3), torch.zeros(3), [w, w, w])
+    assert bayes.rmse(w * torch.tensor([1.0, 2.0]), [1.0, 2.0]) == 0.0   # one tensor is detached

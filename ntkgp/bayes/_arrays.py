@@ -23,13 +23,24 @@ def to_numpy(value: ArrayLike, name: str) -> np.ndarray:
             raise ValueError(f"{name} must be real, got a {value.dtype} tensor.")
         # float64 first: numpy has no bfloat16, and float16/32 widen exactly
         value = (value.double() if value.is_floating_point() else value).numpy()
-    elif np.iscomplexobj(value):
-        raise ValueError(f"{name} must be real, got complex values.")
     try:
-        array = np.asarray(value, dtype=np.float64)
+        complex_values = np.iscomplexobj(value)
+        array = None if complex_values else np.asarray(value, dtype=np.float64)
+    except RuntimeError as err:   # numpy reading a list of tensors that require grad: torch's .numpy() refuses
+        raise ValueError(f"{name} holds tensors that require grad: detach them (or pass one tensor).") from err
     except (TypeError, ValueError) as err:
         raise ValueError(f"{name} must be a numeric array or tensor, got {type(value).__name__}.") from err
+    if complex_values:
+        raise ValueError(f"{name} must be real, got complex values.")
     return array
+
+
+def narrow_float_type(value: object) -> type | None:
+    """``numpy.float32``/``float16`` for a float32/float16 array or tensor, else ``None``: values typed
+    in those precisions (``0.9`` is ``0.8999999762`` in float32) read back as typed through
+    ``float(str(type(v)))``, numpy's shortest repr that round-trips in that precision."""
+    return {"float32": np.float32, "torch.float32": np.float32,
+            "float16": np.float16, "torch.float16": np.float16}.get(str(getattr(value, "dtype", None)))
 
 
 def finite(value: ArrayLike, name: str) -> np.ndarray:
@@ -71,12 +82,17 @@ def broadcast_per_point(var: np.ndarray, shape: tuple[int, ...], has_outputs: bo
     ``(1, k)``) and in ``(M,)`` otherwise. A ``(k,)`` value is refused: numpy would broadcast it
     per output, except when ``M == k``, where it would read per point. With draws or members
     ahead, ``shape = (S, M, k)``, an ``(S, 1)`` value is refused when ``S == M``: numpy reads it per
-    point (as ``(M, 1)``), while it may be meant per draw, which is ``(S, 1, 1)``.
+    point (as ``(M, 1)``), while it may be meant per draw, which is ``(S, 1, 1)``; so is ``(S, k)``
+    (per point and output for numpy, ``(S, 1, k)`` per draw and output).
     """
     if has_outputs and len(shape) == 3 and var.shape == (shape[0], 1) and shape[0] == shape[1] > 1:
         raise ValueError(f"A {name} of shape {var.shape} with {shape[0]} draws of {shape[1]} points is ambiguous: "
                          f"pass shape ({shape[0]}, 1, 1) for one value per draw or member, or ({shape[1]},) for one "
                          "per point.")
+    if has_outputs and len(shape) == 3 and var.shape == (shape[0], shape[2]) and shape[0] == shape[1] > 1:
+        raise ValueError(f"A {name} of shape {var.shape} with {shape[0]} draws of {shape[1]} points is ambiguous: "
+                         f"pass shape ({shape[0]}, 1, {shape[2]}) for one value per draw or member and output, or "
+                         f"(1, {shape[1]}, {shape[2]}) for one per point and output.")
     if var.ndim == 1 and has_outputs:
         if var.shape[0] not in (1, shape[-2]):
             raise ValueError(f"A 1-D {name} holds one value per point, length {shape[-2]}; got length {var.shape[0]}. "

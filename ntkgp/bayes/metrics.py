@@ -15,7 +15,7 @@ from scipy.special import ndtri
 from scipy.stats import rankdata
 
 from ntkgp._typing import ArrayLike
-from ntkgp.bayes._arrays import finite, observations, variances
+from ntkgp.bayes._arrays import finite, narrow_float_type, observations, variances
 from ntkgp.bayes.inference_data import log_density
 
 #: Central-interval levels of :func:`interval_coverage`'s default.
@@ -55,6 +55,9 @@ def nlpd(mean: ArrayLike, variance: ArrayLike, y: ArrayLike) -> float:
 
 def _levels(levels: Sequence[float] | float, name: str = "levels") -> np.ndarray:
     array = finite(levels, name).reshape(-1)
+    narrow = narrow_float_type(levels)
+    if narrow is not None:   # float32 0.9 is 0.89999998: its key must be coverage_90, as typed
+        array = np.array([float(str(narrow(p))) for p in array])
     if array.size == 0 or not ((array > 0) & (array < 1)).all():
         raise ValueError(f"{name} must be probabilities strictly between 0 and 1, got {array.tolist()}.")
     return array

@@ -145,6 +145,8 @@ def _magnitude(values: Tensor, prior: float | None) -> float:
 def _checked(g: Gaussian) -> Gaussian:
     """``g`` (one time) with a finite mean and a finite symmetric covariance: the draws read one
     triangle of ``Σ`` (``eigh``), so a hand-built asymmetric one would be used half-silently."""
+    if g.mean.dim() == 2 and g.mean.shape[-1] == 0:   # torch's "cannot reshape tensor of 0 elements" in the draws
+        raise ValueError(f"The Gaussian's mean must have k >= 1 outputs, got shape {tuple(g.mean.shape)}.")
     if not all_finite(g.mean.detach()) or not all_finite(g.covariance.detach()):
         raise ValueError("The Gaussian's mean or covariance contains NaN or infinite values.")
     # rounding relative to the scale the PSD check uses: near the data a posterior covariance is tiny
