@@ -62,6 +62,10 @@ PRESETS = {
 }
 
 
+def _listed(values: tuple[int, ...]) -> str:
+    return " ".join(map(str, values))
+
+
 #: CompareConfig fields named in its error messages, and the options that set them.
 OPTIONS = {"ensemble_size": "--ensemble-size", "record_steps": "--steps", "weight_var": "--weight-var",
            "bias_var": "--bias-var", "learning_rate": "--learning-rate", "lr_fraction": "--lr-fraction",
@@ -182,7 +186,11 @@ def _compare(args: argparse.Namespace) -> int:
             raise
         print(f"ntkgp compare: error: {_error(error, spec)}", file=sys.stderr)
         return 2 if isinstance(error, ValueError) else 1   # MemoryError: the first width did not fit
-    out = write_report(result, args.out)
+    try:
+        out = write_report(result, args.out)
+    except KeyboardInterrupt:   # in the figures: the folder keeps what it held (write_report moves files in at the end)
+        print(f"ntkgp compare: interrupted while writing the report; {args.out} was left as it was", file=sys.stderr)
+        return 130
     # 3 significant digits, as report.md: ".2f" printed 0.004 as 0.00
     print(f"learning rate {result.learning_rate:.4g} (= {result.learning_rate / result.max_learning_rate:.3g} "
           f"x 2m/lambda_max); {result.seconds:.0f} s")
@@ -276,12 +284,16 @@ def _add_compare(sub) -> None:
                    help="sizes: 'default' (< 2 min on a 2-core CPU), 'acceptance' (widths 128-2048, 128 "
                         "members: the full validation, ~6 min on a 2-core CPU), 'gpu' (widths to 8192, 1024 members)")
     p.add_argument("--widths", type=int, nargs="+",
-                   help="hidden widths to train, in any order (sorted, repeats dropped; overrides the preset)")
-    p.add_argument("--ensemble-size", type=int, help="members per width")
+                   help="hidden widths to train, in any order (sorted, repeats dropped; default: the preset's, "
+                        f"{_listed(PRESETS['default']['widths'])} for 'default')")
+    p.add_argument("--ensemble-size", type=int,
+                   help=f"members per width, at least 2 (default: the preset's, {PRESETS['default']['ensemble_size']} "
+                        "for 'default')")
     p.add_argument("--steps", dest="record_steps", type=int, nargs="+",
                    help="gradient-descent steps s at which to compare, in any order (sorted, repeats dropped; "
                         "reported with the time t = learning rate x s: ntkgp.predict's t at its default "
-                        "learning_rate=1)")
+                        f"learning_rate=1; default: the preset's, {_listed(PRESETS['default']['record_steps'])} "
+                        "for 'default')")
     p.add_argument("--spec", metavar="FILE.py:FUNCTION",
                    help="any architecture instead of the MLP: a Python function of the hidden width that "
                         "returns an ntkgp network spec, as FILE.py:FUNCTION or MODULE:FUNCTION (e.g. "

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import warnings
+import zipfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -1444,3 +1445,65 @@ def test_mean_errors_far_above_the_stability_limit_do_not_overflow():
     assert r.mean_bias[0] == pytest.approx(1e292 * math.sqrt(2.5), rel=1e-14)
     small = _width_metrics(256, _history(outputs), mu * 1e-292, torch.ones(1, 2, dtype=torch.float64), 0.27, 0.0)
     assert small.mean_rmse[0] == pytest.approx(math.sqrt(2.5), rel=1e-14)
+
+
+def test_damaged_npz_files_and_booleans_are_refused_by_name(tmp_path):
+    """Review: a download damaged inside its data failed its CRC only when read (zipfile.BadZipFile
+    traceback), a member not in .npy format came back as bytes (AttributeError), and boolean
+    arrays were taken although a Dataset built directly refuses them."""
+    x = np.linspace(-1, 1, 4)[:, None]
+    good = tmp_path / "good.npz"
+    np.savez(good, x_train=x, y_train=x, x_test=x)
+    raw = bytearray(good.read_bytes())
+    start = raw.index(b"x_train.npy") + len("x_train.npy") + 80   # inside the first member's data
+    raw[start:start + 40] = bytes(40)
+    (tmp_path / "crc.npz").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"crc\.npz: array 'x_train' cannot be read \(Bad CRC-32"):
+        load_dataset(str(tmp_path / "crc.npz"))
+    with zipfile.ZipFile(tmp_path / "bytes.npz", "w") as archive:
+        for name in ("x_train", "y_train", "x_test"):
+            archive.writestr(f"{name}.npy", b"not an npy file")
+    with pytest.raises(ValueError, match=r"'x_train' is not a numpy array \(the archive was not written by numpy"):
+        load_dataset(str(tmp_path / "bytes.npz"))
+    np.savez(tmp_path / "bool.npz", x_train=np.array([[True], [False]]), y_train=np.ones(2), x_test=x)
+    with pytest.raises(ValueError, match="'x_train' must hold real numbers, got dtype bool"):
+        load_dataset(str(tmp_path / "bool.npz"))
+
+
+def test_csv_non_finite_cells_are_named_by_line_and_column_and_the_header_hint_is_for_the_first_line(tmp_path):
+    """Review: NaN, inf and 1e400 in a CSV were named by the npz arrays' names ("y_train in nan.csv"),
+    with no line; a non-number on a later data line got the advice for an unmarked header."""
+    (tmp_path / "nan.csv").write_text("# x,y\n\n1,nan\n3,4\n")
+    with pytest.raises(ValueError, match=r"nan\.csv, line 3, column 2 \(the target\): nan is not a finite number"):
+        load_dataset(str(tmp_path / "nan.csv"))
+    (tmp_path / "big.csv").write_text("1,2,0\n1,1e400,4\n")
+    with pytest.raises(ValueError, match=r"big\.csv, line 2, column 2 \(an input\): inf is not a finite number"):
+        load_dataset(str(tmp_path / "big.csv"))
+    (tmp_path / "later.csv").write_text("1,2\n3,abc\n")
+    with pytest.raises(ValueError, match="line 2, column 2: could not convert string 'abc'") as error:
+        load_dataset(str(tmp_path / "later.csv"))
+    assert "header" not in str(error.value)
+    (tmp_path / "header.csv").write_text("\nx,y\n1,2\n")
+    with pytest.raises(ValueError, match=r"line 2, column 1: .* \(a header line must start with #\)"):
+        load_dataset(str(tmp_path / "header.csv"))
+
+
+def test_an_interrupted_report_leaves_the_folder_s_earlier_report_whole(tmp_path, capsys, monkeypatch):
+    """Review: Ctrl-C in the figures (matplotlib's tight_layout) gave a traceback and left a folder
+    with the new report.json beside the old report.md and the old figures deleted."""
+    from ntkgp.compare import report
+
+    out = tmp_path / "r"
+    argv = ["compare", "--widths", "16", "--ensemble-size", "2", "--steps", "0", "5", "--no-progress",
+            "--no-divergence-check", "--out", str(out)]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(result, folder):
+        (folder / "scaling.png").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "_figures", interrupted)
+    assert main([*argv[:-2], "--seed", "5", "--out", str(out)]) == 130
+    assert "interrupted while writing the report" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # no scratch folder left either

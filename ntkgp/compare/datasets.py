@@ -117,7 +117,7 @@ def circle_dataset(n_train: int = 8, n_test: int = 100) -> Dataset:
 def load_dataset(source: str) -> Dataset:
     """A built-in dataset (``"sin"``, ``"circle"``) or a file.
 
-    * ``.npz`` with real arrays ``x_train`` ``(N, d)``, ``y_train`` (one target), ``x_test``
+    * ``.npz`` with integer or floating-point arrays ``x_train`` ``(N, d)``, ``y_train`` (one target), ``x_test``
       ``(M, d)`` (and optionally ``y_test``, drawn in the figures); 1-D arrays hold one value per
       point (``x`` of shape ``(N,)`` is ``N`` points of one input);
     * ``.csv`` (comma-separated numbers, UTF-8 with or without a byte-order mark; a header line
@@ -229,12 +229,20 @@ def _read_csv(path: pathlib.Path) -> np.ndarray:
     try:
         with warnings.catch_warnings():   # numpy's "input contained no data": raised by the caller instead
             warnings.simplefilter("ignore", UserWarning)
-            return np.loadtxt(lines, delimiter=",", comments="#", ndmin=2)
+            table = np.loadtxt(lines, delimiter=",", comments="#", ndmin=2)
     except ValueError as error:
         # numpy's "row" is the data row (from 0) in a conversion error and the line in a ragged one:
         # find the line again one at a time (only on this error path, so large files stay fast)
         reason = _bad_line(lines) or str(error).split("; use `usecols`")[0]   # numpy's advice is for its own API
         raise ValueError(f"Cannot read {path} as comma-separated numbers: {reason}") from None
+    bad = np.argwhere(~np.isfinite(table))
+    if bad.size:   # named by line and column, as a conversion error is (the arrays' names are the npz's)
+        row, column = bad[0]
+        number = [i for i, line in enumerate(lines, 1) if line][row]
+        part = "the target" if column == table.shape[1] - 1 else "an input"
+        raise ValueError(f"{path}, line {number}, column {column + 1} ({part}): {table[row, column]} is not a finite "
+                         "number (NaN, inf, or beyond float64's range, ~1.8e308).")
+    return table
 
 
 def _bad_line(lines: list[str]) -> str | None:
@@ -249,8 +257,9 @@ def _bad_line(lines: list[str]) -> str | None:
             message = str(error)
             column = re.search(r" at row \d+, column (\d+)\.?$", message)
             where = f"line {number}, column {column[1]}" if column else f"line {number}"
-            # a header line is the usual non-number: say how one is written
-            return f"{where}: {message[:column.start()] if column else message} (a header line must start with #)"
+            # an unmarked header, the usual non-number on the first line, gets the rule for headers
+            hint = " (a header line must start with #)" if first is None else ""
+            return f"{where}: {message[:column.start()] if column else message}{hint}"
         if first is None:
             first = (number, row.shape[1])
         elif row.shape[1] != first[1]:
@@ -262,9 +271,12 @@ def _real_array(data, name: str, path: pathlib.Path) -> Tensor:
     """Array ``name`` of an open ``.npz`` as float64, or a ``ValueError`` that names the file."""
     try:
         array = data[name]
-    except ValueError as error:   # object arrays need pickle, which is not loaded
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        # object arrays need pickle, which is not loaded; a damaged archive fails its CRC only when read
         raise ValueError(f"{path}: array {name!r} cannot be read ({error}).") from None
-    if array.dtype.kind not in "biuf":
+    if not isinstance(array, np.ndarray):   # a member not in .npy format comes back as raw bytes
+        raise ValueError(f"{path}: {name!r} is not a numpy array (the archive was not written by numpy.savez).")
+    if array.dtype.kind not in "iuf":   # booleans are refused, as Dataset refuses them
         raise ValueError(f"{path}: array {name!r} must hold real numbers, got dtype {array.dtype}.")
     return torch.as_tensor(array.astype(np.float64), device="cpu")
 

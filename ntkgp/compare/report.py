@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
+import tempfile
 
 from ntkgp.compare.calibration import MEAN_SLACK, VARIANCE_FLOOR
 from ntkgp.compare.harness import (
@@ -96,18 +98,25 @@ def write_report(result: ComparisonResult, out: str | pathlib.Path) -> pathlib.P
     """Write ``report.json``, ``report.md`` and the figures into ``out``; returns the folder.
 
     Figures an earlier report left in ``out`` (``band_width*.png``, ``scaling.png``,
-    ``loss.png``) are removed first, so the folder holds one report. A ``ValueError``
-    (:func:`check_report_folder`), before anything is written, when ``out`` is a file or a
-    folder (or another non-file) holds one of those names."""
+    ``loss.png``) are removed, so the folder holds one report. The files are written in a scratch
+    folder inside ``out`` and moved in when all are done: interrupted (the figures take seconds),
+    ``out`` keeps its earlier report whole. A ``ValueError`` (:func:`check_report_folder`), before
+    anything is written, when ``out`` is a file or a folder (or another non-file) holds one of
+    those names."""
     check_report_folder(out)
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("band_width*.png"), out / "scaling.png", out / "loss.png"]:
-        stale.unlink(missing_ok=True)   # figures of an earlier report in this folder
-    # strict JSON: an undefined slope (a frozen layer, a bias below the noise) is null, not NaN
-    (out / "report.json").write_text(json.dumps(_finite_or_null(result.to_dict()), indent=1, allow_nan=False))
-    figures = _figures(result, out)
-    (out / "report.md").write_text(_markdown(result, figures))
+    with tempfile.TemporaryDirectory(dir=out, prefix=".report-") as scratch:
+        scratch = pathlib.Path(scratch)
+        # strict JSON: an undefined slope (a frozen layer, a bias below the noise) is null, not NaN
+        (scratch / "report.json").write_text(json.dumps(_finite_or_null(result.to_dict()), indent=1,
+                                                        allow_nan=False))
+        figures = _figures(result, scratch)
+        (scratch / "report.md").write_text(_markdown(result, figures))
+        for stale in [*out.glob("band_width*.png"), out / "scaling.png", out / "loss.png"]:
+            stale.unlink(missing_ok=True)   # figures of an earlier report in this folder
+        for name in [*figures, "report.json", "report.md"]:
+            os.replace(scratch / name, out / name)
     return out
 
 
