@@ -45,8 +45,8 @@ def linearized(theta_dd, theta_td, f0_d, f0_t, y, lr, steps):
     members = f0_d.shape[0]
     per_member = theta_dd.dim() == 3
     return torch.stack([
-        gradient_descent_mse(theta_dd[e] if per_member else theta_dd, y, f0_d[e],
-                             theta_td[e] if per_member else theta_td, f0_t[e],
+        gradient_descent_mse(theta_dd[e] if per_member else theta_dd, y, fx_train_0=f0_d[e],
+                             ntk_test_train=theta_td[e] if per_member else theta_td, fx_test_0=f0_t[e],
                              steps=torch.tensor(steps), learning_rate=lr)[1]
         for e in range(members)], 1)
 

@@ -129,7 +129,8 @@ def sine_dynamics(w0, horizon: float, n_times: int, rtol: float, out: pathlib.Pa
     # Output space with the kernel frozen at t = 0: f(t) = y + exp(−Θ₀ t/M)(f(0) − y), i.e. the
     # linearized model; gradient_descent_mse uses τ = η t/m with m = y.numel() = M (η = 1).
     theta0 = empirical_ntk(sine, X, params=as_params(w0))
-    f_frozen = gradient_descent_mse(theta0, Y, torch.from_numpy(f_param[0]), t=torch.from_numpy(times)).numpy()
+    f_frozen = gradient_descent_mse(theta0, Y, fx_train_0=torch.from_numpy(f_param[0]),
+                                    t=torch.from_numpy(times)).numpy()
     # "Naive" functional gradient descent (Θ = I): f(t) = y + e^{−t/M} (f(0) − y).
     f_naive = y + np.exp(-times / M)[:, None] * (f_param[0] - y)
 
@@ -216,7 +217,7 @@ def wide_networks(widths: list[int], seeds: int, steps: int, out: pathlib.Path) 
             model = spec.build(in_features=1, seed=seed, dtype=DTYPE)
             theta0 = empirical_ntk(model, X)
             f_gd = train_network(model, learning_rate, steps)
-            f_lin = gradient_descent_mse(theta0, Y, f_gd[0], steps=torch.arange(steps + 1),
+            f_lin = gradient_descent_mse(theta0, Y, fx_train_0=f_gd[0], steps=torch.arange(steps + 1),
                                          learning_rate=learning_rate)
             theta_end = empirical_ntk(model, X)
             dev.append(float((f_gd - f_lin).abs().max()))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import operator
+from collections.abc import Callable
 
 import numpy as np
 
@@ -34,6 +36,27 @@ def seed_value(value: object, minimum: int = -(2**63), name: str = "seed") -> in
 
 NT_GET_HINT = ("neural-tangents' get argument has no counterpart here: the result holds both kernels (.nngp and "
                ".ntk; ntk=False skips the NTK).")
+
+
+NT_KERNEL_HINT = ("pass kernel='ntk' or kernel='nngp' (neural-tangents' get names the kernel; for both, one "
+                  "predictor per kernel).")
+
+
+def neural_tangents_keywords(**hints: str) -> Callable[[Callable], Callable]:
+    """Decorator: a keyword argument of the neural-tangents counterpart that the function lacks
+    raises a ``TypeError`` that says what to pass instead (``hints[name]``); a port otherwise met
+    Python's bare "unexpected keyword argument" (or, in a class without ``__init__``, one naming
+    ``torch.nn.Module``)."""
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            ported = [name for name in hints if name in kwargs]
+            if ported:
+                raise TypeError(f"{fn.__qualname__.removesuffix('.__init__')} got an unexpected keyword argument "
+                                f"{ported[0]!r}: {hints[ported[0]]}")
+            return fn(*args, **kwargs)
+        return checked
+    return decorate
 
 
 def check_flag(value: object, name: str, hint: str = "") -> None:

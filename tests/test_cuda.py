@@ -155,9 +155,10 @@ def test_empirical_kernels_linearized_training_and_monte_carlo():
         ntk_dd, ntk_td = finite.empirical_ntk(model, x.to(d)), finite.empirical_ntk(model, x2.to(d), x.to(d))
         full = finite.empirical_ntk(model, x.to(d), vector_output=True)
         with torch.no_grad():
-            trained = predict.gradient_descent_mse(ntk_dd, y.to(d), f_train, ntk_td, f_test, t=[1.0, 5.0],
+            trained = predict.gradient_descent_mse(ntk_dd, y.to(d), fx_train_0=f_train, ntk_test_train=ntk_td,
+                                                   fx_test_0=f_test, t=[1.0, 5.0],
                                                    diag_reg=1e-6)
-            joint = predict.gradient_descent_mse(full, y.to(d), f_train, t=2.0, diag_reg=1e-6)
+            joint = predict.gradient_descent_mse(full, y.to(d), fx_train_0=f_train, t=2.0, diag_reg=1e-6)
         mc = finite.monte_carlo_kernel(net, x.to(d), x2.to(d), n_samples=6, ensemble_batch=4)
         results.append((ntk_dd, full, *trained, joint, mc.nngp, mc.ntk, mc.ntk_sem))
     for gpu, cpu in zip(*results, strict=True):

@@ -99,7 +99,7 @@ def test_readout_only_training_with_vector_targets_is_the_linear_model():
     with torch.no_grad():
         f0 = model(X)
     for member in range(2):
-        train = predict.gradient_descent_mse(theta[member], Y, f0[member], steps=torch.tensor(steps),
+        train = predict.gradient_descent_mse(theta[member], Y, fx_train_0=f0[member], steps=torch.tensor(steps),
                                              learning_rate=lr)
         torch.testing.assert_close(h.test_outputs[:, member], train, rtol=1e-10, atol=1e-11)
 
@@ -182,10 +182,10 @@ def test_max_learning_rate_of_a_full_kernel_is_that_of_the_flattened_outputs():
     # below it, discrete gradient descent on the full kernel stays bounded; above it, it diverges
     y = _x(n, k, seed=4)
     limit = predict.max_learning_rate(full)
-    stable = predict.gradient_descent_mse(full, y, 0.0, steps=500, learning_rate=0.9 * limit)
+    stable = predict.gradient_descent_mse(full, y, fx_train_0=0.0, steps=500, learning_rate=0.9 * limit)
     assert float((stable - y).abs().max()) <= float(y.abs().max())
     with pytest.warns(RuntimeWarning, match="stability limit"):
-        unstable = predict.gradient_descent_mse(full, y, 0.0, steps=500, learning_rate=1.1 * limit)
+        unstable = predict.gradient_descent_mse(full, y, fx_train_0=0.0, steps=500, learning_rate=1.1 * limit)
     assert float((unstable - y).abs().max()) > 1e10
     with pytest.raises(ValueError, match=r"\(N, N, k, k\)"):
         predict.max_learning_rate(torch.ones(2, 3, 3))
@@ -305,7 +305,7 @@ def test_float32_kernel_null_directions_use_float32_rounding():
     jd, jsd = j.double(), js.double()
     ref = (jsd @ jd.T) @ torch.linalg.pinv(jd @ jd.T, hermitian=True) @ y.double()
     for t in (1e8, math.inf):
-        _, test = predict.gradient_descent_mse(k, y, 0.0, ks, 0.0, t=t)
+        _, test = predict.gradient_descent_mse(k, y, fx_train_0=0.0, ntk_test_train=ks, fx_test_0=0.0, t=t)
         assert test.dtype == torch.float32
         torch.testing.assert_close(test.double(), ref, rtol=0, atol=1e-5)
 
@@ -318,9 +318,10 @@ def test_float32_kernel_singular_to_float32_rounding_raises():
     j, js = torch.randn(12, 11, generator=g).float(), torch.randn(4, 11, generator=g).float()
     y = torch.randn(12, generator=g).float()
     with pytest.raises(ValueError, match=r"singular.*lower precision"):
-        predict.gradient_descent_mse(j @ j.T, y, 0.0, js @ j.T, 0.0)
+        predict.gradient_descent_mse(j @ j.T, y, fx_train_0=0.0, ntk_test_train=js @ j.T, fx_test_0=0.0)
     # regularized above float32 rounding it factors
-    _, test = predict.gradient_descent_mse(j @ j.T, y, 0.0, js @ j.T, 0.0, diag_reg=1e-3)
+    _, test = predict.gradient_descent_mse(j @ j.T, y, fx_train_0=0.0, ntk_test_train=js @ j.T, fx_test_0=0.0,
+                                           diag_reg=1e-3)
     assert bool(torch.isfinite(test).all())
 
 
@@ -381,7 +382,7 @@ def test_kernels_with_subnormal_diagonals_are_still_singular():
         y, kt = torch.randn(12, generator=g), (torch.randn(3, 20, generator=g) @ j.double().T).float()
         assert float(k.diagonal().min()) < torch.finfo(torch.float32).tiny
         with pytest.raises(ValueError, match="singular"):
-            predict.gradient_descent_mse((k + k.T) / 2, y, 0.0, kt, 0.0)
+            predict.gradient_descent_mse((k + k.T) / 2, y, fx_train_0=0.0, ntk_test_train=kt, fx_test_0=0.0)
 
 
 # the same for a float64 J Jᵀ of rank 29 on 30 points (an empirical NTK of fewer parameters than
@@ -393,7 +394,7 @@ def test_rank_deficient_kernel_passing_pivots_raises_at_t_none():
         g = torch.Generator().manual_seed(seed)
         j, js, y = torch.randn(30, 29, generator=g), torch.randn(4, 29, generator=g), torch.randn(30, generator=g)
         try:
-            predict.gradient_descent_mse(j @ j.T, y, 0.0, js @ j.T, 0.0)
+            predict.gradient_descent_mse(j @ j.T, y, fx_train_0=0.0, ntk_test_train=js @ j.T, fx_test_0=0.0)
             accepted += 1
         except ValueError:
             pass
@@ -416,8 +417,9 @@ def test_targets_and_test_points_on_another_device_are_a_clear_error_before_the_
         with pytest.raises(ValueError, match="x_test is on meta but x_train is on cpu"):
             model.predict(x_test)
     with pytest.raises(ValueError, match="ntk_test_train is on meta but ntk_train_train is on cpu"):
-        predict.gradient_descent_mse(torch.eye(6, dtype=torch.float64), y, 0.0,
-                                     torch.empty(3, 6, device="meta", dtype=torch.float64), 0.0, t=1.0)
+        predict.gradient_descent_mse(torch.eye(6, dtype=torch.float64), y, fx_train_0=0.0,
+                                     ntk_test_train=torch.empty(3, 6, device="meta", dtype=torch.float64),
+                                     fx_test_0=0.0, t=1.0)
 
 
 @pytest.mark.parametrize("kw", [{"t": True}, {"steps": True}, {"steps": [True, 3]}, {"t": (0.5, False)},
@@ -444,7 +446,8 @@ def test_times_whose_tau_overflows_are_infinite_time_also_for_a_zero_kernel():
     y = torch.tensor([[1.0, -1.46], [0.3, 0.2], [-0.7, 1.1]])
     zero, cross = torch.zeros(3, 3), torch.zeros(2, 3)
     for kw in ({"t": [1.0, 1e300, math.inf]}, {"steps": [1, 10**300]}):
-        train, test = predict.gradient_descent_mse(zero, y, 0.5, cross, 0.5, learning_rate=1e10, **kw)
+        train, test = predict.gradient_descent_mse(zero, y, fx_train_0=0.5, ntk_test_train=cross, fx_test_0=0.5,
+                                                   learning_rate=1e10, **kw)
         assert torch.equal(train, torch.full_like(train, 0.5)) and torch.equal(test, torch.full_like(test, 0.5))
 
 
@@ -461,7 +464,8 @@ def test_kernels_with_gradients_train_without_torch_scalar_warnings():
         for kw in ({"t": [0.5, math.inf]}, {"steps": 3}, {"t": None}):
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
-                _, test = predict.gradient_descent_mse(NET.kernel(x).ntk, y, 0.0, NET.kernel(x_test, x).ntk, 0.0, **kw)
+                _, test = predict.gradient_descent_mse(NET.kernel(x).ntk, y, fx_train_0=0.0,
+                                                       ntk_test_train=NET.kernel(x_test, x).ntk, fx_test_0=0.0, **kw)
             assert test.requires_grad
     finally:
         torch.set_warn_always(previous)
@@ -537,10 +541,12 @@ def test_linearized_outputs_of_an_empty_test_set():
     kernel, y = torch.eye(6) + 0.1, _x(6, 2, seed=10)
     empty = torch.zeros(0, 6)
     for times in ({"t": 1.0}, {"t": torch.tensor([0.5, 2.0, 3.0])}, {"steps": 3}, {"t": None}):
-        train, test = predict.gradient_descent_mse(kernel, y, 0.0, empty, 0.0, **times)
+        train, test = predict.gradient_descent_mse(kernel, y, fx_train_0=0.0, ntk_test_train=empty,
+                                                   fx_test_0=0.0, **times)
         count = () if times.get("t") is None or isinstance(times.get("t"), float) else (3,)
         assert test.shape == (*count, 0, 2)
-        full = predict.gradient_descent_mse(kernel, y, 0.0, torch.ones(1, 6), 0.0, **times)
+        full = predict.gradient_descent_mse(kernel, y, fx_train_0=0.0, ntk_test_train=torch.ones(1, 6),
+                                            fx_test_0=0.0, **times)
         assert torch.equal(train, full[0])
 
 
@@ -585,7 +591,8 @@ def test_directions_below_rounding_that_move_the_test_outputs_are_reported():
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 mean = flow.predict(xt, t=t, compute_cov=False).mean
-                from_kernels = predict.gradient_descent_mse(theta, y, 0.0, cross, 0.0, t=t)[1]
+                from_kernels = predict.gradient_descent_mse(theta, y, fx_train_0=0.0, ntk_test_train=cross,
+                                                            fx_test_0=0.0, t=t)[1]
                 flow.predict(xt, steps=steps, compute_cov=False)
             said = [w for w in caught if "count as untrained, but move the test outputs" in str(w.message)]
             assert len(said) == (3 if warned else 0), (name, t, [str(w.message) for w in caught])
@@ -620,7 +627,7 @@ def test_dropped_directions_of_inputs_whose_norms_span_decades_are_reported():
             late = flow.predict(xt, t=t, compute_cov=False).mean
         assert float((late - exact).abs().max()) > 0.5 * float(exact.abs().max())   # what the warning is about
         with pytest.warns(RuntimeWarning, match="count as untrained"):
-            predict.gradient_descent_mse(theta, y, 0.0, cross, 0.0, t=t)
+            predict.gradient_descent_mse(theta, y, fx_train_0=0.0, ntk_test_train=cross, fx_test_0=0.0, t=t)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         predict.GradientFlow(net, duplicate, y).predict(xt, t=math.inf, compute_cov=False)
@@ -642,8 +649,9 @@ def test_the_unresolved_direction_warning_names_the_callers_line_and_takes_times
     t = torch.tensor(1e10, dtype=torch.float64, requires_grad=True)
     calls = [lambda: predict.gradient_flow(net, x, y, xt, t=1e10, compute_cov=False),
              lambda: predict.GradientFlow(net, x, y).predict(xt, steps=10**10, compute_cov=False),
-             lambda: predict.gradient_descent_mse(theta, y, 0.0, cross, 0.0, t=t),
-             lambda: predict.gradient_descent_mse(full_theta, torch.stack([y, -y], -1), 0.0, full_cross, 0.0, t=1e10)]
+             lambda: predict.gradient_descent_mse(theta, y, fx_train_0=0.0, ntk_test_train=cross, fx_test_0=0.0, t=t),
+             lambda: predict.gradient_descent_mse(full_theta, torch.stack([y, -y], -1), fx_train_0=0.0,
+                                                  ntk_test_train=full_cross, fx_test_0=0.0, t=1e10)]
     for call in calls:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -697,7 +705,8 @@ def test_gradient_descent_mse_gradients_at_repeated_and_close_eigenvalues(time, 
     def loss(perturbation, td, ours):
         theta = base + perturbation + perturbation.mT
         if ours:
-            train, test = predict.gradient_descent_mse(theta, y, f0, td, ft0, learning_rate=rate, **time)
+            train, test = predict.gradient_descent_mse(theta, y, fx_train_0=f0, ntk_test_train=td, fx_test_0=ft0,
+                                                       learning_rate=rate, **time)
         else:
             t = time.get("t")
             tau = None if t is None or math.isinf(t) else rate * t / m
@@ -725,7 +734,7 @@ def test_gradient_descent_mse_hyperparameter_gradients_with_one_hot_inputs():
     x, xt = torch.eye(4), torch.tensor([[0.3, 0.2, -0.1, 0.5]])
     y = torch.tensor([1.0, -1.0, 0.5, 0.0])
     k, kc = net.kernel(x), net.kernel(xt, x)
-    _, test = predict.gradient_descent_mse(k.ntk, y, 0.0, kc.ntk, 0.0, 1.0)
+    _, test = predict.gradient_descent_mse(k.ntk, y, fx_train_0=0.0, ntk_test_train=kc.ntk, fx_test_0=0.0, t=1.0)
     ours = torch.autograd.grad(test.sum(), list(net.parameters()))
     k, kc = net.kernel(x), net.kernel(xt, x)
     _, test_ref = _reference_dynamics(k.ntk, y, torch.zeros(4), kc.ntk, torch.zeros(1), tau=1.0 / 4)
@@ -743,7 +752,8 @@ def test_gradient_descent_mse_differentiates_diag_reg_and_refuses_a_learning_rat
         theta, cross = NET.kernel(x).ntk, NET.kernel(x_test, x).ntk
 
     def test_outputs(reg):
-        return predict.gradient_descent_mse(theta, y, 0.0, cross, 0.0, t, diag_reg=reg)[1].sum()
+        return predict.gradient_descent_mse(theta, y, fx_train_0=0.0, ntk_test_train=cross, fx_test_0=0.0, t=t,
+                                            diag_reg=reg)[1].sum()
 
     reg = torch.tensor(0.1, requires_grad=True)
     (grad,) = torch.autograd.grad(test_outputs(reg), reg)
@@ -753,7 +763,8 @@ def test_gradient_descent_mse_differentiates_diag_reg_and_refuses_a_learning_rat
     (grad,) = torch.autograd.grad(test_outputs(zero), zero)
     assert float(grad) == pytest.approx(float(test_outputs(h) - test_outputs(0.0)) / h, rel=1e-4)
     with pytest.raises(ValueError, match="differentiate with respect to the time t"):
-        predict.gradient_descent_mse(theta, y, 0.0, cross, 0.0, t, learning_rate=torch.tensor(0.5, requires_grad=True))
+        predict.gradient_descent_mse(theta, y, fx_train_0=0.0, ntk_test_train=cross, fx_test_0=0.0, t=t,
+                                     learning_rate=torch.tensor(0.5, requires_grad=True))
 
 
 def test_gradient_descent_mse_second_derivatives_and_extreme_schedules():
@@ -769,7 +780,8 @@ def test_gradient_descent_mse_second_derivatives_and_extreme_schedules():
 
     def loss(scale, **time):
         theta = rbf(x, x, scale) + 0.1 * torch.eye(5)
-        return predict.gradient_descent_mse(theta, y, 0.0, rbf(x_test, x, scale), 0.0, **time)[1].pow(2).sum()
+        return predict.gradient_descent_mse(theta, y, fx_train_0=0.0, ntk_test_train=rbf(x_test, x, scale),
+                                            fx_test_0=0.0, **time)[1].pow(2).sum()
 
     scale = torch.tensor(0.8, requires_grad=True)
     (first,) = torch.autograd.grad(loss(scale, t=3.0), scale, create_graph=True)
@@ -792,7 +804,7 @@ def test_gradient_descent_mse_second_derivatives_and_extreme_schedules():
     theta = torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5])).requires_grad_(True)
     y4 = torch.tensor([1.0, -1.0, 0.5, 0.2])
     for time in ({"steps": torch.arange(5)}, {"t": 1e200}):
-        out = predict.gradient_descent_mse(theta, y4, 0.3, learning_rate=1.0, **time)
+        out = predict.gradient_descent_mse(theta, y4, fx_train_0=0.3, learning_rate=1.0, **time)
         (grad,) = torch.autograd.grad(out.sum(), theta)
         assert torch.isfinite(grad).all()
 
@@ -811,7 +823,8 @@ def test_second_derivatives_at_tied_eigenvalues_are_exact(time):
 
     def loss(x):
         k = net.kernel(torch.cat([x, x_test])).ntk
-        train, test = predict.gradient_descent_mse(k[:6, :6], torch.arange(1.0, 7.0), 0.0, k[6:, :6], 0.0, **time)
+        train, test = predict.gradient_descent_mse(k[:6, :6], torch.arange(1.0, 7.0), fx_train_0=0.0,
+                                                   ntk_test_train=k[6:, :6], fx_test_0=0.0, **time)
         return train.pow(2).sum() + test.pow(2).sum()
 
     def gradient(x):
@@ -841,7 +854,7 @@ def test_second_derivatives_at_tied_eigenvalues_with_null_directions_warn():
 
     def first_derivative(create_graph):
         x = torch.cat([torch.eye(3), -torch.eye(3), torch.eye(3)[:1]]).requires_grad_()
-        out = predict.gradient_descent_mse(net.kernel(x).ntk, torch.arange(1.0, 8.0), 0.0, t=math.inf)
+        out = predict.gradient_descent_mse(net.kernel(x).ntk, torch.arange(1.0, 8.0), fx_train_0=0.0, t=math.inf)
         return torch.autograd.grad(out.pow(2).sum(), x, create_graph=create_graph)
 
     with warnings.catch_warnings():
@@ -861,22 +874,23 @@ def test_second_derivatives_at_tied_eigenvalues_keep_eigh_where_the_exact_form_d
     theta = torch.diag(torch.tensor([1.0, 2.0, 2.0, 3.0])).requires_grad_()
     y = torch.tensor([1.0, -1.0, 0.5, 0.2])
     steps = torch.tensor([3.0, 40.0], requires_grad=True)
-    out = predict.gradient_descent_mse(theta, y, 0.0, steps=steps, learning_rate=0.5)
+    out = predict.gradient_descent_mse(theta, y, fx_train_0=0.0, steps=steps, learning_rate=0.5)
     with pytest.warns(RuntimeWarning, match="step counts that require grad"):
         d_theta, d_steps = torch.autograd.grad(out.pow(2).sum(), [theta, steps], create_graph=True)
-    plain = torch.autograd.grad(predict.gradient_descent_mse(theta, y, 0.0, steps=steps, learning_rate=0.5)
+    plain = torch.autograd.grad(predict.gradient_descent_mse(theta, y, fx_train_0=0.0, steps=steps, learning_rate=0.5)
                                 .pow(2).sum(), [theta, steps])
     # the first derivatives' values are Daleckii–Krein's there (through eigh d_theta was NaN at the tie)
     torch.testing.assert_close(d_theta, plain[0], rtol=1e-12, atol=0)
     torch.testing.assert_close(d_steps, plain[1], rtol=1e-12, atol=0)
     monkeypatch.setattr(spectral, "EXACT_TIES_BUDGET", 4**3 - 1)   # one time of N = 4 is over it
-    out = predict.gradient_descent_mse(theta, y, 0.0, t=0.5)
+    out = predict.gradient_descent_mse(theta, y, fx_train_0=0.0, t=0.5)
     with pytest.warns(RuntimeWarning, match="EXACT_TIES_BUDGET"):
         torch.autograd.grad(out.pow(2).sum(), theta, create_graph=True)
     monkeypatch.setattr(spectral, "EXACT_TIES_BUDGET", 4**3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        torch.autograd.grad(predict.gradient_descent_mse(theta, y, 0.0, t=0.5).pow(2).sum(), theta, create_graph=True)
+        torch.autograd.grad(predict.gradient_descent_mse(theta, y, fx_train_0=0.0, t=0.5).pow(2).sum(), theta,
+                                                         create_graph=True)
 
 
 def test_gradient_descent_mse_absolute_diag_reg_matches_the_regularized_closed_form():
@@ -890,11 +904,14 @@ def test_gradient_descent_mse_absolute_diag_reg_matches_the_regularized_closed_f
     r, tau = 0.3, 2.0
     reg = theta + r * torch.eye(5)
     expected = cross @ torch.linalg.solve(reg, (torch.eye(5) - torch.linalg.matrix_exp(-reg * tau)) @ y)
-    out = predict.gradient_descent_mse(theta, y, 0.0, cross, 0.0, t=tau * 5, diag_reg=r, diag_reg_absolute_scale=True)
+    out = predict.gradient_descent_mse(theta, y, fx_train_0=0.0, ntk_test_train=cross, fx_test_0=0.0, t=tau * 5,
+                                       diag_reg=r, diag_reg_absolute_scale=True)
     torch.testing.assert_close(out[1], expected, rtol=1e-12, atol=1e-13)
-    converged = predict.gradient_descent_mse(theta, y, 0.0, cross, 0.0, None, diag_reg=r, diag_reg_absolute_scale=True)
+    converged = predict.gradient_descent_mse(theta, y, fx_train_0=0.0, ntk_test_train=cross, fx_test_0=0.0, t=None,
+                                             diag_reg=r, diag_reg_absolute_scale=True)
     torch.testing.assert_close(converged[1], cross @ torch.linalg.solve(reg, y), rtol=1e-12, atol=1e-13)
-    relative = predict.gradient_descent_mse(theta, y, 0.0, cross, 0.0, t=tau * 5, diag_reg=r)
+    relative = predict.gradient_descent_mse(theta, y, fx_train_0=0.0, ntk_test_train=cross, fx_test_0=0.0, t=tau * 5,
+                                            diag_reg=r)
     assert (relative[1] - expected).abs().max() > 1e-3
 
 
@@ -937,7 +954,8 @@ def test_kernel_gradient_of_large_discrete_steps_matches_autograd_through_matrix
         full, cross = kernels(scale)
         with warnings.catch_warnings():   # 1.3: above the stability limit, which it warns about
             warnings.simplefilter("ignore" if fraction > 1 else "error")
-            return predict.gradient_descent_mse(full, y, 0.0, cross, 0.0, steps=steps, learning_rate=rate)[1]
+            return predict.gradient_descent_mse(full, y, fx_train_0=0.0, ntk_test_train=cross, fx_test_0=0.0,
+                                                steps=steps, learning_rate=rate)[1]
 
     def reference(scale):
         full, cross = kernels(scale)

@@ -98,7 +98,8 @@ def test_zero_eigenvalue_discrete_steps():
     y = torch.tensor([2.0, 0.0])                  # [1, 1] along λ = 2, plus [1, −1] in the null space
     cross = torch.tensor([[0.5, 0.5]])            # in the range, as for a positive semi-definite kernel
     for lr in (0.3, 1.0):
-        train, test = predict.gradient_descent_mse(theta, y, 0.0, cross, torch.zeros(1), steps=3,
+        train, test = predict.gradient_descent_mse(theta, y, fx_train_0=0.0, ntk_test_train=cross,
+                                                   fx_test_0=torch.zeros(1), steps=3,
                                                    learning_rate=lr)
         growth = 1 - (1 - lr) ** 3                # ηλ/m = lr
         torch.testing.assert_close(train, growth * torch.ones(2))
@@ -108,13 +109,14 @@ def test_zero_eigenvalue_discrete_steps():
 def test_zero_eigenvalue_infinite_time():
     theta = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
     y = torch.tensor([1.0, -1.0])          # in the null space
-    train = predict.gradient_descent_mse(theta, y, 0.0, t=math.inf)
+    train = predict.gradient_descent_mse(theta, y, fx_train_0=0.0, t=math.inf)
     torch.testing.assert_close(train, torch.zeros(2))
     y2 = torch.tensor([1.0, 3.0])          # component 2 along the (1,1) direction, -1 along null
     v = torch.tensor([[0.5, -0.5]])
     # a test row along the null direction, which no positive semi-definite joint kernel has: said so
     with pytest.warns(RuntimeWarning, match="count as untrained, but move the test outputs"):
-        train, test = predict.gradient_descent_mse(theta, y2, 0.0, v, torch.zeros(1), t=math.inf)
+        train, test = predict.gradient_descent_mse(theta, y2, fx_train_0=0.0, ntk_test_train=v,
+                                                   fx_test_0=torch.zeros(1), t=math.inf)
     torch.testing.assert_close(train, torch.tensor([2.0, 2.0]))
     torch.testing.assert_close(test, torch.zeros(1))   # Θ*d Θ⁺ y: no null-space flow at t = inf
 

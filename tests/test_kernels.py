@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import pickle
 import unittest
@@ -14,6 +15,7 @@ import torch
 from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
 
 import ntkgp
+from ntkgp import predict
 
 
 class TestNNGPKernel(BaseKernelTestCase, unittest.TestCase):
@@ -423,3 +425,40 @@ def test_neural_tangents_style_arguments_are_refused_with_the_translation():
         ntkgp.Dense(512, W_std=1.5, b_std=0.05)
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['weight_vr'\]\.$"):
         ntkgp.Dense(512, weight_vr=2.0)
+
+
+def test_neural_tangents_keywords_name_their_ntkgp_counterparts():
+    """Review (a port from neural-tangents): get=, diag_reg=, alpha=, approximate= and s= met Python's
+    bare "unexpected keyword argument" (GELU's naming torch.nn.Module), GradientFlow(kernel="ntkgp")
+    did not point to GPPosterior, and gradient_descent_mse(k, y, 0.5), neural-tangents' learning rate
+    third, read 0.5 as the initial outputs and returned the converged fit, y, without a word."""
+    net = ntkgp.mlp(1, "erf", 2.0, 0.1)
+    x, y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    kernel_hint = r"pass kernel='ntk' or kernel='nngp' \(neural-tangents' get"
+    for call, message in [
+        (lambda: net.kernel(x, x, get="ntk"), r"^Layer\.kernel got an unexpected keyword argument 'get': .*\.nngp"),
+        (lambda: predict.gradient_flow(net, x, y, x, t=1.0, get="ntk"), "^gradient_flow got .*'get': " + kernel_hint),
+        (lambda: predict.GradientFlow(net, x, y, get="nngp"), "^GradientFlow got .*'get': " + kernel_hint),
+        (lambda: predict.GradientFlow(net, x, y).predict(x, t=1.0, get="ntk"),
+         r"^GradientFlow\.predict got .*'get': the kernel is chosen when the GradientFlow is built"),
+        (lambda: predict.gp_posterior(net, x, y, x, diag_reg=1e-3),
+         r"^gp_posterior got .*'diag_reg': noise is an absolute variance: .* diag_reg \* trace\(K_train\) / N"),
+        (lambda: predict.GPPosterior(net, x, y, get="nngp"), r"^GPPosterior got .*'get': pass kernel='nngp', 'ntkgp'"),
+        (lambda: ntkgp.LeakyReLU(alpha=0.1), r"^LeakyReLU got .*'alpha': pass negative_slope=alpha"),
+        (lambda: ntkgp.GELU(approximate=True), r"^GELU got .*'approximate': ntkgp\.GELU is the exact GELU"),
+        (lambda: ntkgp.Dense(3, s=(1, 2)), r"\['s'\]\. neural-tangents' width factors s .* no counterpart"),
+        (lambda: predict.gradient_descent_mse(torch.eye(4, dtype=torch.float64), y, 0.5),
+         r"takes 2 positional arguments but 3 were given"),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            call()
+    with pytest.raises(ValueError, match=r"got 'ntkgp'\. The NTK-GP posterior is GPPosterior\(.*kernel='ntkgp'\)"):
+        predict.GradientFlow(net, x, y, kernel="ntkgp")
+    with pytest.raises(ValueError, match=r"got None\. For both kernels .* one GradientFlow per kernel"):
+        predict.GradientFlow(net, x, y, kernel=None)
+    with pytest.raises(ValueError, match=r"got \['ntk'\]\.$"):
+        predict.GradientFlow(net, x, y, kernel=["ntk"])
+    # the ntkgp spellings work, and the wrapped signatures are the functions' own
+    assert ntkgp.LeakyReLU(negative_slope=0.1).a == 0.1 and isinstance(ntkgp.GELU(), ntkgp.GELU)
+    assert list(inspect.signature(ntkgp.Layer.kernel).parameters) == ["self", "x1", "x2", "diag", "ntk", "compile"]
+    assert "noise" in inspect.signature(predict.gp_posterior).parameters

@@ -140,7 +140,8 @@ def test_vector_outputs_with_a_summed_loss_train_through_the_full_tangent_kernel
         params = tuple(p - lr * gr for p, gr in zip(params, grads, strict=True))
     with torch.no_grad():
         f0, ft0 = model(x), model(xt)
-    train, test = predict.gradient_descent_mse(theta[:5], y, f0, theta[5:], ft0, steps=steps, learning_rate=lr)
+    train, test = predict.gradient_descent_mse(theta[:5], y, fx_train_0=f0, ntk_test_train=theta[5:], fx_test_0=ft0,
+                                               steps=steps, learning_rate=lr)
     torch.testing.assert_close(f_lin(params, x).detach(), train, rtol=0, atol=1e-10)
     torch.testing.assert_close(f_lin(params, xt).detach(), test, rtol=0, atol=1e-10)
     assert float((train - f0).norm()) > 0.1   # the outputs moved: the check is not trivial

@@ -177,8 +177,9 @@ def test_layernorm_after_a_sum_with_an_activation_branch():
 
 
 def test_layernorm_after_relu_is_not_the_uncentred_form():
-    """What neural-tangents computes there, K / sqrt(T11 T22) without the mean, is many standard
-    errors off wide networks (the check above can tell the two apart)."""
+    """The Dense-layer form applied there, K / sqrt(T11 T22) without the mean (neural-tangents 0.6.5
+    refuses LayerNorm after an activation), is many standard errors off wide networks (the check
+    above can tell the two apart)."""
     torch.manual_seed(4)
     x = torch.randn(6, 3, dtype=torch.float64)
     with torch.no_grad():

@@ -81,7 +81,8 @@ def test_single_network_matches_neural_tangents():
     f0, ft0 = torch.tensor(DATA["fx_train_0"]), torch.tensor(DATA["fx_test_0"])
     ntk_dd, ntk_td = torch.tensor(DATA["ntk_dd"]), torch.tensor(DATA["ntk_td"])
     for tname, t in (("times", TIMES), ("none", None)):
-        train, test = predict.gradient_descent_mse(ntk_dd, Y_TRAIN, f0, ntk_td, ft0, t, learning_rate=LR)
+        train, test = predict.gradient_descent_mse(ntk_dd, Y_TRAIN, fx_train_0=f0, ntk_test_train=ntk_td,
+                                                   fx_test_0=ft0, t=t, learning_rate=LR)
         assert _rel(train, DATA[f"single/{tname}/train"]) <= 1e-12
         assert _rel(test, DATA[f"single/{tname}/test"]) <= 1e-12
     assert abs(predict.max_learning_rate(ntk_dd, Y_TRAIN.numel()) / float(DATA["max_learning_rate"]) - 1) < 1e-12
@@ -101,7 +102,8 @@ def test_single_network_with_full_output_kernels():
     y = torch.randn(n, k, generator=g, dtype=torch.float64)
     f0 = 0.1 * torch.randn(n + m, k, generator=g, dtype=torch.float64)
     lr, steps = 0.3, 37
-    train, test = predict.gradient_descent_mse(full[:n, :n], y, f0[:n], full[n:, :n], f0[n:],
+    train, test = predict.gradient_descent_mse(full[:n, :n], y, fx_train_0=f0[:n], ntk_test_train=full[n:, :n],
+                                               fx_test_0=f0[n:],
                                                steps=torch.tensor(steps), learning_rate=lr)
     flat = full.permute(0, 2, 1, 3).reshape((n + m) * k, (n + m) * k)
     f = f0.reshape(-1).clone()
@@ -112,16 +114,19 @@ def test_single_network_with_full_output_kernels():
     gram = features[..., 0] @ features[..., 0].T / 20
     separable = torch.einsum("ab,ij->abij", gram, torch.eye(k, dtype=torch.float64))
     for t in (0.7, None):
-        a = predict.gradient_descent_mse(separable[:n, :n], y, f0[:n], separable[n:, :n], f0[n:], t,
+        a = predict.gradient_descent_mse(separable[:n, :n], y, fx_train_0=f0[:n], ntk_test_train=separable[n:, :n],
+                                         fx_test_0=f0[n:], t=t,
                                          learning_rate=lr, diag_reg=1e-2)
-        b = predict.gradient_descent_mse(gram[:n, :n], y, f0[:n], gram[n:, :n], f0[n:], t, learning_rate=lr,
+        b = predict.gradient_descent_mse(gram[:n, :n], y, fx_train_0=f0[:n], ntk_test_train=gram[n:, :n],
+                                         fx_test_0=f0[n:], t=t, learning_rate=lr,
                                          diag_reg=1e-2)
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
-    assert predict.gradient_descent_mse(full[:n, :n], y, 0.0, t=torch.tensor([1.0, 2.0])).shape == (2, n, k)
+    assert predict.gradient_descent_mse(full[:n, :n], y, fx_train_0=0.0, t=torch.tensor([1.0, 2.0])).shape == (2, n, k)
     with pytest.raises(ValueError, match=r"must be \(N, k\)"):
         predict.gradient_descent_mse(full[:n, :n], y[:, 0])
     with pytest.raises(ValueError, match="ntk_test_train must be"):
-        predict.gradient_descent_mse(full[:n, :n], y, 0.0, full[n:, :n, 0, 0], f0[n:])
+        predict.gradient_descent_mse(full[:n, :n], y, fx_train_0=0.0, ntk_test_train=full[n:, :n, 0, 0],
+                                     fx_test_0=f0[n:])
 
 def test_gp_posterior_is_the_infinite_time_limit_of_gradient_flow():
     for kernel in ("nngp", "ntk"):
@@ -190,7 +195,8 @@ def test_linearized_network_trained_by_gradient_descent_matches_exactly():
     theta_td = ntkgp.finite.empirical_ntk(model, xt, x)
     with torch.no_grad():
         f0, ft0 = f(params0, x), f(params0, xt)
-    train, test = predict.gradient_descent_mse(theta_dd, y, f0, theta_td, ft0, steps=steps, learning_rate=lr)
+    train, test = predict.gradient_descent_mse(theta_dd, y, fx_train_0=f0, ntk_test_train=theta_td, fx_test_0=ft0,
+                                               steps=steps, learning_rate=lr)
     torch.testing.assert_close(f_lin(params, x).detach(), train, rtol=0, atol=1e-10)
     torch.testing.assert_close(f_lin(params, xt).detach(), test, rtol=0, atol=1e-10)
 
@@ -210,7 +216,8 @@ def test_wide_network_trained_by_gradient_descent_follows_its_linearization():
         opt.zero_grad()
         (0.5 * ((model(x) - y) ** 2).sum() / y.numel()).backward()
         opt.step()
-    train, test = predict.gradient_descent_mse(theta_dd, y, f0, theta_td, ft0, steps=steps, learning_rate=lr)
+    train, test = predict.gradient_descent_mse(theta_dd, y, fx_train_0=f0, ntk_test_train=theta_td, fx_test_0=ft0,
+                                               steps=steps, learning_rate=lr)
     with torch.no_grad():
         assert float((model(x) - train).norm() / train.norm()) < 0.01
         assert float((model(xt) - test).norm() / test.norm()) < 0.01
@@ -231,7 +238,7 @@ def test_functional_gradient_descent_exercise():
     """Θ = I: f(x_a, t) = y_a + e^{−ηt/m} (f(x_a, 0) − y_a)."""
     n, lr, t = 6, 0.7, torch.tensor([0.0, 1.0, 5.0, 30.0])
     y, f0 = torch.randn(n), torch.randn(n)
-    out = predict.gradient_descent_mse(torch.eye(n), y, f0, t=t, learning_rate=lr)
+    out = predict.gradient_descent_mse(torch.eye(n), y, fx_train_0=f0, t=t, learning_rate=lr)
     expected = y + torch.exp(-lr * t / n)[:, None] * (f0 - y)
     torch.testing.assert_close(out, expected, rtol=1e-14, atol=1e-14)
 
@@ -243,7 +250,7 @@ def test_loss_decreases_as_gradient_times_kernel_times_gradient():
     y, f0 = Y_TRAIN, torch.zeros_like(Y_TRAIN)
     m = y.numel()
     t, h = 2.0, 1e-5
-    f = lambda s: predict.gradient_descent_mse(theta, y, f0, t=s)  # noqa: E731
+    f = lambda s: predict.gradient_descent_mse(theta, y, fx_train_0=f0, t=s)  # noqa: E731
     loss = lambda s: 0.5 * ((f(s) - y) ** 2).sum() / m  # noqa: E731
     numeric = (loss(t + h) - loss(t - h)) / (2 * h)
     grad = (f(t) - y) / m
@@ -279,7 +286,8 @@ def test_zero_eigenvalues_give_exact_finite_values():
     theta = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
     y, t = torch.tensor([2.0, 0.0], dtype=torch.float64), 3.0          # [1, 1] + [1, −1] (null)
     cross = torch.tensor([[0.5, 0.5]], dtype=torch.float64)            # in the range of Θ
-    train, test = predict.gradient_descent_mse(theta, y, 0.0, cross, torch.zeros(1, dtype=torch.float64), t)
+    train, test = predict.gradient_descent_mse(theta, y, fx_train_0=0.0, ntk_test_train=cross,
+                                               fx_test_0=torch.zeros(1, dtype=torch.float64), t=t)
     growth = -math.expm1(-2 * t / 2)                                   # λ = 2, τ = η t/m = 1.5
     torch.testing.assert_close(train, growth * torch.ones(2, dtype=torch.float64), rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(test, growth / 2 * torch.ones(1, dtype=torch.float64), rtol=1e-14, atol=1e-15)
@@ -318,8 +326,9 @@ def test_training_outputs_at_tiny_times_keep_their_relative_accuracy():
         second_order = tau * theta @ y - tau**2 / 2 * theta @ (theta @ y)
         one_step = tau * theta @ y                            # one step of rate t: exactly ηΘY/m
         for mean, reference in ((flow.predict(None, t=t, compute_cov=False).mean, second_order),
-                                (predict.gradient_descent_mse(theta, y, 0.0, t=t), second_order),
-                                (predict.gradient_descent_mse(theta, y, 0.0, steps=1, learning_rate=t), one_step)):
+                                (predict.gradient_descent_mse(theta, y, fx_train_0=0.0, t=t), second_order),
+                                (predict.gradient_descent_mse(theta, y, fx_train_0=0.0, steps=1,
+                                                              learning_rate=t), one_step)):
             assert float((mean - reference).norm() / reference.norm()) < 1e-13
 
 
@@ -408,7 +417,8 @@ def test_a_diag_reg_that_requires_grad_gets_its_gradient_without_a_warning():
     reg = torch.tensor(1e-2, requires_grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        predict.gradient_descent_mse(_kernels()[0], torch.randn(4), 0.0, t=1.0, diag_reg=reg).sum().backward()
+        predict.gradient_descent_mse(_kernels()[0], torch.randn(4), fx_train_0=0.0, t=1.0,
+                                     diag_reg=reg).sum().backward()
     assert reg.grad is not None and torch.isfinite(reg.grad)
 
 
@@ -425,22 +435,28 @@ _Y2 = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
 @pytest.mark.parametrize("call,message", [
     (lambda: predict.gradient_descent_mse(_DD, torch.tensor([1, 0, 2, 1]), t=1.0), "floating-point"),
     (lambda: predict.gradient_descent_mse(_DD, torch.tensor([1.0, math.nan, 0.0, 0.0]), t=1.0), "NaN"),
-    (lambda: predict.gradient_descent_mse(_DD, _Y2[:, 0], torch.tensor([0.0, math.inf, 0, 0]), t=1.0), "fx_train_0"),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2[:, 0], fx_train_0=torch.tensor([0.0, math.inf, 0, 0]),
+                                          t=1.0), "fx_train_0"),
     (lambda: predict.gradient_descent_mse(_DD * math.nan, _Y2, t=1.0), "ntk_train_train contains NaN"),
     (lambda: predict.gradient_descent_mse(_DD, _Y2[:3], t=1.0), "rows"),
-    (lambda: predict.gradient_descent_mse(_DD, _Y2, torch.zeros(4), t=1.0), "fx_train_0"),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2, fx_train_0=torch.zeros(4), t=1.0), "fx_train_0"),
     # the imaginary part was dropped with only torch's warning, while complex targets are refused
-    (lambda: predict.gradient_descent_mse(_DD, _Y2, torch.zeros(4, 2, dtype=torch.complex128), t=1.0),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2, fx_train_0=torch.zeros(4, 2, dtype=torch.complex128), t=1.0),
      "fx_train_0 must hold real numbers"),
-    (lambda: predict.gradient_descent_mse(_DD, _Y2, 0.0, _TD, torch.zeros(3, 2, dtype=torch.complex64), t=1.0),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2, fx_train_0=0.0, ntk_test_train=_TD, fx_test_0=torch.zeros(3, 2,
+                                          dtype=torch.complex64), t=1.0),
      "fx_test_0 must hold real numbers"),
-    (lambda: predict.gradient_descent_mse(_DD, _Y2, 0.0, _TD, torch.zeros(3), t=1.0), "fx_test_0"),
-    (lambda: predict.gradient_descent_mse(_DD, _Y2, "0", t=1.0), "fx_train_0 must be a number"),   # torch's TypeError
-    (lambda: predict.gradient_descent_mse(_DD, _Y2, None, t=1.0), "fx_train_0 must be a number"),
-    (lambda: predict.gradient_descent_mse(_DD, _Y2, True, t=1.0), "fx_train_0 must hold real numbers"),
-    (lambda: predict.gradient_descent_mse(_DD, _Y2[:2, :2].repeat(2, 1), 0.0, _TD[:2], torch.zeros(2), t=1.0),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2, fx_train_0=0.0, ntk_test_train=_TD, fx_test_0=torch.zeros(3),
+                                          t=1.0), "fx_test_0"),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2, fx_train_0="0",
+                                          t=1.0), "fx_train_0 must be a number"),   # torch's TypeError
+    (lambda: predict.gradient_descent_mse(_DD, _Y2, fx_train_0=None, t=1.0), "fx_train_0 must be a number"),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2, fx_train_0=True, t=1.0), "fx_train_0 must hold real numbers"),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2[:2, :2].repeat(2, 1), fx_train_0=0.0, ntk_test_train=_TD[:2],
+                                          fx_test_0=torch.zeros(2), t=1.0),
      "fx_test_0"),                                      # (M,) against (M, k) with M == k is refused too
-    (lambda: predict.gradient_descent_mse(_DD, _Y2, 0.0, _TD, torch.zeros(2, 3), t=None), "fx_test_0"),
+    (lambda: predict.gradient_descent_mse(_DD, _Y2, fx_train_0=0.0, ntk_test_train=_TD, fx_test_0=torch.zeros(2, 3),
+                                          t=None), "fx_test_0"),
     (lambda: predict.gradient_descent_mse(_DD, _Y2, t=torch.tensor([])), "empty"),
     (lambda: predict.gradient_descent_mse(_DD, _Y2, t=1.0, learning_rate=True), "learning_rate"),
     (lambda: predict.max_learning_rate(torch.ones(3)), "square"),
@@ -452,13 +468,16 @@ def test_gradient_descent_mse_refuses_bad_input(call, message):
 
 def test_gradient_descent_mse_accepts_what_neural_tangents_accepts():
     """Numbers for initial outputs, numpy/tensor learning rates, size-1 broadcasting."""
-    ref_train, ref_test = predict.gradient_descent_mse(_DD, _Y2, torch.zeros(4, 2), _TD, torch.zeros(3, 2), t=2.0,
+    ref_train, ref_test = predict.gradient_descent_mse(_DD, _Y2, fx_train_0=torch.zeros(4, 2), ntk_test_train=_TD,
+                                                       fx_test_0=torch.zeros(3, 2), t=2.0,
                                                        learning_rate=0.5)
     for lr in (np.float32(0.5), torch.tensor(0.5), 0.5):
-        train, test = predict.gradient_descent_mse(_DD, _Y2, 0.0, _TD, 0.0, t=2.0, learning_rate=lr)
+        train, test = predict.gradient_descent_mse(_DD, _Y2, fx_train_0=0.0, ntk_test_train=_TD, fx_test_0=0.0, t=2.0,
+                                                   learning_rate=lr)
         torch.testing.assert_close(train, ref_train, rtol=1e-7, atol=1e-9)
         torch.testing.assert_close(test, ref_test, rtol=1e-7, atol=1e-9)
-    _, test = predict.gradient_descent_mse(_DD, _Y2, torch.zeros(1, 2), _TD, torch.zeros(3, 1), t=2.0,
+    _, test = predict.gradient_descent_mse(_DD, _Y2, fx_train_0=torch.zeros(1, 2), ntk_test_train=_TD,
+                                           fx_test_0=torch.zeros(3, 1), t=2.0,
                                            learning_rate=0.5)
     assert test.shape == (3, 2)
     torch.testing.assert_close(test, ref_test)
@@ -468,7 +487,8 @@ def test_zero_kernel_is_stable_at_every_learning_rate():
     """A zero training kernel (zero inputs, no bias) never moves the outputs: no division by λ_max = 0."""
     assert predict.max_learning_rate(torch.zeros(3, 3)) == math.inf
     y, f0 = torch.tensor([1.0, -1.0, 0.5]), torch.tensor([0.2, 0.1, -0.3])
-    train, test = predict.gradient_descent_mse(torch.zeros(3, 3), y, f0, torch.zeros(2, 3), torch.ones(2), steps=5)
+    train, test = predict.gradient_descent_mse(torch.zeros(3, 3), y, fx_train_0=f0, ntk_test_train=torch.zeros(2, 3),
+                                               fx_test_0=torch.ones(2), steps=5)
     assert torch.equal(train, f0) and torch.equal(test, torch.ones(2))
     net = ntkgp.serial(ntkgp.Dense(8, 1.0, None), ntkgp.ReLU(), ntkgp.Dense(1, 1.0, None))
     flow = predict.GradientFlow(net, torch.zeros(3, 2), y)

@@ -204,7 +204,8 @@ def test_posterior_setup_and_infinite_time_fit_stay_near_two_kernel_sized_matric
     assert peak < 2.6 * matrix, peak / matrix
     result = []
     peak = _peak_above_current(lambda: result.append(
-        ntkgp.predict.gradient_descent_mse(theta, y, 0.0, theta[:7], 0.0, t=None, diag_reg=1e-3)))
+        ntkgp.predict.gradient_descent_mse(theta, y, fx_train_0=0.0, ntk_test_train=theta[:7], fx_test_0=0.0, t=None,
+                                           diag_reg=1e-3)))
     assert peak < 2.5 * matrix, peak / matrix
     # the values: (Θ + r I)⁻¹ by torch's own Cholesky solve
     reg = theta + 1e-3 * theta.diagonal().mean() * torch.eye(n, dtype=torch.float64)

@@ -256,7 +256,8 @@ def test_readout_only_training_is_the_linear_model_of_each_members_own_kernel(pa
         f0 = model(both)                                                                # (E, 14, 1)
     for member in range(3):
         k = theta[member]
-        _, test = ntkgp.predict.gradient_descent_mse(k[:5, :5], Y, f0[member, :5], k[5:, :5], f0[member, 5:],
+        _, test = ntkgp.predict.gradient_descent_mse(k[:5, :5], Y, fx_train_0=f0[member, :5],
+                                                     ntk_test_train=k[5:, :5], fx_test_0=f0[member, 5:],
                                                      steps=torch.tensor(steps), learning_rate=lr)
         torch.testing.assert_close(h.test_outputs[:, member], test, rtol=1e-10, atol=1e-11)
     assert float((h.test_outputs[-1] - h.test_outputs[0]).abs().max()) > 0.1   # it did train

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ntkgp._checks import neural_tangents_keywords
 from ntkgp.layers.base import BuildContext, Layer
 from ntkgp.layers.numerics import _is_compiling, gaussian_angle, horner, safe_sqrt, shifted_det, transforms_active
 from ntkgp.layers.state import KernelState, with_self_pairs
@@ -225,6 +226,7 @@ class ReLU(ABReLU):
 class LeakyReLU(ABReLU):
     """``φ(x) = max(x, 0) + negative_slope · min(x, 0)``: :class:`ABReLU` with ``a = slope, b = 1``."""
 
+    @neural_tangents_keywords(alpha="pass negative_slope=alpha (neural-tangents' LeakyRelu(alpha)).")
     def __init__(self, negative_slope: float = 0.01) -> None:
         super().__init__(negative_slope, 1.0)
 
@@ -357,6 +359,11 @@ class GELU(Activation):
     ``(1/δ − δ (2 + k11 + k22)/P + |k12| (z − atan z)) / (2π)``, ``z = δ/|k12|``, whose terms do not
     cancel (docs/numerics.md), and ``Ṫ`` with ``1/4 + α/(2π) = atan(z)/(2π)``.
     """
+
+    @neural_tangents_keywords(approximate="ntkgp.GELU is the exact GELU, neural-tangents' approximate=False; the "
+                                          "tanh approximation has no counterpart.")
+    def __init__(self) -> None:
+        super().__init__()
 
     def fn(self, x: Tensor) -> Tensor:
         return _gelu(x)

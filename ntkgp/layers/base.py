@@ -25,7 +25,7 @@ from linear_operator.utils.errors import NanError
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ntkgp._checks import NT_GET_HINT, check_flag, integer_at_least, seed_value
+from ntkgp._checks import NT_GET_HINT, check_flag, integer_at_least, neural_tangents_keywords, seed_value
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.numerics import _is_compiling, transforms_active
 from ntkgp.layers.state import BatchedDuplicates, Duplicates, KernelState
@@ -150,6 +150,7 @@ class Layer(VarianceParameters, gpytorch.Module):
                                          f"overflowing {x1.dtype}); set them anew, e.g. layer.weight_var = 1.0.")
 
     # ------------------------------------------------------------------ public API
+    @neural_tangents_keywords(get=NT_GET_HINT)
     def kernel(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, ntk: bool = True,
                compile: bool = False) -> KernelState:
         """NNGP kernel ``K`` and NTK ``Θ`` of this network between ``x1`` and ``x2``.

@@ -74,7 +74,9 @@ class Dense(Layer):
             hints = [f"{stds[k]}={v!r}**2" for k, v in unknown.items() if k in stds]
             raise TypeError(f"Dense got unexpected keyword argument(s) {sorted(unknown)}"
                             + (f"; it takes variances, not neural-tangents' standard deviations: {', '.join(hints)}."
-                               if hints else "."))
+                               if hints else ".")
+                            + (" neural-tangents' width factors s of the standard parameterization have no "
+                               "counterpart (ntkgp's are s = (1, 1))." if "s" in unknown else ""))
         width = integer_at_least(width, 1, "width")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}.")

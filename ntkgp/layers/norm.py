@@ -29,9 +29,9 @@ class LayerNorm(Layer):
     over the features, whose contraction with the next layer's weights vanishes as ``1/n``.
     ``T − μ1μ2`` comes from the activation (:meth:`~ntkgp.layers.Activation.centred_pair_kernel`),
     without the cancellation a plain difference has at small variances, which the division by up
-    to ``1/eps`` would magnify. (neural-tangents applies the first form after activations too:
-    for ReLU features of two orthogonal inputs of equal norm it gives the correlation ``1/π``,
-    where wide networks give 0.) After a sum of independent branches the centred kernels add;
+    to ``1/eps`` would magnify. (The first form after an activation, which neural-tangents 0.6.5
+    refuses, would give ReLU features of two orthogonal inputs of equal norm the correlation
+    ``1/π``, where wide networks give 0.) After a sum of independent branches the centred kernels add;
     after a concatenation the mean is the branches' means weighted by their widths, and the
     spread of those means adds to the centred kernel; after a product it is accumulated factor by
     factor (:class:`~ntkgp.layers.Parallel`).

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._autograd import outside_inference_mode
-from ntkgp._checks import check_flag
+from ntkgp._checks import NT_KERNEL_HINT, check_flag, neural_tangents_keywords
 from ntkgp._typing import Steps, Times
 from ntkgp.layers.base import Layer
 from ntkgp.layers.validation import positive_number
@@ -106,12 +106,16 @@ class GradientFlow:
         >>> out.mean.shape, out.covariance.shape                       # (50, M, k), (50, M, M)
     """
 
+    @neural_tangents_keywords(get=NT_KERNEL_HINT)
     @outside_inference_mode
     def __init__(self, net: Layer, x_train: Tensor, y_train: Tensor, *, kernel: str = "ntk",
                  learning_rate: float = 1.0, diag_reg: float = 0.0, diag_reg_absolute_scale: bool = False,
                  factor_dtype: torch.dtype = torch.float64) -> None:
         if kernel not in KINDS:
-            raise ValueError(f"kernel must be one of {KINDS}, got {kernel!r}.")
+            hints = {"ntkgp": " The NTK-GP posterior is GPPosterior(..., kernel='ntkgp').",
+                     None: " For both kernels (neural-tangents' get=None) build one GradientFlow per kernel."}
+            hint = hints.get(kernel, "") if isinstance(kernel, str | None) else ""   # a list is unhashable
+            raise ValueError(f"kernel must be one of {KINDS}, got {kernel!r}.{hint}")
         check_training_data(net, x_train, y_train)
         check_flag(diag_reg_absolute_scale, "diag_reg_absolute_scale")
         self.net, self.x_train, self.kind = net, x_train, kernel
@@ -173,6 +177,8 @@ class GradientFlow:
         return stability_limit(float(self.eigensystem.values.max()), self.m)
 
     # ------------------------------------------------------------------ prediction
+    @neural_tangents_keywords(get="the kernel is chosen when the GradientFlow is built: GradientFlow(..., "
+                                  "kernel='ntk' or 'nngp'), one per kernel.")
     def predict(self, x_test: Tensor | None = None, t: Times = None, steps: Steps = None,
                 compute_cov: bool = True) -> Gaussian:
         """Mean and covariance of the ensemble's outputs at times ``t`` (or after ``steps``).
@@ -310,6 +316,7 @@ def _symmetrize_(cov: Tensor) -> None:
     cov.copy_((cov + cov.mT) / 2)
 
 
+@neural_tangents_keywords(get=NT_KERNEL_HINT)
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
                   learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk",
                   compute_cov: bool = True, diag_reg_absolute_scale: bool = False, steps: Steps = None) -> Gaussian:

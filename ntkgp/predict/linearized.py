@@ -36,8 +36,8 @@ from ntkgp.predict.spectral import (
 )
 
 
-def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: Tensor | float = 0.0,
-                         ntk_test_train: Tensor | None = None, fx_test_0: Tensor | None = None, t: Times = None, *,
+def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = 0.0,
+                         ntk_test_train: Tensor | None = None, fx_test_0: Tensor | None = None, t: Times = None,
                          steps: Steps = None, learning_rate: float = 1.0, diag_reg: float = 0.0,
                          diag_reg_absolute_scale: bool = False, factor_dtype: torch.dtype = torch.float64
                          ) -> Tensor | tuple[Tensor, Tensor]:
@@ -50,6 +50,10 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, fx_train_0: T
         f_t(x*) = f_0(x*) − Θ*d Θ⁻¹ (I − e^{−Θτ}) (f_0(X) − Y)
 
     with ``(I − ηΘ/m)^s`` in place of ``e^{−Θτ}`` after ``s`` discrete steps.
+
+    Everything after ``y_train`` is keyword-only: neural-tangents' ``gradient_descent_mse(k, y,
+    learning_rate)`` takes the learning rate third, where a positional ``fx_train_0`` would have
+    read it as the initial outputs and returned the converged fit, ``y_train``, without a word.
 
     Args:
         ntk_train_train: ``(N, N)`` tangent kernel of the training inputs, or the full
@@ -176,7 +180,8 @@ def _full_kernel(ntk_train_train: Tensor, y_train: Tensor, fx_train_0, ntk_test_
         m = ntk_test_train.shape[0]
         test_kernel, fx_test_0 = flatten_full_kernel(ntk_test_train), flat_outputs(fx_test_0, m, "fx_test_0")
     out = gradient_descent_mse(flatten_full_kernel(ntk_train_train), y_train.reshape(n * k),
-                               flat_outputs(fx_train_0, n, "fx_train_0"), test_kernel, fx_test_0, t, **options)
+                               fx_train_0=flat_outputs(fx_train_0, n, "fx_train_0"), ntk_test_train=test_kernel,
+                               fx_test_0=fx_test_0, t=t, **options)
     if test_kernel is None:
         return out.unflatten(-1, (n, k))
     return out[0].unflatten(-1, (n, k)), out[1].unflatten(-1, (ntk_test_train.shape[0], k))

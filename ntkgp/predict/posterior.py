@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._autograd import outside_inference_mode
-from ntkgp._checks import check_flag
+from ntkgp._checks import check_flag, neural_tangents_keywords
 from ntkgp.layers.base import Layer
 from ntkgp.predict.gaussian import (
     Gaussian,
@@ -73,6 +73,9 @@ class GPPosterior:
             inputs' dtype).
     """
 
+    @neural_tangents_keywords(get="pass kernel='nngp', 'ntkgp' or 'ntk' (neural-tangents' get).",
+                              diag_reg="noise is an absolute variance: neural-tangents' diag_reg is "
+                                       "noise = diag_reg * trace(K_train) / N (docs/conventions.md).")
     @outside_inference_mode
     def __init__(self, net: Layer, x_train: Tensor, y_train: Tensor, *, kernel: str = "nngp",
                  noise: float = 0.0, factor_dtype: torch.dtype = torch.float64) -> None:
@@ -168,6 +171,9 @@ class GPPosterior:
         return self.y - cholesky_solve(self.y, chol) / precision.unsqueeze(-1), precision.reciprocal()
 
 
+@neural_tangents_keywords(get="pass kernel='nngp', 'ntkgp' or 'ntk' (neural-tangents' get).",
+                          diag_reg="noise is an absolute variance: neural-tangents' diag_reg is "
+                                   "noise = diag_reg * trace(K_train) / N (docs/conventions.md).")
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
                  noise: float = 0.0, compute_cov: bool = True) -> Gaussian:
     """One-shot :class:`GPPosterior` prediction (see there for the formulas)."""
