@@ -19,6 +19,8 @@ ROOT = pathlib.Path(__file__).parents[1]
     ("quadrature.py", ["--sizes", "10", "--d", "2"], "max rel diff"),
     ("train.py", ["--members", "4", "--width", "16", "--steps", "5"], "the loop"),
     ("relu_bending.py", ["--width", "32", "--members", "2", "--steps", "3"], "moved at random"),
+    ("bayesopt.py", ["--n", "20", "--m", "10", "--restarts", "1", "--raw-samples", "8", "--repeats", "1"],
+     "| Matern-5/2 |"),
 ])
 def test_benchmark_script_runs_at_toy_size(script, args, expected):
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": os.pathsep.join(
