@@ -10,7 +10,8 @@ in this run:
 * ``fit``: ``fit_gpytorch_mll`` from the same start, and how many marginal-likelihood evaluations
   it took (the optimizer stops at different points for different kernels, so per evaluation is
   the fairer figure),
-* ``posterior``: mean and variance at ``m`` test points,
+* ``posterior``: mean and variance at ``m`` test points (the warm-up fills the model's prediction
+  caches, so the training factor is not redone),
 * ``acqf``: ``optimize_acqf`` of ``LogExpectedImprovement`` (``q = 1``),
 * the fitted model's loss (``−mll / n``, priors included), to see that each fit went somewhere,
 

@@ -188,8 +188,9 @@ def _compare(args: argparse.Namespace) -> int:
         return 2 if isinstance(error, ValueError) else 1   # MemoryError: the first width did not fit
     try:
         out = write_report(result, args.out)
-    except KeyboardInterrupt:   # in the figures: the folder keeps what it held (write_report moves files in at the end)
-        print(f"ntkgp compare: interrupted while writing the report; {args.out} was left as it was", file=sys.stderr)
+    except KeyboardInterrupt:   # write_report moves the files in only once all are written
+        print(f"ntkgp compare: interrupted while writing the report; {args.out} keeps what it held (unless the "
+              "interruption came while the finished files were being moved in)", file=sys.stderr)
         return 130
     # 3 significant digits, as report.md: ".2f" printed 0.004 as 0.00
     print(f"learning rate {result.learning_rate:.4g} (= {result.learning_rate / result.max_learning_rate:.3g} "

@@ -668,7 +668,7 @@ def test_float32_levels_zero_outputs_and_lists_of_grad_tensors():
     torch's "Can't call numpy() on Tensor that requires grad" from numpy."""
     mean, var, y = np.zeros(4), np.ones(4), np.array([0.1, -2.0, 0.5, 1.0])
     for levels in (torch.tensor([0.5, 0.9]), np.array([0.5, 0.9], dtype=np.float32),
-                   torch.tensor([0.5, 0.9], dtype=torch.float16)):
+                   torch.tensor([0.5, 0.9], dtype=torch.float16), [np.float32(0.5), np.float32(0.9)]):
         metrics = bayes.regression_metrics(mean, var, y, levels=levels)
         assert metrics["coverage_50"] == 0.5 and metrics["coverage_90"] == 0.75
     assert bayes.interval_coverage(mean, var, y, levels=np.float32(0.9)) == {0.9: 0.75}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import subprocess
@@ -30,3 +31,9 @@ def test_benchmark_script_runs_at_toy_size(script, args, expected):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert expected in result.stdout, result.stdout[-2000:]
+    if script == "bayesopt.py":   # every model fitted (L-BFGS evaluated its loss) to a finite loss
+        rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ") and "(" in line
+                and not line.startswith("| model")]
+        assert [r[0] for r in rows] == ["| NTK", "| NNGP", "| RBF (BoTorch default)", "| Matern-5/2"], rows
+        for row in rows:
+            assert int(row[2].split("(")[1].rstrip(")")) > 0 and math.isfinite(float(row[6])), row

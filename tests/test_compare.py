@@ -158,6 +158,11 @@ def test_cli_help_explains_every_option(capsys):
     subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for action in subparsers.choices["compare"]._actions:   # every option says what it does
         assert action.help and len(action.help.split()) >= 3, action.option_strings
+    # the sizes' defaults are the default preset's (review: they were only in the --preset text)
+    helps = {a.dest: a.help for a in subparsers.choices["compare"]._actions}
+    assert "default: the preset's, 32 128 512 for 'default'" in helps["widths"]
+    assert "at least 2 (default: the preset's, 64 for 'default')" in helps["ensemble_size"]
+    assert "default: the preset's, 0 10 100 1000 for 'default'" in helps["record_steps"]
 
 
 @pytest.mark.slow
@@ -1451,15 +1456,28 @@ def test_damaged_npz_files_and_booleans_are_refused_by_name(tmp_path):
     """Review: a download damaged inside its data failed its CRC only when read (zipfile.BadZipFile
     traceback), a member not in .npy format came back as bytes (AttributeError), and boolean
     arrays were taken although a Dataset built directly refuses them."""
-    x = np.linspace(-1, 1, 4)[:, None]
-    good = tmp_path / "good.npz"
-    np.savez(good, x_train=x, y_train=x, x_test=x)
-    raw = bytearray(good.read_bytes())
-    start = raw.index(b"x_train.npy") + len("x_train.npy") + 80   # inside the first member's data
-    raw[start:start + 40] = bytes(40)
-    (tmp_path / "crc.npz").write_bytes(bytes(raw))
+    x = np.linspace(-1, 1, 100)[:, None]
+
+    def damaged(save, name: str, offset: int, data: bytes) -> str:
+        """An archive of ``save`` with ``data`` written ``offset`` bytes into x_train's stored bytes."""
+        path = tmp_path / name
+        save(path, x_train=x, y_train=x, x_test=x)
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo("x_train.npy")
+        raw = bytearray(path.read_bytes())
+        local = info.header_offset   # its local header: 30 bytes, then the name and an extra field
+        start = local + 30 + int.from_bytes(raw[local + 26:local + 28], "little") + int.from_bytes(
+            raw[local + 28:local + 30], "little") + offset
+        raw[start:start + len(data)] = data
+        path.write_bytes(bytes(raw))
+        return str(path)
+
+    # past the 128-byte .npy header, in the numbers: the member reads, then fails its CRC
     with pytest.raises(ValueError, match=r"crc\.npz: array 'x_train' cannot be read \(Bad CRC-32"):
-        load_dataset(str(tmp_path / "crc.npz"))
+        load_dataset(damaged(np.savez, "crc.npz", 300, bytes(40)))
+    # a compressed member whose deflate stream starts with a reserved block type: zlib.error
+    with pytest.raises(ValueError, match=r"deflated\.npz: array 'x_train' cannot be read \(.*invalid block type"):
+        load_dataset(damaged(np.savez_compressed, "deflated.npz", 0, b"\xff"))
     with zipfile.ZipFile(tmp_path / "bytes.npz", "w") as archive:
         for name in ("x_train", "y_train", "x_test"):
             archive.writestr(f"{name}.npy", b"not an npy file")

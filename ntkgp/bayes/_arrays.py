@@ -36,11 +36,18 @@ def to_numpy(value: ArrayLike, name: str) -> np.ndarray:
 
 
 def narrow_float_type(value: object) -> type | None:
-    """``numpy.float32``/``float16`` for a float32/float16 array or tensor, else ``None``: values typed
-    in those precisions (``0.9`` is ``0.8999999762`` in float32) read back as typed through
-    ``float(str(type(v)))``, numpy's shortest repr that round-trips in that precision."""
+    """``numpy.float32``/``float16`` for float32/float16 values (an array, a tensor, numpy scalars or a
+    list of them), else ``None``: values typed in those precisions (``0.9`` is ``0.8999999762`` in
+    float32) read back as typed through ``float(str(type(v)))``, numpy's shortest repr that
+    round-trips in that precision. bfloat16 has no numpy type: its values are taken as they are."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = np.asarray(value).dtype
+        except (TypeError, ValueError, RuntimeError):
+            return None
     return {"float32": np.float32, "torch.float32": np.float32,
-            "float16": np.float16, "torch.float16": np.float16}.get(str(getattr(value, "dtype", None)))
+            "float16": np.float16, "torch.float16": np.float16}.get(str(dtype))
 
 
 def finite(value: ArrayLike, name: str) -> np.ndarray:

@@ -271,8 +271,10 @@ def _real_array(data, name: str, path: pathlib.Path) -> Tensor:
     """Array ``name`` of an open ``.npz`` as float64, or a ``ValueError`` that names the file."""
     try:
         array = data[name]
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
-        # object arrays need pickle, which is not loaded; a damaged archive fails its CRC only when read
+    except Exception as error:   # not BaseException: Ctrl-C still passes
+        # object arrays need pickle, which is not loaded; a damaged member fails only when read, with
+        # whatever its layer raises: BadZipFile (CRC), zlib.error (savez_compressed), numpy's header
+        # parser's ValueError or tokenize.TokenError, EOFError
         raise ValueError(f"{path}: array {name!r} cannot be read ({error}).") from None
     if not isinstance(array, np.ndarray):   # a member not in .npy format comes back as raw bytes
         raise ValueError(f"{path}: {name!r} is not a numpy array (the archive was not written by numpy.savez).")

@@ -113,10 +113,10 @@ def write_report(result: ComparisonResult, out: str | pathlib.Path) -> pathlib.P
                                                         allow_nan=False))
         figures = _figures(result, scratch)
         (scratch / "report.md").write_text(_markdown(result, figures))
-        for stale in [*out.glob("band_width*.png"), out / "scaling.png", out / "loss.png"]:
-            stale.unlink(missing_ok=True)   # figures of an earlier report in this folder
         for name in [*figures, "report.json", "report.md"]:
             os.replace(scratch / name, out / name)
+    for stale in {*out.glob("band_width*.png"), out / "scaling.png", out / "loss.png"} - {out / f for f in figures}:
+        stale.unlink(missing_ok=True)   # figures of an earlier report in this folder
     return out
 
 

@@ -43,6 +43,11 @@ from ntkgp.predict.gaussian import (
 from ntkgp.predict.gradient_flow import GradientFlow, _symmetric
 from ntkgp.predict.spectral import cholesky, cholesky_solve, regularize
 
+#: neural-tangents' keywords of ``gp_inference`` and what to pass here instead.
+PORTED_KEYWORDS = {"get": "pass kernel='nngp', 'ntkgp' or 'ntk' (neural-tangents' get).",
+                   "diag_reg": "noise is an absolute variance: neural-tangents' diag_reg is "
+                               "noise = diag_reg * trace(K_train) / N (docs/conventions.md)."}
+
 POSTERIORS = ("nngp", "ntk", "ntkgp")
 
 
@@ -73,9 +78,7 @@ class GPPosterior:
             inputs' dtype).
     """
 
-    @neural_tangents_keywords(get="pass kernel='nngp', 'ntkgp' or 'ntk' (neural-tangents' get).",
-                              diag_reg="noise is an absolute variance: neural-tangents' diag_reg is "
-                                       "noise = diag_reg * trace(K_train) / N (docs/conventions.md).")
+    @neural_tangents_keywords(**PORTED_KEYWORDS)
     @outside_inference_mode
     def __init__(self, net: Layer, x_train: Tensor, y_train: Tensor, *, kernel: str = "nngp",
                  noise: float = 0.0, factor_dtype: torch.dtype = torch.float64) -> None:
@@ -171,9 +174,7 @@ class GPPosterior:
         return self.y - cholesky_solve(self.y, chol) / precision.unsqueeze(-1), precision.reciprocal()
 
 
-@neural_tangents_keywords(get="pass kernel='nngp', 'ntkgp' or 'ntk' (neural-tangents' get).",
-                          diag_reg="noise is an absolute variance: neural-tangents' diag_reg is "
-                                   "noise = diag_reg * trace(K_train) / N (docs/conventions.md).")
+@neural_tangents_keywords(**PORTED_KEYWORDS)
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
                  noise: float = 0.0, compute_cov: bool = True) -> Gaussian:
     """One-shot :class:`GPPosterior` prediction (see there for the formulas)."""
