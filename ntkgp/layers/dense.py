@@ -8,7 +8,7 @@ import torch
 from gpytorch.priors import Prior
 from torch import Tensor, nn
 
-from ntkgp._checks import integer_at_least
+from ntkgp._checks import integer_at_least, neural_tangents_keywords
 from ntkgp.layers.base import BuildContext, Layer, NonFiniteVarianceError
 from ntkgp.layers.numerics import expand_param
 from ntkgp.layers.state import KernelState
@@ -56,6 +56,8 @@ class Dense(Layer):
 
     mixes_features = True
 
+    @neural_tangents_keywords(s="neural-tangents' width factors of the standard parameterization have no "
+                                "counterpart (ntkgp's are s = (1, 1)).")
     def __init__(
         self,
         width: int,
@@ -74,9 +76,7 @@ class Dense(Layer):
             hints = [f"{stds[k]}={v!r}**2" for k, v in unknown.items() if k in stds]
             raise TypeError(f"Dense got unexpected keyword argument(s) {sorted(unknown)}"
                             + (f"; it takes variances, not neural-tangents' standard deviations: {', '.join(hints)}."
-                               if hints else ".")
-                            + (" neural-tangents' width factors s of the standard parameterization have no "
-                               "counterpart (ntkgp's are s = (1, 1))." if "s" in unknown else ""))
+                               if hints else "."))
         width = integer_at_least(width, 1, "width")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}.")
