@@ -491,6 +491,10 @@ def test_empirical_kernels_refuse_what_they_would_get_wrong_and_warn_in_training
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             torch.testing.assert_close(empirical_ntk(noisy, x1), empirical_ntk(noisy, x1), rtol=0, atol=0)
+    inert = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.0), torch.nn.Linear(4, 2))
+    with warnings.catch_warnings():   # dropping nothing is not random: no warning
+        warnings.simplefilter("error")
+        empirical_ntk(inert, x1)
 
 
 def test_empirical_kernels_name_inputs_of_the_wrong_width_or_dtype():
@@ -689,3 +693,53 @@ def test_empirical_ntk_refuses_parameter_scales_that_are_not_real_numbers():
 def test_ensemble_size_names_what_is_not_a_module():
     with pytest.raises(ValueError, match=r"model must be a torch\.nn\.Module .* got NoneType"):
         ensemble_size(None)
+
+
+def test_a_user_modules_own_ensemble_size_attribute_is_not_read_as_stacked_members():
+    """``ensemble_size`` read the attribute of any submodule: a user module storing a setting of that
+    name had every parameter mapped over its first axis (a vmap size error, or a matmul one when
+    every first axis happened to be 3)."""
+    class Configured(torch.nn.Module):
+        def __init__(self, out):
+            super().__init__()
+            self.ensemble_size = 3   # the user's own setting, nothing stacked
+            self.l1, self.l2 = torch.nn.Linear(4, 3), torch.nn.Linear(3, out)
+
+        def forward(self, x):
+            return self.l2(torch.tanh(self.l1(x)))
+
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(6, 4), torch.randn(3, 4)
+    for out in (2, 3):
+        model = Configured(out).double()
+        assert ensemble_size(model) is None
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        j1 = torch.func.jacrev(lambda q, m=model: functional_call(m, q, (x1,)))(params)
+        j2 = torch.func.jacrev(lambda q, m=model: functional_call(m, q, (x2,)))(params)
+        reference = sum(torch.einsum("nip,mjp->nmij", j1[n].flatten(2), j2[n].flatten(2)) for n in params)
+        torch.testing.assert_close(empirical_ntk(model, x1, x2, vector_output=True), reference, rtol=1e-12, atol=0)
+        assert empirical_nngp(model, x1, x2).shape == (6, 3)
+    built = ntkgp.mlp(1, "relu", width=8).build(in_features=4, ensemble_size=2, seed=0)
+    assert ensemble_size(torch.nn.Sequential(built)) == 2   # ntkgp's members, wrapped, still count
+
+
+def test_no_parameters_to_differentiate_give_a_zero_kernel():
+    """A module without parameters, or params={}, has the NTK 0; torch.func's Jacobian of no
+    parameters was a pytree error ("'leaves' has length 0 but the spec refers to ... 1 items")."""
+    x1, x2 = torch.randn(5, 4), torch.randn(3, 4)
+    linear = torch.nn.Linear(4, 2).double()
+    cases = [(torch.nn.Tanh(), {}), (lambda p, x: x.sum(-1, keepdim=True), {"params": {}}), (linear, {"params": {}})]
+    for model, kwargs in cases:
+        theta = empirical_ntk(model, x1, x2, **kwargs)
+        assert theta.shape == (5, 3) and theta.eq(0).all()
+        assert empirical_ntk(model, x1, x2, vector_output=True, **kwargs).shape[:2] == (5, 3)
+    assert empirical_ntk(linear, x1, vector_output=True, params={}).shape == (5, 5, 2, 2)
+
+
+def test_a_user_module_named_its_input_shape_before_the_batch_shapes():
+    """Images of a user module (only ntkgp's networks take batches) with different point counts were
+    "Batch shapes of x1 (5, 1) and x2 (4, 1) do not broadcast", not the (n, d) advice."""
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.LazyLinear(1)).double()
+    for kernel in (empirical_ntk, empirical_nngp):
+        with pytest.raises(ValueError, match=r"x1 must have shape \(n, d\) here .*nn\.Unflatten"):
+            kernel(cnn, torch.randn(5, 1, 8, 8), torch.randn(4, 1, 8, 8))

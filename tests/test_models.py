@@ -525,6 +525,22 @@ def test_kernel_level_ard_is_refused_in_favour_of_the_first_layer():
         ntkgp.NNGPKernel(ntkgp.mlp(1, "relu", 2.0, 0.1), ard_num_dims=3)
 
 
+def test_kernel_level_priors_and_unknown_arguments_are_refused_not_dropped():
+    """GPyTorch's Kernel drops unknown keywords: a prior given to the kernel, as GPyTorch's kernels
+    take lengthscale_prior=, was no prior (named_priors empty) and the fit plain maximum likelihood."""
+    prior = gpytorch.priors.GammaPrior(1.0, 1.0)
+    for kernel in (ntkgp.NNGPKernel, ntkgp.NTKKernel):
+        for name in ("weight_var_prior", "lengthscale_prior", "outputscale_constraint"):
+            hint = r"the layers.*ntkgp\.Dense\(width, weight_var, bias_var, weight_var_prior"
+            with pytest.raises(ValueError, match=rf"{kernel.__name__} got {name}=: priors and constraints belong to "
+                                                 rf"{hint}"):
+                kernel(ntkgp.mlp(1, "relu", 2.0, 0.1), **{name: prior})
+        with pytest.raises(ValueError, match=r"unexpected keyword argument 'eps'"):
+            kernel(ntkgp.mlp(1, "relu", 2.0, 0.1), eps=1e-6)
+    net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1, weight_var_prior=prior), ntkgp.ReLU(), ntkgp.Dense(1, 1.0, 0.1))
+    assert [name for name, *_ in ntkgp.NNGPKernel(net).named_priors()] == ["net.layers.0.weight_var_prior"]
+
+
 def test_finite_twin_in_float64_uses_the_exact_variances():
     net = ntkgp.serial(ntkgp.Dense(4, 2.25, 0.01), ntkgp.ReLU(), ntkgp.Dense(1, 0.3, 0.01))
     model = net.build(in_features=3, dtype=torch.float64)

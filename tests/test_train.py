@@ -418,6 +418,21 @@ def test_overflowing_targets_are_refused_not_reported_as_a_divergence_at_step_0(
     assert h.diverged_at is None and h.steps.tolist() == [0, 10]
 
 
+def test_targets_are_refused_as_the_predictors_refuse_them():
+    """Integer targets were trained on (cast to the networks' dtype) while every predictor the
+    ensemble is compared with refused them; booleans, complex numbers and NaN were refused by one
+    message that did not say which."""
+    kwargs = dict(ensemble_size=2, learning_rate=0.1, record_steps=[0, 1])
+    for y in (torch.arange(5), torch.ones(5, dtype=torch.bool), Y.to(torch.complex64)):
+        with pytest.raises(ValueError, match=rf"y_train must be a floating-point tensor, got {y.dtype}"):
+            train_ensemble(_net(), X, y, **kwargs)
+        with pytest.raises(ValueError, match="y_train must be a floating-point tensor"):
+            ntkgp.predict.gradient_flow(_net(), X, y, X, t=1.0)
+    with pytest.raises(ValueError, match="y_train must hold finite numbers"):
+        train_ensemble(_net(), X, torch.full((5,), float("nan")), **kwargs)
+    assert train_ensemble(_net(), X, Y.half(), **kwargs).test_outputs.dtype == torch.float32
+
+
 @pytest.mark.parametrize("param", ["ntk", "standard"])
 def test_relative_changes_of_parameters_and_kernels_that_are_zero_and_stay_so_are_zero(param):
     """With every variance 0 nothing can move (standard: the rates are 0; NTK: the gradients are),
@@ -460,3 +475,13 @@ def test_user_activations_that_look_at_their_values_train():
     net = ntkgp.serial(ntkgp.Dense(16, 2.0, 0.1), ntkgp.Elementwise(clipped_tanh, None), ntkgp.Dense(1, 1.0, 0.1))
     h = train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[0, 3], dtype=torch.float64)
     assert h.train_loss.shape[0] == 2 and bool(h.train_loss[-1].lt(h.train_loss[0]).all())
+
+
+def test_a_module_instead_of_a_spec_is_named():
+    """A torch module, or a network built from a spec, failed deep inside the chunking as
+    "'Sequential' object has no attribute 'build'"."""
+    for model in (torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)),
+                  _net().build(in_features=1)):
+        with pytest.raises(ValueError, match=r"train_ensemble takes a network spec .* got Sequential \(a network "
+                                             r"built by net\.build\(\.\.\.\)\)"):
+            train_ensemble(model, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[0, 1])

@@ -57,7 +57,10 @@ def ensemble_size(model: nn.Module) -> int | None:
     if not isinstance(model, nn.Module):   # None raised "'NoneType' object has no attribute 'modules'"
         raise ValueError(f"model must be a torch.nn.Module (a network built by net.build(...)), got "
                          f"{type(model).__name__}.")
-    sizes = {getattr(m, "ensemble_size", None) for m in model.modules()} - {None}
+    # ntkgp's modules only: a user module's own attribute of that name (a stored setting) was read as
+    # stacked members, and every parameter mapped over its first axis (a vmap size error, or slices)
+    sizes = {getattr(m, "ensemble_size", None) for m in model.modules() if type(m).__module__.startswith("ntkgp.")}
+    sizes -= {None}
     if len(sizes) > 1:
         raise ValueError(f"Inconsistent ensemble sizes {sorted(sizes)} in one module.")
     return sizes.pop() if sizes else None
@@ -88,12 +91,13 @@ def _as_function(model: nn.Module | ParamFn, params: dict[str, Tensor] | None, x
         _check_params(params)
     if isinstance(model, nn.Module):
         _materialize(model, x)
-        training = sorted({type(m).__name__ for m in model.modules()
-                           if m.training and isinstance(m, _TRAINING_DEPENDENT)})
+        training = sorted({type(m).__name__ for m in model.modules() if m.training and isinstance(
+            m, _TRAINING_DEPENDENT) and not (isinstance(m, nn.modules.dropout._DropoutNd) and m.p == 0)})
         if training:
             warnings.warn(f"The module is in training mode and has {training} layers: its outputs are random "
-                          "(dropout) or its batch statistics change as it is called, so the kernel is not a "
-                          "function of its parameters. Call model.eval() first.", RuntimeWarning, stacklevel=3)
+                          "(dropout), or normalized with the statistics of the points it is called on (batch "
+                          "norm), so the kernel is not that of a function of each point. Call model.eval() first.",
+                          RuntimeWarning, stacklevel=3)
         own = dict(model.named_parameters(remove_duplicate=False))
         if params is None:
             params, fixed = {name: p.detach() for name, p in model.named_parameters()}, {}
@@ -231,6 +235,14 @@ def _outputs_2d(out: Tensor, x: Tensor | None = None) -> Tensor:
     return out
 
 
+def _checked_inputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """:func:`check_inputs`, with the ``(n, d)`` shape a model not built by ntkgp needs checked first:
+    images ``(5, 1, 8, 8)`` against ``(4, 1, 8, 8)`` were "batch shapes (5, 1) and (4, 1) do not broadcast"."""
+    if not _built_by_ntkgp(model):
+        _check_plain_inputs(*(x if isinstance(x, Tensor) else None for x in (x1, x2)))
+    return check_inputs(x1, x2)
+
+
 def _check_plain_inputs(x1: Tensor, x2: Tensor | None, model: nn.Module | ParamFn | None = None) -> None:
     """Inputs ``(n, d)``: only networks built by ntkgp take batches ``(*batch, n, d)``, and their
     NTK only on the layer-by-layer route (``model``: one on the Jacobian route, named in the error)."""
@@ -248,7 +260,7 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     """``K̂(x, x') = (1/k) f(x)·f(x')`` per output unit ``(n1, n2)`` (or ``f_i(x) f_j(x')`` as
     ``(n1, n2, k, k)``); ``(E, …)`` for ensembles. Over random initializations its mean is the NNGP
     kernel (Neal 1996; Lee et al. 2018). A constant: no gradient flows through it."""
-    x1, x2 = check_inputs(x1, x2)
+    x1, x2 = _checked_inputs(model, x1, x2)
     check_flag(vector_output, "vector_output")
     _check_network_inputs(model, x1, x2)
     built = _built_by_ntkgp(model)   # batches of inputs, per-member (E, n, d) ones too; outputs right by construction
@@ -297,7 +309,7 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     the layer-by-layer route of the module docstring; anything else, or scales other than numbers
     and per-input-feature columns ``(in, 1)``, takes the Jacobian route (``torch.func.jacrev``).
     """
-    x1, x2 = check_inputs(x1, x2)
+    x1, x2 = _checked_inputs(model, x1, x2)
     check_flag(vector_output, "vector_output")
     chunk_size = None if chunk_size is None else integer_at_least(chunk_size, 1, "chunk_size")
     _check_network_inputs(model, x1, x2)
@@ -328,8 +340,10 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
         if not (torch.isfinite(value).all() and (value >= 0).all()):
             raise ValueError(f"parameter_scales[{name!r}] must be finite and non-negative (a learning-rate ratio), "
                              f"got {scale!r}.")
-    if x1.shape[-2] == 0 or (x2 is not None and x2.shape[-2] == 0):   # no points: the kernel's shape alone
-        # (the replicas of the layer-by-layer route cannot be unflattened from zero points)
+    if x1.shape[-2] == 0 or (x2 is not None and x2.shape[-2] == 0) or not all_params:
+        # no points, or no parameters to differentiate (a module without any, params={}): the kernel is
+        # zero, of the NNGP's shape (the replicas of the layer-by-layer route cannot be unflattened from
+        # zero points, and torch.func's Jacobian of no parameters was a pytree error)
         return empirical_nngp(model, x1, x2, params=params, vector_output=vector_output).zero_()
     if params is None and isinstance(model, nn.Module) and _layerwise_applies(model, x1, scales):
         return _layerwise_ntk(model, x1, x2, scales, vector_output)

@@ -202,7 +202,7 @@ def train_ensemble(
             take the equivalent per-layer rates, so the members follow the spec's NTK-parameterized
             version, the one to compare with ``ntkgp.predict``).
         x_train: ``(N, d)`` training inputs.
-        y_train: ``(N,)`` or ``(N, k)`` targets.
+        y_train: ``(N,)`` or ``(N, k)`` floating-point targets (cast to ``dtype``).
         ensemble_size: number of members ``E``.
         learning_rate: ``η`` of full-batch gradient descent.
         record_steps: step counts (non-negative integers) at which to record; training runs to the
@@ -233,6 +233,11 @@ def train_ensemble(
             does not compile is a ``RuntimeWarning`` (once per process and dtype) with the reason.
             ``settings["engine"]`` says which ran.
     """
+    if not isinstance(net, Layer):   # a module or built network failed deep inside, as an AttributeError ("build")
+        built = " (a network built by net.build(...))" if isinstance(net, nn.Module) else ""
+        raise ValueError(f"train_ensemble takes a network spec (ntkgp.serial(...), ntkgp.mlp(...)) and builds the "
+                         f"members from it; got {type(net).__name__}{built}. To train your own torch modules, "
+                         "loop over them with torch.optim.SGD.")
     check_points(x_train, "x_train")
     check_flag(readout_only, "readout_only")
     check_flag(progress, "progress")
@@ -241,8 +246,11 @@ def train_ensemble(
     if not isinstance(y_train, Tensor) or y_train.dim() not in (1, 2) or y_train.shape[0] != x_train.shape[0]:
         raise ValueError(f"y_train must be a tensor (N,) or (N, k) with N = {x_train.shape[0]}, got "
                          f"{tuple(y_train.shape) if isinstance(y_train, Tensor) else type(y_train).__name__}.")
-    if y_train.is_complex() or y_train.dtype == torch.bool or not all_finite(y_train):
-        raise ValueError("y_train must hold real, finite numbers.")
+    if not y_train.is_floating_point():   # as the predictors it is compared with refuse them
+        raise ValueError(f"y_train must be a floating-point tensor, got {y_train.dtype}; convert integer "
+                         "targets with y_train.float() or .double().")
+    if not all_finite(y_train):
+        raise ValueError("y_train must hold finite numbers, without NaN or infinite values.")
     for name, points in (("x_test", x_test), ("probe", probe)):
         if points is not None:
             check_points(points, name)

@@ -18,6 +18,22 @@ from ntkgp.layers.validation import broadcast_shapes
 _KERNELS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _refuse_kernel_arguments(kernel: str, kwargs: dict) -> None:
+    """``ValueError`` for any other keyword: GPyTorch's ``Kernel`` drops unknown ones, so a prior given
+    to the kernel (``weight_var_prior=``, as GPyTorch's kernels take ``lengthscale_prior=``) was
+    silently no prior at all, and a fit became plain maximum likelihood."""
+    if not kwargs:
+        return
+    name = sorted(kwargs)[0]
+    if name.endswith(("_prior", "_constraint")):
+        raise ValueError(f"{kernel} got {name}=: priors and constraints belong to the layers, whose variances are "
+                         "the kernel's hyperparameters: ntkgp.Dense(width, weight_var, bias_var, "
+                         "weight_var_prior=..., bias_var_prior=...); the variances' constraint is fixed (positive "
+                         "by construction): bound one softly by a prior.")
+    raise ValueError(f"{kernel} got an unexpected keyword argument {name!r}: it takes the network, batch_shape "
+                     "and active_dims.")
+
+
 class NetworkKernel(Kernel):
     """A GPyTorch kernel whose values are one of a network's infinite-width kernels.
 
@@ -55,7 +71,8 @@ class NetworkKernel(Kernel):
             # a Kernel-level ard_num_dims would be reported but act on nothing
             raise ValueError("Per-feature weight variances belong to the first layer: use "
                              "ntkgp.Dense(width, ..., ard_num_dims=d) instead of ard_num_dims on the kernel.")
-        super().__init__(batch_shape=batch_shape, active_dims=active_dims, **kwargs)
+        _refuse_kernel_arguments(type(self).__name__, {k: v for k, v in kwargs.items() if k != "ard_num_dims"})
+        super().__init__(batch_shape=batch_shape, active_dims=active_dims)
         # expanding in place would change the shapes under another kernel that shares the network,
         # which then failed inside GPyTorch ("expected shape [4, 4], got [3, 4, 4]")
         owners = {tuple(k.batch_shape) for k in _KERNELS_OF.get(net, ())} - {tuple(self.batch_shape)}

@@ -27,8 +27,9 @@ class NNGPKernel(NetworkKernel):
         batch_shape: GPyTorch batch shape of the hyperparameters, given to ``net``'s variances in
             place (kernels sharing a network share its batch shape).
         active_dims: input columns the kernel acts on.
-        **kwargs: other arguments of ``gpytorch.kernels.Kernel`` (``eps``, ...); a kernel-level
-            ``ard_num_dims`` is refused (per-feature variances belong to the first ``Dense``).
+        **kwargs: refused with a hint where they belong: ``ard_num_dims`` and priors are the
+            layers' (``Dense(..., ard_num_dims=d, weight_var_prior=...)``); GPyTorch's ``Kernel``
+            would drop them silently.
     """
 
     kind = "nngp"
