@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from types import SimpleNamespace
 
@@ -544,5 +545,109 @@ def test_interval_is_shaped_like_the_mean_for_vector_targets():
                                    rtol=1e-15, atol=4e-16)   # (mean + w σ) − mean rounds at the mean's scale
     with pytest.raises(ValueError, match="width must be a finite number >= 0"):
         post.interval(-1.0)
-    with pytest.raises(ValueError, match="no covariance"):
+    with pytest.raises(ValueError, match="no variances"):
         predict.gp_posterior(net, x, y, xt, kernel="nngp", noise=1e-2, compute_cov=False).interval()
+
+
+_DIAG_NET = ntkgp.mlp(2, "erf", 2.25, 0.05, width=16)
+_FLOW_MODULE = sys.modules["ntkgp.predict.gradient_flow"]   # ntkgp.predict.gradient_flow is the function
+_DIAG_TIMES = (dict(t=None), dict(t=torch.tensor([[0.5, 3.0], [math.inf, 20.0]])),
+               dict(steps=torch.tensor([1, 10, 100])))
+
+
+def _diagonal(g: predict.Gaussian) -> torch.Tensor:
+    return torch.diagonal(g.covariance, dim1=-2, dim2=-1)
+
+
+@pytest.mark.parametrize("kernel", ["ntk", "nngp"])
+def test_marginal_variances_alone_are_the_diagonal_of_the_covariance(kernel):
+    """compute_cov="diag" sums the formulas' diagonals over the training points (O(M N) memory)
+    instead of forming (M, M): equal to the covariance's diagonal to rounding of the prior's scale,
+    for test and training points, continuous and discrete times, and t = None; float32 inputs too."""
+    torch.manual_seed(0)
+    x, y, xt = torch.randn(12, 3), torch.randn(12, 2), torch.randn(9, 3)
+    flow = predict.GradientFlow(_DIAG_NET, x, y, kernel=kernel, learning_rate=0.7, diag_reg=1e-3)
+    for points in (xt, None):
+        for when in _DIAG_TIMES:
+            full, diag = flow.predict(points, **when), flow.predict(points, compute_cov="diag", **when)
+            assert diag.covariance is None and diag.marginal.shape == full.covariance.shape[:-1]
+            assert torch.equal(diag.mean, full.mean) and diag.scale == full.scale
+            torch.testing.assert_close(diag.marginal, _diagonal(full), rtol=0, atol=1e-14 * full.scale)
+            assert torch.equal(diag.variance, diag.marginal.clamp_min(0))
+    low = predict.GradientFlow(_DIAG_NET, x.float(), y.float(), kernel=kernel, learning_rate=0.7, diag_reg=1e-3)
+    marginal = low.predict(xt.float(), t=torch.tensor([1.0, math.inf]), compute_cov="diag").marginal
+    exact = flow.predict(xt, t=torch.tensor([1.0, math.inf]), compute_cov="diag").marginal
+    assert marginal.dtype == torch.float32
+    torch.testing.assert_close(marginal.double(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
+
+
+def test_posterior_marginal_variances_alone_are_the_diagonal_of_the_covariance():
+    torch.manual_seed(1)
+    x, y, xt = torch.randn(12, 3), torch.randn(12), torch.randn(9, 3)
+    for kernel in ("nngp", "ntkgp", "ntk"):
+        posterior = predict.GPPosterior(_DIAG_NET, x, y, kernel=kernel, noise=1e-2)
+        full, diag = posterior.predict(xt), posterior.predict(xt, compute_cov="diag")
+        assert diag.covariance is None and diag.marginal.shape == (9,) and torch.equal(diag.mean, full.mean)
+        torch.testing.assert_close(diag.marginal, _diagonal(full), rtol=0, atol=1e-14 * full.scale)
+        low, high = diag.interval()
+        assert low.shape == (9,)
+        torch.testing.assert_close(high - low, 4 * _diagonal(full).sqrt(), rtol=1e-12, atol=0)
+        one_shot = predict.gp_posterior(_DIAG_NET, x, y, xt, kernel=kernel, noise=1e-2, compute_cov="diag")
+        torch.testing.assert_close(one_shot.marginal, diag.marginal, rtol=1e-14, atol=0)
+    flow = predict.gradient_flow(_DIAG_NET, x, y, xt, t=2.0, compute_cov="diag")
+    torch.testing.assert_close(flow.marginal, _diagonal(predict.gradient_flow(_DIAG_NET, x, y, xt, t=2.0)),
+                               rtol=1e-12, atol=0)
+
+
+def test_marginal_variances_never_form_a_test_by_test_matrix(monkeypatch):
+    """The point of compute_cov="diag": a review ran out of memory asking for the covariance of
+    50 000 test points (20 GB); every matrix the diagonal path forms is (M, N), (N, N) or smaller."""
+    torch.manual_seed(2)
+    x, y, xt = torch.randn(12, 3), torch.randn(12), torch.randn(40, 3)
+    shapes = []
+    real_kernel, real_symmetrize = type(_DIAG_NET).kernel, _FLOW_MODULE.symmetrize_
+
+    def recording(self, *args, **kwargs):
+        state = real_kernel(self, *args, **kwargs)
+        shapes.extend(tuple(s.shape) for s in (state.nngp, state.ntk) if s is not None)
+        return state
+
+    def refused(cov):
+        raise AssertionError("an (M, M) covariance was symmetrized")
+
+    monkeypatch.setattr(type(_DIAG_NET), "kernel", recording)
+    for module in (_FLOW_MODULE, sys.modules["ntkgp.predict.posterior"]):
+        monkeypatch.setattr(module, "symmetrize_", refused)
+    for kernel in ("ntk", "nngp"):
+        flow = predict.GradientFlow(_DIAG_NET, x, y, kernel=kernel, learning_rate=0.7)
+        for when in _DIAG_TIMES:
+            flow.predict(xt, compute_cov="diag", **when)
+    for kernel in ("nngp", "ntkgp", "ntk"):
+        predict.GPPosterior(_DIAG_NET, x, y, kernel=kernel, noise=1e-2).predict(xt, compute_cov="diag")
+    assert shapes and all(40 not in s[-2:] or s in ((40, 12), (40,)) for s in shapes), sorted(set(shapes))
+    monkeypatch.setattr(_FLOW_MODULE, "symmetrize_", real_symmetrize)
+    assert flow.predict(xt, t=1.0).covariance.shape == (40, 40)   # the recording sees a full one
+
+
+def test_compute_cov_takes_true_false_or_diag():
+    torch.manual_seed(3)
+    x, y = torch.randn(6, 3), torch.randn(6)
+    flow = predict.GradientFlow(_DIAG_NET, x, y)
+    for wrong in ("full", "diagonal", "True", ("diag",)):
+        with pytest.raises(ValueError, match=r"compute_cov must be True or False, got .*\(or 'diag', for the marginal"):
+            flow.predict(x, compute_cov=wrong)
+        with pytest.raises(ValueError, match="compute_cov must be True or False"):
+            predict.gp_posterior(_DIAG_NET, x, y, x, noise=0.1, compute_cov=wrong)
+    assert flow.predict(x, compute_cov=np.bool_(False)).variance is None
+    with pytest.raises(ValueError, match=r"no variances \(predict with compute_cov=True or 'diag'\)"):
+        flow.predict(x, compute_cov=False).interval()
+
+
+@pytest.mark.parametrize("block", [1, 3, 1024])
+def test_symmetrizing_in_place_by_blocks_is_the_average_with_the_transpose(monkeypatch, block):
+    """symmetrize_ averages block pairs in place (two (M, M) temporaries were 2.5 GB at M = 10 000);
+    it must equal (c + cᵀ)/2 bitwise, blocks that straddle the edge and batches included."""
+    monkeypatch.setattr(_FLOW_MODULE, "SYMMETRIZE_BLOCK", block)
+    c = torch.randn(2, 3, 7, 7)
+    expected = (c + c.mT) / 2
+    assert torch.equal(_FLOW_MODULE.symmetrize_(c.clone()), expected) and torch.equal(expected, expected.mT)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ntkgp._checks import check_flag
 from ntkgp.layers.base import Layer, NonFiniteKernelError, variance_batch_shapes
 from ntkgp.layers.validation import all_finite, check_points, finite_number
 
@@ -26,11 +27,15 @@ class Gaussian:
             Gaussian built by hand. The covariance is a difference of terms of this size, so its
             rounding error is relative to it even where the covariance itself is ~0 (test points the
             data pin): :func:`ntkgp.bayes.sample_outputs` tells rounding from indefiniteness by it.
+        marginal: the marginal variances ``(*time, M)`` alone, where only those were computed
+            (``compute_cov="diag"``: ``O(M N)`` memory instead of the ``(M, M)`` covariance, for
+            large test sets); ``covariance`` is then ``None``.
     """
 
     mean: Tensor
     covariance: Tensor | None = None
     scale: float | None = None
+    marginal: Tensor | None = None
 
     @property
     def variance(self) -> Tensor | None:
@@ -41,13 +46,13 @@ class Gaussian:
         included) it does not have the mean's shape, and ``mean ± 2 * variance.sqrt()`` broadcasts
         to ``(M, M)`` silently; :meth:`interval` gives bands shaped like the mean."""
         if self.covariance is None:
-            return None
+            return None if self.marginal is None else self.marginal.clamp_min(0)
         return torch.diagonal(self.covariance, dim1=-2, dim2=-1).clamp_min(0)
 
     def interval(self, width: float = 2.0) -> tuple[Tensor, Tensor]:
         """``mean ∓ width · σ``, each shaped like :attr:`mean` (``σ`` shared by the ``k`` outputs)."""
-        if self.covariance is None:
-            raise ValueError("This Gaussian has no covariance (predict with compute_cov=True).")
+        if self.variance is None:
+            raise ValueError("This Gaussian has no variances (predict with compute_cov=True or 'diag').")
         width = finite_number(width, "width", "a finite number >= 0")
         if width < 0:   # the bounds would come out swapped
             raise ValueError(f"width must be a finite number >= 0, got {width:g}.")
@@ -57,8 +62,20 @@ class Gaussian:
 
 
 def prior_scale(prior: Tensor) -> float:
-    """:attr:`Gaussian.scale` of a covariance computed from the prior kernel ``prior``: ``max |diag|``."""
-    return float(torch.diagonal(prior.detach(), dim1=-2, dim2=-1).abs().max()) if prior.numel() else 0.0
+    """:attr:`Gaussian.scale` of a covariance computed from the prior kernel ``prior``: ``max |diag|``
+    (``prior`` a matrix, or its diagonal alone as a vector)."""
+    diagonal = prior.detach() if prior.dim() == 1 else torch.diagonal(prior.detach(), dim1=-2, dim2=-1)
+    return float(diagonal.abs().max()) if prior.numel() else 0.0
+
+
+def covariance_mode(compute_cov: object) -> str | None:
+    """The predictors' ``compute_cov``: ``True`` (the ``(M, M)`` covariance), ``"diag"`` (the
+    marginal variances alone, :attr:`Gaussian.marginal`) or ``False`` (the mean alone); returns
+    ``"full"``, ``"diag"`` or ``None``."""
+    if isinstance(compute_cov, str) and compute_cov == "diag":
+        return "diag"
+    check_flag(compute_cov, "compute_cov", "(or 'diag', for the marginal variances alone)")
+    return "full" if compute_cov else None
 
 
 def check_targets(y_train: Tensor, n_train: int, device: torch.device | None = None, of: str = "x_train") -> Tensor:

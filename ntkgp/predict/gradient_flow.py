@@ -42,6 +42,7 @@ from ntkgp.predict.gaussian import (
     check_non_negative,
     check_test_points,
     check_training_data,
+    covariance_mode,
     named_kernels,
     prior_scale,
 )
@@ -180,7 +181,7 @@ class GradientFlow:
     @neural_tangents_keywords(get="the kernel is chosen when the GradientFlow is built: GradientFlow(..., "
                                   "kernel='ntk' or 'nngp'), one per kernel.")
     def predict(self, x_test: Tensor | None = None, t: Times = None, steps: Steps = None,
-                compute_cov: bool = True) -> Gaussian:
+                compute_cov: bool | str = True) -> Gaussian:
         """Mean and covariance of the ensemble's outputs at times ``t`` (or after ``steps``).
 
         Args:
@@ -188,71 +189,94 @@ class GradientFlow:
             t: ``None`` (infinite time, by Cholesky), a number (``inf`` allowed) or a tensor of
                 times of any shape, which becomes the leading shape of the outputs.
             steps: instead of ``t``, numbers of discrete full-batch gradient-descent steps.
-            compute_cov: also compute the ``(M, M)`` covariance (shared by all outputs).
+            compute_cov: also compute the ``(M, M)`` covariance (shared by all outputs);
+                ``"diag"``: the marginal variances ``(*time, M)`` alone (:attr:`Gaussian.marginal`,
+                the diagonals of the formulas above as sums over the training points), in
+                ``O(M N)`` memory instead of ``O(M²)`` per time.
         """
         self._hyperparameters.check(self.net)
-        check_flag(compute_cov, "compute_cov")
+        mode = covariance_mode(compute_cov)
         if x_test is not None:  # before the stability check, which factors the training kernel
             check_test_points(x_test, self.x_train.shape[-1], self.x_train.device)
         schedule = make_schedule(t, steps, self.learning_rate, self.m, self.x_train.device)
         if schedule is not None and schedule.discrete:
             warn_if_unstable(self.learning_rate, self.max_learning_rate, self.factor_dtype, self.dtype)
-        if x_test is None and compute_cov:
+        if x_test is None and mode is not None:
             check_covariance_range(self.nngp_dd, self.dtype)
-        kernels = None if x_test is None else self._test_kernels(x_test, compute_cov)
+        kernels = None if x_test is None else self._test_kernels(x_test, mode)
+        # every term of Σ_t is of the size of the NNGP at the points predicted
+        scale = None if mode is None else prior_scale(self.nngp_dd if kernels is None else kernels["nngp_tt"])
         if schedule is None:
-            mean, cov = self._infinite(kernels, compute_cov)
+            mean, cov = self._infinite(kernels, mode)
         else:
-            mean, cov = self._finite(schedule, kernels, compute_cov)
+            mean, cov = self._finite(schedule, kernels, mode)
             mean = schedule.reshape(mean, 2)
-            cov = None if cov is None else schedule.reshape(cov, 2)
+            cov = None if cov is None else schedule.reshape(cov, 2 if mode == "full" else 1)
         if not self.vector_targets:
             mean = mean.squeeze(-1)
         if cov is None:
             return Gaussian(mean.to(self.dtype))
-        # every term of Σ_t is of the size of the NNGP at the points predicted
-        scale = prior_scale(self.nngp_dd if kernels is None else kernels["nngp_tt"])
+        if mode == "diag":
+            return Gaussian(mean.to(self.dtype), None, scale, cov.to(self.dtype))
         return Gaussian(mean.to(self.dtype), cov.to(self.dtype), scale)
 
-    def _test_kernels(self, x_test: Tensor, compute_cov: bool) -> dict[str, Tensor]:
+    def _test_kernels(self, x_test: Tensor, mode: str | None) -> dict[str, Tensor]:
+        """The test kernels ``mode`` needs: ``nngp_td`` only for the NNGP flow's mean or any
+        covariance (the NTK flow's mean is ``Θ*d``'s alone, and an unused ``(M, N)`` matrix held
+        on doubled the memory of a mean-only prediction), ``nngp_tt`` a matrix or its diagonal."""
         x_test = x_test.to(self.factor_dtype)
         with torch.no_grad(), named_kernels("test"):
             cross = self.net.kernel(x_test, self.x_factor, ntk=self.kind == "ntk")
-            out = {"nngp_td": cross.nngp}
+            out = {"nngp_td": cross.nngp} if self.kind == "nngp" or mode is not None else {}
             if self.kind == "ntk":
                 out["ntk_td"] = cross.ntk
-            if compute_cov:
-                out["nngp_tt"] = self.net.kernel(x_test, ntk=False).nngp
-        if compute_cov:
+            del cross
+            if mode is not None:
+                out["nngp_tt"] = self.net.kernel(x_test, ntk=False, diag=mode == "diag").nngp
+        if mode is not None:
             check_covariance_range(out["nngp_tt"], self.dtype)
         return out
 
-    def _infinite(self, kernels: dict | None, compute_cov: bool) -> tuple[Tensor, Tensor | None]:
+    def _infinite(self, kernels: dict | None, mode: str | None) -> tuple[Tensor, Tensor | None]:
         if kernels is None:  # the training outputs converge to the targets, if the kernel can fit them
             self._cholesky  # noqa: B018  (a singular kernel raises, as for test points; t=inf handles it)
             n = self.y.shape[0]
-            return self.y.clone(), (self.y.new_zeros(n, n) if compute_cov else None)
+            return self.y.clone(), (None if mode is None else self.y.new_zeros((n, n) if mode == "full" else n))
         chol = self._cholesky
-        g_td = kernels["ntk_td" if self.kind == "ntk" else "nngp_td"]
+        g_td = kernels.pop("ntk_td" if self.kind == "ntk" else "nngp_td")
         mean = g_td @ cholesky_solve(self.y, chol)
-        if not compute_cov:
+        if mode is None:
             return mean, None
-        k_td, k_tt = kernels["nngp_td"], kernels["nngp_tt"]
-        if self.kind == "nngp":
-            w = torch.linalg.solve_triangular(chol, k_td.mT, upper=False)
-            return mean, _symmetric(k_tt - w.mT @ w)
-        term = cholesky_solve(g_td.mT, chol)                     # Θ⁻¹ Θd*
-        cross = term.mT @ k_td.mT                                       # Θ*d Θ⁻¹ Kd*
-        return mean, _symmetric(k_tt + term.mT @ self.nngp_dd @ term - cross - cross.mT)
+        k_tt = kernels.pop("nngp_tt")
+        if self.kind == "nngp":   # Σ = K** − wᵀw, w = L⁻¹ Kd*
+            w = torch.linalg.solve_triangular(chol, g_td.mT, upper=False)
+            del g_td
+            if mode == "diag":
+                return mean, k_tt.sub_(w.square_().sum(-2))
+            return mean, symmetrize_(k_tt.addmm_(w.mT, w, alpha=-1))
+        # Σ = K** + Tᵀ K T − Tᵀ Kd* − (Tᵀ Kd*)ᵀ with T = Θ⁻¹ Θd*: symmetrized, the last two terms are
+        # −2 Tᵀ Kd* (their difference is antisymmetric), so Σ = sym(K** + Tᵀ (K T − 2 Kd*))
+        term = cholesky_solve(g_td.mT, chol)                     # Θ⁻¹ Θd*  (N, M)
+        del g_td
+        inner = torch.addmm(kernels.pop("nngp_td").mT, self.nngp_dd, term, beta=-2)   # K T − 2 Kd*
+        if mode == "diag":
+            return mean, k_tt.add_(inner.mul_(term).sum(-2))
+        return mean, symmetrize_(k_tt.addmm_(term.mT, inner))
 
-    def _finite(self, schedule: Schedule, kernels: dict | None, compute_cov: bool) -> tuple[Tensor, Tensor | None]:
+    def _finite(self, schedule: Schedule, kernels: dict | None, mode: str | None) -> tuple[Tensor, Tensor | None]:
         eig = self.eigensystem
         v, lam = eig.vectors, eig.values
         decay, growth, flow = schedule.functions(eig)                    # (T, N)
         if kernels is None:
             mean = spectral_apply(v, growth, self._y_eigen)
-            if not compute_cov:
+            if mode is None:
                 return mean, None
+            if mode == "diag":   # diag(V D Vᵀ)_n = Σ_a V_na² D_aa, and diag(V A Vᵀ)_n = Σ_a (V A)_na V_na
+                if self.kind == "nngp":
+                    return mean, (lam * decay.square()) @ v.square().mT
+                return mean, torch.stack([((v @ (decay[i].unsqueeze(-1) * self._nngp_eigen * decay[i])) * v).sum(-1)
+                                          for i in range(decay.shape[0])])
+
             def train_cov(i: int, out: Tensor | None) -> Tensor:
                 if self.kind == "nngp":          # K e^{−2Kτ}
                     return torch.mm(v * (lam * decay[i] ** 2), v.mT, out=out)
@@ -260,15 +284,18 @@ class GradientFlow:
                 return torch.mm(v @ inner, v.mT, out=out)  # e^{−Θτ} K e^{−Θτ}
 
             return mean, _per_time(train_cov, decay.shape[0], v, decay.requires_grad, self.dtype)
-        g_td = kernels["ntk_td" if self.kind == "ntk" else "nngp_td"]
+        g_td = kernels.pop("ntk_td" if self.kind == "ntk" else "nngp_td")
         a = g_td @ v                                                    # (M, N)
+        del g_td
         mean = spectral_apply(a, flow, self._y_eigen)
         warn_if_unresolved(a, self._y_eigen, mean, schedule, eig, lambda: self._regular)
-        if not compute_cov:
+        if mode is None:
             return mean, None
         k_tt = kernels["nngp_tt"]
         if self.kind == "nngp":
             _, _, flow2 = schedule.doubled().functions(eig)
+            if mode == "diag":   # diag(A F Aᵀ)_m = Σ_a A_ma² F_a, every time at once
+                return mean, k_tt - flow2 @ a.square().mT
 
             def test_cov(i: int, out: Tensor | None) -> Tensor:
                 return torch.addmm(k_tt, a * flow2[i], a.mT, alpha=-1, out=out)
@@ -276,7 +303,13 @@ class GradientFlow:
             # With P = diag(F) Vᵀ Θd* and R = Vᵀ Kd*: Σ = K** + Pᵀ Kv P − PᵀR − RᵀP. The last two
             # terms equal −2PᵀR up to an antisymmetric part, which symmetrizing removes, so one
             # product Pᵀ(Kv P − 2R) per time suffices.
-            r2 = 2 * (v.mT @ kernels["nngp_td"].mT)                     # 2 Vᵀ Kd*  (N, M)
+            r2 = 2 * (v.mT @ kernels.pop("nngp_td").mT)                 # 2 Vᵀ Kd*  (N, M)
+            if mode == "diag":   # diag(Pᵀ B)_m = Σ_a P_am B_am
+                def marginal(i: int) -> Tensor:
+                    p = flow[i].unsqueeze(-1) * a.mT
+                    return k_tt + (p * torch.addmm(r2, self._nngp_eigen, p, beta=-1)).sum(-2)
+
+                return mean, torch.stack([marginal(i) for i in range(flow.shape[0])])
 
             def test_cov(i: int, out: Tensor | None) -> Tensor:
                 p = flow[i].unsqueeze(-1) * a.mT
@@ -294,36 +327,47 @@ def _per_time(cov: Callable[[int, Tensor | None], Tensor], count: int, like: Ten
     scratch matrix of ``like``'s dtype: a float64 stack converted afterwards held the ``(T, M, M)``
     covariance three halves over (the stack and its copy)."""
     if differentiable and torch.is_grad_enabled():
-        return torch.stack([_symmetric(cov(i, None)) for i in range(count)])
+        return torch.stack([(c + c.mT) / 2 for c in (cov(i, None) for i in range(count))])
     dtype = like.dtype if dtype is None else dtype
     out = like.new_empty((count, *like.shape), dtype=dtype)
     scratch = None if dtype == like.dtype else like.new_empty(like.shape)
     for i in range(count):
         target = out[i] if scratch is None else scratch
         cov(i, target)
-        _symmetrize_(target)   # before the rounding: equal entries round alike, so out[i] stays symmetric
+        symmetrize_(target)   # before the rounding: equal entries round alike, so out[i] stays symmetric
         if scratch is not None:
             out[i].copy_(scratch)
     return out
 
 
-def _symmetric(cov: Tensor) -> Tensor:
-    return (cov + cov.mT) / 2
+#: Side of the blocks :func:`symmetrize_` averages at a time.
+SYMMETRIZE_BLOCK = 1024
 
 
-def _symmetrize_(cov: Tensor) -> None:
-    """``cov ← (cov + covᵀ)/2`` in place (one matrix at a time keeps temporaries small)."""
-    cov.copy_((cov + cov.mT) / 2)
+def symmetrize_(cov: Tensor) -> Tensor:
+    """``cov ← (cov + covᵀ)/2`` in place, block pair by block pair: ``(cov + cov.mT) / 2`` held two
+    more ``(M, M)`` matrices (2.5 GB at 10 000 test points), the blocks 8 MB. Equal to it bitwise
+    (``a + b = b + a`` in floating point), and exactly symmetric."""
+    n = cov.shape[-1]
+    for i in range(0, n, SYMMETRIZE_BLOCK):
+        for j in range(i, n, SYMMETRIZE_BLOCK):
+            upper = cov[..., i:i + SYMMETRIZE_BLOCK, j:j + SYMMETRIZE_BLOCK]
+            lower = cov[..., j:j + SYMMETRIZE_BLOCK, i:i + SYMMETRIZE_BLOCK]
+            average = (upper + lower.mT) / 2
+            upper.copy_(average)
+            lower.copy_(average.mT)
+    return cov
 
 
 @neural_tangents_keywords(get=NT_KERNEL_HINT)
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
                   learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk",
-                  compute_cov: bool = True, diag_reg_absolute_scale: bool = False, steps: Steps = None) -> Gaussian:
+                  compute_cov: bool | str = True, diag_reg_absolute_scale: bool = False,
+                  steps: Steps = None) -> Gaussian:
     """One-shot :class:`GradientFlow` prediction (see there for the arguments and formulas)."""
     # the cheap arguments first: GradientFlow computes the training kernel before predict reads them
     check_training_data(net, x_train, y_train)
-    check_flag(compute_cov, "compute_cov")
+    covariance_mode(compute_cov)
     check_flag(diag_reg_absolute_scale, "diag_reg_absolute_scale")
     if x_test is not None:
         check_test_points(x_test, x_train.shape[-1], x_train.device)

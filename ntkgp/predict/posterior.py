@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._autograd import outside_inference_mode
-from ntkgp._checks import check_flag, neural_tangents_keywords
+from ntkgp._checks import neural_tangents_keywords
 from ntkgp.layers.base import Layer
 from ntkgp.predict.gaussian import (
     Gaussian,
@@ -37,10 +37,11 @@ from ntkgp.predict.gaussian import (
     check_non_negative,
     check_test_points,
     check_training_data,
+    covariance_mode,
     named_kernels,
     prior_scale,
 )
-from ntkgp.predict.gradient_flow import GradientFlow, _symmetric
+from ntkgp.predict.gradient_flow import GradientFlow, symmetrize_
 from ntkgp.predict.spectral import cholesky, cholesky_solve, regularize
 
 #: neural-tangents' keywords of ``gp_inference`` and what to pass here instead.
@@ -107,29 +108,44 @@ class GPPosterior:
     def _cholesky(self) -> Tensor:
         return cholesky(self.prior_dd, f"training {self.kind.upper()} kernel")
 
-    def predict(self, x_test: Tensor, compute_cov: bool = True) -> Gaussian:
-        """Posterior mean ``(M,)``/``(M, k)`` and covariance ``(M, M)`` at ``x_test``."""
-        check_flag(compute_cov, "compute_cov")
+    def predict(self, x_test: Tensor, compute_cov: bool | str = True) -> Gaussian:
+        """Posterior mean ``(M,)``/``(M, k)`` and covariance ``(M, M)`` at ``x_test``.
+
+        ``compute_cov="diag"`` computes the marginal variances ``(M,)`` alone
+        (:attr:`Gaussian.marginal`, ``diag K** − Σ_j w_jm²`` with ``w = L⁻¹ Kd*``): memory
+        ``O(M N)``, where the covariance of 50 000 test points needs 20 GB in float64.
+        """
+        mode = covariance_mode(compute_cov)
         if self.kind == "ntk":
             return self._flow.predict(x_test, t=None, compute_cov=compute_cov)
         self._hyperparameters.check(self.net)
         check_test_points(x_test, self.x_train.shape[-1], self.x_train.device)
         want_ntk = self.kind == "ntkgp"
         x_test = x_test.to(self.factor_dtype)
+        cov, marginal, scale = None, None, None
         with torch.no_grad(), named_kernels("test"):
             cross = self.net.kernel(x_test, self.x_factor, ntk=want_ntk)
             c_td = cross.ntk if want_ntk else cross.nngp
+            del cross   # the NNGP beside the NTK-GP's Θ*d is not needed: one (M, N) matrix less
             mean = c_td @ cholesky_solve(self.y, self._cholesky)
-            cov, scale = None, None
-            if compute_cov:
-                test = self.net.kernel(x_test, ntk=want_ntk)
+            if mode is not None:
+                test = self.net.kernel(x_test, ntk=want_ntk, diag=mode == "diag")
                 c_tt = test.ntk if want_ntk else test.nngp
+                del test
                 check_covariance_range(c_tt, self.dtype)
+                scale = prior_scale(c_tt)
                 w = torch.linalg.solve_triangular(self._cholesky, c_td.mT, upper=False)
-                cov, scale = _symmetric(c_tt - w.mT @ w).to(self.dtype), prior_scale(c_tt)
+                del c_td
+                if mode == "diag":
+                    marginal = c_tt.sub_(w.square_().sum(-2)).to(self.dtype)
+                else:   # in place: c_tt, the product and the result were 3 (M, M) matrices, with the mirror 4
+                    cov = c_tt.addmm_(w.mT, w, alpha=-1)
+                    del w
+                    symmetrize_(cov)
+                    cov = cov.to(self.dtype)
         if not self.vector_targets:
             mean = mean.squeeze(-1)
-        return Gaussian(mean.to(self.dtype), cov, scale)
+        return Gaussian(mean.to(self.dtype), cov, scale, marginal)
 
     def log_marginal_likelihood(self) -> float:
         """``log p(Y) = Σ_outputs [−½ yᵀ C⁻¹ y − ½ log|C| − (N/2) log 2π]`` (``C`` = prior + noise)."""
@@ -176,10 +192,11 @@ class GPPosterior:
 
 @neural_tangents_keywords(**PORTED_KEYWORDS)
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
-                 noise: float = 0.0, compute_cov: bool = True) -> Gaussian:
-    """One-shot :class:`GPPosterior` prediction (see there for the formulas)."""
+                 noise: float = 0.0, compute_cov: bool | str = True) -> Gaussian:
+    """One-shot :class:`GPPosterior` prediction (see there for the formulas; ``compute_cov="diag"``
+    for the marginal variances alone)."""
     check_training_data(net, x_train, y_train)   # the cheap checks before the training kernel is computed
-    check_flag(compute_cov, "compute_cov")
+    covariance_mode(compute_cov)
     if x_test is not None:   # "ntk" predicts the training points for None, as GradientFlow does
         check_test_points(x_test, x_train.shape[-1], x_train.device)
     return GPPosterior(net, x_train, y_train, kernel=kernel, noise=noise).predict(x_test, compute_cov)
