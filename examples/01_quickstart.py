@@ -59,7 +59,8 @@ def summary(name: str, mean: torch.Tensor, var: torch.Tensor, f_true: torch.Tens
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="much smaller sizes (a smoke test)")
-    parser.add_argument("--out", default="examples/output", help="folder for the figure")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "output"),
+                        help="folder for the figure (default: examples/output, wherever it is run from)")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

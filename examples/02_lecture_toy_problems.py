@@ -246,7 +246,8 @@ def wide_networks(widths: list[int], seeds: int, steps: int, out: pathlib.Path) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="much smaller sizes (a smoke test)")
-    parser.add_argument("--out", default="examples/output", help="folder for the figures")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "output"),
+                        help="folder for the figures (default: examples/output, wherever it is run from)")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

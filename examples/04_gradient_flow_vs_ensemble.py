@@ -25,7 +25,8 @@ from ntkgp.compare import CompareConfig, run_comparison, sin_dataset
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
-    parser.add_argument("--out", default="examples/output", help="folder for the figure")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "output"),
+                        help="folder for the figure (default: examples/output, wherever it is run from)")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

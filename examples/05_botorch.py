@@ -26,13 +26,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from botorch.acquisition import LogExpectedImprovement
-from botorch.fit import fit_gpytorch_mll
-from botorch.models import SingleTaskGP
-from botorch.models.transforms import Normalize, Standardize
-from botorch.optim import optimize_acqf
-from botorch.test_functions import Branin
 from gpytorch.mlls import ExactMarginalLogLikelihood
+
+try:
+    from botorch.acquisition import LogExpectedImprovement
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+    from botorch.models.transforms import Normalize, Standardize
+    from botorch.optim import optimize_acqf
+    from botorch.test_functions import Branin
+except ModuleNotFoundError as error:   # an optional extra: a bare "No module named 'botorch'" said not how to get it
+    if (error.name or "").split(".")[0] != "botorch":
+        raise
+    raise SystemExit('05_botorch.py needs BoTorch, an optional extra of ntkgp: pip install -e ".[botorch]"') from None
 
 import ntkgp
 

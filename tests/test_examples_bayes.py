@@ -52,3 +52,20 @@ def test_example_runs_quick(tmp_path, script, figure, needs, check_output):
     if check_output is not None:
         check_output(out.stdout)
 
+
+
+def test_botorch_example_without_botorch_says_how_to_install_it(tmp_path):
+    """BoTorch is an optional extra; without it the example failed with a bare ModuleNotFoundError."""
+    hide = ("import importlib.abc, runpy, sys\n"
+            "class Hide(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name.split('.')[0] == 'botorch':\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, Hide())\n"
+            f"sys.argv = ['05_botorch.py', '--quick', '--out', {str(tmp_path)!r}]\n"
+            f"runpy.run_path({str(ROOT / 'examples' / '05_botorch.py')!r}, run_name='__main__')\n")
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert 'needs BoTorch, an optional extra of ntkgp: pip install -e ".[botorch]"' in out.stderr
