@@ -186,7 +186,7 @@ class NetworkGP(gpytorch.models.ExactGP):
         with exact_solves(self):   # the prediction's solves run here
             return super().__call__(*inputs, **kwargs)
 
-    def get_fantasy_model(self, inputs: Tensor, targets: Tensor, **kwargs) -> NetworkGP:
+    def get_fantasy_model(self, inputs: Tensor, targets: Tensor, **kwargs: object) -> NetworkGP:
         """GPyTorch's fantasy model (the posterior updated with new observations), for 1-D targets."""
         if self.vector_targets:
             # GPyTorch 1.15 cannot fantasize multitask models: "The size of tensor a (2) must match

@@ -18,7 +18,8 @@ JACOBIAN_BYTES = 1 << 29
 
 @dataclass(frozen=True)
 class KernelEstimate:
-    """Monte-Carlo kernel averages with the standard errors of the means (per entry).
+    """Monte-Carlo kernel averages with the standard errors of the means (per entry), as
+    neural-tangents' ``monte_carlo_kernel_fn`` (Novak et al. 2020) estimates the NNGP and NTK.
 
     Attributes:
         nngp: mean of ``f(x) f(x')ᵀ`` over the samples (per output unit).

@@ -51,7 +51,8 @@ def equivalent_learning_rates(model: nn.Module, learning_rate: float) -> dict[st
 
 
 def ntk_parameterized(net: Layer) -> Layer:
-    r"""A copy of the spec ``net`` with every ``Dense`` layer in NTK parameterization.
+    r"""A copy of the spec ``net`` with every ``Dense`` layer in NTK parameterization (Jacot et al.
+    2018; the standard one's equivalence with per-layer rates: Sohl-Dickstein et al. 2020).
 
     Its kernels are what a standard-parameterized network built from ``net`` follows when trained
     with :func:`equivalent_learning_rates` (as :func:`ntkgp.finite.train_ensemble` trains it): the

@@ -195,7 +195,9 @@ def train_ensemble(
     progress: bool = False,
     engine: str = "auto",
 ) -> EnsembleHistory:
-    """Train ``ensemble_size`` networks built from ``net`` and record them at ``record_steps``.
+    """Train ``ensemble_size`` networks built from ``net`` and record them at ``record_steps``: full-batch
+    gradient descent on ``(1/2m) ‖f − Y‖²``, whose wide limit is the Gaussian of
+    :class:`ntkgp.predict.GradientFlow` (Lee et al. 2019).
 
     Args:
         net: the network spec (its finite twin is what is trained; standard-parameterized layers

@@ -90,7 +90,7 @@ class NetworkKernel(Kernel):
         _KERNELS_OF.setdefault(net, weakref.WeakSet()).add(self)
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False,
-                **params) -> Tensor:
+                **params: object) -> Tensor:
         # integer (and bool) inputs as GPyTorch's own kernels take them, RBFKernel promoting them against
         # its lengthscale: in the other input's dtype, else the kernel's; complex ones stay refused
         def numeric(x: Tensor) -> bool:
@@ -127,7 +127,7 @@ class NetworkKernel(Kernel):
             result = result.expand(*batch, *result.shape[-tail:])
         return result
 
-    def expand_batch(self, *sizes) -> Kernel:
+    def expand_batch(self, *sizes: int | torch.Size) -> Kernel:
         new_shape = torch.Size(sizes[0] if len(sizes) == 1 and not isinstance(sizes[0], int) else sizes)
         if new_shape == self.batch_shape:
             return self

@@ -47,7 +47,7 @@ class Activation(Layer):
 
     A subclass gives ``φ`` (:meth:`fn`) and, in :meth:`pair_kernel`, the two Gaussian expectations
     ``T = E[φ(u)φ(v)]`` and ``Ṫ = E[φ'(u)φ'(v)]`` (module docstring); the kernel map is then
-    ``K ← T``, ``Θ ← Θ · Ṫ``.
+    ``K ← T``, ``Θ ← Θ · Ṫ`` (Lee et al. 2018; Jacot et al. 2018).
     """
 
     def fn(self, x: Tensor) -> Tensor:
@@ -224,7 +224,8 @@ class ReLU(ABReLU):
 
 
 class LeakyReLU(ABReLU):
-    """``φ(x) = max(x, 0) + negative_slope · min(x, 0)``: :class:`ABReLU` with ``a = slope, b = 1``."""
+    """``φ(x) = max(x, 0) + negative_slope · min(x, 0)``: :class:`ABReLU` with ``a = slope, b = 1``
+    (Tsuchida et al. 2018)."""
 
     @neural_tangents_keywords(alpha="pass negative_slope=alpha (neural-tangents' LeakyRelu(alpha)).")
     def __init__(self, negative_slope: float = 0.01) -> None:
@@ -235,7 +236,8 @@ class LeakyReLU(ABReLU):
 
 
 class Abs(ABReLU):
-    """``φ(x) = |x|``: :class:`ABReLU` with ``a = −1, b = 1``."""
+    """``φ(x) = |x|``: :class:`ABReLU` with ``a = −1, b = 1`` (neural-tangents' ``stax.Abs``, Novak et
+    al. 2020)."""
 
     def __init__(self) -> None:
         super().__init__(-1.0, 1.0)
@@ -311,7 +313,8 @@ class Erf(Activation):
 class SigmoidLike(Erf):
     """``φ(x) = erf(x / 2.4020563531719796)/2 + 1/2``, a sigmoid with closed-form kernels: :class:`Erf`
     with ``a = 1/2``, ``b = 1/2.4020563531719796``, ``c = 1/2`` (neural-tangents' ``stax.Sigmoid_like``,
-    whose constant minimizes the squared distance to the logistic sigmoid on ``[−5, 5]``)."""
+    Novak et al. 2020, whose constant minimizes the squared distance to the logistic sigmoid on
+    ``[−5, 5]``)."""
 
     SCALE = 2.4020563531719796
 

@@ -98,7 +98,10 @@ class BuildContext:
 
 
 class Layer(VarianceParameters, gpytorch.Module):
-    """Base class of all layers (and networks) of ntkgp."""
+    """Base class of all layers (and networks) of ntkgp: each maps the kernels of its input to those
+    of its output (:meth:`kernel_map`; NNGP recursion of Lee et al. 2018, NTK recursion of Jacot et
+    al. 2018) and builds its finite-width twin (:meth:`finite`), as neural-tangents' ``stax``
+    layers do (Novak et al. 2020)."""
 
     #: Whether the layer maps centred Gaussian features to centred Gaussian features.
     preserves_gaussian: bool = False

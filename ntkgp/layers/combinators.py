@@ -437,7 +437,8 @@ def serial(*layers: Layer) -> Serial:
 def parallel(*branches: Layer, join: str = "sum") -> Parallel:
     """Run branches on the same input and join them: ``K = Σ_b K_b`` (``"sum"``),
     ``K = Σ_b n_b K_b / Σ_b n_b`` (``"concat"``), likewise ``Θ``, or ``K = Π_b K_b`` (``"prod"``);
-    see :class:`Parallel`."""
+    see :class:`Parallel` (neural-tangents' ``stax.parallel`` with ``FanInSum``, ``FanInConcat``,
+    ``FanInProd``; Novak et al. 2020)."""
     return Parallel(*branches, join=join)
 
 

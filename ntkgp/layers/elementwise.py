@@ -67,7 +67,8 @@ QUADRATURE_CHUNK = 1 << 22
 
 
 class Elementwise(Activation):
-    r"""An activation given by ``fn`` and its NNGP map ``nngp_fn(k12, k11, k22) = E[φ(u)φ(v)]``.
+    r"""An activation given by ``fn`` and its NNGP map ``nngp_fn(k12, k11, k22) = E[φ(u)φ(v)]``
+    (neural-tangents' ``stax.Elementwise``, Novak et al. 2020).
 
     ``nngp_fn`` takes broadcastable tensors in neural-tangents' argument order (covariance,
     then the two variances). ``Ṫ = ∂ nngp_fn / ∂k12`` by autograd unless ``dot_fn`` (same

@@ -135,7 +135,7 @@ class Polynomial(Activation):
 
 
 class Monomial(Polynomial):
-    r"""``φ(x) = x^n`` (neural-tangents' ``stax.Monomial``): :class:`Polynomial` with one term, e.g.
+    r"""``φ(x) = x^n`` (neural-tangents' ``stax.Monomial``, Novak et al. 2020): :class:`Polynomial` with one term, e.g.
     ``T = k11 k22 + 2 k12²`` for ``n = 2`` and ``Ṫ = 4 k12``."""
 
     def __init__(self, degree: int) -> None:
@@ -168,7 +168,7 @@ def _hermite_terms(degree: int) -> list[tuple[float, int, int]]:
 
 class Hermite(Activation):
     r"""``φ(x) = He_n(x)/sqrt(n!)``, the probabilists' Hermite polynomial normalized to
-    ``E[φ(z)²] = 1`` for ``z ~ N(0, 1)`` (neural-tangents' ``stax.Hermite``).
+    ``E[φ(z)²] = 1`` for ``z ~ N(0, 1)`` (neural-tangents' ``stax.Hermite``, Novak et al. 2020).
 
     Writing ``u = sqrt(k11) z1`` and expanding ``He_n(γz) = Σ_m n!/(m!(n − 2m)!) γ^{n−2m}
     ((γ² − 1)/2)^m He_{n−2m}(z)`` (the multiplication theorem), Mehler's

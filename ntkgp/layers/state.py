@@ -381,7 +381,7 @@ class KernelState:
         """True before any layer has consumed the raw inputs."""
         return self.x1 is not None
 
-    def replace(self, **changes) -> KernelState:
+    def replace(self, **changes: object) -> KernelState:
         """A copy with some fields changed."""
         return replace(self, **changes)
 

@@ -364,7 +364,8 @@ def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor |
                   learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk",
                   compute_cov: bool | str = True, diag_reg_absolute_scale: bool = False,
                   steps: Steps = None) -> Gaussian:
-    """One-shot :class:`GradientFlow` prediction (see there for the arguments and formulas)."""
+    """One-shot :class:`GradientFlow` prediction (see there for the arguments and formulas; Lee et al.
+    2019, eqs. 15–16)."""
     # the cheap arguments first: GradientFlow computes the training kernel before predict reads them
     check_training_data(net, x_train, y_train)
     covariance_mode(compute_cov)

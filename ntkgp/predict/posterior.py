@@ -101,6 +101,7 @@ class GPPosterior:
         with torch.no_grad(), named_kernels("training"):
             k = net.kernel(self.x_factor, ntk=kernel == "ntkgp")
         prior = k.ntk if kernel == "ntkgp" else k.nngp
+        del k   # the NTK-GP's NNGP beside Θ and its regularized copy: 3 N² at the setup's peak, not 2
         self.prior_dd = regularize(prior, self.noise, absolute=True)
 
     @cached_property
@@ -193,8 +194,8 @@ class GPPosterior:
 @neural_tangents_keywords(**PORTED_KEYWORDS)
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
                  noise: float = 0.0, compute_cov: bool | str = True) -> Gaussian:
-    """One-shot :class:`GPPosterior` prediction (see there for the formulas; ``compute_cov="diag"``
-    for the marginal variances alone)."""
+    """One-shot :class:`GPPosterior` prediction (see there for the formulas: Lee et al. 2018, He et
+    al. 2020, Lee et al. 2019; ``compute_cov="diag"`` for the marginal variances alone)."""
     check_training_data(net, x_train, y_train)   # the cheap checks before the training kernel is computed
     covariance_mode(compute_cov)
     if x_test is not None:   # "ntk" predicts the training points for None, as GradientFlow does
