@@ -93,6 +93,12 @@ class NetworkGP(gpytorch.models.ExactGP):
     With float32 data GPyTorch also solves in float32 (unlike :class:`ntkgp.predict.GPPosterior`,
     which factors in float64), so deep networks and duplicate points are less accurate here: pass
     float64 data for accuracy.
+
+    Many test points: GPyTorch's ``ExactGP`` forms the ``(M, M)`` kernel of the test points for
+    any prediction, ``.mean`` alone and ``skip_posterior_variances`` included (measured: 1.07 M²
+    of peak memory at M = 8000; 20 GB for 50 000 points in float64). Call the model on slices of
+    the test inputs (the training solve is cached; the same variances, 0.08 M² for slices of
+    1000), or use :class:`ntkgp.predict.GPPosterior` with ``compute_cov="diag"``.
     """
 
     def __init__(self, train_x: Tensor, train_y: Tensor, net: Layer | None = None, *, kernel: str = "nngp",
