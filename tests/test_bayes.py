@@ -682,3 +682,32 @@ def test_float32_levels_zero_outputs_and_lists_of_grad_tensors():
     with pytest.raises(ValueError, match="noise holds tensors that require grad"):
         bayes.ensemble_to_inference_data(torch.zeros(2, 3), torch.zeros(3), [w, w, w])
     assert bayes.rmse(w * torch.tensor([1.0, 2.0]), [1.0, 2.0]) == 0.0   # one tensor is detached
+
+
+def test_predictive_moments_take_the_marginal_variances_alone():
+    """compute_cov="diag" exists for many test points, where the NLPD and calibration need the
+    marginal variances only; predictive_moments and select_time refused it as having "no
+    covariance ... to sample from it". Joint draws still need the covariance, and say so."""
+    torch.manual_seed(0)
+    x, y, xt = (torch.randn(*shape, dtype=torch.float64) for shape in ((10, 2), (10,), (7, 2)))
+    net = ntkgp.mlp(1, "erf", 2.0, 0.1, width=8)
+    flow = ntkgp.predict.GradientFlow(net, x, y)
+    times = torch.tensor([[0.5, 2.0], [10.0, math.inf]])
+    full, diag = flow.predict(xt, t=times), flow.predict(xt, t=times, compute_cov="diag")
+    for index in ((0, 1), (1, 1), (-1, 0)):
+        for noise in (0.0, 0.1, torch.full((7,), 0.2, dtype=torch.float64)):
+            mean, variance = bayes.predictive_moments(diag, noise, time_index=index)
+            reference = bayes.predictive_moments(full, noise, time_index=index)
+            assert torch.equal(mean, reference[0])
+            torch.testing.assert_close(variance, reference[1], rtol=0, atol=1e-14 * full.scale)
+        one = bayes.select_time(diag, index)
+        assert one.covariance is None and one.marginal.shape == (7,) and one.mean.shape == (7,)
+    with pytest.raises(ValueError, match=r"marginal variances alone \(compute_cov='diag'\): joint draws need the "
+                                         r"covariance, predict with compute_cov=True"):
+        bayes.sample_outputs(diag, 10, time_index=(0, 0))
+    with pytest.raises(ValueError, match=r"no covariance: predict with compute_cov=True \(or 'diag'"):
+        bayes.predictive_moments(flow.predict(xt, t=1.0, compute_cov=False))
+    with pytest.raises(ValueError, match=r"marginal must have shape \(\*time, M\)"):
+        bayes.select_time(ntkgp.predict.Gaussian(torch.zeros(()), None, None, torch.zeros(())))
+    with pytest.raises(ValueError, match="mean or marginal variances contain NaN"):
+        bayes.predictive_moments(ntkgp.predict.Gaussian(torch.zeros(3), None, 1.0, torch.tensor([1.0, math.nan, 1.0])))

@@ -743,3 +743,13 @@ def test_a_user_module_named_its_input_shape_before_the_batch_shapes():
     for kernel in (empirical_ntk, empirical_nngp):
         with pytest.raises(ValueError, match=r"x1 must have shape \(n, d\) here .*nn\.Unflatten"):
             kernel(cnn, torch.randn(5, 1, 8, 8), torch.randn(4, 1, 8, 8))
+
+
+def test_one_dimensional_inputs_of_a_user_module_keep_the_unsqueeze_hint():
+    """The (n, d) advice for batches of a user module's inputs must not take over 1-D inputs, whose
+    fix is x.unsqueeze(-1), not flattening images."""
+    linear = torch.nn.Linear(3, 1).double()
+    for kernel in (empirical_ntk, empirical_nngp):
+        with pytest.raises(ValueError, match=r"x1 must have shape \(\.\.\., n, d\), got shape \(3,\); for scalar "
+                                             r"features use x1\.unsqueeze\(-1\)"):
+            kernel(linear, torch.ones(3, dtype=torch.float64))

@@ -31,7 +31,8 @@ from ntkgp.predict.spectral import check_symmetric
 
 
 def select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None = None) -> Gaussian:
-    """The Gaussian at one training time: mean ``(M,)``/``(M, k)`` and covariance ``(M, M)``.
+    """The Gaussian at one training time: mean ``(M,)``/``(M, k)`` and covariance ``(M, M)`` (or
+    marginal variances ``(M,)``, from ``compute_cov="diag"``).
 
     A Gaussian from ``gradient_flow(..., t=tensor)`` carries the time shape in front of every
     tensor; ``time_index`` (an int, or a tuple with one int per time axis; negative counts
@@ -40,24 +41,29 @@ def select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None = Non
     """
     if not isinstance(gaussian, Gaussian):
         raise ValueError(f"Expected an ntkgp.predict.Gaussian, got {type(gaussian).__name__}.")
-    if gaussian.covariance is None:
-        raise ValueError("This Gaussian has no covariance: predict with compute_cov=True to sample from it.")
-    cov, mean = gaussian.covariance, gaussian.mean
+    marginal = gaussian.covariance is None and gaussian.marginal is not None
+    if gaussian.covariance is None and not marginal:
+        raise ValueError("This Gaussian has no covariance: predict with compute_cov=True (or 'diag', for the "
+                         "marginal variances alone).")
+    cov, mean = gaussian.marginal if marginal else gaussian.covariance, gaussian.mean
+    what = "marginal variances" if marginal else "covariance"
     if not isinstance(cov, Tensor) or not isinstance(mean, Tensor):   # numpy's arrays failed on .device.type
-        raise ValueError(f"The Gaussian's mean and covariance must be torch tensors, got {type(mean).__name__} and "
+        raise ValueError(f"The Gaussian's mean and {what} must be torch tensors, got {type(mean).__name__} and "
                          f"{type(cov).__name__}: convert them with torch.as_tensor.")
     if "meta" in (cov.device.type, mean.device.type):   # "Tensor.item() cannot be called on meta tensors" later
-        raise ValueError("The Gaussian's mean or covariance is on the meta device, which holds shapes but no values.")
+        raise ValueError(f"The Gaussian's mean or {what} is on the meta device, which holds shapes but no values.")
     if not cov.is_floating_point() or not mean.is_floating_point():   # torch.finfo failed on them later
-        raise ValueError(f"The Gaussian's mean and covariance must be floating-point tensors, got {mean.dtype} "
+        raise ValueError(f"The Gaussian's mean and {what} must be floating-point tensors, got {mean.dtype} "
                          f"and {cov.dtype}.")
-    if cov.dim() < 2 or cov.shape[-1] != cov.shape[-2]:
+    if marginal and cov.dim() < 1:
+        raise ValueError(f"marginal must have shape (*time, M), got {tuple(cov.shape)}.")
+    if not marginal and (cov.dim() < 2 or cov.shape[-1] != cov.shape[-2]):
         raise ValueError(f"covariance must have shape (*time, M, M), got {tuple(cov.shape)}.")
-    time_shape = cov.shape[:-2]
+    time_shape = cov.shape[:-1] if marginal else cov.shape[:-2]
     m = cov.shape[-1]
     extra = mean.dim() - len(time_shape)
     if mean.shape[:len(time_shape)] != time_shape or extra not in (1, 2) or mean.shape[len(time_shape)] != m:
-        raise ValueError(f"mean {tuple(mean.shape)} does not match covariance {tuple(cov.shape)}: expected "
+        raise ValueError(f"mean {tuple(mean.shape)} does not match {what} {tuple(cov.shape)}: expected "
                          f"{(*time_shape, m)} or {(*time_shape, m, 'k')}.")
     if len(time_shape) == 0:
         if time_index is not None:
@@ -79,6 +85,8 @@ def select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None = Non
     for i, n in zip(index, time_shape, strict=True):
         if not -n <= i < n:
             raise ValueError(f"time_index {time_index!r} is out of range for time shape {tuple(time_shape)}.")
+    if marginal:
+        return Gaussian(mean[index], None, gaussian.scale, cov[index])
     return Gaussian(mean[index], cov[index], gaussian.scale)
 
 
@@ -87,11 +95,19 @@ def predictive_moments(gaussian: Gaussian, noise: float | Tensor = 0.0,
     """Predictive mean ``μ`` (``(M,)``/``(M, k)``) and marginal variances ``diag Σ + σ²`` (``(M,)``)
     of ``y* ~ N(μ, Σ + σ² I)`` (Rasmussen & Williams 2006, eq. 2.24 plus the noise).
 
-    The variance is shared by all ``k`` outputs. Feed both to :mod:`ntkgp.bayes.metrics`.
+    The variance is shared by all ``k`` outputs. Feed both to :mod:`ntkgp.bayes.metrics`. The
+    Gaussian's marginal variances alone (``compute_cov="diag"``) suffice.
     """
-    g = _checked(select_time(gaussian, time_index))
-    noise_var = _noise_tensor(noise, g.covariance)
-    diagonal = torch.diagonal(g.covariance, dim1=-2, dim2=-1).detach()
+    g = select_time(gaussian, time_index)
+    if g.covariance is None:   # the marginal variances alone: nothing joint to check
+        _check_mean(g)
+        if not all_finite(g.mean.detach()) or not all_finite(g.marginal.detach()):
+            raise ValueError("The Gaussian's mean or marginal variances contain NaN or infinite values.")
+        diagonal = g.marginal.detach()
+    else:
+        g = _checked(g)
+        diagonal = torch.diagonal(g.covariance, dim1=-2, dim2=-1).detach()
+    noise_var = _noise_tensor(noise, diagonal)
     # the draws' rounding allowance (a diagonal entry lies between the extreme eigenvalues)
     tolerance = torch.finfo(diagonal.dtype).eps ** 0.5 * _magnitude(diagonal, g.scale)
     if diagonal.numel() and float(diagonal.min()) < -tolerance:
@@ -142,11 +158,18 @@ def _magnitude(values: Tensor, prior: float | None) -> float:
     return max(scale, abs(prior)) if prior is not None else scale
 
 
+def _check_mean(g: Gaussian) -> None:
+    if g.mean.dim() == 2 and g.mean.shape[-1] == 0:   # torch's "cannot reshape tensor of 0 elements" in the draws
+        raise ValueError(f"The Gaussian's mean must have k >= 1 outputs, got shape {tuple(g.mean.shape)}.")
+
+
 def _checked(g: Gaussian) -> Gaussian:
     """``g`` (one time) with a finite mean and a finite symmetric covariance: the draws read one
     triangle of ``Σ`` (``eigh``), so a hand-built asymmetric one would be used half-silently."""
-    if g.mean.dim() == 2 and g.mean.shape[-1] == 0:   # torch's "cannot reshape tensor of 0 elements" in the draws
-        raise ValueError(f"The Gaussian's mean must have k >= 1 outputs, got shape {tuple(g.mean.shape)}.")
+    if g.covariance is None:   # select_time let the marginal variances through
+        raise ValueError("This Gaussian holds the marginal variances alone (compute_cov='diag'): joint draws need "
+                         "the covariance, predict with compute_cov=True.")
+    _check_mean(g)
     if not all_finite(g.mean.detach()) or not all_finite(g.covariance.detach()):
         raise ValueError("The Gaussian's mean or covariance contains NaN or infinite values.")
     # rounding relative to the scale the PSD check uses: near the data a posterior covariance is tiny

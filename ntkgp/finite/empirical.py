@@ -238,8 +238,8 @@ def _outputs_2d(out: Tensor, x: Tensor | None = None) -> Tensor:
 def _checked_inputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """:func:`check_inputs`, with the ``(n, d)`` shape a model not built by ntkgp needs checked first:
     images ``(5, 1, 8, 8)`` against ``(4, 1, 8, 8)`` were "batch shapes (5, 1) and (4, 1) do not broadcast"."""
-    if not _built_by_ntkgp(model):
-        _check_plain_inputs(*(x if isinstance(x, Tensor) else None for x in (x1, x2)))
+    if not _built_by_ntkgp(model):   # batches only: 1-D inputs keep check_inputs' unsqueeze hint
+        _check_plain_inputs(*(x if isinstance(x, Tensor) and x.dim() > 2 else None for x in (x1, x2)))
     return check_inputs(x1, x2)
 
 

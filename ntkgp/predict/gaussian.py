@@ -74,7 +74,10 @@ def covariance_mode(compute_cov: object) -> str | None:
     ``"full"``, ``"diag"`` or ``None``."""
     if isinstance(compute_cov, str) and compute_cov == "diag":
         return "diag"
-    check_flag(compute_cov, "compute_cov", "(or 'diag', for the marginal variances alone)")
+    if isinstance(compute_cov, str | tuple | list):   # as check_flag refuses them, with the third choice named
+        raise ValueError(f"compute_cov must be True, False or 'diag' (the marginal variances alone), got "
+                         f"{compute_cov!r}.")
+    check_flag(compute_cov, "compute_cov")
     return "full" if compute_cov else None
 
 
