@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import resource
+import time
 
 
 def reset_peak() -> None:
@@ -49,3 +50,13 @@ def current_mib() -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def timed(fn):
+    """``(fn(), seconds, peak MiB above the start)``, measured from a trimmed start
+    (:func:`start_measuring`): a stage could reuse the heap an earlier stage freed, and its peak
+    came out low (gradient flow end to end, mean only: 546 MiB recorded, 787 trimmed)."""
+    base = start_measuring()
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0, peak_mib() - base

@@ -16,22 +16,14 @@ import argparse
 import math
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _memory import peak_mib, start_measuring
+from _memory import timed
 
 import ntkgp
 from ntkgp import predict
-
-
-def measured(fn):
-    base = start_measuring()
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0, peak_mib() - base
 
 
 def main() -> None:
@@ -58,7 +50,7 @@ def main() -> None:
         predictor.predict(xt[:10], **when)   # the training factorization, cached, outside the figures
         results = {}
         for label, cov in (("mean", False), ("mean + marginal variances", "diag"), ("mean + covariance", True)):
-            out, seconds, mib = measured(lambda p=predictor, c=cov, w=when: p.predict(xt, compute_cov=c, **w))
+            out, seconds, mib = timed(lambda p=predictor, c=cov, w=when: p.predict(xt, compute_cov=c, **w))
             results[label] = out
             print(f"| {name} | {label} | {seconds:.2f} | {mib:.0f} | {mib / matrix_mib:.2f} |")
             del out

@@ -17,24 +17,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _memory import peak_mib, start_measuring
+from _memory import timed
 
 import ntkgp
 from ntkgp import predict
-
-
-def timed(fn):
-    # trimmed first, as nt_predict.py and kernels.py measure: a stage could reuse the heap an earlier
-    # stage freed, and its peak came out low (end to end, mean only: 546 MiB recorded, 787 trimmed)
-    base = start_measuring()
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0, peak_mib() - base
 
 
 def main() -> None:
