@@ -59,10 +59,11 @@ def neural_tangents_keywords(**hints: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
-def check_flag(value: object, name: str, hint: str = "") -> None:
+def check_flag(value: object, name: str, hint: str = "", choices: str = "True or False") -> None:
     """Refuse a string or sequence where a boolean flag goes: Python reads ``"False"`` as true, and
     ported neural-tangents calls pass ``get`` (``"nngp"``, ``("nngp", "ntk")``) where ntkgp has a
     flag (``hint=NT_GET_HINT`` says so), so the call ran on with the wrong setting; numpy and tensor
-    booleans pass."""
+    booleans pass. ``choices`` names what is taken, for a flag with a value beside the booleans
+    (checked by the caller first)."""
     if isinstance(value, str | tuple | list):
-        raise ValueError(f"{name} must be True or False, got {value!r}." + (f" {hint}" if hint else ""))
+        raise ValueError(f"{name} must be {choices}, got {value!r}." + (f" {hint}" if hint else ""))

@@ -263,9 +263,9 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     x1, x2 = _checked_inputs(model, x1, x2)
     check_flag(vector_output, "vector_output")
     _check_network_inputs(model, x1, x2)
-    built = _built_by_ntkgp(model)   # batches of inputs, per-member (E, n, d) ones too; outputs right by construction
-    if not built:
-        _check_plain_inputs(x1, x2)
+    # batches of inputs (per-member (E, n, d) ones too) only for ntkgp's networks (_checked_inputs); their
+    # outputs are right by construction
+    built = _built_by_ntkgp(model)
     fn, params, _, _ = _as_function(model, params, x1)
     with torch.no_grad():
         f1 = _outputs_2d(fn(params, x1), None if built else x1)

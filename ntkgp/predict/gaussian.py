@@ -51,12 +51,13 @@ class Gaussian:
 
     def interval(self, width: float = 2.0) -> tuple[Tensor, Tensor]:
         """``mean ∓ width · σ``, each shaped like :attr:`mean` (``σ`` shared by the ``k`` outputs)."""
-        if self.variance is None:
+        variance = self.variance
+        if variance is None:
             raise ValueError("This Gaussian has no variances (predict with compute_cov=True or 'diag').")
         width = finite_number(width, "width", "a finite number >= 0")
         if width < 0:   # the bounds would come out swapped
             raise ValueError(f"width must be a finite number >= 0, got {width:g}.")
-        sd = self.variance.sqrt()
+        sd = variance.sqrt()
         sd = sd.unsqueeze(-1) if self.mean.dim() == sd.dim() + 1 else sd
         return self.mean - width * sd, self.mean + width * sd
 
@@ -74,10 +75,7 @@ def covariance_mode(compute_cov: object) -> str | None:
     ``"full"``, ``"diag"`` or ``None``."""
     if isinstance(compute_cov, str) and compute_cov == "diag":
         return "diag"
-    if isinstance(compute_cov, str | tuple | list):   # as check_flag refuses them, with the third choice named
-        raise ValueError(f"compute_cov must be True, False or 'diag' (the marginal variances alone), got "
-                         f"{compute_cov!r}.")
-    check_flag(compute_cov, "compute_cov")
+    check_flag(compute_cov, "compute_cov", choices="True, False or 'diag' (the marginal variances alone)")
     return "full" if compute_cov else None
 
 
