@@ -117,6 +117,19 @@ def test_report_json_is_strict_json_with_null_for_undefined_slopes(tmp_path):
     assert data["y_test"] == pytest.approx(sin_dataset().y_test[:, 0].tolist())
 
 
+def test_report_json_carries_the_notes_of_report_md(tmp_path):
+    """report.json had the checks but not the NOTE lines, so a script reading "checks" could not
+    tell that the narrow widths' point-wise checks were never made."""
+    from ntkgp.compare.report import check_notes
+
+    result = run_comparison(sin_dataset(), CompareConfig(**TINY, readout_only=True, divergence_check=False))
+    out = write_report(result, tmp_path / "r")
+    notes = json.loads((out / "report.json").read_text())["notes"]
+    assert notes == check_notes(result) and any("not checked point-wise" in note for note in notes)
+    text = (out / "report.md").read_text()
+    assert all(f"- NOTE: {note}" in text for note in notes)
+
+
 def test_report_calls_a_catapult_only_when_the_loss_spikes():
     from ntkgp.compare.report import _markdown
 

@@ -263,7 +263,8 @@ class ComparisonResult:
     readout is trained; ``continuous_mean`` from ``e^(−ηΘs/m)`` after ``s`` steps, for reference), the
     ``times`` ``t = η·s`` (``ntkgp.predict``'s ``t`` at its default ``learning_rate=1``), one
     :class:`WidthResult` per width, the log–log ``slopes`` against width, the runs above the
-    stability limit (``divergence``) and the PASS/FAIL ``checks``. ``to_dict`` is ``report.json``.
+    stability limit (``divergence``) and the PASS/FAIL ``checks``. ``to_dict`` is ``report.json``
+    less its ``"notes"`` (:func:`ntkgp.compare.report.check_notes`).
     ``stopped`` says why a comparison ended early (interrupted, or out of memory); ``widths`` then
     holds the widths trained before the stop (all of them when it came in the runs above the
     stability limit, which are then missing), and a failed check says so. ``calibration`` holds,

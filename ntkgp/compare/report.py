@@ -97,6 +97,9 @@ def check_report_folder(out: str | pathlib.Path) -> None:
 def write_report(result: ComparisonResult, out: str | pathlib.Path) -> pathlib.Path:
     """Write ``report.json``, ``report.md`` and the figures into ``out``; returns the folder.
 
+    ``report.json`` is ``result.to_dict()`` with ``"notes"``: report.md's NOTE lines
+    (:func:`check_notes`), what the checks leave out or cannot expect for this run.
+
     Figures an earlier report left in ``out`` (``band_width*.png``, ``scaling.png``,
     ``loss.png``) are removed, so the folder holds one report. The files are written in a scratch
     folder inside ``out`` and moved in when all are done: interrupted (the figures take seconds),
@@ -108,9 +111,10 @@ def write_report(result: ComparisonResult, out: str | pathlib.Path) -> pathlib.P
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".report-") as scratch:
         scratch = pathlib.Path(scratch)
-        # strict JSON: an undefined slope (a frozen layer, a bias below the noise) is null, not NaN
-        (scratch / "report.json").write_text(json.dumps(_finite_or_null(result.to_dict()), indent=1,
-                                                        allow_nan=False))
+        # strict JSON: an undefined slope (a frozen layer, a bias below the noise) is null, not NaN;
+        # "notes" are report.md's NOTE lines, which say what a script reading "checks" must not expect
+        data = {**result.to_dict(), "notes": check_notes(result)}
+        (scratch / "report.json").write_text(json.dumps(_finite_or_null(data), indent=1, allow_nan=False))
         figures = _figures(result, scratch)
         (scratch / "report.md").write_text(_markdown(result, figures))
         for name in [*figures, "report.json", "report.md"]:
