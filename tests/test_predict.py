@@ -652,3 +652,24 @@ def test_symmetrizing_in_place_by_blocks_is_the_average_with_the_transpose(monke
     c = torch.randn(2, 3, 7, 7)
     expected = (c + c.mT) / 2
     assert torch.equal(_FLOW_MODULE.symmetrize_(c.clone()), expected) and torch.equal(expected, expected.mT)
+
+
+@pytest.mark.parametrize("kernel", ["ntk", "nngp"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_time_covariance_written_into_the_test_kernel_equals_the_stacked_one(monkeypatch, kernel, dtype):
+    """One finite time writes its covariance into the test kernel itself (a fresh output beside
+    it held 2.8 (M, M) matrices at the peak, 1.7 in place); a stack of times writes fresh outputs,
+    so each of its times must equal the one-time call (to the rounding of the time functions,
+    which are computed for the stack at once: 1 ulp), symmetric, and no call may see the test
+    kernel an earlier one overwrote."""
+    monkeypatch.setattr(_FLOW_MODULE, "SYMMETRIZE_BLOCK", 4)   # blocks straddling the edge
+    flow = predict.GradientFlow(NET, X_TRAIN.to(dtype), Y_TRAIN.to(dtype), kernel=kernel, learning_rate=LR)
+    x = X_TEST.to(dtype)
+    stacked = flow.predict(x, t=torch.tensor([0.5, 7.0, math.inf])).covariance
+    tolerance = dict(rtol=1e-14, atol=1e-15) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-7)
+    for i, t in enumerate((0.5, 7.0, math.inf)):
+        one = flow.predict(x, t=t).covariance
+        assert one.dtype == dtype and torch.equal(one, one.mT)
+        torch.testing.assert_close(one, stacked[i], **tolerance)
+    torch.testing.assert_close(flow.predict(x, steps=3).covariance, flow.predict(x, steps=[3, 4]).covariance[0],
+                               **tolerance)
