@@ -3,13 +3,13 @@ r"""Empirical kernels of finite networks (any ``torch.nn.Module`` or function of
 For a network ``f(θ, x) ∈ R^k``:
 
 * empirical NNGP: ``K̂(x, x') = f(x) f(x')ᵀ``,
-* empirical NTK (the tangent kernel of the lecture notes):
+* empirical NTK (the tangent kernel; Jacot et al. 2018):
   ``Θ̂_ij(x, x') = Σ_p ∂f_i(x)/∂θ_p · ∂f_j(x')/∂θ_p``.
 
-For networks built from ntkgp layers the NTK is assembled layer by layer (Jacot et al. 2018,
-eq. for the layerwise decomposition): with ``u_l`` the input a ``Dense`` layer multiplies by its
-weights, ``δ_l = ∂f/∂z_l`` the backpropagated signal at its output and ``c_l`` the squared
-scale of its bias,
+For networks built from ntkgp layers the NTK is assembled layer by layer (the chain rule for
+``z_l = W_l u_l + c_l^{1/2} b_l``, summed over the parameters of each layer): with ``u_l`` the
+input a ``Dense`` layer multiplies by its weights, ``δ_l = ∂f/∂z_l`` the backpropagated signal
+at its output and ``c_l`` the squared scale of its bias,
 
     Θ̂_ij(x, x') = Σ_l (δ_l,i(x) · δ_l,j(x')) (u_l(x) · u_l(x') + c_l),
 

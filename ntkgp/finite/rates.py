@@ -18,7 +18,9 @@ def equivalent_learning_rates(model: nn.Module, learning_rate: float) -> dict[st
     A standard-parameterized weight ``W̃ = sqrt(σ_w²/n) W`` trained with rate
     ``η σ_w²/n`` (per input feature with ARD) moves exactly as the NTK-parameterized ``W``
     trained with rate ``η``, and a standard bias ``b̃ = σ_b b`` with rate ``η σ_b²``
-    (lecture notes, "NTK vs standard parameterization"; Lee et al. 2019, appendix). So with
+    (M. Velikanov's lecture notes *Infinitely wide networks. Neural Tangent Kernel*, "NTK vs
+    standard parameterization"; Sohl-Dickstein et al. 2020, *On the infinite width limit of neural
+    networks with a standard parameterization*, arXiv:2001.07301). So with
     these rates both parameterizations follow the same trajectory and the same NTK. Parameters
     of NTK-parameterized layers (and any others) get ``η``.
 

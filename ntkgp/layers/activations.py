@@ -313,8 +313,8 @@ class Erf(Activation):
 class SigmoidLike(Erf):
     """``φ(x) = erf(x / 2.4020563531719796)/2 + 1/2``, a sigmoid with closed-form kernels: :class:`Erf`
     with ``a = 1/2``, ``b = 1/2.4020563531719796``, ``c = 1/2`` (neural-tangents' ``stax.Sigmoid_like``,
-    Novak et al. 2020, whose constant minimizes the squared distance to the logistic sigmoid on
-    ``[−5, 5]``)."""
+    whose constant minimizes the squared distance to the logistic sigmoid on ``[−5, 5]``; Han et al.
+    2022, *Fast neural kernel embeddings for general activations*, NeurIPS, arXiv:2209.04121)."""
 
     SCALE = 2.4020563531719796
 
@@ -434,7 +434,7 @@ def _sin(x: Tensor, a: float, b: float, c: float) -> Tensor:
 
 
 class Sin(Activation):
-    r"""``φ(x) = a·sin(b x + c)`` (neural-tangents' ``stax.Sin``, Novak et al. 2020; with a uniformly
+    r"""``φ(x) = a·sin(b x + c)`` (neural-tangents' ``stax.Sin``, Han et al. 2022; with a uniformly
     random phase in place of ``c`` the second term below averages out, leaving the Gaussian kernel
     of random Fourier features, Rahimi & Recht 2007). From
     ``sin A sin B = (cos(A−B) − cos(A+B))/2`` and ``E[e^{i(bu − bv)}] = e^{−b²(k11 + k22 − 2k12)/2}``::
@@ -531,7 +531,7 @@ class Sin(Activation):
 
 class Cos(Sin):
     """``φ(x) = a·cos(b x + c) = a·sin(b x + c + π/2)``: the kernels of :class:`Sin` at ``c + π/2``
-    (neural-tangents' ``stax.Cos``, Novak et al. 2020)."""
+    (neural-tangents' ``stax.Cos``, Han et al. 2022)."""
 
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
         (c,) = finite_constants(c=c)
@@ -608,8 +608,8 @@ def _exp(x: Tensor, a: float, b: float) -> Tensor:
 
 
 class Exp(Activation):
-    r"""``φ(x) = a·exp(b x)`` (neural-tangents' ``stax.Exp``, Novak et al. 2020). The log of
-    ``φ(u)φ(v)`` is Gaussian, of mean 0 and variance ``b²(k11 + 2k12 + k22)``, so::
+    r"""``φ(x) = a·exp(b x)`` (neural-tangents' ``stax.Exp``, Han et al. 2022). ``b(u + v)``
+    is Gaussian, of mean 0 and variance ``b²(k11 + 2k12 + k22)``, so ``T = a² E[e^{b(u + v)}]`` is::
 
         T = a² exp(b²(k11 + 2k12 + k22)/2),   Ṫ = b² T,   E[φ(u)] = a exp(b²k/2)
 
@@ -656,7 +656,7 @@ def _gaussian(x: Tensor, a: float, b: float) -> Tensor:
 
 class Gaussian(Activation):
     r"""``φ(x) = a·exp(b x²)`` with ``b ≤ 0``, a Gaussian bump (neural-tangents' ``stax.Gaussian``,
-    Novak et al. 2020; the Gaussian hidden units of Williams 1997, "Computing with infinite
+    Han et al. 2022; the Gaussian hidden units of Williams 1997, "Computing with infinite
     networks"). With ``β = −b``, ``P_i = 1 + 2β k_ii`` and
     ``D = det(I + 2βΣ) = 1 + 2β(k11 + k22) + 4β²(k11 k22 − k12²)``::
 

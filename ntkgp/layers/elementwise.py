@@ -68,7 +68,8 @@ QUADRATURE_CHUNK = 1 << 22
 
 class Elementwise(Activation):
     r"""An activation given by ``fn`` and its NNGP map ``nngp_fn(k12, k11, k22) = E[φ(u)φ(v)]``
-    (neural-tangents' ``stax.Elementwise``, Novak et al. 2020).
+    (neural-tangents' ``stax.Elementwise``,
+    Han et al. 2022, *Fast neural kernel embeddings for general activations*, NeurIPS, arXiv:2209.04121).
 
     ``nngp_fn`` takes broadcastable tensors in neural-tangents' argument order (covariance,
     then the two variances). ``Ṫ = ∂ nngp_fn / ∂k12`` by autograd unless ``dot_fn`` (same
@@ -196,8 +197,8 @@ class Numerical(Activation):
 
         T ≈ Σ_ab w_a w_b φ(u_ab) φ(v_ab),   Ṫ ≈ Σ_ab w_a w_b φ'(u_ab) φ'(v_ab),   (u_ab, v_ab) = L (z_a, z_b)
 
-    (``φ'`` by autograd; as neural-tangents' ``stax.ElementwiseNumerical``, Novak et al. 2020; Han
-    et al. 2022).
+    (``φ'`` by autograd; as neural-tangents' ``stax.ElementwiseNumerical``, Han et
+    al. 2022).
 
     The error falls exponentially with the degree, but the degree needed grows with the
     pre-activation variance (the nodes spread as ``sqrt(k)`` while ``φ`` varies on a fixed

@@ -72,7 +72,8 @@ def _polynomial(x: Tensor, coefficients: tuple[float, ...]) -> Tensor:
 
 
 class Polynomial(Activation):
-    r"""``φ(x) = Σ_i c_i x^i`` (neural-tangents' ``stax.Polynomial``, Novak et al. 2020).
+    r"""``φ(x) = Σ_i c_i x^i`` (neural-tangents' ``stax.Polynomial``;
+    Han et al. 2022, *Fast neural kernel embeddings for general activations*, NeurIPS, arXiv:2209.04121).
 
     Expanding ``x^i = Σ_a C(i, a) He_a(x)`` in Hermite polynomials, ``C(i, a) = i!/(a! m! 2^m)``
     with ``m = (i − a)/2``, and using ``E[He_a(z1) He_b(z2)] = δ_ab a! ρ^a`` (Mehler)::
@@ -135,7 +136,7 @@ class Polynomial(Activation):
 
 
 class Monomial(Polynomial):
-    r"""``φ(x) = x^n`` (neural-tangents' ``stax.Monomial``, Novak et al. 2020): :class:`Polynomial` with one term, e.g.
+    r"""``φ(x) = x^n`` (neural-tangents' ``stax.Monomial``, Han et al. 2022): :class:`Polynomial` with one term, e.g.
     ``T = k11 k22 + 2 k12²`` for ``n = 2`` and ``Ṫ = 4 k12``."""
 
     def __init__(self, degree: int) -> None:
@@ -168,7 +169,7 @@ def _hermite_terms(degree: int) -> list[tuple[float, int, int]]:
 
 class Hermite(Activation):
     r"""``φ(x) = He_n(x)/sqrt(n!)``, the probabilists' Hermite polynomial normalized to
-    ``E[φ(z)²] = 1`` for ``z ~ N(0, 1)`` (neural-tangents' ``stax.Hermite``, Novak et al. 2020).
+    ``E[φ(z)²] = 1`` for ``z ~ N(0, 1)`` (neural-tangents' ``stax.Hermite``, Han et al. 2022).
 
     Writing ``u = sqrt(k11) z1`` and expanding ``He_n(γz) = Σ_m n!/(m!(n − 2m)!) γ^{n−2m}
     ((γ² − 1)/2)^m He_{n−2m}(z)`` (the multiplication theorem), Mehler's

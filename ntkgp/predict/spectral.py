@@ -590,7 +590,9 @@ def max_learning_rate(ntk_train_train: Tensor, y_train_size: int | None = None, 
     """Largest stable full-batch learning rate, ``2 (1 + momentum) m / λ_max(Θ)``.
 
     Gradient descent on ``(1/2m) ‖f − Y‖²`` contracts iff ``|1 − ηλ/m| < 1`` for all
-    eigenvalues (Lee et al. 2019, §2.4; neural-tangents' ``max_learning_rate``; ``m`` defaults to ``N``). A zero kernel
+    eigenvalues: a step multiplies the residual's eigen-component of ``λ`` by ``1 − ηλ/m``
+    (the linearized dynamics of Lee et al. 2019; neural-tangents' ``max_learning_rate``; ``m``
+    defaults to ``N``). A zero kernel
     never moves the outputs, so every rate is stable: ``inf``. ``momentum`` is heavy-ball
     momentum in ``[0, 1)``. A full ``(N, N, k, k)`` kernel (as :func:`gradient_descent_mse` takes)
     is the ``(N k, N k)`` kernel of the flattened outputs, and ``m`` defaults to ``N k``.
