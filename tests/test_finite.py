@@ -753,3 +753,21 @@ def test_one_dimensional_inputs_of_a_user_module_keep_the_unsqueeze_hint():
         with pytest.raises(ValueError, match=r"x1 must have shape \(\.\.\., n, d\), got shape \(3,\); for scalar "
                                              r"features use x1\.unsqueeze\(-1\)"):
             kernel(linear, torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("activation", [ntkgp.Monomial(0), ntkgp.Hermite(0), ntkgp.Polynomial([0.7])],
+                         ids=["monomial0", "hermite0", "constant_polynomial"])
+def test_empirical_and_monte_carlo_kernels_of_a_network_with_a_constant_activation(activation):
+    """The layer before a constant activation has zero gradient (autograd refused to return it:
+    "appears to not have been used in the graph"); the empirical NTK is then the readout's alone,
+    ``σ_w² c² + σ_b²`` for the constant ``c``, at any width, equal to the analytic one."""
+    from ntkgp.finite.monte_carlo import monte_carlo_kernel
+
+    net = ntkgp.serial(ntkgp.Dense(16, 1.3, 0.2), activation, ntkgp.Dense(1, 1.5, 0.1))
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    analytic = net.kernel(x)
+    for model in (net.build(2), net.build(2, ensemble_size=2)):
+        ntk = empirical_ntk(model.to(torch.float64), x)
+        torch.testing.assert_close(ntk, analytic.ntk.expand_as(ntk), rtol=1e-14, atol=0)
+    mc = monte_carlo_kernel(net, x, n_samples=4)
+    torch.testing.assert_close(mc.ntk, analytic.ntk, rtol=1e-14, atol=0)

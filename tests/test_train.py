@@ -485,3 +485,29 @@ def test_a_module_instead_of_a_spec_is_named():
         with pytest.raises(ValueError, match=r"train_ensemble takes a network spec .* got Sequential \(a network "
                                              r"built by net\.build\(\.\.\.\)\)"):
             train_ensemble(model, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[0, 1])
+
+
+@pytest.mark.parametrize("activation", [ntkgp.Monomial(0), ntkgp.Hermite(0), ntkgp.Polynomial([0.7])],
+                         ids=["monomial0", "hermite0", "constant_polynomial"])
+@pytest.mark.parametrize("param", ["ntk", "standard"])
+@pytest.mark.parametrize("step", ["stacked", "autograd"])
+def test_a_layer_feeding_a_constant_activation_trains_with_zero_gradient(activation, param, step, monkeypatch):
+    """A constant activation leaves the layer before it unused by the output: autograd refused to
+    return its gradient ("appears to not have been used in the graph"), and training, the empirical
+    NTK and Monte-Carlo kernels crashed on a network whose kernels are fine. Its gradient is 0,
+    the features are the constant ``c``, so the model is linear with the exact tangent kernel
+    ``Θ = σ_w² c² + σ_b²`` at any width, and every member follows ``f_s = ȳ + (f_0 − ȳ)(1 − ηΘ)^s``."""
+    if step == "autograd":
+        monkeypatch.setattr(train_module, "_DenseStep", _Autograd)
+    def network(param):
+        return ntkgp.serial(ntkgp.Dense(16, 1.3, 0.2, param), activation, ntkgp.Dense(1, 1.5, 0.1, param))
+
+    net = network(param)
+    theta = float(network("ntk").kernel(X[:1]).ntk.detach())   # the kernel the equivalent rates train with
+    lr, steps = 0.3, 9
+    history = train_ensemble(net, X, Y, x_test=X, probe=X, ensemble_size=3, learning_rate=lr,
+                             record_steps=[0, steps], dtype=torch.float64, engine="stacked")
+    f0, fs = history.test_outputs[0], history.test_outputs[-1]
+    expected = Y.mean() + (f0 - Y.mean()) * (1 - lr * theta) ** steps
+    torch.testing.assert_close(fs, expected, rtol=1e-12, atol=1e-13)
+    assert float(history.ntk_change.abs().max()) < 1e-12 and float(history.layer_change["input"].abs().max()) == 0.0

@@ -446,7 +446,10 @@ def _signals(model: nn.Module, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor |
             leaf = x.detach().repeat(*([1] * (x.dim() - 2)), k, 1).requires_grad_()
             out = _outputs_2d(model(leaf))                              # (..., k·n, k)
             selector = torch.eye(k, dtype=out.dtype, device=out.device).repeat_interleave(n, 0)
-            deltas = torch.autograd.grad(out, [z for _, _, z in records], selector.expand(out.shape))
+            # materialized: a layer whose output nothing uses (a constant activation such as
+            # Monomial(0) after it) has δ = 0, which autograd otherwise refuses to return
+            deltas = torch.autograd.grad(out, [z for _, _, z in records], selector.expand(out.shape),
+                                         allow_unused=True, materialize_grads=True)
     finally:
         for handle in handles:
             handle.remove()

@@ -491,7 +491,9 @@ class _DenseStep:
 
         def step() -> None:
             wanted = [r for r in captured if any(r[0] is layer for layer, _, _ in self.layers)]
-            deltas = torch.autograd.grad(per_member.sum(), [z for _, _, z in wanted])
+            # a layer feeding a constant activation (Monomial(0)) gets δ = 0, not autograd's refusal
+            deltas = torch.autograd.grad(per_member.sum(), [z for _, _, z in wanted], allow_unused=True,
+                                         materialize_grads=True)
             by_module = {id(mod): (u, d) for (mod, u, _), d in zip(wanted, deltas, strict=True)}
             with torch.no_grad():
                 for module, rate_w, rate_b in self.layers:
@@ -516,7 +518,8 @@ def _autograd_step(model: nn.Module, trained: list[str], rates: dict):
         per_member = 0.5 * ((model(x) - y) ** 2).flatten(1).sum(1) / m
 
         def step() -> None:
-            grads = torch.autograd.grad(per_member.sum(), [params[n] for n in trained])
+            grads = torch.autograd.grad(per_member.sum(), [params[n] for n in trained], allow_unused=True,
+                                        materialize_grads=True)
             with torch.no_grad():
                 for name, grad in zip(trained, grads, strict=True):
                     params[name].sub_(rates[name] * grad)
