@@ -310,3 +310,26 @@ def test_products_of_branches_match_wide_networks(name):
     ntk = monte_carlo_kernel(spec, x, n_samples=64).ntk
     error = float((ntk - exact.ntk.detach()).norm() / exact.ntk.detach().norm())
     assert error < 0.04, error
+
+
+def test_a_concatenation_of_one_branch_is_that_branch():
+    """One branch concatenated is the branch itself: an activation after it was refused ("needs
+    Gaussian inputs: put a Dense layer before it", with a Dense already there), while one-branch
+    sums and products were taken. Its kernels are the plain network's, and so are its finite
+    networks' (same draws from the same seed)."""
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def network(wrap):
+        return ntkgp.serial(ntkgp.Dense(8, 1.5, 0.1), wrap(ntkgp.Dense(8, 1.3, 0.2)), ntkgp.ReLU(), ntkgp.Dense(1))
+
+    plain = network(lambda layer: layer)
+    for join in ("concat", "sum", "prod"):
+        wrapped = network(lambda layer, join=join: ntkgp.parallel(layer, join=join))
+        for ntk in (True, False):
+            ours, theirs = wrapped.kernel(x, ntk=ntk), plain.kernel(x, ntk=ntk)
+            torch.testing.assert_close(ours.nngp, theirs.nngp, rtol=1e-15, atol=0)
+            if ntk:
+                torch.testing.assert_close(ours.ntk, theirs.ntk, rtol=1e-15, atol=0)
+        estimate = monte_carlo_kernel(wrapped, x, n_samples=8, seed=3)
+        torch.testing.assert_close(estimate.nngp, monte_carlo_kernel(plain, x, n_samples=8, seed=3).nngp,
+                                   rtol=1e-14, atol=0)

@@ -101,7 +101,7 @@ class Activation(Layer):
     def kernel_map(self, state: KernelState) -> KernelState:
         if not state.is_gaussian:
             raise ValueError(f"{type(self).__name__} needs Gaussian inputs: put a Dense layer before it "
-                             "(its closed form assumes centred Gaussian pre-activations).")
+                             "(its kernel is an expectation over centred Gaussian pre-activations).")
         want_ntk = state.ntk is not None
         if state.diag and state.symmetric:
             cov = self.variance(state.cov1)

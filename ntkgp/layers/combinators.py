@@ -92,8 +92,9 @@ class Parallel(Layer):
 
           K = Σ_b n_b K_b / Σ_b n_b,   Θ = Σ_b n_b Θ_b / Σ_b n_b
 
-      The concatenated features are no longer identically distributed, so an activation may
-      not follow directly (put a ``Dense`` layer in between; a ``LayerNorm`` may, subtracting
+      The concatenated features of several branches are no longer identically distributed, so an
+      activation may not follow directly (put a ``Dense`` layer in between; one branch is the
+      branch itself, Gaussian when it is; a ``LayerNorm`` may, subtracting
       the mean ``Σ_b n_b μ_b / Σ_b n_b``); at the network's output, each output has the kernel of
       its own branch and ``K`` is their average.
 
@@ -164,7 +165,8 @@ class Parallel(Layer):
                     for out in outs]
             total = sum(out.width for out in outs)
             weights = [out.width / total for out in outs]
-            width, is_gaussian = total, False
+            # one branch is the branch itself; features of several are not identically distributed
+            width, is_gaussian = total, len(outs) == 1 and outs[0].is_gaussian
             combined = _concatenated(_combine(outs, weights), outs, weights)
             identical = len(outs) == 1 and outs[0].identical
         return combined.replace(width=width, is_gaussian=is_gaussian, identical=identical)
