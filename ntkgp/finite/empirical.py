@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from ntkgp._autograd import differentiates
+from ntkgp._autograd import differentiates, without_autocast
 from ntkgp._checks import check_flag, integer_at_least
 from ntkgp.layers.base import Layer
 from ntkgp.layers.combinators import ParallelModule
@@ -255,6 +255,7 @@ def _check_plain_inputs(x1: Tensor, x2: Tensor | None, model: nn.Module | ParamF
             raise ValueError(f"{name} must have shape (n, d) here ({why}), got {tuple(x.shape)}.")
 
 
+@without_autocast
 def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None, *,
                    params: dict[str, Tensor] | None = None, vector_output: bool = False) -> Tensor:
     """``K̂(x, x') = (1/k) f(x)·f(x')`` per output unit ``(n1, n2)`` (or ``f_i(x) f_j(x')`` as
@@ -275,6 +276,7 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     return (f1 @ f2.mT).div_(f1.shape[-1])   # in place: the product is fresh, a second kernel-sized copy is not needed
 
 
+@without_autocast
 @differentiates
 def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None, *,
                   params: dict[str, Tensor] | None = None, vector_output: bool = False,
@@ -303,7 +305,8 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
 
     Returns:
         ``(n1, n2)`` (or ``(n1, n2, k, k)``); with a leading ``E`` for ensembles. The kernel is a
-        constant: it carries no gradient to the inputs or the parameters on either route.
+        constant: it carries no gradient to the inputs or the parameters on either route. A
+        caller's ``torch.autocast`` is switched off, as in ``net.kernel``.
 
     Networks built by ntkgp (every module an ntkgp layer, every ``Dense`` layer called once) take
     the layer-by-layer route of the module docstring; anything else, or scales other than numbers
