@@ -634,6 +634,39 @@ def test_dropped_directions_of_inputs_whose_norms_span_decades_are_reported():
         predict.GradientFlow(net, duplicate, y, kernel="nngp").predict(xt, t=math.inf, compute_cov=False)
 
 
+def test_training_outputs_warn_where_an_unresolved_direction_leaves_them_unfitted():
+    """A duplicated input with two targets, regularized by diag_reg = 1e-14 (nonsingular to working
+    precision, so t = None fits both targets): t = inf dropped the regularized direction and left
+    the training outputs 0.83 off Y without a word, while the same predictor at x_test = x_train
+    warned (a predictor-options fuzz review). The training outputs now warn as the test outputs do,
+    at the caller's line; an unregularized exact duplicate (whose least-squares fit is the answer)
+    stays quiet."""
+    gen = torch.Generator().manual_seed(0)
+    net = ntkgp.mlp(1, "relu")
+    x = torch.randn(12, 3, generator=gen, dtype=torch.float64)
+    x[1] = x[0]
+    y = torch.randn(12, generator=gen, dtype=torch.float64)
+    flow = predict.GradientFlow(net, x, y, diag_reg=1e-14)
+    torch.testing.assert_close(flow.predict(None, compute_cov=False).mean, y, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        theta = net.kernel(x).ntk
+    calls = [lambda t: flow.predict(None, t=t, compute_cov=False).mean,
+             lambda t: predict.gradient_flow(net, x, y, None, t=t, compute_cov=False, diag_reg=1e-14).mean,
+             lambda t: predict.gradient_descent_mse(theta, y, t=t, diag_reg=1e-14)]
+    for call in calls:
+        for t in (math.inf, 1e30):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                late = call(t)
+            assert [w.filename for w in caught] == [__file__], [(w.filename, str(w.message)[:60]) for w in caught]
+            assert "count as untrained, but move the training outputs" in str(caught[0].message)
+            assert float((late - y).abs().max()) > 0.5   # what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predict.GradientFlow(net, x, y).predict(None, t=math.inf, compute_cov=False)
+        predict.gradient_descent_mse(theta, y, t=math.inf)
+
+
 def test_the_unresolved_direction_warning_names_the_callers_line_and_takes_times_with_gradients():
     """The warning pointed at library lines where the call went through a one-shot wrapper or the
     full-kernel path (a fixed stacklevel), and a time that requires grad raised torch's

@@ -269,6 +269,7 @@ class GradientFlow:
         decay, growth, flow = schedule.functions(eig)                    # (T, N)
         if kernels is None:
             mean = spectral_apply(v, growth, self._y_eigen)
+            warn_if_unresolved(None, self._y_eigen, mean, schedule, eig, lambda: self._regular)
             if mode is None:
                 return mean, None
             if mode == "diag":   # diag(V D Vᵀ)_n = Σ_a V_na² D_aa, and diag(V A Vᵀ)_n = Σ_a (V A)_na V_na

@@ -134,7 +134,11 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
         slopes = (None, None)
         if kernel.requires_grad and torch.is_grad_enabled():
             slopes = schedule.slopes(eig)
-        train = f0 - matrix_function_product(kernel, eig, schedule, 1, slopes[0], flat).reshape(-1, *y.shape)
+        delta = matrix_function_product(kernel, eig, schedule, 1, slopes[0], flat)
+        with torch.no_grad():
+            warn_if_unresolved(None, eig.vectors.mT @ flat, delta, schedule, eig,
+                               lambda: is_regular(kernel, ntk_train_train.dtype))
+        train = f0 - delta.reshape(-1, *y.shape)
         train = schedule.reshape(train, y.dim())
         test = None
         if ntk_test_train is not None:

@@ -666,9 +666,10 @@ def is_regular(k: Tensor, given: torch.dtype | None = None) -> bool:
     return True
 
 
-def warn_if_unresolved(test_eigen: Tensor, right: Tensor, result: Tensor, schedule: Schedule,
+def warn_if_unresolved(test_eigen: Tensor | None, right: Tensor, result: Tensor, schedule: Schedule,
                        eig: Eigensystem, regular: Callable[[], bool]) -> None:
-    """Warn where :meth:`Schedule.functions` sets untrained a direction that moves the test outputs.
+    """Warn where :meth:`Schedule.functions` sets untrained a direction that moves the test outputs
+    (``test_eigen = None``: the training outputs, whose ``K V = V Λ``).
 
     ``result[t] = test_eigen · diag(flow[t]) · right`` is what was computed, ``(T, M, k)``.
     A direction of eigenvalue below ``N ε λ_max`` is an exact null direction (a duplicated point)
@@ -688,12 +689,16 @@ def warn_if_unresolved(test_eigen: Tensor, right: Tensor, result: Tensor, schedu
     nonsingular to working precision (:func:`is_regular`, the test ``t = None`` applies): then it
     has no exact null directions, and every dropped one is real.
     """
-    if test_eigen.shape[-2] == 0:
+    if test_eigen is not None and test_eigen.shape[-2] == 0:
         return
     untrained = schedule.untrained(eig)                                          # (T, N)
     if not bool(untrained.any()):
         return
-    seen = test_eigen.abs().amax(-2)                                             # (N,)
+    if test_eigen is None:   # the columns of V Λ, without forming it: a regularized duplicate left the
+        # training outputs off Y by 0.83 at t = inf, silently, while t = None fitted them
+        seen = eig.values * torch.linalg.vector_norm(eig.vectors, ord=math.inf, dim=-2)
+    else:
+        seen = test_eigen.abs().amax(-2)                                         # (N,)
     real = seen > 100 * seen.shape[-1] * eig.eps * seen.max()
     if bool((untrained & ~real).any()) and regular():
         real = seen > 0
@@ -708,9 +713,10 @@ def warn_if_unresolved(test_eigen: Tensor, right: Tensor, result: Tensor, schedu
         first = float(schedule.values[hit].min().detach())   # t may require grad
         when = f"after {first:g} steps and more" if schedule.discrete else f"at t = {first:g}"
         when += "" if schedule.discrete or math.isinf(first) else " and later"
+        outputs = "training" if test_eigen is None else "test"
         warnings.warn(f"{when.capitalize()}, {int(dropped[hit].any(0).sum())} direction(s) of the training kernel "
                       "with eigenvalues below its rounding level (N·ε·λ_max) count as untrained, but move the "
-                      "test outputs (nearly duplicate training points, training inputs whose norms span decades, "
+                      f"{outputs} outputs (nearly duplicate training points, training inputs whose norms span decades, "
                       "or points far from the training inputs of a smooth kernel): from then on the predictions "
                       "depend on digits the kernel does not hold. Add diag_reg (e.g. 1e-6) for a well-defined "
                       "answer (t=None solves a kernel that is only badly scaled exactly).", RuntimeWarning,
