@@ -634,6 +634,17 @@ def test_dropped_directions_of_inputs_whose_norms_span_decades_are_reported():
         predict.GradientFlow(net, duplicate, y, kernel="nngp").predict(xt, t=math.inf, compute_cov=False)
 
 
+@pytest.mark.parametrize("kernel", ["nngp", "ntkgp"])
+def test_posteriors_other_than_ntk_say_why_they_refuse_x_test_none(kernel):
+    """kernel='ntk' predicts the training points for x_test=None; the others said only "x_test must
+    be a torch.Tensor of shape (..., n, d), got NoneType"."""
+    x, y = _x(5), _x(5, 1, seed=13)
+    for call in (lambda: predict.GPPosterior(NET, x, y, kernel=kernel, noise=0.1).predict(None),
+                 lambda: predict.gp_posterior(NET, x, y, None, kernel=kernel, noise=0.1)):
+        with pytest.raises(ValueError, match=r"x_test=None .* is for kernel='ntk' only; .* pass them as x_test"):
+            call()
+
+
 def test_training_outputs_warn_where_an_unresolved_direction_leaves_them_unfitted():
     """A duplicated input with two targets, regularized by diag_reg = 1e-14 (nonsingular to working
     precision, so t = None fits both targets): t = inf dropped the regularized direction and left

@@ -120,6 +120,9 @@ class GPPosterior:
         if self.kind == "ntk":
             return self._flow.predict(x_test, t=None, compute_cov=compute_cov)
         self._hyperparameters.check(self.net)
+        if x_test is None:   # the generic "must be a torch.Tensor, got NoneType" did not say why
+            raise ValueError(f"x_test=None (the training points) is for kernel='ntk' only; for the {self.kind!r} "
+                             "posterior at the training points pass them as x_test.")
         check_test_points(x_test, self.x_train.shape[-1], self.x_train.device)
         want_ntk = self.kind == "ntkgp"
         x_test = x_test.to(self.factor_dtype)
