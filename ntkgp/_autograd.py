@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable
 from typing import TypeVar
@@ -45,21 +44,5 @@ def differentiates(fn: _F) -> _F:
     def wrapper(*args, **kwargs):
         with torch.inference_mode(False), torch.enable_grad():
             return fn(*map(_normal, args), **{k: _normal(v) for k, v in kwargs.items()})
-
-    return wrapper  # type: ignore[return-value]
-
-
-def without_autocast(fn: _F) -> _F:
-    """Run ``fn`` with a caller's ``torch.autocast`` switched off (CPU, and CUDA where there is one),
-    as ``net.kernel`` does: the empirical kernels of a float32 network came out in bfloat16 under
-    CPU autocast, 4e-3 off, while the analytic ones they are compared with kept float32."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.autocast("cpu", enabled=False))
-            if torch.cuda.is_available():
-                stack.enter_context(torch.autocast("cuda", enabled=False))
-            return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

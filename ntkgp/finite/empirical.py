@@ -32,6 +32,7 @@ module that writes its buffers).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Mapping
 
@@ -39,14 +40,27 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from ntkgp._autograd import differentiates, without_autocast
+from ntkgp._autograd import differentiates
 from ntkgp._checks import check_flag, integer_at_least
-from ntkgp.layers.base import Layer
+from ntkgp.layers.base import Layer, _autocast_off
 from ntkgp.layers.combinators import ParallelModule
 from ntkgp.layers.dense import DenseModule
 from ntkgp.layers.validation import boolean_or_complex, broadcast_shapes, check_inputs, has_non_finite
 
 ParamFn = Callable[[dict[str, Tensor], Tensor], Tensor]
+
+
+def _without_autocast(fn: Callable) -> Callable:
+    """``fn(model, x1, ...)`` with a caller's ``torch.autocast`` switched off for ``x1``'s device, as
+    ``net.kernel`` does: the empirical kernels of a float32 network came out in bfloat16 under CPU
+    autocast, 4e-3 off, while the analytic ones they are compared with kept float32."""
+
+    @functools.wraps(fn)
+    def wrapper(model, x1, *args, **kwargs):
+        with _autocast_off(x1.device if isinstance(x1, Tensor) else torch.device("cpu")):
+            return fn(model, x1, *args, **kwargs)
+
+    return wrapper
 
 #: The torch modules that ``Layer.build`` uses besides ntkgp's own (none of them mixes points).
 _BUILT_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.Identity)
@@ -255,7 +269,7 @@ def _check_plain_inputs(x1: Tensor, x2: Tensor | None, model: nn.Module | ParamF
             raise ValueError(f"{name} must have shape (n, d) here ({why}), got {tuple(x.shape)}.")
 
 
-@without_autocast
+@_without_autocast
 def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None, *,
                    params: dict[str, Tensor] | None = None, vector_output: bool = False) -> Tensor:
     """``K̂(x, x') = (1/k) f(x)·f(x')`` per output unit ``(n1, n2)`` (or ``f_i(x) f_j(x')`` as
@@ -276,7 +290,7 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     return (f1 @ f2.mT).div_(f1.shape[-1])   # in place: the product is fresh, a second kernel-sized copy is not needed
 
 
-@without_autocast
+@_without_autocast
 @differentiates
 def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None, *,
                   params: dict[str, Tensor] | None = None, vector_output: bool = False,

@@ -132,7 +132,8 @@ class Parallel(Layer):
 
     @property
     def preserves_gaussian(self) -> bool:  # type: ignore[override]
-        return self.join == "sum" and all(b.preserves_gaussian for b in self.branches)
+        # one branch, whatever the join, is the branch itself
+        return (self.join == "sum" or len(self.branches) == 1) and all(b.preserves_gaussian for b in self.branches)
 
     @property
     def mixes_features(self) -> bool:  # type: ignore[override]
