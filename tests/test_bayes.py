@@ -711,3 +711,37 @@ def test_predictive_moments_take_the_marginal_variances_alone():
         bayes.select_time(ntkgp.predict.Gaussian(torch.zeros(()), None, None, torch.zeros(())))
     with pytest.raises(ValueError, match="mean or marginal variances contain NaN"):
         bayes.predictive_moments(ntkgp.predict.Gaussian(torch.zeros(3), None, 1.0, torch.tensor([1.0, math.nan, 1.0])))
+
+
+def test_exports_name_the_time_they_picked_one_way_however_it_was_given():
+    """time_index was stored as str() of the argument: 2, -1, (np.int64(2),) and tensor(2) pick one
+    time but were written '2', '-1', '(np.int64(2),)' and 'tensor(2)'."""
+    x, y = _regression()
+    times = torch.tensor([[0.5, 5.0], [50.0, 500.0]])
+    flat = ntkgp.predict.gradient_flow(_net(), x, y, x[:4], t=times[0])
+    grid = ntkgp.predict.gradient_flow(_net(), x, y, x[:4], t=times)
+    for flow, picks, label in ((flat, (1, -1, (np.int64(1),), torch.tensor(1)), "1"),
+                               (grid, ((1, 0), (-1, -2), (np.int64(1), torch.tensor(0))), "(1, 0)")):
+        for pick in picks:
+            data = bayes.gaussian_to_inference_data(flow, y[:4], 0.1, num_draws=4, time_index=pick)
+            assert data.log_likelihood.attrs["time_index"] == label, pick
+    single = ntkgp.predict.gradient_flow(_net(), x, y, x[:4], t=5.0)
+    data = bayes.gaussian_to_inference_data(single, y[:4], 0.1, num_draws=4)
+    assert data.log_likelihood.attrs["time_index"] == "None"
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ({"converged": True}, "must be a str, int or float"), ({"note": None}, "must be a str, int or float"),
+    ({"nested": {"a": 1}}, "must be a str, int or float"), ({1: "x"}, "keys must be strings"),
+    ({"noise_variance": 99.0}, "may not set 'noise_variance'"), ({"source": "mine"}, "may not set 'source'"),
+    ([("a", 1)], "must be a dict")])
+def test_draws_export_refuses_attributes_netcdf_cannot_store_or_that_overwrite_its_own(attrs, message, tmp_path):
+    """A bool or None was accepted and failed only in to_netcdf (h5netcdf's CompatibilityError),
+    and attrs={'noise_variance': 99.0} replaced the noise the log likelihood used (0.3), silently."""
+    f = np.zeros((4, 3))
+    with pytest.raises(ValueError, match=message):
+        bayes.draws_to_inference_data(f, np.zeros(3), 0.3, attrs=attrs)
+    data = bayes.draws_to_inference_data(f, np.zeros(3), 0.3, attrs={"run": "a", "seed": np.int64(3), "lr": 0.5})
+    assert data.log_likelihood.attrs["noise_variance"] == 0.3 and data.log_likelihood.attrs["run"] == "a"
+    if hasattr(data, "to_netcdf"):   # ArviZ 0.x: what the accepted attributes are for
+        data.to_netcdf(str(tmp_path / "export.nc"))

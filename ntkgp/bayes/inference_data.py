@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -91,7 +92,9 @@ def draws_to_inference_data(f_draws: ArrayLike, y_obs: ArrayLike, noise: ArrayLi
             ``f + σ ε`` here.
         seed: seed of the noise draws ``ε``: a non-negative integer, a numpy ``Generator`` or
             ``SeedSequence`` (``None``: fresh entropy).
-        attrs: extra attributes for the ``posterior_predictive`` and ``log_likelihood`` groups.
+        attrs: extra attributes for the ``posterior_predictive`` and ``log_likelihood`` groups:
+            string keys, values of ``str``, ``int`` or ``float`` (what netCDF stores), and none of the
+            keys ntkgp writes (``source``, ``noise_variance``, ``noise_variance_mean``).
 
     Returns:
         ``arviz.InferenceData`` (ArviZ 0.x) or ``xarray.DataTree`` (ArviZ ≥ 1) with groups
@@ -99,6 +102,7 @@ def draws_to_inference_data(f_draws: ArrayLike, y_obs: ArrayLike, noise: ArrayLi
     """
     if seed is not None and not isinstance(seed, np.random.Generator | np.random.SeedSequence):
         seed = integer_at_least(seed, 0, "seed")   # any size numpy takes; booleans and floats refused
+    attrs = _checked_attrs(attrs)
     f = finite(f_draws, "f_draws")
     if f.ndim not in (2, 3) or f.shape[0] == 0:
         raise ValueError(f"f_draws must have shape (S, M) or (S, M, k) with S >= 1, got {f.shape}.")
@@ -132,10 +136,34 @@ def draws_to_inference_data(f_draws: ArrayLike, y_obs: ArrayLike, noise: ArrayLi
     constant = bool(np.all(noise_var == noise_var.flat[0]))
     group_attrs = {"source": "ntkgp",
                    ("noise_variance" if constant else "noise_variance_mean"):
-                       float(noise_var.flat[0] if constant else noise_var.mean()), **(attrs or {})}
+                       float(noise_var.flat[0] if constant else noise_var.mean()), **attrs}
     for group in ("posterior_predictive", "log_likelihood"):
         data[group].attrs.update(group_attrs)
     return data
+
+
+#: The attributes :func:`draws_to_inference_data` writes itself.
+RESERVED_ATTRS = ("source", "noise_variance", "noise_variance_mean")
+
+
+def _checked_attrs(attrs: object) -> dict[str, str | int | float]:
+    """``attrs`` as a dict, or a ``ValueError`` before any work: a bool or ``None`` failed only in
+    ``to_netcdf``, long after, and ``noise_variance`` silently replaced the noise the log likelihood
+    used."""
+    if attrs is None:
+        return {}
+    if not isinstance(attrs, Mapping):
+        raise ValueError(f"attrs must be a dict, got {type(attrs).__name__}.")
+    for key, value in attrs.items():
+        if not isinstance(key, str):
+            raise ValueError(f"attrs keys must be strings, got {key!r}.")
+        if key in RESERVED_ATTRS:
+            raise ValueError(f"attrs may not set {key!r}: ntkgp writes it ({', '.join(RESERVED_ATTRS)} describe "
+                             "the noise the log likelihood used).")
+        if isinstance(value, bool | np.bool_) or not isinstance(value, str | int | float | np.integer | np.floating):
+            raise ValueError(f"attrs[{key!r}] must be a str, int or float, which netCDF stores; got "
+                             f"{type(value).__name__} (write it as a string, e.g. str(value)).")
+    return dict(attrs)
 
 
 def check_export(shape: tuple[int, ...], y_obs: ArrayLike, noise: ArrayLike, num_chains: int,

@@ -39,6 +39,11 @@ def select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None = Non
     from the end) picks one time. Gaussians without time axes are returned as they are and need
     ``time_index=None``.
     """
+    return _select_time(gaussian, time_index)[0]
+
+
+def _select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None) -> tuple[Gaussian, tuple[int, ...] | None]:
+    """:func:`select_time`, and the time picked as non-negative integers (``None`` without time axes)."""
     if not isinstance(gaussian, Gaussian):
         raise ValueError(f"Expected an ntkgp.predict.Gaussian, got {type(gaussian).__name__}.")
     marginal = gaussian.covariance is None and gaussian.marginal is not None
@@ -68,7 +73,7 @@ def select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None = Non
     if len(time_shape) == 0:
         if time_index is not None:
             raise ValueError(f"This Gaussian has no time axis; got time_index={time_index!r}.")
-        return gaussian
+        return gaussian, None
     if time_index is None:
         raise ValueError(f"This Gaussian has time axes of shape {tuple(time_shape)} (gradient flow at several "
                          "times): pick one with time_index=...")
@@ -85,9 +90,10 @@ def select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None = Non
     for i, n in zip(index, time_shape, strict=True):
         if not -n <= i < n:
             raise ValueError(f"time_index {time_index!r} is out of range for time shape {tuple(time_shape)}.")
+    index = tuple(i % n for i, n in zip(index, time_shape, strict=True))
     if marginal:
-        return Gaussian(mean[index], None, gaussian.scale, cov[index])
-    return Gaussian(mean[index], cov[index], gaussian.scale)
+        return Gaussian(mean[index], None, gaussian.scale, cov[index]), index
+    return Gaussian(mean[index], cov[index], gaussian.scale), index
 
 
 def predictive_moments(gaussian: Gaussian, noise: float | Tensor = 0.0,
@@ -247,12 +253,21 @@ def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: floa
     # every argument is checked before the eigendecomposition and the draws (seconds at M ~ 2000)
     num_draws = integer_at_least(num_draws, 1, "num_draws")
     seed = _seed(seed)
-    g = select_time(gaussian, time_index)
+    g, index = _select_time(gaussian, time_index)
     check_export((num_draws, *g.mean.shape), y_obs, noise, num_chains, "one draw (the Gaussian's mean)")
     draws = sample_outputs(g, num_draws, seed=seed)
     noise_seed = None if seed is None else int(np.random.SeedSequence(seed).generate_state(1)[0])
     return draws_to_inference_data(draws.cpu().numpy(), y_obs, noise, num_chains=num_chains, seed=noise_seed,
-                                   attrs={"kind": "gaussian", "time_index": str(time_index)})
+                                   attrs={"kind": "gaussian", "time_index": _time_label(index)})
+
+
+def _time_label(index: tuple[int, ...] | None) -> str:
+    """The time picked, one spelling however it was given (``-1``, ``np.int64(2)``, ``tensor(2)`` and
+    ``(2,)`` were stored as four different strings): ``"2"`` for one time axis, ``"(1, 0)"`` for
+    several, ``"None"`` without time axes."""
+    if index is None:
+        return "None"
+    return str(index[0]) if len(index) == 1 else str(index)
 
 
 def _stack_members(predictions) -> np.ndarray:
