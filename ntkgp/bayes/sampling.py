@@ -319,7 +319,8 @@ def ensemble_to_inference_data(predictions: ArrayLike, y_obs: ArrayLike, noise: 
     Lakshminarayanan et al. 2017, and exactly so for the NTK-GP "Bayesian deep ensembles" of He
     et al. 2020); ``y_rep⁽ᵉ⁾ = f⁽ᵉ⁾ + σ_e ε⁽ᵉ⁾`` and ``log N(y_obs,i | f_i⁽ᵉ⁾, σ_e²)`` as in
     :func:`ntkgp.bayes.inference_data.draws_to_inference_data`. With a handful of members,
-    PSIS-LOO's Pareto-k diagnostics will rightly warn that ``E`` draws are few.
+    PSIS-LOO's Pareto-k diagnostics will rightly warn that ``E`` draws are few; with one member
+    ``az.loo`` fails inside ArviZ (``IndexError``), as for one draw of a Gaussian.
 
     Args:
         predictions: ``(E, M)``/``(E, M, k)``, e.g. ``net.build(ensemble_size=E)(x)`` (squeeze a
