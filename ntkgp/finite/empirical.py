@@ -49,6 +49,9 @@ from ntkgp.layers.validation import boolean_or_complex, broadcast_shapes, check_
 
 ParamFn = Callable[[dict[str, Tensor], Tensor], Tensor]
 
+#: The torch modules that ``Layer.build`` uses besides ntkgp's own (none of them mixes points).
+_BUILT_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.Identity)
+
 
 def _without_autocast(fn: Callable) -> Callable:
     """``fn(model, x1, ...)`` with a caller's ``torch.autocast`` switched off for ``x1``'s device, as
@@ -61,9 +64,6 @@ def _without_autocast(fn: Callable) -> Callable:
             return fn(model, x1, *args, **kwargs)
 
     return wrapper
-
-#: The torch modules that ``Layer.build`` uses besides ntkgp's own (none of them mixes points).
-_BUILT_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.Identity)
 
 
 def ensemble_size(model: nn.Module) -> int | None:
