@@ -251,9 +251,7 @@ class GradientFlow:
         if self.kind == "nngp":   # Σ = K** − wᵀw, w = L⁻¹ Kd*
             w = torch.linalg.solve_triangular(chol, g_td.mT, upper=False)
             del g_td
-            if mode == "diag":
-                return mean, k_tt.sub_(w.square_().sum(-2))
-            return mean, symmetrize_(k_tt.addmm_(w.mT, w, alpha=-1))
+            return mean, subtract_gram_(k_tt, w, mode)
         # Σ = K** + Tᵀ K T − Tᵀ Kd* − (Tᵀ Kd*)ᵀ with T = Θ⁻¹ Θd*: symmetrized, the last two terms are
         # −2 Tᵀ Kd* (their difference is antisymmetric), so Σ = sym(K** + Tᵀ (K T − 2 Kd*))
         term = cholesky_solve(g_td.mT, chol)                     # Θ⁻¹ Θd*  (N, M)
@@ -363,6 +361,16 @@ def symmetrize_(cov: Tensor) -> Tensor:
             upper.copy_(average)
             lower.copy_(average.mT)
     return cov
+
+
+def subtract_gram_(k_tt: Tensor, w: Tensor, mode: str) -> Tensor:
+    """The GP posterior's ``Σ = K** − wᵀw`` with ``w = L⁻¹ Kd*`` (Rasmussen & Williams 2006, eq.
+    2.24), in place in ``k_tt`` and symmetrized (``mode="full"``); or its diagonal
+    ``diag K** − Σ_j w_jm²`` where ``k_tt`` holds the diagonal alone (``"diag"``, squaring ``w`` in
+    place). Shared by the NNGP posterior and the NNGP flow at ``t = None``."""
+    if mode == "diag":
+        return k_tt.sub_(w.square_().sum(-2))
+    return symmetrize_(k_tt.addmm_(w.mT, w, alpha=-1))
 
 
 @neural_tangents_keywords(get=NT_KERNEL_HINT)

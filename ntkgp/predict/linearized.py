@@ -13,6 +13,8 @@ linearized model at any learning rate). Works with analytic or empirical kernels
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -135,9 +137,12 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
         if kernel.requires_grad and torch.is_grad_enabled():
             slopes = schedule.slopes(eig)
         delta = matrix_function_product(kernel, eig, schedule, 1, slopes[0], flat)
+        # Vᵀ y and the regularity test (a factorization, made when a warning needs it), once for the
+        # warnings of both the training and the test outputs
+        regular = functools.cache(lambda: is_regular(kernel, ntk_train_train.dtype))
         with torch.no_grad():
-            warn_if_unresolved(None, eig.vectors.mT @ flat, delta, schedule, eig,
-                               lambda: is_regular(kernel, ntk_train_train.dtype))
+            right = eig.vectors.mT @ flat
+            warn_if_unresolved(None, right, delta, schedule, eig, regular)
         train = f0 - delta.reshape(-1, *y.shape)
         train = schedule.reshape(train, y.dim())
         test = None
@@ -146,8 +151,7 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
             test_eigen = left.detach() @ eig.vectors   # the product's own backward differentiates left
             delta = matrix_function_product(kernel, eig, schedule, 2, slopes[1], flat, test_eigen, left)
             with torch.no_grad():
-                warn_if_unresolved(test_eigen, eig.vectors.mT @ flat, delta, schedule, eig,
-                                   lambda: is_regular(kernel, ntk_train_train.dtype))
+                warn_if_unresolved(test_eigen, right, delta, schedule, eig, regular)
             # the number of times, not -1: an empty test set has no entries to infer it from
             test = fx_test_0.to(factor_dtype) - delta.reshape(delta.shape[0], *fx_test_0.shape)
             test = schedule.reshape(test, fx_test_0.dim())

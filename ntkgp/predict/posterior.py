@@ -41,7 +41,7 @@ from ntkgp.predict.gaussian import (
     named_kernels,
     prior_scale,
 )
-from ntkgp.predict.gradient_flow import GradientFlow, symmetrize_
+from ntkgp.predict.gradient_flow import GradientFlow, subtract_gram_
 from ntkgp.predict.spectral import cholesky, cholesky_solve, regularize
 
 #: neural-tangents' keywords of ``gp_inference`` and what to pass here instead.
@@ -140,13 +140,9 @@ class GPPosterior:
                 scale = prior_scale(c_tt)
                 w = torch.linalg.solve_triangular(self._cholesky, c_td.mT, upper=False)
                 del c_td
-                if mode == "diag":
-                    marginal = c_tt.sub_(w.square_().sum(-2)).to(self.dtype)
-                else:   # in place: c_tt, the product and the result were 3 (M, M) matrices, with the mirror 4
-                    cov = c_tt.addmm_(w.mT, w, alpha=-1)
-                    del w
-                    symmetrize_(cov)
-                    cov = cov.to(self.dtype)
+                # in place: c_tt, the product and the result were 3 (M, M) matrices, with the mirror 4
+                result = subtract_gram_(c_tt, w, mode).to(self.dtype)
+                cov, marginal = (None, result) if mode == "diag" else (result, None)
         if not self.vector_targets:
             mean = mean.squeeze(-1)
         return Gaussian(mean.to(self.dtype), cov, scale, marginal)
