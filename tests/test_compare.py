@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -82,7 +83,12 @@ def test_comparison_report_on_a_tiny_run(tmp_path):
     # which engine trained each width (the kernel may be missing where no C compiler is)
     engines = {w["engine"] for w in data["widths"]}
     assert len(engines) == 1 and engines <= {"fused", "stacked"}
+    # what a rerun needs beyond the config: the members depend on the chunk size, the numbers on the software
+    assert [w["chunk_size"] for w in data["widths"]] == [TINY["ensemble_size"]] * 2
+    assert data["versions"] == {"python": platform.python_version(), "ntkgp": ntkgp.__version__,
+                                "torch": torch.__version__, "numpy": np.__version__}
     text = (out / "report.md").read_text()
+    assert f"- software: python {platform.python_version()}, ntkgp {ntkgp.__version__}, torch" in text
     assert "## Checks" in text and "## Above the stability limit" in text
     assert f"{engines.pop()} engine of train_ensemble" in text
     for name in ("band_width16.png", "band_width48.png", "scaling.png", "loss.png"):

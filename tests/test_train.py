@@ -90,6 +90,17 @@ def test_history_shapes_statistics_and_chunking():
     assert h.settings["chunk_size"] == 3
 
 
+def test_an_explicit_chunk_size_fixes_the_members_of_every_full_chunk():
+    """The docstring promised members that depend only on the network, seed and chunk_size; a last,
+    partial chunk draws its members together and so depends on its size too (as documented now)."""
+    runs = {e: train_ensemble(_net(), X, Y, ensemble_size=e, learning_rate=0.1, record_steps=[0, 5], chunk_size=3,
+                              dtype=torch.float64, engine="stacked") for e in (4, 6, 7)}
+    for e in (4, 7):   # the full chunks they share are the same members, bitwise, and train the same
+        assert torch.equal(runs[e].test_outputs[:, :3], runs[6].test_outputs[:, :3])
+    assert torch.equal(runs[7].test_outputs[:, 3:6], runs[6].test_outputs[:, 3:6])
+    assert not torch.equal(runs[4].test_outputs[0, 3], runs[6].test_outputs[0, 3])   # a chunk of 1 against 3
+
+
 def test_a_seed_gives_the_same_members_in_float32_and_float64(monkeypatch):
     # a budget that forces several default chunks: their sizes must not depend on dtype
     monkeypatch.setattr(train_module, "CHUNK_BYTES", 200_000)

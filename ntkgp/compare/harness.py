@@ -228,6 +228,9 @@ class WidthResult:
         diverged_at: step at which training diverged, ``None`` if it did not.
         engine: the :func:`ntkgp.finite.train_ensemble` engine that trained it (``"fused"`` or
             ``"stacked"``; float32 runs of the two agree to rounding, not bit for bit).
+        chunk_size: members trained (and drawn) together, which with ``seed`` fixes the members
+            (:func:`ntkgp.finite.train_ensemble`): the default depends on the width and the
+            number of points.
         mean_within_chance: per step, the fraction of ensembles of exact draws from the analytic
             Gaussian (:func:`~ntkgp.compare.calibration.perfect_ensemble_scores`) whose
             ``mean_within`` is at most this width's: how often an ensemble without finite-width
@@ -252,6 +255,7 @@ class WidthResult:
     seconds: float
     diverged_at: int | None = None
     engine: str | None = None
+    chunk_size: int | None = None
     mean_within_chance: list[float] = field(default_factory=list)
     var_within_chance: list[float] = field(default_factory=list)
 
@@ -270,6 +274,7 @@ class ComparisonResult:
     stability limit, which are then missing), and a failed check says so. ``calibration`` holds,
     per step, how often ensembles of exact draws from the analytic Gaussian fail the point-wise
     checks (``"mean_fail"``, ``"var_fail"``, out of ``"ensembles"`` simulated ensembles).
+    ``versions`` names the Python, ntkgp, torch and numpy that produced it.
     """
 
     config: dict
@@ -295,6 +300,7 @@ class ComparisonResult:
     plot_label: str = "x"
     stopped: str | None = None
     calibration: dict | None = None
+    versions: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Every field as plain Python (nested dicts and lists), for JSON."""
@@ -540,10 +546,19 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
         analytic_mean=mu.tolist(), analytic_std=var.sqrt().tolist(), continuous_mean=analytic.continuous.tolist(),
         widths=results, slopes=slopes, divergence=divergence,
         y_test=None if data.y_test is None else data.y_test[:, 0].tolist(), plot_label=plot_label(data.x_test),
-        stopped=stopped, calibration=analytic.calibration)
+        stopped=stopped, calibration=analytic.calibration, versions=_versions())
     result.checks = evaluate_checks(result)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import ntkgp
+
+    return {"python": platform.python_version(), "ntkgp": ntkgp.__version__, "torch": torch.__version__,
+            "numpy": np.__version__}
 
 
 def _settings(config: CompareConfig) -> dict:
@@ -642,7 +657,7 @@ def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.
     if recorded == 0:
         empty: list = []
         return WidthResult(width, [], empty, empty, empty, empty, empty, empty, empty, empty, empty, {}, empty,
-                           empty, seconds, h.diverged_at, h.settings.get("engine"))
+                           empty, seconds, h.diverged_at, h.settings.get("engine"), h.settings.get("chunk_size"))
     mean = h.mean[..., 0].double()                            # (T, M)
     ens_var = h.variance[..., 0].double()
     se = h.standard_error[..., 0].double()
@@ -677,7 +692,7 @@ def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.
         layer_change={g: v.double().mean(-1).tolist() for g, v in h.layer_change.items()},
         ensemble_mean=mean.tolist(), ensemble_std=ens_var.sqrt().tolist(),
         seconds=seconds, diverged_at=h.diverged_at, engine=h.settings.get("engine"),
-        mean_within_chance=chances[0], var_within_chance=chances[1])
+        chunk_size=h.settings.get("chunk_size"), mean_within_chance=chances[0], var_within_chance=chances[1])
 
 
 #: The point-wise checks (mean and variance within) apply from this width on: the acceptance criteria's

@@ -190,7 +190,8 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
         f"{'NNGP' if r.kernel == 'nngp' else 'NTK'} eigenvalues {[float(f'{v:.3g}') for v in r.eigenvalues]}",
         f"- recorded steps {r.steps} (times t = η·steps = {[float(f'{t:.3g}') for t in r.times]}, "
         f"the t of ntkgp.predict at its default learning_rate=1); "
-        f"total run {r.seconds:.0f} s", "",
+        f"total run {r.seconds:.0f} s",
+        *(["- software: " + ", ".join(f"{k} {v}" for k, v in r.versions.items())] if r.versions else []), "",
         *(["```", c["spec"], "```", ""] if c.get("spec") is not None else []),
         "## Checks", "",
     ]

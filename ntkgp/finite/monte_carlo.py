@@ -46,7 +46,9 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
 
     Members are built as stacked ensembles of up to ``ensemble_batch`` networks (vectorized,
     ``torch.func.vmap`` over members for the NTK), in the dtype and on the device of ``x1``;
-    batch ``b`` is seeded ``seed + 1_000_003 b``, so nearby seeds give independent estimates.
+    batch ``b`` is seeded ``seed + 1_000_003 b``, so nearby seeds give independent estimates. A
+    batch's members are drawn together (:meth:`ntkgp.layers.Layer.build`): another ``n_samples`` or
+    ``ensemble_batch`` averages other networks, except for the full batches they share.
     The averages converge to the analytic kernels: one wide network's empirical NTK is already
     close to ``Θ`` (``O(1/sqrt(width))`` fluctuations), while its ``f(x) f(x')`` is a single draw
     of the Gaussian process, ``O(1)`` off at any width, so the NNGP average needs many samples;

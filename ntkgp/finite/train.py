@@ -71,7 +71,10 @@ class EnsembleHistory:
         steps: ``(T,)`` recorded step counts; ``times = learning_rate · steps``.
         test_outputs: ``(T, E, M, k)`` outputs of every member on the test inputs.
         train_loss: ``(T, E)`` per-member training loss ``(1/2m)‖f − Y‖²``.
-        weight_change: ``(T, E)`` relative weight change ``‖θ_t − θ_0‖ / ‖θ_0‖`` (all parameters).
+        weight_change: ``(T, E)`` relative weight change ``‖θ_t − θ_0‖ / ‖θ_0‖`` (all parameters as
+            stored, biases included: a standard-parameterized network stores its weights scaled by
+            ``sqrt(σ_w²/n)``, so the same trajectory gives another number; ``layer_change`` is the
+            same in both parameterizations).
         layer_change: the same per layer group, ``{"input": ..., "hidden": ..., "readout": ...}``, on
             the weights in NTK coordinates (:func:`layer_groups`):
             the ``Dense`` layers that read the network's input, the width × width layers in between,
@@ -220,8 +223,11 @@ def train_ensemble(
         chunk_size: members trained at once (default: as many as fit in ``CHUNK_BYTES``). The
             members a seed gives depend on the chunking (not on dtype or device). The default
             chunk depends on the network and on the numbers of training and test points, so a
-            run with another ``x_test`` draws other members; with an explicit ``chunk_size`` they
-            depend only on the network, ``seed`` and ``chunk_size``.
+            run with another ``x_test`` draws other members. A chunk's members are drawn together,
+            layer by layer (:meth:`ntkgp.layers.Layer.build`), so with an explicit ``chunk_size``
+            each full chunk depends only on the network, ``seed`` and ``chunk_size``: ensembles
+            grown by whole chunks share their first members, while a last, partial chunk also
+            depends on its size.
         progress: show a progress bar (tqdm).
         engine: ``"stacked"``: every member at once, one batched torch step (any architecture, any
             device). ``"fused"``: on the CPU, networks ``Dense → activation → … → Dense`` (erf or
@@ -233,7 +239,11 @@ def train_ensemble(
             else stacked (with a record every step or two the recording dominates, and the kernel
             competes with torch's idle threads, which spin between torch's operations); a kernel that
             does not compile is a ``RuntimeWarning`` (once per process and dtype) with the reason.
-            ``settings["engine"]`` says which ran.
+            ``settings["engine"]`` says which ran. Near the stability limit (``η λ̂_max/m`` close
+            to 2 for a member's own NTK) training amplifies rounding, so there the engines, dtypes
+            and, under ``"auto"``, the spacing of the records can give visibly different members
+            (at width 128, 0.9 ``η_max``, 200 steps: up to 0.67 apart in float32, 3e-10 in float64): pass
+            ``engine`` and ``dtype`` explicitly when runs must be reproduced.
     """
     if not isinstance(net, Layer):   # a module or built network failed deep inside, as an AttributeError ("build")
         built = " (a network built by net.build(...))" if isinstance(net, nn.Module) else ""

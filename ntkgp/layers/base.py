@@ -271,7 +271,9 @@ class Layer(VarianceParameters, gpytorch.Module):
                 one ``train_ensemble`` and ``monte_carlo_kernel`` make): rebuild a member with
                 ``in_features``.
             ensemble_size: if given, ``E`` independent networks with stacked weights; the
-                module then maps ``(n, d)`` to ``(E, n, k)``.
+                module then maps ``(n, d)`` to ``(E, n, k)``. Each layer's weights are drawn for
+                all members at once, so the members depend on ``E``: the first members of
+                ``E = 4`` and ``E = 8`` with one seed are different networks.
             dtype: of the parameters (torch's default dtype by default).
             device: of the parameters (CPU by default; ``"meta"``: shapes only, nothing drawn or
                 allocated, e.g. to read a network's output size at any width).
