@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 
@@ -42,12 +43,17 @@ NT_KERNEL_HINT = ("pass kernel='ntk' or kernel='nngp' (neural-tangents' get name
                   "predictor per kernel).")
 
 
-def neural_tangents_keywords(**hints: str) -> Callable[[Callable], Callable]:
+_F = TypeVar("_F", bound=Callable)
+
+
+def neural_tangents_keywords(**hints: str) -> Callable[[_F], _F]:
     """Decorator: a keyword argument of the neural-tangents counterpart that the function lacks
     raises a ``TypeError`` that says what to pass instead (``hints[name]``); a port otherwise met
     Python's bare "unexpected keyword argument" (or, in a class without ``__init__``, one naming
     ``torch.nn.Module``)."""
-    def decorate(fn: Callable) -> Callable:
+    # typed as returning its argument: Callable -> Callable hid the signatures of every decorated
+    # function (Layer.kernel, gp_posterior, GradientFlow, ...) from type checkers and completion
+    def decorate(fn: _F) -> _F:
         @functools.wraps(fn)
         def checked(*args, **kwargs):
             ported = [name for name in hints if name in kwargs]
@@ -55,7 +61,7 @@ def neural_tangents_keywords(**hints: str) -> Callable[[Callable], Callable]:
                 raise TypeError(f"{fn.__qualname__.removesuffix('.__init__')} got an unexpected keyword argument "
                                 f"{ported[0]!r}: {hints[ported[0]]}")
             return fn(*args, **kwargs)
-        return checked
+        return checked  # type: ignore[return-value]
     return decorate
 
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 ArrayLike = Union["Tensor", np.ndarray, Sequence, float]
 
 #: Times of a prediction: ``None`` (infinite time), one number, or several (a leading output axis).
-Times = Union[float, "Tensor", Sequence[float], None]
+Times = Union[float, "Tensor", np.ndarray, Sequence[float], None]
 
 #: Discrete gradient-descent step counts: one, several (a leading output axis), or ``None``.
-Steps = Union[int, "Tensor", Sequence[int], None]
+Steps = Union[int, "Tensor", np.ndarray, Sequence[int], None]

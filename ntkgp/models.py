@@ -187,6 +187,9 @@ class NetworkGP(gpytorch.models.ExactGP):
                 # from deep inside its prediction (narrower inputs are promoted, as integer ones are)
                 raise ValueError(f"x is {x.dtype} but the model's training inputs are {dtype}: convert x "
                                  f"(x.to({dtype})), or the model and its data (NetworkGP(train_x.to(...), ...)).")
+            if x.is_floating_point() and not all_finite(x.detach()):
+                # found only inside the kernel, after the training kernel's work (~1 s at N = 2000), as "x1"
+                raise ValueError("x contains NaN or infinite values.")
         if self.training:
             return super().__call__(*inputs, **kwargs)
         with exact_solves(self):   # the prediction's solves run here
@@ -301,6 +304,11 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
         raise ValueError(f"model must be a GPyTorch ExactGP (e.g. ntkgp.models.NetworkGP), got "
                          f"{type(model).__name__}{hint}.")
     steps = integer_at_least(steps, 0, "steps")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):   # "adam": an AttributeError
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer made over model.parameters() (e.g. "
+                         f"torch.optim.LBFGS(model.parameters())), or None for Adam; got {optimizer!r}.")
+    if callback is not None and not callable(callback):   # a TypeError after the first step
+        raise ValueError(f"callback must be callable as callback(step, loss), got {callback!r}.")
     # a string failed inside Adam ("'<=' not supported"), inf as non-finite parameters after a step;
     # 0 stays allowed: fit(model, steps=1, lr=0.0) evaluates the objective without moving
     check_non_negative("lr", lr)

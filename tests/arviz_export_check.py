@@ -1,6 +1,7 @@
 """Check ntkgp's numpy-level ArviZ export in any Python with numpy, scipy and ArviZ, no torch.
 
-Loads ``ntkgp/bayes/{_arrays,metrics,inference_data}.py`` under empty parent packages, so
+Loads ``ntkgp/bayes/{_arrays,metrics,inference_data}.py`` (of the ntkgp the interpreter would
+import, else of this checkout) under empty parent packages, so
 ``ntkgp/__init__.py`` (which imports torch) never runs. Used by ``tests/test_bayes.py`` with the
 test interpreter, and with ``$NTKGP_ARVIZ1_PYTHON`` (e.g. a Python 3.12 venv holding ArviZ 1.x)
 when that is set:
@@ -8,6 +9,7 @@ when that is set:
     python tests/arviz_export_check.py      # prints "ok arviz <version>" or fails
 """
 
+import importlib.util
 import math
 import pathlib
 import sys
@@ -16,8 +18,12 @@ import warnings
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-for name, path in (("ntkgp", ROOT / "ntkgp"), ("ntkgp.bayes", ROOT / "ntkgp" / "bayes")):
+# the ntkgp this interpreter imports (found, not imported: that would import torch), installed from a
+# wheel too; the checkout's beside this file for an interpreter without one (the ArviZ 1.x venv)
+SPEC = importlib.util.find_spec("ntkgp")
+PACKAGE = (pathlib.Path(next(iter(SPEC.submodule_search_locations))) if SPEC and SPEC.submodule_search_locations
+           else pathlib.Path(__file__).resolve().parents[1] / "ntkgp")
+for name, path in (("ntkgp", PACKAGE), ("ntkgp.bayes", PACKAGE / "bayes")):
     package = types.ModuleType(name)
     package.__path__ = [str(path)]
     sys.modules[name] = package

@@ -13,6 +13,7 @@ import scipy.special
 import torch
 
 import ntkgp
+from ntkgp.layers import gauss_hermite_expectation
 
 from quadrature import cartesian, polar
 
@@ -982,3 +983,59 @@ def test_gelu_gradients_stay_finite_at_large_float32_inputs(scale, diag):
     x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * scale
     for g in _hyperparameter_gradients(ntkgp.GELU, x, torch.float32, diag):
         assert torch.isfinite(g).all()
+
+
+def test_gauss_hermite_expectation_against_the_independent_quadrature_and_closed_forms():
+    """The public 2-D rule had no test of its own: against tests/quadrature.py's cartesian rule
+    (smooth functions) and E[u v] = k12, per-entry degrees included."""
+    k11 = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=torch.float64)
+    k22 = torch.tensor([1.5, 2.0, 0.25, 3.0], dtype=torch.float64)
+    k12 = torch.tensor([0.3, -1.9, 0.0, 3.0], dtype=torch.float64)   # the last pair: a point with itself
+    # the same rule (160 points per dimension) written independently: equal to rounding; tanh at
+    # variance 3 needs that many (degree 80 is 2e-6 off there)
+    got = gauss_hermite_expectation(torch.tanh, torch.sin, k11, k12, k22, 160)
+    expected = [cartesian(np.tanh, np.sin, *map(float, k), degree=160) for k in zip(k11, k12, k22, strict=True)]
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-13, atol=1e-15)
+    identity = lambda t: t   # noqa: E731
+    torch.testing.assert_close(gauss_hermite_expectation(identity, identity, k11, k12, k22,
+                                                         torch.tensor([2, 3, 4, 5])), k12, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (dict(k11=-torch.ones(2)), "non-negative"),
+    (dict(k11=torch.tensor([1.0, math.nan])), "finite"),
+    (dict(k12=torch.tensor([5.0, 0.0])), r"\|k12\| exceeds"),
+    (dict(k22=torch.ones(3)), "broadcast"),
+    (dict(k11=torch.ones(2, dtype=torch.int64)), "floating-point tensor"),
+    (dict(k12=0.5), "floating-point tensor"),
+    (dict(degree=True), "degree must be a positive integer"),      # read as degree 1: the result was 0
+    (dict(degree=0), "degree must be a positive integer"),
+    (dict(degree=2.5), "degree must be a positive integer"),
+    (dict(degree=10**6), "at most 2048"),                          # 8 TB asked for after 6.5 s
+    (dict(degree=torch.tensor([4.0, 4.0])), "integer tensor"),
+    (dict(degree=torch.tensor([4, 0])), r"in \[1, 2048\]"),
+    (dict(f=3), "f must be callable"),
+])
+def test_gauss_hermite_expectation_refuses_bad_arguments_before_any_quadrature(args, match):
+    """It checked nothing: a negative or NaN variance gave NaN, |k12| > sqrt(k11 k22) a number for a
+    covariance that does not exist (5.0 for E[u v]), and degree=True the value of degree 1."""
+    call = dict(f=torch.tanh, g=torch.tanh, k11=torch.ones(2), k12=torch.full((2,), 0.5), k22=torch.ones(2),
+                degree=10) | args
+    with pytest.raises(ValueError, match=match):
+        gauss_hermite_expectation(**call)
+
+
+def test_numerical_degrees_are_capped_where_one_entry_fills_a_quadrature_chunk():
+    with pytest.raises(ValueError, match="degree must be at most 2048"):
+        ntkgp.Numerical(torch.tanh, degree=10**5)     # 80 GB per entry, found only at kernel time
+    with pytest.raises(ValueError, match="max_degree must be at most 2048"):
+        ntkgp.Numerical(torch.tanh, max_degree=4096)
+    assert ntkgp.Numerical(torch.tanh, degree=2048, max_degree=2048).degree == 2048
+
+
+@pytest.mark.parametrize("name", ["fn", "nngp_fn", "dot_fn", "mean_fn"])
+def test_elementwise_refuses_maps_that_are_not_callable(name):
+    """nngp_fn=3 was accepted and failed at kernel time with "'int' object is not callable"."""
+    args = dict(nngp_fn=lambda a, c, b: c) | {name: 3}
+    with pytest.raises(ValueError, match=f"{name} must be callable"):
+        ntkgp.Elementwise(**args)

@@ -745,3 +745,25 @@ def test_draws_export_refuses_attributes_netcdf_cannot_store_or_that_overwrite_i
     assert data.log_likelihood.attrs["noise_variance"] == 0.3 and data.log_likelihood.attrs["run"] == "a"
     if hasattr(data, "to_netcdf"):   # ArviZ 0.x: what the accepted attributes are for
         data.to_netcdf(str(tmp_path / "export.nc"))
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(False), [0.1, True], torch.tensor([True, False, True]), "0.1",
+                                 ["0.1", "0.2", "0.3"]])
+def test_noises_variances_and_levels_refuse_booleans_and_text(bad):
+    """numpy reads True as 1 and "0.1" as 0.1: predictive_moments(g, True) added a noise of 1 and
+    nlpd(variance="1.0") scored, where ntkgp.predict refuses both (a review)."""
+    g = Gaussian(torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+    zeros, ones = torch.zeros(3), torch.ones(3)
+    calls = [lambda: bayes.predictive_moments(g, bad), lambda: bayes.ensemble_moments(torch.randn(4, 3), bad),
+             lambda: bayes.nlpd(zeros, bad, ones), lambda: bayes.gaussian_log_density(ones, zeros, bad),
+             lambda: bayes.interval_coverage(zeros, ones, ones, levels=bad),
+             lambda: bayes.gaussian_to_inference_data(g, ones, bad, num_draws=4)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"must be (a number or numbers, got booleans|numeric, got text)"):
+            call()
+
+
+def test_labels_may_be_booleans_and_log_densities_name_shapes_that_do_not_broadcast():
+    assert bayes.auroc(torch.tensor([-1.0, 2.0, 1.0]), torch.tensor([False, True, True])) == 1.0
+    with pytest.raises(ValueError, match=r"must broadcast against each other, got shapes \(3,\), \(2,\)"):
+        bayes.gaussian_log_density(np.zeros(3), np.zeros(2), 1.0)   # numpy's "operands could not be broadcast"

@@ -1544,3 +1544,24 @@ def test_an_interrupted_report_leaves_the_folder_s_earlier_report_whole(tmp_path
     assert main([*argv[:-2], "--seed", "5", "--out", str(out)]) == 130
     assert "interrupted while writing the report" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # no scratch folder left either
+
+
+def test_compare_helpers_name_arguments_of_the_wrong_kind(tmp_path):
+    """Each failed inside with an AttributeError or a TypeError (a review): run_comparison("sin", ...)
+    ("'str' object has no attribute 'x_train'"), write_report(None), load_dataset(None) (pathlib),
+    loglog_slope with a zero width ("math domain error") or one value missing (zip's strictness)."""
+    config = CompareConfig(**{**TINY, "widths": (8,)}, divergence_check=False)
+    with pytest.raises(ValueError, match=r"config must be an ntkgp\.compare\.CompareConfig"):
+        run_comparison(sin_dataset(), dict(TINY))
+    with pytest.raises(ValueError, match=r"data must be an ntkgp\.compare\.Dataset"):
+        run_comparison(None, config)
+    with pytest.raises(ValueError, match="result must be the ComparisonResult"):
+        write_report(None, tmp_path / "out")
+    with pytest.raises(ValueError, match="source must be 'sin', 'circle' or a path"):
+        load_dataset(None)
+    with pytest.raises(ValueError, match="widths must be positive numbers"):
+        loglog_slope([0, 2], [1.0, 2.0])
+    with pytest.raises(ValueError, match="one value per width, got 2 widths and 1 values"):
+        loglog_slope([1, 2], [1.0])
+    # a dataset's name (or path) is read as load_dataset reads it
+    assert run_comparison("sin", config).dataset == run_comparison(sin_dataset(), config).dataset

@@ -462,3 +462,18 @@ def test_neural_tangents_keywords_name_their_ntkgp_counterparts():
     assert ntkgp.LeakyReLU(negative_slope=0.1).a == 0.1 and isinstance(ntkgp.GELU(), ntkgp.GELU)
     assert list(inspect.signature(ntkgp.Layer.kernel).parameters) == ["self", "x1", "x2", "diag", "ntk", "compile"]
     assert "noise" in inspect.signature(predict.gp_posterior).parameters
+
+
+def test_batch_shapes_and_indices_of_a_spec_are_checked_and_one_index_is_an_index():
+    """expand_batch(3) failed with "'int' object is not iterable", Size([-1]) with "integer
+    multiplication overflow", and index_batch(1) with "Value after * must be an iterable"."""
+    net = ntkgp.mlp(1, "relu", 2.0, 0.1)
+    for bad in (3, torch.Size([-1]), [2, 0], (2.5,)):
+        with pytest.raises(ValueError, match="batch_shape"):
+            net.expand_batch(bad)
+    net.expand_batch([3])
+    net[0].weight_var = torch.tensor([1.0, 2.0, 3.0])
+    net.index_batch(1)
+    assert float(net[0].weight_var.detach()) == 2.0 and net[0].raw_weight_var.shape == ()
+    with pytest.raises(ValueError, match=r"weight_var_prior must be a gpytorch\.priors\.Prior"):
+        ntkgp.Dense(4, weight_var_prior="gamma")   # torch's "str is not a Module subclass"

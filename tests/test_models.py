@@ -432,8 +432,12 @@ def test_network_gp_checks_test_inputs_before_gpytorch_concatenates_them():
     for bad in (torch.randn(4, features + 1), torch.randn(4), torch.randn(2, 4, features - 1)):
         with pytest.raises(ValueError, match=f"{features} feature"):
             model(bad)
-    with pytest.raises(ValueError, match="contains NaN"):
+    # before any kernel work (it came from inside the kernel, after the training kernel's, naming "x1")
+    forward = model.covar_module.forward
+    model.covar_module.forward = lambda *a, **k: pytest.fail("the kernel ran on NaN test inputs")
+    with pytest.raises(ValueError, match=r"^x contains NaN"):
         model(torch.full((3, features), math.nan))
+    model.covar_module.forward = forward
     # a wider float dtype than the model's: GPyTorch's "expected m1 and m2 to have the same dtype" from
     # deep inside; a narrower one is promoted (as integers are), with the same result
     narrow = NetworkGP(x.float(), y.float())
@@ -800,6 +804,11 @@ def test_fit_names_a_bad_learning_rate_or_model():
     for wrong in (ntkgp.mlp(1), None):
         with pytest.raises(ValueError, match="model must be a GPyTorch ExactGP"):
             fit(wrong, steps=1)
+    # an optimizer's name failed with an AttributeError, a callback that is not callable after the first step
+    with pytest.raises(ValueError, match=r"optimizer must be a torch\.optim\.Optimizer"):
+        fit(model, steps=1, optimizer="adam")
+    with pytest.raises(ValueError, match="callback must be callable"):
+        fit(model, steps=1, callback=3)
     with pytest.raises(ValueError, match=r"NetworkGP\(train_x, train_y, net\)"):
         fit(ntkgp.mlp(1), steps=1)
 

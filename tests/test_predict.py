@@ -672,3 +672,13 @@ def test_one_time_covariance_written_into_the_test_kernel_equals_the_stacked_one
         torch.testing.assert_close(one, stacked[i], **tolerance)
     torch.testing.assert_close(flow.predict(x, steps=3).covariance, flow.predict(x, steps=[3, 4]).covariance[0],
                                **tolerance)
+
+
+@pytest.mark.parametrize("net", [None, torch.nn.Linear(3, 1)])
+def test_predictors_name_a_net_that_is_not_a_spec(net):
+    """None or a torch module failed with "'Linear' object has no attribute 'kernel'" (a review)."""
+    x, y = torch.randn(5, 3), torch.randn(5)
+    for call in (lambda: predict.gp_posterior(net, x, y, x), lambda: predict.GradientFlow(net, x, y),
+                 lambda: predict.gp_posterior(net, x, y, x, kernel="ntk")):
+        with pytest.raises(ValueError, match="net must be an ntkgp network spec"):
+            call()

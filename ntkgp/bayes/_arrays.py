@@ -13,8 +13,23 @@ from ntkgp._checks import integer_at_least, seed_value  # noqa: F401  (re-export
 from ntkgp._typing import ArrayLike
 
 
+def _holds(value: object, types: tuple[type, ...], kinds: str) -> bool:
+    """Whether ``value`` is, or nests in lists/tuples, an instance of ``types``, or is an array or
+    tensor whose dtype is of a numpy ``kinds`` letter (``"b"`` also matches ``torch.bool``)."""
+    if isinstance(value, types):
+        return True
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None:
+        kind = getattr(dtype, "kind", "")   # a torch dtype has none
+        return (bool(kind) and kind in kinds) or ("b" in kinds and str(dtype) == "torch.bool")
+    return isinstance(value, list | tuple) and any(_holds(v, types, kinds) for v in value)
+
+
 def to_numpy(value: ArrayLike, name: str) -> np.ndarray:
     """``value`` (a torch tensor, numpy array or nested sequence) as a float64 numpy array."""
+    if _holds(value, (str, bytes), "US" if not hasattr(value, "detach") else ""):
+        # numpy's float conversion parses text: noise="0.1" was read as 0.1
+        raise ValueError(f"{name} must be numeric, got text ({type(value).__name__}).")
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch.Tensor, without importing torch
         if value.device.type == "meta":   # torch's "Cannot copy out of meta tensor" otherwise
             raise ValueError(f"{name} is on the meta device, which holds shapes but no values.")
@@ -50,8 +65,11 @@ def narrow_float_type(value: object) -> type | None:
             "float16": np.float16, "torch.float16": np.float16}.get(str(dtype))
 
 
-def finite(value: ArrayLike, name: str) -> np.ndarray:
-    """:func:`to_numpy`, and no NaN or infinite entries."""
+def finite(value: ArrayLike, name: str, booleans: bool = True) -> np.ndarray:
+    """:func:`to_numpy`, and no NaN or infinite entries; without ``booleans``, ``True``/``False``
+    (which numpy reads as 1 and 0) are refused, as for a noise or variance."""
+    if not booleans and _holds(value, (bool, np.bool_), "b"):
+        raise ValueError(f"{name} must be a number or numbers, got booleans ({value!r:.60}).")
     array = to_numpy(value, name)
     if not np.isfinite(array).all():
         raise ValueError(f"{name} contains NaN or infinite values.")
@@ -117,7 +135,7 @@ def variances(variance: ArrayLike, shape: tuple[int, ...], name: str = "variance
     A scalar, an array of ``shape``, or ``(M,)`` for ``(M, k)`` observations (one variance per
     point shared by all ``k`` outputs, as in the shared-covariance posteriors of ntkgp).
     """
-    var = broadcast_per_point(finite(variance, name), shape, has_outputs=len(shape) == 2, name=name)
+    var = broadcast_per_point(finite(variance, name, booleans=False), shape, has_outputs=len(shape) == 2, name=name)
     if not (var > 0).all():
         raise ValueError(f"{name} must be positive (predictive variances include the noise); "
                          f"got minimum {var.min():g}.")

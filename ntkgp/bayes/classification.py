@@ -13,6 +13,8 @@ flags the points the mean gets wrong (the misclassification-detection task of He
 
 from __future__ import annotations
 
+from typing import overload
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -76,6 +78,14 @@ def _class_labels(labels: ArrayLike, scores: np.ndarray) -> np.ndarray:
     return truth
 
 
+@overload
+def predict_classes(mean: Tensor) -> Tensor: ...
+
+
+@overload
+def predict_classes(mean: np.ndarray | list | tuple) -> np.ndarray: ...
+
+
 def predict_classes(mean: ArrayLike) -> Tensor | np.ndarray:
     """Predicted classes ``argmax_c μ_ic``: ``(M,)``; a tensor for tensor input, else numpy."""
     scores = _class_scores(mean)
@@ -116,7 +126,7 @@ def misclassification_auroc(mean: ArrayLike, variance: ArrayLike, labels: ArrayL
             classified correctly (or every one wrongly), so the AUROC is undefined.
     """
     scores = _class_scores(mean)
-    var = finite(variance, "variance")
+    var = finite(variance, "variance", booleans=False)
     if var.shape not in ((scores.shape[0],), scores.shape):
         raise ValueError(f"variance must have shape ({scores.shape[0]},) or {scores.shape}, got {var.shape}.")
     if (var < 0).any():   # before the mean over classes, where a negative entry can hide

@@ -51,9 +51,15 @@ def gaussian_log_density(y: ArrayLike, mean: ArrayLike, variance: ArrayLike) -> 
 
     Arguments broadcast against each other (numpy rules); ``variance`` must be positive.
     """
-    y, mean, variance = (finite(v, name) for v, name in ((y, "y"), (mean, "mean"), (variance, "variance")))
+    y, mean = finite(y, "y"), finite(mean, "mean")
+    variance = finite(variance, "variance", booleans=False)
     if not (variance > 0).all():
         raise ValueError("variance must be positive.")
+    try:
+        np.broadcast_shapes(y.shape, mean.shape, variance.shape)
+    except ValueError:   # numpy's "operands could not be broadcast together" named no argument
+        raise ValueError(f"y, mean and variance must broadcast against each other, got shapes {y.shape}, "
+                         f"{mean.shape} and {variance.shape}.") from None
     return log_density(y, mean, variance)
 
 
@@ -175,7 +181,7 @@ def check_export(shape: tuple[int, ...], y_obs: ArrayLike, noise: ArrayLike, num
     draws (:func:`ntkgp.bayes.gaussian_to_inference_data`) refuse bad arguments before that work.
     """
     _, y = observations(np.zeros(shape[1:]), y_obs, name, "y_obs")
-    noise_var = finite(noise, "noise")
+    noise_var = finite(noise, "noise", booleans=False)
     noise_var = broadcast_per_point(noise_var, shape, has_outputs=len(shape) == 3, name="noise")
     if not (noise_var > 0).all():
         raise ValueError("noise must be a positive variance: the log likelihood of a noise-free "

@@ -128,10 +128,10 @@ def predictive_moments(gaussian: Gaussian, noise: float | Tensor = 0.0,
 
 def _noise_tensor(noise, like: Tensor) -> Tensor:
     if isinstance(noise, Tensor):   # kept a tensor: a learnable noise (a likelihood's) keeps its gradient
-        finite(noise.detach(), "noise")
+        finite(noise.detach(), "noise", booleans=False)
         value = noise.to(dtype=like.dtype, device=like.device)
     else:
-        value = torch.as_tensor(finite(noise, "noise"), dtype=like.dtype, device=like.device)
+        value = torch.as_tensor(finite(noise, "noise", booleans=False), dtype=like.dtype, device=like.device)
     if bool((value < 0).any()):
         raise ValueError("noise must be a non-negative variance.")
     return value
@@ -303,7 +303,7 @@ def ensemble_moments(predictions: ArrayLike, noise: float | Tensor | np.ndarray 
         numpy ``mean`` and ``variance`` of shape ``(M,)`` or ``(M, k)``.
     """
     members = _stack_members(predictions)
-    noise_var = finite(noise, "noise")
+    noise_var = finite(noise, "noise", booleans=False)
     if (noise_var < 0).any():
         raise ValueError("noise must be a non-negative variance.")
     noise_var = broadcast_per_point(noise_var, members.shape, has_outputs=members.ndim == 3, name="noise")

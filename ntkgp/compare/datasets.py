@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import math
+import os
 import pathlib
 import re
 import warnings
@@ -114,7 +115,7 @@ def circle_dataset(n_train: int = 8, n_test: int = 100) -> Dataset:
                    f"{n_train} points on the unit circle, target sin(g) + cos(2g)/2, {n_test} test points")
 
 
-def load_dataset(source: str) -> Dataset:
+def load_dataset(source: str | os.PathLike) -> Dataset:
     """A built-in dataset (``"sin"``, ``"circle"``) or a file.
 
     * ``.npz`` with integer or floating-point arrays ``x_train`` ``(N, d)``, ``y_train`` (one target), ``x_test``
@@ -125,6 +126,9 @@ def load_dataset(source: str) -> Dataset:
       one target; the test points are a grid of 100 over the range of a 1-D input widened by 10 % on
       each side (to show extrapolation), or the training inputs themselves otherwise.
     """
+    if not isinstance(source, str | os.PathLike):   # None: a TypeError from pathlib
+        raise ValueError(f"source must be 'sin', 'circle' or a path to a .csv/.npz file, got {source!r}.")
+    source = os.fspath(source)
     if source == "sin":
         return sin_dataset()
     if source == "circle":

@@ -34,6 +34,7 @@ import copy
 import inspect
 import math
 import numbers
+import os
 import re
 import time
 import warnings
@@ -46,7 +47,7 @@ import torch
 
 from ntkgp._checks import integer_at_least, seed_value
 from ntkgp.compare.calibration import MEAN_SLACK, perfect_ensemble_scores, pointwise_scores, simulated_share
-from ntkgp.compare.datasets import Dataset, plot_coordinate, plot_label
+from ntkgp.compare.datasets import Dataset, load_dataset, plot_coordinate, plot_label
 from ntkgp.finite.rates import ntk_parameterized
 from ntkgp.finite.train import EnsembleHistory, ensemble_chunks, train_ensemble
 from ntkgp.layers.base import Layer
@@ -377,6 +378,11 @@ def loglog_slope(widths: list[int], values: list[float]) -> float:
     below the Monte-Carlo noise, a zero change is a frozen layer): dropping such a width would fit
     a slope to the others as if it were not there.
     """
+    if len(widths) != len(values):
+        raise ValueError(f"loglog_slope needs one value per width, got {len(widths)} widths and {len(values)} values.")
+    if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+               for w in widths):   # log(0): "math domain error"
+        raise ValueError(f"loglog_slope's widths must be positive numbers, got {list(widths)}.")
     if len(widths) < 2 or not all(math.isfinite(v) and v > 0 for v in values):
         return float("nan")
     pairs = [(math.log(w), math.log(v)) for w, v in zip(widths, values, strict=True)]
@@ -449,7 +455,7 @@ def _analytic(data: Dataset, config: CompareConfig, kernel: str, dtype: torch.dt
     return _Analytic(lr, max_lr, flow, mu, exact.variance, continuous.mean[..., 0], prior_scale, perfect, calibration)
 
 
-def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
+def run_comparison(data: Dataset | str, config: CompareConfig) -> ComparisonResult:
     """Train an ensemble per width, compare with the analytic predictions, evaluate the checks.
 
     For each width, ``config.ensemble_size`` networks are trained by :func:`ntkgp.finite.train_ensemble`
@@ -465,7 +471,17 @@ def run_comparison(data: Dataset, config: CompareConfig) -> ComparisonResult:
     ``MemoryError`` with advice on ``chunk_size``). Out of memory in the analytic predictions,
     before any training, is a ``MemoryError`` too (their covariances hold steps × (test points)²
     values).
+
+    ``data`` may also name a dataset as :func:`ntkgp.compare.load_dataset` reads it (``"sin"``,
+    ``"circle"`` or a file).
     """
+    if isinstance(data, str | os.PathLike):   # "sin" failed with "'str' object has no attribute 'x_train'"
+        data = load_dataset(data)
+    if not isinstance(data, Dataset):
+        raise ValueError(f"data must be an ntkgp.compare.Dataset (e.g. sin_dataset(), load_dataset('file.csv')) or "
+                         f"a dataset's name, got {type(data).__name__}.")
+    if not isinstance(config, CompareConfig):
+        raise ValueError(f"config must be an ntkgp.compare.CompareConfig, got {type(config).__name__}.")
     start = time.perf_counter()
     kernel = "nngp" if config.readout_only else "ntk"
     dtype = DTYPES[config.dtype]

@@ -106,6 +106,8 @@ def write_report(result: ComparisonResult, out: str | pathlib.Path) -> pathlib.P
     ``out`` keeps its earlier report whole. A ``ValueError`` (:func:`check_report_folder`), before
     anything is written, when ``out`` is a file or a folder (or another non-file) holds one of
     those names."""
+    if not isinstance(result, ComparisonResult):   # None: an AttributeError from inside to_dict
+        raise ValueError(f"result must be the ComparisonResult of run_comparison, got {type(result).__name__}.")
     check_report_folder(out)
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)

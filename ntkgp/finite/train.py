@@ -29,7 +29,7 @@ width × width ones as ``width^(−1)``, which dominate the total; the NTK chang
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -492,7 +492,7 @@ class _DenseStep:
             u = inputs[0] if module.input_scale is None else inputs[0] * module.input_scale
             self.records.append((module, u.detach(), output))
 
-    def loss_and_step(self, x: Tensor, y: Tensor, m: int) -> tuple[Tensor, callable]:
+    def loss_and_step(self, x: Tensor, y: Tensor, m: int) -> tuple[Tensor, Callable[[], None]]:
         self.records.clear()
         out = self.model(x)
         per_member = 0.5 * ((out - y) ** 2).flatten(1).sum(1) / m

@@ -296,12 +296,19 @@ class Layer(VarianceParameters, gpytorch.Module):
     # ------------------------------------------------------------------ GPyTorch batches
     def expand_batch(self, batch_shape: torch.Size) -> None:
         """Give every hyperparameter in this network a leading ``batch_shape`` (in place)."""
+        try:   # expand_batch(3): "'int' object is not iterable"; Size([-1]): "integer multiplication overflow"
+            shape = torch.Size(integer_at_least(n, 1, "batch_shape's sizes") for n in batch_shape)
+        except TypeError:
+            raise ValueError(f"batch_shape must be a torch.Size or a sequence of positive integers, "
+                             f"got {batch_shape!r}.") from None
         for module in self.modules():
             if isinstance(module, VarianceParameters):
-                module.expand_variances(torch.Size(batch_shape))
+                module.expand_variances(shape)
 
-    def index_batch(self, index: tuple) -> None:
+    def index_batch(self, index: tuple | int | slice | Tensor) -> None:
         """Index the batch dimensions of every hyperparameter (in place)."""
+        if not isinstance(index, tuple):   # one index, as in kernel[0]: (*index, ...) failed on it
+            index = (index,)
         for module in self.modules():
             if isinstance(module, VarianceParameters):
                 module.index_variances(index)

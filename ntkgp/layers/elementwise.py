@@ -65,6 +65,11 @@ def _check_map(value: object, shape: tuple[int, ...], dtype: torch.dtype, name: 
 #: Upper bound on ``pairs × degree²`` evaluated at once by :class:`Numerical`.
 QUADRATURE_CHUNK = 1 << 22
 
+#: Largest Gauss–Hermite degree taken: its ``degree²`` evaluations per entry fill one chunk
+#: (``QUADRATURE_CHUNK``). A degree of 10⁵ asked for 80 GB per entry (a review): where that much
+#: memory exists it would have run for hours.
+MAX_QUADRATURE_DEGREE = math.isqrt(QUADRATURE_CHUNK)
+
 
 class Elementwise(Activation):
     r"""An activation given by ``fn`` and its NNGP map ``nngp_fn(k12, k11, k22) = E[φ(u)φ(v)]``
@@ -102,6 +107,9 @@ class Elementwise(Activation):
         super().__init__()
         if fn is None and nngp_fn is None:
             raise ValueError("Elementwise needs fn (finite width), nngp_fn (infinite width), or both.")
+        for name, f in (("fn", fn), ("nngp_fn", nngp_fn), ("dot_fn", dot_fn), ("mean_fn", mean_fn)):
+            if f is not None and not callable(f):   # nngp_fn=3 failed at kernel time, "'int' is not callable"
+                raise ValueError(f"Elementwise: {name} must be callable (or None), got {f!r}.")
         _parameter_free(fn, nngp_fn, dot_fn, mean_fn)
         if fn is not None:
             check_elementwise(fn, "Elementwise")
@@ -219,7 +227,8 @@ class Numerical(Activation):
             (:func:`check_elementwise`).
         degree: a fixed number of points per dimension (``degree²`` evaluations per entry), or
             ``None`` for the adaptive choice. Gradients, quadratures of higher derivatives of
-            ``fn``, need a larger degree than the values (docs/numerics.md).
+            ``fn``, need a larger degree than the values (docs/numerics.md). At most
+            ``MAX_QUADRATURE_DEGREE`` (2048), as is ``max_degree``.
         rtol: target relative accuracy of the adaptive choice (at least 64 machine epsilons of
             the input dtype, since float32 rounding caps what the check can see).
         max_degree: cap of the adaptive choice (a warning says when ``rtol`` was not reached).
@@ -232,8 +241,8 @@ class Numerical(Activation):
             raise ValueError(f"Numerical needs a callable activation, got {fn!r}.")
         _parameter_free(fn)
         check_elementwise(fn, "Numerical")
-        degree = None if degree is None else integer_at_least(degree, 1, "degree")
-        max_degree = integer_at_least(max_degree, 1, "max_degree")
+        degree = None if degree is None else _quadrature_degree(degree, "degree")
+        max_degree = _quadrature_degree(max_degree, "max_degree")
         kind = "a finite positive number"
         if not finite_number(rtol, "rtol", kind) > 0:   # inf had fixed the degree at 24
             raise ValueError(f"rtol must be {kind}, got {rtol!r}.")
@@ -327,8 +336,8 @@ class Numerical(Activation):
             change = 0.0
             for i, j in orders:
                 f, g = self.derivative(i), self.derivative(j)
-                low = gauss_hermite_expectation(f, g, k, pairs, k, degree)
-                high = gauss_hermite_expectation(f, g, k, pairs, k, round(1.5 * degree))
+                low = _gauss_hermite(f, g, k, pairs, k, degree)
+                high = _gauss_hermite(f, g, k, pairs, k, round(1.5 * degree))
                 scale = max(float(high.abs().max()), torch.finfo(torch.float64).tiny)
                 change = max(change, float((low - high).abs().max()) / scale)
         if not change <= 1e-3:   # NaN too: a quadrature that overflows is no accurate one
@@ -457,7 +466,7 @@ class Numerical(Activation):
             cp = c[pending]
             pairs = torch.stack([cp, 0.5 * cp, -0.5 * cp])   # (3, P): ρ = 1, 1/2, −1/2
             kk = cp.expand(3, -1)
-            current = [gauss_hermite_expectation(self.derivative(i), self.derivative(j), kk, pairs, kk, degree)
+            current = [_gauss_hermite(self.derivative(i), self.derivative(j), kk, pairs, kk, degree)
                        for i, j in orders]
             change = None
             if previous is not None:
@@ -590,15 +599,63 @@ def _mean_rule(f: Callable[[Tensor], Tensor], root: Tensor, degree: int) -> Tens
     return f(root.unsqueeze(-1) * nodes) @ weights
 
 
+def _quadrature_degree(value: object, name: str) -> int:
+    degree = integer_at_least(value, 1, name)
+    if degree > MAX_QUADRATURE_DEGREE:
+        raise ValueError(f"{name} must be at most {MAX_QUADRATURE_DEGREE} ({name}² evaluations per kernel entry), "
+                         f"got {degree}.")
+    return degree
+
+
 def gauss_hermite_expectation(f: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor],
                               k11: Tensor, k12: Tensor, k22: Tensor, degree: int | Tensor) -> Tensor:
     """``E[f(u) g(v)]`` for ``(u, v) ~ N(0, [[k11, k12], [k12, k22]])``, elementwise.
 
     Writes ``u = sqrt(k11) z1``, ``v = (k12/sqrt(k11)) z1 + sqrt((k11 k22 − k12²)/k11) z2`` and
     applies the tensor-product Gauss–Hermite rule of ``degree`` points per dimension (one number,
-    or one per entry: a tensor that broadcasts with the kernels); ``k11 k22 − k12²`` is formed so
-    it is exactly 0 for a point paired with itself. No autograd graph is recorded.
+    or one per entry: an integer tensor that broadcasts with the kernels; at most
+    ``MAX_QUADRATURE_DEGREE``); ``k11 k22 − k12²`` is formed so it is exactly 0 for a point paired
+    with itself. No autograd graph is recorded.
+
+    The variances must be finite and non-negative, and ``|k12| ≤ sqrt(k11 k22)`` (to 100 units of
+    rounding): a ``ValueError`` otherwise, before any quadrature.
     """
+    for name, fn in (("f", f), ("g", g)):
+        if not callable(fn):
+            raise ValueError(f"gauss_hermite_expectation: {name} must be callable, got {fn!r}.")
+    for name, k in (("k11", k11), ("k12", k12), ("k22", k22)):
+        if not isinstance(k, Tensor) or not k.is_floating_point():
+            got = k.dtype if isinstance(k, Tensor) else type(k).__name__
+            raise ValueError(f"gauss_hermite_expectation: {name} must be a floating-point tensor, got {got}.")
+    if isinstance(degree, Tensor):
+        if degree.is_floating_point() or degree.is_complex() or degree.dtype == torch.bool:
+            raise ValueError("gauss_hermite_expectation: a per-entry degree must be an integer tensor, got "
+                             f"{degree.dtype}.")
+        if degree.numel() and not (int(degree.min()) >= 1 and int(degree.max()) <= MAX_QUADRATURE_DEGREE):
+            raise ValueError(f"gauss_hermite_expectation: degree must be in [1, {MAX_QUADRATURE_DEGREE}], got values "
+                             f"from {int(degree.min())} to {int(degree.max())}.")
+    else:
+        degree = _quadrature_degree(degree, "degree")
+    shapes = [tuple(t.shape) for t in (k11, k12, k22, *([degree] if isinstance(degree, Tensor) else []))]
+    try:
+        broadcast_shapes(*shapes)
+    except RuntimeError:
+        raise ValueError(f"gauss_hermite_expectation: k11, k12, k22 (and a per-entry degree) must broadcast, got "
+                         f"shapes {shapes}.") from None
+    a, c, b = (t.detach() for t in (k11, k12, k22))
+    if has_non_finite(a) or has_non_finite(c) or has_non_finite(b):
+        raise ValueError("gauss_hermite_expectation: k11, k12 and k22 must be finite (NaN or inf found).")
+    if bool((a < 0).any()) or bool((b < 0).any()):
+        raise ValueError("gauss_hermite_expectation: the variances k11 and k22 must be non-negative.")
+    slack = 1 + 100 * torch.finfo(torch.promote_types(a.dtype, torch.promote_types(b.dtype, c.dtype))).eps
+    if bool((c.abs() > (a.sqrt() * b.sqrt()) * slack).any()):
+        raise ValueError("gauss_hermite_expectation: |k12| exceeds sqrt(k11 k22), which no covariance matrix has.")
+    return _gauss_hermite(f, g, k11, k12, k22, degree)
+
+
+def _gauss_hermite(f: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor],
+                   k11: Tensor, k12: Tensor, k22: Tensor, degree: int | Tensor) -> Tensor:
+    """:func:`gauss_hermite_expectation` of arguments that are valid (the kernels' own)."""
     per_entry = isinstance(degree, Tensor)
     shape = torch.broadcast_shapes(k11.shape, k12.shape, k22.shape, *([degree.shape] if per_entry else []))
     a, c, b = (t.detach().expand(shape).reshape(-1) for t in (k11, k12, k22))
@@ -657,7 +714,7 @@ class _Expectation(torch.autograd.Function):
         ctx.save_for_backward(k11, k12, k22)
         ctx.layer, ctx.orders, ctx.degree, ctx.centred = layer, (i, j), degree, centred
         f = layer.function(i, centred)   # one object for i == j: the quadrature then orders it symmetrically
-        return gauss_hermite_expectation(f, f if i == j else layer.function(j, centred), k11, k12, k22, degree)
+        return _gauss_hermite(f, f if i == j else layer.function(j, centred), k11, k12, k22, degree)
 
     @staticmethod
     def backward(ctx, grad):

@@ -154,6 +154,11 @@ def check_single_network(net: Layer) -> None:
     mix the models (a batched factor's log-determinant read ``inf``).
     """
     if not isinstance(net, Layer):   # an object serving kernels of its own (tests use fixed matrices)
+        if not callable(getattr(net, "kernel", None)):   # None or a torch module: "has no attribute 'kernel'"
+            hint = (" For a torch module's own (empirical) kernel see ntkgp.finite.empirical_ntk."
+                    if isinstance(net, torch.nn.Module) else "")
+            raise ValueError(f"net must be an ntkgp network spec (e.g. ntkgp.mlp(...)), got {type(net).__name__}."
+                             + hint)
         return
     shapes = {tuple(shape) for shape in variance_batch_shapes(net) if len(shape)}
     if shapes:

@@ -14,6 +14,7 @@ linearized model at any learning rate). Works with analytic or empirical kernels
 from __future__ import annotations
 
 import functools
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -36,6 +37,20 @@ from ntkgp.predict.spectral import (
     warn_if_unresolved,
     warn_if_unstable,
 )
+
+
+@overload
+def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = ...,
+                         ntk_test_train: None = ..., fx_test_0: Tensor | None = ..., t: Times = ..., steps: Steps = ...,
+                         learning_rate: float = ..., diag_reg: float = ..., diag_reg_absolute_scale: bool = ...,
+                         factor_dtype: torch.dtype = ...) -> Tensor: ...
+
+
+@overload
+def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = ...,
+                         ntk_test_train: Tensor, fx_test_0: Tensor | None = ..., t: Times = ..., steps: Steps = ...,
+                         learning_rate: float = ..., diag_reg: float = ..., diag_reg_absolute_scale: bool = ...,
+                         factor_dtype: torch.dtype = ...) -> tuple[Tensor, Tensor]: ...
 
 
 def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = 0.0,

@@ -82,7 +82,7 @@ class GPPosterior:
     @neural_tangents_keywords(**PORTED_KEYWORDS)
     @outside_inference_mode
     def __init__(self, net: Layer, x_train: Tensor, y_train: Tensor, *, kernel: str = "nngp",
-                 noise: float = 0.0, factor_dtype: torch.dtype = torch.float64) -> None:
+                 noise: float | Tensor = 0.0, factor_dtype: torch.dtype = torch.float64) -> None:
         if kernel not in POSTERIORS:
             raise ValueError(f"kernel must be one of {POSTERIORS}, got {kernel!r}.")
         self.kind, self.noise = kernel, check_non_negative("noise", noise)
@@ -192,7 +192,7 @@ class GPPosterior:
 
 @neural_tangents_keywords(**PORTED_KEYWORDS)
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
-                 noise: float = 0.0, compute_cov: bool | str = True) -> Gaussian:
+                 noise: float | Tensor = 0.0, compute_cov: bool | str = True) -> Gaussian:
     """One-shot :class:`GPPosterior` prediction (see there for the formulas: Lee et al. 2018, He et
     al. 2020, Lee et al. 2019; ``compute_cov="diag"`` for the marginal variances alone)."""
     check_training_data(net, x_train, y_train)   # the cheap checks before the training kernel is computed
