@@ -57,10 +57,11 @@ def test_gradient_flow_matches_neural_tangents(case):
 
 
 def test_gradient_flow_with_own_kernels_matches_neural_tangents_end_to_end():
-    """With ntkgp's kernels: NNGP to 1e-13; NTK to 1e-7, because neural-tangents' NTK matrix has
-    a diagonal entry off by 6e-9 (ntkgp's is exact to 1e-16, see test_numerics) that the solve
-    amplifies."""
-    for get, tol in (("nngp", 1e-13), ("ntk", 1e-7)):
+    """With ntkgp's kernels: NNGP to 1e-13; NTK to 2e-8, because neural-tangents' NTK matrix has
+    a diagonal entry off by 6.3e-9 (ntkgp's is exact to 1e-16, see test_numerics) that the solve
+    passes on: the mean differs by 8.8e-9 and the covariance by 1.7e-10, fixed numbers of the
+    fixture (the tolerance was 1e-7)."""
+    for get, tol in (("nngp", 1e-13), ("ntk", 2e-8)):
         out = predict.gradient_flow(NET, X_TRAIN, Y_TRAIN, X_TEST, t=TIMES, learning_rate=LR, kernel=get)
         key = f"ensemble/{get}/test/times/reg0.0"
         assert _rel(out.mean, DATA[key + "/mean"]) <= tol and _rel(out.covariance, DATA[key + "/cov"]) <= tol

@@ -168,8 +168,8 @@ class Layer(VarianceParameters, gpytorch.Module):
                 matrices only). The first call for a network, dtype and device compiles for ~10 s;
                 later calls of any size reuse it. The gain depends on the torch build (1.2-2x
                 with an earlier one; none with torch 2.13.0's CPU wheel, whose float64 code
-                generation fails: docs/benchmarks.md). Where compilation fails it warns once and
-                uses the eager path for that network and dtype from then on.
+                generation fails for some shapes: docs/numerics.md). Where compilation fails it
+                warns once and uses the eager path for that network and dtype from then on.
 
         Returns:
             The kernels, a :class:`KernelState` whose ``nngp`` and ``ntk`` are ``(*batch, n1, n2)``
