@@ -27,8 +27,9 @@ def demo(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"ntkgp demo: error: {error}", file=sys.stderr)
         return 2
-    torch.manual_seed(args.seed)
-    x = torch.randn(5, 3, dtype=torch.float64)
+    # a generator of its own (the same draws as the global one seeded alike): main() also runs in-process,
+    # where reseeding torch's global generator changed the caller's random stream
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(args.seed))
     net = ntkgp.serial(
         ntkgp.Dense(args.width, weight_var=2.25, bias_var=0.01), ntkgp.ReLU(),
         ntkgp.Dense(args.width, weight_var=2.25, bias_var=0.01), ntkgp.Erf(),
@@ -45,11 +46,17 @@ def demo(args: argparse.Namespace) -> int:
     except ValueError as error:   # its batches' seeds (seed + 1_000_003 b), checked before any network is drawn
         print(f"ntkgp demo: error: {error}", file=sys.stderr)
         return 2
+    # restored afterwards: an in-process caller's tensors printed with 4 digits and no exponents
+    saved = {k: getattr(torch._tensor_str.PRINT_OPTS, k)
+             for k in ("precision", "threshold", "edgeitems", "linewidth", "sci_mode")}
     torch.set_printoptions(precision=4, sci_mode=False, linewidth=120)
-    for name in ("nngp", "ntk"):
-        a, b = getattr(exact, name), getattr(estimate, name)
-        print(f"{name.upper()} (infinite width):\n{a}\n{name.upper()} (Monte Carlo, width {args.width}):\n{b}")
-        print(f"relative Frobenius difference: {float((a - b).norm() / a.norm()):.4f}\n")
+    try:
+        for name in ("nngp", "ntk"):
+            a, b = getattr(exact, name), getattr(estimate, name)
+            print(f"{name.upper()} (infinite width):\n{a}\n{name.upper()} (Monte Carlo, width {args.width}):\n{b}")
+            print(f"relative Frobenius difference: {float((a - b).norm() / a.norm()):.4f}\n")
+    finally:
+        torch.set_printoptions(**saved)
     return 0
 
 

@@ -1565,3 +1565,36 @@ def test_compare_helpers_name_arguments_of_the_wrong_kind(tmp_path):
         loglog_slope([1, 2], [1.0])
     # a dataset's name (or path) is read as load_dataset reads it
     assert run_comparison("sin", config).dataset == run_comparison(sin_dataset(), config).dataset
+
+
+def test_reports_and_the_demo_leave_the_callers_matplotlib_torch_and_random_state_alone(tmp_path, capsys):
+    """write_report called matplotlib.use("Agg"), switching the caller's backend (a notebook stopped
+    showing figures), and left a pyplot figure open whenever saving failed; `ntkgp demo` run
+    in-process reseeded torch's global generator and kept its 4-digit print options."""
+    import matplotlib
+    import matplotlib.figure
+
+    result = run_comparison(sin_dataset(), CompareConfig(**{**TINY, "widths": (8, 16)}, divergence_check=False))
+    backend = matplotlib.get_backend()
+    matplotlib.rcParams["backend"] = "svg"
+    try:
+        write_report(result, tmp_path / "a")
+        assert matplotlib.get_backend() == "svg"
+        save = matplotlib.figure.Figure.savefig
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(matplotlib.figure.Figure, "savefig",
+                          lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+            with pytest.raises(OSError, match="No space left"):
+                write_report(result, tmp_path / "b")
+        assert matplotlib.figure.Figure.savefig is save
+        assert "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()
+    finally:
+        matplotlib.rcParams["backend"] = backend
+    with torch.random.fork_rng():
+        torch.manual_seed(123)
+        expected = torch.rand(3)
+        torch.manual_seed(123)
+        options = dict(vars(torch._tensor_str.PRINT_OPTS))
+        assert main(["demo", "--width", "16", "--samples", "2"]) == 0
+        assert torch.equal(torch.rand(3), expected) and dict(vars(torch._tensor_str.PRINT_OPTS)) == options
+    assert "NTK (infinite width)" in capsys.readouterr().out

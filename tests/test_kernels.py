@@ -477,3 +477,27 @@ def test_batch_shapes_and_indices_of_a_spec_are_checked_and_one_index_is_an_inde
     assert float(net[0].weight_var.detach()) == 2.0 and net[0].raw_weight_var.shape == ()
     with pytest.raises(ValueError, match=r"weight_var_prior must be a gpytorch\.priors\.Prior"):
         ntkgp.Dense(4, weight_var_prior="gamma")   # torch's "str is not a Module subclass"
+
+
+def test_a_batch_expansion_that_fails_part_way_leaves_the_network_as_it_was(monkeypatch):
+    """An allocation that failed in the second layer left the spec with batch shapes (3,) and ():
+    a later plain kernel on it was refused, and net.kernel returned (3, n, n) kernels."""
+    from ntkgp.layers.base import variance_batch_shapes
+    from ntkgp.layers.variance import VarianceParameters
+
+    net = ntkgp.serial(ntkgp.Dense(8), ntkgp.Erf(), ntkgp.Dense(1))
+    expanded = VarianceParameters.expanded_variances
+    calls = []
+
+    def fail_on_the_second_layer(self, shape):
+        calls.append(self)
+        if len(calls) == 2:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory (simulated)")
+        return expanded(self, shape)
+
+    monkeypatch.setattr(VarianceParameters, "expanded_variances", fail_on_the_second_layer)
+    with pytest.raises(RuntimeError, match="not enough memory"):
+        ntkgp.NNGPKernel(net, batch_shape=torch.Size([3]))
+    monkeypatch.undo()
+    assert {tuple(s) for s in variance_batch_shapes(net)} == {()}
+    assert ntkgp.NNGPKernel(net)(torch.randn(4, 2)).to_dense().shape == (4, 4)

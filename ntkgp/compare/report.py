@@ -258,12 +258,11 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
 
 
 def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figure objects without pyplot: matplotlib.use("Agg") switched the caller's backend for the whole
+    # process (a notebook stopped showing figures), and pyplot kept a figure open whenever saving failed
     import matplotlib.ticker
     import numpy as np
+    from matplotlib.figure import Figure
 
     names = []
     gp = _limit_name(r)
@@ -276,7 +275,8 @@ def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
         cols = [i for i in shown if i < len(w.steps)]
         if not cols:  # diverged before the first step shown
             continue
-        fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.4), squeeze=False)
+        fig = Figure(figsize=(4.2 * len(cols), 3.4))
+        axes = fig.subplots(1, len(cols), squeeze=False)
         for ax, i in zip(axes[0], cols, strict=True):
             mu, sd = np.asarray(r.analytic_mean[i])[order], np.asarray(r.analytic_std[i])[order]
             em, es = np.asarray(w.ensemble_mean[i])[order], np.asarray(w.ensemble_std[i])[order]
@@ -295,13 +295,13 @@ def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
         fig.tight_layout()
         name = f"band_width{w.width}.png"
         fig.savefig(out / name, dpi=110)
-        plt.close(fig)
         names.append(name)
 
     complete = [w for w in r.widths if w.steps == r.steps]
     if len(complete) >= 2:
         widths = np.asarray([w.width for w in complete], dtype=float)
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        fig = Figure(figsize=(10, 3.8))
+        axes = fig.subplots(1, 2)
         for colour, i in enumerate(shown):
             axes[0].loglog(widths, _log_values([w.mean_bias[i] for w in complete]), "o-", color=f"C{colour}",
                            label=f"step {r.steps[i]}")
@@ -342,12 +342,12 @@ def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
         axes[1].set_title(f"lazy training at step {r.steps[-1]}")
         fig.tight_layout()
         fig.savefig(out / "scaling.png", dpi=110)
-        plt.close(fig)
         names.append("scaling.png")
 
     if not any(w.steps for w in r.widths):   # every width diverged at step 0: nothing to draw
         return names
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig = Figure(figsize=(5, 3.6))
+    ax = fig.subplots()
     for w in r.widths:
         if w.steps:
             ax.semilogy([max(s, 0.5) for s in w.steps], np.maximum(w.train_loss, 1e-16), "o-", label=f"width {w.width}")
@@ -357,6 +357,5 @@ def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
     names.append("loss.png")
     return names

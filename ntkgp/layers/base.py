@@ -301,17 +301,18 @@ class Layer(VarianceParameters, gpytorch.Module):
         except TypeError:
             raise ValueError(f"batch_shape must be a torch.Size or a sequence of positive integers, "
                              f"got {batch_shape!r}.") from None
-        for module in self.modules():
-            if isinstance(module, VarianceParameters):
-                module.expand_variances(shape)
+        # every new tensor first: a failure part-way (out of memory) left layers of two batch shapes
+        planned = [(m, m.expanded_variances(shape)) for m in self.modules() if isinstance(m, VarianceParameters)]
+        for module, values in planned:
+            module.set_variances(values)
 
     def index_batch(self, index: tuple | int | slice | Tensor) -> None:
         """Index the batch dimensions of every hyperparameter (in place)."""
         if not isinstance(index, tuple):   # one index, as in kernel[0]: (*index, ...) failed on it
             index = (index,)
-        for module in self.modules():
-            if isinstance(module, VarianceParameters):
-                module.index_variances(index)
+        planned = [(m, m.indexed_variances(index)) for m in self.modules() if isinstance(m, VarianceParameters)]
+        for module, values in planned:
+            module.set_variances(values)
 
 
 def _autocast_off(device: torch.device):

@@ -204,32 +204,39 @@ class VarianceParameters:
             raw.zero_()
 
     @outside_inference_mode
-    def expand_variances(self, batch_shape: torch.Size) -> None:
-        """Give every variance of this module a leading ``batch_shape`` (for GPyTorch batches)."""
+    def expanded_variances(self, batch_shape: torch.Size) -> list[tuple[str, Tensor, Tensor]]:
+        """``(name, raw, anchor)`` of every variance of this module with a leading ``batch_shape``,
+        to be installed by :meth:`set_variances` (computed first, so that a network whose
+        expansion fails part-way, out of memory, is left as it was)."""
+        out = []
         for name, raw in list(self._parameters.items()):
             if not name.startswith("raw_"):
                 continue
             constraint = getattr(self, f"{name}_constraint")
             event_shape = raw.shape[len(raw.shape) - self._variance_event_dims(name[4:]):]
             new_shape = torch.Size([*batch_shape, *event_shape])
-            anchor = constraint.anchor.expand(new_shape).clone()
-            new_raw = torch.nn.Parameter(raw.detach().expand(new_shape).clone(),
-                                         requires_grad=raw.requires_grad)
-            self._parameters[name] = new_raw
-            constraint.anchor = anchor
+            out.append((name, raw.detach().expand(new_shape).clone(), constraint.anchor.expand(new_shape).clone()))
+        return out
 
     @outside_inference_mode
-    def index_variances(self, index: tuple) -> None:
-        """Index the batch dimensions of every variance (``kernel[i]`` in GPyTorch)."""
+    def indexed_variances(self, index: tuple) -> list[tuple[str, Tensor, Tensor]]:
+        """``(name, raw, anchor)`` of every variance of this module at ``index`` of its batch
+        dimensions (``kernel[i]`` in GPyTorch), for :meth:`set_variances`."""
+        out = []
         for name, raw in list(self._parameters.items()):
             if not name.startswith("raw_"):
                 continue
             constraint = getattr(self, f"{name}_constraint")
-            event_dims = self._variance_event_dims(name[4:])
-            full_index = (*index, *([slice(None)] * event_dims))
-            self._parameters[name] = torch.nn.Parameter(raw.detach()[full_index].clone(),
-                                                        requires_grad=raw.requires_grad)
-            constraint.anchor = constraint.anchor[full_index].clone()
+            full_index = (*index, *([slice(None)] * self._variance_event_dims(name[4:])))
+            out.append((name, raw.detach()[full_index].clone(), constraint.anchor[full_index].clone()))
+        return out
+
+    @outside_inference_mode
+    def set_variances(self, values: list[tuple[str, Tensor, Tensor]]) -> None:
+        """Install ``(name, raw, anchor)`` triples as new parameters (keeping ``requires_grad``)."""
+        for name, raw, anchor in values:
+            self._parameters[name] = torch.nn.Parameter(raw, requires_grad=self._parameters[name].requires_grad)
+            getattr(self, f"{name}_constraint").anchor = anchor
 
     def _variance_event_dims(self, name: str) -> int:
         return 0
