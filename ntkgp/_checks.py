@@ -5,9 +5,38 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
+
+
+def holds_a_boolean(value: object) -> bool:
+    """Whether ``value`` is a boolean, a boolean array or tensor, or nests one in lists/tuples or a
+    numpy object array (``[True, 3.0]`` becomes a float array, whose ``1.0`` no longer says so).
+
+    Nested lists are read as an object array and its elements' types collected at C speed: a
+    Python walk took 7 s over a list of 10⁶ numbers."""
+    if isinstance(value, bool | np.bool_):
+        return True
+    if isinstance(value, list | tuple):
+        try:
+            value = np.asarray(value, dtype=object)   # the elements themselves, not converted
+        except (TypeError, ValueError, RuntimeError):   # ragged, or tensors that require grad
+            return any(holds_a_boolean(v) for v in value)
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return False
+    kind = getattr(dtype, "kind", None)   # a torch dtype has none: compared by name, without importing torch
+    if kind == "b" or str(dtype) == "torch.bool":
+        return True
+    if kind != "O":
+        return False
+    flat = np.asarray(value).ravel()
+    types = set(map(type, flat))
+    if any(issubclass(t, bool | np.bool_) for t in types):
+        return True
+    others = tuple(t for t in types if not issubclass(t, int | float | complex | np.number))
+    return bool(others) and any(holds_a_boolean(v) for v in flat if isinstance(v, others))
 
 
 def integer_at_least(value: object, minimum: int, name: str) -> int:
@@ -61,7 +90,7 @@ def neural_tangents_keywords(**hints: str) -> Callable[[_F], _F]:
                 raise TypeError(f"{fn.__qualname__.removesuffix('.__init__')} got an unexpected keyword argument "
                                 f"{ported[0]!r}: {hints[ported[0]]}")
             return fn(*args, **kwargs)
-        return checked  # type: ignore[return-value]
+        return cast(_F, checked)
     return decorate
 
 

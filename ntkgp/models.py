@@ -174,7 +174,7 @@ class NetworkGP(gpytorch.models.ExactGP):
         # GPyTorch concatenates training and test inputs before any kernel sees them: test inputs
         # with another number of features failed inside torch.cat ("Sizes of tensors must match")
         features = self.train_inputs[0].shape[-1]
-        for x in inputs:   # the shape only: GPyTorch promotes integer inputs, the kernels check values
+        for x in inputs:   # shape, dtype and finiteness (GPyTorch promotes integer inputs)
             if not isinstance(x, Tensor):
                 raise ValueError(f"x must be a torch.Tensor of shape (..., M, {features}), got {type(x).__name__}.")
             shape = (*x.shape, 1) if x.dim() == 1 else tuple(x.shape)   # GPyTorch reads a 1-D input as (M, 1)
@@ -304,7 +304,8 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
         raise ValueError(f"model must be a GPyTorch ExactGP (e.g. ntkgp.models.NetworkGP), got "
                          f"{type(model).__name__}{hint}.")
     steps = integer_at_least(steps, 0, "steps")
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):   # "adam": an AttributeError
+    # "adam" failed with an AttributeError; read by what fit calls, so wrappers that are not subclasses pass
+    if optimizer is not None and not all(callable(getattr(optimizer, m, None)) for m in ("step", "zero_grad")):
         raise ValueError(f"optimizer must be a torch.optim.Optimizer made over model.parameters() (e.g. "
                          f"torch.optim.LBFGS(model.parameters())), or None for Adam; got {optimizer!r}.")
     if callback is not None and not callable(callback):   # a TypeError after the first step

@@ -996,6 +996,9 @@ def test_gauss_hermite_expectation_against_the_independent_quadrature_and_closed
     got = gauss_hermite_expectation(torch.tanh, torch.sin, k11, k12, k22, 160)
     expected = [cartesian(np.tanh, np.sin, *map(float, k), degree=160) for k in zip(k11, k12, k22, strict=True)]
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-13, atol=1e-15)
+    # float32 variances with a float64 covariance, rounded apart: judged at float32's rounding
+    var = torch.tensor([0.7])
+    assert gauss_hermite_expectation(torch.tanh, torch.tanh, var, var.double(), var, 8).shape == (1,)
     identity = lambda t: t   # noqa: E731
     torch.testing.assert_close(gauss_hermite_expectation(identity, identity, k11, k12, k22,
                                                          torch.tensor([2, 3, 4, 5])), k12, rtol=1e-13, atol=1e-15)

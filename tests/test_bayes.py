@@ -748,7 +748,8 @@ def test_draws_export_refuses_attributes_netcdf_cannot_store_or_that_overwrite_i
 
 
 @pytest.mark.parametrize("bad", [True, np.bool_(False), [0.1, True], torch.tensor([True, False, True]), "0.1",
-                                 ["0.1", "0.2", "0.3"]])
+                                 ["0.1", "0.2", "0.3"], np.array(["0.1", 0.2, 0.3], dtype=object),
+                                 np.array([True, 0.2, 0.3], dtype=object), [np.float64(0.1), np.bool_(True), 0.3]])
 def test_noises_variances_and_levels_refuse_booleans_and_text(bad):
     """numpy reads True as 1 and "0.1" as 0.1: predictive_moments(g, True) added a noise of 1 and
     nlpd(variance="1.0") scored, where ntkgp.predict refuses both (a review)."""
@@ -764,6 +765,10 @@ def test_noises_variances_and_levels_refuse_booleans_and_text(bad):
 
 
 def test_labels_may_be_booleans_and_log_densities_name_shapes_that_do_not_broadcast():
+    # numbers in any container still pass as noise: object arrays, numpy scalars, 0-d tensors
+    g = Gaussian(torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+    for noise in (np.array([0.1, 0.2, 0.3], dtype=object), [np.float64(0.1), 0.2, torch.tensor(0.3)], 0.2):
+        assert bayes.predictive_moments(g, noise)[1].shape == (3,)
     assert bayes.auroc(torch.tensor([-1.0, 2.0, 1.0]), torch.tensor([False, True, True])) == 1.0
     with pytest.raises(ValueError, match=r"must broadcast against each other, got shapes \(3,\), \(2,\)"):
         bayes.gaussian_log_density(np.zeros(3), np.zeros(2), 1.0)   # numpy's "operands could not be broadcast"

@@ -1563,8 +1563,11 @@ def test_compare_helpers_name_arguments_of_the_wrong_kind(tmp_path):
         loglog_slope([0, 2], [1.0, 2.0])
     with pytest.raises(ValueError, match="one value per width, got 2 widths and 1 values"):
         loglog_slope([1, 2], [1.0])
-    # a dataset's name (or path) is read as load_dataset reads it
-    assert run_comparison("sin", config).dataset == run_comparison(sin_dataset(), config).dataset
+    # a dataset's name (or path) is read as load_dataset reads it; config is checked before the file is read
+    by_name, given = run_comparison("sin", config), run_comparison(sin_dataset(), config)
+    assert by_name.dataset == given.dataset and by_name.analytic_mean == given.analytic_mean
+    with pytest.raises(ValueError, match="config must be"):
+        run_comparison(tmp_path / "missing.csv", None)
 
 
 def test_reports_and_the_demo_leave_the_callers_matplotlib_torch_and_random_state_alone(tmp_path, capsys):
@@ -1580,14 +1583,15 @@ def test_reports_and_the_demo_leave_the_callers_matplotlib_torch_and_random_stat
     try:
         write_report(result, tmp_path / "a")
         assert matplotlib.get_backend() == "svg"
-        save = matplotlib.figure.Figure.savefig
+        import matplotlib.pyplot as plt  # pyplot's registry of open figures, which write_report must not use
+
+        open_before = plt.get_fignums()
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(matplotlib.figure.Figure, "savefig",
                           lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
             with pytest.raises(OSError, match="No space left"):
                 write_report(result, tmp_path / "b")
-        assert matplotlib.figure.Figure.savefig is save
-        assert "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()
+        assert plt.get_fignums() == open_before
     finally:
         matplotlib.rcParams["backend"] = backend
     with torch.random.fork_rng():

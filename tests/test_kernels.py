@@ -468,7 +468,7 @@ def test_batch_shapes_and_indices_of_a_spec_are_checked_and_one_index_is_an_inde
     """expand_batch(3) failed with "'int' object is not iterable", Size([-1]) with "integer
     multiplication overflow", and index_batch(1) with "Value after * must be an iterable"."""
     net = ntkgp.mlp(1, "relu", 2.0, 0.1)
-    for bad in (3, torch.Size([-1]), [2, 0], (2.5,)):
+    for bad in (3, torch.Size([-1]), [2, -1], (2.5,)):
         with pytest.raises(ValueError, match="batch_shape"):
             net.expand_batch(bad)
     net.expand_batch([3])

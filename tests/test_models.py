@@ -422,7 +422,7 @@ def test_network_gp_refuses_batched_or_unusable_empty_training_data():
         fit(empty, steps=2)
 
 
-def test_network_gp_checks_test_inputs_before_gpytorch_concatenates_them():
+def test_network_gp_checks_test_inputs_before_gpytorch_concatenates_them(monkeypatch):
     """Test inputs with another number of features failed inside torch.cat in GPyTorch's
     prediction strategy ("Sizes of tensors must match except in dimension 0")."""
     x, y = _data()
@@ -433,11 +433,11 @@ def test_network_gp_checks_test_inputs_before_gpytorch_concatenates_them():
         with pytest.raises(ValueError, match=f"{features} feature"):
             model(bad)
     # before any kernel work (it came from inside the kernel, after the training kernel's, naming "x1")
-    forward = model.covar_module.forward
-    model.covar_module.forward = lambda *a, **k: pytest.fail("the kernel ran on NaN test inputs")
-    with pytest.raises(ValueError, match=r"^x contains NaN"):
-        model(torch.full((3, features), math.nan))
-    model.covar_module.forward = forward
+    with monkeypatch.context() as patch:
+        patch.setattr(type(model.covar_module), "forward",
+                      lambda *a, **k: pytest.fail("the kernel ran on NaN test inputs"))
+        with pytest.raises(ValueError, match=r"^x contains NaN"):
+            model(torch.full((3, features), math.nan))
     # a wider float dtype than the model's: GPyTorch's "expected m1 and m2 to have the same dtype" from
     # deep inside; a narrower one is promoted (as integers are), with the same result
     narrow = NetworkGP(x.float(), y.float())
@@ -807,6 +807,18 @@ def test_fit_names_a_bad_learning_rate_or_model():
     # an optimizer's name failed with an AttributeError, a callback that is not callable after the first step
     with pytest.raises(ValueError, match=r"optimizer must be a torch\.optim\.Optimizer"):
         fit(model, steps=1, optimizer="adam")
+
+    class Wrapper:   # an optimizer wrapper that is not a subclass (Lightning's LightningOptimizer)
+        def __init__(self, inner):
+            self.inner = inner
+
+        def step(self, closure=None):
+            return self.inner.step(closure)
+
+        def zero_grad(self):
+            self.inner.zero_grad()
+
+    assert len(fit(model, steps=2, optimizer=Wrapper(torch.optim.Adam(model.parameters(), lr=0.01)))) == 2
     with pytest.raises(ValueError, match="callback must be callable"):
         fit(model, steps=1, callback=3)
     with pytest.raises(ValueError, match=r"NetworkGP\(train_x, train_y, net\)"):

@@ -9,25 +9,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from ntkgp._checks import integer_at_least, seed_value  # noqa: F401  (re-exported for the bayes modules)
+from ntkgp._checks import holds_a_boolean, integer_at_least, seed_value  # noqa: F401  (re-exported)
 from ntkgp._typing import ArrayLike
 
 
-def _holds(value: object, types: tuple[type, ...], kinds: str) -> bool:
-    """Whether ``value`` is, or nests in lists/tuples, an instance of ``types``, or is an array or
-    tensor whose dtype is of a numpy ``kinds`` letter (``"b"`` also matches ``torch.bool``)."""
-    if isinstance(value, types):
+def _is_text(value: object) -> bool:
+    """Whether ``value`` is text, or an array (or nested lists) of it, which numpy's float conversion
+    would parse: one conversion and a look at the dtype, not a walk over the elements (a list of
+    10⁶ numbers), except for object arrays."""
+    if isinstance(value, str | bytes):
         return True
-    dtype = getattr(value, "dtype", None)
-    if dtype is not None:
-        kind = getattr(dtype, "kind", "")   # a torch dtype has none
-        return (bool(kind) and kind in kinds) or ("b" in kinds and str(dtype) == "torch.bool")
-    return isinstance(value, list | tuple) and any(_holds(v, types, kinds) for v in value)
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError):   # left to the conversion, which names it
+        return False
+    return array.dtype.kind in "US" or (array.dtype.kind == "O" and any(isinstance(v, str | bytes)
+                                                                        for v in array.flat))
 
 
 def to_numpy(value: ArrayLike, name: str) -> np.ndarray:
     """``value`` (a torch tensor, numpy array or nested sequence) as a float64 numpy array."""
-    if _holds(value, (str, bytes), "US" if not hasattr(value, "detach") else ""):
+    if not hasattr(value, "detach") and _is_text(value):
         # numpy's float conversion parses text: noise="0.1" was read as 0.1
         raise ValueError(f"{name} must be numeric, got text ({type(value).__name__}).")
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch.Tensor, without importing torch
@@ -68,8 +70,8 @@ def narrow_float_type(value: object) -> type | None:
 def finite(value: ArrayLike, name: str, booleans: bool = True) -> np.ndarray:
     """:func:`to_numpy`, and no NaN or infinite entries; without ``booleans``, ``True``/``False``
     (which numpy reads as 1 and 0) are refused, as for a noise or variance."""
-    if not booleans and _holds(value, (bool, np.bool_), "b"):
-        raise ValueError(f"{name} must be a number or numbers, got booleans ({value!r:.60}).")
+    if not booleans and holds_a_boolean(value):
+        raise ValueError(f"{name} must be a number or numbers, got booleans ({type(value).__name__}).")
     array = to_numpy(value, name)
     if not np.isfinite(array).all():
         raise ValueError(f"{name} contains NaN or infinite values.")

@@ -455,7 +455,7 @@ def _analytic(data: Dataset, config: CompareConfig, kernel: str, dtype: torch.dt
     return _Analytic(lr, max_lr, flow, mu, exact.variance, continuous.mean[..., 0], prior_scale, perfect, calibration)
 
 
-def run_comparison(data: Dataset | str, config: CompareConfig) -> ComparisonResult:
+def run_comparison(data: Dataset | str | os.PathLike, config: CompareConfig) -> ComparisonResult:
     """Train an ensemble per width, compare with the analytic predictions, evaluate the checks.
 
     For each width, ``config.ensemble_size`` networks are trained by :func:`ntkgp.finite.train_ensemble`
@@ -475,13 +475,13 @@ def run_comparison(data: Dataset | str, config: CompareConfig) -> ComparisonResu
     ``data`` may also name a dataset as :func:`ntkgp.compare.load_dataset` reads it (``"sin"``,
     ``"circle"`` or a file).
     """
+    if not isinstance(config, CompareConfig):
+        raise ValueError(f"config must be an ntkgp.compare.CompareConfig, got {type(config).__name__}.")
     if isinstance(data, str | os.PathLike):   # "sin" failed with "'str' object has no attribute 'x_train'"
         data = load_dataset(data)
     if not isinstance(data, Dataset):
         raise ValueError(f"data must be an ntkgp.compare.Dataset (e.g. sin_dataset(), load_dataset('file.csv')) or "
                          f"a dataset's name, got {type(data).__name__}.")
-    if not isinstance(config, CompareConfig):
-        raise ValueError(f"config must be an ntkgp.compare.CompareConfig, got {type(config).__name__}.")
     start = time.perf_counter()
     kernel = "nngp" if config.readout_only else "ntk"
     dtype = DTYPES[config.dtype]

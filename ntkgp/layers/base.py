@@ -165,8 +165,8 @@ class Layer(VarianceParameters, gpytorch.Module):
                 ``None`` for ``k(x1_i, x1_i)``) is computed, in ``O(n · depth)``.
             ntk: whether to compute the NTK too (the NNGP alone is cheaper).
             compile: fuse the elementwise recursion with ``torch.compile`` (no-autograd full
-                matrices only). The first call for a network, dtype and device compiles for ~10 s;
-                later calls of any size reuse it. The gain depends on the torch build (1.2-2x
+                matrices only). The first call for a network, dtype and device compiles (10-80 s
+                on two cores); later calls of any size reuse it. The gain depends on the torch build (1.2-2x
                 with an earlier one; none with torch 2.13.0's CPU wheel, whose float64 code
                 generation fails for some shapes: docs/numerics.md). Where compilation fails it
                 warns once and uses the eager path for that network and dtype from then on.
@@ -297,17 +297,18 @@ class Layer(VarianceParameters, gpytorch.Module):
     def expand_batch(self, batch_shape: torch.Size) -> None:
         """Give every hyperparameter in this network a leading ``batch_shape`` (in place)."""
         try:   # expand_batch(3): "'int' object is not iterable"; Size([-1]): "integer multiplication overflow"
-            shape = torch.Size(integer_at_least(n, 1, "batch_shape's sizes") for n in batch_shape)
+            shape = torch.Size(integer_at_least(n, 0, "batch_shape's sizes") for n in batch_shape)
         except TypeError:
-            raise ValueError(f"batch_shape must be a torch.Size or a sequence of positive integers, "
+            raise ValueError(f"batch_shape must be a torch.Size or a sequence of non-negative integers, "
                              f"got {batch_shape!r}.") from None
         # every new tensor first: a failure part-way (out of memory) left layers of two batch shapes
         planned = [(m, m.expanded_variances(shape)) for m in self.modules() if isinstance(m, VarianceParameters)]
         for module, values in planned:
             module.set_variances(values)
 
-    def index_batch(self, index: tuple | int | slice | Tensor) -> None:
-        """Index the batch dimensions of every hyperparameter (in place)."""
+    def index_batch(self, index: object) -> None:
+        """Index the batch dimensions of every hyperparameter (in place): any index a tensor takes
+        over those dimensions (an int, slice, tensor, ``...``, or a tuple of them)."""
         if not isinstance(index, tuple):   # one index, as in kernel[0]: (*index, ...) failed on it
             index = (index,)
         planned = [(m, m.indexed_variances(index)) for m in self.modules() if isinstance(m, VarianceParameters)]

@@ -227,8 +227,8 @@ class Numerical(Activation):
             (:func:`check_elementwise`).
         degree: a fixed number of points per dimension (``degree²`` evaluations per entry), or
             ``None`` for the adaptive choice. Gradients, quadratures of higher derivatives of
-            ``fn``, need a larger degree than the values (docs/numerics.md). At most
-            ``MAX_QUADRATURE_DEGREE`` (2048), as is ``max_degree``.
+            ``fn``, need a larger degree than the values (docs/numerics.md). At most 2048
+            (``ntkgp.layers.elementwise.MAX_QUADRATURE_DEGREE``), as is ``max_degree``.
         rtol: target relative accuracy of the adaptive choice (at least 64 machine epsilons of
             the input dtype, since float32 rounding caps what the check can see).
         max_degree: cap of the adaptive choice (a warning says when ``rtol`` was not reached).
@@ -613,9 +613,9 @@ def gauss_hermite_expectation(f: Callable[[Tensor], Tensor], g: Callable[[Tensor
 
     Writes ``u = sqrt(k11) z1``, ``v = (k12/sqrt(k11)) z1 + sqrt((k11 k22 − k12²)/k11) z2`` and
     applies the tensor-product Gauss–Hermite rule of ``degree`` points per dimension (one number,
-    or one per entry: an integer tensor that broadcasts with the kernels; at most
-    ``MAX_QUADRATURE_DEGREE``); ``k11 k22 − k12²`` is formed so it is exactly 0 for a point paired
-    with itself. No autograd graph is recorded.
+    or one per entry: an integer tensor that broadcasts with the kernels; at most 2048,
+    ``ntkgp.layers.elementwise.MAX_QUADRATURE_DEGREE``); ``k11 k22 − k12²`` is formed so it is
+    exactly 0 for a point paired with itself. No autograd graph is recorded.
 
     The variances must be finite and non-negative, and ``|k12| ≤ sqrt(k11 k22)`` (to 100 units of
     rounding): a ``ValueError`` otherwise, before any quadrature.
@@ -647,7 +647,7 @@ def gauss_hermite_expectation(f: Callable[[Tensor], Tensor], g: Callable[[Tensor
         raise ValueError("gauss_hermite_expectation: k11, k12 and k22 must be finite (NaN or inf found).")
     if bool((a < 0).any()) or bool((b < 0).any()):
         raise ValueError("gauss_hermite_expectation: the variances k11 and k22 must be non-negative.")
-    slack = 1 + 100 * torch.finfo(torch.promote_types(a.dtype, torch.promote_types(b.dtype, c.dtype))).eps
+    slack = 1 + 100 * max(torch.finfo(t.dtype).eps for t in (a, b, c))   # the coarsest: float32 variances, float64 k12
     if bool((c.abs() > (a.sqrt() * b.sqrt()) * slack).any()):
         raise ValueError("gauss_hermite_expectation: |k12| exceeds sqrt(k11 k22), which no covariance matrix has.")
     return _gauss_hermite(f, g, k11, k12, k22, degree)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ntkgp._checks import holds_a_boolean
 from ntkgp.layers.numerics import _is_compiling, is_vmapped
 
 
@@ -51,17 +52,9 @@ def boolean_or_complex(value: object) -> bool:
     if isinstance(value, Tensor):
         return value.dtype == torch.bool or value.is_complex()
     try:
-        return np.asarray(value).dtype.kind in "bc" or _holds_a_boolean(value)
+        return np.asarray(value).dtype.kind in "bc" or holds_a_boolean(value)
     except (TypeError, ValueError, RuntimeError, OverflowError):
         return False
-
-
-def _holds_a_boolean(value: object) -> bool:
-    """Whether nested lists/tuples hold a boolean (``[True, 3]`` becomes an int64 array), also a
-    boolean tensor (``[torch.tensor(True), 2]``)."""
-    if isinstance(value, bool | np.bool_) or (isinstance(value, Tensor) and value.dtype == torch.bool):
-        return True
-    return isinstance(value, list | tuple) and any(_holds_a_boolean(v) for v in value)
 
 
 def usable_device(device: object) -> torch.device:

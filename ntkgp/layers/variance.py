@@ -125,6 +125,9 @@ class VarianceParameters:
     def register_variance(self, name: str, value: float | Tensor, event_shape: torch.Size = torch.Size([]),
                           prior: Prior | None = None) -> None:
         """Register ``raw_<name>`` with an :class:`ExactVariance` constraint and optional prior."""
+        if prior is not None and not isinstance(prior, Prior):   # torch's "str is not a Module subclass"
+            raise ValueError(f"{name}_prior must be a gpytorch.priors.Prior (e.g. GammaPrior(2.0, 1.0)) or None, "
+                             f"got {prior!r}.")
         anchor = check_variance(name, value)
         shape = torch.Size(event_shape)
         if anchor.shape != shape:
@@ -141,9 +144,6 @@ class VarianceParameters:
         # where raw is (the module's device): a variance given as a CUDA tensor put this anchor there
         # while the layer stayed on the CPU, and every kernel call failed on the mixed devices
         self.register_constraint(f"raw_{name}", ExactVariance(anchor.to(raw.device)))
-        if prior is not None and not isinstance(prior, Prior):   # torch's "str is not a Module subclass"
-            raise ValueError(f"{name}_prior must be a gpytorch.priors.Prior (e.g. GammaPrior(2.0, 1.0)) or None, "
-                             f"got {prior!r}.")
         if prior is not None:
             # partials of module-level functions, not GPyTorch's closures for a parameter name:
             # those are local functions, which pickle and torch.save cannot store
