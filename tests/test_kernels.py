@@ -486,16 +486,16 @@ def test_a_batch_expansion_that_fails_part_way_leaves_the_network_as_it_was(monk
     from ntkgp.layers.variance import VarianceParameters
 
     net = ntkgp.serial(ntkgp.Dense(8), ntkgp.Erf(), ntkgp.Dense(1))
-    expanded = VarianceParameters.expanded_variances
+    mapped = VarianceParameters.mapped_variances
     calls = []
 
-    def fail_on_the_second_layer(self, shape):
+    def fail_on_the_second_layer(self, transform):
         calls.append(self)
         if len(calls) == 2:
             raise RuntimeError("DefaultCPUAllocator: not enough memory (simulated)")
-        return expanded(self, shape)
+        return mapped(self, transform)
 
-    monkeypatch.setattr(VarianceParameters, "expanded_variances", fail_on_the_second_layer)
+    monkeypatch.setattr(VarianceParameters, "mapped_variances", fail_on_the_second_layer)
     with pytest.raises(RuntimeError, match="not enough memory"):
         ntkgp.NNGPKernel(net, batch_shape=torch.Size([3]))
     monkeypatch.undo()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -301,17 +301,18 @@ class Layer(VarianceParameters, gpytorch.Module):
         except TypeError:
             raise ValueError(f"batch_shape must be a torch.Size or a sequence of non-negative integers, "
                              f"got {batch_shape!r}.") from None
-        # every new tensor first: a failure part-way (out of memory) left layers of two batch shapes
-        planned = [(m, m.expanded_variances(shape)) for m in self.modules() if isinstance(m, VarianceParameters)]
-        for module, values in planned:
-            module.set_variances(values)
+        self._map_variances(lambda value, events: value.expand(*shape, *value.shape[value.dim() - events:]))
 
     def index_batch(self, index: object) -> None:
         """Index the batch dimensions of every hyperparameter (in place): any index a tensor takes
         over those dimensions (an int, slice, tensor, ``...``, or a tuple of them)."""
         if not isinstance(index, tuple):   # one index, as in kernel[0]: (*index, ...) failed on it
             index = (index,)
-        planned = [(m, m.indexed_variances(index)) for m in self.modules() if isinstance(m, VarianceParameters)]
+        self._map_variances(lambda value, events: value[(*index, *[slice(None)] * events)])
+
+    def _map_variances(self, transform: Callable[[Tensor, int], Tensor]) -> None:
+        # every new tensor first: a failure part-way (out of memory) left layers of two batch shapes
+        planned = [(m, m.mapped_variances(transform)) for m in self.modules() if isinstance(m, VarianceParameters)]
         for module, values in planned:
             module.set_variances(values)
 

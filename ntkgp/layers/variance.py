@@ -25,6 +25,7 @@ module's dtype, zero right after setting. Hence:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -204,31 +205,17 @@ class VarianceParameters:
             raw.zero_()
 
     @outside_inference_mode
-    def expanded_variances(self, batch_shape: torch.Size) -> list[tuple[str, Tensor, Tensor]]:
-        """``(name, raw, anchor)`` of every variance of this module with a leading ``batch_shape``,
-        to be installed by :meth:`set_variances` (computed first, so that a network whose
-        expansion fails part-way, out of memory, is left as it was)."""
+    def mapped_variances(self, transform: Callable[[Tensor, int], Tensor]) -> list[tuple[str, Tensor, Tensor]]:
+        """``(name, raw, anchor)`` of every variance of this module with ``transform(value,
+        event_dims)`` applied to its raw parameter and anchor (a batch expansion or index), to be
+        installed by :meth:`set_variances`: computed first, so that a network whose expansion fails
+        part-way (out of memory) is left as it was."""
         out = []
         for name, raw in list(self._parameters.items()):
-            if not name.startswith("raw_"):
-                continue
-            constraint = getattr(self, f"{name}_constraint")
-            event_shape = raw.shape[len(raw.shape) - self._variance_event_dims(name[4:]):]
-            new_shape = torch.Size([*batch_shape, *event_shape])
-            out.append((name, raw.detach().expand(new_shape).clone(), constraint.anchor.expand(new_shape).clone()))
-        return out
-
-    @outside_inference_mode
-    def indexed_variances(self, index: tuple) -> list[tuple[str, Tensor, Tensor]]:
-        """``(name, raw, anchor)`` of every variance of this module at ``index`` of its batch
-        dimensions (``kernel[i]`` in GPyTorch), for :meth:`set_variances`."""
-        out = []
-        for name, raw in list(self._parameters.items()):
-            if not name.startswith("raw_"):
-                continue
-            constraint = getattr(self, f"{name}_constraint")
-            full_index = (*index, *([slice(None)] * self._variance_event_dims(name[4:])))
-            out.append((name, raw.detach()[full_index].clone(), constraint.anchor[full_index].clone()))
+            if name.startswith("raw_"):
+                events = self._variance_event_dims(name[4:])
+                anchor = getattr(self, f"{name}_constraint").anchor
+                out.append((name, transform(raw.detach(), events).clone(), transform(anchor, events).clone()))
         return out
 
     @outside_inference_mode

@@ -63,8 +63,7 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
 
 def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = 0.0,
                          ntk_test_train: Tensor | None = None, fx_test_0: Tensor | float | None = None,
-                         t: Times = None,
-                         steps: Steps = None, learning_rate: float = 1.0, diag_reg: float = 0.0,
+                         t: Times = None, steps: Steps = None, learning_rate: float = 1.0, diag_reg: float = 0.0,
                          diag_reg_absolute_scale: bool = False, factor_dtype: torch.dtype = torch.float64
                          ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Outputs of one network after training for time ``t`` (or ``steps`` steps).
