@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Generic, Literal, TypeVar, overload
 
 import torch
 from torch import Tensor
@@ -16,27 +17,48 @@ from ntkgp.layers.validation import check_inputs
 JACOBIAN_BYTES = 1 << 29
 
 
+#: The type of :attr:`KernelEstimate.ntk` and ``ntk_sem``: ``Tensor``, or ``None`` with ``ntk=False``.
+_NTK = TypeVar("_NTK", bound=Tensor | None, covariant=True)
+
+
 @dataclass(frozen=True)
-class KernelEstimate:
+class KernelEstimate(Generic[_NTK]):
     """Monte-Carlo kernel averages with the standard errors of the means (per entry), as
     neural-tangents' ``monte_carlo_kernel_fn`` (Novak et al. 2020) estimates the NNGP and NTK.
 
     Attributes:
         nngp: mean of ``f(x) f(x')ᵀ`` over the samples (per output unit).
-        ntk: mean empirical NTK, ``None`` when not requested.
+        ntk: mean empirical NTK, ``None`` when not requested (``KernelEstimate[Tensor]`` to type
+            checkers, ``KernelEstimate[None]`` from ``monte_carlo_kernel(..., ntk=False)``).
         nngp_sem, ntk_sem: their standard errors ``std / sqrt(n_samples)`` (NaN for one sample).
         n_samples: number of networks averaged.
     """
 
     nngp: Tensor
-    ntk: Tensor | None
+    ntk: _NTK
     nngp_sem: Tensor
-    ntk_sem: Tensor | None
+    ntk_sem: _NTK
     n_samples: int
 
 
+# the overloads tell type checkers that ntk and ntk_sem are tensors unless ntk=False was passed
+@overload
+def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_samples: int = 128, seed: int = 0,
+                       ntk: Literal[True] = True, ensemble_batch: int = 64) -> KernelEstimate[Tensor]: ...
+
+
+@overload
 def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_samples: int = 128,
-                       seed: int = 0, ntk: bool = True, ensemble_batch: int = 64) -> KernelEstimate:
+                       seed: int = 0, ntk: Literal[False], ensemble_batch: int = 64) -> KernelEstimate[None]: ...
+
+
+@overload
+def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_samples: int = 128, seed: int = 0,
+                       ntk: bool = True, ensemble_batch: int = 64) -> KernelEstimate[Tensor | None]: ...
+
+
+def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_samples: int = 128,
+                       seed: int = 0, ntk: bool = True, ensemble_batch: int = 64) -> KernelEstimate[Tensor | None]:
     """Average empirical kernels over ``n_samples`` random initializations of ``net.build``::
 
         K̄ = (1/S) Σ_s f_s(x) f_s(x')ᵀ,   Θ̄ = (1/S) Σ_s J_s(x) J_s(x')ᵀ,   SEM = std_s / sqrt(S)

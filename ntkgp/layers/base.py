@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import gpytorch
 import torch
@@ -153,9 +154,22 @@ class Layer(VarianceParameters, gpytorch.Module):
                                          f"overflowing {x1.dtype}); set them anew, e.g. layer.weight_var = 1.0.")
 
     # ------------------------------------------------------------------ public API
+    # the overloads tell type checkers that ntk is a tensor unless ntk=False was passed
+    @overload
+    def kernel(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, ntk: Literal[True] = True,
+               compile: bool = False) -> KernelState[Tensor]: ...
+
+    @overload
+    def kernel(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, *, ntk: Literal[False],
+               compile: bool = False) -> KernelState[None]: ...
+
+    @overload
+    def kernel(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, ntk: bool = True,
+               compile: bool = False) -> KernelState[Tensor | None]: ...
+
     @neural_tangents_keywords(get=NT_GET_HINT)
     def kernel(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, ntk: bool = True,
-               compile: bool = False) -> KernelState:
+               compile: bool = False) -> KernelState[Tensor | None]:
         """NNGP kernel ``K`` and NTK ``Θ`` of this network between ``x1`` and ``x2``.
 
         Args:

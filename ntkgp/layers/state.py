@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -304,13 +305,20 @@ def _values_only(fix, state: KernelState) -> KernelState:
     return state.replace(nngp=straight_through(state.nngp, fixed.nngp), ntk=ntk, cov1=cov1, cov2=cov2)
 
 
+#: The type of :attr:`KernelState.ntk`: ``Tensor`` in what ``kernel(..., ntk=True)`` returns,
+#: ``None`` with ``ntk=False`` (``KernelState[Tensor]``, ``KernelState[None]`` to type checkers).
+_NTK = TypeVar("_NTK", bound=Tensor | None, covariant=True)
+
+
 @dataclass(frozen=True)
-class KernelState:
+class KernelState(Generic[_NTK]):
     """NNGP and NTK kernels of two input sets at one point of a network.
 
     Attributes:
         nngp: ``K(x1_i, x2_j)``: ``(*batch, n1, n2)``, or ``(*batch, n)`` when ``diag``.
-        ntk: ``Θ(x1_i, x2_j)`` with the same shape, or ``None`` if it was not requested.
+        ntk: ``Θ(x1_i, x2_j)`` with the same shape, or ``None`` if it was not requested: type
+            checkers read ``Layer.kernel(...)`` as ``KernelState[Tensor]``, and as
+            ``KernelState[None]`` with ``ntk=False``.
         cov1: ``K(x1_i, x1_i)``, ``(*batch, n1)``.
         cov2: ``K(x2_j, x2_j)``, ``(*batch, n2)``; the very tensor ``cov1`` when the two sets
             are one and no row block is cut out.
@@ -342,10 +350,12 @@ class KernelState:
             layer keeps exactly a point paired with itself; ``None`` when there are none.
     """
 
-    nngp: Tensor | None
-    ntk: Tensor | None
-    cov1: Tensor | None
-    cov2: Tensor | None
+    # nngp, cov1 and cov2 are None only in the state before the first layer (from_inputs), which
+    # holds the raw inputs instead and which no caller of Layer.kernel sees
+    nngp: Tensor
+    ntk: _NTK
+    cov1: Tensor
+    cov2: Tensor
     width: int
     diag: bool = False
     symmetric: bool = False
@@ -363,7 +373,7 @@ class KernelState:
     def from_inputs(cls, x1: Tensor, x2: Tensor | None = None, diag: bool = False, want_ntk: bool = True,
                     row_offset: int = 0, symmetric: bool | None = None,
                     sq_norms: tuple[Tensor, Tensor] | None = None,
-                    duplicates: Duplicates | BatchedDuplicates | None = None) -> KernelState:
+                    duplicates: Duplicates | BatchedDuplicates | None = None) -> KernelState[Tensor | None]:
         """The state before the first layer.
 
         ``x2=None`` means "the same points as ``x1``". A block of rows of a symmetric kernel is
@@ -372,7 +382,8 @@ class KernelState:
         """
         if symmetric is None:
             symmetric = x2 is None
-        return cls(nngp=None, ntk=x1.new_zeros(()) if want_ntk else None, cov1=None, cov2=None,
+        none = cast(Tensor, None)   # no kernels yet: x1 and x2 stand for them
+        return cls(nngp=none, ntk=x1.new_zeros(()) if want_ntk else None, cov1=none, cov2=none,
                    width=x1.shape[-1], diag=diag, symmetric=symmetric, x1=x1,
                    x2=x1 if x2 is None else x2, row_offset=row_offset, sq_norms=sq_norms, duplicates=duplicates)
 
@@ -381,7 +392,7 @@ class KernelState:
         """True before any layer has consumed the raw inputs."""
         return self.x1 is not None
 
-    def replace(self, **changes: object) -> KernelState:
+    def replace(self, **changes: Any) -> KernelState:
         """A copy with some fields changed."""
         return replace(self, **changes)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Generic, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -13,10 +14,19 @@ from ntkgp._checks import check_flag
 from ntkgp.layers.base import Layer, NonFiniteKernelError, variance_batch_shapes
 from ntkgp.layers.validation import all_finite, check_points, finite_number
 
+#: The types of :attr:`Gaussian.covariance` and :attr:`Gaussian.variance`: each ``Tensor`` or ``None``.
+_Cov = TypeVar("_Cov", bound=Tensor | None, covariant=True)
+_Var = TypeVar("_Var", bound=Tensor | None, covariant=True)
+
 
 @dataclass(frozen=True)
-class Gaussian:
+class Gaussian(Generic[_Cov, _Var]):
     """Mean and covariance of network outputs.
+
+    To type checkers the predictors return ``Gaussian[Tensor, Tensor]`` (covariance and variances)
+    by default, ``Gaussian[None, Tensor]`` with ``compute_cov="diag"`` (variances alone) and
+    ``Gaussian[None, None]`` with ``compute_cov=False`` (the mean alone): the first argument is the
+    type of :attr:`covariance`, the second that of :attr:`variance`.
 
     Attributes:
         mean: ``(*time, M)`` for 1-D targets, ``(*time, M, k)`` for ``k`` outputs.
@@ -33,12 +43,12 @@ class Gaussian:
     """
 
     mean: Tensor
-    covariance: Tensor | None = None
+    covariance: _Cov = None   # type: ignore[assignment]  # None: not computed
     scale: float | None = None
     marginal: Tensor | None = None
 
     @property
-    def variance(self) -> Tensor | None:
+    def variance(self) -> _Var:
         """Marginal variances ``(*time, M)``, clamped at 0: where the data pin a test point (it
         repeats a training point, late in training) rounding leaves ``−1e-15 K**`` in place of 0.
 
@@ -46,8 +56,8 @@ class Gaussian:
         included) it does not have the mean's shape, and ``mean ± 2 * variance.sqrt()`` broadcasts
         to ``(M, M)`` silently; :meth:`interval` gives bands shaped like the mean."""
         if self.covariance is None:
-            return None if self.marginal is None else self.marginal.clamp_min(0)
-        return torch.diagonal(self.covariance, dim1=-2, dim2=-1).clamp_min(0)
+            return cast(_Var, None if self.marginal is None else self.marginal.clamp_min(0))
+        return cast(_Var, torch.diagonal(self.covariance, dim1=-2, dim2=-1).clamp_min(0))
 
     def interval(self, width: float = 2.0) -> tuple[Tensor, Tensor]:
         """``mean ∓ width · σ``, each shaped like :attr:`mean` (``σ`` shared by the ``k`` outputs)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cached_property
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -178,10 +179,27 @@ class GradientFlow:
         return stability_limit(float(self.eigensystem.values.max()), self.m)
 
     # ------------------------------------------------------------------ prediction
+    # the overloads tell type checkers which of the covariance and the variances compute_cov leaves None
+    @overload
+    def predict(self, x_test: Tensor | None = None, t: Times = None, steps: Steps = None,
+                compute_cov: Literal[True] = True) -> Gaussian[Tensor, Tensor]: ...
+
+    @overload
+    def predict(self, x_test: Tensor | None = None, t: Times = None, steps: Steps = None, *,
+                compute_cov: Literal["diag"]) -> Gaussian[None, Tensor]: ...
+
+    @overload
+    def predict(self, x_test: Tensor | None = None, t: Times = None, steps: Steps = None, *,
+                compute_cov: Literal[False]) -> Gaussian[None, None]: ...
+
+    @overload
+    def predict(self, x_test: Tensor | None = None, t: Times = None, steps: Steps = None,
+                compute_cov: bool | str = True) -> Gaussian[Tensor | None, Tensor | None]: ...
+
     @neural_tangents_keywords(get="the kernel is chosen when the GradientFlow is built: GradientFlow(..., "
                                   "kernel='ntk' or 'nngp'), one per kernel.")
     def predict(self, x_test: Tensor | None = None, t: Times = None, steps: Steps = None,
-                compute_cov: bool | str = True) -> Gaussian:
+                compute_cov: bool | str = True) -> Gaussian[Tensor | None, Tensor | None]:
         """Mean and covariance of the ensemble's outputs at times ``t`` (or after ``steps``).
 
         Args:
@@ -373,11 +391,39 @@ def subtract_gram_(k_tt: Tensor, w: Tensor, mode: str) -> Tensor:
     return symmetrize_(k_tt.addmm_(w.mT, w, alpha=-1))
 
 
+@overload
+def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
+                  learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk",
+                  compute_cov: Literal[True] = True, diag_reg_absolute_scale: bool = False,
+                  steps: Steps = None) -> Gaussian[Tensor, Tensor]: ...
+
+
+@overload
+def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
+                  learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk", *,
+                  compute_cov: Literal["diag"], diag_reg_absolute_scale: bool = False,
+                  steps: Steps = None) -> Gaussian[None, Tensor]: ...
+
+
+@overload
+def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
+                  learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk", *,
+                  compute_cov: Literal[False], diag_reg_absolute_scale: bool = False,
+                  steps: Steps = None) -> Gaussian[None, None]: ...
+
+
+@overload
+def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
+                  learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk",
+                  compute_cov: bool | str = True, diag_reg_absolute_scale: bool = False,
+                  steps: Steps = None) -> Gaussian[Tensor | None, Tensor | None]: ...
+
+
 @neural_tangents_keywords(get=NT_KERNEL_HINT)
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
                   learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk",
                   compute_cov: bool | str = True, diag_reg_absolute_scale: bool = False,
-                  steps: Steps = None) -> Gaussian:
+                  steps: Steps = None) -> Gaussian[Tensor | None, Tensor | None]:
     """One-shot :class:`GradientFlow` prediction (see there for the arguments and formulas; Lee et al.
     2019, eqs. 15–16)."""
     # the cheap arguments first: GradientFlow computes the training kernel before predict reads them

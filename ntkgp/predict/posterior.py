@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -109,7 +110,20 @@ class GPPosterior:
     def _cholesky(self) -> Tensor:
         return cholesky(self.prior_dd, f"training {self.kind.upper()} kernel")
 
-    def predict(self, x_test: Tensor, compute_cov: bool | str = True) -> Gaussian:
+    # the overloads tell type checkers which of the covariance and the variances compute_cov leaves None
+    @overload
+    def predict(self, x_test: Tensor, compute_cov: Literal[True] = True) -> Gaussian[Tensor, Tensor]: ...
+
+    @overload
+    def predict(self, x_test: Tensor, compute_cov: Literal["diag"]) -> Gaussian[None, Tensor]: ...
+
+    @overload
+    def predict(self, x_test: Tensor, compute_cov: Literal[False]) -> Gaussian[None, None]: ...
+
+    @overload
+    def predict(self, x_test: Tensor, compute_cov: bool | str = True) -> Gaussian[Tensor | None, Tensor | None]: ...
+
+    def predict(self, x_test: Tensor, compute_cov: bool | str = True) -> Gaussian[Tensor | None, Tensor | None]:
         """Posterior mean ``(M,)``/``(M, k)`` and covariance ``(M, M)`` at ``x_test``.
 
         ``compute_cov="diag"`` computes the marginal variances ``(M,)`` alone
@@ -190,9 +204,30 @@ class GPPosterior:
         return self.y - cholesky_solve(self.y, chol) / precision.unsqueeze(-1), precision.reciprocal()
 
 
+@overload
+def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
+                 noise: float | Tensor = 0.0, compute_cov: Literal[True] = True) -> Gaussian[Tensor, Tensor]: ...
+
+
+@overload
+def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
+                 noise: float | Tensor = 0.0, *, compute_cov: Literal["diag"]) -> Gaussian[None, Tensor]: ...
+
+
+@overload
+def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
+                 noise: float | Tensor = 0.0, *, compute_cov: Literal[False]) -> Gaussian[None, None]: ...
+
+
+@overload
+def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
+                 noise: float | Tensor = 0.0,
+                 compute_cov: bool | str = True) -> Gaussian[Tensor | None, Tensor | None]: ...
+
+
 @neural_tangents_keywords(**PORTED_KEYWORDS)
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
-                 noise: float | Tensor = 0.0, compute_cov: bool | str = True) -> Gaussian:
+                 noise: float | Tensor = 0.0, compute_cov: bool | str = True) -> Gaussian[Tensor | None, Tensor | None]:
     """One-shot :class:`GPPosterior` prediction (see there for the formulas: Lee et al. 2018, He et
     al. 2020, Lee et al. 2019; ``compute_cov="diag"`` for the marginal variances alone)."""
     check_training_data(net, x_train, y_train)   # the cheap checks before the training kernel is computed
