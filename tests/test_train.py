@@ -27,6 +27,9 @@ class _Autograd:
     def __init__(self, model, trained, rates):
         self.loss_and_step = train_module._autograd_step(model, trained, rates)
 
+    def close(self):
+        pass
+
 
 @pytest.mark.parametrize("param", ["ntk", "standard"])
 @pytest.mark.parametrize("readout_only", [False, True])
@@ -522,3 +525,33 @@ def test_a_layer_feeding_a_constant_activation_trains_with_zero_gradient(activat
     expected = Y.mean() + (f0 - Y.mean()) * (1 - lr * theta) ** steps
     torch.testing.assert_close(fs, expected, rtol=1e-12, atol=1e-13)
     assert float(history.ntk_change.abs().max()) < 1e-12 and float(history.layer_change["input"].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("engine, readout_only", [("stacked", False), ("stacked", True), ("fused", False)])
+def test_a_trained_chunk_is_freed_when_train_ensemble_returns(engine, readout_only):
+    """The stacked step's forward hooks held the step object, which held the model: every chunk's
+    weights formed a reference cycle and stayed in memory until Python's cycle collector ran
+    (a review measured 32 MB per call at width 512, E = 32, and RSS 249 -> 600 MB over 40 calls)."""
+    import gc
+
+    from ntkgp.layers.dense import DenseModule
+
+    if engine == "fused" and isinstance(ntkgp.finite.fused.library(torch.float64), str):
+        pytest.skip("no C compiler to build the fused kernel")
+    net = ntkgp.serial(ntkgp.Dense(16), ntkgp.Erf(), ntkgp.Dense(1))
+    x = torch.linspace(-1, 1, 6, dtype=torch.float64).unsqueeze(-1)
+
+    def alive() -> int:
+        return sum(isinstance(o, DenseModule) for o in gc.get_objects())
+
+    gc.collect()
+    before = alive()
+    gc.disable()
+    try:
+        for _ in range(3):
+            train_ensemble(net, x, torch.sin(x), x_test=x, ensemble_size=4, chunk_size=2, learning_rate=0.5,
+                           record_steps=[0, 3], readout_only=readout_only, engine=engine, progress=False,
+                           dtype=torch.float64, device="cpu")
+        assert alive() == before
+    finally:
+        gc.enable()
