@@ -844,3 +844,57 @@ def test_exact_solves_raises_the_cholesky_limit_to_the_most_training_points_of_a
     untrained = gpytorch.models.ExactGP(None, None, gpytorch.likelihoods.GaussianLikelihood())
     with pytest.raises(ValueError, match="one of the list has none"):
         ntkgp.models.exact_solves(gpytorch.models.IndependentModelList(models[0], untrained))
+
+
+def _change_weight_var(model):
+    model.net[0].weight_var = 5.0
+
+
+def _initialize(model):
+    model.covar_module.initialize(**{"net.layers.2.raw_weight_var": torch.tensor(0.7)})
+
+
+def _optimizer_step(model):
+    with torch.no_grad():
+        model.net[0].raw_bias_var.add_(0.3)
+
+
+def _noise(model):
+    model.likelihood.noise = 0.5
+
+
+@pytest.mark.parametrize("change", [_change_weight_var, _initialize, _optimizer_step, _noise])
+def test_eval_predictions_follow_hyperparameters_changed_in_place(change):
+    """GPyTorch caches the training solve at the first eval-mode prediction and kept it after the
+    hyperparameters changed in place: the next prediction came from neither model (0.59 off a
+    rebuilt one; for the noise, exactly the old prediction). The predictors refuse such a change;
+    NetworkGP rebuilds its solve."""
+    x, y = _data(30)
+    x_test = torch.linspace(-2, 2, 7, dtype=torch.float64).unsqueeze(-1).expand(7, x.shape[-1]).contiguous()
+    model = NetworkGP(x, y, kernel="ntk", depth=2, activation="erf")
+    model.eval()
+    with torch.no_grad():
+        before = model(x_test)
+        change(model)
+        after = model(x_test)
+        model.train()
+        model.eval()
+        rebuilt = model(x_test)
+    assert float((before.mean - rebuilt.mean).abs().max()) > 1e-3   # the change matters
+    torch.testing.assert_close(after.mean, rebuilt.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(after.covariance_matrix, rebuilt.covariance_matrix, rtol=1e-12, atol=1e-12)
+
+
+def test_fantasies_follow_hyperparameters_changed_in_place():
+    """get_fantasy_model updates GPyTorch's cached training solve, which was the one from before an
+    in-place change of the hyperparameters: the fantasy's predictions came from neither model."""
+    x, y = _data(20)
+    xt, xf, yf = x[:4] + 0.05, x[:2] + 0.1, y[:2]
+    model = NetworkGP(x, y, kernel="ntk", depth=2, activation="erf").eval()
+    with torch.no_grad():
+        model(xt)
+        model.net[0].weight_var = 5.0
+        fantasy = model.get_fantasy_model(xf, yf)
+        refit = NetworkGP(torch.cat([x, xf]), torch.cat([y, yf]), kernel="ntk", depth=2, activation="erf").eval()
+        refit.load_state_dict(model.state_dict())
+        torch.testing.assert_close(fantasy(xt).mean, refit(xt).mean, rtol=1e-8, atol=1e-10)

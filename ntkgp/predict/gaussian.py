@@ -143,13 +143,16 @@ class HyperparameterRecord:
             return {}
         return {name: t.detach().clone() for name, t in (*net.named_parameters(), *net.named_buffers())}
 
-    def check(self, net: object) -> None:
-        """``ValueError`` if ``net``'s parameters or buffers differ from the recorded ones."""
+    def matches(self, net: object) -> bool:
+        """Whether ``net``'s parameters and buffers hold the recorded values."""
         now = self._state(net)
-        same = repr(net) == self.printed and now.keys() == self.values.keys() and all(
+        return repr(net) == self.printed and now.keys() == self.values.keys() and all(
             now[name].shape == value.shape and torch.equal(now[name].to(value.device), value)
             for name, value in self.values.items())
-        if not same:
+
+    def check(self, net: object) -> None:
+        """``ValueError`` if ``net``'s parameters or buffers differ from the recorded ones."""
+        if not self.matches(net):
             raise ValueError("The network's hyperparameters changed since this predictor (GradientFlow, GPPosterior) "
                              "computed its training kernel, which it caches with its factorization: build a new "
                              "one to predict with the new values.")
