@@ -49,12 +49,33 @@ __version__ = "0.1.0"
 _LAZY_SUBPACKAGES = ("compare", "models")
 
 
-def __getattr__(name: str):
-    if name in _LAZY_SUBPACKAGES:
-        import importlib
+#: neural-tangents' ``stax`` names that ntkgp spells otherwise (docs/conventions.md, "Layers"): a port
+#: that kept them met a bare AttributeError.
+_NEURAL_TANGENTS_NAMES = {
+    "Relu": "ntkgp.ReLU()",
+    "LeakyRelu": "ntkgp.LeakyReLU(negative_slope=alpha)",
+    "ABRelu": "ntkgp.ABReLU(a, b)",
+    "Gelu": "ntkgp.GELU()",
+    "Sigmoid_like": "ntkgp.SigmoidLike()",
+    "ElementwiseNumerical": "ntkgp.Numerical(fn, degree=deg)",
+    "FanOut": "ntkgp.parallel(f, g, join=...): no FanOut or FanIn layers",
+    "FanInSum": 'ntkgp.parallel(f, g, join="sum")',
+    "FanInProd": 'ntkgp.parallel(f, g, join="prod")',
+    "FanInConcat": 'ntkgp.parallel(f, g, join="concat")',
+}
 
+
+def __getattr__(name: str):
+    import importlib
+    import sys
+
+    if name in _LAZY_SUBPACKAGES:
         return importlib.import_module(f"ntkgp.{name}")
-    raise AttributeError(f"module 'ntkgp' has no attribute {name!r}")
+    message = f"module 'ntkgp' has no attribute {name!r}"
+    if name in _NEURAL_TANGENTS_NAMES:
+        message += f": neural-tangents' stax.{name} is {_NEURAL_TANGENTS_NAMES[name]} (docs/conventions.md)"
+    # name and obj let Python suggest a close name ("Did you mean: 'Rbf'?") for other misspellings
+    raise AttributeError(message, name=name, obj=sys.modules[__name__])
 
 
 def __dir__() -> list[str]:

@@ -772,3 +772,21 @@ def test_labels_may_be_booleans_and_log_densities_name_shapes_that_do_not_broadc
     assert bayes.auroc(torch.tensor([-1.0, 2.0, 1.0]), torch.tensor([False, True, True])) == 1.0
     with pytest.raises(ValueError, match=r"must broadcast against each other, got shapes \(3,\), \(2,\)"):
         bayes.gaussian_log_density(np.zeros(3), np.zeros(2), 1.0)   # numpy's "operands could not be broadcast"
+
+
+def test_a_whole_ensemble_history_is_refused_with_the_record_to_pass():
+    """train_ensemble's result where a record's member outputs go was refused as 'must be a numeric
+    array or tensor, got EnsembleHistory', without saying which part to pass."""
+    from ntkgp.bayes import ensemble_moments, ensemble_to_inference_data
+    from ntkgp.finite import train_ensemble
+
+    net = ntkgp.serial(ntkgp.Dense(8), ntkgp.Erf(), ntkgp.Dense(1))
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64).unsqueeze(-1)
+    history = train_ensemble(net, x, torch.sin(x), x_test=x, ensemble_size=4, learning_rate=0.5,
+                             record_steps=[0, 2], dtype=torch.float64)
+    for call in (lambda: ensemble_to_inference_data(history, torch.sin(x[:, 0]), noise=0.01),
+                 lambda: ensemble_moments(history)):
+        with pytest.raises(ValueError, match=r"history\.test_outputs\[i\]"):
+            call()
+    mean, variance = ensemble_moments(history.test_outputs[-1].squeeze(-1))   # what the message says works
+    assert mean.shape == variance.shape == (5,)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -78,3 +79,17 @@ def test_every_documented_subpackage_is_reachable_after_import_ntkgp():
         assert hasattr(ntkgp, name)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         ntkgp.nothing  # noqa: B018
+
+
+@pytest.mark.parametrize("name, spelled", [
+    ("Relu", "ntkgp.ReLU()"), ("Sigmoid_like", "ntkgp.SigmoidLike()"),
+    ("FanInSum", 'ntkgp.parallel(f, g, join="sum")'), ("ElementwiseNumerical", "ntkgp.Numerical("),
+])
+def test_neural_tangents_names_say_what_ntkgp_calls_them(name, spelled):
+    """A port that kept stax's names (ntkgp.Relu()) met a bare "has no attribute 'Relu'"; other
+    misspellings get Python's own suggestion, which needs the error's name and obj."""
+    with pytest.raises(AttributeError, match=f"stax.{name} is {re.escape(spelled)}"):
+        getattr(ntkgp, name)
+    with pytest.raises(AttributeError) as error:
+        ntkgp.Rbff  # noqa: B018
+    assert error.value.name == "Rbff" and error.value.obj is ntkgp   # "Did you mean: 'Rbf'?" when printed

@@ -271,6 +271,10 @@ def _time_label(index: tuple[int, ...] | None) -> str:
 
 
 def _stack_members(predictions) -> np.ndarray:
+    if hasattr(predictions, "test_outputs") and hasattr(predictions, "steps"):   # an EnsembleHistory
+        raise ValueError("predictions are the members' outputs at one time: pass history.test_outputs[i], the "
+                         "(E, M, k) outputs at record i (history.steps[i]), with .squeeze(-1) for (M,) targets; "
+                         f"got the whole {type(predictions).__name__}.")
     if isinstance(predictions, Sequence) and not isinstance(predictions, str | bytes):
         if len(predictions) == 0:
             raise ValueError("predictions must hold at least one ensemble member.")
