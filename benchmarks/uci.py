@@ -23,7 +23,8 @@ standardized units: GPyTorch's default floor of 1e-4 is above the noise of naval
 RMSE is ~0.2% of the target's spread) and the same optimizer budget: ``--steps`` Adam steps of
 rate ``--lr`` on the exact marginal likelihood (:func:`ntkgp.models.fit`), with exact Cholesky solves in float64.
 Training sets larger than ``--max-train`` are subsampled (uniformly, seeded by the split) so that
-an exact GP fits on two CPU cores; the test set is always the full split.
+an exact GP fits on two CPU cores; the test set is always the full split. ``--no-ard`` gives the
+GPs one weight variance (one lengthscale) for all inputs instead of one per input.
 
     python benchmarks/uci.py --data /path/to/uci --splits 3 --out docs/uci.md
 
@@ -131,11 +132,12 @@ def likelihood(noise_floor: float) -> gpytorch.likelihoods.GaussianLikelihood:
 
 
 class BaselineGP(gpytorch.models.ExactGP):
-    """Constant mean, ``ScaleKernel`` of an ARD RBF or Matérn-5/2 kernel."""
+    """Constant mean, ``ScaleKernel`` of an RBF or Matérn-5/2 kernel (ARD unless ``ard=False``)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, kind: str, noise_floor: float = 1e-4) -> None:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, kind: str, noise_floor: float = 1e-4,
+                 ard: bool = True) -> None:
         super().__init__(x, y, likelihood(noise_floor))
-        d = x.shape[-1]
+        d = x.shape[-1] if ard else None
         base = (gpytorch.kernels.RBFKernel(ard_num_dims=d) if kind == "rbf"
                 else gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=d))
         self.mean_module = gpytorch.means.ConstantMean()
@@ -150,9 +152,9 @@ def gp_predict(kind: str, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor
     if kind in ("nngp", "ntk"):
         model = NetworkGP(x, y, kernel=kind, mean="constant", likelihood=likelihood(args.noise_floor),
                           depth=args.depth, activation="relu", weight_var=2.0, bias_var=0.1,
-                          ard_num_dims=x.shape[-1])
+                          ard_num_dims=None if args.no_ard else x.shape[-1])
     else:
-        model = BaselineGP(x, y, kind, args.noise_floor)
+        model = BaselineGP(x, y, kind, args.noise_floor, ard=not args.no_ard)
     model = model.double()
     # Exact Cholesky solves at every size (GPyTorch switches to CG/Lanczos above 800 points).
     with gpytorch.settings.max_cholesky_size(100_000):
@@ -305,7 +307,8 @@ def markdown(all_results: dict[str, list[dict]], args, seconds: float) -> str:
                 f"{args.max_train} points; GPs: {args.steps} Adam steps of lr {args.lr} on the exact marginal "
                 f"likelihood, noise variance ≥ {args.noise_floor:g} (standardized units), float64; network kernels "
                 f"and ensemble: ReLU MLP with {args.depth} hidden layers "
-                f"(initial σ_w² = 2, σ_b² = 0.1, ARD first layer for the GPs); ensemble: {args.ensemble_size} members "
+                f"(initial σ_w² = 2, σ_b² = 0.1, {'no ARD' if args.no_ard else 'ARD first layer for the GPs'}); "
+                f"ensemble: {args.ensemble_size} members "
                 f"of width {args.width}, standard parameterization, Adam lr {args.ensemble_lr}, batch "
                 f"{args.batch_size}, {args.ensemble_epochs} epochs with per-member early stopping on a 10% "
                 "held-out part of the training set, Gaussian NLL with a learned noise variance per member.")
@@ -354,6 +357,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--noise-floor", type=float, default=1e-6, help="lower bound of the GP noise variances")
     parser.add_argument("--depth", type=int, default=2, help="hidden layers of the MLP")
+    parser.add_argument("--no-ard", action="store_true",
+                        help="GPs with one weight variance (lengthscale) for all inputs, not one per input")
     parser.add_argument("--width", type=int, default=50, help="hidden width of the ensemble members")
     parser.add_argument("--ensemble-size", type=int, default=5)
     parser.add_argument("--ensemble-epochs", type=int, default=300)

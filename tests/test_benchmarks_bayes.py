@@ -57,6 +57,11 @@ def test_uci_script_runs_on_a_tiny_dataset(tmp_path):
             assert math.isfinite(split[method]["nlpd"]) and 0.5 < split[method]["rmse"] < 60
     text = out.read_text()
     assert "| toy | 40 (60) | 3 |" in text and "Test NLPD" in text and "--max-train 40" in text
+    plain = uci.main(["--data", str(tmp_path / "uci"), "--datasets", "toy", "--splits", "1", "--steps", "3",
+                      "--max-train", "40", "--methods", "ntk", "rbf", "--no-ard", "--out", str(out)])["toy"][0]
+    assert all("failed" not in plain[method] and plain[method]["rmse"] != splits[0][method]["rmse"]
+               for method in ("ntk", "rbf"))
+    assert "no ARD" in out.read_text()
     with pytest.raises(SystemExit):
         uci.main(["--data", str(tmp_path / "uci"), "--datasets", "toy", "--splits", "3"])   # only 2 splits
     with pytest.raises(SystemExit):
