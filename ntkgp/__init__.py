@@ -5,6 +5,8 @@ A network spec is built once and realized twice: as analytic kernels (``net.kern
 with the same parameterization (``net.build``).
 """
 
+from typing import TYPE_CHECKING
+
 from ntkgp import bayes, finite, predict
 from ntkgp.kernels import NNGPKernel, NTKKernel
 from ntkgp.layers import (
@@ -65,17 +67,21 @@ _NEURAL_TANGENTS_NAMES = {
 }
 
 
-def __getattr__(name: str):
-    import importlib
-    import sys
+if TYPE_CHECKING:   # what the lazy imports below give, for type checkers (which then flag misspelled names)
+    from ntkgp import compare as compare
+    from ntkgp import models as models
+else:
+    def __getattr__(name: str) -> object:
+        import importlib
+        import sys
 
-    if name in _LAZY_SUBPACKAGES:
-        return importlib.import_module(f"ntkgp.{name}")
-    message = f"module 'ntkgp' has no attribute {name!r}"
-    if name in _NEURAL_TANGENTS_NAMES:
-        message += f": neural-tangents' stax.{name} is {_NEURAL_TANGENTS_NAMES[name]} (docs/conventions.md)"
-    # name and obj let Python suggest a close name ("Did you mean: 'Rbf'?") for other misspellings
-    raise AttributeError(message, name=name, obj=sys.modules[__name__])
+        if name in _LAZY_SUBPACKAGES:
+            return importlib.import_module(f"ntkgp.{name}")
+        message = f"module 'ntkgp' has no attribute {name!r}"
+        if name in _NEURAL_TANGENTS_NAMES:
+            message += f": neural-tangents' stax.{name} is {_NEURAL_TANGENTS_NAMES[name]} (docs/conventions.md)"
+        # name and obj let Python suggest a close name ("Did you mean: 'Rbf'?") for other misspellings
+        raise AttributeError(message, name=name, obj=sys.modules[__name__])
 
 
 def __dir__() -> list[str]:

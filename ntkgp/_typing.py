@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, SupportsIndex, Union
 
 import numpy as np
 
@@ -18,4 +18,8 @@ ArrayLike = Union["Tensor", np.ndarray, Sequence, float]
 Times = Union[float, "Tensor", np.ndarray, Sequence[float], None]
 
 #: Discrete gradient-descent step counts: one, several (a leading output axis), or ``None``.
-Steps = Union[int, "Tensor", np.ndarray, Sequence[int], None]
+Steps = Union[SupportsIndex, "Tensor", np.ndarray, Sequence[SupportsIndex], None]
+
+#: A time of a Gaussian with time axes (``ntkgp.bayes``' ``time_index``): an integer (numpy and 0-d
+#: tensor integers too), one per time axis, or ``None`` for a Gaussian without time axes.
+TimeIndex = SupportsIndex | Sequence[SupportsIndex] | None

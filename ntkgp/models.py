@@ -83,9 +83,9 @@ class NetworkGP(gpytorch.models.ExactGP):
     own evaluates the marginal likelihood outside the model, so wrap it in
     ``with ntkgp.models.exact_solves(model):`` too.
     Eval-mode predictions follow hyperparameters changed in place (``model.net[0].weight_var = 5.0``,
-    ``initialize``, an optimizer step, the noise): GPyTorch's ``ExactGP`` keeps the training solve
-    of its first prediction until ``train()``, and so does a model of one's own with
-    :class:`~ntkgp.NTKKernel` (call ``model.train(); model.eval()`` after such a change).
+    ``initialize``, an optimizer step, the noise, a fixed noise): GPyTorch's ``ExactGP`` keeps the
+    training solve of its first prediction until ``train()``, and so does a model of one's own
+    with :class:`~ntkgp.NTKKernel` (call ``model.train(); model.eval()`` after such a change).
     Gradients of eval-mode predictions with respect to the hyperparameters need
     ``gpytorch.settings.detach_test_caches(False)``: by default GPyTorch caches the training
     solve without its graph (the mean's gradient then misses every path through it).
@@ -205,8 +205,13 @@ class NetworkGP(gpytorch.models.ExactGP):
         with exact_solves(self):   # the prediction's solves run here
             output = super().__call__(*inputs, **kwargs)
         if rebuilt:
-            self._prediction_record = HyperparameterRecord(self)
+            self._record_prediction_state()
         return output
+
+    def _record_prediction_state(self) -> None:
+        """Record the values GPyTorch's cached training solve was built from (the likelihood's plain
+        tensors too: a fixed noise is one)."""
+        self._prediction_record = HyperparameterRecord(self, attributes_of=self.likelihood)
 
     def _drop_stale_prediction_strategy(self) -> bool:
         """Drop GPyTorch's cached training solve if the hyperparameters changed since it was built;
@@ -231,7 +236,9 @@ class NetworkGP(gpytorch.models.ExactGP):
         if self._drop_stale_prediction_strategy():   # GPyTorch fantasizes from the cached solve: rebuilt first
             with torch.no_grad():
                 self(self.train_inputs[0][..., :1, :])
-        return super().get_fantasy_model(inputs, targets, **kwargs)
+        fantasy = super().get_fantasy_model(inputs, targets, **kwargs)
+        fantasy._record_prediction_state()   # its solve is the updated one, for its data and (fixed) noises
+        return fantasy
 
     @property
     def vector_targets(self) -> bool:

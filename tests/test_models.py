@@ -898,3 +898,36 @@ def test_fantasies_follow_hyperparameters_changed_in_place():
         refit = NetworkGP(torch.cat([x, xf]), torch.cat([y, yf]), kernel="ntk", depth=2, activation="erf").eval()
         refit.load_state_dict(model.state_dict())
         torch.testing.assert_close(fantasy(xt).mean, refit(xt).mean, rtol=1e-8, atol=1e-10)
+
+
+def test_an_unchanged_model_keeps_its_cached_solve_and_a_fixed_noise_is_followed():
+    """The check that rebuilds a stale solve must keep a valid one (a check that always rebuilt
+    passed the tests above), and a FixedNoiseGaussianLikelihood keeps its noise as a plain tensor,
+    which the parameters and buffers do not show (0.40 off a rebuilt model)."""
+    x, y = _data(25)
+    x_test = x[:5] + 0.05
+    noise = torch.full((25,), 0.01)
+    model = NetworkGP(x, y, kernel="nngp", depth=2, activation="erf",
+                      likelihood=gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise)).eval()
+    with torch.no_grad():
+        model(x_test)
+        strategy = model.prediction_strategy
+        model(x_test)
+        assert model.prediction_strategy is strategy
+        model.likelihood.noise = torch.full((25,), 0.5)
+        after = model(x_test)
+        model.train()
+        model.eval()
+        rebuilt = model(x_test)
+        torch.testing.assert_close(after.mean, rebuilt.mean, rtol=1e-12, atol=1e-12)
+        # a fantasy's solve is the updated one: kept, and equal to a model refitted with the new point
+        fantasy = model.get_fantasy_model(x[:1] + 0.1, y[:1], noise=torch.full((1,), 0.5))
+        fantasy(x_test)
+        strategy = fantasy.prediction_strategy
+        out = fantasy(x_test)
+        assert fantasy.prediction_strategy is strategy
+        refit = NetworkGP(torch.cat([x, x[:1] + 0.1]), torch.cat([y, y[:1]]), kernel="nngp", depth=2,
+                          activation="erf",
+                          likelihood=gpytorch.likelihoods.FixedNoiseGaussianLikelihood(torch.full((26,), 0.5)))
+        refit.covar_module.load_state_dict(model.covar_module.state_dict())
+        torch.testing.assert_close(out.mean, refit.eval()(x_test).mean, rtol=1e-8, atol=1e-10)

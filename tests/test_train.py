@@ -555,3 +555,22 @@ def test_a_trained_chunk_is_freed_when_train_ensemble_returns(engine, readout_on
         assert alive() == before
     finally:
         gc.enable()
+
+
+def test_a_chunk_that_fails_before_training_takes_its_hooks_off(monkeypatch):
+    """The step's hooks went on before the try whose finally takes them off: an error in between
+    (the probe's first empirical NTK running out of memory, say) left them on the model, which they
+    keep in a reference cycle."""
+    models = []
+
+    def out_of_memory(model, *args, **kwargs):
+        models.append(model)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(train_module, "empirical_ntk", out_of_memory)
+    net = ntkgp.serial(ntkgp.Dense(16), ntkgp.Erf(), ntkgp.Dense(1))
+    x = torch.linspace(-1, 1, 6, dtype=torch.float64).unsqueeze(-1)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_ensemble(net, x, torch.sin(x), probe=x, ensemble_size=2, learning_rate=0.5, record_steps=[0, 3],
+                       engine="stacked", dtype=torch.float64, device="cpu")
+    assert [len(m._forward_hooks) for m in models[0].modules()] == [0] * len(list(models[0].modules()))

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import inspect
 import pathlib
+import types
 import typing
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -79,6 +81,10 @@ def test_overloads_have_the_implementation_s_parameters_and_tell_the_truth(name)
         for parameter, original in zip(signature.parameters.values(), implementation.parameters.values(), strict=True):
             if parameter.default is not inspect.Parameter.empty or parameter.name != keyword:
                 assert parameter.default == original.default, (name, parameter.name)
+            # the same kind, or keyword-only behind a narrowed keyword; the same hint but for the narrowed one
+            assert parameter.kind in (original.kind, inspect.Parameter.KEYWORD_ONLY), (name, parameter.name)
+            if parameter.name != keyword:
+                assert parameter.annotation == original.annotation, (name, parameter.name)
         hints = typing.get_type_hints(overload)
         value = _literal_value(hints[keyword])
         if value is None:   # the fallback: the implementation's hints, for a value known at run time only
@@ -101,3 +107,53 @@ def test_overloads_have_the_implementation_s_parameters_and_tell_the_truth(name)
                 (name, value)
             assert isinstance(result.mean, Tensor)
     assert fallback == 1, name
+
+
+def _admits(hint, value) -> bool:
+    """Whether ``value`` passes ``hint`` at the top level (a union's members, a generic's origin)."""
+    if hint is typing.Any:
+        return True
+    if hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_admits(member, value) for member in typing.get_args(hint))
+    if hint is float:   # the numeric tower: ints, numpy floats
+        return isinstance(value, int | float)
+    return isinstance(value, origin if origin is not None else hint)
+
+
+def _documented_values():
+    """Calls the docstrings document and run time accepts, which the hints refused (a type-checker
+    audit): ``(object, parameter, value)``."""
+    from ntkgp.bayes import draws_to_inference_data, ensemble_to_inference_data, predictive_moments, select_time
+    from ntkgp.compare import CompareConfig, loglog_slope
+    from ntkgp.finite import empirical_ntk, train_ensemble
+    from ntkgp.predict import gradient_descent_mse
+
+    return [
+        (ntkgp.Layer.build, "seed", np.int64(3)),
+        (ntkgp.Layer.build, "seed", torch.tensor(3)),
+        (ntkgp.Layer.expand_batch, "batch_shape", (2,)),
+        (draws_to_inference_data, "seed", np.random.default_rng(0)),
+        (ensemble_to_inference_data, "seed", np.random.SeedSequence(1)),
+        (predictive_moments, "noise", np.full(4, 0.1)),
+        (predictive_moments, "time_index", np.intp(2)),
+        (select_time, "time_index", torch.tensor(2)),
+        (loglog_slope, "values", np.ones(3)),
+        (CompareConfig, "device", torch.device("cpu")),
+        (CompareConfig, "widths", [32, 64]),
+        (train_ensemble, "record_steps", np.arange(3)),
+        (gradient_descent_mse, "diag_reg", torch.tensor(0.1, requires_grad=True)),
+        (empirical_ntk, "params", {"weight": torch.nn.Parameter(torch.zeros(1))}),
+        (predict.GradientFlow.predict, "steps", np.int64(10)),
+    ]
+
+
+def test_hints_admit_what_the_docstrings_document():
+    """With py.typed shipped, a hint narrower than the documented inputs makes users' type checkers
+    refuse correct calls (seed=np.int64(3), noise as a numpy array, a numpy time index, ...)."""
+    for function, name, value in _documented_values():
+        hint = typing.get_type_hints(function, localns={"Tensor": Tensor})[name]   # ntkgp.bayes: torch-free
+        assert _admits(hint, value), (function.__qualname__, name, hint, type(value))
+    assert typing.get_type_hints(ntkgp.finite.empirical_ntk)["return"] is Tensor   # the decorator keeps its type

@@ -13,7 +13,8 @@ flags the points the mean gets wrong (the misclassification-detection task of He
 
 from __future__ import annotations
 
-from typing import overload
+from collections.abc import Sequence
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -83,7 +84,7 @@ def predict_classes(mean: Tensor) -> Tensor: ...
 
 
 @overload
-def predict_classes(mean: np.ndarray | list | tuple) -> np.ndarray: ...
+def predict_classes(mean: np.ndarray | Sequence[Any]) -> np.ndarray: ...
 
 
 def predict_classes(mean: ArrayLike) -> Tensor | np.ndarray:

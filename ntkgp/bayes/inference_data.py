@@ -46,10 +46,11 @@ from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least, o
 OBS_DIM, OUTPUT_DIM = "obs_id", "output"
 
 
-def gaussian_log_density(y: ArrayLike, mean: ArrayLike, variance: ArrayLike) -> np.ndarray:
+def gaussian_log_density(y: ArrayLike, mean: ArrayLike, variance: ArrayLike) -> np.ndarray | float:
     r"""Elementwise ``log N(y | mean, variance) = −½ log(2π variance) − (y − mean)² / (2 variance)``.
 
-    Arguments broadcast against each other (numpy rules); ``variance`` must be positive.
+    Arguments broadcast against each other (numpy rules); ``variance`` must be positive. An array,
+    or a float (``numpy.float64``) when all three are scalars.
     """
     y, mean = finite(y, "y"), finite(mean, "mean")
     variance = finite(variance, "variance", booleans=False)
@@ -83,7 +84,8 @@ def arviz_major_version() -> int:
 
 
 def draws_to_inference_data(f_draws: ArrayLike, y_obs: ArrayLike, noise: ArrayLike, *, num_chains: int = 1,
-                            y_draws: ArrayLike | None = None, seed: int | None = 0,
+                            y_draws: ArrayLike | None = None,
+                            seed: int | np.random.Generator | np.random.SeedSequence | None = 0,
                             attrs: dict[str, Any] | None = None) -> Any:
     r"""ArviZ data from ``S`` latent draws ``f_draws`` of shape ``(S, M)`` or ``(S, M, k)``.
 

@@ -16,21 +16,23 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ntkgp._typing import ArrayLike
+from ntkgp._typing import ArrayLike, TimeIndex
 from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least, seed_value
 from ntkgp.bayes.inference_data import check_export, draws_to_inference_data
 from ntkgp.layers.validation import all_finite
 from ntkgp.predict.gaussian import Gaussian
 from ntkgp.predict.spectral import check_symmetric
 
+_G = TypeVar("_G", bound=Gaussian)
 
-def select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None = None) -> Gaussian:
+
+def select_time(gaussian: _G, time_index: TimeIndex = None) -> _G:
     """The Gaussian at one training time: mean ``(M,)``/``(M, k)`` and covariance ``(M, M)`` (or
     marginal variances ``(M,)``, from ``compute_cov="diag"``).
 
@@ -39,10 +41,10 @@ def select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None = Non
     from the end) picks one time. Gaussians without time axes are returned as they are and need
     ``time_index=None``.
     """
-    return _select_time(gaussian, time_index)[0]
+    return cast(_G, _select_time(gaussian, time_index)[0])   # covariance or variances stay None where they were
 
 
-def _select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None) -> tuple[Gaussian, tuple[int, ...] | None]:
+def _select_time(gaussian: Gaussian, time_index: TimeIndex) -> tuple[Gaussian, tuple[int, ...] | None]:
     """:func:`select_time`, and the time picked as non-negative integers (``None`` without time axes)."""
     if not isinstance(gaussian, Gaussian):
         raise ValueError(f"Expected an ntkgp.predict.Gaussian, got {type(gaussian).__name__}.")
@@ -96,8 +98,8 @@ def _select_time(gaussian: Gaussian, time_index: int | Sequence[int] | None) -> 
     return Gaussian(mean[index], cov[index], gaussian.scale), index
 
 
-def predictive_moments(gaussian: Gaussian, noise: float | Tensor = 0.0,
-                       time_index: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+def predictive_moments(gaussian: Gaussian, noise: float | Tensor | np.ndarray = 0.0,
+                       time_index: TimeIndex = None) -> tuple[Tensor, Tensor]:
     """Predictive mean ``μ`` (``(M,)``/``(M, k)``) and marginal variances ``diag Σ + σ²`` (``(M,)``)
     of ``y* ~ N(μ, Σ + σ² I)`` (Rasmussen & Williams 2006, eq. 2.24 plus the noise).
 
@@ -189,7 +191,7 @@ def _seed(seed: int | None) -> int | None:
     return None if seed is None else seed_value(seed, 0)
 
 
-def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: int | Sequence[int] | None = None,
+def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: TimeIndex = None,
                    seed: int | None = 0) -> Tensor:
     r"""``num_draws`` joint draws ``f⁽ˢ⁾ = μ + R z⁽ˢ⁾``, ``z ~ N(0, I)``, ``R Rᵀ = Σ``.
 
@@ -216,8 +218,9 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: int
     return draws if mean.dim() == 2 else draws.squeeze(-1)
 
 
-def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: float | Tensor, *, num_draws: int = 1000,
-                               num_chains: int = 1, time_index: int | Sequence[int] | None = None,
+def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: float | Tensor | np.ndarray, *,
+                               num_draws: int = 1000,
+                               num_chains: int = 1, time_index: TimeIndex = None,
                                seed: int | None = 0) -> Any:
     r"""Posterior-predictive draws of an ntkgp Gaussian, exported for ArviZ.
 
@@ -316,7 +319,8 @@ def ensemble_moments(predictions: ArrayLike, noise: float | Tensor | np.ndarray 
 
 
 def ensemble_to_inference_data(predictions: ArrayLike, y_obs: ArrayLike, noise: float | Tensor | np.ndarray,
-                               *, num_chains: int = 1, seed: int | None = 0) -> Any:
+                               *, num_chains: int = 1,
+                               seed: int | np.random.Generator | np.random.SeedSequence | None = 0) -> Any:
     r"""A finite ensemble's predictions exported for ArviZ: the ``E`` members are the draws.
 
     Member ``e``'s outputs ``f⁽ᵉ⁾`` are one posterior draw (the deep-ensemble reading of

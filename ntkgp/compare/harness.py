@@ -38,7 +38,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -98,7 +98,7 @@ class CompareConfig:
             are compared with the spec's :func:`~ntkgp.finite.ntk_parameterized` version.
     """
 
-    widths: tuple[int, ...] = (32, 128, 512)
+    widths: Sequence[int] = (32, 128, 512)   # stored as a sorted tuple
     ensemble_size: int = 64
     depth: int = 2
     activation: str = "erf"
@@ -108,10 +108,10 @@ class CompareConfig:
     readout_only: bool = False
     learning_rate: float | None = None
     lr_fraction: float = 0.5
-    record_steps: tuple[int, ...] = (0, 10, 100, 1000)
+    record_steps: Sequence[int] = (0, 10, 100, 1000)   # stored as a sorted tuple
     probe_points: int = 8
     seed: int = 0
-    device: str | None = None
+    device: str | torch.device | None = None   # stored as a string
     dtype: str = "float32"
     chunk_size: int | None = None
     divergence_check: bool = True
@@ -371,7 +371,7 @@ def _whole_numbers(values: object, minimum: int, name: str, kind: str, maximum: 
     return tuple(numbers_)
 
 
-def loglog_slope(widths: list[int], values: list[float]) -> float:
+def loglog_slope(widths: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndarray) -> float:
     """Least-squares slope of ``log(value)`` against ``log(width)``.
 
     NaN with fewer than two widths or when a value is not positive and finite (a zero mean bias is

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +54,10 @@ ParamFn = Callable[[dict[str, Tensor], Tensor], Tensor]
 _BUILT_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.Identity)
 
 
-def _without_autocast(fn: Callable) -> Callable:
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _without_autocast(fn: _F) -> _F:
     """``fn(model, x1, ...)`` with a caller's ``torch.autocast`` switched off for ``x1``'s device, as
     ``net.kernel`` does: the empirical kernels of a float32 network came out in bfloat16 under CPU
     autocast, 4e-3 off, while the analytic ones they are compared with kept float32."""
@@ -63,7 +67,7 @@ def _without_autocast(fn: Callable) -> Callable:
         with _autocast_off(x1.device if isinstance(x1, Tensor) else torch.device("cpu")):
             return fn(model, x1, *args, **kwargs)
 
-    return wrapper
+    return cast(_F, wrapper)   # the decorated function's signature, for type checkers
 
 
 def ensemble_size(model: nn.Module) -> int | None:
@@ -92,7 +96,7 @@ def _built_by_ntkgp(model: nn.Module | ParamFn) -> bool:
         type(m) in _BUILT_CONTAINERS or type(m).__module__.startswith("ntkgp.") for m in model.modules())
 
 
-def _as_function(model: nn.Module | ParamFn, params: dict[str, Tensor] | None, x: Tensor
+def _as_function(model: nn.Module | ParamFn, params: Mapping[str, Tensor] | None, x: Tensor
                  ) -> tuple[ParamFn, dict[str, Tensor], int | None, dict[str, Tensor]]:
     """``(fn, params, members, fixed)``: ``fn(p, x)`` the outputs at parameters ``p``, the parameters to
     differentiate (``params=`` or all of a module's, detached), the ensemble size, and a module's
@@ -271,7 +275,7 @@ def _check_plain_inputs(x1: Tensor, x2: Tensor | None, model: nn.Module | ParamF
 
 @_without_autocast
 def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None, *,
-                   params: dict[str, Tensor] | None = None, vector_output: bool = False) -> Tensor:
+                   params: Mapping[str, Tensor] | None = None, vector_output: bool = False) -> Tensor:
     """``K̂(x, x') = (1/k) f(x)·f(x')`` per output unit ``(n1, n2)`` (or ``f_i(x) f_j(x')`` as
     ``(n1, n2, k, k)``); ``(E, …)`` for ensembles. Over random initializations its mean is the NNGP
     kernel (Neal 1996; Lee et al. 2018). A constant: no gradient flows through it."""
@@ -293,8 +297,8 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
 @_without_autocast
 @differentiates
 def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None, *,
-                  params: dict[str, Tensor] | None = None, vector_output: bool = False,
-                  chunk_size: int | None = None, parameter_scales: dict[str, float | Tensor] | None = None
+                  params: Mapping[str, Tensor] | None = None, vector_output: bool = False,
+                  chunk_size: int | None = None, parameter_scales: Mapping[str, float | Tensor] | None = None
                   ) -> Tensor:
     """``Θ̂(x, x') = Σ_p s_p ∂f(x)/∂θ_p ∂f(x')/∂θ_p`` per output unit, or in full with
     ``vector_output``: the empirical neural tangent kernel, which converges to the analytic NTK as

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar, overload
+from typing import Generic, Literal, overload
 
 import torch
 from torch import Tensor
@@ -11,14 +11,11 @@ from torch import Tensor
 from ntkgp._checks import NT_GET_HINT, check_flag, integer_at_least, seed_value
 from ntkgp.finite.empirical import empirical_nngp, empirical_ntk
 from ntkgp.layers.base import Layer
+from ntkgp.layers.state import _NTK
 from ntkgp.layers.validation import check_inputs
 
 #: Bytes of Jacobian held at once when estimating NTKs.
 JACOBIAN_BYTES = 1 << 29
-
-
-#: The type of :attr:`KernelEstimate.ntk` and ``ntk_sem``: ``Tensor``, or ``None`` with ``ntk=False``.
-_NTK = TypeVar("_NTK", bound=Tensor | None, covariant=True)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -187,7 +188,7 @@ def train_ensemble(
     *,
     ensemble_size: int = 64,
     learning_rate: float,
-    record_steps: int | Sequence[int] | Tensor,
+    record_steps: int | Sequence[int] | Tensor | np.ndarray,
     x_test: Tensor | None = None,
     probe: Tensor | None = None,
     readout_only: bool = False,
@@ -555,54 +556,54 @@ def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar
         p.requires_grad_(name in trained)
     rates = equivalent_learning_rates(model, learning_rate)
     fused = None
-    if engine != "stacked":   # before the stacked step puts its hooks on the model
-        fused = fused_steps(model, trained, rates, x, y)
-        if isinstance(fused, str):
-            if engine == "fused":
-                raise ValueError(f"engine='fused' does not apply: {fused}. Use engine='stacked' or 'auto'.")
-            warn_fallback(fused, x.dtype)   # a kernel that failed to build: the stacked step was a silent 3x
-            fused = None
-    dense_params = {id(p) for mod in model.modules() if isinstance(mod, DenseModule) for p in mod.parameters(False)}
-    inputs, split = x, _frozen_body(model) if readout_only else None
-    if split is not None:
-        # the frozen layers' output on the training inputs never changes: computed once, and each
-        # step runs the readout alone (O(n) per member instead of the hidden layers' O(n²))
-        body, readout, dot = split
-        with torch.no_grad():
-            inputs = body(x)
-        stepper = _DenseStep(readout, [n[len(dot):] for n in trained],
-                             {n[len(dot):]: r for n, r in rates.items() if n.startswith(dot)})
-    elif all(id(p) in dense_params for p in model.parameters()):
-        stepper = _DenseStep(model, trained, rates)
-    else:
-        stepper = None
-    loss_and_step = _autograd_step(model, trained, rates) if stepper is None else stepper.loss_and_step
-    m = y.numel()
-    groups = layer_groups(model, x)
-    changes = _Changes(model, groups)
-    # the kernel that drives training: frozen parameters (readout-only) have rate 0
-    ratios = {n: rates[n] / learning_rate if n in trained else 0.0 for n in names}
-    scales = {n: r for n, r in ratios.items() if not _is_one(r)}
-    ntk0 = empirical_ntk(model, probe, parameter_scales=scales) if probe is not None else None
-    outputs, losses, weights, ntks = [], [], [], []
-    per_group: dict[str, list[Tensor]] = {g: [] for g in groups}
-    initial_loss, diverged_at, step = None, None, 0
+    stepper = None
+    try:   # from here on the fused engine's threads and the step's hooks are released however it ends
+        if engine != "stacked":   # before the stacked step puts its hooks on the model
+            fused = fused_steps(model, trained, rates, x, y)
+            if isinstance(fused, str):
+                if engine == "fused":
+                    raise ValueError(f"engine='fused' does not apply: {fused}. Use engine='stacked' or 'auto'.")
+                warn_fallback(fused, x.dtype)   # a kernel that failed to build: the stacked step was a silent 3x
+                fused = None
+        dense_params = {id(p) for mod in model.modules() if isinstance(mod, DenseModule)
+                        for p in mod.parameters(False)}
+        inputs, split = x, _frozen_body(model) if readout_only else None
+        if split is not None:
+            # the frozen layers' output on the training inputs never changes: computed once, and each
+            # step runs the readout alone (O(n) per member instead of the hidden layers' O(n²))
+            body, readout, dot = split
+            with torch.no_grad():
+                inputs = body(x)
+            stepper = _DenseStep(readout, [n[len(dot):] for n in trained],
+                                 {n[len(dot):]: r for n, r in rates.items() if n.startswith(dot)})
+        elif all(id(p) in dense_params for p in model.parameters()):
+            stepper = _DenseStep(model, trained, rates)
+        loss_and_step = _autograd_step(model, trained, rates) if stepper is None else stepper.loss_and_step
+        m = y.numel()
+        groups = layer_groups(model, x)
+        changes = _Changes(model, groups)
+        # the kernel that drives training: frozen parameters (readout-only) have rate 0
+        ratios = {n: rates[n] / learning_rate if n in trained else 0.0 for n in names}
+        scales = {n: r for n, r in ratios.items() if not _is_one(r)}
+        ntk0 = empirical_ntk(model, probe, parameter_scales=scales) if probe is not None else None
+        outputs, losses, weights, ntks = [], [], [], []
+        per_group: dict[str, list[Tensor]] = {g: [] for g in groups}
+        initial_loss, diverged_at, step = None, None, 0
 
-    def record(current_loss: Tensor) -> None:
-        with torch.no_grad():
-            outputs.append(model(xt).detach().cpu())
-            losses.append(current_loss.detach().cpu())
-            total, by_group = changes.relative()
-            weights.append(total.cpu())
-            for g in groups:
-                per_group[g].append(by_group[g].cpu())
-        if probe is not None:
-            ntk = empirical_ntk(model, probe, parameter_scales=scales)
-            ntks.append(_relative((ntk - ntk0).flatten(1).norm(dim=1), ntk0.flatten(1).norm(dim=1)).cpu())
+        def record(current_loss: Tensor) -> None:
+            with torch.no_grad():
+                outputs.append(model(xt).detach().cpu())
+                losses.append(current_loss.detach().cpu())
+                total, by_group = changes.relative()
+                weights.append(total.cpu())
+                for g in groups:
+                    per_group[g].append(by_group[g].cpu())
+            if probe is not None:
+                ntk = empirical_ntk(model, probe, parameter_scales=scales)
+                ntks.append(_relative((ntk - ntk0).flatten(1).norm(dim=1), ntk0.flatten(1).norm(dim=1)).cpu())
 
-    targets = iter(steps)
-    next_record = next(targets)
-    try:
+        targets = iter(steps)
+        next_record = next(targets)
         while True:
             per_member, do_step = loss_and_step(inputs, y, m)
             if initial_loss is None:

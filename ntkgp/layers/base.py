@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Literal, overload
+from typing import Literal, SupportsIndex, overload
 
 import gpytorch
 import torch
@@ -256,7 +256,7 @@ class Layer(VarianceParameters, gpytorch.Module):
     def build(
         self,
         in_features: int | None = None,
-        seed: int = 0,
+        seed: SupportsIndex = 0,
         ensemble_size: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -308,7 +308,7 @@ class Layer(VarianceParameters, gpytorch.Module):
         return module
 
     # ------------------------------------------------------------------ GPyTorch batches
-    def expand_batch(self, batch_shape: torch.Size) -> None:
+    def expand_batch(self, batch_shape: Sequence[SupportsIndex]) -> None:
         """Give every hyperparameter in this network a leading ``batch_shape`` (in place)."""
         try:   # expand_batch(3): "'int' object is not iterable"; Size([-1]): "integer multiplication overflow"
             shape = torch.Size(integer_at_least(n, 0, "batch_shape's sizes") for n in batch_shape)

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, cast
 
 import torch
 from torch import Tensor
+from typing_extensions import TypeVar  # default= (PEP 696) before Python 3.13
 
 from ntkgp.layers.numerics import is_vmapped, needs_graph, straight_through
 from ntkgp.layers.validation import broadcast_shapes
@@ -305,9 +306,10 @@ def _values_only(fix, state: KernelState) -> KernelState:
     return state.replace(nngp=straight_through(state.nngp, fixed.nngp), ntk=ntk, cov1=cov1, cov2=cov2)
 
 
-#: The type of :attr:`KernelState.ntk`: ``Tensor`` in what ``kernel(..., ntk=True)`` returns,
-#: ``None`` with ``ntk=False`` (``KernelState[Tensor]``, ``KernelState[None]`` to type checkers).
-_NTK = TypeVar("_NTK", bound=Tensor | None, covariant=True)
+#: The type of :attr:`KernelState.ntk` (and :attr:`ntkgp.finite.KernelEstimate.ntk`): ``Tensor`` in
+#: what ``kernel(..., ntk=True)`` returns, ``None`` with ``ntk=False`` (``KernelState[Tensor]``,
+#: ``KernelState[None]`` to type checkers).
+_NTK = TypeVar("_NTK", bound=Tensor | None, covariant=True, default=Tensor | None)
 
 
 @dataclass(frozen=True)
@@ -383,7 +385,8 @@ class KernelState(Generic[_NTK]):
         if symmetric is None:
             symmetric = x2 is None
         none = cast(Tensor, None)   # no kernels yet: x1 and x2 stand for them
-        return cls(nngp=none, ntk=x1.new_zeros(()) if want_ntk else None, cov1=none, cov2=none,
+        ntk = cast(Tensor, x1.new_zeros(())) if want_ntk else None
+        return cls(nngp=none, ntk=ntk, cov1=none, cov2=none,
                    width=x1.shape[-1], diag=diag, symmetric=symmetric, x1=x1,
                    x2=x1 if x2 is None else x2, row_offset=row_offset, sq_norms=sq_norms, duplicates=duplicates)
 

@@ -5,18 +5,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Generic, TypeVar, cast
+from typing import Generic, cast
 
 import torch
 from torch import Tensor
+from typing_extensions import TypeVar  # default= (PEP 696) before Python 3.13
 
 from ntkgp._checks import check_flag
 from ntkgp.layers.base import Layer, NonFiniteKernelError, variance_batch_shapes
 from ntkgp.layers.validation import all_finite, check_points, finite_number
 
-#: The types of :attr:`Gaussian.covariance` and :attr:`Gaussian.variance`: each ``Tensor`` or ``None``.
-_Cov = TypeVar("_Cov", bound=Tensor | None, covariant=True)
-_Var = TypeVar("_Var", bound=Tensor | None, covariant=True)
+#: The types of :attr:`Gaussian.covariance` and :attr:`Gaussian.variance`: each ``Tensor`` or ``None``
+#: (both, by default: a Gaussian built by hand, whose constructor cannot tell the variance's type).
+_Cov = TypeVar("_Cov", bound=Tensor | None, covariant=True, default=Tensor | None)
+_Var = TypeVar("_Var", bound=Tensor | None, covariant=True, default=Tensor | None)
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,8 @@ class Gaussian(Generic[_Cov, _Var]):
     To type checkers the predictors return ``Gaussian[Tensor, Tensor]`` (covariance and variances)
     by default, ``Gaussian[None, Tensor]`` with ``compute_cov="diag"`` (variances alone) and
     ``Gaussian[None, None]`` with ``compute_cov=False`` (the mean alone): the first argument is the
-    type of :attr:`covariance`, the second that of :attr:`variance`.
+    type of :attr:`covariance`, the second that of :attr:`variance` (``Tensor | None`` each for a
+    Gaussian built by hand).
 
     Attributes:
         mean: ``(*time, M)`` for 1-D targets, ``(*time, M, k)`` for ``k`` outputs.
@@ -133,21 +136,31 @@ class HyperparameterRecord:
     not meant to change, to the digits it prints.
     """
 
-    def __init__(self, net: object) -> None:
-        self.values = self._state(net)
+    def __init__(self, net: object, attributes_of: torch.nn.Module | None = None) -> None:
+        self.attributes_of = attributes_of
+        self.values = {name: t.detach().clone() for name, t in self._tensors(net)}
         self.printed = repr(net)
 
-    @staticmethod
-    def _state(net: object) -> dict[str, Tensor]:
+    def _tensors(self, net: object) -> Iterator[tuple[str, Tensor]]:
+        """``net``'s parameters and buffers, and the plain tensor attributes of ``attributes_of``'s
+        modules (a ``FixedNoiseGaussianLikelihood`` keeps its noise in one)."""
         if not isinstance(net, torch.nn.Module):   # an object serving kernels of its own (tests use fixed matrices)
-            return {}
-        return {name: t.detach().clone() for name, t in (*net.named_parameters(), *net.named_buffers())}
+            return
+        yield from net.named_parameters()
+        yield from net.named_buffers()
+        if self.attributes_of is not None:
+            for prefix, module in self.attributes_of.named_modules():
+                for name, value in vars(module).items():
+                    if isinstance(value, Tensor):
+                        yield f"attribute {prefix}.{name}", value
 
     def matches(self, net: object) -> bool:
         """Whether ``net``'s parameters and buffers hold the recorded values."""
-        now = self._state(net)
-        return repr(net) == self.printed and now.keys() == self.values.keys() and all(
-            now[name].shape == value.shape and torch.equal(now[name].to(value.device), value)
+        if repr(net) != self.printed:
+            return False
+        now = dict(self._tensors(net))   # compared as they are: cloning them all took a third of the time
+        return now.keys() == self.values.keys() and all(
+            now[name].shape == value.shape and torch.equal(now[name].detach().to(value.device), value)
             for name, value in self.values.items())
 
     def check(self, net: object) -> None:

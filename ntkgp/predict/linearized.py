@@ -42,29 +42,31 @@ from ntkgp.predict.spectral import (
 @overload
 def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = ...,
                          ntk_test_train: None = ..., fx_test_0: None = ..., t: Times = ..., steps: Steps = ...,
-                         learning_rate: float = ..., diag_reg: float = ..., diag_reg_absolute_scale: bool = ...,
-                         factor_dtype: torch.dtype = ...) -> Tensor: ...
+                         learning_rate: float = ..., diag_reg: float | Tensor = ...,
+                         diag_reg_absolute_scale: bool = ..., factor_dtype: torch.dtype = ...) -> Tensor: ...
 
 
 @overload
 def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = ...,
                          ntk_test_train: Tensor, fx_test_0: Tensor | float, t: Times = ..., steps: Steps = ...,
-                         learning_rate: float = ..., diag_reg: float = ..., diag_reg_absolute_scale: bool = ...,
-                         factor_dtype: torch.dtype = ...) -> tuple[Tensor, Tensor]: ...
+                         learning_rate: float = ..., diag_reg: float | Tensor = ...,
+                         diag_reg_absolute_scale: bool = ..., factor_dtype: torch.dtype = ...
+                         ) -> tuple[Tensor, Tensor]: ...
 
 
 @overload
 def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = ...,
                          ntk_test_train: Tensor | None = ..., fx_test_0: Tensor | float | None = ..., t: Times = ...,
-                         steps: Steps = ..., learning_rate: float = ..., diag_reg: float = ...,
+                         steps: Steps = ..., learning_rate: float = ..., diag_reg: float | Tensor = ...,
                          diag_reg_absolute_scale: bool = ..., factor_dtype: torch.dtype = ...
                          ) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
 def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = 0.0,
                          ntk_test_train: Tensor | None = None, fx_test_0: Tensor | float | None = None,
-                         t: Times = None, steps: Steps = None, learning_rate: float = 1.0, diag_reg: float = 0.0,
-                         diag_reg_absolute_scale: bool = False, factor_dtype: torch.dtype = torch.float64
+                         t: Times = None, steps: Steps = None, learning_rate: float = 1.0,
+                         diag_reg: float | Tensor = 0.0, diag_reg_absolute_scale: bool = False,
+                         factor_dtype: torch.dtype = torch.float64
                          ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Outputs of one network after training for time ``t`` (or ``steps`` steps).
 
