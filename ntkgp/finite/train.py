@@ -559,12 +559,13 @@ def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar
     stepper = None
     try:   # from here on the fused engine's threads and the step's hooks are released however it ends
         if engine != "stacked":   # before the stacked step puts its hooks on the model
-            fused = fused_steps(model, trained, rates, x, y)
-            if isinstance(fused, str):
+            built = fused_steps(model, trained, rates, x, y)
+            if isinstance(built, str):   # why the engine does not apply
                 if engine == "fused":
-                    raise ValueError(f"engine='fused' does not apply: {fused}. Use engine='stacked' or 'auto'.")
-                warn_fallback(fused, x.dtype)   # a kernel that failed to build: the stacked step was a silent 3x
-                fused = None
+                    raise ValueError(f"engine='fused' does not apply: {built}. Use engine='stacked' or 'auto'.")
+                warn_fallback(built, x.dtype)   # a kernel that failed to build: the stacked step was a silent 3x
+            else:
+                fused = built
         dense_params = {id(p) for mod in model.modules() if isinstance(mod, DenseModule)
                         for p in mod.parameters(False)}
         inputs, split = x, _frozen_body(model) if readout_only else None
