@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable
-from typing import TypeVar, cast
+from typing import cast
 
 import numpy as np
+
+from ntkgp._typing import Function
 
 
 def holds_a_boolean(value: object) -> bool:
@@ -72,17 +74,16 @@ NT_KERNEL_HINT = ("pass kernel='ntk' or kernel='nngp' (neural-tangents' get name
                   "predictor per kernel).")
 
 
-_F = TypeVar("_F", bound=Callable)
 
 
-def neural_tangents_keywords(**hints: str) -> Callable[[_F], _F]:
+def neural_tangents_keywords(**hints: str) -> Callable[[Function], Function]:
     """Decorator: a keyword argument of the neural-tangents counterpart that the function lacks
     raises a ``TypeError`` that says what to pass instead (``hints[name]``); a port otherwise met
     Python's bare "unexpected keyword argument" (or, in a class without ``__init__``, one naming
     ``torch.nn.Module``)."""
     # typed as returning its argument: Callable -> Callable hid the signatures of every decorated
     # function (Layer.kernel, gp_posterior, GradientFlow, ...) from type checkers and completion
-    def decorate(fn: _F) -> _F:
+    def decorate(fn: Function) -> Function:
         @functools.wraps(fn)
         def checked(*args, **kwargs):
             ported = [name for name in hints if name in kwargs]
@@ -90,7 +91,7 @@ def neural_tangents_keywords(**hints: str) -> Callable[[_F], _F]:
                 raise TypeError(f"{fn.__qualname__.removesuffix('.__init__')} got an unexpected keyword argument "
                                 f"{ported[0]!r}: {hints[ported[0]]}")
             return fn(*args, **kwargs)
-        return cast(_F, checked)
+        return cast(Function, checked)
     return decorate
 
 

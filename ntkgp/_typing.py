@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, SupportsIndex, Union
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, SupportsIndex, TypeVar, Union
 
 import numpy as np
 
@@ -23,3 +23,6 @@ Steps = Union[SupportsIndex, "Tensor", np.ndarray, Sequence[SupportsIndex], None
 #: A time of a Gaussian with time axes (``ntkgp.bayes``' ``time_index``): an integer (numpy and 0-d
 #: tensor integers too), one per time axis, or ``None`` for a Gaussian without time axes.
 TimeIndex = SupportsIndex | Sequence[SupportsIndex] | None
+
+#: A function passed through a decorator that keeps its signature (for type checkers).
+Function = TypeVar("Function", bound=Callable[..., Any])

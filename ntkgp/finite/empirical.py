@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, cast
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from ntkgp._autograd import differentiates
 from ntkgp._checks import check_flag, integer_at_least
+from ntkgp._typing import Function
 from ntkgp.layers.base import Layer, _autocast_off
 from ntkgp.layers.combinators import ParallelModule
 from ntkgp.layers.dense import DenseModule
@@ -54,10 +55,7 @@ ParamFn = Callable[[dict[str, Tensor], Tensor], Tensor]
 _BUILT_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.Identity)
 
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _without_autocast(fn: _F) -> _F:
+def _without_autocast(fn: Function) -> Function:
     """``fn(model, x1, ...)`` with a caller's ``torch.autocast`` switched off for ``x1``'s device, as
     ``net.kernel`` does: the empirical kernels of a float32 network came out in bfloat16 under CPU
     autocast, 4e-3 off, while the analytic ones they are compared with kept float32."""
@@ -67,7 +65,7 @@ def _without_autocast(fn: _F) -> _F:
         with _autocast_off(x1.device if isinstance(x1, Tensor) else torch.device("cpu")):
             return fn(model, x1, *args, **kwargs)
 
-    return cast(_F, wrapper)   # the decorated function's signature, for type checkers
+    return cast(Function, wrapper)   # the decorated function's signature, for type checkers
 
 
 def ensemble_size(model: nn.Module) -> int | None:

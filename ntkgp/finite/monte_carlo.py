@@ -51,11 +51,11 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
 
 @overload
 def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_samples: int = 128, seed: int = 0,
-                       ntk: bool = True, ensemble_batch: int = 64) -> KernelEstimate[Tensor | None]: ...
+                       ntk: bool = True, ensemble_batch: int = 64) -> KernelEstimate: ...
 
 
 def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_samples: int = 128,
-                       seed: int = 0, ntk: bool = True, ensemble_batch: int = 64) -> KernelEstimate[Tensor | None]:
+                       seed: int = 0, ntk: bool = True, ensemble_batch: int = 64) -> KernelEstimate:
     """Average empirical kernels over ``n_samples`` random initializations of ``net.build``::
 
         K̄ = (1/S) Σ_s f_s(x) f_s(x')ᵀ,   Θ̄ = (1/S) Σ_s J_s(x) J_s(x')ᵀ,   SEM = std_s / sqrt(S)

@@ -165,11 +165,11 @@ class Layer(VarianceParameters, gpytorch.Module):
 
     @overload
     def kernel(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, ntk: bool = True,
-               compile: bool = False) -> KernelState[Tensor | None]: ...
+               compile: bool = False) -> KernelState: ...
 
     @neural_tangents_keywords(get=NT_GET_HINT)
     def kernel(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, ntk: bool = True,
-               compile: bool = False) -> KernelState[Tensor | None]:
+               compile: bool = False) -> KernelState:
         """NNGP kernel ``K`` and NTK ``Θ`` of this network between ``x1`` and ``x2``.
 
         Args:

@@ -375,7 +375,7 @@ class KernelState(Generic[_NTK]):
     def from_inputs(cls, x1: Tensor, x2: Tensor | None = None, diag: bool = False, want_ntk: bool = True,
                     row_offset: int = 0, symmetric: bool | None = None,
                     sq_norms: tuple[Tensor, Tensor] | None = None,
-                    duplicates: Duplicates | BatchedDuplicates | None = None) -> KernelState[Tensor | None]:
+                    duplicates: Duplicates | BatchedDuplicates | None = None) -> KernelState:
         """The state before the first layer.
 
         ``x2=None`` means "the same points as ``x1``". A block of rows of a symmetric kernel is
@@ -385,8 +385,7 @@ class KernelState(Generic[_NTK]):
         if symmetric is None:
             symmetric = x2 is None
         none = cast(Tensor, None)   # no kernels yet: x1 and x2 stand for them
-        ntk = cast(Tensor, x1.new_zeros(())) if want_ntk else None
-        return cls(nngp=none, ntk=ntk, cov1=none, cov2=none,
+        return cls(nngp=none, ntk=x1.new_zeros(()) if want_ntk else None, cov1=none, cov2=none,
                    width=x1.shape[-1], diag=diag, symmetric=symmetric, x1=x1,
                    x2=x1 if x2 is None else x2, row_offset=row_offset, sq_norms=sq_norms, duplicates=duplicates)
 

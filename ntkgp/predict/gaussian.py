@@ -123,7 +123,9 @@ def check_training_data(net: Layer, x_train: Tensor, y_train: Tensor) -> None:
 
 
 class HyperparameterRecord:
-    """The values of a network's parameters and buffers when a predictor computed its training kernel.
+    """The values of a network's parameters and buffers when a predictor computed its training kernel
+    (or when :class:`ntkgp.models.NetworkGP` built its training solve, with its likelihood's plain
+    tensors: ``attributes_of``).
 
     The predictors cache the training kernel and its factorization but compute the test kernels
     at each ``predict`` from the network as it is then. After a change of its variances
@@ -155,7 +157,7 @@ class HyperparameterRecord:
                         yield f"attribute {prefix}.{name}", value
 
     def matches(self, net: object) -> bool:
-        """Whether ``net``'s parameters and buffers hold the recorded values."""
+        """Whether ``net``'s parameters and buffers (and ``attributes_of``'s tensors) hold the recorded values."""
         if repr(net) != self.printed:
             return False
         now = dict(self._tensors(net))   # compared as they are: cloning them all took a third of the time

@@ -194,12 +194,12 @@ class GradientFlow:
 
     @overload
     def predict(self, x_test: Tensor | None = None, t: Times = None, steps: Steps = None,
-                compute_cov: bool | str = True) -> Gaussian[Tensor | None, Tensor | None]: ...
+                compute_cov: bool | str = True) -> Gaussian: ...
 
     @neural_tangents_keywords(get="the kernel is chosen when the GradientFlow is built: GradientFlow(..., "
                                   "kernel='ntk' or 'nngp'), one per kernel.")
     def predict(self, x_test: Tensor | None = None, t: Times = None, steps: Steps = None,
-                compute_cov: bool | str = True) -> Gaussian[Tensor | None, Tensor | None]:
+                compute_cov: bool | str = True) -> Gaussian:
         """Mean and covariance of the ensemble's outputs at times ``t`` (or after ``steps``).
 
         Args:
@@ -416,14 +416,14 @@ def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor |
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
                   learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk",
                   compute_cov: bool | str = True, diag_reg_absolute_scale: bool = False,
-                  steps: Steps = None) -> Gaussian[Tensor | None, Tensor | None]: ...
+                  steps: Steps = None) -> Gaussian: ...
 
 
 @neural_tangents_keywords(get=NT_KERNEL_HINT)
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
                   learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk",
                   compute_cov: bool | str = True, diag_reg_absolute_scale: bool = False,
-                  steps: Steps = None) -> Gaussian[Tensor | None, Tensor | None]:
+                  steps: Steps = None) -> Gaussian:
     """One-shot :class:`GradientFlow` prediction (see there for the arguments and formulas; Lee et al.
     2019, eqs. 15–16)."""
     # the cheap arguments first: GradientFlow computes the training kernel before predict reads them

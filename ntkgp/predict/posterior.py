@@ -121,9 +121,9 @@ class GPPosterior:
     def predict(self, x_test: Tensor, compute_cov: Literal[False]) -> Gaussian[None, None]: ...
 
     @overload
-    def predict(self, x_test: Tensor, compute_cov: bool | str = True) -> Gaussian[Tensor | None, Tensor | None]: ...
+    def predict(self, x_test: Tensor, compute_cov: bool | str = True) -> Gaussian: ...
 
-    def predict(self, x_test: Tensor, compute_cov: bool | str = True) -> Gaussian[Tensor | None, Tensor | None]:
+    def predict(self, x_test: Tensor, compute_cov: bool | str = True) -> Gaussian:
         """Posterior mean ``(M,)``/``(M, k)`` and covariance ``(M, M)`` at ``x_test``.
 
         ``compute_cov="diag"`` computes the marginal variances ``(M,)`` alone
@@ -222,12 +222,12 @@ def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, k
 @overload
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
                  noise: float | Tensor = 0.0,
-                 compute_cov: bool | str = True) -> Gaussian[Tensor | None, Tensor | None]: ...
+                 compute_cov: bool | str = True) -> Gaussian: ...
 
 
 @neural_tangents_keywords(**PORTED_KEYWORDS)
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
-                 noise: float | Tensor = 0.0, compute_cov: bool | str = True) -> Gaussian[Tensor | None, Tensor | None]:
+                 noise: float | Tensor = 0.0, compute_cov: bool | str = True) -> Gaussian:
     """One-shot :class:`GPPosterior` prediction (see there for the formulas: Lee et al. 2018, He et
     al. 2020, Lee et al. 2019; ``compute_cov="diag"`` for the marginal variances alone)."""
     check_training_data(net, x_train, y_train)   # the cheap checks before the training kernel is computed
