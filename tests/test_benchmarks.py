@@ -17,6 +17,7 @@ ROOT = pathlib.Path(__file__).parents[1]
 @pytest.mark.parametrize("script, args, expected", [
     ("kernels.py", ["--sizes", "20", "--d", "5", "--depth", "2", "--no-compile"], "eager/nt"),
     ("predict.py", ["--n", "50", "--m", "20", "--times", "5"], "-> covariance (5, 20, 20)"),
+    ("descent.py", ["--n", "30", "--m", "10", "--classes", "3", "--times", "3", "--t-max", "20"], "exact steps"),
     ("quadrature.py", ["--sizes", "10", "--d", "2"], "max rel diff"),
     ("train.py", ["--members", "4", "--width", "16", "--steps", "5"], "the loop"),
     ("relu_bending.py", ["--width", "32", "--members", "2", "--steps", "3"], "moved at random"),

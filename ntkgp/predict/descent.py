@@ -1,0 +1,300 @@
+r"""Training of one linearized network on any loss, with or without momentum, from its tangent kernel.
+
+A network linearized around its initialization (exact at infinite width, Lee et al. 2019) moves
+its parameters only along the rows of its Jacobian ``J`` at the training inputs, so after any
+amount of gradient descent ``θ − θ_0 = −J(X)ᵀ R`` for dual coefficients ``R`` shaped like the
+targets, and its outputs anywhere are
+
+    f(x) = f_0(x) − Θ(x, X) R.
+
+The squared loss has closed forms (:func:`ntkgp.predict.gradient_descent_mse`); any other loss
+(cross-entropy on one-hot targets, a robust loss) is integrated here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import overload
+
+import torch
+from torch import Tensor
+
+from ntkgp._typing import Steps, Times
+from ntkgp.layers.validation import finite_number
+from ntkgp.predict.gaussian import check_device, check_targets, tensor_kind
+from ntkgp.predict.linearized import _check_kernel, _initial_outputs
+from ntkgp.predict.odeint import StepLimitError, integrate, rms_norm
+from ntkgp.predict.spectral import check_symmetric, flatten_full_kernel, make_schedule
+
+Loss = Callable[[Tensor, Tensor], Tensor]
+
+
+@overload
+def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = ...,
+                     ntk_test_train: None = ..., fx_test_0: None = ..., t: Times = ..., steps: Steps = ...,
+                     learning_rate: float = ..., momentum: float | None = ..., rtol: float | None = ...,
+                     atol: float | None = ..., max_steps: int = ..., dtype: torch.dtype = ...) -> Tensor: ...
+
+
+@overload
+def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = ...,
+                     ntk_test_train: Tensor, fx_test_0: Tensor | float, t: Times = ..., steps: Steps = ...,
+                     learning_rate: float = ..., momentum: float | None = ..., rtol: float | None = ...,
+                     atol: float | None = ..., max_steps: int = ..., dtype: torch.dtype = ...
+                     ) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = ...,
+                     ntk_test_train: Tensor | None = ..., fx_test_0: Tensor | float | None = ..., t: Times = ...,
+                     steps: Steps = ..., learning_rate: float = ..., momentum: float | None = ...,
+                     rtol: float | None = ..., atol: float | None = ..., max_steps: int = ...,
+                     dtype: torch.dtype = ...) -> Tensor | tuple[Tensor, Tensor]: ...
+
+
+def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = 0.0,
+                     ntk_test_train: Tensor | None = None, fx_test_0: Tensor | float | None = None,
+                     t: Times = None, steps: Steps = None, learning_rate: float = 1.0,
+                     momentum: float | None = None, rtol: float | None = None, atol: float | None = None,
+                     max_steps: int = 100_000, dtype: torch.dtype = torch.float64
+                     ) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Outputs of one linearized network trained on any ``loss`` for time ``t`` (or ``steps`` steps).
+
+    With ``f = f_0 − Θ R`` (module docstring), a gradient step on ``L(f(X), Y)`` adds
+    ``η ∇_f L`` to ``R``; with heavy-ball momentum ``β`` the step ``p ← β p + η ∇_f L`` is added
+    instead. ``steps`` iterates these maps exactly (``R_0 = p_0 = 0``). Continuous ``t``, in units
+    of steps, integrates their limits (Lee et al. 2019, §2.2; neural-tangents'
+    ``predict.gradient_descent``)::
+
+        dR/dt = η ∇L(f_0(X) − Θ R)                                   (gradient flow)
+        dR/dt = p,   dp/dt = η ∇L(f_0(X) − Θ R) − (1 − β) p         (momentum β)
+
+    by an adaptive Dormand–Prince method (:mod:`ntkgp.predict.odeint`) whose local error on the
+    training outputs ``f_0 − Θ R`` (and on their rate ``Θ p``) stays within ``atol + rtol |f|``.
+    With momentum this is the limit of small steps at fixed ``(1 − β)/√η`` in time ``√η t``,
+    neural-tangents' convention: there ``t`` counts steps too. For the squared loss
+    ``0.5 * ((f - y) ** 2).mean()`` the flow is :func:`gradient_descent_mse`'s
+    ``e^{−Θ η t/m}``. On smooth losses the outputs' global error is about the tolerance
+    (cross-entropy, log-cosh: within 2x of ``rtol = atol`` from ``1e-4`` to ``1e-10``); a loss
+    with kinks (Huber, hinge, L1) has a jumping ``∇²L`` where outputs cross them, the method's
+    order drops there, and errors exceed the tolerance (Huber: ``9e-5`` at ``1e-6``). Explicit
+    steps need ``η t λ_max(Θ ∇²L)`` of order their number: a stiff problem (a large kernel
+    eigenvalue, long times) is cheaper in ``steps``, which are exact.
+
+    Everything after ``y_train`` is keyword-only, as in :func:`gradient_descent_mse`.
+
+    Args:
+        loss: ``loss(f, y) -> `` a scalar tensor, differentiable in ``f`` by autograd, with
+            ``f`` shaped like ``y_train``, e.g.
+            ``lambda f, y: -(y * f.log_softmax(-1)).sum(-1).mean()`` on one-hot targets.
+        ntk_train_train: ``(N, N)`` tangent kernel of the training inputs (``Θ ⊗ I`` across
+            output units), or the full ``(N, N, k, k)`` kernel of ``k`` outputs.
+        y_train: ``(N,)`` or ``(N, k)`` targets (``(N, k)`` with a full kernel), passed to
+            ``loss`` in ``dtype``.
+        fx_train_0: the network's initial outputs on the training inputs (``y_train``'s shape,
+            or a number).
+        ntk_test_train: ``(M, N)`` (or full ``(M, N, k, k)``) tangent kernel between test and
+            training inputs, to also predict test outputs (together with ``fx_test_0``).
+        fx_test_0: initial test outputs, ``(M,)`` or ``(M, k)`` like ``y_train``, or a number.
+        t: a non-negative number or tensor of times, in units of steps (leading output shape);
+            finite: an ODE has no closed form at ``t = ∞``.
+        steps: instead of ``t``, discrete step counts (exact for the linearized network).
+        learning_rate: ``η``.
+        momentum: ``None`` (plain gradient descent) or heavy-ball momentum ``β`` in ``[0, 1)``.
+        rtol: the ODE solver's relative tolerance on the outputs (default ``1e-8`` in float64,
+            ``100 ε`` of ``dtype`` otherwise).
+        atol: its absolute tolerance, in the outputs' units (the same default).
+        max_steps: most solver steps before a ``RuntimeError`` (a stiff problem).
+        dtype: ``torch.float64`` or ``torch.float32``, the dtype of the integration (results
+            come back in the dtype of ``y_train``).
+
+    Returns:
+        ``fx_train_t``, or ``(fx_train_t, fx_test_t)`` when test inputs are given, with the
+        shape of ``t`` (or ``steps``) in front. Differentiable with respect to the kernels,
+        targets and initial outputs (through the steps taken).
+    """
+    if not callable(loss):
+        raise ValueError(f"loss must be a function loss(f, y) returning a scalar tensor, got {type(loss).__name__}.")
+    if (ntk_test_train is None) != (fx_test_0 is None):
+        raise ValueError("Give both ntk_test_train and fx_test_0 to predict test outputs, or neither.")
+    if dtype not in (torch.float32, torch.float64):   # half precision's ε made tolerances of 0.1 and more
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}.")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}.")
+    beta = None if momentum is None else finite_number(momentum, "momentum", "a number in [0, 1)")
+    if beta is not None and not 0.0 <= beta < 1.0:
+        raise ValueError(f"momentum must be in [0, 1) (heavy-ball momentum), got {momentum!r}.")
+    eps = torch.finfo(dtype).eps
+    tolerances = [finite_number(v, name, "a positive number") if v is not None else max(1e-8, 100 * eps)
+                  for v, name in ((rtol, "rtol"), (atol, "atol"))]
+    if min(tolerances) <= 0:
+        raise ValueError(f"rtol and atol must be positive, got rtol={rtol!r}, atol={atol!r}.")
+    _check_kernel(ntk_train_train, "ntk_train_train")
+    kernel, test_kernel, y_shape = _kernels(ntk_train_train, y_train, ntk_test_train)
+    out_dtype = y_train.dtype
+    y = y_train.to(dtype)
+    f0 = _initial_outputs(fx_train_0, y.shape, "fx_train_0", y)
+    if test_kernel is not None:
+        rows = ntk_test_train.shape[0]
+        fx_test_0 = _initial_outputs(fx_test_0, (rows, *y.shape[1:]), "fx_test_0", y)
+        test_kernel = test_kernel.to(dtype)
+    schedule = make_schedule(t, steps, learning_rate, y.numel(), y.device)
+    if schedule is None:
+        raise ValueError("Give times t or step counts steps: an ODE cannot be integrated to t = ∞ (for the "
+                         "squared loss, gradient_descent_mse has the limit in closed form).")
+    if not schedule.discrete and bool(torch.isinf(schedule.values).any()):
+        raise ValueError("t must be finite: an ODE cannot be integrated to t = ∞ (for the squared loss, "
+                         "gradient_descent_mse has the limit in closed form).")
+    kernel = kernel.to(dtype)
+    differentiable = torch.is_grad_enabled() and any(
+        isinstance(v, Tensor) and v.requires_grad for v in (kernel, test_kernel, y, f0, fx_test_0))
+    gradient = _loss_gradient(loss, y, f0, differentiable)
+
+    def outputs(dual: Tensor) -> Tensor:   # f_0 − Θ R
+        return f0 - _times(kernel, dual, y_shape)
+
+    eta = schedule.learning_rate
+    with torch.set_grad_enabled(differentiable):
+        if schedule.discrete:
+            duals = _iterate(gradient, outputs, f0, eta, beta, schedule.values)
+        else:
+            duals = _flow(gradient, kernel, f0, eta, beta, schedule.values, *tolerances, max_steps, y_shape)
+        train = torch.stack([outputs(d) for d in duals])
+        train = schedule.reshape(train, y.dim()).to(out_dtype)
+        if test_kernel is None:
+            return train
+        test = torch.stack([fx_test_0 - _times(test_kernel, d, fx_test_0.shape) for d in duals])
+        return train, schedule.reshape(test, fx_test_0.dim()).to(out_dtype)
+
+
+def _kernels(ntk_train_train: Tensor, y_train: Tensor, ntk_test_train: Tensor | None
+             ) -> tuple[Tensor, Tensor | None, torch.Size]:
+    """The training and test kernels as matrices acting on flattened outputs (a full ``(N, N, k, k)``
+    kernel flattened to ``(N k, N k)``), after checking their shapes against the targets."""
+    n = ntk_train_train.shape[0] if ntk_train_train.dim() else 0
+    full = ntk_train_train.dim() == 4
+    if full:
+        n, n2, k, k2 = ntk_train_train.shape
+        if n != n2 or k != k2:
+            raise ValueError(f"A full ntk_train_train must be (N, N, k, k), got {tuple(ntk_train_train.shape)}.")
+        if not isinstance(y_train, Tensor) or y_train.shape != (n, k):
+            shape = tuple(y_train.shape) if isinstance(y_train, Tensor) else type(y_train).__name__
+            raise ValueError(f"With a full (N, N, k, k) = {tuple(ntk_train_train.shape)} kernel y_train must be "
+                             f"(N, k) = {(n, k)}, got {shape}.")
+    elif ntk_train_train.shape != (n, n):
+        raise ValueError(f"ntk_train_train must be (N, N) or (N, N, k, k), got {tuple(ntk_train_train.shape)}.")
+    check_targets(y_train, n, ntk_train_train.device, "ntk_train_train")
+    kernel = flatten_full_kernel(ntk_train_train) if full else ntk_train_train
+    check_symmetric(kernel, "ntk_train_train")   # a test–train kernel passed in its place, say
+    test_kernel = None
+    if ntk_test_train is not None:
+        if not isinstance(ntk_test_train, Tensor):
+            raise ValueError(f"ntk_test_train must be a floating-point tensor, got {tensor_kind(ntk_test_train)}.")
+        check_device(ntk_test_train, "ntk_test_train", ntk_train_train.device, "ntk_train_train")
+        _check_kernel(ntk_test_train, "ntk_test_train")
+        expected = "(M, N, k, k)" if full else "(M, N)"
+        if ntk_test_train.dim() != ntk_train_train.dim() or ntk_test_train.shape[1:] != ntk_train_train.shape[1:]:
+            raise ValueError(f"ntk_test_train must be {expected} with (N, k) of ntk_train_train "
+                             f"{tuple(ntk_train_train.shape)}, got {tuple(ntk_test_train.shape)}.")
+        test_kernel = flatten_full_kernel(ntk_test_train) if full else ntk_test_train
+    return kernel, test_kernel, y_train.shape
+
+
+def _times(kernel: Tensor, dual: Tensor, shape: torch.Size) -> Tensor:
+    """``Θ R`` for ``R`` shaped like the targets (``shape``), with any leading axes (the momentum
+    state's): ``(*lead, rows, *shape[1:])``."""
+    lead = dual.shape[:dual.dim() - len(shape)]
+    columns = dual.reshape(*lead, kernel.shape[1], -1)
+    return (kernel @ columns).reshape(*lead, -1, *shape[1:])
+
+
+def _loss_gradient(loss: Loss, y: Tensor, f0: Tensor, differentiable: bool) -> Callable[[Tensor], Tensor]:
+    """``f ↦ ∇_f loss(f, y)``, after checking once, at ``f_0``, that ``loss`` gives a finite real
+    scalar that depends on ``f`` (before any integration step)."""
+
+    def gradient(f: Tensor) -> Tensor:
+        with torch.enable_grad():
+            leaf = f if (differentiable and f.requires_grad) else f.detach().requires_grad_()
+            value = loss(leaf, y)
+            if not isinstance(value, Tensor) or value.numel() != 1 or not value.is_floating_point():
+                raise ValueError(f"loss(f, y) must return a scalar floating-point tensor, got {tensor_kind(value)}"
+                                 + (f" of shape {tuple(value.shape)}" if isinstance(value, Tensor) else "") + ".")
+            if not value.requires_grad:
+                raise ValueError("loss(f, y) does not depend on f through torch operations (autograd found no "
+                                 "gradient): write it with torch functions of f.")
+            (grad,) = torch.autograd.grad(value.reshape(()), leaf, create_graph=differentiable, allow_unused=True)
+        return torch.zeros_like(f) if grad is None else grad
+
+    first = gradient(f0)
+    if not bool(torch.isfinite(first).all()):
+        raise ValueError("The loss's gradient at the initial outputs fx_train_0 is not finite.")
+    return gradient
+
+
+def _iterate(gradient, outputs, f0: Tensor, eta: float, beta: float | None, steps: Tensor) -> list[Tensor]:
+    """``R_s`` at each of ``steps``: ``R ← R + η ∇L`` or, with momentum, ``p ← β p + η ∇L, R ← R + p``."""
+    wanted = [int(s) for s in steps.tolist()]
+    at: dict[int, Tensor] = {}
+    dual = torch.zeros_like(f0)
+    velocity = torch.zeros_like(f0)
+    f = f0
+    for step in range(max(wanted) + 1):
+        if step in wanted:
+            at[step] = dual
+        if step == max(wanted):
+            break
+        g = eta * gradient(f)
+        if beta is None:
+            dual = dual + g
+        else:
+            velocity = beta * velocity + g
+            dual = dual + velocity
+        f = outputs(dual)
+    return [at[s] for s in wanted]
+
+
+def _flow(gradient, kernel: Tensor, f0: Tensor, eta: float, beta: float | None, times: Tensor,
+          rtol: float, atol: float, max_steps: int, y_shape: torch.Size) -> list[Tensor]:
+    """``R(t)`` at each of ``times`` from the gradient-flow (or momentum) ODE.
+
+    The state carries the training outputs ``f`` beside ``R`` (and their rates ``v = −Θ p``
+    beside ``p``): one product with ``Θ`` per stage, and the error test reads ``f`` (and ``v``)
+    directly. Runge–Kutta steps keep linear invariants, so ``f = f_0 − Θ R`` holds to rounding.
+    """
+    if beta is None:
+        def rhs(z: Tensor) -> Tensor:   # z = (f, R)
+            g = eta * gradient(z[0])
+            return torch.stack([-_times(kernel, g, y_shape), g])
+        z0 = torch.stack([f0, torch.zeros_like(f0)])
+        watched = [0]
+    else:
+        def rhs(z: Tensor) -> Tensor:   # z = (f, R, v, p)
+            g = eta * gradient(z[0])
+            return torch.stack([z[2], z[3], -_times(kernel, g, y_shape) - (1 - beta) * z[2], g - (1 - beta) * z[3]])
+        z0 = torch.stack([f0] + [torch.zeros_like(f0)] * 3)
+        watched = [0, 2]
+    base = rms_norm(rtol, atol)
+
+    def norm(err: Tensor, z: Tensor, z_new: Tensor) -> float:
+        with torch.no_grad():
+            return base(err[watched], z[watched], z_new[watched])
+
+    values = times.tolist()
+    order = sorted(range(len(values)), key=values.__getitem__)
+    targets = [values[i] for i in order]
+    first = next((v for v in targets if v > 0), 1.0)
+    with torch.no_grad():   # Hairer, Nørsett & Wanner's first guess: a step that moves the outputs 1 % of their size
+        start = norm(z0, z0, z0)
+        speed = norm(rhs(z0), z0, z0)
+    first_step = min(first, 0.01 * start / speed if min(start, speed) > 1e-5 else 1e-6)
+    try:
+        states = integrate(rhs, z0, targets, norm, max_steps=max_steps, first_step=first_step)
+    except StepLimitError as err:
+        raise RuntimeError(f"gradient_descent: {err}. The problem is stiff for an explicit solver (a large "
+                           "eigenvalue of Θ times the loss's curvature, or long times): take discrete steps "
+                           "(steps=...), which are exact, raise max_steps, or loosen rtol/atol.") from None
+    result: list[Tensor] = [torch.empty(0)] * len(values)
+    for i, state in zip(order, states, strict=True):
+        result[i] = state[1]
+    return result
+

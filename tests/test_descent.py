@@ -1,0 +1,304 @@
+"""Linearized training on any loss (ntkgp.predict.gradient_descent) and its ODE solver.
+
+References, each independent of the code under test: neural-tangents 0.6.5's own
+``predict.gradient_descent`` (fixtures), the squared loss's closed form, explicit linear models
+trained in parameter space by ``torch.optim.SGD`` (exact for discrete steps: a linear model is its
+own linearization) and by scipy's ``solve_ivp`` (continuous time).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.integrate
+import torch
+
+from ntkgp import predict
+from ntkgp.predict.odeint import integrate, rms_norm
+
+from nt_specs import FIXTURES
+
+DATA = np.load(FIXTURES / "nt_predict.npz")
+F64 = torch.float64
+
+
+def xent(f, y):
+    return -(y * f.log_softmax(-1)).sum(-1).mean()
+
+
+def mse(f, y):
+    return 0.5 * ((f - y) ** 2).mean()
+
+
+def _fixture(name):
+    return torch.tensor(DATA[name])
+
+
+@pytest.mark.parametrize("name, momentum", [("xent", None), ("xent", 0.9), ("mse", None)])
+def test_matches_neural_tangents(name, momentum):
+    """Both are adaptive Dormand–Prince solutions with tolerances ~1e-8 (neural-tangents' odeint
+    1.4e-8, ours 1e-8); neural-tangents' own squared-loss flow is 1.5e-8 from the closed form,
+    so agreement to 5e-8 of the outputs' scale is what the two solvers allow."""
+    y = _fixture("one_hot") if name == "xent" else _fixture("y_train")
+    train, test = predict.gradient_descent(
+        {"xent": xent, "mse": mse}[name], _fixture("ntk_dd"), y, fx_train_0=_fixture("fx_train_0"),
+        ntk_test_train=_fixture("ntk_td"), fx_test_0=_fixture("fx_test_0"), t=_fixture("times"),
+        learning_rate=float(DATA["learning_rate"]), momentum=momentum)
+    key = f"descent/{name}/momentum{momentum}"
+    for ours, theirs in ((train, DATA[key + "/train"]), (test, DATA[key + "/test"])):
+        assert ours.shape == theirs.shape
+        assert np.abs(ours.numpy() - theirs).max() <= 5e-8 * np.abs(theirs).max()
+
+
+def _problem(n=10, m=4, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(n + m, 6, generator=g, dtype=F64)
+    kernel = feats @ feats.T / 6
+    return (kernel[:n, :n], kernel[n:, :n], torch.randn(n, k, generator=g, dtype=F64),
+            0.3 * torch.randn(n, k, generator=g, dtype=F64), 0.3 * torch.randn(m, k, generator=g, dtype=F64))
+
+
+def test_squared_loss_flow_is_the_closed_form():
+    """The squared loss's flow is gradient_descent_mse's e^{−Θ η t/m}: at default tolerances the
+    global error stays at the 1e-8 local tolerance over 0 ≤ t ≤ 400 (the slowest mode relaxed by
+    e^{-5}), and tightening the tolerances tightens it (the solver converges, not just runs)."""
+    k_dd, k_td, y, f0, ft0 = _problem()
+    times = torch.tensor([0.0, 0.5, 3.0, 40.0, 400.0], dtype=F64)
+    closed = predict.gradient_descent_mse(k_dd, y, fx_train_0=f0, ntk_test_train=k_td, fx_test_0=ft0, t=times,
+                                          learning_rate=0.7)
+    errors = []
+    for tol in (None, 1e-11):
+        flow = predict.gradient_descent(mse, k_dd, y, fx_train_0=f0, ntk_test_train=k_td, fx_test_0=ft0, t=times,
+                                        learning_rate=0.7, rtol=tol, atol=tol)
+        errors.append(max(float((a - b).abs().max()) for a, b in zip(flow, closed, strict=True)))
+    assert errors[0] <= 5e-8 and errors[1] <= 1e-10
+    assert torch.equal(flow[0][0], f0) and torch.equal(flow[1][0], ft0)   # t = 0 is the initial outputs
+
+
+def test_squared_loss_steps_are_the_closed_form_steps():
+    k_dd, k_td, y, f0, ft0 = _problem()
+    steps = [0, 1, 7, 50]
+    closed = predict.gradient_descent_mse(k_dd, y, fx_train_0=f0, ntk_test_train=k_td, fx_test_0=ft0, steps=steps,
+                                          learning_rate=0.7)
+    stepped = predict.gradient_descent(mse, k_dd, y, fx_train_0=f0, ntk_test_train=k_td, fx_test_0=ft0, steps=steps,
+                                       learning_rate=0.7)
+    for a, b in zip(stepped, closed, strict=True):
+        assert a.shape == b.shape and float((a - b).abs().max()) <= 1e-13
+
+
+def _linear_model(full: bool, seed: int = 1, n: int = 9, m: int = 4, k: int = 3, p: int = 7):
+    """A model linear in its parameters, f(x)_i = A(x)_i · θ: its NTK is A Aᵀ exactly and gradient
+    descent on it is the linearized dynamics. ``full``: per-output features, a full (N, N, k, k)
+    kernel; otherwise shared features and θ of shape (p, k), the kernel Θ ⊗ I."""
+    g = torch.Generator().manual_seed(seed)
+    if full:
+        feats = torch.randn(n + m, k, p, generator=g, dtype=F64) / p ** 0.5
+        theta0 = torch.randn(p, generator=g, dtype=F64)
+        apply = lambda theta: feats @ theta                                        # noqa: E731
+        kernel = torch.einsum("aip,bjp->abij", feats, feats)
+    else:
+        feats = torch.randn(n + m, p, generator=g, dtype=F64) / p ** 0.5
+        theta0 = torch.randn(p, k, generator=g, dtype=F64)
+        apply = lambda theta: feats @ theta                                        # noqa: E731
+        kernel = feats @ feats.T
+    labels = torch.randint(0, k, (n,), generator=g)
+    y = torch.nn.functional.one_hot(labels, k).to(F64)
+    return apply, theta0, kernel[:n, :n], kernel[n:, :n], y, n
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["shared", "full-kernel"])
+@pytest.mark.parametrize("momentum", [None, 0.8])
+def test_steps_equal_sgd_on_a_linear_model(full, momentum):
+    """Discrete steps are exact: torch.optim.SGD (momentum: v ← β v + g, θ ← θ − η v, dampening 0)
+    on a linear model's cross-entropy gives the same outputs to rounding after 0–60 steps."""
+    apply, theta0, k_dd, k_td, y, n = _linear_model(full)
+    f_all = apply(theta0)
+    train, test = predict.gradient_descent(xent, k_dd, y, fx_train_0=f_all[:n], ntk_test_train=k_td,
+                                           fx_test_0=f_all[n:], steps=[0, 5, 60], learning_rate=0.9,
+                                           momentum=momentum)
+    theta = theta0.clone().requires_grad_()
+    opt = torch.optim.SGD([theta], lr=0.9, momentum=momentum or 0.0)
+    for step in range(61):
+        if step in (0, 5, 60):
+            i = [0, 5, 60].index(step)
+            with torch.no_grad():
+                now = apply(theta)
+            assert float((train[i] - now[:n]).abs().max()) <= 1e-12
+            assert float((test[i] - now[n:]).abs().max()) <= 1e-12
+        opt.zero_grad()
+        xent(apply(theta)[:n], y).backward()
+        opt.step()
+    assert float((train[2] - train[0]).abs().max()) > 0.1   # it trained
+
+
+@pytest.mark.parametrize("momentum", [None, 0.5])
+def test_flow_equals_parameter_space_ode(momentum):
+    """Continuous time against scipy's DOP853 on the parameters (tolerance 1e-12): dθ/dt = −η ∇_θ L,
+    or with momentum dθ/dt = w, dw/dt = −η ∇_θ L − (1 − β) w (the function-space ODE's image
+    under θ − θ₀ = −Jᵀ R). Default tolerances hold the outputs to 1e-7."""
+    apply, theta0, k_dd, k_td, y, n = _linear_model(False)
+    eta, times = 0.9, [0.0, 2.0, 15.0, 120.0]
+
+    def grad_theta(theta):
+        theta = theta.detach().requires_grad_()
+        (g,) = torch.autograd.grad(xent(apply(theta)[:n], y), theta)
+        return g
+
+    size = theta0.numel()
+
+    def rhs(_, state):
+        state = torch.from_numpy(state)
+        theta = state[:size].reshape(theta0.shape)
+        if momentum is None:
+            return (-eta * grad_theta(theta)).reshape(-1).numpy()
+        w = state[size:].reshape(theta0.shape)
+        return torch.cat([w.reshape(-1), (-eta * grad_theta(theta) - (1 - momentum) * w).reshape(-1)]).numpy()
+
+    start = theta0.reshape(-1).numpy()
+    if momentum is not None:
+        start = np.concatenate([start, np.zeros(size)])
+    sol = scipy.integrate.solve_ivp(rhs, (0.0, times[-1]), start, method="DOP853", t_eval=times, rtol=1e-12,
+                                    atol=1e-12)
+    f_all = apply(theta0)
+    train, test = predict.gradient_descent(xent, k_dd, y, fx_train_0=f_all[:n], ntk_test_train=k_td,
+                                           fx_test_0=f_all[n:], t=times, learning_rate=eta, momentum=momentum)
+    for i in range(len(times)):
+        reference = apply(torch.from_numpy(sol.y[:size, i]).reshape(theta0.shape))
+        assert float((train[i] - reference[:n]).abs().max()) <= 1e-7
+        assert float((test[i] - reference[n:]).abs().max()) <= 1e-7
+
+
+def test_times_in_any_order_and_shape():
+    k_dd, k_td, y, f0, ft0 = _problem()
+    times = torch.tensor([[30.0, 0.0], [2.0, 30.0]], dtype=F64)
+    train, test = predict.gradient_descent(xent, k_dd, y.softmax(-1), fx_train_0=f0, ntk_test_train=k_td,
+                                           fx_test_0=ft0, t=times)
+    assert train.shape == (2, 2, *y.shape) and test.shape == (2, 2, *ft0.shape)
+    one = predict.gradient_descent(xent, k_dd, y.softmax(-1), fx_train_0=f0, t=30.0)
+    assert one.shape == y.shape
+    assert torch.equal(train[0, 0], train[1, 1]) and torch.equal(train[0, 1], f0)
+    assert float((train[0, 0] - one).abs().max()) <= 1e-7
+
+
+def test_one_dimensional_targets_and_float32():
+    """A smooth robust loss (log-cosh) on (N,) targets, integrated in float64 and in float32."""
+    k_dd, k_td, y, f0, ft0 = _problem()
+    loss = lambda f, y: torch.log(torch.cosh(f - y)).mean()   # noqa: E731
+    ref = predict.gradient_descent(loss, k_dd, y[:, 0], fx_train_0=f0[:, 0], ntk_test_train=k_td,
+                                   fx_test_0=ft0[:, 0], t=[1.0, 20.0])
+    assert ref[0].shape == (2, 10) and ref[1].shape == (2, 4)
+    low = predict.gradient_descent(loss, k_dd.float(), y[:, 0].float(), fx_train_0=f0[:, 0].float(),
+                                   ntk_test_train=k_td.float(), fx_test_0=ft0[:, 0].float(), t=[1.0, 20.0],
+                                   dtype=torch.float32)
+    assert low[0].dtype == torch.float32
+    # float32 at its default tolerances, 100 ε = 1.2e-5 (measured 1.2e-5 here; float64's own error is
+    # below 1e-8, and within 2x of rtol = atol from 1e-4 to 1e-10 on this loss)
+    for a, b in zip(low, ref, strict=True):
+        assert float((a.double() - b).abs().max()) <= 5e-5
+
+
+def test_differentiable_through_the_steps():
+    """Gradients with respect to the kernel, targets and initial outputs: exact for discrete
+    steps (gradcheck), and for the flow equal to central differences of tightly solved flows."""
+    k_dd, k_td, y, f0, ft0 = _problem(n=4, m=2, k=2)
+    y = y.softmax(-1)
+
+    def stepped(k, targets, start):
+        return predict.gradient_descent(xent, (k + k.T) / 2, targets, fx_train_0=start, steps=4, learning_rate=0.8)
+
+    inputs = tuple(v.clone().requires_grad_() for v in (k_dd, y, f0))
+    assert torch.autograd.gradcheck(stepped, inputs)
+
+    def flowed(k):
+        return predict.gradient_descent(xent, (k + k.T) / 2, y, fx_train_0=f0, ntk_test_train=k_td,
+                                        fx_test_0=ft0, t=3.0, rtol=1e-12, atol=1e-12)[1].sum()
+
+    k = k_dd.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(flowed(k), k)
+    h = 1e-4
+    for i, j in ((0, 0), (1, 3), (2, 1)):
+        bump = torch.zeros_like(k_dd)
+        bump[i, j] = h
+        numeric = (flowed(k_dd + bump) - flowed(k_dd - bump)) / (2 * h)
+        assert abs(float(grad[i, j]) - float(numeric)) <= 1e-6
+
+
+def test_bad_input_is_refused_before_integrating():
+    k_dd, k_td, y, f0, _ = _problem()
+    call = lambda **kw: predict.gradient_descent(kw.pop("loss", xent), k_dd, y, fx_train_0=f0, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match="t = ∞"):
+        call()
+    with pytest.raises(ValueError, match="t must be finite"):
+        call(t=[1.0, math.inf])
+    with pytest.raises(ValueError, match="momentum must be in"):
+        call(t=1.0, momentum=1.0)
+    with pytest.raises(ValueError, match="scalar"):
+        call(t=1.0, loss=lambda f, y: (f - y) ** 2)
+    with pytest.raises(ValueError, match="does not depend on f"):
+        call(t=1.0, loss=lambda f, y: torch.tensor(float(((f - y) ** 2).sum().detach())))
+    with pytest.raises(ValueError, match="not finite"):
+        call(t=1.0, loss=lambda f, y: f.sqrt().sum() + (f * 0).sum())
+    with pytest.raises(ValueError, match="loss must be a function"):
+        predict.gradient_descent("xent", k_dd, y, t=1.0)
+    with pytest.raises(ValueError, match="ntk_test_train and fx_test_0"):
+        call(t=1.0, ntk_test_train=k_td)
+    with pytest.raises(ValueError, match=r"ntk_test_train must be \(M, N\)"):
+        call(t=1.0, ntk_test_train=k_td.T, fx_test_0=0.0)
+    with pytest.raises(ValueError, match="rows"):
+        predict.gradient_descent(xent, k_dd, y[:-1], t=1.0)
+    with pytest.raises(ValueError, match="rtol"):
+        call(t=1.0, rtol=0.0)
+    with pytest.raises(ValueError, match="max_steps"):
+        call(t=1.0, max_steps=0)
+    with pytest.raises(ValueError, match="symmetric"):
+        predict.gradient_descent(xent, k_dd + torch.triu(torch.ones_like(k_dd), 1), y, t=1.0)
+    with pytest.raises(ValueError, match="dtype must be"):
+        call(t=1.0, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="NaN"):
+        predict.gradient_descent(xent, k_dd.masked_fill(k_dd > 1, math.nan), y, t=1.0)
+
+
+def test_a_stiff_problem_says_what_to_do():
+    k_dd, _, y, f0, _ = _problem()
+    with pytest.raises(RuntimeError, match="steps=") as info:
+        predict.gradient_descent(mse, 1e4 * k_dd, y, fx_train_0=f0, t=1e3, max_steps=200)
+    assert "max_steps=200" in str(info.value)
+
+
+def test_solver_order_on_a_known_solution():
+    """dz/dt = −z² from z(0) = 1 is z = 1/(1 + t): the error at t = 10 falls like rtol (an
+    error-per-step controller on a fifth-order method), and the tableau's stages are consistent
+    (a wrong coefficient leaves a first-order method, whose error would not fall below 1e-6)."""
+    errors = []
+    for tol in (1e-6, 1e-9, 1e-12):
+        (z,) = integrate(lambda z: -z * z, torch.ones(3, dtype=F64), [10.0], rms_norm(tol, tol), max_steps=10_000,
+                         first_step=1e-3)
+        errors.append(float((z - 1 / 11).abs().max()))
+    assert errors[0] <= 1e-6 and errors[1] <= 1e-9 and errors[2] <= 5e-12
+
+
+def test_overloads_keep_the_implementation_s_parameters():
+    """Type checkers read the overloads (a tuple with test inputs, one tensor without): each keeps the
+    implementation's names, kinds, hints and which have defaults, but for the narrowed test arguments."""
+    import inspect
+    import typing
+
+    if not hasattr(typing, "get_overloads"):
+        pytest.skip("typing.get_overloads needs Python 3.11")
+    implementation = inspect.signature(predict.gradient_descent)
+    overloads = typing.get_overloads(predict.gradient_descent)
+    assert len(overloads) == 3
+    for overload in overloads:
+        signature = inspect.signature(overload)
+        assert list(signature.parameters) == list(implementation.parameters)
+        for parameter, original in zip(signature.parameters.values(), implementation.parameters.values(),
+                                       strict=True):
+            assert parameter.kind == original.kind
+            if parameter.name not in ("ntk_test_train", "fx_test_0"):   # overloads write defaults as ...
+                assert (parameter.default is inspect.Parameter.empty) == (original.default is inspect.Parameter.empty)
+                assert parameter.annotation == original.annotation
+    k_dd, k_td, y, _, ft0 = _problem()
+    assert isinstance(predict.gradient_descent(xent, k_dd, y, t=1.0), torch.Tensor)
+    assert isinstance(predict.gradient_descent(xent, k_dd, y, ntk_test_train=k_td, fx_test_0=ft0, t=1.0), tuple)
