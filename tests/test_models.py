@@ -931,3 +931,59 @@ def test_an_unchanged_model_keeps_its_cached_solve_and_a_fixed_noise_is_followed
                           likelihood=gpytorch.likelihoods.FixedNoiseGaussianLikelihood(torch.full((26,), 0.5)))
         refit.covar_module.load_state_dict(model.covar_module.state_dict())
         torch.testing.assert_close(out.mean, refit.eval()(x_test).mean, rtol=1e-8, atol=1e-10)
+
+
+def test_constant_means_follow_their_output_columns():
+    """NetworkGP(mean="constant") with (N, k) targets: each output column has its own constant mean.
+    The prior (train mode) mean of column j is the j-th constant, and the posterior mean satisfies the
+    GP formula m_j + K*d (K + σ²I)⁻¹ (y_j − m_j) per column (written out densely)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    xt = torch.randn(4, 2, generator=g, dtype=torch.float64)
+    net = ntkgp.mlp(2, "erf", 1.7, 0.1)
+    model = NetworkGP(x, y, net, kernel="nngp", mean="constant")
+    consts = torch.tensor([-2.0, 0.5, 3.0], dtype=torch.float64)
+    with torch.no_grad():
+        model.mean_module.constant.copy_(consts.reshape(model.mean_module.constant.shape))
+        model.likelihood.noise = 0.1
+    model.train()
+    with torch.no_grad():
+        prior = model(x)                     # train mode: the prior at the training inputs
+    torch.testing.assert_close(prior.mean, consts.expand(8, 3), rtol=0, atol=1e-12)   # constants, exactly
+    model.eval()
+    with torch.no_grad():
+        post = model(xt).mean
+        k = net.kernel(torch.cat([x, xt]), ntk=False).nngp
+        noise = float(model.likelihood.noise)
+    c = k[:8, :8] + noise * torch.eye(8, dtype=torch.float64)
+    expected = consts + k[8:, :8] @ torch.linalg.solve(c, y - consts)
+    # exact Cholesky solves of an 8×8 well-conditioned system (noise 0.1): rounding ~1e-14
+    torch.testing.assert_close(post, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_weight_and_bias_priors_of_one_layer_both_count():
+    """A layer with priors on both its weight and its bias variance contributes both log densities to
+    NetworkGP's marginal-likelihood objective (NetworkGP.named_priors counts each prior once, but not
+    one per module): objective(with priors) − objective(without) = log p_w(σ_w²) + log p_b(σ_b²) (times N),
+    the prior densities evaluated directly."""
+    x = torch.randn(15, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.sin(x.sum(-1))
+    w_prior, b_prior = gpytorch.priors.GammaPrior(3.0, 1.5), gpytorch.priors.GammaPrior(2.0, 10.0)
+
+    def objective(with_priors):
+        priors = {"weight_var_prior": w_prior, "bias_var_prior": b_prior} if with_priors else {}
+        net = ntkgp.serial(ntkgp.Dense(10, 2.0, 0.1, **priors), ntkgp.ReLU(), ntkgp.Dense(1, 1.0, 0.1))
+        model = NetworkGP(x, y, net)
+        model.train()
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+        with torch.no_grad():
+            return float(mll(model(x), y)) * len(y), model
+
+    with_priors, model = objective(True)
+    without, _ = objective(False)
+    expected = float(w_prior.log_prob(torch.tensor(2.0, dtype=torch.float64))
+                     + b_prior.log_prob(torch.tensor(0.1, dtype=torch.float64)))
+    # same kernel and data in both: the difference is the log priors up to rounding of the MLL (~1e-13)
+    assert abs((with_priors - without) - expected) < 1e-9
+    assert len(list(model.named_priors())) == 2

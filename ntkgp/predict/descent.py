@@ -111,7 +111,8 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     Returns:
         ``fx_train_t``, or ``(fx_train_t, fx_test_t)`` when test inputs are given, with the
         shape of ``t`` (or ``steps``) in front. Differentiable with respect to the kernels,
-        targets and initial outputs (through the steps taken).
+        targets and initial outputs when one of them requires grad (through the steps taken,
+        whose graph grows with their number; under ``torch.no_grad()`` none is kept).
     """
     if not callable(loss):
         raise ValueError(f"loss must be a function loss(f, y) returning a scalar tensor, got {type(loss).__name__}.")
