@@ -163,8 +163,11 @@ def test_empirical_kernels_linearized_training_and_monte_carlo():
             robust = predict.gradient_descent(huber, ntk_dd, y.to(d), fx_train_0=f_train, ntk_test_train=ntk_td,
                                               fx_test_0=f_test, t=[1.0, 5.0], momentum=0.5)
             stepped = predict.gradient_descent(huber, full, y.to(d), fx_train_0=f_train, steps=4)
+        linear = finite.linearize(model)
+        huber(linear(x.to(d)), y.to(d)).backward()
+        moved = [p.grad for p in linear.network.parameters()]
         mc = finite.monte_carlo_kernel(net, x.to(d), x2.to(d), n_samples=6, ensemble_batch=4)
-        results.append((ntk_dd, full, *trained, joint, *robust, stepped, mc.nngp, mc.ntk, mc.ntk_sem))
+        results.append((ntk_dd, full, *trained, joint, *robust, stepped, *moved, mc.nngp, mc.ntk, mc.ntk_sem))
     for gpu, cpu in zip(*results, strict=True):
         _on_device_and_close(gpu.detach(), cpu.detach(), rtol=1e-8, atol=1e-10)
     assert predict.max_learning_rate(results[0][0]) == pytest.approx(predict.max_learning_rate(results[1][0]),

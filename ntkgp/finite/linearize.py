@@ -1,0 +1,70 @@
+r"""A network's first-order Taylor expansion in its parameters, trainable like the network.
+
+The linearized network (Lee et al. 2019, §2.2; neural-tangents' ``nt.linearize``)
+
+    f_lin(x; θ) = f(x; θ₀) + J(x; θ₀) (θ − θ₀),   J = ∂f/∂θ at θ₀,
+
+is what wide networks follow under gradient descent, and what
+:func:`ntkgp.predict.gradient_descent_mse` and :func:`ntkgp.predict.gradient_descent` predict
+from the network's empirical NTK ``Θ̂ = J Jᵀ``. As a ``torch.nn.Module`` it trains with any
+torch optimizer, beside the network it came from, to see at a finite width how far the two part.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+from ntkgp.finite.empirical import refuse_spec
+from ntkgp.layers.dense import DenseModule
+
+
+class Linearized(nn.Module):
+    r"""``f_lin(x; θ) = f(x; θ₀) + J(x; θ₀)(θ − θ₀)`` of a module ``f`` at its parameters ``θ₀``
+    now (Lee et al. 2019, §2.2).
+
+    ``network`` is a copy of the module whose parameters are the trainable ``θ`` (they start at
+    ``θ₀``); ``initial`` is a second copy holding ``θ₀`` (and the buffers the expansion uses), its
+    parameters frozen (``requires_grad=False``: ``parameters()`` lists them, but they get no
+    gradient, so optimizers leave them), so that ``.to()``, ``state_dict`` and ``copy.deepcopy``
+    carry both. A forward pass is one ``torch.func.jvp`` of the initial network in the direction
+    ``θ − θ₀`` (about the cost of three forward passes); gradients flow to ``θ``.
+    Modules built with ``ensemble_size=E`` linearize every member at once.
+
+    Args:
+        model: the network (``net.build(...)`` or any module of its parameters). It is copied:
+            training the linearization leaves it as it is.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        refuse_spec(model)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()) or any(
+                isinstance(m, DenseModule) and m.weight is None for m in model.modules()):
+            raise ValueError("The module has parameters that are not drawn yet (a deferred first layer): call it "
+                             "once on inputs, or build it with in_features=..., before linearizing.")
+        if not any(True for _ in model.parameters()):
+            raise ValueError("The module has no parameters to linearize in.")
+        self.network = copy.deepcopy(model)
+        self.initial = copy.deepcopy(model).requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        initial = self.initial
+        theta0 = dict(initial.named_parameters())
+        direction = {name: p - theta0[name] for name, p in self.network.named_parameters()}
+
+        def at(params: dict[str, Tensor]) -> Tensor:
+            return functional_call(initial, params, (x,))
+
+        outputs, change = jvp(at, (theta0,), (direction,))
+        return outputs + change
+
+
+def linearize(model: nn.Module) -> Linearized:
+    r"""The linearization ``f(x; θ₀) + J(x; θ₀)(θ − θ₀)`` of ``model`` at its current parameters, as a
+    trainable module (:class:`Linearized`; neural-tangents' ``nt.linearize``, Lee et al. 2019)."""
+    return Linearized(model)

@@ -1,0 +1,132 @@
+"""The linearized network (ntkgp.finite.linearize) against its definition and, trained, against the
+kernel predictions from the same network's empirical NTK."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import ntkgp
+from ntkgp import finite, predict
+
+F64 = torch.float64
+
+
+def _model(ensemble_size=None, outputs=2):
+    net = ntkgp.serial(ntkgp.Dense(32, 2.0, 0.1), ntkgp.ReLU(), ntkgp.Dense(32, 2.0, 0.1), ntkgp.Erf(),
+                       ntkgp.Dense(outputs, 1.5, 0.1))
+    return net.build(in_features=3, seed=0, ensemble_size=ensemble_size, dtype=F64)
+
+
+def _points(n, seed):
+    return torch.randn(n, 3, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def _params_plus(model, direction, scale):
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, d in zip(moved.parameters(), direction, strict=True):
+            p.add_(scale * d)
+    return moved
+
+
+def test_the_linearization_is_the_first_order_taylor_expansion():
+    """At θ₀ the outputs are the network's; along a direction δ they change by J δ exactly (linear in
+    the step: 1x and 3x agree to rounding), and the network's own change agrees to first order
+    (its remainder falls as ε², measured from central differences at ε = 1e-3 and 1e-4)."""
+    model = _model()
+    x = _points(7, 1)
+    lin = finite.linearize(model)
+    with torch.no_grad():
+        assert torch.equal(lin(x), model(x))
+    g = torch.Generator().manual_seed(2)
+    direction = [torch.randn(p.shape, generator=g, dtype=F64) for p in model.parameters()]
+    changes = []
+    for scale in (1.0, 3.0):
+        moved = copy.deepcopy(lin)
+        with torch.no_grad():
+            for p, d in zip(moved.network.parameters(), direction, strict=True):
+                p.add_(scale * d)
+            changes.append(moved(x) - model(x))
+    torch.testing.assert_close(changes[1], 3 * changes[0], rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        remainders = []
+        for eps in (1e-3, 1e-4):
+            central = (_params_plus(model, direction, eps)(x) - _params_plus(model, direction, -eps)(x)) / (2 * eps)
+            remainders.append(float((central - changes[0]).abs().max()))
+    assert remainders[0] < 1e-4 and remainders[1] < remainders[0] / 50, remainders
+    assert all(p.grad is None for p in model.parameters())   # the network itself is untouched
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_on_the_linearized_network_is_the_empirical_ntk_dynamics(momentum):
+    """torch.optim.SGD on the linearized network's cross-entropy for 30 steps gives, to rounding, the
+    outputs gradient_descent predicts from the network's full empirical NTK (vector_output=True):
+    f_lin moves only along J, and J Jᵀ is that kernel."""
+    model = _model()
+    x, x_test = _points(8, 3), _points(4, 4)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    y = torch.nn.functional.one_hot(labels, 2).to(F64)
+
+    def xent(f, target):
+        return -(target * f.log_softmax(-1)).sum(-1).mean()
+
+    lin = finite.linearize(model)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5, momentum=momentum)
+    for _ in range(30):
+        opt.zero_grad()
+        xent(lin(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        trained_train, trained_test = lin(x), lin(x_test)
+        f_train, f_test = model(x), model(x_test)
+    ntk_dd = finite.empirical_ntk(model, x, vector_output=True)
+    ntk_td = finite.empirical_ntk(model, x_test, x, vector_output=True)
+    train, test = predict.gradient_descent(xent, ntk_dd, y, fx_train_0=f_train, ntk_test_train=ntk_td,
+                                           fx_test_0=f_test, steps=30, learning_rate=0.5,
+                                           momentum=momentum or None)
+    assert float((trained_train - f_train).abs().max()) > 0.05   # it trained
+    torch.testing.assert_close(trained_train, train, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(trained_test, test, rtol=1e-10, atol=1e-10)
+
+
+def test_ensembles_devices_copies_and_state():
+    model = _model(ensemble_size=3)
+    x = _points(5, 5)
+    lin = finite.linearize(model)
+    with torch.no_grad():
+        assert torch.equal(lin(x), model(x)) and lin(x).shape == (3, 5, 2)
+    trainable = [p for p in lin.parameters() if p.requires_grad]
+    assert len(trainable) == len(list(model.parameters()))
+    lin(x).sum().backward()
+    assert all(p.grad is None for p in lin.initial.parameters()) and all(p.grad is not None for p in trainable)
+    with torch.no_grad():
+        for p in lin.network.parameters():
+            p.mul_(1.1)
+        before = lin(x)
+    buffer = io.BytesIO()
+    torch.save(lin.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = finite.linearize(_model(ensemble_size=3))
+    fresh.load_state_dict(torch.load(buffer))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), before, rtol=0, atol=0)
+        single = lin.float()(x.float())
+    assert single.dtype == torch.float32 and float((single.double() - before).abs().max()) < 1e-5
+
+
+def test_what_cannot_be_linearized_is_refused():
+    net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), ntkgp.ReLU(), ntkgp.Dense(1, 1.0, 0.0))
+    with pytest.raises(ValueError, match="spec"):
+        finite.linearize(net)
+    with pytest.raises(ValueError, match="not drawn yet"):
+        finite.linearize(net.build(seed=0))          # a deferred first layer
+    with pytest.raises(ValueError, match="not drawn yet"):
+        finite.linearize(torch.nn.LazyLinear(2))
+    with pytest.raises(ValueError, match="no parameters"):
+        finite.linearize(torch.nn.ReLU())
+    with pytest.raises(ValueError, match=r"torch\.nn\.Module"):
+        finite.linearize(lambda x: x)
