@@ -16,6 +16,7 @@ EXAMPLES = {
     "01_quickstart.py": ["01_quickstart.png"],
     "02_lecture_toy_problems.py": ["02_sine_model.png", "02_wide_networks.png"],
     "04_gradient_flow_vs_ensemble.py": ["04_gradient_flow_vs_ensemble.png"],
+    "07_linearized_training.py": ["07_linearized_training.png"],
 }
 
 
@@ -40,7 +41,20 @@ def _check_lecture_toy_problems(out: str) -> None:
     assert max(abs(a - b) for a, b in zip(end, [1.0, 0.0, 0.0, 4.0], strict=True)) <= 1e-3, end
 
 
-CHECKS = {"02_lecture_toy_problems.py": _check_lecture_toy_problems}
+def _check_linearized_training(out: str) -> None:
+    """Example 07's table: the trained linearization equals the kernel prediction from the network's
+    own NTK to rounding (quick run: 2e-15), and both gaps shrink with the width (quick run: slopes
+    -0.76 and -0.46 over widths 32 to 512)."""
+    rows = [[float(v) for v in line.split()] for line in out.splitlines()
+            if line.split() and line.split()[0].isdigit() and len(line.split()) == 4]
+    assert len(rows) == 3, out
+    assert max(row[2] for row in rows) <= 1e-10, out
+    slopes = _numbers(r"net vs linearized ([0-9.e+-]+), linearized vs infinite ([0-9.e+-]+)", out)
+    assert all(-1.2 < s < -0.25 for s in slopes), slopes
+
+
+CHECKS = {"02_lecture_toy_problems.py": _check_lecture_toy_problems,
+          "07_linearized_training.py": _check_linearized_training}
 
 
 @pytest.mark.parametrize("script", sorted(EXAMPLES))
