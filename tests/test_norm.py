@@ -1,0 +1,105 @@
+"""LayerNorm kernels against independent quadrature (found missing by mutation testing).
+
+After an activation φ, LayerNorm's kernel is the correlation of the *centred* features,
+``C12 / sqrt((eps + C11)(eps + C22))`` with ``C_ij = E[(φ(u_i) − μ_i)(φ(u_j) − μ_j)]``; after a
+concatenation it subtracts the width-weighted average of the branches' means. The other tests
+check ``T``/``Ṫ`` by quadrature and LayerNorm at small variances as float32 against float64 of the
+same formulas, so a wrong coefficient in a centred form (Sin's ``|b²k12| ≤ 1`` series branch,
+Exp's, Rbf's) or uniform weights of unequal branches went unnoticed. Here ``C`` comes from numpy
+Gauss–Hermite quadrature (tests/quadrature.py), independent of the library.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.special
+import torch
+
+import ntkgp
+
+from quadrature import cartesian, polar
+
+
+def _mean(f, k: float, degree: int = 120) -> float:
+    z, w = scipy.special.roots_hermite(degree)
+    return float(np.sum(w / math.sqrt(math.pi) * f(math.sqrt(2 * k) * z)))
+
+
+CASES = {
+    # (layer, φ in numpy)
+    "sin_cos2c_positive": (lambda: ntkgp.Sin(1.2, 0.8, 0.3), lambda x: 1.2 * np.sin(0.8 * x + 0.3)),
+    "sin_cos2c_negative": (lambda: ntkgp.Sin(1.0, 1.1, 1.0), lambda x: np.sin(1.1 * x + 1.0)),
+    "cos": (lambda: ntkgp.Cos(0.9, 1.1, 0.3), lambda x: 0.9 * np.cos(1.1 * x + 0.3)),
+    "rbf": (lambda: ntkgp.Rbf(0.7), lambda x: math.sqrt(2) * np.sin(math.sqrt(1.4) * x + math.pi / 4)),
+    "erf": (lambda: ntkgp.Erf(1.3, 0.7, 0.4), lambda x: 1.3 * scipy.special.erf(0.7 * x) + 0.4),
+    "gaussian": (lambda: ntkgp.Gaussian(1.4, -0.6), lambda x: 1.4 * np.exp(-0.6 * x * x)),
+    "exp": (lambda: ntkgp.Exp(1.3, 0.7), lambda x: 1.3 * np.exp(0.7 * x)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_layernorm_kernel_is_the_correlation_of_centred_features(name):
+    make, phi = CASES[name]
+    # K = x·x'/d after a bias-free Dense(weight_var=1): variances 0.2-1.5, so |b²k12| ≤ 1 (the
+    # series branches of the centred forms) for most pairs and beyond it for some
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(11)) * 1.3
+    x[4] = -x[0]   # an exactly opposite pair
+    eps = 1e-12
+    net = ntkgp.serial(ntkgp.Dense(1, 1.0, None), make(), ntkgp.LayerNorm(eps))
+    with torch.no_grad():
+        got = net.kernel(x).nngp
+    gram = (x @ x.T / x.shape[1]).numpy()
+    n = gram.shape[0]
+    means = [_mean(phi, gram[i, i]) for i in range(n)]
+    cent = np.empty((n, n))
+    for i in range(n):
+        for j in range(n):
+            cent[i, j] = cartesian(lambda u, i=i: phi(u) - means[i], lambda v, j=j: phi(v) - means[j],
+                                   gram[i, i], gram[i, j], gram[j, j], degree=80)
+    want = cent / np.sqrt(np.outer(eps + np.diag(cent), eps + np.diag(cent)))
+    # 80-node Gauss–Hermite on these entire integrands is converged to ~1e-14; 1e-9 leaves room
+    torch.testing.assert_close(got, torch.from_numpy(want), rtol=1e-9, atol=1e-9)
+
+
+# LayerNorm after a concatenation of branches of unequal widths and different feature means.
+#
+# Over the ``n = n_a + n_b`` concatenated features the LayerNorm subtracts their average
+# ``m(x) = p μ_a(x) + (1 − p) μ_b(x)``, ``p = n_a / n``, and divides by their spread, so at
+# infinite width its kernel is
+#
+#     (p T_a + (1 − p) T_b − m(x) m(x')) / sqrt((ε + C(x, x)) (ε + C(x', x')))
+#
+# with ``C`` the numerator at ``x' = x``. The wide-network test of this case concatenates two
+# activations of one Dense layer (equal widths, ``p = 1/2``), where weighting the branches' means
+# by their widths or uniformly gives the same kernel; here ``p = 3/4``. ``T_a``, ``T_b`` come from numpy
+# quadrature (tests/quadrature.py), the means in closed form, independent of the library.
+
+
+def test_layernorm_after_a_concatenation_of_unequal_widths():
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    (wa, ba), (wb, bb), eps = (1.4, 0.2), (0.8, 0.3), 1e-12
+    net = ntkgp.serial(ntkgp.parallel(ntkgp.serial(ntkgp.Dense(300, wa, ba), ntkgp.ReLU()),
+                                      ntkgp.serial(ntkgp.Dense(100, wb, bb), ntkgp.Erf(c=0.7)), join="concat"),
+                       ntkgp.LayerNorm(eps))
+    with torch.no_grad():
+        got = net.kernel(x).nngp
+    gram = (x @ x.T / x.shape[1]).numpy()
+    ka, kb = wa * gram + ba, wb * gram + bb
+    relu = lambda t: np.maximum(t, 0.0)  # noqa: E731
+    erf = lambda t: scipy.special.erf(t) + 0.7  # noqa: E731
+    p, n = 0.75, gram.shape[0]
+    # E[max(u, 0)] = sqrt(k / 2π) (half-normal mean); E[erf(u) + c] = c (erf is odd)
+    m = np.array([p * math.sqrt(ka[i, i] / (2 * math.pi)) + (1 - p) * 0.7 for i in range(n)])
+    num = np.empty((n, n))
+    for i in range(n):
+        for j in range(n):
+            ta = polar(relu, relu, ka[i, i], ka[i, j], ka[j, j])
+            tb = cartesian(erf, erf, kb[i, i], kb[i, j], kb[j, j], degree=80)
+            num[i, j] = p * ta + (1 - p) * tb - m[i] * m[j]
+    want = num / np.sqrt(np.outer(eps + np.diag(num), eps + np.diag(num)))
+    # polar quadrature is exact up to rounding for ReLU (positively homogeneous), 80-node
+    # Gauss–Hermite for the entire erf integrand converged to ~1e-14 (measured agreement 6e-14)
+    torch.testing.assert_close(got, torch.from_numpy(want), rtol=1e-10, atol=1e-10)
