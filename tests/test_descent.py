@@ -232,6 +232,10 @@ def test_bad_input_is_refused_before_integrating():
         call()
     with pytest.raises(ValueError, match="t must be finite"):
         call(t=[1.0, math.inf])
+    with pytest.raises(ValueError, match="no gradient"):
+        call(t=torch.tensor(1.0, dtype=F64, requires_grad=True))
+    with pytest.raises(ValueError, match="momentum is read as a number"):
+        call(t=1.0, momentum=torch.tensor(0.5, requires_grad=True))
     with pytest.raises(ValueError, match="momentum must be in"):
         call(t=1.0, momentum=1.0)
     with pytest.raises(ValueError, match="scalar"):

@@ -122,6 +122,8 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}.")
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}.")
+    if isinstance(momentum, Tensor) and momentum.requires_grad:
+        raise ValueError("momentum is read as a number and gets no gradient: pass a plain number.")
     beta = None if momentum is None else finite_number(momentum, "momentum", "a number in [0, 1)")
     if beta is not None and not 0.0 <= beta < 1.0:
         raise ValueError(f"momentum must be in [0, 1) (heavy-ball momentum), got {momentum!r}.")
@@ -139,6 +141,10 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
         rows = ntk_test_train.shape[0]
         fx_test_0 = _initial_outputs(fx_test_0, (rows, *y.shape[1:]), "fx_test_0", y)
         test_kernel = test_kernel.to(dtype)
+    if isinstance(t, Tensor) and t.requires_grad and torch.is_grad_enabled():
+        # read as numbers, the times got no gradient, without a word
+        raise ValueError("t is read as numbers here and gets no gradient; the rate of the outputs at time t is "
+                         "−η Θ ∇L(f_t) (with momentum, the state's velocity), which can be evaluated at the result.")
     schedule = make_schedule(t, steps, learning_rate, y.numel(), y.device)
     if schedule is None:
         raise ValueError("Give times t or step counts steps: an ODE cannot be integrated to t = ∞ (for the "
@@ -235,14 +241,15 @@ def _loss_gradient(loss: Loss, y: Tensor, f0: Tensor, differentiable: bool) -> C
 def _iterate(gradient, outputs, f0: Tensor, eta: float, beta: float | None, steps: Tensor) -> list[Tensor]:
     """``R_s`` at each of ``steps``: ``R ← R + η ∇L`` or, with momentum, ``p ← β p + η ∇L, R ← R + p``."""
     wanted = [int(s) for s in steps.tolist()]
+    recorded, last = set(wanted), max(wanted)
     at: dict[int, Tensor] = {}
     dual = torch.zeros_like(f0)
     velocity = torch.zeros_like(f0)
     f = f0
-    for step in range(max(wanted) + 1):
-        if step in wanted:
+    for step in range(last + 1):
+        if step in recorded:
             at[step] = dual
-        if step == max(wanted):
+        if step == last:
             break
         g = eta * gradient(f)
         if beta is None:
