@@ -790,3 +790,65 @@ def test_a_whole_ensemble_history_is_refused_with_the_record_to_pass():
             call()
     mean, variance = ensemble_moments(history.test_outputs[-1].squeeze(-1))   # what the message says works
     assert mean.shape == variance.shape == (5,)
+
+
+# regression_metrics' calibration error and misclassification_auroc with per-class variances,
+# against formulas written out here with scipy/numpy.
+
+
+def test_regression_metrics_calibration_error_always_averages_over_0_05_to_0_95():
+    # documented: `levels` only chooses the coverages reported; CE = mean_l |cov(p_l) - p_l| over
+    # p_l = 0.05, 0.10, ..., 0.95, cov(p) the fraction with |y - mu| <= Phi^{-1}((1+p)/2) sigma
+    rng = np.random.default_rng(0)
+    mean = rng.normal(size=200)
+    var = rng.uniform(0.2, 2.0, size=200)
+    y = mean + rng.normal(size=200) * np.sqrt(var) * 1.7                 # miscalibrated: CE well above 0
+    z = np.abs(y - mean) / np.sqrt(var)
+    grid = np.arange(1, 20) * 0.05
+    expected = np.mean([abs(np.mean(z <= stats.norm.ppf(0.5 + p / 2)) - p) for p in grid])
+    for levels in ([0.5], [0.9, 0.95], (0.5, 0.9, 0.95)):
+        got = bayes.regression_metrics(mean, var, y, levels=levels)["calibration_error"]
+        assert abs(got - expected) <= 1e-12, (levels, got, expected)
+
+
+def _mann_whitney(scores, positive):
+    """P(score of a positive > score of a negative) + 0.5 P(tie), by counting all pairs."""
+    pos, neg = scores[positive], scores[~positive]
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0) + 0.5 * (diff == 0)).mean())
+
+
+def test_misclassification_auroc_scores_points_by_the_mean_variance_over_classes():
+    # (M, C) variances: the score is the mean over classes (docstring). The variances are built so
+    # that the mean and, e.g., the largest class variance rank the points differently.
+    mean = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    labels = np.array([0, 1, 1, 2, 1])                                 # points 2 and 3 misclassified
+    var = np.array([[0.9, 0.0, 0.0],                                   # mean 0.30, max 0.9
+                    [0.35, 0.35, 0.35],                                # mean 0.35, max 0.35
+                    [0.4, 0.4, 0.4],                                   # wrong: mean 0.40, max 0.4
+                    [0.32, 0.32, 0.32],                                # wrong: mean 0.32, max 0.32
+                    [0.1, 0.1, 0.1]])                                  # mean 0.10
+    wrong = mean.argmax(-1) != labels
+    expected = _mann_whitney(var.mean(-1), wrong)
+    assert expected != _mann_whitney(var.max(-1), wrong)               # the choice of reduction matters here
+    assert abs(bayes.misclassification_auroc(mean, var, labels) - expected) <= 1e-12
+
+
+def test_draws_of_different_outputs_are_independent_with_covariance_sigma_each():
+    """sample_outputs draws the k outputs independently: the joint covariance is Sigma (x) I_k (docstring,
+    "each of the k outputs gets its own z"). Statistical check with S = 20000 draws in float64: the
+    sample covariance of each output is Sigma to within a few standard errors, and the cross-covariance
+    between outputs is 0. Tolerances: an entry of a sample covariance of S draws has standard error at
+    most sqrt((Sigma_aa Sigma_bb + Sigma_ab^2) / S) <= sqrt(2/S) * max diag = 0.01 * max diag; 6 standard
+    errors (0.06) is a false-alarm rate far below 1e-6 per entry (the seed is fixed anyway)."""
+    sigma = torch.tensor([[1.0, 0.6, 0.2], [0.6, 1.2, 0.5], [0.2, 0.5, 0.8]], dtype=torch.float64)
+    mean = torch.tensor([[0.0, 1.0], [2.0, -1.0], [0.5, 0.5]], dtype=torch.float64)   # (M=3, k=2)
+    draws = bayes.sample_outputs(Gaussian(mean, sigma), 20000, seed=3)              # (S, 3, 2)
+    assert draws.shape == (20000, 3, 2)
+    centred = (draws - mean).reshape(20000, 6)                                      # columns (point, output)
+    cov = centred.T @ centred / 20000
+    expected = torch.kron(sigma, torch.eye(2, dtype=torch.float64))                  # Sigma (x) I_k
+    assert float((cov - expected).abs().max()) < 0.06 * float(sigma.diagonal().max())
+    # independent continuous draws: no two coincide (with probability 1)
+    flat = draws.reshape(20000, 6)
+    assert torch.unique(flat, dim=0).shape[0] == 20000

@@ -168,3 +168,28 @@ def test_a_test_set_too_large_to_simulate_gets_no_calibration_and_a_note(monkeyp
                                                          divergence_check=False, progress=False))
     assert result.calibration["ensembles"] == 0 and all(math.isnan(c) for c in result.widths[0].var_within_chance)
     assert any(n.startswith("no calibration: simulating ensembles of 16 exact draws") for n in check_notes(result))
+
+
+def test_pointwise_scores_follow_the_documented_bands():
+    """ntkgp.compare.calibration.pointwise_scores against its documented formulas, evaluated by hand:
+    mean check |mu_hat - mu| <= 3 sqrt(var_hat / E) + 0.02, variance check
+    |var_hat - var| / max(var, 1e-6 * max(max var, prior_scale)) <= tolerance."""
+    members = 16
+    variance = torch.tensor([0.16, 0.16, 0.16, 0.16, 0.16], dtype=torch.float64)      # SE = 0.1, 3 SE = 0.3
+    mu = torch.zeros(5, dtype=torch.float64)
+    # offsets: inside 3 SE; between 3 SE and 3 SE + 0.02 (inside only thanks to the slack); beyond it
+    mean = torch.tensor([0.1, 0.31, 0.319, 0.33, -0.25], dtype=torch.float64)
+    var = torch.tensor([0.16, 0.2, 0.1, 0.16, 1e-9], dtype=torch.float64)
+    mean_within, var_within, rel = pointwise_scores(mean, variance, members, mu, var, tolerance=0.3)
+    se = (variance / members).sqrt()
+    by_hand_mean = ((mean - mu).abs() <= 3 * se + 0.02).double().mean()
+    assert float(by_hand_mean) == 0.8                                     # 4 of 5: 0.1, 0.31, 0.319, -0.25
+    assert float(mean_within) == float(by_hand_mean)
+    floor = 1e-6 * 0.2
+    expected_rel = (variance - var).abs() / torch.maximum(var, torch.tensor(floor, dtype=torch.float64))
+    torch.testing.assert_close(rel, expected_rel, rtol=1e-14, atol=0)
+    assert float(var_within) == float((expected_rel <= 0.3).double().mean())
+    # a prior scale above the largest variance raises the floor: 1e-6 * 1e3 = 1e-3 for the last point
+    _, _, rel_prior = pointwise_scores(mean, variance, members, mu, var, tolerance=0.3, prior_scale=1e3)
+    torch.testing.assert_close(rel_prior[-1], (0.16 - 1e-9) / torch.tensor(1e-3, dtype=torch.float64),
+                               rtol=1e-14, atol=0)

@@ -789,3 +789,27 @@ def test_empirical_kernels_ignore_a_callers_autocast_as_the_analytic_ones_do(kin
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = kernel(model, x)
         assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+def test_vector_output_nngp_is_the_outer_product_of_the_outputs_in_i_j_order():
+    """empirical_nngp(vector_output=True) is K[n, m, i, j] = f_i(x_n) f_j(x'_m) (module docstring), checked
+    against the network's own outputs on two different input sets (where the (i, j) order matters), and
+    its per-output form against (1/k) sum_i K[n, m, i, i]."""
+    net = ntkgp.serial(ntkgp.Dense(12, 2.0, 0.1), ntkgp.Erf(), ntkgp.Dense(3, 1.5, 0.1))
+    model = net.build(in_features=2, seed=4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(4, 2, generator=g, dtype=torch.float64)
+    x2 = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        f1, f2 = model(x1), model(x2)                                   # (4, 3), (5, 3)
+    expected = f1[:, None, :, None] * f2[None, :, None, :]              # [n, m, i, j] = f_i(x_n) f_j(x'_m)
+    got = empirical_nngp(model, x1, x2, vector_output=True)
+    assert got.shape == (4, 5, 3, 3)
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(empirical_nngp(model, x1, x2), (f1 @ f2.T) / 3, rtol=1e-14, atol=1e-15)
+    # an ensemble: one kernel per member, each the outer product of that member's outputs
+    ens = net.build(in_features=2, seed=4, ensemble_size=2, dtype=torch.float64)
+    with torch.no_grad():
+        e1, e2 = ens(x1), ens(x2)                                       # (2, 4, 3), (2, 5, 3)
+    torch.testing.assert_close(empirical_nngp(ens, x1, x2, vector_output=True),
+                               e1[:, :, None, :, None] * e2[:, None, :, None, :], rtol=1e-14, atol=1e-15)
