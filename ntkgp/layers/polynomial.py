@@ -84,9 +84,13 @@ class Polynomial(Activation):
     a polynomial in the kernel entries, exact (no quadrature), evaluated symmetrically in
     ``k11 ↔ k22``. The ``a = 0`` terms are ``E[φ(u)] E[φ(v)]``: the centred kernel
     (:meth:`centred_pair_kernel`) leaves them out instead of subtracting them.
+
+    Args:
+        coefficients: ``c_0, c_1, …``, lowest degree first: a sequence of numbers, a numpy array
+            or a 1-D tensor (read as Python floats).
     """
 
-    def __init__(self, coefficients: Sequence[float]) -> None:
+    def __init__(self, coefficients: Sequence[float] | np.ndarray | Tensor) -> None:
         super().__init__()
         if isinstance(coefficients, (Mapping, Set)):   # a dict's keys, or a set in arbitrary order
             raise ValueError(f"Polynomial needs a sequence of coefficients c_0, c_1, ..., got a "
