@@ -250,8 +250,6 @@ def test_bad_input_is_refused_before_integrating():
         call(t=1.0, ntk_test_train=k_td)
     with pytest.raises(ValueError, match=r"ntk_test_train must be \(M, N\)"):
         call(t=1.0, ntk_test_train=k_td.T, fx_test_0=0.0)
-    with pytest.raises(ValueError, match="rows"):
-        predict.gradient_descent(xent, k_dd, y[:-1], t=1.0)
     with pytest.raises(ValueError, match="rtol"):
         call(t=1.0, rtol=0.0)
     with pytest.raises(ValueError, match="max_steps"):
@@ -260,6 +258,12 @@ def test_bad_input_is_refused_before_integrating():
         predict.gradient_descent(xent, k_dd + torch.triu(torch.ones_like(k_dd), 1), y, t=1.0)
     with pytest.raises(ValueError, match="dtype must be"):
         call(t=1.0, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"ntk_train_train is 10 x 10 but y_train has 9 rows"):
+        predict.gradient_descent(xent, k_dd, y[:-1], t=1.0)
+    with pytest.raises(ValueError, match="in place"):
+        call(t=1.0, loss=lambda f, y: (f.mul_(2) - y).square().mean())
+    with pytest.raises(ValueError, match="exceed max_steps=100"):
+        call(steps=[1, 10**12], max_steps=np.int64(100))
     with pytest.raises(ValueError, match="NaN"):
         predict.gradient_descent(xent, k_dd.masked_fill(k_dd > 1, math.nan), y, t=1.0)
 
@@ -306,3 +310,29 @@ def test_overloads_keep_the_implementation_s_parameters():
     k_dd, k_td, y, _, ft0 = _problem()
     assert isinstance(predict.gradient_descent(xent, k_dd, y, t=1.0), torch.Tensor)
     assert isinstance(predict.gradient_descent(xent, k_dd, y, ntk_test_train=k_td, fx_test_0=ft0, t=1.0), tuple)
+
+
+def test_fixes_from_review():
+    """What a review of the first version found: the loss gets a copy of the targets (one that wrote to
+    y changed the caller's), the kernel's gradient is symmetric (the squared loss's equals
+    gradient_descent_mse's), diverging steps warn, and numpy integers are taken for max_steps."""
+    k_dd, _, y, f0, _ = _problem()
+    kept = y.clone()
+
+    def writes_to_targets(f, target):
+        target.mul_(2)
+        return mse(f, target)
+
+    predict.gradient_descent(writes_to_targets, k_dd, y, fx_train_0=f0, steps=2)
+    assert torch.equal(y, kept)
+    leaf = k_dd.clone().requires_grad_()
+    (ours,) = torch.autograd.grad(predict.gradient_descent(mse, leaf, y, fx_train_0=f0, steps=[3, 8]).sum(), leaf)
+    (closed,) = torch.autograd.grad(predict.gradient_descent_mse(leaf, y, fx_train_0=f0, steps=[3, 8]).sum(), leaf)
+    assert torch.equal(ours, ours.mT)
+    torch.testing.assert_close(ours, closed, rtol=1e-10, atol=1e-12)
+    limit = predict.max_learning_rate(k_dd, y.numel())
+    with pytest.warns(RuntimeWarning, match="diverged: the training outputs overflowed at step"):
+        out = predict.gradient_descent(mse, k_dd, y, fx_train_0=f0, steps=[2000], learning_rate=30 * limit)
+    assert not bool(torch.isfinite(out).all())
+    stable = predict.gradient_descent(mse, k_dd, y, fx_train_0=f0, steps=np.int64(5), max_steps=np.int64(5))
+    assert stable.shape == y.shape

@@ -118,6 +118,25 @@ def test_ensembles_devices_copies_and_state():
     assert single.dtype == torch.float32 and float((single.double() - before).abs().max()) < 1e-5
 
 
+def test_batch_norm_needs_eval_mode_and_the_mode_is_the_model_s():
+    """Batch norm in training mode has no fixed expansion point: a clear error (torch.func's was about
+    mutating a captured tensor), and in eval mode the expansion holds; the wrapper's own training flag
+    is the model's."""
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 2)).double()
+    with torch.no_grad():
+        model(torch.randn(16, 3, generator=g, dtype=F64))    # running statistics away from their start
+    model.eval()
+    lin = finite.linearize(model)
+    x = torch.randn(6, 3, generator=g, dtype=F64)
+    assert lin.training is False
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="Batch norm in training mode"):
+        lin.train()(x)
+
+
 def test_what_cannot_be_linearized_is_refused():
     net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), ntkgp.ReLU(), ntkgp.Dense(1, 1.0, 0.0))
     with pytest.raises(ValueError, match="spec"):

@@ -31,7 +31,9 @@ class Linearized(nn.Module):
     gradient, so optimizers leave them), so that ``.to()``, ``state_dict`` and ``copy.deepcopy``
     carry both. A forward pass is one ``torch.func.jvp`` of the initial network in the direction
     ``θ − θ₀`` (about the cost of three forward passes); gradients flow to ``θ``.
-    Modules built with ``ensemble_size=E`` linearize every member at once.
+    Modules built with ``ensemble_size=E`` linearize every member at once. Batch norm must be in
+    eval mode (running statistics): in training mode it normalizes by the batch, so the network
+    has no fixed expansion point, and the forward pass says so.
 
     Args:
         model: the network (``net.build(...)`` or any module of its parameters). It is copied:
@@ -51,8 +53,18 @@ class Linearized(nn.Module):
             raise ValueError("The module has no parameters to linearize in.")
         self.network = copy.deepcopy(model)
         self.initial = copy.deepcopy(model).requires_grad_(False)
+        self.training = model.training   # the copies keep the modes they had; this flag said True regardless
 
     def forward(self, x: Tensor) -> Tensor:
+        for module in self.initial.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats:
+                # torch.func's "attempted to call in-place operation ... that would mutate a captured Tensor"
+                raise ValueError("Batch norm in training mode normalizes by the batch and updates its running "
+                                 "statistics, so the network has no fixed expansion point: call .eval() on the "
+                                 "linearized module (its batch norm then uses the running statistics).")
+        return self._expansion(x)
+
+    def _expansion(self, x: Tensor) -> Tensor:
         initial = self.initial
         theta0 = dict(initial.named_parameters())
         direction = {name: p - theta0[name] for name, p in self.network.named_parameters()}

@@ -13,12 +13,14 @@ The squared loss has closed forms (:func:`ntkgp.predict.gradient_descent_mse`); 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import overload
 
 import torch
 from torch import Tensor
 
+from ntkgp._checks import integer_at_least
 from ntkgp._typing import Steps, Times
 from ntkgp.layers.validation import finite_number
 from ntkgp.predict.gaussian import check_device, check_targets, tensor_kind
@@ -72,10 +74,13 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     by an adaptive Dormand–Prince method (:mod:`ntkgp.predict.odeint`) whose local error on the
     training outputs ``f_0 − Θ R`` (and on their rate ``Θ p``) stays within ``atol + rtol |f|``.
     With momentum this is the limit of small steps at fixed ``(1 − β)/√η`` in time ``√η t``,
-    neural-tangents' convention: there ``t`` counts steps too. For the squared loss
+    neural-tangents' convention: there ``t`` counts steps too. So ``momentum=0.0`` is not
+    ``momentum=None`` in continuous time (a second-order flow with damping ``1`` against the
+    gradient flow: 0.08 apart at ``t = 3`` on a squared loss), though their ``steps`` are the same. For the squared loss
     ``0.5 * ((f - y) ** 2).mean()`` the flow is :func:`gradient_descent_mse`'s
     ``e^{−Θ η t/m}``. On smooth losses the outputs' global error is about the tolerance
-    (cross-entropy, log-cosh: within 2x of ``rtol = atol`` from ``1e-4`` to ``1e-10``); a loss
+    (cross-entropy, log-cosh: within 2x of ``rtol = atol`` from ``1e-4`` to ``1e-10``; with
+    momentum ``0.9``, whose oscillations accumulate the local errors, 4–15x); a loss
     with kinks (Huber, hinge, L1) has a jumping ``∇²L`` where outputs cross them, the method's
     order drops there, and errors exceed the tolerance (Huber: ``9e-5`` at ``1e-6``). Explicit
     steps need ``η t λ_max(Θ ∇²L)`` of order their number: a stiff problem (a large kernel
@@ -98,13 +103,15 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
         fx_test_0: initial test outputs, ``(M,)`` or ``(M, k)`` like ``y_train``, or a number.
         t: a non-negative number or tensor of times, in units of steps (leading output shape);
             finite: an ODE has no closed form at ``t = ∞``.
-        steps: instead of ``t``, discrete step counts (exact for the linearized network).
+        steps: instead of ``t``, discrete step counts (exact for the linearized network; a
+            ``RuntimeWarning`` if the outputs overflow, as above the stability limit).
         learning_rate: ``η``.
         momentum: ``None`` (plain gradient descent) or heavy-ball momentum ``β`` in ``[0, 1)``.
         rtol: the ODE solver's relative tolerance on the outputs (default ``1e-8`` in float64,
             ``100 ε`` of ``dtype`` otherwise).
         atol: its absolute tolerance, in the outputs' units (the same default).
-        max_steps: most solver steps before a ``RuntimeError`` (a stiff problem).
+        max_steps: most solver steps before a ``RuntimeError`` (a stiff problem), and the largest
+            ``steps`` taken (each is a product with the kernel).
         dtype: ``torch.float64`` or ``torch.float32``, the dtype of the integration (results
             come back in the dtype of ``y_train``).
 
@@ -120,8 +127,7 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
         raise ValueError("Give both ntk_test_train and fx_test_0 to predict test outputs, or neither.")
     if dtype not in (torch.float32, torch.float64):   # half precision's ε made tolerances of 0.1 and more
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}.")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}.")
+    max_steps = integer_at_least(max_steps, 1, "max_steps")
     if isinstance(momentum, Tensor) and momentum.requires_grad:
         raise ValueError("momentum is read as a number and gets no gradient: pass a plain number.")
     beta = None if momentum is None else finite_number(momentum, "momentum", "a number in [0, 1)")
@@ -135,7 +141,7 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     _check_kernel(ntk_train_train, "ntk_train_train")
     kernel, test_kernel, y_shape = _kernels(ntk_train_train, y_train, ntk_test_train)
     out_dtype = y_train.dtype
-    y = y_train.to(dtype)
+    y = y_train.to(dtype, copy=True)   # the loss gets a copy: one that wrote to y changed the caller's targets
     f0 = _initial_outputs(fx_train_0, y.shape, "fx_train_0", y)
     if test_kernel is not None:
         rows = ntk_test_train.shape[0]
@@ -149,10 +155,17 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     if schedule is None:
         raise ValueError("Give times t or step counts steps: an ODE cannot be integrated to t = ∞ (for the "
                          "squared loss, gradient_descent_mse has the limit in closed form).")
+    if schedule.discrete and int(schedule.values.max()) > max_steps:
+        # one kernel product each, in a Python loop: 10**12 of them never returned
+        raise ValueError(f"steps up to {int(schedule.values.max())} exceed max_steps={max_steps}: each step is a "
+                         "product with the kernel; raise max_steps, or give times t for the ODE solver.")
     if not schedule.discrete and bool(torch.isinf(schedule.values).any()):
         raise ValueError("t must be finite: an ODE cannot be integrated to t = ∞ (for the squared loss, "
                          "gradient_descent_mse has the limit in closed form).")
+    # symmetrized (exactly the same values for a symmetric kernel): the gradient with respect to it is then
+    # symmetric, as gradient_descent_mse's (eigh's convention), and a step along it keeps it a kernel
     kernel = kernel.to(dtype)
+    kernel = (kernel + kernel.mT) / 2
     differentiable = torch.is_grad_enabled() and any(
         isinstance(v, Tensor) and v.requires_grad for v in (kernel, test_kernel, y, f0, fx_test_0))
     gradient = _loss_gradient(loss, y, f0, differentiable)
@@ -190,6 +203,8 @@ def _kernels(ntk_train_train: Tensor, y_train: Tensor, ntk_test_train: Tensor | 
                              f"(N, k) = {(n, k)}, got {shape}.")
     elif ntk_train_train.shape != (n, n):
         raise ValueError(f"ntk_train_train must be (N, N) or (N, N, k, k), got {tuple(ntk_train_train.shape)}.")
+    if isinstance(y_train, Tensor) and y_train.dim() in (1, 2) and y_train.shape[0] != n:
+        raise ValueError(f"ntk_train_train is {n} x {n} but y_train has {y_train.shape[0]} rows.")
     check_targets(y_train, n, ntk_train_train.device, "ntk_train_train")
     kernel = flatten_full_kernel(ntk_train_train) if full else ntk_train_train
     check_symmetric(kernel, "ntk_train_train")   # a test–train kernel passed in its place, say
@@ -232,7 +247,11 @@ def _loss_gradient(loss: Loss, y: Tensor, f0: Tensor, differentiable: bool) -> C
             (grad,) = torch.autograd.grad(value.reshape(()), leaf, create_graph=differentiable, allow_unused=True)
         return torch.zeros_like(f) if grad is None else grad
 
-    first = gradient(f0)
+    try:
+        first = gradient(f0)
+    except RuntimeError as err:   # torch's own words ("a leaf Variable ... in-place operation") did not name loss
+        raise ValueError(f"loss(f, y) failed at the initial outputs: {err} (a loss must compute a new tensor from "
+                         "f and y with torch operations, without changing either in place).") from err
     if not bool(torch.isfinite(first).all()):
         raise ValueError("The loss's gradient at the initial outputs fx_train_0 is not finite.")
     return gradient
@@ -246,6 +265,7 @@ def _iterate(gradient, outputs, f0: Tensor, eta: float, beta: float | None, step
     dual = torch.zeros_like(f0)
     velocity = torch.zeros_like(f0)
     f = f0
+    warned = False
     for step in range(last + 1):
         if step in recorded:
             at[step] = dual
@@ -258,6 +278,12 @@ def _iterate(gradient, outputs, f0: Tensor, eta: float, beta: float | None, step
             velocity = beta * velocity + g
             dual = dual + velocity
         f = outputs(dual)
+        if not warned and not bool(torch.isfinite(f).all()):
+            # the outputs overflowed: what follows is inf and NaN, which came back without a word
+            warnings.warn(f"gradient_descent diverged: the training outputs overflowed at step {step + 1} "
+                          f"(learning_rate={eta:g} is too large for this loss and kernel; for the squared loss the "
+                          "stability limit is ntkgp.predict.max_learning_rate).", RuntimeWarning, stacklevel=3)
+            warned = True
     return [at[s] for s in wanted]
 
 
