@@ -336,3 +336,14 @@ def test_fixes_from_review():
     assert not bool(torch.isfinite(out).all())
     stable = predict.gradient_descent(mse, k_dd, y, fx_train_0=f0, steps=np.int64(5), max_steps=np.int64(5))
     assert stable.shape == y.shape
+
+
+def test_a_loss_that_leaves_its_domain_is_named_not_called_stiff():
+    """sqrt(f) is fine at the initial outputs, but descending it drives outputs to 0 (at t = 8.9 here),
+    where its gradient is infinite and beyond which it is NaN: the solver cannot step on, and the error
+    says the loss left its domain, not that the problem is stiff."""
+    k_dd, _, y, _, _ = _problem()
+    loss = lambda f, target: f.sqrt().mean() + 0 * target.sum()   # noqa: E731
+    with pytest.raises(RuntimeError, match="became NaN or infinite") as info:
+        predict.gradient_descent(loss, k_dd, y, fx_train_0=1.0, t=50.0, max_steps=2000)
+    assert "stiff" not in str(info.value)

@@ -324,6 +324,9 @@ def _flow(gradient, kernel: Tensor, f0: Tensor, eta: float, beta: float | None, 
     try:
         states = integrate(rhs, z0, targets, norm, max_steps=max_steps, first_step=first_step)
     except StepLimitError as err:
+        if err.non_finite:   # not stiffness: no step, however short, stays finite
+            raise RuntimeError(f"gradient_descent: {err}, where the loss's gradient or the outputs became NaN or "
+                               "infinite: the loss is not defined (or overflows) along the training path.") from None
         raise RuntimeError(f"gradient_descent: {err}. The problem is stiff for an explicit solver (a large "
                            "eigenvalue of Θ times the loss's curvature, or long times): take discrete steps "
                            "(steps=...), which are exact, raise max_steps, or loosen rtol/atol.") from None

@@ -36,7 +36,12 @@ Norm = Callable[[Tensor, Tensor, Tensor], float]
 
 
 class StepLimitError(RuntimeError):
-    """The integration needed more steps than allowed (a stiff problem for an explicit method)."""
+    """The integration needed more steps than allowed (a stiff problem for an explicit method), or
+    could not go on: ``non_finite`` when the last step tried met NaN or infinite values."""
+
+    def __init__(self, message: str, non_finite: bool = False) -> None:
+        super().__init__(message)
+        self.non_finite = non_finite
 
 
 def rms_norm(rtol: float, atol: float) -> Norm:
@@ -67,16 +72,18 @@ def integrate(rhs: Callable[[Tensor], Tensor], z0: Tensor, times: Sequence[float
     now, z, slope = 0.0, z0, rhs(z0)
     h = first_step
     attempts = 0
+    error = 0.0
     for target in times:
         while now < target:
             if attempts >= max_steps:
                 raise StepLimitError(f"the ODE solver reached max_steps={max_steps} steps at t = {now:.6g} of "
-                                     f"{target:.6g}")
+                                     f"{target:.6g}", non_finite=not math.isfinite(error))
             remaining = target - now
             last = h >= remaining
             step = remaining if last else h
             if step <= 4 * math.ulp(now):
-                raise StepLimitError(f"the step size fell to {step:.3g} at t = {now:.6g}, the rounding of the time")
+                raise StepLimitError(f"the step size fell to {step:.3g} at t = {now:.6g}, the rounding of the time",
+                                     non_finite=not math.isfinite(error))
             stages = [slope]
             for row in _A[1:]:
                 z_new = _combine(z, step, row, stages)
