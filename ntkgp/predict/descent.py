@@ -24,7 +24,7 @@ from ntkgp._checks import integer_at_least
 from ntkgp._typing import Steps, Times
 from ntkgp.layers.validation import finite_number
 from ntkgp.predict.gaussian import check_device, check_targets, tensor_kind
-from ntkgp.predict.linearized import _check_kernel, _initial_outputs
+from ntkgp.predict.linearized import _check_kernel, _initial_outputs, check_full_kernel
 from ntkgp.predict.odeint import StepLimitError, integrate, rms_norm
 from ntkgp.predict.spectral import check_symmetric, flatten_full_kernel, make_schedule
 
@@ -194,13 +194,7 @@ def _kernels(ntk_train_train: Tensor, y_train: Tensor, ntk_test_train: Tensor | 
     n = ntk_train_train.shape[0] if ntk_train_train.dim() else 0
     full = ntk_train_train.dim() == 4
     if full:
-        n, n2, k, k2 = ntk_train_train.shape
-        if n != n2 or k != k2:
-            raise ValueError(f"A full ntk_train_train must be (N, N, k, k), got {tuple(ntk_train_train.shape)}.")
-        if not isinstance(y_train, Tensor) or y_train.shape != (n, k):
-            shape = tuple(y_train.shape) if isinstance(y_train, Tensor) else type(y_train).__name__
-            raise ValueError(f"With a full (N, N, k, k) = {tuple(ntk_train_train.shape)} kernel y_train must be "
-                             f"(N, k) = {(n, k)}, got {shape}.")
+        n, _ = check_full_kernel(ntk_train_train, y_train)
     elif ntk_train_train.shape != (n, n):
         raise ValueError(f"ntk_train_train must be (N, N) or (N, N, k, k), got {tuple(ntk_train_train.shape)}.")
     if isinstance(y_train, Tensor) and y_train.dim() in (1, 2) and y_train.shape[0] != n:

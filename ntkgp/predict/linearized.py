@@ -189,13 +189,7 @@ def _full_kernel(ntk_train_train: Tensor, y_train: Tensor, fx_train_0, ntk_test_
     """:func:`gradient_descent_mse` with ``(N, N, k, k)`` kernels: the ``N k`` outputs are one
     flat vector trained by the ``(N k, N k)`` kernel of :func:`flatten_full_kernel` (so relative
     ``diag_reg`` scales by its mean diagonal, as in neural-tangents)."""
-    n, n2, k, k2 = ntk_train_train.shape
-    if n != n2 or k != k2:
-        raise ValueError(f"A full ntk_train_train must be (N, N, k, k), got {tuple(ntk_train_train.shape)}.")
-    if not isinstance(y_train, Tensor) or y_train.shape != (n, k):
-        shape = tuple(y_train.shape) if isinstance(y_train, Tensor) else type(y_train).__name__
-        raise ValueError(f"With a full (N, N, k, k) = {tuple(ntk_train_train.shape)} kernel y_train must be "
-                         f"(N, k) = {(n, k)}, got {shape}.")
+    n, k = check_full_kernel(ntk_train_train, y_train)
 
     def flat_outputs(value, rows: int, name: str):
         if not isinstance(value, Tensor) or value.dim() == 0:
@@ -218,6 +212,18 @@ def _full_kernel(ntk_train_train: Tensor, y_train: Tensor, fx_train_0, ntk_test_
     if test_kernel is None:
         return out.unflatten(-1, (n, k))
     return out[0].unflatten(-1, (n, k)), out[1].unflatten(-1, (ntk_test_train.shape[0], k))
+
+
+def check_full_kernel(ntk_train_train: Tensor, y_train: Tensor) -> tuple[int, int]:
+    """``(N, k)`` of a full ``(N, N, k, k)`` training kernel, whose targets must be ``(N, k)``."""
+    n, n2, k, k2 = ntk_train_train.shape
+    if n != n2 or k != k2:
+        raise ValueError(f"A full ntk_train_train must be (N, N, k, k), got {tuple(ntk_train_train.shape)}.")
+    if not isinstance(y_train, Tensor) or y_train.shape != (n, k):
+        shape = tuple(y_train.shape) if isinstance(y_train, Tensor) else type(y_train).__name__
+        raise ValueError(f"With a full (N, N, k, k) = {tuple(ntk_train_train.shape)} kernel y_train must be "
+                         f"(N, k) = {(n, k)}, got {shape}.")
+    return n, k
 
 
 def _check_kernel(kernel: Tensor, name: str) -> None:
