@@ -30,7 +30,9 @@ class Linearized(nn.Module):
     parameters frozen (``requires_grad=False``: ``parameters()`` lists them, but they get no
     gradient, so optimizers leave them), so that ``.to()``, ``state_dict`` and ``copy.deepcopy``
     carry both. A forward pass is one ``torch.func.jvp`` of the initial network in the direction
-    ``θ − θ₀`` (about the cost of three forward passes); gradients flow to ``θ``.
+    ``θ − θ₀``; gradients flow to ``θ``. A training step (forward and backward) of a 2-hidden-layer
+    ReLU network on 12 points cost 1.9x the network's own at width 2048 and 6x at width 64, where
+    forward-mode dispatch dominates (2 CPU threads, 2026-12-02).
     Modules built with ``ensemble_size=E`` linearize every member at once. Batch norm must be in
     eval mode (running statistics): in training mode it normalizes by the batch, so the network
     has no fixed expansion point, and the forward pass says so.
