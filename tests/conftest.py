@@ -1,7 +1,9 @@
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -45,3 +47,32 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function):
             pytest.skip(f"skipped in a fresh process: {child.stdout.strip().splitlines()[-1]}")
         pytest.fail(f"the fresh process ran no test:\n{child.stdout[-3000:]}", pytrace=False)
     return True
+
+
+TIMEOUT_ENV = "NTKGP_TEST_TIMEOUT"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Fail a test that runs past ``NTKGP_TEST_TIMEOUT`` seconds (default 900; 0 switches it off).
+
+    A loop that never ends (a mutation that left the training's record steps unsorted did) stalled
+    the whole run until CI's own limit, naming nothing; the alarm interrupts Python code and fails
+    that test by name. The slowest test takes about a minute on the 2-core CI machine.
+    """
+    limit = float(os.environ.get(TIMEOUT_ENV, "900"))
+    if limit <= 0 or not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{item.nodeid} ran past {limit:g} s ({TIMEOUT_ENV}); it failed instead of stalling "
+                           "the run")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -93,3 +93,15 @@ def test_neural_tangents_names_say_what_ntkgp_calls_them(name, spelled):
     with pytest.raises(AttributeError) as error:
         ntkgp.Rbff  # noqa: B018
     assert error.value.name == "Rbff" and error.value.obj is ntkgp   # "Did you mean: 'Rbf'?" when printed
+
+
+def test_a_test_that_never_ends_fails_by_name(tmp_path):
+    """conftest's alarm: a test past NTKGP_TEST_TIMEOUT fails with its name instead of stalling the run
+    (here a 1 s limit against an endless loop, in a pytest run of its own that uses this conftest)."""
+    (tmp_path / "conftest.py").write_text((pathlib.Path(__file__).parent / "conftest.py").read_text())
+    (tmp_path / "test_endless.py").write_text("def test_endless():\n    while True:\n        pass\n")
+    env = {**os.environ, "NTKGP_TEST_TIMEOUT": "1"}
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 1, child.stdout[-2000:]
+    assert "test_endless.py::test_endless ran past 1 s (NTKGP_TEST_TIMEOUT)" in child.stdout, child.stdout[-2000:]
