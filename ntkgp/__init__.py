@@ -66,6 +66,18 @@ _NEURAL_TANGENTS_NAMES = {
     "FanInConcat": 'ntkgp.parallel(f, g, join="concat")',
 }
 
+#: neural-tangents' top-level functions (``import neural_tangents as nt``) and where ntkgp has them.
+_NEURAL_TANGENTS_FUNCTIONS = {
+    "linearize": "ntkgp.finite.linearize(model), a trainable module",
+    "empirical_ntk_fn": "ntkgp.finite.empirical_ntk(model, x1, x2), which computes the kernel directly",
+    "empirical_nngp_fn": "ntkgp.finite.empirical_nngp(model, x1, x2), which computes the kernel directly",
+    "empirical_kernel_fn": "ntkgp.finite.empirical_nngp and ntkgp.finite.empirical_ntk",
+    "monte_carlo_kernel_fn": "ntkgp.finite.monte_carlo_kernel(net, x1, x2, n_samples=...)",
+    "batch": "not needed: ntkgp computes large kernels in row blocks",
+    "taylor_expand": "without a counterpart; ntkgp.finite.linearize(model) is the first order",
+    "stax": "ntkgp itself: layers and combinators are top-level names (ntkgp.Dense, ntkgp.ReLU, ntkgp.serial)",
+}
+
 
 if TYPE_CHECKING:   # what the lazy imports below give, for type checkers (which then flag misspelled names)
     from ntkgp import compare as compare
@@ -80,6 +92,8 @@ else:
         message = f"module 'ntkgp' has no attribute {name!r}"
         if name in _NEURAL_TANGENTS_NAMES:
             message += f": neural-tangents' stax.{name} is {_NEURAL_TANGENTS_NAMES[name]} (docs/conventions.md)"
+        elif name in _NEURAL_TANGENTS_FUNCTIONS:
+            message += f": neural-tangents' nt.{name} is {_NEURAL_TANGENTS_FUNCTIONS[name]} (docs/conventions.md)"
         # name and obj let Python suggest a close name ("Did you mean: 'Rbf'?") for other misspellings
         raise AttributeError(message, name=name, obj=sys.modules[__name__])
 

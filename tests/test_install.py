@@ -90,6 +90,12 @@ def test_neural_tangents_names_say_what_ntkgp_calls_them(name, spelled):
     misspellings get Python's own suggestion, which needs the error's name and obj."""
     with pytest.raises(AttributeError, match=f"stax.{name} is {re.escape(spelled)}"):
         getattr(ntkgp, name)
+    with pytest.raises(AttributeError, match=r"nt\.linearize is ntkgp\.finite\.linearize\(model\)"):
+        ntkgp.linearize  # noqa: B018
+    with pytest.raises(AttributeError, match=r"nt\.batch is not needed"):
+        ntkgp.batch  # noqa: B018
+    with pytest.raises(AttributeError, match=r"nt\.stax is ntkgp itself"):
+        ntkgp.stax  # noqa: B018
     with pytest.raises(AttributeError) as error:
         ntkgp.Rbff  # noqa: B018
     assert error.value.name == "Rbff" and error.value.obj is ntkgp   # "Did you mean: 'Rbf'?" when printed
