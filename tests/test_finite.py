@@ -813,3 +813,15 @@ def test_vector_output_nngp_is_the_outer_product_of_the_outputs_in_i_j_order():
         e1, e2 = ens(x1), ens(x2)                                       # (2, 4, 3), (2, 5, 3)
     torch.testing.assert_close(empirical_nngp(ens, x1, x2, vector_output=True),
                                e1[:, :, None, :, None] * e2[:, None, :, None, :], rtol=1e-14, atol=1e-15)
+
+
+def test_empirical_ntk_of_a_torch_lazy_module_draws_it_first():
+    """A LazyLinear's parameters were passed on uninitialized ("Attempted to use an uninitialized
+    parameter"); they are drawn first, as ntkgp's deferred Dense layers are, and the kernel is J Jᵀ."""
+    model = torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kernel = empirical_ntk(model, x)
+    params = dict(model.named_parameters())
+    jac = torch.func.jacrev(lambda p: functional_call(model, p, (x,)).squeeze(-1))(params)
+    j = torch.cat([v.reshape(4, -1) for v in jac.values()], 1)
+    torch.testing.assert_close(kernel, j @ j.T, rtol=1e-12, atol=1e-12)

@@ -175,9 +175,16 @@ def _check_params(params: object) -> None:
             raise ValueError(f"params[{name!r}] contains NaN or infinite values.")
 
 
+def has_deferred_layers(model: nn.Module) -> bool:
+    """Whether ``model`` has parameters not drawn yet: an ntkgp ``Dense`` layer built without
+    ``in_features`` (drawn on its first call), or a torch lazy module's."""
+    return any(isinstance(m, DenseModule) and m.weight is None for m in model.modules()) or any(
+        isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
+
+
 def _materialize(model: nn.Module, x: Tensor) -> None:
     """Draw deferred (lazily built) first layers, so that their weights are among the parameters."""
-    if any(isinstance(m, DenseModule) and m.weight is None for m in model.modules()):
+    if has_deferred_layers(model):
         with torch.no_grad():
             model(x[..., :1, :])
 

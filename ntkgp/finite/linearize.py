@@ -17,8 +17,7 @@ import copy
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
-from ntkgp.finite.empirical import refuse_spec
-from ntkgp.layers.dense import DenseModule
+from ntkgp.finite.empirical import has_deferred_layers, refuse_spec
 
 
 class Linearized(nn.Module):
@@ -47,8 +46,7 @@ class Linearized(nn.Module):
         refuse_spec(model)
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()) or any(
-                isinstance(m, DenseModule) and m.weight is None for m in model.modules()):
+        if has_deferred_layers(model):
             raise ValueError("The module has parameters that are not drawn yet (a deferred first layer): call it "
                              "once on inputs, or build it with in_features=..., before linearizing.")
         if not any(True for _ in model.parameters()):

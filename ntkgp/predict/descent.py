@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ntkgp._checks import integer_at_least
 from ntkgp._typing import Steps, Times
-from ntkgp.layers.validation import finite_number
+from ntkgp.layers.validation import finite_number, positive_number
 from ntkgp.predict.gaussian import check_device, check_targets, tensor_kind
 from ntkgp.predict.linearized import _check_kernel, _initial_outputs, check_full_kernel
 from ntkgp.predict.odeint import StepLimitError, integrate, rms_norm
@@ -78,10 +78,10 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     ``momentum=None`` in continuous time (a second-order flow with damping ``1`` against the
     gradient flow: 0.08 apart at ``t = 3`` on a squared loss), though their ``steps`` are the
     same. For the squared loss ``0.5 * ((f - y) ** 2).mean()`` the flow is
-    :func:`gradient_descent_mse`'s ``e^{−Θ η t/m}``. On smooth losses the outputs' global error is about the tolerance
-    (cross-entropy, log-cosh: within 2x of ``rtol = atol`` from ``1e-4`` to ``1e-10``; with
-    momentum ``0.9``, whose oscillations accumulate the local errors, 4–15x); a loss
-    with kinks (Huber, hinge, L1) has a jumping ``∇²L`` where outputs cross them, the method's
+    :func:`gradient_descent_mse`'s ``e^{−Θ η t/m}``. On smooth losses the outputs' global error
+    is about the tolerance (cross-entropy, log-cosh: within 2x of ``rtol = atol`` from ``1e-4``
+    to ``1e-10``; with momentum ``0.9``, whose oscillations accumulate the local errors, 4–15x);
+    a loss with kinks (Huber, hinge, L1) has a jumping ``∇²L`` where outputs cross them, the method's
     order drops there, and errors exceed the tolerance (Huber: ``9e-5`` at ``1e-6``). Explicit
     steps need ``η t λ_max(Θ ∇²L)`` of order their number: a stiff problem (a large kernel
     eigenvalue, long times) is cheaper in ``steps``, which are exact.
@@ -134,10 +134,8 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     if beta is not None and not 0.0 <= beta < 1.0:
         raise ValueError(f"momentum must be in [0, 1) (heavy-ball momentum), got {momentum!r}.")
     eps = torch.finfo(dtype).eps
-    tolerances = [finite_number(v, name, "a positive number") if v is not None else max(1e-8, 100 * eps)
+    tolerances = [positive_number(v, name) if v is not None else max(1e-8, 100 * eps)
                   for v, name in ((rtol, "rtol"), (atol, "atol"))]
-    if min(tolerances) <= 0:
-        raise ValueError(f"rtol and atol must be positive, got rtol={rtol!r}, atol={atol!r}.")
     _check_kernel(ntk_train_train, "ntk_train_train")
     kernel, test_kernel, y_shape = _kernels(ntk_train_train, y_train, ntk_test_train)
     out_dtype = y_train.dtype
@@ -152,16 +150,13 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
         raise ValueError("t is read as numbers here and gets no gradient; the rate of the outputs at time t is "
                          "−η Θ ∇L(f_t) (with momentum, the state's velocity), which can be evaluated at the result.")
     schedule = make_schedule(t, steps, learning_rate, y.numel(), y.device)
-    if schedule is None:
-        raise ValueError("Give times t or step counts steps: an ODE cannot be integrated to t = ∞ (for the "
-                         "squared loss, gradient_descent_mse has the limit in closed form).")
+    if schedule is None or bool(torch.isinf(schedule.values).any()):   # t=None means t = ∞ elsewhere
+        raise ValueError("Give finite times t or step counts steps: an ODE cannot be integrated to t = ∞ (for "
+                         "the squared loss, gradient_descent_mse has the limit in closed form).")
     if schedule.discrete and int(schedule.values.max()) > max_steps:
         # one kernel product each, in a Python loop: 10**12 of them never returned
         raise ValueError(f"steps up to {int(schedule.values.max())} exceed max_steps={max_steps}: each step is a "
                          "product with the kernel; raise max_steps, or give times t for the ODE solver.")
-    if not schedule.discrete and bool(torch.isinf(schedule.values).any()):
-        raise ValueError("t must be finite: an ODE cannot be integrated to t = ∞ (for the squared loss, "
-                         "gradient_descent_mse has the limit in closed form).")
     # symmetrized (exactly the same values for a symmetric kernel): the gradient with respect to it is then
     # symmetric, as gradient_descent_mse's (eigh's convention), and a step along it keeps it a kernel
     kernel = kernel.to(dtype)
@@ -309,14 +304,8 @@ def _flow(gradient, kernel: Tensor, f0: Tensor, eta: float, beta: float | None, 
 
     values = times.tolist()
     order = sorted(range(len(values)), key=values.__getitem__)
-    targets = [values[i] for i in order]
-    first = next((v for v in targets if v > 0), 1.0)
-    with torch.no_grad():   # Hairer, Nørsett & Wanner's first guess: a step that moves the outputs 1 % of their size
-        start = norm(z0, z0, z0)
-        speed = norm(rhs(z0), z0, z0)
-    first_step = min(first, 0.01 * start / speed if min(start, speed) > 1e-5 else 1e-6)
     try:
-        states = integrate(rhs, z0, targets, norm, max_steps=max_steps, first_step=first_step)
+        states = integrate(rhs, z0, [values[i] for i in order], norm, max_steps=max_steps)
     except StepLimitError as err:
         if err.non_finite:   # not stiffness: no step, however short, stays finite
             raise RuntimeError(f"gradient_descent: {err}, where the loss's gradient or the outputs became NaN or "

@@ -61,8 +61,12 @@ def _combine(z: Tensor, h: float, weights: Sequence[float], stages: Sequence[Ten
 
 
 def integrate(rhs: Callable[[Tensor], Tensor], z0: Tensor, times: Sequence[float], norm: Norm, *,
-              max_steps: int, first_step: float) -> list[Tensor]:
+              max_steps: int) -> list[Tensor]:
     """``z(t)`` for each of ``times`` (non-decreasing, from ``z(0) = z0``).
+
+    The first step is Hairer, Nørsett & Wanner's guess, one that moves ``z`` by 1 % of its size
+    (``0.01 ‖z0‖ / ‖F(z0)‖`` in the error norm), or ``1e-6`` where either is tiny; the controller
+    corrects it from there.
 
     Raises:
         StepLimitError: after ``max_steps`` attempted steps, or when the step size falls below
@@ -70,7 +74,9 @@ def integrate(rhs: Callable[[Tensor], Tensor], z0: Tensor, times: Sequence[float
     """
     out: list[Tensor] = []
     now, z, slope = 0.0, z0, rhs(z0)
-    h = first_step
+    with torch.no_grad():
+        size, speed = norm(z0, z0, z0), norm(slope, z0, z0)
+    h = min(next((t for t in times if t > 0), 1.0), 0.01 * size / speed if min(size, speed) > 1e-5 else 1e-6)
     attempts = 0
     error = 0.0
     for target in times:
