@@ -18,6 +18,7 @@ from ntkgp.layers import (
     Elementwise,
     Erf,
     Exp,
+    Gabor,
     Gaussian,
     Hermite,
     Identity,
@@ -66,6 +67,15 @@ _NEURAL_TANGENTS_NAMES = {
     "FanInConcat": 'ntkgp.parallel(f, g, join="concat")',
 }
 
+#: neural-tangents' ``stax`` layers without a counterpart (docs/conventions.md, "Not supported"), and why.
+_NEURAL_TANGENTS_UNSUPPORTED = {
+    **dict.fromkeys(("Conv", "ConvTranspose", "ConvLocal", "AvgPool", "SumPool", "GlobalAvgPool", "GlobalSumPool",
+                     "Flatten", "GlobalSelfAttention", "ImageResize", "Aggregate", "Index", "DotGeneral"),
+                    "ntkgp's architectures are fully connected (flatten images yourself: x.flatten(1))"),
+    "ExpNormalized": "it is a kernel map without a finite network, and every ntkgp layer has both",
+    "Dropout": "its kernels describe networks at initialization, without dropout",
+}
+
 #: neural-tangents' top-level functions (``import neural_tangents as nt``) and where ntkgp has them.
 _NEURAL_TANGENTS_FUNCTIONS = {
     "linearize": "ntkgp.finite.linearize(model), a trainable module",
@@ -92,6 +102,9 @@ else:
         message = f"module 'ntkgp' has no attribute {name!r}"
         if name in _NEURAL_TANGENTS_NAMES:
             message += f": neural-tangents' stax.{name} is {_NEURAL_TANGENTS_NAMES[name]} (docs/conventions.md)"
+        elif name in _NEURAL_TANGENTS_UNSUPPORTED:
+            message += (f": neural-tangents' stax.{name} has no counterpart, {_NEURAL_TANGENTS_UNSUPPORTED[name]} "
+                        "(docs/conventions.md)")
         elif name in _NEURAL_TANGENTS_FUNCTIONS:
             message += f": neural-tangents' nt.{name} is {_NEURAL_TANGENTS_FUNCTIONS[name]} (docs/conventions.md)"
         # name and obj let Python suggest a close name ("Did you mean: 'Rbf'?") for other misspellings
@@ -110,6 +123,7 @@ __all__ = [
     "Elementwise",
     "Erf",
     "Exp",
+    "Gabor",
     "Gaussian",
     "Hermite",
     "Identity",

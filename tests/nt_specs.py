@@ -29,7 +29,7 @@ def build(spec: list) -> ntkgp.Layer:
                 "cos": ntkgp.Cos, "sign": ntkgp.Sign, "layernorm": ntkgp.LayerNorm,
                 "identity": ntkgp.Identity, "exp": ntkgp.Exp, "gaussian": ntkgp.Gaussian, "rbf": ntkgp.Rbf,
                 "sigmoid_like": ntkgp.SigmoidLike, "hermite": ntkgp.Hermite, "polynomial": ntkgp.Polynomial,
-                "monomial": ntkgp.Monomial, "rectified_monomial": ntkgp.RectifiedMonomial,
+                "monomial": ntkgp.Monomial, "gabor": ntkgp.Gabor, "rectified_monomial": ntkgp.RectifiedMonomial,
             }[kind](*args))
     return ntkgp.serial(*layers)
 

@@ -42,9 +42,10 @@ def _on_device_and_close(gpu, cpu, **tolerance):
 
 @pytest.mark.parametrize("activation", [ntkgp.Erf(), ntkgp.ReLU(), ntkgp.Sin(), ntkgp.Numerical(torch.tanh, degree=24),
                                         ntkgp.Exp(0.8, 0.4), ntkgp.Gaussian(), ntkgp.Polynomial([0.2, 1.0, 0.3]),
-                                        ntkgp.RectifiedMonomial(2), ntkgp.Rbf(0.5), ntkgp.Hermite(3)],
+                                        ntkgp.RectifiedMonomial(2), ntkgp.Rbf(0.5), ntkgp.Hermite(3),
+                                        ntkgp.Gabor()],
                          ids=["erf", "relu", "sin", "numerical", "exp", "gaussian", "polynomial", "requ", "rbf",
-                              "hermite"])
+                              "hermite", "gabor"])
 def test_kernels_full_diag_cross_and_gradients(activation):
     x, x2, _ = _data()
     net = _net(activation)

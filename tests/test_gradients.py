@@ -27,7 +27,7 @@ ACTIVATIONS = {
     "polynomial": lambda: ntkgp.Polynomial([0.3, -1.0, 0.5, 0.2]), "monomial": lambda: ntkgp.Monomial(2),
     "rectified_monomial_0": lambda: ntkgp.RectifiedMonomial(0),
     "rectified_monomial_2": lambda: ntkgp.RectifiedMonomial(2),
-    "hermite": lambda: ntkgp.Hermite(3), "identity": ntkgp.Identity,
+    "hermite": lambda: ntkgp.Hermite(3), "identity": ntkgp.Identity, "gabor": ntkgp.Gabor,
     "elementwise": lambda: ntkgp.Elementwise(torch.erf, _erf_nngp),
 }
 # kinks (and Sign's jump) have no second derivative where the kernel's angle formula has one

@@ -92,6 +92,10 @@ def test_neural_tangents_names_say_what_ntkgp_calls_them(name, spelled):
         getattr(ntkgp, name)
     with pytest.raises(AttributeError, match=r"nt\.linearize is ntkgp\.finite\.linearize\(model\)"):
         ntkgp.linearize  # noqa: B018
+    with pytest.raises(AttributeError, match=r"stax\.Conv has no counterpart, ntkgp's architectures are fully conn"):
+        ntkgp.Conv  # noqa: B018
+    with pytest.raises(AttributeError, match=r"stax\.ExpNormalized has no counterpart, it is a kernel map without"):
+        ntkgp.ExpNormalized  # noqa: B018
     with pytest.raises(AttributeError, match=r"nt\.batch is not needed"):
         ntkgp.batch  # noqa: B018
     with pytest.raises(AttributeError, match=r"nt\.stax is ntkgp itself"):

@@ -28,9 +28,9 @@ def _rel(a, b):
 @pytest.mark.parametrize("make_act", [ntkgp.ReLU, ntkgp.Erf, lambda: ntkgp.Exp(0.8, 0.3),
                                       lambda: ntkgp.Gaussian(1.5, -0.8), lambda: ntkgp.RectifiedMonomial(2),
                                       lambda: ntkgp.Polynomial([0.1, 0.8, 0.2]),
-                                      lambda: ntkgp.Rbf(0.4), lambda: ntkgp.Hermite(2),
+                                      lambda: ntkgp.Rbf(0.4), lambda: ntkgp.Hermite(2), ntkgp.Gabor,
                                       lambda: ntkgp.Numerical(torch.tanh)],
-                         ids=["relu", "erf", "exp", "gaussian", "requ", "polynomial", "rbf", "hermite2",
+                         ids=["relu", "erf", "exp", "gaussian", "requ", "polynomial", "rbf", "hermite2", "gabor",
                               "numerical_tanh"])
 def test_monte_carlo_converges_to_analytic_kernels(make_act):
     """Relative Frobenius error ≤ 0.05.
@@ -130,9 +130,10 @@ def test_specs_without_a_closed_form_kernel_build_and_have_monte_carlo_estimates
     (ntkgp.ReLU, True), (ntkgp.GELU, False), (ntkgp.Cos, False), (lambda: ntkgp.Erf(c=0.3), False),
     (lambda: ntkgp.Gaussian(1.5, -0.8), False), (lambda: ntkgp.RectifiedMonomial(0), False),
     (lambda: ntkgp.Monomial(2), False), (lambda: ntkgp.Rbf(0.5), False), (ntkgp.SigmoidLike, False),
-    (lambda: ntkgp.Hermite(3), False),
+    (lambda: ntkgp.Hermite(3), False), (ntkgp.Gabor, False),
     (lambda: ntkgp.Numerical(torch.nn.functional.softplus), False)],
     ids=["relu_deep", "gelu", "cos", "erf_shifted", "gaussian", "step", "monomial", "rbf", "sigmoid_like", "hermite3",
+         "gabor",
          "numerical_softplus"])
 def test_layernorm_after_an_activation_subtracts_the_features_mean(make_act, deep):
     """LayerNorm after an activation: K ← (T − μ1μ2)/sqrt((ε + T11 − μ1²)(ε + T22 − μ2²)), Θ over

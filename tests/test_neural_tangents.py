@@ -51,7 +51,7 @@ def test_fixtures_cover_the_required_grid():
 
 
 @pytest.mark.parametrize("name", ["relu_depth3_ntk_bias", "erf_depth2_standard_nobias", "residual_relu", "rbf",
-                                  "hermite3", "sigmoid_like"])
+                                  "hermite3", "sigmoid_like", "gabor"])
 def test_float32_inputs_stay_close_to_float64_reference(name):
     """Float32 in, float32 out, within float32 accuracy of the float64 reference."""
     net = build(SPECS[name])

@@ -630,7 +630,7 @@ def test_mlp_names_the_new_closed_form_activations():
     """``mlp(..., "rbf")`` and ``"sigmoid_like"`` (and so ``ntkgp compare --activation``) are the layers'
     defaults, the same kernels bit for bit."""
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
-    for name, layer in (("rbf", ntkgp.Rbf()), ("sigmoid_like", ntkgp.SigmoidLike())):
+    for name, layer in (("rbf", ntkgp.Rbf()), ("sigmoid_like", ntkgp.SigmoidLike()), ("gabor", ntkgp.Gabor())):
         by_name = ntkgp.mlp(2, name, 1.5, 0.1).kernel(x)
         explicit = ntkgp.mlp(2, layer, 1.5, 0.1).kernel(x)
         assert torch.equal(by_name.nngp, explicit.nngp) and torch.equal(by_name.ntk, explicit.ntk)
@@ -869,7 +869,7 @@ def test_forward_and_reverse_mode_hyperparameter_derivatives_agree():
             torch.testing.assert_close(forward[name], reverse[name], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("make", [ntkgp.ReLU, ntkgp.Erf, ntkgp.GELU, ntkgp.Sign, ntkgp.Abs,
+@pytest.mark.parametrize("make", [ntkgp.ReLU, ntkgp.Erf, ntkgp.GELU, ntkgp.Sign, ntkgp.Abs, ntkgp.Gabor,
                                   lambda: ntkgp.Numerical(torch.tanh, degree=30)])
 def test_variances_whose_products_overflow_are_scaled_not_lost(make):
     """k11 k22 overflows float32 above k ≈ 1.8e19 (inputs of size ~1e10): off-diagonal entries
@@ -1092,7 +1092,7 @@ def test_float32_gradients_stay_finite_at_extreme_input_scales(scale):
     Sign: the overflow scaling covered the forward pass only) and from 1e10 (GELU) or 1e13 (erf
     NTK: atan2's derivative squares both arguments)."""
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)) * scale
-    for act in ("relu", "abs", "leaky_relu", "sign", "erf", "gelu"):
+    for act in ("relu", "abs", "leaky_relu", "sign", "erf", "gelu", "gabor"):
         net = ntkgp.mlp(2, act, 2.0, None)
         xc = x.clone().requires_grad_()
         k = net.kernel(xc)

@@ -22,7 +22,18 @@ from torch import Tensor, nn
 
 from ntkgp._checks import neural_tangents_keywords
 from ntkgp.layers.base import BuildContext, Layer
-from ntkgp.layers.numerics import _is_compiling, gaussian_angle, horner, safe_sqrt, shifted_det, transforms_active
+from ntkgp.layers.numerics import (
+    _is_compiling,
+    gaussian_angle,
+    gaussian_det,
+    horner,
+    overflow_scale,
+    power_of_2,
+    power_of_4_exponents,
+    safe_sqrt,
+    shifted_det,
+    transforms_active,
+)
 from ntkgp.layers.state import KernelState, with_self_pairs
 from ntkgp.layers.validation import finite_constants, refuse_overflow, squarable_constants
 
@@ -600,6 +611,89 @@ class Rbf(Activation):
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma:g}"
+
+
+# ---------------------------------------------------------------------------------- Gabor
+def _gabor(x: Tensor) -> Tensor:
+    return torch.exp(-x * x) * torch.sin(x)
+
+
+class Gabor(Activation):
+    r"""``φ(x) = exp(−x²) sin(x)``, a Gabor wavelet (neural-tangents' ``stax.Gabor``). With
+    ``sin u sin v = (cos(u − v) − cos(u + v))/2`` and the Gaussian integral
+    ``E[exp(−zᵀz + i aᵀz)] = D^{−1/2} exp(−aᵀΣ(I + 2Σ)⁻¹a/2)`` over ``z = (u, v) ~ N(0, Σ)``, where
+    ``D = det(I + 2Σ) = 1 + 2(k11 + k22) + 4(k11 k22 − k12²)``::
+
+        T = D^{−1/2} e^{−g} sinh(h),   g = (k11 + k22 + 4(k11 k22 − k12²))/(2D),   h = k12/D
+        Ṫ = D^{−1/2} e^{−g} (4 k12 sinh(h) (D + 1 + k11 + k22) + cosh(h) (D + 8 k12²)) / D²
+        E[φ(u)] = 0   (φ is odd)
+
+    ``Ṫ = ∂T/∂k12`` (Price's theorem); both agree with neural-tangents' forms. ``k12 sinh(h) ≥ 0``,
+    so ``Ṫ`` is a sum of positive terms and ``T`` has no difference of nearly equal exponentials;
+    ``|h| ≤ 1/4`` and ``0 ≤ g ≤ 1/2``. ``k11 k22 − k12²`` is formed without cancellation
+    (:func:`~ntkgp.layers.numerics.gaussian_det`) and, where ``k²`` could overflow, in units of each
+    pair's larger variance (a power of 4), in which ``D`` and ``1/D`` stay representable. A point with itself
+    (``D = 1 + 4k``, ``r = k/D``) has ``T = D^{−1/2} e^{−r} sinh(r)`` and
+    ``Ṫ = D^{−1/2} e^{−r}(4r sinh(r)(2/D + 6r) + cosh(r)(1/D + 8r²))``.
+    """
+
+    def fn(self, x: Tensor) -> Tensor:
+        return _gabor(x)
+
+    def finite_fn(self) -> Callable[[Tensor], Tensor]:
+        return _gabor
+
+    def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
+        # in units of m = 1/q: 1, or where k² could overflow each pair's power of 4 above its larger
+        # variance (one scale for all made 1/m² subnormal beside a variance of 1e38 in float32, and
+        # the other pairs lost digits); E = D/m² and q/E = m/D keep every ratio O(1)
+        q = self._pair_scale(k11, k22)
+        if q is not None:
+            k11, k12, k22 = k11 * q, k12 * q, k22 * q
+        one = 1.0 if q is None else q
+        spread = k11 + k22
+        det = gaussian_det(k11, k12, k22)
+        e = one * one + 2 * one * spread + 4 * det            # D/m²
+        ratio = one / e                                         # m/D
+        h = k12 * ratio                                         # k12/D, |h| ≤ 1/4
+        g = (one * spread + 4 * det) / e / 2                    # (k11 + k22 + 4 det)/(2D) ≤ 1/2
+        envelope = one * torch.rsqrt(e) * torch.exp(-g)         # D^{-1/2} e^{-g}
+        nngp = envelope * torch.sinh(h)
+        if not want_dot:
+            return nngp, None
+        growth = 4 * h * (1 + ratio * (one + spread))           # 4k12(D + 1 + k11 + k22)/D²
+        bend = ratio * one + 8 * h * h                          # (D + 8k12²)/D² = 1/D + 8h²
+        return nngp, envelope * (torch.sinh(h) * growth + torch.cosh(h) * bend)
+
+    @staticmethod
+    def _pair_scale(k11: Tensor, k22: Tensor) -> Tensor | None:
+        """``4^{−e}``, ``e ≥ 0`` the power of 4 of each pair's larger variance, or ``None`` where
+        no product of two variances can overflow."""
+        if overflow_scale(k11, k22) is None:
+            return None
+        e = torch.maximum(power_of_4_exponents(k11), power_of_4_exponents(k22)).clamp(min=0)
+        return power_of_2(-2 * e, k11.dtype)
+
+    def variance(self, k: Tensor) -> Tensor:
+        inverse, r = self._self_pair(k)
+        return torch.sqrt(inverse) * torch.exp(-r) * torch.sinh(r)
+
+    def dot_variance(self, k: Tensor) -> Tensor:
+        """``Ṫ(k, k, k) = D^{−1/2} e^{−r}(4r sinh(r)(2/D + 6r) + cosh(r)(1/D + 8r²))``."""
+        inverse, r = self._self_pair(k)
+        return (torch.sqrt(inverse) * torch.exp(-r)
+                * (4 * r * torch.sinh(r) * (2 * inverse + 6 * r) + torch.cosh(r) * (inverse + 8 * r * r)))
+
+    @staticmethod
+    def _self_pair(k: Tensor) -> tuple[Tensor, Tensor]:
+        """``1/D`` and ``r = k/D`` for ``D = 1 + 4k``, finite for variances up to the dtype's largest."""
+        big = k > 1
+        safe = torch.where(big, k, torch.ones_like(k))   # 1/k without 1/0 (nor its infinite derivative)
+        inverse = torch.where(big, (1 / safe) / (4 + 1 / safe), 1 / (1 + 4 * k))
+        return inverse, torch.where(big, 1 / (4 + 1 / safe), k * inverse)
+
+    def mean(self, k: Tensor) -> Tensor:
+        return torch.zeros_like(k)
 
 
 # ---------------------------------------------------------------------------------- exponential

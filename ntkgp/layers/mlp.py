@@ -5,7 +5,20 @@ from __future__ import annotations
 import torch
 
 from ntkgp._checks import integer_at_least
-from ntkgp.layers.activations import GELU, Abs, Cos, Erf, Identity, LeakyReLU, Rbf, ReLU, SigmoidLike, Sign, Sin
+from ntkgp.layers.activations import (
+    GELU,
+    Abs,
+    Cos,
+    Erf,
+    Gabor,
+    Identity,
+    LeakyReLU,
+    Rbf,
+    ReLU,
+    SigmoidLike,
+    Sign,
+    Sin,
+)
 from ntkgp.layers.base import Layer
 from ntkgp.layers.combinators import Serial
 from ntkgp.layers.dense import Dense
@@ -22,6 +35,7 @@ ACTIVATIONS = {
     "sin": Sin,
     "cos": Cos,
     "rbf": Rbf,
+    "gabor": Gabor,
     "sign": Sign,
     "identity": Identity,
     "tanh": lambda: Numerical(torch.tanh),
@@ -75,7 +89,7 @@ def mlp(
         depth: number of hidden layers (0: a linear model).
         activation: an activation layer, or its name: ``"relu"``, ``"leaky_relu"``, ``"abs"``,
             ``"erf"``, ``"sigmoid_like"``, ``"gelu"``, ``"sin"``, ``"cos"``, ``"rbf"`` (``γ = 1``),
-            ``"sign"``, ``"identity"`` (closed forms),
+            ``"gabor"``, ``"sign"``, ``"identity"`` (closed forms),
             ``"tanh"``, ``"sigmoid"``, ``"softplus"``, ``"silu"`` (:class:`ntkgp.Numerical`).
         weight_var: ``σ_w²`` of every layer.
         bias_var: ``σ_b²`` of every layer; ``None`` for layers without bias.
