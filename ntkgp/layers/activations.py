@@ -171,6 +171,7 @@ class ABReLU(Activation):
     With ``s = sqrt(k11 k22 − k12²)`` and ``θ = atan2(s, k12)``::
 
         Ṫ = (a² + b²)/2 − (a − b)² θ / (2π) = ab + (a − b)² (π − θ) / (2π)
+          = (a + b)²/4 + (a − b)² (π/2 − θ) / (2π)   (the form taken for ab < 0 and k12 ≥ 0)
         T = (a − b)² s / (2π) + Ṫ · k12
         T(k, k, k) = (a² + b²) k / 2,   E[φ(u)] = (b − a) sqrt(k / (2π))
 
@@ -195,9 +196,23 @@ class ABReLU(Activation):
         # this rounds to (a² + b²)/2 within an ulp (exactly for ReLU and Abs); the diagonal takes
         # dot_variance's closed form instead (choosing the form by the sign of k12 here kept every bit
         # too, but made a 3-layer ReLU kernel 10-20 % slower)
-        s, supplement = gaussian_angle(k11, k12, k22, supplement=True)
         factor = (self.a - self.b) ** 2 / (2 * math.pi)
-        dot = torch.add(supplement * factor, self.a * self.b) if self.a * self.b else supplement * factor
+        if self.a * self.b < 0:
+            # slopes of opposite signs: ab + (a − b)²(π − θ)/(2π) is a difference, whose rounding of ab
+            # (ε|ab|) is the whole of Ṫ where it is small: Abs's Ṫ = (2/π) arcsin ρ was 1.5e-7 off at
+            # ρ = 1e-9, ABReLU(−0.4, 1.3)'s 4 ulps at ρ = 0. As (a + b)²/4 + (a − b)²/4 · (π/2 − θ)/(π/2),
+            # with π/2 − θ = atan2(k12, s), it is a sum for k12 ≥ 0, and Abs's (a + b = 0) a product
+            # everywhere. For k12 < 0 and a + b ≠ 0 the supplement's form stays: near θ = π the
+            # complement's rounded (a + b)²/4 − (a − b)²/4 = ab was 3 ulps off for ABReLU(−0.05, 1)
+            s, complement = gaussian_angle(k11, k12, k22, complement=True)
+            dot = complement / (math.pi / 2) * ((self.a - self.b) ** 2 / 4)
+            if self.a + self.b:
+                _, supplement = gaussian_angle(k11, k12, k22, supplement=True)
+                dot = torch.where(k12 >= 0, dot + (self.a + self.b) ** 2 / 4,
+                                  torch.add(supplement * factor, self.a * self.b))
+        else:
+            s, supplement = gaussian_angle(k11, k12, k22, supplement=True)
+            dot = torch.add(supplement * factor, self.a * self.b) if self.a * self.b else supplement * factor
         nngp = torch.addcmul(s * factor, dot, k12) if factor else dot * k12
         return nngp, (dot if want_dot else None)
 
@@ -822,7 +837,7 @@ class Sign(Activation):
     kernel is the arc-cosine kernel of degree 0, ``E[H(u)H(v)] = (π − θ)/(2π)`` (Cho & Saul 2009;
     ``θ`` the angle of the covariance)::
 
-        T = 1 − 2θ/π = (2/π) arcsin(k12 / sqrt(k11 k22)),   T(k, k, k) = 1[k > 0]
+        T = 1 − 2θ/π = (2/π) arcsin(k12 / sqrt(k11 k22)) = (π/2 − θ)/(π/2),   T(k, k, k) = 1[k > 0]
         Ṫ = 0   (φ' = 0 almost everywhere; as in neural-tangents),   E[φ(u)] = 0
 
     ``T = 0`` when either input has zero variance (``sign(0) = 0``).
@@ -835,8 +850,11 @@ class Sign(Activation):
         return torch.sign
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
-        _, theta = gaussian_angle(k11, k12, k22)
-        nngp = 1 - theta * (2 / math.pi)
+        # (π/2 − θ)/(π/2) with π/2 − θ = atan2(k12, s) (gaussian_angle's complement): 1 − 2θ/π
+        # vanishes at θ = π/2 and kept θ's absolute rounding, ε/|ρ| relative (2e-7 off at ρ = 1e-9);
+        # 0 at a zero variance (atan2(0, 0)), and ±1 exactly at ρ = ±1
+        _, complement = gaussian_angle(k11, k12, k22, complement=True)
+        nngp = complement / (math.pi / 2)
         return nngp, (torch.zeros_like(nngp) if want_dot else None)
 
     def variance(self, k: Tensor) -> Tensor:

@@ -177,14 +177,18 @@ def gaussian_det(k11: Tensor, k12: Tensor, k22: Tensor) -> Tensor:
     return ((p - k12) * (p + k12)).clamp(min=0)
 
 
-def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor, supplement: bool = False) -> tuple[Tensor, Tensor]:
+def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor, supplement: bool = False,
+                   complement: bool = False) -> tuple[Tensor, Tensor]:
     """``s = sqrt(k11 k22 − k12²)`` and the angle ``θ = atan2(s, k12)`` between two Gaussians, or
-    with ``supplement`` its supplement ``π − θ = atan2(s, −k12)``.
+    with ``supplement`` its supplement ``π − θ = atan2(s, −k12)``, or with ``complement`` its
+    complement ``π/2 − θ = atan2(k12, s) = arcsin ρ`` (0 where ``s = k12 = 0``).
 
     Kernels that vanish at ``θ = π`` (ReLU's ``(s − (π − θ)|k12|)/(2π) ≈ δ³/3`` at ``δ = π − θ``)
     need the supplement straight from ``atan2``: ``π − θ`` subtracted afterwards carries θ's
     absolute rounding (4e-16), which their cancellation amplifies by ``1/δ²`` (ReLU's kernel at
     a correlation of ``−1 + 1e-8`` was 3e-4 off, relative; from ``atan2``, ``ε/δ²`` as the inputs').
+    Kernels that vanish at ``θ = π/2`` (``Sign``'s ``1 − 2θ/π``, ``Abs``'s ``Ṫ``) need the complement
+    likewise: ``π/2 − θ`` subtracted afterwards is ``ε/|ρ|`` off, relative (1.5e-7 at ``ρ = 1e-9``).
 
     ``k11 k22 − k12²`` is formed as ``(p − k12)(p + k12)`` with ``p = sqrt(k11 k22)``: where a
     point meets itself (``k11 = k12 = k22`` bitwise) this is exactly 0, because
@@ -212,13 +216,19 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor, supplement: bool = Fal
         p = safe_sqrt(k11 * k22)
         s = safe_sqrt((p - k12) * (p + k12))
         origin = (s == 0) & (k12 == 0)
-        theta = torch.atan2(torch.where(origin, 1.0, s), torch.where(origin, 1.0, -k12 if supplement else k12))
-        theta = torch.where(origin, math.pi / 2, theta)
+        if complement:
+            theta = torch.where(origin, 0.0, torch.atan2(torch.where(origin, 1.0, k12), torch.where(origin, 1.0, s)))
+        else:
+            theta = torch.atan2(torch.where(origin, 1.0, s), torch.where(origin, 1.0, -k12 if supplement else k12))
+            theta = torch.where(origin, math.pi / 2, theta)
     else:
         p = torch.mul(k11, k22).sqrt_()
         s = (p - k12).mul_(p.add_(k12)).clamp_(min=0).sqrt_()
-        theta = torch.atan2(s, k12.neg() if supplement else k12)
-        if has_zero:   # (under torch.compile: always, no data-dependent branch)
+        if complement:   # atan2(0, 0) = 0 already: no fill
+            theta = torch.atan2(k12, s)
+        else:
+            theta = torch.atan2(s, k12.neg() if supplement else k12)
+        if has_zero and not complement:   # (under torch.compile: always, no data-dependent branch)
             theta = torch.where((s == 0) & (k12 == 0), math.pi / 2, theta)
     if rescale is not None:
         s = s * rescale[0] * rescale[1]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ntkgp._checks import integer_at_least
 from ntkgp.layers.activations import Activation, _abrelu
-from ntkgp.layers.numerics import gaussian_angle, horner, safe_sqrt
+from ntkgp.layers.numerics import _is_compiling, gaussian_angle, horner, safe_sqrt, transforms_active
 from ntkgp.layers.validation import finite_constants, refuse_overflow
 
 
@@ -264,16 +264,57 @@ def _arc_cosine_terms(n: int) -> tuple[list[tuple[float, int, int]], list[tuple[
             [(float(v), j, (n - 1 - j) // 2) for j, v in enumerate(b) if v])
 
 
-def _arc_cosine(terms: tuple[list, list], s: Tensor, supplement: Tensor, k12: Tensor, product: Tensor) -> Tensor:
+#: Terms of the series below: ``b_k y^{2k} ≤ b_0 a_k 2^{−k} < b_0 ε/20`` from ``k = 48`` on (``y² ≤ 1/2``).
+_ARC_COSINE_SERIES_TERMS = 48
+
+
+def _arc_cosine_series(n: int) -> list[float]:
+    r"""``b_k/π``, ``k < 48``, of ``J_n(θ)/(2π) = (2y²)^n y Σ_k b_k y^{2k} / π`` with ``y = sin((π − θ)/2)``
+    and ``b_k = a_k Π_{j=1}^{n} j²/(k + j + 1/2)``, ``a_k = C(2k, k)/(4^k (2k + 1))``.
+
+    ``J̃_n(ρ) = J_n(θ)/(2π) = E[max(z1, 0)^n max(z2, 0)^n]`` at unit variances and correlation
+    ``ρ = cos θ`` has ``dJ̃_n/dρ = n² J̃_{n−1}`` (Price's theorem) and ``J̃_n = 0`` at ``ρ = −1``
+    (``n ≥ 1``); from ``J̃_0 = (π − θ)/(2π) = arcsin(y)/π = Σ a_k y^{2k+1}/π`` and
+    ``1 + ρ = 2y²``, integrating term by term ``n`` times gives the series, of positive terms."""
+    out = []
+    for k in range(_ARC_COSINE_SERIES_TERMS):
+        b = math.comb(2 * k, k) / 4**k / (2 * k + 1) / math.pi
+        for j in range(1, n + 1):
+            b *= j * j / (k + j + 0.5)
+        out.append(b)
+    return out
+
+
+def _arc_cosine(terms: tuple[list, list], s: Tensor, supplement: Tensor, k12: Tensor, product: Tensor,
+                series: list[float] | None = None, n: int = 0) -> Tensor:
     """``(k11 k22)^{n/2} J_n(θ) / (2π)`` from :func:`_arc_cosine_terms`, given ``π − θ``.
 
-    Clamped at 0, as ``E[φ(u)φ(v)]`` of ``φ ≥ 0`` is: near ``θ = π``, where ``J_n ≈ δ^{2n+1}``
-    (``δ = π − θ``), the two terms cancel to ``~ε/δ^{2n}`` of the result, which came out negative
-    (degree 2 at a correlation of ``−1 + 1e-8``: −9e-17 for 2e-21; an error at the rounding level
-    of the kernel's scale, but of the wrong sign)."""
+    Near ``θ = π``, where ``J_n ≈ δ^{2n+1}`` (``δ = π − θ``), the two terms cancel to ``~ε/δ^{2n}``
+    of the result, which ``T``'s own conditioning (``~ε/δ²``) does not excuse from degree 2 on
+    (degree 2 at a correlation of ``−0.999999``: 3e-4 off, relative; degree 3 at ``−1 + 1e-12``: 0
+    for 1e-41). With ``series`` (:func:`_arc_cosine_series`, degree ``n``), where ``y² = sin²(δ/2) ≤
+    1/2`` (``k12 ≤ 0``) it is ``(2 p y²)^n y Σ b_k y^{2k}/π``, ``p = sqrt(k11 k22)``, a sum of positive
+    terms (``2py² = p + k12``, from the angle: no cancellation either). The switch at ``ρ = 0``, not
+    ``−1/2``: the arc-cosine form just above ``ρ = −1/2`` is still 9 (degree 5) to 70 (degree 8)
+    inherent errors off; from ``ρ = 0`` up, within 1.2 to degree 12. Degree 1 (ReLU) keeps the
+    arc-cosine form: its ``ε/δ²`` is the kernel's own conditioning. Elsewhere the terms are
+    clamped at 0, as ``E[φ(u)φ(v)]`` of ``φ ≥ 0`` is (a cancellation could make it negative by an
+    ulp of the kernel's scale)."""
     along = sum(v * k12**j * product**p for v, j, p in terms[0])
     across = sum(v * k12**j * product**p for v, j, p in terms[1]) if terms[1] else 0.0
-    return ((supplement * along + s * across) / (2 * math.pi)).clamp(min=0)
+    direct = ((supplement * along + s * across) / (2 * math.pi)).clamp(min=0)
+    if series is None:
+        return direct
+    y = torch.sin(supplement / 2)
+    y2 = y * y
+    near = y2 <= 0.5
+    # only where some pair has k12 ≤ 0 (one host synchronization, as GELU's near form); under
+    # transforms and compile always, without a branch
+    if not (transforms_active() or _is_compiling() or bool(near.any())):
+        return direct
+    y2 = torch.where(near, y2, 0.5)   # the series where it converges (its gradient too)
+    near_value = (2 * safe_sqrt(product) * y2) ** n * y * horner(y2, series)
+    return torch.where(near, near_value, direct)
 
 
 def _rectified_monomial(x: Tensor, degree: int) -> Tensor:
@@ -297,7 +338,9 @@ class RectifiedMonomial(Activation):
     ``J_n = (−1)^n sin^{2n+1}θ ((1/sin θ) ∂/∂θ)^n ((π − θ)/sin θ)``, starting at ``J_0 = π − θ``
     (``n = 1`` is :class:`ReLU`). ``(k11 k22)^{n/2} A_n`` and ``(k11 k22)^{n/2} sin θ B_n`` are
     polynomials in ``k12``, ``k11 k22`` and ``s``. The step ``n = 0`` is ``1/2`` at 0, which the
-    kernel's ``θ = π/2`` at zero variance stands for (``T = 1/4``).
+    kernel's ``θ = π/2`` at zero variance stands for (``T = 1/4``). For ``k12 ≤ 0``, where the two
+    terms of ``J_n`` cancel (to ``ε/δ^{2n}`` of ``T`` near ``θ = π``, ``δ = π − θ``), ``T`` is summed from
+    its series in ``sin²(δ/2)`` instead from degree 2 on (:func:`_arc_cosine`).
     """
 
     def __init__(self, degree: int) -> None:
@@ -308,6 +351,10 @@ class RectifiedMonomial(Activation):
             with np.errstate(over="raise", invalid="raise"):   # numpy's inf coefficients: FloatingPointError
                 self._terms = _arc_cosine_terms(n)
                 self._dot_terms = _arc_cosine_terms(n - 1) if n >= 1 else None
+            # for k12 ≤ 0, from degree 2 (J_0 = π − θ has no cancellation, and J_1's, ε/δ², is ReLU's own
+            # conditioning: the arc-cosine form stays, as in ReLU)
+            self._series = _arc_cosine_series(n) if n >= 2 else None
+            self._dot_series = _arc_cosine_series(n - 1) if n >= 3 else None
             self._mean = 2 ** (n / 2) * math.gamma((n + 1) / 2) / (2 * math.sqrt(math.pi))
             self._variance = math.prod(range(2 * n - 1, 0, -2)) / 2
         except (OverflowError, FloatingPointError):   # inf coefficients or T(k, k, k) (n ≥ 151), or "math range error"
@@ -324,11 +371,13 @@ class RectifiedMonomial(Activation):
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         s, supplement = gaussian_angle(k11, k12, k22, supplement=True)
         product = k11 * k22
-        nngp = self._checked(_arc_cosine(self._terms, s, supplement, k12, product), k11, k12, k22)
+        n = self.degree
+        nngp = self._checked(_arc_cosine(self._terms, s, supplement, k12, product, self._series, n), k11, k12, k22)
         dot = None
         if want_dot:
             dot = (torch.zeros_like(nngp) if self._dot_terms is None else self._checked(
-                self.degree**2 * _arc_cosine(self._dot_terms, s, supplement, k12, product), k11, k12, k22))
+                n**2 * _arc_cosine(self._dot_terms, s, supplement, k12, product, self._dot_series, n - 1),
+                k11, k12, k22))
         return nngp, dot
 
     def variance(self, k: Tensor) -> Tensor:
