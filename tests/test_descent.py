@@ -260,6 +260,8 @@ def test_bad_input_is_refused_before_integrating():
         call(t=1.0, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"ntk_train_train is 10 x 10 but y_train has 9 rows"):
         predict.gradient_descent(xent, k_dd, y[:-1], t=1.0)
+    with pytest.raises(ValueError, match=r"ntk_train_train is 10 x 10 but y_train has 9 rows"):   # the same check
+        predict.gradient_descent_mse(k_dd, y[:-1], t=1.0)
     with pytest.raises(ValueError, match="in place"):
         call(t=1.0, loss=lambda f, y: (f.mul_(2) - y).square().mean())
     with pytest.raises(ValueError, match="exceed max_steps=100"):

@@ -207,9 +207,11 @@ class ABReLU(Activation):
             s, complement = gaussian_angle(k11, k12, k22, complement=True)
             dot = complement / (math.pi / 2) * ((self.a - self.b) ** 2 / 4)
             if self.a + self.b:
-                _, supplement = gaussian_angle(k11, k12, k22, supplement=True)
-                dot = torch.where(k12 >= 0, dot + (self.a + self.b) ** 2 / 4,
-                                  torch.add(supplement * factor, self.a * self.b))
+                # π − θ = atan2(s, −k12) from the same s (where k12 < 0; elsewhere atan2(s, 1), unused)
+                negative = k12 < 0
+                supplement = torch.atan2(s, torch.where(negative, -k12, 1.0))
+                dot = torch.where(negative, torch.add(supplement * factor, self.a * self.b),
+                                  dot + (self.a + self.b) ** 2 / 4)
         else:
             s, supplement = gaussian_angle(k11, k12, k22, supplement=True)
             dot = torch.add(supplement * factor, self.a * self.b) if self.a * self.b else supplement * factor

@@ -192,8 +192,6 @@ def _kernels(ntk_train_train: Tensor, y_train: Tensor, ntk_test_train: Tensor | 
         n, _ = check_full_kernel(ntk_train_train, y_train)
     elif ntk_train_train.shape != (n, n):
         raise ValueError(f"ntk_train_train must be (N, N) or (N, N, k, k), got {tuple(ntk_train_train.shape)}.")
-    if isinstance(y_train, Tensor) and y_train.dim() in (1, 2) and y_train.shape[0] != n:
-        raise ValueError(f"ntk_train_train is {n} x {n} but y_train has {y_train.shape[0]} rows.")
     check_targets(y_train, n, ntk_train_train.device, "ntk_train_train")
     kernel = flatten_full_kernel(ntk_train_train) if full else ntk_train_train
     check_symmetric(kernel, "ntk_train_train")   # a test–train kernel passed in its place, say

@@ -102,7 +102,8 @@ def check_targets(y_train: Tensor, n_train: int, device: torch.device | None = N
     if y_train.dim() not in (1, 2):
         raise ValueError(f"y_train must have shape (N,) or (N, k), got {tuple(y_train.shape)}.")
     if y_train.shape[0] != n_train:
-        raise ValueError(f"x_train has {n_train} points but y_train has {y_train.shape[0]} rows.")
+        size = f"has {n_train} points" if of == "x_train" else f"is {n_train} x {n_train}"   # or a kernel's
+        raise ValueError(f"{of} {size} but y_train has {y_train.shape[0]} rows.")
     if y_train.numel() == 0:
         raise ValueError(f"y_train must hold at least one target, got shape {tuple(y_train.shape)}.")
     check_device(y_train, "y_train", device, of)
