@@ -58,7 +58,7 @@ def pytest_runtest_call(item: pytest.Item):
 
     A loop that never ends (a mutation that left the training's record steps unsorted did) stalled
     the whole run until CI's own limit, naming nothing; the alarm interrupts Python code and fails
-    that test by name. The slowest test takes about a minute on the 2-core CI machine.
+    that test by name. The slowest test took 116 s on a slow 2-core machine (2026-12-02).
     """
     limit = float(os.environ.get(TIMEOUT_ENV, "900"))
     if limit <= 0 or not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
