@@ -1055,7 +1055,7 @@ def test_elementwise_refuses_maps_that_are_not_callable(name):
 def test_gabor_float32_kernels_beside_a_huge_input_match_float64():
     """Gabor's ``D = det(I + 2Σ)`` holds ``k11 k22``, which overflows float32 above variances of
     ~1.8e19: each pair is then taken in units of its own larger variance. With one scale for all
-    points (Gaussian's and GELU's, whose forms allow it) an input of variance 1e38 made the scale's
+    points (as Gaussian and GELU had, before they took one per pair too) an input of variance 1e38 made the scale's
     square subnormal, and the pairs of ordinary inputs, taken in its units, lost 30 times float32's
     rounding (3.8e-6 relative). Per pair, float32 agrees with float64 to 1e-6 relative among the
     ordinary inputs (measured 1e-7) and on the huge one's diagonal; their cross entries are below
@@ -1074,3 +1074,69 @@ def test_gabor_float32_kernels_beside_a_huge_input_match_float64():
         torch.testing.assert_close(a[4, 4], b[4, 4], rtol=1e-6, atol=0)
         torch.testing.assert_close(a[4, :4], b[4, :4], rtol=0, atol=1000 * torch.finfo(torch.float32).tiny)
     assert float(k32.nngp[0, 0]) == 0.0 and float(k32.ntk[0, 0]) == 0.0   # a zero input: φ(0) = 0
+
+
+def test_gelu_float32_kernels_of_variances_near_float32s_largest_match_float64():
+    """GELU's forms summed ``2 + k11 + k22``, ``1 + 2k``, ``k12 β`` (``β ≤ π``) and ``2π(1 + k)``, which
+    overflow float32 from variances of 1.7e38, 1.7e38, 1.1e38 and 5.4e37: at ``k = 3e38`` the variance
+    read half its value, ``Ṫ`` 0.25 for 0.5, ``E[φ(u)]`` 0 for 6.9e18, and the pair kernels ``inf``.
+    Taken as ``1/(1 + k11) + 1/(1 + k22)``, ``sqrt(2) sqrt(k + 1/2)``, ``k12 (β/2π)`` and
+    ``k rsqrt(1 + k)/sqrt(2π)``, float32 agrees with float64 at the same inputs: the layer's
+    methods to 1e-6 relative (measured 1e-7), the huge inputs' rows of a network's kernels to 2e-6
+    (measured 4.9e-7, which includes the first layer's float32 rounding), and the NNGP's gradients
+    stay finite. (Ordinary pairs, covered elsewhere, carry the first layer's rounding times their
+    condition: up to 1e-5 for the NTK here. The gradient of this NTK's sum, 2.7e38, is NaN: the
+    chain rule's factors, ``Θ_prev ∂Ṫ/∂(1/(1 + k)) ~ 1e57`` times ``∂(1/(1 + k))/∂k ~ 1e-76``,
+    leave float32's range though their product does not; docs/numerics.md.)"""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 3, dtype=torch.float64, generator=g)
+    x[3] = torch.tensor([1.3e19, 1.1e19, 0.0])    # variances 2.9e38, 2.4e38 and 1.2e38, with
+    x[4] = torch.tensor([1.1e19, 1.1e19, 0.1])    # correlations 0.997 and 0.76 among them
+    x[5] = torch.tensor([0.2e19, 1.1e19, -0.2e19])
+    net = ntkgp.serial(ntkgp.Dense(1, 1.0, None), ntkgp.GELU())
+    x32 = x.float().requires_grad_()
+    k64, k32 = net.kernel(x.float().double()), net.kernel(x32)   # at the same (float32) inputs
+    for a, b in ((k32.nngp, k64.nngp), (k32.ntk, k64.ntk)):   # the huge inputs' rows
+        torch.testing.assert_close(a.detach().double()[3:], b[3:], rtol=2e-6, atol=0)
+    k32.nngp.sum().backward()
+    assert bool(torch.isfinite(x32.grad).all())
+
+
+NEAR_FLOAT32_MAX = {
+    "relu": ntkgp.ReLU, "abs": ntkgp.Abs, "sign": ntkgp.Sign, "erf": ntkgp.Erf,
+    "erf_shifted": lambda: ntkgp.Erf(1.3, 0.7, 0.2), "sigmoid_like": ntkgp.SigmoidLike, "gelu": ntkgp.GELU,
+    "sin": ntkgp.Sin, "cos": ntkgp.Cos, "rbf": ntkgp.Rbf, "gabor": ntkgp.Gabor, "gaussian": ntkgp.Gaussian,
+    "gaussian_ab": lambda: ntkgp.Gaussian(1.4, -0.6),
+}
+
+
+@pytest.mark.parametrize("name", NEAR_FLOAT32_MAX)
+def test_float32_self_pairs_and_pairs_up_to_float32s_largest_variance(name):
+    """Sums of ``1`` and a multiple of the variance overflowed float32 near its largest value:
+    erf's ``1 + 4b²k`` from 8.5e37 (the variance read 0, then NaN, for ``a²``; ``Ṫ`` 0, which took
+    ``k Ṫ ~ sqrt(k)`` out of Θ), the Gaussian's ``1 + 4βk`` and ``1 + 2βk`` (variance, ``Ṫ`` and mean
+    0), GELU's ``1 + 2k``, ``2 + k11 + k22``, ``k12 β`` and ``2π(1 + k)`` (variance half, ``Ṫ`` 0.25
+    for 0.5, mean 0, pair kernels ``inf``), and the RBF's ``k11 + k22`` (``inf − inf``: NaN for
+    nearly parallel inputs). Now, at variances 1e30 to 3.4e38, ``variance``, ``dot_variance``, ``mean``
+    and pairs at ``ρ = ±1/2`` in float32 agree with float64 at the same inputs to 1e-6 relative
+    (measured 4e-7), values below float32's smallest normal number up to 1000 times it, and their
+    gradients are finite. Pairs at ``ρ = ±0.999`` are only required finite: their condition
+    (``~1/(1 − |ρ|)``) makes float32 up to 1e-4 off."""
+    layer = NEAR_FLOAT32_MAX[name]()
+    k = torch.tensor([1e30, 8e37, 1e38, 2e38, 3.4e38], dtype=torch.float32)
+    atol = 1000 * torch.finfo(torch.float32).tiny
+    for method in (layer.variance, layer.dot_variance, layer.mean):
+        k32 = k.clone().requires_grad_()
+        got = method(k32)
+        torch.testing.assert_close(got.detach().double(), method(k.double()), rtol=1e-6, atol=atol)
+        if got.requires_grad:   # not the constants (ReLU's Ṫ, Sign's mean)
+            got.sum().backward()
+            assert bool(torch.isfinite(k32.grad).all()), method.__name__
+    for rho in (0.5, -0.5, 0.999, -0.999):
+        k22, k12 = k * 0.7, rho * (k * 0.7**0.5)
+        t32 = layer.pair_kernel(k, k12, k22, True)
+        assert all(bool(torch.isfinite(t).all()) for t in t32), rho
+        if abs(rho) == 0.5:
+            t64 = layer.pair_kernel(k.double(), k12.double(), k22.double(), True)
+            for a, b in zip(t32, t64, strict=True):
+                torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=atol)

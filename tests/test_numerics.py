@@ -887,6 +887,48 @@ def test_variances_whose_products_overflow_are_scaled_not_lost(make):
             torch.testing.assert_close(net.kernel(1e150 * x).nngp, net.kernel(1e12 * x).nngp, rtol=1e-9, atol=0)
 
 
+
+@pytest.mark.parametrize("make", [ntkgp.GELU, ntkgp.Erf, ntkgp.SigmoidLike, lambda: ntkgp.Erf(1.3, 0.7, 0.2),
+                                  ntkgp.Gaussian, ntkgp.Gabor],
+                         ids=["gelu", "erf", "sigmoid_like", "erf_shifted", "gaussian", "gabor"])
+def test_a_huge_input_costs_the_other_pairs_neither_digits_nor_gradients(make):
+    """One input of variance 9e37 beside ordinary ones, in float32. GELU's, erf's and the Gaussian's
+    determinants were formed in one scale for all points, ~1e-20 here, whose square (the dominant
+    term of an ordinary pair's determinant) is subnormal: the ordinary pairs lost 10–60 times
+    float32's rounding (1e-6 to 7e-6 relative), and the derivative of ``1/sqrt`` at it, ``~1/c³``,
+    overflowed, so the gradients of every input were NaN (Gabor's ``rsqrt`` did the same from
+    variances of 1e30, and its self-pair ``sqrt(1/D)`` for the huge input's own row). With a scale
+    per pair the ordinary pairs are unscaled: their kernels are those without the huge input (to 3e-7,
+    measured: bitwise but one ulp of Gabor's NTK), and so are their gradients (to 1e-6, measured
+    3.6e-7: autograd sums a point's contributions in another order). The huge input's rows agree
+    with float64 at the same inputs (values to 3e-6, measured 1e-6; gradients to 2e-6, measured
+    1.5e-7), except Gabor's gradients, which are only
+    finite: they are ``~1e-31`` of cross entries that float32 holds only as subnormal products, and
+    its ``Θ``'s diagonal gradient through ``k Ṫ'(k)``, ``~k^{−3/2}`` times ``k``, is 16% off."""
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    x[5] = torch.tensor([1.0, 0.5, -0.3], dtype=torch.float64) * 1e19
+    net = ntkgp.serial(ntkgp.Dense(1, 2.0, 0.1), make(), ntkgp.Dense(1, 1.0, 0.1))
+    x = x.float().double()   # float32's inputs, so that the comparison sees the kernels' rounding only
+
+    def kernels_and_gradients(x):
+        x = x.clone().requires_grad_()
+        k = net.kernel(x)
+        ordinary = torch.autograd.grad(k.nngp[:5, :5].sum() + k.ntk[:5, :5].sum(), x, retain_graph=True)[0]
+        huge = torch.autograd.grad(k.nngp[-1].sum() + k.ntk[-1].sum(), x)[0] if len(x) == 6 else None
+        return k.nngp.detach(), k.ntk.detach(), ordinary, huge
+
+    nngp32, ntk32, ordinary32, huge32 = kernels_and_gradients(x.float())
+    alone = kernels_and_gradients(x[:5].float())
+    torch.testing.assert_close(nngp32[:5, :5], alone[0], rtol=3e-7, atol=0)
+    torch.testing.assert_close(ntk32[:5, :5], alone[1], rtol=3e-7, atol=0)
+    assert float((ordinary32[:5] - alone[2]).norm() / alone[2].norm()) < 1e-6
+    assert bool(torch.isfinite(huge32).all())
+    nngp64, ntk64, _, huge64 = kernels_and_gradients(x)
+    torch.testing.assert_close(nngp32[5].double(), nngp64[5], rtol=3e-6, atol=1000 * torch.finfo(torch.float32).tiny)
+    torch.testing.assert_close(ntk32[5].double(), ntk64[5], rtol=3e-6, atol=1000 * torch.finfo(torch.float32).tiny)
+    if make is not ntkgp.Gabor:
+        assert float((huge32.double() - huge64).norm() / huge64.norm()) < 2e-6
+
 def _kernels_on_every_path(net, x, monkeypatch):
     """``net.kernel(x)`` as one block, in blocks of 7 rows, and on the graph-building path."""
     with torch.no_grad():

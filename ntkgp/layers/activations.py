@@ -322,14 +322,16 @@ class Erf(Activation):
         return centred, dot
 
     def variance(self, k: Tensor) -> Tensor:
+        # 2q/sqrt(1 + 4q) as q/sqrt(q + 1/4): 1 + 4q overflowed float32 from q ~ 8.5e37 (the variance read 0,
+        # then NaN, for a²)
         q = self.b**2 * k
-        return self.a**2 * (2 / math.pi) * torch.atan(2 * q / torch.sqrt(1 + 4 * q)) + self.c**2
+        return self.a**2 * (2 / math.pi) * torch.atan(q / torch.sqrt(q + 0.25)) + self.c**2
 
     def dot_variance(self, k: Tensor) -> Tensor:
-        """``Ṫ(k, k, k) = a² b² (4/π) / sqrt(1 + 4b²k)``."""
-        # 1 + 4b²k as pair_kernel forms it (the same bits): no k², so no scaling (nor a host synchronization)
+        """``Ṫ(k, k, k) = a² b² (4/π) / sqrt(1 + 4b²k) = a² b² (2/π) / sqrt(b²k + 1/4)``."""
+        # the right form: 1 + 4b²k overflowed float32 from b²k ~ 8.5e37 (Ṫ read 0, and Θ lost its k Ṫ ~ sqrt(k))
         b2 = self.b**2
-        return self.a**2 * b2 * (4 / math.pi) / torch.sqrt(1 + 2 * b2 * (k + k))
+        return self.a**2 * b2 * (2 / math.pi) / torch.sqrt(b2 * k + 0.25)
 
     def mean(self, k: Tensor) -> Tensor:
         return torch.full_like(k, self.c)
@@ -407,7 +409,8 @@ class GELU(Activation):
         # variances scaled by c where k11 k22 ~ k² could overflow
         c, _, _, _, det = shifted_det(k11, k12, k22)
         delta = torch.sqrt(det) / c
-        spread = (2 + k11 + k22) / (1 + k11) / (1 + k22)      # (2 + k11 + k22)/P, no O(k²) product
+        # (2 + k11 + k22)/P as a sum: no O(k²) product, and 2 + k11 + k22 overflowed float32 from k ~ 1.7e38
+        spread = torch.reciprocal(1 + k11) + torch.reciprocal(1 + k22)
         # β = π/2 + α. Near opposite inputs (k12 < −δ) α → −π/2 and π/2 + α kept α's absolute rounding
         # (ReLU's problem near θ = π): there β = atan(z), z = δ/|k12| < 1. atan of a quotient, not atan2,
         # whose derivative would square k12 (inf in float32)
@@ -427,10 +430,11 @@ class GELU(Activation):
             # conditioning hides for k11 ≈ k22 but not for unequal variances (float32, k11 = 1e10,
             # k22 = 1e7, ρ = −1: 0.5 off)
             near_sum = torch.reciprocal(delta) - delta * spread - k12 * _z_minus_atan(z)
-            nngp = torch.where(near, near_sum, k12 * beta + rest) / (2 * math.pi)
+            # k12 β / (2π) with β/(2π) ≤ 1/2 first: k12 β overflowed float32 from k12 ~ 1.1e38
+            nngp = torch.where(near, near_sum / (2 * math.pi), k12 * (beta / (2 * math.pi)) + rest / (2 * math.pi))
         else:
             beta = math.pi / 2 + torch.atan(k12 / delta)
-            nngp = (k12 * beta + rest) / (2 * math.pi)
+            nngp = k12 * (beta / (2 * math.pi)) + rest / (2 * math.pi)
         dot = None
         if want_dot:
             # (1 − k11 k22)/P + 1 = (2 + k11 + k22)/P: the left form cancels at large variances; 1/δ²
@@ -439,13 +443,13 @@ class GELU(Activation):
         return nngp, dot
 
     def variance(self, k: Tensor) -> Tensor:
-        root = torch.sqrt(1 + 2 * k)
-        return k * (0.25 + (k / ((k + 1) * root) + torch.atan(k / root) / 2) / math.pi)
+        root = _root_one_plus_twice(k)
+        return k * (0.25 + (k / (k + 1) / root + torch.atan(k / root) / 2) / math.pi)
 
     def dot_variance(self, k: Tensor) -> Tensor:
         """``Ṫ(k, k, k) = 1/4 + (atan(k/δ) + k (1/δ² + 2/(1 + k)) / δ) / (2π)``, ``δ = sqrt(1 + 2k)``
         (``P = (1 + k)²``, ``δ² = 1 + 2k``, ``(2 + 2k)/P = 2/(1 + k)``)."""
-        delta = torch.sqrt(1 + (k + k))   # as pair_kernel forms it; no k², so no scaling
+        delta = _root_one_plus_twice(k)   # no k², so no scaling
         alpha = torch.atan(k / delta)
         inverse = torch.reciprocal(delta)
         # k/δ³ as ((k/δ)/δ)/δ: as k·(1/δ)²/δ the gradient reaching (1/δ)² was (its own, ~k) · k/δ, inf in
@@ -454,7 +458,13 @@ class GELU(Activation):
             2 * math.pi)
 
     def mean(self, k: Tensor) -> Tensor:
-        return k * torch.rsqrt(2 * math.pi * (1 + k))   # E[u Φ(u)] = k E[ϕ(u)] (Stein's lemma)
+        # E[u Φ(u)] = k E[ϕ(u)] (Stein's lemma); 2π(1 + k) overflowed float32 from k ~ 5.4e37
+        return k * torch.rsqrt(1 + k) / math.sqrt(2 * math.pi)
+
+
+def _root_one_plus_twice(k: Tensor) -> Tensor:
+    """``sqrt(1 + 2k)`` as ``sqrt(2) sqrt(k + 1/2)``: ``1 + 2k`` overflows float32 from ``k ~ 1.7e38``."""
+    return torch.sqrt(k + 0.5) * math.sqrt(2)
 
 
 def _sin(x: Tensor, a: float, b: float, c: float) -> Tensor:
@@ -604,7 +614,9 @@ class Rbf(Activation):
         return functools.partial(_rbf, gamma=self.gamma)
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
-        nngp = torch.exp((-self.gamma * (k11 + k22 - 2 * k12)).clamp(max=0))
+        # (k11 − k12) + (k22 − k12): k11 + k22 overflowed float32 from variances of 1.7e38 and made
+        # inf − inf = NaN of nearly parallel inputs; each difference is exact for them (Sterbenz)
+        nngp = torch.exp((-self.gamma * ((k11 - k12) + (k22 - k12))).clamp(max=0))
         return nngp, (2 * self.gamma * nngp if want_dot else None)
 
     def variance(self, k: Tensor) -> Tensor:
@@ -674,7 +686,12 @@ class Gabor(Activation):
         ratio = one / e                                         # m/D
         h = k12 * ratio                                         # k12/D, |h| ≤ 1/4
         g = (one * spread + 4 * det) / e / 2                    # (k11 + k22 + 4 det)/(2D) ≤ 1/2
-        envelope = one * torch.rsqrt(e) * torch.exp(-g)         # D^{-1/2} e^{-g}
+        # D^{-1/2} e^{-g} = sqrt(1/m) sqrt(m/D) e^{-g} (sqrt(1/m) exact, a power of 2): as one·rsqrt(e) its
+        # derivative, e^{-3/2} with e ~ 2/m between a huge and an ordinary input, overflowed float32 from
+        # variances of ~1e30, and that pair's inf (times a zero upstream gradient) made every input's
+        # gradient NaN. m/D ≥ 1/(16m) (scaled variances below 2), so sqrt(m/D) and its derivative stay in
+        # range, where the product 1/m · m/D, ~1/m² for two huge inputs, would underflow
+        envelope = (1.0 if q is None else torch.sqrt(one)) * torch.sqrt(ratio) * torch.exp(-g)
         nngp = envelope * torch.sinh(h)
         if not want_dot:
             return nngp, None
@@ -692,22 +709,26 @@ class Gabor(Activation):
         return power_of_2(-2 * e, k11.dtype)
 
     def variance(self, k: Tensor) -> Tensor:
-        inverse, r = self._self_pair(k)
-        return torch.sqrt(inverse) * torch.exp(-r) * torch.sinh(r)
+        _, r, root = self._self_pair(k)
+        return root * torch.exp(-r) * torch.sinh(r)
 
     def dot_variance(self, k: Tensor) -> Tensor:
         """``Ṫ(k, k, k) = D^{−1/2} e^{−r}(4r sinh(r)(2/D + 6r) + cosh(r)(1/D + 8r²))``."""
-        inverse, r = self._self_pair(k)
-        return (torch.sqrt(inverse) * torch.exp(-r)
+        inverse, r, root = self._self_pair(k)
+        return (root * torch.exp(-r)
                 * (4 * r * torch.sinh(r) * (2 * inverse + 6 * r) + torch.cosh(r) * (inverse + 8 * r * r)))
 
     @staticmethod
-    def _self_pair(k: Tensor) -> tuple[Tensor, Tensor]:
-        """``1/D`` and ``r = k/D`` for ``D = 1 + 4k``, finite for variances up to the dtype's largest."""
+    def _self_pair(k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``1/D``, ``r = k/D`` and ``D^{−1/2}`` for ``D = 1 + 4k``, finite for variances up to the
+        dtype's largest."""
         big = k > 1
         safe = torch.where(big, k, torch.ones_like(k))   # 1/k without 1/0 (nor its infinite derivative)
         inverse = torch.where(big, (1 / safe) / (4 + 1 / safe), 1 / (1 + 4 * k))
-        return inverse, torch.where(big, 1 / (4 + 1 / safe), k * inverse)
+        # D^{-1/2} = k^{-1/2} (4 + 1/k)^{-1/2} for big k, not sqrt(1/D): that one's derivative, ~sqrt(k), times
+        # the NTK's upstream Θ ~ k overflowed float32 from k ~ 1e26, and times 1/D's derivative (0) made NaN
+        root = torch.where(big, torch.rsqrt(safe) * torch.rsqrt(4 + 1 / safe), torch.rsqrt(1 + 4 * k))
+        return inverse, torch.where(big, 1 / (4 + 1 / safe), k * inverse), root
 
     def mean(self, k: Tensor) -> Tensor:
         return torch.zeros_like(k)
@@ -805,18 +826,20 @@ class Gaussian(Activation):
         dot = 4 * self.a**2 * beta**2 * (s12 / root) * inverse * inverse if want_dot else None
         return nngp, dot
 
+    # 1 + 4βk and 1 + 2βk as 4(βk + 1/4) and 2(βk + 1/2), whose square roots are taken apart: the sums
+    # overflowed float32 from βk ~ 8.5e37 and 1.7e38 (the variance, Ṫ and the mean read 0)
     def variance(self, k: Tensor) -> Tensor:
-        return self.a**2 * torch.rsqrt(1 + 4 * self._beta * k)
+        return self.a**2 * torch.rsqrt(self._beta * k + 0.25) / 2
 
     def dot_variance(self, k: Tensor) -> Tensor:
         """``Ṫ(k, k, k) = 4a²β² k / (1 + 4βk)^{3/2}``."""
         beta = self._beta
-        root = torch.sqrt(1 + 2 * beta * (k + k))   # sqrt(D) as pair_kernel forms it; no k², so no scaling
+        root = 2 * torch.sqrt(beta * k + 0.25)   # sqrt(D), D = 1 + 4βk; no k², so no scaling
         inverse = 1 / root
         return 4 * self.a**2 * beta**2 * (k / root) * inverse * inverse
 
     def mean(self, k: Tensor) -> Tensor:
-        return self.a * torch.rsqrt(1 + 2 * self._beta * k)
+        return self.a * torch.rsqrt(self._beta * k + 0.5) / math.sqrt(2)
 
     def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
         beta = self._beta

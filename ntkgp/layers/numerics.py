@@ -128,9 +128,10 @@ def overflow_scale(k11: Tensor, k22: Tensor) -> float | Tensor | None:
     float32). Powers of 4 keep ``sqrt(c·k11 · c·k22) == c k`` exact where ``k11 = k22 = k``, and
     ``sqrt(c)`` exact. Under ``torch.compile`` ``c`` is a tensor (no data-dependent branch).
 
-    One scale for all points, because the erf, GELU and ``Elementwise`` forms add ``O(1)`` terms
-    to these products and are not homogeneous in the variances; the angle of the ReLU family is,
-    and :func:`gaussian_angle` scales each point by its own power of 4 instead."""
+    One scale for all points serves ``Elementwise`` quadrature, whose products are homogeneous in
+    the variances; the erf, GELU and Gaussian forms add ``O(1)`` terms to them and take a scale per
+    pair (:func:`scaled_for_products`), and :func:`gaussian_angle` scales each point by its own
+    power of 4."""
     limit = torch.finfo(k11.dtype).max ** 0.5 / 16
     if _is_compiling() or transforms_active():
         big = torch.maximum(k11.detach().amax(), k22.detach().amax()).clamp(min=limit)
@@ -144,12 +145,25 @@ def overflow_scale(k11: Tensor, k22: Tensor) -> float | Tensor | None:
 
 
 def scaled_for_products(k11: Tensor, k12: Tensor, k22: Tensor
-                        ) -> tuple[float | Tensor | None, Tensor, Tensor, Tensor]:
-    """``(c, c·k11, c·k12, c·k22)`` with ``c`` from :func:`overflow_scale`, or ``(None, k11, k12,
-    k22)`` unchanged when no scaling is needed."""
-    c = overflow_scale(k11, k22)
-    if c is None:
+                        ) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+    """``(c, c·k11, c·k12, c·k22)`` with ``c`` a power of 4 per pair, the largest that keeps
+    ``c·max(k11, k22)`` within :func:`overflow_scale`'s limit (``c = 1`` for the pairs that need no
+    scaling, which keep their bits), or ``(None, k11, k12, k22)`` unchanged when no pair needs any.
+
+    Per pair, not :func:`overflow_scale`'s one scale for all points: the erf, GELU and Gaussian forms
+    add ``c²`` and ``c·k`` to the scaled products, and beside a variance of 1e38 in float32 one scale
+    of ~1e-20 made ``c² ~ 1e-40`` subnormal, the dominant term of an ordinary pair's determinant:
+    those pairs lost 10–60 times float32's rounding, and the derivative of ``1/sqrt`` there,
+    ``~1/c³``, overflowed to ``inf``, which a zero upstream gradient turned into NaN for every
+    input. Per pair, ``c·kmax ≥ limit/4``, so the ``c·k`` terms of the huge pairs dominate and their
+    ``c²`` may underflow harmlessly."""
+    if overflow_scale(k11, k22) is None:
         return None, k11, k12, k22
+    limit = torch.finfo(k11.dtype).max ** 0.5 / 16
+    # as overflow_scale's, per pair: exactly 1 at and below the limit; a logarithm rounded the wrong way
+    # leaves c·k up to 4·limit, still in range. Not frexp, which inductor fails to compile in float64
+    big = torch.maximum(k11, k22).detach().clamp(min=limit)
+    c = torch.pow(4.0, -torch.ceil(torch.log(big / limit) / math.log(4.0)))
     return c, k11 * c, k12 * c, k22 * c
 
 
