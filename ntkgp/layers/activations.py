@@ -191,6 +191,13 @@ class ABReLU(Activation):
         return functools.partial(_abrelu, a=self.a, b=self.b)
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
+        s, dot = self._dot_kernel(k11, k12, k22)
+        factor = (self.a - self.b) ** 2 / (2 * math.pi)
+        nngp = torch.addcmul(s * factor, dot, k12) if factor else dot * k12
+        return nngp, (dot if want_dot else None)
+
+    def _dot_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tensor]:
+        """``s = sqrt(k11 k22 − k12²)`` and ``Ṫ``."""
         # Ṫ as ab + (a − b)²(π − θ)/(2π) with π − θ taken by atan2 (gaussian_angle): ReLU's kernel
         # vanishes at θ = π, and (a² + b²)/2 − (a − b)²θ/(2π) lost its digits there. At a self pair
         # this rounds to (a² + b²)/2 within an ulp (exactly for ReLU and Abs); the diagonal takes
@@ -215,8 +222,27 @@ class ABReLU(Activation):
         else:
             s, supplement = gaussian_angle(k11, k12, k22, supplement=True)
             dot = torch.add(supplement * factor, self.a * self.b) if self.a * self.b else supplement * factor
-        nngp = torch.addcmul(s * factor, dot, k12) if factor else dot * k12
-        return nngp, (dot if want_dot else None)
+        return s, dot
+
+    def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
+        """``T − μ1μ2 = k12 (Ṫ − (a − b)²/(2π) · k12/(p + s))``, ``p = sqrt(k11 k22)``: from ``T`` and
+        ``μ1μ2 = (a − b)² p/(2π)`` with ``s − p = −k12²/(p + s)``. ``T − μ1μ2`` itself vanishes at
+        ``ρ = 0`` (independent inputs) and as a difference kept ``T``'s rounding, ``ε/|ρ|`` of it
+        (ReLU at ``ρ = 1e-9``: 4e-8 off, relative, 1e8 inherent errors; the rounding of ``T`` at
+        ``ρ = 0`` where the kernel is exactly 0). Here ``Ṫ`` and the correction differ by a factor
+        of at least ``π/2`` for ``k12 > 0``, and add for ``k12 < 0`` where ``Ṫ ≥ 0`` (always for
+        ``ab ≥ 0``); for ``ab < 0`` and ``Ṫ < 0`` they cancel only as far as the covariance itself
+        does (Abs: ``(2/π)(arcsin ρ − ρ/(1 + sqrt(1 − ρ²)))``, at most a half), with ``Ṫ`` itself a
+        difference there (ABReLU(−0.4, 1.3) at ``ρ ≈ −1/3``: 4.4 inherent errors). 0 where a
+        variance is 0 (``p + s = 0``)."""
+        s, dot = self._dot_kernel(k11, k12, k22)
+        if not (self.a - self.b):
+            return dot * k12
+        p = safe_sqrt(k11) * safe_sqrt(k22)   # no k11·k22, which could overflow
+        # k12/(p + s) as ρ/(1 + s/p): p + s overflowed float32 from variances of ~1.7e38
+        safe = torch.where(p == 0, torch.ones_like(p), p)
+        slope = (k12 / safe) / (1 + s / safe)
+        return k12 * (dot - (self.a - self.b) ** 2 / (2 * math.pi) * slope)
 
     def variance(self, k: Tensor) -> Tensor:
         return (self.a**2 + self.b**2) / 2 * k
@@ -460,6 +486,25 @@ class GELU(Activation):
     def mean(self, k: Tensor) -> Tensor:
         # E[u Φ(u)] = k E[ϕ(u)] (Stein's lemma); 2π(1 + k) overflowed float32 from k ~ 5.4e37
         return k * torch.rsqrt(1 + k) / math.sqrt(2 * math.pi)
+
+    def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
+        """``T − μ1μ2``; for ``|ρ| ≤ 1/2`` as ``(k12 β + k12²/(P δ) − k12² r11 r22/(δ + sqrt P))/(2π)``
+        (``β = π/2 + α``, ``r_ii = k_ii/(1 + k_ii)``): ``μ1μ2 = r11 r22 sqrt(P)/(2π)`` and
+        ``δ − sqrt(P) = −k12²/(δ + sqrt P)`` take the ``k12 = 0`` part out of ``T``, where ``T − μ1μ2``
+        (0 at ``ρ = 0``, independent inputs) kept ``T``'s rounding, ``ε/|ρ|`` of the result (1e8
+        inherent errors at ``ρ = 1e-9``). ``k12 β`` dominates there (``β > 1``, the other terms
+        ``≤ |k12|/2``); beyond, the difference loses at most a factor of 2."""
+        c, _, _, _, det = shifted_det(k11, k12, k22)
+        delta = torch.sqrt(det) / c
+        small = 2 * k12.abs() <= safe_sqrt(k11) * safe_sqrt(k22)
+        k12s = torch.where(small, k12, torch.zeros_like(k12))
+        beta = math.pi / 2 + torch.atan(k12s / delta)
+        root = torch.sqrt(1 + k11) * torch.sqrt(1 + k22)                 # sqrt(P), no O(k²) product
+        ratio = k11 / (1 + k11) * (k22 / (1 + k22)) / 2 / (delta / 2 + root / 2)   # halves: δ + √P overflowed float32
+        # k12 (β/2π) as in pair_kernel: k12 β overflowed float32 from k12 ~ 1.1e38
+        near = k12s * (beta / (2 * math.pi)) + ((k12s / (1 + k11)) * (k12s / (1 + k22)) / delta
+                                                - k12s * (k12s * ratio)) / (2 * math.pi)
+        return torch.where(small, near, nngp - self.mean(k11) * self.mean(k22))
 
 
 def _root_one_plus_twice(k: Tensor) -> Tensor:
@@ -772,7 +817,13 @@ class Exp(Activation):
         return self._checked(self.a * torch.exp(self.b**2 / 2 * k), k)
 
     def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
-        return self.a**2 * torch.exp(self.b**2 * (k11 + k22) / 2) * torch.expm1(self.b**2 * k12)
+        """``μ1μ2 expm1(b²k12)``, with ``μ1μ2/a² = exp(b²(k11 + k22)/2)`` in two halves (one could
+        overflow where the product with ``expm1`` does not), and a ``ValueError`` where the result
+        overflows, as ``T``'s and the mean's: near opposite inputs of large variance ``T`` is
+        representable but ``T − μ1μ2 ≈ −μ1μ2`` is not, and came back as ``−inf`` (a NaN after
+        ``LayerNorm``)."""
+        half = torch.exp(self.b**2 * (k11 + k22) / 4)
+        return self._checked(self.a**2 * half * (half * torch.expm1(self.b**2 * k12)), k11, k12, k22)
 
     @staticmethod
     def _checked(value: Tensor, *inputs: Tensor) -> Tensor:
