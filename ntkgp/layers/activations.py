@@ -503,6 +503,8 @@ class GELU(Activation):
         inherent errors at ``ρ = 1e-9``). ``k12 β`` dominates there (``β > 1``, the other terms
         ``≤ |k12|/2``); beyond, the difference loses at most a factor of 2."""
         c, _, _, _, det = shifted_det(k11, k12, k22)
+        if not needs_graph(k11, k12, k22):
+            return self._centred_in_place(k11, k12, k22, nngp, c, det)
         delta = torch.sqrt(det) / c
         small = 2 * k12.abs() <= safe_sqrt(k11) * safe_sqrt(k22)
         k12s = torch.where(small, k12, torch.zeros_like(k12))
@@ -512,6 +514,20 @@ class GELU(Activation):
         # k12 (β/2π) as in pair_kernel: k12 β overflowed float32 from k12 ~ 1.1e38
         near = k12s * (beta / (2 * math.pi)) + ((k12s / (1 + k11)) * (k12s / (1 + k22)) / delta
                                                 - k12s * (k12s * ratio)) / (2 * math.pi)
+        return torch.where(small, near, nngp - self.mean(k11) * self.mean(k22))
+
+    def _centred_in_place(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor, c: float | Tensor,
+                          det: Tensor) -> Tensor:
+        """:meth:`centred_pair_kernel` without autograd, the same operations on few temporaries (1e6
+        pairs: 70 → 21 ms), and on ``k12`` everywhere: the far pairs' values are discarded."""
+        delta = det.sqrt_() if isinstance(c, float) else det.sqrt_().div_(c)
+        inv1, inv2 = torch.reciprocal(1 + k11), torch.reciprocal(1 + k22)   # the variances' shapes
+        beta = torch.div(k12, delta).atan_().add_(math.pi / 2).div_(2 * math.pi).mul_(k12)   # k12 β/(2π)
+        denominator = (torch.sqrt(1 + k11) * 0.5 * torch.sqrt(1 + k22)).add_(delta, alpha=0.5)   # (δ + √P)/2
+        ratio = (k11 * inv1 * 0.5 * (k22 * inv2)).div_(denominator)                             # r11 r22/(δ + √P)
+        near = torch.mul(k12, inv1).mul_(k12).mul_(inv2).div_(delta)                            # k12²/(P δ)
+        near.sub_(ratio.mul_(k12).mul_(k12)).div_(2 * math.pi).add_(beta)
+        small = torch.abs(k12).mul_(2) <= torch.sqrt(k11) * torch.sqrt(k22)
         return torch.where(small, near, nngp - self.mean(k11) * self.mean(k22))
 
 
