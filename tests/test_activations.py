@@ -1144,3 +1144,20 @@ def test_float32_self_pairs_and_pairs_up_to_float32s_largest_variance(name):
             centred32 = layer.centred_pair_kernel(k, k12, k22, t32[0])
             centred64 = layer.centred_pair_kernel(k.double(), k12.double(), k22.double(), t64[0])
             torch.testing.assert_close(centred32.double(), centred64, rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("layer", [ntkgp.Polynomial([0.3, -1.0, 0.5, 0.2, 0.1]), ntkgp.Monomial(4), ntkgp.Hermite(4),
+                                   ntkgp.RectifiedMonomial(3)], ids=["polynomial", "monomial", "hermite", "requ"])
+def test_a_mean_beyond_the_dtype_is_refused_as_the_kernel_is(layer):
+    """``E[φ(u)]`` of a polynomial-growth activation beyond the dtype read ``inf`` (Hermite(4) at a
+    float32 variance of 1e30, 3e60; RectifiedMonomial(3), 1e45) where its kernels raise the
+    ``ValueError`` that says to scale the inputs, as an exponential's mean does; representable
+    means are unchanged (a cubic's ``0.3 + 0.5 k`` at 1e30 is 5e29)."""
+    k = torch.tensor([1.0, 1e30], dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"overflows torch\.float32"):
+        layer.mean(k)
+    with pytest.raises(ValueError, match=r"overflows torch\.float32"):
+        layer.variance(k)
+    assert bool(torch.isfinite(layer.mean(k.double())).all())
+    cubic = ntkgp.Polynomial([0.3, -1.0, 0.5, 0.2]).mean(k)
+    torch.testing.assert_close(cubic, torch.tensor([0.8, 5e29], dtype=torch.float32))

@@ -130,7 +130,7 @@ class Polynomial(Activation):
         out = torch.zeros_like(k)
         for c, power in self._mean_terms:
             out = out + c * k**power
-        return out
+        return self._checked(out, k)   # as the kernels: an error, not inf (an exponential's mean raises too)
 
     def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
         return _evaluate(self._terms, k11, k12, k22, skip_constant_pairs=True)
@@ -232,7 +232,7 @@ class Hermite(Activation):
             return torch.zeros_like(k)
         if k.dtype != torch.float64 and self._mean_scale > torch.finfo(k.dtype).max:   # as in _series
             return self.mean(k.double()).to(k.dtype)
-        return self._mean_scale * ((k - 1) / 2) ** (self.degree // 2)
+        return self._checked(self._mean_scale * ((k - 1) / 2) ** (self.degree // 2), k)
 
     def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
         return self._series(self._terms, k11, k12, k22, skip_constant=True)
@@ -427,7 +427,7 @@ class RectifiedMonomial(Activation):
     def mean(self, k: Tensor) -> Tensor:
         if self.degree == 0:
             return torch.full_like(k, 0.5)
-        return self._mean * safe_sqrt(k) ** self.degree
+        return self._checked(self._mean * safe_sqrt(k) ** self.degree, k)
 
     def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
         """``T − μ1μ2``; for ``|ρ| ≤ 1/(n + 1)`` (``1/2`` for ``n = 1``) as ``p^n Σ_{j≥1} c_j ρ^j``
