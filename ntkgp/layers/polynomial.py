@@ -447,10 +447,11 @@ class RectifiedMonomial(Activation):
         inherent errors at ``ρ = 1e-9``). The series' terms are positive for ``ρ > 0``; for ``ρ < 0``
         they alternate, and the reach ``1/(n + 1)`` bounds their cancellation (the sum of their sizes
         over the sum) by 2.7 to degree 150 (at ``ρ = −1/2`` it is 31 for degree 8, 4e3 for 20), where
-        the difference beyond loses at most 2.2 (3.2 for ``n = 1`` at ``ρ = 1/2``); 64 terms leave
-        less than ``2^{-53}`` of the sum there. The step's is ``arcsin(ρ)/(2π)`` (:func:`gaussian_angle`'s
-        complement) everywhere, 0 where a variance is 0 (``φ`` constant). Where the result overflows
-        (``−μ1μ2`` near opposite inputs) a ``ValueError``, as ``T``'s, not ``−inf``."""
+        the difference beyond loses at most 2.2 (3.2 for ``n = 1`` at ``ρ = 1/2``); the terms kept leave
+        less than ``2^{-54}`` of the sum there (:func:`_split_centred_series`). The step's is
+        ``arcsin(ρ)/(2π)`` (:func:`gaussian_angle`'s complement) everywhere, 0 where a variance is 0
+        (``φ`` constant). Where the result overflows (``−μ1μ2`` near opposite inputs) a ``ValueError``,
+        as ``T``'s, not ``−inf``."""
         if not self.degree:
             return gaussian_angle(k11, k12, k22, complement=True)[1] / (2 * math.pi)
         p = safe_sqrt(k11) * safe_sqrt(k22)
