@@ -22,6 +22,7 @@ ROOT = pathlib.Path(__file__).parents[1]
     ("train.py", ["--members", "4", "--width", "16", "--steps", "5"], "the loop"),
     ("relu_bending.py", ["--width", "32", "--members", "2", "--steps", "3"], "moved at random"),
     ("large_test_set.py", ["--n", "30", "--m", "50"], "max difference of the variances / prior scale"),
+    ("layernorm.py", ["--sizes", "30", "--repeats", "1"], "exact / T − μ1μ2"),
 ])
 def test_benchmark_script_runs_at_toy_size(script, args, expected):
     assert expected in _run(script, args)
