@@ -1161,3 +1161,53 @@ def test_a_mean_beyond_the_dtype_is_refused_as_the_kernel_is(layer):
     assert bool(torch.isfinite(layer.mean(k.double())).all())
     cubic = ntkgp.Polynomial([0.3, -1.0, 0.5, 0.2]).mean(k)
     torch.testing.assert_close(cubic, torch.tensor([0.8, 5e29], dtype=torch.float32))
+
+
+def _centred_both_paths(layer, k11, k12, k22, graph):
+    k = [t.clone().requires_grad_(graph) for t in (k11, k12, k22)]
+    return layer.centred_pair_kernel(*k, layer.pair_kernel(*k, False)[0]), k
+
+
+def test_gelu_centred_kernel_broadcasts_variances_smaller_than_k12():
+    """Variances shared by all pairs (0-d ``k11``, ``k22``) against a ``(5, 5)`` ``k12``: ``pair_kernel``
+    and the graph path broadcast them; the in-place path raised ``output with shape [] doesn't match
+    the broadcast shape [5, 5]`` (``(…).add_(delta)`` on a tensor of the variances' shape)."""
+    gelu = ntkgp.GELU()
+    k12 = torch.linspace(-5.0, 5.0, 25, dtype=torch.float64).reshape(5, 5)
+    k11, k22 = torch.tensor(9.0, dtype=torch.float64), torch.tensor(7.0, dtype=torch.float64)
+    with torch.no_grad():
+        fast, _ = _centred_both_paths(gelu, k11, k12, k22, graph=False)
+    slow, _ = _centred_both_paths(gelu, k11, k12, k22, graph=True)
+    assert fast.shape == (5, 5)
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-14, atol=0)
+
+
+def test_abrelu_centred_kernel_in_place_matches_graph_below_smallest_normal():
+    """float32 variances of 1e-38 (``p = sqrt(k11 k22)`` below float32's smallest normal number): the
+    in-place path clamped ``p`` to 1.18e-38, which scaled ``ρ`` by 0.85 (Abs 8 % off the graph path's
+    value, ReLU 0.7 %); the graph path and float64 agree."""
+    k11, k12, k22 = (torch.tensor([v], dtype=torch.float32) for v in (1e-38, 3e-39, 1e-38))
+    for layer in (ntkgp.ReLU(), ntkgp.LeakyReLU(0.1), ntkgp.Abs(), ntkgp.ABReLU(-0.4, 1.3)):
+        with torch.no_grad():
+            fast, _ = _centred_both_paths(layer, k11, k12, k22, graph=False)
+        slow, _ = _centred_both_paths(layer, k11, k12, k22, graph=True)
+        wide, _ = _centred_both_paths(layer, *(t.double() for t in (k11, k12, k22)), graph=False)
+        # the results are subnormal (~1e-40): a few units of 1.4e-45 apart at most
+        assert abs(float(fast) - float(slow.detach())) <= 1e-44, type(layer).__name__
+        assert abs(float(fast) - float(wide)) <= 1e-44, type(layer).__name__
+
+
+def test_gelu_centred_kernel_gradients_finite_at_large_float32_variances():
+    """Near independent inputs (``|ρ| ≤ 1/2``, the series' side) of float32 variance 1e22 to 3e38 the
+    gradient of ``k12 (k12 ratio)`` reaching ``ratio`` was ``k12²`` (inf), times ``ratio``'s
+    derivative (0 in float32): NaN for all three arguments from ``k ~ 2e19``."""
+    gelu = ntkgp.GELU()
+    for k in (1e22, 1e30, 1e36, 3e38):
+        for rho in (0.3, -0.3):
+            triple = (torch.tensor([v], dtype=torch.float32) for v in (k, rho * k, k))
+            value, args = _centred_both_paths(gelu, *triple, graph=True)
+            grads = torch.autograd.grad(value.sum(), args)
+            assert torch.isfinite(value).all()
+            assert all(torch.isfinite(g).all() for g in grads), (k, rho, grads)
+            # ∂/∂k12 at ρ = ±0.3 and large variances: β/(2π) + O(ρ) terms, between 0 and 1
+            assert 0 < float(grads[1]) < 1 and math.isfinite(float(grads[0]))

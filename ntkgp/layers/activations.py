@@ -247,8 +247,9 @@ class ABReLU(Activation):
             p = safe_sqrt(k11) * safe_sqrt(k22)
             p = torch.where(p == 0, torch.ones_like(p), p)
             return k12 * (dot - factor * ((k12 / p) / (1 + s / p)))
-        # in place (1e6 pairs: 2 ms a pass); the smallest normal number for p = 0 makes it 0/1 unbranched
-        p = torch.mul(torch.sqrt(k11), torch.sqrt(k22)).clamp_(min=torch.finfo(k11.dtype).tiny)
+        # in place (1e6 pairs: 2 ms a pass); p = 0 (a zero variance: k12 = s = 0) read as 1 makes it 0/1
+        p = torch.mul(torch.sqrt(k11), torch.sqrt(k22))
+        p.masked_fill_(p == 0, 1)   # as the graph path: a clamp to the smallest normal number changed ρ for p below it
         slope = torch.div(k12, p).div_(s.div_(p).add_(1))
         return slope.mul_(-factor).add_(dot).mul_(k12)
 
@@ -510,10 +511,12 @@ class GELU(Activation):
         k12s = torch.where(small, k12, torch.zeros_like(k12))
         beta = math.pi / 2 + torch.atan(k12s / delta)
         root = torch.sqrt(1 + k11) * torch.sqrt(1 + k22)                 # sqrt(P), no O(k²) product
-        ratio = k11 / (1 + k11) * (k22 / (1 + k22)) / 2 / (delta / 2 + root / 2)   # halves: δ + √P overflowed float32
+        half_r = k11 / (1 + k11) * (k22 / (1 + k22)) / 2
+        # k12² r11 r22/(δ + √P) as (k12 r11 r22/2)(k12/((δ + √P)/2)) (halves: δ + √P overflowed float32): as
+        # k12 (k12 ratio) the gradient reaching ratio, k12², overflowed float32 from k12 ~ 2e19 (NaN gradients)
         # k12 (β/2π) as in pair_kernel: k12 β overflowed float32 from k12 ~ 1.1e38
         near = k12s * (beta / (2 * math.pi)) + ((k12s / (1 + k11)) * (k12s / (1 + k22)) / delta
-                                                - k12s * (k12s * ratio)) / (2 * math.pi)
+                                                - (k12s * half_r) * (k12s / (delta / 2 + root / 2))) / (2 * math.pi)
         return torch.where(small, near, nngp - self.mean(k11) * self.mean(k22))
 
     def _centred_in_place(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor, c: float | Tensor,
@@ -523,8 +526,9 @@ class GELU(Activation):
         delta = det.sqrt_() if isinstance(c, float) else det.sqrt_().div_(c)
         inv1, inv2 = torch.reciprocal(1 + k11), torch.reciprocal(1 + k22)   # the variances' shapes
         beta = torch.div(k12, delta).atan_().add_(math.pi / 2).div_(2 * math.pi).mul_(k12)   # k12 β/(2π)
-        denominator = (torch.sqrt(1 + k11) * 0.5 * torch.sqrt(1 + k22)).add_(delta, alpha=0.5)   # (δ + √P)/2
-        ratio = (k11 * inv1 * 0.5 * (k22 * inv2)).div_(denominator)                             # r11 r22/(δ + √P)
+        k12 = k12.expand(delta.shape)   # the in-place products below take the broadcast shape (δ's)
+        denominator = torch.add(torch.sqrt(1 + k11) * 0.5 * torch.sqrt(1 + k22), delta, alpha=0.5)   # (δ + √P)/2
+        ratio = torch.div(k11 * inv1 * 0.5 * (k22 * inv2), denominator)                             # r11 r22/(δ + √P)
         near = torch.mul(k12, inv1).mul_(k12).mul_(inv2).div_(delta)                            # k12²/(P δ)
         near.sub_(ratio.mul_(k12).mul_(k12)).div_(2 * math.pi).add_(beta)
         small = torch.abs(k12).mul_(2) <= torch.sqrt(k11) * torch.sqrt(k22)
