@@ -353,7 +353,9 @@ class Erf(Activation):
         root = torch.sqrt(det)
         # atan of the ratio, not atan2: atan2's derivative squares both arguments, inf in float32
         centred = self.a**2 * (2 / math.pi) * torch.atan(2 * b2 * k12 / root)
-        dot = self.a**2 * b2 * (4 / math.pi) * c / root if want_dot else None
+        # c/root first: (constant · c)/root rounds once where c is a tensor of ones (a huge input elsewhere)
+        # and constant · (1/root) twice where c is the float 1 (torch's scalar / tensor): an ulp apart
+        dot = self.a**2 * b2 * (4 / math.pi) * (c / root) if want_dot else None
         return centred, dot
 
     def variance(self, k: Tensor) -> Tensor:
@@ -504,36 +506,18 @@ class GELU(Activation):
         inherent errors at ``ρ = 1e-9``). ``k12 β`` dominates there (``β > 1``, the other terms
         ``≤ |k12|/2``); beyond, the difference loses at most a factor of 2."""
         c, _, _, _, det = shifted_det(k11, k12, k22)
-        if not needs_graph(k11, k12, k22):
-            return self._centred_in_place(k11, k12, k22, nngp, c, det)
-        delta = torch.sqrt(det) / c
-        small = 2 * k12.abs() <= safe_sqrt(k11) * safe_sqrt(k22)
-        k12s = torch.where(small, k12, torch.zeros_like(k12))
-        beta = math.pi / 2 + torch.atan(k12s / delta)
-        root = torch.sqrt(1 + k11) * torch.sqrt(1 + k22)                 # sqrt(P), no O(k²) product
+        delta = torch.sqrt(det) / c                       # ≥ 1: the form is smooth for every ρ, so no mask
+        # k12 (β/2π), not (k12 β)/2π: k12 β overflowed float32 from k12 ~ 1.1e38
+        beta = (torch.atan(k12 / delta) + math.pi / 2) / (2 * math.pi)
+        # k12² r11 r22/(δ + √P) as (k12 r11 r22/2)(k12/((δ + √P)/2)): δ + √P overflowed float32, and as
+        # k12 (k12 ratio) the gradient reaching the ratio, k12², overflowed from k12 ~ 2e19 (NaN gradients)
+        half_sum = torch.sqrt(1 + k11) * torch.sqrt(1 + k22) / 2 + delta / 2
+        # quotients, not products with 1/(1 + k): the gradient reaching 1/(1 + k) was k12 k ~ k², inf in float32
         half_r = k11 / (1 + k11) * (k22 / (1 + k22)) / 2
-        # k12² r11 r22/(δ + √P) as (k12 r11 r22/2)(k12/((δ + √P)/2)) (halves: δ + √P overflowed float32): as
-        # k12 (k12 ratio) the gradient reaching ratio, k12², overflowed float32 from k12 ~ 2e19 (NaN gradients)
-        # k12 (β/2π) as in pair_kernel: k12 β overflowed float32 from k12 ~ 1.1e38
-        near = k12s * (beta / (2 * math.pi)) + ((k12s / (1 + k11)) * (k12s / (1 + k22)) / delta
-                                                - (k12s * half_r) * (k12s / (delta / 2 + root / 2))) / (2 * math.pi)
+        near = k12 * beta + ((k12 / (1 + k11)) * (k12 / (1 + k22)) / delta
+                             - (k12 * half_r) * (k12 / half_sum)) / (2 * math.pi)
+        small = 2 * k12.abs() <= torch.sqrt(k11) * torch.sqrt(k22)
         return torch.where(small, near, nngp - self.mean(k11) * self.mean(k22))
-
-    def _centred_in_place(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor, c: float | Tensor,
-                          det: Tensor) -> Tensor:
-        """:meth:`centred_pair_kernel` without autograd, the same operations on few temporaries (1e6
-        pairs: 70 → 21 ms), and on ``k12`` everywhere: the far pairs' values are discarded."""
-        delta = det.sqrt_() if isinstance(c, float) else det.sqrt_().div_(c)
-        inv1, inv2 = torch.reciprocal(1 + k11), torch.reciprocal(1 + k22)   # the variances' shapes
-        beta = torch.div(k12, delta).atan_().add_(math.pi / 2).div_(2 * math.pi).mul_(k12)   # k12 β/(2π)
-        k12 = k12.expand(delta.shape)   # the in-place products below take the broadcast shape (δ's)
-        denominator = torch.add(torch.sqrt(1 + k11) * 0.5 * torch.sqrt(1 + k22), delta, alpha=0.5)   # (δ + √P)/2
-        ratio = torch.div(k11 * inv1 * 0.5 * (k22 * inv2), denominator)                             # r11 r22/(δ + √P)
-        near = torch.mul(k12, inv1).mul_(k12).mul_(inv2).div_(delta)                            # k12²/(P δ)
-        near.sub_(ratio.mul_(k12).mul_(k12)).div_(2 * math.pi).add_(beta)
-        small = torch.abs(k12).mul_(2) <= torch.sqrt(k11) * torch.sqrt(k22)
-        return torch.where(small, near, nngp - self.mean(k11) * self.mean(k22))
-
 
 def _root_one_plus_twice(k: Tensor) -> Tensor:
     """``sqrt(1 + 2k)`` as ``sqrt(2) sqrt(k + 1/2)``: ``1 + 2k`` overflows float32 from ``k ~ 1.7e38``."""
