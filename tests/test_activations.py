@@ -1168,18 +1168,38 @@ def _centred_both_paths(layer, k11, k12, k22, graph):
     return layer.centred_pair_kernel(*k, layer.pair_kernel(*k, False)[0]), k
 
 
-def test_gelu_centred_kernel_broadcasts_variances_smaller_than_k12():
-    """Variances shared by all pairs (0-d ``k11``, ``k22``) against a ``(5, 5)`` ``k12``: ``pair_kernel``
-    and the graph path broadcast them; the in-place path raised ``output with shape [] doesn't match
-    the broadcast shape [5, 5]`` (``(…).add_(delta)`` on a tensor of the variances' shape)."""
-    gelu = ntkgp.GELU()
-    k12 = torch.linspace(-5.0, 5.0, 25, dtype=torch.float64).reshape(5, 5)
-    k11, k22 = torch.tensor(9.0, dtype=torch.float64), torch.tensor(7.0, dtype=torch.float64)
-    with torch.no_grad():
-        fast, _ = _centred_both_paths(gelu, k11, k12, k22, graph=False)
-    slow, _ = _centred_both_paths(gelu, k11, k12, k22, graph=True)
-    assert fast.shape == (5, 5)
-    torch.testing.assert_close(fast, slow.detach(), rtol=1e-14, atol=0)
+# variances of a smaller shape than k12: shared by all pairs (0-d), one side shared, and a batch of
+# k12 over unbatched variances. Networks pass (n, 1) and (1, m); direct calls need not.
+BROADCAST_SHAPES = {"0-d": ((), (4, 5), ()), "(4, 1) and 0-d": ((4, 1), (4, 5), ()),
+                    "batched k12": ((4, 1), (2, 4, 5), (1, 5))}
+
+
+@pytest.mark.parametrize("shapes", BROADCAST_SHAPES.values(), ids=BROADCAST_SHAPES.keys())
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_pair_and_centred_kernels_broadcast_variances_smaller_than_k12(name, shapes):
+    """``pair_kernel`` and ``centred_pair_kernel``, with and without a graph, equal their values at
+    variances expanded to ``k12``'s shape. Without a graph the ReLU family, ``Sign`` and
+    ``RectifiedMonomial`` raised ``output with shape [] doesn't match the broadcast shape [4, 5]``
+    (``gaussian_angle``'s in-place ``p.add_(k12)``), as GELU's centred kernel had."""
+    layer = CASES[name][0]
+    generator = torch.Generator().manual_seed(3)
+    k11 = 0.5 + torch.rand(shapes[0], generator=generator, dtype=torch.float64)
+    k22 = 0.5 + torch.rand(shapes[2], generator=generator, dtype=torch.float64)
+    rho = 2 * torch.rand(shapes[1], generator=generator, dtype=torch.float64) - 1
+    k12 = rho * (k11 * k22).sqrt()
+    full = torch.broadcast_shapes(k11.shape, k12.shape, k22.shape)
+    expanded = [t.expand(full).clone() for t in (k11, k12, k22)]
+    for graph in (False, True):
+        with torch.set_grad_enabled(graph):
+            k = [t.clone().requires_grad_(graph) for t in (k11, k12, k22)]
+            value, dot = layer.pair_kernel(*k, True)
+            centred = layer.centred_pair_kernel(*k, value)
+            value_full, dot_full = layer.pair_kernel(*expanded, True)
+            centred_full = layer.centred_pair_kernel(*expanded, value_full)
+        torch.testing.assert_close(value.detach().expand(full), value_full, rtol=1e-15, atol=0)
+        torch.testing.assert_close(dot.detach().expand(full), dot_full, rtol=1e-15, atol=0)
+        if centred_full is not None:
+            torch.testing.assert_close(centred.detach().expand(full), centred_full, rtol=1e-15, atol=0)
 
 
 def test_abrelu_centred_kernel_in_place_matches_graph_below_smallest_normal():

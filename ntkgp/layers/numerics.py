@@ -237,7 +237,10 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor, supplement: bool = Fal
             theta = torch.where(origin, math.pi / 2, theta)
     else:
         p = torch.mul(k11, k22).sqrt_()
-        s = (p - k12).mul_(p.add_(k12)).clamp_(min=0).sqrt_()
+        difference = p - k12
+        # p in place only where it has k12's shape: variances of a smaller shape (0-d, or without k12's
+        # batch dimensions) made add_ raise
+        s = difference.mul_(p.add_(k12) if p.shape == difference.shape else p + k12).clamp_(min=0).sqrt_()
         if complement:   # atan2(0, 0) = 0 already: no fill
             theta = torch.atan2(k12, s)
         else:
