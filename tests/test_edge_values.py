@@ -169,6 +169,30 @@ def test_inputs_on_the_meta_device_and_built_layers_given_the_wrong_width_are_re
     assert ntkgp.mlp(2).build(in_features=5, device="meta")(torch.empty(1, 5, device="meta")).shape == (1, 1)
 
 
+@pytest.mark.parametrize("layout", ["to_sparse", "to_sparse_csr"])
+def test_sparse_inputs_targets_and_kernels_are_refused_by_name(layout):
+    """torch's "Could not run 'aten::aminmax' with arguments from the 'SparseCPU' backend" (or, for
+    CSR, "Only batched sparse compressed (non-block) tensors are supported") from the finiteness
+    check, with no word of which argument or what to do."""
+    x, y = torch.randn(6, 5), torch.randn(6, 1)
+    net = ntkgp.mlp(1)
+    ntk = net.kernel(x).ntk
+    sparse = lambda t: getattr(t, layout)()  # noqa: E731
+    for call, match in [
+        (lambda: net.kernel(sparse(x)), "x1 is a torch.sparse_c.. tensor; .*x1.to_dense"),
+        (lambda: net.kernel(x, sparse(x)), "x2 is a torch.sparse_c.. tensor"),
+        (lambda: ntkgp.NTKKernel(net)(sparse(x)).to_dense(), "x1 is a torch.sparse"),
+        (lambda: ntkgp.predict.gradient_flow(net, sparse(x), y, x, t=1.0), "x_train is a torch.sparse"),
+        (lambda: ntkgp.predict.gradient_descent_mse(sparse(ntk), y, t=1.0),
+         r"sparse_c.. tensor of shape \(6, 6\).*to_dense"),
+        (lambda: ntkgp.predict.gradient_descent_mse(ntk, sparse(y), t=1.0), r"sparse_c.. tensor of shape \(6, 1\)"),
+        (lambda: ntkgp.predict.max_learning_rate(sparse(ntk)), "sparse_c.. tensor"),
+        (lambda: ntkgp.models.NetworkGP(sparse(x), y[:, 0]), "train_x is a torch.sparse"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
 def test_polynomial_constructors_refuse_what_they_cannot_represent():
     """RectifiedMonomial(n ≥ 151) had an infinite T(k, k, k) coefficient (≥ 152: inf polynomial
     coefficients too; NaN kernels) and from n = 169 a bare OverflowError; Polynomial took a dict's

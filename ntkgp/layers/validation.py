@@ -22,6 +22,10 @@ def all_finite(x: Tensor) -> bool:
     entry decide it as well: both are finite exactly when every entry is (``aminmax`` propagates
     NaN), and one reduction finds them without temporaries.
     """
+    # torch's "Could not run 'aten::aminmax' with arguments from the 'SparseCPU' backend" otherwise
+    if x.layout != torch.strided:
+        raise ValueError(f"A {x.layout} tensor of shape {tuple(x.shape)} was given where dense values are "
+                         "needed (inputs, targets and kernels are dense); pass it with .to_dense().")
     if x.numel() == 0:
         return True
     low, high = torch.aminmax(x.detach())
@@ -115,6 +119,9 @@ def check_points(x: Tensor, name: str) -> Tensor:
                          f"convert it with {name}.double() or {name}.float().")
     if x.shape[-1] == 0:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)}).")
+    # torch's "Could not run 'aten::aminmax' with arguments from the 'SparseCPU' backend" otherwise
+    if x.layout != torch.strided:
+        raise ValueError(f"{name} is a {x.layout} tensor; kernels need dense points: pass {name}.to_dense().")
     if x.device.type == "meta":   # torch's "Tensor.item() cannot be called on meta tensors" otherwise
         raise ValueError(f"{name} is on the meta device, which holds shapes but no values: nothing to compute with.")
     # under vmap the values are per-sample: no data-dependent check can run there
