@@ -213,6 +213,41 @@ def test_botorch_single_task_gp_with_network_kernel():
 
 
 
+@pytest.mark.parametrize("ard", [False, True])
+def test_botorch_subset_output_of_a_batched_network_kernel(ard):
+    """``subset_output`` of a three-output ``SingleTaskGP`` whose ``covar_module`` is a batched network
+    kernel: with ``subset_batch_dict`` the subset model's posterior is the full model's at those
+    outputs (variances per output, ARD ones included). The kernel kept its full batch shape after
+    BoTorch had indexed its variances, and the posterior failed with "x1 and x2 were not
+    broadcastable with kernel of batch_shape torch.Size([3])"."""
+    pytest.importorskip("botorch")
+    from botorch.models import SingleTaskGP
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(15, 3, generator=g, dtype=torch.float64)
+    y = torch.stack([x.sum(-1), torch.sin(3 * x[:, 0]), x.prod(-1)], -1)
+    first = ntkgp.Dense(64, 1.5, 0.1, ard_num_dims=3 if ard else None)
+    net = ntkgp.serial(first, ntkgp.ReLU(), ntkgp.Dense(1, 2.0, 0.05))
+    model = SingleTaskGP(x, y, covar_module=ntkgp.NTKKernel(net, batch_shape=torch.Size([3])))
+    with torch.no_grad():   # different variances per output, so that a wrong output's would show
+        for p in model.covar_module.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    entries = model.covar_module.subset_batch_dict("covar_module")
+    assert entries["covar_module.net.layers.0.raw_weight_var"] == (-2 if ard else -1)
+    assert entries["covar_module.net.layers.2.raw_bias_var_constraint.anchor"] == -1
+    model._subset_batch_dict = {"mean_module.raw_constant": -1, "likelihood.noise_covar.raw_noise": -2, **entries}
+    model.eval()
+    test = torch.rand(6, 3, generator=g, dtype=torch.float64)
+    full = model.posterior(test)
+    for outputs in ([1], [2, 0]):
+        sub = model.subset_output(outputs)
+        assert sub.covar_module.batch_shape == (torch.Size([]) if len(outputs) == 1 else torch.Size([2]))
+        part = sub.posterior(test)
+        torch.testing.assert_close(part.mean.reshape(6, -1), full.mean[:, outputs], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(part.variance.reshape(6, -1), full.variance[:, outputs], rtol=1e-12, atol=1e-14)
+    assert ntkgp.NTKKernel(ntkgp.mlp(1)).subset_batch_dict() == {}   # nothing per output to subset
+
+
 def test_botorch_fits_batched_kernels_and_variances_pinned_at_zero():
     """BoTorch's scipy optimizer asks every constraint for inverse_transform(lower/upper bound).
     The answer came in the anchor's shape, (2,) for a batch kernel, which BoTorch could not put

@@ -10,8 +10,9 @@ import torch
 from gpytorch.kernels import Kernel
 from torch import Tensor
 
-from ntkgp.layers.base import Layer, variance_batch_shapes
+from ntkgp.layers.base import Layer, _batch_shape, variance_batch_shapes, variances
 from ntkgp.layers.validation import broadcast_shapes
+from ntkgp.layers.variance import VarianceParameters
 
 #: The live kernels built on each network, or copied with it (a copy of a network alone has none):
 #: kernels that share a network must share its batch shape, which ``batch_shape`` sets in place.
@@ -75,18 +76,18 @@ class NetworkKernel(Kernel):
         super().__init__(batch_shape=batch_shape, active_dims=active_dims)
         # expanding in place would change the shapes under another kernel that shares the network,
         # which then failed inside GPyTorch ("expected shape [4, 4], got [3, 4, 4]")
-        owners = {tuple(k.batch_shape) for k in _KERNELS_OF.get(net, ())} - {tuple(self.batch_shape)}
-        batched = {tuple(s) for s in variance_batch_shapes(net) if len(s) > 0} - {tuple(self.batch_shape)}
+        owners = {tuple(k.batch_shape) for k in _KERNELS_OF.get(net, ())} - {tuple(self._batch_shape)}
+        batched = {tuple(s) for s in variance_batch_shapes(net) if len(s) > 0} - {tuple(self._batch_shape)}
         if owners or batched:
             held = ", ".join(map(str, sorted(owners | batched)))
             raise ValueError(f"This network already serves batch shape {held} (a kernel built on it, or "
-                             f"expand_batch), but this kernel has batch_shape={tuple(self.batch_shape)}. Kernels "
+                             f"expand_batch), but this kernel has batch_shape={tuple(self._batch_shape)}. Kernels "
                              f"that share a network share its batch shape, since batch_shape reshapes the "
                              f"network's variances in place; for another one, build on a copy: "
                              f"{type(self).__name__}(copy.deepcopy(net), batch_shape=...).")
         self.net = net
-        if len(self.batch_shape) > 0:
-            net.expand_batch(self.batch_shape)
+        if len(self._batch_shape) > 0:
+            net.expand_batch(self._batch_shape)
         _KERNELS_OF.setdefault(net, weakref.WeakSet()).add(self)
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False,
@@ -126,6 +127,49 @@ class NetworkKernel(Kernel):
             batch = broadcast_shapes(result.shape[:-tail], self.batch_shape)
             result = result.expand(*batch, *result.shape[-tail:])
         return result
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        """The hyperparameters' batch shape (the one given where the network has none): BoTorch's
+        ``subset_output`` indexes the variances and left a kernel of the full batch shape, whose
+        posterior then failed with "x1 and x2 were not broadcastable with kernel of batch_shape"."""
+        net = self._modules.get("net")   # absent while GPyTorch's __init__ runs
+        # the first variance's: all share one batch shape (expand_batch, index_batch and subset_output
+        # map them together), and GPyTorch reads this many times a call (walking them all took 28 µs)
+        first = next(variances(net), None) if net is not None else None
+        return self._batch_shape if first is None else _batch_shape(*first[1:])
+
+    @batch_shape.setter
+    def batch_shape(self, value: torch.Size) -> None:
+        self._batch_shape = torch.Size(value)
+
+    def subset_batch_dict(self, prefix: str = "covar_module") -> dict[str, int]:
+        """The entries of BoTorch's ``_subset_batch_dict`` for this kernel in a batched multi-output
+        model (``SingleTaskGP`` with ``m`` outputs and ``batch_shape=torch.Size([m])``): each raw
+        variance and its constraint's anchor by name, with the dimension that runs over the outputs.
+
+        BoTorch's ``subset_output`` needs that dictionary for a ``covar_module`` of one's own, as
+        for any custom GPyTorch kernel; ``prefix`` is this kernel's path in the model::
+
+            model._subset_batch_dict = {"mean_module.raw_constant": -1,
+                                        "likelihood.noise_covar.raw_noise": -2,
+                                        **model.covar_module.subset_batch_dict("covar_module")}
+            model.subset_output([0])
+        """
+        if not len(self.batch_shape):
+            return {}
+        entries = {}
+        for path, module in self.net.named_modules():
+            if not isinstance(module, VarianceParameters):
+                continue
+            for key, raw in module._parameters.items():
+                if key.startswith("raw_") and raw is not None:
+                    name = ".".join(filter(None, (prefix, "net", path, key)))
+                    dim = -1 - module._variance_event_dims(key[4:])   # the last batch dimension
+                    entries[name] = dim
+                    if getattr(module, f"{key}_constraint").anchor.shape == raw.shape:
+                        entries[f"{name}_constraint.anchor"] = dim
+        return entries
 
     def expand_batch(self, *sizes: int | torch.Size) -> Kernel:
         new_shape = torch.Size(sizes[0] if len(sizes) == 1 and not isinstance(sizes[0], int) else sizes)
