@@ -251,6 +251,10 @@ def load_spec(text: str):
         if not path.is_file():
             raise ValueError(f"--spec: no file {where!r}.")
         found = importlib.util.spec_from_file_location(f"_ntkgp_spec_{path.stem}", path)
+        if found is None or found.loader is None:
+            # no loader for a name without the .py suffix (a path such as dir/spec:make): None, and
+            # module_from_spec's AttributeError "'NoneType' object has no attribute 'loader'"
+            raise ValueError(f"--spec: {where!r} is not a Python file (it needs the .py suffix).")
         module = importlib.util.module_from_spec(found)
         found.loader.exec_module(module)   # errors in the user's file keep their traceback
     else:

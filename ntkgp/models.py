@@ -392,6 +392,7 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     history: list[float] = []
     step = 0
     best: list = [math.inf, None]   # the lowest loss evaluated and the parameters it was evaluated at
+    first: list[Tensor] = []        # the loss of a step's first evaluation
 
     def objective(when: str) -> Tensor:
         # ExactMarginalLogLikelihood is per target entry of each batch member: a batched model
@@ -419,6 +420,8 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
         if not all_finite(torch.cat(checked)):
             raise FloatingPointError(f"Non-finite marginal likelihood or gradient at step {step}.")
         remember(loss)
+        if not first:
+            first.append(loss.detach())
         return loss
 
     # dense network kernels are solved exactly at every size; other models (structured kernels, SKI)
@@ -427,14 +430,21 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     try:
         with exact_solves(model) if exact else contextlib.nullcontext():
             for step in range(steps):
-                loss = optimizer.step(closure)
+                first.clear()
+                # Optimizer.step returns an optional float: torch's own return the closure's loss tensor at
+                # the start of the step, others a number or None (loss.detach() was an AttributeError)
+                returned = optimizer.step(closure)
+                if returned is None and not first:
+                    raise ValueError("The optimizer's step neither evaluated the loss closure nor returned a loss: "
+                                     "fit needs an optimizer whose step(closure) calls the closure.")
+                loss = first[0] if returned is None else returned
                 with torch.no_grad():
                     for p, constraint in bounded:
                         p.clamp_(constraint.lower_bound.to(p), constraint.upper_bound.to(p))
                 # the last step's update is checked too (it was read only by the next closure)
                 if not all_finite(torch.cat([p.detach().reshape(-1) for p in params])):
                     raise FloatingPointError(f"Non-finite parameters after step {step}.")
-                history.append(float(loss.detach()))
+                history.append(float(loss.detach() if isinstance(loss, Tensor) else loss))
                 if callback is not None:
                     callback(step, history[-1])
             if steps:

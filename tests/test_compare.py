@@ -1094,6 +1094,16 @@ def test_bad_spec_options_get_one_line(tmp_path, capsys, spec, extra, message):
     assert re.search(message, err) and err.startswith("ntkgp compare: error:") and err.count("\n") == 1, err
 
 
+def test_a_spec_file_without_the_py_suffix_gets_one_line(tmp_path, capsys):
+    """A path without ``.py`` (``dir/nets:resnet``) has no loader: ``spec_from_file_location`` returned
+    None and ``module_from_spec`` raised "'NoneType' object has no attribute 'loader'", a traceback."""
+    (tmp_path / "nets").write_text(_SPEC_FILE)
+    assert main(["compare", "--spec", f"{tmp_path / 'nets'}:resnet", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"--spec: .*nets' is not a Python file \(it needs the \.py suffix\)", err), err
+    assert err.startswith("ntkgp compare: error:") and err.count("\n") == 1, err
+
+
 def test_a_spec_module_in_the_current_folder_and_the_spec_s_own_errors(tmp_path, capsys, monkeypatch):
     """``MODULE:FUNCTION`` found the current folder's module under ``python -m ntkgp`` only (``-m``
     puts the folder on sys.path, the ``ntkgp`` script does not); and an error of the spec's own

@@ -91,6 +91,23 @@ def test_hyperparameters_can_be_frozen_and_get_priors():
     assert net[2].raw_bias_var.grad is None and net[0].raw_weight_var.grad is not None
 
 
+def test_a_slice_of_a_serial_network_is_the_network_of_those_layers():
+    """``Serial.__getitem__`` is annotated ``-> Layer``, but a slice returned the ``ModuleList``'s own
+    slice: ``net[:2].kernel(x)`` was "'ModuleList' object has no attribute 'kernel'". As torch's
+    ``Sequential``, a slice is a ``Serial`` of the same layer objects (their hyperparameters shared)."""
+    net = ntkgp.serial(ntkgp.Dense(8, 1.5, 0.1), ntkgp.Erf(), ntkgp.Dense(1, 1.5, 0.1))
+    x = torch.linspace(-1, 1, 8).reshape(4, 2)
+    head = net[:2]
+    assert isinstance(head, ntkgp.Serial) and len(head) == 2 and head[0] is net[0] and head[1] is net[1]
+    expected = ntkgp.serial(net[0], net[1]).kernel(x)
+    got = head.kernel(x)
+    torch.testing.assert_close(got.nngp, expected.nngp, rtol=0, atol=0)
+    torch.testing.assert_close(got.ntk, expected.ntk, rtol=0, atol=0)
+    assert isinstance(net[-1], ntkgp.Dense) and isinstance(net[1:], ntkgp.Serial)
+    with pytest.raises(ValueError, match="at least one layer"):
+        net[3:]
+
+
 def test_replacing_a_variance_constraint_is_refused_before_it_breaks_the_kernel():
     """GPyTorch lets a user swap ``raw_lengthscale``'s constraint; a variance's ExactVariance
     (``anchor · exp(raw)``) cannot be swapped: an Interval was accepted and every kernel call then

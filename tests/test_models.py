@@ -317,6 +317,40 @@ def test_fit_accepts_optimizers_that_need_a_closure():
     assert max(float(p.grad.abs().max()) for p in model.parameters()) < 1e-4
 
 
+def test_fit_takes_the_optional_number_optimizer_step_returns():
+    """``Optimizer.step(closure)`` returns an optional number: torch's own optimizers return the closure's
+    loss tensor, others a Python float or None, where fit's ``loss.detach()`` raised an AttributeError
+    ("'float' object has no attribute 'detach'", "'NoneType' ..."). The history is the same (the loss at
+    the start of each step); a step that neither evaluates the closure nor returns a loss is refused."""
+
+    class FloatSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            loss = super().step(closure)
+            return None if loss is None else loss.item()
+
+    class NoneSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            with torch.enable_grad():
+                closure()
+            super().step()
+
+    class Lazy(torch.optim.SGD):
+        def step(self, closure=None):
+            return None
+
+    x, y = _data()
+    histories = []
+    for optimizer_class in (torch.optim.SGD, FloatSGD, NoneSGD):
+        model = NetworkGP(x, y, ntkgp.mlp(1, "erf", 1.5, 0.1))
+        histories.append(fit(model, steps=3, optimizer=optimizer_class(model.parameters(), lr=0.01)))
+    assert histories[0][-1] < histories[0][0]
+    assert histories[1] == histories[0] and histories[2] == histories[0]
+    model = NetworkGP(x, y, ntkgp.mlp(1, "erf", 1.5, 0.1))
+    with pytest.raises(ValueError, match="neither evaluated the loss closure nor returned a loss"):
+        fit(model, steps=2, optimizer=Lazy(model.parameters(), lr=0.01))
+    assert not model.training
+
+
 def test_network_gp_follows_the_dtype_of_its_data():
     """float64 data with float32 modules trained, but predicting (N, k) targets failed inside
     linear_operator ("expected scalar type Float but found Double")."""

@@ -142,6 +142,7 @@ def _documented_values():
         (select_time, "time_index", torch.tensor(2)),
         (loglog_slope, "values", np.ones(3)),
         (CompareConfig, "device", torch.device("cpu")),
+        (CompareConfig, "activation", ntkgp.Erf(a=2.0)),   # "as ntkgp.mlp takes them": a name or a layer
         (CompareConfig, "widths", [32, 64]),
         (train_ensemble, "record_steps", np.arange(3)),
         (gradient_descent_mse, "diag_reg", torch.tensor(0.1, requires_grad=True)),

@@ -101,7 +101,7 @@ class CompareConfig:
     widths: Sequence[int] = (32, 128, 512)   # stored as a sorted tuple
     ensemble_size: int = 64
     depth: int = 2
-    activation: str = "erf"
+    activation: str | Layer = "erf"   # a name or a layer, as ntkgp.mlp takes it
     weight_var: float = 2.25
     bias_var: float | None = 0.0025
     parameterization: str = "ntk"
@@ -681,7 +681,7 @@ def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.
     err = mean - mu
     within, var_within, rel = pointwise_scores(mean, ens_var, h.test_outputs.shape[1], mu, var, tolerance,
                                                prior_scale)
-    chances = ([], [])
+    chances: tuple[list[float], ...] = ([], [])
     if perfect is not None:   # ties count: a perfect ensemble scoring 1.00 is as good as this one's 1.00
         chances = tuple(simulated_share(p[:recorded], p[:recorded] <= score.unsqueeze(-1) + 1e-12).tolist()
                         for p, score in zip(perfect, (within, var_within), strict=True))

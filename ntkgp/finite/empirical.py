@@ -218,7 +218,7 @@ def _input_width(model: nn.Module) -> int | None:
     (activations and LayerNorm keep their width), unless a concatenation outside that layer widens
     the features before it (``serial(parallel(Identity(), ReLU(), join="concat"), Dense(...))``);
     then ``None``, and the Dense layer's own check names the width it met."""
-    concatenations = []
+    concatenations: list[ParallelModule] = []
     for module in model.modules():   # containers before what they contain, in the order the input flows
         if isinstance(module, DenseModule):
             if any(all(inner is not module for inner in c.modules()) for c in concatenations):
@@ -266,7 +266,7 @@ def _checked_inputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None) -
     return check_inputs(x1, x2)
 
 
-def _check_plain_inputs(x1: Tensor, x2: Tensor | None, model: nn.Module | ParamFn | None = None) -> None:
+def _check_plain_inputs(x1: Tensor | None, x2: Tensor | None, model: nn.Module | ParamFn | None = None) -> None:
     """Inputs ``(n, d)``: only networks built by ntkgp take batches ``(*batch, n, d)``, and their
     NTK only on the layer-by-layer route (``model``: one on the Jacobian route, named in the error)."""
     for name, x in (("x1", x1), ("x2", x2)):   # a batch axis of x2 was read as its points (an einsum error)
@@ -449,8 +449,8 @@ def _layerwise_applies(model: nn.Module, x: Tensor, scales: dict) -> bool:
     return all(c == 1 for c in calls.values())
 
 
-def _signals(model: nn.Module, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor | None]]:
-    """For every Dense call: (its multiplied input ``u``, ``δ_i = ∂f_i/∂z`` stacked over outputs
+def _signals(model: nn.Module, x: Tensor) -> list[tuple[DenseModule, Tensor, Tensor, Tensor | None]]:
+    """For every Dense call: (the layer, its multiplied input ``u``, ``δ_i = ∂f_i/∂z`` stacked over outputs
     ``i`` in front, the squared bias scale or ``None``).
 
     The ``n`` points are replicated once per output unit ``i`` along the point axis and the

@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -319,7 +320,7 @@ class FusedSteps:
         self.pool: ThreadPoolExecutor | None = None
 
     @staticmethod
-    def _pointers(tensors: list[Tensor | None]) -> ctypes.Array:
+    def _pointers(tensors: Sequence[Tensor | None]) -> ctypes.Array:
         return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
 
     def _run(self, index: int, steps: int, check_first: bool) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 from torch import Tensor, nn
 
@@ -20,6 +22,8 @@ class Serial(Layer):
 
     The same layer object may appear several times (see :func:`repeat`): its hyperparameters
     are then shared, while the finite twin draws independent weights for every occurrence.
+    ``net[i]`` is a layer and ``net[i:j]`` the network of those layers (the same objects, as
+    torch's ``Sequential`` slices), e.g. the kernel of a network's hidden features.
     """
 
     def __init__(self, *layers: Layer) -> None:
@@ -61,7 +65,17 @@ class Serial(Layer):
     def __len__(self) -> int:
         return len(self.layers)
 
-    def __getitem__(self, index: int) -> Layer:
+    @overload
+    def __getitem__(self, index: int) -> Layer: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Serial: ...
+
+    def __getitem__(self, index: int | slice) -> Layer | Serial:
+        # a slice of the ModuleList is a ModuleList, not a Layer: net[:2].kernel(x) was an AttributeError;
+        # as torch's Sequential, a slice is the network of those layers (sharing their hyperparameters)
+        if isinstance(index, slice):
+            return Serial(*self.layers[index])
         return self.layers[index]
 
 

@@ -253,7 +253,7 @@ def tensor_kind(value: object) -> str:
     return str(value.dtype) if isinstance(value, Tensor) else type(value).__name__
 
 
-def check_non_negative(name: str, value: float) -> float:
+def check_non_negative(name: str, value: float | Tensor) -> float:
     """``value`` as a finite float ``>= 0``."""
     kind = "a finite non-negative number"
     number = finite_number(value, name, kind)

@@ -39,7 +39,7 @@ from ntkgp.layers.validation import all_finite, boolean_or_complex, finite_numbe
 from ntkgp.predict.gaussian import tensor_kind
 
 
-def regularize(k: Tensor, diag_reg: float, absolute: bool = False) -> Tensor:
+def regularize(k: Tensor, diag_reg: float | Tensor, absolute: bool = False) -> Tensor:
     """``k + diag_reg · s · I`` with ``s = trace(k)/N`` (neural-tangents' default) or ``s = 1``."""
     if diag_reg == 0 and not (isinstance(diag_reg, Tensor) and diag_reg.requires_grad):
         return k   # (a zero that requires grad still gets its one-sided gradient)
