@@ -519,6 +519,7 @@ class GELU(Activation):
         small = 2 * k12.abs() <= torch.sqrt(k11) * torch.sqrt(k22)
         return torch.where(small, near, nngp - self.mean(k11) * self.mean(k22))
 
+
 def _root_one_plus_twice(k: Tensor) -> Tensor:
     """``sqrt(1 + 2k)`` as ``sqrt(2) sqrt(k + 1/2)``: ``1 + 2k`` overflows float32 from ``k ~ 1.7e38``."""
     return torch.sqrt(k + 0.5) * math.sqrt(2)
