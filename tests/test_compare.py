@@ -367,6 +367,19 @@ def test_datasets_need_one_target_column(tmp_path):
             bad()
 
 
+def test_sin_dataset_takes_the_noise_as_numpy_and_tensor_numbers():
+    """As ``circle_dataset``'s sizes (and every other number of the package): ``sin_dataset(noise=np.float32(0.25))``
+    was refused as "noise must be a finite non-negative number, got np.float32(0.25)"."""
+    expected = sin_dataset(noise=0.25)
+    for noise in (np.float32(0.25), np.float64(0.25), torch.tensor(0.25), np.array(0.25)):
+        got = sin_dataset(noise=noise)
+        torch.testing.assert_close(got.y_train, expected.y_train, rtol=0, atol=0)
+        assert got.description == expected.description
+    for bad in (True, "0.25", np.array([0.25, 0.5]), np.float32(-0.25)):
+        with pytest.raises(ValueError, match="noise must be a finite non-negative number"):
+            sin_dataset(noise=bad)
+
+
 def test_csv_written_by_excel_with_a_byte_order_mark(tmp_path):
     # Excel's "CSV UTF-8" (and Windows Notepad) start the file with U+FEFF and end lines with CRLF; the
     # mark was read into the first number ("could not convert '\ufeff-1'") or hid the "#" of a header

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import pickle
@@ -106,6 +107,55 @@ def test_a_slice_of_a_serial_network_is_the_network_of_those_layers():
     assert isinstance(net[-1], ntkgp.Dense) and isinstance(net[1:], ntkgp.Serial)
     with pytest.raises(ValueError, match="at least one layer"):
         net[3:]
+
+
+def test_parallel_branches_are_a_sequence_and_empty_slices_say_what_was_indexed():
+    """``Parallel`` had no ``len``, iteration or indexing ("'Parallel' object is not subscriptable") while
+    ``Serial`` has them; and an empty slice of a network was refused as "serial() needs at least one
+    layer.", naming a call the user never wrote."""
+    f = ntkgp.serial(ntkgp.Erf(), ntkgp.Dense(8, 1.5, 0.1))
+    block = ntkgp.residual(*f)
+    assert len(block) == 2 and list(block) == list(block.branches) and block[-1] is block.branches[1]
+    assert isinstance(block[0], ntkgp.Identity) and list(block[1]) == list(f)
+    concat = ntkgp.parallel(ntkgp.Dense(4), ntkgp.Dense(6), ntkgp.Dense(2), join="concat")
+    tail = concat[1:]
+    assert isinstance(tail, ntkgp.Parallel) and tail.join == "concat" and list(tail) == list(concat.branches)[1:]
+    x = torch.linspace(-1, 1, 8).reshape(4, 2)
+    expected = ntkgp.parallel(concat[1], concat[2], join="concat").kernel(x)
+    torch.testing.assert_close(tail.kernel(x).ntk, expected.ntk, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\[3:\] selects none of the 3 branches"):
+        concat[3:]
+    with pytest.raises(ValueError, match=r"\[2:0\] selects none of the 2 layers"):
+        f[2:0]
+
+
+@pytest.mark.parametrize("route", ["blocked", "checkpointed"])
+def test_the_features_mean_is_the_same_on_every_route_of_the_kernel(route, monkeypatch):
+    """``KernelState.mean`` is ``None`` only for centred features. The row-block routes (``torch.no_grad()``,
+    and large kernels with autograd) dropped it, and ``identical`` with it: ``serial(Dense, ReLU).kernel(x)``
+    had ``mean=None``, as if its ReLU features were centred, where the whole-matrix route gave their mean."""
+    from ntkgp.layers import base
+
+    x, y = torch.randn(7, 3), torch.randn(5, 3)
+    nets = [ntkgp.serial(ntkgp.Dense(8, 1.5, 0.1), ntkgp.ReLU()),
+            ntkgp.serial(ntkgp.Dense(8), ntkgp.parallel(ntkgp.ReLU(), ntkgp.Erf(), join="concat"))]
+    calls = [(net, args) for net in nets for args in ((x,), (x, y))]
+    expected = [net.kernel(*args) for net, args in calls]   # with autograd, small: the whole matrix at once
+    monkeypatch.setattr(base, "BLOCK_ENTRIES", 10)                 # blocks of two rows
+    monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", 1)
+    monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 10)
+    for (net, args), want in zip(calls, expected, strict=True):
+        with torch.no_grad() if route == "blocked" else contextlib.nullcontext():
+            got = net.kernel(*args)
+        assert got.mean is not None and got.identical == want.identical
+        (m1, m2, uniform), (w1, w2, want_uniform) = got.mean(), want.mean()
+        torch.testing.assert_close(m1, w1, rtol=0, atol=1e-15)
+        torch.testing.assert_close(m2, w2, rtol=0, atol=1e-15)
+        assert uniform == want_uniform
+        for a, b in zip(got.centred(), want.centred(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+    with torch.no_grad():   # centred features after a Dense layer: no mean on either route
+        assert ntkgp.mlp(depth=1).kernel(x).mean is None
 
 
 def test_replacing_a_variance_constraint_is_refused_before_it_breaks_the_kernel():

@@ -149,3 +149,21 @@ def test_what_cannot_be_linearized_is_refused():
         finite.linearize(torch.nn.ReLU())
     with pytest.raises(ValueError, match=r"torch\.nn\.Module"):
         finite.linearize(lambda x: x)
+
+
+@pytest.mark.parametrize("ensemble_size", [None, 3])
+def test_the_empirical_kernels_of_a_linearized_network_are_the_network_s_at_initialization(ensemble_size):
+    """``Linearized`` is an ntkgp module, and ``empirical_ntk`` took its layer-by-layer route, meant for
+    the networks ``build`` makes: it failed inside autograd ("One of the differentiated Tensors does not
+    require grad"). At ``θ = θ₀`` its Jacobian is the network's (the frozen ``θ₀`` terms cancel)."""
+    model = _model(ensemble_size)
+    linearized = finite.linearize(model)
+    x, y = _points(5, 1), _points(4, 2)
+    for args in ((x,), (x, y)):
+        torch.testing.assert_close(finite.empirical_ntk(linearized, *args), finite.empirical_ntk(model, *args),
+                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(finite.empirical_nngp(linearized, *args), finite.empirical_nngp(model, *args),
+                                   rtol=0, atol=0)
+    trained = {name: p for name, p in linearized.named_parameters() if name.startswith("network.")}
+    torch.testing.assert_close(finite.empirical_ntk(linearized, x, params=trained), finite.empirical_ntk(model, x),
+                               rtol=1e-12, atol=1e-12)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._checks import integer_at_least, seed_value
-from ntkgp.layers.validation import all_finite
+from ntkgp.layers.validation import all_finite, finite_number
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,12 @@ def plot_coordinate(x: Tensor) -> Tensor:
 
 def sin_dataset(seed: int = 0, noise: float = 0.1) -> Dataset:
     """5 noisy samples of ``sin`` on ``[−π, π]``, 50 test points: neural-tangents' classic demo."""
-    if not (isinstance(noise, int | float) and not isinstance(noise, bool) and 0 <= noise < math.inf):
-        raise ValueError(f"noise must be a finite non-negative number, got {noise!r}.")
+    # numpy and 0-d tensor numbers too, as the rest of the package takes them: np.float32(0.1) was
+    # refused as "noise must be a finite non-negative number, got np.float32(0.1)"
+    kind = "a finite non-negative number"
+    noise = finite_number(noise, "noise", kind)
+    if noise < 0:
+        raise ValueError(f"noise must be {kind}, got {noise!r}.")
     # torch's manual_seed raised "Overflow when unpacking long long" for 2**64 and a RuntimeError for 1.5
     g = torch.Generator().manual_seed(seed_value(seed))
     x_train = torch.linspace(-math.pi, math.pi, 5, dtype=torch.float64, device="cpu").unsqueeze(-1)
@@ -99,7 +103,7 @@ def sin_dataset(seed: int = 0, noise: float = 0.1) -> Dataset:
                                                          device="cpu")
     x_test = torch.linspace(-math.pi, math.pi, 50, dtype=torch.float64, device="cpu").unsqueeze(-1)
     return Dataset("sin", x_train, y_train, x_test, torch.sin(x_test),
-                   f"5 noisy samples (noise {noise}) of sin on [-pi, pi], 50 test points")
+                   f"5 noisy samples (noise {noise:.12g}) of sin on [-pi, pi], 50 test points")
 
 
 def circle_dataset(n_train: int = 8, n_test: int = 100) -> Dataset:

@@ -44,15 +44,19 @@ from torch.func import functional_call, jacrev, vmap
 from ntkgp._autograd import differentiates
 from ntkgp._checks import check_flag, integer_at_least
 from ntkgp._typing import Function
+from ntkgp.layers.activations import ActivationModule
 from ntkgp.layers.base import Layer, _autocast_off
 from ntkgp.layers.combinators import ParallelModule
 from ntkgp.layers.dense import DenseModule
+from ntkgp.layers.norm import LayerNormModule
 from ntkgp.layers.validation import boolean_or_complex, broadcast_shapes, check_inputs, has_non_finite
 
 ParamFn = Callable[[dict[str, Tensor], Tensor], Tensor]
 
 #: The torch modules that ``Layer.build`` uses besides ntkgp's own (none of them mixes points).
 _BUILT_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.Identity)
+#: ntkgp's own modules that ``Layer.build`` makes, the finite twins of its layers.
+_TWINS = (DenseModule, ActivationModule, ParallelModule, LayerNormModule)
 
 
 def _without_autocast(fn: Function) -> Function:
@@ -415,7 +419,10 @@ def _layerwise_applies(model: nn.Module, x: Tensor, scales: dict) -> bool:
     layer mixes points and all parameters live in ``Dense`` layers), each ``Dense`` called once,
     and scales it can apply (numbers, or one per input feature of a weight)."""
     modules = list(model.modules())
-    if not _built_by_ntkgp(model):
+    # the twins alone: ntkgp.finite.Linearized is an ntkgp module too, but it calls its copies through
+    # torch.func, and on this route empirical_ntk(linearize(model), x) failed inside autograd ("One of
+    # the differentiated Tensors does not require grad")
+    if not all(type(m) in _BUILT_CONTAINERS or isinstance(m, _TWINS) for m in modules):
         return False
     owned = [(id(p), (prefix, name, m)) for prefix, m in model.named_modules() if isinstance(m, DenseModule)
              for name, p in m.named_parameters(recurse=False)]

@@ -407,12 +407,50 @@ def _finalize(state: KernelState) -> KernelState:
 
 def _block(layer: Layer, x1: Tensor, x2: Tensor, norms: tuple[Tensor, Tensor], want_ntk: bool,
            symmetric: bool, duplicates: Duplicates | BatchedDuplicates | None = None
-           ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, int, bool]:
-    """Kernels of one block of rows (``x1``) against columns ``x2``."""
+           ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, tuple[int, bool, bool, bool]]:
+    """Kernels of one block of rows (``x1``) against columns ``x2``, and the state's other fields
+    (:func:`_joined_state`): its width, ``is_gaussian``, whether it has a ``mean``, ``identical``."""
     state = _finalize(layer.kernel_map(KernelState.from_inputs(
         x1, x2, False, want_ntk=want_ntk, row_offset=0, symmetric=symmetric, sq_norms=norms,
         duplicates=duplicates)))
-    return state.nngp, state.ntk, state.cov1, state.cov2, state.width, state.is_gaussian
+    return (state.nngp, state.ntk, state.cov1, state.cov2,
+            (state.width, state.is_gaussian, state.mean is not None, state.identical))
+
+
+def _joined_state(layer: Layer, x1: Tensor, x2: Tensor | None, nngp: Tensor, ntk: Tensor | None, cov1: Tensor,
+                  cov2: Tensor, fields: tuple[int, bool, bool, bool]) -> KernelState:
+    """The state of kernels joined from row blocks, with the fields of the blocks' states.
+
+    The blocks' ``mean`` and ``centred`` cover their own rows only, and are not kept (their closures
+    would hold every block's tensors): the joined state's recompute them, from the whole kernel in
+    one piece, when first asked for. The row-block routes (``torch.no_grad()``, frozen variances,
+    large kernels with autograd) returned ``mean=None`` and ``identical=True`` whatever the network:
+    ``serial(Dense(8), ReLU()).kernel(x)`` said its features were centred, which it says with
+    autograd only after a ``Dense`` layer, and a concatenation's features identically distributed.
+    """
+    width, is_gaussian, has_mean, identical = fields
+    state = KernelState(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, width=width, symmetric=x2 is None,
+                        is_gaussian=is_gaussian, identical=identical)
+    if not has_mean:
+        return state
+    grad = torch.is_grad_enabled()   # the route's mode: the blocked one's no_grad, the checkpointed one's graph
+    whole: list[KernelState] = []
+
+    def recomputed() -> KernelState:
+        if not whole:
+            with torch.set_grad_enabled(grad), _autocast_off(x1.device):
+                whole.append(_finalize(layer.kernel_map(KernelState.from_inputs(x1, x2, want_ntk=False))))
+        return whole[0]
+
+    def mean() -> tuple[Tensor, Tensor, bool] | None:
+        found = recomputed().mean
+        return None if found is None else found()
+
+    def centred() -> tuple[Tensor, Tensor, Tensor] | None:
+        found = recomputed().centred
+        return None if found is None else found()
+
+    return state.replace(mean=mean, centred=centred)
 
 
 _COMPILED_BLOCK = None
@@ -463,7 +501,7 @@ def _blocked_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
     rows = _rows_per_block(n1, n2, batch, BLOCK_ENTRIES)
     nngp = ntk = cov1 = cov2 = None
     for start, rows1, cols2, norms, duplicates in _row_blocks(x1, x2, rows, ids):
-        block_nngp, block_ntk, block_cov1, block_cov2, width, is_gaussian = _run_block(
+        block_nngp, block_ntk, block_cov1, block_cov2, fields = _run_block(
             layer, rows1, cols2, norms, want_ntk, symmetric, compile, duplicates)
         if symmetric:
             block_nngp, block_ntk = _symmetric_square(block_nngp), _symmetric_square(block_ntk)
@@ -485,8 +523,7 @@ def _blocked_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
                 _place_upper_block(out, block, start)
             else:
                 out[..., start:stop, :] = block
-    return KernelState(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, width=width,
-                       symmetric=symmetric, is_gaussian=is_gaussian)
+    return _joined_state(layer, x1, x2, nngp, ntk, cov1, cov2, fields)
 
 
 def _rows_per_block(n1: int, n2: int, batch: int, entries: int) -> int:
@@ -583,10 +620,10 @@ def _checked_block(snapshot: _Snapshot, symmetric: bool, layer: Layer, x1: Tenso
                    duplicates: Duplicates | BatchedDuplicates | None) -> tuple:
     """One checkpointed block, computed, and recomputed, with the hyperparameters of the forward pass."""
     with snapshot.installed():
-        nngp, ntk, cov1, cov2, width, is_gaussian = _block(layer, x1, x2, norms, want_ntk, symmetric, duplicates)
+        nngp, ntk, cov1, cov2, fields = _block(layer, x1, x2, norms, want_ntk, symmetric, duplicates)
     if symmetric:
         nngp, ntk = _symmetric_square(nngp), _symmetric_square(ntk)
-    return nngp, ntk, cov1, cov2, width, is_gaussian
+    return nngp, ntk, cov1, cov2, fields
 
 
 def _checkpointed_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
@@ -613,13 +650,12 @@ def _checkpointed_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: 
         parts = [b[index] for b in blocks]
         return _SymmetricFromRowBlocks.apply(starts, n1, *parts) if symmetric else torch.cat(parts, -2)
 
-    _, _, _, cov2, width, is_gaussian = blocks[-1]
+    _, _, _, cov2, fields = blocks[-1]
     # a block with a duplicate broadcasts its cov1 to x2's batch axes, one without keeps x1's
     shape = broadcast_shapes(*(b[2].shape[:-1] for b in blocks))
     cov1 = torch.cat([b[2].expand(*shape, b[2].shape[-1]) for b in blocks], -1)
-    return KernelState(nngp=joined(0), ntk=joined(1) if want_ntk else None, cov1=cov1,
-                       cov2=cov1 if symmetric else cov2, width=width, symmetric=symmetric,
-                       is_gaussian=is_gaussian)
+    return _joined_state(layer, x1, x2, joined(0), joined(1) if want_ntk else None, cov1,
+                         cov1 if symmetric else cov2, fields)
 
 
 class _SymmetricFromRowBlocks(torch.autograd.Function):

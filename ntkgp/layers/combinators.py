@@ -75,7 +75,7 @@ class Serial(Layer):
         # a slice of the ModuleList is a ModuleList, not a Layer: net[:2].kernel(x) was an AttributeError;
         # as torch's Sequential, a slice is the network of those layers (sharing their hyperparameters)
         if isinstance(index, slice):
-            return Serial(*self.layers[index])
+            return Serial(*_selected(self.layers, index, "layers"))
         return self.layers[index]
 
 
@@ -123,7 +123,9 @@ class Parallel(Layer):
       (the average of products is the product of averages only against identical features).
 
     A layer instance used in several branches (or places) shares its hyperparameters; the finite
-    twin draws independent weights for each use, as :func:`repeat` does.
+    twin draws independent weights for each use, as :func:`repeat` does. ``net[i]`` is a branch
+    (``residual(f)[1]`` is ``serial(f)``), ``len(net)`` their number and ``net[i:j]`` the ``Parallel``
+    of those branches with the same join.
 
     The three joins are those of Novak et al. 2020 (*Neural Tangents: Fast and Easy Infinite
     Neural Networks in Python*, ICLR, arXiv:1912.02803); the residual sum's
@@ -205,6 +207,22 @@ class Parallel(Layer):
         for branch in self.branches:
             branch.check_input_dim(d)
 
+    def __len__(self) -> int:
+        return len(self.branches)
+
+    @overload
+    def __getitem__(self, index: int) -> Layer: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Parallel: ...
+
+    def __getitem__(self, index: int | slice) -> Layer | Parallel:
+        # as Serial's layers: len(), iteration and net[i] were a TypeError ("'Parallel' object is not
+        # subscriptable"), so residual(f)[1], the branch f, could only be reached through .branches
+        if isinstance(index, slice):
+            return Parallel(*_selected(self.branches, index, "branches"), join=self.join)
+        return self.branches[index]
+
     def check_structure(self) -> None:
         for branch in self.branches:
             branch.check_structure()
@@ -213,6 +231,17 @@ class Parallel(Layer):
                              "layer of their own. Branches without one, such as Identity, LayerNorm or an "
                              f"activation, are functions of the same input feature, and the kernel of their "
                              f"{self.join} is not that of independent branches.")
+
+
+def _selected(modules: nn.ModuleList, index: slice, nouns: str) -> list[Layer]:
+    """The layers (or branches) ``index`` selects, at least one: an empty slice, as ``net[3:]`` of a
+    three-layer network, was refused with "serial() needs at least one layer.", a call never written."""
+    chosen = list(modules[index])
+    if not chosen:
+        text = ":".join("" if v is None else str(v) for v in (index.start, index.stop))
+        text += "" if index.step is None else f":{index.step}"
+        raise ValueError(f"[{text}] selects none of the {len(modules)} {nouns}: a network needs at least one layer.")
+    return chosen
 
 
 def _unknown() -> None:
