@@ -107,3 +107,64 @@ def test_layernorm_after_a_concatenation_of_unequal_widths():
     # polar quadrature is exact up to rounding for ReLU (positively homogeneous), 80-node
     # Gauss–Hermite for the entire erf integrand converged to ~1e-14 (measured agreement 6e-14)
     torch.testing.assert_close(got, torch.from_numpy(want), rtol=1e-10, atol=1e-10)
+
+
+# ``kernel_map`` takes the centred kernel of the ReLU family, GELU and Erf from the pieces their pair
+# kernel computed (``Activation._pair_kernels``) instead of calling ``centred_pair_kernel``, which
+# repeats that work: both must give the same bits, and a user's own ``pair_kernel`` or
+# ``centred_pair_kernel`` (on a subclass or an instance) must still be the one used.
+SHARED = {"relu": ntkgp.ReLU, "abs": ntkgp.Abs, "abrelu": lambda: ntkgp.ABReLU(-0.4, 1.3),
+          "abrelu_linear": lambda: ntkgp.ABReLU(0.5, 0.5), "gelu": ntkgp.GELU, "erf": lambda: ntkgp.Erf(1.3, 0.7, 0.4)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("name", sorted(SHARED))
+def test_centred_kernel_from_the_pair_kernels_pieces_is_centred_pair_kernels(name, grad, dtype):
+    layer = SHARED[name]()
+    # near-parallel, near-opposite (GELU's near form, the ReLU family's supplement), nearly independent
+    # pairs and zero, tiny and huge variances (gaussian_angle's rescaling)
+    grid = [(a, b, r) for a in (0.0, 1e-30, 0.7, 1e30) for b in (1e-30, 2.0, 1e30)
+            for r in (1 - 1e-8, -(1 - 1e-8), 1e-9, -0.3, 0.6, -1.0)]
+    k11, k22, rho = (torch.tensor(column, dtype=torch.float64) for column in zip(*grid, strict=True))
+    k12 = (rho * k11.sqrt() * k22.sqrt()).to(dtype)
+    k11, k22 = k11.to(dtype).requires_grad_(grad), k22.to(dtype).requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        nngp, dot, centred = layer._pair_kernels(k11, k12, k22, True)
+        got = centred()
+        want = layer.centred_pair_kernel(k11, k12, k22, nngp)
+        pair = layer.pair_kernel(k11, k12, k22, True)
+        assert torch.equal(nngp, pair[0]) and torch.equal(dot, pair[1]) and torch.equal(got, want)
+        assert torch.equal(centred(), want)   # the pieces are left as they were: a second call agrees
+    if grad:   # summed in another order; NaN alike (ABReLU(−0.4, 1.3)'s at k = 1e30, ρ = −0.3 in float32: T's own)
+        for a, b in zip(torch.autograd.grad(got.sum(), (k11, k22), retain_graph=True),
+                        torch.autograd.grad(want.sum(), (k11, k22)), strict=True):
+            torch.testing.assert_close(a, b, rtol=8 * torch.finfo(dtype).eps, atol=0, equal_nan=True)
+
+
+def test_a_layers_own_centred_or_pair_kernel_is_used_after_it():
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    class Shifted(ntkgp.ReLU):   # a centred kernel of its own: the pieces of ReLU's would bypass it
+        def centred_pair_kernel(self, k11, k12, k22, nngp):
+            return super().centred_pair_kernel(k11, k12, k22, nngp) + 0.01
+
+    class Scaled(ntkgp.GELU):
+        def pair_kernel(self, k11, k12, k22, want_dot):
+            nngp, dot = super().pair_kernel(k11, k12, k22, want_dot)
+            return 2 * nngp, dot
+
+    def centred(layer):
+        state = ntkgp.serial(ntkgp.Dense(1, 1.5, 0.1), layer).kernel_map(ntkgp.layers.state.KernelState.from_inputs(x))
+        return state.centred()
+
+    torch.testing.assert_close(centred(Shifted())[0], centred(ntkgp.ReLU())[0] + 0.01, rtol=0, atol=0)
+    state = ntkgp.Dense(1, 1.5, 0.1).kernel_map(ntkgp.layers.state.KernelState.from_inputs(x))
+    k11, k12, k22 = state.k11, state.nngp, state.k22
+    scaled = Scaled()   # GELU's centred kernel takes T where |ρ| > 1/2: the scaled one
+    want = ntkgp.GELU().centred_pair_kernel(k11, k12, k22, scaled.pair_kernel(k11, k12, k22, False)[0])
+    torch.testing.assert_close(centred(scaled)[0], want, rtol=0, atol=0)
+    relu = ntkgp.ReLU()   # set on the instance (benchmarks/layernorm.py's baseline)
+    relu.centred_pair_kernel = lambda k11, k12, k22, nngp: nngp - relu.mean(k11) * relu.mean(k22)
+    want = relu.pair_kernel(k11, k12, k22, False)[0] - relu.mean(k11) * relu.mean(k22)
+    torch.testing.assert_close(centred(relu)[0], want, rtol=0, atol=0)

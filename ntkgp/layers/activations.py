@@ -105,6 +105,21 @@ class Activation(Layer):
         """A picklable callable for the finite twin (defaults to ``self.fn``)."""
         return self.fn
 
+    def _pair_kernels(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool
+                      ) -> tuple[Tensor, Tensor | None, Callable[[], Tensor | None]]:
+        """:meth:`pair_kernel`'s ``T`` and ``Ṫ``, and a function of no arguments giving
+        :meth:`centred_pair_kernel` at the same arguments (:meth:`kernel_map` calls it only when a
+        ``LayerNorm`` follows). Layers whose centred form repeats the pair kernel's work (the ReLU
+        family's angle, GELU's determinant and arctangent) hand that function the pieces instead."""
+        nngp, dot = self.pair_kernel(k11, k12, k22, want_dot)
+        return nngp, dot, lambda: self.centred_pair_kernel(k11, k12, k22, nngp)
+
+    def _replaced(self, cls: type) -> bool:
+        """Whether :meth:`pair_kernel` or :meth:`centred_pair_kernel` is not ``cls``'s own (a subclass's,
+        or one set on the instance): ``cls``'s :meth:`_pair_kernels` then defers to them."""
+        return any(getattr(getattr(self, name), "__func__", None) is not getattr(cls, name)
+                   for name in ("pair_kernel", "centred_pair_kernel"))
+
     @property
     def _exact_dot_variance(self) -> bool:
         """Whether :meth:`dot_variance` is a closed form of its own (not :meth:`pair_kernel`'s)."""
@@ -120,10 +135,11 @@ class Activation(Layer):
             dot = self.dot_variance(state.cov1) if want_ntk else None
             nngp = cov1 = cov2 = cov
         else:
-            nngp, dot = self.pair_kernel(state.k11, state.nngp, state.k22, want_ntk)
+            nngp, dot, centred_pair = self._pair_kernels(state.k11, state.nngp, state.k22, want_ntk)
             cov1, cov2 = state.map_covs(self.variance)
             if want_ntk and state.symmetric and self._exact_dot_variance:
-                # a point with itself: Ṫ of its variance alone, whose gradient does not cancel
+                # a point with itself: Ṫ of its variance alone, whose gradient does not cancel (without
+                # autograd in place, also in a Ṫ that centred_pair keeps: within an ulp of the formula's)
                 dot = with_self_pairs(state, dot, self.dot_variance(state.cov1))
         ntk = state.ntk * dot if want_ntk else None
 
@@ -135,7 +151,7 @@ class Activation(Layer):
             if state.diag and state.symmetric:
                 c = centred_variance(state.cov1, cov1)
                 return None if c is None else (c, c, c)
-            c = self.centred_pair_kernel(state.k11, state.nngp, state.k22, nngp)
+            c = centred_pair()
             if c is None:
                 return None
             c1 = centred_variance(state.cov1, cov1)
@@ -193,9 +209,25 @@ class ABReLU(Activation):
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         s, dot = self._dot_kernel(k11, k12, k22)
+        return self._from_dot(s, dot, k12), (dot if want_dot else None)
+
+    def _from_dot(self, s: Tensor, dot: Tensor, k12: Tensor) -> Tensor:
+        """``T = (a − b)² s / (2π) + Ṫ · k12``."""
         factor = (self.a - self.b) ** 2 / (2 * math.pi)
-        nngp = torch.addcmul(s * factor, dot, k12) if factor else dot * k12
-        return nngp, (dot if want_dot else None)
+        return torch.addcmul(s * factor, dot, k12) if factor else dot * k12
+
+    def _pair_kernels(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool
+                      ) -> tuple[Tensor, Tensor | None, Callable[[], Tensor | None]]:
+        if self._replaced(ABReLU):
+            return super()._pair_kernels(k11, k12, k22, want_dot)
+        # the centred form from the same s and Ṫ, not the angle again: 6-15 ms per 1e6 pairs for 25-47
+        # (one thread, a loaded machine), bit for bit. The function keeps both alive as long as the
+        # layer's state: two row blocks without autograd (+7.5 MiB at the peak, N = 3000); with it the
+        # graph holds Ṫ anyway, and the peak fell (N = 1000 before a LayerNorm: 441 → 340 MiB, no second
+        # angle recorded; without one 246 both)
+        s, dot = self._dot_kernel(k11, k12, k22)
+        return (self._from_dot(s, dot, k12), (dot if want_dot else None),
+                lambda: self._centred(k11, k12, k22, s, dot))
 
     def _dot_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tensor]:
         """``s = sqrt(k11 k22 − k12²)`` and ``Ṫ``."""
@@ -236,7 +268,10 @@ class ABReLU(Activation):
         does (Abs: ``(2/π)(arcsin ρ − ρ/(1 + sqrt(1 − ρ²)))``, at most a half), with ``Ṫ`` itself a
         difference there (ABReLU(−0.4, 1.3) at ``ρ ≈ −1/3``: 4.4 inherent errors). 0 where a
         variance is 0 (``p + s = 0``)."""
-        s, dot = self._dot_kernel(k11, k12, k22)
+        return self._centred(k11, k12, k22, *self._dot_kernel(k11, k12, k22))
+
+    def _centred(self, k11: Tensor, k12: Tensor, k22: Tensor, s: Tensor, dot: Tensor) -> Tensor:
+        """:meth:`centred_pair_kernel` from :meth:`_dot_kernel`'s ``s`` and ``Ṫ``, which it leaves as they are."""
         if not (self.a - self.b):
             return dot * k12
         factor = (self.a - self.b) ** 2 / (2 * math.pi)
@@ -250,7 +285,7 @@ class ABReLU(Activation):
         # in place (1e6 pairs: 2 ms a pass); p = 0 (a zero variance: k12 = s = 0) read as 1 makes it 0/1
         p = torch.mul(torch.sqrt(k11), torch.sqrt(k22))
         p.masked_fill_(p == 0, 1)   # as the graph path: a clamp to the smallest normal number changed ρ for p below it
-        slope = torch.div(k12, p).div_(s.div_(p).add_(1))
+        slope = torch.div(k12, p).div_(torch.div(s, p).add_(1))
         return slope.mul_(-factor).add_(dot).mul_(k12)
 
     def variance(self, k: Tensor) -> Tensor:
@@ -344,6 +379,13 @@ class Erf(Activation):
     def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
         # T − c² without adding c² first (which lost every digit of T − c² for c² ≫ a²)
         return self._centred_kernels(k11, k12, k22, False)[0]
+
+    def _pair_kernels(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool
+                      ) -> tuple[Tensor, Tensor | None, Callable[[], Tensor | None]]:
+        if self._replaced(Erf):
+            return super()._pair_kernels(k11, k12, k22, want_dot)
+        centred, dot = self._centred_kernels(k11, k12, k22, want_dot)   # T − c², kept rather than recomputed
+        return centred + self.c**2, dot, lambda: centred
 
     def _centred_kernels(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         """``T − c²`` and ``Ṫ``."""
@@ -442,6 +484,22 @@ class GELU(Activation):
         return _gelu
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
+        nngp, dot, _, _ = self._kernels(k11, k12, k22, want_dot)
+        return nngp, dot
+
+    def _pair_kernels(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool
+                      ) -> tuple[Tensor, Tensor | None, Callable[[], Tensor | None]]:
+        if self._replaced(GELU):
+            return super()._pair_kernels(k11, k12, k22, want_dot)
+        # the centred form from the same δ and β, not the determinant and arctangent again: 20 ms per 1e6
+        # pairs for 39-70 (one thread, a loaded machine), bit for bit; with autograd the peak fell (N =
+        # 1000 before a LayerNorm: 644 → 545 MiB), without it no change (row blocks)
+        nngp, dot, delta, beta = self._kernels(k11, k12, k22, want_dot)
+        return nngp, dot, lambda: self._centred(k11, k12, k22, nngp, delta, beta)
+
+    def _kernels(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool
+                 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """``T``, ``Ṫ``, ``δ`` and ``β = π/2 + α`` (``atan z`` near opposite inputs, ``k12 < −δ``)."""
         # δ² = P − k12² = 1 + k11 + k22 + (k11 k22 − k12²), without the cancellation; formed of the
         # variances scaled by c where k11 k22 ~ k² could overflow
         c, _, _, _, det = shifted_det(k11, k12, k22)
@@ -477,7 +535,7 @@ class GELU(Activation):
             # (1 − k11 k22)/P + 1 = (2 + k11 + k22)/P: the left form cancels at large variances; 1/δ²
             # as (1/δ)², since δ² itself (and its derivative's δ⁴) overflows float32 at k ~ 1e19
             dot = (beta + k12 * (torch.reciprocal(delta).square() + spread) / delta) / (2 * math.pi)
-        return nngp, dot
+        return nngp, dot, delta, beta
 
     def variance(self, k: Tensor) -> Tensor:
         root = _root_one_plus_twice(k)
@@ -506,9 +564,15 @@ class GELU(Activation):
         inherent errors at ``ρ = 1e-9``). ``k12 β`` dominates there (``β > 1``, the other terms
         ``≤ |k12|/2``); beyond, the difference loses at most a factor of 2."""
         c, _, _, _, det = shifted_det(k11, k12, k22)
-        delta = torch.sqrt(det) / c                       # ≥ 1: the form is smooth for every ρ, so no mask
-        # k12 (β/2π), not (k12 β)/2π: k12 β overflowed float32 from k12 ~ 1.1e38
-        beta = (torch.atan(k12 / delta) + math.pi / 2) / (2 * math.pi)
+        delta = torch.sqrt(det) / c
+        return self._centred(k11, k12, k22, nngp, delta, math.pi / 2 + torch.atan(k12 / delta))
+
+    def _centred(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor, delta: Tensor, beta: Tensor) -> Tensor:
+        """:meth:`centred_pair_kernel` from ``δ`` and ``β`` (:meth:`_kernels`': ``π/2 + α`` wherever
+        ``|ρ| ≤ 1/2``, which is not near opposite inputs)."""
+        # δ ≥ 1: the form is smooth for every ρ, so no mask. k12 (β/2π), not (k12 β)/2π: k12 β overflowed
+        # float32 from k12 ~ 1.1e38
+        beta = beta / (2 * math.pi)
         # k12² r11 r22/(δ + √P) as (k12 r11 r22/2)(k12/((δ + √P)/2)): δ + √P overflowed float32, and as
         # k12 (k12 ratio) the gradient reaching the ratio, k12², overflowed from k12 ~ 2e19 (NaN gradients)
         half_sum = torch.sqrt(1 + k11) * torch.sqrt(1 + k22) / 2 + delta / 2
