@@ -343,6 +343,12 @@ def _add_compare(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``ntkgp`` parser with its ``compare`` and ``demo`` subcommands."""
     parser = argparse.ArgumentParser(prog="ntkgp", description="Infinite-width neural networks for PyTorch.")
+    # the versions a bug report needs: the kernels' numbers depend on torch's too
+    import gpytorch
+
+    from ntkgp import __version__
+    parser.add_argument("--version", action="version", help="print the versions of ntkgp, torch and gpytorch",
+                        version=f"ntkgp {__version__} (torch {torch.__version__}, gpytorch {gpytorch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compare(sub)
     p = sub.add_parser("demo", help="analytic NNGP/NTK of a small network vs a finite-width Monte-Carlo estimate")

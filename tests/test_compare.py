@@ -166,6 +166,20 @@ def test_cli_compare_writes_a_report(tmp_path, capsys):
     assert (tmp_path / "r" / "report.md").exists()
 
 
+def test_cli_version_names_ntkgp_torch_and_gpytorch(capsys):
+    """``ntkgp --version`` was "unrecognized arguments"; the version is the installed distribution's."""
+    import importlib.metadata
+
+    import gpytorch
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == (f"ntkgp {importlib.metadata.version('ntkgp')} "
+                                               f"(torch {torch.__version__}, gpytorch {gpytorch.__version__})")
+    assert ntkgp.__version__ == importlib.metadata.version("ntkgp")
+
+
 def test_cli_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--help"])

@@ -929,6 +929,35 @@ def test_a_huge_input_costs_the_other_pairs_neither_digits_nor_gradients(make):
     if make is not ntkgp.Gabor:
         assert float((huge32.double() - huge64).norm() / huge64.norm()) < 2e-6
 
+@pytest.mark.parametrize("make", [lambda: ntkgp.ABReLU(-0.4, 1.3), lambda: ntkgp.ABReLU(1.3, -0.05), ntkgp.Abs,
+                                  ntkgp.ReLU, lambda: ntkgp.ABReLU(0.2, 1.0)],
+                         ids=["abrelu_opposite", "abrelu_opposite_swapped", "abs", "relu", "abrelu_same_sign"])
+def test_the_relu_family_s_float32_gradients_do_not_depend_on_the_variances_scale(make):
+    """``T`` is homogeneous of degree 1 and ``Ṫ`` of degree 0, so at variances scaled by ``S = 4^e``
+    their gradients (of ``T`` and of ``S Ṫ``, as ``Θ = Θ_prev Ṫ`` sends it) are those at ``S = 1``.
+    Beside variances of ~1e20 in float32 the angle is taken from variances scaled by powers of 4;
+    slopes of opposite signs and ``a + b ≠ 0`` took the supplement again, as ``atan2(s, −k12)`` of
+    the unscaled ones, whose derivative's ``grad · k12`` overflowed: every gradient was NaN. Values
+    are bitwise those at ``S = 1``, gradients within 2e-7 (measured 1.6e-7, at ``ρ = −0.999``:
+    autograd's rounding of the scaled path); ``S = 4^62 ≈ 2e37`` still overflows inside ``Ṫ``'s
+    gradient near ``ρ = −1`` (Abs too)."""
+    layer = make()
+    k11, k22 = torch.tensor([0.7, 2.0] * 4), torch.tensor([2.0, 0.7] * 4)
+    k12 = torch.tensor([-0.3, -0.9, 0.5, -0.999, 0.2, -1e-3, 0.0, 0.99]) * (k11 * k22).sqrt()
+
+    def kernels_and_gradients(scale):
+        args = [(k * scale).requires_grad_() for k in (k11, k12, k22)]
+        nngp, dot = layer.pair_kernel(*args, True)
+        return nngp.detach() / scale, dot.detach(), torch.autograd.grad(nngp.sum() + (dot * scale).sum(), args)
+
+    nngp, dot, gradients = kernels_and_gradients(1.0)
+    for e in (35, 50):
+        got_nngp, got_dot, got_gradients = kernels_and_gradients(4.0**e)
+        assert torch.equal(got_nngp, nngp) and torch.equal(got_dot, dot)
+        for got, want in zip(got_gradients, gradients, strict=True):
+            torch.testing.assert_close(got, want, rtol=2e-7, atol=0)
+
+
 def _kernels_on_every_path(net, x, monkeypatch):
     """``net.kernel(x)`` as one block, in blocks of 7 rows, and on the graph-building path."""
     with torch.no_grad():

@@ -25,6 +25,7 @@ from ntkgp.layers.base import BuildContext, Layer
 from ntkgp.layers.numerics import (
     _is_compiling,
     gaussian_angle,
+    gaussian_angles,
     gaussian_det,
     horner,
     needs_graph,
@@ -244,14 +245,16 @@ class ABReLU(Activation):
             # with π/2 − θ = atan2(k12, s), it is a sum for k12 ≥ 0, and Abs's (a + b = 0) a product
             # everywhere. For k12 < 0 and a + b ≠ 0 the supplement's form stays: near θ = π the
             # complement's rounded (a + b)²/4 − (a − b)²/4 = ab was 3 ulps off for ABReLU(−0.05, 1)
-            s, complement = gaussian_angle(k11, k12, k22, complement=True)
-            dot = complement / (math.pi / 2) * ((self.a - self.b) ** 2 / 4)
             if self.a + self.b:
-                # π − θ = atan2(s, −k12) from the same s (where k12 < 0; elsewhere atan2(s, 1), unused)
-                negative = k12 < 0
-                supplement = torch.atan2(s, torch.where(negative, -k12, 1.0))
-                dot = torch.where(negative, torch.add(supplement * factor, self.a * self.b),
+                # π − θ too, from the same scaled s and k12 (gaussian_angles: atan2 of the unscaled ones
+                # gave NaN gradients beside variances of 1e20 in float32)
+                s, complement, supplement = gaussian_angles(k11, k12, k22)
+                dot = complement / (math.pi / 2) * ((self.a - self.b) ** 2 / 4)
+                dot = torch.where(k12 < 0, torch.add(supplement * factor, self.a * self.b),
                                   dot + (self.a + self.b) ** 2 / 4)
+            else:
+                s, complement = gaussian_angle(k11, k12, k22, complement=True)
+                dot = complement / (math.pi / 2) * ((self.a - self.b) ** 2 / 4)
         else:
             s, supplement = gaussian_angle(k11, k12, k22, supplement=True)
             dot = torch.add(supplement * factor, self.a * self.b) if self.a * self.b else supplement * factor

@@ -216,6 +216,26 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor, supplement: bool = Fal
     1.15e18 and 1.7e-18 in float32) every point's variance is first scaled by its own power of 4
     (:func:`power_of_4_exponents`), which changes no bit of the result elsewhere.
     """
+    kind = "supplement" if supplement else "complement" if complement else "angle"
+    s, (theta,) = _angles(k11, k12, k22, (kind,))
+    return s, theta
+
+
+def gaussian_angles(k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(s, π/2 − θ, π − θ)``: :func:`gaussian_angle`'s complement and supplement, both from the
+    same scaled ``s`` and ``k12``.
+
+    Taking ``atan2(s, −k12)`` afterwards from the returned ``s`` and the caller's ``k12`` gives the
+    same value, but not where a variance needed the rescaling: ``atan2``'s derivative forms
+    ``grad · x`` and ``x² + y²``, which overflow float32 beside variances of ~1e19, and the ReLU
+    family's ``T = … + Ṫ·k12`` sends it a gradient of ``k12``'s size (ABReLU(−0.4, 1.3) at variances
+    of 1e20: every gradient NaN)."""
+    s, (complement, supplement) = _angles(k11, k12, k22, ("complement", "supplement"))
+    return s, complement, supplement
+
+
+def _angles(k11: Tensor, k12: Tensor, k22: Tensor, kinds: Sequence[str]) -> tuple[Tensor, list[Tensor]]:
+    """``s`` and, for each of ``kinds`` ("angle", "supplement", "complement"), that angle."""
     rescale = None
     compiling = _is_compiling()
     # where neither applies, one host synchronization says both whether the products are
@@ -229,27 +249,28 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor, supplement: bool = Fal
     if needs_graph(k11, k12, k22):
         p = safe_sqrt(k11 * k22)
         s = safe_sqrt((p - k12) * (p + k12))
+        # atan2(0, 0)'s derivative is NaN: the origin takes 1s in, its angle by torch.where
         origin = (s == 0) & (k12 == 0)
-        if complement:
-            theta = torch.where(origin, 0.0, torch.atan2(torch.where(origin, 1.0, k12), torch.where(origin, 1.0, s)))
-        else:
-            theta = torch.atan2(torch.where(origin, 1.0, s), torch.where(origin, 1.0, -k12 if supplement else k12))
-            theta = torch.where(origin, math.pi / 2, theta)
+        y, x = torch.where(origin, 1.0, s), torch.where(origin, 1.0, k12)
+        angles = [torch.where(origin, 0.0, torch.atan2(x, y)) if kind == "complement" else
+                  torch.where(origin, math.pi / 2, torch.atan2(y, -x if kind == "supplement" else x))
+                  for kind in kinds]
     else:
         p = torch.mul(k11, k22).sqrt_()
         difference = p - k12
         # p in place only where it has k12's shape: variances of a smaller shape (0-d, or without k12's
         # batch dimensions) made add_ raise
         s = difference.mul_(p.add_(k12) if p.shape == difference.shape else p + k12).clamp_(min=0).sqrt_()
-        if complement:   # atan2(0, 0) = 0 already: no fill
-            theta = torch.atan2(k12, s)
-        else:
-            theta = torch.atan2(s, k12.neg() if supplement else k12)
-        if has_zero and not complement:   # (under torch.compile: always, no data-dependent branch)
-            theta = torch.where((s == 0) & (k12 == 0), math.pi / 2, theta)
+        angles = [torch.atan2(k12, s) if kind == "complement" else torch.atan2(s, k12.neg() if kind == "supplement"
+                                                                               else k12) for kind in kinds]
+        if has_zero and kinds != ("complement",):   # θ = π/2 where a variance is 0 (the complement's
+            # atan2(0, 0) = 0 already; under torch.compile always, no data-dependent branch)
+            origin = (s == 0) & (k12 == 0)
+            angles = [a if kind == "complement" else torch.where(origin, math.pi / 2, a)
+                      for kind, a in zip(kinds, angles, strict=True)]
     if rescale is not None:
         s = s * rescale[0] * rescale[1]
-    return s, theta
+    return s, angles
 
 
 def power_of_4_exponents(k: Tensor) -> Tensor:
