@@ -217,6 +217,32 @@ def test_pickle_roundtrip_keeps_values():
     assert torch.equal(before, after)
 
 
+def test_kernel_states_pickle_and_save_with_their_means():
+    """``torch.save(net.kernel(x), f)`` raised "Can't pickle local object 'Activation.kernel_map.<locals>.mean'"
+    for every network ending in an activation. The mean and centred kernels are saved as their values, and a
+    ``LayerNorm`` applied to the loaded state gives the kernel of the whole network."""
+    import io
+
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    head = ntkgp.serial(ntkgp.Dense(8, 1.5, 0.1), ntkgp.parallel(ntkgp.ReLU(), ntkgp.Erf(), join="concat"))
+    for args in ((x,), (x, y)):
+        state = head.kernel(*args)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        for loaded in (pickle.loads(pickle.dumps(state)), torch.load(buffer, weights_only=False)):
+            assert torch.equal(loaded.nngp, state.nngp) and torch.equal(loaded.ntk, state.ntk)
+            assert (loaded.width, loaded.identical, loaded.symmetric) == (state.width, state.identical, state.symmetric)
+            (m1, m2, uniform), (w1, w2, want_uniform) = loaded.mean(), state.mean()
+            assert torch.equal(m1, w1) and torch.equal(m2, w2) and uniform == want_uniform
+            normed = ntkgp.LayerNorm().kernel_map(loaded)
+            want = ntkgp.serial(*head, ntkgp.LayerNorm()).kernel(*args)
+            torch.testing.assert_close(normed.nngp, want.nngp, rtol=1e-15, atol=0)
+            torch.testing.assert_close(normed.ntk, want.ntk, rtol=1e-15, atol=0)
+    centred = pickle.loads(pickle.dumps(ntkgp.mlp(depth=1).kernel(x)))   # after a Dense layer: no mean
+    assert centred.mean is None and centred.centred is None
+
+
 def test_kernels_with_priors_pickle_and_save():
     """Priors are registered with picklable closures (GPyTorch's closures for a parameter name
     are local functions, which pickle and torch.save refused)."""

@@ -28,7 +28,7 @@ is ``O(n · depth)``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Generic, cast
 
 import torch
@@ -306,6 +306,17 @@ def _values_only(fix, state: KernelState) -> KernelState:
     return state.replace(nngp=straight_through(state.nngp, fixed.nngp), ntk=ntk, cov1=cov1, cov2=cov2)
 
 
+class _Computed:
+    """A :attr:`KernelState.mean` or ``centred`` function restored by pickle: it returns the value the
+    original returned when the state was saved."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __call__(self) -> Any:
+        return self.value
+
+
 #: The type of :attr:`KernelState.ntk` (and :attr:`ntkgp.finite.KernelEstimate.ntk`): ``Tensor`` in
 #: what ``kernel(..., ntk=True)`` returns, ``None`` with ``ntk=False`` (``KernelState[Tensor]``,
 #: ``KernelState[None]`` to type checkers).
@@ -339,7 +350,8 @@ class KernelState(Generic[_NTK]):
             ``cov1`` and ``cov2`` of the features minus their averaged mean,
             ``C = E[(φ(u) − μ1)(φ(v) − μ2)]`` (what ``LayerNorm`` normalizes), or ``None`` where
             the mean is not known. Computed only when asked for. Without a ``mean`` the centred
-            kernels are the kernels themselves.
+            kernels are the kernels themselves. Pickling a state (``torch.save``) calls ``mean`` and
+            ``centred`` and saves what they return.
         identical: whether every feature has the same distribution (``False`` after a
             concatenation of branches, until a ``Dense`` layer), which a product of branches needs.
         x1: the first raw inputs, only before any layer consumed them.
@@ -397,6 +409,21 @@ class KernelState(Generic[_NTK]):
     def replace(self, **changes: Any) -> KernelState:
         """A copy with some fields changed."""
         return replace(self, **changes)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickle and torch.save refused every state after an activation ("Can't pickle local object
+        # 'Activation.kernel_map.<locals>.mean'"): mean and centred are closures over the layers'
+        # intermediates, so they are saved as what they return, computed now (centred: three more
+        # kernels' worth, as LayerNorm would compute)
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("mean", "centred"):
+            if state[name] is not None:
+                state[name] = _Computed(state[name]())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():   # frozen: setattr is refused
+            object.__setattr__(self, name, value)
 
     # ------------------------------------------------------------------ input kernel
     def input_gram(self, feature_weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
