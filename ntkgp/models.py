@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import gpytorch
 import torch
@@ -114,6 +114,13 @@ class NetworkGP(gpytorch.models.ExactGP):
                  **mlp_kwargs) -> None:
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}.")
+        if net is not None and not isinstance(net, Layer):
+            # refused by the kernel built from it, which named NNGPKernel (the default kernel=), not net:
+            # NetworkGP(x, y, ntkgp.NTKKernel(spec)) read "NNGPKernel needs an ntkgp network, got NTKKernel"
+            hint = (f" For a kernel, pass its network and kind: NetworkGP(train_x, train_y, kernel.net, "
+                    f"kernel={net.kind!r})." if isinstance(net, NetworkKernel) else "")
+            raise ValueError(f"net must be an ntkgp network spec (e.g. ntkgp.mlp(...)) or None, got "
+                             f"{type(net).__name__}.{hint}")
         check_points(train_x, "train_x")
         if train_x.dim() != 2:
             # batched train_x was paired with the same targets in every batch, and a (b, N) target read
@@ -179,25 +186,7 @@ class NetworkGP(gpytorch.models.ExactGP):
             self.to(device=train_x.device, dtype=train_x.dtype)
 
     def __call__(self, *inputs: Tensor, **kwargs) -> gpytorch.distributions.MultivariateNormal:
-        # GPyTorch concatenates training and test inputs before any kernel sees them: test inputs
-        # with another number of features failed inside torch.cat ("Sizes of tensors must match")
-        features = self.train_inputs[0].shape[-1]
-        for x in inputs:   # shape, dtype and finiteness (GPyTorch promotes integer inputs)
-            if not isinstance(x, Tensor):
-                raise ValueError(f"x must be a torch.Tensor of shape (..., M, {features}), got {type(x).__name__}.")
-            shape = (*x.shape, 1) if x.dim() == 1 else tuple(x.shape)   # GPyTorch reads a 1-D input as (M, 1)
-            if shape[-1] != features:
-                raise ValueError(f"x must have {features} feature(s) like train_x, shape (..., M, {features}); "
-                                 f"got shape {shape}.")
-            dtype = self.train_inputs[0].dtype
-            if x.is_floating_point() and torch.promote_types(x.dtype, dtype) != dtype:
-                # a wider dtype than the model's: GPyTorch's "expected m1 and m2 to have the same dtype",
-                # from deep inside its prediction (narrower inputs are promoted, as integer ones are)
-                raise ValueError(f"x is {x.dtype} but the model's training inputs are {dtype}: convert x "
-                                 f"(x.to({dtype})), or the model and its data (NetworkGP(train_x.to(...), ...)).")
-            if x.is_floating_point() and not all_finite(x.detach()):
-                # found only inside the kernel, after the training kernel's work (~1 s at N = 2000), as "x1"
-                raise ValueError("x contains NaN or infinite values.")
+        self._check_inputs(inputs, "x")
         if self.training:
             return super().__call__(*inputs, **kwargs)
         self._drop_stale_prediction_strategy()
@@ -207,6 +196,30 @@ class NetworkGP(gpytorch.models.ExactGP):
         if rebuilt:
             self._record_prediction_state()
         return output
+
+    def _check_inputs(self, inputs: Sequence[Tensor], name: str) -> None:
+        """Inputs to predict at (``name="x"``) or to fantasize at (``"inputs"``): tensors of the training
+        inputs' features, not of a wider dtype, finite."""
+        # GPyTorch concatenates training and test inputs before any kernel sees them: test inputs
+        # with another number of features failed inside torch.cat ("Sizes of tensors must match")
+        features = self.train_inputs[0].shape[-1]
+        for x in inputs:   # shape, dtype and finiteness (GPyTorch promotes integer inputs)
+            if not isinstance(x, Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor of shape (..., M, {features}), "
+                                 f"got {type(x).__name__}.")
+            shape = (*x.shape, 1) if x.dim() == 1 else tuple(x.shape)   # GPyTorch reads a 1-D input as (M, 1)
+            if shape[-1] != features:
+                raise ValueError(f"{name} must have {features} feature(s) like train_x, shape (..., M, {features}); "
+                                 f"got shape {shape}.")
+            dtype = self.train_inputs[0].dtype
+            if x.is_floating_point() and torch.promote_types(x.dtype, dtype) != dtype:
+                # a wider dtype than the model's: GPyTorch's "expected m1 and m2 to have the same dtype",
+                # from deep inside its prediction (narrower inputs are promoted, as integer ones are)
+                raise ValueError(f"{name} is {x.dtype} but the model's training inputs are {dtype}: convert {name} "
+                                 f"({name}.to({dtype})), or the model and its data (NetworkGP(train_x.to(...), ...)).")
+            if x.is_floating_point() and not all_finite(x.detach()):
+                # found only inside the kernel, after the training kernel's work (~1 s at N = 2000), as "x1"
+                raise ValueError(f"{name} contains NaN or infinite values.")
 
     def _record_prediction_state(self) -> None:
         """Record the values GPyTorch's cached training solve was built from (the likelihood's plain
@@ -233,6 +246,22 @@ class NetworkGP(gpytorch.models.ExactGP):
             raise NotImplementedError("get_fantasy_model supports NetworkGP with 1-D targets only (GPyTorch "
                                       "cannot fantasize multitask models); condition on the new points by "
                                       "set_train_data with all targets, or use one model per output.")
+        # the checks of __call__ and __init__, which GPyTorch's fantasy update skipped: inputs of other
+        # features failed inside its torch.cat ("Sizes of tensors must match"), a float64 input or target
+        # of a float32 model with "expected m1 and m2 to have the same dtype" / "Expected b and A to have
+        # the same dtype", and NaN targets gave NaN predictions everywhere, without a word
+        self._check_inputs(inputs if isinstance(inputs, list) else [inputs], "inputs")
+        if not isinstance(targets, Tensor) or not targets.is_floating_point():   # as train_y
+            raise ValueError(f"targets must be a floating-point tensor of shape (..., M), got "
+                             f"{targets.dtype if isinstance(targets, Tensor) else type(targets).__name__}.")
+        first = inputs[0] if isinstance(inputs, list) else inputs
+        points = first.shape[0] if first.dim() == 1 else first.shape[-2]
+        if targets.dim() == 0 or targets.shape[-1] != points:
+            raise ValueError(f"targets must have shape (..., {points}), one per fantasy input, got "
+                             f"{tuple(targets.shape)}.")
+        if not all_finite(targets.detach()):
+            raise ValueError("targets contains NaN or infinite values.")
+        targets = targets.to(self.train_targets.dtype)   # as train_y is converted when the model is built
         if self._drop_stale_prediction_strategy():   # GPyTorch fantasizes from the cached solve: rebuilt first
             with torch.no_grad():
                 self(self.train_inputs[0][..., :1, :])

@@ -645,6 +645,16 @@ def test_posteriors_other_than_ntk_say_why_they_refuse_x_test_none(kernel):
             call()
 
 
+@pytest.mark.parametrize("kernel", ["nngp", "ntkgp"])
+def test_gp_posterior_refuses_x_test_none_before_the_training_kernel(kernel, monkeypatch):
+    """gp_posterior built the GPPosterior, computing the training kernel (0.34 s at N = 4000), for its
+    predict to refuse x_test=None; the cheap arguments are checked first elsewhere."""
+    net = ntkgp.mlp(2, "erf", 1.7, 0.1)
+    monkeypatch.setattr(net, "kernel", lambda *args, **kwargs: pytest.fail("the training kernel was computed"))
+    with pytest.raises(ValueError, match=r"x_test=None .* is for kernel='ntk' only; .* pass them as x_test"):
+        predict.gp_posterior(net, _x(5), _x(5, 1, seed=13), None, kernel=kernel, noise=0.1)
+
+
 def test_training_outputs_warn_where_an_unresolved_direction_leaves_them_unfitted():
     """A duplicated input with two targets, regularized by diag_reg = 1e-14 (nonsingular to working
     precision, so t = None fits both targets): t = inf dropped the regularized direction and left

@@ -537,6 +537,9 @@ def test_neural_tangents_keywords_name_their_ntkgp_counterparts():
         (lambda: predict.gp_posterior(net, x, y, x, diag_reg=1e-3),
          r"^gp_posterior got .*'diag_reg': noise is an absolute variance: .* diag_reg \* trace\(K_train\) / N"),
         (lambda: predict.GPPosterior(net, x, y, get="nngp"), r"^GPPosterior got .*'get': pass kernel='nngp', 'ntkgp'"),
+        # neural-tangents' gp_inference(...) takes get where predict is called: a bare TypeError here
+        (lambda: predict.GPPosterior(net, x, y).predict(x, get="nngp"),
+         r"^GPPosterior\.predict got .*'get': the kernel is chosen when the GPPosterior is built"),
         (lambda: ntkgp.LeakyReLU(alpha=0.1), r"^LeakyReLU got .*'alpha': pass negative_slope=alpha"),
         (lambda: ntkgp.GELU(approximate=True), r"^GELU got .*'approximate': ntkgp\.GELU is the exact GELU"),
         (lambda: ntkgp.Dense(3, s=(1, 2)), r"^Dense got .*'s': neural-tangents' width factors .* no counterpart"),

@@ -67,6 +67,38 @@ def test_batched_fantasies_of_one_output_stay_single_output_models():
         assert again(xt).mean.shape == (3, 4)
 
 
+def test_fantasy_inputs_and_targets_are_checked_like_test_inputs_and_training_targets():
+    """get_fantasy_model skipped the checks of __call__ and __init__: a float64 target of a float32
+    model failed inside GPyTorch ("Expected b and A to have the same dtype"), inputs with another
+    number of features inside its torch.cat, targets of another count with a tensor-size error, and
+    NaN targets gave NaN predictions without a word. Targets are converted to the model's dtype, as
+    train_y is when it is built."""
+    x, y = _data(15)
+    model = NetworkGP(x.float(), y.float(), depth=1).eval()
+    xf, yf, xt = x[:2] + 0.1, y[:2] - 0.2, x[:3] + 0.05
+    with torch.no_grad():
+        model(xt.float())
+        narrow = model.get_fantasy_model(xf.float(), yf.float())(xt.float())
+        wide = model.get_fantasy_model(xf.float(), yf)(xt.float())   # float64 targets: the same float32 values
+    assert wide.mean.dtype == torch.float32
+    torch.testing.assert_close(wide.mean, narrow.mean, rtol=0, atol=0)
+    torch.testing.assert_close(wide.variance, narrow.variance, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"inputs is torch\.float64 but the model.s training inputs are "
+                                         r"torch\.float32"):
+        model.get_fantasy_model(xf, yf.float())
+    model = NetworkGP(x, y, depth=1).eval()
+    with torch.no_grad():
+        model(xt)
+    with pytest.raises(ValueError, match="inputs must have 2 feature"):
+        model.get_fantasy_model(torch.randn(2, 3), yf)
+    with pytest.raises(ValueError, match="targets contains NaN"):
+        model.get_fantasy_model(xf, torch.tensor([0.0, math.nan]))
+    with pytest.raises(ValueError, match="targets must be a floating-point tensor"):   # as train_y
+        model.get_fantasy_model(xf, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"targets must have shape \(\.\.\., 2\)"):
+        model.get_fantasy_model(xf, yf[:1])
+
+
 @pytest.mark.parametrize("kernel", ["nngp", "ntk"])
 def test_fit_improves_the_marginal_likelihood_and_predicts_like_the_exact_posterior(kernel):
     x, y = _data()
@@ -591,6 +623,19 @@ def test_network_gp_checks_that_the_likelihood_fits_the_targets():
         single.train()
         total += float(gpytorch.mlls.ExactMarginalLogLikelihood(single.likelihood, single)(single(x), y[:, c]).detach())
     assert abs(joint - total * len(x)) < 1e-9 * abs(joint)
+
+
+def test_network_gp_names_its_net_argument_when_given_something_else():
+    """A kernel (or anything but a spec) passed as net was refused by the kernel NetworkGP builds from
+    it, whose message named NNGPKernel, the default kernel=, even for an NTKKernel passed in:
+    "NNGPKernel needs an ntkgp network (e.g. ntkgp.serial(...)), got NTKKernel"."""
+    x, y = _data(10)
+    with pytest.raises(ValueError, match=r"^net must be an ntkgp network spec .* got NTKKernel\. For a kernel, pass "
+                                         r"its network and kind: NetworkGP\(train_x, train_y, kernel\.net, "
+                                         r"kernel='ntk'\)"):
+        NetworkGP(x, y, ntkgp.NTKKernel(ntkgp.mlp(depth=1)))
+    with pytest.raises(ValueError, match=r"^net must be an ntkgp network spec .* got str\.$"):
+        NetworkGP(x, y, "relu")
 
 
 def test_kernel_level_ard_is_refused_in_favour_of_the_first_layer():
