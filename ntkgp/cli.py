@@ -256,7 +256,15 @@ def load_spec(text: str):
             # module_from_spec's AttributeError "'NoneType' object has no attribute 'loader'"
             raise ValueError(f"--spec: {where!r} is not a Python file (it needs the .py suffix).")
         module = importlib.util.module_from_spec(found)
-        found.loader.exec_module(module)   # errors in the user's file keep their traceback
+        # in sys.modules while it runs, as an import (and python FILE.py, as __main__) has it: a dataclass
+        # in the file under `from __future__ import annotations` looks its module up there, and raised
+        # "AttributeError: 'NoneType' object has no attribute '__dict__'" from dataclasses, a traceback
+        sys.modules[found.name] = module
+        try:
+            found.loader.exec_module(module)   # errors in the user's file keep their traceback
+        except BaseException:
+            sys.modules.pop(found.name, None)   # as a failed import leaves no module behind
+            raise
     else:
         try:
             module = importlib.import_module(where)

@@ -157,6 +157,23 @@ def test_report_folder_keeps_one_report(tmp_path):
     assert (out / "band_width16.png").exists()
 
 
+def test_report_md_is_utf_8_whatever_the_locale(tmp_path):
+    """report.md was written in the locale's encoding: where that is not UTF-8 (Windows' cp1252, which has
+    no Θ, λ or ‖; the C locale without UTF-8 mode, emulated here) write_report raised UnicodeEncodeError
+    after the whole comparison had run, and ``ntkgp compare`` lost its report."""
+    code = ("import locale, sys\nfrom ntkgp.compare import CompareConfig, run_comparison, sin_dataset, write_report\n"
+            "print(locale.getpreferredencoding(False))\n"
+            "config = CompareConfig(widths=(8,), ensemble_size=2, record_steps=(0, 2), divergence_check=False)\n"
+            "write_report(run_comparison(sin_dataset(), config), sys.argv[1])\n")
+    env = {**os.environ, "PYTHONCOERCECLOCALE": "0", "LC_ALL": "C", "PYTHONUTF8": "0"}
+    result = subprocess.run([sys.executable, "-X", "utf8=0", "-c", code, str(tmp_path / "r")], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    if result.stdout.strip().replace("-", "").lower() == "utf8":
+        pytest.skip("this platform's C locale encodes UTF-8: nothing to check")
+    assert "full-batch gradient descent on (1/2m)‖f − Y‖²" in (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+
+
 def test_cli_compare_writes_a_report(tmp_path, capsys):
     code = main(["compare", "--widths", "8", "16", "--ensemble-size", "4", "--steps", "0", "3", "--no-progress",
                  "--no-divergence-check", "--dataset", "circle", "--parameterization", "standard",
@@ -531,6 +548,19 @@ def test_cli_checks_the_report_folder_and_conflicting_options_before_training(tm
             main(["compare", *pair])
         assert exit_info.value.code == 2
         assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_callers_autocast_does_not_stop_the_comparison_s_training():
+    """Under a caller's CPU bfloat16 autocast (a notebook's mixed-precision cell) the ensembles did not
+    train: autocast's cached bfloat16 weights went stale under the in-place steps, and the loss after
+    20 steps read 0.909 instead of 0.069, so the report compared untrained networks. Training switches
+    autocast off (the analytic side is float64, which autocast leaves alone): the same numbers."""
+    config = CompareConfig(widths=(16,), ensemble_size=4, record_steps=(0, 20), divergence_check=False)
+    expected = run_comparison(sin_dataset(), config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run_comparison(sin_dataset(), config)
+    assert got.widths[0].train_loss == expected.widths[0].train_loss
+    assert got.widths[0].ensemble_mean == expected.widths[0].ensemble_mean and got.checks == expected.checks
 
 
 def test_readout_only_training_kernel_does_not_move():
@@ -1197,6 +1227,26 @@ def test_a_spec_file_imports_the_modules_beside_it(tmp_path, capsys, monkeypatch
     capsys.readouterr()
 
 
+def test_a_spec_file_with_a_dataclass_under_postponed_annotations_loads(tmp_path, capsys, monkeypatch):
+    """``python nets.py`` runs a file that defines a dataclass under ``from __future__ import annotations``;
+    ``--spec nets.py:net`` raised "'NoneType' object has no attribute '__dict__'" from dataclasses (a
+    traceback), since the file ran as a module missing from sys.modules. A file that fails to run
+    leaves no module there, as a failed import does."""
+    (tmp_path / "dc_nets.py").write_text(
+        "from __future__ import annotations\n\nfrom dataclasses import dataclass\n\nimport ntkgp\n\n\n"
+        "@dataclass\nclass Sizes:\n    readout: int = 1\n\n\n"
+        "def net(n: int):\n    return ntkgp.serial(ntkgp.Dense(n, 2.0, 0.01), ntkgp.Erf(), "
+        "ntkgp.Dense(Sizes().readout, 1.0, 0.01))\n")
+    monkeypatch.delitem(sys.modules, "_ntkgp_spec_dc_nets", raising=False)
+    assert main(["compare", "--spec", f"{tmp_path / 'dc_nets.py'}:net", *_TINY_CLI, "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["widths"][0]["steps"] == [0, 10]
+    (tmp_path / "broken_nets.py").write_text("raise RuntimeError('the file itself')\n")
+    with pytest.raises(RuntimeError, match="the file itself"):
+        main(["compare", "--spec", f"{tmp_path / 'broken_nets.py'}:net", "--out", str(tmp_path / "b")])
+    assert "_ntkgp_spec_broken_nets" not in sys.modules
+    capsys.readouterr()
+
+
 def test_a_spec_that_takes_no_width_gets_one_line_and_the_spec_s_own_type_errors_keep_theirs(tmp_path, capsys):
     # def nowidth(): ... was a TypeError traceback from inside the harness
     (tmp_path / "nets.py").write_text(_SPEC_FILE + "\n\ndef nowidth():\n    return ntkgp.serial(ntkgp.Dense(1))\n")
@@ -1222,6 +1272,25 @@ def test_csv_errors_name_the_file_s_line_numbers(tmp_path):
     with pytest.raises(ValueError, match="line 5 has 3 columns, line 3 has 2") as error:
         load_dataset(str(tmp_path / "ragged.csv"))
     assert "header" not in str(error.value)   # the hint is for a value that is not a number
+
+
+@pytest.mark.parametrize("text, column, separator", [
+    ("1;2\n3;4\n", 1, "semicolons"),            # Excel's CSV where the comma is the decimal mark
+    ("1,5;2,5\n3,5;4,5\n", 2, "semicolons"),    # ... and its decimals: the comma splits "1", "5;2", "5"
+    ("1\t2\n3\t4\n", 1, "tabs"),
+    ("# x y\n1 2\n", 1, "spaces"),
+])
+def test_csv_with_another_separator_is_told_to_use_commas_not_to_mark_a_header(tmp_path, text, column, separator):
+    """A first line of numbers joined by semicolons, tabs or spaces was told "(a header line must start
+    with #)", advice for a file it does not describe; a header that is not numbers keeps that advice."""
+    (tmp_path / "data.csv").write_text(text)
+    with pytest.raises(ValueError, match=rf"column {column}: could not convert .* \(values must be separated by "
+                                         rf"commas, not {separator}, with '\.' as the decimal point\)$") as error:
+        load_dataset(str(tmp_path / "data.csv"))
+    assert "header" not in str(error.value)
+    (tmp_path / "header.csv").write_text("x;y\n1,2\n")
+    with pytest.raises(ValueError, match=r"line 1, column 1: .* \(a header line must start with #\)$"):
+        load_dataset(str(tmp_path / "header.csv"))
 
 
 def test_csv_header_may_be_indented(tmp_path):

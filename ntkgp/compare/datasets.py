@@ -265,14 +265,37 @@ def _bad_line(lines: list[str]) -> str | None:
             message = str(error)
             column = re.search(r" at row \d+, column (\d+)\.?$", message)
             where = f"line {number}, column {column[1]}" if column else f"line {number}"
+            # numbers joined by another separator (Excel's semicolons where the comma is the decimal mark,
+            # tabs) get the rule for separators: "1;2" was told that a header line must start with #
+            other = _other_separator(line, int(column[1])) if column else None
             # an unmarked header, the usual non-number on the first line, gets the rule for headers
-            hint = " (a header line must start with #)" if first is None else ""
+            hint = (f" (values must be separated by commas, not {other}, with '.' as the decimal point)" if other
+                    else " (a header line must start with #)" if first is None else "")
             return f"{where}: {message[:column.start()] if column else message}{hint}"
         if first is None:
             first = (number, row.shape[1])
         elif row.shape[1] != first[1]:
             return f"line {number} has {row.shape[1]} columns, line {first[0]} has {first[1]}"
     return None
+
+
+def _other_separator(line: str, column: int) -> str | None:
+    """``"semicolons"``, ``"tabs"`` or ``"spaces"`` when the ``column``-th (1-based) comma-separated cell
+    of ``line`` is numbers joined by them (``"1;2"``, the ``"5;2"`` of ``"1,5;2,5"``), else ``None``."""
+    cells = line.partition("#")[0].split(",")
+    cell = cells[column - 1] if 0 < column <= len(cells) else ""
+    for name, parts in (("semicolons", cell.split(";")), ("tabs", cell.split("\t")), ("spaces", cell.split())):
+        if len(parts) > 1 and all(_is_number(part) for part in parts):
+            return name
+    return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _real_array(data, name: str, path: pathlib.Path) -> Tensor:

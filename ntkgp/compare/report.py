@@ -118,7 +118,9 @@ def write_report(result: ComparisonResult, out: str | pathlib.Path) -> pathlib.P
         data = {**result.to_dict(), "notes": check_notes(result)}
         (scratch / "report.json").write_text(json.dumps(_finite_or_null(data), indent=1, allow_nan=False))
         figures = _figures(result, scratch)
-        (scratch / "report.md").write_text(_markdown(result, figures))
+        # UTF-8 whatever the locale: its Θ, λ and ‖ are not in cp1252 (Windows' default), and the locale's encoding
+        # raised UnicodeEncodeError there (and in the C locale without UTF-8 mode), after the whole comparison ran
+        (scratch / "report.md").write_text(_markdown(result, figures), encoding="utf-8")
         for name in [*figures, "report.json", "report.md"]:
             os.replace(scratch / name, out / name)
     for stale in {*out.glob("band_width*.png"), out / "scaling.png", out / "loss.png"} - {out / f for f in figures}:
