@@ -298,6 +298,9 @@ def test_per_feature_weight_variances_without_ard_say_how_to_get_them():
                                          r"Dense\(\.\.\., ard_num_dims=d\) on the first layer"):
         ntkgp.Dense(5, torch.tensor([1.0, 2.0, 3.0]))
     assert ntkgp.Dense(5, torch.tensor([1.0, 2.0, 3.0]), ard_num_dims=3).weight_var.shape == (3,)
+    # a vector of bias variances is a batch's: the hint named expand_batch for weight_var only
+    with pytest.raises(ValueError, match=r"^bias_var .* got shape \(2,\) \(a batch of variances: expand_batch\)\.$"):
+        ntkgp.Dense(5, bias_var=torch.tensor([0.1, 0.2]))
 
 
 def test_complex_and_boolean_variances_are_refused_like_python_complex_numbers():

@@ -136,8 +136,10 @@ class VarianceParameters:
                 anchor = anchor.expand(shape).clone()
             except RuntimeError as err:
                 # a per-feature weight_var without ard_num_dims was refused without saying how to get one
-                hint = (" (per-feature weight variances: Dense(..., ard_num_dims=d) on the first layer; a batch "
-                        "of variances: expand_batch)" if name == "weight_var" and not shape and anchor.dim() else "")
+                # (and bias_var's, without the batch's hint that weight_var's had)
+                ard = "per-feature weight variances: Dense(..., ard_num_dims=d) on the first layer; "
+                hint = (f" ({ard if name == 'weight_var' else ''}a batch of variances: expand_batch)"
+                        if not shape and anchor.dim() else "")
                 raise ValueError(f"{name} must be a scalar or have shape {tuple(shape)}, "
                                  f"got shape {tuple(anchor.shape)}{hint}.") from err
         raw = torch.nn.Parameter(torch.zeros(shape))
