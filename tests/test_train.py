@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -377,6 +378,16 @@ def test_an_ensemble_of_one_member_has_a_mean_but_no_variance():
     for name in ("variance", "standard_error"):
         with pytest.raises(ValueError, match="An ensemble of one member has no variance"):
             getattr(h, name)
+
+
+def test_an_empty_test_set_has_empty_statistics_without_a_warning():
+    """torch's var() over members warned about the degrees of freedom when there is no test point."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h = train_ensemble(_net(), X, Y, ensemble_size=3, learning_rate=0.2, record_steps=[0, 5],
+                           x_test=X[:0], dtype=torch.float64, engine="stacked")
+        assert h.variance.shape == h.standard_error.shape == h.mean.shape == (2, 0, 1)
+    assert (h.train_loss[-1] < h.train_loss[0]).all()
 
 
 @pytest.mark.slow

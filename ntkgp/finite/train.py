@@ -121,7 +121,7 @@ class EnsembleHistory:
         if self.test_outputs.shape[1] < 2:   # torch gave NaN with a warning about degrees of freedom
             raise ValueError("An ensemble of one member has no variance (unbiased, 1/(E − 1)): train "
                              "ensemble_size >= 2, or read the member's outputs from test_outputs.")
-        if self.test_outputs.shape[0] == 0:  # nothing recorded; var() would warn about the empty axis
+        if self.test_outputs[:, 0].numel() == 0:  # no record or no test point; var() would warn
             return self.test_outputs.sum(1)
         return self.test_outputs.var(1)
 
