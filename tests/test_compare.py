@@ -64,6 +64,12 @@ def test_loglog_slope():
     widths = [16, 64, 256]
     assert abs(loglog_slope(widths, [3.0 * w**-0.5 for w in widths]) + 0.5) < 1e-12
     assert math.isnan(loglog_slope([16], [1.0]))
+    # a history's tensors and numpy arrays as they come (a tensor's elements are not numbers.Real)
+    values = torch.tensor([3.0 * w**-0.5 for w in widths], dtype=torch.float64)
+    assert abs(loglog_slope(torch.tensor(widths), values) + 0.5) < 1e-12
+    assert abs(loglog_slope(np.asarray(widths), values.numpy()) + 0.5) < 1e-12
+    with pytest.raises(ValueError, match=r"values must be one-dimensional, got shape \(3, 1\)"):
+        loglog_slope(widths[:3], values[:3, None])
 
 
 def test_comparison_report_on_a_tiny_run(tmp_path):

@@ -371,13 +371,15 @@ def _whole_numbers(values: object, minimum: int, name: str, kind: str, maximum: 
     return tuple(numbers_)
 
 
-def loglog_slope(widths: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndarray) -> float:
+def loglog_slope(widths: Sequence[float] | np.ndarray | torch.Tensor,
+                 values: Sequence[float] | np.ndarray | torch.Tensor) -> float:
     """Least-squares slope of ``log(value)`` against ``log(width)``.
 
     NaN with fewer than two widths or when a value is not positive and finite (a zero mean bias is
     below the Monte-Carlo noise, a zero change is a frozen layer): dropping such a width would fit
-    a slope to the others as if it were not there.
+    a slope to the others as if it were not there. Sequences, 1-D arrays and 1-D tensors.
     """
+    widths, values = _numbers(widths, "widths"), _numbers(values, "values")
     if len(widths) != len(values):
         raise ValueError(f"loglog_slope needs one value per width, got {len(widths)} widths and {len(values)} values.")
     if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) and w > 0
@@ -390,6 +392,16 @@ def loglog_slope(widths: Sequence[float] | np.ndarray, values: Sequence[float] |
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else float("nan")
+
+
+def _numbers(sequence: Sequence[float] | np.ndarray | torch.Tensor, name: str) -> list:
+    """A 1-D array or tensor as a list of Python numbers (a tensor's elements are 0-d tensors, which
+    are not ``numbers.Real``)."""
+    if isinstance(sequence, (torch.Tensor, np.ndarray)):
+        if sequence.ndim != 1:
+            raise ValueError(f"loglog_slope's {name} must be one-dimensional, got shape {tuple(sequence.shape)}.")
+        return sequence.tolist()
+    return list(sequence)
 
 
 def _check_outputs(config: CompareConfig, data: Dataset) -> None:
