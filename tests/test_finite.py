@@ -215,6 +215,34 @@ def test_empirical_ntk_takes_the_jacobian_route_where_the_layerwise_formula_is_w
     assert empirical_ntk(model, torch.randn(2, 4, 3)).shape == (2, 4, 4)   # built networks take batches
 
 
+def test_a_module_registered_twice_keeps_its_parameters_through_the_empirical_kernels():
+    """nn.Sequential(lin, tanh, lin): torch.func.functional_call swapped the shared slot under both
+    names and put a detached copy back in place of the parameters, so the module trained no more
+    (its loss had no gradient to them), silently. The kernel is the autograd one."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 3).double()
+    model = torch.nn.Sequential(lin, torch.nn.Tanh(), lin, torch.nn.Tanh(), torch.nn.Linear(3, 2).double())
+    params = list(model.parameters())
+    x1, x2 = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+
+    def jacobian(x):   # (n, k, parameters) by backward passes through the module itself
+        out = model(x)
+        return torch.stack([torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            out[a, i], params, retain_graph=True)]) for i in range(2)]) for a in range(len(x))])
+
+    expected = torch.einsum("aip,bjp->abij", jacobian(x1), jacobian(x2))
+    for _ in range(2):
+        torch.testing.assert_close(empirical_ntk(model, x1, x2, vector_output=True), expected, rtol=1e-12, atol=1e-12)
+        empirical_nngp(model, x1)
+        assert model[0].weight is model[2].weight is params[0] and model[0].bias is params[1]
+    linearized = ntkgp.finite.linearize(model)
+    linearized(x1)
+    assert isinstance(linearized.initial[0].weight, torch.nn.Parameter)
+    assert linearized.initial[0].weight is linearized.initial[2].weight
+    model(x1).sum().backward()
+    assert params[0].grad is not None and params[0].grad.abs().sum() > 0
+
+
 def test_empirical_ntk_is_the_lecture_definition_for_vector_outputs():
     """Θ_ij(x, x') = Σ_p ∂f_i(x)/∂θ_p ∂f_j(x')/∂θ_p, by explicit per-output gradients."""
     model = _net().build(in_features=5, seed=0)

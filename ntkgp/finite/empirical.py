@@ -144,19 +144,36 @@ def _as_function(model: nn.Module | ParamFn, params: Mapping[str, Tensor] | None
         if bad:
             raise ValueError(f"The network's parameters {bad} contain NaN or infinite values: re-initialize "
                              "the network (net.build(...)) or load finite parameters.")
-        buffers = dict(model.named_buffers())
-        members = ensemble_size(model)
-
-        def fn(p: dict[str, Tensor], x: Tensor) -> Tensor:
-            return functional_call(model, (p, buffers), (x,))
-
-        return fn, params, members, fixed
+        return stateless(model), params, ensemble_size(model), fixed
     if params is None:
         raise ValueError("A function of parameters needs params=...")
     dtypes = {p.dtype for p in params.values() if isinstance(p, Tensor) and p.is_floating_point()}
     if len(dtypes) == 1 and x.dtype not in dtypes:   # torch's "expected m1 and m2 to have the same dtype"
         raise ValueError(f"The inputs are {x.dtype} but params are {dtypes.pop()}: convert one of them.")
     return model, params, None, {}
+
+
+def stateless(model: nn.Module) -> ParamFn:
+    """``fn(p, x)``: the module's outputs at parameters ``p`` (keyed by any of a tied parameter's
+    names; the others keep theirs), by ``torch.func.functional_call``, which leaves the module as it was.
+
+    Each of the module's parameter slots (a module's attribute) is given once. A module called at two
+    places (``nn.Sequential(lin, act, lin)``) has two names for one slot; ``functional_call`` swapped
+    it under both and put back, last, the tensor of the first swap, so the module kept a detached
+    copy of its weights in place of its parameters: training it afterwards moved nothing, silently
+    (torch 2.13). A parameter shared by two modules has two slots, and both get its value.
+    """
+    names = dict(model.named_parameters(remove_duplicate=False))
+    slots = {f"{prefix}.{name}" if prefix else name: id(t) for prefix, module in model.named_modules()
+             for name, t in module._parameters.items() if t is not None}
+    buffers = dict(model.named_buffers())
+
+    def fn(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        by_identity = {id(names[name]): value for name, value in p.items()}
+        given = {slot: by_identity[key] for slot, key in slots.items() if key in by_identity}
+        return functional_call(model, (given, buffers), (x,), tie_weights=False)
+
+    return fn
 
 
 def _check_params(params: object) -> None:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import copy
 
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.func import jvp
 
-from ntkgp.finite.empirical import has_deferred_layers, refuse_spec
+from ntkgp.finite.empirical import has_deferred_layers, refuse_spec, stateless
 
 
 class Linearized(nn.Module):
@@ -69,10 +69,8 @@ class Linearized(nn.Module):
         theta0 = dict(initial.named_parameters())
         direction = {name: p - theta0[name] for name, p in self.network.named_parameters()}
 
-        def at(params: dict[str, Tensor]) -> Tensor:
-            return functional_call(initial, params, (x,))
-
-        outputs, change = jvp(at, (theta0,), (direction,))
+        at = stateless(initial)
+        outputs, change = jvp(lambda params: at(params, x), (theta0,), (direction,))
         return outputs + change
 
 
