@@ -236,6 +236,9 @@ def test_bad_input_is_refused_before_integrating():
         call(t=torch.tensor(1.0, dtype=F64, requires_grad=True))
     with pytest.raises(ValueError, match="momentum is read as a number"):
         call(t=1.0, momentum=torch.tensor(0.5, requires_grad=True))
+    # not make_schedule's hint to differentiate with respect to t, which is refused here too
+    with pytest.raises(ValueError, match="learning_rate is read as a number and gets no gradient: pass a plain"):
+        call(t=1.0, learning_rate=torch.tensor(0.5, requires_grad=True))
     with pytest.raises(ValueError, match="momentum must be in"):
         call(t=1.0, momentum=1.0)
     with pytest.raises(ValueError, match="scalar"):
@@ -337,6 +340,28 @@ def test_fixes_from_review():
     assert not bool(torch.isfinite(out).all())
     stable = predict.gradient_descent(mse, k_dd, y, fx_train_0=f0, steps=np.int64(5), max_steps=np.int64(5))
     assert stable.shape == y.shape
+
+
+def test_runs_under_a_callers_inference_mode():
+    """gradient_descent differentiates the loss itself: under torch.inference_mode() autograd found no
+    gradient, and the ValueError blamed a valid loss ("does not depend on f through torch operations"),
+    where the same call under torch.no_grad() ran. The outputs are those outside either mode, bit for bit."""
+    k_dd, k_td, y, f0, ft0 = _problem()
+    one_hot = torch.nn.functional.one_hot(y.argmax(-1), 3).to(F64)
+    for loss, targets, time in ((xent, one_hot, {"t": [0.5, 2.0]}), (mse, y, {"steps": [1, 4]}),
+                                (xent, one_hot, {"t": 1.0, "momentum": 0.9})):
+        expected = predict.gradient_descent(loss, k_dd, targets, fx_train_0=f0, ntk_test_train=k_td, fx_test_0=ft0,
+                                            **time)
+        with torch.inference_mode():
+            inside = predict.gradient_descent(loss, k_dd, targets, fx_train_0=f0, ntk_test_train=k_td,
+                                              fx_test_0=ft0, **time)
+        for ours, reference in zip(inside, expected, strict=True):
+            assert torch.equal(ours, reference)
+    # leaving inference mode adds a frame: the divergence warning still names the caller's line
+    limit = predict.max_learning_rate(k_dd, y.numel())
+    with pytest.warns(RuntimeWarning, match="diverged") as record:
+        predict.gradient_descent(mse, k_dd, y, fx_train_0=f0, steps=[2000], learning_rate=30 * limit)
+    assert record[0].filename == __file__
 
 
 def test_a_loss_that_leaves_its_domain_is_named_not_called_stiff():

@@ -821,6 +821,26 @@ def test_gradient_descent_mse_differentiates_diag_reg_and_refuses_a_learning_rat
                                      learning_rate=torch.tensor(0.5, requires_grad=True))
 
 
+def test_gradient_flow_refuses_a_learning_rate_or_diag_reg_to_differentiate():
+    """GradientFlow and gradient_flow read both as numbers before make_schedule's check saw them: the
+    predictions came back without a gradient, and a backward said only "element 0 of tensors does not
+    require grad" (with t requiring grad, learning_rate.grad stayed None without a word)."""
+    x, y, x_test = _x(), _x(6, 1, seed=1)[:, 0], _x(3, seed=2)
+    rate, reg = torch.tensor(0.5, requires_grad=True), torch.tensor(0.1, requires_grad=True)
+    with pytest.raises(ValueError, match="differentiate with respect to the time t"):
+        predict.GradientFlow(NET, x, y, learning_rate=rate)
+    with pytest.raises(ValueError, match="differentiate with respect to the time t"):
+        predict.gradient_flow(NET, x, y, x_test, t=1.0, learning_rate=rate)
+    with pytest.raises(ValueError, match="diag_reg is read as a number"):
+        predict.GradientFlow(NET, x, y, diag_reg=reg)
+    with pytest.raises(ValueError, match="diag_reg is read as a number"):
+        predict.gradient_flow(NET, x, y, x_test, t=1.0, diag_reg=reg)
+    # plain tensors are numbers as before
+    flow = predict.GradientFlow(NET, x, y, learning_rate=rate.detach(), diag_reg=reg.detach())
+    ref = predict.GradientFlow(NET, x, y, learning_rate=0.5, diag_reg=0.1)
+    assert torch.equal(flow.predict(x_test, t=2.0).mean, ref.predict(x_test, t=2.0).mean)
+
+
 def test_gradient_descent_mse_second_derivatives_and_extreme_schedules():
     """The Daleckii–Krein backward is not itself differentiable: with create_graph=True it gave wrong
     second derivatives silently (d²L/dℓ² 0.388 for 0.344); its slopes were NaN at a step of exactly

@@ -20,8 +20,10 @@ from typing import overload
 import torch
 from torch import Tensor
 
+from ntkgp._autograd import outside_inference_mode
 from ntkgp._checks import integer_at_least
 from ntkgp._typing import Steps, Times
+from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.validation import finite_number, positive_number
 from ntkgp.predict.gaussian import check_device, check_targets, tensor_kind
 from ntkgp.predict.linearized import _check_kernel, _initial_outputs, check_full_kernel
@@ -54,6 +56,9 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
                      dtype: torch.dtype = ...) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
+# it differentiates the loss itself: under a caller's torch.inference_mode() autograd found no gradient,
+# and the ValueError blamed a valid loss (torch.enable_grad() does not lift inference mode)
+@outside_inference_mode
 def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = 0.0,
                      ntk_test_train: Tensor | None = None, fx_test_0: Tensor | float | None = None,
                      t: Times = None, steps: Steps = None, learning_rate: float = 1.0,
@@ -130,6 +135,9 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     max_steps = integer_at_least(max_steps, 1, "max_steps")
     if isinstance(momentum, Tensor) and momentum.requires_grad:
         raise ValueError("momentum is read as a number and gets no gradient: pass a plain number.")
+    if isinstance(learning_rate, Tensor) and learning_rate.requires_grad:
+        # before make_schedule, whose refusal suggests differentiating with respect to t, refused here too
+        raise ValueError("learning_rate is read as a number and gets no gradient: pass a plain number.")
     beta = None if momentum is None else finite_number(momentum, "momentum", "a number in [0, 1)")
     if beta is not None and not 0.0 <= beta < 1.0:
         raise ValueError(f"momentum must be in [0, 1) (heavy-ball momentum), got {momentum!r}.")
@@ -269,7 +277,8 @@ def _iterate(gradient, outputs, f0: Tensor, eta: float, beta: float | None, step
             # the outputs overflowed: what follows is inf and NaN, which came back without a word
             warnings.warn(f"gradient_descent diverged: the training outputs overflowed at step {step + 1} "
                           f"(learning_rate={eta:g} is too large for this loss and kernel; for the squared loss the "
-                          "stability limit is ntkgp.predict.max_learning_rate).", RuntimeWarning, stacklevel=3)
+                          "stability limit is ntkgp.predict.max_learning_rate).", RuntimeWarning,
+                          stacklevel=caller_stacklevel())
             warned = True
     return [at[s] for s in wanted]
 

@@ -34,7 +34,6 @@ from ntkgp._autograd import outside_inference_mode
 from ntkgp._checks import NT_KERNEL_HINT, check_flag, neural_tangents_keywords
 from ntkgp._typing import Steps, Times
 from ntkgp.layers.base import Layer
-from ntkgp.layers.validation import positive_number
 from ntkgp.predict.gaussian import (
     Gaussian,
     HyperparameterRecord,
@@ -52,6 +51,7 @@ from ntkgp.predict.spectral import (
     Schedule,
     cholesky,
     cholesky_solve,
+    learning_rate_number,
     make_schedule,
     max_learning_rate,
     regularize,
@@ -82,7 +82,8 @@ class GradientFlow:
     (:meth:`predict` refuses to mix the two). The
     training data are copied, so later in-place changes to them do not reach the predictions.
     Kernels are computed without autograd, so predictions carry no gradient with respect to the
-    inputs, the targets or the variances (they do with respect to ``t``): for differentiable
+    inputs, the targets or the variances (they do with respect to ``t``; a ``learning_rate`` or
+    ``diag_reg`` that requires grad is refused): for differentiable
     predictions, pass kernels from ``net.kernel`` to :func:`~ntkgp.predict.gradient_descent_mse`.
 
     Args:
@@ -121,7 +122,13 @@ class GradientFlow:
         check_training_data(net, x_train, y_train)
         check_flag(diag_reg_absolute_scale, "diag_reg_absolute_scale")
         self.net, self.x_train, self.kind = net, x_train, kernel
-        self.learning_rate = positive_number(learning_rate, "learning_rate")
+        # a tensor that requires grad is refused, not read as a number: make_schedule, which refuses such a
+        # learning rate, only ever saw the float, and autograd said only "does not require grad"
+        self.learning_rate = learning_rate_number(learning_rate)
+        if isinstance(diag_reg, Tensor) and diag_reg.requires_grad:
+            raise ValueError("diag_reg is read as a number here and gets no gradient (the kernels are computed "
+                             "without autograd): pass kernels from net.kernel to gradient_descent_mse, which "
+                             "differentiates with respect to diag_reg.")
         self.diag_reg = check_non_negative("diag_reg", diag_reg)
         self.diag_reg_absolute_scale = diag_reg_absolute_scale
         self.dtype, self.factor_dtype = x_train.dtype, check_factor_dtype(factor_dtype)
@@ -432,7 +439,7 @@ def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor |
     check_flag(diag_reg_absolute_scale, "diag_reg_absolute_scale")
     if x_test is not None:
         check_test_points(x_test, x_train.shape[-1], x_train.device)
-    make_schedule(t, steps, positive_number(learning_rate, "learning_rate"), y_train.numel(), x_train.device)
+    make_schedule(t, steps, learning_rate, y_train.numel(), x_train.device)
     flow = GradientFlow(net, x_train, y_train, kernel=kernel, learning_rate=learning_rate, diag_reg=diag_reg,
                         diag_reg_absolute_scale=diag_reg_absolute_scale)
     return flow.predict(x_test, t=t, steps=steps, compute_cov=compute_cov)

@@ -357,13 +357,18 @@ def _n_over_a2(a: Tensor) -> Tensor:
     return torch.where(small, series, direct)
 
 
-def make_schedule(t: Times, steps: Steps, learning_rate: float, m: int, device: torch.device) -> Schedule | None:
-    """Validate ``t``/``steps``; ``None`` when both are ``None`` (infinite time, Cholesky path)."""
+def learning_rate_number(learning_rate: object) -> float:
+    """``learning_rate`` as a positive float, refusing a tensor that requires grad: read as a number,
+    it had no gradient, and autograd said only "does not require grad"."""
     if isinstance(learning_rate, Tensor) and learning_rate.requires_grad:
-        # read as a number, it had no gradient, and autograd said only "does not require grad"
         raise ValueError("learning_rate is read as a number and gets no gradient; differentiate with respect "
                          "to the time t instead (the dynamics depend on τ = η t / m only).")
-    learning_rate = positive_number(learning_rate, "learning_rate")
+    return positive_number(learning_rate, "learning_rate")
+
+
+def make_schedule(t: Times, steps: Steps, learning_rate: float, m: int, device: torch.device) -> Schedule | None:
+    """Validate ``t``/``steps``; ``None`` when both are ``None`` (infinite time, Cholesky path)."""
+    learning_rate = learning_rate_number(learning_rate)
     if t is not None and steps is not None:
         raise ValueError("Give either continuous times t or discrete step counts steps, not both.")
     if t is None and steps is None:
