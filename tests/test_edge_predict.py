@@ -214,6 +214,18 @@ def test_the_divergence_warning_says_when_the_values_overflow():
         assert torch.isfinite(early.covariance).all() and not torch.isfinite(late.covariance).all()
         early, late = at(0.8, mean_steps), at(1.25, mean_steps)
         assert torch.isfinite(early.mean).all() and not torch.isfinite(late.mean).all()
+    # one linearized network has outputs, no covariance: the warning spoke of both
+    k = NET.kernel(x).ntk
+    limit = predict.max_learning_rate(k, y.numel())
+    overflow = r"the outputs overflow torch\.float64 \(inf, then NaN\) after about"
+    with pytest.warns(RuntimeWarning, match=overflow) as record:
+        predict.gradient_descent_mse(k, y, steps=1, learning_rate=1.2 * limit)
+    assert "covariance" not in str(record[0].message)
+    steps = float(re.findall(r"after about (\d+) steps", str(record[0].message))[0])
+    for fraction, finite in ((0.8, True), (1.25, False)):
+        with pytest.warns(RuntimeWarning, match="stability limit"):
+            out = predict.gradient_descent_mse(k, y, steps=round(fraction * steps), learning_rate=1.2 * limit)
+        assert bool(torch.isfinite(out).all()) is finite
     with warnings.catch_warnings(record=True) as record:         # at the limit itself nothing grows
         warnings.simplefilter("always")
         predict.gradient_flow(NET, x, y, xt, steps=3, learning_rate=predict.GradientFlow(NET, x, y).max_learning_rate)

@@ -157,7 +157,7 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
         eig = Eigensystem.of(kernel.detach(), check_as=("ntk_train_train", ntk_train_train.dtype))
         if schedule.discrete:
             warn_if_unstable(schedule.learning_rate, stability_limit(float(eig.values.max()), y_train.numel()),
-                             factor_dtype, out_dtype)
+                             factor_dtype, out_dtype, covariance=False)   # one network: no covariance
         slopes = (None, None)
         if kernel.requires_grad and torch.is_grad_enabled():
             slopes = schedule.slopes(eig)

@@ -728,13 +728,14 @@ def warn_if_unresolved(test_eigen: Tensor | None, right: Tensor, result: Tensor,
                       stacklevel=caller_stacklevel())
 
 
-def warn_if_unstable(learning_rate: float, limit: float, *dtypes: torch.dtype) -> None:
+def warn_if_unstable(learning_rate: float, limit: float, *dtypes: torch.dtype, covariance: bool = True) -> None:
     """Discrete gradient descent at ``η ≥ 2m/λ_max`` does not converge: the top mode oscillates
     with factor ``1 − ηλ_max/m ≤ −1`` (and grows above the limit).
 
     Above the limit the mode grows by ``g = 2η/limit − 1`` per step, so the covariance (``∝ g^{2s}``)
     overflows the narrowest of ``dtypes`` (the dtypes the values pass through) after about
-    ``ln(max)/(2 ln g)`` steps and the mean after twice as many; the warning says when.
+    ``ln(max)/(2 ln g)`` steps and the mean after twice as many; the warning says when (for one
+    network's outputs, ``covariance=False``, only the latter).
     """
     if learning_rate < limit:
         return
@@ -744,7 +745,12 @@ def warn_if_unstable(learning_rate: float, limit: float, *dtypes: torch.dtype) -
     if growth > 1 + 1e-9 and dtypes:   # at the limit itself (up to rounding) nothing grows
         largest = min(torch.finfo(dtype).max for dtype in dtypes)
         steps = math.log(largest) / math.log(growth)
-        message += (f" The top mode grows by {growth:.4g}x per step: the covariance overflows "
-                    f"{min(dtypes, key=lambda d: torch.finfo(d).max)} (inf, then NaN) after about {round(steps / 2)} "
-                    f"steps, the mean after about {round(steps)} steps.")
+        narrowest = min(dtypes, key=lambda d: torch.finfo(d).max)
+        if covariance:
+            message += (f" The top mode grows by {growth:.4g}x per step: the covariance overflows {narrowest} "
+                        f"(inf, then NaN) after about {round(steps / 2)} steps, the mean after about "
+                        f"{round(steps)} steps.")
+        else:
+            message += (f" The top mode grows by {growth:.4g}x per step: the outputs overflow {narrowest} (inf, then "
+                        f"NaN) after about {round(steps)} steps.")
     warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
