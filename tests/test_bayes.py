@@ -559,6 +559,21 @@ def test_one_hot_targets_refuse_integer_dtypes_and_huge_labels():
         bayes.one_hot_targets([0.0, 1e19])
 
 
+@pytest.mark.parametrize("bad", ["0.1", b"0.1", True, np.bool_(True), torch.tensor(True), float("nan")])
+def test_one_hot_offset_is_a_finite_number_not_text_or_a_boolean(bad):
+    """float(offset) read "0.1" as 0.1 and True as 1 (targets 0 and -1 instead of e_c - 1/C), as the
+    noises and levels no longer are; a 1-element array raised a TypeError, a tensor that requires
+    grad warned."""
+    with pytest.raises(ValueError, match="offset must be a finite real number"):
+        bayes.one_hot_targets([0, 1, 2], offset=bad)
+    expected = torch.tensor([[0.8, -0.2, -0.2], [-0.2, 0.8, -0.2]], dtype=torch.float64)
+    for good in (0.2, np.float32(0.2), np.array([0.2]), torch.tensor(0.2, requires_grad=True)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")   # no "Converting a tensor with requires_grad=True to a scalar"
+            torch.testing.assert_close(bayes.one_hot_targets([0, 1], num_classes=3, offset=good), expected,
+                                       rtol=0, atol=1e-8)   # float32's 0.2 is 0.2 + 3e-9
+
+
 def test_digits_classification_as_regression():
     """NNGP and converged-NTK ensemble (depth-2 ReLU, σ_w² = 2, σ_b² = 0.01, noise 0.01) on
     sklearn's load_digits: train on images 0..999, test on 1000..1796 (797), one-hot targets

@@ -1299,6 +1299,24 @@ def test_csv_with_another_separator_is_told_to_use_commas_not_to_mark_a_header(t
         load_dataset(str(tmp_path / "header.csv"))
 
 
+@pytest.mark.parametrize("text, line, column", [
+    ("1,2,\n3,4,\n", 1, 3),   # a comma ending every line, as spreadsheets export empty columns
+    ("1,\n3,4\n", 1, 2),      # a missing target
+    ("1,2\n3,\n", 2, 2),      # ... on a later line, which had no hint at all
+])
+def test_csv_empty_values_are_named_as_such_not_as_an_unmarked_header(tmp_path, text, line, column):
+    """An empty cell on a line of numbers was told "(a header line must start with #)", advice for a
+    file it does not describe; a header with an empty cell (pandas' ",x,y") keeps that advice."""
+    (tmp_path / "data.csv").write_text(text)
+    with pytest.raises(ValueError, match=rf"line {line}, column {column}: could not convert string '' .* \(an empty "
+                                         r"value: a missing number, or a comma at the end of the line\)$") as error:
+        load_dataset(str(tmp_path / "data.csv"))
+    assert "header" not in str(error.value)
+    (tmp_path / "header.csv").write_text(",x,y\n0,1,2\n")
+    with pytest.raises(ValueError, match=r"line 1, column 1: .* \(a header line must start with #\)$"):
+        load_dataset(str(tmp_path / "header.csv"))
+
+
 def test_csv_header_may_be_indented(tmp_path):
     # "  # x,y" left numpy a line of spaces: "could not convert string '  '"
     (tmp_path / "indent.csv").write_text("  # x,y\n0,0\n\t# note\n1,1\n")

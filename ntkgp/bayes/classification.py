@@ -23,6 +23,7 @@ from torch import Tensor
 from ntkgp._typing import ArrayLike
 from ntkgp.bayes._arrays import finite, integer_at_least, labels_array
 from ntkgp.bayes.metrics import auroc
+from ntkgp.layers.validation import finite_number
 
 
 def one_hot_targets(labels: ArrayLike, num_classes: int | None = None, offset: float | None = None,
@@ -52,9 +53,9 @@ def one_hot_targets(labels: ArrayLike, num_classes: int | None = None, offset: f
     num_classes = integer_at_least(num_classes, 2, "num_classes")
     if y.max() >= num_classes:
         raise ValueError(f"labels go up to {y.max()} but num_classes={num_classes}.")
-    offset = 1.0 / num_classes if offset is None else float(offset)
-    if not np.isfinite(offset):
-        raise ValueError(f"offset must be finite, got {offset!r}.")
+    # a number, as the noises and levels are: float() read "0.1" as 0.1 and True as 1 (the true class
+    # became 0, the others -1), and raised a TypeError for a 1-element array
+    offset = 1.0 / num_classes if offset is None else finite_number(offset, "offset")
     device = labels.device if isinstance(labels, Tensor) else None   # a tensor's own; arrays: torch's default
     targets = torch.nn.functional.one_hot(torch.as_tensor(y, device=device), num_classes).to(dtype)
     return targets - offset

@@ -268,8 +268,12 @@ def _bad_line(lines: list[str]) -> str | None:
             # numbers joined by another separator (Excel's semicolons where the comma is the decimal mark,
             # tabs) get the rule for separators: "1;2" was told that a header line must start with #
             other = _other_separator(line, int(column[1])) if column else None
+            # an empty cell among numbers (a missing value, a comma ending each line as spreadsheets write
+            # them) is no header: "1,2," was told that a header line must start with #
+            empty = column is not None and _empty_among_numbers(line, int(column[1]))
             # an unmarked header, the usual non-number on the first line, gets the rule for headers
             hint = (f" (values must be separated by commas, not {other}, with '.' as the decimal point)" if other
+                    else " (an empty value: a missing number, or a comma at the end of the line)" if empty
                     else " (a header line must start with #)" if first is None else "")
             return f"{where}: {message[:column.start()] if column else message}{hint}"
         if first is None:
@@ -288,6 +292,14 @@ def _other_separator(line: str, column: int) -> str | None:
         if len(parts) > 1 and all(_is_number(part) for part in parts):
             return name
     return None
+
+
+def _empty_among_numbers(line: str, column: int) -> bool:
+    """Whether the ``column``-th (1-based) comma-separated cell of ``line`` is empty and every other
+    cell a number or empty (``",x,y"``, pandas' header with an index, is a header)."""
+    cells = line.partition("#")[0].split(",")
+    return (0 < column <= len(cells) and not cells[column - 1].strip()
+            and all(_is_number(cell) for cell in cells if cell.strip()))
 
 
 def _is_number(text: str) -> bool:
