@@ -208,7 +208,7 @@ class NetworkGP(gpytorch.models.ExactGP):
                 raise ValueError(f"{name} must be a torch.Tensor of shape (..., M, {features}), "
                                  f"got {type(x).__name__}.")
             shape = (*x.shape, 1) if x.dim() == 1 else tuple(x.shape)   # GPyTorch reads a 1-D input as (M, 1)
-            if shape[-1] != features:
+            if x.dim() == 0 or shape[-1] != features:   # a 0-d tensor: "tuple index out of range" from shape[-1]
                 raise ValueError(f"{name} must have {features} feature(s) like train_x, shape (..., M, {features}); "
                                  f"got shape {shape}.")
             dtype = self.train_inputs[0].dtype

@@ -174,6 +174,31 @@ def test_replacing_a_variance_constraint_is_refused_before_it_breaks_the_kernel(
     assert layer.weight_var.item() == pytest.approx(2.0)
 
 
+def test_setting_a_vector_where_a_scalar_variance_is_held_says_how_to_get_one():
+    """A layer built with a vector weight_var names ard_num_dims and expand_batch; setting one on a
+    built layer (``layer.weight_var = ...``, ``initialize``, GPyTorch's ``model.initialize(**{...})``)
+    gave only "must broadcast to shape (), got shape (3,)". The setters now give the same hint, and a
+    batched or per-feature variance, which holds a vector already, keeps the plain message."""
+    layer = ntkgp.Dense(8, 2.0, 0.1)
+    kernel = ntkgp.NTKKernel(ntkgp.serial(layer, ntkgp.ReLU(), ntkgp.Dense(1)))
+    for set_it in (lambda v: setattr(layer, "weight_var", v), lambda v: layer.initialize(weight_var=v),
+                   lambda v: kernel.initialize(**{"net.layers.0.weight_var": v})):
+        with pytest.raises(ValueError, match=r"^weight_var must broadcast to shape \(\), got shape \(3,\) "
+                                             r"\(per-feature weight variances: Dense\(\.\.\., ard_num_dims=d\) "
+                                             r"on the first layer; a batch of variances: expand_batch\)\.$"):
+            set_it(torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"^bias_var must broadcast to shape \(\), got shape \(2,\) "
+                                         r"\(a batch of variances: expand_batch\)\.$"):
+        layer.bias_var = torch.tensor([0.1, 0.2])
+    f64 = torch.zeros((), dtype=torch.float64)   # the refused values left the exact ones in place
+    assert layer.variance_as("weight_var", f64).item() == 2.0 and layer.variance_as("bias_var", f64).item() == 0.1
+    ard = ntkgp.Dense(8, 1.0, ard_num_dims=3)
+    with pytest.raises(ValueError, match=r"^weight_var must broadcast to shape \(3,\), got shape \(2,\)\.$"):
+        ard.weight_var = torch.tensor([1.0, 2.0])
+    ard.weight_var = torch.tensor([1.0, 2.0, 3.0])   # the shapes it holds stay accepted
+    assert ard.weight_var.tolist() == [1.0, 2.0, 3.0]
+
+
 def test_kernels_compose_with_gpytorch_kernels():
     net = ntkgp.mlp(1, "relu")
     composite = ntkgp.NNGPKernel(net) + gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())

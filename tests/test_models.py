@@ -557,6 +557,22 @@ def test_network_gp_checks_test_inputs_before_gpytorch_concatenates_them(monkeyp
         torch.testing.assert_close(one(x[:4, 0]).mean, one(x[:4, :1]).mean, rtol=0, atol=0)
 
 
+def test_a_zero_dimensional_test_or_fantasy_input_is_refused_by_shape():
+    """A 0-d tensor (one scalar point, say ``torch.tensor(0.5)`` for a one-feature model) failed in the
+    input check itself with Python's "tuple index out of range"; it is told the shape it needs, at
+    prediction and fantasizing alike, before any kernel work."""
+    x, y = _data()
+    model = NetworkGP(x[:, :1], y)
+    model.eval()
+    with pytest.raises(ValueError, match=r"^x must have 1 feature\(s\) like train_x, shape \(\.\.\., M, 1\); "
+                                         r"got shape \(\)"):
+        model(torch.tensor(0.5))
+    with pytest.raises(ValueError, match=r"^inputs must have 1 feature\(s\) like train_x"):
+        model.get_fantasy_model(torch.tensor(0.5), torch.tensor([0.1]))
+    with torch.no_grad():   # the same point as (1,) and (1, 1) stays accepted
+        torch.testing.assert_close(model(torch.tensor([0.5])).mean, model(torch.tensor([[0.5]])).mean, rtol=0, atol=0)
+
+
 def test_fit_reports_a_step_that_overflows_a_variance():
     """A step so large that exp(raw) overflows made the kernel refuse its variance; fit says so
     with its documented FloatingPointError and the step."""

@@ -109,6 +109,16 @@ def check_variance(name: str, value: float | Tensor) -> Tensor:
     return tensor + 0.0   # -0.0 as 0.0: a signed zero printed as -0 and gave kernel entries of -0.0
 
 
+def _shape_hint(name: str, shape: torch.Size, anchor: Tensor) -> str:
+    """How to get a vector of variances where a scalar one is held: per-feature weight variances
+    (ARD) or a batch. Given when a layer is built, and when a variance is set (``layer.weight_var =``,
+    ``initialize``), whose message gave only the shapes."""
+    if shape or not anchor.dim():
+        return ""
+    ard = "per-feature weight variances: Dense(..., ard_num_dims=d) on the first layer; "
+    return f" ({ard if name == 'weight_var' else ''}a batch of variances: expand_batch)"
+
+
 def _variance_of(name: str, module: VarianceParameters) -> Tensor:
     # in the module's dtype, which is the prior's too (torch.distributions casts values to it): a
     # float32 module's prior sees 1e-50 as 0, however exactly its float64 kernels use the variance
@@ -135,13 +145,8 @@ class VarianceParameters:
             try:
                 anchor = anchor.expand(shape).clone()
             except RuntimeError as err:
-                # a per-feature weight_var without ard_num_dims was refused without saying how to get one
-                # (and bias_var's, without the batch's hint that weight_var's had)
-                ard = "per-feature weight variances: Dense(..., ard_num_dims=d) on the first layer; "
-                hint = (f" ({ard if name == 'weight_var' else ''}a batch of variances: expand_batch)"
-                        if not shape and anchor.dim() else "")
                 raise ValueError(f"{name} must be a scalar or have shape {tuple(shape)}, "
-                                 f"got shape {tuple(anchor.shape)}{hint}.") from err
+                                 f"got shape {tuple(anchor.shape)}{_shape_hint(name, shape, anchor)}.") from err
         raw = torch.nn.Parameter(torch.zeros(shape))
         self.register_parameter(f"raw_{name}", raw)
         # where raw is (the module's device): a variance given as a CUDA tensor put this anchor there
@@ -196,7 +201,7 @@ class VarianceParameters:
             event = raw.shape[raw.dim() - event_dims:]
             if getattr(self, "_strict_init", True) or anchor.shape[anchor.dim() - event_dims:] != event:
                 raise ValueError(f"{name} must broadcast to shape {tuple(raw.shape)}, "
-                                 f"got shape {tuple(anchor.shape)}.") from err
+                                 f"got shape {tuple(anchor.shape)}{_shape_hint(name, raw.shape, anchor)}.") from err
             # GPyTorch's pyro_load_from_samples (non-strict mode) loads S samples of shape (S, *shape):
             # the variance becomes a batch of S, as GPyTorch's own parameters do (`.data = value`)
             raw.data = raw.new_zeros(anchor.shape)
