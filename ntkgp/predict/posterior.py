@@ -65,7 +65,7 @@ class GPPosterior:
     changing those, build a new ``GPPosterior`` (:meth:`predict` refuses to mix the two).
     The training data are copied and the kernels computed without autograd: predictions carry no
     gradient with respect to the inputs, the targets, the variances or ``noise`` (which is read as
-    a number).
+    a number: a tensor that requires grad is refused).
     For a differentiable posterior and a trainable marginal likelihood use
     :class:`ntkgp.models.NetworkGP` (its predictions' gradients with respect to the
     hyperparameters under ``gpytorch.settings.detach_test_caches(False)``).
@@ -86,6 +86,9 @@ class GPPosterior:
                  noise: float | Tensor = 0.0, factor_dtype: torch.dtype = torch.float64) -> None:
         if kernel not in POSTERIORS:
             raise ValueError(f"kernel must be one of {POSTERIORS}, got {kernel!r}.")
+        if isinstance(noise, Tensor) and noise.requires_grad:   # as GradientFlow's diag_reg: dropped silently
+            raise ValueError("noise is read as a number here and gets no gradient (the kernels are computed without "
+                             "autograd): for a differentiable posterior use ntkgp.models.NetworkGP.")
         self.kind, self.noise = kernel, check_non_negative("noise", noise)
         if kernel == "ntk":   # its GradientFlow records the hyperparameters and checks them
             self._flow = GradientFlow(net, x_train, y_train, kernel="ntk", diag_reg=self.noise,
