@@ -362,7 +362,8 @@ def learning_rate_number(learning_rate: object) -> float:
     it had no gradient, and autograd said only "does not require grad"."""
     if isinstance(learning_rate, Tensor) and learning_rate.requires_grad:
         raise ValueError("learning_rate is read as a number and gets no gradient; differentiate with respect "
-                         "to the time t instead (the dynamics depend on τ = η t / m only).")
+                         "to the time t instead (the continuous-time dynamics depend on τ = η t / m only; "
+                         "discrete steps read η as a number).")
     return positive_number(learning_rate, "learning_rate")
 
 
