@@ -299,7 +299,7 @@ def ensemble_moments(predictions: ArrayLike, noise: float | Tensor | np.ndarray 
         μ = (1/E) Σ_e μ_e,   σ² = (1/E) Σ_e (σ_e² + μ_e²) − μ²
 
     i.e. the mean noise variance plus the (biased, 1/E) spread of the member means
-    (Lakshminarayanan et al. 2017, eq. 1 and §2.4).
+    (Lakshminarayanan et al. 2017, §2.4).
 
     Args:
         predictions: ``(E, M)``/``(E, M, k)`` member outputs, or a list of ``E`` tensors.

@@ -197,8 +197,8 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor, supplement: bool = Fal
     with ``supplement`` its supplement ``π − θ = atan2(s, −k12)``, or with ``complement`` its
     complement ``π/2 − θ = atan2(k12, s) = arcsin ρ`` (0 where ``s = k12 = 0``).
 
-    Kernels that vanish at ``θ = π`` (ReLU's ``(s − (π − θ)|k12|)/(2π) ≈ δ³/3`` at ``δ = π − θ``)
-    need the supplement straight from ``atan2``: ``π − θ`` subtracted afterwards carries θ's
+    Kernels that vanish at ``θ = π`` (ReLU's ``(s − (π − θ)|k12|)/(2π) ≈ δ³/(6π)`` at ``δ = π − θ``,
+    unit variances) need the supplement straight from ``atan2``: ``π − θ`` subtracted afterwards carries θ's
     absolute rounding (4e-16), which their cancellation amplifies by ``1/δ²`` (ReLU's kernel at
     a correlation of ``−1 + 1e-8`` was 3e-4 off, relative; from ``atan2``, ``ε/δ²`` as the inputs').
     Kernels that vanish at ``θ = π/2`` (``Sign``'s ``1 − 2θ/π``, ``Abs``'s ``Ṫ``) need the complement
