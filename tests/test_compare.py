@@ -1280,39 +1280,28 @@ def test_csv_errors_name_the_file_s_line_numbers(tmp_path):
     assert "header" not in str(error.value)   # the hint is for a value that is not a number
 
 
-@pytest.mark.parametrize("text, column, separator", [
-    ("1;2\n3;4\n", 1, "semicolons"),            # Excel's CSV where the comma is the decimal mark
-    ("1,5;2,5\n3,5;4,5\n", 2, "semicolons"),    # ... and its decimals: the comma splits "1", "5;2", "5"
-    ("1\t2\n3\t4\n", 1, "tabs"),
-    ("# x y\n1 2\n", 1, "spaces"),
-])
-def test_csv_with_another_separator_is_told_to_use_commas_not_to_mark_a_header(tmp_path, text, column, separator):
-    """A first line of numbers joined by semicolons, tabs or spaces was told "(a header line must start
-    with #)", advice for a file it does not describe; a header that is not numbers keeps that advice."""
-    (tmp_path / "data.csv").write_text(text)
-    with pytest.raises(ValueError, match=rf"column {column}: could not convert .* \(values must be separated by "
-                                         rf"commas, not {separator}, with '\.' as the decimal point\)$") as error:
-        load_dataset(str(tmp_path / "data.csv"))
-    assert "header" not in str(error.value)
-    (tmp_path / "header.csv").write_text("x;y\n1,2\n")
-    with pytest.raises(ValueError, match=r"line 1, column 1: .* \(a header line must start with #\)$"):
-        load_dataset(str(tmp_path / "header.csv"))
+_SEPARATORS = r"\(values must be separated by commas, not {}, with '\.' as the decimal point\)"
+_EMPTY = r"\(an empty value: a missing number, or a comma at the end of the line\)"
 
 
-@pytest.mark.parametrize("text, line, column", [
-    ("1,2,\n3,4,\n", 1, 3),   # a comma ending every line, as spreadsheets export empty columns
-    ("1,\n3,4\n", 1, 2),      # a missing target
-    ("1,2\n3,\n", 2, 2),      # ... on a later line, which had no hint at all
+@pytest.mark.parametrize("text, where, hint, header", [
+    ("1;2\n3;4\n", "column 1", _SEPARATORS.format("semicolons"), "x;y\n1,2\n"),  # Excel's where ',' is the decimal mark
+    ("1,5;2,5\n3,5;4,5\n", "column 2", _SEPARATORS.format("semicolons"), "x;y\n1,2\n"),  # the comma splits "5;2"
+    ("1\t2\n3\t4\n", "column 1", _SEPARATORS.format("tabs"), "x;y\n1,2\n"),
+    ("# x y\n1 2\n", "column 1", _SEPARATORS.format("spaces"), "x;y\n1,2\n"),
+    ("1,2,\n3,4,\n", "line 1, column 3", _EMPTY, ",x,y\n0,1,2\n"),   # a comma ending every line, as spreadsheets
+    ("1,\n3,4\n", "line 1, column 2", _EMPTY, ",x,y\n0,1,2\n"),      # a missing target
+    ("1,2\n3,\n", "line 2, column 2", _EMPTY, ",x,y\n0,1,2\n"),      # ... on a later line, which had no hint at all
 ])
-def test_csv_empty_values_are_named_as_such_not_as_an_unmarked_header(tmp_path, text, line, column):
-    """An empty cell on a line of numbers was told "(a header line must start with #)", advice for a
-    file it does not describe; a header with an empty cell (pandas' ",x,y") keeps that advice."""
+def test_csv_lines_that_are_no_header_are_not_told_to_mark_one(tmp_path, text, where, hint, header):
+    """Numbers joined by semicolons, tabs or spaces, and empty cells among numbers, were told "(a header
+    line must start with #)", advice for a file they do not describe (a later line got no hint at
+    all); a header that is not numbers (pandas' ",x,y" with its empty cell too) keeps that advice."""
     (tmp_path / "data.csv").write_text(text)
-    with pytest.raises(ValueError, match=rf"line {line}, column {column}: could not convert string '' .* \(an empty "
-                                         r"value: a missing number, or a comma at the end of the line\)$") as error:
+    with pytest.raises(ValueError, match=rf"{where}: could not convert .* {hint}$") as error:
         load_dataset(str(tmp_path / "data.csv"))
     assert "header" not in str(error.value)
-    (tmp_path / "header.csv").write_text(",x,y\n0,1,2\n")
+    (tmp_path / "header.csv").write_text(header)
     with pytest.raises(ValueError, match=r"line 1, column 1: .* \(a header line must start with #\)$"):
         load_dataset(str(tmp_path / "header.csv"))
 
