@@ -1037,6 +1037,23 @@ def test_a_spec_with_several_outputs_is_refused_before_the_analytic_side(monkeyp
         run_comparison(sin_dataset(), CompareConfig(**TINY, spec=two_outputs))
 
 
+@pytest.mark.parametrize("end", [ntkgp.ReLU, ntkgp.Erf, lambda: ntkgp.residual(ntkgp.Dense(1), ntkgp.Erf())])
+def test_a_spec_whose_output_is_not_gaussian_is_refused_before_training(end, monkeypatch):
+    """An output through an activation is not centred (a ReLU's has mean sqrt(K/2π)) nor Gaussian, and
+    its NTK stays random: the NTK-GP does not describe it. It trained and was reported against mean 0
+    at step 0, every check failing as if the theory did not hold (mean within 0.46 at width 256)."""
+    import ntkgp.compare.harness as harness
+
+    def spec(n):
+        return ntkgp.serial(ntkgp.Dense(n, 2.0, 0.01), ntkgp.Erf(), ntkgp.Dense(1, 1.0, 0.01), end())
+
+    monkeypatch.setattr(harness, "train_ensemble", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ValueError, match=r"spec\(16\)'s output is not a centred Gaussian at initialization"):
+        run_comparison(sin_dataset(), CompareConfig(**TINY, spec=spec))
+    with pytest.raises(ValueError, match="not a centred Gaussian"):   # readout-only: the NNGP does not either
+        run_comparison(sin_dataset(), CompareConfig(**TINY, spec=spec, readout_only=True))
+
+
 def test_ntk_parameterized_copies_the_spec_in_ntk_parameterization():
     from ntkgp.finite import ntk_parameterized
 
