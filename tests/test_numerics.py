@@ -77,6 +77,35 @@ def test_diag_mode_equals_diagonal_of_full_matrix(name):
     torch.testing.assert_close(pairs.ntk, cross.ntk.diagonal(), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_diag_pairs_of_equal_points_are_the_diagonal_of_the_full_kernel(dtype):
+    """``kernel(x1, x2, diag=True)`` where ``x2_i == x1_i`` (a copy that needs input gradients, or
+    test points on training points) is the diagonal of the full kernel, which makes such pairs
+    exactly a point with itself: the diagonal mode kept the pair formulas, a smooth activation's
+    (or LayerNorm's) pair an ulp off ``ρ = 1``, and a later kinked activation turned that into
+    ``sqrt(ulp)``: GELU then Sign 1.4e-2 (float32) and 9.5e-5 (float64) off, relative; ReLU's NTK
+    after a LayerNorm 2.7e-4 (float32)."""
+    x = torch.randn(20, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    other = torch.randn(20, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    mixed = torch.where(torch.arange(20).unsqueeze(-1) % 2 == 0, x, other)   # every other point shared
+    nets = {"gelu_sign": ntkgp.serial(ntkgp.Dense(8, 1.0, 0.1), ntkgp.GELU(), ntkgp.Dense(8, 2.0, 0.1), ntkgp.Sign(),
+                                      ntkgp.Dense(8, 2.0, 0.1), ntkgp.Sign(), ntkgp.Dense(1)),
+            "layernorm_relu": ntkgp.serial(*[ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), ntkgp.LayerNorm(), ntkgp.ReLU())
+                                             for _ in range(3)], ntkgp.Dense(1))}
+    rtol = 8 * torch.finfo(dtype).eps
+    for name, net in nets.items():
+        net = net.to(dtype)
+        own = net.kernel(x, diag=True)
+        for x2 in (x.clone().requires_grad_(), mixed):
+            pairs, full = net.kernel(x, x2, diag=True), net.kernel(x, x2)
+            for attr in ("nngp", "ntk"):
+                torch.testing.assert_close(getattr(pairs, attr), getattr(full, attr).diagonal(), rtol=rtol, atol=0,
+                                           msg=f"{name} {attr}")
+                shared = slice(None) if x2 is not mixed else slice(None, None, 2)
+                torch.testing.assert_close(getattr(pairs, attr)[shared], getattr(own, attr)[shared], rtol=rtol,
+                                           atol=0, msg=f"{name} {attr}")
+
+
 def test_ntk_diagonal_is_exact_against_40_digit_arithmetic():
     """Where a point meets itself the square-root term is exactly 0: the self-NTK equals an
     exact-arithmetic recursion to 1e-15 (neural-tangents: ~5e-9 per ReLU layer)."""
@@ -1225,6 +1254,23 @@ def test_vmap_over_kernel_inputs_matches_a_loop():
             mapped = torch.func.vmap(call)(xs)
             looped = torch.stack([call(x) for x in xs])
             torch.testing.assert_close(mapped, looped, rtol=1e-12, atol=1e-14)
+
+
+def test_vmap_over_kernels_against_a_second_set_of_as_many_points():
+    """vmap over ``kernel(x, x2)`` (and ``diag=True``) with ``x2`` of ``x``'s shape, mapped or not: the
+    check for ``x2`` equal to ``x`` called ``torch.equal``, which vmap refuses ("Batching rule not
+    implemented for aten::equal"), so every such call failed."""
+    g = torch.Generator().manual_seed(0)
+    xs, x2s = (torch.randn(4, 5, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), ntkgp.GELU(), ntkgp.LayerNorm(), ntkgp.Dense(1))
+    for diag in (False, True):
+        def call(x, x2, diag=diag):
+            return net.kernel(x, x2, diag=diag).ntk
+        mapped = torch.func.vmap(call)(xs, x2s)
+        torch.testing.assert_close(mapped, torch.stack([call(x, x2) for x, x2 in zip(xs, x2s, strict=True)]),
+                                   rtol=1e-12, atol=1e-14)
+        shared = torch.func.vmap(call, in_dims=(0, None))(xs, x2s[0])
+        torch.testing.assert_close(shared, torch.stack([call(x, x2s[0]) for x in xs]), rtol=1e-12, atol=1e-14)
 
 
 def test_elementwise_ntk_without_dot_fn_under_function_transforms_and_numerical_refused_there():

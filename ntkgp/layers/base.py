@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ntkgp._checks import NT_GET_HINT, check_flag, integer_at_least, neural_tangents_keywords, seed_value
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.numerics import _is_compiling, transforms_active
-from ntkgp.layers.state import BatchedDuplicates, Duplicates, KernelState
+from ntkgp.layers.state import BatchedDuplicates, DiagonalDuplicates, Duplicates, KernelState
 from ntkgp.layers.validation import all_finite, broadcast_shapes, check_inputs, usable_device
 from ntkgp.layers.variance import VarianceParameters
 
@@ -239,6 +239,8 @@ class Layer(VarianceParameters, gpytorch.Module):
         # kernel's twins bitwise equal at the end (row blocks find their own)
         whole = not checkpointed and (needs_graph or diag or empty)
         duplicates = Duplicates.of(*ids, symmetric=x2 is None) if ids is not None and (whole or x2 is None) else None
+        if diag and x2 is not None and not empty:   # pairs (x1_i, x2_i) of one point: exact, as in the matrix
+            duplicates = DiagonalDuplicates.of(x1, x2)
         if checkpointed:
             state = _checkpointed_kernel(self, x1, x2, ntk, ids, batch)
         elif whole:
