@@ -415,6 +415,23 @@ def test_empirical_ntk_jacobian_route_refuses_batched_x2_as_it_does_batched_x1()
         assert empirical_ntk(model, x1, x2).shape == (x2.shape[0], 4, x2.shape[1])   # built networks take batches
 
 
+def test_empirical_nngp_of_an_ensemble_wrapped_in_a_user_module_is_one_kernel_per_member():
+    """nn.Sequential(ensemble, Tanh()) returns (E, n, k): empirical_ntk gave one kernel per member,
+    empirical_nngp refused it ("must return outputs (n, k) for inputs (n, d)"), and so did
+    empirical_ntk's zero kernel for params={}."""
+    model = ntkgp.serial(ntkgp.Dense(5, 2.0, 0.1), ntkgp.ReLU(), ntkgp.Dense(2, 1.0, 0.1)).build(
+        in_features=3, seed=0, ensemble_size=3)
+    wrapped = torch.nn.Sequential(model, torch.nn.Tanh())
+    x1, x2 = torch.randn(4, 3), torch.randn(2, 3)
+    with torch.no_grad():
+        f1, f2 = wrapped(x1), wrapped(x2)
+    torch.testing.assert_close(empirical_nngp(wrapped, x1, x2), f1 @ f2.mT / 2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(empirical_nngp(wrapped, x1, x2, vector_output=True),
+                               torch.einsum("eni,emj->enmij", f1, f2), rtol=1e-12, atol=1e-12)
+    assert empirical_ntk(wrapped, x1, x2).shape == (3, 4, 2)
+    assert torch.equal(empirical_ntk(wrapped, x1, x2, params={}), torch.zeros(3, 4, 2))
+
+
 def test_estimators_name_what_is_wrong_with_their_inputs():
     """Raw torch errors before (review): an ensemble's member axis of another size (a broadcasting
     RuntimeError), params of the wrong shape (a matmul error), a torch module given to
@@ -749,6 +766,30 @@ def test_a_user_modules_own_ensemble_size_attribute_is_not_read_as_stacked_membe
         assert empirical_nngp(model, x1, x2).shape == (6, 3)
     built = ntkgp.mlp(1, "relu", width=8).build(in_features=4, ensemble_size=2, seed=0)
     assert ensemble_size(torch.nn.Sequential(built)) == 2   # ntkgp's members, wrapped, still count
+
+
+def test_an_ensemble_with_parametrized_dense_layers_is_still_an_ensemble():
+    """torch.nn.utils.parametrize makes a DenseModule a class of torch's module (ParametrizedDenseModule):
+    with every Dense layer parametrized ensemble_size said None, and both kernels refused the (E, n, k)
+    outputs ("must return outputs (n, k) for inputs (n, d)")."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    net = ntkgp.serial(ntkgp.Dense(4, 1.0, 0.1), ntkgp.Erf(), ntkgp.Dense(2, 1.0, 0.1))
+    model, plain = net.build(in_features=3, seed=0, ensemble_size=2), net.build(in_features=3, seed=0, ensemble_size=2)
+    for i in (0, 2):
+        parametrize.register_parametrization(model[i], "weight", Double())
+        with torch.no_grad():
+            plain[i].weight.mul_(2)
+    assert ensemble_size(model) == 2
+    x1, x2 = torch.randn(5, 3), torch.randn(4, 3)
+    torch.testing.assert_close(empirical_nngp(model, x1, x2), empirical_nngp(plain, x1, x2), rtol=1e-12, atol=1e-12)
+    # d/d original = 2 d/d weight: the weights' terms 4x
+    reference = empirical_ntk(plain, x1, x2, parameter_scales={"0.weight": 4.0, "2.weight": 4.0})
+    torch.testing.assert_close(empirical_ntk(model, x1, x2), reference, rtol=1e-12, atol=1e-12)
 
 
 def test_no_parameters_to_differentiate_give_a_zero_kernel():

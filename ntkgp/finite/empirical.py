@@ -77,9 +77,12 @@ def ensemble_size(model: nn.Module) -> int | None:
     if not isinstance(model, nn.Module):   # None raised "'NoneType' object has no attribute 'modules'"
         raise ValueError(f"model must be a torch.nn.Module (a network built by net.build(...)), got "
                          f"{type(model).__name__}.")
-    # ntkgp's modules only: a user module's own attribute of that name (a stored setting) was read as
-    # stacked members, and every parameter mapped over its first axis (a vmap size error, or slices)
-    sizes = {getattr(m, "ensemble_size", None) for m in model.modules() if type(m).__module__.startswith("ntkgp.")}
+    # ntkgp's Dense twins only (those stack members): a user module's own attribute of that name (a stored
+    # setting) was read as stacked members, and every parameter mapped over its first axis (a vmap size
+    # error, or slices); by isinstance, not the class's module: torch.nn.utils.parametrize makes the twin
+    # a class of its own module (ParametrizedDenseModule), and a network whose Dense layers were all
+    # parametrized was no ensemble (its (E, n, k) outputs refused as not (n, k))
+    sizes = {m.ensemble_size for m in model.modules() if isinstance(m, DenseModule)}
     sizes -= {None}
     if len(sizes) > 1:
         raise ValueError(f"Inconsistent ensemble sizes {sorted(sizes)} in one module.")
@@ -311,10 +314,19 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     # batches of inputs (per-member (E, n, d) ones too) only for ntkgp's networks (_checked_inputs); their
     # outputs are right by construction
     built = _built_by_ntkgp(model)
-    fn, params, _, _ = _as_function(model, params, x1)
+    fn, params, members, _ = _as_function(model, params, x1)
+
+    def outputs(x: Tensor) -> Tensor:
+        out = fn(params, x)
+        if not built and members is not None and out.dim() == x.dim() + 1 and out.shape[0] == members:
+            # a module of the user's around an ensemble, (E, n, k): refused as not "(n, k) for inputs
+            # (n, d)", where empirical_ntk gives one kernel per member
+            return _outputs_2d(out, x.expand(members, *x.shape))
+        return _outputs_2d(out, None if built else x)
+
     with torch.no_grad():
-        f1 = _outputs_2d(fn(params, x1), None if built else x1)
-        f2 = f1 if x2 is None else _outputs_2d(fn(params, x2), None if built else x2)
+        f1 = outputs(x1)
+        f2 = f1 if x2 is None else outputs(x2)
     if vector_output:
         return torch.einsum("...ni,...mj->...nmij", f1, f2)
     return (f1 @ f2.mT).div_(f1.shape[-1])   # in place: the product is fresh, a second kernel-sized copy is not needed
