@@ -137,6 +137,21 @@ def test_batch_norm_needs_eval_mode_and_the_mode_is_the_model_s():
         lin.train()(x)
 
 
+def test_spectral_norm_in_training_mode_is_named():
+    """Spectral norm's power iteration (training mode) has no forward-mode derivative: torch said only
+    "Trying to use forward AD with div_out that does not support it"; in eval mode the expansion holds."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(spectral_norm(torch.nn.Linear(3, 8)), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    x = torch.randn(6, 3, generator=g, dtype=F64)
+    with pytest.raises(ValueError, match=r"forward-mode derivative .* Spectral norm in training mode"):
+        finite.linearize(model)(x)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(finite.linearize(model)(x), model(x), rtol=1e-15, atol=1e-15)
+
+
 def test_what_cannot_be_linearized_is_refused():
     net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), ntkgp.ReLU(), ntkgp.Dense(1, 1.0, 0.0))
     with pytest.raises(ValueError, match="spec"):

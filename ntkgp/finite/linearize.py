@@ -62,7 +62,15 @@ class Linearized(nn.Module):
                 raise ValueError("Batch norm in training mode normalizes by the batch and updates its running "
                                  "statistics, so the network has no fixed expansion point: call .eval() on the "
                                  "linearized module (its batch norm then uses the running statistics).")
-        return self._expansion(x)
+        try:
+            return self._expansion(x)
+        except NotImplementedError as error:
+            if "forward AD" not in str(error):
+                raise
+            # spectral norm in training mode (its power iteration's out= division) said only this
+            raise ValueError(f"The expansion's J (θ − θ₀) is a forward-mode derivative (torch.func.jvp), which an "
+                             f"operation of the network does not support ({error}). Spectral norm in training mode "
+                             "(its power iteration) is one: call .eval() on the linearized module.") from error
 
     def _expansion(self, x: Tensor) -> Tensor:
         initial = self.initial
