@@ -848,9 +848,9 @@ def test_gradient_flow_refuses_a_learning_rate_or_diag_reg_to_differentiate():
     with pytest.raises(ValueError, match="diag_reg is read as a number"):
         predict.gradient_flow(NET, x, y, x_test, t=1.0, diag_reg=reg)
     for kind in ("nngp", "ntkgp", "ntk"):   # GPPosterior's noise likewise
-        with pytest.raises(ValueError, match="noise is read as a number here and gets no gradient"):
+        with pytest.raises(ValueError, match="noise is read as a number and gets no gradient here"):
             predict.GPPosterior(NET, x, y, kernel=kind, noise=reg)
-        with pytest.raises(ValueError, match="noise is read as a number here"):
+        with pytest.raises(ValueError, match="noise is read as a number and gets no gradient here"):
             predict.gp_posterior(NET, x, y, x_test, kernel=kind, noise=reg)
         assert torch.equal(predict.gp_posterior(NET, x, y, x_test, kernel=kind, noise=reg.detach()).mean,
                            predict.gp_posterior(NET, x, y, x_test, kernel=kind, noise=0.1).mean)

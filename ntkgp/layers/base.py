@@ -238,9 +238,10 @@ class Layer(VarianceParameters, gpytorch.Module):
         # the whole matrix's duplicates: for the whole-matrix graph, and to make a symmetric
         # kernel's twins bitwise equal at the end (row blocks find their own)
         whole = not checkpointed and (needs_graph or diag or empty)
-        duplicates = Duplicates.of(*ids, symmetric=x2 is None) if ids is not None and (whole or x2 is None) else None
-        if diag and x2 is not None and not empty:   # pairs (x1_i, x2_i) of one point: exact, as in the matrix
-            duplicates = DiagonalDuplicates.of(x1, x2)
+        # (diag with a second set: its pairs (x1_i, x2_i) of one point, made exact as in the matrix)
+        duplicates = (DiagonalDuplicates.of(x1, x2) if diag and x2 is not None and not empty
+                      else Duplicates.of(*ids, symmetric=x2 is None) if ids is not None and (whole or x2 is None)
+                      else None)
         if checkpointed:
             state = _checkpointed_kernel(self, x1, x2, ntk, ids, batch)
         elif whole:

@@ -337,23 +337,13 @@ def _values_only(fix, state: KernelState) -> KernelState:
     return state.replace(nngp=straight_through(state.nngp, fixed.nngp), ntk=ntk, cov1=cov1, cov2=cov2)
 
 
-class _Computed:
-    """A :attr:`KernelState.mean` or ``centred`` function restored by pickle: it returns the value the
-    original returned when the state was saved."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __call__(self) -> Any:
-        return self.value
-
-
 class _Once:
     """A :attr:`KernelState.mean` or ``centred`` function evaluated at most once, then dropped with
-    the intermediates its closure holds. Each consumer used to call it again, and a consumer's own
-    function calls its branches': a concatenation of two branches that share their input
-    (``parallel(Identity(), Identity(), join="concat")``, repeated ``L`` times, then a
-    ``LayerNorm``) evaluated the first mean ``2^L`` times (9 s at ``L = 12`` on 6 points)."""
+    the intermediates its closure holds (so that an evaluated one pickles: its value alone). Each
+    consumer used to call it again, and a consumer's own function calls its branches': a
+    concatenation of two branches that share their input (``parallel(Identity(), Identity(),
+    join="concat")``, repeated ``L`` times, then a ``LayerNorm``) evaluated the first mean ``2^L``
+    times (9 s at ``L = 12`` on 6 points)."""
 
     def __init__(self, function: Callable[[], Any]) -> None:
         self.function: Callable[[], Any] | None = function
@@ -435,7 +425,7 @@ class KernelState(Generic[_NTK]):
     def __post_init__(self) -> None:
         for name in ("mean", "centred"):
             function = getattr(self, name)
-            if function is not None and not isinstance(function, _Once | _Computed):
+            if function is not None and not isinstance(function, _Once):
                 object.__setattr__(self, name, _Once(function))   # frozen: setattr is refused
 
     @classmethod
@@ -473,7 +463,7 @@ class KernelState(Generic[_NTK]):
         state = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in ("mean", "centred"):
             if state[name] is not None:
-                state[name] = _Computed(state[name]())
+                state[name]()   # evaluated: the _Once keeps the value and drops the closure
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

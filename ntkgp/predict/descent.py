@@ -25,7 +25,7 @@ from ntkgp._checks import integer_at_least
 from ntkgp._typing import Steps, Times
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.validation import finite_number, positive_number
-from ntkgp.predict.gaussian import check_device, check_targets, tensor_kind
+from ntkgp.predict.gaussian import check_device, check_targets, refuse_gradient, tensor_kind
 from ntkgp.predict.linearized import _check_kernel, _initial_outputs, check_full_kernel
 from ntkgp.predict.odeint import StepLimitError, integrate, rms_norm
 from ntkgp.predict.spectral import check_symmetric, flatten_full_kernel, make_schedule
@@ -133,11 +133,9 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     if dtype not in (torch.float32, torch.float64):   # half precision's ε made tolerances of 0.1 and more
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}.")
     max_steps = integer_at_least(max_steps, 1, "max_steps")
-    if isinstance(momentum, Tensor) and momentum.requires_grad:
-        raise ValueError("momentum is read as a number and gets no gradient: pass a plain number.")
-    if isinstance(learning_rate, Tensor) and learning_rate.requires_grad:
-        # before make_schedule, whose refusal suggests differentiating with respect to t, refused here too
-        raise ValueError("learning_rate is read as a number and gets no gradient: pass a plain number.")
+    refuse_gradient(momentum, "momentum", ": pass a plain number.")
+    # before make_schedule, whose refusal suggests differentiating with respect to t, refused here too
+    refuse_gradient(learning_rate, "learning_rate", ": pass a plain number.")
     beta = None if momentum is None else finite_number(momentum, "momentum", "a number in [0, 1)")
     if beta is not None and not 0.0 <= beta < 1.0:
         raise ValueError(f"momentum must be in [0, 1) (heavy-ball momentum), got {momentum!r}.")

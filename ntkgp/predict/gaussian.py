@@ -253,6 +253,14 @@ def tensor_kind(value: object) -> str:
     return str(value.dtype) if isinstance(value, Tensor) else type(value).__name__
 
 
+def refuse_gradient(value: object, name: str, advice: str) -> None:
+    """Refuse a tensor that requires grad where the value is read as a plain number: its gradient
+    was dropped silently (or autograd said only "does not require grad"). ``advice`` says what to
+    do instead."""
+    if isinstance(value, Tensor) and value.requires_grad:
+        raise ValueError(f"{name} is read as a number and gets no gradient{advice}")
+
+
 def check_non_negative(name: str, value: float | Tensor) -> float:
     """``value`` as a finite float ``>= 0``."""
     kind = "a finite non-negative number"

@@ -45,6 +45,7 @@ from ntkgp.predict.gaussian import (
     covariance_mode,
     named_kernels,
     prior_scale,
+    refuse_gradient,
 )
 from ntkgp.predict.spectral import (
     Eigensystem,
@@ -125,10 +126,8 @@ class GradientFlow:
         # a tensor that requires grad is refused, not read as a number: make_schedule, which refuses such a
         # learning rate, only ever saw the float, and autograd said only "does not require grad"
         self.learning_rate = learning_rate_number(learning_rate)
-        if isinstance(diag_reg, Tensor) and diag_reg.requires_grad:
-            raise ValueError("diag_reg is read as a number here and gets no gradient (the kernels are computed "
-                             "without autograd): pass kernels from net.kernel to gradient_descent_mse, which "
-                             "differentiates with respect to diag_reg.")
+        refuse_gradient(diag_reg, "diag_reg", " here (the kernels are computed without autograd): pass kernels from "
+                        "net.kernel to gradient_descent_mse, which differentiates with respect to diag_reg.")
         self.diag_reg = check_non_negative("diag_reg", diag_reg)
         self.diag_reg_absolute_scale = diag_reg_absolute_scale
         self.dtype, self.factor_dtype = x_train.dtype, check_factor_dtype(factor_dtype)

@@ -41,6 +41,7 @@ from ntkgp.predict.gaussian import (
     covariance_mode,
     named_kernels,
     prior_scale,
+    refuse_gradient,
 )
 from ntkgp.predict.gradient_flow import GradientFlow, subtract_gram_
 from ntkgp.predict.spectral import cholesky, cholesky_solve, regularize
@@ -86,9 +87,8 @@ class GPPosterior:
                  noise: float | Tensor = 0.0, factor_dtype: torch.dtype = torch.float64) -> None:
         if kernel not in POSTERIORS:
             raise ValueError(f"kernel must be one of {POSTERIORS}, got {kernel!r}.")
-        if isinstance(noise, Tensor) and noise.requires_grad:   # as GradientFlow's diag_reg: dropped silently
-            raise ValueError("noise is read as a number here and gets no gradient (the kernels are computed without "
-                             "autograd): for a differentiable posterior use ntkgp.models.NetworkGP.")
+        refuse_gradient(noise, "noise", " here (the kernels are computed without autograd): for a differentiable "
+                        "posterior use ntkgp.models.NetworkGP.")
         self.kind, self.noise = kernel, check_non_negative("noise", noise)
         if kernel == "ntk":   # its GradientFlow records the hyperparameters and checks them
             self._flow = GradientFlow(net, x_train, y_train, kernel="ntk", diag_reg=self.noise,

@@ -36,7 +36,7 @@ from ntkgp._typing import Steps, Times
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.numerics import horner
 from ntkgp.layers.validation import all_finite, boolean_or_complex, finite_number, positive_number
-from ntkgp.predict.gaussian import tensor_kind
+from ntkgp.predict.gaussian import refuse_gradient, tensor_kind
 
 
 def regularize(k: Tensor, diag_reg: float | Tensor, absolute: bool = False) -> Tensor:
@@ -360,10 +360,8 @@ def _n_over_a2(a: Tensor) -> Tensor:
 def learning_rate_number(learning_rate: object) -> float:
     """``learning_rate`` as a positive float, refusing a tensor that requires grad: read as a number,
     it had no gradient, and autograd said only "does not require grad"."""
-    if isinstance(learning_rate, Tensor) and learning_rate.requires_grad:
-        raise ValueError("learning_rate is read as a number and gets no gradient; differentiate with respect "
-                         "to the time t instead (the continuous-time dynamics depend on τ = η t / m only; "
-                         "discrete steps read η as a number).")
+    refuse_gradient(learning_rate, "learning_rate", "; differentiate with respect to the time t instead (the "
+                    "continuous-time dynamics depend on τ = η t / m only; discrete steps read η as a number).")
     return positive_number(learning_rate, "learning_rate")
 
 
@@ -747,11 +745,8 @@ def warn_if_unstable(learning_rate: float, limit: float, *dtypes: torch.dtype, c
         largest = min(torch.finfo(dtype).max for dtype in dtypes)
         steps = math.log(largest) / math.log(growth)
         narrowest = min(dtypes, key=lambda d: torch.finfo(d).max)
-        if covariance:
-            message += (f" The top mode grows by {growth:.4g}x per step: the covariance overflows {narrowest} "
-                        f"(inf, then NaN) after about {round(steps / 2)} steps, the mean after about "
-                        f"{round(steps)} steps.")
-        else:
-            message += (f" The top mode grows by {growth:.4g}x per step: the outputs overflow {narrowest} (inf, then "
-                        f"NaN) after about {round(steps)} steps.")
+        when = (f"the covariance overflows {narrowest} (inf, then NaN) after about {round(steps / 2)} steps, the "
+                f"mean after about {round(steps)} steps" if covariance else
+                f"the outputs overflow {narrowest} (inf, then NaN) after about {round(steps)} steps")
+        message += f" The top mode grows by {growth:.4g}x per step: {when}."
     warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
