@@ -382,8 +382,13 @@ def _default_chunk(net: Layer, d: int, n_points: int) -> int:
     return max(1, CHUNK_BYTES // max(per_member, 1))
 
 
+@differentiates
 def layer_groups(model: nn.Module, x: Tensor) -> dict[str, list[str]]:
     """Weight names of the ``Dense`` layers that read the input, of the readouts, and of the rest.
+
+    A layer reads the input when no other ``Dense`` layer lies between it and the network's input:
+    one after a leading activation or normalization reads the input as much as one that gets ``x``
+    itself (``width × d`` weights that move as ``width^(−1/2)``, not as ``width^(−1)``).
 
     :func:`train_ensemble` measures a group's relative change on the weights in NTK coordinates
     (the standard-normal draws ``ω``: a standard-parameterized layer stores ``sqrt(σ_w²/n) ω``, per
@@ -396,14 +401,18 @@ def layer_groups(model: nn.Module, x: Tensor) -> dict[str, list[str]]:
     """
     order: list[tuple[str, bool]] = []
     names = {id(m): prefix for prefix, m in model.named_modules() if isinstance(m, DenseModule)}
+    dense_outputs: set = set()
 
     def hook(module, inputs, output) -> None:
-        order.append((names[id(module)], inputs[0] is x))
+        order.append((names[id(module)], not _computed_from(inputs[0].grad_fn, dense_outputs)))
+        dense_outputs.add(output.grad_fn)
 
+    # One point, tracked by autograd from the input on (frozen layers included), whose graph tells
+    # what each Dense layer's input was computed from.
+    probe = x[..., :1, :].detach().requires_grad_()
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, DenseModule)]
     try:
-        with torch.no_grad():
-            model(x)
+        model(probe)
     finally:
         for handle in handles:
             handle.remove()
@@ -417,6 +426,20 @@ def layer_groups(model: nn.Module, x: Tensor) -> dict[str, list[str]]:
         dot = f"{prefix}." if prefix else ""
         groups[group].append(f"{dot}weight")
     return {g: ns for g, ns in groups.items() if ns}
+
+
+def _computed_from(node, ends: set) -> bool:
+    """Whether the autograd graph below ``node`` reaches one of the nodes ``ends``."""
+    seen, stack = set(), [node]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if node in ends:
+            return True
+        seen.add(node)
+        stack.extend(child for child, _ in node.next_functions)
+    return False
 
 
 class _Changes:
