@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from collections.abc import Callable
 from typing import cast
@@ -101,5 +102,6 @@ def check_flag(value: object, name: str, hint: str = "", choices: str = "True or
     flag (``hint=NT_GET_HINT`` says so), so the call ran on with the wrong setting; numpy and tensor
     booleans pass. ``choices`` names what is taken, for a flag with a value beside the booleans
     (checked by the caller first)."""
-    if isinstance(value, str | tuple | list):
+    # an array or tensor of several booleans met numpy's or torch's "truth value ... is ambiguous"
+    if isinstance(value, str | tuple | list) or math.prod(getattr(value, "shape", ())) != 1:
         raise ValueError(f"{name} must be {choices}, got {value!r}." + (f" {hint}" if hint else ""))

@@ -169,6 +169,15 @@ def test_inputs_on_the_meta_device_and_built_layers_given_the_wrong_width_are_re
     assert ntkgp.mlp(2).build(in_features=5, device="meta")(torch.empty(1, 5, device="meta")).shape == (1, 1)
 
 
+def test_a_built_ensemble_given_inputs_for_another_number_of_members_is_refused_by_name():
+    # torch's "The size of tensor a (3) must match the size of tensor b (4) at non-singleton dimension 0"
+    ensemble = ntkgp.mlp(2).build(in_features=5, ensemble_size=4)
+    with pytest.raises(ValueError, match=r"ensemble of 4 members takes inputs .* got shape \(3, 2, 5\)"):
+        ensemble(torch.randn(3, 2, 5))
+    for shape in ((2, 5), (4, 2, 5), (1, 2, 5), (6, 4, 2, 5)):   # shared, per member, broadcast, batched
+        assert ensemble(torch.randn(shape)).shape == (*shape[:-3], 4, 2, 1)
+
+
 @pytest.mark.parametrize("layout", ["to_sparse", "to_sparse_csr"])
 def test_sparse_inputs_targets_and_kernels_are_refused_by_name(layout):
     """torch's "Could not run 'aten::aminmax' with arguments from the 'SparseCPU' backend" (or, for

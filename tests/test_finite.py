@@ -588,6 +588,29 @@ def test_build_refuses_batched_or_non_finite_variances_and_signed_zeros_are_zero
     assert not torch.signbit(zero.kernel(torch.randn(3, 2, dtype=torch.float64)).nngp).any()
 
 
+@pytest.mark.parametrize("parameterization", ["ntk", "standard"])
+@pytest.mark.parametrize("deferred", [False, True])
+@pytest.mark.parametrize(("dtype", "weight_var", "bias_var"), [
+    (torch.float32, 1e300, 0.1), (torch.float32, 1e39, 0.1), (torch.float32, 1.0, 1e80), (torch.bfloat16, 1e300, 0.1),
+    (torch.float16, 1e5, 0.1), (torch.float16, 1.0, 1e12)])
+def test_build_refuses_variances_not_finite_in_its_dtype(parameterization, deferred, dtype, weight_var, bias_var):
+    """Variances finite in float64 but not in the build's dtype built a network of infinite buffers,
+    every output inf or NaN, without a word, while kernel() refused them in that dtype."""
+    from ntkgp.layers.base import NonFiniteVarianceError
+
+    net = ntkgp.serial(ntkgp.Dense(4, weight_var, bias_var, parameterization), ntkgp.ReLU(), ntkgp.Dense(1))
+    x = torch.randn(5, 3, dtype=dtype)
+    with pytest.raises(NonFiniteVarianceError, match=f"network in {dtype}"):
+        net.build(None if deferred else 3, dtype=dtype)(x)
+    with pytest.raises(NonFiniteVarianceError):
+        net.kernel(x)
+    # the largest variances the dtype holds still build
+    net[0].weight_var = net[0].bias_var = torch.finfo(dtype).max / 2
+    model = net.build(None if deferred else 3, dtype=dtype)
+    model(x)
+    assert all(torch.isfinite(t).all() for t in (*model.parameters(), *model.buffers()))
+
+
 def test_new_checks_keep_what_worked():
     """Per-member inputs (E, n, d) of a built ensemble in empirical_nngp (refused by the output-shape
     check meant for user modules); layer groups of full training through an identity branch at the

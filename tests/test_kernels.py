@@ -378,6 +378,25 @@ def test_dense_repr_shows_the_weight_variance():
     assert "weight_var=2.25" in repr(ntkgp.serial(dense, ntkgp.ReLU(), ntkgp.Dense(1)))
 
 
+@pytest.mark.parametrize("join", ["sum", "concat", "prod"])
+def test_parallel_repr_shows_its_join(join):
+    # the three joins printed alike, so a concatenation in a printed spec read as a residual sum
+    net = ntkgp.parallel(ntkgp.Dense(4), ntkgp.Dense(4), join=join)
+    assert f"join={join!r}" in repr(net)
+    assert f"join={join!r}" in repr(ntkgp.serial(ntkgp.Dense(4), net))
+
+
+@pytest.mark.parametrize("width", [2**64, 2**70])
+def test_standard_ntk_takes_widths_past_torchs_integers(width):
+    # the standard NTK's n·K of a hidden width n ≥ 2⁶⁴ failed with OverflowError "int too big to convert"
+    def ntk(n):
+        net = ntkgp.serial(ntkgp.Dense(n, 2.0, 0.1, "standard"), ntkgp.ReLU(), ntkgp.Dense(1, 1.0, 0.1, "standard"))
+        with torch.no_grad():
+            return net.kernel(torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))).ntk
+
+    torch.testing.assert_close(ntk(width) / float(width), ntk(2**60) / 2.0**60, rtol=1e-15, atol=0)
+
+
 def test_pyro_load_from_samples_makes_the_variances_a_batch_of_samples():
     """GPyTorch's fully Bayesian workflow loads S samples per prior with ``pyro_load_from_samples``
     (no pyro needed), turning each parameter into a batch of S; the variances' setting closure
@@ -539,10 +558,27 @@ def test_neural_tangents_style_arguments_are_refused_with_the_translation():
         net.kernel(x, ntk="nngp")
     assert net.kernel(x, x, True).nngp.shape == (4,)
     assert net.kernel(x, diag=np.True_).nngp.shape == net.kernel(x, diag=torch.tensor(True)).nngp.shape == (4,)
+    assert net.kernel(x, diag=torch.tensor([True])).nngp.shape == (4,)
     with pytest.raises(TypeError, match=r"\['W_std', 'b_std'\].*weight_var=1\.5\*\*2, bias_var=0\.05\*\*2"):
         ntkgp.Dense(512, W_std=1.5, b_std=0.05)
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['weight_vr'\]\.$"):
         ntkgp.Dense(512, weight_vr=2.0)
+
+
+@pytest.mark.parametrize("flag", [torch.tensor([True, False]), np.array([True, True]), torch.ones(0, dtype=torch.bool)])
+@pytest.mark.parametrize("name", ["diag", "ntk"])
+def test_kernel_flags_refuse_arrays_of_booleans(flag, name):
+    # torch's "Boolean value of Tensor with more than one value is ambiguous" (and numpy's) from inside
+    net = ntkgp.mlp(1, "erf", 2.0, 0.1)
+    with pytest.raises(ValueError, match=f"{name} must be True or False"):
+        net.kernel(torch.randn(4, 2, dtype=torch.float64), **{name: flag})
+
+
+@pytest.mark.parametrize("join", ["sum", "concat", "prod"])
+def test_parallel_join_passed_as_a_branch_names_the_keyword(join):
+    # parallel(f, g, "concat") was "parallel() takes ntkgp layers, got str."
+    with pytest.raises(ValueError, match=f"pass the join by keyword, join='{join}'"):
+        ntkgp.parallel(ntkgp.Dense(4), ntkgp.Dense(4), join)
 
 
 def test_neural_tangents_keywords_name_their_ntkgp_counterparts():

@@ -53,7 +53,7 @@ class NonFiniteVarianceError(ValueError, NanError):
     any kernel work when a variance is not finite in the inputs' dtype: a NaN raw parameter, or a
     value beyond that dtype's range, such as a learned ``σ_w² = 5e38`` evaluated in float32
     (largest value 3.4e38) that float64 still represents. :meth:`Layer.build` raises it too when a
-    ``Dense`` layer's variances are not finite.
+    ``Dense`` layer's variances are not finite in the build's dtype.
 
     A ``ValueError`` for the caller, and linear_operator's ``NanError`` for optimizers: BoTorch's
     L-BFGS-B fit reads a ``NanError`` as a NaN loss and shortens its step, as it did when such a
@@ -291,7 +291,8 @@ class Layer(VarianceParameters, gpytorch.Module):
                 module then maps ``(n, d)`` to ``(E, n, k)``. Each layer's weights are drawn for
                 all members at once, so the members depend on ``E``: the first members of
                 ``E = 4`` and ``E = 8`` with one seed are different networks.
-            dtype: of the parameters (torch's default dtype by default).
+            dtype: of the parameters (torch's default dtype by default); the variances must be finite
+                in it (:class:`NonFiniteVarianceError` otherwise, as :meth:`kernel` for inputs of that dtype).
             device: of the parameters (CPU by default; ``"meta"``: shapes only, nothing drawn or
                 allocated, e.g. to read a network's output size at any width).
         """

@@ -141,6 +141,9 @@ class Parallel(Layer):
         if len(branches) < 1:
             raise ValueError("parallel() needs at least one branch.")
         for branch in branches:
+            if isinstance(branch, str) and branch in JOINS:   # parallel(f, g, "concat"): read as a branch
+                raise ValueError(f"parallel() takes ntkgp layers as branches, got the string {branch!r}: pass the "
+                                 f"join by keyword, join={branch!r}.")
             if not isinstance(branch, Layer):
                 raise ValueError(f"parallel() takes ntkgp layers, got {type(branch).__name__}.")
         self.branches = nn.ModuleList(branches)
@@ -222,6 +225,10 @@ class Parallel(Layer):
         if isinstance(index, slice):
             return Parallel(*_selected(self.branches, index, "branches"), join=self.join)
         return self.branches[index]
+
+    def extra_repr(self) -> str:
+        # the printed spec was the same for sum, concat and prod: a concatenation read as a residual sum
+        return f"join={self.join!r}"
 
     def check_structure(self) -> None:
         for branch in self.branches:

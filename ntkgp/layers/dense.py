@@ -41,7 +41,8 @@ class Dense(Layer):
             parameterization the infinite-width kernels do not depend on hidden widths).
         weight_var: ``σ_w²`` (a learnable GPyTorch parameter, see :mod:`ntkgp.layers.variance`):
             the square of neural-tangents' ``W_std``, so ``stax.Dense(512, 1.5, 0.05)`` is
-            ``Dense(512, 2.25, 0.0025)``.
+            ``Dense(512, 2.25, 0.0025)``. A tensor gives the initial value: the layer learns its own
+            parameter, and gradients do not reach the tensor passed (as GPyTorch's ``initialize``).
         bias_var: ``σ_b²`` (``b_std²``); ``None`` means no bias at all (which changes the standard
             NTK), ``0.0`` a bias of zero variance.
         parameterization: ``"ntk"`` or ``"standard"``.
@@ -136,7 +137,8 @@ class Dense(Layer):
             if self.parameterization == "ntk":
                 ntk = torch.addcmul(nngp, w, state.ntk)
             else:
-                base = state.width * state.nngp + (1.0 if self.has_bias else 0.0)
+                # a Python float: a width from 2**64 on was torch's "int too big to convert"
+                base = float(state.width) * state.nngp + (1.0 if self.has_bias else 0.0)
                 ntk = torch.addcmul(base, w, state.ntk)
         return state.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, width=self.width, is_gaussian=True,
                              mean=None, centred=None, identical=True)
@@ -223,6 +225,17 @@ def _affine(state: KernelState, nngp: Tensor, cov1: Tensor, cov2: Tensor, scale:
     return new_nngp, new_cov1, new_cov2
 
 
+def _check_representable(variance: Tensor, name: str, ctx: BuildContext) -> None:
+    """Refuse a variance (float64) that is not finite in the build's dtype, as :meth:`Layer.kernel`
+    refuses it in the inputs' dtype: ``weight_var = 1e300`` in float32 built a network whose
+    weight scale ``sqrt(σ_w²/n)``, formed in that dtype, was inf, every output inf or NaN, without a word."""
+    dtype = ctx.dtype or torch.get_default_dtype()
+    if not all_finite(variance.to(dtype)):
+        raise NonFiniteVarianceError(f"Cannot build a finite network in {dtype}: {name} = {float(variance.max()):.3g} "
+                                     f"overflows it; build in torch.float64 (dtype=torch.float64) or use smaller "
+                                     "variances.")
+
+
 class DenseModule(nn.Module):
     """Finite twin of :class:`Dense`: ``(..., n, in) -> (..., n, out)``.
 
@@ -245,6 +258,7 @@ class DenseModule(nn.Module):
         if bias_var is None:
             self.register_parameter("bias", None)
         else:
+            _check_representable(torch.tensor(bias_var, dtype=torch.float64), "bias_var", ctx)
             draw = ctx.randn(1, out_features)
             draw = draw if ctx.ensemble_size is not None else draw.reshape(out_features)
             ntk = parameterization == "ntk"
@@ -275,6 +289,7 @@ class DenseModule(nn.Module):
         return self.weight_var.to(like) / self.in_features
 
     def _init_weight(self, ctx: BuildContext) -> None:
+        _check_representable(self.weight_var, "weight_var", ctx)
         draw = ctx.randn(self.in_features, self.out_features)
         std = self.fan_in_variance(draw).sqrt()
         if self.parameterization == "ntk":
@@ -309,6 +324,11 @@ class DenseModule(nn.Module):
             self._materialize(x.shape[-1])
         elif x.shape[-1] != self.in_features:   # torch's "mat1 and mat2 shapes cannot be multiplied" otherwise
             raise ValueError(f"This layer takes inputs of {self.in_features} feature(s), got shape {tuple(x.shape)}.")
+        if self.ensemble_size is not None and x.dim() >= 3 and x.shape[-3] not in (1, self.ensemble_size):
+            # torch's "The size of tensor a (3) must match the size of tensor b (4)" otherwise
+            raise ValueError(f"This ensemble of {self.ensemble_size} members takes inputs (n, d), shared by the "
+                             f"members, or (E, n, d), one set per member, with E = {self.ensemble_size}; got shape "
+                             f"{tuple(x.shape)}.")
         if self.input_scale is not None:
             x = x * self.input_scale
         out = torch.matmul(x, self.weight)
