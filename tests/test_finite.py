@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
+from torch import Tensor
 from torch.func import functional_call
 
 import ntkgp
@@ -430,6 +432,36 @@ def test_empirical_nngp_of_an_ensemble_wrapped_in_a_user_module_is_one_kernel_pe
                                torch.einsum("eni,emj->enmij", f1, f2), rtol=1e-12, atol=1e-12)
     assert empirical_ntk(wrapped, x1, x2).shape == (3, 4, 2)
     assert torch.equal(empirical_ntk(wrapped, x1, x2, params={}), torch.zeros(3, 4, 2))
+
+
+class _Around(torch.nn.Module):
+    """A user's module around an ensemble, its outputs passed through ``post``."""
+
+    def __init__(self, ensemble: torch.nn.Module, post: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.ensemble, self.post = ensemble, post
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.post(self.ensemble(x))
+
+
+@pytest.mark.parametrize("n", [5, 4, 1])
+def test_empirical_nngp_reads_a_wrapped_ensemble_s_squeezed_outputs_per_member(n):
+    """(E, n) outputs, the single output axis squeezed, were refused when n != E and read as n
+    points' E outputs when n = E (one (4, 4) kernel across members, no error). Outputs that put the
+    points first, (n, E) or the members' mean (n, 1), stay one kernel of the module's outputs."""
+    ensemble = ntkgp.mlp(1, "erf", 2.0, 0.1).build(in_features=2, seed=0, ensemble_size=4, dtype=torch.float64)
+    x = torch.randn(n, 2, dtype=torch.float64)
+    per_member = empirical_nngp(ensemble, x)
+    assert empirical_ntk(_Around(ensemble, lambda f: f.squeeze(-1)), x).shape == (4, n, n)
+    torch.testing.assert_close(empirical_nngp(_Around(ensemble, lambda f: f.squeeze(-1)), x), per_member,
+                               rtol=1e-15, atol=0)
+    torch.testing.assert_close(empirical_nngp(_Around(ensemble, lambda f: f.squeeze(-1).T), x),
+                               per_member.mean(0), rtol=1e-14, atol=0)
+    with torch.no_grad():
+        mean = ensemble(x).mean(0)
+    torch.testing.assert_close(empirical_nngp(_Around(ensemble, lambda f: f.mean(0)), x), mean @ mean.T,
+                               rtol=1e-15, atol=0)
 
 
 def test_estimators_name_what_is_wrong_with_their_inputs():

@@ -318,10 +318,17 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
 
     def outputs(x: Tensor) -> Tensor:
         out = fn(params, x)
-        if not built and members is not None and out.dim() == x.dim() + 1 and out.shape[0] == members:
-            # a module of the user's around an ensemble, (E, n, k): refused as not "(n, k) for inputs
-            # (n, d)", where empirical_ntk gives one kernel per member
-            return _outputs_2d(out, x.expand(members, *x.shape))
+        if not built and members is not None and out.shape[0] == members:
+            # a module of the user's around an ensemble: one kernel per member, as empirical_ntk gives.
+            # Its (E, n, k) outputs were refused as not "(n, k) for inputs (n, d)"; (E, n), the output
+            # axis squeezed, too, and when E = n read as n points' E outputs. Which axis follows the
+            # points then shows with one point more.
+            n = x.shape[-2]
+            if out.dim() == x.dim() and out.shape[-1] == n and (
+                    n != members or fn(params, torch.cat([x, x[..., :1, :]], -2)).shape[-1] == n + 1):
+                out = out.unsqueeze(-1)
+            if out.dim() == x.dim() + 1:
+                return _outputs_2d(out, x.expand(members, *x.shape))
         return _outputs_2d(out, None if built else x)
 
     with torch.no_grad():
