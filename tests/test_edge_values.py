@@ -178,6 +178,7 @@ def test_a_built_ensemble_given_inputs_for_another_number_of_members_is_refused_
         assert ensemble(torch.randn(shape)).shape == (*shape[:-3], 4, 2, 1)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")   # torch's, on making one
 @pytest.mark.parametrize("layout", ["to_sparse", "to_sparse_csr"])
 def test_sparse_inputs_targets_and_kernels_are_refused_by_name(layout):
     """torch's "Could not run 'aten::aminmax' with arguments from the 'SparseCPU' backend" (or, for
