@@ -207,9 +207,13 @@ def test_a_cuda_default_device_changes_nothing_for_cpu_inputs():
     net = _net()
 
     def run():
+        # width 256 is checked point-wise: the checks' calibration draws from a CPU generator
+        calibrated = run_comparison(sin_dataset(), CompareConfig(widths=(256,), ensemble_size=4, record_steps=(0, 3),
+                                                                 divergence_check=False, device="cpu"))
         return (net.build(3, seed=0, dtype=torch.float64)(x), net.kernel(x, xt).ntk,
                 predict.gp_posterior(net, x, y, xt, kernel="ntk", noise=1e-3).covariance,
-                predict.gradient_flow(net, x, y, xt, t=[0.5, 5.0]).mean, sin_dataset().y_train)
+                predict.gradient_flow(net, x, y, xt, t=[0.5, 5.0]).mean, sin_dataset().y_train,
+                torch.tensor(calibrated.calibration["var_fail"], dtype=torch.float64, device="cpu"))
 
     expected = run()
     with torch.device(DEVICE):
@@ -237,7 +241,12 @@ def test_device_tensors_given_as_settings_leave_the_rest_on_its_device():
                                                   divergence_check=False, device=DEVICE))
     assert len(result.widths[0].mean_within) == 2
     kernel = ntkgp.NTKKernel(ntkgp.mlp(1), batch_shape=torch.Size([3]))
-    assert kernel[torch.tensor([0, 2], device=DEVICE)].batch_shape == (2,)
+    kernel.net.layers[0].weight_var = torch.tensor([1.0, 2.0, 3.0])
+    # a CPU network indexed by a CUDA tensor: its hyperparameters were indexed with it ("indices should be
+    # either on cpu or on the same device as the indexed tensor")
+    picked = kernel[torch.tensor([0, 2], device=DEVICE)]
+    assert picked.batch_shape == (2,)
+    torch.testing.assert_close(picked.net.layers[0].weight_var, torch.tensor([1.0, 3.0]), rtol=0, atol=0)
     with torch.device(DEVICE):
         model = _net().build(seed=0, dtype=torch.float64)
     torch.testing.assert_close(model(x), _net().build(seed=0, dtype=torch.float64)(x), rtol=0, atol=0)

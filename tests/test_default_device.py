@@ -45,12 +45,16 @@ def _fit_network_gp():
     return model(XT).mean
 
 
-def _compare():
-    result = run_comparison(sin_dataset(), CompareConfig(widths=(8, 16), ensemble_size=4, record_steps=(0, 3),
+def _compare(widths=(8, 16)):
+    result = run_comparison(sin_dataset(), CompareConfig(widths=widths, ensemble_size=4, record_steps=(0, 3),
                                                          dtype="float64", chunk_size=2, divergence_check=False,
                                                          device="cpu"))
-    return torch.tensor([w.ensemble_mean for w in result.widths] + [result.analytic_mean], dtype=torch.float64,
-                        device="cpu")
+    values = torch.tensor([w.ensemble_mean for w in result.widths] + [result.analytic_mean], dtype=torch.float64,
+                          device="cpu")
+    if result.calibration is None:
+        return values
+    return values, torch.tensor([result.calibration["mean_fail"], result.calibration["var_fail"]],
+                                dtype=torch.float64, device="cpu")
 
 
 CALLS = {
@@ -83,6 +87,8 @@ CALLS = {
     "one_hot_targets": lambda: bayes.one_hot_targets(torch.tensor([0, 2, 1, 2], device="cpu")),
     "NetworkGP fit": _fit_network_gp,
     "compare": _compare,
+    # a width checked point-wise: the checks' calibration draws exact ensembles from a CPU generator
+    "compare calibrated": lambda: _compare(widths=(256,)),
 }
 
 

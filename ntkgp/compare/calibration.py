@@ -96,7 +96,10 @@ def perfect_ensemble_scores(mu: Tensor, covariance: Tensor, members: int, tolera
     rows = torch.isfinite(mu).all(-1) & torch.isfinite(covariance).flatten(1).all(-1)
     used = int(rows.sum())
     eigen_cost = 10 * used * m**3                                     # ~10 M³ multiply-adds per eigh
-    none = (torch.empty(steps, 0, dtype=torch.float64), torch.empty(steps, 0, dtype=torch.float64))
+    # on the CPU like mu and the generator, whatever torch's default device: a CUDA default drew from the
+    # CPU generator onto the GPU ("Expected a 'cuda' device type for generator") and mixed devices
+    none = (torch.empty(steps, 0, dtype=torch.float64, device="cpu"),
+            torch.empty(steps, 0, dtype=torch.float64, device="cpu"))
     if used == 0 or eigen_cost >= DRAW_FLOPS:
         return none
     mu_used, cov_used = mu[rows], covariance[rows]
@@ -115,7 +118,7 @@ def perfect_ensemble_scores(mu: Tensor, covariance: Tensor, members: int, tolera
     mean_scores, var_scores = [], []
     for start in range(0, draws, batch):
         b = min(batch, draws - start)
-        z = torch.randn(b, used, members, rank, generator=generator, dtype=torch.float64)
+        z = torch.randn(b, used, members, rank, generator=generator, dtype=torch.float64, device="cpu")
         samples = mu_used.unsqueeze(-2) + z @ root.mT                 # (b, T', E, M)
         mean_within, var_within, _ = pointwise_scores(samples.mean(-2), samples.var(-2), members, mu_used, var,
                                                       tolerance, prior_scale)
@@ -123,7 +126,7 @@ def perfect_ensemble_scores(mu: Tensor, covariance: Tensor, members: int, tolera
         var_scores.append(var_within)
     out = []
     for scores in (mean_scores, var_scores):
-        full = torch.full((steps, draws), float("nan"), dtype=torch.float64)
+        full = torch.full((steps, draws), float("nan"), dtype=torch.float64, device="cpu")
         full[rows] = torch.cat(scores).mT
         out.append(full)
     return out[0], out[1]

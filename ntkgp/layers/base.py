@@ -326,7 +326,14 @@ class Layer(VarianceParameters, gpytorch.Module):
         over those dimensions (an int, slice, tensor, ``...``, or a tuple of them)."""
         if not isinstance(index, tuple):   # one index, as in kernel[0]: (*index, ...) failed on it
             index = (index,)
-        self._map_variances(lambda value, events: value[(*index, *[slice(None)] * events)])
+
+        def take(value: Tensor, events: int) -> Tensor:
+            # torch indexes a tensor only with indices on the CPU or on its own device: a CUDA index
+            # of a network on the CPU failed
+            on = tuple(i.to(value.device) if isinstance(i, Tensor) else i for i in index)
+            return value[(*on, *[slice(None)] * events)]
+
+        self._map_variances(take)
 
     def _map_variances(self, transform: Callable[[Tensor, int], Tensor]) -> None:
         # every new tensor first: a failure part-way (out of memory) left layers of two batch shapes

@@ -230,7 +230,7 @@ def _check_representable(variance: Tensor, name: str, ctx: BuildContext) -> None
     refuses it in the inputs' dtype: ``weight_var = 1e300`` in float32 built a network whose
     weight scale ``sqrt(σ_w²/n)``, formed in that dtype, was inf, every output inf or NaN, without a word."""
     dtype = ctx.dtype or torch.get_default_dtype()
-    if not all_finite(variance.to(dtype)):
+    if not all_finite(variance.to("cpu", dtype)):   # on the CPU: whatever torch's default device (meta, too)
         raise NonFiniteVarianceError(f"Cannot build a finite network in {dtype}: {name} = {float(variance.max()):.3g} "
                                      f"overflows it; build in torch.float64 (dtype=torch.float64) or use smaller "
                                      "variances.")
@@ -258,7 +258,7 @@ class DenseModule(nn.Module):
         if bias_var is None:
             self.register_parameter("bias", None)
         else:
-            _check_representable(torch.tensor(bias_var, dtype=torch.float64), "bias_var", ctx)
+            _check_representable(torch.tensor(bias_var, dtype=torch.float64, device="cpu"), "bias_var", ctx)
             draw = ctx.randn(1, out_features)
             draw = draw if ctx.ensemble_size is not None else draw.reshape(out_features)
             ntk = parameterization == "ntk"
