@@ -150,8 +150,8 @@ def test_kernels_that_overflow_their_dtype_are_refused_by_name():
     for diag in (False, True):
         with pytest.raises(NonFiniteKernelError, match=r"overflow.* torch\.float32 .*2\.\d+e\+20.*or use float64"):
             ntkgp.mlp(2, "erf").kernel(1e20 * x.float(), diag=diag)
-    with pytest.raises(NonFiniteKernelError):
-        NNGPKernel(ntkgp.mlp(2, "erf"))(1e20 * x.float()).to_dense()
+    with pytest.raises(NonFiniteKernelError):   # a float32 kernel: a float64 one promotes the inputs, as GPyTorch's
+        NNGPKernel(ntkgp.mlp(2, "erf")).float()(1e20 * x.float()).to_dense()
     for net, inputs in ((huge, 1e-300 * x), (ntkgp.mlp(2, "erf"), 1e18 * x.float())):
         state = net.kernel(inputs)
         assert torch.isfinite(state.nngp).all() and torch.isfinite(state.ntk).all()

@@ -331,6 +331,58 @@ def test_marginal_likelihood_gradients_are_finite_with_duplicated_points(dtype, 
         assert grad is not None and torch.isfinite(grad).all(), name
 
 
+class _DeepKernelGP(_GP):
+    def __init__(self, x, y, likelihood, kernel, extractor):
+        super().__init__(x, y, likelihood, kernel)
+        self.extractor = extractor
+
+    def forward(self, x):
+        features = self.extractor(x.to(self.extractor[0].weight.dtype))
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(features))
+
+
+@pytest.mark.parametrize("kernel_class", [ntkgp.NNGPKernel, ntkgp.NTKKernel])
+@pytest.mark.parametrize("features", [torch.float32, torch.bfloat16])
+def test_a_float64_model_takes_lower_precision_features_in_float64_as_gpytorch_kernels_do(kernel_class, features):
+    """Deep kernel learning with a float32 (or bfloat16) feature extractor in a float64 model: the kernel
+    followed the features' dtype, so the model trained on float32 covariances and every prediction failed
+    with "expected m1 and m2 to have the same dtype". GPyTorch's kernels promote inputs to their own dtype."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 2, dtype=torch.float64, generator=gen)
+    y, xs = torch.sin(x.sum(-1)), torch.randn(4, 2, dtype=torch.float64, generator=gen)
+    torch.manual_seed(0)
+    extractor = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).to(features)
+    net = ntkgp.mlp(2, "relu", 1.5, 0.1)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
+    model = _DeepKernelGP(x, y, likelihood, kernel_class(net).double(), extractor)
+    with torch.no_grad():
+        z = extractor(x.to(features)).double()
+        kernel = model.covar_module(extractor(x.to(features))).to_dense()
+        rbf = gpytorch.kernels.RBFKernel().double()(extractor(x.to(features))).to_dense()
+    assert kernel.dtype == rbf.dtype == torch.float64
+    torch.testing.assert_close(kernel, getattr(net.kernel(z), kernel_class.kind), rtol=1e-15, atol=0)
+
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = -mll(model(x), y)
+        assert loss.dtype == torch.float64
+        loss.backward()
+        for name, p in model.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        optimizer.step()
+
+    model.eval()
+    with torch.no_grad():
+        mean = model(xs).mean
+        z, zs = extractor(x.to(features)).double(), extractor(xs.to(features)).double()
+        train = getattr(net.kernel(z), kernel_class.kind) + likelihood.noise * torch.eye(20, dtype=torch.float64)
+        want = getattr(net.kernel(zs, z), kernel_class.kind) @ torch.linalg.solve(train, y)
+    assert mean.dtype == torch.float64
+    torch.testing.assert_close(mean, want, rtol=1e-8, atol=1e-10)
+
+
 def test_last_dim_is_batch_keeps_hyperparameter_batches_on_the_batch_axes():
     """Features become a batch axis placed after the hyperparameters' batch_shape (GPyTorch's
     (*batch, d, n, n)); they used to be aligned with the hyperparameter batch instead."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Sequence
 from copy import deepcopy
@@ -49,6 +50,10 @@ class NetworkKernel(Kernel):
     (``serial(serial(ReLU(), d), serial(ReLU(), d))``; reuse within one ``serial`` or through
     ``repeat`` counts once). :class:`ntkgp.models.NetworkGP` counts each prior once.
 
+    The kernel is computed in the inputs' dtype promoted with the hyperparameters', as GPyTorch's
+    own kernels compute: a kernel made ``.double()`` gives float64 on float32 inputs, one in
+    float32 follows float64 inputs (``net.kernel`` itself follows its inputs alone).
+
     In a model of one's own (an ``ExactGP``, a BoTorch model) GPyTorch replaces Cholesky solves by
     conjugate gradients and stochastic Lanczos above ``gpytorch.settings.max_cholesky_size``
     (800 points): the marginal likelihood of 1000 points then varied between identical calls
@@ -92,17 +97,16 @@ class NetworkKernel(Kernel):
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False,
                 **params: object) -> Tensor:
-        # integer (and bool) inputs as GPyTorch's own kernels take them, RBFKernel promoting them against
-        # its lengthscale: in the other input's dtype, else the kernel's; complex ones stay refused
-        def numeric(x: Tensor) -> bool:
-            return x.is_floating_point() or x.is_complex()
-
-        if not (numeric(x1) and numeric(x2)):
-            dtype = next((x.dtype for x in (x1, x2) if x.is_floating_point()),
-                         next((p.dtype for p in self.parameters()), torch.get_default_dtype()))
-            same = x2 is x1    # x2 stays the very x1: the symmetric path
-            x1 = x1 if numeric(x1) else x1.to(dtype)
-            x2 = x1 if same else x2 if numeric(x2) else x2.to(dtype)
+        # In the inputs' dtypes promoted with the hyperparameters', as GPyTorch's own kernels compute (a
+        # float64 RBFKernel gives float64 on float32 inputs, and takes integer and bool inputs). Following
+        # the inputs alone, a float64 model fed float32 features (deep kernel learning with a float32
+        # extractor) trained on float32 covariances beside its float64 mean and noise, and then failed to
+        # predict with "expected m1 and m2 to have the same dtype". Complex inputs stay complex: refused.
+        held = next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.get_default_dtype())
+        dtype = functools.reduce(torch.promote_types, (x1.dtype, x2.dtype), held)
+        same = x2 is x1    # x2 stays the very x1: the symmetric path
+        x1 = x1.to(dtype)
+        x2 = x1 if same else x2.to(dtype)
         if last_dim_is_batch:
             if any(getattr(m, "ard_num_dims", None) is not None for m in self.net.modules()):
                 # the first layer would get one-feature inputs and fail with "got inputs with 1 features"
