@@ -103,13 +103,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws")
     parser.add_argument("--check", type=int, default=5,
                         help="training points whose LOO density is also computed by conditioning on the others")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be positive")
-        torch.set_num_threads(args.threads)
     if not 0 < args.noise_floor < math.inf:
         parser.error("--noise-floor must be finite and positive")
     if args.steps < 0 or not (math.isfinite(args.lr) and args.lr >= 0):
