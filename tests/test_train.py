@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -463,6 +464,20 @@ def test_overflowing_targets_are_refused_not_reported_as_a_divergence_at_step_0(
     h = train_ensemble(_net(), X, Y * 1e30, ensemble_size=2, learning_rate=1e-62, record_steps=[0, 10],
                        dtype=torch.float64, engine=engine)
     assert h.diverged_at is None and h.steps.tolist() == [0, 10]
+
+
+@pytest.mark.parametrize("name", ["x_train", "y_train", "x_test", "probe"])
+def test_points_beyond_the_dtypes_range_are_refused_by_name_before_building(name, monkeypatch):
+    """float64 values finite as given but beyond float32: x_test's records were NaN without a word,
+    and the probe's was "x1 contains NaN" from the NTK, after the ensemble was built."""
+    args = dict(x_train=X, y_train=Y, x_test=X, probe=X)
+    args[name] = args[name] * 1e39
+    monkeypatch.setattr(ntkgp.Layer, "build", lambda *a, **k: pytest.fail("built before refusing"))
+    largest = re.escape(f"{float(args[name].abs().max()):.3g}")
+    message = rf"{name} holds values beyond the range of torch\.float32 \(largest magnitude {largest}\)"
+    with pytest.raises(ValueError, match=message):
+        train_ensemble(_net(), **args, ensemble_size=2, learning_rate=0.1, record_steps=[0, 4],
+                       dtype=torch.float32)
 
 
 def test_targets_are_refused_as_the_predictors_refuse_them():

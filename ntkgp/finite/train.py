@@ -297,6 +297,13 @@ def train_ensemble(
     y = (y_train if y_train.dim() == 2 else y_train.unsqueeze(-1)).to(device=device, dtype=dtype)
     xt = x if x_test is None else x_test.to(device=device, dtype=dtype)
     pr = None if probe is None else probe.to(device=device, dtype=dtype)
+    # finite as given but not in dtype (float64 points beyond float32's range): x_test's records came back NaN
+    # without a word, and the probe's overflow was "x1 contains NaN" from inside the NTK, after the build
+    for name, given, cast in (("x_train", x_train, x), ("y_train", y_train, y), ("x_test", x_test, xt),
+                              ("probe", probe, pr)):
+        if given is not None and not all_finite(cast):
+            raise ValueError(f"{name} holds values beyond the range of {dtype} (largest magnitude "
+                             f"{float(given.detach().abs().max()):.3g}): rescale them, or train in float64.")
     seed = seed_value(seed)
     chunks = ensemble_chunks(net, x.shape[-1], x.shape[0] + xt.shape[0], ensemble_size, chunk_size, seed)
     # from one member, before any chunk is built: checked on the first chunk, these came after seconds and
