@@ -525,6 +525,20 @@ def test_a_width_that_diverges_is_reported_and_fails_check(tmp_path, capsys):
     assert "FAIL  width 16: trains to step 20 without diverging" in capsys.readouterr().out
 
 
+def test_figures_of_a_run_above_the_stability_limit_are_drawn_without_numpy_warnings(tmp_path):
+    """At 3 x the limit the analytic band overflows to inf and NaN by step 1000: drawing it printed numpy's
+    "RuntimeWarning: invalid value encountered in add" under the report's own NOTE lines."""
+    config = CompareConfig(widths=(16,), ensemble_size=2, record_steps=(0, 10, 1000), lr_fraction=3,
+                           divergence_check=False)
+    with pytest.warns(RuntimeWarning, match="is at or above the stability limit"):
+        result = run_comparison(sin_dataset(), config)
+    assert not np.isfinite(result.analytic_std[-1]).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = write_report(result, tmp_path / "r")
+    assert (out / "band_width16.png").stat().st_size > 0
+
+
 def test_cli_checks_the_report_folder_and_conflicting_options_before_training(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -260,6 +260,15 @@ def _markdown(r: ComparisonResult, figures: list[str]) -> str:
 
 
 def _figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
+    import numpy as np
+
+    # Above the stability limit the analytic band is inf and NaN: matplotlib leaves such values out,
+    # and numpy's "invalid value encountered in add" from the band's arithmetic told nothing more.
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _draw_figures(r, out)
+
+
+def _draw_figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
     # Figure objects without pyplot: matplotlib.use("Agg") switched the caller's backend for the whole
     # process (a notebook stopped showing figures), and pyplot kept a figure open whenever saving failed
     import matplotlib.ticker
