@@ -71,6 +71,18 @@ NT_GET_HINT = ("neural-tangents' get argument has no counterpart here: the resul
                ".ntk; ntk=False skips the NTK).")
 
 
+#: neural-tangents' trace_axes, for the predictors that take an ntkgp network spec: its analytic
+#: kernels are per output unit already.
+NT_TRACE_AXES_SPEC_HINT = ("the analytic kernels of an infinitely wide network are the same for every output unit and "
+                           "independent across them (neural-tangents' default trace_axes=(-1,)): drop the argument; "
+                           "(N, k) targets share the (N, N) kernel.")
+
+#: neural-tangents' trace_axes, for the functions that take kernels: told apart by the kernel's shape.
+NT_TRACE_AXES_KERNEL_HINT = ("the kernel's shape says it: an (N, N) kernel is shared by the output units "
+                             "(neural-tangents' default trace_axes=(-1,)), a full (N, N, k, k) kernel "
+                             "(ntkgp.finite.empirical_ntk(..., vector_output=True)) trains them jointly "
+                             "(trace_axes=()).")
+
 NT_KERNEL_HINT = ("pass kernel='ntk' or kernel='nngp' (neural-tangents' get names the kernel; for both, one "
                   "predictor per kernel).")
 

@@ -186,6 +186,12 @@ class NetworkGP(gpytorch.models.ExactGP):
             self.to(device=train_x.device, dtype=train_x.dtype)
 
     def __call__(self, *inputs: Tensor, **kwargs) -> gpytorch.distributions.MultivariateNormal:
+        if len(inputs) != len(self.train_inputs):
+            # GPyTorch pairs them with the training inputs by zip(strict=True): model(x, x) and
+            # model(x=x) failed with "zip() argument 2 is longer (shorter) than argument 1"
+            keywords = f" and keyword(s) {sorted(kwargs)}" if kwargs else ""
+            raise ValueError(f"NetworkGP is called on one positional tensor of inputs, model(x); got "
+                             f"{len(inputs)} positional input(s){keywords}.")
         self._check_inputs(inputs, "x")
         if self.training:
             return super().__call__(*inputs, **kwargs)
@@ -196,6 +202,36 @@ class NetworkGP(gpytorch.models.ExactGP):
         if rebuilt:
             self._record_prediction_state()
         return output
+
+    def set_train_data(self, inputs: Tensor | Sequence[Tensor] | None = None, targets: Tensor | None = None,
+                       strict: bool = True) -> None:
+        """GPyTorch's ``set_train_data``, with the checks of ``__init__`` that its ``strict=False`` skips:
+        finite data, of the model's dtype and device (convert the model first, ``model.to(...)``, to
+        change them)."""
+        # parameters, not buffers: the layers keep float64 anchors in a float32 model
+        model = next((p for p in self.parameters() if p.is_floating_point()), None)
+        for x in (inputs,) if isinstance(inputs, Tensor) else tuple(inputs or ()):
+            # NaN inputs failed only at the next prediction, named "x2"; NaN targets gave NaN predictions
+            # without a word (__init__ and fit refuse both)
+            check_points(x.unsqueeze(-1) if isinstance(x, Tensor) and x.dim() == 1 else x, "inputs")
+            self._check_model_dtype(x, "inputs", model)
+        if targets is not None:
+            if not isinstance(targets, Tensor):
+                raise ValueError(f"targets must be a tensor, got {type(targets).__name__}.")
+            if targets.is_floating_point():
+                if not all_finite(targets.detach()):
+                    raise ValueError("targets contains NaN or infinite values.")
+                self._check_model_dtype(targets, "targets", model)
+        super().set_train_data(inputs, targets, strict)
+
+    @staticmethod
+    def _check_model_dtype(value: Tensor, name: str, model: Tensor | None) -> None:
+        # float32 data in a float64 model (strict=False) trained, but its predictions failed inside
+        # GPyTorch ("Expected b and A to have the same dtype"), for inputs of either dtype
+        if model is not None and (value.dtype, value.device) != (model.dtype, model.device):
+            raise ValueError(f"{name} are {value.dtype} on {value.device}, the model is {model.dtype} on "
+                             f"{model.device}: convert {name} ({name}.to(...)), or the model before setting "
+                             f"its data (model.to(...)).")
 
     def _check_inputs(self, inputs: Sequence[Tensor], name: str) -> None:
         """Inputs to predict at (``name="x"``) or to fantasize at (``"inputs"``): tensors of the training
@@ -353,7 +389,8 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     Raises:
         ValueError: if a parameter (trained or frozen) is not finite before the first step, or the
             model has no training data, non-finite data, or inputs and targets with different
-            numbers of points (``set_train_data(..., strict=False)`` does not check).
+            numbers of points (``set_train_data(..., strict=False)`` does not check), or the
+            optimizer given holds none of the model's trainable parameters.
         FloatingPointError: if the loss, a gradient or (after a step) a parameter is not finite,
             or the kernel plus noise is not positive definite (linear_operator's ``NotPSDError``);
             the model is then left with the best parameters seen before, in eval mode.
@@ -369,7 +406,8 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
                          f"{type(model).__name__}{hint}.")
     steps = integer_at_least(steps, 0, "steps")
     # "adam" failed with an AttributeError; read by what fit calls, so wrappers that are not subclasses pass
-    if optimizer is not None and not all(callable(getattr(optimizer, m, None)) for m in ("step", "zero_grad")):
+    if optimizer is not None and (isinstance(optimizer, type)   # a class: "no attribute '_optimizer_step_pre_hooks'"
+                                  or not all(callable(getattr(optimizer, m, None)) for m in ("step", "zero_grad"))):
         raise ValueError(f"optimizer must be a torch.optim.Optimizer made over model.parameters() (e.g. "
                          f"torch.optim.LBFGS(model.parameters())), or None for Adam; got {optimizer!r}.")
     if callback is not None and not callable(callback):   # a TypeError after the first step
@@ -406,6 +444,13 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     if any(p.is_inference() for p in params):   # torch's "element 0 of tensors does not require grad" otherwise
         raise ValueError("The model was made inside torch.inference_mode(): its parameters are inference tensors, "
                          "which autograd cannot train. Make the model outside inference mode to fit it.")
+    trained = {id(p) for p in params}
+    groups = getattr(optimizer, "param_groups", None)   # wrappers without them are taken on trust
+    if isinstance(groups, list) and not any(id(p) in trained for g in groups for p in g.get("params", ())):
+        # an optimizer made over another model's (or a copy's) parameters stepped those: the history was
+        # flat and the model unchanged, without a word
+        raise ValueError("The optimizer holds none of the model's trainable parameters: make it over "
+                         "model.parameters() of this model (not of a copy or of another model).")
     # before train mode: a failed construction left the model in it, and its next prediction failed
     optimizer = optimizer or torch.optim.Adam(params, lr=lr)
     model.train()
@@ -415,7 +460,6 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     # bounds for the optimizer, not part of the parameterization: an unbounded step can leave
     # them (a negative noise variance, then a failed Cholesky), so each step ends clamped, as in
     # BoTorch's own torch fitting
-    trained = {id(p) for p in params}
     bounded = [(p, c) for _, p, c in model.named_parameters_and_constraints()
                if c is not None and not c.enforced and id(p) in trained]
     history: list[float] = []

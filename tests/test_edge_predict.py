@@ -1162,3 +1162,97 @@ def test_predictors_used_under_inference_mode_keep_their_gradients_in_t_afterwar
         assert not predict.GradientFlow(net, x.clone().requires_grad_(), y).x_factor.requires_grad
     assert not predict.GradientFlow(net, x.clone().requires_grad_(), y).x_factor.requires_grad
     assert not predict.GPPosterior(net, x.clone().requires_grad_(), y).x_factor.requires_grad
+
+
+# neural-tangents' trace_axes (and gp_inference's diag_reg_absolute_scale, max_learning_rate's eps) met
+# Python's bare "unexpected keyword argument" in every predictor, where get= and diag_reg= had a hint
+_THETA = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
+
+
+@pytest.mark.parametrize(("call", "keyword", "hint"), [
+    (lambda **kw: predict.gradient_descent_mse(_THETA, torch.ones(2), **kw), "trace_axes", r"full \(N, N, k, k\)"),
+    (lambda **kw: predict.gradient_descent(lambda f, y: ((f - y) ** 2).mean(), _THETA, torch.ones(2), t=1.0, **kw),
+     "trace_axes", r"full \(N, N, k, k\)"),
+    (lambda **kw: predict.gradient_flow(NET, _x(), torch.ones(6), **kw), "trace_axes", "same for every output"),
+    (lambda **kw: predict.GradientFlow(NET, _x(), torch.ones(6), **kw), "trace_axes", "same for every output"),
+    (lambda **kw: predict.gp_posterior(NET, _x(), torch.ones(6), _x(), **kw), "trace_axes", "same for every output"),
+    (lambda **kw: predict.GPPosterior(NET, _x(), torch.ones(6), **kw), "trace_axes", "same for every output"),
+    (lambda **kw: predict.gp_posterior(NET, _x(), torch.ones(6), _x(), **kw), "diag_reg_absolute_scale",
+     "pass noise=diag_reg"),
+    (lambda **kw: predict.GPPosterior(NET, _x(), torch.ones(6), **kw), "diag_reg_absolute_scale",
+     "pass noise=diag_reg"),
+    (lambda **kw: predict.max_learning_rate(_THETA, **kw), "eps", "its limit is inf"),
+], ids=["gradient_descent_mse", "gradient_descent", "gradient_flow", "GradientFlow", "gp_posterior", "GPPosterior",
+        "gp_posterior-absolute", "GPPosterior-absolute", "max_learning_rate"])
+def test_neural_tangents_keywords_of_the_predictors_have_hints(call, keyword, hint):
+    with pytest.raises(TypeError, match=rf"got an unexpected keyword argument '{keyword}': .*{hint}"):
+        call(**{keyword: ()})
+
+
+# a tensor momentum came back in the limit: a 0-d tensor where a float is promised
+@pytest.mark.parametrize("momentum", [0.5, torch.tensor(0.5), np.float64(0.5)])
+def test_max_learning_rate_is_a_float_for_any_momentum(momentum):
+    limit = predict.max_learning_rate(torch.diag(torch.tensor([4.0, 1.0])), momentum=momentum)
+    assert type(limit) is float and limit == 1.5
+
+
+# the generated __eq__ compared the fields' tensors, and bool() of their elementwise result raised
+# "Boolean value of Tensor with more than one value is ambiguous" (also for `result in results`)
+def test_gaussians_compare_by_identity():
+    first, second = (predict.gradient_flow(NET, _x(), _x(6, 1)[:, 0], _x(3, seed=1), t=1.0) for _ in range(2))
+    assert first == first and first != second and second not in [first] and first in [first]
+    assert len({first, second}) == 2
+
+
+# an (N, 1) initial output stretched over the k outputs with an (N, N) kernel and in gradient_descent,
+# but was refused with a full (N, N, k, k) kernel
+@pytest.mark.parametrize("solver", ["mse", "descent"])
+def test_full_kernel_initial_outputs_broadcast_size_one_axes(solver):
+    n, m, k = 4, 3, 2
+    features = torch.randn(n + m, 5, k, generator=torch.Generator().manual_seed(3))
+    full = torch.einsum("api,bpj->abij", features, features) / 5
+    y = _x(n, k, seed=4)
+    f0, g0 = torch.tensor([[0.3], [-0.2], [0.1], [0.5]]), torch.tensor([[1.0], [-1.0], [0.25]])
+    if solver == "mse":
+        def run(a, b):
+            return predict.gradient_descent_mse(full[:n, :n], y, fx_train_0=a, ntk_test_train=full[n:, :n],
+                                                fx_test_0=b, t=[0.5, 2.0])
+    else:
+        def run(a, b):
+            return predict.gradient_descent(lambda f, t: ((f - t) ** 2).mean(), full[:n, :n], y, fx_train_0=a,
+                                            ntk_test_train=full[n:, :n], fx_test_0=b, steps=[1, 3])
+    stretched = run(f0, g0)
+    for got, want in zip(stretched, run(f0.expand(n, k), g0.expand(m, k)), strict=True):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"fx_train_0 must be a number or have shape \(4, 2\)"):
+        run(f0[:, 0], g0)
+
+
+# the one-shot functions lacked their classes' factor_dtype: "unexpected keyword argument 'factor_dtype'"
+@pytest.mark.parametrize(("one_shot", "build"), [
+    (lambda x, y, xt, **kw: predict.gradient_flow(NET, x, y, xt, t=[0.5, 2.0], **kw),
+     lambda x, y, xt, **kw: predict.GradientFlow(NET, x, y, **kw).predict(xt, t=[0.5, 2.0])),
+    (lambda x, y, xt, **kw: predict.gp_posterior(NET, x, y, xt, kernel="ntkgp", noise=0.1, **kw),
+     lambda x, y, xt, **kw: predict.GPPosterior(NET, x, y, kernel="ntkgp", noise=0.1, **kw).predict(xt)),
+    (lambda x, y, xt, **kw: predict.gp_posterior(NET, x, y, xt, kernel="ntk", **kw),
+     lambda x, y, xt, **kw: predict.GPPosterior(NET, x, y, kernel="ntk", **kw).predict(xt)),
+], ids=["gradient_flow", "gp_posterior", "gp_posterior_ntk"])
+def test_one_shot_predictors_take_factor_dtype(one_shot, build):
+    x, y, xt = _x(), _x(6, 2, seed=1), _x(3, seed=2)
+    single, reference = one_shot(x, y, xt, factor_dtype=torch.float32), build(x, y, xt, factor_dtype=torch.float32)
+    assert torch.equal(single.mean, reference.mean) and torch.equal(single.covariance, reference.covariance)
+    assert not torch.equal(single.mean, one_shot(x, y, xt).mean)   # float32 factors: rounded differently
+    with pytest.raises(ValueError, match=r"factor_dtype must be torch\.float32 or torch\.float64"):
+        one_shot(x, y, xt, factor_dtype=torch.float16)
+
+
+def test_gradient_flow_predict_takes_times_by_keyword_only():
+    """neural-tangents' predict_fn(t, x_test), ported as flow.predict(None, x_test): the test points were
+    read as a (M, d) grid of times and the training points predicted at them, without an error."""
+    flow = predict.GradientFlow(NET, _x(), _x(6, 1)[:, 0])
+    x_test = _x(3, seed=2).abs()
+    with pytest.raises(TypeError, match="positional argument"):
+        flow.predict(None, x_test)
+    with pytest.raises(TypeError, match="positional argument"):
+        flow.predict(x_test, 1.0)
+    assert flow.predict(x_test, t=1.0).mean.shape == (3,)

@@ -831,7 +831,7 @@ def test_fit_keeps_the_lowest_loss_when_the_optimizer_ends_above_it():
     def step(closure):
         def recorded():
             loss = closure()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             return loss
         return original(recorded)
 
@@ -844,10 +844,13 @@ def test_fit_keeps_the_lowest_loss_when_the_optimizer_ends_above_it():
 
 
 def test_fit_names_non_finite_data_set_after_construction():
+    """set_train_data refuses them itself; fit names data assigned past it (model.train_targets = ...)."""
     model = _small_model()
     y = model.train_targets.clone()
     y[3] = math.nan
-    model.set_train_data(targets=y, strict=False)
+    with pytest.raises(ValueError, match="targets contains NaN"):
+        model.set_train_data(targets=y, strict=False)
+    model.train_targets = y
     with pytest.raises(ValueError, match="contain NaN or infinite values"):
         fit(model, steps=2)
 
@@ -1122,3 +1125,60 @@ def test_weight_and_bias_priors_of_one_layer_both_count():
     # same kernel and data in both: the difference is the log priors up to rounding of the MLL (~1e-13)
     assert abs((with_priors - without) - expected) < 1e-9
     assert len(list(model.named_priors())) == 2
+
+
+@pytest.mark.parametrize("call", [lambda model, x: model(x, x), lambda model, x: model(x=x), lambda model, x: model()],
+                         ids=["two", "keyword", "none"])
+@pytest.mark.parametrize("training", [False, True])
+def test_network_gp_names_a_call_on_other_than_one_input_tensor(call, training):
+    """GPyTorch pairs the inputs with the training inputs by zip(strict=True): model(x, x), model(x=x)
+    and model() failed with "zip() argument 2 is longer (shorter) than argument 1"."""
+    x, y = _data(n=6)
+    model = NetworkGP(x, y, ntkgp.mlp(1, "erf", 2.0, 0.1)).train(training)
+    with pytest.raises(ValueError, match=r"one positional tensor of inputs, model\(x\)"):
+        call(model, x)
+
+
+@pytest.mark.parametrize("change", [
+    dict(inputs="nan", match="inputs contains NaN"),
+    dict(targets="nan", match="targets contains NaN"),
+    dict(inputs="float32", match="inputs are torch.float32 on cpu, the model is torch.float64"),
+    dict(targets="float32", match="targets are torch.float32 on cpu, the model is torch.float64"),
+    dict(targets="list", match="targets must be a tensor"),
+], ids=["nan-inputs", "nan-targets", "float32-inputs", "float32-targets", "list-targets"])
+def test_set_train_data_checks_what_strict_false_lets_through(change):
+    """``set_train_data(..., strict=False)`` skipped the constructor's checks: NaN targets gave NaN
+    predictions without a word, NaN inputs failed at the next prediction as "x2", and float32 data in a
+    float64 model trained but predicted with GPyTorch's "Expected b and A to have the same dtype". The
+    model keeps its data; a float32 model takes float32 data."""
+    x, y = _data(n=8)
+    new_x, new_y = _data(n=5, seed=1)
+    edit = {"nan": lambda v: v.clone().fill_(math.nan), "float32": lambda v: v.float(), "list": lambda v: v.tolist()}
+    inputs = edit[change["inputs"]](new_x) if "inputs" in change else new_x
+    targets = edit[change["targets"]](new_y) if "targets" in change else new_y
+    model = NetworkGP(x, y, ntkgp.mlp(1, "erf", 2.0, 0.1)).eval()
+    with pytest.raises(ValueError, match=change["match"]):
+        model.set_train_data(inputs, targets, strict=False)
+    assert model.train_inputs[0] is x and model.train_targets is y
+    float32 = NetworkGP(x, y, ntkgp.mlp(1, "erf", 2.0, 0.1)).float().eval()
+    float32.set_train_data(new_x.float(), new_y.float(), strict=False)
+    reference = NetworkGP(new_x.float(), new_y.float(), ntkgp.mlp(1, "erf", 2.0, 0.1)).eval()
+    assert torch.equal(float32(x.float()).mean, reference(x.float()).mean)
+
+
+def test_fit_names_an_optimizer_class_or_one_over_other_parameters():
+    """An optimizer class (not an instance) failed with "'function' object has no attribute
+    '_optimizer_step_pre_hooks'"; one made over another model's parameters (a copy's) left this model
+    unchanged with a flat history, without a word."""
+    x, y = _data(n=8)
+    model = NetworkGP(x, y, ntkgp.mlp(1, "erf", 2.0, 0.1))
+    with pytest.raises(ValueError, match=r"optimizer must be a torch\.optim\.Optimizer"):
+        fit(model, steps=1, optimizer=torch.optim.Adam)
+    other = NetworkGP(x, y, ntkgp.mlp(1, "erf", 2.0, 0.1))
+    with pytest.raises(ValueError, match="holds none of the model's trainable parameters"):
+        fit(model, steps=1, optimizer=torch.optim.Adam(other.parameters(), lr=0.1))
+    model.likelihood.requires_grad_(False)   # its frozen noise alone: nothing the fit could move
+    with pytest.raises(ValueError, match="holds none of the model's trainable parameters"):
+        fit(model, steps=1, optimizer=torch.optim.Adam(model.likelihood.parameters(), lr=0.1))
+    history = fit(model, steps=2, optimizer=torch.optim.Adam(model.parameters(), lr=0.1))
+    assert history[1] < history[0]

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._autograd import outside_inference_mode
-from ntkgp._checks import integer_at_least
+from ntkgp._checks import NT_TRACE_AXES_KERNEL_HINT, integer_at_least, neural_tangents_keywords
 from ntkgp._typing import Steps, Times
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.validation import finite_number, positive_number
@@ -58,6 +58,7 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
 
 # it differentiates the loss itself: under a caller's torch.inference_mode() autograd found no gradient,
 # and the ValueError blamed a valid loss (torch.enable_grad() does not lift inference mode)
+@neural_tangents_keywords(trace_axes=NT_TRACE_AXES_KERNEL_HINT)
 @outside_inference_mode
 def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = 0.0,
                      ntk_test_train: Tensor | None = None, fx_test_0: Tensor | float | None = None,

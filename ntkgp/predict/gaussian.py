@@ -21,7 +21,10 @@ _Cov = TypeVar("_Cov", bound=Tensor | None, covariant=True, default=Tensor | Non
 _Var = TypeVar("_Var", bound=Tensor | None, covariant=True, default=Tensor | None)
 
 
-@dataclass(frozen=True)
+# eq=False: the generated __eq__ compared the tensors field by field, which raised torch's "Boolean value
+# of Tensor with more than one value is ambiguous" for two results (and for `result in list`); compared
+# by identity, as tensors are in containers
+@dataclass(frozen=True, eq=False)
 class Gaussian(Generic[_Cov, _Var]):
     """Mean and covariance of network outputs.
 

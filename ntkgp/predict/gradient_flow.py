@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._autograd import outside_inference_mode
-from ntkgp._checks import NT_KERNEL_HINT, check_flag, neural_tangents_keywords
+from ntkgp._checks import NT_KERNEL_HINT, NT_TRACE_AXES_SPEC_HINT, check_flag, neural_tangents_keywords
 from ntkgp._typing import Steps, Times
 from ntkgp.layers.base import Layer
 from ntkgp.predict.gaussian import (
@@ -110,7 +110,7 @@ class GradientFlow:
         >>> out.mean.shape, out.covariance.shape                       # (50, M, k), (50, M, M)
     """
 
-    @neural_tangents_keywords(get=NT_KERNEL_HINT)
+    @neural_tangents_keywords(get=NT_KERNEL_HINT, trace_axes=NT_TRACE_AXES_SPEC_HINT)
     @outside_inference_mode
     def __init__(self, net: Layer, x_train: Tensor, y_train: Tensor, *, kernel: str = "ntk",
                  learning_rate: float = 1.0, diag_reg: float = 0.0, diag_reg_absolute_scale: bool = False,
@@ -187,24 +187,24 @@ class GradientFlow:
     # ------------------------------------------------------------------ prediction
     # the overloads tell type checkers which of the covariance and the variances compute_cov leaves None
     @overload
-    def predict(self, x_test: Tensor | None = None, t: Times = None, steps: Steps = None,
+    def predict(self, x_test: Tensor | None = None, *, t: Times = None, steps: Steps = None,
                 compute_cov: Literal[True] = True) -> Gaussian[Tensor, Tensor]: ...
 
     @overload
-    def predict(self, x_test: Tensor | None = None, t: Times = None, steps: Steps = None, *,
+    def predict(self, x_test: Tensor | None = None, *, t: Times = None, steps: Steps = None,
                 compute_cov: Literal["diag"]) -> Gaussian[None, Tensor]: ...
 
     @overload
-    def predict(self, x_test: Tensor | None = None, t: Times = None, steps: Steps = None, *,
+    def predict(self, x_test: Tensor | None = None, *, t: Times = None, steps: Steps = None,
                 compute_cov: Literal[False]) -> Gaussian[None, None]: ...
 
     @overload
-    def predict(self, x_test: Tensor | None = None, t: Times = None, steps: Steps = None,
+    def predict(self, x_test: Tensor | None = None, *, t: Times = None, steps: Steps = None,
                 compute_cov: bool | str = True) -> Gaussian: ...
 
     @neural_tangents_keywords(get="the kernel is chosen when the GradientFlow is built: GradientFlow(..., "
                                   "kernel='ntk' or 'nngp'), one per kernel.")
-    def predict(self, x_test: Tensor | None = None, t: Times = None, steps: Steps = None,
+    def predict(self, x_test: Tensor | None = None, *, t: Times = None, steps: Steps = None,
                 compute_cov: bool | str = True) -> Gaussian:
         """Mean and covariance of the ensemble's outputs at times ``t`` (or after ``steps``).
 
@@ -217,6 +217,10 @@ class GradientFlow:
                 ``"diag"``: the marginal variances ``(*time, M)`` alone (:attr:`Gaussian.marginal`,
                 the diagonals of the formulas above as sums over the training points), in
                 ``O(M N)`` memory instead of ``O(M²)`` per time.
+
+        ``t``, ``steps`` and ``compute_cov`` are keyword-only: neural-tangents' ``predict_fn(t, x_test)``
+        takes the time first, and a ported ``predict(None, x_test)`` read the test points as times
+        (the training points' outputs, at the test inputs' values as times, without an error).
         """
         self._hyperparameters.check(self.net)
         mode = covariance_mode(compute_cov)
@@ -401,35 +405,35 @@ def subtract_gram_(k_tt: Tensor, w: Tensor, mode: str) -> Tensor:
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
                   learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk",
                   compute_cov: Literal[True] = True, diag_reg_absolute_scale: bool = False,
-                  steps: Steps = None) -> Gaussian[Tensor, Tensor]: ...
+                  steps: Steps = None, factor_dtype: torch.dtype = torch.float64) -> Gaussian[Tensor, Tensor]: ...
 
 
 @overload
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
                   learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk", *,
                   compute_cov: Literal["diag"], diag_reg_absolute_scale: bool = False,
-                  steps: Steps = None) -> Gaussian[None, Tensor]: ...
+                  steps: Steps = None, factor_dtype: torch.dtype = torch.float64) -> Gaussian[None, Tensor]: ...
 
 
 @overload
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
                   learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk", *,
                   compute_cov: Literal[False], diag_reg_absolute_scale: bool = False,
-                  steps: Steps = None) -> Gaussian[None, None]: ...
+                  steps: Steps = None, factor_dtype: torch.dtype = torch.float64) -> Gaussian[None, None]: ...
 
 
 @overload
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
                   learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk",
                   compute_cov: bool | str = True, diag_reg_absolute_scale: bool = False,
-                  steps: Steps = None) -> Gaussian: ...
+                  steps: Steps = None, factor_dtype: torch.dtype = torch.float64) -> Gaussian: ...
 
 
-@neural_tangents_keywords(get=NT_KERNEL_HINT)
+@neural_tangents_keywords(get=NT_KERNEL_HINT, trace_axes=NT_TRACE_AXES_SPEC_HINT)
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
                   learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk",
                   compute_cov: bool | str = True, diag_reg_absolute_scale: bool = False,
-                  steps: Steps = None) -> Gaussian:
+                  steps: Steps = None, factor_dtype: torch.dtype = torch.float64) -> Gaussian:
     """One-shot :class:`GradientFlow` prediction (see there for the arguments and formulas; Lee et al.
     2019, eqs. 15–16)."""
     # the cheap arguments first: GradientFlow computes the training kernel before predict reads them
@@ -440,7 +444,7 @@ def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor |
         check_test_points(x_test, x_train.shape[-1], x_train.device)
     make_schedule(t, steps, learning_rate, y_train.numel(), x_train.device)
     flow = GradientFlow(net, x_train, y_train, kernel=kernel, learning_rate=learning_rate, diag_reg=diag_reg,
-                        diag_reg_absolute_scale=diag_reg_absolute_scale)
+                        diag_reg_absolute_scale=diag_reg_absolute_scale, factor_dtype=factor_dtype)
     return flow.predict(x_test, t=t, steps=steps, compute_cov=compute_cov)
 
 

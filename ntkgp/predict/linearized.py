@@ -19,7 +19,7 @@ from typing import overload
 import torch
 from torch import Tensor
 
-from ntkgp._checks import check_flag
+from ntkgp._checks import NT_TRACE_AXES_KERNEL_HINT, check_flag, neural_tangents_keywords
 from ntkgp._typing import Steps, Times
 from ntkgp.layers.validation import all_finite, boolean_or_complex
 from ntkgp.predict.gaussian import check_device, check_factor_dtype, check_non_negative, check_targets, tensor_kind
@@ -62,6 +62,7 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
                          ) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
+@neural_tangents_keywords(trace_axes=NT_TRACE_AXES_KERNEL_HINT)
 def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = 0.0,
                          ntk_test_train: Tensor | None = None, fx_test_0: Tensor | float | None = None,
                          t: Times = None, steps: Steps = None, learning_rate: float = 1.0,
@@ -194,9 +195,12 @@ def _full_kernel(ntk_train_train: Tensor, y_train: Tensor, fx_train_0, ntk_test_
     def flat_outputs(value, rows: int, name: str):
         if not isinstance(value, Tensor) or value.dim() == 0:
             return value
-        if value.shape != (rows, k):
-            raise ValueError(f"{name} must be a number or have shape {(rows, k)}, got {tuple(value.shape)}.")
-        return value.reshape(rows * k)
+        # size-1 axes stretch as with an (N, N) kernel and in gradient_descent: an (N, 1) value was refused
+        # here alone
+        if value.dim() != 2 or any(size not in (1, full) for size, full in zip(value.shape, (rows, k), strict=True)):
+            raise ValueError(f"{name} must be a number or have shape {(rows, k)} (size-1 axes broadcast), got "
+                             f"{tuple(value.shape)}.")
+        return value.expand(rows, k).reshape(rows * k)
 
     test_kernel = None
     if ntk_test_train is not None:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._autograd import outside_inference_mode
-from ntkgp._checks import neural_tangents_keywords
+from ntkgp._checks import NT_TRACE_AXES_SPEC_HINT, neural_tangents_keywords
 from ntkgp.layers.base import Layer
 from ntkgp.predict.gaussian import (
     Gaussian,
@@ -49,7 +49,10 @@ from ntkgp.predict.spectral import cholesky, cholesky_solve, regularize
 #: neural-tangents' keywords of ``gp_inference`` and what to pass here instead.
 PORTED_KEYWORDS = {"get": "pass kernel='nngp', 'ntkgp' or 'ntk' (neural-tangents' get).",
                    "diag_reg": "noise is an absolute variance: neural-tangents' diag_reg is "
-                               "noise = diag_reg * trace(K_train) / N (docs/conventions.md)."}
+                               "noise = diag_reg * trace(K_train) / N (docs/conventions.md).",
+                   "diag_reg_absolute_scale": "noise is always an absolute variance (neural-tangents' "
+                                              "diag_reg_absolute_scale=True); pass noise=diag_reg.",
+                   "trace_axes": NT_TRACE_AXES_SPEC_HINT}
 
 POSTERIORS = ("nngp", "ntk", "ntkgp")
 
@@ -216,28 +219,32 @@ def _refuse_training_points(kind: str) -> NoReturn:
 
 @overload
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
-                 noise: float | Tensor = 0.0, compute_cov: Literal[True] = True) -> Gaussian[Tensor, Tensor]: ...
+                 noise: float | Tensor = 0.0, compute_cov: Literal[True] = True,
+                 factor_dtype: torch.dtype = torch.float64) -> Gaussian[Tensor, Tensor]: ...
 
 
 @overload
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
-                 noise: float | Tensor = 0.0, *, compute_cov: Literal["diag"]) -> Gaussian[None, Tensor]: ...
+                 noise: float | Tensor = 0.0, *, compute_cov: Literal["diag"],
+                 factor_dtype: torch.dtype = torch.float64) -> Gaussian[None, Tensor]: ...
 
 
 @overload
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
-                 noise: float | Tensor = 0.0, *, compute_cov: Literal[False]) -> Gaussian[None, None]: ...
+                 noise: float | Tensor = 0.0, *, compute_cov: Literal[False],
+                 factor_dtype: torch.dtype = torch.float64) -> Gaussian[None, None]: ...
 
 
 @overload
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
-                 noise: float | Tensor = 0.0,
-                 compute_cov: bool | str = True) -> Gaussian: ...
+                 noise: float | Tensor = 0.0, compute_cov: bool | str = True,
+                 factor_dtype: torch.dtype = torch.float64) -> Gaussian: ...
 
 
 @neural_tangents_keywords(**PORTED_KEYWORDS)
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
-                 noise: float | Tensor = 0.0, compute_cov: bool | str = True) -> Gaussian:
+                 noise: float | Tensor = 0.0, compute_cov: bool | str = True,
+                 factor_dtype: torch.dtype = torch.float64) -> Gaussian:
     """One-shot :class:`GPPosterior` prediction (see there for the formulas: Lee et al. 2018, He et
     al. 2020, Lee et al. 2019; ``compute_cov="diag"`` for the marginal variances alone)."""
     check_training_data(net, x_train, y_train)   # the cheap checks before the training kernel is computed
@@ -248,4 +255,5 @@ def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, k
         # before the training kernel, which GPPosterior computed for predict to refuse it (measured at
         # N = 4000, a depth-2 mlp: the ValueError came after 0.34 s for "nngp", 0.46 s for "ntkgp"; now at once)
         _refuse_training_points(kernel)
-    return GPPosterior(net, x_train, y_train, kernel=kernel, noise=noise).predict(x_test, compute_cov)
+    return GPPosterior(net, x_train, y_train, kernel=kernel, noise=noise, factor_dtype=factor_dtype).predict(
+        x_test, compute_cov)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ntkgp._checks import integer_at_least
+from ntkgp._checks import integer_at_least, neural_tangents_keywords
 from ntkgp._typing import Steps, Times
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.numerics import horner
@@ -590,6 +590,8 @@ def flatten_full_kernel(kernel: Tensor) -> Tensor:
     return kernel.permute(0, 2, 1, 3).reshape(rows * k1, cols * k2)
 
 
+@neural_tangents_keywords(eps="no guard against a zero divisor is needed: a kernel whose largest eigenvalue is 0 "
+                               "never moves the outputs, and its limit is inf.")
 def max_learning_rate(ntk_train_train: Tensor, y_train_size: int | None = None, momentum: float = 0.0) -> float:
     """Largest stable full-batch learning rate, ``2 (1 + momentum) m / λ_max(Θ)``.
 
@@ -616,11 +618,13 @@ def max_learning_rate(ntk_train_train: Tensor, y_train_size: int | None = None, 
     k = k.to(torch.float64)
     m = k.shape[-1] if y_train_size is None else integer_at_least(y_train_size, 1, "y_train_size")
     kind = "a number in [0, 1)"
-    if not 0 <= finite_number(momentum, "momentum", kind) < 1:
+    beta = finite_number(momentum, "momentum", kind)
+    if not 0 <= beta < 1:
         raise ValueError(f"momentum must be {kind}, got {momentum!r}.")
     values = torch.linalg.eigvalsh(k)
     check_semi_definite(values, "ntk_train_train", ntk_train_train.dtype)
-    return stability_limit(float(values[-1]), m, momentum)
+    # the float, not momentum: a tensor momentum made the limit a 0-d tensor, where a float is promised
+    return stability_limit(float(values[-1]), m, beta)
 
 
 def check_semi_definite(values: Tensor, name: str, dtype: torch.dtype) -> None:
