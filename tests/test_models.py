@@ -840,7 +840,7 @@ def test_fit_keeps_the_lowest_loss_when_the_optimizer_ends_above_it():
         history = fit(model, steps=5, optimizer=optimizer)
     assert max(history) > 100 * min(losses)
     assert fit(model, steps=1, lr=0.0)[0] == pytest.approx(min(losses), rel=1e-12)
-    assert all(math.isfinite(float(p)) for p in model.net.parameters())
+    assert all(math.isfinite(float(p.detach())) for p in model.net.parameters())
 
 
 def test_fit_names_non_finite_data_set_after_construction():
