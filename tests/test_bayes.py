@@ -779,6 +779,52 @@ def test_noises_variances_and_levels_refuse_booleans_and_text(bad):
             call()
 
 
+@pytest.mark.parametrize("bad, message", [
+    (None, "numeric, got None"), ([0.1, None, 0.3], "numeric, got None"),
+    (np.ma.masked_array([0.1, 100.0, 0.3], mask=[False, True, False]), "masked entries"),
+    (np.array([1, 2, 3], dtype="timedelta64[D]"), "numeric, got dates or durations"),
+    (np.ones(3, dtype=[("a", float)]), "numeric, got records"),
+])
+def test_none_masks_dates_and_records_are_refused_not_read_as_numbers(bad, message):
+    """numpy's float conversion reads None as NaN (nlpd(mean, post.variance, y) of a posterior without
+    covariance said "variance contains NaN"), drops a mask (the hidden values were scored), and reads
+    durations as days and a structured array as its field."""
+    g = Gaussian(torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+    zeros, ones = torch.zeros(3), torch.ones(3)
+    calls = [lambda: bayes.rmse(bad, ones), lambda: bayes.nlpd(zeros, bad, ones),
+             lambda: bayes.predictive_moments(g, bad), lambda: bayes.one_hot_targets(bad, num_classes=4),
+             lambda: bayes.gaussian_to_inference_data(g, ones, bad, num_draws=4)]
+    for call in calls:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert bayes.rmse(np.ma.masked_array([1.0, 2.0]), [1.0, 2.0]) == 0.0   # a mask hiding nothing is no loss
+
+
+@pytest.mark.parametrize("mean, y, hint", [
+    (np.zeros((2, 5)), np.zeros(5), "first axis is times"),
+    (np.zeros((2, 5, 3)), np.zeros((5, 3)), "first axis is times"),
+    (np.zeros((5, 1)), np.zeros(5), "Squeeze the axis of size 1"), (np.zeros(5), np.zeros((5, 1)), "Squeeze"),
+    (np.zeros(5), np.float64(0.0), r"got \(\)\.$"),   # no hint, and no IndexError looking for one
+])
+def test_shape_mismatches_name_a_time_axis_or_an_axis_of_size_one(mean, y, hint):
+    """gradient_flow(..., t=[1, 10])'s (T, M) mean against (M,) targets, and ensemble_moments' (M, 1)
+    mean of (E, M, 1) outputs, were refused by their shapes alone."""
+    for call in (lambda: bayes.rmse(mean, y), lambda: bayes.nlpd(mean, 1.0, y)):
+        with pytest.raises(ValueError, match=hint):
+            call()
+
+
+def test_a_time_axis_of_gradient_flow_is_named_by_metrics_and_accuracy():
+    x, labels = torch.rand(8, 2, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 3
+    flow = ntkgp.predict.gradient_flow(_net(), x, bayes.one_hot_targets(labels), x, t=[1.0, 10.0])
+    assert flow.mean.shape == (2, 8, 3)
+    for call in (lambda: bayes.rmse(flow.mean[..., 0], labels), lambda: bayes.accuracy(flow.mean, labels)):
+        with pytest.raises(ValueError, match="first axis is times"):
+            call()
+    with pytest.raises(ValueError, match=r"the \(M, C\) mean or \(M,\) predicted labels"):
+        bayes.accuracy(np.zeros((2, 2, 8, 3)), labels)   # it said "must have shape (M,)"
+
+
 def test_labels_may_be_booleans_and_log_densities_name_shapes_that_do_not_broadcast():
     # numbers in any container still pass as noise: object arrays, numpy scalars, 0-d tensors
     g = Gaussian(torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))

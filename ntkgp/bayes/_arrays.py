@@ -13,25 +13,44 @@ from ntkgp._checks import holds_a_boolean, integer_at_least, seed_value  # noqa:
 from ntkgp._typing import ArrayLike
 
 
-def _is_text(value: object) -> bool:
-    """Whether ``value`` is text, or an array (or nested lists) of it, which numpy's float conversion
-    would parse: one conversion and a look at the dtype, not a walk over the elements (a list of
-    10⁶ numbers), except for object arrays."""
+def _not_numbers(value: object) -> str | None:
+    """A description of what ``value`` holds that numpy's float conversion would turn into numbers
+    though it is none (``None`` when there is nothing of the kind): text (parsed), ``None`` (NaN, then
+    reported as "contains NaN": ``Gaussian.variance`` is ``None`` without a covariance), dates and
+    durations (days since 1970), records (their field). One conversion and a look at the dtype, not a
+    walk over the elements (a list of 10⁶ numbers), except for object arrays."""
     if isinstance(value, str | bytes):
-        return True
+        return "text"
+    if value is None:
+        return "None"
     try:
         array = np.asarray(value)
     except (TypeError, ValueError, RuntimeError, OverflowError):   # left to the conversion, which names it
-        return False
-    return array.dtype.kind in "US" or (array.dtype.kind == "O" and any(isinstance(v, str | bytes)
-                                                                        for v in array.flat))
+        return None
+    if array.dtype.kind in "US":
+        return "text"
+    if array.dtype.kind in "mM":
+        return "dates or durations"
+    if array.dtype.kind == "V":
+        return "records (a structured array)"
+    if array.dtype.kind == "O":
+        types = set(map(type, array.flat))   # at C speed, as in holds_a_boolean
+        if any(issubclass(t, str | bytes) for t in types):
+            return "text"
+        if type(None) in types:
+            return "None"
+    return None
 
 
 def to_numpy(value: ArrayLike, name: str) -> np.ndarray:
     """``value`` (a torch tensor, numpy array or nested sequence) as a float64 numpy array."""
-    if not hasattr(value, "detach") and _is_text(value):
-        # numpy's float conversion parses text: noise="0.1" was read as 0.1
-        raise ValueError(f"{name} must be numeric, got text ({type(value).__name__}).")
+    if isinstance(value, np.ma.MaskedArray) and np.ma.is_masked(value):
+        # np.asarray drops the mask: the masked entries were scored with whatever values they hide
+        raise ValueError(f"{name} has masked entries, which would be read as the values under the mask: "
+                         "drop those points (or fill them) first.")
+    what = None if hasattr(value, "detach") else _not_numbers(value)
+    if what is not None:   # noise="0.1" was read as 0.1, variance=None as NaN
+        raise ValueError(f"{name} must be numeric, got {what} ({type(value).__name__}).")
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch.Tensor, without importing torch
         if value.device.type == "meta":   # torch's "Cannot copy out of meta tensor" otherwise
             raise ValueError(f"{name} is on the meta device, which holds shapes but no values.")
@@ -90,14 +109,24 @@ def labels_array(value: ArrayLike, name: str = "labels") -> np.ndarray:
     return array.astype(np.int64)
 
 
+#: The hint for a leading axis ahead of ``(M[, k])``: times or ensemble members, never scored together.
+LEADING_AXIS_HINT = (" If the first axis is times (gradient_flow at several t) or ensemble members, pick one time "
+                     "(ntkgp.bayes.predictive_moments(..., time_index=i)) or take ntkgp.bayes.ensemble_moments first.")
+
+
 def observations(mean: ArrayLike, y: ArrayLike, name_mean: str = "mean",
                  name_y: str = "y") -> tuple[np.ndarray, np.ndarray]:
     """Finite ``mean`` and ``y`` of one shape, ``(M,)`` or ``(M, k)`` with ``M, k >= 1``."""
     mean, y = finite(mean, name_mean), finite(y, name_y)
     if mean.ndim not in (1, 2) or 0 in mean.shape:   # (M, 0): every metric a mean of nothing, NaN
-        raise ValueError(f"{name_mean} must have shape (M,) or (M, k) with M, k >= 1, got {mean.shape}.")
+        raise ValueError(f"{name_mean} must have shape (M,) or (M, k) with M, k >= 1, got {mean.shape}."
+                         + (LEADING_AXIS_HINT if mean.ndim == 3 else ""))
     if y.shape != mean.shape:
-        raise ValueError(f"{name_y} must have the shape of {name_mean}, {mean.shape}; got {y.shape}.")
+        # the shapes alone said nothing of the usual causes: gradient_flow's (T, M) means at several
+        # times, and an ensemble's (M, 1) mean against (M,) targets
+        hint = (" Squeeze the axis of size 1." if 1 in mean.shape[-1:] + y.shape[-1:] and mean.size == y.size
+                else LEADING_AXIS_HINT if mean.ndim > 1 and mean.shape[1:] == y.shape else "")
+        raise ValueError(f"{name_y} must have the shape of {name_mean}, {mean.shape}; got {y.shape}.{hint}")
     return mean, y
 
 

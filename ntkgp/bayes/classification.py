@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._typing import ArrayLike
-from ntkgp.bayes._arrays import finite, integer_at_least, labels_array
+from ntkgp.bayes._arrays import LEADING_AXIS_HINT, finite, integer_at_least, labels_array
 from ntkgp.bayes.metrics import auroc
 from ntkgp.layers.validation import finite_number
 
@@ -103,6 +103,9 @@ def accuracy(mean_or_predictions: ArrayLike, labels: ArrayLike) -> float:
     ``labels`` must lie in ``0 … C−1``) or ``(M,)`` predicted labels.
     """
     raw = finite(mean_or_predictions, "mean_or_predictions")
+    if raw.ndim not in (1, 2):   # labels_array's "must have shape (M,)" left out the (M, C) mean
+        raise ValueError(f"mean_or_predictions must be the (M, C) mean or (M,) predicted labels, got shape "
+                         f"{raw.shape}.{LEADING_AXIS_HINT if raw.ndim == 3 else ''}")
     if raw.ndim == 2:
         scores = _class_scores(raw)
         return float(np.mean(scores.argmax(-1) == _class_labels(labels, scores)))
