@@ -46,6 +46,16 @@ def demo(args: argparse.Namespace) -> int:
     except ValueError as error:   # its batches' seeds (seed + 1_000_003 b), checked before any network is drawn
         print(f"ntkgp demo: error: {error}", file=sys.stderr)
         return 2
+    except (RuntimeError, MemoryError) as error:
+        # a --width whose weights cannot be allocated was a traceback; as compare's, status 1
+        from ntkgp.compare.harness import _stop_reason
+
+        reason = ("out of memory while drawing the networks" if isinstance(error, MemoryError) else
+                  _stop_reason(error, f"drawing networks of width {args.width}", "a smaller --width"))
+        if reason is None:
+            raise
+        print(f"ntkgp demo: error: {reason}", file=sys.stderr)
+        return 1
     # restored afterwards: an in-process caller's tensors printed with 4 digits and no exponents
     saved = {k: getattr(torch._tensor_str.PRINT_OPTS, k)
              for k in ("precision", "threshold", "edgeitems", "linewidth", "sci_mode")}
@@ -98,7 +108,7 @@ def _options(text: object, spec: bool = False) -> str:
 LEADING_OPTIONS = {"widths": "--widths", "depth": "--depth", "seed": "--seed", "spec": "--spec"}
 
 #: Python advice in the errors of the config and its layers, and what a CLI user types instead.
-DTYPE_ADVICE = (("dtype='float64'", "--dtype float64"),)
+DTYPE_ADVICE = (("dtype='float64'", "--dtype float64"), ("(dtype=torch.float64)", "(--dtype float64)"))
 #: The same for the MLP's options, which do not apply with a spec (whose layers take Python arguments).
 MLP_ADVICE = (("Unknown activation ", "Unknown --activation "), (" or pass a layer.", "."))
 

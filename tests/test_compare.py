@@ -328,6 +328,10 @@ def test_variance_collapsed_to_rounding_at_every_test_point_is_not_a_failure(tmp
     (["--weight-var", "-1"], "--weight-var must be non-negative"),
     (["--activation", "nope"], "Unknown --activation 'nope'"),
     (["--dataset", "missing.csv"], "does not exist"),
+    # pathlib read "" as the current folder: "Dataset '' is a directory"
+    (["--dataset", ""], "Unknown dataset ''"),
+    # the layers' Python advice, "(dtype=torch.float64)", reached the command line
+    (["--weight-var", "1e39"], "build in torch.float64 (--dtype float64)"),
     (["--device", "not-a-device"], "is not a torch device"),
     (["--device", "meta"], "runs on 'cpu' or 'cuda' devices"),
     (["--device", "mps"], "runs on 'cpu' or 'cuda' devices"),
@@ -339,6 +343,24 @@ def test_cli_rejects_bad_settings_before_training(argv, message, capsys, tmp_pat
     assert code == 2
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_cli_demo_reports_a_width_that_does_not_fit_in_memory(capsys):
+    # a RuntimeError traceback before. The first draw asks for 1.5e5 GiB, beyond any 47-bit address space, so
+    # it fails at once even where the kernel overcommits memory
+    assert main(["demo", "--width", str(10**13), "--samples", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "out of memory while drawing networks of width 10000000000000" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("option", ["--weight-var", "--bias-var"])
+def test_cli_float64_takes_variances_beyond_float32(option, tmp_path, capsys):
+    """1e39 overflows float32 only: with --dtype float64 the shape probes built the spec in the float32
+    default and refused it, advising the float64 the user had asked for."""
+    code = main(["compare", "--widths", "8", "16", "--ensemble-size", "4", "--steps", "0", "3", "--no-progress",
+                 "--no-divergence-check", "--dtype", "float64", option, "1e39", "--out", str(tmp_path / "r")])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "r" / "report.json").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when CUDA is absent")

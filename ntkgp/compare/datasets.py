@@ -137,6 +137,8 @@ def load_dataset(source: str | os.PathLike) -> Dataset:
         return sin_dataset()
     if source == "circle":
         return circle_dataset()
+    if not source:   # pathlib reads "" as ".", the current folder: "'' is a directory"
+        raise ValueError(f"Unknown dataset {source!r}: use 'sin', 'circle' or a path to a .csv/.npz file.")
     path = pathlib.Path(source)
     suffix = path.suffix.lower()   # DATA.CSV from Windows, where file names ignore case
     if not path.exists():

@@ -413,7 +413,9 @@ def _check_outputs(config: CompareConfig, data: Dataset) -> None:
     d = data.x_train.shape[-1]
     try:   # on the meta device: shapes without memory, whatever the width
         with torch.no_grad():
-            outputs = net.build(in_features=d, device="meta")(torch.empty(1, d, device="meta")).shape[-1]
+            # in the networks' dtype: the default (float32) refused variances that --dtype float64 takes
+            outputs = net.build(in_features=d, dtype=DTYPES[config.dtype], device="meta")(
+                torch.empty(1, d, dtype=DTYPES[config.dtype], device="meta")).shape[-1]
     except ValueError:   # ntkgp's own refusal of the spec
         raise
     except Exception:    # a user's activation that needs values (numpy, .item()): train_ensemble checks

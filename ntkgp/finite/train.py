@@ -382,7 +382,9 @@ def ensemble_chunks(net: Layer, in_features: int, n_points: int, ensemble_size: 
 
 
 def _default_chunk(net: Layer, d: int, n_points: int) -> int:
-    probe = net.build(in_features=d, seed=0, device="meta")   # shapes only: no memory, whatever the width
+    # shapes only: no memory, whatever the width; float64, whose range refuses no variance that a
+    # float64 ensemble takes (the float32 default did, before the ensemble's own build)
+    probe = net.build(in_features=d, seed=0, dtype=torch.float64, device="meta")
     params = sum(p.numel() for p in probe.parameters())
     widths = [m.out_features for m in probe.modules() if isinstance(m, DenseModule)]
     per_member = (4 * params + 4 * n_points * sum(widths)) * 4
