@@ -183,10 +183,16 @@ class Dense(Layer):
         if weight_var.dim() > (1 if self.ard_num_dims is not None else 0) or (bias_var is not None
                                                                                and bias_var.dim() > 0):
             raise ValueError("Cannot build a finite network from batched hyperparameters.")
-        if not all_finite(weight_var) or (bias_var is not None and not all_finite(bias_var)):
-            # a NaN raw parameter built a network of NaN outputs without a word
-            raise NonFiniteVarianceError("Cannot build a finite network from non-finite variances (a NaN raw "
-                                         "parameter); set them anew, e.g. layer.weight_var = 1.0.")
+        # in the build's dtype, as kernel() checks them in the inputs': a NaN raw parameter built a network
+        # of NaN outputs, and weight_var = 1e300 in float32 one whose weight scale sqrt(σ_w²/n) was inf
+        dtype = ctx.dtype or torch.get_default_dtype()
+        if not all(all_finite(v.to(dtype)) for v in (weight_var, bias_var) if v is not None):
+            shown = ", ".join(f"{n} = {float(v.max()):.3g}" for n, v in (("weight_var", weight_var),
+                                                                         ("bias_var", bias_var)) if v is not None)
+            raise NonFiniteVarianceError(f"Cannot build a finite network in {dtype} from non-finite variances "
+                                         f"({shown}): set a NaN one anew (e.g. layer.weight_var = 1.0); for one "
+                                         f"beyond {dtype}'s range, build in torch.float64 (dtype=torch.float64) or "
+                                         "use smaller variances.")
         module = DenseModule(
             in_width, self.width,
             weight_var=weight_var,
@@ -225,17 +231,6 @@ def _affine(state: KernelState, nngp: Tensor, cov1: Tensor, cov2: Tensor, scale:
     return new_nngp, new_cov1, new_cov2
 
 
-def _check_representable(variance: Tensor, name: str, ctx: BuildContext) -> None:
-    """Refuse a variance (float64) that is not finite in the build's dtype, as :meth:`Layer.kernel`
-    refuses it in the inputs' dtype: ``weight_var = 1e300`` in float32 built a network whose
-    weight scale ``sqrt(σ_w²/n)``, formed in that dtype, was inf, every output inf or NaN, without a word."""
-    dtype = ctx.dtype or torch.get_default_dtype()
-    if not all_finite(variance.to("cpu", dtype)):   # on the CPU: whatever torch's default device (meta, too)
-        raise NonFiniteVarianceError(f"Cannot build a finite network in {dtype}: {name} = {float(variance.max()):.3g} "
-                                     f"overflows it; build in torch.float64 (dtype=torch.float64) or use smaller "
-                                     "variances.")
-
-
 class DenseModule(nn.Module):
     """Finite twin of :class:`Dense`: ``(..., n, in) -> (..., n, out)``.
 
@@ -258,7 +253,6 @@ class DenseModule(nn.Module):
         if bias_var is None:
             self.register_parameter("bias", None)
         else:
-            _check_representable(torch.tensor(bias_var, dtype=torch.float64, device="cpu"), "bias_var", ctx)
             draw = ctx.randn(1, out_features)
             draw = draw if ctx.ensemble_size is not None else draw.reshape(out_features)
             ntk = parameterization == "ntk"
@@ -289,7 +283,6 @@ class DenseModule(nn.Module):
         return self.weight_var.to(like) / self.in_features
 
     def _init_weight(self, ctx: BuildContext) -> None:
-        _check_representable(self.weight_var, "weight_var", ctx)
         draw = ctx.randn(self.in_features, self.out_features)
         std = self.fan_in_variance(draw).sqrt()
         if self.parameterization == "ntk":
