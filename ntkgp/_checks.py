@@ -92,8 +92,7 @@ NT_KERNEL_HINT = ("pass kernel='ntk' or kernel='nngp' (neural-tangents' get name
 def neural_tangents_keywords(**hints: str) -> Callable[[Function], Function]:
     """Decorator: a keyword argument of the neural-tangents counterpart that the function lacks
     raises a ``TypeError`` that says what to pass instead (``hints[name]``); a port otherwise met
-    Python's bare "unexpected keyword argument" (or, in a class without ``__init__``, one naming
-    ``torch.nn.Module``)."""
+    Python's bare "unexpected keyword argument"."""
     # typed as returning its argument: Callable -> Callable hid the signatures of every decorated
     # function (Layer.kernel, gp_posterior, GradientFlow, ...) from type checkers and completion
     def decorate(fn: Function) -> Function:

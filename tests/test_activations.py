@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
@@ -1233,3 +1234,17 @@ def test_gelu_centred_kernel_gradients_finite_at_large_float32_variances():
             assert all(torch.isfinite(g).all() for g in grads), (k, rho, grads)
             # ∂/∂k12 at ρ = ±0.3 and large variances: β/(2π) + O(ρ) terms, between 0 and 1
             assert 0 < float(grads[1]) < 1 and math.isfinite(float(grads[0]))
+
+
+@pytest.mark.parametrize("name, args, kwargs, given", [("Gabor", (-1.0,), {}, "1 positional"),
+                                                       ("Sign", (1,), {}, "1 positional"),
+                                                       ("Identity", (3,), {}, "1 positional"),
+                                                       ("Gabor", (), {"a": 1.0}, r"keyword argument\(s\) \['a'\]")])
+def test_layers_without_arguments_refuse_them_by_name(name, args, kwargs, given):
+    """Gabor(-1.0), Sign(1) and Identity(3), layers without an ``__init__`` of their own, met
+    GPyTorch's "Module.__init__() takes 1 positional argument but 2 were given", which named neither
+    the layer nor what it takes; their signatures still show no parameters."""
+    layer = getattr(ntkgp, name)
+    with pytest.raises(TypeError, match=rf"^{name}\(\) takes no arguments, got {given}"):
+        layer(*args, **kwargs)
+    assert not inspect.signature(layer).parameters and isinstance(layer(), ntkgp.Layer)

@@ -304,6 +304,31 @@ def test_export_refuses_bad_arguments_before_sampling(monkeypatch):
     np.testing.assert_array_equal(idata.posterior["f"].values[0], draws.numpy())
 
 
+def test_draws_too_many_to_hold_are_refused_before_the_eigendecomposition(monkeypatch):
+    """num_draws=1e12 (three points, two outputs: 44 TiB of draws) failed in torch's allocator only
+    after the eigendecomposition, O(M³) work for nothing (seconds at M ~ 2000); 2**62 draws, beyond
+    what torch's sizes count, with its overflow errors. Both are refused first: beyond the machine's
+    memory where it is known (also by the ArviZ export, before its own checks) and, where it is not,
+    when the draws' standard normals fail to allocate."""
+    g = Gaussian(torch.zeros(3, 2, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the covariance was factored before num_draws was checked")
+
+    monkeypatch.setattr(bayes.sampling, "_covariance_root", no_work)
+    with pytest.raises(ValueError, match=r"^num_draws=1000000000000 draws of 3 x 2 outputs need 4\.47e\+04 GiB in "
+                                         r"float64, (more than this machine's|which cannot be allocated).* draw fewer"):
+        bayes.sample_outputs(g, 10**12)
+    if hasattr(os, "sysconf"):   # the export's noise check failed in numpy first: "Unable to allocate 2.73 TiB"
+        with pytest.raises(ValueError, match=r"^num_draws=1000000000000 .* more than this machine's"):
+            bayes.gaussian_to_inference_data(g, torch.zeros(3, 2, dtype=torch.float64), 0.1, num_draws=10**12)
+    monkeypatch.setattr(bayes.sampling, "_physical_memory", lambda: None, raising=False)   # as on Windows
+    with pytest.raises(ValueError, match=r"^num_draws=4611686018427387904 .* float64, which cannot be allocated"):
+        bayes.sample_outputs(g, 2**62)
+    monkeypatch.undo()
+    assert bayes.sample_outputs(g, 5, seed=1).shape == (5, 3, 2)
+
+
 def test_hand_built_gaussians_are_checked_by_every_consumer():
     """The draws read one triangle of Σ: an asymmetric covariance gave draws of the wrong
     correlation (0 instead of 0.99) without a word. predictive_moments clamped a negative
@@ -557,6 +582,22 @@ def test_one_hot_targets_refuse_integer_dtypes_and_huge_labels():
             bayes.one_hot_targets([0, 1], dtype=dtype)
     with pytest.raises(ValueError, match=r"below 2\*\*53, got 1e\+19"):
         bayes.one_hot_targets([0.0, 1e19])
+
+
+def test_one_hot_targets_refuse_an_inferred_number_of_classes_far_beyond_the_labels():
+    """num_classes inferred from a label of 1e9 made 3 x (1e9 + 1) targets: torch tried to allocate
+    24 GB ("DefaultCPUAllocator: can't allocate memory", or the process was killed); 2**21 took 48 MiB
+    (three times over) for three labels. Inferred classes beyond the labels' count and 2**22 entries
+    are refused before any allocation; given, or below either bound, they are made."""
+    for labels in ([0, 1, 2**21], torch.tensor([0, 1, 2**21])):   # (1e9 itself would allocate 24 GB unfixed)
+        with pytest.raises(ValueError, match=r"num_classes would be 2097153: targets of 3 x 2097153 entries "
+                                             r"\(48 MiB in torch\.float64\), more classes than the 3 labels\. .*"
+                                             r"np\.unique\(labels, return_inverse=True\)\[1\]\), or pass num_classes"):
+            bayes.one_hot_targets(labels)
+    wide = bayes.one_hot_targets([0, 1, 2**21], num_classes=2**21 + 1, offset=0.0)
+    assert wide.shape == (3, 2**21 + 1) and wide[2, -1] == 1.0 and wide.sum() == 3.0
+    assert bayes.one_hot_targets([0, 5, 9]).shape == (3, 10)              # few labels, few classes: inferred
+    assert bayes.one_hot_targets(np.arange(2100)).shape == (2100, 2100)   # as many classes as labels
 
 
 @pytest.mark.parametrize("bad", ["0.1", b"0.1", True, np.bool_(True), torch.tensor(True), float("nan")])

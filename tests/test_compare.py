@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import math
 import os
@@ -448,6 +449,31 @@ def test_csv_written_by_excel_with_a_byte_order_mark(tmp_path):
         d = load_dataset(str(tmp_path / name))
         assert torch.equal(d.x_train[:, 0], torch.tensor([-1.0, 2.0], dtype=torch.float64))
         assert torch.equal(d.y_train[:, 0], torch.tensor([0.5, -0.25], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"])
+def test_csv_in_utf_16_or_32_is_read_with_its_mark_and_refused_without(tmp_path, encoding):
+    """Windows PowerShell's "> data.csv" and Excel's "Unicode Text" write UTF-16 with a byte-order
+    mark; read as UTF-8 every character came with a NUL byte, and the message showed the garbled text
+    under "(a header line must start with #)". With its mark the file is read; without one (or with
+    any NUL byte) it is refused with the remedy."""
+    text = "# x,y\r\n-1,0.5\r\n2,-0.25\r\n"
+    path = tmp_path / "data.csv"
+    mark = {"utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE, "utf-32-le": codecs.BOM_UTF32_LE,
+            "utf-32-be": codecs.BOM_UTF32_BE}.get(encoding, b"")   # "utf-16" and "utf-32" write their own
+    path.write_bytes(mark + text.encode(encoding))
+    d = load_dataset(str(path))
+    assert torch.equal(d.x_train[:, 0], torch.tensor([-1.0, 2.0], dtype=torch.float64))
+    assert torch.equal(d.y_train[:, 0], torch.tensor([0.5, -0.25], dtype=torch.float64))
+    if encoding in ("utf-16", "utf-32"):
+        path.write_bytes(b"# x,y\n-1,0.5\n2,-0.2\x005\n")   # a stray NUL in UTF-8: named by its line
+        with pytest.raises(ValueError, match=r"line 3 holds a NUL byte .* save it as UTF-8\.$"):
+            load_dataset(str(path))
+        return
+    path.write_bytes(text.encode(encoding))
+    with pytest.raises(ValueError, match=r"data\.csv as comma-separated numbers: line 1 holds a NUL byte \(text in "
+                                         r"UTF-16 or UTF-32 without a byte-order mark, .*\); save it as UTF-8\.$"):
+        load_dataset(str(path))
 
 
 def test_csv_without_data_rows_says_so(tmp_path):

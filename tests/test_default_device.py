@@ -35,6 +35,14 @@ K, KT = NET.kernel(X).ntk, NET.kernel(XT, X).ntk
 GP_KERNEL = ntkgp.NTKKernel(NET)
 POSTERIOR = predict.gp_posterior(NET, X, Y, XT, kernel="nngp", noise=1e-3)
 TIMES = torch.tensor([0.5, 5.0], dtype=torch.float64)
+DENSE = ntkgp.Dense(1, 1.0, 0.1).double()
+
+
+def _set_variance():
+    # a number set as a variance became a tensor on the default device: "Tensor.item() cannot be called
+    # on meta tensors"
+    DENSE.weight_var = 2.5
+    return DENSE.kernel(X).nngp
 
 
 def _fit_network_gp():
@@ -86,6 +94,7 @@ CALLS = {
                                               device="cpu"),
     "one_hot_targets": lambda: bayes.one_hot_targets(torch.tensor([0, 2, 1, 2], device="cpu")),
     "NetworkGP fit": _fit_network_gp,
+    "set a variance": _set_variance,
     "compare": _compare,
     # a width checked point-wise: the checks' calibration draws exact ensembles from a CPU generator
     "compare calibrated": lambda: _compare(widths=(256,)),
@@ -101,6 +110,24 @@ def test_the_default_device_is_not_used(name):
         assert r.device.type == "cpu", r.device
         # the same computation on the same device; a few ulps of room for BLAS kernels that round by alignment
         torch.testing.assert_close(r, e, rtol=1e-12, atol=1e-13)
+
+
+def test_a_network_on_the_meta_device_is_refused_by_name():
+    """A network moved with .to("meta") holds its variances' shapes but no values: its kernels and
+    builds failed with torch's "Cannot copy out of meta tensor; no data!", printing it and building
+    one under torch.device("meta") (or with a meta variance) with "Tensor.item() cannot be called on
+    meta tensors". A network on the CPU still builds on the meta device (shapes only)."""
+    net = ntkgp.mlp(1, "erf", 2.0, 0.1).double().to("meta")
+    for call in (lambda: net.kernel(X), lambda: net.build(3, seed=0), lambda: net.build(3, seed=0, device="meta"),
+                 lambda: ntkgp.NTKKernel(net)(X, XT).to_dense()):
+        with pytest.raises(ValueError, match=r"^Dense's weight_var is on the meta device, .* a real device"):
+            call()
+    assert "weight_var=<meta, shape ()>, bias_var=<meta, shape ()>" in repr(net)
+    with torch.device("meta"), pytest.raises(ValueError, match=r"^Dense cannot be built under torch\.device\('meta'\)"):
+        ntkgp.Dense(3, 2.0)
+    with pytest.raises(ValueError, match=r"^weight_var is on the meta device"):
+        ntkgp.Dense(3, torch.tensor(2.0, device="meta"))
+    assert NET.build(3, seed=0, device="meta")(X.to("meta")).shape == (12, 1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")

@@ -25,6 +25,10 @@ from ntkgp.bayes._arrays import LEADING_AXIS_HINT, finite, integer_at_least, lab
 from ntkgp.bayes.metrics import auroc
 from ntkgp.layers.validation import finite_number
 
+#: One-hot targets whose ``num_classes`` is inferred from the largest label are refused beyond this
+#: many entries (32 MiB in float64) when they have more classes than labels (:func:`one_hot_targets`).
+INFERRED_TARGET_ENTRIES = 1 << 22
+
 
 def one_hot_targets(labels: ArrayLike, num_classes: int | None = None, offset: float | None = None,
                     dtype: torch.dtype = torch.float64) -> Tensor:
@@ -32,7 +36,10 @@ def one_hot_targets(labels: ArrayLike, num_classes: int | None = None, offset: f
 
     Args:
         labels: ``(N,)`` integer labels in ``0 … C−1`` (tensor, array or list).
-        num_classes: ``C``; default ``max(labels) + 1``.
+        num_classes: ``C``; default ``max(labels) + 1``. Inferred, it is refused where the targets
+            would have more classes than labels (most classes without an example: labels that are
+            ids, not indices ``0 … C−1``) and more than ``INFERRED_TARGET_ENTRIES`` entries; pass
+            it to allow that.
         offset: subtracted from every entry; default ``1/C``, which makes every row sum to zero
             (``e_c − 0.1`` for ten classes, Lee et al. 2018).
         dtype: of the returned tensor, a floating-point ``torch.dtype``.
@@ -50,6 +57,16 @@ def one_hot_targets(labels: ArrayLike, num_classes: int | None = None, offset: f
         if num_classes < 2:
             raise ValueError("labels hold only class 0: pass num_classes (at least 2) to say how many classes "
                              "there are.")
+        # a label of 1e9 made targets of N x (1e9 + 1) entries: 24 GB for three labels, allocated and
+        # failed (or killed the process) in torch; the N x N kernel the targets are regressed with is smaller
+        if num_classes > y.size and y.size * num_classes > INFERRED_TARGET_ENTRIES:
+            mib = y.size * num_classes * torch.finfo(dtype).bits / 8 / 2**20
+            size = f"{mib:.3g} MiB" if mib < 1024 else f"{mib / 1024:.3g} GiB"
+            raise ValueError(f"labels go up to {y.max()}, so num_classes would be {num_classes}: targets of "
+                             f"{y.size} x {num_classes} entries ({size} in {dtype}), more classes "
+                             f"than the {y.size} labels. Labels are class indices 0 … C−1: remap ids to them "
+                             "(np.unique(labels, return_inverse=True)[1]), or pass num_classes if there are that "
+                             "many classes.")
     num_classes = integer_at_least(num_classes, 2, "num_classes")
     if y.max() >= num_classes:
         raise ValueError(f"labels go up to {y.max()} but num_classes={num_classes}.")

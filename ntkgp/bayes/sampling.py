@@ -14,7 +14,9 @@ the outputs, one per member.
 
 from __future__ import annotations
 
+import math
 import operator
+import os
 from collections.abc import Sequence
 from typing import Any, TypeVar, cast
 
@@ -186,6 +188,28 @@ def _checked(g: Gaussian) -> Gaussian:
     return g
 
 
+def _physical_memory() -> int | None:
+    """Bytes of memory of this machine, where the operating system says (``None`` elsewhere)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):   # no os.sysconf (Windows), or no such name
+        return None
+
+
+def _too_many(num_draws: int, shape: torch.Size, reason: str) -> str:
+    """Why ``num_draws`` draws of outputs of ``shape`` (``(M,)`` or ``(M, k)``) are refused."""
+    m, k = shape[0], 1 if len(shape) == 1 else shape[-1]
+    return (f"num_draws={num_draws} draws of {m} x {k} outputs need {num_draws * m * k * 8 / 2**30:.3g} GiB in "
+            f"float64, {reason}: draw fewer (in batches, each with its own seed).")
+
+
+def _check_draws_fit(num_draws: int, shape: torch.Size) -> None:
+    """Refuse draws of outputs of ``shape`` that would not fit in this machine's memory, where it is known."""
+    memory = _physical_memory()
+    if memory is not None and num_draws * math.prod(shape) * 8 > memory:
+        raise ValueError(_too_many(num_draws, shape, f"more than this machine's {memory / 2**30:.3g} GiB of memory"))
+
+
 def _seed(seed: int | None) -> int | None:
     """``None`` or a seed both torch's and numpy's generators take (non-negative)."""
     return None if seed is None else seed_value(seed, 0)
@@ -204,14 +228,21 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: Tim
     seed = _seed(seed)
     g = _checked(select_time(gaussian, time_index))
     mean = g.mean.detach().to(torch.float64)
-    root = _covariance_root(g.covariance.detach(), g.scale)
     generator = torch.Generator(device="cpu")
     if seed is None:
         generator.seed()
     else:
         generator.manual_seed(seed)
-    k = 1 if mean.dim() == 1 else mean.shape[-1]
-    z = torch.randn(root.shape[-1], num_draws * k, generator=generator, dtype=torch.float64, device="cpu")
+    m, k = mean.shape[0], 1 if mean.dim() == 1 else mean.shape[-1]
+    # the size first, and the standard normals (as many as the draws' entries) before the eigendecomposition:
+    # num_draws=1e12 failed in torch's allocator only after it (seconds at M ~ 2000)
+    _check_draws_fit(num_draws, g.mean.shape)
+    try:
+        z = torch.randn(m, num_draws * k, generator=generator, dtype=torch.float64, device="cpu")
+    except (RuntimeError, OverflowError, TypeError) as err:   # "can't allocate memory", "Storage size ... overflowed",
+        # beyond int64: "Overflow when unpacking long long" (a TypeError)
+        raise ValueError(_too_many(num_draws, g.mean.shape, "which cannot be allocated")) from err
+    root = _covariance_root(g.covariance.detach(), g.scale)
     z = z.to(root.device)
     draws = (root @ z).reshape(-1, num_draws, k).permute(1, 0, 2)       # (S, M, k)
     draws = draws + (mean if mean.dim() == 2 else mean.unsqueeze(-1))
@@ -257,6 +288,7 @@ def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: floa
     num_draws = integer_at_least(num_draws, 1, "num_draws")
     seed = _seed(seed)
     g, index = _select_time(gaussian, time_index)
+    _check_draws_fit(num_draws, g.mean.shape)   # check_export's noise check failed in numpy, "Unable to allocate"
     check_export((num_draws, *g.mean.shape), y_obs, noise, num_chains, "one draw (the Gaussian's mean)")
     draws = sample_outputs(g, num_draws, seed=seed)
     noise_seed = None if seed is None else int(np.random.SeedSequence(seed).generate_state(1)[0])

@@ -228,11 +228,22 @@ def _read_csv(path: pathlib.Path) -> np.ndarray:
     """The numbers of a ``.csv`` file as an ``(N, columns)`` array, or a ``ValueError`` that names the
     file and the line (1-based, as an editor counts them) numpy refused."""
     try:
-        # Excel's "CSV UTF-8" starts the file with a byte-order mark, which would be read as part
-        # of the first number (or hide a "#" header); outside comments the text is ASCII anyway
-        text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="replace")
+        data = path.read_bytes()
     except OSError as error:
         raise ValueError(f"Cannot read {path}: {error.strerror or error}") from None
+    # Excel's "CSV UTF-8" starts the file with a byte-order mark, which would be read as part of the
+    # first number (or hide a "#" header); outside comments the text is ASCII anyway. Windows
+    # PowerShell's "> file.csv" and Excel's "Unicode Text" write UTF-16 with its mark: read as UTF-8,
+    # every character came with a NUL byte, told "a header line must start with #" (UTF-32's marks
+    # first: UTF-32-LE's starts with UTF-16-LE's)
+    marks = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+             (codecs.BOM_UTF16_BE, "utf-16"))
+    encoding = next((name for mark, name in marks if data.startswith(mark)), "utf-8")
+    text = data.removeprefix(codecs.BOM_UTF8).decode(encoding, errors="replace")
+    if "\0" in text:   # UTF-16 or UTF-32 without its mark, or not text at all
+        line = text[:text.index("\0")].count("\n") + 1
+        raise ValueError(f"Cannot read {path} as comma-separated numbers: line {line} holds a NUL byte (text in "
+                         "UTF-16 or UTF-32 without a byte-order mark, or not a text file); save it as UTF-8.")
     # a line with nothing but spaces before its "#" (a line of spaces, often the last, or an indented
     # header) as an empty line: numpy read it as a row of one empty column
     lines = [line if line.partition("#")[0].strip() else "" for line in text.splitlines()]

@@ -12,13 +12,14 @@ Any layer, a single ``Dense`` or a whole ``serial(...)`` network, is a network: 
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Literal, SupportsIndex, overload
+from typing import TYPE_CHECKING, Literal, SupportsIndex, overload
 
 import gpytorch
 import torch
@@ -112,6 +113,23 @@ class Layer(VarianceParameters, gpytorch.Module):
     #: is independent of every single input feature: a branch that mixes is independent of the
     #: other branches of a sum.
     mixes_features: bool = False
+
+    if TYPE_CHECKING:   # what type checkers read: a layer without an __init__ of its own takes no arguments
+        def __init__(self) -> None: ...
+    else:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            # Gabor(-1.0), Sign(1) or Identity(3) (layers without an __init__ of their own) met GPyTorch's
+            # "Module.__init__() takes 1 positional argument but 2 were given", which names neither the layer
+            # nor what it takes; layers with arguments call this with none
+            if args or kwargs:
+                given = [f"{len(args)} positional argument(s)"] if args else []
+                given += [f"keyword argument(s) {sorted(kwargs)}"] if kwargs else []
+                raise TypeError(f"{type(self).__name__}() takes no arguments, got {' and '.join(given)}.")
+            super().__init__()
+
+        # inspect.signature(Gabor) stays "()", as it was
+        __init__.__signature__ = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)],
+                                                   return_annotation="None")
 
     # ------------------------------------------------------------------ to implement
     def kernel_map(self, state: KernelState) -> KernelState:

@@ -204,6 +204,8 @@ class Dense(Layer):
 
     def extra_repr(self) -> str:
         def shown(v: Tensor) -> str:   # one value, or per feature (ARD) / per batch: its shape
+            if v.device.type == "meta":   # no value: print(layer.to("meta")) failed in float()
+                return f"<meta, shape {tuple(v.shape)}>"
             return f"{float(v):g}" if v.numel() == 1 else f"<shape {tuple(v.shape)}>"
 
         bias = "None" if not self.has_bias else shown(self.bias_var.detach())

@@ -99,9 +99,13 @@ def check_variance(name: str, value: float | Tensor) -> Tensor:
         tensor = value.detach().to(torch.float64)
     else:
         try:
-            tensor = torch.as_tensor(value, dtype=torch.float64)
+            # on the CPU, whatever the default device: under torch.device("meta") the checks below failed with
+            # torch's "Tensor.item() cannot be called on meta tensors" (register_variance moves it to the layer's)
+            tensor = torch.as_tensor(value, dtype=torch.float64, device="cpu")
         except (TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{name} must be a non-negative number, got {value!r}.") from err
+    if tensor.device.type == "meta":   # torch's "Tensor.item() cannot be called on meta tensors" otherwise
+        raise ValueError(f"{name} is on the meta device, which holds shapes but no values; pass a number.")
     if not all_finite(tensor):
         raise ValueError(f"{name} must be finite, got {value!r}.")
     if bool((tensor < 0).any()):
@@ -148,6 +152,10 @@ class VarianceParameters:
                 raise ValueError(f"{name} must be a scalar or have shape {tuple(shape)}, "
                                  f"got shape {tuple(anchor.shape)}{_shape_hint(name, shape, anchor)}.") from err
         raw = torch.nn.Parameter(torch.zeros(shape))
+        if raw.device.type == "meta":   # GPyTorch's constraint failed: "Tensor.item() cannot be called on meta tensors"
+            raise ValueError(f"{type(self).__name__} cannot be built under torch.device('meta'): its variances need "
+                             "values (GPyTorch's constraints read them). Build the layer on a real device; "
+                             "net.build(..., device='meta') gives a finite network of shapes only.")
         self.register_parameter(f"raw_{name}", raw)
         # where raw is (the module's device): a variance given as a CUDA tensor put this anchor there
         # while the layer stayed on the CPU, and every kernel call failed on the mixed devices
@@ -183,7 +191,14 @@ class VarianceParameters:
     def variance_as(self, name: str, like: Tensor) -> Tensor:
         """The current value in ``like``'s dtype and device; exact in float64."""
         raw = getattr(self, f"raw_{name}")
-        return getattr(self, f"raw_{name}_constraint").value_as(raw, like)
+        constraint = getattr(self, f"raw_{name}_constraint")
+        if "meta" in (raw.device.type, constraint.anchor.device.type) and like.device.type != "meta":
+            # a layer moved with .to("meta") failed every kernel and build with torch's "Cannot copy out of
+            # meta tensor; no data!"
+            raise ValueError(f"{type(self).__name__}'s {name} is on the meta device, which holds shapes but no "
+                             "values: nothing to compute with. Keep the layer on a real device (not .to('meta')); "
+                             "net.build(..., device='meta') gives a finite network of shapes only.")
+        return constraint.value_as(raw, like)
 
     @outside_inference_mode
     def set_variance(self, name: str, value: float | Tensor) -> None:
