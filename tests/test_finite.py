@@ -523,6 +523,13 @@ def test_equivalent_learning_rates_refuse_invalid_rates():
             equivalent_learning_rates(model, bad)
 
 
+def test_equivalent_learning_rates_name_what_is_not_a_module():
+    """None (or a function of parameters) failed as "'NoneType' object has no attribute 'named_modules'"."""
+    for bad in (None, lambda params, x: x):
+        with pytest.raises(ValueError, match=r"^model must be a torch\.nn\.Module .* got (NoneType|function)"):
+            equivalent_learning_rates(bad, 0.1)
+
+
 def test_empirical_kernels_refuse_what_they_would_get_wrong_and_warn_in_training_mode():
     """A misspelt params= name was ignored by functional_call (an all-zero NTK); (n, 2, 3) outputs
     gave 3x the NTK and a batched-matrix NNGP; a tuple output an AttributeError; images (n, 1, 8, 8)
@@ -789,6 +796,37 @@ def test_empirical_ntk_refuses_parameter_scales_that_are_not_real_numbers():
             empirical_ntk(model, x, parameter_scales={"0.weight": scale})
     assert empirical_ntk(model, x, parameter_scales={"0.weight": 2}).shape == (4, 4)
 
+
+
+def test_empirical_ntk_refuses_parameter_scales_that_are_not_a_dict():
+    """One number for all parameters failed as "'float' object is not iterable", a list of rates as
+    "cannot convert dictionary update sequence element", a tensor as "Boolean value of Tensor ... is
+    ambiguous", and 0 was read as no scales at all (the plain NTK, silently)."""
+    model = ntkgp.mlp(1, "relu", width=8).build(in_features=3, seed=0)
+    x = torch.randn(4, 3)
+    for scales in (0.5, 0, [1.0, 2.0], torch.ones(3), "0.weight"):
+        with pytest.raises(ValueError, match=r"^parameter_scales must be a dict of parameter name -> scale"):
+            empirical_ntk(model, x, parameter_scales=scales)
+    plain = empirical_ntk(model, x)
+    torch.testing.assert_close(empirical_ntk(model, x, parameter_scales={}), plain, rtol=0, atol=0)
+    torch.testing.assert_close(empirical_ntk(model, x, parameter_scales=None), plain, rtol=0, atol=0)
+
+
+def test_empirical_kernels_refuse_a_network_without_outputs():
+    """A module or function with k = 0 outputs (n, 0): the NNGP's average over no outputs was all NaN,
+    silently, and the NTK failed in a reshape ("cannot reshape tensor of 0 elements")."""
+    x = torch.randn(5, 3)
+    with warnings.catch_warnings():   # torch: "Initializing zero-element tensors is a no-op"
+        warnings.simplefilter("ignore", UserWarning)
+        module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 0))
+
+    def fn(params, x):
+        return x @ params["w"]
+
+    for model, params in ((module, None), (fn, {"w": torch.zeros(3, 0)})):
+        for kernel, options in ((empirical_nngp, {}), (empirical_ntk, {}), (empirical_ntk, {"vector_output": True})):
+            with pytest.raises(ValueError, match=r"^The network returns no outputs \(shape \(5, 0\)\)"):
+                kernel(model, x, params=params, **options)
 
 def test_ensemble_size_names_what_is_not_a_module():
     with pytest.raises(ValueError, match=r"model must be a torch\.nn\.Module .* got NoneType"):

@@ -118,6 +118,29 @@ def test_ensembles_devices_copies_and_state():
     assert single.dtype == torch.float32 and float((single.double() - before).abs().max()) < 1e-5
 
 
+
+def test_a_linearization_made_under_inference_mode_trains():
+    """Copied under a caller's ``torch.inference_mode()``, the parameters were inference tensors: once
+    the mode was left the outputs carried no gradient, and the first backward pass failed with "element
+    0 of tensors does not require grad". Made there, it is the one made outside: the same outputs after
+    a step, and the same gradients (J(x; θ₀)ᵀ of the weighted sum: exact, so to rounding)."""
+    model = _model()
+    x = _points(6, 7)
+    with torch.inference_mode():
+        made_inside = finite.linearize(model)
+    made_outside = finite.linearize(model)
+    assert not any(p.is_inference() for p in made_inside.parameters())
+    weights = _points(6, 8)[:, :2]
+    for lin in (made_inside, made_outside):
+        with torch.no_grad():
+            for p in lin.network.parameters():
+                p.mul_(1.1)
+        (lin(x) * weights).sum().backward()
+    for inside, outside in zip(made_inside.network.parameters(), made_outside.network.parameters(), strict=True):
+        torch.testing.assert_close(inside.grad, outside.grad, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(made_inside(x), made_outside(x), rtol=0, atol=0)
+
 def test_batch_norm_needs_eval_mode_and_the_mode_is_the_model_s():
     """Batch norm in training mode has no fixed expansion point: a clear error (torch.func's was about
     mutating a captured tensor), and in eval mode the expansion holds; the wrapper's own training flag

@@ -105,6 +105,46 @@ def test_monte_carlo_kernel_checks_the_seed_first():
     assert monte_carlo_kernel(net, x, n_samples=2, seed=2**64 - 2).n_samples == 2
 
 
+
+def test_monte_carlo_kernel_refuses_kernels_that_overflow_as_the_analytic_one_does():
+    """float32 inputs of magnitude 1e20 overflow the kernels (squared norms near 1e40 > 3.4e38):
+    net.kernel raised NonFiniteKernelError, and the Monte-Carlo check of it returned inf and NaN
+    estimates, silently. At 1e15 (kernels near 1e30) the estimate is finite, and 1e30 times the
+    kernel of the unscaled inputs (a ReLU network without biases is homogeneous) to the 5 % that
+    64 networks at width 256 give."""
+    from ntkgp.layers.base import NonFiniteKernelError
+
+    net = ntkgp.serial(ntkgp.Dense(256, 2.0), ntkgp.ReLU(), ntkgp.Dense(1, 1.5))
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NonFiniteKernelError, match=r"overflow torch\.float32"):
+        net.kernel(x * 1e20)
+    for ntk in (True, False):
+        with pytest.raises(NonFiniteKernelError, match=r"^The networks' empirical NNGP kernel overflows "
+                                                       r"torch\.float32 .*or use float64"):
+            monte_carlo_kernel(net, x * 1e20, n_samples=2, ntk=ntk)
+    est = monte_carlo_kernel(net, x * 1e15, n_samples=64, seed=1)
+    with torch.no_grad():
+        exact = net.kernel(x.double()).ntk
+    assert _rel(est.ntk.double() / 1e30, exact) <= 0.05
+
+
+def test_half_precision_standard_errors_do_not_overflow():
+    """The sum of squared deviations was accumulated in the samples' dtype: in float16 (largest value
+    65504) it overflowed for NNGP values near 35 (64 samples), and the standard errors of finite
+    estimates came back inf. The same networks are drawn in either dtype, so float16's estimate and
+    standard errors are float64's to float16 rounding through the network: about 1e-3 of the largest
+    entries (entries near 0 inherit their absolute error), so 1e-2 relative plus 1e-3 of the largest."""
+    net = ntkgp.serial(ntkgp.Dense(256, 2.0, 0.1), ntkgp.ReLU(), ntkgp.Dense(1, 1.5))
+    x = 3 * torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    half = monte_carlo_kernel(net, x.half(), n_samples=64, seed=0, ensemble_batch=16)
+    full = monte_carlo_kernel(net, x, n_samples=64, seed=0, ensemble_batch=16)
+    assert float(full.nngp.abs().max()) > 30
+    for name in ("nngp", "nngp_sem", "ntk", "ntk_sem"):
+        value = getattr(half, name)
+        assert value.dtype == torch.float16
+        expected = getattr(full, name)
+        torch.testing.assert_close(value.double(), expected, rtol=1e-2, atol=1e-3 * float(expected.abs().max()))
+
 def test_specs_without_a_closed_form_kernel_build_and_have_monte_carlo_estimates():
     """build() and monte_carlo_kernel take every spec, as build's docstring says, also those whose
     kernel() is refused; the estimate of x + x is 4 K of x, which the closed form would have given."""

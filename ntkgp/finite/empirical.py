@@ -279,6 +279,9 @@ def _outputs_2d(out: Tensor, x: Tensor | None = None) -> Tensor:
         # (n, 2, 3) outputs were contracted over one axis and averaged over another: 3x the NTK
         raise ValueError(f"The network must return outputs (n, k) for inputs (n, d); got {tuple(out.shape)} for "
                          f"inputs {tuple(x.shape)}: flatten several output axes into k.")
+    if out.shape[-1] == 0:   # the per-output average over k = 0 outputs was a NaN NNGP, and the NTK a reshape error
+        raise ValueError(f"The network returns no outputs (shape {tuple(out.shape)}): the kernels are per output "
+                         "unit, and need k >= 1 of them.")
     return out
 
 
@@ -379,6 +382,11 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     check_flag(vector_output, "vector_output")
     chunk_size = None if chunk_size is None else integer_at_least(chunk_size, 1, "chunk_size")
     _check_network_inputs(model, x1, x2)
+    # a list of rates failed as "cannot convert dictionary update sequence element", a tensor as "Boolean
+    # value of Tensor ... is ambiguous", and one number (0, or 0.0) read as no scales at all, silently
+    if parameter_scales is not None and not isinstance(parameter_scales, Mapping):
+        raise ValueError(f"parameter_scales must be a dict of parameter name -> scale (like the rates of "
+                         f"equivalent_learning_rates divided by η), got {type(parameter_scales).__name__}.")
     scales = dict(parameter_scales or {})
     # only on the Jacobian route (no network built by ntkgp has batch norm): torch.func refused the running
     # statistics' in-place update, "During a grad (vjp, jvp, grad, etc) transform ... would mutate a captured Tensor"

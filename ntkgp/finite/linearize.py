@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import Tensor, nn
 from torch.func import jvp
 
@@ -51,8 +52,12 @@ class Linearized(nn.Module):
                              "once on inputs, or build it with in_features=..., before linearizing.")
         if not any(True for _ in model.parameters()):
             raise ValueError("The module has no parameters to linearize in.")
-        self.network = copy.deepcopy(model)
-        self.initial = copy.deepcopy(model).requires_grad_(False)
+        # normal tensors even under a caller's torch.inference_mode(), as net.build makes: copied there,
+        # the parameters were inference tensors, and once the mode was left the outputs carried no
+        # gradient (training failed with "element 0 of tensors does not require grad")
+        with torch.inference_mode(False):
+            self.network = copy.deepcopy(model)
+            self.initial = copy.deepcopy(model).requires_grad_(False)
         self.training = model.training   # the copies keep the modes they had; this flag said True regardless
 
     def forward(self, x: Tensor) -> Tensor:

@@ -10,9 +10,9 @@ from torch import Tensor
 
 from ntkgp._checks import NT_GET_HINT, check_flag, integer_at_least, seed_value
 from ntkgp.finite.empirical import empirical_nngp, empirical_ntk
-from ntkgp.layers.base import Layer
+from ntkgp.layers.base import Layer, NonFiniteKernelError
 from ntkgp.layers.state import _NTK
-from ntkgp.layers.validation import check_inputs
+from ntkgp.layers.validation import all_finite, check_inputs
 
 #: Bytes of Jacobian held at once when estimating NTKs.
 JACOBIAN_BYTES = 1 << 29
@@ -73,6 +73,8 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
     of the Gaussian process, ``O(1)`` off at any width, so the NNGP average needs many samples;
     the bias of both means is ``O(1/width)``. Inputs are ``(n, d)``: a leading
     axis would be read as the ensemble axis. With one sample the standard errors are NaN.
+    Networks whose kernels overflow the dtype raise
+    :class:`~ntkgp.layers.base.NonFiniteKernelError`, as ``net.kernel`` does.
     """
     if not isinstance(net, Layer):   # a torch module has no build() to draw fresh networks from
         raise ValueError(f"net must be an ntkgp network spec (a Layer), got {type(net).__name__}; for a torch module, "
@@ -94,18 +96,32 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
         size = min(ensemble_batch, n_samples - done)
         model = net.build(in_features=d, seed=seed + 1_000_003 * batch_index, ensemble_size=size,
                           dtype=x1.dtype, device=x1.device)
-        nngps.add(empirical_nngp(model, x1, x2))
+        # each batch added (and freed) before the next kernel is formed: one batch of samples at a time
+        nngps.add(_finite(empirical_nngp(model, x1, x2), "NNGP", x1, x2))
         if ntk:
             n_params = sum(p.numel() for p in model.parameters()) // size
             n_out = x1.shape[-2] + (0 if x2 is None else x2.shape[-2])
             per_member = max(1, n_out * n_params * x1.element_size() * 4)
-            ntks.add(empirical_ntk(model, x1, x2, chunk_size=max(1, JACOBIAN_BYTES // per_member)))
+            samples = empirical_ntk(model, x1, x2, chunk_size=max(1, JACOBIAN_BYTES // per_member))
+            ntks.add(_finite(samples, "NTK", x1, x2))
         done += size
         batch_index += 1
 
     nngp, nngp_sem = nngps.mean_and_sem()
     ntk_mean, ntk_sem = ntks.mean_and_sem() if ntk else (None, None)
     return KernelEstimate(nngp, ntk_mean, nngp_sem, ntk_sem, n_samples)
+
+
+def _finite(samples: Tensor, name: str, x1: Tensor, x2: Tensor | None) -> Tensor:
+    """``samples``, or :class:`~ntkgp.layers.base.NonFiniteKernelError` where the networks' kernels
+    overflowed their dtype, as ``net.kernel`` raises for the analytic ones: the estimates came back
+    as inf and NaN, silently (float32 inputs of magnitude 1e20, or float16 ones of a few hundred)."""
+    if not all_finite(samples):
+        largest = max(float(x.detach().abs().max()) for x in (x1, x2) if x is not None and x.numel())
+        raise NonFiniteKernelError(
+            f"The networks' empirical {name} kernel overflows {x1.dtype} (inputs of magnitude up to {largest:.3g}): "
+            "rescale the inputs or the variances" + ("" if x1.dtype == torch.float64 else ", or use float64") + ".")
+    return samples
 
 
 class _Moments:
@@ -117,12 +133,19 @@ class _Moments:
     Stacking every sample instead held ``n_samples`` kernels, twice (the list and its
     concatenation): 8.8 GB per kernel for 128 samples of 3000 points in float64, where the
     estimate is two matrices.
+
+    Half-precision samples are accumulated in float32 and the results given back in their dtype:
+    ``M₂`` sums squares over the samples, and in float16 (largest value 65504) it overflowed for
+    kernels of a few tens, so the standard errors of finite estimates came back inf.
     """
 
     def __init__(self) -> None:
         self.count, self.mean, self.m2 = 0, None, None
+        self.dtype: torch.dtype | None = None   # the samples' (the moments are in float32 at least)
 
     def add(self, samples: Tensor) -> None:
+        self.dtype = samples.dtype
+        samples = samples.to(torch.promote_types(samples.dtype, torch.float32))
         n_b = samples.shape[0]
         mean_b = samples.mean(0)
         m2_b = samples.sub_(mean_b).square_().sum(0)     # the samples are this call's own: in place
@@ -139,5 +162,5 @@ class _Moments:
         """The mean and its standard error ``sqrt(M₂ / (n − 1)) / sqrt(n)`` (NaN for one sample:
         no spread to measure)."""
         if self.count < 2:
-            return self.mean, torch.full_like(self.mean, float("nan"))
-        return self.mean, (self.m2 / (self.count - 1)).sqrt_() / self.count ** 0.5
+            return self.mean.to(self.dtype), torch.full_like(self.mean, float("nan"), dtype=self.dtype)
+        return self.mean.to(self.dtype), ((self.m2 / (self.count - 1)).sqrt_() / self.count ** 0.5).to(self.dtype)

@@ -28,11 +28,14 @@ def equivalent_learning_rates(model: nn.Module, learning_rate: float) -> dict[st
         ``{parameter name: rate}``; a rate is a float or a tensor broadcastable to the parameter.
 
     Raises:
-        ValueError: if ``learning_rate`` is not a positive finite number, or if a deferred
-            first layer (``build()`` without ``in_features``) has not drawn its weights yet: they
-            are not a parameter yet, and their rate needs their fan-in.
+        ValueError: if ``model`` is not a module, if ``learning_rate`` is not a positive finite
+            number, or if a deferred first layer (``build()`` without ``in_features``) has not drawn
+            its weights yet: they are not a parameter yet, and their rate needs their fan-in.
     """
     refuse_spec(model)   # its raw variances got η: rates for parameters no network trains
+    if not isinstance(model, nn.Module):   # None failed as "'NoneType' object has no attribute 'named_modules'"
+        raise ValueError(f"model must be a torch.nn.Module (a network built by net.build(...)), got "
+                         f"{type(model).__name__}.")
     learning_rate = positive_number(learning_rate, "learning_rate")
     deferred = [prefix or "<model>" for prefix, module in model.named_modules()
                 if isinstance(module, DenseModule) and module.weight is None]
