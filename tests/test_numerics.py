@@ -989,6 +989,36 @@ def test_the_relu_family_s_float32_gradients_do_not_depend_on_the_variances_scal
             torch.testing.assert_close(got, want, rtol=2e-7, atol=0)
 
 
+
+@pytest.mark.parametrize(("degree", "e"), [(2, 25), (3, 17)])
+def test_rectified_monomial_float32_gradients_at_large_variances_are_those_of_the_scaled_kernel(degree, e):
+    """``T`` is homogeneous of degree ``n`` and ``Ṫ`` of degree ``n − 1``, so at variances scaled by
+    ``S = 4^e`` their gradients are ``S^{n−1}`` and ``S^{n−2}`` times those at ``S = 1``. The gradient
+    reaching the angle is ``~k^n``, and ``atan2``'s derivative multiplies it by ``s ~ k`` before dividing
+    by ``s² + k12²``: in float32 that overflowed from ``k^{n+1} ~ 3e38`` (``k ≈ 4e9`` for ``n = 3``,
+    inputs of size ~1e5; ``7e12`` for ``n = 2``), below the ``1.15e18`` from which the angle's variances
+    were scaled, and the gradients by ``k12`` (so by every input) were ``inf`` beside finite kernels.
+    Values are bitwise those at ``S = 1`` (powers of 2), and so are the gradients (measured; 2e-6
+    leaves room for autograd summing a tensor's contributions in another order)."""
+    layer = ntkgp.RectifiedMonomial(degree)
+    k11, k22 = torch.tensor([0.7, 2.0] * 4), torch.tensor([2.0, 0.7] * 4)
+    k12 = torch.tensor([-0.3, -0.9, 0.5, -0.999, 0.2, -1e-3, 0.0, 0.99]) * (k11 * k22).sqrt()
+
+    def kernels_and_gradients(scale):
+        args = [(k * scale).requires_grad_() for k in (k11, k12, k22)]
+        nngp, dot = layer.pair_kernel(*args, True)
+        by_nngp = torch.autograd.grad(nngp.sum(), args, retain_graph=True)
+        by_dot = torch.autograd.grad(dot.sum(), args)
+        return (nngp.detach() / scale**degree, dot.detach() / scale ** (degree - 1),
+                [g / scale ** (degree - 1) for g in by_nngp] + [g / scale ** (degree - 2) for g in by_dot])
+
+    nngp, dot, gradients = kernels_and_gradients(1.0)
+    got_nngp, got_dot, got_gradients = kernels_and_gradients(4.0**e)
+    assert torch.equal(got_nngp, nngp) and torch.equal(got_dot, dot)
+    for got, want in zip(got_gradients, gradients, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
+
+
 def _kernels_on_every_path(net, x, monkeypatch):
     """``net.kernel(x)`` as one block, in blocks of 7 rows, and on the graph-building path."""
     with torch.no_grad():
@@ -1186,6 +1216,30 @@ def test_sin_and_cos_stay_finite_for_nearly_parallel_inputs_of_large_variance():
             assert bool(torch.isfinite(m).all())
         assert float(k.nngp.abs().max()) <= bound * (1 + 1e-6)
 
+
+
+
+@pytest.mark.parametrize("make", [lambda: ntkgp.Sin(1.1, 0.9, 0.3), ntkgp.Sin, ntkgp.Cos,
+                                  lambda: ntkgp.Cos(0.8, 1.2, 0.4)],
+                         ids=["sin", "sin_default", "cos", "cos_shifted"])
+def test_sin_and_cos_of_a_point_with_itself_near_float32s_largest_variance(make):
+    """``(k11 + k22)/2`` overflowed float32 from variances of 1.7e38 (inputs of size ~1e19), and
+    ``e^{b²(k12 − (k11 + k22)/2)}`` read ``e^{−∞} = 0``: a point with itself had ``T = Ṫ = 0`` by the pair
+    formula, and the NTK of a pair of equal inputs given apart (``kernel(x1, x2)``) with autograd on lost
+    its ``Θ Ṫ`` (``Sin(1.1, 0.9, 0.3)``: 0.605 for 8.93e37). The pair formula at ``k11 = k12 = k22`` is the variance
+    and ``Ṫ``'s own closed form (measured: equal), and the network agrees with float64 (where nothing
+    overflows) to float32's rounding (measured 5e-8)."""
+    act = make()
+    k = torch.tensor([2e38, 3e38])
+    nngp, dot = act.pair_kernel(k, k, k, True)
+    torch.testing.assert_close(nngp, act.variance(k), rtol=1e-6, atol=0)
+    torch.testing.assert_close(dot, act.dot_variance(k), rtol=1e-6, atol=0)
+    net = ntkgp.serial(ntkgp.Dense(1, 1.0, 0.0), act, ntkgp.Dense(1, 1.0, 0.0))
+    x = torch.tensor([[1.35e19], [-0.5]])
+    for grad in (False, True):
+        k32, k64 = net.kernel(x.clone().requires_grad_(grad), x), net.kernel(x.double(), x.double().clone())
+        for name in ("nngp", "ntk"):
+            torch.testing.assert_close(getattr(k32, name).detach().double(), getattr(k64, name), rtol=1e-6, atol=1e-30)
 
 
 @pytest.mark.parametrize("scale", [1e-12, 1e11])

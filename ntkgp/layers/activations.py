@@ -632,7 +632,9 @@ class Sin(Activation):
         return functools.partial(_sin, a=self.a, b=self.b, c=self.c)
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
-        b2, half_sum = self.b**2, (k11 + k22) / 2
+        # k11/2 + k22/2, the same bits as (k11 + k22)/2 where that does not overflow: it did in float32 from
+        # variances of 1.7e38, and a point with itself read T = Ṫ = 0 (e^{−∞}) for a²/2 (1 − cos 2c e^{−2b²k})
+        b2, half_sum = self.b**2, k11 / 2 + k22 / 2
         plus = torch.exp((b2 * (k12 - half_sum)).clamp(max=0))         # e^A
         minus = torch.exp((-b2 * (k12 + half_sum)).clamp(max=0))       # e^B
         # e^A − e^B from the larger exponential and expm1 of the clamped gap: no cancellation, no

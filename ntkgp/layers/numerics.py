@@ -192,7 +192,7 @@ def gaussian_det(k11: Tensor, k12: Tensor, k22: Tensor) -> Tensor:
 
 
 def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor, supplement: bool = False,
-                   complement: bool = False) -> tuple[Tensor, Tensor]:
+                   complement: bool = False, steep: bool = False) -> tuple[Tensor, Tensor]:
     """``s = sqrt(k11 k22 − k12²)`` and the angle ``θ = atan2(s, k12)`` between two Gaussians, or
     with ``supplement`` its supplement ``π − θ = atan2(s, −k12)``, or with ``complement`` its
     complement ``π/2 − θ = atan2(k12, s) = arcsin ρ`` (0 where ``s = k12 = 0``).
@@ -215,9 +215,15 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor, supplement: bool = Fal
     could overflow or underflow (variances beyond ``sqrt(max)/16`` or below ``16 sqrt(tiny)``:
     1.15e18 and 1.7e-18 in float32) every point's variance is first scaled by its own power of 4
     (:func:`power_of_4_exponents`), which changes no bit of the result elsewhere.
+
+    ``steep``: the caller's kernel grows faster than the variances (``RectifiedMonomial``'s ``T ~ k^n``),
+    so the gradient reaching the angle does too; ``atan2``'s derivative multiplies it by ``s`` (and
+    ``k12``) before dividing by ``s² + k12²``, which overflowed float32 from ``k^{n+1} ~ 3e38`` (``k ≈ 4e9``
+    for ``n = 3``), far below the products' limit. Where derivatives are taken the variances are then
+    always scaled as above.
     """
     kind = "supplement" if supplement else "complement" if complement else "angle"
-    s, (theta,) = _angles(k11, k12, k22, (kind,))
+    s, (theta,) = _angles(k11, k12, k22, (kind,), steep)
     return s, theta
 
 
@@ -234,19 +240,22 @@ def gaussian_angles(k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tens
     return s, complement, supplement
 
 
-def _angles(k11: Tensor, k12: Tensor, k22: Tensor, kinds: Sequence[str]) -> tuple[Tensor, list[Tensor]]:
-    """``s`` and, for each of ``kinds`` ("angle", "supplement", "complement"), that angle."""
+def _angles(k11: Tensor, k12: Tensor, k22: Tensor, kinds: Sequence[str], steep: bool = False
+            ) -> tuple[Tensor, list[Tensor]]:
+    """``s`` and, for each of ``kinds`` ("angle", "supplement", "complement"), that angle (``steep``:
+    :func:`gaussian_angle`'s)."""
     rescale = None
     compiling = _is_compiling()
     # where neither applies, one host synchronization says both whether the products are
     # representable and whether a variance is 0 (on a GPU each costs a round trip, per layer and block)
     representable, has_zero = (True, True) if compiling or transforms_active() else _variance_range(k11, k22)
-    if not representable or compiling or transforms_active():
+    graph = needs_graph(k11, k12, k22)
+    if not representable or compiling or transforms_active() or (steep and graph):
         h1, h2 = power_of_4_exponents(k11), power_of_4_exponents(k22)
         k11, k22 = k11 * power_of_2(-2 * h1, k11.dtype), k22 * power_of_2(-2 * h2, k22.dtype)
         k12 = k12 * power_of_2(-h1, k12.dtype) * power_of_2(-h2, k12.dtype)
         rescale = power_of_2(h1, k11.dtype), power_of_2(h2, k22.dtype)
-    if needs_graph(k11, k12, k22):
+    if graph:
         p = safe_sqrt(k11 * k22)
         s = safe_sqrt((p - k12) * (p + k12))
         # atan2(0, 0)'s derivative is NaN: the origin takes 1s in, its angle by torch.where

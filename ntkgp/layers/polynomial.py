@@ -416,7 +416,8 @@ class RectifiedMonomial(Activation):
         return functools.partial(_rectified_monomial, degree=self.degree)
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
-        s, supplement = gaussian_angle(k11, k12, k22, supplement=True)
+        # steep from degree 2: the gradient reaching the angle grows as k^n (inf in float32 from k ≈ 4e9, n = 3)
+        s, supplement = gaussian_angle(k11, k12, k22, supplement=True, steep=self.degree >= 2)
         product = k11 * k22
         n = self.degree
         nngp = self._checked(_arc_cosine(self._terms, s, supplement, k12, product, self._series, n), k11, k12, k22)
