@@ -6,7 +6,7 @@ import functools
 import math
 import operator
 from collections.abc import Callable
-from typing import cast
+from typing import SupportsIndex, cast
 
 import numpy as np
 
@@ -48,7 +48,7 @@ def integer_at_least(value: object, minimum: int, name: str) -> int:
     try:
         if isinstance(value, bool | np.bool_):
             raise TypeError
-        number = operator.index(value)
+        number = operator.index(cast(SupportsIndex, value))   # anything else raises the TypeError caught below
     except TypeError:
         number = None
     if number is None or number < minimum:

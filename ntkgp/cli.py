@@ -10,6 +10,7 @@ import re
 import sys
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -71,7 +72,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 #: Presets of ``ntkgp compare``; explicit options override them.
-PRESETS = {
+PRESETS: dict[str, dict[str, Any]] = {
     "default": {"widths": (32, 128, 512), "ensemble_size": 64, "record_steps": (0, 10, 100, 1000)},
     "acceptance": {"widths": (128, 256, 512, 1024, 2048), "ensemble_size": 128, "record_steps": (0, 10, 100, 1000)},
     "gpu": {"widths": (256, 512, 1024, 2048, 4096, 8192), "ensemble_size": 1024,

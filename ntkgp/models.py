@@ -6,6 +6,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import gpytorch
 import torch
@@ -108,6 +109,8 @@ class NetworkGP(gpytorch.models.ExactGP):
     a ``GPPosterior`` factors once (9.7 ms per call there); ``gpytorch.settings.fast_pred_var()``
     caches an approximate (LOVE) covariance instead (13 ms).
     """
+
+    prediction_strategy: Any   # GPyTorch's cached training solve (None until the first prediction)
 
     def __init__(self, train_x: Tensor, train_y: Tensor, net: Layer | None = None, *, kernel: str = "nngp",
                  likelihood: gpytorch.likelihoods.Likelihood | None = None, mean: str = "zero",
@@ -506,7 +509,8 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
                 first.clear()
                 # Optimizer.step returns an optional float: torch's own return the closure's loss tensor at
                 # the start of the step, others a number or None (loss.detach() was an AttributeError)
-                returned = optimizer.step(closure)
+                # (torch hints the closure as returning a float; its optimizers take the loss tensor, as documented)
+                returned = optimizer.step(closure)  # type: ignore[arg-type]
                 if returned is None and not first:
                     raise ValueError("The optimizer's step neither evaluated the loss closure nor returned a loss: "
                                      "fit needs an optimizer whose step(closure) calls the closure.")

@@ -148,6 +148,9 @@ def _documented_values():
         (gradient_descent_mse, "diag_reg", torch.tensor(0.1, requires_grad=True)),
         (empirical_ntk, "params", {"weight": torch.nn.Parameter(torch.zeros(1))}),
         (predict.GradientFlow.predict, "steps", np.int64(10)),
+        # kernel="ntk" predicts the training points for x_test=None, as GradientFlow.predict does
+        (predict.gp_posterior, "x_test", None),
+        (predict.GPPosterior.predict, "x_test", None),
         (ntkgp.Polynomial.__init__, "coefficients", np.array([0.0, 1.0, 0.5])),
         (ntkgp.Polynomial.__init__, "coefficients", torch.tensor([0.0, 1.0, 0.5])),
         (predict.gradient_descent, "t", np.array([1.0, 2.0])),

@@ -7,10 +7,15 @@ in environments without torch (e.g. ArviZ 1.x on Python 3.12+).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import numpy as np
 
 from ntkgp._checks import holds_a_boolean, integer_at_least, seed_value  # noqa: F401  (re-exported)
 from ntkgp._typing import ArrayLike
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def _not_numbers(value: object) -> str | None:
@@ -52,6 +57,7 @@ def to_numpy(value: ArrayLike, name: str) -> np.ndarray:
     if what is not None:   # noise="0.1" was read as 0.1, variance=None as NaN
         raise ValueError(f"{name} must be numeric, got {what} ({type(value).__name__}).")
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch.Tensor, without importing torch
+        value = cast("Tensor", value)
         if value.device.type == "meta":   # torch's "Cannot copy out of meta tensor" otherwise
             raise ValueError(f"{name} is on the meta device, which holds shapes but no values.")
         value = value.detach().cpu()
@@ -68,6 +74,7 @@ def to_numpy(value: ArrayLike, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a numeric array or tensor, got {type(value).__name__}.") from err
     if complex_values:
         raise ValueError(f"{name} must be real, got complex values.")
+    assert array is not None   # None only for the complex values refused above
     return array
 
 

@@ -111,6 +111,7 @@ def predictive_moments(gaussian: Gaussian, noise: float | Tensor | np.ndarray = 
     g = select_time(gaussian, time_index)
     if g.covariance is None:   # the marginal variances alone: nothing joint to check
         _check_mean(g)
+        assert g.marginal is not None   # select_time refused a Gaussian with neither
         if not all_finite(g.mean.detach()) or not all_finite(g.marginal.detach()):
             raise ValueError("The Gaussian's mean or marginal variances contain NaN or infinite values.")
         diagonal = g.marginal.detach()
@@ -124,6 +125,7 @@ def predictive_moments(gaussian: Gaussian, noise: float | Tensor | np.ndarray = 
         raise ValueError(f"covariance is not positive semi-definite: a diagonal entry is {float(diagonal.min()):.3g} "
                          f"(allowed down to {-tolerance:.3g}).")
     latent = g.variance
+    assert latent is not None   # the covariance's diagonal or the marginal variances, as read above
     if noise_var.dim() > 1 or noise_var.numel() not in (1, latent.numel()):
         raise ValueError(f"noise must be a scalar or one variance per test point ({latent.numel()},), "
                          f"got shape {tuple(noise_var.shape)}.")
@@ -173,7 +175,7 @@ def _check_mean(g: Gaussian) -> None:
         raise ValueError(f"The Gaussian's mean must have k >= 1 outputs, got shape {tuple(g.mean.shape)}.")
 
 
-def _checked(g: Gaussian) -> Gaussian:
+def _checked(g: Gaussian) -> Gaussian[Tensor, Tensor]:
     """``g`` (one time) with a finite mean and a finite symmetric covariance: the draws read one
     triangle of ``Σ`` (``eigh``), so a hand-built asymmetric one would be used half-silently."""
     if g.covariance is None:   # select_time let the marginal variances through
@@ -185,7 +187,7 @@ def _checked(g: Gaussian) -> Gaussian:
     # rounding relative to the scale the PSD check uses: near the data a posterior covariance is tiny
     # beside the prior it was computed from, and its float32 asymmetry large beside its own entries
     check_symmetric(g.covariance, "The Gaussian's covariance", _magnitude(g.covariance, g.scale))
-    return g
+    return cast("Gaussian[Tensor, Tensor]", g)   # the covariance checked above, the variances its diagonal
 
 
 def _physical_memory() -> int | None:

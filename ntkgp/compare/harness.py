@@ -38,9 +38,9 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 import torch
@@ -332,7 +332,7 @@ def _check_scale(data: Dataset, dtype: torch.dtype) -> None:
                              f"{float(values.abs().max()):.3g}: {what}): rescale them" + _advice(dtype))
 
 
-def _check_output_scale(data: Dataset, dtype: torch.dtype, diagonal: KernelState) -> None:
+def _check_output_scale(data: Dataset, dtype: torch.dtype, diagonal: KernelState[torch.Tensor]) -> None:
     """``ValueError`` when finite inputs give outputs whose squares overflow ``dtype`` (a ReLU
     network's outputs scale with its inputs: float32 inputs of 1e25 give outputs of ~1e25 and losses
     of ~1e50, which read as "diverged at step 0"). The outputs' scale is the prior variance
@@ -357,17 +357,18 @@ def _whole_numbers(values: object, minimum: int, name: str, kind: str, maximum: 
     floats and numpy or 0-d tensor numbers accepted); anything else, booleans, NaN and infinities
     included, is a ValueError (``int(inf)`` raised an OverflowError)."""
     try:
-        items = list(values)
+        items = list(cast(Iterable[object], values))   # anything else raises the TypeError caught here
     except TypeError:
         items = []
     numbers_ = []
     for value in items:
         if isinstance(value, torch.Tensor) and value.dim() == 0:
             value = value.item()
+        # (ignored below) typeshed's numbers.Real declares no __int__ and no comparison with an int
         if (isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-                or value != int(value) or value < minimum or (maximum is not None and value > maximum)):
+                or value != int(value) or value < minimum or (maximum is not None and value > maximum)):  # type: ignore[call-overload, operator]
             break
-        numbers_.append(int(value))
+        numbers_.append(int(value))  # type: ignore[call-overload]
     if not items or len(numbers_) != len(items):
         raise ValueError(f"{name} must be {kind}, got {values!r}.")
     return tuple(numbers_)
@@ -384,7 +385,8 @@ def loglog_slope(widths: Sequence[float] | np.ndarray | torch.Tensor,
     widths, values = _numbers(widths, "widths"), _numbers(values, "values")
     if len(widths) != len(values):
         raise ValueError(f"loglog_slope needs one value per width, got {len(widths)} widths and {len(values)} values.")
-    if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+    # (ignored below) typeshed's numbers.Real declares no comparison with an int
+    if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) and w > 0  # type: ignore[operator]
                for w in widths):   # log(0): "math domain error"
         raise ValueError(f"loglog_slope's widths must be positive numbers, got {list(widths)}.")
     if len(widths) < 2 or not all(math.isfinite(v) and v > 0 for v in values):
@@ -663,6 +665,7 @@ def _stop_reason(error: BaseException, stage: str, advice: str = "a smaller chun
     if not (isinstance(error, torch.cuda.OutOfMemoryError) or any(s in lowered for s in _OUT_OF_MEMORY)):
         return None
     size = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGTP]?i?B|\d+ bytes)", message)
+    size_text: str | None
     if size and size.group(1).endswith(" bytes"):
         size_text = f"{int(size.group(1).split()[0]) / 2**30:.3g} GiB"
     else:

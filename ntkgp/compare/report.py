@@ -111,8 +111,8 @@ def write_report(result: ComparisonResult, out: str | pathlib.Path) -> pathlib.P
     check_report_folder(out)
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".report-") as scratch:
-        scratch = pathlib.Path(scratch)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".report-") as scratch_name:
+        scratch = pathlib.Path(scratch_name)
         # strict JSON: an undefined slope (a frozen layer, a bias below the noise) is null, not NaN;
         # "notes" are report.md's NOTE lines, which say what a script reading "checks" must not expect
         data = {**result.to_dict(), "notes": check_notes(result)}

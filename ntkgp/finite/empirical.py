@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Mapping
-from typing import cast
+from typing import TypeGuard, cast
 
 import torch
 from torch import Tensor, nn
@@ -85,7 +85,7 @@ def ensemble_size(model: nn.Module) -> int | None:
     sizes = {m.ensemble_size for m in model.modules() if isinstance(m, DenseModule)}
     sizes -= {None}
     if len(sizes) > 1:
-        raise ValueError(f"Inconsistent ensemble sizes {sorted(sizes)} in one module.")
+        raise ValueError(f"Inconsistent ensemble sizes {sorted(cast('set[int]', sizes))} in one module.")
     return sizes.pop() if sizes else None
 
 
@@ -94,7 +94,7 @@ def ensemble_size(model: nn.Module) -> int | None:
 _TRAINING_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 
 
-def _built_by_ntkgp(model: nn.Module | ParamFn) -> bool:
+def _built_by_ntkgp(model: nn.Module | ParamFn) -> TypeGuard[nn.Module]:
     """Whether every submodule of ``model`` is an ntkgp layer's twin or a container ``build`` uses
     (no layer mixes points, and batches of inputs are taken)."""
     return isinstance(model, nn.Module) and all(
@@ -147,13 +147,14 @@ def _as_function(model: nn.Module | ParamFn, params: Mapping[str, Tensor] | None
         if bad:
             raise ValueError(f"The network's parameters {bad} contain NaN or infinite values: re-initialize "
                              "the network (net.build(...)) or load finite parameters.")
-        return stateless(model), params, ensemble_size(model), fixed
+        # params= as given (a Mapping, which fn reads as it reads a dict)
+        return stateless(model), cast('dict[str, Tensor]', params), ensemble_size(model), fixed
     if params is None:
         raise ValueError("A function of parameters needs params=...")
     dtypes = {p.dtype for p in params.values() if isinstance(p, Tensor) and p.is_floating_point()}
     if len(dtypes) == 1 and x.dtype not in dtypes:   # torch's "expected m1 and m2 to have the same dtype"
         raise ValueError(f"The inputs are {x.dtype} but params are {dtypes.pop()}: convert one of them.")
-    return model, params, None, {}
+    return model, cast('dict[str, Tensor]', params), None, {}   # the caller's own, for their function
 
 
 def stateless(model: nn.Module) -> ParamFn:
@@ -289,7 +290,8 @@ def _checked_inputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None) -
     """:func:`check_inputs`, with the ``(n, d)`` shape a model not built by ntkgp needs checked first:
     images ``(5, 1, 8, 8)`` against ``(4, 1, 8, 8)`` were "batch shapes (5, 1) and (4, 1) do not broadcast"."""
     if not _built_by_ntkgp(model):   # batches only: 1-D inputs keep check_inputs' unsqueeze hint
-        _check_plain_inputs(*(x if isinstance(x, Tensor) and x.dim() > 2 else None for x in (x1, x2)))
+        _check_plain_inputs(*cast("tuple[Tensor | None, Tensor | None]",   # two items: x1's and x2's
+                                  (x if isinstance(x, Tensor) and x.dim() > 2 else None for x in (x1, x2))))
     return check_inputs(x1, x2)
 
 
@@ -439,6 +441,7 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
                 a = a * torch.as_tensor(scales[name], dtype=a.dtype, device=a.device).expand(p[name].shape).reshape(-1)
             term = torch.einsum(spec, a, b)
             total = term if total is None else total + term
+        assert total is not None   # p is not empty: params={} returned zeros before
         return total if vector_output else total / a.shape[1]
 
     if members is None:
@@ -530,7 +533,7 @@ def _signals(model: nn.Module, x: Tensor) -> list[tuple[DenseModule, Tensor, Ten
     finally:
         for handle in handles:
             handle.remove()
-    signals = []
+    signals: list[tuple[DenseModule, Tensor, Tensor, Tensor | None]] = []
     for (m, u, _), delta in zip(records, deltas, strict=True):
         delta = delta.unflatten(-2, (k, n)).movedim(-3, 0)             # (k, ..., n, width)
         signals.append((m, u, delta, m.bias_scale**2 if m.bias is not None else None))
@@ -564,6 +567,7 @@ def _layerwise_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, scales: dict
         term = _mul_into(torch.einsum(spec, d1, d2), gram[..., None, None] if vector_output else gram)
         total = term if total is None else _add_into(total, term)
         del gram, term
+    assert total is not None   # _layerwise_applies: the network has parameters, all in Dense layers
     return total if vector_output else total.div_(s1[0][2].shape[0])
 
 

@@ -41,6 +41,7 @@ import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -81,7 +82,7 @@ def _cpu_signature() -> str:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("NTKGP_CACHE_DIR") or None   # empty: unset
+    base: str | Path | None = os.environ.get("NTKGP_CACHE_DIR") or None   # empty: unset
     if base is None:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ntkgp"
     # absolute: ctypes reads a bare file name as a library to search for on the system's path
@@ -295,13 +296,13 @@ class FusedSteps:
         per_row = []
         for d in dense:
             rate = torch.as_tensor(rates[f"{names[id(d)]}weight"], dtype=dtype, device="cpu").reshape(-1)
-            per_row.append(hold(rate.expand(d.in_features).contiguous()))
+            per_row.append(hold(rate.expand(cast(int, d.in_features)).contiguous()))   # drawn: not None
         scales = [None if d.input_scale is None
-                  else hold(d.input_scale.detach().to(dtype).reshape(-1).expand(d.in_features).contiguous())
+                  else hold(d.input_scale.detach().to(dtype).reshape(-1).expand(cast(int, d.in_features)).contiguous())
                   for d in dense]
         self.scales = self._pointers(scales)
         self.rates = self._pointers(per_row)
-        cpu = dict(device="cpu")   # explicit: a caller's `with torch.device(...)` must not move these
+        cpu: dict[str, Any] = dict(device="cpu")   # explicit: a caller's `with torch.device(...)` must not move these
         self.bias_scale = hold(torch.tensor([float(d.bias_scale) if d.bias is not None else 0.0 for d in dense],
                                             dtype=dtype, **cpu))
         self.bias_rate = hold(torch.tensor([float(rates[f"{names[id(d)]}bias"]) if d.bias is not None else 0.0

@@ -13,6 +13,7 @@ torch optimizer, beside the network it came from, to see at a finite width how f
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -83,7 +84,8 @@ class Linearized(nn.Module):
         direction = {name: p - theta0[name] for name, p in self.network.named_parameters()}
 
         at = stateless(initial)
-        outputs, change = jvp(lambda params: at(params, x), (theta0,), (direction,))
+        # torch.func.jvp is hinted a 2- or 3-tuple whatever has_aux; two without aux
+        outputs, change = cast("tuple[Tensor, Tensor]", jvp(lambda params: at(params, x), (theta0,), (direction,)))
         return outputs + change
 
 

@@ -139,6 +139,9 @@ class _Moments:
     kernels of a few tens, so the standard errors of finite estimates came back inf.
     """
 
+    mean: Tensor | None
+    m2: Tensor | None
+
     def __init__(self) -> None:
         self.count, self.mean, self.m2 = 0, None, None
         self.dtype: torch.dtype | None = None   # the samples' (the moments are in float32 at least)
@@ -152,6 +155,7 @@ class _Moments:
         if self.mean is None:
             self.count, self.mean, self.m2 = n_b, mean_b, m2_b
             return
+        assert self.m2 is not None   # set with the mean
         n = self.count + n_b
         delta = mean_b - self.mean
         self.mean.add_(delta, alpha=n_b / n)
@@ -161,6 +165,7 @@ class _Moments:
     def mean_and_sem(self) -> tuple[Tensor, Tensor]:
         """The mean and its standard error ``sqrt(M₂ / (n − 1)) / sqrt(n)`` (NaN for one sample:
         no spread to measure)."""
+        assert self.mean is not None and self.m2 is not None   # monte_carlo_kernel adds n_samples >= 1 first
         if self.count < 2:
             return self.mean.to(self.dtype), torch.full_like(self.mean, float("nan"), dtype=self.dtype)
         return self.mean.to(self.dtype), ((self.m2 / (self.count - 1)).sqrt_() / self.count ** 0.5).to(self.dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 from torch import Tensor, nn
 
@@ -51,7 +52,7 @@ def equivalent_learning_rates(model: nn.Module, learning_rate: float) -> dict[st
             scale = module.fan_in_variance(module.weight)
             rates[f"{dot}weight"] = learning_rate * (scale.unsqueeze(-1) if scale.dim() else scale)
         if module.bias is not None:
-            rates[f"{dot}bias"] = learning_rate * module.bias_var
+            rates[f"{dot}bias"] = learning_rate * cast(float, module.bias_var)   # a bias is drawn with its variance
     return rates
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast as typing_cast
 
 import numpy as np
 import torch
@@ -301,7 +302,7 @@ def train_ensemble(
     # without a word, and the probe's overflow was "x1 contains NaN" from inside the NTK, after the build
     for name, given, cast in (("x_train", x_train, x), ("y_train", y_train, y), ("x_test", x_test, xt),
                               ("probe", probe, pr)):
-        if given is not None and not all_finite(cast):
+        if given is not None and not all_finite(typing_cast(Tensor, cast)):   # converted from given
             raise ValueError(f"{name} holds values beyond the range of {dtype} (largest magnitude "
                              f"{float(given.detach().abs().max()):.3g}): rescale them, or train in float64.")
     seed = seed_value(seed)
@@ -470,7 +471,8 @@ class _Changes:
     def _norms(self, squares) -> tuple[Tensor, dict[str, Tensor]]:
         # squares: a generator of (name, elementwise squares), one tensor alive at a time. Sums,
         # not torch.norm: float32 norms of 10⁷ entries are off by ~1e-3, these by ~1e-7.
-        total, per_group = 0.0, dict.fromkeys(self.groups, 0.0)
+        # 0.0 until the first squares are added (every group has parameters): tensors where read
+        total, per_group = typing_cast(Tensor, 0.0), dict.fromkeys(self.groups, typing_cast(Tensor, 0.0))
         for name, square in squares:
             if name not in self.group_of:
                 total = total + square.flatten(1).sum(1)
@@ -637,6 +639,7 @@ def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar
                 for g in groups:
                     per_group[g].append(by_group[g].cpu())
             if probe is not None:
+                assert ntk0 is not None   # computed with the probe
                 ntk = empirical_ntk(model, probe, parameter_scales=scales)
                 ntks.append(_relative((ntk - ntk0).flatten(1).norm(dim=1), ntk0.flatten(1).norm(dim=1)).cpu())
 
@@ -693,7 +696,7 @@ def _frozen_body(model: nn.Module) -> tuple[nn.Module, DenseModule, str] | None:
     index = int(prefixes[0])
     if any(type(m) is not nn.Identity for m in list(model)[index + 1:]):
         return None
-    return model[:index], model[index], f"{index}."
+    return model[:index], typing_cast(DenseModule, model[index]), f"{index}."   # a Dense readout, as checked
 
 
 def _is_one(value) -> bool:

@@ -6,6 +6,7 @@ import functools
 import weakref
 from collections.abc import Sequence
 from copy import deepcopy
+from typing import cast
 
 import torch
 from gpytorch.kernels import Kernel
@@ -176,7 +177,8 @@ class NetworkKernel(Kernel):
         return entries
 
     def expand_batch(self, *sizes: int | torch.Size) -> Kernel:
-        new_shape = torch.Size(sizes[0] if len(sizes) == 1 and not isinstance(sizes[0], int) else sizes)
+        new_shape = torch.Size(sizes[0] if len(sizes) == 1 and not isinstance(sizes[0], int)
+                               else cast('tuple[int, ...]', sizes))   # ints, or one Size
         if new_shape == self.batch_shape:
             return self
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -85,7 +86,7 @@ class Activation(Layer):
         ``ε·k`` of its gradient's digits (6 % of a hyperparameter gradient in float32 at inputs of
         ``10³``). :meth:`kernel_map` puts it on the diagonal of a symmetric kernel.
         """
-        return self.pair_kernel(k, k, k, True)[1]
+        return cast(Tensor, self.pair_kernel(k, k, k, True)[1])   # Ṫ, asked for
 
     def mean(self, k: Tensor) -> Tensor | None:
         """``E[φ(u)]`` for ``u ~ N(0, k)``: the mean of the i.i.d. features after this layer, which a
@@ -100,7 +101,7 @@ class Activation(Layer):
         both ``≈ 1``) compute it without that cancellation, which ``LayerNorm``'s ``1/eps``
         would magnify."""
         m1 = self.mean(k11)
-        return None if m1 is None else nngp - m1 * self.mean(k22)
+        return None if m1 is None else nngp - m1 * cast(Tensor, self.mean(k22))   # known at k11: known
 
     def finite_fn(self) -> Callable[[Tensor], Tensor]:
         """A picklable callable for the finite twin (defaults to ``self.fn``)."""
@@ -141,8 +142,8 @@ class Activation(Layer):
             if want_ntk and state.symmetric and self._exact_dot_variance:
                 # a point with itself: Ṫ of its variance alone, whose gradient does not cancel (without
                 # autograd in place, also in a Ṫ that centred_pair keeps: within an ulp of the formula's)
-                dot = with_self_pairs(state, dot, self.dot_variance(state.cov1))
-        ntk = state.ntk * dot if want_ntk else None
+                dot = with_self_pairs(state, cast(Tensor, dot), self.dot_variance(state.cov1))   # asked for
+        ntk = cast(Tensor, state.ntk) * cast(Tensor, dot) if want_ntk else None   # both tensors with want_ntk
 
         def centred() -> tuple[Tensor, Tensor, Tensor] | None:
             # evaluated only when a LayerNorm follows (directly or after Identity layers)
@@ -156,14 +157,16 @@ class Activation(Layer):
             if c is None:
                 return None
             c1 = centred_variance(state.cov1, cov1)
-            return c, c1, c1 if state.cov2 is state.cov1 else centred_variance(state.cov2, cov2)
+            # known means (centred_pair gave one): the variances' centred kernels are tensors too
+            return c, cast(Tensor, c1), cast(Tensor, c1 if state.cov2 is state.cov1
+                                             else centred_variance(state.cov2, cov2))
 
         def mean() -> tuple[Tensor, Tensor, bool] | None:
             # evaluated only when a sum or a LayerNorm needs it
             m1 = self.mean(state.cov1)
             if m1 is None:
                 return None
-            return m1, m1 if state.cov2 is state.cov1 else self.mean(state.cov2), True
+            return m1, m1 if state.cov2 is state.cov1 else cast(Tensor, self.mean(state.cov2)), True   # known at cov1
 
         return state.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=self.preserves_gaussian,
                              mean=mean, centred=centred)
@@ -818,7 +821,7 @@ class Gabor(Activation):
         # variances of ~1e30, and that pair's inf (times a zero upstream gradient) made every input's
         # gradient NaN. m/D ≥ 1/(16m) (scaled variances below 2), so sqrt(m/D) and its derivative stay in
         # range, where the product 1/m · m/D, ~1/m² for two huge inputs, would underflow
-        envelope = (1.0 if q is None else torch.sqrt(one)) * torch.sqrt(ratio) * torch.exp(-g)
+        envelope = (1.0 if q is None else torch.sqrt(cast(Tensor, one))) * torch.sqrt(ratio) * torch.exp(-g)
         nngp = envelope * torch.sinh(h)
         if not want_dot:
             return nngp, None

@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, SupportsIndex, overload
+from typing import TYPE_CHECKING, Literal, SupportsIndex, cast, overload
 
 import gpytorch
 import torch
@@ -272,7 +272,9 @@ class Layer(VarianceParameters, gpytorch.Module):
             with torch.no_grad():
                 state = _blocked_kernel(self, x1, x2, ntk, compile, ids, batch)
         # twins' own diagonals can still differ by an ulp (rounding depends on the position)
-        return duplicates.canonical(state) if duplicates is not None and x2 is None else state
+        # (a DiagonalDuplicates only comes with an x2)
+        return (cast("Duplicates | BatchedDuplicates", duplicates).canonical(state) if duplicates is not None
+                and x2 is None else state)
 
     def build(
         self,
@@ -349,7 +351,8 @@ class Layer(VarianceParameters, gpytorch.Module):
             # torch indexes a tensor only with indices on the CPU or on its own device: a CUDA index
             # of a network on the CPU failed
             on = tuple(i.to(value.device) if isinstance(i, Tensor) else i for i in index)
-            return value[(*on, *[slice(None)] * events)]
+            key = (*on, *[slice(None)] * events)   # (mypy reads a starred subscript as 3.11 syntax)
+            return value[key]
 
         self._map_variances(take)
 
@@ -526,9 +529,10 @@ def _blocked_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
     computed and then mirrored.
     """
     symmetric = x2 is None
-    n1, n2 = x1.shape[-2], (x1 if symmetric else x2).shape[-2]
+    n1, n2 = x1.shape[-2], (x1 if symmetric else cast(Tensor, x2)).shape[-2]
     rows = _rows_per_block(n1, n2, batch, BLOCK_ENTRIES)
-    nngp = ntk = cov1 = cov2 = None
+    nngp = cov1 = cov2 = cast(Tensor, None)   # set by the first block (there is one: n1 > 0)
+    ntk: Tensor | None = None
     for start, rows1, cols2, norms, duplicates in _row_blocks(x1, x2, rows, ids):
         block_nngp, block_ntk, block_cov1, block_cov2, fields = _run_block(
             layer, rows1, cols2, norms, want_ntk, symmetric, compile, duplicates)
@@ -545,7 +549,7 @@ def _blocked_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
             cov2 = cov1 if symmetric else block_cov2
         stop = start + rows1.shape[-2]
         cov1[..., start:stop] = block_cov1
-        for out, block in ((nngp, block_nngp), (ntk, block_ntk)):
+        for out, block in ((nngp, block_nngp), (cast(Tensor, ntk), block_ntk)):   # ntk None: block_ntk None
             if block is None:
                 continue
             if symmetric:
@@ -566,7 +570,7 @@ def _row_blocks(x1: Tensor, x2: Tensor | None, rows: int, ids: tuple[Tensor, Ten
     columns of x2, their squared norms, the duplicates among them)``. With ``x2 = None`` (``x1``
     itself) a block has only the columns from ``start`` on: the rest mirrors earlier blocks."""
     symmetric = x2 is None
-    other = x1 if symmetric else x2
+    other = x1 if symmetric else cast(Tensor, x2)
     n1, n2 = x1.shape[-2], other.shape[-2]
     norms1 = torch.einsum("...nd,...nd->...n", x1, x1)
     norms2 = norms1 if symmetric else torch.einsum("...nd,...nd->...n", x2, x2)
@@ -576,6 +580,14 @@ def _row_blocks(x1: Tensor, x2: Tensor | None, rows: int, ids: tuple[Tensor, Ten
         duplicates = None if ids is None else Duplicates.of(ids[0][..., start:stop], ids[1][..., cols], symmetric)
         norms = (norms1[..., start:stop], norms2[..., cols])
         yield start, x1[..., start:stop, :], other[..., cols, :], norms, duplicates
+
+
+@overload
+def _symmetric_square(block: Tensor) -> Tensor: ...
+
+
+@overload
+def _symmetric_square(block: None) -> None: ...
 
 
 def _symmetric_square(block: Tensor | None) -> Tensor | None:
@@ -666,7 +678,7 @@ def _checkpointed_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: 
     kernel the blocks hold the upper triangle and :class:`_SymmetricFromRowBlocks` mirrors it.
     """
     symmetric = x2 is None
-    n1, n2 = x1.shape[-2], (x1 if symmetric else x2).shape[-2]
+    n1, n2 = x1.shape[-2], (x1 if symmetric else cast(Tensor, x2)).shape[-2]
     snapshot = _Snapshot(layer)
     starts, blocks = [], []
     for start, rows1, cols2, norms, duplicates in _row_blocks(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import overload
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,21 @@ from ntkgp.layers.numerics import _is_compiling, is_vmapped
 from ntkgp.layers.state import KernelState
 
 JOINS = ("sum", "concat", "prod")
+
+if TYPE_CHECKING:
+    class _Layers(nn.ModuleList):
+        """To type checkers, the ModuleList of a Serial's layers or a Parallel's branches: ntkgp layers
+        (torch types its elements as any Module)."""
+
+        def __iter__(self) -> Iterator[Layer]: ...
+
+        @overload
+        def __getitem__(self, idx: slice) -> _Layers: ...
+
+        @overload
+        def __getitem__(self, idx: int) -> Layer: ...
+
+        def __getitem__(self, idx: int | slice) -> Layer | _Layers: ...
 
 
 class Serial(Layer):
@@ -33,7 +49,7 @@ class Serial(Layer):
         for layer in layers:
             if not isinstance(layer, Layer):
                 raise ValueError(f"serial() takes ntkgp layers, got {type(layer).__name__}.")
-        self.layers = nn.ModuleList(layers)
+        self.layers = cast("_Layers", nn.ModuleList(layers))
 
     @property
     def preserves_gaussian(self) -> bool:  # type: ignore[override]
@@ -146,7 +162,7 @@ class Parallel(Layer):
                                  f"join by keyword, join={branch!r}.")
             if not isinstance(branch, Layer):
                 raise ValueError(f"parallel() takes ntkgp layers, got {type(branch).__name__}.")
-        self.branches = nn.ModuleList(branches)
+        self.branches = cast("_Layers", nn.ModuleList(branches))
         self.join = join
 
     @property
@@ -203,7 +219,7 @@ class Parallel(Layer):
                 raise ValueError(f"Branches joined by {self.join} need equal widths, got {sorted(known)}.")
             out_width = known.pop() if known else None
         else:
-            out_width = None if None in widths else sum(widths)
+            out_width = None if None in widths else sum(cast("list[int]", widths))
         return ParallelModule(modules, self.join), out_width
 
     def check_input_dim(self, d: int) -> None:
@@ -240,7 +256,7 @@ class Parallel(Layer):
                              f"{self.join} is not that of independent branches.")
 
 
-def _selected(modules: nn.ModuleList, index: slice, nouns: str) -> list[Layer]:
+def _selected(modules: _Layers, index: slice, nouns: str) -> list[Layer]:
     """The layers (or branches) ``index`` selects, at least one: an empty slice, as ``net[3:]`` of a
     three-layer network, was refused with "serial() needs at least one layer.", a call never written."""
     chosen = list(modules[index])
@@ -403,8 +419,8 @@ def _multiplied(states: list[KernelState]) -> KernelState:
     nngp, cov1, cov2, ntk = first.nngp, first.cov1, first.cov2, first.ntk
     same = all(s.cov2 is s.cov1 for s in states)
     for state in states[1:]:
-        if ntk is not None:
-            ntk = ntk * state.nngp + nngp * state.ntk
+        if ntk is not None:   # then every branch's, computed with the first's
+            ntk = ntk * state.nngp + nngp * cast(Tensor, state.ntk)
         nngp, cov1 = nngp * state.nngp, cov1 * state.cov1
         cov2 = cov1 if same else cov2 * state.cov2
     product = first.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=False,
@@ -444,7 +460,7 @@ def _combine(states: list[KernelState], weights: list[float]) -> KernelState:
     cov1 = _weighted_sum(weights, [s.cov1 for s in states])
     same = all(s.cov2 is s.cov1 for s in states)
     cov2 = cov1 if same else _weighted_sum(weights, [s.cov2 for s in states])
-    ntk = None if first.ntk is None else _weighted_sum(weights, [s.ntk for s in states])
+    ntk = None if first.ntk is None else _weighted_sum(weights, [cast(Tensor, s.ntk) for s in states])  # every branch's
     return first.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from gpytorch.priors import Prior
@@ -89,6 +90,7 @@ class Dense(Layer):
         event = torch.Size([ard_num_dims]) if ard_num_dims is not None else torch.Size([])
         self.register_variance("weight_var", weight_var, event, weight_var_prior)
         if self.has_bias:
+            assert bias_var is not None   # has_bias says so
             self.register_variance("bias_var", bias_var, torch.Size([]), bias_var_prior)
         elif bias_var_prior is not None:
             raise ValueError("bias_var_prior needs a bias: pass bias_var as a number.")
@@ -148,6 +150,7 @@ class Dense(Layer):
         from ``Θ⁰ = 0``. The ``1/d`` is folded into the weight variance, so the input Gram
         matrix is formed once and never rescaled on its own."""
         self.check_input_dim(state.width)   # also where pass-through layers come first
+        assert state.x1 is not None   # called on the raw inputs alone (state.is_input)
         weight_var = self.variance_as("weight_var", state.x1)
         bias_var = self.variance_as("bias_var", state.x1) if self.has_bias else None
         d = state.width
@@ -208,7 +211,7 @@ class Dense(Layer):
                 return f"<meta, shape {tuple(v.shape)}>"
             return f"{float(v):g}" if v.numel() == 1 else f"<shape {tuple(v.shape)}>"
 
-        bias = "None" if not self.has_bias else shown(self.bias_var.detach())
+        bias = "None" if not self.has_bias else shown(cast(Tensor, self.bias_var).detach())
         weight = shown(self.weight_var.detach())
         return (f"width={self.width}, parameterization={self.parameterization!r}, weight_var={weight}, bias_var={bias}"
                 + (f", ard_num_dims={self.ard_num_dims}" if self.ard_num_dims is not None else ""))
@@ -242,6 +245,11 @@ class DenseModule(nn.Module):
     parameterization the parameters are the standard normal draws and the scales
     ``sqrt(σ_w²/n)`` (per input feature with ARD) and ``σ_b`` are buffers applied in ``forward``.
     """
+
+    # buffers, which nn.Module's __getattr__ types as Tensor | Module
+    bias_scale: Tensor
+    input_scale: Tensor | None
+    _lazy_like: Tensor | None
 
     def __init__(self, in_features: int | None, out_features: int, weight_var: Tensor,
                  bias_var: float | None, parameterization: str, ctx: BuildContext) -> None:
@@ -282,9 +290,10 @@ class DenseModule(nn.Module):
         """``σ_w²/n``, the variance of a standard-parameterized weight (and the square of the NTK
         parameterization's input scale): a scalar, or one per input feature with ARD, in
         ``like``'s dtype and device."""
-        return self.weight_var.to(like) / self.in_features
+        return self.weight_var.to(like) / cast(int, self.in_features)   # None only before a deferred layer's draw
 
     def _init_weight(self, ctx: BuildContext) -> None:
+        assert self.in_features is not None   # given to the build, or set by _materialize first
         draw = ctx.randn(self.in_features, self.out_features)
         std = self.fan_in_variance(draw).sqrt()
         if self.parameterization == "ntk":
@@ -296,6 +305,7 @@ class DenseModule(nn.Module):
     def _materialize(self, in_features: int) -> None:
         """Draw a deferred first layer's weights for ``in_features`` inputs, from a stream of its own."""
         like = self._lazy_like
+        assert like is not None   # registered for a deferred layer, dropped once it has drawn
         # 0 features drew a (0, n) weight of fan-in variance σ²/0 = inf and kept that width for good
         self.in_features = integer_at_least(in_features, 1, "the number of input features")
         with torch.inference_mode(False):   # parameters, as at build time: not inference tensors

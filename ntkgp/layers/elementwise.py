@@ -23,6 +23,7 @@ import math
 import warnings
 from collections.abc import Callable
 from functools import lru_cache
+from typing import cast
 
 import numpy as np
 import scipy.special
@@ -135,7 +136,7 @@ class Elementwise(Activation):
         def check(value: Tensor, name: str) -> Tensor:
             if compiling:
                 return value
-            value = _check_map(value, shape, k12.dtype, name)
+            value = _check_map(value, cast(torch.Size, shape), k12.dtype, name)   # computed: not compiling
             # NaN (asin outside [-1, 1], say) passed on silently; one reduction, no boolean copy
             if has_non_finite(value) and bool(torch.isfinite(k12).all()):
                 raise ValueError(f"Elementwise: {name} returned NaN or infinite values where the kernels are finite.")
@@ -154,7 +155,10 @@ class Elementwise(Activation):
             # call Tensor.requires_grad_() ... inside of a function being transformed"); a jvp along
             # k12 alone is the partial derivative of the entrywise map, and composes with them
             # (checked outside it: inside, a vmapped value is hidden in a dual tensor)
-            nngp, dot = torch.func.jvp(lambda c: self.nngp_fn(c, k11, k22), (k12,), (torch.ones_like(k12),))
+            nngp_fn = self.nngp_fn
+            # torch.func.jvp is hinted a 2- or 3-tuple whatever has_aux; two without aux
+            nngp, dot = cast("tuple[Tensor, Tensor]",
+                             torch.func.jvp(lambda c: nngp_fn(c, k11, k22), (k12,), (torch.ones_like(k12),)))
             return check(nngp, "nngp_fn"), dot
         keep_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (k11, k12, k22))
         with torch.enable_grad():
@@ -194,7 +198,7 @@ class Elementwise(Activation):
 
     def extra_repr(self) -> str:
         name = getattr(self._fn, "__name__", None) or getattr(self.nngp_fn, "__name__", "")
-        return name
+        return cast(str, name)
 
 
 class Numerical(Activation):
@@ -657,13 +661,14 @@ def _gauss_hermite(f: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor],
                    k11: Tensor, k12: Tensor, k22: Tensor, degree: int | Tensor) -> Tensor:
     """:func:`gauss_hermite_expectation` of arguments that are valid (the kernels' own)."""
     per_entry = isinstance(degree, Tensor)
-    shape = torch.broadcast_shapes(k11.shape, k12.shape, k22.shape, *([degree.shape] if per_entry else []))
+    shape = torch.broadcast_shapes(k11.shape, k12.shape, k22.shape,
+                                   *([cast(Tensor, degree).shape] if per_entry else []))
     a, c, b = (t.detach().expand(shape).reshape(-1) for t in (k11, k12, k22))
     if f is g:  # E[f(u) f(v)] is symmetric: one ordering makes kernel matrices exactly symmetric
         a, b = torch.minimum(a, b), torch.maximum(a, b)
     if not per_entry:
-        return _expectation(f, g, a, c, b, degree).reshape(shape)
-    degrees = degree.expand(shape).reshape(-1)
+        return _expectation(f, g, a, c, b, cast(int, degree)).reshape(shape)
+    degrees = cast(Tensor, degree).expand(shape).reshape(-1)
     out = torch.empty_like(a)
     for d in torch.unique(degrees).tolist():
         where = (degrees == d).nonzero().squeeze(-1)

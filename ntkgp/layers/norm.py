@@ -81,6 +81,7 @@ class LayerNorm(Layer):
         def mean() -> tuple[Tensor, Tensor, bool] | None:
             # zero averaged over the features; after a concatenation each branch's features keep
             # their own mean (what a sum with another branch of non-zero mean needs to know)
+            assert state.mean is not None   # centred was computed, from a known mean
             features = state.mean()
             return None if features is None else (torch.zeros_like(out.cov1), torch.zeros_like(out.cov2),
                                                   features[2])

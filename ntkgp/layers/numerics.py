@@ -133,6 +133,7 @@ def overflow_scale(k11: Tensor, k22: Tensor) -> float | Tensor | None:
     pair (:func:`scaled_for_products`), and :func:`gaussian_angle` scales each point by its own
     power of 4."""
     limit = torch.finfo(k11.dtype).max ** 0.5 / 16
+    big: Tensor | float
     if _is_compiling() or transforms_active():
         big = torch.maximum(k11.detach().amax(), k22.detach().amax()).clamp(min=limit)
         return torch.pow(4.0, -torch.ceil(torch.log(big / limit) / math.log(4.0)))

@@ -429,8 +429,8 @@ class KernelState(Generic[_NTK]):
                 object.__setattr__(self, name, _Once(function))   # frozen: setattr is refused
 
     @classmethod
-    def from_inputs(cls, x1: Tensor, x2: Tensor | None = None, diag: bool = False, want_ntk: bool = True,
-                    row_offset: int = 0, symmetric: bool | None = None,
+    def from_inputs(cls: type[KernelState], x1: Tensor, x2: Tensor | None = None, diag: bool = False,
+                    want_ntk: bool = True, row_offset: int = 0, symmetric: bool | None = None,
                     sq_norms: tuple[Tensor, Tensor] | None = None,
                     duplicates: Duplicates | BatchedDuplicates | DiagonalDuplicates | None = None) -> KernelState:
         """The state before the first layer.
@@ -482,6 +482,7 @@ class KernelState(Generic[_NTK]):
         if not self.is_input:
             raise RuntimeError("input_gram() is only defined before the first layer.")
         x1, x2 = self.x1, self.x2
+        assert x1 is not None and x2 is not None   # is_input: from_inputs kept both
         if feature_weights is None:
             if self.sq_norms is not None:
                 g1, g2 = self.sq_norms

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+from typing import cast
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ def usable_device(device: object) -> torch.device:
     ``RuntimeError``, and CUDA without CUDA an ``AssertionError`` ("Torch not compiled with CUDA
     enabled") from inside the first tensor made there."""
     try:
-        resolved = torch.device(device)
+        resolved = torch.device(cast("str | torch.device | int", device))   # anything else: the TypeError below
     except (RuntimeError, TypeError) as error:
         # the first line: a TypeError lists torch.device's signatures after it
         raise ValueError(f"device {device!r} is not a torch device: {str(error).splitlines()[0]}") from None

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from gpytorch.constraints import GreaterThan, Interval
@@ -36,9 +37,16 @@ from torch import Tensor
 from ntkgp._autograd import outside_inference_mode
 from ntkgp.layers.validation import all_finite, boolean_or_complex
 
+if TYPE_CHECKING:   # to type checkers, the gpytorch.Module the mixin is mixed into (whose methods it calls)
+    from gpytorch import Module as _MixedInto
+else:
+    _MixedInto = object
+
 
 class ExactVariance(GreaterThan):
     """GPyTorch constraint ``value = anchor · exp(raw)`` with a float64 ``anchor``."""
+
+    anchor: Tensor   # a buffer
 
     def __init__(self, anchor: Tensor) -> None:
         super().__init__(0.0, transform=torch.exp, inv_transform=torch.log)
@@ -133,7 +141,7 @@ def _initialize_variance(name: str, module: VarianceParameters, value: float | T
     module.initialize(**{name: value})
 
 
-class VarianceParameters:
+class VarianceParameters(_MixedInto):
     """Mixin for ``gpytorch.Module`` layers that own variance hyperparameters."""
 
     @outside_inference_mode

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import overload
+from typing import cast, overload
 
 import torch
 from torch import Tensor
@@ -148,9 +148,9 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     out_dtype = y_train.dtype
     y = y_train.to(dtype, copy=True)   # the loss gets a copy: one that wrote to y changed the caller's targets
     f0 = _initial_outputs(fx_train_0, y.shape, "fx_train_0", y)
-    if test_kernel is not None:
-        rows = ntk_test_train.shape[0]
-        fx_test_0 = _initial_outputs(fx_test_0, (rows, *y.shape[1:]), "fx_test_0", y)
+    if test_kernel is not None:   # given with ntk_test_train and fx_test_0 (checked above)
+        rows = cast(Tensor, ntk_test_train).shape[0]
+        fx_test_0 = _initial_outputs(cast("Tensor | float", fx_test_0), (rows, *y.shape[1:]), "fx_test_0", y)
         test_kernel = test_kernel.to(dtype)
     if isinstance(t, Tensor) and t.requires_grad and torch.is_grad_enabled():
         # read as numbers, the times got no gradient, without a word
@@ -180,11 +180,13 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
         if schedule.discrete:
             duals = _iterate(gradient, outputs, f0, eta, beta, schedule.values)
         else:
-            duals = _flow(gradient, kernel, f0, eta, beta, schedule.values, *tolerances, max_steps, y_shape)
+            duals = _flow(gradient, kernel, f0, eta, beta, schedule.values, *cast("tuple[float, float]", tolerances),
+                          max_steps, y_shape)   # rtol, atol
         train = torch.stack([outputs(d) for d in duals])
         train = schedule.reshape(train, y.dim()).to(out_dtype)
         if test_kernel is None:
             return train
+        assert isinstance(fx_test_0, Tensor)   # made a tensor with test_kernel above
         test = torch.stack([fx_test_0 - _times(test_kernel, d, fx_test_0.shape) for d in duals])
         return train, schedule.reshape(test, fx_test_0.dim()).to(out_dtype)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cached_property
-from typing import Literal, overload
+from typing import Literal, cast, overload
 
 import torch
 from torch import Tensor
@@ -142,7 +142,7 @@ class GradientFlow:
         with torch.no_grad(), named_kernels("training"):
             k = net.kernel(self.x_factor, ntk=kernel == "ntk")
         self.nngp_dd = k.nngp
-        train_kernel = k.ntk if kernel == "ntk" else k.nngp
+        train_kernel = cast(Tensor, k.ntk) if kernel == "ntk" else k.nngp   # asked for
         self.dynamics = regularize(train_kernel, self.diag_reg, diag_reg_absolute_scale)
 
     # ------------------------------------------------------------------ cached factorizations
@@ -257,7 +257,7 @@ class GradientFlow:
             cross = self.net.kernel(x_test, self.x_factor, ntk=self.kind == "ntk")
             out = {"nngp_td": cross.nngp} if self.kind == "nngp" or mode is not None else {}
             if self.kind == "ntk":
-                out["ntk_td"] = cross.ntk
+                out["ntk_td"] = cast(Tensor, cross.ntk)   # asked for
             del cross
             if mode is not None:
                 out["nngp_tt"] = self.net.kernel(x_test, ntk=False, diag=mode == "diag").nngp

@@ -14,7 +14,7 @@ linearized model at any learning rate). Works with analytic or empirical kernels
 from __future__ import annotations
 
 import functools
-from typing import overload
+from typing import cast, overload
 
 import torch
 from torch import Tensor
@@ -135,7 +135,8 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
         _check_kernel(ntk_test_train, "ntk_test_train")
         if ntk_test_train.dim() != 2 or ntk_test_train.shape[-1] != n:
             raise ValueError(f"ntk_test_train must be (M, {n}), got {tuple(ntk_test_train.shape)}.")
-        fx_test_0 = _initial_outputs(fx_test_0, (ntk_test_train.shape[0], *y.shape[1:]), "fx_test_0", y)
+        fx_test_0 = _initial_outputs(cast("Tensor | float", fx_test_0), (ntk_test_train.shape[0], *y.shape[1:]),
+                                     "fx_test_0", y)   # given with ntk_test_train (checked above)
     kernel = regularize(ntk_train_train.to(factor_dtype), diag_reg if differentiable_reg is None else
                         differentiable_reg.to(factor_dtype), diag_reg_absolute_scale)
     schedule = make_schedule(t, steps, learning_rate, y_train.numel(), y.device)
@@ -150,6 +151,7 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
         train = y.clone()
         test = None
         if ntk_test_train is not None:
+            assert isinstance(fx_test_0, Tensor)   # made a tensor with ntk_test_train above
             coef = cholesky_solve(-flat, factor)
             test = fx_test_0.to(factor_dtype) + (ntk_test_train.to(factor_dtype) @ coef).reshape(fx_test_0.shape)
     else:
@@ -159,7 +161,7 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
         if schedule.discrete:
             warn_if_unstable(schedule.learning_rate, stability_limit(float(eig.values.max()), y_train.numel()),
                              factor_dtype, out_dtype, covariance=False)   # one network: no covariance
-        slopes = (None, None)
+        slopes: tuple[Tensor | None, Tensor | None] = (None, None)
         if kernel.requires_grad and torch.is_grad_enabled():
             slopes = schedule.slopes(eig)
         delta = matrix_function_product(kernel, eig, schedule, 1, slopes[0], flat)
@@ -173,6 +175,7 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
         train = schedule.reshape(train, y.dim())
         test = None
         if ntk_test_train is not None:
+            assert isinstance(fx_test_0, Tensor)   # made a tensor with ntk_test_train above
             left = ntk_test_train.to(factor_dtype)
             test_eigen = left.detach() @ eig.vectors   # the product's own backward differentiates left
             delta = matrix_function_product(kernel, eig, schedule, 2, slopes[1], flat, test_eigen, left)
@@ -214,7 +217,8 @@ def _full_kernel(ntk_train_train: Tensor, y_train: Tensor, fx_train_0, ntk_test_
                                fx_train_0=flat_outputs(fx_train_0, n, "fx_train_0"), ntk_test_train=test_kernel,
                                fx_test_0=fx_test_0, t=t, **options)
     if test_kernel is None:
-        return out.unflatten(-1, (n, k))
+        return cast(Tensor, out).unflatten(-1, (n, k))   # the training outputs alone, without test_kernel
+    assert isinstance(out, tuple)   # training and test outputs, given test_kernel
     return out[0].unflatten(-1, (n, k)), out[1].unflatten(-1, (ntk_test_train.shape[0], k))
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
-from typing import Literal, NoReturn, overload
+from typing import Literal, NoReturn, cast, overload
 
 import torch
 from torch import Tensor
@@ -107,7 +107,7 @@ class GPPosterior:
         self.x_factor = x_train.detach().to(factor_dtype, copy=True)
         with torch.no_grad(), named_kernels("training"):
             k = net.kernel(self.x_factor, ntk=kernel == "ntkgp")
-        prior = k.ntk if kernel == "ntkgp" else k.nngp
+        prior = cast(Tensor, k.ntk) if kernel == "ntkgp" else k.nngp   # asked for
         del k   # the NTK-GP's NNGP beside Θ and its regularized copy: 3 N² at the setup's peak, not 2
         self.prior_dd = regularize(prior, self.noise, absolute=True)
 
@@ -118,25 +118,27 @@ class GPPosterior:
 
     # the overloads tell type checkers which of the covariance and the variances compute_cov leaves None
     @overload
-    def predict(self, x_test: Tensor, compute_cov: Literal[True] = True) -> Gaussian[Tensor, Tensor]: ...
+    def predict(self, x_test: Tensor | None, compute_cov: Literal[True] = True) -> Gaussian[Tensor, Tensor]: ...
 
     @overload
-    def predict(self, x_test: Tensor, compute_cov: Literal["diag"]) -> Gaussian[None, Tensor]: ...
+    def predict(self, x_test: Tensor | None, compute_cov: Literal["diag"]) -> Gaussian[None, Tensor]: ...
 
     @overload
-    def predict(self, x_test: Tensor, compute_cov: Literal[False]) -> Gaussian[None, None]: ...
+    def predict(self, x_test: Tensor | None, compute_cov: Literal[False]) -> Gaussian[None, None]: ...
 
     @overload
-    def predict(self, x_test: Tensor, compute_cov: bool | str = True) -> Gaussian: ...
+    def predict(self, x_test: Tensor | None, compute_cov: bool | str = True) -> Gaussian: ...
 
     @neural_tangents_keywords(get="the kernel is chosen when the GPPosterior is built: GPPosterior(..., "
                                   "kernel='nngp', 'ntkgp' or 'ntk'), one per kernel.")
-    def predict(self, x_test: Tensor, compute_cov: bool | str = True) -> Gaussian:
+    def predict(self, x_test: Tensor | None, compute_cov: bool | str = True) -> Gaussian:
         """Posterior mean ``(M,)``/``(M, k)`` and covariance ``(M, M)`` at ``x_test``.
 
         ``compute_cov="diag"`` computes the marginal variances ``(M,)`` alone
         (:attr:`Gaussian.marginal`, ``diag K** − Σ_j w_jm²`` with ``w = L⁻¹ Kd*``): memory
         ``O(M N)``, where the covariance of 50 000 test points needs 20 GB in float64.
+        ``x_test=None`` predicts the training points, for ``kernel="ntk"`` only (as
+        :class:`~ntkgp.predict.GradientFlow`).
         """
         mode = covariance_mode(compute_cov)
         if self.kind == "ntk":
@@ -150,12 +152,12 @@ class GPPosterior:
         cov, marginal, scale = None, None, None
         with torch.no_grad(), named_kernels("test"):
             cross = self.net.kernel(x_test, self.x_factor, ntk=want_ntk)
-            c_td = cross.ntk if want_ntk else cross.nngp
+            c_td = cast(Tensor, cross.ntk) if want_ntk else cross.nngp   # asked for
             del cross   # the NNGP beside the NTK-GP's Θ*d is not needed: one (M, N) matrix less
             mean = c_td @ cholesky_solve(self.y, self._cholesky)
             if mode is not None:
                 test = self.net.kernel(x_test, ntk=want_ntk, diag=mode == "diag")
-                c_tt = test.ntk if want_ntk else test.nngp
+                c_tt = cast(Tensor, test.ntk) if want_ntk else test.nngp
                 del test
                 check_covariance_range(c_tt, self.dtype)
                 scale = prior_scale(c_tt)
@@ -218,35 +220,36 @@ def _refuse_training_points(kind: str) -> NoReturn:
 
 
 @overload
-def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
+def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None, kernel: str = "nngp",
                  noise: float | Tensor = 0.0, compute_cov: Literal[True] = True,
                  factor_dtype: torch.dtype = torch.float64) -> Gaussian[Tensor, Tensor]: ...
 
 
 @overload
-def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
+def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None, kernel: str = "nngp",
                  noise: float | Tensor = 0.0, *, compute_cov: Literal["diag"],
                  factor_dtype: torch.dtype = torch.float64) -> Gaussian[None, Tensor]: ...
 
 
 @overload
-def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
+def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None, kernel: str = "nngp",
                  noise: float | Tensor = 0.0, *, compute_cov: Literal[False],
                  factor_dtype: torch.dtype = torch.float64) -> Gaussian[None, None]: ...
 
 
 @overload
-def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
+def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None, kernel: str = "nngp",
                  noise: float | Tensor = 0.0, compute_cov: bool | str = True,
                  factor_dtype: torch.dtype = torch.float64) -> Gaussian: ...
 
 
 @neural_tangents_keywords(**PORTED_KEYWORDS)
-def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor, kernel: str = "nngp",
+def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None, kernel: str = "nngp",
                  noise: float | Tensor = 0.0, compute_cov: bool | str = True,
                  factor_dtype: torch.dtype = torch.float64) -> Gaussian:
     """One-shot :class:`GPPosterior` prediction (see there for the formulas: Lee et al. 2018, He et
-    al. 2020, Lee et al. 2019; ``compute_cov="diag"`` for the marginal variances alone)."""
+    al. 2020, Lee et al. 2019; ``compute_cov="diag"`` for the marginal variances alone; ``x_test=None``
+    for the training points, with ``kernel="ntk"`` only)."""
     check_training_data(net, x_train, y_train)   # the cheap checks before the training kernel is computed
     covariance_mode(compute_cov)
     if x_test is not None:   # "ntk" predicts the training points for None, as GradientFlow does

@@ -27,6 +27,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -134,6 +135,7 @@ def _smallest_eigenvalue_bound(factor: Tensor, scale: Tensor, iterations: int = 
     for _ in range(iterations):
         x = d * cholesky_solve(d * x / torch.linalg.vector_norm(x, dim=-2, keepdim=True), factor)
         bound = torch.linalg.vector_norm(x, dim=-2).squeeze(-1).reciprocal()
+    assert bound is not None   # iterations >= 1 (the one caller takes the default, 3)
     return bound
 
 
@@ -504,7 +506,9 @@ def _differentiable_backward(ctx, grad: Tensor, kernel: Tensor, left: Tensor | N
     """The backward of :class:`_MatrixFunctionProduct` as a graph: autograd through ``eigh`` (whose
     own backward is twice differentiable) and through the weights ``f_t(λ)`` in ``λ`` and the
     times together (their mixed second derivatives included)."""
-    inputs = {i: t for i, t in enumerate((kernel, left, right, times)) if ctx.needs_input_grad[i]}
+    # only tensors need a gradient (left is None for the training outputs)
+    inputs = cast("dict[int, Tensor]",
+                  {i: t for i, t in enumerate((kernel, left, right, times)) if ctx.needs_input_grad[i]})
     values, vectors = torch.linalg.eigh(kernel)
     weight_fn: WeightFunction = ctx.weight_fn
     pairs = _tied(values.detach())
@@ -541,7 +545,7 @@ def _differentiable_backward(ctx, grad: Tensor, kernel: Tensor, left: Tensor | N
 
 def _per_input(inputs: dict[int, Tensor], grads: Sequence[Tensor | None]) -> tuple:
     """The backward's 11 gradients: ``grads`` at the positions of ``inputs``, ``None`` elsewhere."""
-    result = [None] * 11
+    result: list[Tensor | None] = [None] * 11
     for i, g in zip(inputs, grads, strict=True):
         result[i] = g
     return tuple(result)
