@@ -87,6 +87,10 @@ class NetworkGP(gpytorch.models.ExactGP):
     ``initialize``, an optimizer step, the noise, a fixed noise): GPyTorch's ``ExactGP`` keeps the
     training solve of its first prediction until ``train()``, and so does a model of one's own
     with :class:`~ntkgp.NTKKernel` (call ``model.train(); model.eval()`` after such a change).
+    A prediction under ``torch.inference_mode()`` caches that solve as inference tensors; the next
+    prediction outside the mode rebuilds it (GPyTorch's ``ExactGP``, with its own kernels or an
+    ``NTKKernel``, fails there with "Inference tensors cannot be saved for backward" once autograd
+    is on: predict under ``torch.no_grad()`` in such models, or call ``model.train(); model.eval()``).
     Gradients of eval-mode predictions with respect to the hyperparameters need
     ``gpytorch.settings.detach_test_caches(False)``: by default GPyTorch caches the training
     solve without its graph (the mean's gradient then misses every path through it).
@@ -111,6 +115,10 @@ class NetworkGP(gpytorch.models.ExactGP):
     """
 
     prediction_strategy: Any   # GPyTorch's cached training solve (None until the first prediction)
+    #: Whether the cached training solve may hold inference tensors: a prediction ran under
+    #: ``torch.inference_mode()`` since it was built (a class default, so that models saved before it
+    #: existed still load).
+    _inference_cache: bool = False
 
     def __init__(self, train_x: Tensor, train_y: Tensor, net: Layer | None = None, *, kernel: str = "nngp",
                  likelihood: gpytorch.likelihoods.Likelihood | None = None, mean: str = "zero",
@@ -200,6 +208,9 @@ class NetworkGP(gpytorch.models.ExactGP):
             return super().__call__(*inputs, **kwargs)
         self._drop_stale_prediction_strategy()
         rebuilt = self.prediction_strategy is None
+        # what this call caches (the solve, the mean's and LOVE's caches) is made of inference tensors
+        # under torch.inference_mode(); set before the call, which may fail after caching
+        self._inference_cache = torch.is_inference_mode_enabled() or (self._inference_cache and not rebuilt)
         with exact_solves(self):   # the prediction's solves run here
             output = super().__call__(*inputs, **kwargs)
         if rebuilt:
@@ -272,9 +283,15 @@ class NetworkGP(gpytorch.models.ExactGP):
         predictions then came from neither model (0.59 off a rebuilt one); rebuilt instead, as after
         ``train()``."""
         record = self.__dict__.get("_prediction_record")
-        if self.prediction_strategy is None or (record is not None and record.matches(self)):
+        # a solve cached under torch.inference_mode() holds inference tensors, which autograd cannot
+        # save: the next prediction outside the mode (input gradients, an acquisition function's
+        # optimization) failed with "Inference tensors cannot be saved for backward", as GPyTorch's own
+        # ExactGP does; rebuilt instead (inference tensors also refuse in-place updates outside the mode)
+        inference = self._inference_cache and not torch.is_inference_mode_enabled()
+        if self.prediction_strategy is None or (not inference and record is not None and record.matches(self)):
             return False
         self.prediction_strategy = None
+        self._inference_cache = False
         return True
 
     def get_fantasy_model(self, inputs: Tensor, targets: Tensor, **kwargs: object) -> NetworkGP:
@@ -306,6 +323,7 @@ class NetworkGP(gpytorch.models.ExactGP):
                 self(self.train_inputs[0][..., :1, :])
         fantasy = super().get_fantasy_model(inputs, targets, **kwargs)
         fantasy._record_prediction_state()   # its solve is the updated one, for its data and (fixed) noises
+        fantasy._inference_cache = fantasy._inference_cache or torch.is_inference_mode_enabled()
         return fantasy
 
     @property

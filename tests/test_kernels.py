@@ -199,6 +199,35 @@ def test_setting_a_vector_where_a_scalar_variance_is_held_says_how_to_get_one():
     assert ard.weight_var.tolist() == [1.0, 2.0, 3.0]
 
 
+def test_initialize_takes_numbers_for_raw_variances_and_names_the_layers_variances():
+    """GPyTorch's ``initialize`` takes "a tensor, a float, or an int", but checks a number given for a
+    raw parameter through its constraint's transform, where ExactVariance's torch.exp failed with
+    "argument 'input' must be Tensor, not float" (GPyTorch's softplus fails alike for an RBFKernel's
+    raw_lengthscale, a limitation of GPyTorch's own). And the kernel's names are its layers':
+    ``kernel.initialize(weight_var=2.0)`` said only "Unknown parameter weight_var for NTKKernel",
+    ``net.0.weight_var`` (as ``kernel.net[0]`` reads) "Serial has no module 0"."""
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kernels = [ntkgp.NTKKernel(ntkgp.mlp(1, "relu", 2.0, 0.1)).double() for _ in range(2)]
+    kernels[0].initialize(**{"net.layers.0.raw_weight_var": 1.0, "net.layers.2.raw_bias_var": -2})
+    kernels[1].initialize(**{"net.layers.0.raw_weight_var": torch.tensor(1.0, dtype=torch.float64),
+                             "net.layers.2.raw_bias_var": torch.tensor(-2.0, dtype=torch.float64)})
+    f64 = torch.zeros((), dtype=torch.float64)
+    # the number gives what the same tensor gives (exactly): anchor · exp(raw)
+    assert kernels[0].net[0].variance_as("weight_var", f64).item() == 2.0 * torch.tensor(1.0, dtype=torch.float64).exp()
+    assert kernels[0].net[2].variance_as("bias_var", f64).item() == 0.1 * torch.tensor(-2.0, dtype=torch.float64).exp()
+    with torch.no_grad():
+        assert torch.equal(kernels[0](x).to_dense(), kernels[1](x).to_dense())
+    with pytest.raises(RuntimeError, match="out of bounds"):   # a NaN raw value stays refused, as a NaN tensor is
+        kernels[0].net[0].initialize(raw_weight_var=float("nan"))
+    names = (r"\(net\.layers\.0\.weight_var, net\.layers\.0\.bias_var, "
+             r"net\.layers\.2\.weight_var, net\.layers\.2\.bias_var\)")
+    for wrong in ("weight_var", "raw_weight_var", "net.0.weight_var"):
+        with pytest.raises(AttributeError, match=rf"NTKKernel's hyperparameters are its network's layers' variances, "
+                                                 rf"initialized by their full names {names}, e\.g\. "):
+            kernels[0].initialize(**{wrong: 3.0})
+    assert kernels[0].net[0].variance_as("weight_var", f64).item() == 2.0 * torch.tensor(1.0, dtype=torch.float64).exp()
+
+
 def test_kernels_compose_with_gpytorch_kernels():
     net = ntkgp.mlp(1, "relu")
     composite = ntkgp.NNGPKernel(net) + gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())

@@ -1071,6 +1071,43 @@ def test_an_unchanged_model_keeps_its_cached_solve_and_a_fixed_noise_is_followed
         torch.testing.assert_close(out.mean, refit.eval()(x_test).mean, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled")   # linear_operator's fantasy code
+@pytest.mark.parametrize("k", [None, 2], ids=["1-D targets", "vector targets"])
+def test_predictions_with_gradients_after_one_under_inference_mode(k):
+    """A prediction under torch.inference_mode() cached its training solve as inference tensors, and
+    the next one with autograd on (input gradients, as an acquisition function's optimizer takes)
+    failed with "Inference tensors cannot be saved for backward" (GPyTorch's ExactGP with an
+    RBFKernel fails alike): the model rebuilds that solve outside the mode, and keeps it there."""
+    x, y = _data(15, k=k)
+    x_test = x[:4] + 0.05
+    model = NetworkGP(x, y, kernel="ntk", depth=2, activation="erf").eval()
+    expected = model(x_test)
+    model.train()
+    model.eval()
+    for fast in (False, True):   # LOVE's covariance cache is made at the first prediction too
+        with gpytorch.settings.fast_pred_var(fast):
+            with torch.inference_mode():
+                model(x_test)
+            inputs = x_test.clone().requires_grad_(True)
+            got = model(inputs)
+            (got.mean.sum() + got.variance.sum()).backward()
+            # the same solve rebuilt: float64 rounding apart (LOVE's low-rank variances to 1e-10)
+            torch.testing.assert_close(got.mean, expected.mean, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got.variance, expected.variance, rtol=1e-10, atol=1e-10)
+            assert inputs.grad is not None and bool(torch.isfinite(inputs.grad).all())
+            strategy = model.prediction_strategy
+            model(x_test)
+            assert model.prediction_strategy is strategy   # rebuilt once, not at every call
+    if k is None:   # a fantasy made under the mode predicts with gradients too
+        with torch.inference_mode():
+            fantasy = model.get_fantasy_model(x[:2] + 0.1, y[:2])
+            before = fantasy(x_test).mean.clone()
+        inputs = x_test.clone().requires_grad_(True)
+        got = fantasy(inputs).mean
+        got.sum().backward()
+        torch.testing.assert_close(got, before, rtol=1e-12, atol=1e-12)
+
+
 def test_constant_means_follow_their_output_columns():
     """NetworkGP(mean="constant") with (N, k) targets: each output column has its own constant mean.
     The prior (train mode) mean of column j is the j-th constant, and the posterior mean satisfies the

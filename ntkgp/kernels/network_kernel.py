@@ -133,6 +133,22 @@ class NetworkKernel(Kernel):
             result = result.expand(*batch, *result.shape[-tail:])
         return result
 
+    def initialize(self, **kwargs: object) -> NetworkKernel:
+        """GPyTorch's ``initialize``, whose names reach the layers' variances through the network:
+        ``kernel.initialize(**{"net.layers.0.weight_var": 2.0})``. A name that is not the kernel's
+        (``weight_var``, or ``net.0.weight_var`` after ``kernel.net[0]``) is an ``AttributeError``
+        that lists the kernel's names; GPyTorch's said only "Unknown parameter weight_var for
+        NTKKernel", or "Serial has no module 0"."""
+        try:
+            return super().initialize(**kwargs)
+        except AttributeError as err:
+            names = [name.replace("raw_", "") for name, _ in self.named_parameters()]
+            shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+            raise AttributeError(f"{err}. {type(self).__name__}'s hyperparameters are its network's layers' "
+                                 f"variances, initialized by their full names ({shown or 'none'}), e.g. "
+                                 f"kernel.initialize(**{{'net.layers.0.weight_var': 2.0}}), or set on the "
+                                 f"layer: kernel.net[0].weight_var = 2.0.") from err
+
     @property
     def batch_shape(self) -> torch.Size:
         """The hyperparameters' batch shape (the one given where the network has none): BoTorch's

@@ -52,7 +52,12 @@ class ExactVariance(GreaterThan):
         super().__init__(0.0, transform=torch.exp, inv_transform=torch.log)
         self.register_buffer("anchor", anchor.detach().to(torch.float64).clone())
 
-    def transform(self, tensor: Tensor) -> Tensor:
+    def transform(self, tensor: Tensor | float) -> Tensor:
+        if not isinstance(tensor, Tensor):
+            # GPyTorch's initialize checks a raw value given as a number (initialize(raw_weight_var=0.0))
+            # by check_raw(number), where torch.exp failed with "argument 'input' must be Tensor, not
+            # float" (as GPyTorch's softplus fails for an RBFKernel's raw_lengthscale)
+            tensor = torch.as_tensor(tensor, dtype=self.anchor.dtype, device=self.anchor.device)
         return self.anchor.to(tensor) * torch.exp(tensor)
 
     def inverse_transform(self, transformed_tensor: Tensor) -> Tensor:
