@@ -373,3 +373,43 @@ def test_a_loss_that_leaves_its_domain_is_named_not_called_stiff():
     with pytest.raises(RuntimeError, match="became NaN or infinite") as info:
         predict.gradient_descent(loss, k_dd, y, fx_train_0=1.0, t=50.0, max_steps=2000)
     assert "stiff" not in str(info.value)
+
+
+def test_times_a_few_ulp_apart_are_both_reached():
+    """0.3 and 0.1 * 3 are one ulp apart: the step from one to the other, shortened to land on the
+    requested time, was taken for a collapsed step size ("the step size fell to 5.55e-17 ... stiff").
+    Both times give the squared loss's closed form to the solver's 5e-8 (as over 0 ≤ t ≤ 400 above)."""
+    k_dd, k_td, y, f0, ft0 = _problem()
+    times = [0.3, 0.1 * 3, 5e-324]
+    flow = predict.gradient_descent(mse, k_dd, y, fx_train_0=f0, ntk_test_train=k_td, fx_test_0=ft0, t=times,
+                                    learning_rate=0.7)
+    closed = predict.gradient_descent_mse(k_dd, y, fx_train_0=f0, ntk_test_train=k_td, fx_test_0=ft0, t=times,
+                                          learning_rate=0.7)
+    for a, b in zip(flow, closed, strict=True):
+        assert float((a - b).abs().max()) <= 5e-8
+    assert float((flow[0][1] - flow[0][0]).abs().max()) <= 1e-15   # 5.6e-17 of time apart
+
+
+def test_a_kernel_that_is_not_positive_semi_definite_is_refused():
+    """A kernel with a negative eigenvalue (-1.8 here, λ_max 3.5) is no tangent kernel, and the
+    outputs grow along it: they came back finite and meaningless (2.6e32 for the squared loss at
+    t = 1000, where gradient_descent_mse refuses the kernel), for t = 1e5 only after 20 s as an
+    overflow blamed on the loss. Rounding-level negative eigenvalues, which gradient_descent_mse
+    accepts (up to −sqrt(ε) λ_max), and the singular kernel of _problem (rank 6 of 10) still pass."""
+    k_dd, _, y, f0, _ = _problem()
+    values, vectors = torch.linalg.eigh(k_dd)
+    top = vectors[:, -1:] @ vectors[:, -1:].T
+    bad = k_dd - 1.5 * values[-1] * top
+    for time in ({"t": 1000.0}, {"t": 1.0, "momentum": 0.5}, {"steps": 3}):
+        with pytest.raises(ValueError, match="not positive semi-definite"):
+            predict.gradient_descent(mse, bad, y, fx_train_0=f0, **time)
+    with pytest.raises(ValueError, match="not positive semi-definite"):   # the same verdict
+        predict.gradient_descent_mse(bad, y, fx_train_0=f0, t=1000.0)
+    full = torch.einsum("ab,ij->abij", bad, torch.eye(3, dtype=F64))
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        predict.gradient_descent(mse, full, y, fx_train_0=f0, t=1.0)
+    rounding = k_dd - 0.5 * torch.finfo(F64).eps ** 0.5 * values[-1] * vectors[:, :1] @ vectors[:, :1].T
+    for kernel in (k_dd, rounding):
+        flow = predict.gradient_descent(mse, kernel, y, fx_train_0=f0, t=3.0)
+        closed = predict.gradient_descent_mse(kernel, y, fx_train_0=f0, t=3.0)
+        assert float((flow - closed).abs().max()) <= 5e-8
