@@ -82,8 +82,8 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     With momentum this is the limit of small steps at fixed ``(1 − β)/√η`` in time ``√η t``,
     neural-tangents' convention: there ``t`` counts steps too. So ``momentum=0.0`` is not
     ``momentum=None`` in continuous time (a second-order flow with damping ``1`` against the
-    gradient flow: 0.08 apart at ``t = 3`` on a squared loss), though their ``steps`` are the
-    same. For the squared loss ``0.5 * ((f - y) ** 2).mean()`` the flow is
+    gradient flow: on a squared loss they start and converge together and differ in between),
+    though their ``steps`` are the same. For the squared loss ``0.5 * ((f - y) ** 2).mean()`` the flow is
     :func:`gradient_descent_mse`'s ``e^{−Θ η t/m}``. On smooth losses the outputs' global error
     is about the tolerance (cross-entropy, log-cosh: within 2x of ``rtol = atol`` from ``1e-4``
     to ``1e-10``; with momentum ``0.9``, whose oscillations accumulate the local errors, 4–15x);
