@@ -1185,6 +1185,34 @@ def test_tiny_variances_keep_their_angles(dtype, scale):
             torch.testing.assert_close(getattr(small, name), expected, rtol=64 * torch.finfo(dtype).eps, atol=0)
 
 
+@pytest.mark.parametrize("dtype,scale", [(torch.float64, 1e-300), (torch.float32, 1e-23)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_an_underflowing_squared_norm_is_a_zero_variance(dtype, scale, grad):
+    """The squared norm of x = 1e-300·u (float64; 1e-23·u in float32) underflows to 0 where its
+    products with other inputs do not, and the angle atan2(k12, 0) read a correlation of ±1 against
+    a variance of 0: Sign's NNGP of (x, u) was [[0, 1], [1, 1]], not positive semi-definite, and a
+    LayerNorm after it read 1e6 (1/sqrt(eps)) off the diagonal. A variance of 0 is the constant
+    feature 0, uncorrelated with every other (|k12| <= sqrt(k11 k22) = 0): the kernels are those of
+    the zero vector, the reference (Sign: a zero row; the step: H(0) E[H(v)] = 1/4)."""
+    u = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    x, zero = torch.cat([scale * u[:1], u]), torch.cat([torch.zeros_like(u[:1]), u])
+    for act in (ntkgp.Sign(), ntkgp.RectifiedMonomial(0)):
+        first = ntkgp.serial(ntkgp.Dense(1, 1.0, 0.0), act)
+        with torch.set_grad_enabled(grad):
+            k = first.kernel(x)
+        expected = 0.0 if isinstance(act, ntkgp.Sign) else 0.25
+        torch.testing.assert_close(k.nngp[0, 1:].detach(), torch.full((4,), expected, dtype=dtype), rtol=0, atol=0)
+        assert float(torch.linalg.eigvalsh(k.nngp.detach().double()).min()) >= -1e-15
+        for net in (ntkgp.serial(ntkgp.Dense(8, 2.0, None), act, ntkgp.Dense(8, 1.5, 0.1), ntkgp.ReLU(),
+                                 ntkgp.Dense(1, 1.0, None)),
+                    ntkgp.serial(ntkgp.Dense(8, 2.0, 0.0), act, ntkgp.LayerNorm(), ntkgp.Dense(1, 1.0, 0.1))):
+            with torch.set_grad_enabled(grad):
+                tiny, reference = net.kernel(x), net.kernel(zero)
+            for name in ("nngp", "ntk"):
+                torch.testing.assert_close(getattr(tiny, name).detach(), getattr(reference, name).detach(),
+                                           rtol=0, atol=0)
+
+
 def test_layernorm_of_huge_variances_keeps_the_kernel():
     """(eps + k11)(eps + k22) overflowed for float32 inputs ~1e10 and rsqrt(inf) = 0 erased the
     kernel (NNGP 0.26 for 0.44, NTK 0.26 for 0.65). After a bias-free Dense layer LayerNorm makes
@@ -1215,6 +1243,23 @@ def test_sin_and_cos_stay_finite_for_nearly_parallel_inputs_of_large_variance():
         for m in (k.nngp, k.ntk):
             assert bool(torch.isfinite(m).all())
         assert float(k.nngp.abs().max()) <= bound * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("make", [ntkgp.Sin, ntkgp.Cos, lambda: ntkgp.Sin(1.1, 0.9, 0.3)],
+                         ids=["sin", "cos", "sin_abc"])
+def test_sin_and_cos_of_near_duplicates_keep_an_exact_gram_matrix_exact(make):
+    """The exponent b²(k12 − (k11 + k22)/2) rounded the half sum to float32's grid, ulp(k) = 1 at
+    variances of 1e7, however exact the kernels: integer inputs (2236, 2236) and (2236, 2237) have an
+    exact float32 Gram matrix (products below 2^24, σ²/d = 1) with ‖x − x'‖² σ²/d = 1, and Sin's
+    cross NNGP was 0.5 for a²/2 e^{−1/2} = 0.303 (65 % off; the opposite pair likewise), as if the
+    points were equal. From the differences (k11 ∓ k12) + (k22 ∓ k12), exact here (Sterbenz), as
+    Rbf's, float32 agrees with float64 on the same inputs to its rounding (measured 9e-8)."""
+    x = torch.tensor([[2236.0, 2236.0], [2236.0, 2237.0], [-2236.0, -2237.0]], dtype=torch.float32)
+    net = ntkgp.serial(ntkgp.Dense(1, 2.0, None), make(), ntkgp.Dense(1, 1.0, 0.1))
+    with torch.no_grad():
+        k32, k64 = net.kernel(x), net.kernel(x.double())
+    for name in ("nngp", "ntk"):
+        torch.testing.assert_close(getattr(k32, name).double(), getattr(k64, name), rtol=1e-6, atol=1e-6)
 
 
 

@@ -609,9 +609,10 @@ class Sin(Activation):
         Ṫ = a²b²/2 · (e^{b²(k12 − (k11+k22)/2)} + cos(2c) e^{−b²(k12 + (k11+k22)/2)})
         E[φ(u)] = a sin(c) e^{−b²k/2}
 
-    The exponents are combined before ``exp`` so nothing overflows (``|k12| ≤ (k11+k22)/2``),
-    and clamped at 0: for nearly (anti)parallel inputs of large variance rounding can make them
-    positive by ``ulp(k)``, which ``exp`` turned into ``inf``.
+    The exponents are combined before ``exp`` so nothing overflows (``|k12| ≤ (k11+k22)/2``), from
+    the differences ``(k11 ∓ k12) + (k22 ∓ k12)`` as :class:`Rbf`'s (exact for nearly (anti)parallel
+    inputs), and clamped at 0: for such inputs of large variance rounding of the kernels can make
+    them positive by ``ulp(k)``, which ``exp`` turned into ``inf``.
 
     Where ``cos 2c ≈ ±1`` one of the two is a difference of nearly equal exponentials at small
     variances (``T ≈ a² b² k12`` for ``c = 0``): ``e^A − e^B`` (``A − B = 2b²k12``) is taken as
@@ -635,11 +636,14 @@ class Sin(Activation):
         return functools.partial(_sin, a=self.a, b=self.b, c=self.c)
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
-        # k11/2 + k22/2, the same bits as (k11 + k22)/2 where that does not overflow: it did in float32 from
-        # variances of 1.7e38, and a point with itself read T = Ṫ = 0 (e^{−∞}) for a²/2 (1 − cos 2c e^{−2b²k})
-        b2, half_sum = self.b**2, k11 / 2 + k22 / 2
-        plus = torch.exp((b2 * (k12 - half_sum)).clamp(max=0))         # e^A
-        minus = torch.exp((-b2 * (k12 + half_sum)).clamp(max=0))       # e^B
+        # A = −b²((k11 − k12) + (k22 − k12))/2 and B = −b²((k11 + k12) + (k22 + k12))/2, as Rbf's exponent:
+        # each difference is exact where it is small (Sterbenz), and k12 − (k11/2 + k22/2) kept the sum's
+        # rounding, ulp(k) in the exponent: near-duplicate (A) or near-opposite (B) inputs of float32 variance
+        # 1e8 read e^{−8} for e^{−4}. An overflow (variances beyond 8.5e37 in float32, A or B far below 0
+        # then) is e^{−∞} = 0, the limit; a point with itself keeps A = 0 and B = −2b²k, bit for bit
+        b2 = self.b**2
+        plus = torch.exp((-b2 / 2 * ((k11 - k12) + (k22 - k12))).clamp(max=0))    # e^A
+        minus = torch.exp((-b2 / 2 * ((k11 + k12) + (k22 + k12))).clamp(max=0))   # e^B
         # e^A − e^B from the larger exponential and expm1 of the clamped gap: no cancellation, no
         # overflow in the branch torch.where discards (its gradient would be NaN)
         difference = torch.where(k12 >= 0, -plus * torch.expm1(-2 * b2 * k12.clamp(min=0)),

@@ -196,7 +196,7 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor, supplement: bool = Fal
                    complement: bool = False, steep: bool = False) -> tuple[Tensor, Tensor]:
     """``s = sqrt(k11 k22 − k12²)`` and the angle ``θ = atan2(s, k12)`` between two Gaussians, or
     with ``supplement`` its supplement ``π − θ = atan2(s, −k12)``, or with ``complement`` its
-    complement ``π/2 − θ = atan2(k12, s) = arcsin ρ`` (0 where ``s = k12 = 0``).
+    complement ``π/2 − θ = atan2(k12, s) = arcsin ρ`` (0 where a variance is 0).
 
     Kernels that vanish at ``θ = π`` (ReLU's ``(s − (π − θ)|k12|)/(2π) ≈ δ³/(6π)`` at ``δ = π − θ``,
     unit variances) need the supplement straight from ``atan2``: ``π − θ`` subtracted afterwards carries θ's
@@ -208,8 +208,10 @@ def gaussian_angle(k11: Tensor, k12: Tensor, k22: Tensor, supplement: bool = Fal
     ``k11 k22 − k12²`` is formed as ``(p − k12)(p + k12)`` with ``p = sqrt(k11 k22)``: where a
     point meets itself (``k11 = k12 = k22`` bitwise) this is exactly 0, because
     ``sqrt(c·c) == c`` in IEEE arithmetic, even when the compiler fuses multiply-adds. The angle
-    is never taken as ``arccos`` of a clipped ratio, and ``θ = π/2`` where ``s = k12 = 0``
-    (a zero-variance input, e.g. a zero vector without bias), as in neural-tangents.
+    is never taken as ``arccos`` of a clipped ratio, and ``θ = π/2`` where a variance is 0 (a zero
+    vector without bias, as in neural-tangents, or one whose squared norm underflows where its products
+    with other inputs do not: the Gaussian that is the constant 0 is uncorrelated with every other,
+    ``|k12| ≤ sqrt(k11 k22) = 0``, whatever ``k12`` the rounding left).
 
     Without autograd the same formula runs in place on its temporaries, and the ``π/2`` fill
     is applied only when a zero variance is present (it can only occur there). Where ``k11 k22``
@@ -259,8 +261,9 @@ def _angles(k11: Tensor, k12: Tensor, k22: Tensor, kinds: Sequence[str], steep: 
     if graph:
         p = safe_sqrt(k11 * k22)
         s = safe_sqrt((p - k12) * (p + k12))
-        # atan2(0, 0)'s derivative is NaN: the origin takes 1s in, its angle by torch.where
-        origin = (s == 0) & (k12 == 0)
+        # atan2(0, 0)'s derivative is NaN: the origin (a variance of 0, see below) takes 1s in, its
+        # angle by torch.where
+        origin = (k11 == 0) | (k22 == 0)
         y, x = torch.where(origin, 1.0, s), torch.where(origin, 1.0, k12)
         angles = [torch.where(origin, 0.0, torch.atan2(x, y)) if kind == "complement" else
                   torch.where(origin, math.pi / 2, torch.atan2(y, -x if kind == "supplement" else x))
@@ -273,10 +276,12 @@ def _angles(k11: Tensor, k12: Tensor, k22: Tensor, kinds: Sequence[str], steep: 
         s = difference.mul_(p.add_(k12) if p.shape == difference.shape else p + k12).clamp_(min=0).sqrt_()
         angles = [torch.atan2(k12, s) if kind == "complement" else torch.atan2(s, k12.neg() if kind == "supplement"
                                                                                else k12) for kind in kinds]
-        if has_zero and kinds != ("complement",):   # θ = π/2 where a variance is 0 (the complement's
-            # atan2(0, 0) = 0 already; under torch.compile always, no data-dependent branch)
-            origin = (s == 0) & (k12 == 0)
-            angles = [a if kind == "complement" else torch.where(origin, math.pi / 2, a)
+        if has_zero:   # θ = π/2 (complement 0) where a variance is 0; under torch.compile always, no
+            # data-dependent branch. Not only where k12 = 0 too: the squared norm of an input of 1e-300
+            # underflows to 0 where its products with others do not, and atan2(k12, 0) read ρ = ±1 there
+            # (Sign's kernel [[0, 1], [1, 1]], not positive semi-definite)
+            origin = (k11 == 0) | (k22 == 0)
+            angles = [torch.where(origin, 0.0 if kind == "complement" else math.pi / 2, a)
                       for kind, a in zip(kinds, angles, strict=True)]
     if rescale is not None:
         s = s * rescale[0] * rescale[1]
