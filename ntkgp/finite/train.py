@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import cast as typing_cast
+from typing import cast
 
 import numpy as np
 import torch
@@ -300,9 +300,9 @@ def train_ensemble(
     pr = None if probe is None else probe.to(device=device, dtype=dtype)
     # finite as given but not in dtype (float64 points beyond float32's range): x_test's records came back NaN
     # without a word, and the probe's overflow was "x1 contains NaN" from inside the NTK, after the build
-    for name, given, cast in (("x_train", x_train, x), ("y_train", y_train, y), ("x_test", x_test, xt),
-                              ("probe", probe, pr)):
-        if given is not None and not all_finite(typing_cast(Tensor, cast)):   # converted from given
+    for name, given, converted in (("x_train", x_train, x), ("y_train", y_train, y), ("x_test", x_test, xt),
+                                   ("probe", probe, pr)):
+        if given is not None and not all_finite(cast(Tensor, converted)):   # converted from given: a tensor
             raise ValueError(f"{name} holds values beyond the range of {dtype} (largest magnitude "
                              f"{float(given.detach().abs().max()):.3g}): rescale them, or train in float64.")
     seed = seed_value(seed)
@@ -472,7 +472,7 @@ class _Changes:
         # squares: a generator of (name, elementwise squares), one tensor alive at a time. Sums,
         # not torch.norm: float32 norms of 10⁷ entries are off by ~1e-3, these by ~1e-7.
         # 0.0 until the first squares are added (every group has parameters): tensors where read
-        total, per_group = typing_cast(Tensor, 0.0), dict.fromkeys(self.groups, typing_cast(Tensor, 0.0))
+        total, per_group = cast(Tensor, 0.0), dict.fromkeys(self.groups, cast(Tensor, 0.0))
         for name, square in squares:
             if name not in self.group_of:
                 total = total + square.flatten(1).sum(1)
@@ -696,7 +696,7 @@ def _frozen_body(model: nn.Module) -> tuple[nn.Module, DenseModule, str] | None:
     index = int(prefixes[0])
     if any(type(m) is not nn.Identity for m in list(model)[index + 1:]):
         return None
-    return model[:index], typing_cast(DenseModule, model[index]), f"{index}."   # a Dense readout, as checked
+    return model[:index], cast(DenseModule, model[index]), f"{index}."   # a Dense readout, as checked
 
 
 def _is_one(value) -> bool:

@@ -531,8 +531,10 @@ def _blocked_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
     symmetric = x2 is None
     n1, n2 = x1.shape[-2], (x1 if symmetric else cast(Tensor, x2)).shape[-2]
     rows = _rows_per_block(n1, n2, batch, BLOCK_ENTRIES)
-    nngp = cov1 = cov2 = cast(Tensor, None)   # set by the first block (there is one: n1 > 0)
+    nngp: Tensor | None = None
     ntk: Tensor | None = None
+    cov1: Tensor | None = None
+    cov2: Tensor | None = None
     for start, rows1, cols2, norms, duplicates in _row_blocks(x1, x2, rows, ids):
         block_nngp, block_ntk, block_cov1, block_cov2, fields = _run_block(
             layer, rows1, cols2, norms, want_ntk, symmetric, compile, duplicates)
@@ -541,7 +543,7 @@ def _blocked_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
         if rows >= n1:
             nngp, ntk, cov1, cov2 = block_nngp, block_ntk, block_cov1, (block_cov1 if symmetric else block_cov2)
             break
-        if nngp is None:
+        if nngp is None or cov1 is None:   # the first block (set together; both named for type checkers)
             batch_shape = block_nngp.shape[:-2]
             nngp = block_nngp.new_empty((*batch_shape, n1, n2))
             ntk = block_nngp.new_empty((*batch_shape, n1, n2)) if want_ntk else None
@@ -556,6 +558,7 @@ def _blocked_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
                 _place_upper_block(out, block, start)
             else:
                 out[..., start:stop, :] = block
+    assert nngp is not None and cov1 is not None and cov2 is not None   # set by the first block (n1 > 0)
     return _joined_state(layer, x1, x2, nngp, ntk, cov1, cov2, fields)
 
 

@@ -43,6 +43,10 @@ else:
     _MixedInto = object
 
 
+#: What the meta device is for with layers, told where a layer's variances are on it.
+META_BUILD = "net.build(..., device='meta') gives a finite network of shapes only."
+
+
 class ExactVariance(GreaterThan):
     """GPyTorch constraint ``value = anchor · exp(raw)`` with a float64 ``anchor``."""
 
@@ -166,9 +170,9 @@ class VarianceParameters(_MixedInto):
                                  f"got shape {tuple(anchor.shape)}{_shape_hint(name, shape, anchor)}.") from err
         raw = torch.nn.Parameter(torch.zeros(shape))
         if raw.device.type == "meta":   # GPyTorch's constraint failed: "Tensor.item() cannot be called on meta tensors"
-            raise ValueError(f"{type(self).__name__} cannot be built under torch.device('meta'): its variances need "
-                             "values (GPyTorch's constraints read them). Build the layer on a real device; "
-                             "net.build(..., device='meta') gives a finite network of shapes only.")
+            raise ValueError(f"{type(self).__name__} cannot be built under torch.device('meta'): its variances "
+                             f"need values (GPyTorch's constraints read them). Build the layer on a real device; "
+                             f"{META_BUILD}")
         self.register_parameter(f"raw_{name}", raw)
         # where raw is (the module's device): a variance given as a CUDA tensor put this anchor there
         # while the layer stayed on the CPU, and every kernel call failed on the mixed devices
@@ -209,8 +213,8 @@ class VarianceParameters(_MixedInto):
             # a layer moved with .to("meta") failed every kernel and build with torch's "Cannot copy out of
             # meta tensor; no data!"
             raise ValueError(f"{type(self).__name__}'s {name} is on the meta device, which holds shapes but no "
-                             "values: nothing to compute with. Keep the layer on a real device (not .to('meta')); "
-                             "net.build(..., device='meta') gives a finite network of shapes only.")
+                             f"values: nothing to compute with. Keep the layer on a real device (not .to('meta')); "
+                             f"{META_BUILD}")
         return constraint.value_as(raw, like)
 
     @outside_inference_mode

@@ -28,7 +28,7 @@ from ntkgp.layers.validation import finite_number, positive_number
 from ntkgp.predict.gaussian import check_device, check_targets, refuse_gradient, tensor_kind
 from ntkgp.predict.linearized import _check_kernel, _initial_outputs, check_full_kernel
 from ntkgp.predict.odeint import StepLimitError, integrate, rms_norm
-from ntkgp.predict.spectral import _largest_magnitude, check_symmetric, flatten_full_kernel, make_schedule, rounding_eps
+from ntkgp.predict.spectral import check_semi_definite_by_cholesky, check_symmetric, flatten_full_kernel, make_schedule
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -169,7 +169,7 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     # symmetric, as gradient_descent_mse's (eigh's convention), and a step along it keeps it a kernel
     kernel = kernel.to(dtype)
     kernel = (kernel + kernel.mT) / 2
-    _check_semi_definite(kernel, "ntk_train_train", ntk_train_train.dtype)
+    check_semi_definite_by_cholesky(kernel, "ntk_train_train", ntk_train_train.dtype)
     differentiable = torch.is_grad_enabled() and any(
         isinstance(v, Tensor) and v.requires_grad for v in (kernel, test_kernel, y, f0, fx_test_0))
     gradient = _loss_gradient(loss, y, f0, differentiable)
@@ -218,33 +218,6 @@ def _kernels(ntk_train_train: Tensor, y_train: Tensor, ntk_test_train: Tensor | 
                              f"{tuple(ntk_train_train.shape)}, got {tuple(ntk_test_train.shape)}.")
         test_kernel = flatten_full_kernel(ntk_test_train) if full else ntk_test_train
     return kernel, test_kernel, y_train.shape
-
-
-def _check_semi_definite(kernel: Tensor, name: str, given: torch.dtype) -> None:
-    """``ValueError`` unless ``kernel`` is positive semi-definite up to rounding, by one Cholesky
-    factorization (``N³/3`` flops, a fraction of the eigenvalues :func:`gradient_descent_mse` checks).
-
-    A non-PSD kernel is no tangent kernel, and along a negative eigenvalue the flow grows
-    exponentially instead of converging: the outputs came back finite but meaningless (2.6e32 for
-    the squared loss at ``t = 1000``, one eigenvalue of -1.8 against 3.5), or after a long
-    integration as an overflow blamed on the loss.
-    Scaled to largest entry 1, ``Θ + δ I`` with ``δ = 2 sqrt(ε) ‖Θ‖_F`` (``ε`` of the coarser of
-    ``given``, the dtype the kernel came in, and the integration's) factors whenever
-    ``λ_min ≥ −sqrt(ε) max|λ|``, what :func:`gradient_descent_mse` accepts (``‖Θ‖_F ≥ max|λ|``), and
-    is refused only below ``−2 sqrt(ε) ‖Θ‖_F``, at most ``2 sqrt(N)`` times that bound.
-    """
-    with torch.no_grad():
-        largest = _largest_magnitude(kernel) if kernel.numel() else 0.0
-        if largest == 0.0:   # the zero kernel: nothing moves, as in gradient_descent_mse
-            return
-        unit = kernel.detach() / largest   # one copy, shifted in place: the factor is the only other
-        shift = 2 * rounding_eps(unit, given) ** 0.5 * float(torch.linalg.matrix_norm(unit))
-        unit.diagonal().add_(shift)
-        _, info = torch.linalg.cholesky_ex(unit)
-        if int(info) != 0:
-            raise ValueError(f"{name} is not positive semi-definite (Cholesky fails even with a shift of "
-                             f"{shift * largest:.3g}): a tangent kernel is a Gram matrix of Jacobians, and "
-                             "along a negative eigenvalue the outputs would grow without bound.")
 
 
 def _times(kernel: Tensor, dual: Tensor, shape: torch.Size) -> Tensor:
