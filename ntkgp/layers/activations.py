@@ -927,9 +927,10 @@ def _gaussian(x: Tensor, a: float, b: float) -> Tensor:
 
 
 class Gaussian(Activation):
-    r"""``φ(x) = a·exp(b x²)`` with ``b ≤ 0``, a Gaussian bump (neural-tangents' ``stax.Gaussian``,
-    Han et al. 2022; the Gaussian hidden units of Williams 1997, "Computing with infinite
-    networks"). With ``β = −b``, ``P_i = 1 + 2β k_ii`` and
+    r"""``φ(x) = a·exp(b x²)`` with ``b ≤ 0``, a Gaussian bump of the pre-activation (neural-tangents'
+    ``stax.Gaussian``, Han et al. 2022; not the Gaussian hidden units of Williams 1997, radial
+    functions ``exp(−‖x − u‖²/(2σ_g²))`` of the input around random centres ``u``, whose kernel
+    differs). With ``β = −b``, ``P_i = 1 + 2β k_ii`` and
     ``D = det(I + 2βΣ) = 1 + 2β(k11 + k22) + 4β²(k11 k22 − k12²)``::
 
         T = a² / sqrt(D),   Ṫ = 4 a² β² k12 / D^{3/2},   E[φ(u)] = a / sqrt(P)
