@@ -329,7 +329,7 @@ def _add_compare(sub) -> None:
                    help="any architecture instead of the MLP: a Python function of the hidden width that "
                         "returns an ntkgp network spec, as FILE.py:FUNCTION or MODULE:FUNCTION (e.g. "
                         "nets.py:resnet, with def resnet(n): return ntkgp.serial(...)); it replaces --depth, "
-                        "--activation, --weight-var, --bias-var and --parameterization")
+                        "--activation, --weight-var, --bias-var, --no-bias and --parameterization")
     p.add_argument("--depth", type=int, help="hidden layers, at least 1 (default 2)")
     p.add_argument("--activation", help="activation name: erf (default), relu, gelu, sin, ...")
     p.add_argument("--weight-var", type=float, help="weight variance of every layer (default 2.25)")
