@@ -262,12 +262,17 @@ def _angles(k11: Tensor, k12: Tensor, k22: Tensor, kinds: Sequence[str], steep: 
         p = safe_sqrt(k11 * k22)
         s = safe_sqrt((p - k12) * (p + k12))
         # atan2(0, 0)'s derivative is NaN: the origin (a variance of 0, see below) takes 1s in, its
-        # angle by torch.where
-        origin = (k11 == 0) | (k22 == 0)
-        y, x = torch.where(origin, 1.0, s), torch.where(origin, 1.0, k12)
-        angles = [torch.where(origin, 0.0, torch.atan2(x, y)) if kind == "complement" else
-                  torch.where(origin, math.pi / 2, torch.atan2(y, -x if kind == "supplement" else x))
-                  for kind in kinds]
+        # angle by torch.where. Without a zero variance (has_zero is True under torch.compile and
+        # transforms) those passes and their backward copied the matrices unchanged
+        if has_zero:
+            origin = (k11 == 0) | (k22 == 0)
+            y, x = torch.where(origin, 1.0, s), torch.where(origin, 1.0, k12)
+            angles = [torch.where(origin, 0.0, torch.atan2(x, y)) if kind == "complement" else
+                      torch.where(origin, math.pi / 2, torch.atan2(y, -x if kind == "supplement" else x))
+                      for kind in kinds]
+        else:
+            angles = [torch.atan2(k12, s) if kind == "complement" else
+                      torch.atan2(s, -k12 if kind == "supplement" else k12) for kind in kinds]
     else:
         p = torch.mul(k11, k22).sqrt_()
         difference = p - k12

@@ -573,7 +573,8 @@ def with_self_pairs(state: KernelState, matrix: Tensor, diagonal: Tensor) -> Ten
     cols = slice(state.row_offset, state.row_offset + matrix.shape[-2])
     diagonal = diagonal.expand(matrix.shape[:-1])
     if needs_graph(matrix, diagonal):
-        block = torch.diagonal_scatter(matrix[..., :, cols], diagonal, 0, -2, -1)
-        return torch.cat([matrix[..., :, : cols.start], block, matrix[..., :, cols.stop:]], -1)
+        # the self pairs are the diagonal at offset row_offset: one copy of the matrix (a scatter into the
+        # block's square and a cat of the three column ranges made two, the same values)
+        return torch.diagonal_scatter(matrix, diagonal, cols.start, -2, -1)
     matrix[..., :, cols].diagonal(dim1=-2, dim2=-1).copy_(diagonal)
     return matrix
