@@ -341,7 +341,7 @@ class NetworkGP(gpytorch.models.ExactGP):
 
     def named_priors(self) -> Iterator[tuple]:
         """GPyTorch's ``named_priors``, each prior once: a layer reused in two containers of a spec
-        (``serial(serial(ReLU(), d), serial(ReLU(), d))``) is one set of hyperparameters, but GPyTorch
+        (``parallel(d, serial(ReLU(), d))``) is one set of hyperparameters, but GPyTorch
         reaches it once per parent, and ``ExactMarginalLogLikelihood`` (which asks the model for its
         priors) would count its prior twice."""
         seen = set()

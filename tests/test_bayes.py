@@ -322,7 +322,7 @@ def test_draws_too_many_to_hold_are_refused_before_the_eigendecomposition(monkey
     if hasattr(os, "sysconf"):   # the export's noise check failed in numpy first: "Unable to allocate 2.73 TiB"
         with pytest.raises(ValueError, match=r"^num_draws=1000000000000 .* more than this machine's"):
             bayes.gaussian_to_inference_data(g, torch.zeros(3, 2, dtype=torch.float64), 0.1, num_draws=10**12)
-    monkeypatch.setattr(bayes.sampling, "_physical_memory", lambda: None, raising=False)   # as on Windows
+    monkeypatch.setattr(bayes.sampling, "device_memory", lambda device: None)   # as on Windows
     with pytest.raises(ValueError, match=r"^num_draws=4611686018427387904 .* float64, which cannot be allocated"):
         bayes.sample_outputs(g, 2**62)
     monkeypatch.undo()
@@ -874,6 +874,31 @@ def test_labels_may_be_booleans_and_log_densities_name_shapes_that_do_not_broadc
     assert bayes.auroc(torch.tensor([-1.0, 2.0, 1.0]), torch.tensor([False, True, True])) == 1.0
     with pytest.raises(ValueError, match=r"must broadcast against each other, got shapes \(3,\), \(2,\)"):
         bayes.gaussian_log_density(np.zeros(3), np.zeros(2), 1.0)   # numpy's "operands could not be broadcast"
+
+
+def test_log_densities_refuse_a_per_point_variance_read_per_output_when_points_equal_outputs():
+    """predictive_moments' (M,) variance with (M, k) targets: nlpd reads it per point, and
+    gaussian_log_density refused it for M != k, but for M == k == 3 numpy read it per output and the
+    log densities summed to -17.95 instead of -12.93, silently. Refused there, with the two shapes that
+    say which is meant; (M, 1) and (1, k) are scipy's densities of those variances."""
+    y = np.array([[0.1, 0.2, 0.3], [1.0, 1.1, 1.2], [2.0, 2.1, 2.2]])
+    mean, var = np.zeros((3, 3)), np.array([0.5, 1.0, 4.0])
+    for args in ((y, mean, var), (y, mean[0], var[:, None]), (y[0], mean, var[:, None])):
+        with pytest.raises(ValueError, match=r"ambiguous: pass shape \(3, 1\) for one value per point, or \(1, 3\)"):
+            bayes.gaussian_log_density(*args)
+    with pytest.raises(ValueError, match="ambiguous"):   # draws ahead: (S, M, k) with M == k
+        bayes.gaussian_log_density(np.stack([y, y]), 0.0, var)
+    per_point = bayes.gaussian_log_density(y, mean, var[:, None])
+    # the same formula, evaluated by scipy: agreement to rounding
+    np.testing.assert_allclose(per_point, stats.norm.logpdf(y, 0.0, np.sqrt(var)[:, None]), rtol=1e-14)
+    np.testing.assert_allclose(per_point.mean(), -bayes.nlpd(mean, var, y), rtol=1e-14)
+    np.testing.assert_allclose(bayes.gaussian_log_density(y, mean, var[None, :]),
+                               stats.norm.logpdf(y, 0.0, np.sqrt(var)[None, :]), rtol=1e-14)
+    # no ambiguity: 1-D values of (M,) points, or of k != M outputs (numpy's rules, as documented)
+    np.testing.assert_allclose(bayes.gaussian_log_density(y[:, 0], 0.0, var),
+                               stats.norm.logpdf(y[:, 0], 0.0, np.sqrt(var)), rtol=1e-14)
+    np.testing.assert_allclose(bayes.gaussian_log_density(y[:2], mean[:2], var),
+                               stats.norm.logpdf(y[:2], 0.0, np.sqrt(var)), rtol=1e-14)
 
 
 def test_a_whole_ensemble_history_is_refused_with_the_record_to_pass():

@@ -957,7 +957,9 @@ def test_a_stopped_comparison_reports_the_widths_before_it(cause, tmp_path, caps
 
     if cause == "memory":
         # a real allocation failure: one hidden matrix of width 10⁷ is 8·10¹⁴ bytes in float64, beyond
-        # any machine's address space, so torch's CPU allocator refuses it at once
+        # any machine's address space, so torch's CPU allocator refuses it at once (the machine's memory
+        # unknown, as on Windows: known, the run is refused before any training)
+        monkeypatch.setattr(harness, "device_memory", lambda device: None)
         widths, status, missing = ["16", "10000000"], 1, [10000000]
         reason = ("out of memory while training width 10000000 (an allocation of 7.45e+05 GiB failed): a smaller "
                   "--chunk-size trains fewer members at once")
@@ -988,6 +990,7 @@ def test_a_stopped_comparison_reports_the_widths_before_it(cause, tmp_path, caps
 def test_a_comparison_stopped_in_its_first_width_has_nothing_to_report(tmp_path, capsys, monkeypatch):
     import ntkgp.compare.harness as harness
 
+    monkeypatch.setattr(harness, "device_memory", lambda device: None)   # a real allocation failure, not the check
     with pytest.raises(MemoryError, match="out of memory while training width 10000000"):
         run_comparison(sin_dataset(), CompareConfig(widths=(10_000_000,), ensemble_size=2, record_steps=(0, 1),
                                                     divergence_check=False))
@@ -1647,6 +1650,51 @@ def test_steps_beyond_the_most_are_refused_by_name():
         with pytest.raises(ValueError, match=r"^record_steps must be non-negative integers up to 9007199254740992"):
             CompareConfig(record_steps=steps)
     assert CompareConfig(record_steps=(0, 2**53)).record_steps == (0, 2**53)
+
+
+def test_a_comparison_that_cannot_fit_in_memory_is_refused_before_any_work(monkeypatch, capsys, tmp_path):
+    """--ensemble-size 100000000 was accepted and trained chunk after chunk (thousands of them per width)
+    towards records of 2 steps x 10⁸ members x 50 test points that no machine holds; a width whose one
+    member the allocator granted on credit (40000 on a 23 GiB machine) could end with the process killed
+    by the operating system. Refused before the analytic predictions and any training, from lower bounds
+    of what the run allocates (_check_memory) against the machine's memory (here set to 64 and 16 GiB)."""
+    import ntkgp.compare.harness as harness
+
+    def never(*args, **kwargs):
+        raise AssertionError("work began")
+
+    monkeypatch.setattr(harness, "_analytic", never)
+    monkeypatch.setattr(harness, "train_ensemble", never)
+    monkeypatch.setattr(harness, "device_memory", lambda device: 64 * 2**30)
+    # float32 records R = 2 x 10⁸ x 50 x 4 bytes, and the metrics' two float64 copies: 5R = 2·10¹¹ bytes
+    with pytest.raises(MemoryError, match=r"the records of 2 steps x 100000000 members x 50 test points needs at "
+                                          r"least 186 GiB, more than this machine's memory \(64 GiB\): a smaller"):
+        run_comparison(sin_dataset(), CompareConfig(widths=(16,), ensemble_size=10**8, record_steps=(0, 1),
+                                                    divergence_check=False, device="cpu"))
+    argv = ["compare", "--widths", "16", "--ensemble-size", "100000000", "--steps", "0", "1", "--no-progress",
+            "--no-divergence-check", "--device", "cpu", "--out", str(tmp_path / "r")]
+    assert main(argv) == 1
+    assert "a smaller --ensemble-size, fewer --steps or fewer test points" in capsys.readouterr().err
+    # width 40000 (d = 1): P = 1,600,160,001 parameters; building one member draws its 40000² matrix in float64
+    # (12.8 GB) beside its float32 copy and the member built first: 4 P + 12 x 40000² bytes, 23.8 GiB
+    monkeypatch.setattr(harness, "device_memory", lambda device: 16 * 2**30)
+    config = CompareConfig(widths=(16, 40000), ensemble_size=2, record_steps=(0, 1), divergence_check=False,
+                           device="cpu")
+    with pytest.raises(MemoryError, match=r"training 1 member\(s\) of width 40000 \(1,600,160,001 parameters each\) "
+                                          r"needs at least 23.8 GiB, more than this machine's memory \(16 GiB\): one "
+                                          "member of this width does not fit"):
+        run_comparison(sin_dataset(), config)
+    need = 4 * 1_600_160_001 + 12 * 40000**2
+    monkeypatch.setattr(harness, "device_memory", lambda device: need)   # exactly enough: not refused
+    harness._check_memory(sin_dataset(), config, 1, torch.float32)
+    monkeypatch.setattr(harness, "device_memory", lambda device: need - 1)
+    with pytest.raises(MemoryError, match="cannot fit"):
+        harness._check_memory(sin_dataset(), config, 1, torch.float32)
+    # an explicit chunk of 64 members of width 4096: 12.9 GB to draw the hidden weights
+    monkeypatch.setattr(harness, "device_memory", lambda device: 8 * 2**30)
+    with pytest.raises(MemoryError, match=r"training 64 member\(s\) .* a smaller chunk_size trains fewer"):
+        harness._check_memory(sin_dataset(), CompareConfig(widths=(4096,), ensemble_size=64, device="cpu"), 64,
+                              torch.float32)
 
 
 def test_the_widest_width_accepted_is_sized_without_overflow():

@@ -109,6 +109,34 @@ def test_a_slice_of_a_serial_network_is_the_network_of_those_layers():
         net[3:]
 
 
+def test_a_network_grown_one_block_at_a_time_is_one_flat_serial():
+    """``net = serial(net, ReLU(), Dense(8))`` repeated nested a Serial in a Serial per block: from a few
+    hundred blocks on, the built network's forward pass, ``repr``, ``deepcopy`` and ``pickle`` raised
+    ``RecursionError``, and at 1000 blocks ``kernel`` and ``build`` did too, while the same layers in one
+    ``serial`` (as ``mlp`` makes them) work at any depth. A Serial among serial()'s layers is spliced in:
+    the same layer objects, the same kernels (bit for bit: the same recursion in the same order)."""
+    first, blocks = ntkgp.Dense(8, 1.5, 0.1), [(ntkgp.ReLU(), ntkgp.Dense(8, 1.9, 0.05)) for _ in range(1000)]
+    net = first
+    for block in blocks:
+        net = ntkgp.serial(net, *block)
+    flat = ntkgp.serial(first, *(layer for block in blocks for layer in block))
+    assert len(net) == 2001 and all(a is b for a, b in zip(net, flat, strict=True))
+    assert [name for name, _ in net.named_parameters()] == [name for name, _ in flat.named_parameters()]
+    x = torch.linspace(-1, 1, 8, dtype=torch.float64).reshape(4, 2)
+    got, expected = net.kernel(x), flat.kernel(x)
+    torch.testing.assert_close(got.nngp, expected.nngp, rtol=0, atol=0)
+    torch.testing.assert_close(got.ntk, expected.ntk, rtol=0, atol=0)
+    out = net.build(2, seed=3, dtype=torch.float64)(x)
+    torch.testing.assert_close(out, flat.build(2, seed=3, dtype=torch.float64)(x), rtol=0, atol=0)
+    assert torch.isfinite(out).all() and len(repr(net)) > 0
+    copied = pickle.loads(pickle.dumps(deepcopy(net)))
+    torch.testing.assert_close(copied.kernel(x).ntk, got.ntk, rtol=0, atol=0)
+    # a Serial used as a layer is spliced by value: the block keeps its own layers, shared by both
+    block = ntkgp.serial(ntkgp.Dense(8), ntkgp.Erf())
+    outer = ntkgp.serial(block, ntkgp.Dense(1))
+    assert len(block) == 2 and len(outer) == 3 and outer[0] is block[0] and outer[1] is block[1]
+
+
 def test_parallel_branches_are_a_sequence_and_empty_slices_say_what_was_indexed():
     """``Parallel`` had no ``len``, iteration or indexing ("'Parallel' object is not subscriptable") while
     ``Serial`` has them; and an empty slice of a network was refused as "serial() needs at least one

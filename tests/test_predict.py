@@ -629,6 +629,67 @@ def test_marginal_variances_never_form_a_test_by_test_matrix(monkeypatch):
     assert flow.predict(xt, t=1.0).covariance.shape == (40, 40) and (40, 40) in shapes   # the recording sees one
 
 
+def test_mean_and_marginal_variances_at_infinite_time_take_the_test_points_in_blocks(monkeypatch):
+    """The mean and the marginal variances need each test point's rows of the test kernels alone:
+    formed whole, with w = L⁻¹ Kd* beside them (and the posterior's regularized training kernel kept
+    after its factorization), "diag" peaked at 4.1 N² for GPPosterior at M = N = 8000 (13 GB at
+    20 000 in float64; 2.1 N² in blocks) and 7.3 N² for GradientFlow at t = None. The values are
+    those of the whole covariance."""
+    torch.manual_seed(4)
+    x, y, xt = torch.randn(12, 3), torch.randn(12, 2), torch.randn(10, 3)
+    rows = []
+    real_kernel = type(_DIAG_NET).kernel
+
+    def recording(self, x1, x2=None, **kwargs):
+        if x1.shape[0] != 12:   # the test side (the training kernel is 12 x 12)
+            rows.append(x1.shape[0])
+        return real_kernel(self, x1, x2, **kwargs)
+
+    predictors = [predict.GPPosterior(_DIAG_NET, x, y, kernel=kernel, noise=1e-2)
+                  for kernel in ("nngp", "ntkgp", "ntk")]
+    predictors += [predict.GradientFlow(_DIAG_NET, x, y, kernel=kernel, diag_reg=1e-3) for kernel in ("ntk", "nngp")]
+    for predictor in predictors:
+        full = predictor.predict(xt)
+        monkeypatch.setattr(type(_DIAG_NET), "kernel", recording)
+        for module in ("posterior", "gradient_flow"):
+            monkeypatch.setattr(sys.modules[f"ntkgp.predict.{module}"], "TEST_BLOCK_ENTRIES", 4 * 12, raising=False)
+        rows.clear()
+        mean, diag = predictor.predict(xt, compute_cov=False), predictor.predict(xt, compute_cov="diag")
+        monkeypatch.undo()
+        assert sorted(set(rows)) == [2, 4], rows   # blocks of 4, 4 and 2 test points
+        torch.testing.assert_close(mean.mean, full.mean, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(diag.mean, full.mean, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(diag.marginal, _diagonal(full), rtol=0, atol=1e-14 * full.scale)
+        assert diag.scale == full.scale
+        if isinstance(predictor, predict.GPPosterior) and predictor.kind != "ntk":
+            kept = [v for v in vars(predictor).values() if isinstance(v, torch.Tensor) and v.shape == (12, 12)]
+            assert len(kept) == 1   # the factor alone
+
+
+def test_covariance_beyond_memory_is_refused_before_any_kernel(monkeypatch):
+    """The (M, M) covariance of 3 million test points (72 TB in float64) cannot fit anywhere: it failed
+    only after the training kernel and its factorization, as torch's "can't allocate memory" (or by the
+    operating system killing the process), without naming compute_cov="diag", which needs O(M N)."""
+    x, y = torch.randn(5, 1), torch.randn(5)
+    xt = torch.zeros(1, 1).expand(3_000_000, 1)
+
+    def refused(self, *args, **kwargs):
+        raise AssertionError("a kernel was computed")
+
+    flow = predict.GradientFlow(_DIAG_NET, x, y, diag_reg=1e-3)
+    posterior = predict.GPPosterior(_DIAG_NET, x, y, noise=1e-2)
+    monkeypatch.setattr(type(_DIAG_NET), "kernel", refused)
+    calls = [lambda: predict.gp_posterior(_DIAG_NET, x, y, xt, noise=1e-2),
+             lambda: predict.gp_posterior(_DIAG_NET, x, y, xt, kernel="ntk", noise=1e-2),
+             lambda: predict.gradient_flow(_DIAG_NET, x, y, xt),
+             lambda: predict.gradient_flow(_DIAG_NET, x, y, xt, t=[1.0, 2.0], kernel="nngp"),
+             lambda: flow.predict(xt, steps=3), lambda: posterior.predict(xt)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"covariance of 3000000 test points needs .* GiB in torch.float64, more "
+                                             r"than the .* \(compute_cov='diag'\)"):
+            call()
+
+
 def test_compute_cov_takes_true_false_or_diag():
     torch.manual_seed(3)
     x, y = torch.randn(6, 3), torch.randn(6)

@@ -51,16 +51,30 @@ def gaussian_log_density(y: ArrayLike, mean: ArrayLike, variance: ArrayLike) -> 
 
     Arguments broadcast against each other (numpy rules); ``variance`` must be positive. An array,
     or a float (``numpy.float64``) when all three are scalars.
+
+    A 1-D argument against ``(M, k)`` values is ambiguous when ``M == k``, and refused there: numpy
+    aligns it with the ``k`` outputs, while the ``(M,)`` variance of
+    :func:`~ntkgp.bayes.predictive_moments` (and of :mod:`ntkgp.bayes.metrics`) is one per point,
+    and with ``M ≠ k`` such a variance is refused by numpy rather than read per output. Pass
+    ``(M, 1)`` for one value per point, ``(1, k)`` for one per output.
     """
     y, mean = finite(y, "y"), finite(mean, "mean")
     variance = finite(variance, "variance", booleans=False)
     if not (variance > 0).all():
         raise ValueError("variance must be positive.")
     try:
-        np.broadcast_shapes(y.shape, mean.shape, variance.shape)
+        shape = np.broadcast_shapes(y.shape, mean.shape, variance.shape)
     except ValueError:   # numpy's "operands could not be broadcast together" named no argument
         raise ValueError(f"y, mean and variance must broadcast against each other, got shapes {y.shape}, "
                          f"{mean.shape} and {variance.shape}.") from None
+    for name, value in (("y", y), ("mean", mean), ("variance", variance)):
+        # (M,) predictive variances against (M, k) targets: an error for M != k, but read per output,
+        # silently, for M == k (log densities of the wrong variances)
+        if value.ndim == 1 and len(shape) >= 2 and shape[-2] == shape[-1] == value.shape[0] > 1:
+            n = value.shape[0]
+            raise ValueError(f"A 1-D {name} of length {n} against values of shape {shape} ({n} points of {n} "
+                             f"outputs) is ambiguous: pass shape ({n}, 1) for one value per point, or (1, {n}) for "
+                             "one per output.")
     return log_density(y, mean, variance)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 from collections.abc import Sequence
 from typing import Any, TypeVar, cast
 
@@ -28,7 +27,7 @@ from ntkgp._typing import ArrayLike, TimeIndex
 from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least, seed_value
 from ntkgp.bayes.inference_data import check_export, draws_to_inference_data
 from ntkgp.layers.validation import all_finite
-from ntkgp.predict.gaussian import Gaussian
+from ntkgp.predict.gaussian import Gaussian, device_memory
 from ntkgp.predict.spectral import check_symmetric
 
 _G = TypeVar("_G", bound=Gaussian)
@@ -190,14 +189,6 @@ def _checked(g: Gaussian) -> Gaussian[Tensor, Tensor]:
     return cast("Gaussian[Tensor, Tensor]", g)   # the covariance checked above, the variances its diagonal
 
 
-def _physical_memory() -> int | None:
-    """Bytes of memory of this machine, where the operating system says (``None`` elsewhere)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):   # no os.sysconf (Windows), or no such name
-        return None
-
-
 def _too_many(num_draws: int, shape: torch.Size, reason: str) -> str:
     """Why ``num_draws`` draws of outputs of ``shape`` (``(M,)`` or ``(M, k)``) are refused."""
     m, k = shape[0], 1 if len(shape) == 1 else shape[-1]
@@ -207,7 +198,7 @@ def _too_many(num_draws: int, shape: torch.Size, reason: str) -> str:
 
 def _check_draws_fit(num_draws: int, shape: torch.Size) -> None:
     """Refuse draws of outputs of ``shape`` that would not fit in this machine's memory, where it is known."""
-    memory = _physical_memory()
+    memory = device_memory(torch.device("cpu"))
     if memory is not None and num_draws * math.prod(shape) * 8 > memory:
         raise ValueError(_too_many(num_draws, shape, f"more than this machine's {memory / 2**30:.3g} GiB of memory"))
 

@@ -49,12 +49,13 @@ from ntkgp._checks import integer_at_least, seed_value
 from ntkgp.compare.calibration import MEAN_SLACK, perfect_ensemble_scores, pointwise_scores, simulated_share
 from ntkgp.compare.datasets import Dataset, load_dataset, plot_coordinate, plot_label
 from ntkgp.finite.rates import ntk_parameterized
-from ntkgp.finite.train import EnsembleHistory, ensemble_chunks, train_ensemble
+from ntkgp.finite.train import EnsembleHistory, ensemble_chunks, ensemble_device, train_ensemble
 from ntkgp.layers.base import Layer
 from ntkgp.layers.mlp import mlp
 from ntkgp.layers.state import KernelState
 from ntkgp.layers.validation import finite_number, positive_number, usable_device
 from ntkgp.predict import GradientFlow
+from ntkgp.predict.gaussian import device_memory
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: The widest hidden layer a comparison takes: from 2**30 a width × width float64 layer holds 2**63
@@ -515,9 +516,10 @@ def run_comparison(data: Dataset | str | os.PathLike, config: CompareConfig) -> 
     _check_outputs(config, data)
     # the widest width trains in the most chunks: a seed that its last chunk would push past 2**64 was
     # refused only when that width began, the narrower widths' training lost
-    ensemble_chunks(config.network(config.widths[-1]), data.x_train.shape[-1],
-                    data.x_train.shape[0] + data.x_test.shape[0], config.ensemble_size, config.chunk_size,
-                    config.seed)
+    chunks = ensemble_chunks(config.network(config.widths[-1]), data.x_train.shape[-1],
+                             data.x_train.shape[0] + data.x_test.shape[0], config.ensemble_size, config.chunk_size,
+                             config.seed)
+    _check_memory(data, config, chunks[0], dtype)
     try:
         analytic = _analytic(data, config, kernel, dtype)
     except RuntimeError as error:   # before any training: nothing to report
@@ -592,6 +594,57 @@ def run_comparison(data: Dataset | str | os.PathLike, config: CompareConfig) -> 
     result.checks = evaluate_checks(result)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _check_memory(data: Dataset, config: CompareConfig, chunk: int, dtype: torch.dtype) -> None:
+    """A ``MemoryError`` before any work when the widest width cannot fit in the memory the machine has.
+
+    Lower bounds of what the run certainly allocates, ``b`` bytes a value of ``dtype``, ``P`` the
+    parameters of one member and ``L`` its largest weight matrix, ``E`` members, ``T`` recorded
+    steps and ``M`` test points:
+
+    * training a chunk of ``c`` members: its weights, their initial copy (the weight changes) and
+      the member built first to check the outputs, ``(2c + 1) P b`` on the device;
+    * building it: each weight drawn in float64 on the CPU, then cast, ``c L (8 + b)`` (on a CUDA
+      device the ``8 c L`` of the draw in the host's memory);
+    * the records, on the CPU: the test outputs ``R = T E M b``, joined from the chunks' into a
+      copy, and the metrics' float64 copy of them centred on their mean (with one more float64
+      copy from float32): ``max(2R, R + 8 T E M (2 if b < 8 else 1))``.
+
+    Lower bounds, so that no run that fits is refused: measured peaks were 12-72 % above them at
+    width 3000 (1 and 4 members, float32 and float64) and 3-7 times above for 200000 members of
+    width 4, whose training chunks hold activations too. Beyond them the run could only fail,
+    after the narrower widths trained (the records) or in an allocation, or be killed by the
+    operating system without a word when an allocation was granted on credit; and
+    ``ensemble_size=10**8`` (two recorded steps) trained chunk after chunk, for hours, towards a peak
+    of at least 186 GiB.
+    """
+    device = ensemble_device(config.device)
+    width, b = config.widths[-1], torch.empty(0, dtype=dtype).element_size()
+    probe = config.network(width).build(in_features=data.x_train.shape[-1], dtype=torch.float64, device="meta")
+    params = sum(p.numel() for p in probe.parameters())
+    largest = max((p.numel() for p in probe.parameters()), default=0)
+    steps, members, points = len(config.record_steps), config.ensemble_size, data.x_test.shape[0]
+    records = steps * members * points * b
+    host = max(2 * records, records + 8 * steps * members * points * (2 if b < 8 else 1))
+    training = (2 * chunk + 1) * params * b
+    build = chunk * largest * (8 + b)
+    needs = [(host, torch.device("cpu"), f"the records of {steps} steps x {members} members x {points} test points",
+              "a smaller ensemble_size, fewer record_steps or fewer test points")]
+    smaller = ("a smaller chunk_size trains fewer members at once" if chunk > 1
+               else "one member of this width does not fit: a narrower width or fewer layers")
+    what = f"{chunk} member(s) of width {width} ({params:,} parameters each)"
+    if device.type == "cpu":
+        needs.append((max(training, params * b + build), device, f"training {what}", smaller))
+    else:
+        needs += [(training, device, f"training {what}", smaller),
+                  (8 * chunk * largest, torch.device("cpu"), f"drawing the weights of {what}", smaller)]
+    for need, where, what, advice in needs:
+        memory = device_memory(where)
+        if memory is not None and need > memory:
+            name = "this machine's memory" if where.type == "cpu" else f"the memory of {where}"
+            raise MemoryError(f"The comparison cannot fit: {what} needs at least {need / 2**30:.3g} GiB, more than "
+                              f"{name} ({memory / 2**30:.3g} GiB): {advice}.")
 
 
 def _versions() -> dict[str, str]:

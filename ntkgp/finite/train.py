@@ -290,8 +290,7 @@ def train_ensemble(
     steps = sorted({int(s) for s in record_steps})
     if engine == "auto" and steps[-1] < AUTO_FUSED_STEPS * sum(s > 0 for s in steps):   # steps per kernel call
         engine = "stacked"
-    device = usable_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
-                                                                           else "cpu")
+    device = ensemble_device(device)
     if device.type == "meta":   # no values to train: it failed inside torch's .item() after building
         raise ValueError("device='meta' holds no values to train; use 'cpu' or 'cuda'.")
     x = x_train.to(device=device, dtype=dtype)
@@ -365,6 +364,13 @@ def train_ensemble(
                   "dtype": str(dtype), "device": str(device), "chunk_size": chunks[0],
                   "engine": used},
     )
+
+
+def ensemble_device(device: object | None) -> torch.device:
+    """Where :func:`train_ensemble` trains: ``device``, checked, or by default CUDA where available and
+    the CPU elsewhere."""
+    return usable_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                         else "cpu")
 
 
 def ensemble_chunks(net: Layer, in_features: int, n_points: int, ensemble_size: int, chunk_size: int | None,

@@ -48,8 +48,9 @@ class NetworkKernel(Kernel):
     As for any GPyTorch module reached twice, a prior on a shared network is counted once per
     kernel by ``ExactMarginalLogLikelihood`` (``NTKKernel(net) + NNGPKernel(net)``: twice), and
     so is a prior on a layer reused in two containers of one spec
-    (``serial(serial(ReLU(), d), serial(ReLU(), d))``; reuse within one ``serial`` or through
-    ``repeat`` counts once). :class:`ntkgp.models.NetworkGP` counts each prior once.
+    (``parallel(d, serial(ReLU(), d))``; reuse within one ``serial``, also through nested ``serial``
+    calls, which splice into one, or through ``repeat`` counts once). :class:`ntkgp.models.NetworkGP`
+    counts each prior once.
 
     The kernel is computed in the inputs' dtype promoted with the hyperparameters', as GPyTorch's
     own kernels compute: a kernel made ``.double()`` gives float64 on float32 inputs, one in

@@ -40,16 +40,29 @@ class Serial(Layer):
     are then shared, while the finite twin draws independent weights for every occurrence.
     ``net[i]`` is a layer and ``net[i:j]`` the network of those layers (the same objects, as
     torch's ``Sequential`` slices), e.g. the kernel of a network's hidden features.
+
+    A ``Serial`` among the layers is spliced in: ``serial(serial(a, b), c)`` is ``serial(a, b, c)``,
+    the same layer objects (and hyperparameters) and the same kernels, with the flat network's
+    indices and parameter names (``layers.2.weight_var``). A network grown one block at a time,
+    ``net = serial(net, ReLU(), Dense(8))``, so stays one level deep: nested, every level was a
+    module inside a module, and torch's recursive walks (``parameters()``, ``repr``, ``deepcopy``,
+    ``pickle``, the built network's forward pass) raised ``RecursionError`` from a few hundred
+    blocks on.
     """
+
+    layers: _Layers
 
     def __init__(self, *layers: Layer) -> None:
         super().__init__()
         if not layers:
             raise ValueError("serial() needs at least one layer.")
+        flat: list[Layer] = []
         for layer in layers:
             if not isinstance(layer, Layer):
                 raise ValueError(f"serial() takes ntkgp layers, got {type(layer).__name__}.")
-        self.layers = cast("_Layers", nn.ModuleList(layers))
+            # a Serial's own layers are flat (spliced when it was made): one level to splice
+            flat.extend(layer.layers if isinstance(layer, Serial) else [layer])
+        self.layers = cast("_Layers", nn.ModuleList(flat))
 
     @property
     def preserves_gaussian(self) -> bool:  # type: ignore[override]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -241,6 +242,36 @@ def check_covariance_range(prior: Tensor, out_dtype: torch.dtype) -> None:
         raise ValueError(f"The prior kernel at the points predicted reaches {largest:.3g}, beyond the range of "
                          f"{out_dtype}, the inputs' dtype in which the predictive covariance is returned: rescale the "
                          "inputs, pass them in float64, or predict the mean alone (compute_cov=False).")
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory of ``device``: the machine's for the CPU, the card's for CUDA, ``None``
+    where unknown (other devices, or an operating system that does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type != "cpu":
+        return None
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):   # no os.sysconf (Windows), or no such name
+        return None
+
+
+def check_covariance_fits(points: int, times: int, dtype: torch.dtype, device: torch.device) -> None:
+    """``ValueError`` if the ``(times, M, M)`` covariance of ``M = points`` test points in ``dtype``
+    alone exceeds the memory of ``device``, before any kernel is computed.
+
+    Such a request cannot succeed: it failed only after the training kernel and its factorization
+    (minutes at N = 20 000), as torch's "DefaultCPUAllocator: can't allocate memory" (or, between
+    the free and the total memory, by the operating system killing the process), without a word
+    on the marginal variances, which need ``O(M N)``."""
+    memory = device_memory(device)
+    need = times * points * points * torch.finfo(dtype).bits // 8
+    if memory is not None and need > memory:
+        raise ValueError(f"The ({times} x {points} x {points}) covariance of {points} test points needs "
+                         f"{need / 2**30:.3g} GiB in {dtype}, more than the {memory / 2**30:.3g} GiB of {device}: ask "
+                         "for the marginal variances alone (compute_cov='diag'), the mean alone (compute_cov=False), "
+                         "or predict slices of the test points.")
 
 
 def check_factor_dtype(value: object) -> torch.dtype:

@@ -37,6 +37,7 @@ from ntkgp.layers.base import Layer
 from ntkgp.predict.gaussian import (
     Gaussian,
     HyperparameterRecord,
+    check_covariance_fits,
     check_covariance_range,
     check_factor_dtype,
     check_non_negative,
@@ -63,6 +64,11 @@ from ntkgp.predict.spectral import (
 )
 
 KINDS = ("ntk", "nngp")
+
+#: Test-by-training entries of the cross kernels formed at a time for the mean and the marginal
+#: variances at ``t = None`` (:class:`GradientFlow`, :class:`~ntkgp.predict.GPPosterior`; 2²⁴: 128 MiB
+#: in float64).
+TEST_BLOCK_ENTRIES = 1 << 24
 
 
 class GradientFlow:
@@ -227,19 +233,25 @@ class GradientFlow:
         if x_test is not None:  # before the stability check, which factors the training kernel
             check_test_points(x_test, self.x_train.shape[-1], self.x_train.device)
         schedule = make_schedule(t, steps, self.learning_rate, self.m, self.x_train.device)
+        if x_test is not None and mode == "full":   # before the training factorization and the test kernels
+            check_covariance_fits(x_test.shape[0], 1 if schedule is None else schedule.values.numel(),
+                                  self.factor_dtype, self.x_train.device)
         if schedule is not None and schedule.discrete:
             warn_if_unstable(self.learning_rate, self.max_learning_rate, self.factor_dtype, self.dtype)
         if x_test is None and mode is not None:
             check_covariance_range(self.nngp_dd, self.dtype)
-        kernels = None if x_test is None else self._test_kernels(x_test, mode)
-        # every term of Σ_t is of the size of the NNGP at the points predicted
-        scale = None if mode is None else prior_scale(self.nngp_dd if kernels is None else kernels["nngp_tt"])
-        if schedule is None:
-            mean, cov = self._infinite(kernels, mode)
+        if schedule is None and x_test is not None and mode != "full":
+            mean, cov, scale = self._infinite_by_test_blocks(x_test, mode)
         else:
-            mean, cov = self._finite(schedule, kernels, mode)
-            mean = schedule.reshape(mean, 2)
-            cov = None if cov is None else schedule.reshape(cov, 2 if mode == "full" else 1)
+            kernels = None if x_test is None else self._test_kernels(x_test, mode)
+            # every term of Σ_t is of the size of the NNGP at the points predicted
+            scale = None if mode is None else prior_scale(self.nngp_dd if kernels is None else kernels["nngp_tt"])
+            if schedule is None:
+                mean, cov = self._infinite(kernels, mode)
+            else:
+                mean, cov = self._finite(schedule, kernels, mode)
+                mean = schedule.reshape(mean, 2)
+                cov = None if cov is None else schedule.reshape(cov, 2 if mode == "full" else 1)
         if not self.vector_targets:
             mean = mean.squeeze(-1)
         if cov is None:
@@ -264,6 +276,25 @@ class GradientFlow:
         if mode is not None:
             check_covariance_range(out["nngp_tt"], self.dtype)
         return out
+
+    def _infinite_by_test_blocks(self, x_test: Tensor, mode: str | None) -> tuple[Tensor, Tensor | None, float | None]:
+        """:meth:`_infinite` at ``t = None`` for the mean alone or with the marginal variances, a block of
+        about :data:`TEST_BLOCK_ENTRIES` test-by-training entries at a time, and :attr:`Gaussian.scale`:
+        each test point's mean and variance need its own rows of the test kernels alone, and the whole
+        ``(M, N)`` kernels with ``Θ⁻¹ Θd*`` and ``K T − 2 Kd*`` beside them set the peak (7.3 N² in all for
+        "diag" at M = N, 5.5 N² for the mean, where the training side holds 3 N²)."""
+        rows = max(1, TEST_BLOCK_ENTRIES // max(1, self.x_factor.shape[0]))
+        means, marginals, scale = [], [], 0.0
+        for start in range(0, max(x_test.shape[0], 1), rows):
+            kernels = self._test_kernels(x_test[start:start + rows], mode)
+            if mode is not None:   # before _infinite adds into the test kernel in place
+                scale = max(scale, prior_scale(kernels["nngp_tt"]))
+            mean, marginal = self._infinite(kernels, mode)
+            means.append(mean)
+            marginals.append(marginal)
+        if mode is None:
+            return torch.cat(means), None, None
+        return torch.cat(means), torch.cat(cast("list[Tensor]", marginals)), scale
 
     def _infinite(self, kernels: dict | None, mode: str | None) -> tuple[Tensor, Tensor | None]:
         if kernels is None:  # the training outputs converge to the targets, if the kernel can fit them
@@ -438,11 +469,14 @@ def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor |
     2019, eqs. 15–16)."""
     # the cheap arguments first: GradientFlow computes the training kernel before predict reads them
     check_training_data(net, x_train, y_train)
-    covariance_mode(compute_cov)
+    mode = covariance_mode(compute_cov)
     check_flag(diag_reg_absolute_scale, "diag_reg_absolute_scale")
     if x_test is not None:
         check_test_points(x_test, x_train.shape[-1], x_train.device)
-    make_schedule(t, steps, learning_rate, y_train.numel(), x_train.device)
+    schedule = make_schedule(t, steps, learning_rate, y_train.numel(), x_train.device)
+    if x_test is not None and mode == "full":   # before the training kernel
+        check_covariance_fits(x_test.shape[0], 1 if schedule is None else schedule.values.numel(),
+                              check_factor_dtype(factor_dtype), x_train.device)
     flow = GradientFlow(net, x_train, y_train, kernel=kernel, learning_rate=learning_rate, diag_reg=diag_reg,
                         diag_reg_absolute_scale=diag_reg_absolute_scale, factor_dtype=factor_dtype)
     return flow.predict(x_test, t=t, steps=steps, compute_cov=compute_cov)

@@ -33,6 +33,7 @@ from ntkgp.layers.base import Layer
 from ntkgp.predict.gaussian import (
     Gaussian,
     HyperparameterRecord,
+    check_covariance_fits,
     check_covariance_range,
     check_factor_dtype,
     check_non_negative,
@@ -43,7 +44,7 @@ from ntkgp.predict.gaussian import (
     prior_scale,
     refuse_gradient,
 )
-from ntkgp.predict.gradient_flow import GradientFlow, subtract_gram_
+from ntkgp.predict.gradient_flow import TEST_BLOCK_ENTRIES, GradientFlow, subtract_gram_
 from ntkgp.predict.spectral import cholesky, cholesky_solve, regularize
 
 #: neural-tangents' keywords of ``gp_inference`` and what to pass here instead.
@@ -109,12 +110,18 @@ class GPPosterior:
             k = net.kernel(self.x_factor, ntk=kernel == "ntkgp")
         prior = cast(Tensor, k.ntk) if kernel == "ntkgp" else k.nngp   # asked for
         del k   # the NTK-GP's NNGP beside Θ and its regularized copy: 3 N² at the setup's peak, not 2
-        self.prior_dd = regularize(prior, self.noise, absolute=True)
+        self._prior_dd: Tensor | None = regularize(prior, self.noise, absolute=True)
 
     @cached_property
     @outside_inference_mode
     def _cholesky(self) -> Tensor:
-        return cholesky(self.prior_dd, f"training {self.kind.upper()} kernel")
+        assert self._prior_dd is not None   # dropped below only once the factor is cached in its place
+        factor = cholesky(self._prior_dd, f"training {self.kind.upper()} kernel")
+        # nothing reads the regularized kernel once it is factored (a singular one, refused above, is
+        # kept for the next attempt to refuse again): held on, it was an N × N matrix beside the factor
+        # at every prediction's peak (3.2 GB of 13.6 at N = M = 20 000, "diag", float64)
+        self._prior_dd = None
+        return factor
 
     # the overloads tell type checkers which of the covariance and the variances compute_cov leaves None
     @overload
@@ -147,9 +154,16 @@ class GPPosterior:
         if x_test is None:   # the generic "must be a torch.Tensor, got NoneType" did not say why
             _refuse_training_points(self.kind)
         check_test_points(x_test, self.x_train.shape[-1], self.x_train.device)
+        if mode == "full":   # before the training factorization and the test kernels
+            check_covariance_fits(x_test.shape[0], 1, self.factor_dtype, self.x_train.device)
         want_ntk = self.kind == "ntkgp"
         x_test = x_test.to(self.factor_dtype)
         cov, marginal, scale = None, None, None
+        if mode != "full":
+            mean, marginal, scale = self._by_test_blocks(x_test, mode)
+            if not self.vector_targets:
+                mean = mean.squeeze(-1)
+            return Gaussian(mean.to(self.dtype), None, scale, marginal)
         with torch.no_grad(), named_kernels("test"):
             cross = self.net.kernel(x_test, self.x_factor, ntk=want_ntk)
             c_td = cast(Tensor, cross.ntk) if want_ntk else cross.nngp   # asked for
@@ -169,6 +183,39 @@ class GPPosterior:
         if not self.vector_targets:
             mean = mean.squeeze(-1)
         return Gaussian(mean.to(self.dtype), cov, scale, marginal)
+
+    def _by_test_blocks(self, x_test: Tensor, mode: str | None) -> tuple[Tensor, Tensor | None, float | None]:
+        """The mean ``(M, k)`` and, for ``mode="diag"``, the marginal variances ``(M,)`` (in
+        ``factor_dtype``) and :attr:`Gaussian.scale`, a block of about :data:`TEST_BLOCK_ENTRIES`
+        test-by-training entries at a time: each test point's mean and variance need its own row of
+        ``K*d`` alone, and the whole ``(M, N)`` cross kernel with ``w = L⁻¹ Kd*`` beside it were
+        two ``M × N`` matrices at the peak (6.4 GB at N = M = 20 000 in float64, over the factor's 3.2)."""
+        want_ntk = self.kind == "ntkgp"
+        chol = self._cholesky
+        alpha = cholesky_solve(self.y, chol)
+        rows = max(1, TEST_BLOCK_ENTRIES // max(1, chol.shape[-1]))
+        means, marginals, scale = [], [], 0.0
+        with torch.no_grad(), named_kernels("test"):
+            for start in range(0, max(x_test.shape[0], 1), rows):
+                block = x_test[start:start + rows]
+                cross = self.net.kernel(block, self.x_factor, ntk=want_ntk)
+                c_td = cast(Tensor, cross.ntk) if want_ntk else cross.nngp   # asked for
+                del cross
+                means.append(c_td @ alpha)
+                if mode is None:
+                    continue
+                test = self.net.kernel(block, ntk=want_ntk, diag=True)
+                c_tt = cast(Tensor, test.ntk) if want_ntk else test.nngp
+                del test
+                check_covariance_range(c_tt, self.dtype)
+                scale = max(scale, prior_scale(c_tt))
+                w = torch.linalg.solve_triangular(chol, c_td.mT, upper=False)
+                del c_td
+                marginals.append(subtract_gram_(c_tt, w, mode))
+        mean = torch.cat(means)
+        if mode is None:
+            return mean, None, None
+        return mean, torch.cat(marginals).to(self.dtype), scale
 
     def log_marginal_likelihood(self) -> float:
         """``log p(Y) = Σ_outputs [−½ yᵀ C⁻¹ y − ½ log|C| − (N/2) log 2π]`` (``C`` = prior + noise)."""
@@ -251,9 +298,11 @@ def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | 
     al. 2020, Lee et al. 2019; ``compute_cov="diag"`` for the marginal variances alone; ``x_test=None``
     for the training points, with ``kernel="ntk"`` only)."""
     check_training_data(net, x_train, y_train)   # the cheap checks before the training kernel is computed
-    covariance_mode(compute_cov)
+    mode = covariance_mode(compute_cov)
     if x_test is not None:   # "ntk" predicts the training points for None, as GradientFlow does
         check_test_points(x_test, x_train.shape[-1], x_train.device)
+        if mode == "full":   # before the training kernel
+            check_covariance_fits(x_test.shape[0], 1, check_factor_dtype(factor_dtype), x_train.device)
     elif kernel in POSTERIORS and kernel != "ntk":
         # before the training kernel, which GPPosterior computed for predict to refuse it (measured at
         # N = 4000, a depth-2 mlp: the ValueError came after 0.34 s for "nngp", 0.46 s for "ntkgp"; now at once)
