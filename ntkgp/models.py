@@ -457,7 +457,15 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     # this function's error
     bad = [name for name, p in model.named_parameters() if not all_finite(p)]   # frozen ones too
     if bad:
-        raise ValueError(f"Parameters {bad} are not finite: nothing to fit from.")
+        # GPyTorch's constraints map a value set exactly at the bound to an infinite raw value
+        # (likelihood.noise = 1e-4 under its default GreaterThan(1e-4)), which did not say why
+        at_bound = [name for name, p in model.named_parameters()
+                    if name in bad and name.rsplit(".", 1)[-1].startswith("raw_") and not p.isnan().any()]
+        hint = (f" {at_bound} are infinite: a value set exactly at its constraint's bound (e.g. likelihood.noise = "
+                "1e-4 under GPyTorch's default GreaterThan(1e-4)) has no raw value; set it inside the bound, or "
+                "give the module a lower bound (e.g. GaussianLikelihood(noise_constraint="
+                "gpytorch.constraints.GreaterThan(1e-6)))." if at_bound else "")
+        raise ValueError(f"Parameters {bad} are not finite: nothing to fit from.{hint}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:   # torch's "optimizer got an empty parameter list" (or, with an optimizer given, "element 0 ...")
         raise ValueError("Every parameter of the model is frozen (requires_grad=False): there is nothing to fit. "

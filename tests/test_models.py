@@ -756,8 +756,23 @@ def test_fit_refuses_non_finite_hyperparameters_before_the_first_step():
     model = NetworkGP(x, y, ntkgp.mlp(1, "erf", 2.0, 0.1))
     with torch.no_grad():
         model.likelihood.noise_covar.raw_noise.fill_(math.nan)
-    with pytest.raises(ValueError, match=r"Parameters \['likelihood.noise_covar.raw_noise'\] are not finite"):
+    with pytest.raises(ValueError, match=r"Parameters \['likelihood.noise_covar.raw_noise'\] are not finite: "
+                                         r"nothing to fit from\.$"):
         fit(model, steps=2)
+
+
+def test_fit_says_why_a_noise_set_at_its_bound_is_not_finite():
+    """GPyTorch accepts likelihood.noise = 1e-4, its default constraint's bound, as raw_noise = -inf;
+    fit then refused "Parameters [...raw_noise] are not finite" without saying how that came about."""
+    x, y = _data()
+    model = NetworkGP(x, y, ntkgp.mlp(1, "erf", 2.0, 0.1))
+    model.likelihood.noise = 1e-4
+    assert model.likelihood.noise_covar.raw_noise.item() == -math.inf
+    with pytest.raises(ValueError, match=r"not finite: nothing to fit from\. \['likelihood.noise_covar.raw_noise'\] "
+                                         r"are infinite: a value set exactly at its constraint's bound .* inside"):
+        fit(model, steps=2)
+    model.likelihood.noise = 1.1e-4
+    fit(model, steps=2)
 
 
 def test_fit_stops_at_a_non_finite_loss():
