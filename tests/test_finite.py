@@ -987,3 +987,44 @@ def test_empirical_ntk_of_a_torch_lazy_module_draws_it_first():
     jac = torch.func.jacrev(lambda p: functional_call(model, p, (x,)).squeeze(-1))(params)
     j = torch.cat([v.reshape(4, -1) for v in jac.values()], 1)
     torch.testing.assert_close(kernel, j @ j.T, rtol=1e-12, atol=1e-12)
+
+
+def test_empirical_kernels_refuse_kernels_that_overflow_as_net_kernel_does():
+    """float32 inputs of magnitude 1e20 (squared norms near 1e40 > 3.4e38) or float16 ones of a few
+    hundred overflow the kernels: net.kernel and monte_carlo_kernel raised NonFiniteKernelError,
+    and the empirical kernels returned inf and NaN, silently, on either NTK route and for ensembles.
+    The error says what overflowed. At 1e15 (kernels near 1e30) they are finite, and the ReLU
+    network without biases is homogeneous, so both kernels are 1e30 times those of the unscaled
+    inputs, to float32 rounding through the network: 8e-7 of the largest entry seen, 1e-5 allowed."""
+    from ntkgp.layers.base import NonFiniteKernelError
+
+    net = ntkgp.serial(ntkgp.Dense(64, 2.0), ntkgp.ReLU(), ntkgp.Dense(1, 1.5))
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    torch_net = torch.nn.Sequential(torch.nn.Linear(3, 64, bias=False), torch.nn.ReLU(),
+                                    torch.nn.Linear(64, 1, bias=False)).float()
+    with torch.no_grad():   # standard normal weights: outputs of ~10 |x|
+        for layer in (torch_net[0], torch_net[2]):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(1)))
+    models = [net.build(in_features=3, seed=0, dtype=torch.float32), torch_net,   # layer by layer, Jacobian
+              net.build(in_features=3, seed=0, dtype=torch.float32, ensemble_size=2)]
+    for model in models:
+        for kernel, name, what in ((empirical_nngp, "NNGP", "their products"),
+                                   (empirical_ntk, "NTK", "their gradients or the sums of their products")):
+            message = (rf"^The empirical {name} kernel is not finite in torch\.float32: the network's outputs are "
+                       rf"finite, {what} overflow it \(inputs of magnitude up to 2\.\d+e\+20\)\..*or use float64")
+            with pytest.raises(NonFiniteKernelError, match=message):
+                kernel(model, x * 1e20)
+            unscaled = kernel(model, x)
+            torch.testing.assert_close(kernel(model, x * 1e15) / 1e30, unscaled, rtol=0,
+                                       atol=1e-5 * float(unscaled.abs().max()))
+    with pytest.raises(NonFiniteKernelError, match=r"NTK kernel is not finite in torch\.float32"):
+        empirical_ntk(models[0], x * 1e20, vector_output=True)
+    half = net.build(in_features=3, seed=0, dtype=torch.float16)
+    with pytest.raises(NonFiniteKernelError, match=r"NTK kernel is not finite in torch\.float16"):
+        empirical_ntk(half, x.half() * 250)
+    for kernel in (empirical_nngp, empirical_ntk):
+        with pytest.raises(NonFiniteKernelError, match=r"float16: the network's outputs overflow it"):
+            kernel(half, x.half() * 3e4)
+    with pytest.raises(NonFiniteKernelError, match=r"in torch\.float64: .*Scale the inputs down; a network") as info:
+        empirical_nngp(net.build(in_features=3, seed=0, dtype=torch.float64), x.double() * 1e160)
+    assert "use float64" not in str(info.value)

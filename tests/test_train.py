@@ -618,7 +618,7 @@ def test_a_chunk_that_fails_before_training_takes_its_hooks_off(monkeypatch):
         models.append(model)
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(train_module, "empirical_ntk", out_of_memory)
+    monkeypatch.setattr(train_module, "_empirical_ntk", out_of_memory)
     net = ntkgp.serial(ntkgp.Dense(16), ntkgp.Erf(), ntkgp.Dense(1))
     x = torch.linspace(-1, 1, 6, dtype=torch.float64).unsqueeze(-1)
     with pytest.raises(RuntimeError, match="out of memory"):
@@ -646,3 +646,21 @@ def test_a_callers_autocast_does_not_change_the_training(engine):
     assert got.settings["engine"] == engine
     for name in ("test_outputs", "train_loss", "weight_change", "ntk_change"):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+def test_a_diverging_member_whose_probe_kernel_overflows_is_recorded_not_refused():
+    """empirical_ntk refuses kernels that overflow; the records of training must not: a member whose
+    training diverges overflows its probe kernel while its loss is still below the divergence limit
+    (float16, 4x the stability limit, probe points 80x the training ones: member 1 at step 2, loss
+    78, kernel 1.08e5 in float32 > 65504; the largest before, 4.3e4). That change is recorded as
+    infinite and the run reports its divergence at step 3 (float32's losses there reach 5.8e5,
+    beyond float16), not a NonFiniteKernelError."""
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.sin(x[:, :1])
+    net = ntkgp.serial(ntkgp.Dense(64, 2.0, 0.1), ntkgp.ReLU(), ntkgp.Dense(1, 1.0, 0.1))
+    rate = 4 * float(ntkgp.predict.max_learning_rate(net.kernel(x).ntk))
+    history = train_ensemble(net, x, y, ensemble_size=4, learning_rate=rate, record_steps=range(10), probe=x[:4] * 80,
+                             dtype=torch.float16, seed=0, engine="stacked", device="cpu")
+    assert history.diverged_at == 3 and history.steps.tolist() == [0, 1, 2]
+    assert history.ntk_change[:2].isfinite().all() and history.ntk_change[2, 1] == math.inf
+    assert history.train_loss[2].isfinite().all()

@@ -45,11 +45,12 @@ from ntkgp._autograd import differentiates
 from ntkgp._checks import check_flag, integer_at_least
 from ntkgp._typing import Function
 from ntkgp.layers.activations import ActivationModule
-from ntkgp.layers.base import Layer, _autocast_off
+from ntkgp.layers.base import Layer, NonFiniteKernelError, _autocast_off
 from ntkgp.layers.combinators import ParallelModule
 from ntkgp.layers.dense import DenseModule
 from ntkgp.layers.norm import LayerNormModule
-from ntkgp.layers.validation import boolean_or_complex, broadcast_shapes, check_inputs, has_non_finite
+from ntkgp.layers.numerics import _is_compiling, transforms_active
+from ntkgp.layers.validation import all_finite, boolean_or_complex, broadcast_shapes, check_inputs, has_non_finite
 
 ParamFn = Callable[[dict[str, Tensor], Tensor], Tensor]
 
@@ -312,7 +313,19 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
                    params: Mapping[str, Tensor] | None = None, vector_output: bool = False) -> Tensor:
     """``K̂(x, x') = (1/k) f(x)·f(x')`` per output unit ``(n1, n2)`` (or ``f_i(x) f_j(x')`` as
     ``(n1, n2, k, k)``); ``(E, …)`` for ensembles. Over random initializations its mean is the NNGP
-    kernel (Neal 1996; Lee et al. 2018). A constant: no gradient flows through it."""
+    kernel (Neal 1996; Lee et al. 2018). A constant: no gradient flows through it.
+
+    Raises :class:`~ntkgp.layers.base.NonFiniteKernelError` where the kernel overflows the dtype
+    (the network's outputs, or their products), as ``net.kernel`` does for the analytic one."""
+    kernel = _empirical_nngp(model, x1, x2, params=params, vector_output=vector_output)
+    return _refuse_non_finite(kernel, "NNGP", model, params, x1, x2)
+
+
+@_without_autocast
+def _empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None, *,
+                    params: Mapping[str, Tensor] | None = None, vector_output: bool = False) -> Tensor:
+    """:func:`empirical_nngp`, inf and NaN included (:func:`ntkgp.finite.monte_carlo_kernel` names
+    the overflow of its networks itself)."""
     x1, x2 = _checked_inputs(model, x1, x2)
     check_flag(vector_output, "vector_output")
     _check_network_inputs(model, x1, x2)
@@ -345,7 +358,6 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
 
 
 @_without_autocast
-@differentiates
 def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None, *,
                   params: Mapping[str, Tensor] | None = None, vector_output: bool = False,
                   chunk_size: int | None = None, parameter_scales: Mapping[str, float | Tensor] | None = None
@@ -379,7 +391,26 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     Networks built by ntkgp (every module an ntkgp layer, every ``Dense`` layer called once) take
     the layer-by-layer route of the module docstring; anything else, or scales other than numbers
     and per-input-feature columns ``(in, 1)``, takes the Jacobian route (``torch.func.jacrev``).
+
+    Raises :class:`~ntkgp.layers.base.NonFiniteKernelError` where the kernel overflows the dtype
+    (the network's outputs, their gradients or the sums of their products: float32 inputs of
+    magnitude 1e20, float16 ones of a few hundred, or a network whose training diverged), as
+    ``net.kernel`` does for the analytic one.
     """
+    kernel = _empirical_ntk(model, x1, x2, params=params, vector_output=vector_output, chunk_size=chunk_size,
+                            parameter_scales=parameter_scales)
+    return _refuse_non_finite(kernel, "NTK", model, params, x1, x2)
+
+
+@_without_autocast
+@differentiates
+def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None, *,
+                   params: Mapping[str, Tensor] | None = None, vector_output: bool = False,
+                   chunk_size: int | None = None, parameter_scales: Mapping[str, float | Tensor] | None = None
+                   ) -> Tensor:
+    """:func:`empirical_ntk`, inf and NaN included: :func:`ntkgp.finite.train_ensemble` records the
+    kernel of members whose training is diverging (their losses still finite), and
+    :func:`ntkgp.finite.monte_carlo_kernel` names the overflow of its networks itself."""
     x1, x2 = _checked_inputs(model, x1, x2)
     check_flag(vector_output, "vector_output")
     chunk_size = None if chunk_size is None else integer_at_least(chunk_size, 1, "chunk_size")
@@ -420,7 +451,7 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
         # no points, or no parameters to differentiate (a module without any, params={}): the kernel is
         # zero, of the NNGP's shape (the replicas of the layer-by-layer route cannot be unflattened from
         # zero points, and torch.func's Jacobian of no parameters was a pytree error)
-        return empirical_nngp(model, x1, x2, params=params, vector_output=vector_output).zero_()
+        return _empirical_nngp(model, x1, x2, params=params, vector_output=vector_output).zero_()
     if params is None and isinstance(model, nn.Module) and _layerwise_applies(model, x1, scales):
         return _layerwise_ntk(model, x1, x2, scales, vector_output)
     _check_plain_inputs(x1, x2, model)
@@ -447,6 +478,35 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     if members is None:
         return single(params, fixed)
     return vmap(single, chunk_size=chunk_size)(params, fixed)
+
+
+def _refuse_non_finite(kernel: Tensor, name: str, model: nn.Module | ParamFn, params: Mapping[str, Tensor] | None,
+                       x1: Tensor, x2: Tensor | None) -> Tensor:
+    """``kernel``, or :class:`~ntkgp.layers.base.NonFiniteKernelError` where it is not finite, naming
+    what overflowed (the network's outputs, or what the kernel makes of finite ones), the dtype and
+    the remedy, as ``net.kernel`` and ``monte_carlo_kernel`` do. Skipped under ``torch.func``
+    transforms and ``torch.compile`` (values per sample, or symbolic), as there."""
+    if transforms_active() or _is_compiling() or all_finite(kernel):
+        return kernel
+    points = [x for x in (x1, x2) if x is not None and x.numel()]
+    # which overflowed, from the outputs: not for batch norm that updates its running statistics when called
+    outputs_finite = None
+    if not (isinstance(model, nn.Module) and any(m.training and isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                 and m.track_running_stats for m in model.modules())):
+        with torch.no_grad(), warnings.catch_warnings():   # the training-mode warning came with the kernel
+            warnings.simplefilter("ignore")
+            fn, values, _, fixed = _as_function(model, params, x1)
+            outputs_finite = all(all_finite(_outputs_2d(fn({**fixed, **values}, x))) for x in points)
+    what = ("the network's outputs overflow it" if outputs_finite is False else
+            "the network's outputs or what the kernel makes of them overflow it" if outputs_finite is None else
+            "the network's outputs are finite, their products overflow it" if name == "NNGP" else
+            "the network's outputs are finite, their gradients or the sums of their products overflow it")
+    largest = max(float(x.detach().abs().max()) for x in points)
+    raise NonFiniteKernelError(
+        f"The empirical {name} kernel is not finite in {kernel.dtype}: {what} (inputs of magnitude up to "
+        f"{largest:.3g}). Scale the inputs down" + ("" if kernel.dtype == torch.float64 else
+                                                   ", or use float64 (the network's parameters and the inputs)")
+        + "; a network whose weights grew without bound (a diverged training) has no finite kernel.")
 
 
 def _scale_tensor(name: str, scale: object) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._checks import NT_GET_HINT, check_flag, integer_at_least, seed_value
-from ntkgp.finite.empirical import empirical_nngp, empirical_ntk
+from ntkgp.finite.empirical import _empirical_nngp, _empirical_ntk
 from ntkgp.layers.base import Layer, NonFiniteKernelError
 from ntkgp.layers.state import _NTK
 from ntkgp.layers.validation import all_finite, check_inputs
@@ -97,12 +97,12 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
         model = net.build(in_features=d, seed=seed + 1_000_003 * batch_index, ensemble_size=size,
                           dtype=x1.dtype, device=x1.device)
         # each batch added (and freed) before the next kernel is formed: one batch of samples at a time
-        nngps.add(_finite(empirical_nngp(model, x1, x2), "NNGP", x1, x2))
+        nngps.add(_finite(_empirical_nngp(model, x1, x2), "NNGP", x1, x2))
         if ntk:
             n_params = sum(p.numel() for p in model.parameters()) // size
             n_out = x1.shape[-2] + (0 if x2 is None else x2.shape[-2])
             per_member = max(1, n_out * n_params * x1.element_size() * 4)
-            samples = empirical_ntk(model, x1, x2, chunk_size=max(1, JACOBIAN_BYTES // per_member))
+            samples = _empirical_ntk(model, x1, x2, chunk_size=max(1, JACOBIAN_BYTES // per_member))
             ntks.add(_finite(samples, "NTK", x1, x2))
         done += size
         batch_index += 1
