@@ -654,7 +654,10 @@ def _train_chunk(model, x, y, xt, probe, learning_rate, steps, readout_only, bar
                 # a member whose training is diverging (its loss still below the limit) may overflow the
                 # kernel: recorded as an infinite (or NaN) change, as the loss check reports the divergence
                 ntk = _empirical_ntk(model, probe, parameter_scales=scales)
-                ntks.append(_relative((ntk - ntk0).flatten(1).norm(dim=1), ntk0.flatten(1).norm(dim=1)).cpu())
+                # the norms in float64: in float32 their squares overflow from kernel entries of ~1e19, a
+                # NaN change (inf / inf) beside finite kernels; the ratio fits the kernel's dtype
+                norms = [torch.linalg.vector_norm(k.flatten(1), dim=1, dtype=torch.float64) for k in (ntk - ntk0, ntk0)]
+                ntks.append(_relative(*norms).to(ntk.dtype).cpu())
 
         targets = iter(steps)
         next_record = next(targets)
