@@ -324,8 +324,8 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
 @_without_autocast
 def _empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None, *,
                     params: Mapping[str, Tensor] | None = None, vector_output: bool = False) -> Tensor:
-    """:func:`empirical_nngp`, inf and NaN included (:func:`ntkgp.finite.monte_carlo_kernel` names
-    the overflow of its networks itself)."""
+    """:func:`empirical_nngp`, inf and NaN included (the zero kernel of :func:`empirical_ntk` without
+    points or parameters is made from it)."""
     x1, x2 = _checked_inputs(model, x1, x2)
     check_flag(vector_output, "vector_output")
     _check_network_inputs(model, x1, x2)
@@ -409,8 +409,7 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
                    chunk_size: int | None = None, parameter_scales: Mapping[str, float | Tensor] | None = None
                    ) -> Tensor:
     """:func:`empirical_ntk`, inf and NaN included: :func:`ntkgp.finite.train_ensemble` records the
-    kernel of members whose training is diverging (their losses still finite), and
-    :func:`ntkgp.finite.monte_carlo_kernel` names the overflow of its networks itself."""
+    kernel of members whose training is diverging (their losses still finite)."""
     x1, x2 = _checked_inputs(model, x1, x2)
     check_flag(vector_output, "vector_output")
     chunk_size = None if chunk_size is None else integer_at_least(chunk_size, 1, "chunk_size")

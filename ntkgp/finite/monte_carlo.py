@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from ntkgp._checks import NT_GET_HINT, check_flag, integer_at_least, seed_value
-from ntkgp.finite.empirical import _empirical_nngp, _empirical_ntk
-from ntkgp.layers.base import Layer, NonFiniteKernelError
+from ntkgp.finite.empirical import empirical_nngp, empirical_ntk
+from ntkgp.layers.base import Layer
 from ntkgp.layers.state import _NTK
-from ntkgp.layers.validation import all_finite, check_inputs
+from ntkgp.layers.validation import check_inputs
 
 #: Bytes of Jacobian held at once when estimating NTKs.
 JACOBIAN_BYTES = 1 << 29
@@ -97,31 +97,18 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
         model = net.build(in_features=d, seed=seed + 1_000_003 * batch_index, ensemble_size=size,
                           dtype=x1.dtype, device=x1.device)
         # each batch added (and freed) before the next kernel is formed: one batch of samples at a time
-        nngps.add(_finite(_empirical_nngp(model, x1, x2), "NNGP", x1, x2))
+        nngps.add(empirical_nngp(model, x1, x2))
         if ntk:
             n_params = sum(p.numel() for p in model.parameters()) // size
             n_out = x1.shape[-2] + (0 if x2 is None else x2.shape[-2])
             per_member = max(1, n_out * n_params * x1.element_size() * 4)
-            samples = _empirical_ntk(model, x1, x2, chunk_size=max(1, JACOBIAN_BYTES // per_member))
-            ntks.add(_finite(samples, "NTK", x1, x2))
+            ntks.add(empirical_ntk(model, x1, x2, chunk_size=max(1, JACOBIAN_BYTES // per_member)))
         done += size
         batch_index += 1
 
     nngp, nngp_sem = nngps.mean_and_sem()
     ntk_mean, ntk_sem = ntks.mean_and_sem() if ntk else (None, None)
     return KernelEstimate(nngp, ntk_mean, nngp_sem, ntk_sem, n_samples)
-
-
-def _finite(samples: Tensor, name: str, x1: Tensor, x2: Tensor | None) -> Tensor:
-    """``samples``, or :class:`~ntkgp.layers.base.NonFiniteKernelError` where the networks' kernels
-    overflowed their dtype, as ``net.kernel`` raises for the analytic ones: the estimates came back
-    as inf and NaN, silently (float32 inputs of magnitude 1e20, or float16 ones of a few hundred)."""
-    if not all_finite(samples):
-        largest = max(float(x.detach().abs().max()) for x in (x1, x2) if x is not None and x.numel())
-        raise NonFiniteKernelError(
-            f"The networks' empirical {name} kernel overflows {x1.dtype} (inputs of magnitude up to {largest:.3g}): "
-            "rescale the inputs or the variances" + ("" if x1.dtype == torch.float64 else ", or use float64") + ".")
-    return samples
 
 
 class _Moments:
