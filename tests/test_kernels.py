@@ -433,9 +433,12 @@ def test_a_float64_model_takes_lower_precision_features_in_float64_as_gpytorch_k
     model.eval()
     with torch.no_grad():
         mean = model(xs).mean
-        z, zs = extractor(x.to(features)).double(), extractor(xs.to(features)).double()
+        # as GPyTorch computes them: the training kernel from the training features alone, the cross
+        # kernel from the features of the training and test inputs concatenated (float32 features of
+        # 24 rows differ from those of 20 and 4 by an ulp, 3e-8 of the mean)
+        z, joint = extractor(x.to(features)).double(), extractor(torch.cat([x, xs]).to(features)).double()
         train = getattr(net.kernel(z), kernel_class.kind) + likelihood.noise * torch.eye(20, dtype=torch.float64)
-        want = getattr(net.kernel(zs, z), kernel_class.kind) @ torch.linalg.solve(train, y)
+        want = getattr(net.kernel(joint[20:], joint[:20]), kernel_class.kind) @ torch.linalg.solve(train, y)
     assert mean.dtype == torch.float64
     torch.testing.assert_close(mean, want, rtol=1e-8, atol=1e-10)
 
@@ -541,6 +544,66 @@ def test_pyro_load_from_samples_makes_the_variances_a_batch_of_samples():
         torch.testing.assert_close(mean[i], expected, rtol=1e-10, atol=1e-12)   # two float64 solves
     with pytest.raises(ValueError, match="must broadcast"):   # outside of sample loading, shapes stay checked
         net[0].weight_var = torch.ones(3, 2)
+
+
+def test_pyro_sample_from_prior_keeps_the_graph_of_the_sampled_variances(monkeypatch):
+    """GPyTorch's fully Bayesian workflow (NUTS on ``model.pyro_sample_from_prior()``) follows the
+    log density's gradient with respect to each sampled value. GPyTorch left the layers, held in a
+    ``ModuleList``, out of its random copy, and their setting closure installed the samples
+    detached: the gradient was ``None`` for every variance (an ``RBFKernel``'s lengthscale has
+    one). pyro only supplies ``pyro.sample`` here, so a stand-in draws from the prior."""
+    import sys
+    import types
+
+    dt = torch.float64
+    sites: dict[str, torch.Tensor] = {}
+
+    def sample(name, distribution, obs=None):
+        sites[name] = distribution.sample().requires_grad_()
+        return sites[name]
+
+    monkeypatch.setitem(sys.modules, "pyro", types.SimpleNamespace(sample=sample))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 2, generator=g, dtype=dt), torch.randn(12, generator=g, dtype=dt)
+    gamma = gpytorch.priors.GammaPrior
+
+    def make():
+        return ntkgp.serial(ntkgp.Dense(16, 1.5, 0.1, weight_var_prior=gamma(3.0, 2.0), bias_var_prior=gamma(2.0, 10.0),
+                                        ard_num_dims=2),
+                            ntkgp.Erf(), ntkgp.Dense(1, 2.0, 0.05, weight_var_prior=gamma(3.0, 2.0)))
+
+    kernel = ntkgp.NTKKernel(make()).double()
+    torch.manual_seed(0)
+    random_kernel = kernel.pyro_sample_from_prior()
+    names = ["net.layers.0.weight_var_prior", "net.layers.0.bias_var_prior", "net.layers.2.weight_var_prior"]
+    assert sorted(sites) == sorted(names) and sites[names[0]].shape == (2,)
+    noise = 0.1
+
+    def log_density(covariance):   # the zero-mean GP's log density of y, by its Cholesky factor
+        chol = torch.linalg.cholesky(covariance + noise * torch.eye(12, dtype=dt))
+        alpha = torch.cholesky_solve(y[:, None], chol)
+        return -0.5 * (y @ alpha[:, 0]) - chol.diagonal().log().sum() - 6 * np.log(2 * np.pi)
+
+    value = log_density(random_kernel(x).to_dense())
+    grads = torch.autograd.grad(value, [sites[n] for n in names])
+
+    def reference(values):   # the same density from net.kernel of a network holding these variances
+        net = make()
+        net[0].weight_var, net[0].bias_var, net[2].weight_var = values
+        with torch.no_grad():
+            return log_density(net.kernel(x).ntk)
+
+    values = [sites[n].detach() for n in names]
+    assert float(value.detach()) == pytest.approx(float(reference(values)), rel=1e-13)   # the samples are the kernel's
+    for i, grad in enumerate(grads):
+        for j in range(grad.numel()):   # central differences, step 1e-5 relative: error ~1e-10 relative
+            step = 1e-5 * values[i].reshape(-1)[j]
+            shifted = [[v.clone() for v in values] for _ in range(2)]
+            shifted[0][i].reshape(-1)[j] += step
+            shifted[1][i].reshape(-1)[j] -= step
+            numeric = (reference(shifted[0]) - reference(shifted[1])) / (2 * step)
+            assert float(grad.reshape(-1)[j]) == pytest.approx(float(numeric), rel=1e-6, abs=1e-9)
+    assert kernel.net[2].weight_var.item() == 2.0   # the random copy's samples leave the kernel as it was
 
 
 def test_models_of_loaded_samples_reload_with_load_strict_shapes_false():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import weakref
 from collections.abc import Sequence
 from copy import deepcopy
@@ -104,7 +105,9 @@ class NetworkKernel(Kernel):
         # the inputs alone, a float64 model fed float32 features (deep kernel learning with a float32
         # extractor) trained on float32 covariances beside its float64 mean and noise, and then failed to
         # predict with "expected m1 and m2 to have the same dtype". Complex inputs stay complex: refused.
-        held = next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.get_default_dtype())
+        # (the variances too: sampled ones in a random module, pyro_sample_from_prior, are plain tensors)
+        held = next((p.dtype for p in itertools.chain(self.parameters(), (raw for *_, raw in variances(self.net)))
+                     if p.is_floating_point()), torch.get_default_dtype())
         dtype = functools.reduce(torch.promote_types, (x1.dtype, x2.dtype), held)
         same = x2 is x1    # x2 stays the very x1: the symmetric path
         x1 = x1.to(dtype)

@@ -12,6 +12,7 @@ Any layer, a single ``Dense`` or a whole ``serial(...)`` network, is a network: 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import warnings
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Literal, SupportsIndex, cast, overload
 
 import gpytorch
 import torch
+from gpytorch.module import RandomModuleMixin
 from linear_operator.utils.errors import NanError
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -239,6 +241,8 @@ class Layer(VarianceParameters, gpytorch.Module):
         needs_graph = transforms_active() or (torch.is_grad_enabled() and (
             x1.requires_grad or (x2 is not None and x2.requires_grad)
             or any(p.requires_grad for p in self.parameters())
+            # sampled variances of a random module (pyro_sample_from_prior) are plain tensors, not parameters
+            or any(raw.requires_grad for *_, raw in variances(self))
         ))
         empty = x1.shape[-2] == 0 or (x2 is not None and x2.shape[-2] == 0)  # no blocks to loop over
         ids = None if diag or empty else Duplicates.point_ids(x1, x2)
@@ -275,6 +279,23 @@ class Layer(VarianceParameters, gpytorch.Module):
         # (a DiagonalDuplicates only comes with an x2)
         return (cast("Duplicates | BatchedDuplicates", duplicates).canonical(state) if duplicates is not None
                 and x2 is None else state)
+
+    def to_random_module(self) -> Layer:
+        """GPyTorch's random copy of this module (as ``pyro_sample_from_prior`` makes it), with every
+        layer of the spec random.
+
+        GPyTorch converts the children that are GPyTorch modules, recursively, and the layers of a
+        ``serial`` or ``parallel`` spec sit in a torch ``ModuleList``, which it passes over: they
+        stayed plain modules, whose sampled variances were installed detached, so the marginal
+        likelihood's gradient with respect to them was ``None`` (NUTS and HMC followed the priors'
+        gradients alone), where an ``RBFKernel``'s reaches its sampled lengthscale. One copy,
+        converted in place, so that a layer used twice in the spec stays one layer.
+        """
+        new = copy.deepcopy(self)
+        for module in new.modules():
+            if isinstance(module, gpytorch.Module) and not isinstance(module, RandomModuleMixin):
+                module.__class__ = _random_class(type(module))
+        return new
 
     def build(
         self,
@@ -370,14 +391,23 @@ def _autocast_off(device: torch.device):
     return nullcontext()
 
 
+_RANDOM_CLASSES: dict[type, type] = {}
+
+
+def _random_class(cls: type) -> type:
+    """GPyTorch's random-module class of ``cls`` (``RandomModuleMixin`` first), one per class."""
+    if cls not in _RANDOM_CLASSES:
+        _RANDOM_CLASSES[cls] = type("_Random" + cls.__name__, (RandomModuleMixin, cls), {})
+    return _RANDOM_CLASSES[cls]
+
+
 def variances(layer: Layer) -> Iterator[tuple[str, VarianceParameters, str, Tensor]]:
     """Every variance hyperparameter of ``layer``: ``(path, module, name, raw parameter)``, the path
     as ``named_modules`` spells it (``layers.0.weight_var``)."""
     for prefix, module in layer.named_modules():
         if isinstance(module, VarianceParameters):
-            for key, raw in module._parameters.items():
-                if key.startswith("raw_") and raw is not None:
-                    yield f"{prefix or type(layer).__name__}.{key[4:]}", module, key[4:], raw
+            for key, raw in module.raw_variances():
+                yield f"{prefix or type(layer).__name__}.{key[4:]}", module, key[4:], raw
 
 
 def _batch_shape(module: VarianceParameters, name: str, raw: Tensor) -> torch.Size:

@@ -25,12 +25,13 @@ module's dtype, zero right after setting. Hence:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 from gpytorch.constraints import GreaterThan, Interval
+from gpytorch.module import RandomModuleMixin
 from gpytorch.priors import Prior
 from torch import Tensor
 
@@ -147,7 +148,38 @@ def _variance_of(name: str, module: VarianceParameters) -> Tensor:
 
 
 def _initialize_variance(name: str, module: VarianceParameters, value: float | Tensor) -> None:
-    module.initialize(**{name: value})
+    if isinstance(module, RandomModuleMixin) and isinstance(value, Tensor) and value.requires_grad:
+        _sample_variance(name, module, value)
+    else:
+        module.initialize(**{name: value})
+
+
+def _sample_variance(name: str, module: VarianceParameters, value: Tensor) -> None:
+    """Install a sampled variance with its graph, in one of GPyTorch's random modules
+    (``pyro_sample_from_prior``, whose samples carry the gradient that NUTS and HMC follow).
+
+    GPyTorch's own kernels keep that graph: their setters write the raw parameter through
+    ``initialize``, which a random module replaces by the plain tensor given. The variances' setter
+    stores the value as the anchor, detached, so the marginal likelihood's gradient with respect
+    to the sampled variances was ``None`` (only the prior's reached the sampler). Here the anchor
+    still becomes the value (exact in float64) and ``raw = log(value) - log(anchor)`` replaces the
+    parameter: zero, so the kernel sees the value exactly, with ``∂raw/∂value = 1/value``.
+    """
+    raw = getattr(module, f"raw_{name}")
+    constraint = getattr(module, f"raw_{name}_constraint")
+    anchor = check_variance(name, value)   # validated, detached, float64
+    try:
+        anchor = anchor.expand(raw.shape).clone()
+    except RuntimeError as err:
+        raise ValueError(f"{name} must broadcast to shape {tuple(raw.shape)}, "
+                         f"got shape {tuple(anchor.shape)}.") from err
+    constraint.anchor = anchor.to(constraint.anchor.device)
+    # a zero variance (pinned) keeps raw = 0 without the log's infinite derivative at 0
+    positive = constraint.anchor.to(device=raw.device, dtype=raw.dtype) > 0
+    sampled = value.to(device=raw.device, dtype=raw.dtype).expand(raw.shape)
+    log_ratio = (torch.log(torch.where(positive, sampled, torch.ones_like(sampled)))
+                 - torch.log(torch.where(positive, constraint.anchor.to(sampled), torch.ones_like(sampled))))
+    module.initialize(**{f"raw_{name}": log_ratio})
 
 
 class VarianceParameters(_MixedInto):
@@ -263,6 +295,16 @@ class VarianceParameters(_MixedInto):
         for name, raw, anchor in values:
             self._parameters[name] = torch.nn.Parameter(raw, requires_grad=self._parameters[name].requires_grad)
             getattr(self, f"{name}_constraint").anchor = anchor
+
+    def raw_variances(self) -> Iterator[tuple[str, Tensor]]:
+        """``(raw_<name>, raw)`` for each variance of this module: its raw parameter, or in one of
+        GPyTorch's random modules (``pyro_sample_from_prior``) the plain tensor of a sampled value that
+        replaced it (which ``_parameters`` no longer holds)."""
+        for key, constraint in self._constraints.items():
+            if isinstance(constraint, ExactVariance):
+                raw = getattr(self, key.removesuffix("_constraint"), None)
+                if raw is not None:
+                    yield key.removesuffix("_constraint"), raw
 
     def _variance_event_dims(self, name: str) -> int:
         return 0
