@@ -11,6 +11,8 @@ and to second order in the inputs for the smooth activations.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -138,3 +140,54 @@ def test_checkpointed_row_blocks_have_the_same_derivatives(activation, monkeypat
     net = _two_layers(activation)
     _check_input_gradients(net, second_order=activation == "gelu")
     _check_hyperparameter_gradients(net)
+
+
+def _normalized_gradients(net: ntkgp.Layer, kernels: tuple[torch.Tensor, torch.Tensor],
+                          weights: torch.Tensor, scales: tuple[float, float]) -> list[torch.Tensor]:
+    """Gradients of ``Σ weights·K / scale_K + Σ weights·Θ / scale_Θ`` in the variances (divided by
+    the kernels' largest entries, as a marginal likelihood's ``K⁻¹`` would: the sums themselves
+    are ~1e20 at the largest scales below)."""
+    loss = sum((weights * k).sum() / s for k, s in zip(kernels, scales, strict=True))
+    return [g.double() for g in torch.autograd.grad(loss, list(net.parameters()))]
+
+
+@pytest.mark.parametrize("path", ["whole", "checkpointed"])
+@pytest.mark.parametrize("name", ["erf", "gelu", "sin", "rbf", "gaussian"])
+def test_hyperparameter_gradients_with_a_duplicated_point_at_large_inputs(name, path, monkeypatch):
+    """With the inputs fixed (GPyTorch's marginal likelihood), a pair of equal points is, as a
+    function of the hyperparameters, the point with itself: the kernels of ``x`` with a copy of
+    its first point are those of ``x`` with that point's row (and column) counted twice, an
+    independent float64 reference without any pair of equal points. Differentiated through the
+    pair formulas, whose partial derivatives cancel there, the float32 gradients (largest error
+    relative to the largest gradient, symmetric / cross kernel) were 0.4 / 4.6 % off at input
+    scale 1e3 and 18 % / 6.9× at 1e4 (erf), 5.4 / 4.1 % and 38 % / 3.6× (Sin), 5 / 7.5 % and
+    35 % / 6.9× (Rbf), 13 / 11 % (Gaussian), and GELU's 3.2 / 11 % at 1e7 and 100 / 190 % at 1e8.
+    Now all are within 1.6e-7; the test allows 2e-6 (float32 rounding of sums of 4² terms)."""
+    if path == "checkpointed":
+        monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", 1)
+        monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 1)
+    points = torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    twice = torch.ones(3, dtype=torch.float64)
+    twice[0] = 2
+    act = ACTIVATIONS[name]
+    for scale in (1e7, 1e8) if name == "gelu" else (1e3, 1e4):
+        torch.manual_seed(0)
+        reference = ntkgp.serial(D(8, 1.5, 0.1), act(), D(8, 1.3, 0.1), act(), D(1, 1.1, 0.1))
+        net = copy.deepcopy(reference).float()
+        exact = reference.kernel(points * scale)
+        scales = (float(exact.nngp.detach().abs().max()), float(exact.ntk.detach().abs().max()))
+        x = torch.cat([points, points[:1]]).float() * scale
+        symmetric, cross = net.kernel(x), net.kernel(x[:3], x)
+        cases = {
+            # symmetric kernel: the copy's row and column
+            "symmetric": (_normalized_gradients(reference, (exact.nngp, exact.ntk), twice[:, None] * twice, scales),
+                          _normalized_gradients(net, (symmetric.nngp, symmetric.ntk), torch.ones(4, 4), scales)),
+        }
+        exact = reference.kernel(points * scale)
+        # cross kernel with the copy as a column
+        cases["cross"] = (_normalized_gradients(reference, (exact.nngp, exact.ntk), twice.expand(3, 3), scales),
+                          _normalized_gradients(net, (cross.nngp, cross.ntk), torch.ones(3, 4), scales))
+        for case, (expected, got) in cases.items():
+            largest = max(float(e.abs().max()) for e in expected)
+            for g, e in zip(got, expected, strict=True):
+                assert float((g - e).abs().max()) <= 2e-6 * largest, (scale, case)

@@ -37,7 +37,7 @@ from ntkgp.layers.numerics import (
     shifted_det,
     transforms_active,
 )
-from ntkgp.layers.state import KernelState, with_self_pairs
+from ntkgp.layers.state import KernelState, with_self_pairs, with_twin_derivatives
 from ntkgp.layers.validation import finite_constants, refuse_overflow, squarable_constants
 
 
@@ -143,6 +143,8 @@ class Activation(Layer):
                 # a point with itself: Ṫ of its variance alone, whose gradient does not cancel (without
                 # autograd in place, also in a Ṫ that centred_pair keeps: within an ulp of the formula's)
                 dot = with_self_pairs(state, cast(Tensor, dot), self.dot_variance(state.cov1))   # asked for
+            elif want_ntk and self._exact_dot_variance:
+                dot = with_twin_derivatives(state, cast(Tensor, dot), self.dot_variance)
         ntk = cast(Tensor, state.ntk) * cast(Tensor, dot) if want_ntk else None   # both tensors with want_ntk
 
         def centred() -> tuple[Tensor, Tensor, Tensor] | None:

@@ -276,9 +276,12 @@ class Layer(VarianceParameters, gpytorch.Module):
             with torch.no_grad():
                 state = _blocked_kernel(self, x1, x2, ntk, compile, ids, batch)
         # twins' own diagonals can still differ by an ulp (rounding depends on the position)
-        # (a DiagonalDuplicates only comes with an x2)
-        return (cast("Duplicates | BatchedDuplicates", duplicates).canonical(state) if duplicates is not None
-                and x2 is None else state)
+        # (a DiagonalDuplicates only comes with an x2). The joined row blocks' state is a new one: with
+        # fixed inputs the twins' entries also take the derivatives of their representative's (_values_only)
+        if duplicates is None or x2 is not None:
+            return state
+        fixed = not (x1.requires_grad or transforms_active())
+        return cast("Duplicates | BatchedDuplicates", duplicates).canonical(state.replace(fixed_inputs=fixed))
 
     def to_random_module(self) -> Layer:
         """GPyTorch's random copy of this module (as ``pyro_sample_from_prior`` makes it), with every

@@ -171,7 +171,7 @@ class Dense(Layer):
                 ntk = plain + 1.0 if self.has_bias else plain
         return KernelState(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, width=self.width, diag=state.diag,
                            symmetric=state.symmetric, is_gaussian=True, row_offset=state.row_offset,
-                           duplicates=state.duplicates)
+                           duplicates=state.duplicates, fixed_inputs=state.fixed_inputs)
 
     # Finite width --------------------------------------------------------------------------
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int]:

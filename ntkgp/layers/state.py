@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from typing_extensions import TypeVar  # default= (PEP 696) before Python 3.13
 
-from ntkgp.layers.numerics import is_vmapped, needs_graph, straight_through
+from ntkgp.layers.numerics import is_vmapped, needs_graph, straight_through, transforms_active
 from ntkgp.layers.validation import broadcast_shapes
 
 #: Entries per block of rows when :func:`_row_keys` widens bit patterns to int64.
@@ -160,7 +160,7 @@ class Duplicates:
 
     def apply(self, state: KernelState) -> KernelState:
         """``state`` with equal points given the variance of one of them, their pairs exactly that
-        (values only: derivatives stay those of the formulas, :func:`straight_through`)."""
+        (values only: in the inputs, derivatives stay those of the formulas, :func:`_values_only`)."""
         return _values_only(self._apply, state)
 
     def canonical(self, state: KernelState) -> KernelState:
@@ -313,7 +313,7 @@ class DiagonalDuplicates:
 
     def apply(self, state: KernelState) -> KernelState:
         """``state`` with each equal pair's second variance and kernel the first variance (values
-        only: derivatives stay those of the formulas, :func:`straight_through`)."""
+        only: in the inputs, derivatives stay those of the formulas, :func:`_values_only`)."""
         return _values_only(self._apply, state)
 
     def _apply(self, state: KernelState) -> KernelState:
@@ -323,10 +323,25 @@ class DiagonalDuplicates:
 
 def _values_only(fix, state: KernelState) -> KernelState:
     """``fix(state)``, which substitutes values (in place on ``nngp``/``ntk`` where it can), with
-    the derivatives of ``state``'s own formulas when derivatives are being taken."""
+    the derivatives of ``state``'s own formulas when derivatives are being taken in the inputs.
+
+    With fixed inputs (derivatives in the hyperparameters alone) the substituted values keep their
+    own derivatives: a pair of equal points is, as a function of the hyperparameters, exactly the
+    point with itself, to every order, and the pair formulas' derivatives are not well conditioned
+    there. Their three partial derivatives in ``(k11, k12, k22)`` are each ``O(k^{1/2})`` (GELU) or
+    cancel by ``O(k)`` (erf, Sin, Rbf) and sum to the variance's derivative only in exact
+    arithmetic: with a duplicated point, float32 variance gradients were 0.4–13 % off at input
+    scale 1e3 (erf, Sin, Rbf, Gaussian) and up to several times the gradient at 1e4; GELU's 3–11 %
+    at 1e7, ~1e4 times at 1e12 and NaN at depth 10 from 1e13. In the inputs the derivative of
+    ``K(x, y)`` at ``y = x`` differs from the
+    point's own (its second derivatives ``∂²K/∂x∂y`` need the pair formula), so there they stay
+    the formulas'."""
     tensors = [t for t in (state.nngp, state.ntk, state.cov1, state.cov2) if t is not None]
     if not needs_graph(*tensors):
         return fix(state)
+    if state.fixed_inputs and not transforms_active():
+        # clones: fix writes in place, and autograd records writes into a clone
+        return fix(state.replace(nngp=state.nngp.clone(), ntk=None if state.ntk is None else state.ntk.clone()))
     cov1 = state.cov1.detach()
     fixed = fix(state.replace(nngp=state.nngp.detach().clone(),
                               ntk=None if state.ntk is None else state.ntk.detach().clone(), cov1=cov1,
@@ -401,6 +416,10 @@ class KernelState(Generic[_NTK]):
         duplicates: the bitwise-equal input points (:class:`Duplicates`; with ``diag`` and a second
             input set, :class:`DiagonalDuplicates`), whose pairs every layer keeps exactly a point
             paired with itself; ``None`` when there are none.
+        fixed_inputs: whether no derivatives are taken in the inputs (neither requires grad, and no
+            forward-mode or ``torch.func`` transform is active): the pairs of equal points then take
+            the derivatives of the point's own variance, not of the pair formulas
+            (:func:`_values_only`).
     """
 
     # nngp, cov1 and cov2 are None only in the state before the first layer (from_inputs), which
@@ -421,6 +440,7 @@ class KernelState(Generic[_NTK]):
     row_offset: int = 0
     sq_norms: tuple[Tensor, Tensor] | None = None
     duplicates: Duplicates | BatchedDuplicates | DiagonalDuplicates | None = None
+    fixed_inputs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("mean", "centred"):
@@ -442,9 +462,11 @@ class KernelState(Generic[_NTK]):
         if symmetric is None:
             symmetric = x2 is None
         none = cast(Tensor, None)   # no kernels yet: x1 and x2 stand for them
+        fixed = not (x1.requires_grad or (x2 is not None and x2.requires_grad) or transforms_active())
         return cls(nngp=none, ntk=x1.new_zeros(()) if want_ntk else None, cov1=none, cov2=none,
                    width=x1.shape[-1], diag=diag, symmetric=symmetric, x1=x1,
-                   x2=x1 if x2 is None else x2, row_offset=row_offset, sq_norms=sq_norms, duplicates=duplicates)
+                   x2=x1 if x2 is None else x2, row_offset=row_offset, sq_norms=sq_norms, duplicates=duplicates,
+                   fixed_inputs=fixed)
 
     @property
     def is_input(self) -> bool:
@@ -512,7 +534,8 @@ class KernelState(Generic[_NTK]):
         cov1 = nngp if gram is g1 else g1 / d
         cov2 = cov1 if g2 is g1 else g2 / d
         state = KernelState(nngp=nngp, ntk=self.ntk, cov1=cov1, cov2=cov2, width=d, diag=self.diag,
-                            symmetric=self.symmetric, row_offset=self.row_offset, duplicates=self.duplicates)
+                            symmetric=self.symmetric, row_offset=self.row_offset, duplicates=self.duplicates,
+                            fixed_inputs=self.fixed_inputs)
         return state.with_exact_diagonal()
 
     def materialize(self) -> KernelState:
@@ -560,6 +583,33 @@ class KernelState(Generic[_NTK]):
         return self.replace(nngp=with_self_pairs(self, self.nngp, cov1), cov1=cov1)
 
 
+def with_twin_derivatives(state: KernelState, matrix: Tensor, variance_map: Callable[[Tensor], Tensor]) -> Tensor:
+    """``matrix``, an activation's map of the cross kernel ``state.nngp`` (``Ṫ``), whose entries between
+    equal points take the derivatives of ``variance_map`` (its self-pair form, ``dot_variance``) at
+    that entry, their values unchanged; ``matrix`` itself unless derivatives are taken in the
+    hyperparameters alone with equal points present (:func:`_values_only`).
+
+    With fixed inputs such an entry is, as a function of the hyperparameters, the point's own
+    ``Ṫ(k, k, k)``, and the pair formula's partial derivatives cancel there (erf's NTK gradient
+    7 % off in float32 at input scale 1e3). A symmetric kernel needs none of this: its twins' entries
+    take their representative's diagonal at the end (:meth:`Duplicates.canonical`).
+    """
+    duplicates = state.duplicates
+    if (duplicates is None or not state.fixed_inputs or transforms_active()
+            or not needs_graph(matrix, state.nngp)):
+        return matrix
+    if isinstance(duplicates, Duplicates):
+        twins = torch.zeros(state.nngp.shape[-2:], dtype=torch.bool, device=matrix.device)
+        for rows, cols, _ in duplicates.pairs():
+            twins[rows, cols] = True
+    else:
+        twins = duplicates.same
+    # 1 elsewhere: the map's derivative at other entries (a negative k12) may be NaN, which the
+    # where's zero gradient would not cancel
+    k = torch.where(twins, state.nngp, torch.ones_like(state.nngp))
+    return torch.where(twins, straight_through(variance_map(k), matrix), matrix)
+
+
 def with_self_pairs(state: KernelState, matrix: Tensor, diagonal: Tensor) -> Tensor:
     """``matrix``, a map of the symmetric kernel ``state.nngp`` (``(*batch, n_rows, n_cols)``, rows a
     block from ``state.row_offset``), with the entry of every point with itself set to ``diagonal``
@@ -567,8 +617,9 @@ def with_self_pairs(state: KernelState, matrix: Tensor, diagonal: Tensor) -> Ten
     unless derivatives are being taken.
 
     Pairs of equal points (:class:`Duplicates`) keep the formula's values until
-    :meth:`Duplicates.canonical` copies the diagonal onto them, and its derivatives throughout: the
-    derivative of ``K(x, y)`` in ``x`` at ``x = y`` is not that of a point with itself.
+    :meth:`Duplicates.canonical` copies the diagonal onto them, and, where derivatives are taken in
+    the inputs, its derivatives throughout: the derivative of ``K(x, y)`` in ``x`` at ``x = y`` is
+    not that of a point with itself (with fixed inputs they take the diagonal's, :func:`_values_only`).
     """
     cols = slice(state.row_offset, state.row_offset + matrix.shape[-2])
     diagonal = diagonal.expand(matrix.shape[:-1])
