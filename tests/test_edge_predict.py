@@ -646,6 +646,100 @@ def test_dropped_directions_of_inputs_whose_norms_span_decades_are_reported():
         predict.GradientFlow(net, duplicate, y, kernel="nngp").predict(xt, t=math.inf, compute_cov=False)
 
 
+def _deep_erf_kernels(seed: int = 0):
+    """A depth-50 erf network in the ordered phase (σ_w² = 1, σ_b² = 0.1), 30 training and 5 test points
+    in d = 3: its training NTK has λ_max = 57 (all points alike) and the rest from 3e-3 down to 2e-6."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(35, 3, generator=gen, dtype=torch.float64)
+    y = torch.sin(x.sum(-1))[:30]
+    net = ntkgp.mlp(50, "erf", 1.0, 0.1)
+    with torch.no_grad():
+        return net, x, y, net.kernel(x).ntk, net.kernel(x.float()).ntk
+
+
+def test_float32_kernels_whose_rounding_swamps_real_directions_warn():
+    """The deep erf NTK in float32 (its entries within 4e-7 of float64's): the test kernel's columns
+    along the small directions are ~1e-6 beside 10, rounding noise, and those below N ε λ_max = 2e-4
+    count as untrained from t ≈ 50. Read as a duplicate's directions, they were dropped without a word:
+    gradient_descent_mse's test outputs 0.68 off float64's (|outputs| 0.82) at t = 1e6, and
+    GradientFlow(factor_dtype=float32) 0.98 off at t = inf. Their eigenvalues (to 50 sqrt(N) ε λ_max)
+    are resolved in float32, so they are real directions whose test columns the rounding swamped: a
+    warning naming float64. The float64 kernels' predictions (what the warning points to) stay quiet."""
+    net, x, y, k64, k32 = _deep_erf_kernels()
+    for t in (1e4, 1e6):
+        kwargs = dict(fx_train_0=0.0, fx_test_0=0.0, t=t)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _, exact = predict.gradient_descent_mse(k64[:30, :30], y, ntk_test_train=k64[30:, :30], **kwargs)
+        with (pytest.warns(RuntimeWarning, match=r"count as untrained, but move the training outputs.*in float64"),
+              pytest.warns(RuntimeWarning, match=r"count as untrained, but move the test outputs.*in float64")):
+            _, test = predict.gradient_descent_mse(k32[:30, :30], y.float(), ntk_test_train=k32[30:, :30], **kwargs)
+        assert float((test.double() - exact).abs().max()) > 0.1 * float(exact.abs().max())   # what it is about
+    exact = predict.gradient_flow(net, x[:30], y, x[30:], t=math.inf, kernel="nngp", compute_cov=False).mean
+    with pytest.warns(RuntimeWarning, match="count as untrained.*factor_dtype=torch.float64"):
+        mean = predict.gradient_flow(net, x[:30].float(), y.float(), x[30:].float(), t=math.inf, kernel="nngp",
+                                     compute_cov=False, factor_dtype=torch.float32).mean
+    assert float((mean.double() - exact).abs().max()) > 0.1 * float(exact.abs().max())
+
+
+def test_float32_posteriors_whose_dual_coefficients_amplify_rounding_warn():
+    """The deep erf network's NNGP posterior with noise = 1e-4 and float32 factors: the kernel
+    (λ_max = 12, the rest below 3e-5, variances 0.39) is nonsingular with the noise, but its dual
+    coefficients (K + σ²I)⁻¹ Y (norm 3.6e4) carry the entries' rounding, ε s ‖c‖ = 1.9e-2 of the
+    mean's size, into the test means, which were 2.4e-2 off float64's (relative) without a word. With float64
+    factors (the default factor_dtype), for float32 inputs too, it says nothing and is right."""
+    net, x, y, _, _ = _deep_erf_kernels()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exact = predict.gp_posterior(net, x[:30], y, x[30:], kernel="nngp", noise=1e-4, compute_cov=False).mean
+        # float32 inputs, float64 factors (the default): the inputs' rounding alone (1.7e-9 measured)
+        default = predict.gp_posterior(net, x[:30].float(), y.float(), x[30:].float(), kernel="nngp", noise=1e-4,
+                                       compute_cov=False).mean
+        torch.testing.assert_close(default.double(), exact, rtol=0, atol=1e-6 * float(exact.abs().max()))
+    post = predict.GPPosterior(net, x[:30].float(), y.float(), kernel="nngp", noise=1e-4, factor_dtype=torch.float32)
+    for compute_cov in (True, "diag", False):
+        with pytest.warns(RuntimeWarning, match=r"test outputs depend on the kernels' last digits.*float64") as said:
+            mean = post.predict(x[30:].float(), compute_cov=compute_cov).mean
+        assert [w.filename for w in said] == [__file__]   # once, at the caller's line
+        assert float((mean.double() - exact).abs().max()) > 1e-2 * float(exact.abs().max())   # what it is about
+
+
+def test_ordinary_float32_kernels_predict_without_warnings():
+    """A two-layer ReLU network on 50 points (cond Θ ≈ 2e3): float32 kernels and float32 factors give
+    the float64 predictions to ~cond · ε (≤ 1.2e-3 of their size measured over three draws, 1e-2 allowed) at
+    every time, and for the GP posteriors; no direction is dropped that the kernel resolves, and the
+    dual coefficients' rounding estimate stays ≤ 6e-4 of the outputs: no warning."""
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(55, 3, generator=gen, dtype=torch.float64)
+        y = torch.sin(x.sum(-1))[:50]
+        net = ntkgp.mlp(2, "relu")
+        with torch.no_grad():
+            k64, k32 = net.kernel(x).ntk, net.kernel(x.float()).ntk
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for t in (1.0, 1e2, 1e4, 1e6, math.inf, None):
+                kwargs = dict(fx_train_0=0.0, fx_test_0=0.0, t=t)
+                exact = predict.gradient_descent_mse(k64[:50, :50], y, ntk_test_train=k64[50:, :50], **kwargs)
+                single = predict.gradient_descent_mse(k32[:50, :50], y.float(), ntk_test_train=k32[50:, :50],
+                                                      **kwargs)
+                for a, b in zip(exact, single, strict=True):
+                    assert float((b.double() - a).abs().max()) < 1e-2 * float(a.abs().max()), (seed, t)
+            for kernel in ("ntk", "nngp"):
+                for t in (1e2, 1e6, math.inf):
+                    exact = predict.gradient_flow(net, x[:50], y, x[50:], t=t, kernel=kernel, compute_cov=False).mean
+                    single = predict.gradient_flow(net, x[:50].float(), y.float(), x[50:].float(), t=t,
+                                                   kernel=kernel, compute_cov=False, factor_dtype=torch.float32).mean
+                    assert float((single.double() - exact).abs().max()) < 1e-2 * float(exact.abs().max())
+            for kernel in ("nngp", "ntkgp"):
+                for noise in (0.0, 1e-4):
+                    exact = predict.gp_posterior(net, x[:50], y, x[50:], kernel=kernel, noise=noise,
+                                                 compute_cov=False).mean
+                    single = predict.gp_posterior(net, x[:50].float(), y.float(), x[50:].float(), kernel=kernel,
+                                                  noise=noise, compute_cov=False, factor_dtype=torch.float32).mean
+                    assert float((single.double() - exact).abs().max()) < 1e-2 * float(exact.abs().max())
+
+
 @pytest.mark.parametrize("kernel", ["nngp", "ntkgp"])
 def test_posteriors_other_than_ntk_say_why_they_refuse_x_test_none(kernel):
     """kernel='ntk' predicts the training points for x_test=None; the others said only "x_test must

@@ -59,6 +59,7 @@ from ntkgp.predict.spectral import (
     regularize,
     spectral_apply,
     stability_limit,
+    warn_if_imprecise,
     warn_if_unresolved,
     warn_if_unstable,
 )
@@ -108,7 +109,8 @@ class GradientFlow:
         factor_dtype: dtype in which kernels are computed and factored (float64 by default, also
             for float32 inputs, whose results are returned in float32: float32 kernels of nearly
             parallel inputs carry ~3e-4 relative error and are often indefinite by more than any
-            sensible ``diag_reg``, see docs/numerics.md).
+            sensible ``diag_reg``, see docs/numerics.md; with float32 a ``RuntimeWarning`` says where
+            the kernels' rounding can move the test outputs by more than 1 %).
 
     Example:
         >>> flow = ntkgp.predict.GradientFlow(net, x_train, y_train, learning_rate=1.0)
@@ -173,6 +175,12 @@ class GradientFlow:
         except ValueError:
             return False
         return True
+
+    @cached_property
+    @outside_inference_mode
+    def _dual(self) -> Tensor:
+        """``Θ⁻¹ Y`` (``K⁻¹ Y`` for the NNGP flow), the dual coefficients at ``t = None``."""
+        return cholesky_solve(self.y, self._cholesky)
 
     @cached_property
     @outside_inference_mode
@@ -242,12 +250,15 @@ class GradientFlow:
             check_covariance_range(self.nngp_dd, self.dtype)
         if schedule is None and x_test is not None and mode != "full":
             mean, cov, scale = self._infinite_by_test_blocks(x_test, mode)
+            warn_if_imprecise(self._dual, mean, self.dynamics.diagonal(), torch.finfo(self.factor_dtype).eps)
         else:
             kernels = None if x_test is None else self._test_kernels(x_test, mode)
             # every term of Σ_t is of the size of the NNGP at the points predicted
             scale = None if mode is None else prior_scale(self.nngp_dd if kernels is None else kernels["nngp_tt"])
             if schedule is None:
                 mean, cov = self._infinite(kernels, mode)
+                if kernels is not None:
+                    warn_if_imprecise(self._dual, mean, self.dynamics.diagonal(), torch.finfo(self.factor_dtype).eps)
             else:
                 mean, cov = self._finite(schedule, kernels, mode)
                 mean = schedule.reshape(mean, 2)
@@ -303,7 +314,7 @@ class GradientFlow:
             return self.y.clone(), (None if mode is None else self.y.new_zeros((n, n) if mode == "full" else n))
         chol = self._cholesky
         g_td = kernels.pop("ntk_td" if self.kind == "ntk" else "nngp_td")
-        mean = g_td @ cholesky_solve(self.y, chol)
+        mean = g_td @ self._dual
         if mode is None:
             return mean, None
         k_tt = kernels.pop("nngp_tt")
@@ -347,6 +358,9 @@ class GradientFlow:
         del g_td
         mean = spectral_apply(a, flow, self._y_eigen)
         warn_if_unresolved(a, self._y_eigen, mean, schedule, eig, lambda: self._regular)
+        if eig.eps > torch.finfo(torch.float64).eps:   # (warn_if_imprecise judges coarser kernels only)
+            dual = v @ (flow.detach().unsqueeze(-1) * self._y_eigen)   # V diag(flow) Vᵀ y
+            warn_if_imprecise(dual, mean, self.dynamics.diagonal(), eig.eps, schedule)
         if mode is None:
             return mean, None
         k_tt = kernels["nngp_tt"]

@@ -33,7 +33,9 @@ from ntkgp.predict.spectral import (
     make_schedule,
     matrix_function_product,
     regularize,
+    rounding_eps,
     stability_limit,
+    warn_if_imprecise,
     warn_if_unresolved,
     warn_if_unstable,
 )
@@ -102,7 +104,9 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
         factor_dtype: dtype in which the kernel is factored (results come back in the dtype of
             ``y_train``). A kernel given in a coarser dtype keeps its rounding: its null
             eigenvalues (``t = ∞``) and singular pivots (``t = None``) are judged at that dtype's
-            ``ε`` (``N · ε · λ_max``), not at ``factor_dtype``'s.
+            ``ε`` (``N · ε · λ_max``), not at ``factor_dtype``'s, and a ``RuntimeWarning`` says
+            where that rounding can move the test outputs by more than 1 % (docs/numerics.md,
+            "Float32 predictions").
 
     Returns:
         ``fx_train_t``, or ``(fx_train_t, fx_test_t)`` when test inputs are given.
@@ -153,7 +157,9 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
         if ntk_test_train is not None:
             assert isinstance(fx_test_0, Tensor)   # made a tensor with ntk_test_train above
             coef = cholesky_solve(-flat, factor)
-            test = fx_test_0.to(factor_dtype) + (ntk_test_train.to(factor_dtype) @ coef).reshape(fx_test_0.shape)
+            delta = ntk_test_train.to(factor_dtype) @ coef
+            warn_if_imprecise(coef, delta, kernel.diagonal(), rounding_eps(kernel, ntk_train_train.dtype))
+            test = fx_test_0.to(factor_dtype) + delta.reshape(fx_test_0.shape)
     else:
         # the eigenvectors carry no graph: autograd through eigh divides by eigenvalue gaps (NaN for
         # repeated ones); matrix_function_product differentiates the matrix functions instead
@@ -181,6 +187,9 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
             delta = matrix_function_product(kernel, eig, schedule, 2, slopes[1], flat, test_eigen, left)
             with torch.no_grad():
                 warn_if_unresolved(test_eigen, right, delta, schedule, eig, regular)
+                if eig.eps > torch.finfo(torch.float64).eps:   # (warn_if_imprecise judges coarser kernels only)
+                    dual = eig.vectors @ (schedule.functions(eig)[2].unsqueeze(-1) * right)   # V diag(flow) Vᵀ y
+                    warn_if_imprecise(dual, delta, kernel.diagonal(), eig.eps, schedule)
             # the number of times, not -1: an empty test set has no entries to infer it from
             test = fx_test_0.to(factor_dtype) - delta.reshape(delta.shape[0], *fx_test_0.shape)
             test = schedule.reshape(test, fx_test_0.dim())

@@ -45,7 +45,7 @@ from ntkgp.predict.gaussian import (
     refuse_gradient,
 )
 from ntkgp.predict.gradient_flow import TEST_BLOCK_ENTRIES, GradientFlow, subtract_gram_
-from ntkgp.predict.spectral import cholesky, cholesky_solve, regularize
+from ntkgp.predict.spectral import cholesky, cholesky_solve, regularize, warn_if_imprecise
 
 #: neural-tangents' keywords of ``gp_inference`` and what to pass here instead.
 PORTED_KEYWORDS = {"get": "pass kernel='nngp', 'ntkgp' or 'ntk' (neural-tangents' get).",
@@ -82,7 +82,8 @@ class GPPosterior:
         kernel: ``"nngp"``, ``"ntkgp"`` or ``"ntk"``.
         noise: absolute observation-noise variance added to the training diagonal.
         factor_dtype: dtype in which kernels are computed and factored (results come back in the
-            inputs' dtype).
+            inputs' dtype; with float32 a ``RuntimeWarning`` says where the kernels' rounding can
+            move the test means by more than 1 %, see docs/numerics.md).
     """
 
     @neural_tangents_keywords(**PORTED_KEYWORDS)
@@ -111,6 +112,8 @@ class GPPosterior:
         prior = cast(Tensor, k.ntk) if kernel == "ntkgp" else k.nngp   # asked for
         del k   # the NTK-GP's NNGP beside Θ and its regularized copy: 3 N² at the setup's peak, not 2
         self._prior_dd: Tensor | None = regularize(prior, self.noise, absolute=True)
+        # the training variances, the scale of each entry's rounding (warn_if_imprecise)
+        self._variances = self._prior_dd.diagonal().clone()
 
     @cached_property
     @outside_inference_mode
@@ -122,6 +125,12 @@ class GPPosterior:
         # at every prediction's peak (3.2 GB of 13.6 at N = M = 20 000, "diag", float64)
         self._prior_dd = None
         return factor
+
+    @cached_property
+    @outside_inference_mode
+    def _alpha(self) -> Tensor:
+        """``(K + σ²I)⁻¹ Y``, the dual coefficients of the posterior mean."""
+        return cholesky_solve(self.y, self._cholesky)
 
     # the overloads tell type checkers which of the covariance and the variances compute_cov leaves None
     @overload
@@ -161,6 +170,7 @@ class GPPosterior:
         cov, marginal, scale = None, None, None
         if mode != "full":
             mean, marginal, scale = self._by_test_blocks(x_test, mode)
+            warn_if_imprecise(self._alpha, mean, self._variances, torch.finfo(self.factor_dtype).eps)
             if not self.vector_targets:
                 mean = mean.squeeze(-1)
             return Gaussian(mean.to(self.dtype), None, scale, marginal)
@@ -168,7 +178,8 @@ class GPPosterior:
             cross = self.net.kernel(x_test, self.x_factor, ntk=want_ntk)
             c_td = cast(Tensor, cross.ntk) if want_ntk else cross.nngp   # asked for
             del cross   # the NNGP beside the NTK-GP's Θ*d is not needed: one (M, N) matrix less
-            mean = c_td @ cholesky_solve(self.y, self._cholesky)
+            mean = c_td @ self._alpha
+            warn_if_imprecise(self._alpha, mean, self._variances, torch.finfo(self.factor_dtype).eps)
             if mode is not None:
                 test = self.net.kernel(x_test, ntk=want_ntk, diag=mode == "diag")
                 c_tt = cast(Tensor, test.ntk) if want_ntk else test.nngp
@@ -192,7 +203,7 @@ class GPPosterior:
         two ``M × N`` matrices at the peak (6.4 GB at N = M = 20 000 in float64, over the factor's 3.2)."""
         want_ntk = self.kind == "ntkgp"
         chol = self._cholesky
-        alpha = cholesky_solve(self.y, chol)
+        alpha = self._alpha
         rows = max(1, TEST_BLOCK_ENTRIES // max(1, chol.shape[-1]))
         means, marginals, scale = [], [], 0.0
         with torch.no_grad(), named_kernels("test"):

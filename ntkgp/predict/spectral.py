@@ -721,9 +721,17 @@ def warn_if_unresolved(test_eigen: Tensor | None, right: Tensor, result: Tensor,
     ``test_eigen = K*d V`` then holds ~``ε`` of the largest entry (measured: 6e-17 for a duplicate),
     and ``100 N ε`` separates it. Two training points ``δ`` apart instead give a column of
     ~``δ``: the direction is real but its eigenvalue (~``δ²``) is below what the kernel's digits
-    resolve. Such a direction, trained, adds at most ``τ |K*d v| |vᵀ right|`` (``flow ≤ τ``); where
-    that bound exceeds ``sqrt(ε)`` of the result, setting it untrained changed the answer, and no
-    answer from these digits is reliable: a regularizer makes it well defined.
+    resolve. Such a direction, trained, adds at most ``min(τ, 1/λ) |K*d v| |vᵀ right|`` (the flow's
+    bound); where that exceeds ``sqrt(ε)`` of the result, setting it untrained changed the answer, and
+    no answer from these digits is reliable: a regularizer makes it well defined.
+
+    The converse also happens: an eigenvalue above ``sqrt(N) ε λ_max`` (rounding the entries moves an
+    exact null direction's by ~``ε λ_max``) is resolved, so its direction is real, while its column of
+    the test kernel is at rounding level. A depth-50 erf NTK in float32 (ordered phase: ``λ_max = 57``,
+    the rest from 3e-3 to 2e-6, columns of ~1e-6 beside 10) dropped such directions at ``t = 1e6`` as a
+    duplicate's, and its test outputs were 0.68 off the float64 kernels' (of size 0.82) without a
+    word; these directions count as real now, and the warning says to compute in float64 where the
+    kernel carries float32 rounding.
 
     That comparison with the largest column misses real directions when the training inputs'
     norms span decades: a point of norm 1e-6 beside one of 1e6 (bias-free ReLU) has a column of
@@ -743,15 +751,26 @@ def warn_if_unresolved(test_eigen: Tensor | None, right: Tensor, result: Tensor,
         seen = eig.values * torch.linalg.vector_norm(eig.vectors, ord=math.inf, dim=-2)
     else:
         seen = test_eigen.abs().amax(-2)                                         # (N,)
-    real = seen > 100 * seen.shape[-1] * eig.eps * seen.max()
+    n = seen.shape[-1]
+    # an eigenvalue above sqrt(N) ε λ_max is one the kernel's digits resolve: rounding the entries moves an
+    # exact null direction's by ~ε λ_max (30 null eigenvalues of ±2e-6 beside λ_max = 95 for a float32 J Jᵀ
+    # of rank 10), so such a direction is real whatever its test column, which rounding may have swamped
+    # (a depth-50 erf NTK in float32, eigenvalues 57 and ~1e-4: columns of ~1e-6 beside 10, read as a
+    # duplicate's and dropped at t = 1e6 without a word, test outputs 0.68 off float64's)
+    resolved = eig.values > math.sqrt(n) * eig.eps * eig.values.amax(-1, keepdim=True)
+    real = (seen > 100 * n * eig.eps * seen.max()) | resolved
     if bool((untrained & ~real).any()) and regular():
         real = seen > 0
     dropped = untrained & real
     if not bool(dropped.any()):
         return
-    tau = schedule.tau(seen.dtype)                                               # (T,)
-    per_unit_time = torch.where(dropped, seen * right.abs().amax(-1), 0.0).sum(-1)
-    bound = torch.where(per_unit_time > 0, tau * per_unit_time, 0.0)
+    tau = schedule.tau(seen.dtype).unsqueeze(-1)                                 # (T, 1)
+    # trained, a direction of eigenvalue λ adds flow · (its column) · (its target component), with flow at
+    # most min(τ, 1/λ) (continuous time and stable steps alike)
+    lam = eig.values.unsqueeze(-2)
+    flow = torch.where(lam > 0, torch.minimum(tau, 1 / torch.where(lam > 0, lam, 1.0)), tau)   # (T, N)
+    per_direction = seen * right.abs().amax(-1)
+    bound = torch.where(dropped & (per_direction > 0), flow * per_direction, 0.0).sum(-1)
     hit = bound > eig.eps ** 0.5 * result.abs().flatten(1).amax(-1)
     if bool(hit.any()):
         first = float(schedule.values[hit].min().detach())   # t may require grad
@@ -763,8 +782,74 @@ def warn_if_unresolved(test_eigen: Tensor | None, right: Tensor, result: Tensor,
                       f"{outputs} outputs (nearly duplicate training points, training inputs whose norms span decades, "
                       "or points far from the training inputs of a smooth kernel): from then on the predictions "
                       "depend on digits the kernel does not hold. Add diag_reg (e.g. 1e-6) for a well-defined "
-                      "answer (t=None solves a kernel that is only badly scaled exactly).", RuntimeWarning,
-                      stacklevel=caller_stacklevel())
+                      "answer (t=None solves a kernel that is only badly scaled exactly)." + _precision_hint(eig.eps),
+                      RuntimeWarning, stacklevel=caller_stacklevel())
+
+
+def _precision_hint(eps: float) -> str:
+    """The advice for kernels that carry a coarser rounding ``eps`` than float64's: compute them in float64."""
+    if eps <= torch.finfo(torch.float64).eps:
+        return ""
+    return (f" The kernel carries rounding of ~{eps:.1e} (float32 or coarser): computed and factored in float64 "
+            "(float64 inputs to net.kernel; factor_dtype=torch.float64, the predictors' default) it resolves "
+            "these directions.")
+
+
+#: Estimated rounding error of the test outputs, relative to their size, above which :func:`warn_if_imprecise`
+#: warns.
+IMPRECISE = 1e-2
+
+
+def warn_if_imprecise(coefficients: Tensor, outputs: Tensor, variances: Tensor, eps: float,
+                      schedule: Schedule | None = None) -> None:
+    r"""Warn where rounding of kernels given or factored in float32 can move the test outputs
+    ``K*d c`` by more than :data:`IMPRECISE` (1 %) of their size, ``c`` being the dual coefficients
+    ``Θ⁻¹(I − e^{−Θτ}) Y`` (``Θ⁻¹ Y`` at ``t = None``; ``(K + σ²I)⁻¹ Y`` for a GP posterior).
+
+    Entries rounded relatively, ``|E_ij| ≲ ε d_i d_j`` with ``d_i = sqrt(K_ii)`` (``variances`` the
+    training kernel's diagonal; :func:`rounding_eps`'s ``ε``), move the outputs, to first order, by
+    ``E*d c + K*d Θ⁻¹ E c``; with rounding errors of random signs each term is about
+    ``ε max(d) ‖d ∘ c‖₂`` (the second for test points among the training inputs, where ``K*d Θ⁻¹``
+    selects rows; ``max(d)`` stands for the test points' own ``d``). That is the conditioning of
+    this particular answer rather than ``cond(Θ) ε``, which a smooth target can be far from.
+    Measured against float64 (float32 factors, 30 points of a depth-50 erf network, a two-layer
+    ReLU network on 50; docs/numerics.md): within 3.3× of the errors where they are large (2e-2 to
+    0.18 for posteriors with ``noise = 1e-4``), and above them by up to 40× where they are small
+    (ReLU: at most 6e-4 estimated, 1e-4 measured), so 1 % warns on most of the former and none of
+    the latter.
+
+    Float64 kernels are left to :func:`cholesky` and :func:`warn_if_unresolved`: there the estimate
+    passes 1 % only for coefficients ~1e13 times the outputs over the kernel's scale, and ``max(d)``
+    overstates it where the test points' variances are far below the largest training variance
+    (inputs whose norms span decades, exact to 1e-10: 1.5e4 % with the largest variance for all ``d``).
+    Outputs that are exactly 0, or not finite (above the stability limit), are not judged.
+
+    ``coefficients`` ``(T, N, k)`` (or ``(N, k)`` for one time), ``outputs`` the matching
+    ``(T, M, k)`` (or ``(M, k)``); ``schedule`` names the times.
+    """
+    if eps <= torch.finfo(torch.float64).eps or outputs.numel() == 0 or coefficients.numel() == 0:
+        return
+    with torch.no_grad():
+        d = variances.detach().clamp_min(0).sqrt().to(coefficients.dtype)
+        c = coefficients.detach().reshape(-1, *coefficients.shape[-2:])
+        out = outputs.detach().reshape(c.shape[0], -1)
+        norms = torch.linalg.vector_norm(d.unsqueeze(-1) * c, dim=-2).amax(-1)                 # (T,)
+        estimate, size = eps * float(d.max()) * norms, out.abs().amax(-1)
+        judged = torch.isfinite(estimate) & torch.isfinite(size) & (size > 0)
+        hit = judged & (estimate > IMPRECISE * size)
+        if not bool(hit.any()):
+            return
+        relative = float((estimate[hit] / size[hit]).max())
+    when = "T"
+    if schedule is not None:
+        first = float(schedule.values[hit].min().detach())   # the times need not be sorted
+        when = f"After {first:g} steps" if schedule.discrete else f"At t = {first:g}"
+        when += (" and more" if schedule.discrete else "" if math.isinf(first) else " and later") + ", t"
+    warnings.warn(f"{when}he test outputs depend on the kernels' last digits: their rounding ({eps:.1e} of each "
+                  f"entry) can move them by about {100 * relative:.2g} % of their size, through dual coefficients "
+                  "Θ⁻¹(I − e^{−Θτ})Y that this ill-conditioned kernel makes large. Compute and factor the kernels in "
+                  "float64 (float64 inputs to net.kernel; factor_dtype=torch.float64, the predictors' default), or "
+                  "regularize more (diag_reg, noise).", RuntimeWarning, stacklevel=caller_stacklevel())
 
 
 def warn_if_unstable(learning_rate: float, limit: float, *dtypes: torch.dtype, covariance: bool = True) -> None:
