@@ -666,6 +666,164 @@ def test_mean_and_marginal_variances_at_infinite_time_take_the_test_points_in_bl
             assert len(kept) == 1   # the factor alone
 
 
+def _dense_flow(x, y, xt, kind, diag_reg, learning_rate, tau=None, steps=None):
+    """Lee et al. 2019, eqs. 15–16, written out densely (matrix_exp or matrix_power, solve): the test
+    mean and covariance and the training outputs' marginal variances, after time ``tau = η t / m`` or
+    ``steps`` discrete steps, for a GradientFlow with relative ``diag_reg``."""
+    with torch.no_grad():
+        k_all = _DIAG_NET.kernel(torch.cat([x, xt]))
+    n, m = x.shape[0], y.numel()
+    k, k_td, k_tt = k_all.nngp[:n, :n], k_all.nngp[n:, :n], k_all.nngp[n:, n:]
+    g, g_td = (k_all.ntk[:n, :n], k_all.ntk[n:, :n]) if kind == "ntk" else (k, k_td)
+    g = g + diag_reg * torch.diagonal(g).mean() * torch.eye(n, dtype=g.dtype)
+
+    def decay(factor):   # e^{−G τ factor}, or (I − η G / m)^(steps factor)
+        if steps is None:
+            return torch.linalg.matrix_exp(-g * tau * factor)
+        return torch.linalg.matrix_power(torch.eye(n, dtype=g.dtype) - learning_rate * g / m, steps * factor)
+
+    eye = torch.eye(n, dtype=g.dtype)
+    op = g_td @ torch.linalg.solve(g, eye - decay(1))                 # G*d G⁻¹ (I − e^{−Gτ})
+    if kind == "nngp":   # Σ = K** − K*d K⁻¹ (I − e^{−2Kτ}) Kd*, training: K e^{−2Kτ}
+        cov = k_tt - k_td @ torch.linalg.solve(g, eye - decay(2)) @ k_td.mT
+        train = g @ decay(2)
+    else:
+        cross = op @ k_td.mT
+        cov = k_tt + op @ k @ op.mT - cross - cross.mT
+        train = decay(1) @ k @ decay(1)
+    return op @ y, cov, torch.diagonal(train)
+
+
+@pytest.mark.parametrize("kernel", ["ntk", "nngp"])
+def test_finite_time_predictions_take_the_test_points_in_blocks(kernel, monkeypatch):
+    """At finite times the whole (M, N) test kernels, K*d V, 2 Vᵀ Kd* and a time's two (N, M) products
+    were formed at once: 5.2 M N for "diag" (13 GB at N = 2000, M = 200 000 in float64), 2.2 M N for the
+    mean. Now the mean and the marginal variances take a block of test points at a time, and the
+    covariance is formed a block of rows at a time: the values are those of the whole matrices (to
+    rounding, 1e-13) and of the dense formulas, for several times and discrete steps, on test and
+    training points, and the time's gradient is the same."""
+    torch.manual_seed(5)
+    x, y, xt = torch.randn(12, 3), torch.randn(12, 2), torch.randn(10, 3)
+    x, y, xt = x.double(), y.double(), xt.double()
+    flow = predict.GradientFlow(_DIAG_NET, x, y, kernel=kernel, learning_rate=0.7, diag_reg=1e-3)
+    rows = []
+    real_kernel = type(_DIAG_NET).kernel
+
+    def recording(self, x1, x2=None, **kwargs):
+        if x1 is not flow.x_factor and (x2 is not None or kwargs.get("diag")):   # K** of the covariance is whole
+            rows.append(x1.shape[0])
+        return real_kernel(self, x1, x2, **kwargs)
+
+    t = torch.tensor([0.5, 3.0, 40.0], dtype=torch.float64)
+    for when, dense in ((dict(t=t), [dict(tau=0.7 * float(v) / 24) for v in t]),
+                        (dict(steps=torch.tensor([1, 30])), [dict(steps=1), dict(steps=30)])):
+        whole = [flow.predict(points, **when, compute_cov=cov) for points in (xt, None) for cov in (True, "diag")]
+        monkeypatch.setattr(type(_DIAG_NET), "kernel", recording)
+        monkeypatch.setattr(_FLOW_MODULE, "TEST_BLOCK_ENTRIES", 4 * 12)   # blocks of 4, 4 and 2 test points
+        rows.clear()
+        blocked = [flow.predict(points, **when, compute_cov=cov) for points in (xt, None) for cov in (True, "diag")]
+        mean_alone = flow.predict(xt, **when, compute_cov=False)
+        monkeypatch.undo()
+        assert sorted(set(rows)) == [2, 4], rows
+        scale = whole[0].scale
+        for a, b in zip(whole, blocked, strict=True):
+            torch.testing.assert_close(b.mean, a.mean, rtol=1e-13, atol=1e-13 * float(a.mean.abs().max()))
+            assert b.scale == a.scale
+            for u, v in ((a.covariance, b.covariance), (a.marginal, b.marginal)):
+                if u is not None:
+                    torch.testing.assert_close(v, u, rtol=0, atol=1e-13 * scale)
+        assert torch.equal(blocked[0].covariance, blocked[0].covariance.mT)
+        torch.testing.assert_close(mean_alone.mean, whole[0].mean, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(blocked[1].marginal, _diagonal(blocked[0]), rtol=0, atol=1e-14 * scale)
+        for i, args in enumerate(dense):
+            mean, cov, train = _dense_flow(x, y, xt, kernel, 1e-3, 0.7, **args)
+            # every term is O(1) (prior variances ~1): eigh against matrix_exp rounds to ~1e-13
+            torch.testing.assert_close(blocked[1].mean[i], mean, rtol=0, atol=1e-10)
+            torch.testing.assert_close(blocked[0].covariance[i], cov, rtol=0, atol=1e-10)
+            torch.testing.assert_close(blocked[1].marginal[i], torch.diagonal(cov), rtol=0, atol=1e-10)
+            torch.testing.assert_close(blocked[3].marginal[i], train, rtol=0, atol=1e-10)
+    # the time's gradient through the blocks (autograd does not see out=: the rows concatenated instead)
+    t = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    weights = torch.linspace(-1, 1, 100, dtype=torch.float64).reshape(10, 10)
+    grads = []
+    for entries in (1 << 24, 4 * 12):
+        monkeypatch.setattr(_FLOW_MODULE, "TEST_BLOCK_ENTRIES", entries)
+        out, diag = flow.predict(xt, t=t), flow.predict(xt, t=t, compute_cov="diag")
+        total = (out.covariance * weights).sum() + diag.marginal.sum() + diag.mean.sum()
+        grads.append(torch.autograd.grad(total, t)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=0)
+    assert float(grads[0].abs()) > 1e-3   # the times do move the outputs
+
+
+def test_blocked_test_points_warn_once_about_unresolved_directions(monkeypatch):
+    """The unresolved-direction warning compares maxima over all test rows: accumulated over the
+    blocks, it fires on the same condition as for the whole matrix, once per prediction, not once
+    per block (two training points 3e-8 apart, test_edge_predict's case)."""
+    gen = torch.Generator().manual_seed(0)
+    net = ntkgp.serial(ntkgp.Dense(16, weight_var=2.0, bias_var=0.1), ntkgp.Erf(),
+                       ntkgp.Dense(1, weight_var=1.5, bias_var=0.05))
+    x, y, xt = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((6, 3), (6,), (7, 3)))
+    x[4] = x[1] + 3e-8 * torch.randn(3, generator=gen, dtype=torch.float64)
+    flow = predict.GradientFlow(net, x, y)
+    rows = []
+    real_kernel = type(net).kernel
+
+    def recording(self, x1, x2=None, **kwargs):
+        if x1 is not flow.x_factor and (x2 is not None or kwargs.get("diag")):   # K** of the covariance is whole
+            rows.append(x1.shape[0])
+        return real_kernel(self, x1, x2, **kwargs)
+
+    # (times, warned): at τ = 1e6/6 the direction still trains, from 1e8 on it counts as untrained
+    for when, warned in ((dict(t=1e6), False), (dict(t=[1e6, 1e10]), True), (dict(steps=10**10), True)):
+        for cov in (False, "diag", True):
+            said = []
+            for entries in (1 << 24, 2 * 6):   # whole, then blocks of 2, 2, 2 and 1 test points
+                monkeypatch.setattr(_FLOW_MODULE, "TEST_BLOCK_ENTRIES", entries)
+                monkeypatch.setattr(type(net), "kernel", recording)
+                rows.clear()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    flow.predict(xt, compute_cov=cov, **when)
+                monkeypatch.undo()
+                said.append([w for w in caught if "count as untrained, but move the test outputs" in str(w.message)])
+            assert set(rows) == {1, 2}, rows
+            assert [len(s) for s in said] == ([1, 1] if warned else [0, 0]), (when, cov, said)
+            assert [str(w.message) for w in said[0]] == [str(w.message) for w in said[1]]
+            assert all(w.filename == __file__ for s in said for w in s)
+
+
+def test_flow_regularizes_the_ntk_in_place_only_when_nothing_else_holds_it(monkeypatch):
+    """GradientFlow raises the training NTK's own diagonal (one N × N copy less at its setup's peak):
+    where a network's NTK is the very tensor of its NNGP, or an expanded constant, it must copy, or the
+    NNGP of the covariance would carry diag_reg (or the write would fail)."""
+    torch.manual_seed(6)
+    x, y, xt = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, dtype=torch.float64), torch.randn(5, 3).double()
+    with torch.no_grad():
+        k = _DIAG_NET.kernel(x).nngp
+    real_kernel = type(_DIAG_NET).kernel
+    for shared in (k, torch.full((), 1.5, dtype=torch.float64).expand(8, 8)):
+        def aliased(self, x1, x2=None, *, shared=shared, **kwargs):
+            state = real_kernel(self, x1, x2, **kwargs)
+            return SimpleNamespace(nngp=shared, ntk=shared) if x2 is None and x1.shape[0] == 8 else state
+
+        monkeypatch.setattr(type(_DIAG_NET), "kernel", aliased)
+        before = shared.clone()
+        flow = predict.GradientFlow(_DIAG_NET, x, y, diag_reg=0.1)
+        monkeypatch.undo()
+        assert torch.equal(shared, before) and torch.equal(flow.nngp_dd, before)
+        reg = before + 0.1 * torch.diagonal(before).mean() * torch.eye(8, dtype=torch.float64)
+        torch.testing.assert_close(flow.dynamics, reg, rtol=1e-15, atol=0)
+        out = flow.predict(xt, t=2.0)
+        assert torch.isfinite(out.covariance).all()
+    # an NTK of its own is regularized in place, to the same values
+    flow = predict.GradientFlow(_DIAG_NET, x, y, diag_reg=0.1)
+    with torch.no_grad():
+        theta = _DIAG_NET.kernel(x).ntk
+    reg = theta + 0.1 * torch.diagonal(theta).mean() * torch.eye(8, dtype=torch.float64)
+    torch.testing.assert_close(flow.dynamics, reg, rtol=1e-15, atol=0)
+    assert torch.equal(flow.nngp_dd, k)
+
+
 def test_covariance_beyond_memory_is_refused_before_any_kernel(monkeypatch):
     """The (M, M) covariance of 3 million test points (72 TB in float64) cannot fit anywhere: it failed
     only after the training kernel and its factorization, as torch's "can't allocate memory" (or by the

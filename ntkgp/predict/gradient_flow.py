@@ -24,6 +24,7 @@ neural-tangents' ``gradient_descent_mse_ensemble``, and values agree with it to 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal, cast, overload
 
@@ -51,6 +52,7 @@ from ntkgp.predict.gaussian import (
 from ntkgp.predict.spectral import (
     Eigensystem,
     Schedule,
+    UnresolvedCheck,
     cholesky,
     cholesky_solve,
     learning_rate_number,
@@ -60,16 +62,29 @@ from ntkgp.predict.spectral import (
     spectral_apply,
     stability_limit,
     warn_if_imprecise,
-    warn_if_unresolved,
     warn_if_unstable,
 )
 
 KINDS = ("ntk", "nngp")
 
 #: Test-by-training entries of the cross kernels formed at a time for the mean and the marginal
-#: variances at ``t = None`` (:class:`GradientFlow`, :class:`~ntkgp.predict.GPPosterior`; 2²⁴: 128 MiB
-#: in float64).
+#: variances (:class:`GradientFlow` at any time, :class:`~ntkgp.predict.GPPosterior`), and rows of the
+#: products that make :class:`GradientFlow`'s covariance at finite times (2²⁴: 128 MiB in float64).
 TEST_BLOCK_ENTRIES = 1 << 24
+
+
+@dataclass(frozen=True)
+class _FlowTerms:
+    """What the finite-time formulas need besides the test kernels, once per prediction: the
+    :meth:`~ntkgp.predict.spectral.Schedule.functions` ``(T, N)`` of the eigenvalues (``flow2``: the
+    flow at twice the times, for the NNGP flow's covariance) and the accumulated test of
+    :func:`~ntkgp.predict.spectral.warn_if_unresolved` (one warning for all blocks)."""
+
+    decay: Tensor
+    growth: Tensor
+    flow: Tensor
+    flow2: Tensor | None
+    check: UnresolvedCheck
 
 
 class GradientFlow:
@@ -151,7 +166,13 @@ class GradientFlow:
             k = net.kernel(self.x_factor, ntk=kernel == "ntk")
         self.nngp_dd = k.nngp
         train_kernel = cast(Tensor, k.ntk) if kernel == "ntk" else k.nngp   # asked for
-        self.dynamics = regularize(train_kernel, self.diag_reg, diag_reg_absolute_scale)
+        # the NTK is kept only regularized: raising its own diagonal, not a copy's, saves one N × N matrix
+        # at the setup's peak (3 -> 2 N², the NNGP beside it), unless it shares memory with the NNGP
+        # (a network whose NTK is its NNGP), which must stay as it is, or is not a plain matrix (an
+        # expanded constant, whose entries share memory)
+        alone = (kernel == "ntk" and train_kernel.is_contiguous()
+                 and train_kernel.untyped_storage().data_ptr() != k.nngp.untyped_storage().data_ptr())
+        self.dynamics = regularize(train_kernel, self.diag_reg, diag_reg_absolute_scale, copy=not alone)
 
     # ------------------------------------------------------------------ cached factorizations
     @cached_property
@@ -190,8 +211,15 @@ class GradientFlow:
     @cached_property
     @outside_inference_mode
     def _nngp_eigen(self) -> Tensor:
+        """``Vᵀ K V``, a block of :data:`TEST_BLOCK_ENTRIES` entries of rows at a time: the whole ``Vᵀ K``
+        beside the result was one ``N × N`` matrix more at the peak (the products are the same)."""
         v = self.eigensystem.vectors
-        return v.mT @ self.nngp_dd @ v
+        n = v.shape[-1]
+        out = v.new_empty((n, n))
+        rows = max(1, TEST_BLOCK_ENTRIES // max(1, n))
+        for start in range(0, n, rows):
+            torch.mm(v[:, start:start + rows].mT @ self.nngp_dd, v, out=out[start:start + rows])
+        return out
 
     @property
     def max_learning_rate(self) -> float:
@@ -248,17 +276,22 @@ class GradientFlow:
             warn_if_unstable(self.learning_rate, self.max_learning_rate, self.factor_dtype, self.dtype)
         if x_test is None and mode is not None:
             check_covariance_range(self.nngp_dd, self.dtype)
-        if schedule is None and x_test is not None and mode != "full":
-            mean, cov, scale = self._infinite_by_test_blocks(x_test, mode)
-            warn_if_imprecise(self._dual, mean, self.dynamics.diagonal(), torch.finfo(self.factor_dtype).eps)
+        if x_test is not None and mode != "full":
+            mean, cov, scale = self._by_test_blocks(x_test, mode, schedule)
+            if schedule is not None:
+                mean = schedule.reshape(mean, 2)
+                cov = None if cov is None else schedule.reshape(cov, 1)
         else:
-            kernels = None if x_test is None else self._test_kernels(x_test, mode)
+            if x_test is None:
+                kernels = None
+            else:
+                kernels = self._test_kernels(x_test, mode) if schedule is None else self._test_projections(x_test, mode)
             # every term of Σ_t is of the size of the NNGP at the points predicted
             scale = None if mode is None else prior_scale(self.nngp_dd if kernels is None else kernels["nngp_tt"])
             if schedule is None:
                 mean, cov = self._infinite(kernels, mode)
                 if kernels is not None:
-                    warn_if_imprecise(self._dual, mean, self.dynamics.diagonal(), torch.finfo(self.factor_dtype).eps)
+                    self._warn_if_imprecise(mean, None)
             else:
                 mean, cov = self._finite(schedule, kernels, mode)
                 mean = schedule.reshape(mean, 2)
@@ -271,10 +304,11 @@ class GradientFlow:
             return Gaussian(mean.to(self.dtype), None, scale, cov.to(self.dtype))
         return Gaussian(mean.to(self.dtype), cov.to(self.dtype), scale)
 
-    def _test_kernels(self, x_test: Tensor, mode: str | None) -> dict[str, Tensor]:
+    def _test_kernels(self, x_test: Tensor, mode: str | None, prior: bool = True) -> dict[str, Tensor]:
         """The test kernels ``mode`` needs: ``nngp_td`` only for the NNGP flow's mean or any
         covariance (the NTK flow's mean is ``Θ*d``'s alone, and an unused ``(M, N)`` matrix held
-        on doubled the memory of a mean-only prediction), ``nngp_tt`` a matrix or its diagonal."""
+        on doubled the memory of a mean-only prediction), ``nngp_tt`` a matrix or its diagonal
+        (not with ``prior=False``: the cross kernels alone)."""
         x_test = x_test.to(self.factor_dtype)
         with torch.no_grad(), named_kernels("test"):
             cross = self.net.kernel(x_test, self.x_factor, ntk=self.kind == "ntk")
@@ -282,30 +316,83 @@ class GradientFlow:
             if self.kind == "ntk":
                 out["ntk_td"] = cast(Tensor, cross.ntk)   # asked for
             del cross
-            if mode is not None:
-                out["nngp_tt"] = self.net.kernel(x_test, ntk=False, diag=mode == "diag").nngp
-        if mode is not None:
-            check_covariance_range(out["nngp_tt"], self.dtype)
+        if mode is not None and prior:
+            out["nngp_tt"] = self._prior_test_kernel(x_test, mode)
         return out
 
-    def _infinite_by_test_blocks(self, x_test: Tensor, mode: str | None) -> tuple[Tensor, Tensor | None, float | None]:
-        """:meth:`_infinite` at ``t = None`` for the mean alone or with the marginal variances, a block of
-        about :data:`TEST_BLOCK_ENTRIES` test-by-training entries at a time, and :attr:`Gaussian.scale`:
-        each test point's mean and variance need its own rows of the test kernels alone, and the whole
-        ``(M, N)`` kernels with ``Θ⁻¹ Θd*`` and ``K T − 2 Kd*`` beside them set the peak (7.3 N² in all for
-        "diag" at M = N, 5.5 N² for the mean, where the training side holds 3 N²)."""
+    def _test_projections(self, x_test: Tensor, mode: str | None) -> dict[str, Tensor]:
+        """What the finite-time formulas read of the test kernels (:meth:`_finite_test`): ``a = G*d V``
+        ``(M, N)`` (``G`` the flow's kernel), for the NTK flow's covariance ``r2 = 2 Vᵀ Kd*`` ``(N, M)``,
+        and ``nngp_tt`` as :meth:`_test_kernels` gives it. The cross kernels are formed a block of
+        about :data:`TEST_BLOCK_ENTRIES` entries at a time and projected into ``a`` and ``r2``: whole, the
+        two ``(M, N)`` kernels stood beside ``a`` (and ``r2`` and its double beside the NNGP's), so the
+        covariance of ``M = N`` test points peaked at 5.2 N² at one time, ``K**`` and these included."""
+        v = self.eigensystem.vectors
+        n, m = v.shape[0], x_test.shape[0]
+        rows = max(1, TEST_BLOCK_ENTRIES // max(1, n))
+        a = v.new_empty((m, n))
+        r2 = v.new_empty((n, m)) if self.kind == "ntk" and mode is not None else None
+        for start in range(0, max(m, 1), rows):
+            kernels = self._test_kernels(x_test[start:start + rows], mode, prior=False)
+            stop = start + kernels["nngp_td" if self.kind == "nngp" else "ntk_td"].shape[0]
+            torch.mm(kernels.pop("ntk_td" if self.kind == "ntk" else "nngp_td"), v, out=a[start:stop])
+            if r2 is not None:   # doubling is exact
+                r2[:, start:stop] = torch.mm(v.mT, kernels.pop("nngp_td").mT).mul_(2)
+            del kernels
+        out = {"a": a} if r2 is None else {"a": a, "r2": r2}
+        if mode is not None:
+            out["nngp_tt"] = self._prior_test_kernel(x_test, mode)
+        return out
+
+    def _prior_test_kernel(self, x_test: Tensor, mode: str) -> Tensor:
+        """``K**`` (``mode="full"``) or its diagonal, checked against the range of the output dtype."""
+        with torch.no_grad(), named_kernels("test"):
+            k_tt = self.net.kernel(x_test.to(self.factor_dtype), ntk=False, diag=mode == "diag").nngp
+        check_covariance_range(k_tt, self.dtype)
+        return k_tt
+
+    def _by_test_blocks(self, x_test: Tensor, mode: str | None,
+                        schedule: Schedule | None) -> tuple[Tensor, Tensor | None, float | None]:
+        """The mean alone or with the marginal variances, at ``t = None`` (:meth:`_infinite`, ``(M, k)``
+        and ``(M,)``) or at the ``schedule``'s times (:meth:`_finite_test`, ``(T, M, k)`` and ``(T, M)``),
+        a block of about :data:`TEST_BLOCK_ENTRIES` test-by-training entries at a time, and
+        :attr:`Gaussian.scale`: each test point's mean and variance need its own rows of the test
+        kernels alone. The whole ``(M, N)`` kernels with ``Θ⁻¹ Θd*`` and ``K T − 2 Kd*`` beside them set
+        the peak at ``t = None`` (7.3 N² in all for "diag" at M = N, 5.5 N² for the mean, where the
+        training side holds 3 N²), and at finite times ``K*d V``, ``2 Vᵀ Kd*`` and a time's two products
+        beside the kernels (5.2 M N for "diag", 2.2 M N for the mean, at N = 2000 and M = 20 000). The
+        unresolved-direction warning reads maxima over the test rows, accumulated over the blocks
+        (:class:`~ntkgp.predict.spectral.UnresolvedCheck`): it fires as for the whole matrix, once."""
         rows = max(1, TEST_BLOCK_ENTRIES // max(1, self.x_factor.shape[0]))
+        terms = None if schedule is None else self._flow_terms(schedule, mode)
         means, marginals, scale = [], [], 0.0
         for start in range(0, max(x_test.shape[0], 1), rows):
-            kernels = self._test_kernels(x_test[start:start + rows], mode)
+            block = x_test[start:start + rows]
+            kernels = self._test_kernels(block, mode) if terms is None else self._test_projections(block, mode)
             if mode is not None:   # before _infinite adds into the test kernel in place
                 scale = max(scale, prior_scale(kernels["nngp_tt"]))
-            mean, marginal = self._infinite(kernels, mode)
+            mean, marginal = self._infinite(kernels, mode) if terms is None else self._finite_test(terms, kernels, mode)
             means.append(mean)
             marginals.append(marginal)
+        if terms is not None:
+            terms.check.warn(self._y_eigen)
+        # the test points are the mean's second-to-last axis and the variances' last, with times or without
+        mean = torch.cat(means, dim=-2)
+        self._warn_if_imprecise(mean, terms)
         if mode is None:
-            return torch.cat(means), None, None
-        return torch.cat(means), torch.cat(cast("list[Tensor]", marginals)), scale
+            return mean, None, None
+        return mean, torch.cat(cast("list[Tensor]", marginals), dim=-1), scale
+
+    def _warn_if_imprecise(self, mean: Tensor, terms: _FlowTerms | None) -> None:
+        """:func:`~ntkgp.predict.spectral.warn_if_imprecise` for the whole test ``mean``, with the dual
+        coefficients ``Θ⁻¹ Y`` at ``t = None`` (``terms=None``), else ``V diag(flow) Vᵀ Y`` at each time."""
+        if terms is None:
+            warn_if_imprecise(self._dual, mean, self.dynamics.diagonal(), torch.finfo(self.factor_dtype).eps)
+            return
+        eig = self.eigensystem
+        if eig.eps > torch.finfo(torch.float64).eps:   # (warn_if_imprecise judges coarser kernels only)
+            dual = eig.vectors @ (terms.flow.detach().unsqueeze(-1) * self._y_eigen)   # V diag(flow) Vᵀ y
+            warn_if_imprecise(dual, mean, self.dynamics.diagonal(), eig.eps, terms.check.schedule)
 
     def _infinite(self, kernels: dict | None, mode: str | None) -> tuple[Tensor, Tensor | None]:
         if kernels is None:  # the training outputs converge to the targets, if the kernel can fit them
@@ -331,51 +418,74 @@ class GradientFlow:
             return mean, k_tt.add_(inner.mul_(term).sum(-2))
         return mean, symmetrize_(k_tt.addmm_(term.mT, inner))
 
+    def _flow_terms(self, schedule: Schedule, mode: str | None) -> _FlowTerms:
+        eig = self.eigensystem
+        decay, growth, flow = schedule.functions(eig)                    # (T, N)
+        flow2 = schedule.doubled().functions(eig)[2] if self.kind == "nngp" and mode is not None else None
+        return _FlowTerms(decay, growth, flow, flow2, UnresolvedCheck(schedule, eig, lambda: self._regular))
+
     def _finite(self, schedule: Schedule, kernels: dict | None, mode: str | None) -> tuple[Tensor, Tensor | None]:
+        """The training outputs (``kernels=None``) or, with the covariance, the test outputs at the
+        ``schedule``'s times: ``(T, M, k)`` and ``(T, M, M)`` (or ``(T, M)``)."""
+        terms = self._flow_terms(schedule, mode)
+        if kernels is not None:
+            return self._finite_test(terms, kernels, mode, warn=True)
         eig = self.eigensystem
         v, lam = eig.vectors, eig.values
-        decay, growth, flow = schedule.functions(eig)                    # (T, N)
-        if kernels is None:
-            mean = spectral_apply(v, growth, self._y_eigen)
-            warn_if_unresolved(None, self._y_eigen, mean, schedule, eig, lambda: self._regular)
-            if mode is None:
-                return mean, None
-            if mode == "diag":   # diag(V D Vᵀ)_n = Σ_a V_na² D_aa, and diag(V A Vᵀ)_n = Σ_a (V A)_na V_na
-                if self.kind == "nngp":
-                    return mean, (lam * decay.square()) @ v.square().mT
-                return mean, torch.stack([((v @ (decay[i].unsqueeze(-1) * self._nngp_eigen * decay[i])) * v).sum(-1)
-                                          for i in range(decay.shape[0])])
-
-            def train_cov(i: int, out: Tensor | None) -> Tensor:
-                if self.kind == "nngp":          # K e^{−2Kτ}
-                    return torch.mm(v * (lam * decay[i] ** 2), v.mT, out=out)
-                inner = decay[i].unsqueeze(-1) * self._nngp_eigen * decay[i].unsqueeze(-2)
-                return torch.mm(v @ inner, v.mT, out=out)  # e^{−Θτ} K e^{−Θτ}
-
-            return mean, _per_time(train_cov, decay.shape[0], v, decay.requires_grad, self.dtype)
-        g_td = kernels.pop("ntk_td" if self.kind == "ntk" else "nngp_td")
-        a = g_td @ v                                                    # (M, N)
-        del g_td
-        mean = spectral_apply(a, flow, self._y_eigen)
-        warn_if_unresolved(a, self._y_eigen, mean, schedule, eig, lambda: self._regular)
-        if eig.eps > torch.finfo(torch.float64).eps:   # (warn_if_imprecise judges coarser kernels only)
-            dual = v @ (flow.detach().unsqueeze(-1) * self._y_eigen)   # V diag(flow) Vᵀ y
-            warn_if_imprecise(dual, mean, self.dynamics.diagonal(), eig.eps, schedule)
+        decay = terms.decay
+        mean = spectral_apply(v, terms.growth, self._y_eigen)
+        terms.check.add_training(mean)
+        terms.check.warn(self._y_eigen)
         if mode is None:
             return mean, None
-        k_tt = kernels["nngp_tt"]
+        if mode == "diag":   # diag(V D Vᵀ)_n = Σ_a V_na² D_aa
+            if self.kind == "nngp":
+                return mean, (lam * decay.square()) @ v.square().mT
+            return mean, torch.stack([_training_marginal(v, decay[i], self._nngp_eigen) for i in range(decay.shape[0])])
+
+        def train_cov(i: int, out: Tensor | None) -> Tensor:
+            if self.kind == "nngp":          # K e^{−2Kτ}
+                return torch.mm(v * (lam * decay[i] ** 2), v.mT, out=out)
+            inner = decay[i].unsqueeze(-1) * self._nngp_eigen * decay[i].unsqueeze(-2)
+            return torch.mm(v @ inner, v.mT, out=out)  # e^{−Θτ} K e^{−Θτ}
+
+        return mean, _per_time(train_cov, decay.shape[0], v, decay.requires_grad, self.dtype)
+
+    def _finite_test(self, terms: _FlowTerms, kernels: dict, mode: str | None,
+                     warn: bool = False) -> tuple[Tensor, Tensor | None]:
+        """The test points' mean ``(T, M, k)`` and covariance ``(T, M, M)`` (or marginal variances
+        ``(T, M)``) from their test kernels' projections (:meth:`_test_projections`); the
+        unresolved-direction test is accumulated into ``terms.check``, and its warning given here if
+        ``warn`` (else by the caller, after all blocks).
+
+        The covariance is formed a block of rows at a time (:data:`TEST_BLOCK_ENTRIES`): its rows
+        ``I`` need the columns ``I`` of the ``(N, M)`` products alone, which held two more ``M × N``
+        matrices at once (a time's ``P`` and ``Kv P − 2R`` below)."""
+        flow = terms.flow
+        v = self.eigensystem.vectors
+        a = kernels.pop("a")                                            # G*d V  (M, N)
+        mean = spectral_apply(a, flow, self._y_eigen)
+        terms.check.add(a, mean)
+        if warn:
+            terms.check.warn(self._y_eigen)
+            self._warn_if_imprecise(mean, terms)
+        if mode is None:
+            return mean, None
+        k_tt = kernels.pop("nngp_tt")
+        rows = max(1, TEST_BLOCK_ENTRIES // max(1, v.shape[0]))
         if self.kind == "nngp":
-            _, _, flow2 = schedule.doubled().functions(eig)
+            flow2 = cast(Tensor, terms.flow2)   # made for a covariance
             if mode == "diag":   # diag(A F Aᵀ)_m = Σ_a A_ma² F_a, every time at once
                 return mean, k_tt - flow2 @ a.square().mT
 
-            def test_cov(i: int, out: Tensor | None) -> Tensor:
-                return torch.addmm(k_tt, a * flow2[i], a.mT, alpha=-1, out=out)
+            def test_cov(i: int, out: Tensor | None) -> Tensor:   # K** − A diag(F₂) Aᵀ, its rows I at a time
+                return _by_rows(lambda r, o: torch.addmm(k_tt[r], a[r] * flow2[i], a.mT, alpha=-1, out=o),
+                                k_tt.shape[0], rows, out)
         else:
             # With P = diag(F) Vᵀ Θd* and R = Vᵀ Kd*: Σ = K** + Pᵀ Kv P − PᵀR − RᵀP. The last two
             # terms equal −2PᵀR up to an antisymmetric part, which symmetrizing removes, so one
             # product Pᵀ(Kv P − 2R) per time suffices.
-            r2 = 2 * (v.mT @ kernels.pop("nngp_td").mT)                 # 2 Vᵀ Kd*  (N, M)
+            r2 = kernels.pop("r2")                                       # 2 Vᵀ Kd*  (N, M)
             if mode == "diag":   # diag(Pᵀ B)_m = Σ_a P_am B_am
                 def marginal(i: int) -> Tensor:
                     p = flow[i].unsqueeze(-1) * a.mT
@@ -384,9 +494,41 @@ class GradientFlow:
                 return mean, torch.stack([marginal(i) for i in range(flow.shape[0])])
 
             def test_cov(i: int, out: Tensor | None) -> Tensor:
-                p = flow[i].unsqueeze(-1) * a.mT
-                return torch.addmm(k_tt, p.mT, torch.addmm(r2, self._nngp_eigen, p, beta=-1), out=out)
+                # rows I of Bᵀ P with B = Kv P − 2R, whose symmetrized sum is that of Pᵀ B: (B_I ∘ F)ᵀ Aᵀ
+                # with B_I = Kv P_I − 2R_I, P_I = diag(F) A_Iᵀ, so that no (N, M) product is formed whole
+                f = flow[i].unsqueeze(-1)
+                return _by_rows(lambda r, o: torch.addmm(k_tt[r], (f * torch.addmm(r2[:, r], self._nngp_eigen,
+                                                                                  f * a[r].mT, beta=-1)).mT,
+                                                         a.mT, out=o),
+                                k_tt.shape[0], rows, out)
         return mean, _per_time(test_cov, flow.shape[0], k_tt, flow.requires_grad, self.dtype, spare=k_tt)
+
+
+def _training_marginal(v: Tensor, decay: Tensor, nngp_eigen: Tensor) -> Tensor:
+    """``diag(V D E D Vᵀ)`` with ``D = diag(decay)``, ``E = Vᵀ K V``: the NTK flow's marginal variances
+    at the training points, ``Σ_ab (VD)_na E_ab (VD)_nb``, a block of :data:`TEST_BLOCK_ENTRIES`
+    entries of rows at a time: ``V (D E D)`` and its product with ``V`` held two ``N × N``
+    temporaries beside the four the training side keeps (6.4 GB more at N = 20 000 in float64)."""
+    rows = max(1, TEST_BLOCK_ENTRIES // max(1, v.shape[-1]))
+    out = []
+    for start in range(0, max(v.shape[0], 1), rows):
+        w = v[start:start + rows] * decay
+        product = w @ nngp_eigen
+        # in place where autograd does not follow (t without gradient): two blocks at a time, not three
+        product = product * w if product.requires_grad else product.mul_(w)
+        out.append(product.sum(-1))
+    return torch.cat(out)
+
+
+def _by_rows(block: Callable[[slice, Tensor | None], Tensor], count: int, rows: int, out: Tensor | None) -> Tensor:
+    """A ``(count, ·)`` matrix whose rows ``r`` (``rows`` at a time) are ``block(r, out[r])``: written
+    into ``out`` where given (``block`` may read those rows of ``out`` before it writes them), else
+    concatenated (autograd follows)."""
+    if out is not None:
+        for start in range(0, count, rows):
+            block(slice(start, start + rows), out[start:start + rows])
+        return out
+    return torch.cat([block(slice(start, start + rows), None) for start in range(0, max(count, 1), rows)])
 
 
 def _per_time(cov: Callable[[int, Tensor | None], Tensor], count: int, like: Tensor, differentiable: bool,

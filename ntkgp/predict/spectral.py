@@ -40,15 +40,18 @@ from ntkgp.layers.validation import all_finite, boolean_or_complex, finite_numbe
 from ntkgp.predict.gaussian import refuse_gradient, tensor_kind
 
 
-def regularize(k: Tensor, diag_reg: float | Tensor, absolute: bool = False) -> Tensor:
-    """``k + diag_reg · s · I`` with ``s = trace(k)/N`` (neural-tangents' default) or ``s = 1``."""
+def regularize(k: Tensor, diag_reg: float | Tensor, absolute: bool = False, copy: bool = True) -> Tensor:
+    """``k + diag_reg · s · I`` with ``s = trace(k)/N`` (neural-tangents' default) or ``s = 1``.
+
+    ``copy=False`` raises the diagonal of ``k`` itself, for a kernel that nothing else holds (one
+    ``N × N`` matrix less at the caller's peak; the values are the same bit for bit)."""
     if diag_reg == 0 and not (isinstance(diag_reg, Tensor) and diag_reg.requires_grad):
         return k   # (a zero that requires grad still gets its one-sided gradient)
     n = k.shape[-1]
     scale = diag_reg if absolute else diag_reg * torch.diagonal(k, dim1=-2, dim2=-1).sum(-1, keepdim=True) / n
     # a copy with its diagonal raised in place (autograd follows both): k + diag_embed(...) formed an
     # N × N diagonal matrix besides the sum, which set the peak of a posterior's setup (3 N², not 2)
-    out = k.clone()
+    out = k.clone() if copy else k
     out.diagonal(dim1=-2, dim2=-1).add_(scale)
     return out
 
@@ -741,16 +744,63 @@ def warn_if_unresolved(test_eigen: Tensor | None, right: Tensor, result: Tensor,
     nonsingular to working precision (:func:`is_regular`, the test ``t = None`` applies): then it
     has no exact null directions, and every dropped one is real.
     """
-    if test_eigen is not None and test_eigen.shape[-2] == 0:
-        return
-    untrained = schedule.untrained(eig)                                          # (T, N)
-    if not bool(untrained.any()):
-        return
-    if test_eigen is None:   # the columns of V Λ, without forming it: a regularized duplicate left the
-        # training outputs off Y by 0.83 at t = inf, silently, while t = None fitted them
-        seen = eig.values * torch.linalg.vector_norm(eig.vectors, ord=math.inf, dim=-2)
+    check = UnresolvedCheck(schedule, eig, regular)
+    if test_eigen is None:
+        check.add_training(result)
     else:
-        seen = test_eigen.abs().amax(-2)                                         # (N,)
+        check.add(test_eigen, result)
+    check.warn(right)
+
+
+class UnresolvedCheck:
+    """:func:`warn_if_unresolved` for test points taken in blocks: :meth:`add` each block's
+    ``test_eigen = K*d V`` and result, then :meth:`warn` once. The warning reads two maxima over
+    the test rows alone (each direction's largest ``|K*d v|``, each time's largest output), which
+    accumulate block by block exactly (a maximum of maxima), so it fires on the same condition as
+    for the whole matrix, once. Nothing is accumulated where no direction is untrained at any time
+    (the usual case: no ``(M, N)`` absolute value is formed then)."""
+
+    def __init__(self, schedule: Schedule, eig: Eigensystem, regular: Callable[[], bool]) -> None:
+        self.schedule, self.eig, self.regular = schedule, eig, regular
+        self.untrained = schedule.untrained(eig)                                 # (T, N)
+        self.active = bool(self.untrained.any())
+        self.seen: Tensor | None = None       # (N,): max over the rows so far of |test_eigen|
+        self.largest: Tensor | None = None    # (T,): max over the rows so far of |result[t]|
+        self.outputs = "test"
+
+    def add(self, test_eigen: Tensor, result: Tensor) -> None:
+        """Take in the rows ``test_eigen`` ``(M_b, N)`` and their outputs ``result`` ``(T, M_b, k)``."""
+        if not self.active or test_eigen.shape[-2] == 0:
+            return
+        with torch.no_grad():   # maxima to compare, no graph (t may require grad)
+            seen = test_eigen.abs().amax(-2)
+            largest = result.detach().abs().flatten(1).amax(-1)
+        self.seen = seen if self.seen is None else torch.maximum(self.seen, seen)
+        self.largest = largest if self.largest is None else torch.maximum(self.largest, largest)
+
+    def add_training(self, result: Tensor) -> None:
+        """The training outputs ``result`` ``(T, N, k)``, whose ``K V = V Λ``: the columns of ``V Λ``,
+        without forming it (a regularized duplicate left the training outputs off Y by 0.83 at
+        t = inf, silently, while t = None fitted them)."""
+        if not self.active:
+            return
+        eig = self.eig
+        self.seen = eig.values * torch.linalg.vector_norm(eig.vectors, ord=math.inf, dim=-2)
+        self.largest = result.detach().abs().flatten(1).amax(-1)
+        self.outputs = "training"
+
+    def warn(self, right: Tensor) -> None:
+        """Warn (once) if a dropped direction moves the outputs added (see :func:`warn_if_unresolved`)."""
+        if self.seen is None or self.largest is None:   # nothing untrained, or no test points
+            return
+        _warn_unresolved(self.seen, self.largest, right, self.untrained, self.schedule, self.eig, self.regular,
+                         self.outputs)
+
+
+def _warn_unresolved(seen: Tensor, largest: Tensor, right: Tensor, untrained: Tensor, schedule: Schedule,
+                     eig: Eigensystem, regular: Callable[[], bool], outputs: str) -> None:
+    """:func:`warn_if_unresolved` from its maxima: ``seen`` ``(N,)`` the largest ``|K*d v|`` of each
+    direction, ``largest`` ``(T,)`` the largest output at each time."""
     n = seen.shape[-1]
     # an eigenvalue above sqrt(N) ε λ_max is one the kernel's digits resolve: rounding the entries moves an
     # exact null direction's by ~ε λ_max (30 null eigenvalues of ±2e-6 beside λ_max = 95 for a float32 J Jᵀ
@@ -771,12 +821,11 @@ def warn_if_unresolved(test_eigen: Tensor | None, right: Tensor, result: Tensor,
     flow = torch.where(lam > 0, torch.minimum(tau, 1 / torch.where(lam > 0, lam, 1.0)), tau)   # (T, N)
     per_direction = seen * right.abs().amax(-1)
     bound = torch.where(dropped & (per_direction > 0), flow * per_direction, 0.0).sum(-1)
-    hit = bound > eig.eps ** 0.5 * result.abs().flatten(1).amax(-1)
+    hit = bound > eig.eps ** 0.5 * largest
     if bool(hit.any()):
         first = float(schedule.values[hit].min().detach())   # t may require grad
         when = f"after {first:g} steps and more" if schedule.discrete else f"at t = {first:g}"
         when += "" if schedule.discrete or math.isinf(first) else " and later"
-        outputs = "training" if test_eigen is None else "test"
         warnings.warn(f"{when.capitalize()}, {int(dropped[hit].any(0).sum())} direction(s) of the training kernel "
                       "with eigenvalues below its rounding level (N·ε·λ_max) count as untrained, but move the "
                       f"{outputs} outputs (nearly duplicate training points, training inputs whose norms span decades, "
