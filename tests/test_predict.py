@@ -694,6 +694,18 @@ def _dense_flow(x, y, xt, kind, diag_reg, learning_rate, tau=None, steps=None):
     return op @ y, cov, torch.diagonal(train)
 
 
+def _recording_test_rows(flow, rows: list):
+    """A stand-in for ``type(net).kernel`` that records the rows of each test block's kernel (the
+    training kernel and the covariance's whole ``K**`` aside)."""
+    real_kernel = type(flow.net).kernel
+
+    def recording(self, x1, x2=None, **kwargs):
+        if x1 is not flow.x_factor and (x2 is not None or kwargs.get("diag")):
+            rows.append(x1.shape[0])
+        return real_kernel(self, x1, x2, **kwargs)
+    return recording
+
+
 @pytest.mark.parametrize("kernel", ["ntk", "nngp"])
 def test_finite_time_predictions_take_the_test_points_in_blocks(kernel, monkeypatch):
     """At finite times the whole (M, N) test kernels, K*d V, 2 Vᵀ Kd* and a time's two (N, M) products
@@ -706,13 +718,8 @@ def test_finite_time_predictions_take_the_test_points_in_blocks(kernel, monkeypa
     x, y, xt = torch.randn(12, 3), torch.randn(12, 2), torch.randn(10, 3)
     x, y, xt = x.double(), y.double(), xt.double()
     flow = predict.GradientFlow(_DIAG_NET, x, y, kernel=kernel, learning_rate=0.7, diag_reg=1e-3)
-    rows = []
-    real_kernel = type(_DIAG_NET).kernel
-
-    def recording(self, x1, x2=None, **kwargs):
-        if x1 is not flow.x_factor and (x2 is not None or kwargs.get("diag")):   # K** of the covariance is whole
-            rows.append(x1.shape[0])
-        return real_kernel(self, x1, x2, **kwargs)
+    rows: list[int] = []
+    recording = _recording_test_rows(flow, rows)
 
     t = torch.tensor([0.5, 3.0, 40.0], dtype=torch.float64)
     for when, dense in ((dict(t=t), [dict(tau=0.7 * float(v) / 24) for v in t]),
@@ -765,13 +772,8 @@ def test_blocked_test_points_warn_once_about_unresolved_directions(monkeypatch):
     x, y, xt = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((6, 3), (6,), (7, 3)))
     x[4] = x[1] + 3e-8 * torch.randn(3, generator=gen, dtype=torch.float64)
     flow = predict.GradientFlow(net, x, y)
-    rows = []
-    real_kernel = type(net).kernel
-
-    def recording(self, x1, x2=None, **kwargs):
-        if x1 is not flow.x_factor and (x2 is not None or kwargs.get("diag")):   # K** of the covariance is whole
-            rows.append(x1.shape[0])
-        return real_kernel(self, x1, x2, **kwargs)
+    rows: list[int] = []
+    recording = _recording_test_rows(flow, rows)
 
     # (times, warned): at τ = 1e6/6 the direction still trains, from 1e8 on it counts as untrained
     for when, warned in ((dict(t=1e6), False), (dict(t=[1e6, 1e10]), True), (dict(steps=10**10), True)):
