@@ -826,6 +826,52 @@ def test_flow_regularizes_the_ntk_in_place_only_when_nothing_else_holds_it(monke
     assert torch.equal(flow.nngp_dd, k)
 
 
+def test_flow_leaves_an_ntk_served_by_a_kernel_of_its_own_unchanged(monkeypatch):
+    """Only Layer.kernel builds its NTK anew for the caller: an object serving stored matrices (the
+    predictors take one), or a network whose kernel method caches them, got its own NTK raised by
+    diag_reg in place (1.2 at diag_reg=0.1 here), and a second GradientFlow of it regularized it again;
+    a one-point NTK expanded from a held scalar (which passes is_contiguous) had that scalar raised.
+    ntkgp's own networks keep the in-place saving, to the same values."""
+    torch.manual_seed(7)
+    x, y, xt = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64), torch.randn(4, 3).double()
+    with torch.no_grad():
+        stored = _DIAG_NET.kernel(x)
+    reg = stored.ntk + 0.1 * torch.diagonal(stored.ntk).mean() * torch.eye(6, dtype=torch.float64)
+    held = stored.ntk.clone()
+    expected = predict.GradientFlow(_DIAG_NET, x, y, diag_reg=0.1).predict(xt, t=[1.0, math.inf])
+
+    class Served:
+        def kernel(self, x1, x2=None, diag=False, ntk=True):
+            if x2 is None and not diag and torch.equal(x1, x):
+                return SimpleNamespace(nngp=stored.nngp, ntk=stored.ntk)
+            return _DIAG_NET.kernel(x1, x2, diag=diag, ntk=ntk)
+
+    for _ in range(2):   # the second build must see the matrix as the first did
+        flow = predict.GradientFlow(Served(), x, y, diag_reg=0.1)
+        assert torch.equal(stored.ntk, held)
+        torch.testing.assert_close(flow.dynamics, reg, rtol=1e-15, atol=0)
+        out = flow.predict(xt, t=[1.0, math.inf])
+        torch.testing.assert_close(out.mean, expected.mean, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(out.covariance, expected.covariance, rtol=1e-12, atol=1e-14)
+    scalar = torch.tensor(2.0, dtype=torch.float64)
+    one = SimpleNamespace(kernel=lambda x1, x2=None, diag=False, ntk=True: SimpleNamespace(
+        nngp=torch.full((1, 1), 1.0, dtype=torch.float64), ntk=scalar.expand(1, 1)))
+    predict.GradientFlow(one, x[:1], y[:1], diag_reg=0.5)
+    assert float(scalar) == 2.0
+    # ntkgp's own networks: the NTK is regularized in place (one N × N copy less), to the same values
+    copies = []
+    real_regularize = _FLOW_MODULE.regularize
+
+    def recording(*args, copy=True, **kwargs):
+        copies.append(copy)
+        return real_regularize(*args, copy=copy, **kwargs)
+
+    monkeypatch.setattr(_FLOW_MODULE, "regularize", recording)
+    flow = predict.GradientFlow(_DIAG_NET, x, y, diag_reg=0.1)
+    assert copies == [False]
+    torch.testing.assert_close(flow.dynamics, reg, rtol=1e-15, atol=0)
+
+
 def test_covariance_beyond_memory_is_refused_before_any_kernel(monkeypatch):
     """The (M, M) covariance of 3 million test points (72 TB in float64) cannot fit anywhere: it failed
     only after the training kernel and its factorization, as torch's "can't allocate memory" (or by the

@@ -169,8 +169,12 @@ class GradientFlow:
         # the NTK is kept only regularized: raising its own diagonal, not a copy's, saves one N × N matrix
         # at the setup's peak (3 -> 2 N², the NNGP beside it), unless it shares memory with the NNGP
         # (a network whose NTK is its NNGP), which must stay as it is, or is not a plain matrix (an
-        # expanded constant, whose entries share memory)
-        alone = (kernel == "ntk" and train_kernel.is_contiguous()
+        # expanded constant, whose entries share memory), or comes from a kernel method other than
+        # Layer.kernel, which builds its result anew: an object serving stored matrices (or a Layer
+        # caching its kernels) had its own NTK raised by diag_reg in place, and every later
+        # GradientFlow of it regularized it again
+        alone = (kernel == "ntk" and getattr(net.kernel, "__func__", None) is Layer.kernel
+                 and train_kernel.is_contiguous()
                  and train_kernel.untyped_storage().data_ptr() != k.nngp.untyped_storage().data_ptr())
         self.dynamics = regularize(train_kernel, self.diag_reg, diag_reg_absolute_scale, copy=not alone)
 
