@@ -232,8 +232,7 @@ class GPPosterior:
         """``log p(Y) = Σ_outputs [−½ yᵀ C⁻¹ y − ½ log|C| − (N/2) log 2π]`` (``C`` = prior + noise)."""
         if self.kind == "ntk":
             raise ValueError("The converged-NTK ensemble is not a GP posterior of Y; use 'ntkgp' or 'nngp'.")
-        chol = self._cholesky
-        alpha = cholesky_solve(self.y, chol)
+        chol, alpha = self._cholesky, self._alpha
         n, k = self.y.shape
         logdet = 2 * torch.log(torch.diagonal(chol)).sum()
         return float(-0.5 * (self.y * alpha).sum() - 0.5 * k * logdet - 0.5 * n * k * math.log(2 * math.pi))
@@ -268,7 +267,7 @@ class GPPosterior:
         chol = self._cholesky
         eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
         precision = torch.linalg.solve_triangular(chol, eye, upper=False).square().sum(-2)   # [C⁻¹]_ii = ‖L⁻¹ e_i‖²
-        return self.y - cholesky_solve(self.y, chol) / precision.unsqueeze(-1), precision.reciprocal()
+        return self.y - self._alpha / precision.unsqueeze(-1), precision.reciprocal()
 
 
 def _refuse_training_points(kind: str) -> NoReturn:
