@@ -28,7 +28,13 @@ from ntkgp.layers.validation import finite_number, positive_number
 from ntkgp.predict.gaussian import check_device, check_targets, refuse_gradient, tensor_kind
 from ntkgp.predict.linearized import _check_kernel, _initial_outputs, check_full_kernel
 from ntkgp.predict.odeint import StepLimitError, integrate, rms_norm
-from ntkgp.predict.spectral import check_semi_definite_by_cholesky, check_symmetric, flatten_full_kernel, make_schedule
+from ntkgp.predict.spectral import (
+    check_semi_definite_by_cholesky,
+    check_symmetric,
+    flatten_full_kernel,
+    make_schedule,
+    warn_if_imprecise,
+)
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -91,6 +97,14 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     order drops there, and errors exceed the tolerance (Huber: ``9e-5`` at ``1e-6``). Explicit
     steps need ``η t λ_max(Θ ∇²L)`` of order their number: a stiff problem (a large kernel
     eigenvalue, long times) is cheaper in ``steps``, which are exact.
+
+    The solver's state is summed in float64 whatever ``dtype`` (which sets the kernel products and
+    the loss), the training outputs are the integrated ``f`` and the test outputs ``f_0* − Θ* R`` are
+    formed in float64, so float32 integration keeps its tolerance too on ill-conditioned kernels
+    over long times (eigenvalues down to ``2e-8 λ_max``, ``t = 1e4``: ``8e-6`` against ``100 ε =
+    1.2e-5``; it was ``6e-3`` when the outputs came from a float32 ``R``; docs/numerics.md). A
+    kernel's own float32 rounding is another matter: where it can move the test outputs by more than
+    1 % (estimated from ``R`` as :func:`gradient_descent_mse` does) a ``RuntimeWarning`` says so.
 
     Everything after ``y_train`` is keyword-only, as in :func:`gradient_descent_mse`.
 
@@ -179,18 +193,35 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
 
     eta = schedule.learning_rate
     with torch.set_grad_enabled(differentiable):
+        duals: list[Tensor]
         if schedule.discrete:
             duals = _iterate(gradient, outputs, f0, eta, beta, schedule.values)
+            fits = [outputs(d) for d in duals]
         else:
-            duals = _flow(gradient, kernel, f0, eta, beta, schedule.values, *cast("tuple[float, float]", tolerances),
-                          max_steps, y_shape)   # rtol, atol
-        train = torch.stack([outputs(d) for d in duals])
-        train = schedule.reshape(train, y.dim()).to(out_dtype)
+            # the integrated training outputs, not f_0 − Θ R: R grows like t (its slow modes like r/λ), and
+            # a rounding of ε|R| moves Θ R by ε‖Θ‖‖R‖ (float32, a depth-50 erf kernel, t = 1e4: 1.2e-2 off
+            # against the solver's 8e-6 on f itself; docs/numerics.md)
+            fits, duals = _flow(gradient, kernel, f0, eta, beta, schedule.values,
+                                *cast("tuple[float, float]", tolerances), max_steps, y_shape)   # rtol, atol
+        train = schedule.reshape(torch.stack(fits), y.dim()).to(out_dtype)
         if test_kernel is None:
             return train
         assert isinstance(fx_test_0, Tensor)   # made a tensor with test_kernel above
-        test = torch.stack([fx_test_0 - _times(test_kernel, d, fx_test_0.shape) for d in duals])
+        # in float64 after a float32 integration too (one product per time): R, rounded back to float32,
+        # moved the outputs by ε‖Θ*‖‖R‖ (depth-50 erf kernel, t = 1e4: 2.6e-4; 3e-6 in float64)
+        dual = torch.stack(duals)
+        delta = _test_times(test_kernel, dual, fx_test_0.shape)
+        # the kernels' rounding in dtype (or their own, if coarser) moves the test outputs as it moves
+        # gradient_descent_mse's, through R: by about ε max(d) ‖d ∘ R‖
+        rounding = max(eps, torch.finfo(ntk_train_train.dtype).eps, torch.finfo(cast(Tensor, ntk_test_train).dtype).eps)
+        warn_if_imprecise(dual.reshape(len(duals), kernel.shape[1], -1), delta, kernel.diagonal(),
+                          rounding, schedule, remedy=_IMPRECISE_REMEDY)
+        test = fx_test_0 - delta
         return train, schedule.reshape(test, fx_test_0.dim()).to(out_dtype)
+
+
+_IMPRECISE_REMEDY = ("Compute the kernels in float64 (float64 inputs to net.kernel) and integrate in float64 "
+                     "(dtype=torch.float64, the default).")
 
 
 def _kernels(ntk_train_train: Tensor, y_train: Tensor, ntk_test_train: Tensor | None
@@ -226,6 +257,20 @@ def _times(kernel: Tensor, dual: Tensor, shape: torch.Size) -> Tensor:
     lead = dual.shape[:dual.dim() - len(shape)]
     columns = dual.reshape(*lead, kernel.shape[1], -1)
     return (kernel @ columns).reshape(*lead, -1, *shape[1:])
+
+
+def _test_times(test_kernel: Tensor, duals: Tensor, shape: torch.Size) -> Tensor:
+    """``Θ* R`` in float64 for ``R`` ``(T, *y_shape)`` (float64 from the solver; ``dtype`` from
+    discrete steps): ``(T, *shape)``. A float32 test kernel is widened in row blocks of at most
+    ``2**22`` entries, so no float64 copy of a large one is made whole."""
+    columns = duals.to(torch.float64).reshape(duals.shape[0], test_kernel.shape[1], -1)
+    block = max(1, 2 ** 22 // max(1, test_kernel.shape[1]))
+    if test_kernel.dtype == torch.float64 or test_kernel.shape[0] <= block:
+        product = test_kernel.to(torch.float64) @ columns
+    else:
+        product = torch.cat([test_kernel[start:start + block].to(torch.float64) @ columns
+                             for start in range(0, test_kernel.shape[0], block)], dim=1)
+    return product.reshape(duals.shape[0], *shape)
 
 
 def _loss_gradient(loss: Loss, y: Tensor, f0: Tensor, differentiable: bool) -> Callable[[Tensor], Tensor]:
@@ -287,25 +332,38 @@ def _iterate(gradient, outputs, f0: Tensor, eta: float, beta: float | None, step
 
 
 def _flow(gradient, kernel: Tensor, f0: Tensor, eta: float, beta: float | None, times: Tensor,
-          rtol: float, atol: float, max_steps: int, y_shape: torch.Size) -> list[Tensor]:
-    """``R(t)`` at each of ``times`` from the gradient-flow (or momentum) ODE.
+          rtol: float, atol: float, max_steps: int, y_shape: torch.Size) -> tuple[list[Tensor], list[Tensor]]:
+    """The training outputs ``f(t)`` and ``R(t)`` at each of ``times`` from the gradient-flow (or
+    momentum) ODE.
 
     The state carries the training outputs ``f`` beside ``R`` (and their rates ``v = −Θ p``
     beside ``p``): one product with ``Θ`` per stage, and the error test reads ``f`` (and ``v``)
     directly. Runge–Kutta steps keep linear invariants, so ``f = f_0 − Θ R`` holds to rounding.
     """
+    # The state is summed in float64 whatever the dtype of the kernel products and the loss (O(N k) per
+    # stage against the products' O(N² k)): in float32, R (a sum of thousands of steps, growing like t)
+    # took a rounding of ε|R| at each step and drifted (nothing in dR/dt = η∇L pulls it back), which
+    # moved the test outputs Θ*R by 4e-2 of 1.7 at t = 1e4 for a two-layer ReLU network on 50 points
+    # (now 7e-6; docs/numerics.md)
+    # (the casts are skipped, not made no-ops, in float64: a few µs each per stage showed on small kernels)
+    work, wide = kernel.dtype, kernel.dtype == torch.float64
     if beta is None:
         def rhs(z: Tensor) -> Tensor:   # z = (f, R)
-            g = eta * gradient(z[0])
-            return torch.stack([-_times(kernel, g, y_shape), g])
+            g = eta * gradient(z[0] if wide else z[0].to(work))
+            step = torch.stack([-_times(kernel, g, y_shape), g])
+            return step if wide else step.to(torch.float64)
         z0 = torch.stack([f0, torch.zeros_like(f0)])
         watched = [0]
     else:
         def rhs(z: Tensor) -> Tensor:   # z = (f, R, v, p)
-            g = eta * gradient(z[0])
-            return torch.stack([z[2], z[3], -_times(kernel, g, y_shape) - (1 - beta) * z[2], g - (1 - beta) * z[3]])
+            g = eta * gradient(z[0] if wide else z[0].to(work))
+            pull = -_times(kernel, g, y_shape)
+            if not wide:
+                g, pull = g.to(torch.float64), pull.to(torch.float64)
+            return torch.stack([z[2], z[3], pull - (1 - beta) * z[2], g - (1 - beta) * z[3]])
         z0 = torch.stack([f0] + [torch.zeros_like(f0)] * 3)
         watched = [0, 2]
+    z0 = z0.to(torch.float64)
     base = rms_norm(rtol, atol)
 
     def norm(err: Tensor, z: Tensor, z_new: Tensor) -> float:
@@ -323,8 +381,9 @@ def _flow(gradient, kernel: Tensor, f0: Tensor, eta: float, beta: float | None, 
         raise RuntimeError(f"gradient_descent: {err}. The problem is stiff for an explicit solver (a large "
                            "eigenvalue of Θ times the loss's curvature, or long times): take discrete steps "
                            "(steps=...), which are exact, raise max_steps, or loosen rtol/atol.") from None
-    result: list[Tensor] = [torch.empty(0)] * len(values)
+    fits: list[Tensor] = [torch.empty(0)] * len(values)
+    duals: list[Tensor] = [torch.empty(0)] * len(values)
     for i, state in zip(order, states, strict=True):
-        result[i] = state[1]
-    return result
+        fits[i], duals[i] = state[0], state[1]   # in float64: see gradient_descent's test outputs
+    return fits, duals
 

@@ -850,7 +850,7 @@ IMPRECISE = 1e-2
 
 
 def warn_if_imprecise(coefficients: Tensor, outputs: Tensor, variances: Tensor, eps: float,
-                      schedule: Schedule | None = None) -> None:
+                      schedule: Schedule | None = None, remedy: str | None = None) -> None:
     r"""Warn where rounding of kernels given or factored in float32 can move the test outputs
     ``K*d c`` by more than :data:`IMPRECISE` (1 %) of their size, ``c`` being the dual coefficients
     ``Θ⁻¹(I − e^{−Θτ}) Y`` (``Θ⁻¹ Y`` at ``t = None``; ``(K + σ²I)⁻¹ Y`` for a GP posterior).
@@ -874,7 +874,9 @@ def warn_if_imprecise(coefficients: Tensor, outputs: Tensor, variances: Tensor, 
     Outputs that are exactly 0, or not finite (above the stability limit), are not judged.
 
     ``coefficients`` ``(T, N, k)`` (or ``(N, k)`` for one time), ``outputs`` the matching
-    ``(T, M, k)`` (or ``(M, k)``); ``schedule`` names the times.
+    ``(T, M, k)`` (or ``(M, k)``); ``schedule`` names the times; ``remedy`` replaces the advice
+    (factoring in float64) where the coefficients' own rounding is the cause (:func:`gradient_descent`'s
+    float32 integration: ``ε`` relative errors of ``c`` move the outputs by the same estimate).
     """
     if eps <= torch.finfo(torch.float64).eps or outputs.numel() == 0 or coefficients.numel() == 0:
         return
@@ -894,11 +896,13 @@ def warn_if_imprecise(coefficients: Tensor, outputs: Tensor, variances: Tensor, 
         first = float(schedule.values[hit].min().detach())   # the times need not be sorted
         when = f"After {first:g} steps" if schedule.discrete else f"At t = {first:g}"
         when += (" and more" if schedule.discrete else "" if math.isinf(first) else " and later") + ", t"
+    if remedy is None:
+        remedy = ("Compute and factor the kernels in float64 (float64 inputs to net.kernel; "
+                  "factor_dtype=torch.float64, the predictors' default), or regularize more (diag_reg, noise).")
     warnings.warn(f"{when}he test outputs depend on the kernels' last digits: their rounding ({eps:.1e} of each "
                   f"entry) can move them by about {100 * relative:.2g} % of their size, through dual coefficients "
-                  "Θ⁻¹(I − e^{−Θτ})Y that this ill-conditioned kernel makes large. Compute and factor the kernels in "
-                  "float64 (float64 inputs to net.kernel; factor_dtype=torch.float64, the predictors' default), or "
-                  "regularize more (diag_reg, noise).", RuntimeWarning, stacklevel=caller_stacklevel())
+                  f"Θ⁻¹(I − e^{{−Θτ}})Y that this ill-conditioned kernel makes large. {remedy}", RuntimeWarning,
+                  stacklevel=caller_stacklevel())
 
 
 def warn_if_unstable(learning_rate: float, limit: float, *dtypes: torch.dtype, covariance: bool = True) -> None:
