@@ -178,20 +178,22 @@ def test_a_layers_own_centred_or_pair_kernel_is_used_after_it():
         state = ntkgp.serial(ntkgp.Dense(1, 1.5, 0.1), layer).kernel_map(ntkgp.layers.state.KernelState.from_inputs(x))
         return state.centred()
 
-    def same(got, want):
-        # bitwise off the diagonal; on it the layer's values come from the self-pair formula and here from
-        # the pair formula at k12 = k11, an ulp apart on some CPUs (3.5e-16 and 4.1e-16 measured)
+    def same(got, want, want_diagonal):
+        # bitwise: off the diagonal against the pair formulas on the matrix, on it against the same
+        # formulas on the vector of variances, as the layer computes its diagonal (torch's vectorized
+        # functions round a 4-vector and a 4 × 4 matrix an ulp apart on some CPUs: 3.5e-16 measured)
         off = ~torch.eye(4, dtype=torch.bool)
         torch.testing.assert_close(got[off], want[off], rtol=0, atol=0)
-        torch.testing.assert_close(got.diagonal(), want.diagonal(), rtol=4 * torch.finfo(torch.float64).eps, atol=0)
+        torch.testing.assert_close(got.diagonal(), want_diagonal, rtol=0, atol=0)
 
     torch.testing.assert_close(centred(Shifted())[0], centred(ntkgp.ReLU())[0] + 0.01, rtol=0, atol=0)
     state = ntkgp.Dense(1, 1.5, 0.1).kernel_map(ntkgp.layers.state.KernelState.from_inputs(x))
-    k11, k12, k22 = state.k11, state.nngp, state.k22
+    k11, k12, k22, k = state.k11, state.nngp, state.k22, state.cov1
     scaled = Scaled()   # GELU's centred kernel takes T where |ρ| > 1/2: the scaled one
     want = ntkgp.GELU().centred_pair_kernel(k11, k12, k22, scaled.pair_kernel(k11, k12, k22, False)[0])
-    same(centred(scaled)[0], want)
+    same(centred(scaled)[0], want, ntkgp.GELU().centred_pair_kernel(k, k, k, scaled.pair_kernel(k, k, k, False)[0]))
     relu = ntkgp.ReLU()   # set on the instance (benchmarks/layernorm.py's baseline)
     relu.centred_pair_kernel = lambda k11, k12, k22, nngp: nngp - relu.mean(k11) * relu.mean(k22)
     want = relu.pair_kernel(k11, k12, k22, False)[0] - relu.mean(k11) * relu.mean(k22)
-    same(centred(relu)[0], want)   # ReLU's own centred kernel is 2e-16–6e-16 off this one, off the diagonal too
+    # (ReLU's own centred kernel is 2e-16–6e-16 off this one, off the diagonal too)
+    same(centred(relu)[0], want, relu.variance(k) - relu.mean(k) * relu.mean(k))

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from ntkgp._checks import NT_GET_HINT, check_flag, integer_at_least, neural_tangents_keywords, seed_value
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.numerics import _is_compiling, transforms_active
-from ntkgp.layers.state import BatchedDuplicates, DiagonalDuplicates, Duplicates, KernelState
+from ntkgp.layers.state import BatchedDuplicates, DiagonalDuplicates, Duplicates, KernelState, inputs_fixed
 from ntkgp.layers.validation import all_finite, broadcast_shapes, check_inputs, usable_device
 from ntkgp.layers.variance import VarianceParameters
 
@@ -280,8 +280,8 @@ class Layer(VarianceParameters, gpytorch.Module):
         # fixed inputs the twins' entries also take the derivatives of their representative's (_values_only)
         if duplicates is None or x2 is not None:
             return state
-        fixed = not (x1.requires_grad or transforms_active())
-        return cast("Duplicates | BatchedDuplicates", duplicates).canonical(state.replace(fixed_inputs=fixed))
+        joined = state.replace(fixed_inputs=inputs_fixed(x1))
+        return cast("Duplicates | BatchedDuplicates", duplicates).canonical(joined)
 
     def to_random_module(self) -> Layer:
         """GPyTorch's random copy of this module (as ``pyro_sample_from_prior`` makes it), with every

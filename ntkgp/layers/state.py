@@ -462,11 +462,10 @@ class KernelState(Generic[_NTK]):
         if symmetric is None:
             symmetric = x2 is None
         none = cast(Tensor, None)   # no kernels yet: x1 and x2 stand for them
-        fixed = not (x1.requires_grad or (x2 is not None and x2.requires_grad) or transforms_active())
         return cls(nngp=none, ntk=x1.new_zeros(()) if want_ntk else None, cov1=none, cov2=none,
                    width=x1.shape[-1], diag=diag, symmetric=symmetric, x1=x1,
                    x2=x1 if x2 is None else x2, row_offset=row_offset, sq_norms=sq_norms, duplicates=duplicates,
-                   fixed_inputs=fixed)
+                   fixed_inputs=inputs_fixed(x1, x2))
 
     @property
     def is_input(self) -> bool:
@@ -581,6 +580,12 @@ class KernelState(Generic[_NTK]):
         cols = slice(self.row_offset, self.row_offset + n_rows)
         cov1 = self.cov1 if self.cov2 is self.cov1 else self.cov2[..., cols]
         return self.replace(nngp=with_self_pairs(self, self.nngp, cov1), cov1=cov1)
+
+
+def inputs_fixed(x1: Tensor, x2: Tensor | None = None) -> bool:
+    """Whether no derivatives are taken in the inputs: neither requires grad and no forward-mode or
+    ``torch.func`` transform is active (:attr:`KernelState.fixed_inputs`)."""
+    return not (x1.requires_grad or (x2 is not None and x2.requires_grad) or transforms_active())
 
 
 def with_twin_derivatives(state: KernelState, matrix: Tensor, variance_map: Callable[[Tensor], Tensor]) -> Tensor:

@@ -165,20 +165,13 @@ def _sample_variance(name: str, module: VarianceParameters, value: Tensor) -> No
     still becomes the value (exact in float64) and ``raw = log(value) - log(anchor)`` replaces the
     parameter: zero, so the kernel sees the value exactly, with ``∂raw/∂value = 1/value``.
     """
+    module.set_variance(name, value.detach())   # the anchor, validated and exact in float64
     raw = getattr(module, f"raw_{name}")
-    constraint = getattr(module, f"raw_{name}_constraint")
-    anchor = check_variance(name, value)   # validated, detached, float64
-    try:
-        anchor = anchor.expand(raw.shape).clone()
-    except RuntimeError as err:
-        raise ValueError(f"{name} must broadcast to shape {tuple(raw.shape)}, "
-                         f"got shape {tuple(anchor.shape)}.") from err
-    constraint.anchor = anchor.to(constraint.anchor.device)
-    # a zero variance (pinned) keeps raw = 0 without the log's infinite derivative at 0
-    positive = constraint.anchor.to(device=raw.device, dtype=raw.dtype) > 0
+    anchor = getattr(module, f"raw_{name}_constraint").anchor.to(device=raw.device, dtype=raw.dtype)
     sampled = value.to(device=raw.device, dtype=raw.dtype).expand(raw.shape)
-    log_ratio = (torch.log(torch.where(positive, sampled, torch.ones_like(sampled)))
-                 - torch.log(torch.where(positive, constraint.anchor.to(sampled), torch.ones_like(sampled))))
+    # a zero variance (pinned) keeps raw = 0 without the log's infinite derivative at 0
+    positive, ones = anchor > 0, torch.ones_like(sampled)
+    log_ratio = torch.log(torch.where(positive, sampled, ones)) - torch.log(torch.where(positive, anchor, ones))
     module.initialize(**{f"raw_{name}": log_ratio})
 
 

@@ -33,6 +33,7 @@ from ntkgp.predict.spectral import (
     check_symmetric,
     flatten_full_kernel,
     make_schedule,
+    rounding_eps,
     warn_if_imprecise,
 )
 
@@ -213,7 +214,8 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
         delta = _test_times(test_kernel, dual, fx_test_0.shape)
         # the kernels' rounding in dtype (or their own, if coarser) moves the test outputs as it moves
         # gradient_descent_mse's, through R: by about ε max(d) ‖d ∘ R‖
-        rounding = max(eps, torch.finfo(ntk_train_train.dtype).eps, torch.finfo(cast(Tensor, ntk_test_train).dtype).eps)
+        rounding = max(rounding_eps(kernel, ntk_train_train.dtype),
+                       rounding_eps(test_kernel, cast(Tensor, ntk_test_train).dtype))
         warn_if_imprecise(dual.reshape(len(duals), kernel.shape[1], -1), delta, kernel.diagonal(),
                           rounding, schedule, remedy=_IMPRECISE_REMEDY)
         test = fx_test_0 - delta

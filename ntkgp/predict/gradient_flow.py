@@ -61,6 +61,7 @@ from ntkgp.predict.spectral import (
     regularize,
     spectral_apply,
     stability_limit,
+    warn_if_flow_imprecise,
     warn_if_imprecise,
     warn_if_unstable,
 )
@@ -393,10 +394,8 @@ class GradientFlow:
         if terms is None:
             warn_if_imprecise(self._dual, mean, self.dynamics.diagonal(), torch.finfo(self.factor_dtype).eps)
             return
-        eig = self.eigensystem
-        if eig.eps > torch.finfo(torch.float64).eps:   # (warn_if_imprecise judges coarser kernels only)
-            dual = eig.vectors @ (terms.flow.detach().unsqueeze(-1) * self._y_eigen)   # V diag(flow) Vᵀ y
-            warn_if_imprecise(dual, mean, self.dynamics.diagonal(), eig.eps, terms.check.schedule)
+        warn_if_flow_imprecise(self.eigensystem, terms.flow, self._y_eigen, mean, self.dynamics.diagonal(),
+                               terms.check.schedule)
 
     def _infinite(self, kernels: dict | None, mode: str | None) -> tuple[Tensor, Tensor | None]:
         if kernels is None:  # the training outputs converge to the targets, if the kernel can fit them

@@ -35,6 +35,7 @@ from ntkgp.predict.spectral import (
     regularize,
     rounding_eps,
     stability_limit,
+    warn_if_flow_imprecise,
     warn_if_imprecise,
     warn_if_unresolved,
     warn_if_unstable,
@@ -187,9 +188,7 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
             delta = matrix_function_product(kernel, eig, schedule, 2, slopes[1], flat, test_eigen, left)
             with torch.no_grad():
                 warn_if_unresolved(test_eigen, right, delta, schedule, eig, regular)
-                if eig.eps > torch.finfo(torch.float64).eps:   # (warn_if_imprecise judges coarser kernels only)
-                    dual = eig.vectors @ (schedule.functions(eig)[2].unsqueeze(-1) * right)   # V diag(flow) Vᵀ y
-                    warn_if_imprecise(dual, delta, kernel.diagonal(), eig.eps, schedule)
+                warn_if_flow_imprecise(eig, schedule.functions(eig)[2], right, delta, kernel.diagonal(), schedule)
             # the number of times, not -1: an empty test set has no entries to infer it from
             test = fx_test_0.to(factor_dtype) - delta.reshape(delta.shape[0], *fx_test_0.shape)
             test = schedule.reshape(test, fx_test_0.dim())

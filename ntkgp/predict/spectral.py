@@ -920,6 +920,15 @@ def warn_if_imprecise(coefficients: Tensor, outputs: Tensor, variances: Tensor, 
                   stacklevel=caller_stacklevel())
 
 
+def warn_if_flow_imprecise(eig: Eigensystem, flow: Tensor, right: Tensor, outputs: Tensor, variances: Tensor,
+                           schedule: Schedule) -> None:
+    """:func:`warn_if_imprecise` at the ``schedule``'s times, with the flow's dual coefficients
+    ``V diag(flow[t]) Vᵀ Y`` (``right = Vᵀ Y``), formed only for a kernel that carries a coarser
+    rounding than float64's (``eig.eps``; the only kernels judged)."""
+    if eig.eps > torch.finfo(torch.float64).eps:
+        warn_if_imprecise(spectral_apply(eig.vectors, flow.detach(), right), outputs, variances, eig.eps, schedule)
+
+
 def warn_if_unstable(learning_rate: float, limit: float, *dtypes: torch.dtype, covariance: bool = True) -> None:
     """Discrete gradient descent at ``η ≥ 2m/λ_max`` does not converge: the top mode oscillates
     with factor ``1 − ηλ_max/m ≤ −1`` (and grows above the limit).
