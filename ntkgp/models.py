@@ -58,7 +58,9 @@ class NetworkGP(gpytorch.models.ExactGP):
     r"""Exact GP regression whose covariance is a network's NNGP or NTK kernel.
 
     With ``kernel="nngp"`` this is exact Bayesian inference in an infinitely wide network
-    (Lee et al. 2018); with ``"ntk"`` it is the NTK-GP (He et al. 2020). The weight and bias
+    (Lee et al. 2018); with ``"ntk"`` it is the NTK-GP (He et al. 2020), the posterior that
+    :func:`ntkgp.predict.gp_posterior` calls ``kernel="ntkgp"`` (its ``kernel="ntk"`` is the trained
+    ensemble at ``t = ∞``: the same mean, another covariance). The weight and bias
     variances of every layer and the noise variance are learnable by maximizing the exact
     marginal likelihood (:func:`fit`).
 
@@ -124,7 +126,9 @@ class NetworkGP(gpytorch.models.ExactGP):
                  likelihood: gpytorch.likelihoods.Likelihood | None = None, mean: str = "zero",
                  **mlp_kwargs) -> None:
         if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}.")
+            # gp_posterior's names differ: its "ntkgp" is this "ntk" (a GP with the NTK as covariance)
+            hint = (" The NTK-GP, gp_posterior's kernel='ntkgp', is kernel='ntk' here." if kernel == "ntkgp" else "")
+            raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}.{hint}")
         if net is not None and not isinstance(net, Layer):
             # refused by the kernel built from it, which named NNGPKernel (the default kernel=), not net:
             # NetworkGP(x, y, ntkgp.NTKKernel(spec)) read "NNGPKernel needs an ntkgp network, got NTKKernel"

@@ -362,6 +362,32 @@ def test_hand_built_gaussians_are_checked_by_every_consumer():
         bayes.misclassification_auroc(np.eye(3)[[0, 1, 2, 0]], -np.ones(4), [0, 1, 2, 1])
 
 
+def test_a_network_gp_prediction_is_refused_with_the_way_to_export_it():
+    """A fitted NetworkGP predicts a GPyTorch MultivariateNormal; the exports said only "Expected an
+    ntkgp.predict.Gaussian, got MultivariateNormal", and gp_posterior refused the model's noise
+    (it requires grad) without saying how to pass its value. Followed, both hints give the same
+    predictive moments."""
+    x, y = _regression(12)
+    model = ntkgp.models.NetworkGP(x, y, _net())
+    model.likelihood.noise = 0.05
+    model.eval()
+    with torch.no_grad():
+        pred = model(x[:5])
+    hint = r"got MultivariateNormal\. .*ntkgp\.predict\.Gaussian\(pred\.mean, pred\.covariance_matrix\)"
+    for call in (lambda: bayes.gaussian_to_inference_data(pred, y[:5], 0.05),
+                 lambda: bayes.sample_outputs(pred, 10), lambda: bayes.predictive_moments(pred, 0.05)):
+        with pytest.raises(ValueError, match=hint):
+            call()
+    with pytest.raises(ValueError, match=r"for its value pass noise\.detach\(\)"):
+        ntkgp.predict.gp_posterior(model.net, x, y, x[:5], noise=model.likelihood.noise)
+    noise = model.likelihood.noise.detach()
+    wrapped = bayes.predictive_moments(Gaussian(pred.mean, pred.covariance_matrix), noise)
+    ours = bayes.predictive_moments(ntkgp.predict.gp_posterior(model.net, x, y, x[:5], noise=noise), noise)
+    # two float64 Cholesky solves of one 12 x 12 system (GPyTorch's and ntkgp's)
+    for a, b in zip(wrapped, ours, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_sampling_a_singular_covariance():
     """Rank-one covariance (a Cholesky factorization would fail): draws lie on its range."""
     v = torch.tensor([1.0, 2.0, -1.0])

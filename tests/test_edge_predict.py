@@ -158,6 +158,35 @@ def test_invalid_tangent_kernels_and_rates_are_refused():
     assert predict.max_learning_rate(torch.zeros(3, 3)) == math.inf
 
 
+def test_functions_of_kernel_matrices_say_what_to_pass_for_a_spec_or_its_kernel_state():
+    """Every other function of ntkgp.predict takes the spec, so max_learning_rate(net) and
+    gradient_descent_mse(net.kernel(x), y) are natural mistakes, refused with only "got Serial" or
+    "got KernelState". The hint names the matrix to pass, and that matrix gives GradientFlow's limit."""
+    x = _x(5, 3)
+    y = torch.sin(x.sum(-1))
+    state = NET.kernel(x)
+    with pytest.raises(ValueError, match=r"got Serial\. .*GradientFlow\(net, x_train, y_train\)\.max_learning_rate"):
+        predict.max_learning_rate(NET)
+    with pytest.raises(ValueError, match=r"got Serial\. Pass a kernel matrix, such as net\.kernel\(x_train\)\.ntk; "
+                                         r".*ntkgp\.predict\.gradient_flow"):
+        predict.gradient_descent_mse(NET, y, t=1.0)
+
+    def loss(f, target):
+        return 0.5 * ((f - target) ** 2).sum()
+
+    test_state = NET.kernel(x[:2], x)
+    for call in (lambda: predict.max_learning_rate(state),
+                 lambda: predict.gradient_descent_mse(state, y, t=1.0),
+                 lambda: predict.gradient_descent_mse(state.ntk, y, ntk_test_train=test_state, fx_test_0=0.0, t=1.0),
+                 lambda: predict.gradient_descent(loss, state, y, t=1.0),
+                 lambda: predict.gradient_descent(loss, state.ntk, y, ntk_test_train=test_state, fx_test_0=0.0, t=1.0)):
+        with pytest.raises(ValueError, match=r"got KernelState\. Pass one of its matrices: net\.kernel\(\.\.\.\)\.ntk"):
+            call()
+    # the matrix the hint names is the right one: one eigendecomposition of the same kernel, so to rounding
+    assert predict.max_learning_rate(state.ntk) == pytest.approx(predict.GradientFlow(NET, x, y).max_learning_rate,
+                                                                 rel=1e-12)
+
+
 def test_variances_are_clamped_at_zero_where_the_data_pin_a_point():
     """At a test point that repeats a training point the t = ∞ variance is 0, which rounding left
     at −2e-15 K** (its square root NaN). The covariance itself is returned as computed."""

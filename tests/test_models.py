@@ -657,6 +657,31 @@ def test_network_gp_names_its_net_argument_when_given_something_else():
         NetworkGP(x, y, "relu")
 
 
+def test_network_gp_names_gp_posteriors_ntkgp_its_ntk():
+    """gp_posterior calls the NTK-GP kernel='ntkgp', NetworkGP calls it kernel='ntk'; NetworkGP(kernel=
+    'ntkgp') said only "must be one of ['nngp', 'ntk']". The two are the same posterior (mean and
+    variance; the covariance of gp_posterior's 'ntk' differs), as the hint and the docstring say."""
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = torch.sin(x[:, 0])
+    with pytest.raises(ValueError, match=r"got 'ntkgp'\. The NTK-GP, gp_posterior's kernel='ntkgp', is kernel='ntk'"):
+        NetworkGP(x, y, kernel="ntkgp")
+    net = ntkgp.mlp(2, "erf", 2.0, 0.1)
+    model = NetworkGP(x, y, net, kernel="ntk")
+    model.likelihood.noise = 0.01
+    model.eval()
+    xt = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        latent = model(xt)
+    noise = float(model.likelihood.noise.detach())   # the value the softplus round trip stored
+    ntkgp_post = ntkgp.predict.gp_posterior(net, x, y, xt, kernel="ntkgp", noise=noise)
+    converged = ntkgp.predict.gp_posterior(net, x, y, xt, kernel="ntk", noise=noise)
+    # float64 Cholesky solves of one well-conditioned 8 x 8 matrix, two implementations
+    torch.testing.assert_close(latent.mean, ntkgp_post.mean, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(latent.variance, ntkgp_post.variance, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(latent.mean, converged.mean, rtol=1e-9, atol=1e-9)
+    assert float((latent.variance - converged.variance).abs().max()) > 1e-3
+
+
 def test_kernel_level_ard_is_refused_in_favour_of_the_first_layer():
     with pytest.raises(ValueError, match="ard_num_dims"):
         ntkgp.NNGPKernel(ntkgp.mlp(1, "relu", 2.0, 0.1), ard_num_dims=3)

@@ -45,10 +45,22 @@ def select_time(gaussian: _G, time_index: TimeIndex = None) -> _G:
     return cast(_G, _select_time(gaussian, time_index)[0])   # covariance or variances stay None where they were
 
 
+def _gpytorch_hint(value: object) -> str:
+    """How to pass a GPyTorch prediction (``NetworkGP``'s ``model(x)``, a ``MultivariateNormal``):
+    the refusal alone did not say that one output wraps as it is."""
+    if not hasattr(value, "covariance_matrix") or not hasattr(value, "mean"):
+        return ""
+    return (" For a GPyTorch prediction of one output (a NetworkGP's model(x_test)) pass "
+            "ntkgp.predict.Gaussian(pred.mean, pred.covariance_matrix); for vector targets, whose multitask "
+            "covariance is K ⊗ I, predict with ntkgp.predict.gp_posterior(model.net, ..., "
+            "noise=model.likelihood.noise.detach()).")
+
+
 def _select_time(gaussian: Gaussian, time_index: TimeIndex) -> tuple[Gaussian, tuple[int, ...] | None]:
     """:func:`select_time`, and the time picked as non-negative integers (``None`` without time axes)."""
     if not isinstance(gaussian, Gaussian):
-        raise ValueError(f"Expected an ntkgp.predict.Gaussian, got {type(gaussian).__name__}.")
+        raise ValueError(f"Expected an ntkgp.predict.Gaussian, got {type(gaussian).__name__}."
+                         + _gpytorch_hint(gaussian))
     marginal = gaussian.covariance is None and gaussian.marginal is not None
     if gaussian.covariance is None and not marginal:
         raise ValueError("This Gaussian has no covariance: predict with compute_cov=True (or 'diag', for the "

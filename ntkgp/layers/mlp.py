@@ -59,8 +59,11 @@ def make_activation(name: str | Layer) -> Layer:
     try:
         return ACTIVATIONS[name.lower()]()
     except (KeyError, AttributeError):
+        # torch.tanh or nn.Tanh() is the natural first try; "pass a layer" did not say which one takes it
+        hint = (": wrap a torch function or module as ntkgp.Numerical(fn), e.g. "
+                "activation=ntkgp.Numerical(torch.tanh) (its kernel by quadrature)" if callable(name) else "")
         raise ValueError(f"Unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)} "
-                         "or pass a layer.") from None
+                         f"or pass a layer{hint}.") from None
 
 
 def mlp(

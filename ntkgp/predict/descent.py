@@ -25,7 +25,7 @@ from ntkgp._checks import NT_TRACE_AXES_KERNEL_HINT, integer_at_least, neural_ta
 from ntkgp._typing import Steps, Times
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.validation import finite_number, positive_number
-from ntkgp.predict.gaussian import check_device, check_targets, refuse_gradient, tensor_kind
+from ntkgp.predict.gaussian import check_device, check_targets, kernel_matrix_error, refuse_gradient, tensor_kind
 from ntkgp.predict.linearized import _check_kernel, _initial_outputs, check_full_kernel
 from ntkgp.predict.odeint import StepLimitError, integrate, rms_norm
 from ntkgp.predict.spectral import (
@@ -242,7 +242,7 @@ def _kernels(ntk_train_train: Tensor, y_train: Tensor, ntk_test_train: Tensor | 
     test_kernel = None
     if ntk_test_train is not None:
         if not isinstance(ntk_test_train, Tensor):
-            raise ValueError(f"ntk_test_train must be a floating-point tensor, got {tensor_kind(ntk_test_train)}.")
+            raise kernel_matrix_error(ntk_test_train, "ntk_test_train")
         check_device(ntk_test_train, "ntk_test_train", ntk_train_train.device, "ntk_train_train")
         _check_kernel(ntk_test_train, "ntk_test_train")
         expected = "(M, N, k, k)" if full else "(M, N)"

@@ -14,6 +14,7 @@ from typing_extensions import TypeVar  # default= (PEP 696) before Python 3.13
 
 from ntkgp._checks import check_flag
 from ntkgp.layers.base import Layer, NonFiniteKernelError, variance_batch_shapes
+from ntkgp.layers.state import KernelState
 from ntkgp.layers.validation import all_finite, check_points, finite_number
 
 #: The types of :attr:`Gaussian.covariance` and :attr:`Gaussian.variance`: each ``Tensor`` or ``None``
@@ -285,6 +286,24 @@ def check_factor_dtype(value: object) -> torch.dtype:
 def tensor_kind(value: object) -> str:
     """What ``value`` is, for an error message: a tensor's dtype, otherwise its type's name."""
     return str(value.dtype) if isinstance(value, Tensor) else type(value).__name__
+
+
+#: What to do instead of passing a network spec to a function of kernel matrices.
+SPEC_FOR_KERNEL_ADVICE = ("squared-loss predictions from the spec itself are ntkgp.predict.gradient_flow "
+                          "(GradientFlow) and gp_posterior")
+
+
+def kernel_matrix_error(value: object, name: str, spec_advice: str = SPEC_FOR_KERNEL_ADVICE) -> ValueError:
+    """The refusal of ``value`` where the kernel matrix ``name`` is expected. The two likeliest
+    mistakes get a hint, since "got Serial" or "got KernelState" alone did not say which tensor
+    to pass: the ``KernelState`` that ``net.kernel`` returns (pass one of its matrices), and the
+    network spec, which the predictors of ``ntkgp.predict`` take but these functions do not."""
+    message = f"{name} must be a floating-point tensor, got {tensor_kind(value)}."
+    if isinstance(value, KernelState):
+        message += " Pass one of its matrices: net.kernel(...).ntk (or .nngp)."
+    elif isinstance(value, Layer):
+        message += f" Pass a kernel matrix, such as net.kernel(x_train).ntk; {spec_advice}."
+    return ValueError(message)
 
 
 def refuse_gradient(value: object, name: str, advice: str) -> None:

@@ -22,7 +22,13 @@ from torch import Tensor
 from ntkgp._checks import NT_TRACE_AXES_KERNEL_HINT, check_flag, neural_tangents_keywords
 from ntkgp._typing import Steps, Times
 from ntkgp.layers.validation import all_finite, boolean_or_complex
-from ntkgp.predict.gaussian import check_device, check_factor_dtype, check_non_negative, check_targets, tensor_kind
+from ntkgp.predict.gaussian import (
+    check_device,
+    check_factor_dtype,
+    check_non_negative,
+    check_targets,
+    kernel_matrix_error,
+)
 from ntkgp.predict.spectral import (
     Eigensystem,
     check_symmetric,
@@ -244,7 +250,7 @@ def check_full_kernel(ntk_train_train: Tensor, y_train: Tensor) -> tuple[int, in
 
 def _check_kernel(kernel: Tensor, name: str) -> None:
     if not isinstance(kernel, Tensor) or not kernel.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {tensor_kind(kernel)}.")
+        raise kernel_matrix_error(kernel, name)
     if not all_finite(kernel):
         raise ValueError(f"{name} contains NaN or infinite values.")
 

@@ -93,7 +93,8 @@ class GPPosterior:
         if kernel not in POSTERIORS:
             raise ValueError(f"kernel must be one of {POSTERIORS}, got {kernel!r}.")
         refuse_gradient(noise, "noise", " here (the kernels are computed without autograd): for a differentiable "
-                        "posterior use ntkgp.models.NetworkGP.")
+                        "posterior use ntkgp.models.NetworkGP; for its value pass noise.detach() (a fitted "
+                        "NetworkGP's: model.likelihood.noise.detach()).")
         self.kind, self.noise = kernel, check_non_negative("noise", noise)
         if kernel == "ntk":   # its GradientFlow records the hyperparameters and checks them
             self._flow = GradientFlow(net, x_train, y_train, kernel="ntk", diag_reg=self.noise,

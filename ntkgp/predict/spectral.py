@@ -37,7 +37,7 @@ from ntkgp._typing import Steps, Times
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.numerics import horner
 from ntkgp.layers.validation import all_finite, boolean_or_complex, finite_number, positive_number
-from ntkgp.predict.gaussian import refuse_gradient, tensor_kind
+from ntkgp.predict.gaussian import kernel_matrix_error, refuse_gradient
 
 
 def regularize(k: Tensor, diag_reg: float | Tensor, absolute: bool = False, copy: bool = True) -> Tensor:
@@ -611,7 +611,10 @@ def max_learning_rate(ntk_train_train: Tensor, y_train_size: int | None = None, 
     is the ``(N k, N k)`` kernel of the flattened outputs, and ``m`` defaults to ``N k``.
     """
     if not isinstance(ntk_train_train, Tensor) or not ntk_train_train.is_floating_point():
-        raise ValueError(f"ntk_train_train must be a floating-point tensor, got {tensor_kind(ntk_train_train)}.")
+        # the spec itself is the likeliest mistake: every other function of ntkgp.predict takes it
+        raise kernel_matrix_error(ntk_train_train, "ntk_train_train",
+                                  "for the spec itself, ntkgp.predict.GradientFlow(net, x_train, y_train)"
+                                  ".max_learning_rate is this limit")
     k = ntk_train_train.detach()
     shape = tuple(k.shape)
     if k.dim() == 4 and shape[0] == shape[1] and shape[2] == shape[3]:
