@@ -757,6 +757,9 @@ def test_hyperparameter_batches_that_do_not_broadcast_with_the_inputs_raise():
     # a sum with an activation's branch is not Gaussian: no activation directly after it
     (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(ntkgp.Dense(3), ntkgp.ReLU()), ntkgp.Erf()),
      "Gaussian inputs"),
+    # a concatenation of Dense branches: "put a Dense layer before it" alone misled, one was there
+    (lambda: ntkgp.serial(ntkgp.parallel(ntkgp.Dense(3), ntkgp.Dense(3), join="concat"), ntkgp.ReLU()),
+     r"Gaussian inputs .* a concatenation of several branches are not\. Put a Dense layer right before it\.$"),
     # a residual on the raw inputs keeps their fixed width: a Dense after it is not Gaussian in the limit
     (lambda: ntkgp.serial(ntkgp.residual(ntkgp.Dense(3)), ntkgp.Dense(3), ntkgp.ReLU()), "raw inputs"),
     (lambda: ntkgp.serial(ntkgp.Dense(3), ntkgp.parallel(ntkgp.ReLU(), ntkgp.Identity())), "independent"),

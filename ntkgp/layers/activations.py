@@ -129,8 +129,11 @@ class Activation(Layer):
 
     def kernel_map(self, state: KernelState) -> KernelState:
         if not state.is_gaussian:
-            raise ValueError(f"{type(self).__name__} needs Gaussian inputs: put a Dense layer before it "
-                             "(its kernel is an expectation over centred Gaussian pre-activations).")
+            # "put a Dense layer before it" alone misled where one was there, before a join
+            raise ValueError(f"{type(self).__name__} needs Gaussian inputs (its kernel is an expectation over "
+                             "centred Gaussian pre-activations): a Dense layer's outputs, or a sum of such branches, "
+                             "are; the raw inputs, an activation's outputs, a product of branches and a "
+                             "concatenation of several branches are not. Put a Dense layer right before it.")
         want_ntk = state.ntk is not None
         if state.diag and state.symmetric:
             cov = self.variance(state.cov1)
