@@ -12,6 +12,7 @@ and the ratios ``eager / nt`` and ``compiled / nt`` (target: at most 0.5). Times
 of three calls after a warm-up; memory is the peak resident-set increase during those calls.
 
     python benchmarks/kernels.py --nt-python /path/to/nt-venv/bin/python
+    python benchmarks/kernels.py --activation gelu --normal-scale 3 --d 10 --depth 2 --no-compile
 """
 
 from __future__ import annotations
@@ -70,18 +71,26 @@ def main() -> None:
     parser.add_argument("--nt-python", default=os.environ.get("NTKGP_NT_PYTHON"),
                         help="interpreter with neural-tangents installed (optional)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile path")
+    parser.add_argument("--activation", default="relu", help="of the MLP (neural-tangents' side: relu only)")
+    parser.add_argument("--normal-scale", type=float, help="standard normal inputs times this scale instead of "
+                        "uniform ones in [0, 1) (GELU's near-opposite pairs need inputs of both signs)")
     args = parser.parse_args()
+    if args.nt_python and args.activation != "relu":
+        print("neural-tangents' kernels are ReLU ones: its columns are left out for another activation.")
+        args.nt_python = None
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; depth-{args.depth} ReLU, d={args.d}, "
-          "NNGP+NTK, full symmetric matrix")
+    inputs = "uniform in [0, 1)" if args.normal_scale is None else f"{args.normal_scale:g} × standard normal"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; depth-{args.depth} {args.activation}, "
+          f"d={args.d}, inputs {inputs}, NNGP+NTK, full symmetric matrix")
     header = (f"{'dtype':8} {'N':>5} {'x@xT s':>8} {'eager s':>8} {'MiB':>6} {'compile 1st s':>13} "
               f"{'compiled s':>10} {'nt 1st s':>9} {'nt s':>7} {'nt MiB':>7} {'eager/nt':>8} {'compiled/nt':>11}")
     print(header)
     for dtype in (torch.float32, torch.float64):
         for n in args.sizes:
             torch.manual_seed(0)
-            x = torch.rand(n, args.d, dtype=dtype)
-            net = ntkgp.mlp(args.depth, "relu", 2.0, 0.01, width=512)
+            x = (torch.rand(n, args.d, dtype=dtype) if args.normal_scale is None
+                 else args.normal_scale * torch.randn(n, args.d, dtype=dtype))
+            net = ntkgp.mlp(args.depth, args.activation, 2.0, 0.01, width=512)
             with torch.no_grad():
                 t_mm, _ = measure(lambda: x @ x.T)  # noqa: B023
                 t_eager, mem_eager = measure(lambda: net.kernel(x))  # noqa: B023

@@ -463,6 +463,46 @@ def test_gelu_near_opposite_inputs_keeps_its_relative_accuracy(dtype):
     assert torch.equal(together[0], nngp) and torch.equal(together[1], dot)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gelu_near_form_on_the_near_pairs_alone_matches_the_whole_block_form(dtype, monkeypatch):
+    """GELU's near-opposite form is computed on the pairs that need it alone (a block with one such
+    pair paid 1.75× the pair kernel for all of it); torch.func transforms and torch.compile keep the
+    whole-block torch.where form. T must be bitwise that form's, Ṫ within 2 ulps (atan rounds a
+    tensor's vectorized part and its tail differently), and the first derivatives in k11, k12 and
+    k22 within rounding of theirs (autograd sums the same terms in another order)."""
+    g = torch.Generator().manual_seed(0)
+    k11 = (10 ** (4 * torch.rand(40, 1, generator=g, dtype=torch.float64) - 1)).to(dtype)
+    k22 = (10 ** (4 * torch.rand(1, 50, generator=g, dtype=torch.float64) - 1)).to(dtype)
+    rho = (2 * torch.rand(40, 50, generator=g, dtype=torch.float64) - 1).to(dtype)
+    rho[::3, ::4] = -1 + torch.rand(14, 13, generator=g).to(dtype) * 1e-3   # near opposite
+    k12 = rho * torch.sqrt(k11) * torch.sqrt(k22)
+
+    def kernels(leaves: tuple) -> tuple:
+        nngp, dot = ntkgp.GELU().pair_kernel(*leaves, True)
+        grads = torch.autograd.grad((nngp * 1.3 + dot * 0.7).sum(), leaves)
+        return nngp.detach(), dot.detach(), grads
+
+    def leaves() -> tuple:
+        return tuple(t.clone().requires_grad_() for t in (k11, k12, k22))
+
+    delta = torch.sqrt(ntkgp.layers.numerics.shifted_det(k11, k12, k22)[4])
+    near = delta < -k12
+    assert 40 < int(near.sum()) < near.numel() // 4   # both forms present, the near one a minority
+    nngp, dot, grads = kernels(leaves())
+    with torch.no_grad():
+        assert torch.equal(ntkgp.GELU().pair_kernel(k11, k12, k22, True)[0], nngp)   # in place, no graph
+    monkeypatch.setattr(ntkgp.layers.activations, "transforms_active", lambda: True)
+    ref_nngp, ref_dot, ref_grads = kernels(leaves())
+    assert torch.equal(nngp, ref_nngp)
+    eps = torch.finfo(dtype).eps
+    assert torch.allclose(dot, ref_dot, rtol=2 * eps, atol=0)
+    assert torch.equal(dot[~near], ref_dot[~near])
+    for got, ref in zip(grads, ref_grads, strict=True):
+        # measured: k12's up to 8.1 ε apart (its terms cancel in part), k11's and k22's (sums over a
+        # row or column) 0.9 ε
+        assert torch.allclose(got, ref, rtol=16 * eps, atol=0), float(((got - ref).abs() / ref.abs()).max())
+
+
 def test_elementwise_diagonal_is_the_partial_derivative_with_autograd_on():
     """In the symmetric diagonal k11, k12 and k22 are one tensor; with gradients recorded the NTK
     factor must still be ∂T/∂k12, not the total derivative: diag=True = diagonal of the matrix."""

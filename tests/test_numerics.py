@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 import ntkgp
-from ntkgp.layers import base
+from ntkgp.layers import base, numerics
 
 ARCHS = {
     "relu": lambda: ntkgp.mlp(3, "relu", 1.7, 0.05, width=64, out_dim=2),
@@ -691,6 +691,60 @@ def test_non_finite_learned_variances_raise_before_work(raw):
             call()
     kernel.net.layers[2].bias_var = 0.1
     assert torch.isfinite(kernel(x).to_dense()).all()
+
+
+def test_variances_of_several_dtypes_are_checked_together_in_the_dtype_of_the_inputs():
+    """The check computes every variance at once (raw values joined); a layer whose raw values are
+    float64 beside float32 ones is still checked in the inputs' dtype and named alone."""
+    net = ntkgp.mlp(depth=2, activation="erf")
+    net.layers[2].double()
+    with torch.no_grad():
+        net.layers[2].raw_bias_var.fill_(100.0)   # exp(100) · 0.05: beyond float32, not float64
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert torch.isfinite(net.kernel(x).nngp).all()
+    with pytest.raises(ValueError, match=r"Variance\(s\) \['layers.2.bias_var'\] are not finite"):
+        net.kernel(x.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_variance_range_screen_in_one_reduction_agrees_with_the_full_one(dtype):
+    """_variance_range decides the usual case (every variance in [16 sqrt(tiny), sqrt(max)/16]) from
+    one min/max and asks for the smallest positive variance and for zeros only otherwise: the same
+    answers at and beyond those bounds, with zeros, NaN and inf, for a symmetric kernel's one
+    vector of variances (read once) and for two."""
+    info = torch.finfo(dtype)
+    low, high = 16 * info.tiny ** 0.5, info.max ** 0.5 / 16
+    values = [1.0, low, low * 0.99, high, high * 1.01, 0.0, math.nan, math.inf, info.tiny]
+    for first in values:
+        for second in values:
+            k = torch.tensor([0.5, first, 2.0], dtype=dtype)
+            other = torch.tensor([second, 3.0], dtype=dtype)
+            for k11, k22 in ((k.unsqueeze(-1), other.unsqueeze(-2)), (k.unsqueeze(-1), k.unsqueeze(-2))):
+                both = torch.cat([k11.reshape(-1), k22.reshape(-1)]).double()
+                positive = both[both > 0]
+                representable = (not bool(both.isnan().any()) and float(both.max()) <= high
+                                 and (positive.numel() == 0 or float(positive.min()) >= low))
+                assert numerics._variance_range(k11, k22) == (representable, bool((both == 0).any())), (first, second)
+
+
+def test_kernel_state_replace_is_dataclasses_replace():
+    """KernelState.replace copies the fields without dataclasses.replace's generic rebuild: the same
+    fields, mean and centred wrapped to be evaluated once, and the same errors for unknown fields."""
+    import dataclasses
+
+    from ntkgp.layers.state import KernelState, _Once
+    state = KernelState(nngp=torch.ones(2, 2), ntk=None, cov1=torch.ones(2), cov2=torch.ones(2), width=3)
+    calls = []
+    changes = {"width": 5, "symmetric": True, "mean": lambda: calls.append(1) or (torch.zeros(2),) * 2 + (True,)}
+    fast, slow = state.replace(**changes), dataclasses.replace(state, **changes)
+    for field in dataclasses.fields(KernelState):
+        a, b = getattr(fast, field.name), getattr(slow, field.name)
+        assert type(a) is type(b) and (a is b or isinstance(a, _Once)), field.name
+    assert fast.mean() is fast.mean() and calls == [1] and fast.centred is None
+    with pytest.raises(TypeError, match="unexpected keyword argument 'foo'"):
+        state.replace(foo=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.width = 1
 
 
 def test_variances_are_checked_in_the_dtype_of_the_inputs():

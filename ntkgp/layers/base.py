@@ -167,11 +167,10 @@ class Layer(VarianceParameters, gpytorch.Module):
         # a raw variance set to NaN, or an optimizer step that overflowed exp(raw) in x1's dtype, gave an
         # all-NaN kernel and a later, obscure PSD error in GPyTorch; one reduction for all (one sync)
         with torch.no_grad():
-            values = [module.variance_as(name, x1).reshape(-1) for _, module, name, _ in found]
-        if not all_finite(torch.cat(values)):
-            bad = [path for (path, *_), value in zip(found, values, strict=True) if not all_finite(value)]
-            raise NonFiniteVarianceError(f"Variance(s) {bad} are not finite (a NaN raw parameter, or exp(raw) "
-                                         f"overflowing {x1.dtype}); set them anew, e.g. layer.weight_var = 1.0.")
+            if not all_finite(_variance_values(found, x1)):
+                bad = [path for path, module, name, _ in found if not all_finite(module.variance_as(name, x1))]
+                raise NonFiniteVarianceError(f"Variance(s) {bad} are not finite (a NaN raw parameter, or exp(raw) "
+                                             f"overflowing {x1.dtype}); set them anew, e.g. layer.weight_var = 1.0.")
 
     # ------------------------------------------------------------------ public API
     # the overloads tell type checkers that ntk is a tensor unless ntk=False was passed
@@ -411,6 +410,26 @@ def variances(layer: Layer) -> Iterator[tuple[str, VarianceParameters, str, Tens
         if isinstance(module, VarianceParameters):
             for key, raw in module.raw_variances():
                 yield f"{prefix or type(layer).__name__}.{key[4:]}", module, key[4:], raw
+
+
+def _variance_values(found: list[tuple[str, VarianceParameters, str, Tensor]], like: Tensor) -> Tensor:
+    """``module.variance_as(name, like)`` of each of ``found`` (:func:`variances`), flattened and joined.
+
+    Computed together, ``anchor · exp(raw)`` over all the raw values joined, where every raw value
+    and anchor is already on ``like``'s device with the anchor's shape (always, but in GPyTorch's
+    random modules): the same elementwise arithmetic in six operations for all, instead of about five
+    per variance (a depth-1000 MLP's ``diag=True`` call spent a quarter of its time in this check).
+    """
+    anchors = [getattr(module, f"raw_{name}_constraint").anchor for _, module, name, _ in found]
+    raws = [raw for *_, raw in found]
+    if not like.is_floating_point() or any(r.device != like.device or a.device != like.device or r.shape != a.shape
+                                           for r, a in zip(raws, anchors, strict=True)):
+        # one at a time, with variance_as's errors (a variance on the meta device)
+        return torch.cat([module.variance_as(name, like).reshape(-1) for _, module, name, _ in found])
+    # raw values of several dtypes are joined in the widest, which converts to like's dtype exactly as
+    # each would have been (the anchors are float64). Only finiteness is read from these values
+    raw = torch.cat([r.reshape(-1) for r in raws]).to(like.dtype)
+    return torch.cat([a.reshape(-1) for a in anchors]).to(like.dtype) * torch.exp(raw)
 
 
 def _batch_shape(module: VarianceParameters, name: str, raw: Tensor) -> torch.Size:

@@ -352,6 +352,11 @@ def _values_only(fix, state: KernelState) -> KernelState:
     return state.replace(nngp=straight_through(state.nngp, fixed.nngp), ntk=ntk, cov1=cov1, cov2=cov2)
 
 
+def _once(function: Callable[[], Any] | None) -> _Once | None:
+    """``function`` computed at most once (a ``KernelState``'s ``mean`` and ``centred``)."""
+    return function if function is None or isinstance(function, _Once) else _Once(function)
+
+
 class _Once:
     """A :attr:`KernelState.mean` or ``centred`` function evaluated at most once, then dropped with
     the intermediates its closure holds (so that an evaluated one pickles: its value alone). Each
@@ -444,9 +449,7 @@ class KernelState(Generic[_NTK]):
 
     def __post_init__(self) -> None:
         for name in ("mean", "centred"):
-            function = getattr(self, name)
-            if function is not None and not isinstance(function, _Once):
-                object.__setattr__(self, name, _Once(function))   # frozen: setattr is refused
+            object.__setattr__(self, name, _once(getattr(self, name)))   # frozen: setattr is refused
 
     @classmethod
     def from_inputs(cls: type[KernelState], x1: Tensor, x2: Tensor | None = None, diag: bool = False,
@@ -473,8 +476,19 @@ class KernelState(Generic[_NTK]):
         return self.x1 is not None
 
     def replace(self, **changes: Any) -> KernelState:
-        """A copy with some fields changed."""
-        return replace(self, **changes)
+        """A copy with some fields changed (``dataclasses.replace``'s result, without its generic
+        rebuild: every layer makes several per call, which in a depth-1000 network on a few points
+        took ~15 % of the time)."""
+        unknown = changes.keys() - _STATE_FIELDS
+        if unknown or type(self) is not KernelState:   # its errors, or a subclass's own __init__
+            return replace(self, **changes)
+        new = object.__new__(KernelState)
+        values = new.__dict__
+        values.update(self.__dict__)
+        values.update(changes)
+        for name in ("mean", "centred"):   # as __post_init__ wraps them
+            values[name] = _once(values[name])
+        return new
 
     def __getstate__(self) -> dict[str, Any]:
         # pickle and torch.save refused every state after an activation ("Can't pickle local object
@@ -580,6 +594,10 @@ class KernelState(Generic[_NTK]):
         cols = slice(self.row_offset, self.row_offset + n_rows)
         cov1 = self.cov1 if self.cov2 is self.cov1 else self.cov2[..., cols]
         return self.replace(nngp=with_self_pairs(self, self.nngp, cov1), cov1=cov1)
+
+
+#: The fields of :class:`KernelState`, which :meth:`KernelState.replace` may change.
+_STATE_FIELDS = frozenset(f.name for f in fields(KernelState))
 
 
 def inputs_fixed(x1: Tensor, x2: Tensor | None = None) -> bool:
