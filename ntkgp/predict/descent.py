@@ -99,13 +99,16 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     steps need ``η t λ_max(Θ ∇²L)`` of order their number: a stiff problem (a large kernel
     eigenvalue, long times) is cheaper in ``steps``, which are exact.
 
-    The solver's state is summed in float64 whatever ``dtype`` (which sets the kernel products and
-    the loss), the training outputs are the integrated ``f`` and the test outputs ``f_0* − Θ* R`` are
-    formed in float64, so float32 integration keeps its tolerance too on ill-conditioned kernels
-    over long times (eigenvalues down to ``2e-8 λ_max``, ``t = 1e4``: ``8e-6`` against ``100 ε =
-    1.2e-5``; it was ``6e-3`` when the outputs came from a float32 ``R``; docs/numerics.md). A
-    kernel's own float32 rounding is another matter: where it can move the test outputs by more than
-    1 % (estimated from ``R`` as :func:`gradient_descent_mse` does) a ``RuntimeWarning`` says so.
+    The state (``f`` and ``R``, with momentum also ``Θ p`` and ``p``) is summed in float64 whatever
+    ``dtype`` (which sets the kernel products and the loss), for the solver and for ``steps`` alike:
+    the training outputs are the carried ``f``, and the test outputs ``f_0* − Θ* R`` are formed in
+    float64. So float32 integration keeps its tolerance on ill-conditioned kernels over long times
+    (eigenvalues down to ``2e-8 λ_max``, ``t = 1e4``: ``8e-6`` against ``100 ε = 1.2e-5``; it was
+    ``6e-3`` when the outputs came from a float32 ``R``), and float32 steps stay well inside what
+    rounding the kernel to float32 costs (10 000 steps: ``1.9e-6`` against ``6.8e-5``; ``2.4e-4``
+    before; docs/numerics.md). A kernel's own float32 rounding is another matter: where it can move
+    the test outputs by more than 1 % (estimated from ``R`` as :func:`gradient_descent_mse` does) a
+    ``RuntimeWarning`` says so.
 
     Everything after ``y_train`` is keyword-only, as in :func:`gradient_descent_mse`.
 
@@ -189,21 +192,17 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
         isinstance(v, Tensor) and v.requires_grad for v in (kernel, test_kernel, y, f0, fx_test_0))
     gradient = _loss_gradient(loss, y, f0, differentiable)
 
-    def outputs(dual: Tensor) -> Tensor:   # f_0 − Θ R
-        return f0 - _times(kernel, dual, y_shape)
-
     eta = schedule.learning_rate
+    step = _step(gradient, kernel, eta, y_shape)
     with torch.set_grad_enabled(differentiable):
-        duals: list[Tensor]
+        # the carried training outputs, not f_0 − Θ R: R grows like t (its slow modes like r/λ), and a
+        # rounding of ε|R| moves Θ R by ε‖Θ‖‖R‖ (float32, a depth-50 erf kernel, t = 1e4: 1.2e-2 off against
+        # the solver's 8e-6 on f itself; 10 000 discrete steps: 2.4e-4 against 1.9e-6; docs/numerics.md)
         if schedule.discrete:
-            duals = _iterate(gradient, outputs, f0, eta, beta, schedule.values)
-            fits = [outputs(d) for d in duals]
+            fits, duals = _iterate(step, f0, eta, beta, schedule.values)
         else:
-            # the integrated training outputs, not f_0 − Θ R: R grows like t (its slow modes like r/λ), and
-            # a rounding of ε|R| moves Θ R by ε‖Θ‖‖R‖ (float32, a depth-50 erf kernel, t = 1e4: 1.2e-2 off
-            # against the solver's 8e-6 on f itself; docs/numerics.md)
-            fits, duals = _flow(gradient, kernel, f0, eta, beta, schedule.values,
-                                *cast("tuple[float, float]", tolerances), max_steps, y_shape)   # rtol, atol
+            fits, duals = _flow(step, f0, beta, schedule.values, *cast("tuple[float, float]", tolerances),
+                                max_steps)   # rtol, atol
         train = schedule.reshape(torch.stack(fits), y.dim()).to(out_dtype)
         if test_kernel is None:
             return train
@@ -262,10 +261,10 @@ def _times(kernel: Tensor, dual: Tensor, shape: torch.Size) -> Tensor:
 
 
 def _test_times(test_kernel: Tensor, duals: Tensor, shape: torch.Size) -> Tensor:
-    """``Θ* R`` in float64 for ``R`` ``(T, *y_shape)`` (float64 from the solver; ``dtype`` from
-    discrete steps): ``(T, *shape)``. A float32 test kernel is widened in row blocks of at most
+    """``Θ* R`` in float64 for float64 ``R`` ``(T, *y_shape)`` (from :func:`_flow` or
+    :func:`_iterate`): ``(T, *shape)``. A float32 test kernel is widened in row blocks of at most
     ``2**22`` entries, so no float64 copy of a large one is made whole."""
-    columns = duals.to(torch.float64).reshape(duals.shape[0], test_kernel.shape[1], -1)
+    columns = duals.reshape(duals.shape[0], test_kernel.shape[1], -1)
     block = max(1, 2 ** 22 // max(1, test_kernel.shape[1]))
     if test_kernel.dtype == torch.float64 or test_kernel.shape[0] <= block:
         product = test_kernel.to(torch.float64) @ columns
@@ -302,67 +301,81 @@ def _loss_gradient(loss: Loss, y: Tensor, f0: Tensor, differentiable: bool) -> C
     return gradient
 
 
-def _iterate(gradient, outputs, f0: Tensor, eta: float, beta: float | None, steps: Tensor) -> list[Tensor]:
-    """``R_s`` at each of ``steps``: ``R ← R + η ∇L`` or, with momentum, ``p ← β p + η ∇L, R ← R + p``."""
+def _step(gradient, kernel: Tensor, eta: float, y_shape: torch.Size) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """``f ↦ (Θ g, g)`` in float64 for ``g = η ∇L(f)``: a step's change of the training outputs
+    (``−Θ g``) and of ``R`` (``g``), the only kernel product per step (or solver stage) of both
+    :func:`_iterate` and :func:`_flow`, whose states are summed in float64 whatever ``dtype``.
+
+    The loss and the product stay in the kernel's dtype (O(N² k) against the sums' O(N k)); the sums
+    do not: in float32, ``R`` (a sum of thousands of steps, growing like ``t``) took a rounding of
+    ``ε|R|`` at each step and drifted (nothing in ``R ← R + η∇L`` pulls it back), and ``f_0 − Θ R``
+    from it was off by ``ε‖Θ‖‖R‖``, growing with the number of steps (docs/numerics.md). Rounding
+    the small increments ``Θ g`` instead moves ``f`` by ``ε‖Θ‖|g|`` per step, which shrinks as
+    training converges and, in the directions the loss trains, is pulled back.
+    """
+    # (the casts are skipped, not made no-ops, in float64: a few µs each per stage showed on small kernels)
+    work, wide = kernel.dtype, kernel.dtype == torch.float64
+
+    def step(f: Tensor) -> tuple[Tensor, Tensor]:
+        g = eta * gradient(f if wide else f.to(work))
+        pull = _times(kernel, g, y_shape)
+        return (pull, g) if wide else (pull.to(torch.float64), g.to(torch.float64))
+
+    return step
+
+
+def _iterate(step, f0: Tensor, eta: float, beta: float | None, steps: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """The training outputs ``f_s`` and ``R_s`` at each of ``steps``, in float64: ``R ← R + g`` or,
+    with momentum, ``p ← β p + g, R ← R + p``, for ``g = η ∇L(f)`` (:func:`_step`), with
+    ``f = f_0 − Θ R`` carried along by the same updates (``f ← f − Θ g``; with momentum
+    ``u ← β u + Θ g, f ← f − u`` for ``u = Θ p``): one product with ``Θ`` per step."""
     wanted = [int(s) for s in steps.tolist()]
     recorded, last = set(wanted), max(wanted)
-    at: dict[int, Tensor] = {}
-    dual = torch.zeros_like(f0)
-    velocity = torch.zeros_like(f0)
-    f = f0
+    at: dict[int, tuple[Tensor, Tensor]] = {}
+    f = f0.to(torch.float64)
+    dual = torch.zeros_like(f)
+    velocity = pull = dual   # p and u = Θ p, with momentum
     warned = False
-    for step in range(last + 1):
-        if step in recorded:
-            at[step] = dual
-        if step == last:
+    for number in range(last + 1):
+        if number in recorded:
+            at[number] = (f, dual)
+        if number == last:
             break
-        g = eta * gradient(f)
-        if beta is None:
-            dual = dual + g
-        else:
-            velocity = beta * velocity + g
-            dual = dual + velocity
-        f = outputs(dual)
+        change, g = step(f)
+        if beta is not None:
+            velocity, pull = beta * velocity + g, beta * pull + change
+            change, g = pull, velocity
+        f, dual = f - change, dual + g
         if not warned and not bool(torch.isfinite(f).all()):
             # the outputs overflowed: what follows is inf and NaN, which came back without a word
-            warnings.warn(f"gradient_descent diverged: the training outputs overflowed at step {step + 1} "
+            warnings.warn(f"gradient_descent diverged: the training outputs overflowed at step {number + 1} "
                           f"(learning_rate={eta:g} is too large for this loss and kernel; for the squared loss the "
                           "stability limit is ntkgp.predict.max_learning_rate).", RuntimeWarning,
                           stacklevel=caller_stacklevel())
             warned = True
-    return [at[s] for s in wanted]
+    return [at[s][0] for s in wanted], [at[s][1] for s in wanted]
 
 
-def _flow(gradient, kernel: Tensor, f0: Tensor, eta: float, beta: float | None, times: Tensor,
-          rtol: float, atol: float, max_steps: int, y_shape: torch.Size) -> tuple[list[Tensor], list[Tensor]]:
+def _flow(step, f0: Tensor, beta: float | None, times: Tensor, rtol: float, atol: float,
+          max_steps: int) -> tuple[list[Tensor], list[Tensor]]:
     """The training outputs ``f(t)`` and ``R(t)`` at each of ``times`` from the gradient-flow (or
-    momentum) ODE.
+    momentum) ODE, in float64.
 
     The state carries the training outputs ``f`` beside ``R`` (and their rates ``v = −Θ p``
-    beside ``p``): one product with ``Θ`` per stage, and the error test reads ``f`` (and ``v``)
-    directly. Runge–Kutta steps keep linear invariants, so ``f = f_0 − Θ R`` holds to rounding.
+    beside ``p``): one product with ``Θ`` per stage (:func:`_step`), and the error test reads ``f``
+    (and ``v``) directly. Runge–Kutta steps keep linear invariants, so ``f = f_0 − Θ R`` holds to
+    rounding.
     """
-    # The state is summed in float64 whatever the dtype of the kernel products and the loss (O(N k) per
-    # stage against the products' O(N² k)): in float32, R (a sum of thousands of steps, growing like t)
-    # took a rounding of ε|R| at each step and drifted (nothing in dR/dt = η∇L pulls it back), which
-    # moved the test outputs Θ*R by 4e-2 of 1.7 at t = 1e4 for a two-layer ReLU network on 50 points
-    # (now 7e-6; docs/numerics.md)
-    # (the casts are skipped, not made no-ops, in float64: a few µs each per stage showed on small kernels)
-    work, wide = kernel.dtype, kernel.dtype == torch.float64
     if beta is None:
         def rhs(z: Tensor) -> Tensor:   # z = (f, R)
-            g = eta * gradient(z[0] if wide else z[0].to(work))
-            step = torch.stack([-_times(kernel, g, y_shape), g])
-            return step if wide else step.to(torch.float64)
+            pull, g = step(z[0])
+            return torch.stack([-pull, g])
         z0 = torch.stack([f0, torch.zeros_like(f0)])
         watched = [0]
     else:
         def rhs(z: Tensor) -> Tensor:   # z = (f, R, v, p)
-            g = eta * gradient(z[0] if wide else z[0].to(work))
-            pull = -_times(kernel, g, y_shape)
-            if not wide:
-                g, pull = g.to(torch.float64), pull.to(torch.float64)
-            return torch.stack([z[2], z[3], pull - (1 - beta) * z[2], g - (1 - beta) * z[3]])
+            pull, g = step(z[0])
+            return torch.stack([z[2], z[3], -pull - (1 - beta) * z[2], g - (1 - beta) * z[3]])
         z0 = torch.stack([f0] + [torch.zeros_like(f0)] * 3)
         watched = [0, 2]
     z0 = z0.to(torch.float64)
