@@ -513,7 +513,7 @@ def test_float32_steps_add_less_than_the_kernel_s_rounding(momentum):
 
 def test_test_outputs_warn_where_float32_kernel_rounding_moves_them():
     """A float32 kernel's rounding moves gradient_descent's test outputs as it moves
-    gradient_descent_mse's (through the dual coefficients R, by about ε max(d) ‖d ∘ R‖), and the
+    gradient_descent_mse's (through the dual coefficients R, by about 2 ε max(d) ‖d ∘ R‖), and the
     same 1 % warning (warn_if_imprecise) now says so; before, nothing did. Depth-50 erf network,
     (σ_w², σ_b²) = (1.76, 1), 30 points in d = 3, t = 1e4, squared loss: the float32 NTK puts the test
     outputs 3.0e-3 off those of the float64 NTK (2 % of their size 0.15), in float64 integration and

@@ -212,7 +212,7 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
         dual = torch.stack(duals)
         delta = _test_times(test_kernel, dual, fx_test_0.shape)
         # the kernels' rounding in dtype (or their own, if coarser) moves the test outputs as it moves
-        # gradient_descent_mse's, through R: by about ε max(d) ‖d ∘ R‖
+        # gradient_descent_mse's, through R: by about 2 ε max(d) ‖d ∘ R‖ (the test and the training kernel's)
         rounding = max(rounding_eps(kernel, ntk_train_train.dtype),
                        rounding_eps(test_kernel, cast(Tensor, ntk_test_train).dtype))
         warn_if_imprecise(dual.reshape(len(duals), kernel.shape[1], -1), delta, kernel.diagonal(),

@@ -392,7 +392,8 @@ class GradientFlow:
         """:func:`~ntkgp.predict.spectral.warn_if_imprecise` for the whole test ``mean``, with the dual
         coefficients ``Θ⁻¹ Y`` at ``t = None`` (``terms=None``), else ``V diag(flow) Vᵀ Y`` at each time."""
         if terms is None:
-            warn_if_imprecise(self._dual, mean, self.dynamics.diagonal(), torch.finfo(self.factor_dtype).eps)
+            eps = torch.finfo(self.factor_dtype).eps   # the kernel's rounding and its factorization's
+            warn_if_imprecise(self._dual, mean, self.dynamics.diagonal(), eps, factor_eps=eps)
             return
         warn_if_flow_imprecise(self.eigensystem, terms.flow, self._y_eigen, mean, self.dynamics.diagonal(),
                                terms.check.schedule)

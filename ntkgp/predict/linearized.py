@@ -165,7 +165,8 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
             assert isinstance(fx_test_0, Tensor)   # made a tensor with ntk_test_train above
             coef = cholesky_solve(-flat, factor)
             delta = ntk_test_train.to(factor_dtype) @ coef
-            warn_if_imprecise(coef, delta, kernel.diagonal(), rounding_eps(kernel, ntk_train_train.dtype))
+            warn_if_imprecise(coef, delta, kernel.diagonal(), rounding_eps(kernel, ntk_train_train.dtype),
+                              factor_eps=torch.finfo(kernel.dtype).eps)
             test = fx_test_0.to(factor_dtype) + delta.reshape(fx_test_0.shape)
     else:
         # the eigenvectors carry no graph: autograd through eigh divides by eigenvalue gaps (NaN for

@@ -115,6 +115,7 @@ class GPPosterior:
         self._prior_dd: Tensor | None = regularize(prior, self.noise, absolute=True)
         # the training variances, the scale of each entry's rounding (warn_if_imprecise)
         self._variances = self._prior_dd.diagonal().clone()
+        self._eps = torch.finfo(self.factor_dtype).eps   # the kernels' rounding, and their factorization's
 
     @cached_property
     @outside_inference_mode
@@ -171,7 +172,7 @@ class GPPosterior:
         cov, marginal, scale = None, None, None
         if mode != "full":
             mean, marginal, scale = self._by_test_blocks(x_test, mode)
-            warn_if_imprecise(self._alpha, mean, self._variances, torch.finfo(self.factor_dtype).eps)
+            warn_if_imprecise(self._alpha, mean, self._variances, self._eps, factor_eps=self._eps)
             if not self.vector_targets:
                 mean = mean.squeeze(-1)
             return Gaussian(mean.to(self.dtype), None, scale, marginal)
@@ -180,7 +181,7 @@ class GPPosterior:
             c_td = cast(Tensor, cross.ntk) if want_ntk else cross.nngp   # asked for
             del cross   # the NNGP beside the NTK-GP's Θ*d is not needed: one (M, N) matrix less
             mean = c_td @ self._alpha
-            warn_if_imprecise(self._alpha, mean, self._variances, torch.finfo(self.factor_dtype).eps)
+            warn_if_imprecise(self._alpha, mean, self._variances, self._eps, factor_eps=self._eps)
             if mode is not None:
                 test = self.net.kernel(x_test, ntk=want_ntk, diag=mode == "diag")
                 c_tt = cast(Tensor, test.ntk) if want_ntk else test.nngp

@@ -142,17 +142,39 @@ def _smallest_eigenvalue_bound(factor: Tensor, scale: Tensor, iterations: int = 
     return bound
 
 
+def is_flat(k: Tensor, eps: float) -> bool:
+    r"""Whether the entries of the ``N × N`` kernel ``k`` differ only in their last digits: all within
+    ``N · ε · max|k|`` of each other (``ε`` their rounding level, :func:`rounding_eps`), but not all
+    equal.
+
+    Such a kernel is, to its digits, that of one point repeated: ``‖k − μ 11ᵀ‖₂ ≤ N · spread``, so every
+    direction but the mean lies below the null tolerance ``N ε λ_max`` (``λ_max ≈ N μ``), and the
+    directions that tell its points apart are rounding. From the digits they look like duplicates'
+    (null eigenvalues, test columns at rounding level); for distinct inputs they are real, and a float64
+    kernel trains them: the float32 NNGP of the depth-50 erf network ``mlp(50, "erf", 1.76, 1)`` holds two
+    values among its 900 entries (3 ulps apart, its float64 entries 1e-7 apart), and its ``t = ∞``
+    predictions were 0.99 off float64's (of size 0.90). A kernel whose entries are all equal is left out:
+    nothing in it differs from that of copies of one point, whose answer (the targets' mean) it gives.
+    """
+    if k.shape[-1] < 2 or k.numel() == 0:
+        return False
+    spread = float(k.amax() - k.amin())
+    return 0 < spread <= k.shape[-1] * eps * float(k.abs().amax())
+
+
 @dataclass(frozen=True)
 class Eigensystem:
     """``k = V diag(λ) Vᵀ`` of a positive semi-definite matrix, with ``λ`` clipped at 0.
 
     ``eps`` is the relative rounding level of ``k``'s entries (:func:`rounding_eps`): that of the
-    dtype the kernel came in, which for a float32 kernel factored in float64 is float32's.
+    dtype the kernel came in, which for a float32 kernel factored in float64 is float32's. ``flat``:
+    the entries differ only in their last digits (:func:`is_flat`).
     """
 
     values: Tensor
     vectors: Tensor
     eps: float
+    flat: bool = False
 
     @classmethod
     def of(cls, k: Tensor, check_as: tuple[str, torch.dtype] | None = None) -> Eigensystem:
@@ -164,7 +186,8 @@ class Eigensystem:
         values, vectors = torch.linalg.eigh(k)
         if check_as is not None:
             check_semi_definite(values, *check_as)
-        return cls(values.clamp_min(0), vectors, rounding_eps(k, None if check_as is None else check_as[1]))
+        eps = rounding_eps(k, None if check_as is None else check_as[1])
+        return cls(values.clamp_min(0), vectors, eps, is_flat(k, eps))
 
     @property
     def null_tolerance(self) -> Tensor:
@@ -788,7 +811,10 @@ class UnresolvedCheck:
         if not self.active:
             return
         eig = self.eig
-        self.seen = eig.values * torch.linalg.vector_norm(eig.vectors, ord=math.inf, dim=-2)
+        values = eig.values
+        if eig.flat:   # its dropped eigenvalues are rounding, the real ones anywhere below ε K_ii ≈ ε λ_max / N
+            values = values.clamp_min(eig.eps * float(values.max()) / values.shape[-1])
+        self.seen = values * torch.linalg.vector_norm(eig.vectors, ord=math.inf, dim=-2)
         self.largest = result.detach().abs().flatten(1).amax(-1)
         self.outputs = "training"
 
@@ -812,6 +838,11 @@ def _warn_unresolved(seen: Tensor, largest: Tensor, right: Tensor, untrained: Te
     # duplicate's and dropped at t = 1e6 without a word, test outputs 0.68 off float64's)
     resolved = eig.values > math.sqrt(n) * eig.eps * eig.values.amax(-1, keepdim=True)
     real = (seen > 100 * n * eig.eps * seen.max()) | resolved
+    # a flat kernel (is_flat) drops the directions its rounding erased, not duplicates': the training outputs
+    # miss the targets' part along them, which float64 fits (the float32 NNGP of mlp(50, "erf", 1.76, 1):
+    # 1.09 off at t = inf, silently). The test outputs' share is warn_if_flow_imprecise's
+    flat = eig.flat and outputs == "training"
+    real = real | flat
     if bool((untrained & ~real).any()) and regular():
         real = seen > 0
     dropped = untrained & real
@@ -831,7 +862,10 @@ def _warn_unresolved(seen: Tensor, largest: Tensor, right: Tensor, untrained: Te
         when += "" if schedule.discrete or math.isinf(first) else " and later"
         warnings.warn(f"{when.capitalize()}, {int(dropped[hit].any(0).sum())} direction(s) of the training kernel "
                       "with eigenvalues below its rounding level (N·ε·λ_max) count as untrained, but move the "
-                      f"{outputs} outputs (nearly duplicate training points, training inputs whose norms span decades, "
+                      f"{outputs} outputs ("
+                      + ("a kernel whose entries differ only in their last digits, as if its points were copies of "
+                         "one point; " if flat else "")
+                      + "nearly duplicate training points, training inputs whose norms span decades, "
                       "or points far from the training inputs of a smooth kernel): from then on the predictions "
                       f"depend on digits the kernel does not hold. {_regularizer_hint(eig)} (t=None solves a kernel "
                       "that is only badly scaled exactly)." + _precision_hint(eig.eps),
@@ -866,9 +900,13 @@ def _precision_hint(eps: float) -> str:
 #: warns.
 IMPRECISE = 1e-2
 
+#: :func:`warn_if_imprecise`'s explanation of the estimate where no other is given.
+LARGE_COEFFICIENTS = "through dual coefficients Θ⁻¹(I − e^{−Θτ})Y that this ill-conditioned kernel makes large"
+
 
 def warn_if_imprecise(coefficients: Tensor, outputs: Tensor, variances: Tensor, eps: float,
-                      schedule: Schedule | None = None, remedy: str | None = None) -> None:
+                      schedule: Schedule | None = None, remedy: str | None = None, factor_eps: float = 0.0,
+                      cause: str | None = None) -> None:
     r"""Warn where rounding of kernels given or factored in float32 can move the test outputs
     ``K*d c`` by more than :data:`IMPRECISE` (1 %) of their size, ``c`` being the dual coefficients
     ``Θ⁻¹(I − e^{−Θτ}) Y`` (``Θ⁻¹ Y`` at ``t = None``; ``(K + σ²I)⁻¹ Y`` for a GP posterior).
@@ -877,13 +915,16 @@ def warn_if_imprecise(coefficients: Tensor, outputs: Tensor, variances: Tensor, 
     training kernel's diagonal; :func:`rounding_eps`'s ``ε``), move the outputs, to first order, by
     ``E*d c + K*d Θ⁻¹ E c``; with rounding errors of random signs each term is about
     ``ε max(d) ‖d ∘ c‖₂`` (the second for test points among the training inputs, where ``K*d Θ⁻¹``
-    selects rows; ``max(d)`` stands for the test points' own ``d``). That is the conditioning of
-    this particular answer rather than ``cond(Θ) ε``, which a smooth target can be far from.
-    Measured against float64 (float32 factors, 30 points of a depth-50 erf network, a two-layer
-    ReLU network on 50; docs/numerics.md): within 3.3× of the errors where they are large (2e-2 to
-    0.18 for posteriors with ``noise = 1e-4``), and above them by up to 40× where they are small
-    (ReLU: at most 6e-4 estimated, 1e-4 measured), so 1 % warns on most of the former and none of
-    the latter.
+    selects rows; ``max(d)`` stands for the test points' own ``d``). A factorization in a dtype of
+    rounding ``ε_f`` (``factor_eps``: float32 factors) adds a third term of the same form, its
+    backward error ``|ΔK_ij| ≲ ε_f d_i d_j`` (Demmel 1989); the estimate is the sum,
+    ``(2ε + ε_f) max(d) ‖d ∘ c‖₂``. That is the conditioning of this particular answer rather than
+    ``cond(Θ) ε``, which a smooth target can be far from. Measured against float64 (docs/numerics.md):
+    for the posteriors of a depth-50 erf network on 30 points with ``noise = 1e-4`` and float32 factors
+    (whose float32-computed entries are also up to 17 ulps off) 0.94 to 2.8 times the errors where these
+    are large (1.9e-2 to 0.18); for a two-layer ReLU network on 50 points at most 1.0e-3 (errors up to
+    1e-4), so 1 % warns on the former and none of the latter. One term alone (the estimate until then)
+    read 5.8e-3 for the NTK-GP of ``mlp(50, "erf", 1, 0.1)``, whose float32 mean was 1.9e-2 off, silently.
 
     Float64 kernels are left to :func:`cholesky` and :func:`warn_if_unresolved`: there the estimate
     passes 1 % only for coefficients ~1e13 times the outputs over the kernel's scale, and ``max(d)``
@@ -894,7 +935,8 @@ def warn_if_imprecise(coefficients: Tensor, outputs: Tensor, variances: Tensor, 
     ``coefficients`` ``(T, N, k)`` (or ``(N, k)`` for one time), ``outputs`` the matching
     ``(T, M, k)`` (or ``(M, k)``); ``schedule`` names the times; ``remedy`` replaces the advice
     (factoring in float64) where the coefficients' own rounding is the cause (:func:`gradient_descent`'s
-    float32 integration: ``ε`` relative errors of ``c`` move the outputs by the same estimate).
+    float32 integration: ``ε`` relative errors of ``c`` move the outputs by the same estimate), and
+    ``cause`` the explanation of large coefficients (:func:`warn_if_flow_imprecise`'s flat kernels).
     """
     if eps <= torch.finfo(torch.float64).eps or outputs.numel() == 0 or coefficients.numel() == 0:
         return
@@ -903,7 +945,7 @@ def warn_if_imprecise(coefficients: Tensor, outputs: Tensor, variances: Tensor, 
         c = coefficients.detach().reshape(-1, *coefficients.shape[-2:])
         out = outputs.detach().reshape(c.shape[0], -1)
         norms = torch.linalg.vector_norm(d.unsqueeze(-1) * c, dim=-2).amax(-1)                 # (T,)
-        estimate, size = eps * float(d.max()) * norms, out.abs().amax(-1)
+        estimate, size = (2 * eps + factor_eps) * float(d.max()) * norms, out.abs().amax(-1)
         judged = torch.isfinite(estimate) & torch.isfinite(size) & (size > 0)
         hit = judged & (estimate > IMPRECISE * size)
         if not bool(hit.any()):
@@ -918,8 +960,8 @@ def warn_if_imprecise(coefficients: Tensor, outputs: Tensor, variances: Tensor, 
         remedy = ("Compute and factor the kernels in float64 (float64 inputs to net.kernel; "
                   "factor_dtype=torch.float64, the predictors' default), or regularize more (diag_reg, noise).")
     warnings.warn(f"{when}he test outputs depend on the kernels' last digits: their rounding ({eps:.1e} of each "
-                  f"entry) can move them by about {100 * relative:.2g} % of their size, through dual coefficients "
-                  f"Θ⁻¹(I − e^{{−Θτ}})Y that this ill-conditioned kernel makes large. {remedy}", RuntimeWarning,
+                  f"entry) can move them by about {100 * relative:.2g} % of their size, "
+                  f"{cause or LARGE_COEFFICIENTS}. {remedy}", RuntimeWarning,
                   stacklevel=caller_stacklevel())
 
 
@@ -927,9 +969,36 @@ def warn_if_flow_imprecise(eig: Eigensystem, flow: Tensor, right: Tensor, output
                            schedule: Schedule) -> None:
     """:func:`warn_if_imprecise` at the ``schedule``'s times, with the flow's dual coefficients
     ``V diag(flow[t]) Vᵀ Y`` (``right = Vᵀ Y``), formed only for a kernel that carries a coarser
-    rounding than float64's (``eig.eps``; the only kernels judged)."""
-    if eig.eps > torch.finfo(torch.float64).eps:
-        warn_if_imprecise(spectral_apply(eig.vectors, flow.detach(), right), outputs, variances, eig.eps, schedule)
+    rounding than float64's (``eig.eps``; the only kernels judged); ``ε_f`` that of the dtype it was
+    factored in.
+
+    A flat kernel (:func:`is_flat`: its entries differ only in their last digits) is judged with the
+    directions that count as untrained (:meth:`Schedule.untrained`) trained: they are not duplicates'
+    but directions its rounding erased, which a float64 kernel trains, moving the outputs by the
+    coefficients they take then, ``flow ≤ min(τ, 1/λ)`` (the flow's bound), ``λ`` taken no smaller than
+    the entries' rounding ``ε max(K_ii)``, below which eigenvalues are noise. Dropped, their
+    coefficients are 0, and the float32 NNGP of ``mlp(50, "erf", 1.76, 1)`` (entries 3 ulps apart) gave
+    ``t = ∞`` outputs 0.99 off float64's (of size 0.90) without a word; now the estimate reads 30 to 52
+    times the outputs there, and 7.2 % at ``t = 1e5`` (outputs 1.3 % off; quiet up to ``t = 1e4``,
+    1.3e-3 off). At finite times it is a bound: the directions' real columns are at most the rounding,
+    and may be far below it (the float64 NNGP of ``(1.5, 1)`` spans 3.5e-10 of its entries, its float32
+    one 1 ulp: estimate 6.5 % at ``t = 1e5``, error 4e-5)."""
+    if eig.eps <= torch.finfo(torch.float64).eps:
+        return
+    cause = None
+    if eig.flat:
+        untrained = schedule.untrained(eig)
+        if bool(untrained.any()):
+            floor = eig.eps * float(variances.detach().max())
+            lam = eig.values.detach().clamp_min(floor).unsqueeze(-2)                           # (1, N)
+            tau = schedule.tau(lam.dtype).unsqueeze(-1)                                        # (T, 1)
+            flow = torch.where(untrained, torch.minimum(tau, 1 / lam), flow)
+            cause = ("through the directions that tell the training points apart: the training kernel's entries "
+                     f"all lie within N·ε (N = {eig.values.shape[-1]}) of its largest, so to its digits its points are "
+                     "copies of one point, and these directions, which count as untrained here, are its rounding; "
+                     "a kernel that holds them trains them")
+    warn_if_imprecise(spectral_apply(eig.vectors, flow.detach(), right), outputs, variances, eig.eps, schedule,
+                      factor_eps=torch.finfo(eig.values.dtype).eps, cause=cause)
 
 
 def warn_if_unstable(learning_rate: float, limit: float, *dtypes: torch.dtype, covariance: bool = True) -> None:
