@@ -734,6 +734,25 @@ def test_float32_posteriors_whose_dual_coefficients_amplify_rounding_warn():
         assert float((mean.double() - exact).abs().max()) > 1e-2 * float(exact.abs().max())   # what it is about
 
 
+def test_flat_float64_kernels_take_the_ordinary_rule():
+    """The flat-kernel rule is for kernels carrying a coarser rounding than float64's: the float64
+    NNGP of the depth-120 ordered-phase erf network holds entries an ulp or so apart, which move its
+    outputs by about ε λ_max t / N (4.5e-8 of them at t = 1e8), and gradient_descent_mse warned there
+    (a review's finding). It is quiet, and as the ordinary rule has it."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    y = torch.sin(x[:30].sum(-1, keepdim=True))
+    with torch.no_grad():
+        k = ntkgp.mlp(120, "erf", 1.76, 1.0).kernel(x).nngp
+    assert predict.spectral.is_flat(k[:30, :30], torch.finfo(torch.float64).eps)   # what the test is about
+    assert not predict.spectral.Eigensystem.of(k[:30, :30]).flat
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in (1e8, 1e12):
+            predict.gradient_descent_mse(k[:30, :30], y, ntk_test_train=k[30:, :30], fx_train_0=0.0, fx_test_0=0.0,
+                                         t=t)
+
+
 def test_float32_kernels_whose_entries_differ_only_in_their_last_digits_warn():
     """The float32 NNGP of the depth-50 erf network at (1.76, 1) holds two values among its 900 entries
     (3 ulps apart; its float64 entries are 1e-7 apart): to its digits its 30 distinct points are copies of
@@ -823,6 +842,47 @@ def test_float32_kernels_with_duplicate_points_stay_quiet_at_t_inf():
                                      compute_cov=False, factor_dtype=torch.float32).mean
     for single in (test, flow):
         assert float((single.double() - exact).abs().max()) < 1e-3 * float(exact.abs().max())
+
+
+def test_float32_flow_warns_where_directions_read_as_duplicates_are_real():
+    """A smooth kernel of distinct inputs (mlp(2, "erf", 2, 0), 30 points of scale 0.1 in d = 1, noisy
+    targets) has eigenvalues from 1e-16 of λ_max up, which float64 resolves and trains at t = inf, quietly;
+    factored in float32, the directions below N ε λ_max are dropped, with test columns at float32's rounding
+    level, as a duplicate's would be: 0.83 off float64's outputs, silently. The float64 kernel on their span
+    shows real eigenvalues (above 100 N ε² λ_max), and the flow warns."""
+    gen = torch.Generator().manual_seed(0)
+    x = (0.1 * torch.randn(30, 1, generator=gen, dtype=torch.float64)).float()
+    x_test = (0.1 * torch.randn(10, 1, generator=gen, dtype=torch.float64)).float()
+    y = (torch.sin(10 * x.double()) + 0.1 * torch.randn(30, 1, generator=gen, dtype=torch.float64)).float()
+    net = ntkgp.mlp(2, "erf", 2.0, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # the float64 answer is resolved
+        exact = predict.GradientFlow(net, x.double(), y.double()).predict(x_test.double(), t=math.inf,
+                                                                          compute_cov=False).mean
+    flow = predict.GradientFlow(net, x, y, factor_dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match=r"At t = inf, \d+ direction\(s\).*count as untrained.*float64"):
+        mean = flow.predict(x_test, t=math.inf, compute_cov=False).mean
+    assert float((mean.double() - exact).abs().max()) > 0.1 * float(exact.abs().max())   # what it is about
+
+
+def test_float32_flow_of_a_rank_two_kernel_of_distinct_inputs_stays_quiet():
+    """A bias-free ReLU network in d = 1 has a kernel of rank 2 exactly (the inputs of one sign are parallel
+    and the activation is homogeneous): its other directions are true null directions, though no two inputs
+    are equal, and its float32 flow at t = inf matches float64's (measured 1.7e-7 relative; 1e-5 allowed).
+    The float64 kernel on their span shows rounding alone (μ ≈ 5e-8 N ε² λ_max here): no warning, where
+    taking distinct inputs as proof of real directions warned."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 1, generator=gen, dtype=torch.float64).float()
+    x_test = torch.randn(5, 1, generator=gen, dtype=torch.float64).float()
+    y = torch.sin(3 * x) + 0.1 * torch.randn(10, 1, generator=gen, dtype=torch.float64).float()
+    net = ntkgp.mlp(1, "relu", 2.0, 0.0)
+    exact = predict.GradientFlow(net, x.double(), y.double(), kernel="nngp").predict(
+        x_test.double(), t=math.inf, compute_cov=False).mean
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mean = predict.GradientFlow(net, x, y, kernel="nngp", factor_dtype=torch.float32).predict(
+            x_test, t=math.inf, compute_cov=False).mean
+    assert float((mean.double() - exact).abs().max()) < 1e-5 * float(exact.abs().max())
 
 
 def test_ordinary_float32_kernels_predict_without_warnings():

@@ -243,3 +243,25 @@ def test_cross_kernel_twins_take_their_own_derivatives_without_saving_whole_matr
     largest = max(float(e.abs().max()) for e in expected)
     for g, e in zip(got, expected, strict=True):
         assert float((g - e).abs().max()) <= 2e-6 * largest
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cross_kernel_twins_found_in_chunks_take_the_same_derivatives(dtype, monkeypatch):
+    """A large cross kernel's pairs of equal points are found a chunk at a time (Duplicates.pairs),
+    and the twins' own derivatives are written into the map chunk by chunk (one indexed assignment
+    each). Chunks of 7 comparisons (several per kernel) must give the kernels and the variances'
+    gradients of one chunk: every entry is computed by the same elementwise arithmetic (Erf's
+    self-pair factor is a square root, rounded alike in any chunk) and reaches each variance
+    through the same sums, so bitwise, not within a tolerance."""
+    g = torch.Generator().manual_seed(2)
+    x1 = (30 * torch.randn(12, 3, generator=g, dtype=torch.float64)).to(dtype)
+    x2 = torch.cat([x1[[3, 7, 7, 11, 0]], (30 * torch.randn(6, 3, generator=g, dtype=torch.float64)).to(dtype)])
+    results = []
+    for chunk in (1 << 20, 7):
+        monkeypatch.setattr(ntkgp.layers.state, "_PAIR_BLOCK_ENTRIES", chunk)
+        net = ntkgp.serial(D(8, 2.0, 0.1), ntkgp.Erf(), D(8, 1.5, 0.2), ntkgp.Erf(), D(1, 1.3, 0.1)).to(dtype)
+        k = net.kernel(x1, x2)
+        grads = torch.autograd.grad((1.1 * k.nngp).sum() + k.ntk.sum(), list(net.parameters()))
+        results.append((k.nngp.detach(), k.ntk.detach(), *grads))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

@@ -202,6 +202,30 @@ class GradientFlow:
             return False
         return True
 
+    def _real_below_rounding(self, directions: Tensor) -> bool:
+        """Whether the eigen-directions ``directions`` ``(N,)`` of a training kernel carrying float32
+        rounding, which count as a duplicate's, hold real ones
+        (:class:`~ntkgp.predict.spectral.UnresolvedCheck`'s ``real_below``): the largest eigenvalue of the
+        float64 kernel restricted to their span, ``μ = λ_max(Vᵀ K V)``, above ``100 N ε² λ_max``.
+
+        A float32 eigenvector of an exact null space (duplicates, or the rank-2 kernel of a bias-free ReLU
+        network in d = 1, whose inputs of one sign are parallel) strays from it by angles of order ``ε``
+        (backward error ``ε λ_max`` over gaps of order ``λ_max``), so ``μ`` is of order ``N ε² λ_max``:
+        measured at most ``0.4 N ε² λ_max`` (N = 10 to 500). Real directions show their eigenvalue: at
+        least ``0.02 ε λ_max`` where dropping them put the outputs 1 % to 2x off (``ε`` float32's). The
+        float64 kernel (one ``N × N`` matrix, as the float32 one) is formed only where this decides a
+        warning."""
+        eig = self.eigensystem
+        with torch.no_grad(), named_kernels("training"):
+            k = self.net.kernel(self.x_factor.to(torch.float64), ntk=self.kind == "ntk")
+            exact = regularize(cast(Tensor, k.ntk) if self.kind == "ntk" else k.nngp, self.diag_reg,
+                               self.diag_reg_absolute_scale)   # a copy: a net serving stored kernels holds k
+            del k
+            v = eig.vectors[:, directions].to(torch.float64)
+            largest = torch.linalg.eigvalsh(v.mT @ exact @ v).max()
+        n = eig.values.shape[-1]
+        return float(largest) > 100 * n * eig.eps ** 2 * float(eig.values.max())
+
     @cached_property
     @outside_inference_mode
     def _dual(self) -> Tensor:
@@ -426,7 +450,8 @@ class GradientFlow:
         eig = self.eigensystem
         decay, growth, flow = schedule.functions(eig)                    # (T, N)
         flow2 = schedule.doubled().functions(eig)[2] if self.kind == "nngp" and mode is not None else None
-        return _FlowTerms(decay, growth, flow, flow2, UnresolvedCheck(schedule, eig, lambda: self._regular))
+        return _FlowTerms(decay, growth, flow, flow2, UnresolvedCheck(schedule, eig, lambda: self._regular,
+                                                                       self._real_below_rounding))
 
     def _finite(self, schedule: Schedule, kernels: dict | None, mode: str | None) -> tuple[Tensor, Tensor | None]:
         """The training outputs (``kernels=None``) or, with the covariance, the test outputs at the
