@@ -99,10 +99,11 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     steps need ``η t λ_max(Θ ∇²L)`` of order their number: a stiff problem (a large kernel
     eigenvalue, long times) is cheaper in ``steps``, which are exact.
 
-    The state (``f`` and ``R``, with momentum also ``Θ p`` and ``p``) is summed in float64 whatever
-    ``dtype`` (which sets the kernel products and the loss), for the solver and for ``steps`` alike:
-    the training outputs are the carried ``f``, and the test outputs ``f_0* − Θ* R`` are formed in
-    float64. So float32 integration keeps its tolerance on ill-conditioned kernels over long times
+    The state (``f`` and ``R``, with momentum also ``p``) is summed in float64 whatever ``dtype``
+    (which sets the kernel products and the loss), for the solver and for ``steps`` alike: the
+    training outputs are the carried ``f`` (float64 ``steps``: ``f_0 − Θ R``, as exact), and the test
+    outputs ``f_0* − Θ* R`` are formed in float64. So float32 integration keeps its tolerance on
+    ill-conditioned kernels over long times
     (eigenvalues down to ``2e-8 λ_max``, ``t = 1e4``: ``8e-6`` against ``100 ε = 1.2e-5``; it was
     ``6e-3`` when the outputs came from a float32 ``R``), and float32 steps stay well inside what
     rounding the kernel to float32 costs (10 000 steps: ``1.9e-6`` against ``6.8e-5``; ``2.4e-4``
@@ -193,15 +194,15 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     gradient = _loss_gradient(loss, y, f0, differentiable)
 
     eta = schedule.learning_rate
-    step = _step(gradient, kernel, eta, y_shape)
+    descent, pull = _step(gradient, kernel, eta, y_shape)
     with torch.set_grad_enabled(differentiable):
         # the carried training outputs, not f_0 − Θ R: R grows like t (its slow modes like r/λ), and a
         # rounding of ε|R| moves Θ R by ε‖Θ‖‖R‖ (float32, a depth-50 erf kernel, t = 1e4: 1.2e-2 off against
         # the solver's 8e-6 on f itself; 10 000 discrete steps: 2.4e-4 against 1.9e-6; docs/numerics.md)
         if schedule.discrete:
-            fits, duals = _iterate(step, f0, eta, beta, schedule.values)
+            fits, duals = _iterate(descent, pull, f0, eta, beta, schedule.values, kernel.dtype == torch.float64)
         else:
-            fits, duals = _flow(step, f0, beta, schedule.values, *cast("tuple[float, float]", tolerances),
+            fits, duals = _flow(descent, pull, f0, beta, schedule.values, *cast("tuple[float, float]", tolerances),
                                 max_steps)   # rtol, atol
         train = schedule.reshape(torch.stack(fits), y.dim()).to(out_dtype)
         if test_kernel is None:
@@ -301,10 +302,11 @@ def _loss_gradient(loss: Loss, y: Tensor, f0: Tensor, differentiable: bool) -> C
     return gradient
 
 
-def _step(gradient, kernel: Tensor, eta: float, y_shape: torch.Size) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
-    """``f ↦ (Θ g, g)`` in float64 for ``g = η ∇L(f)``: a step's change of the training outputs
-    (``−Θ g``) and of ``R`` (``g``), the only kernel product per step (or solver stage) of both
-    :func:`_iterate` and :func:`_flow`, whose states are summed in float64 whatever ``dtype``.
+def _step(gradient, kernel: Tensor, eta: float, y_shape: torch.Size
+          ) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """``f ↦ g = η ∇L(f)`` and ``v ↦ Θ v``, both in float64: a step's change of ``R`` and (``−Θ g``,
+    or ``−Θ p`` with momentum) of the training outputs, for :func:`_iterate` and :func:`_flow`, whose
+    states are summed in float64 whatever ``dtype``; one product with ``Θ`` per step (or solver stage).
 
     The loss and the product stay in the kernel's dtype (O(N² k) against the sums' O(N k)); the sums
     do not: in float32, ``R`` (a sum of thousands of steps, growing like ``t``) took a rounding of
@@ -316,36 +318,47 @@ def _step(gradient, kernel: Tensor, eta: float, y_shape: torch.Size) -> Callable
     # (the casts are skipped, not made no-ops, in float64: a few µs each per stage showed on small kernels)
     work, wide = kernel.dtype, kernel.dtype == torch.float64
 
-    def step(f: Tensor) -> tuple[Tensor, Tensor]:
+    def descent(f: Tensor) -> Tensor:
         g = eta * gradient(f if wide else f.to(work))
-        pull = _times(kernel, g, y_shape)
-        return (pull, g) if wide else (pull.to(torch.float64), g.to(torch.float64))
+        return g if wide else g.to(torch.float64)
 
-    return step
+    def pull(v: Tensor) -> Tensor:
+        product = _times(kernel, v if wide else v.to(work), y_shape)
+        return product if wide else product.to(torch.float64)
+
+    return descent, pull
 
 
-def _iterate(step, f0: Tensor, eta: float, beta: float | None, steps: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+def _iterate(descent, pull, f0: Tensor, eta: float, beta: float | None, steps: Tensor, exact_products: bool
+             ) -> tuple[list[Tensor], list[Tensor]]:
     """The training outputs ``f_s`` and ``R_s`` at each of ``steps``, in float64: ``R ← R + g`` or,
     with momentum, ``p ← β p + g, R ← R + p``, for ``g = η ∇L(f)`` (:func:`_step`), with
-    ``f = f_0 − Θ R`` carried along by the same updates (``f ← f − Θ g``; with momentum
-    ``u ← β u + Θ g, f ← f − u`` for ``u = Θ p``): one product with ``Θ`` per step."""
+    ``f = f_0 − Θ R``: one product with ``Θ`` per step.
+
+    With ``exact_products`` (a float64 kernel: products as precise as the sums) ``f = f_0 − Θ R``
+    is formed from ``R``, so rounding errors of ``R`` feed back through the loss and are trained
+    away; carried as ``f ← f − Θ p`` instead, ``f`` and ``R`` drifted apart (float64 test outputs,
+    which read ``R``, 1.1e-11 off the closed form after 10 000 heavy-ball steps at ``β = 0.9``;
+    2e-14 from ``R``). A float32 product of the large ``R`` is off by ``ε‖Θ‖‖R‖``, growing with the
+    steps, so there ``f`` is carried along by the same updates, ``f ← f − Θ g`` (or ``− Θ p``),
+    whose rounding shrinks as training converges."""
     wanted = [int(s) for s in steps.tolist()]
     recorded, last = set(wanted), max(wanted)
     at: dict[int, tuple[Tensor, Tensor]] = {}
-    f = f0.to(torch.float64)
-    dual = torch.zeros_like(f)
-    velocity = pull = dual   # p and u = Θ p, with momentum
+    f = start = f0.to(torch.float64)
+    dual = velocity = torch.zeros_like(f)   # R and, with momentum, p
     warned = False
     for number in range(last + 1):
         if number in recorded:
             at[number] = (f, dual)
         if number == last:
             break
-        change, g = step(f)
+        g = descent(f)
         if beta is not None:
-            velocity, pull = beta * velocity + g, beta * pull + change
-            change, g = pull, velocity
-        f, dual = f - change, dual + g
+            velocity = beta * velocity + g
+            g = velocity
+        dual = dual + g
+        f = start - pull(dual) if exact_products else f - pull(g)
         if not warned and not bool(torch.isfinite(f).all()):
             # the outputs overflowed: what follows is inf and NaN, which came back without a word
             warnings.warn(f"gradient_descent diverged: the training outputs overflowed at step {number + 1} "
@@ -356,7 +369,7 @@ def _iterate(step, f0: Tensor, eta: float, beta: float | None, steps: Tensor) ->
     return [at[s][0] for s in wanted], [at[s][1] for s in wanted]
 
 
-def _flow(step, f0: Tensor, beta: float | None, times: Tensor, rtol: float, atol: float,
+def _flow(descent, pull, f0: Tensor, beta: float | None, times: Tensor, rtol: float, atol: float,
           max_steps: int) -> tuple[list[Tensor], list[Tensor]]:
     """The training outputs ``f(t)`` and ``R(t)`` at each of ``times`` from the gradient-flow (or
     momentum) ODE, in float64.
@@ -368,14 +381,14 @@ def _flow(step, f0: Tensor, beta: float | None, times: Tensor, rtol: float, atol
     """
     if beta is None:
         def rhs(z: Tensor) -> Tensor:   # z = (f, R)
-            pull, g = step(z[0])
-            return torch.stack([-pull, g])
+            g = descent(z[0])
+            return torch.stack([-pull(g), g])
         z0 = torch.stack([f0, torch.zeros_like(f0)])
         watched = [0]
     else:
         def rhs(z: Tensor) -> Tensor:   # z = (f, R, v, p)
-            pull, g = step(z[0])
-            return torch.stack([z[2], z[3], -pull - (1 - beta) * z[2], g - (1 - beta) * z[3]])
+            g = descent(z[0])
+            return torch.stack([z[2], z[3], -pull(g) - (1 - beta) * z[2], g - (1 - beta) * z[3]])
         z0 = torch.stack([f0] + [torch.zeros_like(f0)] * 3)
         watched = [0, 2]
     z0 = z0.to(torch.float64)
