@@ -648,8 +648,11 @@ def test_mismatched_inputs_raise_value_error():
     (lambda: ntkgp.Dense(3, weight_var=[1.0, 2.0]), "scalar"),
     (lambda: ntkgp.mlp(1, "swish"), r"Unknown activation 'swish'; .* or pass a layer\.$"),
     # a torch function or module: "pass a layer" did not say that Numerical takes it
-    (lambda: ntkgp.mlp(1, torch.tanh), r"or pass a layer: wrap a torch function or module as ntkgp\.Numerical\(fn\)"),
-    (lambda: ntkgp.mlp(1, torch.nn.SiLU()), r"Unknown activation SiLU\(\); .* as ntkgp\.Numerical\(fn\)"),
+    (lambda: ntkgp.mlp(1, torch.nn.functional.elu), r"or pass a layer: wrap a torch function .* as ntkgp\.Numerical"),
+    (lambda: ntkgp.mlp(1, torch.nn.ELU()), r"Unknown activation ELU\(.*\); .* as ntkgp\.Numerical\(fn\)"),
+    # a torch function or module the names cover: the name, not a generic Numerical (which warned at tanh's)
+    (lambda: ntkgp.mlp(1, torch.tanh), r"or pass a layer: for this one pass its name, activation='tanh'\.$"),
+    (lambda: ntkgp.mlp(1, torch.nn.SiLU()), r"for this one pass its name, activation='silu'\.$"),
     (lambda: ntkgp.mlp(1, ntkgp.ReLU), r"got the class ReLU: pass an instance, ReLU\(\)\.$"),
     (lambda: ntkgp.repeat(ntkgp.ReLU(), 0), "positive integer"),
     (lambda: ntkgp.residual(), r"residual\(\) needs at least one layer"),   # named serial(), unseen by the caller

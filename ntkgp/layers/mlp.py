@@ -60,8 +60,13 @@ def make_activation(name: str | Layer) -> Layer:
         return ACTIVATIONS[name.lower()]()
     except (KeyError, AttributeError):
         # torch.tanh or nn.Tanh() is the natural first try; "pass a layer" did not say which one takes it
-        hint = (": wrap a torch function or module as ntkgp.Numerical(fn), e.g. "
-                "activation=ntkgp.Numerical(torch.tanh) (its kernel by quadrature)" if callable(name) else "")
+        known = getattr(name, "__name__", type(name).__name__).lower()
+        hint = ""
+        if known in ACTIVATIONS:   # its closed form or tuned quadrature, not a generic Numerical
+            hint = f": for this one pass its name, activation={known!r}"
+        elif callable(name):
+            hint = (": wrap a torch function or module as ntkgp.Numerical(fn), e.g. "
+                    "activation=ntkgp.Numerical(torch.nn.functional.elu) (its kernel by quadrature)")
         raise ValueError(f"Unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)} "
                          f"or pass a layer{hint}.") from None
 
