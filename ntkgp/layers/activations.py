@@ -525,8 +525,8 @@ class GELU(Activation):
         r11, r22 = k11 / (1 + k11), k22 / (1 + k22)
         rest = (k12 / (1 + k11)) * (k12 / (1 + k22)) / delta + r11 * r22 * delta
         # the near form costs 1.75× the pair kernel: under transforms and compile everywhere, without a
-        # branch; otherwise only at the near pairs, when there are any (one host synchronization, as
-        # overflow_scale's)
+        # branch; otherwise only at the near pairs, when there are any (a host synchronization, and a second
+        # for the pairs' indices where there are)
         if not (transforms_active() or _is_compiling()):
             beta = math.pi / 2 + torch.atan(k12 / delta)
             nngp = k12 * (beta / (2 * math.pi)) + rest / (2 * math.pi)
