@@ -420,7 +420,8 @@ def test_float32_integration_of_a_stiff_kernel_keeps_its_tolerance(momentum):
     """Float32 integration over long times of an ill-conditioned kernel (depth-50 erf network, 30 points
     in d = 3: eigenvalues from 2.4e-8 λ_max) is as accurate as its tolerance. Both runs get the same
     kernel rounded to float32 (given in float64), so only the integration differs: the reference is the
-    float64 closed form (mse) or the float64 solver at 1e-12 (momentum).
+    float64 closed form (mse) or the float64 solver at 1e-9 (momentum; 1.1e-8 from the solver at 1e-12,
+    which took 3.4x as many steps, and 1e-4 of the error measured against it).
 
     Before, the outputs were formed as f_0 − Θ R from a float32 R summed over hundreds of steps to
     |R| ≈ 180: its rounding moved them by about ε‖Θ‖‖R‖, 1.0e-3 (training) and 9.9e-4 (test), 80x the
@@ -442,7 +443,7 @@ def test_float32_integration_of_a_stiff_kernel_keeps_its_tolerance(momentum):
         ref = predict.gradient_descent_mse(k_dd, y, ntk_test_train=k_td, fx_test_0=0.0, t=times)
     else:
         ref = predict.gradient_descent(mse, k_dd, y, ntk_test_train=k_td, fx_test_0=0.0, t=times,
-                                       momentum=momentum, rtol=1e-12, atol=1e-12)
+                                       momentum=momentum, rtol=1e-9, atol=1e-9)
     low = predict.gradient_descent(mse, k_dd, y, ntk_test_train=k_td, fx_test_0=0.0, t=times, momentum=momentum,
                                    dtype=torch.float32)
     bound = 3e-5 if momentum is None else 2e-4
@@ -515,33 +516,37 @@ def test_test_outputs_warn_where_float32_kernel_rounding_moves_them():
     """A float32 kernel's rounding moves gradient_descent's test outputs as it moves
     gradient_descent_mse's (through the dual coefficients R, by about 2 ε max(d) ‖d ∘ R‖), and the
     same 1 % warning (warn_if_imprecise) now says so; before, nothing did. Depth-50 erf network,
-    (σ_w², σ_b²) = (1.76, 1), 30 points in d = 3, t = 1e4, squared loss: the float32 NTK puts the test
-    outputs 3.0e-3 off those of the float64 NTK (2 % of their size 0.15), in float64 integration and
-    in float32 alike (before this fix float32 integration added its own 8.3e-2). Ordinary float32 use
-    (a two-layer ReLU network on 50 points, t up to 1e4) stays quiet and within 2e-5 of float64
-    (measured 8e-6; the solver's tolerance 1.2e-5 with the 2x of smooth losses, and the kernel is the
-    same in both runs)."""
+    (σ_w², σ_b²) = (1.76, 1), 30 points in d = 3, centred targets, t = 100, squared loss: the kernel is
+    nearly constant, so with the constant mode out of the targets the outputs come from modes 1e-6 of
+    λ_max, which its float32 rounding moves: the float32 NTK puts the test outputs 2.9e-5 off those of
+    the float64 NTK (19 % of their size 1.5e-4; the estimate reads 27 %). Uncentred targets show the same
+    only after long training (2 % at t = 1e4, through R growing like t, but 24 000 solver steps: 20-40 s).
+    Ordinary float32 use (a two-layer ReLU network on 50 points, t up to 1e3) stays quiet (the estimate
+    4e-5, as at t = 1e4 and beyond: the slowest mode is two-thirds trained at t = 1e3) and within 2e-5 of
+    float64 (measured 1.6e-5, 1.7e-5 at t = 1e4; the solver's tolerance 1.2e-5 with the 2x of smooth
+    losses, and the kernel is the same in both runs)."""
     import warnings
 
     import ntkgp
 
     torch.manual_seed(0)
     x, x_test, y = torch.randn(30, 3), torch.randn(5, 3), torch.randn(30, 1)
+    y = y - y.mean()
     net = ntkgp.mlp(50, "erf", 1.76, 1.0)
     k_dd, k_td = net.kernel(x).ntk.detach(), net.kernel(x_test, x).ntk.detach()
     with pytest.warns(RuntimeWarning, match="kernels' last digits"):
-        _, test = predict.gradient_descent(mse, k_dd, y, ntk_test_train=k_td, fx_test_0=0.0, t=1e4)
+        _, test = predict.gradient_descent(mse, k_dd, y, ntk_test_train=k_td, fx_test_0=0.0, t=1e2)
     net64 = net.double()
     _, exact = predict.gradient_descent_mse(net64.kernel(x.double()).ntk.detach(), y.double(),
                                             ntk_test_train=net64.kernel(x_test.double(), x.double()).ntk.detach(),
-                                            fx_test_0=0.0, t=1e4)
+                                            fx_test_0=0.0, t=1e2)
     # the warning is about a real error: within the estimate's 3.3x of 1 % (numerics.md)
     assert float((test.double() - exact).abs().max()) >= 0.01 / 3.3 * float(exact.abs().max())
 
     x, x_test, y = torch.randn(50, 3), torch.randn(10, 3), torch.randn(50, 1)
     relu = ntkgp.mlp(2, "relu")
     k_dd, k_td = relu.kernel(x).ntk.detach(), relu.kernel(x_test, x).ntk.detach()
-    times = [1.0, 1e2, 1e4]
+    times = [1.0, 1e2, 1e3]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         low = predict.gradient_descent(mse, k_dd, y, ntk_test_train=k_td, fx_test_0=0.0, t=times,

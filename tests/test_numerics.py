@@ -868,17 +868,20 @@ def test_correlated_sums_are_refused_from_the_spec_before_any_kernel_work(monkey
 
 def test_sums_of_independent_branches_match_monte_carlo():
     """All but one branch contain a Dense layer of their own, here at their ends (a LayerNorm after
-    it keeps them centred): the sum's kernel is the sum of the branches', as wide networks confirm."""
+    it keeps them centred): the sum's kernel is the sum of the branches', as wide networks confirm.
+    250 networks x 32 outputs (conditionally independent given the last hidden layer; each network's
+    average one sample of the standard error): standard errors 0.51-0.57x those of the 2000 one-output
+    networks used before (largest 0.033 and 0.011 against 0.056 and 0.022), at an eighth of the time."""
     net = ntkgp.serial(ntkgp.Dense(256, 1.5, 0.1), ntkgp.parallel(
         ntkgp.Identity(), ntkgp.serial(ntkgp.ReLU(), ntkgp.Dense(256, 2.0, 0.1), ntkgp.LayerNorm()),
-        ntkgp.serial(ntkgp.Erf(), ntkgp.Dense(256, 1.0, 0.2))), ntkgp.ReLU(), ntkgp.Dense(1))
+        ntkgp.serial(ntkgp.Erf(), ntkgp.Dense(256, 1.0, 0.2))), ntkgp.ReLU(), ntkgp.Dense(32))
     nested = ntkgp.serial(ntkgp.Dense(256, 1.5, 0.1), ntkgp.residual(           # x + (h + D(relu(h))), h = D(relu(x))
         ntkgp.ReLU(), ntkgp.Dense(256, 1.2, 0.1), ntkgp.residual(ntkgp.ReLU(), ntkgp.Dense(256, 0.8, 0.1))),
-        ntkgp.Erf(), ntkgp.Dense(1))
+        ntkgp.Erf(), ntkgp.Dense(32))
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     for spec in (net, nested):
         exact = spec.kernel(x).nngp.detach()
-        est = ntkgp.finite.monte_carlo_kernel(spec, x, n_samples=2000, ntk=False)
+        est = ntkgp.finite.monte_carlo_kernel(spec, x, n_samples=250, ntk=False)
         z = (est.nngp - exact) / est.nngp_sem
         assert float(z.abs().max()) < 4.5, z
 

@@ -204,8 +204,10 @@ def test_linearized_network_trained_by_gradient_descent_matches_exactly():
 
 
 def test_wide_network_trained_by_gradient_descent_follows_its_linearization():
-    """Width 2048, a few hundred small steps: the real network is within 1% of the prediction."""
-    net = ntkgp.mlp(2, "erf", 1.6, 0.1, width=2048)
+    """Width 1024, a few hundred small steps: the real network is within 1% of the prediction (measured
+    0.29 % on the training and 0.81 % on the test points; width 2048, ten times slower as its float64
+    weights leave the cache, 0.05 % and 0.93 %; half the learning rate or steps predicted: 7.7 % and 10 %)."""
+    net = ntkgp.mlp(2, "erf", 1.6, 0.1, width=1024)
     model = net.build(in_features=3, seed=2)
     x, xt, y = X_TRAIN, X_TEST, Y_TRAIN[:, :1]
     theta_dd = ntkgp.finite.empirical_ntk(model, x)
