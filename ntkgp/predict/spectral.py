@@ -194,6 +194,13 @@ class Eigensystem:
         return cls(values.clamp_min(0), vectors, eps, flat)
 
     @property
+    def rounding_floor(self) -> float:
+        """``ε λ_max / N``, about the rounding ``ε K_ii`` of the entries: where a direction counted as
+        untrained may be real (a flat kernel's, or one read as a duplicate's), its eigenvalue lies
+        anywhere below this, and the warnings take it no smaller."""
+        return self.eps * float(self.values.max()) / self.values.shape[-1]
+
+    @property
     def null_tolerance(self) -> Tensor:
         n = self.values.shape[-1]
         return n * self.eps * self.values.amax(-1, keepdim=True)
@@ -817,8 +824,8 @@ class UnresolvedCheck:
             return
         eig = self.eig
         values = eig.values
-        if eig.flat:   # its dropped eigenvalues are rounding, the real ones anywhere below ε K_ii ≈ ε λ_max / N
-            values = values.clamp_min(eig.eps * float(values.max()) / values.shape[-1])
+        if eig.flat:   # its dropped eigenvalues are rounding, the real ones anywhere below the rounding floor
+            values = values.clamp_min(eig.rounding_floor)
         self.seen = values * torch.linalg.vector_norm(eig.vectors, ord=math.inf, dim=-2)
         self.largest = result.detach().abs().flatten(1).amax(-1)
         self.outputs = "training"
@@ -874,9 +881,8 @@ def _warn_unresolved(seen: Tensor, largest: Tensor, right: Tensor, untrained: Te
     lam = eig.values.unsqueeze(-2)
     flow = torch.where(lam > 0, torch.minimum(tau, 1 / torch.where(lam > 0, lam, 1.0)), tau)   # (T, N)
     per_direction = seen * right.abs().amax(-1)
-    # the possible directions' eigenvalues are rounding: real ones lie anywhere below ε λ_max (is_flat's floor)
-    floor = eig.eps * eig.values.amax(-1, keepdim=True).unsqueeze(-2) / n
-    guessed = torch.minimum(tau, 1 / torch.maximum(lam, floor)) * per_direction
+    # the possible directions' eigenvalues are rounding: real ones lie anywhere below the rounding floor
+    guessed = torch.minimum(tau, 1 / lam.clamp_min(eig.rounding_floor)) * per_direction
 
     def total(mask: Tensor, each: Tensor) -> Tensor:
         return torch.where(mask & (per_direction > 0), each, 0.0).sum(-1)
