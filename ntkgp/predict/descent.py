@@ -103,9 +103,9 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     (which sets the kernel products and the loss), for the solver and for ``steps`` alike: the
     training outputs are the carried ``f`` (float64 ``steps``: ``f_0 − Θ R``, as exact), and the test
     outputs ``f_0* − Θ* R`` are formed in float64. So float32 integration keeps its tolerance on
-    ill-conditioned kernels over long times
-    (eigenvalues down to ``2e-8 λ_max``, ``t = 1e4``: ``8e-6`` against ``100 ε = 1.2e-5``; it was
-    ``6e-3`` when the outputs came from a float32 ``R``), and float32 steps stay well inside what
+    ill-conditioned kernels over long times (eigenvalues down to ``2e-8 λ_max``, ``t = 1e4``:
+    ``8e-6`` against ``100 ε = 1.2e-5``; it was ``6e-3`` when the outputs came from a float32
+    ``R``), and float32 steps stay well inside what
     rounding the kernel to float32 costs (10 000 steps: ``1.9e-6`` against ``6.8e-5``; ``2.4e-4``
     before; docs/numerics.md). A kernel's own float32 rounding is another matter: where it can move
     the test outputs by more than 1 % (estimated from ``R`` as :func:`gradient_descent_mse` does) a
@@ -196,9 +196,9 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     eta = schedule.learning_rate
     descent, pull = _step(gradient, kernel, eta, y_shape)
     with torch.set_grad_enabled(differentiable):
-        # the carried training outputs, not f_0 − Θ R: R grows like t (its slow modes like r/λ), and a
-        # rounding of ε|R| moves Θ R by ε‖Θ‖‖R‖ (float32, a depth-50 erf kernel, t = 1e4: 1.2e-2 off against
-        # the solver's 8e-6 on f itself; 10 000 discrete steps: 2.4e-4 against 1.9e-6; docs/numerics.md)
+        # the training outputs as the integrators carry them, not f_0 − Θ R from a float32 R: R grows like t
+        # (its slow modes like r/λ), and a float32 product moves Θ R by ε‖Θ‖‖R‖ (a depth-50 erf kernel, t = 1e4:
+        # 1.2e-2 off against the solver's 8e-6 on f itself; 10 000 discrete steps: 2.4e-4 against 1.9e-6)
         if schedule.discrete:
             fits, duals = _iterate(descent, pull, f0, eta, beta, schedule.values, kernel.dtype == torch.float64)
         else:

@@ -74,6 +74,11 @@ KINDS = ("ntk", "nngp")
 TEST_BLOCK_ENTRIES = 1 << 24
 
 
+def block_rows(columns: int) -> int:
+    """Rows of ``columns`` entries each that make a block of about :data:`TEST_BLOCK_ENTRIES` (at least one)."""
+    return max(1, TEST_BLOCK_ENTRIES // max(1, columns))
+
+
 @dataclass(frozen=True)
 class _FlowTerms:
     """What the finite-time formulas need besides the test kernels, once per prediction: the
@@ -245,7 +250,7 @@ class GradientFlow:
         v = self.eigensystem.vectors
         n = v.shape[-1]
         out = v.new_empty((n, n))
-        rows = max(1, TEST_BLOCK_ENTRIES // max(1, n))
+        rows = block_rows(n)
         for start in range(0, n, rows):
             torch.mm(v[:, start:start + rows].mT @ self.nngp_dd, v, out=out[start:start + rows])
         return out
@@ -358,7 +363,7 @@ class GradientFlow:
         covariance of ``M = N`` test points peaked at 5.2 N² at one time, ``K**`` and these included."""
         v = self.eigensystem.vectors
         n, m = v.shape[0], x_test.shape[0]
-        rows = max(1, TEST_BLOCK_ENTRIES // max(1, n))
+        rows = block_rows(n)
         a = v.new_empty((m, n))
         r2 = v.new_empty((n, m)) if self.kind == "ntk" and mode is not None else None
         for start in range(0, max(m, 1), rows):
@@ -392,7 +397,7 @@ class GradientFlow:
         beside the kernels (5.2 M N for "diag", 2.2 M N for the mean, at N = 2000 and M = 20 000). The
         unresolved-direction warning reads maxima over the test rows, accumulated over the blocks
         (:class:`~ntkgp.predict.spectral.UnresolvedCheck`): it fires as for the whole matrix, once."""
-        rows = max(1, TEST_BLOCK_ENTRIES // max(1, self.x_factor.shape[0]))
+        rows = block_rows(self.x_factor.shape[0])
         terms = None if schedule is None else self._flow_terms(schedule, mode)
         means, marginals, scale = [], [], 0.0
         for start in range(0, max(x_test.shape[0], 1), rows):
@@ -501,7 +506,7 @@ class GradientFlow:
         if mode is None:
             return mean, None
         k_tt = kernels.pop("nngp_tt")
-        rows = max(1, TEST_BLOCK_ENTRIES // max(1, v.shape[0]))
+        rows = block_rows(v.shape[0])
         if self.kind == "nngp":
             flow2 = cast(Tensor, terms.flow2)   # made for a covariance
             if mode == "diag":   # diag(A F Aᵀ)_m = Σ_a A_ma² F_a, every time at once
@@ -538,7 +543,7 @@ def _training_marginal(v: Tensor, decay: Tensor, nngp_eigen: Tensor) -> Tensor:
     at the training points, ``Σ_ab (VD)_na E_ab (VD)_nb``, a block of :data:`TEST_BLOCK_ENTRIES`
     entries of rows at a time: ``V (D E D)`` and its product with ``V`` held two ``N × N``
     temporaries beside the four the training side keeps (6.4 GB more at N = 20 000 in float64)."""
-    rows = max(1, TEST_BLOCK_ENTRIES // max(1, v.shape[-1]))
+    rows = block_rows(v.shape[-1])
     out = []
     for start in range(0, max(v.shape[0], 1), rows):
         w = v[start:start + rows] * decay

@@ -195,7 +195,7 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
             delta = matrix_function_product(kernel, eig, schedule, 2, slopes[1], flat, test_eigen, left)
             with torch.no_grad():
                 warn_if_unresolved(test_eigen, right, delta, schedule, eig, regular)
-                warn_if_flow_imprecise(eig, schedule.functions(eig)[2], right, delta, kernel.diagonal(), schedule)
+                warn_if_flow_imprecise(eig, None, right, delta, kernel.diagonal(), schedule)
             # the number of times, not -1: an empty test set has no entries to infer it from
             test = fx_test_0.to(factor_dtype) - delta.reshape(delta.shape[0], *fx_test_0.shape)
             test = schedule.reshape(test, fx_test_0.dim())

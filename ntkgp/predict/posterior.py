@@ -44,7 +44,7 @@ from ntkgp.predict.gaussian import (
     prior_scale,
     refuse_gradient,
 )
-from ntkgp.predict.gradient_flow import TEST_BLOCK_ENTRIES, GradientFlow, subtract_gram_
+from ntkgp.predict.gradient_flow import GradientFlow, block_rows, subtract_gram_
 from ntkgp.predict.spectral import cholesky, cholesky_solve, regularize, warn_if_imprecise
 
 #: neural-tangents' keywords of ``gp_inference`` and what to pass here instead.
@@ -115,7 +115,6 @@ class GPPosterior:
         self._prior_dd: Tensor | None = regularize(prior, self.noise, absolute=True)
         # the training variances, the scale of each entry's rounding (warn_if_imprecise)
         self._variances = self._prior_dd.diagonal().clone()
-        self._eps = torch.finfo(self.factor_dtype).eps   # the kernels' rounding, and their factorization's
 
     @cached_property
     @outside_inference_mode
@@ -133,6 +132,12 @@ class GPPosterior:
     def _alpha(self) -> Tensor:
         """``(K + σ²I)⁻¹ Y``, the dual coefficients of the posterior mean."""
         return cholesky_solve(self.y, self._cholesky)
+
+    def _warn_if_imprecise(self, mean: Tensor) -> None:
+        """:func:`~ntkgp.predict.spectral.warn_if_imprecise` for the test ``mean``: the kernels' rounding
+        and their factorization's, both in ``factor_dtype``."""
+        eps = torch.finfo(self.factor_dtype).eps
+        warn_if_imprecise(self._alpha, mean, self._variances, eps, factor_eps=eps)
 
     # the overloads tell type checkers which of the covariance and the variances compute_cov leaves None
     @overload
@@ -172,7 +177,7 @@ class GPPosterior:
         cov, marginal, scale = None, None, None
         if mode != "full":
             mean, marginal, scale = self._by_test_blocks(x_test, mode)
-            warn_if_imprecise(self._alpha, mean, self._variances, self._eps, factor_eps=self._eps)
+            self._warn_if_imprecise(mean)
             if not self.vector_targets:
                 mean = mean.squeeze(-1)
             return Gaussian(mean.to(self.dtype), None, scale, marginal)
@@ -181,7 +186,7 @@ class GPPosterior:
             c_td = cast(Tensor, cross.ntk) if want_ntk else cross.nngp   # asked for
             del cross   # the NNGP beside the NTK-GP's Θ*d is not needed: one (M, N) matrix less
             mean = c_td @ self._alpha
-            warn_if_imprecise(self._alpha, mean, self._variances, self._eps, factor_eps=self._eps)
+            self._warn_if_imprecise(mean)
             if mode is not None:
                 test = self.net.kernel(x_test, ntk=want_ntk, diag=mode == "diag")
                 c_tt = cast(Tensor, test.ntk) if want_ntk else test.nngp
@@ -206,7 +211,7 @@ class GPPosterior:
         want_ntk = self.kind == "ntkgp"
         chol = self._cholesky
         alpha = self._alpha
-        rows = max(1, TEST_BLOCK_ENTRIES // max(1, chol.shape[-1]))
+        rows = block_rows(chol.shape[-1])
         means, marginals, scale = [], [], 0.0
         with torch.no_grad(), named_kernels("test"):
             for start in range(0, max(x_test.shape[0], 1), rows):

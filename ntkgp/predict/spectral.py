@@ -142,6 +142,12 @@ def _smallest_eigenvalue_bound(factor: Tensor, scale: Tensor, iterations: int = 
     return bound
 
 
+def coarser_than_float64(eps: float) -> bool:
+    """Whether a kernel of rounding level ``eps`` (:func:`rounding_eps`) carries a coarser rounding than
+    float64's (float32 or half precision): the kernels the float32 rules and warnings judge."""
+    return eps > torch.finfo(torch.float64).eps
+
+
 def is_flat(k: Tensor, eps: float) -> bool:
     r"""Whether the entries of the ``N × N`` kernel ``k`` differ only in their last digits: all within
     ``N · ε · max|k|`` of each other (``ε`` their rounding level, :func:`rounding_eps`), but not all
@@ -190,7 +196,7 @@ class Eigensystem:
         eps = rounding_eps(k, None if check_as is None else check_as[1])
         # float64's: a deep ordered-phase kernel of two values an ulp apart moves its outputs by ~ε λ_max t / N
         # (4.5e-8 at t = 1e8, depth 120), which the training outputs' flat rule took for a warning
-        flat = eps > torch.finfo(torch.float64).eps and is_flat(k, eps)
+        flat = coarser_than_float64(eps) and is_flat(k, eps)
         return cls(values.clamp_min(0), vectors, eps, flat)
 
     @property
@@ -871,7 +877,7 @@ def _warn_unresolved(seen: Tensor, largest: Tensor, right: Tensor, untrained: Te
     # directions counted as a duplicate's that may be real (a flat kernel's test outputs are
     # warn_if_flow_imprecise's, as above); judged below, where they would decide a warning
     possible = untrained & ~real
-    if real_below is None or eig.eps <= torch.finfo(torch.float64).eps or eig.flat:
+    if real_below is None or not coarser_than_float64(eig.eps) or eig.flat:
         possible = torch.zeros_like(possible)
     if not bool((dropped | possible).any()):
         return
@@ -924,7 +930,7 @@ def _regularizer_hint(eig: Eigensystem) -> str:
 
 def _precision_hint(eps: float) -> str:
     """The advice for kernels that carry a coarser rounding ``eps`` than float64's: compute them in float64."""
-    if eps <= torch.finfo(torch.float64).eps:
+    if not coarser_than_float64(eps):
         return ""
     return (f" The kernel carries rounding of ~{eps:.1e} (float32 or coarser): computed and factored in float64 "
             "(float64 inputs to net.kernel; factor_dtype=torch.float64, the predictors' default) it resolves "
@@ -973,7 +979,7 @@ def warn_if_imprecise(coefficients: Tensor, outputs: Tensor, variances: Tensor, 
     float32 integration: ``ε`` relative errors of ``c`` move the outputs by the same estimate), and
     ``cause`` the explanation of large coefficients (:func:`warn_if_flow_imprecise`'s flat kernels).
     """
-    if eps <= torch.finfo(torch.float64).eps or outputs.numel() == 0 or coefficients.numel() == 0:
+    if not coarser_than_float64(eps) or outputs.numel() == 0 or coefficients.numel() == 0:
         return
     with torch.no_grad():
         d = variances.detach().clamp_min(0).sqrt().to(coefficients.dtype)
@@ -1000,32 +1006,33 @@ def warn_if_imprecise(coefficients: Tensor, outputs: Tensor, variances: Tensor, 
                   stacklevel=caller_stacklevel())
 
 
-def warn_if_flow_imprecise(eig: Eigensystem, flow: Tensor, right: Tensor, outputs: Tensor, variances: Tensor,
+def warn_if_flow_imprecise(eig: Eigensystem, flow: Tensor | None, right: Tensor, outputs: Tensor, variances: Tensor,
                            schedule: Schedule) -> None:
     """:func:`warn_if_imprecise` at the ``schedule``'s times, with the flow's dual coefficients
-    ``V diag(flow[t]) Vᵀ Y`` (``right = Vᵀ Y``), formed only for a kernel that carries a coarser
-    rounding than float64's (``eig.eps``; the only kernels judged); ``ε_f`` that of the dtype it was
-    factored in.
+    ``V diag(flow[t]) Vᵀ Y`` (``right = Vᵀ Y``; ``flow=None``: the schedule's, computed here), formed
+    only for a kernel that carries a coarser rounding than float64's (``eig.eps``; the only kernels
+    judged); ``ε_f`` that of the dtype it was factored in.
 
     A flat kernel (:func:`is_flat`: its entries differ only in their last digits) is judged with the
     directions that count as untrained (:meth:`Schedule.untrained`) trained: they are not duplicates'
     but directions its rounding erased, which a float64 kernel trains, moving the outputs by the
     coefficients they take then, ``flow ≤ min(τ, 1/λ)`` (the flow's bound), ``λ`` taken no smaller than
-    the entries' rounding ``ε max(K_ii)``, below which eigenvalues are noise. Dropped, their
+    the entries' rounding (:attr:`Eigensystem.rounding_floor`), below which eigenvalues are noise. Dropped, their
     coefficients are 0, and the float32 NNGP of ``mlp(50, "erf", 1.76, 1)`` (entries 3 ulps apart) gave
     ``t = ∞`` outputs 0.99 off float64's (of size 0.90) without a word; now the estimate reads 30 to 52
     times the outputs there, and 7.2 % at ``t = 1e5`` (outputs 1.3 % off; quiet up to ``t = 1e4``,
     1.3e-3 off). At finite times it is a bound: the directions' real columns are at most the rounding,
     and may be far below it (the float64 NNGP of ``(1.5, 1)`` spans 3.5e-10 of its entries, its float32
     one 1 ulp: estimate 6.5 % at ``t = 1e5``, error 4e-5)."""
-    if eig.eps <= torch.finfo(torch.float64).eps:
+    if not coarser_than_float64(eig.eps):
         return
+    if flow is None:
+        flow = schedule.functions(eig)[2]
     cause = None
     if eig.flat:
         untrained = schedule.untrained(eig)
         if bool(untrained.any()):
-            floor = eig.eps * float(variances.detach().max())
-            lam = eig.values.detach().clamp_min(floor).unsqueeze(-2)                           # (1, N)
+            lam = eig.values.detach().clamp_min(eig.rounding_floor).unsqueeze(-2)               # (1, N)
             tau = schedule.tau(lam.dtype).unsqueeze(-1)                                        # (T, 1)
             flow = torch.where(untrained, torch.minimum(tau, 1 / lam), flow)
             cause = ("through the directions that tell the training points apart: the training kernel's entries "
