@@ -9,7 +9,7 @@ import pathlib
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -247,10 +247,12 @@ def _writable_folder(path: str) -> list[pathlib.Path]:
     return created
 
 
-def load_spec(text: str):
+def load_spec(text: str) -> Callable[..., Any]:
     """The function named by ``--spec``: ``FILE.py:NAME`` (a Python file, run as a module of its own) or
     ``MODULE:NAME`` (an importable module); ``ValueError`` for a name that does not resolve. The file's
-    neighbours are importable under :func:`compare` (see :func:`_folders_importable`)."""
+    neighbours are importable under :func:`compare` (see :func:`_folders_importable`). The function is
+    returned as found, callable but unchecked: :class:`~ntkgp.compare.CompareConfig` checks that it
+    takes a width and gives a spec."""
     import importlib
     import importlib.util
 

@@ -124,7 +124,7 @@ class NetworkGP(gpytorch.models.ExactGP):
 
     def __init__(self, train_x: Tensor, train_y: Tensor, net: Layer | None = None, *, kernel: str = "nngp",
                  likelihood: gpytorch.likelihoods.Likelihood | None = None, mean: str = "zero",
-                 **mlp_kwargs) -> None:
+                 **mlp_kwargs: Any) -> None:
         if kernel not in KERNELS:
             # gp_posterior's names differ: its "ntkgp" is this "ntk" (a GP with the NTK as covariance)
             hint = (" The NTK-GP, gp_posterior's kernel='ntkgp', is kernel='ntk' here." if kernel == "ntkgp" else "")
@@ -357,6 +357,10 @@ class NetworkGP(gpytorch.models.ExactGP):
                 yield entry
 
     def forward(self, x: Tensor) -> gpytorch.distributions.MultivariateNormal:
+        """The prior at ``x``, ``N(m(x), K(x, x))`` with ``K`` the network's NNGP or NTK (Lee et al.
+        2018; He et al. 2020) and ``m`` zero or a constant; for ``(N, k)`` targets the multitask
+        ``N(M, K(x, x) ⊗ I_k)`` with ``M`` of shape ``(N, k)`` (zero, or one constant per output),
+        the ``k`` outputs independent with one kernel."""
         covar = self.covar_module(x)
         if not self.vector_targets:
             return gpytorch.distributions.MultivariateNormal(self.mean_module(x), covar)
@@ -374,6 +378,10 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
         optimizer: torch.optim.Optimizer | None = None,
         callback: Callable[[int, float], object] | None = None) -> list[float]:
     """Maximize the exact marginal log likelihood of ``model`` on its training data.
+
+    For a zero-mean GP with kernel ``K`` and noise ``σ²`` on ``N`` targets ``y`` that is
+    ``log p(y) = −½ yᵀ (K + σ²I)⁻¹ y − ½ log|K + σ²I| − (N/2) log 2π``, maximized over the layers'
+    variances and ``σ²`` (type-II maximum likelihood, Rasmussen & Williams 2006, §5.4.1).
 
     With priors registered (``Dense(..., weight_var_prior=...)``, GPyTorch priors on the likelihood)
     the objective is GPyTorch's ``ExactMarginalLogLikelihood``, which adds their log densities:

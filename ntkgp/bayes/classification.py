@@ -141,7 +141,10 @@ def misclassification_auroc(mean: ArrayLike, variance: ArrayLike, labels: ArrayL
     Positives are the points with ``argmax_c μ_ic ≠ c_i``; the score is the variance
     ``σ_i²`` (for ``(M, C)`` variances, the mean over classes). 0.5 means the variance carries
     no information about errors, 1 that every error has a larger variance than every correct
-    prediction. See :func:`ntkgp.bayes.metrics.auroc`.
+    prediction. This is the misclassification-detection AUROC of Hendrycks & Gimpel (2017, *A
+    baseline for detecting misclassified and out-of-distribution examples in neural networks*),
+    with the predictive variance as the score in place of their maximum softmax probability. See
+    :func:`ntkgp.bayes.metrics.auroc`.
 
     Raises:
         ValueError: if a label is not one of the ``C`` classes ``0 … C−1``, or every point is

@@ -265,10 +265,11 @@ def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: floa
     :mod:`ntkgp.bayes.inference_data` for the groups.
 
     For ``az.loo`` use the posterior at the *training* inputs with the training targets
-    (``x_test = x_train``): PSIS-LOO then estimates ``Σ_i log p(y_i | y_{−i})``. It needs many
-    draws (hundreds; ArviZ fails on one), and it is unreliable where the posterior nearly
-    interpolates its data: measured on 30 points in 2-D with noise 0.01, 20 000 draws gave −2.3
-    against an exact −13.3 (Pareto k up to 1.35, which ArviZ warns about); with noise 0.5, −38.16
+    (``x_test = x_train``): PSIS-LOO (Vehtari, Gelman & Gabry 2017) then estimates
+    ``Σ_i log p(y_i | y_{−i})``. It needs many draws (hundreds; ArviZ fails on one), and it is
+    unreliable where the posterior nearly interpolates its data: measured on 30 points in 2-D with
+    noise 0.01, 20 000 draws gave −2.3 against an exact −13.3 (Pareto k up to 1.35, which ArviZ
+    warns about); with noise 0.5, −38.16
     against −38.20. For a GP posterior the exact value is
     :meth:`ntkgp.predict.GPPosterior.leave_one_out_log_density`. At held-out
     inputs the pointwise ``log_likelihood`` and ``az.plot_ppc``/``az.plot_loo_pit`` still check

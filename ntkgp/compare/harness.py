@@ -377,7 +377,12 @@ def _whole_numbers(values: object, minimum: int, name: str, kind: str, maximum: 
 
 def loglog_slope(widths: Sequence[float] | np.ndarray | torch.Tensor,
                  values: Sequence[float] | np.ndarray | torch.Tensor) -> float:
-    """Least-squares slope of ``log(value)`` against ``log(width)``.
+    """Least-squares slope of ``log(value)`` against ``log(width)``::
+
+        slope = Σ_i (a_i − ā)(b_i − b̄) / Σ_i (a_i − ā)²,   a_i = log width_i,   b_i = log value_i
+
+    the exponent ``p`` of a power law ``value ∝ width^p`` (the module docstring's expected exponents:
+    ``−1/2`` for the input and readout weights' relative change, ``−1`` for the hidden weights').
 
     NaN with fewer than two widths or when a value is not positive and finite (a zero mean bias is
     below the Monte-Carlo noise, a zero change is a frozen layer): dropping such a width would fit

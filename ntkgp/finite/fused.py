@@ -334,9 +334,11 @@ class FusedSteps:
                              self.m, steps, self.limit[lo:].data_ptr(), int(check_first),
                              self.diverged[lo:].data_ptr(), self.work[index].data_ptr())
 
-    def advance(self, steps: int, limit: Tensor, bar=None) -> tuple[int, bool]:
+    def advance(self, steps: int, limit: Tensor, bar: Any = None) -> tuple[int, bool]:
         """Run ``steps`` steps, the first one's loss already checked by the caller; every later
         step's loss is checked against ``limit`` (per member) before its update.
+
+        ``bar``: a tqdm progress bar advanced by the steps done, or ``None``.
 
         Returns ``(steps done, diverged)``: with ``diverged``, the step after those done failed the
         check for some member (later steps of that member were not taken; other members ran on).

@@ -62,6 +62,9 @@ class Linearized(nn.Module):
         self.training = model.training   # the copies keep the modes they had; this flag said True regardless
 
     def forward(self, x: Tensor) -> Tensor:
+        """``f(x; θ₀) + J(x; θ₀)(θ − θ₀)``, by one ``torch.func.jvp`` of :attr:`initial` at ``x`` in the
+        direction ``θ − θ₀`` (Lee et al. 2019, §2.2); gradients reach ``θ``, the parameters of
+        :attr:`network`."""
         for module in self.initial.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats:
                 # torch.func's "attempted to call in-place operation ... that would mutate a captured Tensor"

@@ -24,8 +24,8 @@ class KernelEstimate(Generic[_NTK]):
     neural-tangents' ``monte_carlo_kernel_fn`` (Novak et al. 2020) estimates the NNGP and NTK.
 
     Attributes:
-        nngp: mean of ``f(x) f(x')ᵀ`` over the samples (per output unit).
-        ntk: mean empirical NTK, ``None`` when not requested (``KernelEstimate[Tensor]`` to type
+        nngp: mean over the samples of ``(1/k) f(x)·f(x')`` (per output unit, ``k`` outputs).
+        ntk: mean empirical NTK per output unit, ``None`` when not requested (``KernelEstimate[Tensor]`` to type
             checkers, ``KernelEstimate[None]`` from ``monte_carlo_kernel(..., ntk=False)``).
         nngp_sem, ntk_sem: their standard errors ``std / sqrt(n_samples)`` (NaN for one sample).
         n_samples: number of networks averaged.
@@ -58,10 +58,12 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
                        seed: int = 0, ntk: bool = True, ensemble_batch: int = 64) -> KernelEstimate:
     """Average empirical kernels over ``n_samples`` random initializations of ``net.build``::
 
-        K̄ = (1/S) Σ_s f_s(x) f_s(x')ᵀ,   Θ̄ = (1/S) Σ_s J_s(x) J_s(x')ᵀ,   SEM = std_s / sqrt(S)
+        K̄ = (1/S) Σ_s (1/k) f_s(x)·f_s(x'),   Θ̄ = (1/S) Σ_s (1/k) Σ_i ∇_θ f_s,i(x)·∇_θ f_s,i(x'),
+        SEM = std_s / sqrt(S)
 
-    the Monte-Carlo check of the analytic kernels (as neural-tangents' ``monte_carlo_kernel_fn``,
-    Novak et al. 2020).
+    per output unit (averaged over the ``k`` outputs, as :func:`empirical_nngp` and
+    :func:`empirical_ntk` are): the Monte-Carlo check of the analytic kernels (as neural-tangents'
+    ``monte_carlo_kernel_fn``, Novak et al. 2020).
 
     Members are built as stacked ensembles of up to ``ensemble_batch`` networks (vectorized,
     ``torch.func.vmap`` over members for the NTK), in the dtype and on the device of ``x1``;

@@ -41,6 +41,10 @@ def _refuse_kernel_arguments(kernel: str, kwargs: dict) -> None:
 class NetworkKernel(Kernel):
     """A GPyTorch kernel whose values are one of a network's infinite-width kernels.
 
+    ``k(x, x') = net.kernel(x, x').nngp`` (:class:`~ntkgp.NNGPKernel`, the covariance ``K`` of Neal
+    1996; Lee et al. 2018) or ``.ntk`` (:class:`~ntkgp.NTKKernel`, the ``Θ`` of Jacot et al. 2018),
+    from the layer-by-layer recursion of :meth:`ntkgp.Layer.kernel` starting at ``x·x'/d``.
+
     The network is a registered submodule (``kernel.net``): ``.double()``, ``.to(device)`` and
     ``named_parameters()`` reach its layers' ``raw_weight_var``/``raw_bias_var``, and two
     kernels built on the same network share those parameters. With ``batch_shape`` every
@@ -72,7 +76,7 @@ class NetworkKernel(Kernel):
 
     def __init__(self, net: Layer, batch_shape: torch.Size = torch.Size([]),
                  active_dims: Sequence[int] | Tensor | None = None,
-                 **kwargs) -> None:
+                 **kwargs: object) -> None:
         if not isinstance(net, Layer):
             raise ValueError(f"{type(self).__name__} needs an ntkgp network (e.g. ntkgp.serial(...)), "
                              f"got {type(net).__name__}.")
@@ -100,6 +104,9 @@ class NetworkKernel(Kernel):
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False,
                 **params: object) -> Tensor:
+        """``k(x1, x2)`` of shape ``(*batch, n1, n2)`` (``diag``: ``k(x1_i, x2_i)``, ``(*batch, n)``); with
+        ``last_dim_is_batch`` the kernel of each input feature alone, ``(*batch, d, n1, n2)`` (``diag``:
+        ``(*batch, d, n)``)."""
         # In the inputs' dtypes promoted with the hyperparameters', as GPyTorch's own kernels compute (a
         # float64 RBFKernel gives float64 on float32 inputs, and takes integer and bool inputs). Following
         # the inputs alone, a float64 model fed float32 features (deep kernel learning with a float32

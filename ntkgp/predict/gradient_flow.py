@@ -655,8 +655,9 @@ def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor |
                   learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk",
                   compute_cov: bool | str = True, diag_reg_absolute_scale: bool = False,
                   steps: Steps = None, factor_dtype: torch.dtype = torch.float64) -> Gaussian:
-    """One-shot :class:`GradientFlow` prediction (see there for the arguments and formulas; Lee et al.
-    2019, eqs. 15–16)."""
+    """One-shot :class:`GradientFlow` prediction: with ``τ = η t / m``, for ``kernel="ntk"``
+    ``μ_t = Θ*d Θ⁻¹ (I − e^{−Θτ}) Y`` (see there for the covariance, the NNGP and the arguments; Lee
+    et al. 2019, eqs. 15–16)."""
     # the cheap arguments first: GradientFlow computes the training kernel before predict reads them
     check_training_data(net, x_train, y_train)
     mode = covariance_mode(compute_cov)

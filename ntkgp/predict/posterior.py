@@ -236,7 +236,8 @@ class GPPosterior:
         return mean, torch.cat(marginals).to(self.dtype), scale
 
     def log_marginal_likelihood(self) -> float:
-        """``log p(Y) = Σ_outputs [−½ yᵀ C⁻¹ y − ½ log|C| − (N/2) log 2π]`` (``C`` = prior + noise)."""
+        """``log p(Y) = Σ_outputs [−½ yᵀ C⁻¹ y − ½ log|C| − (N/2) log 2π]`` (``C`` = prior + noise;
+        Rasmussen & Williams 2006, eq. 2.30)."""
         if self.kind == "ntk":
             raise ValueError("The converged-NTK ensemble is not a GP posterior of Y; use 'ntkgp' or 'nngp'.")
         chol, alpha = self._cholesky, self._alpha
@@ -311,9 +312,10 @@ def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | 
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None, kernel: str = "nngp",
                  noise: float | Tensor = 0.0, compute_cov: bool | str = True,
                  factor_dtype: torch.dtype = torch.float64) -> Gaussian:
-    """One-shot :class:`GPPosterior` prediction (see there for the formulas: Lee et al. 2018, He et
-    al. 2020, Lee et al. 2019; ``compute_cov="diag"`` for the marginal variances alone; ``x_test=None``
-    for the training points, with ``kernel="ntk"`` only)."""
+    """One-shot :class:`GPPosterior` prediction: for ``kernel="nngp"`` ``μ = K*d (K + σ²I)⁻¹ Y``,
+    ``Σ = K** − K*d (K + σ²I)⁻¹ Kd*``, with ``σ² = noise`` (see there for ``"ntkgp"`` and ``"ntk"``:
+    Lee et al. 2018, He et al. 2020, Lee et al. 2019; ``compute_cov="diag"`` for the marginal
+    variances alone; ``x_test=None`` for the training points, with ``kernel="ntk"`` only)."""
     check_training_data(net, x_train, y_train)   # the cheap checks before the training kernel is computed
     mode = covariance_mode(compute_cov)
     if x_test is not None:   # "ntk" predicts the training points for None, as GradientFlow does

@@ -208,6 +208,8 @@ class Eigensystem:
 
     @property
     def null_tolerance(self) -> Tensor:
+        """``N ε λ_max`` (per batch entry, shape ``(..., 1)``): eigenvalues at or below it are rounding
+        of zero, the untrained (null) directions at late times (:meth:`Schedule.untrained`)."""
         n = self.values.shape[-1]
         return n * self.eps * self.values.amax(-1, keepdim=True)
 
@@ -339,6 +341,7 @@ class WeightFunction:
     index: int
 
     def at(self, times: Tensor) -> Schedule:
+        """This function's schedule at other ``times`` (same kind, learning rate and ``m``)."""
         s = self.schedule
         return Schedule(times, s.shape, s.discrete, s.learning_rate, s.m)
 
