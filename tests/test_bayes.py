@@ -304,6 +304,43 @@ def test_export_refuses_bad_arguments_before_sampling(monkeypatch):
     np.testing.assert_array_equal(idata.posterior["f"].values[0], draws.numpy())
 
 
+def test_gaussian_draws_take_numpy_generators_as_the_other_exports_do():
+    """draws_to_inference_data and ensemble_to_inference_data took a numpy Generator or SeedSequence,
+    gaussian_to_inference_data and sample_outputs refused them ("seed must be a non-negative
+    integer"), so one rng could not be threaded through a workflow. A SeedSequence gives the same
+    draws each time, a Generator new ones (it advances); integer seeds keep their draws; the draws
+    are those of the Gaussian (mean and covariance within Monte-Carlo error)."""
+    mean = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    cov = torch.tensor([[1.0, 0.6, 0.2], [0.6, 1.0, 0.3], [0.2, 0.3, 0.5]], dtype=torch.float64)
+    g, y = Gaussian(mean, cov), np.array([1.2, -1.5, 0.0])
+
+    def export(seed):
+        data = bayes.gaussian_to_inference_data(g, y, 0.2, num_draws=4000, seed=seed)
+        return data.posterior["f"].values[0], data.posterior_predictive["y"].values[0]
+
+    f1, y1 = export(np.random.SeedSequence(11))
+    f2, y2 = export(np.random.SeedSequence(11))
+    np.testing.assert_array_equal(f1, f2)
+    np.testing.assert_array_equal(y1, y2)
+    rng = np.random.default_rng(11)
+    f3, _ = export(rng)
+    f4, _ = export(rng)
+    f5, _ = export(np.random.default_rng(11))
+    np.testing.assert_array_equal(f3, f5)
+    assert not np.array_equal(f3, f4)
+    # 4000 draws: the mean's standard error is at most sqrt(1/4000) = 0.016, 5 of them 0.08; the
+    # covariance entries' at most sqrt(2/4000) = 0.022, 5 of them 0.11
+    for f in (f1, f3, f4):
+        np.testing.assert_allclose(f.mean(0), mean.numpy(), atol=0.08)
+        np.testing.assert_allclose(np.cov(f.T), cov.numpy(), atol=0.11)
+    # the noise draws: y_rep - f ~ N(0, 0.2) independently of f (standard errors 0.0045 and 0.016)
+    np.testing.assert_allclose((y1 - f1).var(0), 0.2, atol=0.03)
+    assert abs(np.corrcoef((y1 - f1)[:, 0], f1[:, 0])[0, 1]) < 0.08
+    torch.testing.assert_close(bayes.sample_outputs(g, 50, seed=np.random.SeedSequence(4)),
+                               bayes.sample_outputs(g, 50, seed=np.random.SeedSequence(4)), rtol=0, atol=0)
+    np.testing.assert_array_equal(export(3)[0], bayes.sample_outputs(g, 4000, seed=3).numpy())
+
+
 def test_draws_too_many_to_hold_are_refused_before_the_eigendecomposition(monkeypatch):
     """num_draws=1e12 (three points, two outputs: 44 TiB of draws) failed in torch's allocator only
     after the eigendecomposition, O(M³) work for nothing (seconds at M ~ 2000); 2**62 draws, beyond
@@ -317,7 +354,8 @@ def test_draws_too_many_to_hold_are_refused_before_the_eigendecomposition(monkey
 
     monkeypatch.setattr(bayes.sampling, "_covariance_root", no_work)
     with pytest.raises(ValueError, match=r"^num_draws=1000000000000 draws of 3 x 2 outputs need 4\.47e\+04 GiB in "
-                                         r"float64, (more than this machine's|which cannot be allocated).* draw fewer"):
+                                         r"float64( \(2 arrays of that size at once: 8\.94e\+04 GiB\), more than this "
+                                         r"machine's|, which cannot be allocated).* draw fewer"):
         bayes.sample_outputs(g, 10**12)
     if hasattr(os, "sysconf"):   # the export's noise check failed in numpy first: "Unable to allocate 2.73 TiB"
         with pytest.raises(ValueError, match=r"^num_draws=1000000000000 .* more than this machine's"):
@@ -429,6 +467,61 @@ def test_pinned_posteriors_sample_whatever_the_targets_and_kernel_scale():
             bayes.sample_outputs(Gaussian(mean, cov.to(mean.dtype)), 5)
 
 
+def test_draws_are_refused_where_the_arrays_held_at_once_would_not_fit(monkeypatch):
+    """The memory check counted the draws once, while sampling holds two arrays of their size (z and
+    R z) and the ArviZ export three (latent draws, predictive draws, log likelihood): requests of up
+    to 5x the machine's memory passed it, to be killed by the operating system (or swapped)."""
+    g = Gaussian(torch.zeros(4, 2, dtype=torch.float64), torch.eye(4, dtype=torch.float64))
+    size = 1000 * 4 * 2 * 8   # bytes of 1000 draws
+    monkeypatch.setattr(bayes.sampling, "device_memory", lambda device: int(2.5 * size))
+    assert bayes.sample_outputs(g, 1000).shape == (1000, 4, 2)   # two arrays: 2 x size fits
+    with pytest.raises(ValueError, match=r"^num_draws=1000 draws of 4 x 2 outputs need 5\.96e-05 GiB in float64 "
+                                         r"\(3 arrays of that size at once: 0\.000179 GiB\), more than this machine's"):
+        bayes.gaussian_to_inference_data(g, torch.zeros(4, 2, dtype=torch.float64), 0.1, num_draws=1000)
+    monkeypatch.setattr(bayes.sampling, "device_memory", lambda device: int(1.5 * size))
+    with pytest.raises(ValueError, match=r"\(2 arrays of that size at once"):
+        bayes.sample_outputs(g, 1000)
+
+
+def test_export_allocates_two_arrays_of_the_draws_size():
+    """draws_to_inference_data peaked at 4x the draws' size in numpy temporaries (sqrt of the broadcast
+    noise, sigma eps, the sum; five in the log density) beside the two arrays it keeps, y_rep and the
+    log likelihood; now it allocates those two and little else (tracemalloc counts numpy's memory
+    exactly). The values are those of the formulas."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    for shape, noise, chains in (((2000, 60), np.full(60, 0.3), 1), ((1200, 20, 5), np.full((1200, 1, 1), 0.2), 4)):
+        f, y = rng.normal(size=shape), rng.normal(size=shape[1:])
+        bayes.draws_to_inference_data(f[:4], y, noise[:4] if noise.ndim == 3 else noise)   # imports ArviZ's parts
+        tracemalloc.start()
+        try:
+            data = bayes.draws_to_inference_data(f, y, noise, num_chains=chains, seed=7)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        # 2 arrays + xarray's indexes and numpy's isfinite masks (1/8 each): 2.25 at most; 4.0 before
+        assert peak < 2.25 * f.nbytes, peak / f.nbytes
+        sd = np.sqrt(noise if noise.ndim == 3 else noise[:, None] if len(shape) == 3 else noise)
+        eps = np.random.default_rng(7).standard_normal(shape)
+        pp, ll = data.posterior_predictive["y"].values, data.log_likelihood["y"].values
+        np.testing.assert_allclose(pp.reshape(shape), f + sd * eps, rtol=1e-15, atol=0)
+        np.testing.assert_allclose(ll.reshape(shape), stats.norm.logpdf(y, f, sd), rtol=1e-13, atol=0)
+
+
+@pytest.mark.fresh_process
+def test_sampling_holds_two_arrays_of_the_draws_size():
+    """sample_outputs held three arrays of the draws' size at once (z, R z and R z + mu), now two (z is
+    freed and the mean added in place). Torch's memory is not traced: the peak resident memory of a
+    fresh process (conftest.py), 3.0x the draws before, 2.0x after (80 MB of draws)."""
+    from test_scale import _peak_above_current
+
+    g = Gaussian(torch.zeros(100, dtype=torch.float64), torch.eye(100, dtype=torch.float64) + 1.0)
+    bayes.sample_outputs(g, 10)
+    peak = _peak_above_current(lambda: bayes.sample_outputs(g, 100_000))
+    assert peak < 2.5 * 100_000 * 100 * 8 / 2**20, peak
+
+
 def test_numpy_level_export_without_torch():
     """The numpy-level modules load and export without torch (as on ArviZ 1.x / Python 3.12+).
 
@@ -460,12 +553,44 @@ def test_metrics_against_hand_computed_values():
     # Grid 0.2, 0.7: half-widths 0.253 and 1.036 → coverages 1/4 and 3/4 → |0.25-0.2|, |0.75-0.7|.
     assert bayes.calibration_error(mean, var, y, levels=[0.2, 0.7]) == pytest.approx(0.05)
     metrics = bayes.regression_metrics(mean, var, y)
-    assert set(metrics) == {"rmse", "nlpd", "coverage_50", "coverage_90", "coverage_95", "calibration_error"}
+    assert set(metrics) == {"rmse", "nlpd", "crps", "coverage_50", "coverage_90", "coverage_95", "calibration_error"}
+    assert metrics["crps"] == bayes.crps(mean, var, y)
     # levels 3e-7 apart kept apart, and 0.9999999 not called 100 % ("{:g}" merged and rounded them)
     close = bayes.regression_metrics(mean, var, y, levels=[0.1234561, 0.1234564, 0.9999999])
     assert {"coverage_12.34561", "coverage_12.34564", "coverage_99.99999"} <= set(close)
     # Scaling y, mean by s and variances by s² adds log s to the NLPD.
     assert bayes.nlpd(3 * mean, 9 * var, 3 * y) == pytest.approx(bayes.nlpd(mean, var, y) + math.log(3))
+
+
+def test_crps_against_its_defining_integral_and_limits():
+    """The Gaussian CRPS against ∫ (F(x) − 1[x ≥ y])² dx by quadrature (scipy.integrate.quad, split
+    at y, where the integrand jumps; its error estimates are below 1e-9), per point and as the mean
+    over (M, k) entries with (M,) variances; sigma -> 0 gives the absolute error, scaling y, mean and
+    sigma by s scales it by s, and a residual beyond sigma * 1e308 stays finite (sigma z overflowed)."""
+    from scipy import integrate
+
+    def by_quadrature(m: float, v: float, t: float) -> float:
+        sd = math.sqrt(v)
+        below = integrate.quad(lambda x: stats.norm.cdf(x, m, sd) ** 2, -np.inf, t, epsabs=1e-12)[0]
+        above = integrate.quad(lambda x: stats.norm.sf(x, m, sd) ** 2, t, np.inf, epsabs=1e-12)[0]
+        return below + above
+
+    mean = np.array([[0.0, 1.0], [2.0, -3.0], [0.5, 0.5]])
+    y = np.array([[1.0, 1.0], [0.0, 4.0], [0.5, 0.4]])
+    var = np.array([1.0, 4.0, 0.01])
+    expected = np.mean([by_quadrature(m, v, t) for row_m, row_y, v in zip(mean, y, var, strict=True)
+                        for m, t in zip(row_m, row_y, strict=True)])
+    assert bayes.crps(mean, var, y) == pytest.approx(expected, rel=1e-9)
+    assert bayes.crps(torch.tensor(mean), torch.tensor(var), torch.tensor(y)) == bayes.crps(mean, var, y)
+    # z = 0: σ (√(2/π) − 1/√π) = 0.2336 σ exactly
+    assert bayes.crps([0.0], [4.0], [0.0]) == pytest.approx(2 * (math.sqrt(2 / math.pi) - 1 / math.sqrt(math.pi)),
+                                                           rel=1e-15)
+    assert bayes.crps(mean, 1e-30, y) == pytest.approx(np.abs(y - mean).mean(), rel=1e-14)
+    assert bayes.crps(3 * mean, 9 * var, 3 * y) == pytest.approx(3 * bayes.crps(mean, var, y), rel=1e-14)
+    assert bayes.crps([0.0], [1e-320], [1e300]) == pytest.approx(1e300, rel=1e-15)   # z = inf
+    for bad in ({"variance": [0.0, 1.0, 1.0]}, {"y": y[:2]}):
+        with pytest.raises(ValueError):
+            bayes.crps(**{"mean": mean, "variance": var, "y": y, **bad})
 
 
 def test_coverage_of_a_calibrated_and_an_overdispersed_predictor():
@@ -718,6 +843,7 @@ def test_scores_stay_finite_at_the_ends_of_float64():
     # where the density and the error are finite: nlpd was inf, rmse inf or 0
     assert bayes.nlpd([0.0], [1e308], [0.0]) == pytest.approx(0.5 * (math.log(2 * math.pi) + 308 * math.log(10)))
     assert bayes.gaussian_log_density(0.0, 0.0, 1e308) == pytest.approx(-bayes.nlpd([0.0], [1e308], [0.0]))
+    assert isinstance(bayes.gaussian_log_density(0.5, 0.0, 2.0), np.float64)   # as documented, not a 0-d array
     assert bayes.nlpd([0.0], [1e300], [1e155]) == pytest.approx(
         0.5 * math.log(2 * math.pi) + 150 * math.log(10) + 0.5 * 1e10)
     assert bayes.rmse([0.0, 0.0], [1e200, -1e200]) == pytest.approx(1e200)

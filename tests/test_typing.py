@@ -126,7 +126,14 @@ def _admits(hint, value) -> bool:
 def _documented_values():
     """Calls the docstrings document and run time accepts, which the hints refused (a type-checker
     audit): ``(object, parameter, value)``."""
-    from ntkgp.bayes import draws_to_inference_data, ensemble_to_inference_data, predictive_moments, select_time
+    from ntkgp.bayes import (
+        draws_to_inference_data,
+        ensemble_to_inference_data,
+        gaussian_to_inference_data,
+        predictive_moments,
+        sample_outputs,
+        select_time,
+    )
     from ntkgp.compare import CompareConfig, loglog_slope
     from ntkgp.finite import empirical_ntk, train_ensemble
     from ntkgp.predict import gradient_descent_mse
@@ -137,6 +144,8 @@ def _documented_values():
         (ntkgp.Layer.expand_batch, "batch_shape", (2,)),
         (draws_to_inference_data, "seed", np.random.default_rng(0)),
         (ensemble_to_inference_data, "seed", np.random.SeedSequence(1)),
+        (gaussian_to_inference_data, "seed", np.random.default_rng(0)),
+        (sample_outputs, "seed", np.random.SeedSequence(1)),
         (predictive_moments, "noise", np.full(4, 0.1)),
         (predictive_moments, "time_index", np.intp(2)),
         (select_time, "time_index", torch.tensor(2)),

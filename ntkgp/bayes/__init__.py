@@ -8,7 +8,7 @@ r"""Bayesian workflows on top of ntkgp's predictions.
   ``posterior``, ``posterior_predictive``, ``log_likelihood`` and ``observed_data`` for
   ``az.loo``, ``az.plot_ppc``, ``az.plot_loo_pit``; it is an ``InferenceData`` on ArviZ 0.x and
   an ``xarray.DataTree`` on ArviZ ≥ 1.
-* **Metrics** (:mod:`~ntkgp.bayes.metrics`): :func:`rmse`, :func:`nlpd`,
+* **Metrics** (:mod:`~ntkgp.bayes.metrics`): :func:`rmse`, :func:`nlpd`, :func:`crps`,
   :func:`interval_coverage`, :func:`calibration_error`, :func:`regression_metrics`,
   :func:`auroc`.
 * **Classification as regression** (:mod:`~ntkgp.bayes.classification`, Lee et al. 2018):
@@ -18,7 +18,7 @@ r"""Bayesian workflows on top of ntkgp's predictions.
 Example:
     >>> post = ntkgp.predict.gp_posterior(net, x_train, y_train, x_test, kernel="nngp", noise=0.01)
     >>> mean, var = ntkgp.bayes.predictive_moments(post, noise=0.01)
-    >>> ntkgp.bayes.regression_metrics(mean, var, y_test)        # rmse, nlpd, coverage, ...
+    >>> ntkgp.bayes.regression_metrics(mean, var, y_test)        # rmse, nlpd, crps, coverage, ...
     >>> idata = ntkgp.bayes.gaussian_to_inference_data(post, y_test, noise=0.01, num_draws=2000)
 """
 
@@ -27,6 +27,7 @@ from ntkgp.bayes.inference_data import arviz_major_version, draws_to_inference_d
 from ntkgp.bayes.metrics import (
     auroc,
     calibration_error,
+    crps,
     interval_coverage,
     nlpd,
     regression_metrics,
@@ -46,6 +47,7 @@ __all__ = [
     "arviz_major_version",
     "auroc",
     "calibration_error",
+    "crps",
     "draws_to_inference_data",
     "ensemble_moments",
     "ensemble_to_inference_data",

@@ -75,13 +75,32 @@ def gaussian_log_density(y: ArrayLike, mean: ArrayLike, variance: ArrayLike) -> 
             raise ValueError(f"A 1-D {name} of length {n} against values of shape {shape} ({n} points of {n} "
                              f"outputs) is ambiguous: pass shape ({n}, 1) for one value per point, or (1, {n}) for "
                              "one per output.")
-    return log_density(y, mean, variance)
+    return log_density(y, mean, variance)[()]   # numpy's float for scalars, not log_density's 0-d array
 
 
 def log_density(y: np.ndarray, mean: np.ndarray, variance: np.ndarray) -> np.ndarray:
-    """:func:`gaussian_log_density` of arrays already checked (finite, positive variances)."""
+    """:func:`gaussian_log_density` of arrays already checked (finite, positive variances).
+
+    One array of the result's size is allocated, and worked on in place: the expression
+    allocated five (r, r/σ, its square, the sum, its half) and, for a broadcast variance
+    (:func:`compact` undoes that), two more, its logarithm and root at the result's size.
+    """
+    variance = compact(variance)
+    result = np.empty(np.broadcast_shapes(y.shape, mean.shape, variance.shape))
+    np.subtract(y, mean, out=result)
     # log 2π + log σ² and (r/σ)²: 2π σ² overflows beyond ~3e307 and r² beyond ~1e154
-    return -0.5 * (math.log(2 * math.pi) + np.log(variance) + ((y - mean) / np.sqrt(variance)) ** 2)
+    result /= np.sqrt(variance)
+    np.square(result, out=result)
+    result += math.log(2 * math.pi) + np.log(variance)
+    result *= -0.5
+    return result
+
+
+def compact(array: np.ndarray) -> np.ndarray:
+    """``array`` without the axes that broadcasting repeats (stride 0), kept with length 1: the
+    values ``np.broadcast_to`` was given. Elementwise functions of it cost its own size, not the
+    broadcast one (a noise variance per point, broadcast over ``S`` draws)."""
+    return array[tuple(slice(None) if stride else slice(0, 1) for stride in array.strides)]
 
 
 def import_arviz() -> ModuleType:
@@ -132,7 +151,10 @@ def draws_to_inference_data(f_draws: ArrayLike, y_obs: ArrayLike, noise: ArrayLi
     num_draws = f.shape[0]
     if y_draws is None:
         rng = np.random.default_rng(seed)
-        y_rep = f + np.sqrt(noise_var) * rng.standard_normal(f.shape)
+        # f + σ ε in the array of ε: the draws' size once, not four times (σ broadcast, σ ε, the sum)
+        y_rep = rng.standard_normal(f.shape)
+        y_rep *= np.sqrt(compact(noise_var))
+        y_rep += f
     else:
         y_rep = finite(y_draws, "y_draws")
         if y_rep.shape != f.shape:
@@ -155,6 +177,7 @@ def draws_to_inference_data(f_draws: ArrayLike, y_obs: ArrayLike, noise: ArrayLi
     dims = {"f": obs_dims, "y": obs_dims}
     data = _from_dict(groups, coords, dims)
     # Attributes stay str/int/float so that the data can be written to netCDF.
+    noise_var = compact(noise_var)
     constant = bool(np.all(noise_var == noise_var.flat[0]))
     group_attrs = {"source": "ntkgp",
                    ("noise_variance" if constant else "noise_variance_mean"):
@@ -199,7 +222,7 @@ def check_export(shape: tuple[int, ...], y_obs: ArrayLike, noise: ArrayLike, num
     _, y = observations(np.zeros(shape[1:]), y_obs, name, "y_obs")
     noise_var = finite(noise, "noise", booleans=False)
     noise_var = broadcast_per_point(noise_var, shape, has_outputs=len(shape) == 3, name="noise")
-    if not (noise_var > 0).all():
+    if not (compact(noise_var) > 0).all():
         raise ValueError("noise must be a positive variance: the log likelihood of a noise-free "
                          "observation model is degenerate.")
     num_chains = integer_at_least(num_chains, 1, "num_chains")

@@ -201,47 +201,76 @@ def _checked(g: Gaussian) -> Gaussian[Tensor, Tensor]:
     return cast("Gaussian[Tensor, Tensor]", g)   # the covariance checked above, the variances its diagonal
 
 
-def _too_many(num_draws: int, shape: torch.Size, reason: str) -> str:
-    """Why ``num_draws`` draws of outputs of ``shape`` (``(M,)`` or ``(M, k)``) are refused."""
+#: Arrays of the draws' size held at once: by :func:`sample_outputs`, the standard normals ``z`` and
+#: ``R z``; by the ArviZ export, the latent draws, the predictive draws and the log likelihood.
+SAMPLING_ARRAYS, EXPORT_ARRAYS = 2, 3
+
+
+def _too_many(num_draws: int, shape: torch.Size, reason: str, arrays: int = 1) -> str:
+    """Why ``num_draws`` draws of outputs of ``shape`` (``(M,)`` or ``(M, k)``) are refused, ``arrays``
+    arrays of their size being needed at once."""
     m, k = shape[0], 1 if len(shape) == 1 else shape[-1]
-    return (f"num_draws={num_draws} draws of {m} x {k} outputs need {num_draws * m * k * 8 / 2**30:.3g} GiB in "
-            f"float64, {reason}: draw fewer (in batches, each with its own seed).")
+    size = num_draws * m * k * 8 / 2**30
+    held = f" ({arrays} arrays of that size at once: {arrays * size:.3g} GiB)" if arrays > 1 else ""
+    return (f"num_draws={num_draws} draws of {m} x {k} outputs need {size:.3g} GiB in float64{held}, {reason}: "
+            "draw fewer (in batches, each with its own seed).")
 
 
-def _check_draws_fit(num_draws: int, shape: torch.Size) -> None:
-    """Refuse draws of outputs of ``shape`` that would not fit in this machine's memory, where it is known."""
+def _check_draws_fit(num_draws: int, shape: torch.Size, arrays: int) -> None:
+    """Refuse draws of outputs of ``shape`` whose ``arrays`` arrays of their size, held at once, would not
+    fit in this machine's memory, where it is known: the draws alone fitting let requests through that
+    were killed by the operating system (or swapped for minutes) when the 2nd or 3rd array came."""
     memory = device_memory(torch.device("cpu"))
-    if memory is not None and num_draws * math.prod(shape) * 8 > memory:
-        raise ValueError(_too_many(num_draws, shape, f"more than this machine's {memory / 2**30:.3g} GiB of memory"))
+    if memory is not None and arrays * num_draws * math.prod(shape) * 8 > memory:
+        raise ValueError(_too_many(num_draws, shape, f"more than this machine's {memory / 2**30:.3g} GiB of memory",
+                                   arrays))
 
 
-def _seed(seed: int | None) -> int | None:
-    """``None`` or a seed both torch's and numpy's generators take (non-negative)."""
-    return None if seed is None else seed_value(seed, 0)
+#: A seed of the draws: a non-negative integer, a numpy ``Generator`` or ``SeedSequence``, or ``None``.
+Seed = int | np.random.Generator | np.random.SeedSequence | None
+
+
+def _seeds(seed: Seed) -> tuple[int | None, int | np.random.Generator | None]:
+    """The seed of the latent draws (torch's generator) and that of the noise draws (numpy's).
+
+    An integer seeds both (the noise through ``SeedSequence(seed)``, another stream); a numpy
+    ``Generator`` or ``SeedSequence`` gives torch's seed from its stream and draws the noise from
+    it after that (a ``Generator`` advances, as numpy's own functions advance it: the same one
+    passed twice gives new draws, the same ``SeedSequence`` the same draws). ``None``: fresh entropy.
+    """
+    if isinstance(seed, np.random.Generator | np.random.SeedSequence):
+        rng = np.random.default_rng(seed)   # the Generator itself, or a new one from the SeedSequence
+        return int(rng.integers(2**63)), rng
+    if seed is None:
+        return None, None
+    torch_seed = seed_value(seed, 0)   # both torch's and numpy's generators take it (non-negative)
+    return torch_seed, int(np.random.SeedSequence(torch_seed).generate_state(1)[0])
 
 
 def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: TimeIndex = None,
-                   seed: int | None = 0) -> Tensor:
+                   seed: Seed = 0) -> Tensor:
     r"""``num_draws`` joint draws ``f⁽ˢ⁾ = μ + R z⁽ˢ⁾``, ``z ~ N(0, I)``, ``R Rᵀ = Σ``.
 
-    Each of the ``k`` outputs gets its own ``z`` (the joint covariance is ``Σ ⊗ I_k``).
+    Each of the ``k`` outputs gets its own ``z`` (the joint covariance is ``Σ ⊗ I_k``). ``seed``: a
+    non-negative integer, a numpy ``Generator`` (advanced by one integer, torch's seed) or
+    ``SeedSequence``, or ``None`` (fresh entropy).
 
     Returns:
         ``(num_draws, M)`` or ``(num_draws, M, k)`` in float64.
     """
     num_draws = integer_at_least(num_draws, 1, "num_draws")
-    seed = _seed(seed)
+    torch_seed = _seeds(seed)[0]
     g = _checked(select_time(gaussian, time_index))
     mean = g.mean.detach().to(torch.float64)
     generator = torch.Generator(device="cpu")
-    if seed is None:
+    if torch_seed is None:
         generator.seed()
     else:
-        generator.manual_seed(seed)
+        generator.manual_seed(torch_seed)
     m, k = mean.shape[0], 1 if mean.dim() == 1 else mean.shape[-1]
     # the size first, and the standard normals (as many as the draws' entries) before the eigendecomposition:
     # num_draws=1e12 failed in torch's allocator only after it (seconds at M ~ 2000)
-    _check_draws_fit(num_draws, g.mean.shape)
+    _check_draws_fit(num_draws, g.mean.shape, SAMPLING_ARRAYS)
     try:
         z = torch.randn(m, num_draws * k, generator=generator, dtype=torch.float64, device="cpu")
     except (RuntimeError, OverflowError, TypeError) as err:   # "can't allocate memory", "Storage size ... overflowed",
@@ -249,15 +278,17 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: Tim
         raise ValueError(_too_many(num_draws, g.mean.shape, "which cannot be allocated")) from err
     root = _covariance_root(g.covariance.detach(), g.scale)
     z = z.to(root.device)
-    draws = (root @ z).reshape(-1, num_draws, k).permute(1, 0, 2)       # (S, M, k)
-    draws = draws + (mean if mean.dim() == 2 else mean.unsqueeze(-1))
+    draws = root @ z
+    del z   # freed before the mean is added, and that in place: two arrays of the draws' size at most, not three
+    draws = draws.reshape(-1, num_draws, k).permute(1, 0, 2)            # (S, M, k)
+    draws += mean if mean.dim() == 2 else mean.unsqueeze(-1)
     return draws if mean.dim() == 2 else draws.squeeze(-1)
 
 
 def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: float | Tensor | np.ndarray, *,
                                num_draws: int = 1000,
                                num_chains: int = 1, time_index: TimeIndex = None,
-                               seed: int | None = 0) -> Any:
+                               seed: Seed = 0) -> Any:
     r"""Posterior-predictive draws of an ntkgp Gaussian, exported for ArviZ.
 
     Draws ``f⁽ˢ⁾ ~ N(μ, Σ)`` (:func:`sample_outputs`), ``y_rep⁽ˢ⁾ = f⁽ˢ⁾ + σ ε⁽ˢ⁾`` and the
@@ -285,19 +316,22 @@ def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: floa
         num_draws: ``S``, draws in total (all chains).
         num_chains: chains the independent draws are split into (must divide ``num_draws``).
         time_index: which training time, if the Gaussian has time axes.
-        seed: seed of the draws, a non-negative integer (``None``: fresh entropy).
+        seed: seed of the draws and their noise: a non-negative integer, a numpy ``Generator``
+            (advanced: passed again, it gives new draws) or ``SeedSequence`` (``None``: fresh
+            entropy).
 
     Returns:
         ``arviz.InferenceData`` (ArviZ 0.x) or ``xarray.DataTree`` (ArviZ ≥ 1).
     """
     # every argument is checked before the eigendecomposition and the draws (seconds at M ~ 2000)
     num_draws = integer_at_least(num_draws, 1, "num_draws")
-    seed = _seed(seed)
+    torch_seed, noise_seed = _seeds(seed)
     g, index = _select_time(gaussian, time_index)
-    _check_draws_fit(num_draws, g.mean.shape)   # check_export's noise check failed in numpy, "Unable to allocate"
+    # before check_export, whose noise check failed in numpy ("Unable to allocate"); the export holds three
+    # arrays of the draws' size at once (sample_outputs' z is freed before the other two come)
+    _check_draws_fit(num_draws, g.mean.shape, EXPORT_ARRAYS)
     check_export((num_draws, *g.mean.shape), y_obs, noise, num_chains, "one draw (the Gaussian's mean)")
-    draws = sample_outputs(g, num_draws, seed=seed)
-    noise_seed = None if seed is None else int(np.random.SeedSequence(seed).generate_state(1)[0])
+    draws = sample_outputs(g, num_draws, seed=torch_seed)
     return draws_to_inference_data(draws.cpu().numpy(), y_obs, noise, num_chains=num_chains, seed=noise_seed,
                                    attrs={"kind": "gaussian", "time_index": _time_label(index)})
 
