@@ -114,6 +114,37 @@ def test_posterior_predictive_moments_match_the_gaussian():
     assert float(learnable.grad) == 8.0
 
 
+def test_predictive_moments_take_per_output_noise_as_the_export_does():
+    """A multi-output posterior with one noise variance per output (a multitask likelihood's):
+    gaussian_to_inference_data took a (1, k) noise, predictive_moments refused it ("one variance
+    per test point"), so the metrics could not be given the variances the export's draws and log
+    likelihood use. They are diag Σ + σ_j², (M, k), and the NLPD from them equals the export's
+    pointwise log likelihood at the mean (the log density of the observations)."""
+    x, y = _regression(n=12, k=2)
+    post = ntkgp.predict.gp_posterior(_net(), x, y, x[:5], noise=0.1)
+    diagonal = torch.diagonal(post.covariance).unsqueeze(-1)
+    per_output = torch.tensor([[0.05, 0.2]], dtype=torch.float64)
+    mean, var = bayes.predictive_moments(post, noise=per_output)
+    assert var.shape == (5, 2)
+    torch.testing.assert_close(var, diagonal + per_output, rtol=1e-15, atol=0)
+    full = torch.linspace(0.01, 0.1, 10, dtype=torch.float64).reshape(5, 2)
+    torch.testing.assert_close(bayes.predictive_moments(post, noise=full)[1], diagonal + full, rtol=1e-15, atol=0)
+    per_point = full[:, :1]
+    torch.testing.assert_close(bayes.predictive_moments(post, noise=per_point)[1],
+                               (diagonal + per_point).expand(5, 2), rtol=1e-15, atol=0)
+    # the (M,) and scalar forms keep their (M,) variance shared by the outputs
+    assert bayes.predictive_moments(post, noise=0.1)[1].shape == (5,)
+    nlpd = bayes.nlpd(mean, var, y[:5])
+    expected = -stats.norm.logpdf(y[:5].numpy(), mean.numpy(), np.sqrt(var.numpy())).mean()
+    assert nlpd == pytest.approx(expected, rel=1e-13)
+    for bad in (torch.full((1, 3), 0.1), torch.full((2, 2), 0.1), torch.full((1, 1, 2), 0.1)):
+        with pytest.raises(ValueError, match=r"per output"):
+            bayes.predictive_moments(post, noise=bad)
+    with pytest.raises(ValueError, match="one variance per test point"):
+        bayes.predictive_moments(ntkgp.predict.gp_posterior(_net(), x, y[:, 0], x[:5], noise=0.1),
+                                 noise=torch.full((1, 2), 0.1))
+
+
 def test_gradient_flow_time_axis_vector_outputs_and_independent_outputs():
     x, y = _regression(k=2)
     net = _net()

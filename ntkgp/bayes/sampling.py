@@ -116,8 +116,11 @@ def predictive_moments(gaussian: Gaussian, noise: float | Tensor | np.ndarray = 
     """Predictive mean ``μ`` (``(M,)``/``(M, k)``) and marginal variances ``diag Σ + σ²`` (``(M,)``)
     of ``y* ~ N(μ, Σ + σ² I)`` (Rasmussen & Williams 2006, eq. 2.24 plus the noise).
 
-    The variance is shared by all ``k`` outputs. Feed both to :mod:`ntkgp.bayes.metrics`. The
-    Gaussian's marginal variances alone (``compute_cov="diag"``) suffice.
+    ``noise``: a scalar or one variance per test point ``(M,)``, and then the variance is shared
+    by all ``k`` outputs; for ``(M, k)`` means also one per output ``(1, k)`` or per point and
+    output ``(M, k)``, and then the variances are ``(M, k)``, as the ArviZ exports take the noise.
+    Feed both to :mod:`ntkgp.bayes.metrics`. The Gaussian's marginal variances alone
+    (``compute_cov="diag"``) suffice.
     """
     g = select_time(gaussian, time_index)
     if g.covariance is None:   # the marginal variances alone: nothing joint to check
@@ -137,8 +140,18 @@ def predictive_moments(gaussian: Gaussian, noise: float | Tensor | np.ndarray = 
                          f"(allowed down to {-tolerance:.3g}).")
     latent = g.variance
     assert latent is not None   # the covariance's diagonal or the marginal variances, as read above
-    if noise_var.dim() > 1 or noise_var.numel() not in (1, latent.numel()):
-        raise ValueError(f"noise must be a scalar or one variance per test point ({latent.numel()},), "
+    m = latent.numel()
+    if g.mean.dim() == 2 and noise_var.dim() == 2:
+        # per output, as gaussian_to_inference_data takes it: refused here, so that one noise could not
+        # serve both the draws and the metrics of a multi-output posterior (a multitask likelihood's)
+        k = g.mean.shape[-1]
+        if noise_var.shape not in ((1, k), (m, 1), (m, k)):
+            raise ValueError(f"noise of shape {tuple(noise_var.shape)} does not fit {m} points of {k} outputs: "
+                             f"pass a scalar, ({m},) per point, (1, {k}) per output or ({m}, {k}).")
+        return g.mean, latent.unsqueeze(-1) + noise_var.expand(m, k)
+    if noise_var.dim() > 1 or noise_var.numel() not in (1, m):
+        hint = f", (1, {g.mean.shape[-1]}) per output or {tuple(g.mean.shape)}" if g.mean.dim() == 2 else ""
+        raise ValueError(f"noise must be a scalar or one variance per test point ({m},){hint}, "
                          f"got shape {tuple(noise_var.shape)}.")
     return g.mean, latent + noise_var
 
