@@ -717,6 +717,41 @@ def test_kernels_that_share_a_network_share_its_batch_shape():
         assert duplicate(x).to_dense().shape == (4, 4)
 
 
+def test_kernels_that_share_layers_share_their_batch_shape():
+    """A slice net[:2], or a network spliced into a bigger one, shares the layers, whose variances
+    batch_shape expands in place: NTKKernel(net) silently became a batch of 3 ((3, 4, 4), batch_shape
+    (3,)) once NNGPKernel(net[:2], batch_shape=[3]) was built, and a kernel of a network's first layers
+    became a batch when a kernel of the whole was; now both are refused, as for a shared network."""
+    x = torch.randn(4, 2, dtype=torch.float64)
+    net = ntkgp.mlp(1, "relu", 2.0, 0.1)
+    whole = ntkgp.NTKKernel(net)
+    expected = whole(x).to_dense()
+    for spec in (net[:2], net[:1]):
+        with pytest.raises(ValueError, match=r"already serves batch shape \(\).*net\[:2\].*build on a copy"):
+            ntkgp.NNGPKernel(spec, batch_shape=torch.Size([3]))
+    assert whole.batch_shape == torch.Size([]) and torch.equal(whole(x).to_dense(), expected)
+    # the same batch shape shares the layers, and a copy takes another one
+    first = ntkgp.NNGPKernel(net[:2])
+    assert torch.equal(first(x).to_dense(), net[:2].kernel(x, ntk=False).nngp)
+    assert ntkgp.NNGPKernel(deepcopy(net[:2]), batch_shape=torch.Size([3]))(x).to_dense().shape == (3, 4, 4)
+    # the other order: the kernel of the first layers, then one of a network that takes them in
+    body = ntkgp.serial(ntkgp.Dense(8, 1.5, 0.1), ntkgp.ReLU())
+    features = ntkgp.NNGPKernel(body)
+    with pytest.raises(ValueError, match=r"already serves batch shape \(\)"):
+        ntkgp.NTKKernel(ntkgp.serial(body, ntkgp.Dense(1, 1.0, 0.1)), batch_shape=torch.Size([2]))
+    assert features.batch_shape == torch.Size([]) and features(x).to_dense().shape == (4, 4)
+    # copies of a kernel own their copied layers as well
+    duplicate = deepcopy(whole)
+    with pytest.raises(ValueError, match=r"already serves batch shape \(\)"):
+        ntkgp.NNGPKernel(duplicate.net[:2], batch_shape=torch.Size([3]))
+    # a layer without variances (one ReLU in two networks) is shared harmlessly
+    relu = ntkgp.ReLU()
+    plain = ntkgp.NTKKernel(ntkgp.serial(ntkgp.Dense(8, 1.0, 0.1), relu, ntkgp.Dense(1, 1.0, 0.1)))
+    batched = ntkgp.NTKKernel(ntkgp.serial(ntkgp.Dense(8, 1.0, 0.1), relu, ntkgp.Dense(1, 1.0, 0.1)),
+                              batch_shape=torch.Size([2]))
+    assert plain(x).to_dense().shape == (4, 4) and batched(x).to_dense().shape == (2, 4, 4)
+
+
 def test_neural_tangents_style_arguments_are_refused_with_the_translation():
     """kernel_fn(x1, x2, "nngp") ported as net.kernel(x1, x2, "nngp") put the string where diag is:
     true, so the call silently returned the (n,) diagonal; stax.Dense(512, W_std=1.5) met Python's

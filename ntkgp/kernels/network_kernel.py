@@ -17,9 +17,24 @@ from ntkgp.layers.base import Layer, _batch_shape, variance_batch_shapes, varian
 from ntkgp.layers.validation import broadcast_shapes
 from ntkgp.layers.variance import VarianceParameters
 
-#: The live kernels built on each network, or copied with it (a copy of a network alone has none):
-#: kernels that share a network must share its batch shape, which ``batch_shape`` sets in place.
+#: The live kernels built on each network and on each of its layers that hold variances, or copied
+#: with them (a copy of a network alone has none): kernels that share a network, or only some of its
+#: layers (a slice ``net[:2]``, a network spliced into a bigger one), must share their batch shape,
+#: which ``batch_shape`` sets on those layers in place.
 _KERNELS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _shared_modules(net: Layer) -> list[torch.nn.Module]:
+    """``net`` and its modules that hold variances: what ``batch_shape`` reshapes in place, and so what
+    two kernels that share one of them hold in common (a layer without variances, a ``ReLU`` used in
+    two networks, is shared harmlessly)."""
+    held = [m for m in net.modules() if isinstance(m, VarianceParameters) and next(m.raw_variances(), None) is not None]
+    return list({id(m): m for m in (net, *held)}.values())
+
+
+def _register(kernel: NetworkKernel) -> None:
+    for module in _shared_modules(kernel.net):
+        _KERNELS_OF.setdefault(module, weakref.WeakSet()).add(kernel)
 
 
 def _refuse_kernel_arguments(kernel: str, kwargs: dict) -> None:
@@ -49,7 +64,8 @@ class NetworkKernel(Kernel):
     ``named_parameters()`` reach its layers' ``raw_weight_var``/``raw_bias_var``, and two
     kernels built on the same network share those parameters. With ``batch_shape`` every
     hyperparameter of the network gains that leading shape (in place), so kernels that share a
-    network must share its batch shape (a ``ValueError`` otherwise; build on ``copy.deepcopy(net)``).
+    network, or layers of it (a slice ``net[:2]``, a network spliced into a bigger one by ``serial``),
+    must share its batch shape (a ``ValueError`` otherwise; build on ``copy.deepcopy(net)``).
     As for any GPyTorch module reached twice, a prior on a shared network is counted once per
     kernel by ``ExactMarginalLogLikelihood`` (``NTKKernel(net) + NNGPKernel(net)``: twice), and
     so is a prior on a layer reused in two containers of one spec
@@ -87,20 +103,24 @@ class NetworkKernel(Kernel):
         _refuse_kernel_arguments(type(self).__name__, {k: v for k, v in kwargs.items() if k != "ard_num_dims"})
         super().__init__(batch_shape=batch_shape, active_dims=active_dims)
         # expanding in place would change the shapes under another kernel that shares the network,
-        # which then failed inside GPyTorch ("expected shape [4, 4], got [3, 4, 4]")
-        owners = {tuple(k.batch_shape) for k in _KERNELS_OF.get(net, ())} - {tuple(self._batch_shape)}
+        # which then failed inside GPyTorch ("expected shape [4, 4], got [3, 4, 4]"); or that shares some
+        # of its layers: NTKKernel(net) turned into a batch of 3 when NNGPKernel(net[:2], batch_shape=[3])
+        # expanded net's first layer, without a word
+        owners = ({tuple(k.batch_shape) for m in _shared_modules(net) for k in _KERNELS_OF.get(m, ())}
+                  - {tuple(self._batch_shape)})
         batched = {tuple(s) for s in variance_batch_shapes(net) if len(s) > 0} - {tuple(self._batch_shape)}
         if owners or batched:
             held = ", ".join(map(str, sorted(owners | batched)))
-            raise ValueError(f"This network already serves batch shape {held} (a kernel built on it, or "
-                             f"expand_batch), but this kernel has batch_shape={tuple(self._batch_shape)}. Kernels "
-                             f"that share a network share its batch shape, since batch_shape reshapes the "
-                             f"network's variances in place; for another one, build on a copy: "
-                             f"{type(self).__name__}(copy.deepcopy(net), batch_shape=...).")
+            raise ValueError(f"This network already serves batch shape {held} (a kernel built on it or on a "
+                             f"network sharing its layers, such as a slice net[:2], or expand_batch), but this "
+                             f"kernel has batch_shape={tuple(self._batch_shape)}. Kernels that share layers share "
+                             f"their batch shape, since batch_shape reshapes the layers' variances in place; for "
+                             f"another one, build on a copy: {type(self).__name__}(copy.deepcopy(net), "
+                             f"batch_shape=...).")
         self.net = net
         if len(self._batch_shape) > 0:
             net.expand_batch(self._batch_shape)
-        _KERNELS_OF.setdefault(net, weakref.WeakSet()).add(self)
+        _register(self)
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False,
                 **params: object) -> Tensor:
@@ -234,4 +254,4 @@ class NetworkKernel(Kernel):
         # a copy (deepcopy, pickle, torch.load; GPyTorch's get_fantasy_model and BoTorch's fantasize
         # deep-copy whole models, expand_batch and indexing copy this kernel) owns its copied network
         # as the original owns its own
-        _KERNELS_OF.setdefault(self.net, weakref.WeakSet()).add(self)
+        _register(self)
