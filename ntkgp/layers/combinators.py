@@ -66,10 +66,13 @@ class Serial(Layer):
 
     @property
     def preserves_gaussian(self) -> bool:  # type: ignore[override]
+        """Whether centred Gaussian features stay centred Gaussian: every layer in turn keeps them so."""
         return all(layer.preserves_gaussian for layer in self.layers)
 
     @property
     def mixes_features(self) -> bool:  # type: ignore[override]
+        """Whether each output feature depends on the input only through sums over all of its features
+        (:attr:`Layer.mixes_features`): one ``Dense`` layer anywhere in the chain makes it so."""
         return any(layer.mixes_features for layer in self.layers)
 
     def kernel_map(self, state: KernelState) -> KernelState:
@@ -180,11 +183,15 @@ class Parallel(Layer):
 
     @property
     def preserves_gaussian(self) -> bool:  # type: ignore[override]
+        """Whether centred Gaussian features stay centred Gaussian: a sum of independent branches that each
+        keep them so (the sum of independent centred Gaussians is one), or a single branch that does."""
         # one branch, whatever the join, is the branch itself
         return (self.join == "sum" or len(self.branches) == 1) and all(b.preserves_gaussian for b in self.branches)
 
     @property
     def mixes_features(self) -> bool:  # type: ignore[override]
+        """Whether each output feature depends on the input only through sums over all of its features
+        (:attr:`Layer.mixes_features`): every branch must."""
         # one branch that passes its input's features on (x + f(x)) ties the output to them
         return all(branch.mixes_features for branch in self.branches)
 
