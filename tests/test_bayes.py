@@ -1084,6 +1084,21 @@ def test_log_densities_refuse_a_per_point_variance_read_per_output_when_points_e
                                stats.norm.logpdf(y[:2], 0.0, np.sqrt(var)), rtol=1e-14)
 
 
+def test_log_densities_keep_the_axes_of_a_broadcast_variance():
+    """A variance made by np.broadcast_to (stride 0) over axes that y and mean lack: log_density
+    compacts such a variance to its own values (not to work at the broadcast size) and took the
+    result's shape from the compacted one, so 5 log densities came back as 1 and (4, 2) as (1, 2),
+    silently. The shape is numpy's broadcast of the three, and the values are scipy's."""
+    cases = ((0.0, 0.0, np.broadcast_to(2.0, (5,))),
+             (np.zeros(1), 0.5, np.broadcast_to(np.array([2.0, 3.0]), (4, 2))),
+             (np.zeros((3, 1)), 0.0, np.broadcast_to(np.array([[1.0], [2.0], [3.0]]), (3, 4))))
+    for y, mean, var in cases:
+        shape = np.broadcast_shapes(np.shape(y), np.shape(mean), var.shape)
+        density = bayes.gaussian_log_density(y, mean, var)
+        assert density.shape == shape
+        np.testing.assert_allclose(density, stats.norm.logpdf(y, mean, np.sqrt(var)), rtol=1e-14)
+
+
 def test_a_whole_ensemble_history_is_refused_with_the_record_to_pass():
     """train_ensemble's result where a record's member outputs go was refused as 'must be a numeric
     array or tensor, got EnsembleHistory', without saying which part to pass."""

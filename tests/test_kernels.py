@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import io
 import pickle
 import unittest
+import weakref
 from copy import deepcopy
 
 import gpytorch
@@ -750,6 +752,50 @@ def test_kernels_that_share_layers_share_their_batch_shape():
     batched = ntkgp.NTKKernel(ntkgp.serial(ntkgp.Dense(8, 1.0, 0.1), relu, ntkgp.Dense(1, 1.0, 0.1)),
                               batch_shape=torch.Size([2]))
     assert plain(x).to_dense().shape == (4, 4) and batched(x).to_dense().shape == (2, 4, 4)
+
+
+def test_kernels_dropped_but_not_yet_collected_do_not_hold_their_layers():
+    """A GPyTorch kernel is in a reference cycle (its load_state_dict hook is a method bound to it),
+    so a kernel or model that its user dropped stays registered until the cycle collector runs. Once
+    kernels were registered on every layer, a batched kernel of a slice of the network of a dropped
+    model (or of a deep copy used in passing) was refused ("already serves batch shape ()"), though
+    nothing live used those layers. Refusal waits for a collection; live kernels still refuse."""
+    x = torch.randn(6, 2, dtype=torch.float64)
+    net = ntkgp.mlp(2, "relu", 2.0, 0.1)
+    gc.collect()
+    gc.disable()   # the automatic collector could otherwise free the dropped model before the check
+    try:
+        model = ntkgp.models.NetworkGP(x, torch.randn(6, dtype=torch.float64), net)
+        dropped = weakref.ref(model.covar_module)
+        del model
+        assert dropped() is not None   # the cycle keeps it until a collection
+        sliced = ntkgp.NNGPKernel(net[:2], batch_shape=torch.Size([3]))
+    finally:
+        gc.enable()
+    assert sliced(x).to_dense().shape == (3, 6, 6)
+    with pytest.raises(ValueError, match=r"already serves batch shape \(3,\)"):   # sliced is live
+        ntkgp.NTKKernel(net)
+
+
+def test_building_a_kernel_reads_each_live_kernel_batch_shape_once(monkeypatch):
+    """Kernels are registered on every layer that holds variances, and the check of a new kernel read
+    the batch shape of each live kernel once per shared layer (each read walks the network): 50 reads
+    for 10 kernels of a 4-layer network; 6-9 ms a kernel beside 20 live ones on an 11-layer mlp(10),
+    against 0.6 ms when only the network was registered (0.8 ms now). Each live kernel is read once."""
+    from ntkgp.kernels.network_kernel import NetworkKernel
+
+    net = ntkgp.mlp(3, "relu", 2.0, 0.1)   # 4 Dense layers with variances, and the network
+    live = [ntkgp.NNGPKernel(net) for _ in range(10)]
+    reads: list[int] = []
+    shape = NetworkKernel.batch_shape
+
+    def counted(kernel: NetworkKernel) -> torch.Size:
+        reads.append(id(kernel))
+        return shape.fget(kernel)
+
+    monkeypatch.setattr(NetworkKernel, "batch_shape", property(counted, shape.fset))
+    ntkgp.NTKKernel(net)
+    assert sorted(reads) == sorted(map(id, live))
 
 
 def test_neural_tangents_style_arguments_are_refused_with_the_translation():

@@ -85,8 +85,10 @@ def log_density(y: np.ndarray, mean: np.ndarray, variance: np.ndarray) -> np.nda
     allocated five (r, r/σ, its square, the sum, its half) and, for a broadcast variance
     (:func:`compact` undoes that), two more, its logarithm and root at the result's size.
     """
-    variance = compact(variance)
+    # the shape before compact: a variance broadcast (stride 0) over an axis that y and mean lack
+    # gives the result that axis, which the compacted variance no longer has
     result = np.empty(np.broadcast_shapes(y.shape, mean.shape, variance.shape))
+    variance = compact(variance)
     np.subtract(y, mean, out=result)
     # log 2π + log σ² and (r/σ)²: 2π σ² overflows beyond ~3e307 and r² beyond ~1e154
     result /= np.sqrt(variance)

@@ -113,8 +113,9 @@ def _select_time(gaussian: Gaussian, time_index: TimeIndex) -> tuple[Gaussian, t
 
 def predictive_moments(gaussian: Gaussian, noise: float | Tensor | np.ndarray = 0.0,
                        time_index: TimeIndex = None) -> tuple[Tensor, Tensor]:
-    """Predictive mean ``μ`` (``(M,)``/``(M, k)``) and marginal variances ``diag Σ + σ²`` (``(M,)``)
-    of ``y* ~ N(μ, Σ + σ² I)`` (Rasmussen & Williams 2006, eq. 2.24 plus the noise).
+    """Predictive mean ``μ`` (``(M,)``/``(M, k)``) and marginal variances ``diag Σ + σ²`` (``(M,)``, or
+    ``(M, k)`` for a noise per output) of ``y* ~ N(μ, Σ + σ² I)`` (Rasmussen & Williams 2006, eq. 2.24
+    plus the noise).
 
     ``noise``: a scalar or one variance per test point ``(M,)``, and then the variance is shared
     by all ``k`` outputs; for ``(M, k)`` means also one per output ``(1, k)`` or per point and
