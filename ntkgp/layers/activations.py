@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ntkgp._checks import neural_tangents_keywords
 from ntkgp.layers.base import BuildContext, Layer
+from ntkgp.layers.near import PairCarry, abrelu_carried, patched
 from ntkgp.layers.numerics import (
     _is_compiling,
     gaussian_angle,
@@ -116,6 +117,13 @@ class Activation(Layer):
         nngp, dot = self.pair_kernel(k11, k12, k22, want_dot)
         return nngp, dot, lambda: self.centred_pair_kernel(k11, k12, k22, nngp)
 
+    def _state_pair_kernels(self, state: KernelState, want_dot: bool
+                            ) -> tuple[Tensor, Tensor | None, Callable[[], Tensor | None], PairCarry | None]:
+        """:meth:`_pair_kernels` of ``state``'s pairs, and the carry of the nearly (anti)parallel pairs
+        after this layer (:mod:`ntkgp.layers.near`): ``None``, except in the ReLU family, whose kernels
+        are not smooth in ``ρ`` at ``ρ = ±1``."""
+        return (*self._pair_kernels(state.k11, state.nngp, state.k22, want_dot), None)
+
     def _replaced(self, cls: type) -> bool:
         """Whether :meth:`pair_kernel` or :meth:`centred_pair_kernel` is not ``cls``'s own (a subclass's,
         or one set on the instance): ``cls``'s :meth:`_pair_kernels` then defers to them."""
@@ -135,12 +143,13 @@ class Activation(Layer):
                              "are; the raw inputs, an activation's outputs, a product of branches and a "
                              "concatenation of several branches are not. Put a Dense layer right before it.")
         want_ntk = state.ntk is not None
+        carry = None
         if state.diag and state.symmetric:
             cov = self.variance(state.cov1)
             dot = self.dot_variance(state.cov1) if want_ntk else None
             nngp = cov1 = cov2 = cov
         else:
-            nngp, dot, centred_pair = self._pair_kernels(state.k11, state.nngp, state.k22, want_ntk)
+            nngp, dot, centred_pair, carry = self._state_pair_kernels(state, want_ntk)
             cov1, cov2 = state.map_covs(self.variance)
             if want_ntk and state.symmetric and self._exact_dot_variance:
                 # a point with itself: Ṫ of its variance alone, whose gradient does not cancel (without
@@ -174,7 +183,7 @@ class Activation(Layer):
             return m1, m1 if state.cov2 is state.cov1 else cast(Tensor, self.mean(state.cov2)), True   # known at cov1
 
         return state.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, is_gaussian=self.preserves_gaussian,
-                             mean=mean, centred=centred)
+                             mean=mean, centred=centred, carry=carry)
 
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
         return ActivationModule(self.finite_fn(), type(self).__name__), in_width
@@ -204,6 +213,8 @@ class ABReLU(Activation):
     ``θ = π/2`` where both ``s`` and ``k12`` vanish (a zero input without bias), and the finite
     twin's slope at exactly 0 is the matching ``(a + b)/2``.
     """
+
+    carries_pairs = True
 
     def __init__(self, a: float, b: float) -> None:
         super().__init__()
@@ -237,6 +248,31 @@ class ABReLU(Activation):
         s, dot = self._dot_kernel(k11, k12, k22)
         return (self._from_dot(s, dot, k12), (dot if want_dot else None),
                 lambda: self._centred(k11, k12, k22, s, dot))
+
+    def _state_pair_kernels(self, state: KernelState, want_dot: bool
+                            ) -> tuple[Tensor, Tensor | None, Callable[[], Tensor | None], PairCarry | None]:
+        carry = state.carry
+        if carry is None or self._replaced(ABReLU):
+            return super()._state_pair_kernels(state, want_dot)
+        # the kernels' own s and Ṫ, then at the carried pairs that are near those from the carried det
+        # (ntkgp/layers/near.py): the other pairs keep every bit
+        k11, k12, k22 = state.k11, state.nngp, state.k22
+        # the pairs whose variances, before and after this layer, keep their products normal numbers
+        pair11, pair12, pair22 = carry.gathered(state.nngp, state.cov1, state.cov2)
+        half = (self.a**2 + self.b**2) / 2
+        kept = carry.within(pair11, pair22, half * pair11, half * pair22)
+        if kept is None:
+            return super()._state_pair_kernels(state, want_dot)
+        if kept is not carry:
+            carry = kept
+            pair11, pair12, pair22 = carry.gathered(state.nngp, state.cov1, state.cov2)
+        s, dot = self._dot_kernel(k11, k12, k22)
+        near, s_near, dot_near, nngp_near, after = abrelu_carried(self.a, self.b, carry, pair11, pair12, pair22)
+        s = patched(s.expand_as(k12), carry.index, near, s_near)
+        dot = patched(dot.expand_as(k12), carry.index, near, dot_near)
+        # T = ab k12 + (a − b)² p J/(2π): its other form s + (π − θ) k12 cancels near θ = π
+        nngp = patched(self._from_dot(s, dot, k12), carry.index, near, nngp_near)
+        return nngp, (dot if want_dot else None), lambda: self._centred(k11, k12, k22, s, dot), after
 
     def _dot_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor) -> tuple[Tensor, Tensor]:
         """``s = sqrt(k11 k22 − k12²)`` and ``Ṫ``."""

@@ -110,6 +110,11 @@ class Layer(VarianceParameters, gpytorch.Module):
     #: Whether the layer maps centred Gaussian features to centred Gaussian features.
     preserves_gaussian: bool = False
 
+    #: Whether the layer's kernel map uses the nearly (anti)parallel pairs' carried values
+    #: (:class:`~ntkgp.layers.near.PairCarry`, the ReLU family): only then does a first ``Dense``
+    #: layer look for such pairs.
+    carries_pairs: bool = False
+
     #: Whether each output feature depends on the input only through sums over all of its
     #: features, by weights of the layer's own (a ``Dense`` layer), so that at infinite width it
     #: is independent of every single input feature: a branch that mixes is independent of the
@@ -267,7 +272,8 @@ class Layer(VarianceParameters, gpytorch.Module):
             state = _checkpointed_kernel(self, x1, x2, ntk, ids, batch)
         elif whole:
             state = _finalize(self.kernel_map(KernelState.from_inputs(x1, x2, diag, want_ntk=ntk,
-                                                                      duplicates=duplicates)))
+                                                                      duplicates=duplicates,
+                                                                      pair_carry=_carries_pairs(self))))
             if x2 is None and not diag:
                 state = state.replace(nngp=_upper_mirrored(state.nngp),
                                       ntk=None if state.ntk is None else _upper_mirrored(state.ntk))
@@ -496,9 +502,14 @@ def _block(layer: Layer, x1: Tensor, x2: Tensor, norms: tuple[Tensor, Tensor], w
     (:func:`_joined_state`): its width, ``is_gaussian``, whether it has a ``mean``, ``identical``."""
     state = _finalize(layer.kernel_map(KernelState.from_inputs(
         x1, x2, False, want_ntk=want_ntk, row_offset=0, symmetric=symmetric, sq_norms=norms,
-        duplicates=duplicates)))
+        duplicates=duplicates, pair_carry=not _is_compiling() and _carries_pairs(layer))))
     return (state.nngp, state.ntk, state.cov1, state.cov2,
             (state.width, state.is_gaussian, state.mean is not None, state.identical))
+
+
+def _carries_pairs(layer: Layer) -> bool:
+    """Whether a layer of ``layer`` uses the nearly (anti)parallel pairs' carry (:attr:`Layer.carries_pairs`)."""
+    return any(getattr(module, "carries_pairs", False) for module in layer.modules())
 
 
 def _joined_state(layer: Layer, x1: Tensor, x2: Tensor | None, nngp: Tensor, ntk: Tensor | None, cov1: Tensor,
@@ -523,7 +534,8 @@ def _joined_state(layer: Layer, x1: Tensor, x2: Tensor | None, nngp: Tensor, ntk
     def recomputed() -> KernelState:
         if not whole:
             with torch.set_grad_enabled(grad), _autocast_off(x1.device):
-                whole.append(_finalize(layer.kernel_map(KernelState.from_inputs(x1, x2, want_ntk=False))))
+                whole.append(_finalize(layer.kernel_map(KernelState.from_inputs(
+                    x1, x2, want_ntk=False, pair_carry=_carries_pairs(layer)))))
         return whole[0]
 
     def mean() -> tuple[Tensor, Tensor, bool] | None:

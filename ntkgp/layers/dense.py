@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ntkgp._checks import integer_at_least, neural_tangents_keywords
 from ntkgp.layers.base import BuildContext, Layer, NonFiniteVarianceError
+from ntkgp.layers.near import carries, first_layer_carry
 from ntkgp.layers.numerics import expand_param
 from ntkgp.layers.state import KernelState
 from ntkgp.layers.validation import all_finite
@@ -142,8 +143,13 @@ class Dense(Layer):
                 # a Python float: a width from 2**64 on was torch's "int too big to convert"
                 base = float(state.width) * state.nngp + (1.0 if self.has_bias else 0.0)
                 ntk = torch.addcmul(base, w, state.ntk)
+        # the nearly (anti)parallel pairs' accurate values, through k' = w k + b (scalar variances alone)
+        carry = state.carry
+        if carry is not None:
+            carry = None if weight_var.dim() or (bias_var is not None and bias_var.dim()) else carry.affine(
+                weight_var, bias_var, cov1, cov2)
         return state.replace(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, width=self.width, is_gaussian=True,
-                             mean=None, centred=None, identical=True)
+                             mean=None, centred=None, identical=True, carry=carry)
 
     def _input_map(self, state: KernelState) -> KernelState:
         """First layer: ``K¹ = (σ_w²/d) x·x' + σ_b²`` (per-feature ``σ²_{w,j}`` with ARD), ``Θ¹``
@@ -169,9 +175,16 @@ class Dense(Layer):
                 # n · K⁰ = d · G/d: the standard NTK sees the unweighted Gram matrix.
                 plain = gram if self.ard_num_dims is None else state.input_gram()[0]
                 ntk = plain + 1.0 if self.has_bias else plain
+        carry = None
+        if state.pair_carry and self.ard_num_dims is None and carries(nngp, state.diag, state.symmetric, scale,
+                                                                      bias_var):
+            # the nearly (anti)parallel pairs' det and g from the inputs themselves (ntkgp/layers/near.py)
+            assert state.x2 is not None   # is_input: both kept
+            carry = first_layer_carry(state.x1, state.x2, g1, g2, nngp, cov1, cov2, scale, bias_var, state.diag,
+                                      gram, state.row_offset if state.symmetric and not state.diag else None)
         return KernelState(nngp=nngp, ntk=ntk, cov1=cov1, cov2=cov2, width=self.width, diag=state.diag,
                            symmetric=state.symmetric, is_gaussian=True, row_offset=state.row_offset,
-                           duplicates=state.duplicates, fixed_inputs=state.fixed_inputs)
+                           duplicates=state.duplicates, fixed_inputs=state.fixed_inputs, carry=carry)
 
     # Finite width --------------------------------------------------------------------------
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int]:

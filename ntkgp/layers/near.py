@@ -1,0 +1,327 @@
+"""Nearly parallel and nearly antiparallel pairs, carried accurately from the inputs.
+
+The ReLU family's kernels take the angle ``θ`` between two Gaussians from ``s² = k11 k22 − k12²``.
+Recovered from the rounded kernels this is a cancellation where ``1 − |ρ|`` is small: ``s²`` is then
+known to ``ε k²`` absolute only, ``θ`` to ``ε/θ`` absolute, and ``Ṫ = (π − θ)/(2π)`` (and every NTK
+after it) is ``ε/θ`` off (float32 ReLU NTKs of nearly parallel inputs were hundreds to 1e4 ulps off).
+The inputs, exact floats, fix ``θ`` to ``~ε``: so for the pairs a first ``Dense`` layer finds with
+``1 − |ρ| < NEAR`` a :class:`PairCarry` keeps, per pair, ``det = k11 k22 − k12²`` and
+``g = k11 + k22 − 2 k12 = E|u1 − u2|²`` computed without that cancellation:
+
+* first ``Dense`` (``k = w x·x' + b``, ``w = σ_w²/d``): ``g = w |x − x'|²`` and
+  ``det = w² |x|²|x'|² sin²α + w b |x − x'|²``, from the Gram entries where the inputs are not nearly
+  parallel (:func:`first_layer_carry`), else by direct differences: ``|x|²|x'|² sin²α = |x|²|e|² sin²β``
+  with ``e = x' ∓ x`` (exact for nearby floats) and ``β`` the angle between ``x`` and ``e``, as
+  ``|x|²|e|² − (x·e)²``, or where ``sin²β < 1/4`` by Kahan's ``sin β = |x̂ − ê| |x̂ + ê| / 2`` (``x̂ = x/|x|``:
+  ``2 sin(β/2) · 2 cos(β/2) / 2``, ``ε`` off absolutely); inputs at an angle below ``2ε`` (a rounded
+  multiple ``fl(c·x)``) count as parallel, as the kernels' own angle counts them;
+* later ``Dense`` (``k' = w k + b``): ``g' = w g``, ``det' = w² det + w b g``;
+* ``ABReLU(a, b)`` (:func:`abrelu_carried`): ``T12 = ab k12 + (a − b)² p J(θ)/(2π)``, ``p = sqrt(k11 k22)``,
+  ``J(θ) = sin θ + (π − θ) cos θ = S(π − θ)``, ``S(x) = sin x − x cos x``; with ``A = (a² + b²)/2``,
+  ``det' = (A p − T12)(A p + T12)``, ``A p − T12 = ab (p − k12) + (a − b)² p (π − J)/(2π)``,
+  ``A p + T12 = ab (p + k12) + (a − b)² p (π + J)/(2π)``, ``π − J = π (p − k12)/p − S(θ)`` (for
+  ``ab < 0`` forms without cancellation, from ``A = −ab + (a + b)²/2``),
+  ``g' = A (sqrt k11 − sqrt k22)² + 2 (A p − T12)``; ``p ∓ k12`` as ``det/(p ± k12)`` where it cancels.
+
+Every other layer drops the carry (:meth:`KernelState.replace` does unless it is passed on), so a
+later ReLU-type layer takes the kernels' own angle. Where the carried pairs are not near (any more)
+the kernels keep every bit (a choice per pair, the same in every block of rows).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from ntkgp.layers.numerics import _is_compiling, horner, needs_graph, safe_sqrt, transforms_active
+
+#: ``1 − |ρ|`` below which a pair's angle is carried (:func:`first_layer_carry`) and the carried values
+#: are used (:func:`abrelu_carried`). The kernels' own angle is ``ε/θ`` off, ``θ ≈ sqrt(2(1 − |ρ|))``:
+#: at 1e-2, 7ε at most where the carry stops, a few ulps of a float64 ReLU NTK.
+NEAR = 1e-2
+
+#: Gathered input entries per chunk of carried pairs (:func:`first_layer_carry`): 2 MiB in float64.
+_CHUNK_ENTRIES = 1 << 18
+#: Kernel entries per block of rows of the first layer's screen (:func:`_near`).
+_SCREEN_ENTRIES = 1 << 15
+
+#: ``S(x) = sin x − x cos x`` by its series below this argument, where ``sin x − x cos x`` loses ``3/x²``
+#: of its digits (10 ulps at 0.55). Above it only pairs that are not near (``1 − |ρ| > 0.045``) have their
+#: smaller angle, and their ``S`` enters ``π − J`` beside ``π (1 − cos θ)``, 15 times larger there.
+_S_SERIES_BELOW = 0.3
+#: ``S(x)/x³ = Σ_{k≥1} (−1)^{k+1} 2k/(2k+1)! · x^{2(k−1)}``, as coefficients of ``x²``: 7 terms, the first
+#: left off 2e-20 of the sum at ``x = 0.3``.
+_S_TERMS = [(-1) ** (k + 1) * 2 * k / math.factorial(2 * k + 1) for k in range(1, 8)]
+
+
+@dataclass(frozen=True)
+class PairCarry:
+    """Accurate ``det = k11 k22 − k12²`` and ``g = k11 + k22 − 2 k12`` of some pairs of a kernel.
+
+    ``index``: ``(rows, cols)`` of the pairs in the matrix, or ``(positions,)`` in diagonal mode;
+    ``det`` and ``g`` one value per pair, ``(m,)``.
+    """
+
+    index: tuple[Tensor, ...]
+    det: Tensor
+    g: Tensor
+
+    def affine(self, weight_var: Tensor, bias_var: Tensor | None, cov1: Tensor, cov2: Tensor) -> PairCarry | None:
+        """The carry through ``k' = w k + b``: ``det' = w² det + w b g``, ``g' = w g``, for the pairs whose
+        new variances (``cov1``, ``cov2``) stay in :func:`representable`'s range (``None`` if none does)."""
+        carry = self.within(cov1[self.index[0]], cov2[self.index[-1]])
+        if carry is None:
+            return None
+        det = weight_var * weight_var * carry.det
+        if bias_var is not None:
+            det = det + weight_var * bias_var * carry.g
+        return PairCarry(carry.index, det, weight_var * carry.g)
+
+    def gathered(self, nngp: Tensor, cov1: Tensor, cov2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(k11, k12, k22)`` of the carried pairs."""
+        first = self.index[0]
+        second = self.index[-1]
+        return cov1[first], nngp[self.index], cov2[second]
+
+    def within(self, *variances: Tensor) -> PairCarry | None:
+        """The pairs whose ``variances`` (one value a pair each) are all :func:`representable`, or ``None``
+        if none is. Dropped before any arithmetic, not masked after it: products of variances that
+        overflow (a deep ReLU net of weight variance 4 doubles them each layer) gave NaN gradients through
+        the masked entries (``0 · inf``)."""
+        with torch.no_grad():
+            keep = representable(*variances)
+            if bool(keep.all()):
+                return self
+            if not bool(keep.any()):
+                return None
+        return PairCarry(tuple(i[keep] for i in self.index), self.det[keep], self.g[keep])
+
+
+def representable(*variances: Tensor) -> Tensor:
+    """Where every one of ``variances`` lies in ``[16 sqrt(tiny), sqrt(max)/16]``, so that products of two
+    of them and ``det ≤ k11 k22`` are normal numbers."""
+    info = torch.finfo(variances[0].dtype)
+    low, high = 16 * info.tiny ** 0.5, info.max ** 0.5 / 16
+    keep = torch.ones_like(variances[0], dtype=torch.bool)
+    for v in variances:
+        keep &= (v.detach() >= low) & (v.detach() <= high)
+    return keep
+
+
+def carries(nngp: Tensor, diag: bool, symmetric: bool, *variances: Tensor | None) -> bool:
+    """Whether a first ``Dense`` layer can carry pairs: an unbatched kernel of two sets (or a matrix),
+    scalar variances, and no ``torch.compile`` or ``torch.func`` transform (the pairs are found by a
+    data-dependent ``nonzero``)."""
+    if diag and symmetric:
+        return False
+    if nngp.dim() != (1 if diag else 2) or any(v is not None and v.dim() for v in variances):
+        return False
+    return not (_is_compiling() or transforms_active())
+
+
+def _near(k11: Tensor, k12: Tensor, k22: Tensor, self_pairs: int | None) -> Tensor:
+    """``1 − |ρ| < NEAR``, as ``k12² − (1 − NEAR)² k11 k22 > 0``, a block of rows at a time in one small
+    buffer: the screen runs on every first layer, and two fresh matrices of the kernel's size cost it as
+    much again as its arithmetic (N = 1000, one thread). ``self_pairs``: in a symmetric matrix, the column
+    of row 0's own entry (the diagonal, screened out: otherwise every symmetric kernel would gather them)."""
+    near = torch.empty(k12.shape, dtype=torch.bool, device=k12.device)
+    if k12.dim() == 1 or k12.numel() <= _SCREEN_ENTRIES:
+        blocks = [(slice(None), k11, k12)]
+    else:
+        rows = max(1, _SCREEN_ENTRIES // k12.shape[-1])
+        blocks = [(slice(i, i + rows), k11[i:i + rows], k12[i:i + rows]) for i in range(0, k12.shape[0], rows)]
+    buffer = None
+    for rows_at, k11_rows, k12_rows in blocks:
+        gap = torch.mul(k12_rows, k12_rows, out=None if buffer is None else buffer[:k12_rows.shape[0]])
+        buffer = gap if buffer is None else buffer
+        torch.gt(gap.addcmul_(k11_rows, k22, value=-((1 - NEAR) ** 2)), 0, out=near[rows_at])
+    if self_pairs is not None:
+        near.diagonal(self_pairs, -2, -1).fill_(False)
+    return near
+
+
+def first_layer_carry(x1: Tensor, x2: Tensor, sq1: Tensor, sq2: Tensor, nngp: Tensor, cov1: Tensor,
+                      cov2: Tensor, scale: Tensor, bias_var: Tensor | None, diag: bool,
+                      gram: Tensor, self_pairs: int | None = None) -> PairCarry | None:
+    """The carry of a first ``Dense`` layer's kernel ``k = scale · x·x' + bias_var`` (``sq1``, ``sq2``:
+    the squared norms ``|x|²``, ``gram``: the products ``x·x'``), or ``None`` where no pair is near.
+
+    Where the inputs themselves are not nearly parallel (``cos²α ≤ 3/4``: the pair is near only because
+    the bias dominates) ``|x|²|x'|² − (x·x')²`` and ``|x|² + |x'|² − 2x·x'`` from the Gram entries lose at
+    most a factor 8 to cancellation; only the others gather their inputs (``O(d)`` a pair).
+
+    Pairs of a zero input (``x̂`` undefined), of bitwise equal inputs (the diagonal and duplicates,
+    exact already: ``det = 0``) and of variances whose products leave the normal range are not carried.
+    ``self_pairs``: as :func:`_near`'s.
+    """
+    k11, k22 = (cov1, cov2) if diag else (cov1.unsqueeze(-1), cov2.unsqueeze(-2))
+    with torch.no_grad():
+        near = _near(k11.detach(), nngp.detach(), k22.detach(), self_pairs)
+        if not bool(near.any()):
+            return None
+        index = torch.nonzero(near, as_tuple=True)
+        first, second = index[0], index[-1]
+        keep = (representable(cov1[first], cov2[second])
+                & (sq1.detach()[first] > 0) & (sq2.detach()[second] > 0))
+        if not bool(keep.all()):
+            index = tuple(i[keep] for i in index)
+            first, second = index[0], index[-1]
+        if first.numel() == 0:
+            return None
+    n1, n2, uv = sq1[first], sq2[second], gram[index]
+    det = (scale * scale) * (n1 * n2 - uv * uv)
+    g = scale * (n1 + n2 - 2 * uv)
+    if bias_var is not None:
+        det = det + bias_var * g
+    with torch.no_grad():
+        parallel = torch.nonzero(uv * uv > 0.75 * (n1 * n2)).flatten()
+    if parallel.numel():
+        exact = _parallel_pairs(x1, x2, sq1, sq2, first[parallel], second[parallel], scale, bias_var)
+        if exact is None:   # all bitwise equal inputs (duplicates): exact already, and their derivatives too
+            keep = torch.ones_like(first, dtype=torch.bool).index_fill_(0, parallel, False)
+            index, det, g = tuple(i[keep] for i in index), det[keep], g[keep]
+        else:
+            det, g = det.index_put((parallel,), exact[0]), g.index_put((parallel,), exact[1])
+            if exact[2] is not None:
+                keep = torch.ones_like(first, dtype=torch.bool).index_put_((parallel,), exact[2])
+                index, det, g = tuple(i[keep] for i in index), det[keep], g[keep]
+        if index[0].numel() == 0:
+            return None
+    return PairCarry(index, det, g)
+
+
+def _parallel_pairs(x1: Tensor, x2: Tensor, sq1: Tensor, sq2: Tensor, first: Tensor, second: Tensor, scale: Tensor,
+                    bias_var: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """:func:`_pair_values` of the pairs ``(x1[first], x2[second])``, a chunk at a time, and which of them
+    differ (``None``: all; the whole ``None``: none)."""
+    # each chunk a few MiB of gathered inputs; with autograd recomputed in the backward pass (checkpointed),
+    # not kept: the graph held ~6 gathered copies of the inputs per pair
+    rows = max(1, _CHUNK_ENTRIES // max(x1.shape[-1], 1))
+    graph = needs_graph(x1, x2, scale) or (bias_var is not None and needs_graph(bias_var))
+    parts = []
+    for start in range(0, first.numel(), rows):
+        args = (x1, x2, sq1, sq2, first[start:start + rows], second[start:start + rows], scale, bias_var)
+        parts.append(checkpoint(_pair_values, *args, use_reentrant=False) if graph and first.numel() > rows
+                     else _pair_values(*args))
+    det, g, apart = (parts[0] if len(parts) == 1 else [torch.cat([p[i] for p in parts]) for i in range(3)])
+    if bool(apart.all()):
+        return det, g, None
+    return None if not bool(apart.any()) else (det, g, apart)
+
+
+def _pair_values(x1: Tensor, x2: Tensor, sq1: Tensor, sq2: Tensor, first: Tensor, second: Tensor, scale: Tensor,
+                 bias_var: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``det`` and ``g`` of a first ``Dense`` layer's pairs ``(x1[first], x2[second])`` (module docstring),
+    and whether the two inputs differ (``|x − x'|² > 0``)."""
+    u, v = x1[first], x2[second]
+    n1, n2 = sq1[first], sq2[second]
+    uv = torch.sum(u * v, -1)
+    # |x|²|x'|² sin²α = |x|²|e|² sin²β with e = x' ∓ x (the sign of x·x'), exact for nearby floats, and β
+    # the angle between x and e, of order one unless x' is nearly a multiple of x
+    sign = torch.where(uv >= 0, 1.0, -1.0).to(u.dtype)
+    e = torch.addcmul(v, u, -sign.unsqueeze(-1))
+    sq_e, ue = torch.sum(e * e, -1), torch.sum(u * e, -1)
+    # |x|²|e|² − (x·e)², no worse than a factor 4 of cancellation where sin²β ≥ 1/4; below, Kahan's
+    # sin β = |x̂ − ê| |x̂ + ê| / 2 (ε off absolutely, 2 sin(β/2) · 2 cos(β/2) / 2)
+    spread = n1 * sq_e - ue * ue
+    narrow = spread < n1 * sq_e / 4
+    if bool(narrow.any()):
+        at = torch.nonzero(narrow).flatten()
+        spread = spread.index_put((at,), _kahan_spread(u[at], e[at], n1[at], sq_e[at]))
+    # |x − x'|²: |e|² where e = x' − x, else |x|² + |x'|² + 2|x·x'| (no cancellation)
+    difference = torch.where(uv >= 0, sq_e, n1 + n2 - 2 * uv)
+    # inputs at an angle below 2ε (x' = fl(c·x): ε/2 at most) are taken as parallel (antiparallel): s = 0
+    # there, and its derivative 0, the mean of the one-sided slopes at the cone's kink (docs/numerics.md)
+    rounded_multiple = spread < (2 * torch.finfo(u.dtype).eps) ** 2 * n1 * n2
+    det = torch.where(rounded_multiple, 0.0, (scale * scale) * spread)
+    g = scale * difference
+    if bias_var is not None:
+        det = det + bias_var * g
+    return det, g, difference.detach() > 0
+
+
+def _kahan_spread(u: Tensor, e: Tensor, n1: Tensor, sq_e: Tensor) -> Tensor:
+    """``|u|²|e|² sin²β`` from the unit vectors: ``sin β = |û − ê| |û + ê| / 2``."""
+    unit_u = u / torch.sqrt(n1).unsqueeze(-1)
+    root_e = safe_sqrt(sq_e)   # 0 where x' = −x exactly: a zero derivative, not 0 · inf
+    unit_e = e / torch.where(root_e > 0, root_e, 1.0).unsqueeze(-1)   # e = 0: the term is 0
+    sin2 = torch.sum((unit_u - unit_e) ** 2, -1) * torch.sum((unit_u + unit_e) ** 2, -1) / 4
+    return n1 * sq_e * sin2
+
+
+def _s_series(x: Tensor) -> Tensor:
+    """``S(x) = sin x − x cos x`` by its series, for ``0 ≤ x <`` :data:`_S_SERIES_BELOW` (clamped there)."""
+    y = x.clamp(max=_S_SERIES_BELOW)
+    y2 = y * y
+    return y2 * y * horner(y2, _S_TERMS)
+
+
+def _s_both(s: Tensor, k12: Tensor, p: Tensor, theta: Tensor, supplement: Tensor) -> tuple[Tensor, Tensor]:
+    """``S(θ)`` and ``J = S(π − θ)`` from the two angles: the smaller, ``α ≤ π/2``, by the series below
+    :data:`_S_SERIES_BELOW` (else ``(s − α|k12|)/p``, with ``sin α = s/p`` and ``cos α = |k12|/p``); the
+    larger, ``β ≥ π/2``, as ``sin β − β cos β``, a sum. One series a pair, not one per angle (two were half
+    the time of a layer whose every pair is near). ``J`` of the larger angle is not ``π cos α + S(α)``
+    with ``cos α = |k12|/p``: ``T`` then took ``k12``'s derivatives, those of a rounded Gram entry, where
+    through ``p`` and the carried angle they are exact (a first weight variance's gradient at inputs of
+    1e-4 beside a bias was 1.4e-3 off in float32)."""
+    parallel = k12 >= 0   # θ ≤ π/2: θ the smaller angle
+    small = torch.where(parallel, theta, supplement)
+    large = torch.where(parallel, supplement, theta)
+    s_small = torch.where(small < _S_SERIES_BELOW, _s_series(small), (s - small * k12.abs()) / p)
+    s_large = torch.sin(large) - large * torch.cos(large)
+    return torch.where(parallel, s_small, s_large), torch.where(parallel, s_large, s_small)
+
+
+def abrelu_carried(a: float, b: float, carry: PairCarry, k11: Tensor, k12: Tensor, k22: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, PairCarry]:
+    """At the carried pairs (``k11, k12, k22`` gathered there): whether each is near now, ``s``, ``Ṫ``
+    and ``T`` of ``ABReLU(a, b)`` from the carried ``det``, and the carry after the activation
+    (module docstring)."""
+    det = carry.det.clamp(min=0)
+    s = safe_sqrt(det)
+    p = torch.sqrt(k11 * k22)
+    near = torch.abs(k12) > (1 - NEAR) * p
+    theta, supplement = torch.atan2(s, k12), torch.atan2(s, -k12)
+    factor = (a - b) ** 2 / (2 * math.pi)
+    if a * b < 0:
+        complement = torch.atan2(k12, s)
+        dot = complement / (math.pi / 2) * ((a - b) ** 2 / 4) + (a + b) ** 2 / 4
+        if a + b:
+            dot = torch.where(k12 < 0, supplement * factor + a * b, dot)
+    else:
+        dot = supplement * factor + a * b
+    s_theta, j = _s_both(s, k12, p, theta, supplement)   # J(θ) = S(π − θ) ≥ 0
+    nngp = a * b * k12 + factor * p * j
+    # p ∓ k12 from det where they cancel: p − k12 = det/(p + k12) for k12 ≥ 0, p + k12 = det/(p − k12) else
+    positive = k12 >= 0
+    minus = torch.where(positive, det / torch.where(positive, p + k12, 1.0), p - k12)
+    plus = torch.where(positive, p + k12, det / torch.where(positive, 1.0, p - k12))
+    pi_minus_j = math.pi * minus / p - s_theta
+    big = (a * a + b * b) / 2
+    lower = a * b * minus + factor * p * pi_minus_j
+    upper = a * b * plus + factor * p * (math.pi + j)
+    if a * b < 0:
+        # with A = −ab + (a + b)²/2 the forms whose terms share a sign: A p + T12 = −ab (p − k12) +
+        # (a + b)² p/2 + (a − b)² p J/(2π) always, A p − T12 = −ab (p + k12) + p ((a + b)²/2 − (a − b)² J/(2π))
+        # for k12 < 0, where the form above cancels (Abs maps antiparallel pairs to parallel ones)
+        half_sum = (a + b) ** 2 / 2
+        upper = -a * b * minus + p * (half_sum + factor * j)
+        lower = torch.where(positive, lower, -a * b * plus + p * (half_sum - factor * j))
+    root_gap = torch.sqrt(k11) - torch.sqrt(k22)
+    after = PairCarry(carry.index, (lower * upper).clamp(min=0), big * root_gap * root_gap + 2 * lower)
+    return near, s, dot, nngp, after
+
+
+def patched(t: Tensor, index: tuple[Tensor, ...], near: Tensor, values: Tensor) -> Tensor:
+    """``t`` with ``values`` at ``index`` where ``near`` (in place unless derivatives are taken)."""
+    if near.all():
+        chosen = values
+    else:
+        chosen = torch.where(near, values, t[index])
+    if torch.is_grad_enabled() and (t.requires_grad or chosen.requires_grad):
+        return t.index_put(index, chosen.to(t.dtype))
+    return t.index_put_(index, chosen.to(t.dtype))
