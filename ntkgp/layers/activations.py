@@ -70,7 +70,9 @@ class Activation(Layer):
         raise NotImplementedError
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
-        """``T`` and (if ``want_dot``) ``Ṫ``, elementwise over broadcast ``k11, k12, k22``."""
+        """``T = E[φ(u)φ(v)]`` and (if ``want_dot``) ``Ṫ = E[φ'(u)φ'(v)]`` for
+        ``(u, v) ~ N(0, [[k11, k12], [k12, k22]])``, elementwise over broadcast ``k11, k12, k22``
+        (the NNGP and NTK maps of Lee et al. 2018 and Jacot et al. 2018)."""
         raise NotImplementedError
 
     def variance(self, k: Tensor) -> Tensor:
