@@ -958,8 +958,10 @@ def test_a_stopped_comparison_reports_the_widths_before_it(cause, tmp_path, caps
     if cause == "memory":
         # a real allocation failure: one hidden matrix of width 10⁷ is 8·10¹⁴ bytes in float64, beyond
         # any machine's address space, so torch's CPU allocator refuses it at once (the machine's memory
-        # unknown, as on Windows: known, the run is refused before any training)
+        # unknown, as on Windows: known, the run is refused before any training, by the harness and by
+        # train_ensemble)
         monkeypatch.setattr(harness, "device_memory", lambda device: None)
+        monkeypatch.setattr(ntkgp.finite.train, "device_memory", lambda device: None)
         widths, status, missing = ["16", "10000000"], 1, [10000000]
         reason = ("out of memory while training width 10000000 (an allocation of 7.45e+05 GiB failed): a smaller "
                   "--chunk-size trains fewer members at once")

@@ -680,3 +680,98 @@ def test_the_kernel_change_of_float32_kernels_near_float32s_limit_is_finite():
     assert changes[0].dtype == torch.float32 and changes[0].isfinite().all()
     torch.testing.assert_close(changes[0].double(), changes[1], rtol=1e-3, atol=0)
     assert changes[1][1:].min() > 1e-3   # the changes compared are not rounding
+
+
+def test_a_network_too_large_for_the_memory_is_refused_before_any_weight_is_drawn(monkeypatch):
+    """A width no machine holds failed in torch's allocator after the meta build ("can't allocate
+    memory: you tried to allocate 800000000000000 bytes"), and one that only just did not fit was
+    drawn on credit until the operating system killed the process. The lower bound ``2 c P b`` (a
+    chunk's weights and their initial copy) is checked first, with the shapes alone, and refused with
+    torch's out-of-memory error (a RuntimeError, as the allocator's)."""
+    huge = ntkgp.mlp(2, "relu", width=10**7)   # P = 4 · 10⁷ + 10¹⁴ + 1 with d = 1
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"1 member\(s\) of this network \(100,000,040,000,001 "
+                                                          r"parameters each, in torch\.float32\) needs at least .* "
+                                                          r"one member does not fit"):
+        train_ensemble(huge, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[0, 1], device="cpu")
+
+    net = ntkgp.mlp(2, "relu", width=128)   # P = 128 + 128 + 128² + 128 + 128 + 1 = 16 897 parameters
+    params = 16_897
+    builds = []
+    original = net.build
+
+    def build(*args, **kwargs):
+        builds.append(str(kwargs.get("device")))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(net, "build", build)
+    # 4 members in float64 need 2 · 4 · P · 8 = 1 081 408 bytes, 1 member 270 352
+    monkeypatch.setattr(train_module, "device_memory", lambda device: 2 * 4 * params * 8 - 1)
+    kwargs = dict(ensemble_size=4, learning_rate=0.1, record_steps=[0, 1], dtype=torch.float64, device="cpu")
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"Training 4 member\(s\) .* needs at least 0\.00101 GiB on "
+                                                          r"cpu, more than its 0\.00101 GiB: train fewer members at "
+                                                          r"once \(a smaller chunk_size\)"):
+        train_ensemble(net, X, Y, **kwargs)
+    assert set(builds) == {"meta"}   # shapes only: nothing drawn
+    h = train_ensemble(net, X, Y, chunk_size=2, **kwargs)   # 2 · 2 · P · 8 bytes fit
+    assert h.train_loss.shape == (2, 4)
+    # float32 halves what a member needs: the 4 members fit in one chunk
+    assert train_ensemble(net, X, Y, **{**kwargs, "dtype": torch.float32}).settings["chunk_size"] == 4
+
+
+def test_the_member_built_to_check_the_outputs_is_freed_before_training():
+    """The one member built to check the network's output width stayed alive through the training of
+    every chunk: memory of a whole member for nothing (check_memory counts none)."""
+    import gc
+
+    from ntkgp.layers.dense import DenseModule
+
+    alive, training = [], []
+
+    def tanh(x):
+        if training and torch.is_grad_enabled() and not alive:   # the first forward of training
+            gc.collect()
+            with warnings.catch_warnings():   # isinstance reads every object's __class__, deprecated aliases too
+                warnings.simplefilter("ignore", FutureWarning)
+                alive.append(sum(isinstance(o, DenseModule) for o in gc.get_objects()))
+        return torch.tanh(x)
+
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        before = sum(isinstance(o, DenseModule) for o in gc.get_objects())
+    net = ntkgp.serial(ntkgp.Dense(8, 1.0, 0.1), ntkgp.Elementwise(tanh, None), ntkgp.Dense(1, 1.0, 0.1))
+    training.append(True)   # Elementwise calls the function on sample values when the spec is made
+    train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[0, 1], dtype=torch.float64,
+                   device="cpu", engine="stacked")
+    assert alive == [before + 2]   # the chunk's two Dense layers, not the checked member's too
+
+
+def test_records_too_large_for_the_memory_are_refused_before_any_training(monkeypatch):
+    """The recorded test outputs, ``(T, E, M, k)``, are kept on the CPU per chunk and then joined:
+    beyond the memory they failed only once every chunk had trained."""
+    builds = []
+    net = ntkgp.mlp(2, "relu", width=8)
+    original = net.build
+    monkeypatch.setattr(net, "build", lambda *a, **k: builds.append(str(k.get("device"))) or original(*a, **k))
+    # 50 steps x 4 members x 1000 test points x 1 output, twice, in float64: 3.2 MB
+    monkeypatch.setattr(train_module, "device_memory", lambda device: 2 * 50 * 4 * 1000 * 8 - 1)
+    x_test = torch.linspace(-1, 1, 1000, dtype=torch.float64).unsqueeze(-1)
+    kwargs = dict(ensemble_size=4, learning_rate=0.1, x_test=x_test, dtype=torch.float64, device="cpu")
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"Keeping the 200,000 recorded test outputs \(in "
+                                                          r"torch\.float64\) needs at least 0\.00298 GiB on cpu.*"
+                                                          r"record fewer steps, members or test points"):
+        train_ensemble(net, X, Y, record_steps=range(50), **kwargs)
+    assert set(builds) == {"meta"}
+    assert train_ensemble(net, X, Y, record_steps=range(49), **kwargs).test_outputs.shape == (49, 4, 1000, 1)
+
+
+def test_auto_takes_the_stacked_step_when_no_step_is_taken(monkeypatch):
+    """With ``record_steps=[0]`` nothing is trained, yet ``engine="auto"`` built the fused kernel (compiling
+    it on first use) and reported ``settings["engine"] == "fused"``."""
+    monkeypatch.setattr(train_module, "fused_steps", lambda *args: pytest.fail("the fused kernel was built"))
+    net = ntkgp.mlp(2, "relu", width=16)
+    h = train_ensemble(net, X, Y, ensemble_size=2, learning_rate=0.1, record_steps=[0], dtype=torch.float64,
+                       device="cpu")
+    assert h.settings["engine"] == "stacked" and h.steps.tolist() == [0]
+    torch.testing.assert_close(h.test_outputs[0], net.build(in_features=1, ensemble_size=2, dtype=torch.float64)(X),
+                               rtol=0, atol=0)

@@ -46,6 +46,7 @@ from ntkgp.layers.base import Layer, _autocast_off
 from ntkgp.layers.combinators import ParallelModule
 from ntkgp.layers.dense import DenseModule
 from ntkgp.layers.validation import all_finite, check_points, positive_number, usable_device
+from ntkgp.predict.gaussian import device_memory
 from ntkgp.predict.spectral import real_numbers
 
 #: Bytes of parameters (with gradients and activations) an ensemble chunk may hold by default,
@@ -56,7 +57,8 @@ CHUNK_BYTES = 1 << 30
 SEED_STRIDE = 1_000_003
 
 #: ``engine="auto"`` takes the fused engine when the records are on average at least this many steps
-#: apart (``last step >= AUTO_FUSED_STEPS × number of records after step 0``, the kernel's calls).
+#: apart (``last step >= AUTO_FUSED_STEPS × number of records after step 0``, the kernel's calls, at
+#: least one).
 #: Measured at width 512, 16 members, a record every 1/2/4/8 steps: fused 3.6/2.6/1.7/1.3 s,
 #: stacked 2.6/2.3/1.8/1.5 s.
 AUTO_FUSED_STEPS = 4
@@ -234,6 +236,9 @@ def train_ensemble(
             each full chunk depends only on the network, ``seed`` and ``chunk_size``: ensembles
             grown by whole chunks share their first members, while a last, partial chunk also
             depends on its size.
+            A chunk that cannot fit in the device's memory (two copies of its weights), or records
+            that cannot fit in the machine's, are refused before any weight is drawn
+            (``torch.cuda.OutOfMemoryError``; :func:`check_memory`).
         progress: show a progress bar (tqdm).
         engine: ``"stacked"``: every member at once, one batched torch step (any architecture, any
             device). ``"fused"``: on the CPU, networks ``Dense → activation → … → Dense`` (erf or
@@ -291,7 +296,9 @@ def train_ensemble(
     if not record_steps or any(not 0 <= s <= 2**53 or not s.is_integer() for s in record_steps):
         raise ValueError(f"record_steps must be non-negative integers up to 2**53, got {record_steps!r}.")
     steps = sorted({int(s) for s in record_steps})
-    if engine == "auto" and steps[-1] < AUTO_FUSED_STEPS * sum(s > 0 for s in steps):   # steps per kernel call
+    # steps per kernel call; no step at all (record_steps=[0]) has nothing for the kernel to do: it was
+    # built (compiled on first use), not called, and settings["engine"] said "fused"
+    if engine == "auto" and steps[-1] < AUTO_FUSED_STEPS * max(1, sum(s > 0 for s in steps)):
         engine = "stacked"
     device = ensemble_device(device)
     if device.type == "meta":   # no values to train: it failed inside torch's .item() after building
@@ -309,6 +316,8 @@ def train_ensemble(
                              f"{float(given.detach().abs().max()):.3g}): rescale them, or train in float64.")
     seed = seed_value(seed)
     chunks = ensemble_chunks(net, x.shape[-1], x.shape[0] + xt.shape[0], ensemble_size, chunk_size, seed)
+    # before any weight is drawn
+    check_memory(net, x.shape[-1], chunks[0], dtype, device, len(steps) * ensemble_size * xt.shape[0] * y.shape[-1])
     # from one member, before any chunk is built: checked on the first chunk, these came after seconds and
     # a gigabyte (width 2000, 64 members in float64). Not on the meta device: a user activation that looks
     # at its values (.item(), a data-dependent branch) cannot run there
@@ -322,6 +331,7 @@ def train_ensemble(
     if readout_only and engine == "fused" and set(readout_parameters(member)) != {n for n, _ in
                                                                                   member.named_parameters()}:
         raise ValueError(f"engine='fused' does not apply: {TRAINS_EVERY_PARAMETER}. Use engine='stacked' or 'auto'.")
+    del member   # a whole member, held through the training of every chunk before (check_memory counts none)
 
     bar = None
     if progress:
@@ -389,6 +399,47 @@ def ensemble_chunks(net: Layer, in_features: int, n_points: int, ensemble_size: 
     seed_value(seed + SEED_STRIDE * (len(chunks) - 1),
                name=f"seed + {SEED_STRIDE:_} * {len(chunks) - 1} (the seed of the last of {len(chunks)} chunks)")
     return chunks
+
+
+def check_memory(net: Layer, in_features: int, chunk: int, dtype: torch.dtype, device: torch.device,
+                 recorded: int = 0) -> None:
+    """``torch.cuda.OutOfMemoryError`` (a ``RuntimeError``, as torch's allocators raise) before any weight is
+    drawn when training ``chunk`` members of ``net``, or keeping ``recorded`` recorded test outputs,
+    cannot fit in the memory of ``device`` (the machine's for the CPU, the card's for CUDA; unchecked
+    where unknown).
+
+    Lower bounds of what certainly is allocated, with ``P`` the parameters of one member, ``L`` its
+    largest weight matrix and ``b`` bytes a value of ``dtype``: the chunk's weights and the copy of
+    them that the weight changes are measured from, ``2 c P b``; drawing the largest layer, in
+    float64 on the CPU then cast, ``c L (8 + b)`` on the CPU (``8 c L`` there and ``2 c P b`` on a
+    CUDA device); and the records on the CPU, ``(steps × members × test points × outputs) b``, held
+    per chunk and then joined into one tensor, twice that. A width no machine holds
+    (``mlp(width=10**7)``) failed in torch's allocator ("can't allocate memory: you tried to allocate
+    800000000000000 bytes"), one that only just did not fit was drawn on credit until the operating
+    system killed the process, without a word, and records beyond the memory failed only once every
+    chunk had trained.
+    """
+    shapes = net.build(in_features=in_features, seed=0, dtype=torch.float64, device="meta")   # no memory
+    params = sum(p.numel() for p in shapes.parameters())
+    largest = max((p.numel() for p in shapes.parameters()), default=0)
+    b = torch.empty(0, dtype=dtype).element_size()
+    cpu, training, drawing = torch.device("cpu"), 2 * chunk * params * b, chunk * largest * 8
+    what = f"Training {chunk} member(s) of this network ({params:,} parameters each, in {dtype})"
+    advice = ("train fewer members at once (a smaller chunk_size)" if chunk > 1 else
+              "one member does not fit: a narrower width or fewer layers")
+    needs = [(2 * recorded * b, cpu, f"Keeping the {recorded:,} recorded test outputs (in {dtype})",
+              "record fewer steps, members or test points")]
+    if device.type == "cpu":
+        needs.append((max(training, drawing + chunk * largest * b), device, what, advice))
+    else:
+        needs += [(training, device, what, advice), (drawing, cpu, what, advice)]
+    for need, where, what, advice in needs:
+        memory = device_memory(where)
+        if memory is not None and need > memory:
+            # torch's out-of-memory error (torch.cuda's name, which torch >= 2.1 has): callers that catch an
+            # allocation failure (the comparison harness, a user's except RuntimeError) catch this too
+            raise torch.cuda.OutOfMemoryError(f"{what} needs at least {need / 2**30:.3g} GiB on {where}, more "
+                                              f"than its {memory / 2**30:.3g} GiB: {advice}.")
 
 
 def _default_chunk(net: Layer, d: int, n_points: int) -> int:

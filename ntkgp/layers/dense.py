@@ -249,6 +249,13 @@ def _affine(state: KernelState, nngp: Tensor, cov1: Tensor, cov2: Tensor, scale:
     return new_nngp, new_cov1, new_cov2
 
 
+def _scaled(draw: Tensor, factor: Tensor | float) -> Tensor:
+    """``draw · factor``, except for a shapes-only draw (the meta device), returned as it is: arithmetic
+    there runs torch's Python reference implementations, which import ``torch._dynamo`` (1-2 s, once a
+    process) and leave the module being built in reference cycles with their frames."""
+    return draw if draw.device.type == "meta" else draw * factor
+
+
 class DenseModule(nn.Module):
     """Finite twin of :class:`Dense`: ``(..., n, in) -> (..., n, out)``.
 
@@ -279,7 +286,7 @@ class DenseModule(nn.Module):
             draw = ctx.randn(1, out_features)
             draw = draw if ctx.ensemble_size is not None else draw.reshape(out_features)
             ntk = parameterization == "ntk"
-            self.bias = nn.Parameter(draw if ntk else draw * math.sqrt(bias_var))
+            self.bias = nn.Parameter(draw if ntk else _scaled(draw, math.sqrt(bias_var)))
             # built in the draw's dtype: a float32 detour would round σ_b by ~1e-8
             self.register_buffer("bias_scale", torch.tensor(math.sqrt(bias_var) if ntk else 1.0, dtype=draw.dtype,
                                                             device=draw.device))
@@ -303,17 +310,20 @@ class DenseModule(nn.Module):
         """``σ_w²/n``, the variance of a standard-parameterized weight (and the square of the NTK
         parameterization's input scale): a scalar, or one per input feature with ARD, in
         ``like``'s dtype and device."""
-        return self.weight_var.to(like) / cast(int, self.in_features)   # None only before a deferred layer's draw
+        # in like's dtype, on the variances' device, then moved: not on the meta device (see _scaled)
+        scale = self.weight_var.to(dtype=like.dtype) / cast(int, self.in_features)   # None only before a deferred draw
+        return scale.to(like.device)
 
     def _init_weight(self, ctx: BuildContext) -> None:
         assert self.in_features is not None   # given to the build, or set by _materialize first
         draw = ctx.randn(self.in_features, self.out_features)
-        std = self.fan_in_variance(draw).sqrt()
+        # the root on the variances' device, then moved (see fan_in_variance)
+        std = self.fan_in_variance(self.weight_var.new_empty(0, dtype=draw.dtype)).sqrt().to(draw.device)
         if self.parameterization == "ntk":
             self.weight = nn.Parameter(draw)
             self.input_scale = std
         else:
-            self.weight = nn.Parameter(draw * (std.unsqueeze(-1) if std.dim() else std))
+            self.weight = nn.Parameter(_scaled(draw, std.unsqueeze(-1) if std.dim() else std))
 
     def _materialize(self, in_features: int) -> None:
         """Draw a deferred first layer's weights for ``in_features`` inputs, from a stream of its own."""
