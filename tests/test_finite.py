@@ -1028,3 +1028,30 @@ def test_empirical_kernels_refuse_kernels_that_overflow_as_net_kernel_does():
     with pytest.raises(NonFiniteKernelError, match=r"in torch\.float64: .*Scale the inputs down; a network") as info:
         empirical_nngp(net.build(in_features=3, seed=0, dtype=torch.float64), x.double() * 1e160)
     assert "use float64" not in str(info.value)
+
+
+def test_a_shapes_only_build_does_no_arithmetic_on_the_meta_device():
+    """train_ensemble and the comparison harness build networks on the meta device for their shapes.
+    Arithmetic there (σ_w²/n, its root, a standard-parameterized draw times σ) ran torch's Python
+    reference implementations, which imported torch._dynamo (0.5-1.6 s, once a process) and left the
+    modules in reference cycles with their frames. In a fresh interpreter: neither, and the shapes are
+    those of the real build."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc, sys, torch, ntkgp\n"
+        "from ntkgp.layers.dense import DenseModule\n"
+        "nets = [ntkgp.mlp(2, 'relu', 2.0, 0.1, width=16, parameterization=p) for p in ('ntk', 'standard')]\n"
+        "nets.append(ntkgp.serial(ntkgp.Dense(8, ard_num_dims=3, parameterization='standard'), ntkgp.LayerNorm(),\n"
+        "                         ntkgp.GELU(), ntkgp.Dense(2)))\n"
+        "gc.collect(); gc.disable()\n"
+        "for net in nets:\n"
+        "    meta = net.build(in_features=3, seed=0, dtype=torch.float64, device='meta')\n"
+        "    real = net.build(in_features=3, seed=0, dtype=torch.float64)\n"
+        "    assert [p.shape for p in meta.parameters()] == [p.shape for p in real.parameters()]\n"
+        "    del meta, real\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "assert not any(type(o) is DenseModule for o in gc.get_objects())\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
