@@ -248,3 +248,39 @@ def test_carried_pairs_whose_variances_outgrow_the_products_keep_finite_gradient
     loss.backward()
     for grad in [x.grad, *(p.grad for p in net.parameters())]:
         assert grad is not None and bool(torch.isfinite(grad).all())
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float64, 1e-7), (torch.float32, 1e-4)])
+def test_pairs_of_a_zero_input_are_carried(dtype, scale):
+    """A zero input beside a small one and a bias: the pair is near (``ρ → 1``) and its Gram formulas are
+    exact (``x·x' = 0``: ``det = w b |x'|²``). Such pairs were left out of the carry with the zero vector's
+    undefined direction, and their NTK was 2.4e5 (float64, 1e-7) / 445 (float32, 1e-4) units off."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.zeros(3, 3, dtype=torch.float64)
+    x[1] = scale * torch.randn(3, generator=g, dtype=torch.float64)
+    x[2] = -2 * x[1] + scale * 1e-3 * torch.randn(3, generator=g, dtype=torch.float64)
+    x = x.to(dtype)
+    net = serial(Dense(8, WEIGHT_VAR, BIAS_VAR), ReLU(), Dense(8, WEIGHT_VAR, BIAS_VAR), ReLU(),
+                 Dense(8, WEIGHT_VAR, BIAS_VAR)).to(dtype)
+    kernels = net.kernel(x)
+    worst = 0.0
+    for i, j in ((0, 1), (1, 0), (0, 2)):
+        nngp, ntk = _reference(x[i], x[j], 0.0, 1.0, 2, BIAS_VAR)
+        worst = max(worst, _ulps(kernels.nngp[i, j], nngp, dtype), _ulps(kernels.ntk[i, j], ntk, dtype))
+    assert worst < ULPS, worst
+
+
+def test_input_gradients_at_a_zero_input():
+    """Derivatives through a carried pair of a zero input agree with finite differences (float64): the
+    zero input's own (``x·x'`` and ``|x|²`` have no kink there) and its partner's."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    x[1] = 1e-2 * torch.randn(3, generator=g, dtype=torch.float64)
+    net = serial(Dense(8, 2.0, 0.1), ReLU(), Dense(8, 2.0, 0.1), Abs(), Dense(1)).double()
+    y = torch.randn(2, 3, generator=g, dtype=torch.float64) * 1e-2
+
+    def kernels(a):
+        out = net.kernel(a, y)
+        return out.nngp, out.ntk
+
+    assert torch.autograd.gradcheck(kernels, (x.clone().requires_grad_(True),))

@@ -154,8 +154,10 @@ def first_layer_carry(x1: Tensor, x2: Tensor, sq1: Tensor, sq2: Tensor, nngp: Te
     the bias dominates) ``|x|²|x'|² − (x·x')²`` and ``|x|² + |x'|² − 2x·x'`` from the Gram entries lose at
     most a factor 8 to cancellation; only the others gather their inputs (``O(d)`` a pair).
 
-    Pairs of a zero input (``x̂`` undefined), of bitwise equal inputs (the diagonal and duplicates,
-    exact already: ``det = 0``) and of variances whose products leave the normal range are not carried.
+    A pair of a zero input and a nonzero one (``x̂`` undefined) takes the Gram formulas, exact for it
+    (``x·x' = 0``: ``det = w b |x'|²``, ``g = w |x'|²``). Pairs of bitwise equal inputs (the diagonal and
+    duplicates, exact already: ``det = 0``) and of variances whose products leave the normal range are
+    not carried.
     ``self_pairs``: as :func:`_near`'s.
     """
     k11, k22 = (cov1, cov2) if diag else (cov1.unsqueeze(-1), cov2.unsqueeze(-2))
@@ -165,8 +167,10 @@ def first_layer_carry(x1: Tensor, x2: Tensor, sq1: Tensor, sq2: Tensor, nngp: Te
             return None
         index = torch.nonzero(near, as_tuple=True)
         first, second = index[0], index[-1]
+        # a zero input beside a nonzero one takes the Gram formulas, exact there (x·x' = 0: det = w b |x'|²);
+        # two zero inputs are equal (exact already)
         keep = (representable(cov1[first], cov2[second])
-                & (sq1.detach()[first] > 0) & (sq2.detach()[second] > 0))
+                & ((sq1.detach()[first] > 0) | (sq2.detach()[second] > 0)))
         if not bool(keep.all()):
             index = tuple(i[keep] for i in index)
             first, second = index[0], index[-1]
@@ -178,7 +182,8 @@ def first_layer_carry(x1: Tensor, x2: Tensor, sq1: Tensor, sq2: Tensor, nngp: Te
     if bias_var is not None:
         det = det + bias_var * g
     with torch.no_grad():
-        parallel = torch.nonzero(uv * uv > 0.75 * (n1 * n2)).flatten()
+        # a zero |x|² (a zero input, or one whose square underflows) never: x̂ would be 0/0
+        parallel = torch.nonzero((uv * uv > 0.75 * (n1 * n2)) & (n1 > 0) & (n2 > 0)).flatten()
     if parallel.numel():
         exact = _parallel_pairs(x1, x2, sq1, sq2, first[parallel], second[parallel], scale, bias_var)
         if exact is None:   # all bitwise equal inputs (duplicates): exact already, and their derivatives too
