@@ -434,7 +434,7 @@ class KernelState(Generic[_NTK]):
             it unless it is passed, so no layer sees values of an earlier kernel.
         pair_carry: whether a first ``Dense`` layer looks for such pairs: ``False`` for networks
             without a layer that uses them (``Layer.carries_pairs``), which the screen over every pair
-            slowed by 7 % (depth 3, 2000 points).
+            slowed by 8 % (depth 3, 2000 points).
     """
 
     # nngp, cov1 and cov2 are None only in the state before the first layer (from_inputs), which
