@@ -127,7 +127,8 @@ def _near(k11: Tensor, k12: Tensor, k22: Tensor, self_pairs: int | None) -> Tens
     """``1 − |ρ| < NEAR``, as ``k12² − (1 − NEAR)² k11 k22 > 0``, a block of rows at a time in one small
     buffer: the screen runs on every first layer, and two fresh matrices of the kernel's size cost it as
     much again as its arithmetic (N = 1000, one thread). ``self_pairs``: in a symmetric matrix, the column
-    of row 0's own entry (the diagonal, screened out: otherwise every symmetric kernel would gather them)."""
+    of row 0's own entry; only the pairs above the diagonal are screened in (the diagonal would make every
+    symmetric kernel gather them, and the entries below it are not kept)."""
     near = torch.empty(k12.shape, dtype=torch.bool, device=k12.device)
     if k12.dim() == 1 or k12.numel() <= _SCREEN_ENTRIES:
         blocks = [(slice(None), k11, k12)]
@@ -140,7 +141,10 @@ def _near(k11: Tensor, k12: Tensor, k22: Tensor, self_pairs: int | None) -> Tens
         buffer = gap if buffer is None else buffer
         torch.gt(gap.addcmul_(k11_rows, k22, value=-((1 - NEAR) ** 2)), 0, out=near[rows_at])
     if self_pairs is not None:
-        near.diagonal(self_pairs, -2, -1).fill_(False)
+        # the upper triangle alone, above the diagonal: a symmetric kernel keeps only those entries (the
+        # whole matrix mirrors them, row blocks place them), and carrying both halves doubled the work
+        # where every pair is near (the NTK of 1000 points 100 + randn with autograd: 6 s, 2.1 s without)
+        near.triu_(self_pairs + 1)
     return near
 
 
