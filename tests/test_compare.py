@@ -1679,15 +1679,16 @@ def test_a_comparison_that_cannot_fit_in_memory_is_refused_before_any_work(monke
     assert main(argv) == 1
     assert "a smaller --ensemble-size, fewer --steps or fewer test points" in capsys.readouterr().err
     # width 40000 (d = 1): P = 1,600,160,001 parameters; building one member draws its 40000² matrix in float64
-    # (12.8 GB) beside its float32 copy and the member built first: 4 P + 12 x 40000² bytes, 23.8 GiB
+    # (12.8 GB) beside its float32 copy: 12 x 40000² bytes, 17.9 GiB (training_needs; more than its weights and
+    # their initial copy, 8 P)
     monkeypatch.setattr(harness, "device_memory", lambda device: 16 * 2**30)
     config = CompareConfig(widths=(16, 40000), ensemble_size=2, record_steps=(0, 1), divergence_check=False,
                            device="cpu")
     with pytest.raises(MemoryError, match=r"training 1 member\(s\) of width 40000 \(1,600,160,001 parameters each\) "
-                                          r"needs at least 23.8 GiB, more than this machine's memory \(16 GiB\): one "
+                                          r"needs at least 17.9 GiB, more than this machine's memory \(16 GiB\): one "
                                           "member of this width does not fit"):
         run_comparison(sin_dataset(), config)
-    need = 4 * 1_600_160_001 + 12 * 40000**2
+    need = 12 * 40000**2
     monkeypatch.setattr(harness, "device_memory", lambda device: need)   # exactly enough: not refused
     harness._check_memory(sin_dataset(), config, 1, torch.float32)
     monkeypatch.setattr(harness, "device_memory", lambda device: need - 1)

@@ -49,7 +49,14 @@ from ntkgp._checks import integer_at_least, seed_value
 from ntkgp.compare.calibration import MEAN_SLACK, perfect_ensemble_scores, pointwise_scores, simulated_share
 from ntkgp.compare.datasets import Dataset, load_dataset, plot_coordinate, plot_label
 from ntkgp.finite.rates import ntk_parameterized
-from ntkgp.finite.train import EnsembleHistory, ensemble_chunks, ensemble_device, train_ensemble
+from ntkgp.finite.train import (
+    EnsembleHistory,
+    ensemble_chunks,
+    ensemble_device,
+    member_size,
+    train_ensemble,
+    training_needs,
+)
 from ntkgp.layers.base import Layer
 from ntkgp.layers.mlp import mlp
 from ntkgp.layers.state import KernelState
@@ -608,10 +615,9 @@ def _check_memory(data: Dataset, config: CompareConfig, chunk: int, dtype: torch
     parameters of one member and ``L`` its largest weight matrix, ``E`` members, ``T`` recorded
     steps and ``M`` test points:
 
-    * training a chunk of ``c`` members: its weights, their initial copy (the weight changes) and
-      the member built first to check the outputs, ``(2c + 1) P b`` on the device;
-    * building it: each weight drawn in float64 on the CPU, then cast, ``c L (8 + b)`` (on a CUDA
-      device the ``8 c L`` of the draw in the host's memory);
+    * training a chunk of ``c`` members and building it, as :func:`ntkgp.finite.train.training_needs`
+      bounds them (``train_ensemble`` checks the same for each width; here the widest is checked before
+      the narrower ones train);
     * the records, on the CPU: the test outputs ``R = T E M b``, joined from the chunks' into a
       copy, and the metrics' float64 copy of them centred on their mean (with one more float64
       copy from float32): ``max(2R, R + 8 T E M (2 if b < 8 else 1))``.
@@ -626,24 +632,18 @@ def _check_memory(data: Dataset, config: CompareConfig, chunk: int, dtype: torch
     """
     device = ensemble_device(config.device)
     width, b = config.widths[-1], torch.empty(0, dtype=dtype).element_size()
-    probe = config.network(width).build(in_features=data.x_train.shape[-1], dtype=torch.float64, device="meta")
-    params = sum(p.numel() for p in probe.parameters())
-    largest = max((p.numel() for p in probe.parameters()), default=0)
+    params, largest, _ = member_size(config.network(width), data.x_train.shape[-1])
     steps, members, points = len(config.record_steps), config.ensemble_size, data.x_test.shape[0]
     records = steps * members * points * b
     host = max(2 * records, records + 8 * steps * members * points * (2 if b < 8 else 1))
-    training = (2 * chunk + 1) * params * b
-    build = chunk * largest * (8 + b)
     needs = [(host, torch.device("cpu"), f"the records of {steps} steps x {members} members x {points} test points",
               "a smaller ensemble_size, fewer record_steps or fewer test points")]
     smaller = ("a smaller chunk_size trains fewer members at once" if chunk > 1
                else "one member of this width does not fit: a narrower width or fewer layers")
     what = f"{chunk} member(s) of width {width} ({params:,} parameters each)"
-    if device.type == "cpu":
-        needs.append((max(training, params * b + build), device, f"training {what}", smaller))
-    else:
-        needs += [(training, device, f"training {what}", smaller),
-                  (8 * chunk * largest, torch.device("cpu"), f"drawing the weights of {what}", smaller)]
+    for need, where in training_needs(params, largest, chunk, dtype, device):
+        stage = "training" if where == device else "drawing the weights of"
+        needs.append((need, where, f"{stage} {what}", smaller))
     for need, where, what, advice in needs:
         memory = device_memory(where)
         if memory is not None and need > memory:

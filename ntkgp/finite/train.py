@@ -401,38 +401,48 @@ def ensemble_chunks(net: Layer, in_features: int, n_points: int, ensemble_size: 
     return chunks
 
 
+def member_size(net: Layer, in_features: int) -> tuple[int, int, list[int]]:
+    """``(P, L, widths)`` of one member of ``net`` for ``in_features`` inputs: its parameters, the entries of
+    its largest weight and the widths of its ``Dense`` layers, from a shapes-only build (the meta device:
+    no memory, whatever the width; float64, whose range refuses no variance a float64 ensemble takes)."""
+    shapes = net.build(in_features=in_features, seed=0, dtype=torch.float64, device="meta")
+    sizes = [p.numel() for p in shapes.parameters()]
+    return sum(sizes), max(sizes, default=0), [m.out_features for m in shapes.modules() if isinstance(m, DenseModule)]
+
+
+def training_needs(params: int, largest: int, chunk: int, dtype: torch.dtype, device: torch.device
+                   ) -> list[tuple[int, torch.device]]:
+    """Lower bounds, in bytes and where, of what training ``chunk`` members of ``params`` parameters
+    (``largest`` in the largest weight) in ``dtype`` on ``device`` certainly allocates, ``b`` bytes a
+    value: the chunk's weights and the copy of them that the weight changes are measured from,
+    ``2 c P b``; drawing the largest layer, in float64 on the CPU then cast, ``c L (8 + b)`` on the CPU
+    (on a CUDA device ``2 c P b`` there and the ``8 c L`` of the draw on the CPU)."""
+    b = torch.empty(0, dtype=dtype).element_size()
+    training, drawing, cpu = 2 * chunk * params * b, chunk * largest * 8, torch.device("cpu")
+    if device.type == "cpu":
+        return [(max(training, drawing + chunk * largest * b), device)]
+    return [(training, device), (drawing, cpu)]
+
+
 def check_memory(net: Layer, in_features: int, chunk: int, dtype: torch.dtype, device: torch.device,
                  recorded: int = 0) -> None:
     """``torch.cuda.OutOfMemoryError`` (a ``RuntimeError``, as torch's allocators raise) before any weight is
-    drawn when training ``chunk`` members of ``net``, or keeping ``recorded`` recorded test outputs,
-    cannot fit in the memory of ``device`` (the machine's for the CPU, the card's for CUDA; unchecked
-    where unknown).
-
-    Lower bounds of what certainly is allocated, with ``P`` the parameters of one member, ``L`` its
-    largest weight matrix and ``b`` bytes a value of ``dtype``: the chunk's weights and the copy of
-    them that the weight changes are measured from, ``2 c P b``; drawing the largest layer, in
-    float64 on the CPU then cast, ``c L (8 + b)`` on the CPU (``8 c L`` there and ``2 c P b`` on a
-    CUDA device); and the records on the CPU, ``(steps × members × test points × outputs) b``, held
-    per chunk and then joined into one tensor, twice that. A width no machine holds
-    (``mlp(width=10**7)``) failed in torch's allocator ("can't allocate memory: you tried to allocate
-    800000000000000 bytes"), one that only just did not fit was drawn on credit until the operating
-    system killed the process, without a word, and records beyond the memory failed only once every
-    chunk had trained.
+    drawn when training ``chunk`` members of ``net`` (:func:`training_needs`), or keeping ``recorded``
+    recorded test outputs (on the CPU, held per chunk and then joined into one tensor: ``2 × recorded``
+    values), cannot fit in the memory of ``device`` (the machine's for the CPU, the card's for CUDA;
+    unchecked where unknown). A width no machine holds (``mlp(width=10**7)``) failed in torch's
+    allocator ("can't allocate memory: you tried to allocate 800000000000000 bytes"), one that only
+    just did not fit was drawn on credit until the operating system killed the process, without a
+    word, and records beyond the memory failed only once every chunk had trained.
     """
-    shapes = net.build(in_features=in_features, seed=0, dtype=torch.float64, device="meta")   # no memory
-    params = sum(p.numel() for p in shapes.parameters())
-    largest = max((p.numel() for p in shapes.parameters()), default=0)
+    params, largest, _ = member_size(net, in_features)
     b = torch.empty(0, dtype=dtype).element_size()
-    cpu, training, drawing = torch.device("cpu"), 2 * chunk * params * b, chunk * largest * 8
     what = f"Training {chunk} member(s) of this network ({params:,} parameters each, in {dtype})"
     advice = ("train fewer members at once (a smaller chunk_size)" if chunk > 1 else
               "one member does not fit: a narrower width or fewer layers")
-    needs = [(2 * recorded * b, cpu, f"Keeping the {recorded:,} recorded test outputs (in {dtype})",
+    needs = [(2 * recorded * b, torch.device("cpu"), f"Keeping the {recorded:,} recorded test outputs (in {dtype})",
               "record fewer steps, members or test points")]
-    if device.type == "cpu":
-        needs.append((max(training, drawing + chunk * largest * b), device, what, advice))
-    else:
-        needs += [(training, device, what, advice), (drawing, cpu, what, advice)]
+    needs += [(need, where, what, advice) for need, where in training_needs(params, largest, chunk, dtype, device)]
     for need, where, what, advice in needs:
         memory = device_memory(where)
         if memory is not None and need > memory:
@@ -443,11 +453,7 @@ def check_memory(net: Layer, in_features: int, chunk: int, dtype: torch.dtype, d
 
 
 def _default_chunk(net: Layer, d: int, n_points: int) -> int:
-    # shapes only: no memory, whatever the width; float64, whose range refuses no variance that a
-    # float64 ensemble takes (the float32 default did, before the ensemble's own build)
-    probe = net.build(in_features=d, seed=0, dtype=torch.float64, device="meta")
-    params = sum(p.numel() for p in probe.parameters())
-    widths = [m.out_features for m in probe.modules() if isinstance(m, DenseModule)]
+    params, _, widths = member_size(net, d)
     per_member = (4 * params + 4 * n_points * sum(widths)) * 4
     return max(1, CHUNK_BYTES // max(per_member, 1))
 
