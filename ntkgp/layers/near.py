@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ntkgp.layers.numerics import _is_compiling, horner, needs_graph, safe_sqrt, transforms_active
+from ntkgp.layers.numerics import _is_compiling, horner, needs_graph, product_range, safe_sqrt, transforms_active
 
 #: ``1 − |ρ|`` below which a pair's angle is carried (:func:`first_layer_carry`) and the carried values
 #: are used (:func:`abrelu_carried`). The kernels' own angle is ``ε/θ`` off, ``θ ≈ sqrt(2(1 − |ρ|))``:
@@ -102,10 +102,9 @@ class PairCarry:
 
 
 def representable(*variances: Tensor) -> Tensor:
-    """Where every one of ``variances`` lies in ``[16 sqrt(tiny), sqrt(max)/16]``, so that products of two
-    of them and ``det ≤ k11 k22`` are normal numbers."""
-    info = torch.finfo(variances[0].dtype)
-    low, high = 16 * info.tiny ** 0.5, info.max ** 0.5 / 16
+    """Where every one of ``variances`` lies in :func:`~ntkgp.layers.numerics.product_range`, so that
+    products of two of them and ``det ≤ k11 k22`` are normal numbers."""
+    low, high = product_range(variances[0].dtype)
     keep = torch.ones_like(variances[0], dtype=torch.bool)
     for v in variances:
         keep &= (v.detach() >= low) & (v.detach() <= high)

@@ -122,6 +122,13 @@ def transforms_active() -> bool:
     return forward_ad._current_level >= 0 or _maybe_functorch_level() is not None
 
 
+def product_range(dtype: torch.dtype) -> tuple[float, float]:
+    """``[16 sqrt(tiny), sqrt(max)/16]`` of ``dtype``: variances in it have products of two (and small
+    multiples of those) that are normal numbers, neither ``inf`` nor subnormal."""
+    info = torch.finfo(dtype)
+    return 16 * info.tiny ** 0.5, info.max ** 0.5 / 16
+
+
 def overflow_scale(k11: Tensor, k22: Tensor) -> float | Tensor | None:
     """A power of 4, ``c``, such that products of the variances scaled by ``c`` cannot overflow;
     ``None`` when none is needed (the usual case: variances below ``sqrt(max)/16``, 1.15e18 in
@@ -132,7 +139,7 @@ def overflow_scale(k11: Tensor, k22: Tensor) -> float | Tensor | None:
     the variances; the erf, GELU and Gaussian forms add ``O(1)`` terms to them and take a scale per
     pair (:func:`scaled_for_products`), and :func:`gaussian_angle` scales each point by its own
     power of 4."""
-    limit = torch.finfo(k11.dtype).max ** 0.5 / 16
+    limit = product_range(k11.dtype)[1]
     big: Tensor | float
     if _is_compiling() or transforms_active():
         big = torch.maximum(k11.detach().amax(), k22.detach().amax()).clamp(min=limit)
@@ -160,7 +167,7 @@ def scaled_for_products(k11: Tensor, k12: Tensor, k22: Tensor
     ``c²`` may underflow harmlessly."""
     if overflow_scale(k11, k22) is None:
         return None, k11, k12, k22
-    limit = torch.finfo(k11.dtype).max ** 0.5 / 16
+    limit = product_range(k11.dtype)[1]
     # as overflow_scale's, per pair: exactly 1 at and below the limit; a logarithm rounded the wrong way
     # leaves c·k up to 4·limit, still in range. Not frexp, which inductor fails to compile in float64
     big = torch.maximum(k11, k22).detach().clamp(min=limit)
@@ -315,8 +322,7 @@ def power_of_2(e: Tensor, dtype: torch.dtype) -> Tensor:
 def _variance_range(k11: Tensor, k22: Tensor) -> tuple[bool, bool]:
     """Whether every product of two positive variances is a normal number (and not ``inf``), and
     whether some variance is 0."""
-    info = torch.finfo(k11.dtype)
-    low, high = 16 * info.tiny ** 0.5, info.max ** 0.5 / 16
+    low, high = product_range(k11.dtype)
     ks = [k.detach().reshape(-1) for k in (k11, k22) if k.numel()]
     if not ks:
         return True, False
