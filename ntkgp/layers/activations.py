@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ntkgp._checks import neural_tangents_keywords
 from ntkgp.layers.base import BuildContext, Layer
-from ntkgp.layers.near import PairCarry, abrelu_carried, patched
+from ntkgp.layers.near import PairCarry, abrelu_carried, abrelu_dot, patched
 from ntkgp.layers.numerics import (
     _is_compiling,
     gaussian_angle,
@@ -283,7 +283,6 @@ class ABReLU(Activation):
         # this rounds to (a² + b²)/2 within an ulp (exactly for ReLU and Abs); the diagonal takes
         # dot_variance's closed form instead (choosing the form by the sign of k12 here kept every bit
         # too, but made a 3-layer ReLU kernel 10-20 % slower)
-        factor = (self.a - self.b) ** 2 / (2 * math.pi)
         if self.a * self.b < 0:
             # slopes of opposite signs: ab + (a − b)²(π − θ)/(2π) is a difference, whose rounding of ab
             # (ε|ab|) is the whole of Ṫ where it is small: Abs's Ṫ = (2/π) arcsin ρ was 1.5e-7 off at
@@ -295,16 +294,11 @@ class ABReLU(Activation):
                 # π − θ too, from the same scaled s and k12 (gaussian_angles: atan2 of the unscaled ones
                 # gave NaN gradients beside variances of 1e20 in float32)
                 s, complement, supplement = gaussian_angles(k11, k12, k22)
-                dot = complement / (math.pi / 2) * ((self.a - self.b) ** 2 / 4)
-                dot = torch.where(k12 < 0, torch.add(supplement * factor, self.a * self.b),
-                                  dot + (self.a + self.b) ** 2 / 4)
-            else:
-                s, complement = gaussian_angle(k11, k12, k22, complement=True)
-                dot = complement / (math.pi / 2) * ((self.a - self.b) ** 2 / 4)
-        else:
-            s, supplement = gaussian_angle(k11, k12, k22, supplement=True)
-            dot = torch.add(supplement * factor, self.a * self.b) if self.a * self.b else supplement * factor
-        return s, dot
+                return s, abrelu_dot(self.a, self.b, k12, complement, supplement)
+            s, complement = gaussian_angle(k11, k12, k22, complement=True)
+            return s, abrelu_dot(self.a, self.b, k12, complement, None)
+        s, supplement = gaussian_angle(k11, k12, k22, supplement=True)
+        return s, abrelu_dot(self.a, self.b, k12, None, supplement)
 
     def centred_pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor) -> Tensor:
         """``T − μ1μ2 = k12 (Ṫ − (a − b)²/(2π) · k12/(p + s))``, ``p = sqrt(k11 k22)``: from ``T`` and

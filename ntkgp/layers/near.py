@@ -284,6 +284,23 @@ def _s_both(s: Tensor, k12: Tensor, p: Tensor, theta: Tensor, supplement: Tensor
     return torch.where(parallel, s_small, s_large), torch.where(parallel, s_large, s_small)
 
 
+def abrelu_dot(a: float, b: float, k12: Tensor, complement: Tensor | None, supplement: Tensor | None) -> Tensor:
+    """``Ṫ`` of ``ABReLU(a, b)`` from the complement ``π/2 − θ`` and the supplement ``π − θ`` of the angle
+    (the complement is needed where ``ab < 0``, the supplement unless ``a + b = 0``): ``ab + (a − b)² (π − θ)/(2π)``,
+    or for slopes of opposite signs ``(a + b)²/4 + (a − b)²/4 · (π/2 − θ)/(π/2)`` where ``k12 ≥ 0`` (a sum
+    there; :meth:`ABReLU._dot_kernel <ntkgp.layers.activations.ABReLU._dot_kernel>` says why)."""
+    factor = (a - b) ** 2 / (2 * math.pi)
+    if a * b < 0:
+        assert complement is not None
+        dot = complement / (math.pi / 2) * ((a - b) ** 2 / 4)
+        if not a + b:
+            return dot
+        assert supplement is not None
+        return torch.where(k12 < 0, torch.add(supplement * factor, a * b), dot + (a + b) ** 2 / 4)
+    assert supplement is not None
+    return torch.add(supplement * factor, a * b) if a * b else supplement * factor
+
+
 def abrelu_carried(a: float, b: float, carry: PairCarry, k11: Tensor, k12: Tensor, k22: Tensor
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, PairCarry]:
     """At the carried pairs (``k11, k12, k22`` gathered there): whether each is near now, ``s``, ``Ṫ``
@@ -295,13 +312,7 @@ def abrelu_carried(a: float, b: float, carry: PairCarry, k11: Tensor, k12: Tenso
     near = torch.abs(k12) > (1 - NEAR) * p
     theta, supplement = torch.atan2(s, k12), torch.atan2(s, -k12)
     factor = (a - b) ** 2 / (2 * math.pi)
-    if a * b < 0:
-        complement = torch.atan2(k12, s)
-        dot = complement / (math.pi / 2) * ((a - b) ** 2 / 4) + (a + b) ** 2 / 4
-        if a + b:
-            dot = torch.where(k12 < 0, supplement * factor + a * b, dot)
-    else:
-        dot = supplement * factor + a * b
+    dot = abrelu_dot(a, b, k12, torch.atan2(k12, s) if a * b < 0 else None, supplement)
     s_theta, j = _s_both(s, k12, p, theta, supplement)   # J(θ) = S(π − θ) ≥ 0
     nngp = a * b * k12 + factor * p * j
     # p ∓ k12 from det where they cancel: p − k12 = det/(p + k12) for k12 ≥ 0, p + k12 = det/(p − k12) else
