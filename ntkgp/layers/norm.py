@@ -62,17 +62,17 @@ class LayerNorm(Layer):
             cov1 = cov1.clamp_min(0)
             cov2 = cov1 if state.cov2 is state.cov1 else cov2.clamp_min(0)
         if state.diag and state.symmetric:
-            norm = self.eps + cov1
-            cov = cov1 / norm
-            ntk = None if state.ntk is None else state.ntk / norm
+            norm = self._self_scale(cov1)
+            cov = cov1 * norm
+            ntk = None if state.ntk is None else state.ntk * norm
             out = state.replace(nngp=cov, ntk=ntk, cov1=cov, cov2=cov)
         else:
             k11, k22 = (cov1, cov2) if state.diag else (cov1.unsqueeze(-1), cov2.unsqueeze(-2))
             # two square roots, not one of the product: (eps + k11)(eps + k22) overflows for variances
             # near sqrt(max) (float32 inputs ~1e10), and rsqrt(inf) = 0 erased the kernel
             scale = torch.rsqrt(self.eps + k11) * torch.rsqrt(self.eps + k22)
-            out1 = cov1 / (self.eps + cov1)
-            out2 = out1 if cov2 is cov1 else cov2 / (self.eps + cov2)
+            out1 = cov1 * self._self_scale(cov1)
+            out2 = out1 if cov2 is cov1 else cov2 * self._self_scale(cov2)
             ntk = None if state.ntk is None else state.ntk * scale
             out = state.replace(nngp=nngp * scale, ntk=ntk, cov1=out1, cov2=out2)
         if centred is None:
@@ -88,6 +88,16 @@ class LayerNorm(Layer):
 
         # the output is centred exactly (a second LayerNorm normalizes it as it is)
         return out.replace(mean=mean, centred=lambda: (out.nngp, out.cov1, out.cov2))
+
+    def _self_scale(self, c: Tensor) -> Tensor:
+        """``1/(eps + c)`` as the pairs' ``rsqrt(eps + k11) · rsqrt(eps + k22)`` at ``k11 = k22 = c``, bit for
+        bit: a pair of exactly parallel or opposite inputs (``x2 = −x1``) then keeps ``|K12| = K11``
+        exactly. As ``c/(eps + c)`` the variance was rounded otherwise than the pair, and where the
+        layers after expand correlations near ``ρ = ±1`` (a deep stack with ``LayerNorm`` in the chaotic
+        phase) that ulp grew each layer: Gabor at depth 30 gave ``K12 = −0.08 K11`` for ``−K11``, an
+        indefinite kernel."""
+        root = torch.rsqrt(self.eps + c)
+        return root * root
 
     def finite(self, in_width: int | None, ctx: BuildContext) -> tuple[nn.Module, int | None]:
         # one feature minus its own mean is 0 for every input: a constant network (the kernel, a limit

@@ -16,7 +16,7 @@ from torch import Tensor
 from ntkgp._checks import integer_at_least
 from ntkgp.layers.activations import Activation, _abrelu
 from ntkgp.layers.numerics import _is_compiling, gaussian_angle, horner, safe_sqrt, transforms_active
-from ntkgp.layers.validation import finite_constants, refuse_overflow
+from ntkgp.layers.validation import all_finite, finite_constants, has_non_finite, refuse_overflow
 
 
 def _hermite_coefficients(i: int) -> dict[int, int]:
@@ -362,6 +362,23 @@ def _split_centred_series(n: int, reach: float) -> tuple[list[float], list[float
     return c[:min(n, cut)], c[n:cut:2]
 
 
+def _log_size(terms: tuple[list, list], factor: int) -> float:
+    """``log(factor · (π Σ|v_A| + Σ|v_B|))`` over :func:`_arc_cosine_terms`' terms, summed in logarithms
+    (the sum overflows a float from degree ~140, where each coefficient does not)."""
+    logs = [math.log(math.pi * abs(v)) for v, _, _ in terms[0]] + [math.log(abs(v)) for v, _, _ in terms[1]]
+    top = max(logs)
+    return math.log(factor) + top + math.log(math.fsum(math.exp(x - top) for x in logs))
+
+
+def _unscaled(value: Tensor, c: Tensor | None, degree: int) -> Tensor:
+    """``value / c^degree`` for a kernel homogeneous of ``degree`` evaluated at ``c·k``: one division by the
+    power of 4 ``c`` at a time (exact), as ``c^degree`` itself may overflow where the result does not."""
+    if c is not None:
+        for _ in range(degree):
+            value = value / c
+    return value
+
+
 def _rectified_monomial(x: Tensor, degree: int) -> Tensor:
     if degree == 0:
         return (torch.sign(x) + 1) / 2   # H(0) = 1/2, as the kernel's θ = π/2 at zero variance
@@ -396,6 +413,9 @@ class RectifiedMonomial(Activation):
             with np.errstate(over="raise", invalid="raise"):   # numpy's inf coefficients: FloatingPointError
                 self._terms = _arc_cosine_terms(n)
                 self._dot_terms = _arc_cosine_terms(n - 1) if n >= 1 else None
+            # log S of T and of Ṫ (n² times its terms), with their degrees (for _reach)
+            self._log_sizes = [(_log_size(terms, factor), degree) for terms, degree, factor in
+                               ((self._terms, n, 1), (self._dot_terms, n - 1, n * n)) if terms is not None and degree]
             # for k12 ≤ 0, from degree 2 (J_0 = π − θ has no cancellation, and J_1's, ε/δ², is ReLU's own
             # conditioning: the arc-cosine form stays, as in ReLU)
             self._series = _arc_cosine_series(n) if n >= 2 else None
@@ -416,17 +436,60 @@ class RectifiedMonomial(Activation):
         return functools.partial(_rectified_monomial, degree=self.degree)
 
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
+        nngp, dot = self._kernels(k11, k12, k22, want_dot, None)
+        c = self._rescue_scale(k11, k12, k22, nngp, dot)
+        if c is not None:   # some pair's terms overflowed: those pairs again, scaled
+            nngp, dot = self._kernels(k11, k12, k22, want_dot, c)
+        return self._checked(nngp, k11, k12, k22), (None if dot is None else self._checked(dot, k11, k12, k22))
+
+    def _kernels(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool, c: Tensor | None
+                 ) -> tuple[Tensor, Tensor | None]:
+        """``T`` and ``Ṫ``, homogeneous of degrees ``n`` and ``n − 1`` in ``(k11, k12, k22)``: with ``c`` (a power
+        of 4 per pair, :meth:`_rescue_scale`) evaluated at ``c·k`` and divided by ``c`` as often."""
+        if c is not None:
+            k11, k12, k22 = k11 * c, k12 * c, k22 * c
         # steep from degree 2: the gradient reaching the angle grows as k^n (inf in float32 from k ≈ 4e9, n = 3)
         s, supplement = gaussian_angle(k11, k12, k22, supplement=True, steep=self.degree >= 2)
         product = k11 * k22
         n = self.degree
-        nngp = self._checked(_arc_cosine(self._terms, s, supplement, k12, product, self._series, n), k11, k12, k22)
+        nngp = _unscaled(_arc_cosine(self._terms, s, supplement, k12, product, self._series, n), c, n)
         dot = None
         if want_dot:
-            dot = (torch.zeros_like(nngp) if self._dot_terms is None else self._checked(
-                n**2 * _arc_cosine(self._dot_terms, s, supplement, k12, product, self._dot_series, n - 1),
-                k11, k12, k22))
+            dot = (torch.zeros_like(nngp) if self._dot_terms is None else _unscaled(
+                n**2 * _arc_cosine(self._dot_terms, s, supplement, k12, product, self._dot_series, n - 1), c, n - 1))
         return nngp, dot
+
+    def _rescue_scale(self, k11: Tensor, k12: Tensor, k22: Tensor, nngp: Tensor, dot: Tensor | None
+                      ) -> Tensor | None:
+        """``None``, or where a pair of finite kernels gave a non-finite ``T`` or ``Ṫ``, a power of 4 per
+        pair: ``4^{−e}``, ``e`` the least with ``4^{−e} sqrt(k11 k22)`` at most :meth:`_reach`, at those pairs
+        and 1 (their bits kept) elsewhere. The arc-cosine terms and their sums grow to ``S·sqrt(k11 k22)^n``
+        before ``(π − θ)`` and ``s`` cancel them down to ``T``: ``RectifiedMonomial(1)`` refused its
+        ``T ≤ k/2`` in float32 from ``k ≈ 1.1e38`` (``(π − θ)·k12 + s``, up to ``π k``, passed the largest
+        float). Only there, not for every pair above the reach: a scaled pair's small terms underflow
+        (degree 150 at unit variances and ``ρ = −0.99``, where ``T`` is 9e-41, would read 0). Not under
+        ``torch.compile`` or functorch transforms, which skip the overflow check as well."""
+        if transforms_active() or _is_compiling() or not self.degree:
+            return None
+        if not (has_non_finite(nngp) or (dot is not None and has_non_finite(dot))) or not all(
+                all_finite(t) for t in (k11, k12, k22)):
+            return None
+        overflowed = ~torch.isfinite(nngp.detach())
+        if dot is not None:
+            overflowed = overflowed | ~torch.isfinite(dot.detach())
+        reach = self._reach(nngp.dtype)
+        p = (safe_sqrt(k11.detach()) * safe_sqrt(k22.detach())).expand_as(overflowed)   # sqrt(k11 k22) overflows first
+        # as numerics.scaled_for_products: a logarithm rounded the wrong way leaves c·p below 4·reach
+        c = torch.pow(4.0, -torch.ceil(torch.log(p.clamp(min=reach) / reach) / math.log(4.0)))
+        return torch.where(overflowed, c, torch.ones_like(c))
+
+    def _reach(self, dtype: torch.dtype) -> float:
+        """The largest ``sqrt(k11 k22)`` whose arc-cosine terms cannot overflow ``dtype``:
+        ``(max/(64 S))^{1/d}``, ``S`` the sum of the coefficients' sizes (``π`` times those of ``π − θ``)
+        of ``T`` (``d = n``) and of ``Ṫ`` (``d = n − 1``), the 64 for the logarithm's rounding and the
+        partial sums'."""
+        top = math.log(torch.finfo(dtype).max / 64)
+        return math.exp(min((top - log_size) / degree for log_size, degree in self._log_sizes))
 
     def variance(self, k: Tensor) -> Tensor:
         if self.degree == 0:
