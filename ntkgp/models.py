@@ -151,7 +151,7 @@ class NetworkGP(gpytorch.models.ExactGP):
             # '"cholesky_cpu" not implemented for 'Half'' after the model was built
             raise ValueError(f"NetworkGP needs float32 or float64 data ({', '.join(low)}): "
                              "convert with .float() or .double().")
-        if not all_finite(train_y):
+        if not all_finite(train_y, "train_y"):
             # GPyTorch would take them: NaN predictions everywhere, and fit's "non-finite marginal
             # likelihood" would not say why
             raise ValueError("train_y contains NaN or infinite values.")
@@ -271,7 +271,7 @@ class NetworkGP(gpytorch.models.ExactGP):
                 # from deep inside its prediction (narrower inputs are promoted, as integer ones are)
                 raise ValueError(f"{name} is {x.dtype} but the model's training inputs are {dtype}: convert {name} "
                                  f"({name}.to({dtype})), or the model and its data (NetworkGP(train_x.to(...), ...)).")
-            if x.is_floating_point() and not all_finite(x.detach()):
+            if x.is_floating_point() and not all_finite(x.detach(), name):
                 # found only inside the kernel, after the training kernel's work (~1 s at N = 2000), as "x1"
                 raise ValueError(f"{name} contains NaN or infinite values.")
 

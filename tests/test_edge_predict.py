@@ -314,6 +314,32 @@ def test_float32_inputs_whose_covariance_would_overflow_float32_keep_their_mean(
         assert torch.isfinite(call(x.double(), y.double(), xt.double(), True).covariance).all()
 
 
+#: The predictors whose means come back in the dtype of x_train.
+MEAN_CALLS = {
+    "gradient_flow": lambda x, y, xt: predict.gradient_flow(NET, x, y, xt, t=1.0, compute_cov=False),
+    "gradient_flow at t=inf": lambda x, y, xt: predict.gradient_flow(NET, x, y, xt, compute_cov=False),
+    "GradientFlow": lambda x, y, xt: predict.GradientFlow(NET, x, y, kernel="nngp").predict(xt, t=2.0,
+                                                                                          compute_cov=False),
+    "gp_posterior": lambda x, y, xt: predict.gp_posterior(NET, x, y, xt, noise=1e-3, compute_cov=False),
+    "GPPosterior": lambda x, y, xt: predict.GPPosterior(NET, x, y, kernel="ntkgp", noise=1e-3).predict(
+        xt, compute_cov=False),
+}
+
+
+@pytest.mark.parametrize("call", MEAN_CALLS)
+def test_float64_targets_beyond_the_range_of_float32_inputs_are_refused(call):
+    """Float32 inputs and float64 targets of 1e39: the mean, returned in float32 and of the targets'
+    size, was inf without a word. Targets in range keep the float64 answer to float32 rounding."""
+    x, xt, y = _x(6).float(), _x(4, seed=7).float(), _x(6, 1, seed=6)
+    with pytest.raises(ValueError, match=r"^y_train reaches 1\.\d+e\+39, beyond the range of torch\.float32, the "
+                                         r"dtype of x_train"):
+        MEAN_CALLS[call](x, 1e39 * y, xt)
+    mean = MEAN_CALLS[call](x, 1e37 * y, xt).mean
+    reference = MEAN_CALLS[call](x.double(), 1e37 * y, xt.double()).mean
+    assert mean.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), reference, rtol=1e-5, atol=0)
+
+
 def test_bad_test_inputs_are_refused_before_the_eigendecomposition():
     flow = predict.GradientFlow(NET, _x(5), _x(5, 1, seed=7), learning_rate=0.5)
     with pytest.raises(ValueError, match="x_test must have shape"):

@@ -169,6 +169,60 @@ def test_inputs_on_the_meta_device_and_built_layers_given_the_wrong_width_are_re
     assert ntkgp.mlp(2).build(in_features=5, device="meta")(torch.empty(1, 5, device="meta")).shape == (1, 1)
 
 
+def _meta(*shape):
+    return torch.zeros(shape, device="meta")
+
+
+def _network_gp_predict(x):
+    model = ntkgp.models.NetworkGP(_x(), _x(6, 1)[:, 0]).eval()
+    return model(x)
+
+
+_K = torch.eye(6) + 0.1
+_Y = _x(6, 1)
+#: Where a meta tensor (shapes, no values) reached a value check other than the inputs': torch's
+#: "Tensor.item() cannot be called on meta tensors" or "Cannot copy out of meta tensor; no data!".
+META_ARGUMENTS = {
+    "ntk_train_train of gradient_descent_mse": lambda: predict.gradient_descent_mse(_meta(6, 6), _Y, t=1.0),
+    "ntk_train_train of gradient_descent": lambda: predict.gradient_descent(
+        lambda f, y: ((f - y) ** 2).sum(), _meta(6, 6), _Y, t=1.0),
+    "ntk_train_train of max_learning_rate": lambda: predict.max_learning_rate(_meta(6, 6)),
+    "momentum": lambda: predict.max_learning_rate(_K, momentum=_meta()),
+    "fx_train_0": lambda: predict.gradient_descent_mse(_K, _Y, fx_train_0=_meta(6, 1), t=1.0),
+    "diag_reg": lambda: predict.gradient_descent_mse(_K, _Y, diag_reg=_meta(), t=1.0),
+    "t": lambda: predict.gradient_flow(ntkgp.mlp(1), _x(), _Y, t=_meta(2)),
+    "steps": lambda: predict.gradient_flow(ntkgp.mlp(1), _x(), _Y, steps=_meta(2)),
+    "noise": lambda: predict.gp_posterior(ntkgp.mlp(1), _x(), _Y, _x(3), noise=_meta()),
+    "learning_rate": lambda: predict.gradient_flow(ntkgp.mlp(1), _x(), _Y, t=1.0, learning_rate=_meta()),
+    "y_train of train_ensemble": lambda: train_ensemble(ntkgp.mlp(1, width=8), _x(), _meta(6, 1), ensemble_size=2,
+                                                        learning_rate=0.1, record_steps=[0, 1]),
+    "record_steps": lambda: train_ensemble(ntkgp.mlp(1, width=8), _x(), _Y, ensemble_size=2, learning_rate=0.1,
+                                           record_steps=_meta(2)),
+    "train_y of NetworkGP": lambda: ntkgp.models.NetworkGP(_x(), _meta(6)),
+    "x of NetworkGP's prediction": lambda: _network_gp_predict(_meta(3, 4)),
+}
+
+
+@pytest.mark.parametrize("argument", META_ARGUMENTS)
+def test_values_on_the_meta_device_are_refused_by_name(argument):
+    """The meta device holds shapes but no values: every check of values (finiteness, a number's
+    range, times) refuses it, naming the argument, before any kernel is computed."""
+    name = argument.split(" of ")[0]
+    with pytest.raises(ValueError, match=rf"^{name} is on the meta device, which holds shapes but no values"):
+        META_ARGUMENTS[argument]()
+
+
+@pytest.mark.parametrize("ensemble_size", [None, 3])
+@pytest.mark.parametrize("convert", [torch.Tensor.tolist, torch.Tensor.numpy])
+def test_a_built_network_given_a_list_or_array_says_it_takes_a_tensor(convert, ensemble_size):
+    """'list' object has no attribute 'shape' (or 'ndarray' ... 'dim') from the first Dense layer."""
+    for in_features in (4, None):   # drawn at the build, or deferred to the first call
+        net = ntkgp.mlp(2, width=8).build(in_features=in_features, ensemble_size=ensemble_size)
+        with pytest.raises(ValueError, match=r"^This layer takes a torch\.Tensor of inputs \(\.\.\., n, d\), got "
+                                             rf"{type(convert(_x())).__name__}\.$"):
+            net(convert(_x()))
+
+
 def test_a_built_ensemble_given_inputs_for_another_number_of_members_is_refused_by_name():
     # torch's "The size of tensor a (3) must match the size of tensor b (4) at non-singleton dimension 0"
     ensemble = ntkgp.mlp(2).build(in_features=5, ensemble_size=4)

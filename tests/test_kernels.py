@@ -474,6 +474,53 @@ def test_last_dim_is_batch_refuses_a_per_feature_first_layer_by_name():
         gpytorch.kernels.AdditiveStructureKernel(ntkgp.NNGPKernel(ard), num_dims=3)(x).to_dense()
 
 
+_X = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+#: What GPyTorch's Kernel.__call__ met before the network kernel's checks, and what it raised.
+CALL_INPUTS = {
+    "numpy": ((_X.numpy(),), {}, r"^x1 must be a torch\.Tensor .*got ndarray"),   # 'ndarray' has no 'ndimension'
+    "list": ((_X, _X.tolist()), {}, r"^x2 must be a torch\.Tensor .*got list"),
+    "0-d": ((torch.tensor(1.0),), {}, r"^x1 must be a torch\.Tensor .*got shape \(\)"),   # "Dimension out of range"
+    # "x1_ and x2_ must have the same number of dimensions!"
+    "features": ((_X, _X[:, :2]), {}, r"^x1 and x2 must have the same number of features, got 3 and 2\.$"),
+    "one feature": ((_X[:, 0], _X), {}, r"^x1 and x2 must have the same number of features, got 1 and 3\.$"),
+    # "INDICES element is out of DATA bounds, id=3 axis_dim=3"
+    "active_dims": ((_X,), {"active_dims": [0, 3]}, r"^active_dims selects feature 3, but x1 has 3 feature\(s\)"),
+}
+
+
+@pytest.mark.parametrize("kernel_class", [ntkgp.NNGPKernel, ntkgp.NTKKernel])
+@pytest.mark.parametrize("case", CALL_INPUTS)
+def test_inputs_gpytorch_reads_before_the_kernel_are_refused_by_name(kernel_class, case):
+    args, kwargs, message = CALL_INPUTS[case]
+    kernel = kernel_class(ntkgp.mlp(1, "erf"), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        kernel(*args).to_dense()
+
+
+@pytest.mark.parametrize("kernel_class", [ntkgp.NNGPKernel, ntkgp.NTKKernel])
+def test_active_dims_select_features_and_one_dimensional_inputs_are_one_feature(kernel_class):
+    """The checks leave GPyTorch's readings alone: active_dims picks columns (integral floats too),
+    its largest index may be the last feature, and (n,) inputs are n points of one feature."""
+    net = ntkgp.mlp(1, "erf")
+    with torch.no_grad():
+        expected = kernel_class(net)(_X[:, [0, 2]], _X[:4, [0, 2]]).to_dense()
+        for dims in ([0, 2], (0.0, 2.0), torch.tensor([0, 2]), np.array([0, 2])):
+            got = kernel_class(deepcopy(net), active_dims=dims)(_X, _X[:4]).to_dense()
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch.testing.assert_close(kernel_class(net)(_X[:, 0], _X[:4, 0]).to_dense(),
+                                   kernel_class(net)(_X[:, :1], _X[:4, :1]).to_dense(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("active_dims", [[0.5], [-1], [True, False], [], [[0, 1]], ["a"], [1j], [float("inf")],
+                                         torch.zeros(2, dtype=torch.long, device="meta")])
+def test_active_dims_that_are_not_feature_indices_are_refused_by_name(active_dims):
+    """GPyTorch casts active_dims to long: [0.5] selected feature 0 and [True, False] features 1 and 0,
+    silently; a negative index failed at the first call ("INDICES element is out of DATA bounds")."""
+    with pytest.raises(ValueError, match=r"^active_dims (must be a sequence of feature indices|is on the meta "
+                                         r"device, which holds shapes but no values)"):
+        ntkgp.NNGPKernel(ntkgp.mlp(1), active_dims=active_dims)
+
+
 def test_empty_inputs_give_empty_kernels():
     net = ntkgp.mlp(2, "relu", 2.0, 0.1)
     with torch.no_grad():

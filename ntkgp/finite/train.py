@@ -272,7 +272,7 @@ def train_ensemble(
     if not y_train.is_floating_point():   # as the predictors it is compared with refuse them
         raise ValueError(f"y_train must be a floating-point tensor, got {y_train.dtype}; convert integer "
                          "targets with y_train.float() or .double().")
-    if not all_finite(y_train):
+    if not all_finite(y_train, "y_train"):
         raise ValueError("y_train must hold finite numbers, without NaN or infinite values.")
     for name, points in (("x_test", x_test), ("probe", probe)):
         if points is not None:

@@ -12,10 +12,12 @@ from typing import cast
 
 import torch
 from gpytorch.kernels import Kernel
+from gpytorch.lazy import LazyEvaluatedKernelTensor
+from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from ntkgp.layers.base import Layer, _batch_shape, variance_batch_shapes, variances
-from ntkgp.layers.validation import broadcast_shapes
+from ntkgp.layers.validation import boolean_or_complex, broadcast_shapes, refuse_meta
 from ntkgp.layers.variance import VarianceParameters
 
 #: The live kernels built on each network and on each of its layers that hold variances, or copied
@@ -66,6 +68,48 @@ def _refuse_kernel_arguments(kernel: str, kwargs: dict) -> None:
                      "and active_dims.")
 
 
+def _active_dims(value: Sequence[int] | Tensor | None) -> Tensor | None:
+    """``active_dims`` as a 1-D tensor of feature indices, checked: GPyTorch casts it to ``long``
+    (``[0.5]`` became feature 0, ``[True]`` feature 1, silently) and met a negative or too large index
+    only at the first call, as torch's "INDICES element is out of DATA bounds"."""
+    if value is None:
+        return None
+    kind = "a sequence of feature indices (non-negative integers)"
+    refuse_meta(value, "active_dims")
+    if boolean_or_complex(value):
+        raise ValueError(f"active_dims must be {kind}, got {value!r}.")
+    try:
+        dims = torch.as_tensor(value).detach()   # where it is: GPyTorch keeps the given tensor's device
+    except (TypeError, ValueError, RuntimeError) as err:   # strings, ragged lists
+        raise ValueError(f"active_dims must be {kind}, got {value!r}.") from err
+    if (dims.dim() != 1 or dims.numel() == 0 or bool((dims < 0).any())
+            or (dims.is_floating_point() and not bool((torch.isfinite(dims) & (dims == dims.round())).all()))):
+        raise ValueError(f"active_dims must be {kind}, at least one, got {value!r}.")
+    return dims.long()
+
+
+def _check_call_inputs(x1: object, x2: object, last_active: int | None) -> None:
+    """What GPyTorch's ``Kernel.__call__`` meets before :meth:`NetworkKernel.forward` checks the
+    inputs: a non-tensor failed with "'list' object has no attribute 'ndimension'", an ``active_dims``
+    beyond the features with torch's "INDICES element is out of DATA bounds", and inputs with unequal
+    numbers of features with "x1_ and x2_ must have the same number of dimensions!"."""
+    features = {}
+    for name, x in (("x1", x1), ("x2", x2)):
+        if x is None:
+            continue
+        if not isinstance(x, Tensor) or x.dim() == 0:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a torch.Tensor of shape (..., n, d) (or (n,) for one feature), "
+                             f"got {got}.")
+        features[name] = x.shape[-1] if x.dim() > 1 else 1   # GPyTorch reads (n,) as n points of one feature
+        if last_active is not None and x.dim() > 1 and last_active >= x.shape[-1]:
+            raise ValueError(f"active_dims selects feature {last_active}, but {name} has {x.shape[-1]} "
+                             f"feature(s) (shape {tuple(x.shape)}).")
+    if last_active is None and len(set(features.values())) > 1:
+        raise ValueError(f"x1 and x2 must have the same number of features, got {features['x1']} and "
+                         f"{features['x2']}.")
+
+
 class NetworkKernel(Kernel):
     """A GPyTorch kernel whose values are one of a network's infinite-width kernels.
 
@@ -114,7 +158,7 @@ class NetworkKernel(Kernel):
             raise ValueError("Per-feature weight variances belong to the first layer: use "
                              "ntkgp.Dense(width, ..., ard_num_dims=d) instead of ard_num_dims on the kernel.")
         _refuse_kernel_arguments(type(self).__name__, {k: v for k, v in kwargs.items() if k != "ard_num_dims"})
-        super().__init__(batch_shape=batch_shape, active_dims=active_dims)
+        super().__init__(batch_shape=batch_shape, active_dims=_active_dims(active_dims))
         # expanding in place would change the shapes under another kernel that shares the network,
         # which then failed inside GPyTorch ("expected shape [4, 4], got [3, 4, 4]"); or that shares some
         # of its layers: NTKKernel(net) turned into a batch of 3 when NNGPKernel(net[:2], batch_shape=[3])
@@ -140,6 +184,15 @@ class NetworkKernel(Kernel):
         if len(self._batch_shape) > 0:
             net.expand_batch(self._batch_shape)
         _register(self)
+
+    def __call__(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, last_dim_is_batch: bool = False,
+                 **params: object) -> LazyEvaluatedKernelTensor | LinearOperator | Tensor:
+        """GPyTorch's ``Kernel.__call__``, after checking what it reads of the inputs itself
+        (:func:`_check_call_inputs`); :meth:`forward` checks their values."""
+        # read at each call: GPyTorch's lazy kernel tensor calls again with active_dims set to None
+        dims = self.active_dims
+        _check_call_inputs(x1, x2, None if dims is None or not dims.numel() else int(dims.max()))
+        return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False,
                 **params: object) -> Tensor:

@@ -26,7 +26,7 @@ class NNGPKernel(NetworkKernel):
         net: the network spec (its hyperparameters become this kernel's parameters).
         batch_shape: GPyTorch batch shape of the hyperparameters, given to ``net``'s variances in
             place (kernels sharing a network, or some of its layers, share its batch shape).
-        active_dims: input columns the kernel acts on.
+        active_dims: input columns the kernel acts on (non-negative integer indices).
         **kwargs: refused with a hint where they belong: ``ard_num_dims`` and priors are the
             layers' (``Dense(..., ard_num_dims=d, weight_var_prior=...)``); GPyTorch's ``Kernel``
             would drop them silently.

@@ -348,6 +348,8 @@ class DenseModule(nn.Module):
                                       error_msgs)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):   # "'list' object has no attribute 'shape'" otherwise
+            raise ValueError(f"This layer takes a torch.Tensor of inputs (..., n, d), got {type(x).__name__}.")
         if self.weight is None:  # deferred first layer: draw now
             self._materialize(x.shape[-1])
         elif x.shape[-1] != self.in_features:   # torch's "mat1 and mat2 shapes cannot be multiplied" otherwise

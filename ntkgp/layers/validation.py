@@ -15,8 +15,17 @@ from ntkgp._checks import holds_a_boolean
 from ntkgp.layers.numerics import _is_compiling, is_vmapped
 
 
-def all_finite(x: Tensor) -> bool:
+def refuse_meta(value: object, name: str) -> None:
+    """``ValueError`` where ``value`` is a tensor on the meta device, which holds shapes but no values:
+    the first data-dependent check then failed inside torch ("Tensor.item() cannot be called on meta
+    tensors", "Cannot copy out of meta tensor")."""
+    if isinstance(value, Tensor) and value.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds shapes but no values: nothing to compute with.")
+
+
+def all_finite(x: Tensor, name: str | None = None) -> bool:
     """Whether no entry of the real tensor ``x`` is ``±inf`` or NaN (the shared check of inputs, targets and kernels).
+    A tensor on the meta device has no entries to judge: a ``ValueError`` (naming it ``name``, if given).
 
     ``torch.isfinite(x).all()`` allocates ``|x|`` and two masks on the way, 1.75 times the size of
     a float32 ``x`` (2 GiB for 1.1 GiB of inputs), for a yes or no. The smallest and the largest
@@ -27,6 +36,7 @@ def all_finite(x: Tensor) -> bool:
     if x.layout != torch.strided:
         raise ValueError(f"A {x.layout} tensor of shape {tuple(x.shape)} was given where dense values are "
                          "needed (inputs, targets and kernels are dense); pass it with .to_dense().")
+    refuse_meta(x, name or f"A tensor of shape {tuple(x.shape)} given where values are needed")
     if x.numel() == 0:
         return True
     low, high = torch.aminmax(x.detach())
@@ -123,8 +133,7 @@ def check_points(x: Tensor, name: str) -> Tensor:
     # torch's "Could not run 'aten::aminmax' with arguments from the 'SparseCPU' backend" otherwise
     if x.layout != torch.strided:
         raise ValueError(f"{name} is a {x.layout} tensor; kernels need dense points: pass {name}.to_dense().")
-    if x.device.type == "meta":   # torch's "Tensor.item() cannot be called on meta tensors" otherwise
-        raise ValueError(f"{name} is on the meta device, which holds shapes but no values: nothing to compute with.")
+    refuse_meta(x, name)
     # under vmap the values are per-sample: no data-dependent check can run there
     if not is_vmapped(x) and not all_finite(x):
         raise ValueError(f"{name} contains NaN or infinite values.")
@@ -167,6 +176,7 @@ def check_inputs(x1: Tensor, x2: Tensor | None, diag: bool = False) -> tuple[Ten
 def finite_number(value: object, name: str, kind: str = "a finite real number") -> float:
     """``value`` (a Python or numpy real, or a one-element real tensor or array) as a finite float;
     ``kind`` names what was expected in the error."""
+    refuse_meta(value, name)   # float() of it raised torch's "Tensor.item() cannot be called on meta tensors"
     number = None
     if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
         number = float(value.detach())   # a tensor that requires grad warns in float()

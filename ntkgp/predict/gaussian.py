@@ -112,7 +112,7 @@ def check_targets(y_train: Tensor, n_train: int, device: torch.device | None = N
     if y_train.numel() == 0:
         raise ValueError(f"y_train must hold at least one target, got shape {tuple(y_train.shape)}.")
     check_device(y_train, "y_train", device, of)
-    if not y_train.is_floating_point() or not all_finite(y_train):
+    if not y_train.is_floating_point() or not all_finite(y_train, "y_train"):
         raise ValueError("y_train must be a floating-point tensor without NaN or infinite values.")
     return y_train
 
@@ -126,6 +126,21 @@ def check_training_data(net: Layer, x_train: Tensor, y_train: Tensor) -> None:
     if x_train.dim() != 2:
         raise ValueError(f"x_train must have shape (N, d), got {tuple(x_train.shape)}.")
     check_targets(y_train, x_train.shape[0], x_train.device)
+    check_targets_range(y_train, x_train.dtype)
+
+
+def check_targets_range(y_train: Tensor, out_dtype: torch.dtype) -> None:
+    """``ValueError`` if ``y_train`` exceeds the range of ``out_dtype``, the training inputs' dtype in
+    which the predictors return their means: float64 targets of ``1e39`` beside float32 inputs gave
+    a mean of ``inf`` (the mean is of the targets' size; :func:`check_covariance_range` guards the
+    covariance)."""
+    if torch.finfo(y_train.dtype).max <= torch.finfo(out_dtype).max:   # a dtype no wider: nothing to overflow
+        return
+    low, high = torch.aminmax(y_train.detach())
+    largest = max(-float(low), float(high))
+    if largest > torch.finfo(out_dtype).max:
+        raise ValueError(f"y_train reaches {largest:.3g}, beyond the range of {out_dtype}, the dtype of x_train in "
+                         "which the predictions are returned: rescale the targets, or pass x_train in float64.")
 
 
 class HyperparameterRecord:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ntkgp._checks import NT_TRACE_AXES_KERNEL_HINT, check_flag, neural_tangents_keywords
 from ntkgp._typing import Steps, Times
-from ntkgp.layers.validation import all_finite, boolean_or_complex
+from ntkgp.layers.validation import all_finite, boolean_or_complex, refuse_meta
 from ntkgp.predict.gaussian import (
     check_device,
     check_factor_dtype,
@@ -252,12 +252,13 @@ def check_full_kernel(ntk_train_train: Tensor, y_train: Tensor) -> tuple[int, in
 def _check_kernel(kernel: Tensor, name: str) -> None:
     if not isinstance(kernel, Tensor) or not kernel.is_floating_point():
         raise kernel_matrix_error(kernel, name)
-    if not all_finite(kernel):
+    if not all_finite(kernel, name):
         raise ValueError(f"{name} contains NaN or infinite values.")
 
 
 def _initial_outputs(value: Tensor | float, shape: tuple[int, ...], name: str, like: Tensor) -> Tensor:
     """``value`` (a number, or a tensor that broadcasts to ``shape``) as a finite tensor of ``shape``."""
+    refuse_meta(value, name)   # as_tensor's "Cannot copy out of meta tensor" otherwise
     if boolean_or_complex(value):
         # the cast to the targets' dtype dropped the imaginary part of a complex tensor or array (with
         # only torch's warning) and read True as 1, where complex and boolean targets are refused

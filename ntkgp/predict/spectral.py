@@ -36,7 +36,7 @@ from ntkgp._checks import integer_at_least, neural_tangents_keywords
 from ntkgp._typing import Steps, Times
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.numerics import horner
-from ntkgp.layers.validation import all_finite, boolean_or_complex, finite_number, positive_number
+from ntkgp.layers.validation import all_finite, boolean_or_complex, finite_number, positive_number, refuse_meta
 from ntkgp.predict.gaussian import kernel_matrix_error, refuse_gradient
 
 
@@ -438,6 +438,7 @@ def real_numbers(value: object, name: str) -> Tensor:
     tensor. Booleans and complex numbers are refused: cast to float64 they silently became times
     ``1``/``0`` and the real part (``t=True`` trained for one unit of time, like ``steps=True``)."""
     kind = "a real number, a sequence of real numbers or a real tensor"
+    refuse_meta(value, name)   # torch's "Tensor.item() cannot be called on meta tensors" in the first check
     if boolean_or_complex(value):
         raise ValueError(f"{name} must be {kind}, got {value!r}.")
     if isinstance(value, Tensor):   # stays where it is (as_tensor would move it to the default device)
@@ -662,7 +663,7 @@ def max_learning_rate(ntk_train_train: Tensor, y_train_size: int | None = None, 
     shape = tuple(k.shape)
     if k.dim() == 4 and shape[0] == shape[1] and shape[2] == shape[3]:
         k = flatten_full_kernel(k)
-    if k.dim() != 2 or k.shape[0] != k.shape[1] or k.shape[0] == 0 or not all_finite(k):
+    if k.dim() != 2 or k.shape[0] != k.shape[1] or k.shape[0] == 0 or not all_finite(k, "ntk_train_train"):
         raise ValueError(f"ntk_train_train must be a finite square (N, N) or full (N, N, k, k) kernel with N >= 1, "
                          f"got shape {shape}.")
     # eigvalsh reads one triangle: an asymmetric matrix would pass with half of it ignored (checked in
