@@ -1055,3 +1055,23 @@ def test_a_shapes_only_build_does_no_arithmetic_on_the_meta_device():
         "assert not any(type(o) is DenseModule for o in gc.get_objects())\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_equivalent_learning_rates_of_an_ard_layer_scale_each_input_row():
+    """With per-feature variances ``σ_j²`` the standard weight ``W̃_jk ~ N(0, σ_j²/n)`` trains at
+    ``η σ_j²/n``: row ``j`` of the rate (the weight is ``(in, out)``), here with ``in = out`` so that
+    a rate broadcast along the output axis instead has the right shape and the wrong values; the
+    bias trains at ``η σ_b²``. By hand, and the rate-weighted tangent kernel is the NTK twin's."""
+    variances = torch.tensor([0.5, 2.0, 8.0], dtype=torch.float64)
+    net = ntkgp.serial(ntkgp.Dense(3, variances, 0.3, parameterization="standard", ard_num_dims=3), ntkgp.Erf(),
+                       ntkgp.Dense(1, 1.5, None, parameterization="standard"))
+    model = net.build(in_features=3, seed=1, dtype=torch.float64)
+    rates = equivalent_learning_rates(model, 0.2)
+    expected = (0.2 * variances / 3).unsqueeze(-1).expand(3, 3)
+    torch.testing.assert_close(torch.as_tensor(rates["0.weight"]).expand(3, 3), expected, rtol=1e-15, atol=0)
+    assert rates["0.bias"] == pytest.approx(0.2 * 0.3, rel=1e-15)
+    assert float(rates["2.weight"]) == pytest.approx(0.2 * 1.5 / 3, rel=1e-15)
+    twin = ntkgp.finite.ntk_parameterized(net).build(in_features=3, seed=1, dtype=torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(empirical_ntk(model, x, parameter_scales=equivalent_learning_rates(model, 1.0)),
+                               empirical_ntk(twin, x), rtol=1e-12, atol=1e-13)

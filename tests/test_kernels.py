@@ -1051,3 +1051,52 @@ def test_independent_multitask_variational_gp_with_batched_variances_in_float32(
     assert kernel.base_kernel.net.layers[0].weight_var.shape == batch
     rmse = (mean - f[200:]).pow(2).mean(0).sqrt()
     assert bool((rmse < 0.1).all()), rmse
+
+
+@pytest.mark.parametrize("parameterization", ["ntk", "standard"])
+def test_an_ard_first_layer_weighs_each_feature_by_its_variance_over_d(parameterization):
+    """``Dense(ard_num_dims=d)`` first: ``K¹ = Σ_j σ_j² x_j x'_j / d + σ_b²`` by hand, the NTK its
+    ``K¹`` in NTK parameterization and the unweighted ``x·x' + 1`` in the standard one (the
+    gradient of ``W̃ x + b̃`` is ``(x, 1)``, whatever variance ``W̃`` was drawn with). Other tests
+    fit ARD variances or compare kernels with each other, which a missing ``1/d`` passes."""
+    weights = torch.tensor([0.5, 2.0, 8.0], dtype=torch.float64)
+    layer = ntkgp.Dense(4, weights, 0.1, parameterization=parameterization, ard_num_dims=3)
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    x2 = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    nngp = (x * weights) @ x2.T / 3 + 0.1
+    ntk = nngp if parameterization == "ntk" else x @ x2.T + 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(ntkgp.NNGPKernel(layer)(x, x2).to_dense(), nngp, rtol=1e-14, atol=0)
+        torch.testing.assert_close(ntkgp.NTKKernel(layer)(x, x2).to_dense(), ntk, rtol=1e-14, atol=0)
+        diag = layer.kernel(x, diag=True)
+    torch.testing.assert_close(diag.nngp, ((x * weights) * x).sum(-1) / 3 + 0.1, rtol=1e-14, atol=0)
+
+
+def test_a_variances_constraint_inverts_its_transform():
+    """GPyTorch's constraint contract, ``inverse_transform(transform(raw)) == raw``: with
+    ``value = anchor · exp(raw)`` the inverse is ``log(value / anchor)`` (per feature with ARD), and
+    a variance pinned at 0 keeps ``raw = 0``. Only the bounds 0 and inf were checked before."""
+    layer = ntkgp.Dense(3, torch.tensor([0.5, 2.0]), 0.0, ard_num_dims=2)
+    weights = layer.raw_weight_var_constraint
+    raw = torch.tensor([0.3, -1.2], dtype=torch.float64)
+    value = weights.transform(raw)
+    torch.testing.assert_close(value, torch.tensor([0.5 * np.exp(0.3), 2.0 * np.exp(-1.2)], dtype=torch.float64),
+                               rtol=1e-15, atol=0)
+    torch.testing.assert_close(weights.inverse_transform(value), raw, rtol=1e-15, atol=1e-16)
+    torch.testing.assert_close(weights.inverse_transform(torch.tensor([1.0, 1.0], dtype=torch.float64)),
+                               torch.tensor([np.log(2.0), -np.log(2.0)], dtype=torch.float64), rtol=1e-15, atol=0)
+    assert float(layer.raw_bias_var_constraint.inverse_transform(torch.zeros(1, dtype=torch.float64))) == 0.0
+
+
+def test_setting_a_variance_after_its_raw_parameter_moved_gives_exactly_the_value_set():
+    """``layer.weight_var = v`` makes ``v`` the anchor and returns ``raw`` to 0 (module docstring of
+    ``ntkgp.layers.variance``): after an optimizer moved ``raw`` to 0.5 the layer must hold ``v``,
+    not ``v · e^0.5``, in its value and in its kernel ``K = v x·x'/d + σ_b²``."""
+    layer = ntkgp.Dense(2, 1.0, 0.1)
+    with torch.no_grad():
+        layer.raw_weight_var.fill_(0.5)   # as an optimizer step leaves it
+    layer.weight_var = 2.0
+    assert float(layer.raw_weight_var.detach()) == 0.0
+    assert layer.variance_as("weight_var", torch.zeros((), dtype=torch.float64)).item() == 2.0
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(layer.kernel(x).nngp, 2.0 * x @ x.T / 3 + 0.1, rtol=1e-15, atol=0)

@@ -546,6 +546,8 @@ def test_interval_is_shaped_like_the_mean_for_vector_targets():
         sd = post.covariance.diagonal().sqrt()
         torch.testing.assert_close(upper - post.mean, (1.5 * sd).reshape(-1, *[1] * (y.dim() - 1)).expand_as(upper),
                                    rtol=1e-15, atol=4e-16)   # (mean + w σ) − mean rounds at the mean's scale
+    lower, upper = post.interval(0.0)   # width 0 is allowed (">= 0"): the band collapses onto the mean
+    assert torch.equal(lower, post.mean) and torch.equal(upper, post.mean)
     with pytest.raises(ValueError, match="width must be a finite number >= 0"):
         post.interval(-1.0)
     with pytest.raises(ValueError, match="no variances"):
@@ -952,3 +954,56 @@ def test_predictors_name_a_net_that_is_not_a_spec(net):
                  lambda: predict.gp_posterior(net, x, y, x, kernel="ntk")):
         with pytest.raises(ValueError, match="net must be an ntkgp network spec"):
             call()
+
+
+@pytest.mark.parametrize("factor_dtype, size", [(torch.float64, 8), (torch.float32, 4)])
+def test_the_covariance_memory_check_counts_the_bytes_of_every_entry(monkeypatch, factor_dtype, size):
+    """The ``(T, M, M)`` covariance in ``factor_dtype`` takes ``T M² · size`` bytes: refused with one
+    byte less memory than that, computed with exactly that much (the check's limit, not a size from
+    elsewhere; an undercount by the dtype's bits / 64 passed every other test)."""
+    torch.manual_seed(4)
+    x, y, xt = torch.randn(5, 2), torch.randn(5), torch.randn(3, 2)
+    need = 2 * 3 * 3 * size   # T = 2 times, M = 3 test points
+    flow = predict.GradientFlow(_DIAG_NET, x, y, factor_dtype=factor_dtype)
+    monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: need - 1)
+    with pytest.raises(ValueError, match=r"\(2 x 3 x 3\) covariance of 3 test points needs"):
+        flow.predict(xt, t=[1.0, 2.0])
+    monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: need)
+    assert flow.predict(xt, t=[1.0, 2.0]).covariance.shape == (2, 3, 3)
+
+
+def test_the_stability_limit_of_vector_targets_counts_all_their_entries():
+    """Gradient descent on ``(1/2m) ‖f − Y‖²`` with ``m = N k`` entries contracts each step by
+    ``1 − ηλ/m``: stable up to ``η = 2 N k / λ_max``, so ``η = 1.5 N k / λ_max`` (``|1 − a| = 0.5``)
+    must not warn, and the outputs are ``Y + (I − ηΘ/m)^s (f_0 − Y)`` (matrix powers here; the
+    limit of ``N`` alone, 2x too low for k = 2, warned of instability for this stable rate)."""
+    theta, y = _DD.double(), _Y2.double()
+    n, k = y.shape
+    eta = 1.5 * n * k / float(torch.linalg.eigvalsh(theta).max())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        train = predict.gradient_descent_mse(theta, y, steps=[1, 7], learning_rate=eta)
+    for i, s in enumerate((1, 7)):
+        step = torch.linalg.matrix_power(torch.eye(n, dtype=theta.dtype) - eta * theta / (n * k), s)
+        torch.testing.assert_close(train[i], y - step @ y, rtol=1e-12, atol=1e-12)
+
+
+def test_single_network_diag_reg_is_relative_to_the_mean_diagonal_unless_absolute():
+    """``diag_reg`` adds ``diag_reg · tr(Θ)/N · I`` to the training kernel (neural-tangents'
+    default), or ``diag_reg · I`` with ``diag_reg_absolute_scale=True``: both against
+    ``Θ*d Θ_r⁻¹ (I − e^{−Θ_r τ}) Y`` formed here by ``torch.linalg.matrix_exp`` and a solve, on a
+    kernel whose mean diagonal is far from 1 (only a warning test told the two apart before)."""
+    theta, theta_td = 30 * _DD.double(), 30 * _TD.double()
+    y = _Y2[:, 0].double()
+    n, eta, t = theta.shape[0], 0.3, 2.5
+    tau = eta * t / n
+    for absolute, shift in ((False, 0.1 * float(theta.diagonal().mean())), (True, 0.1)):
+        reg = theta + shift * torch.eye(n, dtype=theta.dtype)
+        flow = torch.linalg.solve(reg, (torch.eye(n, dtype=theta.dtype) - torch.linalg.matrix_exp(-reg * tau)) @ y)
+        for time, coefficients in ((t, flow), (None, torch.linalg.solve(reg, y))):
+            train, test = predict.gradient_descent_mse(theta, y, ntk_test_train=theta_td, fx_test_0=0.0, t=time,
+                                                       learning_rate=eta, diag_reg=0.1,
+                                                       diag_reg_absolute_scale=absolute)
+            torch.testing.assert_close(test, theta_td @ coefficients, rtol=1e-11, atol=1e-12)
+            if time is not None:
+                torch.testing.assert_close(train, reg @ flow, rtol=1e-11, atol=1e-12)   # Y − e^{−Θ_r τ} Y
