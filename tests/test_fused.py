@@ -208,6 +208,10 @@ def test_an_unusable_cache_folder_compiles_in_a_private_folder_it_deletes(monkey
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("NTKGP_CACHE_DIR", str(blocker / "cache"))   # cannot be created under a file
+    # a temporary folder of the test's own: other processes' ntkgp-* folders came and went in the shared
+    # one while this compiled (a failure under parallel test runs)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     before = set(Path(tempfile.gettempdir()).glob("ntkgp-*"))
     built = fused_module.library(torch.float32)
     assert not isinstance(built, str)
