@@ -115,6 +115,19 @@ def test_failed_checks_say_how_many_exact_ensembles_score_as_low():
     assert check_details(result)["width 512, step 10: variance within 27% at >= 90% of points"] == "0.76 of points"
 
 
+# a failed score is never printed as the threshold it missed: 0.949 of 1000 points read "0.95" under ">= 95%",
+# 0.8996 "0.900" under ">= 90%"
+def test_failed_checks_print_their_fraction_below_the_threshold():
+    width = SimpleNamespace(width=512, steps=[0, 10], mean_within=[1.0, 0.949], var_within=[1.0, 0.8996],
+                            mean_within_chance=[], var_within_chance=[], diverged_at=None)
+    result = SimpleNamespace(steps=[0, 10], config={"ensemble_size": 128}, widths=[width], calibration=None)
+    assert check_details(result) == {
+        "width 512, step 10: mean within 3 SE + 0.02 at >= 95% of points": "0.949 of points",
+        "width 512, step 10: variance within 27% at >= 90% of points": "0.8996 of points"}
+    width.mean_within, width.var_within = [1.0, 0.94], [1.0, 0.5]   # two decimals where they stay below
+    assert list(check_details(result).values()) == ["0.94 of points", "0.50 of points"]
+
+
 def test_large_test_sets_draw_fewer_ensembles_in_the_directions_that_matter(monkeypatch):
     import ntkgp.compare.calibration as calibration
 

@@ -1445,6 +1445,36 @@ def _tiny_result():
                                                        divergence_check=False))
 
 
+def test_a_config_changed_after_it_was_made_is_checked_again():
+    """Fields set after construction ran unchecked: steps [10, 0] compared the networks at step 0 with the
+    predictions at step 10 (and widths (48, 16) took 16 for the widest); ensemble_size 1 divided by zero."""
+    settings = dict(widths=(8, 16), ensemble_size=2, record_steps=(0, 3), divergence_check=False)
+    expected = run_comparison(sin_dataset(), CompareConfig(**settings))
+    changed = CompareConfig(**settings)
+    changed.widths, changed.record_steps = (16, 8), [3, 0]
+    result = run_comparison(sin_dataset(), changed)
+    assert result.steps == [0, 3] and [w.width for w in result.widths] == [8, 16]
+    assert result.analytic_mean == expected.analytic_mean
+    for got, want in zip(result.widths, expected.widths, strict=True):
+        assert got.ensemble_mean == want.ensemble_mean and got.mean_within == want.mean_within
+    changed.ensemble_size = 1
+    with pytest.raises(ValueError, match="ensemble_size must be an integer >= 2, got 1"):
+        run_comparison(sin_dataset(), changed)
+
+
+def test_report_md_names_the_network_in_words(tmp_path):
+    """--no-bias and --depth 1 read "1 hidden erf layers, ..., bias_var None" (a Python value)."""
+    result = run_comparison(sin_dataset(), CompareConfig(widths=(8,), ensemble_size=2, record_steps=(0, 2), depth=1,
+                                                         bias_var=None, divergence_check=False))
+    text = (write_report(result, tmp_path) / "report.md").read_text(encoding="utf-8")
+    assert "- network: 1 hidden erf layer, weight_var 2.25, no biases, ntk parameterization; widths [8]\n" in text
+    from ntkgp.compare.report import _markdown
+
+    result.config.update(depth=2, bias_var=0.0025)
+    assert "- network: 2 hidden erf layers, weight_var 2.25, bias_var 0.0025, ntk parameterization; widths [8]\n" in (
+        _markdown(result, []))
+
+
 @pytest.mark.parametrize("name", ["report.json", "report.md", "loss.png", "scaling.png", "band_width8.png"])
 def test_a_folder_named_as_a_report_file_is_refused_before_training(tmp_path, capsys, monkeypatch, name):
     """A folder report.json (or loss.png, ...) in --out ended the run in IsADirectoryError after the training."""

@@ -173,8 +173,11 @@ def _engines(r) -> str:
 
 def _network_line(c: dict) -> str:
     if c.get("spec") is None:
-        return (f"- network: {c['depth']} hidden {c['activation']} layers, weight_var {c['weight_var']}, "
-                f"bias_var {c['bias_var']}, {c['parameterization']} parameterization; widths {list(c['widths'])}")
+        # bias_var None is --no-bias: "bias_var None" named a Python value, not the network
+        biases = "no biases" if c["bias_var"] is None else f"bias_var {c['bias_var']}"
+        layers = "layer" if c["depth"] == 1 else "layers"
+        return (f"- network: {c['depth']} hidden {c['activation']} {layers}, weight_var {c['weight_var']}, "
+                f"{biases}, {c['parameterization']} parameterization; widths {list(c['widths'])}")
     return f"- network: the spec below, shown at width {c['widths'][0]}; widths {list(c['widths'])}"
 
 
