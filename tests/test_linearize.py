@@ -205,3 +205,16 @@ def test_the_empirical_kernels_of_a_linearized_network_are_the_network_s_at_init
     trained = {name: p for name, p in linearized.named_parameters() if name.startswith("network.")}
     torch.testing.assert_close(finite.empirical_ntk(linearized, x, params=trained), finite.empirical_ntk(model, x),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_inputs_of_another_dtype_than_the_parameters_are_named():
+    """float32 inputs to a float64 linearization failed inside torch.func.jvp ("expected m1 and m2 to
+    have the same dtype, but got: float != double"); the error now names both dtypes, as empirical_ntk's
+    does, and the converted module takes them (to float32 rounding of the float64 outputs)."""
+    lin = finite.linearize(_model())
+    x = _points(5, 7)
+    with pytest.raises(ValueError, match=r"inputs are torch\.float32 but the linearized network's parameters are "
+                                         r"torch\.float64"):
+        lin(x.float())
+    with torch.no_grad():
+        torch.testing.assert_close(lin.float()(x.float()).double(), lin.double()(x), rtol=1e-5, atol=1e-6)

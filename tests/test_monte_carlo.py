@@ -378,3 +378,72 @@ def test_a_concatenation_of_one_branch_is_that_branch():
         estimate = monte_carlo_kernel(wrapped, x, n_samples=8, seed=3)
         torch.testing.assert_close(estimate.nngp, monte_carlo_kernel(plain, x, n_samples=8, seed=3).nngp,
                                    rtol=1e-14, atol=0)
+
+
+@pytest.mark.fresh_process
+def test_a_batch_s_kernels_are_formed_a_block_of_rows_at_a_time(monkeypatch):
+    """A batch of 64 members held its 64 NNGP and 64 NTK matrices whole (and the NTK's layer-by-layer
+    sum two more of that size), where the estimates are four matrices: 700 points in float64, 3.7 MiB
+    a matrix, peaked at 739 MiB above the start. Formed KERNEL_BYTES (here 1 MiB) of rows at a time,
+    the peak is the four estimates, the outputs and layer signals of the points (64 members x 700
+    points x 8 features, 2.7 MiB per layer) and a few blocks: 34 MiB."""
+    from test_scale import _peak_above_current
+
+    from ntkgp.finite import monte_carlo as mc
+
+    monkeypatch.setattr(mc, "KERNEL_BYTES", 1 << 20, raising=False)
+    net = ntkgp.mlp(1, "relu", 2.0, 0.01, width=8)
+    x = torch.randn(700, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    monte_carlo_kernel(net, x[:5], n_samples=2)   # one-time buffers
+    result = []
+    peak = _peak_above_current(lambda: result.append(monte_carlo_kernel(net, x, n_samples=128, ensemble_batch=64)))
+    assert peak < 60, peak
+    assert result[0].ntk.shape == (700, 700)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_kernels_in_blocks_of_rows_are_the_whole_batch_s(monkeypatch, cross):
+    """Blocks of 2 rows (7 points: a shorter last block), batches of unequal size (5 + 5 + 3 members):
+    the estimates are those of the stacked empirical kernels of the same networks, to rounding."""
+    from ntkgp.finite import monte_carlo as mc
+
+    net = ntkgp.serial(ntkgp.Dense(16, 1.5, 0.1), ntkgp.Erf(), ntkgp.Dense(16, 1.5, 0.1), ntkgp.GELU(),
+                       ntkgp.Dense(2, 1.0, 0.1, "standard"))
+    g = torch.Generator().manual_seed(5)
+    x1 = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    x2 = torch.randn(4, 3, generator=g, dtype=torch.float64) if cross else None
+    n2 = 4 if cross else 7
+    monkeypatch.setattr(mc, "KERNEL_BYTES", 2 * 5 * n2 * 8, raising=False)   # 2 rows of a batch of 5
+    est = monte_carlo_kernel(net, x1, x2, n_samples=13, seed=7, ensemble_batch=5)
+    nngps, ntks = [], []
+    for b, size in enumerate((5, 5, 3)):
+        model = net.build(3, seed=7 + 1_000_003 * b, ensemble_size=size, dtype=torch.float64)
+        nngps.append(ntkgp.finite.empirical_nngp(model, x1, x2))
+        ntks.append(ntkgp.finite.empirical_ntk(model, x1, x2))
+    for samples, mean, sem in ((nngps, est.nngp, est.nngp_sem), (ntks, est.ntk, est.ntk_sem)):
+        stacked = torch.cat(samples)
+        torch.testing.assert_close(mean, stacked.mean(0), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(sem, stacked.std(0) / 13**0.5, rtol=1e-10, atol=1e-15)
+
+
+def test_estimates_larger_than_the_memory_are_refused_before_any_network_is_drawn(monkeypatch):
+    """The estimates alone (a mean and a sum of squares per kernel) beyond the device's memory: refused
+    up front with the sizes, not by torch's allocator once the first batch's networks ran (or by the
+    operating system, for a request just above the free memory). A batch's kernels, formed in blocks
+    of rows, need not fit whole."""
+    from ntkgp.finite import monte_carlo as mc
+
+    net = ntkgp.mlp(1, "relu", 2.0, 0.01, width=8)
+    x = torch.randn(300, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    # 4 matrices of 300 x 300 float64 values: 2.75 MiB; NNGP alone 1.4 MiB
+    monkeypatch.setattr(mc, "device_memory", lambda device: 2 << 20, raising=False)
+    monkeypatch.setattr(ntkgp.Serial, "build", lambda *args, **kwargs: pytest.fail("a network was drawn"))
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"2 kernel\(s\) of 300 x 300 points need 0.00268 GiB"):
+        monte_carlo_kernel(net, x, n_samples=4)
+    monkeypatch.undo()
+    # the batch's 4 kernels (2.75 MiB) need not fit: they are formed a block of rows at a time
+    from ntkgp.finite import empirical
+
+    for module in (mc, empirical):
+        monkeypatch.setattr(module, "device_memory", lambda device: 2 << 20, raising=False)
+    assert monte_carlo_kernel(net, x, n_samples=4, ntk=False).nngp.shape == (300, 300)

@@ -33,8 +33,9 @@ module that writes its buffers).
 from __future__ import annotations
 
 import functools
+import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TypeGuard, cast
 
 import torch
@@ -51,8 +52,11 @@ from ntkgp.layers.dense import DenseModule
 from ntkgp.layers.norm import LayerNormModule
 from ntkgp.layers.numerics import _is_compiling, transforms_active
 from ntkgp.layers.validation import all_finite, boolean_or_complex, broadcast_shapes, check_inputs, has_non_finite
+from ntkgp.predict.gaussian import device_memory
 
 ParamFn = Callable[[dict[str, Tensor], Tensor], Tensor]
+#: Per Dense call: the layer, its multiplied input ``u``, ``δ = ∂f/∂z`` per output, the squared bias scale.
+Signals = list[tuple["DenseModule", Tensor, Tensor, Tensor | None]]
 
 #: The torch modules that ``Layer.build`` uses besides ntkgp's own (none of them mixes points).
 _BUILT_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.Identity)
@@ -239,6 +243,27 @@ def _check_network_inputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | N
         raise ValueError(f"The network takes inputs of {features} feature(s), got x1 of shape {tuple(x1.shape)}.")
 
 
+def _check_kernel_fits(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None, name: str) -> None:
+    """``torch.cuda.OutOfMemoryError`` (a ``RuntimeError``, as torch's allocators raise) before the network
+    is called when the kernel alone, ``n1 × n2`` values per member and batch (``k²`` times that with
+    ``vector_output``, not counted: ``k`` is known only from the outputs), exceeds the memory of
+    ``x1``'s device. 100 000 points (80 GB in float64) failed in torch's allocator only after the
+    outputs and layer signals were formed, and a request just above the free memory was killed by
+    the operating system."""
+    other = x1 if x2 is None else x2
+    lead = broadcast_shapes(x1.shape[:-2], other.shape[:-2])
+    members = ensemble_size(model) if isinstance(model, nn.Module) else None
+    copies = math.prod(lead) * (members if members is not None and (not lead or lead[-1] == 1) else 1)
+    need = copies * x1.shape[-2] * other.shape[-2] * x1.element_size()
+    memory = device_memory(x1.device)
+    if memory is not None and need > memory:
+        shape = " x ".join(str(n) for n in (*lead, *([members] if copies > math.prod(lead) else []),
+                                               x1.shape[-2], other.shape[-2]))
+        raise torch.cuda.OutOfMemoryError(
+            f"The empirical {name} kernel ({shape}, in {x1.dtype}) needs {need / 2**30:.3g} GiB on {x1.device}, "
+            f"more than its {memory / 2**30:.3g} GiB: compute it in blocks of rows (slices of x1, against x2).")
+
+
 def _input_width(model: nn.Module) -> int | None:
     """The number of input features of a network built by ntkgp: its first Dense layer's
     (activations and LayerNorm keep their width), unless a concatenation outside that layer widens
@@ -316,7 +341,9 @@ def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     kernel (Neal 1996; Lee et al. 2018). A constant: no gradient flows through it.
 
     Raises :class:`~ntkgp.layers.base.NonFiniteKernelError` where the kernel overflows the dtype
-    (the network's outputs, or their products), as ``net.kernel`` does for the analytic one."""
+    (the network's outputs, or their products), as ``net.kernel`` does for the analytic one, and
+    ``torch.cuda.OutOfMemoryError`` (a ``RuntimeError``) before the network runs where the kernel
+    alone exceeds the device's memory."""
     kernel = _empirical_nngp(model, x1, x2, params=params, vector_output=vector_output)
     return _refuse_non_finite(kernel, "NNGP", model, params, x1, x2)
 
@@ -326,9 +353,22 @@ def _empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = 
                     params: Mapping[str, Tensor] | None = None, vector_output: bool = False) -> Tensor:
     """:func:`empirical_nngp`, inf and NaN included (the zero kernel of :func:`empirical_ntk` without
     points or parameters is made from it)."""
-    x1, x2 = _checked_inputs(model, x1, x2)
     check_flag(vector_output, "vector_output")
+    f1, f2 = _kernel_outputs(model, x1, x2, params)
+    if vector_output:
+        return torch.einsum("...ni,...mj->...nmij", f1, f2)
+    return (f1 @ f2.mT).div_(f1.shape[-1])   # in place: the product is fresh, a second kernel-sized copy is not needed
+
+
+def _kernel_outputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None,
+                    params: Mapping[str, Tensor] | None = None, whole: bool = True) -> tuple[Tensor, Tensor]:
+    """The checked outputs ``(f(x1), f(x2))`` (``f(x2)`` is ``f(x1)`` itself without ``x2``) as
+    ``(..., n, k)``, one set per member of an ensemble: the factors of :func:`empirical_nngp`, whose
+    kernel must fit the device's memory when it is formed ``whole`` (not in blocks of rows)."""
+    x1, x2 = _checked_inputs(model, x1, x2)
     _check_network_inputs(model, x1, x2)
+    if whole:
+        _check_kernel_fits(model, x1, x2, "NNGP")
     # batches of inputs (per-member (E, n, d) ones too) only for ntkgp's networks (_checked_inputs); their
     # outputs are right by construction
     built = _built_by_ntkgp(model)
@@ -351,10 +391,7 @@ def _empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = 
 
     with torch.no_grad():
         f1 = outputs(x1)
-        f2 = f1 if x2 is None else outputs(x2)
-    if vector_output:
-        return torch.einsum("...ni,...mj->...nmij", f1, f2)
-    return (f1 @ f2.mT).div_(f1.shape[-1])   # in place: the product is fresh, a second kernel-sized copy is not needed
+        return f1, f1 if x2 is None else outputs(x2)
 
 
 @_without_autocast
@@ -395,7 +432,10 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     Raises :class:`~ntkgp.layers.base.NonFiniteKernelError` where the kernel overflows the dtype
     (the network's outputs, their gradients or the sums of their products: float32 inputs of
     magnitude 1e20, float16 ones of a few hundred, or a network whose training diverged), as
-    ``net.kernel`` does for the analytic one.
+    ``net.kernel`` does for the analytic one, and ``torch.cuda.OutOfMemoryError`` (a ``RuntimeError``)
+    before the network runs where the ``(E, n1, n2)`` kernel alone exceeds the device's memory. The
+    layer-by-layer route holds the kernel, a few blocks of its rows and the layer signals
+    (``k n`` values per unit): 1.25 kernels at 2000 points through width 16.
     """
     kernel = _empirical_ntk(model, x1, x2, params=params, vector_output=vector_output, chunk_size=chunk_size,
                             parameter_scales=parameter_scales)
@@ -414,6 +454,7 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     check_flag(vector_output, "vector_output")
     chunk_size = None if chunk_size is None else integer_at_least(chunk_size, 1, "chunk_size")
     _check_network_inputs(model, x1, x2)
+    _check_kernel_fits(model, x1, x2, "NTK")
     # a list of rates failed as "cannot convert dictionary update sequence element", a tensor as "Boolean
     # value of Tensor ... is ambiguous", and one number (0, or 0.0) read as no scales at all, silently
     if parameter_scales is not None and not isinstance(parameter_scales, Mapping):
@@ -477,6 +518,47 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     if members is None:
         return single(params, fixed)
     return vmap(single, chunk_size=chunk_size)(params, fixed)
+
+
+def kernel_row_blocks(model: nn.Module, x1: Tensor, x2: Tensor | None, rows: int, ntk: bool = True,
+                      chunk_size: int | None = None) -> Iterator[tuple[slice, Tensor, Tensor | None]]:
+    """``(block, K̂, Θ̂)`` for blocks of ``rows`` rows of ``x1`` ``(n1, d)``: :func:`empirical_nngp` and
+    (with ``ntk``, else ``None``) :func:`empirical_ntk` of ``model`` between ``x1[block]`` and ``x2``
+    (``x1`` without it), ``(E, rows, n2)`` for an ensemble, each refused where not finite as there.
+
+    The outputs and, on the layer-by-layer route, the layer signals of all points are formed once;
+    only the kernels are formed a block of rows at a time. An ensemble's kernels are ``E`` matrices
+    (64 ``n × n`` ones in a batch of :func:`ntkgp.finite.monte_carlo_kernel`), where their running
+    mean needs one: held whole, they took 7.1 GiB beside a 31 MiB estimate at 2000 points.
+    """
+    other = x1 if x2 is None else x2
+    with _autocast_off(x1.device):
+        f1, f2 = _kernel_outputs(model, x1, x2, whole=False)
+    signals = _layerwise_signals(model, x1, x2) if ntk else None
+    for start in range(0, x1.shape[-2], rows):
+        block = slice(start, start + rows)
+        with _autocast_off(x1.device):
+            nngp = _refuse_non_finite((f1[..., block, :] @ f2.mT).div_(f1.shape[-1]), "NNGP", model, None,
+                                      x1[block], other)
+            if signals is not None:
+                s1, s2 = signals
+                rows_of_s1 = [(m, u[..., block, :], delta[..., block, :], c) for m, u, delta, c in s1]
+                tangent: Tensor | None = _refuse_non_finite(_layerwise_sum(model, rows_of_s1, s2, vector_output=False),
+                                                            "NTK", model, None, x1[block], other)
+            else:
+                tangent = empirical_ntk(model, x1[block], other, chunk_size=chunk_size) if ntk else None
+        yield block, nngp, tangent
+
+
+@_without_autocast
+@differentiates
+def _layerwise_signals(model: nn.Module, x1: Tensor, x2: Tensor | None) -> tuple[Signals, Signals] | None:
+    """The layer signals of ``x1`` and ``x2`` (``x1``'s twice without it) where the layer-by-layer route
+    applies to all of the module's parameters, unscaled, and there are points to unflatten; else ``None``."""
+    if x1.shape[-2] == 0 or (x2 is not None and x2.shape[-2] == 0) or not _layerwise_applies(model, x1, {}):
+        return None
+    s1 = _signals(model, x1)
+    return s1, s1 if x2 is None else _signals(model, x2)
 
 
 def _refuse_non_finite(kernel: Tensor, name: str, model: nn.Module | ParamFn, params: Mapping[str, Tensor] | None,
@@ -562,7 +644,7 @@ def _layerwise_applies(model: nn.Module, x: Tensor, scales: dict) -> bool:
     return all(c == 1 for c in calls.values())
 
 
-def _signals(model: nn.Module, x: Tensor) -> list[tuple[DenseModule, Tensor, Tensor, Tensor | None]]:
+def _signals(model: nn.Module, x: Tensor) -> Signals:
     """For every Dense call: (the layer, its multiplied input ``u``, ``δ_i = ∂f_i/∂z`` stacked over outputs
     ``i`` in front, the squared bias scale or ``None``).
 
@@ -592,7 +674,7 @@ def _signals(model: nn.Module, x: Tensor) -> list[tuple[DenseModule, Tensor, Ten
     finally:
         for handle in handles:
             handle.remove()
-    signals: list[tuple[DenseModule, Tensor, Tensor, Tensor | None]] = []
+    signals: Signals = []
     for (m, u, _), delta in zip(records, deltas, strict=True):
         delta = delta.unflatten(-2, (k, n)).movedim(-3, 0)             # (k, ..., n, width)
         signals.append((m, u, delta, m.bias_scale**2 if m.bias is not None else None))
@@ -603,10 +685,46 @@ def _layerwise_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, scales: dict
                    vector_output: bool = True) -> Tensor:
     """Empirical NTK of a network of ``DenseModule`` layers: ``(..., n1, n2, k, k)``, or the
     per-output average ``(..., n1, n2)`` without ``vector_output``."""
+    s1 = _signals(model, x1)
+    return _layerwise_sum(model, s1, s1 if x2 is None else _signals(model, x2), scales, vector_output)
+
+
+#: The layer-by-layer sum is formed in up to this many blocks of rows, of at least ``_BLOCK_ROWS`` rows each.
+_ROW_BLOCKS, _BLOCK_ROWS = 8, 256
+
+
+def _layerwise_sum(model: nn.Module, s1: Signals, s2: Signals, scales: dict | None = None,
+                   vector_output: bool = True) -> Tensor:
+    """``Σ_l (δ_l,i(x) · δ_l,j(x')) (u_l(x) · u_l(x') + c_l)`` from the layer signals of
+    :func:`_signals` (of ``x1``, or of a block of its rows, and of ``x2``), written into the kernel a
+    block of rows at a time: each layer's two products (``u·u'`` and ``δ·δ'``) and the running sum
+    were three kernel-sized matrices at the peak (3.8 kernels at 3000 points), where blocks of an
+    eighth of the rows hold the kernel and a few blocks (1.5 kernels)."""
+    n1 = s1[0][1].shape[-2]
+    rows = max(_BLOCK_ROWS, -(-n1 // _ROW_BLOCKS))
+    if rows >= n1:
+        return _layerwise_rows(model, s1, s2, scales, vector_output)
+    axis = -4 if vector_output else -2   # the rows of (..., n1, n2, k, k) or of (..., n1, n2)
+    out: Tensor | None = None
+    for start in range(0, n1, rows):
+        block = slice(start, start + rows)
+        part = _layerwise_rows(model, [(m, u[..., block, :], delta[..., block, :], c) for m, u, delta, c in s1],
+                               s2, scales, vector_output)
+        if out is None:
+            shape = list(part.shape)
+            shape[axis] = n1
+            out = part.new_empty(shape)
+        out.narrow(axis, start, part.shape[axis]).copy_(part)
+        del part
+    assert out is not None   # n1 > rows >= 1: at least one block
+    return out
+
+
+def _layerwise_rows(model: nn.Module, s1: Signals, s2: Signals, scales: dict | None = None,
+                    vector_output: bool = True) -> Tensor:
+    """:func:`_layerwise_sum` in one piece."""
     names = {id(m): prefix for prefix, m in model.named_modules() if isinstance(m, DenseModule)}
     scales = scales or {}
-    s1 = _signals(model, x1)
-    s2 = s1 if x2 is None else _signals(model, x2)
     spec = "i...aw,j...bw->...abij" if vector_output else "i...aw,i...bw->...ab"
     total = None
     for (module, u1, d1, c), (_, u2, d2, _) in zip(s1, s2, strict=True):

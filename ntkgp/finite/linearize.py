@@ -71,6 +71,11 @@ class Linearized(nn.Module):
                 raise ValueError("Batch norm in training mode normalizes by the batch and updates its running "
                                  "statistics, so the network has no fixed expansion point: call .eval() on the "
                                  "linearized module (its batch norm then uses the running statistics).")
+        dtypes = {p.dtype for p in self.initial.parameters()}
+        if isinstance(x, Tensor) and len(dtypes) == 1 and x.dtype not in dtypes:
+            # torch's "expected m1 and m2 to have the same dtype, but got: float != double" from inside the jvp
+            raise ValueError(f"The inputs are {x.dtype} but the linearized network's parameters are {dtypes.pop()}: "
+                             "convert the inputs, or the module (.to(dtype)).")
         try:
             return self._expansion(x)
         except NotImplementedError as error:
