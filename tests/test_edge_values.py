@@ -299,6 +299,52 @@ def test_rectified_monomial_kernels_near_the_largest_float_are_computed_not_refu
         assert abs(float(grad) / float(exact[1]) - 1) <= 4 * eps
 
 
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.float64, 340), (torch.float32, 42)])
+def test_rectified_monomial_gradients_where_the_discarded_arc_cosine_form_overflows(dtype, scale):
+    """For ``k12 ≤ 0`` degree 3 takes ``T`` from its series; the arc-cosine form beside it, discarded
+    there, has terms up to ``S·p^n`` that overflow (``Σ_A → −inf``, clamped to 0) where ``T`` does not
+    (``T = 2.9e302`` at ``k = 2^340``, ``ρ = −0.95``, float64): ``where``'s zero gradient times that
+    ``inf`` made ``∂T/∂k`` NaN. ``T`` is homogeneous of degree 3, its gradient of degree 2, and every
+    step of its evaluation scales exactly by powers of 2: the gradient at ``2^e·k`` is ``4^e`` times
+    the one at unit scale, bit for bit (as it was, below the overflow); at ``ρ = −0.5``,
+    ``∂T/∂k12 = Ṫ`` (Price) within 4 ulps of the 50-digit reference (measured 3)."""
+    import mpmath as mp
+    from mpmath_kernels import reference
+
+    layer, big = ntkgp.RectifiedMonomial(3), 2.0**scale
+
+    def gradients(rho: float, k: float) -> tuple[torch.Tensor, ...]:
+        k11 = torch.tensor([1.1 * k], dtype=dtype, requires_grad=True)
+        k22 = torch.tensor([1.2 * k], dtype=dtype, requires_grad=True)
+        k12 = (rho * k11.detach().sqrt() * k22.detach().sqrt()).requires_grad_()
+        t, _ = layer.pair_kernel(k11, k12, k22, False)
+        assert torch.isfinite(t).all()
+        return (k11.detach(), k12.detach(), k22.detach(), *torch.autograd.grad(t.sum(), (k11, k12, k22)))
+
+    for rho in (-0.95, -0.999, -0.5):   # the last for Ṫ below
+        *_, g11, g12, g22 = gradients(rho, 1.0)
+        a, b, c, *scaled = gradients(rho, big)
+        for got, unit in zip(scaled, (g11, g12, g22), strict=True):
+            assert torch.equal(got, unit * big * big), (rho, float(got), float(unit * big * big))
+    dot = reference("RectifiedMonomial", (3,))(float(a), float(b), float(c))[1]
+    assert abs(mp.mpf(float(scaled[1])) / dot - 1) <= 4 * torch.finfo(dtype).eps
+
+
+def test_rectified_monomial_pickled_before_its_overflow_rescue_still_rescues():
+    """A ``RectifiedMonomial`` pickled before ``_log_sizes`` existed (``torch.save`` of a network) failed
+    with "'RectifiedMonomial' object has no attribute '_log_sizes'" where its terms overflowed (ReLU's
+    ``T`` at ``k = 2e38``, ``ρ = 0.9`` in float32); unpickled, it gives the fresh layer's kernels bit for bit."""
+    import pickle
+
+    fresh = ntkgp.RectifiedMonomial(1)
+    old = ntkgp.RectifiedMonomial(1)
+    del old.__dict__["_log_sizes"]   # what the previous version pickled
+    loaded = pickle.loads(pickle.dumps(old))
+    k = torch.tensor([2e38], dtype=torch.float32)
+    for got, want in zip(loaded.pair_kernel(k, 0.9 * k, k, True), fresh.pair_kernel(k, 0.9 * k, k, True), strict=True):
+        assert torch.isfinite(want).all() and torch.equal(got, want)
+
+
 def test_numerical_quadrature_that_does_not_settle_says_by_how_much_it_moved():
     """tanh at variance 1e3 (inputs on a pixel scale) ran to degree 300 with E[tanh'(u)] 93 % off
     (0.0019 for 2/sqrt(2π·1000) = 0.0252), and the warning said only that rtol was not reached."""

@@ -511,6 +511,25 @@ def test_active_dims_select_features_and_one_dimensional_inputs_are_one_feature(
                                    kernel_class(net)(_X[:, :1], _X[:4, :1]).to_dense(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kernel_class", [ntkgp.NNGPKernel, ntkgp.NTKKernel])
+def test_active_dims_are_the_kernels_own_copy_and_may_be_one_index(kernel_class):
+    """A numpy array of active_dims is copied, as GPyTorch's ``torch.tensor(active_dims)`` did: the
+    check's ``as_tensor`` shared its memory, so ``dims[1] = 1`` afterwards moved the kernel to feature 1
+    (after the check had passed). And one index alone (``active_dims=2``, 0-d), which GPyTorch's
+    ``index_select`` takes as one feature, stays accepted: the check refused it as not 1-D."""
+    net = ntkgp.mlp(1, "erf")
+    with torch.no_grad():
+        expected = kernel_class(net)(_X[:, [0, 2]], _X[:4, [0, 2]]).to_dense()
+        dims = np.array([0, 2])
+        kernel = kernel_class(deepcopy(net), active_dims=dims)
+        dims[1] = 1
+        torch.testing.assert_close(kernel(_X, _X[:4]).to_dense(), expected, rtol=0, atol=0)
+        one = kernel_class(net)(_X[:, [2]], _X[:4, [2]]).to_dense()
+        for index in (2, np.int64(2), torch.tensor(2)):
+            got = kernel_class(deepcopy(net), active_dims=index)(_X, _X[:4]).to_dense()
+            torch.testing.assert_close(got, one, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("active_dims", [[0.5], [-1], [True, False], [], [[0, 1]], ["a"], [1j], [float("inf")],
                                          torch.zeros(2, dtype=torch.long, device="meta")])
 def test_active_dims_that_are_not_feature_indices_are_refused_by_name(active_dims):

@@ -69,7 +69,7 @@ def _refuse_kernel_arguments(kernel: str, kwargs: dict) -> None:
 
 
 def _active_dims(value: Sequence[int] | Tensor | None) -> Tensor | None:
-    """``active_dims`` as a 1-D tensor of feature indices, checked: GPyTorch casts it to ``long``
+    """``active_dims`` as a tensor of feature indices (1-D, or 0-D for one), checked: GPyTorch casts it to ``long``
     (``[0.5]`` became feature 0, ``[True]`` feature 1, silently) and met a negative or too large index
     only at the first call, as torch's "INDICES element is out of DATA bounds"."""
     if value is None:
@@ -79,10 +79,13 @@ def _active_dims(value: Sequence[int] | Tensor | None) -> Tensor | None:
     if boolean_or_complex(value):
         raise ValueError(f"active_dims must be {kind}, got {value!r}.")
     try:
-        dims = torch.as_tensor(value).detach()   # where it is: GPyTorch keeps the given tensor's device
+        # a tensor where it is (GPyTorch keeps the given tensor's device); anything else copied:
+        # as_tensor shared a numpy array's memory, so changing the array later changed the kernel
+        dims = value.detach() if isinstance(value, Tensor) else torch.tensor(value)
     except (TypeError, ValueError, RuntimeError) as err:   # strings, ragged lists
         raise ValueError(f"active_dims must be {kind}, got {value!r}.") from err
-    if (dims.dim() != 1 or dims.numel() == 0 or bool((dims < 0).any())
+    # one index alone (0-d, active_dims=1) is GPyTorch's too: index_select takes it as one feature
+    if (dims.dim() > 1 or dims.numel() == 0 or bool((dims < 0).any())
             or (dims.is_floating_point() and not bool((torch.isfinite(dims) & (dims == dims.round())).all()))):
         raise ValueError(f"active_dims must be {kind}, at least one, got {value!r}.")
     return dims.long()

@@ -264,6 +264,14 @@ def _arc_cosine_terms(n: int) -> tuple[list[tuple[float, int, int]], list[tuple[
             [(float(v), j, (n - 1 - j) // 2) for j, v in enumerate(b) if v])
 
 
+def _arc_cosine_sum(terms: tuple[list, list], s: Tensor, supplement: Tensor, k12: Tensor, product: Tensor
+                    ) -> Tensor:
+    """``((π − θ) Σ_A + s Σ_B)/(2π)`` of :func:`_arc_cosine_terms`, not yet clamped at 0 (:func:`_arc_cosine`)."""
+    along = sum(v * k12**j * product**p for v, j, p in terms[0])
+    across = sum(v * k12**j * product**p for v, j, p in terms[1]) if terms[1] else 0.0
+    return (supplement * along + s * across) / (2 * math.pi)
+
+
 #: Terms of the series below: ``b_k y^{2k} ≤ b_0 a_k 2^{−k} < b_0 ε/20`` from ``k = 48`` on (``y² ≤ 1/2``).
 _ARC_COSINE_SERIES_TERMS = 48
 
@@ -300,18 +308,26 @@ def _arc_cosine(terms: tuple[list, list], s: Tensor, supplement: Tensor, k12: Te
     arc-cosine form: its ``ε/δ²`` is the kernel's own conditioning. Elsewhere the terms are
     clamped at 0, as ``E[φ(u)φ(v)]`` of ``φ ≥ 0`` is (a cancellation could make it negative by an
     ulp of the kernel's scale)."""
-    along = sum(v * k12**j * product**p for v, j, p in terms[0])
-    across = sum(v * k12**j * product**p for v, j, p in terms[1]) if terms[1] else 0.0
-    direct = ((supplement * along + s * across) / (2 * math.pi)).clamp(min=0)
+    direct = _arc_cosine_sum(terms, s, supplement, k12, product)
     if series is None:
-        return direct
+        return direct.clamp(min=0)
     y = torch.sin(supplement / 2)
     y2 = y * y
     near = y2 <= 0.5
     # only where some pair has k12 ≤ 0 (one host synchronization, as GELU's near form); under
     # transforms and compile always, without a branch
-    if not (transforms_active() or _is_compiling() or bool(near.any())):
-        return direct
+    eager = not (transforms_active() or _is_compiling())
+    if eager and not bool(near.any()):
+        return direct.clamp(min=0)
+    if eager and has_non_finite(direct):   # before the clamp, which turns −inf into 0
+        # the direct form's terms overflow before T does (S·p^n, T ≪ p^n near θ = π), and where's zero
+        # gradient times their inf made the gradient NaN at the near pairs, where that form is discarded
+        # (degree 3, float64, k ≈ 2.6e102 at ρ = −0.95: T = 2.9e302, ∂T/∂k NaN): there it is formed at
+        # θ = π/2 and unit variances instead. Only then, as the extra nodes change the order in which
+        # autograd sums the gradients' parts (by an ulp)
+        direct = _arc_cosine_sum(terms, torch.where(near, 1.0, s), torch.where(near, math.pi / 2, supplement),
+                                 torch.where(near, 0.0, k12), torch.where(near, 1.0, product))
+    direct = direct.clamp(min=0)
     y2 = torch.where(near, y2, 0.5)   # the series where it converges (its gradient too)
     near_value = (2 * safe_sqrt(product) * y2) ** n * y * horner(y2, series)
     return torch.where(near, near_value, direct)
@@ -370,6 +386,13 @@ def _log_size(terms: tuple[list, list], factor: int) -> float:
     return math.log(factor) + top + math.log(math.fsum(math.exp(x - top) for x in logs))
 
 
+def _log_sizes(terms: tuple[list, list], dot_terms: tuple[list, list] | None, n: int) -> list[tuple[float, int]]:
+    """``(log S, d)`` of ``T`` (degree ``d = n``) and of ``Ṫ`` (``n²`` times its terms, ``d = n − 1``), for
+    :meth:`RectifiedMonomial._reach`; none of degree 0 (those terms do not grow)."""
+    return [(_log_size(t, factor), degree) for t, degree, factor in ((terms, n, 1), (dot_terms, n - 1, n * n))
+            if t is not None and degree]
+
+
 def _unscaled(value: Tensor, c: Tensor | None, degree: int) -> Tensor:
     """``value / c^degree`` for a kernel homogeneous of ``degree`` evaluated at ``c·k``: one division by the
     power of 4 ``c`` at a time (exact), as ``c^degree`` itself may overflow where the result does not."""
@@ -413,9 +436,7 @@ class RectifiedMonomial(Activation):
             with np.errstate(over="raise", invalid="raise"):   # numpy's inf coefficients: FloatingPointError
                 self._terms = _arc_cosine_terms(n)
                 self._dot_terms = _arc_cosine_terms(n - 1) if n >= 1 else None
-            # log S of T and of Ṫ (n² times its terms), with their degrees (for _reach)
-            self._log_sizes = [(_log_size(terms, factor), degree) for terms, degree, factor in
-                               ((self._terms, n, 1), (self._dot_terms, n - 1, n * n)) if terms is not None and degree]
+            self._log_sizes = _log_sizes(self._terms, self._dot_terms, n)
             # for k12 ≤ 0, from degree 2 (J_0 = π − θ has no cancellation, and J_1's, ε/δ², is ReLU's own
             # conditioning: the arc-cosine form stays, as in ReLU)
             self._series = _arc_cosine_series(n) if n >= 2 else None
@@ -428,6 +449,13 @@ class RectifiedMonomial(Activation):
             raise ValueError(f"RectifiedMonomial: the coefficients of the degree-{n} arc-cosine kernel ((2n − 1)!! "
                              "and the like) overflow a float; the largest degree whose coefficients are finite "
                              "is 150.") from None
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # a layer pickled before _log_sizes existed (torch.save of a network): _rescue_scale's
+        # "'RectifiedMonomial' object has no attribute '_log_sizes'" where its terms overflowed
+        if "_log_sizes" not in self.__dict__:
+            self.__dict__["_log_sizes"] = _log_sizes(self._terms, self._dot_terms, self.degree)
 
     def fn(self, x: Tensor) -> Tensor:
         return _rectified_monomial(x, self.degree)
