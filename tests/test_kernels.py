@@ -1119,3 +1119,21 @@ def test_setting_a_variance_after_its_raw_parameter_moved_gives_exactly_the_valu
     assert layer.variance_as("weight_var", torch.zeros((), dtype=torch.float64)).item() == 2.0
     x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(layer.kernel(x).nngp, 2.0 * x @ x.T / 3 + 0.1, rtol=1e-15, atol=0)
+
+
+def test_the_largest_active_dim_is_read_once_per_active_dims_tensor(monkeypatch):
+    """The input check reads ``active_dims.max()``, a wait for the device where ``active_dims`` is on a
+    GPU: once per tensor (and in-place change), not at every call of an acquisition function's kernel."""
+    kernel = ntkgp.NTKKernel(ntkgp.mlp(1), active_dims=[0, 2])
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    reads = []
+    real_max = torch.Tensor.max
+    monkeypatch.setattr(torch.Tensor, "max", lambda self, *a, **k: reads.append(1) or real_max(self, *a, **k))
+    first = kernel(x).to_dense()
+    for _ in range(3):
+        assert torch.equal(kernel(x).to_dense(), first)
+    assert len(reads) == 1
+    kernel.active_dims[1] = 4   # changed in place: read again, and refused
+    with pytest.raises(ValueError, match="active_dims selects feature 4, but x1 has 3 feature"):
+        kernel(x)
+    assert len(reads) == 2

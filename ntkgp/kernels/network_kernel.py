@@ -194,8 +194,17 @@ class NetworkKernel(Kernel):
         (:func:`_check_call_inputs`); :meth:`forward` checks their values."""
         # read at each call: GPyTorch's lazy kernel tensor calls again with active_dims set to None
         dims = self.active_dims
-        _check_call_inputs(x1, x2, None if dims is None or not dims.numel() else int(dims.max()))
+        _check_call_inputs(x1, x2, None if dims is None or not dims.numel() else self._largest_active(dims))
         return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
+
+    def _largest_active(self, dims: Tensor) -> int:
+        """``int(dims.max())``, read once per ``active_dims`` tensor (and its version): on a GPU each read
+        waits for the device, and a kernel is called many times (an acquisition function's optimizer)."""
+        cached = self.__dict__.get("_active_max")
+        if cached is None or cached[0] is not dims or cached[1] != dims._version:
+            cached = (dims, dims._version, int(dims.max()))
+            self.__dict__["_active_max"] = cached   # not a module attribute: no buffer, no state_dict entry
+        return cached[2]
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False,
                 **params: object) -> Tensor:
