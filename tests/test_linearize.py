@@ -8,6 +8,7 @@ import io
 
 import pytest
 import torch
+from torch import nn
 
 import ntkgp
 from ntkgp import finite, predict
@@ -218,3 +219,25 @@ def test_inputs_of_another_dtype_than_the_parameters_are_named():
         lin(x.float())
     with torch.no_grad():
         torch.testing.assert_close(lin.float()(x.float()).double(), lin.double()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_inputs_that_the_module_takes_in_another_dtype_are_not_refused():
+    """The dtype check refused, before the expansion ran, inputs that the network takes in another dtype
+    than its parameters: an embedding's int64 indices and a float64 module that converts its float32
+    inputs itself (both linearized before). Their expansion at θ = θ₀ is the network's outputs: the
+    same operations on the same values, so equal to the last bit."""
+    torch.manual_seed(0)
+
+    class Converting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(3, 2, dtype=F64)
+
+        def forward(self, x):
+            return self.layer(x.to(F64))
+
+    embedding = nn.Sequential(nn.Embedding(10, 4, dtype=F64), nn.Flatten(), nn.Linear(8, 1, dtype=F64))
+    cases = ((embedding, torch.tensor([[1, 2], [3, 4], [5, 6]])), (Converting(), torch.randn(4, 3)))
+    for model, x in cases:
+        with torch.no_grad():
+            torch.testing.assert_close(finite.linearize(model)(x), model(x), rtol=0, atol=0)

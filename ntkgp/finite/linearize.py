@@ -71,11 +71,6 @@ class Linearized(nn.Module):
                 raise ValueError("Batch norm in training mode normalizes by the batch and updates its running "
                                  "statistics, so the network has no fixed expansion point: call .eval() on the "
                                  "linearized module (its batch norm then uses the running statistics).")
-        dtypes = {p.dtype for p in self.initial.parameters()}
-        if isinstance(x, Tensor) and len(dtypes) == 1 and x.dtype not in dtypes:
-            # torch's "expected m1 and m2 to have the same dtype, but got: float != double" from inside the jvp
-            raise ValueError(f"The inputs are {x.dtype} but the linearized network's parameters are {dtypes.pop()}: "
-                             "convert the inputs, or the module (.to(dtype)).")
         try:
             return self._expansion(x)
         except NotImplementedError as error:
@@ -85,6 +80,22 @@ class Linearized(nn.Module):
             raise ValueError(f"The expansion's J (θ − θ₀) is a forward-mode derivative (torch.func.jvp), which an "
                              f"operation of the network does not support ({error}). Spectral norm in training mode "
                              "(its power iteration) is one: call .eval() on the linearized module.") from error
+        except RuntimeError as error:
+            other = self._other_float_dtype(x)
+            if other is None or isinstance(error, torch.cuda.OutOfMemoryError):   # not a dtype's doing
+                raise
+            # torch's "expected m1 and m2 to have the same dtype, but got: float != double" from inside the jvp;
+            # named only once the expansion failed: integer inputs (an embedding's indices) and modules that
+            # convert their inputs themselves take inputs of another dtype than their parameters
+            raise ValueError(f"The inputs are {x.dtype} but the linearized network's parameters are {other}: "
+                             f"convert the inputs, or the module (.to(dtype)). ({error})") from error
+
+    def _other_float_dtype(self, x: Tensor) -> torch.dtype | None:
+        """The parameters' one dtype where ``x`` is a floating-point tensor of another, else ``None``."""
+        dtypes = {p.dtype for p in self.initial.parameters()}
+        if isinstance(x, Tensor) and x.is_floating_point() and len(dtypes) == 1 and x.dtype not in dtypes:
+            return dtypes.pop()
+        return None
 
     def _expansion(self, x: Tensor) -> Tensor:
         initial = self.initial

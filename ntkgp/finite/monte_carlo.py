@@ -17,8 +17,10 @@ from ntkgp.predict.gaussian import device_memory
 
 #: Bytes of Jacobian held at once when estimating NTKs.
 JACOBIAN_BYTES = 1 << 29
-#: Bytes of one batch's samples of a kernel held at once (a block of rows of every member's kernel).
-KERNEL_BYTES = 1 << 26
+#: Bytes of one batch's samples of a kernel held at once (a block of rows of every member's kernel). Its
+#: temporaries on the NTK's layer-by-layer route are a few times this: 16 MiB blocks were faster and smaller
+#: than 64 MiB ones (3000 points, 16 members, width 64, one thread: 4.6 s / 1.0-1.2 GiB against 7-11 s / 1.4 GiB).
+KERNEL_BYTES = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,10 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
     batch's members are drawn together (:meth:`ntkgp.layers.Layer.build`): another ``n_samples`` or
     ``ensemble_batch`` averages other networks, except for the full batches they share.
     A batch's kernels are formed a block of rows of ``x1`` at a time (``KERNEL_BYTES`` of samples,
-    64 MiB) and merged into running moments, so memory is the estimates (a mean and a sum of squares
-    per kernel, refused up front where they exceed the device's memory) and the batch's outputs and
-    layer signals (``ensemble_batch × n × width`` values per layer), not ``ensemble_batch`` whole
+    16 MiB) and merged into running moments, so memory is the estimates (a mean and a sum of squares
+    per kernel, refused up front where they exceed the device's memory), the batch's outputs and
+    layer signals (``ensemble_batch × n × width`` values per layer, with their autograd graph while they
+    are formed) and a few blocks' temporaries, not ``ensemble_batch`` whole
     kernels per estimate: 2000 points in float64 at width 256 peaked at 7.1 GiB, 2.6 GiB now.
     The averages converge to the analytic kernels: one wide network's empirical NTK is already
     close to ``Θ`` (``O(1/sqrt(width))`` fluctuations), while its ``f(x) f(x')`` is a single draw
