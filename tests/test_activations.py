@@ -196,6 +196,104 @@ def test_numerical_fixed_degree_is_what_neural_tangents_uses_and_is_less_accurat
     assert abs(float(fixed[1]) - exact_dot) > 1e-3 * exact_dot
 
 
+class _Counting:
+    """``fn``, counting the points it is evaluated at (the quadratures' cost)."""
+
+    def __init__(self, fn):
+        self.fn, self.points, self.__name__ = fn, 0, fn.__name__
+
+    def __call__(self, x):
+        self.points += x.numel()
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 3e-6)])
+def test_numerical_quadrature_integrates_each_distinct_pair_once(dtype, rtol):
+    """A symmetric kernel's two triangles were both integrated, a point with itself (``v`` a multiple
+    of ``u``) took ``degree²`` evaluations of ``φ`` where ``degree`` do, and ``Ṫ`` evaluated ``φ`` again
+    inside autograd: 5 points at degree 30 cost 46 500 evaluations for ``T`` and ``Ṫ``. Each
+    distinct pair now costs ``degree² + degree``, a point with itself ``2 degree``, ``T`` and ``Ṫ``
+    together, and the values are the tensor-product rule's."""
+    n, degree = 5, 30
+    x = torch.randn(n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    k = (x @ x.T / 3 + 0.1).to(dtype)
+    var = k.diagonal()
+    tanh = _Counting(torch.tanh)
+    layer = ntkgp.Numerical(tanh, degree=degree)
+    tanh.points = 0
+    nngp, dot = layer.pair_kernel(var[:, None], k, var[None, :], True)
+    assert tanh.points <= n * (n - 1) // 2 * (degree**2 + degree) + n * 2 * degree
+    sech2 = lambda t: 1 / np.cosh(t) ** 2  # noqa: E731
+    kd, vd = k.double(), var.double()
+    # the rule is not symmetric in the two variances at a finite degree: the smaller is taken as k11
+    small, large = torch.minimum(vd[:, None], vd[None, :]), torch.maximum(vd[:, None], vd[None, :])
+    for got, f in ((nngp, np.tanh), (dot, sech2)):
+        want = torch.tensor([[cartesian(f, f, float(small[i, j]), float(kd[i, j]), float(large[i, j]), degree)
+                              for j in range(n)] for i in range(n)], dtype=torch.float64)
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=0)
+        assert torch.equal(got, got.T)
+
+
+def test_numerical_gradients_take_the_derivatives_at_each_node_from_one_chain():
+    """The gradients of ``T`` and ``Ṫ`` are six quadratures of ``φ``..``φ‴`` (Price's theorem), and
+    ``derivative(r)`` evaluated ``φ`` and ``r`` backward passes afresh for each: the backward of 4
+    points at degree 30 evaluated ``φ`` at 89 280 points. The derivatives at a set of nodes now come
+    from one chain of passes (one for the symmetric orders, one for the others), with the same values."""
+    n, degree = 4, 30
+    x = torch.randn(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    k = x @ x.T / 2 + 0.2
+    softplus = _Counting(torch.nn.functional.softplus)
+    layer = ntkgp.Numerical(softplus, degree=degree)
+    k11, k12, k22 = (t.clone().requires_grad_() for t in (k.diagonal()[:, None], k, k.diagonal()[None, :]))
+
+    def gradients():
+        nngp, dot = layer.pair_kernel(k11, k12, k22, True)
+        return torch.autograd.grad(nngp.sum() + dot.sum(), (k11, k12, k22))
+
+    gradients()   # the first call checks φ's derivatives for jumps on a grid
+    softplus.points = 0
+    layer.pair_kernel(k11, k12, k22, True)
+    forward, softplus.points = softplus.points, 0
+    g11, g12, g22 = gradients()
+    # φ on the nodes of each distinct entry twice (the two chains): ordered symmetric pairs, then all pairs
+    assert softplus.points - forward <= 3 * n * (n - 1) // 2 * (degree**2 + degree) + 4 * n * degree
+
+    def expect(i, j):
+        return gauss_hermite_expectation(layer.derivative(i), layer.derivative(j), k11, k12, k22, degree)
+
+    torch.testing.assert_close(g12, expect(1, 1) + expect(2, 2), rtol=1e-12, atol=0)
+    torch.testing.assert_close(g11, (0.5 * (expect(2, 0) + expect(3, 1))).sum(1, keepdim=True), rtol=1e-12, atol=0)
+    torch.testing.assert_close(g22, (0.5 * (expect(0, 2) + expect(1, 3))).sum(0, keepdim=True), rtol=1e-12, atol=0)
+
+
+def test_numerical_degree_search_is_not_repeated_for_the_same_variances():
+    """A layer's kernel map searches the degrees of its pairs' variances for ``T`` and ``Ṫ``, then of
+    the same variances for ``T`` alone (:meth:`Activation.variance`): the second search redid the
+    first's quadratures. The degrees found are those of a fresh search, and a changed ``rtol``
+    searches again."""
+    variances = torch.tensor([0.3, 2.0, 7.5])
+    softplus = _Counting(torch.nn.functional.softplus)
+    layer = ntkgp.Numerical(softplus)
+
+    def fresh(want_dot, rtol=1e-7):
+        return ntkgp.Numerical(torch.nn.functional.softplus, rtol=rtol).variance_degrees(variances, want_dot)[1]
+
+    _, both = layer.variance_degrees(variances, True)
+    softplus.points = 0
+    values, values_only = layer.variance_degrees(variances[1:], False)   # a subset, as map_covs asks for
+    assert softplus.points == 0
+    assert torch.equal(values, variances[1:])
+    assert torch.equal(both, fresh(True)) and torch.equal(values_only, fresh(False)[1:])
+    assert bool((values_only < both[1:]).all())   # T alone settles earlier: a different answer, not a copy
+    layer.rtol = 1e-4
+    _, loose = layer.variance_degrees(variances, False)
+    assert softplus.points > 0 and torch.equal(loose, fresh(False, rtol=1e-4))
+    capped = ntkgp.Numerical(torch.tanh, max_degree=24)
+    for want_dot in (True, False, True):   # the last two read the first search back, and warn as it did
+        with pytest.warns(RuntimeWarning, match="did not reach rtol=1e-07 by degree 24"):
+            capped.variance_degrees(torch.tensor([40.0]), want_dot)
+
+
 def test_elementwise_derives_ntk_factor_by_autograd():
     def erf_nngp(k12, k11, k22):
         return 2 / math.pi * torch.arcsin(2 * k12 / torch.sqrt((1 + 2 * k11) * (1 + 2 * k22)))

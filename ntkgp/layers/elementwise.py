@@ -222,8 +222,12 @@ class Numerical(Activation):
     entry takes the larger degree of its two variances. An entry's value thus depends on its own
     two points only, not on the others in the call, and entries of small variance do not pay the
     degree the largest needs. The largest degree used in the last call is kept in
-    ``last_degree``. Kinked activations (relu, abs) converge slowly: they reach ``max_degree``
-    and warn; use their closed forms.
+    ``last_degree``. The work: ``degree²`` evaluations of ``φ`` per distinct entry (a symmetric
+    kernel's two triangles are one), with ``φ'`` for ``Ṫ`` from the same autograd pass, and
+    ``degree`` for a point with itself (``k12² = k11 k22``: a 1-D integral); the search of a
+    kernel map's variances serves its pairs and the variances alike (the last search is kept).
+    Kinked activations (relu, abs) converge slowly: they reach ``max_degree`` and warn; use their
+    closed forms.
 
     Args:
         fn: the activation (``torch.tanh``, ``torch.nn.functional.softplus``, ...): an elementwise
@@ -258,6 +262,8 @@ class Numerical(Activation):
         self._jumps: dict[int, dict[int, tuple[float, float] | None]] = {}
         self._warned_rough = self._warned_degree = False
         self._degrees_checked: set[tuple] = set()
+        # the last adaptive search: (key, sorted variances, {want_dot: (degrees, warning) or None})
+        self._degree_cache: tuple[tuple, Tensor, dict[bool, tuple[Tensor, str | None] | None]] | None = None
 
     def fn(self, x: Tensor) -> Tensor:
         return self._fn(x)
@@ -397,8 +403,9 @@ class Numerical(Activation):
             self.last_degree = degree
         elif degree.numel():
             self.last_degree = int(degree.max())
-        nngp = _Expectation.apply(k11, k12, k22, self, 0, 0, degree)
-        dot = _Expectation.apply(k11, k12, k22, self, 1, 1, degree) if want_dot else None
+        # T and Ṫ in one quadrature: φ and φ' at its nodes from one autograd pass
+        values = _Expectation.apply(k11, k12, k22, self, ((0, 0), (1, 1)) if want_dot else ((0, 0),), degree)
+        nngp, dot = values[0], values[1] if want_dot else None
         for name, value in (("activation", nngp), ("activation's derivative", dot)):
             # NaN (log or sqrt of negative nodes) came back as a NaN kernel with only the rtol warning
             if value is not None and not _is_compiling() and has_non_finite(value):
@@ -417,7 +424,7 @@ class Numerical(Activation):
         """``T − μ1μ2`` as ``E[ψ(u)ψ(v)] − E[ψ(u)]E[ψ(v)]`` with ``ψ = φ − φ(0)``: equal, but at small
         variances ``T ≈ μ1μ2 ≈ φ(0)²`` cancel, while the ``ψ`` terms are ``O(k)`` and ``O(k²)``."""
         degree = self.degree or self.entry_degrees(k11, k22, want_dot=False)
-        centred = _Expectation.apply(k11, k12, k22, self, 0, 0, degree, True)
+        (centred,) = _Expectation.apply(k11, k12, k22, self, ((0, 0),), degree, True)
         return centred - self._mean(k11, self._shifted) * self._mean(k22, self._shifted)
 
     def _mean(self, k: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
@@ -439,6 +446,54 @@ class Numerical(Activation):
         """``φ^(order)``, or ``ψ = φ − φ(0)`` for ``order = 0`` when ``centred``."""
         return self._shifted if centred and order == 0 else self.derivative(order)
 
+    def expectations(self, orders: list[tuple[int, int]], k11: Tensor, k12: Tensor, k22: Tensor,
+                     degree: int | Tensor, centred: bool = False) -> list[Tensor]:
+        """``E[φ^(i)(u) φ^(j)(v)]`` for each ``(i, j)`` in ``orders`` (``ψ`` for ``φ`` if ``centred``), by
+        quadrature at ``degree`` without a graph. The derivatives up to the highest order asked for
+        come from one chain of autograd passes at each node (:meth:`derivatives_at`): ``T`` and
+        ``Ṫ`` together cost one evaluation of ``φ`` and one backward pass, not two and one."""
+        if centred and any(0 in pair for pair in orders):   # ψ, not in the chain
+            fs = [self.function(i, centred) for i, _ in orders]
+            gs = [f if i == j else self.function(j, centred) for f, (i, j) in zip(fs, orders, strict=True)]
+            return _gauss_hermite_many(lambda x: [f(x) for f in fs], lambda x: [g(x) for g in gs], k11, k12, k22,
+                                       degree, symmetric=all(f is g for f, g in zip(fs, gs, strict=True)))
+        # E[φ^(i)(u) φ^(i)(v)] orders each entry's variances (exactly symmetric kernels), the others may not
+        groups = [[pair for pair in orders if (pair[0] == pair[1]) == symmetric] for symmetric in (True, False)]
+        values: dict[tuple[int, int], Tensor] = {}
+        for group, symmetric in zip(groups, (True, False), strict=True):
+            if group:
+                values.update(zip(group, self._chained(group, k11, k12, k22, degree, symmetric), strict=True))
+        return [values[pair] for pair in orders]
+
+    def _chained(self, orders: list[tuple[int, int]], k11: Tensor, k12: Tensor, k22: Tensor, degree: int | Tensor,
+                 symmetric: bool) -> list[Tensor]:
+        """:meth:`expectations` of non-centred ``orders``, their derivatives from one chain per node set."""
+        top = max(max(pair) for pair in orders)
+
+        def left(x: Tensor) -> list[Tensor]:
+            values = self.derivatives_at(x, top)
+            return [values[i] for i, _ in orders]
+
+        def right(x: Tensor) -> list[Tensor]:
+            values = self.derivatives_at(x, top)
+            return [values[j] for _, j in orders]
+
+        return _gauss_hermite_many(left, right, k11, k12, k22, degree, symmetric)
+
+    def derivatives_at(self, x: Tensor, top: int) -> list[Tensor]:
+        """``[φ(x), φ'(x), ..., φ^(top)(x)]`` (as :meth:`derivative` gives each) from one chain of
+        autograd passes, without a graph: ``derivative(top)`` alone repeats the passes below it."""
+        phi = self.derivative(0)
+        if top == 0:
+            return [phi(x)]
+        # autograd records nothing under a caller's inference mode (closed-form Erf's NTK works there)
+        with torch.inference_mode(False), torch.enable_grad():
+            leaf = (x.clone() if x.is_inference() else x).detach().requires_grad_()
+            values = [phi(leaf.clone())]   # an in-place fn (t.tanh_()) would modify the leaf
+            for order in range(1, top + 1):
+                values.append(_derivative_of(values[-1], leaf, of_activation=order == 1, create_graph=order < top))
+        return [value.detach() for value in values]
+
     def entry_degrees(self, k11: Tensor, k22: Tensor, want_dot: bool = True) -> Tensor:
         """Per kernel entry (the broadcast shape of ``k11`` and ``k22``), the larger of the degrees
         its two variances need (:meth:`variance_degrees`)."""
@@ -459,9 +514,45 @@ class Numerical(Activation):
         off-diagonal ``Ṫ`` entries were 12 % off; such activations now run to ``max_degree`` and warn.
         """
         c = torch.unique(variances.detach())
+        found = self._cached_degrees(c, want_dot)
+        if found is None:
+            values_only, degrees, unsettled = self._search_degrees(c, want_dot)
+            if not _is_compiling():
+                kinds = {False: (values_only.clone(), unsettled[0]),
+                         True: (degrees.clone(), unsettled[1]) if want_dot else None}
+                self._degree_cache = (self._degree_key(c), c, kinds)
+            found = (degrees if want_dot else values_only), unsettled[want_dot]
+        degrees, unsettled_message = found
+        if unsettled_message is not None:   # a search read back warns again: each call that misses rtol says so
+            warnings.warn(unsettled_message, RuntimeWarning, stacklevel=caller_stacklevel())
+        return c, degrees
+
+    def _degree_key(self, c: Tensor) -> tuple:
+        return (self.rtol, self.max_degree, c.dtype, c.device)
+
+    def _cached_degrees(self, c: Tensor, want_dot: bool) -> tuple[Tensor, str | None] | None:
+        """The degrees of the last search for the sorted variances ``c`` and its warning, where that
+        search covered all of them (with ``Ṫ`` if ``want_dot``), else ``None``. A layer's kernel map
+        asks twice for the same variances (its pairs' ``T`` and ``Ṫ``, then the variances' ``T``): the
+        second search would redo the first one's quadratures of ``T``."""
+        if self._degree_cache is None or not c.numel():
+            return None
+        key, known, kinds = self._degree_cache
+        kind = kinds[want_dot]
+        if kind is None or key != self._degree_key(c):
+            return None
+        where = torch.searchsorted(known, c).clamp_max(known.numel() - 1)
+        return (kind[0][where], kind[1]) if bool((known[where] == c).all()) else None
+
+    def _search_degrees(self, c: Tensor, want_dot: bool) -> tuple[Tensor, Tensor, tuple[str | None, str | None]]:
+        """:meth:`variance_degrees` of the sorted distinct variances ``c``: the degrees at which ``T``
+        settles, those at which ``T`` and ``Ṫ`` settle together (the same without ``want_dot``), and
+        the warnings for each where some did not settle by ``max_degree``. The first come free with
+        the second: ``T`` is evaluated at every degree the second tries."""
         degrees = torch.zeros(c.shape, dtype=torch.int64, device=c.device)   # 0: not settled yet
+        values_only = degrees.clone()
         if c.numel() == 0:
-            return c, degrees
+            return values_only, degrees, (None, None)
         orders = [(0, 0), (1, 1)] if want_dot else [(0, 0)]
         rtol = max(self.rtol, 64 * torch.finfo(c.dtype).eps)  # float32 rounding caps the reachable accuracy
         degree, previous = min(16, self.max_degree), None   # a cap below 16 was exceeded
@@ -470,36 +561,47 @@ class Numerical(Activation):
             cp = c[pending]
             pairs = torch.stack([cp, 0.5 * cp, -0.5 * cp])   # (3, P): ρ = 1, 1/2, −1/2
             kk = cp.expand(3, -1)
-            current = [_gauss_hermite(self.derivative(i), self.derivative(j), kk, pairs, kk, degree)
-                       for i, j in orders]
+            current = self.expectations(orders, kk, pairs, kk, degree)
             change = None
             if previous is not None:
                 # tiny, not 1e-300 (0 in float32): tanh at variance 0 was 0/0 there, and never settled
                 tiny = torch.finfo(c.dtype).tiny
-                change = torch.stack([((a[:, pending] - b).abs() / b[0].abs().clamp_min(tiny)).amax(0)
-                                      for a, b in zip(previous, current, strict=True)]).amax(0)
+                changes = torch.stack([((a[:, pending] - b).abs() / b[0].abs().clamp_min(tiny)).amax(0)
+                                       for a, b in zip(previous, current, strict=True)])
+                change = changes.amax(0)
+                values_only[pending[(changes[0] <= rtol) & (values_only[pending] == 0)]] = degree
                 degrees[pending[change <= rtol]] = degree
                 if not bool((degrees == 0).any()):
-                    return c, degrees
+                    return values_only, degrees, (None, None)
             if degree >= self.max_degree:
                 unsettled = degrees == 0
-                # the last step's change only hints at the error: tanh at variance 1e3 moved its kernels
-                # by up to 49 % from degree 274 to 300, and E[tanh'(u)] was 93 % off at 300
-                moved = "" if change is None else f", where the last step moved them by up to {float(change.max()):.2g}"
-                warnings.warn(f"Numerical({self._name}): quadrature did not reach rtol={rtol:g} by degree "
-                              f"{degree} (variances up to {float(c[unsettled].max()):.3g}{moved}); using degree "
-                              f"{degree} there, whose error may exceed that change, and the kernels' gradients "
-                              "(quadratures of higher derivatives of the activation) are further off still. "
-                              "Gauss-Hermite nodes spread as sqrt(variance) and miss features of the activation "
-                              "narrower than that: scale the inputs down, or use a closed-form activation.",
-                              RuntimeWarning, stacklevel=caller_stacklevel())
+                both = self._unsettled_warning(rtol, degree, c[unsettled], change)
+                values = both if not want_dot else None
+                if want_dot and bool((values_only == 0).any()):
+                    moved: Tensor | None = None if change is None else changes[0][values_only[pending] == 0]
+                    values = self._unsettled_warning(rtol, degree, c[values_only == 0], moved)
                 degrees[unsettled] = degree
-                return c, degrees
+                values_only[values_only == 0] = degree
+                return values_only, degrees, (values, both)
             if previous is None:
                 previous = [c.new_empty(3, c.numel()) for _ in orders]
             for full, part in zip(previous, current, strict=True):
                 full[:, pending] = part
             degree = min(self.max_degree, round(degree * 1.5))
+
+    def _unsettled_warning(self, rtol: float, degree: int, variances: Tensor, change: Tensor | None) -> str:
+        """The warning for ``variances`` whose quadratures had not settled to ``rtol`` by ``degree``,
+        the cap, where the last step moved them by ``change``."""
+        # the last step's change only hints at the error: tanh at variance 1e3 moved its kernels
+        # by up to 49 % from degree 274 to 300, and E[tanh'(u)] was 93 % off at 300
+        moved = ("" if change is None or not change.numel()
+                 else f", where the last step moved them by up to {float(change.max()):.2g}")
+        return (f"Numerical({self._name}): quadrature did not reach rtol={rtol:g} by degree "
+                f"{degree} (variances up to {float(variances.max()):.3g}{moved}); using degree "
+                f"{degree} there, whose error may exceed that change, and the kernels' gradients "
+                "(quadratures of higher derivatives of the activation) are further off still. "
+                "Gauss-Hermite nodes spread as sqrt(variance) and miss features of the activation "
+                "narrower than that: scale the inputs down, or use a closed-form activation.")
 
     @property
     def _name(self) -> str:
@@ -515,13 +617,14 @@ class Numerical(Activation):
         self.__dict__["_derivatives"] = [_elementwise(self._fn)]
         # a layer pickled before these attributes existed
         for name, default in (("_warned_rough", False), ("_warned_degree", False), ("_jumps", {}),
-                              ("_degrees_checked", set())):
+                              ("_degrees_checked", set()), ("_degree_cache", None)):
             if name not in self.__dict__:
                 self.__dict__[name] = default
 
     def __getstate__(self):
         state = dict(super().__getstate__())
         state.pop("_derivatives", None)   # a closure, rebuilt by __setstate__
+        state["_degree_cache"] = None      # a memo of the last call, not part of the layer
         return state
 
 
@@ -571,22 +674,28 @@ def _differentiate(fn: Callable[[Tensor], Tensor], of_activation: bool = True) -
             if x.is_inference():
                 x = x.clone()
             leaf = x if x.requires_grad else x.detach().requires_grad_()
-            y = fn(leaf.clone())   # an in-place fn (t.tanh_()) would modify a leaf that requires grad
-            if not y.requires_grad:   # torch's "element 0 of tensors does not require grad"
-                if not of_activation:
-                    # φ' without a graph: φ is piecewise linear (abs, leaky relu, clamp; zeros for φ'' would
-                    # drop the kinks' delta terms and give wrong gradients) or linear
-                    raise ValueError("Numerical: the kernels' gradients need the activation's second derivative, "
-                                     "which autograd cannot give for a piecewise-linear activation: use its closed "
-                                     "form (ntkgp.ReLU, Abs, LeakyReLU, Identity), or no gradients.")
-                raise ValueError("Numerical: the activation's output does not depend on its input through "
-                                 "autograd (a constant, or a computation outside torch), so its derivative, which "
-                                 "the NTK and the kernels' gradients need, is unknown; use Elementwise with "
-                                 "dot_fn, or ntk=False.")
-            (grad,) = torch.autograd.grad(y, leaf, torch.ones_like(y), create_graph=True, allow_unused=True)
-        return torch.zeros_like(x) if grad is None else grad
+            # an in-place fn (t.tanh_()) would modify a leaf that requires grad
+            return _derivative_of(fn(leaf.clone()), leaf, of_activation, create_graph=True)
 
     return derivative
+
+
+def _derivative_of(y: Tensor, leaf: Tensor, of_activation: bool, create_graph: bool) -> Tensor:
+    """``dy/d leaf`` of an elementwise ``y``, by autograd (grad mode on); ``of_activation``: ``y`` is
+    ``φ`` itself, not one of its derivatives (for the message where autograd cannot go on)."""
+    if not y.requires_grad:   # torch's "element 0 of tensors does not require grad"
+        if not of_activation:
+            # φ' without a graph: φ is piecewise linear (abs, leaky relu, clamp; zeros for φ'' would
+            # drop the kinks' delta terms and give wrong gradients) or linear
+            raise ValueError("Numerical: the kernels' gradients need the activation's second derivative, "
+                             "which autograd cannot give for a piecewise-linear activation: use its closed "
+                             "form (ntkgp.ReLU, Abs, LeakyReLU, Identity), or no gradients.")
+        raise ValueError("Numerical: the activation's output does not depend on its input through "
+                         "autograd (a constant, or a computation outside torch), so its derivative, which "
+                         "the NTK and the kernels' gradients need, is unknown; use Elementwise with "
+                         "dot_fn, or ntk=False.")
+    (grad,) = torch.autograd.grad(y, leaf, torch.ones_like(y), create_graph=create_graph, allow_unused=True)
+    return torch.zeros_like(leaf) if grad is None else grad
 
 
 @lru_cache(maxsize=32)
@@ -657,37 +766,72 @@ def gauss_hermite_expectation(f: Callable[[Tensor], Tensor], g: Callable[[Tensor
     return _gauss_hermite(f, g, k11, k12, k22, degree)
 
 
+#: Several functions evaluated at once: a node tensor to one value tensor per function.
+Many = Callable[[Tensor], "list[Tensor]"]
+
+
 def _gauss_hermite(f: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor],
                    k11: Tensor, k12: Tensor, k22: Tensor, degree: int | Tensor) -> Tensor:
     """:func:`gauss_hermite_expectation` of arguments that are valid (the kernels' own)."""
+    # E[f(u) f(v)] is symmetric: one ordering makes kernel matrices exactly symmetric
+    return _gauss_hermite_many(lambda x: [f(x)], lambda x: [g(x)], k11, k12, k22, degree, f is g)[0]
+
+
+def _gauss_hermite_many(f: Many, g: Many, k11: Tensor, k12: Tensor, k22: Tensor, degree: int | Tensor,
+                        symmetric: bool) -> list[Tensor]:
+    """``E[f_m(u) g_m(v)]`` for each of the ``M`` functions ``f`` and ``g`` give, all at the same nodes:
+    functions that share work (``φ`` and ``φ'`` from one autograd pass) evaluate it once.
+    ``symmetric``: ``f_m`` is ``g_m`` for every ``m``, so an entry may swap ``k11`` and ``k22``."""
     per_entry = isinstance(degree, Tensor)
     shape = torch.broadcast_shapes(k11.shape, k12.shape, k22.shape,
                                    *([cast(Tensor, degree).shape] if per_entry else []))
     a, c, b = (t.detach().expand(shape).reshape(-1) for t in (k11, k12, k22))
-    if f is g:  # E[f(u) f(v)] is symmetric: one ordering makes kernel matrices exactly symmetric
+    if symmetric:
         a, b = torch.minimum(a, b), torch.maximum(a, b)
-    if not per_entry:
-        return _expectation(f, g, a, c, b, cast(int, degree)).reshape(shape)
-    degrees = cast(Tensor, degree).expand(shape).reshape(-1)
-    out = torch.empty_like(a)
-    for d in torch.unique(degrees).tolist():
-        where = (degrees == d).nonzero().squeeze(-1)
-        out[where] = _expectation(f, g, a[where], c[where], b[where], int(d))
-    return out.reshape(shape)
+    degrees = cast(Tensor, degree).expand(shape).reshape(-1) if per_entry else None
+    # equal entries (the two triangles of a symmetric kernel, once ordered) are integrated once
+    a, c, b, degrees, inverse = _distinct_entries(a, c, b, degrees)
+    if degrees is None:
+        out = _expectations(f, g, a, c, b, cast(int, degree))
+    else:
+        where = [(degrees == d).nonzero().squeeze(-1) for d in torch.unique(degrees).tolist()]
+        parts = [_expectations(f, g, a[w], c[w], b[w], int(degrees[w[0]])) for w in where]
+        if not parts:   # no entries: (M, 0), M told by f on no nodes
+            parts, where = [_expectations(f, g, a, c, b, 1)], [degrees]
+        out = torch.cat(parts, dim=1)[:, torch.argsort(torch.cat(where))]   # back in the entries' order
+    return list(out[:, inverse].reshape(-1, *shape))
+
+
+def _distinct_entries(a: Tensor, c: Tensor, b: Tensor, degrees: Tensor | None
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+    """The distinct rows of ``(a, c, b, degrees)`` and the index of each original row among them,
+    so that ``distinct[inverse]`` restores the rows. A sort costs ``O(N log N)`` against the
+    quadrature's ``degree²`` evaluations per entry, and halves the work of a symmetric kernel."""
+    columns = [a, c, b] if degrees is None else [a, c, b, degrees.to(a.dtype)]
+    rows, inverse = torch.unique(torch.stack(columns, dim=1), dim=0, return_inverse=True)
+    if rows.shape[0] == a.shape[0]:   # nothing to merge: keep the rows as they were
+        return a, c, b, degrees, torch.arange(a.shape[0], device=a.device)
+    distinct_degrees = None if degrees is None else rows[:, 3].round().to(degrees.dtype)
+    return rows[:, 0], rows[:, 1], rows[:, 2], distinct_degrees, inverse
 
 
 def _expectation(f: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor],
                  a: Tensor, c: Tensor, b: Tensor, degree: int) -> Tensor:
     """:func:`gauss_hermite_expectation` of flat variances ``a``, ``b`` and covariances ``c``."""
+    return _expectations(lambda x: [f(x)], lambda x: [g(x)], a, c, b, degree)[0]
+
+
+def _expectations(f: Many, g: Many, a: Tensor, c: Tensor, b: Tensor, degree: int) -> Tensor:
+    """:func:`_gauss_hermite_many` of flat variances ``a``, ``b`` and covariances ``c``: ``(M, N)``."""
     nodes_np, weights_np = _hermite_rule(degree)
     nodes = torch.as_tensor(nodes_np, dtype=a.dtype, device=a.device) * math.sqrt(2.0)
     weights = torch.as_tensor(weights_np, dtype=a.dtype, device=a.device) / math.sqrt(math.pi)
-    out = torch.empty_like(a)
+    parts = []
     chunk = max(1, QUADRATURE_CHUNK // (degree * degree))
     scale = overflow_scale(a, b)   # k11 k22 and the determinant are O(k²): formed of scaled variances
     q = 1.0 if scale is None else scale
     with torch.no_grad():
-        for start in range(0, a.numel(), chunk):
+        for start in range(0, max(a.numel(), 1), chunk):   # one chunk for no entries: M is f's to tell
             sl = slice(start, start + chunk)
             k11_, k12_, k22_ = a[sl], c[sl], b[sl]
             sd1 = torch.sqrt(k11_)
@@ -699,49 +843,88 @@ def _expectation(f: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor],
             # sqrt(det / k11) = sqrt(q² det / (q k11)) / sqrt(q), sqrt(q) exact for a power of 4
             across = torch.where(positive, torch.sqrt(det / safe_k11) / q**0.5,
                                  torch.sqrt(torch.clamp(k22_, min=0)))
-            fu = f(sd1[:, None] * nodes)                                         # (N, deg)
-            v = along[:, None, None] * nodes[None, :, None] + across[:, None, None] * nodes[None, None, :]
-            gv = g(v)                                                            # (N, deg, deg)
-            out[sl] = torch.einsum("ni,i,nij,j->n", fu, weights, gv, weights)
+            fu = torch.stack(f(sd1[:, None] * nodes))                            # (M, N, deg)
+            parts.append(_inner_sums(g, fu, along, across, nodes, weights))
+    return torch.cat(parts, dim=1)
+
+
+def _inner_sums(g: Many, fu: Tensor, along: Tensor, across: Tensor, nodes: Tensor, weights: Tensor) -> Tensor:
+    """``Σ_ab w_a w_b fu_ma g_m(along z_a + across z_b)`` per function ``m`` and entry. Where
+    ``across = 0`` (a point with itself, ``k12² = k11 k22``) ``v`` does not depend on ``b`` and the
+    sum is the 1-D ``Σ_a w_a fu_ma g_m(along z_a) · Σ_b w_b``: ``degree`` evaluations of ``g``
+    instead of ``degree²``."""
+    flat = across == 0
+    if not bool(flat.any()):
+        return _tensor_sums(g, fu, along, across, nodes, weights)
+    out = fu.new_empty(fu.shape[:2])
+    line = flat.nonzero().squeeze(-1)
+    out[:, line] = (fu[:, line] * torch.stack(g(along[line, None] * nodes))) @ weights * weights.sum()
+    if not bool(flat.all()):
+        plane = (~flat).nonzero().squeeze(-1)
+        out[:, plane] = _tensor_sums(g, fu[:, plane], along[plane], across[plane], nodes, weights)
     return out
 
 
+def _tensor_sums(g: Many, fu: Tensor, along: Tensor, across: Tensor, nodes: Tensor, weights: Tensor) -> Tensor:
+    """:func:`_inner_sums` by the full tensor-product rule, ``degree²`` evaluations per entry."""
+    v = along[:, None, None] * nodes[None, :, None] + across[:, None, None] * nodes[None, None, :]
+    return torch.stack([torch.einsum("ni,i,nij,j->n", fu_m, weights, gv, weights)      # gv: (N, deg, deg)
+                        for fu_m, gv in zip(fu, g(v), strict=True)])
+
+
 class _Expectation(torch.autograd.Function):
-    """``E[φ^(i)(u) φ^(j)(v)]`` with Price's-theorem gradients (see the module docstring); with
-    ``centred``, ``ψ = φ − φ(0)`` in place of ``φ`` (the derivatives are the same).
+    """``E[φ^(i)(u) φ^(j)(v)]`` for each ``(i, j)`` in ``orders`` (one output each) with
+    Price's-theorem gradients (see the module docstring); with ``centred``, ``ψ = φ − φ(0)`` in
+    place of ``φ`` (the derivatives are the same). Orders asked together share the quadrature's
+    work (:meth:`Numerical.expectations`).
 
     The backward is itself made of ``_Expectation``s of higher orders, so derivatives of any
     order (double backward, Hessian-vector products) follow Price's theorem again.
     """
 
     @staticmethod
-    def forward(ctx, k11, k12, k22, layer: Numerical, i: int, j: int, degree: int, centred: bool = False):
+    def forward(ctx, k11, k12, k22, layer: Numerical, orders: tuple[tuple[int, int], ...], degree: int | Tensor,
+                centred: bool = False):
         ctx.save_for_backward(k11, k12, k22)
-        ctx.layer, ctx.orders, ctx.degree, ctx.centred = layer, (i, j), degree, centred
-        f = layer.function(i, centred)   # one object for i == j: the quadrature then orders it symmetrically
-        return _gauss_hermite(f, f if i == j else layer.function(j, centred), k11, k12, k22, degree)
+        ctx.layer, ctx.orders, ctx.degree, ctx.centred = layer, orders, degree, centred
+        ctx.set_materialize_grads(False)   # an output without a gradient costs its backward nothing
+        return tuple(layer.expectations(list(orders), k11, k12, k22, degree, centred))
 
     @staticmethod
-    def backward(ctx, grad):
-        k11, k12, k22 = ctx.saved_tensors
-        layer, (i, j) = ctx.layer, ctx.orders
+    def backward(ctx, *grads):
+        kernels = ctx.saved_tensors   # once: checkpointing refuses a second unpacking
+        asked = [(i, j, grad) for (i, j), grad in zip(ctx.orders, grads, strict=True) if grad is not None]
+        # Price's theorem: ∂/∂k11 = ½ E[φ^(i+2) φ^(j)], ∂/∂k12 = E[φ^(i+1) φ^(j+1)], ∂/∂k22 = ½ E[φ^(i) φ^(j+2)]
+        steps = [(n, di, dj, factor) for n, di, dj, factor in ((0, 2, 0, 0.5), (1, 1, 1, 1.0), (2, 0, 2, 0.5))
+                 if ctx.needs_input_grad[n]]
+        for i, j, _ in asked:
+            _check_price_orders(ctx, kernels, i, j)
+        # all of them in one quadrature: the derivatives at each node from one chain of autograd passes
+        orders = tuple(dict.fromkeys((i + di, j + dj) for i, j, _ in asked for _, di, dj, _ in steps))
+        values = dict(zip(orders, _Expectation.apply(*kernels, ctx.layer, orders, ctx.degree, ctx.centred),
+                          strict=True)) if orders else {}
+        total: list[Tensor | None] = [None, None, None]
+        for i, j, grad in asked:
+            for n, di, dj, factor in steps:
+                part = (grad * factor * values[(i + di, j + dj)]).sum_to_size(kernels[n].shape)
+                previous = total[n]
+                total[n] = part if previous is None else previous + part
+        return *total, None, None, None, None
 
-        def expect(di: int, dj: int) -> Tensor:
-            return _Expectation.apply(k11, k12, k22, layer, i + di, j + dj, ctx.degree, ctx.centred)
 
-        # Price's theorem needs each derivative used to be the whole derivative (no kinks)
-        scale = math.sqrt(float(torch.maximum(k11.detach().max(), k22.detach().max()))) if k11.numel() else 0.0
-        top = max(i, j) + (2 if ctx.needs_input_grad[0] or ctx.needs_input_grad[2] else 1)
-        for order in range(1, top + 1):
-            layer.check_continuous(order, scale)
-        layer.warn_if_rough(top, scale)
-        if isinstance(ctx.degree, int):   # a fixed degree: the adaptive one was chosen for the values
-            wanted = [(i + 1, j + 1)] if ctx.needs_input_grad[1] else []
-            if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-                wanted += [(i + 2, j), (i, j + 2)]
-            layer.warn_if_degree_too_low(wanted, scale * scale, ctx.degree)
-        g11 = (grad * 0.5 * expect(2, 0)).sum_to_size(k11.shape) if ctx.needs_input_grad[0] else None
-        g12 = (grad * expect(1, 1)).sum_to_size(k12.shape) if ctx.needs_input_grad[1] else None
-        g22 = (grad * 0.5 * expect(0, 2)).sum_to_size(k22.shape) if ctx.needs_input_grad[2] else None
-        return g11, g12, g22, None, None, None, None, None
-
+def _check_price_orders(ctx, kernels: tuple[Tensor, ...], i: int, j: int) -> None:
+    """Before the gradients of :class:`_Expectation`'s output ``E[φ^(i)(u) φ^(j)(v)]``: Price's
+    theorem needs each derivative used to be the whole derivative (no kinks); warn where the
+    integrand is rough, or a fixed degree too low for the gradients' quadratures."""
+    k11, _, k22 = kernels
+    layer = ctx.layer
+    scale = math.sqrt(float(torch.maximum(k11.detach().max(), k22.detach().max()))) if k11.numel() else 0.0
+    top = max(i, j) + (2 if ctx.needs_input_grad[0] or ctx.needs_input_grad[2] else 1)
+    for order in range(1, top + 1):
+        layer.check_continuous(order, scale)
+    layer.warn_if_rough(top, scale)
+    if isinstance(ctx.degree, int):   # a fixed degree: the adaptive one was chosen for the values
+        wanted = [(i + 1, j + 1)] if ctx.needs_input_grad[1] else []
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+            wanted += [(i + 2, j), (i, j + 2)]
+        layer.warn_if_degree_too_low(wanted, scale * scale, ctx.degree)
