@@ -961,7 +961,7 @@ def test_a_stopped_comparison_reports_the_widths_before_it(cause, tmp_path, caps
         # unknown, as on Windows: known, the run is refused before any training, by the harness and by
         # train_ensemble)
         monkeypatch.setattr(harness, "device_memory", lambda device: None)
-        monkeypatch.setattr(ntkgp.finite.train, "device_memory", lambda device: None)
+        monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: None)   # train_ensemble's check
         widths, status, missing = ["16", "10000000"], 1, [10000000]
         reason = ("out of memory while training width 10000000 (an allocation of 7.45e+05 GiB failed): a smaller "
                   "--chunk-size trains fewer members at once")

@@ -1084,7 +1084,6 @@ def test_kernels_larger_than_the_memory_are_refused_before_the_network_runs(monk
     refused with the sizes before the network is called: it failed in torch's allocator only after
     the outputs and layer signals were formed, or (just above the free memory) was killed by the
     operating system. A kernel that fits is computed as before."""
-    from ntkgp.finite import empirical
     from ntkgp.layers.dense import DenseModule
 
     model = ntkgp.mlp(1, "relu", 2.0, 0.01, width=8).build(3, seed=0, ensemble_size=4, dtype=torch.float64)
@@ -1092,7 +1091,7 @@ def test_kernels_larger_than_the_memory_are_refused_before_the_network_runs(monk
     x1, x2 = (torch.randn(n, 3, generator=g, dtype=torch.float64) for n in (300, 200))
     fn = empirical_nngp if kernel == "nngp" else empirical_ntk
     expected = fn(model, x1[:150], x2)
-    monkeypatch.setattr(empirical, "device_memory", lambda device: 1 << 20, raising=False)
+    monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: 1 << 20)
     forward = DenseModule.forward
     monkeypatch.setattr(DenseModule, "forward", lambda *args: pytest.fail("the network ran"))
     with pytest.raises(torch.cuda.OutOfMemoryError, match=rf"empirical {kernel.upper()} kernel \(4 x 300 x 200, in "

@@ -431,19 +431,16 @@ def test_estimates_larger_than_the_memory_are_refused_before_any_network_is_draw
     up front with the sizes, not by torch's allocator once the first batch's networks ran (or by the
     operating system, for a request just above the free memory). A batch's kernels, formed in blocks
     of rows, need not fit whole."""
-    from ntkgp.finite import monte_carlo as mc
 
     net = ntkgp.mlp(1, "relu", 2.0, 0.01, width=8)
     x = torch.randn(300, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     # 4 matrices of 300 x 300 float64 values: 2.75 MiB; NNGP alone 1.4 MiB
-    monkeypatch.setattr(mc, "device_memory", lambda device: 2 << 20, raising=False)
+    monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: 2 << 20)
     monkeypatch.setattr(ntkgp.Serial, "build", lambda *args, **kwargs: pytest.fail("a network was drawn"))
-    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"2 kernel\(s\) of 300 x 300 points need 0.00268 GiB"):
+    message = r"Estimating 2 kernel\(s\) of 300 x 300 points \(a mean and a sum of squares each\) needs 0.00268 GiB"
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=message):
         monte_carlo_kernel(net, x, n_samples=4)
     monkeypatch.undo()
     # the batch's 4 kernels (2.75 MiB) need not fit: they are formed a block of rows at a time
-    from ntkgp.finite import empirical
-
-    for module in (mc, empirical):
-        monkeypatch.setattr(module, "device_memory", lambda device: 2 << 20, raising=False)
+    monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: 2 << 20)
     assert monte_carlo_kernel(net, x, n_samples=4, ntk=False).nngp.shape == (300, 300)

@@ -705,7 +705,7 @@ def test_a_network_too_large_for_the_memory_is_refused_before_any_weight_is_draw
 
     monkeypatch.setattr(net, "build", build)
     # 4 members in float64 need 2 · 4 · P · 8 = 1 081 408 bytes, 1 member 270 352
-    monkeypatch.setattr(train_module, "device_memory", lambda device: 2 * 4 * params * 8 - 1)
+    monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: 2 * 4 * params * 8 - 1)
     kwargs = dict(ensemble_size=4, learning_rate=0.1, record_steps=[0, 1], dtype=torch.float64, device="cpu")
     with pytest.raises(torch.cuda.OutOfMemoryError, match=r"Training 4 member\(s\) .* needs at least 0\.00101 GiB on "
                                                           r"cpu, more than its 0\.00101 GiB: train fewer members at "
@@ -754,7 +754,7 @@ def test_records_too_large_for_the_memory_are_refused_before_any_training(monkey
     original = net.build
     monkeypatch.setattr(net, "build", lambda *a, **k: builds.append(str(k.get("device"))) or original(*a, **k))
     # 50 steps x 4 members x 1000 test points x 1 output, twice, in float64: 3.2 MB
-    monkeypatch.setattr(train_module, "device_memory", lambda device: 2 * 50 * 4 * 1000 * 8 - 1)
+    monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: 2 * 50 * 4 * 1000 * 8 - 1)
     x_test = torch.linspace(-1, 1, 1000, dtype=torch.float64).unsqueeze(-1)
     kwargs = dict(ensemble_size=4, learning_rate=0.1, x_test=x_test, dtype=torch.float64, device="cpu")
     with pytest.raises(torch.cuda.OutOfMemoryError, match=r"Keeping the 200,000 recorded test outputs \(in "

@@ -52,7 +52,7 @@ from ntkgp.layers.dense import DenseModule
 from ntkgp.layers.norm import LayerNormModule
 from ntkgp.layers.numerics import _is_compiling, transforms_active
 from ntkgp.layers.validation import all_finite, boolean_or_complex, broadcast_shapes, check_inputs, has_non_finite
-from ntkgp.predict.gaussian import device_memory
+from ntkgp.predict.gaussian import refuse_beyond_memory
 
 ParamFn = Callable[[dict[str, Tensor], Tensor], Tensor]
 #: Per Dense call: the layer, its multiplied input ``u``, ``δ = ∂f/∂z`` per output, the squared bias scale.
@@ -255,13 +255,10 @@ def _check_kernel_fits(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None
     members = ensemble_size(model) if isinstance(model, nn.Module) else None
     copies = math.prod(lead) * (members if members is not None and (not lead or lead[-1] == 1) else 1)
     need = copies * x1.shape[-2] * other.shape[-2] * x1.element_size()
-    memory = device_memory(x1.device)
-    if memory is not None and need > memory:
-        shape = " x ".join(str(n) for n in (*lead, *([members] if copies > math.prod(lead) else []),
-                                               x1.shape[-2], other.shape[-2]))
-        raise torch.cuda.OutOfMemoryError(
-            f"The empirical {name} kernel ({shape}, in {x1.dtype}) needs {need / 2**30:.3g} GiB on {x1.device}, "
-            f"more than its {memory / 2**30:.3g} GiB: compute it in blocks of rows (slices of x1, against x2).")
+    shape = " x ".join(str(n) for n in (*lead, *([members] if copies > math.prod(lead) else []),
+                                           x1.shape[-2], other.shape[-2]))
+    refuse_beyond_memory(need, x1.device, f"The empirical {name} kernel ({shape}, in {x1.dtype})",
+                         "compute it in blocks of rows (slices of x1, against x2)")
 
 
 def _input_width(model: nn.Module) -> int | None:

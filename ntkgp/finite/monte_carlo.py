@@ -13,7 +13,7 @@ from ntkgp.finite.empirical import kernel_row_blocks
 from ntkgp.layers.base import Layer
 from ntkgp.layers.state import _NTK
 from ntkgp.layers.validation import check_inputs
-from ntkgp.predict.gaussian import device_memory
+from ntkgp.predict.gaussian import refuse_beyond_memory
 
 #: Bytes of Jacobian held at once when estimating NTKs.
 JACOBIAN_BYTES = 1 << 29
@@ -136,12 +136,8 @@ def _check_estimates_fit(shape: tuple[int, int], kernels: int, like: Tensor) -> 
     drawn when the estimates alone, a mean and a sum of squares per kernel (in float32 at least), exceed
     the memory of ``like``'s device."""
     need = 2 * kernels * shape[0] * shape[1] * max(like.element_size(), 4)
-    memory = device_memory(like.device)
-    if memory is not None and need > memory:
-        raise torch.cuda.OutOfMemoryError(
-            f"Monte-Carlo estimates of {kernels} kernel(s) of {shape[0]} x {shape[1]} points need {need / 2**30:.3g} "
-            f"GiB on {like.device} (a mean and a sum of squares each), more than its {memory / 2**30:.3g} GiB: "
-            "estimate blocks of the points (x1 in slices, against x2).")
+    what = f"Estimating {kernels} kernel(s) of {shape[0]} x {shape[1]} points (a mean and a sum of squares each)"
+    refuse_beyond_memory(need, like.device, what, "estimate blocks of the points (x1 in slices, against x2)")
 
 
 class _Moments:

@@ -46,7 +46,7 @@ from ntkgp.layers.base import Layer, _autocast_off
 from ntkgp.layers.combinators import ParallelModule
 from ntkgp.layers.dense import DenseModule
 from ntkgp.layers.validation import all_finite, check_points, positive_number, usable_device
-from ntkgp.predict.gaussian import device_memory
+from ntkgp.predict.gaussian import refuse_beyond_memory
 from ntkgp.predict.spectral import real_numbers
 
 #: Bytes of parameters (with gradients and activations) an ensemble chunk may hold by default,
@@ -444,12 +444,7 @@ def check_memory(net: Layer, in_features: int, chunk: int, dtype: torch.dtype, d
               "record fewer steps, members or test points")]
     needs += [(need, where, what, advice) for need, where in training_needs(params, largest, chunk, dtype, device)]
     for need, where, what, advice in needs:
-        memory = device_memory(where)
-        if memory is not None and need > memory:
-            # torch's out-of-memory error (torch.cuda's name, which torch >= 2.1 has): callers that catch an
-            # allocation failure (the comparison harness, a user's except RuntimeError) catch this too
-            raise torch.cuda.OutOfMemoryError(f"{what} needs at least {need / 2**30:.3g} GiB on {where}, more "
-                                              f"than its {memory / 2**30:.3g} GiB: {advice}.")
+        refuse_beyond_memory(need, where, what, advice, at_least=True)
 
 
 def _default_chunk(net: Layer, d: int, n_points: int) -> int:

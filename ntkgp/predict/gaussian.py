@@ -273,6 +273,18 @@ def device_memory(device: torch.device) -> int | None:
         return None
 
 
+def refuse_beyond_memory(need: int, device: torch.device, what: str, advice: str, at_least: bool = False) -> None:
+    """``torch.cuda.OutOfMemoryError`` (torch's own out-of-memory error, a ``RuntimeError``: callers that
+    catch an allocation failure catch this too) where ``need`` bytes exceed :func:`device_memory` of
+    ``device``: "``what`` needs ``need`` GiB on ``device``, more than its ``memory`` GiB: ``advice``."
+    Checked before the work, which otherwise failed in torch's allocator only after it had begun, or,
+    just above the free memory, was killed by the operating system without a word."""
+    memory = device_memory(device)
+    if memory is not None and need > memory:
+        raise torch.cuda.OutOfMemoryError(f"{what} needs {'at least ' if at_least else ''}{need / 2**30:.3g} GiB on "
+                                          f"{device}, more than its {memory / 2**30:.3g} GiB: {advice}.")
+
+
 def check_covariance_fits(points: int, times: int, dtype: torch.dtype, device: torch.device) -> None:
     """``ValueError`` if the ``(times, M, M)`` covariance of ``M = points`` test points in ``dtype``
     alone exceeds the memory of ``device``, before any kernel is computed.
