@@ -266,6 +266,60 @@ def test_numerical_gradients_take_the_derivatives_at_each_node_from_one_chain():
     torch.testing.assert_close(g22, (0.5 * (expect(0, 2) + expect(1, 3))).sum(0, keepdim=True), rtol=1e-12, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:Numerical.tanh, degree=40.")   # the gradients' degree, as meant
+def test_numerical_centred_gradients_order_the_variances_of_symmetric_quadratures():
+    """The centred kernel's gradients (LayerNorm after a ``Numerical``) are ``E[φ''ψ]``, ``E[φ'φ']`` and
+    ``E[ψφ'']`` in one quadrature; ``E[φ'φ']`` had lost the ordering of each entry's two variances that
+    its own call gives, so a symmetric kernel's ``∂/∂k12`` was not symmetric and differed from
+    ``E[φ'φ']`` by the rule's truncation (7.6e-5 relative here at degree 40, 1e-10 adaptive)."""
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(7))
+    k = x @ x.T / 3 + 0.2
+    layer = ntkgp.Numerical(torch.tanh, degree=40)
+    k11, k12, k22 = (t.clone().requires_grad_() for t in (k.diagonal()[:, None], k, k.diagonal()[None, :]))
+    centred = layer.centred_pair_kernel(k11, k12, k22, None)
+    _, g12, _ = torch.autograd.grad(centred.sum(), (k11, k12, k22))
+    assert torch.equal(g12, g12.T)
+    d1 = layer.derivative(1)
+    # the same quadrature on its own: only the summation's rounding apart
+    torch.testing.assert_close(g12, gauss_hermite_expectation(d1, d1, k11, k12, k22, 40), rtol=1e-14, atol=0)
+
+
+def test_gauss_hermite_expectation_merges_equal_entries_at_their_own_degrees_in_bfloat16():
+    """Equal entries are integrated once, their degrees merged as floats beside the variances:
+    bfloat16 rounds degree 257 to 256, and entries asking for 257 were integrated at 256 (0.00534
+    where 257 gives 0.00507, 5 % apart). Each entry is now its own degree's rule, exactly."""
+    f = lambda t: torch.sin(3 * t)  # noqa: E731
+    k = torch.ones(3, dtype=torch.bfloat16)
+    degrees = torch.tensor([257, 257, 300])
+    got = gauss_hermite_expectation(f, f, k, 0.5 * k, k, degrees)
+    for entry, degree in enumerate(degrees.tolist()):
+        alone = gauss_hermite_expectation(f, f, k[:1], 0.5 * k[:1], k[:1], degree)
+        assert torch.equal(got[entry:entry + 1], alone)
+
+
+def test_numerical_kernels_in_checkpointed_row_blocks_have_the_same_gradients(monkeypatch):
+    """Large kernels with autograd are formed in checkpointed row blocks (above ``CHECKPOINT_ENTRIES``,
+    a million entries), recomputed in the backward pass. The recomputation read the layer's degree
+    search back where the forward pass had run it, so it saved fewer tensors (the search's own
+    autograd graph of ``φ'`` at the nodes) and checkpoint refused it ("Recomputed values ... have
+    different metadata"). The gradients are now those of the whole kernel."""
+    from ntkgp.layers import base
+
+    def gradients():
+        torch.manual_seed(0)
+        net = ntkgp.serial(ntkgp.Dense(8, 1.5, 0.1), ntkgp.Numerical(torch.tanh), ntkgp.Dense(1, 1.1, 0.1))
+        x = torch.randn(3, 2, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        k = net.kernel(x)
+        return torch.autograd.grad(k.nngp.sum() + k.ntk.sum(), [x, *net.parameters()])
+
+    whole = gradients()
+    monkeypatch.setattr(base, "CHECKPOINT_ENTRIES", 1)
+    monkeypatch.setattr(base, "CHECKPOINT_BLOCK_ENTRIES", 1)
+    for got, want in zip(gradients(), whole, strict=True):
+        # the same quadratures, summed over blocks of rows in another order
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
 def test_numerical_degree_search_is_not_repeated_for_the_same_variances():
     """A layer's kernel map searches the degrees of its pairs' variances for ``T`` and ``Ṫ``, then of
     the same variances for ``T`` alone (:meth:`Activation.variance`): the second search redid the

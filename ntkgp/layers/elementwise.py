@@ -452,18 +452,28 @@ class Numerical(Activation):
         quadrature at ``degree`` without a graph. The derivatives up to the highest order asked for
         come from one chain of autograd passes at each node (:meth:`derivatives_at`): ``T`` and
         ``Ṫ`` together cost one evaluation of ``φ`` and one backward pass, not two and one."""
-        if centred and any(0 in pair for pair in orders):   # ψ, not in the chain
-            fs = [self.function(i, centred) for i, _ in orders]
-            gs = [f if i == j else self.function(j, centred) for f, (i, j) in zip(fs, orders, strict=True)]
-            return _gauss_hermite_many(lambda x: [f(x) for f in fs], lambda x: [g(x) for g in gs], k11, k12, k22,
-                                       degree, symmetric=all(f is g for f, g in zip(fs, gs, strict=True)))
-        # E[φ^(i)(u) φ^(i)(v)] orders each entry's variances (exactly symmetric kernels), the others may not
+        # E[φ^(i)(u) φ^(i)(v)] orders each entry's variances (exactly symmetric kernels), the others may not;
+        # so in the centred backward too, whose (1, 1) had come with (2, 0) and (0, 2) unordered (∂/∂k12 of a
+        # symmetric kernel not symmetric: 7.6e-5 relative at a fixed degree 40, 1e-10 at the adaptive one)
         groups = [[pair for pair in orders if (pair[0] == pair[1]) == symmetric] for symmetric in (True, False)]
         values: dict[tuple[int, int], Tensor] = {}
         for group, symmetric in zip(groups, (True, False), strict=True):
-            if group:
-                values.update(zip(group, self._chained(group, k11, k12, k22, degree, symmetric), strict=True))
+            if not group:
+                continue
+            if centred and any(0 in pair for pair in group):   # ψ, not in the chain
+                found = self._shifted_expectations(group, k11, k12, k22, degree, symmetric)
+            else:
+                found = self._chained(group, k11, k12, k22, degree, symmetric)
+            values.update(zip(group, found, strict=True))
         return [values[pair] for pair in orders]
+
+    def _shifted_expectations(self, orders: list[tuple[int, int]], k11: Tensor, k12: Tensor, k22: Tensor,
+                              degree: int | Tensor, symmetric: bool) -> list[Tensor]:
+        """:meth:`expectations` of centred ``orders`` (``ψ`` for order 0), each function on its own."""
+        fs = [self.function(i, True) for i, _ in orders]
+        gs = [self.function(j, True) for _, j in orders]
+        return _gauss_hermite_many(lambda x: [f(x) for f in fs], lambda x: [g(x) for g in gs], k11, k12, k22,
+                                   degree, symmetric)
 
     def _chained(self, orders: list[tuple[int, int]], k11: Tensor, k12: Tensor, k22: Tensor, degree: int | Tensor,
                  symmetric: bool) -> list[Tensor]:
@@ -486,8 +496,11 @@ class Numerical(Activation):
         phi = self.derivative(0)
         if top == 0:
             return [phi(x)]
-        # autograd records nothing under a caller's inference mode (closed-form Erf's NTK works there)
-        with torch.inference_mode(False), torch.enable_grad():
+        # autograd records nothing under a caller's inference mode (closed-form Erf's NTK works there); the
+        # graph is ours, freed here: a caller's saved-tensor hooks must not see it, or a checkpointed kernel
+        # (whose recomputation reads the degree search back rather than redoing it) saves fewer tensors in
+        # its recomputation than in its forward pass, which checkpoint refuses
+        with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
             leaf = (x.clone() if x.is_inference() else x).detach().requires_grad_()
             values = [phi(leaf.clone())]   # an in-place fn (t.tanh_()) would modify the leaf
             for order in range(1, top + 1):
@@ -680,6 +693,11 @@ def _differentiate(fn: Callable[[Tensor], Tensor], of_activation: bool = True) -
     return derivative
 
 
+def _same(tensor: Tensor) -> Tensor:
+    """The identity, as both saved-tensor hooks: tensors saved as autograd would without hooks."""
+    return tensor
+
+
 def _derivative_of(y: Tensor, leaf: Tensor, of_activation: bool, create_graph: bool) -> Tensor:
     """``dy/d leaf`` of an elementwise ``y``, by autograd (grad mode on); ``of_activation``: ``y`` is
     ``φ`` itself, not one of its derivatives (for the message where autograd cannot go on)."""
@@ -807,12 +825,16 @@ def _distinct_entries(a: Tensor, c: Tensor, b: Tensor, degrees: Tensor | None
     """The distinct rows of ``(a, c, b, degrees)`` and the index of each original row among them,
     so that ``distinct[inverse]`` restores the rows. A sort costs ``O(N log N)`` against the
     quadrature's ``degree²`` evaluations per entry, and halves the work of a symmetric kernel."""
-    columns = [a, c, b] if degrees is None else [a, c, b, degrees.to(a.dtype)]
-    rows, inverse = torch.unique(torch.stack(columns, dim=1), dim=0, return_inverse=True)
+    # the degrees (up to MAX_QUADRATURE_DEGREE = 2048) ride along as floats: exact in float16 and up, but
+    # bfloat16 rounds 257 to 256 (merged entries of degrees 256 and 257 took 256), so it goes to float32
+    dtype = a.dtype if degrees is None or a.dtype != torch.bfloat16 else torch.float32
+    columns = [a, c, b] if degrees is None else [a, c, b, degrees]
+    rows, inverse = torch.unique(torch.stack([t.to(dtype) for t in columns], dim=1), dim=0, return_inverse=True)
     if rows.shape[0] == a.shape[0]:   # nothing to merge: keep the rows as they were
         return a, c, b, degrees, torch.arange(a.shape[0], device=a.device)
     distinct_degrees = None if degrees is None else rows[:, 3].round().to(degrees.dtype)
-    return rows[:, 0], rows[:, 1], rows[:, 2], distinct_degrees, inverse
+    a, c, b = (rows[:, n].to(a.dtype) for n in range(3))   # exact: they were a's dtype
+    return a, c, b, distinct_degrees, inverse
 
 
 def _expectation(f: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor],
