@@ -825,9 +825,9 @@ def _distinct_entries(a: Tensor, c: Tensor, b: Tensor, degrees: Tensor | None
     """The distinct rows of ``(a, c, b, degrees)`` and the index of each original row among them,
     so that ``distinct[inverse]`` restores the rows. A sort costs ``O(N log N)`` against the
     quadrature's ``degree²`` evaluations per entry, and halves the work of a symmetric kernel."""
-    # the degrees (up to MAX_QUADRATURE_DEGREE = 2048) ride along as floats: exact in float16 and up, but
-    # bfloat16 rounds 257 to 256 (merged entries of degrees 256 and 257 took 256), so it goes to float32
-    dtype = a.dtype if degrees is None or a.dtype != torch.bfloat16 else torch.float32
+    # the degrees (up to MAX_QUADRATURE_DEGREE = 2048) ride along as floats of float32 at least: bfloat16
+    # rounds 257 to 256 (merged entries of degrees 256 and 257 took 256)
+    dtype = torch.promote_types(a.dtype, torch.float32)
     columns = [a, c, b] if degrees is None else [a, c, b, degrees]
     rows, inverse = torch.unique(torch.stack([t.to(dtype) for t in columns], dim=1), dim=0, return_inverse=True)
     if rows.shape[0] == a.shape[0]:   # nothing to merge: keep the rows as they were
