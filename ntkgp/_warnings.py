@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 
@@ -17,3 +20,18 @@ def caller_stacklevel(skip: tuple[str, ...] = ("ntkgp.",)) -> int:
     while frame is not None and frame.f_globals.get("__name__", "").startswith(skip):
         frame, level = frame.f_back, level + 1
     return level
+
+
+@contextmanager
+def cuda_context_notice_hidden() -> Iterator[None]:
+    """Hide torch's "Attempting to run cuBLAS, but there was no current CUDA context!" notice.
+
+    torch prints it (once per process) when autograd's CUDA worker thread makes its first cuBLAS
+    call before any CUDA context is current on that thread, and then sets the primary context
+    itself (pytorch/pytorch#120131): nothing is wrong, but training on a GPU printed it into the
+    output of ``ntkgp compare`` and failed code that runs with warnings as errors.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Attempting to run cuBLAS, but there was no current CUDA context",
+                                category=UserWarning)
+        yield

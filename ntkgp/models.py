@@ -548,7 +548,11 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
                 # Optimizer.step returns an optional float: torch's own return the closure's loss tensor at
                 # the start of the step, others a number or None (loss.detach() was an AttributeError)
                 # (torch hints the closure as returning a float; its optimizers take the loss tensor, as documented)
-                returned = optimizer.step(closure)  # type: ignore[arg-type]
+                # torch < 2.13 made Adam's step counters (at its first step) on torch's default device, not
+                # the CPU: with CUDA as the default, a CPU model's fit synchronized with the GPU every step, and
+                # a meta default device failed ("Tensor.item() cannot be called on meta tensors")
+                with torch.device(params[0].device) if step == 0 else contextlib.nullcontext():
+                    returned = optimizer.step(closure)  # type: ignore[arg-type]
                 if returned is None and not first:
                     raise ValueError("The optimizer's step neither evaluated the loss closure nor returned a loss: "
                                      "fit needs an optimizer whose step(closure) calls the closure.")

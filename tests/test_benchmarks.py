@@ -16,6 +16,9 @@ ROOT = pathlib.Path(__file__).parents[1]
 
 @pytest.mark.parametrize("script, args, expected", [
     ("kernels.py", ["--sizes", "20", "--d", "5", "--depth", "2", "--no-compile"], "eager/nt"),
+    # blocks of 64 entries: 3 rows of 20 (7 blocks); the column names the size each row used
+    ("kernels.py", ["--sizes", "20", "--d", "5", "--depth", "2", "--no-compile", "--repeats", "1",
+                    "--block-entries", "64", "1024"], "float64     20      2^6"),
     ("predict.py", ["--n", "50", "--m", "20", "--times", "5"], "-> covariance (5, 20, 20)"),
     ("descent.py", ["--n", "30", "--m", "10", "--classes", "3", "--times", "3", "--t-max", "20"], "exact steps"),
     ("quadrature.py", ["--sizes", "10", "--d", "2"], "max rel diff"),

@@ -1289,8 +1289,9 @@ def test_a_spec_whose_activation_needs_values_is_not_refused_by_the_early_output
         # quadrature converges (at 2.0, variances up to 20 ran it to its degree-300 cap, a warning and 12-25 s)
         return ntkgp.serial(ntkgp.Dense(n, 0.1, 0.01), ntkgp.Numerical(soft_clip), ntkgp.Dense(1, 1.0, 0.01))
 
-    result = run_comparison(sin_dataset(), CompareConfig(widths=(16,), ensemble_size=4, record_steps=(0, 3),
-                                                         spec=spec, divergence_check=False, progress=False))
+    # on the CPU: numpy cannot read a CUDA tensor, where CUDA would be the default
+    result = run_comparison(sin_dataset(), CompareConfig(widths=(16,), ensemble_size=4, record_steps=(0, 3), spec=spec,
+                                                         divergence_check=False, progress=False, device="cpu"))
     assert result.widths[0].steps == [0, 3]
 
 

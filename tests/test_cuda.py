@@ -92,9 +92,12 @@ def test_checkpointed_kernels_and_their_gradients(monkeypatch):
         _on_device_and_close(a.detach(), b.detach(), rtol=1e-8, atol=1e-10)
 
 
-def test_blocked_kernels_with_duplicates_and_batches():
+def test_blocked_kernels_with_duplicates_and_batches(monkeypatch):
     """Row blocks, duplicate screening (unique, bincount, scatter_reduce on the device) and
     batched duplicates: twins' entries stay exact on the GPU."""
+    from ntkgp.layers import base
+
+    monkeypatch.setattr(base, "CUDA_BLOCK_ENTRIES", BLOCK_ENTRIES)   # the CPU's blocks, so several of them
     g = torch.Generator().manual_seed(1)
     n = BLOCK_ENTRIES // 400 + 7                         # several row blocks
     x = torch.randn(n, 3, generator=g, dtype=torch.float64)
@@ -111,6 +114,37 @@ def test_blocked_kernels_with_duplicates_and_batches():
     train[2] = batch[1, 3]
     a, b = net.kernel(batch.to(DEVICE), train.to(DEVICE)), net.kernel(batch, train)
     _on_device_and_close(a.ntk, b.ntk)
+
+
+def test_kernels_on_the_gpu_take_gpu_sized_blocks(monkeypatch):
+    """On a GPU a block of rows is ``CUDA_BLOCK_ENTRIES`` (no cache to fit there, and every block
+    costs its kernel launches): a 3000-point kernel is one block on the GPU, 18 on the CPU, and
+    the two agree."""
+    from ntkgp.layers import base
+
+    blocks = []
+    run_block = base._run_block
+    monkeypatch.setattr(base, "_run_block", lambda *args, **kwargs: blocks.append(1) or run_block(*args, **kwargs))
+    x = torch.randn(3000, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    net = _net(ntkgp.ReLU())
+    with torch.no_grad():
+        gpu = net.kernel(x.to(DEVICE))
+        assert len(blocks) == 1
+        cpu = net.kernel(x)
+    assert len(blocks) == 1 + 18
+    _on_device_and_close(gpu.ntk, cpu.ntk)
+    _on_device_and_close(gpu.nngp, cpu.nngp)
+
+
+def test_exact_powers_of_two_without_a_dtype_view_on_the_gpu():
+    """The fallback of power_of_2 under vmap before torch 2.13 (no batching rule for a dtype view):
+    exp2 of the integers of each dtype's normal range is exact on the GPU too."""
+    from ntkgp.layers.numerics import _exp2_of_integers, power_of_2
+
+    for dtype, low, high in ((torch.float64, -1022, 1023), (torch.float32, -126, 127), (torch.float16, -14, 15),
+                             (torch.bfloat16, -126, 127)):
+        e = torch.arange(low, high + 1)
+        assert torch.equal(_exp2_of_integers(e.to(DEVICE), dtype).cpu(), power_of_2(e, dtype))
 
 
 def test_gpytorch_kernels_and_network_gp():

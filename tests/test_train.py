@@ -775,3 +775,31 @@ def test_auto_takes_the_stacked_step_when_no_step_is_taken(monkeypatch):
     assert h.settings["engine"] == "stacked" and h.steps.tolist() == [0]
     torch.testing.assert_close(h.test_outputs[0], net.build(in_features=1, ensemble_size=2, dtype=torch.float64)(X),
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("message, hidden", [
+    ("Attempting to run cuBLAS, but there was no current CUDA context! Attempting to set the primary context...", True),
+    ("another notice", False)])
+def test_torchs_cuda_context_notice_is_hidden_from_the_caller(message, hidden):
+    """torch warns "Attempting to run cuBLAS, but there was no current CUDA context!" at the first
+    backward pass on a GPU, then sets the context itself (harmless): ``ntkgp compare`` printed it, and
+    code run with warnings as errors failed. Raised here by the activation in the training steps'
+    forward passes (the GPU raised it in their backward passes); any other warning still reaches the
+    caller."""
+    def erf_with_a_notice(z):
+        if torch.is_grad_enabled():
+            warnings.warn(message, UserWarning, stacklevel=1)
+        return torch.erf(z)
+
+    net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), ntkgp.Numerical(erf_with_a_notice), ntkgp.Dense(1, 1.5, 0.1))
+    x = torch.linspace(-2.0, 2.0, 5, dtype=torch.float64).unsqueeze(-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if hidden:
+            h = train_ensemble(net, x, torch.sin(x), ensemble_size=2, learning_rate=0.1, record_steps=[0, 3],
+                               dtype=torch.float64, device="cpu")
+            assert h.steps.tolist() == [0, 3]
+        else:
+            with pytest.raises(UserWarning, match="another notice"):
+                train_ensemble(net, x, torch.sin(x), ensemble_size=2, learning_rate=0.1, record_steps=[0, 3],
+                               dtype=torch.float64, device="cpu")

@@ -80,7 +80,7 @@ def test_chunk_c_is_seeded_seed_plus_1_000_003_c_and_nearby_seeds_share_no_membe
 
     def initial(seed):
         h = train_ensemble(net, x, torch.sin(x), ensemble_size=4, chunk_size=2, seed=seed, learning_rate=0.1,
-                           record_steps=[0], dtype=torch.float64, engine="stacked")
+                           record_steps=[0], dtype=torch.float64, engine="stacked", device="cpu")
         return h.test_outputs[0]                                          # (E, M, 1) at step 0
 
     got = initial(5)

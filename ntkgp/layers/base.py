@@ -39,6 +39,11 @@ from ntkgp.layers.variance import VarianceParameters
 #: Target number of kernel entries per row block when evaluating kernels without autograd.
 BLOCK_ENTRIES = 1 << 19
 
+#: The same on a GPU. There no cache is to be fitted, and a block costs its few hundred kernel
+#: launches and host round trips whatever its size: with CPU-sized blocks a 40000-point kernel
+#: took 3077 blocks (docs/benchmarks.md). About 128 MiB per float64 intermediate.
+CUDA_BLOCK_ENTRIES = 1 << 24
+
 #: With autograd, kernels of at least this many entries are evaluated a block of rows at a time,
 #: each block recomputed during the backward pass instead of keeping its intermediates
 #: (docs/benchmarks.md: the whole-matrix graph held 52-87 kernel-sized matrices at depths 2-3).
@@ -589,12 +594,12 @@ def _blocked_kernel(layer: Layer, x1: Tensor, x2: Tensor | None, want_ntk: bool,
     Blocks of about ``BLOCK_ENTRIES`` entries, counted over the ``batch`` kernels computed
     together, stay in cache through the whole recursion (2¹⁹ was fastest at N = 1000 and tied
     with 2²⁰ at N = 3000 on the benchmark: smaller blocks pay Python overhead per block, larger
-    ones miss cache). When ``x2`` is ``x1`` only the blocks on and above the diagonal are
-    computed and then mirrored.
+    ones miss cache); on a GPU, blocks of ``CUDA_BLOCK_ENTRIES``. When ``x2`` is ``x1`` only the
+    blocks on and above the diagonal are computed and then mirrored.
     """
     symmetric = x2 is None
     n1, n2 = x1.shape[-2], (x1 if symmetric else cast(Tensor, x2)).shape[-2]
-    rows = _rows_per_block(n1, n2, batch, BLOCK_ENTRIES)
+    rows = _rows_per_block(n1, n2, batch, CUDA_BLOCK_ENTRIES if x1.device.type == "cuda" else BLOCK_ENTRIES)
     nngp: Tensor | None = None
     ntk: Tensor | None = None
     cov1: Tensor | None = None

@@ -316,7 +316,19 @@ def power_of_2(e: Tensor, dtype: torch.dtype) -> Tensor:
     """``2^e`` for integers ``e`` in the normal range of ``dtype``, exact (assembled from its bits:
     a multiplication by it is an exact rescaling)."""
     ints, mantissa_bits, bias = _FLOAT_BITS[dtype]
-    return torch.bitwise_left_shift(e.to(ints) + bias, mantissa_bits).view(dtype)
+    bits = torch.bitwise_left_shift(e.to(ints) + bias, mantissa_bits)
+    try:
+        return bits.view(dtype)
+    except RuntimeError:
+        # under torch.func.vmap before torch 2.13 a dtype view has no batching rule ("Batching rule not
+        # implemented for aten::view.dtype"): every kernel under vmap failed there. exp2 of an integer is
+        # exact too (its polynomial part is exactly 1), only slower
+        return _exp2_of_integers(e, dtype)
+
+
+def _exp2_of_integers(e: Tensor, dtype: torch.dtype) -> Tensor:
+    """``2^e`` for integers ``e`` in the normal range of ``dtype`` by ``torch.exp2``."""
+    return torch.exp2(e.to(dtype))
 
 
 def _variance_range(k11: Tensor, k22: Tensor) -> tuple[bool, bool]:
