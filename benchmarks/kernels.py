@@ -9,10 +9,12 @@ For each size and dtype it prints, measured in this run:
   interpreter that has it (it cannot share an environment with current PyTorch/JAX),
 
 and the ratios ``eager / nt`` and ``compiled / nt`` (target: at most 0.5). Times are the minimum
-of three calls after a warm-up; memory is the peak resident-set increase during those calls.
+of three calls (``--repeats``) after a warm-up; memory is the peak resident-set increase during those calls (on a
+GPU, ``--device cuda``: the peak of torch's allocations during them, beyond what was held before).
 
     python benchmarks/kernels.py --nt-python /path/to/nt-venv/bin/python
     python benchmarks/kernels.py --activation gelu --normal-scale 3 --d 10 --depth 2 --no-compile
+    python benchmarks/kernels.py --device cuda --sizes 4000 16000 --no-compile
 """
 
 from __future__ import annotations
@@ -31,17 +33,27 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _memory import peak_mib, start_measuring
 
 import ntkgp
+from ntkgp.layers import base
 
 
-def measure(fn, repeats: int = 3) -> tuple[float, float]:
+def measure(fn, repeats: int = 3, device: torch.device = torch.device("cpu")) -> tuple[float, float]:
+    cuda = device.type == "cuda"
     fn()  # warm-up
-    base = start_measuring()
+    if cuda:   # kernels run asynchronously: a time is only read once the GPU has finished
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        base = start_measuring()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
+        if cuda:
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
-    return min(times), peak_mib() - base
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else peak_mib()
+    return min(times), peak - base
 
 
 def run_nt(python: str, n: int, d: int, depth: int, dtype: str) -> dict | None:
@@ -74,47 +86,68 @@ def main() -> None:
     parser.add_argument("--activation", default="relu", help="of the MLP (neural-tangents' side: relu only)")
     parser.add_argument("--normal-scale", type=float, help="standard normal inputs times this scale instead of "
                         "uniform ones in [0, 1) (GELU's near-opposite pairs need inputs of both signs)")
+    parser.add_argument("--device", default="cpu", help="where ntkgp's kernels run: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up (the minimum is printed)")
+    parser.add_argument("--block-entries", type=int, nargs="+", help="entries per row block to time in turn "
+                        "(default: ntkgp's, BLOCK_ENTRIES on the CPU and CUDA_BLOCK_ENTRIES on a GPU)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available to this torch")
     if args.nt_python and args.activation != "relu":
         print("neural-tangents' kernels are ReLU ones: its columns are left out for another activation.")
         args.nt_python = None
 
     inputs = "uniform in [0, 1)" if args.normal_scale is None else f"{args.normal_scale:g} × standard normal"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; depth-{args.depth} {args.activation}, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; depth-{args.depth} {args.activation}, "
           f"d={args.d}, inputs {inputs}, NNGP+NTK, full symmetric matrix")
-    header = (f"{'dtype':8} {'N':>5} {'x@xT s':>8} {'eager s':>8} {'MiB':>6} {'compile 1st s':>13} "
+    blocks = args.block_entries or [None]
+    header = (f"{'dtype':8} {'N':>5} {'block':>8} {'x@xT s':>8} {'eager s':>8} {'MiB':>6} {'compile 1st s':>13} "
               f"{'compiled s':>10} {'nt 1st s':>9} {'nt s':>7} {'nt MiB':>7} {'eager/nt':>8} {'compiled/nt':>11}")
     print(header)
     for dtype in (torch.float32, torch.float64):
         for n in args.sizes:
             torch.manual_seed(0)
             x = (torch.rand(n, args.d, dtype=dtype) if args.normal_scale is None
-                 else args.normal_scale * torch.randn(n, args.d, dtype=dtype))
+                 else args.normal_scale * torch.randn(n, args.d, dtype=dtype)).to(device)
             net = ntkgp.mlp(args.depth, args.activation, 2.0, 0.01, width=512)
-            with torch.no_grad():
-                t_mm, _ = measure(lambda: x @ x.T)  # noqa: B023
-                t_eager, mem_eager = measure(lambda: net.kernel(x))  # noqa: B023
-                first = t_comp = float("nan")
-                failed = False
-                if not args.no_compile:
-                    t0 = time.perf_counter()
-                    with warnings.catch_warnings(record=True) as caught:
-                        warnings.simplefilter("always", RuntimeWarning)
-                        net.kernel(x, compile=True)
-                    first = time.perf_counter() - t0
-                    # a failed compilation falls back to the eager path: its times are not compiled ones
-                    failed = any("torch.compile failed" in str(w.message) for w in caught)
-                    if failed:
-                        first = float("nan")
-                    else:
-                        t_comp, _ = measure(lambda: net.kernel(x, compile=True))  # noqa: B023
             nt = run_nt(args.nt_python, n, args.d, args.depth, str(dtype).split(".")[1]) if args.nt_python else None
             nt_first, nt_time, nt_mem = (nt["first"], nt["time"], nt["peak_mib"]) if nt else (float("nan"),) * 3
-            name = str(dtype).split(".")[1]
-            print(f"{name:8} {n:5d} {t_mm:8.3f} {t_eager:8.3f} {mem_eager:6.0f} {first:13.1f} {t_comp:10.3f} "
-                  f"{nt_first:9.2f} {nt_time:7.3f} {nt_mem:7.0f} {t_eager / nt_time:8.2f} {t_comp / nt_time:11.2f}"
-                  + ("  (torch.compile failed: eager fallback)" if failed else ""), flush=True)
+            for block in blocks:
+                if block is not None:
+                    base.BLOCK_ENTRIES = base.CUDA_BLOCK_ENTRIES = block
+                used = base.CUDA_BLOCK_ENTRIES if device.type == "cuda" else base.BLOCK_ENTRIES
+                row = _time_one(net, x, device, args.no_compile, args.repeats)
+                t_mm, t_eager, mem_eager, first, t_comp, failed = row
+                name = str(dtype).split(".")[1]
+                print(f"{name:8} {n:5d} {'2^' + str(used.bit_length() - 1):>8} {t_mm:8.3f} {t_eager:8.3f} "
+                      f"{mem_eager:6.0f} {first:13.1f} {t_comp:10.3f} {nt_first:9.2f} {nt_time:7.3f} {nt_mem:7.0f} "
+                      f"{t_eager / nt_time:8.2f} {t_comp / nt_time:11.2f}"
+                      + ("  (torch.compile failed: eager fallback)" if failed else ""), flush=True)
 
+
+def _time_one(net, x, device: torch.device, no_compile: bool, repeats: int) -> tuple:
+    with torch.no_grad():
+        t_mm, _ = measure(lambda: x @ x.T, repeats, device)
+        t_eager, mem_eager = measure(lambda: net.kernel(x), repeats, device)
+        first = t_comp = float("nan")
+        failed = False
+        if not no_compile:
+            t0 = time.perf_counter()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", RuntimeWarning)
+                net.kernel(x, compile=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            first = time.perf_counter() - t0
+            # a failed compilation falls back to the eager path: its times are not compiled ones
+            failed = any("torch.compile failed" in str(w.message) for w in caught)
+            if failed:
+                first = float("nan")
+            else:
+                t_comp, _ = measure(lambda: net.kernel(x, compile=True), repeats, device)
+    return t_mm, t_eager, mem_eager, first, t_comp, failed
 
 if __name__ == "__main__":
     main()

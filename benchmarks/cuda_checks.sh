@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, in one run on a CUDA machine, each step under a time limit of its own
+# so that a stuck step costs only its share:
+#   1. the CUDA tests (tests/test_cuda.py and the tests elsewhere that skip without CUDA),
+#   2. the trainer benchmark on the GPU (benchmarks/train.py --device cuda),
+#   3. the kernel benchmark on the GPU (benchmarks/kernels.py --device cuda), at the default block
+#      size and at the sizes around it,
+#   4. the acceptance comparison with 1024 members at widths 256-1024 (docs/compare.md; ~70 s on an
+#      H200, most of it drawing the weights on the CPU), its report packed as OUT/compare_e1024.tgz,
+#   5. the whole default test suite with CUDA present, in parallel, in the time that is left.
+# Runs from a checkout without installing it (PYTHONPATH), with the torch and gpytorch already there.
+# Run on an H200 on 2026-12-04: docs/benchmarks.md and docs/compare.md give what it printed.
+#
+#     bash benchmarks/cuda_checks.sh OUT [SECONDS]     # SECONDS: the whole run's budget (default 540)
+set -u
+out=${1:?usage: bash benchmarks/cuda_checks.sh OUT [SECONDS]}
+budget=${2:-540}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NTKGP_TEST_TIMEOUT=300
+py=${PYTHON:-python3}
+
+step() {   # step LIMIT COMMAND...: run it under a time limit, print its exit status and time
+    local limit=$1 start=$SECONDS
+    shift
+    echo "=== $* (limit ${limit} s)"
+    timeout --kill-after=5 "$limit" "$@"
+    echo "=== exit status $? after $((SECONDS - start)) s"
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    $py -c "import torch, gpytorch, ntkgp; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'gpytorch', gpytorch.__version__, torch.cuda.get_device_name(), 'available', torch.cuda.is_available())" || exit 1
+    step 120 $py -m pytest -q -p no:cacheprovider -rfEs tests/test_cuda.py \
+        tests/test_finite.py::test_build_and_kernels_on_cuda tests/test_finite.py::test_deferred_first_layer_follows_cuda \
+        tests/test_models.py::test_network_gp_follows_the_device_of_its_data \
+        tests/test_train.py::test_training_on_cuda_matches_cpu
+    step 75 $py benchmarks/train.py --device cuda --repeats 2
+    step 75 $py benchmarks/kernels.py --device cuda --sizes 4000 40000 --no-compile --repeats 1 \
+        --block-entries 524288 8388608 16777216 33554432
+    step 150 $py -m ntkgp compare --preset acceptance --ensemble-size 1024 --widths 256 512 1024 --device cuda \
+        --chunk-size 512 --out "$out/compare_e1024" --no-progress
+    tar czf "$out/compare_e1024.tgz" -C "$out" compare_e1024 && rm -rf "$out/compare_e1024"
+    left=$((budget - SECONDS - 10))
+    if [ "$left" -gt 30 ]; then
+        OMP_NUM_THREADS=1 step "$left" $py -m pytest -q -p no:cacheprovider -n 16 -m "not slow" \
+            --continue-on-collection-errors -rfE tests
+    fi
+} 2>&1 | tee "$out/cuda_checks.log"
