@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -50,3 +51,30 @@ def test_bayesopt_benchmark_fits_every_model_at_toy_size():
     assert [r[0] for r in rows] == ["| NTK", "| NNGP", "| RBF (BoTorch default)", "| Matern-5/2"], rows
     for row in rows:
         assert int(row[2].split("(")[1].rstrip(")")) > 0 and math.isfinite(float(row[6])), row
+
+
+def test_cuda_checks_script_parses_and_names_tests_and_options_that_exist(capsys):
+    """benchmarks/cuda_checks.sh runs only where a GPU is lent, rarely: a renamed test or option
+    would be found there, in the GPU's time. Its shell must parse, every test it names must exist
+    and every option it passes must be one its command takes."""
+    from ntkgp.cli import main
+
+    script = ROOT / "benchmarks" / "cuda_checks.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    named = re.findall(r"(tests/test_\w+\.py)::(\w+)", text)
+    assert len(named) == 4
+    for path, name in named:
+        assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M), f"{path}::{name}"
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    helps = {"ntkgp compare": capsys.readouterr().out}
+    for command in ("benchmarks/train.py", "benchmarks/kernels.py"):
+        helps[command] = subprocess.run([sys.executable, str(ROOT / command), "--help"], capture_output=True,
+                                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    for command, help_text in helps.items():
+        line = next(line for line in text.replace("\\\n", " ").splitlines()
+                    if command in line and not line.lstrip().startswith("#"))
+        options = re.findall(r"(?<= )--[a-z-]+", line)
+        missing = [o for o in options if not re.search(re.escape(o) + r"(?![\w-])", help_text)]
+        assert options and not missing, (command, missing)
