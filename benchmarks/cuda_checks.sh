@@ -5,17 +5,19 @@
 #   2. the trainer benchmark on the GPU (benchmarks/train.py --device cuda),
 #   3. the kernel benchmark on the GPU (benchmarks/kernels.py --device cuda), at the default block
 #      size and at the sizes around it,
-#   4. the acceptance comparison with 1024 members at widths 256-1024 (docs/compare.md; ~70 s on an
-#      H200, most of it drawing the weights on the CPU), its report packed as OUT/compare_e1024.tgz,
+#   4. the acceptance comparison with 1024 members at widths 256-1024 (docs/compare.md; 67 s on an
+#      H200: 6.8 / 12 / 38 s per width), its report packed as OUT/compare_e1024.tgz,
 #   5. the whole default test suite with CUDA present, in parallel, in the time that is left.
 # Runs from a checkout without installing it (PYTHONPATH), with the torch and gpytorch already there.
-# Run on an H200 on 2026-12-04: docs/benchmarks.md and docs/compare.md give what it printed.
+# The figures in docs/benchmarks.md and docs/compare.md come from two runs on an H200 on 2026-12-04
+# of the commands of earlier drafts of this script (other sizes and time limits); this version has
+# not run on a GPU as a whole.
 #
 #     bash benchmarks/cuda_checks.sh OUT [SECONDS]     # SECONDS: the whole run's budget (default 540)
-set -u
+set -uo pipefail   # a failed environment check (exit 1 inside the piped group) is the script's status
 out=${1:?usage: bash benchmarks/cuda_checks.sh OUT [SECONDS]}
 budget=${2:-540}
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 1   # absolute: a relative OUT is the caller's, not the checkout's
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NTKGP_TEST_TIMEOUT=300
 py=${PYTHON:-python3}

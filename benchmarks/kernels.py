@@ -92,6 +92,8 @@ def main() -> None:
                         "(default: ntkgp's, BLOCK_ENTRIES on the CPU and CUDA_BLOCK_ENTRIES on a GPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.repeats < 1 or any(b < 1 for b in args.block_entries or ()):
+        parser.error("--repeats and --block-entries take positive numbers")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available to this torch")
     if args.nt_python and args.activation != "relu":
@@ -121,10 +123,15 @@ def main() -> None:
                 row = _time_one(net, x, device, args.no_compile, args.repeats)
                 t_mm, t_eager, mem_eager, first, t_comp, failed = row
                 name = str(dtype).split(".")[1]
-                print(f"{name:8} {n:5d} {'2^' + str(used.bit_length() - 1):>8} {t_mm:8.3f} {t_eager:8.3f} "
+                print(f"{name:8} {n:5d} {_entries(used):>8} {t_mm:8.3f} {t_eager:8.3f} "
                       f"{mem_eager:6.0f} {first:13.1f} {t_comp:10.3f} {nt_first:9.2f} {nt_time:7.3f} {nt_mem:7.0f} "
                       f"{t_eager / nt_time:8.2f} {t_comp / nt_time:11.2f}"
                       + ("  (torch.compile failed: eager fallback)" if failed else ""), flush=True)
+
+
+def _entries(n: int) -> str:
+    """A block size as printed: ``2^k`` for a power of two, else the number (1000 was printed as 2^9)."""
+    return f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else str(n)
 
 
 def _time_one(net, x, device: torch.device, no_compile: bool, repeats: int) -> tuple:

@@ -9,6 +9,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from ntkgp._warnings import cuda_context_notice_hidden
+
 _F = TypeVar("_F", bound=Callable)
 
 
@@ -38,11 +40,14 @@ def differentiates(fn: _F) -> _F:
     a caller's ``torch.no_grad()`` training failed with "`inputs` argument to `grad()` cannot be
     empty", under ``torch.inference_mode()`` the empirical NTK and ``fit`` with "element 0 of
     tensors does not require grad". Tensor arguments made under inference mode are copied to
-    normal tensors (autograd cannot save inference tensors for the backward pass)."""
+    normal tensors (autograd cannot save inference tensors for the backward pass). On a machine with
+    CUDA, torch's notice that autograd's GPU thread had no CUDA context yet (harmless, once per
+    process) is hidden from the caller (:func:`ntkgp._warnings.cuda_context_notice_hidden`): these
+    functions run the backward passes the caller did not write."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), cuda_context_notice_hidden():
             return fn(*map(_normal, args), **{k: _normal(v) for k, v in kwargs.items()})
 
     return wrapper  # type: ignore[return-value]

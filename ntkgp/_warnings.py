@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+
+import torch
 
 
 def caller_stacklevel(skip: tuple[str, ...] = ("ntkgp.",)) -> int:
@@ -22,6 +25,9 @@ def caller_stacklevel(skip: tuple[str, ...] = ("ntkgp.",)) -> int:
     return level
 
 
+_HIDING = threading.local()   # set while a thread is inside cuda_context_notice_hidden
+
+
 @contextmanager
 def cuda_context_notice_hidden() -> Iterator[None]:
     """Hide torch's "Attempting to run cuBLAS, but there was no current CUDA context!" notice.
@@ -29,9 +35,23 @@ def cuda_context_notice_hidden() -> Iterator[None]:
     torch prints it (once per process) when autograd's CUDA worker thread makes its first cuBLAS
     call before any CUDA context is current on that thread, and then sets the primary context
     itself (pytorch/pytorch#120131): nothing is wrong, but training on a GPU printed it into the
-    output of ``ntkgp compare`` and failed code that runs with warnings as errors.
+    output of ``ntkgp compare`` and failed code that runs with warnings as errors. The worker's
+    warnings are raised again in the calling thread when its backward pass ends, where this
+    filter applies.
+
+    Only where CUDA is available (torch prints it nowhere else), and only at the outermost of nested
+    calls: ``warnings.catch_warnings`` swaps the process's filter list and makes every module forget
+    which warnings it has shown, and before Python 3.14 threads that enter and leave it out of order
+    restore each other's filters (the worst left behind is this one filter).
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Attempting to run cuBLAS, but there was no current CUDA context",
-                                category=UserWarning)
+    if getattr(_HIDING, "active", False) or not torch.cuda.is_available():
         yield
+        return
+    _HIDING.active = True
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Attempting to run cuBLAS, but there was no current CUDA "
+                                    "context", category=UserWarning)
+            yield
+    finally:
+        _HIDING.active = False

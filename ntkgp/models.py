@@ -373,6 +373,35 @@ class NetworkGP(gpytorch.models.ExactGP):
             mean, KroneckerProductLinearOperator(covar, identity), interleaved=True)
 
 
+def _default_device() -> torch.device:
+    """torch's default device (``torch.get_default_device`` is torch 2.3+; before, what a factory makes)."""
+    get = getattr(torch, "get_default_device", None)
+    return torch.device(get()) if get is not None else torch.empty(0).device
+
+
+def _first_step(optimizer: torch.optim.Optimizer, closure: Callable[[], Tensor]) -> Any:
+    """``optimizer.step(closure)`` with the tensors the optimizer makes for itself on the CPU.
+
+    torch < 2.13 made Adam's step counters (at its first step, ``torch.tensor(0.0)``) on torch's default
+    device, where torch means them to be on the CPU (its "special device hosting for step": a counter on a GPU
+    costs a kernel launch and a host synchronization, ``.item()``, per parameter and step): with CUDA as the
+    default, a CPU model's fit synchronized with the GPU every step, and a meta default device failed
+    ("Tensor.item() cannot be called on meta tensors"). Counters on the parameters' device instead would do
+    the same to a CUDA model under the usual CPU default. The closure, the model's evaluation, runs under the
+    caller's default device, as at every later step. With the CPU as the default nothing is changed.
+    """
+    caller = _default_device()
+    if caller.type == "cpu":
+        return optimizer.step(closure)  # type: ignore[arg-type]
+
+    def as_called() -> Tensor:
+        with torch.device(caller):
+            return closure()
+
+    with torch.device("cpu"):
+        return optimizer.step(as_called)  # type: ignore[arg-type]
+
+
 @differentiates
 def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
         optimizer: torch.optim.Optimizer | None = None,
@@ -548,11 +577,8 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
                 # Optimizer.step returns an optional float: torch's own return the closure's loss tensor at
                 # the start of the step, others a number or None (loss.detach() was an AttributeError)
                 # (torch hints the closure as returning a float; its optimizers take the loss tensor, as documented)
-                # torch < 2.13 made Adam's step counters (at its first step) on torch's default device, not
-                # the CPU: with CUDA as the default, a CPU model's fit synchronized with the GPU every step, and
-                # a meta default device failed ("Tensor.item() cannot be called on meta tensors")
-                with torch.device(params[0].device) if step == 0 else contextlib.nullcontext():
-                    returned = optimizer.step(closure)  # type: ignore[arg-type]
+                returned = (_first_step(optimizer, closure) if step == 0
+                            else optimizer.step(closure))  # type: ignore[arg-type]
                 if returned is None and not first:
                     raise ValueError("The optimizer's step neither evaluated the loss closure nor returned a loss: "
                                      "fit needs an optimizer whose step(closure) calls the closure.")

@@ -20,6 +20,9 @@ ROOT = pathlib.Path(__file__).parents[1]
     # blocks of 64 entries: 3 rows of 20 (7 blocks); the column names the size each row used
     ("kernels.py", ["--sizes", "20", "--d", "5", "--depth", "2", "--no-compile", "--repeats", "1",
                     "--block-entries", "64", "1024"], "float64     20      2^6"),
+    # a size that is not a power of two is printed as it is (100 was printed as 2^6)
+    ("kernels.py", ["--sizes", "20", "--d", "5", "--depth", "2", "--no-compile", "--repeats", "1",
+                    "--block-entries", "100"], "float64     20      100"),
     ("predict.py", ["--n", "50", "--m", "20", "--times", "5"], "-> covariance (5, 20, 20)"),
     ("descent.py", ["--n", "30", "--m", "10", "--classes", "3", "--times", "3", "--t-max", "20"], "exact steps"),
     ("quadrature.py", ["--sizes", "10", "--d", "2"], "max rel diff"),
@@ -78,3 +81,33 @@ def test_cuda_checks_script_parses_and_names_tests_and_options_that_exist(capsys
         options = re.findall(r"(?<= )--[a-z-]+", line)
         missing = [o for o in options if not re.search(re.escape(o) + r"(?![\w-])", help_text)]
         assert options and not missing, (command, missing)
+
+
+def _run_cuda_checks(tmp_path, python_status: int) -> tuple[subprocess.CompletedProcess, pathlib.Path]:
+    """benchmarks/cuda_checks.sh run from a folder outside the checkout with OUT = ``out``, with stand-ins
+    for python (echoes, exits ``python_status``) and nvidia-smi: its result and its log's path."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, status in (("python-stand-in", python_status), ("nvidia-smi", 0)):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "stand-in $*"\nexit {status}\n')
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": "python-stand-in"}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "cuda_checks.sh"), "out", "60"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=60)
+    return result, tmp_path / "out" / "cuda_checks.log"
+
+
+def test_cuda_checks_script_writes_its_log_where_the_caller_names_it(tmp_path):
+    """OUT was created relative to the caller's folder, then written relative to the checkout's, where the
+    script moves: from another folder, ``tee`` found no OUT there and the log of the GPU's run was lost."""
+    result, log = _run_cuda_checks(tmp_path, 0)
+    assert log.is_file(), result.stdout[-2000:] + result.stderr[-2000:]
+    text = log.read_text()
+    assert text.count("=== exit status 0") == 5 and "stand-in -m ntkgp compare" in text, text
+
+
+def test_cuda_checks_script_fails_when_its_environment_check_fails(tmp_path):
+    """A python that cannot import torch, gpytorch and ntkgp stops the script before its steps, and the
+    script's status says so (the check's exit 1 was lost in the pipe to ``tee``: status 0)."""
+    result, log = _run_cuda_checks(tmp_path, 1)
+    assert result.returncode == 1 and "===" not in log.read_text(), result.stdout[-2000:]

@@ -622,8 +622,10 @@ def test_a_callers_autocast_does_not_stop_the_comparison_s_training():
     """Under a caller's CPU bfloat16 autocast (a notebook's mixed-precision cell) the ensembles did not
     train: autocast's cached bfloat16 weights went stale under the in-place steps, and the loss after
     20 steps read 0.909 instead of 0.069, so the report compared untrained networks. Training switches
-    autocast off (the analytic side is float64, which autocast leaves alone): the same numbers."""
-    config = CompareConfig(widths=(16,), ensemble_size=4, record_steps=(0, 20), divergence_check=False)
+    autocast off (the analytic side is float64, which autocast leaves alone): the same numbers. On the
+    CPU, where CUDA would be the default: a CPU autocast leaves training on a GPU alone, and the test with it."""
+    config = CompareConfig(widths=(16,), ensemble_size=4, record_steps=(0, 20), divergence_check=False,
+                           device="cpu")
     expected = run_comparison(sin_dataset(), config)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = run_comparison(sin_dataset(), config)

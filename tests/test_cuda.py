@@ -161,6 +161,28 @@ def test_gpytorch_kernels_and_network_gp():
     _on_device_and_close(*means, rtol=1e-7, atol=1e-10)
 
 
+
+def test_fit_keeps_the_optimizers_step_counters_on_the_cpu():
+    """torch < 2.13 made Adam's step counters with ``torch.tensor(0.0)``, on torch's default device (the
+    CPU here), where torch means them to be: fit's first step made them on the parameters' device, the
+    GPU, and each step then read every counter back to the host (``.item()``)."""
+    from ntkgp.models import NetworkGP, fit
+
+    seen: list[str] = []
+
+    class NotingAdam(torch.optim.Adam):
+        def step(self, closure):
+            loss = super().step(closure)
+            seen.append(torch.tensor(0.0).device.type)   # where torch < 2.13 made the counters
+            return loss
+
+    x, _, y = _data()
+    model = NetworkGP(x.to(DEVICE), y.to(DEVICE), _net(), kernel="ntk")
+    optimizer = NotingAdam(model.parameters(), lr=0.05)
+    fit(model, steps=2, optimizer=optimizer)
+    assert seen == ["cpu", "cpu"]
+    assert all(state["step"].device.type == "cpu" for state in optimizer.state.values())
+
 def test_predictors():
     x, x2, y = _data()
     net = _net()

@@ -1259,3 +1259,50 @@ def test_fit_names_an_optimizer_class_or_one_over_other_parameters():
         fit(model, steps=1, optimizer=torch.optim.Adam(model.likelihood.parameters(), lr=0.1))
     history = fit(model, steps=2, optimizer=torch.optim.Adam(model.parameters(), lr=0.1))
     assert history[1] < history[0]
+
+
+
+class _CountingAdam(torch.optim.Adam):
+    """Adam that notes torch's default device where its step makes its own tensors (torch < 2.13 made its
+    step counters there, with ``torch.tensor(0.0)``)."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.seen: list[str] = []
+
+    def step(self, closure):
+        loss = super().step(closure)
+        self.seen.append(torch.tensor(0.0).device.type)
+        return loss
+
+
+@pytest.mark.filterwarnings("ignore:Numerical.erf_noting_the_default_device:RuntimeWarning")   # its gradient quadrature
+def test_fit_makes_the_optimizers_own_tensors_on_the_cpu_and_evaluates_the_model_as_called():
+    """torch < 2.13 made Adam's step counters on torch's default device (a meta default failed fit with
+    "Tensor.item() cannot be called on meta tensors"): the first step makes them on the CPU, where torch
+    means them to be (the parameters' device put a CUDA model's counters on the GPU under the usual CPU
+    default: a host synchronization per parameter and step). The model's forward pass runs under the
+    caller's default device at every step: the first step ran it under the parameters' device."""
+    evaluated: list[str] = []
+
+    def erf_noting_the_default_device(z):
+        evaluated.append(torch.tensor(0.0).device.type)
+        return torch.erf(z)
+
+    def model():
+        net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), ntkgp.Numerical(erf_noting_the_default_device, degree=40),
+                           ntkgp.Dense(1, 1.5, 0.1)).double()
+        return NetworkGP(x, y, net, kernel="nngp")
+
+    x, y = _data(n=6)
+    plain = model()
+    expected = fit(plain, steps=3, optimizer=torch.optim.Adam(plain.parameters(), lr=0.05))
+    noted = model()
+    optimizer = _CountingAdam(noted.parameters(), lr=0.05)
+    evaluated.clear()
+    with torch.device("meta"):
+        history = fit(noted, steps=3, optimizer=optimizer, callback=lambda step, loss: evaluated.append("|"))
+    assert optimizer.seen[0] == "cpu"                            # the first step's counters
+    per_step = [set(part) for part in "".join(e[0] for e in evaluated).split("|")[:3]]
+    assert all("m" in seen for seen in per_step), per_step      # m: meta, the caller's default device
+    assert history == expected                                   # the same steps, bitwise, as under the CPU default

@@ -777,21 +777,29 @@ def test_auto_takes_the_stacked_step_when_no_step_is_taken(monkeypatch):
                                rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("message, hidden", [
-    ("Attempting to run cuBLAS, but there was no current CUDA context! Attempting to set the primary context...", True),
-    ("another notice", False)])
-def test_torchs_cuda_context_notice_is_hidden_from_the_caller(message, hidden):
-    """torch warns "Attempting to run cuBLAS, but there was no current CUDA context!" at the first
-    backward pass on a GPU, then sets the context itself (harmless): ``ntkgp compare`` printed it, and
-    code run with warnings as errors failed. Raised here by the activation in the training steps'
-    forward passes (the GPU raised it in their backward passes); any other warning still reaches the
-    caller."""
+_NOTICE = "Attempting to run cuBLAS, but there was no current CUDA context! Attempting to set the primary context..."
+
+
+def _net_warning(message):
+    """A network whose activation warns ``message`` in passes with autograd (as torch's notice comes from
+    the backward passes on a GPU)."""
     def erf_with_a_notice(z):
         if torch.is_grad_enabled():
             warnings.warn(message, UserWarning, stacklevel=1)
         return torch.erf(z)
 
-    net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), ntkgp.Numerical(erf_with_a_notice), ntkgp.Dense(1, 1.5, 0.1))
+    return ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), ntkgp.Numerical(erf_with_a_notice), ntkgp.Dense(1, 1.5, 0.1))
+
+
+@pytest.mark.parametrize("message, hidden", [(_NOTICE, True), ("another notice", False)])
+def test_torchs_cuda_context_notice_is_hidden_from_the_caller(message, hidden, monkeypatch):
+    """torch warns "Attempting to run cuBLAS, but there was no current CUDA context!" at the first
+    backward pass on a GPU, then sets the context itself (harmless): ``ntkgp compare`` printed it, and
+    code run with warnings as errors failed. Raised here by the activation in the training steps'
+    forward passes (the GPU raised it in their backward passes), on a machine taken to have CUDA (only
+    there is it hidden); any other warning still reaches the caller."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    net = _net_warning(message)
     x = torch.linspace(-2.0, 2.0, 5, dtype=torch.float64).unsqueeze(-1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -803,3 +811,50 @@ def test_torchs_cuda_context_notice_is_hidden_from_the_caller(message, hidden):
             with pytest.raises(UserWarning, match="another notice"):
                 train_ensemble(net, x, torch.sin(x), ensemble_size=2, learning_rate=0.1, record_steps=[0, 3],
                                dtype=torch.float64, device="cpu")
+
+
+def _empirical_ntk(net, x):
+    model = net.build(in_features=1, seed=0, dtype=torch.float64)
+    return ntkgp.finite.empirical_ntk(model, x)
+
+
+def _monte_carlo(net, x):
+    return ntkgp.finite.monte_carlo_kernel(net, x, n_samples=2, ensemble_batch=2).ntk
+
+
+def _fit(net, x):
+    from ntkgp.models import NetworkGP, fit
+
+    return torch.tensor(fit(NetworkGP(x, torch.sin(x[:, 0]), net.double(), kernel="nngp"), steps=2))
+
+
+@pytest.mark.filterwarnings("ignore:Numerical.erf_with_a_notice:RuntimeWarning")   # fit's gradient quadrature
+@pytest.mark.parametrize("run", [_empirical_ntk, _monte_carlo, _fit], ids=["empirical_ntk", "monte_carlo", "fit"])
+def test_every_backward_pass_ntkgp_runs_for_the_caller_hides_torchs_cuda_context_notice(run, monkeypatch):
+    """The notice comes with the process's first backward pass on a GPU, whichever runs it: the empirical
+    kernels, their Monte-Carlo average and ``fit`` differentiate for the caller as training does (all
+    through ``ntkgp._autograd.differentiates``), and raised it into code with warnings as errors."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    x = torch.linspace(-2.0, 2.0, 5, dtype=torch.float64).unsqueeze(-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.isfinite(run(_net_warning(_NOTICE), x)).all()
+
+
+def test_without_cuda_training_sets_no_filter_for_the_notice(monkeypatch):
+    """Where torch has no CUDA it cannot print the notice: training sets no filter for it (entering
+    ``warnings.catch_warnings`` swaps the process's filters, makes every module forget the warnings it has
+    shown, and is not thread-safe before Python 3.14)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    filters: list[list] = []
+
+    def erf_noting_the_filters(z):
+        filters.append(list(warnings.filters))
+        return torch.erf(z)
+
+    net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), ntkgp.Numerical(erf_noting_the_filters), ntkgp.Dense(1, 1.5, 0.1))
+    x = torch.linspace(-2.0, 2.0, 5, dtype=torch.float64).unsqueeze(-1)
+    train_ensemble(net, x, torch.sin(x), ensemble_size=2, learning_rate=0.1, record_steps=[0, 3],
+                   dtype=torch.float64, device="cpu")
+    patterns = {f[1].pattern for seen in filters for f in seen if f[1] is not None}
+    assert filters and not any("cuBLAS" in pattern for pattern in patterns), patterns

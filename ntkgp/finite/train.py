@@ -39,7 +39,6 @@ from torch import Tensor, nn
 
 from ntkgp._autograd import differentiates
 from ntkgp._checks import check_flag, integer_at_least, seed_value
-from ntkgp._warnings import cuda_context_notice_hidden
 from ntkgp.finite.empirical import _empirical_ntk
 from ntkgp.finite.fused import TRAINS_EVERY_PARAMETER, forward_hooks, fused_steps, warn_fallback
 from ntkgp.finite.rates import equivalent_learning_rates
@@ -348,7 +347,7 @@ def train_ensemble(
             # a caller's autocast off, as for net.kernel and the empirical kernels: under CPU bfloat16 autocast the
             # forward passes used bf16 copies of the weights that autocast caches and in-place steps leave stale
             # (width 64, 4 members, 20 steps at η = 0.2: losses 0.11-0.63 instead of 0.002-0.018, records 1.9 off)
-            with _autocast_off(device), cuda_context_notice_hidden():
+            with _autocast_off(device):
                 out = _train_chunk(model, x, y, xt, pr, learning_rate, steps, readout_only, bar, engine)
             used = out[6]
             results.append(out)
