@@ -355,7 +355,8 @@ def _add_compare(sub) -> None:
                         "float64, so that the members a seed draws do not depend on --dtype)")
     p.add_argument("--out", default="reports/compare", help="report folder (default reports/compare)")
     p.add_argument("--no-divergence-check", action="store_true", help="skip the run above the stability limit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar, and no line on stderr as each width finishes")
     p.add_argument("--check", action="store_true",
                    help="exit with status 1 if an acceptance check fails (the point-wise ones apply at widths >= 256)")
     p.set_defaults(func=compare)

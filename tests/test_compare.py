@@ -1886,3 +1886,19 @@ def test_reports_and_the_demo_leave_the_callers_matplotlib_torch_and_random_stat
         assert main(["demo", "--width", "16", "--samples", "2"]) == 0
         assert torch.equal(torch.rand(3), expected) and dict(vars(torch._tensor_str.PRINT_OPTS)) == options
     assert "NTK (infinite width)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_each_trained_width_leaves_a_progress_line_in_logs(progress, capsys):
+    """Training's bar goes with each width, and a log (stderr not a terminal: the GPU run's) showed no bar
+    at all, so an hour's comparison said nothing until its end. With progress on, each trained width
+    leaves a line; with it off (--no-progress), nothing."""
+    result = run_comparison(sin_dataset(), CompareConfig(widths=(8, 16), ensemble_size=2, record_steps=(0, 2),
+                                                         divergence_check=False, progress=progress, device="cpu"))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("width ")]
+    if not progress:
+        assert lines == []
+        return
+    assert [line.split(" in ")[0] for line in lines] == ["width 8: 2 members trained", "width 16: 2 members trained"]
+    assert [float(line.split(" in ")[1].removesuffix(" s")) for line in lines] == pytest.approx(
+        [w.seconds for w in result.widths], abs=0.05)

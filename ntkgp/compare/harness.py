@@ -36,6 +36,7 @@ import math
 import numbers
 import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -97,7 +98,8 @@ class CompareConfig:
         chunk_size: members trained at once (``None``: as many as fit in 1 GiB counted in float32).
         divergence_check: run the networks above the stability limit too
             (``--no-divergence-check`` turns it off).
-        progress: show a progress bar (the command line shows one unless ``--no-progress``).
+        progress: show a progress bar while a width trains and a line on stderr when it is done (the
+            command line shows both unless ``--no-progress``).
         spec: instead of an MLP, any architecture: a function of the hidden width that returns the
             spec, e.g. ``lambda n: ntkgp.serial(ntkgp.Dense(n), ntkgp.ReLU(), ntkgp.residual(ntkgp.Dense(n),
             ntkgp.Erf()), ntkgp.Dense(1))``, with one output, from a ``Dense`` readout (or a sum of them;
@@ -563,6 +565,8 @@ def run_comparison(data: Dataset | str | os.PathLike, config: CompareConfig) -> 
             # in the try: the metrics of many test points can run out of memory too, after the training
             results.append(_width_metrics(width, history, mu, var, tolerance, time.perf_counter() - t0,
                                           analytic.perfect, analytic.prior_scale))
+            if config.progress:   # a line that stays: the bar goes with each width, and logs get no bar at all
+                print(_width_done(results[-1], config.ensemble_size), file=sys.stderr, flush=True)
         except (KeyboardInterrupt, RuntimeError) as error:   # torch.cuda.OutOfMemoryError is a RuntimeError
             stopped = _stop_reason(error, f"training width {width}")
             if stopped is None:
@@ -706,6 +710,12 @@ def _divergence(data: Dataset, config: CompareConfig, kernel: str, max_lr: float
                      "steps": h.steps.tolist(), "loss": h.train_loss.double().mean(-1).tolist()})
     return {"max_learning_rate": max_lr, "width": config.widths[-1], "analytic_factor": 1.2,
             "analytic_steps": DIVERGENCE_STEPS, "analytic_loss": analytic_loss, "runs": runs}
+
+
+def _width_done(result: WidthResult, members: int) -> str:
+    """The progress line of a trained width."""
+    diverged = "" if result.diverged_at is None else f", diverged at step {result.diverged_at}"
+    return f"width {result.width}: {members} members trained in {result.seconds:.1f} s{diverged}"
 
 
 #: How :attr:`ComparisonResult.stopped` begins when the user interrupted the comparison.
