@@ -42,7 +42,7 @@ step() {   # step LIMIT COMMAND...: run it under a time limit, print its exit st
     step 75 $py benchmarks/kernels.py --device cuda --sizes 4000 40000 --no-compile --repeats 1 \
         --block-entries 524288 8388608 16777216 33554432
     step 150 $py -m ntkgp compare --preset acceptance --ensemble-size 1024 --widths 256 512 1024 --device cuda \
-        --chunk-size 512 --out "$out/compare_e1024" --no-progress
+        --chunk-size 512 --out "$out/compare_e1024"
     tar czf "$out/compare_e1024.tgz" -C "$out" compare_e1024 && rm -rf "$out/compare_e1024"
     left=$((budget - SECONDS - 10))
     if [ "$left" -gt 30 ]; then
