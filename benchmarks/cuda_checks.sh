@@ -39,7 +39,7 @@ step() {   # step LIMIT COMMAND...: run it under a time limit, print its exit st
         tests/test_models.py::test_network_gp_follows_the_device_of_its_data \
         tests/test_train.py::test_training_on_cuda_matches_cpu
     step 75 $py benchmarks/train.py --device cuda --repeats 2
-    step 75 $py benchmarks/kernels.py --device cuda --sizes 4000 40000 --no-compile --repeats 1 \
+    step 90 $py benchmarks/kernels.py --device cuda --sizes 4000 40000 --no-compile --repeats 1 \
         --block-entries 524288 8388608 16777216 33554432
     step 150 $py -m ntkgp compare --preset acceptance --ensemble-size 1024 --widths 256 512 1024 --device cuda \
         --chunk-size 512 --out "$out/compare_e1024"
