@@ -79,14 +79,13 @@ def perfect_ensemble_scores(mu: Tensor, covariance: Tensor, members: int, tolera
         covariance: ``(T, M, M)`` analytic covariances (positive semi-definite up to rounding).
         members: ensemble size ``E`` (at least 2).
         tolerance: the variance check's tolerance (:func:`pointwise_scores`).
-        draws: number of simulated ensembles: fewer when ``draws · E · M · rank Σ`` multiply-adds
-            per step, plus the eigendecompositions, would exceed :data:`DRAW_FLOPS` (a large test
-            set), and none (zero columns) when that leaves fewer than 100.
-        seed: of the draws (a CPU generator: the same draws on every machine from the same
-            covariance bits; they follow its eigenvectors, so a rounding-level change of the
-            covariance, from another BLAS or version, draws other ensembles, and the counts move
-            within their Monte-Carlo noise: 1e-15 of it moved the acceptance run's step-1000
-            failure rate from 6.8 % to 7.3 %).
+        draws: number of simulated ensembles: fewer when ``draws · E · min(M², 2 M rank Σ)``
+            multiply-adds per step (:func:`symmetric_root`), plus the eigendecompositions, would exceed
+            :data:`DRAW_FLOPS` (a large test set), and none (zero columns) when that leaves fewer than 100.
+        seed: of the draws (a CPU generator). The draws are a continuous function of the
+            covariance (standard normals mapped by its symmetric square root, see
+            :func:`symmetric_root`), so the same seed draws the same ensembles, and the same counts,
+            wherever the covariance agrees to rounding (another BLAS, another torch version).
         prior_scale: as in :func:`pointwise_scores`.
 
     Returns:
@@ -108,13 +107,8 @@ def perfect_ensemble_scores(mu: Tensor, covariance: Tensor, members: int, tolera
         return none
     mu_used, cov_used = mu[rows], covariance[rows]
     var = cov_used.diagonal(dim1=-2, dim2=-1).clamp_min(0)
-    values, vectors = torch.linalg.eigh((cov_used + cov_used.mT) / 2)   # ascending
-    # Σ ≈ root rootᵀ over the directions above 1e-12 of the largest: the rest moves no variance by
-    # more than 1e-12 of the largest, far below the checks' floor (1e-6), and smooth kernels on
-    # many test points have few directions that matter
-    rank = max(1, int((values > 1e-12 * values.amax(-1, keepdim=True)).sum(-1).max()))
-    root = vectors[..., -rank:] * values[..., -rank:].clamp_min(0).sqrt().unsqueeze(-2)   # (T', M, rank)
-    draws = min(draws, int((DRAW_FLOPS - eigen_cost) // (used * members * rank * m)))
+    left, right = symmetric_root(cov_used)
+    draws = min(draws, int((DRAW_FLOPS - eigen_cost) // (used * members * _draw_cost(left, right))))
     if draws < 100:   # a failure rate of ~10 % from fewer draws is too rough to quote
         return none
     generator = torch.Generator().manual_seed(seed)
@@ -122,8 +116,8 @@ def perfect_ensemble_scores(mu: Tensor, covariance: Tensor, members: int, tolera
     mean_scores, var_scores = [], []
     for start in range(0, draws, batch):
         b = min(batch, draws - start)
-        z = torch.randn(b, used, members, rank, generator=generator, dtype=torch.float64, device="cpu")
-        samples = mu_used.unsqueeze(-2) + z @ root.mT                 # (b, T', E, M)
+        z = torch.randn(b, used, members, m, generator=generator, dtype=torch.float64, device="cpu")
+        samples = mu_used.unsqueeze(-2) + _apply_root(z, left, right)  # (b, T', E, M)
         mean_within, var_within, _ = pointwise_scores(samples.mean(-2), samples.var(-2), members, mu_used, var,
                                                       tolerance, prior_scale)
         mean_scores.append(mean_within)
@@ -134,3 +128,41 @@ def perfect_ensemble_scores(mu: Tensor, covariance: Tensor, members: int, tolera
         full[rows] = torch.cat(scores).mT
         out.append(full)
     return out[0], out[1]
+
+
+def symmetric_root(covariance: Tensor) -> tuple[Tensor, Tensor | None]:
+    r"""The symmetric square root ``S = V_r Λ_r^{1/2} V_rᵀ`` of ``Σ = V Λ Vᵀ`` (``(..., M, M)``), over the
+    ``r`` directions whose eigenvalue exceeds 1e-12 of the largest (``r`` the most over the batch).
+
+    ``S z`` for standard normal ``z ∈ R^M`` is ``N(0, V_r Λ_r V_rᵀ)``. Unlike the factor
+    ``V_r Λ_r^{1/2}``, ``S`` does not depend on the eigenvectors' signs nor on the basis eigh picks
+    inside a (near-)degenerate eigenspace, both of which change with rounding-level changes of
+    ``Σ``: ``S`` is a continuous function of ``Σ``, so the same ``z`` give the same draws wherever
+    ``Σ`` agrees to rounding. The directions dropped move no variance by more than 1e-12 of the
+    largest, far below the checks' floor (1e-6); smooth kernels on many test points have few that matter.
+
+    Returns:
+        ``(S, None)`` when ``2 r ≥ M`` (one ``M × M`` product per draw is the cheaper), else the factors
+        ``(V_r Λ_r^{1/2}, V_r)`` with ``S = V_r Λ_r^{1/2} V_rᵀ``, applied as two ``M × r`` products.
+    """
+    values, vectors = torch.linalg.eigh((covariance + covariance.mT) / 2)   # ascending
+    rank = max(1, int((values > 1e-12 * values.amax(-1, keepdim=True)).sum(-1).max()))
+    kept = vectors[..., -rank:]
+    scaled = kept * values[..., -rank:].clamp_min(0).sqrt().unsqueeze(-2)       # V_r Λ_r^{1/2}
+    if 2 * rank >= covariance.shape[-1]:
+        return scaled @ kept.mT, None
+    return scaled, kept
+
+
+def _draw_cost(left: Tensor, right: Tensor | None) -> int:
+    """Multiply-adds of one draw ``S z`` from the root or the factors of :func:`symmetric_root`."""
+    m = left.shape[-2]
+    return m * m if right is None else 2 * m * right.shape[-1]
+
+
+def _apply_root(z: Tensor, left: Tensor, right: Tensor | None) -> Tensor:
+    """``z Sᵀ = z S`` for draws ``z`` of shape ``(..., T, E, M)`` and roots of shape ``(T, M, M)``
+    (or the factors of :func:`symmetric_root`): the rows of the result are ``S z``."""
+    if right is None:
+        return z @ left.mT
+    return (z @ right) @ left.mT
