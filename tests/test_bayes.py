@@ -1191,3 +1191,40 @@ def test_arviz_refactor_announcement_is_silenced(tmp_path):
             "warnings.simplefilter('error', FutureWarning)\nimport_arviz()\n")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)
+
+
+def test_the_same_seed_draws_the_same_samples_wherever_the_covariance_agrees_to_rounding(monkeypatch):
+    """sample_outputs mapped its standard normals by ``V diag(√λ)``, which follows the eigenvectors'
+    signs and the basis eigh picks in a degenerate eigenspace: a 1e-13 change of Σ (another BLAS,
+    version or device) drew other samples (up to 1.2 × their largest magnitude apart). An RBF kernel on
+    points evenly spaced on a circle has its eigenvalues in equal pairs; perturbed by 1e-13, and with
+    eigh's vectors flipped and rotated in a pair, the draws move by rounding only."""
+    m = 30
+    theta = torch.arange(m, dtype=torch.float64) * 2 * math.pi / m
+    cov = torch.exp(-(2 - 2 * (theta[:, None] - theta[None, :]).cos()) / 0.5)
+    noise = torch.randn(m, m, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    perturbed = cov * (1 + 1e-13 * (noise + noise.T) / 2)
+    base = bayes.sample_outputs(Gaussian(torch.zeros(m, dtype=torch.float64), cov), 50, seed=0)
+    moved = bayes.sample_outputs(Gaussian(torch.zeros(m, dtype=torch.float64), perturbed), 50, seed=0)
+    scale = float(base.abs().max())
+    assert float((base - moved).abs().max()) < 1e-6 * scale
+
+    eigh = torch.linalg.eigh
+
+    def other_vectors(a):
+        values, vectors = eigh(a)
+        vectors = vectors.clone()
+        vectors[:, ::3] *= -1                                 # signs
+        c, s = math.cos(0.7), math.sin(0.7)                   # a rotation inside the top (degenerate) pair
+        top = vectors[:, -3:-1].clone()
+        vectors[:, -3], vectors[:, -2] = c * top[:, 0] - s * top[:, 1], s * top[:, 0] + c * top[:, 1]
+        return values, vectors
+
+    pair = torch.linalg.eigvalsh(cov)[-3:-1]
+    assert float((pair[1] - pair[0]) / pair[1]) < 1e-10      # the rotated pair is degenerate
+    monkeypatch.setattr(torch.linalg, "eigh", other_vectors)
+    rotated = bayes.sample_outputs(Gaussian(torch.zeros(m, dtype=torch.float64), cov), 50, seed=0)
+    assert float((base - rotated).abs().max()) < 1e-10 * scale
+    # and the draws still follow N(0, Σ): the sample covariance of many draws
+    many = bayes.sample_outputs(Gaussian(torch.zeros(m, dtype=torch.float64), cov), 20000, seed=1)
+    torch.testing.assert_close(many.T.cov(), cov, rtol=0, atol=0.06)

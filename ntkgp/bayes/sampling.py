@@ -169,7 +169,13 @@ def _noise_tensor(noise, like: Tensor) -> Tensor:
 
 
 def _covariance_root(cov: Tensor, prior: float | None = None) -> Tensor:
-    r"""``R`` with ``R Rᵀ = Σ``, from ``Σ = V diag(λ) Vᵀ`` as ``R = V diag(√max(λ, 0))``.
+    r"""``R`` with ``R Rᵀ = Σ``, from ``Σ = V diag(λ) Vᵀ`` as the symmetric root
+    ``R = V diag(√max(λ, 0)) Vᵀ``.
+
+    Symmetric rather than ``V diag(√λ)``: that factor follows the eigenvectors' signs (and the basis
+    eigh picks inside a degenerate eigenspace), which another BLAS, torch version or device picks
+    differently, so the same seed drew other samples after a rounding-level change of ``Σ``; the
+    symmetric root is a continuous function of ``Σ`` (one ``M³`` product more than the eigh).
 
     An eigendecomposition instead of a Cholesky factor because predictive covariances are often
     singular (test points repeating training points, gradient flow at ``t = ∞`` on the training
@@ -186,7 +192,7 @@ def _covariance_root(cov: Tensor, prior: float | None = None) -> Tensor:
     if values.numel() and float(values.min()) < -tolerance:
         raise ValueError(f"covariance is not positive semi-definite: smallest eigenvalue {float(values.min()):.3g} "
                          f"(allowed down to {-tolerance:.3g}).")
-    return vectors * values.clamp_min(0).sqrt()
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.mT
 
 
 def _magnitude(values: Tensor, prior: float | None) -> float:
