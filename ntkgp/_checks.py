@@ -108,11 +108,25 @@ def neural_tangents_keywords(**hints: str) -> Callable[[Function], Function]:
 
 
 def check_flag(value: object, name: str, hint: str = "", choices: str = "True or False") -> None:
-    """Refuse a string or sequence where a boolean flag goes: Python reads ``"False"`` as true, and
-    ported neural-tangents calls pass ``get`` (``"nngp"``, ``("nngp", "ntk")``) where ntkgp has a
-    flag (``hint=NT_GET_HINT`` says so), so the call ran on with the wrong setting; numpy and tensor
-    booleans pass. ``choices`` names what is taken, for a flag with a value beside the booleans
-    (checked by the caller first)."""
+    """Refuse anything but a boolean where a boolean flag goes: ``True``, ``False``, numpy's booleans
+    and one-element boolean arrays or tensors pass. ``choices`` names what is taken, for a flag with a
+    value beside the booleans (checked by the caller first).
+
+    Python reads any object as a truth value, and each of these ran on with a setting the caller did
+    not mean: ``"False"`` (true); ported neural-tangents calls that pass ``get`` (``"nngp"``,
+    ``("nngp", "ntk")``) where ntkgp has a flag (``hint=NT_GET_HINT`` says so); ``None`` (false, where
+    ``None`` usually means "the default", which may be ``True``); a number (``diag=2``, a count in the
+    wrong place). As torch's own boolean arguments (``keepdim=1`` is a ``TypeError``) and
+    ``CompareConfig``'s flags, numbers are not taken, ``0`` and ``1`` included."""
     # an array or tensor of several booleans met numpy's or torch's "truth value ... is ambiguous"
-    if isinstance(value, str | tuple | list) or math.prod(getattr(value, "shape", ())) != 1:
+    if not _one_boolean(value):
         raise ValueError(f"{name} must be {choices}, got {value!r}." + (f" {hint}" if hint else ""))
+
+
+def _one_boolean(value: object) -> bool:
+    """Whether ``value`` is a Python or numpy boolean, or a boolean array or tensor of one element."""
+    if isinstance(value, bool | np.bool_):
+        return True
+    dtype = getattr(value, "dtype", None)   # a torch dtype has no kind: compared by name, without importing torch
+    boolean = dtype is not None and (getattr(dtype, "kind", None) == "b" or str(dtype) == "torch.bool")
+    return boolean and math.prod(getattr(value, "shape", ())) == 1

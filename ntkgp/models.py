@@ -44,6 +44,15 @@ def exact_solves(model: gpytorch.models.GP) -> contextlib.AbstractContextManager
     return gpytorch.settings.max_cholesky_size(size)
 
 
+def _check_features(net: Layer, features: int, name: str) -> None:
+    """Refuse inputs of ``features`` features that ``net`` does not take (``Layer.check_input_dim``, as
+    ``net.kernel`` checks them: a first layer's ``ard_num_dims``), naming them ``name``."""
+    try:
+        net.check_input_dim(features)
+    except ValueError as error:
+        raise ValueError(f"{name} with {features} feature(s) cannot enter the network: {error}") from None
+
+
 def _training_points(inputs: Tensor | tuple | list) -> int:
     """The most training points among ``inputs``: an ExactGP's tuple of ``(..., N, d)`` (or
     ``(N,)``) tensors, or a model list's list of such tuples."""
@@ -185,6 +194,9 @@ class NetworkGP(gpytorch.models.ExactGP):
             net = mlp(**mlp_kwargs)
         elif mlp_kwargs:
             raise ValueError(f"Pass either net or mlp arguments, not both (got {sorted(mlp_kwargs)}).")
+        # a first layer with ard_num_dims for another number of features was refused only by the first fit
+        # or prediction, after the model had been set up
+        _check_features(net, train_x.shape[-1], "train_x")
         # the kernel owns the network: registered a second time, its priors would count twice in
         # the marginal likelihood and its parameters twice in the state dict
         self.covar_module = KERNELS[kernel](net)
@@ -233,6 +245,7 @@ class NetworkGP(gpytorch.models.ExactGP):
             # without a word (__init__ and fit refuse both)
             check_points(x.unsqueeze(-1) if isinstance(x, Tensor) and x.dim() == 1 else x, "inputs")
             self._check_model_dtype(x, "inputs", model)
+            _check_features(self.net, 1 if x.dim() == 1 else x.shape[-1], "inputs")   # strict=False takes any shape
         if targets is not None:
             if not isinstance(targets, Tensor):
                 raise ValueError(f"targets must be a tensor, got {type(targets).__name__}.")

@@ -1428,6 +1428,38 @@ def test_boolean_flags_refuse_strings():
                     make(value)
 
 
+def test_boolean_flags_refuse_none_and_numbers():
+    """``net.kernel(x, diag=None)`` (read as false), ``diag=2``, ``compute_cov=2`` or ``readout_only=2.5``
+    (read as true) ran on with a setting nobody asked for; like torch's own boolean arguments
+    (``keepdim=1`` is a TypeError) and CompareConfig's flags, every flag takes booleans alone: Python's,
+    numpy's, and boolean arrays or tensors of one element."""
+    x, y = _x(5).double(), _x(5, 1, seed=13).double()
+    net = ntkgp.mlp(1, "erf", 2.0, 0.1)
+    model = net.build(in_features=2, seed=0, dtype=torch.float64)
+    theta = net.kernel(x).ntk
+    calls = {
+        "diag": lambda v: net.kernel(x, diag=v),
+        "ntk": lambda v: net.kernel(x, ntk=v),
+        "compile": lambda v: net.kernel(x, compile=v),
+        "diag_reg_absolute_scale": lambda v: predict.gradient_descent_mse(theta, y, t=1.0, diag_reg_absolute_scale=v),
+        "compute_cov": lambda v: predict.gp_posterior(net, x, y, x, noise=0.1, compute_cov=v),
+        "vector_output": lambda v: ntkgp.finite.empirical_ntk(model, x, vector_output=v),
+        "readout_only": lambda v: train_ensemble(net, x, y[:, 0], ensemble_size=2, learning_rate=0.1,
+                                                 record_steps=[0, 1], readout_only=v),
+        "progress": lambda v: train_ensemble(net, x, y[:, 0], ensemble_size=2, learning_rate=0.1,
+                                             record_steps=[0, 1], progress=v),
+    }
+    mc = {"ntk": lambda v: ntkgp.finite.monte_carlo_kernel(net, x, n_samples=2, ntk=v)}
+    for name, call in [*calls.items(), *mc.items()]:
+        for value in (None, 0, 1, 2, 2.5, np.int64(1), torch.tensor(1), torch.tensor([0.0])):
+            with pytest.raises(ValueError, match=f"^{name} must be True(, False or 'diag'.*| or False), got "):
+                call(value)
+    # what is taken: numpy's and one-element booleans, with the meaning of the Python boolean
+    assert torch.equal(net.kernel(x, diag=np.bool_(True)).nngp, net.kernel(x, diag=True).nngp)
+    assert net.kernel(x, ntk=torch.tensor([False])).ntk is None
+    assert predict.gp_posterior(net, x, y, x, noise=0.1, compute_cov=np.False_).covariance is None
+
+
 @pytest.mark.parametrize("built_inside", [False, True])
 def test_predictors_used_under_inference_mode_keep_their_gradients_in_t_afterwards(built_inside):
     """A GradientFlow built, or first asked, under ``torch.inference_mode()`` cached inference

@@ -223,6 +223,24 @@ def test_a_built_network_given_a_list_or_array_says_it_takes_a_tensor(convert, e
             net(convert(_x()))
 
 
+@pytest.mark.parametrize("parameterization", ["ntk", "standard"])
+@pytest.mark.parametrize("ensemble_size", [None, 3])
+def test_a_built_network_refuses_boolean_integer_and_complex_inputs_by_name(parameterization, ensemble_size):
+    """In NTK parameterization the first layer's input scale promoted boolean and integer inputs (booleans
+    read as 0/1, silently), in standard parameterization torch's matmul failed ("expected m1 and m2 to have
+    the same dtype, but got: bool != double"); net.kernel, empirical_ntk and train_ensemble refuse such
+    inputs, as torch's own Linear does."""
+    x = torch.tensor([[0.0, 1.0], [1.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    for in_features in (2, None):   # drawn at the build, or deferred to the first call
+        net = ntkgp.mlp(1, "erf", 2.0, 0.1, width=8, parameterization=parameterization).build(
+            in_features=in_features, ensemble_size=ensemble_size, dtype=torch.float64)
+        for dtype in (torch.bool, torch.int64, torch.int32, torch.complex128):
+            with pytest.raises(ValueError, match=rf"^This layer takes real floating-point inputs, got {dtype}; "
+                                                 r"convert them with x\.to\(torch\.float64\)"):
+                net(x.to(dtype))
+        assert net(x).dtype == torch.float64   # the float inputs of the same values pass
+
+
 def test_a_built_ensemble_given_inputs_for_another_number_of_members_is_refused_by_name():
     # torch's "The size of tensor a (3) must match the size of tensor b (4) at non-singleton dimension 0"
     ensemble = ntkgp.mlp(2).build(in_features=5, ensemble_size=4)

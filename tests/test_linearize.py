@@ -221,6 +221,30 @@ def test_inputs_of_another_dtype_than_the_parameters_are_named():
         torch.testing.assert_close(lin.float()(x.float()).double(), lin.double()(x), rtol=1e-5, atol=1e-6)
 
 
+def test_inputs_of_the_wrong_number_of_features_are_not_said_to_fail_for_their_dtype():
+    """A float64 module that converts its inputs itself, given float32 inputs of 5 features for its 3, was
+    said to fail because "the inputs are torch.float32 but the linearized network's parameters are
+    torch.float64" (torch's shape error in parentheses): converting them changed nothing. Where both are
+    wrong, the dtype is named and so is the failure that remains after converting."""
+
+    class Converting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(3, 2, dtype=F64)
+
+        def forward(self, x):
+            return self.layer(x.to(F64))
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 5)
+    with pytest.raises(RuntimeError, match=r"^mat1 and mat2 shapes cannot be multiplied \(4x5 and 3x2\)$"):
+        finite.linearize(Converting())(x)
+    with pytest.raises(ValueError, match=r"inputs are torch\.float32 but the linearized network's parameters are "
+                                         r"torch\.float64: .* Converted to torch\.float64, the inputs still fail: "
+                                         r"mat1 and mat2 shapes cannot be multiplied \(4x5 and 3x2\)$"):
+        finite.linearize(nn.Linear(3, 2, dtype=F64))(x)
+
+
 def test_inputs_that_the_module_takes_in_another_dtype_are_not_refused():
     """The dtype check refused, before the expansion ran, inputs that the network takes in another dtype
     than its parameters: an embedding's int64 indices and a float64 module that converts its float32

@@ -715,6 +715,30 @@ def test_ard_dimension_is_checked_behind_pass_through_layers():
         net.kernel(torch.randn(5, 3))
 
 
+def test_network_gp_refuses_an_ard_first_layer_for_other_features_when_it_gets_its_data():
+    """NetworkGP(x, y, ard_num_dims=k) with k other than x's features was built (and its training-mode
+    forward returned a lazy distribution): only the first fit or prediction said "Dense(ard_num_dims=2)
+    got inputs with 3 features"."""
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    message = r"^train_x with 3 feature\(s\) cannot enter the network: Dense\(ard_num_dims=2\) got inputs with 3"
+    for make in (lambda: NetworkGP(x, y, ard_num_dims=2),
+                 lambda: NetworkGP(x, y, ntkgp.mlp(1, "relu", ard_num_dims=2), kernel="ntk"),
+                 lambda: NetworkGP(x[:0], y[:0], ard_num_dims=2)):   # the prior of a cold start too
+        with pytest.raises(ValueError, match=message):
+            make()
+    model = NetworkGP(x, y, ard_num_dims=3).eval()   # the matching number of features is taken
+    with torch.no_grad():
+        assert model(x[:2]).mean.shape == (2,)
+    # set_train_data(strict=False), which takes data of another shape, checks them as __init__ does (the
+    # next prediction failed); a network without ard_num_dims takes any number of features
+    with pytest.raises(ValueError, match=r"^inputs with 2 feature\(s\) cannot enter the network: Dense\(ard_num_dims"):
+        model.set_train_data(x[:, :2], y, strict=False)
+    free = NetworkGP(x, y).eval()
+    free.set_train_data(x[:, :2], y, strict=False)
+    with torch.no_grad():
+        assert free(x[:2, :2]).mean.shape == (2,)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_network_gp_follows_the_device_of_its_data():
     """CUDA data: the model moves there (the likelihood's noise, of shape (1,), stayed on the CPU,

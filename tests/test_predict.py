@@ -14,6 +14,7 @@ import torch
 
 import ntkgp
 from ntkgp import predict
+from ntkgp.layers.base import NonFiniteKernelError
 
 from nt_specs import FIXTURES, build
 
@@ -764,6 +765,41 @@ def test_finite_time_predictions_take_the_test_points_in_blocks(kernel, monkeypa
         grads.append(torch.autograd.grad(total, t)[0])
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=0)
     assert float(grads[0].abs()) > 1e-3   # the times do move the outputs
+
+
+def test_test_kernels_that_overflow_are_refused_before_the_eigendecomposition(monkeypatch):
+    """Test inputs whose kernels overflow (|x| ~ 1e160 in float64), or whose prior variances exceed the
+    float32 outputs' range (|x| ~ 1e20 in float32, kernels computed in float64), were refused only after
+    the O(N³) eigendecomposition of the training kernel (and, at finite times, the flow's functions of
+    it). The first block of test kernels and the test points' prior variances (O(M)) now come first;
+    the mean of the float32 points, whose covariance alone is out of range, is still given."""
+    spectral = sys.modules["ntkgp.predict.spectral"]
+    real_of = spectral.Eigensystem.of.__func__
+    made = []
+
+    def counted(cls, k, *args, **kwargs):
+        made.append(k.shape)
+        return real_of(cls, k, *args, **kwargs)
+
+    monkeypatch.setattr(spectral.Eigensystem, "of", classmethod(counted))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 3, generator=g, dtype=torch.float64), torch.randn(20, generator=g, dtype=torch.float64)
+    xt = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    net = ntkgp.mlp(1, "relu", 2.0, 0.1)
+    cases = [(x, xt * 1e160, NonFiniteKernelError, "^The test kernel is not finite", (True, "diag", False)),
+             (x.float(), (xt * 1e20).float(), ValueError, "^The prior kernel at the points predicted reaches .* "
+                                                          "beyond the range of torch.float32", (True, "diag"))]
+    for train, test, error, message, covs in cases:
+        flow = predict.GradientFlow(net, train, y.to(train.dtype))
+        for when in (dict(t=1.0), dict(t=torch.tensor([0.5, 2.0])), dict(steps=10)):
+            for cov in covs:
+                with pytest.raises(error, match=message):
+                    flow.predict(test, compute_cov=cov, **when)
+                with pytest.raises(error, match=message):
+                    predict.gradient_flow(net, train, y.to(train.dtype), test, compute_cov=cov, **when)
+        assert made == []
+    mean = flow.predict(test, t=1.0, compute_cov=False).mean   # the float32 case: its mean is in range
+    assert made == [(20, 20)] and mean.dtype == torch.float32 and bool(torch.isfinite(mean).all())
 
 
 def test_blocked_test_points_warn_once_about_unresolved_directions(monkeypatch):

@@ -84,11 +84,28 @@ class Linearized(nn.Module):
             other = self._other_float_dtype(x)
             if other is None or isinstance(error, torch.cuda.OutOfMemoryError):   # not a dtype's doing
                 raise
+            # a failure that the inputs converted to the parameters' dtype meet as well is not the dtype's: a
+            # module that converts its inputs itself, given inputs of the wrong number of features, was said
+            # to fail for their dtype (torch's "mat1 and mat2 shapes cannot be multiplied" in parentheses)
+            again = self._failure(x.to(other))
+            if again is not None and str(again) == str(error):
+                raise
             # torch's "expected m1 and m2 to have the same dtype, but got: float != double" from inside the jvp;
             # named only once the expansion failed: integer inputs (an embedding's indices) and modules that
             # convert their inputs themselves take inputs of another dtype than their parameters
+            # (and a second cause, such as the number of features, is named beside it)
+            still = "" if again is None else f" Converted to {other}, the inputs still fail: {again}"
             raise ValueError(f"The inputs are {x.dtype} but the linearized network's parameters are {other}: "
-                             f"convert the inputs, or the module (.to(dtype)). ({error})") from error
+                             f"convert the inputs, or the module (.to(dtype)). ({error}){still}") from error
+
+    def _failure(self, x: Tensor) -> RuntimeError | None:
+        """The ``RuntimeError`` the expansion at ``x`` raises, or ``None`` (evaluated without a graph)."""
+        try:
+            with torch.no_grad():
+                self._expansion(x)
+        except RuntimeError as error:
+            return error
+        return None
 
     def _other_float_dtype(self, x: Tensor) -> torch.dtype | None:
         """The parameters' one dtype where ``x`` is a floating-point tensor of another, else ``None``."""

@@ -306,8 +306,13 @@ class GradientFlow:
         if x_test is not None and mode == "full":   # before the training factorization and the test kernels
             check_covariance_fits(x_test.shape[0], 1 if schedule is None else schedule.values.numel(),
                                   self.factor_dtype, self.x_train.device)
-        if schedule is not None and schedule.discrete:
-            warn_if_unstable(self.learning_rate, self.max_learning_rate, self.factor_dtype, self.dtype)
+        if x_test is not None and mode is not None:
+            # the test points' prior variances (O(M)), which every covariance holds, before the O(N³)
+            # eigendecomposition and the test kernels: their overflow was refused only after both
+            # (in the blocks of rows the test kernels take, as everything on the test side)
+            rows = block_rows(self.x_factor.shape[0])
+            for start in range(0, x_test.shape[0], rows):
+                self._prior_test_kernel(x_test[start:start + rows], "diag")
         if x_test is None and mode is not None:
             check_covariance_range(self.nngp_dd, self.dtype)
         if x_test is not None and mode != "full":
@@ -361,13 +366,16 @@ class GradientFlow:
         about :data:`TEST_BLOCK_ENTRIES` entries at a time and projected into ``a`` and ``r2``: whole, the
         two ``(M, N)`` kernels stood beside ``a`` (and ``r2`` and its double beside the NNGP's), so the
         covariance of ``M = N`` test points peaked at 5.2 N² at one time, ``K**`` and these included."""
-        v = self.eigensystem.vectors
-        n, m = v.shape[0], x_test.shape[0]
+        n, m = self.x_factor.shape[0], x_test.shape[0]
         rows = block_rows(n)
+        # the first block's kernels (all of them up to TEST_BLOCK_ENTRIES) before the eigendecomposition
+        # (O(N³), once per GradientFlow): test inputs whose kernels overflow are refused before it
+        first = self._test_kernels(x_test[:rows], mode, prior=False)
+        v = self.eigensystem.vectors
         a = v.new_empty((m, n))
         r2 = v.new_empty((n, m)) if self.kind == "ntk" and mode is not None else None
         for start in range(0, max(m, 1), rows):
-            kernels = self._test_kernels(x_test[start:start + rows], mode, prior=False)
+            kernels = first if start == 0 else self._test_kernels(x_test[start:start + rows], mode, prior=False)
             stop = start + kernels["nngp_td" if self.kind == "nngp" else "ntk_td"].shape[0]
             torch.mm(kernels.pop("ntk_td" if self.kind == "ntk" else "nngp_td"), v, out=a[start:stop])
             if r2 is not None:   # doubling is exact
@@ -379,7 +387,8 @@ class GradientFlow:
         return out
 
     def _prior_test_kernel(self, x_test: Tensor, mode: str) -> Tensor:
-        """``K**`` (``mode="full"``) or its diagonal, checked against the range of the output dtype."""
+        """``K**`` (``mode="full"``) or its diagonal, checked against the range of the output dtype (a
+        kernel's largest entries are on its diagonal: the diagonal alone refuses what ``K**`` would)."""
         with torch.no_grad(), named_kernels("test"):
             k_tt = self.net.kernel(x_test.to(self.factor_dtype), ntk=False, diag=mode == "diag").nngp
         check_covariance_range(k_tt, self.dtype)
@@ -398,11 +407,13 @@ class GradientFlow:
         unresolved-direction warning reads maxima over the test rows, accumulated over the blocks
         (:class:`~ntkgp.predict.spectral.UnresolvedCheck`): it fires as for the whole matrix, once."""
         rows = block_rows(self.x_factor.shape[0])
-        terms = None if schedule is None else self._flow_terms(schedule, mode)
+        terms = None
         means, marginals, scale = [], [], 0.0
         for start in range(0, max(x_test.shape[0], 1), rows):
             block = x_test[start:start + rows]
-            kernels = self._test_kernels(block, mode) if terms is None else self._test_projections(block, mode)
+            kernels = self._test_kernels(block, mode) if schedule is None else self._test_projections(block, mode)
+            if schedule is not None and terms is None:   # after the first block's kernels (_test_projections)
+                terms = self._flow_terms(schedule, mode)
             if mode is not None:   # before _infinite adds into the test kernel in place
                 scale = max(scale, prior_scale(kernels["nngp_tt"]))
             mean, marginal = self._infinite(kernels, mode) if terms is None else self._finite_test(terms, kernels, mode)
@@ -452,6 +463,11 @@ class GradientFlow:
         return mean, symmetrize_(k_tt.addmm_(term.mT, inner))
 
     def _flow_terms(self, schedule: Schedule, mode: str | None) -> _FlowTerms:
+        """The :class:`_FlowTerms` of a prediction (once each), after the warning that discrete steps
+        are past the stability limit: both need the eigendecomposition, made after the first block's
+        test kernels (:meth:`_test_projections`)."""
+        if schedule.discrete:
+            warn_if_unstable(self.learning_rate, self.max_learning_rate, self.factor_dtype, self.dtype)
         eig = self.eigensystem
         decay, growth, flow = schedule.functions(eig)                    # (T, N)
         flow2 = schedule.doubled().functions(eig)[2] if self.kind == "nngp" and mode is not None else None
