@@ -221,19 +221,22 @@ def test_inputs_of_another_dtype_than_the_parameters_are_named():
         torch.testing.assert_close(lin.float()(x.float()).double(), lin.double()(x), rtol=1e-5, atol=1e-6)
 
 
+class Converting(nn.Module):
+    """A float64 module that converts its inputs itself (float32 inputs are its to take)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 2, dtype=F64)
+
+    def forward(self, x):
+        return self.layer(x.to(F64))
+
+
 def test_inputs_of_the_wrong_number_of_features_are_not_said_to_fail_for_their_dtype():
     """A float64 module that converts its inputs itself, given float32 inputs of 5 features for its 3, was
     said to fail because "the inputs are torch.float32 but the linearized network's parameters are
     torch.float64" (torch's shape error in parentheses): converting them changed nothing. Where both are
     wrong, the dtype is named and so is the failure that remains after converting."""
-
-    class Converting(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layer = nn.Linear(3, 2, dtype=F64)
-
-        def forward(self, x):
-            return self.layer(x.to(F64))
 
     torch.manual_seed(0)
     x = torch.randn(4, 5)
@@ -251,14 +254,6 @@ def test_inputs_that_the_module_takes_in_another_dtype_are_not_refused():
     inputs itself (both linearized before). Their expansion at θ = θ₀ is the network's outputs: the
     same operations on the same values, so equal to the last bit."""
     torch.manual_seed(0)
-
-    class Converting(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layer = nn.Linear(3, 2, dtype=F64)
-
-        def forward(self, x):
-            return self.layer(x.to(F64))
 
     embedding = nn.Sequential(nn.Embedding(10, 4, dtype=F64), nn.Flatten(), nn.Linear(8, 1, dtype=F64))
     cases = ((embedding, torch.tensor([[1, 2], [3, 4], [5, 6]])), (Converting(), torch.randn(4, 3)))
