@@ -395,7 +395,7 @@ def _default_device() -> torch.device:
 def _first_step(optimizer: torch.optim.Optimizer, closure: Callable[[], Tensor]) -> Any:
     """``optimizer.step(closure)`` with the tensors the optimizer makes for itself on the CPU.
 
-    torch < 2.13 made Adam's step counters (at its first step, ``torch.tensor(0.0)``) on torch's default
+    torch 2.11 (not 2.13) made Adam's step counters (at its first step, ``torch.tensor(0.0)``) on torch's default
     device, where torch means them to be on the CPU (its "special device hosting for step": a counter on a GPU
     costs a kernel launch and a host synchronization, ``.item()``, per parameter and step): with CUDA as the
     default, a CPU model's fit synchronized with the GPU every step, and a meta default device failed

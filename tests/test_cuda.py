@@ -137,7 +137,7 @@ def test_kernels_on_the_gpu_take_gpu_sized_blocks(monkeypatch):
 
 
 def test_exact_powers_of_two_without_a_dtype_view_on_the_gpu():
-    """The fallback of power_of_2 under vmap before torch 2.13 (no batching rule for a dtype view):
+    """The fallback of power_of_2 under vmap in torch 2.11 (no batching rule for a dtype view there):
     exp2 of the integers of each dtype's normal range is exact on the GPU too."""
     from ntkgp.layers.numerics import _exp2_of_integers, power_of_2
 
@@ -163,7 +163,7 @@ def test_gpytorch_kernels_and_network_gp():
 
 
 def test_fit_keeps_the_optimizers_step_counters_on_the_cpu():
-    """torch < 2.13 made Adam's step counters with ``torch.tensor(0.0)``, on torch's default device (the
+    """torch 2.11, not 2.13, made Adam's step counters with ``torch.tensor(0.0)``, on torch's default device (the
     CPU here), where torch means them to be: fit's first step made them on the parameters' device, the
     GPU, and each step then read every counter back to the host (``.item()``)."""
     from ntkgp.models import NetworkGP, fit
@@ -173,7 +173,7 @@ def test_fit_keeps_the_optimizers_step_counters_on_the_cpu():
     class NotingAdam(torch.optim.Adam):
         def step(self, closure):
             loss = super().step(closure)
-            seen.append(torch.tensor(0.0).device.type)   # where torch < 2.13 made the counters
+            seen.append(torch.tensor(0.0).device.type)   # where torch 2.11 made the counters
             return loss
 
     x, _, y = _data()

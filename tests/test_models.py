@@ -1287,7 +1287,7 @@ def test_fit_names_an_optimizer_class_or_one_over_other_parameters():
 
 
 class _CountingAdam(torch.optim.Adam):
-    """Adam that notes torch's default device where its step makes its own tensors (torch < 2.13 made its
+    """Adam that notes torch's default device where its step makes its own tensors (torch 2.11, not 2.13, made its
     step counters there, with ``torch.tensor(0.0)``)."""
 
     def __init__(self, params, **kwargs):
@@ -1302,7 +1302,7 @@ class _CountingAdam(torch.optim.Adam):
 
 @pytest.mark.filterwarnings("ignore:Numerical.erf_noting_the_default_device:RuntimeWarning")   # its gradient quadrature
 def test_fit_makes_the_optimizers_own_tensors_on_the_cpu_and_evaluates_the_model_as_called():
-    """torch < 2.13 made Adam's step counters on torch's default device (a meta default failed fit with
+    """torch 2.11, not 2.13, made Adam's step counters on torch's default device (a meta default failed fit with
     "Tensor.item() cannot be called on meta tensors"): the first step makes them on the CPU, where torch
     means them to be (the parameters' device put a CUDA model's counters on the GPU under the usual CPU
     default: a host synchronization per parameter and step). The model's forward pass runs under the

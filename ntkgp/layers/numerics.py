@@ -320,7 +320,7 @@ def power_of_2(e: Tensor, dtype: torch.dtype) -> Tensor:
     try:
         return bits.view(dtype)
     except RuntimeError:
-        # under torch.func.vmap before torch 2.13 a dtype view has no batching rule ("Batching rule not
+        # under torch.func.vmap in torch 2.11 (2.13 has one) a dtype view has no batching rule ("Batching rule not
         # implemented for aten::view.dtype"): every kernel under vmap failed there. exp2 of an integer is
         # exact too (its polynomial part is exactly 1), only slower
         return _exp2_of_integers(e, dtype)
