@@ -161,7 +161,6 @@ def test_gpytorch_kernels_and_network_gp():
     _on_device_and_close(*means, rtol=1e-7, atol=1e-10)
 
 
-
 def test_fit_keeps_the_optimizers_step_counters_on_the_cpu():
     """torch 2.11, not 2.13, made Adam's step counters with ``torch.tensor(0.0)``, on torch's default device (the
     CPU here), where torch means them to be: fit's first step made them on the parameters' device, the
@@ -182,6 +181,7 @@ def test_fit_keeps_the_optimizers_step_counters_on_the_cpu():
     fit(model, steps=2, optimizer=optimizer)
     assert seen == ["cpu", "cpu"]
     assert all(state["step"].device.type == "cpu" for state in optimizer.state.values())
+
 
 def test_predictors():
     x, x2, y = _data()
