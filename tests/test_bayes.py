@@ -1204,10 +1204,12 @@ def test_the_same_seed_draws_the_same_samples_wherever_the_covariance_agrees_to_
     cov = torch.exp(-(2 - 2 * (theta[:, None] - theta[None, :]).cos()) / 0.5)
     noise = torch.randn(m, m, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     perturbed = cov * (1 + 1e-13 * (noise + noise.T) / 2)
-    base = bayes.sample_outputs(Gaussian(torch.zeros(m, dtype=torch.float64), cov), 50, seed=0)
-    moved = bayes.sample_outputs(Gaussian(torch.zeros(m, dtype=torch.float64), perturbed), 50, seed=0)
-    scale = float(base.abs().max())
-    assert float((base - moved).abs().max()) < 1e-6 * scale
+    draws = (50, 20)   # as many columns as points or more (the root formed), and fewer (applied in factors)
+    base = [bayes.sample_outputs(Gaussian(torch.zeros(m, dtype=torch.float64), cov), s, seed=0) for s in draws]
+    moved = [bayes.sample_outputs(Gaussian(torch.zeros(m, dtype=torch.float64), perturbed), s, seed=0) for s in draws]
+    scale = float(base[0].abs().max())
+    for a, b in zip(base, moved, strict=True):
+        assert float((a - b).abs().max()) < 1e-6 * scale
 
     eigh = torch.linalg.eigh
 
@@ -1223,8 +1225,11 @@ def test_the_same_seed_draws_the_same_samples_wherever_the_covariance_agrees_to_
     pair = torch.linalg.eigvalsh(cov)[-3:-1]
     assert float((pair[1] - pair[0]) / pair[1]) < 1e-10      # the rotated pair is degenerate
     monkeypatch.setattr(torch.linalg, "eigh", other_vectors)
-    rotated = bayes.sample_outputs(Gaussian(torch.zeros(m, dtype=torch.float64), cov), 50, seed=0)
-    assert float((base - rotated).abs().max()) < 1e-10 * scale
-    # and the draws still follow N(0, Σ): the sample covariance of many draws
-    many = bayes.sample_outputs(Gaussian(torch.zeros(m, dtype=torch.float64), cov), 20000, seed=1)
-    torch.testing.assert_close(many.T.cov(), cov, rtol=0, atol=0.06)
+    rotated = [bayes.sample_outputs(Gaussian(torch.zeros(m, dtype=torch.float64), cov), s, seed=0) for s in draws]
+    for a, b in zip(base, rotated, strict=True):
+        assert float((a - b).abs().max()) < 1e-10 * scale
+    # and the draws still follow N(0, Σ), in both forms: the sample covariance of 20000 draws
+    gaussian = Gaussian(torch.zeros(m, dtype=torch.float64), cov)
+    for many in (bayes.sample_outputs(gaussian, 20000, seed=1),
+                 torch.cat([bayes.sample_outputs(gaussian, 20, seed=s) for s in range(1000)])):
+        torch.testing.assert_close(many.T.cov(), cov, rtol=0, atol=0.06)

@@ -132,7 +132,8 @@ def test_large_test_sets_draw_fewer_ensembles_in_the_directions_that_matter(monk
     import ntkgp.compare.calibration as calibration
 
     m = 50
-    monkeypatch.setattr(calibration, "DRAW_FLOPS", 10 * m**3 + 200 * 16 * m * m)   # eigh, then 200 full-rank draws
+    # eigh (10 M³) and the M × M root (M³), then 200 full-rank draws
+    monkeypatch.setattr(calibration, "DRAW_FLOPS", 11 * m**3 + 200 * 16 * m * m)
     mu = torch.zeros(1, m, dtype=torch.float64)
     full = torch.eye(m, dtype=torch.float64).unsqueeze(0)
     assert perfect_ensemble_scores(mu, full, 16, 0.5)[1].shape == (1, 200)
@@ -279,3 +280,41 @@ def test_the_symmetric_root_is_symmetric_and_squares_to_the_covariance(rank):
     assert (right is None) == (2 * rank >= m)
     torch.testing.assert_close(root, root.mT, rtol=0, atol=1e-12 * float(root.abs().max()))
     torch.testing.assert_close(root @ root.mT, cov, rtol=0, atol=1e-12 * float(cov.abs().max()))
+
+
+def test_the_eigendecompositions_roots_and_draws_stay_within_the_budget(monkeypatch):
+    """Every multiply-add of the simulation is counted against DRAW_FLOPS: per step ~10 M³ for eigh, at
+    most M³ for the product V_r Λ_r^{1/2} V_rᵀ of an M × M root, and E · M² per ensemble drawn through
+    it. The root's product went uncounted, and 152 ensembles were drawn where the budget holds 150."""
+    import ntkgp.compare.calibration as calibration
+
+    m, members, steps = 40, 16, 2
+    budget = steps * 11 * m**3 + 150 * steps * members * m * m
+    monkeypatch.setattr(calibration, "DRAW_FLOPS", budget)
+    mu, cov = torch.zeros(steps, m, dtype=torch.float64), torch.eye(m, dtype=torch.float64).expand(steps, m, m)
+    draws = perfect_ensemble_scores(mu, cov, members, 0.5)[1].shape[-1]
+    assert steps * (11 * m**3 + draws * members * m * m) <= budget
+    assert draws == 150
+
+
+@pytest.mark.parametrize("full_rank_step", [True, False])
+def test_the_batched_root_squares_to_each_steps_covariance_whatever_its_own_rank(full_rank_step):
+    """symmetric_root keeps the most directions any step needs (the rank is the batch's largest): a step of
+    lower rank, one scaled by 1e-30 and an all-zero one still get S Sᵀ = Σ to rounding of their own scale,
+    in the M × M form (a full-rank step in the batch) and in the factored one."""
+    from ntkgp.compare.calibration import _apply_root, symmetric_root
+
+    m = 40
+    generator = torch.Generator().manual_seed(3)
+
+    def of_rank(r: int, scale: float = 1.0) -> torch.Tensor:
+        factor = torch.randn(m, r, generator=generator, dtype=torch.float64)
+        return scale * factor @ factor.mT / r
+
+    steps = [of_rank(5), of_rank(2), of_rank(1, 1e-30), torch.zeros(m, m, dtype=torch.float64)]
+    cov = torch.stack(([of_rank(60)] if full_rank_step else []) + steps)
+    left, right = symmetric_root(cov)
+    assert (right is None) == full_rank_step
+    root = _apply_root(torch.eye(m, dtype=torch.float64).expand(cov.shape[0], m, m), left, right)   # rows S e_i
+    for s, c in zip(root, cov, strict=True):
+        torch.testing.assert_close(s @ s.mT, c, rtol=0, atol=1e-12 * float(c.abs().max()))

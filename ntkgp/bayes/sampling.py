@@ -168,14 +168,14 @@ def _noise_tensor(noise, like: Tensor) -> Tensor:
     return value
 
 
-def _covariance_root(cov: Tensor, prior: float | None = None) -> Tensor:
-    r"""``R`` with ``R Rᵀ = Σ``, from ``Σ = V diag(λ) Vᵀ`` as the symmetric root
-    ``R = V diag(√max(λ, 0)) Vᵀ``.
+def _covariance_root(cov: Tensor, prior: float | None = None) -> tuple[Tensor, Tensor]:
+    r"""``(V, √max(λ, 0))`` of ``Σ = V diag(λ) Vᵀ``: the symmetric root ``R = V diag(√λ) Vᵀ``
+    (``R Rᵀ = Σ``) in factors.
 
-    Symmetric rather than ``V diag(√λ)``: that factor follows the eigenvectors' signs (and the basis
-    eigh picks inside a degenerate eigenspace), which another BLAS, torch version or device picks
-    differently, so the same seed drew other samples after a rounding-level change of ``Σ``; the
-    symmetric root is a continuous function of ``Σ`` (one ``M³`` product more than the eigh).
+    The symmetric root rather than ``V diag(√λ)``: that factor follows the eigenvectors' signs (and
+    the basis eigh picks inside a degenerate eigenspace), which another BLAS, torch version or
+    device picks differently, so the same seed drew other samples after a rounding-level change of
+    ``Σ``; ``R`` is a continuous function of ``Σ``.
 
     An eigendecomposition instead of a Cholesky factor because predictive covariances are often
     singular (test points repeating training points, gradient flow at ``t = ∞`` on the training
@@ -192,7 +192,7 @@ def _covariance_root(cov: Tensor, prior: float | None = None) -> Tensor:
     if values.numel() and float(values.min()) < -tolerance:
         raise ValueError(f"covariance is not positive semi-definite: smallest eigenvalue {float(values.min()):.3g} "
                          f"(allowed down to {-tolerance:.3g}).")
-    return (vectors * values.clamp_min(0).sqrt()) @ vectors.mT
+    return vectors, values.clamp_min(0).sqrt()
 
 
 def _magnitude(values: Tensor, prior: float | None) -> float:
@@ -296,9 +296,13 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: Tim
     except (RuntimeError, OverflowError, TypeError) as err:   # "can't allocate memory", "Storage size ... overflowed",
         # beyond int64: "Overflow when unpacking long long" (a TypeError)
         raise ValueError(_too_many(num_draws, g.mean.shape, "which cannot be allocated")) from err
-    root = _covariance_root(g.covariance.detach(), g.scale)
-    z = z.to(root.device)
-    draws = root @ z
+    vectors, roots = _covariance_root(g.covariance.detach(), g.scale)
+    z = z.to(vectors.device)
+    if z.shape[1] >= m:   # R = V diag(√λ) Vᵀ formed (M³) and one product
+        draws = ((vectors * roots) @ vectors.mT) @ z
+    else:                 # fewer columns than points: R z = V (√λ ⊙ (Vᵀ z)), two M² S products and no M³
+        z = vectors.mT @ z   # the normals' array freed as their projection takes its place
+        draws = vectors @ z.mul_(roots.unsqueeze(-1))
     del z   # freed before the mean is added, and that in place: two arrays of the draws' size at most, not three
     draws = draws.reshape(-1, num_draws, k).permute(1, 0, 2)            # (S, M, k)
     draws += mean if mean.dim() == 2 else mean.unsqueeze(-1)

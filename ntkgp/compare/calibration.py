@@ -80,8 +80,9 @@ def perfect_ensemble_scores(mu: Tensor, covariance: Tensor, members: int, tolera
         members: ensemble size ``E`` (at least 2).
         tolerance: the variance check's tolerance (:func:`pointwise_scores`).
         draws: number of simulated ensembles: fewer when ``draws · E · min(M², 2 M rank Σ)``
-            multiply-adds per step (:func:`symmetric_root`), plus the eigendecompositions, would exceed
-            :data:`DRAW_FLOPS` (a large test set), and none (zero columns) when that leaves fewer than 100.
+            multiply-adds per step (:func:`symmetric_root`), plus the eigendecompositions (``10 M³``)
+            and, for the ``M × M`` root, its product (``M³``), would exceed :data:`DRAW_FLOPS` (a large
+            test set), and none (zero columns) when that leaves fewer than 100.
         seed: of the draws (a CPU generator). The draws are a continuous function of the
             covariance (standard normals mapped by its symmetric square root, see
             :func:`symmetric_root`), so the same seed draws the same ensembles, and the same counts,
@@ -108,7 +109,10 @@ def perfect_ensemble_scores(mu: Tensor, covariance: Tensor, members: int, tolera
     mu_used, cov_used = mu[rows], covariance[rows]
     var = cov_used.diagonal(dim1=-2, dim2=-1).clamp_min(0)
     left, right = symmetric_root(cov_used)
-    draws = min(draws, int((DRAW_FLOPS - eigen_cost) // (used * members * _draw_cost(left, right))))
+    # the M × M root's own product V_r Λ_r^{1/2} V_rᵀ (M² r ≤ M³ multiply-adds per step) is spent too:
+    # uncounted, the draws took up to 10 % more than DRAW_FLOPS
+    spent = eigen_cost + (used * m**3 if right is None else 0)
+    draws = min(draws, int((DRAW_FLOPS - spent) // (used * members * _draw_cost(left, right))))
     if draws < 100:   # a failure rate of ~10 % from fewer draws is too rough to quote
         return none
     generator = torch.Generator().manual_seed(seed)
@@ -140,6 +144,8 @@ def symmetric_root(covariance: Tensor) -> tuple[Tensor, Tensor | None]:
     ``Σ``: ``S`` is a continuous function of ``Σ``, so the same ``z`` give the same draws wherever
     ``Σ`` agrees to rounding. The directions dropped move no variance by more than 1e-12 of the
     largest, far below the checks' floor (1e-6); smooth kernels on many test points have few that matter.
+    (The cut is the one discontinuity: a change of ``Σ`` that carries an eigenvalue across it moves
+    the draws by about 1e-6 of their scale, not by rounding.)
 
     Returns:
         ``(S, None)`` when ``2 r ≥ M`` (one ``M × M`` product per draw is the cheaper), else the factors
