@@ -1137,3 +1137,16 @@ def test_the_largest_active_dim_is_read_once_per_active_dims_tensor(monkeypatch)
     with pytest.raises(ValueError, match="active_dims selects feature 4, but x1 has 3 feature"):
         kernel(x)
     assert len(reads) == 2
+
+
+@pytest.mark.parametrize("kernel_class", [ntkgp.NNGPKernel, ntkgp.NTKKernel])
+def test_a_spec_without_such_a_kernel_is_refused_when_the_kernel_is_built(kernel_class):
+    """A sum of two branches that are functions of the same input feature has no kernel of the
+    independent-branches form; the GPyTorch kernel refused it only at its first evaluation."""
+    shared = ntkgp.serial(ntkgp.Dense(8), ntkgp.parallel(ntkgp.Identity(), ntkgp.Erf(), join="sum"), ntkgp.Dense(1))
+    with pytest.raises(ValueError, match="sum of branches needs them independent"):
+        kernel_class(shared)
+    independent = ntkgp.serial(ntkgp.Dense(8), ntkgp.parallel(ntkgp.Identity(), ntkgp.Dense(8), join="sum"),
+                               ntkgp.Dense(1))
+    with torch.no_grad():
+        assert torch.isfinite(kernel_class(independent)(torch.randn(3, 2)).to_dense()).all()

@@ -156,6 +156,9 @@ class NetworkKernel(Kernel):
         if not isinstance(net, Layer):
             raise ValueError(f"{type(self).__name__} needs an ntkgp network (e.g. ntkgp.serial(...)), "
                              f"got {type(net).__name__}.")
+        # a spec with no kernel of this form (a sum of branches that share their input feature) was
+        # accepted here and refused at the first evaluation, inside a model's fit or a BoTorch loop
+        net.check_structure()
         if kwargs.get("ard_num_dims") is not None:
             # a Kernel-level ard_num_dims would be reported but act on nothing
             raise ValueError("Per-feature weight variances belong to the first layer: use "
