@@ -241,6 +241,20 @@ def test_a_built_network_refuses_boolean_integer_and_complex_inputs_by_name(para
         assert net(x).dtype == torch.float64   # the float inputs of the same values pass
 
 
+@pytest.mark.parametrize("first", [ntkgp.Erf, ntkgp.ReLU, ntkgp.LayerNorm])
+def test_a_built_network_starting_without_a_dense_layer_refuses_non_float_inputs(first):
+    """An activation applied to integers returned float32 whatever the network's dtype (a float32
+    network then ran on them, read as numbers, silently), and a LayerNorm failed inside torch
+    ("var_mean only support floating point and complex dtypes")."""
+    x = torch.tensor([[0.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64):
+        net = ntkgp.serial(first(), ntkgp.Dense(4), ntkgp.Dense(1)).build(in_features=2, dtype=dtype)
+        for bad in (torch.bool, torch.int64, torch.complex64):
+            with pytest.raises(ValueError, match=rf"^This layer takes real floating-point inputs, got {bad}; "):
+                net(x.to(bad))
+        assert net(x.to(dtype)).dtype == dtype
+
+
 def test_a_built_ensemble_given_inputs_for_another_number_of_members_is_refused_by_name():
     # torch's "The size of tensor a (3) must match the size of tensor b (4) at non-singleton dimension 0"
     ensemble = ntkgp.mlp(2).build(in_features=5, ensemble_size=4)

@@ -39,7 +39,7 @@ from ntkgp.layers.numerics import (
     transforms_active,
 )
 from ntkgp.layers.state import KernelState, with_self_pairs, with_twin_derivatives
-from ntkgp.layers.validation import finite_constants, refuse_overflow, squarable_constants
+from ntkgp.layers.validation import finite_constants, refuse_non_float_inputs, refuse_overflow, squarable_constants
 
 
 class ActivationModule(nn.Module):
@@ -51,6 +51,7 @@ class ActivationModule(nn.Module):
         self.name = name
 
     def forward(self, x: Tensor) -> Tensor:
+        refuse_non_float_inputs(x)   # φ of integers came out float32 whatever the network's dtype
         return self.fn(x)
 
     def extra_repr(self) -> str:

@@ -14,7 +14,7 @@ from ntkgp.layers.base import BuildContext, Layer, NonFiniteVarianceError
 from ntkgp.layers.near import carries, first_layer_carry
 from ntkgp.layers.numerics import expand_param
 from ntkgp.layers.state import KernelState
-from ntkgp.layers.validation import all_finite
+from ntkgp.layers.validation import all_finite, refuse_non_float_inputs
 
 PARAMETERIZATIONS = ("ntk", "standard")
 
@@ -350,13 +350,7 @@ class DenseModule(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):   # "'list' object has no attribute 'shape'" otherwise
             raise ValueError(f"This layer takes a torch.Tensor of inputs (..., n, d), got {type(x).__name__}.")
-        if not x.is_floating_point():
-            # in NTK parameterization the input scale promoted boolean and integer inputs (read as 0/1 and as
-            # numbers, silently), in standard parameterization torch's matmul failed ("expected m1 and m2 to
-            # have the same dtype"); net.kernel, empirical_ntk and train_ensemble refuse them
-            like = self.weight if self.weight is not None else cast(Tensor, self._lazy_like)
-            raise ValueError(f"This layer takes real floating-point inputs, got {x.dtype}; convert them with "
-                             f"x.to({like.dtype}), the dtype of the network's parameters.")
+        refuse_non_float_inputs(x, (self.weight if self.weight is not None else cast(Tensor, self._lazy_like)).dtype)
         if self.weight is None:  # deferred first layer: draw now
             self._materialize(x.shape[-1])
         elif x.shape[-1] != self.in_features:   # torch's "mat1 and mat2 shapes cannot be multiplied" otherwise

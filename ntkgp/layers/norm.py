@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ntkgp.layers.base import BuildContext, Layer
 from ntkgp.layers.state import KernelState
-from ntkgp.layers.validation import positive_number
+from ntkgp.layers.validation import positive_number, refuse_non_float_inputs
 
 
 class LayerNorm(Layer):
@@ -119,6 +119,7 @@ class LayerNormModule(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        refuse_non_float_inputs(x)   # torch's "var_mean only support floating point and complex dtypes" otherwise
         if x.numel() == 0:   # no points: var_mean warns of zero degrees of freedom
             return x.clone()
         var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)

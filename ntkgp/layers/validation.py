@@ -23,6 +23,17 @@ def refuse_meta(value: object, name: str) -> None:
         raise ValueError(f"{name} is on the meta device, which holds shapes but no values: nothing to compute with.")
 
 
+def refuse_non_float_inputs(x: Tensor, dtype: torch.dtype | None = None) -> None:
+    """``ValueError`` where a finite network's layer gets boolean, integer or complex inputs: read as
+    0/1 or as numbers, they were silently promoted (an activation or the NTK input scale) or failed
+    inside torch (``matmul``'s dtype error, ``var_mean``'s), depending on the first layer. ``dtype``,
+    if known, is the network's parameters' (named in the advice)."""
+    if isinstance(x, Tensor) and (not x.is_floating_point() or x.is_complex()):
+        to = f"x.to({dtype})" if dtype is not None else "x.to(dtype)"
+        raise ValueError(f"This layer takes real floating-point inputs, got {x.dtype}; convert them with {to}, "
+                         "the dtype of the network's parameters.")
+
+
 def all_finite(x: Tensor, name: str | None = None) -> bool:
     """Whether no entry of the real tensor ``x`` is ``±inf`` or NaN (the shared check of inputs, targets and kernels).
     A tensor on the meta device has no entries to judge: a ``ValueError`` (naming it ``name``, if given).
