@@ -28,6 +28,13 @@ def caller_stacklevel(skip: tuple[str, ...] = ("ntkgp.",)) -> int:
 _HIDING = threading.local()   # set while a thread is inside cuda_context_notice_hidden
 
 
+def _cuda_available() -> bool:
+    """``torch.cuda.is_available()``, one name for tests to replace: replacing torch's own made torch
+    itself take CUDA as present (a CUDA build of torch without a GPU then failed in Adam's step, which
+    asks for the current CUDA stream where CUDA is available)."""
+    return torch.cuda.is_available()
+
+
 @contextmanager
 def cuda_context_notice_hidden() -> Iterator[None]:
     """Hide torch's "Attempting to run cuBLAS, but there was no current CUDA context!" notice.
@@ -44,7 +51,7 @@ def cuda_context_notice_hidden() -> Iterator[None]:
     which warnings it has shown, and before Python 3.14 threads that enter and leave it out of order
     restore each other's filters (the worst left behind is this one filter).
     """
-    if getattr(_HIDING, "active", False) or not torch.cuda.is_available():
+    if getattr(_HIDING, "active", False) or not _cuda_available():
         yield
         return
     _HIDING.active = True

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ntkgp
+import ntkgp._warnings
 import ntkgp.finite.train as train_module
 from ntkgp.finite.rates import equivalent_learning_rates
 from ntkgp.finite.train import layer_groups, readout_parameters, train_ensemble
@@ -798,7 +799,7 @@ def test_torchs_cuda_context_notice_is_hidden_from_the_caller(message, hidden, m
     code run with warnings as errors failed. Raised here by the activation in the training steps'
     forward passes (the GPU raised it in their backward passes), on a machine taken to have CUDA (only
     there is it hidden); any other warning still reaches the caller."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ntkgp._warnings, "_cuda_available", lambda: True)
     net = _net_warning(message)
     x = torch.linspace(-2.0, 2.0, 5, dtype=torch.float64).unsqueeze(-1)
     with warnings.catch_warnings():
@@ -834,7 +835,7 @@ def test_every_backward_pass_ntkgp_runs_for_the_caller_hides_torchs_cuda_context
     """The notice comes with the process's first backward pass on a GPU, whichever runs it: the empirical
     kernels, their Monte-Carlo average and ``fit`` differentiate for the caller as training does (all
     through ``ntkgp._autograd.differentiates``), and raised it into code with warnings as errors."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ntkgp._warnings, "_cuda_available", lambda: True)
     x = torch.linspace(-2.0, 2.0, 5, dtype=torch.float64).unsqueeze(-1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -845,7 +846,7 @@ def test_without_cuda_training_sets_no_filter_for_the_notice(monkeypatch):
     """Where torch has no CUDA it cannot print the notice: training sets no filter for it (entering
     ``warnings.catch_warnings`` swaps the process's filters, makes every module forget the warnings it has
     shown, and is not thread-safe before Python 3.14)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ntkgp._warnings, "_cuda_available", lambda: False)
     filters: list[list] = []
 
     def erf_noting_the_filters(z):
