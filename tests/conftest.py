@@ -20,6 +20,21 @@ def float64_default():
     torch.set_default_dtype(previous)
 
 
+def _cpu_half_products() -> bool:
+    """Whether this torch multiplies float16 matrices on the CPU (torch 2.1, the declared floor, does
+    not: '"addmm_impl_cpu_" not implemented for 'Half'', and the same for batched products)."""
+    a = torch.ones(1, 1, 1, dtype=torch.float16)
+    try:
+        a[0] @ a[0], a @ a, torch.baddbmm(a, a, a)
+    except RuntimeError:
+        return False
+    return True
+
+
+#: For the tests that run float16 networks on the CPU; what they test is ntkgp's, the products torch's.
+needs_cpu_half_products = pytest.mark.skipif(not _cpu_half_products(),
+                                             reason="this torch has no float16 matrix products on the CPU (torch 2.1)")
+
 FRESH_PROCESS_ENV = "NTKGP_TEST_FRESH_PROCESS"
 
 

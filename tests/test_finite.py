@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import needs_cpu_half_products
 from torch import Tensor
 from torch.func import functional_call
 
@@ -631,7 +632,8 @@ def test_build_refuses_batched_or_non_finite_variances_and_signed_zeros_are_zero
 @pytest.mark.parametrize("deferred", [False, True])
 @pytest.mark.parametrize(("dtype", "weight_var", "bias_var"), [
     (torch.float32, 1e300, 0.1), (torch.float32, 1e39, 0.1), (torch.float32, 1.0, 1e80), (torch.bfloat16, 1e300, 0.1),
-    (torch.float16, 1e5, 0.1), (torch.float16, 1.0, 1e12)])
+    pytest.param(torch.float16, 1e5, 0.1, marks=needs_cpu_half_products),
+    pytest.param(torch.float16, 1.0, 1e12, marks=needs_cpu_half_products)])
 def test_build_refuses_variances_not_finite_in_its_dtype(parameterization, deferred, dtype, weight_var, bias_var):
     """Variances finite in float64 but not in the build's dtype built a network of infinite buffers,
     every output inf or NaN, without a word, while kernel() refused them in that dtype."""
@@ -1019,15 +1021,24 @@ def test_empirical_kernels_refuse_kernels_that_overflow_as_net_kernel_does():
                                        atol=1e-5 * float(unscaled.abs().max()))
     with pytest.raises(NonFiniteKernelError, match=r"NTK kernel is not finite in torch\.float32"):
         empirical_ntk(models[0], x * 1e20, vector_output=True)
+    with pytest.raises(NonFiniteKernelError, match=r"in torch\.float64: .*Scale the inputs down; a network") as info:
+        empirical_nngp(net.build(in_features=3, seed=0, dtype=torch.float64), x.double() * 1e160)
+    assert "use float64" not in str(info.value)
+
+
+@needs_cpu_half_products
+def test_empirical_kernels_refuse_float16_kernels_that_overflow():
+    """The float16 half of the test above: inputs of a few hundred overflow the kernel, of 3e4 the outputs."""
+    from ntkgp.layers.base import NonFiniteKernelError
+
+    net = ntkgp.serial(ntkgp.Dense(64, 2.0), ntkgp.ReLU(), ntkgp.Dense(1, 1.5))
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     half = net.build(in_features=3, seed=0, dtype=torch.float16)
     with pytest.raises(NonFiniteKernelError, match=r"NTK kernel is not finite in torch\.float16"):
         empirical_ntk(half, x.half() * 250)
     for kernel in (empirical_nngp, empirical_ntk):
         with pytest.raises(NonFiniteKernelError, match=r"float16: the network's outputs overflow it"):
             kernel(half, x.half() * 3e4)
-    with pytest.raises(NonFiniteKernelError, match=r"in torch\.float64: .*Scale the inputs down; a network") as info:
-        empirical_nngp(net.build(in_features=3, seed=0, dtype=torch.float64), x.double() * 1e160)
-    assert "use float64" not in str(info.value)
 
 
 def test_a_shapes_only_build_does_no_arithmetic_on_the_meta_device():

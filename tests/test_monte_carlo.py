@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import needs_cpu_half_products
 
 import ntkgp
 from ntkgp.finite import monte_carlo_kernel
@@ -132,6 +133,7 @@ def test_monte_carlo_kernel_refuses_kernels_that_overflow_as_the_analytic_one_do
     assert _rel(est.ntk.double() / 1e30, exact) <= 0.05
 
 
+@needs_cpu_half_products
 def test_half_precision_standard_errors_do_not_overflow():
     """The sum of squared deviations was accumulated in the samples' dtype: in float16 (largest value
     65504) it overflowed for NNGP values near 35 (64 samples), and the standard errors of finite

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import needs_cpu_half_products
 
 import ntkgp
 import ntkgp._warnings
@@ -649,6 +650,7 @@ def test_a_callers_autocast_does_not_change_the_training(engine):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
 
 
+@needs_cpu_half_products
 def test_a_diverging_member_whose_probe_kernel_overflows_is_recorded_not_refused():
     """empirical_ntk refuses kernels that overflow; the records of training must not: a member whose
     training diverges overflows its probe kernel while its loss is still below the divergence limit
