@@ -22,9 +22,10 @@ import ntkgp
 _WITHOUT_NEW_SPELLINGS = """
 import json, sys
 import torch
-is_compiling = torch.compiler.is_compiling
-del torch._C._functorch.maybe_current_level
-del torch.compiler.is_compiling
+is_compiling = getattr(torch.compiler, "is_compiling", torch._utils.is_compiling)
+for owner, name in ((torch._C._functorch, "maybe_current_level"), (torch.compiler, "is_compiling")):
+    if hasattr(owner, name):   # torch 2.1 itself has neither
+        delattr(owner, name)
 torch._utils.is_compiling = is_compiling
 import ntkgp
 sys.path.insert(0, sys.argv[1])

@@ -674,6 +674,18 @@ def test_pyro_sample_from_prior_keeps_the_graph_of_the_sampled_variances(monkeyp
     assert kernel.net[2].weight_var.item() == 2.0   # the random copy's samples leave the kernel as it was
 
 
+def _torch_refuses_a_batch_for_a_scalar() -> bool:
+    """Whether a strict load of a 1-D state into a 0-D parameter fails: torch 2.1 reads it as its first
+    entry (a rule kept from torch 0.3's checkpoints, later narrowed to one-entry states)."""
+    plain = torch.nn.Module()
+    plain.p = torch.nn.Parameter(torch.zeros(()))
+    try:
+        plain.load_state_dict({"p": torch.zeros(4)})
+    except RuntimeError:
+        return True
+    return False
+
+
 def test_models_of_loaded_samples_reload_with_load_strict_shapes_false():
     """GPyTorch reloads a model of S loaded samples into a fresh one with load_strict_shapes(False),
     which lets parameters take their saved shapes; the variances' float64 anchors live in their
@@ -697,8 +709,9 @@ def test_models_of_loaded_samples_reload_with_load_strict_shapes_false():
     model.eval()
     expected = model(x_test).mean
     state = model.state_dict()
-    with pytest.raises(RuntimeError, match="size mismatch"):    # strict shapes by default, as GPyTorch's
-        make().load_state_dict(state)
+    if _torch_refuses_a_batch_for_a_scalar():   # strict shapes by default, as GPyTorch's
+        with pytest.raises(RuntimeError, match="size mismatch"):
+            make().load_state_dict(state)
     fresh = make()
     fresh.load_strict_shapes(False)
     fresh.load_state_dict(state)
