@@ -116,3 +116,14 @@ def test_a_test_that_never_ends_fails_by_name(tmp_path):
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert child.returncode == 1, child.stdout[-2000:]
     assert "test_endless.py::test_endless ran past 1 s (NTKGP_TEST_TIMEOUT)" in child.stdout, child.stdout[-2000:]
+
+
+def test_the_floor_script_parses_and_pins_the_declared_torch_floor():
+    """``.ci/floor`` builds the venv of the torch floor by hand (not in CI: it downloads ~2.7 GB); its
+    pin must be a release of the floor that pyproject.toml declares, and its shell must parse."""
+    root = pathlib.Path(__file__).parents[1]
+    script = root / ".ci" / "floor"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    pinned = re.search(r"^TORCH_FLOOR=(\d+)\.(\d+)\.\d+$", script.read_text(), re.M)
+    declared = re.search(r'"torch>=(\d+)\.(\d+)"', (root / "pyproject.toml").read_text())
+    assert pinned and declared and pinned.groups() == declared.groups()
