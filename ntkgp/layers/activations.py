@@ -26,6 +26,7 @@ from ntkgp.layers.base import BuildContext, Layer
 from ntkgp.layers.near import PairCarry, abrelu_carried, abrelu_dot, patched
 from ntkgp.layers.numerics import (
     _is_compiling,
+    clamp_passing,
     gaussian_angle,
     gaussian_angles,
     gaussian_det,
@@ -707,12 +708,12 @@ class Sin(Activation):
         # 1e8 read e^{−8} for e^{−4}. An overflow (variances beyond 8.5e37 in float32, A or B far below 0
         # then) is e^{−∞} = 0, the limit; a point with itself keeps A = 0 and B = −2b²k, bit for bit
         b2 = self.b**2
-        plus = torch.exp((-b2 / 2 * ((k11 - k12) + (k22 - k12))).clamp(max=0))    # e^A
-        minus = torch.exp((-b2 / 2 * ((k11 + k12) + (k22 + k12))).clamp(max=0))   # e^B
+        plus = torch.exp(clamp_passing(-b2 / 2 * ((k11 - k12) + (k22 - k12)), max=0))    # e^A
+        minus = torch.exp(clamp_passing(-b2 / 2 * ((k11 + k12) + (k22 + k12)), max=0))   # e^B
         # e^A − e^B from the larger exponential and expm1 of the clamped gap: no cancellation, no
         # overflow in the branch torch.where discards (its gradient would be NaN)
-        difference = torch.where(k12 >= 0, -plus * torch.expm1(-2 * b2 * k12.clamp(min=0)),
-                                 minus * torch.expm1(2 * b2 * k12.clamp(max=0)))
+        difference = torch.where(k12 >= 0, -plus * torch.expm1(-2 * b2 * clamp_passing(k12, min=0)),
+                                 minus * torch.expm1(2 * b2 * clamp_passing(k12, max=0)))
         cos2c = self._cos2c
         if cos2c > 0:
             nngp = self.a**2 / 2 * (difference + self._one_minus * minus)
@@ -815,7 +816,7 @@ class Rbf(Activation):
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         # (k11 − k12) + (k22 − k12): k11 + k22 overflowed float32 from variances of 1.7e38 and made
         # inf − inf = NaN of nearly parallel inputs; each difference is exact for them (Sterbenz)
-        nngp = torch.exp((-self.gamma * ((k11 - k12) + (k22 - k12))).clamp(max=0))
+        nngp = torch.exp(clamp_passing(-self.gamma * ((k11 - k12) + (k22 - k12)), max=0))
         return nngp, (2 * self.gamma * nngp if want_dot else None)
 
     def variance(self, k: Tensor) -> Tensor:

@@ -37,7 +37,15 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ntkgp.layers.numerics import _is_compiling, horner, needs_graph, product_range, safe_sqrt, transforms_active
+from ntkgp.layers.numerics import (
+    _is_compiling,
+    clamp_passing,
+    horner,
+    needs_graph,
+    product_range,
+    safe_sqrt,
+    transforms_active,
+)
 
 #: ``1 − |ρ|`` below which a pair's angle is carried (:func:`first_layer_carry`) and the carried values
 #: are used (:func:`abrelu_carried`). The kernels' own angle is ``ε/θ`` off, ``θ ≈ sqrt(2(1 − |ρ|))``:
@@ -306,7 +314,7 @@ def abrelu_carried(a: float, b: float, carry: PairCarry, k11: Tensor, k12: Tenso
     """At the carried pairs (``k11, k12, k22`` gathered there): whether each is near now, ``s``, ``Ṫ``
     and ``T`` of ``ABReLU(a, b)`` from the carried ``det``, and the carry after the activation
     (module docstring)."""
-    det = carry.det.clamp(min=0)
+    det = clamp_passing(carry.det, min=0)
     s = safe_sqrt(det)
     p = torch.sqrt(k11 * k22)
     near = torch.abs(k12) > (1 - NEAR) * p
@@ -331,7 +339,7 @@ def abrelu_carried(a: float, b: float, carry: PairCarry, k11: Tensor, k12: Tenso
         upper = -a * b * minus + p * (half_sum + factor * j)
         lower = torch.where(positive, lower, -a * b * plus + p * (half_sum - factor * j))
     root_gap = torch.sqrt(k11) - torch.sqrt(k22)
-    after = PairCarry(carry.index, (lower * upper).clamp(min=0), big * root_gap * root_gap + 2 * lower)
+    after = PairCarry(carry.index, clamp_passing(lower * upper, min=0), big * root_gap * root_gap + 2 * lower)
     return near, s, dot, nngp, after
 
 

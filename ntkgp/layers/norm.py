@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkgp.layers.base import BuildContext, Layer
+from ntkgp.layers.numerics import clamp_passing
 from ntkgp.layers.state import KernelState
 from ntkgp.layers.validation import positive_number, refuse_non_float_inputs
 
@@ -59,8 +60,8 @@ class LayerNorm(Layer):
         nngp, cov1, cov2 = (state.nngp, state.cov1, state.cov2) if centred is None else centred
         if centred is not None:
             # T − μ² ≥ 0 (Jensen); rounding below 0 would be a NaN square root after eps
-            cov1 = cov1.clamp_min(0)
-            cov2 = cov1 if state.cov2 is state.cov1 else cov2.clamp_min(0)
+            cov1 = clamp_passing(cov1, min=0)
+            cov2 = cov1 if state.cov2 is state.cov1 else clamp_passing(cov2, min=0)
         if state.diag and state.symmetric:
             norm = self._self_scale(cov1)
             cov = cov1 * norm

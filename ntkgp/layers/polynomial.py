@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ntkgp._checks import integer_at_least
 from ntkgp.layers.activations import Activation, _abrelu
-from ntkgp.layers.numerics import _is_compiling, gaussian_angle, horner, safe_sqrt, transforms_active
+from ntkgp.layers.numerics import _is_compiling, clamp_passing, gaussian_angle, horner, safe_sqrt, transforms_active
 from ntkgp.layers.validation import all_finite, finite_constants, has_non_finite, refuse_overflow
 
 
@@ -310,7 +310,7 @@ def _arc_cosine(terms: tuple[list, list], s: Tensor, supplement: Tensor, k12: Te
     ulp of the kernel's scale)."""
     direct = _arc_cosine_sum(terms, s, supplement, k12, product)
     if series is None:
-        return direct.clamp(min=0)
+        return clamp_passing(direct, min=0)
     y = torch.sin(supplement / 2)
     y2 = y * y
     near = y2 <= 0.5
@@ -318,7 +318,7 @@ def _arc_cosine(terms: tuple[list, list], s: Tensor, supplement: Tensor, k12: Te
     # transforms and compile always, without a branch
     eager = not (transforms_active() or _is_compiling())
     if eager and not bool(near.any()):
-        return direct.clamp(min=0)
+        return clamp_passing(direct, min=0)
     if eager and has_non_finite(direct):   # before the clamp, which turns −inf into 0
         # the direct form's terms overflow before T does (S·p^n, T ≪ p^n near θ = π), and where's zero
         # gradient times their inf made the gradient NaN at the near pairs, where that form is discarded
@@ -327,7 +327,7 @@ def _arc_cosine(terms: tuple[list, list], s: Tensor, supplement: Tensor, k12: Te
         # autograd sums the gradients' parts (by an ulp)
         direct = _arc_cosine_sum(terms, torch.where(near, 1.0, s), torch.where(near, math.pi / 2, supplement),
                                  torch.where(near, 0.0, k12), torch.where(near, 1.0, product))
-    direct = direct.clamp(min=0)
+    direct = clamp_passing(direct, min=0)
     y2 = torch.where(near, y2, 0.5)   # the series where it converges (its gradient too)
     near_value = (2 * safe_sqrt(product) * y2) ** n * y * horner(y2, series)
     return torch.where(near, near_value, direct)
