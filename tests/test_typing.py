@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import pathlib
+import sys
 import types
 import typing
 
@@ -26,7 +27,8 @@ ROOT = pathlib.Path(__file__).parents[1]
 def test_the_package_ships_its_py_typed_marker():
     """Without the marker mypy skips ntkgp ("module is installed, but missing library stubs or py.typed
     marker") and reads every ntkgp object as Any."""
-    tomllib = pytest.importorskip("tomllib")   # Python 3.11+
+    # Python 3.11+; on 3.10 its twin tomli, which pytest itself requires there
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert "py.typed" in package_data["ntkgp"]
     assert (pathlib.Path(ntkgp.__file__).parent / "py.typed").is_file()

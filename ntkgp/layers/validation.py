@@ -53,7 +53,7 @@ def all_finite(x: Tensor, name: str | None = None) -> bool:
     try:
         low, high = torch.aminmax(x.detach())
     except (RuntimeError, NotImplementedError) as error:
-        # torch < 2.2 has no CPU aminmax for float16 ('"aminmax_cpu" not implemented for 'Half''); the
+        # torch 2.1 has no CPU aminmax for float16 ('"aminmax_cpu" not implemented for 'Half''); the
         # answer is the same, only the temporaries are not spared
         if "not implemented" not in str(error):
             raise
