@@ -91,8 +91,9 @@ class Elementwise(Activation):
     ``sqrt(k11·k22 − k12²)`` with :func:`ntkgp.layers.numerics.safe_sqrt` (zero gradient at 0), as
     the built-in layers do, since ``torch.sqrt(torch.clamp(·, min=0))`` has an infinite one there and
     makes the gradients NaN whenever ``x2`` is ``x1`` (from torch 2.15, whose clamp has derivative 0 at
-    its bound, a derivative of 0 there instead, which without ``dot_fn`` is a wrong ``Ṫ`` on the
-    diagonal, not an error). ``fn`` and the maps may not be modules with
+    its bound, a derivative of 0 there instead, and without ``dot_fn`` no error: ``Ṫ`` on the diagonal
+    is then what autograd's other terms give, right for ReLU's arc-cosine map, whose infinite terms
+    cancel, but finite for a step's, whose ``Ṫ`` is infinite there). ``fn`` and the maps may not be modules with
     parameters (e.g. ``nn.PReLU``): ntkgp activations have no learnable parameters.
 
     ``mean_fn(k) = E[φ(u)]`` for ``u ~ N(0, k)`` (optional) lets a :class:`~ntkgp.layers.LayerNorm`

@@ -196,7 +196,13 @@ def clamp_passing(x: Tensor, min: float | None = None, max: float | None = None)
     derivatives at a training point). torch ≤ 2.14's clamp passed them; torch 2.15's gives 0 at the bound,
     and the erf NNGP's mixed input Hessian at ``x1 == x2`` read 0.023 for 0.129. ``torch.where`` keeps
     NaN and ``−0.0`` as clamp does.
+
+    Where no derivative is taken through ``x`` (:func:`needs_graph`), it is ``x.clamp(min, max)`` itself:
+    one pass over ``x`` where the comparison and the selection of ``torch.where`` are two per bound (3x
+    the time of a clamp of 4M float64 entries; the no-grad kernels of two Sin layers 9-33% slower).
     """
+    if not needs_graph(x):
+        return x.clamp(min=min, max=max)
     if min is not None:
         x = torch.where(x < min, min, x)
     if max is not None:
