@@ -1625,9 +1625,10 @@ def test_input_hessians_where_the_two_inputs_are_equal(activation, clamp, monkey
     # made the erf entry 0.023 instead of 0.129, and so did torch 2.15's clamp, whose derivative at the
     # bound itself is 0 (1 before): the kernels' rounding guards no longer use it.
     if clamp != "torch's":
+        strict = _clamp_of_torch_2_15(torch.clamp)
         for owner in (torch, torch.Tensor):
-            monkeypatch.setattr(owner, "clamp", _clamp_of_torch_2_15(torch.clamp))
-        monkeypatch.setattr(torch.Tensor, "clamp_min", lambda x, low: _clamp_of_torch_2_15(torch.clamp)(x, min=low))
+            monkeypatch.setattr(owner, "clamp", strict)
+        monkeypatch.setattr(torch.Tensor, "clamp_min", lambda x, low: strict(x, min=low))
     net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.5), activation, ntkgp.Dense(1, 1.0, 0.1)).double()
     x0 = torch.randn(3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
