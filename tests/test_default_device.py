@@ -127,7 +127,7 @@ def test_a_network_on_the_meta_device_is_refused_by_name():
         ntkgp.Dense(3, 2.0)
     with pytest.raises(ValueError, match=r"^weight_var is on the meta device"):
         ntkgp.Dense(3, torch.tensor(2.0, device="meta"))
-    assert NET.build(3, seed=0, device="meta")(X.to("meta")).shape == (12, 1)
+    assert NET.build(3, seed=0, device="meta", dtype=X.dtype)(X.to("meta")).shape == (12, 1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")

@@ -212,11 +212,14 @@ def test_inputs_of_another_dtype_than_the_parameters_are_named():
     """float32 inputs to a float64 linearization failed inside torch.func.jvp ("expected m1 and m2 to
     have the same dtype, but got: float != double"); the error now names both dtypes, as empirical_ntk's
     does, and the converted module takes them (to float32 rounding of the float64 outputs)."""
-    lin = finite.linearize(_model())
     x = _points(5, 7)
+    plain = finite.linearize(nn.Sequential(nn.Linear(3, 8, dtype=F64), nn.Tanh(), nn.Linear(8, 2, dtype=F64)))
     with pytest.raises(ValueError, match=r"inputs are torch\.float32 but the linearized network's parameters are "
                                          r"torch\.float64"):
-        lin(x.float())
+        plain(x.float())
+    lin = finite.linearize(_model())
+    with pytest.raises(ValueError, match=r"parameters are torch\.float64 but its inputs are torch\.float32"):
+        lin(x.float())   # ntkgp's own layers name the dtypes themselves
     with torch.no_grad():
         torch.testing.assert_close(lin.float()(x.float()).double(), lin.double()(x), rtol=1e-5, atol=1e-6)
 
