@@ -15,6 +15,13 @@ GPU, ``--device cuda``: the peak of torch's allocations during them, beyond what
     python benchmarks/kernels.py --nt-python /path/to/nt-venv/bin/python
     python benchmarks/kernels.py --activation gelu --normal-scale 3 --d 10 --depth 2 --no-compile
     python benchmarks/kernels.py --device cuda --sizes 4000 16000 --no-compile
+
+With ``--empirical-diag N [N ...]`` it times instead the empirical NTK's diagonal of one finite
+network (``--empirical-width`` 512, ``--empirical-d`` 10, ``--empirical-hidden`` 2 ReLU layers,
+float64): ``empirical_ntk(model, x, diag=True)`` against ``torch.diagonal(empirical_ntk(model, x))``,
+time and peak memory of each and their ratios (full / diag):
+
+    python benchmarks/kernels.py --empirical-diag 2000 8000
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _memory import peak_mib, start_measuring
 
 import ntkgp
+from ntkgp.finite import empirical_ntk
 from ntkgp.layers import base
 
 
@@ -90,6 +98,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up (the minimum is printed)")
     parser.add_argument("--block-entries", type=int, nargs="+", help="entries per row block to time in turn "
                         "(default: ntkgp's, BLOCK_ENTRIES on the CPU and CUDA_BLOCK_ENTRIES on a GPU)")
+    parser.add_argument("--empirical-diag", type=int, nargs="+", metavar="N",
+                        help="time the empirical NTK's diagonal (diag=True) against the full kernel's at these sizes "
+                        "instead of the analytic kernels")
+    parser.add_argument("--empirical-width", type=int, default=512, help="of the --empirical-diag network")
+    parser.add_argument("--empirical-d", type=int, default=10, help="input features for --empirical-diag")
+    parser.add_argument("--empirical-hidden", type=int, default=2, help="hidden layers of the --empirical-diag network")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.repeats < 1 or any(b < 1 for b in args.block_entries or ()):
@@ -99,6 +113,10 @@ def main() -> None:
     if args.nt_python and args.activation != "relu":
         print("neural-tangents' kernels are ReLU ones: its columns are left out for another activation.")
         args.nt_python = None
+    if args.empirical_diag:
+        empirical_diagonals(args.empirical_diag, args.empirical_width, args.empirical_d, args.empirical_hidden,
+                            args.repeats, device)
+        return
 
     inputs = "uniform in [0, 1)" if args.normal_scale is None else f"{args.normal_scale:g} × standard normal"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
@@ -127,6 +145,27 @@ def main() -> None:
                       f"{mem_eager:6.0f} {first:13.1f} {t_comp:10.3f} {nt_first:9.2f} {nt_time:7.3f} {nt_mem:7.0f} "
                       f"{t_eager / nt_time:8.2f} {t_comp / nt_time:11.2f}"
                       + ("  (torch.compile failed: eager fallback)" if failed else ""), flush=True)
+
+
+def empirical_diagonals(sizes: list[int], width: int, d: int, hidden: int, repeats: int,
+                        device: torch.device) -> None:
+    """The diagonal of one network's empirical NTK, ``diag=True`` (per-point products of the layer
+    signals, ``O(n)``) against the diagonal of the full ``(n, n)`` kernel, in float64."""
+    model = ntkgp.mlp(hidden, "relu", 2.0, 0.01, width=width).build(d, seed=0, dtype=torch.float64, device=device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; empirical NTK of one network: {hidden} hidden ReLU layers of width "
+          f"{width}, d={d}, float64, standard normal inputs")
+    print(f"{'N':>6} {'diag s':>8} {'diag MiB':>9} {'full s':>8} {'full MiB':>9} {'full/diag s':>11} "
+          f"{'full/diag MiB':>13} {'max |diff| / max':>16}")
+    for n in sizes:
+        x = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
+        t_diag, mem_diag = measure(lambda x=x: empirical_ntk(model, x, diag=True), repeats, device)
+        t_full, mem_full = measure(lambda x=x: torch.diagonal(empirical_ntk(model, x)), repeats, device)
+        few = x[:500]   # the same values: checked where the full kernel is cheap
+        diag, full = empirical_ntk(model, few, diag=True), torch.diagonal(empirical_ntk(model, few))
+        error = float((diag - full).abs().max() / full.abs().max())
+        print(f"{n:6d} {t_diag:8.3f} {mem_diag:9.1f} {t_full:8.3f} {mem_full:9.1f} {t_full / t_diag:11.1f} "
+              f"{mem_full / max(mem_diag, 1e-3):13.1f} {error:16.1e}", flush=True)
 
 
 def _entries(n: int) -> str:

@@ -30,6 +30,7 @@ ROOT = pathlib.Path(__file__).parents[1]
     ("relu_bending.py", ["--width", "32", "--members", "2", "--steps", "3"], "moved at random"),
     ("large_test_set.py", ["--n", "30", "--m", "50"], "max difference of the variances / prior scale"),
     ("layernorm.py", ["--sizes", "30", "--repeats", "1"], "exact / T − μ1μ2"),
+    ("kernels.py", ["--empirical-diag", "30", "--empirical-width", "16", "--repeats", "1"], "full/diag MiB"),
 ])
 def test_benchmark_script_runs_at_toy_size(script, args, expected):
     assert expected in _run(script, args)

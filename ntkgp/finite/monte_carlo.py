@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Generic, Literal, overload
 
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._checks import NT_GET_HINT, check_flag, integer_at_least, seed_value
-from ntkgp.finite.empirical import kernel_row_blocks
+from ntkgp.finite.empirical import check_diagonal_pairs, empirical_nngp, empirical_ntk, kernel_row_blocks
 from ntkgp.layers.base import Layer
 from ntkgp.layers.state import _NTK
 from ntkgp.layers.validation import check_inputs
@@ -29,7 +30,8 @@ class KernelEstimate(Generic[_NTK]):
     neural-tangents' ``monte_carlo_kernel_fn`` (Novak et al. 2020) estimates the NNGP and NTK.
 
     Attributes:
-        nngp: mean over the samples of ``(1/k) f(x)·f(x')`` (per output unit, ``k`` outputs).
+        nngp: mean over the samples of ``(1/k) f(x)·f(x')`` (per output unit, ``k`` outputs), ``(n1, n2)``
+            (``(n,)``, the pairs ``(x1_i, x2_i)``, from ``monte_carlo_kernel(..., diag=True)``).
         ntk: mean empirical NTK per output unit, ``None`` when not requested (``KernelEstimate[Tensor]`` to type
             checkers, ``KernelEstimate[None]`` from ``monte_carlo_kernel(..., ntk=False)``).
         nngp_sem, ntk_sem: their standard errors ``std / sqrt(n_samples)`` (NaN for one sample).
@@ -46,21 +48,25 @@ class KernelEstimate(Generic[_NTK]):
 # the overloads tell type checkers that ntk and ntk_sem are tensors unless ntk=False was passed
 @overload
 def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_samples: int = 128, seed: int = 0,
-                       ntk: Literal[True] = True, ensemble_batch: int = 64) -> KernelEstimate[Tensor]: ...
+                       ntk: Literal[True] = True, ensemble_batch: int = 64,
+                       diag: bool = False) -> KernelEstimate[Tensor]: ...
 
 
 @overload
 def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_samples: int = 128,
-                       seed: int = 0, ntk: Literal[False], ensemble_batch: int = 64) -> KernelEstimate[None]: ...
+                       seed: int = 0, ntk: Literal[False], ensemble_batch: int = 64,
+                       diag: bool = False) -> KernelEstimate[None]: ...
 
 
 @overload
 def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_samples: int = 128, seed: int = 0,
-                       ntk: bool = True, ensemble_batch: int = 64) -> KernelEstimate: ...
+                       ntk: bool = True, ensemble_batch: int = 64,
+                       diag: bool = False) -> KernelEstimate: ...
 
 
 def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_samples: int = 128,
-                       seed: int = 0, ntk: bool = True, ensemble_batch: int = 64) -> KernelEstimate:
+                       seed: int = 0, ntk: bool = True, ensemble_batch: int = 64, diag: bool = False
+                       ) -> KernelEstimate:
     """Average empirical kernels over ``n_samples`` random initializations of ``net.build``::
 
         K̄ = (1/S) Σ_s (1/k) f_s(x)·f_s(x'),   Θ̄ = (1/S) Σ_s (1/k) Σ_i ∇_θ f_s,i(x)·∇_θ f_s,i(x'),
@@ -88,12 +94,19 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
     axis would be read as the ensemble axis. With one sample the standard errors are NaN.
     Networks whose kernels overflow the dtype raise
     :class:`~ntkgp.layers.base.NonFiniteKernelError`, as ``net.kernel`` does.
+
+    With ``diag=True`` only the pairs ``(x1_i, x2_i)`` are estimated (``x2`` of ``x1``'s shape, or
+    ``None`` for ``K̄(x_i, x_i)`` and ``Θ̄(x_i, x_i)``), estimates and standard errors ``(n,)``, as
+    ``net.kernel(x1, x2, diag=True)`` and neural-tangents' ``diagonal_axes=(0,)``: the same networks
+    (same seeding), each member's :func:`empirical_nngp` and :func:`empirical_ntk` with ``diag=True``,
+    so the results are the diagonals of the full estimates, in ``O(n)`` memory besides the layer signals.
     """
     if not isinstance(net, Layer):   # a torch module has no build() to draw fresh networks from
         raise ValueError(f"net must be an ntkgp network spec (a Layer), got {type(net).__name__}; for a torch module, "
                          "average ntkgp.finite.empirical_ntk over initializations of your own.")
     check_flag(ntk, "ntk", NT_GET_HINT)   # ntk="nngp" (neural-tangents' get) ran the whole NTK estimate
-    x1, x2 = check_inputs(x1, x2)
+    check_diagonal_pairs(x1, x2, diag)
+    x1, x2 = check_inputs(x1, x2, diag)
     for name, x in (("x1", x1), ("x2", x2)):
         if x is not None and x.dim() != 2:
             raise ValueError(f"{name} must have shape (n, d), got {tuple(x.shape)}.")
@@ -103,7 +116,8 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
     last = (n_samples - 1) // ensemble_batch
     seed_value(seed + 1_000_003 * last, name=f"seed + 1_000_003 * {last} (the seed of the last batch)")
     d = x1.shape[-1]
-    shape = (x1.shape[0], x1.shape[0] if x2 is None else x2.shape[0])
+    n1, n2 = x1.shape[0], x1.shape[0] if x2 is None else x2.shape[0]
+    shape = (n1,) if diag else (n1, n2)
     _check_estimates_fit(shape, 2 if ntk else 1, x1)
     nngps, ntks = _Moments(shape, x1), _Moments(shape, x1) if ntk else None
     done, batch_index = 0, 0
@@ -112,14 +126,18 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
         model = net.build(in_features=d, seed=seed + 1_000_003 * batch_index, ensemble_size=size,
                           dtype=x1.dtype, device=x1.device)
         n_params = sum(p.numel() for p in model.parameters()) // size
-        per_member = max(1, (shape[0] + shape[1]) * n_params * x1.element_size() * 4)
-        # a block of rows of the batch's kernels at a time, merged (and freed) before the next is formed
-        rows = max(1, KERNEL_BYTES // max(1, size * shape[1] * x1.element_size()))
-        for block, nngp, tangent in kernel_row_blocks(model, x1, x2, rows, ntk,
-                                                      chunk_size=max(1, JACOBIAN_BYTES // per_member)):
-            nngps.add(nngp, block)
-            if ntks is not None and tangent is not None:
-                ntks.add(tangent, block)
+        chunk_size = max(1, JACOBIAN_BYTES // max(1, (n1 + n2) * n_params * x1.element_size() * 4))
+        if diag:   # the batch's (size, n) diagonals are small: formed whole
+            nngps.add(empirical_nngp(model, x1, x2, diag=True), slice(None))
+            if ntks is not None:
+                ntks.add(empirical_ntk(model, x1, x2, diag=True, chunk_size=chunk_size), slice(None))
+        else:
+            # a block of rows of the batch's kernels at a time, merged (and freed) before the next is formed
+            rows = max(1, KERNEL_BYTES // max(1, size * n2 * x1.element_size()))
+            for block, nngp, tangent in kernel_row_blocks(model, x1, x2, rows, ntk, chunk_size=chunk_size):
+                nngps.add(nngp, block)
+                if ntks is not None and tangent is not None:
+                    ntks.add(tangent, block)
         for moments in (nngps, ntks):
             if moments is not None:
                 moments.count += size
@@ -131,12 +149,13 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
     return KernelEstimate(nngp, ntk_mean, nngp_sem, ntk_sem, n_samples)
 
 
-def _check_estimates_fit(shape: tuple[int, int], kernels: int, like: Tensor) -> None:
+def _check_estimates_fit(shape: tuple[int, ...], kernels: int, like: Tensor) -> None:
     """``torch.cuda.OutOfMemoryError`` (a ``RuntimeError``, as torch's allocators raise) before any network is
     drawn when the estimates alone, a mean and a sum of squares per kernel (in float32 at least), exceed
-    the memory of ``like``'s device."""
-    need = 2 * kernels * shape[0] * shape[1] * max(like.element_size(), 4)
-    what = f"Estimating {kernels} kernel(s) of {shape[0]} x {shape[1]} points (a mean and a sum of squares each)"
+    the memory of ``like``'s device (``shape``: ``(n1, n2)``, or ``(n,)`` for diagonals)."""
+    need = 2 * kernels * math.prod(shape) * max(like.element_size(), 4)
+    what = (f"Estimating {kernels} kernel(s) of {' x '.join(map(str, shape))} points"
+            f"{' (diagonals)' if len(shape) == 1 else ''} (a mean and a sum of squares each)")
     refuse_beyond_memory(need, like.device, what, "estimate blocks of the points (x1 in slices, against x2)")
 
 
@@ -156,7 +175,7 @@ class _Moments:
     kernels of a few tens, so the standard errors of finite estimates came back inf.
     """
 
-    def __init__(self, shape: tuple[int, int], like: Tensor) -> None:
+    def __init__(self, shape: tuple[int, ...], like: Tensor) -> None:
         self.count = 0
         self.dtype = like.dtype   # the samples' (the moments are in float32 at least)
         wide = torch.promote_types(like.dtype, torch.float32)
@@ -164,7 +183,8 @@ class _Moments:
         self.m2 = torch.zeros(shape, dtype=wide, device=like.device)
 
     def add(self, samples: Tensor, rows: slice) -> None:
-        """Merge a batch's samples ``(n_b, rows, n2)`` of the rows ``rows`` into the moments."""
+        """Merge a batch's samples ``(n_b, rows, n2)`` (``(n_b, rows)`` of diagonals) of the rows ``rows``
+        into the moments."""
         samples = samples.to(self.mean.dtype)
         n_b = samples.shape[0]
         mean_b = samples.mean(0)
