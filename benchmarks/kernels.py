@@ -22,6 +22,12 @@ float64): ``empirical_ntk(model, x, diag=True)`` against ``torch.diagonal(empiri
 time and peak memory of each and their ratios (full / diag):
 
     python benchmarks/kernels.py --empirical-diag 2000 8000
+
+With ``--empirical-jacobian N [N ...]`` it times the full empirical NTK on the Jacobian route: a plain
+``nn.Sequential(Linear(d, 64), Tanh, Linear(64, 64), Tanh, Linear(64, 1))`` in float64 (no ntkgp
+layers, so no layer-by-layer sum), time and peak memory of ``empirical_ntk(model, x)``:
+
+    python benchmarks/kernels.py --empirical-jacobian 500 1000 2000 4000
 """
 
 from __future__ import annotations
@@ -104,6 +110,8 @@ def main() -> None:
     parser.add_argument("--empirical-width", type=int, default=512, help="of the --empirical-diag network")
     parser.add_argument("--empirical-d", type=int, default=10, help="input features for --empirical-diag")
     parser.add_argument("--empirical-hidden", type=int, default=2, help="hidden layers of the --empirical-diag network")
+    parser.add_argument("--empirical-jacobian", type=int, nargs="+", metavar="N",
+                        help="time the full empirical NTK of a plain nn.Sequential (the Jacobian route) at these sizes")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.repeats < 1 or any(b < 1 for b in args.block_entries or ()):
@@ -113,6 +121,9 @@ def main() -> None:
     if args.nt_python and args.activation != "relu":
         print("neural-tangents' kernels are ReLU ones: its columns are left out for another activation.")
         args.nt_python = None
+    if args.empirical_jacobian:
+        empirical_jacobian(args.empirical_jacobian, args.empirical_d, args.repeats, device)
+        return
     if args.empirical_diag:
         empirical_diagonals(args.empirical_diag, args.empirical_width, args.empirical_d, args.empirical_hidden,
                             args.repeats, device)
@@ -166,6 +177,22 @@ def empirical_diagonals(sizes: list[int], width: int, d: int, hidden: int, repea
         error = float((diag - full).abs().max() / full.abs().max())
         print(f"{n:6d} {t_diag:8.3f} {mem_diag:9.1f} {t_full:8.3f} {mem_full:9.1f} {t_full / t_diag:11.1f} "
               f"{mem_full / max(mem_diag, 1e-3):13.1f} {error:16.1e}", flush=True)
+
+
+def empirical_jacobian(sizes: list[int], d: int, repeats: int, device: torch.device) -> None:
+    """The full empirical NTK of a plain torch module (the Jacobian route: the Jacobian of all outputs,
+    chunks of cotangents backpropagated through all points) in float64."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(d, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
+                                torch.nn.Linear(64, 1)).to(device, torch.float64)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; empirical NTK of nn.Sequential(Linear({d}, 64), Tanh, Linear(64, 64), "
+          "Tanh, Linear(64, 1)), float64, standard normal inputs")
+    print(f"{'N':>6} {'s':>8} {'MiB':>8} {'kernel MiB':>10}")
+    for n in sizes:
+        x = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
+        t, mem = measure(lambda x=x: empirical_ntk(model, x), repeats, device)
+        print(f"{n:6d} {t:8.3f} {mem:8.0f} {8 * n * n / 2**20:10.1f}", flush=True)
 
 
 def _entries(n: int) -> str:

@@ -31,6 +31,7 @@ ROOT = pathlib.Path(__file__).parents[1]
     ("large_test_set.py", ["--n", "30", "--m", "50"], "max difference of the variances / prior scale"),
     ("layernorm.py", ["--sizes", "30", "--repeats", "1"], "exact / T − μ1μ2"),
     ("kernels.py", ["--empirical-diag", "30", "--empirical-width", "16", "--repeats", "1"], "full/diag MiB"),
+    ("kernels.py", ["--empirical-jacobian", "30", "--repeats", "1"], "kernel MiB"),
 ])
 def test_benchmark_script_runs_at_toy_size(script, args, expected):
     assert expected in _run(script, args)

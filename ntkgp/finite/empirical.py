@@ -14,7 +14,8 @@ at its output and ``c_l`` the squared scale of its bias,
     Θ̂_ij(x, x') = Σ_l (δ_l,i(x) · δ_l,j(x')) (u_l(x) · u_l(x') + c_l),
 
 which costs activations and one batched backward pass instead of a Jacobian with a column per
-parameter. Other modules use ``torch.func.jacrev``.
+parameter. Other modules take the Jacobian of all outputs (``torch.func.vjp``, vmapped over chunks of
+``JACOBIAN_BYTES`` of cotangents, as ``torch.func.jacrev(..., chunk_size=...)``).
 
 Both are returned per output unit, ``(1/k) Σ_i K̂_ii`` (what the infinite-width kernels
 describe, since the full kernel is ``K ⊗ I_k``), or in full ``(n1, n2, k, k)`` form with
@@ -42,7 +43,7 @@ from typing import TypeGuard, cast
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import functional_call, jacrev, vjp, vmap
 
 from ntkgp._autograd import differentiates
 from ntkgp._checks import check_flag, integer_at_least
@@ -453,7 +454,7 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
             only, in ``O(n)`` memory. Layer by layer from the signals the full kernel uses; on the
             Jacobian route from each point's own Jacobian (per-sample gradients: ``torch.func.vmap``
             over the points, ``DIAG_JACOBIAN_BYTES`` of them at a time), where the full kernel
-            backpropagates every output through all points (``O(n²)`` temporaries). A module whose
+            backpropagates every output through all points (``O(n²)`` work). A module whose
             outputs at one point depend on the others (batch statistics) has no kernel of each
             point: there its diagonal is that of each point called alone.
 
@@ -464,7 +465,12 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
 
     Networks built by ntkgp (every module an ntkgp layer, every ``Dense`` layer called once) take
     the layer-by-layer route of the module docstring; anything else, or scales other than numbers
-    and per-input-feature columns ``(in, 1)``, takes the Jacobian route (``torch.func.jacrev``).
+    and per-input-feature columns ``(in, 1)``, takes the Jacobian route: the Jacobian of all ``n k``
+    outputs, each output's cotangent backpropagated through all ``n`` points (exact for any module,
+    one that mixes points included; ``O(n²)`` work), a chunk of cotangents at a time whose backward
+    temporaries take ``JACOBIAN_BYTES`` (64 MiB): that route holds the Jacobians (``n k`` times the
+    parameters), the kernel and the chunk's temporaries, ~250 MiB at 2000 points through width 64
+    (4 GB in one ``jacrev`` pass).
 
     Raises :class:`~ntkgp.layers.base.NonFiniteKernelError` where the kernel overflows the dtype
     (the network's outputs, their gradients or the sums of their products: float32 inputs of
@@ -543,6 +549,9 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     else:
         spec = "nip,mjp->nmij" if vector_output else "nip,mip->nm"
     rows = _diagonal_block_rows(fn, {**fixed, **params}, x1, x2, members, chunk_size) if diag else 0
+    # the full kernel's Jacobians, a bounded number of outputs' cotangents backpropagated at a time
+    passes = [0 if diag or x is None else _cotangents_per_pass(fn, fixed, params, x, members, chunk_size)
+              for x in (x1, x2)]
 
     def contract(p: dict[str, Tensor], j1: dict[str, Tensor], j2: dict[str, Tensor]) -> Tensor:
         total = None
@@ -552,14 +561,20 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
             if name in scales:
                 a = a * torch.as_tensor(scales[name], dtype=a.dtype, device=a.device).expand(p[name].shape).reshape(-1)
             term = torch.einsum(spec, a, b)
-            total = term if total is None else total + term
+            # into the running sum: a fresh sum per parameter held three kernels at once (122 MiB each at 4000
+            # points). Not under a caller's vmap: a term that does not depend on the mapped inputs (a last
+            # bias's) is not batched, and cannot take the others in place
+            total = term if total is None else total + term if transforms_active() else total.add_(term)
+            del term
         assert total is not None   # p is not empty: params={} returned zeros before
-        return total if vector_output else total / a.shape[1]
+        return total if vector_output else total.div_(a.shape[1])
 
     def single(p: dict[str, Tensor], constants: dict[str, Tensor]) -> Tensor:
         if not diag:
-            j1 = jacrev(lambda q: _outputs_2d(fn({**constants, **q}, x1), x1))(p)
-            j2 = j1 if x2 is None else jacrev(lambda q: _outputs_2d(fn({**constants, **q}, x2), x2))(p)
+            # one cotangent per output, backpropagated through all n points: all at once (one jacrev pass)
+            # that made (n·k) × n × width temporaries (4 GB at 2000 points through width 64); in chunks
+            j1 = _jacobian(lambda q: _outputs_2d(fn({**constants, **q}, x1), x1), p, passes[0])
+            j2 = j1 if x2 is None else _jacobian(lambda q: _outputs_2d(fn({**constants, **q}, x2), x2), p, passes[1])
             return contract(p, j1, j2)
 
         # each point's own Jacobian (per-sample gradients: the module called on that point alone, vmapped
@@ -579,6 +594,85 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     if members is None:
         return single(params, fixed)
     return vmap(single, chunk_size=chunk_size)(params, fixed)
+
+
+def _jacobian(f: Callable[[dict[str, Tensor]], Tensor], p: dict[str, Tensor], rows: int) -> dict[str, Tensor]:
+    """``∂f(p)/∂p`` per parameter, ``(*f's shape, *p's shape)``, as ``torch.func.jacrev(f, chunk_size=rows)``:
+    one forward pass, then the vector-Jacobian products of ``rows`` outputs' cotangents at a time
+    (``vmap`` over the pullback), written into Jacobians allocated before the first. ``jacrev`` kept
+    every chunk's rows and concatenated them: the small rows it kept between the large freed
+    temporaries fragmented the heap, and the resident memory grew as if nothing were freed (1.1 GB
+    at 1000 points with one cotangent at a time, 47 MiB preallocated)."""
+    out, pullback = vjp(f, p)[:2]   # (no auxiliary outputs)
+    total = out.numel()
+    jac: dict[str, Tensor] = {}
+    for start in range(0, total, rows):
+        count = min(rows, total - start)
+        basis = torch.zeros(count, total, dtype=out.dtype, device=out.device)
+        basis[:, start:start + count].fill_diagonal_(1)   # output start + i in row i
+        (grads,) = vmap(pullback)(basis.view(count, *out.shape))
+        for name, grad in grads.items():
+            if name not in jac:   # from the gradient: under a caller's vmap over the inputs it is batched
+                jac[name] = grad.new_empty((total, *grad.shape[1:]))
+            jac[name][start:start + count].copy_(grad)
+    return {name: j.view(*out.shape, *p[name].shape) for name, j in jac.items()}
+
+
+#: Bytes of temporaries that the Jacobian route's full kernel forms at a time: the gradients, for a chunk of
+#: cotangents (outputs), of every tensor the network's forward pass over all points saved for its backward.
+JACOBIAN_BYTES = 1 << 26
+
+
+def _cotangents_per_pass(fn: ParamFn, fixed: dict[str, Tensor], params: dict[str, Tensor], x: Tensor,
+                         members: int | None, chunk_size: int | None) -> int:
+    """The chunk of cotangents of :func:`_jacobian` for the outputs at ``x``: ``JACOBIAN_BYTES`` of
+    temporaries. Each cotangent's backward pass through all ``n`` points forms a gradient of every
+    tensor the forward pass saved for it (``n`` times the widths for a dense network, whatever the
+    module: :func:`_saved_bytes`) and of every parameter (a row of the Jacobian); both are counted
+    4 times (the products' temporaries beside the gradients: 4x keeps the measured peak within the
+    budget), for each member of an ensemble processed at once.
+    Under a caller's ``torch.func`` transform, where no graph can be read, every point's saved
+    tensors are taken to be as large as the parameters (a dense layer's activations are a fraction)."""
+    weights = sum(p.numel() * p.element_size() for p in params.values())
+    saved = _saved_bytes(fn, fixed, params, x)
+    if saved is None:
+        saved = x.shape[-2] * weights
+    at_once = 1 if members is None else min(members, chunk_size or members)
+    per_cotangent = 4 * (saved + weights) // (members or 1) * at_once
+    return max(1, JACOBIAN_BYTES // max(1, per_cotangent))
+
+
+def _saved_bytes(fn: ParamFn, fixed: dict[str, Tensor], params: dict[str, Tensor], x: Tensor) -> int | None:
+    """Bytes of the distinct storages that autograd saves for the backward pass in one forward pass of
+    ``fn`` at ``x`` (its graph's ``_saved_`` tensors); ``None`` under ``torch.func`` transforms or
+    ``torch.compile`` (no parameter can require grad there). Read from the graph, not by
+    ``saved_tensors_hooks``: those refused a function that calls ``torch.func.grad`` itself."""
+    if transforms_active() or _is_compiling():
+        return None
+    variables = {name: p.detach().requires_grad_() for name, p in params.items()}
+    with torch.enable_grad():
+        out = fn({**fixed, **variables}, x)
+    storages: dict[int, int] = {}
+    nodes = [out.grad_fn] if isinstance(out, Tensor) and out.grad_fn is not None else []
+    seen: dict[int, object] = {}   # the nodes kept, so that an id is not reused by another
+    while nodes:
+        node = nodes.pop()
+        if id(node) in seen:
+            continue
+        seen[id(node)] = node
+        for name in dir(node):
+            if not name.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(node, name)
+                for t in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(t, Tensor):
+                        storage = t.untyped_storage()
+                        storages[storage.data_ptr()] = storage.nbytes()
+            except RuntimeError:   # freed, or a torch.func wrapper's (no storage of its own): none of ours
+                continue
+        nodes.extend(child for child, _ in node.next_functions if child is not None)
+    return sum(storages.values())
 
 
 #: Bytes of per-point Jacobians (of ``x1``'s block and ``x2``'s, all members processed at once) that the

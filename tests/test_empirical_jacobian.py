@@ -1,0 +1,201 @@
+"""The full empirical NTK on the Jacobian route (modules not built by ntkgp, functions with ``params=``):
+its Jacobians are formed a bounded number of cotangents at a time (``JACOBIAN_BYTES`` of backward
+temporaries), where one ``jacrev`` pass backpropagated every output through all points at once."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import ntkgp
+from ntkgp.finite import empirical, empirical_ntk
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+
+class CenterRows(nn.Module):
+    """Subtracts the mean over the points of its input: every output depends on every point."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h - h.mean(-2, keepdim=True)
+
+
+def _sequential(mix: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), *([CenterRows()] if mix else []), nn.LayerNorm(8),
+                         nn.Linear(8, 2))
+
+
+def _reference(f, params: dict[str, Tensor], x1: Tensor, x2: Tensor | None, vector_output: bool = False,
+               scales: dict | None = None) -> Tensor:
+    """``Σ_p s_p ∂f(x1)/∂θ_p ∂f(x2)/∂θ_p`` from one ``torch.func.jacrev`` of all outputs (the computation
+    before chunking). Stacked parameters are flattened whole: a member's outputs depend on its own slice
+    only, so the sum over all members' parameters is each member's kernel."""
+    x2 = x1 if x2 is None else x2
+    j1 = torch.func.jacrev(lambda q: f(q, x1))(params)
+    j2 = torch.func.jacrev(lambda q: f(q, x2))(params)
+    total: Tensor | float = 0.0
+    for name, p in params.items():
+        a, b = j1[name], j2[name]
+        if scales and name in scales:
+            a = a * torch.as_tensor(scales[name], dtype=a.dtype)   # broadcasts over the parameter's trailing axes
+        a, b = a.flatten(a.dim() - p.dim()), b.flatten(b.dim() - p.dim())
+        total = total + (torch.einsum("...nip,...mjp->...nmij", a, b) if vector_output
+                         else torch.einsum("...nip,...mip->...nm", a, b) / a.shape[-2])
+    assert isinstance(total, Tensor)
+    return total
+
+
+def _module_fn(model: nn.Module):
+    return lambda q, x: functional_call(model, q, (x,))
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """The number of chunks of cotangents backpropagated (calls of the pullback, vmapped over a chunk),
+    with the byte budget cut to 20 KB: a few cotangents per pass at these sizes, a shorter last chunk."""
+    monkeypatch.setattr(empirical, "JACOBIAN_BYTES", 20_000, raising=False)   # (absent before the chunks)
+    calls = []
+    vjp = getattr(empirical, "vjp", torch.func.vjp)
+
+    def counted_vjp(*args, **kwargs):
+        out, pullback = vjp(*args, **kwargs)
+
+        def counted(*cotangents):
+            calls.append(1)
+            return pullback(*cotangents)
+
+        return out, counted
+
+    monkeypatch.setattr(empirical, "vjp", counted_vjp, raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("vector_output", [False, True])
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("mix", [False, True])
+def test_the_chunked_jacobian_route_equals_one_jacrev_pass(passes, vector_output, cross, mix):
+    """A plain nn.Sequential (LayerNorm, 2 outputs), with and without a layer that subtracts the mean over
+    the points (its outputs mix points: only the Jacobian of all outputs gives its kernel), x2 given or
+    not, the k x k blocks or their average: the kernel of one jacrev pass to rounding (1e-12), formed
+    in several passes of a few cotangents."""
+    model = _sequential(mix)
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(7, 3, generator=g), torch.randn(5, 3, generator=g) if cross else None
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    kernel = empirical_ntk(model, x1, x2, vector_output=vector_output)
+    expected = _reference(_module_fn(model), params, x1, x2, vector_output)
+    torch.testing.assert_close(kernel, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+    outputs = 2 * (7 + (5 if cross else 0))
+    assert len(passes) >= 4 and len(passes) < outputs   # chunks of several cotangents, more than one
+
+
+def test_the_chunked_jacobian_route_takes_params_and_scales(passes):
+    """A function f(params, x) with params=, and parameter_scales (a number and a per-input column)."""
+    model = _sequential(mix=True)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(2)
+    x1, x2 = torch.randn(6, 3, generator=g), torch.randn(4, 3, generator=g)
+    scales = {"0.weight": torch.rand(8, 1, generator=g), "4.bias": 0.3}
+    f = _module_fn(model)
+    for x2_ in (None, x2):
+        kernel = empirical_ntk(f, x1, x2_, params=params, parameter_scales=scales, vector_output=True)
+        expected = _reference(f, params, x1, x2_, True, scales)
+        torch.testing.assert_close(kernel, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+    assert len(passes) > 4
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_the_chunked_jacobian_route_of_ensembles(passes, chunk_size):
+    """Ensembles (members vmapped, chunk_size of them at once) on the Jacobian route: an ntkgp ensemble
+    with params=, and a module of the user's around one (its outputs (E, n, k))."""
+    net = ntkgp.serial(ntkgp.Dense(6, 1.5, 0.1), ntkgp.Erf(), ntkgp.Dense(2, 1.0, 0.2))
+    ensemble = net.build(in_features=3, seed=0, ensemble_size=3)
+    params = {name: p.detach() for name, p in ensemble.named_parameters()}
+    wrapped = nn.Sequential(ensemble, nn.Tanh())
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = torch.randn(5, 3, generator=g), torch.randn(4, 3, generator=g)
+    for x2_ in (None, x2):
+        kernel = empirical_ntk(ensemble, x1, x2_, params=params, chunk_size=chunk_size)
+        expected = _reference(_module_fn(ensemble), params, x1, x2_)
+        assert kernel.shape == (3, 5, 5 if x2_ is None else 4)
+        torch.testing.assert_close(kernel, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+        kernel = empirical_ntk(wrapped, x1, x2_, chunk_size=chunk_size, vector_output=True)
+        expected = _reference(_module_fn(wrapped), {f"0.{name}": p for name, p in params.items()}, x1, x2_, True)
+        torch.testing.assert_close(kernel, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+    assert len(passes) > 8
+
+
+def test_the_chunked_jacobian_route_in_float32_without_points_and_without_gradient(passes):
+    """float32 (the float64 kernel of the same network to 1e-5 of its largest entry: float32 products
+    summed over ~100 parameters), zero points, and a constant result though the parameters require grad."""
+    model = _sequential(mix=True)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 3, generator=g)
+    kernel = empirical_ntk(model, x)
+    assert kernel.requires_grad is False and kernel.grad_fn is None
+    single = empirical_ntk(model.float(), x.float())
+    assert single.dtype == torch.float32
+    torch.testing.assert_close(single.double(), kernel, rtol=0, atol=1e-5 * float(kernel.abs().max()))
+    assert empirical_ntk(model.double(), x[:0], x).shape == (0, 6)
+    assert passes
+
+
+def _peak_mib(fn) -> float:
+    """Peak resident memory (MiB) of ``fn()`` above the memory before it, the freed heap given back first
+    (a reused heap made the increase look small), as ``benchmarks/_memory.py`` measures."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+    def read(key: str) -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key))
+
+    start = read("VmRSS:")
+    fn()
+    return read("VmHWM:") - start
+
+
+@pytest.mark.skipif(not (os.path.exists("/proc/self/clear_refs") and os.access("/proc/self/clear_refs", os.W_OK)),
+                    reason="needs Linux's resettable peak resident memory")
+def test_the_full_kernel_of_a_plain_module_does_not_hold_n_squared_times_width_temporaries():
+    """nn.Sequential(Linear(10, 64), Tanh, Linear(64, 64), Tanh, Linear(64, 1)) at 600 points, float64: one
+    jacrev pass backpropagated the 600 outputs through all 600 points at once, ~375 MiB of temporaries
+    (n² x width x 8 bytes per layer; 262 MiB measured at 500 points) for a 2.7 MiB kernel. In chunks of
+    JACOBIAN_BYTES (64 MiB) the peak is those, the 23 MiB Jacobian and the kernel: ~100 MiB."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    x = torch.randn(600, 10)
+    empirical_ntk(model, x[:20])   # warm-up: torch.func's and the kernel's one-time allocations
+    peak = _peak_mib(lambda: empirical_ntk(model, x))
+    assert peak < 200, f"{peak:.0f} MiB"
+
+
+def test_the_chunked_jacobian_route_of_a_function_that_differentiates_and_under_a_callers_vmap(passes):
+    """A function whose outputs include its input gradient (torch.func.grad inside it: torch's saved-tensor
+    hooks would refuse it), and the kernel under a caller's torch.func.vmap over sets of inputs (no graph
+    to read there; a last bias's Jacobian is not batched): each the kernel of one jacrev pass (1e-12)."""
+    model = _sequential()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def f(q: dict[str, Tensor], x: Tensor) -> Tensor:
+        slope = torch.func.vmap(torch.func.grad(lambda xi: functional_call(model, q, (xi[None],))[0, 0]))(x)
+        return torch.cat([functional_call(model, q, (x,)), slope], -1)
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 3, generator=g)
+    kernel = empirical_ntk(f, x[0], params=params, vector_output=True)
+    expected = _reference(f, params, x[0], None, True)
+    torch.testing.assert_close(kernel, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+    counted = len(passes)
+    assert counted > 4
+    mapped = torch.func.vmap(lambda xs: empirical_ntk(model, xs))(x)
+    expected = torch.stack([_reference(_module_fn(model), params, xs, None) for xs in x])
+    torch.testing.assert_close(mapped, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+    assert len(passes) > counted + 1
