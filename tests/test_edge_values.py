@@ -276,6 +276,31 @@ def test_a_built_network_refuses_inputs_of_another_float_dtype_by_name(ensemble_
         assert torch.isfinite(net(x.to(torch.bfloat16))).all()   # bfloat16 products, the float32 bias added
 
 
+@pytest.mark.parametrize("ensemble_size", [None, 3])
+def test_under_autocast_float64_inputs_or_parameters_of_another_dtype_are_refused_by_name(ensemble_size):
+    """autocast casts float32, float16 and bfloat16 operands to its dtype, never float64 ones: a float64
+    network's float32 (or bfloat16) inputs, or a float32 network's float64 inputs, failed inside torch's
+    matmul there ("expected m1 and m2 to have the same dtype, but got: c10::BFloat16 != double"). The
+    casts autocast does make still run: float16 inputs to a float32 network give its float32 outputs to
+    bfloat16's rounding (2^-8 relative, a few products summed)."""
+    x = torch.tensor([[0.0, 1.0], [1.0, 3.0], [-2.0, 0.5]], dtype=torch.float64)
+    spec = ntkgp.mlp(1, "erf", width=8)
+    for net_dtype, bad in ((torch.float64, torch.float32), (torch.float64, torch.bfloat16),
+                           (torch.float32, torch.float64)):
+        for in_features in (2, None):
+            net = spec.build(in_features=in_features, ensemble_size=ensemble_size, dtype=net_dtype, seed=0)
+            with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+                    ValueError, match=rf"^This layer's parameters are {net_dtype} but its inputs are {bad}: .*"
+                                      r"\(autocast does not cast float64\)\.$"):
+                net(x.to(bad))
+    net = spec.build(in_features=2, ensemble_size=ensemble_size, dtype=torch.float32, seed=0)
+    with torch.no_grad():
+        expected = net(x.float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = net(x.half())
+    torch.testing.assert_close(mixed.float(), expected, rtol=3e-2, atol=3e-2 * float(expected.abs().max()))
+
+
 def test_a_built_ensemble_given_inputs_for_another_number_of_members_is_refused_by_name():
     # torch's "The size of tensor a (3) must match the size of tensor b (4) at non-singleton dimension 0"
     ensemble = ntkgp.mlp(2).build(in_features=5, ensemble_size=4)

@@ -102,7 +102,7 @@ def test_diag_is_the_diagonal_with_parameter_scales():
                    {"0.weight": elementwise}):
         for x2_ in (None, x2):
             _assert_diag_is_the_diagonal(model, x1, x2_, parameter_scales=scales)
-    # the scales act on the diagonal as on the kernel: a rate of 0 on every parameter but the readout's
+    # the scales act on the diagonal: per-feature rates on the first layer change every point's entry
     plain = empirical_ntk(model, x1, diag=True)
     scaled = empirical_ntk(model, x1, diag=True, parameter_scales={"0.weight": column})
     assert bool((scaled != plain).all())
@@ -181,6 +181,42 @@ def test_diag_in_blocks_of_points_is_the_diagonal(monkeypatch, bytes_):
         _assert_diag_is_the_diagonal(ensemble, x1[0], x2_)
         _assert_diag_is_the_diagonal(ensemble, x1[0], x2_, params=dict(ensemble.named_parameters()))
         _assert_diag_is_the_diagonal(sequential, x1[0], x2_)
+
+
+class _CheckedTanh(nn.Module):
+    """tanh of inputs up to 1e3, refusing others with Python control flow on their values (what
+    ``torch.func.vmap`` cannot map: "vmap: It looks like you're ... using a Tensor in some data-dependent
+    control flow"); each point's outputs are its own."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if bool((x.abs() > 1e3).any()):
+            raise ValueError("inputs out of range")
+        return torch.tanh(x)
+
+
+@pytest.mark.parametrize("bytes_", [1, 1 << 26])
+def test_diag_on_the_jacobian_route_of_modules_that_cannot_be_vmapped_over_points(monkeypatch, bytes_):
+    """Modules whose full kernel the Jacobian route forms (``jacrev`` maps the cotangents, never the
+    module's calls) but that a per-point ``vmap`` cannot map failed with ``diag=True`` only: Python
+    control flow on the values (vmap's "data-dependent control flow" error), and batch norm in training
+    mode without running statistics (torch's "Expected more than 1 value per channel when training", for
+    a point called alone; the full kernel's warning is kept). Both give the full kernel's diagonal, in
+    blocks of rows of one point (``bytes_`` = 1) and of all of them."""
+    import ntkgp.finite.empirical as empirical
+
+    monkeypatch.setattr(empirical, "DIAG_JACOBIAN_BYTES", bytes_)
+    g = torch.Generator().manual_seed(21)
+    x1, x2 = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    torch.manual_seed(0)
+    checked = nn.Sequential(nn.Linear(3, 8), _CheckedTanh(), nn.Linear(8, 2))
+    batch_norm = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Tanh(),
+                               nn.Linear(8, 2))
+    for x2_ in (None, x2):
+        _assert_diag_is_the_diagonal(checked, x1, x2_)
+        with pytest.warns(RuntimeWarning, match="training mode"):   # batch statistics, as for the full kernel
+            _assert_diag_is_the_diagonal(batch_norm, x1, x2_)
+    with pytest.raises(ValueError, match=r"^inputs out of range$"):   # the module's own errors still come through
+        empirical_ntk(checked, x1 * 1e6, diag=True)
 
 
 def test_diag_without_points_or_parameters_is_zeros_of_the_diagonal_s_shape():

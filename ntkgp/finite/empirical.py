@@ -454,9 +454,12 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
             only, in ``O(n)`` memory. Layer by layer from the signals the full kernel uses; on the
             Jacobian route from each point's own Jacobian (per-sample gradients: ``torch.func.vmap``
             over the points, ``DIAG_JACOBIAN_BYTES`` of them at a time), where the full kernel
-            backpropagates every output through all points (``O(n²)`` work). A module whose
-            outputs at one point depend on the others (batch statistics) has no kernel of each
-            point: there its diagonal is that of each point called alone.
+            backpropagates every output through all points (``O(n²)`` work). Batch norm in
+            training mode (whose outputs at a point depend on the others) and modules that
+            ``vmap`` cannot map over the points (Python control flow on values, ``.item()``) take
+            rows of the Jacobian of all points' outputs instead: the full kernel's diagonal still,
+            in ``O(n)`` memory but ``O(n²)`` time. Other modules that mix points get the diagonal
+            of each point called alone.
 
     Returns:
         ``(n1, n2)`` (or ``(n1, n2, k, k)``; ``(n,)`` and ``(n, k, k)`` with ``diag``); with a leading
@@ -552,6 +555,9 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     # the full kernel's Jacobians, a bounded number of outputs' cotangents backpropagated at a time
     passes = [0 if diag or x is None else _cotangents_per_pass(fn, fixed, params, x, members, chunk_size)
               for x in (x1, x2)]
+    # batch norm in training mode (running statistics not tracked: tracked ones were refused above)
+    mixes = isinstance(model, nn.Module) and any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                                                 for m in model.modules())
 
     def contract(p: dict[str, Tensor], j1: dict[str, Tensor], j2: dict[str, Tensor]) -> Tensor:
         total = None
@@ -577,19 +583,7 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
             j2 = j1 if x2 is None else _jacobian(lambda q: _outputs_2d(fn({**constants, **q}, x2), x2), p, passes[1])
             return contract(p, j1, j2)
 
-        # each point's own Jacobian (per-sample gradients: the module called on that point alone, vmapped
-        # over the points), a block of points at a time: the Jacobian of all outputs at once backpropagates
-        # n·k cotangents through all n points, (n·k) × n × width values (25.6 GB at 20 000 points, width 8)
-        def point(x: Tensor) -> dict[str, Tensor]:
-            return jacrev(lambda q: _outputs_2d(fn({**constants, **q}, x[None]), x[None])[0])(p)
-
-        per_point = vmap(point, randomness="different")   # dropout in training mode: warned, as without diag
-        parts = []
-        for start in range(0, x1.shape[-2], rows):
-            block = slice(start, start + rows)
-            j1 = per_point(x1[block])
-            parts.append(contract(p, j1, j1 if x2 is None else per_point(x2[block])))
-        return torch.cat(parts)
+        return _jacobian_diagonal(fn, p, constants, x1, x2, rows, functools.partial(contract, p), mixes)
 
     if members is None:
         return single(params, fixed)
@@ -675,6 +669,48 @@ def _saved_bytes(fn: ParamFn, fixed: dict[str, Tensor], params: dict[str, Tensor
     return sum(storages.values())
 
 
+def _jacobian_diagonal(fn: ParamFn, p: dict[str, Tensor], constants: dict[str, Tensor], x1: Tensor,
+                       x2: Tensor | None, rows: int, contract: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
+                       mixes: bool) -> Tensor:
+    """The Jacobian route's diagonal ``contract(J(x1_a), J(x2_a))`` for each pair ``a``, a block of
+    points at a time, in ``O(n)`` memory: the Jacobian of all outputs at once backpropagates ``n·k``
+    cotangents through all ``n`` points, ``(n·k) × n × width`` values (25.6 GB at 20 000 points, width 8).
+
+    Each point's own Jacobian (per-sample gradients: the module called on that point alone, vmapped
+    over the points, ``rows`` of them at a time) unless the outputs at a point depend on the others
+    (``mixes``: batch norm in training mode, which refused single points, "Expected more than 1 value
+    per channel when training") or ``torch.func.vmap`` cannot map the module over the points (Python
+    control flow on values, ``.item()``: "vmap: It looks like you're ... calling .item()", where the
+    full kernel has no such limit). There the rows ``a`` of the Jacobian of all points' outputs are
+    taken, as many as the Jacobians of ``rows`` single points hold with every point in each row's
+    backward pass: the full kernel's diagonal still, in ``O(n)`` memory and ``O(n²)`` time."""
+
+    def alone(x: Tensor) -> dict[str, Tensor]:
+        return jacrev(lambda q: _outputs_2d(fn({**constants, **q}, x[None]), x[None])[0])(p)
+
+    def among_all(x: Tensor, block: slice) -> dict[str, Tensor]:
+        return jacrev(lambda q: _outputs_2d(fn({**constants, **q}, x), x)[block])(p)
+
+    def blocks(jacobians: Callable[[Tensor, slice], dict[str, Tensor]], size: int) -> Tensor:
+        parts: list[Tensor] = []
+        for start in range(0, x1.shape[-2], size):
+            block = slice(start, start + size)
+            j1 = jacobians(x1, block)
+            parts.append(contract(j1, j1 if x2 is None else jacobians(x2, block)))
+            if len(parts) == 64:   # joined: thousands of one-row results held between the backward passes'
+                parts = [torch.cat(parts)]   # large buffers kept the allocator from reusing them (1.2 GB at 3000)
+        return torch.cat(parts)
+
+    if not mixes:
+        per_point = vmap(alone, randomness="different")   # dropout in training mode: warned, as without diag
+        try:
+            return blocks(lambda x, block: per_point(x[block]), rows)
+        except RuntimeError as error:
+            if isinstance(error, torch.cuda.OutOfMemoryError) or "vmap" not in str(error):
+                raise
+    return blocks(among_all, max(1, rows // (x1.shape[-2] + 1)))
+
+
 #: Bytes of per-point Jacobians (of ``x1``'s block and ``x2``'s, all members processed at once) that the
 #: Jacobian route's diagonal holds at a time.
 DIAG_JACOBIAN_BYTES = 1 << 26
@@ -685,7 +721,8 @@ def _diagonal_block_rows(fn: ParamFn, params: dict[str, Tensor], x1: Tensor, x2:
     """Points per block of the Jacobian route's diagonal: ``DIAG_JACOBIAN_BYTES`` of Jacobians, ``k``
     outputs (from one point's) by the parameters of a member, for each set and member processed at once."""
     with torch.no_grad():
-        k = _outputs_2d(fn(params, x1[..., :1, :])).shape[-1]
+        # two points: batch norm in training mode refuses one ("Expected more than 1 value per channel")
+        k = _outputs_2d(fn(params, x1[..., :2, :])).shape[-1]
     at_once = 1 if members is None else min(members, chunk_size or members)
     per_member = sum(p.numel() for p in params.values()) // (members or 1)
     per_point = k * per_member * x1.element_size() * at_once * (1 if x2 is None else 2)

@@ -19,16 +19,17 @@ from ntkgp.layers.validation import all_finite, refuse_non_float_inputs
 PARAMETERIZATIONS = ("ntk", "standard")
 
 
-
 def _autocasting(x: Tensor) -> bool:
     """Whether a caller's ``torch.autocast`` runs for ``x``'s device, casting the matmul's operands
     itself (a float32 network on bfloat16 inputs is then mixed-precision training, not an error)."""
-    if x.device.type not in ("cpu", "cuda"):   # torch's RuntimeError "unknown device type for autocast" (meta)
-        return False
     try:
         return torch.is_autocast_enabled(x.device.type)
     except TypeError:   # torch < 2.4: no device argument; the CPU's flag has a function of its own
-        return torch.is_autocast_cpu_enabled() if x.device.type == "cpu" else torch.is_autocast_enabled()
+        if x.device.type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return x.device.type == "cuda" and torch.is_autocast_enabled()
+    except RuntimeError:   # "unknown device type for autocast" (meta): no autocast there
+        return False
 
 
 class Dense(Layer):
@@ -364,10 +365,14 @@ class DenseModule(nn.Module):
             raise ValueError(f"This layer takes a torch.Tensor of inputs (..., n, d), got {type(x).__name__}.")
         dtype = (self.weight if self.weight is not None else cast(Tensor, self._lazy_like)).dtype
         refuse_non_float_inputs(x, dtype)
-        if x.dtype != dtype and not _autocasting(x):
+        # autocast casts float32, float16 and bfloat16 operands, never float64 ones: a float64 network's
+        # float32 inputs (or a float32 one's float64 inputs) under autocast met torch's "expected m1 and
+        # m2 to have the same dtype, but got: c10::BFloat16 != double" still
+        if x.dtype != dtype and (torch.float64 in (x.dtype, dtype) or not _autocasting(x)):
             # torch's "expected m1 and m2 to have the same dtype, but got: float != double" otherwise
             raise ValueError(f"This layer's parameters are {dtype} but its inputs are {x.dtype}: convert the "
-                             f"inputs with x.to({dtype}), or build the network with dtype={x.dtype}.")
+                             f"inputs with x.to({dtype}), or build the network with dtype={x.dtype}"
+                             + (" (autocast does not cast float64)." if _autocasting(x) else "."))
         if self.weight is None:  # deferred first layer: draw now
             self._materialize(x.shape[-1])
         elif x.shape[-1] != self.in_features:   # torch's "mat1 and mat2 shapes cannot be multiplied" otherwise
