@@ -64,6 +64,41 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function):
     return True
 
 
+def status_mib(field: str) -> float | None:
+    """A field of Linux's ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB; ``None`` elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return status_mib("VmHWM") is not None
+
+
+def peak_above_current(fn) -> float:
+    """Peak resident memory (MiB) of ``fn()`` above the memory resident before it, in a test marked
+    ``fresh_process`` (skipped where Linux's resettable peak is not available)."""
+    if not os.environ.get(FRESH_PROCESS_ENV):
+        raise RuntimeError("peaks are only meaningful in a fresh process: mark the test fresh_process")
+    if not _reset_peak():
+        pytest.skip("needs Linux's resettable peak RSS (/proc/self/clear_refs)")
+    base = status_mib("VmRSS")
+    fn()
+    peak = status_mib("VmHWM")
+    assert base is not None and peak is not None   # both read after the reset succeeded
+    return peak - base
+
+
 TIMEOUT_ENV = "NTKGP_TEST_TIMEOUT"
 
 

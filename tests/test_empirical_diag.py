@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import peak_above_current
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -271,17 +272,7 @@ def test_diag_refuses_a_second_set_of_other_points_or_features_before_the_networ
         monte_carlo_kernel(net, x, diag="yes", n_samples=2)
 
 
-def _resident_mib(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
+@pytest.mark.fresh_process
 def test_diag_at_many_points_is_linear_in_memory(monkeypatch):
     """20 000 points: one full float64 kernel is 3.2 GB (2980 MiB). With the device's memory read as
     64 MiB the full kernels are refused up front, while the diagonals (160 kB) are sized as such and
@@ -300,30 +291,17 @@ def test_diag_at_many_points_is_linear_in_memory(monkeypatch):
             with pytest.raises(torch.cuda.OutOfMemoryError, match=r"20000 x 20000"):
                 kernel(model, x)
             kernel(model, x[:10], diag=True)   # one-time buffers before measuring
-            peak_reset = _reset_peak()
-            base = _resident_mib("VmRSS")
-            start = time.perf_counter()
-            diag = kernel(model, x, diag=True)
-            seconds = time.perf_counter() - start
+            start, out = time.perf_counter(), {}
+            peak = peak_above_current(lambda k=kernel, m=model, o=out: o.update(diag=k(m, x, diag=True)))
+            seconds, diag = time.perf_counter() - start, out["diag"]
             assert diag.shape == (n,) and bool((diag > 0).all())
             assert seconds < 3, seconds
-            if peak_reset and base is not None:
-                peak = _resident_mib("VmHWM") - base
-                assert peak < 64, (kernel.__name__, peak)
+            assert peak < 64, (kernel.__name__, peak)
             # the pairs are those of the full kernel, here of a slice of the points
             torch.testing.assert_close(diag[:7], torch.diagonal(kernel(model, x[:7])), rtol=RTOL, atol=0)
     with pytest.raises(torch.cuda.OutOfMemoryError, match=r"diagonal \(20000, in torch\.float64\)"):
         monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: 100 << 10)
         empirical_ntk(layerwise, x, diag=True)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _resident_mib("VmHWM") is not None
 
 
 @pytest.mark.parametrize("cross", [False, True])

@@ -4,11 +4,9 @@ temporaries), where one ``jacrev`` pass backpropagated every output through all 
 
 from __future__ import annotations
 
-import ctypes
-import os
-
 import pytest
 import torch
+from conftest import peak_above_current
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -146,24 +144,7 @@ def test_the_chunked_jacobian_route_in_float32_without_points_and_without_gradie
     assert passes
 
 
-def _peak_mib(fn) -> float:
-    """Peak resident memory (MiB) of ``fn()`` above the memory before it, the freed heap given back first
-    (a reused heap made the increase look small), as ``benchmarks/_memory.py`` measures."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-    def read(key: str) -> float:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key))
-
-    start = read("VmRSS:")
-    fn()
-    return read("VmHWM:") - start
-
-
-@pytest.mark.skipif(not (os.path.exists("/proc/self/clear_refs") and os.access("/proc/self/clear_refs", os.W_OK)),
-                    reason="needs Linux's resettable peak resident memory")
+@pytest.mark.fresh_process
 def test_the_full_kernel_of_a_plain_module_does_not_hold_n_squared_times_width_temporaries():
     """nn.Sequential(Linear(10, 64), Tanh, Linear(64, 64), Tanh, Linear(64, 1)) at 600 points, float64: one
     jacrev pass backpropagated the 600 outputs through all 600 points at once, ~375 MiB of temporaries
@@ -173,7 +154,7 @@ def test_the_full_kernel_of_a_plain_module_does_not_hold_n_squared_times_width_t
     model = nn.Sequential(nn.Linear(10, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
     x = torch.randn(600, 10)
     empirical_ntk(model, x[:20])   # warm-up: torch.func's and the kernel's one-time allocations
-    peak = _peak_mib(lambda: empirical_ntk(model, x))
+    peak = peak_above_current(lambda: empirical_ntk(model, x))
     assert peak < 200, f"{peak:.0f} MiB"
 
 
@@ -199,3 +180,97 @@ def test_the_chunked_jacobian_route_of_a_function_that_differentiates_and_under_
     expected = torch.stack([_reference(_module_fn(model), params, xs, None) for xs in x])
     torch.testing.assert_close(mapped, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
     assert len(passes) > counted + 1
+
+
+def test_the_chunked_jacobian_route_draws_the_random_numbers_of_one_jacrev_pass(passes):
+    """Dropout in training mode, seeded: the pass that measures the saved tensors (for the chunk's size)
+    gives back the random numbers it drew, so the kernel is that of one jacrev pass at the same seed (its
+    mask; another mask before) and the caller's random stream is where that pass leaves it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 2))
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(6))
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    torch.manual_seed(1)
+    with pytest.warns(RuntimeWarning, match="training mode"):
+        kernel = empirical_ntk(model, x, vector_output=True)
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    j = torch.func.jacrev(lambda q: functional_call(model, q, (x,)))(params)   # one mask for both sides
+    expected = sum(torch.einsum("nip,mjp->nmij", j[name].flatten(2), j[name].flatten(2)) for name in params)
+    torch.testing.assert_close(kernel, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+    torch.testing.assert_close(after, torch.rand(3), rtol=0, atol=0)
+    assert len(passes) > 1
+
+
+def test_the_chunk_of_cotangents_counts_the_inputs_not_the_data_set_they_are_a_view_of(passes):
+    """Inputs that are the first rows of a larger data set (a view of its storage: 2.4 MB here): the
+    forward pass saves 7 of its rows, and the chunks are those of a copy of them. Counted by storage,
+    every pass took one cotangent (14 passes for 14 outputs; at 100 of 200 000 points 2.6x slower)."""
+    model = _sequential()
+    data = torch.randn(100_000, 3, generator=torch.Generator().manual_seed(7))
+    kernel = empirical_ntk(model, data[:7])
+    copied = len(passes)
+    expected = empirical_ntk(model, data[:7].clone())
+    torch.testing.assert_close(kernel, expected, rtol=0, atol=0)
+    assert len(passes) - copied == copied < 14
+
+
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 2),
+                    reason="torch 2.1's compile fails on any torch.func transform ('Cannot access data pointer')")
+def test_the_chunked_jacobian_route_under_torch_compile():
+    """torch.compile of the Jacobian of chunks (the one-hot cotangents were written by fill_diagonal_ into
+    a slice: a mutation through as_strided, which compile refuses): the eager Jacobian to 1e-12."""
+    model = _sequential()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(8))
+
+    def jacobian(q: dict[str, Tensor]) -> dict[str, Tensor]:
+        return empirical._jacobian(lambda r: functional_call(model, r, (x,)), q, 3)
+
+    compiled = torch.compile(jacobian, backend="aot_eager")(params)
+    expected = torch.func.jacrev(lambda q: functional_call(model, q, (x,)))(params)
+    for name in params:
+        torch.testing.assert_close(compiled[name], expected[name], rtol=1e-12, atol=1e-12)
+
+
+class _Square(torch.autograd.Function):
+    """x², saving x with ctx.save_for_backward (a node without torch's _saved_ attributes)."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _Squares(nn.Module):
+    def __init__(self, custom: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.last, self.custom = nn.Linear(3, 64), nn.Linear(64, 2), custom
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.first(x)
+        return self.last(_Square.apply(h) if self.custom else h * h)
+
+
+def test_the_chunk_of_cotangents_counts_what_a_custom_autograd_function_saves(passes, monkeypatch):
+    """x² as a custom autograd.Function (ctx.save_for_backward) saves what torch's x * x saves: the same
+    chunks (5 passes of 3 cotangents for 14 outputs in 150 kB; its saved tensor was not counted, 4 of 4),
+    and the kernel of one jacrev pass (1e-12)."""
+    monkeypatch.setattr(empirical, "JACOBIAN_BYTES", 150_000)
+    x = torch.randn(7, 3, generator=torch.Generator().manual_seed(9))
+    empirical_ntk(_Squares(custom=False), x)
+    builtin = len(passes)
+    model = _Squares(custom=True)
+    kernel = empirical_ntk(model, x)
+    expected = _reference(_module_fn(model), {name: p.detach() for name, p in model.named_parameters()}, x, None)
+    torch.testing.assert_close(kernel, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+    assert len(passes) - builtin == builtin == 5

@@ -7,46 +7,13 @@ allocated with ``mmap``: a temporary of their size shows up in it, whatever ran 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import FRESH_PROCESS_ENV
+from conftest import peak_above_current
 
 import ntkgp
 from ntkgp.layers import state as state_module
 from ntkgp.layers.validation import all_finite
-
-
-def _status_mib(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _status_mib("VmHWM") is not None
-
-
-def _peak_above_current(fn) -> float:
-    """Peak resident memory (MiB) of ``fn()`` above the memory resident before it."""
-    if not os.environ.get(FRESH_PROCESS_ENV):
-        raise RuntimeError("peaks are only meaningful in a fresh process: mark the test fresh_process")
-    if not _reset_peak():
-        pytest.skip("needs Linux's resettable peak RSS (/proc/self/clear_refs)")
-    base = _status_mib("VmRSS")
-    fn()
-    return _status_mib("VmHWM") - base
 
 
 @pytest.mark.fresh_process
@@ -59,7 +26,7 @@ def test_input_checks_allocate_no_input_sized_temporaries(diag):
     net = ntkgp.mlp(1, "relu", 2.0, 0.01)
     with torch.no_grad():
         net.kernel(x[:2, :64], diag=diag)   # one-time buffers (BLAS, thread pools) before measuring
-        peak = _peak_above_current(lambda: net.kernel(x, diag=diag))
+        peak = peak_above_current(lambda: net.kernel(x, diag=diag))
     assert peak < 16, peak       # a quarter of the inputs: blocks, the kernels and allocator slack
 
 
@@ -102,7 +69,7 @@ def test_layerwise_empirical_ntk_keeps_at_most_four_kernel_sized_matrices():
     x = torch.randn(3000, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ntkgp.finite.empirical_ntk(model, x[:5])                 # one-time buffers before measuring
     result = []
-    peak = _peak_above_current(lambda: result.append(ntkgp.finite.empirical_ntk(model, x)))
+    peak = peak_above_current(lambda: result.append(ntkgp.finite.empirical_ntk(model, x)))
     matrix = 3000 * 3000 * 8 / 2**20
     assert peak < 4 * matrix, peak / matrix
     # the same numbers as the Jacobian route (per-parameter sums in another order: rounding only)
@@ -131,7 +98,7 @@ def test_hyperparameter_gradients_of_large_kernels_keep_a_few_kernel_sized_matri
     def step() -> None:
         net.kernel(x).ntk.sum().backward()
 
-    peak = _peak_above_current(step)
+    peak = peak_above_current(step)
     matrix = 2000 * 2000 * 8 / 2**20
     assert peak < 12 * matrix, peak / matrix
     assert all(p.grad is not None and all_finite(p.grad) for p in net.parameters())
@@ -163,7 +130,7 @@ def test_monte_carlo_kernel_does_not_stack_the_samples():
     x = torch.randn(300, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     ntkgp.finite.monte_carlo_kernel(net, x[:5], n_samples=2, ntk=False)   # one-time buffers
     result = []
-    peak = _peak_above_current(lambda: result.append(
+    peak = peak_above_current(lambda: result.append(
         ntkgp.finite.monte_carlo_kernel(net, x, n_samples=256, ntk=False, ensemble_batch=64)))
     assert peak < 100, peak
 
@@ -200,10 +167,10 @@ def test_posterior_setup_and_infinite_time_fit_stay_near_two_kernel_sized_matric
         theta = net.kernel(x).ntk
     matrix = n * n * 8 / 2**20
     _ = ntkgp.predict.GPPosterior(net, x[:20], y[:20], noise=1e-3)._cholesky   # one-time buffers
-    peak = _peak_above_current(lambda: ntkgp.predict.GPPosterior(net, x, y, noise=1e-3)._cholesky)
+    peak = peak_above_current(lambda: ntkgp.predict.GPPosterior(net, x, y, noise=1e-3)._cholesky)
     assert peak < 2.6 * matrix, peak / matrix
     result = []
-    peak = _peak_above_current(lambda: result.append(
+    peak = peak_above_current(lambda: result.append(
         ntkgp.predict.gradient_descent_mse(theta, y, fx_train_0=0.0, ntk_test_train=theta[:7], fx_test_0=0.0, t=None,
                                            diag_reg=1e-3)))
     assert peak < 2.5 * matrix, peak / matrix
@@ -234,7 +201,7 @@ def test_float32_covariances_over_many_times_are_written_in_float32():
     flow = ntkgp.predict.GradientFlow(net, x, y)
     flow.predict(xt[:2], t=t[:2])                        # the eigendecomposition, outside the measurement
     result = {}
-    peak = _peak_above_current(lambda: result.setdefault("out", flow.predict(xt, t=t)))
+    peak = peak_above_current(lambda: result.setdefault("out", flow.predict(xt, t=t)))
     stack32 = 40 * 600 * 600 * 4 / 2**20                 # 55 MiB
     assert result["out"].covariance.dtype == torch.float32
     assert peak < stack32 + 30, f"{peak:.0f} MiB for a {stack32:.0f} MiB float32 result"   # was 3 x 55 = 165 + kernels

@@ -473,7 +473,9 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     one that mixes points included; ``O(n²)`` work), a chunk of cotangents at a time whose backward
     temporaries take ``JACOBIAN_BYTES`` (64 MiB): that route holds the Jacobians (``n k`` times the
     parameters), the kernel and the chunk's temporaries, ~250 MiB at 2000 points through width 64
-    (4 GB in one ``jacrev`` pass).
+    (4 GB in one ``jacrev`` pass). The chunk is sized from the tensors that one more forward pass at
+    ``x1`` (and at ``x2``) saves for its backward: the module is called once more per set of inputs
+    (the random numbers that pass draws, dropout's, are given back to the generator).
 
     Raises :class:`~ntkgp.layers.base.NonFiniteKernelError` where the kernel overflows the dtype
     (the network's outputs, their gradients or the sums of their products: float32 inputs of
@@ -602,8 +604,11 @@ def _jacobian(f: Callable[[dict[str, Tensor]], Tensor], p: dict[str, Tensor], ro
     jac: dict[str, Tensor] = {}
     for start in range(0, total, rows):
         count = min(rows, total - start)
+        # output start + i in row i. Indexed, not fill_diagonal_ of a slice: torch.compile refuses mutating
+        # that slice (a view of a view through as_strided, which it cannot functionalize)
         basis = torch.zeros(count, total, dtype=out.dtype, device=out.device)
-        basis[:, start:start + count].fill_diagonal_(1)   # output start + i in row i
+        rows_at = torch.arange(count, device=out.device)
+        basis[rows_at, rows_at + start] = 1
         (grads,) = vmap(pullback)(basis.view(count, *out.shape))
         for name, grad in grads.items():
             if name not in jac:   # from the gradient: under a caller's vmap over the inputs it is batched
@@ -637,16 +642,21 @@ def _cotangents_per_pass(fn: ParamFn, fixed: dict[str, Tensor], params: dict[str
 
 
 def _saved_bytes(fn: ParamFn, fixed: dict[str, Tensor], params: dict[str, Tensor], x: Tensor) -> int | None:
-    """Bytes of the distinct storages that autograd saves for the backward pass in one forward pass of
-    ``fn`` at ``x`` (its graph's ``_saved_`` tensors); ``None`` under ``torch.func`` transforms or
+    """Bytes of the distinct tensors that autograd saves for the backward pass in one forward pass of
+    ``fn`` at ``x`` (its graph's saved tensors: :func:`_saved_names`); ``None`` under ``torch.func`` transforms or
     ``torch.compile`` (no parameter can require grad there). Read from the graph, not by
     ``saved_tensors_hooks``: those refused a function that calls ``torch.func.grad`` itself."""
     if transforms_active() or _is_compiling():
         return None
     variables = {name: p.detach().requires_grad_() for name, p in params.items()}
-    with torch.enable_grad():
+    # this forward pass only measures: the random numbers it draws (dropout in training mode) are given
+    # back, or the kernel's own pass drew others than one jacrev pass did, and the caller's stream moved on
+    devices = [] if x.device.type == "cpu" else [x.device]
+    with torch.random.fork_rng(devices, device_type=x.device.type if devices else "cuda"), torch.enable_grad():
         out = fn({**fixed, **variables}, x)
-    storages: dict[int, int] = {}
+    # each saved tensor's own bytes (its gradient's), once however many nodes saved it. Not its storage's:
+    # inputs x = data[:n] counted all of data, and one cotangent per pass (2.6x slower at 100 of 200 000 points)
+    tensors: dict[tuple, int] = {}
     nodes = [out.grad_fn] if isinstance(out, Tensor) and out.grad_fn is not None else []
     seen: dict[int, object] = {}   # the nodes kept, so that an id is not reused by another
     while nodes:
@@ -654,19 +664,32 @@ def _saved_bytes(fn: ParamFn, fixed: dict[str, Tensor], params: dict[str, Tensor
         if id(node) in seen:
             continue
         seen[id(node)] = node
-        for name in dir(node):
-            if not name.startswith("_saved_"):
-                continue
+        for name in _saved_names(node):
             try:
                 value = getattr(node, name)
                 for t in value if isinstance(value, (tuple, list)) else (value,):
                     if isinstance(t, Tensor):
-                        storage = t.untyped_storage()
-                        storages[storage.data_ptr()] = storage.nbytes()
+                        tensors[t.data_ptr(), t.dtype, tuple(t.shape), t.stride()] = t.numel() * t.element_size()
             except RuntimeError:   # freed, or a torch.func wrapper's (no storage of its own): none of ours
                 continue
         nodes.extend(child for child, _ in node.next_functions if child is not None)
-    return sum(storages.values())
+    return sum(tensors.values())
+
+
+#: The attributes of each type of autograd node that hold its saved tensors.
+_SAVED_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _saved_names(node: object) -> tuple[str, ...]:
+    """The attributes of ``node`` that hold tensors saved for its backward: torch's ``_saved_*``, and a
+    custom ``torch.autograd.Function``'s ``saved_tensors`` (``ctx.save_for_backward``, which has no
+    ``_saved_`` name: its tensors were not counted). Per type, once: ``dir`` of every node was a quarter of the
+    cost of reading the graph."""
+    names = _SAVED_NAMES.get(type(node))
+    if names is None:
+        names = tuple(name for name in dir(node) if name.startswith("_saved_") or name == "saved_tensors")
+        _SAVED_NAMES[type(node)] = names
+    return names
 
 
 def _jacobian_diagonal(fn: ParamFn, p: dict[str, Tensor], constants: dict[str, Tensor], x1: Tensor,
