@@ -25,7 +25,8 @@ time and peak memory of each and their ratios (full / diag):
 
 With ``--empirical-jacobian N [N ...]`` it times the full empirical NTK on the Jacobian route: a plain
 ``nn.Sequential(Linear(d, 64), Tanh, Linear(64, 64), Tanh, Linear(64, 1))`` in float64 (no ntkgp
-layers, so no layer-by-layer sum), time and peak memory of ``empirical_ntk(model, x)``:
+layers, so no layer-by-layer sum), time and peak memory of ``empirical_ntk(model, x)`` and of its
+diagonal alone, ``empirical_ntk(model, x, diag=True)``:
 
     python benchmarks/kernels.py --empirical-jacobian 500 1000 2000 4000
 """
@@ -111,7 +112,8 @@ def main() -> None:
     parser.add_argument("--empirical-d", type=int, default=10, help="input features for --empirical-diag")
     parser.add_argument("--empirical-hidden", type=int, default=2, help="hidden layers of the --empirical-diag network")
     parser.add_argument("--empirical-jacobian", type=int, nargs="+", metavar="N",
-                        help="time the full empirical NTK of a plain nn.Sequential (the Jacobian route) at these sizes")
+                        help="time the full empirical NTK of a plain nn.Sequential (the Jacobian route), and its "
+                        "diagonal, at these sizes")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.repeats < 1 or any(b < 1 for b in args.block_entries or ()):
@@ -181,18 +183,20 @@ def empirical_diagonals(sizes: list[int], width: int, d: int, hidden: int, repea
 
 def empirical_jacobian(sizes: list[int], d: int, repeats: int, device: torch.device) -> None:
     """The full empirical NTK of a plain torch module (the Jacobian route: the Jacobian of all outputs,
-    chunks of cotangents backpropagated through all points) in float64."""
+    chunks of cotangents backpropagated through all points) in float64, and its diagonal alone
+    (``diag=True``: per-point Jacobians)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(d, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
                                 torch.nn.Linear(64, 1)).to(device, torch.float64)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; empirical NTK of nn.Sequential(Linear({d}, 64), Tanh, Linear(64, 64), "
           "Tanh, Linear(64, 1)), float64, standard normal inputs")
-    print(f"{'N':>6} {'s':>8} {'MiB':>8} {'kernel MiB':>10}")
+    print(f"{'N':>6} {'s':>8} {'MiB':>8} {'kernel MiB':>10} {'diag s':>8} {'diag MiB':>8}")
     for n in sizes:
         x = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
         t, mem = measure(lambda x=x: empirical_ntk(model, x), repeats, device)
-        print(f"{n:6d} {t:8.3f} {mem:8.0f} {8 * n * n / 2**20:10.1f}", flush=True)
+        t_diag, mem_diag = measure(lambda x=x: empirical_ntk(model, x, diag=True), repeats, device)
+        print(f"{n:6d} {t:8.3f} {mem:8.0f} {8 * n * n / 2**20:10.1f} {t_diag:8.3f} {mem_diag:8.0f}", flush=True)
 
 
 def _entries(n: int) -> str:

@@ -545,11 +545,11 @@ def test_sampling_holds_two_arrays_of_the_draws_size():
     """sample_outputs held three arrays of the draws' size at once (z, R z and R z + mu), now two (z is
     freed and the mean added in place). Torch's memory is not traced: the peak resident memory of a
     fresh process (conftest.py), 3.0x the draws before, 2.0x after (80 MB of draws)."""
-    from test_scale import _peak_above_current
+    from conftest import peak_above_current
 
     g = Gaussian(torch.zeros(100, dtype=torch.float64), torch.eye(100, dtype=torch.float64) + 1.0)
     bayes.sample_outputs(g, 10)
-    peak = _peak_above_current(lambda: bayes.sample_outputs(g, 100_000))
+    peak = peak_above_current(lambda: bayes.sample_outputs(g, 100_000))
     assert peak < 2.5 * 100_000 * 100 * 8 / 2**20, peak
 
 

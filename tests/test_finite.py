@@ -1151,12 +1151,12 @@ def test_the_layer_by_layer_ntk_holds_the_kernel_and_a_few_blocks():
     """Each layer's u·u' and δ·δ' and the running sum were three kernel-sized matrices at once: 92.8 MiB
     above the start for the 30.5 MiB kernel of 2000 points (float64, width 16: signals of 0.25 MiB a
     layer); in blocks of an eighth of the rows, 38.0 MiB."""
-    from test_scale import _peak_above_current
+    from conftest import peak_above_current
 
     model = ntkgp.mlp(2, "relu", 2.0, 0.01, width=16).build(3, seed=0, dtype=torch.float64)
     x = torch.randn(2000, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     empirical_ntk(model, x[:5])   # one-time buffers
     result = []
-    peak = _peak_above_current(lambda: result.append(empirical_ntk(model, x)))
+    peak = peak_above_current(lambda: result.append(empirical_ntk(model, x)))
     kernel = 2000 * 2000 * 8 / 2**20
     assert peak < 1.6 * kernel, peak / kernel

@@ -389,7 +389,7 @@ def test_a_batch_s_kernels_are_formed_a_block_of_rows_at_a_time(monkeypatch):
     a matrix, peaked at 739 MiB above the start. Formed KERNEL_BYTES (here 1 MiB) of rows at a time,
     the peak is the four estimates, the outputs and layer signals of the points (64 members x 700
     points x 8 features, 2.7 MiB per layer) and a few blocks: 34 MiB."""
-    from test_scale import _peak_above_current
+    from conftest import peak_above_current
 
     from ntkgp.finite import monte_carlo as mc
 
@@ -398,7 +398,7 @@ def test_a_batch_s_kernels_are_formed_a_block_of_rows_at_a_time(monkeypatch):
     x = torch.randn(700, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     monte_carlo_kernel(net, x[:5], n_samples=2)   # one-time buffers
     result = []
-    peak = _peak_above_current(lambda: result.append(monte_carlo_kernel(net, x, n_samples=128, ensemble_batch=64)))
+    peak = peak_above_current(lambda: result.append(monte_carlo_kernel(net, x, n_samples=128, ensemble_batch=64)))
     assert peak < 60, peak
     assert result[0].ntk.shape == (700, 700)
 
