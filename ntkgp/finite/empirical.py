@@ -325,17 +325,6 @@ def _checked_inputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None,
     return check_inputs(x1, x2, diag)
 
 
-def check_diagonal_pairs(x1: object, x2: object, diag: object) -> None:
-    """``diag=True`` (a flag, :func:`~ntkgp._checks.check_flag`) pairs ``x1[i]`` with ``x2[i]``: ``x2``
-    must have ``x1``'s number of points and features (batch shapes broadcast, as for the full kernel).
-    Checked before any network runs, with both shapes named (``check_inputs`` names the counts only)."""
-    check_flag(diag, "diag")
-    if (diag and isinstance(x1, Tensor) and isinstance(x2, Tensor) and x1.dim() >= 2 and x2.dim() >= 2
-            and x1.shape[-2:] != x2.shape[-2:]):
-        raise ValueError(f"diag=True pairs x1[i] with x2[i]: x2 must have x1's points and features (n, d), got x1 "
-                         f"of shape {tuple(x1.shape)} and x2 of shape {tuple(x2.shape)}.")
-
-
 def _check_plain_inputs(x1: Tensor | None, x2: Tensor | None, model: nn.Module | ParamFn | None = None) -> None:
     """Inputs ``(n, d)``: only networks built by ntkgp take batches ``(*batch, n, d)``, and their
     NTK only on the layer-by-layer route (``model``: one on the Jacobian route, named in the error)."""
@@ -376,7 +365,7 @@ def _empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = 
     """:func:`empirical_nngp`, inf and NaN included (the zero kernel of :func:`empirical_ntk` without
     points or parameters is made from it)."""
     check_flag(vector_output, "vector_output")
-    check_diagonal_pairs(x1, x2, diag)
+    check_flag(diag, "diag")
     f1, f2 = _kernel_outputs(model, x1, x2, params, diag=diag)
     if diag:   # each point's outputs against its partner's only
         if vector_output:
@@ -498,7 +487,7 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
                    diag: bool = False) -> Tensor:
     """:func:`empirical_ntk`, inf and NaN included: :func:`ntkgp.finite.train_ensemble` records the
     kernel of members whose training is diverging (their losses still finite)."""
-    check_diagonal_pairs(x1, x2, diag)
+    check_flag(diag, "diag")
     x1, x2 = _checked_inputs(model, x1, x2, diag)
     check_flag(vector_output, "vector_output")
     chunk_size = None if chunk_size is None else integer_at_least(chunk_size, 1, "chunk_size")
@@ -636,9 +625,13 @@ def _cotangents_per_pass(fn: ParamFn, fixed: dict[str, Tensor], params: dict[str
     saved = _saved_bytes(fn, fixed, params, x)
     if saved is None:
         saved = x.shape[-2] * weights
-    at_once = 1 if members is None else min(members, chunk_size or members)
-    per_cotangent = 4 * (saved + weights) // (members or 1) * at_once
+    per_cotangent = 4 * (saved + weights) // (members or 1) * _members_at_once(members, chunk_size)
     return max(1, JACOBIAN_BYTES // max(1, per_cotangent))
+
+
+def _members_at_once(members: int | None, chunk_size: int | None) -> int:
+    """Members of an ensemble whose Jacobians are formed together (``vmap`` with ``chunk_size``)."""
+    return 1 if members is None else min(members, chunk_size or members)
 
 
 def _saved_bytes(fn: ParamFn, fixed: dict[str, Tensor], params: dict[str, Tensor], x: Tensor) -> int | None:
@@ -746,9 +739,8 @@ def _diagonal_block_rows(fn: ParamFn, params: dict[str, Tensor], x1: Tensor, x2:
     with torch.no_grad():
         # two points: batch norm in training mode refuses one ("Expected more than 1 value per channel")
         k = _outputs_2d(fn(params, x1[..., :2, :])).shape[-1]
-    at_once = 1 if members is None else min(members, chunk_size or members)
     per_member = sum(p.numel() for p in params.values()) // (members or 1)
-    per_point = k * per_member * x1.element_size() * at_once * (1 if x2 is None else 2)
+    per_point = k * per_member * x1.element_size() * _members_at_once(members, chunk_size) * (1 if x2 is None else 2)
     return max(1, DIAG_JACOBIAN_BYTES // max(1, per_point))
 
 

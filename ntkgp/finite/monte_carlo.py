@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._checks import NT_GET_HINT, check_flag, integer_at_least, seed_value
-from ntkgp.finite.empirical import check_diagonal_pairs, empirical_nngp, empirical_ntk, kernel_row_blocks
+from ntkgp.finite.empirical import empirical_nngp, empirical_ntk, kernel_row_blocks
 from ntkgp.layers.base import Layer
 from ntkgp.layers.state import _NTK
 from ntkgp.layers.validation import check_inputs
@@ -105,7 +105,7 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
         raise ValueError(f"net must be an ntkgp network spec (a Layer), got {type(net).__name__}; for a torch module, "
                          "average ntkgp.finite.empirical_ntk over initializations of your own.")
     check_flag(ntk, "ntk", NT_GET_HINT)   # ntk="nngp" (neural-tangents' get) ran the whole NTK estimate
-    check_diagonal_pairs(x1, x2, diag)
+    check_flag(diag, "diag")
     x1, x2 = check_inputs(x1, x2, diag)
     for name, x in (("x1", x1), ("x2", x2)):
         if x is not None and x.dim() != 2:

@@ -368,11 +368,13 @@ class DenseModule(nn.Module):
         # autocast casts float32, float16 and bfloat16 operands, never float64 ones: a float64 network's
         # float32 inputs (or a float32 one's float64 inputs) under autocast met torch's "expected m1 and
         # m2 to have the same dtype, but got: c10::BFloat16 != double" still
-        if x.dtype != dtype and (torch.float64 in (x.dtype, dtype) or not _autocasting(x)):
-            # torch's "expected m1 and m2 to have the same dtype, but got: float != double" otherwise
-            raise ValueError(f"This layer's parameters are {dtype} but its inputs are {x.dtype}: convert the "
-                             f"inputs with x.to({dtype}), or build the network with dtype={x.dtype}"
-                             + (" (autocast does not cast float64)." if _autocasting(x) else "."))
+        if x.dtype != dtype:
+            autocasting = _autocasting(x)
+            if torch.float64 in (x.dtype, dtype) or not autocasting:
+                # torch's "expected m1 and m2 to have the same dtype, but got: float != double" otherwise
+                raise ValueError(f"This layer's parameters are {dtype} but its inputs are {x.dtype}: convert the "
+                                 f"inputs with x.to({dtype}), or build the network with dtype={x.dtype}"
+                                 + (" (autocast does not cast float64)." if autocasting else "."))
         if self.weight is None:  # deferred first layer: draw now
             self._materialize(x.shape[-1])
         elif x.shape[-1] != self.in_features:   # torch's "mat1 and mat2 shapes cannot be multiplied" otherwise

@@ -181,8 +181,8 @@ def check_inputs(x1: Tensor, x2: Tensor | None, diag: bool = False) -> tuple[Ten
         raise ValueError(f"Batch shapes of x1 {tuple(x1.shape[:-2])} and x2 {tuple(x2.shape[:-2])} "
                          "do not broadcast.") from err
     if diag and x1.shape[-2] != x2.shape[-2]:
-        raise ValueError(f"diag=True pairs x1[i] with x2[i]: both need the same number of points, got "
-                         f"{x1.shape[-2]} and {x2.shape[-2]}.")
+        raise ValueError(f"diag=True pairs x1[i] with x2[i]: both need the same number of points, got x1 of "
+                         f"shape {tuple(x1.shape)} and x2 of shape {tuple(x2.shape)}.")
     # not compared under vmap, whose per-sample values torch.equal refuses ("Batching rule not implemented
     # for aten::equal": every vmapped kernel(x, x2) with as many points in x2 as in x failed)
     if x2 is x1 or (not x1.requires_grad and not x2.requires_grad and x1.shape == x2.shape
