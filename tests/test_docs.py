@@ -181,7 +181,8 @@ def test_conventions_quotes_the_measured_agreement_of_kernels_with_neural_tangen
     meets itself (fixed numbers of the fixture: within 5 %); the median and Gabor's are rounding
     of both libraries, which varies with the platform's libm (within a factor 2). The page said
     "up to 2.2e-9 per matrix and 4.7e-9 per entry" (measured: 8.6e-10 and 1.8e-9) and Gabor
-    "6e-16 apart" (measured: 2.0e-15)."""
+    "6e-16 apart" (measured: 2.0e-15); then "2e-15 apart", where another machine measured 5.5e-16, so
+    Gabor's is quoted as the range of the platforms seen."""
     text = (ROOT / "docs" / "conventions.md").read_text()
     per_matrix, worst_entry, per_largest = _kernel_errors_against_neural_tangents()
     median = _quoted(f"kernels to a relative {NUMBER}", text)
@@ -190,8 +191,9 @@ def test_conventions_quotes_the_measured_agreement_of_kernels_with_neural_tangen
     assert _quoted(f"and {NUMBER} per entry", text) == pytest.approx(worst_entry, rel=0.05)
     counts = re.search(r"the (\d+) matrices of the (\d+) reference\s+architectures", text)
     assert counts and (int(counts[1]), int(counts[2])) == (len(per_matrix), len(per_largest))
-    gabor = _quoted(f"the same kernels, {NUMBER} apart relative to their largest entry", text)
-    assert gabor / 2 <= per_largest["gabor"] <= 2 * gabor
+    low = _quoted(f"the same kernels, {NUMBER} to", text)
+    high = _quoted(f"to {NUMBER} apart relative to their largest entry", text)
+    assert low / 2 <= per_largest["gabor"] <= 2 * high
 
 
 def test_theory_says_that_build_refuses_a_layernorm_over_one_output():
