@@ -5,13 +5,18 @@
 #   2. the trainer benchmark on the GPU (benchmarks/train.py --device cuda),
 #   3. the kernel benchmark on the GPU (benchmarks/kernels.py --device cuda), at the default block
 #      size and at the sizes around it,
-#   4. the acceptance comparison with 1024 members at widths 256-1024 (docs/compare.md; 67 s on an
+#   4. the empirical kernels on the GPU (benchmarks/kernels.py --empirical-diag / --empirical-jacobian) at
+#      ntkgp's memory budgets and larger ones,
+#   5. the acceptance comparison with 1024 members at widths 256-1024 (docs/compare.md; 67 s on an
 #      H200: 6.8 / 12 / 38 s per width), its report packed as OUT/compare_e1024.tgz,
-#   5. the whole default test suite with CUDA present, in parallel, in the time that is left.
+#   6. the whole default test suite with CUDA present, in parallel, in the time that is left.
 # Runs from a checkout without installing it (PYTHONPATH), with the torch and gpytorch already there.
-# The figures in docs/benchmarks.md and docs/compare.md come from two runs on an H200 on 2026-12-04
-# of the commands of earlier drafts of this script (other sizes and time limits); this version has
-# not run on a GPU as a whole.
+# The figures in docs/benchmarks.md and docs/compare.md come from runs on H200s on 2026-12-04: two of
+# earlier drafts' commands, then this script as a whole (445 s of a 565 s budget, with ArviZ carried
+# as wheels: the 29 CUDA tests passed in 22 s; the suite 2603 passed, 3 skipped and 2 failed in 155 s,
+# tests/test_benchmarks.py's count of this script's steps, written before step 4, and the version
+# test, which read an installed distribution's metadata; both since fixed), then a second run of the
+# CUDA tests and the empirical benchmarks with the GPU budgets that step 4 led to.
 #
 #     bash benchmarks/cuda_checks.sh OUT [SECONDS]     # SECONDS: the whole run's budget (default 540)
 set -uo pipefail   # a failed environment check (exit 1 inside the piped group) is the script's status
@@ -41,6 +46,10 @@ step() {   # step LIMIT COMMAND...: run it under a time limit, print its exit st
     step 75 $py benchmarks/train.py --device cuda --repeats 2
     step 90 $py benchmarks/kernels.py --device cuda --sizes 4000 40000 --no-compile --repeats 1 \
         --block-entries 524288 8388608 16777216 33554432
+    step 45 $py benchmarks/kernels.py --device cuda --empirical-diag 2000 8000 32000 --repeats 2 \
+        --empirical-bytes 16777216 268435456
+    step 60 $py benchmarks/kernels.py --device cuda --empirical-jacobian 2000 8000 --repeats 1 \
+        --empirical-bytes 67108864 268435456 1073741824
     step 150 $py -m ntkgp compare --preset acceptance --ensemble-size 1024 --widths 256 512 1024 --device cuda \
         --chunk-size 512 --out "$out/compare_e1024"
     tar czf "$out/compare_e1024.tgz" -C "$out" compare_e1024 && rm -rf "$out/compare_e1024"

@@ -29,17 +29,25 @@ layers, so no layer-by-layer sum), time and peak memory of ``empirical_ntk(model
 diagonal alone, ``empirical_ntk(model, x, diag=True)``:
 
     python benchmarks/kernels.py --empirical-jacobian 500 1000 2000 4000
+
+``--empirical-bytes B [B ...]`` times either at these memory budgets in turn (``DIAG_SIGNAL_BYTES``
+for ``--empirical-diag``; ``JACOBIAN_BYTES`` and ``DIAG_JACOBIAN_BYTES`` for ``--empirical-jacobian``;
+their ``CUDA_`` versions on a GPU):
+
+    python benchmarks/kernels.py --device cuda --empirical-jacobian 2000 8000 --empirical-bytes 67108864 1073741824
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -47,7 +55,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _memory import peak_mib, start_measuring
 
 import ntkgp
-from ntkgp.finite import empirical_ntk
+from ntkgp.finite import empirical, empirical_ntk
 from ntkgp.layers import base
 
 
@@ -114,21 +122,26 @@ def main() -> None:
     parser.add_argument("--empirical-jacobian", type=int, nargs="+", metavar="N",
                         help="time the full empirical NTK of a plain nn.Sequential (the Jacobian route), and its "
                         "diagonal, at these sizes")
+    parser.add_argument("--empirical-bytes", type=int, nargs="+", metavar="B",
+                        help="memory budgets to time in turn: of a block of points' layer signals with "
+                        "--empirical-diag (DIAG_SIGNAL_BYTES), of a chunk of cotangents and of a block of "
+                        "per-point Jacobians with --empirical-jacobian (JACOBIAN_BYTES, DIAG_JACOBIAN_BYTES; their "
+                        "CUDA_ versions on a GPU); default: ntkgp's")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if args.repeats < 1 or any(b < 1 for b in args.block_entries or ()):
-        parser.error("--repeats and --block-entries take positive numbers")
+    if args.repeats < 1 or any(b < 1 for b in [*(args.block_entries or ()), *(args.empirical_bytes or ())]):
+        parser.error("--repeats, --block-entries and --empirical-bytes take positive numbers")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available to this torch")
     if args.nt_python and args.activation != "relu":
         print("neural-tangents' kernels are ReLU ones: its columns are left out for another activation.")
         args.nt_python = None
     if args.empirical_jacobian:
-        empirical_jacobian(args.empirical_jacobian, args.empirical_d, args.repeats, device)
+        empirical_jacobian(args.empirical_jacobian, args.empirical_d, args.repeats, device, args.empirical_bytes)
         return
     if args.empirical_diag:
         empirical_diagonals(args.empirical_diag, args.empirical_width, args.empirical_d, args.empirical_hidden,
-                            args.repeats, device)
+                            args.repeats, device, args.empirical_bytes)
         return
 
     inputs = "uniform in [0, 1)" if args.normal_scale is None else f"{args.normal_scale:g} × standard normal"
@@ -161,27 +174,31 @@ def main() -> None:
 
 
 def empirical_diagonals(sizes: list[int], width: int, d: int, hidden: int, repeats: int,
-                        device: torch.device) -> None:
+                        device: torch.device, budgets: list[int] | None = None) -> None:
     """The diagonal of one network's empirical NTK, ``diag=True`` (per-point products of the layer
     signals, ``O(n)``) against the diagonal of the full ``(n, n)`` kernel, in float64."""
     model = ntkgp.mlp(hidden, "relu", 2.0, 0.01, width=width).build(d, seed=0, dtype=torch.float64, device=device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; empirical NTK of one network: {hidden} hidden ReLU layers of width "
           f"{width}, d={d}, float64, standard normal inputs")
-    print(f"{'N':>6} {'diag s':>8} {'diag MiB':>9} {'full s':>8} {'full MiB':>9} {'full/diag s':>11} "
+    print(f"{'N':>6} {'budget':>7} {'diag s':>8} {'diag MiB':>9} {'full s':>8} {'full MiB':>9} {'full/diag s':>11} "
           f"{'full/diag MiB':>13} {'max |diff| / max':>16}")
     for n in sizes:
         x = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
-        t_diag, mem_diag = measure(lambda x=x: empirical_ntk(model, x, diag=True), repeats, device)
         t_full, mem_full = measure(lambda x=x: torch.diagonal(empirical_ntk(model, x)), repeats, device)
-        few = x[:500]   # the same values: checked where the full kernel is cheap
-        diag, full = empirical_ntk(model, few, diag=True), torch.diagonal(empirical_ntk(model, few))
-        error = float((diag - full).abs().max() / full.abs().max())
-        print(f"{n:6d} {t_diag:8.3f} {mem_diag:9.1f} {t_full:8.3f} {mem_full:9.1f} {t_full / t_diag:11.1f} "
-              f"{mem_full / max(mem_diag, 1e-3):13.1f} {error:16.1e}", flush=True)
+        prefix = "CUDA_" if device.type == "cuda" else ""   # the budget ntkgp reads on this device
+        for budget in budgets or [getattr(empirical, prefix + "DIAG_SIGNAL_BYTES")]:
+            with _budgets(**{prefix + "DIAG_SIGNAL_BYTES": budget} if budgets else {}):
+                t_diag, mem_diag = measure(lambda x=x: empirical_ntk(model, x, diag=True), repeats, device)
+                few = x[:500]   # the same values: checked where the full kernel is cheap
+                diag, full = empirical_ntk(model, few, diag=True), torch.diagonal(empirical_ntk(model, few))
+            error = float((diag - full).abs().max() / full.abs().max())
+            print(f"{n:6d} {_entries(budget):>7} {t_diag:8.3f} {mem_diag:9.1f} {t_full:8.3f} {mem_full:9.1f} "
+                  f"{t_full / t_diag:11.1f} {mem_full / max(mem_diag, 1e-3):13.1f} {error:16.1e}", flush=True)
 
 
-def empirical_jacobian(sizes: list[int], d: int, repeats: int, device: torch.device) -> None:
+def empirical_jacobian(sizes: list[int], d: int, repeats: int, device: torch.device,
+                       budgets: list[int] | None = None) -> None:
     """The full empirical NTK of a plain torch module (the Jacobian route: the Jacobian of all outputs,
     chunks of cotangents backpropagated through all points) in float64, and its diagonal alone
     (``diag=True``: per-point Jacobians)."""
@@ -191,12 +208,30 @@ def empirical_jacobian(sizes: list[int], d: int, repeats: int, device: torch.dev
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; empirical NTK of nn.Sequential(Linear({d}, 64), Tanh, Linear(64, 64), "
           "Tanh, Linear(64, 1)), float64, standard normal inputs")
-    print(f"{'N':>6} {'s':>8} {'MiB':>8} {'kernel MiB':>10} {'diag s':>8} {'diag MiB':>8}")
+    print(f"{'N':>6} {'budget':>7} {'s':>8} {'MiB':>8} {'kernel MiB':>10} {'diag s':>8} {'diag MiB':>8}")
     for n in sizes:
         x = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
-        t, mem = measure(lambda x=x: empirical_ntk(model, x), repeats, device)
-        t_diag, mem_diag = measure(lambda x=x: empirical_ntk(model, x, diag=True), repeats, device)
-        print(f"{n:6d} {t:8.3f} {mem:8.0f} {8 * n * n / 2**20:10.1f} {t_diag:8.3f} {mem_diag:8.0f}", flush=True)
+        prefix = "CUDA_" if device.type == "cuda" else ""   # the budgets ntkgp reads on this device
+        for budget in budgets or [getattr(empirical, prefix + "JACOBIAN_BYTES")]:   # (the diagonal's: its own)
+            names = (prefix + "JACOBIAN_BYTES", prefix + "DIAG_JACOBIAN_BYTES") if budgets else ()
+            with _budgets(**dict.fromkeys(names, budget)):
+                t, mem = measure(lambda x=x: empirical_ntk(model, x), repeats, device)
+                t_diag, mem_diag = measure(lambda x=x: empirical_ntk(model, x, diag=True), repeats, device)
+            print(f"{n:6d} {_entries(budget):>7} {t:8.3f} {mem:8.0f} {8 * n * n / 2**20:10.1f} {t_diag:8.3f} "
+                  f"{mem_diag:8.0f}", flush=True)
+
+
+@contextlib.contextmanager
+def _budgets(**values: int) -> Iterator[None]:
+    """``ntkgp.finite.empirical``'s memory budgets set to these values, restored after."""
+    before = {name: getattr(empirical, name) for name in values}
+    for name, value in values.items():
+        setattr(empirical, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(empirical, name, value)
 
 
 def _entries(n: int) -> str:

@@ -105,7 +105,7 @@ def test_cuda_checks_script_writes_its_log_where_the_caller_names_it(tmp_path):
     result, log = _run_cuda_checks(tmp_path, 0)
     assert log.is_file(), result.stdout[-2000:] + result.stderr[-2000:]
     text = log.read_text()
-    assert text.count("=== exit status 0") == 5 and "stand-in -m ntkgp compare" in text, text
+    assert text.count("=== exit status 0") == 7 and "stand-in -m ntkgp compare" in text, text
 
 
 def test_cuda_checks_script_fails_when_its_environment_check_fails(tmp_path):

@@ -307,3 +307,108 @@ def test_device_tensors_given_as_settings_leave_the_rest_on_its_device():
     with torch.device(DEVICE):
         model = _net().build(seed=0, dtype=torch.float64)
     torch.testing.assert_close(model(x), _net().build(seed=0, dtype=torch.float64)(x), rtol=0, atol=0)
+
+
+def test_empirical_diagonals_and_the_chunked_jacobian_route(monkeypatch):
+    """``diag=True`` on both routes (layer by layer for a built network and an ensemble, per-point
+    Jacobians for a plain module, rows of the all-points Jacobian for batch norm in training mode),
+    Monte-Carlo diagonals, and the full kernel of a plain module from the chunked pullback: on the
+    GPU as on the CPU, with chunks of a few cotangents and blocks of one point (small budgets)."""
+    import torch.nn as nn
+
+    import ntkgp.finite.empirical as empirical
+
+    monkeypatch.setattr(empirical, "JACOBIAN_BYTES", 1 << 12)
+    monkeypatch.setattr(empirical, "DIAG_JACOBIAN_BYTES", 1)
+    monkeypatch.setattr(empirical, "DIAG_SIGNAL_BYTES", 1)
+    x, x2, _ = _data()
+    x2 = torch.cat([x2, x2[:3]])                                   # x's number of points, for the pairs
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 2)).double()
+    batch_norm = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Tanh(),
+                               nn.Linear(8, 2)).double()
+    results = []
+    for d in (DEVICE, "cpu"):
+        model = _net(ntkgp.ReLU()).build(3, seed=0, device=d)
+        ensemble = _net().build(3, seed=1, ensemble_size=3, device=d)
+        xs, x2s = x.to(d), x2.to(d)
+        out = []
+        for m in (model, ensemble, plain.to(d)):
+            for pair in (None, x2s):
+                full = finite.empirical_ntk(m, xs, pair)
+                diag = finite.empirical_ntk(m, xs, pair, diag=True)
+                torch.testing.assert_close(diag, torch.diagonal(full, dim1=-2, dim2=-1), **CLOSE)
+                out += [full, diag, finite.empirical_nngp(m, xs, pair, diag=True)]
+        out.append(finite.empirical_ntk(plain, xs, x2s, vector_output=True))
+        with pytest.warns(RuntimeWarning, match="training mode"):
+            out.append(finite.empirical_ntk(batch_norm.to(d), xs, diag=True))
+        mc = finite.monte_carlo_kernel(_net(), xs, x2s, n_samples=6, ensemble_batch=4, diag=True)
+        out += [mc.nngp, mc.ntk, mc.ntk_sem]
+        results.append(out)
+    for gpu, cpu in zip(*results, strict=True):
+        _on_device_and_close(gpu, cpu, rtol=1e-8, atol=1e-10)
+
+
+def test_inputs_of_another_dtype_are_named_and_autocast_is_left_to_torch():
+    """float32 points into a float64 network are refused by name on the GPU too; under CUDA's
+    autocast a float32 network takes float32 and bfloat16 inputs (mixed precision, as torch's own
+    layers), and float64 ones, which autocast never casts, are refused."""
+    x, _, _ = _data()
+    net = _net(ntkgp.ReLU())
+    wide = net.build(3, seed=0, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"parameters are torch.float64 but its inputs are torch.float32"):
+        wide(x.float().to(DEVICE))
+    single = net.build(3, seed=0, dtype=torch.float32, device=DEVICE)
+    exact = single(x.float().to(DEVICE))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for inputs in (x.float(), x.bfloat16()):
+            mixed = single(inputs.to(DEVICE))
+            assert mixed.device.type == DEVICE
+            torch.testing.assert_close(mixed.float(), exact, rtol=0.05, atol=0.05)   # bfloat16: 8 bits of mantissa
+        with pytest.raises(ValueError, match=r"autocast does not cast float64"):
+            single(x.to(DEVICE))
+
+
+def test_empirical_kernels_on_the_gpu_take_gpu_sized_chunks(monkeypatch):
+    """On a GPU the empirical kernels' chunks and blocks are ``CUDA_JACOBIAN_BYTES``,
+    ``CUDA_DIAG_JACOBIAN_BYTES`` and ``CUDA_DIAG_SIGNAL_BYTES`` (each chunk costs its kernel launches:
+    the CPU's 64 MiB made the full kernel of 8000 points 36 times slower on an H200). With the CPU's
+    budgets cut to one byte, the CPU takes a chunk per cotangent and a block per point, the GPU one
+    chunk and one block, and the two agree."""
+    import torch.nn as nn
+
+    import ntkgp.finite.empirical as empirical
+
+    for name in ("JACOBIAN_BYTES", "DIAG_JACOBIAN_BYTES", "DIAG_SIGNAL_BYTES"):
+        monkeypatch.setattr(empirical, name, 1)
+    sizes = {}
+    for name in ("_cotangents_per_pass", "_diagonal_block_rows"):
+        original = getattr(empirical, name)
+
+        def recorded(*args, _original=original, _name=name, **kwargs):
+            sizes.setdefault(_name, []).append(_original(*args, **kwargs))
+            return sizes[_name][-1]
+
+        monkeypatch.setattr(empirical, name, recorded)
+    signals = []
+    original_signals = empirical._signals
+    monkeypatch.setattr(empirical, "_signals",
+                        lambda model, x: signals.append(x.shape[-2]) or original_signals(model, x))
+    x, _, _ = _data(n=40)
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    model = _net(ntkgp.ReLU()).build(3, seed=0)
+    results = []
+    for d in (DEVICE, "cpu"):
+        sizes.clear()
+        signals.clear()
+        xd = x.to(d)
+        results.append([finite.empirical_ntk(plain.to(d), xd), finite.empirical_ntk(plain.to(d), xd, diag=True),
+                        finite.empirical_ntk(model.to(d), xd, diag=True)])
+        if d == DEVICE:
+            (chunk,), (rows,) = sizes["_cotangents_per_pass"], sizes["_diagonal_block_rows"]
+            assert chunk >= 80 and rows >= 40 and signals == [40]   # all 40 x 2 outputs at once, all 40 points
+        else:
+            assert sizes == {"_cotangents_per_pass": [1], "_diagonal_block_rows": [1]} and signals == [1] * 40
+    for gpu, cpu in zip(*results, strict=True):
+        _on_device_and_close(gpu, cpu)

@@ -442,7 +442,8 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
             neural-tangents' ``diagonal_axes=(0,)``: each point's gradients against its partner's
             only, in ``O(n)`` memory. Layer by layer from the signals the full kernel uses; on the
             Jacobian route from each point's own Jacobian (per-sample gradients: ``torch.func.vmap``
-            over the points, ``DIAG_JACOBIAN_BYTES`` of them at a time), where the full kernel
+            over the points, ``DIAG_JACOBIAN_BYTES`` of them at a time, ``CUDA_DIAG_JACOBIAN_BYTES``
+            on a GPU), where the full kernel
             backpropagates every output through all points (``O(n²)`` work). Batch norm in
             training mode (whose outputs at a point depend on the others) and modules that
             ``vmap`` cannot map over the points (Python control flow on values, ``.item()``) take
@@ -460,11 +461,12 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     and per-input-feature columns ``(in, 1)``, takes the Jacobian route: the Jacobian of all ``n k``
     outputs, each output's cotangent backpropagated through all ``n`` points (exact for any module,
     one that mixes points included; ``O(n²)`` work), a chunk of cotangents at a time whose backward
-    temporaries take ``JACOBIAN_BYTES`` (64 MiB): that route holds the Jacobians (``n k`` times the
-    parameters), the kernel and the chunk's temporaries, ~250 MiB at 2000 points through width 64
-    (4 GB in one ``jacrev`` pass). The chunk is sized from the tensors that one more forward pass at
-    ``x1`` (and at ``x2``) saves for its backward: the module is called once more per set of inputs
-    (the random numbers that pass draws, dropout's, are given back to the generator).
+    temporaries take ``JACOBIAN_BYTES`` (64 MiB; ``CUDA_JACOBIAN_BYTES``, 1 GiB, on a GPU): that
+    route holds the Jacobians (``n k`` times the parameters), the kernel and the chunk's
+    temporaries, ~250 MiB at 2000 points through width 64 on the CPU (4 GB in one ``jacrev``
+    pass). The chunk is sized from the tensors that one more forward pass at ``x1`` (and at ``x2``)
+    saves for its backward: the module is called once more per set of inputs (the random numbers
+    that pass draws, dropout's, are given back to the generator).
 
     Raises :class:`~ntkgp.layers.base.NonFiniteKernelError` where the kernel overflows the dtype
     (the network's outputs, their gradients or the sums of their products: float32 inputs of
@@ -609,6 +611,10 @@ def _jacobian(f: Callable[[dict[str, Tensor]], Tensor], p: dict[str, Tensor], ro
 #: Bytes of temporaries that the Jacobian route's full kernel forms at a time: the gradients, for a chunk of
 #: cotangents (outputs), of every tensor the network's forward pass over all points saved for its backward.
 JACOBIAN_BYTES = 1 << 26
+#: The same on a GPU, where each chunk costs its kernel launches rather than cache misses: on an H200,
+#: 8000 points through width 64 took 9.3 s at 64 MiB, 1.5 s at 256 MiB and 0.26 s at 1 GiB, at the same
+#: peak (1277 MiB: the Jacobians and the kernel; docs/benchmarks.md).
+CUDA_JACOBIAN_BYTES = 1 << 30
 
 
 def _cotangents_per_pass(fn: ParamFn, fixed: dict[str, Tensor], params: dict[str, Tensor], x: Tensor,
@@ -626,7 +632,8 @@ def _cotangents_per_pass(fn: ParamFn, fixed: dict[str, Tensor], params: dict[str
     if saved is None:
         saved = x.shape[-2] * weights
     per_cotangent = 4 * (saved + weights) // (members or 1) * _members_at_once(members, chunk_size)
-    return max(1, JACOBIAN_BYTES // max(1, per_cotangent))
+    budget = CUDA_JACOBIAN_BYTES if x.device.type == "cuda" else JACOBIAN_BYTES
+    return max(1, budget // max(1, per_cotangent))
 
 
 def _members_at_once(members: int | None, chunk_size: int | None) -> int:
@@ -730,6 +737,8 @@ def _jacobian_diagonal(fn: ParamFn, p: dict[str, Tensor], constants: dict[str, T
 #: Bytes of per-point Jacobians (of ``x1``'s block and ``x2``'s, all members processed at once) that the
 #: Jacobian route's diagonal holds at a time.
 DIAG_JACOBIAN_BYTES = 1 << 26
+#: The same on a GPU (on an H200, 8000 points: 0.018 s at 64 MiB, 0.008 s at 256 MiB; docs/benchmarks.md).
+CUDA_DIAG_JACOBIAN_BYTES = 1 << 28
 
 
 def _diagonal_block_rows(fn: ParamFn, params: dict[str, Tensor], x1: Tensor, x2: Tensor | None,
@@ -741,7 +750,8 @@ def _diagonal_block_rows(fn: ParamFn, params: dict[str, Tensor], x1: Tensor, x2:
         k = _outputs_2d(fn(params, x1[..., :2, :])).shape[-1]
     per_member = sum(p.numel() for p in params.values()) // (members or 1)
     per_point = k * per_member * x1.element_size() * _members_at_once(members, chunk_size) * (1 if x2 is None else 2)
-    return max(1, DIAG_JACOBIAN_BYTES // max(1, per_point))
+    budget = CUDA_DIAG_JACOBIAN_BYTES if x1.device.type == "cuda" else DIAG_JACOBIAN_BYTES
+    return max(1, budget // max(1, per_point))
 
 
 def kernel_row_blocks(model: nn.Module, x1: Tensor, x2: Tensor | None, rows: int, ntk: bool = True,
@@ -919,6 +929,9 @@ def _layerwise_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None, scales: dict
 #: Bytes of layer signals (and their autograd graph, counted as 4x) that the layer-by-layer diagonal
 #: forms at a time: a block of points, since no layer of such a network mixes points.
 DIAG_SIGNAL_BYTES = 1 << 24
+#: The same on a GPU (on an H200, 32 000 points through two layers of width 512: 0.34 s at 16 MiB, slower
+#: than the full kernel's 0.14 s; 0.023 s at 256 MiB; docs/benchmarks.md).
+CUDA_DIAG_SIGNAL_BYTES = 1 << 28
 
 
 def _layerwise_diagonal(model: nn.Module, x1: Tensor, x2: Tensor | None, scales: dict | None,
@@ -931,7 +944,8 @@ def _layerwise_diagonal(model: nn.Module, x1: Tensor, x2: Tensor | None, scales:
     widths = sum(m.weight.shape[-2] + m.weight.shape[-1] for m in model.modules()
                  if isinstance(m, DenseModule) and m.weight is not None)
     per_point = 4 * copies * widths * x1.element_size() * (1 if x2 is None else 2)
-    rows = max(1, DIAG_SIGNAL_BYTES // max(1, per_point))
+    budget = CUDA_DIAG_SIGNAL_BYTES if x1.device.type == "cuda" else DIAG_SIGNAL_BYTES
+    rows = max(1, budget // max(1, per_point))
     parts = []
     for start in range(0, x1.shape[-2], rows):
         block = slice(start, start + rows)
