@@ -31,6 +31,7 @@ from ntkgp.predict.gaussian import (
 )
 from ntkgp.predict.spectral import (
     Eigensystem,
+    check_semi_definite_by_cholesky,
     check_symmetric,
     cholesky,
     cholesky_solve,
@@ -158,7 +159,13 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
     # threshold took for real ones and inverted (rank 10 of 40 points: test outputs 5.0 off at t = ∞)
     if schedule is None:
         # also for the training outputs: a singular kernel cannot fit Y
-        factor = cholesky(kernel, "training NTK", given=ntk_train_train.dtype)
+        try:
+            factor = cholesky(kernel, "training NTK", given=ntk_train_train.dtype)
+        except ValueError:
+            # a matrix clearly not semi-definite (-Θ: eigenvalues -7.0 to -0.86) is no tangent kernel, as finite
+            # times say; cholesky's reading of it as singular advised diag_reg=1e-6, which cannot help
+            check_semi_definite_by_cholesky(kernel.detach(), "ntk_train_train", ntk_train_train.dtype)
+            raise
         train = y.clone()
         test = None
         if ntk_test_train is not None:

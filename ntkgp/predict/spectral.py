@@ -736,7 +736,8 @@ def check_symmetric(k: Tensor, name: str, scale: float = 0.0) -> None:
     scale, asymmetry = max(_largest_magnitude(k), scale), _largest_magnitude(k - k.mT)
     if asymmetry > torch.finfo(k.dtype).eps ** 0.5 * scale:
         raise ValueError(f"{name} must be symmetric: it differs from its transpose by {asymmetry:.3g} "
-                         f"(scale {scale:.3g}).")
+                         f"(scale {scale:.3g}); if that is rounding (a kernel computed in a lower precision, "
+                         f"then cast), pass (k + k.mT) / 2.")
 
 
 def _largest_magnitude(k: Tensor) -> float:
