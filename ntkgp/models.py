@@ -95,9 +95,10 @@ class NetworkGP(gpytorch.models.ExactGP):
     own evaluates the marginal likelihood outside the model, so wrap it in
     ``with ntkgp.models.exact_solves(model):`` too.
     Eval-mode predictions follow hyperparameters changed in place (``model.net[0].weight_var = 5.0``,
-    ``initialize``, an optimizer step, the noise, a fixed noise): GPyTorch's ``ExactGP`` keeps the
-    training solve of its first prediction until ``train()``, and so does a model of one's own
-    with :class:`~ntkgp.NTKKernel` (call ``model.train(); model.eval()`` after such a change).
+    ``initialize``, an optimizer step, the noise, a fixed noise) and the model's conversion (``.double()``,
+    ``.to(device)``): GPyTorch's ``ExactGP`` keeps the training solve of its first prediction until
+    ``train()``, and so does a model of one's own with :class:`~ntkgp.NTKKernel` (call
+    ``model.train(); model.eval()`` after such a change).
     A prediction under ``torch.inference_mode()`` caches that solve as inference tensors; the next
     prediction outside the mode rebuilds it (GPyTorch's ``ExactGP``, with its own kernels or an
     ``NTKKernel``, fails there with "Inference tensors cannot be saved for backward" once autograd
@@ -310,6 +311,16 @@ class NetworkGP(gpytorch.models.ExactGP):
         self.prediction_strategy = None
         self._inference_cache = False
         return True
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> NetworkGP:
+        """GPyTorch's ``_apply`` (``.double()``, ``.float()``, ``.to(...)`` convert the training data with the
+        parameters), forgetting what the cached training solve was built from, so that the next prediction
+        or fantasy rebuilds it: it stayed in the old dtype or on the old device, and the recorded values still
+        matched (``torch.equal`` compares across dtypes), so a float32 model made ``.double()`` after a
+        prediction failed at the next one with "expected m1 and m2 to have the same dtype" (GPyTorch's own
+        ``ExactGP`` fails the same way)."""
+        self.__dict__.pop("_prediction_record", None)
+        return super()._apply(fn, *args, **kwargs)
 
     def get_fantasy_model(self, inputs: Tensor, targets: Tensor, **kwargs: object) -> NetworkGP:
         """GPyTorch's fantasy model (the posterior updated with new observations), for 1-D targets."""

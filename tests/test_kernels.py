@@ -512,6 +512,22 @@ def test_active_dims_select_features_and_one_dimensional_inputs_are_one_feature(
 
 
 @pytest.mark.parametrize("kernel_class", [ntkgp.NNGPKernel, ntkgp.NTKKernel])
+def test_one_dimensional_inputs_are_one_feature_with_active_dims_too(kernel_class):
+    """GPyTorch selects active_dims before it reads (n,) as n points of one feature, so it selected
+    points: active_dims=[0] on 6 and 4 points gave the (1, 1) kernel of the first two (GPyTorch's
+    RBFKernel does the same), and active_dims=[1] the kernel of the second points, silently."""
+    net = ntkgp.mlp(1, "erf")
+    with torch.no_grad():
+        x, z = _X[:, 0], _X[:4, 0]
+        kernel = kernel_class(deepcopy(net), active_dims=[0])
+        torch.testing.assert_close(kernel(x, z).to_dense(), kernel_class(net)(x, z).to_dense(), rtol=0, atol=0)
+        torch.testing.assert_close(kernel(x).to_dense(), kernel_class(net)(x).to_dense(), rtol=0, atol=0)
+        torch.testing.assert_close(kernel(x, diag=True), kernel_class(net)(x, diag=True), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="active_dims selects feature 1, but x1 has 1 feature"):
+            kernel_class(deepcopy(net), active_dims=[1])(x, z)
+
+
+@pytest.mark.parametrize("kernel_class", [ntkgp.NNGPKernel, ntkgp.NTKKernel])
 def test_active_dims_are_the_kernels_own_copy_and_may_be_one_index(kernel_class):
     """A numpy array of active_dims is copied, as GPyTorch's ``torch.tensor(active_dims)`` did: the
     check's ``as_tensor`` shared its memory, so ``dims[1] = 1`` afterwards moved the kernel to feature 1

@@ -1087,6 +1087,36 @@ def test_eval_predictions_follow_hyperparameters_changed_in_place(change):
     torch.testing.assert_close(after.covariance_matrix, rebuilt.covariance_matrix, rtol=1e-12, atol=1e-12)
 
 
+def test_eval_predictions_follow_a_change_of_the_models_dtype():
+    """``.double()`` and ``.float()`` convert GPyTorch's training data and parameters but not its cached
+    training solve, whose hyperparameters still compare equal across dtypes: the next prediction (or
+    fantasy) failed with "expected m1 and m2 to have the same dtype". The converted model predicts as one
+    built in the new dtype (float32 data are exact in float64, and so are the variances' anchors and the
+    noise); its fantasy as one refitted with the fantasy points (to the rounding of the updated solve)."""
+    x, y = _data(30)
+    x, y = x.float(), y.float()
+    x_test = x[:5] + 0.05
+    model = NetworkGP(x, y, kernel="ntk", depth=2, activation="erf").eval()
+    with torch.no_grad():
+        model(x_test)
+        model.double()
+        xf, yf = x[:2].double() + 0.1, y[:2].double()
+        fantasy = model.get_fantasy_model(xf, yf)   # from a float64 solve, rebuilt
+        refit = NetworkGP(torch.cat([x.double(), xf]), torch.cat([y.double(), yf]), kernel="ntk", depth=2,
+                          activation="erf").eval()
+        torch.testing.assert_close(fantasy(x_test.double()).mean, refit(x_test.double()).mean, rtol=1e-8, atol=1e-10)
+        got = model(x_test.double())
+        built = NetworkGP(x.double(), y.double(), kernel="ntk", depth=2, activation="erf").eval()(x_test.double())
+        assert got.mean.dtype == torch.float64
+        torch.testing.assert_close(got.mean, built.mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.covariance_matrix, built.covariance_matrix, rtol=1e-12, atol=1e-12)
+        model.float()   # and back: the float64 solve is dropped too
+        got = model(x_test)
+        built = NetworkGP(x, y, kernel="ntk", depth=2, activation="erf").eval()(x_test)
+        assert got.mean.dtype == torch.float32
+        torch.testing.assert_close(got.mean, built.mean, rtol=0, atol=0)
+
+
 def test_fantasies_follow_hyperparameters_changed_in_place():
     """get_fantasy_model updates GPyTorch's cached training solve, which was the one from before an
     in-place change of the hyperparameters: the fantasy's predictions came from neither model."""

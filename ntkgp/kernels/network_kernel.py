@@ -8,7 +8,7 @@ import itertools
 import weakref
 from collections.abc import Sequence
 from copy import deepcopy
-from typing import cast
+from typing import TypeVar, cast
 
 import torch
 from gpytorch.kernels import Kernel
@@ -25,6 +25,8 @@ from ntkgp.layers.variance import VarianceParameters
 #: layers (a slice ``net[:2]``, a network spliced into a bigger one), must share their batch shape,
 #: which ``batch_shape`` sets on those layers in place.
 _KERNELS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+_T = TypeVar("_T")
 
 
 def _shared_modules(net: Layer) -> list[torch.nn.Module]:
@@ -89,6 +91,11 @@ def _active_dims(value: Sequence[int] | Tensor | None) -> Tensor | None:
             or (dims.is_floating_point() and not bool((torch.isfinite(dims) & (dims == dims.round())).all()))):
         raise ValueError(f"active_dims must be {kind}, at least one, got {value!r}.")
     return dims.long()
+
+
+def _one_feature(x: _T) -> _T:
+    """A 1-D tensor ``(n,)`` as ``(n, 1)``, GPyTorch's reading of it; anything else as it is."""
+    return cast(_T, x.unsqueeze(-1)) if isinstance(x, Tensor) and x.dim() == 1 else x
 
 
 def _check_call_inputs(x1: object, x2: object, last_active: int | None) -> None:
@@ -197,6 +204,12 @@ class NetworkKernel(Kernel):
         (:func:`_check_call_inputs`); :meth:`forward` checks their values."""
         # read at each call: GPyTorch's lazy kernel tensor calls again with active_dims set to None
         dims = self.active_dims
+        if dims is not None:
+            # (n,) is n points of one feature, but GPyTorch selects active_dims before it reads it so: it
+            # selected points, and active_dims=[0] on 5 points gave the (1, 1) kernel of the first point
+            same = x2 is x1
+            x1 = _one_feature(x1)
+            x2 = x1 if same else _one_feature(x2)
         _check_call_inputs(x1, x2, None if dims is None or not dims.numel() else self._largest_active(dims))
         return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
 
