@@ -869,6 +869,36 @@ def test_per_member_noise_of_vector_outputs_is_not_read_per_point():
     np.testing.assert_allclose(var, members[..., 0].var(0) + noise.mean(), rtol=1e-15)
 
 
+
+def test_one_noise_per_member_as_a_list_is_told_its_shape():
+    """One fitted noise per member, ``[σ_1², …, σ_E²]``, is a 1-D value, which is always per point: with
+    E != M numpy's refusal named no shape to pass ("noise of shape (5,) does not fit (broadcast to) shape
+    (5, 30)"), and beside (E, M, 1) members the hint named the outputs' (1, 1) alone. The refusal now
+    names (E, 1), or (E, 1, 1); passed so, the variance is the members' spread plus the mean noise."""
+    rng = np.random.default_rng(0)
+    members, y, noise = rng.normal(size=(5, 30)), rng.normal(size=30), np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    for call in (lambda n: bayes.ensemble_moments(members, noise=n),
+                 lambda n: bayes.ensemble_to_inference_data(members, y, noise=n),
+                 lambda n: bayes.draws_to_inference_data(members, y, noise=n)):
+        with pytest.raises(ValueError, match=r"length 30; got length 5\. For one value per draw or member pass "
+                                             r"shape \(5, 1\)\.$"):
+            call(noise)
+    for call in (lambda n: bayes.ensemble_moments(members[..., None], noise=n),
+                 lambda n: bayes.ensemble_to_inference_data(members[..., None], y[:, None], noise=n)):
+        with pytest.raises(ValueError, match=r"For one value per draw or member pass shape \(5, 1, 1\); for one "
+                                             r"value per output pass shape \(1, 1\)\.$"):
+            call(noise)
+    _, var = bayes.ensemble_moments(members, noise=noise[:, None])
+    np.testing.assert_allclose(var, members.var(0) + 0.3, rtol=1e-15)
+    data = bayes.ensemble_to_inference_data(members, y, noise=noise[:, None])
+    np.testing.assert_allclose(data.log_likelihood["y"].values[0],
+                               stats.norm.logpdf(y, members, np.sqrt(noise)[:, None]), rtol=1e-13,
+                               atol=1e-13)   # a sum of terms up to ~20: ~1e-14 absolute where it cancels to ~0
+    # scores have no draws axis: a 1-D variance of another length is refused as before
+    with pytest.raises(ValueError, match=r"variance of shape \(5,\) does not fit \(broadcast to\) shape \(30,\)\.$"):
+        bayes.nlpd(members[0], noise, y)
+
+
 def test_scores_stay_finite_at_the_ends_of_float64():
     # 2π σ² overflowed beyond σ² ~ 3e307 and residual² beyond ~1e154 (or vanished below 1e-162),
     # where the density and the error are finite: nlpd was inf, rmse inf or 0

@@ -383,7 +383,7 @@ def test_bad_test_inputs_are_refused_before_the_eigendecomposition():
     flow = predict.GradientFlow(NET, _x(5), _x(5, 1, seed=7), learning_rate=0.5)
     with pytest.raises(ValueError, match="x_test must have shape"):
         flow.predict(_x(3, 3), steps=4)
-    assert "eigensystem" not in flow.__dict__
+    assert "_eigensystem" not in flow.__dict__   # the cached eigendecomposition
 
 
 def test_times_that_require_grad_differentiate_the_covariance():
@@ -1441,6 +1441,34 @@ def test_predictors_refuse_to_mix_the_cached_training_kernel_with_changed_hyperp
             call()
 
 
+
+def test_posterior_evidence_and_leave_one_out_refuse_changed_hyperparameters():
+    """``log_marginal_likelihood`` and the leave-one-out values read the factor cached at construction:
+    a grid search that set ``net[0].weight_var = w`` and asked the same posterior gave -10.163 for every
+    ``w`` (0.5, 1, 4), where rebuilt posteriors give -9.763, -9.683, -11.151. They refuse, as predict
+    does; put back, the values are as before, bit for bit, and equal R&W eq. 2.30 from scipy."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 2, generator=gen, dtype=torch.float64), torch.randn(10, generator=gen, dtype=torch.float64)
+    net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), ntkgp.ReLU(), ntkgp.Dense(1, 2.0, 0.1))
+    post = predict.GPPosterior(net, x, y, noise=0.1)
+    reads = {"log_marginal_likelihood": post.log_marginal_likelihood,
+             "leave_one_out": lambda: post.leave_one_out()[0],
+             "leave_one_out_log_density": post.leave_one_out_log_density}
+    before = {name: read() for name, read in reads.items()}
+    with torch.no_grad():
+        c = (net.kernel(x, ntk=False).nngp + 0.1 * torch.eye(10)).numpy()
+    assert before["log_marginal_likelihood"] == pytest.approx(
+        scipy.stats.multivariate_normal(np.zeros(10), c).logpdf(y.numpy()), rel=1e-12)
+    net[0].weight_var = 4.0
+    for read in reads.values():
+        with pytest.raises(ValueError, match="changed since this predictor"):
+            read()
+    net[0].weight_var = 2.0
+    for name, read in reads.items():
+        after = read()
+        assert torch.equal(after, before[name]) if isinstance(after, torch.Tensor) else after == before[name], name
+
+
 def test_boolean_flags_refuse_strings():
     """``diag_reg_absolute_scale="False"`` read as true (a review measured the absolute-scale mean), as did
     ``compute_cov="no"`` and ``train_ensemble(readout_only="no")`` (which trained the readout only);
@@ -1662,3 +1690,22 @@ def test_the_unresolved_direction_warning_names_a_diag_reg_that_resolves_them():
         exact = predict.gradient_flow(net, x[:300], y, x[300:], diag_reg=reg, diag_reg_absolute_scale=is_absolute,
                                       **kwargs).mean
         assert float((mean.double() - exact).abs().max()) < 1e-3 * float(exact.abs().max())
+
+
+def test_gradient_flow_s_learning_rate_and_eigensystem_refuse_changed_hyperparameters():
+    """``GradientFlow.max_learning_rate`` and ``eigensystem`` come from the training kernel cached at
+    construction; after ``net[0].weight_var = 8`` they still gave the old model's (0.902 where a new flow
+    gives 0.238: training at it diverges), while ``predict`` refuses. Both refuse too, and give the same
+    values again once the variance is put back."""
+    net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1), ntkgp.ReLU(), ntkgp.Dense(1, 2.0, 0.1))
+    x = _x(10, 2)
+    y = torch.sin(x.sum(-1))
+    flow = predict.GradientFlow(net, x, y)
+    rate, values = flow.max_learning_rate, flow.eigensystem.values.clone()
+    net[0].weight_var = 8.0
+    assert predict.GradientFlow(net, x, y).max_learning_rate < 0.5 * rate   # what the stale value hid
+    for read in (lambda: flow.max_learning_rate, lambda: flow.eigensystem):
+        with pytest.raises(ValueError, match="hyperparameters changed"):
+            read()
+    net[0].weight_var = 2.0
+    assert flow.max_learning_rate == rate and torch.equal(flow.eigensystem.values, values)

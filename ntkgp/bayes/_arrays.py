@@ -156,10 +156,20 @@ def broadcast_per_point(var: np.ndarray, shape: tuple[int, ...], has_outputs: bo
         raise ValueError(f"A {name} of shape {var.shape} with {shape[0]} draws of {shape[1]} points is ambiguous: "
                          f"pass shape ({shape[0]}, 1, {shape[2]}) for one value per draw or member and output, or "
                          f"(1, {shape[1]}, {shape[2]}) for one per point and output.")
+    points = shape[-2] if has_outputs else shape[-1]
+    if var.ndim == 1 and var.shape[0] not in (1, points):
+        # one fitted noise per ensemble member, as a list, is the likeliest 1-D value here: numpy's refusal
+        # named no shape to pass, and with outputs the hint named the outputs' (1, k) alone
+        hints = []
+        if len(shape) == (3 if has_outputs else 2) and var.shape[0] == shape[0]:
+            hints.append(f"for one value per draw or member pass shape ({shape[0]}, 1{', 1' if has_outputs else ''})")
+        if has_outputs:
+            hints.append(f"for one value per output pass shape (1, {shape[-1]})")
+        if hints:   # otherwise numpy's refusal below, which names both shapes
+            hint = "; ".join(hints)
+            raise ValueError(f"A 1-D {name} holds one value per point, length {points}; got length {var.shape[0]}. "
+                             f"{hint[:1].upper()}{hint[1:]}.")
     if var.ndim == 1 and has_outputs:
-        if var.shape[0] not in (1, shape[-2]):
-            raise ValueError(f"A 1-D {name} holds one value per point, length {shape[-2]}; got length {var.shape[0]}. "
-                             f"For one value per output pass shape (1, {shape[-1]}).")
         var = var[:, None]
     try:
         return np.broadcast_to(var, shape)

@@ -191,7 +191,7 @@ class HyperparameterRecord:
         if not self.matches(net):
             raise ValueError("The network's hyperparameters changed since this predictor (GradientFlow, GPPosterior) "
                              "computed its training kernel, which it caches with its factorization: build a new "
-                             "one to predict with the new values.")
+                             "one for the new values.")
 
 
 def check_single_network(net: Layer) -> None:

@@ -185,10 +185,16 @@ class GradientFlow:
         self.dynamics = regularize(train_kernel, self.diag_reg, diag_reg_absolute_scale, copy=not alone)
 
     # ------------------------------------------------------------------ cached factorizations
+    @property
+    def eigensystem(self) -> Eigensystem:
+        """Eigendecomposition of the (regularized) training kernel that drives the flow (computed once;
+        refused once the network's hyperparameters changed, as :meth:`predict` is)."""
+        self._hyperparameters.check(self.net)
+        return self._eigensystem
+
     @cached_property
     @outside_inference_mode
-    def eigensystem(self) -> Eigensystem:
-        """Eigendecomposition of the (regularized) training kernel that drives the flow."""
+    def _eigensystem(self) -> Eigensystem:
         return Eigensystem.of(self.dynamics)
 
     @cached_property
@@ -220,7 +226,7 @@ class GradientFlow:
         least ``0.02 ε λ_max`` where dropping them put the outputs 1 % to 2x off (``ε`` float32's). The
         float64 kernel (one ``N × N`` matrix, as the float32 one) is formed only where this decides a
         warning."""
-        eig = self.eigensystem
+        eig = self._eigensystem
         with torch.no_grad(), named_kernels("training"):
             k = self.net.kernel(self.x_factor.to(torch.float64), ntk=self.kind == "ntk")
             exact = regularize(cast(Tensor, k.ntk) if self.kind == "ntk" else k.nngp, self.diag_reg,
@@ -240,14 +246,14 @@ class GradientFlow:
     @cached_property
     @outside_inference_mode
     def _y_eigen(self) -> Tensor:
-        return self.eigensystem.vectors.mT @ self.y
+        return self._eigensystem.vectors.mT @ self.y
 
     @cached_property
     @outside_inference_mode
     def _nngp_eigen(self) -> Tensor:
         """``Vᵀ K V``, a block of :data:`TEST_BLOCK_ENTRIES` entries of rows at a time: the whole ``Vᵀ K``
         beside the result was one ``N × N`` matrix more at the peak (the products are the same)."""
-        v = self.eigensystem.vectors
+        v = self._eigensystem.vectors
         n = v.shape[-1]
         out = v.new_empty((n, n))
         rows = block_rows(n)
@@ -257,7 +263,8 @@ class GradientFlow:
 
     @property
     def max_learning_rate(self) -> float:
-        """``2m / λ_max``: discrete gradient descent diverges above it."""
+        """``2m / λ_max``: discrete gradient descent diverges above it (of the network's variances at
+        construction: refused once they changed, as :meth:`predict` is; a stale rate would diverge)."""
         return stability_limit(float(self.eigensystem.values.max()), self.m)
 
     # ------------------------------------------------------------------ prediction
@@ -371,7 +378,7 @@ class GradientFlow:
         # the first block's kernels (all of them up to TEST_BLOCK_ENTRIES) before the eigendecomposition
         # (O(N³), once per GradientFlow): test inputs whose kernels overflow are refused before it
         first = self._test_kernels(x_test[:rows], mode, prior=False)
-        v = self.eigensystem.vectors
+        v = self._eigensystem.vectors
         a = v.new_empty((m, n))
         r2 = v.new_empty((n, m)) if self.kind == "ntk" and mode is not None else None
         for start in range(0, max(m, 1), rows):
@@ -435,7 +442,7 @@ class GradientFlow:
             eps = torch.finfo(self.factor_dtype).eps   # the kernel's rounding and its factorization's
             warn_if_imprecise(self._dual, mean, self.dynamics.diagonal(), eps, factor_eps=eps)
             return
-        warn_if_flow_imprecise(self.eigensystem, terms.flow, self._y_eigen, mean, self.dynamics.diagonal(),
+        warn_if_flow_imprecise(self._eigensystem, terms.flow, self._y_eigen, mean, self.dynamics.diagonal(),
                                terms.check.schedule)
 
     def _infinite(self, kernels: dict | None, mode: str | None) -> tuple[Tensor, Tensor | None]:
@@ -468,7 +475,7 @@ class GradientFlow:
         test kernels (:meth:`_test_projections`)."""
         if schedule.discrete:
             warn_if_unstable(self.learning_rate, self.max_learning_rate, self.factor_dtype, self.dtype)
-        eig = self.eigensystem
+        eig = self._eigensystem
         decay, growth, flow = schedule.functions(eig)                    # (T, N)
         flow2 = schedule.doubled().functions(eig)[2] if self.kind == "nngp" and mode is not None else None
         return _FlowTerms(decay, growth, flow, flow2, UnresolvedCheck(schedule, eig, lambda: self._regular,
@@ -480,7 +487,7 @@ class GradientFlow:
         terms = self._flow_terms(schedule, mode)
         if kernels is not None:
             return self._finite_test(terms, kernels, mode, warn=True)
-        eig = self.eigensystem
+        eig = self._eigensystem
         v, lam = eig.vectors, eig.values
         decay = terms.decay
         mean = spectral_apply(v, terms.growth, self._y_eigen)
@@ -512,7 +519,7 @@ class GradientFlow:
         ``I`` need the columns ``I`` of the ``(N, M)`` products alone, which held two more ``M × N``
         matrices at once (a time's ``P`` and ``Kv P − 2R`` below)."""
         flow = terms.flow
-        v = self.eigensystem.vectors
+        v = self._eigensystem.vectors
         a = kernels.pop("a")                                            # G*d V  (M, N)
         mean = spectral_apply(a, flow, self._y_eigen)
         terms.check.add(a, mean)

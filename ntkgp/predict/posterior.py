@@ -67,7 +67,8 @@ class GPPosterior:
     ``Θ + σ²I`` for ``Θ`` (Lee et al. 2019).
 
     The training kernel is computed here, from the network's variances at construction: after
-    changing those, build a new ``GPPosterior`` (:meth:`predict` refuses to mix the two).
+    changing those, build a new ``GPPosterior`` (:meth:`predict` refuses to mix the two, and the
+    marginal likelihood and leave-one-out values refuse to report the old model's).
     The training data are copied and the kernels computed without autograd: predictions carry no
     gradient with respect to the inputs, the targets, the variances or ``noise`` (which is read as
     a number: a tensor that requires grad is refused).
@@ -240,6 +241,9 @@ class GPPosterior:
         Rasmussen & Williams 2006, eq. 2.30)."""
         if self.kind == "ntk":
             raise ValueError("The converged-NTK ensemble is not a GP posterior of Y; use 'ntkgp' or 'nngp'.")
+        # the cached factor is of the variances at construction: after net[0].weight_var = w (a grid
+        # search over the evidence) it returned the old model's value for every w, silently
+        self._hyperparameters.check(self.net)
         chol, alpha = self._cholesky, self._alpha
         n, k = self.y.shape
         logdet = 2 * torch.log(torch.diagonal(chol)).sum()
@@ -272,6 +276,7 @@ class GPPosterior:
         """``(N, k)`` means and ``(N,)`` variances in ``factor_dtype``."""
         if self.kind == "ntk":
             raise ValueError("The converged-NTK ensemble is not a GP posterior of Y; use 'ntkgp' or 'nngp'.")
+        self._hyperparameters.check(self.net)   # as log_marginal_likelihood: the factor is the old model's
         chol = self._cholesky
         eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
         precision = torch.linalg.solve_triangular(chol, eye, upper=False).square().sum(-2)   # [C⁻¹]_ii = ‖L⁻¹ e_i‖²
