@@ -318,9 +318,11 @@ def test_empirical_diagonals_and_the_chunked_jacobian_route(monkeypatch):
 
     import ntkgp.finite.empirical as empirical
 
-    monkeypatch.setattr(empirical, "JACOBIAN_BYTES", 1 << 12)
-    monkeypatch.setattr(empirical, "DIAG_JACOBIAN_BYTES", 1)
-    monkeypatch.setattr(empirical, "DIAG_SIGNAL_BYTES", 1)
+    # the GPU's budgets too: with the CPU's alone the GPU took one chunk and one block (its own budgets)
+    for prefix in ("", "CUDA_"):
+        monkeypatch.setattr(empirical, prefix + "JACOBIAN_BYTES", 1 << 12)
+        monkeypatch.setattr(empirical, prefix + "DIAG_JACOBIAN_BYTES", 1)
+        monkeypatch.setattr(empirical, prefix + "DIAG_SIGNAL_BYTES", 1)
     x, x2, _ = _data()
     x2 = torch.cat([x2, x2[:3]])                                   # x's number of points, for the pairs
     torch.manual_seed(0)
@@ -412,3 +414,30 @@ def test_empirical_kernels_on_the_gpu_take_gpu_sized_chunks(monkeypatch):
             assert sizes == {"_cotangents_per_pass": [1], "_diagonal_block_rows": [1]} and signals == [1] * 40
     for gpu, cpu in zip(*results, strict=True):
         _on_device_and_close(gpu, cpu)
+
+
+def test_the_first_layer_s_screen_takes_gpu_sized_blocks(monkeypatch):
+    """The screen for nearly parallel pairs (``layers/near.py``) took the CPU's blocks of 2^15 entries on
+    the GPU too: a row at a time in a 40 000-point kernel's row blocks, 40 000 passes of three launches
+    (1.95 s against 0.45 s for the whole kernel on an H200). On the GPU a 3000-point kernel is screened in
+    one block, on the CPU in many; the kernels agree, and the GPU's equals its own with the CPU's blocks
+    bit for bit (elementwise arithmetic)."""
+    from ntkgp.layers import near
+
+    sizes = []
+    screen_rows = near._screen_rows
+    monkeypatch.setattr(near, "_screen_rows", lambda k12: sizes.append((k12.device.type, screen_rows(k12), k12.shape))
+                        or sizes[-1][1])
+    x = torch.randn(3000, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    net = _net(ntkgp.ReLU())
+    with torch.no_grad():
+        gpu, cpu = net.kernel(x.to(DEVICE)), net.kernel(x)
+        assert sizes[0] == (DEVICE, 3000, (3000, 3000))     # one row block (CUDA_BLOCK_ENTRIES), one screen
+        cpu_screens = sizes[1:]                               # the CPU's row blocks, screened 2^15 entries at a time
+        assert all(d == "cpu" and (rows * shape[1] <= 1 << 15 or (rows == shape[0] and shape.numel() <= 1 << 15))
+                   for d, rows, shape in cpu_screens)
+        assert sum(shape[0] > rows for _, rows, shape in cpu_screens) > 10   # row blocks screened in parts
+        monkeypatch.setattr(near, "_CUDA_SCREEN_ENTRIES", near._SCREEN_ENTRIES)
+        small = net.kernel(x.to(DEVICE))
+    _on_device_and_close(gpu.ntk, cpu.ntk)
+    assert torch.equal(gpu.ntk, small.ntk) and torch.equal(gpu.nngp, small.nngp)

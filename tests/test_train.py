@@ -651,6 +651,34 @@ def test_a_callers_autocast_does_not_change_the_training(engine):
 
 
 @needs_cpu_half_products
+def test_weight_changes_of_float16_networks_are_summed_without_overflow():
+    """The squared norm of a width-512 layer's 262 144 standard-normal weights (about 262 144) is
+    beyond float16's largest value, 65504: summed in float16 it was inf, and a network that moved
+    recorded a total and hidden-layer weight change of 0 (change / inf). Against float64 sums of the
+    same float16 tensors: each difference is rounded to float16 (2⁻¹¹ relative) and so is the ratio
+    returned, hence rtol 2e-3."""
+    torch.manual_seed(0)
+    model = ntkgp.mlp(2, "relu", 2.0, 0.1, width=512).build(in_features=3, seed=0, ensemble_size=2,
+                                                            dtype=torch.float16)
+    groups = layer_groups(model, torch.randn(4, 3, dtype=torch.float16))
+    changes = train_module._Changes(model, groups)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    total, per_group = changes.relative()
+    assert total.dtype == torch.float16 and all(v.dtype == torch.float16 for v in per_group.values())
+
+    def expected(names):
+        moved = sum(model.get_parameter(n).double().sub(changes.initial[n].double()).square().flatten(1).sum(1)
+                    for n in names)
+        return (moved / sum(changes.initial[n].double().square().flatten(1).sum(1) for n in names)).sqrt()
+
+    torch.testing.assert_close(total.double(), expected(list(changes.initial)), rtol=2e-3, atol=0)
+    for group, names in groups.items():   # NTK parameterization: the stored weights are the ω
+        torch.testing.assert_close(per_group[group].double(), expected(names), rtol=2e-3, atol=0)
+
+
+@needs_cpu_half_products
 def test_a_diverging_member_whose_probe_kernel_overflows_is_recorded_not_refused():
     """empirical_ntk refuses kernels that overflow; the records of training must not: a member whose
     training diverges overflows its probe kernel while its loss is still below the divergence limit

@@ -117,7 +117,17 @@ def _as_function(model: nn.Module | ParamFn, params: Mapping[str, Tensor] | None
     the live ones kept the kernel in their graph (a gradient on every other parameter), and an
     ensemble's are stacked, so they are mapped over members with the rest (left to ``functional_call``
     they gave every member all E members' outputs, read as E points). Found by identity, not name: a
-    tied parameter given under one of its names is not fixed under another."""
+    tied parameter given under one of its names is not fixed under another.
+
+    A linearization's (:class:`~ntkgp.finite.Linearized`) parameters are by default its trainable ``θ``
+    alone: its frozen copy holds the expansion point ``θ₀``, a constant of ``f(x; θ₀) + J(x; θ₀)(θ − θ₀)``."""
+    if params is None and isinstance(model, nn.Module):
+        from ntkgp.finite.linearize import Linearized  # here: that module imports this one
+
+        if isinstance(model, Linearized):
+            # differentiated too, θ₀ added (H (θ − θ₀))(H (θ − θ₀))ᵀ to the constant J(θ₀) J(θ₀)ᵀ once θ had
+            # moved: a trained linearization's tangent kernel "changed" (by 56-241 % in tests/test_linearize.py)
+            params = dict(model.network.named_parameters(prefix="network"))
     if params is not None:
         _check_params(params)
     if isinstance(model, nn.Module):
@@ -427,7 +437,9 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
             layer-by-layer route below; an ensemble's member axis is the one before ``n1``).
         x2: ``(n2, d)`` inputs (batches as for ``x1``); ``None`` for ``x1`` itself.
         params: the parameters to differentiate (default: all of the module's, frozen ones
-            included); a module's others are held fixed (stacked ones per member).
+            included; of a :class:`~ntkgp.finite.Linearized` module, its trainable ``θ``, not the
+            expansion point ``θ₀``, so that its kernel is ``J(θ₀) J(θ₀)ᵀ`` however far ``θ`` moved);
+            a module's others are held fixed (stacked ones per member).
         vector_output: return ``Θ̂_ij(x, x')`` as ``(n1, n2, k, k)``; otherwise the per-output
             average ``(1/k) Σ_i Θ̂_ii`` is contracted directly, without the ``k × k`` blocks.
         chunk_size: members of an ensemble processed at once on the Jacobian route (bounds the
@@ -613,7 +625,7 @@ def _jacobian(f: Callable[[dict[str, Tensor]], Tensor], p: dict[str, Tensor], ro
 JACOBIAN_BYTES = 1 << 26
 #: The same on a GPU, where each chunk costs its kernel launches rather than cache misses: on an H200,
 #: 8000 points through width 64 took 9.3 s at 64 MiB, 1.5 s at 256 MiB and 0.26 s at 1 GiB, at the same
-#: peak (1277 MiB: the Jacobians and the kernel; docs/benchmarks.md).
+#: peak (1277 MiB: the Jacobians, the kernel and one parameter's term of it; docs/benchmarks.md).
 CUDA_JACOBIAN_BYTES = 1 << 30
 
 

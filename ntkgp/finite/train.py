@@ -519,6 +519,10 @@ class _Changes:
 
     Keeps one copy of the initial parameters and forms the change one parameter tensor at a time,
     so that a record needs one parameter tensor of scratch memory, not copies of all of them.
+
+    The squares are summed in float32 at least: in float16 (largest value 65504) the squared norm of
+    a width-512 layer's 262 144 standard-normal weights overflowed, and a network that moved recorded
+    a weight change of 0 (change / inf); the ratios are given back in the parameters' dtype.
     """
 
     def __init__(self, model: nn.Module, groups: dict[str, list[str]]) -> None:
@@ -527,7 +531,9 @@ class _Changes:
         modules = dict(model.named_modules())
         self.group_of = {n: (g, modules[n.rpartition(".")[0]]) for g, ns in groups.items() for n in ns}
         self.groups = list(groups)
-        self.initial_norms = self._norms((n, t.square()) for n, t in self.initial.items())
+        dtype = next(iter(self.initial.values())).dtype   # a member has parameters (train_ensemble checks)
+        self.dtype, self.sums = dtype, torch.promote_types(dtype, torch.float32)
+        self.initial_norms = self._norms((n, t.to(self.sums).square()) for n, t in self.initial.items())
 
     def _norms(self, squares) -> tuple[Tensor, dict[str, Tensor]]:
         # squares: a generator of (name, elementwise squares), one tensor alive at a time. Sums,
@@ -552,11 +558,12 @@ class _Changes:
 
     def relative(self) -> tuple[Tensor, dict[str, Tensor]]:
         """``(E,)`` relative change of all parameters, and ``{group: (E,)}`` of each group's weights."""
-        total, per_group = self._norms((n, p.detach().sub(self.initial[n]).square_())
+        total, per_group = self._norms((n, p.detach().sub(self.initial[n]).to(self.sums).square_())
                                        for n, p in self.params.items())
         norm0, group0 = self.initial_norms
         # a group of variance-0 rows alone holds nothing that can move (left out of both norms): 0, not 0/0
-        return _relative(total, norm0), {g: _relative(per_group[g], group0[g]) for g in self.groups}
+        return (_relative(total, norm0).to(self.dtype),
+                {g: _relative(per_group[g], group0[g]).to(self.dtype) for g in self.groups})
 
 
 def _relative(change: Tensor, initial: Tensor) -> Tensor:
