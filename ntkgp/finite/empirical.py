@@ -120,14 +120,8 @@ def _as_function(model: nn.Module | ParamFn, params: Mapping[str, Tensor] | None
     tied parameter given under one of its names is not fixed under another.
 
     A linearization's (:class:`~ntkgp.finite.Linearized`) parameters are by default its trainable ``θ``
-    alone: its frozen copy holds the expansion point ``θ₀``, a constant of ``f(x; θ₀) + J(x; θ₀)(θ − θ₀)``."""
-    if params is None and isinstance(model, nn.Module):
-        from ntkgp.finite.linearize import Linearized  # here: that module imports this one
-
-        if isinstance(model, Linearized):
-            # differentiated too, θ₀ added (H (θ − θ₀))(H (θ − θ₀))ᵀ to the constant J(θ₀) J(θ₀)ᵀ once θ had
-            # moved: a trained linearization's tangent kernel "changed" (by 56-241 % in tests/test_linearize.py)
-            params = dict(model.network.named_parameters(prefix="network"))
+    alone, also inside a module of the user's: its frozen copy holds the expansion point ``θ₀``, a constant
+    of ``f(x; θ₀) + J(x; θ₀)(θ − θ₀)``."""
     if params is not None:
         _check_params(params)
     if isinstance(model, nn.Module):
@@ -141,8 +135,16 @@ def _as_function(model: nn.Module | ParamFn, params: Mapping[str, Tensor] | None
                           RuntimeWarning, stacklevel=3)
         own = dict(model.named_parameters(remove_duplicate=False))
         if params is None:
-            params, fixed = {name: p.detach() for name, p in model.named_parameters()}, {}
-            unchecked = params
+            from ntkgp.finite.linearize import Linearized  # here: that module imports this one
+
+            # differentiated too, θ₀ added (H (θ − θ₀))(H (θ − θ₀))ᵀ to the constant J(θ₀) J(θ₀)ᵀ once θ had
+            # moved: a trained linearization's tangent kernel "changed" (by 56-241 % in tests/test_linearize.py,
+            # as much wrapped in an nn.Sequential). Not as params= (a NaN in θ was said to be in params)
+            expansion_points = {id(p) for m in model.modules() if isinstance(m, Linearized)
+                                for p in m.initial.parameters()}
+            unchecked = {name: p.detach() for name, p in model.named_parameters()}
+            params = {name: p for name, p in unchecked.items() if id(own[name]) not in expansion_points}
+            fixed = {name: p for name, p in unchecked.items() if id(own[name]) in expansion_points}
         else:
             # a misspelt name was a parameter functional_call ignored: an all-zero NTK, and no error
             unknown = sorted(set(params) - set(own))
@@ -437,8 +439,9 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
             layer-by-layer route below; an ensemble's member axis is the one before ``n1``).
         x2: ``(n2, d)`` inputs (batches as for ``x1``); ``None`` for ``x1`` itself.
         params: the parameters to differentiate (default: all of the module's, frozen ones
-            included; of a :class:`~ntkgp.finite.Linearized` module, its trainable ``θ``, not the
-            expansion point ``θ₀``, so that its kernel is ``J(θ₀) J(θ₀)ᵀ`` however far ``θ`` moved);
+            included; of a :class:`~ntkgp.finite.Linearized` module, or one inside the module, its
+            trainable ``θ``, not the expansion point ``θ₀``, so that its kernel is ``J(θ₀) J(θ₀)ᵀ``
+            however far ``θ`` moved);
             a module's others are held fixed (stacked ones per member).
         vector_output: return ``Θ̂_ij(x, x')`` as ``(n1, n2, k, k)``; otherwise the per-output
             average ``(1/k) Σ_i Θ̂_ii`` is contracted directly, without the ``k × k`` blocks.
@@ -523,6 +526,10 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
                          "of the parameters). Call model.eval() first.")
     fn, all_params, members, fixed = _as_function(model, params, x1)
     unknown = sorted(set(scales) - set(all_params))
+    held = [name for name in unknown if name in fixed]
+    if held:   # said to be parameters "the network does not have", of a Linearized's own initial.* too
+        raise ValueError(f"parameter_scales names parameters that are not differentiated: {held} (held fixed: "
+                         "params= leaves them out, or they hold a Linearized module's expansion point θ₀).")
     if unknown:
         raise ValueError(f"parameter_scales names parameters the network does not have: {unknown}.")
     for name, scale in scales.items():   # a wrong shape was torch's expand error from inside the Jacobian route

@@ -35,7 +35,8 @@ class Linearized(nn.Module):
     ReLU network on 12 points cost 1.9x the network's own at width 2048 and 6x at width 64, where
     forward-mode dispatch dominates (2 CPU threads, 2026-12-02).
     Its empirical NTK (:func:`ntkgp.finite.empirical_ntk`) is by default that of ``θ``, ``J(θ₀) J(θ₀)ᵀ``
-    however far ``θ`` moved: ``θ₀`` is the expansion point, not a parameter of the expansion.
+    however far ``θ`` moved, inside a module of one's own too: ``θ₀`` is the expansion point, not a
+    parameter of the expansion.
     Modules built with ``ensemble_size=E`` linearize every member at once. Batch norm must be in
     eval mode (running statistics): in training mode it normalizes by the batch, so the network
     has no fixed expansion point, and the forward pass says so.

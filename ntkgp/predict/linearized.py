@@ -253,6 +253,8 @@ def check_full_kernel(ntk_train_train: Tensor, y_train: Tensor) -> tuple[int, in
         shape = tuple(y_train.shape) if isinstance(y_train, Tensor) else type(y_train).__name__
         raise ValueError(f"With a full (N, N, k, k) = {tuple(ntk_train_train.shape)} kernel y_train must be "
                          f"(N, k) = {(n, k)}, got {shape}.")
+    # here, not on the flattened matrix, whose refusal advised the (N, N, k, k) kernel's outputs alone transposed
+    check_symmetric(ntk_train_train, "ntk_train_train", full=True)
     return n, k
 
 

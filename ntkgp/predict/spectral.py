@@ -725,19 +725,22 @@ def check_semi_definite_by_cholesky(kernel: Tensor, name: str, given: torch.dtyp
                              "the outputs would grow without bound.")
 
 
-def check_symmetric(k: Tensor, name: str, scale: float = 0.0) -> None:
+def check_symmetric(k: Tensor, name: str, scale: float = 0.0, full: bool = False) -> None:
     """``ValueError`` unless ``k`` is symmetric up to ``sqrt(ε)`` of its largest entry, or of ``scale``
     where that is larger (the scale ``k`` was computed at: a posterior covariance near the data is
-    small beside its prior); only one triangle would be used otherwise."""
+    small beside its prior); only one triangle would be used otherwise. ``full``: ``k`` is a full
+    ``(N, N, k, k)`` kernel, whose transpose is ``Θ_ji,ba`` (that of :func:`flatten_full_kernel`'s matrix)."""
     if not k.numel():
         return
     k = k.detach()   # a kernel computed with gradients on: the check needs no graph
+    # the full kernel's: k.mT swaps the outputs alone, and the advice below (k + k.mT) / 2 was refused again
+    transpose, written = (k.permute(1, 0, 3, 2), "k.permute(1, 0, 3, 2)") if full else (k.mT, "k.mT")
     # largest magnitudes from aminmax: .abs() would add an N × N copy to each operand
-    scale, asymmetry = max(_largest_magnitude(k), scale), _largest_magnitude(k - k.mT)
+    scale, asymmetry = max(_largest_magnitude(k), scale), _largest_magnitude(k - transpose)
     if asymmetry > torch.finfo(k.dtype).eps ** 0.5 * scale:
         raise ValueError(f"{name} must be symmetric: it differs from its transpose by {asymmetry:.3g} "
                          f"(scale {scale:.3g}); if that is rounding (a kernel computed in a lower precision, "
-                         f"then cast), pass (k + k.mT) / 2.")
+                         f"then cast), pass (k + {written}) / 2.")
 
 
 def _largest_magnitude(k: Tensor) -> float:
