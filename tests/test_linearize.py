@@ -208,13 +208,8 @@ def test_the_empirical_kernels_of_a_linearized_network_are_the_network_s_at_init
                                rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("ensemble_size", [None, 3])
-def test_the_empirical_ntk_of_a_trained_linearization_stays_the_network_s_at_initialization(ensemble_size):
-    """``f_lin(x; θ) = f(x; θ₀) + J(x; θ₀)(θ − θ₀)`` is linear in ``θ``: its tangent kernel is
-    ``J(θ₀) J(θ₀)ᵀ`` however far ``θ`` moves. ``empirical_ntk`` differentiated the frozen ``θ₀`` too
-    (all of a module's parameters), whose gradient ``H(θ₀)(θ − θ₀)`` is 0 only at ``θ = θ₀``: after
-    these steps the kernel was 241 % (one network) and 56 % (the ensemble) off in Frobenius norm. Now
-    equal to rounding (kernels of order 1-10)."""
+def _trained_linearization(ensemble_size: int | None):
+    """A network, its linearization after 100 SGD steps (lr 0.5) on 6 points, and the points."""
     model = _model(ensemble_size)
     linearized = finite.linearize(model)
     x, y = _points(6, 1), _points(6, 3)[:, :2]
@@ -223,8 +218,19 @@ def test_the_empirical_ntk_of_a_trained_linearization_stays_the_network_s_at_ini
         optimizer.zero_grad()
         (0.5 * (linearized(x) - y).square().mean()).backward()
         optimizer.step()
-    moved = sum((p.detach() - p0).square().sum() for p, p0 in zip(linearized.network.parameters(),
-                                                           linearized.initial.parameters(), strict=True))
+    return model, linearized, x
+
+
+@pytest.mark.parametrize("ensemble_size", [None, 3])
+def test_the_empirical_ntk_of_a_trained_linearization_stays_the_network_s_at_initialization(ensemble_size):
+    """``f_lin(x; θ) = f(x; θ₀) + J(x; θ₀)(θ − θ₀)`` is linear in ``θ``: its tangent kernel is
+    ``J(θ₀) J(θ₀)ᵀ`` however far ``θ`` moves. ``empirical_ntk`` differentiated the frozen ``θ₀`` too
+    (all of a module's parameters), whose gradient ``H(θ₀)(θ − θ₀)`` is 0 only at ``θ = θ₀``: after
+    these steps the kernel was 241 % (one network) and 56 % (the ensemble) off in Frobenius norm. Now
+    equal to rounding (kernels of order 1-10)."""
+    model, linearized, x = _trained_linearization(ensemble_size)
+    moved = sum((p.detach() - p0).square().sum()
+                for p, p0 in zip(linearized.network.parameters(), linearized.initial.parameters(), strict=True))
     assert float(moved) > 0.1   # θ far from θ₀: the θ₀ terms are not small
     for args in ((x,), (x, _points(4, 2))):
         for kwargs in ({}, {"vector_output": True}):
@@ -241,14 +247,7 @@ def test_a_trained_linearization_inside_a_module_of_one_s_own_keeps_the_initial_
     network) and 56 % (the ensemble; 61 % its diagonal) off in Frobenius norm after these steps, as the
     bare linearization was before. Now equal to rounding. A scale for ``θ₀`` was refused as a parameter
     "the network does not have"; it is named as held fixed."""
-    model = _model(ensemble_size)
-    linearized = finite.linearize(model)
-    x, y = _points(6, 1), _points(6, 3)[:, :2]
-    optimizer = torch.optim.SGD(linearized.parameters(), lr=0.5)
-    for _ in range(100):
-        optimizer.zero_grad()
-        (0.5 * (linearized(x) - y).square().mean()).backward()
-        optimizer.step()
+    model, linearized, x = _trained_linearization(ensemble_size)
     wrapped = nn.Sequential(linearized)
     expected = finite.empirical_ntk(model, x)
     torch.testing.assert_close(finite.empirical_ntk(wrapped, x), expected, rtol=1e-12, atol=1e-12)
