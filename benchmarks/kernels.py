@@ -32,7 +32,7 @@ diagonal alone, ``empirical_ntk(model, x, diag=True)``:
 
 ``--empirical-bytes B [B ...]`` times either at these memory budgets in turn (``DIAG_SIGNAL_BYTES``
 for ``--empirical-diag``; ``JACOBIAN_BYTES`` and ``DIAG_JACOBIAN_BYTES`` for ``--empirical-jacobian``;
-their ``CUDA_`` versions on a GPU):
+their ``CUDA_`` versions too, as ``--block-entries`` sets both of the analytic kernels'):
 
     python benchmarks/kernels.py --device cuda --empirical-jacobian 2000 8000 --empirical-bytes 67108864 1073741824
 """
@@ -40,14 +40,12 @@ their ``CUDA_`` versions on a GPU):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 
 import torch
 
@@ -126,7 +124,7 @@ def main() -> None:
                         help="memory budgets to time in turn: of a block of points' layer signals with "
                         "--empirical-diag (DIAG_SIGNAL_BYTES), of a chunk of cotangents and of a block of "
                         "per-point Jacobians with --empirical-jacobian (JACOBIAN_BYTES, DIAG_JACOBIAN_BYTES; their "
-                        "CUDA_ versions on a GPU); default: ntkgp's")
+                        "CUDA_ versions too); default: ntkgp's for the device")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.repeats < 1 or any(b < 1 for b in [*(args.block_entries or ()), *(args.empirical_bytes or ())]):
@@ -186,14 +184,15 @@ def empirical_diagonals(sizes: list[int], width: int, d: int, hidden: int, repea
     for n in sizes:
         x = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
         t_full, mem_full = measure(lambda x=x: torch.diagonal(empirical_ntk(model, x)), repeats, device)
-        prefix = "CUDA_" if device.type == "cuda" else ""   # the budget ntkgp reads on this device
-        for budget in budgets or [getattr(empirical, prefix + "DIAG_SIGNAL_BYTES")]:
-            with _budgets(**{prefix + "DIAG_SIGNAL_BYTES": budget} if budgets else {}):
-                t_diag, mem_diag = measure(lambda x=x: empirical_ntk(model, x, diag=True), repeats, device)
-                few = x[:500]   # the same values: checked where the full kernel is cheap
-                diag, full = empirical_ntk(model, few, diag=True), torch.diagonal(empirical_ntk(model, few))
+        for budget in budgets or [None]:
+            if budget is not None:   # as --block-entries sets base's: the CPU's and the GPU's at once
+                empirical.DIAG_SIGNAL_BYTES = empirical.CUDA_DIAG_SIGNAL_BYTES = budget
+            used = empirical.CUDA_DIAG_SIGNAL_BYTES if device.type == "cuda" else empirical.DIAG_SIGNAL_BYTES
+            t_diag, mem_diag = measure(lambda x=x: empirical_ntk(model, x, diag=True), repeats, device)
+            few = x[:500]   # the same values: checked where the full kernel is cheap
+            diag, full = empirical_ntk(model, few, diag=True), torch.diagonal(empirical_ntk(model, few))
             error = float((diag - full).abs().max() / full.abs().max())
-            print(f"{n:6d} {_entries(budget):>7} {t_diag:8.3f} {mem_diag:9.1f} {t_full:8.3f} {mem_full:9.1f} "
+            print(f"{n:6d} {_entries(used):>7} {t_diag:8.3f} {mem_diag:9.1f} {t_full:8.3f} {mem_full:9.1f} "
                   f"{t_full / t_diag:11.1f} {mem_full / max(mem_diag, 1e-3):13.1f} {error:16.1e}", flush=True)
 
 
@@ -208,30 +207,20 @@ def empirical_jacobian(sizes: list[int], d: int, repeats: int, device: torch.dev
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; empirical NTK of nn.Sequential(Linear({d}, 64), Tanh, Linear(64, 64), "
           "Tanh, Linear(64, 1)), float64, standard normal inputs")
-    print(f"{'N':>6} {'budget':>7} {'s':>8} {'MiB':>8} {'kernel MiB':>10} {'diag s':>8} {'diag MiB':>8}")
+    print(f"{'N':>6} {'budget':>7} {'s':>8} {'MiB':>8} {'kernel MiB':>10} {'budget':>7} {'diag s':>8} {'diag MiB':>8}")
+    cuda = device.type == "cuda"
     for n in sizes:
         x = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
-        prefix = "CUDA_" if device.type == "cuda" else ""   # the budgets ntkgp reads on this device
-        for budget in budgets or [getattr(empirical, prefix + "JACOBIAN_BYTES")]:   # (the diagonal's: its own)
-            names = (prefix + "JACOBIAN_BYTES", prefix + "DIAG_JACOBIAN_BYTES") if budgets else ()
-            with _budgets(**dict.fromkeys(names, budget)):
-                t, mem = measure(lambda x=x: empirical_ntk(model, x), repeats, device)
-                t_diag, mem_diag = measure(lambda x=x: empirical_ntk(model, x, diag=True), repeats, device)
-            print(f"{n:6d} {_entries(budget):>7} {t:8.3f} {mem:8.0f} {8 * n * n / 2**20:10.1f} {t_diag:8.3f} "
-                  f"{mem_diag:8.0f}", flush=True)
-
-
-@contextlib.contextmanager
-def _budgets(**values: int) -> Iterator[None]:
-    """``ntkgp.finite.empirical``'s memory budgets set to these values, restored after."""
-    before = {name: getattr(empirical, name) for name in values}
-    for name, value in values.items():
-        setattr(empirical, name, value)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            setattr(empirical, name, value)
+        for budget in budgets or [None]:
+            if budget is not None:   # as --block-entries sets base's: the CPU's and the GPU's at once
+                empirical.JACOBIAN_BYTES = empirical.CUDA_JACOBIAN_BYTES = budget
+                empirical.DIAG_JACOBIAN_BYTES = empirical.CUDA_DIAG_JACOBIAN_BYTES = budget
+            full_budget = empirical.CUDA_JACOBIAN_BYTES if cuda else empirical.JACOBIAN_BYTES
+            diag_budget = empirical.CUDA_DIAG_JACOBIAN_BYTES if cuda else empirical.DIAG_JACOBIAN_BYTES
+            t, mem = measure(lambda x=x: empirical_ntk(model, x), repeats, device)
+            t_diag, mem_diag = measure(lambda x=x: empirical_ntk(model, x, diag=True), repeats, device)
+            print(f"{n:6d} {_entries(full_budget):>7} {t:8.3f} {mem:8.0f} {8 * n * n / 2**20:10.1f} "
+                  f"{_entries(diag_budget):>7} {t_diag:8.3f} {mem_diag:8.0f}", flush=True)
 
 
 def _entries(n: int) -> str:

@@ -458,8 +458,8 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
             only, in ``O(n)`` memory. Layer by layer from the signals the full kernel uses; on the
             Jacobian route from each point's own Jacobian (per-sample gradients: ``torch.func.vmap``
             over the points, ``DIAG_JACOBIAN_BYTES`` of them at a time, ``CUDA_DIAG_JACOBIAN_BYTES``
-            on a GPU), where the full kernel
-            backpropagates every output through all points (``O(n²)`` work). Batch norm in
+            on a GPU), where the full kernel backpropagates every output through all points
+            (``O(n²)`` work). Batch norm in
             training mode (whose outputs at a point depend on the others) and modules that
             ``vmap`` cannot map over the points (Python control flow on values, ``.item()``) take
             rows of the Jacobian of all points' outputs instead: the full kernel's diagonal still,

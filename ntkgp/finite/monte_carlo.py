@@ -16,8 +16,10 @@ from ntkgp.layers.state import _NTK
 from ntkgp.layers.validation import check_inputs
 from ntkgp.predict.gaussian import refuse_beyond_memory
 
-#: Bytes of Jacobian held at once when estimating NTKs.
-JACOBIAN_BYTES = 1 << 29
+#: Bytes of members' Jacobians held at once when estimating NTKs on the Jacobian route (the members that
+#: ``empirical_ntk``'s ``chunk_size`` maps together; not ``ntkgp.finite.empirical.JACOBIAN_BYTES``, the chunk of
+#: cotangents within each).
+MEMBER_JACOBIAN_BYTES = 1 << 29
 #: Bytes of one batch's samples of a kernel held at once (a block of rows of every member's kernel). Its
 #: temporaries on the NTK's layer-by-layer route are a few times this: 16 MiB blocks were faster and smaller
 #: than 64 MiB ones (3000 points, 16 members, width 64, one thread: 4.6 s / 1.0-1.2 GiB against 7-11 s / 1.4 GiB).
@@ -126,7 +128,7 @@ def monte_carlo_kernel(net: Layer, x1: Tensor, x2: Tensor | None = None, *, n_sa
         model = net.build(in_features=d, seed=seed + 1_000_003 * batch_index, ensemble_size=size,
                           dtype=x1.dtype, device=x1.device)
         n_params = sum(p.numel() for p in model.parameters()) // size
-        chunk_size = max(1, JACOBIAN_BYTES // max(1, (n1 + n2) * n_params * x1.element_size() * 4))
+        chunk_size = max(1, MEMBER_JACOBIAN_BYTES // max(1, (n1 + n2) * n_params * x1.element_size() * 4))
         if diag:   # the batch's (size, n) diagonals are small: formed whole
             nngps.add(empirical_nngp(model, x1, x2, diag=True), slice(None))
             if ntks is not None:
