@@ -200,6 +200,13 @@ def test_predictors():
                for d in (DEVICE, "cpu")]
         _on_device_and_close(out[0].mean, out[1].mean, rtol=1e-8, atol=1e-10)
         _on_device_and_close(out[0].covariance, out[1].covariance, rtol=1e-8, atol=1e-10)
+    # one noise per training point, given on the CPU (as a list of fitted values would be) for CUDA inputs
+    noise = torch.linspace(1e-3, 1e-1, x.shape[0], dtype=torch.float64)
+    for kernel in ("nngp", "ntk"):
+        out = [predict.gp_posterior(net, x.to(d), y.to(d), x2.to(d), kernel=kernel, noise=noise)
+               for d in (DEVICE, "cpu")]
+        _on_device_and_close(out[0].mean, out[1].mean, rtol=1e-8, atol=1e-10)
+        _on_device_and_close(out[0].covariance, out[1].covariance, rtol=1e-8, atol=1e-10)
 
 
 def test_empirical_kernels_linearized_training_and_monte_carlo():

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, cast
 
+import numpy as np
 import torch
 from torch import Tensor
 from typing_extensions import TypeVar  # default= (PEP 696) before Python 3.13
@@ -15,7 +16,7 @@ from typing_extensions import TypeVar  # default= (PEP 696) before Python 3.13
 from ntkgp._checks import check_flag
 from ntkgp.layers.base import Layer, NonFiniteKernelError, variance_batch_shapes
 from ntkgp.layers.state import KernelState
-from ntkgp.layers.validation import all_finite, check_points, finite_number
+from ntkgp.layers.validation import all_finite, check_points, finite_number, refuse_meta
 
 #: The types of :attr:`Gaussian.covariance` and :attr:`Gaussian.variance`: each ``Tensor`` or ``None``
 #: (both, by default: a Gaussian built by hand, whose constructor cannot tell the variance's type).
@@ -348,3 +349,33 @@ def check_non_negative(name: str, value: float | Tensor) -> float:
     if number < 0:
         raise ValueError(f"{name} must be {kind}, got {value!r}.")
     return number
+
+
+def check_diagonal(name: str, value: float | Tensor, n: int, device: torch.device,
+                   dtype: torch.dtype) -> float | Tensor:
+    """``value`` for the training diagonal: a finite float ``>= 0`` (one for every point), or one per
+    point, an ``(N,)`` tensor or array (heteroscedastic noise, as GPyTorch's
+    ``FixedNoiseGaussianLikelihood``), returned as a copy on ``device`` in ``dtype``."""
+    many = isinstance(value, list | tuple) or (isinstance(value, Tensor) and value.numel() > 1) or (
+        isinstance(value, np.ndarray) and value.size > 1)
+    if not many:
+        return check_non_negative(name, value)
+    if isinstance(value, list | tuple):   # of numbers: a nested or ragged list is refused by the shape below
+        try:
+            value = torch.as_tensor(np.asarray(value, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a finite non-negative number or one per training point, "
+                             f"shape ({n},), got {value!r}.") from None
+    tensor = torch.as_tensor(value) if isinstance(value, np.ndarray) else cast(Tensor, value)
+    refuse_meta(tensor, name)
+    if tensor.shape != (n,):
+        raise ValueError(f"{name} must be a number or one value per training point, shape ({n},), got shape "
+                         f"{tuple(tensor.shape)}.")
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise ValueError(f"{name} must be real, got dtype {tensor.dtype}.")
+    tensor = tensor.detach().to(device=device, dtype=dtype, copy=True)
+    if not all_finite(tensor) or bool((tensor < 0).any()):
+        bad = int((~torch.isfinite(tensor) | (tensor < 0)).nonzero()[0])
+        raise ValueError(f"{name} must be finite and non-negative at every training point; entry {bad} is "
+                         f"{float(tensor[bad])}.")
+    return tensor

@@ -40,8 +40,8 @@ from ntkgp.predict.gaussian import (
     HyperparameterRecord,
     check_covariance_fits,
     check_covariance_range,
+    check_diagonal,
     check_factor_dtype,
-    check_non_negative,
     check_test_points,
     check_training_data,
     covariance_mode,
@@ -125,7 +125,8 @@ class GradientFlow:
             (:func:`ntkgp.finite.train_ensemble`) follow the spec in NTK parameterization instead
             (:func:`ntkgp.finite.ntk_parameterized`).
         learning_rate: ``η``; time enters as ``τ = η t / m`` with ``m = y_train.numel()``.
-        diag_reg: added to the training kernel as ``diag_reg · trace/N · I``.
+        diag_reg: added to the training kernel as ``diag_reg · trace/N · I``; or ``(N,)``, one per
+            training point, added as ``trace/N · diag(diag_reg)``.
         diag_reg_absolute_scale: make ``diag_reg`` an absolute variance instead.
         factor_dtype: dtype in which kernels are computed and factored (float64 by default, also
             for float32 inputs, whose results are returned in float32: float32 kernels of nearly
@@ -142,7 +143,7 @@ class GradientFlow:
     @neural_tangents_keywords(get=NT_KERNEL_HINT, trace_axes=NT_TRACE_AXES_SPEC_HINT)
     @outside_inference_mode
     def __init__(self, net: Layer, x_train: Tensor, y_train: Tensor, *, kernel: str = "ntk",
-                 learning_rate: float = 1.0, diag_reg: float = 0.0, diag_reg_absolute_scale: bool = False,
+                 learning_rate: float = 1.0, diag_reg: float | Tensor = 0.0, diag_reg_absolute_scale: bool = False,
                  factor_dtype: torch.dtype = torch.float64) -> None:
         if kernel not in KINDS:
             hints = {"ntkgp": " The NTK-GP posterior is GPPosterior(..., kernel='ntkgp').",
@@ -157,9 +158,9 @@ class GradientFlow:
         self.learning_rate = learning_rate_number(learning_rate)
         refuse_gradient(diag_reg, "diag_reg", " here (the kernels are computed without autograd): pass kernels from "
                         "net.kernel to gradient_descent_mse, which differentiates with respect to diag_reg.")
-        self.diag_reg = check_non_negative("diag_reg", diag_reg)
-        self.diag_reg_absolute_scale = diag_reg_absolute_scale
         self.dtype, self.factor_dtype = x_train.dtype, check_factor_dtype(factor_dtype)
+        self.diag_reg = check_diagonal("diag_reg", diag_reg, x_train.shape[0], x_train.device, self.factor_dtype)
+        self.diag_reg_absolute_scale = diag_reg_absolute_scale
         self.vector_targets = y_train.dim() == 2
         # detached: the cached projections of y would keep its graph, and a second prediction's
         # backward would run through the freed graph of the first
@@ -647,35 +648,35 @@ def subtract_gram_(k_tt: Tensor, w: Tensor, mode: str) -> Tensor:
 
 @overload
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
-                  learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk",
+                  learning_rate: float = 1.0, diag_reg: float | Tensor = 0.0, kernel: str = "ntk",
                   compute_cov: Literal[True] = True, diag_reg_absolute_scale: bool = False,
                   steps: Steps = None, factor_dtype: torch.dtype = torch.float64) -> Gaussian[Tensor, Tensor]: ...
 
 
 @overload
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
-                  learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk", *,
+                  learning_rate: float = 1.0, diag_reg: float | Tensor = 0.0, kernel: str = "ntk", *,
                   compute_cov: Literal["diag"], diag_reg_absolute_scale: bool = False,
                   steps: Steps = None, factor_dtype: torch.dtype = torch.float64) -> Gaussian[None, Tensor]: ...
 
 
 @overload
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
-                  learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk", *,
+                  learning_rate: float = 1.0, diag_reg: float | Tensor = 0.0, kernel: str = "ntk", *,
                   compute_cov: Literal[False], diag_reg_absolute_scale: bool = False,
                   steps: Steps = None, factor_dtype: torch.dtype = torch.float64) -> Gaussian[None, None]: ...
 
 
 @overload
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
-                  learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk",
+                  learning_rate: float = 1.0, diag_reg: float | Tensor = 0.0, kernel: str = "ntk",
                   compute_cov: bool | str = True, diag_reg_absolute_scale: bool = False,
                   steps: Steps = None, factor_dtype: torch.dtype = torch.float64) -> Gaussian: ...
 
 
 @neural_tangents_keywords(get=NT_KERNEL_HINT, trace_axes=NT_TRACE_AXES_SPEC_HINT)
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
-                  learning_rate: float = 1.0, diag_reg: float = 0.0, kernel: str = "ntk",
+                  learning_rate: float = 1.0, diag_reg: float | Tensor = 0.0, kernel: str = "ntk",
                   compute_cov: bool | str = True, diag_reg_absolute_scale: bool = False,
                   steps: Steps = None, factor_dtype: torch.dtype = torch.float64) -> Gaussian:
     """One-shot :class:`GradientFlow` prediction: with ``τ = η t / m``, for ``kernel="ntk"``

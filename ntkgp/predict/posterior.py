@@ -12,7 +12,8 @@ r"""Exact Gaussian-process posteriors of infinitely wide networks.
 * ``"ntk"``: the distribution of an infinite ensemble trained by gradient flow to convergence,
   i.e. :class:`~ntkgp.predict.GradientFlow` at ``t = ∞`` (Lee et al. 2019).
 
-``σ²`` (``noise``) is an absolute observation-noise variance on the training diagonal. The
+``σ²`` (``noise``) is an absolute observation-noise variance on the training diagonal, one for all
+points or one per point (``σ²I`` is then ``diag(σ²)``). The
 factorization is a Cholesky decomposition in float64 (by default), cached for repeated
 predictions; a singular kernel without noise raises a ``ValueError`` suggesting ``noise``.
 Values agree with neural-tangents' ``gp_inference`` (absolute ``diag_reg``) to 1e-10.
@@ -35,8 +36,8 @@ from ntkgp.predict.gaussian import (
     HyperparameterRecord,
     check_covariance_fits,
     check_covariance_range,
+    check_diagonal,
     check_factor_dtype,
-    check_non_negative,
     check_test_points,
     check_training_data,
     covariance_mode,
@@ -81,7 +82,9 @@ class GPPosterior:
         x_train: ``(N, d)`` inputs.
         y_train: ``(N,)`` or ``(N, k)`` targets (one factorization serves all ``k`` outputs).
         kernel: ``"nngp"``, ``"ntkgp"`` or ``"ntk"``.
-        noise: absolute observation-noise variance added to the training diagonal.
+        noise: absolute observation-noise variance added to the training diagonal: a number, or
+            ``(N,)``, one per training point (heteroscedastic noise of known variances, as GPyTorch's
+            ``FixedNoiseGaussianLikelihood``: ``K + diag(σ²)`` in the formulas).
         factor_dtype: dtype in which kernels are computed and factored (results come back in the
             inputs' dtype; with float32 a ``RuntimeWarning`` says where the kernels' rounding can
             move the test means by more than 1 %, see docs/numerics.md).
@@ -96,15 +99,17 @@ class GPPosterior:
         refuse_gradient(noise, "noise", " here (the kernels are computed without autograd): for a differentiable "
                         "posterior use ntkgp.models.NetworkGP; for its value pass noise.detach() (a fitted "
                         "NetworkGP's: model.likelihood.noise.detach()).")
-        self.kind, self.noise = kernel, check_non_negative("noise", noise)
+        self.kind = kernel
         if kernel == "ntk":   # its GradientFlow records the hyperparameters and checks them
-            self._flow = GradientFlow(net, x_train, y_train, kernel="ntk", diag_reg=self.noise,
+            self._flow = GradientFlow(net, x_train, y_train, kernel="ntk", diag_reg=noise,
                                       diag_reg_absolute_scale=True, factor_dtype=factor_dtype)
+            self.noise = self._flow.diag_reg
             return
         check_training_data(net, x_train, y_train)
         self.net, self.x_train, self.dtype = net, x_train, x_train.dtype
-        self._hyperparameters = HyperparameterRecord(net)
         self.factor_dtype = check_factor_dtype(factor_dtype)
+        self.noise = check_diagonal("noise", noise, x_train.shape[0], x_train.device, self.factor_dtype)
+        self._hyperparameters = HyperparameterRecord(net)
         self.vector_targets = y_train.dim() == 2
         self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).detach().to(factor_dtype, copy=True)
         # copies (of y too), as in GradientFlow: a caller's later in-place edit must not reach them

@@ -41,11 +41,13 @@ from ntkgp.predict.gaussian import kernel_matrix_error, refuse_gradient
 
 
 def regularize(k: Tensor, diag_reg: float | Tensor, absolute: bool = False, copy: bool = True) -> Tensor:
-    """``k + diag_reg · s · I`` with ``s = trace(k)/N`` (neural-tangents' default) or ``s = 1``.
+    """``k + diag_reg · s · I`` with ``s = trace(k)/N`` (neural-tangents' default) or ``s = 1``;
+    ``diag_reg`` a number, or ``(N,)``, one per point (``k + s · diag(diag_reg)``).
 
     ``copy=False`` raises the diagonal of ``k`` itself, for a kernel that nothing else holds (one
     ``N × N`` matrix less at the caller's peak; the values are the same bit for bit)."""
-    if diag_reg == 0 and not (isinstance(diag_reg, Tensor) and diag_reg.requires_grad):
+    if (not isinstance(diag_reg, Tensor) and diag_reg == 0) or (
+            isinstance(diag_reg, Tensor) and not diag_reg.requires_grad and not bool(diag_reg.any())):
         return k   # (a zero that requires grad still gets its one-sided gradient)
     n = k.shape[-1]
     scale = diag_reg if absolute else diag_reg * torch.diagonal(k, dim1=-2, dim2=-1).sum(-1, keepdim=True) / n

@@ -1,0 +1,170 @@
+"""Per-point observation noise (one variance per training point) in the posteriors and gradient flow:
+``K + diag(σ²)`` for ``K + σ²I``, checked against the dense formulas in numpy/scipy, against GPyTorch's
+``FixedNoiseGaussianLikelihood`` and against refits with a point left out."""
+
+from __future__ import annotations
+
+import gpytorch
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.stats
+import torch
+
+import ntkgp
+from ntkgp import predict
+from ntkgp.models import NetworkGP
+
+N, M = 12, 7
+
+
+def _data(k: int | None = None):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N, 3, generator=g, dtype=torch.float64)
+    xt = torch.randn(M, 3, generator=g, dtype=torch.float64)
+    y = torch.sin(x.sum(-1, keepdim=k is not None)) if k is None else torch.randn(N, k, generator=g,
+                                                                                   dtype=torch.float64)
+    noise = 0.01 + 0.5 * torch.rand(N, generator=g, dtype=torch.float64)
+    return x, y, xt, noise
+
+
+def _net():
+    return ntkgp.mlp(2, "erf", weight_var=2.0, bias_var=0.1)
+
+
+def _kernels(net, x, xt, ntk: bool):
+    with torch.no_grad():
+        kdd, ktd, ktt = net.kernel(x, ntk=True), net.kernel(xt, x, ntk=True), net.kernel(xt, ntk=True)
+    pick = (lambda s: s.ntk.numpy()) if ntk else (lambda s: s.nngp.numpy())
+    return (pick(kdd), pick(ktd), pick(ktt)), (kdd.nngp.numpy(), ktd.nngp.numpy(), ktt.nngp.numpy())
+
+
+@pytest.mark.parametrize("kernel", ["nngp", "ntkgp"])
+@pytest.mark.parametrize("k", [None, 2], ids=["1-D targets", "2 outputs"])
+def test_gp_posterior_with_a_noise_per_point_is_the_dense_formula(kernel, k):
+    """``μ = K*d (K + diag σ²)⁻¹ Y``, ``Σ = K** − K*d (K + diag σ²)⁻¹ Kd*`` by numpy's solve; the
+    noises span 0.01–0.51, so a scalar noise (any one of them) is far off."""
+    x, y, xt, noise = _data(k)
+    net = _net()
+    (kdd, ktd, ktt), _ = _kernels(net, x, xt, kernel == "ntkgp")
+    c = kdd + np.diag(noise.numpy())
+    mean = ktd @ np.linalg.solve(c, y.numpy())
+    cov = ktt - ktd @ np.linalg.solve(c, ktd.T)
+    out = predict.gp_posterior(net, x, y, xt, kernel=kernel, noise=noise)
+    np.testing.assert_allclose(out.mean.numpy(), mean, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(out.covariance.numpy(), cov, rtol=1e-10, atol=1e-12)
+    diag = predict.gp_posterior(net, x, y, xt, kernel=kernel, noise=noise, compute_cov="diag")
+    np.testing.assert_allclose(diag.variance.numpy(), np.diag(cov), rtol=1e-10, atol=1e-12)
+    scalar = predict.gp_posterior(net, x, y, xt, kernel=kernel, noise=float(noise.mean()))
+    assert float((scalar.mean - out.mean).abs().max()) > 1e-3   # the per-point values were used
+
+
+def test_converged_ntk_ensemble_with_a_noise_per_point_is_the_dense_formula():
+    """``"ntk"``: ``μ = Θ*d Θr⁻¹ Y``, ``Σ = K** + Θ*d Θr⁻¹ K Θr⁻¹ Θd* − (Θ*d Θr⁻¹ Kd* + h.c.)`` with
+    ``Θr = Θ + diag(σ²)`` (Lee et al. 2019 with the regularized kernel)."""
+    x, y, xt, noise = _data()
+    net = _net()
+    (tdd, ttd, _), (kdd, ktd, ktt) = _kernels(net, x, xt, ntk=True)
+    a = ttd @ np.linalg.inv(tdd + np.diag(noise.numpy()))
+    mean = a @ y.numpy()
+    cov = ktt + a @ kdd @ a.T - (a @ ktd.T + ktd @ a.T)
+    out = predict.gp_posterior(net, x, y, xt, kernel="ntk", noise=noise)
+    np.testing.assert_allclose(out.mean.numpy(), mean, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(out.covariance.numpy(), cov, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("absolute", [True, False], ids=["absolute", "relative"])
+def test_gradient_flow_with_a_regularizer_per_point_at_finite_times(absolute):
+    """``μ_t = Θ*d Θr⁻¹ (I − e^{−Θr τ}) Y`` with ``Θr = Θ + s·diag(r)`` (``s = 1`` or ``trace(Θ)/N``)
+    and ``τ = η t / m``, by scipy's ``expm``; and ``r`` constant equals the scalar ``diag_reg``."""
+    x, y, xt, reg = _data()
+    net = _net()
+    (tdd, ttd, _), _ = _kernels(net, x, xt, ntk=True)
+    s = 1.0 if absolute else np.trace(tdd) / N
+    theta = tdd + s * np.diag(reg.numpy())
+    t, lr = 7.0, 0.5
+    mean = ttd @ np.linalg.solve(theta, (np.eye(N) - scipy.linalg.expm(-theta * lr * t / N)) @ y.numpy())
+    out = predict.gradient_flow(net, x, y, xt, t=t, learning_rate=lr, diag_reg=reg,
+                                diag_reg_absolute_scale=absolute, compute_cov=False)
+    np.testing.assert_allclose(out.mean.numpy(), mean, rtol=1e-9, atol=1e-11)
+    same = torch.full((N,), 0.3, dtype=torch.float64)
+    kwargs = dict(t=t, learning_rate=lr, diag_reg_absolute_scale=absolute)
+    torch.testing.assert_close(predict.gradient_flow(net, x, y, xt, diag_reg=same, **kwargs).covariance,
+                               predict.gradient_flow(net, x, y, xt, diag_reg=0.3, **kwargs).covariance,
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_agrees_with_gpytorch_fixed_noise_likelihood():
+    """The same posterior from GPyTorch's exact GP with ``FixedNoiseGaussianLikelihood(σ²)``, its own
+    solves (an independent implementation of the noise)."""
+    x, y, xt, noise = _data()
+    model = NetworkGP(x, y, kernel="nngp", depth=2, activation="erf",
+                      likelihood=gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise)).eval()
+    with torch.no_grad(), gpytorch.settings.fast_computations(False, False, False):
+        theirs = model(xt)
+    ours = predict.gp_posterior(model.net, x, y, xt, kernel="nngp", noise=noise)
+    torch.testing.assert_close(ours.mean, theirs.mean, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(ours.covariance, theirs.covariance_matrix, rtol=1e-9, atol=1e-11)
+
+
+def test_evidence_and_leave_one_out_with_a_noise_per_point():
+    """``log p(Y)`` is scipy's ``multivariate_normal.logpdf`` with covariance ``K + diag(σ²)``; leaving
+    point ``i`` out is a refit on the others, predicting ``y_i`` with its own noise ``σ_i²`` added."""
+    x, y, _, noise = _data()
+    net = _net()
+    post = predict.GPPosterior(net, x, y, kernel="nngp", noise=noise)
+    c = net.kernel(x).nngp.detach().numpy() + np.diag(noise.numpy())
+    expected = scipy.stats.multivariate_normal(np.zeros(N), c).logpdf(y.numpy())
+    assert post.log_marginal_likelihood() == pytest.approx(expected, rel=1e-12)
+    mean, variance = post.leave_one_out()
+    for i in (0, 5, N - 1):
+        keep = torch.arange(N) != i
+        refit = predict.gp_posterior(net, x[keep], y[keep], x[i:i + 1], kernel="nngp", noise=noise[keep])
+        assert float(mean[i]) == pytest.approx(float(refit.mean[0]), rel=1e-9, abs=1e-12)
+        assert float(variance[i]) == pytest.approx(float(refit.covariance[0, 0] + noise[i]), rel=1e-9)
+
+
+def test_noise_per_point_given_as_a_list_or_array_or_float32_tensor():
+    x, y, xt, noise = _data()
+    net = _net()
+    reference = predict.gp_posterior(net, x, y, xt, noise=noise).mean
+    for given in (noise.tolist(), noise.numpy(), noise.float()):
+        got = predict.gp_posterior(net, x, y, xt, noise=given).mean
+        torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-8)   # float32's rounding of σ²
+
+
+@pytest.mark.parametrize("kernel", ["nngp", "ntkgp", "ntk"])
+def test_bad_noise_per_point_is_refused_before_the_kernels(kernel, monkeypatch):
+    x, y, _, noise = _data()
+    net = _net()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the kernel was computed before the noise was checked")
+
+    monkeypatch.setattr(net, "kernel", fail)
+    name = "diag_reg" if kernel == "ntk" else "noise"   # the converged ensemble's flow names it so
+    for bad, message in [(torch.ones(N + 1), rf"{name} must be a number or one value per training point, "
+                                             rf"shape \({N},\), got shape \({N + 1},\)"),
+                         (torch.ones(N, 1), r"got shape \(12, 1\)"),
+                         (torch.cat([noise[:3], torch.tensor([-0.1], dtype=torch.float64), noise[4:]]),
+                          "entry 3 is -0.1"),
+                         (torch.cat([noise[:-1], torch.tensor([float("nan")], dtype=torch.float64)]),
+                          f"entry {N - 1} is nan"),
+                         (torch.ones(N, dtype=torch.complex64), "must be real"),
+                         ([[0.1, 0.2]] * 6, r"got shape \(6, 2\)"),
+                         (["a"] * N, "one per training point")]:
+        with pytest.raises(ValueError, match=message):
+            predict.GPPosterior(net, x, y, kernel=kernel, noise=bad)
+    with pytest.raises(ValueError, match="read as a number and gets no gradient"):
+        predict.GPPosterior(net, x, y, kernel=kernel, noise=noise.clone().requires_grad_())
+
+
+def test_the_noise_per_point_is_a_copy():
+    """A caller's later in-place edit of the noise must not reach the posterior (the converged
+    ensemble's flow reads its regularizer again where float32 rounding needs a float64 kernel)."""
+    x, y, _, noise = _data()
+    kept = noise.clone()
+    posts = [predict.GPPosterior(_net(), x, y, kernel=kernel, noise=noise) for kernel in ("nngp", "ntk")]
+    noise.mul_(10)
+    for post in posts:
+        torch.testing.assert_close(post.noise, kept, rtol=0, atol=0)
