@@ -921,6 +921,11 @@ def test_data_too_large_for_the_networks_dtype_is_refused_before_training(monkey
         run_comparison(data, CompareConfig(**relu))
     with pytest.raises(AssertionError, match="trained on data"):   # float64 networks hold them: not refused
         run_comparison(data, CompareConfig(**{**relu, "dtype": "float64"}))
+    # large test inputs alone: the message named the training inputs' magnitude, 1 here
+    data = harness.Dataset("big", base.x_train / base.x_train.abs().max(), base.y_train, 1e25 * base.x_test)
+    with pytest.raises(ValueError, match=r"variance at initialization reaches .*e\+5\d .*\(largest magnitude of the "
+                                         r"inputs 3\.14e\+25\)"):
+        run_comparison(data, CompareConfig(**relu))
 
 
 @pytest.mark.parametrize("argv", [["--seed", str(2**70)], ["--seed", str(2**64 - 10), "--samples", "200"]])
@@ -1379,6 +1384,7 @@ def test_csv_errors_name_the_file_s_line_numbers(tmp_path):
 
 _SEPARATORS = r"\(values must be separated by commas, not {}, with '\.' as the decimal point\)"
 _EMPTY = r"\(an empty value: a missing number, or a comma at the end of the line\)"
+_QUOTED = r"\(a number in quotes: values must be plain numbers, without quotes\)"
 
 
 @pytest.mark.parametrize("text, where, hint, header", [
@@ -1389,11 +1395,13 @@ _EMPTY = r"\(an empty value: a missing number, or a comma at the end of the line
     ("1,2,\n3,4,\n", "line 1, column 3", _EMPTY, ",x,y\n0,1,2\n"),   # a comma ending every line, as spreadsheets
     ("1,\n3,4\n", "line 1, column 2", _EMPTY, ",x,y\n0,1,2\n"),      # a missing target
     ("1,2\n3,\n", "line 2, column 2", _EMPTY, ",x,y\n0,1,2\n"),      # ... on a later line, which had no hint at all
+    ('"1","2"\n"3","4"\n', "line 1, column 1", _QUOTED, '"x","y"\n"1","2"\n'),   # csv.QUOTE_ALL, with its header
+    ("1,2\n3,'4'\n", "line 2, column 2", _QUOTED, "'x',y\n1,2\n"),
 ])
 def test_csv_lines_that_are_no_header_are_not_told_to_mark_one(tmp_path, text, where, hint, header):
-    """Numbers joined by semicolons, tabs or spaces, and empty cells among numbers, were told "(a header
-    line must start with #)", advice for a file they do not describe (a later line got no hint at
-    all); a header that is not numbers (pandas' ",x,y" with its empty cell too) keeps that advice."""
+    """Numbers joined by semicolons, tabs or spaces, empty cells among numbers, and numbers in quotes were
+    told "(a header line must start with #)", advice for a file they do not describe (a later line got no
+    hint at all); a header that is not numbers (pandas' ",x,y" with its empty cell too) keeps that advice."""
     (tmp_path / "data.csv").write_text(text)
     with pytest.raises(ValueError, match=rf"{where}: could not convert .* {hint}$") as error:
         load_dataset(str(tmp_path / "data.csv"))
@@ -1618,6 +1626,22 @@ def test_mean_bias_noise_from_the_smaller_gram_matrix(members, points):
     cov = centred.mT @ centred / (members - 1)
     expected = (2 * (2 * cov.square().sum((-2, -1))).sqrt() / (points * members)).sqrt()
     torch.testing.assert_close(torch.tensor(r.mean_bias_noise, dtype=torch.float64), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("scale", [1e100, 1e-200])
+def test_mean_bias_noise_of_outputs_far_from_one(scale):
+    """The noise level is homogeneous of degree 1 in the outputs (sqrt(sqrt(tr Ĉ²)), Ĉ quadratic in
+    them), so outputs scaled by c have c times the noise. tr(Ĉ²) is quartic: outputs of 1e100 (float64
+    targets of that size) overflowed it to a noise level of inf, null in report.json, under which the
+    bias check passed whatever the bias; outputs of 1e-200 underflowed it to 0."""
+    g = torch.Generator().manual_seed(2)
+    outputs = torch.randn(2, 8, 30, 1, generator=g, dtype=torch.float64)
+    mu, var = torch.zeros(2, 30, dtype=torch.float64), torch.ones(2, 30, dtype=torch.float64)
+    unit = _width_metrics(256, _history(outputs), mu, var, 0.27, 0.0)
+    scaled = _width_metrics(256, _history(scale * outputs), mu, scale**2 * var, 0.27, 0.0)
+    # the Gram matrix's rounding differs by at most a few ulps when scaled by a non-power of two
+    torch.testing.assert_close(torch.tensor(scaled.mean_bias_noise, dtype=torch.float64),
+                               scale * torch.tensor(unit.mean_bias_noise, dtype=torch.float64), rtol=1e-13, atol=0)
 
 
 def test_out_of_memory_in_a_later_widths_metrics_keeps_the_widths_before_it(monkeypatch):

@@ -125,8 +125,8 @@ def load_dataset(source: str | os.PathLike) -> Dataset:
     * ``.npz`` with integer or floating-point arrays ``x_train`` ``(N, d)``, ``y_train`` (one target), ``x_test``
       ``(M, d)`` (and optionally ``y_test``, drawn in the figures); 1-D arrays hold one value per
       point (``x`` of shape ``(N,)`` is ``N`` points of one input);
-    * ``.csv`` (comma-separated numbers, UTF-8 with or without a byte-order mark; a header line
-      must start with ``#``, after spaces if any): every row a training point, the last column its
+    * ``.csv`` (comma-separated numbers without quotes, UTF-8 with or without a byte-order mark; a header
+      line must start with ``#``, after spaces if any): every row a training point, the last column its
       one target; the test points are a grid of 100 over the range of a 1-D input widened by 10 % on
       each side (to show extrapolation), or the training inputs themselves otherwise.
     """
@@ -284,9 +284,12 @@ def _bad_line(lines: list[str]) -> str | None:
             # an empty cell among numbers (a missing value, a comma ending each line as spreadsheets write
             # them) is no header: "1,2," was told that a header line must start with #
             empty = column is not None and _empty_among_numbers(line, int(column[1]))
+            # a number in quotes (csv.QUOTE_ALL's "1","2") is no header either: it was told to mark one
+            quoted = column is not None and _quoted_number(line, int(column[1]))
             # an unmarked header, the usual non-number on the first line, gets the rule for headers
             hint = (f" (values must be separated by commas, not {other}, with '.' as the decimal point)" if other
                     else " (an empty value: a missing number, or a comma at the end of the line)" if empty
+                    else " (a number in quotes: values must be plain numbers, without quotes)" if quoted
                     else " (a header line must start with #)" if first is None else "")
             return f"{where}: {message[:column.start()] if column else message}{hint}"
         if first is None:
@@ -313,6 +316,14 @@ def _empty_among_numbers(line: str, column: int) -> bool:
     cells = line.partition("#")[0].split(",")
     return (0 < column <= len(cells) and not cells[column - 1].strip()
             and all(_is_number(cell) for cell in cells if cell.strip()))
+
+
+def _quoted_number(line: str, column: int) -> bool:
+    """Whether the ``column``-th (1-based) comma-separated cell of ``line`` is a number in double or single
+    quotes (``"1.5"``), as ``csv.writer`` with ``QUOTE_ALL`` writes every cell."""
+    cells = line.partition("#")[0].split(",")
+    cell = cells[column - 1].strip() if 0 < column <= len(cells) else ""
+    return len(cell) > 2 and cell[0] == cell[-1] and cell[0] in "\"'" and _is_number(cell[1:-1])
 
 
 def _is_number(text: str) -> bool:

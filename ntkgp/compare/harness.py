@@ -349,10 +349,13 @@ def _check_output_scale(data: Dataset, dtype: torch.dtype, diagonal: KernelState
     (``diagonal``: ``K(x, x)``, and the NTK's for the gradients, over the training and test points)."""
     scale = float(torch.maximum(diagonal.nngp, diagonal.ntk).max())
     if not scale * SCALE_HEADROOM * data.x_train.shape[0] < torch.finfo(dtype).max:
+        # the test inputs' too, as the diagonal's: test inputs of 1e25 next to training inputs of 1 were
+        # reported as "largest magnitude of the inputs 1"
+        largest = float(torch.cat([data.x_train, data.x_test]).abs().max())
         raise ValueError(f"The inputs are too large for {dtype} networks: the outputs' variance at initialization "
                          f"reaches {scale:.3g} (the kernels' diagonal), and the squared errors and gradients "
-                         f"overflow {dtype} (largest magnitude of the inputs {float(data.x_train.abs().max()):.3g}): "
-                         "rescale them" + _advice(dtype))
+                         f"overflow {dtype} (largest magnitude of the inputs {largest:.3g}): rescale them"
+                         + _advice(dtype))
 
 
 def _flag(value: object, name: str) -> bool:
@@ -795,9 +798,16 @@ def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.
     centred = members - members.mean(1, keepdim=True)
     # tr(Ĉ²) of the (M, M) sample covariance Ĉ = AᵀA/(E − 1), from the smaller of AᵀA and the members'
     # (E, E) Gram matrix A Aᵀ (equal traces of squares): 4000 test points needed 256 MB per step
+    # in units of a power of two near the largest deviation, by which scaling is exact: outputs beyond ~1e77
+    # (float64 targets of that size) made tr(Ĉ²) ~ outputs⁴ overflow, a noise level of inf (null in
+    # report.json) that the bias check then passed under whatever the bias
+    peak = centred.abs().amax((-2, -1))
+    unit = torch.ldexp(torch.ones_like(peak),
+                       torch.where((peak > 0) & peak.isfinite(), torch.frexp(peak).exponent, 0))
+    centred = centred / unit[:, None, None]
     gram = centred @ centred.mT if members.shape[1] < members.shape[2] else centred.mT @ centred
     trace_square = gram.square().sum((-2, -1)) / max(members.shape[1] - 1, 1) ** 2
-    noise = (2 * (2 * trace_square).sqrt() / (members.shape[2] * members.shape[1])).sqrt()
+    noise = unit * (2 * (2 * trace_square).sqrt() / (members.shape[2] * members.shape[1])).sqrt()
     ntk_change = h.ntk_change.double().mean(-1) if h.ntk_change is not None else torch.zeros(recorded, device="cpu")
     return WidthResult(
         width=width, steps=h.steps.tolist(), mean_within=within.tolist(), var_within=var_within.tolist(),
