@@ -389,6 +389,16 @@ def test_cli_demo_rejects_bad_sizes(argv, capsys):
     assert "Monte Carlo over" not in captured.out
 
 
+def test_config_takes_torch_dtypes_as_the_rest_of_the_library():
+    """``dtype=torch.float64`` (as train_ensemble takes it) was refused as not one of the names; it is
+    stored as the name, which report.json writes."""
+    assert CompareConfig(dtype=torch.float64).dtype == "float64"
+    assert CompareConfig(dtype=torch.float32).dtype == "float32"
+    for bad in (torch.float16, "torch.float64", None):
+        with pytest.raises(ValueError, match=r"dtype must be one of \['float32', 'float64'\] \(or torch.float32"):
+            CompareConfig(dtype=bad)
+
+
 def test_config_orders_widths_and_needs_a_training_step():
     config = CompareConfig(widths=(512, 32, 128, 32))
     assert config.widths == (32, 128, 512)      # "widest" (divergence runs, bias check) is widths[-1]

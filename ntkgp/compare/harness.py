@@ -94,7 +94,8 @@ class CompareConfig:
         seed: seed of the initializations.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...; ``None`` is the command line's
             ``auto`` (CUDA when available).
-        dtype: ``"float32"`` or ``"float64"``, of the finite networks.
+        dtype: ``"float32"`` or ``"float64"`` (or ``torch.float32`` / ``torch.float64``, stored as the
+            name), of the finite networks.
         chunk_size: members trained at once (``None``: as many as fit in 1 GiB counted in float32).
         divergence_check: run the networks above the stability limit too
             (``--no-divergence-check`` turns it off).
@@ -124,7 +125,7 @@ class CompareConfig:
     probe_points: int = 8
     seed: int = 0
     device: str | torch.device | None = None   # stored as a string
-    dtype: str = "float32"
+    dtype: str | torch.dtype = "float32"   # stored as a string
     chunk_size: int | None = None
     divergence_check: bool = True
     progress: bool = False
@@ -136,8 +137,11 @@ class CompareConfig:
         # wider layers overflowed torch's size arithmetic with raw errors before any allocation
         self.widths = _whole_numbers(self.widths, 1, "widths", f"positive integers up to {MAX_WIDTH}",
                                      maximum=MAX_WIDTH)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        # torch.float64, as train_ensemble and the rest of the library take it, was refused
+        self.dtype = next((name for name, d in DTYPES.items() if self.dtype is d), self.dtype)
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} (or torch.float32 / torch.float64), got "
+                             f"{self.dtype!r}.")
         self.lr_fraction = positive_number(self.lr_fraction, "lr_fraction")
         self.ensemble_size = integer_at_least(self.ensemble_size, 2, "ensemble_size")   # variances need two members
         # depth 0 is a linear model: no hidden width to compare across
@@ -184,6 +188,11 @@ class CompareConfig:
             # every width would train the same network under different labels, and the slopes fail unexplained
             raise ValueError(f"spec({self.widths[0]}) and spec({self.widths[-1]}) are the same network: the spec "
                              "must build its hidden layers at the width it is given.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The finite networks' dtype, ``torch.float32`` or ``torch.float64``."""
+        return DTYPES[cast(str, self.dtype)]
 
     def network(self, width: int, ntk_twin: bool = False) -> Layer:
         """The spec at a given hidden width, on the CPU (whatever torch's default device), where the
@@ -434,8 +443,8 @@ def _check_outputs(config: CompareConfig, data: Dataset) -> None:
     try:   # on the meta device: shapes without memory, whatever the width
         with torch.no_grad():
             # in the networks' dtype: the default (float32) refused variances that --dtype float64 takes
-            outputs = net.build(in_features=d, dtype=DTYPES[config.dtype], device="meta")(
-                torch.empty(1, d, dtype=DTYPES[config.dtype], device="meta")).shape[-1]
+            outputs = net.build(in_features=d, dtype=config.torch_dtype, device="meta")(
+                torch.empty(1, d, dtype=config.torch_dtype, device="meta")).shape[-1]
     except ValueError:   # ntkgp's own refusal of the spec
         raise
     except Exception:    # a user's activation that needs values (numpy, .item()): train_ensemble checks
@@ -533,7 +542,7 @@ def run_comparison(data: Dataset | str | os.PathLike, config: CompareConfig) -> 
                          f"a dataset's name, got {type(data).__name__}.")
     start = time.perf_counter()
     kernel = "nngp" if config.readout_only else "ntk"
-    dtype = DTYPES[config.dtype]
+    dtype = config.torch_dtype
     _check_scale(data, dtype)
     _check_outputs(config, data)
     # the widest width trains in the most chunks: a seed that its last chunk would push past 2**64 was
