@@ -17,6 +17,10 @@ ArrayLike = Union["Tensor", np.ndarray, Sequence, float]
 #: Times of a prediction: ``None`` (infinite time), one number, or several (a leading output axis).
 Times = Union[float, "Tensor", np.ndarray, Sequence[float], None]
 
+#: A diagonal added to a training kernel (``noise``, ``diag_reg``): one number for every training point,
+#: or one per point, ``(N,)``.
+Diagonal = Union[float, "Tensor", np.ndarray, Sequence[float]]
+
 #: Discrete gradient-descent step counts: one, several (a leading output axis), or ``None``.
 Steps = Union[SupportsIndex, "Tensor", np.ndarray, Sequence[SupportsIndex], None]
 

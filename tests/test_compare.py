@@ -1638,17 +1638,18 @@ def test_mean_bias_noise_from_the_smaller_gram_matrix(members, points):
     torch.testing.assert_close(torch.tensor(r.mean_bias_noise, dtype=torch.float64), expected, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("scale", [1e100, 1e-200])
+@pytest.mark.parametrize("scale", [1e100, 1e-200, 5e307])
 def test_mean_bias_noise_of_outputs_far_from_one(scale):
     """The noise level is homogeneous of degree 1 in the outputs (sqrt(sqrt(tr Ĉ²)), Ĉ quadratic in
     them), so outputs scaled by c have c times the noise. tr(Ĉ²) is quartic: outputs of 1e100 (float64
     targets of that size) overflowed it to a noise level of inf, null in report.json, under which the
-    bias check passed whatever the bias; outputs of 1e-200 underflowed it to 0."""
+    bias check passed whatever the bias; outputs of 1e-200 underflowed it to 0. Outputs up to 1.6e308
+    (5e307 here) gave NaN: the members' mean overflowed, and the unit 2^e of a peak beyond 2^1023 was inf."""
     g = torch.Generator().manual_seed(2)
     outputs = torch.randn(2, 8, 30, 1, generator=g, dtype=torch.float64)
     mu, var = torch.zeros(2, 30, dtype=torch.float64), torch.ones(2, 30, dtype=torch.float64)
     unit = _width_metrics(256, _history(outputs), mu, var, 0.27, 0.0)
-    scaled = _width_metrics(256, _history(scale * outputs), mu, scale**2 * var, 0.27, 0.0)
+    scaled = _width_metrics(256, _history(scale * outputs), mu, scale * (scale * var), 0.27, 0.0)   # inf for 5e307
     # the Gram matrix's rounding differs by at most a few ulps when scaled by a non-power of two
     torch.testing.assert_close(torch.tensor(scaled.mean_bias_noise, dtype=torch.float64),
                                scale * torch.tensor(unit.mean_bias_noise, dtype=torch.float64), rtol=1e-13, atol=0)

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import gpytorch
 import numpy as np
 import pytest
@@ -94,6 +96,32 @@ def test_gradient_flow_with_a_regularizer_per_point_at_finite_times(absolute):
                                rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("t", [7.0, float("inf"), None], ids=["t=7", "t=inf", "t=None"])
+@pytest.mark.parametrize("kernel", ["ntk", "nngp"])
+def test_gradient_flow_covariance_with_a_regularizer_per_point(kernel, t):
+    """The covariances with ``Gr = G + diag(r)`` (absolute) driving the flow, ``E = e^{−Gr τ}``:
+    ``"ntk"``: ``K** + B K Bᵀ − (B Kd* + h.c.)``, ``B = Θ*d Θr⁻¹ (I − E)`` (the unregularized ``K`` in
+    the middle); ``"nngp"``: ``K** − K*d Kr⁻¹ (I − E²) Kd*`` (the regularized ``K``, as neural-tangents);
+    ``E = 0`` at ``t = inf`` and ``None``, and the marginal variances the diagonal."""
+    x, y, xt, reg = _data()
+    net = _net()
+    (tdd, ttd, _), (kdd, ktd, ktt) = _kernels(net, x, xt, ntk=True)
+    lr = 0.5
+    g, gd = (tdd, ttd) if kernel == "ntk" else (kdd, ktd)
+    gr = g + np.diag(reg.numpy())
+    e = np.zeros((N, N)) if t is None or np.isinf(t) else scipy.linalg.expm(-gr * lr * t / N)
+    if kernel == "ntk":
+        b = gd @ np.linalg.solve(gr, np.eye(N) - e)
+        cov = ktt + b @ kdd @ b.T - (b @ ktd.T + ktd @ b.T)
+    else:
+        cov = ktt - ktd @ np.linalg.solve(gr, (np.eye(N) - e @ e) @ ktd.T)
+    kwargs = dict(t=t, learning_rate=lr, kernel=kernel, diag_reg=reg, diag_reg_absolute_scale=True)
+    np.testing.assert_allclose(predict.gradient_flow(net, x, y, xt, **kwargs).covariance.numpy(), cov,
+                               rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(predict.gradient_flow(net, x, y, xt, compute_cov="diag", **kwargs).variance.numpy(),
+                               np.diag(cov), rtol=1e-9, atol=1e-11)
+
+
 def test_agrees_with_gpytorch_fixed_noise_likelihood():
     """The same posterior from GPyTorch's exact GP with ``FixedNoiseGaussianLikelihood(σ²)``, its own
     solves (an independent implementation of the noise)."""
@@ -125,12 +153,42 @@ def test_evidence_and_leave_one_out_with_a_noise_per_point():
 
 
 def test_noise_per_point_given_as_a_list_or_array_or_float32_tensor():
+    """The same float64 values, bit for bit: a list, an array, and a float32 tensor (widened exactly:
+    its reference is the float64 tensor of its values)."""
     x, y, xt, noise = _data()
     net = _net()
     reference = predict.gp_posterior(net, x, y, xt, noise=noise).mean
-    for given in (noise.tolist(), noise.numpy(), noise.float()):
-        got = predict.gp_posterior(net, x, y, xt, noise=given).mean
-        torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-8)   # float32's rounding of σ²
+    for given in (noise.tolist(), noise.numpy()):
+        torch.testing.assert_close(predict.gp_posterior(net, x, y, xt, noise=given).mean, reference, rtol=0, atol=0)
+    torch.testing.assert_close(predict.gp_posterior(net, x, y, xt, noise=noise.float()).mean,
+                               predict.gp_posterior(net, x, y, xt, noise=noise.float().double()).mean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kernel", ["nngp", "ntk"])
+def test_noise_per_point_from_arrays_torch_cannot_wrap(kernel):
+    """Arrays that torch.as_tensor refuses or warns about hold the same values: reversed (negative
+    strides: "At least one stride in the given numpy array is negative"), big-endian ("byte order
+    different from the native"), read-only (np.broadcast_to's, pandas' under copy-on-write: a
+    UserWarning, "The given NumPy array is not writable")."""
+    x, y, xt, noise = _data()
+    net = _net()
+    flipped = noise.flip(0)
+    reference = predict.gp_posterior(net, x, y, xt, kernel=kernel, noise=flipped)
+    read_only = noise.numpy()[::-1].copy()
+    read_only.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # torch's "not writable" warning
+        for given in (noise.numpy()[::-1], noise.numpy()[::-1].astype(">f8"), read_only):
+            got = predict.gp_posterior(net, x, y, xt, kernel=kernel, noise=given)
+            torch.testing.assert_close(got.mean, reference.mean, rtol=0, atol=0)
+            torch.testing.assert_close(got.covariance, reference.covariance, rtol=0, atol=0)
+    # integer arrays (unsigned too, which torch before 2.3 did not wrap) and numbers in an object array
+    # (torch.as_tensor's "can't convert np.ndarray of type numpy.object_") hold their values
+    counts = torch.arange(1, N + 1, dtype=torch.float64)
+    for given in (counts.numpy().astype(np.int32), counts.numpy().astype(np.uint16), counts.numpy().astype(object)):
+        torch.testing.assert_close(predict.gp_posterior(net, x, y, xt, kernel=kernel, noise=given).mean,
+                                   predict.gp_posterior(net, x, y, xt, kernel=kernel, noise=counts).mean,
+                                   rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kernel", ["nngp", "ntkgp", "ntk"])
@@ -142,9 +200,11 @@ def test_bad_noise_per_point_is_refused_before_the_kernels(kernel, monkeypatch):
         raise AssertionError("the kernel was computed before the noise was checked")
 
     monkeypatch.setattr(net, "kernel", fail)
-    name = "diag_reg" if kernel == "ntk" else "noise"   # the converged ensemble's flow names it so
-    for bad, message in [(torch.ones(N + 1), rf"{name} must be a number or one value per training point, "
+    for bad, message in [(torch.ones(N + 1), rf"^noise must be a number or one value per training point, "
                                              rf"shape \({N},\), got shape \({N + 1},\)"),
+                         # the converged ensemble's flow named these "diag_reg", its own name for it
+                         (-1.0, r"^noise must be a finite non-negative number, got -1\.0\.$"),
+                         (float("nan"), r"^noise must be a finite non-negative number"),
                          (torch.ones(N, 1), r"got shape \(12, 1\)"),
                          (torch.cat([noise[:3], torch.tensor([-0.1], dtype=torch.float64), noise[4:]]),
                           "entry 3 is -0.1"),
@@ -152,7 +212,16 @@ def test_bad_noise_per_point_is_refused_before_the_kernels(kernel, monkeypatch):
                           f"entry {N - 1} is nan"),
                          (torch.ones(N, dtype=torch.complex64), "must be real"),
                          ([[0.1, 0.2]] * 6, r"got shape \(6, 2\)"),
-                         (["a"] * N, "one per training point")]:
+                         (["a"] * N, "one per training point"),
+                         # numpy parsed text, read booleans as 0/1 and None as NaN; torch refused an array of
+                         # text with a raw TypeError, numpy a list of tensors that require grad with a RuntimeError
+                         (["0.1"] * N, r"^noise must be numbers, one per training point, got text\.$"),
+                         (np.array(["0.1"] * N), "got text"),
+                         ([True] + [0.5] * (N - 1), "got booleans"),
+                         (np.ones(N, dtype=bool), "got booleans"),
+                         ([None] * N, "got values of numpy dtype object"),
+                         (np.array([0.1, "0.2"] * (N // 2), dtype=object), "got values of numpy dtype object"),
+                         ([torch.tensor(0.1, requires_grad=True)] * N, "^noise holds tensors that require grad")]:
         with pytest.raises(ValueError, match=message):
             predict.GPPosterior(net, x, y, kernel=kernel, noise=bad)
     with pytest.raises(ValueError, match="read as a number and gets no gradient"):
@@ -165,6 +234,7 @@ def test_the_noise_per_point_is_a_copy():
     x, y, _, noise = _data()
     kept = noise.clone()
     posts = [predict.GPPosterior(_net(), x, y, kernel=kernel, noise=noise) for kernel in ("nngp", "ntk")]
+    flow = predict.GradientFlow(_net(), x, y, diag_reg=noise)
     noise.mul_(10)
-    for post in posts:
-        torch.testing.assert_close(post.noise, kept, rtol=0, atol=0)
+    for held in [post.noise for post in posts] + [flow.diag_reg]:
+        torch.testing.assert_close(held, kept, rtol=0, atol=0)

@@ -166,6 +166,11 @@ def _documented_values():
         (ntkgp.Polynomial.__init__, "coefficients", torch.tensor([0.0, 1.0, 0.5])),
         (predict.gradient_descent, "t", np.array([1.0, 2.0])),
         (predict.gradient_descent, "steps", np.arange(3)),
+        # one noise (diag_reg) per training point, "an (N,) tensor, array or list"
+        (predict.gp_posterior, "noise", np.full(4, 0.1)),
+        (predict.GPPosterior.__init__, "noise", [0.1, 0.2]),
+        (predict.gradient_flow, "diag_reg", [0.1, 0.2]),
+        (predict.GradientFlow.__init__, "diag_reg", np.full(4, 0.1)),
     ]
 
 

@@ -804,16 +804,18 @@ def _width_metrics(width: int, h: EnsembleHistory, mu: torch.Tensor, var: torch.
     bias = scale[..., 0] * (((err / scale) ** 2 - (se / scale) ** 2).mean(-1)).clamp_min(0).sqrt()
     rmse = scale[..., 0] * ((err / scale) ** 2).mean(-1).sqrt()
     members = h.test_outputs[..., 0].double()                   # (T, E, M)
-    centred = members - members.mean(1, keepdim=True)
     # tr(Ĉ²) of the (M, M) sample covariance Ĉ = AᵀA/(E − 1), from the smaller of AᵀA and the members'
     # (E, E) Gram matrix A Aᵀ (equal traces of squares): 4000 test points needed 256 MB per step
-    # in units of a power of two near the largest deviation, by which scaling is exact: outputs beyond ~1e77
+    # in units of a power of two near the largest output, by which scaling is exact: outputs beyond ~1e77
     # (float64 targets of that size) made tr(Ĉ²) ~ outputs⁴ overflow, a noise level of inf (null in
-    # report.json) that the bias check then passed under whatever the bias
-    peak = centred.abs().amax((-2, -1))
+    # report.json) that the bias check then passed under whatever the bias. Scaled before centring, as
+    # the members' mean overflowed beyond ~1e308 / E, and by 2^(e − 1) for a largest output of m · 2^e
+    # (m in [0.5, 1)): 2^e is inf beyond 2^1023 ≈ 9e307 (either was a noise level of NaN)
+    peak = members.abs().amax((-2, -1))
     unit = torch.ldexp(torch.ones_like(peak),
-                       torch.where((peak > 0) & peak.isfinite(), torch.frexp(peak).exponent, 0))
-    centred = centred / unit[:, None, None]
+                       torch.where((peak > 0) & peak.isfinite(), torch.frexp(peak).exponent - 1, 0))
+    members = members / unit[:, None, None]
+    centred = members - members.mean(1, keepdim=True)
     gram = centred @ centred.mT if members.shape[1] < members.shape[2] else centred.mT @ centred
     trace_square = gram.square().sum((-2, -1)) / max(members.shape[1] - 1, 1) ** 2
     noise = unit * (2 * (2 * trace_square).sqrt() / (members.shape[2] * members.shape[1])).sqrt()

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ntkgp._autograd import outside_inference_mode
 from ntkgp._checks import NT_KERNEL_HINT, NT_TRACE_AXES_SPEC_HINT, check_flag, neural_tangents_keywords
-from ntkgp._typing import Steps, Times
+from ntkgp._typing import Diagonal, Steps, Times
 from ntkgp.layers.base import Layer
 from ntkgp.predict.gaussian import (
     Gaussian,
@@ -143,7 +143,7 @@ class GradientFlow:
     @neural_tangents_keywords(get=NT_KERNEL_HINT, trace_axes=NT_TRACE_AXES_SPEC_HINT)
     @outside_inference_mode
     def __init__(self, net: Layer, x_train: Tensor, y_train: Tensor, *, kernel: str = "ntk",
-                 learning_rate: float = 1.0, diag_reg: float | Tensor = 0.0, diag_reg_absolute_scale: bool = False,
+                 learning_rate: float = 1.0, diag_reg: Diagonal = 0.0, diag_reg_absolute_scale: bool = False,
                  factor_dtype: torch.dtype = torch.float64) -> None:
         if kernel not in KINDS:
             hints = {"ntkgp": " The NTK-GP posterior is GPPosterior(..., kernel='ntkgp').",
@@ -648,35 +648,35 @@ def subtract_gram_(k_tt: Tensor, w: Tensor, mode: str) -> Tensor:
 
 @overload
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
-                  learning_rate: float = 1.0, diag_reg: float | Tensor = 0.0, kernel: str = "ntk",
+                  learning_rate: float = 1.0, diag_reg: Diagonal = 0.0, kernel: str = "ntk",
                   compute_cov: Literal[True] = True, diag_reg_absolute_scale: bool = False,
                   steps: Steps = None, factor_dtype: torch.dtype = torch.float64) -> Gaussian[Tensor, Tensor]: ...
 
 
 @overload
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
-                  learning_rate: float = 1.0, diag_reg: float | Tensor = 0.0, kernel: str = "ntk", *,
+                  learning_rate: float = 1.0, diag_reg: Diagonal = 0.0, kernel: str = "ntk", *,
                   compute_cov: Literal["diag"], diag_reg_absolute_scale: bool = False,
                   steps: Steps = None, factor_dtype: torch.dtype = torch.float64) -> Gaussian[None, Tensor]: ...
 
 
 @overload
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
-                  learning_rate: float = 1.0, diag_reg: float | Tensor = 0.0, kernel: str = "ntk", *,
+                  learning_rate: float = 1.0, diag_reg: Diagonal = 0.0, kernel: str = "ntk", *,
                   compute_cov: Literal[False], diag_reg_absolute_scale: bool = False,
                   steps: Steps = None, factor_dtype: torch.dtype = torch.float64) -> Gaussian[None, None]: ...
 
 
 @overload
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
-                  learning_rate: float = 1.0, diag_reg: float | Tensor = 0.0, kernel: str = "ntk",
+                  learning_rate: float = 1.0, diag_reg: Diagonal = 0.0, kernel: str = "ntk",
                   compute_cov: bool | str = True, diag_reg_absolute_scale: bool = False,
                   steps: Steps = None, factor_dtype: torch.dtype = torch.float64) -> Gaussian: ...
 
 
 @neural_tangents_keywords(get=NT_KERNEL_HINT, trace_axes=NT_TRACE_AXES_SPEC_HINT)
 def gradient_flow(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None, t: Times = None,
-                  learning_rate: float = 1.0, diag_reg: float | Tensor = 0.0, kernel: str = "ntk",
+                  learning_rate: float = 1.0, diag_reg: Diagonal = 0.0, kernel: str = "ntk",
                   compute_cov: bool | str = True, diag_reg_absolute_scale: bool = False,
                   steps: Steps = None, factor_dtype: torch.dtype = torch.float64) -> Gaussian:
     """One-shot :class:`GradientFlow` prediction: with ``τ = η t / m``, for ``kernel="ntk"``

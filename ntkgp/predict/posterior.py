@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ntkgp._autograd import outside_inference_mode
 from ntkgp._checks import NT_TRACE_AXES_SPEC_HINT, neural_tangents_keywords
+from ntkgp._typing import Diagonal
 from ntkgp.layers.base import Layer
 from ntkgp.predict.gaussian import (
     Gaussian,
@@ -93,22 +94,23 @@ class GPPosterior:
     @neural_tangents_keywords(**PORTED_KEYWORDS)
     @outside_inference_mode
     def __init__(self, net: Layer, x_train: Tensor, y_train: Tensor, *, kernel: str = "nngp",
-                 noise: float | Tensor = 0.0, factor_dtype: torch.dtype = torch.float64) -> None:
+                 noise: Diagonal = 0.0, factor_dtype: torch.dtype = torch.float64) -> None:
         if kernel not in POSTERIORS:
             raise ValueError(f"kernel must be one of {POSTERIORS}, got {kernel!r}.")
         refuse_gradient(noise, "noise", " here (the kernels are computed without autograd): for a differentiable "
                         "posterior use ntkgp.models.NetworkGP; for its value pass noise.detach() (a fitted "
                         "NetworkGP's: model.likelihood.noise.detach()).")
         self.kind = kernel
-        if kernel == "ntk":   # its GradientFlow records the hyperparameters and checks them
-            self._flow = GradientFlow(net, x_train, y_train, kernel="ntk", diag_reg=noise,
-                                      diag_reg_absolute_scale=True, factor_dtype=factor_dtype)
-            self.noise = self._flow.diag_reg
-            return
         check_training_data(net, x_train, y_train)
-        self.net, self.x_train, self.dtype = net, x_train, x_train.dtype
         self.factor_dtype = check_factor_dtype(factor_dtype)
+        # here for "ntk" too, under the name it was passed as: its flow's check refused noise=-1 as
+        # "diag_reg must be a finite non-negative number"
         self.noise = check_diagonal("noise", noise, x_train.shape[0], x_train.device, self.factor_dtype)
+        if kernel == "ntk":   # its GradientFlow records the hyperparameters and checks them
+            self._flow = GradientFlow(net, x_train, y_train, kernel="ntk", diag_reg=self.noise,
+                                      diag_reg_absolute_scale=True, factor_dtype=factor_dtype)
+            return
+        self.net, self.x_train, self.dtype = net, x_train, x_train.dtype
         self._hyperparameters = HyperparameterRecord(net)
         self.vector_targets = y_train.dim() == 2
         self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).detach().to(factor_dtype, copy=True)
@@ -296,31 +298,31 @@ def _refuse_training_points(kind: str) -> NoReturn:
 
 @overload
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None, kernel: str = "nngp",
-                 noise: float | Tensor = 0.0, compute_cov: Literal[True] = True,
+                 noise: Diagonal = 0.0, compute_cov: Literal[True] = True,
                  factor_dtype: torch.dtype = torch.float64) -> Gaussian[Tensor, Tensor]: ...
 
 
 @overload
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None, kernel: str = "nngp",
-                 noise: float | Tensor = 0.0, *, compute_cov: Literal["diag"],
+                 noise: Diagonal = 0.0, *, compute_cov: Literal["diag"],
                  factor_dtype: torch.dtype = torch.float64) -> Gaussian[None, Tensor]: ...
 
 
 @overload
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None, kernel: str = "nngp",
-                 noise: float | Tensor = 0.0, *, compute_cov: Literal[False],
+                 noise: Diagonal = 0.0, *, compute_cov: Literal[False],
                  factor_dtype: torch.dtype = torch.float64) -> Gaussian[None, None]: ...
 
 
 @overload
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None, kernel: str = "nngp",
-                 noise: float | Tensor = 0.0, compute_cov: bool | str = True,
+                 noise: Diagonal = 0.0, compute_cov: bool | str = True,
                  factor_dtype: torch.dtype = torch.float64) -> Gaussian: ...
 
 
 @neural_tangents_keywords(**PORTED_KEYWORDS)
 def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | None, kernel: str = "nngp",
-                 noise: float | Tensor = 0.0, compute_cov: bool | str = True,
+                 noise: Diagonal = 0.0, compute_cov: bool | str = True,
                  factor_dtype: torch.dtype = torch.float64) -> Gaussian:
     """One-shot :class:`GPPosterior` prediction: for ``kernel="nngp"`` ``μ = K*d (K + σ²I)⁻¹ Y``,
     ``Σ = K** − K*d (K + σ²I)⁻¹ Kd*``, with ``σ² = noise`` (see there for ``"ntkgp"`` and ``"ntk"``:
