@@ -28,6 +28,24 @@ __all__ = ["NetworkGP", "exact_solves", "fit"]
 
 KERNELS = {"nngp": NNGPKernel, "ntk": NTKKernel}
 
+#: Why NetworkGP refuses NaN targets, which GPyTorch takes under ``observation_nan_policy("mask")``.
+MISSING_TARGETS_HINT = (
+    " For missing targets, drop their points (x[~y.isnan()], y[~y.isnan()]): GPyTorch's observation_nan_policy"
+    "('mask') leaves them out of the posterior mean but not out of its covariance, which still conditions on "
+    "their inputs (0.10 off the model without them, measured with GPyTorch 1.15), so NetworkGP does not take them.")
+
+
+def _non_finite_targets(name: str, targets: Tensor) -> ValueError:
+    """The error for targets with NaN or infinite values; NaN (a missing value) gets the advice to drop it."""
+    hint = MISSING_TARGETS_HINT if bool(targets.detach().isnan().any()) else ""
+    return ValueError(f"{name} contains NaN or infinite values.{hint}")
+
+
+def _nan_policy() -> str:
+    """GPyTorch's ``observation_nan_policy`` in force (``"ignore"`` before GPyTorch had one)."""
+    setting = getattr(gpytorch.settings, "observation_nan_policy", None)
+    return "ignore" if setting is None else str(setting.value())
+
 
 def exact_solves(model: gpytorch.models.GP) -> contextlib.AbstractContextManager:
     """GPyTorch's ``max_cholesky_size`` raised to ``model``'s number of training points (the
@@ -107,6 +125,9 @@ class NetworkGP(gpytorch.models.ExactGP):
     ``gpytorch.settings.detach_test_caches(False)``: by default GPyTorch caches the training
     solve without its graph (the mean's gradient then misses every path through it).
 
+    Missing targets (NaN) are refused, also under GPyTorch's ``observation_nan_policy("mask")``, which
+    leaves them out of the posterior mean but not out of its covariance: drop their points instead.
+
     Like BoTorch's models, the whole model takes the dtype and the device of ``train_x``,
     including a ``net`` or ``likelihood`` passed in (converted in place: give models of different
     dtypes or devices their own copies, ``copy.deepcopy(net)``). Variances keep their exact
@@ -163,8 +184,8 @@ class NetworkGP(gpytorch.models.ExactGP):
                              "convert with .float() or .double().")
         if not all_finite(train_y, "train_y"):
             # GPyTorch would take them: NaN predictions everywhere, and fit's "non-finite marginal
-            # likelihood" would not say why
-            raise ValueError("train_y contains NaN or infinite values.")
+            # likelihood" would not say why (under its "mask" policy, a covariance that ignores the mask)
+            raise _non_finite_targets("train_y", train_y)
         # N = 0 is the prior (a cold start); with vector targets GPyTorch cannot form it (a division by zero)
         if (train_y.dim() not in (1, 2) or train_y.shape[0] != train_x.shape[-2]
                 or (train_y.dim() == 2 and 0 in train_y.shape)):
@@ -252,7 +273,7 @@ class NetworkGP(gpytorch.models.ExactGP):
                 raise ValueError(f"targets must be a tensor, got {type(targets).__name__}.")
             if targets.is_floating_point():
                 if not all_finite(targets.detach()):
-                    raise ValueError("targets contains NaN or infinite values.")
+                    raise _non_finite_targets("targets", targets)
                 self._check_model_dtype(targets, "targets", model)
         super().set_train_data(inputs, targets, strict)
 
@@ -344,7 +365,7 @@ class NetworkGP(gpytorch.models.ExactGP):
             raise ValueError(f"targets must have shape (..., {points}), one per fantasy input, got "
                              f"{tuple(targets.shape)}.")
         if not all_finite(targets.detach()):
-            raise ValueError("targets contains NaN or infinite values.")
+            raise _non_finite_targets("targets", targets)
         targets = targets.to(self.train_targets.dtype)   # as train_y is converted when the model is built
         if self._drop_stale_prediction_strategy():   # GPyTorch fantasizes from the cached solve: rebuilt first
             with torch.no_grad():
@@ -447,6 +468,9 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     targets scaled by 1e6 ended 200 steps with the noise at 1.0 and a loss of 5.6e9 per entry
     where 13.5 was reachable.
 
+    NaN targets of a model of one's own are taken under GPyTorch's
+    ``observation_nan_policy("mask")`` (its marginal likelihood leaves them out), refused otherwise.
+
     Args:
         model: an ``ExactGP`` (e.g. :class:`NetworkGP`, or a BoTorch model; a batched model, such
             as a multi-output ``SingleTaskGP``, maximizes the mean of its batch's likelihoods).
@@ -505,9 +529,14 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     if model.train_targets is None or model.train_inputs is None or model.train_targets.numel() == 0:
         raise ValueError("The model has no training data to fit to.")
     # data set later (set_train_data) skip NetworkGP's checks: "non-finite marginal likelihood" did not say why
-    data = [model.train_targets, *(x for x in model.train_inputs if x.is_floating_point())]
+    # under GPyTorch's "mask" policy NaN targets are missing values, which its marginal likelihood leaves out
+    targets = model.train_targets.detach()
+    masked = _nan_policy() == "mask" and not isinstance(model, NetworkGP)
+    data = [targets.nan_to_num(0.0, posinf=math.inf, neginf=-math.inf) if masked else targets,
+            *(x for x in model.train_inputs if x.is_floating_point())]
     if not all(all_finite(value) for value in data):
-        raise ValueError("The model's training inputs or targets contain NaN or infinite values.")
+        hint = MISSING_TARGETS_HINT if isinstance(model, NetworkGP) and bool(targets.isnan().any()) else ""
+        raise ValueError(f"The model's training inputs or targets contain NaN or infinite values.{hint}")
     # set_train_data(..., strict=False) skips the length check too: torch's "The size of tensor a (5)
     # must match the size of tensor b (20)" came from inside GPyTorch. The targets hold the points
     # on their second last axis for a multitask likelihood ((N, k)), else on their last (batched

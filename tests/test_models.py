@@ -1360,3 +1360,68 @@ def test_fit_makes_the_optimizers_own_tensors_on_the_cpu_and_evaluates_the_model
     per_step = [set(part) for part in "".join(e[0] for e in evaluated).split("|")[:3]]
     assert all("m" in seen for seen in per_step), per_step      # m: meta, the caller's default device
     assert history == expected                                   # the same steps, bitwise, as under the CPU default
+
+
+def test_missing_targets_are_refused_with_the_advice_to_drop_their_points():
+    """NaN targets (missing values) are refused with advice: GPyTorch's observation_nan_policy("mask")
+    masks them out of the posterior mean only, its covariance still conditions on their inputs (0.10
+    off a model of the other points, measured below as > 1e-2), so NetworkGP does not take that policy's
+    route. Infinite targets get no such advice."""
+    x, y = _data(12)
+    y = y.double()
+    x = x.double()
+    missing = y.clone()
+    missing[3] = float("nan")
+    keep = ~missing.isnan()
+    with pytest.raises(ValueError, match=r"train_y contains NaN or infinite values\. For missing targets, drop "
+                                         r"their points \(x\[~y\.isnan\(\)\], y\[~y\.isnan\(\)\]\)"):
+        NetworkGP(x, missing, kernel="nngp", depth=2, activation="relu")
+    with pytest.raises(ValueError, match=r"train_y contains NaN or infinite values\.$"):
+        NetworkGP(x, torch.where(keep, y, torch.inf), kernel="nngp", depth=2, activation="relu")
+    model = NetworkGP(x, y, kernel="nngp", depth=2, activation="relu")
+    with pytest.raises(ValueError, match=r"^targets contains NaN .* drop their points"):
+        model.set_train_data(x, missing, strict=False)
+    with pytest.raises(ValueError, match=r"^targets contains NaN .* drop their points"):
+        model.eval().get_fantasy_model(x[:1] + 0.1, missing[3:4])
+    # the premise: GPyTorch's own ExactGP under the mask policy, the same kernel, against the other points
+    class Plain(gpytorch.models.ExactGP):
+        def forward(self, z):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(z), self.covar_module(z))
+
+    def plain(inputs, targets):
+        out = Plain(inputs, targets, gpytorch.likelihoods.GaussianLikelihood().double()).eval()
+        out.mean_module, out.covar_module = gpytorch.means.ZeroMean(), model.covar_module
+        return out
+
+    xt = x[:4] + 0.3
+    with torch.no_grad(), gpytorch.settings.observation_nan_policy("mask"):
+        masked, dropped = plain(x, missing)(xt), plain(x[keep], y[keep])(xt)
+    torch.testing.assert_close(masked.mean, dropped.mean, rtol=1e-9, atol=1e-12)
+    assert float((masked.covariance_matrix - dropped.covariance_matrix).abs().max()) > 1e-2
+
+
+def test_fit_takes_missing_targets_of_a_plain_exact_gp_under_the_mask_policy():
+    """ntkgp's fit refused a GPyTorch ExactGP's NaN targets even under observation_nan_policy("mask"),
+    whose marginal likelihood leaves them out: its objective (per target, all N counted) times N is the
+    other points' times their number; without the policy NaN is refused as before."""
+    x, y = _data(12)
+    x, y = x.double(), y.double()
+    missing = y.clone()
+    missing[[2, 7]] = float("nan")
+    keep = ~missing.isnan()
+    kernel = ntkgp.NNGPKernel(ntkgp.mlp(2, "erf"))
+
+    class Plain(gpytorch.models.ExactGP):
+        def __init__(self, inputs, targets):
+            super().__init__(inputs, targets, gpytorch.likelihoods.GaussianLikelihood().double())
+            self.mean_module, self.covar_module = gpytorch.means.ZeroMean(), kernel
+
+        def forward(self, z):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(z), self.covar_module(z))
+
+    with pytest.raises(ValueError, match="contain NaN or infinite values"):
+        fit(Plain(x, missing), steps=1, lr=0.0)
+    with gpytorch.settings.observation_nan_policy("mask"):
+        masked = fit(Plain(x, missing), steps=1, lr=0.0)
+    reference = fit(Plain(x[keep], y[keep]), steps=1, lr=0.0)
+    assert masked[0] * 12 == pytest.approx(reference[0] * 10, rel=1e-10)
