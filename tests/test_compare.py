@@ -47,6 +47,25 @@ def test_builtin_datasets():
     assert c.plot_coordinate.shape == (100,)
 
 
+def test_band_figures_of_2d_points_off_a_circle_are_drawn_against_the_index(tmp_path):
+    """2-D points were drawn against their angle atan2(x2, x1) wherever they lay: on a grid, points of
+    one angle and different radii fell on one abscissa (on this 5 × 5 grid the diagonals' points share
+    the angles ±π/4 and ±3π/4 in pairs). Off a circle the axis is the test point's index,
+    as for d ≥ 3, without training points; on the circle (the built-in dataset) the angle stays."""
+    grid = torch.stack(torch.meshgrid(torch.linspace(-1, 1, 5, dtype=torch.float64),
+                                      torch.linspace(-1, 1, 5, dtype=torch.float64), indexing="ij"), -1).reshape(-1, 2)
+    x_train = torch.tensor([[0.5, 0.5], [-1.0, 0.3], [0.2, -0.8]], dtype=torch.float64)
+    data = ntkgp.compare.Dataset("grid", x_train, torch.sin(x_train.sum(-1, keepdim=True)), grid)
+    config = CompareConfig(widths=(8, 16), ensemble_size=2, record_steps=(0, 2), divergence_check=False)
+    result = run_comparison(data, config)
+    assert result.plot_label == "test point index" and result.x_train_plot == []
+    assert result.plot_x == list(range(25))
+    circle = run_comparison(circle_dataset(), config)
+    assert circle.plot_label == "angle atan2(x₂, x₁)" and len(circle.x_train_plot) == 8
+    write_report(result, tmp_path / "grid")   # the figures draw without training points
+    assert (tmp_path / "grid" / "band_width16.png").stat().st_size > 0
+
+
 def test_file_datasets(tmp_path):
     table = np.column_stack([np.linspace(0, 1, 6), np.linspace(0, 1, 6) ** 2])
     np.savetxt(tmp_path / "d.csv", table, delimiter=",", header="x,y")
@@ -800,11 +819,11 @@ def test_variances_are_not_checked_where_no_ensemble_variance_could_fail():
 
 
 def test_band_figures_draw_training_points_only_on_an_input_axis(tmp_path):
-    """With d ≥ 3 the band figures' axis is the test point's index: training points drawn at their own
-    indices sat on unrelated test points."""
+    """With d ≥ 3 (and 2-D points off a circle, as these Gaussian ones) the band figures' axis is the test
+    point's index: training points drawn at their own indices sat on unrelated test points."""
     g = torch.Generator().manual_seed(0)
     cfg = CompareConfig(widths=(8,), ensemble_size=2, record_steps=(0, 2), probe_points=2, divergence_check=False)
-    for d, drawn in ((1, True), (2, True), (3, False)):
+    for d, drawn in ((1, True), (2, False), (3, False)):
         data = ntkgp.compare.Dataset("d", torch.randn(6, d, generator=g, dtype=torch.float64),
                                      torch.randn(6, 1, generator=g, dtype=torch.float64),
                                      torch.randn(9, d, generator=g, dtype=torch.float64))

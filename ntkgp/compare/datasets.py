@@ -71,19 +71,32 @@ class Dataset:
     @property
     def plot_coordinate(self) -> Tensor:
         """A 1-D coordinate of the test points for plots (the input, or the angle on a circle)."""
-        return plot_coordinate(self.x_test)
+        return plot_coordinate(self.x_test, on_a_circle(self.x_train, self.x_test))
 
 
-def plot_label(x: Tensor) -> str:
+def on_a_circle(*points: Tensor) -> bool:
+    """Whether ``(n, 2)`` point sets lie on one circle about the origin (norms within 1 % of each
+    other), where the angle orders the points; elsewhere points of one angle and different radii
+    (a grid) fell on one abscissa of the band figures."""
+    if any(x.shape[-1] != 2 for x in points):
+        return False
+    radii = torch.cat([x.norm(dim=-1) for x in points])
+    return radii.numel() > 0 and bool(radii.min() > 0) and bool(radii.max() <= 1.01 * radii.min())
+
+
+def plot_label(x: Tensor, circle: bool = True) -> str:
     """What :func:`plot_coordinate` of ``(n, d)`` points shows, for an axis label."""
+    if x.shape[-1] == 2 and not circle:
+        return "test point index"
     return {1: "x", 2: "angle atan2(x₂, x₁)"}.get(x.shape[-1], "test point index")
 
 
-def plot_coordinate(x: Tensor) -> Tensor:
-    """A 1-D coordinate of ``(n, d)`` points for plots: the input, the angle on a circle, or the index."""
+def plot_coordinate(x: Tensor, circle: bool = True) -> Tensor:
+    """A 1-D coordinate of ``(n, d)`` points for plots: the input, the angle of 2-D points on a circle
+    (``circle``: :func:`on_a_circle`), or the index."""
     if x.shape[-1] == 1:
         return x[:, 0]
-    if x.shape[-1] == 2:
+    if x.shape[-1] == 2 and circle:
         return torch.atan2(x[:, 1], x[:, 0])
     return torch.arange(x.shape[0], dtype=x.dtype, device=x.device)
 

@@ -48,7 +48,7 @@ import torch
 
 from ntkgp._checks import integer_at_least, seed_value
 from ntkgp.compare.calibration import MEAN_SLACK, perfect_ensemble_scores, pointwise_scores, simulated_share
-from ntkgp.compare.datasets import Dataset, load_dataset, plot_coordinate, plot_label
+from ntkgp.compare.datasets import Dataset, load_dataset, on_a_circle, plot_coordinate, plot_label
 from ntkgp.finite.rates import ntk_parameterized
 from ntkgp.finite.train import (
     EnsembleHistory,
@@ -613,16 +613,18 @@ def run_comparison(data: Dataset | str | os.PathLike, config: CompareConfig) -> 
                 raise
             warnings.warn(f"{stopped}; the result holds every width.", RuntimeWarning, stacklevel=2)
 
+    circle = on_a_circle(data.x_train, data.x_test)
     result = ComparisonResult(
         config=_settings(config), dataset=data.description or data.name, kernel=kernel, learning_rate=lr,
         max_learning_rate=max_lr, eigenvalues=flow.eigensystem.values.tolist(), steps=steps,
         times=[lr * s for s in steps], plot_x=data.plot_coordinate.tolist(),
-        # d ≥ 3: the band figures' axis is the test point's index, which no training point has
-        x_train_plot=plot_coordinate(data.x_train).tolist() if data.x_train.shape[-1] <= 2 else [],
+        # d ≥ 3 and 2-D points off a circle: the band figures' axis is the test point's index, which no
+        # training point has
+        x_train_plot=plot_coordinate(data.x_train).tolist() if data.x_train.shape[-1] == 1 or circle else [],
         y_train=data.y_train[:, 0].tolist(),
         analytic_mean=mu.tolist(), analytic_std=var.sqrt().tolist(), continuous_mean=analytic.continuous.tolist(),
         widths=results, slopes=slopes, divergence=divergence,
-        y_test=None if data.y_test is None else data.y_test[:, 0].tolist(), plot_label=plot_label(data.x_test),
+        y_test=None if data.y_test is None else data.y_test[:, 0].tolist(), plot_label=plot_label(data.x_test, circle),
         stopped=stopped, calibration=analytic.calibration, versions=_versions())
     result.checks = evaluate_checks(result)
     result.seconds = time.perf_counter() - start

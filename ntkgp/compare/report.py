@@ -301,7 +301,7 @@ def _draw_figures(r: ComparisonResult, out: pathlib.Path) -> list[str]:
             ax.plot(x[order], em + 2 * es, ":", color="C3", lw=1, label="ensemble ±2σ")
             if r.y_test is not None:
                 ax.plot(x[order], np.asarray(r.y_test)[order], color="0.4", lw=0.8, label="test targets")
-            if r.x_train_plot:   # empty where the axis is the test point index (d ≥ 3)
+            if r.x_train_plot:   # empty where the axis is the test point index (d ≥ 3, 2-D off a circle)
                 ax.scatter(r.x_train_plot, r.y_train, color="k", zorder=5, s=14, label="training data")
             ax.set_title(f"width {w.width}, step {r.steps[i]} (t = {r.times[i]:.3g})")
             ax.set_xlabel(r.plot_label)
