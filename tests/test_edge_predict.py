@@ -437,6 +437,34 @@ def test_float32_kernel_null_directions_use_float32_rounding():
         torch.testing.assert_close(test.double(), ref, rtol=0, atol=1e-5)
 
 
+def test_float32_kernel_cast_to_float64_by_its_caller_keeps_float32_rounding():
+    """The kernels of the test above cast to float64 before the call (``empirical_ntk(...).double()`` of a
+    float32 network): refused as asymmetric (a float32 ``j @ j.T`` is not exactly symmetric on every
+    BLAS, beyond float64's sqrt(ε)), and once symmetrized, as the refusal advised, their null
+    directions' float32 rounding was taken for real at float64's thresholds (outputs ~5 off). A float64
+    kernel whose every entry is a float32 number (not all whole) is read as the float32 kernel it was:
+    the same answer as given in float32, to float64 rounding; an integer kernel keeps float64's."""
+    g = torch.Generator().manual_seed(0)
+    j, js = torch.randn(40, 10, generator=g).float(), torch.randn(7, 10, generator=g).float()
+    y = torch.randn(40, generator=g).float()
+    k, ks = j @ j.T, js @ j.T
+    k = k.triu() + k.triu(1).mT   # exactly symmetric, whatever this machine's BLAS: the answer below is
+    jd, jsd = j.double(), js.double()
+    ref = (jsd @ jd.T) @ torch.linalg.pinv(jd @ jd.T, hermitian=True) @ y.double()
+    for t in (1e8, math.inf):
+        _, test = predict.gradient_descent_mse(k.double(), y.double(), fx_train_0=0.0, ntk_test_train=ks.double(),
+                                               fx_test_0=0.0, t=t)
+        torch.testing.assert_close(test, ref, rtol=0, atol=1e-5)
+    # asymmetric by float32 rounding, as a Gram matrix on some BLAS: taken (it was refused)
+    rounded = k.clone()
+    rounded[0, 1] = torch.nextafter(rounded[0, 1], torch.tensor(math.inf))
+    _, test = predict.gradient_descent_mse(rounded.double(), y.double(), fx_train_0=0.0,
+                                           ntk_test_train=ks.double(), fx_test_0=0.0, t=math.inf)
+    torch.testing.assert_close(test, ref, rtol=0, atol=1e-5)
+    assert predict.spectral.carried_dtype(torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64))) == torch.float64
+    assert predict.spectral.carried_dtype(k.double() + 1e-12) == torch.float64
+
+
 # the same at t = None: a singular float32 kernel (12 points, rank 11) whose null eigenvalue came
 # out +6.9e-7 passed the float64 pivot threshold (N·ε₆₄·max diag ≈ 4e-14) and returned test outputs
 # 0.25 off the pseudo-inverse answer; at float32's ε it is singular, and the error says why

@@ -29,6 +29,7 @@ from ntkgp.predict.gaussian import check_device, check_targets, kernel_matrix_er
 from ntkgp.predict.linearized import _check_kernel, _initial_outputs, check_full_kernel
 from ntkgp.predict.odeint import StepLimitError, integrate, rms_norm
 from ntkgp.predict.spectral import (
+    carried_dtype,
     check_semi_definite_by_cholesky,
     check_symmetric,
     flatten_full_kernel,
@@ -188,7 +189,8 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     # symmetric, as gradient_descent_mse's (eigh's convention), and a step along it keeps it a kernel
     kernel = kernel.to(dtype)
     kernel = (kernel + kernel.mT) / 2
-    check_semi_definite_by_cholesky(kernel, "ntk_train_train", ntk_train_train.dtype)
+    given = carried_dtype(ntk_train_train)   # float32 also for a float32 kernel its caller cast up
+    check_semi_definite_by_cholesky(kernel, "ntk_train_train", given)
     differentiable = torch.is_grad_enabled() and any(
         isinstance(v, Tensor) and v.requires_grad for v in (kernel, test_kernel, y, f0, fx_test_0))
     gradient = _loss_gradient(loss, y, f0, differentiable)
@@ -214,8 +216,8 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
         delta = _test_times(test_kernel, dual, fx_test_0.shape)
         # the kernels' rounding in dtype (or their own, if coarser) moves the test outputs as it moves
         # gradient_descent_mse's, through R: by about 2 ε max(d) ‖d ∘ R‖ (the test and the training kernel's)
-        rounding = max(rounding_eps(kernel, ntk_train_train.dtype),
-                       rounding_eps(test_kernel, cast(Tensor, ntk_test_train).dtype))
+        rounding = max(rounding_eps(kernel, given),
+                       rounding_eps(test_kernel, carried_dtype(cast(Tensor, ntk_test_train))))
         warn_if_imprecise(dual.reshape(len(duals), kernel.shape[1], -1), delta, kernel.diagonal(),
                           rounding, schedule, remedy=_IMPRECISE_REMEDY)
         test = fx_test_0 - delta

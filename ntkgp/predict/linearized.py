@@ -31,6 +31,7 @@ from ntkgp.predict.gaussian import (
 )
 from ntkgp.predict.spectral import (
     Eigensystem,
+    carried_dtype,
     check_semi_definite_by_cholesky,
     check_symmetric,
     cholesky,
@@ -110,7 +111,9 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
             requires grad gets its gradient).
         diag_reg_absolute_scale: make ``diag_reg`` an absolute variance instead.
         factor_dtype: dtype in which the kernel is factored (results come back in the dtype of
-            ``y_train``). A kernel given in a coarser dtype keeps its rounding: its null
+            ``y_train``). A kernel given in a coarser dtype (or in float64 with float32 numbers
+            only, not all whole: one cast up, :func:`~ntkgp.predict.spectral.carried_dtype`) keeps its
+            rounding: its null
             eigenvalues (``t = ∞``) and singular pivots (``t = None``) are judged at that dtype's
             ``ε`` (``N · ε · λ_max``), not at ``factor_dtype``'s, and a ``RuntimeWarning`` says
             where that rounding can move the test outputs by more than 1 % (docs/numerics.md,
@@ -157,14 +160,15 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
     # a float32 kernel cast to float64 keeps its float32 rounding: its null directions (duplicates, more
     # points than parameters) carry eigenvalues of either sign up to ~1e-7 λ_max, which a float64
     # threshold took for real ones and inverted (rank 10 of 40 points: test outputs 5.0 off at t = ∞)
+    given = carried_dtype(ntk_train_train)   # float32 also for a float32 kernel its caller cast up
     if schedule is None:
         # also for the training outputs: a singular kernel cannot fit Y
         try:
-            factor = cholesky(kernel, "training NTK", given=ntk_train_train.dtype)
+            factor = cholesky(kernel, "training NTK", given=given)
         except ValueError:
             # a matrix clearly not semi-definite (-Θ: eigenvalues -7.0 to -0.86) is no tangent kernel, as finite
             # times say; cholesky's reading of it as singular advised diag_reg=1e-6, which cannot help
-            check_semi_definite_by_cholesky(kernel.detach(), "ntk_train_train", ntk_train_train.dtype)
+            check_semi_definite_by_cholesky(kernel.detach(), "ntk_train_train", given)
             raise
         train = y.clone()
         test = None
@@ -172,13 +176,13 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
             assert isinstance(fx_test_0, Tensor)   # made a tensor with ntk_test_train above
             coef = cholesky_solve(-flat, factor)
             delta = ntk_test_train.to(factor_dtype) @ coef
-            warn_if_imprecise(coef, delta, kernel.diagonal(), rounding_eps(kernel, ntk_train_train.dtype),
+            warn_if_imprecise(coef, delta, kernel.diagonal(), rounding_eps(kernel, given),
                               factor_eps=torch.finfo(kernel.dtype).eps)
             test = fx_test_0.to(factor_dtype) + delta.reshape(fx_test_0.shape)
     else:
         # the eigenvectors carry no graph: autograd through eigh divides by eigenvalue gaps (NaN for
         # repeated ones); matrix_function_product differentiates the matrix functions instead
-        eig = Eigensystem.of(kernel.detach(), check_as=("ntk_train_train", ntk_train_train.dtype))
+        eig = Eigensystem.of(kernel.detach(), check_as=("ntk_train_train", given))
         if schedule.discrete:
             warn_if_unstable(schedule.learning_rate, stability_limit(float(eig.values.max()), y_train.numel()),
                              factor_dtype, out_dtype, covariance=False)   # one network: no covariance
@@ -188,7 +192,7 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
         delta = matrix_function_product(kernel, eig, schedule, 1, slopes[0], flat)
         # Vᵀ y and the regularity test (a factorization, made when a warning needs it), once for the
         # warnings of both the training and the test outputs
-        regular = functools.cache(lambda: is_regular(kernel, ntk_train_train.dtype))
+        regular = functools.cache(lambda: is_regular(kernel, given))
         with torch.no_grad():
             right = eig.vectors.mT @ flat
             warn_if_unresolved(None, right, delta, schedule, eig, regular)

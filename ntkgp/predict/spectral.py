@@ -58,6 +58,30 @@ def regularize(k: Tensor, diag_reg: float | Tensor, absolute: bool = False, copy
     return out
 
 
+#: Entries per pass of :func:`carried_dtype`'s scan (32 MiB of float64 with its float32 round trip).
+_CARRIED_BLOCK = 1 << 22
+
+
+def carried_dtype(k: Tensor) -> torch.dtype:
+    """The dtype whose rounding the entries of ``k`` carry: float32 for a float64 tensor whose every entry
+    is a float32 number, not all of them whole (a float32 kernel cast up by its caller, as
+    ``empirical_ntk(model, x).double()`` of a float32 network), else ``k.dtype``.
+
+    Given as float32, such a kernel is factored in float64 with float32's thresholds (:func:`rounding_eps`);
+    cast up first, it took float64's, which read the float32 rounding in its null directions as real
+    eigenvalues and inverted them (rank 10 of 40 points: outputs 5.0 off at ``t = ∞``). Whole numbers
+    alone (``diag(1, 4)``) are exact float64 kernels too, and keep float64's."""
+    if k.dtype != torch.float64 or not k.numel():
+        return k.dtype
+    flat, fractional = k.detach().reshape(-1), False
+    for start in range(0, flat.numel(), _CARRIED_BLOCK):
+        block = flat[start:start + _CARRIED_BLOCK]
+        if not torch.equal(block.float().double(), block):
+            return k.dtype
+        fractional = fractional or not torch.equal(block.round(), block)
+    return torch.float32 if fractional else k.dtype
+
+
 def rounding_eps(k: Tensor, given: torch.dtype | None = None) -> float:
     """Relative rounding level of the entries of ``k``: ``ε`` of its dtype, or of ``given`` (the
     dtype the matrix came in before it was cast up for factoring) when that is coarser. A float32
@@ -739,7 +763,9 @@ def check_symmetric(k: Tensor, name: str, scale: float = 0.0, full: bool = False
     transpose, written = (k.permute(1, 0, 3, 2), "k.permute(1, 0, 3, 2)") if full else (k.mT, "k.mT")
     # largest magnitudes from aminmax: .abs() would add an N × N copy to each operand
     scale, asymmetry = max(_largest_magnitude(k), scale), _largest_magnitude(k - transpose)
-    if asymmetry > torch.finfo(k.dtype).eps ** 0.5 * scale:
+    # a float32 kernel cast up carries float32's rounding (2.4e-7 apart on some BLAS): judged by it
+    if asymmetry > torch.finfo(k.dtype).eps ** 0.5 * scale and (
+            asymmetry > torch.finfo(carried_dtype(k)).eps ** 0.5 * scale):
         raise ValueError(f"{name} must be symmetric: it differs from its transpose by {asymmetry:.3g} "
                          f"(scale {scale:.3g}); if that is rounding (a kernel computed in a lower precision, "
                          f"then cast), pass (k + {written}) / 2.")
