@@ -1378,6 +1378,30 @@ def test_second_derivatives_at_tied_eigenvalues_keep_eigh_where_the_exact_form_d
                                                          create_graph=True)
 
 
+def test_step_count_gradients_between_the_contraction_and_the_stability_limits():
+    """Where ``1 < ηλ/m < 2`` (stable, oscillating) the base ``b = 1 − ηλ/m`` of ``b^s`` is negative, and the
+    gradient with respect to a step count that requires grad was NaN (torch.pow's ``b^s log b``). For whole
+    ``s`` the real continuation is ``(−1)^s |b|^s``, the sign constant in ``s``: ``d/ds = b^s log|b|``, here
+    against the closed form on a diagonal kernel (``f_s = (1 − b^s) y`` per direction)."""
+    lam = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    y = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    b = 1 - lam / 2                                       # learning rate 1, m = 2: b = 0.5 and -0.5
+    for s in (3.0, 4.0):
+        steps = torch.tensor([s], dtype=torch.float64, requires_grad=True)
+        out = predict.gradient_descent_mse(torch.diag(lam), y, fx_train_0=0.0, steps=steps, learning_rate=1.0)
+        torch.testing.assert_close(out[0], (1 - b ** s) * y, rtol=1e-14, atol=0)
+        grad = torch.autograd.grad(out.sum(), steps)[0]
+        expected = -(b ** s * torch.log(b.abs()) * y).sum()
+        torch.testing.assert_close(grad[0], expected, rtol=1e-12, atol=0)
+    # the ensemble's flow takes the same functions: its mean's step gradient is finite too
+    x = _x(4, 2)
+    flow = predict.GradientFlow(NET, x, torch.sin(x.sum(-1)), learning_rate=1.0)
+    flow = predict.GradientFlow(NET, x, torch.sin(x.sum(-1)), learning_rate=0.9 * flow.max_learning_rate)
+    steps = torch.tensor([3.0], dtype=torch.float64, requires_grad=True)
+    grad = torch.autograd.grad(flow.predict(x[:2], steps=steps).mean.sum(), steps)[0]
+    assert bool(torch.isfinite(grad).all())
+
+
 def test_gradient_descent_mse_absolute_diag_reg_matches_the_regularized_closed_form():
     """diag_reg_absolute_scale=True adds r·I, not r·trace/N·I (no test set it before: reading it as
     relative went unnoticed). The kernel's trace/N is 0.84, so the two differ."""

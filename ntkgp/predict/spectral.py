@@ -283,7 +283,14 @@ class Schedule:
             a = rate * lam                                        # per-step contraction ηλ/m
             stable = a < 1
             exponent = times * torch.log1p(-torch.where(stable, a, torch.zeros_like(a)))
-            decay_big = torch.pow(1 - a, times)
+            # (1 − a)^s beyond the limit: a negative base (1 < a < 2, still stable) to a whole power is
+            # (−1)^s |1 − a|^s, the sign held constant in s; torch.pow's gradient in s, b^s log b, was NaN
+            # there for step counts that require grad
+            base = 1 - a
+            negative = base < 0
+            sign = torch.where(negative & (times.detach().remainder(2) == 1), -1.0, 1.0)
+            decay_big = torch.where(negative, sign * torch.pow(torch.where(negative, -base, 1.0), times),
+                                    torch.pow(torch.where(negative, 1.0, base), times))
             decay = torch.where(stable, torch.exp(exponent), decay_big)
             growth = torch.where(stable, -torch.expm1(exponent), 1 - decay_big)
         # at λ = 0 the flow is its limit τ (s steps: s·η/m), not 0/0
