@@ -30,15 +30,27 @@ KERNELS = {"nngp": NNGPKernel, "ntk": NTKKernel}
 
 #: Why NetworkGP refuses NaN targets, which GPyTorch takes under ``observation_nan_policy("mask")``.
 MISSING_TARGETS_HINT = (
-    " For missing targets, drop their points (x[~y.isnan()], y[~y.isnan()]): GPyTorch's observation_nan_policy"
+    " For missing targets, drop their points ({drop}): GPyTorch's observation_nan_policy"
     "('mask') leaves them out of the posterior mean but not out of its covariance, which still conditions on "
     "their inputs (0.10 off the model without them, measured with GPyTorch 1.15), so NetworkGP does not take them.")
 
 
-def _non_finite_targets(name: str, targets: Tensor) -> ValueError:
+def _missing_targets_hint(targets: Tensor, vector: bool) -> str:
+    """:data:`MISSING_TARGETS_HINT` for ``targets`` with NaN, with the points to keep for their shape: ``(N,)``,
+    ``(N, k)`` (``vector``: a point goes with any of its outputs) or a batch ``(..., N)``; ``""`` without NaN."""
+    missing = targets.detach().isnan()
+    if not bool(missing.any()):
+        return ""
+    # a mask of y's shape picked single entries of x for (N, k) targets: a flat tensor, or an IndexError
+    drop = ("x[~y.isnan()], y[~y.isnan()]" if targets.dim() == 1 else
+            "keep = ~y.isnan().any(-1); x[keep], y[keep]" if vector else
+            "keep = ~y.isnan().flatten(0, -2).any(0); x[keep], y[..., keep]")
+    return MISSING_TARGETS_HINT.format(drop=drop)
+
+
+def _non_finite_targets(name: str, targets: Tensor, vector: bool = False) -> ValueError:
     """The error for targets with NaN or infinite values; NaN (a missing value) gets the advice to drop it."""
-    hint = MISSING_TARGETS_HINT if bool(targets.detach().isnan().any()) else ""
-    return ValueError(f"{name} contains NaN or infinite values.{hint}")
+    return ValueError(f"{name} contains NaN or infinite values.{_missing_targets_hint(targets, vector)}")
 
 
 def _nan_policy() -> str:
@@ -185,7 +197,7 @@ class NetworkGP(gpytorch.models.ExactGP):
         if not all_finite(train_y, "train_y"):
             # GPyTorch would take them: NaN predictions everywhere, and fit's "non-finite marginal
             # likelihood" would not say why (under its "mask" policy, a covariance that ignores the mask)
-            raise _non_finite_targets("train_y", train_y)
+            raise _non_finite_targets("train_y", train_y, vector=train_y.dim() == 2)
         # N = 0 is the prior (a cold start); with vector targets GPyTorch cannot form it (a division by zero)
         if (train_y.dim() not in (1, 2) or train_y.shape[0] != train_x.shape[-2]
                 or (train_y.dim() == 2 and 0 in train_y.shape)):
@@ -273,7 +285,7 @@ class NetworkGP(gpytorch.models.ExactGP):
                 raise ValueError(f"targets must be a tensor, got {type(targets).__name__}.")
             if targets.is_floating_point():
                 if not all_finite(targets.detach()):
-                    raise _non_finite_targets("targets", targets)
+                    raise _non_finite_targets("targets", targets, self.vector_targets)
                 self._check_model_dtype(targets, "targets", model)
         super().set_train_data(inputs, targets, strict)
 
@@ -469,7 +481,8 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     where 13.5 was reachable.
 
     NaN targets of a model of one's own are taken under GPyTorch's
-    ``observation_nan_policy("mask")`` (its marginal likelihood leaves them out), refused otherwise.
+    ``observation_nan_policy("mask")`` (its marginal likelihood leaves them out; all of them missing
+    leave no data, refused as none is), refused otherwise.
 
     Args:
         model: an ``ExactGP`` (e.g. :class:`NetworkGP`, or a BoTorch model; a batched model, such
@@ -535,8 +548,17 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     data = [targets.nan_to_num(0.0, posinf=math.inf, neginf=-math.inf) if masked else targets,
             *(x for x in model.train_inputs if x.is_floating_point())]
     if not all(all_finite(value) for value in data):
-        hint = MISSING_TARGETS_HINT if isinstance(model, NetworkGP) and bool(targets.isnan().any()) else ""
+        hint = _missing_targets_hint(targets, model.vector_targets) if isinstance(model, NetworkGP) else ""
         raise ValueError(f"The model's training inputs or targets contain NaN or infinite values.{hint}")
+    if masked:
+        # all of them missing: the masked likelihood is 0 at any hyperparameters, and 200 steps returned a
+        # history of -0.0 with nothing moved. GPyTorch masks an output (an (N, k) entry of a multitask
+        # model's) missing in any batch member in all of them
+        event = 2 if getattr(model.likelihood, "num_tasks", None) is not None and targets.dim() >= 2 else 1
+        if not bool((~targets.isnan()).reshape(-1, *targets.shape[targets.dim() - event:]).all(0).any()):
+            raise ValueError("The model has no training data to fit to: every target is missing (NaN), which "
+                             "GPyTorch's observation_nan_policy('mask') leaves out (for a batched model, an output "
+                             "missing in one batch member in all of them).")
     # set_train_data(..., strict=False) skips the length check too: torch's "The size of tensor a (5)
     # must match the size of tensor b (20)" came from inside GPyTorch. The targets hold the points
     # on their second last axis for a multitask likelihood ((N, k)), else on their last (batched

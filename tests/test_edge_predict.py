@@ -463,6 +463,32 @@ def test_float32_kernel_cast_to_float64_by_its_caller_keeps_float32_rounding():
     torch.testing.assert_close(test, ref, rtol=0, atol=1e-5)
     assert predict.spectral.carried_dtype(torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64))) == torch.float64
     assert predict.spectral.carried_dtype(k.double() + 1e-12) == torch.float64
+    # max_learning_rate judges it as they do: its null eigenvalues, -2.2e-6 of 83, refused it as not semi-definite
+    assert predict.max_learning_rate(rounded.double()) == predict.max_learning_rate(rounded)
+
+
+def test_exact_dyadic_float64_kernel_keeps_float64_rounding():
+    """A float64 kernel of float32 numbers is not always a float32 kernel cast up: the linear kernel (bias 1)
+    of the inputs (1, 0), (1, 2⁻¹¹), (0, 1) is exact in float64 (cond 1.6e8) and its entries are float32
+    numbers, 1.5, 1.5 + 2⁻²³, 1 + 2⁻¹², but with few bits: the last 4 bits of float32's significand are zero
+    in 8 of 9 (float32 rounding leaves them zero in 1 of 16). Read as float32, it was refused as singular at
+    t = None ("compute it in float64"), and its smallest direction, 6.2e-9 of λ_max, was left untrained at
+    t = ∞ (test outputs 0.50 off the exact answer, without a warning). Now float64's rounding, as before it
+    was read as float32: 1.3e-8 and 3.0e-8 off, within cond · ε₆₄ ~ 4e-8 of its size-1 targets; 1e-6 allowed.
+    A linear model's NTK of inputs in steps of 1/8 (x xᵀ + 1, all its significands' last 4 bits zero) too."""
+    net = ntkgp.serial(ntkgp.Dense(1, 1.0, 1.0))
+    x = torch.tensor([[1.0, 0.0], [1.0, 2.0 ** -11], [0.0, 1.0]], dtype=torch.float64)
+    x_test = torch.tensor([[1.0, 2.0 ** -12], [0.5, 0.5]], dtype=torch.float64)
+    k, ks = net.kernel(x).ntk.detach(), net.kernel(x_test, x).ntk.detach()
+    assert bool((k.float().double() == k).all())   # every entry a float32 number, not all whole
+    y = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    ref = ks @ torch.linalg.solve(k, y)
+    for t in (None, math.inf):
+        _, test = predict.gradient_descent_mse(k, y, ntk_test_train=ks, fx_test_0=0.0, t=t)
+        torch.testing.assert_close(test, ref, rtol=0, atol=1e-6)
+    assert predict.spectral.carried_dtype(k) == torch.float64
+    dyadic = torch.arange(-8, 8, dtype=torch.float64).reshape(4, 4) / 8
+    assert predict.spectral.carried_dtype(dyadic @ dyadic.T + 1) == torch.float64
 
 
 # the same at t = None: a singular float32 kernel (12 points, rank 11) whose null eigenvalue came

@@ -1425,3 +1425,59 @@ def test_fit_takes_missing_targets_of_a_plain_exact_gp_under_the_mask_policy():
         masked = fit(Plain(x, missing), steps=1, lr=0.0)
     reference = fit(Plain(x[keep], y[keep]), steps=1, lr=0.0)
     assert masked[0] * 12 == pytest.approx(reference[0] * 10, rel=1e-10)
+
+
+def test_missing_targets_advice_keeps_whole_points_of_vector_and_batched_targets():
+    """The advice to drop NaN targets' points read x[~y.isnan()] for every shape: for (N, k) targets a mask of
+    y's shape picks single entries of x (an IndexError for d != k; for d == k a flat tensor of the other
+    entries, refused as train_x). A point goes with any of its outputs missing, and a batch of fantasies
+    (b, M) keeps the points none of its members misses: the advice given is taken as written."""
+    x, y = _data(10, k=2)
+    x, y = x.double(), y.double()
+    y[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"drop their points \(keep = ~y\.isnan\(\)\.any\(-1\); "
+                                         r"x\[keep\], y\[keep\]\)"):
+        NetworkGP(x, y, kernel="nngp", depth=2, activation="relu")
+    keep = ~y.isnan().any(-1)
+    model = NetworkGP(x[keep], y[keep], kernel="nngp", depth=2, activation="relu")
+    assert model.train_targets.shape == (9, 2)
+    with pytest.raises(ValueError, match=r"keep = ~y\.isnan\(\)\.any\(-1\)"):
+        model.set_train_data(x, y, strict=False)
+    x, y = _data(8)
+    x, y = x.double(), y.double()
+    model = NetworkGP(x, y, kernel="nngp", depth=2, activation="relu").eval()
+    with torch.no_grad():
+        model(x[:1])   # GPyTorch fantasizes from a prediction's caches
+    x_new, y_new = x[:3] + 0.1, torch.stack([y[:3], y[:3] + 1])
+    y_new[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"drop their points \(keep = ~y\.isnan\(\)\.flatten\(0, -2\)\.any\(0\); "
+                                         r"x\[keep\], y\[\.\.\., keep\]\)"):
+        model.get_fantasy_model(x_new, y_new)
+    keep = ~y_new.isnan().flatten(0, -2).any(0)
+    assert model.get_fantasy_model(x_new[keep], y_new[..., keep]).train_targets.shape == (2, 10)
+
+
+def test_fit_refuses_targets_that_are_all_missing_under_the_mask_policy():
+    """Under observation_nan_policy("mask") targets all NaN (or each missing in some member of a batched model,
+    which GPyTorch masks in all of them) leave no data: the masked marginal likelihood is 0 at any
+    hyperparameters, and fit returned a history of -0.0 with nothing moved. Refused as the empty data set is."""
+    x, y = _data(6)
+    x, y = x.double(), y.double()
+
+    class Plain(gpytorch.models.ExactGP):
+        def __init__(self, targets, batch=torch.Size()):
+            super().__init__(x, targets, gpytorch.likelihoods.GaussianLikelihood(batch_shape=batch).double())
+            self.mean_module = gpytorch.means.ZeroMean(batch_shape=batch)
+            self.covar_module = gpytorch.kernels.RBFKernel(batch_shape=batch).double()
+
+        def forward(self, z):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(z), self.covar_module(z))
+
+    batched = torch.stack([y, y]).clone()
+    batched[0, :3], batched[1, 3:] = float("nan"), float("nan")
+    with gpytorch.settings.observation_nan_policy("mask"):
+        for model in (Plain(torch.full_like(y, float("nan"))), Plain(batched, torch.Size([2]))):
+            with pytest.raises(ValueError, match="no training data to fit to: every target is missing"):
+                fit(model, steps=2)
+        batched[1, 3] = 1.0   # one point observed in both members: fitted
+        assert len(fit(Plain(batched, torch.Size([2])), steps=2)) == 2

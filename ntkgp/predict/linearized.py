@@ -111,9 +111,8 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
             requires grad gets its gradient).
         diag_reg_absolute_scale: make ``diag_reg`` an absolute variance instead.
         factor_dtype: dtype in which the kernel is factored (results come back in the dtype of
-            ``y_train``). A kernel given in a coarser dtype (or in float64 with float32 numbers
-            only, not all whole: one cast up, :func:`~ntkgp.predict.spectral.carried_dtype`) keeps its
-            rounding: its null
+            ``y_train``). A kernel given in a coarser dtype (or a float32 kernel cast up to float64,
+            as :func:`~ntkgp.predict.spectral.carried_dtype` recognizes it) keeps its rounding: its null
             eigenvalues (``t = ∞``) and singular pivots (``t = None``) are judged at that dtype's
             ``ε`` (``N · ε · λ_max``), not at ``factor_dtype``'s, and a ``RuntimeWarning`` says
             where that rounding can move the test outputs by more than 1 % (docs/numerics.md,
