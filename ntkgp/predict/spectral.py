@@ -295,9 +295,9 @@ class Schedule:
             a = rate * lam                                        # per-step contraction ηλ/m
             stable = a < 1
             exponent = times * torch.log1p(-torch.where(stable, a, torch.zeros_like(a)))
-            # (1 − a)^s beyond the limit: a negative base (1 < a < 2, still stable) to a whole power is
-            # (−1)^s |1 − a|^s, the sign held constant in s; torch.pow's gradient in s, b^s log b, was NaN
-            # there for step counts that require grad
+            # (1 − a)^s for a ≥ 1: a negative base (a > 1: oscillating below the limit a = 2, diverging above)
+            # to a whole power is (−1)^s |1 − a|^s, the sign held constant in s; torch.pow's gradient in s,
+            # b^s log b, was NaN there for step counts that require grad
             base = 1 - a
             negative = base < 0
             sign = torch.where(negative & (times.detach().remainder(2) == 1), -1.0, 1.0)
