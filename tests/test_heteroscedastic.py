@@ -212,15 +212,16 @@ def test_bad_noise_per_point_is_refused_before_the_kernels(kernel, monkeypatch):
                           f"entry {N - 1} is nan"),
                          (torch.ones(N, dtype=torch.complex64), "must be real"),
                          ([[0.1, 0.2]] * 6, r"got shape \(6, 2\)"),
-                         (["a"] * N, "one per training point"),
                          # numpy parsed text, read booleans as 0/1 and None as NaN; torch refused an array of
                          # text with a raw TypeError, numpy a list of tensors that require grad with a RuntimeError
-                         (["0.1"] * N, r"^noise must be numbers, one per training point, got text\.$"),
+                         (["a"] * N, r"^noise must be numeric, got text \(list\)"),
+                         (["0.1"] * N, r"^noise must be numeric, got text \(list\)\.$"),
                          (np.array(["0.1"] * N), "got text"),
                          ([True] + [0.5] * (N - 1), "got booleans"),
                          (np.ones(N, dtype=bool), "got booleans"),
-                         ([None] * N, "got values of numpy dtype object"),
-                         (np.array([0.1, "0.2"] * (N // 2), dtype=object), "got values of numpy dtype object"),
+                         ([None] * N, "got None"),
+                         (np.array([0.1, "0.2"] * (N // 2), dtype=object), "got text"),
+                         ([0.1] * (N - 1) + [float("inf")], "^noise contains NaN or infinite values"),
                          ([torch.tensor(0.1, requires_grad=True)] * N, "^noise holds tensors that require grad")]:
         with pytest.raises(ValueError, match=message):
             predict.GPPosterior(net, x, y, kernel=kernel, noise=bad)

@@ -84,19 +84,19 @@ def on_a_circle(*points: Tensor) -> bool:
     return radii.numel() > 0 and bool(radii.min() > 0) and bool(radii.max() <= 1.01 * radii.min())
 
 
-def plot_label(x: Tensor, circle: bool = True) -> str:
+def plot_label(x: Tensor, circle: bool | None = None) -> str:
     """What :func:`plot_coordinate` of ``(n, d)`` points shows, for an axis label."""
-    if x.shape[-1] == 2 and not circle:
-        return "test point index"
-    return {1: "x", 2: "angle atan2(x₂, x₁)"}.get(x.shape[-1], "test point index")
+    if x.shape[-1] == 2 and (on_a_circle(x) if circle is None else circle):
+        return "angle atan2(x₂, x₁)"
+    return "x" if x.shape[-1] == 1 else "test point index"
 
 
-def plot_coordinate(x: Tensor, circle: bool = True) -> Tensor:
+def plot_coordinate(x: Tensor, circle: bool | None = None) -> Tensor:
     """A 1-D coordinate of ``(n, d)`` points for plots: the input, the angle of 2-D points on a circle
-    (``circle``: :func:`on_a_circle`), or the index."""
+    (``circle``; ``None``: :func:`on_a_circle` of ``x``), or the index."""
     if x.shape[-1] == 1:
         return x[:, 0]
-    if x.shape[-1] == 2 and circle:
+    if x.shape[-1] == 2 and (on_a_circle(x) if circle is None else circle):
         return torch.atan2(x[:, 1], x[:, 0])
     return torch.arange(x.shape[0], dtype=x.dtype, device=x.device)
 

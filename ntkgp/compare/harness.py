@@ -617,10 +617,10 @@ def run_comparison(data: Dataset | str | os.PathLike, config: CompareConfig) -> 
     result = ComparisonResult(
         config=_settings(config), dataset=data.description or data.name, kernel=kernel, learning_rate=lr,
         max_learning_rate=max_lr, eigenvalues=flow.eigensystem.values.tolist(), steps=steps,
-        times=[lr * s for s in steps], plot_x=data.plot_coordinate.tolist(),
+        times=[lr * s for s in steps], plot_x=plot_coordinate(data.x_test, circle).tolist(),
         # d ≥ 3 and 2-D points off a circle: the band figures' axis is the test point's index, which no
         # training point has
-        x_train_plot=plot_coordinate(data.x_train).tolist() if data.x_train.shape[-1] == 1 or circle else [],
+        x_train_plot=plot_coordinate(data.x_train, circle).tolist() if data.x_train.shape[-1] == 1 or circle else [],
         y_train=data.y_train[:, 0].tolist(),
         analytic_mean=mu.tolist(), analytic_std=var.sqrt().tolist(), continuous_mean=analytic.continuous.tolist(),
         widths=results, slopes=slopes, divergence=divergence,

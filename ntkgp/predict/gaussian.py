@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,8 +13,9 @@ import torch
 from torch import Tensor
 from typing_extensions import TypeVar  # default= (PEP 696) before Python 3.13
 
-from ntkgp._checks import check_flag, holds_a_boolean
+from ntkgp._checks import check_flag
 from ntkgp._typing import Diagonal
+from ntkgp.bayes._arrays import finite
 from ntkgp.layers.base import Layer, NonFiniteKernelError, variance_batch_shapes
 from ntkgp.layers.state import KernelState
 from ntkgp.layers.validation import all_finite, check_points, finite_number, refuse_meta
@@ -362,30 +362,11 @@ def check_diagonal(name: str, value: Diagonal, n: int, device: torch.device,
         isinstance(value, np.ndarray) and value.size > 1)
     if not many:   # a number, or a one-element tensor or array (finite_number reads those)
         return check_non_negative(name, cast(float | Tensor, value))
-    if isinstance(value, list | tuple | np.ndarray):   # a nested list is refused by the shape below
-        try:
-            array = np.asarray(value)
-        except RuntimeError:   # numpy reading tensors that require grad: torch's .numpy() refuses
-            raise ValueError(f"{name} holds tensors that require grad, read as numbers (no gradient): detach "
-                             "them.") from None
-        except (TypeError, ValueError):   # ragged
-            raise ValueError(f"{name} must be a finite non-negative number or one per training point, "
-                             f"shape ({n},), got {value!r}.") from None
-        # text, booleans and None are no variances (refused as single values): converted to float64,
-        # ["0.1"] was parsed as 0.1, [True, 0.5] read as [1, 0.5] and None as NaN, and an array of text
-        # failed in torch.as_tensor with a raw TypeError
-        booleans = holds_a_boolean(value)
-        if array.dtype.kind == "O" and not booleans and all(isinstance(v, numbers.Real) for v in array.flat):
-            array = array.astype(np.float64)   # numbers in an object array, or Python ints beyond int64
-        if booleans or array.dtype.kind not in "iufc":
-            what = ("booleans" if booleans else "text" if array.dtype.kind in "US"
-                    else f"values of numpy dtype {array.dtype} (None or other non-numbers)")
-            raise ValueError(f"{name} must be numbers, one per training point, got {what}.")
-        # a native-order, writable and contiguous copy: torch refuses an array with negative strides
-        # (noise[::-1]) or of the other byte order, and warns for a read-only one (np.broadcast_to's, or
-        # pandas' to_numpy() under copy-on-write); integers as float64 (torch < 2.3 has no uint16 to 64)
-        native = np.float64 if array.dtype.kind in "iu" else array.dtype.newbyteorder("=")
-        value = torch.from_numpy(np.array(array, dtype=native))
+    if isinstance(value, list | tuple | np.ndarray):
+        # read as the Bayesian helpers read per-point values (text, booleans, None, dates, tensors that
+        # require grad and non-finite values refused by name), then copied: torch refuses an array with
+        # negative strides (noise[::-1]) or of the other byte order, and warns for a read-only one
+        value = torch.from_numpy(np.array(finite(value, name, booleans=False)))
     tensor = cast(Tensor, value)
     refuse_meta(tensor, name)
     if tensor.shape != (n,):
