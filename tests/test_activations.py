@@ -1440,3 +1440,35 @@ def test_layers_without_arguments_refuse_them_by_name(name, args, kwargs, given)
     with pytest.raises(TypeError, match=rf"^{name}\(\) takes no arguments, got {given}"):
         layer(*args, **kwargs)
     assert not inspect.signature(layer).parameters and isinstance(layer(), ntkgp.Layer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layer", [ntkgp.Erf(), ntkgp.Erf(1.3, 0.7, 0.2), ntkgp.SigmoidLike(), ntkgp.GELU(),
+                                   ntkgp.Gaussian(), ntkgp.Gabor()], ids=lambda layer: repr(layer))
+def test_pair_kernels_without_autograd_equal_the_graph_paths_bitwise(layer, dtype):
+    """Without autograd the erf kernel and the determinant of GELU, Gaussian and Gabor
+    (``gaussian_det``, ``shifted_det``) run in place on their own temporaries: the same operations, so
+    the same bits as the graph path, and the caller's tensors untouched. Variances as the blocked
+    kernel passes them (``(r, 1)`` against ``(1, n)``), of a smaller shape than ``k12`` (a batch on
+    ``k12`` alone), of ``k12``'s shape (``diag``), with a zero variance, and large enough in float32
+    that the products are rescaled (``scaled_for_products``)."""
+    g = torch.Generator().manual_seed(3)
+    for scale in (1.0, 1e20 if dtype == torch.float32 else 1e160):
+        k11 = torch.rand(6, 1, generator=g, dtype=dtype) * 2 * scale
+        k22 = torch.rand(1, 9, generator=g, dtype=dtype) * 2 * scale
+        k11[2] = 0.0
+        rho = torch.rand(2, 6, 9, generator=g, dtype=dtype) * 2 - 1
+        rho[:, 0, 0] = 1.0
+        for args in ((k11, (rho[0] * (k11 * k22).sqrt()), k22),
+                     (k11, (rho * (k11 * k22).sqrt()), k22),                            # k12 of a larger shape
+                     (k11.expand(6, 9).clone(), (rho[1] * (k11 * k22).sqrt()), k22.expand(6, 9).clone())):
+            kept = [t.clone() for t in args]
+            with torch.no_grad():
+                fast = layer.pair_kernel(*args, True)
+            assert all(torch.equal(a, b) for a, b in zip(args, kept, strict=True))
+            graph = [t.clone().requires_grad_(True) for t in args]
+            slow = layer.pair_kernel(*graph, True)
+            for f, s in zip(fast, slow, strict=True):
+                assert f.shape == s.shape
+                assert torch.equal(f.view(-1).view(torch.int32 if dtype == torch.float32 else torch.int64),
+                                   s.detach().reshape(-1).view(torch.int32 if dtype == torch.float32 else torch.int64))

@@ -48,6 +48,17 @@ def _run(script: str, args: list[str]) -> str:
     return result.stdout
 
 
+def test_kernel_baseline_computes_the_same_kernels_as_ntkgp():
+    """The straightforward recursion the benchmark times ntkgp against is the same network's NTK: in
+    float64 within 1e-6 of ntkgp's (its ``arccos`` of a clipped correlation loses ~1e-8 near
+    ``ρ = 1``), for both activations and all three modes; float32's rows run too."""
+    out = _run("kernel_baseline.py", ["--sizes", "40", "--d", "3", "--modes", "nograd", "grad", "diag",
+                                      "--repeats", "1"])
+    rows = [line.split() for line in out.splitlines() if line.startswith(("relu ", "erf "))]
+    assert len(rows) == 12 and "ntkgp/baseline" in out, out
+    assert all(float(row[-1]) < 1e-6 for row in rows if row[1] == "float64"), out
+
+
 def test_bayesopt_benchmark_fits_every_model_at_toy_size():
     """Each model's row: L-BFGS evaluated its loss at least once and the fitted loss is finite."""
     out = _run("bayesopt.py", ["--n", "20", "--m", "10", "--restarts", "1", "--raw-samples", "8", "--repeats", "1"])

@@ -436,7 +436,19 @@ class Erf(Activation):
         """``T − c²`` and ``Ṫ``."""
         b2 = self.b**2
         # c·sqrt(q11 q22 − r²) from the variances scaled by c (1 unless k² could overflow)
+        graph = needs_graph(k11, k12, k22)
         c, _, k12, _, det = shifted_det(k11, k12, k22, 2 * b2)
+        if not graph:
+            # the same operations as below, in place on fresh temporaries (bit for bit; a fresh matrix
+            # per pass took about twice as long): 1/root is torch's scalar / tensor, reciprocal() · 1
+            root = det.sqrt_()
+            dot = None
+            if want_dot:
+                dot = torch.reciprocal(root) if isinstance(c, float) and c == 1 else torch.div(c, root)
+                dot = dot.mul_(self.a**2 * b2 * (4 / math.pi))
+            ratio = torch.mul(k12, 2 * b2)
+            ratio = ratio.div_(root) if ratio.shape == root.shape else ratio / root
+            return ratio.atan_().mul_(self.a**2 * (2 / math.pi)), dot
         root = torch.sqrt(det)
         # atan of the ratio, not atan2: atan2's derivative squares both arguments, inf in float32
         centred = self.a**2 * (2 / math.pi) * torch.atan(2 * b2 * k12 / root)

@@ -183,6 +183,11 @@ def shifted_det(k11: Tensor, k12: Tensor, k22: Tensor, g: float = 1.0
     and the Gaussian activation's kernels."""
     c, s11, s12, s22 = scaled_for_products(k11, k12, k22)
     if c is None:
+        if not needs_graph(k11, k12, k22):
+            # the same operations in place on the determinant's own temporary, bit for bit: about
+            # half the time of a fresh matrix per operation (erf's, GELU's and Gaussian's kernels without autograd)
+            det = gaussian_det(k11, k12, k22).mul_(g * g)
+            return 1.0, k11, k12, k22, det.add_(torch.add(k11, k22).mul_(g).add_(1))   # (a sum commutes)
         return 1.0, k11, k12, k22, 1 + g * (k11 + k22) + g * g * gaussian_det(k11, k12, k22)
     return c, s11, s12, s22, c * c + g * c * (s11 + s22) + g * g * gaussian_det(s11, s12, s22)
 
@@ -218,6 +223,13 @@ def gaussian_det(k11: Tensor, k12: Tensor, k22: Tensor) -> Tensor:
     variance), and the kernels that add it to ``O(k)`` terms then read 0 instead of ``O(k)``.
     Callers whose variances may be large pass them through :func:`scaled_for_products` first.
     """
+    if not needs_graph(k11, k12, k22):
+        # in place, the same operations (safe_sqrt is sqrt(clamp(x, 0))): a fresh matrix per pass took
+        # about twice as long. p in place only where it has the determinant's shape (variances of a
+        # smaller shape than k12's)
+        p = torch.mul(k11, k22).clamp_(min=0).sqrt_()
+        det = torch.sub(p, k12)
+        return det.mul_(p.add_(k12) if p.shape == det.shape else p + k12).clamp_(min=0)
     p = safe_sqrt(k11 * k22)
     return clamp_passing((p - k12) * (p + k12), min=0)
 
