@@ -21,7 +21,7 @@ from ntkgp.kernels import NNGPKernel, NTKKernel
 from ntkgp.kernels.network_kernel import NetworkKernel
 from ntkgp.layers.base import Layer, NonFiniteKernelError, NonFiniteVarianceError
 from ntkgp.layers.mlp import mlp
-from ntkgp.layers.validation import all_finite, check_points
+from ntkgp.layers.validation import all_finite, check_points, where_not_finite
 from ntkgp.predict.gaussian import HyperparameterRecord, check_non_negative
 
 __all__ = ["NetworkGP", "exact_solves", "fit"]
@@ -72,6 +72,17 @@ def exact_solves(model: gpytorch.models.GP) -> contextlib.AbstractContextManager
                          f"got {type(model).__name__}.")
     size = max(gpytorch.settings.max_cholesky_size.value(), _training_points(inputs))
     return gpytorch.settings.max_cholesky_size(size)
+
+
+def _sparse_invariants_unchanged() -> contextlib.AbstractContextManager:
+    """torch's sparse-tensor invariant checks, set explicitly to their current value (nothing changes).
+
+    GPyTorch's multitask prediction (vector targets) sums with a sparse matrix that linear_operator
+    builds (``left_t_interp``); torch 2.13 then warns, once per process, "Sparse invariant checks are
+    implicitly disabled. Memory errors (e.g. SEGFAULT) will occur ...", unless the setting was chosen
+    explicitly: a warning about linear_operator's internals that a user cannot act on."""
+    checks = torch.sparse.check_sparse_tensor_invariants
+    return checks(enable=checks.is_enabled())
 
 
 def _check_features(net: Layer, features: int, name: str) -> None:
@@ -261,7 +272,7 @@ class NetworkGP(gpytorch.models.ExactGP):
         # what this call caches (the solve, the mean's and LOVE's caches) is made of inference tensors
         # under torch.inference_mode(); set before the call, which may fail after caching
         self._inference_cache = torch.is_inference_mode_enabled() or (self._inference_cache and not rebuilt)
-        with exact_solves(self):   # the prediction's solves run here
+        with exact_solves(self), _sparse_invariants_unchanged():   # the prediction's solves run here
             output = super().__call__(*inputs, **kwargs)
         if rebuilt:
             self._record_prediction_state()
@@ -320,7 +331,7 @@ class NetworkGP(gpytorch.models.ExactGP):
                                  f"({name}.to({dtype})), or the model and its data (NetworkGP(train_x.to(...), ...)).")
             if x.is_floating_point() and not all_finite(x.detach(), name):
                 # found only inside the kernel, after the training kernel's work (~1 s at N = 2000), as "x1"
-                raise ValueError(f"{name} contains NaN or infinite values.")
+                raise ValueError(f"{name} contains NaN or infinite values{where_not_finite(x.reshape(shape))}.")
 
     def _record_prediction_state(self) -> None:
         """Record the values GPyTorch's cached training solve was built from (the likelihood's plain

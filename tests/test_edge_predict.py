@@ -351,6 +351,19 @@ def test_predictions_refuse_inputs_whose_kernels_overflow_and_empty_targets():
             predict.gradient_descent_mse(torch.eye(targets.shape[0]), targets, t=1.0)
 
 
+def test_integer_targets_are_told_their_dtype_and_non_finite_ones_their_values():
+    """Integer targets (wine quality's scores 3..8) were refused with "y_train must be a floating-point
+    tensor without NaN or infinite values", which named neither their dtype nor the conversion that
+    NetworkGP's message gives; NaN targets read the same."""
+    x, y = _x(5), _x(5, 1, seed=6)
+    for make in (lambda t: predict.GradientFlow(NET, x, t), lambda t: predict.gp_posterior(NET, x, t, x, noise=0.1)):
+        with pytest.raises(ValueError, match=r"^y_train must be a floating-point tensor, got torch\.int64; convert it "
+                                             r"with y_train\.double\(\) or y_train\.float\(\)\.$"):
+            make(torch.arange(5)[:, None])
+        with pytest.raises(ValueError, match=r"^y_train contains NaN or infinite values\.$"):
+            make(torch.where(y > 0, math.nan, y))
+
+
 def test_float32_inputs_whose_covariance_would_overflow_float32_keep_their_mean():
     # float32 inputs of ~1e20 have finite float64 kernels of ~1e40; a covariance of that size returned
     # in float32 was inf (gp_posterior's variance [inf, 2.4e38, inf, inf]) without a word. ReLU kernels

@@ -154,8 +154,29 @@ def check_points(x: Tensor, name: str) -> Tensor:
     refuse_meta(x, name)
     # under vmap the values are per-sample: no data-dependent check can run there
     if not is_vmapped(x) and not all_finite(x):
-        raise ValueError(f"{name} contains NaN or infinite values.")
+        raise ValueError(f"{name} contains NaN or infinite values{where_not_finite(x)}.")
     return x
+
+
+def _columns(columns: Tensor) -> str:
+    """Column indices for a message, the first ten of them."""
+    shown = ", ".join(map(str, columns[:10].tolist()))
+    return shown + (f", ... ({columns.numel()} columns)" if columns.numel() > 10 else "")
+
+
+def where_not_finite(x: Tensor) -> str:
+    """Where the points ``x`` (``(..., n, d)``) are not finite, for an error message: how many entries, in
+    which feature columns, and the columns NaN in every row. The message said only "contains NaN or infinite
+    values", where the usual cause on real data is a constant feature standardized by its standard deviation,
+    0 (NaN throughout: naval's column 8 of 16), and nothing named the column."""
+    values = x.detach().reshape(-1, x.shape[-1])
+    bad = ~torch.isfinite(values)
+    text = f" ({int(bad.sum())} of {bad.numel()} entries, in feature column(s) {_columns(bad.any(0).nonzero()[:, 0])}"
+    nan_columns = values.isnan().all(0).nonzero()[:, 0]
+    if values.shape[0] > 1 and nan_columns.numel():
+        text += (f"; column(s) {_columns(nan_columns)} NaN in every row, as a constant feature divided by its "
+                 "standard deviation, 0, is: divide such columns by 1 instead")
+    return text + ")"
 
 
 def check_inputs(x1: Tensor, x2: Tensor | None, diag: bool = False) -> tuple[Tensor, Tensor | None]:

@@ -115,8 +115,12 @@ def check_targets(y_train: Tensor, n_train: int, device: torch.device | None = N
     if y_train.numel() == 0:
         raise ValueError(f"y_train must hold at least one target, got shape {tuple(y_train.shape)}.")
     check_device(y_train, "y_train", device, of)
-    if not y_train.is_floating_point() or not all_finite(y_train, "y_train"):
-        raise ValueError("y_train must be a floating-point tensor without NaN or infinite values.")
+    if not y_train.is_floating_point():
+        # integer targets (wine quality's 3..8, class labels) were told "without NaN or infinite values" too
+        raise ValueError(f"y_train must be a floating-point tensor, got {y_train.dtype}; convert it with "
+                         "y_train.double() or y_train.float().")
+    if not all_finite(y_train, "y_train"):
+        raise ValueError("y_train contains NaN or infinite values.")
     return y_train
 
 
