@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import ntkgp
-from ntkgp.finite import empirical, empirical_ntk
+from ntkgp.finite import empirical, empirical_nngp, empirical_ntk
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -274,3 +274,98 @@ def test_the_chunk_of_cotangents_counts_what_a_custom_autograd_function_saves(pa
     expected = _reference(_module_fn(model), {name: p.detach() for name, p in model.named_parameters()}, x, None)
     torch.testing.assert_close(kernel, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
     assert len(passes) - builtin == builtin == 5
+
+
+class _Embedded(nn.Module):
+    """Token ids ``(n, 2)`` of any integer dtype (or booleans, ids 0 and 1) through an embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.embedding, self.readout = nn.Embedding(10, 4), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.readout(torch.tanh(self.embedding(x.long()).flatten(-2)))
+
+
+def test_the_empirical_kernels_take_an_embedding_s_indices():
+    """A module that reads integer inputs (an embedding's token ids) was refused, "x1 must be a
+    floating-point tensor ... convert it with x1.double()", which the embedding then refuses too,
+    while linearize(model) of the same module takes them. Checked against one jacrev pass, in
+    float64 (rounding only: 1e-13), on the full, vector and diagonal kernels, for the module and for
+    a function of its parameters; ntkgp's own networks still need floating-point inputs."""
+    model = _Embedded()
+    x1, x2 = torch.tensor([[1, 2], [3, 4], [5, 6], [1, 9]]), torch.tensor([[0, 7], [2, 2], [8, 3]])
+    params, fn = {n: p.detach() for n, p in model.named_parameters()}, _module_fn(model)
+
+    def close(actual: Tensor, expected: Tensor) -> None:
+        torch.testing.assert_close(actual, expected, rtol=1e-13, atol=1e-13)
+
+    for tokens in (x1, x1.to(torch.uint8), x1.int()):
+        for other in (None, x2.to(tokens.dtype)):
+            close(empirical_ntk(model, tokens, other), _reference(fn, params, tokens, other))
+            close(empirical_ntk(fn, tokens, other, params=params), _reference(fn, params, tokens, other))
+            close(empirical_ntk(model, tokens, other, vector_output=True),
+                  _reference(fn, params, tokens, other, vector_output=True))
+            with torch.no_grad():
+                f1, f2 = model(tokens), model(tokens if other is None else other)
+            close(empirical_nngp(model, tokens, other), f1 @ f2.T / 3)
+        partners = x2[[0, 1, 2, 0]].to(tokens.dtype)
+        close(empirical_ntk(model, tokens, diag=True), _reference(fn, params, tokens, None).diagonal())
+        close(empirical_ntk(model, tokens, partners, diag=True), _reference(fn, params, tokens, partners).diagonal())
+    mask = torch.tensor([[True, False], [False, False], [True, True]])
+    close(empirical_ntk(model, mask), _reference(fn, params, mask, None))
+    # the kernel is in the parameters' dtype: 10^6 int8 indices' kernel is 8 bytes an entry, not one
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"1000000, in torch\.float64\) needs 7\.45e\+03 GiB"):
+        empirical_ntk(model, torch.zeros(10**6, 2, dtype=torch.int8))
+    with pytest.raises(ValueError, match="floating-point"):   # complex inputs stay refused
+        empirical_ntk(model, x1.to(torch.complex128))
+    built = ntkgp.mlp(depth=1, width=8).build(in_features=2, seed=0)
+    for kernel in (empirical_ntk, empirical_nngp):
+        with pytest.raises(ValueError, match=r"x1 must be a floating-point tensor, got torch\.int64"):
+            kernel(built, x1)
+
+
+class _Converting(nn.Module):
+    """A float64 module that converts its inputs to its parameters' dtype itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.hidden, self.readout = nn.Linear(3, 6, dtype=torch.float64), nn.Linear(6, 2, dtype=torch.float64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.readout(torch.tanh(self.hidden(x.to(self.hidden.weight.dtype))))
+
+
+def test_the_empirical_kernels_of_a_module_that_converts_its_inputs():
+    """float32 inputs to a float64 module that converts them itself were refused up front, "x1 is
+    torch.float32 but the network's parameters are torch.float64", though the module takes them (as
+    linearize(model) does). Its kernels are now those of the converted inputs, against one jacrev pass
+    (1e-13); a module or function that does not convert still names the dtypes, once it has failed, and
+    a network built by ntkgp still up front."""
+    model = _Converting()
+    x1, x2 = torch.randn(5, 3, dtype=torch.float32), torch.randn(4, 3, dtype=torch.float32)
+    params, fn = {n: p.detach() for n, p in model.named_parameters()}, _module_fn(model)
+
+    def close(actual: Tensor, expected: Tensor) -> None:
+        assert actual.dtype == torch.float64
+        torch.testing.assert_close(actual, expected, rtol=1e-13, atol=1e-13)
+
+    for other in (None, x2):
+        close(empirical_ntk(model, x1, other), _reference(fn, params, x1, other))
+        full = _reference(fn, params, x1, other, vector_output=True)
+        close(empirical_ntk(model, x1, other, vector_output=True), full)
+        with torch.no_grad():
+            f1, f2 = model(x1), model(x1 if other is None else other)
+        close(empirical_nngp(model, x1, other), f1 @ f2.T / 2)
+    close(empirical_ntk(model, x1, diag=True), _reference(fn, params, x1, None).diagonal())
+    # its kernel is float64, 8 bytes an entry (not the inputs' 4)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"1000000, in torch\.float64\) needs 7\.45e\+03 GiB"):
+        empirical_ntk(model, torch.zeros(10**6, 3, dtype=torch.float32))
+    plain = nn.Sequential(nn.Linear(3, 2, dtype=torch.float64))
+    for kernel in (empirical_ntk, empirical_nngp):
+        for diag in (False, True):
+            with pytest.raises(ValueError, match=r"x1 is torch\.float32 but the network.s parameters are "
+                                                 r"torch\.float64: convert one of them\. \(mat1 and mat2 must"):
+                kernel(plain, x1, diag=diag)

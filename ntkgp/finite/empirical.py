@@ -24,7 +24,8 @@ describe, since the full kernel is ``K ⊗ I_k``), or in full ``(n1, n2, k, k)``
 ``ensemble_size=E`` give one kernel per member, ``(E, n1, n2)``: members are handled by
 ``torch.func.vmap``, never a Python loop.
 
-A module or function maps inputs ``(n, d)`` to outputs ``(n, k)`` (or ``(n,)``); other output
+A module or function maps inputs ``(n, d)`` to outputs ``(n, k)`` (or ``(n,)``), floating-point
+inputs or, for one not built by ntkgp, integer ones (an embedding's indices); other output
 shapes are refused, and only networks built by ntkgp take batches of inputs ``(*batch, n, d)``
 (a CNN takes flattened images and unflattens them itself, ``nn.Unflatten``). The kernels are
 those of the module as it is called: dropout or batch norm in training mode make them random
@@ -171,9 +172,7 @@ def _as_function(model: nn.Module | ParamFn, params: Mapping[str, Tensor] | None
         return stateless(model), cast('dict[str, Tensor]', params), ensemble_size(model), fixed
     if params is None:
         raise ValueError("A function of parameters needs params=...")
-    dtypes = {p.dtype for p in params.values() if isinstance(p, Tensor) and p.is_floating_point()}
-    if len(dtypes) == 1 and x.dtype not in dtypes:   # torch's "expected m1 and m2 to have the same dtype"
-        raise ValueError(f"The inputs are {x.dtype} but params are {dtypes.pop()}: convert one of them.")
+    # inputs of another dtype than params are named once the function fails (_naming_dtype_mismatch)
     return model, cast('dict[str, Tensor]', params), None, {}   # the caller's own, for their function
 
 
@@ -234,15 +233,52 @@ def _materialize(model: nn.Module, x: Tensor) -> None:
             model(x[..., :1, :])
 
 
+def _dtype_mismatch(model: nn.Module | ParamFn, params: object, x: object) -> str | None:
+    """What is wrong where floating-point inputs ``x`` have another dtype than the parameters (all of one
+    dtype: a module's, or ``params`` of a function), else ``None``."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        return None
+    values = model.parameters() if isinstance(model, nn.Module) else params.values() if isinstance(
+        params, Mapping) else ()
+    dtypes = {p.dtype for p in values if isinstance(p, Tensor) and p.is_floating_point()}
+    if len(dtypes) != 1 or x.dtype in dtypes:
+        return None
+    if isinstance(model, nn.Module):
+        return f"x1 is {x.dtype} but the network's parameters are {dtypes.pop()}: convert one of them."
+    return f"The inputs are {x.dtype} but params are {dtypes.pop()}: convert one of them."
+
+
+def _naming_dtype_mismatch(fn: Function) -> Function:
+    """``fn(model, x1, ..., params=...)``, whose ``RuntimeError`` (torch's "expected m1 and m2 to have the
+    same dtype" from deep in the forward pass or the Jacobian) names the dtypes where the inputs' differs
+    from the parameters'. Named only once the network failed, as :class:`~ntkgp.finite.Linearized` names
+    it: refused up front, modules that convert their inputs themselves (``x.to(self.weight.dtype)``) had
+    no kernel, though they take such inputs."""
+
+    @functools.wraps(fn)
+    def wrapper(model, x1, *args, **kwargs):
+        try:
+            return fn(model, x1, *args, **kwargs)
+        except RuntimeError as error:
+            mismatch = None if isinstance(error, torch.cuda.OutOfMemoryError) else _dtype_mismatch(
+                model, kwargs.get("params"), x1)
+            if mismatch is None:
+                raise
+            raise ValueError(f"{mismatch} ({error})") from error
+
+    return cast(Function, wrapper)
+
+
 def _check_network_inputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None) -> None:
-    """Inputs in another dtype than a module's parameters, with another number of features than
-    a network built by ntkgp takes, or with a member axis of another size than its ensemble's, are a
-    clear error, not torch's matmul or broadcasting one."""
+    """Inputs in another dtype than the parameters of a network built by ntkgp, with another number of
+    features than it takes, or with a member axis of another size than its ensemble's, are a clear
+    error, not torch's matmul or broadcasting one. Other modules may convert their inputs themselves
+    (or read indices): a dtype is named once they fail (:func:`_naming_dtype_mismatch`)."""
     refuse_spec(model)
     if isinstance(model, nn.Module):
-        dtypes = {p.dtype for p in model.parameters()}
-        if len(dtypes) == 1 and x1.dtype not in dtypes:
-            raise ValueError(f"x1 is {x1.dtype} but the network's parameters are {dtypes.pop()}: convert one of them.")
+        mismatch = _dtype_mismatch(model, None, x1)
+        if mismatch is not None and _built_by_ntkgp(model):
+            raise ValueError(mismatch)
         members = ensemble_size(model)
         for name, x in (("x1", x1), ("x2", x2)):
             if members is not None and x is not None and x.dim() >= 3 and x.shape[-3] not in (1, members):
@@ -258,8 +294,22 @@ def _check_network_inputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | N
         raise ValueError(f"The network takes inputs of {features} feature(s), got x1 of shape {tuple(x1.shape)}.")
 
 
+def _kernel_dtype(x: Tensor, params: object, model: nn.Module | ParamFn) -> torch.dtype:
+    """The dtype of the kernels as known before the network runs: the widest of the floating-point
+    parameters' (``params``, or a module's), whose gradients the NTK multiplies, else the inputs' (a
+    floating-point ``x``) or torch's default. The inputs' alone counted an embedding's int8 indices as
+    kernel entries of one byte, and float32 inputs to a float64 module that converts them as four."""
+    # params as given: checked only later (_as_function), where a list of them is refused by name
+    values = list(params.values()) if isinstance(params, Mapping) else list(model.parameters()) if isinstance(
+        model, nn.Module) else []
+    dtypes = [p.dtype for p in values if isinstance(p, Tensor) and p.is_floating_point()]
+    if dtypes:
+        return functools.reduce(torch.promote_types, dtypes)
+    return x.dtype if x.is_floating_point() else torch.get_default_dtype()
+
+
 def _check_kernel_fits(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None, name: str,
-                       diag: bool = False) -> None:
+                       diag: bool = False, params: object = None) -> None:
     """``torch.cuda.OutOfMemoryError`` (a ``RuntimeError``, as torch's allocators raise) before the network
     is called when the kernel alone, ``n1 × n2`` values per member and batch (``k²`` times that with
     ``vector_output``, not counted: ``k`` is known only from the outputs), exceeds the memory of
@@ -272,10 +322,11 @@ def _check_kernel_fits(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None
     members = ensemble_size(model) if isinstance(model, nn.Module) else None
     copies = math.prod(lead) * (members if members is not None and (not lead or lead[-1] == 1) else 1)
     points = (x1.shape[-2],) if diag else (x1.shape[-2], other.shape[-2])
-    need = copies * math.prod(points) * x1.element_size()
+    dtype = _kernel_dtype(x1, params, model)
+    need = copies * math.prod(points) * torch.empty(0, dtype=dtype).element_size()
     shape = " x ".join(str(n) for n in (*lead, *([members] if copies > math.prod(lead) else []), *points))
     what = f"The empirical {name} kernel's diagonal" if diag else f"The empirical {name} kernel"
-    refuse_beyond_memory(need, x1.device, f"{what} ({shape}, in {x1.dtype})",
+    refuse_beyond_memory(need, x1.device, f"{what} ({shape}, in {dtype})",
                          "compute it in blocks of rows (slices of x1, against x2)")
 
 
@@ -330,11 +381,15 @@ def _outputs_2d(out: Tensor, x: Tensor | None = None) -> Tensor:
 def _checked_inputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None,
                     diag: bool = False) -> tuple[Tensor, Tensor | None]:
     """:func:`check_inputs`, with the ``(n, d)`` shape a model not built by ntkgp needs checked first:
-    images ``(5, 1, 8, 8)`` against ``(4, 1, 8, 8)`` were "batch shapes (5, 1) and (4, 1) do not broadcast"."""
-    if not _built_by_ntkgp(model):   # batches only: 1-D inputs keep check_inputs' unsqueeze hint
+    images ``(5, 1, 8, 8)`` against ``(4, 1, 8, 8)`` were "batch shapes (5, 1) and (4, 1) do not broadcast".
+
+    Integer and boolean inputs are taken by modules and functions not built by ntkgp (an embedding's
+    indices, as ``linearize`` takes them); ntkgp's own layers take floating-point inputs."""
+    built = _built_by_ntkgp(model)
+    if not built:   # batches only: 1-D inputs keep check_inputs' unsqueeze hint
         _check_plain_inputs(*cast("tuple[Tensor | None, Tensor | None]",   # two items: x1's and x2's
                                   (x if isinstance(x, Tensor) and x.dim() > 2 else None for x in (x1, x2))))
-    return check_inputs(x1, x2, diag)
+    return check_inputs(x1, x2, diag, integers=not built)
 
 
 def _check_plain_inputs(x1: Tensor | None, x2: Tensor | None, model: nn.Module | ParamFn | None = None) -> None:
@@ -349,6 +404,7 @@ def _check_plain_inputs(x1: Tensor | None, x2: Tensor | None, model: nn.Module |
             raise ValueError(f"{name} must have shape (n, d) here ({why}), got {tuple(x.shape)}.")
 
 
+@_naming_dtype_mismatch
 @_without_autocast
 def empirical_nngp(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None, *,
                    params: Mapping[str, Tensor] | None = None, vector_output: bool = False,
@@ -398,7 +454,7 @@ def _kernel_outputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None,
     x1, x2 = _checked_inputs(model, x1, x2, diag)
     _check_network_inputs(model, x1, x2)
     if whole:
-        _check_kernel_fits(model, x1, x2, "NNGP", diag)
+        _check_kernel_fits(model, x1, x2, "NNGP", diag, params)
     # batches of inputs (per-member (E, n, d) ones too) only for ntkgp's networks (_checked_inputs); their
     # outputs are right by construction
     built = _built_by_ntkgp(model)
@@ -424,6 +480,7 @@ def _kernel_outputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None,
         return f1, f1 if x2 is None else outputs(x2)
 
 
+@_naming_dtype_mismatch
 @_without_autocast
 def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = None, *,
                   params: Mapping[str, Tensor] | None = None, vector_output: bool = False,
@@ -436,7 +493,9 @@ def empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = No
     Args:
         model: a module (its parameters are ``θ``), or a function ``f(params, x)``.
         x1: ``(n1, d)`` inputs (networks built by ntkgp also take batches ``(*batch, n1, d)``, on the
-            layer-by-layer route below; an ensemble's member axis is the one before ``n1``).
+            layer-by-layer route below; an ensemble's member axis is the one before ``n1``). Modules
+            and functions not built by ntkgp also take integer or boolean inputs (an embedding's
+            indices); the kernel then comes in the parameters' dtype.
         x2: ``(n2, d)`` inputs (batches as for ``x1``); ``None`` for ``x1`` itself.
         params: the parameters to differentiate (default: all of the module's, frozen ones
             included; of a :class:`~ntkgp.finite.Linearized` module, or one inside the module, its
@@ -509,7 +568,7 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     check_flag(vector_output, "vector_output")
     chunk_size = None if chunk_size is None else integer_at_least(chunk_size, 1, "chunk_size")
     _check_network_inputs(model, x1, x2)
-    _check_kernel_fits(model, x1, x2, "NTK", diag)
+    _check_kernel_fits(model, x1, x2, "NTK", diag, params)
     # a list of rates failed as "cannot convert dictionary update sequence element", a tensor as "Boolean
     # value of Tensor ... is ambiguous", and one number (0, or 0.0) read as no scales at all, silently
     if parameter_scales is not None and not isinstance(parameter_scales, Mapping):
@@ -768,7 +827,8 @@ def _diagonal_block_rows(fn: ParamFn, params: dict[str, Tensor], x1: Tensor, x2:
         # two points: batch norm in training mode refuses one ("Expected more than 1 value per channel")
         k = _outputs_2d(fn(params, x1[..., :2, :])).shape[-1]
     per_member = sum(p.numel() for p in params.values()) // (members or 1)
-    per_point = k * per_member * x1.element_size() * _members_at_once(members, chunk_size) * (1 if x2 is None else 2)
+    itemsize = max(p.element_size() for p in params.values())   # the Jacobians' (indices as inputs: not x1's)
+    per_point = k * per_member * itemsize * _members_at_once(members, chunk_size) * (1 if x2 is None else 2)
     budget = CUDA_DIAG_JACOBIAN_BYTES if x1.device.type == "cuda" else DIAG_JACOBIAN_BYTES
     return max(1, budget // max(1, per_point))
 
@@ -835,7 +895,8 @@ def _refuse_non_finite(kernel: Tensor, name: str, model: nn.Module | ParamFn, pa
             "the network's outputs or what the kernel makes of them overflow it" if outputs_finite is None else
             "the network's outputs are finite, their products overflow it" if name == "NNGP" else
             "the network's outputs are finite, their gradients or the sums of their products overflow it")
-    largest = max(float(x.detach().abs().max()) for x in points)
+    largest = max(float(x.detach().abs().max() if x.is_floating_point() else x.detach().double().abs().max())
+                  for x in points)   # (torch has no abs of booleans)
     raise NonFiniteKernelError(
         f"The empirical {name} kernel is not finite in {kernel.dtype}: {what} (inputs of magnitude up to "
         f"{largest:.3g}). Scale the inputs down" + ("" if kernel.dtype == torch.float64 else

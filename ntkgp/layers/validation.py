@@ -136,14 +136,15 @@ def broadcast_shapes(*shapes: tuple[int, ...]) -> torch.Size:
     return torch.Size(out)
 
 
-def check_points(x: Tensor, name: str) -> Tensor:
-    """``x`` must be a finite floating tensor of shape ``(*batch, n, d)``."""
+def check_points(x: Tensor, name: str, integers: bool = False) -> Tensor:
+    """``x`` must be a finite floating tensor of shape ``(*batch, n, d)``; with ``integers``, an integer
+    or boolean one too (indices, such as an embedding's, for a module that reads them itself)."""
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape (..., n, d), got {type(x).__name__}.")
     if x.dim() < 2:
         raise ValueError(f"{name} must have shape (..., n, d), got shape {tuple(x.shape)}; "
                          f"for scalar features use {name}.unsqueeze(-1).")
-    if not x.is_floating_point():
+    if not x.is_floating_point() and (not integers or x.is_complex()):
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}; "
                          f"convert it with {name}.double() or {name}.float().")
     if x.shape[-1] == 0:
@@ -152,8 +153,8 @@ def check_points(x: Tensor, name: str) -> Tensor:
     if x.layout != torch.strided:
         raise ValueError(f"{name} is a {x.layout} tensor; kernels need dense points: pass {name}.to_dense().")
     refuse_meta(x, name)
-    # under vmap the values are per-sample: no data-dependent check can run there
-    if not is_vmapped(x) and not all_finite(x):
+    # under vmap the values are per-sample: no data-dependent check can run there (integers are all finite)
+    if x.is_floating_point() and not is_vmapped(x) and not all_finite(x):
         raise ValueError(f"{name} contains NaN or infinite values{where_not_finite(x)}.")
     return x
 
@@ -179,16 +180,18 @@ def where_not_finite(x: Tensor) -> str:
     return text + ")"
 
 
-def check_inputs(x1: Tensor, x2: Tensor | None, diag: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Validate a pair of input sets; returns ``x2 = None`` when it is ``x1`` itself.
+def check_inputs(x1: Tensor, x2: Tensor | None, diag: bool = False,
+                 integers: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Validate a pair of input sets (integer or boolean ones too with ``integers``,
+    :func:`check_points`); returns ``x2 = None`` when it is ``x1`` itself.
 
     ``x2`` equal to ``x1`` (the same object, or equal values with no gradient wanted) is reported
     as ``None`` so the symmetric structure (exact diagonal, one triangle) is used.
     """
-    check_points(x1, "x1")
+    check_points(x1, "x1", integers)
     if x2 is None:
         return x1, None
-    check_points(x2, "x2")
+    check_points(x2, "x2", integers)
     if x1.shape[-1] != x2.shape[-1]:
         raise ValueError(f"x1 and x2 must have the same number of features, got {x1.shape[-1]} "
                          f"and {x2.shape[-1]}.")
