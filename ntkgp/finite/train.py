@@ -253,8 +253,11 @@ def train_ensemble(
             ``settings["engine"]`` says which ran. Near the stability limit (``η λ̂_max/m`` close
             to 2 for a member's own NTK) training amplifies rounding, so there the engines, dtypes
             and, under ``"auto"``, the spacing of the records can give visibly different members
-            (at width 128, 0.9 ``η_max``, 200 steps: up to 0.67 apart in float32, 3e-10 in float64): pass
-            ``engine`` and ``dtype`` explicitly when runs must be reproduced.
+            (at width 128, 0.9 ``η_max``, 200 steps: up to 0.67 apart in float32, 3e-10 in float64); and
+            with ReLU-type activations a pre-activation within rounding of the kink (0) can fall on
+            either side of it, so the engines can take different slopes there (5e-4 apart in float32
+            after one step, where the float64 pre-activation was 9e-8). Pass ``engine`` and ``dtype``
+            explicitly when runs must be reproduced.
     """
     if not isinstance(net, Layer):   # a module or built network failed deep inside, as an AttributeError ("build")
         built = " (a network built by net.build(...))" if isinstance(net, nn.Module) else ""
