@@ -889,3 +889,84 @@ def test_without_cuda_training_sets_no_filter_for_the_notice(monkeypatch):
                    dtype=torch.float64, device="cpu")
     patterns = {f[1].pattern for seen in filters for f in seen if f[1] is not None}
     assert filters and not any("cuBLAS" in pattern for pattern in patterns), patterns
+
+
+@pytest.mark.parametrize(("engine", "readout_only"), [("stacked", False), ("fused", False), ("stacked", True)],
+                         ids=["stacked", "fused", "readout only"])   # the fused engine trains every parameter
+def test_kept_networks_give_the_members_outputs_on_new_inputs(engine, readout_only):
+    """``keep_networks=True`` keeps the trained members (one stacked module per chunk, in member order), and
+    ``outputs(x)`` evaluates them on new inputs: on the test inputs it gives the last record exactly, and
+    on new points what a run recording there gives (the same seed, chunks and engine: the same members)."""
+    net = ntkgp.mlp(2, "relu", 2.0, 0.05, width=16)
+    x_new = torch.linspace(-4.0, 4.0, 9, dtype=torch.float64).unsqueeze(-1)
+    lr = 0.5 * ntkgp.predict.GradientFlow(net, X, Y).max_learning_rate
+    kwargs = dict(ensemble_size=7, chunk_size=3, learning_rate=lr, record_steps=[0, 8, 20], dtype=torch.float64,
+                  device="cpu", engine=engine, seed=5, readout_only=readout_only)
+    kept = train_ensemble(net, X, Y, keep_networks=True, **kwargs)
+    assert kept.settings["engine"] == engine and kept.diverged_at is None
+    assert [ntkgp.finite.ensemble_size(m) for m in kept.networks] == [3, 3, 1]
+    assert all(p.requires_grad for m in kept.networks for p in m.parameters())   # as net.build makes them
+    assert torch.equal(kept.outputs(X), kept.test_outputs[-1])
+    assert kept.outputs(X.float()).dtype == torch.float64   # in the networks' dtype
+    elsewhere = train_ensemble(net, X, Y, x_test=x_new, **kwargs)
+    assert elsewhere.networks is None
+    torch.testing.assert_close(kept.outputs(x_new), elsewhere.test_outputs[-1], rtol=1e-12, atol=1e-12)
+    assert float((kept.outputs(x_new) - elsewhere.test_outputs[0]).abs().max()) > 0.05   # trained, not initial
+    with pytest.raises(ValueError, match=r"kept no networks: train it with train_ensemble\(\.\.\., keep_networks=True"):
+        elsewhere.outputs(x_new)
+    with pytest.raises(ValueError, match=r"^x must have shape \(M, d\), got \(2, 9, 1\)"):
+        kept.outputs(x_new.expand(2, 9, 1))
+    with pytest.raises(ValueError, match="x contains NaN"):
+        kept.outputs(x_new * math.nan)
+
+
+def test_keeping_networks_beyond_the_memory_is_refused_before_training(monkeypatch):
+    """All ``E`` members' weights are kept on the device with ``keep_networks``, where training holds one
+    chunk's: refused up front with the sizes, before any weight is drawn."""
+    net = ntkgp.mlp(2, "relu", width=128)   # P = 16 897 parameters (above)
+    params, builds = 16_897, []
+    original = net.build
+    monkeypatch.setattr(net, "build", lambda *a, **k: builds.append(str(k.get("device"))) or original(*a, **k))
+    # 2 members a chunk need 2 · 2 · P · 8 bytes to train; keeping all 8 members, 8 · P · 8
+    monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: 8 * params * 8 - 1)
+    kwargs = dict(ensemble_size=8, chunk_size=2, learning_rate=0.1, record_steps=[0, 1], dtype=torch.float64,
+                  device="cpu")
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"Keeping the 8 trained members \(16,897 parameters each, "
+                                                          r"in torch\.float64\) needs at least .* GiB on cpu.*: "
+                                                          r"keep_networks=False, or fewer members"):
+        train_ensemble(net, X, Y, keep_networks=True, **kwargs)
+    assert set(builds) == {"meta"}
+    assert train_ensemble(net, X, Y, **kwargs).networks is None
+    with pytest.raises(ValueError, match="keep_networks"):
+        train_ensemble(net, X, Y, keep_networks="yes", **kwargs)
+
+
+def test_a_trained_chunk_is_freed_before_the_next_is_drawn(monkeypatch):
+    """A chunk's trained members stayed alive while the next chunk was drawn (the loop's variable still
+    held them until the new chunk replaced it): two chunks' weights at once, where training holds one."""
+    import gc
+
+    from ntkgp.layers.dense import DenseModule
+
+    def alive() -> int:
+        gc.collect()
+        with warnings.catch_warnings():   # isinstance reads every object's __class__, deprecated aliases too
+            warnings.simplefilter("ignore", FutureWarning)
+            return sum(isinstance(o, DenseModule) for o in gc.get_objects())
+
+    net = ntkgp.mlp(1, "erf", width=8)
+    original, seen = net.build, []
+
+    def build(*args, **kwargs):
+        if kwargs.get("ensemble_size") is not None:   # a chunk, not the member that checks the outputs
+            seen.append(alive())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(net, "build", build)
+    before = alive()
+    train_ensemble(net, X, Y, ensemble_size=6, chunk_size=2, learning_rate=0.1, record_steps=[0, 1],
+                   dtype=torch.float64, device="cpu", engine="stacked")
+    assert seen == [before] * 3   # no earlier chunk's two Dense layers alive as the next is drawn
+    kept = train_ensemble(net, X, Y, ensemble_size=6, chunk_size=2, learning_rate=0.1, record_steps=[0, 1],
+                          dtype=torch.float64, device="cpu", engine="stacked", keep_networks=True)
+    assert seen[3:] == [before, before + 2, before + 4] and len(kept.networks) == 3   # kept ones stay

@@ -95,6 +95,11 @@ class EnsembleHistory:
         settings: how the ensemble was trained, for reports: ``ensemble_size``, ``readout_only``,
             ``seed``, ``dtype``, ``device``, ``chunk_size`` (the chunk actually used) and ``engine``
             (``"fused"`` or ``"stacked"``, the one that ran).
+        networks: with ``keep_networks=True``, the trained members as the stacked modules that
+            ``net.build(..., ensemble_size=...)`` makes, one per chunk in member order (the first
+            ``settings["chunk_size"]`` members, the next, ...), on the device and in the dtype they
+            trained in, with the weights of their last step (of the step training stopped at, after
+            a divergence); :meth:`outputs` evaluates them on new inputs. ``None`` otherwise.
     """
 
     learning_rate: float
@@ -106,6 +111,26 @@ class EnsembleHistory:
     layer_change: dict[str, Tensor] = field(default_factory=dict)
     diverged_at: int | None = None
     settings: dict = field(default_factory=dict)
+    networks: list[nn.Module] | None = None
+
+    def outputs(self, x: Tensor) -> Tensor:
+        """Outputs ``(E, M, k)`` of every trained member on the inputs ``x`` ``(M, d)`` (on the CPU, as
+        ``test_outputs``; computed without gradients, in the networks' dtype and on their device): the
+        ensemble's predictions at points that were not ``x_test``, without training it again. Needs
+        ``train_ensemble(..., keep_networks=True)``."""
+        if self.networks is None:
+            raise ValueError("This ensemble kept no networks: train it with train_ensemble(..., keep_networks=True) "
+                             "to evaluate its members on new inputs.")
+        check_points(x, "x")
+        if x.dim() != 2:   # a leading axis would be read as the ensemble axis, member i seeing only x[i]
+            raise ValueError(f"x must have shape (M, d), got {tuple(x.shape)}.")
+        first = next(self.networks[0].parameters())
+        converted = x.to(device=first.device, dtype=first.dtype)
+        if not all_finite(converted):
+            raise ValueError(f"x holds values beyond the range of {first.dtype} (largest magnitude "
+                             f"{float(x.detach().abs().max()):.3g}): rescale them.")
+        with torch.no_grad(), _autocast_off(first.device):
+            return torch.cat([network(converted).detach().cpu() for network in self.networks], 0)
 
     @property
     def times(self) -> Tensor:
@@ -201,6 +226,7 @@ def train_ensemble(
     chunk_size: int | None = None,
     progress: bool = False,
     engine: str = "auto",
+    keep_networks: bool = False,
 ) -> EnsembleHistory:
     """Train ``ensemble_size`` networks built from ``net`` and record them at ``record_steps``: full-batch
     gradient descent on ``(1/2m) ‖f − Y‖²``, whose wide limit is the Gaussian of
@@ -258,6 +284,9 @@ def train_ensemble(
             either side of it, so the engines can take different slopes there (5e-4 apart in float32
             after one step, where the float64 pre-activation was 9e-8). Pass ``engine`` and ``dtype``
             explicitly when runs must be reproduced.
+        keep_networks: keep the trained members (``EnsembleHistory.networks``, evaluated on new
+            inputs by ``EnsembleHistory.outputs``). They stay on ``device``: all ``E`` members'
+            weights, where training alone holds one chunk's (refused up front where they cannot fit).
     """
     if not isinstance(net, Layer):   # a module or built network failed deep inside, as an AttributeError ("build")
         built = " (a network built by net.build(...))" if isinstance(net, nn.Module) else ""
@@ -267,6 +296,7 @@ def train_ensemble(
     check_points(x_train, "x_train")
     check_flag(readout_only, "readout_only")
     check_flag(progress, "progress")
+    check_flag(keep_networks, "keep_networks")
     if x_train.dim() != 2 or x_train.shape[0] == 0:
         raise ValueError(f"x_train must have shape (N, d) with N >= 1, got {tuple(x_train.shape)}.")
     if not isinstance(y_train, Tensor) or y_train.dim() not in (1, 2) or y_train.shape[0] != x_train.shape[0]:
@@ -320,7 +350,8 @@ def train_ensemble(
     seed = seed_value(seed)
     chunks = ensemble_chunks(net, x.shape[-1], x.shape[0] + xt.shape[0], ensemble_size, chunk_size, seed)
     # before any weight is drawn
-    check_memory(net, x.shape[-1], chunks[0], dtype, device, len(steps) * ensemble_size * xt.shape[0] * y.shape[-1])
+    check_memory(net, x.shape[-1], chunks[0], dtype, device, len(steps) * ensemble_size * xt.shape[0] * y.shape[-1],
+                 kept=ensemble_size if keep_networks else 0)
     # from one member, before any chunk is built: checked on the first chunk, these came after seconds and
     # a gigabyte (width 2000, 64 members in float64). Not on the meta device: a user activation that looks
     # at its values (.item(), a data-dependent branch) cannot run there
@@ -342,7 +373,7 @@ def train_ensemble(
 
         # disable=None: no bar when stderr is not a terminal (a log file would fill with \r lines)
         bar = tqdm(total=steps[-1] * len(chunks), desc="training", unit="step", leave=False, disable=None)
-    results, diverged_at, used = [], None, "stacked"
+    results, diverged_at, used, networks = [], None, "stacked", []
     try:
         for index, size in enumerate(chunks):
             model = net.build(in_features=x.shape[-1], seed=seed + SEED_STRIDE * index, ensemble_size=size,
@@ -354,6 +385,11 @@ def train_ensemble(
                 out = _train_chunk(model, x, y, xt, pr, learning_rate, steps, readout_only, bar, engine)
             used = out[6]
             results.append(out)
+            if keep_networks:
+                for p in model.parameters():   # as net.build makes them (readout_only froze the rest to train)
+                    p.requires_grad_(True)
+                networks.append(model)
+            del model   # not held through the next chunk's training unless kept
             if out[4] is not None:
                 diverged_at = out[4] if diverged_at is None else min(diverged_at, out[4])
     finally:  # also when interrupted: a bar left open garbles the terminal's next lines
@@ -379,6 +415,7 @@ def train_ensemble(
         settings={"ensemble_size": ensemble_size, "readout_only": readout_only, "seed": seed,
                   "dtype": str(dtype), "device": str(device), "chunk_size": chunks[0],
                   "engine": used},
+        networks=networks if keep_networks else None,
     )
 
 
@@ -428,12 +465,13 @@ def training_needs(params: int, largest: int, chunk: int, dtype: torch.dtype, de
 
 
 def check_memory(net: Layer, in_features: int, chunk: int, dtype: torch.dtype, device: torch.device,
-                 recorded: int = 0) -> None:
+                 recorded: int = 0, kept: int = 0) -> None:
     """``torch.cuda.OutOfMemoryError`` (a ``RuntimeError``, as torch's allocators raise) before any weight is
     drawn when training ``chunk`` members of ``net`` (:func:`training_needs`), or keeping ``recorded``
     recorded test outputs (on the CPU, held per chunk and then joined into one tensor: ``2 × recorded``
-    values), cannot fit in the memory of ``device`` (the machine's for the CPU, the card's for CUDA;
-    unchecked where unknown). A width no machine holds (``mlp(width=10**7)``) failed in torch's
+    values), or the weights of ``kept`` trained members (``keep_networks``, on ``device``), cannot fit
+    in the memory of ``device`` (the machine's for the CPU, the card's for CUDA; unchecked where
+    unknown). A width no machine holds (``mlp(width=10**7)``) failed in torch's
     allocator ("can't allocate memory: you tried to allocate 800000000000000 bytes"), one that only
     just did not fit was drawn on credit until the operating system killed the process, without a
     word, and records beyond the memory failed only once every chunk had trained.
@@ -446,6 +484,9 @@ def check_memory(net: Layer, in_features: int, chunk: int, dtype: torch.dtype, d
     needs = [(2 * recorded * b, torch.device("cpu"), f"Keeping the {recorded:,} recorded test outputs (in {dtype})",
               "record fewer steps, members or test points")]
     needs += [(need, where, what, advice) for need, where in training_needs(params, largest, chunk, dtype, device)]
+    if kept:
+        needs.append((kept * params * b, device, f"Keeping the {kept} trained members ({params:,} parameters each, in "
+                      f"{dtype})", "keep_networks=False, or fewer members (ensemble_size)"))
     for need, where, what, advice in needs:
         refuse_beyond_memory(need, where, what, advice, at_least=True)
 
