@@ -237,8 +237,12 @@ def test_bad_arguments_raise(kwargs, message):
 def test_training_on_cuda_matches_cpu():
     kwargs = dict(ensemble_size=2, learning_rate=0.1, record_steps=[0, 20], dtype=torch.float64)
     cpu = train_ensemble(_net(), X, Y, device="cpu", **kwargs)
-    gpu = train_ensemble(_net(), X, Y, device="cuda", **kwargs)
+    gpu = train_ensemble(_net(), X, Y, device="cuda", keep_networks=True, **kwargs)
     torch.testing.assert_close(cpu.test_outputs, gpu.test_outputs, rtol=1e-9, atol=1e-10)
+    # the kept members stay on the GPU; CPU inputs are moved there, the outputs come back to the CPU
+    assert all(p.device.type == "cuda" for m in gpu.networks for p in m.parameters())
+    outputs = gpu.outputs(X)
+    assert outputs.device.type == "cpu" and torch.equal(outputs, gpu.test_outputs[-1])
 
 
 def _towers(param):
