@@ -1472,3 +1472,25 @@ def test_pair_kernels_without_autograd_equal_the_graph_paths_bitwise(layer, dtyp
                 assert f.shape == s.shape
                 assert torch.equal(f.view(-1).view(torch.int32 if dtype == torch.float32 else torch.int64),
                                    s.detach().reshape(-1).view(torch.int32 if dtype == torch.float32 else torch.int64))
+
+
+@pytest.mark.parametrize("layer", [ntkgp.Erf(), ntkgp.Erf(1.3, 0.7, 0.2), ntkgp.GELU(), ntkgp.Gaussian(),
+                                   ntkgp.Gabor()], ids=lambda layer: repr(layer))
+def test_pair_kernels_of_mixed_dtypes_without_autograd_equal_the_graph_paths_bitwise(layer):
+    """The in-place passes without autograd wrote ``p + k12`` into ``p`` (``gaussian_det``) and the
+    erf kernel's ``k12/root`` into ``k12``'s temporary: a float64 ``k12`` with float32 variances (or the
+    other way round) rounded that intermediate to float32, and the float64 kernels of the public
+    ``pair_kernel`` came out off the graph path's (Erf's NNGP 2.1e-9 with float32 variances, 5.4e-8
+    with a float32 ``k12``; Gaussian's 2.8e-9), where the two are bitwise equal in every single dtype."""
+    g = torch.Generator().manual_seed(4)
+    k11 = torch.rand(6, 1, generator=g, dtype=torch.float64) * 2
+    k22 = torch.rand(1, 9, generator=g, dtype=torch.float64) * 2
+    k12 = (torch.rand(6, 9, generator=g, dtype=torch.float64) * 2 - 1) * (k11 * k22).sqrt()
+    for args in ((k11.float(), k12, k22.float()), (k11, k12.float(), k22), (k11.expand(6, 9).float(), k12,
+                                                                           k22.expand(6, 9).float())):
+        with torch.no_grad():
+            fast = layer.pair_kernel(*args, True)
+        slow = layer.pair_kernel(*[t.clone().requires_grad_(True) for t in args], True)
+        for f, s in zip(fast, slow, strict=True):
+            assert f.dtype == s.dtype == torch.float64
+            assert torch.equal(f.view(torch.int64), s.detach().view(torch.int64))

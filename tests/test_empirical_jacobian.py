@@ -12,6 +12,7 @@ from torch.func import functional_call
 
 import ntkgp
 from ntkgp.finite import empirical, empirical_nngp, empirical_ntk
+from ntkgp.layers.base import NonFiniteKernelError
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -369,3 +370,74 @@ def test_the_empirical_kernels_of_a_module_that_converts_its_inputs():
             with pytest.raises(ValueError, match=r"x1 is torch\.float32 but the network.s parameters are "
                                                  r"torch\.float64: convert one of them\. \(mat1 and mat2 must"):
                 kernel(plain, x1, diag=diag)
+
+
+class _ConvertingLinear(nn.Module):
+    """One linear layer of ``dtype`` that converts its inputs to it."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.linear = nn.Linear(3, 2, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x.to(self.linear.weight.dtype))
+
+
+class _OutOfMemory(_Converting):
+    """:class:`_Converting`, out of memory on the CPU beyond two points: torch's allocator raises a plain
+    ``RuntimeError``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2] > 2:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 140737488355328 bytes.")
+        return super().forward(x)
+
+
+def test_a_dtype_is_named_only_where_it_is_what_fails():
+    """Once inputs of another dtype than the parameters had failed, every RuntimeError was said to be the
+    dtype's doing: a module that converts its inputs itself, given the wrong number of features ("mat1
+    and mat2 shapes cannot be multiplied"), or out of memory on the CPU, became "x1 is torch.float32 but the
+    network's parameters are torch.float64", and a float16 module's overflowing kernel a plain ValueError
+    (no longer the NonFiniteKernelError, a NanError, that an optimizer catches). Integer inputs to a
+    module that does not read them, refused by name up front before the embedding's inputs were taken,
+    gave torch's "mat1 and mat2 must have the same dtype, but got Long and Double". The dtype is named
+    where the forward pass fails at the inputs and not at them converted (or differently: both named);
+    a batch norm's running statistics are left as they were."""
+    x = torch.randn(5, 4, dtype=torch.float32)
+    for kernel in (empirical_ntk, empirical_nngp):
+        for diag in (False, True):
+            with pytest.raises(RuntimeError, match=r"^mat1 and mat2 shapes cannot be multiplied \([25]x4 and 3x6\)$"):
+                kernel(_Converting(), x, diag=diag)
+        with pytest.raises(RuntimeError, match=r"^\[enforce fail .* DefaultCPUAllocator: can't allocate memory"):
+            kernel(_OutOfMemory(), x[:, :3])
+        with pytest.raises(NonFiniteKernelError, match=r"not finite in torch\.float16"):
+            kernel(_ConvertingLinear(torch.float16), torch.full((3, 3), 3e4, dtype=torch.float32))
+        torch.manual_seed(0)
+        plain = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+        fn, params = _module_fn(plain), {n: p.detach() for n, p in plain.named_parameters()}
+        for tokens in (torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[True, False, True]])):
+            with pytest.raises(ValueError, match=rf"^x1 is {tokens.dtype} but the network's parameters are "
+                                                 r"torch\.float64: convert the inputs with \.to\(torch\.float64\) "
+                                                 r"\(integer and boolean inputs are for modules that read them"):
+                kernel(plain, tokens)
+            with pytest.raises(ValueError, match=rf"^The inputs are {tokens.dtype} but params are torch\.float64"):
+                kernel(fn, tokens, params=params)
+        # an embedding's indices of the wrong number of features: the shapes, not the dtype (which the
+        # embedding takes; converted to float64 it refuses them, but that is no cause)
+        embedded = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 3))
+        with pytest.raises(RuntimeError, match=r"^mat1 and mat2 shapes cannot be multiplied \(\dx12 and 8x3\)$"):
+            kernel(embedded, torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]]))
+        # both causes: the dtype, and the features that the inputs converted still fail on
+        with pytest.raises(ValueError, match=r"^The inputs are torch\.float32 but params are torch\.float64: convert "
+                                             r"one of them\. \(.*\) Converted to torch\.float64, the inputs still "
+                                             r"fail: mat1 and mat2 shapes cannot be multiplied \(2x4 and 3x6\)$"):
+            kernel(fn, x, params=params)
+    # (the NTK refuses batch norm in training mode up front)
+    normed = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    before = [b.clone() for b in normed.buffers()]
+    with pytest.raises(ValueError, match=r"^x1 is torch\.float32 but the network's parameters are torch\.float64"), \
+            pytest.warns(RuntimeWarning, match="training mode"):
+        empirical_nngp(normed, x[:, :3])
+    assert all(torch.equal(a, b) for a, b in zip(normed.buffers(), before, strict=True))

@@ -233,19 +233,54 @@ def _materialize(model: nn.Module, x: Tensor) -> None:
             model(x[..., :1, :])
 
 
-def _dtype_mismatch(model: nn.Module | ParamFn, params: object, x: object) -> str | None:
-    """What is wrong where floating-point inputs ``x`` have another dtype than the parameters (all of one
-    dtype: a module's, or ``params`` of a function), else ``None``."""
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        return None
+def _parameter_dtype(model: nn.Module | ParamFn, params: object) -> torch.dtype | None:
+    """The one dtype of the floating-point parameters (a module's, or ``params`` of a function), else ``None``."""
     values = model.parameters() if isinstance(model, nn.Module) else params.values() if isinstance(
         params, Mapping) else ()
     dtypes = {p.dtype for p in values if isinstance(p, Tensor) and p.is_floating_point()}
-    if len(dtypes) != 1 or x.dtype in dtypes:
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _dtype_mismatch(model: nn.Module | ParamFn, params: object, x: object) -> str | None:
+    """What is wrong where real inputs ``x`` have another dtype than the parameters (all of one dtype: a
+    module's, or ``params`` of a function), else ``None``. Integer inputs are named with the conversion:
+    only modules that read them (an embedding's indices) take them."""
+    dtype = _parameter_dtype(model, params)
+    if not isinstance(x, Tensor) or x.is_complex() or dtype is None or x.dtype == dtype:
         return None
-    if isinstance(model, nn.Module):
-        return f"x1 is {x.dtype} but the network's parameters are {dtypes.pop()}: convert one of them."
-    return f"The inputs are {x.dtype} but params are {dtypes.pop()}: convert one of them."
+    given = f"x1 is {x.dtype} but the network's parameters are" if isinstance(model, nn.Module) else \
+        f"The inputs are {x.dtype} but params are"
+    if x.is_floating_point():
+        return f"{given} {dtype}: convert one of them."
+    return (f"{given} {dtype}: convert the inputs with .to({dtype}) (integer and boolean inputs are for modules "
+            "that read them, such as an embedding's indices).")
+
+
+def _forward_failure(model: nn.Module | ParamFn, params: object, x: Tensor) -> Exception | None:
+    """The error the network raises at the first two points of ``x`` (two: batch norm in training mode
+    refuses one), or ``None``: without a graph, the random numbers it draws given back and the buffers
+    it writes (batch norm's running statistics) restored, so that the check leaves no trace."""
+    if x.dim() < 2:
+        return None
+    buffers = list(model.buffers()) if isinstance(model, nn.Module) else []
+    saved = [b.clone() for b in buffers]
+    devices = [] if x.device.type == "cpu" else [x.device]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices, device_type=x.device.type if devices else "cuda"), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if isinstance(model, nn.Module):
+                model(x[..., :2, :])
+            else:
+                model(cast("dict[str, Tensor]", params), x[..., :2, :])
+    except Exception as error:   # compared with the kernel's error, never raised
+        return error
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved, strict=True):
+                if not torch.equal(buffer, value):
+                    buffer.copy_(value)
+    return None
 
 
 def _naming_dtype_mismatch(fn: Function) -> Function:
@@ -253,18 +288,40 @@ def _naming_dtype_mismatch(fn: Function) -> Function:
     same dtype" from deep in the forward pass or the Jacobian) names the dtypes where the inputs' differs
     from the parameters'. Named only once the network failed, as :class:`~ntkgp.finite.Linearized` names
     it: refused up front, modules that convert their inputs themselves (``x.to(self.weight.dtype)``) had
-    no kernel, though they take such inputs."""
+    no kernel, though they take such inputs, and modules that read integer inputs (an embedding's
+    indices) none either.
+
+    Only where the dtype is what fails: the network's forward pass at two of the inputs fails, and
+    at the same inputs converted to the parameters' dtype does not (floating-point ones: or fails
+    otherwise, named beside it). Every ``RuntimeError`` was said to be the dtype's doing: a module
+    that converts its inputs itself, given inputs of the wrong number of features ("mat1 and mat2
+    shapes cannot be multiplied"), or out of memory on the CPU (torch's allocator raises a plain
+    ``RuntimeError``). Memory errors and :class:`~ntkgp.layers.base.NonFiniteKernelError` (a ``RuntimeError`` too, by
+    ``NanError``) pass unchanged: that one had become a plain ``ValueError``, which an optimizer
+    catching ``NanError`` missed."""
 
     @functools.wraps(fn)
     def wrapper(model, x1, *args, **kwargs):
         try:
             return fn(model, x1, *args, **kwargs)
         except RuntimeError as error:
-            mismatch = None if isinstance(error, torch.cuda.OutOfMemoryError) else _dtype_mismatch(
-                model, kwargs.get("params"), x1)
+            if isinstance(error, (ValueError, torch.cuda.OutOfMemoryError)):
+                raise
+            params = kwargs.get("params")
+            mismatch = _dtype_mismatch(model, params, x1)
             if mismatch is None:
                 raise
-            raise ValueError(f"{mismatch} ({error})") from error
+            dtype = cast(torch.dtype, _parameter_dtype(model, params))
+            as_given = _forward_failure(model, params, x1)
+            converted = _forward_failure(model, params, x1.to(dtype)) if as_given is not None else None
+            # not where the network takes the inputs as they are, or fails alike on them converted; integer
+            # inputs only where it takes them converted: an embedding refuses floating-point indices, so its
+            # module's other failures (a shape) fail otherwise converted, and are not the indices' dtype
+            if as_given is None or (converted is not None and (
+                    not x1.is_floating_point() or str(converted) == str(as_given))):
+                raise
+            still = "" if converted is None else f" Converted to {dtype}, the inputs still fail: {converted}"
+            raise ValueError(f"{mismatch} ({error}){still}") from error
 
     return cast(Function, wrapper)
 

@@ -447,7 +447,8 @@ class Erf(Activation):
                 dot = torch.reciprocal(root) if isinstance(c, float) and c == 1 else torch.div(c, root)
                 dot = dot.mul_(self.a**2 * b2 * (4 / math.pi))
             ratio = torch.mul(k12, 2 * b2)
-            ratio = ratio.div_(root) if ratio.shape == root.shape else ratio / root
+            # (in place only into the quotient's shape and dtype: a narrower k12 rounded it to its own)
+            ratio = ratio.div_(root) if (ratio.shape, ratio.dtype) == (root.shape, root.dtype) else ratio / root
             return ratio.atan_().mul_(self.a**2 * (2 / math.pi)), dot
         root = torch.sqrt(det)
         # atan of the ratio, not atan2: atan2's derivative squares both arguments, inf in float32

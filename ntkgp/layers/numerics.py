@@ -225,11 +225,12 @@ def gaussian_det(k11: Tensor, k12: Tensor, k22: Tensor) -> Tensor:
     """
     if not needs_graph(k11, k12, k22):
         # in place, the same operations (safe_sqrt is sqrt(clamp(x, 0))): a fresh matrix per pass took
-        # about twice as long. p in place only where it has the determinant's shape (variances of a
-        # smaller shape than k12's)
+        # about twice as long. p in place only where it has the determinant's shape and dtype (variances
+        # of a smaller shape than k12's; a wider k12, whose sum p + k12 written into p rounded to p's dtype)
         p = torch.mul(k11, k22).clamp_(min=0).sqrt_()
         det = torch.sub(p, k12)
-        return det.mul_(p.add_(k12) if p.shape == det.shape else p + k12).clamp_(min=0)
+        in_place = p.shape == det.shape and p.dtype == det.dtype
+        return det.mul_(p.add_(k12) if in_place else p + k12).clamp_(min=0)
     p = safe_sqrt(k11 * k22)
     return clamp_passing((p - k12) * (p + k12), min=0)
 
