@@ -936,13 +936,37 @@ def test_keeping_networks_beyond_the_memory_is_refused_before_training(monkeypat
     kwargs = dict(ensemble_size=8, chunk_size=2, learning_rate=0.1, record_steps=[0, 1], dtype=torch.float64,
                   device="cpu")
     with pytest.raises(torch.cuda.OutOfMemoryError, match=r"Keeping the 8 trained members \(16,897 parameters each, "
-                                                          r"in torch\.float64\) needs at least .* GiB on cpu.*: "
+                                                          r"in torch\.float64\), chunk 4 of 4 training beside the "
+                                                          r"6 before it, needs at least .* GiB on cpu.*: "
                                                           r"keep_networks=False, or fewer members"):
         train_ensemble(net, X, Y, keep_networks=True, **kwargs)
     assert set(builds) == {"meta"}
     assert train_ensemble(net, X, Y, **kwargs).networks is None
     with pytest.raises(ValueError, match="keep_networks"):
         train_ensemble(net, X, Y, keep_networks="yes", **kwargs)
+
+
+@pytest.mark.parametrize(("ensemble_size", "chunk_size"), [(8, 2), (8, 3), (7, 3)])
+def test_kept_members_are_counted_beside_the_training_chunk(monkeypatch, ensemble_size, chunk_size):
+    """The members kept from the earlier chunks are alive while a chunk trains: ``s P b`` beside the
+    chunk's ``2 c P b`` (its weights and the copy the changes are measured from), at the most of the
+    chunks: the last (8 members in chunks of 2: 6 + 2·2 = 10 P b; of 3: 6 + 2·2 = 10), or the one before
+    a small last chunk (7 in chunks of 3: 3 + 2·3 = 9, where the last needs 6 + 2·1 = 8). Each was
+    checked alone (``E P b`` and ``2 c P b``), and a run that cannot fit passed."""
+    net = ntkgp.mlp(2, "relu", width=128)   # P = 16 897 parameters (above)
+    params = 16_897
+    starts = range(0, ensemble_size, chunk_size)
+    peak, chunk = max((start + 2 * min(chunk_size, ensemble_size - start), i) for i, start in enumerate(starts))
+    need = peak * params * 8
+    kwargs = dict(ensemble_size=ensemble_size, chunk_size=chunk_size, learning_rate=0.1, record_steps=[0, 1],
+                  dtype=torch.float64, device="cpu", keep_networks=True)
+    monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: need - 1)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=rf"chunk {chunk + 1} of {len(starts)} training beside the "
+                                                          rf"{chunk * chunk_size} before it, needs at least "
+                                                          rf"{need / 2**30:.3g} GiB on cpu"):
+        train_ensemble(net, X, Y, **kwargs)
+    monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: need)
+    assert len(train_ensemble(net, X, Y, **kwargs).networks) == len(starts)
 
 
 def test_a_trained_chunk_is_freed_before_the_next_is_drawn(monkeypatch):
@@ -974,3 +998,27 @@ def test_a_trained_chunk_is_freed_before_the_next_is_drawn(monkeypatch):
     kept = train_ensemble(net, X, Y, ensemble_size=6, chunk_size=2, learning_rate=0.1, record_steps=[0, 1],
                           dtype=torch.float64, device="cpu", engine="stacked", keep_networks=True)
     assert seen[3:] == [before, before + 2, before + 4] and len(kept.networks) == 3   # kept ones stay
+
+
+def test_kept_networks_after_a_divergence_hold_the_steps_their_chunks_stopped_at():
+    """After a divergence the records stop before it, while the chunk that diverged stopped at its divergence
+    and the other chunks trained on to the last of ``record_steps``: ``outputs`` says so (a mix of steps that is
+    no record's), and the stable chunks hold exactly the members of a run of their own (seeds by chunk)."""
+    net = ntkgp.serial(ntkgp.Dense(16, 2.0, 0.05), ntkgp.Erf(), ntkgp.Dense(16, 2.0, 0.05), ntkgp.ReLU(),
+                       ntkgp.Dense(1, 1.0, 0.05))
+    lr = 2.0 * ntkgp.predict.GradientFlow(net, X, Y).max_learning_rate
+    kwargs = dict(chunk_size=2, learning_rate=lr, record_steps=[0, 10, 50, 200], dtype=torch.float64, device="cpu",
+                  engine="stacked", keep_networks=True)
+    history = train_ensemble(net, X, Y, ensemble_size=6, seed=1, **kwargs)
+    assert history.diverged_at == 6 and history.steps.tolist() == [0]   # member 1, in the first chunk
+    with pytest.warns(RuntimeWarning, match=r"^Training diverged at step 6: the members' weights are those of the "
+                                            r"steps their chunks stopped at .* not the last record's \(step 0\)\.$"):
+        outputs = history.outputs(X)
+    # the second and third chunks: the first two chunks of a run seeded where they were (no divergence there)
+    rest = train_ensemble(net, X, Y, ensemble_size=4, seed=1 + train_module.SEED_STRIDE, **kwargs)
+    assert rest.diverged_at is None and rest.steps.tolist() == [0, 10, 50, 200]
+    torch.testing.assert_close(outputs[2:], rest.test_outputs[-1], rtol=1e-12, atol=1e-12)
+    assert float(outputs[1].abs().max()) > 1e3   # the diverged member's weights, those that failed the check
+    with warnings.catch_warnings():   # a run that stayed stable warns of nothing
+        warnings.simplefilter("error")
+        assert torch.equal(rest.outputs(X), rest.test_outputs[-1])

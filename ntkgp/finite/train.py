@@ -29,6 +29,7 @@ width × width ones as ``width^(−1)``, which dominate the total; the NTK chang
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -90,16 +91,20 @@ class EnsembleHistory:
             that drives training; parameterization-independent; frozen parameters have rate 0, so
             with ``readout_only`` it is the fixed random-feature kernel and its change is 0).
         diverged_at: first step at which some member's loss was not finite or exceeded
-            ``1e6`` times its initial value (``None`` if training stayed stable); training stops there
-            and later records are absent.
+            ``1e6`` times its initial value (``None`` if training stayed stable); the chunk that diverged
+            stops there (the others train on) and later records are absent.
         settings: how the ensemble was trained, for reports: ``ensemble_size``, ``readout_only``,
             ``seed``, ``dtype``, ``device``, ``chunk_size`` (the chunk actually used) and ``engine``
             (``"fused"`` or ``"stacked"``, the one that ran).
         networks: with ``keep_networks=True``, the trained members as the stacked modules that
             ``net.build(..., ensemble_size=...)`` makes, one per chunk in member order (the first
             ``settings["chunk_size"]`` members, the next, ...), on the device and in the dtype they
-            trained in, with the weights of their last step (of the step training stopped at, after
-            a divergence); :meth:`outputs` evaluates them on new inputs. ``None`` otherwise.
+            trained in, with the weights of the last of ``record_steps`` (those of ``test_outputs[-1]``);
+            :meth:`outputs` evaluates them on new inputs. ``None`` otherwise. After a divergence the
+            chunks hold different steps, none of them a record's: a chunk that diverged stopped at its
+            divergence, with the weights whose loss failed the check (the fused engine stops only the
+            members that failed; the chunk's others ran on, at most to the next of ``record_steps``),
+            and every other chunk trained to the last of ``record_steps``, past the records kept.
     """
 
     learning_rate: float
@@ -117,10 +122,16 @@ class EnsembleHistory:
         """Outputs ``(E, M, k)`` of every trained member on the inputs ``x`` ``(M, d)`` (on the CPU, as
         ``test_outputs``; computed without gradients, in the networks' dtype and on their device): the
         ensemble's predictions at points that were not ``x_test``, without training it again. Needs
-        ``train_ensemble(..., keep_networks=True)``."""
+        ``train_ensemble(..., keep_networks=True)``. After a divergence a ``RuntimeWarning``: the members
+        hold the weights of different steps (``networks``), not those of the last record."""
         if self.networks is None:
             raise ValueError("This ensemble kept no networks: train it with train_ensemble(..., keep_networks=True) "
                              "to evaluate its members on new inputs.")
+        if self.diverged_at is not None:
+            last = f"the last record's (step {int(self.steps[-1])})" if len(self.steps) else "a record's"
+            warnings.warn(f"Training diverged at step {self.diverged_at}: the members' weights are those of the steps "
+                          f"their chunks stopped at (a diverged chunk's at its divergence, the others' at the last of "
+                          f"record_steps), not {last}.", RuntimeWarning, stacklevel=2)
         check_points(x, "x")
         if x.dim() != 2:   # a leading axis would be read as the ensemble axis, member i seeing only x[i]
             raise ValueError(f"x must have shape (M, d), got {tuple(x.shape)}.")
@@ -469,8 +480,10 @@ def check_memory(net: Layer, in_features: int, chunk: int, dtype: torch.dtype, d
     """``torch.cuda.OutOfMemoryError`` (a ``RuntimeError``, as torch's allocators raise) before any weight is
     drawn when training ``chunk`` members of ``net`` (:func:`training_needs`), or keeping ``recorded``
     recorded test outputs (on the CPU, held per chunk and then joined into one tensor: ``2 × recorded``
-    values), or the weights of ``kept`` trained members (``keep_networks``, on ``device``), cannot fit
-    in the memory of ``device`` (the machine's for the CPU, the card's for CUDA; unchecked where
+    values), or the weights of ``kept`` trained members (``keep_networks``, on ``device``: those of the
+    earlier chunks alive while a chunk trains, ``s P b`` beside the training of a chunk after ``s``
+    members, at the most of the chunks), cannot
+    fit in the memory of ``device`` (the machine's for the CPU, the card's for CUDA; unchecked where
     unknown). A width no machine holds (``mlp(width=10**7)``) failed in torch's
     allocator ("can't allocate memory: you tried to allocate 800000000000000 bytes"), one that only
     just did not fit was drawn on credit until the operating system killed the process, without a
@@ -485,8 +498,15 @@ def check_memory(net: Layer, in_features: int, chunk: int, dtype: torch.dtype, d
               "record fewer steps, members or test points")]
     needs += [(need, where, what, advice) for need, where in training_needs(params, largest, chunk, dtype, device)]
     if kept:
-        needs.append((kept * params * b, device, f"Keeping the {kept} trained members ({params:,} parameters each, in "
-                      f"{dtype})", "keep_networks=False, or fewer members (ensemble_size)"))
+        # the members kept from the earlier chunks are alive while a chunk trains beside them: the most of
+        # (members before it) P b plus its training, which holds its own weights. The last chunk has the most
+        # before it, but a last chunk smaller than half a chunk needs less than the one before it
+        sizes = [min(chunk, kept - start) for start in range(0, kept, chunk)]
+        alongside, most = max(((start * params * b + training_needs(params, largest, size, dtype, device)[0][0]), i)
+                              for i, (start, size) in enumerate(zip(range(0, kept, chunk), sizes, strict=True)))
+        needs.append((alongside, device, f"Keeping the {kept} trained members ({params:,} parameters each, in "
+                      f"{dtype}), chunk {most + 1} of {len(sizes)} training beside the {most * chunk} before it,",
+                      "keep_networks=False, or fewer members (ensemble_size)"))
     for need, where, what, advice in needs:
         refuse_beyond_memory(need, where, what, advice, at_least=True)
 
