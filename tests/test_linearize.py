@@ -331,3 +331,19 @@ def test_inputs_that_the_module_takes_in_another_dtype_are_not_refused():
     for model, x in cases:
         with torch.no_grad():
             torch.testing.assert_close(finite.linearize(model)(x), model(x), rtol=0, atol=0)
+
+
+def test_integer_inputs_to_a_module_that_cannot_read_them_are_named():
+    """Integer inputs to a module without an embedding failed with torch's own "mat1 and mat2 must have
+    the same dtype, but got Long and Double" (only floating-point inputs were named); they are named
+    with the conversion, as the empirical kernels name them. An embedding's failure of another kind (a
+    wrong number of indices) is its own, not the indices' dtype."""
+    ids = torch.tensor([[1, 2, 0], [3, 4, 1]])
+    for x in (ids, ids > 1):
+        with pytest.raises(ValueError, match=rf"^The inputs are {x.dtype} but the linearized network's parameters "
+                                             r"are torch\.float64: convert the inputs with \.to\(torch\.float64\) "
+                                             r"\(integer and boolean inputs are for modules that read them"):
+            finite.linearize(nn.Linear(3, 2, dtype=F64))(x)
+    embedding = nn.Sequential(nn.Embedding(10, 4, dtype=F64), nn.Flatten(), nn.Linear(8, 1, dtype=F64))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        finite.linearize(embedding)(ids)   # 3 indices a row where the module takes 2

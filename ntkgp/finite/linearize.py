@@ -84,15 +84,21 @@ class Linearized(nn.Module):
                              f"operation of the network does not support ({error}). Spectral norm in training mode "
                              "(its power iteration) is one: call .eval() on the linearized module.") from error
         except RuntimeError as error:
-            other = self._other_float_dtype(x)
+            other = self._other_dtype(x)
             if other is None or isinstance(error, torch.cuda.OutOfMemoryError):   # not a dtype's doing
                 raise
             # a failure that the inputs converted to the parameters' dtype meet as well is not the dtype's: a
             # module that converts its inputs itself, given inputs of the wrong number of features, was said
             # to fail for their dtype (torch's "mat1 and mat2 shapes cannot be multiplied" in parentheses)
             again = self._failure(x.to(other))
-            if again is not None and str(again) == str(error):
+            # integer inputs only where they run converted: an embedding refuses floating-point indices, so
+            # its module's other failures (a shape) fail otherwise converted, and are not the indices' dtype
+            if again is not None and (not x.is_floating_point() or str(again) == str(error)):
                 raise
+            if not x.is_floating_point():   # torch's "mat1 and mat2 must have the same dtype, but got Long and Float"
+                raise ValueError(f"The inputs are {x.dtype} but the linearized network's parameters are {other}: "
+                                 f"convert the inputs with .to({other}) (integer and boolean inputs are for modules "
+                                 f"that read them, such as an embedding's indices). ({error})") from error
             # torch's "expected m1 and m2 to have the same dtype, but got: float != double" from inside the jvp;
             # named only once the expansion failed: integer inputs (an embedding's indices) and modules that
             # convert their inputs themselves take inputs of another dtype than their parameters
@@ -110,10 +116,11 @@ class Linearized(nn.Module):
             return error
         return None
 
-    def _other_float_dtype(self, x: Tensor) -> torch.dtype | None:
-        """The parameters' one dtype where ``x`` is a floating-point tensor of another, else ``None``."""
+    def _other_dtype(self, x: Tensor) -> torch.dtype | None:
+        """The parameters' one dtype where ``x`` is a real (floating-point, integer or boolean) tensor of
+        another, else ``None``."""
         dtypes = {p.dtype for p in self.initial.parameters()}
-        if isinstance(x, Tensor) and x.is_floating_point() and len(dtypes) == 1 and x.dtype not in dtypes:
+        if isinstance(x, Tensor) and not x.is_complex() and len(dtypes) == 1 and x.dtype not in dtypes:
             return dtypes.pop()
         return None
 
