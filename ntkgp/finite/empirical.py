@@ -233,27 +233,56 @@ def _materialize(model: nn.Module, x: Tensor) -> None:
             model(x[..., :1, :])
 
 
-def _parameter_dtype(model: nn.Module | ParamFn, params: object) -> torch.dtype | None:
+def _floating_parameters(model: nn.Module | ParamFn, params: object) -> list[Tensor]:
+    """The floating-point parameters: ``params`` of a function as given (checked only later,
+    :func:`_as_function`, where a list of them is refused by name), or a module's."""
+    values = params.values() if isinstance(params, Mapping) else model.parameters() if isinstance(
+        model, nn.Module) else ()
+    return [p for p in values if isinstance(p, Tensor) and p.is_floating_point()]
+
+
+def parameter_dtype(model: nn.Module | ParamFn, params: object = None) -> torch.dtype | None:
     """The one dtype of the floating-point parameters (a module's, or ``params`` of a function), else ``None``."""
-    values = model.parameters() if isinstance(model, nn.Module) else params.values() if isinstance(
-        params, Mapping) else ()
-    dtypes = {p.dtype for p in values if isinstance(p, Tensor) and p.is_floating_point()}
+    dtypes = {p.dtype for p in _floating_parameters(model, params)}
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
-def _dtype_mismatch(model: nn.Module | ParamFn, params: object, x: object) -> str | None:
-    """What is wrong where real inputs ``x`` have another dtype than the parameters (all of one dtype: a
-    module's, or ``params`` of a function), else ``None``. Integer inputs are named with the conversion:
-    only modules that read them (an embedding's indices) take them."""
-    dtype = _parameter_dtype(model, params)
-    if not isinstance(x, Tensor) or x.is_complex() or dtype is None or x.dtype == dtype:
-        return None
-    given = f"x1 is {x.dtype} but the network's parameters are" if isinstance(model, nn.Module) else \
-        f"The inputs are {x.dtype} but params are"
+def dtype_message(given: str, x: Tensor, dtype: torch.dtype, advice: str) -> str:
+    """``given`` ("x1 is torch.float32 but the network's parameters are") ``dtype``, then ``advice`` for
+    floating-point inputs, or for integer and boolean ones the conversion: only modules that read them
+    (an embedding's indices) take them."""
     if x.is_floating_point():
-        return f"{given} {dtype}: convert one of them."
+        return f"{given} {dtype}: {advice}."
     return (f"{given} {dtype}: convert the inputs with .to({dtype}) (integer and boolean inputs are for modules "
             "that read them, such as an embedding's indices).")
+
+
+def dtype_failure(error: RuntimeError, x: object, dtype: torch.dtype | None,
+                  failure: Callable[[Tensor], BaseException | None], given: str, advice: str) -> ValueError | None:
+    """The ``ValueError`` naming the dtype of the inputs ``x`` (:func:`dtype_message`) as what made ``error``,
+    where it is, else ``None`` (the caller raises ``error`` itself). ``failure(x)`` is the error the network
+    raises at inputs ``x`` (``None`` where it runs); the empirical kernels and
+    :class:`~ntkgp.finite.Linearized` name the dtype this way, once the network failed: refused up front,
+    modules that convert their inputs themselves (``x.to(self.weight.dtype)``) and modules that read
+    integer inputs (an embedding's indices) had no kernel and no expansion, though they take such inputs.
+
+    The dtype is named only where it is what fails: the network fails at ``x`` and, converted to the
+    parameters' ``dtype``, does not (floating-point inputs: or fails otherwise, named beside it; integer
+    inputs only where they run converted, since an embedding refuses floating-point indices and its other
+    failures, a shape, are not the indices' dtype). Every ``RuntimeError`` was said to be the dtype's
+    doing: wrong numbers of features ("mat1 and mat2 shapes cannot be multiplied"), and out of memory on
+    the CPU (torch's allocator raises a plain ``RuntimeError``). Memory errors and ``ValueError``s, such as
+    :class:`~ntkgp.layers.base.NonFiniteKernelError` (a ``RuntimeError`` too, by ``NanError``), are never
+    renamed: that one had become a plain ``ValueError``, which an optimizer catching ``NanError`` missed."""
+    if (isinstance(error, (ValueError, torch.cuda.OutOfMemoryError)) or not isinstance(x, Tensor) or x.is_complex()
+            or dtype is None or x.dtype == dtype):
+        return None
+    as_given = failure(x)
+    converted = None if as_given is None else failure(x.to(dtype))
+    if as_given is None or (converted is not None and (not x.is_floating_point() or str(converted) == str(as_given))):
+        return None
+    still = "" if converted is None else f" Converted to {dtype}, the inputs still fail: {converted}"
+    return ValueError(f"{dtype_message(given, x, dtype, advice)} ({error}){still}")
 
 
 def _forward_failure(model: nn.Module | ParamFn, params: object, x: Tensor) -> Exception | None:
@@ -283,45 +312,31 @@ def _forward_failure(model: nn.Module | ParamFn, params: object, x: Tensor) -> E
     return None
 
 
+def _given(model: nn.Module | ParamFn, x: Tensor) -> str:
+    return (f"x1 is {x.dtype} but the network's parameters are" if isinstance(model, nn.Module) else
+            f"The inputs are {x.dtype} but params are")
+
+
 def _naming_dtype_mismatch(fn: Function) -> Function:
     """``fn(model, x1, ..., params=...)``, whose ``RuntimeError`` (torch's "expected m1 and m2 to have the
-    same dtype" from deep in the forward pass or the Jacobian) names the dtypes where the inputs' differs
-    from the parameters'. Named only once the network failed, as :class:`~ntkgp.finite.Linearized` names
-    it: refused up front, modules that convert their inputs themselves (``x.to(self.weight.dtype)``) had
-    no kernel, though they take such inputs, and modules that read integer inputs (an embedding's
-    indices) none either.
-
-    Only where the dtype is what fails: the network's forward pass at two of the inputs fails, and
-    at the same inputs converted to the parameters' dtype does not (floating-point ones: or fails
-    otherwise, named beside it). Every ``RuntimeError`` was said to be the dtype's doing: a module
-    that converts its inputs itself, given inputs of the wrong number of features ("mat1 and mat2
-    shapes cannot be multiplied"), or out of memory on the CPU (torch's allocator raises a plain
-    ``RuntimeError``). Memory errors and :class:`~ntkgp.layers.base.NonFiniteKernelError` (a ``RuntimeError`` too, by
-    ``NanError``) pass unchanged: that one had become a plain ``ValueError``, which an optimizer
-    catching ``NanError`` missed."""
+    same dtype" from deep in the forward pass or the Jacobian) names the dtypes where the inputs' is what
+    fails (:func:`dtype_failure`, the network run at two of the inputs)."""
 
     @functools.wraps(fn)
     def wrapper(model, x1, *args, **kwargs):
         try:
             return fn(model, x1, *args, **kwargs)
         except RuntimeError as error:
-            if isinstance(error, (ValueError, torch.cuda.OutOfMemoryError)):
-                raise
             params = kwargs.get("params")
-            mismatch = _dtype_mismatch(model, params, x1)
-            if mismatch is None:
+
+            def failure(x: Tensor) -> Exception | None:
+                return _forward_failure(model, params, x)
+
+            named = dtype_failure(error, x1, parameter_dtype(model, params), failure, _given(model, x1),
+                                  "convert one of them")
+            if named is None:
                 raise
-            dtype = cast(torch.dtype, _parameter_dtype(model, params))
-            as_given = _forward_failure(model, params, x1)
-            converted = _forward_failure(model, params, x1.to(dtype)) if as_given is not None else None
-            # not where the network takes the inputs as they are, or fails alike on them converted; integer
-            # inputs only where it takes them converted: an embedding refuses floating-point indices, so its
-            # module's other failures (a shape) fail otherwise converted, and are not the indices' dtype
-            if as_given is None or (converted is not None and (
-                    not x1.is_floating_point() or str(converted) == str(as_given))):
-                raise
-            still = "" if converted is None else f" Converted to {dtype}, the inputs still fail: {converted}"
-            raise ValueError(f"{mismatch} ({error}){still}") from error
+            raise named from error
 
     return cast(Function, wrapper)
 
@@ -333,9 +348,9 @@ def _check_network_inputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | N
     (or read indices): a dtype is named once they fail (:func:`_naming_dtype_mismatch`)."""
     refuse_spec(model)
     if isinstance(model, nn.Module):
-        mismatch = _dtype_mismatch(model, None, x1)
-        if mismatch is not None and _built_by_ntkgp(model):
-            raise ValueError(mismatch)
+        dtype = parameter_dtype(model)
+        if dtype is not None and x1.dtype != dtype and _built_by_ntkgp(model):
+            raise ValueError(dtype_message(_given(model, x1), x1, dtype, "convert one of them"))
         members = ensemble_size(model)
         for name, x in (("x1", x1), ("x2", x2)):
             if members is not None and x is not None and x.dim() >= 3 and x.shape[-3] not in (1, members):
@@ -356,10 +371,7 @@ def _kernel_dtype(x: Tensor, params: object, model: nn.Module | ParamFn) -> torc
     parameters' (``params``, or a module's), whose gradients the NTK multiplies, else the inputs' (a
     floating-point ``x``) or torch's default. The inputs' alone counted an embedding's int8 indices as
     kernel entries of one byte, and float32 inputs to a float64 module that converts them as four."""
-    # params as given: checked only later (_as_function), where a list of them is refused by name
-    values = list(params.values()) if isinstance(params, Mapping) else list(model.parameters()) if isinstance(
-        model, nn.Module) else []
-    dtypes = [p.dtype for p in values if isinstance(p, Tensor) and p.is_floating_point()]
+    dtypes = [p.dtype for p in _floating_parameters(model, params)]
     if dtypes:
         return functools.reduce(torch.promote_types, dtypes)
     return x.dtype if x.is_floating_point() else torch.get_default_dtype()
@@ -884,7 +896,7 @@ def _diagonal_block_rows(fn: ParamFn, params: dict[str, Tensor], x1: Tensor, x2:
         # two points: batch norm in training mode refuses one ("Expected more than 1 value per channel")
         k = _outputs_2d(fn(params, x1[..., :2, :])).shape[-1]
     per_member = sum(p.numel() for p in params.values()) // (members or 1)
-    itemsize = max(p.element_size() for p in params.values())   # the Jacobians' (indices as inputs: not x1's)
+    itemsize = torch.empty(0, dtype=_kernel_dtype(x1, params, fn)).element_size()   # indices as inputs: not x1's
     per_point = k * per_member * itemsize * _members_at_once(members, chunk_size) * (1 if x2 is None else 2)
     budget = CUDA_DIAG_JACOBIAN_BYTES if x1.device.type == "cuda" else DIAG_JACOBIAN_BYTES
     return max(1, budget // max(1, per_point))

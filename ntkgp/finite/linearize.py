@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp
 
-from ntkgp.finite.empirical import has_deferred_layers, refuse_spec, stateless
+from ntkgp.finite.empirical import dtype_failure, has_deferred_layers, parameter_dtype, refuse_spec, stateless
 
 
 class Linearized(nn.Module):
@@ -84,28 +84,13 @@ class Linearized(nn.Module):
                              f"operation of the network does not support ({error}). Spectral norm in training mode "
                              "(its power iteration) is one: call .eval() on the linearized module.") from error
         except RuntimeError as error:
-            other = self._other_dtype(x)
-            if other is None or isinstance(error, torch.cuda.OutOfMemoryError):   # not a dtype's doing
+            # torch's "expected m1 and m2 to have the same dtype, but got: float != double" from inside the jvp
+            named = dtype_failure(error, x, parameter_dtype(self.initial), self._failure,
+                                  f"The inputs are {x.dtype} but the linearized network's parameters are",
+                                  "convert the inputs, or the module (.to(dtype))")
+            if named is None:
                 raise
-            # a failure that the inputs converted to the parameters' dtype meet as well is not the dtype's: a
-            # module that converts its inputs itself, given inputs of the wrong number of features, was said
-            # to fail for their dtype (torch's "mat1 and mat2 shapes cannot be multiplied" in parentheses)
-            again = self._failure(x.to(other))
-            # integer inputs only where they run converted: an embedding refuses floating-point indices, so
-            # its module's other failures (a shape) fail otherwise converted, and are not the indices' dtype
-            if again is not None and (not x.is_floating_point() or str(again) == str(error)):
-                raise
-            if not x.is_floating_point():   # torch's "mat1 and mat2 must have the same dtype, but got Long and Float"
-                raise ValueError(f"The inputs are {x.dtype} but the linearized network's parameters are {other}: "
-                                 f"convert the inputs with .to({other}) (integer and boolean inputs are for modules "
-                                 f"that read them, such as an embedding's indices). ({error})") from error
-            # torch's "expected m1 and m2 to have the same dtype, but got: float != double" from inside the jvp;
-            # named only once the expansion failed: integer inputs (an embedding's indices) and modules that
-            # convert their inputs themselves take inputs of another dtype than their parameters
-            # (and a second cause, such as the number of features, is named beside it)
-            still = "" if again is None else f" Converted to {other}, the inputs still fail: {again}"
-            raise ValueError(f"The inputs are {x.dtype} but the linearized network's parameters are {other}: "
-                             f"convert the inputs, or the module (.to(dtype)). ({error}){still}") from error
+            raise named from error
 
     def _failure(self, x: Tensor) -> RuntimeError | None:
         """The ``RuntimeError`` the expansion at ``x`` raises, or ``None`` (evaluated without a graph)."""
@@ -114,14 +99,6 @@ class Linearized(nn.Module):
                 self._expansion(x)
         except RuntimeError as error:
             return error
-        return None
-
-    def _other_dtype(self, x: Tensor) -> torch.dtype | None:
-        """The parameters' one dtype where ``x`` is a real (floating-point, integer or boolean) tensor of
-        another, else ``None``."""
-        dtypes = {p.dtype for p in self.initial.parameters()}
-        if isinstance(x, Tensor) and not x.is_complex() and len(dtypes) == 1 and x.dtype not in dtypes:
-            return dtypes.pop()
         return None
 
     def _expansion(self, x: Tensor) -> Tensor:
