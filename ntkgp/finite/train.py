@@ -137,9 +137,7 @@ class EnsembleHistory:
             raise ValueError(f"x must have shape (M, d), got {tuple(x.shape)}.")
         first = next(self.networks[0].parameters())
         converted = x.to(device=first.device, dtype=first.dtype)
-        if not all_finite(converted):
-            raise ValueError(f"x holds values beyond the range of {first.dtype} (largest magnitude "
-                             f"{float(x.detach().abs().max()):.3g}): rescale them.")
+        _check_representable("x", x, converted, "rescale them")
         with torch.no_grad(), _autocast_off(first.device):
             return torch.cat([network(converted).detach().cpu() for network in self.networks], 0)
 
@@ -351,13 +349,10 @@ def train_ensemble(
     y = (y_train if y_train.dim() == 2 else y_train.unsqueeze(-1)).to(device=device, dtype=dtype)
     xt = x if x_test is None else x_test.to(device=device, dtype=dtype)
     pr = None if probe is None else probe.to(device=device, dtype=dtype)
-    # finite as given but not in dtype (float64 points beyond float32's range): x_test's records came back NaN
-    # without a word, and the probe's overflow was "x1 contains NaN" from inside the NTK, after the build
     for name, given, converted in (("x_train", x_train, x), ("y_train", y_train, y), ("x_test", x_test, xt),
                                    ("probe", probe, pr)):
-        if given is not None and not all_finite(cast(Tensor, converted)):   # converted from given: a tensor
-            raise ValueError(f"{name} holds values beyond the range of {dtype} (largest magnitude "
-                             f"{float(given.detach().abs().max()):.3g}): rescale them, or train in float64.")
+        if given is not None:   # converted from given: a tensor
+            _check_representable(name, given, cast(Tensor, converted), "rescale them, or train in float64")
     seed = seed_value(seed)
     chunks = ensemble_chunks(net, x.shape[-1], x.shape[0] + xt.shape[0], ensemble_size, chunk_size, seed)
     # before any weight is drawn
@@ -428,6 +423,15 @@ def train_ensemble(
                   "engine": used},
         networks=networks if keep_networks else None,
     )
+
+
+def _check_representable(name: str, given: Tensor, converted: Tensor, advice: str) -> None:
+    """Values finite as given but not in the networks' dtype (float64 points beyond float32's range) are
+    refused: ``x_test``'s records came back NaN without a word, and the probe's overflow was "x1 contains
+    NaN" from inside the NTK, after the build."""
+    if not all_finite(converted):
+        raise ValueError(f"{name} holds values beyond the range of {converted.dtype} (largest magnitude "
+                         f"{float(given.detach().abs().max()):.3g}): {advice}.")
 
 
 def ensemble_device(device: object | None) -> torch.device:
