@@ -50,10 +50,14 @@ def _gpytorch_hint(value: object) -> str:
     the refusal alone did not say that one output wraps as it is."""
     if not hasattr(value, "covariance_matrix") or not hasattr(value, "mean"):
         return ""
+    # gp_posterior has no prior mean: a NetworkGP(mean="constant")'s fitted constants were left out of
+    # the mean this hint gave (0.24 off at test points away from the data, measured), silently
     return (" For a GPyTorch prediction of one output (a NetworkGP's model(x_test)) pass "
             "ntkgp.predict.Gaussian(pred.mean, pred.covariance_matrix); for vector targets, whose multitask "
-            "covariance is K ⊗ I, predict with ntkgp.predict.gp_posterior(model.net, ..., "
-            "noise=model.likelihood.noise.detach()).")
+            "covariance is K ⊗ I, predict with post = ntkgp.predict.gp_posterior(model.net, x_train, y_train, "
+            "x_test, noise=model.likelihood.noise.detach()), whose prior mean is zero: for mean='constant' regress "
+            "y_train - c and pass ntkgp.predict.Gaussian(post.mean + c, post.covariance, post.scale), "
+            "c = model.mean_module.constant.detach().")
 
 
 def _select_time(gaussian: Gaussian, time_index: TimeIndex) -> tuple[Gaussian, tuple[int, ...] | None]:
@@ -138,7 +142,7 @@ def predictive_moments(gaussian: Gaussian, noise: float | Tensor | np.ndarray = 
     tolerance = torch.finfo(diagonal.dtype).eps ** 0.5 * _magnitude(diagonal, g.scale)
     if diagonal.numel() and float(diagonal.min()) < -tolerance:
         raise ValueError(f"covariance is not positive semi-definite: a diagonal entry is {float(diagonal.min()):.3g} "
-                         f"(allowed down to {-tolerance:.3g}).")
+                         f"(allowed down to {-tolerance:.3g}).{_scale_hint(g.scale)}")
     latent = g.variance
     assert latent is not None   # the covariance's diagonal or the marginal variances, as read above
     m = latent.numel()
@@ -191,8 +195,22 @@ def _covariance_root(cov: Tensor, prior: float | None = None) -> tuple[Tensor, T
     tolerance = torch.finfo(cov.dtype).eps ** 0.5 * _magnitude(values, prior)
     if values.numel() and float(values.min()) < -tolerance:
         raise ValueError(f"covariance is not positive semi-definite: smallest eigenvalue {float(values.min()):.3g} "
-                         f"(allowed down to {-tolerance:.3g}).")
+                         f"(allowed down to {-tolerance:.3g}).{_scale_hint(prior)}")
     return vectors, values.clamp_min(0).sqrt()
+
+
+def _scale_hint(scale: float | None) -> str:
+    """How to pass the scale a covariance's rounding is relative to, for a Gaussian without one.
+
+    A float32 GPyTorch posterior near its data (a NetworkGP's ``model(x_test)`` with the default noise
+    floor 1e-4, wrapped as the docs say) was refused as asymmetric, and symmetrized as not positive
+    semi-definite: its rounding, ~1e-6 relative to a prior of ~7, is large beside its own entries (~1e-4),
+    and neither refusal named the scale that tells the two apart."""
+    if scale is not None:
+        return ""
+    return (" Rounding relative to the prior variances the covariance was computed from (a float32 posterior near "
+            "its data) is allowed for a Gaussian given their largest, Gaussian(mean, covariance, scale=...): for a "
+            "NetworkGP's model(x_test), scale=float(model.covar_module(x_test, diag=True).max()).")
 
 
 def _magnitude(values: Tensor, prior: float | None) -> float:
@@ -217,7 +235,10 @@ def _checked(g: Gaussian) -> Gaussian[Tensor, Tensor]:
         raise ValueError("The Gaussian's mean or covariance contains NaN or infinite values.")
     # rounding relative to the scale the PSD check uses: near the data a posterior covariance is tiny
     # beside the prior it was computed from, and its float32 asymmetry large beside its own entries
-    check_symmetric(g.covariance, "The Gaussian's covariance", _magnitude(g.covariance, g.scale))
+    try:
+        check_symmetric(g.covariance, "The Gaussian's covariance", _magnitude(g.covariance, g.scale))
+    except ValueError as err:
+        raise ValueError(f"{err}{_scale_hint(g.scale)}") from None
     return cast("Gaussian[Tensor, Tensor]", g)   # the covariance checked above, the variances its diagonal
 
 
