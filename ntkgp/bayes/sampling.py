@@ -5,7 +5,9 @@ noise-free outputs at ``M`` test points: mean ``μ`` of shape ``(*time, M)`` or
 ``(*time, M, k)`` and covariance ``Σ`` of shape ``(*time, M, M)`` shared by the ``k`` outputs
 (the joint covariance is ``Σ ⊗ I_k``). This holds for the NNGP posterior (Lee et al. 2018),
 the NTK-GP posterior (He et al. 2020), the converged NTK ensemble and the gradient-flow
-ensemble at time ``t`` (Lee et al. 2019). With observation noise ``σ²`` the predictive
+ensemble at time ``t`` (Lee et al. 2019); a posterior with a noise per output has a covariance
+per output (:attr:`~ntkgp.predict.Gaussian.per_output`), which these functions take one output
+at a time (:meth:`~ntkgp.predict.Gaussian.output`). With observation noise ``σ²`` the predictive
 distribution of targets is ``y* ~ N(μ, Σ + σ² I)`` (Rasmussen & Williams 2006, eq. 2.22–2.24).
 
 A finite deep ensemble (Lakshminarayanan, Pritzel & Blundell 2017) is treated as ``E`` draws of
@@ -65,6 +67,9 @@ def _select_time(gaussian: Gaussian, time_index: TimeIndex) -> tuple[Gaussian, t
     if not isinstance(gaussian, Gaussian):
         raise ValueError(f"Expected an ntkgp.predict.Gaussian, got {type(gaussian).__name__}."
                          + _gpytorch_hint(gaussian))
+    if gaussian.per_output:   # (M, M, k): read as (*time, M, M) its axes would mean other things
+        raise ValueError("This Gaussian has a covariance per output, (M, M, k) (a GPPosterior with noise per output): "
+                         "pass one output's Gaussian, gaussian.output(j), for each j.")
     marginal = gaussian.covariance is None and gaussian.marginal is not None
     if gaussian.covariance is None and not marginal:
         raise ValueError("This Gaussian has no covariance: predict with compute_cov=True (or 'diag', for the "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,7 +43,8 @@ class Gaussian(Generic[_Cov, _Var]):
     Attributes:
         mean: ``(*time, M)`` for 1-D targets, ``(*time, M, k)`` for ``k`` outputs.
         covariance: ``(*time, M, M)``, shared by every output unit (the full covariance is
-            ``covariance ⊗ I_k``), or ``None`` when not computed.
+            ``covariance ⊗ I_k``), or ``None`` when not computed; ``(M, M, k)``, one per output
+            (``covariance[..., j]`` that of output ``j``), where ``per_output`` is set.
         scale: the largest prior variance the covariance was computed from (``max diag K**``, or
             of the training kernel for training-set outputs); set by the predictors, ``None`` for a
             Gaussian built by hand. The covariance is a difference of terms of this size, so its
@@ -50,13 +52,22 @@ class Gaussian(Generic[_Cov, _Var]):
             data pin): :func:`ntkgp.bayes.sample_outputs` tells rounding from indefiniteness by it.
         marginal: the marginal variances ``(*time, M)`` alone, where only those were computed
             (``compute_cov="diag"``: ``O(M N)`` memory instead of the ``(M, M)`` covariance, for
-            large test sets); ``covariance`` is then ``None``.
+            large test sets); ``covariance`` is then ``None``. ``(M, k)``, shaped like the mean,
+            where ``per_output`` is set.
+        per_output: whether each of the ``k`` outputs has a covariance of its own, ``(M, M, k)``
+            (marginal variances ``(M, k)``): the posterior of :class:`~ntkgp.predict.GPPosterior`
+            with a noise per training point and output (``noise`` of shape ``(N, k)`` whose columns
+            differ). The output axis is last, as in the mean and in neural-tangents' kernels (the
+            diagonal over an output axis, ``diagonal_axes``, stays a trailing axis); GPyTorch's
+            batch of ``k`` independent models holds ``covariance.permute(2, 0, 1)``.
+            :meth:`output` picks one output's Gaussian.
     """
 
     mean: Tensor
     covariance: _Cov = None   # type: ignore[assignment]  # None: not computed
     scale: float | None = None
     marginal: Tensor | None = None
+    per_output: bool = False
 
     @property
     def variance(self) -> _Var:
@@ -65,13 +76,49 @@ class Gaussian(Generic[_Cov, _Var]):
 
         One per test point, shared by the ``k`` outputs: for ``(N, k)`` targets (``(N, 1)``
         included) it does not have the mean's shape, and ``mean ± 2 * variance.sqrt()`` broadcasts
-        to ``(M, M)`` silently; :meth:`interval` gives bands shaped like the mean."""
+        to ``(M, M)`` silently; :meth:`interval` gives bands shaped like the mean. With
+        :attr:`per_output` it is ``(M, k)``, one per test point and output, shaped like the mean."""
         if self.covariance is None:
             return cast(_Var, None if self.marginal is None else self.marginal.clamp_min(0))
+        if self.per_output:   # (M, M, k): the diagonal over the two point axes, output axis last
+            return cast(_Var, torch.diagonal(self.covariance, dim1=-3, dim2=-2).mT.clamp_min(0))
         return cast(_Var, torch.diagonal(self.covariance, dim1=-2, dim2=-1).clamp_min(0))
 
+    def output(self, j: int) -> Gaussian:
+        """The Gaussian of output ``j`` alone (of ``(*time, M, k)`` means): mean ``(*time, M)``, and
+        its own covariance ``(M, M)`` (marginal variances ``(M,)``) where :attr:`per_output` is set,
+        the shared one otherwise. What :mod:`ntkgp.bayes`'s draws, metrics and exports take for a
+        posterior with a covariance per output."""
+        if self.per_output:
+            outputs = self.mean.dim() == 2
+        elif self.covariance is not None:   # (*time, M, M) beside (*time, M) or (*time, M, k)
+            outputs = self.mean.dim() == self.covariance.dim()
+        elif self.marginal is not None:
+            outputs = self.mean.dim() == self.marginal.dim() + 1
+        else:   # a mean (T, M) of 1-D targets at T times would read as M points of T outputs
+            raise ValueError("This Gaussian has a mean alone, which does not say which axis is the outputs': "
+                             "index the mean, mean[..., j].")
+        if not outputs:
+            raise ValueError(f"output(j) picks one of the k outputs of a mean (*time, M, k), got mean "
+                             f"{tuple(self.mean.shape)} (1-D targets).")
+        k = self.mean.shape[-1]
+        try:
+            if isinstance(j, bool):
+                raise TypeError
+            index = operator.index(j)   # ints, numpy ints, integer tensors of one element
+        except TypeError:
+            index = k   # refused below, by name
+        if not -k <= index < k:
+            raise ValueError(f"j must be an integer in [-{k}, {k}) for {k} outputs, got {j!r}.")
+        if not self.per_output:
+            return Gaussian(self.mean[..., index], self.covariance, self.scale, self.marginal)
+        cov = None if self.covariance is None else self.covariance[..., index]
+        marginal = None if self.marginal is None else self.marginal[..., index]
+        return Gaussian(self.mean[..., index], cov, self.scale, marginal)
+
     def interval(self, width: float = 2.0) -> tuple[Tensor, Tensor]:
-        """``mean ∓ width · σ``, each shaped like :attr:`mean` (``σ`` shared by the ``k`` outputs)."""
+        """``mean ∓ width · σ``, each shaped like :attr:`mean` (``σ`` shared by the ``k`` outputs, or
+        each output's own where :attr:`per_output` is set)."""
         variance = self.variance
         if variance is None:
             raise ValueError("This Gaussian has no variances (predict with compute_cov=True or 'diag').")
@@ -358,10 +405,14 @@ def check_non_negative(name: str, value: float | Tensor) -> float:
 
 
 def check_diagonal(name: str, value: Diagonal, n: int, device: torch.device,
-                   dtype: torch.dtype) -> float | Tensor:
+                   dtype: torch.dtype, outputs: int | None = None) -> float | Tensor:
     """``value`` for the training diagonal: a finite float ``>= 0`` (one for every point), or one per
     point, an ``(N,)`` tensor, array or list of numbers (heteroscedastic noise, as GPyTorch's
-    ``FixedNoiseGaussianLikelihood``), returned as a copy on ``device`` in ``dtype``."""
+    ``FixedNoiseGaussianLikelihood``), returned as a copy on ``device`` in ``dtype``; given
+    ``outputs = k`` (``(N, k)`` targets), also one per point and output, ``(N, k)``.
+
+    A vector is always one value per point, whatever ``k``: a ``(k,)`` vector of one variance per
+    output is refused (``expand(N, k)`` says that), so that with ``N == k`` nothing is guessed."""
     many = isinstance(value, list | tuple) or (isinstance(value, Tensor) and value.numel() > 1) or (
         isinstance(value, np.ndarray) and value.size > 1)
     if not many:   # a number, or a one-element tensor or array (finite_number reads those)
@@ -373,14 +424,20 @@ def check_diagonal(name: str, value: Diagonal, n: int, device: torch.device,
         value = torch.from_numpy(np.array(finite(value, name, booleans=False)))
     tensor = cast(Tensor, value)
     refuse_meta(tensor, name)
-    if tensor.shape != (n,):
+    if outputs is None and tensor.shape != (n,):
         raise ValueError(f"{name} must be a number or one value per training point, shape ({n},), got shape "
                          f"{tuple(tensor.shape)}.")
+    if outputs is not None and tensor.shape not in ((n,), (n, outputs)):
+        hint = (f" For one variance per output pass {name}=torch.tensor(levels, dtype=torch.float64)"
+                f".expand({n}, {outputs})." if tensor.shape == (outputs,) else "")
+        raise ValueError(f"{name} must be a number, one value per training point, shape ({n},), or one per training "
+                         f"point and output, shape ({n}, {outputs}), got shape {tuple(tensor.shape)}.{hint}")
     if tensor.is_complex() or tensor.dtype == torch.bool:
         raise ValueError(f"{name} must be real, got dtype {tensor.dtype}.")
     tensor = tensor.detach().to(device=device, dtype=dtype, copy=True)
     if not all_finite(tensor) or bool((tensor < 0).any()):
-        bad = int((~torch.isfinite(tensor) | (tensor < 0)).nonzero()[0])
-        raise ValueError(f"{name} must be finite and non-negative at every training point; entry {bad} is "
-                         f"{float(tensor[bad])}.")
+        index = tuple(int(i) for i in (~torch.isfinite(tensor) | (tensor < 0)).nonzero()[0])
+        at = index[0] if len(index) == 1 else index
+        raise ValueError(f"{name} must be finite and non-negative at every training point; entry {at} is "
+                         f"{float(tensor[index])}.")
     return tensor

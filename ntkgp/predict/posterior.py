@@ -13,7 +13,8 @@ r"""Exact Gaussian-process posteriors of infinitely wide networks.
   i.e. :class:`~ntkgp.predict.GradientFlow` at ``t = ∞`` (Lee et al. 2019).
 
 ``σ²`` (``noise``) is an absolute observation-noise variance on the training diagonal, one for all
-points or one per point (``σ²I`` is then ``diag(σ²)``). The
+points or one per point (``σ²I`` is then ``diag(σ²)``), or, for ``(N, k)`` targets, one per point
+and output (output ``j`` then has ``K + diag(σ²[:, j])``, a factorization of its own). The
 factorization is a Cholesky decomposition in float64 (by default), cached for repeated
 predictions; a singular kernel without noise raises a ``ValueError`` suggesting ``noise``.
 Values agree with neural-tangents' ``gp_inference`` (absolute ``diag_reg``) to 1e-10.
@@ -81,11 +82,21 @@ class GPPosterior:
     Args:
         net: the network spec.
         x_train: ``(N, d)`` inputs.
-        y_train: ``(N,)`` or ``(N, k)`` targets (one factorization serves all ``k`` outputs).
+        y_train: ``(N,)`` or ``(N, k)`` targets (one factorization serves all ``k`` outputs, unless
+            their noises differ).
         kernel: ``"nngp"``, ``"ntkgp"`` or ``"ntk"``.
         noise: absolute observation-noise variance added to the training diagonal: a number, or
             ``(N,)``, one per training point (heteroscedastic noise of known variances, as GPyTorch's
-            ``FixedNoiseGaussianLikelihood``: ``K + diag(σ²)`` in the formulas).
+            ``FixedNoiseGaussianLikelihood``: ``K + diag(σ²)`` in the formulas), shared by the ``k``
+            outputs; or, for ``(N, k)`` targets, ``(N, k)``, one per training point and output:
+            output ``j`` is then an independent GP with ``K + diag(σ²[:, j])`` (GPyTorch's batch of
+            ``k`` independent models, ``batch_shape=[k]``, each with its ``FixedNoiseGaussianLikelihood``).
+            A vector is always one value per point, also where ``N == k``; one level per output is
+            ``torch.tensor(levels, dtype=torch.float64).expand(N, k)``. Columns that differ cost ``k``
+            factorizations and ``k`` training matrices (``k N²`` memory), and :meth:`predict` returns a
+            covariance per output (:attr:`Gaussian.per_output`); equal columns are the one
+            factorization of ``(N,)`` noise, bit for bit. ``kernel="ntk"`` (gradient flow, one
+            regularizer per point) takes equal columns only.
         factor_dtype: dtype in which kernels are computed and factored (results come back in the
             inputs' dtype; with float32 a ``RuntimeWarning`` says where the kernels' rounding can
             move the test means by more than 1 %, see docs/numerics.md).
@@ -105,7 +116,15 @@ class GPPosterior:
         self.factor_dtype = check_factor_dtype(factor_dtype)
         # here for "ntk" too, under the name it was passed as: its flow's check refused noise=-1 as
         # "diag_reg must be a finite non-negative number"
-        self.noise = check_diagonal("noise", noise, x_train.shape[0], x_train.device, self.factor_dtype)
+        outputs = y_train.shape[-1] if y_train.dim() == 2 else None
+        self.noise = _shared_columns(check_diagonal("noise", noise, x_train.shape[0], x_train.device,
+                                                    self.factor_dtype, outputs=outputs))
+        #: whether each output has a training covariance (factor, posterior covariance) of its own
+        self.per_output = isinstance(self.noise, Tensor) and self.noise.dim() == 2
+        if kernel == "ntk" and self.per_output:
+            raise ValueError("noise of one value per training point and output, (N, k) with columns that differ, is "
+                             "for kernel='nngp' and 'ntkgp': the converged NTK ensemble's gradient flow takes one "
+                             "regularizer per training point, a number or (N,).")
         if kernel == "ntk":   # its GradientFlow records the hyperparameters and checks them
             self._flow = GradientFlow(net, x_train, y_train, kernel="ntk", diag_reg=self.noise,
                                       diag_reg_absolute_scale=True, factor_dtype=factor_dtype)
@@ -120,7 +139,15 @@ class GPPosterior:
             k = net.kernel(self.x_factor, ntk=kernel == "ntkgp")
         prior = cast(Tensor, k.ntk) if kernel == "ntkgp" else k.nngp   # asked for
         del k   # the NTK-GP's NNGP beside Θ and its regularized copy: 3 N² at the setup's peak, not 2
-        self._prior_dd: Tensor | None = regularize(prior, self.noise, absolute=True)
+        if self.per_output:   # (k, N, N): K + diag(σ²[:, j]) for output j, factored as a batch
+            levels = cast(Tensor, self.noise)
+            self._prior_dd: Tensor | None = prior.expand(levels.shape[-1], *prior.shape).clone()
+            self._prior_dd.diagonal(dim1=-2, dim2=-1).add_(levels.mT)
+            del prior
+            # the largest over the outputs: the scale of the rounding of each point's entries
+            self._variances = self._prior_dd.diagonal(dim1=-2, dim2=-1).amax(0)
+            return
+        self._prior_dd = regularize(prior, self.noise, absolute=True)
         # the training variances, the scale of each entry's rounding (warn_if_imprecise)
         self._variances = self._prior_dd.diagonal().clone()
 
@@ -128,7 +155,12 @@ class GPPosterior:
     @outside_inference_mode
     def _cholesky(self) -> Tensor:
         assert self._prior_dd is not None   # dropped below only once the factor is cached in its place
-        factor = cholesky(self._prior_dd, f"training {self.kind.upper()} kernel")
+        if self.per_output:   # one output at a time, so that a refusal names the output whose noise is too small
+            factor = torch.empty_like(self._prior_dd)
+            for j, kernel in enumerate(self._prior_dd):
+                factor[j] = cholesky(kernel, f"training {self.kind.upper()} kernel with the noise of output {j}")
+        else:
+            factor = cholesky(self._prior_dd, f"training {self.kind.upper()} kernel")
         # nothing reads the regularized kernel once it is factored (a singular one, refused above, is
         # kept for the next attempt to refuse again): held on, it was an N × N matrix beside the factor
         # at every prediction's peak (3.2 GB of 13.6 at N = M = 20 000, "diag", float64)
@@ -138,8 +170,22 @@ class GPPosterior:
     @cached_property
     @outside_inference_mode
     def _alpha(self) -> Tensor:
-        """``(K + σ²I)⁻¹ Y``, the dual coefficients of the posterior mean."""
+        """``(K + σ²I)⁻¹ Y``, the dual coefficients of the posterior mean (column ``j`` with output
+        ``j``'s own factor where :attr:`per_output`)."""
+        if self.per_output:   # (k, N, 1) right-hand sides against the (k, N, N) factors
+            return cholesky_solve(self.y.mT.unsqueeze(-1), self._cholesky).squeeze(-1).mT
         return cholesky_solve(self.y, self._cholesky)
+
+    def _per_output_covariance(self, c_tt: Tensor, c_td: Tensor, mode: str) -> Tensor:
+        """:func:`subtract_gram_` with each output's factor: ``(M, M, k)`` (``mode="full"``) or
+        ``(M, k)`` (``"diag"``), the output axis last. One output at a time: one ``(N, M)`` ``w`` at
+        the peak, not ``k``."""
+        chol = self._cholesky
+        out = c_tt.new_empty(*c_tt.shape, chol.shape[0])
+        for j, factor in enumerate(chol):
+            w = torch.linalg.solve_triangular(factor, c_td.mT, upper=False)
+            out[..., j] = subtract_gram_(c_tt.clone(), w, mode)
+        return out
 
     def _warn_if_imprecise(self, mean: Tensor) -> None:
         """:func:`~ntkgp.predict.spectral.warn_if_imprecise` for the test ``mean``: the kernels' rounding
@@ -163,9 +209,11 @@ class GPPosterior:
     @neural_tangents_keywords(get="the kernel is chosen when the GPPosterior is built: GPPosterior(..., "
                                   "kernel='nngp', 'ntkgp' or 'ntk'), one per kernel.")
     def predict(self, x_test: Tensor | None, compute_cov: bool | str = True) -> Gaussian:
-        """Posterior mean ``(M,)``/``(M, k)`` and covariance ``(M, M)`` at ``x_test``.
+        """Posterior mean ``(M,)``/``(M, k)`` and covariance ``(M, M)`` at ``x_test``; with a noise
+        per output (:attr:`Gaussian.per_output`) one covariance per output, ``(M, M, k)``
+        (``covariance[..., j]`` is output ``j``'s: ``K** − K*d (K + diag σ²[:, j])⁻¹ Kd*``).
 
-        ``compute_cov="diag"`` computes the marginal variances ``(M,)`` alone
+        ``compute_cov="diag"`` computes the marginal variances ``(M,)`` (``(M, k)`` per output) alone
         (:attr:`Gaussian.marginal`, ``diag K** − Σ_j w_jm²`` with ``w = L⁻¹ Kd*``): memory
         ``O(M N)``, where the covariance of 50 000 test points needs 20 GB in float64.
         ``x_test=None`` predicts the training points, for ``kernel="ntk"`` only (as
@@ -179,7 +227,8 @@ class GPPosterior:
             _refuse_training_points(self.kind)
         check_test_points(x_test, self.x_train.shape[-1], self.x_train.device)
         if mode == "full":   # before the training factorization and the test kernels
-            check_covariance_fits(x_test.shape[0], 1, self.factor_dtype, self.x_train.device)
+            outputs = self.y.shape[-1] if self.per_output else 1   # (M, M, k)
+            check_covariance_fits(x_test.shape[0], outputs, self.factor_dtype, self.x_train.device)
         want_ntk = self.kind == "ntkgp"
         x_test = x_test.to(self.factor_dtype)
         cov, marginal, scale = None, None, None
@@ -188,7 +237,7 @@ class GPPosterior:
             self._warn_if_imprecise(mean)
             if not self.vector_targets:
                 mean = mean.squeeze(-1)
-            return Gaussian(mean.to(self.dtype), None, scale, marginal)
+            return Gaussian(mean.to(self.dtype), None, scale, marginal, self.per_output)
         with torch.no_grad(), named_kernels("test"):
             cross = self.net.kernel(x_test, self.x_factor, ntk=want_ntk)
             c_td = cast(Tensor, cross.ntk) if want_ntk else cross.nngp   # asked for
@@ -201,18 +250,21 @@ class GPPosterior:
                 del test
                 check_covariance_range(c_tt, self.dtype)
                 scale = prior_scale(c_tt)
-                w = torch.linalg.solve_triangular(self._cholesky, c_td.mT, upper=False)
-                del c_td
-                # in place: c_tt, the product and the result were 3 (M, M) matrices, with the mirror 4
-                result = subtract_gram_(c_tt, w, mode).to(self.dtype)
+                if self.per_output:
+                    result = self._per_output_covariance(c_tt, c_td, mode).to(self.dtype)
+                else:
+                    w = torch.linalg.solve_triangular(self._cholesky, c_td.mT, upper=False)
+                    del c_td
+                    # in place: c_tt, the product and the result were 3 (M, M) matrices, with the mirror 4
+                    result = subtract_gram_(c_tt, w, mode).to(self.dtype)
                 cov, marginal = (None, result) if mode == "diag" else (result, None)
         if not self.vector_targets:
             mean = mean.squeeze(-1)
-        return Gaussian(mean.to(self.dtype), cov, scale, marginal)
+        return Gaussian(mean.to(self.dtype), cov, scale, marginal, self.per_output)
 
     def _by_test_blocks(self, x_test: Tensor, mode: str | None) -> tuple[Tensor, Tensor | None, float | None]:
-        """The mean ``(M, k)`` and, for ``mode="diag"``, the marginal variances ``(M,)`` (in
-        ``factor_dtype``) and :attr:`Gaussian.scale`, a block of about :data:`TEST_BLOCK_ENTRIES`
+        """The mean ``(M, k)`` and, for ``mode="diag"``, the marginal variances ``(M,)`` (``(M, k)``
+        per output; in ``factor_dtype``) and :attr:`Gaussian.scale`, a block of about :data:`TEST_BLOCK_ENTRIES`
         test-by-training entries at a time: each test point's mean and variance need its own row of
         ``K*d`` alone, and the whole ``(M, N)`` cross kernel with ``w = L⁻¹ Kd*`` beside it were
         two ``M × N`` matrices at the peak (6.4 GB at N = M = 20 000 in float64, over the factor's 3.2)."""
@@ -235,6 +287,9 @@ class GPPosterior:
                 del test
                 check_covariance_range(c_tt, self.dtype)
                 scale = max(scale, prior_scale(c_tt))
+                if self.per_output:
+                    marginals.append(self._per_output_covariance(c_tt, c_td, mode))
+                    continue
                 w = torch.linalg.solve_triangular(chol, c_td.mT, upper=False)
                 del c_td
                 marginals.append(subtract_gram_(c_tt, w, mode))
@@ -245,7 +300,8 @@ class GPPosterior:
 
     def log_marginal_likelihood(self) -> float:
         """``log p(Y) = Σ_outputs [−½ yᵀ C⁻¹ y − ½ log|C| − (N/2) log 2π]`` (``C`` = prior + noise;
-        Rasmussen & Williams 2006, eq. 2.30)."""
+        Rasmussen & Williams 2006, eq. 2.30): the outputs are independent GPs, each with its own
+        ``C_j = K + diag(σ²[:, j])`` for a noise per output."""
         if self.kind == "ntk":
             raise ValueError("The converged-NTK ensemble is not a GP posterior of Y; use 'ntkgp' or 'nngp'.")
         # the cached factor is of the variances at construction: after net[0].weight_var = w (a grid
@@ -253,13 +309,15 @@ class GPPosterior:
         self._hyperparameters.check(self.net)
         chol, alpha = self._cholesky, self._alpha
         n, k = self.y.shape
-        logdet = 2 * torch.log(torch.diagonal(chol)).sum()
-        return float(-0.5 * (self.y * alpha).sum() - 0.5 * k * logdet - 0.5 * n * k * math.log(2 * math.pi))
+        # per output the sum of the k log-determinants; otherwise one, shared by the k outputs
+        logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum()
+        shared = 1 if self.per_output else k
+        return float(-0.5 * (self.y * alpha).sum() - 0.5 * shared * logdet - 0.5 * n * k * math.log(2 * math.pi))
 
     def leave_one_out(self) -> tuple[Tensor, Tensor]:
-        """Predictive mean ``(N,)``/``(N, k)`` and variance ``(N,)`` of each training target given
-        the others, from the cached factor of ``C`` = prior + noise (Rasmussen & Williams 2006,
-        eq. 5.12)::
+        """Predictive mean ``(N,)``/``(N, k)`` and variance ``(N,)`` (``(N, k)`` with a noise per
+        output, each output's from its own ``C``) of each training target given the others, from
+        the cached factor of ``C`` = prior + noise (Rasmussen & Williams 2006, eq. 5.12)::
 
             μ_{−i} = y_i − [C⁻¹ y]_i / [C⁻¹]_ii,   σ²_{−i} = 1 / [C⁻¹]_ii
 
@@ -276,18 +334,29 @@ class GPPosterior:
         the exact leave-one-out log predictive density, the quantity PSIS-LOO (``az.loo``'s
         ``elpd_loo``) estimates."""
         mean, variance = self._leave_one_out()
-        var = variance.unsqueeze(-1)
+        var = variance if self.per_output else variance.unsqueeze(-1)
         return float((-0.5 * torch.log(2 * math.pi * var) - (self.y - mean) ** 2 / (2 * var)).sum())
 
     def _leave_one_out(self) -> tuple[Tensor, Tensor]:
-        """``(N, k)`` means and ``(N,)`` variances in ``factor_dtype``."""
+        """``(N, k)`` means and ``(N,)`` variances (``(N, k)`` per output) in ``factor_dtype``."""
         if self.kind == "ntk":
             raise ValueError("The converged-NTK ensemble is not a GP posterior of Y; use 'ntkgp' or 'nngp'.")
         self._hyperparameters.check(self.net)   # as log_marginal_likelihood: the factor is the old model's
         chol = self._cholesky
         eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
         precision = torch.linalg.solve_triangular(chol, eye, upper=False).square().sum(-2)   # [C⁻¹]_ii = ‖L⁻¹ e_i‖²
+        if self.per_output:   # (k, N) from the (k, N, N) factors: output j's [C_j⁻¹]_ii in column j
+            precision = precision.mT
+            return self.y - self._alpha / precision, precision.reciprocal()
         return self.y - self._alpha / precision.unsqueeze(-1), precision.reciprocal()
+
+
+def _shared_columns(noise: float | Tensor) -> float | Tensor:
+    """An ``(N, k)`` noise whose columns are all equal as its first column, ``(N,)``: the one
+    factorization that serves all outputs (the same numbers as that ``(N,)`` noise, bit for bit)."""
+    if isinstance(noise, Tensor) and noise.dim() == 2 and torch.equal(noise, noise[:, :1].expand_as(noise)):
+        return noise[:, 0].clone()
+    return noise
 
 
 def _refuse_training_points(kind: str) -> NoReturn:
@@ -325,7 +394,9 @@ def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | 
                  noise: Diagonal = 0.0, compute_cov: bool | str = True,
                  factor_dtype: torch.dtype = torch.float64) -> Gaussian:
     """One-shot :class:`GPPosterior` prediction: for ``kernel="nngp"`` ``μ = K*d (K + σ²I)⁻¹ Y``,
-    ``Σ = K** − K*d (K + σ²I)⁻¹ Kd*``, with ``σ² = noise`` (see there for ``"ntkgp"`` and ``"ntk"``:
+    ``Σ = K** − K*d (K + σ²I)⁻¹ Kd*``, with ``σ² = noise`` (a number, ``(N,)`` or, for ``(N, k)``
+    targets, ``(N, k)``: one per point and output, a covariance ``(M, M, k)`` per output; see there
+    for that and for ``"ntkgp"`` and ``"ntk"``:
     Lee et al. 2018, He et al. 2020, Lee et al. 2019; ``compute_cov="diag"`` for the marginal
     variances alone; ``x_test=None`` for the training points, with ``kernel="ntk"`` only)."""
     check_training_data(net, x_train, y_train)   # the cheap checks before the training kernel is computed

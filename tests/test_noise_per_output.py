@@ -1,0 +1,263 @@
+"""Observation noise per training point and output, ``(N, k)`` for ``(N, k)`` targets: output ``j`` is
+an independent GP with ``K + diag(σ²[:, j])``, checked against the dense formulas in numpy/scipy,
+against GPyTorch's batch of ``k`` independent exact GPs with ``FixedNoiseGaussianLikelihood``, and
+against refits with a point left out."""
+
+from __future__ import annotations
+
+import copy
+
+import gpytorch
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import ntkgp
+from ntkgp import bayes, predict
+
+N, M, K = 12, 7, 3
+
+
+def _data(k: int = K, n: int = N):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    xt = torch.randn(M, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(n, k, generator=g, dtype=torch.float64)
+    # levels 0.01, 0.1, 1 (times 1 to 2 per point): each output's posterior far from the others'
+    noise = torch.logspace(-2, 0, k, dtype=torch.float64) * (1 + torch.rand(n, k, generator=g, dtype=torch.float64))
+    return x, y, xt, noise
+
+
+def _net():
+    return ntkgp.mlp(2, "erf", weight_var=2.0, bias_var=0.1)
+
+
+def _dense(net, x, xt, kernel):
+    with torch.no_grad():
+        pick = (lambda s: s.ntk.numpy()) if kernel == "ntkgp" else (lambda s: s.nngp.numpy())
+        return (pick(net.kernel(x, ntk=True)), pick(net.kernel(xt, x, ntk=True)), pick(net.kernel(xt, ntk=True)))
+
+
+@pytest.mark.parametrize("kernel", ["nngp", "ntkgp"])
+def test_each_output_is_the_dense_formula_with_its_own_noise(kernel):
+    """``μ_j = K*d (K + diag σ²_j)⁻¹ y_j``, ``Σ_j = K** − K*d (K + diag σ²_j)⁻¹ Kd*`` by numpy's solve,
+    covariances ``(M, M, k)`` (output axis last, as the mean's), marginal variances ``(M, k)``."""
+    x, y, xt, noise = _data()
+    net = _net()
+    kdd, ktd, ktt = _dense(net, x, xt, kernel)
+    out = predict.gp_posterior(net, x, y, xt, kernel=kernel, noise=noise)
+    diag = predict.gp_posterior(net, x, y, xt, kernel=kernel, noise=noise, compute_cov="diag")
+    assert out.per_output and diag.per_output
+    assert out.mean.shape == (M, K) and out.covariance.shape == (M, M, K) and diag.marginal.shape == (M, K)
+    for j in range(K):
+        c = kdd + np.diag(noise[:, j].numpy())
+        cov = ktt - ktd @ np.linalg.solve(c, ktd.T)
+        np.testing.assert_allclose(out.mean[:, j].numpy(), ktd @ np.linalg.solve(c, y[:, j].numpy()),
+                                   rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(out.covariance[..., j].numpy(), cov, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(diag.variance[:, j].numpy(), np.diag(cov), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.variance, diag.variance, rtol=1e-12, atol=1e-14)
+    # the levels differ by 10x between outputs: one shared covariance could not be within 1e-3 of all
+    spread = (out.covariance[..., 0] - out.covariance[..., -1]).abs().max()
+    assert float(spread) > 1e-2
+    low, high = out.interval()
+    torch.testing.assert_close(high - low, 4 * out.variance.sqrt(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.mean.shape, low.shape)
+
+
+def test_agrees_with_gpytorch_batch_independent_exact_gps():
+    """GPyTorch's batch of ``k`` independent exact GPs (``batch_shape=[k]``), each with
+    ``FixedNoiseGaussianLikelihood`` of its own column of noise and ntkgp's ``NNGPKernel``: its own
+    solves give the same means and covariances (``covariance.permute(2, 0, 1)``)."""
+    x, y, xt, noise = _data()
+    net = _net()
+    batch = torch.Size([K])
+
+    class Independent(gpytorch.models.ExactGP):
+        def __init__(self):
+            likelihood = gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise.mT.contiguous(), batch_shape=batch)
+            super().__init__(x.expand(K, N, 3), y.mT.contiguous(), likelihood)
+            self.mean_module = gpytorch.means.ZeroMean(batch_shape=batch)
+            self.covar_module = ntkgp.NNGPKernel(copy.deepcopy(net), batch_shape=batch)
+
+        def forward(self, inputs):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(inputs), self.covar_module(inputs))
+
+    model = Independent().double().eval()
+    with torch.no_grad(), gpytorch.settings.fast_computations(False, False, False):
+        theirs = model(xt.expand(K, M, 3))
+    ours = predict.gp_posterior(net, x, y, xt, kernel="nngp", noise=noise)
+    torch.testing.assert_close(ours.mean.mT, theirs.mean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours.covariance.permute(2, 0, 1), theirs.covariance_matrix, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours.variance.mT, theirs.variance, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel", ["nngp", "ntkgp"])
+def test_evidence_and_leave_one_out_per_output(kernel):
+    """``log p(Y) = Σ_j log N(y_j; 0, K + diag σ²_j)`` by scipy; leaving point ``i`` out of output
+    ``j`` is a refit on the others, predicting ``y_ij`` with its noise ``σ²_ij`` added."""
+    x, y, _, noise = _data()
+    net = _net()
+    post = predict.GPPosterior(net, x, y, kernel=kernel, noise=noise)
+    kdd, _, _ = _dense(net, x, x, kernel)
+    expected = sum(scipy.stats.multivariate_normal(np.zeros(N), kdd + np.diag(noise[:, j].numpy())).logpdf(
+        y[:, j].numpy()) for j in range(K))
+    assert post.log_marginal_likelihood() == pytest.approx(expected, rel=1e-12)
+    mean, variance = post.leave_one_out()
+    assert mean.shape == variance.shape == (N, K)
+    density = 0.0
+    for i in range(N):
+        keep = torch.arange(N) != i
+        refit = predict.gp_posterior(net, x[keep], y[keep], x[i:i + 1], kernel=kernel, noise=noise[keep])
+        torch.testing.assert_close(mean[i], refit.mean[0], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(variance[i], refit.covariance[0, 0] + noise[i], rtol=1e-9, atol=0)
+        density += float(scipy.stats.norm(refit.mean[0], (refit.covariance[0, 0] + noise[i]).sqrt()).logpdf(y[i]).sum())
+    assert post.leave_one_out_log_density() == pytest.approx(density, rel=1e-10)
+
+
+@pytest.mark.parametrize("kernel", ["nngp", "ntkgp", "ntk"])
+def test_equal_columns_are_the_noise_per_point_bit_for_bit(kernel):
+    """``noise[:, None].expand(N, k)`` (and a per-output constant of one level) is the single
+    factorization of the ``(N,)`` noise (``"ntk"`` included): the same numbers, bit for bit, and a
+    covariance shared by the outputs."""
+    x, y, xt, noise = _data()
+    net = _net()
+    per_point = noise[:, 0]
+    constant = torch.full((N, K), 0.3, dtype=torch.float64)
+    for given, same in [(per_point[:, None].expand(N, K), per_point), (constant, 0.3)]:
+        ours = predict.GPPosterior(net, x, y, kernel=kernel, noise=given)
+        theirs = predict.GPPosterior(net, x, y, kernel=kernel, noise=same)
+        a, b = ours.predict(xt), theirs.predict(xt)
+        assert not a.per_output and a.covariance.shape == (M, M)
+        torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=0)
+        torch.testing.assert_close(a.covariance, b.covariance, rtol=0, atol=0)
+        if kernel != "ntk":
+            assert ours.log_marginal_likelihood() == theirs.log_marginal_likelihood()
+
+
+def test_noise_per_output_as_a_list_or_array_or_integers():
+    """The same float64 values, bit for bit, from nested lists, an array (a transposed one, which
+    torch would not wrap as it is, included) and integers (converted as for ``(N,)`` noise)."""
+    x, y, xt, noise = _data()
+    net = _net()
+    reference = predict.gp_posterior(net, x, y, xt, noise=noise)
+    for given in (noise.tolist(), noise.numpy(), np.asfortranarray(noise.numpy())):
+        got = predict.gp_posterior(net, x, y, xt, noise=given)
+        torch.testing.assert_close(got.mean, reference.mean, rtol=0, atol=0)
+        torch.testing.assert_close(got.covariance, reference.covariance, rtol=0, atol=0)
+    counts = torch.arange(1, N * K + 1, dtype=torch.float64).reshape(N, K)
+    torch.testing.assert_close(predict.gp_posterior(net, x, y, xt, noise=counts.long()).mean,
+                               predict.gp_posterior(net, x, y, xt, noise=counts).mean, rtol=0, atol=0)
+
+
+def test_a_level_per_output_is_spelled_expand():
+    """One variance per output is ``torch.tensor(levels, dtype=torch.float64).expand(N, k)``: each
+    output is the ``(N, 1)`` posterior of its own scalar noise."""
+    x, y, xt, _ = _data()
+    net = _net()
+    levels = [0.01, 0.1, 1.0]
+    out = predict.gp_posterior(net, x, y, xt, noise=torch.tensor(levels, dtype=torch.float64).expand(N, K))
+    for j, level in enumerate(levels):
+        alone = predict.gp_posterior(net, x, y[:, j:j + 1], xt, noise=level)
+        torch.testing.assert_close(out.mean[:, j], alone.mean[:, 0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(out.covariance[..., j], alone.covariance, rtol=1e-12, atol=1e-14)
+
+
+def test_a_vector_is_always_one_noise_per_point_even_where_n_equals_k():
+    """With ``N == k`` a vector is one variance per point (never per output, unguessed): it equals
+    ``noise[:, None].expand(N, k)``, not ``noise.expand(N, k)``."""
+    x, y, xt, noise = _data(k=N)
+    net = _net()
+    vector = noise[:, 0]
+    got = predict.gp_posterior(net, x, y, xt, noise=vector)
+    per_point = predict.gp_posterior(net, x, y, xt, noise=vector[:, None].expand(N, N))
+    per_output = predict.gp_posterior(net, x, y, xt, noise=vector.expand(N, N))
+    torch.testing.assert_close(got.mean, per_point.mean, rtol=0, atol=0)
+    assert float((got.mean - per_output.mean).abs().max()) > 1e-3
+
+
+def test_bad_noise_per_output_is_refused_before_the_kernels(monkeypatch):
+    x, y, _, noise = _data()
+    net = _net()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the kernel was computed before the noise was checked")
+
+    monkeypatch.setattr(net, "kernel", fail)
+    expected = rf"^noise must be a number, one value per training point, shape \({N},\), or one per training " \
+               rf"point and output, shape \({N}, {K}\), got shape "
+    bad_nan = noise.clone()
+    bad_nan[4, 2] = float("nan")
+    bad_negative = noise.clone()
+    bad_negative[3, 1] = -0.5
+    hint = rf"For one variance per output pass noise=torch\.tensor\(levels, dtype=torch\.float64\)\.expand\({N}, {K}\)"
+    for bad, message in [(torch.ones(K), expected + rf"\({K},\)\. {hint}\.$"),
+                         (noise.mT, expected + rf"\({K}, {N}\)\.$"),
+                         (torch.ones(N, K + 1), expected + rf"\({N}, {K + 1}\)\.$"),
+                         (torch.ones(N, K, 1), expected + rf"\({N}, {K}, 1\)\.$"),
+                         (bad_nan, r"entry \(4, 2\) is nan\.$"),
+                         (bad_negative, r"entry \(3, 1\) is -0\.5\.$"),
+                         (torch.ones(N, K, dtype=torch.complex128), "must be real"),
+                         (torch.ones(N, K, dtype=torch.bool), "must be real"),
+                         (noise.numpy().astype(str), "got text")]:
+        with pytest.raises(ValueError, match=message):
+            predict.GPPosterior(net, x, y, kernel="nngp", noise=bad)
+    with pytest.raises(ValueError, match=r"got shape \(12, 3\)"):   # 1-D targets: (N,) only
+        predict.GPPosterior(net, x, y[:, 0], kernel="nngp", noise=noise)
+    with pytest.raises(ValueError, match=r"^noise of one value per training point and output.*kernel='nngp' and "
+                                         r"'ntkgp'"):
+        predict.GPPosterior(net, x, y, kernel="ntk", noise=noise)
+    with pytest.raises(ValueError, match="read as a number and gets no gradient"):
+        predict.GPPosterior(net, x, y, kernel="nngp", noise=noise.clone().requires_grad_())
+
+
+def test_per_output_gaussians_go_to_bayes_one_output_at_a_time():
+    """``bayes`` reads a covariance as ``(*time, M, M)``: it refuses the ``(M, M, k)`` one (with
+    ``M == k`` it would read as k times), and ``output(j)`` is output ``j``'s Gaussian."""
+    x, y, xt, noise = _data(k=M)
+    out = predict.gp_posterior(_net(), x, y, xt, noise=noise)
+    with pytest.raises(ValueError, match=r"covariance per output.*gaussian\.output\(j\)"):
+        bayes.select_time(out, 0)
+    one = out.output(2)
+    assert not one.per_output
+    torch.testing.assert_close(one.covariance, out.covariance[..., 2], rtol=0, atol=0)
+    _, variance = bayes.predictive_moments(one, noise=0.5)
+    torch.testing.assert_close(variance, out.variance[:, 2] + 0.5, rtol=1e-12, atol=0)
+    diag = predict.gp_posterior(_net(), x, y, xt, noise=noise, compute_cov="diag").output(-1)
+    torch.testing.assert_close(diag.marginal, out.variance[:, -1], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"j must be an integer in \[-7, 7\)"):
+        out.output(7)
+
+
+def test_output_of_shared_and_time_gaussians():
+    """``output(j)`` of a covariance shared by the outputs keeps it, time axes included; a mean of
+    1-D targets at several times ``(T, M)`` has no output axis (it is refused, not read as ``k = M``)."""
+    x, y, xt, _ = _data()
+    net = _net()
+    times = torch.tensor([1.0, 10.0], dtype=torch.float64)
+    flow = predict.gradient_flow(net, x, y, xt, t=times)
+    one = flow.output(1)
+    torch.testing.assert_close(one.mean, flow.mean[..., 1], rtol=0, atol=0)
+    assert one.covariance is flow.covariance
+    diag = predict.gradient_flow(net, x, y, xt, t=times, compute_cov="diag").output(np.int64(-1))
+    torch.testing.assert_close(diag.mean, flow.mean[..., -1], rtol=0, atol=0)
+    torch.testing.assert_close(diag.marginal, flow.variance, rtol=1e-10, atol=1e-12)
+    scalar = predict.gradient_flow(net, x, y[:, 0], xt[:2], t=times)   # mean (2, 2): T == M
+    with pytest.raises(ValueError, match=r"got mean \(2, 2\) \(1-D targets\)"):
+        scalar.output(0)
+    with pytest.raises(ValueError, match="has a mean alone"):
+        predict.gradient_flow(net, x, y, xt, t=times, compute_cov=False).output(0)
+    with pytest.raises(ValueError, match=r"j must be an integer in \[-3, 3\) for 3 outputs, got True"):
+        flow.output(True)
+
+
+def test_a_singular_output_is_named():
+    """A duplicated point with no noise in one output: the refusal names that output's kernel, and
+    the output with noise alone (its column as ``(N,)`` noise) is regular."""
+    x, y, xt, noise = _data()
+    x[5] = x[0]
+    noise[:, 1] = 0.0
+    with pytest.raises(ValueError, match=r"^The training NNGP kernel with the noise of output 1 is singular"):
+        predict.gp_posterior(_net(), x, y, xt, noise=noise)
+    predict.gp_posterior(_net(), x, y, xt, noise=noise[:, 2])
