@@ -94,6 +94,25 @@ def _check_features(net: Layer, features: int, name: str) -> None:
         raise ValueError(f"{name} with {features} feature(s) cannot enter the network: {error}") from None
 
 
+def _check_fixed_noise(likelihood: object, points: int, batched: bool = True) -> None:
+    """A ``FixedNoiseGaussianLikelihood`` must hold one noise variance per training point: ``(..., N)``,
+    or ``(N,)`` without ``batched`` (a ``NetworkGP``'s own: a batch of noises failed at its first
+    prediction with "mat2 must be a matrix, got 3-D tensor"; batched fantasies hold ``(b, N)``).
+
+    GPyTorch leaves a noise of another length out of the posterior and of the marginal likelihood, with
+    a warning that it "did not match the size ... treated as a no-op": 7 noises for 8 points (or one, as
+    a shared variance) gave the noise-free posterior (means 10.7 off those with the noise) and fit maximized
+    the noise-free evidence. A 0-d noise failed at the first prediction with "tuple index out of range"."""
+    if not isinstance(likelihood, gpytorch.likelihoods.FixedNoiseGaussianLikelihood):
+        return
+    noise = likelihood.noise
+    if noise.dim() == 0 or noise.shape[-1] != points or (not batched and noise.dim() != 1):
+        raise ValueError(f"The FixedNoiseGaussianLikelihood holds noise of shape {tuple(noise.shape)} for {points} "
+                         f"training points: give one variance per point, shape ({points},), also for one shared "
+                         "variance (GPyTorch leaves a noise of another length out, without a word beyond a "
+                         "warning); after set_train_data, set likelihood.noise for the new points.")
+
+
 def _training_points(inputs: Tensor | tuple | list) -> int:
     """The most training points among ``inputs``: an ExactGP's tuple of ``(..., N, d)`` (or
     ``(N,)``) tensors, or a model list's list of such tuples."""
@@ -124,7 +143,10 @@ class NetworkGP(gpytorch.models.ExactGP):
         net: the network spec; ``None`` builds ``ntkgp.mlp(**mlp_kwargs)``.
         kernel: ``"nngp"`` or ``"ntk"``.
         likelihood: a GPyTorch likelihood (default: Gaussian, one shared noise variance); for
-            ``(N, k)`` targets a multitask one with ``num_tasks=k``.
+            ``(N, k)`` targets a multitask one with ``num_tasks=k``. A ``FixedNoiseGaussianLikelihood``
+            holds one noise variance per training point, ``(N,)`` (refused otherwise, here and, after
+            ``set_train_data``, at the next prediction or ``fit``: GPyTorch leaves out a noise of another
+            length with only a warning).
         mean: ``"zero"`` (the prior of an infinitely wide network) or ``"constant"``.
         **mlp_kwargs: forwarded to :func:`ntkgp.mlp` when ``net`` is ``None``.
 
@@ -234,6 +256,7 @@ class NetworkGP(gpytorch.models.ExactGP):
                         f"MultitaskGaussianLikelihood(num_tasks={expected}, rank=0))")
                 got = type(likelihood).__name__ + (f" with num_tasks={tasks}" if tasks is not None else "")
                 raise ValueError(f"train_y of shape {tuple(train_y.shape)} needs {want}, got {got}.")
+            _check_fixed_noise(likelihood, train_x.shape[-2], batched=False)
         super().__init__(train_x, train_y, likelihood)
         if net is None:
             net = mlp(**mlp_kwargs)
@@ -265,6 +288,8 @@ class NetworkGP(gpytorch.models.ExactGP):
             raise ValueError(f"NetworkGP is called on one positional tensor of inputs, model(x); got "
                              f"{len(inputs)} positional input(s){keywords}.")
         self._check_inputs(inputs, "x")
+        # here too: data set later (set_train_data) may have left a fixed noise of the old points behind
+        _check_fixed_noise(self.likelihood, _training_points(self.train_inputs))
         if self.training:
             return super().__call__(*inputs, **kwargs)
         self._drop_stale_prediction_strategy()
@@ -282,7 +307,8 @@ class NetworkGP(gpytorch.models.ExactGP):
                        strict: bool = True) -> None:
         """GPyTorch's ``set_train_data``, with the checks of ``__init__`` that its ``strict=False`` skips:
         finite data, of the model's dtype and device (convert the model first, ``model.to(...)``, to
-        change them)."""
+        change them), and targets of the model's kind, ``(N, k)`` for its ``k`` outputs or ``(N,)``
+        (with ``N`` the new inputs' points where both are given)."""
         # parameters, not buffers: the layers keep float64 anchors in a float32 model
         model = next((p for p in self.parameters() if p.is_floating_point()), None)
         for x in (inputs,) if isinstance(inputs, Tensor) else tuple(inputs or ()):
@@ -298,7 +324,35 @@ class NetworkGP(gpytorch.models.ExactGP):
                 if not all_finite(targets.detach()):
                     raise _non_finite_targets("targets", targets, self.vector_targets)
                 self._check_model_dtype(targets, "targets", model)
+            self._check_target_shape(targets, inputs)
         super().set_train_data(inputs, targets, strict)
+
+    def _check_target_shape(self, targets: Tensor, inputs: Tensor | Sequence[Tensor] | None) -> None:
+        """Targets of the kind the model was built for: ``(..., N, k)`` with its ``k`` outputs for a
+        multitask model, ``(..., N)`` otherwise, ``N`` the points of ``inputs`` where given with them (given
+        alone, they may precede their inputs: ``fit`` checks the two against each other). Accepted by
+        ``strict=False``, targets of another kind failed only later, inside GPyTorch: ``fit`` with "The size of
+        tensor a (8) must match the size of tensor b (16)", a prediction with "Flattening the training labels
+        failed" or, for ``(N, 1)`` targets of a single-output model, "You must train on the training inputs!"."""
+        k = self.num_outputs if self.vector_targets else None
+        if k is not None and (targets.dim() < 2 or targets.shape[-1] != k):
+            raise ValueError(f"targets must have shape (..., N, {k}) for this model of {k} outputs, got "
+                             f"{tuple(targets.shape)}; for other outputs build a NetworkGP on them.")
+        if targets.dim() == 0:   # (k is None here) GPyTorch's "tuple index out of range" at the next use
+            raise ValueError("targets must have shape (..., N), one per training point, got a 0-d tensor.")
+        if inputs is None:
+            return
+        first = inputs if isinstance(inputs, Tensor) else next(iter(inputs), None)
+        if first is None:
+            return
+        points = _training_points(first)
+        held = targets.shape[-2] if k is not None else targets.shape[-1]
+        if held != points:
+            shape = f"(..., {points}, {k})" if k is not None else f"(..., {points})"
+            hint = (" (a model built on 1-D targets takes no (N, k) targets: build a NetworkGP on them)"
+                    if k is None and targets.dim() >= 2 and targets.shape[-2] == points else "")
+            raise ValueError(f"targets must have shape {shape} for inputs of {points} points, got "
+                             f"{tuple(targets.shape)}{hint}.")
 
     @staticmethod
     def _check_model_dtype(value: Tensor, name: str, model: Tensor | None) -> None:
@@ -580,6 +634,7 @@ def fit(model: gpytorch.models.ExactGP, *, steps: int = 200, lr: float = 0.05,
     if len(points) != 1 or next(iter(points)) != targets[axis]:
         raise ValueError(f"The model's training inputs (shapes {[tuple(x.shape) for x in model.train_inputs]}) "
                          f"and targets (shape {tuple(targets)}) do not hold the same number of points.")
+    _check_fixed_noise(model.likelihood, next(iter(points)))
     # a NaN raw noise surfaced as linear_operator's NanError from inside the Cholesky, not as
     # this function's error
     bad = [name for name, p in model.named_parameters() if not all_finite(p)]   # frozen ones too

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 
 import gpytorch
 import pytest
 import torch
 
 import ntkgp
+from ntkgp import predict
 from ntkgp.models import NetworkGP, fit
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -1191,6 +1193,38 @@ def test_an_unchanged_model_keeps_its_cached_solve_and_a_fixed_noise_is_followed
         torch.testing.assert_close(out.mean, refit.eval()(x_test).mean, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(7,), (9,), (1,), (), (2, 8)], ids=["short", "long", "one", "0-d", "batch"])
+def test_a_fixed_noise_of_another_length_is_refused(shape):
+    """GPyTorch leaves a FixedNoiseGaussianLikelihood's noise out when its length is not the number of
+    training points, with only a warning ("... treated as a no-op"): 7 noises of 0.3 for 8 points (or one,
+    meant as a shared variance) gave the noise-free posterior, and fit maximized the noise-free evidence.
+    A 0-d noise failed at the first prediction with "tuple index out of range", a batch of them with "mat2
+    must be a matrix". Refused when the model is built, and when data set later left the noise behind
+    (set_train_data), at the next prediction or fit; with one noise per point it is the noisy posterior."""
+    x, y = _data(n=8)
+    net = ntkgp.mlp(1, "erf", 2.0, 0.1)
+    fixed = gpytorch.likelihoods.FixedNoiseGaussianLikelihood
+
+    refused = rf"noise of shape {re.escape(str(shape))} for 8 training points.*shape \(8,\)"
+    with pytest.raises(ValueError, match=refused):
+        NetworkGP(x, y, net, likelihood=fixed(torch.full(shape, 0.3)))
+    model = NetworkGP(x, y, net, likelihood=fixed(torch.full((8,), 0.3))).eval()
+    with torch.no_grad():
+        expected = predict.GPPosterior(net, x, y, noise=0.3).predict(x[:3] + 0.1)
+        got = model(x[:3] + 0.1)
+    # one posterior from two factorizations of the same float64 matrix (entries of order 1)
+    torch.testing.assert_close(got.mean, expected.mean, rtol=1e-10, atol=1e-10)
+    model.set_train_data(torch.cat([x, x[:2] + 0.2]), torch.cat([y, y[:2]]), strict=False)
+    with pytest.raises(ValueError, match=r"noise of shape \(8,\) for 10 training points.*set likelihood.noise"):
+        model(x[:3])
+    with pytest.raises(ValueError, match=r"noise of shape \(8,\) for 10 training points"):
+        fit(model, steps=1)
+    model.likelihood.noise = torch.full((10,), 0.3)
+    with torch.no_grad():
+        expected = predict.GPPosterior(net, model.train_inputs[0], model.train_targets, noise=0.3).predict(x[:3] + 0.1)
+        torch.testing.assert_close(model.eval()(x[:3] + 0.1).mean, expected.mean, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("k", [None, 2], ids=["1-D targets", "vector targets"])
 def test_predictions_with_gradients_after_one_under_inference_mode(k):
     """A prediction under torch.inference_mode() cached its training solve as inference tensors, and
@@ -1320,6 +1354,31 @@ def test_set_train_data_checks_what_strict_false_lets_through(change):
     float32.set_train_data(new_x.float(), new_y.float(), strict=False)
     reference = NetworkGP(new_x.float(), new_y.float(), ntkgp.mlp(1, "erf", 2.0, 0.1)).eval()
     assert torch.equal(float32(x.float()).mean, reference(x.float()).mean)
+
+
+@pytest.mark.parametrize("k, targets, match", [
+    (2, lambda y: y[:, 0], r"\(\.\.\., N, 2\) for this model of 2 outputs, got \(5,\)"),
+    (2, lambda y: torch.cat([y, y[:, :1]], -1), r"\(\.\.\., N, 2\) for this model of 2 outputs, got \(5, 3\)"),
+    (2, lambda y: y[:4], r"\(\.\.\., 5, 2\) for inputs of 5 points, got \(4, 2\)"),
+    (None, lambda y: y[:, None], r"\(\.\.\., 5\) for inputs of 5 points, got \(5, 1\) \(a model built on 1-D"),
+    (None, lambda y: y[:4], r"\(\.\.\., 5\) for inputs of 5 points, got \(4,\)"),
+    (None, lambda y: y[0], r"\(\.\.\., N\), one per training point, got a 0-d tensor"),
+], ids=["1d-into-vector", "3-outputs-into-2", "vector-fewer-points", "n1-into-1d", "1d-fewer-points", "0-d"])
+def test_set_train_data_refuses_targets_of_another_shape(k, targets, match):
+    """``strict=False`` took targets of another kind than the model's: (N,) or (N, 3) targets of a
+    2-output model failed later inside GPyTorch (fit: "The size of tensor a (8) must match the size of
+    tensor b (16)"; a prediction: "Flattening the training labels failed"), and (N, 1) targets of a
+    single-output model predicted with "You must train on the training inputs!". Refused when set; the
+    model keeps its data, and targets of its kind for new points are still taken."""
+    x, y = _data(n=8, k=k)
+    new_x, new_y = _data(n=5, k=k, seed=1)
+    model = NetworkGP(x, y, ntkgp.mlp(1, "erf", 2.0, 0.1)).eval()
+    with pytest.raises(ValueError, match=match):
+        model.set_train_data(new_x, targets(new_y), strict=False)
+    assert model.train_inputs[0] is x and model.train_targets is y
+    model.set_train_data(new_x, new_y, strict=False)
+    reference = NetworkGP(new_x, new_y, ntkgp.mlp(1, "erf", 2.0, 0.1)).eval()
+    assert torch.equal(model(x).mean, reference(x).mean)
 
 
 def test_fit_names_an_optimizer_class_or_one_over_other_parameters():
