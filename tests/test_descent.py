@@ -257,6 +257,14 @@ def test_bad_input_is_refused_before_integrating():
         call(t=1.0, rtol=0.0)
     with pytest.raises(ValueError, match="max_steps"):
         call(t=1.0, max_steps=0)
+    for tolerance in ("rtol", "atol"):   # exact steps have none: it was ignored
+        with pytest.raises(ValueError, match="rtol and atol are the ODE solver's tolerances, for times t"):
+            call(steps=3, **{tolerance: 1e-3})
+    # the argument named, not "Times" (steps are counts)
+    with pytest.raises(ValueError, match=r"^steps must be non-negative, got -1"):
+        call(steps=-1)
+    with pytest.raises(ValueError, match=r"^t must not be NaN"):
+        call(t=[1.0, math.nan])
     with pytest.raises(ValueError, match="symmetric"):
         predict.gradient_descent(xent, k_dd + torch.triu(torch.ones_like(k_dd), 1), y, t=1.0)
     with pytest.raises(ValueError, match="dtype must be"):

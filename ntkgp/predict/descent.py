@@ -135,7 +135,7 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
         learning_rate: ``η``.
         momentum: ``None`` (plain gradient descent) or heavy-ball momentum ``β`` in ``[0, 1)``.
         rtol: the ODE solver's relative tolerance on the outputs (default ``1e-8`` in float64,
-            ``100 ε`` of ``dtype`` otherwise).
+            ``100 ε`` of ``dtype`` otherwise); refused with ``steps``, which are exact.
         atol: its absolute tolerance, in the outputs' units (the same default).
         max_steps: most solver steps before a ``RuntimeError`` (a stiff problem), and the largest
             ``steps`` taken (each is a product with the kernel).
@@ -161,6 +161,9 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     beta = None if momentum is None else finite_number(momentum, "momentum", "a number in [0, 1)")
     if beta is not None and not 0.0 <= beta < 1.0:
         raise ValueError(f"momentum must be in [0, 1) (heavy-ball momentum), got {momentum!r}.")
+    if steps is not None and (rtol is not None or atol is not None):
+        # exact steps have no tolerance: rtol=1e-3 with steps=3 was ignored without a word
+        raise ValueError("rtol and atol are the ODE solver's tolerances, for times t; steps are taken exactly.")
     eps = torch.finfo(dtype).eps
     tolerances = [positive_number(v, name) if v is not None else max(1e-8, 100 * eps)
                   for v, name in ((rtol, "rtol"), (atol, "atol"))]

@@ -466,13 +466,14 @@ def make_schedule(t: Times, steps: Steps, learning_rate: float, m: int, device: 
     if t is None and steps is None:
         return None
     discrete = steps is not None
-    raw = real_numbers(steps if discrete else t, "steps" if discrete else "t")
+    name = "steps" if discrete else "t"
+    raw = real_numbers(steps if discrete else t, name)
     if raw.numel() == 0:
-        raise ValueError(f"{'steps' if discrete else 't'} is empty: give at least one time.")
+        raise ValueError(f"{name} is empty: give at least one time.")
     if bool(torch.isnan(raw).any()):
-        raise ValueError("Times must not be NaN.")
+        raise ValueError(f"{name} must not be NaN.")
     if bool((raw < 0).any()):
-        raise ValueError(f"Times must be non-negative, got {raw.min().item():g}.")
+        raise ValueError(f"{name} must be non-negative, got {raw.min().item():g}.")
     if discrete and (bool(torch.isinf(raw).any()) or not bool((raw == raw.round()).all())):
         raise ValueError("steps must be finite non-negative integers.")
     return Schedule(raw.reshape(-1).to(device), raw.shape, discrete, learning_rate, m)
