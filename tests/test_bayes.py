@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pathlib
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import warnings
 
+import gpytorch
 import numpy as np
 import pytest
 import torch
@@ -471,19 +473,81 @@ def test_a_multi_output_network_gp_with_a_constant_mean_is_exported_with_its_con
     x_test = torch.cat([x[:3], torch.full((2, 2), 20.0, dtype=torch.float64)])   # near and far from the data
     with torch.no_grad():
         pred = model(x_test)
-    with pytest.raises(ValueError, match=r"mean='constant' regress y_train - c and pass ntkgp\.predict\.Gaussian\("
-                                         r"post\.mean \+ c, post\.covariance, post\.scale\), "
+    with pytest.raises(ValueError, match=r"mean='constant' regress y_train - c and pass dataclasses\.replace\("
+                                         r"post, mean=post\.mean \+ c\), "
                                          r"c = model\.mean_module\.constant\.detach\(\)"):
         bayes.sample_outputs(pred, 10)
     noise, c = model.likelihood.noise.detach(), model.mean_module.constant.detach()
     post = ntkgp.predict.gp_posterior(model.net, x, y - c, x_test, noise=noise)
-    followed = Gaussian(post.mean + c, post.covariance, post.scale)
+    followed = dataclasses.replace(post, mean=post.mean + c)
+    assert followed.scale == post.scale
     # the covariance of each output is every k-th row and column of the interleaved K ⊗ I; two float64
     # Cholesky solves of one 12 x 12 system (GPyTorch's and ntkgp's)
     torch.testing.assert_close(followed.mean, pred.mean, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(followed.covariance, pred.covariance_matrix[::2, ::2], rtol=1e-9, atol=1e-12)
     zero_mean = ntkgp.predict.gp_posterior(model.net, x, y, x_test, noise=noise).mean
     assert (pred.mean[3:] - zero_mean[3:]).abs().max() > 0.5   # what the old hint gave
+
+
+def test_a_multi_output_network_gp_with_task_noises_is_exported_with_them():
+    """A MultitaskGaussianLikelihood(num_tasks=k, rank=0), the one NetworkGP's refusals suggest, has task
+    noises (has_task_noise=True by default) beside its global noise: output j's noise is their sum. The
+    refusal's recipe passed the global noise alone, a posterior 0.55 off the model's mean and 0.14 off its
+    covariance here, silently. Followed now (the sum as a noise per output, one output at a time), it
+    gives the model's own posterior, constants included."""
+    x, y = (t.double() for t in _regression(12, k=2))
+    n, k = y.shape
+    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=k, rank=0)
+    model = ntkgp.models.NetworkGP(x, y, _net(), likelihood=likelihood, mean="constant")
+    model.likelihood.noise = 0.05
+    model.likelihood.task_noises = torch.tensor([0.01, 0.5], dtype=torch.float64)
+    with torch.no_grad():
+        model.mean_module.raw_constant.copy_(torch.tensor([3.0, -2.0], dtype=torch.float64))
+    model.eval()
+    x_test = torch.cat([x[:3], torch.full((2, 2), 20.0, dtype=torch.float64)])
+    with torch.no_grad():
+        pred = model(x_test)
+    with pytest.raises(ValueError, match=r"noise=\(model\.likelihood\.noise \+ model\.likelihood\.task_noises\)"
+                                         r"\.detach\(\)\.expand\(N, k\), a posterior per output, post\.output\(j\)"):
+        bayes.sample_outputs(pred, 10)
+    c = model.mean_module.constant.detach()
+    noise = (model.likelihood.noise + model.likelihood.task_noises).detach().expand(n, k)
+    post = ntkgp.predict.gp_posterior(model.net, x, y - c, x_test, noise=noise)
+    followed = dataclasses.replace(post, mean=post.mean + c)
+    assert followed.per_output
+    for j in range(k):
+        # output j's rows and columns of the interleaved multitask covariance; two float64 Cholesky solves
+        # of 12 x 12 systems (GPyTorch's and ntkgp's)
+        one = followed.output(j)
+        torch.testing.assert_close(one.mean, pred.mean[:, j], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(one.covariance, pred.covariance_matrix[j::k, j::k], rtol=1e-9, atol=1e-12)
+        bayes.sample_outputs(one, 10)
+    global_only = ntkgp.predict.gp_posterior(model.net, x, y - c, x_test, noise=model.likelihood.noise.detach())
+    assert float((global_only.covariance - pred.covariance_matrix[1::k, 1::k]).abs().max()) > 0.1   # the old hint's
+
+
+def test_a_multi_output_ntk_network_gp_is_exported_with_its_kernel():
+    """NetworkGP(kernel="ntk") is the NTK-GP, gp_posterior's kernel="ntkgp"; the refusal's recipe left
+    gp_posterior's default, the NNGP: 2.1 off the model's mean and 15 off its covariance here, silently.
+    Followed now, with its kind, it gives the model's own posterior."""
+    x, y = (t.double() for t in _regression(12, k=2))
+    model = ntkgp.models.NetworkGP(x, y, _net(), kernel="ntk")
+    model.likelihood.noise = 0.05
+    model.eval()
+    x_test = torch.cat([x[:3], torch.full((2, 2), 20.0, dtype=torch.float64)])
+    with torch.no_grad():
+        pred = model(x_test)
+    with pytest.raises(ValueError, match=r"gp_posterior\(model\.net, x_train, y_train, x_test, kernel=kind, noise="
+                                         r"model\.likelihood\.noise\.detach\(\)\), kind = 'ntkgp' if "
+                                         r"model\.covar_module\.kind == 'ntk' else 'nngp'"):
+        bayes.sample_outputs(pred, 10)
+    kind = "ntkgp" if model.covar_module.kind == "ntk" else "nngp"
+    post = ntkgp.predict.gp_posterior(model.net, x, y, x_test, kernel=kind, noise=model.likelihood.noise.detach())
+    # every k-th row and column of the interleaved K ⊗ I; two float64 Cholesky solves of one 12 x 12 system
+    torch.testing.assert_close(post.mean, pred.mean, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(post.covariance, pred.covariance_matrix[::2, ::2], rtol=1e-9, atol=1e-9)
+    nngp = ntkgp.predict.gp_posterior(model.net, x, y, x_test, noise=model.likelihood.noise.detach())
+    assert float((nngp.covariance - pred.covariance_matrix[::2, ::2]).abs().max()) > 1.0   # what the old hint gave
 
 
 def test_a_float32_network_gp_prediction_near_its_data_is_exported_with_the_prior_scale():

@@ -6,6 +6,7 @@ against refits with a point left out."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import gpytorch
 import numpy as np
@@ -193,6 +194,8 @@ def test_bad_noise_per_output_is_refused_before_the_kernels(monkeypatch):
     bad_negative[3, 1] = -0.5
     hint = rf"For one variance per output pass noise=torch\.tensor\(levels, dtype=torch\.float64\)\.expand\({N}, {K}\)"
     for bad, message in [(torch.ones(K), expected + rf"\({K},\)\. {hint}\.$"),
+                         # one level per output as bayes.predictive_moments takes it: told the spelling too
+                         (torch.ones(1, K), expected + rf"\(1, {K}\)\. {hint}\.$"),
                          (noise.mT, expected + rf"\({K}, {N}\)\.$"),
                          (torch.ones(N, K + 1), expected + rf"\({N}, {K + 1}\)\.$"),
                          (torch.ones(N, K, 1), expected + rf"\({N}, {K}, 1\)\.$"),
@@ -228,6 +231,10 @@ def test_per_output_gaussians_go_to_bayes_one_output_at_a_time():
     torch.testing.assert_close(diag.marginal, out.variance[:, -1], rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match=r"j must be an integer in \[-7, 7\)"):
         out.output(7)
+    # a mean alone is told so (it was sent to output(j), whose Gaussian has no covariance either)
+    mean_alone = predict.gp_posterior(_net(), x, y, xt, noise=noise, compute_cov=False)
+    with pytest.raises(ValueError, match=r"^This Gaussian has no covariance: predict with compute_cov=True"):
+        bayes.predictive_moments(mean_alone)
 
 
 def test_output_of_shared_and_time_gaussians():
@@ -261,3 +268,48 @@ def test_a_singular_output_is_named():
     with pytest.raises(ValueError, match=r"^The training NNGP kernel with the noise of output 1 is singular"):
         predict.gp_posterior(_net(), x, y, xt, noise=noise)
     predict.gp_posterior(_net(), x, y, xt, noise=noise[:, 2])
+
+
+def test_float32_outputs_are_judged_each_by_its_own_rounding():
+    """The deep erf NNGP (tests/test_edge_predict.py's, σ_w² = 1, σ_b² = 0.1, 30 points) in float32 with
+    float32 factors: output 0, ``sin`` with noise 1e-4, is 2.5e-2 off float64's (relative), and alone it
+    warns (estimate 5.9 %); beside output 1, 100 times its size with noise 1 (2e-7 off), it was judged by
+    the larger output's size and the larger variances, and was silent. Each output is now judged as the
+    GP it is: the warning, with output 1 alone still quiet."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(35, 3, generator=gen, dtype=torch.float64)
+    net = ntkgp.mlp(50, "erf", 1.0, 0.1)
+    y = torch.stack([torch.sin(x[:30].sum(-1)), 100 * torch.cos(x[:30, 0])], -1)
+    noise = torch.tensor([1e-4, 1.0], dtype=torch.float64).expand(30, 2)
+    exact = predict.gp_posterior(net, x[:30], y, x[30:], noise=noise, compute_cov=False).mean
+    said = r"test outputs depend on the kernels' last digits.*float64"
+    for compute_cov in (True, "diag", False):
+        with pytest.warns(RuntimeWarning, match=said) as warned:
+            mean = predict.gp_posterior(net, x[:30].float(), y.float(), x[30:].float(), noise=noise,
+                                        compute_cov=compute_cov, factor_dtype=torch.float32).mean
+        assert [w.filename for w in warned] == [__file__]   # once, at the caller's line
+    error = (mean.double() - exact).abs().amax(0) / exact.abs().amax(0)
+    assert float(error[0]) > 1e-2 and float(error[1]) < 1e-5   # what it is about: measured 2.5e-2 and 4e-7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predict.gp_posterior(net, x[:30].float(), y[:, 1:].float(), x[30:].float(), noise=1.0, compute_cov=False,
+                             factor_dtype=torch.float32)
+
+
+def test_gp_posterior_refuses_covariances_per_output_beyond_the_memory_before_the_kernels(monkeypatch):
+    """gp_posterior checks that the covariance fits before the training kernel; with a noise per
+    output it is ``k`` covariances ``(M, M, k)``, which it counted as one: a request of ``k`` times
+    the memory went on to the training kernel (minutes at large ``N``) before predict refused it."""
+    x, y, xt, noise = _data()
+    net = _net()
+    one = M * M * 8   # bytes of one (M, M) float64 covariance
+    monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: 2 * one)   # one fits, K = 3 not
+    predict.gp_posterior(net, x, y, xt, noise=noise[:, 0])
+    predict.gp_posterior(net, x, y, xt, noise=noise, compute_cov="diag")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the kernel was computed before the memory was checked")
+
+    monkeypatch.setattr(net, "kernel", fail)
+    with pytest.raises(ValueError, match=rf"^The \({K} x {M} x {M}\) covariance of {M} test points needs"):
+        predict.gp_posterior(net, x, y, xt, noise=noise)

@@ -52,13 +52,21 @@ def _gpytorch_hint(value: object) -> str:
     the refusal alone did not say that one output wraps as it is."""
     if not hasattr(value, "covariance_matrix") or not hasattr(value, "mean"):
         return ""
-    # gp_posterior has no prior mean: a NetworkGP(mean="constant")'s fitted constants were left out of
-    # the mean this hint gave (0.24 off at test points away from the data, measured), silently
+    # each of these was silently another posterior than the model's (measured): gp_posterior has no prior
+    # mean, so a NetworkGP(mean="constant")'s fitted constants were left out (0.24 off away from the data);
+    # the global noise alone left out the task noises of a MultitaskGaussianLikelihood(num_tasks=k, rank=0),
+    # the likelihood NetworkGP's refusals suggest (has_task_noise=True by default: 0.55 off the mean, 0.14 off
+    # the covariance); gp_posterior's default kernel, the NNGP, is not a NetworkGP(kernel="ntk")'s, its
+    # "ntkgp" (2.1 and 15 off; tests/test_bayes.py). replace() keeps a posterior per output one, as
+    # Gaussian(...) did not
     return (" For a GPyTorch prediction of one output (a NetworkGP's model(x_test)) pass "
-            "ntkgp.predict.Gaussian(pred.mean, pred.covariance_matrix); for vector targets, whose multitask "
-            "covariance is K ⊗ I, predict with post = ntkgp.predict.gp_posterior(model.net, x_train, y_train, "
-            "x_test, noise=model.likelihood.noise.detach()), whose prior mean is zero: for mean='constant' regress "
-            "y_train - c and pass ntkgp.predict.Gaussian(post.mean + c, post.covariance, post.scale), "
+            "ntkgp.predict.Gaussian(pred.mean, pred.covariance_matrix); for vector targets (a multitask "
+            "prediction) predict with post = ntkgp.predict.gp_posterior(model.net, x_train, y_train, x_test, "
+            "kernel=kind, noise=model.likelihood.noise.detach()), kind = 'ntkgp' if model.covar_module.kind == "
+            "'ntk' else 'nngp' (a MultitaskGaussianLikelihood with task noises adds "
+            "task_noises[j] to output j's: noise=(model.likelihood.noise + model.likelihood.task_noises).detach()"
+            ".expand(N, k), a posterior per output, post.output(j)), whose prior mean is zero: for "
+            "mean='constant' regress y_train - c and pass dataclasses.replace(post, mean=post.mean + c), "
             "c = model.mean_module.constant.detach().")
 
 
@@ -67,13 +75,15 @@ def _select_time(gaussian: Gaussian, time_index: TimeIndex) -> tuple[Gaussian, t
     if not isinstance(gaussian, Gaussian):
         raise ValueError(f"Expected an ntkgp.predict.Gaussian, got {type(gaussian).__name__}."
                          + _gpytorch_hint(gaussian))
-    if gaussian.per_output:   # (M, M, k): read as (*time, M, M) its axes would mean other things
-        raise ValueError("This Gaussian has a covariance per output, (M, M, k) (a GPPosterior with noise per output): "
-                         "pass one output's Gaussian, gaussian.output(j), for each j.")
     marginal = gaussian.covariance is None and gaussian.marginal is not None
+    # before the per-output refusal: a mean alone (compute_cov=False) was told of a covariance per output and
+    # sent to gaussian.output(j), which has none either
     if gaussian.covariance is None and not marginal:
         raise ValueError("This Gaussian has no covariance: predict with compute_cov=True (or 'diag', for the "
                          "marginal variances alone).")
+    if gaussian.per_output:   # (M, M, k): read as (*time, M, M) its axes would mean other things
+        raise ValueError("This Gaussian has a covariance per output, (M, M, k) (a GPPosterior with noise per output): "
+                         "pass one output's Gaussian, gaussian.output(j), for each j.")
     cov, mean = gaussian.marginal if marginal else gaussian.covariance, gaussian.mean
     what = "marginal variances" if marginal else "covariance"
     if not isinstance(cov, Tensor) or not isinstance(mean, Tensor):   # numpy's arrays failed on .device.type

@@ -429,7 +429,7 @@ def check_diagonal(name: str, value: Diagonal, n: int, device: torch.device,
                          f"{tuple(tensor.shape)}.")
     if outputs is not None and tensor.shape not in ((n,), (n, outputs)):
         hint = (f" For one variance per output pass {name}=torch.tensor(levels, dtype=torch.float64)"
-                f".expand({n}, {outputs})." if tensor.shape == (outputs,) else "")
+                f".expand({n}, {outputs})." if tensor.shape in ((outputs,), (1, outputs)) else "")
         raise ValueError(f"{name} must be a number, one value per training point, shape ({n},), or one per training "
                          f"point and output, shape ({n}, {outputs}), got shape {tuple(tensor.shape)}.{hint}")
     if tensor.is_complex() or tensor.dtype == torch.bool:

@@ -144,8 +144,8 @@ class GPPosterior:
             self._prior_dd: Tensor | None = prior.expand(levels.shape[-1], *prior.shape).clone()
             self._prior_dd.diagonal(dim1=-2, dim2=-1).add_(levels.mT)
             del prior
-            # the largest over the outputs: the scale of the rounding of each point's entries
-            self._variances = self._prior_dd.diagonal(dim1=-2, dim2=-1).amax(0)
+            # (k, N): each output's training variances, the scale of the rounding of its entries
+            self._variances = self._prior_dd.diagonal(dim1=-2, dim2=-1).clone()
             return
         self._prior_dd = regularize(prior, self.noise, absolute=True)
         # the training variances, the scale of each entry's rounding (warn_if_imprecise)
@@ -189,8 +189,16 @@ class GPPosterior:
 
     def _warn_if_imprecise(self, mean: Tensor) -> None:
         """:func:`~ntkgp.predict.spectral.warn_if_imprecise` for the test ``mean``: the kernels' rounding
-        and their factorization's, both in ``factor_dtype``."""
+        and their factorization's, both in ``factor_dtype``. With a noise per output each output is
+        judged as the GP it is, by its own coefficients, training variances and size (``k`` "times"
+        of one output): judged together, an output 2.5e-2 off (relative) beside one 100 times its
+        size, which its larger noise kept exact, was silent where it alone warned
+        (tests/test_noise_per_output.py)."""
         eps = torch.finfo(self.factor_dtype).eps
+        if self.per_output:
+            warn_if_imprecise(self._alpha.mT.unsqueeze(-1), mean.mT.unsqueeze(-1), self._variances, eps,
+                              factor_eps=eps)
+            return
         warn_if_imprecise(self._alpha, mean, self._variances, eps, factor_eps=eps)
 
     # the overloads tell type checkers which of the covariance and the variances compute_cov leaves None
@@ -359,6 +367,17 @@ def _shared_columns(noise: float | Tensor) -> float | Tensor:
     return noise
 
 
+def _covariances(kernel: str, noise: Diagonal, x_train: Tensor, y_train: Tensor, dtype: torch.dtype) -> int:
+    """How many ``(M, M)`` covariances :meth:`GPPosterior.predict` returns: ``k`` for a noise per output
+    whose columns differ, else one. gp_posterior's check before the training kernel counted one, and
+    a covariance per output beyond the memory was refused only after that kernel (minutes at large N)."""
+    if kernel not in ("nngp", "ntkgp") or y_train.dim() != 2:   # GPPosterior refuses the others, by name
+        return 1
+    levels = _shared_columns(check_diagonal("noise", noise, x_train.shape[0], x_train.device, dtype,
+                                            outputs=y_train.shape[-1]))
+    return y_train.shape[-1] if isinstance(levels, Tensor) and levels.dim() == 2 else 1
+
+
 def _refuse_training_points(kind: str) -> NoReturn:
     """``x_test=None`` predicts the training points of the converged NTK ensemble only."""
     raise ValueError(f"x_test=None (the training points) is for kernel='ntk' only; for the {kind!r} "
@@ -404,7 +423,9 @@ def gp_posterior(net: Layer, x_train: Tensor, y_train: Tensor, x_test: Tensor | 
     if x_test is not None:   # "ntk" predicts the training points for None, as GradientFlow does
         check_test_points(x_test, x_train.shape[-1], x_train.device)
         if mode == "full":   # before the training kernel
-            check_covariance_fits(x_test.shape[0], 1, check_factor_dtype(factor_dtype), x_train.device)
+            dtype = check_factor_dtype(factor_dtype)
+            check_covariance_fits(x_test.shape[0], _covariances(kernel, noise, x_train, y_train, dtype), dtype,
+                                  x_train.device)
     elif kernel in POSTERIORS and kernel != "ntk":
         # before the training kernel, which GPPosterior computed for predict to refuse it (measured at
         # N = 4000, a depth-2 mlp: the ValueError came after 0.34 s for "nngp", 0.46 s for "ntkgp"; now at once)

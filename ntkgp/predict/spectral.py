@@ -1032,10 +1032,12 @@ def warn_if_imprecise(coefficients: Tensor, outputs: Tensor, variances: Tensor, 
     Outputs that are exactly 0, or not finite (above the stability limit), are not judged.
 
     ``coefficients`` ``(T, N, k)`` (or ``(N, k)`` for one time), ``outputs`` the matching
-    ``(T, M, k)`` (or ``(M, k)``); ``schedule`` names the times; ``remedy`` replaces the advice
-    (factoring in float64) where the coefficients' own rounding is the cause (:func:`gradient_descent`'s
-    float32 integration: ``ε`` relative errors of ``c`` move the outputs by the same estimate), and
-    ``cause`` the explanation of large coefficients (:func:`warn_if_flow_imprecise`'s flat kernels).
+    ``(T, M, k)`` (or ``(M, k)``); ``variances`` ``(N,)``, or ``(T, N)``, a row for each (a posterior's
+    outputs with a noise each, passed as ``T`` one-output problems); ``schedule`` names the times;
+    ``remedy`` replaces the advice (factoring in float64) where the coefficients' own rounding is the
+    cause (:func:`gradient_descent`'s float32 integration: ``ε`` relative errors of ``c`` move the
+    outputs by the same estimate), and ``cause`` the explanation of large coefficients
+    (:func:`warn_if_flow_imprecise`'s flat kernels).
     """
     if not coarser_than_float64(eps) or outputs.numel() == 0 or coefficients.numel() == 0:
         return
@@ -1044,7 +1046,8 @@ def warn_if_imprecise(coefficients: Tensor, outputs: Tensor, variances: Tensor, 
         c = coefficients.detach().reshape(-1, *coefficients.shape[-2:])
         out = outputs.detach().reshape(c.shape[0], -1)
         norms = torch.linalg.vector_norm(d.unsqueeze(-1) * c, dim=-2).amax(-1)                 # (T,)
-        estimate, size = (2 * eps + factor_eps) * float(d.max()) * norms, out.abs().amax(-1)
+        largest = d.amax(-1) if d.dim() > 1 else float(d.max())                              # (T,) or a number
+        estimate, size = (2 * eps + factor_eps) * largest * norms, out.abs().amax(-1)
         judged = torch.isfinite(estimate) & torch.isfinite(size) & (size > 0)
         hit = judged & (estimate > IMPRECISE * size)
         if not bool(hit.any()):
