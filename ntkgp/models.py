@@ -22,7 +22,7 @@ from ntkgp.kernels.network_kernel import NetworkKernel
 from ntkgp.layers.base import Layer, NonFiniteKernelError, NonFiniteVarianceError
 from ntkgp.layers.mlp import mlp
 from ntkgp.layers.validation import all_finite, check_points, where_not_finite
-from ntkgp.predict.gaussian import HyperparameterRecord, check_non_negative
+from ntkgp.predict.gaussian import Gaussian, HyperparameterRecord, check_non_negative
 
 __all__ = ["NetworkGP", "exact_solves", "fit"]
 
@@ -451,6 +451,56 @@ class NetworkGP(gpytorch.models.ExactGP):
         fantasy._record_prediction_state()   # its solve is the updated one, for its data and (fixed) noises
         fantasy._inference_cache = fantasy._inference_cache or torch.is_inference_mode_enabled()
         return fantasy
+
+    def gaussian(self, x_test: Tensor) -> Gaussian:
+        """The posterior of the noise-free outputs at ``x_test`` (``(M, d)``) as an
+        :class:`ntkgp.predict.Gaussian`, what :mod:`ntkgp.bayes`'s draws, metrics and ArviZ exports take.
+
+        It is GPyTorch's own prediction, ``model(x_test)`` in eval mode (the fitted constant mean,
+        kernel and likelihood included), computed without a graph: mean ``(M,)``, or ``(M, k)`` for
+        ``(N, k)`` targets; covariance ``(M, M)`` shared by the outputs, or, where the outputs' noises
+        differ (a ``MultitaskGaussianLikelihood``'s task noises), one per output, ``(M, M, k)``
+        (:attr:`~ntkgp.predict.Gaussian.per_output`), the diagonal blocks of the multitask covariance
+        ``K** ⊗ I − (K*d ⊗ I)(K ⊗ I + D)⁻¹(Kd* ⊗ I)`` (Rasmussen & Williams 2006, eq. 2.24; Bonilla et
+        al. 2008); and as :attr:`~ntkgp.predict.Gaussian.scale` the largest prior variance
+        ``max diag K**``, which a float32 covariance's rounding near the data is relative to (without
+        it, such a covariance is refused as asymmetric or indefinite). The predictive distribution of
+        targets adds the likelihood's noise, which the exports take as their ``noise``.
+
+        Rebuilding this by hand (``gp_posterior(model.net, ...)``) took the kernel kind, the task
+        noises and the constants each by name; each one left out was another posterior, silently."""
+        if self.training:
+            raise ValueError("model.gaussian(x_test) is the posterior: call model.eval() first (in training mode "
+                             "a GPyTorch model returns its prior).")
+        if not isinstance(x_test, Tensor) or x_test.dim() != 2:
+            shape = tuple(x_test.shape) if isinstance(x_test, Tensor) else type(x_test).__name__
+            raise ValueError(f"x_test must be a tensor of shape (M, d), one Gaussian's points, got {shape}.")
+        if x_test.shape[0] == 0:   # GPyTorch divides by the test points' number
+            self._check_inputs((x_test,), "x_test")
+            like = self.train_inputs[0]
+            mean = like.new_zeros(0, self.num_outputs) if self.vector_targets else like.new_zeros(0)
+            return Gaussian(mean, like.new_zeros(0, 0))
+        with torch.no_grad():
+            pred = self(x_test)
+            scale = float(self.covar_module(x_test, diag=True).max())
+            mean, cov = pred.mean, pred.covariance_matrix
+        if not self.vector_targets:
+            return Gaussian(mean, cov, scale)
+        m, k = mean.shape
+        blocks = cov.reshape(m, k, m, k)   # interleaved: entry (i k + j, i' k + j') is outputs j, j' at points i, i'
+        own = blocks.diagonal(dim1=1, dim2=3)   # (M, M, k), output j's block at [..., j]
+        across = blocks.clone()
+        across.diagonal(dim1=1, dim2=3).zero_()
+        if float(across.abs().max()) > torch.finfo(cov.dtype).eps ** 0.5 * scale:
+            raise ValueError("The model's outputs are correlated in its posterior (a likelihood with correlated "
+                             "task noises, rank > 0): an ntkgp Gaussian holds independent outputs.")
+        likelihood = self.likelihood
+        task_noises = (likelihood.task_noises.detach() if getattr(likelihood, "has_task_noise", False)
+                       and getattr(likelihood, "rank", 0) == 0 else None)
+        if task_noises is None or bool((task_noises == task_noises.reshape(-1)[0]).all()):
+            # one noise for all outputs: blocks equal up to rounding (GPyTorch's solves differ by ~1e-16)
+            return Gaussian(mean, own.mean(-1), scale)
+        return Gaussian(mean, own.contiguous(), scale, per_output=True)
 
     @property
     def vector_targets(self) -> bool:

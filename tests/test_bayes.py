@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import pathlib
@@ -444,7 +443,7 @@ def test_a_network_gp_prediction_is_refused_with_the_way_to_export_it():
     model.eval()
     with torch.no_grad():
         pred = model(x[:5])
-    hint = r"got MultivariateNormal\. .*ntkgp\.predict\.Gaussian\(pred\.mean, pred\.covariance_matrix\)"
+    hint = r"got MultivariateNormal\. For a NetworkGP pass model\.gaussian\(x_test\)"
     for call in (lambda: bayes.gaussian_to_inference_data(pred, y[:5], 0.05),
                  lambda: bayes.sample_outputs(pred, 10), lambda: bayes.predictive_moments(pred, 0.05)):
         with pytest.raises(ValueError, match=hint):
@@ -452,102 +451,84 @@ def test_a_network_gp_prediction_is_refused_with_the_way_to_export_it():
     with pytest.raises(ValueError, match=r"for its value pass noise\.detach\(\)"):
         ntkgp.predict.gp_posterior(model.net, x, y, x[:5], noise=model.likelihood.noise)
     noise = model.likelihood.noise.detach()
+    exported = bayes.predictive_moments(model.gaussian(x[:5]), noise)
     wrapped = bayes.predictive_moments(Gaussian(pred.mean, pred.covariance_matrix), noise)
     ours = bayes.predictive_moments(ntkgp.predict.gp_posterior(model.net, x, y, x[:5], noise=noise), noise)
     # two float64 Cholesky solves of one 12 x 12 system (GPyTorch's and ntkgp's)
-    for a, b in zip(wrapped, ours, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    for a, b, c in zip(exported, wrapped, ours, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-12)
 
 
-def test_a_multi_output_network_gp_with_a_constant_mean_is_exported_with_its_constants():
-    """The refusal of a multitask prediction said to predict with gp_posterior(model.net, ...), whose
-    prior mean is zero: for NetworkGP(mean="constant") that mean left out the fitted constants, off by
-    c (1 − K*d C⁻¹ 1) (0.56 here at x = (20, 20), where c = 3). Followed now, the hint gives the model's own
-    posterior."""
+def _multitask_model(kernel="nngp", task_noises=None):
+    """A fitted-looking two-output NetworkGP with constants 3 and -2, and test points near and far (20, 20)
+    from its 12 training points, where a mean left out is off by about c."""
     x, y = (t.double() for t in _regression(12, k=2))
-    model = ntkgp.models.NetworkGP(x, y, _net(), mean="constant")
+    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=2, rank=0,
+                                                                  has_task_noise=task_noises is not None)
+    model = ntkgp.models.NetworkGP(x, y, _net(), kernel=kernel, likelihood=likelihood, mean="constant")
     model.likelihood.noise = 0.05
+    if task_noises is not None:
+        model.likelihood.task_noises = torch.tensor(task_noises, dtype=torch.float64)
     with torch.no_grad():
         model.mean_module.raw_constant.copy_(torch.tensor([3.0, -2.0], dtype=torch.float64))
     model.eval()
-    x_test = torch.cat([x[:3], torch.full((2, 2), 20.0, dtype=torch.float64)])   # near and far from the data
+    return model, x, y, torch.cat([x[:3], torch.full((2, 2), 20.0, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("kernel, task_noises", [("nngp", None), ("ntk", None), ("nngp", [0.01, 0.5])])
+def test_a_multi_output_network_gp_exports_its_own_posterior(kernel, task_noises):
+    """A multitask prediction is refused by name and sent to model.gaussian(x_test), which is the model's
+    posterior: GPyTorch's prediction's blocks, and independently gp_posterior with the model's kernel kind
+    (NetworkGP's "ntk" is its "ntkgp"), noises (task noises added to output j's) and constants (regressing
+    y - c). The recipe that said to rebuild it by hand left these out, each silently another posterior:
+    0.56 (constants), 2.1 and 15 (kernel), 0.55 and 0.14 (task noises) off."""
+    model, x, y, x_test = _multitask_model(kernel, task_noises)
     with torch.no_grad():
         pred = model(x_test)
-    with pytest.raises(ValueError, match=r"mean='constant' regress y_train - c and pass dataclasses\.replace\("
-                                         r"post, mean=post\.mean \+ c\), "
-                                         r"c = model\.mean_module\.constant\.detach\(\)"):
+    with pytest.raises(ValueError, match=r"For a NetworkGP pass model\.gaussian\(x_test\)"):
         bayes.sample_outputs(pred, 10)
-    noise, c = model.likelihood.noise.detach(), model.mean_module.constant.detach()
-    post = ntkgp.predict.gp_posterior(model.net, x, y - c, x_test, noise=noise)
-    followed = dataclasses.replace(post, mean=post.mean + c)
-    assert followed.scale == post.scale
-    # the covariance of each output is every k-th row and column of the interleaved K ⊗ I; two float64
-    # Cholesky solves of one 12 x 12 system (GPyTorch's and ntkgp's)
-    torch.testing.assert_close(followed.mean, pred.mean, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(followed.covariance, pred.covariance_matrix[::2, ::2], rtol=1e-9, atol=1e-12)
-    zero_mean = ntkgp.predict.gp_posterior(model.net, x, y, x_test, noise=noise).mean
-    assert (pred.mean[3:] - zero_mean[3:]).abs().max() > 0.5   # what the old hint gave
-
-
-def test_a_multi_output_network_gp_with_task_noises_is_exported_with_them():
-    """A MultitaskGaussianLikelihood(num_tasks=k, rank=0), the one NetworkGP's refusals suggest, has task
-    noises (has_task_noise=True by default) beside its global noise: output j's noise is their sum. The
-    refusal's recipe passed the global noise alone, a posterior 0.55 off the model's mean and 0.14 off its
-    covariance here, silently. Followed now (the sum as a noise per output, one output at a time), it
-    gives the model's own posterior, constants included."""
-    x, y = (t.double() for t in _regression(12, k=2))
+    g = model.gaussian(x_test)
     n, k = y.shape
-    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=k, rank=0)
-    model = ntkgp.models.NetworkGP(x, y, _net(), likelihood=likelihood, mean="constant")
-    model.likelihood.noise = 0.05
-    model.likelihood.task_noises = torch.tensor([0.01, 0.5], dtype=torch.float64)
-    with torch.no_grad():
-        model.mean_module.raw_constant.copy_(torch.tensor([3.0, -2.0], dtype=torch.float64))
-    model.eval()
-    x_test = torch.cat([x[:3], torch.full((2, 2), 20.0, dtype=torch.float64)])
-    with torch.no_grad():
-        pred = model(x_test)
-    with pytest.raises(ValueError, match=r"noise=\(model\.likelihood\.noise \+ model\.likelihood\.task_noises\)"
-                                         r"\.detach\(\)\.expand\(N, k\), a posterior per output, post\.output\(j\)"):
-        bayes.sample_outputs(pred, 10)
     c = model.mean_module.constant.detach()
-    noise = (model.likelihood.noise + model.likelihood.task_noises).detach().expand(n, k)
-    post = ntkgp.predict.gp_posterior(model.net, x, y - c, x_test, noise=noise)
-    followed = dataclasses.replace(post, mean=post.mean + c)
-    assert followed.per_output
-    for j in range(k):
-        # output j's rows and columns of the interleaved multitask covariance; two float64 Cholesky solves
-        # of 12 x 12 systems (GPyTorch's and ntkgp's)
-        one = followed.output(j)
-        torch.testing.assert_close(one.mean, pred.mean[:, j], rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(one.covariance, pred.covariance_matrix[j::k, j::k], rtol=1e-9, atol=1e-12)
+    noise = model.likelihood.noise.detach()
+    if task_noises is not None:
+        noise = (noise + model.likelihood.task_noises.detach()).expand(n, k)
+    post = ntkgp.predict.gp_posterior(model.net, x, y - c, x_test, kernel="ntkgp" if kernel == "ntk" else "nngp",
+                                      noise=noise)
+    assert g.per_output == (task_noises is not None) == post.per_output
+    assert g.scale == pytest.approx(post.scale, rel=1e-12)   # max diag K** by the same kernel
+    # two float64 Cholesky solves of 12 x 12 systems (GPyTorch's and ntkgp's); the NTK-GP's entries are ~30
+    torch.testing.assert_close(g.mean, post.mean + c, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g.covariance, post.covariance, rtol=1e-9, atol=1e-10)
+    for j in range(k):   # output j's rows and columns of GPyTorch's interleaved multitask covariance
+        one = g.output(j)
+        torch.testing.assert_close(one.mean, pred.mean[:, j], rtol=0, atol=0)
+        torch.testing.assert_close(one.covariance, pred.covariance_matrix[j::k, j::k], rtol=1e-12, atol=1e-14)
         bayes.sample_outputs(one, 10)
-    global_only = ntkgp.predict.gp_posterior(model.net, x, y - c, x_test, noise=model.likelihood.noise.detach())
-    assert float((global_only.covariance - pred.covariance_matrix[1::k, 1::k]).abs().max()) > 0.1   # the old hint's
+    zero_mean = ntkgp.predict.gp_posterior(model.net, x, y, x_test, noise=model.likelihood.noise.detach())
+    assert (g.mean[3:] - zero_mean.mean[3:]).abs().max() > 0.5   # the constants matter here
 
 
-def test_a_multi_output_ntk_network_gp_is_exported_with_its_kernel():
-    """NetworkGP(kernel="ntk") is the NTK-GP, gp_posterior's kernel="ntkgp"; the refusal's recipe left
-    gp_posterior's default, the NNGP: 2.1 off the model's mean and 15 off its covariance here, silently.
-    Followed now, with its kind, it gives the model's own posterior."""
-    x, y = (t.double() for t in _regression(12, k=2))
-    model = ntkgp.models.NetworkGP(x, y, _net(), kernel="ntk")
-    model.likelihood.noise = 0.05
+def test_network_gp_gaussian_refuses_what_it_cannot_represent():
+    """Training mode (GPyTorch's prior), batched or 1-D inputs, and a likelihood of correlated task noises
+    (rank 1: outputs correlated in the posterior, 0.1 here) are refused by name."""
+    model, x, y, x_test = _multitask_model()
+    model.train()
+    with pytest.raises(ValueError, match=r"call model\.eval\(\) first"):
+        model.gaussian(x_test)
     model.eval()
-    x_test = torch.cat([x[:3], torch.full((2, 2), 20.0, dtype=torch.float64)])
+    for bad in (x_test[None], x_test[0]):
+        with pytest.raises(ValueError, match=r"x_test must be a tensor of shape \(M, d\)"):
+            model.gaussian(bad)
+    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=2, rank=1)
+    model = ntkgp.models.NetworkGP(x, y, _net(), likelihood=likelihood)
     with torch.no_grad():
-        pred = model(x_test)
-    with pytest.raises(ValueError, match=r"gp_posterior\(model\.net, x_train, y_train, x_test, kernel=kind, noise="
-                                         r"model\.likelihood\.noise\.detach\(\)\), kind = 'ntkgp' if "
-                                         r"model\.covar_module\.kind == 'ntk' else 'nngp'"):
-        bayes.sample_outputs(pred, 10)
-    kind = "ntkgp" if model.covar_module.kind == "ntk" else "nngp"
-    post = ntkgp.predict.gp_posterior(model.net, x, y, x_test, kernel=kind, noise=model.likelihood.noise.detach())
-    # every k-th row and column of the interleaved K ⊗ I; two float64 Cholesky solves of one 12 x 12 system
-    torch.testing.assert_close(post.mean, pred.mean, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(post.covariance, pred.covariance_matrix[::2, ::2], rtol=1e-9, atol=1e-9)
-    nngp = ntkgp.predict.gp_posterior(model.net, x, y, x_test, noise=model.likelihood.noise.detach())
-    assert float((nngp.covariance - pred.covariance_matrix[::2, ::2]).abs().max()) > 1.0   # what the old hint gave
+        likelihood.task_noise_covar_factor.fill_(0.7)
+    model.eval()
+    with pytest.raises(ValueError, match="outputs are correlated in its posterior"):
+        model.gaussian(x_test)
+    assert model.gaussian(x_test[:0]).mean.shape == (0, 2)
 
 
 def test_a_float32_network_gp_prediction_near_its_data_is_exported_with_the_prior_scale():
@@ -560,26 +541,31 @@ def test_a_float32_network_gp_prediction_near_its_data_is_exported_with_the_prio
     x = torch.rand(50, 2, generator=gen) * 4 - 2
     y = torch.sin(x.sum(-1))
     x_test = torch.cat([x, x[:5] + 1e-3])
-    preds = {}
-    for dtype in (torch.float32, torch.float64):
+    preds, models = {}, {}
+    for dtype in (torch.float64, torch.float32):
         model = ntkgp.models.NetworkGP(x.to(dtype), y.to(dtype), depth=3, activation="relu", weight_var=2.0,
                                        bias_var=0.1)
         model.likelihood.noise = 1e-4
-        model.eval()
+        models[dtype] = model.eval()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")   # GPyTorch's float32 warnings
             preds[dtype] = model(x_test.to(dtype))
-            scale = float(model.covar_module(x_test.to(dtype), diag=True).max())
+            scale = float(model.covar_module(x_test.to(dtype), diag=True).max())   # the float32 model's, last
     pred = preds[torch.float32]
     cov = pred.covariance_matrix
-    hint = r"Gaussian\(mean, covariance, scale=\.\.\.\): for a NetworkGP's model\(x_test\), scale=float\(model\."
+    hint = r"Gaussian\(mean, covariance, scale=\.\.\.\): a NetworkGP's model\.gaussian\(x_test\) has it"
     as_wrapped, symmetrized = Gaussian(pred.mean, cov), Gaussian(pred.mean, (cov + cov.mT) / 2)
     for call, refusal in ((lambda: bayes.sample_outputs(as_wrapped, 10), "must be symmetric"),
                           (lambda: bayes.predictive_moments(as_wrapped, 1e-4), "must be symmetric"),
                           (lambda: bayes.sample_outputs(symmetrized, 10), "not positive semi-definite")):
         with pytest.raises(ValueError, match=f"{refusal}.*{hint}"):
             call()
-    draws = bayes.sample_outputs(Gaussian(pred.mean, cov, scale), 20000, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gaussian = models[torch.float32].gaussian(x_test.float())   # as wrapped above, with the scale
+    assert torch.equal(gaussian.covariance, cov) and torch.equal(gaussian.mean, pred.mean)
+    assert gaussian.scale == scale
+    draws = bayes.sample_outputs(gaussian, 20000, seed=0)
     # z-scores of the sample mean and covariance against the float32 moments, over 55 and 1540 entries:
     # measured max 2.3-3.3 and 3.4-4.6 over seeds 0-7 (the clamped eigenvalues, down to -1.2e-6, move
     # entries by about one standard error, sqrt(2 / 20000) Σ_max = 1e-6); the float64 model's moments

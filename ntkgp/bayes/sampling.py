@@ -52,22 +52,12 @@ def _gpytorch_hint(value: object) -> str:
     the refusal alone did not say that one output wraps as it is."""
     if not hasattr(value, "covariance_matrix") or not hasattr(value, "mean"):
         return ""
-    # each of these was silently another posterior than the model's (measured): gp_posterior has no prior
-    # mean, so a NetworkGP(mean="constant")'s fitted constants were left out (0.24 off away from the data);
-    # the global noise alone left out the task noises of a MultitaskGaussianLikelihood(num_tasks=k, rank=0),
-    # the likelihood NetworkGP's refusals suggest (has_task_noise=True by default: 0.55 off the mean, 0.14 off
-    # the covariance); gp_posterior's default kernel, the NNGP, is not a NetworkGP(kernel="ntk")'s, its
-    # "ntkgp" (2.1 and 15 off; tests/test_bayes.py). replace() keeps a posterior per output one, as
-    # Gaussian(...) did not
-    return (" For a GPyTorch prediction of one output (a NetworkGP's model(x_test)) pass "
-            "ntkgp.predict.Gaussian(pred.mean, pred.covariance_matrix); for vector targets (a multitask "
-            "prediction) predict with post = ntkgp.predict.gp_posterior(model.net, x_train, y_train, x_test, "
-            "kernel=kind, noise=model.likelihood.noise.detach()), kind = 'ntkgp' if model.covar_module.kind == "
-            "'ntk' else 'nngp' (a MultitaskGaussianLikelihood with task noises adds "
-            "task_noises[j] to output j's: noise=(model.likelihood.noise + model.likelihood.task_noises).detach()"
-            ".expand(N, k), a posterior per output, post.output(j)), whose prior mean is zero: for "
-            "mean='constant' regress y_train - c and pass dataclasses.replace(post, mean=post.mean + c), "
-            "c = model.mean_module.constant.detach().")
+    # a recipe rebuilding a multitask posterior by gp_posterior took the kernel kind, the task noises and the
+    # constant mean by name, and each one left out was silently another posterior (0.24 to 15 off, measured):
+    # NetworkGP.gaussian reads them from GPyTorch's own prediction
+    return (" For a NetworkGP pass model.gaussian(x_test) (one output or many, its kernel, noises and mean "
+            "included); for another GPyTorch model of one output, ntkgp.predict.Gaussian(pred.mean, "
+            "pred.covariance_matrix, scale=...), the scale the largest prior variance at x_test.")
 
 
 def _select_time(gaussian: Gaussian, time_index: TimeIndex) -> tuple[Gaussian, tuple[int, ...] | None]:
@@ -224,8 +214,8 @@ def _scale_hint(scale: float | None) -> str:
     if scale is not None:
         return ""
     return (" Rounding relative to the prior variances the covariance was computed from (a float32 posterior near "
-            "its data) is allowed for a Gaussian given their largest, Gaussian(mean, covariance, scale=...): for a "
-            "NetworkGP's model(x_test), scale=float(model.covar_module(x_test, diag=True).max()).")
+            "its data) is allowed for a Gaussian given their largest, Gaussian(mean, covariance, scale=...): a "
+            "NetworkGP's model.gaussian(x_test) has it.")
 
 
 def _magnitude(values: Tensor, prior: float | None) -> float:
