@@ -48,6 +48,24 @@ def _run(script: str, args: list[str]) -> str:
     return result.stdout
 
 
+def test_overhead_benchmark_times_every_column_and_compares_two_copies():
+    """One row of microseconds per column (NTK/Matern, the mll ratio, last); with ``--against`` the
+    package itself as the other copy, imported under another name: a ``new/old`` row of ratios and
+    the BoTorch loop of both copies, which compute the same kernels and so find the same best
+    acquisition value."""
+    args = ["--sizes", "5", "--depths", "1", "--activations", "relu", "--dtypes", "float64", "--repeats", "2",
+            "--seconds", "0.001"]
+    out = _run("overhead.py", [*args, "--no-botorch"])
+    row = next(line.split() for line in out.splitlines() if line.startswith("float64"))
+    assert row[:4] == ["float64", "relu", "1", "5"] and len(row) == 11 and all(float(v) > 0 for v in row[4:]), out
+    assert "BoTorch" not in out
+    out = _run("overhead.py", [*args, "--against", str(ROOT / "ntkgp")])
+    ratios = next(line for line in out.splitlines() if line.startswith("  new/old")).split()[2:]
+    assert len(ratios) == 12 and all(float(r) > 0 for r in ratios[::2]), out
+    values = [line.split()[-1] for line in out.splitlines() if "best acquisition value" in line]
+    assert len(values) == 3 and values[0] == values[1], out
+
+
 def test_kernel_baseline_computes_the_same_kernels_as_ntkgp():
     """The straightforward recursion the benchmark times ntkgp against is the same network's NTK: in
     float64 within 1e-6 of ntkgp's (its ``arccos`` of a clipped correlation loses ~1e-8 near

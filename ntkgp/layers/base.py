@@ -163,24 +163,7 @@ class Layer(VarianceParameters, gpytorch.Module):
         """Raise ``ValueError`` if the hyperparameters' batch shape does not broadcast with the
         inputs', or :class:`NonFiniteVarianceError` if a variance is not finite in ``x1``'s dtype
         (checked before any kernel work)."""
-        found = list(variances(self))
-        inputs = [x1.shape[:-2]] + ([] if x2 is None else [x2.shape[:-2]])
-        shapes = [_batch_shape(module, name, raw) for _, module, name, raw in found]
-        try:
-            broadcast_shapes(*inputs, *shapes)
-        except RuntimeError:   # was torch's "The size of tensor a (2) must match ..." from inside a layer
-            raise ValueError(f"The inputs' batch shapes {[tuple(s) for s in inputs]} do not broadcast with the "
-                             f"hyperparameters' batch shape(s) {sorted({tuple(s) for s in shapes})} "
-                             "(GPyTorch's batch_shape).") from None
-        if not found or transforms_active() or _is_compiling():   # values are per-sample or symbolic there
-            return
-        # a raw variance set to NaN, or an optimizer step that overflowed exp(raw) in x1's dtype, gave an
-        # all-NaN kernel and a later, obscure PSD error in GPyTorch; one reduction for all (one sync)
-        with torch.no_grad():
-            if not all_finite(_variance_values(found, x1)):
-                bad = [path for path, module, name, _ in found if not all_finite(module.variance_as(name, x1))]
-                raise NonFiniteVarianceError(f"Variance(s) {bad} are not finite (a NaN raw parameter, or exp(raw) "
-                                             f"overflowing {x1.dtype}); set them anew, e.g. layer.weight_var = 1.0.")
+        _check_variances(x1, x2, list(variances(self)))
 
     # ------------------------------------------------------------------ public API
     # the overloads tell type checkers that ntk is a tensor unless ntk=False was passed
@@ -238,27 +221,36 @@ class Layer(VarianceParameters, gpytorch.Module):
         x1, x2 = check_inputs(x1, x2, diag)
         self.check_input_dim(x1.shape[-1])
         self.check_structure()
-        self.check_variances(x1, x2)
+        found = None
+        if type(self).check_variances is Layer.check_variances:
+            # one walk over the layers for the check and the batch size (~16 µs each, of ~650 µs for a small call)
+            found = list(variances(self))
+            _check_variances(x1, x2, found)
+        else:
+            self.check_variances(x1, x2)
         # a caller's autocast (mixed-precision training) ran the recursion's products in bfloat16 and
         # returned float32 kernels 1 % off; kernels are computed in the inputs' dtype, as documented
         with _autocast_off(x1.device):
-            state = self._kernel(x1, x2, diag, ntk, compile)
+            state = self._kernel(x1, x2, diag, ntk, compile, found)
         _check_finite(state, x1, x2)
         return state
 
-    def _kernel(self, x1: Tensor, x2: Tensor | None, diag: bool, ntk: bool, compile: bool) -> KernelState:
+    def _kernel(self, x1: Tensor, x2: Tensor | None, diag: bool, ntk: bool, compile: bool,
+                found: list[tuple[str, VarianceParameters, str, Tensor]] | None = None) -> KernelState:
+        """The kernels of checked inputs; ``found``: this layer's :func:`variances`, if read already."""
+        found = list(variances(self)) if found is None else found
         needs_graph = transforms_active() or (torch.is_grad_enabled() and (
             x1.requires_grad or (x2 is not None and x2.requires_grad)
             or any(p.requires_grad for p in self.parameters())
             # sampled variances of a random module (pyro_sample_from_prior) are plain tensors, not parameters
-            or any(raw.requires_grad for *_, raw in variances(self))
+            or any(raw.requires_grad for *_, raw in found)
         ))
         empty = x1.shape[-2] == 0 or (x2 is not None and x2.shape[-2] == 0)  # no blocks to loop over
         ids = None if diag or empty else Duplicates.point_ids(x1, x2)
         other = x1 if x2 is None else x2
         # a batch of kernels holds batch × n1 × n2 entries: 8 kernels of 800 points kept the whole
         # graph (41 matrices of 5.1e6 entries at the peak, 1.6 GiB for a depth-3 NTK)
-        batch = _batch_size(self, x1, other) if not diag and not empty else 1
+        batch = _batch_size(found, x1, other) if not diag and not empty else 1
         # a single block would be recomputed whole in the backward pass: one more forward pass and no
         # lower peak (a depth-3 NTK's input gradient, 1024 kernels of 1 x 1024 points: 640-800 MiB
         # checkpointed, 545-560 whole; one point against 2^20: 740-770 and 650-680 MiB)
@@ -423,6 +415,27 @@ def variances(layer: Layer) -> Iterator[tuple[str, VarianceParameters, str, Tens
                 yield f"{prefix or type(layer).__name__}.{key[4:]}", module, key[4:], raw
 
 
+def _check_variances(x1: Tensor, x2: Tensor | None, found: list[tuple[str, VarianceParameters, str, Tensor]]) -> None:
+    """:meth:`Layer.check_variances` of the layer whose :func:`variances` are ``found``."""
+    inputs = [x1.shape[:-2]] + ([] if x2 is None else [x2.shape[:-2]])
+    shapes = [_batch_shape(module, name, raw) for _, module, name, raw in found]
+    try:
+        broadcast_shapes(*inputs, *shapes)
+    except RuntimeError:   # was torch's "The size of tensor a (2) must match ..." from inside a layer
+        raise ValueError(f"The inputs' batch shapes {[tuple(s) for s in inputs]} do not broadcast with the "
+                         f"hyperparameters' batch shape(s) {sorted({tuple(s) for s in shapes})} "
+                         "(GPyTorch's batch_shape).") from None
+    if not found or transforms_active() or _is_compiling():   # values are per-sample or symbolic there
+        return
+    # a raw variance set to NaN, or an optimizer step that overflowed exp(raw) in x1's dtype, gave an
+    # all-NaN kernel and a later, obscure PSD error in GPyTorch; one reduction for all (one sync)
+    with torch.no_grad():
+        if not all_finite(_variance_values(found, x1)):
+            bad = [path for path, module, name, _ in found if not all_finite(module.variance_as(name, x1))]
+            raise NonFiniteVarianceError(f"Variance(s) {bad} are not finite (a NaN raw parameter, or exp(raw) "
+                                         f"overflowing {x1.dtype}); set them anew, e.g. layer.weight_var = 1.0.")
+
+
 def _variance_values(found: list[tuple[str, VarianceParameters, str, Tensor]], like: Tensor) -> Tensor:
     """``module.variance_as(name, like)`` of each of ``found`` (:func:`variances`), flattened and joined.
 
@@ -452,10 +465,11 @@ def variance_batch_shapes(layer: Layer) -> list[torch.Size]:
     return [_batch_shape(module, name, raw) for _, module, name, raw in variances(layer)]
 
 
-def _batch_size(layer: Layer, x1: Tensor, x2: Tensor) -> int:
+def _batch_size(found: list[tuple[str, VarianceParameters, str, Tensor]], x1: Tensor, x2: Tensor) -> int:
     """How many kernel matrices a call returns: the product of the broadcast batch shape of the
-    inputs and of the hyperparameters (GPyTorch's ``batch_shape``, their leading dimensions)."""
-    shapes = [x1.shape[:-2], x2.shape[:-2], *variance_batch_shapes(layer)]
+    inputs and of the hyperparameters (GPyTorch's ``batch_shape``, their leading dimensions) of
+    a layer whose :func:`variances` are ``found``."""
+    shapes = [x1.shape[:-2], x2.shape[:-2], *(_batch_shape(module, name, raw) for _, module, name, raw in found)]
     try:
         return math.prod(broadcast_shapes(*shapes))
     except RuntimeError:   # the kernel recursion reports mismatched batches itself

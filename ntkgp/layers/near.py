@@ -116,8 +116,15 @@ def representable(*variances: Tensor) -> Tensor:
     """Where every one of ``variances`` lies in :func:`~ntkgp.layers.numerics.product_range`, so that
     products of two of them and ``det ≤ k11 k22`` are normal numbers."""
     low, high = product_range(variances[0].dtype)
-    keep = torch.ones_like(variances[0], dtype=torch.bool)
-    for v in variances:
+    first, *others = variances
+    if others and all(v.shape == first.shape and v.dtype == first.dtype and v.device == first.device
+                      for v in others):
+        # one stack and one reduction, instead of five operations a variance: with the four of a ReLU
+        # layer's pairs this screen was an eighth of the operations of a small kernel with carried pairs
+        joined = torch.stack(variances).detach()
+        return ((joined >= low) & (joined <= high)).all(0)
+    keep = (first.detach() >= low) & (first.detach() <= high)   # the first one's mask, not an all-true start
+    for v in others:
         keep &= (v.detach() >= low) & (v.detach() <= high)
     return keep
 

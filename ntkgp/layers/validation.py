@@ -34,6 +34,11 @@ def refuse_non_float_inputs(x: Tensor, dtype: torch.dtype | None = None) -> None
                          "the dtype of the network's parameters.")
 
 
+#: Entries up to which :func:`all_finite` reads ``isfinite`` whole: 4 against 8 µs for 25 entries, 6.5 against
+#: 8 at 2048; one ``aminmax`` pass wins from ~3000 (18 against 60 µs at 40 000, float64, one thread).
+_SMALL = 2**11
+
+
 def all_finite(x: Tensor, name: str | None = None) -> bool:
     """Whether no entry of the real tensor ``x`` is ``±inf`` or NaN (the shared check of inputs, targets and kernels).
     A tensor on the meta device has no entries to judge: a ``ValueError`` (naming it ``name``, if given).
@@ -50,6 +55,10 @@ def all_finite(x: Tensor, name: str | None = None) -> bool:
     refuse_meta(x, name or f"A tensor of shape {tuple(x.shape)} given where values are needed")
     if x.numel() == 0:
         return True
+    if x.numel() <= _SMALL and x.is_floating_point():
+        # the same answer in two operations instead of four, where temporaries cost nothing: a small
+        # kernel's call makes several of these checks
+        return bool(torch.isfinite(x.detach()).all())
     try:
         low, high = torch.aminmax(x.detach())
     except (RuntimeError, NotImplementedError) as error:
