@@ -33,11 +33,11 @@ from torch import Tensor
 from ntkgp._checks import integer_at_least
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.activations import Activation
+from ntkgp.layers.base import NonFiniteKernelError
 from ntkgp.layers.numerics import (
     _is_compiling,
     _maybe_functorch_level,
     is_vmapped,
-    overflow_scale,
     safe_sqrt,
     transforms_active,
 )
@@ -412,6 +412,7 @@ class Numerical(Activation):
         for name, value in (("activation", nngp), ("activation's derivative", dot)):
             # NaN (log or sqrt of negative nodes) came back as a NaN kernel with only the rtol warning
             if value is not None and not _is_compiling() and has_non_finite(value):
+                self._refuse_overflowed(k11, k12, k22)   # the kernels it was given, not the activation
                 raise ValueError(f"Numerical: the {name} gave NaN or infinite values at the quadrature nodes (a "
                                  "function undefined for some real inputs, such as log or sqrt?), or its Gaussian "
                                  "expectation overflows.")
@@ -513,6 +514,7 @@ class Numerical(Activation):
     def entry_degrees(self, k11: Tensor, k22: Tensor, want_dot: bool = True) -> Tensor:
         """Per kernel entry (the broadcast shape of ``k11`` and ``k22``), the larger of the degrees
         its two variances need (:meth:`variance_degrees`)."""
+        self._refuse_overflowed(k11, k22)
         values, degrees = self.variance_degrees(torch.cat([k11.reshape(-1), k22.reshape(-1)]), want_dot)
 
         def lookup(k: Tensor) -> Tensor:   # values is sorted and holds every variance present
@@ -542,6 +544,18 @@ class Numerical(Activation):
         if unsettled_message is not None:   # a search read back warns again: each call that misses rtol says so
             warnings.warn(unsettled_message, RuntimeWarning, stacklevel=caller_stacklevel())
         return c, degrees
+
+    def _refuse_overflowed(self, *kernels: Tensor) -> None:
+        """:class:`~ntkgp.layers.base.NonFiniteKernelError` where the kernels reaching this layer have
+        already overflowed (a product of kernels of inputs of norm 1e150, ``inf``, then a ``LayerNorm``:
+        NaN), as the kernel's final check raises for the closed-form activations: a NaN variance was
+        looked up past the end of the degree table (``IndexError: index 8 is out of bounds``), and a
+        fixed degree's NaN blamed the activation. Skipped while torch.compile traces."""
+        if _is_compiling() or not any(has_non_finite(k) for k in kernels):
+            return
+        raise NonFiniteKernelError(f"The kernels reaching Numerical({self._name}) overflow {kernels[0].dtype} (NaN or "
+                                   "infinite variances): rescale the inputs or the variances"
+                                   + ("" if kernels[0].dtype == torch.float64 else ", or use float64") + ".")
 
     def _degree_key(self, c: Tensor) -> tuple:
         return (self.rtol, self.max_degree, c.dtype, c.device)
@@ -853,24 +867,38 @@ def _expectations(f: Many, g: Many, a: Tensor, c: Tensor, b: Tensor, degree: int
     weights = torch.as_tensor(weights_np, dtype=a.dtype, device=a.device) / math.sqrt(math.pi)
     parts = []
     chunk = max(1, QUADRATURE_CHUNK // (degree * degree))
-    scale = overflow_scale(a, b)   # k11 k22 and the determinant are O(k²): formed of scaled variances
-    q = 1.0 if scale is None else scale
     with torch.no_grad():
         for start in range(0, max(a.numel(), 1), chunk):   # one chunk for no entries: M is f's to tell
             sl = slice(start, start + chunk)
             k11_, k12_, k22_ = a[sl], c[sl], b[sl]
             sd1 = torch.sqrt(k11_)
             positive = sd1 > 0
+            q = _product_scale(k11_, k22_)   # k11 k22 and the determinant are O(k²): formed of scaled variances
             p = torch.sqrt((q * k11_) * (q * k22_))
             det = torch.clamp((p - q * k12_) * (p + q * k12_), min=0)                 # q² (k11 k22 − k12²)
             safe_k11 = torch.where(positive, q * k11_, torch.ones_like(k11_))
             along = torch.where(positive, k12_ / torch.where(positive, sd1, torch.ones_like(sd1)), 0)
             # sqrt(det / k11) = sqrt(q² det / (q k11)) / sqrt(q), sqrt(q) exact for a power of 4
-            across = torch.where(positive, torch.sqrt(det / safe_k11) / q**0.5,
+            across = torch.where(positive, torch.sqrt(det / safe_k11) / torch.sqrt(q),
                                  torch.sqrt(torch.clamp(k22_, min=0)))
             fu = torch.stack(f(sd1[:, None] * nodes))                            # (M, N, deg)
             parts.append(_inner_sums(g, fu, along, across, nodes, weights))
     return torch.cat(parts, dim=1)
+
+
+def _product_scale(k11: Tensor, k22: Tensor) -> Tensor:
+    """Per entry, a power of 4, ``q``, near ``1/sqrt(k11 k22)``: ``q·k11 · q·k22`` is in ``[1, 16)`` and
+    ``q·k11 = O(sqrt(k11/k22))`` a normal number, so neither the products nor ``q·k11`` over- or
+    underflow. A power of 4 scales every product, square root and quotient of the determinant's
+    formula exactly, so the entries whose unscaled intermediates are normal numbers keep their bits
+    (measured: ``Numerical`` kernels bitwise unchanged at variances of 1e-120 to 10, float32 and 64).
+
+    One scale for all points, sized by the largest variance, underflowed ``q·k11`` to 0 for a pair of a
+    tiny and a huge variance (inputs of norms 1e-150 and 1e150 together): ``det / (q k11)`` was
+    ``0/0``, and ``Numerical`` blamed the activation for NaN values."""
+    tiny = torch.finfo(k11.dtype).tiny   # log2(0) is -inf: a zero variance takes the smallest normal one's
+    logs = torch.log2(torch.clamp(k11, min=tiny)) + torch.log2(torch.clamp(k22, min=tiny))
+    return torch.pow(2.0, -2 * torch.floor(logs / 4))
 
 
 def _inner_sums(g: Many, fu: Tensor, along: Tensor, across: Tensor, nodes: Tensor, weights: Tensor) -> Tensor:

@@ -139,10 +139,11 @@ def overflow_scale(k11: Tensor, k22: Tensor) -> float | Tensor | None:
     float32). Powers of 4 keep ``sqrt(c·k11 · c·k22) == c k`` exact where ``k11 = k22 = k``, and
     ``sqrt(c)`` exact. Under ``torch.compile`` ``c`` is a tensor (no data-dependent branch).
 
-    One scale for all points serves ``Elementwise`` quadrature, whose products are homogeneous in
-    the variances; the erf, GELU and Gaussian forms add ``O(1)`` terms to them and take a scale per
-    pair (:func:`scaled_for_products`), and :func:`gaussian_angle` scales each point by its own
-    power of 4."""
+    The erf, GELU and Gaussian forms add ``O(1)`` terms to the scaled products and take a scale per
+    pair (:func:`scaled_for_products`), :func:`gaussian_angle` scales each point by its own power
+    of 4, and ``Elementwise`` quadrature, whose products are homogeneous in the variances, each pair
+    by a power of 4 near ``1/sqrt(k11 k22)`` (one scale for all points underflowed a tiny variance
+    paired with a huge one)."""
     limit = product_range(k11.dtype)[1]
     big: Tensor | float
     if _is_compiling() or transforms_active():
