@@ -239,3 +239,181 @@ def test_the_noise_per_point_is_a_copy():
     noise.mul_(10)
     for held in [post.noise for post in posts] + [flow.diag_reg]:
         torch.testing.assert_close(held, kept, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ gradient_descent_mse's diag_reg per point
+TIMES = {"t=7": dict(t=7.0), "t=inf": dict(t=float("inf")), "t=None": dict(t=None), "steps=5": dict(steps=5)}
+
+
+def _ntk_matrices(k: int | None = None):
+    x, y, xt, reg = _data(k)
+    with torch.no_grad():
+        net = _net()
+        return net, x, y, xt, reg, net.kernel(x).ntk, net.kernel(xt, x).ntk
+
+
+def _dense_descent(theta, cross, y, f0, ft0, lr, time):
+    """``f_t(X) = Y + E (f_0 − Y)``, ``f_t(x*) = f_0(x*) − Θ*d Θr⁻¹ (I − E)(f_0 − Y)`` for the regularized
+    ``theta`` (numpy), ``E = e^{−Θr η t/m}`` by scipy's expm, ``(I − ηΘr/m)^s``, or 0 at ``t = inf, None``."""
+    n, m = theta.shape[0], y.size
+    if "steps" in time:
+        e = np.linalg.matrix_power(np.eye(n) - lr * theta / m, time["steps"])
+    elif time["t"] is None or np.isinf(time["t"]):
+        e = np.zeros((n, n))
+    else:
+        e = scipy.linalg.expm(-theta * lr * time["t"] / m)
+    r = (f0 - y).reshape(n, -1)
+    train = y + (e @ r).reshape(y.shape)
+    test = ft0 - (cross @ np.linalg.solve(theta, (np.eye(n) - e) @ r)).reshape(ft0.shape)
+    return train, test
+
+
+@pytest.mark.parametrize("time", TIMES)
+@pytest.mark.parametrize("k", [None, 2], ids=["1-D targets", "2 outputs"])
+@pytest.mark.parametrize("absolute", [True, False], ids=["absolute", "relative"])
+def test_gradient_descent_mse_with_a_regularizer_per_point_is_gradient_flow(absolute, k, time):
+    """An ``(N,)`` ``diag_reg`` (refused before, "must be a finite non-negative number") gives
+    ``Θ + s·diag(r)``, ``s = 1`` or ``trace(Θ)/N``, as GradientFlow: from net.kernel's matrices and zero
+    initial outputs its outputs are GradientFlow's means, training and test (the same factorizations: 1e-12
+    allows rounding); with random initial outputs they are the dense formulas (expm, solve: rtol 1e-9 as
+    above); and the values per point matter (their mean as a scalar is 1e-3 off or more)."""
+    net, x, y, xt, reg, theta, cross = _ntk_matrices(k)
+    lr = 0.5
+    options = dict(learning_rate=lr, diag_reg_absolute_scale=absolute, **TIMES[time])
+    train, test = predict.gradient_descent_mse(theta, y, ntk_test_train=cross, fx_test_0=0.0, diag_reg=reg,
+                                               **options)
+    flow = predict.GradientFlow(net, x, y, learning_rate=lr, diag_reg=reg, diag_reg_absolute_scale=absolute)
+    torch.testing.assert_close(train, flow.predict(None, compute_cov=False, **TIMES[time]).mean, rtol=1e-12,
+                               atol=1e-14)
+    torch.testing.assert_close(test, flow.predict(xt, compute_cov=False, **TIMES[time]).mean, rtol=1e-12,
+                               atol=1e-14)
+    g = torch.Generator().manual_seed(5)
+    f0, ft0 = torch.randn(y.shape, generator=g, dtype=torch.float64), torch.randn(M, *y.shape[1:], generator=g,
+                                                                                  dtype=torch.float64)
+    train, test = predict.gradient_descent_mse(theta, y, fx_train_0=f0, ntk_test_train=cross, fx_test_0=ft0,
+                                               diag_reg=reg.numpy(), **options)   # an array too
+    s = 1.0 if absolute else float(theta.trace()) / N
+    dense = _dense_descent(theta.numpy() + s * np.diag(reg.numpy()), cross.numpy(), y.numpy(), f0.numpy(),
+                           ft0.numpy(), lr, TIMES[time])
+    np.testing.assert_allclose(train.numpy(), dense[0], rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(test.numpy(), dense[1], rtol=1e-9, atol=1e-11)
+    scalar = predict.gradient_descent_mse(theta, y, fx_train_0=f0, ntk_test_train=cross, fx_test_0=ft0,
+                                          diag_reg=float(reg.mean()), **options)[1]
+    assert float((scalar - test).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("time", TIMES)
+@pytest.mark.parametrize("full", [False, True], ids=["(N, N) kernel", "(N, N, k, k) kernel"])
+def test_gradient_descent_mse_differentiates_a_regularizer_per_point(full, time):
+    """The gradient of the outputs in an ``(N,)`` ``diag_reg`` that requires grad flows, as a scalar's
+    does: central differences (h = 1e-6, truncation ~h² of outputs of order 1) agree to 1e-6 relative,
+    for every point's value."""
+    _, _, y, _, reg, theta, cross = _ntk_matrices(2)
+    eye = torch.eye(2, dtype=torch.float64)
+    if full:
+        theta, cross = torch.einsum("ab,ij->abij", theta, eye), torch.einsum("ab,ij->abij", cross, eye)
+    g = torch.Generator().manual_seed(6)
+    weights = torch.randn(N, 2, generator=g, dtype=torch.float64), torch.randn(M, 2, generator=g,
+                                                                                dtype=torch.float64)
+
+    def outputs(r):
+        train, test = predict.gradient_descent_mse(theta, y, ntk_test_train=cross, fx_test_0=0.0, learning_rate=0.5,
+                                                   diag_reg=r, **TIMES[time])
+        return (weights[0] * train).sum() + (weights[1] * test).sum()
+
+    leaf = reg.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(outputs(leaf), leaf)
+    h = 1e-6
+    step = torch.eye(N, dtype=torch.float64) * h
+    numeric = torch.stack([(outputs(reg + step[i]) - outputs(reg - step[i])) / (2 * h) for i in range(N)])
+    torch.testing.assert_close(grad, numeric, rtol=1e-6, atol=1e-9)
+    assert float(grad.abs().min()) > 1e-4   # every value reaches the outputs
+
+
+@pytest.mark.parametrize("time", TIMES)
+def test_gradient_descent_mse_full_kernel_regularizer_per_point(time):
+    """With a full ``(N, N, k, k)`` kernel an ``(N,)`` ``diag_reg`` regularizes each point's ``k`` outputs with
+    its value: for ``Θ ⊗ I_k`` the outputs are those of the ``(N, N)`` kernel with ``(N, k)`` targets (1e-12),
+    and for a kernel coupling the outputs the dense formulas of the flat ``(N k, N k)`` kernel (point-major,
+    as flatten_full_kernel) with ``s·diag(r ⊗ 1_k)``, ``s`` its mean diagonal."""
+    _, _, y, _, reg, theta, cross = _ntk_matrices(2)
+    k, lr = 2, 0.5
+    eye = torch.eye(k, dtype=torch.float64)
+    options = dict(ntk_test_train=cross, fx_test_0=0.0, learning_rate=0.5, diag_reg=reg, **TIMES[time])
+    plain = predict.gradient_descent_mse(theta, y, **options)
+    options["ntk_test_train"] = torch.einsum("ab,ij->abij", cross, eye)
+    joint = predict.gradient_descent_mse(torch.einsum("ab,ij->abij", theta, eye), y, **options)
+    for a, b in zip(joint, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(N * k, N * k + 3, generator=g, dtype=torch.float64)
+    flat = a @ a.T / N
+    flat_cross = torch.randn(M * k, N * k, generator=g, dtype=torch.float64)
+    full, full_cross = flat.reshape(N, k, N, k).permute(0, 2, 1, 3), flat_cross.reshape(M, k, N, k).permute(0, 2, 1, 3)
+    f0 = torch.randn(N, k, generator=g, dtype=torch.float64)
+    options.update(ntk_test_train=full_cross, fx_test_0=0.0)
+    train, test = predict.gradient_descent_mse(full, y, fx_train_0=f0, **options)
+    s = float(flat.trace()) / (N * k)
+    dense = _dense_descent(flat.numpy() + s * np.diag(np.repeat(reg.numpy(), k)), flat_cross.numpy(), y.numpy(),
+                           f0.numpy(), np.zeros((M, k)), lr, TIMES[time])
+    np.testing.assert_allclose(train.numpy(), dense[0], rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(test.numpy(), dense[1], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["(N, N) kernel", "(N, N, k, k) kernel"])
+def test_gradient_descent_mse_refuses_a_bad_regularizer_per_point_before_the_factorization(full, monkeypatch):
+    """Shapes other than ``(N,)`` (also ``(N k,)`` of a full kernel's flat outputs, and ``(k,)``), NaN,
+    negative, complex and boolean values are refused by name before the kernel is regularized."""
+    _, _, y, _, reg, theta, _ = _ntk_matrices(3)
+    if full:
+        theta = torch.einsum("ab,ij->abij", theta, torch.eye(3, dtype=torch.float64))
+    from ntkgp.predict import linearized
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the kernel was regularized before diag_reg was checked")
+
+    monkeypatch.setattr(linearized, "regularize", fail)
+    monkeypatch.setattr(linearized, "flatten_full_kernel", fail)
+    shape = rf"^diag_reg must be a number or one value per training point, shape \({N},\), got shape "
+    for bad, message in [(torch.ones(N + 1), shape + rf"\({N + 1},\)\.$"),
+                         (torch.ones(N, 1), shape + rf"\({N}, 1\)\.$"),
+                         (torch.ones(3), shape + r"\(3,\)\.$"),
+                         (torch.ones(N, 3), shape + rf"\({N}, 3\)\.$"),
+                         (torch.ones(3 * N), shape + rf"\({3 * N},\)\.$"),
+                         (torch.cat([reg[:4], torch.tensor([float("nan")], dtype=torch.float64), reg[5:]]),
+                          "^diag_reg must be finite and non-negative at every training point; entry 4 is nan"),
+                         (torch.cat([reg[:2], torch.tensor([-0.1], dtype=torch.float64), reg[3:]]), "entry 2 is -0.1"),
+                         (reg.to(torch.complex128), "^diag_reg must be real, got dtype torch.complex128"),
+                         (torch.ones(N, dtype=torch.bool), "^diag_reg must be real, got dtype torch.bool"),
+                         ([True] * N, "got booleans"),
+                         (-1.0, r"^diag_reg must be a finite non-negative number, got -1\.0\.$"),
+                         (float("nan"), "^diag_reg must be a finite non-negative number")]:
+        with pytest.raises(ValueError, match=message):
+            predict.gradient_descent_mse(theta, y, t=1.0, diag_reg=bad)
+
+
+def test_gradient_descent_mse_float32_kernel_with_a_regularizer_per_point():
+    """A float32 kernel is factored in float64 with its float32 rounding kept: its outputs are those of the
+    kernel cast up, bit for bit, and the dense formulas of those numbers (rtol 1e-9); a float32 ``diag_reg``
+    is its exact float64 widening; float32 targets give the float64 outputs of their values, rounded."""
+    _, _, y, _, reg, theta, cross = _ntk_matrices()
+    theta32, cross32 = theta.float(), cross.float()
+    options = dict(ntk_test_train=cross32, fx_test_0=0.0, t=7.0, learning_rate=0.5)
+    out = predict.gradient_descent_mse(theta32, y, diag_reg=reg, **options)
+    for a, b in zip(out, predict.gradient_descent_mse(theta32.double(), y, diag_reg=reg,
+                                                      **{**options, "ntk_test_train": cross32.double()}), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    s = float(theta32.double().trace()) / N
+    dense = _dense_descent(theta32.double().numpy() + s * np.diag(reg.numpy()), cross32.double().numpy(), y.numpy(),
+                           np.zeros(N), np.zeros(M), 0.5, {"t": 7.0})
+    np.testing.assert_allclose(out[0].numpy(), dense[0], rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(out[1].numpy(), dense[1], rtol=1e-9, atol=1e-11)
+    for a, b in zip(predict.gradient_descent_mse(theta32, y, diag_reg=reg.float(), **options),
+                    predict.gradient_descent_mse(theta32, y, diag_reg=reg.float().double(), **options), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    single = predict.gradient_descent_mse(theta32, y.float(), diag_reg=reg, **options)
+    assert all(part.dtype == torch.float32 for part in single)
+    # computed in float64 from the float32 targets' values, rounded once
+    for a, b in zip(single, predict.gradient_descent_mse(theta32, y.float().double(), diag_reg=reg, **options),
+                    strict=True):
+        torch.testing.assert_close(a, b.float(), rtol=0, atol=0)

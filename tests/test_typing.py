@@ -171,6 +171,7 @@ def _documented_values():
         (predict.GPPosterior.__init__, "noise", [0.1, 0.2]),
         (predict.gradient_flow, "diag_reg", [0.1, 0.2]),
         (predict.GradientFlow.__init__, "diag_reg", np.full(4, 0.1)),
+        (gradient_descent_mse, "diag_reg", [0.1, 0.2]),
     ]
 
 

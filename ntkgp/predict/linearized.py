@@ -20,12 +20,12 @@ import torch
 from torch import Tensor
 
 from ntkgp._checks import NT_TRACE_AXES_KERNEL_HINT, check_flag, neural_tangents_keywords
-from ntkgp._typing import Steps, Times
+from ntkgp._typing import Diagonal, Steps, Times
 from ntkgp.layers.validation import all_finite, boolean_or_complex, refuse_meta
 from ntkgp.predict.gaussian import (
     check_device,
+    check_diagonal,
     check_factor_dtype,
-    check_non_negative,
     check_targets,
     kernel_matrix_error,
 )
@@ -53,14 +53,14 @@ from ntkgp.predict.spectral import (
 @overload
 def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = ...,
                          ntk_test_train: None = ..., fx_test_0: None = ..., t: Times = ..., steps: Steps = ...,
-                         learning_rate: float = ..., diag_reg: float | Tensor = ...,
+                         learning_rate: float = ..., diag_reg: Diagonal = ...,
                          diag_reg_absolute_scale: bool = ..., factor_dtype: torch.dtype = ...) -> Tensor: ...
 
 
 @overload
 def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = ...,
                          ntk_test_train: Tensor, fx_test_0: Tensor | float, t: Times = ..., steps: Steps = ...,
-                         learning_rate: float = ..., diag_reg: float | Tensor = ...,
+                         learning_rate: float = ..., diag_reg: Diagonal = ...,
                          diag_reg_absolute_scale: bool = ..., factor_dtype: torch.dtype = ...
                          ) -> tuple[Tensor, Tensor]: ...
 
@@ -68,7 +68,7 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
 @overload
 def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = ...,
                          ntk_test_train: Tensor | None = ..., fx_test_0: Tensor | float | None = ..., t: Times = ...,
-                         steps: Steps = ..., learning_rate: float = ..., diag_reg: float | Tensor = ...,
+                         steps: Steps = ..., learning_rate: float = ..., diag_reg: Diagonal = ...,
                          diag_reg_absolute_scale: bool = ..., factor_dtype: torch.dtype = ...
                          ) -> Tensor | tuple[Tensor, Tensor]: ...
 
@@ -77,7 +77,7 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
 def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0: Tensor | float = 0.0,
                          ntk_test_train: Tensor | None = None, fx_test_0: Tensor | float | None = None,
                          t: Times = None, steps: Steps = None, learning_rate: float = 1.0,
-                         diag_reg: float | Tensor = 0.0, diag_reg_absolute_scale: bool = False,
+                         diag_reg: Diagonal = 0.0, diag_reg_absolute_scale: bool = False,
                          factor_dtype: torch.dtype = torch.float64
                          ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Outputs of one network after training for time ``t`` (or ``steps`` steps).
@@ -107,8 +107,11 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
         t: ``None`` (infinite time), a number or a tensor of times (leading output shape).
         steps: instead of ``t``, discrete gradient-descent step counts.
         learning_rate: ``η``; time enters as ``τ = η t / m`` with ``m = y_train.numel()``.
-        diag_reg: added to ``ntk_train_train`` as ``diag_reg · trace/N · I`` (a tensor that
-            requires grad gets its gradient).
+        diag_reg: added to ``ntk_train_train`` as ``diag_reg · trace/N · I``; or ``(N,)``, one per
+            training point (a tensor, array or list), added as ``trace/N · diag(diag_reg)``, as
+            :class:`~ntkgp.predict.GradientFlow` takes it (with a full kernel each point's ``k``
+            outputs get its value, and ``trace/N`` is the flattened kernel's mean diagonal). A tensor
+            that requires grad gets its gradient.
         diag_reg_absolute_scale: make ``diag_reg`` an absolute variance instead.
         factor_dtype: dtype in which the kernel is factored (results come back in the dtype of
             ``y_train``). A kernel given in a coarser dtype (or a float32 kernel cast up to float64,
@@ -140,7 +143,8 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
     out_dtype = y_train.dtype
     # a tensor that requires grad is kept: the regularizer's gradient flows like the kernel's
     differentiable_reg = diag_reg if isinstance(diag_reg, Tensor) and diag_reg.requires_grad else None
-    diag_reg = check_non_negative("diag_reg", diag_reg)
+    # one number, or one per training point, (N,), as GradientFlow takes it (a detached copy)
+    diag_reg = check_diagonal("diag_reg", diag_reg, n, ntk_train_train.device, factor_dtype)
     y = y_train.to(factor_dtype)
     f0 = _initial_outputs(fx_train_0, y.shape, "fx_train_0", y)
     if ntk_test_train is not None:
@@ -152,7 +156,8 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
         fx_test_0 = _initial_outputs(cast("Tensor | float", fx_test_0), (ntk_test_train.shape[0], *y.shape[1:]),
                                      "fx_test_0", y)   # given with ntk_test_train (checked above)
     kernel = regularize(ntk_train_train.to(factor_dtype), diag_reg if differentiable_reg is None else
-                        differentiable_reg.to(factor_dtype), diag_reg_absolute_scale)
+                        differentiable_reg.to(device=ntk_train_train.device, dtype=factor_dtype),
+                        diag_reg_absolute_scale)
     schedule = make_schedule(t, steps, learning_rate, y_train.numel(), y.device)
     residual = f0 - y
     flat = residual.reshape(n, -1)
@@ -217,8 +222,18 @@ def gradient_descent_mse(ntk_train_train: Tensor, y_train: Tensor, *, fx_train_0
 def _full_kernel(ntk_train_train: Tensor, y_train: Tensor, fx_train_0, ntk_test_train, fx_test_0, t, **options):
     """:func:`gradient_descent_mse` with ``(N, N, k, k)`` kernels: the ``N k`` outputs are one
     flat vector trained by the ``(N k, N k)`` kernel of :func:`flatten_full_kernel` (so relative
-    ``diag_reg`` scales by its mean diagonal, as in neural-tangents)."""
+    ``diag_reg`` scales by its mean diagonal, as in neural-tangents). An ``(N,)`` ``diag_reg`` gives each
+    point's ``k`` outputs its value: for a kernel ``Θ ⊗ I_k`` this is the ``(N, N)`` kernel's regularization
+    (``trace/(N k)`` of the flat kernel is ``trace(Θ)/N``)."""
     n, k = check_full_kernel(ntk_train_train, y_train)
+    # checked against N here: the flat call would take an (N k,) vector, one per output, which no other
+    # predictor takes (a vector is one value per point)
+    given = options["diag_reg"]
+    per_point = check_diagonal("diag_reg", given, n, ntk_train_train.device, options["factor_dtype"])
+    if isinstance(per_point, Tensor):
+        if isinstance(given, Tensor) and given.requires_grad:   # its gradient flows, as a number's does
+            per_point = given.to(device=ntk_train_train.device, dtype=options["factor_dtype"])
+        options["diag_reg"] = per_point.repeat_interleave(k)   # the flat outputs are point-major, (r, i) -> r k + i
 
     def flat_outputs(value, rows: int, name: str):
         if not isinstance(value, Tensor) or value.dim() == 0:
