@@ -123,6 +123,19 @@ def _training_points(inputs: Tensor | tuple | list) -> int:
     return max((_training_points(x) for x in inputs), default=0)
 
 
+def _task_noise_covariance(likelihood: object) -> Tensor | None:
+    """The ``(k, k)`` covariance of the task noises a ``MultitaskGaussianLikelihood`` adds to its global
+    noise (``None`` without task noises: every output has the global noise alone): ``diag(task_noises)``
+    at ``rank = 0``, ``F Fᵀ`` of its ``task_noise_covar_factor`` ``F`` at ``rank > 0`` (GPyTorch's
+    ``_shaped_noise_covar``): its diagonal may differ between the outputs, and its off-diagonal entries,
+    where nonzero, correlate them."""
+    if not getattr(likelihood, "has_task_noise", False):
+        return None
+    if getattr(likelihood, "rank", 0) == 0:
+        return torch.diag_embed(likelihood.task_noises.detach())   # type: ignore[attr-defined]
+    return likelihood.task_noise_covar.detach()   # type: ignore[attr-defined]
+
+
 class NetworkGP(gpytorch.models.ExactGP):
     r"""Exact GP regression whose covariance is a network's NNGP or NTK kernel.
 
@@ -459,13 +472,20 @@ class NetworkGP(gpytorch.models.ExactGP):
         It is GPyTorch's own prediction, ``model(x_test)`` in eval mode (the fitted constant mean,
         kernel and likelihood included), computed without a graph: mean ``(M,)``, or ``(M, k)`` for
         ``(N, k)`` targets; covariance ``(M, M)`` shared by the outputs, or, where the outputs' noises
-        differ (a ``MultitaskGaussianLikelihood``'s task noises), one per output, ``(M, M, k)``
+        differ (a ``MultitaskGaussianLikelihood``'s task noises: ``task_noises``, or at ``rank > 0`` the
+        diagonal of ``task_noise_covar``), one per output, ``(M, M, k)``
         (:attr:`~ntkgp.predict.Gaussian.per_output`), the diagonal blocks of the multitask covariance
         ``K** ⊗ I − (K*d ⊗ I)(K ⊗ I + D)⁻¹(Kd* ⊗ I)`` (Rasmussen & Williams 2006, eq. 2.24; Bonilla et
         al. 2008); and as :attr:`~ntkgp.predict.Gaussian.scale` the largest prior variance
         ``max diag K**``, which a float32 covariance's rounding near the data is relative to (without
         it, such a covariance is refused as asymmetric or indefinite). The predictive distribution of
-        targets adds the likelihood's noise, which the exports take as their ``noise``.
+        targets adds the likelihood's noise, which the exports take as their ``noise``. Outputs
+        correlated by their noises (a ``task_noise_covar`` with off-diagonal entries) are refused. A
+        batch of ``b`` fantasy models (``get_fantasy_model`` with targets ``(b, N')``) gives their ``b``
+        Gaussians in one, mean ``(b, M)``, which the exports take one at a time (``time_index=i``).
+        With ``k`` outputs GPyTorch forms the dense ``(M k, M k)`` covariance of all outputs first
+        (measured peak: 5.5 such matrices, 1.5 GB at ``M = 1500``, ``k = 4`` in float64, for blocks of
+        ``k M²`` entries): for large ``M k`` export the test inputs in slices.
 
         Rebuilding this by hand (``gp_posterior(model.net, ...)``) took the kernel kind, the task
         noises and the constants each by name; each one left out was another posterior, silently."""
@@ -475,8 +495,8 @@ class NetworkGP(gpytorch.models.ExactGP):
         if not isinstance(x_test, Tensor) or x_test.dim() != 2:
             shape = tuple(x_test.shape) if isinstance(x_test, Tensor) else type(x_test).__name__
             raise ValueError(f"x_test must be a tensor of shape (M, d), one Gaussian's points, got {shape}.")
+        self._check_inputs((x_test,), "x_test")   # named so: model(x_test)'s own checks call it x
         if x_test.shape[0] == 0:   # GPyTorch divides by the test points' number
-            self._check_inputs((x_test,), "x_test")
             like = self.train_inputs[0]
             mean = like.new_zeros(0, self.num_outputs) if self.vector_targets else like.new_zeros(0)
             return Gaussian(mean, like.new_zeros(0, 0))
@@ -489,15 +509,23 @@ class NetworkGP(gpytorch.models.ExactGP):
         m, k = mean.shape
         blocks = cov.reshape(m, k, m, k)   # interleaved: entry (i k + j, i' k + j') is outputs j, j' at points i, i'
         own = blocks.diagonal(dim1=1, dim2=3)   # (M, M, k), output j's block at [..., j]
+        task = _task_noise_covariance(self.likelihood)
+        # read from the likelihood first: a correlated task-noise covariance (rank > 0) correlates the outputs
+        # however little, and its off-blocks near the data are of the posterior's size there, far below the
+        # tolerance's scale (float32, noise 1e-4: a correlation of 0.9 between the outputs was taken as none)
+        diagonal, correlated = None, False
+        if task is not None:
+            diagonal = task.diagonal(dim1=-2, dim2=-1)
+            correlated = bool((task != torch.diag_embed(diagonal)).any())
         across = blocks.clone()
         across.diagonal(dim1=1, dim2=3).zero_()
-        if float(across.abs().max()) > torch.finfo(cov.dtype).eps ** 0.5 * scale:
+        # the off-blocks of independent outputs are exact zeros in GPyTorch's prediction (its K ⊗ I structure);
+        # the check by value stands for likelihoods not read above
+        if correlated or float(across.abs().max()) > torch.finfo(cov.dtype).eps ** 0.5 * scale:
             raise ValueError("The model's outputs are correlated in its posterior (a likelihood with correlated "
-                             "task noises, rank > 0): an ntkgp Gaussian holds independent outputs.")
-        likelihood = self.likelihood
-        task_noises = (likelihood.task_noises.detach() if getattr(likelihood, "has_task_noise", False)
-                       and getattr(likelihood, "rank", 0) == 0 else None)
-        if task_noises is None or bool((task_noises == task_noises.reshape(-1)[0]).all()):
+                             "task noises, rank > 0): an ntkgp Gaussian holds independent outputs (use "
+                             "MultitaskGaussianLikelihood(num_tasks=k, rank=0) for a noise per output).")
+        if diagonal is None or bool((diagonal == diagonal[..., :1]).all()):
             # one noise for all outputs: blocks equal up to rounding (GPyTorch's solves differ by ~1e-16)
             return Gaussian(mean, own.mean(-1), scale)
         return Gaussian(mean, own.contiguous(), scale, per_output=True)

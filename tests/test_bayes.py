@@ -511,8 +511,9 @@ def test_a_multi_output_network_gp_exports_its_own_posterior(kernel, task_noises
 
 
 def test_network_gp_gaussian_refuses_what_it_cannot_represent():
-    """Training mode (GPyTorch's prior), batched or 1-D inputs, and a likelihood of correlated task noises
-    (rank 1: outputs correlated in the posterior, 0.1 here) are refused by name."""
+    """Training mode (GPyTorch's prior), batched or 1-D inputs, inputs of other features or NaN (named x_test;
+    model(x_test)'s checks called them x), and a likelihood of correlated task noises (rank 1: outputs
+    correlated in the posterior, 0.1 here) are refused by name."""
     model, x, y, x_test = _multitask_model()
     model.train()
     with pytest.raises(ValueError, match=r"call model\.eval\(\) first"):
@@ -520,6 +521,11 @@ def test_network_gp_gaussian_refuses_what_it_cannot_represent():
     model.eval()
     for bad in (x_test[None], x_test[0]):
         with pytest.raises(ValueError, match=r"x_test must be a tensor of shape \(M, d\)"):
+            model.gaussian(bad)
+    # refused by model(x_test)'s checks, which named it x
+    for bad, refusal in ((x_test[:, :1], r"^x_test must have 2 feature\(s\)"),
+                         (x_test.clone().fill_(math.nan), r"^x_test contains NaN")):
+        with pytest.raises(ValueError, match=refusal):
             model.gaussian(bad)
     likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=2, rank=1)
     model = ntkgp.models.NetworkGP(x, y, _net(), likelihood=likelihood)
@@ -529,6 +535,59 @@ def test_network_gp_gaussian_refuses_what_it_cannot_represent():
     with pytest.raises(ValueError, match="outputs are correlated in its posterior"):
         model.gaussian(x_test)
     assert model.gaussian(x_test[:0]).mean.shape == (0, 2)
+
+
+def test_network_gp_gaussian_reads_the_noises_of_a_rank_one_likelihood():
+    """A MultitaskGaussianLikelihood of rank r > 0 adds F Fᵀ (F its (k, r) task_noise_covar_factor) to the
+    global noise. With F = (0.7, 0)ᵀ the outputs stay independent but their noises differ (0.05 + 0.49 and
+    0.05): gaussian read task noises at rank 0 only and averaged the two blocks, 0.081 off each output's
+    covariance here. Now each output has its own block, GPyTorch's, which is gp_posterior's with its noise."""
+    x, y = (t.double() for t in _regression(12, k=2))
+    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=2, rank=1)
+    model = ntkgp.models.NetworkGP(x, y, _net(), likelihood=likelihood)
+    model.likelihood.noise = 0.05
+    with torch.no_grad():
+        likelihood.task_noise_covar_factor.copy_(torch.tensor([[0.7], [0.0]], dtype=torch.float64))
+    model.eval()
+    x_test = torch.cat([x[:3], torch.full((2, 2), 20.0, dtype=torch.float64)])
+    with torch.no_grad():
+        pred = model(x_test)
+    g = model.gaussian(x_test)
+    assert g.per_output
+    noise = (0.05 + torch.tensor([0.49, 0.0], dtype=torch.float64)).expand(12, 2)
+    post = ntkgp.predict.gp_posterior(model.net, x, y, x_test, noise=noise)
+    # two float64 Cholesky solves of 12 x 12 systems (GPyTorch's and ntkgp's)
+    torch.testing.assert_close(g.mean, post.mean, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g.covariance, post.covariance, rtol=1e-9, atol=1e-12)
+    for j in range(2):
+        torch.testing.assert_close(g.output(j).covariance, pred.covariance_matrix[j::2, j::2], rtol=1e-12,
+                                   atol=1e-14)
+    averaged = (post.covariance[..., 0] + post.covariance[..., 1]) / 2   # what it gave
+    assert float((averaged - post.covariance[..., 0]).abs().max()) > 0.05
+
+
+def test_network_gp_gaussian_refuses_float32_outputs_correlated_by_their_noise():
+    """A float32 rank-1 likelihood with F = (0.01, 0.01)ᵀ beside a global noise of 1e-4 correlates the
+    outputs at the training points by up to 0.50 (their covariance 9.7e-5 beside variances of 2e-4); the
+    check by value, against sqrt(ε) max diag K** = 2.9e-4, took them as independent, silently. A
+    task-noise covariance with off-diagonal entries is refused whatever its size."""
+    x, y = (t.float() for t in _regression(12, k=2))
+    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=2, rank=1)
+    model = ntkgp.models.NetworkGP(x, y, _net(), likelihood=likelihood)
+    model.likelihood.noise = 1e-4
+    with torch.no_grad():
+        likelihood.task_noise_covar_factor.fill_(0.01)
+    model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # GPyTorch's "the input matches the stored training data"
+        cov = model(x).covariance_matrix
+    assert cov.dtype == torch.float32   # the test module's default dtype is float64
+    cov = cov.double()
+    correlation = cov[0::2, 1::2].diagonal() / (cov[0::2, 0::2].diagonal() * cov[1::2, 1::2].diagonal()).sqrt()
+    assert float(correlation.max()) > 0.4   # what it is about: measured 0.50
+    with pytest.raises(ValueError, match="outputs are correlated in its posterior"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.gaussian(x)
 
 
 def test_a_float32_network_gp_prediction_near_its_data_is_exported_with_the_prior_scale():
