@@ -260,6 +260,8 @@ def test_bad_input_is_refused_before_integrating():
     for tolerance in ("rtol", "atol"):   # exact steps have none: it was ignored
         with pytest.raises(ValueError, match="rtol and atol are the ODE solver's tolerances, for times t"):
             call(steps=3, **{tolerance: 1e-3})
+    with pytest.raises(ValueError, match="not both"):   # the first mistake named, not the tolerance
+        call(t=1.0, steps=3, rtol=1e-3)
     # the argument named, not "Times" (steps are counts)
     with pytest.raises(ValueError, match=r"^steps must be non-negative, got -1"):
         call(steps=-1)

@@ -161,7 +161,7 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
     beta = None if momentum is None else finite_number(momentum, "momentum", "a number in [0, 1)")
     if beta is not None and not 0.0 <= beta < 1.0:
         raise ValueError(f"momentum must be in [0, 1) (heavy-ball momentum), got {momentum!r}.")
-    if steps is not None and (rtol is not None or atol is not None):
+    if steps is not None and t is None and (rtol is not None or atol is not None):   # both: make_schedule says
         # exact steps have no tolerance: rtol=1e-3 with steps=3 was ignored without a word
         raise ValueError("rtol and atol are the ODE solver's tolerances, for times t; steps are taken exactly.")
     eps = torch.finfo(dtype).eps
