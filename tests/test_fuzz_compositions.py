@@ -7,8 +7,8 @@ against the finite networks ``build`` makes.
 Single layers are checked against quadrature elsewhere (test_accuracy, test_activations); here the
 compositions are: each generated network is a different nesting, so a combinator that mishandled a
 state field (a mean, ``cov2``, a width, the NTK's product rule) shows up as a broken invariant or a
-kernel the wide networks do not have. The default run takes a fixed set of seeds (45-55 s on two
-loaded cores); ``-m slow`` runs a larger sweep.
+kernel the wide networks do not have. The default run takes a fixed set of seeds (9 s on two idle cores,
+45-80 s on loaded ones); ``-m slow`` runs a larger sweep.
 """
 
 from __future__ import annotations
@@ -246,7 +246,6 @@ def test_invariants_of_random_compositions(seed):
             assert _rel(covariance(x1, x1, diag=True), getattr(full, name).diagonal()) <= 1e-9, where
 
 
-# seed 90: a product of 1e150 inputs' kernels overflows, a LayerNorm makes it NaN, and Numerical(tanh) took it
 @pytest.mark.parametrize("seed", range(0, 40, 4))
 def test_batched_hyperparameters_of_random_compositions(seed):
     """GPyTorch's ``batch_shape`` through every combinator: a network whose variances are batched
@@ -271,7 +270,9 @@ def test_batched_hyperparameters_of_random_compositions(seed):
                 assert _rel(getattr(together, name)[i], getattr(alone, name)) <= 1e-13, f"{seed}: {describe(items)}"
 
 
-HARD_SEEDS = [*range(0, 60, 3), 90]
+# 38, 71: Numerical(tanh) meets a 1e-150 input paired with a 1e150 one (0/0 in its quadrature before);
+# 90: a product of 1e150 inputs' kernels overflows, a LayerNorm makes it NaN, and Numerical(tanh) took it
+HARD_SEEDS = [*range(0, 60, 3), 38, 71, 90]
 
 
 @pytest.mark.parametrize("seed", HARD_SEEDS)
@@ -279,9 +280,12 @@ def test_hard_inputs_through_random_compositions(seed):
     """Zero vectors, duplicates (and their negatives), inputs of norm 1e-150 and 1e150 alone and
     together: finite kernels, or a refusal that says the kernel overflows (products of kernels of
     1e150 inputs exceed float64: ``NonFiniteKernelError``; polynomial and exp layers: their own
-    ``ValueError``). Before, ``Numerical`` quadrature of a 1e-150 input paired with a 1e150 one was
-    0/0 and raised "the activation gave NaN or infinite values", and an overflowed kernel reaching
-    ``Numerical`` (seed 90: a product of branches, then ``LayerNorm``) an ``IndexError``."""
+    ``ValueError``). The huge points of ``tiny_and_huge`` are among those of ``huge``, and its other
+    entries are no larger (``|k12| ≤ sqrt(k11 k22)``): it is refused only where ``huge`` is. Before,
+    ``Numerical`` quadrature of a 1e-150 input paired with a 1e150 one was 0/0 and raised "the
+    activation gave NaN or infinite values ..., or its Gaussian expectation overflows" (seeds 38
+    and 71), and an overflowed kernel reaching ``Numerical`` (seed 90: a product of branches, then
+    ``LayerNorm``) an ``IndexError``."""
     items = plan(seed)
     net = build(items)
     base = _inputs(4, 300 + seed)
@@ -289,17 +293,21 @@ def test_hard_inputs_through_random_compositions(seed):
     cases = {"zero_and_duplicates": torch.cat([zero, base[:2], base[:1], -base[:1], zero]),
              "tiny": torch.cat([base * 1e-150, zero]), "huge": base * 1e150,
              "tiny_and_huge": torch.cat([base[:2] * 1e-150, base[2:] * 1e150, zero])}
+    refused: set[tuple[str, bool]] = set()
     with torch.no_grad():
         for case, x in cases.items():
             for diag in (False, True):
                 where = f"seed {seed}, {case}, diag={diag}: {describe(items)}"
+                allowed = case == "huge" or (case == "tiny_and_huge" and ("huge", diag) in refused)
                 try:
                     k = net.kernel(x, diag=diag)
                 except NonFiniteKernelError:
-                    assert case != "tiny" and case != "zero_and_duplicates", where
+                    assert allowed, where
+                    refused.add((case, diag))
                     continue
-                except ValueError as err:
-                    assert "overflows" in str(err) and "huge" in case, f"{where}: {err}"
+                except ValueError as err:   # a closed-form layer's own refusal (not Numerical's "activation gave NaN")
+                    assert allowed and "the kernel, which grows as" in str(err), f"{where}: {err}"
+                    refused.add((case, diag))
                     continue
                 assert bool(torch.isfinite(k.nngp).all()) and bool(torch.isfinite(k.ntk).all()), where
 
