@@ -506,6 +506,12 @@ def test_a_multi_output_network_gp_exports_its_own_posterior(kernel, task_noises
         torch.testing.assert_close(one.mean, pred.mean[:, j], rtol=0, atol=0)
         torch.testing.assert_close(one.covariance, pred.covariance_matrix[j::k, j::k], rtol=1e-12, atol=1e-14)
         bayes.sample_outputs(one, 10)
+    # taken whole, each output with its own covariance (it was refused where task noises differ): GPyTorch's
+    # marginal variances (M, k) (one per point (M,) where the outputs share the covariance), and draws (S, M, k)
+    mean, variance = bayes.predictive_moments(g)
+    assert variance.shape == ((len(x_test), k) if g.per_output else (len(x_test),))
+    torch.testing.assert_close(variance.reshape(len(x_test), -1).expand(-1, k), pred.variance, rtol=1e-12, atol=1e-14)
+    assert bayes.sample_outputs(g, 10).shape == (10, *mean.shape)
     zero_mean = ntkgp.predict.gp_posterior(model.net, x, y, x_test, noise=model.likelihood.noise.detach())
     assert (g.mean[3:] - zero_mean.mean[3:]).abs().max() > 0.5   # the constants matter here
 

@@ -215,13 +215,10 @@ def test_bad_noise_per_output_is_refused_before_the_kernels(monkeypatch):
         predict.GPPosterior(net, x, y, kernel="nngp", noise=noise.clone().requires_grad_())
 
 
-def test_per_output_gaussians_go_to_bayes_one_output_at_a_time():
-    """``bayes`` reads a covariance as ``(*time, M, M)``: it refuses the ``(M, M, k)`` one (with
-    ``M == k`` it would read as k times), and ``output(j)`` is output ``j``'s Gaussian."""
+def test_output_picks_one_output_of_a_per_output_gaussian():
+    """``output(j)`` is output ``j``'s Gaussian: its own covariance, or marginal variances."""
     x, y, xt, noise = _data(k=M)
     out = predict.gp_posterior(_net(), x, y, xt, noise=noise)
-    with pytest.raises(ValueError, match=r"covariance per output.*gaussian\.output\(j\)"):
-        bayes.select_time(out, 0)
     one = out.output(2)
     assert not one.per_output
     torch.testing.assert_close(one.covariance, out.covariance[..., 2], rtol=0, atol=0)
@@ -235,6 +232,161 @@ def test_per_output_gaussians_go_to_bayes_one_output_at_a_time():
     mean_alone = predict.gp_posterior(_net(), x, y, xt, noise=noise, compute_cov=False)
     with pytest.raises(ValueError, match=r"^This Gaussian has no covariance: predict with compute_cov=True"):
         bayes.predictive_moments(mean_alone)
+
+
+def _roots(out):
+    """Each output's symmetric root ``V diag(√max(λ, 0)) Vᵀ`` by numpy, ``(k, M, M)``."""
+    roots = []
+    for j in range(out.covariance.shape[-1]):
+        lam, v = np.linalg.eigh(out.covariance[..., j].numpy())
+        roots.append((v * np.sqrt(np.clip(lam, 0, None))) @ v.T)
+    return np.stack(roots)
+
+
+@pytest.mark.parametrize("num_draws", [4, 20000])   # fewer draws than points (V (√λ ⊙ Vᵀz)) and more (R z)
+def test_sample_outputs_draws_each_output_from_its_own_covariance(num_draws):
+    """Draws ``(S, M, k)``, output ``j``'s ``μ_j + R_j z_j`` with ``R_j`` the symmetric root of its own
+    covariance and ``z_j`` the normals a shared covariance gives output ``j`` (columns ``s k + j`` of torch's
+    ``randn(M, S k)`` for the seed): checked against numpy's roots, and, by moments, against the analytic
+    ``N(μ_j, Σ_j)`` of each output. It refused such a Gaussian, one output at a time by ``output(j)``."""
+    x, y, xt, noise = _data()
+    out = predict.gp_posterior(_net(), x, y, xt, noise=noise)
+    draws = bayes.sample_outputs(out, num_draws, seed=3)
+    assert draws.shape == (num_draws, M, K) and draws.dtype == torch.float64
+    torch.testing.assert_close(bayes.sample_outputs(out, num_draws, seed=3), draws, rtol=0, atol=0)   # reproducible
+    assert not torch.equal(bayes.sample_outputs(out, num_draws, seed=4), draws)
+    z = torch.randn(M, num_draws * K, generator=torch.Generator().manual_seed(3), dtype=torch.float64).numpy()
+    z = z.reshape(M, num_draws, K)
+    expected = np.einsum("jab,bsj->saj", _roots(out), z) + out.mean.numpy()
+    # eigenvectors of 7 x 7 covariances (entries <= 0.7) in float64, and one product: rounding ~1e-15
+    np.testing.assert_allclose(draws.numpy(), expected, rtol=0, atol=1e-12)
+    if num_draws < 1000:
+        return
+    s, d = num_draws, draws.numpy()
+    mu, cov = out.mean.numpy(), out.covariance.numpy()
+    var = np.einsum("iij->ij", cov)                                         # (M, k)
+    # sample mean of S draws: z-scores N(0, 1); all 21 below 4.5 except with probability 21 · 6.8e-6 = 1.4e-4
+    z_mean = (d.mean(0) - mu) / np.sqrt(var / s)
+    assert np.abs(z_mean).max() < 4.5
+    for j in range(K):
+        empirical = np.cov(d[..., j].T)
+        # Var(Σ̂_ab) = (Σ_ab² + Σ_aa Σ_bb) / S for Gaussian draws; 49 z-scores per output (dependent), each
+        # beyond 5 with probability 5.7e-7
+        sd = np.sqrt((cov[..., j] ** 2 + np.outer(var[:, j], var[:, j])) / s)
+        assert np.abs((empirical - cov[..., j]) / sd).max() < 5
+    # independent outputs: the correlation of two outputs' draws at a point is ~N(0, 1/S)
+    for j, l in ((0, 1), (1, 2), (0, 2)):
+        assert abs(np.corrcoef(d[:, 0, j], d[:, 0, l])[0, 1]) < 5 / np.sqrt(s)
+    # outputs' covariances differ here (noise 0.01 to 1): output 0's variances below half output 2's (0.05 to
+    # 0.38 of them), far beyond the moments' tolerances, so a shared root would have failed above
+    assert (var[:, 0] < 0.5 * var[:, 2]).all()
+
+
+def test_per_output_draws_of_equal_covariances_are_the_shared_draws():
+    """A covariance per output whose columns are equal is drawn as the shared covariance is: the same
+    normals, and (with ``S >= M``, the root formed) the same products, bit for bit; with ``S < M`` the
+    products' order differs, by rounding (~1e-16 of entries ~1). A covariance ``(M, M, 1)`` is drawn as
+    a shared one too."""
+    x, y, xt, _ = _data()
+    shared = predict.gp_posterior(_net(), x, y, xt, noise=0.1)
+    assert not shared.per_output
+    copies = predict.Gaussian(shared.mean, shared.covariance.unsqueeze(-1).expand(M, M, K).contiguous(),
+                              shared.scale, per_output=True)
+    for num_draws, tolerance in ((50, 0.0), (3, 1e-14)):
+        torch.testing.assert_close(bayes.sample_outputs(copies, num_draws, seed=9),
+                                   bayes.sample_outputs(shared, num_draws, seed=9), rtol=0, atol=tolerance)
+    one = predict.Gaussian(shared.mean[:, :1], shared.covariance.unsqueeze(-1), shared.scale, per_output=True)
+    as_shared = predict.Gaussian(shared.mean[:, :1], shared.covariance, shared.scale)
+    torch.testing.assert_close(bayes.sample_outputs(one, 5, seed=2), bayes.sample_outputs(as_shared, 5, seed=2),
+                               rtol=0, atol=0)
+
+
+def test_per_output_covariances_are_checked_and_named_each():
+    """Each output's covariance is checked as ``output(j)``'s is (symmetric, positive semi-definite up to
+    ``√ε`` of its scale), and a refusal names the output; mismatched shapes and a ``time_index`` (a
+    per-output Gaussian has no time axis) are refused."""
+    x, y, xt, noise = _data()
+    out = predict.gp_posterior(_net(), x, y, xt, noise=noise)
+    asymmetric = out.covariance.clone()
+    asymmetric[0, 1, 1] += 1e-3
+    with pytest.raises(ValueError, match=r"^The covariance of output 1 must be symmetric"):
+        bayes.sample_outputs(predict.Gaussian(out.mean, asymmetric, out.scale, per_output=True), 5)
+    indefinite = out.covariance.clone()
+    indefinite[..., 2] -= 0.1 * torch.eye(M, dtype=torch.float64)   # eigenvalues down to ~ -0.1
+    bad = predict.Gaussian(out.mean, indefinite, out.scale, per_output=True)
+    with pytest.raises(ValueError, match=r"^Output 2: covariance is not positive semi-definite"):
+        bayes.sample_outputs(bad, 5)
+    with pytest.raises(ValueError, match=r"^Output 2: covariance is not positive semi-definite"):
+        bayes.gaussian_to_inference_data(bad, y[:M], 0.1, num_draws=5)
+    diagonal = out.covariance.clone()
+    diagonal[..., 2] -= torch.diag(torch.diagonal(diagonal[..., 2]) + 0.1)   # diagonal entries -0.1 in output 2
+    with pytest.raises(ValueError, match=r"^covariance of output 2 is not positive semi-definite: a diagonal entry"):
+        bayes.predictive_moments(predict.Gaussian(out.mean, diagonal, out.scale, per_output=True))
+    with pytest.raises(ValueError, match=r"no time axis.*got time_index=0: pass time_index=None"):
+        bayes.select_time(out, 0)
+    with pytest.raises(ValueError, match=r"no time axis.*got time_index=-1"):
+        bayes.gaussian_to_inference_data(out, y[:M], 0.1, num_draws=5, time_index=-1)
+    assert bayes.select_time(out) is out
+    with pytest.raises(ValueError, match=r"^A Gaussian with a covariance per output has mean \(M, k\) and covariance "
+                                         r"\(M, M, k\), got mean \(7, 3\) and covariance \(7, 7\)"):
+        bayes.sample_outputs(predict.Gaussian(out.mean, out.covariance[..., 0], per_output=True), 5)
+    with pytest.raises(ValueError, match=r"marginal variances \(M, k\), got mean \(7,\) and marginal"):
+        bayes.predictive_moments(predict.Gaussian(out.mean[:, 0], None, None, out.variance, per_output=True))
+
+
+def test_predictive_moments_of_a_per_output_gaussian():
+    """Mean ``(M, k)`` and variances ``diag Σ_j + σ²`` ``(M, k)``, each output its own, for every noise the
+    shared path takes (scalar, ``(M,)`` per point, ``(1, k)``, ``(M, 1)``, ``(M, k)``); the marginal
+    variances alone (``compute_cov="diag"``) give the same; the metrics score them entrywise."""
+    x, y, xt, noise = _data()
+    out = predict.gp_posterior(_net(), x, y, xt, noise=noise)
+    diag = predict.gp_posterior(_net(), x, y, xt, noise=noise, compute_cov="diag")
+    latent = np.stack([np.diag(out.covariance[..., j].numpy()) for j in range(K)], -1)   # (M, k)
+    per_point = torch.linspace(0.1, 0.7, M, dtype=torch.float64)
+    per_output = torch.tensor([[0.05, 0.2, 0.4]], dtype=torch.float64)
+    full = torch.rand(M, K, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for value, added in ((0.5, 0.5), (per_point, per_point[:, None]), (per_output, per_output),
+                         (per_point[:, None], per_point[:, None]), (full, full)):
+        for g, rtol in ((out, 0.0), (diag, 1e-10)):   # the diagonal of the covariance, or sums over the data
+            mean, variance = bayes.predictive_moments(g, noise=value)
+            assert mean.shape == variance.shape == (M, K)
+            torch.testing.assert_close(mean, out.mean, rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(variance.numpy(), latent + np.asarray(added), rtol=rtol, atol=1e-14)
+    with pytest.raises(ValueError, match=r"noise of shape \(3,\) does not fit 7 points of 3 outputs: pass a scalar, "
+                                         r"\(7,\) per point, \(1, 3\) per output or \(7, 3\)"):
+        bayes.predictive_moments(out, noise=per_output[0])
+    with pytest.raises(ValueError, match="does not fit"):
+        bayes.predictive_moments(out, noise=full[None])
+    mean, variance = bayes.predictive_moments(out, noise=per_output)
+    # NLPD of (M, k) entries: the mean of the per-entry log densities, each with its own output's variance
+    expected = -scipy.stats.norm.logpdf(y[:M].numpy(), mean.numpy(), np.sqrt(latent + per_output.numpy())).mean()
+    assert bayes.nlpd(mean, variance, y[:M]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_gaussian_to_inference_data_of_a_per_output_gaussian():
+    """The export draws each output from its own covariance (:func:`bayes.sample_outputs`' draws for the
+    seed), adds the noise per output, and stores the log likelihood per point and output, dims as for
+    shared-covariance vector targets."""
+    x, y, xt, noise = _data()
+    out = predict.gp_posterior(_net(), x, y, xt, noise=noise)
+    y_obs = y[:M]
+    levels = np.array([[0.01, 0.1, 1.0]])
+    s = 4000
+    data = bayes.gaussian_to_inference_data(out, y_obs, levels, num_draws=s, num_chains=2, seed=11)
+    f = data.posterior["f"]
+    assert f.dims == ("chain", "draw", "obs_id", "output") and f.shape == (2, s // 2, M, K)
+    assert data.log_likelihood["y"].dims == ("chain", "draw", "obs_id", "output")
+    assert data.observed_data["y"].dims == ("obs_id", "output")
+    draws = f.values.reshape(s, M, K)
+    np.testing.assert_array_equal(draws, bayes.sample_outputs(out, s, seed=11).numpy())
+    expected = scipy.stats.norm.logpdf(y_obs.numpy(), draws, np.sqrt(levels))
+    np.testing.assert_allclose(data.log_likelihood["y"].values.reshape(s, M, K), expected, rtol=1e-12, atol=1e-12)
+    # y_rep - f ~ N(0, σ_j²): the sample variance of S M = 28 000 normals per output, relative sd √(2 / 28 000)
+    # = 0.0085, within 5 of them
+    residual = data.posterior_predictive["y"].values.reshape(s, M, K) - draws
+    np.testing.assert_allclose(residual.var(axis=(0, 1)) / levels[0], 1.0, rtol=5 * np.sqrt(2 / (s * M)))
+    again = bayes.gaussian_to_inference_data(out, y_obs, levels, num_draws=s, num_chains=2, seed=11)
+    np.testing.assert_array_equal(again.posterior_predictive["y"].values, data.posterior_predictive["y"].values)
 
 
 def test_output_of_shared_and_time_gaussians():

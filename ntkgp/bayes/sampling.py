@@ -5,10 +5,12 @@ noise-free outputs at ``M`` test points: mean ``μ`` of shape ``(*time, M)`` or
 ``(*time, M, k)`` and covariance ``Σ`` of shape ``(*time, M, M)`` shared by the ``k`` outputs
 (the joint covariance is ``Σ ⊗ I_k``). This holds for the NNGP posterior (Lee et al. 2018),
 the NTK-GP posterior (He et al. 2020), the converged NTK ensemble and the gradient-flow
-ensemble at time ``t`` (Lee et al. 2019); a posterior with a noise per output has a covariance
-per output (:attr:`~ntkgp.predict.Gaussian.per_output`), which these functions take one output
-at a time (:meth:`~ntkgp.predict.Gaussian.output`). With observation noise ``σ²`` the predictive
-distribution of targets is ``y* ~ N(μ, Σ + σ² I)`` (Rasmussen & Williams 2006, eq. 2.22–2.24).
+ensemble at time ``t`` (Lee et al. 2019). A posterior with a noise per output has a covariance
+per output instead, ``Σ_j`` ``(M, M, k)`` (:attr:`~ntkgp.predict.Gaussian.per_output`: outputs
+independent, output ``j`` ``N(μ_j, Σ_j)``, at one time), which these functions take as it is, each
+output drawn and checked with its own covariance (:meth:`~ntkgp.predict.Gaussian.output` picks one).
+With observation noise ``σ²`` the predictive distribution of targets is ``y* ~ N(μ, Σ + σ² I)``
+(Rasmussen & Williams 2006, eq. 2.22–2.24).
 
 A finite deep ensemble (Lakshminarayanan, Pritzel & Blundell 2017) is treated as ``E`` draws of
 the outputs, one per member.
@@ -42,7 +44,8 @@ def select_time(gaussian: _G, time_index: TimeIndex = None) -> _G:
     A Gaussian from ``gradient_flow(..., t=tensor)`` carries the time shape in front of every
     tensor; ``time_index`` (an int, or a tuple with one int per time axis; negative counts
     from the end) picks one time. Gaussians without time axes are returned as they are and need
-    ``time_index=None``.
+    ``time_index=None``; so are those with a covariance per output, ``(M, M, k)`` (marginal variances
+    ``(M, k)``; :attr:`~ntkgp.predict.Gaussian.per_output`), which have none.
     """
     return cast(_G, _select_time(gaussian, time_index)[0])   # covariance or variances stay None where they were
 
@@ -66,14 +69,11 @@ def _select_time(gaussian: Gaussian, time_index: TimeIndex) -> tuple[Gaussian, t
         raise ValueError(f"Expected an ntkgp.predict.Gaussian, got {type(gaussian).__name__}."
                          + _gpytorch_hint(gaussian))
     marginal = gaussian.covariance is None and gaussian.marginal is not None
-    # before the per-output refusal: a mean alone (compute_cov=False) was told of a covariance per output and
+    # before the per-output checks: a mean alone (compute_cov=False) was told of a covariance per output and
     # sent to gaussian.output(j), which has none either
     if gaussian.covariance is None and not marginal:
         raise ValueError("This Gaussian has no covariance: predict with compute_cov=True (or 'diag', for the "
                          "marginal variances alone).")
-    if gaussian.per_output:   # (M, M, k): read as (*time, M, M) its axes would mean other things
-        raise ValueError("This Gaussian has a covariance per output, (M, M, k) (a GPPosterior with noise per output): "
-                         "pass one output's Gaussian, gaussian.output(j), for each j.")
     cov, mean = gaussian.marginal if marginal else gaussian.covariance, gaussian.mean
     what = "marginal variances" if marginal else "covariance"
     if not isinstance(cov, Tensor) or not isinstance(mean, Tensor):   # numpy's arrays failed on .device.type
@@ -84,6 +84,9 @@ def _select_time(gaussian: Gaussian, time_index: TimeIndex) -> tuple[Gaussian, t
     if not cov.is_floating_point() or not mean.is_floating_point():   # torch.finfo failed on them later
         raise ValueError(f"The Gaussian's mean and {what} must be floating-point tensors, got {mean.dtype} "
                          f"and {cov.dtype}.")
+    if gaussian.per_output:   # (M, M, k): read as (*time, M, M) its axes would mean other things
+        _check_per_output(mean, cov, marginal, time_index)
+        return gaussian, None
     if marginal and cov.dim() < 1:
         raise ValueError(f"marginal must have shape (*time, M), got {tuple(cov.shape)}.")
     if not marginal and (cov.dim() < 2 or cov.shape[-1] != cov.shape[-2]):
@@ -120,6 +123,21 @@ def _select_time(gaussian: Gaussian, time_index: TimeIndex) -> tuple[Gaussian, t
     return Gaussian(mean[index], cov[index], gaussian.scale), index
 
 
+def _check_per_output(mean: Tensor, cov: Tensor, marginal: bool, time_index: TimeIndex) -> None:
+    """The shapes of a Gaussian with a covariance per output: mean ``(M, k)``, covariance ``(M, M, k)`` or
+    marginal variances ``(M, k)``. It has no time axes (:class:`~ntkgp.predict.GPPosterior` and
+    ``NetworkGP.gaussian`` make it, at one time), so ``time_index`` must be ``None``."""
+    m, k = (mean.shape[0], mean.shape[1]) if mean.dim() == 2 else (None, None)
+    expected = (m, k) if marginal else (m, m, k)
+    if mean.dim() != 2 or tuple(cov.shape) != expected:
+        what, shape = ("marginal variances", "(M, k)") if marginal else ("covariance", "(M, M, k)")
+        raise ValueError(f"A Gaussian with a covariance per output has mean (M, k) and {what} {shape}, got mean "
+                         f"{tuple(mean.shape)} and {what} {tuple(cov.shape)}.")
+    if time_index is not None:
+        raise ValueError(f"This Gaussian has a covariance per output, (M, M, k), and no time axis (a GPPosterior or "
+                         f"NetworkGP at its one time); got time_index={time_index!r}: pass time_index=None.")
+
+
 def predictive_moments(gaussian: Gaussian, noise: float | Tensor | np.ndarray = 0.0,
                        time_index: TimeIndex = None) -> tuple[Tensor, Tensor]:
     """Predictive mean ``μ`` (``(M,)``/``(M, k)``) and marginal variances ``diag Σ + σ²`` (``(M,)``, or
@@ -129,6 +147,8 @@ def predictive_moments(gaussian: Gaussian, noise: float | Tensor | np.ndarray = 
     ``noise``: a scalar or one variance per test point ``(M,)``, and then the variance is shared
     by all ``k`` outputs; for ``(M, k)`` means also one per output ``(1, k)`` or per point and
     output ``(M, k)``, and then the variances are ``(M, k)``, as the ArviZ exports take the noise.
+    A Gaussian with a covariance per output (:attr:`~ntkgp.predict.Gaussian.per_output`) gives
+    ``(M, k)`` variances whatever the noise, output ``j``'s ``diag Σ_j`` plus its noise.
     Feed both to :mod:`ntkgp.bayes.metrics`. The Gaussian's marginal variances alone
     (``compute_cov="diag"``) suffice.
     """
@@ -141,15 +161,22 @@ def predictive_moments(gaussian: Gaussian, noise: float | Tensor | np.ndarray = 
         diagonal = g.marginal.detach()
     else:
         g = _checked(g)
-        diagonal = torch.diagonal(g.covariance, dim1=-2, dim2=-1).detach()
+        # (M, k) per output: the diagonal over the two point axes, the output axis last (as Gaussian.variance)
+        diagonal = (torch.diagonal(g.covariance, dim1=-3, dim2=-2).mT if g.per_output
+                    else torch.diagonal(g.covariance, dim1=-2, dim2=-1)).detach()
     noise_var = _noise_tensor(noise, diagonal)
-    # the draws' rounding allowance (a diagonal entry lies between the extreme eigenvalues)
-    tolerance = torch.finfo(diagonal.dtype).eps ** 0.5 * _magnitude(diagonal, g.scale)
-    if diagonal.numel() and float(diagonal.min()) < -tolerance:
-        raise ValueError(f"covariance is not positive semi-definite: a diagonal entry is {float(diagonal.min()):.3g} "
-                         f"(allowed down to {-tolerance:.3g}).{_scale_hint(g.scale)}")
+    # the draws' rounding allowance (a diagonal entry lies between the extreme eigenvalues), each output's own
+    # where it has a covariance of its own
+    for j, column in enumerate(diagonal.unbind(-1) if g.per_output else [diagonal]):
+        tolerance = torch.finfo(column.dtype).eps ** 0.5 * _magnitude(column, g.scale)
+        if column.numel() and float(column.min()) < -tolerance:
+            of = f" of output {j}" if g.per_output else ""
+            raise ValueError(f"covariance{of} is not positive semi-definite: a diagonal entry is "
+                             f"{float(column.min()):.3g} (allowed down to {-tolerance:.3g}).{_scale_hint(g.scale)}")
     latent = g.variance
     assert latent is not None   # the covariance's diagonal or the marginal variances, as read above
+    if g.per_output:
+        return g.mean, latent + _per_output_noise(noise_var, *latent.shape)
     m = latent.numel()
     if g.mean.dim() == 2 and noise_var.dim() == 2:
         # per output, as gaussian_to_inference_data takes it: refused here, so that one noise could not
@@ -164,6 +191,17 @@ def predictive_moments(gaussian: Gaussian, noise: float | Tensor | np.ndarray = 
         raise ValueError(f"noise must be a scalar or one variance per test point ({m},){hint}, "
                          f"got shape {tuple(noise_var.shape)}.")
     return g.mean, latent + noise_var
+
+
+def _per_output_noise(noise_var: Tensor, m: int, k: int) -> Tensor:
+    """``noise_var`` shaped to broadcast against per-output variances ``(M, k)``: a scalar; ``(M,)`` one per
+    point (a 1-D value always is, also where ``M == k``); ``(1, k)`` per output, ``(M, 1)`` or ``(M, k)``."""
+    if noise_var.dim() == 1 and noise_var.numel() in (1, m):
+        return noise_var.unsqueeze(-1)
+    if noise_var.dim() == 0 or (noise_var.dim() == 2 and noise_var.shape in ((1, k), (m, 1), (m, k))):
+        return noise_var
+    raise ValueError(f"noise of shape {tuple(noise_var.shape)} does not fit {m} points of {k} outputs: pass a "
+                     f"scalar, ({m},) per point, (1, {k}) per output or ({m}, {k}).")
 
 
 def _noise_tensor(noise, like: Tensor) -> Tensor:
@@ -240,11 +278,24 @@ def _checked(g: Gaussian) -> Gaussian[Tensor, Tensor]:
         raise ValueError("The Gaussian's mean or covariance contains NaN or infinite values.")
     # rounding relative to the scale the PSD check uses: near the data a posterior covariance is tiny
     # beside the prior it was computed from, and its float32 asymmetry large beside its own entries
-    try:
-        check_symmetric(g.covariance, "The Gaussian's covariance", _magnitude(g.covariance, g.scale))
-    except ValueError as err:
-        raise ValueError(f"{err}{_scale_hint(g.scale)}") from None
+    # (each output's own, where it has one: as output(j)'s Gaussian is checked)
+    for covariance, name in _covariances(g):
+        try:
+            check_symmetric(covariance, name, _magnitude(covariance, g.scale))
+        except ValueError as err:
+            raise ValueError(f"{err}{_scale_hint(g.scale)}") from None
     return cast("Gaussian[Tensor, Tensor]", g)   # the covariance checked above, the variances its diagonal
+
+
+def _covariances(g: Gaussian) -> list[tuple[Tensor, str]]:
+    """The ``(M, M)`` covariances of ``g`` (one time, with a covariance) and their names: the one shared by the
+    outputs, or output ``j``'s, ``covariance[..., j]``, for each ``j`` where
+    :attr:`~ntkgp.predict.Gaussian.per_output`."""
+    cov = g.covariance
+    assert cov is not None   # refused before, by name
+    if not g.per_output:
+        return [(cov, "The Gaussian's covariance")]
+    return [(cov[..., j], f"The covariance of output {j}") for j in range(cov.shape[-1])]
 
 
 #: Arrays of the draws' size held at once: by :func:`sample_outputs`, the standard normals ``z`` and
@@ -297,7 +348,12 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: Tim
                    seed: Seed = 0) -> Tensor:
     r"""``num_draws`` joint draws ``f⁽ˢ⁾ = μ + R z⁽ˢ⁾``, ``z ~ N(0, I)``, ``R Rᵀ = Σ``.
 
-    Each of the ``k`` outputs gets its own ``z`` (the joint covariance is ``Σ ⊗ I_k``). ``seed``: a
+    Each of the ``k`` outputs gets its own ``z`` (the joint covariance is ``Σ ⊗ I_k``). With a
+    covariance per output (:attr:`~ntkgp.predict.Gaussian.per_output`) output ``j`` is drawn as
+    ``μ_j + R_j z_j``, ``R_j`` the symmetric root of its own ``Σ_j`` (checked, symmetric and positive
+    semi-definite, as that of :meth:`~ntkgp.predict.Gaussian.output` is; a refusal names the output),
+    ``z_j`` the normals a shared covariance gives output ``j``: equal covariances draw as a shared
+    one does for the same seed. ``seed``: a
     non-negative integer, a numpy ``Generator`` (advanced by one integer, torch's seed) or
     ``SeedSequence``, or ``None`` (fresh entropy).
 
@@ -307,6 +363,8 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: Tim
     num_draws = integer_at_least(num_draws, 1, "num_draws")
     torch_seed = _seeds(seed)[0]
     g = _checked(select_time(gaussian, time_index))
+    if g.per_output and g.mean.shape[-1] == 1:   # one output is drawn as a shared covariance is: the draws
+        g = Gaussian(g.mean, g.covariance[..., 0], g.scale)   # written over z needed 1 + 2/k = 3 arrays for it
     mean = g.mean.detach().to(torch.float64)
     generator = torch.Generator(device="cpu")
     if torch_seed is None:
@@ -322,6 +380,10 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: Tim
     except (RuntimeError, OverflowError, TypeError) as err:   # "can't allocate memory", "Storage size ... overflowed",
         # beyond int64: "Overflow when unpacking long long" (a TypeError)
         raise ValueError(_too_many(num_draws, g.mean.shape, "which cannot be allocated")) from err
+    if g.per_output:
+        draws = _per_output_draws(g, z.to(g.covariance.device), num_draws)   # on the covariance's, as below
+        draws += mean
+        return draws
     vectors, roots = _covariance_root(g.covariance.detach(), g.scale)
     z = z.to(vectors.device)
     if z.shape[1] >= m:   # R = V diag(√λ) Vᵀ formed (M³) and one product
@@ -333,6 +395,30 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: Tim
     draws = draws.reshape(-1, num_draws, k).permute(1, 0, 2)            # (S, M, k)
     draws += mean if mean.dim() == 2 else mean.unsqueeze(-1)
     return draws if mean.dim() == 2 else draws.squeeze(-1)
+
+
+def _per_output_draws(g: Gaussian[Tensor, Tensor], z: Tensor, num_draws: int) -> Tensor:
+    """``R_j z_j`` for each output ``j``, ``(S, M, k)``: ``R_j`` the symmetric root of output ``j``'s
+    covariance, ``z_j`` the standard normals the shared path gives output ``j`` (columns ``s k + j`` of
+    ``z``, ``(M, S k)``), so that outputs of equal covariances are drawn as a shared covariance draws them.
+
+    Each product is written back over the normals it used: ``z`` and two arrays of one output's draws
+    at once (``1 + 2/k`` arrays of the draws' size, at most :data:`SAMPLING_ARRAYS` for ``k >= 2``)."""
+    m, k = g.mean.shape
+    columns = z.view(m, num_draws, k)
+    for j, (covariance, _) in enumerate(_covariances(g)):
+        try:
+            vectors, roots = _covariance_root(covariance.detach(), g.scale)
+        except ValueError as err:   # named: the message said "covariance", not whose
+            raise ValueError(f"Output {j}: {err}") from None
+        z_j = columns[..., j].contiguous()   # (M, S), a copy
+        if num_draws >= m:   # R = V diag(√λ) Vᵀ formed (M³) and one product, as for a shared covariance
+            z_j = ((vectors * roots) @ vectors.mT) @ z_j
+        else:                # R z = V (√λ ⊙ (Vᵀ z)): two M² S products and no M³
+            z_j = vectors.mT @ z_j
+            z_j = vectors @ z_j.mul_(roots.unsqueeze(-1))
+        columns[..., j] = z_j
+    return columns.permute(1, 0, 2)   # (S, M, k), a view of z
 
 
 def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: float | Tensor | np.ndarray, *,
@@ -359,7 +445,9 @@ def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: floa
 
     Args:
         gaussian: from :func:`ntkgp.predict.gp_posterior`, :func:`ntkgp.predict.gradient_flow`
-            (``compute_cov=True``), or a ``Gaussian`` you built.
+            (``compute_cov=True``), or a ``Gaussian`` you built; with a covariance per output
+            (:attr:`~ntkgp.predict.Gaussian.per_output`) each output is drawn from its own
+            (:func:`sample_outputs`), the groups' dims those of any ``(M, k)`` targets.
         y_obs: observed targets at the same points, ``(M,)`` or ``(M, k)`` like the mean.
         noise: Gaussian observation-noise variance ``σ²``: positive scalar, per point ``(M,)``, or
             ``(1, k)`` per output, or any other shape broadcastable to ``(S, M[, k])`` (a 1-D value is

@@ -87,8 +87,8 @@ class Gaussian(Generic[_Cov, _Var]):
     def output(self, j: int) -> Gaussian:
         """The Gaussian of output ``j`` alone (of ``(*time, M, k)`` means): mean ``(*time, M)``, and
         its own covariance ``(M, M)`` (marginal variances ``(M,)``) where :attr:`per_output` is set,
-        the shared one otherwise. What :mod:`ntkgp.bayes`'s draws, metrics and exports take for a
-        posterior with a covariance per output."""
+        the shared one otherwise. (:mod:`ntkgp.bayes`'s draws and exports take a Gaussian with a
+        covariance per output as it is, each output drawn from its own.)"""
         if self.per_output:
             outputs = self.mean.dim() == 2
         elif self.covariance is not None:   # (*time, M, M) beside (*time, M) or (*time, M, k)
