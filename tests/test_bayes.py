@@ -516,6 +516,26 @@ def test_a_multi_output_network_gp_exports_its_own_posterior(kernel, task_noises
     assert (g.mean[3:] - zero_mean.mean[3:]).abs().max() > 0.5   # the constants matter here
 
 
+def test_the_documented_noise_of_a_multitask_export_is_the_likelihoods():
+    """docs/api/bayes.md: with equal task noises the outputs share one covariance and the k sums of global and
+    task noise go in as (1, k) (a (k,) one is per test point, refused here at M = 5 with that spelling); with
+    different ones output j's Gaussian takes sum j. Both give GPyTorch's own predictive variances."""
+    model, _, _, x_test = _multitask_model(task_noises=[0.2, 0.2])
+    g = model.gaussian(x_test)
+    assert not g.per_output
+    sums = (model.likelihood.noise + model.likelihood.task_noises).detach()   # (k,), 0.25 each
+    with torch.no_grad():
+        target = model.likelihood(model(x_test)).variance        # (M, k): latent variance + 0.05 + 0.2
+    with pytest.raises(ValueError, match=r"\(1, 2\) per output"):
+        bayes.predictive_moments(g, sums)
+    _, var = bayes.predictive_moments(g, sums.unsqueeze(0))
+    torch.testing.assert_close(var, target, rtol=1e-9, atol=1e-12)   # two 12 x 12 float64 solves
+    model.likelihood.task_noises = torch.tensor([0.01, 0.5], dtype=torch.float64)
+    _, var = bayes.predictive_moments(model.gaussian(x_test).output(1), float(0.05 + 0.5))
+    with torch.no_grad():
+        torch.testing.assert_close(var, model.likelihood(model(x_test)).variance[:, 1], rtol=1e-9, atol=1e-12)
+
+
 def test_network_gp_gaussian_refuses_what_it_cannot_represent():
     """Training mode (GPyTorch's prior), batched or 1-D inputs, inputs of other features or NaN (named x_test;
     model(x_test)'s checks called them x), and a likelihood of correlated task noises (rank 1: outputs
