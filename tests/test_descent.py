@@ -234,6 +234,10 @@ def test_bad_input_is_refused_before_integrating():
         call(t=[1.0, math.inf])
     with pytest.raises(ValueError, match="no gradient"):
         call(t=torch.tensor(1.0, dtype=F64, requires_grad=True))
+    with pytest.raises(ValueError, match="steps is read as step counts here and gets no gradient"):
+        call(steps=torch.tensor(3.0, dtype=F64, requires_grad=True))
+    with torch.no_grad():   # nothing is differentiated there: counts as any tensor's
+        call(steps=torch.tensor(3.0, dtype=F64, requires_grad=True))
     with pytest.raises(ValueError, match="momentum is read as a number"):
         call(t=1.0, momentum=torch.tensor(0.5, requires_grad=True))
     # not make_schedule's hint to differentiate with respect to t, which is refused here too

@@ -131,7 +131,8 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
         t: a non-negative number or tensor of times, in units of steps (leading output shape);
             finite: an ODE has no closed form at ``t = ∞``.
         steps: instead of ``t``, discrete step counts (exact for the linearized network; a
-            ``RuntimeWarning`` if the outputs overflow, as above the stability limit).
+            ``RuntimeWarning`` if the outputs overflow, as above the stability limit); counts, without
+            a gradient (a tensor that requires grad is refused, as for ``t``).
         learning_rate: ``η``.
         momentum: ``None`` (plain gradient descent) or heavy-ball momentum ``β`` in ``[0, 1)``.
         rtol: the ODE solver's relative tolerance on the outputs (default ``1e-8`` in float64,
@@ -180,6 +181,10 @@ def gradient_descent(loss: Loss, ntk_train_train: Tensor, y_train: Tensor, *, fx
         # read as numbers, the times got no gradient, without a word
         raise ValueError("t is read as numbers here and gets no gradient; the rate of the outputs at time t is "
                          "−η Θ ∇L(f_t) (with momentum, the state's velocity), which can be evaluated at the result.")
+    if isinstance(steps, Tensor) and steps.requires_grad and torch.is_grad_enabled():
+        # as t: autograd said only that the outputs do "not require grad"
+        raise ValueError("steps is read as step counts here and gets no gradient (the iteration is discrete); "
+                         "differentiate with respect to the kernels, the targets or the initial outputs.")
     schedule = make_schedule(t, steps, learning_rate, y.numel(), y.device)
     if schedule is None or bool(torch.isinf(schedule.values).any()):   # t=None means t = ∞ elsewhere
         raise ValueError("Give finite times t or step counts steps: an ODE cannot be integrated to t = ∞ (for "
