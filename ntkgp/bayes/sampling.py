@@ -175,17 +175,14 @@ def predictive_moments(gaussian: Gaussian, noise: float | Tensor | np.ndarray = 
                              f"{float(column.min()):.3g} (allowed down to {-tolerance:.3g}).{_scale_hint(g.scale)}")
     latent = g.variance
     assert latent is not None   # the covariance's diagonal or the marginal variances, as read above
-    if g.per_output:
-        return g.mean, latent + _per_output_noise(noise_var, *latent.shape)
+    if g.per_output or (g.mean.dim() == 2 and noise_var.dim() == 2):
+        # (M, k): each output's own covariance, or a noise per output, as gaussian_to_inference_data takes it
+        # (refused before, so that one noise could not serve both the draws and the metrics of a multi-output
+        # posterior, a multitask likelihood's)
+        m, k = g.mean.shape
+        column = latent if g.per_output else latent.unsqueeze(-1)
+        return g.mean, column.expand(m, k) + _output_noise(noise_var, m, k)
     m = latent.numel()
-    if g.mean.dim() == 2 and noise_var.dim() == 2:
-        # per output, as gaussian_to_inference_data takes it: refused here, so that one noise could not
-        # serve both the draws and the metrics of a multi-output posterior (a multitask likelihood's)
-        k = g.mean.shape[-1]
-        if noise_var.shape not in ((1, k), (m, 1), (m, k)):
-            raise ValueError(f"noise of shape {tuple(noise_var.shape)} does not fit {m} points of {k} outputs: "
-                             f"pass a scalar, ({m},) per point, (1, {k}) per output or ({m}, {k}).")
-        return g.mean, latent.unsqueeze(-1) + noise_var.expand(m, k)
     if noise_var.dim() > 1 or noise_var.numel() not in (1, m):
         hint = f", (1, {g.mean.shape[-1]}) per output or {tuple(g.mean.shape)}" if g.mean.dim() == 2 else ""
         raise ValueError(f"noise must be a scalar or one variance per test point ({m},){hint}, "
@@ -193,9 +190,9 @@ def predictive_moments(gaussian: Gaussian, noise: float | Tensor | np.ndarray = 
     return g.mean, latent + noise_var
 
 
-def _per_output_noise(noise_var: Tensor, m: int, k: int) -> Tensor:
-    """``noise_var`` shaped to broadcast against per-output variances ``(M, k)``: a scalar; ``(M,)`` one per
-    point (a 1-D value always is, also where ``M == k``); ``(1, k)`` per output, ``(M, 1)`` or ``(M, k)``."""
+def _output_noise(noise_var: Tensor, m: int, k: int) -> Tensor:
+    """``noise_var`` shaped to broadcast against variances ``(M, k)``: a scalar; ``(M,)`` one per point (a
+    1-D value always is, also where ``M == k``); ``(1, k)`` per output, ``(M, 1)`` or ``(M, k)``."""
     if noise_var.dim() == 1 and noise_var.numel() in (1, m):
         return noise_var.unsqueeze(-1)
     if noise_var.dim() == 0 or (noise_var.dim() == 2 and noise_var.shape in ((1, k), (m, 1), (m, k))):
@@ -385,13 +382,9 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: Tim
         draws += mean
         return draws
     vectors, roots = _covariance_root(g.covariance.detach(), g.scale)
-    z = z.to(vectors.device)
-    if z.shape[1] >= m:   # R = V diag(√λ) Vᵀ formed (M³) and one product
-        draws = ((vectors * roots) @ vectors.mT) @ z
-    else:                 # fewer columns than points: R z = V (√λ ⊙ (Vᵀ z)), two M² S products and no M³
-        z = vectors.mT @ z   # the normals' array freed as their projection takes its place
-        draws = vectors @ z.mul_(roots.unsqueeze(-1))
-    del z   # freed before the mean is added, and that in place: two arrays of the draws' size at most, not three
+    normals = [z.to(vectors.device)]
+    del z   # held by normals alone, which _root_product empties: two arrays of the draws' size at most, not three
+    draws = _root_product(vectors, roots, normals)
     draws = draws.reshape(-1, num_draws, k).permute(1, 0, 2)            # (S, M, k)
     draws += mean if mean.dim() == 2 else mean.unsqueeze(-1)
     return draws if mean.dim() == 2 else draws.squeeze(-1)
@@ -411,14 +404,20 @@ def _per_output_draws(g: Gaussian[Tensor, Tensor], z: Tensor, num_draws: int) ->
             vectors, roots = _covariance_root(covariance.detach(), g.scale)
         except ValueError as err:   # named: the message said "covariance", not whose
             raise ValueError(f"Output {j}: {err}") from None
-        z_j = columns[..., j].contiguous()   # (M, S), a copy
-        if num_draws >= m:   # R = V diag(√λ) Vᵀ formed (M³) and one product, as for a shared covariance
-            z_j = ((vectors * roots) @ vectors.mT) @ z_j
-        else:                # R z = V (√λ ⊙ (Vᵀ z)): two M² S products and no M³
-            z_j = vectors.mT @ z_j
-            z_j = vectors @ z_j.mul_(roots.unsqueeze(-1))
-        columns[..., j] = z_j
+        columns[..., j] = _root_product(vectors, roots, [columns[..., j].contiguous()])   # (M, S), a copy
     return columns.permute(1, 0, 2)   # (S, M, k), a view of z
+
+
+def _root_product(vectors: Tensor, roots: Tensor, normals: list[Tensor]) -> Tensor:
+    """``R z`` for the symmetric root ``R = V diag(√λ) Vᵀ`` (:func:`_covariance_root`'s ``V``, ``√λ``) and
+    the normals ``z`` ``(M, S)``, taken out of ``normals`` (its caller's only hold on them, so that their array
+    is freed as the projection takes its place): ``R`` formed (``M³``) and one product where ``S ≥ M``;
+    otherwise ``V (√λ ⊙ (Vᵀ z))``, two ``M² S`` products and no ``M³``."""
+    z = normals.pop()
+    if z.shape[1] >= z.shape[0]:
+        return ((vectors * roots) @ vectors.mT) @ z
+    z = vectors.mT @ z
+    return vectors @ z.mul_(roots.unsqueeze(-1))
 
 
 def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: float | Tensor | np.ndarray, *,
