@@ -60,7 +60,9 @@ def _gpytorch_hint(value: object) -> str:
     # NetworkGP.gaussian reads them from GPyTorch's own prediction
     return (" For a NetworkGP pass model.gaussian(x_test) (one output or many, its kernel, noises and mean "
             "included); for another GPyTorch model of one output, ntkgp.predict.Gaussian(pred.mean, "
-            "pred.covariance_matrix, scale=...), the scale the largest prior variance at x_test.")
+            "pred.covariance_matrix, scale=...), the scale the largest prior variance at x_test, pred = model(x_test) "
+            "(not likelihood(model(x_test)), which holds the noise the exports add; a batch, mean (b, M), is taken "
+            "one prediction at a time with time_index=i).")
 
 
 def _select_time(gaussian: Gaussian, time_index: TimeIndex) -> tuple[Gaussian, tuple[int, ...] | None]:
@@ -102,8 +104,11 @@ def _select_time(gaussian: Gaussian, time_index: TimeIndex) -> tuple[Gaussian, t
             raise ValueError(f"This Gaussian has no time axis; got time_index={time_index!r}.")
         return gaussian, None
     if time_index is None:
-        raise ValueError(f"This Gaussian has time axes of shape {tuple(time_shape)} (gradient flow at several "
-                         "times): pick one with time_index=...")
+        # a batch of GPyTorch predictions wrapped as the docs say (mean (b, M), covariance (b, M, M)) has the
+        # same shapes, and was told of gradient flow alone
+        raise ValueError(f"This Gaussian has leading axes of shape {tuple(time_shape)}: times (gradient flow at "
+                         "several times) or a batch of GPyTorch predictions (a batched model's or fantasies' "
+                         "model(x), mean (b, M)). Pick one with time_index=... (time_index=i is the batch's pred[i]).")
     raw = tuple(time_index) if isinstance(time_index, Sequence) else (time_index,)
     try:
         if any(isinstance(i, bool) for i in raw):
@@ -154,25 +159,14 @@ def predictive_moments(gaussian: Gaussian, noise: float | Tensor | np.ndarray = 
     """
     g = select_time(gaussian, time_index)
     if g.covariance is None:   # the marginal variances alone: nothing joint to check
-        _check_mean(g)
-        assert g.marginal is not None   # select_time refused a Gaussian with neither
-        if not all_finite(g.mean.detach()) or not all_finite(g.marginal.detach()):
-            raise ValueError("The Gaussian's mean or marginal variances contain NaN or infinite values.")
-        diagonal = g.marginal.detach()
+        diagonal = _checked_marginal(g)
     else:
         g = _checked(g)
         # (M, k) per output: the diagonal over the two point axes, the output axis last (as Gaussian.variance)
         diagonal = (torch.diagonal(g.covariance, dim1=-3, dim2=-2).mT if g.per_output
                     else torch.diagonal(g.covariance, dim1=-2, dim2=-1)).detach()
+        _check_diagonal(diagonal, g)
     noise_var = _noise_tensor(noise, diagonal)
-    # the draws' rounding allowance (a diagonal entry lies between the extreme eigenvalues), each output's own
-    # where it has a covariance of its own
-    for j, column in enumerate(diagonal.unbind(-1) if g.per_output else [diagonal]):
-        tolerance = torch.finfo(column.dtype).eps ** 0.5 * _magnitude(column, g.scale)
-        if column.numel() and float(column.min()) < -tolerance:
-            of = f" of output {j}" if g.per_output else ""
-            raise ValueError(f"covariance{of} is not positive semi-definite: a diagonal entry is "
-                             f"{float(column.min()):.3g} (allowed down to {-tolerance:.3g}).{_scale_hint(g.scale)}")
     latent = g.variance
     assert latent is not None   # the covariance's diagonal or the marginal variances, as read above
     if g.per_output or (g.mean.dim() == 2 and noise_var.dim() == 2):
@@ -188,6 +182,29 @@ def predictive_moments(gaussian: Gaussian, noise: float | Tensor | np.ndarray = 
         raise ValueError(f"noise must be a scalar or one variance per test point ({m},){hint}, "
                          f"got shape {tuple(noise_var.shape)}.")
     return g.mean, latent + noise_var
+
+
+def _checked_marginal(g: Gaussian) -> Tensor:
+    """The marginal variances of ``g`` (one time, without a covariance), detached, with its mean checked: both
+    finite, the variances not below the rounding allowance (:func:`_check_diagonal`)."""
+    _check_mean(g)
+    assert g.marginal is not None   # select_time refused a Gaussian with neither
+    if not all_finite(g.mean.detach()) or not all_finite(g.marginal.detach()):
+        raise ValueError("The Gaussian's mean or marginal variances contain NaN or infinite values.")
+    diagonal = g.marginal.detach()
+    _check_diagonal(diagonal, g)
+    return diagonal
+
+
+def _check_diagonal(diagonal: Tensor, g: Gaussian) -> None:
+    """Refuse marginal variances ``diagonal`` of ``g`` below the draws' rounding allowance (a diagonal entry lies
+    between the extreme eigenvalues), each output's own where it has a covariance of its own."""
+    for j, column in enumerate(diagonal.unbind(-1) if g.per_output else [diagonal]):
+        tolerance = torch.finfo(column.dtype).eps ** 0.5 * _magnitude(column, g.scale)
+        if column.numel() and float(column.min()) < -tolerance:
+            of = f" of output {j}" if g.per_output else ""
+            raise ValueError(f"covariance{of} is not positive semi-definite: a diagonal entry is "
+                             f"{float(column.min()):.3g} (allowed down to {-tolerance:.3g}).{_scale_hint(g.scale)}")
 
 
 def _output_noise(noise_var: Tensor, m: int, k: int) -> Tensor:
@@ -269,7 +286,9 @@ def _checked(g: Gaussian) -> Gaussian[Tensor, Tensor]:
     triangle of ``Σ`` (``eigh``), so a hand-built asymmetric one would be used half-silently."""
     if g.covariance is None:   # select_time let the marginal variances through
         raise ValueError("This Gaussian holds the marginal variances alone (compute_cov='diag'): joint draws need "
-                         "the covariance, predict with compute_cov=True.")
+                         "the covariance, predict with compute_cov=True. (gaussian_to_inference_data takes the "
+                         "marginal variances, with draws independent across points, for az.loo, az.waic and "
+                         "az.loo_pit.)")
     _check_mean(g)
     if not all_finite(g.mean.detach()) or not all_finite(g.covariance.detach()):
         raise ValueError("The Gaussian's mean or covariance contains NaN or infinite values.")
@@ -310,14 +329,24 @@ def _too_many(num_draws: int, shape: torch.Size, reason: str, arrays: int = 1) -
             "draw fewer (in batches, each with its own seed).")
 
 
-def _check_draws_fit(num_draws: int, shape: torch.Size, arrays: int) -> None:
-    """Refuse draws of outputs of ``shape`` whose ``arrays`` arrays of their size, held at once, would not
-    fit in this machine's memory, where it is known: the draws alone fitting let requests through that
-    were killed by the operating system (or swapped for minutes) when the 2nd or 3rd array came."""
+def _check_draws_fit(num_draws: int, shape: torch.Size, arrays: int, device: torch.device) -> None:
+    """Refuse draws of outputs of ``shape`` whose ``arrays`` arrays of their size, held at once in this machine's
+    memory, would not fit there, or, for a covariance on another ``device`` (a GPU), whose
+    :data:`SAMPLING_ARRAYS` made there would not fit in its memory, where these are known: the draws alone
+    fitting let requests through that were killed by the operating system (or swapped for minutes) when the
+    2nd or 3rd array came, and a CUDA covariance's draws were checked against the machine's memory alone
+    (often many times the card's), to fail in torch's allocator after the eigendecomposition."""
+    size = num_draws * math.prod(shape) * 8
     memory = device_memory(torch.device("cpu"))
-    if memory is not None and arrays * num_draws * math.prod(shape) * 8 > memory:
+    if memory is not None and arrays * size > memory:
         raise ValueError(_too_many(num_draws, shape, f"more than this machine's {memory / 2**30:.3g} GiB of memory",
                                    arrays))
+    if device.type == "cpu":
+        return
+    memory = device_memory(device)
+    if memory is not None and SAMPLING_ARRAYS * size > memory:
+        raise ValueError(_too_many(num_draws, shape, f"more than the {memory / 2**30:.3g} GiB of {device}, where the "
+                                   "covariance is and the draws are made", SAMPLING_ARRAYS))
 
 
 #: A seed of the draws: a non-negative integer, a numpy ``Generator`` or ``SeedSequence``, or ``None``.
@@ -363,20 +392,8 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: Tim
     if g.per_output and g.mean.shape[-1] == 1:   # one output is drawn as a shared covariance is: the draws
         g = Gaussian(g.mean, g.covariance[..., 0], g.scale)   # written over z needed 1 + 2/k = 3 arrays for it
     mean = g.mean.detach().to(torch.float64)
-    generator = torch.Generator(device="cpu")
-    if torch_seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(torch_seed)
-    m, k = mean.shape[0], 1 if mean.dim() == 1 else mean.shape[-1]
-    # the size first, and the standard normals (as many as the draws' entries) before the eigendecomposition:
-    # num_draws=1e12 failed in torch's allocator only after it (seconds at M ~ 2000)
-    _check_draws_fit(num_draws, g.mean.shape, SAMPLING_ARRAYS)
-    try:
-        z = torch.randn(m, num_draws * k, generator=generator, dtype=torch.float64, device="cpu")
-    except (RuntimeError, OverflowError, TypeError) as err:   # "can't allocate memory", "Storage size ... overflowed",
-        # beyond int64: "Overflow when unpacking long long" (a TypeError)
-        raise ValueError(_too_many(num_draws, g.mean.shape, "which cannot be allocated")) from err
+    k = 1 if mean.dim() == 1 else mean.shape[-1]
+    z = _standard_normals(num_draws, g.mean.shape, g.covariance.device, torch_seed)
     if g.per_output:
         draws = _per_output_draws(g, z.to(g.covariance.device), num_draws)   # on the covariance's, as below
         draws += mean
@@ -386,6 +403,46 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: Tim
     del z   # held by normals alone, which _root_product empties: two arrays of the draws' size at most, not three
     draws = _root_product(vectors, roots, normals)
     draws = draws.reshape(-1, num_draws, k).permute(1, 0, 2)            # (S, M, k)
+    draws += mean if mean.dim() == 2 else mean.unsqueeze(-1)
+    return draws if mean.dim() == 2 else draws.squeeze(-1)
+
+
+def _standard_normals(num_draws: int, shape: torch.Size, device: torch.device, torch_seed: int | None) -> Tensor:
+    """The standard normals ``z`` ``(M, S k)`` of ``S = num_draws`` draws of outputs of ``shape``, drawn on the
+    CPU (the same draws on every device) from ``torch_seed`` (``None``: fresh entropy), once the arrays of the
+    draws' size that sampling holds fit (:func:`_check_draws_fit`; ``device`` the covariance's, where the draws
+    are made): checked before the eigendecomposition, after which ``num_draws=1e12`` failed in torch's allocator
+    (seconds at ``M ~ 2000``)."""
+    m, k = shape[0], 1 if len(shape) == 1 else shape[-1]
+    # on another device the CPU holds the normals alone, until they are moved there
+    _check_draws_fit(num_draws, shape, SAMPLING_ARRAYS if device.type == "cpu" else 1, device)
+    generator = torch.Generator(device="cpu")
+    if torch_seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(torch_seed)
+    try:
+        return torch.randn(m, num_draws * k, generator=generator, dtype=torch.float64, device="cpu")
+    except (RuntimeError, OverflowError, TypeError) as err:   # "can't allocate memory", "Storage size ... overflowed",
+        # beyond int64: "Overflow when unpacking long long" (a TypeError)
+        raise ValueError(_too_many(num_draws, shape, "which cannot be allocated")) from err
+
+
+def _marginal_draws(g: Gaussian, num_draws: int, torch_seed: int | None) -> Tensor:
+    """``S = num_draws`` draws ``f_i⁽ˢ⁾ = μ_i + σ_i z_i⁽ˢ⁾`` of a Gaussian (one time) that holds its marginal
+    variances ``σ_i²`` alone (``compute_cov="diag"``): independent across points, ``(S, M)`` or ``(S, M, k)``.
+
+    Each point's draws are distributed as joint draws would be; the normals are those :func:`sample_outputs`
+    takes, so these are its draws of ``Gaussian(mean, diag(σ²))`` (per output, ``σ_j²`` of output ``j``,
+    where :attr:`~ntkgp.predict.Gaussian.per_output`) for the same seed."""
+    variance = _checked_marginal(g)
+    mean = g.mean.detach().to(torch.float64)
+    m, k = mean.shape[0], 1 if mean.dim() == 1 else mean.shape[-1]
+    z = _standard_normals(num_draws, g.mean.shape, variance.device, torch_seed).view(m, num_draws, k)
+    z = z.to(variance.device)
+    roots = variance.to(torch.float64).clamp_min(0).sqrt()
+    z *= roots.unsqueeze(1) if g.per_output else roots.view(m, 1, 1)
+    draws = z.permute(1, 0, 2)   # (S, M, k)
     draws += mean if mean.dim() == 2 else mean.unsqueeze(-1)
     return draws if mean.dim() == 2 else draws.squeeze(-1)
 
@@ -430,6 +487,16 @@ def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: floa
     pointwise log likelihood ``log N(y_obs,i | f_i⁽ˢ⁾, σ²)``; see
     :mod:`ntkgp.bayes.inference_data` for the groups.
 
+    A Gaussian that holds its marginal variances ``σ_i²`` alone (``compute_cov="diag"``: ``O(M N)``
+    memory, for many points) is drawn point by point, ``f_i⁽ˢ⁾ = μ_i + σ_i z_i⁽ˢ⁾``, *independent across
+    points* (the draws of ``Gaussian(mean, diag(σ²))`` for the same seed; the groups' attribute ``draws``
+    says so). Each point's draws, and so its ``log_likelihood`` column, are distributed as joint draws
+    would be, and PSIS-LOO, WAIC and LOO-PIT (``az.loo``, ``az.waic``, ``az.loo_pit``) read one point's
+    draws at a time: ``p(y_i | y_{−i}) = 1 / E[1 / p(y_i | f_i)]`` over the posterior involves ``f_i``'s
+    marginal alone. What reads a draw across points (``az.plot_ppc``'s curves, a draw's sum over the
+    points) sees the product of the marginals, not the joint posterior: predict ``compute_cov=True``
+    for that.
+
     For ``az.loo`` use the posterior at the *training* inputs with the training targets
     (``x_test = x_train``): PSIS-LOO (Vehtari, Gelman & Gabry 2017) then estimates
     ``Σ_i log p(y_i | y_{−i})``. It needs many draws (hundreds; ArviZ fails on one), and it is
@@ -444,7 +511,8 @@ def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: floa
 
     Args:
         gaussian: from :func:`ntkgp.predict.gp_posterior`, :func:`ntkgp.predict.gradient_flow`
-            (``compute_cov=True``), or a ``Gaussian`` you built; with a covariance per output
+            (``compute_cov=True``, or ``"diag"`` for draws independent across points, above), or a
+            ``Gaussian`` you built; with a covariance per output
             (:attr:`~ntkgp.predict.Gaussian.per_output`) each output is drawn from its own
             (:func:`sample_outputs`), the groups' dims those of any ``(M, k)`` targets.
         y_obs: observed targets at the same points, ``(M,)`` or ``(M, k)`` like the mean.
@@ -467,11 +535,17 @@ def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: floa
     g, index = _select_time(gaussian, time_index)
     # before check_export, whose noise check failed in numpy ("Unable to allocate"); the export holds three
     # arrays of the draws' size at once (sample_outputs' z is freed before the other two come)
-    _check_draws_fit(num_draws, g.mean.shape, EXPORT_ARRAYS)
+    variances = g.covariance if g.covariance is not None else g.marginal
+    assert variances is not None   # _select_time refused a Gaussian with neither
+    _check_draws_fit(num_draws, g.mean.shape, EXPORT_ARRAYS, variances.device)
     check_export((num_draws, *g.mean.shape), y_obs, noise, num_chains, "one draw (the Gaussian's mean)")
-    draws = sample_outputs(g, num_draws, seed=torch_seed)
+    draws = (sample_outputs(g, num_draws, seed=torch_seed) if g.covariance is not None
+             else _marginal_draws(g, num_draws, torch_seed))
+    attrs: dict[str, str | int | float] = {"kind": "gaussian", "time_index": _time_label(index)}
+    if g.covariance is None:   # told apart from joint draws in the data, which outlive this call
+        attrs["draws"] = "independent across points (marginal variances alone)"
     return draws_to_inference_data(draws.cpu().numpy(), y_obs, noise, num_chains=num_chains, seed=noise_seed,
-                                   attrs={"kind": "gaussian", "time_index": _time_label(index)})
+                                   attrs=attrs)
 
 
 def _time_label(index: tuple[int, ...] | None) -> str:
