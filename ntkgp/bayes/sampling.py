@@ -435,12 +435,13 @@ def _marginal_draws(g: Gaussian, num_draws: int, torch_seed: int | None) -> Tens
     Each point's draws are distributed as joint draws would be; the normals are those :func:`sample_outputs`
     takes, so these are its draws of ``Gaussian(mean, diag(σ²))`` (per output, ``σ_j²`` of output ``j``,
     where :attr:`~ntkgp.predict.Gaussian.per_output`) for the same seed."""
-    variance = _checked_marginal(g)
-    mean = g.mean.detach().to(torch.float64)
+    # made on the CPU whatever the Gaussian's device: the export reads the draws there, and elementwise
+    # products are the same on every device
+    variance = _checked_marginal(g).to("cpu", torch.float64)
+    mean = g.mean.detach().to("cpu", torch.float64)
     m, k = mean.shape[0], 1 if mean.dim() == 1 else mean.shape[-1]
-    z = _standard_normals(num_draws, g.mean.shape, variance.device, torch_seed).view(m, num_draws, k)
-    z = z.to(variance.device)
-    roots = variance.to(torch.float64).clamp_min(0).sqrt()
+    z = _standard_normals(num_draws, g.mean.shape, torch.device("cpu"), torch_seed).view(m, num_draws, k)
+    roots = variance.clamp_min(0).sqrt()
     z *= roots.unsqueeze(1) if g.per_output else roots.view(m, 1, 1)
     draws = z.permute(1, 0, 2)   # (S, M, k)
     draws += mean if mean.dim() == 2 else mean.unsqueeze(-1)
@@ -489,22 +490,23 @@ def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: floa
 
     A Gaussian that holds its marginal variances ``σ_i²`` alone (``compute_cov="diag"``: ``O(M N)``
     memory, for many points) is drawn point by point, ``f_i⁽ˢ⁾ = μ_i + σ_i z_i⁽ˢ⁾``, *independent across
-    points* (the draws of ``Gaussian(mean, diag(σ²))`` for the same seed; the groups' attribute ``draws``
-    says so). Each point's draws, and so its ``log_likelihood`` column, are distributed as joint draws
-    would be, and PSIS-LOO, WAIC and LOO-PIT (``az.loo``, ``az.waic``, ``az.loo_pit``) read one point's
-    draws at a time: ``p(y_i | y_{−i}) = 1 / E[1 / p(y_i | f_i)]`` over the posterior involves ``f_i``'s
-    marginal alone. What reads a draw across points (``az.plot_ppc``'s curves, a draw's sum over the
-    points) sees the product of the marginals, not the joint posterior: predict ``compute_cov=True``
-    for that.
+    points* (the draws of ``Gaussian(mean, diag(σ²))`` for the same seed; the attribute ``draws`` of the
+    ``posterior_predictive`` and ``log_likelihood`` groups says so). Each point's draws, and so its
+    ``log_likelihood`` column, are distributed as joint draws would be, and PSIS-LOO, WAIC and LOO-PIT
+    (``az.loo``, ``az.waic``, ``az.loo_pit``) read one point's draws at a time:
+    ``p(y_i | y_{−i}) = 1 / E[1 / p(y_i | f_i)]`` over the posterior involves ``f_i``'s marginal alone.
+    What reads a draw across points (``az.plot_ppc``'s curves, a draw's sum over the points) sees the
+    product of the marginals, not the joint posterior: predict ``compute_cov=True`` for that.
 
     For ``az.loo`` use the posterior at the *training* inputs with the training targets
     (``x_test = x_train``): PSIS-LOO (Vehtari, Gelman & Gabry 2017) then estimates
     ``Σ_i log p(y_i | y_{−i})``. It needs many draws (hundreds; ArviZ fails on one), and it is
     unreliable where the posterior nearly interpolates its data. Measured with 20 000 draws (seed 0)
-    of the depth-2 erf ``mlp``'s NNGP posterior at 30 standard-normal points in 2-D (``torch``
-    seed 0), ``y = sin(2 x₁) + x₂²/2`` plus the noise: with noise 0.01 it gave −166.5 against an
-    exact −356.3 (Pareto k up to 3.1, which ArviZ warns about); with noise 0.5, −64.50 against
-    −64.62. For a GP posterior the exact value is
+    of the NNGP posterior of ``mlp(2, "erf", 2.0, 0.1)`` at 30 standard-normal points in 2-D (a
+    ``torch`` generator of seed 0, which then draws the noise), ``y = sin(2 x₁) + x₂²/2`` plus the
+    noise (``tests/test_bayes_inputs.py``): with noise 0.01 it gave −112.1 against an exact −250.8
+    (Pareto k up to 2.55, above 0.7 at 19 of the points, which ArviZ warns about); with noise 0.5,
+    −66.55 against −67.17. For a GP posterior the exact value is
     :meth:`ntkgp.predict.GPPosterior.leave_one_out_log_density`. At held-out
     inputs the pointwise ``log_likelihood`` and ``az.plot_ppc``/``az.plot_loo_pit`` still check
     the predictive distribution, but "leave one out" has no meaning there.
@@ -535,9 +537,9 @@ def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: floa
     g, index = _select_time(gaussian, time_index)
     # before check_export, whose noise check failed in numpy ("Unable to allocate"); the export holds three
     # arrays of the draws' size at once (sample_outputs' z is freed before the other two come)
-    variances = g.covariance if g.covariance is not None else g.marginal
-    assert variances is not None   # _select_time refused a Gaussian with neither
-    _check_draws_fit(num_draws, g.mean.shape, EXPORT_ARRAYS, variances.device)
+    # marginal draws are made on the CPU (_marginal_draws); a covariance's where it is
+    device = g.covariance.device if g.covariance is not None else torch.device("cpu")
+    _check_draws_fit(num_draws, g.mean.shape, EXPORT_ARRAYS, device)
     check_export((num_draws, *g.mean.shape), y_obs, noise, num_chains, "one draw (the Gaussian's mean)")
     draws = (sample_outputs(g, num_draws, seed=torch_seed) if g.covariance is not None
              else _marginal_draws(g, num_draws, torch_seed))
