@@ -59,6 +59,7 @@ from ntkgp.predict.spectral import (
     make_schedule,
     max_learning_rate,
     regularize,
+    sampled_entry_error,
     spectral_apply,
     stability_limit,
     warn_if_flow_imprecise,
@@ -132,7 +133,8 @@ class GradientFlow:
             for float32 inputs, whose results are returned in float32: float32 kernels of nearly
             parallel inputs carry ~3e-4 relative error and are often indefinite by more than any
             sensible ``diag_reg``, see docs/numerics.md; with float32 a ``RuntimeWarning`` says where
-            the kernels' rounding can move the test outputs by more than 1 %).
+            the kernels' rounding can move the test outputs by more than 1 %, at ``t = None`` judged by
+            the error of the float32 kernel against a float64 one where that decides it).
 
     Example:
         >>> flow = ntkgp.predict.GradientFlow(net, x_train, y_train, learning_rate=1.0)
@@ -228,15 +230,34 @@ class GradientFlow:
         float64 kernel (one ``N × N`` matrix, as the float32 one) is formed only where this decides a
         warning."""
         eig = self._eigensystem
-        with torch.no_grad(), named_kernels("training"):
-            k = self.net.kernel(self.x_factor.to(torch.float64), ntk=self.kind == "ntk")
-            exact = regularize(cast(Tensor, k.ntk) if self.kind == "ntk" else k.nngp, self.diag_reg,
-                               self.diag_reg_absolute_scale)   # a copy: a net serving stored kernels holds k
-            del k
+        with torch.no_grad():
             v = eig.vectors[:, directions].to(torch.float64)
-            largest = torch.linalg.eigvalsh(v.mT @ exact @ v).max()
+            largest = torch.linalg.eigvalsh(v.mT @ self._exact_dynamics() @ v).max()
         n = eig.values.shape[-1]
         return float(largest) > 100 * n * eig.eps ** 2 * float(eig.values.max())
+
+    def _exact_dynamics(self) -> Tensor:
+        """The regularized training kernel computed in float64 (one more ``N × N`` matrix, formed anew for
+        each use: only where a float32 kernel's warning depends on it)."""
+        with torch.no_grad(), named_kernels("training"):
+            k = self.net.kernel(self.x_factor.to(torch.float64), ntk=self.kind == "ntk")
+            # a copy: a net serving stored kernels holds k
+            return regularize(cast(Tensor, k.ntk) if self.kind == "ntk" else k.nngp, self.diag_reg,
+                              self.diag_reg_absolute_scale)
+
+    @cached_property
+    @outside_inference_mode
+    def _entry_error(self) -> float:
+        """The float32 training kernel's error against float64, relative to ``d_i d_j`` (root mean square, less
+        its part proportional to the kernel, on a sample of the training points:
+        :func:`~ntkgp.predict.spectral.sampled_entry_error`; asked by :func:`warn_if_imprecise` where it
+        decides the warning)."""
+        def kernel_of(points: Tensor) -> Tensor:
+            with torch.no_grad(), named_kernels("training"):
+                k = self.net.kernel(points, ntk=self.kind == "ntk")
+            return cast(Tensor, k.ntk) if self.kind == "ntk" else k.nngp
+
+        return sampled_entry_error(kernel_of, self.x_factor, self.dynamics.diagonal().to(torch.float64))
 
     @cached_property
     @outside_inference_mode
@@ -441,7 +462,8 @@ class GradientFlow:
         coefficients ``Θ⁻¹ Y`` at ``t = None`` (``terms=None``), else ``V diag(flow) Vᵀ Y`` at each time."""
         if terms is None:
             eps = torch.finfo(self.factor_dtype).eps   # the kernel's rounding and its factorization's
-            warn_if_imprecise(self._dual, mean, self.dynamics.diagonal(), eps, factor_eps=eps)
+            warn_if_imprecise(self._dual, mean, self.dynamics.diagonal(), eps, factor_eps=eps,
+                              entry_eps=lambda: self._entry_error)
             return
         warn_if_flow_imprecise(self._eigensystem, terms.flow, self._y_eigen, mean, self.dynamics.diagonal(),
                                terms.check.schedule)

@@ -48,7 +48,7 @@ from ntkgp.predict.gaussian import (
     refuse_gradient,
 )
 from ntkgp.predict.gradient_flow import GradientFlow, block_rows, subtract_gram_
-from ntkgp.predict.spectral import cholesky, cholesky_solve, regularize, warn_if_imprecise
+from ntkgp.predict.spectral import cholesky, cholesky_solve, regularize, sampled_entry_error, warn_if_imprecise
 
 #: neural-tangents' keywords of ``gp_inference`` and what to pass here instead.
 PORTED_KEYWORDS = {"get": "pass kernel='nngp', 'ntkgp' or 'ntk' (neural-tangents' get).",
@@ -98,8 +98,9 @@ class GPPosterior:
             factorization of ``(N,)`` noise, bit for bit. ``kernel="ntk"`` (gradient flow, one
             regularizer per point) takes equal columns only.
         factor_dtype: dtype in which kernels are computed and factored (results come back in the
-            inputs' dtype; with float32 a ``RuntimeWarning`` says where the kernels' rounding can
-            move the test means by more than 1 %, see docs/numerics.md).
+            inputs' dtype; with float32 a ``RuntimeWarning`` says where the kernels' rounding, or their
+            error against a float64 kernel where that decides it, can move the test means by more than 1 %,
+            see docs/numerics.md).
     """
 
     @neural_tangents_keywords(**PORTED_KEYWORDS)
@@ -197,9 +198,29 @@ class GPPosterior:
         eps = torch.finfo(self.factor_dtype).eps
         if self.per_output:
             warn_if_imprecise(self._alpha.mT.unsqueeze(-1), mean.mT.unsqueeze(-1), self._variances, eps,
-                              factor_eps=eps)
+                              factor_eps=eps, entry_eps=lambda: self._entry_error)
             return
-        warn_if_imprecise(self._alpha, mean, self._variances, eps, factor_eps=eps)
+        warn_if_imprecise(self._alpha, mean, self._variances, eps, factor_eps=eps,
+                          entry_eps=lambda: self._entry_error)
+
+    @cached_property
+    @outside_inference_mode
+    def _entry_error(self) -> float:
+        """The training kernel's error against the same kernel in float64, relative to ``d_i d_j`` (``d²`` the
+        training variances with the noise; with a noise per output the smallest), as a root mean square less
+        its part proportional to the kernel, on a sample of the training points
+        (:func:`~ntkgp.predict.spectral.sampled_entry_error`: the factored kernel is no longer held, and an
+        ``N × N`` one in float64 could be what float32 was chosen to avoid); asked only where
+        :func:`warn_if_imprecise` needs it: where the entries' error decides a warning."""
+        ntk = self.kind == "ntkgp"
+
+        def kernel_of(points: Tensor) -> Tensor:
+            with torch.no_grad(), named_kernels("training"):
+                k = self.net.kernel(points, ntk=ntk)
+            return cast(Tensor, k.ntk) if ntk else k.nngp
+
+        variances = self._variances.amin(0) if self.per_output else self._variances
+        return sampled_entry_error(kernel_of, self.x_factor, variances.to(torch.float64))
 
     # the overloads tell type checkers which of the covariance and the variances compute_cov leaves None
     @overload
