@@ -202,6 +202,14 @@ class NetworkKernel(Kernel):
                  **params: object) -> LazyEvaluatedKernelTensor | LinearOperator | Tensor:
         """GPyTorch's ``Kernel.__call__``, after checking what it reads of the inputs itself
         (:func:`_check_call_inputs`); :meth:`forward` checks their values."""
+        if torch.jit.is_tracing():
+            # the recursion branches on the inputs' values (repeated points, near-parallel pairs, where to split
+            # into row blocks), which a trace freezes at the example's; torch.jit.trace of a GPyTorch model (its
+            # fast_pred_var + trace_mode recipe) failed with "x1 and x2 must have the same number of features,
+            # got 2 and 2", or inside torch with "We don't have an op for aten::view"
+            raise NotImplementedError(f"{type(self).__name__} cannot be traced by torch.jit.trace: the kernel's "
+                                      "recursion branches on the inputs' values, which a trace would freeze at the "
+                                      "example inputs' branches. Call the model itself.")
         # read at each call: GPyTorch's lazy kernel tensor calls again with active_dims set to None
         dims = self.active_dims
         if dims is not None:

@@ -1,0 +1,406 @@
+"""NNGPKernel and NTKKernel inside GPyTorch and BoTorch constructions that the other test files do not build:
+GPyTorch's settings, SGPR, deep kernel learning, kernel algebra, Hadamard and Kronecker multitask models,
+batched exact GPs, priors registered by hand, and BoTorch's multitask models and acquisition gradients.
+
+Each model is checked against the same quantity written out densely in float64 from ``net.kernel``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import gpytorch
+import pytest
+import torch
+
+import ntkgp
+
+DT = torch.float64
+
+
+def _data(n: int = 20, d: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, d, generator=g, dtype=DT)
+    return x, torch.sin(4 * x[:, 0]) + x[:, 1:].sum(-1)
+
+
+def _net(activation: str = "relu") -> ntkgp.Layer:
+    return ntkgp.mlp(2, activation, 1.8, 0.1).double()
+
+
+class _GP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, kernel, likelihood=None):
+        super().__init__(x, y, likelihood if likelihood is not None else gpytorch.likelihoods.GaussianLikelihood())
+        self.mean_module = gpytorch.means.ZeroMean()
+        self.covar_module = kernel
+        self.double()   # the likelihood too: a float32 noise of 1e-2 is 1e-10 off
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def _posterior(k, k_star, k_star_star_diag, y, noise):
+    """The zero-mean GP posterior mean and marginal variances by a float64 Cholesky factor."""
+    chol = torch.linalg.cholesky(k + noise * torch.eye(len(k), dtype=DT))
+    mean = k_star @ torch.cholesky_solve(y[:, None], chol)[:, 0]
+    var = k_star_star_diag - (k_star * torch.cholesky_solve(k_star.T, chol).T).sum(-1)
+    return mean, var
+
+
+@pytest.mark.parametrize("kernel_class", [ntkgp.NNGPKernel, ntkgp.NTKKernel])
+@pytest.mark.parametrize("setting", ["debug", "lazily_evaluate_kernels", "fast_pred_var", "cg"])
+def test_gpytorch_settings_leave_the_posterior_and_likelihood_exact(kernel_class, setting):
+    """Under each setting the posterior is the dense one: exactly up to rounding (1e-10) where solves stay
+    Cholesky; under ``max_cholesky_size(0)`` to 1e-4 (GPyTorch's preconditioned CG, at a tolerance of 1e-9 on its
+    own residual, and its Lanczos variances were 1.1e-5 off at most)."""
+    x, y = _data()
+    x_test = _data(7, seed=1)[0]
+    net = _net()
+    kernel = kernel_class(net)
+    noise = 1e-2
+    model = _GP(x, y, kernel)
+    model.likelihood.noise = torch.tensor(noise, dtype=DT)   # a float is set through float32
+    with torch.no_grad():
+        kd = getattr(net.kernel(torch.cat([x, x_test])), kernel_class.kind)
+    mean_ref, var_ref = _posterior(kd[:20, :20], kd[20:, :20], kd[20:, 20:].diagonal(), y, noise)
+    mll_ref = torch.distributions.MultivariateNormal(torch.zeros(20, dtype=DT),
+                                                     kd[:20, :20] + noise * torch.eye(20, dtype=DT)).log_prob(y) / 20
+    contexts = {"debug": [gpytorch.settings.debug(True)],
+                "lazily_evaluate_kernels": [gpytorch.settings.lazily_evaluate_kernels(False)],
+                "fast_pred_var": [gpytorch.settings.fast_pred_var()],
+                "cg": [gpytorch.settings.max_cholesky_size(0), gpytorch.settings.cg_tolerance(1e-9),
+                       gpytorch.settings.eval_cg_tolerance(1e-9), gpytorch.settings.max_cg_iterations(200),
+                       gpytorch.settings.num_trace_samples(0), gpytorch.settings.skip_logdet_forward(False)]}
+    tol = 1e-4 if setting == "cg" else 1e-10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # GPyTorch's note that fast_pred_var's Lanczos cache is approximate
+        for ctx in contexts[setting]:
+            ctx.__enter__()
+        try:
+            if setting != "cg" and setting != "fast_pred_var":
+                model.train()
+                mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+                assert float(mll(model(x), y)) == pytest.approx(float(mll_ref), abs=1e-12)
+            model.eval()
+            with torch.no_grad():
+                out = model(x_test)
+                mean, var = out.mean, out.variance
+        finally:
+            for ctx in reversed(contexts[setting]):
+                ctx.__exit__(None, None, None)
+    torch.testing.assert_close(mean, mean_ref, rtol=0, atol=tol)
+    # fast_pred_var's Lanczos cache is exact here: 20 points are fewer than its rank (max_root_decomposition_size)
+    torch.testing.assert_close(var, var_ref, rtol=0, atol=tol)
+
+
+def test_sgpr_with_the_training_points_as_inducing_points_is_the_exact_gp():
+    """``InducingPointKernel`` (SGPR, Titsias 2009) over an ntkgp kernel: with every training point an inducing
+    point, ``Q = K_xz K_zz⁻¹ K_zx = K`` and its posterior is the exact one (1e-6: GPyTorch's jitter on ``K_zz``
+    moved it 4.5e-8); with fewer, its marginal likelihood is the collapsed bound, below the exact one."""
+    x, y = _data()
+    x_test = _data(7, seed=1)[0]
+    net = _net("erf")
+    noise = 1e-2
+    likelihood = gpytorch.likelihoods.GaussianLikelihood()
+    likelihood.noise = torch.tensor(noise, dtype=DT)   # a float is set through float32
+    sgpr = _GP(x, y, gpytorch.kernels.InducingPointKernel(ntkgp.NNGPKernel(net), x.clone(), likelihood), likelihood)
+    sgpr.eval()
+    with torch.no_grad():
+        out = sgpr(x_test)
+        kd = net.kernel(torch.cat([x, x_test])).nngp
+    mean_ref, var_ref = _posterior(kd[:20, :20], kd[20:, :20], kd[20:, 20:].diagonal(), y, noise)
+    torch.testing.assert_close(out.mean, mean_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.variance, var_ref, rtol=0, atol=1e-6)
+
+    partial = _GP(x, y, gpytorch.kernels.InducingPointKernel(ntkgp.NNGPKernel(net), x[:6].clone(), likelihood),
+                  likelihood)
+    partial.train()
+    bound = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, partial)(partial(x), y)
+    bound.backward()
+    exact = torch.distributions.MultivariateNormal(torch.zeros(20, dtype=DT),
+                                                   kd[:20, :20] + noise * torch.eye(20, dtype=DT)).log_prob(y) / 20
+    assert float(bound) < float(exact)
+    assert net[0].raw_weight_var.grad is not None and torch.isfinite(net[0].raw_weight_var.grad).all()
+
+
+def test_deep_kernel_learning_gradients_reach_the_feature_extractor():
+    """A torch extractor in front of the kernel (deep kernel learning, Wilson et al. 2016): the marginal
+    likelihood's gradients in the extractor's weights and the kernel's variances are those of the dense
+    float64 log density of ``net.kernel(extractor(x))`` (1e-10: two factorizations of one matrix)."""
+    x, y = _data(15, 3)
+    torch.manual_seed(0)
+    extractor = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double()
+    net = _net()
+    noise = 0.05
+
+    class DKL(_GP):
+        def __init__(self):
+            super().__init__(x, y, ntkgp.NTKKernel(net))
+            self.extractor = extractor
+
+        def forward(self, inputs):
+            return super().forward(self.extractor(inputs))
+
+    model = DKL()
+    model.likelihood.noise = torch.tensor(noise, dtype=DT)   # a float is set through float32
+    model.train()
+    loss = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)(model(x), y)
+    params = [extractor[0].weight, extractor[2].bias, net[0].raw_weight_var, net[4].raw_bias_var]
+    grads = torch.autograd.grad(loss, params)
+    k = net.kernel(extractor(x)).ntk + noise * torch.eye(15, dtype=DT)
+    ref = torch.distributions.MultivariateNormal(torch.zeros(15, dtype=DT), k).log_prob(y) / 15
+    ref_grads = torch.autograd.grad(ref, params)
+    assert float(loss) == pytest.approx(float(ref), abs=1e-12)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert float(grad.abs().max()) > 0
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_kernel_algebra_with_gpytorch_kernels_and_their_diagonals():
+    """``ScaleKernel``, ``+``/``*``, ``AdditiveKernel``, ``ProductKernel`` with an ``RBFKernel`` on other
+    ``active_dims``: each entry is the formula's (exactly), and ``diag=True`` is the dense diagonal."""
+    x = _data(9, 3)[0]
+    x2 = _data(5, 3, seed=1)[0]
+    net = _net("erf")
+    kernel = ntkgp.NTKKernel(net, active_dims=[0, 1])
+    rbf = gpytorch.kernels.RBFKernel(active_dims=[2]).double()
+    scale = gpytorch.kernels.ScaleKernel(kernel).double()
+    scale.outputscale = torch.tensor(1.7, dtype=DT)
+    with torch.no_grad():
+        k = net.kernel(x[:, :2], x2[:, :2]).ntk
+        r = torch.exp(-0.5 * (x[:, 2:] - x2[:, 2:].T) ** 2 / rbf.lengthscale.item() ** 2)
+        cases = {"scale": (scale, 1.7 * k), "sum": (kernel + rbf, k + r), "product": (kernel * rbf, k * r),
+                 "AdditiveKernel": (gpytorch.kernels.AdditiveKernel(kernel, rbf), k + r),
+                 "ProductKernel": (gpytorch.kernels.ProductKernel(kernel, rbf), k * r)}
+        for name, (composite, expected) in cases.items():
+            torch.testing.assert_close(composite(x, x2).to_dense(), expected, rtol=1e-14, atol=0, msg=name)
+            torch.testing.assert_close(composite(x, diag=True), composite(x).to_dense().diagonal(),
+                                       rtol=1e-14, atol=0, msg=name)
+
+
+def test_hadamard_multitask_model_with_an_index_kernel_is_the_dense_product():
+    """Multitask by a Hadamard product (GPyTorch's ``IndexKernel`` on a task column, ``active_dims``
+    separating it from the features): the posterior is the dense ``K(x, x') B[t, t']`` one (1e-10)."""
+    x, y = _data(16, 2)
+    tasks = (torch.arange(16) % 2).to(DT)[:, None]
+    inputs = torch.cat([x, tasks], -1)
+    test = torch.cat([_data(5, 2, seed=1)[0], torch.tensor([[0.], [1.], [1.], [0.], [1.]], dtype=DT)], -1)
+    net = _net()
+    index = gpytorch.kernels.IndexKernel(num_tasks=2, rank=1, active_dims=[2]).double()
+    index.covar_factor.data = torch.tensor([[0.8], [-0.5]], dtype=DT)
+    noise = 0.02
+    model = _GP(inputs, y, ntkgp.NNGPKernel(net, active_dims=[0, 1]) * index)
+    model.likelihood.noise = torch.tensor(noise, dtype=DT)   # a float is set through float32
+    model.eval()
+    with torch.no_grad():
+        out = model(test)
+        every = torch.cat([inputs, test])
+        b = index.covar_matrix.to_dense()
+        t = every[:, 2].long()
+        kd = net.kernel(every[:, :2]).nngp * b[t][:, t]
+    mean_ref, var_ref = _posterior(kd[:16, :16], kd[16:, :16], kd[16:, 16:].diagonal(), y, noise)
+    torch.testing.assert_close(out.mean, mean_ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(out.variance, var_ref, rtol=0, atol=1e-10)
+
+
+def test_multitask_kernel_is_the_kronecker_product_with_the_task_covariance():
+    """``MultitaskKernel(NNGPKernel(net), num_tasks)``: ``K ⊗ B`` with tasks interleaved, exactly, and
+    a ``MultitaskGaussianLikelihood`` model's posterior mean is the dense one (1e-10)."""
+    x, y1 = _data(12, 2)
+    y = torch.stack([y1, y1 ** 2 - 0.5], -1)
+    x_test = _data(4, 2, seed=1)[0]
+    net = _net()
+    kernel = gpytorch.kernels.MultitaskKernel(ntkgp.NNGPKernel(net), num_tasks=2, rank=1).double()
+    kernel.task_covar_module.covar_factor.data = torch.tensor([[0.9], [0.4]], dtype=DT)
+
+    class MT(gpytorch.models.ExactGP):
+        def __init__(self):
+            super().__init__(x, y, gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=2, rank=0))
+            self.mean_module = gpytorch.means.MultitaskMean(gpytorch.means.ZeroMean(), num_tasks=2)
+            self.covar_module = kernel
+
+        def forward(self, inputs):
+            return gpytorch.distributions.MultitaskMultivariateNormal(self.mean_module(inputs),
+                                                                      self.covar_module(inputs))
+
+    model = MT().double()
+    model.likelihood.noise = torch.tensor(0.03, dtype=DT)
+    model.likelihood.task_noises = torch.tensor([0.01, 0.02], dtype=DT)
+    model.eval()
+    with torch.no_grad():
+        b = kernel.task_covar_module.covar_matrix.to_dense()
+        every = torch.cat([x, x_test])
+        kd = torch.kron(net.kernel(every).nngp, b)
+        torch.testing.assert_close(kernel(x, x_test).to_dense(), kd[:24, 24:], rtol=1e-14, atol=0)
+        noise = torch.diag((torch.tensor([0.01, 0.02], dtype=DT) + 0.03).repeat(12))
+        k = kd[:24, :24] + noise
+        mean_ref = kd[24:, :24] @ torch.linalg.solve(k, y.reshape(-1))
+        out = model(x_test)
+    torch.testing.assert_close(out.mean.reshape(-1), mean_ref, rtol=0, atol=1e-10)
+
+
+def test_a_batched_exact_gp_is_one_dense_gp_per_batch_with_its_own_variances():
+    """A kernel of ``batch_shape=(3,)`` in an ``ExactGP`` on ``(3, n, d)`` inputs: batch ``b``'s posterior
+    and marginal likelihood are those of the network holding the variances at index ``b`` (1e-10)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 10, 2, generator=g, dtype=DT)
+    y = torch.sin(3 * x.sum(-1))
+    x_test = torch.rand(3, 4, 2, generator=g, dtype=DT)
+    weight_vars = torch.tensor([0.8, 1.5, 2.5], dtype=DT)
+    net = _net("erf")
+    kernel = ntkgp.NTKKernel(net, batch_shape=torch.Size([3]))
+    net[2].weight_var = weight_vars
+    noise = torch.tensor([0.01, 0.05, 0.1], dtype=DT)
+    model = _GP(x, y, kernel, gpytorch.likelihoods.GaussianLikelihood(batch_shape=torch.Size([3])))
+    model.likelihood.noise = noise[:, None]
+    model.train()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)(model(x), y)
+    model.eval()
+    with torch.no_grad():
+        out = model(x_test)
+    assert out.mean.shape == (3, 4)
+    for b in range(3):
+        single = _net("erf")
+        single[2].weight_var = weight_vars[b]
+        with torch.no_grad():
+            kd = single.kernel(torch.cat([x[b], x_test[b]])).ntk
+        mean_ref, var_ref = _posterior(kd[:10, :10], kd[10:, :10], kd[10:, 10:].diagonal(), y[b], noise[b])
+        torch.testing.assert_close(out.mean[b], mean_ref, rtol=0, atol=1e-10)
+        torch.testing.assert_close(out.variance[b], var_ref, rtol=0, atol=1e-10)
+        ref = torch.distributions.MultivariateNormal(torch.zeros(10, dtype=DT),
+                                                     kd[:10, :10] + noise[b] * torch.eye(10, dtype=DT))
+        assert float(mll[b]) == pytest.approx(float(ref.log_prob(y[b])) / 10, abs=1e-12)
+
+
+def test_priors_registered_on_a_layer_by_hand_are_sampled_and_counted():
+    """GPyTorch's ``register_prior`` on a layer by the variance's name: ``sample_from_prior`` sets the
+    variance, BoTorch's ``sample_all_priors`` (its fit's retry) samples every one, and the marginal
+    likelihood adds each log prior once, over ``n`` (exactly the dense sum)."""
+    from botorch.optim.utils import sample_all_priors
+
+    x, y = _data(10)
+    net = _net()
+    net[0].register_prior("weight_var_gamma", gpytorch.priors.GammaPrior(3.0, 2.0), "weight_var")
+    net[4].register_prior("bias_var_lognormal", gpytorch.priors.LogNormalPrior(-2.0, 0.5), "bias_var")
+    kernel = ntkgp.NNGPKernel(net)
+    assert [name for name, *_ in kernel.named_priors()] == ["net.layers.0.weight_var_gamma",
+                                                           "net.layers.4.bias_var_lognormal"]
+    torch.manual_seed(0)
+    net[0].sample_from_prior("weight_var_gamma")
+    first = float(net[0].weight_var)
+    assert first != 1.8 and first > 0
+    model = _GP(x, y, kernel)
+    model.likelihood.noise = torch.tensor(0.05, dtype=DT)
+    sample_all_priors(model)
+    assert float(net[0].weight_var) != first and float(net[4].bias_var) != 0.1
+    model.train()
+    value = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)(model(x), y)
+    with torch.no_grad():
+        k = net.kernel(x).nngp + 0.05 * torch.eye(10, dtype=DT)
+        gamma = gpytorch.priors.GammaPrior(3.0, 2.0).double()   # lgamma of a float32 concentration: 1e-8 off
+        lognormal = gpytorch.priors.LogNormalPrior(-2.0, 0.5).double()
+        log_prior = gamma.log_prob(net[0].weight_var) + lognormal.log_prob(net[4].bias_var)
+        ref = (torch.distributions.MultivariateNormal(torch.zeros(10, dtype=DT), k).log_prob(y) + log_prior) / 10
+    assert float(value) == pytest.approx(float(ref), abs=1e-12)
+
+
+def test_botorch_multitask_gp_uses_the_kernel_on_the_features_alone():
+    """BoTorch's ``MultiTaskGP(covar_module=...)`` gives a kernel without ``active_dims`` the non-task
+    columns; the posterior is the dense ``K(x, x') B[t, t']`` one (1e-9, BoTorch's float64 Cholesky)."""
+    from botorch.models import MultiTaskGP
+
+    x, y = _data(14, 2)
+    tasks = (torch.arange(14) % 2).to(DT)[:, None]
+    net = _net()
+    model = MultiTaskGP(torch.cat([x, tasks], -1), y[:, None], task_feature=-1, covar_module=ntkgp.NTKKernel(net),
+                        mean_module=gpytorch.means.ZeroMean(), outcome_transform=None)
+    model.likelihood.noise = torch.tensor(0.02, dtype=DT)
+    x_test = _data(3, 2, seed=1)[0]
+    post = model.posterior(x_test)   # every task at each point: (3, 2)
+    with torch.no_grad():
+        task_covar = model.covar_module.kernels[1]
+        b = task_covar(torch.tensor([[0., 0., 0.], [0., 0., 1.]], dtype=DT)).to_dense()   # its active_dims: [2]
+        kd = net.kernel(torch.cat([x, x_test])).ntk
+        t = tasks[:, 0].long()
+        k = kd[:14, :14] * b[t][:, t] + 0.02 * torch.eye(14, dtype=DT)
+        for task in range(2):
+            k_star = kd[14:, :14] * b[task][t]
+            mean = k_star @ torch.linalg.solve(k, y)
+            torch.testing.assert_close(post.mean[:, task].detach(), mean, rtol=0, atol=1e-9)
+
+
+def test_botorch_kronecker_multitask_gp_posterior_is_the_dense_kronecker_gp():
+    """``KroneckerMultiTaskGP(data_covar_module=NTKKernel(net))``: the posterior mean and variances are those of
+    the dense GP with covariance ``K ⊗ B`` and noise ``I ⊗ (diag(task noises) + noise)`` (1e-9)."""
+    from botorch.models import KroneckerMultiTaskGP
+
+    x, y1 = _data(12, 2)
+    y = torch.stack([y1, 2 * x[:, 0] - 1, x.sum(-1)], -1)
+    x_test = _data(4, 2, seed=1)[0]
+    net = _net("erf")
+    model = KroneckerMultiTaskGP(x, y, data_covar_module=ntkgp.NTKKernel(net), outcome_transform=None)
+    post = model.posterior(x_test)
+    with torch.no_grad():
+        b = model.covar_module.task_covar_module.covar_matrix.to_dense()
+        noise = model.likelihood.task_noises.reshape(-1) + model.likelihood.noise.reshape(-1)
+        kd = net.kernel(torch.cat([x, x_test])).ntk
+        k = torch.kron(kd[:12, :12], b) + torch.diag(noise.repeat(12))
+        k_star = torch.kron(kd[12:, :12], b)
+        means = torch.stack([m.constant for m in model.mean_module.base_means]).reshape(-1)
+        mean = means.repeat(4) + k_star @ torch.linalg.solve(k, (y - means).reshape(-1))
+        cov = torch.kron(kd[12:, 12:], b) - k_star @ torch.linalg.solve(k, k_star.T)
+        torch.testing.assert_close(post.mean.reshape(-1), mean, rtol=0, atol=1e-9)
+        torch.testing.assert_close(post.variance.reshape(-1), cov.diagonal(), rtol=0, atol=1e-9)
+
+
+def test_q_log_expected_improvement_gradients_in_the_candidates_match_finite_differences():
+    """``qLogExpectedImprovement`` on a ``SingleTaskGP(covar_module=NTKKernel(net))`` with fixed base samples:
+    its autograd gradient in the candidates is the central difference's (step 1e-6: error ~1e-9 relative)."""
+    from botorch.acquisition.logei import qLogExpectedImprovement
+    from botorch.models import SingleTaskGP
+    from botorch.sampling import SobolQMCNormalSampler
+
+    x, y = _data(12, 2)
+    model = SingleTaskGP(x, y[:, None], covar_module=ntkgp.NTKKernel(_net("erf")))
+    model.likelihood.noise = torch.tensor(1e-2, dtype=DT)
+    acq = qLogExpectedImprovement(model, best_f=y.max(), sampler=SobolQMCNormalSampler(torch.Size([64]), seed=0))
+    candidates = torch.tensor([[[0.3, 0.7], [0.8, 0.2]]], dtype=DT, requires_grad=True)
+    grad, = torch.autograd.grad(acq(candidates).sum(), candidates)
+    with torch.no_grad():
+        for i in range(2):
+            for j in range(2):
+                step = torch.zeros_like(candidates)
+                step[0, i, j] = 1e-6
+                numeric = (acq(candidates + step) - acq(candidates - step)) / 2e-6
+                assert float(grad[0, i, j]) == pytest.approx(float(numeric), rel=1e-6, abs=1e-8)
+    assert float(grad.abs().max()) > 1e-3 and math.isfinite(float(grad.abs().max()))
+
+
+def test_tracing_a_model_is_refused_by_name():
+    """GPyTorch's recipe for exporting a model (``fast_pred_var``, ``trace_mode``, ``torch.jit.trace``) works for
+    an ``RBFKernel``; the network kernels branch on the inputs' values, which a trace freezes, and failed with
+    "x1 and x2 must have the same number of features, got 2 and 2": now a ``NotImplementedError`` that says why."""
+    x, y = _data(10)
+
+    class Outputs(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, inputs):
+            out = self.model(inputs)
+            return out.mean, out.variance
+
+    warnings.simplefilter("ignore", torch.jit.TracerWarning)   # GPyTorch's own, on the RBF trace
+    for kernel in (gpytorch.kernels.RBFKernel(), ntkgp.NTKKernel(_net("erf"))):
+        model = _GP(x, y, kernel)
+        model.eval()
+        x_test = _data(4, seed=1)[0]
+        with gpytorch.settings.fast_pred_var(), gpytorch.settings.trace_mode(), torch.no_grad():
+            model(x_test)
+            if isinstance(kernel, gpytorch.kernels.RBFKernel):
+                traced = torch.jit.trace(Outputs(model), x_test)
+                torch.testing.assert_close(traced(x)[0], model(x).mean, rtol=1e-12, atol=1e-12)
+            else:
+                with pytest.raises(NotImplementedError, match=r"cannot be traced by torch\.jit\.trace"):
+                    torch.jit.trace(Outputs(model), x_test)
