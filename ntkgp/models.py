@@ -231,8 +231,12 @@ class NetworkGP(gpytorch.models.ExactGP):
             # as (N, k) when b == N
             raise ValueError(f"train_x must have shape (N, d), got {tuple(train_x.shape)}.")
         if not isinstance(train_y, Tensor) or not train_y.is_floating_point():
+            # integer or boolean labels (a classification's) named no fix, where the kernels' checks of x do
+            fix = ("convert it with train_y.double() or train_y.float() (for classes, regress on "
+                   "ntkgp.bayes.one_hot_targets(train_y))" if isinstance(train_y, Tensor) else
+                   "convert it with torch.as_tensor(train_y, dtype=train_x.dtype)")
             raise ValueError(f"train_y must be a floating-point tensor, got "
-                             f"{train_y.dtype if isinstance(train_y, Tensor) else type(train_y).__name__}.")
+                             f"{train_y.dtype if isinstance(train_y, Tensor) else type(train_y).__name__}; {fix}.")
         low = [f"{name} is {v.dtype}" for name, v in (("train_x", train_x), ("train_y", train_y))
                if v.is_floating_point() and v.dtype not in (torch.float32, torch.float64)]
         if low:
@@ -388,8 +392,12 @@ class NetworkGP(gpytorch.models.ExactGP):
                                  f"got {type(x).__name__}.")
             shape = (*x.shape, 1) if x.dim() == 1 else tuple(x.shape)   # GPyTorch reads a 1-D input as (M, 1)
             if x.dim() == 0 or shape[-1] != features:   # a 0-d tensor: "tuple index out of range" from shape[-1]
+                # the shape as given: "got shape (3, 1)" for one point of 3 features read as 3 points of one
+                read = f" (GPyTorch reads it as {shape})" if x.dim() == 1 else ""
+                one = f"; one point of {features} features is {name}.unsqueeze(0)" if x.dim() == 1 and (
+                    x.shape[0] == features) else ""
                 raise ValueError(f"{name} must have {features} feature(s) like train_x, shape (..., M, {features}); "
-                                 f"got shape {shape}.")
+                                 f"got shape {tuple(x.shape)}{read}{one}.")
             dtype = self.train_inputs[0].dtype
             if x.is_floating_point() and torch.promote_types(x.dtype, dtype) != dtype:
                 # a wider dtype than the model's: GPyTorch's "expected m1 and m2 to have the same dtype",
@@ -493,7 +501,9 @@ class NetworkGP(gpytorch.models.ExactGP):
                              "a GPyTorch model returns its prior).")
         if not isinstance(x_test, Tensor) or x_test.dim() != 2:
             shape = tuple(x_test.shape) if isinstance(x_test, Tensor) else type(x_test).__name__
-            raise ValueError(f"x_test must be a tensor of shape (M, d), one Gaussian's points, got {shape}.")
+            one = ("; one point is x_test.unsqueeze(0)" if isinstance(x_test, Tensor) and x_test.dim() == 1
+                   and x_test.shape[0] == self.train_inputs[0].shape[-1] > 1 else "")
+            raise ValueError(f"x_test must be a tensor of shape (M, d), one Gaussian's points, got {shape}{one}.")
         self._check_inputs((x_test,), "x_test")   # named so: model(x_test)'s own checks call it x
         if x_test.shape[0] == 0:   # GPyTorch divides by the test points' number
             like = self.train_inputs[0]

@@ -451,10 +451,14 @@ def test_float32_outputs_are_judged_each_by_its_own_rounding():
 def test_gp_posterior_refuses_covariances_per_output_beyond_the_memory_before_the_kernels(monkeypatch):
     """gp_posterior checks that the covariance fits before the training kernel; with a noise per
     output it is ``k`` covariances ``(M, M, k)``, which it counted as one: a request of ``k`` times
-    the memory went on to the training kernel (minutes at large ``N``) before predict refused it."""
-    x, y, xt, noise = _data()
+    the memory went on to the training kernel (minutes at large ``N``) before predict refused it.
+    Ten test points: the kernels' own check (Layer.kernel) refuses a training kernel above the memory, and
+    with ``M = 7`` the ``N × N`` one (``N = 12``) exceeded two covariances."""
+    x, y, _, noise = _data()
+    m = 10
+    xt = torch.randn(m, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     net = _net()
-    one = M * M * 8   # bytes of one (M, M) float64 covariance
+    one = m * m * 8   # bytes of one (M, M) float64 covariance
     monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: 2 * one)   # one fits, K = 3 not
     predict.gp_posterior(net, x, y, xt, noise=noise[:, 0])
     predict.gp_posterior(net, x, y, xt, noise=noise, compute_cov="diag")
@@ -463,7 +467,7 @@ def test_gp_posterior_refuses_covariances_per_output_beyond_the_memory_before_th
         raise AssertionError("the kernel was computed before the memory was checked")
 
     monkeypatch.setattr(net, "kernel", fail)
-    with pytest.raises(ValueError, match=rf"^The \({K} x {M} x {M}\) covariance of {M} test points needs"):
+    with pytest.raises(ValueError, match=rf"^The \({K} x {m} x {m}\) covariance of {m} test points needs"):
         predict.gp_posterior(net, x, y, xt, noise=noise)
 
 

@@ -1003,16 +1003,17 @@ def test_predictors_name_a_net_that_is_not_a_spec(net):
 def test_the_covariance_memory_check_counts_the_bytes_of_every_entry(monkeypatch, factor_dtype, size):
     """The ``(T, M, M)`` covariance in ``factor_dtype`` takes ``T M² · size`` bytes: refused with one
     byte less memory than that, computed with exactly that much (the check's limit, not a size from
-    elsewhere; an undercount by the dtype's bits / 64 passed every other test)."""
+    elsewhere; an undercount by the dtype's bits / 64 passed every other test). Eight test points: the
+    kernels' own check (Layer.kernel) counts the test-train NNGP and NTK, 2 M N entries, below 2 M² here."""
     torch.manual_seed(4)
-    x, y, xt = torch.randn(5, 2), torch.randn(5), torch.randn(3, 2)
-    need = 2 * 3 * 3 * size   # T = 2 times, M = 3 test points
+    x, y, xt = torch.randn(5, 2), torch.randn(5), torch.randn(8, 2)
+    need = 2 * 8 * 8 * size   # T = 2 times, M = 8 test points
     flow = predict.GradientFlow(_DIAG_NET, x, y, factor_dtype=factor_dtype)
     monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: need - 1)
-    with pytest.raises(ValueError, match=r"\(2 x 3 x 3\) covariance of 3 test points needs"):
+    with pytest.raises(ValueError, match=r"\(2 x 8 x 8\) covariance of 8 test points needs"):
         flow.predict(xt, t=[1.0, 2.0])
     monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: need)
-    assert flow.predict(xt, t=[1.0, 2.0]).covariance.shape == (2, 3, 3)
+    assert flow.predict(xt, t=[1.0, 2.0]).covariance.shape == (2, 8, 8)
 
 
 def test_the_stability_limit_of_vector_targets_counts_all_their_entries():

@@ -145,11 +145,23 @@ def broadcast_shapes(*shapes: tuple[int, ...]) -> torch.Size:
     return torch.Size(out)
 
 
+def array_advice(x: object, name: str) -> str:
+    """How to pass ``x`` as a tensor, where it is an array or a sequence (numpy's, JAX's, a list, a pandas
+    frame's ``.values``), which neural-tangents takes and ntkgp refuses: ``""`` otherwise. Object arrays
+    (a pandas frame of mixed columns) need their numeric dtype named, which ``torch.as_tensor`` cannot infer."""
+    if str(getattr(x, "dtype", "")) == "object":
+        return f": convert it with torch.as_tensor({name}.astype('float64'))"
+    if hasattr(x, "__array__") or isinstance(x, (list, tuple)):
+        return f": convert it with torch.as_tensor({name}, dtype=torch.float64)"
+    return ""
+
+
 def check_points(x: Tensor, name: str, integers: bool = False) -> Tensor:
     """``x`` must be a finite floating tensor of shape ``(*batch, n, d)``; with ``integers``, an integer
     or boolean one too (indices, such as an embedding's, for a module that reads them itself)."""
     if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape (..., n, d), got {type(x).__name__}.")
+        raise ValueError(f"{name} must be a torch.Tensor of shape (..., n, d), got {type(x).__name__}"
+                         f"{array_advice(x, name)}.")
     if x.dim() < 2:
         raise ValueError(f"{name} must have shape (..., n, d), got shape {tuple(x.shape)}; "
                          f"for scalar features use {name}.unsqueeze(-1).")
@@ -200,6 +212,11 @@ def check_inputs(x1: Tensor, x2: Tensor | None, diag: bool = False,
     check_points(x1, "x1", integers)
     if x2 is None:
         return x1, None
+    features = x1.shape[-1]
+    if isinstance(x2, Tensor) and x2.dim() == 1 and features > 1:
+        # check_points' hint for 1-D inputs, x2.unsqueeze(-1), makes n2 points of one feature
+        one = f"; one point of {features} features is x2.unsqueeze(0)" if x2.shape[0] == features else ""
+        raise ValueError(f"x2 must have shape (..., n2, {features}) like x1, got shape {tuple(x2.shape)}{one}.")
     check_points(x2, "x2", integers)
     if x1.shape[-1] != x2.shape[-1]:
         raise ValueError(f"x1 and x2 must have the same number of features, got {x1.shape[-1]} "

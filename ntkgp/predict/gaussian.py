@@ -19,7 +19,7 @@ from ntkgp._typing import Diagonal
 from ntkgp.bayes._arrays import finite
 from ntkgp.layers.base import Layer, NonFiniteKernelError, variance_batch_shapes
 from ntkgp.layers.state import KernelState
-from ntkgp.layers.validation import all_finite, check_points, finite_number, refuse_meta
+from ntkgp.layers.validation import all_finite, array_advice, check_points, finite_number, refuse_meta
 
 #: The types of :attr:`Gaussian.covariance` and :attr:`Gaussian.variance`: each ``Tensor`` or ``None``
 #: (both, by default: a Gaussian built by hand, whose constructor cannot tell the variance's type).
@@ -153,7 +153,8 @@ def check_targets(y_train: Tensor, n_train: int, device: torch.device | None = N
     kernel was computed and factored, failed with torch's "Expected all tensors to be on the same
     device")."""
     if not isinstance(y_train, Tensor):
-        raise ValueError(f"y_train must be a torch.Tensor, got {type(y_train).__name__}.")
+        raise ValueError(f"y_train must be a torch.Tensor, got {type(y_train).__name__}"
+                         f"{array_advice(y_train, 'y_train')}.")
     if y_train.dim() not in (1, 2):
         raise ValueError(f"y_train must have shape (N,) or (N, k), got {tuple(y_train.shape)}.")
     if y_train.shape[0] != n_train:
@@ -281,6 +282,10 @@ def check_test_points(x_test: Tensor, d: int, device: torch.device | None = None
     ``device``, if given)."""
     if isinstance(x_test, Tensor):
         check_device(x_test, "x_test", device, "x_train")
+        if x_test.dim() == 1 and d > 1:
+            # check_points' hint for 1-D inputs, x_test.unsqueeze(-1), makes M points of one feature
+            one = f"; one point of {d} features is x_test.unsqueeze(0)" if x_test.shape[0] == d else ""
+            raise ValueError(f"x_test must have shape (M, {d}), got shape {tuple(x_test.shape)}{one}.")
     check_points(x_test, "x_test")
     if x_test.dim() != 2 or x_test.shape[-1] != d:
         raise ValueError(f"x_test must have shape (M, {d}), got {tuple(x_test.shape)}.")
