@@ -133,8 +133,8 @@ class GradientFlow:
             for float32 inputs, whose results are returned in float32: float32 kernels of nearly
             parallel inputs carry ~3e-4 relative error and are often indefinite by more than any
             sensible ``diag_reg``, see docs/numerics.md; with float32 a ``RuntimeWarning`` says where
-            the kernels' rounding can move the test outputs by more than 1 %, at ``t = None`` judged by
-            the error of the float32 kernel against a float64 one where that decides it).
+            the kernels' rounding can move the test outputs by more than 1 %, judged by the error of the
+            float32 kernel against a float64 one where that decides it).
 
     Example:
         >>> flow = ntkgp.predict.GradientFlow(net, x_train, y_train, learning_rate=1.0)
@@ -186,6 +186,8 @@ class GradientFlow:
                  and train_kernel.is_contiguous()
                  and train_kernel.untyped_storage().data_ptr() != k.nngp.untyped_storage().data_ptr())
         self.dynamics = regularize(train_kernel, self.diag_reg, diag_reg_absolute_scale, copy=not alone)
+        #: :meth:`_entry_error` by the number of training points it measured
+        self._entry_errors: dict[int, float] = {}
 
     # ------------------------------------------------------------------ cached factorizations
     @property
@@ -245,19 +247,22 @@ class GradientFlow:
             return regularize(cast(Tensor, k.ntk) if self.kind == "ntk" else k.nngp, self.diag_reg,
                               self.diag_reg_absolute_scale)
 
-    @cached_property
     @outside_inference_mode
-    def _entry_error(self) -> float:
+    def _entry_error(self, points: int) -> float:
         """The float32 training kernel's error against float64, relative to ``d_i d_j`` (root mean square, less
-        its part proportional to the kernel, on a sample of the training points:
-        :func:`~ntkgp.predict.spectral.sampled_entry_error`; asked by :func:`warn_if_imprecise` where it
-        decides the warning)."""
-        def kernel_of(points: Tensor) -> Tensor:
-            with torch.no_grad(), named_kernels("training"):
-                k = self.net.kernel(points, ntk=self.kind == "ntk")
-            return cast(Tensor, k.ntk) if self.kind == "ntk" else k.nngp
+        its part proportional to the kernel, on at most ``points`` of the training points:
+        :func:`~ntkgp.predict.spectral.sampled_entry_error`; asked by :func:`warn_if_imprecise`, a probe first),
+        once for each number of points measured."""
+        points = min(points, self.x_factor.shape[0])
+        if points not in self._entry_errors:
+            def kernel_of(x: Tensor) -> Tensor:
+                with torch.no_grad(), named_kernels("training"):
+                    k = self.net.kernel(x, ntk=self.kind == "ntk")
+                return cast(Tensor, k.ntk) if self.kind == "ntk" else k.nngp
 
-        return sampled_entry_error(kernel_of, self.x_factor, self.dynamics.diagonal().to(torch.float64))
+            self._entry_errors[points] = sampled_entry_error(kernel_of, self.x_factor,
+                                                             self.dynamics.diagonal().to(torch.float64), points)
+        return self._entry_errors[points]
 
     @cached_property
     @outside_inference_mode
@@ -463,10 +468,10 @@ class GradientFlow:
         if terms is None:
             eps = torch.finfo(self.factor_dtype).eps   # the kernel's rounding and its factorization's
             warn_if_imprecise(self._dual, mean, self.dynamics.diagonal(), eps, factor_eps=eps,
-                              entry_eps=lambda: self._entry_error)
+                              entry_eps=self._entry_error)
             return
         warn_if_flow_imprecise(self._eigensystem, terms.flow, self._y_eigen, mean, self.dynamics.diagonal(),
-                               terms.check.schedule)
+                               terms.check.schedule, entry_eps=self._entry_error)
 
     def _infinite(self, kernels: dict | None, mode: str | None) -> tuple[Tensor, Tensor | None]:
         if kernels is None:  # the training outputs converge to the targets, if the kernel can fit them

@@ -136,6 +136,8 @@ class GPPosterior:
         self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).detach().to(factor_dtype, copy=True)
         # copies (of y too), as in GradientFlow: a caller's later in-place edit must not reach them
         self.x_factor = x_train.detach().to(factor_dtype, copy=True)
+        #: :meth:`_entry_error` by the number of training points it measured
+        self._entry_errors: dict[int, float] = {}
         with torch.no_grad(), named_kernels("training"):
             k = net.kernel(self.x_factor, ntk=kernel == "ntkgp")
         prior = cast(Tensor, k.ntk) if kernel == "ntkgp" else k.nngp   # asked for
@@ -198,29 +200,32 @@ class GPPosterior:
         eps = torch.finfo(self.factor_dtype).eps
         if self.per_output:
             warn_if_imprecise(self._alpha.mT.unsqueeze(-1), mean.mT.unsqueeze(-1), self._variances, eps,
-                              factor_eps=eps, entry_eps=lambda: self._entry_error)
+                              factor_eps=eps, entry_eps=self._entry_error)
             return
         warn_if_imprecise(self._alpha, mean, self._variances, eps, factor_eps=eps,
-                          entry_eps=lambda: self._entry_error)
+                          entry_eps=self._entry_error)
 
-    @cached_property
     @outside_inference_mode
-    def _entry_error(self) -> float:
+    def _entry_error(self, points: int) -> float:
         """The training kernel's error against the same kernel in float64, relative to ``d_i d_j`` (``d²`` the
         training variances with the noise; with a noise per output the smallest), as a root mean square less
-        its part proportional to the kernel, on a sample of the training points
+        its part proportional to the kernel, on at most ``points`` of the training points
         (:func:`~ntkgp.predict.spectral.sampled_entry_error`: the factored kernel is no longer held, and an
-        ``N × N`` one in float64 could be what float32 was chosen to avoid); asked only where
-        :func:`warn_if_imprecise` needs it: where the entries' error decides a warning."""
-        ntk = self.kind == "ntkgp"
+        ``N × N`` one in float64 could be what float32 was chosen to avoid); asked only by
+        :func:`warn_if_imprecise`, a probe first, and once for each number of points measured."""
+        points = min(points, self.x_factor.shape[0])
+        if points not in self._entry_errors:
+            ntk = self.kind == "ntkgp"
 
-        def kernel_of(points: Tensor) -> Tensor:
-            with torch.no_grad(), named_kernels("training"):
-                k = self.net.kernel(points, ntk=ntk)
-            return cast(Tensor, k.ntk) if ntk else k.nngp
+            def kernel_of(x: Tensor) -> Tensor:
+                with torch.no_grad(), named_kernels("training"):
+                    k = self.net.kernel(x, ntk=ntk)
+                return cast(Tensor, k.ntk) if ntk else k.nngp
 
-        variances = self._variances.amin(0) if self.per_output else self._variances
-        return sampled_entry_error(kernel_of, self.x_factor, variances.to(torch.float64))
+            variances = self._variances.amin(0) if self.per_output else self._variances
+            self._entry_errors[points] = sampled_entry_error(kernel_of, self.x_factor, variances.to(torch.float64),
+                                                             points)
+        return self._entry_errors[points]
 
     # the overloads tell type checkers which of the covariance and the variances compute_cov leaves None
     @overload
