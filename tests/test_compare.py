@@ -436,8 +436,11 @@ def test_datasets_need_one_target_column(tmp_path):
     with pytest.raises(ValueError, match="x_train must be 2-D"):
         load_dataset(str(tmp_path / "3d.npz"))
     np.savez(tmp_path / "mismatch.npz", x_train=np.ones((5, 2)), y_train=np.ones(4), x_test=np.ones((2, 2)))
-    with pytest.raises(ValueError, match="Inconsistent shapes"):
+    with pytest.raises(ValueError, match=r"x_train and y_train must have one row per training point, got 5 and 4"):
         load_dataset(str(tmp_path / "mismatch.npz"))
+    np.savez(tmp_path / "features.npz", x_train=np.ones((5, 2)), y_train=np.ones(5), x_test=np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"x_test must have the 2 input features \(columns\) of x_train, got 3"):
+        load_dataset(str(tmp_path / "features.npz"))
     np.savez(tmp_path / "empty.npz", x_train=np.ones((0, 1)), y_train=np.ones(0), x_test=np.ones((2, 1)))
     with pytest.raises(ValueError, match="at least one training"):
         load_dataset(str(tmp_path / "empty.npz"))

@@ -61,9 +61,13 @@ class Dataset:
         if self.x_train.shape[0] == 0 or self.x_test.shape[0] == 0:
             raise ValueError(f"A dataset needs at least one training and one test point, got "
                              f"{self.x_train.shape[0]} and {self.x_test.shape[0]}.")
-        if self.x_train.shape[0] != self.y_train.shape[0] or self.x_train.shape[1] != self.x_test.shape[1]:
-            raise ValueError(f"Inconsistent shapes: x_train {tuple(self.x_train.shape)}, "
-                             f"y_train {tuple(self.y_train.shape)}, x_test {tuple(self.x_test.shape)}.")
+        # each names the pair that differs: all three shapes, unnamed, left the reader to find it
+        if self.x_train.shape[0] != self.y_train.shape[0]:
+            raise ValueError(f"x_train and y_train must have one row per training point, got "
+                             f"{self.x_train.shape[0]} and {self.y_train.shape[0]} rows.")
+        if self.x_train.shape[1] != self.x_test.shape[1]:
+            raise ValueError(f"x_test must have the {self.x_train.shape[1]} input features (columns) of x_train, "
+                             f"got {self.x_test.shape[1]}.")
         if self.y_test is not None and self.y_test.shape != (self.x_test.shape[0], 1):
             raise ValueError(f"y_test must hold one target per test point, shape {(self.x_test.shape[0], 1)}, "
                              f"got {tuple(self.y_test.shape)}.")

@@ -205,7 +205,7 @@ class GradientFlow:
     @cached_property
     @outside_inference_mode
     def _cholesky(self) -> Tensor:
-        return cholesky(self.dynamics, f"training {self.kind.upper()} kernel")
+        return cholesky(self.dynamics, "training NTK" if self.kind == "ntk" else "training NNGP kernel")
 
     @cached_property
     @outside_inference_mode

@@ -158,12 +158,14 @@ class GPPosterior:
     @outside_inference_mode
     def _cholesky(self) -> Tensor:
         assert self._prior_dd is not None   # dropped below only once the factor is cached in its place
+        # the NTK-GP's prior covariance is the NTK ("training NTKGP kernel" named no kernel)
+        name = "training NTK" if self.kind == "ntkgp" else "training NNGP kernel"
         if self.per_output:   # one output at a time, so that a refusal names the output whose noise is too small
             factor = torch.empty_like(self._prior_dd)
             for j, kernel in enumerate(self._prior_dd):
-                factor[j] = cholesky(kernel, f"training {self.kind.upper()} kernel with the noise of output {j}")
+                factor[j] = cholesky(kernel, f"{name} with the noise of output {j}")
         else:
-            factor = cholesky(self._prior_dd, f"training {self.kind.upper()} kernel")
+            factor = cholesky(self._prior_dd, name)
         # nothing reads the regularized kernel once it is factored (a singular one, refused above, is
         # kept for the next attempt to refuse again): held on, it was an N × N matrix beside the factor
         # at every prediction's peak (3.2 GB of 13.6 at N = M = 20 000, "diag", float64)
