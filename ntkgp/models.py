@@ -21,7 +21,7 @@ from ntkgp.kernels import NNGPKernel, NTKKernel
 from ntkgp.kernels.network_kernel import NetworkKernel
 from ntkgp.layers.base import Layer, NonFiniteKernelError, NonFiniteVarianceError
 from ntkgp.layers.mlp import mlp
-from ntkgp.layers.validation import all_finite, check_points, where_not_finite
+from ntkgp.layers.validation import all_finite, array_advice, check_points, where_not_finite
 from ntkgp.predict.gaussian import Gaussian, HyperparameterRecord, check_non_negative
 
 __all__ = ["NetworkGP", "exact_solves", "fit"]
@@ -388,8 +388,9 @@ class NetworkGP(gpytorch.models.ExactGP):
         features = self.train_inputs[0].shape[-1]
         for x in inputs:   # shape, dtype and finiteness (GPyTorch promotes integer inputs)
             if not isinstance(x, Tensor):
+                # in the model's dtype: a wider one is refused below
                 raise ValueError(f"{name} must be a torch.Tensor of shape (..., M, {features}), "
-                                 f"got {type(x).__name__}.")
+                                 f"got {type(x).__name__}{array_advice(x, name, self.train_inputs[0].dtype)}.")
             shape = (*x.shape, 1) if x.dim() == 1 else tuple(x.shape)   # GPyTorch reads a 1-D input as (M, 1)
             if x.dim() == 0 or shape[-1] != features:   # a 0-d tensor: "tuple index out of range" from shape[-1]
                 # the shape as given: "got shape (3, 1)" for one point of 3 features read as 3 points of one
@@ -500,7 +501,8 @@ class NetworkGP(gpytorch.models.ExactGP):
             raise ValueError("model.gaussian(x_test) is the posterior: call model.eval() first (in training mode "
                              "a GPyTorch model returns its prior).")
         if not isinstance(x_test, Tensor) or x_test.dim() != 2:
-            shape = tuple(x_test.shape) if isinstance(x_test, Tensor) else type(x_test).__name__
+            shape = (tuple(x_test.shape) if isinstance(x_test, Tensor) else
+                     type(x_test).__name__ + array_advice(x_test, "x_test", self.train_inputs[0].dtype))
             one = ("; one point is x_test.unsqueeze(0)" if isinstance(x_test, Tensor) and x_test.dim() == 1
                    and x_test.shape[0] == self.train_inputs[0].shape[-1] > 1 else "")
             raise ValueError(f"x_test must be a tensor of shape (M, d), one Gaussian's points, got {shape}{one}.")

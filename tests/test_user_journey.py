@@ -2,6 +2,7 @@
 before any work, and the documented behaviour of the workflows they try first."""
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -107,3 +108,97 @@ def test_one_point_as_a_vector_is_told_to_unsqueeze_its_first_axis():
     # with one feature, (M,) is still M points, as before
     with pytest.raises(ValueError, match=r"for scalar features use x_test\.unsqueeze\(-1\)"):
         predict.gp_posterior(net, x[:, :1], y, x[:, 0], noise=0.1)
+
+
+def _advised_slice(error: pytest.ExceptionInfo) -> str:
+    """The call named after "compute them in slices of x1 (" in a refusal."""
+    return re.search(r"slices of x1 \((net\.kernel\(.*?\))\)", str(error.value)).group(1)
+
+
+def test_the_slices_advised_beyond_memory_are_rows_of_the_refused_kernel(monkeypatch):
+    """The refusal named net.kernel(x1[i:j], x2) whatever the call: without x2 that is the slice's own square
+    kernel (x2 = None), with batched inputs x1[i:j] slices the batch (x2's then did not broadcast: "Batch
+    shapes of x1 (2,) and x2 (4,)"), and diag=True was offered for x2 of another size, which it refuses. Each
+    advised call here is evaluated on slices and joined: it gives the refused kernel (the same recursion on the
+    same pairs: to 1e-12)."""
+    net = ntkgp.mlp(depth=2, activation="erf")
+    gen = torch.Generator().manual_seed(3)
+    x, z = torch.randn(12, 3, generator=gen, dtype=torch.float64), torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    xb, zb = x.reshape(2, 6, 3), torch.randn(2, 4, 3, generator=gen, dtype=torch.float64)
+    cases = [((x, None), {}), ((x, z), {}), ((xb, zb), {}), ((x, x.flip(0)), {"diag": True}),
+             ((xb, None), {"diag": True})]
+    with torch.no_grad():
+        expected = [net.kernel(*args, **kw).ntk for args, kw in cases]
+    monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: 8)   # one float64 entry
+    for ((x1, x2), kw), want in zip(cases, expected, strict=True):
+        with pytest.raises(torch.cuda.OutOfMemoryError) as error:
+            net.kernel(x1, x2, **kw)
+        call = _advised_slice(error)
+        assert ("diag=True" in str(error.value)) == (x2 is None or x2.shape == x1.shape or "diag" in kw)
+        with monkeypatch.context() as m, torch.no_grad():
+            m.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: 2**30)
+            n = x1.shape[-2]
+            parts = [eval(call, {"net": net, "x1": x1, "x2": x2, "i": i, "j": i + 2}).ntk for i in range(0, n, 2)]
+        got = torch.cat(parts, dim=-1 if "diag" in kw else -2)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_diagonals_of_batched_hyperparameters_count_every_batch(monkeypatch):
+    """A diagonal's batch was its inputs' alone: with a batch of 4 hyperparameters (GPyTorch's batch_shape) the
+    (4, n) diagonals were counted as one (n,) and not refused at memory between the two."""
+    net = ntkgp.mlp(depth=2, activation="erf")
+    net.expand_batch([4])
+    x = torch.randn(300, 3, dtype=torch.float64)
+    with torch.no_grad():
+        assert net.kernel(x, diag=True).ntk.shape == (4, 300)
+    need = 2 * 4 * 300 * 8   # NNGP and NTK diagonals, 4 x 300 float64 entries each
+    monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: need - 1)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"NNGP and NTK diagonals, 4 x 300 each"):
+        net.kernel(x, diag=True)
+    monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: need)
+    assert net.kernel(x, diag=True).nngp.shape == (4, 300)
+
+
+class _ArrayLike:
+    """An array by numpy's protocol alone (as xarray's, or JAX's without its sequence protocol)."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self.values if dtype is None else self.values.astype(dtype)
+
+
+def test_frames_arrays_and_lists_of_tensors_are_told_a_conversion_that_runs():
+    """torch.as_tensor(x, dtype=torch.float64), named for every array, failed on a pandas DataFrame ("could not
+    determine the shape of object type 'DataFrame'"), on an object with __array__ alone ("must be real number"),
+    and on a list of row tensors ("only one element tensors can be converted to Python scalars"); a numpy
+    scalar was told a conversion that the shape check refused next. NetworkGP's predictions named none, and
+    float64 would be refused by a float32 model: its conversion is to the model's dtype."""
+    pd = pytest.importorskip("pandas")
+    net = ntkgp.mlp(depth=1, activation="erf")
+    x = np.array([[0.5, -1.0], [2.0, 0.25], [1.0, 1.0]])
+    values = [pd.DataFrame(x, columns=["a", "b"]), pd.DataFrame({"a": x[:, 0], "b": [-1, 0, 1]}).astype(object),
+              _ArrayLike(x), [torch.as_tensor(row) for row in x], np.array(x.astype(str))]
+    pattern = r"(?:convert it|stack its tensors) with (torch\..*)\.$"
+    for value in values:
+        with pytest.raises(ValueError, match=pattern) as error:
+            net.kernel(value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")   # torch's "The given NumPy array is not writable": a copy is made
+            converted = eval(re.search(pattern, str(error.value)).group(1), {"torch": torch, "numpy": np, "x1": value})
+        assert converted.dtype == torch.float64
+        assert torch.equal(converted, torch.tensor(np.array(value, dtype=np.float64)))
+        net.kernel(converted)   # runs
+    with pytest.raises(ValueError, match=r"got float64\.$"):
+        net.kernel(np.float64(1.0))
+    model = NetworkGP(torch.as_tensor(x, dtype=torch.float32), torch.randn(3), net)
+    model.eval()
+    points = x[:2] / 2
+    for call, name in ((model, "x"), (model.gaussian, "x_test")):
+        with pytest.raises(ValueError, match=pattern) as error:
+            call(points)
+        converted = eval(re.search(pattern, str(error.value)).group(1), {"torch": torch, "numpy": np, name: points})
+        assert converted.dtype == torch.float32
+        with torch.no_grad():
+            call(converted)   # runs

@@ -254,10 +254,10 @@ class Layer(VarianceParameters, gpytorch.Module):
         other = x1 if x2 is None else x2
         # a batch of kernels holds batch × n1 × n2 entries: 8 kernels of 800 points kept the whole
         # graph (41 matrices of 5.1e6 entries at the peak, 1.6 GiB for a depth-3 NTK)
-        batch = _batch_size(found, x1, other) if not diag and not empty else 1
-        if not empty:   # before any kernel work; a diagonal's batch is its inputs'
-            _check_kernel_fits(math.prod(broadcast_shapes(x1.shape[:-2], other.shape[:-2])) if diag else batch,
-                               x1, other, diag, ntk)
+        # (a diagonal's too: batched hyperparameters make (*batch, n1) diagonals of unbatched inputs)
+        batch = _batch_size(found, x1, other) if not empty else 1
+        if not empty:   # before any kernel work
+            _check_kernel_fits(batch, x1, x2, diag, ntk)
         ids = None if diag or empty else Duplicates.point_ids(x1, x2)
         # a single block would be recomputed whole in the backward pass: one more forward pass and no
         # lower peak (a depth-3 NTK's input gradient, 1024 kernels of 1 x 1024 points: 640-800 MiB
@@ -484,26 +484,37 @@ def _batch_size(found: list[tuple[str, VarianceParameters, str, Tensor]], x1: Te
         return math.prod(broadcast_shapes(*shapes[:2]))
 
 
-def _check_kernel_fits(batch: int, x1: Tensor, x2: Tensor, diag: bool, ntk: bool) -> None:
+def _check_kernel_fits(batch: int, x1: Tensor, x2: Tensor | None, diag: bool, ntk: bool) -> None:
     """``torch.cuda.OutOfMemoryError`` (a ``RuntimeError``, as torch's allocators raise) before any kernel work
     when the kernels returned alone, ``batch`` matrices of ``n1 × n2`` entries (vectors of ``n1`` with
     ``diag``), one or two of them, exceed the memory of ``x1``'s device.
 
     Such a call cannot succeed. With autograd on (the default: the variances are learnable) 60 000 points
     in float64 computed their row blocks for a minute before torch's allocator failed on a block of 1.7 MB,
-    and a request between the free and the total memory was killed by the operating system."""
+    and a request between the free and the total memory was killed by the operating system.
+
+    The alternatives named are calls that run as written: rows of the kernel against ``x1`` itself where
+    ``x2`` is ``None`` (``net.kernel(x1[i:j])`` is the slice's own square kernel), the points' axis of batched
+    inputs (``x1[i:j]`` slices their batch), and the diagonals only where ``x1`` and ``x2`` pair up."""
     from ntkgp.predict.gaussian import device_memory, refuse_beyond_memory  # ntkgp.predict imports this module
 
-    points = x1.shape[-2] if diag else x1.shape[-2] * x2.shape[-2]
+    other = x1 if x2 is None else x2
+    points = x1.shape[-2] if diag else x1.shape[-2] * other.shape[-2]
     need = (2 if ntk else 1) * batch * points * x1.element_size()
     memory = device_memory(x1.device)
     if memory is None or need <= memory:   # every call comes here: the message only where it is needed
         return
     size = " x ".join(str(n) for n in ((batch,) if batch != 1 else ()) + ((x1.shape[-2],) if diag else
-                                                                        (x1.shape[-2], x2.shape[-2])))
+                                                                        (x1.shape[-2], other.shape[-2])))
     what = (f"The kernels' output ({'NNGP and NTK' if ntk else 'the NNGP'}{' diagonals' if diag else ''}, {size}"
             f"{' each' if ntk else ''}, in {x1.dtype})")
-    ways = ["compute them in slices of x1 (net.kernel(x1[i:j], x2))", *([] if diag else ["the diagonals alone "
+    rows = "[i:j]" if x1.dim() == 2 else "[..., i:j, :]"
+    if diag:
+        sliced = f"net.kernel(x1{rows}{'' if x2 is None else f', x2{rows}'}, diag=True)"
+    else:
+        sliced = f"net.kernel(x1{rows}, {'x1' if x2 is None else 'x2'})"
+    pairs = x2 is None or x2.shape[-2] == x1.shape[-2]   # diag=True pairs x1[i] with x2[i]
+    ways = [f"compute them in slices of x1 ({sliced})", *([] if diag or not pairs else ["the diagonals alone "
             "(diag=True)"]), *(["the NNGP alone (ntk=False)"] if ntk else [])]
     advice = (", ".join(ways[:-1]) + " or " + ways[-1] if len(ways) > 1 else ways[0]) + (
         "; a GP posterior or gradient flow needs its whole training kernel: subsample the training points")

@@ -145,15 +145,30 @@ def broadcast_shapes(*shapes: tuple[int, ...]) -> torch.Size:
     return torch.Size(out)
 
 
-def array_advice(x: object, name: str) -> str:
-    """How to pass ``x`` as a tensor, where it is an array or a sequence (numpy's, JAX's, a list, a pandas
-    frame's ``.values``), which neural-tangents takes and ntkgp refuses: ``""`` otherwise. Object arrays
-    (a pandas frame of mixed columns) need their numeric dtype named, which ``torch.as_tensor`` cannot infer."""
-    if str(getattr(x, "dtype", "")) == "object":
-        return f": convert it with torch.as_tensor({name}.astype('float64'))"
-    if hasattr(x, "__array__") or isinstance(x, (list, tuple)):
-        return f": convert it with torch.as_tensor({name}, dtype=torch.float64)"
-    return ""
+def array_advice(x: object, name: str, dtype: torch.dtype = torch.float64) -> str:
+    """How to pass ``x`` as a tensor of ``dtype``, where it is an array or a sequence (numpy's, JAX's, a list, a
+    pandas frame), which neural-tangents takes and ntkgp refuses: ``""`` otherwise (a scalar is no points).
+
+    ``torch.as_tensor`` takes numeric numpy arrays and nested lists of numbers alone: object and string
+    arrays (a pandas frame of mixed columns' ``.values``) need their numeric dtype named, a list of tensors
+    is stacked ("only one element tensors can be converted to Python scalars"), and other arrays (a pandas
+    frame itself, JAX's, anything with ``__array__``) go through a copy by numpy ("could not determine the shape
+    of object type 'DataFrame'"; JAX's were read one element at a time, as a sequence; ``numpy.asarray`` of a
+    pandas frame is read-only, which torch warns is undefined behaviour for the tensor sharing it)."""
+    numpy_name = str(dtype).removeprefix("torch.")
+    if isinstance(x, (list, tuple)):
+        if any(isinstance(v, Tensor) for v in x):
+            return f": stack its tensors with torch.stack({name}).to(torch.{numpy_name})"
+        return f": convert it with torch.as_tensor({name}, dtype=torch.{numpy_name})"
+    if not hasattr(x, "__array__") or getattr(x, "ndim", None) == 0:   # numpy's scalars have __array__
+        return ""
+    if hasattr(x, "__cuda_array_interface__"):   # CuPy's, which torch reads on the card (and numpy refuses)
+        return f": convert it with torch.as_tensor({name}, dtype=torch.{numpy_name})"
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind in "OSU":   # torch.as_tensor refuses numpy.object_ and numpy.str_
+            return f": convert it with torch.as_tensor({name}.astype('{numpy_name}'))"
+        return f": convert it with torch.as_tensor({name}, dtype=torch.{numpy_name})"
+    return f": convert it with torch.as_tensor(numpy.array({name}, dtype='{numpy_name}'))"
 
 
 def check_points(x: Tensor, name: str, integers: bool = False) -> Tensor:
