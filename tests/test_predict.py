@@ -1051,3 +1051,30 @@ def test_single_network_diag_reg_is_relative_to_the_mean_diagonal_unless_absolut
             torch.testing.assert_close(test, theta_td @ coefficients, rtol=1e-11, atol=1e-12)
             if time is not None:
                 torch.testing.assert_close(train, reg @ flow, rtol=1e-11, atol=1e-12)   # Y − e^{−Θ_r τ} Y
+
+
+def test_the_divergence_warning_of_a_standard_spec_s_ntk_names_its_ntk_parameterized_twin():
+    """A standard-parameterized spec's NTK flow is one learning rate for every parameter (limit 0.0074 here),
+    whereas its networks trained with the per-layer rates (train_ensemble) follow the NTK-parameterized twin
+    (limit 0.215): that rate taken from the ensemble diverged in the flow with no word on why."""
+    from ntkgp.finite import ntk_parameterized
+
+    x = torch.linspace(-2, 2, 8, dtype=torch.float64)[:, None]
+    y = torch.sin(2 * x[:, 0])
+    standard = ntkgp.mlp(2, "erf", 2.25, 0.0025, width=256, parameterization="standard")
+    twin = ntk_parameterized(standard)
+    rate = predict.GradientFlow(twin, x, y).max_learning_rate / 2
+    assert predict.GradientFlow(standard, x, y).max_learning_rate < rate / 10
+    with pytest.warns(RuntimeWarning, match=r"stability limit.*one learning rate for every parameter; networks "
+                                            r"trained with the equivalent per-layer rates .* follow "
+                                            r"ntkgp\.finite\.ntk_parameterized\(net\) instead\."):
+        predict.GradientFlow(standard, x, y, learning_rate=rate).predict(x, steps=10, compute_cov=False)
+    for net, kind in ((twin, "ntk"), (standard, "nngp")):   # no hint for an NTK spec, nor for the NNGP flow
+        limit = predict.GradientFlow(net, x, y, kernel=kind).max_learning_rate
+        flow = predict.GradientFlow(net, x, y, kernel=kind, learning_rate=2.5 * limit)
+        with pytest.warns(RuntimeWarning, match="stability limit") as caught:
+            flow.predict(x, steps=3, compute_cov=False)
+        assert not any("ntk_parameterized" in str(w.message) for w in caught)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predict.GradientFlow(twin, x, y, learning_rate=rate).predict(x, steps=10, compute_cov=False)

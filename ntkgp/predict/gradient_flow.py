@@ -35,6 +35,7 @@ from ntkgp._autograd import outside_inference_mode
 from ntkgp._checks import NT_KERNEL_HINT, NT_TRACE_AXES_SPEC_HINT, check_flag, neural_tangents_keywords
 from ntkgp._typing import Diagonal, Steps, Times
 from ntkgp.layers.base import Layer
+from ntkgp.layers.dense import Dense
 from ntkgp.predict.gaussian import (
     Gaussian,
     HyperparameterRecord,
@@ -497,12 +498,24 @@ class GradientFlow:
             return mean, k_tt.add_(inner.mul_(term).sum(-2))
         return mean, symmetrize_(k_tt.addmm_(term.mT, inner))
 
+    def _standard_hint(self) -> str:
+        """For a standard-parameterized spec's NTK, which of two dynamics this flow is: its limit is that of one
+        learning rate for every parameter, and a learning rate taken from train_ensemble (per-layer rates, the
+        NTK-parameterized spec's limit: 0.215 where this one's was 0.0074) diverged here without a word on why."""
+        standard = any(isinstance(m, Dense) and m.parameterization == "standard" for m in self.net.modules())
+        if self.kind != "ntk" or not standard:
+            return ""
+        return (" This standard-parameterized spec's NTK is that of one learning rate for every parameter; "
+                "networks trained with the equivalent per-layer rates (ntkgp.finite.train_ensemble) follow "
+                "ntkgp.finite.ntk_parameterized(net) instead.")
+
     def _flow_terms(self, schedule: Schedule, mode: str | None) -> _FlowTerms:
         """The :class:`_FlowTerms` of a prediction (once each), after the warning that discrete steps
         are past the stability limit: both need the eigendecomposition, made after the first block's
         test kernels (:meth:`_test_projections`)."""
         if schedule.discrete:
-            warn_if_unstable(self.learning_rate, self.max_learning_rate, self.factor_dtype, self.dtype)
+            warn_if_unstable(self.learning_rate, self.max_learning_rate, self.factor_dtype, self.dtype,
+                             hint=self._standard_hint())
         eig = self._eigensystem
         decay, growth, flow = schedule.functions(eig)                    # (T, N)
         flow2 = schedule.doubled().functions(eig)[2] if self.kind == "nngp" and mode is not None else None

@@ -1184,9 +1184,10 @@ def warn_if_flow_imprecise(eig: Eigensystem, flow: Tensor | None, right: Tensor,
                       factor_eps=torch.finfo(eig.values.dtype).eps, cause=cause, entry_eps=entry_eps)
 
 
-def warn_if_unstable(learning_rate: float, limit: float, *dtypes: torch.dtype, covariance: bool = True) -> None:
+def warn_if_unstable(learning_rate: float, limit: float, *dtypes: torch.dtype, covariance: bool = True,
+                     hint: str = "") -> None:
     """Discrete gradient descent at ``η ≥ 2m/λ_max`` does not converge: the top mode oscillates
-    with factor ``1 − ηλ_max/m ≤ −1`` (and grows above the limit).
+    with factor ``1 − ηλ_max/m ≤ −1`` (and grows above the limit). ``hint``, where given, ends the message.
 
     Above the limit the mode grows by ``g = 2η/limit − 1`` per step, so the covariance (``∝ g^{2s}``)
     overflows the narrowest of ``dtypes`` (the dtypes the values pass through) after about
@@ -1206,4 +1207,4 @@ def warn_if_unstable(learning_rate: float, limit: float, *dtypes: torch.dtype, c
                 f"mean after about {round(steps)} steps" if covariance else
                 f"the outputs overflow {narrowest} (inf, then NaN) after about {round(steps)} steps")
         message += f" The top mode grows by {growth:.4g}x per step: {when}."
-    warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
+    warnings.warn(message + hint, RuntimeWarning, stacklevel=caller_stacklevel())
