@@ -404,3 +404,52 @@ def test_tracing_a_model_is_refused_by_name():
             else:
                 with pytest.raises(NotImplementedError, match=r"cannot be traced by torch\.jit\.trace"):
                     torch.jit.trace(Outputs(model), x_test)
+
+
+def test_tracing_is_refused_on_every_way_into_the_kernels():
+    """``ScaleKernel`` calls its base kernel's ``forward``, not ``__call__``, and ``net.kernel`` is no GPyTorch
+    kernel at all: traced, both failed inside torch ("We don't have an op for aten::view but it isn't a special
+    case"). Outside a trace the same calls run: ``trace_mode`` without ``torch.jit``, ``torch.func``'s ``jacrev``
+    in the inputs (checked against central differences of the kernel's sum: 1e-6 of its scale, the steps' error)."""
+    x, y = _data(10)
+    x_test = _data(4, seed=1)[0]
+    net = _net("erf")
+
+    class Outputs(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, inputs):
+            out = self.model(inputs)
+            return out.mean, out.variance
+
+    class Kernel(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, inputs):
+            return self.net.kernel(inputs, x).ntk
+
+    model = _GP(x, y, gpytorch.kernels.ScaleKernel(ntkgp.NTKKernel(net)))
+    model.eval()
+    with gpytorch.settings.fast_pred_var(), gpytorch.settings.trace_mode(), torch.no_grad():
+        mean = model(x_test).mean
+        assert mean.shape == (4,) and bool(torch.isfinite(mean).all())
+        with pytest.raises(NotImplementedError, match=r"^NTKKernel cannot be traced by torch\.jit\.trace"):
+            torch.jit.trace(Outputs(model), x_test)
+        with pytest.raises(NotImplementedError, match=r"^Serial\.kernel cannot be traced by torch\.jit\.trace.*"
+                                                      r"Call net\.kernel itself\.$"):
+            torch.jit.trace(Kernel(net), x_test)
+
+    def total(points):
+        return net.kernel(points, x).ntk.sum()
+
+    grad = torch.func.jacrev(total)(x_test)
+    with torch.no_grad():
+        for i, j in ((0, 0), (3, 1)):
+            step = torch.zeros_like(x_test)
+            step[i, j] = 1e-5
+            numeric = (total(x_test + step) - total(x_test - step)) / 2e-5
+            assert float(grad[i, j]) == pytest.approx(float(numeric), rel=1e-6, abs=1e-8)

@@ -126,7 +126,10 @@ def test_the_slices_advised_beyond_memory_are_rows_of_the_refused_kernel(monkeyp
     x, z = torch.randn(12, 3, generator=gen, dtype=torch.float64), torch.randn(7, 3, generator=gen, dtype=torch.float64)
     xb, zb = x.reshape(2, 6, 3), torch.randn(2, 4, 3, generator=gen, dtype=torch.float64)
     cases = [((x, None), {}), ((x, z), {}), ((xb, zb), {}), ((x, x.flip(0)), {"diag": True}),
-             ((xb, None), {"diag": True})]
+             ((xb, None), {"diag": True}),
+             # an unbatched x1 paired with a batched x2: x2[i:j] sliced x2's batch ("both need the same number
+             # of points, got x1 of shape (2, 3) and x2 of shape (2, 12, 3)"), not its points
+             ((x, torch.stack([x.flip(0), x])), {"diag": True})]
     with torch.no_grad():
         expected = [net.kernel(*args, **kw).ntk for args, kw in cases]
     monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: 8)   # one float64 entry
@@ -179,7 +182,9 @@ def test_frames_arrays_and_lists_of_tensors_are_told_a_conversion_that_runs():
     net = ntkgp.mlp(depth=1, activation="erf")
     x = np.array([[0.5, -1.0], [2.0, 0.25], [1.0, 1.0]])
     values = [pd.DataFrame(x, columns=["a", "b"]), pd.DataFrame({"a": x[:, 0], "b": [-1, 0, 1]}).astype(object),
-              _ArrayLike(x), [torch.as_tensor(row) for row in x], np.array(x.astype(str))]
+              _ArrayLike(x), [torch.as_tensor(row) for row in x], np.array(x.astype(str)),
+              # read-only: torch.as_tensor shared it with "The given NumPy array is not writable" (pandas 3's .values)
+              np.broadcast_to(x, x.shape), pd.DataFrame(x, columns=["a", "b"]).values]
     pattern = r"(?:convert it|stack its tensors) with (torch\..*)\.$"
     for value in values:
         with pytest.raises(ValueError, match=pattern) as error:
@@ -189,6 +194,8 @@ def test_frames_arrays_and_lists_of_tensors_are_told_a_conversion_that_runs():
             converted = eval(re.search(pattern, str(error.value)).group(1), {"torch": torch, "numpy": np, "x1": value})
         assert converted.dtype == torch.float64
         assert torch.equal(converted, torch.tensor(np.array(value, dtype=np.float64)))
+        if isinstance(value, np.ndarray) and not value.flags.writeable:   # torch warns once per process: a copy
+            assert not np.shares_memory(converted.numpy(), value)
         net.kernel(converted)   # runs
     with pytest.raises(ValueError, match=r"got float64\.$"):
         net.kernel(np.float64(1.0))
@@ -202,3 +209,19 @@ def test_frames_arrays_and_lists_of_tensors_are_told_a_conversion_that_runs():
         assert converted.dtype == torch.float32
         with torch.no_grad():
             call(converted)   # runs
+
+
+def test_a_gpytorch_kernel_called_on_arrays_is_told_the_conversion_that_runs():
+    """NTKKernel(net)(x) on a numpy array or a list said only "got ndarray", where net.kernel(x) names the
+    conversion: the advised call gives the kernel of the tensor (the same recursion on the same points)."""
+    net = ntkgp.mlp(depth=1, activation="erf")
+    kernel = ntkgp.NTKKernel(net)
+    x = np.array([[0.5, -1.0], [2.0, 0.25], [1.0, 1.0]])
+    pattern = r"(?:convert it|stack its tensors) with (torch\..*)\.$"
+    for value in (x, x.tolist(), [torch.as_tensor(row) for row in x]):
+        with pytest.raises(ValueError, match=pattern) as error:
+            kernel(value)
+        converted = eval(re.search(pattern, str(error.value)).group(1), {"torch": torch, "numpy": np, "x1": value})
+        with torch.no_grad():
+            torch.testing.assert_close(kernel(converted).to_dense(), net.kernel(torch.as_tensor(x)).ntk,
+                                       rtol=1e-12, atol=1e-12)

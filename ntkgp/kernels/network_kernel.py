@@ -17,7 +17,13 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from ntkgp.layers.base import Layer, _batch_shape, variance_batch_shapes, variances
-from ntkgp.layers.validation import boolean_or_complex, broadcast_shapes, refuse_meta
+from ntkgp.layers.validation import (
+    array_advice,
+    boolean_or_complex,
+    broadcast_shapes,
+    refuse_meta,
+    refuse_tracing,
+)
 from ntkgp.layers.variance import VarianceParameters
 
 #: The live kernels built on each network and on each of its layers that hold variances, or copied
@@ -108,7 +114,8 @@ def _check_call_inputs(x1: object, x2: object, last_active: int | None) -> None:
         if x is None:
             continue
         if not isinstance(x, Tensor) or x.dim() == 0:
-            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            # the conversion that runs, as net.kernel names it
+            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__ + array_advice(x, name)
             raise ValueError(f"{name} must be a torch.Tensor of shape (..., n, d) (or (n,) for one feature), "
                              f"got {got}.")
         features[name] = x.shape[-1] if x.dim() > 1 else 1   # GPyTorch reads (n,) as n points of one feature
@@ -202,14 +209,9 @@ class NetworkKernel(Kernel):
                  **params: object) -> LazyEvaluatedKernelTensor | LinearOperator | Tensor:
         """GPyTorch's ``Kernel.__call__``, after checking what it reads of the inputs itself
         (:func:`_check_call_inputs`); :meth:`forward` checks their values."""
-        if torch.jit.is_tracing():
-            # the recursion branches on the inputs' values (repeated points, near-parallel pairs, where to split
-            # into row blocks), which a trace freezes at the example's; torch.jit.trace of a GPyTorch model (its
-            # fast_pred_var + trace_mode recipe) failed with "x1 and x2 must have the same number of features,
-            # got 2 and 2", or inside torch with "We don't have an op for aten::view"
-            raise NotImplementedError(f"{type(self).__name__} cannot be traced by torch.jit.trace: the kernel's "
-                                      "recursion branches on the inputs' values, which a trace would freeze at the "
-                                      "example inputs' branches. Call the model itself.")
+        # torch.jit.trace of a GPyTorch model (its fast_pred_var + trace_mode recipe) failed with "x1 and x2 must
+        # have the same number of features, got 2 and 2", or inside torch with "We don't have an op for aten::view"
+        refuse_tracing(type(self).__name__, "Call the model itself.")
         # read at each call: GPyTorch's lazy kernel tensor calls again with active_dims set to None
         dims = self.active_dims
         if dims is not None:
@@ -235,6 +237,7 @@ class NetworkKernel(Kernel):
         """``k(x1, x2)`` of shape ``(*batch, n1, n2)`` (``diag``: ``k(x1_i, x2_i)``, ``(*batch, n)``); with
         ``last_dim_is_batch`` the kernel of each input feature alone, ``(*batch, d, n1, n2)`` (``diag``:
         ``(*batch, d, n)``)."""
+        refuse_tracing(type(self).__name__, "Call the model itself.")   # ScaleKernel calls forward, not __call__
         # In the inputs' dtypes promoted with the hyperparameters', as GPyTorch's own kernels compute (a
         # float64 RBFKernel gives float64 on float32 inputs, and takes integer and bool inputs). Following
         # the inputs alone, a float64 model fed float32 features (deep kernel learning with a float32

@@ -33,7 +33,7 @@ from ntkgp._checks import NT_GET_HINT, check_flag, integer_at_least, neural_tang
 from ntkgp._warnings import caller_stacklevel
 from ntkgp.layers.numerics import _is_compiling, transforms_active
 from ntkgp.layers.state import BatchedDuplicates, DiagonalDuplicates, Duplicates, KernelState, inputs_fixed
-from ntkgp.layers.validation import all_finite, broadcast_shapes, check_inputs, usable_device
+from ntkgp.layers.validation import all_finite, broadcast_shapes, check_inputs, refuse_tracing, usable_device
 from ntkgp.layers.variance import VarianceParameters
 
 #: Target number of kernel entries per row block when evaluating kernels without autograd.
@@ -219,6 +219,7 @@ class Layer(VarianceParameters, gpytorch.Module):
         allocators raise), as the empirical kernels of :mod:`ntkgp.finite` are: compute them in slices of
         ``x1``, or their diagonals alone.
         """
+        refuse_tracing(f"{type(self).__name__}.kernel", "Call net.kernel itself.")
         for name, flag in (("diag", diag), ("ntk", ntk), ("compile", compile)):
             # neural-tangents' kernel_fn(x1, x2, "nngp") put its get argument where diag is, and the
             # call silently returned the diagonal alone
@@ -508,11 +509,13 @@ def _check_kernel_fits(batch: int, x1: Tensor, x2: Tensor | None, diag: bool, nt
                                                                         (x1.shape[-2], other.shape[-2])))
     what = (f"The kernels' output ({'NNGP and NTK' if ntk else 'the NNGP'}{' diagonals' if diag else ''}, {size}"
             f"{' each' if ntk else ''}, in {x1.dtype})")
-    rows = "[i:j]" if x1.dim() == 2 else "[..., i:j, :]"
+    def rows(x: Tensor) -> str:   # each input's own points' axis: x1 (n, d) beside a batched x2 (b, n, d)
+        return "[i:j]" if x.dim() == 2 else "[..., i:j, :]"
+
     if diag:
-        sliced = f"net.kernel(x1{rows}{'' if x2 is None else f', x2{rows}'}, diag=True)"
+        sliced = f"net.kernel(x1{rows(x1)}{'' if x2 is None else f', x2{rows(x2)}'}, diag=True)"
     else:
-        sliced = f"net.kernel(x1{rows}, {'x1' if x2 is None else 'x2'})"
+        sliced = f"net.kernel(x1{rows(x1)}, {'x1' if x2 is None else 'x2'})"
     pairs = x2 is None or x2.shape[-2] == x1.shape[-2]   # diag=True pairs x1[i] with x2[i]
     ways = [f"compute them in slices of x1 ({sliced})", *([] if diag or not pairs else ["the diagonals alone "
             "(diag=True)"]), *(["the NNGP alone (ntk=False)"] if ntk else [])]

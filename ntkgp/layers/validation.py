@@ -23,6 +23,18 @@ def refuse_meta(value: object, name: str) -> None:
         raise ValueError(f"{name} is on the meta device, which holds shapes but no values: nothing to compute with.")
 
 
+def refuse_tracing(what: str, instead: str) -> None:
+    """``NotImplementedError`` under ``torch.jit.trace``: the kernels' recursion branches on the inputs' values
+    (repeated points, near-parallel pairs, where to split into row blocks), which a trace freezes at the
+    example's. Every way in checks: ``NetworkKernel.__call__`` alone was passed by ``ScaleKernel``, which calls
+    its base kernel's ``forward``, and by ``net.kernel``; both failed inside torch ("We don't have an op for
+    aten::view"). ``torch.compile`` and ``torch.func`` transforms are not tracing here."""
+    if torch.jit.is_tracing():
+        raise NotImplementedError(f"{what} cannot be traced by torch.jit.trace: the kernel's recursion branches on "
+                                  "the inputs' values, which a trace would freeze at the example inputs' branches. "
+                                  f"{instead}")
+
+
 def refuse_non_float_inputs(x: Tensor, dtype: torch.dtype | None = None) -> None:
     """``ValueError`` where a finite network's layer gets boolean, integer or complex inputs: read as
     0/1 or as numbers, they were silently promoted (an activation or the NTK input scale) or failed
@@ -167,6 +179,10 @@ def array_advice(x: object, name: str, dtype: torch.dtype = torch.float64) -> st
     if isinstance(x, np.ndarray):
         if x.dtype.kind in "OSU":   # torch.as_tensor refuses numpy.object_ and numpy.str_
             return f": convert it with torch.as_tensor({name}.astype('{numpy_name}'))"
+        if not x.flags.writeable:
+            # a pandas frame's .values (pandas 3), np.load(..., mmap_mode="r"): torch.as_tensor shares the
+            # read-only memory and warns that writing to the tensor is undefined behaviour; torch.tensor copies
+            return f": convert it with torch.tensor({name}, dtype=torch.{numpy_name})"
         return f": convert it with torch.as_tensor({name}, dtype=torch.{numpy_name})"
     return f": convert it with torch.as_tensor(numpy.array({name}, dtype='{numpy_name}'))"
 
