@@ -387,6 +387,20 @@ def forward_hooks(module: nn.Module) -> str | None:
 
 def fused_steps(model: nn.Module, trained: list[str], rates: dict, x: Tensor, y: Tensor) -> FusedSteps | str:
     """A :class:`FusedSteps` for ``model``, or the reason the kernel does not apply to it."""
+    found = fused_layers(model, trained, x)
+    if isinstance(found, str):
+        return found
+    dense, activations, lib = found
+    prefixes = {id(m): f"{p}." if p else "" for p, m in model.named_modules()}
+    return FusedSteps(lib, dense, activations, rates, prefixes, x, y)
+
+
+def fused_layers(model: nn.Module, trained: list[str], x: Tensor
+                 ) -> tuple[list[DenseModule], list[tuple[int, tuple]], ctypes.CDLL] | str:
+    """``(Dense layers, activations between them, compiled kernel)`` of a stacked ``model`` (an ensemble,
+    one member included) whose ``trained`` parameters the kernel can train on inputs like ``x``, or the
+    reason it cannot: :func:`train_ensemble` asks this of one member before any chunk is drawn, so that
+    ``engine="fused"`` is refused before the chunk's weights are (1.1 s at width 2000, 16 members)."""
     if x.device.type != "cpu":
         return f"it runs on the CPU (the ensemble is on {x.device})"
     if x.dtype not in (torch.float32, torch.float64):
@@ -426,7 +440,6 @@ def fused_steps(model: nn.Module, trained: list[str], rates: dict, x: Tensor, y:
     if len({id(d) for d in dense}) < len(dense) or len(parameters) != len(own) or \
             any(id(p) not in parameters for p in own) or len(storages) < len(own):
         return "it needs each Dense layer used once, with weights and biases of its own that are trained parameters"
-    prefixes = {id(m): f"{p}." if p else "" for p, m in model.named_modules()}
     members = dense[0].weight.shape[0] if dense[0].weight is not None else None
     for d in dense:
         if d.weight is None or d.weight.dim() != 3 or not d.weight.is_contiguous() or d.weight.shape[0] != members:
@@ -438,5 +451,5 @@ def fused_steps(model: nn.Module, trained: list[str], rates: dict, x: Tensor, y:
     lib = library(x.dtype)
     if isinstance(lib, str):
         return lib
-    return FusedSteps(lib, dense, activations, rates, prefixes, x, y)
+    return dense, activations, lib
 

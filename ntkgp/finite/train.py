@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from ntkgp._autograd import differentiates
 from ntkgp._checks import check_flag, integer_at_least, seed_value
 from ntkgp.finite.empirical import _empirical_ntk
-from ntkgp.finite.fused import TRAINS_EVERY_PARAMETER, forward_hooks, fused_steps, warn_fallback
+from ntkgp.finite.fused import forward_hooks, fused_layers, fused_steps, warn_fallback
 from ntkgp.finite.rates import equivalent_learning_rates
 from ntkgp.layers.base import Layer, _autocast_off
 from ntkgp.layers.combinators import ParallelModule
@@ -258,7 +258,8 @@ def train_ensemble(
             :func:`ntkgp.finite.empirical_ntk` refuses it.
         readout_only: train only the readout ``Dense`` layer(s) (:func:`readout_parameters`): gradient
             flow with the NNGP kernel. When one readout ends a ``Sequential``, the frozen layers'
-            output on ``x_train`` is computed once and each step runs the readout alone.
+            output on ``x_train`` is computed once and each step runs the readout alone. A network
+            that readout-only training cannot follow is refused before any chunk is drawn.
         seed: seed of the initialization (chunk ``c`` uses ``seed + 1_000_003 c``).
         dtype: of the networks (default float32); a caller's ``torch.autocast`` is switched off while
             they train, as in ``net.kernel``.
@@ -279,7 +280,7 @@ def train_ensemble(
             device). ``"fused"``: on the CPU, networks ``Dense → activation → … → Dense`` (erf or
             ReLU-type activations, all parameters trained) run in a compiled kernel one member at a
             time, while its weights stay in cache (:mod:`ntkgp.finite.fused`; 3–4× the stacked
-            step at width 512, docs/benchmarks.md); the same arithmetic, equal to rounding; refused
+            step at width 512, docs/benchmarks.md); the same arithmetic, equal to rounding; refused up front
             with the reason where it does not apply. ``"auto"`` (default): fused where it applies
             and compiles and the records are on average at least ``AUTO_FUSED_STEPS`` steps apart,
             else stacked (with a record every step or two the recording dominates, and the kernel
@@ -361,17 +362,22 @@ def train_ensemble(
     # from one member, before any chunk is built: checked on the first chunk, these came after seconds and
     # a gigabyte (width 2000, 64 members in float64). Not on the meta device: a user activation that looks
     # at its values (.item(), a data-dependent branch) cannot run there
-    member = net.build(in_features=x.shape[-1], seed=0, dtype=dtype, device=device)
+    # stacked as the chunks are for the fused engine's check below, which takes nothing else
+    member = net.build(in_features=x.shape[-1], seed=0, dtype=dtype, device=device,
+                       ensemble_size=1 if engine == "fused" else None)
     if next(member.parameters(), None) is None:
         raise ValueError("The network has no parameters to train (it needs at least one Dense layer).")
     with torch.no_grad():
         outputs = member(x[:1]).shape[-1]
     if outputs != y.shape[-1]:  # (E, N, k) − (N, k') would broadcast and train towards a mean
         raise ValueError(f"The network has {outputs} output(s) but y_train has {y.shape[-1]} column(s).")
-    if readout_only and engine == "fused" and set(readout_parameters(member)) != {n for n, _ in
-                                                                                  member.named_parameters()}:
-        raise ValueError(f"engine='fused' does not apply: {TRAINS_EVERY_PARAMETER}. Use engine='stacked' or 'auto'.")
-    del member   # a whole member, held through the training of every chunk before (check_memory counts none)
+    # a network that readout-only training cannot follow (a product or an identity path at the output), and one
+    # the fused engine does not apply to, were refused only once the first chunk was drawn (1.1 s at width 2000)
+    trained = readout_parameters(member) if readout_only else [n for n, _ in member.named_parameters()]
+    reason = fused_layers(member, trained, x) if engine == "fused" else None
+    if isinstance(reason, str):
+        raise ValueError(f"engine='fused' does not apply: {reason}. Use engine='stacked' or 'auto'.")
+    del member, reason   # a whole member, held through the training of every chunk before (check_memory counts none)
 
     bar = None
     if progress:
