@@ -376,22 +376,25 @@ def test_q_log_expected_improvement_gradients_in_the_candidates_match_finite_dif
     assert float(grad.abs().max()) > 1e-3 and math.isfinite(float(grad.abs().max()))
 
 
+class _Outputs(torch.nn.Module):
+    """A model's predictive mean and variance as a module's outputs, what ``torch.jit.trace`` takes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs):
+        out = self.model(inputs)
+        return out.mean, out.variance
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")   # GPyTorch's own, on the RBF trace
 def test_tracing_a_model_is_refused_by_name():
     """GPyTorch's recipe for exporting a model (``fast_pred_var``, ``trace_mode``, ``torch.jit.trace``) works for
     an ``RBFKernel``; the network kernels branch on the inputs' values, which a trace freezes, and failed with
     "x1 and x2 must have the same number of features, got 2 and 2": now a ``NotImplementedError`` that says why."""
     x, y = _data(10)
 
-    class Outputs(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, inputs):
-            out = self.model(inputs)
-            return out.mean, out.variance
-
-    warnings.simplefilter("ignore", torch.jit.TracerWarning)   # GPyTorch's own, on the RBF trace
     for kernel in (gpytorch.kernels.RBFKernel(), ntkgp.NTKKernel(_net("erf"))):
         model = _GP(x, y, kernel)
         model.eval()
@@ -399,11 +402,11 @@ def test_tracing_a_model_is_refused_by_name():
         with gpytorch.settings.fast_pred_var(), gpytorch.settings.trace_mode(), torch.no_grad():
             model(x_test)
             if isinstance(kernel, gpytorch.kernels.RBFKernel):
-                traced = torch.jit.trace(Outputs(model), x_test)
+                traced = torch.jit.trace(_Outputs(model), x_test)
                 torch.testing.assert_close(traced(x)[0], model(x).mean, rtol=1e-12, atol=1e-12)
             else:
                 with pytest.raises(NotImplementedError, match=r"cannot be traced by torch\.jit\.trace"):
-                    torch.jit.trace(Outputs(model), x_test)
+                    torch.jit.trace(_Outputs(model), x_test)
 
 
 def test_tracing_is_refused_on_every_way_into_the_kernels():
@@ -414,15 +417,6 @@ def test_tracing_is_refused_on_every_way_into_the_kernels():
     x, y = _data(10)
     x_test = _data(4, seed=1)[0]
     net = _net("erf")
-
-    class Outputs(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, inputs):
-            out = self.model(inputs)
-            return out.mean, out.variance
 
     class Kernel(torch.nn.Module):
         def __init__(self, net):
@@ -438,7 +432,7 @@ def test_tracing_is_refused_on_every_way_into_the_kernels():
         mean = model(x_test).mean
         assert mean.shape == (4,) and bool(torch.isfinite(mean).all())
         with pytest.raises(NotImplementedError, match=r"^NTKKernel cannot be traced by torch\.jit\.trace"):
-            torch.jit.trace(Outputs(model), x_test)
+            torch.jit.trace(_Outputs(model), x_test)
         with pytest.raises(NotImplementedError, match=r"^Serial\.kernel cannot be traced by torch\.jit\.trace.*"
                                                       r"Call net\.kernel itself\.$"):
             torch.jit.trace(Kernel(net), x_test)
