@@ -60,9 +60,9 @@ from ntkgp.predict.spectral import (
     make_schedule,
     max_learning_rate,
     regularize,
-    sampled_entry_error,
     spectral_apply,
     stability_limit,
+    training_kernel_error,
     warn_if_flow_imprecise,
     warn_if_imprecise,
     warn_if_unstable,
@@ -187,8 +187,6 @@ class GradientFlow:
                  and train_kernel.is_contiguous()
                  and train_kernel.untyped_storage().data_ptr() != k.nngp.untyped_storage().data_ptr())
         self.dynamics = regularize(train_kernel, self.diag_reg, diag_reg_absolute_scale, copy=not alone)
-        #: :meth:`_entry_error` by the number of training points it measured
-        self._entry_errors: dict[int, float] = {}
 
     # ------------------------------------------------------------------ cached factorizations
     @property
@@ -248,22 +246,11 @@ class GradientFlow:
             return regularize(cast(Tensor, k.ntk) if self.kind == "ntk" else k.nngp, self.diag_reg,
                               self.diag_reg_absolute_scale)
 
-    @outside_inference_mode
-    def _entry_error(self, points: int) -> float:
-        """The float32 training kernel's error against float64, relative to ``d_i d_j`` (root mean square, less
-        its part proportional to the kernel, on at most ``points`` of the training points:
-        :func:`~ntkgp.predict.spectral.sampled_entry_error`; asked by :func:`warn_if_imprecise`, a probe first),
-        once for each number of points measured."""
-        points = min(points, self.x_factor.shape[0])
-        if points not in self._entry_errors:
-            def kernel_of(x: Tensor) -> Tensor:
-                with torch.no_grad(), named_kernels("training"):
-                    k = self.net.kernel(x, ntk=self.kind == "ntk")
-                return cast(Tensor, k.ntk) if self.kind == "ntk" else k.nngp
-
-            self._entry_errors[points] = sampled_entry_error(kernel_of, self.x_factor,
-                                                             self.dynamics.diagonal().to(torch.float64), points)
-        return self._entry_errors[points]
+    @cached_property
+    def _entry_error(self) -> Callable[[int], float]:
+        """The float32 training kernel's error against float64 on a number of its points
+        (:func:`~ntkgp.predict.spectral.training_kernel_error`), asked by :func:`warn_if_imprecise`."""
+        return training_kernel_error(self.net, self.x_factor, self.kind == "ntk", self.dynamics.diagonal())
 
     @cached_property
     @outside_inference_mode

@@ -23,6 +23,7 @@ Values agree with neural-tangents' ``gp_inference`` (absolute ``diag_reg``) to 1
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import cached_property
 from typing import Literal, NoReturn, cast, overload
 
@@ -48,7 +49,7 @@ from ntkgp.predict.gaussian import (
     refuse_gradient,
 )
 from ntkgp.predict.gradient_flow import GradientFlow, block_rows, subtract_gram_
-from ntkgp.predict.spectral import cholesky, cholesky_solve, regularize, sampled_entry_error, warn_if_imprecise
+from ntkgp.predict.spectral import cholesky, cholesky_solve, regularize, training_kernel_error, warn_if_imprecise
 
 #: neural-tangents' keywords of ``gp_inference`` and what to pass here instead.
 PORTED_KEYWORDS = {"get": "pass kernel='nngp', 'ntkgp' or 'ntk' (neural-tangents' get).",
@@ -136,8 +137,6 @@ class GPPosterior:
         self.y = (y_train if self.vector_targets else y_train.unsqueeze(-1)).detach().to(factor_dtype, copy=True)
         # copies (of y too), as in GradientFlow: a caller's later in-place edit must not reach them
         self.x_factor = x_train.detach().to(factor_dtype, copy=True)
-        #: :meth:`_entry_error` by the number of training points it measured
-        self._entry_errors: dict[int, float] = {}
         with torch.no_grad(), named_kernels("training"):
             k = net.kernel(self.x_factor, ntk=kernel == "ntkgp")
         prior = cast(Tensor, k.ntk) if kernel == "ntkgp" else k.nngp   # asked for
@@ -207,27 +206,13 @@ class GPPosterior:
         warn_if_imprecise(self._alpha, mean, self._variances, eps, factor_eps=eps,
                           entry_eps=self._entry_error)
 
-    @outside_inference_mode
-    def _entry_error(self, points: int) -> float:
-        """The training kernel's error against the same kernel in float64, relative to ``d_i d_j`` (``d²`` the
-        training variances with the noise; with a noise per output the smallest), as a root mean square less
-        its part proportional to the kernel, on at most ``points`` of the training points
-        (:func:`~ntkgp.predict.spectral.sampled_entry_error`: the factored kernel is no longer held, and an
-        ``N × N`` one in float64 could be what float32 was chosen to avoid); asked only by
-        :func:`warn_if_imprecise`, a probe first, and once for each number of points measured."""
-        points = min(points, self.x_factor.shape[0])
-        if points not in self._entry_errors:
-            ntk = self.kind == "ntkgp"
-
-            def kernel_of(x: Tensor) -> Tensor:
-                with torch.no_grad(), named_kernels("training"):
-                    k = self.net.kernel(x, ntk=ntk)
-                return cast(Tensor, k.ntk) if ntk else k.nngp
-
-            variances = self._variances.amin(0) if self.per_output else self._variances
-            self._entry_errors[points] = sampled_entry_error(kernel_of, self.x_factor, variances.to(torch.float64),
-                                                             points)
-        return self._entry_errors[points]
+    @cached_property
+    def _entry_error(self) -> Callable[[int], float]:
+        """The training kernel's error against float64 on a number of its points, relative to ``d_i d_j``
+        (``d²`` the training variances with the noise; with a noise per output the smallest):
+        :func:`~ntkgp.predict.spectral.training_kernel_error`, asked by :func:`warn_if_imprecise`."""
+        variances = self._variances.amin(0) if self.per_output else self._variances
+        return training_kernel_error(self.net, self.x_factor, self.kind == "ntkgp", variances)
 
     # the overloads tell type checkers which of the covariance and the variances compute_cov leaves None
     @overload

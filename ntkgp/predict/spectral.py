@@ -32,12 +32,14 @@ from typing import cast
 import torch
 from torch import Tensor
 
+from ntkgp._autograd import outside_inference_mode
 from ntkgp._checks import integer_at_least, neural_tangents_keywords
 from ntkgp._typing import Steps, Times
 from ntkgp._warnings import caller_stacklevel
+from ntkgp.layers.base import Layer
 from ntkgp.layers.numerics import horner
 from ntkgp.layers.validation import all_finite, boolean_or_complex, finite_number, positive_number, refuse_meta
-from ntkgp.predict.gaussian import kernel_matrix_error, refuse_gradient
+from ntkgp.predict.gaussian import kernel_matrix_error, named_kernels, refuse_gradient
 
 
 def regularize(k: Tensor, diag_reg: float | Tensor, absolute: bool = False, copy: bool = True) -> Tensor:
@@ -1028,6 +1030,28 @@ def sampled_entry_error(kernel_of: Callable[[Tensor], Tensor], x: Tensor, varian
     index = torch.linspace(0, n - 1, min(n, points), device=x.device).round().long()
     sample = x[index]
     return entry_error(kernel_of(sample), kernel_of(sample.to(torch.float64)), variances[index])
+
+
+def training_kernel_error(net: Layer, x: Tensor, ntk: bool, variances: Tensor) -> Callable[[int], float]:
+    """:func:`warn_if_imprecise`'s ``entry_eps`` for a predictor of ``net`` trained on ``x`` (in the factoring
+    dtype): ``points ->`` :func:`sampled_entry_error` of its training NTK (``ntk``) or NNGP, ``variances``
+    ``(N,)`` the training variances it is factored with, measured once for each number of points (the probe
+    and the measure are each asked again at every prediction)."""
+    measured: dict[int, float] = {}
+
+    def kernel_of(points: Tensor) -> Tensor:
+        with torch.no_grad(), named_kernels("training"):
+            k = net.kernel(points, ntk=ntk)
+        return cast(Tensor, k.ntk) if ntk else k.nngp
+
+    @outside_inference_mode
+    def entry_eps(points: int) -> float:
+        points = min(points, x.shape[0])
+        if points not in measured:
+            measured[points] = sampled_entry_error(kernel_of, x, variances.to(torch.float64), points)
+        return measured[points]
+
+    return entry_eps
 
 
 def entry_error(kernel: Tensor, exact: Tensor, variances: Tensor | None = None) -> float:
