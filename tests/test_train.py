@@ -12,6 +12,7 @@ from conftest import needs_cpu_half_products
 
 import ntkgp
 import ntkgp._warnings
+import ntkgp.finite.fused as fused_module
 import ntkgp.finite.train as train_module
 from ntkgp.finite.rates import equivalent_learning_rates
 from ntkgp.finite.train import layer_groups, readout_parameters, train_ensemble
@@ -516,14 +517,7 @@ def test_targets_of_the_wrong_width_and_fused_readout_only_are_refused_before_an
     """Both were refused after the first chunk was built: 2.75 s and 0.9 GB at width 2000, depth 2,
     64 members in float64 for y_train with 3 columns; 1.63 s for engine='fused' with readout_only."""
     net = ntkgp.mlp(2, "erf", 2.25, 0.0025, width=40)
-    real_build = type(net).build
-
-    def shapes_only(self, *args, ensemble_size=None, **kwargs):
-        if ensemble_size not in (None, 1):
-            raise AssertionError("an ensemble was built before the inputs were checked")
-        return real_build(self, *args, ensemble_size=ensemble_size, **kwargs)
-
-    monkeypatch.setattr(type(net), "build", shapes_only)
+    _refuse_ensemble_builds(monkeypatch, net)
     kwargs = dict(ensemble_size=64, learning_rate=0.1, record_steps=[0, 10], dtype=torch.float64, device="cpu")
     with pytest.raises(ValueError, match=r"The network has 1 output\(s\) but y_train has 3 column\(s\)\."):
         train_ensemble(net, X, torch.zeros(5, 3), **kwargs)
@@ -1022,3 +1016,66 @@ def test_kept_networks_after_a_divergence_hold_the_steps_their_chunks_stopped_at
     with warnings.catch_warnings():   # a run that stayed stable warns of nothing
         warnings.simplefilter("error")
         assert torch.equal(rest.outputs(X), rest.test_outputs[-1])
+
+
+needs_kernel = pytest.mark.skipif(isinstance(fused_module.library(torch.float64), str),
+                                  reason="no C compiler to build the fused kernel")
+
+
+def _refuse_ensemble_builds(monkeypatch, net):
+    """``net.build`` of an ensemble (a chunk) fails the test: only the one checked member may be drawn."""
+    real_build = type(net).build
+
+    def member_only(self, *args, ensemble_size=None, **kwargs):
+        if ensemble_size not in (None, 1):
+            raise AssertionError("a chunk was built before the arguments were checked")
+        return real_build(self, *args, ensemble_size=ensemble_size, **kwargs)
+
+    monkeypatch.setattr(type(net), "build", member_only)
+
+
+@pytest.mark.parametrize("net, message", [
+    # a product of readouts is bilinear in them, not the NNGP's linear model
+    (ntkgp.serial(ntkgp.Dense(40, 2.0, 0.1), ntkgp.Erf(), ntkgp.parallel(ntkgp.Dense(1), ntkgp.Dense(1), join="prod")),
+     "bilinear"),
+    # a residual block at the output passes features on that no trained readout weighs
+    (ntkgp.serial(ntkgp.Dense(1, 2.0, 0.1), ntkgp.residual(ntkgp.Erf(), ntkgp.Dense(1))), "passes its input through"),
+])
+def test_readout_only_training_of_a_network_it_cannot_follow_is_refused_before_any_chunk_is_drawn(
+        net, message, monkeypatch):
+    """Refused only once the first chunk was drawn (1.1 s at width 2000, 64 members in float64)."""
+    _refuse_ensemble_builds(monkeypatch, net)
+    with pytest.raises(ValueError, match=message):
+        train_ensemble(net, X, Y, ensemble_size=64, learning_rate=0.1, record_steps=[0, 10], readout_only=True,
+                       dtype=torch.float64, device="cpu")
+
+
+@pytest.mark.parametrize("net, dtype, reason", [   # reasons found before the kernel is compiled: no compiler needed
+    (ntkgp.serial(ntkgp.Dense(40, 2.0, 0.1), ntkgp.ReLU(), ntkgp.LayerNorm(), ntkgp.Dense(1)), torch.float64,
+     r"one erf or ReLU-type activation between them \(not LayerNormModule\)"),
+    (ntkgp.mlp(2, "erf", 2.25, 0.0025, width=40), torch.float16, r"compiled for float32 and float64"),
+    (ntkgp.serial(ntkgp.Dense(40, 2.0, 0.1), ntkgp.Erf(), ntkgp.Dense(1), ntkgp.Erf()), torch.float64,
+     "end in a Dense layer"),
+])
+def test_engine_fused_that_does_not_apply_is_refused_before_any_chunk_is_drawn(net, dtype, reason, monkeypatch):
+    """engine='fused' on a network (or dtype) the kernel does not take was refused only once the first chunk
+    was drawn (1.1 s at width 2000, 64 members in float64)."""
+    _refuse_ensemble_builds(monkeypatch, net)
+    with pytest.raises(ValueError, match=rf"engine='fused' does not apply: [^.]*{reason}"):
+        train_ensemble(net, X, Y.to(dtype), ensemble_size=64, learning_rate=0.1, record_steps=[0, 10], dtype=dtype,
+                       device="cpu", engine="fused")
+
+
+@needs_kernel
+def test_engine_fused_where_it_applies_still_trains_as_the_stacked_step():
+    """The up-front check of one stacked member passes what the chunks then train, readout-only refusal aside."""
+    net = ntkgp.mlp(2, "erf", 2.25, 0.0025, width=40)
+    kwargs = dict(ensemble_size=3, learning_rate=0.5, record_steps=[0, 7, 30], dtype=torch.float64, device="cpu",
+                  probe=X)
+    fused = train_ensemble(net, X, Y, engine="fused", **kwargs)
+    stacked = train_ensemble(net, X, Y, engine="stacked", **kwargs)
+    assert fused.settings["engine"] == "fused"
+    # the same arithmetic in another order: float64 rounding, amplified by 30 steps at most a few hundred ulps
+    torch.testing.assert_close(fused.test_outputs, stacked.test_outputs, rtol=0, atol=1e-13)
+    with pytest.raises(ValueError, match=r"engine='fused' does not apply: it trains every parameter"):
+        train_ensemble(net, X, Y, engine="fused", readout_only=True, **kwargs)

@@ -374,10 +374,10 @@ def train_ensemble(
     # a network that readout-only training cannot follow (a product or an identity path at the output), and one
     # the fused engine does not apply to, were refused only once the first chunk was drawn (1.1 s at width 2000)
     trained = readout_parameters(member) if readout_only else [n for n, _ in member.named_parameters()]
-    reason = fused_layers(member, trained, x) if engine == "fused" else None
-    if isinstance(reason, str):
-        raise ValueError(f"engine='fused' does not apply: {reason}. Use engine='stacked' or 'auto'.")
-    del member, reason   # a whole member, held through the training of every chunk before (check_memory counts none)
+    found = fused_layers(member, trained, x) if engine == "fused" else None   # the layers, or why not
+    if isinstance(found, str):
+        raise ValueError(f"engine='fused' does not apply: {found}. Use engine='stacked' or 'auto'.")
+    del member, found   # a whole member, held through the training of every chunk before (check_memory counts none)
 
     bar = None
     if progress:
