@@ -21,7 +21,7 @@ from ntkgp.kernels import NNGPKernel, NTKKernel
 from ntkgp.kernels.network_kernel import NetworkKernel
 from ntkgp.layers.base import Layer, NonFiniteKernelError, NonFiniteVarianceError
 from ntkgp.layers.mlp import mlp
-from ntkgp.layers.validation import all_finite, array_advice, check_points, where_not_finite
+from ntkgp.layers.validation import all_finite, array_advice, check_points, one_point_hint, where_not_finite
 from ntkgp.predict.gaussian import Gaussian, HyperparameterRecord, check_non_negative
 
 __all__ = ["NetworkGP", "exact_solves", "fit"]
@@ -395,10 +395,8 @@ class NetworkGP(gpytorch.models.ExactGP):
             if x.dim() == 0 or shape[-1] != features:   # a 0-d tensor: "tuple index out of range" from shape[-1]
                 # the shape as given: "got shape (3, 1)" for one point of 3 features read as 3 points of one
                 read = f" (GPyTorch reads it as {shape})" if x.dim() == 1 else ""
-                one = f"; one point of {features} features is {name}.unsqueeze(0)" if x.dim() == 1 and (
-                    x.shape[0] == features) else ""
                 raise ValueError(f"{name} must have {features} feature(s) like train_x, shape (..., M, {features}); "
-                                 f"got shape {tuple(x.shape)}{read}{one}.")
+                                 f"got shape {tuple(x.shape)}{read}{one_point_hint(x, features, name)}.")
             dtype = self.train_inputs[0].dtype
             if x.is_floating_point() and torch.promote_types(x.dtype, dtype) != dtype:
                 # a wider dtype than the model's: GPyTorch's "expected m1 and m2 to have the same dtype",
@@ -503,9 +501,8 @@ class NetworkGP(gpytorch.models.ExactGP):
         if not isinstance(x_test, Tensor) or x_test.dim() != 2:
             shape = (tuple(x_test.shape) if isinstance(x_test, Tensor) else
                      type(x_test).__name__ + array_advice(x_test, "x_test", self.train_inputs[0].dtype))
-            one = ("; one point is x_test.unsqueeze(0)" if isinstance(x_test, Tensor) and x_test.dim() == 1
-                   and x_test.shape[0] == self.train_inputs[0].shape[-1] > 1 else "")
-            raise ValueError(f"x_test must be a tensor of shape (M, d), one Gaussian's points, got {shape}{one}.")
+            raise ValueError(f"x_test must be a tensor of shape (M, d), one Gaussian's points, got {shape}"
+                             f"{one_point_hint(x_test, self.train_inputs[0].shape[-1], 'x_test')}.")
         self._check_inputs((x_test,), "x_test")   # named so: model(x_test)'s own checks call it x
         if x_test.shape[0] == 0:   # GPyTorch divides by the test points' number
             like = self.train_inputs[0]

@@ -96,7 +96,7 @@ def test_one_point_as_a_vector_is_told_to_unsqueeze_its_first_axis():
     with pytest.raises(ValueError, match=r"got shape \(3,\) \(GPyTorch reads it as \(3, 1\)\); one point of 3 "
                                          r"features is x\.unsqueeze\(0\)"):
         model(x[0])
-    with pytest.raises(ValueError, match=r"got \(3,\); one point is x_test\.unsqueeze\(0\)"):
+    with pytest.raises(ValueError, match=r"got \(3,\); one point of 3 features is x_test\.unsqueeze\(0\)"):
         model.gaussian(x[0])
     # the fix gives the first point's prediction, as part of the whole set (the same training solve: to rounding)
     whole = predict.gp_posterior(net, x, y, x, noise=0.1)

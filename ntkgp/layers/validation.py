@@ -157,6 +157,15 @@ def broadcast_shapes(*shapes: tuple[int, ...]) -> torch.Size:
     return torch.Size(out)
 
 
+def one_point_hint(x: object, features: int, name: str) -> str:
+    """``"; one point of d features is name.unsqueeze(0)"`` for a vector ``x`` of ``d = features > 1`` entries,
+    else ``""``: 1-D inputs are otherwise told ``unsqueeze(-1)`` (points of one feature), which makes ``d``
+    points of one feature out of one point, refused next."""
+    if isinstance(x, Tensor) and x.dim() == 1 and x.shape[0] == features > 1:
+        return f"; one point of {features} features is {name}.unsqueeze(0)"
+    return ""
+
+
 def array_advice(x: object, name: str, dtype: torch.dtype = torch.float64) -> str:
     """How to pass ``x`` as a tensor of ``dtype``, where it is an array or a sequence (numpy's, JAX's, a list, a
     pandas frame), which neural-tangents takes and ntkgp refuses: ``""`` otherwise (a scalar is no points).
@@ -246,8 +255,8 @@ def check_inputs(x1: Tensor, x2: Tensor | None, diag: bool = False,
     features = x1.shape[-1]
     if isinstance(x2, Tensor) and x2.dim() == 1 and features > 1:
         # check_points' hint for 1-D inputs, x2.unsqueeze(-1), makes n2 points of one feature
-        one = f"; one point of {features} features is x2.unsqueeze(0)" if x2.shape[0] == features else ""
-        raise ValueError(f"x2 must have shape (..., n2, {features}) like x1, got shape {tuple(x2.shape)}{one}.")
+        raise ValueError(f"x2 must have shape (..., n2, {features}) like x1, got shape {tuple(x2.shape)}"
+                         f"{one_point_hint(x2, features, 'x2')}.")
     check_points(x2, "x2", integers)
     if x1.shape[-1] != x2.shape[-1]:
         raise ValueError(f"x1 and x2 must have the same number of features, got {x1.shape[-1]} "

@@ -19,7 +19,14 @@ from ntkgp._typing import Diagonal
 from ntkgp.bayes._arrays import finite
 from ntkgp.layers.base import Layer, NonFiniteKernelError, variance_batch_shapes
 from ntkgp.layers.state import KernelState
-from ntkgp.layers.validation import all_finite, array_advice, check_points, finite_number, refuse_meta
+from ntkgp.layers.validation import (
+    all_finite,
+    array_advice,
+    check_points,
+    finite_number,
+    one_point_hint,
+    refuse_meta,
+)
 
 #: The types of :attr:`Gaussian.covariance` and :attr:`Gaussian.variance`: each ``Tensor`` or ``None``
 #: (both, by default: a Gaussian built by hand, whose constructor cannot tell the variance's type).
@@ -284,8 +291,8 @@ def check_test_points(x_test: Tensor, d: int, device: torch.device | None = None
         check_device(x_test, "x_test", device, "x_train")
         if x_test.dim() == 1 and d > 1:
             # check_points' hint for 1-D inputs, x_test.unsqueeze(-1), makes M points of one feature
-            one = f"; one point of {d} features is x_test.unsqueeze(0)" if x_test.shape[0] == d else ""
-            raise ValueError(f"x_test must have shape (M, {d}), got shape {tuple(x_test.shape)}{one}.")
+            raise ValueError(f"x_test must have shape (M, {d}), got shape {tuple(x_test.shape)}"
+                             f"{one_point_hint(x_test, d, 'x_test')}.")
     check_points(x_test, "x_test")
     if x_test.dim() != 2 or x_test.shape[-1] != d:
         raise ValueError(f"x_test must have shape (M, {d}), got {tuple(x_test.shape)}.")
