@@ -1443,6 +1443,21 @@ def test_csv_lines_that_are_no_header_are_not_told_to_mark_one(tmp_path, text, w
         load_dataset(str(tmp_path / "header.csv"))
 
 
+@pytest.mark.parametrize("text, other", [
+    ("x;y\n1;2\n3;4\n", "semicolons"),
+    ("x;y\n1,5;2,5\n", "semicolons"),     # Excel's decimal commas: the comma splits "5;2"
+    ("# note\n\nx\ty\n1\t2\n", "tabs"),  # the header after a comment and an empty line
+])
+def test_csv_unmarked_header_over_other_separators_gets_both_rules(tmp_path, text, other):
+    """An unmarked header over numbers joined by semicolons was told to mark the header; the next run then
+    told about semicolons. Both rules come in one message now; a header over comma-separated numbers keeps
+    the header rule alone (test above)."""
+    (tmp_path / "data.csv").write_text(text)
+    hint = rf"\(a header line must start with #; {_SEPARATORS.format(other)[2:]}$"
+    with pytest.raises(ValueError, match=hint):
+        load_dataset(str(tmp_path / "data.csv"))
+
+
 def test_csv_header_may_be_indented(tmp_path):
     # "  # x,y" left numpy a line of spaces: "could not convert string '  '"
     (tmp_path / "indent.csv").write_text("  # x,y\n0,0\n\t# note\n1,1\n")

@@ -303,10 +303,14 @@ def _bad_line(lines: list[str]) -> str | None:
             empty = column is not None and _empty_among_numbers(line, int(column[1]))
             # a number in quotes (csv.QUOTE_ALL's "1","2") is no header either: it was told to mark one
             quoted = column is not None and _quoted_number(line, int(column[1]))
-            # an unmarked header, the usual non-number on the first line, gets the rule for headers
-            hint = (f" (values must be separated by commas, not {other}, with '.' as the decimal point)" if other
+            # an unmarked header, the usual non-number on the first line, gets the rule for headers, and the
+            # rule for separators too where the next line needs it ("x;y" over "1;2" took two runs to learn both)
+            later = next((_separator_of(rest) for rest in lines[number:] if rest), None) if first is None else None
+            separators = f"values must be separated by commas, not {other or later}, with '.' as the decimal point"
+            hint = (f" ({separators})" if other
                     else " (an empty value: a missing number, or a comma at the end of the line)" if empty
                     else " (a number in quotes: values must be plain numbers, without quotes)" if quoted
+                    else f" (a header line must start with #; {separators})" if later
                     else " (a header line must start with #)" if first is None else "")
             return f"{where}: {message[:column.start()] if column else message}{hint}"
         if first is None:
@@ -325,6 +329,12 @@ def _other_separator(line: str, column: int) -> str | None:
         if len(parts) > 1 and all(_is_number(part) for part in parts):
             return name
     return None
+
+
+def _separator_of(line: str) -> str | None:
+    """The other separator (as :func:`_other_separator` names it) of the first cell of ``line`` that uses one."""
+    cells = line.partition("#")[0].split(",")
+    return next(filter(None, (_other_separator(line, column) for column in range(1, len(cells) + 1))), None)
 
 
 def _empty_among_numbers(line: str, column: int) -> bool:
