@@ -246,18 +246,17 @@ def _roots(out):
 @pytest.mark.parametrize("num_draws", [4, 20000])   # fewer draws than points (V (√λ ⊙ Vᵀz)) and more (R z)
 def test_sample_outputs_draws_each_output_from_its_own_covariance(num_draws):
     """Draws ``(S, M, k)``, output ``j``'s ``μ_j + R_j z_j`` with ``R_j`` the symmetric root of its own
-    covariance and ``z_j`` the normals a shared covariance gives output ``j`` (columns ``s k + j`` of torch's
-    ``randn(M, S k)`` for the seed): checked against numpy's roots, and, by moments, against the analytic
-    ``N(μ_j, Σ_j)`` of each output. It refused such a Gaussian, one output at a time by ``output(j)``."""
+    covariance and ``z_j`` the normals a shared covariance gives output ``j`` (``z[:, j]`` of numpy's
+    ``default_rng(seed).standard_normal((S, k, M))``): checked against numpy's roots, and, by moments, against the
+    analytic ``N(μ_j, Σ_j)`` of each output. It refused such a Gaussian, one output at a time by ``output(j)``."""
     x, y, xt, noise = _data()
     out = predict.gp_posterior(_net(), x, y, xt, noise=noise)
     draws = bayes.sample_outputs(out, num_draws, seed=3)
     assert draws.shape == (num_draws, M, K) and draws.dtype == torch.float64
     torch.testing.assert_close(bayes.sample_outputs(out, num_draws, seed=3), draws, rtol=0, atol=0)   # reproducible
     assert not torch.equal(bayes.sample_outputs(out, num_draws, seed=4), draws)
-    z = torch.randn(M, num_draws * K, generator=torch.Generator().manual_seed(3), dtype=torch.float64).numpy()
-    z = z.reshape(M, num_draws, K)
-    expected = np.einsum("jab,bsj->saj", _roots(out), z) + out.mean.numpy()
+    z = np.random.default_rng(3).standard_normal((num_draws, K, M))   # draw-major: (S, k, M)
+    expected = np.einsum("jab,sjb->saj", _roots(out), z) + out.mean.numpy()
     # eigenvectors of 7 x 7 covariances (entries <= 0.7) in float64, and one product: rounding ~1e-15
     np.testing.assert_allclose(draws.numpy(), expected, rtol=0, atol=1e-12)
     if num_draws < 1000:

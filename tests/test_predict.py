@@ -562,6 +562,31 @@ def test_interval_is_shaped_like_the_mean_for_vector_targets():
         predict.gp_posterior(net, x, y, xt, kernel="nngp", noise=1e-2, compute_cov=False).interval()
 
 
+def test_interval_takes_a_coverage_level_by_name_and_width_stays_in_standard_deviations():
+    """interval(width) is a half-width in standard deviations, which scipy's norm.interval(0.95) reader took
+    for a probability: interval(0.95) is mean ∓ 0.95 σ, a 65.8 % band, with nothing to say so. level= gives
+    the band of a probability (scipy's), and passing both is refused; width keeps its meaning."""
+    import scipy.stats
+
+    mean = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.float64)
+    g = predict.Gaussian(mean, torch.tensor([[4.0, 1.0], [1.0, 9.0]], dtype=torch.float64))
+    for level in (0.5, 0.9, 0.95, 0.999):
+        lower, upper = g.interval(level=level)
+        low, high = scipy.stats.norm.interval(level, mean.numpy(), np.array([[2.0], [3.0]]))
+        np.testing.assert_allclose(upper.numpy(), high, rtol=1e-14, atol=1e-14)   # Φ⁻¹ to float64 rounding
+        # scipy's lower end is Φ⁻¹((1 − p)/2), whose rounding of (1 − p) is relative to the tail: 1e-13 at p = 0.999
+        np.testing.assert_allclose(lower.numpy(), low, rtol=0, atol=1e-12)
+    lower, upper = g.interval(0.95)   # still standard deviations: 0.95 σ, not the 95 % band
+    torch.testing.assert_close(upper - mean, torch.tensor([[1.9], [2.85]], dtype=torch.float64).expand(2, 2),
+                               rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(g.interval()[1], mean + torch.tensor([[4.0], [6.0]], dtype=torch.float64))
+    for kwargs, message in (({"width": 2.0, "level": 0.95}, "not both"), ({"level": 95}, r"\(0, 1\), got 95"),
+                            ({"level": 0.0}, r"\(0, 1\), got 0"), ({"level": 1.0}, r"\(0, 1\), got 1"),
+                            ({"level": True}, "a probability in")):
+        with pytest.raises(ValueError, match=message):
+            g.interval(**kwargs)
+
+
 _DIAG_NET = ntkgp.mlp(2, "erf", 2.25, 0.05, width=16)
 _FLOW_MODULE = sys.modules["ntkgp.predict.gradient_flow"]   # ntkgp.predict.gradient_flow is the function
 _DIAG_TIMES = (dict(t=None), dict(t=torch.tensor([[0.5, 3.0], [math.inf, 20.0]])),

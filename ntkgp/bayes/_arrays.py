@@ -121,9 +121,24 @@ LEADING_AXIS_HINT = (" If the first axis is times (gradient_flow at several t) o
                      "(ntkgp.bayes.predictive_moments(..., time_index=i)) or take ntkgp.bayes.ensemble_moments first.")
 
 
+def no_booleans(value: ArrayLike, name: str) -> None:
+    """Refuse boolean targets or predictions, which numpy reads as 1 and 0, as ``NetworkGP`` refuses boolean
+    ``train_y``: scored against a mean regressed on one-hot targets (``e_c − 1/C``, Lee et al. 2018) or on
+    ``±1`` labels, 0/1 gave wrong residuals silently."""
+    if holds_a_boolean(value):
+        fix = f"{name}.double()" if hasattr(value, "double") else f"np.asarray({name}, dtype=float)"
+        raise ValueError(f"{name} must be numbers, got booleans ({type(value).__name__}), which would be read as 1 "
+                         f"and 0: convert with {fix} if those are the values meant; for classes, score the mean "
+                         "against ntkgp.bayes.one_hot_targets(labels) (the targets it was regressed on), or use "
+                         "ntkgp.bayes.accuracy(mean, labels).")
+
+
 def observations(mean: ArrayLike, y: ArrayLike, name_mean: str = "mean",
                  name_y: str = "y") -> tuple[np.ndarray, np.ndarray]:
-    """Finite ``mean`` and ``y`` of one shape, ``(M,)`` or ``(M, k)`` with ``M, k >= 1``."""
+    """Finite ``mean`` and ``y`` of one shape, ``(M,)`` or ``(M, k)`` with ``M, k >= 1``; not booleans
+    (:func:`no_booleans`)."""
+    no_booleans(mean, name_mean)
+    no_booleans(y, name_y)
     mean, y = finite(mean, name_mean), finite(y, name_y)
     if mean.ndim not in (1, 2) or 0 in mean.shape:   # (M, 0): every metric a mean of nothing, NaN
         raise ValueError(f"{name_mean} must have shape (M,) or (M, k) with M, k >= 1, got {mean.shape}."

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from ntkgp._typing import ArrayLike
-from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least, observations
+from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least, no_booleans, observations
 
 #: Names of the dimensions of the exported variables (after ``chain`` and ``draw``).
 OBS_DIM, OUTPUT_DIM = "obs_id", "output"
@@ -58,6 +58,8 @@ def gaussian_log_density(y: ArrayLike, mean: ArrayLike, variance: ArrayLike) -> 
     and with ``M ≠ k`` such a variance is refused by numpy rather than read per output. Pass
     ``(M, 1)`` for one value per point, ``(1, k)`` for one per output.
     """
+    no_booleans(y, "y")
+    no_booleans(mean, "mean")
     y, mean = finite(y, "y"), finite(mean, "mean")
     variance = finite(variance, "variance", booleans=False)
     if not (variance > 0).all():

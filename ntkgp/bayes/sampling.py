@@ -62,7 +62,8 @@ def _gpytorch_hint(value: object) -> str:
             "included); for another GPyTorch model of one output, ntkgp.predict.Gaussian(pred.mean, "
             "pred.covariance_matrix, scale=...), the scale the largest prior variance at x_test, pred = model(x_test) "
             "(not likelihood(model(x_test)), which holds the noise the exports add; a batch, mean (b, M), is taken "
-            "one prediction at a time with time_index=i).")
+            "one prediction at a time with time_index=i, or, for b independent models, all at once as b outputs: "
+            "Gaussian(pred.mean.mT, pred.covariance_matrix.permute(1, 2, 0), scale=..., per_output=True)).")
 
 
 def _select_time(gaussian: Gaussian, time_index: TimeIndex) -> tuple[Gaussian, tuple[int, ...] | None]:
@@ -108,7 +109,10 @@ def _select_time(gaussian: Gaussian, time_index: TimeIndex) -> tuple[Gaussian, t
         # same shapes, and was told of gradient flow alone
         raise ValueError(f"This Gaussian has leading axes of shape {tuple(time_shape)}: times (gradient flow at "
                          "several times) or a batch of GPyTorch predictions (a batched model's or fantasies' "
-                         "model(x), mean (b, M)). Pick one with time_index=... (time_index=i is the batch's pred[i]).")
+                         "model(x), mean (b, M)). Pick one with time_index=... (time_index=i is the batch's pred[i]); "
+                         "a batch of b independent models is also taken whole, as b outputs with a covariance each: "
+                         "Gaussian(pred.mean.mT, pred.covariance_matrix.permute(1, 2, 0), scale=..., "
+                         "per_output=True).")
     raw = tuple(time_index) if isinstance(time_index, Sequence) else (time_index,)
     try:
         if any(isinstance(i, bool) for i in raw):
@@ -354,10 +358,10 @@ Seed = int | np.random.Generator | np.random.SeedSequence | None
 
 
 def _seeds(seed: Seed) -> tuple[int | None, int | np.random.Generator | None]:
-    """The seed of the latent draws (torch's generator) and that of the noise draws (numpy's).
+    """The seed of the latent draws' normals (:func:`_standard_normals`) and that of the noise draws.
 
     An integer seeds both (the noise through ``SeedSequence(seed)``, another stream); a numpy
-    ``Generator`` or ``SeedSequence`` gives torch's seed from its stream and draws the noise from
+    ``Generator`` or ``SeedSequence`` gives the latent seed from its stream and draws the noise from
     it after that (a ``Generator`` advances, as numpy's own functions advance it: the same one
     passed twice gives new draws, the same ``SeedSequence`` the same draws). ``None``: fresh entropy.
     """
@@ -366,8 +370,8 @@ def _seeds(seed: Seed) -> tuple[int | None, int | np.random.Generator | None]:
         return int(rng.integers(2**63)), rng
     if seed is None:
         return None, None
-    torch_seed = seed_value(seed, 0)   # both torch's and numpy's generators take it (non-negative)
-    return torch_seed, int(np.random.SeedSequence(torch_seed).generate_state(1)[0])
+    latent_seed = seed_value(seed, 0)   # numpy's generators take it (non-negative)
+    return latent_seed, int(np.random.SeedSequence(latent_seed).generate_state(1)[0])
 
 
 def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: TimeIndex = None,
@@ -380,55 +384,61 @@ def sample_outputs(gaussian: Gaussian, num_draws: int = 1000, *, time_index: Tim
     semi-definite, as that of :meth:`~ntkgp.predict.Gaussian.output` is; a refusal names the output),
     ``z_j`` the normals a shared covariance gives output ``j``: equal covariances draw as a shared
     one does for the same seed. ``seed``: a
-    non-negative integer, a numpy ``Generator`` (advanced by one integer, torch's seed) or
+    non-negative integer, a numpy ``Generator`` (advanced by one integer, the seed of the normals) or
     ``SeedSequence``, or ``None`` (fresh entropy).
+
+    The normals are drawn draw by draw, so the first ``S`` of more draws are the ``S`` draws of the same
+    seed (``sample_outputs(g, 100, seed=0)[:50]`` is ``sample_outputs(g, 50, seed=0)``, to rounding of
+    the products): asking for more draws adds to those already seen.
 
     Returns:
         ``(num_draws, M)`` or ``(num_draws, M, k)`` in float64.
     """
     num_draws = integer_at_least(num_draws, 1, "num_draws")
-    torch_seed = _seeds(seed)[0]
+    latent_seed = _seeds(seed)[0]
     g = _checked(select_time(gaussian, time_index))
     if g.per_output and g.mean.shape[-1] == 1:   # one output is drawn as a shared covariance is: the draws
         g = Gaussian(g.mean, g.covariance[..., 0], g.scale)   # written over z needed 1 + 2/k = 3 arrays for it
     mean = g.mean.detach().to(torch.float64)
     k = 1 if mean.dim() == 1 else mean.shape[-1]
-    z = _standard_normals(num_draws, g.mean.shape, g.covariance.device, torch_seed)
+    z = _standard_normals(num_draws, g.mean.shape, g.covariance.device, latent_seed)
     if g.per_output:
-        draws = _per_output_draws(g, z.to(g.covariance.device), num_draws)   # on the covariance's, as below
+        draws = _per_output_draws(g, z.to(g.covariance.device))   # on the covariance's, as below
         draws += mean
         return draws
     vectors, roots = _covariance_root(g.covariance.detach(), g.scale)
-    normals = [z.to(vectors.device)]
+    normals = [z.to(vectors.device).view(num_draws * k, -1)]
     del z   # held by normals alone, which _root_product empties: two arrays of the draws' size at most, not three
     draws = _root_product(vectors, roots, normals)
-    draws = draws.reshape(-1, num_draws, k).permute(1, 0, 2)            # (S, M, k)
+    draws = draws.view(num_draws, k, -1).permute(0, 2, 1)            # (S, M, k)
     draws += mean if mean.dim() == 2 else mean.unsqueeze(-1)
     return draws if mean.dim() == 2 else draws.squeeze(-1)
 
 
-def _standard_normals(num_draws: int, shape: torch.Size, device: torch.device, torch_seed: int | None) -> Tensor:
-    """The standard normals ``z`` ``(M, S k)`` of ``S = num_draws`` draws of outputs of ``shape``, drawn on the
-    CPU (the same draws on every device) from ``torch_seed`` (``None``: fresh entropy), once the arrays of the
-    draws' size that sampling holds fit (:func:`_check_draws_fit`; ``device`` the covariance's, where the draws
-    are made): checked before the eigendecomposition, after which ``num_draws=1e12`` failed in torch's allocator
-    (seconds at ``M ~ 2000``)."""
+def _standard_normals(num_draws: int, shape: torch.Size, device: torch.device, seed: int | None) -> Tensor:
+    """The standard normals ``z`` ``(S, k, M)`` of ``S = num_draws`` draws of outputs of ``shape``, drawn on the
+    CPU (the same draws on every device) from ``seed`` (``None``: fresh entropy), once the arrays of the draws'
+    size that sampling holds fit (:func:`_check_draws_fit`; ``device`` the covariance's, where the draws are
+    made): checked before the eigendecomposition, after which ``num_draws=1e12`` failed in torch's allocator
+    (seconds at ``M ~ 2000``).
+
+    Draw-major and from numpy's generator, which fills its output in order, so that the normals of the first
+    ``S`` draws do not depend on how many are asked for: ``torch.randn(M, S k)`` gave point ``i`` the ``i``-th
+    run of ``S k`` values (each draw's normals moved with ``S``), and torch recomputes the last 16 values of
+    a fill that is no multiple of 16 (``randn(50)`` is ``randn(100)[:50]`` in its first 34 values alone)."""
     m, k = shape[0], 1 if len(shape) == 1 else shape[-1]
     # on another device the CPU holds the normals alone, until they are moved there
     _check_draws_fit(num_draws, shape, SAMPLING_ARRAYS if device.type == "cpu" else 1, device)
-    generator = torch.Generator(device="cpu")
-    if torch_seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(torch_seed)
     try:
-        return torch.randn(m, num_draws * k, generator=generator, dtype=torch.float64, device="cpu")
+        z = torch.empty(num_draws, k, m, dtype=torch.float64, device="cpu")
     except (RuntimeError, OverflowError, TypeError) as err:   # "can't allocate memory", "Storage size ... overflowed",
         # beyond int64: "Overflow when unpacking long long" (a TypeError)
         raise ValueError(_too_many(num_draws, shape, "which cannot be allocated")) from err
+    np.random.default_rng(seed).standard_normal(out=z.numpy())   # in place: no second array
+    return z
 
 
-def _marginal_draws(g: Gaussian, num_draws: int, torch_seed: int | None) -> Tensor:
+def _marginal_draws(g: Gaussian, num_draws: int, seed: int | None) -> Tensor:
     """``S = num_draws`` draws ``f_i⁽ˢ⁾ = μ_i + σ_i z_i⁽ˢ⁾`` of a Gaussian (one time) that holds its marginal
     variances ``σ_i²`` alone (``compute_cov="diag"``): independent across points, ``(S, M)`` or ``(S, M, k)``.
 
@@ -439,43 +449,40 @@ def _marginal_draws(g: Gaussian, num_draws: int, torch_seed: int | None) -> Tens
     # products are the same on every device
     variance = _checked_marginal(g).to("cpu", torch.float64)
     mean = g.mean.detach().to("cpu", torch.float64)
-    m, k = mean.shape[0], 1 if mean.dim() == 1 else mean.shape[-1]
-    z = _standard_normals(num_draws, g.mean.shape, torch.device("cpu"), torch_seed).view(m, num_draws, k)
+    z = _standard_normals(num_draws, g.mean.shape, torch.device("cpu"), seed)   # (S, k, M)
     roots = variance.clamp_min(0).sqrt()
-    z *= roots.unsqueeze(1) if g.per_output else roots.view(m, 1, 1)
-    draws = z.permute(1, 0, 2)   # (S, M, k)
+    z *= roots.mT if g.per_output else roots
+    draws = z.permute(0, 2, 1)   # (S, M, k)
     draws += mean if mean.dim() == 2 else mean.unsqueeze(-1)
     return draws if mean.dim() == 2 else draws.squeeze(-1)
 
 
-def _per_output_draws(g: Gaussian[Tensor, Tensor], z: Tensor, num_draws: int) -> Tensor:
+def _per_output_draws(g: Gaussian[Tensor, Tensor], z: Tensor) -> Tensor:
     """``R_j z_j`` for each output ``j``, ``(S, M, k)``: ``R_j`` the symmetric root of output ``j``'s
-    covariance, ``z_j`` the standard normals the shared path gives output ``j`` (columns ``s k + j`` of
-    ``z``, ``(M, S k)``), so that outputs of equal covariances are drawn as a shared covariance draws them.
+    covariance, ``z_j`` the standard normals the shared path gives output ``j`` (``z[:, j]`` of ``z``,
+    ``(S, k, M)``), so that outputs of equal covariances are drawn as a shared covariance draws them.
 
     Each product is written back over the normals it used: ``z`` and two arrays of one output's draws
     at once (``1 + 2/k`` arrays of the draws' size, at most :data:`SAMPLING_ARRAYS` for ``k >= 2``)."""
-    m, k = g.mean.shape
-    columns = z.view(m, num_draws, k)
     for j, (covariance, _) in enumerate(_covariances(g)):
         try:
             vectors, roots = _covariance_root(covariance.detach(), g.scale)
         except ValueError as err:   # named: the message said "covariance", not whose
             raise ValueError(f"Output {j}: {err}") from None
-        columns[..., j] = _root_product(vectors, roots, [columns[..., j].contiguous()])   # (M, S), a copy
-    return columns.permute(1, 0, 2)   # (S, M, k), a view of z
+        z[:, j] = _root_product(vectors, roots, [z[:, j].contiguous()])   # (S, M), a copy
+    return z.permute(0, 2, 1)   # (S, M, k), a view of z
 
 
 def _root_product(vectors: Tensor, roots: Tensor, normals: list[Tensor]) -> Tensor:
-    """``R z`` for the symmetric root ``R = V diag(√λ) Vᵀ`` (:func:`_covariance_root`'s ``V``, ``√λ``) and
-    the normals ``z`` ``(M, S)``, taken out of ``normals`` (its caller's only hold on them, so that their array
-    is freed as the projection takes its place): ``R`` formed (``M³``) and one product where ``S ≥ M``;
-    otherwise ``V (√λ ⊙ (Vᵀ z))``, two ``M² S`` products and no ``M³``."""
+    """``R z`` of each row ``z`` of the normals ``(S, M)``, ``z Rᵀ``, for the symmetric root ``R = V diag(√λ) Vᵀ``
+    (:func:`_covariance_root`'s ``V``, ``√λ``), the normals taken out of ``normals`` (its caller's only hold on
+    them, so that their array is freed as the projection takes its place): ``Rᵀ`` formed (``M³``) and one product
+    where ``S ≥ M``; otherwise ``((z V) ⊙ √λ) Vᵀ``, two ``S M²`` products and no ``M³``."""
     z = normals.pop()
-    if z.shape[1] >= z.shape[0]:
-        return ((vectors * roots) @ vectors.mT) @ z
-    z = vectors.mT @ z
-    return vectors @ z.mul_(roots.unsqueeze(-1))
+    if z.shape[0] >= z.shape[1]:
+        return z @ (vectors @ (vectors * roots).mT)
+    z = z @ vectors
+    return z.mul_(roots) @ vectors.mT
 
 
 def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: float | Tensor | np.ndarray, *,
@@ -504,9 +511,9 @@ def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: floa
     unreliable where the posterior nearly interpolates its data. Measured with 20 000 draws (seed 0)
     of the NNGP posterior of ``mlp(2, "erf", 2.0, 0.1)`` at 30 standard-normal points in 2-D (a
     ``torch`` generator of seed 0, which then draws the noise), ``y = sin(2 x₁) + x₂²/2`` plus the
-    noise (``tests/test_bayes_inputs.py``): with noise 0.01 it gave −112.1 against an exact −250.8
-    (Pareto k up to 2.55, above 0.7 at 19 of the points, which ArviZ warns about); with noise 0.5,
-    −66.55 against −67.17. For a GP posterior the exact value is
+    noise (``tests/test_bayes_inputs.py``): with noise 0.01 it gave −112.4 against an exact −250.8
+    (Pareto k up to 2.76, above 0.7 at 18 of the points, which ArviZ warns about); with noise 0.5,
+    −66.47 against −67.17. For a GP posterior the exact value is
     :meth:`ntkgp.predict.GPPosterior.leave_one_out_log_density`. At held-out
     inputs the pointwise ``log_likelihood`` and ``az.plot_ppc``/``az.plot_loo_pit`` still check
     the predictive distribution, but "leave one out" has no meaning there.
@@ -533,7 +540,7 @@ def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: floa
     """
     # every argument is checked before the eigendecomposition and the draws (seconds at M ~ 2000)
     num_draws = integer_at_least(num_draws, 1, "num_draws")
-    torch_seed, noise_seed = _seeds(seed)
+    latent_seed, noise_seed = _seeds(seed)
     g, index = _select_time(gaussian, time_index)
     # before check_export, whose noise check failed in numpy ("Unable to allocate"); the export holds three
     # arrays of the draws' size at once (sample_outputs' z is freed before the other two come)
@@ -541,8 +548,8 @@ def gaussian_to_inference_data(gaussian: Gaussian, y_obs: ArrayLike, noise: floa
     device = g.covariance.device if g.covariance is not None else torch.device("cpu")
     _check_draws_fit(num_draws, g.mean.shape, EXPORT_ARRAYS, device)
     check_export((num_draws, *g.mean.shape), y_obs, noise, num_chains, "one draw (the Gaussian's mean)")
-    draws = (sample_outputs(g, num_draws, seed=torch_seed) if g.covariance is not None
-             else _marginal_draws(g, num_draws, torch_seed))
+    draws = (sample_outputs(g, num_draws, seed=latent_seed) if g.covariance is not None
+             else _marginal_draws(g, num_draws, latent_seed))
     attrs: dict[str, str | int | float] = {"kind": "gaussian", "time_index": _time_label(index)}
     if g.covariance is None:   # told apart from joint draws in the data, which outlive this call
         attrs["draws"] = "independent across points (marginal variances alone)"

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Generic, cast
 
 import numpy as np
@@ -123,13 +124,30 @@ class Gaussian(Generic[_Cov, _Var]):
         marginal = None if self.marginal is None else self.marginal[..., index]
         return Gaussian(self.mean[..., index], cov, self.scale, marginal)
 
-    def interval(self, width: float = 2.0) -> tuple[Tensor, Tensor]:
+    def interval(self, width: float | None = None, *, level: float | None = None) -> tuple[Tensor, Tensor]:
         """``mean ∓ width · σ``, each shaped like :attr:`mean` (``σ`` shared by the ``k`` outputs, or
-        each output's own where :attr:`per_output` is set)."""
+        each output's own where :attr:`per_output` is set): the central band of each marginal of the
+        outputs, noise-free (the band of noisy targets adds the noise variance to ``σ²``, as
+        :func:`ntkgp.bayes.predictive_moments` does).
+
+        Args:
+            width: the half-width in standard deviations (a z-score), default 2 (a band that holds 95.4 %
+                of each marginal); not a probability: ``interval(0.95)`` is ``mean ∓ 0.95 σ``, a 65.8 %
+                band. For a coverage probability pass ``level`` instead.
+            level: the probability ``p`` in (0, 1) that the band holds, as in ``scipy.stats.norm.interval(p)``:
+                ``width = Φ⁻¹((1 + p) / 2)``, 1.96 for 0.95.
+        """
         variance = self.variance
         if variance is None:
             raise ValueError("This Gaussian has no variances (predict with compute_cov=True or 'diag').")
-        width = finite_number(width, "width", "a finite number >= 0")
+        if level is not None:
+            if width is not None:   # which one was meant is unknowable
+                raise ValueError("Pass width (in standard deviations) or level (a probability), not both.")
+            level = finite_number(level, "level", "a probability in (0, 1)")
+            if not 0 < level < 1:
+                raise ValueError(f"level must be a probability in (0, 1), got {level:g}.")
+            width = NormalDist().inv_cdf((1 + level) / 2)
+        width = finite_number(2.0 if width is None else width, "width", "a finite number >= 0")
         if width < 0:   # the bounds would come out swapped
             raise ValueError(f"width must be a finite number >= 0, got {width:g}.")
         sd = variance.sqrt()
