@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ntkgp._checks import neural_tangents_keywords
 from ntkgp.layers.base import BuildContext, Layer
-from ntkgp.layers.near import PairCarry, abrelu_carried, abrelu_dot, patched
+from ntkgp.layers.near import PairCarry, abrelu_carried, abrelu_dot, carried_gaps, patched, sign_carried
 from ntkgp.layers.numerics import (
     _is_compiling,
     clamp_passing,
@@ -125,7 +125,7 @@ class Activation(Layer):
                             ) -> tuple[Tensor, Tensor | None, Callable[[], Tensor | None], PairCarry | None]:
         """:meth:`_pair_kernels` of ``state``'s pairs, and the carry of the nearly (anti)parallel pairs
         after this layer (:mod:`ntkgp.layers.near`): ``None``, except in the ReLU family, whose kernels
-        are not smooth in ``ρ`` at ``ρ = ±1``."""
+        are not smooth in ``ρ`` at ``ρ = ±1``, ``Sign`` and ``Rbf`` (``Sin`` and ``Cos`` use the carry and drop it)."""
         return (*self._pair_kernels(state.k11, state.nngp, state.k22, want_dot), None)
 
     def _replaced(self, cls: type) -> bool:
@@ -674,6 +674,38 @@ def _root_one_plus_twice(k: Tensor) -> Tensor:
     return torch.sqrt(k + 0.5) * math.sqrt(2)
 
 
+def _with_carried_gaps(layer: Activation, state: KernelState, want_dot: bool,
+                       from_gaps: Callable[[Tensor, Tensor, Tensor, bool], tuple[Tensor, Tensor | None]],
+                       after: Callable[[PairCarry, Tensor], PairCarry] | None = None
+                       ) -> tuple[Tensor, Tensor | None, Callable[[], Tensor | None], PairCarry | None]:
+    """:meth:`~Activation._state_pair_kernels` of the Gaussian-kernel activations (``Sin``, ``Cos``,
+    ``Rbf``), whose kernels depend on ``k11 + k22 ∓ 2k12`` through ``e^{−b²(k11 + k22 ∓ 2k12)/2}``: at the
+    pairs a first ``Dense`` layer carries (nearly parallel or antiparallel), ``from_gaps`` of the carried
+    gaps (:func:`~ntkgp.layers.near.carried_gaps`). From the kernels the gaps keep ``k12``'s rounding,
+    ``ε k`` absolute, which at large variances is all of a small gap: float32 ``Sin`` kernels of inputs of
+    scale 1e3 a unit apart were 0.14 off (of the largest entry), where the inputs' own rounding moves
+    them by 4e-5. ``after``: the carry after the layer from the carried pairs and their gap ``k11 + k22 −
+    2k12`` (``Rbf``'s); without it none follows (``Sin``, ``Cos``)."""
+    k11, k12, k22 = state.k11, state.nngp, state.k22
+    nngp, dot = layer.pair_kernel(k11, k12, k22, want_dot)
+    carry = cast(PairCarry, state.carry)
+    pair11, pair12, pair22 = carry.gathered(state.nngp, state.cov1, state.cov2)
+    kept = carry.within(pair11, pair22)   # (k11 − k22)² a normal number
+    if kept is not None:
+        if kept is not carry:
+            carry = kept
+            pair11, pair12, pair22 = carry.gathered(state.nngp, state.cov1, state.cov2)
+        gap_minus, gap_plus = carried_gaps(carry, pair11, pair12, pair22)
+        nngp_near, dot_near = from_gaps(pair12, gap_minus, gap_plus, want_dot)
+        everywhere = torch.ones_like(pair12, dtype=torch.bool)
+        nngp = patched(nngp, carry.index, everywhere, nngp_near)
+        if dot is not None:
+            dot = patched(dot, carry.index, everywhere, cast(Tensor, dot_near))
+    final = nngp
+    carried = None if kept is None or after is None else after(carry, gap_minus)
+    return nngp, dot, lambda: layer.centred_pair_kernel(k11, k12, k22, final), carried
+
+
 def _sin(x: Tensor, a: float, b: float, c: float) -> Tensor:
     return a * torch.sin(b * x + c)
 
@@ -700,6 +732,8 @@ class Sin(Activation):
     difference ``T`` lost ``ε/(b²k)`` of its digits: at float32 input scale ``10⁻³`` it was 8 % off.
     """
 
+    carries_pairs = True
+
     def __init__(self, a: float = 1.0, b: float = 1.0, c: float = 0.0) -> None:
         super().__init__()
         (self.c,) = finite_constants(c=c)   # a phase: never squared
@@ -720,9 +754,14 @@ class Sin(Activation):
         # rounding, ulp(k) in the exponent: near-duplicate (A) or near-opposite (B) inputs of float32 variance
         # 1e8 read e^{−8} for e^{−4}. An overflow (variances beyond 8.5e37 in float32, A or B far below 0
         # then) is e^{−∞} = 0, the limit; a point with itself keeps A = 0 and B = −2b²k, bit for bit
+        return self._from_gaps(k12, (k11 - k12) + (k22 - k12), (k11 + k12) + (k22 + k12), want_dot)
+
+    def _from_gaps(self, k12: Tensor, gap_minus: Tensor, gap_plus: Tensor, want_dot: bool
+                   ) -> tuple[Tensor, Tensor | None]:
+        """``T`` and ``Ṫ`` from ``k11 + k22 ∓ 2k12`` (``A = −b² gap_minus/2``, ``B = −b² gap_plus/2``)."""
         b2 = self.b**2
-        plus = torch.exp(clamp_passing(-b2 / 2 * ((k11 - k12) + (k22 - k12)), max=0))    # e^A
-        minus = torch.exp(clamp_passing(-b2 / 2 * ((k11 + k12) + (k22 + k12)), max=0))   # e^B
+        plus = torch.exp(clamp_passing(-b2 / 2 * gap_minus, max=0))    # e^A
+        minus = torch.exp(clamp_passing(-b2 / 2 * gap_plus, max=0))    # e^B
         # e^A − e^B from the larger exponential and expm1 of the clamped gap: no cancellation, no
         # overflow in the branch torch.where discards (its gradient would be NaN)
         difference = torch.where(k12 >= 0, -plus * torch.expm1(-2 * b2 * clamp_passing(k12, min=0)),
@@ -739,6 +778,12 @@ class Sin(Activation):
             else:
                 dot = self.a**2 * b2 / 2 * (plus + cos2c * minus)
         return nngp, dot
+
+    def _state_pair_kernels(self, state: KernelState, want_dot: bool
+                            ) -> tuple[Tensor, Tensor | None, Callable[[], Tensor | None], PairCarry | None]:
+        if state.carry is None or self._replaced(Sin):
+            return super()._state_pair_kernels(state, want_dot)
+        return _with_carried_gaps(self, state, want_dot, self._from_gaps)
 
     def variance(self, k: Tensor) -> Tensor:
         decay = torch.exp(-2 * self.b**2 * k)
@@ -814,6 +859,8 @@ class Rbf(Activation):
     equal inputs could exceed by an ulp.
     """
 
+    carries_pairs = True
+
     def __init__(self, gamma: float = 1.0) -> None:
         super().__init__()
         (self.gamma,) = squarable_constants(gamma=gamma)
@@ -829,8 +876,28 @@ class Rbf(Activation):
     def pair_kernel(self, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool) -> tuple[Tensor, Tensor | None]:
         # (k11 − k12) + (k22 − k12): k11 + k22 overflowed float32 from variances of 1.7e38 and made
         # inf − inf = NaN of nearly parallel inputs; each difference is exact for them (Sterbenz)
-        nngp = torch.exp(clamp_passing(-self.gamma * ((k11 - k12) + (k22 - k12)), max=0))
+        return self._from_gaps(k12, (k11 - k12) + (k22 - k12), k12, want_dot)
+
+    def _from_gaps(self, k12: Tensor, gap_minus: Tensor, gap_plus: Tensor, want_dot: bool
+                   ) -> tuple[Tensor, Tensor | None]:
+        """``T = e^{−γ gap_minus}`` and ``Ṫ = 2γ T`` (``gap_minus = k11 + k22 − 2k12``; ``gap_plus`` unused)."""
+        nngp = torch.exp(clamp_passing(-self.gamma * gap_minus, max=0))
         return nngp, (2 * self.gamma * nngp if want_dot else None)
+
+    def _state_pair_kernels(self, state: KernelState, want_dot: bool
+                            ) -> tuple[Tensor, Tensor | None, Callable[[], Tensor | None], PairCarry | None]:
+        if state.carry is None or self._replaced(Rbf):
+            return super()._state_pair_kernels(state, want_dot)
+        return _with_carried_gaps(self, state, want_dot, self._from_gaps, self._carried_after)
+
+    def _carried_after(self, carry: PairCarry, gap: Tensor) -> PairCarry:
+        """The carry after the layer (``T11 = T22 = 1``, ``T12 = e^{−γ gap}``): ``g' = 2 − 2T12 =
+        −2 expm1(−γ gap)`` and ``det' = 1 − T12² = −expm1(−2γ gap)``, without the cancellation of
+        ``1 − T12`` that loses ``ε/(γ gap)`` of them: where the layers after expand small gaps (chaotic
+        ``2σ_w²γ > 1``) that lost every digit (float32 ``Rbf(1)``, ``σ_w² = 2``, inputs 1e-5 from parallel:
+        0.12 off at depth 15, of the largest entry)."""
+        exponent = clamp_passing(-self.gamma * gap, max=0)
+        return PairCarry(carry.index, -torch.expm1(2 * exponent), -2 * torch.expm1(exponent))
 
     def variance(self, k: Tensor) -> Tensor:
         return torch.ones_like(k)
@@ -1088,6 +1155,8 @@ class Sign(Activation):
     ``T = 0`` when either input has zero variance (``sign(0) = 0``).
     """
 
+    carries_pairs = True
+
     def fn(self, x: Tensor) -> Tensor:
         return torch.sign(x)
 
@@ -1101,6 +1170,26 @@ class Sign(Activation):
         _, complement = gaussian_angle(k11, k12, k22, complement=True)
         nngp = complement / (math.pi / 2)
         return nngp, (torch.zeros_like(nngp) if want_dot else None)
+
+    def _state_pair_kernels(self, state: KernelState, want_dot: bool
+                            ) -> tuple[Tensor, Tensor | None, Callable[[], Tensor | None], PairCarry | None]:
+        # at the nearly (anti)parallel pairs a first Dense layer carries, the angle from the carried det, and
+        # the carry on (ntkgp/layers/near.py's sign_carried): the kernels' own angle is ε/θ off, and each Sign
+        # layer takes about a square root of it, so deep networks lost every digit of such pairs
+        carry = state.carry
+        if carry is None or self._replaced(Sign):
+            return super()._state_pair_kernels(state, want_dot)
+        k11, k12, k22 = state.k11, state.nngp, state.k22
+        nngp, dot = self.pair_kernel(k11, k12, k22, want_dot)
+        pair11, _, pair22 = carry.gathered(state.nngp, state.cov1, state.cov2)
+        kept = carry.within(pair11, pair22)
+        after = None
+        if kept is not None:
+            carry = kept
+            nngp_near, after = sign_carried(carry, state.nngp[carry.index])
+            nngp = patched(nngp, carry.index, torch.ones_like(nngp_near, dtype=torch.bool), nngp_near)
+        final = nngp
+        return nngp, dot, lambda: self.centred_pair_kernel(k11, k12, k22, final), after
 
     def variance(self, k: Tensor) -> Tensor:
         return (k > 0).to(k.dtype)

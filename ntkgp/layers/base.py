@@ -116,8 +116,8 @@ class Layer(VarianceParameters, gpytorch.Module):
     preserves_gaussian: bool = False
 
     #: Whether the layer's kernel map uses the nearly (anti)parallel pairs' carried values
-    #: (:class:`~ntkgp.layers.near.PairCarry`, the ReLU family): only then does a first ``Dense``
-    #: layer look for such pairs.
+    #: (:class:`~ntkgp.layers.near.PairCarry`: the ReLU family, ``Sign``, ``Sin``, ``Cos``, ``Rbf``): only
+    #: then does a first ``Dense`` layer look for such pairs.
     carries_pairs: bool = False
 
     #: Whether each output feature depends on the input only through sums over all of its

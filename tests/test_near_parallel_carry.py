@@ -1,0 +1,227 @@
+"""Kernels of ``Sin``, ``Cos``, ``Rbf`` and ``Sign`` networks at nearly parallel and antiparallel inputs,
+against 60-digit recursions of the network from the exact float inputs (the carry of
+ntkgp/layers/near.py beyond the ReLU family; tests/test_near_parallel.py has the ReLU family's).
+
+These kernels depend on ``E|u1 ∓ u2|² = k11 + k22 ∓ 2k12`` through ``e^{−b²(k11 + k22 ∓ 2k12)/2}``. From the
+rounded kernels each gap keeps ``k12``'s rounding, ``ε k`` absolute: at inputs of scale 1e3 a unit apart
+(``k ≈ 1e6``, a gap of order one) float32 ``Sin`` kernels were 0.14 off (of the largest entry) where the
+inputs' own rounding moves them by 4e-5. The first ``Dense`` layer's carried ``g`` and ``det``
+(ntkgp/layers/near.py) now give both gaps (``carried_gaps``).
+
+Errors are in units of ``ε`` times the magnitude of the recursion's terms (an exponent from the inputs
+costs ``ε |X|`` of its ``e^X`` at the least) plus the inputs' own condition, ``Σ_i |∂K/∂x_i| |x_i|``, with
+the dtype's smallest normal number as an absolute floor. Measured maxima (2026-12-05) over the pairs below
+(``d = 1`` and ``3``, with and without bias, ``Sin``, ``Cos``, ``Rbf``): 0.10 (float64) and 0.18 (float32);
+before, 1.66e3 and 455. The bound, 8, leaves room for another platform's ``exp`` and sums.
+"""
+
+from __future__ import annotations
+
+import mpmath as mp
+import pytest
+import torch
+from mpmath import mpf
+
+from ntkgp.layers import Cos, Dense, Rbf, Sign, Sin, serial
+
+ULPS = 8
+WEIGHT_VAR, BIAS_VAR = 1.0, 0.5
+ACTIVATIONS = {"Sin": (Sin, (1.0, 1.0, 0.3)), "Cos": (Cos, (0.7, 0.5, 0.2)), "Rbf": (Rbf, (0.5,))}
+
+
+def _pairs(d: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Inputs of scale 1e3 at distances 0.3 to 3, nearly parallel and nearly antiparallel."""
+    g = torch.Generator().manual_seed(10 + d)
+    pairs = []
+    for distance in (0.3, 1.0, 3.0):
+        x = 1e3 * torch.randn(d, generator=g, dtype=torch.float64)
+        e = torch.randn(d, generator=g, dtype=torch.float64)
+        step = distance * e / e.norm()
+        pairs += [(x, x + step), (x, -x + step)]
+    return [(a.to(dtype), b.to(dtype)) for a, b in pairs]
+
+
+def _terms(kind: str, params: tuple, k11, k12, k22):
+    """``T``, ``Ṫ`` at 60 digits, and the magnitudes their rounding is measured against."""
+    if kind == "Rbf":
+        a2, b2, cos2c = mpf(2), 2 * mpf(params[0]), mpf(0)
+    else:
+        a, b, c = (mpf(p) for p in params)
+        a2, b2, cos2c = a * a, b * b, mp.cos(2 * (c + (mp.pi / 2 if kind == "Cos" else 0)))
+    big_a = -b2 * (k11 + k22 - 2 * k12) / 2
+    big_b = -b2 * (k11 + k22 + 2 * k12) / 2
+    plus, minus = mp.exp(big_a), mp.exp(big_b)
+    size = a2 / 2 * (plus * (1 + abs(big_a)) + abs(cos2c) * minus * (1 + abs(big_b)))
+    return a2 / 2 * (plus - cos2c * minus), a2 * b2 / 2 * (plus + cos2c * minus), size, b2 * size
+
+
+def _kernels(kind: str, params: tuple, xs: list, ys: list, bias: float | None):
+    """NNGP and NTK of ``Dense → activation → Dense`` (NTK parameterization) at the working precision,
+    each with the magnitude of its terms."""
+    w, c = mpf(WEIGHT_VAR), mpf(0) if bias is None else mpf(bias)
+    d = len(xs)
+    k11 = w * sum(u * u for u in xs) / d + c
+    k22 = w * sum(u * u for u in ys) / d + c
+    k12 = w * sum(u * v for u, v in zip(xs, ys, strict=True)) / d + c
+    ntk_size = w * sum(abs(u * v) for u, v in zip(xs, ys, strict=True)) / d + c
+    t, dot, t_size, dot_size = _terms(kind, params, k11, k12, k22)
+    nngp = w * t + c
+    return (nngp, w * t_size + c), (nngp + w * k12 * dot, w * t_size + c + w * ntk_size * dot_size)
+
+
+def _reference(kind: str, params: tuple, x: torch.Tensor, y: torch.Tensor, bias: float | None):
+    """:func:`_kernels` at 60 digits from the exact float inputs, each magnitude plus the inputs' own
+    condition, ``Σ_i |∂K/∂x_i| |x_i|`` over both inputs (by central differences at 60 digits, steps of
+    1e-25 of each entry): a gap from inputs of scale 1e3 a unit apart is itself conditioned to ``1e3 ε``."""
+    with mp.workdps(60):
+        xs, ys = [mpf(float(v)) for v in x], [mpf(float(v)) for v in y]
+        base = _kernels(kind, params, xs, ys, bias)
+        condition = [mpf(0), mpf(0)]
+        entries = [(0, i) for i in range(len(xs))] + [(1, i) for i in range(len(ys))]
+        for which, i in entries:
+            pair = [list(xs), list(ys)]
+            h = abs(pair[which][i]) * mpf(10) ** -25
+            if h == 0:
+                continue
+            pair[which][i] += h
+            up = _kernels(kind, params, *pair, bias)
+            pair[which][i] -= 2 * h
+            down = _kernels(kind, params, *pair, bias)
+            for j in range(2):
+                condition[j] += abs(up[j][0] - down[j][0]) / 2   # |∂K/∂x_i| |x_i| · 1e-25
+        return [(base[j][0], base[j][1] + condition[j] * mpf(10) ** 25) for j in range(2)]
+
+
+def _ulps(got: torch.Tensor, want, dtype: torch.dtype) -> float:
+    """``|got − want|`` in units of ``ε`` times ``want``'s magnitude and condition, with the dtype's smallest
+    normal number as an absolute floor (the kernels of the antiparallel pairs underflow)."""
+    value, size = want
+    info = torch.finfo(dtype)
+    return float(abs(mpf(float(got.detach())) - value) / (size + mpf(info.tiny) / info.eps)) / info.eps
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", list(ACTIVATIONS))
+@pytest.mark.parametrize("bias", [BIAS_VAR, None], ids=["bias", "no_bias"])
+def test_large_nearly_parallel_inputs_to_their_conditioning(dtype, kind, bias):
+    cls, params = ACTIVATIONS[kind]
+    net = serial(Dense(8, WEIGHT_VAR, bias), cls(*params), Dense(1, WEIGHT_VAR, bias)).to(dtype)
+    worst = {"nngp": 0.0, "ntk": 0.0}
+    for d in (1, 3):
+        for x, y in _pairs(d, dtype):
+            kernels = net.kernel(torch.stack([x, y]))
+            nngp, ntk = _reference(kind, params, x, y, bias)
+            worst["nngp"] = max(worst["nngp"], _ulps(kernels.nngp[0, 1], nngp, dtype))
+            worst["ntk"] = max(worst["ntk"], _ulps(kernels.ntk[0, 1], ntk, dtype))
+    assert worst["nngp"] < ULPS and worst["ntk"] < ULPS, worst
+
+
+@pytest.mark.parametrize("kind", [*ACTIVATIONS, "Sign"])
+def test_carried_pairs_keep_symmetry_diagonal_mode_and_gradients(kind):
+    """The carried pairs are patched per pair: the matrix stays exactly symmetric, ``diag=True`` gives the
+    cross kernel's diagonal, and derivatives in the inputs through the carried values (two layers: Rbf and
+    Sign pass the carry on) agree with finite differences (float64)."""
+    cls, params = ACTIVATIONS.get(kind, (Sign, ()))
+    g = torch.Generator().manual_seed(5)
+    x = 30 * torch.randn(4, 3, generator=g, dtype=torch.float64)
+    x[1] = x[0] + 0.05 * torch.randn(3, generator=g, dtype=torch.float64)
+    x[2] = -x[0] + 0.05 * torch.randn(3, generator=g, dtype=torch.float64)
+    net = serial(Dense(8, WEIGHT_VAR, BIAS_VAR), cls(*params), Dense(8, WEIGHT_VAR, BIAS_VAR), cls(*params),
+                 Dense(1, WEIGHT_VAR, BIAS_VAR)).double()
+    full = net.kernel(x)
+    assert torch.equal(full.nngp, full.nngp.mT) and torch.equal(full.ntk, full.ntk.mT)
+    y = x.flip(0).contiguous()
+    cross, diagonal = net.kernel(x, y), net.kernel(x, y, diag=True)
+    eps = torch.finfo(torch.float64).eps
+    for got, want in ((diagonal.nngp, cross.nngp.diagonal()), (diagonal.ntk, cross.ntk.diagonal())):
+        torch.testing.assert_close(got, want, rtol=64 * eps, atol=0)
+
+    def kernels(a):
+        out = net.kernel(a, x[:2])
+        return out.nngp, out.ntk
+
+    assert torch.autograd.gradcheck(kernels, (x.clone().requires_grad_(True),))
+
+
+@pytest.mark.parametrize("kind", ["Sin", "Cos"])
+def test_gradients_with_an_antiparallel_pair_at_large_inputs(kind):
+    """``e^{−b²(k11 + k22 + 2k12)/2}`` is at its maximum at an exactly antiparallel pair (``x``, ``−x``): from the
+    rounded kernels its partial derivatives, of size ``b²k``, cancel in the chain rule's sum only to ``ε k``,
+    and the float32 gradients (against float64, relative to the largest) of the first weight variance were
+    0.22 / 1.0 / NaN (Sin) and 0.14 / 1.0 / NaN (Cos) at input scale 1e3 / 1e4 / 1e8, the input gradients
+    0.85 and 0.19 at 1e3 (2026-12-05). Through the carried gap ``|x + x'|²`` (whose derivative is 0 there)
+    they are within 2.6e-7 and 4.9e-7 from scale 1e2 to 1e8; the test allows 1e-5."""
+    cls, params = ACTIVATIONS[kind]
+    g = torch.Generator().manual_seed(0)
+    points = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    points = torch.cat([points, -points[:1]])
+    for scale in (1e3, 1e4, 1e8):
+        grads = {}
+        for dtype in (torch.float64, torch.float32):
+            net = serial(Dense(8, 1.5), cls(*params), Dense(8, 1.5), cls(*params), Dense(1, 1.5)).to(dtype)
+            x = (points * scale).float().to(dtype).requires_grad_(True)
+            k = net.kernel(x)
+            loss = k.nngp.sum() / k.nngp.detach().abs().max() + k.ntk.sum() / k.ntk.detach().abs().max()
+            grads[dtype] = [t.double() for t in torch.autograd.grad(loss, [net[0].raw_weight_var, x])]
+        for got, want in zip(grads[torch.float32], grads[torch.float64], strict=True):
+            assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), (scale, kind)
+
+
+def _deep_reference(kind: str, x: torch.Tensor, y: torch.Tensor, depth: int):
+    """NNGP of ``Dense → (activation → Dense) × depth`` (``σ_w² = 2``, no bias) at 60 digits from the exact
+    float inputs, with its magnitude plus the inputs' condition (central differences, as :func:`_reference`)."""
+    def nngp(xs, ys):
+        w, d = mpf(2), len(xs)
+        k11, k22 = w * sum(u * u for u in xs) / d, w * sum(u * u for u in ys) / d
+        k12 = w * sum(u * v for u, v in zip(xs, ys, strict=True)) / d
+        for _ in range(depth):
+            if kind == "Sign":
+                t = 2 / mp.pi * mp.asin(k12 / mp.sqrt(k11 * k22))
+            else:
+                t = mp.exp(-(k11 + k22 - 2 * k12))   # Rbf(1): T11 = T22 = 1
+            k11, k12, k22 = w, w * t, w
+        return k12
+
+    with mp.workdps(60):
+        xs, ys = [mpf(float(v)) for v in x], [mpf(float(v)) for v in y]
+        value, condition = nngp(xs, ys), mpf(0)
+        for which, i in [(0, i) for i in range(len(xs))] + [(1, i) for i in range(len(ys))]:
+            pair = [list(xs), list(ys)]
+            h = abs(pair[which][i]) * mpf(10) ** -25
+            pair[which][i] += h
+            up = nngp(*pair)
+            pair[which][i] -= 2 * h
+            condition += abs(up - nngp(*pair)) / 2 * mpf(10) ** 25
+        return value, abs(value) + condition
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["Sign", "Rbf"])
+def test_deep_chaotic_kernels_of_nearly_parallel_inputs(dtype, kind):
+    """``Sign`` (which takes about a square root of the angle each layer) and ``Rbf(1)`` with ``σ_w² = 2``
+    (``2σ_w²γ = 4``: small gaps grow fourfold a layer) expand the angle of nearly parallel inputs until it
+    is of order one. From the rounded kernels ``1 − T12`` keeps ``T12``'s rounding: in float32 pairs 1e-5
+    from parallel read ``T12 = 1`` (parallel) after the first layer, and the kernels at depth 10 (Sign) and
+    15 (Rbf) were 0.93 and 0.12 off (of the largest entry) where the inputs' own rounding moves them by
+    2.4e-5 and 6.3e-4. They now carry ``det`` and ``g`` through (ntkgp/layers/near.py). Measured maxima
+    (2026-12-05, units as above, pairs 1e-3 to 1e-7 from parallel and antiparallel, depths 3, 10 and 15;
+    float64 / float32): Sign 0.0073 / 0.010, Rbf 1.22 / 0.78; before, 7.2e6 / 2.2e5 and 6.0e6 / 1.3e4."""
+    activation = {"Sign": Sign, "Rbf": lambda: Rbf(1.0)}[kind]
+    g = torch.Generator().manual_seed(7)
+    worst = 0.0
+    for depth in (3, 10, 15):
+        layers = [Dense(8, 2.0, None)]
+        for _ in range(depth):
+            layers += [activation(), Dense(8, 2.0, None)]
+        net = serial(*layers).to(dtype)
+        for angle in (1e-3, 1e-5, 1e-7):
+            x = torch.randn(3, generator=g, dtype=torch.float64)
+            e = torch.randn(3, generator=g, dtype=torch.float64)
+            step = angle * x.norm() / e.norm() * e
+            if angle < 4 * torch.finfo(dtype).eps:
+                continue   # float32 inputs at an angle below 2ε count as parallel (docs/numerics.md)
+            for a, b in ((x, x + step), (x, -x + step)):
+                a, b = a.to(dtype), b.to(dtype)
+                got = net.kernel(torch.stack([a, b]), ntk=False).nngp[0, 1]
+                worst = max(worst, _ulps(got, _deep_reference(kind, a, b, depth), dtype))
+    assert worst < ULPS, worst
