@@ -23,6 +23,7 @@ from ntkgp.layers.base import Layer, NonFiniteKernelError, NonFiniteVarianceErro
 from ntkgp.layers.mlp import mlp
 from ntkgp.layers.validation import all_finite, array_advice, check_points, one_point_hint, where_not_finite
 from ntkgp.predict.gaussian import Gaussian, HyperparameterRecord, check_non_negative
+from ntkgp.predict.spectral import coarser_than_float64, training_kernel_error, warn_if_imprecise
 
 __all__ = ["NetworkGP", "exact_solves", "fit"]
 
@@ -192,7 +193,12 @@ class NetworkGP(gpytorch.models.ExactGP):
     float64 anchors either way.
     With float32 data GPyTorch also solves in float32 (unlike :class:`ntkgp.predict.GPPosterior`,
     which factors in float64), so deep networks and duplicate points are less accurate here: pass
-    float64 data for accuracy.
+    float64 data for accuracy. A float32 model judges the first prediction of each training solve (after
+    new data, hyperparameters or noise) as ``GPPosterior(..., factor_dtype=torch.float32)`` judges its
+    own, and warns (``RuntimeWarning``, "the test outputs depend on the kernels' last digits") where the
+    kernels' rounding, or a deep kernel's own error against float64, can move the predictive means by
+    more than 1 % (docs/numerics.md): those of ``mlp(300, "relu", 2, 1)`` were 1.2e-2 to 4e-2 off the
+    float64 model's, silently.
 
     Many test points: GPyTorch's ``ExactGP`` forms the ``(M, M)`` kernel of the test points for
     any prediction, ``.mean`` alone and ``skip_posterior_variances`` included (measured: 1.07 M²
@@ -316,9 +322,34 @@ class NetworkGP(gpytorch.models.ExactGP):
         self._inference_cache = torch.is_inference_mode_enabled() or (self._inference_cache and not rebuilt)
         with exact_solves(self), _sparse_invariants_unchanged():   # the prediction's solves run here
             output = super().__call__(*inputs, **kwargs)
-        if rebuilt:
-            self._record_prediction_state()
+            if rebuilt:
+                self._record_prediction_state()
+                self._warn_if_imprecise(output)
         return output
+
+    def _warn_if_imprecise(self, output: gpytorch.distributions.MultivariateNormal) -> None:
+        """:func:`~ntkgp.predict.spectral.warn_if_imprecise` for a float32 model's predictive mean, as
+        :class:`~ntkgp.predict.GPPosterior` with ``factor_dtype=torch.float32`` judges its own: GPyTorch's
+        training solve ``c = (K + σ²I)⁻¹ (y − m)`` (its cached ``mean_cache``), the training variances with
+        the noise, the kernels' rounding and the float32 factorization's, and where ``ε`` leaves it quiet
+        the training kernel's error against float64 (a deep recursion's, many times its rounding). Once per
+        training solve, at the prediction that builds it: the float32 means of ``mlp(300, "relu", 2, 1)``
+        were 1.2e-2 to 4.0e-2 off the float64 model's, silently, where ``GPPosterior`` warned. Nothing is
+        computed for float64 models; batched training inputs (fantasies) are not judged."""
+        strategy, x, eps = self.prediction_strategy, self.train_inputs[0], torch.finfo(output.mean.dtype).eps
+        if not coarser_than_float64(eps) or strategy is None or x.dim() != 2:
+            return
+        with torch.no_grad():
+            n, k = x.shape[0], self.num_outputs
+            # GPyTorch's multitask solve is interleaved, entry i k + j for point i and output j; each output
+            # judged as the GP it is, by its own coefficients, variances (task noises) and size: (k, N, 1)
+            coefficients = strategy.mean_cache.detach().reshape(n, k).mT.unsqueeze(-1)
+            variances = strategy.lik_train_train_covar.diagonal().detach().reshape(n, k).mT   # (k, N)
+            outputs = output.mean.detach().reshape(-1, k).mT.unsqueeze(-1)                        # (k, M, 1)
+        entry_eps = training_kernel_error(self.net, x, self.covar_module.kind == "ntk", variances.amin(0))
+        warn_if_imprecise(coefficients, outputs, variances, eps, factor_eps=eps, entry_eps=entry_eps,
+                          remedy="Predict in float64 (float64 data, NetworkGP(train_x.double(), ...), or "
+                                 "model.double() with float64 test inputs), or give it more noise.")
 
     def set_train_data(self, inputs: Tensor | Sequence[Tensor] | None = None, targets: Tensor | None = None,
                        strict: bool = True) -> None:

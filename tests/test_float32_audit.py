@@ -144,3 +144,69 @@ def test_a_float32_flow_at_finite_times_counts_its_kernel_s_own_error():
     assert errors[0] < 1e-4 and min(errors[1:]) > 1e-2
     assert len(messages) == 1 and messages[0].startswith("At t = 10000 and later")
     assert "error against float64" in messages[0]
+
+
+def _network_gp(net, x: torch.Tensor, y: torch.Tensor, noise: float, kernel: str = "nngp"):
+    from ntkgp.models import NetworkGP
+
+    model = NetworkGP(x, y, net, kernel=kernel)
+    model.likelihood.noise = noise
+    return model.eval()
+
+
+# A NetworkGP solves in its data's dtype (GPyTorch's Cholesky): the float32 NTK-GP of mlp(300, "relu", 2, 1) on 30
+# points (noise 1e-3) predicts means 4.3e-2 off its float64 twin's (each of two outputs too), as
+# GPPosterior(..., kernel="ntkgp", factor_dtype=torch.float32) does, which warned; the model said nothing. It now
+# judges its first prediction after each training solve as GPPosterior judges its own (the estimate at ε is quiet;
+# with the kernel's measured error, 7 500 ulps, it reads 6.4 %, 11 % for two outputs), and not the next.
+@pytest.mark.parametrize("outputs", [None, 2])
+def test_a_float32_network_gp_warns_once_per_training_solve_where_its_deep_kernel_moves_the_means(outputs):
+    import copy
+
+    x, x_test, y = _data(30)
+    y = y[:, 0] if outputs is None else y
+    model = _network_gp(ntkgp.mlp(300, "relu", 2.0, 1.0), x, y, 1e-3, kernel="ntk")
+    twin = copy.deepcopy(model).double()
+    with torch.no_grad():
+        reference = twin(x_test.double()).mean.reshape(5, -1)
+        mean, messages = _messages(lambda: model(x_test).mean.reshape(5, -1))
+        assert _relative_error(mean, reference) > 3e-2
+        assert len(messages) == 1 and "last digits" in messages[0] and "error against float64" in messages[0]
+        assert "Predict in float64" in messages[0]
+        assert not _messages(lambda: model(x_test[:3]).mean)[1]   # the same training solve: judged once
+        model.likelihood.noise = 2e-3                                # a new one: judged again
+        assert len(_messages(lambda: model(x_test).mean)[1]) == 1
+
+
+# Where float32 holds (shallow networks: means 8e-5 off float64's, relative) the model stays quiet; a float64 model
+# computes nothing for the judgement (no probe of its kernel: the same kernel evaluations as GPyTorch's own), a float32
+# one the training variances (a diagonal) and the probe's two 16-point kernels (float32 and float64), no more
+@pytest.mark.parametrize(("depth", "activation"), [(1, "relu"), (3, "erf")])
+def test_a_network_gp_judges_float32_alone_and_stays_quiet_where_it_holds(depth, activation):
+    import copy
+
+    x, x_test, y = _data(100)
+    net = ntkgp.mlp(depth, activation)
+    counts = []
+
+    def counted(model):
+        calls = []
+        kernel = model.net.kernel
+
+        def count(*args, **kwargs):
+            calls.append((args[0].shape[-2], kwargs.get("diag", False)))
+            return kernel(*args, **kwargs)
+
+        model.net.kernel = count
+        counts.append(calls)
+        return model
+
+    model = counted(_network_gp(copy.deepcopy(net), x, y[:, 0], 1e-2))
+    twin = counted(_network_gp(copy.deepcopy(net), x.double(), y[:, 0].double(), 1e-2))
+    with torch.no_grad():
+        reference, messages64 = _messages(lambda: twin(x_test.double()).mean)
+        mean, messages = _messages(lambda: model(x_test).mean)
+    assert _relative_error(mean.unsqueeze(-1), reference.unsqueeze(-1)) < 1e-3
+    assert not messages and not messages64
+    float32, float64 = counts
+    assert float32[:len(float64)] == float64 and float32[len(float64):] == [(100, True), (16, False), (16, False)]
