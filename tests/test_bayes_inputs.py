@@ -350,11 +350,69 @@ def test_boolean_targets_are_refused_with_the_conversion_to_make(flags):
     fix = r"\.double\(\)" if isinstance(flags, torch.Tensor) else r"np\.asarray\((y|y_obs|mean), dtype=float\)"
     calls = [lambda: bayes.rmse(mean, flags), lambda: bayes.nlpd(mean, 1.0, flags),
              lambda: bayes.crps(mean, 1.0, flags), lambda: bayes.regression_metrics(mean, 1.0, flags),
-             lambda: bayes.rmse(flags, mean),
              lambda: bayes.gaussian_log_density(flags, mean, 1.0),
              lambda: bayes.gaussian_to_inference_data(g, flags, 0.1, num_draws=4),
              lambda: bayes.ensemble_to_inference_data(torch.zeros(2, 3), flags, 0.1)]
     for call in calls:
         with pytest.raises(ValueError, match=rf"got booleans .* convert with [^ ]*{fix}.*one_hot_targets"):
             call()
+    with pytest.raises(ValueError, match=rf"got booleans .* convert with [^ ]*{fix} if those are the values meant\.$"):
+        bayes.rmse(flags, mean)   # a boolean mean: the conversion alone (no targets of classes to name)
     assert bayes.rmse(mean, torch.tensor([1, 0, 1]) - 0.5) == 0.0   # integers are numbers: taken as they are
+
+
+def test_the_boolean_refusal_names_targets_of_classes_that_fit_the_flags_shape():
+    """The refusal named one_hot_targets(labels) and accuracy(mean, labels) for booleans of every shape. For the
+    usual case, (M,) flags against an (M,) mean, neither works as written: one_hot_targets gives (M, 2) targets
+    ("y must have the shape of mean, (4,); got (4, 2)") and accuracy reads a 1-D mean as labels ("must hold
+    integer class labels"); ±1 targets were not named. Each recipe now fits its shape, and runs as written."""
+    mean = np.array([0.4, -0.3, 0.6, -0.2])   # a one-output mean of ±1 targets: the flags' classes by its sign
+    two = np.stack([-mean, mean], 1)           # the mean of one_hot_targets(flags), two outputs
+    flags = np.array([True, False, True, False])
+    one_hot = np.stack([~flags, flags], 1)
+    with pytest.raises(ValueError, match="integer class labels"):
+        bayes.accuracy(mean, flags)   # the old recipe, for an (M,) mean
+    with pytest.raises(ValueError, match=r"np\.asarray\(y, dtype=float\) \* 2 - 1 for ±1 targets; for two classes "
+                                         r"regressed on ntkgp\.bayes\.one_hot_targets\(y\) \(a mean \(M, 2\)\).*"
+                                         r"accuracy\(mean, y\)\.$"):
+        bayes.rmse(mean, flags)
+    with pytest.raises(ValueError, match=r"y\.double\(\) \* 2 - 1 for ±1 targets"):
+        bayes.nlpd(mean, 1.0, torch.tensor(flags))
+    y = flags   # the recipes, as written: residuals 0.6, 0.7, 0.4, 0.8 against ±1
+    assert bayes.rmse(mean, np.asarray(y, dtype=float) * 2 - 1) == pytest.approx(math.sqrt(1.65 / 4), rel=1e-15)
+    assert bayes.rmse(mean, torch.tensor(y).double() * 2 - 1) == pytest.approx(math.sqrt(1.65 / 4), rel=1e-15)
+    # e_c − 1/2 against ∓(0.4, 0.3, 0.6, 0.2): residuals 0.1, 0.2, 0.1, 0.3 in both columns
+    assert bayes.rmse(two, bayes.one_hot_targets(y)) == pytest.approx(math.sqrt(0.15 / 4), rel=1e-14)
+    assert bayes.accuracy(two, y) == 1.0
+    for y, labels in ((one_hot, r"np\.argmax\(y, -1\)"), (torch.tensor(one_hot), r"y\.int\(\)\.argmax\(-1\)")):
+        with pytest.raises(ValueError, match=rf"one-hot classes, .*one_hot_targets\(labels, 2\) .* labels = {labels}, "
+                                             r"or use ntkgp\.bayes\.accuracy\(mean, labels\)\.$"):
+            bayes.rmse(two, y)
+        labels = np.argmax(y, -1) if isinstance(y, np.ndarray) else y.int().argmax(-1)
+        assert bayes.rmse(two, bayes.one_hot_targets(labels, 2)) == pytest.approx(math.sqrt(0.15 / 4), rel=1e-14)
+        assert bayes.accuracy(two, labels) == 1.0
+    with pytest.raises(ValueError, match=r"dtype=float\) \* 2 - 1 for ±1 targets\.$"):   # (M, 1): no one-hot matrix
+        bayes.rmse(mean[:, None], flags[:, None])
+
+
+def test_boolean_draws_and_members_are_refused_and_boolean_labels_stay_accepted():
+    """Boolean draws (f_draws, y_draws) and ensemble members were read as 1 and 0 by the exports and by
+    ensemble_moments, where a boolean mean is refused by every metric. Class labels, where booleans are the two
+    classes, stay accepted."""
+    f, y = np.zeros((4, 3)), np.array([0.5, -0.5, 0.5])
+    flags = np.array([[True, False, True]] * 4)
+    calls = {"f_draws": lambda: bayes.draws_to_inference_data(flags, y, 0.1),
+             "y_draws": lambda: bayes.draws_to_inference_data(f, y, 0.1, y_draws=flags),
+             "predictions": lambda: bayes.ensemble_to_inference_data(flags, y, 0.1),
+             r"predictions\[1\]": lambda: bayes.ensemble_moments([torch.zeros(3), torch.tensor(flags[0])])}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^{name} must be numbers, got booleans .*values meant\.$"):
+            call()
+    mean, _ = bayes.ensemble_moments(np.where(flags, 1.0, 0.0))   # the conversion, accepted
+    np.testing.assert_array_equal(mean, [1.0, 0.0, 1.0])
+    labels = np.array([True, False, True, False])
+    scores = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+    assert bayes.accuracy(scores, labels) == 0.75
+    assert bayes.auroc(scores[:, 1], labels) == 1.0
+    torch.testing.assert_close(bayes.one_hot_targets(labels)[:, 1], torch.tensor([0.5, -0.5, 0.5, -0.5],
+                                                                                 dtype=torch.float64))

@@ -573,9 +573,10 @@ def test_interval_takes_a_coverage_level_by_name_and_width_stays_in_standard_dev
     for level in (0.5, 0.9, 0.95, 0.999):
         lower, upper = g.interval(level=level)
         low, high = scipy.stats.norm.interval(level, mean.numpy(), np.array([[2.0], [3.0]]))
-        np.testing.assert_allclose(upper.numpy(), high, rtol=1e-14, atol=1e-14)   # Φ⁻¹ to float64 rounding
-        # scipy's lower end is Φ⁻¹((1 − p)/2), whose rounding of (1 − p) is relative to the tail: 1e-13 at p = 0.999
-        np.testing.assert_allclose(lower.numpy(), low, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(lower.numpy(), low, rtol=1e-14, atol=1e-14)   # Φ⁻¹ to float64 rounding
+        # scipy's upper end is Φ⁻¹((1 + p)/2), whose rounding of 1 + p is large beside the tail 1 − p: 6e-14 at
+        # p = 0.999 (the band is taken from the tail, −Φ⁻¹((1 − p)/2), exact; next test)
+        np.testing.assert_allclose(upper.numpy(), high, rtol=0, atol=1e-12)
     lower, upper = g.interval(0.95)   # still standard deviations: 0.95 σ, not the 95 % band
     torch.testing.assert_close(upper - mean, torch.tensor([[1.9], [2.85]], dtype=torch.float64).expand(2, 2),
                                rtol=1e-15, atol=1e-15)
@@ -586,6 +587,22 @@ def test_interval_takes_a_coverage_level_by_name_and_width_stays_in_standard_dev
         with pytest.raises(ValueError, match=message):
             g.interval(**kwargs)
 
+
+
+def test_interval_level_near_one_is_taken_from_the_tail():
+    """width = Φ⁻¹((1 + p)/2) rounded (1 + p)/2 to 1 for p = 1 − 2⁻⁵³, a probability in (0, 1), and raised
+    statistics' "p must be in the range 0.0 < p < 1.0" of a p never passed; nearer 1 it lost the tail's digits
+    (2e-6 relative at p = 1 − 1e-12). −Φ⁻¹((1 − p)/2) is exact there: 1 − p has no rounding for p >= 1/2.
+    Reference half-widths √2 erf⁻¹(p) of the float64 p, by mpmath at 40 digits."""
+    mean = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    g = predict.Gaussian(mean, torch.tensor([[4.0, 1.0], [1.0, 9.0]], dtype=torch.float64))
+    sd = torch.tensor([2.0, 3.0], dtype=torch.float64)
+    for level, width in ((1 - 2**-53, 8.292361075813595), (1 - 1e-12, 7.130509892879273),
+                         (1 - 1e-9, 6.109410209383449), (0.999, 3.2905267314918945)):
+        lower, upper = g.interval(level=level)
+        # Φ⁻¹ of the tail to a few float64 roundings (NormalDist's rational approximation, 1e-16)
+        torch.testing.assert_close(upper, mean + width * sd, rtol=1e-15, atol=0)
+        torch.testing.assert_close(lower, mean - width * sd, rtol=1e-15, atol=0)
 
 _DIAG_NET = ntkgp.mlp(2, "erf", 2.25, 0.05, width=16)
 _FLOW_MODULE = sys.modules["ntkgp.predict.gradient_flow"]   # ntkgp.predict.gradient_flow is the function

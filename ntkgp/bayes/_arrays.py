@@ -121,23 +121,44 @@ LEADING_AXIS_HINT = (" If the first axis is times (gradient_flow at several t) o
                      "(ntkgp.bayes.predictive_moments(..., time_index=i)) or take ntkgp.bayes.ensemble_moments first.")
 
 
-def no_booleans(value: ArrayLike, name: str) -> None:
+def no_booleans(value: ArrayLike, name: str, targets: bool = True) -> None:
     """Refuse boolean targets or predictions, which numpy reads as 1 and 0, as ``NetworkGP`` refuses boolean
     ``train_y``: scored against a mean regressed on one-hot targets (``e_c − 1/C``, Lee et al. 2018) or on
-    ``±1`` labels, 0/1 gave wrong residuals silently."""
-    if holds_a_boolean(value):
-        fix = f"{name}.double()" if hasattr(value, "double") else f"np.asarray({name}, dtype=float)"
-        raise ValueError(f"{name} must be numbers, got booleans ({type(value).__name__}), which would be read as 1 "
-                         f"and 0: convert with {fix} if those are the values meant; for classes, score the mean "
-                         "against ntkgp.bayes.one_hot_targets(labels) (the targets it was regressed on), or use "
-                         "ntkgp.bayes.accuracy(mean, labels).")
+    ``±1`` labels, 0/1 gave wrong residuals silently.
+
+    The message names the conversion; for ``targets`` (not a mean) also the targets of classes, by the shape
+    of the booleans: ``(M,)`` flags are two classes, as one output (``±1``) or as the labels of
+    :func:`~ntkgp.bayes.one_hot_targets` (a mean ``(M, 2)``), and ``(M, C)`` ones a one-hot matrix. One
+    recipe for every shape sent ``(M,)`` flags scored against an ``(M,)`` mean to ``one_hot_targets``, whose
+    ``(M, 2)`` targets that mean does not have, and to ``accuracy``, which read the mean as labels."""
+    if not holds_a_boolean(value):
+        return
+    fix = f"{name}.double()" if hasattr(value, "double") else f"np.asarray({name}, dtype=float)"
+    try:
+        shape = np.shape(cast("np.ndarray", value))
+    except ValueError:   # ragged lists: the conversion alone
+        shape = ()
+    hint = ""
+    if targets and len(shape) == 2 and shape[1] == 1:   # (M, 1) flags: no one-hot matrix
+        hint = f", or {fix} * 2 - 1 for ±1 targets"
+    elif targets and len(shape) == 1:
+        hint = (f", or {fix} * 2 - 1 for ±1 targets; for two classes regressed on "
+                f"ntkgp.bayes.one_hot_targets({name}) (a mean (M, 2)), score the mean against those targets, or use "
+                f"ntkgp.bayes.accuracy(mean, {name})")
+    elif targets and len(shape) == 2:
+        labels = f"{name}.int().argmax(-1)" if hasattr(value, "double") else f"np.argmax({name}, -1)"
+        hint = (f"; for one-hot classes, score the mean against ntkgp.bayes.one_hot_targets(labels, {shape[1]}) "
+                f"(the targets e_c − 1/C it was regressed on), labels = {labels}, or use "
+                "ntkgp.bayes.accuracy(mean, labels)")
+    raise ValueError(f"{name} must be numbers, got booleans ({type(value).__name__}), which would be read as 1 and "
+                     f"0: convert with {fix} if those are the values meant{hint}.")
 
 
 def observations(mean: ArrayLike, y: ArrayLike, name_mean: str = "mean",
                  name_y: str = "y") -> tuple[np.ndarray, np.ndarray]:
     """Finite ``mean`` and ``y`` of one shape, ``(M,)`` or ``(M, k)`` with ``M, k >= 1``; not booleans
     (:func:`no_booleans`)."""
-    no_booleans(mean, name_mean)
+    no_booleans(mean, name_mean, targets=False)
     no_booleans(y, name_y)
     mean, y = finite(mean, name_mean), finite(y, name_y)
     if mean.ndim not in (1, 2) or 0 in mean.shape:   # (M, 0): every metric a mean of nothing, NaN

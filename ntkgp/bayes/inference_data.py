@@ -59,7 +59,7 @@ def gaussian_log_density(y: ArrayLike, mean: ArrayLike, variance: ArrayLike) -> 
     ``(M, 1)`` for one value per point, ``(1, k)`` for one per output.
     """
     no_booleans(y, "y")
-    no_booleans(mean, "mean")
+    no_booleans(mean, "mean", targets=False)
     y, mean = finite(y, "y"), finite(mean, "mean")
     variance = finite(variance, "variance", booleans=False)
     if not (variance > 0).all():
@@ -150,6 +150,7 @@ def draws_to_inference_data(f_draws: ArrayLike, y_obs: ArrayLike, noise: ArrayLi
     if seed is not None and not isinstance(seed, np.random.Generator | np.random.SeedSequence):
         seed = integer_at_least(seed, 0, "seed")   # any size numpy takes; booleans and floats refused
     attrs = _checked_attrs(attrs)
+    no_booleans(f_draws, "f_draws", targets=False)   # read as 1 and 0, as a boolean mean would be in the metrics
     f = finite(f_draws, "f_draws")
     if f.ndim not in (2, 3) or f.shape[0] == 0:
         raise ValueError(f"f_draws must have shape (S, M) or (S, M, k) with S >= 1, got {f.shape}.")
@@ -162,6 +163,7 @@ def draws_to_inference_data(f_draws: ArrayLike, y_obs: ArrayLike, noise: ArrayLi
         y_rep *= np.sqrt(compact(noise_var))
         y_rep += f
     else:
+        no_booleans(y_draws, "y_draws", targets=False)
         y_rep = finite(y_draws, "y_draws")
         if y_rep.shape != f.shape:
             raise ValueError(f"y_draws must have the shape of f_draws, {f.shape}; got {y_rep.shape}.")

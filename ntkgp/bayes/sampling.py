@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ntkgp._typing import ArrayLike, TimeIndex
-from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least, seed_value
+from ntkgp.bayes._arrays import broadcast_per_point, finite, integer_at_least, no_booleans, seed_value
 from ntkgp.bayes.inference_data import check_export, draws_to_inference_data
 from ntkgp.layers.validation import all_finite
 from ntkgp.predict.gaussian import Gaussian, device_memory
@@ -476,8 +476,8 @@ def _per_output_draws(g: Gaussian[Tensor, Tensor], z: Tensor) -> Tensor:
 def _root_product(vectors: Tensor, roots: Tensor, normals: list[Tensor]) -> Tensor:
     """``R z`` of each row ``z`` of the normals ``(S, M)``, ``z Rᵀ``, for the symmetric root ``R = V diag(√λ) Vᵀ``
     (:func:`_covariance_root`'s ``V``, ``√λ``), the normals taken out of ``normals`` (its caller's only hold on
-    them, so that their array is freed as the projection takes its place): ``Rᵀ`` formed (``M³``) and one product
-    where ``S ≥ M``; otherwise ``((z V) ⊙ √λ) Vᵀ``, two ``S M²`` products and no ``M³``."""
+    them, so that their array is freed as the projection takes its place): ``R = Rᵀ`` formed (``M³``) and one
+    product where ``S ≥ M``; otherwise ``((z V) ⊙ √λ) Vᵀ``, two ``S M²`` products and no ``M³``."""
     z = normals.pop()
     if z.shape[0] >= z.shape[1]:
         return z @ (vectors @ (vectors * roots).mT)
@@ -574,11 +574,14 @@ def _stack_members(predictions) -> np.ndarray:
     if isinstance(predictions, Sequence) and not isinstance(predictions, str | bytes):
         if len(predictions) == 0:
             raise ValueError("predictions must hold at least one ensemble member.")
+        for i, p in enumerate(predictions):   # read as 1 and 0, as a boolean mean would be in the metrics
+            no_booleans(p, f"predictions[{i}]", targets=False)
         members = [finite(p, f"predictions[{i}]") for i, p in enumerate(predictions)]
         if len({m.shape for m in members}) != 1:
             raise ValueError(f"All members must predict the same shape, got {sorted({m.shape for m in members})}.")
         stacked = np.stack(members)
     else:
+        no_booleans(predictions, "predictions", targets=False)
         stacked = finite(predictions, "predictions")
     if stacked.ndim not in (2, 3) or stacked.shape[0] == 0 or stacked.shape[1] == 0:
         raise ValueError(f"predictions must be (E, M) or (E, M, k) (or a list of E (M,)/(M, k) tensors), "
