@@ -304,6 +304,36 @@ def test_priors_registered_on_a_layer_by_hand_are_sampled_and_counted():
     assert float(value) == pytest.approx(float(ref), abs=1e-12)
 
 
+def test_botorch_resampling_of_the_priors_leaves_frozen_variances_as_they_were():
+    """BoTorch's ``fit_gpytorch_mll`` resamples every prior between attempts (``sample_all_priors``) inside
+    ``parameter_rollback_ctx`` over the frozen parameters, which restores their raw values alone. A sample
+    installed as the setter installs a value (a new anchor, raw = 0) left a frozen readout ``weight_var`` at
+    ``sample · exp(raw)`` (1.93 came back as 1.69 here), where an ``RBFKernel``'s frozen lengthscale comes back as it
+    was. The free variance holds its sample (to a few ulp: anchor · exp(log(sample) − log(anchor)))."""
+    from botorch.optim.utils import get_parameters, sample_all_priors
+    from botorch.utils.context_managers import parameter_rollback_ctx
+
+    gamma = gpytorch.priors.GammaPrior
+    net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1, weight_var_prior=gamma(2.0, 1.0)), ntkgp.ReLU(),
+                       ntkgp.Dense(1, 1.5, 0.2, weight_var_prior=gamma(2.0, 1.0))).double()
+    with torch.no_grad():
+        net[2].raw_weight_var.fill_(0.25)   # a fitted value, 1.5 e^0.25
+    net[2].requires_grad_(False)            # a readout frozen (under a ScaleKernel, docs/api/kernels.md)
+    frozen = net[2].weight_var.detach().clone()
+    x, y = _data(10)
+    model = _GP(x, y, ntkgp.NTKKernel(net))
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    torch.manual_seed(0)
+    expected = [net[0].weight_var_prior.sample(), net[2].weight_var_prior.sample()]   # sample_all_priors' order
+    torch.manual_seed(0)
+    with parameter_rollback_ctx(get_parameters(mll, requires_grad=False)):
+        sample_all_priors(model)
+        assert float(net[2].weight_var) == pytest.approx(float(expected[1]), rel=1e-15)   # sampled, then
+    assert torch.equal(net[2].weight_var.detach(), frozen)                                 # rolled back
+    assert float(net[0].weight_var) == pytest.approx(float(expected[0]), rel=1e-15)
+    assert float(expected[0]) != 2.0
+
+
 def test_botorch_multitask_gp_uses_the_kernel_on_the_features_alone():
     """BoTorch's ``MultiTaskGP(covar_module=...)`` gives a kernel without ``active_dims`` the non-task
     columns; the posterior is the dense ``K(x, x') B[t, t']`` one (1e-9, BoTorch's float64 Cholesky)."""

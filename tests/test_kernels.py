@@ -690,6 +690,51 @@ def test_pyro_sample_from_prior_keeps_the_graph_of_the_sampled_variances(monkeyp
     assert kernel.net[2].weight_var.item() == 2.0   # the random copy's samples leave the kernel as it was
 
 
+def test_a_prior_registered_by_a_variances_name_pickles_and_keeps_the_graph_of_its_samples(monkeypatch):
+    """``layer.register_prior("weight_var_prior", prior, "weight_var")`` (docs/api/kernels.md) took GPyTorch's
+    closures, local functions: the kernel no longer pickled ("Can't pickle local object"), and the variance
+    sampled by ``pyro_sample_from_prior`` was installed detached (its gradient ``None``). It now acts as
+    ``Dense(weight_var_prior=...)``, whose gradient the test above checks by finite differences."""
+    import sys
+    import types
+
+    dt = torch.float64
+    sites: dict[str, torch.Tensor] = {}
+
+    def sample(name, distribution, obs=None):
+        sites[name] = distribution.sample().requires_grad_()
+        return sites[name]
+
+    monkeypatch.setitem(sys.modules, "pyro", types.SimpleNamespace(sample=sample))
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=dt)
+    gamma = gpytorch.priors.GammaPrior
+    by_hand = ntkgp.serial(ntkgp.Dense(8, 1.5, 0.1), ntkgp.Erf(), ntkgp.Dense(1, 2.0, 0.05))
+    by_hand[0].register_prior("weight_var_prior", gamma(3.0, 2.0), "weight_var")
+    by_hand[2].register_prior("raw_bias_var_prior", gpytorch.priors.NormalPrior(0.0, 1.0), "raw_bias_var")
+    given = ntkgp.serial(ntkgp.Dense(8, 1.5, 0.1, weight_var_prior=gamma(3.0, 2.0)), ntkgp.Erf(),
+                         ntkgp.Dense(1, 2.0, 0.05))
+    kernel = ntkgp.NTKKernel(by_hand).double()
+    copied = pickle.loads(pickle.dumps(kernel))
+    assert [name for name, *_ in copied.named_priors()] == ["net.layers.0.weight_var_prior",
+                                                           "net.layers.2.raw_bias_var_prior"]
+    torch.manual_seed(1)
+    expected = [copied.net[0].weight_var_prior.sample(), copied.net[2].raw_bias_var_prior.sample()]
+    torch.manual_seed(1)
+    copied.net[0].sample_from_prior("weight_var_prior")   # the setting closures work after the round trip
+    copied.net[2].sample_from_prior("raw_bias_var_prior")
+    # the float64 sample as anchor · exp(log(sample) − log(anchor)): a few ulp
+    assert float(copied.net[0].weight_var) == pytest.approx(float(expected[0]), rel=1e-15)
+    assert torch.equal(copied.net[2].raw_bias_var.detach(), expected[1])
+    gradients = []
+    for spec in (by_hand, given):
+        torch.manual_seed(0)
+        random_kernel = ntkgp.NTKKernel(spec).double().pyro_sample_from_prior()
+        value = random_kernel(x).to_dense().sum()
+        gradients.append(torch.autograd.grad(value, sites["net.layers.0.weight_var_prior"], allow_unused=True)[0])
+    assert gradients[0] is not None and torch.equal(gradients[0], gradients[1])   # one computation
+    assert float(gradients[1]) != 0.0
+
+
 def _torch_refuses_a_batch_for_a_scalar() -> bool:
     """Whether a strict load of a 1-D state into a 0-D parameter fails: torch 2.1 reads it as its first
     entry (a rule kept from torch 0.3's checkpoints, later narrowed to one-entry states)."""

@@ -19,6 +19,9 @@ module's dtype, zero right after setting. Hence:
 * the anchor is a buffer (``raw_<name>_constraint.anchor``), part of the ``state_dict`` (a strict
   load without it fails): copy values between kernels by ``state_dict``, or by setting the
   variances, not by copying parameters alone, which leaves each kernel its own anchor;
+* a value sampled from a prior (``sample_from_prior``, BoTorch's ``sample_all_priors``) moves
+  ``raw`` alone, ``raw = log(sample) − log(anchor)`` (:func:`_sample_into_raw`), so that restoring the
+  raw parameters restores such a variance;
 * the constraint cannot be replaced (``register_constraint`` raises): bound a variance softly by
   a prior instead.
 """
@@ -148,10 +151,50 @@ def _variance_of(name: str, module: VarianceParameters) -> Tensor:
 
 
 def _initialize_variance(name: str, module: VarianceParameters, value: float | Tensor) -> None:
-    if isinstance(module, RandomModuleMixin) and isinstance(value, Tensor) and value.requires_grad:
-        _sample_variance(name, module, value)
-    else:
+    """The setting closure of a variance's prior: what ``sample_from_prior``, BoTorch's ``sample_all_priors``
+    and GPyTorch's ``pyro_`` methods install a sample by."""
+    if isinstance(module, RandomModuleMixin):
+        if isinstance(value, Tensor) and value.requires_grad:
+            _sample_variance(name, module, value)
+        else:
+            module.initialize(**{name: value})
+    elif not _sample_into_raw(name, module, value):
         module.initialize(**{name: value})
+
+
+def _sample_into_raw(name: str, module: VarianceParameters, value: float | Tensor) -> bool:
+    """Install a sample by the raw parameter alone, ``raw = log(value) − log(anchor)`` (in float64), keeping
+    the anchor; whether it could: a positive value of the raw parameter's shape (or broadcasting to it)
+    beside a positive anchor (a sample of ``S`` values per variance, ``pyro_load_from_samples``, or one
+    beside a variance pinned at 0 is set as the setter sets it).
+
+    BoTorch's ``fit_gpytorch_mll`` resamples the priors between attempts and rolls the frozen parameters
+    back by their raw values alone (``parameter_rollback_ctx``): a sample installed as the setter installs a
+    value (a new anchor, ``raw = 0``) left a frozen variance at ``sample · exp(raw)`` (a readout's
+    ``weight_var`` frozen at 1.5 came back as 1.32), where GPyTorch's own frozen hyperparameters come back
+    as they were. A sample then enters the kernels as ``anchor · exp(raw)``, to the raw parameter's
+    rounding (float64: ~1e-16; float32: ~1e-7 relative).
+    """
+    sample = check_variance(name, value)
+    raw = getattr(module, f"raw_{name}")
+    anchor = getattr(module, f"raw_{name}_constraint").anchor
+    if (not isinstance(raw, torch.nn.Parameter) or anchor.shape != raw.shape or sample.dim() > raw.dim()
+            or anchor.device.type == "meta"):   # no values to compare: as the setter handles it
+        return False
+    try:
+        sample = sample.to(anchor.device).expand(raw.shape)
+    except RuntimeError:
+        return False
+    if not bool(((sample > 0) & (anchor > 0)).all()):
+        return False
+    with torch.no_grad():
+        raw.copy_(torch.log(sample) - torch.log(anchor))
+    return True
+
+
+def _initialize_named(name: str, module: VarianceParameters, value: float | Tensor) -> None:
+    # GPyTorch's setting closure for a prior registered by a parameter's name, at module level (picklable)
+    module.initialize(**{name: value})
 
 
 def _sample_variance(name: str, module: VarianceParameters, value: Tensor) -> None:
@@ -207,6 +250,23 @@ class VarianceParameters(_MixedInto):
             # those are local functions, which pickle and torch.save cannot store
             self.register_prior(f"{name}_prior", prior, partial(_variance_of, name),
                                 partial(_initialize_variance, name))
+
+    def register_prior(self, name: str, prior: Prior, param_or_closure: str | Callable,
+                       setting_closure: Callable | None = None) -> None:
+        """GPyTorch's ``register_prior``; by a parameter's name (``"weight_var"``, ``"raw_bias_var"``) with the
+        closures of a prior given to the layer (``Dense(weight_var_prior=...)``) in place of GPyTorch's.
+
+        GPyTorch's are local functions, which pickle and ``torch.save`` cannot store: a kernel or model
+        with such a prior failed to pickle ("Can't pickle local object 'Module.register_prior.<locals>
+        .closure_new'"), and its setting closure installed a variance sampled by ``pyro_sample_from_prior``
+        detached, so the marginal likelihood's gradient with respect to that sample was ``None``
+        (:func:`_sample_variance` keeps it).
+        """
+        super().register_prior(name, prior, param_or_closure, setting_closure)   # its checks of the name
+        if isinstance(param_or_closure, str):
+            variance = f"raw_{param_or_closure}" in dict(self.raw_variances())
+            self._priors[name] = (prior, partial(_variance_of, param_or_closure),
+                                  partial(_initialize_variance if variance else _initialize_named, param_or_closure))
 
     def register_constraint(self, param_name: str, constraint: Interval, replace: bool = True) -> None:
         """GPyTorch's ``register_constraint``, refusing to replace a variance's :class:`ExactVariance`.
