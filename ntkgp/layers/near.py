@@ -30,7 +30,8 @@ The inputs, exact floats, fix ``θ`` to ``~ε``: so for the pairs a first ``Dens
 
 Every other layer drops the carry (:meth:`KernelState.replace` does unless it is passed on), so a
 later ReLU-type layer takes the kernels' own angle. Where the carried pairs are not near (any more)
-the kernels keep every bit (a choice per pair, the same in every block of rows).
+the ReLU family's kernels keep every bit (a choice per pair, the same in every block of rows); ``Sign``,
+``Sin``, ``Cos`` and ``Rbf`` take every carried pair from the carry, as accurate there as the kernels' own.
 """
 
 from __future__ import annotations
