@@ -10,6 +10,7 @@ from typing import Any
 
 import gpytorch
 import torch
+from gpytorch.lazy import LazyEvaluatedKernelTensor
 from linear_operator.operators import IdentityLinearOperator, KroneckerProductLinearOperator
 from linear_operator.utils.errors import NotPSDError
 from torch import Tensor
@@ -335,10 +336,12 @@ class NetworkGP(gpytorch.models.ExactGP):
         the training kernel's error against float64 (a deep recursion's, many times its rounding). Once per
         training solve, at the prediction that builds it: the float32 means of ``mlp(300, "relu", 2, 1)``
         were 1.2e-2 to 4.0e-2 off the float64 model's, silently, where ``GPPosterior`` warned. Nothing is
-        computed for float64 models; batched training inputs (fantasies) are not judged."""
-        strategy, x, eps = self.prediction_strategy, self.train_inputs[0], torch.finfo(output.mean.dtype).eps
-        if not coarser_than_float64(eps) or strategy is None or x.dim() != 2:
+        computed for float64 models; fantasy models (GPyTorch's update of a judged solve) and batched
+        training inputs are not judged."""
+        strategy, eps = self.prediction_strategy, torch.finfo(output.mean.dtype).eps
+        if not coarser_than_float64(eps) or strategy is None or self.train_inputs[0].dim() != 2:
             return
+        x = self.train_inputs[0]
         with torch.no_grad():
             n, k = x.shape[0], self.num_outputs
             # GPyTorch's multitask solve is interleaved, entry i k + j for point i and output j; each output
@@ -346,10 +349,32 @@ class NetworkGP(gpytorch.models.ExactGP):
             coefficients = strategy.mean_cache.detach().reshape(n, k).mT.unsqueeze(-1)
             variances = strategy.lik_train_train_covar.diagonal().detach().reshape(n, k).mT   # (k, N)
             outputs = output.mean.detach().reshape(-1, k).mT.unsqueeze(-1)                        # (k, M, 1)
-        entry_eps = training_kernel_error(self.net, x, self.covar_module.kind == "ntk", variances.amin(0))
+        kernel = self._network_kernel_inputs(strategy)
+        entry_eps = (None if kernel is None or kernel[1].dim() != 2 else
+                     training_kernel_error(kernel[0].net, kernel[1], kernel[0].kind == "ntk", variances.amin(0)))
         warn_if_imprecise(coefficients, outputs, variances, eps, factor_eps=eps, entry_eps=entry_eps,
                           remedy="Predict in float64 (float64 data, NetworkGP(train_x.double(), ...), or "
                                  "model.double() with float64 test inputs), or give it more noise.")
+
+    def _network_kernel_inputs(self, strategy: Any) -> tuple[NetworkKernel, Tensor] | None:
+        """The network kernel of GPyTorch's training covariance and the inputs it saw, for measuring that kernel's
+        error against float64; ``None`` where they cannot be told (the judgement is then at ``ε`` alone).
+
+        Read from the covariance (a ``LazyEvaluatedKernelTensor``, ``K ⊗ I_k`` for vector targets), not from
+        ``self.net`` and ``train_inputs``: a subclass's ``forward`` may feed the kernel features (deep kernel
+        learning; a 100-fold shrinking feature map made the raw inputs' measure read 25 % where the means were
+        6.6e-5 off), or replace ``covar_module`` (a ``ScaleKernel`` around it failed with "object has no
+        attribute 'net'", at every first prediction). Without a lazy covariance
+        (``gpytorch.settings.lazily_evaluate_kernels(False)``) the training inputs stand for the kernel's where
+        ``forward`` is this class's."""
+        covar = strategy.train_prior_dist.lazy_covariance_matrix
+        if isinstance(covar, KroneckerProductLinearOperator):
+            covar = covar.linear_ops[0]
+        if isinstance(covar, LazyEvaluatedKernelTensor):
+            return (covar.kernel, covar.x1) if isinstance(covar.kernel, NetworkKernel) else None
+        if type(self).forward is NetworkGP.forward and isinstance(self.covar_module, NetworkKernel):
+            return self.covar_module, self.train_inputs[0]
+        return None
 
     def set_train_data(self, inputs: Tensor | Sequence[Tensor] | None = None, targets: Tensor | None = None,
                        strict: bool = True) -> None:
