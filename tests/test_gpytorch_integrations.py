@@ -334,6 +334,41 @@ def test_botorch_resampling_of_the_priors_leaves_frozen_variances_as_they_were()
     assert float(expected[0]) != 2.0
 
 
+def test_a_prior_sample_of_zero_leaves_frozen_variances_to_botorchs_rollback():
+    """A sample of exactly 0 (a wide LogNormal prior's underflows: 3e-4 of LogNormalPrior(0, 30)'s in float32)
+    was installed as the setter installs a value, as the anchor: BoTorch's rollback of the frozen raw
+    parameters then brought a frozen readout ``weight_var`` of 1.5 e^0.25 back as 0 (0 · e^0.25). The sample
+    now underflows ``raw`` instead, beside the anchor; the free variance sampled 0 acts as one set to 0,
+    which pins it (the same kernel, bit for bit, and a gradient of exactly 0 with respect to ``raw``)."""
+    import copy
+
+    from botorch.optim.utils import get_parameters
+    from botorch.utils.context_managers import parameter_rollback_ctx
+
+    gamma = gpytorch.priors.GammaPrior
+    net = ntkgp.serial(ntkgp.Dense(8, 2.0, 0.1, weight_var_prior=gamma(2.0, 1.0)), ntkgp.ReLU(),
+                       ntkgp.Dense(1, 1.5, 0.2, weight_var_prior=gamma(2.0, 1.0))).double()
+    with torch.no_grad():
+        net[2].raw_weight_var.fill_(0.25)
+    net[2].requires_grad_(False)
+    frozen = net[2].weight_var.detach().clone()
+    x, y = _data(10)
+    model = _GP(x, y, ntkgp.NTKKernel(net))
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+    zero = torch.tensor(0.0, dtype=DT)
+    with parameter_rollback_ctx(get_parameters(mll, requires_grad=False)):
+        for _, module, _, _, setting_closure in model.named_priors():   # sample_all_priors, drawing 0s
+            setting_closure(module, zero)
+        assert float(net[2].weight_var.detach()) == 0.0 and float(net[0].weight_var.detach()) == 0.0
+    assert torch.equal(net[2].weight_var.detach(), frozen)
+    pinned = copy.deepcopy(net)
+    pinned[0].weight_var = 0.0
+    value = ntkgp.NTKKernel(net)(x).to_dense()
+    assert torch.equal(value, ntkgp.NTKKernel(pinned)(x).to_dense())
+    (gradient,) = torch.autograd.grad(value.sum(), net[0].raw_weight_var)
+    assert float(gradient) == 0.0
+
+
 def test_botorch_multitask_gp_uses_the_kernel_on_the_features_alone():
     """BoTorch's ``MultiTaskGP(covar_module=...)`` gives a kernel without ``active_dims`` the non-task
     columns; the posterior is the dense ``K(x, x') B[t, t']`` one (1e-9, BoTorch's float64 Cholesky)."""

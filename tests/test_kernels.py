@@ -735,6 +735,43 @@ def test_a_prior_registered_by_a_variances_name_pickles_and_keeps_the_graph_of_i
     assert float(gradients[1]) != 0.0
 
 
+def test_a_prior_by_name_on_a_variance_the_layer_lacks_is_refused():
+    """``register_prior("bias_var_prior", prior, "bias_var")`` on ``Dense(..., bias_var=None)`` (whose ``bias_var``
+    is ``None``) was taken, as ``Dense(bias_var_prior=...)`` is not: BoTorch's ``sample_all_priors`` then failed with
+    "'NoneType' object has no attribute 'shape'" and the marginal likelihood with "must be real number, not
+    NoneType". A name the layer lacks altogether stays GPyTorch's "Unknown parameter"."""
+    gamma = gpytorch.priors.GammaPrior
+    layer = ntkgp.Dense(1, 2.0)
+    with pytest.raises(ValueError, match="Dense has no bias_var"):
+        layer.register_prior("bias_var_prior", gamma(2.0, 1.0), "bias_var")
+    assert not list(layer.named_priors())
+    with pytest.raises(AttributeError, match="Unknown parameter raw_bias_var"):
+        layer.register_prior("raw_bias_var_prior", gamma(2.0, 1.0), "raw_bias_var")
+    with_bias = ntkgp.Dense(1, 2.0, 0.5)
+    with_bias.register_prior("bias_var_prior", gamma(2.0, 1.0), "bias_var")
+    assert [name for name, *_ in with_bias.named_priors()] == ["bias_var_prior"]
+
+
+def test_a_prior_with_a_batch_of_one_samples_a_scalar_variance():
+    """BoTorch's ``sample_all_priors`` draws ``(1,)`` from a univariate prior given with a batch of one
+    (``GammaPrior(torch.tensor([2.0]), torch.tensor([1.0]))``); GPyTorch's own parameters take it (a
+    ``ScaleKernel``'s ``outputscale``), the variances refused it ("weight_var must broadcast to shape ()").
+    ``pyro_load_from_samples`` of one sample still makes a batch of one."""
+    from botorch.optim.utils import sample_all_priors
+
+    one = torch.tensor([1.0], dtype=torch.float64)
+    layer = ntkgp.Dense(1, 1.5, 0.2, weight_var_prior=gpytorch.priors.GammaPrior(2.0 * one, one)).double()
+    torch.manual_seed(0)
+    expected = layer.weight_var_prior.sample()
+    torch.manual_seed(0)
+    sample_all_priors(layer)
+    assert layer.weight_var.shape == () and expected.shape == (1,)
+    # anchor · exp(log(sample) − log(anchor)) in float64: a few ulp
+    assert float(layer.weight_var) == pytest.approx(float(expected), rel=1e-15)
+    layer.pyro_load_from_samples({"weight_var_prior": 3.0 * one})
+    assert layer.weight_var.shape == (1,) and float(layer.weight_var) == 3.0
+
+
 def _torch_refuses_a_batch_for_a_scalar() -> bool:
     """Whether a strict load of a 1-D state into a 0-D parameter fails: torch 2.1 reads it as its first
     entry (a rule kept from torch 0.3's checkpoints, later narrowed to one-entry states)."""

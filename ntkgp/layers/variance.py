@@ -21,7 +21,7 @@ module's dtype, zero right after setting. Hence:
   variances, not by copying parameters alone, which leaves each kernel its own anchor;
 * a value sampled from a prior (``sample_from_prior``, BoTorch's ``sample_all_priors``) moves
   ``raw`` alone, ``raw = log(sample) − log(anchor)`` (:func:`_sample_into_raw`), so that restoring the
-  raw parameters restores such a variance;
+  raw parameters restores such a variance (not one pinned at 0, whose anchor a positive sample moves);
 * the constraint cannot be replaced (``register_constraint`` raises): bound a variance softly by
   a prior instead.
 """
@@ -152,28 +152,49 @@ def _variance_of(name: str, module: VarianceParameters) -> Tensor:
 
 def _initialize_variance(name: str, module: VarianceParameters, value: float | Tensor) -> None:
     """The setting closure of a variance's prior: what ``sample_from_prior``, BoTorch's ``sample_all_priors``
-    and GPyTorch's ``pyro_`` methods install a sample by."""
+    and GPyTorch's ``pyro_`` methods install a sample by.
+
+    A prior with a batch of one (``GammaPrior(torch.tensor([2.0]), torch.tensor([1.0]))``) samples ``(1,)``
+    for a scalar variance: GPyTorch's ``initialize`` views such a value as its parameter's shape (an
+    ``outputscale_prior`` of that kind samples), where ``sample_all_priors`` failed here with "weight_var
+    must broadcast to shape ()". Leading dimensions of one are dropped, except while GPyTorch loads ``S``
+    samples (``pyro_load_from_samples``), where ``S = 1`` makes a batch of one."""
     if isinstance(module, RandomModuleMixin):
         if isinstance(value, Tensor) and value.requires_grad:
             _sample_variance(name, module, value)
         else:
             module.initialize(**{name: value})
-    elif not _sample_into_raw(name, module, value):
+        return
+    if isinstance(value, Tensor) and getattr(module, "_strict_init", True):
+        extra = value.dim() - getattr(module, f"raw_{name}").dim()
+        if extra > 0 and all(n == 1 for n in value.shape[:extra]):
+            value = value.reshape(value.shape[extra:])
+    if not _sample_into_raw(name, module, value):
         module.initialize(**{name: value})
+
+
+#: A raw log-ratio whose ``exp`` is exactly 0 in every floating dtype (float64's underflows from −745.2), finite
+#: in all of them (float16's range ends at −65504): a variance sampled as 0 beside a positive anchor.
+_UNDERFLOW_RAW = -1000.0
 
 
 def _sample_into_raw(name: str, module: VarianceParameters, value: float | Tensor) -> bool:
     """Install a sample by the raw parameter alone, ``raw = log(value) − log(anchor)`` (in float64), keeping
-    the anchor; whether it could: a positive value of the raw parameter's shape (or broadcasting to it)
-    beside a positive anchor (a sample of ``S`` values per variance, ``pyro_load_from_samples``, or one
-    beside a variance pinned at 0 is set as the setter sets it).
+    the anchor; whether it could: a value of the raw parameter's shape (or broadcasting to it), positive
+    where the anchor is (a sample of ``S`` values per variance, ``pyro_load_from_samples``, or a positive
+    one beside a variance pinned at 0 is set as the setter sets it, which restoring ``raw`` does not undo).
+    A sample of 0 beside a positive anchor takes ``raw = _UNDERFLOW_RAW``: the value is exactly 0 and its
+    gradient with respect to ``raw`` exactly 0, as a variance pinned at 0 (GPyTorch's softplus takes
+    ``raw = −inf`` there); through the setter it became the anchor, and a frozen variance of 1.5 came back
+    from BoTorch's rollback as 0.
 
     BoTorch's ``fit_gpytorch_mll`` resamples the priors between attempts and rolls the frozen parameters
     back by their raw values alone (``parameter_rollback_ctx``): a sample installed as the setter installs a
     value (a new anchor, ``raw = 0``) left a frozen variance at ``sample · exp(raw)`` (a readout's
     ``weight_var`` frozen at 1.5 came back as 1.32), where GPyTorch's own frozen hyperparameters come back
     as they were. A sample then enters the kernels as ``anchor · exp(raw)``, to the raw parameter's
-    rounding (float64: ~1e-16; float32: ~1e-7 relative).
+    rounding: relative errors up to ``|raw| · 2⁻⁵³`` in float64 and ``|raw| · 2⁻²⁴`` in float32 (measured in float32:
+    1.1e-7 for a sample 1e-3 beside an anchor of 1.5, 1.7e-7 for 1e6, 1.6e-6 for 1e-20).
     """
     sample = check_variance(name, value)
     raw = getattr(module, f"raw_{name}")
@@ -185,10 +206,13 @@ def _sample_into_raw(name: str, module: VarianceParameters, value: float | Tenso
         sample = sample.to(anchor.device).expand(raw.shape)
     except RuntimeError:
         return False
-    if not bool(((sample > 0) & (anchor > 0)).all()):
+    positive = sample > 0
+    if bool((positive & (anchor == 0)).any()):   # a pinned variance moves by its anchor alone
         return False
+    # log(0) = −inf, not selected: a 0 beside a positive anchor underflows, beside a pinned one keeps raw = 0
+    stay = torch.where(anchor > 0, torch.full_like(anchor, _UNDERFLOW_RAW), torch.zeros_like(anchor))
     with torch.no_grad():
-        raw.copy_(torch.log(sample) - torch.log(anchor))
+        raw.copy_(torch.where(positive, torch.log(sample) - torch.log(anchor), stay))
     return True
 
 
@@ -261,7 +285,16 @@ class VarianceParameters(_MixedInto):
         .closure_new'"), and its setting closure installed a variance sampled by ``pyro_sample_from_prior``
         detached, so the marginal likelihood's gradient with respect to that sample was ``None``
         (:func:`_sample_variance` keeps it).
+
+        A variance the layer does not have (``"bias_var"`` of ``Dense(..., bias_var=None)``, whose property is
+        ``None``) is refused, as ``Dense(bias_var_prior=...)`` refuses it: GPyTorch took it, and
+        ``sample_all_priors`` then failed with "'NoneType' object has no attribute 'shape'", the marginal
+        likelihood with "must be real number, not NoneType".
         """
+        if (isinstance(param_or_closure, str) and param_or_closure not in self._parameters
+                and hasattr(self, param_or_closure) and getattr(self, param_or_closure) is None):
+            raise ValueError(f"{type(self).__name__} has no {param_or_closure} (it is None): a prior on it needs one "
+                             f"({param_or_closure}=<a number> when building the layer).")
         super().register_prior(name, prior, param_or_closure, setting_closure)   # its checks of the name
         if isinstance(param_or_closure, str):
             variance = f"raw_{param_or_closure}" in dict(self.raw_variances())
