@@ -24,7 +24,12 @@ from ntkgp.layers.base import Layer, NonFiniteKernelError, NonFiniteVarianceErro
 from ntkgp.layers.mlp import mlp
 from ntkgp.layers.validation import all_finite, array_advice, check_points, one_point_hint, where_not_finite
 from ntkgp.predict.gaussian import Gaussian, HyperparameterRecord, check_non_negative
-from ntkgp.predict.spectral import coarser_than_float64, training_kernel_error, warn_if_imprecise
+from ntkgp.predict.spectral import (
+    POSTERIOR_COEFFICIENTS,
+    coarser_than_float64,
+    training_kernel_error,
+    warn_if_imprecise,
+)
 
 __all__ = ["NetworkGP", "exact_solves", "fit"]
 
@@ -352,7 +357,8 @@ class NetworkGP(gpytorch.models.ExactGP):
         kernel = self._network_kernel_inputs(strategy)
         entry_eps = (None if kernel is None or kernel[1].dim() != 2 else
                      training_kernel_error(kernel[0].net, kernel[1], kernel[0].kind == "ntk", variances.amin(0)))
-        warn_if_imprecise(coefficients, outputs, variances, eps, factor_eps=eps, entry_eps=entry_eps,
+        warn_if_imprecise(coefficients, outputs, variances, eps, factor_eps=eps, cause=POSTERIOR_COEFFICIENTS,
+                          entry_eps=entry_eps,
                           remedy="Predict in float64 (float64 data, NetworkGP(train_x.double(), ...), or "
                                  "model.double() with float64 test inputs), or give it more noise.")
 
@@ -363,7 +369,7 @@ class NetworkGP(gpytorch.models.ExactGP):
         Read from the covariance (a ``LazyEvaluatedKernelTensor``, ``K ⊗ I_k`` for vector targets), not from
         ``self.net`` and ``train_inputs``: a subclass's ``forward`` may feed the kernel features (deep kernel
         learning; a 100-fold shrinking feature map made the raw inputs' measure read 25 % where the means were
-        6.6e-5 off), or replace ``covar_module`` (a ``ScaleKernel`` around it failed with "object has no
+        7.9e-5 off), or replace ``covar_module`` (a ``ScaleKernel`` around it failed with "object has no
         attribute 'net'", at every first prediction). Without a lazy covariance
         (``gpytorch.settings.lazily_evaluate_kernels(False)``) the training inputs stand for the kernel's where
         ``forward`` is this class's."""

@@ -358,7 +358,8 @@ def test_boolean_targets_are_refused_with_the_conversion_to_make(flags):
             call()
     with pytest.raises(ValueError, match=rf"got booleans .* convert with [^ ]*{fix} if those are the values meant\.$"):
         bayes.rmse(flags, mean)   # a boolean mean: the conversion alone (no targets of classes to name)
-    assert bayes.rmse(mean, torch.tensor([1, 0, 1]) - 0.5) == 0.0   # integers are numbers: taken as they are
+    # integers are numbers: taken as they are (an int64 tensor, not the float one that [1, 0, 1] − 0.5 is)
+    assert bayes.rmse(mean + 0.5, torch.tensor([1, 0, 1])) == 0.0 and bayes.rmse(mean + 0.5, np.array([1, 0, 1])) == 0.0
 
 
 def test_the_boolean_refusal_names_targets_of_classes_that_fit_the_flags_shape():

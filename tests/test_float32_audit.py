@@ -63,6 +63,8 @@ def test_a_float32_posterior_counts_its_kernel_s_own_error(depth, activation, we
     error = _relative_error(mean, reference)
     if warns:
         assert error > 1e-2 and len(messages) == 1 and "error against float64" in messages[0]
+        # a posterior's coefficients, not gradient flow's Θ⁻¹(I − e^{−Θτ})Y, which the message named before
+        assert "coefficients (K + σ²I)⁻¹Y" in messages[0] and "Θτ" not in messages[0]
     else:
         assert error < 1e-3 and not messages
 
@@ -173,6 +175,7 @@ def test_a_float32_network_gp_warns_once_per_training_solve_where_its_deep_kerne
         assert _relative_error(mean, reference) > 3e-2
         assert len(messages) == 1 and "last digits" in messages[0] and "error against float64" in messages[0]
         assert "Predict in float64" in messages[0]
+        assert "coefficients (K + σ²I)⁻¹Y" in messages[0] and "Θτ" not in messages[0]   # GPyTorch's solve's
         assert not _messages(lambda: model(x_test[:3]).mean)[1]   # the same training solve: judged once
         model.likelihood.noise = 2e-3                                # a new one: judged again
         assert len(_messages(lambda: model(x_test).mean)[1]) == 1

@@ -630,16 +630,13 @@ def test_pyro_load_from_samples_makes_the_variances_a_batch_of_samples():
         net[0].weight_var = torch.ones(3, 2)
 
 
-def test_pyro_sample_from_prior_keeps_the_graph_of_the_sampled_variances(monkeypatch):
-    """GPyTorch's fully Bayesian workflow (NUTS on ``model.pyro_sample_from_prior()``) follows the
-    log density's gradient with respect to each sampled value. GPyTorch left the layers, held in a
-    ``ModuleList``, out of its random copy, and their setting closure installed the samples
-    detached: the gradient was ``None`` for every variance (an ``RBFKernel``'s lengthscale has
-    one). pyro only supplies ``pyro.sample`` here, so a stand-in draws from the prior."""
+@pytest.fixture
+def pyro_sites(monkeypatch) -> dict[str, torch.Tensor]:
+    """The sites ``pyro_sample_from_prior`` samples, by name: pyro only supplies ``pyro.sample`` there, so a
+    stand-in draws each from its prior, as a leaf whose gradient the tests follow."""
     import sys
     import types
 
-    dt = torch.float64
     sites: dict[str, torch.Tensor] = {}
 
     def sample(name, distribution, obs=None):
@@ -647,6 +644,17 @@ def test_pyro_sample_from_prior_keeps_the_graph_of_the_sampled_variances(monkeyp
         return sites[name]
 
     monkeypatch.setitem(sys.modules, "pyro", types.SimpleNamespace(sample=sample))
+    return sites
+
+
+def test_pyro_sample_from_prior_keeps_the_graph_of_the_sampled_variances(pyro_sites):
+    """GPyTorch's fully Bayesian workflow (NUTS on ``model.pyro_sample_from_prior()``) follows the
+    log density's gradient with respect to each sampled value. GPyTorch left the layers, held in a
+    ``ModuleList``, out of its random copy, and their setting closure installed the samples
+    detached: the gradient was ``None`` for every variance (an ``RBFKernel``'s lengthscale has
+    one). pyro only supplies ``pyro.sample`` here, so a stand-in draws from the prior."""
+    dt = torch.float64
+    sites = pyro_sites
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(12, 2, generator=g, dtype=dt), torch.randn(12, generator=g, dtype=dt)
     gamma = gpytorch.priors.GammaPrior
@@ -690,22 +698,13 @@ def test_pyro_sample_from_prior_keeps_the_graph_of_the_sampled_variances(monkeyp
     assert kernel.net[2].weight_var.item() == 2.0   # the random copy's samples leave the kernel as it was
 
 
-def test_a_prior_registered_by_a_variances_name_pickles_and_keeps_the_graph_of_its_samples(monkeypatch):
+def test_a_prior_registered_by_a_variances_name_pickles_and_keeps_the_graph_of_its_samples(pyro_sites):
     """``layer.register_prior("weight_var_prior", prior, "weight_var")`` (docs/api/kernels.md) took GPyTorch's
     closures, local functions: the kernel no longer pickled ("Can't pickle local object"), and the variance
     sampled by ``pyro_sample_from_prior`` was installed detached (its gradient ``None``). It now acts as
     ``Dense(weight_var_prior=...)``, whose gradient the test above checks by finite differences."""
-    import sys
-    import types
-
     dt = torch.float64
-    sites: dict[str, torch.Tensor] = {}
-
-    def sample(name, distribution, obs=None):
-        sites[name] = distribution.sample().requires_grad_()
-        return sites[name]
-
-    monkeypatch.setitem(sys.modules, "pyro", types.SimpleNamespace(sample=sample))
+    sites = pyro_sites
     x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=dt)
     gamma = gpytorch.priors.GammaPrior
     by_hand = ntkgp.serial(ntkgp.Dense(8, 1.5, 0.1), ntkgp.Erf(), ntkgp.Dense(1, 2.0, 0.05))

@@ -588,7 +588,6 @@ def test_interval_takes_a_coverage_level_by_name_and_width_stays_in_standard_dev
             g.interval(**kwargs)
 
 
-
 def test_interval_level_near_one_is_taken_from_the_tail():
     """width = Φ⁻¹((1 + p)/2) rounded (1 + p)/2 to 1 for p = 1 − 2⁻⁵³, a probability in (0, 1), and raised
     statistics' "p must be in the range 0.0 < p < 1.0" of a p never passed; nearer 1 it lost the tail's digits
@@ -603,6 +602,7 @@ def test_interval_level_near_one_is_taken_from_the_tail():
         # Φ⁻¹ of the tail to a few float64 roundings (NormalDist's rational approximation, 1e-16)
         torch.testing.assert_close(upper, mean + width * sd, rtol=1e-15, atol=0)
         torch.testing.assert_close(lower, mean - width * sd, rtol=1e-15, atol=0)
+
 
 _DIAG_NET = ntkgp.mlp(2, "erf", 2.25, 0.05, width=16)
 _FLOW_MODULE = sys.modules["ntkgp.predict.gradient_flow"]   # ntkgp.predict.gradient_flow is the function

@@ -49,7 +49,14 @@ from ntkgp.predict.gaussian import (
     refuse_gradient,
 )
 from ntkgp.predict.gradient_flow import GradientFlow, block_rows, subtract_gram_
-from ntkgp.predict.spectral import cholesky, cholesky_solve, regularize, training_kernel_error, warn_if_imprecise
+from ntkgp.predict.spectral import (
+    POSTERIOR_COEFFICIENTS,
+    cholesky,
+    cholesky_solve,
+    regularize,
+    training_kernel_error,
+    warn_if_imprecise,
+)
 
 #: neural-tangents' keywords of ``gp_inference`` and what to pass here instead.
 PORTED_KEYWORDS = {"get": "pass kernel='nngp', 'ntkgp' or 'ntk' (neural-tangents' get).",
@@ -201,9 +208,9 @@ class GPPosterior:
         eps = torch.finfo(self.factor_dtype).eps
         if self.per_output:
             warn_if_imprecise(self._alpha.mT.unsqueeze(-1), mean.mT.unsqueeze(-1), self._variances, eps,
-                              factor_eps=eps, entry_eps=self._entry_error)
+                              factor_eps=eps, cause=POSTERIOR_COEFFICIENTS, entry_eps=self._entry_error)
             return
-        warn_if_imprecise(self._alpha, mean, self._variances, eps, factor_eps=eps,
+        warn_if_imprecise(self._alpha, mean, self._variances, eps, factor_eps=eps, cause=POSTERIOR_COEFFICIENTS,
                           entry_eps=self._entry_error)
 
     @cached_property

@@ -1004,6 +1004,10 @@ IMPRECISE = 1e-2
 #: :func:`warn_if_imprecise`'s explanation of the estimate where no other is given.
 LARGE_COEFFICIENTS = "through dual coefficients Θ⁻¹(I − e^{−Θτ})Y that this ill-conditioned kernel makes large"
 
+#: The same for a GP posterior (``GPPosterior``, ``NetworkGP``): its coefficients are no flow's, and the flow's
+#: ``Θ⁻¹(I − e^{−Θτ})Y`` named a time the posterior does not have.
+POSTERIOR_COEFFICIENTS = "through dual coefficients (K + σ²I)⁻¹Y that this ill-conditioned kernel makes large"
+
 
 #: The training points of :func:`warn_if_imprecise`'s probe of a network's float32 kernel (evenly spaced): its
 #: :func:`entry_error` there, twice, decides whether the error is measured on :data:`ENTRY_POINTS`. No bound known
@@ -1114,7 +1118,7 @@ def warn_if_imprecise(coefficients: Tensor, outputs: Tensor, variances: Tensor, 
     ``remedy`` replaces the advice (factoring in float64) where the coefficients' own rounding is the
     cause (:func:`gradient_descent`'s float32 integration: ``ε`` relative errors of ``c`` move the
     outputs by the same estimate), and ``cause`` the explanation of large coefficients
-    (:func:`warn_if_flow_imprecise`'s flat kernels).
+    (:func:`warn_if_flow_imprecise`'s flat kernels, a posterior's :data:`POSTERIOR_COEFFICIENTS`).
 
     ``entry_eps(points)`` (a predictor that computes its kernels in float32 from a network, which can form the
     float64 kernel: :func:`sampled_entry_error` on at most ``points`` training points) measures the entries' own
