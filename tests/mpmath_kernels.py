@@ -19,6 +19,16 @@ from mpmath import mpf
 DPS = 50
 
 
+def dense_pair(xs, ys, weight_var, bias_var):
+    """A first ``Dense`` layer's ``k11, k12, k22`` of two inputs (lists of ``mpf``) at the working precision,
+    ``σ_w² x·y / d + σ_b²``, and the magnitude of ``k12``'s terms, ``σ_w² Σ|x_i y_i| / d + σ_b²``."""
+    w, c, d = mpf(weight_var), mpf(bias_var), len(xs)
+    pairs = list(zip(xs, ys, strict=True))
+    k12 = w * sum(u * v for u, v in pairs) / d + c
+    size = w * sum(abs(u * v) for u, v in pairs) / d + c
+    return w * sum(u * u for u in xs) / d + c, k12, w * sum(v * v for v in ys) / d + c, size
+
+
 def _det(k11, k12, k22):
     return k11 * k22 - k12 * k12   # exact at 50 digits for float64 inputs
 

@@ -18,7 +18,7 @@ import mpmath as mp
 import pytest
 import torch
 from mpmath import mpf
-from mpmath_kernels import reference
+from mpmath_kernels import dense_pair, reference
 
 from ntkgp.layers import Abs, Dense, LayerNorm, LeakyReLU, ReLU, serial
 
@@ -48,11 +48,7 @@ def _reference(x: torch.Tensor, y: torch.Tensor, a: float, b: float, depth: int,
         f = reference("ABReLU", (a, b))
         xs, ys = [mpf(float(v)) for v in x], [mpf(float(v)) for v in y]
         w, c = mpf(WEIGHT_VAR), mpf(0) if bias is None else mpf(bias)
-        d = len(xs)
-        k11 = w * sum(u * u for u in xs) / d + c
-        k22 = w * sum(u * u for u in ys) / d + c
-        k12 = w * sum(u * v for u, v in zip(xs, ys, strict=True)) / d + c
-        size = w * sum(abs(u * v) for u, v in zip(xs, ys, strict=True)) / d + c
+        k11, k12, k22, size = dense_pair(xs, ys, w, c)
         ntk, ntk_size = k12, size
         half = (mpf(a) ** 2 + mpf(b) ** 2) / 2
         for _ in range(depth):

@@ -21,6 +21,7 @@ import mpmath as mp
 import pytest
 import torch
 from mpmath import mpf
+from mpmath_kernels import dense_pair
 
 from ntkgp.layers import Cos, Dense, Rbf, ReLU, Sign, Sin, serial
 
@@ -59,11 +60,7 @@ def _kernels(kind: str, params: tuple, xs: list, ys: list, bias: float | None):
     """NNGP and NTK of ``Dense → activation → Dense`` (NTK parameterization) at the working precision,
     each with the magnitude of its terms."""
     w, c = mpf(WEIGHT_VAR), mpf(0) if bias is None else mpf(bias)
-    d = len(xs)
-    k11 = w * sum(u * u for u in xs) / d + c
-    k22 = w * sum(u * u for u in ys) / d + c
-    k12 = w * sum(u * v for u, v in zip(xs, ys, strict=True)) / d + c
-    ntk_size = w * sum(abs(u * v) for u, v in zip(xs, ys, strict=True)) / d + c
+    k11, k12, k22, ntk_size = dense_pair(xs, ys, w, c)
     t, dot, t_size, dot_size = _terms(kind, params, k11, k12, k22)
     nngp = w * t + c
     return (nngp, w * t_size + c), (nngp + w * k12 * dot, w * t_size + c + w * ntk_size * dot_size)
@@ -171,9 +168,8 @@ def _deep_reference(kind: str, x: torch.Tensor, y: torch.Tensor, depth: int):
     """NNGP of ``Dense → (activation → Dense) × depth`` (``σ_w² = 2``, no bias) at 60 digits from the exact
     float inputs, with its magnitude plus the inputs' condition (central differences, as :func:`_reference`)."""
     def nngp(xs, ys):
-        w, d = mpf(2), len(xs)
-        k11, k22 = w * sum(u * u for u in xs) / d, w * sum(u * u for u in ys) / d
-        k12 = w * sum(u * v for u, v in zip(xs, ys, strict=True)) / d
+        w = mpf(2)
+        k11, k12, k22, _ = dense_pair(xs, ys, w, 0)
         for _ in range(depth):
             if kind == "Sign":
                 t = 2 / mp.pi * mp.asin(k12 / mp.sqrt(k11 * k22))
@@ -245,9 +241,8 @@ def _mixed_terms(kind: str, k11, k12, k22):
 
 def _mixed_reference(kinds: list[str], bias: float | None, x: list, y: list) -> tuple:
     """NNGP and NTK of ``Dense → (activation → Dense)*`` (``σ_w² = 2``, NTK parameterization) at 60 digits."""
-    w, c, d = mpf(2), mpf(0) if bias is None else mpf(bias), len(x)
-    k11, k22 = w * sum(u * u for u in x) / d + c, w * sum(u * u for u in y) / d + c
-    k12 = w * sum(u * v for u, v in zip(x, y, strict=True)) / d + c
+    w, c = mpf(2), mpf(0) if bias is None else mpf(bias)
+    k11, k12, k22, _ = dense_pair(x, y, w, c)
     ntk = k12
     for kind in kinds:
         t, dot = _mixed_terms(kind, k11, k12, k22)
