@@ -262,14 +262,10 @@ class ABReLU(Activation):
         # (ntkgp/layers/near.py): the other pairs keep every bit
         k11, k12, k22 = state.k11, state.nngp, state.k22
         # the pairs whose variances, before and after this layer, keep their products normal numbers
-        pair11, pair12, pair22 = carry.gathered(state.nngp, state.cov1, state.cov2)
-        half = (self.a**2 + self.b**2) / 2
-        kept = carry.within(pair11, pair22, half * pair11, half * pair22)
+        kept = carry.kept_pairs(state.nngp, state.cov1, state.cov2, (self.a**2 + self.b**2) / 2)
         if kept is None:
             return super()._state_pair_kernels(state, want_dot)
-        if kept is not carry:
-            carry = kept
-            pair11, pair12, pair22 = carry.gathered(state.nngp, state.cov1, state.cov2)
+        carry, pair11, pair12, pair22 = kept
         s, dot = self._dot_kernel(k11, k12, k22)
         near, s_near, dot_near, nngp_near, after = abrelu_carried(self.a, self.b, carry, pair11, pair12, pair22)
         s = patched(s.expand_as(k12), carry.index, near, s_near)
@@ -688,21 +684,18 @@ def _with_carried_gaps(layer: Activation, state: KernelState, want_dot: bool,
     2k12`` (``Rbf``'s); without it none follows (``Sin``, ``Cos``)."""
     k11, k12, k22 = state.k11, state.nngp, state.k22
     nngp, dot = layer.pair_kernel(k11, k12, k22, want_dot)
-    carry = cast(PairCarry, state.carry)
-    pair11, pair12, pair22 = carry.gathered(state.nngp, state.cov1, state.cov2)
-    kept = carry.within(pair11, pair22)   # (k11 − k22)² a normal number
+    kept = cast(PairCarry, state.carry).kept_pairs(state.nngp, state.cov1, state.cov2)   # (k11 − k22)² normal
+    carried = None
     if kept is not None:
-        if kept is not carry:
-            carry = kept
-            pair11, pair12, pair22 = carry.gathered(state.nngp, state.cov1, state.cov2)
+        carry, pair11, pair12, pair22 = kept
         gap_minus, gap_plus = carried_gaps(carry, pair11, pair12, pair22)
         nngp_near, dot_near = from_gaps(pair12, gap_minus, gap_plus, want_dot)
         everywhere = torch.ones_like(pair12, dtype=torch.bool)
         nngp = patched(nngp, carry.index, everywhere, nngp_near)
         if dot is not None:
             dot = patched(dot, carry.index, everywhere, cast(Tensor, dot_near))
+        carried = None if after is None else after(carry, gap_minus)
     final = nngp
-    carried = None if kept is None or after is None else after(carry, gap_minus)
     return nngp, dot, lambda: layer.centred_pair_kernel(k11, k12, k22, final), carried
 
 
@@ -1181,12 +1174,11 @@ class Sign(Activation):
             return super()._state_pair_kernels(state, want_dot)
         k11, k12, k22 = state.k11, state.nngp, state.k22
         nngp, dot = self.pair_kernel(k11, k12, k22, want_dot)
-        pair11, _, pair22 = carry.gathered(state.nngp, state.cov1, state.cov2)
-        kept = carry.within(pair11, pair22)
+        kept = carry.kept_pairs(state.nngp, state.cov1, state.cov2)
         after = None
         if kept is not None:
-            carry = kept
-            nngp_near, after = sign_carried(carry, state.nngp[carry.index])
+            carry, _, pair12, _ = kept
+            nngp_near, after = sign_carried(carry, pair12)
             nngp = patched(nngp, carry.index, torch.ones_like(nngp_near, dtype=torch.bool), nngp_near)
         final = nngp
         return nngp, dot, lambda: self.centred_pair_kernel(k11, k12, k22, final), after

@@ -104,6 +104,19 @@ class PairCarry:
         second = self.index[-1]
         return cov1[first], nngp[self.index], cov2[second]
 
+    def kept_pairs(self, nngp: Tensor, cov1: Tensor, cov2: Tensor, scale: float | None = None
+                   ) -> tuple[PairCarry, Tensor, Tensor, Tensor] | None:
+        """The carry of the pairs whose variances (and, with ``scale``, those times ``scale``: the variances
+        after a layer that multiplies them by it) are :func:`representable`, with their :meth:`gathered`
+        ``(k11, k12, k22)``; ``None`` if none is. What an activation reads of the carry before using it."""
+        k11, k12, k22 = self.gathered(nngp, cov1, cov2)
+        kept = self.within(k11, k22, *(() if scale is None else (scale * k11, scale * k22)))
+        if kept is None:
+            return None
+        if kept is not self:
+            k11, k12, k22 = kept.gathered(nngp, cov1, cov2)
+        return kept, k11, k12, k22
+
     def within(self, *variances: Tensor) -> PairCarry | None:
         """The pairs whose ``variances`` (one value a pair each) are all :func:`representable`, or ``None``
         if none is. Dropped before any arithmetic, not masked after it: products of variances that
