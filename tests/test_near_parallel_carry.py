@@ -116,8 +116,8 @@ def test_large_nearly_parallel_inputs_to_their_conditioning(dtype, kind, bias):
 @pytest.mark.parametrize("kind", [*ACTIVATIONS, "Sign"])
 def test_carried_pairs_keep_symmetry_diagonal_mode_and_gradients(kind):
     """The carried pairs are patched per pair: the matrix stays exactly symmetric, ``diag=True`` gives the
-    cross kernel's diagonal, and derivatives in the inputs through the carried values (two layers: Rbf and
-    Sign pass the carry on) agree with finite differences (float64)."""
+    cross kernel's diagonal, and derivatives in the inputs through the carried values (two layers: each
+    of them passes the carry on) agree with finite differences (float64)."""
     cls, params = ACTIVATIONS.get(kind, (Sign, ()))
     g = torch.Generator().manual_seed(5)
     x = 30 * torch.randn(4, 3, generator=g, dtype=torch.float64)
@@ -223,12 +223,20 @@ def test_deep_chaotic_kernels_of_nearly_parallel_inputs(dtype, kind):
     assert worst < ULPS, worst
 
 
+#: the kinds of :func:`_mixed_terms` with parameters: ``Sin0`` is ``Sin(1, 1, 0)``, whose ``cos 2c = 1``
+_MIXED = {"Sin": ACTIVATIONS["Sin"], "Cos": ACTIVATIONS["Cos"], "Sin0": (Sin, (1.0, 1.0, 0.0))}
+
+
 def _mixed_terms(kind: str, k11, k12, k22):
-    """``T`` and ``Ṫ`` of ``kind`` at 60 digits (``Sin(1, 1, 0.3)``, ``Rbf(1)``, ``Sign``, ``ReLU``)."""
-    if kind == "Sin":
-        gap_minus, gap_plus, cos2c = k11 + k22 - 2 * k12, k11 + k22 + 2 * k12, mp.cos(mpf("0.6"))
-        plus, minus = mp.exp(-gap_minus / 2), mp.exp(-gap_plus / 2)
-        return (plus - cos2c * minus) / 2, (plus + cos2c * minus) / 2
+    """``T`` and ``Ṫ`` of ``kind`` at 60 digits (``Sin(1, 1, 0.3)``, ``Cos(0.7, 0.5, 0.2)``, ``Sin0``, ``Rbf(1)``,
+    ``Sign``, ``ReLU``)."""
+    if kind in _MIXED:
+        cls, (a, b, c) = _MIXED[kind]
+        a, b, c = mpf(a), mpf(b), mpf(c)
+        cos2c = -mp.cos(2 * c) if cls is Cos else mp.cos(2 * c)
+        gap_minus, gap_plus = k11 + k22 - 2 * k12, k11 + k22 + 2 * k12
+        plus, minus = mp.exp(-b * b * gap_minus / 2), mp.exp(-b * b * gap_plus / 2)
+        return a * a / 2 * (plus - cos2c * minus), a * a * b * b / 2 * (plus + cos2c * minus)
     if kind == "Rbf":
         t = mp.exp(-(k11 + k22 - 2 * k12))
         return t, 2 * t
@@ -252,23 +260,34 @@ def _mixed_reference(kinds: list[str], bias: float | None, x: list, y: list) -> 
     return k12, ntk
 
 
+def _mixed_net(kinds: list[str], bias: float | None):
+    """``Dense → (activation → Dense)*`` as :func:`_mixed_reference` has it."""
+    layers: list = [Dense(8, 2.0, bias)]
+    for kind in kinds:
+        make = {"Rbf": lambda: Rbf(1.0), "Sign": Sign, "ReLU": ReLU}.get(kind)
+        layers += [make() if make else _MIXED[kind][0](*_MIXED[kind][1]), Dense(8, 2.0, bias)]
+    return serial(*layers)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(("kinds", "bias"), [(["Sign", "ReLU"], 0.1), (["Rbf", "ReLU"], None), (["ReLU", "Rbf"], None),
-                                             (["ReLU", "Sin"], 0.1), (["Rbf", "Sign", "Sin"], 0.1)],
-                         ids=["sign-relu", "rbf-relu", "relu-rbf", "relu-sin", "rbf-sign-sin"])
+                                             (["ReLU", "Sin"], 0.1), (["Rbf", "Sign", "Sin"], 0.1),
+                                             (["Sin", "ReLU"], 0.1), (["Cos", "ReLU"], None), (["Sin", "Sign"], 0.1),
+                                             (["Cos", "Sin", "ReLU"], None)],
+                         ids=["sign-relu", "rbf-relu", "relu-rbf", "relu-sin", "rbf-sign-sin", "sin-relu", "cos-relu",
+                              "sin-sign", "cos-sin-relu"])
 def test_the_carry_passes_between_kinds_of_layer(dtype, kinds, bias):
-    """A carry made by ``Sign`` or ``Rbf`` (``T11 = T22 = 1``) means to a ReLU after them what the ReLU
-    family's own does, and ReLU's ``g'`` (before only a ``det'`` term beside a bias) gives ``Rbf`` and ``Sin``
-    their gaps. Inputs of scale 1 and 30 in d = 3, one 1e-3 to 1e-7 from parallel and one from antiparallel
+    """A carry made by ``Sign``, ``Rbf`` (``T11 = T22 = 1``), ``Sin`` or ``Cos`` means to a ReLU after them what
+    the ReLU family's own does, and ReLU's ``g'`` (before only a ``det'`` term beside a bias) gives ``Rbf`` and
+    ``Sin`` their gaps. Inputs of scale 1 and 30 in d = 3, one 1e-3 to 1e-7 from parallel and one from antiparallel
     to the first (float32: 1e-5 at the least, below which its inputs count as parallel), against a
     60-digit recursion from the float inputs, in ``ε`` of the largest entry (the inputs' own condition is
     benign at these scales). Measured (2026-12-05): at most 1.1 (float64) and 1.7 (float32), where before
-    Sin, Rbf and Sign used the carry (58c1dbf) they were up to 2.4e9 and 7.7e3."""
-    layers: list = [Dense(8, 2.0, bias)]
-    for kind in kinds:
-        layers += [{"Sin": lambda: Sin(1.0, 1.0, 0.3), "Rbf": lambda: Rbf(1.0), "Sign": Sign, "ReLU": ReLU}[kind](),
-                   Dense(8, 2.0, bias)]
-    net = serial(*layers).to(dtype)
+    Sin, Rbf and Sign used the carry (58c1dbf) they were up to 2.4e9 and 7.7e3. ``Sin`` and ``Cos`` pass the
+    carry on (``Sin._carried_after``): before, a ReLU or ``Sign`` after them took the kernels' own angle, and
+    the cases from ``sin-relu`` on were 1.9e5 to 2.2e6 (float64) and 146 to 397 (float32) off; now at most
+    1.6 (2026-12-05)."""
+    net = _mixed_net(kinds, bias).to(dtype)
     eps = torch.finfo(dtype).eps
     g = torch.Generator().manual_seed(3)
     worst = 0.0
@@ -290,4 +309,35 @@ def test_the_carry_passes_between_kinds_of_layer(dtype, kinds, bias):
                     error = max(abs(mpf(float(got[i, j].detach())) - want[i][j][which])
                                 for i in range(4) for j in range(4))
                     worst = max(worst, float(error / largest) / eps)
+    assert worst < ULPS, worst
+
+
+def test_sin_passes_the_carry_at_parallel_inputs_of_unequal_norms():
+    """``Sin``'s ``det' = a⁴/4 · ((1 − e^{−2x})(1 − C² e^{−2y}) − C D²)`` (``Sin._carried_after``) is a difference
+    for ``C = cos 2c > 0``: at nearly parallel (antiparallel) inputs of unequal norms and small ``b²k`` its
+    ``C D²`` cancels the first term's variance part to ``6/(b²k)²`` of it, and the angle after is ``~ε r/(b²k)``
+    off (``r`` the norms' relative difference). ``Sin(1, 1, 0) → ReLU``, no bias, inputs ``x`` and
+    ``±ratio · x`` 1e-5 to 1e-9 from parallel, ``x`` of scale 1e-2 to 1, float64, against a 60-digit recursion
+    in ``ε`` of the largest entry. Measured (2026-12-05): with that difference 3.4e3, with the variance part by
+    its series (``_sinh_excess``) 1.14; before ``Sin`` passed the carry on, 5.4e6."""
+    net = _mixed_net(["Sin0", "ReLU"], None).double()
+    eps = torch.finfo(torch.float64).eps
+    g = torch.Generator().manual_seed(3)
+    worst = 0.0
+    for scale in (1e-2, 0.1, 1.0):
+        for ratio in (1.001, 1.1, 1.5):
+            for angle in (1e-5, 1e-7, 1e-9):
+                x = scale * torch.randn(3, generator=g, dtype=torch.float64)
+                e = torch.randn(3, generator=g, dtype=torch.float64)
+                step = angle * x.norm() / e.norm() * e
+                points = torch.stack([x, ratio * x + step, -ratio * x + step])
+                kernels = net.kernel(points)
+                with mp.workdps(60):
+                    exact = [[mpf(float(v)) for v in p] for p in points]
+                    want = [[_mixed_reference(["Sin0", "ReLU"], None, a, b) for b in exact] for a in exact]
+                    for which, got in enumerate((kernels.nngp, kernels.ntk)):
+                        largest = max(abs(row[j][which]) for row in want for j in range(3))
+                        error = max(abs(mpf(float(got[i, j].detach())) - want[i][j][which])
+                                    for i in range(3) for j in range(3))
+                        worst = max(worst, float(error / largest) / eps)
     assert worst < ULPS, worst

@@ -23,10 +23,10 @@ The inputs, exact floats, fix ``θ`` to ``~ε``: so for the pairs a first ``Dens
   ``ab < 0`` forms without cancellation, from ``A = −ab + (a + b)²/2``),
   ``g' = A (sqrt k11 − sqrt k22)² + 2 (A p − T12)``; ``p ∓ k12`` as ``det/(p ± k12)`` where it cancels.
 
-``Sin``, ``Cos`` and ``Rbf`` take their gaps ``k11 + k22 ∓ 2k12`` from the carry (:func:`carried_gaps`);
-``Rbf`` passes it on (``T12 = e^{−γ g}``, ``T11 = T22 = 1``: ``g' = −2 expm1(−γ g)``, ``det' = −expm1(−2γ g)``),
-``Sin`` and ``Cos`` drop it. ``Sign`` takes its angle from the carried ``det`` and passes it on
-(:func:`sign_carried`).
+``Sin``, ``Cos`` and ``Rbf`` take their gaps ``k11 + k22 ∓ 2k12`` from the carry (:func:`carried_gaps`)
+and pass it on: ``Rbf`` as ``g' = −2 expm1(−γ g)``, ``det' = −expm1(−2γ g)`` (``T12 = e^{−γ g}``, ``T11 = T22 = 1``),
+``Sin`` and ``Cos`` as sums of products of ``expm1`` of the two gaps (``Sin._carried_after``). ``Sign`` takes its
+angle from the carried ``det`` and passes it on (:func:`sign_carried`).
 
 Every other layer drops the carry (:meth:`KernelState.replace` does unless it is passed on), so a
 later ReLU-type layer takes the kernels' own angle. Where the carried pairs are not near (any more)
