@@ -441,3 +441,91 @@ def test_a_dtype_is_named_only_where_it_is_what_fails():
             pytest.warns(RuntimeWarning, match="training mode"):
         empirical_nngp(normed, x[:, :3])
     assert all(torch.equal(a, b) for a, b in zip(normed.buffers(), before, strict=True))
+
+
+class _ComplexOutputs(nn.Module):
+    """Two complex outputs ``a + i a²`` of a linear layer ``a``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.linear(x)
+        return torch.complex(a, a.square())
+
+
+def test_complex_outputs_are_refused_with_the_real_and_imaginary_parts_as_the_remedy():
+    """The NTK of complex outputs was that of their real parts alone (each output's real cotangent pulled
+    back: up to 8.9 off the kernel of both parts here), the NNGP the unconjugated ``f(x) f(x')ᵀ`` (complex, its
+    diagonal ``0.22 - 1.06i``, ...) and the NTK's diagonal torch's "jacrev: Expected all outputs to be real".
+    The remedy the error names, ``torch.view_as_real(out).flatten(-2)``, gives kernels of ``2k`` real outputs:
+    the NNGP ``(1/2k) Re Σ_i f_i(x) conj(f_i(x'))`` and the NTK of both parts, as one ``jacrev`` of each."""
+    model = _ComplexOutputs()
+    x1, x2 = torch.randn(4, 3), torch.randn(5, 3)
+    for kernel in (empirical_nngp, empirical_ntk):
+        for kwargs in ({}, {"diag": True}, {"vector_output": True}):
+            with pytest.raises(ValueError, match=r"complex outputs \(torch.complex128\).*view_as_real"):
+                kernel(model, x1, None if kwargs.get("diag") else x2, **kwargs)
+
+    class RealAndImaginary(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.view_as_real(self.inner(x)).flatten(-2)
+
+    split = RealAndImaginary()
+    f1, f2 = model(x1).detach(), model(x2).detach()
+    torch.testing.assert_close(empirical_nngp(split, x1, x2), (f1 @ f2.conj().mT).real / 4, rtol=1e-12, atol=1e-12)
+    params = dict(model.named_parameters())
+    parts = [lambda q, x, part=part: part(functional_call(model, q, (x,))) for part in (torch.real, torch.imag)]
+    both = sum(_reference(part, params, x1, x2) for part in parts) / 2   # the average over 2k outputs, not k
+    torch.testing.assert_close(empirical_ntk(split, x1, x2), both, rtol=1e-12, atol=1e-12)
+
+
+def _shared_layer_network() -> nn.Module:
+    """One ``nn.Linear`` applied twice: its weight is named ``2.weight`` and ``4.weight``."""
+    torch.manual_seed(0)
+    shared = nn.Linear(6, 6)
+    return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(6, 2))
+
+
+def test_a_shared_parameter_takes_its_scale_under_any_of_its_names():
+    """A scale for the shared weight under its second name, ``4.weight``, was refused as "parameter_scales names
+    parameters the network does not have: ['4.weight']", and under its first one once ``params=`` named it by its
+    second. Under either name it is the one parameter's, as one ``jacrev`` of the weight shared by both uses
+    (``stateless`` gives the layer its value once); two scales for it are refused."""
+    model = _shared_layer_network()
+    x1, x2 = torch.randn(5, 3), torch.randn(4, 3)
+    weight = model[2].weight.detach()
+    fn = empirical.stateless(model)
+    expected = _reference(fn, {name: p.detach() for name, p in model.named_parameters()}, x1, x2,
+                          scales={"2.weight": 2.5})
+    for name in ("2.weight", "4.weight"):
+        torch.testing.assert_close(empirical_ntk(model, x1, x2, parameter_scales={name: 2.5}), expected,
+                                   rtol=1e-12, atol=1e-12)
+    alone = _reference(fn, {"4.weight": weight}, x1, x2)   # the shared weight's own term (scale 1)
+    for name in ("2.weight", "4.weight"):
+        torch.testing.assert_close(empirical_ntk(model, x1, x2, params={"4.weight": weight},
+                                                 parameter_scales={name: 2.5}), 2.5 * alone, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"two scales, under '2\.weight' and '4\.weight'"):
+        empirical_ntk(model, x1, x2, parameter_scales={"2.weight": 2.5, "4.weight": 1.0})
+
+
+def test_a_shared_parameter_given_two_different_values_is_refused():
+    """``params`` naming the shared weight twice with two values used the last alone (the layer has one slot
+    for it), silently: the kernel at one of them, the other ignored. The same value under
+    both names (``named_parameters(remove_duplicate=False)``) is the one parameter, counted once."""
+    model = _shared_layer_network()
+    x = torch.randn(5, 3)
+    weight = model[2].weight.detach()
+    with pytest.raises(ValueError, match=r"shared as '2\.weight' and '4\.weight' two different values"):
+        empirical_ntk(model, x, params={"2.weight": weight + 1, "4.weight": weight})
+    with pytest.raises(ValueError, match="two different values"):
+        empirical_nngp(model, x, params={"2.weight": weight + 1, "4.weight": weight})
+    every_name = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
+    torch.testing.assert_close(empirical_ntk(model, x, params=every_name), empirical_ntk(model, x),
+                               rtol=1e-12, atol=1e-12)

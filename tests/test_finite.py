@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 import ntkgp
-from ntkgp.finite import empirical_nngp, empirical_ntk, ensemble_size
+from ntkgp.finite import empirical, empirical_nngp, empirical_ntk, ensemble_size
 from ntkgp.finite.rates import equivalent_learning_rates
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -465,6 +465,30 @@ def test_empirical_nngp_reads_a_wrapped_ensemble_s_squeezed_outputs_per_member(n
                                rtol=1e-15, atol=0)
 
 
+
+@pytest.mark.parametrize("n", [5, 4, 1])
+def test_empirical_ntk_of_a_module_that_combines_an_ensemble_s_members(n):
+    """A module of the user's that makes its outputs of all members' (their mean (n, 1), or (n, E)) is one
+    function of all their parameters, as its NNGP above: its NTK was mapped over the members, each member's
+    slice called as the whole, and refused ("must return outputs (n, k) ...; got (1, 1)"). It is the kernel
+    of one ``jacrev`` of the module in the stacked parameters, its diagonal that kernel's; outputs per member
+    stay one kernel per member."""
+    ensemble = ntkgp.mlp(1, "erf", 2.0, 0.1).build(in_features=2, seed=0, ensemble_size=4, dtype=torch.float64)
+    x1, x2 = torch.randn(n, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    for post in (lambda f: f.mean(0), lambda f: f.squeeze(-1).T):
+        model = _Around(ensemble, post)
+        fn = empirical.stateless(model)
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        j1, j2 = (torch.func.jacrev(lambda q, x=x, fn=fn: fn(q, x))(params) for x in (x1, x2))
+        full = sum(torch.einsum("nip,mjp->nmij", j1[name].flatten(2), j2[name].flatten(2)) for name in params)
+        k = full.shape[-1]
+        torch.testing.assert_close(empirical_ntk(model, x1, x2), torch.einsum("nmii->nm", full) / k,
+                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(empirical_ntk(model, x1, x2, vector_output=True), full, rtol=1e-12, atol=1e-12)
+        own = empirical_ntk(model, x1)
+        torch.testing.assert_close(empirical_ntk(model, x1, diag=True), own.diagonal(), rtol=1e-12, atol=1e-12)
+    assert empirical_ntk(_Around(ensemble, lambda f: f.squeeze(-1)), x1, x2).shape == (4, n, 3)
+
 def test_estimators_name_what_is_wrong_with_their_inputs():
     """Raw torch errors before (review): an ensemble's member axis of another size (a broadcasting
     RuntimeError), params of the wrong shape (a matmul error), a torch module given to
@@ -581,6 +605,25 @@ def test_empirical_kernels_refuse_what_they_would_get_wrong_and_warn_in_training
         warnings.simplefilter("error")
         empirical_ntk(inert, x1)
 
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")   # torch's vmap fallback for RReLU
+def test_empirical_kernels_of_rrelu_in_training_mode_warn():
+    """RReLU draws its negative slopes at random in training mode: two calls' NTKs were 0.19 apart (width 16) with no
+    warning, where dropout's warned. In eval mode (its mean slope), and with ``lower == upper`` (one slope), the
+    kernels are the module's and nothing warns."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3)
+    for kernel in (empirical_ntk, empirical_nngp):
+        noisy = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.RReLU(), torch.nn.Linear(16, 1))
+        with pytest.warns(RuntimeWarning, match=r"training mode and has \['RReLU'\] layers"):
+            kernel(noisy, x)
+        noisy.eval()
+        fixed = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.RReLU(0.2, 0.2), torch.nn.Linear(16, 1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            torch.testing.assert_close(kernel(noisy, x), kernel(noisy, x), rtol=0, atol=0)
+            torch.testing.assert_close(kernel(fixed, x), kernel(fixed, x), rtol=0, atol=0)
 
 def test_empirical_kernels_name_inputs_of_the_wrong_width_or_dtype():
     """A torch Sequential starting with a Linear layer given inputs of another width, and a function

@@ -22,13 +22,16 @@ describe, since the full kernel is ``K ⊗ I_k``), or in full ``(n1, n2, k, k)``
 ``vector_output=True``; with ``diag=True`` only the pairs ``(x1_i, x2_i)`` (neural-tangents'
 ``diagonal_axes=(0,)``), ``(n,)`` or ``(n, k, k)``, in ``O(n)`` memory. Modules built with
 ``ensemble_size=E`` give one kernel per member, ``(E, n1, n2)``: members are handled by
-``torch.func.vmap``, never a Python loop.
+``torch.func.vmap``, never a Python loop. So does a module of one's own around such an ensemble
+whose outputs are per member, ``(E, n, k)``; one that makes its outputs ``(n, k)`` of all members'
+(their mean) has one kernel, in all their parameters.
 
-A module or function maps inputs ``(n, d)`` to outputs ``(n, k)`` (or ``(n,)``), floating-point
+A module or function maps inputs ``(n, d)`` to real outputs ``(n, k)`` (or ``(n,)``; complex ones are
+refused: ``torch.view_as_real(out).flatten(-2)`` makes their parts ``2k`` real outputs), floating-point
 inputs or, for one not built by ntkgp, integer ones (an embedding's indices); other output
 shapes are refused, and only networks built by ntkgp take batches of inputs ``(*batch, n, d)``
 (a CNN takes flattened images and unflattens them itself, ``nn.Unflatten``). The kernels are
-those of the module as it is called: dropout or batch norm in training mode make them random
+those of the module as it is called: dropout, RReLU or batch norm in training mode make them random
 or update running statistics, so that warns (call ``model.eval()`` first); the empirical NTK of
 batch norm that updates its running statistics is refused (``torch.func`` cannot differentiate a
 module that writes its buffers).
@@ -98,9 +101,10 @@ def ensemble_size(model: nn.Module) -> int | None:
     return sizes.pop() if sizes else None
 
 
-#: Modules whose training-mode output is random (dropout) or that update their buffers when called
-#: (batch statistics): the kernel of such a module in training mode is not a function of its parameters.
-_TRAINING_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+#: Modules whose training-mode output is random (dropout, RReLU's slopes) or that update their buffers when
+#: called (batch statistics): the kernel of such a module in training mode is not a function of its parameters.
+#: (RReLU's kernels in training mode came out 0.19 apart between two calls, without a word.)
+_TRAINING_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.RReLU)
 
 
 def _built_by_ntkgp(model: nn.Module | ParamFn) -> TypeGuard[nn.Module]:
@@ -128,12 +132,13 @@ def _as_function(model: nn.Module | ParamFn, params: Mapping[str, Tensor] | None
     if isinstance(model, nn.Module):
         _materialize(model, x)
         training = sorted({type(m).__name__ for m in model.modules() if m.training and isinstance(
-            m, _TRAINING_DEPENDENT) and not (isinstance(m, nn.modules.dropout._DropoutNd) and m.p == 0)})
+            m, _TRAINING_DEPENDENT) and not (isinstance(m, nn.modules.dropout._DropoutNd) and m.p == 0)
+            and not (isinstance(m, nn.RReLU) and m.lower == m.upper)})
         if training:
             warnings.warn(f"The module is in training mode and has {training} layers: its outputs are random "
-                          "(dropout), or normalized with the statistics of the points it is called on (batch "
-                          "norm), so the kernel is not that of a function of each point. Call model.eval() first.",
-                          RuntimeWarning, stacklevel=3)
+                          "(dropout, RReLU's slopes), or normalized with the statistics of the points it is called "
+                          "on (batch norm), so the kernel is not that of a function of each point. Call model.eval() "
+                          "first.", RuntimeWarning, stacklevel=3)
         own = dict(model.named_parameters(remove_duplicate=False))
         if params is None:
             from ntkgp.finite.linearize import Linearized  # here: that module imports this one
@@ -159,6 +164,13 @@ def _as_function(model: nn.Module | ParamFn, params: Mapping[str, Tensor] | None
                 if value.dtype != own[name].dtype:
                     raise ValueError(f"params[{name!r}] is {value.dtype} but the network's parameter (and the "
                                      f"inputs) are {own[name].dtype}: convert it with .to({own[name].dtype}).")
+            first: dict[int, str] = {}
+            for name, value in params.items():
+                other = first.setdefault(id(own[name]), name)
+                # one slot per parameter: the last value given was used, the other (no gradient) silently dropped
+                if other != name and not torch.equal(value, params[other]):
+                    raise ValueError(f"params gives the parameter shared as {other!r} and {name!r} two different "
+                                     "values: give it under one of its names.")
             replaced = {id(own[name]) for name in params}
             fixed = {name: p.detach() for name, p in model.named_parameters() if id(p) not in replaced}
             unchecked = fixed   # (_check_params checked the values given)
@@ -436,6 +448,12 @@ def _outputs_2d(out: Tensor, x: Tensor | None = None) -> Tensor:
     given, anything but one output vector per point of ``x`` is a ``ValueError``."""
     if not isinstance(out, Tensor):
         raise ValueError(f"The network must return one tensor of outputs (n, k), got {type(out).__name__}.")
+    if out.is_complex():
+        # the NTK was that of the real parts alone (each output's real cotangent pulled back), the NNGP the
+        # unconjugated f(x) f(x')ᵀ (complex, K̂(x, x) not |f(x)|²), and the diagonal a jacrev error
+        raise ValueError(f"The network returns complex outputs ({out.dtype}); the kernels are of real ones: return "
+                         "torch.view_as_real(out).flatten(-2), the real and imaginary parts as 2k outputs (whose "
+                         "kernels per output unit are (1/2k) Re Σ_i f_i(x) conj(f_i(x'))).")
     out = out.unsqueeze(-1) if out.dim() == 1 else out
     if x is not None and (out.dim() != x.dim() or out.shape[-2] != x.shape[-2]):
         # (n, 2, 3) outputs were contracted over one axis and averaged over another: 3x the NTK
@@ -531,22 +549,31 @@ def _kernel_outputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None,
 
     def outputs(x: Tensor) -> Tensor:
         out = fn(params, x)
-        if not built and members is not None and out.shape[0] == members:
+        if not built and members is not None and _per_member(fn, params, x, members, out):
             # a module of the user's around an ensemble: one kernel per member, as empirical_ntk gives.
             # Its (E, n, k) outputs were refused as not "(n, k) for inputs (n, d)"; (E, n), the output
-            # axis squeezed, too, and when E = n read as n points' E outputs. Which axis follows the
-            # points then shows with one point more.
-            n = x.shape[-2]
-            if out.dim() == x.dim() and out.shape[-1] == n and (
-                    n != members or fn(params, torch.cat([x, x[..., :1, :]], -2)).shape[-1] == n + 1):
-                out = out.unsqueeze(-1)
-            if out.dim() == x.dim() + 1:
-                return _outputs_2d(out, x.expand(members, *x.shape))
+            # axis squeezed, too, and when E = n read as n points' E outputs
+            out = out.unsqueeze(-1) if out.dim() == x.dim() else out
+            return _outputs_2d(out, x.expand(members, *x.shape))
         return _outputs_2d(out, None if built else x)
 
     with torch.no_grad():
         f1 = outputs(x1)
         return f1, f1 if x2 is None else outputs(x2)
+
+
+def _per_member(fn: ParamFn, params: Mapping[str, Tensor], x: Tensor, members: int, out: Tensor) -> bool:
+    """Whether the outputs ``out = fn(params, x)`` of a module of the user's around an ensemble of ``members``
+    are one set per member, ``(E, n, k)`` or ``(E, n)`` (the output axis squeezed), rather than outputs ``(n, k)``
+    it made of all members' (their mean, say). Where ``E = n`` and ``(E, n)`` could be ``(n, k)``, which axis
+    follows the points shows with one point more."""
+    if out.dim() == 0 or out.shape[0] != members:
+        return False
+    if out.dim() == x.dim() + 1:
+        return True
+    n = x.shape[-2]
+    return out.dim() == x.dim() and out.shape[-1] == n and (
+        n != members or fn(cast("dict[str, Tensor]", params), torch.cat([x, x[..., :1, :]], -2)).shape[-1] == n + 1)
 
 
 @_naming_dtype_mismatch
@@ -653,6 +680,18 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
                          "when called, which the empirical NTK cannot differentiate (nor is the kernel a function "
                          "of the parameters). Call model.eval() first.")
     fn, all_params, members, fixed = _as_function(model, params, x1)
+    if members is not None and x1.shape[-2] and not _built_by_ntkgp(model):
+        # a module of the user's that makes its outputs of all members' (their mean, say) is one function of all
+        # their parameters: mapped over the members, each member's slice of it was called as the whole ("must
+        # return outputs (n, k) ...; got (2, 1)", where the NNGP took it as it is). The random numbers this pass
+        # draws (dropout's) are given back, so that the kernel draws those it drew without it
+        devices = [] if x1.device.type == "cpu" else [x1.device]
+        with torch.no_grad(), torch.random.fork_rng(devices, device_type=x1.device.type if devices else "cuda"):
+            values = {**fixed, **all_params}
+            if not _per_member(fn, values, x1, members, fn(values, x1)):
+                members = None
+    if isinstance(model, nn.Module):
+        scales = _scales_by_name(model, scales, all_params, fixed)
     unknown = sorted(set(scales) - set(all_params))
     held = [name for name in unknown if name in fixed]
     if held:   # said to be parameters "the network does not have", of a Linearized's own initial.* too
@@ -971,6 +1010,27 @@ def _refuse_non_finite(kernel: Tensor, name: str, model: nn.Module | ParamFn, pa
         f"{largest:.3g}). Scale the inputs down" + ("" if kernel.dtype == torch.float64 else
                                                    ", or use float64 (the network's parameters and the inputs)")
         + "; a network whose weights grew without bound (a diverged training) has no finite kernel.")
+
+
+def _scales_by_name(model: nn.Module, scales: dict, differentiated: Mapping[str, Tensor],
+                    fixed: Mapping[str, Tensor]) -> dict:
+    """``parameter_scales`` keyed by the names under which the parameters are differentiated (or held fixed):
+    a parameter shared by two layers (``nn.Sequential(lin, act, lin)``) has a name per use, and its scale
+    given under another than ``named_parameters()`` lists was refused as "a parameter the network does not
+    have". Two scales for one parameter, under two of its names, are refused."""
+    own = dict(model.named_parameters(remove_duplicate=False))
+    names = {id(own[name]): name for name in fixed if name in own}
+    names.update({id(own[name]): name for name in differentiated if name in own})
+    given: dict[str, str] = {}
+    by_name = {}
+    for name, scale in scales.items():
+        target = names.get(id(own[name]), name) if name in own else name
+        if target in given:
+            raise ValueError(f"parameter_scales gives one parameter two scales, under {given[target]!r} and {name!r} "
+                             "(names of one parameter shared by several layers): give it one.")
+        given[target] = name
+        by_name[target] = scale
+    return by_name
 
 
 def _scale_tensor(name: str, scale: object) -> Tensor:
