@@ -11,7 +11,7 @@ from typing import Any
 import gpytorch
 import torch
 from gpytorch.lazy import LazyEvaluatedKernelTensor
-from linear_operator.operators import IdentityLinearOperator, KroneckerProductLinearOperator
+from linear_operator.operators import DenseLinearOperator, IdentityLinearOperator, KroneckerProductLinearOperator
 from linear_operator.utils.errors import NotPSDError
 from torch import Tensor
 
@@ -23,11 +23,11 @@ from ntkgp.kernels.network_kernel import NetworkKernel
 from ntkgp.layers.base import Layer, NonFiniteKernelError, NonFiniteVarianceError
 from ntkgp.layers.mlp import mlp
 from ntkgp.layers.validation import all_finite, array_advice, check_points, one_point_hint, where_not_finite
-from ntkgp.predict.gaussian import Gaussian, HyperparameterRecord, check_non_negative
+from ntkgp.predict.gaussian import Gaussian, HyperparameterRecord, check_non_negative, named_kernels
 from ntkgp.predict.spectral import (
     POSTERIOR_COEFFICIENTS,
     coarser_than_float64,
-    training_kernel_error,
+    kernel_entry_error,
     warn_if_imprecise,
 )
 
@@ -130,6 +130,16 @@ def _training_points(inputs: Tensor | tuple | list) -> int:
     return max((_training_points(x) for x in inputs), default=0)
 
 
+def _evaluated_kernel(covar: LazyEvaluatedKernelTensor) -> Any:
+    """The kernel GPyTorch evaluated for ``covar`` (its cached ``evaluate_kernel``, linear_operator's memoized
+    ``(name, args, kwargs)`` entry), ``None`` where it has not: never formed here, an ``N × N`` kernel at any
+    ``N`` (a cache of another form reads as none: the caller forms what it needs itself)."""
+    cache = getattr(covar, "_memoize_cache", None)
+    if isinstance(cache, dict) and any(isinstance(key, tuple) and key[:1] == ("kernel_eval",) for key in cache):
+        return covar.evaluate_kernel()
+    return None
+
+
 def _task_noise_covariance(likelihood: object) -> Tensor | None:
     """The ``(k, k)`` covariance of the task noises a ``MultitaskGaussianLikelihood`` adds to its global
     noise (``None`` without task noises: every output has the global noise alone): ``diag(task_noises)``
@@ -169,6 +179,13 @@ class NetworkGP(gpytorch.models.ExactGP):
             length with only a warning).
         mean: ``"zero"`` (the prior of an infinitely wide network) or ``"constant"``.
         **mlp_kwargs: forwarded to :func:`ntkgp.mlp` when ``net`` is ``None``.
+
+    Subclasses may wrap the network kernel (``self.covar_module = ScaleKernel(self.covar_module)``: ``net`` is
+    the wrapped kernel's network, and new data are checked against its first layer as here) or map the inputs
+    to features in their own ``forward`` before it (deep kernel learning): a first layer with ``ard_num_dims``
+    then takes the features' number, which the kernel checks where it first sees them (the first prediction or
+    ``fit``), not the raw inputs' (``__init__`` and ``set_train_data`` check these only for this class's
+    ``forward``).
 
     Exact at every size: GPyTorch replaces Cholesky solves by conjugate gradients and stochastic
     Lanczos log-determinants above ``gpytorch.settings.max_cholesky_size`` (800 points by
@@ -292,8 +309,10 @@ class NetworkGP(gpytorch.models.ExactGP):
         elif mlp_kwargs:
             raise ValueError(f"Pass either net or mlp arguments, not both (got {sorted(mlp_kwargs)}).")
         # a first layer with ard_num_dims for another number of features was refused only by the first fit
-        # or prediction, after the model had been set up
-        _check_features(net, train_x.shape[-1], "train_x")
+        # or prediction, after the model had been set up. Only where the kernel sees the inputs: a subclass's
+        # forward may give it features (deep kernel learning), whose number is the first layer's to match
+        if type(self).forward is NetworkGP.forward:
+            _check_features(net, train_x.shape[-1], "train_x")
         # the kernel owns the network: registered a second time, its priors would count twice in
         # the marginal likelihood and its parameters twice in the state dict
         self.covar_module = KERNELS[kernel](net)
@@ -354,33 +373,55 @@ class NetworkGP(gpytorch.models.ExactGP):
             coefficients = strategy.mean_cache.detach().reshape(n, k).mT.unsqueeze(-1)
             variances = strategy.lik_train_train_covar.diagonal().detach().reshape(n, k).mT   # (k, N)
             outputs = output.mean.detach().reshape(-1, k).mT.unsqueeze(-1)                        # (k, M, 1)
-        kernel = self._network_kernel_inputs(strategy)
-        entry_eps = (None if kernel is None or kernel[1].dim() != 2 else
-                     training_kernel_error(kernel[0].net, kernel[1], kernel[0].kind == "ntk", variances.amin(0)))
+        measured = self._training_kernel(strategy)
+        # the training variances of the kernel alone: the smallest of the outputs' (their noises differ)
+        entry_eps = None if measured is None else kernel_entry_error(*measured[:2], variances.amin(0), measured[2])
         warn_if_imprecise(coefficients, outputs, variances, eps, factor_eps=eps, cause=POSTERIOR_COEFFICIENTS,
                           entry_eps=entry_eps,
                           remedy="Predict in float64 (float64 data, NetworkGP(train_x.double(), ...), or "
                                  "model.double() with float64 test inputs), or give it more noise.")
 
-    def _network_kernel_inputs(self, strategy: Any) -> tuple[NetworkKernel, Tensor] | None:
-        """The network kernel of GPyTorch's training covariance and the inputs it saw, for measuring that kernel's
-        error against float64; ``None`` where they cannot be told (the judgement is then at ``ε`` alone).
+    def _training_kernel(self, strategy: Any) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor | None] | None:
+        """GPyTorch's training kernel as :func:`~ntkgp.predict.spectral.kernel_entry_error` measures its error
+        against float64: the kernel as a function of its inputs, the inputs it saw, and the ``(N, N)`` kernel it
+        formed of them where it is at hand (GPyTorch's cached evaluation: only the float64 kernels are formed
+        then); ``None`` where the covariance holds no network kernel or cannot be told (judged at ``ε`` alone).
 
         Read from the covariance (a ``LazyEvaluatedKernelTensor``, ``K ⊗ I_k`` for vector targets), not from
         ``self.net`` and ``train_inputs``: a subclass's ``forward`` may feed the kernel features (deep kernel
         learning; a 100-fold shrinking feature map made the raw inputs' measure read 25 % where the means were
-        7.9e-5 off), or replace ``covar_module`` (a ``ScaleKernel`` around it failed with "object has no
-        attribute 'net'", at every first prediction). Without a lazy covariance
+        7.9e-5 off), or wrap the network kernel (a ``ScaleKernel`` around it, measured through the wrapper as
+        GPyTorch evaluates it, ``s K`` with ``s`` times ``K``'s error: judged at ``ε`` alone before, the NTK-GP of
+        ``mlp(300, "relu", 2, 1)`` scaled by 4 predicted means 4.3e-2 off, silently). Without a lazy covariance
         (``gpytorch.settings.lazily_evaluate_kernels(False)``) the training inputs stand for the kernel's where
         ``forward`` is this class's."""
         covar = strategy.train_prior_dist.lazy_covariance_matrix
         if isinstance(covar, KroneckerProductLinearOperator):
             covar = covar.linear_ops[0]
         if isinstance(covar, LazyEvaluatedKernelTensor):
-            return (covar.kernel, covar.x1) if isinstance(covar.kernel, NetworkKernel) else None
-        if type(self).forward is NetworkGP.forward and isinstance(self.covar_module, NetworkKernel):
-            return self.covar_module, self.train_inputs[0]
-        return None
+            kernel, x, params = covar.kernel, covar.x1, dict(covar.params, last_dim_is_batch=covar.last_dim_is_batch)
+
+            def kernel_of(points: Tensor) -> Tensor:
+                # GPyTorch's own evaluation of such a covariance (its inputs have been through active_dims), made
+                # without a graph: it evaluates under the grad mode it was made in
+                with torch.no_grad(), named_kernels("training"):
+                    return LazyEvaluatedKernelTensor(points, points, kernel=kernel, **params).to_dense()
+
+            evaluated = _evaluated_kernel(covar)
+        elif type(self).forward is NetworkGP.forward:
+            kernel, x, evaluated = self.covar_module, self.train_inputs[0], covar
+
+            def kernel_of(points: Tensor) -> Tensor:
+                with torch.no_grad(), named_kernels("training"), gpytorch.settings.lazily_evaluate_kernels(False):
+                    return kernel(points).to_dense()
+        else:
+            return None
+        if x.dim() != 2 or not any(isinstance(m, NetworkKernel) for m in kernel.modules()):
+            return None   # batched training inputs; a kernel of GPyTorch's own, rounded once
+        computed = evaluated.tensor.detach() if isinstance(evaluated, DenseLinearOperator) else None
+        if computed is not None and (computed.shape != (x.shape[0], x.shape[0]) or computed.dtype != x.dtype):
+            computed = None
+        return kernel_of, x, computed
 
     def set_train_data(self, inputs: Tensor | Sequence[Tensor] | None = None, targets: Tensor | None = None,
                        strict: bool = True) -> None:
@@ -390,12 +431,14 @@ class NetworkGP(gpytorch.models.ExactGP):
         (with ``N`` the new inputs' points where both are given)."""
         # parameters, not buffers: the layers keep float64 anchors in a float32 model
         model = next((p for p in self.parameters() if p.is_floating_point()), None)
+        raw = self._kernel_of_raw_inputs()
         for x in (inputs,) if isinstance(inputs, Tensor) else tuple(inputs or ()):
             # NaN inputs failed only at the next prediction, named "x2"; NaN targets gave NaN predictions
             # without a word (__init__ and fit refuse both)
             check_points(x.unsqueeze(-1) if isinstance(x, Tensor) and x.dim() == 1 else x, "inputs")
             self._check_model_dtype(x, "inputs", model)
-            _check_features(self.net, 1 if x.dim() == 1 else x.shape[-1], "inputs")   # strict=False takes any shape
+            if raw is not None:   # strict=False takes any shape
+                _check_features(raw.net, 1 if x.dim() == 1 else x.shape[-1], "inputs")
         if targets is not None:
             if not isinstance(targets, Tensor):
                 raise ValueError(f"targets must be a tensor, got {type(targets).__name__}.")
@@ -572,7 +615,10 @@ class NetworkGP(gpytorch.models.ExactGP):
             return Gaussian(mean, like.new_zeros(0, 0))
         with torch.no_grad():
             pred = self(x_test)
-            scale = float(self.covar_module(x_test, diag=True).max())
+            # the prior forward gives (a subclass's features, a ScaleKernel's scale): covar_module(x_test) saw the
+            # raw inputs, which a deep kernel's first layer refused ("Dense(ard_num_dims=2) got inputs with 3")
+            prior = self.forward(x_test).lazy_covariance_matrix
+            scale = float(prior.diagonal(dim1=-2, dim2=-1).max())
             mean = pred.mean
             if not self.vector_targets:
                 return Gaussian(mean, pred.covariance_matrix, scale)
@@ -612,8 +658,37 @@ class NetworkGP(gpytorch.models.ExactGP):
 
     @property
     def net(self) -> Layer:
-        """The network spec (owned by ``covar_module``), with its learnable variances."""
-        return self.covar_module.net
+        """The network spec (owned by ``covar_module``, or by the one network kernel it holds: a subclass's
+        ``ScaleKernel(...)`` around it), with its learnable variances."""
+        kernel = self._network_kernel()
+        if kernel is None:
+            # a ValueError, not an AttributeError: torch's Module.__getattr__ would replace its message by
+            # "object has no attribute 'net'", which a ScaleKernel around the network kernel read before
+            kernels = sum(isinstance(m, NetworkKernel) for m in self.covar_module.modules())
+            raise ValueError(f"model.net is the network of covar_module's network kernel, but covar_module "
+                             f"({type(self.covar_module).__name__}) holds {kernels or 'no'} network kernels: read "
+                             "the network from the kernel meant (e.g. model.covar_module.kernels[0].net).")
+        return kernel.net
+
+    def _network_kernel(self) -> NetworkKernel | None:
+        """``covar_module`` if it is a network kernel, else the one network kernel it holds (a subclass's
+        ``ScaleKernel``'s base kernel, a term of a sum); ``None`` for none or several."""
+        if isinstance(self.covar_module, NetworkKernel):
+            return self.covar_module
+        found = [m for m in self.covar_module.modules() if isinstance(m, NetworkKernel)]
+        return found[0] if len(found) == 1 else None
+
+    def _kernel_of_raw_inputs(self) -> NetworkKernel | None:
+        """The network kernel where it is known to see the model's inputs as given, whose number of features
+        its first layer then checks (``ard_num_dims``): ``forward`` is this class's and no kernel on the way
+        selects features (``active_dims``). ``None`` otherwise: a subclass's ``forward`` may give it features
+        (deep kernel learning), which the kernel checks when it sees them."""
+        kernel = self._network_kernel()
+        if kernel is None or type(self).forward is not NetworkGP.forward:
+            return None
+        selects = any(isinstance(m, gpytorch.kernels.Kernel) and m.active_dims is not None
+                      for m in self.covar_module.modules())
+        return None if selects else kernel
 
     def named_priors(self) -> Iterator[tuple]:
         """GPyTorch's ``named_priors``, each prior once: a layer reused in two containers of a spec

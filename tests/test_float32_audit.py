@@ -183,7 +183,8 @@ def test_a_float32_network_gp_warns_once_per_training_solve_where_its_deep_kerne
 
 # Where float32 holds (shallow networks: means 8e-5 off float64's, relative) the model stays quiet; a float64 model
 # computes nothing for the judgement (no probe of its kernel: the same kernel evaluations as GPyTorch's own), a float32
-# one the training variances (a diagonal) and the probe's two 16-point kernels (float32 and float64), no more
+# one the training variances (a diagonal) and the probe's 16-point kernel in float64, no more: its float32 entries
+# are those of GPyTorch's training kernel (formed again, they were a float32 kernel of their own, as costly)
 @pytest.mark.parametrize(("depth", "activation"), [(1, "relu"), (3, "erf")])
 def test_a_network_gp_judges_float32_alone_and_stays_quiet_where_it_holds(depth, activation):
     import copy
@@ -197,7 +198,7 @@ def test_a_network_gp_judges_float32_alone_and_stays_quiet_where_it_holds(depth,
         kernel = model.net.kernel
 
         def count(*args, **kwargs):
-            calls.append((args[0].shape[-2], kwargs.get("diag", False)))
+            calls.append((args[0].shape[-2], kwargs.get("diag", False), args[0].dtype))
             return kernel(*args, **kwargs)
 
         model.net.kernel = count
@@ -212,7 +213,8 @@ def test_a_network_gp_judges_float32_alone_and_stays_quiet_where_it_holds(depth,
     assert _relative_error(mean.unsqueeze(-1), reference.unsqueeze(-1)) < 1e-3
     assert not messages and not messages64
     float32, float64 = counts
-    assert float32[:len(float64)] == float64 and float32[len(float64):] == [(100, True), (16, False), (16, False)]
+    assert [call[:2] for call in float32[:len(float64)]] == [call[:2] for call in float64]
+    assert float32[len(float64):] == [(100, True, torch.float32), (16, False, torch.float64)]
 
 
 def _feature_gp(x: torch.Tensor, y: torch.Tensor, net, scale: float, kernel: str):
@@ -252,8 +254,8 @@ def test_a_float32_network_gp_measures_its_kernel_at_the_features_a_subclass_giv
 
 
 # A subclass that wraps the network kernel in a ScaleKernel: its first float32 prediction failed with "object has
-# no attribute 'net'" (the judgement read the kernel's network from covar_module). Judged at ε alone now; its means
-# are those of the plain model with the noise divided by the scale (s K* (s K + σ²)⁻¹ y = K* (K + σ²/s)⁻¹ y)
+# no attribute 'net'" (the judgement read the kernel's network from covar_module). Its means are those of the plain
+# model with the noise divided by the scale (s K* (s K + σ²)⁻¹ y = K* (K + σ²/s)⁻¹ y)
 def test_a_float32_network_gp_with_a_scaled_kernel_predicts():
     import gpytorch
 
@@ -270,3 +272,42 @@ def test_a_float32_network_gp_with_a_scaled_kernel_predicts():
         reference = plain(x_test).mean
     # float32 solves of a kernel of condition 2.8e3: 2.6e-5 of the means' size measured
     assert _relative_error(mean.unsqueeze(-1), reference.double().unsqueeze(-1)) < 1e-4 and not messages
+
+
+# A deep kernel wrapped in a ScaleKernel was judged at ε alone (its error was measured only for a bare network
+# kernel): the NTK-GP of mlp(300, "relu", 2, 1) scaled by 4 on 30 points (noise 1e-3) predicted means 4.3e-2 off
+# the float64 model's, silently, as the unscaled one did before it was measured. Measured through the wrapper (s K's
+# entries are s times K's, the training variances s K_ii + σ²) it reads 6.4 %, as the unscaled model's; formed in
+# float64 alone (the float32 kernel is GPyTorch's). The shallow network's (1.7e-5 off) stays quiet.
+@pytest.mark.parametrize(("depth", "warns"), [(300, True), (1, False)])
+def test_a_float32_network_gp_measures_a_scaled_deep_kernel_through_its_wrapper(depth, warns):
+    import copy
+
+    import gpytorch
+
+    from ntkgp.models import NetworkGP
+
+    x, x_test, y = _data(30)
+    model = NetworkGP(x, y[:, 0], ntkgp.mlp(depth, "relu", 2.0, 1.0), kernel="ntk")
+    model.covar_module = gpytorch.kernels.ScaleKernel(model.covar_module).to(x)
+    model.covar_module.outputscale, model.likelihood.noise = 4.0, 1e-3
+    model.eval()
+    twin = copy.deepcopy(model).double()
+    calls = []
+    net = model.covar_module.base_kernel.net
+    kernel = net.kernel
+
+    def count(*args, **kwargs):
+        calls.append((args[0].shape[-2], kwargs.get("diag", False), args[0].dtype))
+        return kernel(*args, **kwargs)
+
+    with torch.no_grad():
+        reference = twin(x_test.double()).mean
+        net.kernel = count
+        mean, messages = _messages(lambda: model(x_test).mean)
+    error = _relative_error(mean.unsqueeze(-1), reference.unsqueeze(-1))
+    assert (error > 3e-2) if warns else (error < 1e-4)
+    assert len(messages) == int(warns)
+    assert not messages or ("error against float64" in messages[0] and "Predict in float64" in messages[0])
+    # beyond GPyTorch's float32 kernels (training, cross, test) and the training variances: float64 ones alone
+    assert [call[:2] for call in calls if call[2] == torch.float64] == [(16, False)] + [(30, False)] * warns

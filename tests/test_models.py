@@ -1587,3 +1587,82 @@ def test_vector_target_predictions_do_not_warn_about_linear_operators_sparse_mat
             "assert torch.sparse.check_sparse_tensor_invariants.is_enabled()\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+class _ScaledGP(NetworkGP):
+    """A subclass that wraps the network kernel in a ScaleKernel (a learnable output scale)."""
+
+    def __init__(self, x, y, net, **kwargs):
+        super().__init__(x, y, net, **kwargs)
+        self.covar_module = gpytorch.kernels.ScaleKernel(self.covar_module).to(x)
+
+
+def test_a_scaled_network_kernel_keeps_the_model_s_network_and_its_data_checks():
+    """With covar_module = ScaleKernel(NTKKernel(net)), model.net and set_train_data failed with "object has no
+    attribute 'net'" (read from covar_module itself). The network is the wrapped kernel's, new data are checked
+    against its first layer as the plain model's are, and the posterior on them is the plain model's with the
+    noise divided by the scale: s K* (s K + σ²I)⁻¹ y = K* (K + σ²/s I)⁻¹ y."""
+    x, y = (v.double() for v in _data(20))
+    net = ntkgp.mlp(1, "erf", 2.0, 0.1, ard_num_dims=2)
+    model = _ScaledGP(x[:10], y[:10], net, kernel="ntk").eval()
+    model.covar_module.outputscale, model.likelihood.noise = 4.0, 4e-2
+    assert model.net is net
+    model.set_train_data(x, y, strict=False)
+    plain = NetworkGP(x, y, ntkgp.mlp(1, "erf", 2.0, 0.1, ard_num_dims=2), kernel="ntk").eval()
+    plain.likelihood.noise = 1e-2
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:5] + 0.1).mean, plain(x[:5] + 0.1).mean, rtol=1e-10, atol=1e-12)
+        # the scaled kernel's prior variance is 4 times the plain one's: the Gaussian's scale
+        assert model.gaussian(x[:5]).scale == pytest.approx(4 * plain.gaussian(x[:5]).scale, rel=1e-12)
+    with pytest.raises(ValueError, match=r"^inputs with 3 feature\(s\) cannot enter the network: Dense\(ard_num_dims"):
+        model.set_train_data(torch.randn(20, 3, dtype=torch.float64), y, strict=False)
+
+
+def test_a_model_with_several_network_kernels_names_them_for_its_net():
+    """model.net of a covar_module holding two network kernels has no one answer: it says so (torch's
+    "object has no attribute 'net'" said nothing), and the model still takes new data."""
+    x, y = (v.double() for v in _data(8))
+    model = NetworkGP(x, y, ntkgp.mlp(1, "relu"))
+    model.covar_module = model.covar_module + ntkgp.NTKKernel(ntkgp.mlp(2, "erf")).double()
+    with pytest.raises(ValueError, match=r"covar_module \(AdditiveKernel\) holds 2 network kernels"):
+        _ = model.net
+    model.set_train_data(x[:4], y[:4], strict=False)
+    with torch.no_grad():
+        assert model.eval()(x[:2]).mean.shape == (2,)
+
+
+class _FeatureGP(NetworkGP):
+    """Deep kernel learning: a feature map (here a fixed linear one, 2 features to 3) before the network kernel."""
+
+    def __init__(self, x, y, net, **kwargs):
+        super().__init__(x, y, net, **kwargs)
+        self.features = torch.nn.Linear(2, 3).to(x)
+        with torch.no_grad():
+            self.features.weight.copy_(torch.tensor([[1.0, 0.5], [-0.5, 1.0], [0.25, 0.25]]))
+            self.features.bias.fill_(0.1)
+
+    def forward(self, x):
+        return super().forward(self.features(x))
+
+
+def test_a_deep_kernel_subclass_gives_its_first_layer_the_features():
+    """A subclass whose forward maps the inputs to features was refused when built (and by set_train_data): the
+    raw inputs' 2 features were checked against a first layer made for the 3 features ("train_x with 2
+    feature(s) cannot enter the network: Dense(ard_num_dims=3) got inputs with 2 features"), and gaussian
+    evaluated covar_module at the raw inputs. Its predictions are those of the plain model on the features,
+    Gaussian and scale included; a first layer made for another number of features is refused by the kernel
+    where it first sees them."""
+    x, y = (v.double() for v in _data(20))
+    model = _FeatureGP(x, y, ntkgp.mlp(1, "erf", 2.0, 0.1, ard_num_dims=3), kernel="ntk").eval()
+    with torch.no_grad():
+        features = model.features(x)
+        plain = NetworkGP(features, y, ntkgp.mlp(1, "erf", 2.0, 0.1, ard_num_dims=3), kernel="ntk").eval()
+        got, expected = model.gaussian(x[:5] + 0.1), plain.gaussian(model.features(x[:5] + 0.1))
+        torch.testing.assert_close(got.mean, expected.mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got.covariance, expected.covariance, rtol=1e-10, atol=1e-12)
+        assert got.scale == pytest.approx(expected.scale, rel=1e-12)
+        model.set_train_data(x[:10], y[:10], strict=False)
+        assert model(x[:2]).mean.shape == (2,)
+    wrong = _FeatureGP(x, y, ntkgp.mlp(1, "erf", 2.0, 0.1, ard_num_dims=2)).eval()
+    with pytest.raises(ValueError, match=r"Dense\(ard_num_dims=2\) got inputs with 3 features"):
+        wrong(x[:2])

@@ -1026,36 +1026,48 @@ ENTRY_POINTS = 256
 
 
 def sampled_entry_error(kernel_of: Callable[[Tensor], Tensor], x: Tensor, variances: Tensor,
-                        points: int = ENTRY_POINTS) -> float:
+                        points: int = ENTRY_POINTS, computed: Tensor | None = None) -> float:
     """:func:`entry_error` of the kernel ``kernel_of(x)`` (in ``x``'s dtype) against ``kernel_of`` of ``x`` in
     float64, on at most ``points`` evenly spaced training points, ``variances`` ``(N,)`` the training
-    variances of all ``N`` (the scale ``d_i d_j`` of each entry)."""
+    variances of all ``N`` (the scale ``d_i d_j`` of each entry). ``computed``, the ``(N, N)`` kernel of ``x``
+    already computed (a GP's training kernel, the very one factored), gives the sampled entries in place of
+    ``kernel_of`` of the sample: only the float64 kernel is formed. A ``kernel_of`` that does not compute in
+    float64 (a kernel of one's own in its parameters' dtype) has no reference to measure against: ``0``."""
     n = x.shape[0]
     index = torch.linspace(0, n - 1, min(n, points), device=x.device).round().long()
     sample = x[index]
-    return entry_error(kernel_of(sample), kernel_of(sample.to(torch.float64)), variances[index])
+    kernel = kernel_of(sample) if computed is None else computed[index.unsqueeze(-1), index]
+    exact = kernel_of(sample.to(torch.float64))
+    return entry_error(kernel, exact, variances[index]) if exact.dtype == torch.float64 else 0.0
 
 
-def training_kernel_error(net: Layer, x: Tensor, ntk: bool, variances: Tensor) -> Callable[[int], float]:
-    """:func:`warn_if_imprecise`'s ``entry_eps`` for a predictor of ``net`` trained on ``x`` (in the factoring
-    dtype): ``points ->`` :func:`sampled_entry_error` of its training NTK (``ntk``) or NNGP, ``variances``
+def kernel_entry_error(kernel_of: Callable[[Tensor], Tensor], x: Tensor, variances: Tensor,
+                       computed: Tensor | None = None) -> Callable[[int], float]:
+    """:func:`warn_if_imprecise`'s ``entry_eps`` for a predictor whose training kernel is ``kernel_of(x)`` (``x``
+    in the factoring dtype): ``points ->`` :func:`sampled_entry_error` (``computed`` as there), ``variances``
     ``(N,)`` the training variances it is factored with, measured once for each number of points (the probe
     and the measure are each asked again at every prediction)."""
     measured: dict[int, float] = {}
+
+    @outside_inference_mode
+    def entry_eps(points: int) -> float:
+        points = min(points, x.shape[0])
+        if points not in measured:
+            measured[points] = sampled_entry_error(kernel_of, x, variances.to(torch.float64), points, computed)
+        return measured[points]
+
+    return entry_eps
+
+
+def training_kernel_error(net: Layer, x: Tensor, ntk: bool, variances: Tensor) -> Callable[[int], float]:
+    """:func:`kernel_entry_error` of ``net``'s training NTK (``ntk``) or NNGP at ``x``."""
 
     def kernel_of(points: Tensor) -> Tensor:
         with torch.no_grad(), named_kernels("training"):
             k = net.kernel(points, ntk=ntk)
         return cast(Tensor, k.ntk) if ntk else k.nngp
 
-    @outside_inference_mode
-    def entry_eps(points: int) -> float:
-        points = min(points, x.shape[0])
-        if points not in measured:
-            measured[points] = sampled_entry_error(kernel_of, x, variances.to(torch.float64), points)
-        return measured[points]
-
-    return entry_eps
+    return kernel_entry_error(kernel_of, x, variances)
 
 
 def entry_error(kernel: Tensor, exact: Tensor, variances: Tensor | None = None) -> float:
