@@ -512,3 +512,83 @@ def test_tracing_is_refused_on_every_way_into_the_kernels():
             step[i, j] = 1e-5
             numeric = (total(x_test + step) - total(x_test - step)) / 2e-5
             assert float(grad[i, j]) == pytest.approx(float(numeric), rel=1e-6, abs=1e-8)
+
+
+def test_kernels_whose_active_dims_are_inference_tensors_are_read_at_each_call():
+    """A kernel given ``active_dims`` inside ``torch.inference_mode()`` (built there, unpickled there, or BoTorch's
+    ``MultiTaskGP`` built there, which sets them) holds an inference tensor, which keeps no version counter: every
+    call failed with "Inference tensors do not track version counter". Such models predict as those built
+    outside (exactly), and an in-place change of those ``active_dims`` is seen, there being no version to cache by."""
+    import pickle
+
+    from botorch.models import MultiTaskGP, SingleTaskGP
+
+    x, y = _data(12, 2)
+    tasks = (torch.arange(12) % 2).to(DT)[:, None]
+    x_test = _data(3, 2, seed=1)[0]
+
+    def multitask():
+        torch.manual_seed(0)   # MultiTaskGP draws its task covariance factor
+        model = MultiTaskGP(torch.cat([x, tasks], -1), y[:, None], task_feature=-1,
+                            covar_module=ntkgp.NTKKernel(_net()), outcome_transform=None)
+        return model.eval()
+
+    single = SingleTaskGP(torch.cat([x, tasks], -1), y[:, None], covar_module=ntkgp.NNGPKernel(_net(), active_dims=[1]),
+                          outcome_transform=None).eval()
+    blob = pickle.dumps(single)
+    x_single = torch.cat([x_test, torch.ones(3, 1, dtype=DT)], -1)
+    with torch.no_grad():
+        expected, expected_single = multitask().posterior(x_test).mean, single.posterior(x_single).mean
+    with torch.inference_mode():
+        model = multitask()
+        assert model.covar_module.kernels[0].active_dims.is_inference()
+        torch.testing.assert_close(model.posterior(x_test).mean, expected, rtol=0, atol=0)
+        loaded = pickle.loads(blob)
+        torch.testing.assert_close(loaded.posterior(x_single).mean, expected_single, rtol=0, atol=0)
+        kernel = ntkgp.NTKKernel(_net(), active_dims=[0, 1])
+        points = _data(5, 3)[0]
+        torch.testing.assert_close(kernel(points).to_dense(), kernel.net.kernel(points[:, :2]).ntk, rtol=0, atol=0)
+        kernel.active_dims[1] = 3   # changed in place: read again, and refused
+        with pytest.raises(ValueError, match="active_dims selects feature 3, but x1 has 3 feature"):
+            kernel(points)
+
+
+def test_inputs_expanded_over_a_batch_get_the_kernel_of_their_one_matrix(monkeypatch):
+    """BoTorch's multi-output ``SingleTaskGP`` expands its training inputs over the outputs, ``x.expand(m, n, d)``
+    (stride 0). The kernel was computed once per output, and batched inputs drop the near-parallel carry
+    (docs/numerics.md): an ``mlp(3, "sign")`` training NNGP with a pair 1e-9 from parallel was 2.9e-3 (relative)
+    off the same points' unbatched kernel. Now it is computed once, on ``(n, d)``, bitwise that kernel; the
+    log likelihood of each output is the dense one (1e-12; it measured 0 at values of -9.9 and -8.7) and input
+    gradients are those of the one matrix, summed over the copies (1e-12)."""
+    from botorch.models import SingleTaskGP
+
+    x, y = _data(8, 3)
+    x = torch.cat([x, x[:1] * (1 + 1e-9)])
+    y = torch.stack([torch.cat([y, y[:1]]), x[:, 0]], -1)
+    net = ntkgp.mlp(3, "sign", 2.0, 0.1).double()
+    model = SingleTaskGP(x, y, covar_module=ntkgp.NNGPKernel(net), outcome_transform=None)
+    train = model.train_inputs[0]
+    assert train.shape == (2, 9, 3) and train.stride()[0] == 0
+    shapes = []
+    kernel = net.kernel
+    monkeypatch.setattr(net, "kernel", lambda x1, *a, **k: shapes.append(tuple(x1.shape)) or kernel(x1, *a, **k))
+    with torch.no_grad():
+        expected = kernel(x).nngp
+        k = model.covar_module(train).to_dense()
+    assert k.shape == (2, 9, 9) and torch.equal(k, expected.expand(2, 9, 9))
+    assert shapes == [(9, 3)]
+    model.likelihood.noise = torch.tensor(0.01, dtype=DT)
+    model.train()
+    value = model.likelihood(model(*model.train_inputs)).log_prob(model.train_targets)   # without the noise prior
+    means = model.mean_module.constant.detach().reshape(2, 1).expand(2, 9)
+    ref = torch.distributions.MultivariateNormal(means, expected + 0.01 * torch.eye(9, dtype=DT))
+    torch.testing.assert_close(value, ref.log_prob(y.T), rtol=0, atol=1e-12)   # per output
+
+    relu = ntkgp.NTKKernel(_net())
+    points = x.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(relu(points.expand(3, 9, 3)).to_dense().sum(), points)
+    one, = torch.autograd.grad(relu(points).to_dense().sum(), points)
+    torch.testing.assert_close(grad, 3 * one, rtol=1e-12, atol=1e-12)
+    # inputs whose batch does not broadcast with the hyperparameters' are still refused by name
+    with pytest.raises(ValueError, match=r"inputs' batch shapes \[\(3,\)\] do not broadcast with the hyperparameters'"):
+        ntkgp.NTKKernel(_net(), batch_shape=torch.Size([2]))(x.expand(3, 9, 3)).to_dense()

@@ -17,6 +17,7 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from ntkgp.layers.base import Layer, _batch_shape, variance_batch_shapes, variances
+from ntkgp.layers.numerics import transforms_active
 from ntkgp.layers.validation import (
     array_advice,
     boolean_or_complex,
@@ -102,6 +103,17 @@ def _active_dims(value: Sequence[int] | Tensor | None) -> Tensor | None:
 def _one_feature(x: _T) -> _T:
     """A 1-D tensor ``(n,)`` as ``(n, 1)``, GPyTorch's reading of it; anything else as it is."""
     return cast(_T, x.unsqueeze(-1)) if isinstance(x, Tensor) and x.dim() == 1 else x
+
+
+def _one_matrix(x: Tensor) -> Tensor:
+    """The one ``(n, d)`` matrix of inputs whose batch axes only repeat it (stride 0, as ``expand`` makes them, or
+    size 1); ``x`` itself otherwise (and under ``torch.func`` transforms, whose per-sample strides say nothing of
+    the batch)."""
+    lead = x.dim() - 2
+    if (lead <= 0 or x.layout != torch.strided or x.shape[:-2].numel() == 0 or transforms_active()
+            or any(size != 1 and stride != 0 for size, stride in zip(x.shape[:-2], x.stride()[:-2], strict=True))):
+        return x
+    return x[(0,) * lead]
 
 
 def _check_call_inputs(x1: object, x2: object, last_active: int | None) -> None:
@@ -225,7 +237,14 @@ class NetworkKernel(Kernel):
 
     def _largest_active(self, dims: Tensor) -> int:
         """``int(dims.max())``, read once per ``active_dims`` tensor (and its version): on a GPU each read
-        waits for the device, and a kernel is called many times (an acquisition function's optimizer)."""
+        waits for the device, and a kernel is called many times (an acquisition function's optimizer).
+
+        An inference tensor (a kernel built, unpickled or given ``active_dims`` inside ``torch.inference_mode()``,
+        as BoTorch's ``MultiTaskGP`` sets them) keeps no version counter, so an in-place change could not be
+        seen: it is read at each call. Reading its ``_version`` failed every call of such a kernel with "Inference
+        tensors do not track version counter"."""
+        if dims.is_inference():
+            return int(dims.max())
         cached = self.__dict__.get("_active_max")
         if cached is None or cached[0] is not dims or cached[1] != dims._version:
             cached = (dims, dims._version, int(dims.max()))
@@ -248,6 +267,21 @@ class NetworkKernel(Kernel):
                      if p.is_floating_point()), torch.get_default_dtype())
         dtype = functools.reduce(torch.promote_types, (x1.dtype, x2.dtype), held)
         same = x2 is x1    # x2 stays the very x1: the symmetric path
+        inputs_batch = torch.Size()
+        if not last_dim_is_batch:
+            # BoTorch's multi-output SingleTaskGP (and a batch GP on shared inputs) expands one set of training
+            # inputs over its outputs, x.expand(m, n, d): that matrix's kernel is computed once and expanded back.
+            # Per batch it cost m kernels, and batched inputs drop the near-parallel carry (docs/numerics.md): an
+            # mlp(3, "sign") training NNGP was 2.9e-3 (relative) off the same points' kernel unbatched. (Before
+            # the dtype conversion, which makes an expanded tensor contiguous.)
+            one1 = _one_matrix(x1)
+            one2 = one1 if same else _one_matrix(x2)
+            if one1 is not x1 or one2 is not x2:
+                try:
+                    inputs_batch = broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape)
+                    x1, x2 = one1, one2
+                except RuntimeError:   # left to net.kernel, which names the batch shapes that do not broadcast
+                    pass
         x1 = x1.to(dtype)
         x2 = x1 if same else x2.to(dtype)
         if last_dim_is_batch:
@@ -267,11 +301,12 @@ class NetworkKernel(Kernel):
         result = getattr(self.net.kernel(x1, x2, diag=diag, ntk=self.kind == "ntk"), self.kind)
         if last_dim_is_batch:
             result = result.movedim(0, -2 if diag else -3)
-        if len(self.batch_shape) > 0:
-            # the variances carry the batch shape into the kernel; a network without any
-            # (serial(Identity())) returned (n, m) where GPyTorch expects (*batch_shape, n, m)
-            tail = (1 if diag else 2) + last_dim_is_batch
-            batch = broadcast_shapes(result.shape[:-tail], self.batch_shape)
+        # the variances carry the batch shape into the kernel, and inputs that only repeat one matrix give theirs
+        # back here; a network without variances (serial(Identity())) returned (n, m) where GPyTorch expects
+        # (*batch_shape, n, m)
+        tail = (1 if diag else 2) + last_dim_is_batch
+        batch = broadcast_shapes(result.shape[:-tail], inputs_batch, self.batch_shape)
+        if result.shape[:-tail] != batch:
             result = result.expand(*batch, *result.shape[-tail:])
         return result
 
