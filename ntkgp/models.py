@@ -381,7 +381,7 @@ class NetworkGP(gpytorch.models.ExactGP):
                           remedy="Predict in float64 (float64 data, NetworkGP(train_x.double(), ...), or "
                                  "model.double() with float64 test inputs), or give it more noise.")
 
-    def _training_kernel(self, strategy: Any) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor | None] | None:
+    def _training_kernel(self, strategy: Any) -> tuple[Callable[[Tensor], Tensor | None], Tensor, Tensor | None] | None:
         """GPyTorch's training kernel as :func:`~ntkgp.predict.spectral.kernel_entry_error` measures its error
         against float64: the kernel as a function of its inputs, the inputs it saw, and the ``(N, N)`` kernel it
         formed of them where it is at hand (GPyTorch's cached evaluation: only the float64 kernels are formed
@@ -401,23 +401,39 @@ class NetworkGP(gpytorch.models.ExactGP):
         if isinstance(covar, LazyEvaluatedKernelTensor):
             kernel, x, params = covar.kernel, covar.x1, dict(covar.params, last_dim_is_batch=covar.last_dim_is_batch)
 
-            def kernel_of(points: Tensor) -> Tensor:
+            def evaluate(points: Tensor) -> Tensor:
                 # GPyTorch's own evaluation of such a covariance (its inputs have been through active_dims), made
                 # without a graph: it evaluates under the grad mode it was made in
-                with torch.no_grad(), named_kernels("training"):
-                    return LazyEvaluatedKernelTensor(points, points, kernel=kernel, **params).to_dense()
+                return LazyEvaluatedKernelTensor(points, points, kernel=kernel, **params).to_dense()
 
             evaluated = _evaluated_kernel(covar)
         elif type(self).forward is NetworkGP.forward:
             kernel, x, evaluated = self.covar_module, self.train_inputs[0], covar
 
-            def kernel_of(points: Tensor) -> Tensor:
-                with torch.no_grad(), named_kernels("training"), gpytorch.settings.lazily_evaluate_kernels(False):
+            def evaluate(points: Tensor) -> Tensor:
+                with gpytorch.settings.lazily_evaluate_kernels(False):
                     return kernel(points).to_dense()
         else:
             return None
         if x.dim() != 2 or not any(isinstance(m, NetworkKernel) for m in kernel.modules()):
             return None   # batched training inputs; a kernel of GPyTorch's own, rounded once
+
+        def kernel_of(points: Tensor) -> Tensor | None:
+            active = kernel.active_dims
+            try:
+                with torch.no_grad(), named_kernels("training"):
+                    return evaluate(points)
+            except RuntimeError:
+                # a wrapper's own float32 tensors meeting float64 points (an InducingPointKernel's inducing points,
+                # a feature map inside a kernel): "expected m1 and m2 to have the same dtype" failed the float32
+                # prediction. No float64 reference: judged at ε alone, as a kernel computing in float32 is
+                if points.dtype != torch.float64:
+                    raise
+                return None
+            finally:
+                # GPyTorch's evaluate_kernel sets the kernel's active_dims aside and back only where it returns:
+                # left at None, the next predictions fed every feature to the kernel
+                kernel.active_dims = active
         computed = evaluated.tensor.detach() if isinstance(evaluated, DenseLinearOperator) else None
         if computed is not None and (computed.shape != (x.shape[0], x.shape[0]) or computed.dtype != x.dtype):
             computed = None
@@ -616,9 +632,12 @@ class NetworkGP(gpytorch.models.ExactGP):
         with torch.no_grad():
             pred = self(x_test)
             # the prior forward gives (a subclass's features, a ScaleKernel's scale): covar_module(x_test) saw the
-            # raw inputs, which a deep kernel's first layer refused ("Dense(ard_num_dims=2) got inputs with 3")
-            prior = self.forward(x_test).lazy_covariance_matrix
-            scale = float(prior.diagonal(dim1=-2, dim2=-1).max())
+            # raw inputs, which a deep kernel's first layer refused ("Dense(ard_num_dims=2) got inputs with 3").
+            # Lazily, for the diagonal alone: under lazily_evaluate_kernels(False) forward formed the (M, M) prior
+            # kernel: 2.8 s against 1.0 s for gaussian of M = 2000 points (N = 200, mlp(20, "relu"), one thread)
+            with gpytorch.settings.lazily_evaluate_kernels(True):
+                prior = self.forward(x_test).lazy_covariance_matrix
+                scale = float(prior.diagonal(dim1=-2, dim2=-1).max())
             mean = pred.mean
             if not self.vector_targets:
                 return Gaussian(mean, pred.covariance_matrix, scale)

@@ -311,3 +311,45 @@ def test_a_float32_network_gp_measures_a_scaled_deep_kernel_through_its_wrapper(
     assert not messages or ("error against float64" in messages[0] and "Predict in float64" in messages[0])
     # beyond GPyTorch's float32 kernels (training, cross, test) and the training variances: float64 ones alone
     assert [call[:2] for call in calls if call[2] == torch.float64] == [(16, False)] + [(30, False)] * warns
+
+
+class _InducingGP(ntkgp.models.NetworkGP):
+    """SGPR (Titsias 2009) over the network kernel, on the first 3 of 4 features, every training point inducing."""
+
+    def __init__(self, x, y, net, **kwargs):
+        import gpytorch
+
+        super().__init__(x, y, net, **kwargs)
+        self.covar_module = gpytorch.kernels.InducingPointKernel(
+            self.covar_module, x[:, :3].clone(), self.likelihood, active_dims=torch.tensor([0, 1, 2])).to(x)
+
+
+# A subclass that wraps the network kernel in an InducingPointKernel: its first float32 prediction failed with
+# "expected m1 and m2 to have the same dtype" (the wrapped kernel was evaluated in float64 for the judgement, where
+# its float32 inducing points cannot enter), and, that failure caught, GPyTorch's evaluate_kernel left the
+# kernel's active_dims at None (the next prediction fed it all 4 features: "x1 and x2 must have the same number of
+# features, got 4 and 3"). Without a float64 reference it is judged at ε alone, as before the wrapped kernels were
+# measured; with every training point inducing, its means are the exact GP's on the 3 features
+@pytest.mark.parametrize("lazy", [True, False])
+def test_a_float32_network_gp_with_an_inducing_point_kernel_predicts(lazy):
+    import gpytorch
+
+    from ntkgp.models import NetworkGP
+
+    generator = torch.Generator().manual_seed(0)
+    x, x_test = (torch.randn(rows, 4, generator=generator, dtype=torch.float64) for rows in (20, 5))
+    y = torch.sin(x[:, :3].sum(-1))
+    net = ntkgp.mlp(1, "erf", 2.0, 0.1)
+    model = _InducingGP(x.float(), y.float(), net, kernel="ntk").eval()
+    exact = NetworkGP(x[:, :3], y, ntkgp.mlp(1, "erf", 2.0, 0.1), kernel="ntk").eval()
+    for gp in (model, exact):
+        gp.likelihood.noise = 1e-2
+    with torch.no_grad(), gpytorch.settings.lazily_evaluate_kernels(lazy):
+        reference = exact(x_test[:, :3]).mean
+        mean, messages = _messages(lambda: model(x_test.float()).mean)
+        model.likelihood.noise = 2e-2   # a new training solve, judged again
+        model.likelihood.noise = 1e-2
+        again, more = _messages(lambda: model(x_test.float()).mean)
+    # float32 solves of the rank-20 SGPR covariance: 3.3e-4 of the means' size measured
+    assert _relative_error(mean.unsqueeze(-1), reference.unsqueeze(-1)) < 1e-3 and not messages + more
+    assert torch.equal(again, mean) and torch.equal(model.covar_module.active_dims, torch.tensor([0, 1, 2]))

@@ -1666,3 +1666,31 @@ def test_a_deep_kernel_subclass_gives_its_first_layer_the_features():
     wrong = _FeatureGP(x, y, ntkgp.mlp(1, "erf", 2.0, 0.1, ard_num_dims=2)).eval()
     with pytest.raises(ValueError, match=r"Dense\(ard_num_dims=2\) got inputs with 3 features"):
         wrong(x[:2])
+
+
+@pytest.mark.parametrize("targets", [None, 2])
+def test_gaussian_reads_the_prior_variances_alone_where_kernels_are_evaluated_eagerly(targets):
+    """gaussian's scale is the largest prior variance at the test points, read from the prior forward: under
+    gpytorch.settings.lazily_evaluate_kernels(False) that forward formed the (M, M) prior kernel beside GPyTorch's
+    joint (N + M) one, for its diagonal. The kernels are GPyTorch's and the M variances, the Gaussian the lazy one's."""
+    x, y = (v.double() for v in _data(20, k=targets))
+    x_test = torch.linspace(-1, 1, 14, dtype=torch.float64).reshape(7, 2)
+    model = NetworkGP(x, y, ntkgp.mlp(2, "relu"), kernel="ntk").eval()
+    net, calls = model.net, []
+    kernel = net.kernel
+
+    def count(*args, **kwargs):
+        calls.append((args[0].shape[-2], kwargs.get("diag", False)))
+        return kernel(*args, **kwargs)
+
+    with torch.no_grad():
+        expected = model.gaussian(x_test)
+        net.kernel = count
+        with gpytorch.settings.lazily_evaluate_kernels(False):
+            model(x_test)   # GPyTorch's own kernels for a prediction in this mode
+            own = len(calls)
+            got = model.gaussian(x_test)
+    assert calls[own:] == [*calls[:own], (7, True)] and (27, False) in calls[:own]
+    assert got.scale == expected.scale
+    torch.testing.assert_close(got.mean, expected.mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.covariance, expected.covariance, rtol=1e-10, atol=1e-12)

@@ -1025,23 +1025,26 @@ ENTRY_PROBE = 16
 ENTRY_POINTS = 256
 
 
-def sampled_entry_error(kernel_of: Callable[[Tensor], Tensor], x: Tensor, variances: Tensor,
+def sampled_entry_error(kernel_of: Callable[[Tensor], Tensor | None], x: Tensor, variances: Tensor,
                         points: int = ENTRY_POINTS, computed: Tensor | None = None) -> float:
     """:func:`entry_error` of the kernel ``kernel_of(x)`` (in ``x``'s dtype) against ``kernel_of`` of ``x`` in
     float64, on at most ``points`` evenly spaced training points, ``variances`` ``(N,)`` the training
     variances of all ``N`` (the scale ``d_i d_j`` of each entry). ``computed``, the ``(N, N)`` kernel of ``x``
     already computed (a GP's training kernel, the very one factored), gives the sampled entries in place of
     ``kernel_of`` of the sample: only the float64 kernel is formed. A ``kernel_of`` that does not compute in
-    float64 (a kernel of one's own in its parameters' dtype) has no reference to measure against: ``0``."""
+    float64 (a kernel of one's own in its parameters' dtype; ``None`` for one that cannot take float64 points) has
+    no reference to measure against: ``0``."""
     n = x.shape[0]
     index = torch.linspace(0, n - 1, min(n, points), device=x.device).round().long()
     sample = x[index]
     kernel = kernel_of(sample) if computed is None else computed[index.unsqueeze(-1), index]
     exact = kernel_of(sample.to(torch.float64))
-    return entry_error(kernel, exact, variances[index]) if exact.dtype == torch.float64 else 0.0
+    if kernel is None or exact is None or exact.dtype != torch.float64:
+        return 0.0
+    return entry_error(kernel, exact, variances[index])
 
 
-def kernel_entry_error(kernel_of: Callable[[Tensor], Tensor], x: Tensor, variances: Tensor,
+def kernel_entry_error(kernel_of: Callable[[Tensor], Tensor | None], x: Tensor, variances: Tensor,
                        computed: Tensor | None = None) -> Callable[[int], float]:
     """:func:`warn_if_imprecise`'s ``entry_eps`` for a predictor whose training kernel is ``kernel_of(x)`` (``x``
     in the factoring dtype): ``points ->`` :func:`sampled_entry_error` (``computed`` as there), ``variances``
