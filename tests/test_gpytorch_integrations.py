@@ -558,8 +558,8 @@ def test_inputs_expanded_over_a_batch_get_the_kernel_of_their_one_matrix(monkeyp
     (stride 0). The kernel was computed once per output, and batched inputs drop the near-parallel carry
     (docs/numerics.md): an ``mlp(3, "sign")`` training NNGP with a pair 1e-9 from parallel was 2.9e-3 (relative)
     off the same points' unbatched kernel. Now it is computed once, on ``(n, d)``, bitwise that kernel; the
-    log likelihood of each output is the dense one (1e-12; it measured 0 at values of -9.9 and -8.7) and input
-    gradients are those of the one matrix, summed over the copies (1e-12)."""
+    log likelihood of each output is the dense one (1e-12; it measured 0 at values of -9.9 and -8.7), and each
+    output's kernel is its own memory. (Inputs that take part in autograd keep their batch: below.)"""
     from botorch.models import SingleTaskGP
 
     x, y = _data(8, 3)
@@ -577,6 +577,8 @@ def test_inputs_expanded_over_a_batch_get_the_kernel_of_their_one_matrix(monkeyp
         k = model.covar_module(train).to_dense()
     assert k.shape == (2, 9, 9) and torch.equal(k, expected.expand(2, 9, 9))
     assert shapes == [(9, 3)]
+    k[0].add_(1.0)   # each batch's kernel its own: an expanded view (stride 0) changed the other batch's too
+    assert torch.equal(k[1], expected)
     model.likelihood.noise = torch.tensor(0.01, dtype=DT)
     model.train()
     value = model.likelihood(model(*model.train_inputs)).log_prob(model.train_targets)   # without the noise prior
@@ -584,11 +586,37 @@ def test_inputs_expanded_over_a_batch_get_the_kernel_of_their_one_matrix(monkeyp
     ref = torch.distributions.MultivariateNormal(means, expected + 0.01 * torch.eye(9, dtype=DT))
     torch.testing.assert_close(value, ref.log_prob(y.T), rtol=0, atol=1e-12)   # per output
 
-    relu = ntkgp.NTKKernel(_net())
-    points = x.clone().requires_grad_(True)
-    grad, = torch.autograd.grad(relu(points.expand(3, 9, 3)).to_dense().sum(), points)
-    one, = torch.autograd.grad(relu(points).to_dense().sum(), points)
-    torch.testing.assert_close(grad, 3 * one, rtol=1e-12, atol=1e-12)
     # inputs whose batch does not broadcast with the hyperparameters' are still refused by name
     with pytest.raises(ValueError, match=r"inputs' batch shapes \[\(3,\)\] do not broadcast with the hyperparameters'"):
         ntkgp.NTKKernel(_net(), batch_shape=torch.Size([2]))(x.expand(3, 9, 3)).to_dense()
+
+
+@pytest.mark.parametrize("leaf", [True, False])
+def test_inputs_expanded_over_a_batch_get_each_copy_its_own_gradient(leaf):
+    """Autograd gives each copy of an expanded input its own gradient, that of its batch's kernel. Computed on the
+    one matrix and expanded, copy 0 took the gradients of all copies and the others none (15.6 off, for gradients
+    of at most 9.4), whether the expanded tensor is a leaf (``x.expand(3, n, d).requires_grad_()``) or a view of
+    one (``torch.autograd.grad(k, expanded)``). Each copy's gradient is checked against ``net.kernel`` on that copy
+    alone, with a different weighting per copy (1e-12 of gradients of order 10: the same operations batched), and
+    the base tensor's gradient, their sum, as before. (Such inputs are a batch again, computed per copy: here,
+    with no near-parallel pair, bitwise the one matrix's values.)"""
+    x = _data(6, 2)[0]
+    net = _net()
+    kernel = ntkgp.NTKKernel(net)
+    weights = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(2), dtype=DT)
+    base = x.clone().requires_grad_(not leaf)
+    expanded = x.expand(3, 6, 2).requires_grad_(True) if leaf else base.expand(3, 6, 2)
+    k = kernel(expanded).to_dense()
+    with torch.no_grad():
+        torch.testing.assert_close(k, kernel(x.expand(3, 6, 2)).to_dense(), rtol=0, atol=0)
+    grad, = torch.autograd.grad((k * weights).sum(), expanded, retain_graph=not leaf)
+    each = []
+    for b in range(3):
+        copy = x.clone().requires_grad_(True)
+        each.append(torch.autograd.grad((net.kernel(copy, ntk=True).ntk * weights[b]).sum(), copy)[0])
+    expected = torch.stack(each)
+    assert float(expected.abs().max()) > 1 and float((expected[0] - expected[1]).abs().max()) > 0.1
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+    if not leaf:
+        total, = torch.autograd.grad((k * weights).sum(), base)
+        torch.testing.assert_close(total, expected.sum(0), rtol=1e-12, atol=1e-12)
