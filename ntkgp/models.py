@@ -685,17 +685,19 @@ class NetworkGP(gpytorch.models.ExactGP):
             # "object has no attribute 'net'", which a ScaleKernel around the network kernel read before
             kernels = sum(isinstance(m, NetworkKernel) for m in self.covar_module.modules())
             raise ValueError(f"model.net is the network of covar_module's network kernel, but covar_module "
-                             f"({type(self.covar_module).__name__}) holds {kernels or 'no'} network kernels: read "
-                             "the network from the kernel meant (e.g. model.covar_module.kernels[0].net).")
+                             f"({type(self.covar_module).__name__}) holds "
+                             f"{f'{kernels} network kernels of different networks' if kernels else 'no network kernel'}"
+                             ": read the network from the kernel meant (e.g. model.covar_module.kernels[0].net).")
         return kernel.net
 
     def _network_kernel(self) -> NetworkKernel | None:
         """``covar_module`` if it is a network kernel, else the one network kernel it holds (a subclass's
-        ``ScaleKernel``'s base kernel, a term of a sum); ``None`` for none or several."""
+        ``ScaleKernel``'s base kernel, a term of a sum; the first of several on one network, ``NNGPKernel(net) +
+        NTKKernel(net)``); ``None`` for none, or several on different networks."""
         if isinstance(self.covar_module, NetworkKernel):
             return self.covar_module
         found = [m for m in self.covar_module.modules() if isinstance(m, NetworkKernel)]
-        return found[0] if len(found) == 1 else None
+        return found[0] if found and all(m.net is found[0].net for m in found) else None
 
     def _kernel_of_raw_inputs(self) -> NetworkKernel | None:
         """The network kernel where it is known to see the model's inputs as given, whose number of features

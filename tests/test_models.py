@@ -1624,11 +1624,18 @@ def test_a_model_with_several_network_kernels_names_them_for_its_net():
     x, y = (v.double() for v in _data(8))
     model = NetworkGP(x, y, ntkgp.mlp(1, "relu"))
     model.covar_module = model.covar_module + ntkgp.NTKKernel(ntkgp.mlp(2, "erf")).double()
-    with pytest.raises(ValueError, match=r"covar_module \(AdditiveKernel\) holds 2 network kernels"):
+    with pytest.raises(ValueError, match=r"covar_module \(AdditiveKernel\) holds 2 network kernels of different"):
         _ = model.net
     model.set_train_data(x[:4], y[:4], strict=False)
     with torch.no_grad():
         assert model.eval()(x[:2]).mean.shape == (2,)
+    # two kernels of one network (its NNGP plus its NTK) have one answer
+    shared = NetworkGP(x, y, ntkgp.mlp(1, "relu"))
+    shared.covar_module = shared.covar_module + ntkgp.NTKKernel(shared.net)
+    assert shared.net is shared.covar_module.kernels[0].net
+    shared.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+    with pytest.raises(ValueError, match=r"holds no network kernel: read"):
+        _ = shared.net
 
 
 class _FeatureGP(NetworkGP):
