@@ -672,7 +672,7 @@ def _root_one_plus_twice(k: Tensor) -> Tensor:
 
 def _with_carried_gaps(layer: Activation, state: KernelState, want_dot: bool,
                        from_gaps: Callable[[Tensor, Tensor, Tensor, bool], tuple[Tensor, Tensor | None]],
-                       after: Callable[[PairCarry, Tensor, Tensor, Tensor, Tensor], PairCarry] | None = None
+                       after: Callable[[PairCarry, Tensor, Tensor, Tensor, Tensor, Tensor], PairCarry] | None = None
                        ) -> tuple[Tensor, Tensor | None, Callable[[], Tensor | None], PairCarry | None]:
     """:meth:`~Activation._state_pair_kernels` of the Gaussian-kernel activations (``Sin``, ``Cos``,
     ``Rbf``), whose kernels depend on ``k11 + k22 ∓ 2k12`` through ``e^{−b²(k11 + k22 ∓ 2k12)/2}``: at the
@@ -681,7 +681,7 @@ def _with_carried_gaps(layer: Activation, state: KernelState, want_dot: bool,
     ``ε k`` absolute, which at large variances is all of a small gap: float32 ``Sin`` kernels of inputs of
     scale 1e3 a unit apart were 0.14 off (of the largest entry), where the inputs' own rounding moves
     them by 4e-5. ``after``: the carry after the layer from the carried pairs, their gaps ``k11 + k22 ∓ 2k12``
-    and their variances ``k11``, ``k22``; without it none follows."""
+    and their ``k11``, ``k12``, ``k22``; without it none follows."""
     k11, k12, k22 = state.k11, state.nngp, state.k22
     nngp, dot = layer.pair_kernel(k11, k12, k22, want_dot)
     kept = cast(PairCarry, state.carry).kept_pairs(state.nngp, state.cov1, state.cov2)   # (k11 − k22)² normal
@@ -694,7 +694,7 @@ def _with_carried_gaps(layer: Activation, state: KernelState, want_dot: bool,
         nngp = patched(nngp, carry.index, everywhere, nngp_near)
         if dot is not None:
             dot = patched(dot, carry.index, everywhere, cast(Tensor, dot_near))
-        carried = None if after is None else after(carry, gap_minus, gap_plus, pair11, pair22)
+        carried = None if after is None else after(carry, gap_minus, gap_plus, pair11, pair12, pair22)
     final = nngp
     return nngp, dot, lambda: layer.centred_pair_kernel(k11, k12, k22, final), carried
 
@@ -710,19 +710,21 @@ _SINH_EXCESS = [[_SINH_TERMS[m] * _SINH_TERMS[m + j] for m in range(len(_SINH_TE
                 for j in range(1, len(_SINH_TERMS))]
 
 
-def _sinh_excess(x: Tensor, y: Tensor) -> Tensor:
-    """``sinh x sinh y − sinh²√(xy) ≥ 0`` for ``0 ≤ x, y ≤ 1`` (clamped there), a sum of squares: with
-    ``sinh t = t Σ c_n t^{2n}`` it is ``xy Σ_{m<n} c_m c_n (x^m y^n − x^n y^m)²`` (the terms ``m = n`` cancel),
-    ``xy Σ_j (y^j − x^j)² Σ_m c_m c_{m+j} (xy)^{2m}``. As a difference it loses ``6/max(x, y)²`` of its terms."""
-    x, y = x.clamp(max=1), y.clamp(max=1)
+def _sinh_excess(x: Tensor, y: Tensor, difference: Tensor) -> Tensor:
+    """``sinh x sinh y − sinh²√(xy) ≥ 0`` for ``0 ≤ x, y < 1`` (where ten terms reach ``ε``), a sum of squares:
+    with ``sinh t = t Σ c_n t^{2n}`` it is ``xy Σ_{m<n} c_m c_n (x^m y^n − x^n y^m)²`` (the terms ``m = n`` cancel),
+    ``xy Σ_j (y^j − x^j)² Σ_m c_m c_{m+j} (xy)^{2m}``. As a difference it loses ``6/max(x, y)²`` of its terms.
+    ``difference``: ``y − x``, given, and ``y^j − x^j = (y − x) Σ_i x^i y^{j−1−i}``: from the rounded ``x`` and
+    ``y`` it lost ``ε max(x, y)/|y − x|`` of itself where ``x ≈ y`` (a pair of very unequal norms)."""
     product = x * y
     square = product * product
     total = torch.zeros_like(product)
-    power_x, power_y = x, y
+    power_x, homogeneous = x, torch.ones_like(x)   # x^j and (y^j − x^j)/(y − x)
     for coefficients in _SINH_EXCESS:
-        spread = power_y - power_x
+        spread = difference * homogeneous
         total = total + spread * spread * horner(square, coefficients)
-        power_x, power_y = power_x * x, power_y * y
+        homogeneous = y * homogeneous + power_x
+        power_x = power_x * x
     return product * total
 
 
@@ -801,8 +803,8 @@ class Sin(Activation):
             return super()._state_pair_kernels(state, want_dot)
         return _with_carried_gaps(self, state, want_dot, self._from_gaps, self._carried_after)
 
-    def _carried_after(self, carry: PairCarry, gap_minus: Tensor, gap_plus: Tensor, k11: Tensor, k22: Tensor
-                       ) -> PairCarry:
+    def _carried_after(self, carry: PairCarry, gap_minus: Tensor, gap_plus: Tensor, k11: Tensor, k12: Tensor,
+                       k22: Tensor) -> PairCarry:
         r"""The carry after the layer. With ``x = b² gap_minus/2``, ``y = b² gap_plus/2`` (``T12 = a²/2 ·
         (e^{−x} − C e^{−y})``, ``C = cos 2c``), ``Tii = a²/2 · (1 − C e^{−2b²kii})`` and
         ``D = e^{−b²k11} − e^{−b²k22}`` (so ``e^{−2b²k11} + e^{−2b²k22} − 2e^{−x−y} = D²``)::
@@ -815,9 +817,13 @@ class Sin(Activation):
         sums of products, exact where a gap is small. For ``C < 0`` every term is nonnegative. For ``C > 0``
         ``D²`` is subtracted: in ``g'`` a fraction of the first term, but in ``det'`` it cancels the first
         term's variance part for unequal variances of a nearly parallel (antiparallel) pair at small ``b²k``,
-        ``6/(b²k)²`` of it (``Sin(1, 1, 0) → ReLU``, inputs of scale 1e-2 at ratio 1.1: 3.4e3 ``ε`` off). There,
-        where ``x, y < 1``, ``det' = a⁴/4 · ((1 − C)((1 + C)(1 − e^{−2x}) − C D²) + C² B)`` with ``B = (1 − e^{−2x})
-        (1 − e^{−2y}) − D² = 4 e^{−x−y} (sinh x sinh y − sinh² δ)``, ``δ = b²|k11 − k22|/2``, and since
+        ``6/(b²k)²`` of it (``Sin(1, 1, 0) → ReLU``, inputs of scale 1e-2 at ratio 1.1: 3.4e3 ``ε`` off), and where
+        ``b²k22 ≪ 1 ≤ b²k11`` (``x ≈ y``) ``1/(2b²k22)`` of it (a pair ``(u, 1e-4 u)``, ``b²k11 = 2``: 2.6e7 ``ε``).
+        So ``det' = a⁴/4 · ((1 − C)((1 + C)(1 − e^{−2x}) − C D²) + C² B)`` (the first a difference of at most half
+        its first term) with ``B = (1 − e^{−2x}) (1 − e^{−2y}) − D² = 4 e^{−x−y} (sinh x sinh y − sinh² δ)``,
+        ``δ = b²|k11 − k22|/2``, equal to ``(1 − e^{−2b²k11})(1 − e^{−2b²k22}) − (e^{−x} − e^{−y})²`` (``4 e^{−x−y}
+        (sinh b²k11 sinh b²k22 − sinh² b²k12)``), which cancels where ``k11 ≈ k22`` instead: of the two the one
+        whose first term is smaller (where ``max(x, y) ≥ 1`` at most 9.3 times ``B``). Where ``x, y < 1``, since
         ``xy − δ² = b⁴ det``: ``sinh x sinh y − sinh² δ = (sinh x sinh y − sinh²√(xy)) + sinh(√(xy) − δ)
         sinh(√(xy) + δ)``, ``√(xy) − δ = b⁴ det/(√(xy) + δ)``, the first by its series (:func:`_sinh_excess`).
         From the rounded kernels ``T11 + T22 − 2T12`` and ``T11 T22 − T12²`` keep ``T12``'s rounding, and a ReLU
@@ -836,32 +842,38 @@ class Sin(Activation):
         g = half * (-2 * torch.expm1(-x) * upper - cos2c * spread_sq)
         twice = -torch.expm1(-2 * x)   # 1 − e^{−2x}
         det = twice
-        if cos2c:
+        if cos2c < 0:
             det = twice * (self._one_minus * self._one_plus - cos2c**2 * torch.expm1(-2 * y)) - cos2c * spread_sq
-        if cos2c > 0:
+        elif cos2c > 0:
+            first = twice * -torch.expm1(-2 * y)
+            first_kernels = torch.expm1(-2 * b2 * k11) * torch.expm1(-2 * b2 * k22)
+            across = torch.exp(-2 * torch.minimum(x, y)) * torch.expm1(-2 * b2 * k12.abs()) ** 2   # (e^{−x} − e^{−y})²
+            variance_part = torch.where(first_kernels < first, first_kernels - across, first - spread_sq)   # B
             with torch.no_grad():
                 small = torch.nonzero(torch.maximum(x, y) < 1).flatten()
             if small.numel():
                 # at those pairs alone: the series at every carried pair was half the time of a d = 1 kernel
                 at = (small,)
-                det = det.index_put(at, self._small_gaps_det(carry.det[at], x[at], y[at], k11[at] - k22[at],
-                                                             twice[at], spread_sq[at]))
+                variance_part = variance_part.index_put(at, self._small_gaps_variance(
+                    carry.det[at], x[at], y[at], k11[at] - k22[at], 2 * b2 * k12[at]))
+            det = self._one_minus * (self._one_plus * twice - cos2c * spread_sq) + cos2c**2 * variance_part
             g, det = clamp_passing(g, min=0), clamp_passing(det, min=0)
         return PairCarry(carry.index, half * (half * det), g)
 
-    def _small_gaps_det(self, det: Tensor, x: Tensor, y: Tensor, difference: Tensor, twice: Tensor,
-                        spread_sq: Tensor) -> Tensor:
-        """:meth:`_carried_after`'s ``det'/(a⁴/4)`` for ``C > 0`` at pairs with ``x, y < 1`` (``det``: the
-        carried one, ``difference``: ``k11 − k22``), the variance part by its series."""
-        b2, cos2c = self.b**2, self._cos2c
+    def _small_gaps_variance(self, det: Tensor, x: Tensor, y: Tensor, difference: Tensor, across: Tensor
+                             ) -> Tensor:
+        """:meth:`_carried_after`'s variance part ``B = 4 e^{−x−y} (sinh x sinh y − sinh² δ)`` at pairs with
+        ``x, y < 1`` by its series (``det``: the carried one, ``difference``: ``k11 − k22``, ``across``: ``y − x
+        = 2b²k12``)."""
+        b2 = self.b**2
         product = x * y
         root = safe_sqrt(product)   # 0 at an exactly antiparallel pair (y = 0): a zero derivative, not 0 · inf
         spread = b2 / 2 * difference.abs()   # δ ≤ √(xy) < 1
         angle = torch.minimum(b2 * b2 * clamp_passing(det, min=0), product)   # b⁴ det = xy − δ², ≤ xy rounded
         total = root + spread
-        inner = _sinh_excess(x, y) + torch.sinh(angle / torch.where(total > 0, total, 1.0)) * torch.sinh(total)
-        return (self._one_minus * (self._one_plus * twice - cos2c * spread_sq)
-                + cos2c**2 * 4 * torch.exp(-(x + y)) * inner)
+        inner = (_sinh_excess(x, y, across)
+                 + torch.sinh(angle / torch.where(total > 0, total, 1.0)) * torch.sinh(total))
+        return 4 * torch.exp(-(x + y)) * inner
 
     def variance(self, k: Tensor) -> Tensor:
         decay = torch.exp(-2 * self.b**2 * k)
@@ -968,8 +980,8 @@ class Rbf(Activation):
             return super()._state_pair_kernels(state, want_dot)
         return _with_carried_gaps(self, state, want_dot, self._from_gaps, self._carried_after)
 
-    def _carried_after(self, carry: PairCarry, gap: Tensor, gap_plus: Tensor, k11: Tensor, k22: Tensor
-                       ) -> PairCarry:
+    def _carried_after(self, carry: PairCarry, gap: Tensor, gap_plus: Tensor, k11: Tensor, k12: Tensor,
+                       k22: Tensor) -> PairCarry:
         """The carry after the layer (``T11 = T22 = 1``, ``T12 = e^{−γ gap}``; the other arguments unused):
         ``g' = 2 − 2T12 = −2 expm1(−γ gap)`` and ``det' = 1 − T12² = −expm1(−2γ gap)``, without the cancellation of
         ``1 − T12`` that loses ``ε/(γ gap)`` of them: where the layers after expand small gaps (chaotic
