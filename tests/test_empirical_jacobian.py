@@ -529,3 +529,57 @@ def test_a_shared_parameter_given_two_different_values_is_refused():
     every_name = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
     torch.testing.assert_close(empirical_ntk(model, x, params=every_name), empirical_ntk(model, x),
                                rtol=1e-12, atol=1e-12)
+
+
+class _ComplexWeights(nn.Module):
+    """Real outputs ``|W x|`` of a complex weight ``W`` (2 x 3), held as complex (``parts=False``) or as the real
+    tensor of its real and imaginary parts (2, 3, 2), made complex in ``forward``."""
+
+    def __init__(self, weight: Tensor, parts: bool) -> None:
+        super().__init__()
+        self.parts = parts
+        self.weight = nn.Parameter(torch.view_as_real(weight).clone() if parts else weight.clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = torch.view_as_complex(self.weight) if self.parts else self.weight
+        return (x.to(weight.dtype) @ weight.T).abs()
+
+
+def test_the_ntk_of_complex_parameters_is_refused_with_their_real_parts_as_the_remedy():
+    """A module's own complex parameter (real outputs) gave a complex "NTK", silently: torch's gradient of a complex
+    parameter is complex, and its real part was not the kernel of the parameter's real and imaginary parts
+    (0.081 - 0.042i where that is -0.011), the diagonal jacrev's "Expected all inputs to be real". The remedy the
+    error names, the parts as one real parameter, gives the kernel of ``jacrev`` in those parts; the NNGP (of the
+    real outputs) stays."""
+    torch.manual_seed(0)
+    weight = torch.randn(2, 3, dtype=torch.complex128)
+    model, split = _ComplexWeights(weight, parts=False), _ComplexWeights(weight, parts=True)
+    x1, x2 = torch.randn(4, 3), torch.randn(5, 3)
+    for kwargs in ({}, {"diag": True}, {"vector_output": True}):
+        with pytest.raises(ValueError, match=r"parameters \['weight'\] are complex.*torch\.view_as_real"):
+            empirical_ntk(model, x1, None if kwargs.get("diag") else x2, **kwargs)
+    held = empirical_ntk(model, x1, x2, params={})   # nothing differentiated: the zero kernel
+    torch.testing.assert_close(held, torch.zeros(4, 5), rtol=0, atol=0)
+    expected = _reference(_module_fn(split), {"weight": split.weight.detach()}, x1, x2)
+    torch.testing.assert_close(empirical_ntk(split, x1, x2), expected, rtol=1e-12, atol=1e-12)
+    assert torch.linalg.eigvalsh(empirical_ntk(split, x1)).min() > -1e-12   # a real, positive semi-definite kernel
+    torch.testing.assert_close(empirical_nngp(model, x1, x2), empirical_nngp(split, x1, x2), rtol=1e-14, atol=0)
+
+
+def test_a_held_shared_parameter_s_scale_is_refused_under_the_name_given():
+    """A scale for a held parameter (``params=`` leaves it out, or a linearization's expansion point) given under
+    its second name was refused under its first: "not differentiated: ['2.weight']" for ``{'4.weight': ...}``, and
+    ``['initial.2.weight']`` for ``initial.4.weight``, names the caller had not written."""
+    model = _shared_layer_network()
+    x = torch.randn(5, 3)
+    first = {"0.weight": model[0].weight.detach()}
+    for name in ("2.weight", "4.weight"):
+        with pytest.raises(ValueError, match=rf"not differentiated: \['{name}'\] \(held fixed"):
+            empirical_ntk(model, x, params=first, parameter_scales={name: 2.0})
+    linearized = ntkgp.finite.linearize(model)
+    with pytest.raises(ValueError, match=r"not differentiated: \['initial\.4\.weight'\]"):
+        empirical_ntk(linearized, x, parameter_scales={"initial.4.weight": 2.0})
+    alone = _reference(empirical.stateless(model), {"4.weight": model[2].weight.detach()}, x, None)
+    # its differentiated copy's scale under its second name: the shared weight's term counted twice, once more
+    torch.testing.assert_close(empirical_ntk(linearized, x, parameter_scales={"network.4.weight": 2.0})
+                               - empirical_ntk(linearized, x), alone, rtol=1e-12, atol=1e-12)

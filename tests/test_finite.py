@@ -466,6 +466,35 @@ def test_empirical_nngp_reads_a_wrapped_ensemble_s_squeezed_outputs_per_member(n
 
 
 
+def test_empirical_nngp_of_a_wrapped_ensemble_draws_the_random_numbers_of_its_two_calls():
+    """With E = n the pass at one point more that tells (E, n) outputs from (n, k) drew dropout's random numbers
+    too: the outputs at x2 had other masks than the module's second call draws (7.6 apart in the kernel) and the
+    caller's stream moved on. Given back, the kernel is that of the module's two calls, ``f(x1) f(x2)ᵀ`` per
+    member, and the next number drawn is the one after them."""
+
+    class Dropped(_Around):
+        def __init__(self, ensemble: torch.nn.Module) -> None:
+            super().__init__(ensemble, lambda f: f.squeeze(-1))
+            self.dropout = torch.nn.Dropout(0.5)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.dropout(super().forward(x))
+
+    ensemble = ntkgp.mlp(1, "relu", 2.0, 0.01, width=8).build(3, seed=0, ensemble_size=4, dtype=torch.float64)
+    model = Dropped(ensemble)
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = (torch.randn(n, 3, generator=g, dtype=torch.float64) for n in (4, 3))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        f1, f2 = model(x1), model(x2)
+    after = torch.rand(1)
+    torch.manual_seed(1)
+    with pytest.warns(RuntimeWarning, match="training mode"):
+        kernel = empirical_nngp(model, x1, x2)
+    torch.testing.assert_close(kernel, f1.unsqueeze(-1) * f2.unsqueeze(-2), rtol=1e-15, atol=0)
+    assert torch.equal(torch.rand(1), after)
+
+
 @pytest.mark.parametrize("n", [5, 4, 1])
 def test_empirical_ntk_of_a_module_that_combines_an_ensemble_s_members(n):
     """A module of the user's that makes its outputs of all members' (their mean (n, 1), or (n, E)) is one
@@ -488,6 +517,45 @@ def test_empirical_ntk_of_a_module_that_combines_an_ensemble_s_members(n):
         own = empirical_ntk(model, x1)
         torch.testing.assert_close(empirical_ntk(model, x1, diag=True), own.diagonal(), rtol=1e-12, atol=1e-12)
     assert empirical_ntk(_Around(ensemble, lambda f: f.squeeze(-1)), x1, x2).shape == (4, n, 3)
+
+class _Head(torch.nn.Module):
+    """A user's linear head of its own (not stacked) applied to every member's outputs of an ensemble."""
+
+    def __init__(self, ensemble: torch.nn.Module, k: int, outputs: int) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+        torch.manual_seed(0)
+        self.head = torch.nn.Linear(k, outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.ensemble(x))
+
+
+@pytest.mark.parametrize("outputs", [3, 4])
+def test_empirical_ntk_per_member_of_a_module_with_parameters_beside_the_ensemble_s(outputs):
+    """A head of the module's own on 4 members' outputs (E, n, k) was mapped over its first axis with the stacked
+    parameters: vmap's "Expected all tensors to have the same size in the mapped dimension, got sizes [4, 4, 4,
+    4, 3, 3]", or with 4 outputs a row of it, a 1-D weight ("Got incorrect dims for mm"). Each member's kernel
+    is in its own slice of the stacked parameters and the whole head, as the blocks of one ``jacrev`` of the
+    module; a scale of the head's own shape is taken (and one member's slice's for the stacked ones)."""
+    ensemble = ntkgp.mlp(1, "relu", 2.0, 0.01, width=8, out_dim=4).build(3, seed=0, ensemble_size=4,
+                                                                        dtype=torch.float64)
+    model = _Head(ensemble, 4, outputs)
+    x1, x2 = torch.randn(5, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    fn = empirical.stateless(model)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    scales = {"head.weight": torch.rand(outputs, 4, dtype=torch.float64), "ensemble.0.weight": 2.0}
+    j1, j2 = (torch.func.jacrev(lambda q, x=x: fn(q, x))(params) for x in (x1, x2))
+    full = sum(torch.einsum("enip,emjp->enmij", j1[name].flatten(3) * torch.as_tensor(scales.get(name, 1.0)).flatten(),
+                            j2[name].flatten(3)) for name in params)
+    trace = torch.einsum("enmii->enm", full) / outputs
+    torch.testing.assert_close(empirical_ntk(model, x1, x2, parameter_scales=scales), trace, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(empirical_ntk(model, x1, x2, parameter_scales=scales, vector_output=True), full,
+                               rtol=1e-12, atol=1e-12)
+    own = empirical_ntk(model, x1)
+    torch.testing.assert_close(empirical_ntk(model, x1, diag=True), own.diagonal(dim1=-2, dim2=-1),
+                               rtol=1e-12, atol=1e-12)
+
 
 def test_estimators_name_what_is_wrong_with_their_inputs():
     """Raw torch errors before (review): an ensemble's member axis of another size (a broadcasting
@@ -1153,6 +1221,24 @@ def test_kernels_larger_than_the_memory_are_refused_before_the_network_runs(monk
         fn(model, x1, x2)
     monkeypatch.setattr(DenseModule, "forward", forward)
     torch.testing.assert_close(fn(model, x1[:150], x2), expected, rtol=0, atol=0)   # 0.9 MiB: computed
+
+
+@pytest.mark.parametrize("kernel", ["nngp", "ntk"])
+def test_a_module_that_combines_an_ensemble_s_members_is_checked_for_memory_as_one_kernel(monkeypatch, kernel):
+    """A module of the user's that makes its outputs of 4 members' (their mean) has one (300, 200) kernel, 0.46 MiB:
+    counted per member before the outputs were seen, it was refused as "4 x 300 x 200 ... needs 0.00179 GiB"
+    against 1 MiB. It is computed, as without the limit; outputs per member are still refused, as 4 kernels."""
+    model = ntkgp.mlp(1, "relu", 2.0, 0.01, width=8).build(3, seed=0, ensemble_size=4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = (torch.randn(n, 3, generator=g, dtype=torch.float64) for n in (300, 200))
+    fn = empirical_nngp if kernel == "nngp" else empirical_ntk
+    mean = _Around(model, lambda f: f.mean(0))
+    expected = fn(mean, x1, x2)
+    monkeypatch.setattr(ntkgp.predict.gaussian, "device_memory", lambda device: 1 << 20)
+    torch.testing.assert_close(fn(mean, x1, x2), expected, rtol=0, atol=0)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=rf"empirical {kernel.upper()} kernel \(4 x 300 x 200, in "
+                                                          r"torch\.float64\) needs 0\.00179 GiB on cpu"):
+        fn(_Around(model, lambda f: f.squeeze(-1)), x1, x2)
 
 
 def _jacobian_reference(model, x1, x2, vector_output):

@@ -23,8 +23,9 @@ describe, since the full kernel is ``K ⊗ I_k``), or in full ``(n1, n2, k, k)``
 ``diagonal_axes=(0,)``), ``(n,)`` or ``(n, k, k)``, in ``O(n)`` memory. Modules built with
 ``ensemble_size=E`` give one kernel per member, ``(E, n1, n2)``: members are handled by
 ``torch.func.vmap``, never a Python loop. So does a module of one's own around such an ensemble
-whose outputs are per member, ``(E, n, k)``; one that makes its outputs ``(n, k)`` of all members'
-(their mean) has one kernel, in all their parameters.
+whose outputs are per member, ``(E, n, k)`` (each member's kernel in its slice of the stacked parameters and
+in all of the module's own, such as a head applied to every member's outputs); one that makes its outputs
+``(n, k)`` of all members' (their mean) has one kernel, in all their parameters.
 
 A module or function maps inputs ``(n, d)`` to real outputs ``(n, k)`` (or ``(n,)``; complex ones are
 refused: ``torch.view_as_real(out).flatten(-2)`` makes their parts ``2k`` real outputs), floating-point
@@ -390,17 +391,23 @@ def _kernel_dtype(x: Tensor, params: object, model: nn.Module | ParamFn) -> torc
 
 
 def _check_kernel_fits(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None, name: str,
-                       diag: bool = False, params: object = None) -> None:
+                       diag: bool = False, params: object = None, members: int | None = None) -> None:
     """``torch.cuda.OutOfMemoryError`` (a ``RuntimeError``, as torch's allocators raise) before the network
     is called when the kernel alone, ``n1 × n2`` values per member and batch (``k²`` times that with
     ``vector_output``, not counted: ``k`` is known only from the outputs), exceeds the memory of
     ``x1``'s device. 100 000 points (80 GB in float64) failed in torch's allocator only after the
     outputs and layer signals were formed, and a request just above the free memory was killed by
     the operating system. With ``diag`` the kernel is its ``n1`` diagonal entries (per member and batch):
-    the ``n1 × n2`` count refused diagonals that take a few MB."""
+    the ``n1 × n2`` count refused diagonals that take a few MB.
+
+    ``members``: the kernels per member, by default an ntkgp-built ensemble's size. A module of the user's around
+    an ensemble may make one kernel of all members' outputs (their mean): it is checked as one kernel, and again
+    with ``members`` once its outputs show one set per member. Counted per member up front, the (300, 200) kernel
+    of 4 members' mean was refused as "4 x 300 x 200" (E times its size)."""
     other = x1 if x2 is None else x2
     lead = broadcast_shapes(x1.shape[:-2], other.shape[:-2])
-    members = ensemble_size(model) if isinstance(model, nn.Module) else None
+    if members is None and _built_by_ntkgp(model):
+        members = ensemble_size(model)
     copies = math.prod(lead) * (members if members is not None and (not lead or lead[-1] == 1) else 1)
     points = (x1.shape[-2],) if diag else (x1.shape[-2], other.shape[-2])
     dtype = _kernel_dtype(x1, params, model)
@@ -559,6 +566,8 @@ def _kernel_outputs(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None,
 
     with torch.no_grad():
         f1 = outputs(x1)
+        if whole and not built and members is not None and f1.dim() == 3:   # one kernel per member after all
+            _check_kernel_fits(model, x1, x2, "NNGP", diag, params, f1.shape[0])
         return f1, f1 if x2 is None else outputs(x2)
 
 
@@ -566,14 +575,21 @@ def _per_member(fn: ParamFn, params: Mapping[str, Tensor], x: Tensor, members: i
     """Whether the outputs ``out = fn(params, x)`` of a module of the user's around an ensemble of ``members``
     are one set per member, ``(E, n, k)`` or ``(E, n)`` (the output axis squeezed), rather than outputs ``(n, k)``
     it made of all members' (their mean, say). Where ``E = n`` and ``(E, n)`` could be ``(n, k)``, which axis
-    follows the points shows with one point more."""
+    follows the points shows with one point more: a pass whose random numbers (dropout's) are given back, or the
+    NNGP's outputs at ``x2`` had other dropout masks than the module's second call draws, and the caller's
+    stream moved on."""
     if out.dim() == 0 or out.shape[0] != members:
         return False
     if out.dim() == x.dim() + 1:
         return True
     n = x.shape[-2]
-    return out.dim() == x.dim() and out.shape[-1] == n and (
-        n != members or fn(cast("dict[str, Tensor]", params), torch.cat([x, x[..., :1, :]], -2)).shape[-1] == n + 1)
+    if out.dim() != x.dim() or out.shape[-1] != n:
+        return False
+    if n != members:
+        return True
+    devices = [] if x.device.type == "cpu" else [x.device]
+    with torch.random.fork_rng(devices, device_type=x.device.type if devices else "cuda"):
+        return fn(cast("dict[str, Tensor]", params), torch.cat([x, x[..., :1, :]], -2)).shape[-1] == n + 1
 
 
 @_naming_dtype_mismatch
@@ -680,6 +696,13 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
                          "when called, which the empirical NTK cannot differentiate (nor is the kernel a function "
                          "of the parameters). Call model.eval() first.")
     fn, all_params, members, fixed = _as_function(model, params, x1)
+    complex_params = [name for name, p in all_params.items() if p.is_complex()]
+    if complex_params:   # (params= of complex values are refused by _check_params; a module's own were taken)
+        # torch's gradient of a complex parameter is complex: the "NTK" came out complex, its real part not the
+        # kernel of the real and imaginary parts as parameters (0.081 - 0.042i for -0.011), its diagonal a jacrev error
+        raise ValueError(f"The module's parameters {complex_params} are complex; the NTK is of real parameters: hold "
+                         "each as the real tensor of its parts (torch.view_as_real) and make it complex in forward "
+                         "(torch.view_as_complex), or leave it out of params= (held fixed).")
     if members is not None and x1.shape[-2] and not _built_by_ntkgp(model):
         # a module of the user's that makes its outputs of all members' (their mean, say) is one function of all
         # their parameters: mapped over the members, each member's slice of it was called as the whole ("must
@@ -690,10 +713,14 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
             values = {**fixed, **all_params}
             if not _per_member(fn, values, x1, members, fn(values, x1)):
                 members = None
+        if members is not None:   # checked as one kernel before the outputs showed one per member
+            _check_kernel_fits(model, x1, x2, "NTK", diag, params, members)
     if isinstance(model, nn.Module):
         scales = _scales_by_name(model, scales, all_params, fixed)
+    stacked = _stacked_names(model) if members is not None else set()
     unknown = sorted(set(scales) - set(all_params))
-    held = [name for name in unknown if name in fixed]
+    aliases = dict(model.named_parameters(remove_duplicate=False)) if isinstance(model, nn.Module) else {}
+    held = [name for name in unknown if name in fixed or name in aliases]
     if held:   # said to be parameters "the network does not have", of a Linearized's own initial.* too
         raise ValueError(f"parameter_scales names parameters that are not differentiated: {held} (held fixed: "
                          "params= leaves them out, or they hold a Linearized module's expansion point θ₀).")
@@ -701,7 +728,7 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
         raise ValueError(f"parameter_scales names parameters the network does not have: {unknown}.")
     for name, scale in scales.items():   # a wrong shape was torch's expand error from inside the Jacobian route
         value = _scale_tensor(name, scale)
-        shape, given = tuple(all_params[name].shape[members is not None:]), tuple(value.shape)
+        shape, given = tuple(all_params[name].shape[members is not None and name in stacked:]), tuple(value.shape)
         try:
             fits = tuple(broadcast_shapes(given, shape)) == shape      # one member's parameter
         except RuntimeError:
@@ -766,7 +793,21 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
 
     if members is None:
         return single(params, fixed)
-    return vmap(single, chunk_size=chunk_size)(params, fixed)
+    # a module of the user's may hold parameters beside the ensemble's stacked ones (a head applied to every member's
+    # outputs): each member's kernel is in those too, whole. Mapped over their first axis, they were vmap's "Expected
+    # all tensors to have the same size in the mapped dimension" or a slice of them the module could not use
+    dims = tuple({name: 0 if name in stacked else None for name in values} for values in (params, fixed))
+    return vmap(single, in_dims=dims, chunk_size=chunk_size)(params, fixed)
+
+
+def _stacked_names(model: nn.Module | ParamFn) -> set[str]:
+    """The names (all of each, :meth:`~torch.nn.Module.named_parameters` with duplicates) of an ensemble's
+    stacked parameters, members first: those of ntkgp's Dense twins built with ``ensemble_size``."""
+    if not isinstance(model, nn.Module):
+        return set()
+    stacked = {id(p) for m in model.modules() if isinstance(m, DenseModule) and m.ensemble_size is not None
+               for p in m.parameters()}
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in stacked}
 
 
 def _jacobian(f: Callable[[dict[str, Tensor]], Tensor], p: dict[str, Tensor], rows: int) -> dict[str, Tensor]:
@@ -1014,7 +1055,8 @@ def _refuse_non_finite(kernel: Tensor, name: str, model: nn.Module | ParamFn, pa
 
 def _scales_by_name(model: nn.Module, scales: dict, differentiated: Mapping[str, Tensor],
                     fixed: Mapping[str, Tensor]) -> dict:
-    """``parameter_scales`` keyed by the names under which the parameters are differentiated (or held fixed):
+    """``parameter_scales`` keyed by the names under which the parameters are differentiated (a held one's by the
+    name given, which the error refusing it names):
     a parameter shared by two layers (``nn.Sequential(lin, act, lin)``) has a name per use, and its scale
     given under another than ``named_parameters()`` lists was refused as "a parameter the network does not
     have". Two scales for one parameter, under two of its names, are refused."""
@@ -1029,7 +1071,8 @@ def _scales_by_name(model: nn.Module, scales: dict, differentiated: Mapping[str,
             raise ValueError(f"parameter_scales gives one parameter two scales, under {given[target]!r} and {name!r} "
                              "(names of one parameter shared by several layers): give it one.")
         given[target] = name
-        by_name[target] = scale
+        # (that error named the held parameter's other name, one the caller had not written)
+        by_name[target if target in differentiated else name] = scale
     return by_name
 
 
