@@ -678,17 +678,28 @@ class NetworkGP(gpytorch.models.ExactGP):
     @property
     def net(self) -> Layer:
         """The network spec (owned by ``covar_module``, or by the one network kernel it holds: a subclass's
-        ``ScaleKernel(...)`` around it), with its learnable variances."""
+        ``ScaleKernel(...)`` around it), with its learnable variances. An ``AttributeError`` that says why where
+        ``covar_module`` holds no network kernel, or several of different networks (``hasattr(model, "net")``
+        is then ``False``)."""
         kernel = self._network_kernel()
         if kernel is None:
-            # a ValueError, not an AttributeError: torch's Module.__getattr__ would replace its message by
-            # "object has no attribute 'net'", which a ScaleKernel around the network kernel read before
-            kernels = sum(isinstance(m, NetworkKernel) for m in self.covar_module.modules())
-            raise ValueError(f"model.net is the network of covar_module's network kernel, but covar_module "
-                             f"({type(self.covar_module).__name__}) holds "
-                             f"{f'{kernels} network kernels of different networks' if kernels else 'no network kernel'}"
-                             ": read the network from the kernel meant (e.g. model.covar_module.kernels[0].net).")
+            raise AttributeError(self._no_network_message())
         return kernel.net
+
+    def __getattr__(self, name: str) -> Any:
+        # Python calls this once the net property raises its AttributeError, and torch's Module.__getattr__ would
+        # replace the message by "object has no attribute 'net'". (A ValueError kept it, but broke hasattr,
+        # getattr(model, "net", None) and inspect.getmembers on models without one network kernel.)
+        if name == "net" and "covar_module" in self.__dict__.get("_modules", {}) and self._network_kernel() is None:
+            raise AttributeError(self._no_network_message())
+        return super().__getattr__(name)
+
+    def _no_network_message(self) -> str:
+        kernels = sum(isinstance(m, NetworkKernel) for m in self.covar_module.modules())
+        held = (f"{kernels} network kernels of different networks: read the network from the kernel meant (e.g. "
+                "model.covar_module.kernels[0].net)" if kernels else "no network kernel")
+        return (f"model.net is the network of covar_module's network kernel, but covar_module "
+                f"({type(self.covar_module).__name__}) holds {held}.")
 
     def _network_kernel(self) -> NetworkKernel | None:
         """``covar_module`` if it is a network kernel, else the one network kernel it holds (a subclass's

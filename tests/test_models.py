@@ -1620,12 +1620,18 @@ def test_a_scaled_network_kernel_keeps_the_model_s_network_and_its_data_checks()
 
 def test_a_model_with_several_network_kernels_names_them_for_its_net():
     """model.net of a covar_module holding two network kernels has no one answer: it says so (torch's
-    "object has no attribute 'net'" said nothing), and the model still takes new data."""
+    "object has no attribute 'net'" said nothing), and the model still takes new data. It is an AttributeError,
+    as for any attribute a model lacks: as a ValueError it broke hasattr(model, "net"),
+    getattr(model, "net", None) and inspect.getmembers(model) (which raised it)."""
+    import inspect
+
     x, y = (v.double() for v in _data(8))
     model = NetworkGP(x, y, ntkgp.mlp(1, "relu"))
     model.covar_module = model.covar_module + ntkgp.NTKKernel(ntkgp.mlp(2, "erf")).double()
-    with pytest.raises(ValueError, match=r"covar_module \(AdditiveKernel\) holds 2 network kernels of different"):
+    with pytest.raises(AttributeError, match=r"covar_module \(AdditiveKernel\) holds 2 network kernels of different "
+                                             r"networks: read the network from the kernel meant"):
         _ = model.net
+    assert not hasattr(model, "net") and getattr(model, "net", None) is None
     model.set_train_data(x[:4], y[:4], strict=False)
     with torch.no_grad():
         assert model.eval()(x[:2]).mean.shape == (2,)
@@ -1634,8 +1640,12 @@ def test_a_model_with_several_network_kernels_names_them_for_its_net():
     shared.covar_module = shared.covar_module + ntkgp.NTKKernel(shared.net)
     assert shared.net is shared.covar_module.kernels[0].net
     shared.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
-    with pytest.raises(ValueError, match=r"holds no network kernel: read"):
+    with pytest.raises(AttributeError, match=r"^model.net is the network of covar_module's network kernel, but "
+                                             r"covar_module \(ScaleKernel\) holds no network kernel\.$"):
         _ = shared.net
+    assert "net" not in dict(inspect.getmembers(shared)) and "covar_module" in dict(inspect.getmembers(shared))
+    with pytest.raises(AttributeError, match=r"^'NetworkGP' object has no attribute 'nett'$"):
+        _ = shared.nett   # other names as torch says them
 
 
 class _FeatureGP(NetworkGP):
