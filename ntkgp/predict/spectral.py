@@ -1015,7 +1015,8 @@ POSTERIOR_COEFFICIENTS = "through dual coefficients (K + σ²I)⁻¹Y that this 
 #: points in d = 3: 8.3 ulps for ``mlp(50, "erf", 2.25, 1)``, 72 for ``mlp(100, "relu")``, 210 at depth 150,
 #: 5 200 for ``mlp(300, "relu", 2, 0.5)``), and an allowance of 100 ulps left the latter's ``t = None`` flow 3.6e-2
 #: off, silently. On 16 points it read 0.83 to 1.8 times the measure on 100 (NNGPs and NTKs of nine networks,
-#: depths 1 to 300, three seeds), at the cost of two ``16 × 16`` kernels.
+#: depths 1 to 300, three seeds), at the cost of two ``16 × 16`` kernels (one, the float64, where the float32
+#: training kernel is at hand: a ``NetworkGP``'s).
 ENTRY_PROBE = 16
 
 
@@ -1037,9 +1038,11 @@ def sampled_entry_error(kernel_of: Callable[[Tensor], Tensor | None], x: Tensor,
     n = x.shape[0]
     index = torch.linspace(0, n - 1, min(n, points), device=x.device).round().long()
     sample = x[index]
+    exact = kernel_of(sample.to(torch.float64))   # first: without it the sample's own kernel is not needed
+    if exact is None or exact.dtype != torch.float64:
+        return 0.0
     kernel = kernel_of(sample) if computed is None else computed[index.unsqueeze(-1), index]
-    exact = kernel_of(sample.to(torch.float64))
-    if kernel is None or exact is None or exact.dtype != torch.float64:
+    if kernel is None:
         return 0.0
     return entry_error(kernel, exact, variances[index])
 
