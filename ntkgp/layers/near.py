@@ -11,9 +11,12 @@ The inputs, exact floats, fix ``θ`` to ``~ε``: so for the pairs a first ``Dens
 * first ``Dense`` (``k = w x·x' + b``, ``w = σ_w²/d``): ``g = w |x − x'|²`` and
   ``det = w² |x|²|x'|² sin²α + w b |x − x'|²``, from the Gram entries where the inputs are not nearly
   parallel (:func:`first_layer_carry`), else by direct differences: ``|x|²|x'|² sin²α = |x|²|e|² sin²β``
-  with ``e = x' ∓ x`` (exact for nearby floats) and ``β`` the angle between ``x`` and ``e``, as
-  ``|x|²|e|² − (x·e)²``, or where ``sin²β < 1/4`` by Kahan's ``sin β = |x̂ − ê| |x̂ + ê| / 2`` (``x̂ = x/|x|``:
-  ``2 sin(β/2) · 2 cos(β/2) / 2``, ``ε`` off absolutely); inputs at an angle below ``2ε`` (a rounded
+  (the Gram determinant of ``x`` and ``e``, the same for every ``q``) with ``e = x' ∓ q·x``, ``q = 1`` where
+  ``|x'|/|x| ∈ [1/2, 2]``, else the power of two nearest ``|x'|/|x|`` (each ``x'_i ∓ q x_i`` then a difference
+  of floats within a factor 2 of each other, exact by Sterbenz's lemma; ``e = x' ∓ x`` kept ``x``'s rounding
+  where ``|x'| < |x|/2``, and the angle was up to ``ε |x|/|x'|`` off), and ``β`` the angle between ``x`` and
+  ``e``, as ``|x|²|e|² − (x·e)²``, or where ``sin²β < 1/4`` by Kahan's ``sin β = |x̂ − ê| |x̂ + ê| / 2``
+  (``x̂ = x/|x|``: ``2 sin(β/2) · 2 cos(β/2) / 2``, ``ε`` off absolutely); inputs at an angle below ``2ε`` (a rounded
   multiple ``fl(c·x)``) count as parallel, as the kernels' own angle counts them;
 * later ``Dense`` (``k' = w k + b``): ``g' = w g``, ``det' = w² det + w b g``;
 * ``ABReLU(a, b)`` (:func:`abrelu_carried`): ``T12 = ab k12 + (a − b)² p J(θ)/(2π)``, ``p = sqrt(k11 k22)``,
@@ -44,10 +47,12 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ntkgp.layers.numerics import (
+    _FLOAT_BITS,
     _is_compiling,
     clamp_passing,
     horner,
     needs_graph,
+    power_of_2,
     product_range,
     safe_sqrt,
     transforms_active,
@@ -275,10 +280,19 @@ def _pair_values(x1: Tensor, x2: Tensor, sq1: Tensor, sq2: Tensor, first: Tensor
     u, v = x1[first], x2[second]
     n1, n2 = sq1[first], sq2[second]
     uv = torch.sum(u * v, -1)
-    # |x|²|x'|² sin²α = |x|²|e|² sin²β with e = x' ∓ x (the sign of x·x'), exact for nearby floats, and β
-    # the angle between x and e, of order one unless x' is nearly a multiple of x
+    # |x|²|x'|² sin²α = |x|²|e|² sin²β with e = x' ∓ q·x (the sign of x·x'), β the angle between x and e, of
+    # order one unless x' is nearly a multiple of x: the Gram determinant of (x, e), the same for every q.
+    # q = 1 where |x'|/|x| ∈ [1/2, 2], else the power of two nearest it: each x'_i ∓ q x_i then a difference of
+    # floats within a factor 2 of each other, exact (Sterbenz). With q = 1 at x' = 1e-3 x + δ, e ≈ −x kept
+    # its rounding, ε|x|: the angle was ε |x|/|x'| off, a float32 Sign kernel 430 ε
     sign = torch.where(uv >= 0, 1.0, -1.0).to(u.dtype)
-    e = torch.addcmul(v, u, -sign.unsqueeze(-1))
+    with torch.no_grad():   # q a constant of the pair; no host synchronization to skip it where all are 1
+        log_ratio = torch.log2(n2.detach()) - torch.log2(n1.detach())   # log2 (|x'|/|x|)², n1, n2 > 0
+        far = log_ratio.abs() > 2
+        limit = _FLOAT_BITS[u.dtype][2] - 1   # 2^±limit normal; passed only where |x|² < 2^-1020 (float64)
+        exponent = torch.where(far, torch.round(log_ratio / 2), 0.0).clamp(-limit, limit)
+        multiple = sign * power_of_2(exponent, u.dtype)   # q = 2^0 = 1 exactly: the same bits where not far
+    e = torch.addcmul(v, u, -multiple.unsqueeze(-1))
     sq_e, ue = torch.sum(e * e, -1), torch.sum(u * e, -1)
     # |x|²|e|² − (x·e)², no worse than a factor 4 of cancellation where sin²β ≥ 1/4; below, Kahan's
     # sin β = |x̂ − ê| |x̂ + ê| / 2 (ε off absolutely, 2 sin(β/2) · 2 cos(β/2) / 2)
@@ -287,8 +301,10 @@ def _pair_values(x1: Tensor, x2: Tensor, sq1: Tensor, sq2: Tensor, first: Tensor
     if bool(narrow.any()):
         at = torch.nonzero(narrow).flatten()
         spread = spread.index_put((at,), _kahan_spread(u[at], e[at], n1[at], sq_e[at]))
-    # |x − x'|²: |e|² where e = x' − x, else |x|² + |x'|² + 2|x·x'| (no cancellation)
-    difference = torch.where(uv >= 0, sq_e, n1 + n2 - 2 * uv)
+    # |x − x'|²: |e|² where e = x' − x, else |x|² + |x'|² ∓ 2x·x' (no cancellation for antiparallel pairs;
+    # for parallel ones of norms a factor 2 or more apart at most (|x| + |x'|)²/(|x| − |x'|)² ≤ 9: 5ε measured,
+    # where the inputs' own rounding moves |x − x'|² by up to 2ε (|x| + |x'|)/|x − x'| ≤ 6ε)
+    difference = torch.where((uv >= 0) & ~far, sq_e, n1 + n2 - 2 * uv)
     # inputs at an angle below 2ε (x' = fl(c·x): ε/2 at most) are taken as parallel (antiparallel): s = 0
     # there, and its derivative 0, the mean of the one-sided slopes at the cone's kink (docs/numerics.md)
     rounded_multiple = spread < (2 * torch.finfo(u.dtype).eps) ** 2 * n1 * n2
