@@ -557,6 +557,72 @@ def test_empirical_ntk_per_member_of_a_module_with_parameters_beside_the_ensembl
                                rtol=1e-12, atol=1e-12)
 
 
+class _Scaled(torch.nn.Module):
+    """A user's module around an ensemble with a parameter of its own per member, an output scale ``(E, 1, 1)``
+    (``(E, 1)`` on squeezed outputs ``(E, n)``), and a head (``outputs`` of them) shared by all members."""
+
+    def __init__(self, ensemble: torch.nn.Module, members: int, outputs: int, squeeze: bool = False) -> None:
+        super().__init__()
+        self.ensemble, self.squeeze = ensemble, squeeze
+        torch.manual_seed(0)
+        self.head = torch.nn.Linear(2, outputs, dtype=torch.float64)
+        self.scale = torch.nn.Parameter(torch.rand(members, 1, *([] if squeeze else [1]), dtype=torch.float64) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.head(self.ensemble(x))
+        return out.squeeze(-1) * self.scale if self.squeeze else out * self.scale
+
+
+def _per_member_reference(model: torch.nn.Module, x1: Tensor, x2: Tensor, members: int, scales: dict) -> Tensor:
+    """Member e's kernel from ``torch.func.jacrev`` of member e's outputs alone in all of the module's parameters,
+    in a loop over the members."""
+    fn = empirical.stateless(model)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    kernels = []
+    for e in range(members):
+        j1, j2 = (torch.func.jacrev(lambda q, x=x, e=e: fn(q, x)[e].reshape(x.shape[0], -1))(params) for x in (x1, x2))
+        kernels.append(sum(torch.einsum("nip,mip->nm", (j1[name] * torch.as_tensor(scales.get(name, 1.0))).flatten(2),
+                                        j2[name].flatten(2)) for name in params) / j1["head.bias"].shape[1])
+    return torch.stack(kernels)
+
+
+@pytest.mark.parametrize(("outputs", "squeeze", "n"), [(3, False, 5), (4, False, 5), (1, True, 5), (1, True, 4)])
+def test_empirical_ntk_per_member_of_a_module_with_a_parameter_of_its_own_per_member(outputs, squeeze, n):
+    """A parameter of the user's own module with a member axis, a per-member output scale (E, 1, 1), held whole
+    beside the stacked ones (which a head needs) made every member's call return all members' outputs: refused as
+    "must return outputs (n, k) ...; got (4, 5, 3)", where mapping every parameter over the members (before) took
+    it. Each member's kernel is in its own row of the scale: a loop of ``jacrev`` over the members' outputs agrees
+    to rounding (a head of E = 4 outputs, whose weight (4, 2) is not per member, included; n = E with squeezed
+    (E, n) outputs too), so do the diagonal, a scale of the parameter's shape and the scale held as a buffer."""
+    ensemble = ntkgp.mlp(1, "relu", 2.0, 0.01, width=8, out_dim=2).build(3, seed=0, ensemble_size=4,
+                                                                        dtype=torch.float64)
+    model = _Scaled(ensemble, 4, outputs, squeeze)
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = (torch.randn(m, 3, generator=g, dtype=torch.float64) for m in (n, 3))
+    scales = {"scale": torch.rand(model.scale.shape, generator=g, dtype=torch.float64), "ensemble.0.weight": 2.0}
+    expected = _per_member_reference(model, x1, x2, 4, scales)
+    torch.testing.assert_close(empirical_ntk(model, x1, x2, parameter_scales=scales), expected, rtol=1e-12,
+                               atol=1e-12)
+    torch.testing.assert_close(empirical_ntk(model, x1, x2, parameter_scales=scales, chunk_size=3), expected,
+                               rtol=1e-12, atol=1e-12)
+    own = _per_member_reference(model, x1, x1, 4, {})
+    torch.testing.assert_close(empirical_ntk(model, x1, diag=True), own.diagonal(dim1=-2, dim2=-1), rtol=1e-12,
+                               atol=1e-12)
+    del model.scale   # the scale as a buffer (E, 1, 1), a constant: refused the same way before
+    model.register_buffer("scale", scales["scale"])
+    torch.testing.assert_close(empirical_ntk(model, x1, x2), _per_member_reference(model, x1, x2, 4, {}),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", [empirical_nngp, empirical_ntk])
+def test_a_module_around_an_ensemble_that_returns_no_tensor_is_told_so(kernel):
+    """Outputs of a module around an ensemble that are not one tensor (a tuple) were read for a member axis first:
+    "'tuple' object has no attribute 'dim'", where the same module around one network is told what to return."""
+    ensemble = ntkgp.mlp(1, "relu", 2.0, 0.01, width=8).build(3, seed=0, ensemble_size=4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"must return one tensor of outputs \(n, k\), got tuple"):
+        kernel(_Around(ensemble, lambda f: (f, None)), torch.randn(5, 3, dtype=torch.float64))
+
+
 def test_estimators_name_what_is_wrong_with_their_inputs():
     """Raw torch errors before (review): an ensemble's member axis of another size (a broadcasting
     RuntimeError), params of the wrong shape (a matmul error), a torch module given to

@@ -24,7 +24,8 @@ describe, since the full kernel is ``K ⊗ I_k``), or in full ``(n1, n2, k, k)``
 ``ensemble_size=E`` give one kernel per member, ``(E, n1, n2)``: members are handled by
 ``torch.func.vmap``, never a Python loop. So does a module of one's own around such an ensemble
 whose outputs are per member, ``(E, n, k)`` (each member's kernel in its slice of the stacked parameters and
-in all of the module's own, such as a head applied to every member's outputs); one that makes its outputs
+in all of the module's own, such as a head applied to every member's outputs, or the member's row of one with
+a member axis, such as a per-member output scale ``(E, 1, 1)``); one that makes its outputs
 ``(n, k)`` of all members' (their mean) has one kernel, in all their parameters.
 
 A module or function maps inputs ``(n, d)`` to real outputs ``(n, k)`` (or ``(n,)``; complex ones are
@@ -578,7 +579,7 @@ def _per_member(fn: ParamFn, params: Mapping[str, Tensor], x: Tensor, members: i
     follows the points shows with one point more: a pass whose random numbers (dropout's) are given back, or the
     NNGP's outputs at ``x2`` had other dropout masks than the module's second call draws, and the caller's
     stream moved on."""
-    if out.dim() == 0 or out.shape[0] != members:
+    if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != members:   # (a tuple: _outputs_2d names it)
         return False
     if out.dim() == x.dim() + 1:
         return True
@@ -703,6 +704,7 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
         raise ValueError(f"The module's parameters {complex_params} are complex; the NTK is of real parameters: hold "
                          "each as the real tensor of its parts (torch.view_as_real) and make it complex in forward "
                          "(torch.view_as_complex), or leave it out of params= (held fixed).")
+    per_member_dims: int | None = None
     if members is not None and x1.shape[-2] and not _built_by_ntkgp(model):
         # a module of the user's that makes its outputs of all members' (their mean, say) is one function of all
         # their parameters: mapped over the members, each member's slice of it was called as the whole ("must
@@ -711,8 +713,14 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
         devices = [] if x1.device.type == "cpu" else [x1.device]
         with torch.no_grad(), torch.random.fork_rng(devices, device_type=x1.device.type if devices else "cuda"):
             values = {**fixed, **all_params}
-            if not _per_member(fn, values, x1, members, fn(values, x1)):
+            whole_outputs = fn(values, x1)
+            if not _per_member(fn, values, x1, members, whole_outputs):
                 members = None
+            else:
+                # a parameter of the module's own with a member axis (a per-member output scale, (E, 1, 1)) is not
+                # mapped over the members: each member's call makes all members' outputs from it, (E, n, k) where
+                # (n, k) is one member's, and its own row of them is its outputs (_own_outputs)
+                per_member_dims = whole_outputs.dim() - 1
         if members is not None:   # checked as one kernel before the outputs showed one per member
             _check_kernel_fits(model, x1, x2, "NTK", diag, params, members)
     if isinstance(model, nn.Module):
@@ -781,15 +789,17 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
         assert total is not None   # p is not empty: params={} returned zeros before
         return total if vector_output else total.div_(a.shape[1])
 
-    def single(p: dict[str, Tensor], constants: dict[str, Tensor]) -> Tensor:
+    def single(p: dict[str, Tensor], constants: dict[str, Tensor], member: Tensor | None = None) -> Tensor:
+        f = fn if member is None or members is None or per_member_dims is None else functools.partial(
+            _own_outputs, fn, member, members, per_member_dims)
         if not diag:
             # one cotangent per output, backpropagated through all n points: all at once (one jacrev pass)
             # that made (n·k) × n × width temporaries (4 GB at 2000 points through width 64); in chunks
-            j1 = _jacobian(lambda q: _outputs_2d(fn({**constants, **q}, x1), x1), p, passes[0])
-            j2 = j1 if x2 is None else _jacobian(lambda q: _outputs_2d(fn({**constants, **q}, x2), x2), p, passes[1])
+            j1 = _jacobian(lambda q: _outputs_2d(f({**constants, **q}, x1), x1), p, passes[0])
+            j2 = j1 if x2 is None else _jacobian(lambda q: _outputs_2d(f({**constants, **q}, x2), x2), p, passes[1])
             return contract(p, j1, j2)
 
-        return _jacobian_diagonal(fn, p, constants, x1, x2, rows, functools.partial(contract, p), mixes)
+        return _jacobian_diagonal(f, p, constants, x1, x2, rows, functools.partial(contract, p), mixes)
 
     if members is None:
         return single(params, fixed)
@@ -797,7 +807,21 @@ def _empirical_ntk(model: nn.Module | ParamFn, x1: Tensor, x2: Tensor | None = N
     # outputs): each member's kernel is in those too, whole. Mapped over their first axis, they were vmap's "Expected
     # all tensors to have the same size in the mapped dimension" or a slice of them the module could not use
     dims = tuple({name: 0 if name in stacked else None for name in values} for values in (params, fixed))
-    return vmap(single, in_dims=dims, chunk_size=chunk_size)(params, fixed)
+    index = torch.arange(members, device=x1.device)   # each call's member, for _own_outputs
+    return vmap(single, in_dims=(*dims, 0), chunk_size=chunk_size)(params, fixed, index)
+
+
+def _own_outputs(fn: ParamFn, member: Tensor, members: int, dims: int, p: dict[str, Tensor], x: Tensor) -> Tensor:
+    """Member ``member``'s outputs of a module of the user's around an ensemble, called (mapped over the members)
+    with that member's slice of the stacked parameters and all of its own: ``dims``-dimensional, ``(n, k)`` or
+    ``(n,)``, unless a parameter of its own has a member axis (a per-member scale ``(E, 1, 1)``, held whole), which
+    makes them ``(E, ...)``: then the member's row, whose Jacobian in that parameter is in its own slice alone.
+    Mapped over its first axis as a stacked one, a parameter (E, ...) that is not per member (a head's weight
+    (E, k) with E outputs) was cut into rows; held whole, a per-member one gave (E, n, k) outputs, refused."""
+    out = fn(p, x)
+    if isinstance(out, Tensor) and out.dim() == dims + 1 and out.shape[0] == members:
+        return out.index_select(0, member.view(1)).squeeze(0)
+    return out
 
 
 def _stacked_names(model: nn.Module | ParamFn) -> set[str]:
