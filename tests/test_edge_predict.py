@@ -1743,6 +1743,80 @@ def test_full_kernel_initial_outputs_broadcast_size_one_axes(solver):
         run(f0[:, 0], g0)
 
 
+# with a full (N, N, k, k) kernel an (N, k) numpy array or list of initial outputs (what a port from
+# neural-tangents holds) was refused as "fx_train_0 must be ... shape (8,) ..., got (4, 2)", while the
+# (N, N) kernel and gradient_descent take arrays
+def test_full_kernel_initial_outputs_may_be_arrays():
+    n, m, k = 4, 3, 2
+    features = torch.randn(n + m, 5, k, generator=torch.Generator().manual_seed(5))
+    full = torch.einsum("api,bpj->abij", features, features) / 5
+    y, f0, g0 = _x(n, k, seed=6), _x(n, k, seed=7), _x(m, k, seed=8)
+
+    def run(a, b):
+        return predict.gradient_descent_mse(full[:n, :n], y, fx_train_0=a, ntk_test_train=full[n:, :n],
+                                            fx_test_0=b, t=[0.5, 2.0], learning_rate=1.5)
+
+    reference = run(f0, g0)
+    for a, b in ((f0.numpy(), g0.numpy()), (f0.tolist(), g0.tolist()), (f0.numpy()[:, :1], g0[:, :1].tolist())):
+        want = reference if np.shape(a) == (n, k) else run(f0[:, :1].expand(n, k), g0[:, :1].expand(m, k))
+        for got, expected in zip(run(a, b), want, strict=True):
+            assert torch.equal(got, expected)
+    # the closed form of the flattened outputs: f_t(x*) = f_0* − Θ*d Θ⁻¹(I − e^{−Θτ})(f_0 − Y), τ = η t/(N k)
+    flat, cross = full[:n, :n].permute(0, 2, 1, 3).reshape(n * k, n * k), full[n:, :n].permute(0, 2, 1, 3)
+    values, vectors = torch.linalg.eigh(flat)
+    tau = 1.5 * 2.0 / (n * k)
+    coefficient = vectors @ (-torch.expm1(-values * tau) / values * (vectors.mT @ (f0 - y).reshape(-1)))
+    expected = g0.reshape(-1) - cross.reshape(m * k, n * k) @ coefficient
+    assert torch.allclose(run(f0.numpy(), g0.numpy())[1][1].reshape(-1), expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"fx_test_0 must be a number or have shape \(3, 2\) \(size-1 axes "
+                                         r"broadcast\), got \(2, 3\)"):
+        run(f0.numpy(), g0.numpy().T[:, :3].copy())
+
+
+# neural-tangents' predict_fn(t, None, fx_test_0, k_test_train) (test outputs alone, trained from zero
+# training outputs), ported, met "fx_train_0 must be a number or a tensor of shape (4,), got None" alone
+@pytest.mark.parametrize("solver", ["mse", "descent"])
+def test_initial_outputs_none_names_the_neural_tangents_equivalent(solver):
+    n, m = 4, 2
+    features = _x(n + m, 6, seed=9)
+    kernel = features @ features.mT / 6
+    y, g0 = _x(n, 1, seed=10)[:, 0], _x(m, 1, seed=11)[:, 0]
+
+    def run(f0):
+        options = dict(fx_train_0=f0, ntk_test_train=kernel[n:, :n], fx_test_0=g0, t=2.0, learning_rate=1.2)
+        if solver == "mse":
+            return predict.gradient_descent_mse(kernel[:n, :n], y, **options)
+        return predict.gradient_descent(lambda f, t: 0.5 * ((f - t) ** 2).mean(), kernel[:n, :n], y,
+                                        rtol=1e-11, atol=1e-11, **options)
+
+    with pytest.raises(ValueError, match=r"got None: neural-tangents' fx_train_0=None .* is fx_train_0=0\.0 here"):
+        run(None)
+    # what neural-tangents computes for None: f_t(x*) = f_0* + Θ*d Θ⁻¹(I − e^{−Θτ}) Y, τ = η t / N
+    values, vectors = torch.linalg.eigh(kernel[:n, :n])
+    flow = vectors @ (-torch.expm1(-values * 1.2 * 2.0 / n) / values * (vectors.mT @ y))
+    tolerance = 1e-12 if solver == "mse" else 1e-9   # the ODE solver's at 1e-11
+    assert torch.allclose(run(0.0)[1], g0 + kernel[n:, :n] @ flow, rtol=0, atol=tolerance)
+
+
+# times given as a list holding a tensor that requires grad were read as numbers (torch's UserWarning
+# alone): the outputs carried no gradient, where torch.stack of the same times gets it
+@pytest.mark.parametrize("call", [
+    lambda k, y, t: predict.gradient_descent_mse(k, y, fx_train_0=0.5, t=t, learning_rate=0.8),
+    lambda k, y, t: predict.gradient_flow(NET, _x(3), y, None, t=t, learning_rate=0.8).mean,
+    lambda k, y, t: predict.GradientFlow(NET, _x(3), y, learning_rate=0.8).predict(_x(2, seed=1), t=t).covariance,
+    lambda k, y, t: predict.gradient_descent(lambda f, u: ((f - u) ** 2).mean(), k, y, t=t),
+    lambda k, y, t: predict.gradient_descent_mse(k, y, steps=t),
+], ids=["gradient_descent_mse", "gradient_flow", "GradientFlow", "gradient_descent", "steps"])
+def test_times_in_a_list_that_require_grad_are_refused(call):
+    kernel, y = torch.tensor([[2.0, 0.5, 0.1], [0.5, 1.0, 0.2], [0.1, 0.2, 1.5]]), _x(3, 1, seed=2)[:, 0]
+    time = torch.tensor(1.0, requires_grad=True)
+    for times in ([time, 2.0], [[2.0], (time,)]):
+        with pytest.raises(ValueError, match=r"a sequence holding tensors that require grad, .*torch\.stack"):
+            call(kernel, y, times)
+    with torch.no_grad():   # nothing to lose: read as numbers, as before
+        assert torch.equal(call(kernel, y, [time.detach(), 2.0]), call(kernel, y, [time, 2.0]))
+
+
 # the one-shot functions lacked their classes' factor_dtype: "unexpected keyword argument 'factor_dtype'"
 @pytest.mark.parametrize(("one_shot", "build"), [
     (lambda x, y, xt, **kw: predict.gradient_flow(NET, x, y, xt, t=[0.5, 2.0], **kw),

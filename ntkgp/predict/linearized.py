@@ -235,15 +235,13 @@ def _full_kernel(ntk_train_train: Tensor, y_train: Tensor, fx_train_0, ntk_test_
             per_point = given.to(device=ntk_train_train.device, dtype=options["factor_dtype"])
         options["diag_reg"] = per_point.repeat_interleave(k)   # the flat outputs are point-major, (r, i) -> r k + i
 
-    def flat_outputs(value, rows: int, name: str):
-        if not isinstance(value, Tensor) or value.dim() == 0:
-            return value
-        # size-1 axes stretch as with an (N, N) kernel and in gradient_descent: an (N, 1) value was refused
-        # here alone
-        if value.dim() != 2 or any(size not in (1, full) for size, full in zip(value.shape, (rows, k), strict=True)):
-            raise ValueError(f"{name} must be a number or have shape {(rows, k)} (size-1 axes broadcast), got "
-                             f"{tuple(value.shape)}.")
-        return value.expand(rows, k).reshape(rows * k)
+    like = torch.empty(0, dtype=options["factor_dtype"], device=ntk_train_train.device)
+
+    def flat_outputs(value: Tensor | float, rows: int, name: str) -> Tensor:
+        # checked and stretched (size-1 axes) against (rows, k) by the (N, N) path's own rule, arrays and
+        # lists included: passed on as they were, an (N, k) numpy array met the flat call's (N k,) and was
+        # refused as "must have shape (8,), got (4, 2)", though the (N, N) kernel and gradient_descent take it
+        return _initial_outputs(value, (rows, k), name, like).reshape(rows * k)
 
     test_kernel = None
     if ntk_test_train is not None:
@@ -286,6 +284,12 @@ def _check_kernel(kernel: Tensor, name: str) -> None:
 def _initial_outputs(value: Tensor | float, shape: tuple[int, ...], name: str, like: Tensor) -> Tensor:
     """``value`` (a number, or a tensor that broadcasts to ``shape``) as a finite tensor of ``shape``."""
     refuse_meta(value, name)   # as_tensor's "Cannot copy out of meta tensor" otherwise
+    if value is None:   # only fx_train_0 gets here as None (fx_test_0=None means no test inputs)
+        # neural-tangents' predict_fn(t, None, fx_test_0, k_test_train) skips the training outputs and trains
+        # from zero ones; the port met "must be a number or a tensor ..., got None" without the equivalent
+        raise ValueError(f"{name} must be a number or a tensor of shape {tuple(shape)}, got None: neural-tangents' "
+                         f"{name}=None (test outputs alone, trained from zero training outputs) is {name}=0.0 here, "
+                         "whose result holds the training outputs first, (fx_train_t, fx_test_t).")
     if boolean_or_complex(value):
         # the cast to the targets' dtype dropped the imaginary part of a complex tensor or array (with
         # only torch's warning) and read True as 1, where complex and boolean targets are refused

@@ -491,10 +491,27 @@ def real_numbers(value: object, name: str) -> Tensor:
         raise ValueError(f"{name} must be {kind}, got {value!r}.")
     if isinstance(value, Tensor):   # stays where it is (as_tensor would move it to the default device)
         return value.to(torch.float64)
+    if torch.is_grad_enabled() and _holds_gradient(value):
+        # as_tensor reads them as numbers, with torch's warning alone: t=[t1, 2.0] lost the gradient that
+        # t=torch.stack([t1, t2]) gets (and a refusal of t that requires grad was passed by)
+        raise ValueError(f"{name} is a sequence holding tensors that require grad, which its conversion to numbers "
+                         "drops: pass one tensor (torch.stack([...])), which keeps the gradient where the "
+                         "predictor differentiates with respect to it, or detach them.")
     try:   # numbers are checked on the CPU, whatever torch's default device
         return torch.as_tensor(value, dtype=torch.float64, device="cpu")
     except (TypeError, ValueError, RuntimeError, OverflowError) as err:   # strings, ragged lists, ints beyond float
         raise ValueError(f"{name} must be {kind}, got {value!r} ({err}).") from err
+
+
+def _holds_gradient(value: object) -> bool:
+    """Whether ``value``, nested lists and tuples, holds a tensor that requires grad (each level's
+    types collected at C speed first: a list of numbers alone is not walked element by element)."""
+    if isinstance(value, Tensor):
+        return value.requires_grad
+    if not isinstance(value, list | tuple) or not any(issubclass(kind, Tensor | list | tuple)
+                                                      for kind in set(map(type, value))):
+        return False
+    return any(_holds_gradient(v) for v in value)
 
 
 def spectral_apply(left: Tensor, weights: Tensor, right: Tensor) -> Tensor:
