@@ -273,6 +273,22 @@ def _mixed_net(kinds: list[str], bias: float | None):
     return serial(*layers)
 
 
+def _mixed_error(net, kinds: list[str], bias: float | None, points: torch.Tensor) -> float:
+    """The largest error of ``net``'s NNGP and NTK at ``points`` against :func:`_mixed_reference` from the same
+    float inputs, in ``ε`` (of ``points``' dtype) of the largest entry."""
+    kernels = net.kernel(points)
+    n, eps = len(points), torch.finfo(points.dtype).eps
+    worst = 0.0
+    with mp.workdps(60):
+        exact = [[mpf(float(v)) for v in p] for p in points]
+        want = [[_mixed_reference(kinds, bias, a, b) for b in exact] for a in exact]
+        for which, got in enumerate((kernels.nngp, kernels.ntk)):
+            largest = max(abs(row[j][which]) for row in want for j in range(n))
+            error = max(abs(mpf(float(got[i, j].detach())) - want[i][j][which]) for i in range(n) for j in range(n))
+            worst = max(worst, float(error / largest) / eps)
+    return worst
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(("kinds", "bias"), [(["Sign", "ReLU"], 0.1), (["Rbf", "ReLU"], None), (["ReLU", "Rbf"], None),
                                              (["ReLU", "Sin"], 0.1), (["Rbf", "Sign", "Sin"], 0.1),
@@ -303,16 +319,7 @@ def test_the_carry_passes_between_kinds_of_layer(dtype, kinds, bias):
             e = torch.randn(3, generator=g, dtype=torch.float64)
             step = angle * x.norm() / e.norm() * e
             points = torch.stack([x, x + step, -x + step, scale * torch.randn(3, generator=g, dtype=torch.float64)])
-            points = points.to(dtype)
-            kernels = net.kernel(points)
-            with mp.workdps(60):
-                exact = [[mpf(float(v)) for v in p] for p in points]
-                want = [[_mixed_reference(kinds, bias, a, b) for b in exact] for a in exact]
-                for which, got in enumerate((kernels.nngp, kernels.ntk)):
-                    largest = max(abs(row[j][which]) for row in want for j in range(4))
-                    error = max(abs(mpf(float(got[i, j].detach())) - want[i][j][which])
-                                for i in range(4) for j in range(4))
-                    worst = max(worst, float(error / largest) / eps)
+            worst = max(worst, _mixed_error(net, kinds, bias, points.to(dtype)))
     assert worst < ULPS, worst
 
 
@@ -325,7 +332,6 @@ def test_sin_passes_the_carry_at_parallel_inputs_of_unequal_norms():
     in ``ε`` of the largest entry. Measured (2026-12-05): with that difference 3.4e3, with the variance part by
     its series (``_sinh_excess``) 1.14; before ``Sin`` passed the carry on, 5.4e6."""
     net = _mixed_net(["Sin0", "ReLU"], None).double()
-    eps = torch.finfo(torch.float64).eps
     g = torch.Generator().manual_seed(3)
     worst = 0.0
     for scale in (1e-2, 0.1, 1.0):
@@ -335,15 +341,7 @@ def test_sin_passes_the_carry_at_parallel_inputs_of_unequal_norms():
                 e = torch.randn(3, generator=g, dtype=torch.float64)
                 step = angle * x.norm() / e.norm() * e
                 points = torch.stack([x, ratio * x + step, -ratio * x + step])
-                kernels = net.kernel(points)
-                with mp.workdps(60):
-                    exact = [[mpf(float(v)) for v in p] for p in points]
-                    want = [[_mixed_reference(["Sin0", "ReLU"], None, a, b) for b in exact] for a in exact]
-                    for which, got in enumerate((kernels.nngp, kernels.ntk)):
-                        largest = max(abs(row[j][which]) for row in want for j in range(3))
-                        error = max(abs(mpf(float(got[i, j].detach())) - want[i][j][which])
-                                    for i in range(3) for j in range(3))
-                        worst = max(worst, float(error / largest) / eps)
+                worst = max(worst, _mixed_error(net, ["Sin0", "ReLU"], None, points))
     assert worst < ULPS, worst
 
 
@@ -359,7 +357,6 @@ def test_sin_passes_the_carry_at_parallel_inputs_of_very_unequal_norms(dtype):
     ``t`` far from 1 is ``ε/t`` off absolutely), against a 60-digit recursion in ``ε`` of the largest entry.
     Measured (2026-12-05): at most 0.67 (float64) and 3.0 (float32); before, 3.8e4 and 861."""
     net = _mixed_net(["Sin0", "Sign"], None).to(dtype)
-    eps = torch.finfo(dtype).eps
     g = torch.Generator().manual_seed(11)
     worst = 0.0
     for scale in (0.5, 1.0, 2.0):
@@ -368,14 +365,7 @@ def test_sin_passes_the_carry_at_parallel_inputs_of_very_unequal_norms(dtype):
         # det is 0 (of an x of 24 bits, ε/t of the angle, t = 2^−13: 3.6e-7 of k11 k22 in float32)
         x = torch.round(64 * scale * 3**0.5 * z / z.norm()) / 64
         points = torch.stack([x, x / 2**7, -x / 2**10, x / 2**13]).to(dtype)
-        kernels = net.kernel(points)
-        with mp.workdps(60):
-            exact = [[mpf(float(v)) for v in p] for p in points]
-            want = [[_mixed_reference(["Sin0", "Sign"], None, a, b) for b in exact] for a in exact]
-            for which, got in enumerate((kernels.nngp, kernels.ntk)):
-                largest = max(abs(row[j][which]) for row in want for j in range(4))
-                error = max(abs(mpf(float(got[i, j].detach())) - want[i][j][which]) for i in range(4) for j in range(4))
-                worst = max(worst, float(error / largest) / eps)
+        worst = max(worst, _mixed_error(net, ["Sin0", "Sign"], None, points))
     assert worst < ULPS, worst
 
 
