@@ -12,8 +12,9 @@ The inputs, exact floats, fix ``θ`` to ``~ε``: so for the pairs a first ``Dens
   ``det = w² |x|²|x'|² sin²α + w b |x − x'|²``, from the Gram entries where the inputs are not nearly
   parallel (:func:`first_layer_carry`), else by direct differences: ``|x|²|x'|² sin²α = |x|²|e|² sin²β``
   (the Gram determinant of ``x`` and ``e``, the same for every ``q``) with ``e = x' ∓ q·x``, ``q = 1`` where
-  ``|x'|/|x| ∈ [1/2, 2]``, else the power of two nearest ``|x'|/|x|`` (each ``x'_i ∓ q x_i`` then a difference
-  of floats within a factor 2 of each other, exact by Sterbenz's lemma; ``e = x' ∓ x`` kept ``x``'s rounding
+  ``|x'|/|x| ∈ [1/2, 2]``, else the power of two nearest ``|x'|/|x|`` (``q x_i`` exact, each ``x'_i ∓ q x_i`` one
+  rounding, ``ε`` of itself: exact by Sterbenz's lemma where the two are within a factor 2, as where ``x'_i`` is
+  near ``±q x_i``; ``e`` is then ``ε|e| ≲ ε|x'|`` off, where ``e = x' ∓ x`` kept ``x``'s rounding
   where ``|x'| < |x|/2``, and the angle was up to ``ε |x|/|x'|`` off), and ``β`` the angle between ``x`` and
   ``e``, as ``|x|²|e|² − (x·e)²``, or where ``sin²β < 1/4`` by Kahan's ``sin β = |x̂ − ê| |x̂ + ê| / 2``
   (``x̂ = x/|x|``: ``2 sin(β/2) · 2 cos(β/2) / 2``, ``ε`` off absolutely); inputs at an angle below ``2ε`` (a rounded
@@ -282,9 +283,10 @@ def _pair_values(x1: Tensor, x2: Tensor, sq1: Tensor, sq2: Tensor, first: Tensor
     uv = torch.sum(u * v, -1)
     # |x|²|x'|² sin²α = |x|²|e|² sin²β with e = x' ∓ q·x (the sign of x·x'), β the angle between x and e, of
     # order one unless x' is nearly a multiple of x: the Gram determinant of (x, e), the same for every q.
-    # q = 1 where |x'|/|x| ∈ [1/2, 2], else the power of two nearest it: each x'_i ∓ q x_i then a difference of
-    # floats within a factor 2 of each other, exact (Sterbenz). With q = 1 at x' = 1e-3 x + δ, e ≈ −x kept
-    # its rounding, ε|x|: the angle was ε |x|/|x'| off, a float32 Sign kernel 430 ε
+    # q = 1 where |x'|/|x| ∈ [1/2, 2], else the power of two nearest it: q x_i exact, each x'_i ∓ q x_i one rounding,
+    # ε of itself (none where the two are within a factor 2, Sterbenz; not so of an entry x_i ≈ 0 beside x'_i = δ_i),
+    # so e is ε|e| ≲ ε|x'| off. With q = 1 at x' = 1e-3 x + δ, e ≈ −x kept its rounding, ε|x|: the angle was
+    # ε |x|/|x'| off, a float32 Sign kernel 430 ε
     sign = torch.where(uv >= 0, 1.0, -1.0).to(u.dtype)
     with torch.no_grad():   # q a constant of the pair; no host synchronization to skip it where all are 1
         log_ratio = torch.log2(n2.detach()) - torch.log2(n1.detach())   # log2 (|x'|/|x|)², n1, n2 > 0
@@ -301,10 +303,16 @@ def _pair_values(x1: Tensor, x2: Tensor, sq1: Tensor, sq2: Tensor, first: Tensor
     if bool(narrow.any()):
         at = torch.nonzero(narrow).flatten()
         spread = spread.index_put((at,), _kahan_spread(u[at], e[at], n1[at], sq_e[at]))
-    # |x − x'|²: |e|² where e = x' − x, else |x|² + |x'|² ∓ 2x·x' (no cancellation for antiparallel pairs;
-    # for parallel ones of norms a factor 2 or more apart at most (|x| + |x'|)²/(|x| − |x'|)² ≤ 9: 5ε measured,
-    # where the inputs' own rounding moves |x − x'|² by up to 2ε (|x| + |x'|)/|x − x'| ≤ 6ε)
-    difference = torch.where((uv >= 0) & ~far, sq_e, n1 + n2 - 2 * uv)
+    # |x − x'|²: |e|² where e = x' − x, |x|² + |x'|² + 2|x·x'| for antiparallel pairs (a sum), and for parallel
+    # ones whose e took q ≠ 1 from their own difference x' − x (each entry ε off: |x − x'|² ~2ε), not from
+    # |x|² + |x'|² − 2x·x', which cancels up to 9× the rounding of three sums of d products (|x − x'|² 9ε off
+    # at d = 10, 15ε off in Rbf kernels at d = 100)
+    difference = torch.where(uv >= 0, sq_e, n1 + n2 - 2 * uv)
+    direct = far & (uv >= 0)
+    if bool(direct.any()):
+        at = torch.nonzero(direct).flatten()
+        step = v[at] - u[at]
+        difference = difference.index_put((at,), torch.sum(step * step, -1))
     # inputs at an angle below 2ε (x' = fl(c·x): ε/2 at most) are taken as parallel (antiparallel): s = 0
     # there, and its derivative 0, the mean of the one-sided slopes at the cone's kink (docs/numerics.md)
     rounded_multiple = spread < (2 * torch.finfo(u.dtype).eps) ** 2 * n1 * n2
@@ -317,7 +325,10 @@ def _pair_values(x1: Tensor, x2: Tensor, sq1: Tensor, sq2: Tensor, first: Tensor
 
 def _kahan_spread(u: Tensor, e: Tensor, n1: Tensor, sq_e: Tensor) -> Tensor:
     """``|u|²|e|² sin²β`` from the unit vectors: ``sin β = |û − ê| |û + ê| / 2``."""
-    unit_u = u / torch.sqrt(n1).unsqueeze(-1)
+    # |u| summed as |e| is, not the Gram entry n1 (summed in another order): e = ±2^k u exactly (x' = 2x, x/2)
+    # then gives ê = ±û exactly; n1's last bits read such multiples of 1000 entries as 2ε from parallel
+    sq_u = torch.sum(u * u, -1)
+    unit_u = u / torch.sqrt(torch.where(sq_u > 0, sq_u, n1)).unsqueeze(-1)
     root_e = safe_sqrt(sq_e)   # 0 where x' = −x exactly: a zero derivative, not 0 · inf
     unit_e = e / torch.where(root_e > 0, root_e, 1.0).unsqueeze(-1)   # e = 0: the term is 0
     sin2 = torch.sum((unit_u - unit_e) ** 2, -1) * torch.sum((unit_u + unit_e) ** 2, -1) / 4
