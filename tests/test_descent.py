@@ -352,6 +352,10 @@ def test_fixes_from_review():
     with pytest.warns(RuntimeWarning, match="diverged: the training outputs overflowed at step"):
         out = predict.gradient_descent(mse, k_dd, y, fx_train_0=f0, steps=[2000], learning_rate=30 * limit)
     assert not bool(torch.isfinite(out).all())
+    # with momentum the limit is max_learning_rate(..., momentum=β), (1 + β) times the one the warning named alone
+    with pytest.warns(RuntimeWarning, match=r"max_learning_rate\(\.\.\., momentum=0\.9\), \(1 \+ momentum\) times"):
+        predict.gradient_descent(mse, k_dd, y, fx_train_0=f0, steps=[2000], momentum=0.9,
+                                 learning_rate=30 * predict.max_learning_rate(k_dd, y.numel(), momentum=0.9))
     stable = predict.gradient_descent(mse, k_dd, y, fx_train_0=f0, steps=np.int64(5), max_steps=np.int64(5))
     assert stable.shape == y.shape
 

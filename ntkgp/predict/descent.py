@@ -373,7 +373,9 @@ def _iterate(descent, pull, f0: Tensor, eta: float, beta: float | None, steps: T
             # the outputs overflowed: what follows is inf and NaN, which came back without a word
             warnings.warn(f"gradient_descent diverged: the training outputs overflowed at step {number + 1} "
                           f"(learning_rate={eta:g} is too large for this loss and kernel; for the squared loss the "
-                          "stability limit is ntkgp.predict.max_learning_rate).", RuntimeWarning,
+                          "stability limit is ntkgp.predict.max_learning_rate"
+                          + ("" if beta is None else f"(..., momentum={beta:g}), (1 + momentum) times that without")
+                          + ").", RuntimeWarning,
                           stacklevel=caller_stacklevel())
             warned = True
     return [at[s][0] for s in wanted], [at[s][1] for s in wanted]
