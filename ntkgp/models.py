@@ -308,14 +308,15 @@ class NetworkGP(gpytorch.models.ExactGP):
             net = mlp(**mlp_kwargs)
         elif mlp_kwargs:
             raise ValueError(f"Pass either net or mlp arguments, not both (got {sorted(mlp_kwargs)}).")
-        # a first layer with ard_num_dims for another number of features was refused only by the first fit
-        # or prediction, after the model had been set up. Only where the kernel sees the inputs: a subclass's
-        # forward may give it features (deep kernel learning), whose number is the first layer's to match
-        if type(self).forward is NetworkGP.forward:
-            _check_features(net, train_x.shape[-1], "train_x")
         # the kernel owns the network: registered a second time, its priors would count twice in
         # the marginal likelihood and its parameters twice in the state dict
         self.covar_module = KERNELS[kernel](net)
+        # a first layer with ard_num_dims for another number of features was refused only by the first fit
+        # or prediction, after the model had been set up (as set_train_data checks, only where the kernel sees
+        # the inputs: a subclass's forward may give it features, deep kernel learning)
+        raw = self._kernel_of_raw_inputs()
+        if raw is not None:
+            _check_features(raw.net, train_x.shape[-1], "train_x")
         shape = torch.Size([]) if train_y.dim() == 1 else torch.Size([self.num_outputs])
         if mean == "zero":
             self.mean_module = gpytorch.means.ZeroMean(batch_shape=shape)

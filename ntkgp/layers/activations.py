@@ -670,33 +670,48 @@ def _root_one_plus_twice(k: Tensor) -> Tensor:
     return torch.sqrt(k + 0.5) * math.sqrt(2)
 
 
-def _with_carried_gaps(layer: Activation, state: KernelState, want_dot: bool,
-                       from_gaps: Callable[[Tensor, Tensor, Tensor, bool], tuple[Tensor, Tensor | None]],
-                       after: Callable[[PairCarry, Tensor, Tensor, Tensor, Tensor, Tensor], PairCarry] | None = None
-                       ) -> tuple[Tensor, Tensor | None, Callable[[], Tensor | None], PairCarry | None]:
-    """:meth:`~Activation._state_pair_kernels` of the Gaussian-kernel activations (``Sin``, ``Cos``,
-    ``Rbf``), whose kernels depend on ``k11 + k22 ∓ 2k12`` through ``e^{−b²(k11 + k22 ∓ 2k12)/2}``: at the
-    pairs a first ``Dense`` layer carries (nearly parallel or antiparallel), ``from_gaps`` of the carried
-    gaps (:func:`~ntkgp.layers.near.carried_gaps`). From the kernels the gaps keep ``k12``'s rounding,
-    ``ε k`` absolute, which at large variances is all of a small gap: float32 ``Sin`` kernels of inputs of
-    scale 1e3 a unit apart were 0.14 off (of the largest entry), where the inputs' own rounding moves
-    them by 4e-5. ``after``: the carry after the layer from the carried pairs, their gaps ``k11 + k22 ∓ 2k12``
-    and their ``k11``, ``k12``, ``k22``; without it none follows."""
+#: What a layer makes of the carried pairs (``carry`` and its gathered ``k11, k12, k22``; ``want_dot``): their
+#: ``T``, ``Ṫ`` (``None`` where the layer's own stands) and the carry after the layer.
+CarriedValues = Callable[[PairCarry, Tensor, Tensor, Tensor, bool], tuple[Tensor, Tensor | None, PairCarry | None]]
+
+
+def _with_carried_pairs(layer: Activation, state: KernelState, want_dot: bool, at_carried: CarriedValues
+                        ) -> tuple[Tensor, Tensor | None, Callable[[], Tensor | None], PairCarry | None]:
+    """:meth:`~Activation._state_pair_kernels` of a layer that takes every carried pair (nearly parallel or
+    antiparallel, :mod:`ntkgp.layers.near`) from the carry, as accurate there as its own kernels elsewhere
+    (``Sign``, ``Sin``, ``Cos``, ``Rbf``): the kernels of all pairs, those of the carried pairs by
+    ``at_carried`` in their place, and the carry it passes on."""
     k11, k12, k22 = state.k11, state.nngp, state.k22
     nngp, dot = layer.pair_kernel(k11, k12, k22, want_dot)
     kept = cast(PairCarry, state.carry).kept_pairs(state.nngp, state.cov1, state.cov2)   # (k11 − k22)² normal
     carried = None
     if kept is not None:
         carry, pair11, pair12, pair22 = kept
-        gap_minus, gap_plus = carried_gaps(carry, pair11, pair12, pair22)
-        nngp_near, dot_near = from_gaps(pair12, gap_minus, gap_plus, want_dot)
+        nngp_near, dot_near, carried = at_carried(carry, pair11, pair12, pair22, want_dot)
         everywhere = torch.ones_like(pair12, dtype=torch.bool)
         nngp = patched(nngp, carry.index, everywhere, nngp_near)
-        if dot is not None:
-            dot = patched(dot, carry.index, everywhere, cast(Tensor, dot_near))
-        carried = None if after is None else after(carry, gap_minus, gap_plus, pair11, pair12, pair22)
+        if dot is not None and dot_near is not None:
+            dot = patched(dot, carry.index, everywhere, dot_near)
     final = nngp
     return nngp, dot, lambda: layer.centred_pair_kernel(k11, k12, k22, final), carried
+
+
+def _from_carried_gaps(from_gaps: Callable[[Tensor, Tensor, Tensor, bool], tuple[Tensor, Tensor | None]],
+                       after: Callable[[PairCarry, Tensor, Tensor, Tensor, Tensor, Tensor], PairCarry]
+                       ) -> CarriedValues:
+    """:func:`_with_carried_pairs`'s ``at_carried`` of the Gaussian-kernel activations (``Sin``, ``Cos``, ``Rbf``),
+    whose kernels depend on ``k11 + k22 ∓ 2k12`` through ``e^{−b²(k11 + k22 ∓ 2k12)/2}``: ``from_gaps`` of the
+    carried gaps (:func:`~ntkgp.layers.near.carried_gaps`), and ``after`` of the carried pairs, their gaps and
+    their ``k11``, ``k12``, ``k22``. From the kernels the gaps keep ``k12``'s rounding, ``ε k`` absolute, which at
+    large variances is all of a small gap: float32 ``Sin`` kernels of inputs of scale 1e3 a unit apart were 0.14
+    off (of the largest entry), where the inputs' own rounding moves them by 4e-5."""
+
+    def at_carried(carry: PairCarry, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool
+                   ) -> tuple[Tensor, Tensor | None, PairCarry | None]:
+        gap_minus, gap_plus = carried_gaps(carry, k11, k12, k22)
+        return (*from_gaps(k12, gap_minus, gap_plus, want_dot), after(carry, gap_minus, gap_plus, k11, k12, k22))
+
+    return at_carried
 
 
 def _sin(x: Tensor, a: float, b: float, c: float) -> Tensor:
@@ -801,7 +816,7 @@ class Sin(Activation):
                             ) -> tuple[Tensor, Tensor | None, Callable[[], Tensor | None], PairCarry | None]:
         if state.carry is None or self._replaced(Sin):
             return super()._state_pair_kernels(state, want_dot)
-        return _with_carried_gaps(self, state, want_dot, self._from_gaps, self._carried_after)
+        return _with_carried_pairs(self, state, want_dot, _from_carried_gaps(self._from_gaps, self._carried_after))
 
     def _carried_after(self, carry: PairCarry, gap_minus: Tensor, gap_plus: Tensor, k11: Tensor, k12: Tensor,
                        k22: Tensor) -> PairCarry:
@@ -978,7 +993,7 @@ class Rbf(Activation):
                             ) -> tuple[Tensor, Tensor | None, Callable[[], Tensor | None], PairCarry | None]:
         if state.carry is None or self._replaced(Rbf):
             return super()._state_pair_kernels(state, want_dot)
-        return _with_carried_gaps(self, state, want_dot, self._from_gaps, self._carried_after)
+        return _with_carried_pairs(self, state, want_dot, _from_carried_gaps(self._from_gaps, self._carried_after))
 
     def _carried_after(self, carry: PairCarry, gap: Tensor, gap_plus: Tensor, k11: Tensor, k12: Tensor,
                        k22: Tensor) -> PairCarry:
@@ -1267,19 +1282,15 @@ class Sign(Activation):
         # at the nearly (anti)parallel pairs a first Dense layer carries, the angle from the carried det, and
         # the carry on (ntkgp/layers/near.py's sign_carried): the kernels' own angle is ε/θ off, and each Sign
         # layer takes about a square root of it, so deep networks lost every digit of such pairs
-        carry = state.carry
-        if carry is None or self._replaced(Sign):
+        if state.carry is None or self._replaced(Sign):
             return super()._state_pair_kernels(state, want_dot)
-        k11, k12, k22 = state.k11, state.nngp, state.k22
-        nngp, dot = self.pair_kernel(k11, k12, k22, want_dot)
-        kept = carry.kept_pairs(state.nngp, state.cov1, state.cov2)
-        after = None
-        if kept is not None:
-            carry, _, pair12, _ = kept
-            nngp_near, after = sign_carried(carry, pair12)
-            nngp = patched(nngp, carry.index, torch.ones_like(nngp_near, dtype=torch.bool), nngp_near)
-        final = nngp
-        return nngp, dot, lambda: self.centred_pair_kernel(k11, k12, k22, final), after
+        return _with_carried_pairs(self, state, want_dot, self._at_carried)
+
+    @staticmethod
+    def _at_carried(carry: PairCarry, k11: Tensor, k12: Tensor, k22: Tensor, want_dot: bool
+                    ) -> tuple[Tensor, Tensor | None, PairCarry | None]:
+        nngp, after = sign_carried(carry, k12)
+        return nngp, None, after   # Ṫ = 0 everywhere: the layer's own stands
 
     def variance(self, k: Tensor) -> Tensor:
         return (k > 0).to(k.dtype)

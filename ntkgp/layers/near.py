@@ -289,7 +289,7 @@ def _pair_values(x1: Tensor, x2: Tensor, sq1: Tensor, sq2: Tensor, first: Tensor
     # ε |x|/|x'| off, a float32 Sign kernel 430 ε
     sign = torch.where(uv >= 0, 1.0, -1.0).to(u.dtype)
     with torch.no_grad():   # q a constant of the pair; no host synchronization to skip it where all are 1
-        log_ratio = torch.log2(n2.detach()) - torch.log2(n1.detach())   # log2 (|x'|/|x|)², n1, n2 > 0
+        log_ratio = torch.log2(n2) - torch.log2(n1)   # log2 (|x'|/|x|)², n1, n2 > 0
         far = log_ratio.abs() > 2
         limit = _FLOAT_BITS[u.dtype][2] - 1   # 2^±limit normal; passed only where |x|² < 2^-1020 (float64)
         exponent = torch.where(far, torch.round(log_ratio / 2), 0.0).clamp(-limit, limit)
